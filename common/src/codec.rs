@@ -1,0 +1,395 @@
+//! Framing: a 4-byte big-endian length, then that many bytes of JSON.
+//!
+//! The length is checked against a maximum before anything is allocated, so
+//! a peer announcing a 4 GiB frame costs nothing. Every failure is a
+//! [`FrameError`]; the caller closes that connection and nothing else.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::protocol::Command;
+
+/// Largest frame body accepted or sent by default (64 KiB).
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Default deadline for a handshake frame (login, register, data hello).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const HEADER: usize = 4;
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The announced (or encoded) length is above the limit.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A zero-length frame, which carries no command.
+    #[error("empty frame")]
+    Empty,
+    /// The body is not a valid command.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The peer closed the connection in the middle of a frame.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
+    /// No complete frame arrived before the deadline.
+    #[error("no frame within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Reads commands from a byte stream, buffering internally.
+///
+/// [`FrameReader::read_command`] is cancel-safe: bytes read before a
+/// cancelled call stay in the buffer for the next one, so it can sit in a
+/// `tokio::select!` loop.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `inner`, accepting frames of at most `max` bytes.
+    pub fn new(inner: R, max: usize) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(1024),
+            max,
+        }
+    }
+
+    /// Reads the next command. `Ok(None)` means the peer closed the
+    /// connection cleanly between frames.
+    pub async fn read_command(&mut self) -> Result<Option<Command>, FrameError> {
+        loop {
+            if let Some(cmd) = self.parse()? {
+                return Ok(Some(cmd));
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+
+    /// Like [`FrameReader::read_command`], failing with
+    /// [`FrameError::Timeout`] when no frame completes within `limit`.
+    pub async fn read_command_within(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<Command>, FrameError> {
+        tokio::time::timeout(limit, self.read_command())
+            .await
+            .map_err(|_| FrameError::Timeout(limit))?
+    }
+
+    /// Parses one frame from the buffer if it is complete.
+    fn parse(&mut self) -> Result<Option<Command>, FrameError> {
+        if self.buf.len() < HEADER {
+            return Ok(None);
+        }
+        let len = frame_len(self.buf[..HEADER].try_into().expect("4 bytes"), self.max)?;
+        if self.buf.len() < HEADER + len {
+            self.buf.reserve(HEADER + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(HEADER);
+        let body = self.buf.split_to(len);
+        Ok(Some(serde_json::from_slice(&body)?))
+    }
+}
+
+fn frame_len(header: [u8; HEADER], max: usize) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    Ok(len)
+}
+
+/// Reads exactly one command and not a byte more, so the stream can carry
+/// raw data right after it (the data-connection hello). Fails with
+/// [`FrameError::Timeout`] when the frame does not arrive within `limit`.
+pub async fn read_one_command<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    max: usize,
+    limit: Duration,
+) -> Result<Command, FrameError> {
+    let read = async {
+        let mut header = [0u8; HEADER];
+        read_exact_or_truncated(stream, &mut header).await?;
+        let len = frame_len(header, max)?;
+        let mut body = vec![0u8; len];
+        read_exact_or_truncated(stream, &mut body).await?;
+        Ok(serde_json::from_slice(&body)?)
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .map_err(|_| FrameError::Timeout(limit))?
+}
+
+async fn read_exact_or_truncated<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    buf: &mut [u8],
+) -> Result<(), FrameError> {
+    match stream.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::Truncated),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Encodes `cmd` as one frame (header and body in one buffer).
+pub fn encode(cmd: &Command, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; HEADER];
+    serde_json::to_writer(&mut out, cmd)?;
+    let len = out.len() - HEADER;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    out[..HEADER].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// Writes `cmd` as one frame and flushes.
+pub async fn write_command<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    cmd: &Command,
+) -> Result<(), FrameError> {
+    let frame = encode(cmd, MAX_FRAME)?;
+    stream.write_all(&frame).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{ModelInfo, Registration};
+    use proptest::prelude::*;
+    use tokio::io::duplex;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn round_trip_over_duplex() {
+        let (mut a, b) = duplex(1024);
+        let cmds = vec![
+            Command::Heartbeat { seq: 1 },
+            Command::Disconnect {
+                reason: "bye".into(),
+            },
+        ];
+        for c in &cmds {
+            write_command(&mut a, c).await.unwrap();
+        }
+        drop(a);
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        for c in &cmds {
+            assert_eq!(reader.read_command().await.unwrap().as_ref(), Some(c));
+        }
+        assert!(reader.read_command().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocating() {
+        let (mut a, b) = duplex(64);
+        // 4 GiB - 1 announced: must fail at once, without reading or allocating the body.
+        a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        match reader.read_command().await {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!(len, u32::MAX as usize);
+                assert_eq!(max, MAX_FRAME);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert!(reader.buf.capacity() < 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn garbage_is_malformed() {
+        let (mut a, b) = duplex(64);
+        a.write_all(&5u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"\xff\xfe{{x").await.unwrap();
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        assert!(matches!(
+            reader.read_command().await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn empty_frame_is_an_error() {
+        let (mut a, b) = duplex(64);
+        a.write_all(&0u32.to_be_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        assert!(matches!(
+            reader.read_command().await,
+            Err(FrameError::Empty)
+        ));
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_reported() {
+        let (mut a, b) = duplex(64);
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{\"ty").await.unwrap();
+        drop(a);
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        assert!(matches!(
+            reader.read_command().await,
+            Err(FrameError::Truncated)
+        ));
+        let (mut a, mut b) = duplex(64);
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        drop(a);
+        assert!(matches!(
+            read_one_command(&mut b, MAX_FRAME, HANDSHAKE_TIMEOUT).await,
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    #[tokio::test]
+    async fn deeply_nested_json_is_malformed_not_a_crash() {
+        let body = "[".repeat(10_000);
+        let (mut a, b) = duplex(64 * 1024);
+        a.write_all(&(body.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(body.as_bytes()).await.unwrap();
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        assert!(matches!(
+            reader.read_command().await,
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handshake_frame_times_out() {
+        let (_a, mut b) = duplex(64);
+        let err = read_one_command(&mut b, MAX_FRAME, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Timeout(d) if d == Duration::from_secs(5)));
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        let err = reader
+            .read_command_within(Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::Timeout(_)));
+    }
+
+    #[tokio::test]
+    async fn read_one_command_leaves_following_bytes() {
+        let (mut a, mut b) = duplex(1024);
+        write_command(&mut a, &Command::Heartbeat { seq: 3 })
+            .await
+            .unwrap();
+        a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let cmd = read_one_command(&mut b, MAX_FRAME, HANDSHAKE_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(cmd, Command::Heartbeat { seq: 3 });
+        let mut rest = [0u8; 16];
+        b.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"GET / HTTP/1.1\r\n");
+    }
+
+    #[test]
+    fn encoding_refuses_oversized_commands() {
+        let cmd = Command::Error {
+            message: "x".repeat(100),
+        };
+        assert!(matches!(
+            encode(&cmd, 50),
+            Err(FrameError::TooLarge { max: 50, .. })
+        ));
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            any::<u64>().prop_map(|seq| Command::Heartbeat { seq }),
+            ".*".prop_map(|message| Command::Error { message }),
+            (".*", ".*").prop_map(|(email, password)| Command::Login { email, password }),
+            (
+                "[a-z0-9_-]{1,20}",
+                ".*",
+                proptest::collection::vec("[a-z0-9:.]{1,12}", 0..5)
+            )
+                .prop_map(|(client_id, hostname, models)| Command::Register(
+                    Registration {
+                        client_id,
+                        hostname,
+                        models: models
+                            .into_iter()
+                            .map(|name| ModelInfo { name, size: None })
+                            .collect(),
+                        ..Default::default()
+                    }
+                )),
+        ]
+    }
+
+    proptest! {
+        /// Any sequence of commands, written back to back and read in chunks
+        /// of any size, comes back unchanged and in order.
+        #[test]
+        fn framing_round_trips(cmds in proptest::collection::vec(arb_command(), 1..8), chunk in 1usize..64) {
+            rt().block_on(async {
+                let mut bytes = Vec::new();
+                for c in &cmds {
+                    bytes.extend(encode(c, MAX_FRAME).unwrap());
+                }
+                let (mut a, b) = duplex(chunk);
+                let writer = tokio::spawn(async move {
+                    for piece in bytes.chunks(chunk) {
+                        a.write_all(piece).await.unwrap();
+                    }
+                });
+                let mut reader = FrameReader::new(b, MAX_FRAME);
+                for c in &cmds {
+                    let got = reader.read_command().await.unwrap();
+                    prop_assert_eq!(got.as_ref(), Some(c));
+                }
+                writer.await.unwrap();
+                prop_assert!(reader.read_command().await.unwrap().is_none());
+                Ok(())
+            })?;
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            rt().block_on(async {
+                let (mut a, b) = duplex(1024);
+                a.write_all(&bytes).await.unwrap();
+                drop(a);
+                let mut reader = FrameReader::new(b, MAX_FRAME);
+                while let Ok(Some(_)) = reader.read_command().await {}
+            });
+        }
+    }
+}

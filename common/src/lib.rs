@@ -1,0 +1,19 @@
+//! The frpx wire protocol, shared by frps and frpc.
+//!
+//! - [`protocol`]: the [`Command`] enum, every message of the conversation.
+//! - [`codec`]: length-prefixed JSON framing with a size limit and timeouts.
+//! - [`join`]: bidirectional stream joining with half-close semantics.
+//! - [`telemetry`]: the binaries' log set-up.
+
+pub mod codec;
+pub mod duration;
+pub mod join;
+pub mod protocol;
+pub mod telemetry;
+
+pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
+pub use duration::parse_duration;
+pub use join::{JoinStats, join_streams};
+pub use protocol::{
+    Command, DiskInfo, GpuInfo, ModelInfo, PROTOCOL_VERSION, Registration, SystemInfo,
+};

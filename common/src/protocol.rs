@@ -1,0 +1,310 @@
+//! Every message frpc and frps exchange, in one place.
+//!
+//! Messages travel as frames (see [`crate::codec`]): a 4-byte big-endian
+//! length followed by the JSON encoding of one [`Command`]. The JSON is
+//! internally tagged: `{"type": "Heartbeat", "seq": 7}`.
+//!
+//! Two kinds of connection carry commands:
+//! - the **control connection** (frpc → frps control port): login, registration,
+//!   heartbeats, reports, and the server's requests to open data connections;
+//! - a **data connection** (frpc → frps proxy port): exactly one
+//!   [`Command::DataHello`] from frpc, answered only on failure by
+//!   [`Command::DataRejected`]; after the hello the connection carries raw
+//!   HTTP/1.1 bytes between frps and the local service.
+//!
+//! `docs/protocol.md` describes the conversation in prose.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Version of this protocol. Bumped on any incompatible change; frps refuses
+/// a registration whose version it does not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One message of the frpc ↔ frps conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Command {
+    /// frpc → frps (control, first frame): log in with an account's email and
+    /// password. Answered by [`Command::LoginResult`].
+    Login {
+        /// Account email.
+        email: String,
+        /// Account password, in clear inside the (TLS-protected) channel.
+        password: String,
+    },
+    /// frpc → frps (control, first frame): log in with a token saved from an
+    /// earlier [`Command::LoginResult`] (or a provider secret configured on
+    /// frps). Answered by [`Command::LoginResult`].
+    LoginToken {
+        /// The token or provider secret.
+        token: String,
+    },
+    /// frps → frpc: outcome of [`Command::Login`] or [`Command::LoginToken`].
+    LoginResult {
+        /// Whether the connection is now authenticated.
+        ok: bool,
+        /// A new token to save, when the login used email and password.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+        /// RFC 3339 expiry of `token`, if it expires.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+        /// Why the login failed, in English, for the operator.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// frpc → frps (control, after a successful login): announce this client
+    /// and the service it exposes. Answered by [`Command::Registered`] or
+    /// [`Command::RegisterRefused`].
+    Register(Registration),
+    /// frps → frpc: the registration was accepted.
+    Registered {
+        /// The client id frps uses for this client (normally the one asked for).
+        client_id: String,
+        /// Secret proving, on data connections, that a dial-back comes from
+        /// this registered client. Valid for this control session only.
+        session_key: String,
+        /// How often frpc must send [`Command::Heartbeat`], in milliseconds.
+        /// frps evicts a client that stays silent for three intervals.
+        heartbeat_interval_ms: u64,
+    },
+    /// frps → frpc: the registration was refused; the control connection
+    /// closes after this frame.
+    RegisterRefused {
+        /// Why, in English.
+        reason: String,
+        /// Whether trying again later can succeed (false for bad credentials
+        /// or an unsupported protocol version).
+        retry: bool,
+    },
+    /// frpc → frps: liveness signal, sent every heartbeat interval.
+    Heartbeat {
+        /// Sequence number, echoed in the ack.
+        seq: u64,
+    },
+    /// frps → frpc: answer to a [`Command::Heartbeat`].
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
+    /// frpc → frps: periodic system metrics of the GPU box.
+    SystemInfo(SystemInfo),
+    /// frpc → frps: the local service's model list changed (or its health did).
+    ModelsUpdate {
+        /// Models the local service currently serves.
+        models: Vec<ModelInfo>,
+        /// Whether the local service answered its last probe.
+        service_up: bool,
+    },
+    /// frps → frpc (control): dial the proxy port, send [`Command::DataHello`]
+    /// with this id, and join the connection to the local service.
+    OpenConnection {
+        /// Pairing id, fresh for every requested connection.
+        conn_id: Uuid,
+    },
+    /// frpc → frps (control): a requested data connection cannot be made
+    /// (e.g. the local service refused it). Lets frps fail over at once
+    /// instead of waiting for its connect timeout.
+    OpenFailed {
+        /// The pairing id from [`Command::OpenConnection`].
+        conn_id: Uuid,
+        /// What went wrong, in English.
+        reason: String,
+    },
+    /// frpc → frps (data connection, only frame): this connection answers
+    /// [`Command::OpenConnection`] `conn_id`.
+    DataHello {
+        /// The pairing id.
+        conn_id: Uuid,
+        /// The registered client id.
+        client_id: String,
+        /// The `session_key` from [`Command::Registered`].
+        session_key: String,
+    },
+    /// frps → frpc (data connection): the hello was not accepted (unknown or
+    /// expired pairing, wrong proof); the connection closes after this frame.
+    DataRejected {
+        /// The pairing id from the hello.
+        conn_id: Uuid,
+        /// Why, in English.
+        reason: String,
+    },
+    /// frps → frpc (control): the server is dropping this client (operator
+    /// request, shutdown, replaced by a newer connection). The control
+    /// connection closes after this frame; frpc may reconnect after backoff.
+    Disconnect {
+        /// Why, in English.
+        reason: String,
+    },
+    /// Either direction: a message could not be handled. The connection
+    /// stays open unless the sender closes it.
+    Error {
+        /// What went wrong, in English.
+        message: String,
+    },
+}
+
+impl Command {
+    /// The variant's name, for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Login { .. } => "Login",
+            Command::LoginToken { .. } => "LoginToken",
+            Command::LoginResult { .. } => "LoginResult",
+            Command::Register(_) => "Register",
+            Command::Registered { .. } => "Registered",
+            Command::RegisterRefused { .. } => "RegisterRefused",
+            Command::Heartbeat { .. } => "Heartbeat",
+            Command::HeartbeatAck { .. } => "HeartbeatAck",
+            Command::SystemInfo(_) => "SystemInfo",
+            Command::ModelsUpdate { .. } => "ModelsUpdate",
+            Command::OpenConnection { .. } => "OpenConnection",
+            Command::OpenFailed { .. } => "OpenFailed",
+            Command::DataHello { .. } => "DataHello",
+            Command::DataRejected { .. } => "DataRejected",
+            Command::Disconnect { .. } => "Disconnect",
+            Command::Error { .. } => "Error",
+        }
+    }
+}
+
+/// What a client announces about itself in [`Command::Register`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Registration {
+    /// Requested client id (unique in the fleet; a reconnect with the same id
+    /// replaces the stale connection).
+    pub client_id: String,
+    /// Hardware machine id (from `mid`), or the persisted fallback UUID.
+    pub machine_id: String,
+    /// Host name of the GPU box.
+    pub hostname: String,
+    /// Operating system (e.g. `linux`).
+    pub os: String,
+    /// CPU architecture (e.g. `x86_64`).
+    pub arch: String,
+    /// frpc version.
+    pub version: String,
+    /// [`PROTOCOL_VERSION`] the client speaks.
+    pub protocol_version: u32,
+    /// Free-form metadata (`--meta KEY=VALUE`).
+    #[serde(default)]
+    pub metas: BTreeMap<String, String>,
+    /// Models the local service serves at registration time.
+    #[serde(default)]
+    pub models: Vec<ModelInfo>,
+    /// `host:port` of the local service, used as the `Host` header of
+    /// forwarded requests (Ollama refuses foreign Host headers).
+    #[serde(default)]
+    pub local_host: String,
+    /// Most requests the box accepts at once; `None` for unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+}
+
+/// One model served by a client's local service.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Model name as the service reports it (e.g. `qwen2.5:1.5b`).
+    pub name: String,
+    /// Size in bytes, when the service reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// System metrics of a GPU box, sent in [`Command::SystemInfo`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SystemInfo {
+    /// Host name.
+    pub hostname: String,
+    /// Operating system name and version.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// Overall CPU usage, percent (0–100).
+    pub cpu_usage: f32,
+    /// Number of logical CPUs.
+    pub cpu_count: u32,
+    /// Memory in use, bytes.
+    pub memory_used: u64,
+    /// Total memory, bytes.
+    pub memory_total: u64,
+    /// Disks (relevant mounts).
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
+    /// 1, 5 and 15 minute load averages.
+    #[serde(default)]
+    pub load_average: [f64; 3],
+    /// Seconds since boot.
+    pub uptime_secs: u64,
+    /// GPUs, where the machine has a management library to ask.
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+}
+
+/// One mounted disk.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Mount point.
+    pub mount: String,
+    /// Bytes in use.
+    pub used: u64,
+    /// Capacity in bytes.
+    pub total: u64,
+}
+
+/// One GPU.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// Product name.
+    pub name: String,
+    /// Utilisation, percent.
+    pub utilization: f32,
+    /// Memory in use, bytes.
+    pub memory_used: u64,
+    /// Total memory, bytes.
+    pub memory_total: u64,
+    /// Temperature, °C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_internally_tagged() {
+        let json = serde_json::to_value(Command::Heartbeat { seq: 7 }).unwrap();
+        assert_eq!(json, serde_json::json!({"type": "Heartbeat", "seq": 7}));
+        let reg = Command::Register(Registration {
+            client_id: "a".into(),
+            ..Default::default()
+        });
+        let json = serde_json::to_value(&reg).unwrap();
+        assert_eq!(json["type"], "Register");
+        assert_eq!(json["client_id"], "a");
+    }
+
+    #[test]
+    fn unknown_type_is_an_error() {
+        let err = serde_json::from_str::<Command>(r#"{"type":"Nope"}"#);
+        assert!(err.is_err());
+    }
+
+    #[test]
+    fn optional_fields_may_be_absent() {
+        let cmd: Command = serde_json::from_str(r#"{"type":"LoginResult","ok":true}"#).unwrap();
+        assert_eq!(
+            cmd,
+            Command::LoginResult {
+                ok: true,
+                token: None,
+                expires_at: None,
+                reason: None
+            }
+        );
+    }
+}

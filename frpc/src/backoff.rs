@@ -1,0 +1,69 @@
+//! Reconnect delays: exponential with jitter, so a fleet does not reconnect
+//! in lockstep after a server restart.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Exponential backoff from `min` doubling to `max`, each delay jittered by ±20 %.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// A backoff starting at `min`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            current: min,
+        }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let factor = rand::rng().random_range(0.8..=1.2);
+        base.mul_f64(factor).min(self.max)
+    }
+
+    /// Starts over from `min` (after a successful registration).
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        let within = |d: Duration, base: f64| {
+            let s = d.as_secs_f64();
+            s >= base * 0.8 - 1e-9 && s <= (base * 1.2).min(30.0) + 1e-9
+        };
+        for (d, base) in delays
+            .iter()
+            .zip([1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+        {
+            assert!(within(*d, base), "{d:?} not around {base}");
+        }
+        b.reset();
+        assert!(within(b.next_delay(), 1.0));
+    }
+
+    #[test]
+    fn jitter_spreads_a_fleet() {
+        let delays: std::collections::HashSet<_> = (0..20)
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).next_delay())
+            .collect();
+        assert!(delays.len() > 10);
+    }
+}

@@ -1,0 +1,87 @@
+//! Command-line flags (each also readable from the environment).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use common::parse_duration;
+
+/// frpc: exposes a local model server through frps.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "frpc",
+    version,
+    about = "frpx client: exposes a local model server (Ollama, vLLM, llama.cpp) through frps"
+)]
+pub struct Config {
+    /// Unique id of this client. Default: the machine id (from `mid`), or a
+    /// UUID persisted next to the token file when no machine id can be read.
+    #[arg(short = 'c', long, env = "FRPC_CLIENT_ID")]
+    pub client_id: Option<String>,
+
+    /// Address of the frps server.
+    #[arg(
+        short = 's',
+        long,
+        env = "FRPC_SERVER_ADDR",
+        default_value = "127.0.0.1"
+    )]
+    pub server_addr: String,
+
+    /// frps control port.
+    #[arg(long, env = "FRPC_CONTROL_PORT", default_value_t = 17000)]
+    pub control_port: u16,
+
+    /// frps proxy (dial-back) port.
+    #[arg(long, env = "FRPC_PROXY_PORT", default_value_t = 17001)]
+    pub proxy_port: u16,
+
+    /// Address of the local service to expose.
+    #[arg(long, env = "FRPC_LOCAL_ADDR", default_value = "127.0.0.1")]
+    pub local_addr: String,
+
+    /// Port of the local service to expose (Ollama's by default).
+    #[arg(long, env = "FRPC_LOCAL_PORT", default_value_t = 11434)]
+    pub local_port: u16,
+
+    /// Provider secret configured on frps with `--client-secret`.
+    #[arg(long, env = "FRPX_CLIENT_SECRET", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Where the login token is saved; the fallback client id is kept beside it.
+    #[arg(long, env = "FRPC_TOKEN_FILE", default_value = "token.json")]
+    pub token_file: PathBuf,
+
+    /// First reconnect delay; doubles (with jitter) up to `--reconnect-max`.
+    #[arg(long, env = "FRPC_RECONNECT_MIN", default_value = "1s", value_parser = parse_duration)]
+    pub reconnect_min: Duration,
+
+    /// Longest reconnect delay.
+    #[arg(long, env = "FRPC_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_max: Duration,
+
+    /// Deadline for connecting to frps or to the local service.
+    #[arg(long, env = "FRPC_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Log filter (e.g. `info`, `frpc=debug`); `RUST_LOG` takes precedence.
+    #[arg(long, env = "FRPX_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Config {
+    /// `host:port` of the local service.
+    pub fn local_host(&self) -> String {
+        format!("{}:{}", self.local_addr, self.local_port)
+    }
+
+    /// `host:port` of the control port.
+    pub fn control_addr(&self) -> String {
+        format!("{}:{}", self.server_addr, self.control_port)
+    }
+
+    /// `host:port` of the proxy port.
+    pub fn proxy_addr(&self) -> String {
+        format!("{}:{}", self.server_addr, self.proxy_port)
+    }
+}

@@ -1,0 +1,278 @@
+//! The control session: log in, register, heartbeat, obey the server; and the
+//! reconnect loop around it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, write_command,
+};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::identity::{self, Identity};
+use crate::local;
+use crate::tunnel::{self, Session};
+
+/// How a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The server refused us for a reason retrying cannot fix.
+    #[error("{0}")]
+    Fatal(String),
+    /// Anything else: reconnect after backoff.
+    #[error("{0}")]
+    Retry(String),
+}
+
+impl From<FrameError> for SessionError {
+    fn from(e: FrameError) -> Self {
+        SessionError::Retry(format!("connection to frps failed: {e}"))
+    }
+}
+
+/// How a session that registered ended without error.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Local shutdown was requested.
+    Shutdown,
+    /// The server closed or dropped us (reason given when it said one).
+    Disconnected(Option<String>),
+}
+
+/// Everything a session needs.
+pub struct Client {
+    config: Arc<Config>,
+    identity: Identity,
+    shutdown: CancellationToken,
+    tunnels: TaskTracker,
+}
+
+impl Client {
+    /// A client for `config`, stopping when `shutdown` is cancelled.
+    pub fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let identity = identity::resolve(config.client_id.as_deref(), &config.token_file)?;
+        Ok(Self {
+            config: Arc::new(config),
+            identity,
+            shutdown,
+            tunnels: TaskTracker::new(),
+        })
+    }
+
+    /// Runs sessions until shutdown, reconnecting with backoff. Returns an
+    /// error only when the server refuses us for good (bad credentials,
+    /// unsupported protocol): it never exits because the server went away.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let result = loop {
+            match self.session(&mut backoff).await {
+                Ok(SessionEnd::Shutdown) => break Ok(()),
+                Ok(SessionEnd::Disconnected(reason)) => {
+                    let why = reason.unwrap_or_else(|| "connection closed".into());
+                    warn!("disconnected from frps: {why}");
+                }
+                Err(SessionError::Fatal(reason)) => break Err(anyhow::anyhow!(reason)),
+                Err(SessionError::Retry(reason)) => warn!("{reason}"),
+            }
+            let delay = backoff.next_delay();
+            info!(
+                "reconnecting to {} in {delay:.1?}",
+                self.config.control_addr()
+            );
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        self.tunnels.close();
+        self.tunnels.wait().await;
+        result
+    }
+
+    /// One control session. `backoff` is reset once registration succeeds.
+    async fn session(&self, backoff: &mut Backoff) -> Result<SessionEnd, SessionError> {
+        let addr = self.config.control_addr();
+        let limit = self.config.connect_timeout;
+        let stream = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            res = tokio::time::timeout(limit, TcpStream::connect(&addr)) => res
+                .map_err(|_| SessionError::Retry(format!("frps at {addr} did not accept within {limit:?}")))?
+                .map_err(|e| SessionError::Retry(format!("cannot reach frps at {addr}: {e}")))?,
+        };
+        let _ = stream.set_nodelay(true);
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd, MAX_FRAME);
+
+        let handshake = async {
+            self.login(&mut reader, &mut wr).await?;
+            self.register(&mut reader, &mut wr).await
+        };
+        let (session, heartbeat) = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            res = handshake => res?,
+        };
+        backoff.reset();
+        info!(
+            "registered with frps at {addr} as '{}' (heartbeat every {heartbeat:?})",
+            session.client_id
+        );
+        self.serve(&mut reader, &mut wr, Arc::new(session), heartbeat)
+            .await
+    }
+
+    async fn login(
+        &self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+    ) -> Result<(), SessionError> {
+        let Some(token) = self.config.token.clone() else {
+            return Err(SessionError::Fatal(
+                "no credentials: pass --token <secret> (or set FRPX_CLIENT_SECRET) with the provider secret configured on frps".into(),
+            ));
+        };
+        write_command(wr, &Command::LoginToken { token }).await?;
+        match self.expect_reply(reader).await? {
+            Command::LoginResult { ok: true, .. } => Ok(()),
+            Command::LoginResult { reason, .. } => Err(SessionError::Fatal(format!(
+                "frps refused the login: {}",
+                reason.unwrap_or_else(|| "no reason given".into())
+            ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn register(
+        &self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+    ) -> Result<(Session, Duration), SessionError> {
+        let models =
+            match local::models(&self.config.local_host(), self.config.connect_timeout).await {
+                Ok(models) => models,
+                Err(e) => {
+                    warn!("cannot list the local service's models: {e}");
+                    Vec::new()
+                }
+            };
+        let registration = Registration {
+            client_id: self.identity.client_id.clone(),
+            machine_id: self.identity.machine_id.clone(),
+            hostname: identity::hostname(),
+            os: identity::os(),
+            arch: identity::arch(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: PROTOCOL_VERSION,
+            metas: Default::default(),
+            models,
+            local_host: self.config.local_host(),
+            max_concurrency: None,
+        };
+        write_command(wr, &Command::Register(registration)).await?;
+        match self.expect_reply(reader).await? {
+            Command::Registered {
+                client_id,
+                session_key,
+                heartbeat_interval_ms,
+            } => Ok((
+                Session {
+                    client_id,
+                    session_key,
+                },
+                Duration::from_millis(heartbeat_interval_ms.max(100)),
+            )),
+            Command::RegisterRefused { reason, retry } => {
+                let msg = format!("frps refused the registration: {reason}");
+                Err(if retry {
+                    SessionError::Retry(msg)
+                } else {
+                    SessionError::Fatal(msg)
+                })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads the reply to a handshake frame.
+    async fn expect_reply(
+        &self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+    ) -> Result<Command, SessionError> {
+        match reader
+            .read_command_within(common::codec::HANDSHAKE_TIMEOUT)
+            .await?
+        {
+            Some(Command::Error { message }) => {
+                Err(SessionError::Fatal(format!("frps: {message}")))
+            }
+            Some(cmd) => Ok(cmd),
+            None => Err(SessionError::Retry(
+                "frps closed the connection during the handshake".into(),
+            )),
+        }
+    }
+
+    async fn serve(
+        &self,
+        reader: &mut FrameReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+        session: Arc<Session>,
+        heartbeat: Duration,
+    ) -> Result<SessionEnd, SessionError> {
+        let (out_tx, mut out_rx) = mpsc::channel::<Command>(64);
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let silence = heartbeat * 3;
+        let dead = tokio::time::sleep(silence);
+        tokio::pin!(dead);
+        let mut seq = 0u64;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                _ = &mut dead => return Err(SessionError::Retry(format!("frps silent for {silence:?}"))),
+                _ = ticker.tick() => {
+                    seq += 1;
+                    write_command(wr, &Command::Heartbeat { seq }).await?;
+                }
+                Some(cmd) = out_rx.recv() => write_command(wr, &cmd).await?,
+                frame = reader.read_command() => {
+                    let Some(cmd) = frame? else {
+                        return Ok(SessionEnd::Disconnected(None));
+                    };
+                    dead.as_mut().reset(Instant::now() + silence);
+                    match cmd {
+                        Command::OpenConnection { conn_id } => {
+                            let open = tunnel::open(self.config.clone(), session.clone(), conn_id, out_tx.clone());
+                            let stop = self.shutdown.clone();
+                            self.tunnels.spawn(async move {
+                                tokio::select! {
+                                    _ = open => {}
+                                    _ = stop.cancelled() => {}
+                                }
+                            });
+                        }
+                        Command::HeartbeatAck { .. } => {}
+                        Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
+                        Command::Error { message } => warn!("frps reported an error: {message}"),
+                        other => warn!("ignoring unexpected {} from frps", other.name()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unexpected(cmd: &Command) -> SessionError {
+    SessionError::Retry(format!(
+        "unexpected {} from frps during the handshake",
+        cmd.name()
+    ))
+}

@@ -1,0 +1,26 @@
+//! frpc: runs on a GPU box, registers with frps and carries requests to the
+//! local model service.
+//!
+//! - [`control`]: the control session and its reconnect loop;
+//! - [`tunnel`]: data connections dialed back on request;
+//! - [`local`]: probing the local service for its models;
+//! - [`identity`]: client id and machine facts;
+//! - [`backoff`]: reconnect delays.
+
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod identity;
+pub mod local;
+pub mod tunnel;
+
+pub use config::Config;
+pub use control::Client;
+
+use tokio_util::sync::CancellationToken;
+
+/// Runs frpc with `config` until `shutdown` is cancelled (or the server
+/// refuses it for good).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    Client::new(config, shutdown)?.run().await
+}

@@ -1,0 +1,57 @@
+//! frps: the frpx server.
+//!
+//! Four listeners share one [`state::State`]:
+//! - control ([`listeners::control`]): clients log in, register, heartbeat;
+//! - proxy ([`listeners::proxy`]): clients dial back data connections;
+//! - public ([`listeners::public`]): API consumers' HTTP requests, each
+//!   authenticated and routed on its own;
+//! - management API ([`api`]).
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod listeners;
+pub mod pending;
+pub mod registry;
+pub mod router;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{BoundAddrs, Server};
+
+/// Runs frps with `config` until SIGINT or SIGTERM, then shuts down
+/// gracefully.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let server = Server::bind(config).await?;
+    let shutdown = server.state().shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        shutdown.cancel();
+    });
+    server.run().await
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,309 @@
+//! Control port: clients log in, register, heartbeat and receive commands.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration};
+use rand::RngCore;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::registry::{ClientHandle, NewClient};
+use crate::state::State;
+
+/// Longest client id accepted.
+pub const MAX_CLIENT_ID: usize = 128;
+
+/// How a control session ended badly.
+#[derive(Debug, thiserror::Error)]
+enum ControlError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("connection closed during the handshake")]
+    ClosedEarly,
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Serves one control connection until it closes.
+pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let _ = stream.set_nodelay(true);
+    let span = info_span!("control", %peer);
+    async move {
+        let (rd, mut wr) = stream.into_split();
+        let mut reader = FrameReader::new(rd, MAX_FRAME);
+        match session(&mut reader, &mut wr, peer, &state).await {
+            Ok(()) => {}
+            Err(ControlError::Refused(reason)) => info!("control connection refused: {reason}"),
+            Err(e) => debug!("control connection ended: {e}"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn session(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    peer: SocketAddr,
+    state: &Arc<State>,
+) -> Result<(), ControlError> {
+    let hs = state.config.handshake_timeout;
+    login(reader, wr, state).await?;
+
+    let cmd = reader.read_command_within(hs).await?;
+    let registration = match cmd {
+        Some(Command::Register(reg)) => reg,
+        Some(other) => {
+            let reason = format!("expected Register, got {}", other.name());
+            send(
+                wr,
+                &Command::Error {
+                    message: reason.clone(),
+                },
+                hs,
+            )
+            .await?;
+            return Err(ControlError::Refused(reason));
+        }
+        None => return Err(ControlError::ClosedEarly),
+    };
+    if let Err((reason, retry)) = validate(&registration) {
+        let refusal = Command::RegisterRefused {
+            reason: reason.clone(),
+            retry,
+        };
+        send(wr, &refusal, hs).await?;
+        return Err(ControlError::Refused(reason));
+    }
+
+    let (tx, rx) = mpsc::channel(64);
+    let session_key = random_hex(32);
+    let client = state.registry.insert(NewClient {
+        registration,
+        remote_addr: peer,
+        control_tx: tx,
+        session_key: session_key.clone(),
+    });
+    tracing::Span::current().record("client", client.id.as_str());
+    let registered = Command::Registered {
+        client_id: client.id.clone(),
+        session_key,
+        heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+    };
+    let result = match send(wr, &registered, hs).await {
+        Ok(()) => {
+            info!(
+                client = %client.id,
+                machine = %client.registration.machine_id,
+                models = client.registration.models.len(),
+                "Client '{}' registered from {peer}",
+                client.id
+            );
+            serve(reader, wr, rx, &client, state).await
+        }
+        Err(e) => Err(e.into()),
+    };
+    // Fail waiters for this session at once rather than at their timeout.
+    client.kick.cancel();
+    client.idle.clear();
+    if state.registry.remove(&client) {
+        info!(client = %client.id, "Client '{}' left", client.id);
+    }
+    result
+}
+
+async fn login(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    state: &State,
+) -> Result<(), ControlError> {
+    let hs = state.config.handshake_timeout;
+    let outcome = match reader.read_command_within(hs).await? {
+        Some(Command::LoginToken { token }) => state.providers.check_token(&token).map(|()| None),
+        Some(Command::Login { email, password }) => {
+            state.providers.check_password(&email, &password).map(Some)
+        }
+        Some(other) => Err(format!(
+            "expected Login or LoginToken, got {}",
+            other.name()
+        )),
+        None => return Err(ControlError::ClosedEarly),
+    };
+    match outcome {
+        Ok(token) => {
+            let ok = Command::LoginResult {
+                ok: true,
+                token,
+                expires_at: None,
+                reason: None,
+            };
+            send(wr, &ok, hs).await?;
+            Ok(())
+        }
+        Err(reason) => {
+            let refused = Command::LoginResult {
+                ok: false,
+                token: None,
+                expires_at: None,
+                reason: Some(reason.clone()),
+            };
+            send(wr, &refused, hs).await?;
+            Err(ControlError::Refused(reason))
+        }
+    }
+}
+
+/// Checks a registration; on refusal returns the reason and whether a retry
+/// can succeed.
+fn validate(reg: &Registration) -> Result<(), (String, bool)> {
+    if reg.protocol_version != PROTOCOL_VERSION {
+        return Err((
+            format!(
+                "protocol version {} is not supported (this server speaks {PROTOCOL_VERSION}); upgrade frpc",
+                reg.protocol_version
+            ),
+            false,
+        ));
+    }
+    let id = &reg.client_id;
+    if id.is_empty()
+        || id.len() > MAX_CLIENT_ID
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
+    {
+        return Err((
+            format!("client id must be 1-{MAX_CLIENT_ID} characters of letters, digits and -_.:@"),
+            false,
+        ));
+    }
+    Ok(())
+}
+
+/// The registered phase: heartbeats, reports, commands to the client.
+async fn serve(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Command>,
+    client: &Arc<ClientHandle>,
+    state: &Arc<State>,
+) -> Result<(), ControlError> {
+    let hs = state.config.handshake_timeout;
+    let silence = state.config.heartbeat_interval * 3;
+    let evict = tokio::time::sleep(silence);
+    tokio::pin!(evict);
+    loop {
+        tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => {
+                let _ = send(wr, &Command::Disconnect { reason: "server is shutting down".into() }, hs).await;
+                return Ok(());
+            }
+            _ = client.kick.cancelled() => {
+                let reason = client.kick_reason().unwrap_or_else(|| "disconnected by the server".into());
+                info!(client = %client.id, "disconnecting client: {reason}");
+                let _ = send(wr, &Command::Disconnect { reason }, hs).await;
+                return Ok(());
+            }
+            _ = &mut evict => {
+                warn!(client = %client.id, "evicting client '{}': no heartbeat for {silence:?}", client.id);
+                let reason = format!("no heartbeat for {silence:?}");
+                let _ = send(wr, &Command::Disconnect { reason }, hs).await;
+                return Ok(());
+            }
+            Some(cmd) = rx.recv() => send(wr, &cmd, hs).await?,
+            frame = reader.read_command() => {
+                let Some(cmd) = frame? else { return Ok(()) };
+                client.touch();
+                evict.as_mut().reset(Instant::now() + silence);
+                if let Some(reply) = on_command(cmd, client, state) {
+                    send(wr, &reply, hs).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Handles one command from a registered client; returns the reply, if any.
+fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Command> {
+    match cmd {
+        Command::Heartbeat { seq } => Some(Command::HeartbeatAck { seq }),
+        Command::SystemInfo(info) => {
+            client.set_system(info);
+            None
+        }
+        Command::ModelsUpdate { models, .. } => {
+            client.set_models(models);
+            None
+        }
+        Command::OpenFailed { conn_id, reason } => {
+            debug!(client = %client.id, %conn_id, "client could not open a connection: {reason}");
+            state.pending.fail(conn_id, client.session, reason);
+            None
+        }
+        Command::Error { message } => {
+            warn!(client = %client.id, "client reported an error: {message}");
+            None
+        }
+        other => Some(Command::Error {
+            message: format!(
+                "unexpected {} on a registered control connection",
+                other.name()
+            ),
+        }),
+    }
+}
+
+/// Writes one frame, giving up after `limit` (a peer that does not read is dead).
+async fn send<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    cmd: &Command,
+    limit: Duration,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(limit, common::write_command(wr, cmd))
+        .await
+        .map_err(|_| FrameError::Timeout(limit))?
+}
+
+/// `bytes` random bytes, hex-encoded.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_are_validated() {
+        let ok = Registration {
+            client_id: "gpu-01.lab:a@b_c".into(),
+            protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
+        };
+        assert!(validate(&ok).is_ok());
+        let mut bad = ok.clone();
+        bad.protocol_version = 99;
+        assert!(!validate(&bad).unwrap_err().1);
+        for id in ["", "has space", "new\nline", &"x".repeat(200)] {
+            let mut bad = ok.clone();
+            bad.client_id = id.into();
+            assert!(validate(&bad).is_err(), "{id:?} accepted");
+        }
+    }
+
+    #[test]
+    fn session_keys_are_random_256_bit() {
+        let a = random_hex(32);
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, random_hex(32));
+    }
+}

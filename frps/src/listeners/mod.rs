@@ -1,0 +1,51 @@
+//! The three frame/HTTP listeners clients and consumers talk to. The
+//! management API lives in [`crate::api`].
+
+pub mod control;
+pub mod proxy;
+pub mod public;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::warn;
+
+use crate::state::State;
+
+/// Accepts connections until shutdown, serving each with `handler` on the
+/// state's task tracker.
+pub async fn accept_loop<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    state: Arc<State>,
+    handler: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<State>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let hard_stop = state.hard_stop.clone();
+                    let conn = handler(stream, peer, state.clone());
+                    state.tasks.spawn(async move {
+                        tokio::select! {
+                            _ = conn => {}
+                            _ = hard_stop.cancelled() => {}
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("{name} accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Pairing of requested data connections with the dial-backs that answer them.
+//!
+//! frps asks a client to open a connection (`OpenConnection { conn_id }`) and
+//! waits here; the proxy listener hands over the client's connection when a
+//! `DataHello` with that id and the client's session key arrives. A waiter
+//! that gives up (timeout, caller gone) removes its entry when dropped, so
+//! nothing lingers.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::auth::constant_time_eq;
+use crate::registry::ClientHandle;
+
+/// Why a pairing did not produce a connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PairError {
+    /// The client did not dial back in time.
+    #[error("client did not dial back within {0:?}")]
+    Timeout(Duration),
+    /// The client reported it could not open the connection.
+    #[error("client could not open a connection: {0}")]
+    Failed(String),
+    /// The pairing was dropped (client gone, server shutting down).
+    #[error("pairing cancelled")]
+    Cancelled,
+}
+
+struct Entry {
+    client_id: String,
+    session: u64,
+    session_key: String,
+    tx: oneshot::Sender<Result<TcpStream, PairError>>,
+}
+
+/// Pending pairings, keyed by connection id.
+#[derive(Default)]
+pub struct Pending {
+    entries: Mutex<HashMap<Uuid, Entry>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending").field("len", &self.len()).finish()
+    }
+}
+
+/// A registered pairing; dropping it withdraws the pairing.
+pub struct Waiter {
+    /// The connection id to send in `OpenConnection`.
+    pub conn_id: Uuid,
+    pending: Arc<Pending>,
+    rx: oneshot::Receiver<Result<TcpStream, PairError>>,
+}
+
+impl Pending {
+    /// Opens a pairing for a connection from `client`.
+    pub fn register(self: &Arc<Self>, client: &ClientHandle) -> Waiter {
+        let conn_id = Uuid::new_v4();
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(
+            conn_id,
+            Entry {
+                client_id: client.id.clone(),
+                session: client.session,
+                session_key: client.session_key.clone(),
+                tx,
+            },
+        );
+        Waiter {
+            conn_id,
+            pending: self.clone(),
+            rx,
+        }
+    }
+
+    /// Hands `stream` to the waiter for `conn_id` if the hello proves it comes
+    /// from the client the pairing was opened for. On refusal the stream comes
+    /// back with the reason. A wrong proof leaves the pairing in place, so a
+    /// forged hello cannot cancel a real one.
+    pub fn complete(
+        &self,
+        conn_id: Uuid,
+        client_id: &str,
+        session_key: &str,
+        stream: TcpStream,
+    ) -> Result<(), (TcpStream, &'static str)> {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get(&conn_id) else {
+            return Err((stream, "unknown or expired connection id"));
+        };
+        if entry.client_id != client_id
+            || !constant_time_eq(entry.session_key.as_bytes(), session_key.as_bytes())
+        {
+            return Err((
+                stream,
+                "connection id does not belong to this client session",
+            ));
+        }
+        let entry = entries.remove(&conn_id).expect("entry present");
+        drop(entries);
+        entry.tx.send(Ok(stream)).map_err(|back| {
+            let stream = back.expect("we sent Ok");
+            (stream, "the request gave up waiting for this connection")
+        })
+    }
+
+    /// Fails the pairing `conn_id` of session `session` with `reason`.
+    pub fn fail(&self, conn_id: Uuid, session: u64, reason: String) {
+        let mut entries = self.lock();
+        if entries.get(&conn_id).is_some_and(|e| e.session == session) {
+            let entry = entries.remove(&conn_id).expect("entry present");
+            let _ = entry.tx.send(Err(PairError::Failed(reason)));
+        }
+    }
+
+    /// Number of pairings waiting for a dial-back.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no pairing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
+        self.entries.lock().expect("pending lock")
+    }
+}
+
+impl Waiter {
+    /// Waits for the dial-back, at most `limit`.
+    pub async fn wait(&mut self, limit: Duration) -> Result<TcpStream, PairError> {
+        match tokio::time::timeout(limit, &mut self.rx).await {
+            Err(_) => Err(PairError::Timeout(limit)),
+            Ok(Err(_)) => Err(PairError::Cancelled),
+            Ok(Ok(res)) => res,
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.conn_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{NewClient, Registry};
+    use common::Registration;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    fn client(reg: &Registry, id: &str) -> Arc<ClientHandle> {
+        let (tx, _rx) = mpsc::channel(1);
+        reg.insert(NewClient {
+            registration: Registration {
+                client_id: id.into(),
+                ..Default::default()
+            },
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            control_tx: tx,
+            session_key: format!("key-{id}"),
+        })
+    }
+
+    async fn stream() -> TcpStream {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (s, _) = tokio::join!(TcpStream::connect(addr), l.accept());
+        s.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_pairing_expires_and_is_removed() {
+        let reg = Registry::default();
+        let pending = Arc::new(Pending::default());
+        let c = client(&reg, "a");
+        let mut w = pending.register(&c);
+        assert_eq!(pending.len(), 1);
+        let err = w.wait(Duration::from_secs(10)).await.unwrap_err();
+        assert_eq!(err, PairError::Timeout(Duration::from_secs(10)));
+        drop(w);
+        assert!(pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn only_the_right_session_completes_a_pairing() {
+        let reg = Registry::default();
+        let pending = Arc::new(Pending::default());
+        let a = client(&reg, "a");
+        let mut w = pending.register(&a);
+        let id = w.conn_id;
+        assert!(pending.complete(id, "a", "key-b", stream().await).is_err());
+        assert!(pending.complete(id, "b", "key-a", stream().await).is_err());
+        assert!(
+            pending
+                .complete(Uuid::new_v4(), "a", "key-a", stream().await)
+                .is_err()
+        );
+        assert_eq!(
+            pending.len(),
+            1,
+            "forged hellos must not cancel the pairing"
+        );
+        assert!(pending.complete(id, "a", "key-a", stream().await).is_ok());
+        assert!(w.wait(Duration::from_secs(5)).await.is_ok());
+        assert!(pending.is_empty());
+    }
+
+    #[tokio::test]
+    async fn open_failed_reaches_the_waiter_at_once() {
+        let reg = Registry::default();
+        let pending = Arc::new(Pending::default());
+        let a = client(&reg, "a");
+        let mut w = pending.register(&a);
+        pending.fail(w.conn_id, a.session + 1, "wrong session".into());
+        assert_eq!(pending.len(), 1);
+        pending.fail(w.conn_id, a.session, "connection refused".into());
+        assert_eq!(
+            w.wait(Duration::from_secs(5)).await.unwrap_err(),
+            PairError::Failed("connection refused".into())
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! Live clients: who is registered, how to reach them, what they serve.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use common::{Command, ModelInfo, Registration, SystemInfo};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::IdlePool;
+
+/// One registered client (one control session).
+#[derive(Debug)]
+pub struct ClientHandle {
+    /// Client id, unique among live clients.
+    pub id: String,
+    /// Unique number of this control session; a reconnect gets a new one.
+    pub session: u64,
+    /// Proof a data connection must present.
+    pub session_key: String,
+    /// What the client announced at registration.
+    pub registration: Registration,
+    /// Address of the control connection's peer.
+    pub remote_addr: SocketAddr,
+    /// When the client registered.
+    pub connected_at: chrono::DateTime<chrono::Utc>,
+    /// Commands to send on the control connection.
+    pub control_tx: mpsc::Sender<Command>,
+    /// Cancelled to drop the client (replacement, operator, shutdown).
+    pub kick: CancellationToken,
+    kick_reason: Mutex<Option<String>>,
+    last_seen: Mutex<Instant>,
+    models: RwLock<Vec<ModelInfo>>,
+    system: RwLock<Option<SystemInfo>>,
+    /// Requests currently being served by this client.
+    pub in_flight: AtomicUsize,
+    /// Requests served by this client since it registered.
+    pub requests: AtomicU64,
+    /// Idle upstream HTTP connections through this client's tunnel.
+    pub idle: IdlePool,
+}
+
+impl ClientHandle {
+    /// Marks the client as heard from now.
+    pub fn touch(&self) {
+        *self.last_seen.lock().expect("last_seen lock") = Instant::now();
+    }
+
+    /// When the client was last heard from.
+    pub fn last_seen(&self) -> Instant {
+        *self.last_seen.lock().expect("last_seen lock")
+    }
+
+    /// Drops the client, telling it `reason`.
+    pub fn kick(&self, reason: impl Into<String>) {
+        self.kick_reason
+            .lock()
+            .expect("kick lock")
+            .get_or_insert_with(|| reason.into());
+        self.kick.cancel();
+    }
+
+    /// Why the client was kicked, if it was.
+    pub fn kick_reason(&self) -> Option<String> {
+        self.kick_reason.lock().expect("kick lock").clone()
+    }
+
+    /// Models the client's service currently reports.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.models.read().expect("models lock").clone()
+    }
+
+    /// Replaces the reported models.
+    pub fn set_models(&self, models: Vec<ModelInfo>) {
+        *self.models.write().expect("models lock") = models;
+    }
+
+    /// Latest system metrics.
+    pub fn system(&self) -> Option<SystemInfo> {
+        self.system.read().expect("system lock").clone()
+    }
+
+    /// Stores the latest system metrics.
+    pub fn set_system(&self, info: SystemInfo) {
+        *self.system.write().expect("system lock") = Some(info);
+    }
+}
+
+/// The set of live clients.
+#[derive(Debug)]
+pub struct Registry {
+    clients: RwLock<HashMap<String, Arc<ClientHandle>>>,
+    next_session: AtomicU64,
+    changes: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            clients: RwLock::default(),
+            next_session: AtomicU64::new(1),
+            changes: watch::Sender::new(0),
+        }
+    }
+}
+
+/// What [`Registry::insert`] needs to create a client.
+#[derive(Debug)]
+pub struct NewClient {
+    /// The registration as announced (and possibly rewritten).
+    pub registration: Registration,
+    /// Peer address of the control connection.
+    pub remote_addr: SocketAddr,
+    /// Channel to the control connection's writer.
+    pub control_tx: mpsc::Sender<Command>,
+    /// Proof for data connections.
+    pub session_key: String,
+}
+
+impl Registry {
+    /// Adds a client. A live client with the same id is kicked and replaced:
+    /// a reconnect after a network blip is never locked out.
+    pub fn insert(&self, new: NewClient) -> Arc<ClientHandle> {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(ClientHandle {
+            id: new.registration.client_id.clone(),
+            session,
+            session_key: new.session_key,
+            models: RwLock::new(new.registration.models.clone()),
+            registration: new.registration,
+            remote_addr: new.remote_addr,
+            connected_at: chrono::Utc::now(),
+            control_tx: new.control_tx,
+            kick: CancellationToken::new(),
+            kick_reason: Mutex::new(None),
+            last_seen: Mutex::new(Instant::now()),
+            system: RwLock::new(None),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            idle: IdlePool::default(),
+        });
+        let old = self
+            .clients
+            .write()
+            .expect("registry lock")
+            .insert(handle.id.clone(), handle.clone());
+        if let Some(old) = old {
+            old.kick("replaced by a newer connection with the same client id");
+        }
+        self.changed();
+        handle
+    }
+
+    /// Removes `handle` if it is still the registered session for its id.
+    /// Returns whether it was removed.
+    pub fn remove(&self, handle: &ClientHandle) -> bool {
+        let removed = {
+            let mut clients = self.clients.write().expect("registry lock");
+            match clients.get(&handle.id) {
+                Some(current) if current.session == handle.session => {
+                    clients.remove(&handle.id);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            self.changed();
+        }
+        removed
+    }
+
+    /// The live client with this id.
+    pub fn get(&self, id: &str) -> Option<Arc<ClientHandle>> {
+        self.clients.read().expect("registry lock").get(id).cloned()
+    }
+
+    /// The live client with this session number.
+    pub fn get_session(&self, id: &str, session: u64) -> Option<Arc<ClientHandle>> {
+        self.get(id).filter(|c| c.session == session)
+    }
+
+    /// Every live client.
+    pub fn all(&self) -> Vec<Arc<ClientHandle>> {
+        self.clients
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Runs `f` over the live clients without copying the set.
+    pub fn with_clients<T>(&self, f: impl FnOnce(&HashMap<String, Arc<ClientHandle>>) -> T) -> T {
+        f(&self.clients.read().expect("registry lock"))
+    }
+
+    /// Number of live clients.
+    pub fn len(&self) -> usize {
+        self.clients.read().expect("registry lock").len()
+    }
+
+    /// Whether no client is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Notifies on every registration and removal (the value is a counter).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_client(id: &str) -> (NewClient, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(4);
+        (
+            NewClient {
+                registration: Registration {
+                    client_id: id.into(),
+                    ..Default::default()
+                },
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                control_tx: tx,
+                session_key: "k".into(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn same_id_replaces_and_kicks_the_stale_session() {
+        let reg = Registry::default();
+        let (a, _rx1) = new_client("gpu");
+        let first = reg.insert(a);
+        let (b, _rx2) = new_client("gpu");
+        let second = reg.insert(b);
+        assert!(first.kick.is_cancelled());
+        assert!(first.kick_reason().unwrap().contains("replaced"));
+        assert_eq!(reg.len(), 1);
+        // The stale session's cleanup must not remove its replacement.
+        assert!(!reg.remove(&first));
+        assert_eq!(reg.get("gpu").unwrap().session, second.session);
+        assert!(reg.remove(&second));
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn changes_are_signalled() {
+        let reg = Registry::default();
+        let rx = reg.subscribe();
+        let (a, _rx) = new_client("x");
+        let h = reg.insert(a);
+        reg.remove(&h);
+        assert_eq!(*rx.borrow(), 2);
+    }
+}

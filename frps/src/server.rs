@@ -1,0 +1,145 @@
+//! Binding the four listeners, running them, shutting down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::api;
+use crate::config::Config;
+use crate::listeners::{self, control, proxy, public};
+use crate::state::State;
+
+/// The addresses the listeners actually bound (a port of 0 becomes a real one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// Control port.
+    pub control: SocketAddr,
+    /// Proxy (dial-back) port.
+    pub proxy: SocketAddr,
+    /// Public port.
+    pub public: SocketAddr,
+    /// Management API port.
+    pub api: SocketAddr,
+}
+
+/// A bound, not yet running, server.
+pub struct Server {
+    state: Arc<State>,
+    control: TcpListener,
+    proxy: TcpListener,
+    public: TcpListener,
+    api: TcpListener,
+    addrs: BoundAddrs,
+}
+
+async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {what} port on {addr}"))
+}
+
+impl Server {
+    /// Binds every listener from `config`.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        let control = bind("control", (config.bind_addr, config.control_port).into()).await?;
+        let proxy = bind("proxy", (config.bind_addr, config.proxy_port).into()).await?;
+        let public = bind("public", (config.bind_addr, config.public_port).into()).await?;
+        let api = bind("API", (config.api_bind, config.api_port).into()).await?;
+        let addrs = BoundAddrs {
+            control: control.local_addr()?,
+            proxy: proxy.local_addr()?,
+            public: public.local_addr()?,
+            api: api.local_addr()?,
+        };
+        Ok(Self {
+            state: Arc::new(State::new(config)),
+            control,
+            proxy,
+            public,
+            api,
+            addrs,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// The shared state (for embedding and tests).
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Serves until `state().shutdown` is cancelled, then drains in-flight
+    /// requests for at most `--shutdown-timeout` and returns.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Server {
+            state,
+            control,
+            proxy,
+            public,
+            api,
+            addrs,
+        } = self;
+        info!(
+            "frps listening: control {}, proxy {}, public {}, api {}",
+            addrs.control, addrs.proxy, addrs.public, addrs.api
+        );
+        if !state.keys.has_keys() {
+            warn!(
+                "no API key configured (--api-key / API_KEY): every public request will be refused with 401"
+            );
+        }
+        if !state.providers.is_configured() {
+            warn!(
+                "no client secret configured (--client-secret / FRPX_CLIENT_SECRET): no client can register"
+            );
+        }
+        state.tasks.spawn(listeners::accept_loop(
+            "control",
+            control,
+            state.clone(),
+            control::handle,
+        ));
+        state.tasks.spawn(listeners::accept_loop(
+            "proxy",
+            proxy,
+            state.clone(),
+            proxy::handle,
+        ));
+        state.tasks.spawn(public::run(public, state.clone()));
+        let app = api::router(state.clone());
+        let api_shutdown = state.shutdown.clone();
+        state.tasks.spawn(async move {
+            let serve =
+                axum::serve(api, app).with_graceful_shutdown(api_shutdown.cancelled_owned());
+            if let Err(e) = serve.await {
+                warn!("management API stopped: {e}");
+            }
+        });
+
+        state.shutdown.cancelled().await;
+        info!(
+            "shutting down: draining in-flight requests (up to {:?})",
+            state.config.shutdown_timeout
+        );
+        state.tasks.close();
+        if tokio::time::timeout(state.config.shutdown_timeout, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("shutdown deadline passed; closing remaining connections");
+        }
+        state.hard_stop.cancel();
+        for client in state.registry.all() {
+            client.idle.clear();
+        }
+        state.tasks.wait().await;
+        info!("frps stopped");
+        Ok(())
+    }
+}

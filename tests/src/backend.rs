@@ -1,0 +1,158 @@
+//! A small HTTP backend standing in for Ollama: echoes requests, lists a
+//! model, streams server-sent events on cue, and records every request head.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::channel::Channel;
+use http_body_util::{BodyExt, Either, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+type BackendBody = Either<Full<Bytes>, Channel<Bytes>>;
+
+/// What the backend saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Request path.
+    pub path: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct Shared {
+    name: String,
+    seen: Mutex<Vec<Seen>>,
+    /// Released by the test to let `/sse` send its last event.
+    sse_release: Notify,
+}
+
+/// A running backend.
+pub struct Backend {
+    /// Its address.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl Backend {
+    /// Starts a backend that answers as `name`.
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("backend binds");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            ..Default::default()
+        });
+        let sh = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let sh = sh.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| serve(sh.clone(), req));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend { addr, shared, task }
+    }
+
+    /// Every request head seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// Number of requests seen (model-list probes excluded).
+    pub fn hits(&self) -> usize {
+        self.seen().iter().filter(|s| s.path != "/api/tags").count()
+    }
+
+    /// Lets a waiting `/sse` stream send its last event.
+    pub fn release_sse(&self) {
+        self.shared.sse_release.notify_one();
+    }
+
+    /// Stops accepting (existing connections keep running).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    sh: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<BackendBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    sh.seen.lock().unwrap().push(Seen {
+        path: path.clone(),
+        headers: req.headers().clone(),
+    });
+    let full = |status: u16, ct: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ct)
+            .body(Either::Left(Full::new(Bytes::from(body))))
+            .unwrap()
+    };
+    let resp = match path.as_str() {
+        "/api/tags" => full(
+            200,
+            "application/json",
+            serde_json::json!({"models": [{"name": format!("model-of-{}", sh.name), "size": 1}]})
+                .to_string(),
+        ),
+        "/sse" => {
+            let (mut tx, body) = Channel::<Bytes>::new(4);
+            let sh = sh.clone();
+            tokio::spawn(async move {
+                let _ = tx.send_data(Bytes::from("data: first\n\n")).await;
+                sh.sse_release.notified().await;
+                let _ = tx.send_data(Bytes::from("data: last\n\n")).await;
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Either::Right(body))
+                .unwrap()
+        }
+        "/echo" => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            Response::builder()
+                .header("x-backend", sh.name.as_str())
+                .body(Either::Left(Full::new(body)))
+                .unwrap()
+        }
+        _ => full(
+            200,
+            "application/json",
+            serde_json::json!({"backend": sh.name, "path": path}).to_string(),
+        ),
+    };
+    Ok(resp)
+}

@@ -1,0 +1,74 @@
+//! A hand-driven protocol peer, for cases a well-behaved frpc never produces.
+
+use std::net::SocketAddr;
+
+use common::{Command, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, write_command};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::WAIT;
+
+/// A control connection driven frame by frame.
+pub struct FakeClient {
+    /// Frames from frps.
+    pub reader: FrameReader<OwnedReadHalf>,
+    /// Frames to frps.
+    pub writer: OwnedWriteHalf,
+}
+
+impl FakeClient {
+    /// Connects to the control port.
+    pub async fn connect(control: SocketAddr) -> FakeClient {
+        let (rd, wr) = TcpStream::connect(control)
+            .await
+            .expect("connect")
+            .into_split();
+        FakeClient {
+            reader: FrameReader::new(rd, MAX_FRAME),
+            writer: wr,
+        }
+    }
+
+    /// Sends one command.
+    pub async fn send(&mut self, cmd: Command) {
+        write_command(&mut self.writer, &cmd).await.expect("send");
+    }
+
+    /// Receives one command (None when frps closed the connection).
+    pub async fn recv(&mut self) -> Option<Command> {
+        tokio::time::timeout(WAIT, self.reader.read_command())
+            .await
+            .expect("frame in time")
+            .ok()
+            .flatten()
+    }
+
+    /// Logs in with `token` and registers as `id`; returns frps's answer to the registration.
+    pub async fn register(control: SocketAddr, token: &str, id: &str) -> (FakeClient, Command) {
+        let mut c = FakeClient::connect(control).await;
+        c.send(Command::LoginToken {
+            token: token.into(),
+        })
+        .await;
+        match c.recv().await {
+            Some(Command::LoginResult { ok: true, .. }) => {}
+            other => {
+                return (
+                    c,
+                    other.unwrap_or(Command::Error {
+                        message: "closed".into(),
+                    }),
+                );
+            }
+        }
+        c.send(Command::Register(Registration {
+            client_id: id.into(),
+            machine_id: format!("machine-{id}"),
+            protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
+        }))
+        .await;
+        let answer = c.recv().await.expect("registration answer");
+        (c, answer)
+    }
+}

@@ -1,0 +1,107 @@
+//! HTTP helpers for talking to the public port.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::WAIT;
+
+/// A response, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// Body as text.
+    pub body: String,
+}
+
+impl Reply {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection.
+pub struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    /// Connects to `addr`.
+    pub async fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Conn { sender, addr }
+    }
+
+    /// Sends a request built by the caller, returning the streaming response.
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
+        self.sender.ready().await?;
+        tokio::time::timeout(WAIT, self.sender.send_request(req))
+            .await
+            .expect("response in time")
+    }
+
+    /// GET `path` with an optional bearer key; reads the whole body.
+    pub async fn get(&mut self, path: &str, key: Option<&str>) -> Reply {
+        let req = request("GET", self.addr, path, key, Bytes::new());
+        read(self.send(req).await.expect("request")).await
+    }
+
+    /// POST `body` to `path` with an optional bearer key; reads the whole body.
+    pub async fn post(&mut self, path: &str, key: Option<&str>, body: impl Into<Bytes>) -> Reply {
+        let req = request("POST", self.addr, path, key, body.into());
+        read(self.send(req).await.expect("request")).await
+    }
+}
+
+/// Builds a request with an optional bearer key.
+pub fn request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    key: Option<&str>,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some(key) = key {
+        b = b.header("authorization", format!("Bearer {key}"));
+    }
+    b.body(Full::new(body)).unwrap()
+}
+
+/// Reads a whole response.
+pub async fn read(resp: Response<Incoming>) -> Reply {
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(WAIT, body.collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// GET on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> Reply {
+    Conn::open(addr).await.get(path, key).await
+}

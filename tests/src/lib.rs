@@ -1,0 +1,231 @@
+//! End-to-end harness: frps, frpc and small HTTP backends in one process, on
+//! port 0, with helpers to talk to them. Logs stay silent unless
+//! `FRPX_TEST_LOG` is set (e.g. `FRPX_TEST_LOG=debug`).
+
+pub mod backend;
+pub mod fake;
+pub mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use frps::state::State;
+use frps::{BoundAddrs, Config, Server};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use backend::Backend;
+
+/// The static consumer key every test frps accepts.
+pub const API_KEY: &str = "test-consumer-key";
+/// The provider secret every test frpc presents.
+pub const CLIENT_SECRET: &str = "test-provider-secret";
+/// Longest a test waits for anything.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Enables logs when `FRPX_TEST_LOG` is set.
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("FRPX_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// Polls `cond` until it holds (for state with no change signal), failing
+/// after [`WAIT`].
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let poll = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, poll)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// A test frps configuration: loopback, port 0, short timeouts.
+pub fn frps_config() -> Config {
+    let mut cfg = Config::ephemeral(API_KEY, CLIENT_SECRET);
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.connect_timeout = Duration::from_secs(3);
+    cfg.shutdown_timeout = Duration::from_secs(5);
+    cfg
+}
+
+/// A running frps.
+pub struct Frps {
+    /// Bound addresses.
+    pub addrs: BoundAddrs,
+    /// Shared state, for waiting on and inspecting the registry.
+    pub state: Arc<State>,
+    join: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Frps {
+    /// Starts frps with `config`.
+    pub async fn start(config: Config) -> Frps {
+        init_logs();
+        let server = Server::bind(config).await.expect("frps binds");
+        let addrs = server.addrs();
+        let state = server.state();
+        let join = tokio::spawn(server.run());
+        Frps { addrs, state, join }
+    }
+
+    /// Starts frps with [`frps_config`].
+    pub async fn start_default() -> Frps {
+        Frps::start(frps_config()).await
+    }
+
+    /// Public base URL.
+    pub fn public(&self) -> SocketAddr {
+        self.addrs.public
+    }
+
+    /// Waits until `pred` holds for the registry (checked on every change).
+    pub async fn wait_until(&self, what: &str, pred: impl Fn(&State) -> bool) {
+        let mut changes = self.state.registry.subscribe();
+        let wait = async {
+            loop {
+                if pred(&self.state) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    /// Waits until exactly `ids` are registered.
+    pub async fn wait_for_clients(&self, ids: &[&str]) {
+        let mut want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        self.wait_until(&format!("clients {want:?}"), |s| {
+            let mut have: Vec<String> = s.registry.all().iter().map(|c| c.id.clone()).collect();
+            have.sort();
+            have == want
+        })
+        .await;
+    }
+
+    /// Shuts frps down gracefully and waits for it.
+    pub async fn stop(self) {
+        self.state.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.join)
+            .await
+            .expect("frps stops in time")
+            .expect("frps task")
+            .expect("frps run");
+    }
+}
+
+/// A running frpc.
+pub struct Frpc {
+    /// Its client id.
+    pub id: String,
+    shutdown: CancellationToken,
+    join: JoinHandle<anyhow::Result<()>>,
+}
+
+/// A frpc configuration pointing at `frps` and exposing `backend`.
+pub fn frpc_config(id: &str, frps: &BoundAddrs, backend: SocketAddr) -> frpc::Config {
+    use clap::Parser;
+    let mut cfg = frpc::Config::parse_from(["frpc"]);
+    cfg.client_id = Some(id.to_owned());
+    cfg.server_addr = frps.control.ip().to_string();
+    cfg.control_port = frps.control.port();
+    cfg.proxy_port = frps.proxy.port();
+    cfg.local_addr = backend.ip().to_string();
+    cfg.local_port = backend.port();
+    cfg.token = Some(CLIENT_SECRET.to_owned());
+    cfg.reconnect_min = Duration::from_millis(50);
+    cfg.reconnect_max = Duration::from_millis(400);
+    cfg.connect_timeout = Duration::from_secs(2);
+    cfg.token_file = std::env::temp_dir()
+        .join(format!("frpx-test-{}", uuid::Uuid::new_v4()))
+        .join("token.json");
+    cfg
+}
+
+impl Frpc {
+    /// Starts frpc with `config`.
+    pub fn start(config: frpc::Config) -> Frpc {
+        let id = config.client_id.clone().expect("tests set a client id");
+        let shutdown = CancellationToken::new();
+        let join = tokio::spawn(frpc::run(config, shutdown.clone()));
+        Frpc { id, shutdown, join }
+    }
+
+    /// Starts frpc `id` exposing `backend` through `frps`.
+    pub fn connect(id: &str, frps: &Frps, backend: &Backend) -> Frpc {
+        Frpc::start(frpc_config(id, &frps.addrs, backend.addr))
+    }
+
+    /// Stops frpc at once, closing its control and data connections (as a
+    /// killed process would).
+    pub async fn kill(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(WAIT, self.join)
+            .await
+            .expect("frpc stops in time");
+    }
+
+    /// Whether the frpc task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// Waits for frpc to exit by itself and returns its result.
+    pub async fn exit(self) -> anyhow::Result<()> {
+        tokio::time::timeout(WAIT, self.join)
+            .await
+            .expect("frpc exits in time")
+            .expect("frpc task")
+    }
+}
+
+/// frps, `n` backends and `n` frpc (`client-0`, `client-1`, ...), all registered.
+pub struct Fleet {
+    /// The server.
+    pub frps: Frps,
+    /// The backends, one per client.
+    pub backends: Vec<Backend>,
+    /// The clients.
+    pub clients: Vec<Frpc>,
+}
+
+impl Fleet {
+    /// Starts a fleet of `n` with the default frps configuration.
+    pub async fn start(n: usize) -> Fleet {
+        Fleet::start_with(n, frps_config()).await
+    }
+
+    /// Starts a fleet of `n` with `config`.
+    pub async fn start_with(n: usize, config: Config) -> Fleet {
+        let frps = Frps::start(config).await;
+        let mut backends = Vec::new();
+        let mut clients = Vec::new();
+        for i in 0..n {
+            let name = format!("client-{i}");
+            let backend = Backend::start(&name).await;
+            clients.push(Frpc::connect(&name, &frps, &backend));
+            backends.push(backend);
+        }
+        let ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        frps.wait_for_clients(&ids).await;
+        Fleet {
+            frps,
+            backends,
+            clients,
+        }
+    }
+}

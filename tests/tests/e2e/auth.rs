@@ -1,0 +1,103 @@
+//! Authentication on the public and control ports.
+
+use common::Command;
+use frpx_tests::fake::FakeClient;
+use frpx_tests::http::{self, Conn};
+use frpx_tests::{API_KEY, CLIENT_SECRET, Fleet, Frpc, Frps, frpc_config};
+
+fn assert_openai_error(reply: &http::Reply, status: u16, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.body);
+    let json = reply.json();
+    assert_eq!(json["error"]["code"], code, "{json}");
+    assert!(json["error"]["message"].is_string());
+    assert!(json["error"]["type"].is_string());
+}
+
+#[tokio::test]
+async fn missing_or_wrong_key_is_401() {
+    let fleet = Fleet::start(1).await;
+    let reply = http::get(fleet.frps.public(), "/", None).await;
+    assert_openai_error(&reply, 401, "missing_api_key");
+    let reply = http::get(fleet.frps.public(), "/", Some("wrong")).await;
+    assert_openai_error(&reply, 401, "invalid_api_key");
+    // The seed's default key is not a key here.
+    let reply = http::get(fleet.frps.public(), "/", Some("abc123")).await;
+    assert_openai_error(&reply, 401, "invalid_api_key");
+    assert_eq!(
+        fleet.backends[0].hits(),
+        0,
+        "nothing unauthenticated reaches a GPU box"
+    );
+}
+
+#[tokio::test]
+async fn every_request_on_a_keep_alive_connection_is_authenticated() {
+    let fleet = Fleet::start(1).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    assert_eq!(conn.get("/first", Some(API_KEY)).await.status, 200);
+    let second = conn.get("/second", Some("not-the-key")).await;
+    assert_openai_error(&second, 401, "invalid_api_key");
+    let third = conn.get("/third", None).await;
+    assert_openai_error(&third, 401, "missing_api_key");
+    assert_eq!(conn.get("/fourth", Some(API_KEY)).await.status, 200);
+    let paths: Vec<String> = fleet.backends[0]
+        .seen()
+        .into_iter()
+        .map(|s| s.path)
+        .filter(|p| p != "/api/tags")
+        .collect();
+    assert_eq!(paths, ["/first", "/fourth"]);
+}
+
+#[tokio::test]
+async fn a_consumer_key_cannot_register_a_client() {
+    let frps = Frps::start_default().await;
+    let (mut fake, answer) = FakeClient::register(frps.addrs.control, API_KEY, "intruder").await;
+    match answer {
+        Command::LoginResult {
+            ok: false, reason, ..
+        } => {
+            assert!(reason.unwrap().contains("invalid"));
+        }
+        other => panic!("expected a refused login, got {other:?}"),
+    }
+    assert!(
+        fake.recv().await.is_none(),
+        "connection closes after a refusal"
+    );
+    assert!(frps.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn the_provider_secret_cannot_call_the_public_port() {
+    let fleet = Fleet::start(1).await;
+    let reply = http::get(fleet.frps.public(), "/", Some(CLIENT_SECRET)).await;
+    assert_openai_error(&reply, 401, "invalid_api_key");
+}
+
+#[tokio::test]
+async fn frpc_with_a_wrong_secret_exits_with_a_clear_error() {
+    let frps = Frps::start_default().await;
+    let backend = frpx_tests::Backend::start("b").await;
+    let mut cfg = frpc_config("bad", &frps.addrs, backend.addr);
+    cfg.token = Some("wrong-secret".into());
+    let err = Frpc::start(cfg).exit().await.unwrap_err();
+    assert!(err.to_string().contains("refused the login"), "{err}");
+    assert!(frps.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn registration_must_follow_login() {
+    let frps = Frps::start_default().await;
+    let mut fake = FakeClient::connect(frps.addrs.control).await;
+    fake.send(Command::Register(Default::default())).await;
+    match fake.recv().await {
+        Some(Command::LoginResult {
+            ok: false, reason, ..
+        }) => {
+            assert!(reason.unwrap().contains("expected Login"));
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(frps.state.registry.is_empty());
+}

@@ -1,0 +1,270 @@
+//! Dead clients, restarts, bad peers, expiry and shutdown.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Command, write_command};
+use frpx_tests::fake::FakeClient;
+use frpx_tests::http::{self, Conn};
+use frpx_tests::{API_KEY, CLIENT_SECRET, Fleet, Frpc, Frps, frps_config};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn no_client_online_is_503() {
+    let frps = Frps::start_default().await;
+    let reply = http::get(frps.public(), "/v1/chat/completions", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"]["code"], "no_clients_available");
+}
+
+#[tokio::test]
+async fn a_killed_clients_traffic_goes_to_the_others() {
+    let mut fleet = Fleet::start(3).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    for _ in 0..10 {
+        assert_eq!(conn.get("/", Some(API_KEY)).await.status, 200);
+    }
+    let killed = fleet.clients.remove(0);
+    killed.kill().await;
+    fleet.frps.wait_for_clients(&["client-1", "client-2"]).await;
+    for _ in 0..40 {
+        let reply = conn.get("/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_ne!(reply.json()["backend"], "client-0");
+    }
+}
+
+#[tokio::test]
+async fn frpc_comes_back_after_frps_restarts() {
+    let fleet = Fleet::start(1).await;
+    let addrs = fleet.frps.addrs;
+    assert_eq!(
+        http::get(addrs.public, "/", Some(API_KEY)).await.status,
+        200
+    );
+    fleet.frps.stop().await;
+
+    let mut cfg = frps_config();
+    cfg.control_port = addrs.control.port();
+    cfg.proxy_port = addrs.proxy.port();
+    let frps = Frps::start(cfg).await;
+    frps.wait_for_clients(&["client-0"]).await;
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        !fleet.clients[0].is_finished(),
+        "frpc never exits because the server went away"
+    );
+}
+
+async fn assert_closed_by_server(mut s: TcpStream) {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(frpx_tests::WAIT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue, // an error frame may come first
+            Err(_) => panic!("server kept a bad connection open"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_frames_on_control_and_proxy_ports_harm_no_one_else() {
+    let fleet = Fleet::start(1).await;
+    let addrs = fleet.frps.addrs;
+    for port in [addrs.control, addrs.proxy] {
+        // A 4 GiB length prefix.
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert_closed_by_server(s).await;
+        // Garbage.
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"\x00\x00\x00\x10not json at all!")
+            .await
+            .unwrap();
+        assert_closed_by_server(s).await;
+        // Invalid UTF-8 and a truncated frame.
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(&[0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc])
+            .await
+            .unwrap();
+        assert_closed_by_server(s).await;
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(&[0, 0, 1, 0, b'{']).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_closed_by_server(s).await;
+        // HTTP on a frame port.
+        let mut s = TcpStream::connect(port).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_closed_by_server(s).await;
+    }
+    // A forged data hello for a connection id nobody asked for.
+    let mut s = TcpStream::connect(addrs.proxy).await.unwrap();
+    let forged = Command::DataHello {
+        conn_id: uuid::Uuid::new_v4(),
+        client_id: "client-0".into(),
+        session_key: "guess".into(),
+    };
+    write_command(&mut s, &forged).await.unwrap();
+    let mut reader = common::FrameReader::new(s, common::MAX_FRAME);
+    assert!(matches!(
+        reader.read_command().await.unwrap(),
+        Some(Command::DataRejected { .. })
+    ));
+
+    fleet.frps.wait_for_clients(&["client-0"]).await;
+    let reply = http::get(addrs.public, "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
+    let mut cfg = frps_config();
+    cfg.connect_timeout = Duration::from_millis(300);
+    let frps = Frps::start(cfg).await;
+    // Registers, then never dials back.
+    let (mut silent, answer) =
+        FakeClient::register(frps.addrs.control, CLIENT_SECRET, "silent").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
+    assert!(matches!(
+        silent.recv().await,
+        Some(Command::OpenConnection { .. })
+    ));
+    let reply = request.await.unwrap();
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "client_timeout");
+    assert_eq!(frps.state.pending.len(), 0);
+}
+
+#[tokio::test]
+async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
+    let mut cfg = frps_config();
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    let frps = Frps::start(cfg).await;
+    let (mut silent, answer) =
+        FakeClient::register(frps.addrs.control, CLIENT_SECRET, "mute").await;
+    match answer {
+        Command::Registered {
+            heartbeat_interval_ms,
+            ..
+        } => assert_eq!(heartbeat_interval_ms, 100),
+        other => panic!("{other:?}"),
+    }
+    frps.wait_for_clients(&["mute"]).await;
+    frps.wait_for_clients(&[]).await;
+    match silent.recv().await {
+        Some(Command::Disconnect { reason }) => {
+            assert!(reason.contains("no heartbeat"), "{reason}")
+        }
+        other => panic!("expected Disconnect, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_client_registered() {
+    let mut cfg = frps_config();
+    cfg.heartbeat_interval = Duration::from_millis(50);
+    let frps = Frps::start(cfg).await;
+    let (mut c, _) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "alive").await;
+    for seq in 1..=10 {
+        c.send(Command::Heartbeat { seq }).await;
+        assert_eq!(c.recv().await, Some(Command::HeartbeatAck { seq }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // 400 ms passed: well over three intervals, yet still registered.
+    assert!(frps.state.registry.get("alive").is_some());
+}
+
+#[tokio::test]
+async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
+    let frps = Frps::start_default().await;
+    let (mut first, a) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "gpu").await;
+    assert!(matches!(a, Command::Registered { .. }));
+    let (_second, b) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "gpu").await;
+    assert!(
+        matches!(b, Command::Registered { .. }),
+        "no 'id already in use' lockout: {b:?}"
+    );
+    match first.recv().await {
+        Some(Command::Disconnect { reason }) => assert!(reason.contains("replaced")),
+        other => panic!("expected Disconnect, got {other:?}"),
+    }
+    assert!(first.recv().await.is_none());
+    assert_eq!(frps.state.registry.len(), 1);
+}
+
+#[tokio::test]
+async fn a_client_whose_service_is_down_fails_over_to_another() {
+    let fleet = Fleet::start(1).await;
+    // A client pointing at a port where nothing listens.
+    let dead_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let broken = Frpc::start(frpx_tests::frpc_config(
+        "broken",
+        &fleet.frps.addrs,
+        dead_port,
+    ));
+    fleet.frps.wait_for_clients(&["broken", "client-0"]).await;
+    for _ in 0..20 {
+        let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.json()["backend"], "client-0");
+    }
+    fleet.clients.into_iter().next().unwrap().kill().await;
+    fleet.frps.wait_for_clients(&["broken"]).await;
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    broken.kill().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
+    let fleet = Fleet::start(1).await;
+    let (mut watcher, _) =
+        FakeClient::register(fleet.frps.addrs.control, CLIENT_SECRET, "watcher").await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let req = http::request(
+        "GET",
+        fleet.frps.public(),
+        "/sse",
+        Some(API_KEY),
+        Bytes::new(),
+    );
+    let resp = conn.send(req).await.unwrap();
+    let mut body = resp.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from("data: first\n\n"));
+
+    let public = fleet.frps.public();
+    let state = fleet.frps.state.clone();
+    let stopping = tokio::spawn(fleet.frps.stop());
+    // Clients are told why they are dropped.
+    loop {
+        match watcher.recv().await {
+            Some(Command::Disconnect { reason }) => {
+                assert!(reason.contains("shutting down"));
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a Disconnect"),
+        }
+    }
+    assert!(state.shutdown.is_cancelled());
+    frpx_tests::eventually("the public port stops accepting", || {
+        std::net::TcpStream::connect(public).is_err()
+    })
+    .await;
+    // The in-flight stream still completes.
+    fleet.backends[0].release_sse();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from("data: last\n\n"));
+    stopping.await.unwrap();
+}

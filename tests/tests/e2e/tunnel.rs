@@ -1,0 +1,121 @@
+//! The data path: round trips, streaming, header hygiene, load spreading.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use frpx_tests::http::{self, Conn};
+use frpx_tests::{API_KEY, Fleet};
+use http_body_util::BodyExt;
+
+#[tokio::test]
+async fn round_trip_through_the_tunnel() {
+    let fleet = Fleet::start(1).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let reply = conn.get("/v1/models-or-anything", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let json = reply.json();
+    assert_eq!(json["backend"], "client-0");
+    assert_eq!(json["path"], "/v1/models-or-anything");
+
+    // A body goes up and comes back intact, on the same keep-alive connection.
+    let payload = vec![b'x'; 300_000];
+    let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), payload.len());
+    assert_eq!(reply.headers["x-backend"], "client-0");
+}
+
+#[tokio::test]
+async fn the_backend_never_sees_the_consumer_key() {
+    let fleet = Fleet::start(1).await;
+    let reply = http::get(fleet.frps.public(), "/a", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let req = ::http::Request::builder()
+        .uri("/b")
+        .header("host", "public.example")
+        .header("x-api-key", API_KEY)
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let reply = http::read(conn.send(req).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "x-api-key is accepted too");
+
+    let seen = fleet.backends[0].seen();
+    let requests: Vec<_> = seen.iter().filter(|s| s.path != "/api/tags").collect();
+    assert_eq!(requests.len(), 2);
+    for s in requests {
+        assert!(!s.headers.contains_key("authorization"), "{:?}", s.headers);
+        assert!(!s.headers.contains_key("x-api-key"), "{:?}", s.headers);
+        // Host is rewritten to the local service (Ollama refuses foreign hosts).
+        assert_eq!(s.headers["host"], fleet.backends[0].addr.to_string());
+        assert!(s.headers.contains_key("x-forwarded-for"));
+    }
+    let b = seen.iter().find(|s| s.path == "/b").unwrap();
+    assert_eq!(b.headers["x-forwarded-host"], "public.example");
+}
+
+#[tokio::test]
+async fn sixty_requests_over_three_clients_reach_every_client() {
+    let fleet = Fleet::start(3).await;
+    let mut per_client: HashMap<String, usize> = HashMap::new();
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    for _ in 0..60 {
+        let reply = conn.get("/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        *per_client
+            .entry(reply.json()["backend"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(per_client.len(), 3, "{per_client:?}");
+    assert_eq!(per_client.values().sum::<usize>(), 60);
+    for b in &fleet.backends {
+        assert!(b.hits() > 0);
+    }
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_one_by_one() {
+    let fleet = Fleet::start(1).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let req = http::request(
+        "GET",
+        fleet.frps.public(),
+        "/sse",
+        Some(API_KEY),
+        Bytes::new(),
+    );
+    let resp = conn.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    // The backend holds its last event until we have seen the first: if frps
+    // buffered, this would never complete.
+    let first = tokio::time::timeout(frpx_tests::WAIT, body.frame())
+        .await
+        .expect("first event arrives before the backend sends the last")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from("data: first\n\n"));
+    fleet.backends[0].release_sse();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from("data: last\n\n"));
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_reused() {
+    let fleet = Fleet::start(1).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    for _ in 0..5 {
+        assert_eq!(conn.get("/", Some(API_KEY)).await.status, 200);
+    }
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    // Sequential requests need one tunnel connection, kept idle between them.
+    frpx_tests::eventually("the upstream connection is back in the pool", || {
+        client.idle.len() == 1
+    })
+    .await;
+    assert_eq!(
+        client.requests.load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+}
