@@ -55,6 +55,11 @@ pub enum Command {
         /// Why the login failed, in English, for the operator.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// Machine-readable failure: `invalid_credentials`, `token_invalid`,
+        /// `token_expired` (log in again with a password), `throttled`,
+        /// `unavailable` (retry later).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<String>,
     },
     /// frpc → frps (control, after a successful login): announce this client
     /// and the service it exposes. Answered by [`Command::Registered`] or
@@ -303,7 +308,8 @@ mod tests {
                 ok: true,
                 token: None,
                 expires_at: None,
-                reason: None
+                reason: None,
+                code: None
             }
         );
     }

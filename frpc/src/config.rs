@@ -44,9 +44,18 @@ pub struct Config {
     #[arg(long, env = "FRPC_LOCAL_PORT", default_value_t = 11434)]
     pub local_port: u16,
 
-    /// Provider secret configured on frps with `--client-secret`.
-    #[arg(long, env = "FRPX_CLIENT_SECRET", hide_env_values = true)]
-    pub token: Option<String>,
+    /// Account email, for the first login (afterwards the saved token is used).
+    #[arg(long, env = "FRPC_EMAIL")]
+    pub email: Option<String>,
+
+    /// Account password, for the first login. Prefer the interactive prompt
+    /// or the environment over the command line, which other users can see.
+    #[arg(long, env = "FRPC_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// Never prompt for credentials, even on a terminal (for scripts).
+    #[arg(long, env = "FRPC_NO_PROMPT")]
+    pub no_prompt: bool,
 
     /// Where the login token is saved; the fallback client id is kept beside it.
     #[arg(long, env = "FRPC_TOKEN_FILE", default_value = "token.json")]

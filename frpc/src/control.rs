@@ -1,7 +1,8 @@
 //! The control session: log in, register, heartbeat, obey the server; and the
 //! reconnect loop around it.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
@@ -19,6 +20,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::identity::{self, Identity};
 use crate::local;
+use crate::login::{self, Credentials};
 use crate::tunnel::{self, Session};
 
 /// How a session ended.
@@ -30,6 +32,9 @@ pub enum SessionError {
     /// Anything else: reconnect after backoff.
     #[error("{0}")]
     Retry(String),
+    /// The saved token was refused: reconnect at once and log in with a password.
+    #[error("saved token refused")]
+    Relogin,
 }
 
 impl From<FrameError> for SessionError {
@@ -53,6 +58,8 @@ pub struct Client {
     identity: Identity,
     shutdown: CancellationToken,
     tunnels: TaskTracker,
+    token_refused: AtomicBool,
+    prompted: Mutex<Option<Credentials>>,
 }
 
 impl Client {
@@ -64,6 +71,8 @@ impl Client {
             identity,
             shutdown,
             tunnels: TaskTracker::new(),
+            token_refused: AtomicBool::new(false),
+            prompted: Mutex::new(None),
         })
     }
 
@@ -81,6 +90,7 @@ impl Client {
                 }
                 Err(SessionError::Fatal(reason)) => break Err(anyhow::anyhow!(reason)),
                 Err(SessionError::Retry(reason)) => warn!("{reason}"),
+                Err(SessionError::Relogin) => continue,
             }
             let delay = backoff.next_delay();
             info!(
@@ -133,19 +143,108 @@ impl Client {
         reader: &mut FrameReader<OwnedReadHalf>,
         wr: &mut OwnedWriteHalf,
     ) -> Result<(), SessionError> {
-        let Some(token) = self.config.token.clone() else {
-            return Err(SessionError::Fatal(
-                "no credentials: pass --token <secret> (or set FRPX_CLIENT_SECRET) with the provider secret configured on frps".into(),
-            ));
-        };
-        write_command(wr, &Command::LoginToken { token }).await?;
+        let path = &self.config.token_file;
+        let saved = login::load(path).filter(|_| !self.token_refused.load(Ordering::Relaxed));
+        if let Some(saved) = saved {
+            write_command(wr, &Command::LoginToken { token: saved.token }).await?;
+            return match self.expect_reply(reader).await? {
+                Command::LoginResult { ok: true, .. } => Ok(()),
+                Command::LoginResult { reason, code, .. } => {
+                    let reason = reason.unwrap_or_else(|| "no reason given".into());
+                    match code.as_deref() {
+                        Some("token_invalid" | "token_expired") => {
+                            info!(
+                                "frps refused the saved token ({reason}); logging in with email and password"
+                            );
+                            self.token_refused.store(true, Ordering::Relaxed);
+                            Err(SessionError::Relogin)
+                        }
+                        Some("unavailable") => Err(SessionError::Retry(format!(
+                            "frps cannot log us in now: {reason}"
+                        ))),
+                        _ => Err(SessionError::Fatal(format!(
+                            "frps refused the login: {reason}"
+                        ))),
+                    }
+                }
+                other => Err(unexpected(&other)),
+            };
+        }
+        let creds = self.credentials().await?;
+        let email = creds.email.clone();
+        write_command(
+            wr,
+            &Command::Login {
+                email: creds.email,
+                password: creds.password,
+            },
+        )
+        .await?;
         match self.expect_reply(reader).await? {
-            Command::LoginResult { ok: true, .. } => Ok(()),
-            Command::LoginResult { reason, .. } => Err(SessionError::Fatal(format!(
-                "frps refused the login: {}",
-                reason.unwrap_or_else(|| "no reason given".into())
-            ))),
+            Command::LoginResult {
+                ok: true,
+                token: Some(token),
+                expires_at,
+                ..
+            } => {
+                let saved = login::SavedToken {
+                    token,
+                    expires_at,
+                    server: self.config.control_addr(),
+                    email,
+                };
+                login::save(path, &saved).map_err(|e| {
+                    SessionError::Fatal(format!("logged in, but cannot save the token: {e:#}"))
+                })?;
+                self.token_refused.store(false, Ordering::Relaxed);
+                info!(
+                    "logged in as {}; token saved to {}",
+                    saved.email,
+                    path.display()
+                );
+                Ok(())
+            }
+            Command::LoginResult { ok: true, .. } => Err(SessionError::Retry(
+                "frps accepted the login but sent no token".into(),
+            )),
+            Command::LoginResult { reason, code, .. } => {
+                let reason = reason.unwrap_or_else(|| "no reason given".into());
+                match code.as_deref() {
+                    Some("unavailable") => Err(SessionError::Retry(format!(
+                        "frps cannot log us in now: {reason}"
+                    ))),
+                    _ => Err(SessionError::Fatal(format!("login failed: {reason}"))),
+                }
+            }
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Email and password from flags, the environment or a prompt (asked
+    /// once per process).
+    async fn credentials(&self) -> Result<Credentials, SessionError> {
+        if let Some(c) = self.prompted.lock().expect("credentials lock").clone() {
+            return Ok(c);
+        }
+        match login::source(
+            self.config.email.as_deref(),
+            self.config.password.as_deref(),
+            !self.config.no_prompt,
+        ) {
+            login::Source::Given(c) => Ok(c),
+            login::Source::Prompt => {
+                let email = self.config.email.clone();
+                let creds = tokio::task::spawn_blocking(move || login::prompt(email.as_deref()))
+                    .await
+                    .map_err(|e| SessionError::Fatal(format!("prompt failed: {e}")))?
+                    .map_err(|e| SessionError::Fatal(format!("cannot read credentials: {e:#}")))?;
+                *self.prompted.lock().expect("credentials lock") = Some(creds.clone());
+                Ok(creds)
+            }
+            login::Source::None => Err(SessionError::Fatal(format!(
+                "no usable saved token in {} and no credentials: pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or run frpc in a terminal to be prompted",
+                self.config.token_file.display()
+            ))),
         }
     }
 

@@ -4,6 +4,7 @@
 //! - [`control`]: the control session and its reconnect loop;
 //! - [`tunnel`]: data connections dialed back on request;
 //! - [`local`]: probing the local service for its models;
+//! - [`login`]: the saved token and email/password credentials;
 //! - [`identity`]: client id and machine facts;
 //! - [`backoff`]: reconnect delays.
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod identity;
 pub mod local;
+pub mod login;
 pub mod tunnel;
 
 pub use config::Config;

@@ -43,10 +43,34 @@ pub struct Config {
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
-    /// Shared provider secret frpc presents (`frpc --token`) to register a
-    /// GPU box. Without it no client can register.
-    #[arg(long, env = "FRPX_CLIENT_SECRET", hide_env_values = true)]
-    pub client_secret: Option<String>,
+    /// Database holding accounts, client tokens, API keys and GPU assets:
+    /// `postgres://...` for PostgreSQL, `sqlite://FILE` (created on first
+    /// start) for the embedded database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://frpx.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Redis shared by every frps for the key cache and revocations; `none`
+    /// to run without it.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key and channel frps uses.
+    #[arg(long, env = "FRPX_REDIS_PREFIX", default_value = "frpx:")]
+    pub redis_prefix: String,
+
+    /// Lifetime of client tokens issued at login (`0` for no expiry).
+    #[arg(long, env = "FRPX_TOKEN_TTL", default_value = "30d", value_parser = parse_duration)]
+    pub token_ttl: Duration,
 
     /// How long a requested data connection may take to arrive before the
     /// request fails over (e.g. `10s`, `500ms`).
@@ -81,8 +105,8 @@ pub struct Config {
 
 impl Config {
     /// A configuration for tests and embedding: every port 0 on loopback,
-    /// the given secrets, defaults elsewhere.
-    pub fn ephemeral(api_key: &str, client_secret: &str) -> Self {
+    /// the given static key, the given database, no Redis.
+    pub fn ephemeral(api_key: &str, database_url: &str) -> Self {
         let mut cfg = Config::parse_from(["frps"]);
         let lo: IpAddr = [127, 0, 0, 1].into();
         cfg.bind_addr = lo;
@@ -92,8 +116,20 @@ impl Config {
         cfg.public_port = 0;
         cfg.api_port = 0;
         cfg.api_key = Some(api_key.to_owned());
-        cfg.client_secret = Some(client_secret.to_owned());
+        cfg.database_url = database_url.to_owned();
+        cfg.redis_url = "none".into();
         cfg
+    }
+
+    /// The Redis URL, unless Redis is disabled.
+    pub fn redis(&self) -> Option<&str> {
+        let url = self.redis_url.trim();
+        (!url.is_empty() && url != "none").then_some(url)
+    }
+
+    /// Token lifetime, `None` for no expiry.
+    pub fn token_lifetime(&self) -> Option<Duration> {
+        (!self.token_ttl.is_zero()).then_some(self.token_ttl)
     }
 }
 
@@ -119,5 +155,9 @@ mod tests {
         }
         assert_eq!(cfg.api_bind.to_string(), "127.0.0.1");
         assert_eq!(cfg.connect_timeout, Duration::from_secs(10));
+        if std::env::var_os("DATABASE_URL").is_none() {
+            assert_eq!(cfg.database_url, "sqlite://frpx.db");
+        }
+        assert_eq!(cfg.token_lifetime(), Some(Duration::from_secs(30 * 86400)));
     }
 }

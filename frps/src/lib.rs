@@ -7,6 +7,7 @@
 //!   authenticated and routed on its own;
 //! - management API ([`api`]).
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -16,10 +17,30 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod store;
 pub mod upstream;
 
 pub use config::Config;
 pub use server::{BoundAddrs, Server};
+
+use clap::Parser;
+
+/// The command line: server flags, optionally an admin command.
+#[derive(Debug, Parser)]
+#[command(
+    name = "frps",
+    version,
+    about = "frpx server: one authenticated, load-balanced endpoint for GPU boxes behind NAT",
+    after_help = "Without a command, frps runs the server. Admin commands use the same --database-url and --redis-url."
+)]
+pub struct Cli {
+    /// Server configuration.
+    #[command(flatten)]
+    pub config: Config,
+    /// Admin command to run instead of the server.
+    #[command(subcommand)]
+    pub command: Option<admin::Admin>,
+}
 
 /// Runs frps with `config` until SIGINT or SIGTERM, then shuts down
 /// gracefully.

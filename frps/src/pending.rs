@@ -168,6 +168,10 @@ mod tests {
             },
             remote_addr: "127.0.0.1:1".parse().unwrap(),
             control_tx: tx,
+            owner: crate::auth::Principal {
+                user_id: 1,
+                email: "a@b".into(),
+            },
             session_key: format!("key-{id}"),
         })
     }

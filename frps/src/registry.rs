@@ -10,6 +10,7 @@ use common::{Command, ModelInfo, Registration, SystemInfo};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Principal;
 use crate::upstream::IdlePool;
 
 /// One registered client (one control session).
@@ -23,6 +24,8 @@ pub struct ClientHandle {
     pub session_key: String,
     /// What the client announced at registration.
     pub registration: Registration,
+    /// The account that logged this client in.
+    pub owner: Principal,
     /// Address of the control connection's peer.
     pub remote_addr: SocketAddr,
     /// When the client registered.
@@ -118,6 +121,8 @@ pub struct NewClient {
     pub control_tx: mpsc::Sender<Command>,
     /// Proof for data connections.
     pub session_key: String,
+    /// The account that logged the client in.
+    pub owner: Principal,
 }
 
 impl Registry {
@@ -131,6 +136,7 @@ impl Registry {
             session_key: new.session_key,
             models: RwLock::new(new.registration.models.clone()),
             registration: new.registration,
+            owner: new.owner,
             remote_addr: new.remote_addr,
             connected_at: chrono::Utc::now(),
             control_tx: new.control_tx,
@@ -233,6 +239,10 @@ mod tests {
                 remote_addr: "127.0.0.1:1".parse().unwrap(),
                 control_tx: tx,
                 session_key: "k".into(),
+                owner: Principal {
+                    user_id: 1,
+                    email: "a@b".into(),
+                },
             },
             rx,
         )

@@ -35,6 +35,10 @@ mod tests {
             },
             remote_addr: "127.0.0.1:1".parse().unwrap(),
             control_tx: tx,
+            owner: crate::auth::Principal {
+                user_id: 1,
+                email: "a@b".into(),
+            },
             session_key: String::new(),
         })
     }

@@ -55,7 +55,7 @@ impl Server {
             api: api.local_addr()?,
         };
         Ok(Self {
-            state: Arc::new(State::new(config)),
+            state: Arc::new(State::new(config).await?),
             control,
             proxy,
             public,
@@ -89,16 +89,6 @@ impl Server {
             "frps listening: control {}, proxy {}, public {}, api {}",
             addrs.control, addrs.proxy, addrs.public, addrs.api
         );
-        if !state.keys.has_keys() {
-            warn!(
-                "no API key configured (--api-key / API_KEY): every public request will be refused with 401"
-            );
-        }
-        if !state.providers.is_configured() {
-            warn!(
-                "no client secret configured (--client-secret / FRPX_CLIENT_SECRET): no client can register"
-            );
-        }
         state.tasks.spawn(listeners::accept_loop(
             "control",
             control,

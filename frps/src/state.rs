@@ -7,10 +7,15 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{KeyValidator, ProviderAuth};
+use anyhow::Context;
+use tracing::info;
+
+use crate::auth::redis::RedisCache;
+use crate::auth::{Accounts, KeyValidator};
 use crate::config::Config;
 use crate::pending::Pending;
 use crate::registry::Registry;
+use crate::store::{Store, redact};
 
 /// Shared server state, behind one `Arc`.
 #[derive(Debug)]
@@ -21,10 +26,14 @@ pub struct State {
     pub registry: Registry,
     /// Data connections requested and not yet dialed back.
     pub pending: Arc<Pending>,
+    /// The database.
+    pub store: Store,
+    /// Redis, when configured (it may be unreachable at any moment).
+    pub redis: Option<Arc<RedisCache>>,
     /// Consumer API keys (public port).
-    pub keys: KeyValidator,
-    /// Provider credentials (control port).
-    pub providers: ProviderAuth,
+    pub keys: Arc<KeyValidator>,
+    /// Provider accounts and client tokens (control port).
+    pub accounts: Accounts,
     /// Counters.
     pub stats: Stats,
     /// When the server started.
@@ -38,20 +47,58 @@ pub struct State {
 }
 
 impl State {
-    /// Builds the state for `config`.
-    pub fn new(config: Config) -> Self {
-        Self {
-            keys: KeyValidator::new(config.api_key.clone()),
-            providers: ProviderAuth::new(config.client_secret.clone()),
+    /// Connects the database (running migrations) and starts the Redis
+    /// layer for `config`.
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let store = Store::connect(&config.database_url)
+            .await
+            .with_context(|| {
+                format!("cannot open the database {}", redact(&config.database_url))
+            })?;
+        info!(
+            "database: {} ({})",
+            store.backend(),
+            redact(&config.database_url)
+        );
+        let shutdown = CancellationToken::new();
+        let (revoked_tx, mut revoked_rx) = tokio::sync::mpsc::unbounded_channel();
+        let redis = match config.redis() {
+            Some(url) => {
+                let on_revoke = Arc::new(move |hash| {
+                    let _ = revoked_tx.send(hash);
+                });
+                let redis =
+                    RedisCache::start(url, &config.redis_prefix, on_revoke, shutdown.clone())
+                        .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
+                Some(redis)
+            }
+            None => None,
+        };
+        let keys = Arc::new(KeyValidator::new(
+            config.api_key.clone(),
+            Some(store.clone()),
+            redis.clone(),
+        ));
+        let forget = keys.clone();
+        tokio::spawn(async move {
+            while let Some(hash) = revoked_rx.recv().await {
+                forget.forget(hash);
+            }
+        });
+        Ok(Self {
+            accounts: Accounts::new(Some(store.clone()), config.token_lifetime()),
+            keys,
+            redis,
+            store,
             config,
             registry: Registry::default(),
             pending: Arc::default(),
             stats: Stats::default(),
             started_at: Instant::now(),
-            shutdown: CancellationToken::new(),
+            shutdown,
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
-        }
+        })
     }
 }
 

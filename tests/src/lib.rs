@@ -19,8 +19,10 @@ pub use backend::Backend;
 
 /// The static consumer key every test frps accepts.
 pub const API_KEY: &str = "test-consumer-key";
-/// The provider secret every test frpc presents.
-pub const CLIENT_SECRET: &str = "test-provider-secret";
+/// The provider account every test frps has.
+pub const TEST_EMAIL: &str = "gpu-owner@example.com";
+/// Its password.
+pub const TEST_PASSWORD: &str = "correct horse battery staple";
 /// Longest a test waits for anything.
 pub const WAIT: Duration = Duration::from_secs(15);
 
@@ -47,9 +49,17 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
         .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
-/// A test frps configuration: loopback, port 0, short timeouts.
+/// A fresh embedded database URL in a temporary directory.
+pub fn temp_sqlite_url() -> String {
+    let dir = std::env::temp_dir().join("frpx-tests");
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    format!("sqlite://{}/{}.db", dir.display(), uuid::Uuid::new_v4())
+}
+
+/// A test frps configuration: loopback, port 0, short timeouts, its own
+/// SQLite database, no Redis.
 pub fn frps_config() -> Config {
-    let mut cfg = Config::ephemeral(API_KEY, CLIENT_SECRET);
+    let mut cfg = Config::ephemeral(API_KEY, &temp_sqlite_url());
     cfg.heartbeat_interval = Duration::from_millis(500);
     cfg.connect_timeout = Duration::from_secs(3);
     cfg.shutdown_timeout = Duration::from_secs(5);
@@ -62,8 +72,13 @@ pub struct Frps {
     pub addrs: BoundAddrs,
     /// Shared state, for waiting on and inspecting the registry.
     pub state: Arc<State>,
+    /// Id of the [`TEST_EMAIL`] account.
+    pub user_id: i64,
     join: JoinHandle<anyhow::Result<()>>,
 }
+
+static TEST_PASSWORD_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| frps::auth::accounts::hash_password(TEST_PASSWORD));
 
 impl Frps {
     /// Starts frps with `config`.
@@ -72,8 +87,41 @@ impl Frps {
         let server = Server::bind(config).await.expect("frps binds");
         let addrs = server.addrs();
         let state = server.state();
+        let user_id = match state
+            .store
+            .find_user(TEST_EMAIL)
+            .await
+            .expect("user lookup")
+        {
+            Some(user) => user.id,
+            None => {
+                let hash = TEST_PASSWORD_HASH.clone();
+                state
+                    .store
+                    .create_user(TEST_EMAIL, &hash)
+                    .await
+                    .expect("test user")
+                    .id
+            }
+        };
         let join = tokio::spawn(server.run());
-        Frps { addrs, state, join }
+        Frps {
+            addrs,
+            state,
+            user_id,
+            join,
+        }
+    }
+
+    /// Issues a client token for the test account, as a login would.
+    pub async fn client_token(&self) -> String {
+        let s = frps::auth::secret::generate("frpxc");
+        self.state
+            .store
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, self.user_id, None)
+            .await
+            .expect("token");
+        s.plaintext
     }
 
     /// Starts frps with [`frps_config`].
@@ -145,7 +193,9 @@ pub fn frpc_config(id: &str, frps: &BoundAddrs, backend: SocketAddr) -> frpc::Co
     cfg.proxy_port = frps.proxy.port();
     cfg.local_addr = backend.ip().to_string();
     cfg.local_port = backend.port();
-    cfg.token = Some(CLIENT_SECRET.to_owned());
+    cfg.email = Some(TEST_EMAIL.to_owned());
+    cfg.password = Some(TEST_PASSWORD.to_owned());
+    cfg.no_prompt = true;
     cfg.reconnect_min = Duration::from_millis(50);
     cfg.reconnect_max = Duration::from_millis(400);
     cfg.connect_timeout = Duration::from_secs(2);

@@ -13,11 +13,15 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::auth::Principal;
 use crate::registry::{ClientHandle, NewClient};
 use crate::state::State;
 
 /// Longest client id accepted.
 pub const MAX_CLIENT_ID: usize = 128;
+
+/// A live client's `gpu_assets` row is rewritten at most this often.
+pub const ASSET_REFRESH: Duration = Duration::from_secs(60);
 
 /// How a control session ended badly.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +58,7 @@ async fn session(
     state: &Arc<State>,
 ) -> Result<(), ControlError> {
     let hs = state.config.handshake_timeout;
-    login(reader, wr, state).await?;
+    let owner = login(reader, wr, peer, state).await?;
 
     let cmd = reader.read_command_within(hs).await?;
     let registration = match cmd {
@@ -89,6 +93,7 @@ async fn session(
         remote_addr: peer,
         control_tx: tx,
         session_key: session_key.clone(),
+        owner,
     });
     tracing::Span::current().record("client", client.id.as_str());
     let registered = Command::Registered {
@@ -105,6 +110,7 @@ async fn session(
                 "Client '{}' registered from {peer}",
                 client.id
             );
+            write_asset(state, &client, "online").await;
             serve(reader, wr, rx, &client, state).await
         }
         Err(e) => Err(e.into()),
@@ -114,6 +120,7 @@ async fn session(
     client.idle.clear();
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
+        write_asset(state, &client, "offline").await;
     }
     result
 }
@@ -121,40 +128,59 @@ async fn session(
 async fn login(
     reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
     wr: &mut OwnedWriteHalf,
+    peer: SocketAddr,
     state: &State,
-) -> Result<(), ControlError> {
+) -> Result<Principal, ControlError> {
     let hs = state.config.handshake_timeout;
     let outcome = match reader.read_command_within(hs).await? {
-        Some(Command::LoginToken { token }) => state.providers.check_token(&token).map(|()| None),
-        Some(Command::Login { email, password }) => {
-            state.providers.check_password(&email, &password).map(Some)
+        Some(Command::LoginToken { token }) => {
+            state.accounts.check_token(&token).await.map(|p| (p, None))
         }
-        Some(other) => Err(format!(
-            "expected Login or LoginToken, got {}",
-            other.name()
-        )),
-        None => return Err(ControlError::ClosedEarly),
-    };
-    match outcome {
-        Ok(token) => {
-            let ok = Command::LoginResult {
-                ok: true,
-                token,
-                expires_at: None,
-                reason: None,
-            };
-            send(wr, &ok, hs).await?;
-            Ok(())
-        }
-        Err(reason) => {
+        Some(Command::Login { email, password }) => state
+            .accounts
+            .login(&email, &password, peer.ip())
+            .await
+            .map(|t| (t.principal, Some((t.token, t.expires_at)))),
+        Some(other) => {
+            let reason = format!("expected Login or LoginToken, got {}", other.name());
             let refused = Command::LoginResult {
                 ok: false,
                 token: None,
                 expires_at: None,
                 reason: Some(reason.clone()),
+                code: Some("protocol_error".into()),
             };
             send(wr, &refused, hs).await?;
-            Err(ControlError::Refused(reason))
+            return Err(ControlError::Refused(reason));
+        }
+        None => return Err(ControlError::ClosedEarly),
+    };
+    match outcome {
+        Ok((principal, issued)) => {
+            let (token, expires_at) = match issued {
+                Some((token, exp)) => (Some(token), exp.map(|e| e.and_utc().to_rfc3339())),
+                None => (None, None),
+            };
+            let ok = Command::LoginResult {
+                ok: true,
+                token,
+                expires_at,
+                reason: None,
+                code: None,
+            };
+            send(wr, &ok, hs).await?;
+            Ok(principal)
+        }
+        Err(e) => {
+            let refused = Command::LoginResult {
+                ok: false,
+                token: None,
+                expires_at: None,
+                reason: Some(e.to_string()),
+                code: Some(e.code().into()),
+            };
+            send(wr, &refused, hs).await?;
+            Err(ControlError::Refused(format!("login failed: {e}")))
         }
     }
 }
@@ -198,6 +224,7 @@ async fn serve(
     let silence = state.config.heartbeat_interval * 3;
     let evict = tokio::time::sleep(silence);
     tokio::pin!(evict);
+    let mut asset_written = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -222,11 +249,34 @@ async fn serve(
                 let Some(cmd) = frame? else { return Ok(()) };
                 client.touch();
                 evict.as_mut().reset(Instant::now() + silence);
+                if asset_written.elapsed() >= ASSET_REFRESH {
+                    asset_written = Instant::now();
+                    let (state, client) = (state.clone(), client.clone());
+                    tokio::spawn(async move { write_asset(&state, &client, "online").await });
+                }
                 if let Some(reply) = on_command(cmd, client, state) {
                     send(wr, &reply, hs).await?;
                 }
             }
         }
+    }
+}
+
+/// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
+async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
+    let user = client.owner.user_id.to_string();
+    let machine = &client.registration.machine_id;
+    let machine = if machine.is_empty() {
+        &client.id
+    } else {
+        machine
+    };
+    if let Err(e) = state
+        .store
+        .upsert_gpu_asset(Some(&user), machine, &client.id, status)
+        .await
+    {
+        warn!(client = %client.id, "cannot record the client in gpu_assets: {e}");
     }
 }
 

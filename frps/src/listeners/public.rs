@@ -83,7 +83,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<PublicBody>, Infallible> {
     Stats::inc(&state.stats.requests);
-    match state.keys.check_headers(req.headers()) {
+    match state.keys.check_headers(req.headers()).await {
         KeyCheck::Valid => {}
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
@@ -101,6 +101,14 @@ async fn handle(
                 "invalid API key",
                 "invalid_request_error",
                 "invalid_api_key",
+            ));
+        }
+        KeyCheck::Unavailable => {
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authentication backend unavailable",
+                "service_unavailable",
+                "auth_unavailable",
             ));
         }
     }

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::{Command, write_command};
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn};
-use frpx_tests::{API_KEY, CLIENT_SECRET, Fleet, Frpc, Frps, frps_config};
+use frpx_tests::{API_KEY, Fleet, Frpc, Frps, frps_config};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -128,7 +128,7 @@ async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
     let frps = Frps::start(cfg).await;
     // Registers, then never dials back.
     let (mut silent, answer) =
-        FakeClient::register(frps.addrs.control, CLIENT_SECRET, "silent").await;
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "silent").await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
     let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
     assert!(matches!(
@@ -147,7 +147,7 @@ async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     cfg.heartbeat_interval = Duration::from_millis(100);
     let frps = Frps::start(cfg).await;
     let (mut silent, answer) =
-        FakeClient::register(frps.addrs.control, CLIENT_SECRET, "mute").await;
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "mute").await;
     match answer {
         Command::Registered {
             heartbeat_interval_ms,
@@ -170,7 +170,8 @@ async fn heartbeats_keep_a_client_registered() {
     let mut cfg = frps_config();
     cfg.heartbeat_interval = Duration::from_millis(50);
     let frps = Frps::start(cfg).await;
-    let (mut c, _) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "alive").await;
+    let (mut c, _) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "alive").await;
     for seq in 1..=10 {
         c.send(Command::Heartbeat { seq }).await;
         assert_eq!(c.recv().await, Some(Command::HeartbeatAck { seq }));
@@ -183,9 +184,11 @@ async fn heartbeats_keep_a_client_registered() {
 #[tokio::test]
 async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
     let frps = Frps::start_default().await;
-    let (mut first, a) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "gpu").await;
+    let (mut first, a) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "gpu").await;
     assert!(matches!(a, Command::Registered { .. }));
-    let (_second, b) = FakeClient::register(frps.addrs.control, CLIENT_SECRET, "gpu").await;
+    let (_second, b) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "gpu").await;
     assert!(
         matches!(b, Command::Registered { .. }),
         "no 'id already in use' lockout: {b:?}"
@@ -228,8 +231,12 @@ async fn a_client_whose_service_is_down_fails_over_to_another() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     let fleet = Fleet::start(1).await;
-    let (mut watcher, _) =
-        FakeClient::register(fleet.frps.addrs.control, CLIENT_SECRET, "watcher").await;
+    let (mut watcher, _) = FakeClient::register(
+        fleet.frps.addrs.control,
+        &fleet.frps.client_token().await,
+        "watcher",
+    )
+    .await;
     let mut conn = Conn::open(fleet.frps.public()).await;
     let req = http::request(
         "GET",

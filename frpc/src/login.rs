@@ -1,0 +1,136 @@
+//! Credentials: the saved token file and email/password (flags or prompt).
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// What `token.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedToken {
+    /// The client token issued by frps.
+    pub token: String,
+    /// Its expiry (RFC 3339), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// The frps control address it was issued by.
+    #[serde(default)]
+    pub server: String,
+    /// The account it belongs to.
+    #[serde(default)]
+    pub email: String,
+}
+
+/// Reads the token file; `None` when absent or unreadable.
+pub fn load(path: &Path) -> Option<SavedToken> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str::<SavedToken>(&text) {
+        Ok(t) if !t.token.is_empty() => Some(t),
+        _ => {
+            tracing::warn!("ignoring unreadable token file {}", path.display());
+            None
+        }
+    }
+}
+
+/// Writes the token file atomically, readable by its owner only (0600).
+pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut file = opts
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(serde_json::to_string_pretty(token)?.as_bytes())?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Email and password for a login.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// Account email.
+    pub email: String,
+    /// Account password.
+    pub password: String,
+}
+
+/// Where to get credentials when no valid token is saved.
+pub enum Source {
+    /// Given on the command line or in the environment.
+    Given(Credentials),
+    /// Ask on the terminal.
+    Prompt,
+    /// Nothing available.
+    None,
+}
+
+/// Decides where credentials come from.
+pub fn source(email: Option<&str>, password: Option<&str>, may_prompt: bool) -> Source {
+    match (email, password) {
+        (Some(e), Some(p)) => Source::Given(Credentials {
+            email: e.to_owned(),
+            password: p.to_owned(),
+        }),
+        _ if may_prompt && std::io::stdin().is_terminal() => Source::Prompt,
+        _ => Source::None,
+    }
+}
+
+/// Asks for email (unless known) and password on the terminal; the password
+/// is not echoed.
+pub fn prompt(email: Option<&str>) -> anyhow::Result<Credentials> {
+    let email = match email {
+        Some(e) => e.to_owned(),
+        None => {
+            print!("Email: ");
+            std::io::stdout().flush()?;
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            line.trim().to_owned()
+        }
+    };
+    let password = rpassword::prompt_password("Password: ")?;
+    Ok(Credentials { email, password })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_file_is_private_and_round_trips() {
+        let dir = std::env::temp_dir().join(format!("frpc-login-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        assert!(load(&path).is_none());
+        let t = SavedToken {
+            token: "frpxc_abc".into(),
+            expires_at: Some("2026-12-01T00:00:00Z".into()),
+            server: "127.0.0.1:17000".into(),
+            email: "a@b.c".into(),
+        };
+        save(&path, &t).unwrap();
+        assert_eq!(load(&path), Some(t));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(load(&path).is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

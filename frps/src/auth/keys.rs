@@ -1,0 +1,303 @@
+//! Consumer API keys on the public port: the static `--api-key`, then an
+//! in-process cache, then Redis, then the database. Never fails open: when
+//! the database is down, only keys already cached (and the static key) pass.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{NaiveDateTime, Utc};
+use moka::future::Cache;
+use tracing::{info, warn};
+
+use super::constant_time_eq;
+use super::redis::{CachedKey, RedisCache};
+use super::secret::{self, Secret};
+use crate::store::{ApiKeyRow, Store, StoreError};
+
+/// How long a valid key is trusted from the in-process cache.
+pub const LOCAL_TTL: Duration = Duration::from_secs(10);
+/// How long an unknown key is remembered as invalid (in-process only).
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+/// Entries kept in each in-process cache.
+pub const LOCAL_CAPACITY: u64 = 100_000;
+
+/// Outcome of checking a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyCheck {
+    /// The key is valid.
+    Valid,
+    /// No key was presented.
+    Missing,
+    /// The key is unknown, revoked, inactive or expired.
+    Invalid,
+    /// The key is not cached and the database cannot be asked.
+    Unavailable,
+}
+
+/// Where validations were answered (for `/metrics` and the benchmark).
+#[derive(Debug, Default)]
+pub struct KeyStats {
+    /// Answered by the static key.
+    pub static_hits: AtomicU64,
+    /// Answered by the in-process cache (valid or invalid).
+    pub local_hits: AtomicU64,
+    /// Answered by Redis.
+    pub redis_hits: AtomicU64,
+    /// Answered by the database.
+    pub db_hits: AtomicU64,
+    /// Database unavailable.
+    pub db_errors: AtomicU64,
+}
+
+/// Validates consumer API keys.
+pub struct KeyValidator {
+    static_key: Option<String>,
+    store: Option<Store>,
+    redis: Option<Arc<RedisCache>>,
+    valid: Cache<[u8; 32], CachedKey>,
+    invalid: Cache<[u8; 32], ()>,
+    db_healthy: AtomicBool,
+    /// Counters.
+    pub stats: KeyStats,
+}
+
+impl std::fmt::Debug for KeyValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyValidator")
+            .field("static_key", &self.static_key.is_some())
+            .field("store", &self.store.as_ref().map(Store::backend))
+            .field("redis", &self.redis)
+            .finish()
+    }
+}
+
+impl KeyValidator {
+    /// A validator over the static key (if any), the store (if any) and
+    /// Redis (if any).
+    pub fn new(
+        static_key: Option<String>,
+        store: Option<Store>,
+        redis: Option<Arc<RedisCache>>,
+    ) -> Self {
+        Self {
+            static_key: static_key.filter(|k| !k.is_empty()),
+            store,
+            redis,
+            valid: Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(LOCAL_TTL)
+                .build(),
+            invalid: Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(NEGATIVE_TTL)
+                .build(),
+            db_healthy: AtomicBool::new(true),
+            stats: KeyStats::default(),
+        }
+    }
+
+    /// Attaches the Redis layer (it needs a callback into this validator,
+    /// so it is created after it).
+    pub fn set_redis(&mut self, redis: Arc<RedisCache>) {
+        self.redis = Some(redis);
+    }
+
+    /// Whether any key at all can be valid.
+    pub fn has_keys(&self) -> bool {
+        self.static_key.is_some() || self.store.is_some()
+    }
+
+    /// Forgets what is cached in-process about `hash` (all keys when `None`).
+    pub fn forget(&self, hash: Option<[u8; 32]>) {
+        match hash {
+            Some(h) => {
+                let valid = self.valid.clone();
+                tokio::spawn(async move { valid.invalidate(&h).await });
+            }
+            None => self.valid.invalidate_all(),
+        }
+    }
+
+    /// Checks the key carried by a request's headers.
+    pub async fn check_headers(&self, headers: &http::HeaderMap) -> KeyCheck {
+        match super::request_key(headers) {
+            None => KeyCheck::Missing,
+            Some(key) => self.check(key).await,
+        }
+    }
+
+    /// Checks one key.
+    pub async fn check(&self, key: &str) -> KeyCheck {
+        if let Some(k) = &self.static_key
+            && constant_time_eq(k.as_bytes(), key.as_bytes())
+        {
+            self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
+            return KeyCheck::Valid;
+        }
+        let Some(store) = &self.store else {
+            return KeyCheck::Invalid;
+        };
+        let hash = secret::hash(key);
+        let now = Utc::now().timestamp();
+        if let Some(entry) = self.valid.get(&hash).await {
+            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
+            return verdict(entry.valid_at(now));
+        }
+        if self.invalid.contains_key(&hash) {
+            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
+            return KeyCheck::Invalid;
+        }
+        if let Some(redis) = &self.redis
+            && let Some(entry) = redis.get(&hash).await
+        {
+            self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
+            self.valid.insert(hash, entry).await;
+            return verdict(entry.valid_at(now));
+        }
+        match store.find_api_key(key, &secret::hex(&hash)).await {
+            Ok(row) => {
+                self.db_ok();
+                self.stats.db_hits.fetch_add(1, Ordering::Relaxed);
+                match row.filter(|r| r.is_valid(Utc::now().naive_utc())) {
+                    Some(row) => {
+                        let entry = CachedKey {
+                            expires_at: row.expires_at.map(|t| t.and_utc().timestamp()),
+                        };
+                        self.valid.insert(hash, entry).await;
+                        if let Some(redis) = &self.redis {
+                            redis.set(&hash, entry, now).await;
+                        }
+                        KeyCheck::Valid
+                    }
+                    None => {
+                        self.invalid.insert(hash, ()).await;
+                        KeyCheck::Invalid
+                    }
+                }
+            }
+            Err(e) => {
+                self.db_failed(&e);
+                KeyCheck::Unavailable
+            }
+        }
+    }
+
+    fn db_ok(&self) {
+        if !self.db_healthy.swap(true, Ordering::Relaxed) {
+            info!("database reachable again: key validation restored");
+        }
+    }
+
+    fn db_failed(&self, e: &StoreError) {
+        self.stats.db_errors.fetch_add(1, Ordering::Relaxed);
+        if self.db_healthy.swap(false, Ordering::Relaxed) {
+            warn!(
+                "database unavailable ({e}): only cached and static keys are accepted until it returns"
+            );
+        }
+    }
+
+    /// Creates a key; returns its plaintext (shown once) and stored row.
+    pub async fn create(
+        store: &Store,
+        name: Option<&str>,
+        expires_at: Option<NaiveDateTime>,
+    ) -> Result<(String, Secret), StoreError> {
+        let secret = secret::generate("frpx");
+        store
+            .insert_api_key(
+                &secret.id,
+                &secret.hash_hex,
+                &secret.prefix,
+                name,
+                expires_at,
+            )
+            .await?;
+        Ok((secret.plaintext.clone(), secret))
+    }
+
+    /// Revokes keys matching `needle` (key, id or prefix) in `store`, drops
+    /// them from Redis and tells every frps sharing it. Returns the rows and
+    /// whether the fleet-wide invalidation was published.
+    pub async fn revoke(
+        store: &Store,
+        redis: Option<&RedisCache>,
+        needle: &str,
+    ) -> Result<(Vec<ApiKeyRow>, bool), StoreError> {
+        let rows = store
+            .revoke_api_keys(needle, &secret::hash_hex(needle))
+            .await?;
+        let mut published = redis.is_some();
+        for row in &rows {
+            let hash = stored_hash(row);
+            if let (Some(redis), Some(hash)) = (redis, hash) {
+                published &= redis.revoke(&hash).await;
+            }
+        }
+        Ok((rows, published))
+    }
+}
+
+/// The SHA-256 a row's key is cached under.
+pub fn stored_hash(row: &ApiKeyRow) -> Option<[u8; 32]> {
+    match row.key.strip_prefix(crate::store::HASH_PREFIX) {
+        Some(hex) => parse_hex32(hex),
+        None => Some(secret::hash(&row.key)),
+    }
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn verdict(valid: bool) -> KeyCheck {
+    if valid {
+        KeyCheck::Valid
+    } else {
+        KeyCheck::Invalid
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_hashes_round_trip() {
+        let h = secret::hash("k");
+        let row = ApiKeyRow {
+            key: format!("sha256:{}", secret::hex(&h)),
+            status: None,
+            expires_at: None,
+            created_at: None,
+            id: None,
+            name: None,
+            prefix: None,
+        };
+        assert_eq!(stored_hash(&row), Some(h));
+        let legacy = ApiKeyRow {
+            key: "k".into(),
+            ..row
+        };
+        assert_eq!(stored_hash(&legacy), Some(h));
+        assert_eq!(parse_hex32("zz"), None);
+    }
+
+    #[tokio::test]
+    async fn without_a_store_only_the_static_key_passes() {
+        let v = KeyValidator::new(Some("s".into()), None, None);
+        assert_eq!(v.check("s").await, KeyCheck::Valid);
+        assert_eq!(v.check("abc123").await, KeyCheck::Invalid);
+        let none = KeyValidator::new(None, None, None);
+        assert!(!none.has_keys());
+        assert_eq!(none.check("").await, KeyCheck::Invalid);
+    }
+}

@@ -1,0 +1,267 @@
+//! The shared Redis layer of key validation: entries keyed by the key's
+//! SHA-256 (never the key), a 5-minute TTL, and a pub/sub channel carrying
+//! revocations to every frps. Redis is optional: when it is unreachable,
+//! frps serves from its in-process cache and the database, reconnects in
+//! the background, and says so once rather than per request.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::secret::hex;
+
+/// How long a validated key stays in Redis (the seed's 5 minutes).
+pub const REDIS_TTL: Duration = Duration::from_secs(300);
+
+/// Deadline for one Redis operation on the request path.
+const OP_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Delay between reconnection attempts.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What is cached about a valid key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedKey {
+    /// Expiry as a Unix timestamp (seconds), if the key expires.
+    pub expires_at: Option<i64>,
+}
+
+impl CachedKey {
+    /// Whether the key is still valid at `now` (Unix seconds).
+    pub fn valid_at(&self, now: i64) -> bool {
+        self.expires_at.is_none_or(|exp| exp > now)
+    }
+}
+
+/// Called with the hash of each key revoked anywhere in the fleet; `None`
+/// means "anything may have changed" (after a reconnect).
+pub type OnRevoke = Arc<dyn Fn(Option<[u8; 32]>) + Send + Sync>;
+
+/// A Redis connection that may be absent.
+pub struct RedisCache {
+    conn: RwLock<Option<ConnectionManager>>,
+    prefix: String,
+    healthy: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCache")
+            .field("prefix", &self.prefix)
+            .field("healthy", &self.healthy.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RedisCache {
+    /// Starts connecting to `url` in the background (and subscribing to
+    /// revocations, calling `on_revoke`) until `shutdown`. Returns at once.
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        on_revoke: OnRevoke,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<RedisCache>, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let cache = Arc::new(RedisCache {
+            conn: RwLock::new(None),
+            prefix: prefix.to_owned(),
+            healthy: AtomicBool::new(true),
+        });
+        tokio::spawn(cache.clone().connect_loop(client.clone(), shutdown.clone()));
+        tokio::spawn(cache.clone().subscribe_loop(client, on_revoke, shutdown));
+        Ok(cache)
+    }
+
+    /// Connects once and waits for it (for the admin commands).
+    pub async fn connect_now(url: &str, prefix: &str) -> Result<RedisCache, redis::RedisError> {
+        let conn =
+            ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config()).await?;
+        Ok(RedisCache {
+            conn: RwLock::new(Some(conn)),
+            prefix: prefix.to_owned(),
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    async fn connect_loop(self: Arc<Self>, client: redis::Client, shutdown: CancellationToken) {
+        loop {
+            let attempt = ConnectionManager::new_with_config(client.clone(), manager_config());
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = attempt => r,
+            };
+            match result {
+                Ok(conn) => {
+                    *self.conn.write().expect("redis lock") = Some(conn);
+                    self.mark(true, "connected");
+                    // The manager reconnects by itself from here on.
+                    return;
+                }
+                Err(e) => self.mark(false, &e.to_string()),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    async fn subscribe_loop(
+        self: Arc<Self>,
+        client: redis::Client,
+        on_revoke: OnRevoke,
+        shutdown: CancellationToken,
+    ) {
+        let channel = self.channel();
+        loop {
+            let session = async {
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                // Revocations sent while we were away are lost: forget everything.
+                on_revoke(None);
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    match <[u8; 32]>::try_from(msg.get_payload_bytes()) {
+                        Ok(hash) => on_revoke(Some(hash)),
+                        Err(_) => warn!("ignoring a malformed revocation on {channel}"),
+                    }
+                }
+                Ok::<_, redis::RedisError>(())
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = session => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+        }
+    }
+
+    fn mark(&self, healthy: bool, detail: &str) {
+        let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        match (was, healthy) {
+            (true, false) => warn!(
+                "Redis unavailable ({detail}); serving from the in-process cache and the database, reconnecting in the background"
+            ),
+            (false, true) => info!("Redis {detail}"),
+            _ => {}
+        }
+    }
+
+    /// Whether the last operation succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.conn.read().expect("redis lock").is_some()
+    }
+
+    fn conn(&self) -> Option<ConnectionManager> {
+        self.conn.read().expect("redis lock").clone()
+    }
+
+    fn entry_key(&self, hash: &[u8; 32]) -> String {
+        format!("{}key:{}", self.prefix, hex(hash))
+    }
+
+    fn channel(&self) -> String {
+        format!("{}revocations", self.prefix)
+    }
+
+    async fn run<T>(
+        &self,
+        op: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(OP_TIMEOUT, op).await {
+            Ok(Ok(v)) => {
+                self.mark(true, "reachable again");
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                self.mark(false, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.mark(false, &format!("no answer within {OP_TIMEOUT:?}"));
+                None
+            }
+        }
+    }
+
+    /// The cached entry for a key hash; `None` when absent or Redis is down.
+    pub async fn get(&self, hash: &[u8; 32]) -> Option<CachedKey> {
+        let mut conn = self.conn()?;
+        let key = self.entry_key(hash);
+        let raw: Option<String> = self.run(conn.get(key)).await.flatten()?;
+        serde_json::from_str(&raw?).ok()
+    }
+
+    /// Caches a valid key for [`REDIS_TTL`] (less if it expires sooner).
+    pub async fn set(&self, hash: &[u8; 32], entry: CachedKey, now: i64) {
+        let Some(mut conn) = self.conn() else { return };
+        let ttl = match entry.expires_at {
+            Some(exp) => (exp - now).clamp(1, REDIS_TTL.as_secs() as i64) as u64,
+            None => REDIS_TTL.as_secs(),
+        };
+        let value = serde_json::to_string(&entry).expect("serializable");
+        let _: Option<()> = self
+            .run(conn.set_ex(self.entry_key(hash), value, ttl))
+            .await;
+    }
+
+    /// Deletes a key's entry and tells every frps to forget it.
+    pub async fn revoke(&self, hash: &[u8; 32]) -> bool {
+        let Some(mut conn) = self.conn() else {
+            return false;
+        };
+        let deleted: Option<()> = self.run(conn.del(self.entry_key(hash))).await;
+        let published: Option<i64> = self
+            .run(conn.publish(self.channel(), hash.as_slice()))
+            .await;
+        deleted.is_some() && published.is_some()
+    }
+
+    /// Number of entries under this prefix (for tests and diagnostics).
+    pub async fn count_entries(&self) -> Option<usize> {
+        let mut conn = self.conn()?;
+        let pattern = format!("{}key:*", self.prefix);
+        let scan = async {
+            let mut cursor = 0u64;
+            let mut count = 0usize;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                count += keys.len();
+                if next == 0 {
+                    return Ok::<_, redis::RedisError>(count);
+                }
+                cursor = next;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), scan)
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(OP_TIMEOUT)
+        .set_number_of_retries(1)
+        .set_max_delay(1000)
+}

@@ -1,0 +1,363 @@
+//! Persistent storage: accounts, client tokens, API keys and GPU assets, in
+//! PostgreSQL or an embedded SQLite file. One function per operation; the
+//! SQL is shared where both databases accept it. Migrations are embedded
+//! (`migrations/postgres`, `migrations/sqlite`) and run on connect.
+
+mod rows;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+pub use rows::{ApiKeyRow, ClientTokenRow, GpuAssetRow, UserRow};
+
+/// Prefix of the `key` column for keys stored as a hash.
+pub const HASH_PREFIX: &str = "sha256:";
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The URL names no supported database.
+    #[error("unsupported database URL `{0}`: use postgres://... or sqlite://...")]
+    UnsupportedUrl(String),
+    /// A unique value (e.g. an email) is taken.
+    #[error("{0} already exists")]
+    Duplicate(String),
+}
+
+impl StoreError {
+    /// Whether the database itself is unreachable or failing (as opposed to
+    /// a constraint or a missing row).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
+}
+
+/// A connection pool to one of the supported databases.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// PostgreSQL (`postgres://`).
+    Postgres(PgPool),
+    /// Embedded SQLite (`sqlite://`).
+    Sqlite(SqlitePool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool `$store` holds.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+
+fn now() -> NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+impl Store {
+    /// Connects to `url` and runs the migrations. A `sqlite://` file is
+    /// created when missing.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let acquire = Duration::from_secs(3);
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(acquire)
+                .connect_with(opts)
+                .await?;
+            Store::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(5));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(acquire)
+                .connect_with(opts)
+                .await?;
+            Store::Sqlite(pool)
+        } else {
+            return Err(StoreError::UnsupportedUrl(redact(url)));
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await?,
+            Store::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// Which backend this is (`postgres` or `sqlite`).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    // ---- API keys -------------------------------------------------------
+
+    /// The row for a presented key: stored in plaintext (a legacy row
+    /// inserted by hand) or as `sha256:<hex>`.
+    pub async fn find_api_key(
+        &self,
+        plaintext: &str,
+        hash_hex: &str,
+    ) -> Result<Option<ApiKeyRow>, StoreError> {
+        const SQL: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
+            FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"#;
+        let hashed = format!("{HASH_PREFIX}{hash_hex}");
+        Ok(
+            on_pool!(self, p => sqlx::query_as(SQL).bind(plaintext).bind(&hashed).fetch_optional(p).await?),
+        )
+    }
+
+    /// Stores a new key by its hash.
+    pub async fn insert_api_key(
+        &self,
+        id: &str,
+        hash_hex: &str,
+        prefix: &str,
+        name: Option<&str>,
+        expires_at: Option<NaiveDateTime>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = r#"INSERT INTO api_keys (key, status, "expiresAt", "createdAt", "updatedAt", id, name, prefix)
+            VALUES ($1, 'active', $2, $3, $3, $4, $5, $6)"#;
+        let key = format!("{HASH_PREFIX}{hash_hex}");
+        on_pool!(self, p => sqlx::query(SQL)
+            .bind(&key).bind(expires_at).bind(now()).bind(id).bind(name).bind(prefix)
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Every key, newest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
+        const SQL: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
+            FROM api_keys ORDER BY "createdAt" DESC"#;
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+    }
+
+    /// Marks keys matching `needle` (a plaintext key, its `sha256:` form, an
+    /// id or a visible prefix) as revoked; returns the revoked rows.
+    pub async fn revoke_api_keys(
+        &self,
+        needle: &str,
+        hash_hex: &str,
+    ) -> Result<Vec<ApiKeyRow>, StoreError> {
+        const FIND: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
+            FROM api_keys WHERE key = $1 OR key = $2 OR id = $1 OR prefix = $1"#;
+        const REVOKE: &str =
+            r#"UPDATE api_keys SET status = 'revoked', "updatedAt" = $2 WHERE key = $1"#;
+        let hashed = format!("{HASH_PREFIX}{hash_hex}");
+        let rows: Vec<ApiKeyRow> = on_pool!(self, p => sqlx::query_as(FIND).bind(needle).bind(&hashed).fetch_all(p).await?);
+        for row in &rows {
+            on_pool!(self, p => sqlx::query(REVOKE).bind(&row.key).bind(now()).execute(p).await?.rows_affected());
+        }
+        Ok(rows)
+    }
+
+    // ---- users ----------------------------------------------------------
+
+    /// Creates a user; `StoreError::Duplicate` when the email is taken.
+    pub async fn create_user(
+        &self,
+        email: &str,
+        password_hash: &str,
+    ) -> Result<UserRow, StoreError> {
+        const SQL: &str = "INSERT INTO users (email, password_hash, created_at, updated_at)
+            VALUES ($1, $2, $3, $3) RETURNING id, email, password_hash, created_at";
+        let res = on_pool!(self, p => sqlx::query_as(SQL).bind(email).bind(password_hash).bind(now()).fetch_one(p).await);
+        res.map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Duplicate(format!("user {email}"))
+            }
+            _ => e.into(),
+        })
+    }
+
+    /// The user with this email.
+    pub async fn find_user(&self, email: &str) -> Result<Option<UserRow>, StoreError> {
+        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users WHERE email = $1";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(email).fetch_optional(p).await?))
+    }
+
+    /// Every user, oldest first.
+    pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
+        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users ORDER BY id";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+    }
+
+    /// Replaces a user's password hash; false when no such user.
+    pub async fn set_password(&self, email: &str, password_hash: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "UPDATE users SET password_hash = $2, updated_at = $3 WHERE email = $1";
+        let done = on_pool!(self, p => sqlx::query(SQL).bind(email).bind(password_hash).bind(now()).execute(p).await?.rows_affected());
+        Ok(done > 0)
+    }
+
+    // ---- client tokens --------------------------------------------------
+
+    /// Stores a client token by its hash.
+    pub async fn insert_client_token(
+        &self,
+        id: &str,
+        hash_hex: &str,
+        prefix: &str,
+        user_id: i64,
+        expires_at: Option<NaiveDateTime>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str =
+            "INSERT INTO client_tokens (id, token_hash, prefix, user_id, created_at, expires_at)
+            VALUES ($1, $2, $3, $4, $5, $6)";
+        on_pool!(self, p => sqlx::query(SQL)
+            .bind(id).bind(hash_hex).bind(prefix).bind(user_id).bind(now()).bind(expires_at)
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// The token with this hash, with its owner's email.
+    pub async fn find_client_token(
+        &self,
+        hash_hex: &str,
+    ) -> Result<Option<ClientTokenRow>, StoreError> {
+        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+            FROM client_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(hash_hex).fetch_optional(p).await?))
+    }
+
+    /// Records that a token was used now.
+    pub async fn touch_client_token(&self, id: &str) -> Result<(), StoreError> {
+        const SQL: &str = "UPDATE client_tokens SET last_used_at = $2 WHERE id = $1";
+        on_pool!(self, p => sqlx::query(SQL).bind(id).bind(now()).execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Client tokens, newest first; only usable ones when `active_only`.
+    pub async fn list_client_tokens(
+        &self,
+        active_only: bool,
+    ) -> Result<Vec<ClientTokenRow>, StoreError> {
+        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+            FROM client_tokens t JOIN users u ON u.id = t.user_id ORDER BY t.created_at DESC";
+        let rows: Vec<ClientTokenRow> =
+            on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?);
+        let now = now();
+        Ok(rows
+            .into_iter()
+            .filter(|t| !active_only || t.is_usable(now))
+            .collect())
+    }
+
+    /// Revokes tokens whose id or visible prefix is `needle`, or every token
+    /// of the user with that email; returns how many were revoked.
+    pub async fn revoke_client_tokens(&self, needle: &str) -> Result<u64, StoreError> {
+        const SQL: &str = "UPDATE client_tokens SET revoked_at = $2
+            WHERE revoked_at IS NULL AND (id = $1 OR prefix = $1
+              OR user_id IN (SELECT id FROM users WHERE email = $1))";
+        Ok(
+            on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected()),
+        )
+    }
+
+    // ---- GPU assets -----------------------------------------------------
+
+    /// Inserts or refreshes a machine's row.
+    pub async fn upsert_gpu_asset(
+        &self,
+        user_id: Option<&str>,
+        machine_id: &str,
+        name: &str,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = r#"INSERT INTO gpu_assets ("userId", "machineId", name, status, "createdAt", "updatedAt")
+            VALUES ($1, $2, $3, $4, $5, $5)
+            ON CONFLICT ("machineId") DO UPDATE SET
+              "userId" = excluded."userId", name = excluded.name,
+              status = excluded.status, "updatedAt" = excluded."updatedAt""#;
+        on_pool!(self, p => sqlx::query(SQL)
+            .bind(user_id).bind(machine_id).bind(name).bind(status).bind(now())
+            .execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// Sets a machine's status (e.g. `offline`).
+    pub async fn set_gpu_asset_status(
+        &self,
+        machine_id: &str,
+        status: &str,
+    ) -> Result<(), StoreError> {
+        const SQL: &str =
+            r#"UPDATE gpu_assets SET status = $2, "updatedAt" = $3 WHERE "machineId" = $1"#;
+        on_pool!(self, p => sqlx::query(SQL).bind(machine_id).bind(status).bind(now()).execute(p).await?.rows_affected());
+        Ok(())
+    }
+
+    /// The row of one machine.
+    pub async fn gpu_asset(&self, machine_id: &str) -> Result<Option<GpuAssetRow>, StoreError> {
+        const SQL: &str = r#"SELECT "userId", "machineId", name, status, "updatedAt" FROM gpu_assets WHERE "machineId" = $1"#;
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(machine_id).fetch_optional(p).await?))
+    }
+}
+
+/// `url` with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://frpx.db"), "sqlite://frpx.db");
+    }
+}

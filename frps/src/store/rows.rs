@@ -1,0 +1,113 @@
+//! Rows as read from the database.
+
+use chrono::NaiveDateTime;
+use serde::Serialize;
+
+/// One `api_keys` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    /// The key in plaintext (legacy, hand-inserted) or `sha256:<hex>`.
+    pub key: String,
+    /// `active`, `revoked`, or anything an operator wrote (only `active` is valid).
+    pub status: Option<String>,
+    /// Expiry (UTC), if any.
+    #[sqlx(rename = "expiresAt")]
+    pub expires_at: Option<NaiveDateTime>,
+    /// Creation time (UTC).
+    #[sqlx(rename = "createdAt")]
+    pub created_at: Option<NaiveDateTime>,
+    /// frpx's id for keys it created.
+    pub id: Option<String>,
+    /// Label given at creation.
+    pub name: Option<String>,
+    /// Visible start of keys frpx created.
+    pub prefix: Option<String>,
+}
+
+impl ApiKeyRow {
+    /// Whether the key may be used at `now`.
+    pub fn is_valid(&self, now: NaiveDateTime) -> bool {
+        self.status.as_deref().unwrap_or("active") == "active"
+            && self.expires_at.is_none_or(|exp| exp > now)
+    }
+
+    /// Whether the row stores a hash rather than the key itself.
+    pub fn is_hashed(&self) -> bool {
+        self.key.starts_with(super::HASH_PREFIX)
+    }
+
+    /// How the key may be shown: its prefix for hashed keys, a masked form
+    /// of legacy plaintext keys.
+    pub fn masked(&self) -> String {
+        match (&self.prefix, self.is_hashed()) {
+            (Some(prefix), _) => format!("{prefix}…"),
+            (None, true) => "(hashed)".into(),
+            (None, false) => mask(&self.key),
+        }
+    }
+}
+
+/// The first few characters of a secret, the rest elided.
+pub fn mask(secret: &str) -> String {
+    let shown: String = secret.chars().take(4).collect();
+    format!("{shown}…")
+}
+
+/// One `users` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    /// User id.
+    pub id: i64,
+    /// Email (unique).
+    pub email: String,
+    /// Argon2 PHC string.
+    pub password_hash: String,
+    /// Creation time (UTC).
+    pub created_at: NaiveDateTime,
+}
+
+/// One `client_tokens` row, with its owner's email.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ClientTokenRow {
+    /// Token id.
+    pub id: String,
+    /// Visible start of the token.
+    pub prefix: String,
+    /// Owner.
+    pub user_id: i64,
+    /// Owner's email.
+    pub email: String,
+    /// Creation time (UTC).
+    pub created_at: NaiveDateTime,
+    /// Expiry (UTC), if any.
+    pub expires_at: Option<NaiveDateTime>,
+    /// Last login with it (UTC).
+    pub last_used_at: Option<NaiveDateTime>,
+    /// Revocation time (UTC).
+    pub revoked_at: Option<NaiveDateTime>,
+}
+
+impl ClientTokenRow {
+    /// Whether the token may be used at `now`.
+    pub fn is_usable(&self, now: NaiveDateTime) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|exp| exp > now)
+    }
+}
+
+/// One `gpu_assets` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct GpuAssetRow {
+    /// Owner's user id.
+    #[sqlx(rename = "userId")]
+    pub user_id: Option<String>,
+    /// Machine id.
+    #[sqlx(rename = "machineId")]
+    pub machine_id: String,
+    /// Client id.
+    pub name: Option<String>,
+    /// `online` or `offline`.
+    pub status: Option<String>,
+    /// Last write (UTC).
+    #[sqlx(rename = "updatedAt")]
+    pub updated_at: Option<NaiveDateTime>,
+}
