@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod fake;
 pub mod http;
+pub mod services;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +43,22 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     let poll = async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, poll)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// Like [`eventually`], for conditions that need `.await`.
+pub async fn eventually_async<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let poll = async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
     tokio::time::timeout(WAIT, poll)

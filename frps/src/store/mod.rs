@@ -79,6 +79,13 @@ impl Store {
     /// Connects to `url` and runs the migrations. A `sqlite://` file is
     /// created when missing.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        let store = Store::connect_without_migrations(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects to `url` without touching the schema.
+    pub async fn connect_without_migrations(url: &str) -> Result<Store, StoreError> {
         let acquire = Duration::from_secs(3);
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url)?;
@@ -103,7 +110,6 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact(url)));
         };
-        store.migrate().await?;
         Ok(store)
     }
 

@@ -2,4 +2,5 @@
 
 mod auth;
 mod resilience;
+mod storage;
 mod tunnel;

@@ -1,0 +1,178 @@
+//! Real PostgreSQL and Redis for tests, from `FRPX_TEST_DATABASE_URL` and
+//! `FRPX_TEST_REDIS_URL`. A missing service skips the test, unless
+//! `FRPX_REQUIRE_SERVICES=1`, which makes it fail. Each test gets its own
+//! database and its own Redis key prefix, so tests run in parallel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sqlx::Connection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+fn required() -> bool {
+    std::env::var("FRPX_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+fn service_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if required() => panic!("{var} is not set and FRPX_REQUIRE_SERVICES=1"),
+        _ => {
+            eprintln!("skipping: {var} is not set");
+            None
+        }
+    }
+}
+
+/// A fresh PostgreSQL database, dropped by [`TestPg::drop_db`].
+pub struct TestPg {
+    /// URL of the fresh database.
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestPg {
+    /// Creates a database, or `None` (skip) when PostgreSQL is not configured.
+    pub async fn create() -> Option<TestPg> {
+        let admin_url = service_url("FRPX_TEST_DATABASE_URL")?;
+        let name = format!("frpx_t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
+            Ok(c) => c,
+            Err(e) if !required() => {
+                eprintln!("skipping: PostgreSQL unreachable: {e}");
+                return None;
+            }
+            Err(e) => panic!("PostgreSQL unreachable at FRPX_TEST_DATABASE_URL: {e}"),
+        };
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let url = replace_db(&admin_url, &name);
+        Some(TestPg {
+            url,
+            admin_url,
+            name,
+        })
+    }
+
+    /// The URL of this database reached through `proxy` instead.
+    pub fn url_via(&self, proxy: SocketAddr) -> String {
+        let url = url::Url::parse(&self.url).expect("database URL");
+        let mut url = url;
+        url.set_host(Some(&proxy.ip().to_string())).unwrap();
+        url.set_port(Some(proxy.port())).unwrap();
+        url.to_string()
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        addr_of(&self.url, 5432)
+    }
+
+    /// Drops the database.
+    pub async fn drop_db(self) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
+            let _ = sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+fn replace_db(url: &str, name: &str) -> String {
+    let mut u = url::Url::parse(url).expect("database URL");
+    u.set_path(&format!("/{name}"));
+    u.to_string()
+}
+
+fn addr_of(url: &str, default_port: u16) -> SocketAddr {
+    let u = url::Url::parse(url).expect("URL");
+    let host = u.host_str().unwrap_or("127.0.0.1");
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    format!("{host}:{}", u.port().unwrap_or(default_port))
+        .parse()
+        .expect("service address")
+}
+
+/// The test Redis URL, or `None` (skip).
+pub fn redis_url() -> Option<String> {
+    service_url("FRPX_TEST_REDIS_URL")
+}
+
+/// A unique Redis key prefix for one test.
+pub fn redis_prefix() -> String {
+    format!("frpx-test-{}:", uuid::Uuid::new_v4().simple())
+}
+
+/// The address of a Redis URL.
+pub fn redis_addr(url: &str) -> SocketAddr {
+    addr_of(url, 6379)
+}
+
+/// A TCP forwarder in front of a service that a test can cut (every
+/// connection dropped, new ones refused) and restore: the service "stops"
+/// and "starts again" for whoever goes through it, and for no one else.
+pub struct Cutter {
+    /// Address to connect to instead of the service.
+    pub addr: SocketAddr,
+    down: Arc<AtomicBool>,
+    conns: Arc<Mutex<CancellationToken>>,
+}
+
+impl Cutter {
+    /// Starts forwarding to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Cutter {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let down = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(CancellationToken::new()));
+        let (d, c) = (down.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = c.lock().await.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Cutter { addr, down, conns }
+    }
+
+    /// Drops every connection and refuses new ones.
+    pub async fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        let mut conns = self.conns.lock().await;
+        conns.cancel();
+        *conns = CancellationToken::new();
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}

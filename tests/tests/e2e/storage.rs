@@ -1,0 +1,647 @@
+//! Accounts, API keys and their caches, on SQLite always and on real
+//! PostgreSQL and Redis when configured.
+
+use std::time::{Duration, Instant};
+
+use common::Command;
+use frps::admin::{Admin, KeyCommand, TokenCommand, UserCommand};
+use frps::auth::KeyValidator;
+use frps::auth::keys::KeyCheck;
+use frps::store::Store;
+use frpx_tests::fake::FakeClient;
+use frpx_tests::http;
+use frpx_tests::services::{self, Cutter, TestPg};
+use frpx_tests::{
+    API_KEY, Backend, Fleet, Frpc, Frps, TEST_EMAIL, TEST_PASSWORD, frpc_config, frps_config,
+};
+use sqlx::Row;
+
+async fn exec(store: &Store, sql: &str) {
+    match store {
+        Store::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Store::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// Every text value of every row of `table`, joined.
+async fn table_text(store: &Store, table: &str) -> String {
+    let sql = format!("SELECT * FROM {table}");
+    let mut out = String::new();
+    match store {
+        Store::Postgres(p) => {
+            for row in sqlx::query(&sql).fetch_all(p).await.unwrap() {
+                for i in 0..row.len() {
+                    if let Ok(Some(v)) = row.try_get::<Option<String>, _>(i) {
+                        out.push_str(&v);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        Store::Sqlite(p) => {
+            for row in sqlx::query(&sql).fetch_all(p).await.unwrap() {
+                for i in 0..row.len() {
+                    if let Ok(Some(v)) = row.try_get::<Option<String>, _>(i) {
+                        out.push_str(&v);
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn status(frps: &Frps, key: &str) -> u16 {
+    http::get(frps.public(), "/", Some(key))
+        .await
+        .status
+        .as_u16()
+}
+
+#[tokio::test]
+async fn seed_readme_flow_hand_inserted_key_works_on_sqlite() {
+    let fleet = Fleet::start(1).await;
+    exec(
+        &fleet.frps.state.store,
+        "INSERT INTO api_keys (key, status) VALUES ('test-api-key-123', 'active')",
+    )
+    .await;
+    assert_eq!(status(&fleet.frps, "test-api-key-123").await, 200);
+    assert_eq!(status(&fleet.frps, "test-api-key-124").await, 401);
+}
+
+#[tokio::test]
+async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    // Exactly the seed README's set-up, before frps ever ran.
+    let seed = Store::connect_without_migrations(&pg.url).await.unwrap();
+    for sql in [
+        r#"CREATE TABLE "public"."api_keys" (
+            key VARCHAR PRIMARY KEY,
+            status VARCHAR DEFAULT 'active',
+            "expiresAt" TIMESTAMP,
+            "createdAt" TIMESTAMP DEFAULT NOW(),
+            "updatedAt" TIMESTAMP DEFAULT NOW()
+        )"#,
+        r#"CREATE TABLE "public"."gpu_assets" (
+            "userId" VARCHAR,
+            "machineId" VARCHAR PRIMARY KEY,
+            name VARCHAR,
+            status VARCHAR DEFAULT 'online',
+            "createdAt" TIMESTAMP DEFAULT NOW(),
+            "updatedAt" TIMESTAMP DEFAULT NOW()
+        )"#,
+        r#"INSERT INTO "public"."api_keys" (key, status) VALUES ('test-api-key-123', 'active')"#,
+    ] {
+        exec(&seed, sql).await;
+    }
+    seed.close().await;
+
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url.clone();
+    let fleet = Fleet::start_with(1, cfg).await;
+    assert_eq!(status(&fleet.frps, "test-api-key-123").await, 200);
+    assert_eq!(status(&fleet.frps, "nope").await, 401);
+    // The registered client is recorded in the seed's gpu_assets table.
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    let asset = fleet
+        .frps
+        .state
+        .store
+        .gpu_asset(&client.registration.machine_id)
+        .await
+        .unwrap()
+        .expect("gpu_assets row");
+    assert_eq!(asset.name.as_deref(), Some("client-0"));
+    assert_eq!(asset.status.as_deref(), Some("online"));
+    assert_eq!(asset.user_id, Some(fleet.frps.user_id.to_string()));
+    fleet.frps.stop().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn expired_and_inactive_keys_are_refused() {
+    let fleet = Fleet::start(1).await;
+    let store = &fleet.frps.state.store;
+    exec(store, "INSERT INTO api_keys (key, status, \"expiresAt\") VALUES ('expired-key', 'active', '2000-01-01 00:00:00')").await;
+    exec(
+        store,
+        "INSERT INTO api_keys (key, status) VALUES ('disabled-key', 'disabled')",
+    )
+    .await;
+    exec(store, "INSERT INTO api_keys (key, status, \"expiresAt\") VALUES ('future-key', 'active', '2999-01-01 00:00:00')").await;
+    assert_eq!(status(&fleet.frps, "expired-key").await, 401);
+    assert_eq!(status(&fleet.frps, "disabled-key").await, 401);
+    assert_eq!(status(&fleet.frps, "future-key").await, 200);
+    let (key, _) = KeyValidator::create(
+        store,
+        Some("short"),
+        Some(chrono::Utc::now().naive_utc() - chrono::Duration::seconds(1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status(&fleet.frps, &key).await, 401);
+}
+
+#[tokio::test]
+async fn created_keys_are_stored_only_as_hashes_in_the_database_and_redis() {
+    let mut cfg = frps_config();
+    let redis = services::redis_url();
+    let prefix = services::redis_prefix();
+    if let Some(url) = &redis {
+        cfg.redis_url = url.clone();
+        cfg.redis_prefix = prefix.clone();
+    }
+    let fleet = Fleet::start_with(1, cfg).await;
+    let store = &fleet.frps.state.store;
+    let (key, secret) = KeyValidator::create(store, Some("ci"), None).await.unwrap();
+    assert!(key.starts_with("frpx_"));
+    assert_eq!(status(&fleet.frps, &key).await, 200);
+    let text = table_text(store, "api_keys").await;
+    assert!(!text.contains(&key), "plaintext key in the database");
+    assert!(text.contains(&secret.hash_hex));
+
+    if let Some(url) = redis {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        frpx_tests::eventually_async("the key is cached in Redis", || {
+            let mut conn = conn.clone();
+            let pattern = format!("{prefix}*");
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                !keys.is_empty()
+            }
+        })
+        .await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for k in keys {
+            assert!(!k.contains(&key), "plaintext key in a Redis key name");
+            let v: String = redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!v.contains(&key), "plaintext key in a Redis value");
+        }
+    }
+}
+
+#[tokio::test]
+async fn revocation_reaches_a_second_frps_within_a_second() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let prefix = services::redis_prefix();
+    let config = || {
+        let mut cfg = frps_config();
+        cfg.database_url = pg.url.clone();
+        cfg.redis_url = redis.clone();
+        cfg.redis_prefix = prefix.clone();
+        cfg
+    };
+    let a = Fleet::start_with(1, config()).await;
+    let b = Fleet::start_with(1, config()).await;
+    let (key, secret) = KeyValidator::create(&a.frps.state.store, None, None)
+        .await
+        .unwrap();
+    assert_eq!(status(&a.frps, &key).await, 200);
+    assert_eq!(status(&b.frps, &key).await, 200);
+    assert_eq!(
+        status(&b.frps, &key).await,
+        200,
+        "now served from b's caches"
+    );
+    let redis_ready = || b.frps.state.redis.as_ref().is_some_and(|r| r.is_healthy());
+    frpx_tests::eventually("b is subscribed to Redis", redis_ready).await;
+
+    // Revoke with the admin command, as an operator would.
+    let mut out = Vec::new();
+    let admin = Admin::Key {
+        command: KeyCommand::Revoke {
+            key: secret.id.clone(),
+        },
+    };
+    frps::admin::run(admin, &config(), &mut out, &mut std::io::empty())
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    assert!(String::from_utf8_lossy(&out).contains("revoked"));
+    loop {
+        if status(&b.frps, &key).await == 401 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "b still accepts the key after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status(&a.frps, &key).await, 401);
+    a.frps.stop().await;
+    b.frps.stop().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn requests_keep_succeeding_while_redis_is_down() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let cutter = Cutter::start(services::redis_addr(&redis)).await;
+    let mut cfg = frps_config();
+    cfg.redis_url = format!("redis://{}", cutter.addr);
+    cfg.redis_prefix = services::redis_prefix();
+    let fleet = Fleet::start_with(1, cfg).await;
+    let store = &fleet.frps.state.store;
+    let (key, _) = KeyValidator::create(store, None, None).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(status(&fleet.frps, &key).await, 200);
+    }
+    cutter.cut().await;
+    let (fresh, _) = KeyValidator::create(store, None, None).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(status(&fleet.frps, &key).await, 200);
+        assert_eq!(
+            status(&fleet.frps, &fresh).await,
+            200,
+            "uncached key served from the database"
+        );
+        assert_eq!(status(&fleet.frps, "unknown").await, 401);
+    }
+    cutter.restore();
+    for _ in 0..20 {
+        assert_eq!(status(&fleet.frps, &key).await, 200);
+    }
+    // Recovery without restart: an uncached key goes through Redis again.
+    frpx_tests::eventually_async("Redis is used again", || async {
+        let (fresh, _) = KeyValidator::create(store, None, None).await.unwrap();
+        status(&fleet.frps, &fresh).await == 200
+            && fleet
+                .frps
+                .state
+                .redis
+                .as_ref()
+                .is_some_and(|r| r.is_healthy())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let cutter = Cutter::start(pg.addr()).await;
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url_via(cutter.addr);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let (key, _) = KeyValidator::create(&fleet.frps.state.store, None, None)
+        .await
+        .unwrap();
+    assert_eq!(status(&fleet.frps, &key).await, 200);
+
+    cutter.cut().await;
+    assert_eq!(
+        status(&fleet.frps, &key).await,
+        200,
+        "cached key keeps working"
+    );
+    assert_eq!(
+        status(&fleet.frps, API_KEY).await,
+        200,
+        "static key keeps working"
+    );
+    let reply = http::get(fleet.frps.public(), "/", Some("never-seen-key")).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(
+        reply.json()["error"]["message"],
+        "authentication backend unavailable"
+    );
+
+    cutter.restore();
+    frpx_tests::eventually_async("the database is used again", || async {
+        status(&fleet.frps, "another-unknown-key").await == 401
+    })
+    .await;
+    fleet.frps.stop().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn random_invalid_keys_never_reach_redis() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let mut cfg = frps_config();
+    cfg.redis_url = redis;
+    cfg.redis_prefix = services::redis_prefix();
+    let frps = Frps::start(cfg).await;
+    let (key, _) = KeyValidator::create(&frps.state.store, None, None)
+        .await
+        .unwrap();
+    let cache = frps.state.redis.clone().expect("redis configured");
+    frpx_tests::eventually("Redis connected", || cache.is_healthy()).await;
+    assert_eq!(frps.state.keys.check(&key).await, KeyCheck::Valid);
+    frpx_tests::eventually_async("the valid key is in Redis", || async {
+        cache.count_entries().await == Some(1)
+    })
+    .await;
+    for i in 0..10_000 {
+        let random = format!("frpx_random_{i}_{}", uuid::Uuid::new_v4());
+        assert_eq!(frps.state.keys.check(&random).await, KeyCheck::Invalid);
+    }
+    assert_eq!(cache.count_entries().await, Some(1));
+}
+
+#[tokio::test]
+async fn login_saves_a_private_token_and_the_next_start_uses_it() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    let token_file = cfg.token_file.clone();
+    let frpc = Frpc::start(cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let saved = frpc::login::load(&token_file).expect("token saved");
+    assert!(saved.token.starts_with("frpxc_"));
+    assert_eq!(saved.email, TEST_EMAIL);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let tokens = table_text(&frps.state.store, "client_tokens").await;
+    assert!(
+        !tokens.contains(&saved.token),
+        "plaintext token in the database"
+    );
+    frpc.kill().await;
+    frps.wait_for_clients(&[]).await;
+
+    // Next start: no password at all, the saved token suffices.
+    let mut again = cfg;
+    again.email = None;
+    again.password = None;
+    let frpc = Frpc::start(again);
+    frps.wait_for_clients(&["gpu"]).await;
+    frpc.kill().await;
+    let listed = frps.state.store.list_client_tokens(true).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].last_used_at.is_some());
+}
+
+#[tokio::test]
+async fn a_bad_saved_token_falls_back_to_login() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    let stale = frpc::login::SavedToken {
+        token: "frpxc_revoked_or_made_up".into(),
+        expires_at: None,
+        server: String::new(),
+        email: TEST_EMAIL.into(),
+    };
+    frpc::login::save(&cfg.token_file, &stale).unwrap();
+    let frpc = Frpc::start(cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let saved = frpc::login::load(&cfg.token_file).unwrap();
+    assert_ne!(
+        saved.token, stale.token,
+        "a new token replaced the refused one"
+    );
+    assert!(frps.state.accounts.check_token(&saved.token).await.is_ok());
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_a_clear_error_and_writes_no_token_file() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let mut cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    cfg.password = Some("wrong password".into());
+    let err = Frpc::start(cfg.clone()).exit().await.unwrap_err();
+    assert!(
+        err.to_string().contains("invalid email or password"),
+        "{err}"
+    );
+    assert!(!cfg.token_file.exists());
+    assert!(frps.state.registry.is_empty());
+
+    // An immediate retry is slowed down before any password check.
+    let mut fake = FakeClient::connect(frps.addrs.control).await;
+    fake.send(Command::Login {
+        email: TEST_EMAIL.into(),
+        password: TEST_PASSWORD.into(),
+    })
+    .await;
+    match fake.recv().await {
+        Some(Command::LoginResult {
+            ok: false,
+            code,
+            reason,
+            ..
+        }) => {
+            assert_eq!(code.as_deref(), Some("throttled"), "{reason:?}");
+        }
+        other => panic!("expected a throttled login, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn without_token_flags_or_terminal_frpc_says_what_to_pass() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let mut cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    cfg.email = None;
+    cfg.password = None;
+    let err = Frpc::start(cfg).exit().await.unwrap_err().to_string();
+    assert!(
+        err.contains("--email") && err.contains("--password"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn gpu_assets_follow_clients_online_and_offline() {
+    let mut fleet = Fleet::start(1).await;
+    let machine = fleet
+        .frps
+        .state
+        .registry
+        .get("client-0")
+        .unwrap()
+        .registration
+        .machine_id
+        .clone();
+    let store = fleet.frps.state.store.clone();
+    frpx_tests::eventually_async("the asset is recorded online", || {
+        let (store, machine) = (store.clone(), machine.clone());
+        async move {
+            store.gpu_asset(&machine).await.unwrap().is_some_and(|r| {
+                r.status.as_deref() == Some("online") && r.name.as_deref() == Some("client-0")
+            })
+        }
+    })
+    .await;
+    fleet.clients.remove(0).kill().await;
+    fleet.frps.wait_for_clients(&[]).await;
+    frpx_tests::eventually_async("the asset is marked offline", || {
+        let (store, machine) = (store.clone(), machine.clone());
+        async move {
+            store
+                .gpu_asset(&machine)
+                .await
+                .unwrap()
+                .and_then(|r| r.status)
+                .as_deref()
+                == Some("offline")
+        }
+    })
+    .await;
+}
+
+async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    let mut input = std::io::Cursor::new(stdin.as_bytes().to_vec());
+    frps::admin::run(command, cfg, &mut out, &mut input).await?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+#[tokio::test]
+async fn admin_commands_manage_users_keys_and_tokens() {
+    let cfg = frps_config();
+    let add = || Admin::User {
+        command: UserCommand::Add {
+            email: "owner@example.com".into(),
+            password_stdin: true,
+        },
+    };
+    let out = admin(&cfg, add(), "first password\n").await.unwrap();
+    assert!(out.contains("created user owner@example.com"), "{out}");
+    let dup = admin(&cfg, add(), "first password\n").await.unwrap_err();
+    assert!(dup.to_string().contains("already exists"));
+    let list = admin(
+        &cfg,
+        Admin::User {
+            command: UserCommand::List,
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(
+        list.contains("owner@example.com") && !list.contains("$argon2"),
+        "{list}"
+    );
+    let passwd = Admin::User {
+        command: UserCommand::Passwd {
+            email: "owner@example.com".into(),
+            password_stdin: true,
+        },
+    };
+    admin(&cfg, passwd, "second password\n").await.unwrap();
+
+    let store = Store::connect(&cfg.database_url).await.unwrap();
+    let accounts = frps::auth::Accounts::new(Some(store.clone()), None);
+    let from = "127.0.0.1".parse().unwrap();
+    assert!(
+        accounts
+            .login("owner@example.com", "first password", from)
+            .await
+            .is_err()
+    );
+    // A fresh throttle: the failure above would (rightly) delay this login.
+    let accounts = frps::auth::Accounts::new(Some(store.clone()), None);
+    let issued = accounts
+        .login("owner@example.com", "second password", from)
+        .await
+        .unwrap();
+
+    let create = Admin::Key {
+        command: KeyCommand::Create {
+            name: Some("team-a".into()),
+            expires_in: Some(Duration::from_secs(86400)),
+        },
+    };
+    let out = admin(&cfg, create, "").await.unwrap();
+    let key = out.lines().next().unwrap().to_owned();
+    assert!(key.starts_with("frpx_"), "{out}");
+    let list = admin(
+        &cfg,
+        Admin::Key {
+            command: KeyCommand::List,
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(
+        list.contains("team-a") && list.contains(&key[..12]) && !list.contains(&key),
+        "{list}"
+    );
+    let validator = KeyValidator::new(None, Some(store.clone()), None);
+    assert_eq!(validator.check(&key).await, KeyCheck::Valid);
+    let revoke = Admin::Key {
+        command: KeyCommand::Revoke {
+            key: key[..12].to_owned(),
+        },
+    };
+    assert!(admin(&cfg, revoke, "").await.unwrap().contains("revoked"));
+    assert_eq!(
+        KeyValidator::new(None, Some(store.clone()), None)
+            .check(&key)
+            .await,
+        KeyCheck::Invalid
+    );
+    let missing = Admin::Key {
+        command: KeyCommand::Revoke {
+            key: "nothing-like-this".into(),
+        },
+    };
+    assert!(admin(&cfg, missing, "").await.is_err());
+
+    let tokens = admin(
+        &cfg,
+        Admin::Token {
+            command: TokenCommand::List { all: false },
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(
+        tokens.contains("owner@example.com") && !tokens.contains(&issued.token),
+        "{tokens}"
+    );
+    let revoke = Admin::Token {
+        command: TokenCommand::Revoke {
+            token: "owner@example.com".into(),
+        },
+    };
+    assert!(
+        admin(&cfg, revoke, "")
+            .await
+            .unwrap()
+            .contains("revoked 1 token(s)")
+    );
+    assert_eq!(
+        accounts.check_token(&issued.token).await.unwrap_err(),
+        frps::auth::LoginError::TokenInvalid
+    );
+    store.close().await;
+}
