@@ -3,9 +3,11 @@
 //! - [`protocol`]: the [`Command`] enum, every message of the conversation.
 //! - [`codec`]: length-prefixed JSON framing with a size limit and timeouts.
 //! - [`join`]: bidirectional stream joining with half-close semantics.
+//! - [`config_file`]: INI configuration files feeding the binaries' flags.
 //! - [`telemetry`]: the binaries' log set-up.
 
 pub mod codec;
+pub mod config_file;
 pub mod duration;
 pub mod join;
 pub mod protocol;

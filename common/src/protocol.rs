@@ -177,7 +177,7 @@ impl Command {
 }
 
 /// What a client announces about itself in [`Command::Register`].
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Registration {
     /// Requested client id (unique in the fleet; a reconnect with the same id
     /// replaces the stale connection).
@@ -194,9 +194,18 @@ pub struct Registration {
     pub version: String,
     /// [`PROTOCOL_VERSION`] the client speaks.
     pub protocol_version: u32,
-    /// Free-form metadata (`--meta KEY=VALUE`).
+    /// Free-form metadata (`--meta KEY=VALUE`); server plugins see it as
+    /// frp's client metas.
     #[serde(default)]
     pub metas: BTreeMap<String, String>,
+    /// frp's `user` (`--user`): who runs this client, as server plugins see
+    /// it. Empty when not given.
+    #[serde(default)]
+    pub user: String,
+    /// Metadata of the exposed service (`--proxy-meta KEY=VALUE`); server
+    /// plugins see it as frp's proxy metas (`NewProxy` only).
+    #[serde(default)]
+    pub proxy_metas: BTreeMap<String, String>,
     /// Models the local service serves at registration time.
     #[serde(default)]
     pub models: Vec<ModelInfo>,
@@ -204,13 +213,42 @@ pub struct Registration {
     /// forwarded requests (Ollama refuses foreign Host headers).
     #[serde(default)]
     pub local_host: String,
+    /// Whether the local service answered the model probe at registration.
+    #[serde(default = "yes")]
+    pub service_up: bool,
     /// Most requests the box accepts at once; `None` for unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
 }
 
+fn yes() -> bool {
+    true
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Self {
+            client_id: String::new(),
+            machine_id: String::new(),
+            hostname: String::new(),
+            os: String::new(),
+            arch: String::new(),
+            version: String::new(),
+            protocol_version: PROTOCOL_VERSION,
+            metas: BTreeMap::new(),
+            user: String::new(),
+            proxy_metas: BTreeMap::new(),
+            models: Vec::new(),
+            local_host: String::new(),
+            service_up: true,
+            max_concurrency: None,
+        }
+    }
+}
+
 /// One model served by a client's local service.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelInfo {
     /// Model name as the service reports it (e.g. `qwen2.5:1.5b`).
     pub name: String,
@@ -221,6 +259,7 @@ pub struct ModelInfo {
 
 /// System metrics of a GPU box, sent in [`Command::SystemInfo`].
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SystemInfo {
     /// Host name.
     pub hostname: String,
@@ -251,6 +290,7 @@ pub struct SystemInfo {
 
 /// One mounted disk.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskInfo {
     /// Mount point.
     pub mount: String,
@@ -262,6 +302,7 @@ pub struct DiskInfo {
 
 /// One GPU.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     /// Product name.
     pub name: String,

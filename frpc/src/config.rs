@@ -1,5 +1,6 @@
 //! Command-line flags (each also readable from the environment).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -73,9 +74,51 @@ pub struct Config {
     #[arg(long, env = "FRPC_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Most requests this box serves at once (default: unlimited); frps
+    /// queues the rest instead of piling them onto the box.
+    #[arg(long, env = "FRPC_MAX_CONCURRENCY")]
+    pub max_concurrency: Option<u32>,
+
+    /// How often system metrics and the model list are reported.
+    #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
     /// Log filter (e.g. `info`, `frpc=debug`); `RUST_LOG` takes precedence.
     #[arg(long, env = "FRPX_LOG", default_value = "info")]
     pub log: String,
+
+    /// frp's `user`: who runs this client, as frps's server plugins see it.
+    #[arg(long, env = "FRPC_USER", default_value = "")]
+    pub user: String,
+
+    /// Client metadata for frps's server plugins (repeatable; frp's `meta_*`
+    /// under `[common]`).
+    #[arg(long = "meta", value_name = "KEY=VALUE", env = "FRPC_META", value_parser = parse_meta)]
+    pub metas: Vec<(String, String)>,
+
+    /// Metadata of the exposed service for frps's server plugins, sent in
+    /// `NewProxy` only (repeatable; frp's `meta_*` in a proxy section).
+    #[arg(long = "proxy-meta", value_name = "KEY=VALUE", env = "FRPC_PROXY_META", value_parser = parse_meta)]
+    pub proxy_metas: Vec<(String, String)>,
+
+    /// Configuration file in frp's INI form (`frpc.ini`): `[common]` with
+    /// `server_addr`, `server_port`, `user`, `meta_*` (and these flags in
+    /// snake_case), and one proxy section. Flags and the environment override it.
+    #[arg(long = "config", env = "FRPC_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+}
+
+/// Reads `KEY=VALUE` (the key non-empty, the value possibly empty).
+pub fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+/// Metadata pairs as a map; a later entry for a key wins.
+pub fn meta_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
+    pairs.iter().cloned().collect()
 }
 
 impl Config {

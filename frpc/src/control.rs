@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, write_command,
+    Command, FrameError, FrameReader, MAX_FRAME, ModelInfo, PROTOCOL_VERSION, Registration,
+    write_command,
 };
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::identity::{self, Identity};
 use crate::local;
 use crate::login::{self, Credentials};
+use crate::metrics::Collector;
 use crate::tunnel::{self, Session};
 
 /// How a session ended.
@@ -60,6 +62,7 @@ pub struct Client {
     tunnels: TaskTracker,
     token_refused: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
+    collector: Arc<Mutex<Collector>>,
 }
 
 impl Client {
@@ -73,6 +76,7 @@ impl Client {
             tunnels: TaskTracker::new(),
             token_refused: AtomicBool::new(false),
             prompted: Mutex::new(None),
+            collector: Arc::new(Mutex::new(Collector::new())),
         })
     }
 
@@ -125,7 +129,7 @@ impl Client {
             self.login(&mut reader, &mut wr).await?;
             self.register(&mut reader, &mut wr).await
         };
-        let (session, heartbeat) = tokio::select! {
+        let (session, heartbeat, probe) = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             res = handshake => res?,
         };
@@ -134,7 +138,7 @@ impl Client {
             "registered with frps at {addr} as '{}' (heartbeat every {heartbeat:?})",
             session.client_id
         );
-        self.serve(&mut reader, &mut wr, Arc::new(session), heartbeat)
+        self.serve(&mut reader, &mut wr, Arc::new(session), heartbeat, probe)
             .await
     }
 
@@ -252,15 +256,8 @@ impl Client {
         &self,
         reader: &mut FrameReader<OwnedReadHalf>,
         wr: &mut OwnedWriteHalf,
-    ) -> Result<(Session, Duration), SessionError> {
-        let models =
-            match local::models(&self.config.local_host(), self.config.connect_timeout).await {
-                Ok(models) => models,
-                Err(e) => {
-                    warn!("cannot list the local service's models: {e}");
-                    Vec::new()
-                }
-            };
+    ) -> Result<(Session, Duration, Probe), SessionError> {
+        let (models, service_up) = probe_models(&self.config).await;
         let registration = Registration {
             client_id: self.identity.client_id.clone(),
             machine_id: self.identity.machine_id.clone(),
@@ -269,10 +266,13 @@ impl Client {
             arch: identity::arch(),
             version: env!("CARGO_PKG_VERSION").into(),
             protocol_version: PROTOCOL_VERSION,
-            metas: Default::default(),
-            models,
+            metas: crate::config::meta_map(&self.config.metas),
+            user: self.config.user.clone(),
+            proxy_metas: crate::config::meta_map(&self.config.proxy_metas),
+            models: models.clone(),
             local_host: self.config.local_host(),
-            max_concurrency: None,
+            service_up,
+            max_concurrency: self.config.max_concurrency,
         };
         write_command(wr, &Command::Register(registration)).await?;
         match self.expect_reply(reader).await? {
@@ -286,6 +286,7 @@ impl Client {
                     session_key,
                 },
                 Duration::from_millis(heartbeat_interval_ms.max(100)),
+                (models, service_up),
             )),
             Command::RegisterRefused { reason, retry } => {
                 let msg = format!("frps refused the registration: {reason}");
@@ -324,8 +325,22 @@ impl Client {
         wr: &mut OwnedWriteHalf,
         session: Arc<Session>,
         heartbeat: Duration,
+        probe: Probe,
     ) -> Result<SessionEnd, SessionError> {
         let (out_tx, mut out_rx) = mpsc::channel::<Command>(64);
+        let reporter = report(
+            self.config.clone(),
+            self.collector.clone(),
+            probe,
+            out_tx.clone(),
+        );
+        let stop = self.shutdown.clone();
+        self.tunnels.spawn(async move {
+            tokio::select! {
+                _ = reporter => {}
+                _ = stop.cancelled() => {}
+            }
+        });
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let silence = heartbeat * 3;
@@ -365,6 +380,66 @@ impl Client {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The local service's models and whether it answered.
+type Probe = (Vec<ModelInfo>, bool);
+
+async fn probe_models(config: &Config) -> Probe {
+    match local::models(&config.local_host(), config.connect_timeout).await {
+        Ok(models) => (models, true),
+        Err(e) => {
+            warn!("cannot list the local service's models: {e}");
+            (Vec::new(), false)
+        }
+    }
+}
+
+/// Every `--metrics-interval`: system metrics, and the model list when it
+/// (or the service's health) changed. Ends with the session (its channel).
+async fn report(
+    config: Arc<Config>,
+    collector: Arc<Mutex<Collector>>,
+    mut last: Probe,
+    out: mpsc::Sender<Command>,
+) {
+    let mut tick = tokio::time::interval(config.metrics_interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // The first tick is immediate: metrics at once; the models were just
+    // probed for the registration.
+    let mut first = true;
+    loop {
+        tick.tick().await;
+        let c = collector.clone();
+        let Ok(info) =
+            tokio::task::spawn_blocking(move || c.lock().expect("collector lock").collect()).await
+        else {
+            return;
+        };
+        if out.send(Command::SystemInfo(info)).await.is_err() {
+            return;
+        }
+        if std::mem::take(&mut first) {
+            continue;
+        }
+        let now = probe_models(&config).await;
+        tracing::debug!(
+            models = now.0.len(),
+            up = now.1,
+            changed = now != last,
+            "probed the local service"
+        );
+        if now != last {
+            let update = Command::ModelsUpdate {
+                models: now.0.clone(),
+                service_up: now.1,
+            };
+            if out.send(update).await.is_err() {
+                return;
+            }
+            last = now;
         }
     }
 }

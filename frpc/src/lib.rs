@@ -5,15 +5,19 @@
 //! - [`tunnel`]: data connections dialed back on request;
 //! - [`local`]: probing the local service for its models;
 //! - [`login`]: the saved token and email/password credentials;
+//! - [`metrics`]: system and GPU metrics;
 //! - [`identity`]: client id and machine facts;
+//! - [`config_file`]: `--config frpc.ini` (frp's INI form);
 //! - [`backoff`]: reconnect delays.
 
 pub mod backoff;
 pub mod config;
+pub mod config_file;
 pub mod control;
 pub mod identity;
 pub mod local;
 pub mod login;
+pub mod metrics;
 pub mod tunnel;
 
 pub use config::Config;

@@ -1,9 +1,8 @@
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = frpc::Config::parse();
+    let config = frpc::config_file::load().unwrap_or_else(|e| e.exit());
     common::telemetry::init(&config.log);
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();

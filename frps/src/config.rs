@@ -1,10 +1,13 @@
 //! Command-line flags (each also readable from the environment).
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
 use common::parse_duration;
+
+use crate::plugins::PluginSpec;
 
 /// frps: the frpx server.
 #[derive(Debug, Clone, Parser)]
@@ -38,8 +41,26 @@ pub struct Config {
     #[arg(long, env = "FRPX_API_BIND", default_value = "127.0.0.1")]
     pub api_bind: IpAddr,
 
-    /// Static API key accepted on the public port. No default: without it
-    /// (and, later, without database keys) every public request is refused.
+    /// Token every management API route but `/api/health` requires
+    /// (`Authorization: Bearer <token>`). Required when `--api-bind` is not
+    /// a loopback address.
+    #[arg(long, env = "FRPX_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Print the fleet (from a running frps's API) and exit.
+    #[arg(long)]
+    pub monitor: bool,
+
+    /// With `--monitor`: redraw every 2 s until Ctrl-C.
+    #[arg(long, requires = "monitor")]
+    pub watch: bool,
+
+    /// With `--monitor`: the API to read (default http://127.0.0.1:<api-port>).
+    #[arg(long, env = "FRPX_API_URL")]
+    pub api_url: Option<String>,
+
+    /// A static API key accepted on the public port besides the database's
+    /// keys. No default (the prototype's `abc123` is just a wrong key).
     #[arg(long, env = "API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -94,13 +115,53 @@ pub struct Config {
     #[arg(long, env = "FRPX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// How to choose among eligible clients.
+    #[arg(long, env = "FRPX_BALANCE", value_enum, default_value = "least-conn")]
+    pub balance: crate::router::Balance,
+
+    /// Requests that may wait per model when every eligible client is at capacity.
+    #[arg(long, env = "FRPX_QUEUE_MAX", default_value_t = 100)]
+    pub queue_max: usize,
+
+    /// Longest a request waits for capacity before 429.
+    #[arg(long, env = "FRPX_QUEUE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Other clients tried when one fails before any response byte was sent.
+    #[arg(long, env = "FRPX_MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: usize,
+
+    /// Largest request body read to find the model (bytes); larger bodies get 413.
+    #[arg(long, env = "FRPX_MAX_BODY", default_value_t = 10 * 1024 * 1024)]
+    pub max_body: usize,
+
+    /// Longest silence from a client's service, waiting for response headers
+    /// or between body chunks, before the request is failed.
+    #[arg(long, env = "FRPX_UPSTREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
     /// Idle upstream connections kept per client for reuse.
     #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 32)]
     pub max_idle_per_client: usize,
 
+    /// Deadline for each call to a server plugin; a plugin that does not
+    /// answer in time fails the operation (`docs/server-plugin.md`).
+    #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub plugin_timeout: Duration,
+
     /// Log filter (e.g. `info`, `frps=debug`); `RUST_LOG` takes precedence.
     #[arg(long, env = "FRPX_LOG", default_value = "info")]
     pub log: String,
+
+    /// Configuration file: frp's INI form (`frps.ini`: `[common]` with these
+    /// settings in snake_case, `[plugin.NAME]` sections) or its TOML form
+    /// (`*.toml`, with `[[httpPlugins]]`). Flags and the environment override it.
+    #[arg(short = 'c', long = "config", env = "FRPX_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Server plugins, from the configuration file, in its order.
+    #[arg(skip)]
+    pub plugins: Vec<PluginSpec>,
 }
 
 impl Config {
@@ -125,6 +186,11 @@ impl Config {
     pub fn redis(&self) -> Option<&str> {
         let url = self.redis_url.trim();
         (!url.is_empty() && url != "none").then_some(url)
+    }
+
+    /// The admin token, unless empty.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref().filter(|t| !t.is_empty())
     }
 
     /// Token lifetime, `None` for no expiry.

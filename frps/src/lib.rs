@@ -6,13 +6,21 @@
 //! - public ([`listeners::public`]): API consumers' HTTP requests, each
 //!   authenticated and routed on its own;
 //! - management API ([`api`]).
+//!
+//! Server plugins ([`plugins`]) are asked before logins, registrations,
+//! heartbeats, data connections and public requests.
 
 pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod config_file;
+pub mod dispatch;
 pub mod listeners;
+pub mod metrics;
+pub mod monitor;
 pub mod pending;
+pub mod plugins;
 pub mod registry;
 pub mod router;
 pub mod server;

@@ -1,8 +1,6 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = frps::Cli::parse();
+    let cli = frps::config_file::load().unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(admin) => {
             common::telemetry::init("warn");
@@ -14,6 +12,10 @@ async fn main() -> anyhow::Result<()> {
                 &mut stdin.lock(),
             )
             .await
+        }
+        None if cli.config.monitor => {
+            common::telemetry::init("warn");
+            frps::monitor::run(&cli.config, &mut std::io::stdout()).await
         }
         None => {
             common::telemetry::init(&cli.config.log);

@@ -35,6 +35,7 @@ struct Entry {
     client_id: String,
     session: u64,
     session_key: String,
+    since: std::time::Instant,
     tx: oneshot::Sender<Result<TcpStream, PairError>>,
 }
 
@@ -69,6 +70,7 @@ impl Pending {
                 client_id: client.id.clone(),
                 session: client.session,
                 session_key: client.session_key.clone(),
+                since: std::time::Instant::now(),
                 tx,
             },
         );
@@ -117,6 +119,14 @@ impl Pending {
             let entry = entries.remove(&conn_id).expect("entry present");
             let _ = entry.tx.send(Err(PairError::Failed(reason)));
         }
+    }
+
+    /// `(connection id, client id, waited so far)` of every waiting pairing.
+    pub fn snapshot(&self) -> Vec<(Uuid, String, std::time::Duration)> {
+        self.lock()
+            .iter()
+            .map(|(id, e)| (*id, e.client_id.clone(), e.since.elapsed()))
+            .collect()
     }
 
     /// Number of pairings waiting for a dial-back.

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -42,6 +42,10 @@ pub struct ClientHandle {
     pub in_flight: AtomicUsize,
     /// Requests served by this client since it registered.
     pub requests: AtomicU64,
+    /// Heartbeats received in this session.
+    pub heartbeats: AtomicU64,
+    service_up: AtomicBool,
+    health: Mutex<Health>,
     /// Idle upstream HTTP connections through this client's tunnel.
     pub idle: IdlePool,
 }
@@ -71,6 +75,81 @@ impl ClientHandle {
         self.kick_reason.lock().expect("kick lock").clone()
     }
 
+    /// Runs `f` over the reported models without copying them.
+    pub fn with_models<T>(&self, f: impl FnOnce(&[ModelInfo]) -> T) -> T {
+        f(&self.models.read().expect("models lock"))
+    }
+
+    /// Most requests the client takes at once (`usize::MAX`: unlimited).
+    pub fn capacity(&self) -> usize {
+        self.registration
+            .max_concurrency
+            .map_or(usize::MAX, |n| n.max(1) as usize)
+    }
+
+    /// Whether a slot is free now.
+    pub fn has_capacity(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < self.capacity()
+    }
+
+    /// Takes a slot if one is free; the taker must [`Self::release_slot`].
+    pub fn try_reserve(&self) -> bool {
+        let cap = self.capacity();
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back a slot taken with [`Self::try_reserve`].
+    pub fn release_slot(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether requests may be routed here at `now`: its service answers and
+    /// it is not cooling down after repeated failures.
+    pub fn is_routable(&self, now: Instant) -> bool {
+        self.is_healthy()
+            && self
+                .health
+                .lock()
+                .expect("health lock")
+                .until
+                .is_none_or(|t| now >= t)
+    }
+
+    /// Notes a failure before any response byte. After
+    /// [`FAILURES_BEFORE_COOLDOWN`] in a row the client is skipped for a
+    /// cool-down that doubles with each further failure (1 s up to 60 s).
+    pub fn record_failure(&self) {
+        let mut h = self.health.lock().expect("health lock");
+        h.failures = h.failures.saturating_add(1);
+        if h.failures >= FAILURES_BEFORE_COOLDOWN {
+            let n = (h.failures - FAILURES_BEFORE_COOLDOWN).min(6);
+            let cool = (COOLDOWN_BASE * (1u32 << n)).min(COOLDOWN_MAX);
+            h.until = Some(Instant::now() + cool);
+            tracing::warn!(client = %self.id, failures = h.failures, "client '{}' marked unhealthy for {cool:?}", self.id);
+        }
+    }
+
+    /// Notes a success (or a healthy report): the failure count restarts.
+    pub fn record_success(&self) {
+        let mut h = self.health.lock().expect("health lock");
+        if h.failures > 0 || h.until.is_some() {
+            *h = Health::default();
+        }
+    }
+
+    /// Whether the client is cooling down after failures.
+    pub fn is_cooling_down(&self) -> bool {
+        self.health
+            .lock()
+            .expect("health lock")
+            .until
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     /// Models the client's service currently reports.
     pub fn models(&self) -> Vec<ModelInfo> {
         self.models.read().expect("models lock").clone()
@@ -79,6 +158,16 @@ impl ClientHandle {
     /// Replaces the reported models.
     pub fn set_models(&self, models: Vec<ModelInfo>) {
         *self.models.write().expect("models lock") = models;
+    }
+
+    /// Records whether the local service answers.
+    pub fn set_service_up(&self, up: bool) {
+        self.service_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Whether the client's local service answered its last probe.
+    pub fn is_healthy(&self) -> bool {
+        self.service_up.load(Ordering::Relaxed)
     }
 
     /// Latest system metrics.
@@ -90,6 +179,19 @@ impl ClientHandle {
     pub fn set_system(&self, info: SystemInfo) {
         *self.system.write().expect("system lock") = Some(info);
     }
+}
+
+/// Consecutive failures after which a client cools down.
+pub const FAILURES_BEFORE_COOLDOWN: u32 = 2;
+/// First cool-down; doubles with each further failure.
+pub const COOLDOWN_BASE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Longest cool-down.
+pub const COOLDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    until: Option<Instant>,
 }
 
 /// The set of live clients.
@@ -129,7 +231,18 @@ impl Registry {
     /// Adds a client. A live client with the same id is kicked and replaced:
     /// a reconnect after a network blip is never locked out.
     pub fn insert(&self, new: NewClient) -> Arc<ClientHandle> {
-        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let session = self.reserve_session();
+        self.insert_as(new, session)
+    }
+
+    /// A fresh session number, for a registration still being decided
+    /// (server plugins see it as `run_id` before it is inserted).
+    pub fn reserve_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// [`Registry::insert`] with a number from [`Registry::reserve_session`].
+    pub fn insert_as(&self, new: NewClient, session: u64) -> Arc<ClientHandle> {
         let handle = Arc::new(ClientHandle {
             id: new.registration.client_id.clone(),
             session,
@@ -146,8 +259,12 @@ impl Registry {
             system: RwLock::new(None),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            service_up: AtomicBool::new(true),
+            health: Mutex::new(Health::default()),
             idle: IdlePool::default(),
         });
+        handle.set_service_up(handle.registration.service_up);
         let old = self
             .clients
             .write()

@@ -1,36 +1,174 @@
-//! Which client serves a request.
+//! Which client serves a request: only clients that are online, healthy,
+//! serving the requested model and below their capacity are eligible; among
+//! them the `--balance` strategy chooses.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use rand::Rng;
 use rand::seq::IteratorRandom;
 
 use crate::registry::{ClientHandle, Registry};
 
-/// Picks a live client at random (the seed's behaviour), skipping the
-/// sessions in `exclude` (clients that already failed this request).
-pub fn pick(registry: &Registry, exclude: &[u64]) -> Option<Arc<ClientHandle>> {
+/// How to choose among eligible clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balance {
+    /// Uniformly at random (the prototype's behaviour).
+    Random,
+    /// Fewest requests in flight; ties broken at random.
+    LeastConn,
+    /// Power of two choices: the less loaded of two random clients.
+    P2c,
+}
+
+/// What a request asks of its client.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want<'a> {
+    /// Requested model, if the request names one.
+    pub model: Option<&'a str>,
+    /// Only this client (`X-Frpx-Client`).
+    pub pinned: Option<&'a str>,
+    /// Sessions that already failed this request.
+    pub exclude: &'a [u64],
+}
+
+/// Why no client was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// No client is online at all (or the pinned one is not).
+    NoneOnline,
+    /// Clients are online, none serves the model.
+    NoModel,
+    /// Clients serve the model but none can be tried: each already failed
+    /// this request or is cooling down after failures.
+    Unavailable,
+    /// Clients could take the request but all are at capacity.
+    AtCapacity,
+}
+
+/// Normalises a model name the way Ollama does: a name without a tag means
+/// `:latest` (`llama3` is `llama3:latest`).
+pub fn normalize(model: &str) -> std::borrow::Cow<'_, str> {
+    let name = model.trim();
+    // A tag is a `:` after the last `/` (registry hosts may carry ports).
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') {
+        std::borrow::Cow::Borrowed(name)
+    } else {
+        std::borrow::Cow::Owned(format!("{name}:latest"))
+    }
+}
+
+/// Whether `client` reports `model`.
+pub fn serves(client: &ClientHandle, model: &str) -> bool {
+    let want = normalize(model);
+    client.with_models(|models| models.iter().any(|m| normalize(&m.name) == want))
+}
+
+/// Chooses a client for `want` with `balance`, reserving one of its
+/// capacity slots; the caller gives it back with
+/// [`ClientHandle::release_slot`].
+pub fn pick(
+    registry: &Registry,
+    balance: Balance,
+    want: Want<'_>,
+) -> Result<Arc<ClientHandle>, NoPick> {
     registry.with_clients(|clients| {
-        clients
-            .values()
-            .filter(|c| !exclude.contains(&c.session) && !c.kick.is_cancelled())
-            .choose(&mut rand::rng())
-            .cloned()
+        if let Some(id) = want.pinned {
+            let Some(c) = clients.get(id).filter(|c| !c.kick.is_cancelled()) else {
+                return Err(NoPick::NoneOnline);
+            };
+            if let Some(model) = want.model
+                && !serves(c, model)
+            {
+                return Err(NoPick::NoModel);
+            }
+            if want.exclude.contains(&c.session) {
+                return Err(NoPick::Unavailable);
+            }
+            return if c.try_reserve() {
+                Ok(c.clone())
+            } else {
+                Err(NoPick::AtCapacity)
+            };
+        }
+        let online = || clients.values().filter(|c| !c.kick.is_cancelled());
+        if online().next().is_none() {
+            return Err(NoPick::NoneOnline);
+        }
+        let with_model = || online().filter(|c| want.model.is_none_or(|m| serves(c, m)));
+        if with_model().next().is_none() {
+            return Err(NoPick::NoModel);
+        }
+        let now = std::time::Instant::now();
+        let routable: Vec<&Arc<ClientHandle>> = with_model()
+            .filter(|c| !want.exclude.contains(&c.session) && c.is_routable(now))
+            .collect();
+        if routable.is_empty() {
+            return Err(NoPick::Unavailable);
+        }
+        let mut eligible: Vec<&Arc<ClientHandle>> =
+            routable.into_iter().filter(|c| c.has_capacity()).collect();
+        // Reservation can race with another request: retry with the rest.
+        while !eligible.is_empty() {
+            let i = choose(&eligible, balance);
+            let c = eligible.swap_remove(i);
+            if c.try_reserve() {
+                return Ok(c.clone());
+            }
+        }
+        Err(NoPick::AtCapacity)
     })
+}
+
+fn load(c: &ClientHandle) -> usize {
+    c.in_flight.load(Ordering::Relaxed)
+}
+
+fn choose(eligible: &[&Arc<ClientHandle>], balance: Balance) -> usize {
+    let mut rng = rand::rng();
+    match balance {
+        Balance::Random => rng.random_range(0..eligible.len()),
+        Balance::LeastConn => {
+            let min = eligible.iter().map(|c| load(c)).min().unwrap_or(0);
+            (0..eligible.len())
+                .filter(|&i| load(eligible[i]) == min)
+                .choose(&mut rng)
+                .unwrap_or(0)
+        }
+        Balance::P2c => {
+            let a = rng.random_range(0..eligible.len());
+            let b = rng.random_range(0..eligible.len());
+            if load(eligible[b]) < load(eligible[a]) {
+                b
+            } else {
+                a
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::registry::NewClient;
-    use common::Registration;
-    use std::collections::HashSet;
+    use common::{ModelInfo, Registration};
+    use std::collections::{HashMap, HashSet};
     use tokio::sync::mpsc;
 
-    fn add(reg: &Registry, id: &str) -> Arc<ClientHandle> {
+    fn add(reg: &Registry, id: &str, models: &[&str], max: Option<u32>) -> Arc<ClientHandle> {
         let (tx, _rx) = mpsc::channel(1);
         reg.insert(NewClient {
             registration: Registration {
                 client_id: id.into(),
+                models: models
+                    .iter()
+                    .map(|m| ModelInfo {
+                        name: m.to_string(),
+                        size: None,
+                    })
+                    .collect(),
+                max_concurrency: max,
                 ..Default::default()
             },
             remote_addr: "127.0.0.1:1".parse().unwrap(),
@@ -43,21 +181,122 @@ mod tests {
         })
     }
 
-    #[test]
-    fn random_pick_reaches_every_client_and_honours_exclusions() {
-        let reg = Registry::default();
-        assert!(pick(&reg, &[]).is_none());
-        let a = add(&reg, "a");
-        let b = add(&reg, "b");
-        let c = add(&reg, "c");
-        let seen: HashSet<_> = (0..200)
-            .map(|_| pick(&reg, &[]).unwrap().id.clone())
-            .collect();
-        assert_eq!(seen.len(), 3);
-        for _ in 0..50 {
-            assert_eq!(pick(&reg, &[a.session, b.session]).unwrap().id, "c");
+    fn want(model: Option<&str>) -> Want<'_> {
+        Want {
+            model,
+            ..Default::default()
         }
-        c.kick("test");
-        assert!(pick(&reg, &[a.session, b.session]).is_none());
+    }
+
+    #[test]
+    fn names_normalise_like_ollama() {
+        assert_eq!(normalize("llama3"), "llama3:latest");
+        assert_eq!(normalize("llama3:latest"), "llama3:latest");
+        assert_eq!(normalize("qwen2.5:1.5b"), "qwen2.5:1.5b");
+        assert_eq!(
+            normalize("registry:5000/team/model"),
+            "registry:5000/team/model:latest"
+        );
+        assert_eq!(
+            normalize("meta-llama/Llama-3-8B"),
+            "meta-llama/Llama-3-8B:latest"
+        );
+    }
+
+    #[test]
+    fn only_clients_with_the_model_are_chosen() {
+        let reg = Registry::default();
+        assert_eq!(
+            pick(&reg, Balance::LeastConn, want(None)).unwrap_err(),
+            NoPick::NoneOnline
+        );
+        add(&reg, "a", &["llama3:latest"], None);
+        add(&reg, "b", &["qwen2.5:1.5b"], None);
+        for _ in 0..50 {
+            let c = pick(&reg, Balance::Random, want(Some("llama3"))).unwrap();
+            assert_eq!(c.id, "a");
+            c.release_slot();
+        }
+        assert_eq!(
+            pick(&reg, Balance::Random, want(Some("mistral"))).unwrap_err(),
+            NoPick::NoModel
+        );
+        let pinned = Want {
+            pinned: Some("b"),
+            ..Default::default()
+        };
+        assert_eq!(pick(&reg, Balance::Random, pinned).unwrap().id, "b");
+        let gone = Want {
+            pinned: Some("zz"),
+            ..Default::default()
+        };
+        assert_eq!(
+            pick(&reg, Balance::Random, gone).unwrap_err(),
+            NoPick::NoneOnline
+        );
+    }
+
+    #[test]
+    fn least_conn_spreads_and_capacity_is_respected() {
+        let reg = Registry::default();
+        for id in ["a", "b", "c"] {
+            add(&reg, id, &["m"], Some(1));
+        }
+        let held: Vec<_> = (0..3)
+            .map(|_| pick(&reg, Balance::LeastConn, want(Some("m"))).unwrap())
+            .collect();
+        let ids: HashSet<_> = held.iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids.len(), 3, "one per box");
+        assert_eq!(
+            pick(&reg, Balance::LeastConn, want(Some("m"))).unwrap_err(),
+            NoPick::AtCapacity
+        );
+        held[1].release_slot();
+        assert_eq!(
+            pick(&reg, Balance::LeastConn, want(Some("m"))).unwrap().id,
+            held[1].id
+        );
+    }
+
+    #[test]
+    fn every_strategy_reaches_every_client() {
+        for balance in [Balance::Random, Balance::LeastConn, Balance::P2c] {
+            let reg = Registry::default();
+            for id in ["a", "b", "c"] {
+                add(&reg, id, &[], None);
+            }
+            let mut seen: HashMap<String, usize> = HashMap::new();
+            for _ in 0..300 {
+                let c = pick(&reg, balance, want(None)).unwrap();
+                *seen.entry(c.id.clone()).or_default() += 1;
+                c.release_slot();
+            }
+            assert_eq!(seen.len(), 3, "{balance:?}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn excluded_and_cooling_clients_are_skipped() {
+        let reg = Registry::default();
+        let a = add(&reg, "a", &[], None);
+        let b = add(&reg, "b", &[], None);
+        let exclude = [a.session];
+        let w = Want {
+            exclude: &exclude,
+            ..Default::default()
+        };
+        for _ in 0..20 {
+            let c = pick(&reg, Balance::Random, w).unwrap();
+            assert_eq!(c.id, "b");
+            c.release_slot();
+        }
+        b.record_failure();
+        b.record_failure();
+        assert_eq!(
+            pick(&reg, Balance::Random, w).unwrap_err(),
+            NoPick::Unavailable
+        );
+        b.record_success();
+        assert_eq!(pick(&reg, Balance::Random, w).unwrap().id, "b");
     }
 }

@@ -44,6 +44,12 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Server {
     /// Binds every listener from `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        if !config.api_bind.is_loopback() && config.admin_token().is_none() {
+            anyhow::bail!(
+                "refusing to expose the management API on {} without an admin token: it lists the fleet and can disconnect clients. Set --admin-token (or FRPX_ADMIN_TOKEN), or keep --api-bind on 127.0.0.1",
+                config.api_bind
+            );
+        }
         let control = bind("control", (config.bind_addr, config.control_port).into()).await?;
         let proxy = bind("proxy", (config.bind_addr, config.proxy_port).into()).await?;
         let public = bind("public", (config.bind_addr, config.public_port).into()).await?;
@@ -55,7 +61,7 @@ impl Server {
             api: api.local_addr()?,
         };
         Ok(Self {
-            state: Arc::new(State::new(config).await?),
+            state: Arc::new(State::new(config, addrs).await?),
             control,
             proxy,
             public,

@@ -13,8 +13,12 @@ use tracing::info;
 use crate::auth::redis::RedisCache;
 use crate::auth::{Accounts, KeyValidator};
 use crate::config::Config;
+use crate::dispatch::Queues;
+use crate::metrics::Metrics;
 use crate::pending::Pending;
+use crate::plugins::Plugins;
 use crate::registry::Registry;
+use crate::server::BoundAddrs;
 use crate::store::{Store, redact};
 
 /// Shared server state, behind one `Arc`.
@@ -22,6 +26,8 @@ use crate::store::{Store, redact};
 pub struct State {
     /// Effective configuration.
     pub config: Config,
+    /// The addresses the listeners bound.
+    pub addrs: BoundAddrs,
     /// Live clients.
     pub registry: Registry,
     /// Data connections requested and not yet dialed back.
@@ -34,8 +40,14 @@ pub struct State {
     pub keys: Arc<KeyValidator>,
     /// Provider accounts and client tokens (control port).
     pub accounts: Accounts,
+    /// Server plugins, by operation.
+    pub plugins: Plugins,
     /// Counters.
     pub stats: Stats,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Requests waiting for capacity.
+    pub queues: Queues,
     /// When the server started.
     pub started_at: Instant,
     /// Cancelled when shutdown begins: listeners stop accepting.
@@ -49,7 +61,7 @@ pub struct State {
 impl State {
     /// Connects the database (running migrations) and starts the Redis
     /// layer for `config`.
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
+    pub async fn new(config: Config, addrs: BoundAddrs) -> anyhow::Result<Self> {
         let store = Store::connect(&config.database_url)
             .await
             .with_context(|| {
@@ -87,13 +99,17 @@ impl State {
         });
         Ok(Self {
             accounts: Accounts::new(Some(store.clone()), config.token_lifetime()),
+            plugins: Plugins::new(&config.plugins, config.plugin_timeout),
             keys,
             redis,
             store,
             config,
+            addrs,
             registry: Registry::default(),
             pending: Arc::default(),
             stats: Stats::default(),
+            metrics: Metrics::default(),
+            queues: Queues::default(),
             started_at: Instant::now(),
             shutdown,
             hard_stop: CancellationToken::new(),
@@ -109,10 +125,18 @@ pub struct Stats {
     pub requests: AtomicU64,
     /// Public requests refused for a missing or invalid key.
     pub auth_failures: AtomicU64,
+    /// Public requests refused because key validation was unavailable.
+    pub auth_unavailable: AtomicU64,
     /// Public requests that found no client online.
     pub no_client: AtomicU64,
-    /// Public requests that failed reaching a client.
+    /// Public requests whose client did not dial back in time.
+    pub dial_timeouts: AtomicU64,
+    /// Public requests that failed reaching or talking to a client.
     pub upstream_errors: AtomicU64,
+    /// Public requests refused because the fleet stayed at capacity (429).
+    pub queue_rejections: AtomicU64,
+    /// Public connections currently open.
+    pub public_connections: AtomicU64,
     /// Bytes received from callers (request bodies).
     pub bytes_in: AtomicU64,
     /// Bytes sent to callers (response bodies).

@@ -6,17 +6,17 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use common::Command;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use crate::listeners::public::CountedBody;
 use crate::pending::PairError;
 use crate::registry::ClientHandle;
 use crate::state::State;
 
 /// Body of a request sent upstream: buffered (routing read it) or streamed.
-pub type UpBody = Either<Full<Bytes>, Incoming>;
+pub type UpBody = Either<Full<Bytes>, CountedBody>;
 
 /// Sender half of one upstream connection.
 pub type Sender = SendRequest<UpBody>;

@@ -31,6 +31,7 @@ pub struct Seen {
 #[derive(Default)]
 struct Shared {
     name: String,
+    models: Mutex<Vec<String>>,
     seen: Mutex<Vec<Seen>>,
     /// Released by the test to let `/sse` send its last event.
     sse_release: Notify,
@@ -53,6 +54,7 @@ impl Backend {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             name: name.to_owned(),
+            models: Mutex::new(vec![format!("model-of-{name}")]),
             ..Default::default()
         });
         let sh = shared.clone();
@@ -81,6 +83,11 @@ impl Backend {
     /// Number of requests seen (model-list probes excluded).
     pub fn hits(&self) -> usize {
         self.seen().iter().filter(|s| s.path != "/api/tags").count()
+    }
+
+    /// Replaces the models `/api/tags` reports.
+    pub fn set_models(&self, models: &[&str]) {
+        *self.shared.models.lock().unwrap() = models.iter().map(|m| m.to_string()).collect();
     }
 
     /// Lets a waiting `/sse` stream send its last event.
@@ -117,12 +124,16 @@ async fn serve(
             .unwrap()
     };
     let resp = match path.as_str() {
-        "/api/tags" => full(
-            200,
-            "application/json",
-            serde_json::json!({"models": [{"name": format!("model-of-{}", sh.name), "size": 1}]})
-                .to_string(),
-        ),
+        "/api/tags" => full(200, "application/json", {
+            let models: Vec<_> = sh
+                .models
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|m| serde_json::json!({"name": m, "size": 1}))
+                .collect();
+            serde_json::json!({ "models": models }).to_string()
+        }),
         "/sse" => {
             let (mut tx, body) = Channel::<Bytes>::new(4);
             let sh = sh.clone();

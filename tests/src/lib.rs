@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod fake;
 pub mod http;
+pub mod plugin;
 pub mod services;
 
 use std::net::SocketAddr;
@@ -213,6 +214,7 @@ pub fn frpc_config(id: &str, frps: &BoundAddrs, backend: SocketAddr) -> frpc::Co
     cfg.email = Some(TEST_EMAIL.to_owned());
     cfg.password = Some(TEST_PASSWORD.to_owned());
     cfg.no_prompt = true;
+    cfg.metrics_interval = Duration::from_secs(1);
     cfg.reconnect_min = Duration::from_millis(50);
     cfg.reconnect_max = Duration::from_millis(400);
     cfg.connect_timeout = Duration::from_secs(2);

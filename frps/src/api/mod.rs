@@ -1,70 +1,193 @@
-//! Management API (`--api-port`, loopback by default). Every response uses
-//! the seed's envelope: `{"success", "data", "message", "timestamp"}`.
+//! Management API (`--api-port`, loopback by default). Every `/api` response
+//! uses the seed's envelope `{"success", "data", "message", "timestamp"}`,
+//! errors included. With `--admin-token`, every route but `/api/health` (and
+//! the static dashboard page, which holds no data) requires
+//! `Authorization: Bearer <admin token>`. The OpenAPI document at
+//! `/api/openapi.json` is generated from the handlers' types.
+
+mod accounts;
+mod clients;
+mod server;
+pub mod types;
 
 use std::sync::Arc;
 
-use axum::extract::State as AxState;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Request, State as AxState};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use serde_json::json;
+use utoipa::OpenApi;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::auth::constant_time_eq;
 use crate::state::State;
 
+/// Shared handler state.
+pub type ApiState = AxState<Arc<State>>;
+
 /// The seed's response envelope.
-#[derive(Debug, Serialize)]
-pub struct Envelope<T: Serialize> {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Envelope<T> {
     /// Whether the call succeeded.
     pub success: bool,
     /// The payload (null on errors).
     pub data: Option<T>,
-    /// Human-readable outcome, in English.
+    /// What happened, in English.
     pub message: String,
     /// RFC 3339 time of the response.
     pub timestamp: String,
 }
 
-/// Wraps `data` in a success envelope.
-pub fn ok<T: Serialize>(data: T, message: &str) -> Response {
+/// A successful envelope.
+pub fn ok<T: Serialize>(data: T, message: &str) -> Json<Envelope<T>> {
     Json(Envelope {
         success: true,
         data: Some(data),
         message: message.to_owned(),
         timestamp: chrono::Utc::now().to_rfc3339(),
     })
-    .into_response()
 }
 
-/// An error envelope with `status`.
-pub fn error(status: StatusCode, message: &str) -> Response {
-    let body = Envelope::<()> {
-        success: false,
-        data: None,
-        message: message.to_owned(),
-        timestamp: chrono::Utc::now().to_rfc3339(),
-    };
-    (status, Json(body)).into_response()
+/// An error rendered as the envelope with `success: false`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with `status` and `message`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 404 for an unknown client.
+    pub fn no_client(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("client '{id}' is not online"),
+        )
+    }
+
+    /// 503 when the database failed; the cause is logged, not shown.
+    pub fn database(e: crate::store::StoreError) -> Self {
+        tracing::warn!("management API: database error: {e}");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Envelope::<()> {
+            success: false,
+            data: None,
+            message: self.message,
+            timestamp: chrono::Utc::now().to_rfc3339(),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = Result<Json<Envelope<T>>, ApiError>;
+
+#[derive(OpenApi)]
+#[openapi(info(
+    title = "frpx management API",
+    description = "Fleet, statistics and accounts of one frps. Every response is wrapped in {success, data, message, timestamp}."
+))]
+struct ApiDoc;
+
+/// Every documented route with its OpenAPI document.
+pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(server::health))
+        .routes(routes!(server::stats))
+        .routes(routes!(server::connections))
+        .routes(routes!(server::pending))
+        .routes(routes!(server::config))
+        .routes(routes!(server::ports_handler))
+        .routes(routes!(clients::list))
+        .routes(routes!(clients::get, clients::disconnect))
+        .routes(routes!(clients::status))
+        .routes(routes!(clients::heartbeat))
+        .routes(routes!(clients::monitoring))
+        .routes(routes!(clients::monitoring_one))
+        .routes(routes!(clients::models))
+        .routes(routes!(accounts::users))
+        .routes(routes!(accounts::active_tokens))
+        .split_for_parts()
 }
 
 /// The API's routes.
 pub fn router(state: Arc<State>) -> Router {
-    Router::new()
-        .route("/api/health", get(health))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(state)
+    let (api, openapi) = documented();
+    let openapi = Arc::new(openapi);
+    api.route(
+        "/api/openapi.json",
+        get(move || {
+            let doc = openapi.clone();
+            async move { Json(doc.as_ref().clone()) }
+        }),
+    )
+    .route("/metrics", get(metrics))
+    .route("/", get(dashboard))
+    .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+    .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+    .with_state(state)
 }
 
-async fn health(AxState(state): AxState<Arc<State>>) -> Response {
-    ok(
-        json!({
-            "status": if state.shutdown.is_cancelled() { "shutting_down" } else { "ok" },
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_secs": state.started_at.elapsed().as_secs(),
-            "clients_online": state.registry.len(),
-            "pending_connections": state.pending.len(),
-        }),
-        "server is healthy",
+/// Paths reachable without the admin token.
+const PUBLIC_PATHS: [&str; 2] = ["/api/health", "/"];
+
+async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Response {
+    let Some(expected) = state.config.admin_token() else {
+        return next.run(req).await;
+    };
+    if PUBLIC_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response(),
+        None => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "admin token required: send `Authorization: Bearer <admin token>`",
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp
+        }
+    }
+}
+
+async fn metrics(AxState(state): ApiState) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state),
     )
+        .into_response()
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
 }

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Principal;
+use crate::plugins::hooks;
 use crate::registry::{ClientHandle, NewClient};
 use crate::state::State;
 
@@ -77,24 +78,37 @@ async fn session(
         }
         None => return Err(ControlError::ClosedEarly),
     };
-    if let Err((reason, retry)) = validate(&registration) {
-        let refusal = Command::RegisterRefused {
-            reason: reason.clone(),
-            retry,
-        };
-        send(wr, &refusal, hs).await?;
-        return Err(ControlError::Refused(reason));
-    }
+    let session = state.registry.reserve_session();
+    let admitted = match validate(&registration) {
+        Ok(()) => hooks::admit(&state.plugins, registration, peer, session)
+            .await
+            .map_err(|e| (e.to_string(), !e.is_rejection()))
+            // A plugin may have rewritten the client id.
+            .and_then(|reg| validate(&reg).map(|()| reg)),
+        Err(refusal) => Err(refusal),
+    };
+    let registration = match admitted {
+        Ok(reg) => reg,
+        Err((reason, retry)) => {
+            let refusal = Command::RegisterRefused {
+                reason: reason.clone(),
+                retry,
+            };
+            send(wr, &refusal, hs).await?;
+            return Err(ControlError::Refused(reason));
+        }
+    };
 
     let (tx, rx) = mpsc::channel(64);
     let session_key = random_hex(32);
-    let client = state.registry.insert(NewClient {
+    let new = NewClient {
         registration,
         remote_addr: peer,
         control_tx: tx,
         session_key: session_key.clone(),
         owner,
-    });
+    };
+    let client = state.registry.insert_as(new, session);
     tracing::Span::current().record("client", client.id.as_str());
     let registered = Command::Registered {
         client_id: client.id.clone(),
@@ -110,6 +124,7 @@ async fn session(
                 "Client '{}' registered from {peer}",
                 client.id
             );
+            state.queues.wake_all();
             write_asset(state, &client, "online").await;
             serve(reader, wr, rx, &client, state).await
         }
@@ -122,6 +137,7 @@ async fn session(
         info!(client = %client.id, "Client '{}' left", client.id);
         write_asset(state, &client, "offline").await;
     }
+    hooks::close_proxy(&state.plugins, &client).await;
     result
 }
 
@@ -254,6 +270,9 @@ async fn serve(
                     let (state, client) = (state.clone(), client.clone());
                     tokio::spawn(async move { write_asset(&state, &client, "online").await });
                 }
+                if matches!(cmd, Command::Heartbeat { .. }) {
+                    hooks::ping(state, client);
+                }
                 if let Some(reply) = on_command(cmd, client, state) {
                     send(wr, &reply, hs).await?;
                 }
@@ -283,13 +302,27 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
 /// Handles one command from a registered client; returns the reply, if any.
 fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Command> {
     match cmd {
-        Command::Heartbeat { seq } => Some(Command::HeartbeatAck { seq }),
+        Command::Heartbeat { seq } => {
+            client
+                .heartbeats
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(Command::HeartbeatAck { seq })
+        }
         Command::SystemInfo(info) => {
             client.set_system(info);
             None
         }
-        Command::ModelsUpdate { models, .. } => {
+        Command::ModelsUpdate { models, service_up } => {
+            if service_up != client.is_healthy() {
+                info!(client = %client.id, "client's local service is {}", if service_up { "up again" } else { "down" });
+            }
+            client.set_service_up(service_up);
             client.set_models(models);
+            if service_up {
+                // A healthy report ends a failure cool-down.
+                client.record_success();
+            }
+            state.queues.wake_all();
             None
         }
         Command::OpenFailed { conn_id, reason } => {

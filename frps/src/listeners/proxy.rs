@@ -8,6 +8,7 @@ use common::{Command, MAX_FRAME, read_one_command};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::plugins::hooks;
 use crate::state::State;
 
 /// Pairs one dial-back connection, or refuses it.
@@ -19,16 +20,22 @@ pub async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<State>) 
             conn_id,
             client_id,
             session_key,
-        }) => match state
-            .pending
-            .complete(conn_id, &client_id, &session_key, stream)
-        {
-            Ok(()) => return,
-            Err((s, reason)) => {
-                stream = s;
-                debug!(%peer, %conn_id, client = %client_id, "data connection refused: {reason}");
-                (conn_id, reason.to_owned())
+        }) => match hooks::new_work_conn(&state, conn_id, &client_id, &session_key).await {
+            Err(reason) => {
+                debug!(%peer, %conn_id, client = %client_id, "data connection refused by a server plugin: {reason}");
+                (conn_id, reason)
             }
+            Ok(()) => match state
+                .pending
+                .complete(conn_id, &client_id, &session_key, stream)
+            {
+                Ok(()) => return,
+                Err((s, reason)) => {
+                    stream = s;
+                    debug!(%peer, %conn_id, client = %client_id, "data connection refused: {reason}");
+                    (conn_id, reason.to_owned())
+                }
+            },
         },
         Ok(other) => {
             let message = format!("expected DataHello, got {}", other.name());

@@ -2,17 +2,19 @@
 //! keep-alive connection, is authenticated and routed on its own.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -22,20 +24,20 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::auth::KeyCheck;
+use crate::dispatch::{self, Refusal};
+use crate::plugins;
 use crate::registry::ClientHandle;
-use crate::router;
+use crate::router::Want;
 use crate::state::{State, Stats};
 use crate::upstream::{self, AcquireError};
+
+use super::models;
 
 /// Body of a public response: streamed from upstream, or generated here.
 pub type PublicBody = Either<TrackedBody, Full<Bytes>>;
 
 /// Largest request head (line and headers) accepted, in bytes.
 pub const MAX_HEAD: usize = 64 * 1024;
-
-/// Failures of a client before any response byte reached the caller are
-/// retried on another client this many times.
-pub const RETRIES: usize = 1;
 
 /// Accepts public connections until shutdown, then lets in-flight requests
 /// finish (up to `--shutdown-timeout`).
@@ -63,10 +65,13 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         let st = state.clone();
         let svc = service_fn(move |req| handle(st.clone(), peer, req));
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        let st = state.clone();
+        Stats::inc(&st.stats.public_connections);
         state.tasks.spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%peer, "public connection ended: {e}");
             }
+            st.stats.public_connections.fetch_sub(1, Ordering::Relaxed);
         });
     }
     drop(listener);
@@ -82,37 +87,92 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Result<Response<PublicBody>, Infallible> {
+    let started = Instant::now();
+    let resp = authenticate_and_forward(&state, peer, req, started).await;
+    if let Either::Right(_) = resp.body() {
+        // Generated here; streamed responses are counted when their body ends.
+        state
+            .metrics
+            .finished(resp.status().as_u16(), "", "", started.elapsed());
+    }
+    Ok(resp)
+}
+
+async fn authenticate_and_forward(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    started: Instant,
+) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
     match state.keys.check_headers(req.headers()).await {
         KeyCheck::Valid => {}
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
-            return Ok(error_response(
+            return error_response(
                 StatusCode::UNAUTHORIZED,
                 "missing API key: send `Authorization: Bearer <key>`",
                 "invalid_request_error",
                 "missing_api_key",
-            ));
+            );
         }
         KeyCheck::Invalid => {
             Stats::inc(&state.stats.auth_failures);
-            return Ok(error_response(
+            return error_response(
                 StatusCode::UNAUTHORIZED,
                 "invalid API key",
                 "invalid_request_error",
                 "invalid_api_key",
-            ));
+            );
         }
         KeyCheck::Unavailable => {
-            return Ok(error_response(
+            Stats::inc(&state.stats.auth_unavailable);
+            return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "authentication backend unavailable",
                 "service_unavailable",
                 "auth_unavailable",
-            ));
+            );
         }
     }
-    Ok(forward(&state, peer, req).await)
+    forward(state, peer, req, started).await
+}
+
+/// Paths whose JSON body names the model to route on.
+pub const MODEL_PATHS: [&str; 7] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+];
+
+/// The request body across attempts: buffered (replayable) or streamed
+/// (sent at most once).
+enum Payload {
+    Buffered(Bytes),
+    Stream(Option<CountedBody>),
+}
+
+impl Payload {
+    fn take(&mut self) -> Option<upstream::UpBody> {
+        match self {
+            Payload::Buffered(b) => Some(Either::Left(Full::new(b.clone()))),
+            Payload::Stream(s) => s.take().map(Either::Right),
+        }
+    }
+
+    fn put_back(&mut self, body: upstream::UpBody) {
+        if let (Payload::Stream(slot), Either::Right(b)) = (self, body) {
+            *slot = Some(b);
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        matches!(self, Payload::Buffered(_))
+    }
 }
 
 /// Routes an authenticated request to a client and streams the answer back.
@@ -120,79 +180,254 @@ async fn forward(
     state: &Arc<State>,
     peer: SocketAddr,
     req: Request<Incoming>,
+    started: Instant,
 ) -> Response<PublicBody> {
+    let path = req.uri().path();
+    if req.method() == Method::GET && (path == "/v1/models" || path == "/api/tags") {
+        return models::list(state, path == "/api/tags");
+    }
+    let routed = req.method() == Method::POST && MODEL_PATHS.contains(&path);
     let (mut parts, body) = req.into_parts();
+    let pinned = parts
+        .headers
+        .remove("x-frpx-client")
+        .and_then(|v| v.to_str().ok().map(str::to_owned));
+    let (mut payload, model) = if routed {
+        match read_body(state, body).await {
+            Ok(bytes) => {
+                let model = model_of(&bytes);
+                (Payload::Buffered(bytes), model)
+            }
+            Err(resp) => return resp,
+        }
+    } else {
+        let body = CountedBody {
+            inner: body,
+            state: state.clone(),
+        };
+        (Payload::Stream(Some(body)), None)
+    };
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove("x-api-key");
     append_forwarded_for(&mut parts.headers, peer);
-    let mut req = Request::from_parts(parts, Either::Right(body));
+    let upstream_started = Instant::now();
 
     let mut excluded: Vec<u64> = Vec::new();
     let mut last_error: Option<AcquireError> = None;
     loop {
-        let Some(client) = router::pick(&state.registry, &excluded) else {
-            return match last_error {
-                None => {
-                    Stats::inc(&state.stats.no_client);
-                    error_response(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no client is online to serve this request",
-                        "service_unavailable",
-                        "no_clients_available",
-                    )
-                }
-                Some(e) => upstream_error(state, &e),
-            };
+        let want = Want {
+            model: model.as_deref(),
+            pinned: pinned.as_deref(),
+            exclude: &excluded,
         };
+        let client = match dispatch::acquire(state, want).await {
+            Ok(c) => c,
+            Err(refusal) => {
+                return refused(
+                    state,
+                    refusal,
+                    model.as_deref(),
+                    pinned.as_deref(),
+                    last_error.as_ref(),
+                );
+            }
+        };
+        let guard = InFlight::reserved(state.clone(), client.clone());
         info!("Chose client '{}' for the new connection", client.id);
+        if let Err(e) = plugins::hooks::new_user_conn(&state.plugins, &client, peer).await {
+            return plugins::hooks::refusal(&e);
+        }
         let up = match upstream::acquire(state, &client).await {
             Ok(up) => up,
             Err(e) => {
                 warn!(client = %client.id, "client failed before responding: {e}");
+                client.record_failure();
                 excluded.push(client.session);
-                let give_up = excluded.len() > RETRIES;
                 last_error = Some(e);
-                if give_up {
+                if excluded.len() > state.config.max_retries {
                     return upstream_error(state, last_error.as_ref().expect("set"));
                 }
                 continue;
             }
         };
+        let Some(body) = payload.take() else {
+            Stats::inc(&state.stats.upstream_errors);
+            return bad_gateway("the request body was already sent to a client that failed");
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
-        let guard = InFlight::new(client.clone());
         let mut sender = up.sender;
-        match sender.try_send_request(req).await {
-            Ok(resp) => return respond(state, resp, guard, sender),
-            Err(mut err) => {
-                let Some(back) = err.take_message() else {
-                    // Part of the request went out: it cannot be replayed.
-                    Stats::inc(&state.stats.upstream_errors);
-                    warn!(client = %client.id, "upstream request failed: {}", err.error());
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "the client's local service failed while answering",
-                        "upstream_error",
-                        "upstream_failed",
-                    );
-                };
-                // Not sent at all: a stale pooled connection says nothing
-                // about the client; a fresh one failing counts against it.
-                req = back;
-                if !up.reused {
-                    debug!(client = %client.id, "fresh upstream connection failed: {}", err.error());
-                    excluded.push(client.session);
-                    if excluded.len() > RETRIES {
+        let sent = tokio::time::timeout(
+            state.config.upstream_idle_timeout,
+            sender.try_send_request(req),
+        )
+        .await;
+        let failure = match sent {
+            Ok(Ok(resp)) => {
+                client.record_success();
+                let upstream_wait = upstream_started.elapsed();
+                state
+                    .metrics
+                    .overhead(started.elapsed().saturating_sub(upstream_wait));
+                return respond(
+                    state,
+                    resp,
+                    guard,
+                    sender,
+                    started,
+                    model.unwrap_or_default(),
+                );
+            }
+            Ok(Err(mut err)) => {
+                let unsent = err.take_message();
+                let reason = err.into_error().to_string();
+                match unsent {
+                    // Never written: a stale pooled connection says nothing
+                    // about the client; a fresh one failing does.
+                    Some(back) => {
+                        payload.put_back(back.into_body());
+                        if up.reused {
+                            debug!(client = %client.id, "stale pooled connection: {reason}");
+                            continue;
+                        }
+                        reason
+                    }
+                    None if payload.replayable() => reason,
+                    None => {
+                        // Part of a streamed body went out: it cannot be replayed.
                         Stats::inc(&state.stats.upstream_errors);
-                        return error_response(
-                            StatusCode::BAD_GATEWAY,
-                            "the client's local service closed the connection",
-                            "upstream_error",
-                            "upstream_failed",
-                        );
+                        warn!(client = %client.id, "upstream request failed: {reason}");
+                        return bad_gateway("the client's local service failed while answering");
                     }
                 }
             }
+            Err(_) => format!(
+                "no response headers within {:?}",
+                state.config.upstream_idle_timeout
+            ),
+        };
+        warn!(client = %client.id, "client failed before responding: {failure}");
+        client.record_failure();
+        excluded.push(client.session);
+        if excluded.len() > state.config.max_retries {
+            Stats::inc(&state.stats.upstream_errors);
+            return bad_gateway("the client's local service failed before answering");
+        }
+    }
+}
+
+fn bad_gateway(message: &str) -> Response<PublicBody> {
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        message,
+        "upstream_error",
+        "upstream_failed",
+    )
+}
+
+/// Reads a body to route on, at most `--max-body` bytes.
+async fn read_body(state: &State, body: Incoming) -> Result<Bytes, Response<PublicBody>> {
+    let limit = state.config.max_body;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => {
+            let bytes = collected.to_bytes();
+            state
+                .stats
+                .bytes_in
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            Ok(bytes)
+        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body larger than {limit} bytes"),
+            "invalid_request_error",
+            "body_too_large",
+        )),
+        Err(e) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("could not read the request body: {e}"),
+            "invalid_request_error",
+            "bad_body",
+        )),
+    }
+}
+
+/// The `model` field of a JSON body, if it has one.
+pub fn model_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body)
+        .ok()
+        .and_then(|n| n.model)
+        .filter(|m| !m.trim().is_empty())
+}
+
+fn refused(
+    state: &State,
+    refusal: Refusal,
+    model: Option<&str>,
+    pinned: Option<&str>,
+    last_error: Option<&AcquireError>,
+) -> Response<PublicBody> {
+    match (refusal, last_error) {
+        (Refusal::NoneOnline, _) if pinned.is_some() => error_response(
+            StatusCode::NOT_FOUND,
+            &format!("client '{}' is not online", pinned.unwrap_or_default()),
+            "invalid_request_error",
+            "client_not_found",
+        ),
+        (Refusal::NoModel, _) => error_response(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "The model `{}` does not exist on any online client",
+                model.unwrap_or_default()
+            ),
+            "invalid_request_error",
+            "model_not_found",
+        ),
+        (Refusal::QueueFull | Refusal::QueueTimeout, _) => {
+            Stats::inc(&state.stats.queue_rejections);
+            let why = if refusal == Refusal::QueueFull {
+                "every client serving this model is busy and the queue is full"
+            } else {
+                "every client serving this model stayed busy; gave up waiting"
+            };
+            let mut resp = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                why,
+                "rate_limit_error",
+                "capacity_exceeded",
+            );
+            let secs = dispatch::retry_after(state.config.queue_timeout);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
+        (_, Some(e)) => upstream_error(state, e),
+        (Refusal::Unavailable, None) => {
+            Stats::inc(&state.stats.no_client);
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "every client that could serve this request is unhealthy; retry shortly",
+                "service_unavailable",
+                "no_healthy_clients",
+            )
+        }
+        (Refusal::NoneOnline, None) => {
+            Stats::inc(&state.stats.no_client);
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no client is online to serve this request",
+                "service_unavailable",
+                "no_clients_available",
+            )
         }
     }
 }
@@ -215,22 +450,30 @@ fn respond(
     resp: Response<Incoming>,
     guard: InFlight,
     sender: upstream::Sender,
+    started: Instant,
+    model: String,
 ) -> Response<PublicBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    let idle = state.config.upstream_idle_timeout;
     let body = TrackedBody {
         inner: body,
         state: state.clone(),
         guard,
         sender: Some(sender),
         finished: false,
+        started,
+        status: parts.status.as_u16(),
+        model,
+        idle,
+        idle_timer: Box::pin(tokio::time::sleep(idle)),
     };
     Response::from_parts(parts, Either::Left(body))
 }
 
 fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
-    Stats::inc(&state.stats.upstream_errors);
     if e.is_timeout() {
+        Stats::inc(&state.stats.dial_timeouts);
         error_response(
             StatusCode::GATEWAY_TIMEOUT,
             &format!("no client answered in time: {e}"),
@@ -238,6 +481,7 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
             "client_timeout",
         )
     } else {
+        Stats::inc(&state.stats.upstream_errors);
         error_response(
             StatusCode::BAD_GATEWAY,
             &format!("could not reach a client's service: {e}"),
@@ -309,47 +553,58 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
-/// Counts a request as in flight on its client until dropped.
+/// A capacity slot reserved on a client for one request; dropping it frees
+/// the slot and wakes the first request waiting for one.
 pub struct InFlight {
+    state: Arc<State>,
     client: Arc<ClientHandle>,
 }
 
 impl InFlight {
-    fn new(client: Arc<ClientHandle>) -> Self {
-        client.in_flight.fetch_add(1, Ordering::Relaxed);
+    fn reserved(state: Arc<State>, client: Arc<ClientHandle>) -> Self {
         client.requests.fetch_add(1, Ordering::Relaxed);
-        Self { client }
+        Self { state, client }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.client.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.client.release_slot();
+        self.state.queues.slot_freed(&self.client);
     }
 }
 
 /// The upstream response body, streamed frame by frame (no buffering, so
 /// server-sent events pass one by one), counting bytes and holding the
-/// request's in-flight slot until the body ends or the caller goes away.
-/// When the body was read to its end, the upstream connection goes back to
-/// the client's idle pool; when the caller left early it is dropped, which
-/// closes it and cancels the upstream request.
+/// request's slot until the body ends or the caller goes away. A service
+/// silent for `--upstream-idle-timeout` fails the stream. When the body was
+/// read to its end, the upstream connection goes back to the client's idle
+/// pool; when the caller left early it is dropped, which closes it and
+/// cancels the upstream request, so the GPU stops working for nobody.
 pub struct TrackedBody {
     inner: Incoming,
     state: Arc<State>,
     guard: InFlight,
     sender: Option<upstream::Sender>,
     finished: bool,
+    started: Instant,
+    status: u16,
+    model: String,
+    idle: std::time::Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
 }
+
+/// Error of a streamed response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for TrackedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -359,12 +614,22 @@ impl Body for TrackedBody {
                         .bytes_out
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.idle_timer.as_mut().reset(deadline);
             }
             Poll::Ready(None) => self.finished = true,
             Poll::Ready(Some(Err(_))) => self.sender = None,
-            Poll::Pending => {}
+            Poll::Pending => {
+                if self.idle_timer.as_mut().poll(cx).is_ready() {
+                    self.sender = None;
+                    warn!(client = %self.guard.client.id, "upstream silent for {:?}; closing the stream", self.idle);
+                    return Poll::Ready(Some(Err(
+                        format!("upstream silent for {:?}", self.idle).into()
+                    )));
+                }
+            }
         }
-        polled
+        polled.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -378,6 +643,12 @@ impl Body for TrackedBody {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        self.state.metrics.finished(
+            self.status,
+            &self.guard.client.id,
+            &self.model,
+            self.started.elapsed(),
+        );
         if let Some(sender) = self.sender.take() {
             let reusable = self.finished || self.inner.is_end_stream();
             if reusable && !self.guard.client.kick.is_cancelled() {
@@ -387,6 +658,41 @@ impl Drop for TrackedBody {
                     .put(sender, self.state.config.max_idle_per_client);
             }
         }
+    }
+}
+
+/// A caller's request body on its way upstream, counting its bytes.
+pub struct CountedBody {
+    inner: Incoming,
+    state: Arc<State>,
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.state
+                .stats
+                .bytes_in
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

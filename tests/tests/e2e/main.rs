@@ -1,6 +1,8 @@
 //! End-to-end tests: frps, frpc and backends in one process, on port 0.
 
+mod api;
 mod auth;
+mod plugins;
 mod resilience;
 mod storage;
 mod tunnel;

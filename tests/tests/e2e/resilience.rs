@@ -202,9 +202,46 @@ async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
 }
 
 #[tokio::test]
-async fn a_client_whose_service_is_down_fails_over_to_another() {
+async fn a_client_whose_service_dies_fails_over_and_cools_down() {
     let fleet = Fleet::start(1).await;
-    // A client pointing at a port where nothing listens.
+    // A second client whose service answers at registration, then dies; it
+    // reports only once a minute, so frps finds out from failed requests.
+    let flaky_backend = frpx_tests::Backend::start("flaky").await;
+    let mut cfg = frpx_tests::frpc_config("flaky", &fleet.frps.addrs, flaky_backend.addr);
+    cfg.metrics_interval = Duration::from_secs(60);
+    let flaky = Frpc::start(cfg);
+    fleet.frps.wait_for_clients(&["client-0", "flaky"]).await;
+    flaky_backend.stop();
+    drop(flaky_backend);
+    for _ in 0..20 {
+        let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.json()["backend"], "client-0");
+    }
+    let handle = fleet.frps.state.registry.get("flaky").unwrap();
+    assert!(
+        handle.is_cooling_down(),
+        "repeated failures put the client in a cool-down"
+    );
+
+    // Pinned to the dead service: a clean 502, no retry elsewhere.
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let req = ::http::Request::builder()
+        .uri("/")
+        .header("host", "x")
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("x-frpx-client", "flaky")
+        .body(http_body_util::Full::new(Bytes::new()))
+        .unwrap();
+    let reply = http::read(conn.send(req).await.unwrap()).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    flaky.kill().await;
+}
+
+#[tokio::test]
+async fn a_client_whose_service_is_down_gets_no_traffic() {
+    let fleet = Fleet::start(1).await;
     let dead_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -215,6 +252,15 @@ async fn a_client_whose_service_is_down_fails_over_to_another() {
         dead_port,
     ));
     fleet.frps.wait_for_clients(&["broken", "client-0"]).await;
+    assert!(
+        !fleet
+            .frps
+            .state
+            .registry
+            .get("broken")
+            .unwrap()
+            .is_healthy()
+    );
     for _ in 0..20 {
         let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -223,8 +269,8 @@ async fn a_client_whose_service_is_down_fails_over_to_another() {
     fleet.clients.into_iter().next().unwrap().kill().await;
     fleet.frps.wait_for_clients(&["broken"]).await;
     let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
     broken.kill().await;
 }
 

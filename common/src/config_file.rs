@@ -1,0 +1,586 @@
+//! Configuration files that feed the same clap parser as the flags.
+//!
+//! - [`parse_ini`] reads frp's INI form (`frps.ini`, `frpc.ini`): sections,
+//!   `key = value` lines, `;`/`#` comments. It keeps every line number, which
+//!   is why it is written here: the INI crates (rust-ini, configparser) drop
+//!   them, and every error must name the file, the line and the key.
+//! - [`FileArgs`] turns the settings a file holds into command-line
+//!   arguments, checking each value with the flag's own parser, so a file
+//!   accepts exactly what the flags accept.
+//! - [`load`] runs the whole thing: parse the command line, read the file it
+//!   names, parse again with the file's settings placed before the command
+//!   line's. Precedence: command line, then environment, then the file, then
+//!   the defaults. Repeatable flags (`--meta`) are merged instead.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::builder::BoolishValueParser;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+
+/// A configuration file problem, naming the file, line and key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct FileError {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line, when the problem has one.
+    pub line: Option<usize>,
+    /// The key (or section) at fault, when there is one.
+    pub key: Option<String>,
+    /// What is wrong, in English.
+    pub message: String,
+}
+
+impl FileError {
+    /// An error at `line` about `key`.
+    pub fn at(path: &Path, line: usize, key: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_owned(),
+            line: Some(line),
+            key: Some(key.to_owned()),
+            message: message.into(),
+        }
+    }
+
+    /// An error about the whole file.
+    pub fn file(path: &Path, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_owned(),
+            line: None,
+            key: None,
+            message: message.into(),
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = self.path.display().to_string();
+        if let Some(line) = self.line {
+            out.push_str(&format!(":{line}"));
+        }
+        if let Some(key) = &self.key {
+            out.push_str(&format!(": `{key}`"));
+        }
+        out.push_str(&format!(": {}", self.message));
+        out
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The command line is wrong (or asks for `--help`/`--version`).
+    #[error(transparent)]
+    Cli(#[from] clap::Error),
+    /// The configuration file is wrong.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+impl LoadError {
+    /// Prints the error (or the help text) and exits, as clap does.
+    pub fn exit(self) -> ! {
+        match self {
+            LoadError::Cli(e) => e.exit(),
+            LoadError::File(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2)
+            }
+        }
+    }
+}
+
+/// One `key = value` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key, trimmed.
+    pub key: String,
+    /// The value, trimmed, quotes and inline comment removed.
+    pub value: String,
+    /// 1-based line number.
+    pub line: usize,
+}
+
+/// One `[name]` section and its entries, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Section {
+    /// The name between the brackets, trimmed.
+    pub name: String,
+    /// 1-based line of the header.
+    pub line: usize,
+    /// The section's entries.
+    pub entries: Vec<Entry>,
+}
+
+/// Parses INI text: `[section]` headers, `key = value` lines, blank lines
+/// and `;`/`#` comment lines. A value may be quoted (`"..."` or `'...'`);
+/// an unquoted value ends at ` ;` or ` #` (an inline comment). Keys outside
+/// a section, repeated sections and repeated keys are errors.
+pub fn parse_ini(path: &Path, text: &str) -> Result<Vec<Section>, FileError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut sections: Vec<Section> = Vec::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let trimmed = raw.trim();
+        if trimmed.is_empty() || trimmed.starts_with(';') || trimmed.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = trimmed.strip_prefix('[') {
+            let Some(name) = rest.strip_suffix(']') else {
+                return Err(FileError::at(
+                    path,
+                    line,
+                    trimmed,
+                    "a section header must end with `]`",
+                ));
+            };
+            let name = name.trim();
+            if name.is_empty() {
+                return Err(FileError::at(path, line, trimmed, "empty section name"));
+            }
+            if let Some(first) = sections.iter().find(|s| s.name == name) {
+                return Err(FileError::at(
+                    path,
+                    line,
+                    name,
+                    format!("section repeated (first at line {})", first.line),
+                ));
+            }
+            sections.push(Section {
+                name: name.to_owned(),
+                line,
+                entries: Vec::new(),
+            });
+            continue;
+        }
+        let Some((key, value)) = trimmed.split_once('=') else {
+            return Err(FileError::at(
+                path,
+                line,
+                trimmed,
+                "expected `key = value`, a `[section]` or a comment",
+            ));
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(FileError::at(path, line, trimmed, "empty key"));
+        }
+        let Some(section) = sections.last_mut() else {
+            return Err(FileError::at(
+                path,
+                line,
+                key,
+                "setting before any [section]",
+            ));
+        };
+        if let Some(first) = section.entries.iter().find(|e| e.key == key) {
+            return Err(FileError::at(
+                path,
+                line,
+                key,
+                format!(
+                    "key repeated in [{}] (first at line {})",
+                    section.name, first.line
+                ),
+            ));
+        }
+        let value = ini_value(value.trim()).map_err(|m| FileError::at(path, line, key, m))?;
+        section.entries.push(Entry {
+            key: key.to_owned(),
+            value,
+            line,
+        });
+    }
+    Ok(sections)
+}
+
+/// Unquotes a value, or cuts an unquoted one at an inline comment.
+fn ini_value(v: &str) -> Result<String, String> {
+    for quote in ['"', '\''] {
+        if let Some(rest) = v.strip_prefix(quote) {
+            let Some(end) = rest.find(quote) else {
+                return Err(format!("unterminated {quote}quoted{quote} value"));
+            };
+            let after = rest[end + 1..].trim_start();
+            if !(after.is_empty() || after.starts_with(';') || after.starts_with('#')) {
+                return Err(format!("unexpected text after the quoted value: `{after}`"));
+            }
+            return Ok(rest[..end].to_owned());
+        }
+    }
+    let cut = v
+        .char_indices()
+        .find(|&(i, c)| {
+            (c == ';' || c == '#') && v[..i].ends_with(|p: char| p.is_ascii_whitespace())
+        })
+        .map_or(v.len(), |(i, _)| i);
+    Ok(v[..cut].trim_end().to_owned())
+}
+
+/// The line `offset` (a byte index into `text`) is on, 1-based.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Collects the command-line arguments a configuration file stands for.
+pub struct FileArgs<'a> {
+    cmd: &'a Command,
+    given: &'a ArgMatches,
+    path: &'a Path,
+    config_id: &'a str,
+    seen: HashMap<String, usize>,
+    args: Vec<OsString>,
+}
+
+impl<'a> FileArgs<'a> {
+    /// Settings from `path` for `cmd`, whose command line alone parsed to
+    /// `given`; flag `config_id` (the one naming the file) cannot be set.
+    pub fn new(
+        cmd: &'a Command,
+        given: &'a ArgMatches,
+        path: &'a Path,
+        config_id: &'a str,
+    ) -> Self {
+        Self {
+            cmd,
+            given,
+            path,
+            config_id,
+            seen: HashMap::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// The file being read.
+    pub fn path(&self) -> &Path {
+        self.path
+    }
+
+    /// The flag whose id is `id` (a field name such as `control_port`, the
+    /// flag `--control-port`), if the command has one a file may set.
+    pub fn flag(&self, id: &str) -> Option<&'a Arg> {
+        if matches!(id, "help" | "version") || id == self.config_id {
+            return None;
+        }
+        self.cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id && a.get_long().is_some())
+    }
+
+    /// Whether the command line or the environment already set flag `id`.
+    pub fn given(&self, id: &str) -> bool {
+        matches!(
+            self.given.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    }
+
+    /// Sets flag `id` to `value`, written as `key` at `line` of the file.
+    /// The value is checked with the flag's own parser. A flag the command
+    /// line or environment set already keeps that value, except repeatable
+    /// flags, whose values are merged (the file's first).
+    pub fn set(&mut self, id: &str, key: &str, value: &str, line: usize) -> Result<(), FileError> {
+        let Some(arg) = self.flag(id) else {
+            return Err(FileError::at(self.path, line, key, "unknown key"));
+        };
+        let repeatable = matches!(arg.get_action(), ArgAction::Append);
+        if !repeatable && let Some(first) = self.seen.insert(id.to_owned(), line) {
+            return Err(FileError::at(
+                self.path,
+                line,
+                key,
+                format!("already set at line {first}"),
+            ));
+        }
+        let long = arg
+            .get_long()
+            .expect("flags the file may set have a long name");
+        if !arg.get_action().takes_values() {
+            let on = switch(value).map_err(|e| self.invalid(line, key, value, &e))?;
+            if on && !self.given(id) {
+                self.args.push(format!("--{long}").into());
+            }
+            return Ok(());
+        }
+        check(arg, value).map_err(|e| self.invalid(line, key, value, &e))?;
+        if repeatable || !self.given(id) {
+            self.args.push(format!("--{long}={value}").into());
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, line: usize, key: &str, value: &str, e: &clap::Error) -> FileError {
+        let why = std::error::Error::source(e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                first.trim_start_matches("error: ").to_owned()
+            });
+        FileError::at(
+            self.path,
+            line,
+            key,
+            format!("invalid value `{value}`: {why}"),
+        )
+    }
+
+    /// The arguments to place before the command line's. Values of
+    /// repeatable flags that came from the environment are added after the
+    /// file's, since clap reads the environment only for absent flags.
+    pub fn into_args(mut self) -> Vec<OsString> {
+        for arg in self.cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            let from_env = self.given.value_source(id) == Some(ValueSource::EnvVariable);
+            if !(from_env && matches!(arg.get_action(), ArgAction::Append)) {
+                continue;
+            }
+            let (Some(long), Ok(Some(raw))) = (arg.get_long(), self.given.try_get_raw(id)) else {
+                continue;
+            };
+            for value in raw {
+                let mut flag = OsString::from(format!("--{long}="));
+                flag.push(value);
+                self.args.push(flag);
+            }
+        }
+        self.args
+    }
+}
+
+/// Runs `value` through the parser of flag `arg` alone (a copy without its
+/// relations to other flags, which a one-flag command would not know).
+fn check(arg: &Arg, value: &str) -> Result<(), clap::Error> {
+    let alone = Arg::new("value")
+        .value_name("VALUE")
+        .allow_hyphen_values(true)
+        .action(arg.get_action().clone())
+        .value_parser(arg.get_value_parser().clone());
+    Command::new("check")
+        .no_binary_name(true)
+        .arg(alone)
+        .try_get_matches_from([value])
+        .map(drop)
+}
+
+/// Reads `value` as a switch: `true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0`.
+fn switch(value: &str) -> Result<bool, clap::Error> {
+    let alone = Arg::new("value")
+        .value_name("VALUE")
+        .value_parser(BoolishValueParser::new());
+    let m = Command::new("check")
+        .no_binary_name(true)
+        .arg(alone)
+        .try_get_matches_from([value])?;
+    Ok(m.get_one::<bool>("value").copied().unwrap_or(false))
+}
+
+/// Parses `args` with `cmd`; when flag `config_id` names a file, reads it
+/// with `read` (which adds the file's settings through [`FileArgs`] and
+/// returns anything else the file holds) and parses again with those
+/// settings before the command line's.
+pub fn load<T>(
+    cmd: Command,
+    args: Vec<OsString>,
+    config_id: &str,
+    read: impl FnOnce(&mut FileArgs<'_>, &str) -> Result<T, FileError>,
+) -> Result<(ArgMatches, Option<T>), LoadError> {
+    let mut cmd = cmd;
+    cmd.build();
+    let given = cmd.clone().try_get_matches_from(&args)?;
+    let Some(path) = given.get_one::<PathBuf>(config_id).cloned() else {
+        return Ok((given, None));
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| FileError::file(&path, format!("cannot read the configuration file: {e}")))?;
+    let mut file = FileArgs::new(&cmd, &given, &path, config_id);
+    let extra = read(&mut file, &text)?;
+    let mut all: Vec<OsString> = args.iter().take(1).cloned().collect();
+    all.extend(file.into_args());
+    all.extend(args.into_iter().skip(1));
+    let matches = cmd.try_get_matches_from(all)?;
+    Ok((matches, Some(extra)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ini(text: &str) -> Result<Vec<Section>, FileError> {
+        parse_ini(Path::new("t.ini"), text)
+    }
+
+    #[test]
+    fn sections_keys_comments_and_quotes() {
+        let s = ini("\u{feff}; top\n[common]\nbind_port = 7000 ; inline\n# c\naddr=127.0.0.1:9000\nq = \"a ; b\"  # c\nurl = p#w\nempty =\n\n[plugin.x]\n  ops = Login, NewProxy\n").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].name.as_str(), s[0].line), ("common", 2));
+        let kv: Vec<_> = s[0]
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str(), e.line))
+            .collect();
+        assert_eq!(
+            kv,
+            [
+                ("bind_port", "7000", 3),
+                ("addr", "127.0.0.1:9000", 5),
+                ("q", "a ; b", 6),
+                ("url", "p#w", 7),
+                ("empty", "", 8)
+            ]
+        );
+        assert_eq!(s[1].name, "plugin.x");
+        assert_eq!(s[1].entries[0].value, "Login, NewProxy");
+        assert_eq!(s[1].entries[0].line, 11);
+    }
+
+    #[test]
+    fn malformed_lines_name_the_line_and_key() {
+        let e = ini("[common]\nbind_port 7000\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.to_string()
+                .starts_with("t.ini:2: `bind_port 7000`: expected"),
+            "{e}"
+        );
+        let e = ini("a = 1\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("a")));
+        let e = ini("[x]\na = 1\na = 2\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "t.ini:3: `a`: key repeated in [x] (first at line 2)"
+        );
+        let e = ini("[x]\n[y]\n[x]\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(ini("[x\n").is_err());
+        assert!(ini("[]\n").is_err());
+        assert!(ini("[x]\na = \"open\n").is_err());
+        assert!(ini("[x]\na = \"q\" tail\n").is_err());
+    }
+
+    #[test]
+    fn line_of_counts_newlines() {
+        let t = "a\nbb\nccc";
+        assert_eq!(line_of(t, 0), 1);
+        assert_eq!(line_of(t, 2), 2);
+        assert_eq!(line_of(t, 5), 3);
+        assert_eq!(line_of(t, 100), 3);
+    }
+
+    fn cmd() -> Command {
+        Command::new("t")
+            .arg(
+                Arg::new("config")
+                    .long("config")
+                    .value_parser(clap::value_parser!(PathBuf)),
+            )
+            .arg(
+                Arg::new("port")
+                    .long("port")
+                    .value_parser(clap::value_parser!(u16))
+                    .default_value("1"),
+            )
+            .arg(
+                Arg::new("name")
+                    .long("name")
+                    .env("FRPX_CONFIG_FILE_TEST_NAME"),
+            )
+            .arg(Arg::new("quiet").long("quiet").action(ArgAction::SetTrue))
+            .arg(Arg::new("meta").long("meta").action(ArgAction::Append))
+    }
+
+    fn run(argv: &[&str], file: &str) -> Result<ArgMatches, LoadError> {
+        let dir = std::env::temp_dir().join(format!("frpx-cf-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.ini");
+        std::fs::write(&path, file).unwrap();
+        let mut args: Vec<OsString> = vec!["t".into(), "--config".into(), path.clone().into()];
+        args.extend(argv.iter().map(OsString::from));
+        let out = load(cmd(), args, "config", |f, text| {
+            for s in parse_ini(f.path(), text)? {
+                for e in s.entries {
+                    f.set(&e.key, &e.key, &e.value, e.line)?;
+                }
+            }
+            Ok(())
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+        out.map(|(m, _)| m)
+    }
+
+    #[test]
+    fn the_file_sets_flags_and_the_command_line_wins() {
+        let m = run(&[], "[s]\nport = 7000\nquiet = true\nmeta = a=1\n").unwrap();
+        assert_eq!(m.get_one::<u16>("port"), Some(&7000));
+        assert!(m.get_flag("quiet"));
+        let m = run(
+            &["--port", "9", "--meta", "b=2"],
+            "[s]\nport = 7000\nmeta = a=1\nquiet = no\n",
+        )
+        .unwrap();
+        assert_eq!(m.get_one::<u16>("port"), Some(&9));
+        assert!(!m.get_flag("quiet"));
+        let metas: Vec<&String> = m.get_many("meta").unwrap().collect();
+        assert_eq!(metas, ["a=1", "b=2"], "repeatable flags merge, file first");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_line_and_key() {
+        let LoadError::File(e) = run(&[], "[s]\n\nprot = 1\n").unwrap_err() else {
+            panic!("expected a file error")
+        };
+        assert_eq!(e.line, Some(3));
+        assert!(
+            e.to_string().ends_with("t.ini:3: `prot`: unknown key"),
+            "{e}"
+        );
+        let LoadError::File(e) = run(&[], "[s]\nport = 70000\n").unwrap_err() else {
+            panic!("expected a file error")
+        };
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("port")));
+        assert!(e.message.contains("invalid value `70000`"), "{e}");
+        let LoadError::File(e) = run(&[], "[s]\nquiet = maybe\n").unwrap_err() else {
+            panic!("expected a file error")
+        };
+        assert_eq!(e.key.as_deref(), Some("quiet"));
+        let LoadError::File(e) = run(&[], "[s]\nport = 1\n[t]\nport = 2\n").unwrap_err() else {
+            panic!("expected a file error")
+        };
+        assert!(e.message.contains("already set at line 2"), "{e}");
+        let LoadError::File(e) = run(&[], "[s]\nconfig = other.ini\n").unwrap_err() else {
+            panic!("expected a file error")
+        };
+        assert_eq!(e.message, "unknown key");
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let args = vec![
+            "t".into(),
+            "--config".into(),
+            "/nonexistent/frpx.ini".into(),
+        ];
+        let err = load(cmd(), args, "config", |_, _| Ok(())).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/frpx.ini: cannot read"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn without_a_file_the_command_line_alone_counts() {
+        let args = vec!["t".into(), "--port".into(), "5".into()];
+        let (m, extra) = load(cmd(), args, "config", |_, _| Ok(())).unwrap();
+        assert_eq!(m.get_one::<u16>("port"), Some(&5));
+        assert!(extra.is_none());
+    }
+}

@@ -1,0 +1,151 @@
+//! `/api/clients`, `/api/monitoring`, `/api/models`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, State as AxState};
+
+use super::types::{
+    ClientDetail, ClientStatus, ClientSummary, FleetModel, HeartbeatStatus, Monitoring,
+};
+use super::{ApiError, ApiResult, ApiState, Envelope, ok};
+use crate::registry::ClientHandle;
+use crate::state::State;
+
+fn client(state: &State, id: &str) -> Result<Arc<ClientHandle>, ApiError> {
+    state
+        .registry
+        .get(id)
+        .ok_or_else(|| ApiError::no_client(id))
+}
+
+fn sorted(state: &State) -> Vec<Arc<ClientHandle>> {
+    let mut all = state.registry.all();
+    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all
+}
+
+/// Every registered client.
+#[utoipa::path(get, path = "/api/clients", tag = "clients",
+    responses((status = 200, body = Envelope<Vec<ClientSummary>>)))]
+pub async fn list(AxState(state): ApiState) -> ApiResult<Vec<ClientSummary>> {
+    let clients: Vec<_> = sorted(&state)
+        .iter()
+        .map(|c| ClientSummary::of(c))
+        .collect();
+    let n = clients.len();
+    Ok(ok(clients, &format!("{n} client(s) online")))
+}
+
+/// One client in detail.
+#[utoipa::path(get, path = "/api/clients/{id}", tag = "clients",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = Envelope<ClientDetail>), (status = 404, body = Envelope<String>)))]
+pub async fn get(AxState(state): ApiState, Path(id): Path<String>) -> ApiResult<ClientDetail> {
+    let c = client(&state, &id)?;
+    let detail = ClientDetail {
+        summary: ClientSummary::of(&c),
+        local_host: c.registration.local_host.clone(),
+        idle_connections: c.idle.len(),
+        max_concurrency: c.registration.max_concurrency,
+        model_details: c.models(),
+        system: c.system(),
+    };
+    Ok(ok(detail, "client found"))
+}
+
+/// Disconnects a client: it is told why and dropped; it may reconnect after
+/// its backoff.
+#[utoipa::path(delete, path = "/api/clients/{id}", tag = "clients",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = Envelope<String>), (status = 404, body = Envelope<String>)))]
+pub async fn disconnect(AxState(state): ApiState, Path(id): Path<String>) -> ApiResult<String> {
+    let c = client(&state, &id)?;
+    c.kick("disconnected by an operator through the management API");
+    Ok(ok(id.clone(), &format!("client '{id}' disconnected")))
+}
+
+/// Connection status of one client.
+#[utoipa::path(get, path = "/api/clients/{id}/status", tag = "clients",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = Envelope<ClientStatus>), (status = 404, body = Envelope<String>)))]
+pub async fn status(AxState(state): ApiState, Path(id): Path<String>) -> ApiResult<ClientStatus> {
+    let c = client(&state, &id)?;
+    let s = ClientStatus {
+        id: c.id.clone(),
+        status: super::types::status(&c).into(),
+        healthy: c.is_healthy(),
+        last_heartbeat_secs_ago: c.last_seen().elapsed().as_secs_f64(),
+        in_flight: c.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    Ok(ok(s, "client status"))
+}
+
+/// Heartbeat status of one client.
+#[utoipa::path(get, path = "/api/clients/{id}/heartbeat", tag = "clients",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = Envelope<HeartbeatStatus>), (status = 404, body = Envelope<String>)))]
+pub async fn heartbeat(
+    AxState(state): ApiState,
+    Path(id): Path<String>,
+) -> ApiResult<HeartbeatStatus> {
+    let c = client(&state, &id)?;
+    let interval = state.config.heartbeat_interval;
+    let h = HeartbeatStatus {
+        id: c.id.clone(),
+        interval_ms: interval.as_millis() as u64,
+        evict_after_ms: (interval * 3).as_millis() as u64,
+        last_heartbeat_secs_ago: c.last_seen().elapsed().as_secs_f64(),
+        heartbeats: c.heartbeats.load(std::sync::atomic::Ordering::Relaxed),
+    };
+    Ok(ok(h, "heartbeat status"))
+}
+
+fn monitoring_of(c: &ClientHandle) -> Monitoring {
+    Monitoring {
+        id: c.id.clone(),
+        status: super::types::status(c).into(),
+        system: c.system(),
+    }
+}
+
+/// System metrics of every client.
+#[utoipa::path(get, path = "/api/monitoring", tag = "monitoring",
+    responses((status = 200, body = Envelope<Vec<Monitoring>>)))]
+pub async fn monitoring(AxState(state): ApiState) -> ApiResult<Vec<Monitoring>> {
+    let all: Vec<_> = sorted(&state).iter().map(|c| monitoring_of(c)).collect();
+    Ok(ok(all, "system metrics of every client"))
+}
+
+/// System metrics of one client.
+#[utoipa::path(get, path = "/api/monitoring/{id}", tag = "monitoring",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = Envelope<Monitoring>), (status = 404, body = Envelope<String>)))]
+pub async fn monitoring_one(
+    AxState(state): ApiState,
+    Path(id): Path<String>,
+) -> ApiResult<Monitoring> {
+    let c = client(&state, &id)?;
+    Ok(ok(monitoring_of(&c), "system metrics"))
+}
+
+/// Models across the fleet, and which clients serve each.
+#[utoipa::path(get, path = "/api/models", tag = "monitoring",
+    responses((status = 200, body = Envelope<Vec<FleetModel>>)))]
+pub async fn models(AxState(state): ApiState) -> ApiResult<Vec<FleetModel>> {
+    let mut by_name: BTreeMap<String, FleetModel> = BTreeMap::new();
+    for c in sorted(&state) {
+        for m in c.models() {
+            let entry = by_name.entry(m.name.clone()).or_insert_with(|| FleetModel {
+                name: m.name.clone(),
+                clients: Vec::new(),
+                size: None,
+            });
+            entry.clients.push(c.id.clone());
+            entry.size = entry.size.or(m.size);
+        }
+    }
+    let models: Vec<_> = by_name.into_values().collect();
+    let n = models.len();
+    Ok(ok(models, &format!("{n} model(s) in the fleet")))
+}

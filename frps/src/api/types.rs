@@ -1,0 +1,326 @@
+//! What the management API returns (inside the envelope's `data`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use common::{ModelInfo, SystemInfo};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::registry::ClientHandle;
+
+/// `/api/health`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `shutting_down`.
+    pub status: String,
+    /// frps version.
+    pub version: String,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Registered clients.
+    pub clients_online: usize,
+    /// Dial-backs requested and not yet arrived.
+    pub pending_connections: usize,
+    /// `postgres` or `sqlite`.
+    pub database: String,
+    /// Whether Redis is configured and reachable (null when not configured).
+    pub redis: Option<bool>,
+}
+
+/// One client, as listed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClientSummary {
+    /// Client id.
+    pub id: String,
+    /// `online`, or `unhealthy` when its local service does not answer.
+    pub status: String,
+    /// Machine id.
+    pub machine_id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Operating system.
+    pub os: String,
+    /// CPU architecture.
+    pub arch: String,
+    /// frpc version.
+    pub version: String,
+    /// Address of its control connection.
+    pub remote_addr: String,
+    /// Account that logged it in.
+    pub owner: String,
+    /// Registration time (RFC 3339).
+    pub connected_at: String,
+    /// Seconds since it was last heard from.
+    pub last_heartbeat_secs_ago: f64,
+    /// Requests being served.
+    pub in_flight: usize,
+    /// Requests served since registration.
+    pub requests: u64,
+    /// Models its service reports.
+    pub models: Vec<String>,
+    /// Metadata it announced.
+    pub metas: BTreeMap<String, String>,
+}
+
+impl ClientSummary {
+    /// Summarises a live client.
+    pub fn of(c: &ClientHandle) -> Self {
+        Self {
+            id: c.id.clone(),
+            status: status(c).into(),
+            machine_id: c.registration.machine_id.clone(),
+            hostname: c.registration.hostname.clone(),
+            os: c.registration.os.clone(),
+            arch: c.registration.arch.clone(),
+            version: c.registration.version.clone(),
+            remote_addr: c.remote_addr.to_string(),
+            owner: c.owner.email.clone(),
+            connected_at: c.connected_at.to_rfc3339(),
+            last_heartbeat_secs_ago: c.last_seen().elapsed().as_secs_f64(),
+            in_flight: c.in_flight.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            models: c.models().into_iter().map(|m| m.name).collect(),
+            metas: c.registration.metas.clone(),
+        }
+    }
+}
+
+/// `online` or `unhealthy`.
+pub fn status(c: &ClientHandle) -> &'static str {
+    if c.is_healthy() {
+        "online"
+    } else {
+        "unhealthy"
+    }
+}
+
+/// One client in detail.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClientDetail {
+    /// The summary.
+    #[serde(flatten)]
+    pub summary: ClientSummary,
+    /// `host:port` of its local service.
+    pub local_host: String,
+    /// Idle upstream connections kept for it.
+    pub idle_connections: usize,
+    /// Most concurrent requests it accepts (null: unlimited).
+    pub max_concurrency: Option<u32>,
+    /// Its models with sizes.
+    pub model_details: Vec<ModelInfo>,
+    /// Its latest system metrics (null until the first report).
+    pub system: Option<SystemInfo>,
+}
+
+/// `/api/clients/{id}/status`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClientStatus {
+    /// Client id.
+    pub id: String,
+    /// `online` or `unhealthy`.
+    pub status: String,
+    /// Whether its local service answers.
+    pub healthy: bool,
+    /// Seconds since it was last heard from.
+    pub last_heartbeat_secs_ago: f64,
+    /// Requests being served.
+    pub in_flight: usize,
+}
+
+/// `/api/clients/{id}/heartbeat`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatStatus {
+    /// Client id.
+    pub id: String,
+    /// Interval asked of clients, milliseconds.
+    pub interval_ms: u64,
+    /// Silence after which the client is evicted, milliseconds.
+    pub evict_after_ms: u64,
+    /// Seconds since it was last heard from.
+    pub last_heartbeat_secs_ago: f64,
+    /// Heartbeats received in this session.
+    pub heartbeats: u64,
+}
+
+/// One entry of `/api/monitoring`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Monitoring {
+    /// Client id.
+    pub id: String,
+    /// `online` or `unhealthy`.
+    pub status: String,
+    /// Latest system metrics (null until the first report).
+    pub system: Option<SystemInfo>,
+}
+
+/// Errors by kind, in `/api/stats`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorCounts {
+    /// Missing or invalid API keys (401).
+    pub auth_failures: u64,
+    /// Key validation unavailable (503).
+    pub auth_unavailable: u64,
+    /// No client online (503).
+    pub no_client: u64,
+    /// Client did not dial back in time (504).
+    pub dial_timeouts: u64,
+    /// Client unreachable or failed (502).
+    pub upstream_errors: u64,
+}
+
+/// `/api/stats`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Stats {
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Public requests received.
+    pub requests_total: u64,
+    /// Requests served per live client.
+    pub requests_per_client: BTreeMap<String, u64>,
+    /// Registered clients.
+    pub clients_online: usize,
+    /// Open public connections.
+    pub active_connections: u64,
+    /// Requests being served.
+    pub in_flight: usize,
+    /// Dial-backs requested and not yet arrived.
+    pub pending_connections: usize,
+    /// Request body bytes received from callers.
+    pub bytes_in: u64,
+    /// Response body bytes sent to callers.
+    pub bytes_out: u64,
+    /// Errors by kind.
+    pub errors: ErrorCounts,
+}
+
+/// Per-client line of `/api/connections`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ClientConnections {
+    /// Client id.
+    pub id: String,
+    /// Address of its control connection.
+    pub remote_addr: String,
+    /// Requests being served.
+    pub in_flight: usize,
+    /// Idle upstream connections kept for it.
+    pub idle: usize,
+}
+
+/// `/api/connections`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Connections {
+    /// Open public connections.
+    pub public_connections: u64,
+    /// Dial-backs requested and not yet arrived.
+    pub pending: usize,
+    /// Per client.
+    pub clients: Vec<ClientConnections>,
+}
+
+/// One pending dial-back.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PendingConnection {
+    /// Pairing id.
+    pub conn_id: String,
+    /// Client asked to dial back.
+    pub client_id: String,
+    /// Milliseconds waited so far.
+    pub waiting_ms: u64,
+}
+
+/// `/api/connections/pending`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Pending {
+    /// How many.
+    pub count: usize,
+    /// Which.
+    pub pending: Vec<PendingConnection>,
+}
+
+/// `/api/ports`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Ports {
+    /// Control port.
+    pub control: u16,
+    /// Proxy (dial-back) port.
+    pub proxy: u16,
+    /// Public port.
+    pub public: u16,
+    /// Management API port.
+    pub api: u16,
+}
+
+/// `/api/config`: the effective configuration, without secrets.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ConfigView {
+    /// Bound ports.
+    pub ports: Ports,
+    /// Address of control, proxy and public listeners.
+    pub bind_addr: String,
+    /// Address of the management API.
+    pub api_bind: String,
+    /// `postgres` or `sqlite`.
+    pub database: String,
+    /// Whether Redis is configured.
+    pub redis_configured: bool,
+    /// Whether a static API key is configured (never the key).
+    pub static_api_key: bool,
+    /// Whether an admin token is configured (never the token).
+    pub admin_token: bool,
+    /// Dial-back deadline, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Heartbeat interval, milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// Handshake deadline, milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// Public request head deadline, milliseconds.
+    pub header_timeout_ms: u64,
+    /// Drain deadline at shutdown, milliseconds.
+    pub shutdown_timeout_ms: u64,
+    /// Idle upstream connections kept per client.
+    pub max_idle_per_client: usize,
+    /// Client token lifetime, seconds (null: no expiry).
+    pub token_ttl_secs: Option<u64>,
+}
+
+/// `/api/users` entry (never the password hash).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct User {
+    /// User id.
+    pub id: i64,
+    /// Email.
+    pub email: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Clients of this account online now.
+    pub clients_online: usize,
+}
+
+/// `/api/tokens/active` entry (masked).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    /// Token id.
+    pub id: String,
+    /// Visible start of the token, then `…`.
+    pub token: String,
+    /// Owner's email.
+    pub email: String,
+    /// Creation time (RFC 3339).
+    pub created_at: String,
+    /// Expiry (RFC 3339; null: none).
+    pub expires_at: Option<String>,
+    /// Last login with it (RFC 3339).
+    pub last_used_at: Option<String>,
+}
+
+/// `/api/models` entry.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FleetModel {
+    /// Model name.
+    pub name: String,
+    /// Clients serving it.
+    pub clients: Vec<String>,
+    /// Size in bytes, when reported.
+    pub size: Option<u64>,
+}

@@ -1,0 +1,440 @@
+//! `frps --config FILE`: frp's INI form (`frps.ini`) or TOML form
+//! (`*.toml`), feeding the same flags (see [`common::config_file`]).
+//!
+//! - INI: `[common]` holds settings named like the flags in snake_case
+//!   (`proxy_port`, `database_url`, ...; frp's `bind_port` is the control
+//!   port); each `[plugin.NAME]` section holds a server plugin's `addr`,
+//!   `path` and `ops` (comma-separated).
+//! - TOML: the same settings at the top level, in frp's camelCase
+//!   (`bindPort`) or in snake_case, and `[[httpPlugins]]` entries with
+//!   `name`, `addr`, `path` and `ops` (an array of strings).
+//!
+//! Flags and environment variables override the file; unknown keys and bad
+//! values are errors naming the file, line and key.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::{CommandFactory, FromArgMatches};
+use common::config_file::{self, FileArgs, FileError, LoadError, line_of, parse_ini};
+use toml::de::{DeTable, DeValue};
+
+use crate::Cli;
+use crate::plugins::PluginSpec;
+
+/// frp's names for frpx settings.
+const ALIASES: &[(&str, &str)] = &[("bind_port", "control_port")];
+
+/// The command line of this process, with the file it names.
+pub fn load() -> Result<Cli, LoadError> {
+    load_from(std::env::args_os())
+}
+
+/// Parses `args` (program name first), reading the configuration file the
+/// command line or `FRPX_CONFIG` names.
+pub fn load_from<I, T>(args: I) -> Result<Cli, LoadError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let (matches, plugins) = config_file::load(Cli::command(), args, "config_file", read)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.config.plugins = plugins.unwrap_or_default();
+    Ok(cli)
+}
+
+fn read(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
+    let toml = file
+        .path()
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+    if toml {
+        read_toml(file, text)
+    } else {
+        read_ini(file, text)
+    }
+}
+
+/// One setting: `name` is frp's alias or the flag's snake_case, `key` the
+/// key as the file writes it.
+fn setting(
+    file: &mut FileArgs<'_>,
+    name: &str,
+    key: &str,
+    value: &str,
+    line: usize,
+) -> Result<(), FileError> {
+    let id = ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == name)
+        .map_or(name, |(_, id)| id);
+    file.set(id, key, value, line)
+}
+
+fn read_ini(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
+    let path = file.path().to_owned();
+    let mut plugins = Vec::new();
+    for section in parse_ini(&path, text)? {
+        if section.name == "common" {
+            for e in &section.entries {
+                setting(file, &e.key, &e.key, &e.value, e.line)?;
+            }
+        } else if let Some(name) = section.name.strip_prefix("plugin.") {
+            let mut fields: [Option<(&str, usize)>; 3] = [None; 3];
+            for e in &section.entries {
+                let slot = match e.key.as_str() {
+                    "addr" => 0,
+                    "path" => 1,
+                    "ops" => 2,
+                    _ => {
+                        return Err(FileError::at(
+                            &path,
+                            e.line,
+                            &e.key,
+                            format!(
+                                "unknown key in [{}] (expected addr, path, ops)",
+                                section.name
+                            ),
+                        ));
+                    }
+                };
+                fields[slot] = Some((e.value.as_str(), e.line));
+            }
+            let [addr, plugin_path, ops] = fields;
+            let line_of_field = |field: &str| {
+                match field {
+                    "addr" => addr,
+                    "path" => plugin_path,
+                    "ops" => ops,
+                    _ => None,
+                }
+                .map_or(section.line, |(_, line)| line)
+            };
+            let ops: Vec<&str> = ops.map_or("", |(v, _)| v).split(',').collect();
+            let spec = PluginSpec::new(
+                name,
+                addr.map_or("", |(v, _)| v),
+                plugin_path.map_or("", |(v, _)| v),
+                &ops,
+            )
+            .map_err(|e| FileError::at(&path, line_of_field(e.field), e.field, e.message))?;
+            plugins.push(spec);
+        } else {
+            return Err(FileError::at(
+                &path,
+                section.line,
+                &format!("[{}]", section.name),
+                "unknown section (expected [common] or [plugin.NAME])",
+            ));
+        }
+    }
+    Ok(plugins)
+}
+
+/// `bindPort` → `bind_port`; snake_case stays as it is.
+fn snake_case(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 4);
+    for c in key.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A scalar TOML value as the text a flag would take.
+fn scalar(value: &DeValue<'_>) -> Option<String> {
+    match value {
+        DeValue::String(s) => Some(s.to_string()),
+        DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+            .ok()
+            .map(|n| n.to_string()),
+        DeValue::Float(f) => Some(f.as_str().to_owned()),
+        DeValue::Boolean(b) => Some(b.to_string()),
+        DeValue::Datetime(_) | DeValue::Array(_) | DeValue::Table(_) => None,
+    }
+}
+
+fn read_toml(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
+    let path = file.path().to_owned();
+    let doc = DeTable::parse(text).map_err(|e| FileError {
+        path: path.clone(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        key: None,
+        message: e.message().trim().to_owned(),
+    })?;
+    let mut plugins = Vec::new();
+    for (key, value) in doc.get_ref() {
+        let line = line_of(text, key.span().start);
+        let name = key.get_ref().as_ref();
+        if matches!(name, "httpPlugins" | "http_plugins") {
+            let DeValue::Array(entries) = value.get_ref() else {
+                return Err(FileError::at(
+                    &path,
+                    line,
+                    name,
+                    "expected [[httpPlugins]] entries",
+                ));
+            };
+            for entry in entries.iter() {
+                let spec = toml_plugin(&path, text, entry)?;
+                if let Some(dup) = plugins.iter().find(|p: &&PluginSpec| p.name == spec.name) {
+                    let line = line_of(text, entry.span().start);
+                    return Err(FileError::at(
+                        &path,
+                        line,
+                        "name",
+                        format!("a plugin named '{}' is already configured", dup.name),
+                    ));
+                }
+                plugins.push(spec);
+            }
+            continue;
+        }
+        let Some(text_value) = scalar(value.get_ref()) else {
+            return Err(FileError::at(
+                &path,
+                line,
+                name,
+                "unknown key, or not a single value",
+            ));
+        };
+        setting(file, &snake_case(name), name, &text_value, line)?;
+    }
+    Ok(plugins)
+}
+
+fn toml_plugin(
+    path: &Path,
+    text: &str,
+    entry: &toml::Spanned<DeValue<'_>>,
+) -> Result<PluginSpec, FileError> {
+    let entry_line = line_of(text, entry.span().start);
+    let DeValue::Table(table) = entry.get_ref() else {
+        return Err(FileError::at(
+            path,
+            entry_line,
+            "httpPlugins",
+            "each entry must be a table ([[httpPlugins]])",
+        ));
+    };
+    let mut strings: [(&str, String, usize); 3] = [
+        ("name", String::new(), entry_line),
+        ("addr", String::new(), entry_line),
+        ("path", String::new(), entry_line),
+    ];
+    let mut ops: (Vec<String>, usize) = (Vec::new(), entry_line);
+    for (key, value) in table {
+        let line = line_of(text, key.span().start);
+        let name = key.get_ref().as_ref();
+        if name == "ops" {
+            let DeValue::Array(items) = value.get_ref() else {
+                return Err(FileError::at(
+                    path,
+                    line,
+                    name,
+                    "expected an array of operation names",
+                ));
+            };
+            for item in items.iter() {
+                let DeValue::String(op) = item.get_ref() else {
+                    return Err(FileError::at(
+                        path,
+                        line,
+                        name,
+                        "expected an array of operation names",
+                    ));
+                };
+                ops.0.push(op.to_string());
+            }
+            ops.1 = line;
+            continue;
+        }
+        let Some(slot) = strings.iter_mut().find(|(field, _, _)| *field == name) else {
+            return Err(FileError::at(
+                path,
+                line,
+                name,
+                "unknown key in [[httpPlugins]] (expected name, addr, path, ops)",
+            ));
+        };
+        let DeValue::String(v) = value.get_ref() else {
+            return Err(FileError::at(path, line, name, "expected a string"));
+        };
+        slot.1 = v.to_string();
+        slot.2 = line;
+    }
+    let [(_, name, _), (_, addr, _), (_, plugin_path, _)] = &strings;
+    let op_names: Vec<&str> = ops.0.iter().map(String::as_str).collect();
+    PluginSpec::new(name, addr, plugin_path, &op_names).map_err(|e| {
+        let line = match e.field {
+            "ops" => ops.1,
+            field => strings
+                .iter()
+                .find(|(f, _, _)| *f == field)
+                .map_or(entry_line, |(_, _, line)| *line),
+        };
+        FileError::at(path, line, e.field, e.message)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::Op;
+    use std::time::Duration;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("frps-cf-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn load(name: &str, text: &str, flags: &[&str]) -> Result<Cli, LoadError> {
+        let path = write(name, text);
+        let mut args = vec![
+            "frps".to_owned(),
+            "--config".into(),
+            path.display().to_string(),
+        ];
+        args.extend(flags.iter().map(|s| s.to_string()));
+        let res = load_from(args);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+        res
+    }
+
+    fn file_error(res: Result<Cli, LoadError>) -> FileError {
+        match res {
+            Err(LoadError::File(e)) => e,
+            Err(other) => panic!("expected a file error, got {other}"),
+            Ok(_) => panic!("expected a file error, got a configuration"),
+        }
+    }
+
+    #[test]
+    fn ini_settings_and_plugins() {
+        let cli = load(
+            "frps.ini",
+            "[common]\nbind_port = 7000\nproxy_port = 7001\nplugin_timeout = 250ms\nredis_url = none\n\n[plugin.a]\naddr = 127.0.0.1:9000\npath = /handler\nops = Login, NewProxy\n\n[plugin.b]\naddr = http://127.0.0.1:9001\nops = Ping\n",
+            &[],
+        )
+        .unwrap();
+        let c = cli.config;
+        assert_eq!((c.control_port, c.proxy_port), (7000, 7001));
+        assert_eq!(c.plugin_timeout, Duration::from_millis(250));
+        assert_eq!(c.plugins.len(), 2);
+        assert_eq!(c.plugins[0].name, "a");
+        assert_eq!(c.plugins[0].ops, [Op::Login, Op::NewProxy]);
+        assert_eq!(c.plugins[1].addr, "127.0.0.1:9001");
+        assert_eq!(c.plugins[1].path, "/");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let cli = load(
+            "frps.ini",
+            "[common]\nbind_port = 7000\npublic_port = 8080\n",
+            &["--control-port", "7100"],
+        )
+        .unwrap();
+        assert_eq!(cli.config.control_port, 7100);
+        assert_eq!(cli.config.public_port, 8080);
+    }
+
+    #[test]
+    fn ini_errors_name_file_line_and_key() {
+        let e = file_error(load(
+            "frps.ini",
+            "[common]\nbind_port = 7000\nbind_prot = 1\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("bind_prot")));
+        assert!(
+            e.to_string()
+                .contains("frps.ini:3: `bind_prot`: unknown key"),
+            "{e}"
+        );
+        let e = file_error(load("frps.ini", "[common]\n\nproxy_port = seventy\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("proxy_port")));
+        assert!(e.message.contains("invalid value `seventy`"), "{e}");
+        let e = file_error(load(
+            "frps.ini",
+            "[common]\nconnect_timeout = 5 parsecs\n",
+            &[],
+        ));
+        assert!(e.message.contains("unknown unit"), "{e}");
+        let e = file_error(load(
+            "frps.ini",
+            "[common]\nbind_port = 1\ncontrol_port = 2\n",
+            &[],
+        ));
+        assert!(e.message.contains("already set at line 2"), "{e}");
+        let e = file_error(load(
+            "frps.ini",
+            "[plugin.x]\naddr = h:1\nops = Login, Logout\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("ops")));
+        assert!(e.message.contains("unknown operation `Logout`"), "{e}");
+        let e = file_error(load("frps.ini", "[plugin.x]\nops = Login\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("addr")));
+        let e = file_error(load(
+            "frps.ini",
+            "[plugin.x]\naddr = h:1\nops = Ping\ntimeout = 3\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("timeout")));
+        let e = file_error(load("frps.ini", "[common]\n[server]\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("[server]")));
+    }
+
+    #[test]
+    fn frp_toml_form() {
+        let cli = load(
+            "frps.toml",
+            "bindPort = 7000\nproxy_port = 7001\npluginTimeout = \"1s\"\n\n[[httpPlugins]]\nname = \"user-manager\"\naddr = \"127.0.0.1:9000\"\npath = \"/handler\"\nops = [\"Login\"]\n\n[[httpPlugins]]\nname = \"port-manager\"\naddr = \"127.0.0.1:9001\"\npath = \"/handler\"\nops = [\"NewProxy\", \"Ping\"]\n",
+            &[],
+        )
+        .unwrap();
+        let c = cli.config;
+        assert_eq!((c.control_port, c.proxy_port), (7000, 7001));
+        assert_eq!(c.plugin_timeout, Duration::from_secs(1));
+        let names: Vec<&str> = c.plugins.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["user-manager", "port-manager"]);
+        assert_eq!(c.plugins[1].ops, [Op::NewProxy, Op::Ping]);
+    }
+
+    #[test]
+    fn toml_errors_name_file_line_and_key() {
+        let e = file_error(load(
+            "frps.toml",
+            "bindPort = 7000\n\nvhostHTTPPort = 80\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("vhostHTTPPort")));
+        let e = file_error(load("frps.toml", "bindPort = 70000\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("bindPort")));
+        let e = file_error(load("frps.toml", "[webServer]\nport = 7500\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("webServer")));
+        let e = file_error(load(
+            "frps.toml",
+            "[[httpPlugins]]\nname = \"a\"\naddr = \"h:1\"\nops = [\"Login\"]\ntlsVerify = true\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("tlsVerify")));
+        let e = file_error(load(
+            "frps.toml",
+            "[[httpPlugins]]\nname = \"a\"\naddr = \"https://h:1\"\nops = [\"Login\"]\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("addr")));
+        let e = file_error(load("frps.toml", "bindPort = \n", &[]));
+        assert_eq!(e.line, Some(1));
+    }
+}

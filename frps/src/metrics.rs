@@ -1,0 +1,305 @@
+//! Prometheus metrics (`GET /metrics` on the API port): request counters and
+//! histograms recorded on the request path, fleet gauges taken at scrape time.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::state::State;
+
+/// Labels of a finished public request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// HTTP status sent to the caller.
+    pub status: String,
+    /// Client that served it (empty when none did).
+    pub client: String,
+    /// Model asked for (empty when the request named none).
+    pub model: String,
+}
+
+/// Metrics recorded on the request path.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    overhead: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every request-path metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "frpx_requests",
+            "Public requests by status, client and model",
+            requests.clone(),
+        );
+        // 100 µs .. ~27 min
+        let duration = Histogram::new(exponential_buckets(0.0001, 2.5, 18));
+        registry.register(
+            "frpx_request_duration_seconds",
+            "Time from a public request's arrival to the end of its response",
+            duration.clone(),
+        );
+        // 1 µs .. ~0.5 s
+        let overhead = Histogram::new(exponential_buckets(0.000001, 2.0, 20));
+        registry.register(
+            "frpx_gateway_overhead_seconds",
+            "Time frps spent on a request itself: total time to response headers minus time waiting on the upstream",
+            overhead.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            overhead,
+        }
+    }
+
+    /// Counts a finished request and its duration.
+    pub fn finished(&self, status: u16, client: &str, model: &str, total: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                status: status.to_string(),
+                client: client.to_owned(),
+                model: model.to_owned(),
+            })
+            .inc();
+        self.duration.observe(total.as_secs_f64());
+    }
+
+    /// Records the gateway's own time for one request.
+    pub fn overhead(&self, overhead: Duration) {
+        self.overhead.observe(overhead.as_secs_f64());
+    }
+
+    /// The text exposition of every metric, including a snapshot of the fleet.
+    pub fn render(&self, state: &State) -> String {
+        let mut out = String::new();
+        let mut fleet = Registry::default();
+        fleet.register_collector(Box::new(FleetSnapshot::take(state)));
+        prometheus_client::encoding::text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| prometheus_client::encoding::text::encode_registry(&mut out, &fleet))
+            .and_then(|()| prometheus_client::encoding::text::encode_eof(&mut out))
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Gauges read from the state at scrape time.
+#[derive(Debug)]
+struct FleetSnapshot {
+    clients_online: i64,
+    in_flight: i64,
+    pending: i64,
+    bytes_in: u64,
+    bytes_out: u64,
+    auth: Vec<(&'static str, u64)>,
+    per_client: Vec<ClientGauges>,
+}
+
+#[derive(Debug)]
+struct ClientGauges {
+    id: String,
+    in_flight: i64,
+    healthy: bool,
+    cpu: Option<f64>,
+    memory_used: Option<i64>,
+    memory_total: Option<i64>,
+    gpus: Vec<(String, f64, i64)>,
+}
+
+impl FleetSnapshot {
+    fn take(state: &State) -> Self {
+        let clients = state.registry.all();
+        let keys = &state.keys.stats;
+        Self {
+            clients_online: clients.len() as i64,
+            in_flight: clients
+                .iter()
+                .map(|c| c.in_flight.load(Ordering::Relaxed) as i64)
+                .sum(),
+            pending: state.pending.len() as i64,
+            bytes_in: state.stats.bytes_in.load(Ordering::Relaxed),
+            bytes_out: state.stats.bytes_out.load(Ordering::Relaxed),
+            auth: vec![
+                ("static", keys.static_hits.load(Ordering::Relaxed)),
+                ("local", keys.local_hits.load(Ordering::Relaxed)),
+                ("redis", keys.redis_hits.load(Ordering::Relaxed)),
+                ("database", keys.db_hits.load(Ordering::Relaxed)),
+                ("database_error", keys.db_errors.load(Ordering::Relaxed)),
+            ],
+            per_client: clients
+                .iter()
+                .map(|c| {
+                    let sys = c.system();
+                    ClientGauges {
+                        id: c.id.clone(),
+                        in_flight: c.in_flight.load(Ordering::Relaxed) as i64,
+                        healthy: c.is_healthy(),
+                        cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
+                        memory_used: sys.as_ref().map(|s| s.memory_used as i64),
+                        memory_total: sys.as_ref().map(|s| s.memory_total as i64),
+                        gpus: sys
+                            .map(|s| {
+                                s.gpus
+                                    .iter()
+                                    .map(|g| {
+                                        (g.name.clone(), g.utilization as f64, g.memory_used as i64)
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for FleetSnapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        gauge(
+            &mut encoder,
+            "frpx_clients_online",
+            "Registered clients",
+            self.clients_online,
+        )?;
+        gauge(
+            &mut encoder,
+            "frpx_in_flight_requests",
+            "Requests being served",
+            self.in_flight,
+        )?;
+        gauge(
+            &mut encoder,
+            "frpx_pending_connections",
+            "Dial-backs requested and not yet arrived",
+            self.pending,
+        )?;
+
+        let mut bytes = encoder.encode_descriptor(
+            "frpx_bytes",
+            "Body bytes through the public port",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (direction, v) in [("in", self.bytes_in), ("out", self.bytes_out)] {
+            ConstCounter::new(v).encode(bytes.encode_family(&[("direction", direction)])?)?;
+        }
+
+        let mut auth = encoder.encode_descriptor(
+            "frpx_auth_lookups",
+            "API key validations by the layer that answered (local = in-process cache hit)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (layer, v) in &self.auth {
+            ConstCounter::new(*v).encode(auth.encode_family(&[("layer", *layer)])?)?;
+        }
+
+        type Field = fn(&ClientGauges) -> Option<f64>;
+        let per_client: [(&str, &str, Field); 5] = [
+            (
+                "frpx_client_in_flight_requests",
+                "Requests being served by the client",
+                |c| Some(c.in_flight as f64),
+            ),
+            (
+                "frpx_client_healthy",
+                "1 when the client's local service answers",
+                |c| Some(f64::from(u8::from(c.healthy))),
+            ),
+            (
+                "frpx_client_cpu_usage_percent",
+                "CPU usage reported by the client",
+                |c| c.cpu,
+            ),
+            (
+                "frpx_client_memory_used_bytes",
+                "Memory in use reported by the client",
+                |c| c.memory_used.map(|v| v as f64),
+            ),
+            (
+                "frpx_client_memory_total_bytes",
+                "Total memory reported by the client",
+                |c| c.memory_total.map(|v| v as f64),
+            ),
+        ];
+        for (name, help, field) in per_client {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for c in &self.per_client {
+                if let Some(v) = field(c) {
+                    ConstGauge::new(v)
+                        .encode(family.encode_family(&[("client", c.id.as_str())])?)?;
+                }
+            }
+        }
+        let mut util = encoder.encode_descriptor(
+            "frpx_client_gpu_utilization_percent",
+            "GPU utilisation reported by the client",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for c in &self.per_client {
+            for (i, (gpu, u, _)) in c.gpus.iter().enumerate() {
+                let index = i.to_string();
+                let labels = [
+                    ("client", c.id.as_str()),
+                    ("gpu", index.as_str()),
+                    ("name", gpu.as_str()),
+                ];
+                ConstGauge::new(*u).encode(util.encode_family(&labels)?)?;
+            }
+        }
+        let mut mem = encoder.encode_descriptor(
+            "frpx_client_gpu_memory_used_bytes",
+            "GPU memory in use reported by the client",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for c in &self.per_client {
+            for (i, (gpu, _, m)) in c.gpus.iter().enumerate() {
+                let index = i.to_string();
+                let labels = [
+                    ("client", c.id.as_str()),
+                    ("gpu", index.as_str()),
+                    ("name", gpu.as_str()),
+                ];
+                ConstGauge::new(*m).encode(mem.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}

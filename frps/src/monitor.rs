@@ -1,0 +1,169 @@
+//! `frps --monitor`: one table of the fleet, read from a running frps's
+//! management API; `--watch` redraws it every 2 s.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use http::{Request, Uri, header};
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::api::types::{ClientSummary, Monitoring};
+use crate::config::Config;
+
+/// Largest API answer read.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Deadline for one API call.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prints the table (or keeps redrawing it with `--watch`).
+pub async fn run(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
+    let base = config
+        .api_url
+        .clone()
+        .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.api_port));
+    let token = config.admin_token();
+    loop {
+        let table = fleet_table(&base, token).await?;
+        if config.watch {
+            // Clear the screen and home the cursor before each redraw.
+            write!(out, "\x1b[2J\x1b[H")?;
+        }
+        writeln!(out, "{table}")?;
+        out.flush()?;
+        if !config.watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Builds the fleet table from the API at `base`.
+pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Table> {
+    let clients: Vec<ClientSummary> = get(base, "/api/clients", token).await?;
+    let monitoring: Vec<Monitoring> = get(base, "/api/monitoring", token).await?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "client",
+        "status",
+        "CPU %",
+        "memory",
+        "disk",
+        "GPU",
+        "models",
+        "in-flight",
+        "last heartbeat",
+    ]);
+    for c in clients {
+        let sys = monitoring
+            .iter()
+            .find(|m| m.id == c.id)
+            .and_then(|m| m.system.as_ref());
+        let (cpu, memory, disk, gpu) = match sys {
+            Some(s) => (
+                format!("{:.1}", s.cpu_usage),
+                format!("{} / {}", gib(s.memory_used), gib(s.memory_total)),
+                s.disks
+                    .iter()
+                    .map(|d| format!("{} {} / {}", d.mount, gib(d.used), gib(d.total)))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                if s.gpus.is_empty() {
+                    "-".to_owned()
+                } else {
+                    s.gpus
+                        .iter()
+                        .map(|g| {
+                            format!(
+                                "{} {:.0}% {} / {}",
+                                g.name,
+                                g.utilization,
+                                gib(g.memory_used),
+                                gib(g.memory_total)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            ),
+            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+        };
+        table.add_row(vec![
+            c.id,
+            c.status,
+            cpu,
+            memory,
+            disk,
+            gpu,
+            if c.models.is_empty() {
+                "-".into()
+            } else {
+                c.models.join("\n")
+            },
+            c.in_flight.to_string(),
+            format!("{:.1}s ago", c.last_heartbeat_secs_ago),
+        ]);
+    }
+    Ok(table)
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// GETs `path` from the API and returns the envelope's `data`.
+async fn get<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<T> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: Uri = url
+        .parse()
+        .with_context(|| format!("`{url}` is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("--api-url must be an http:// URL, got `{base}`");
+    }
+    let authority = uri.authority().context("--api-url needs a host")?.clone();
+    let port = authority.port_u16().unwrap_or(80);
+    let call = async {
+        let stream = TcpStream::connect((authority.host(), port)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut req = Request::get(uri.path()).header(header::HOST, authority.as_str());
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = sender
+            .send_request(req.body(Empty::<Bytes>::new())?)
+            .await?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .to_bytes();
+        Ok::<_, anyhow::Error>((status, body))
+    };
+    let (status, body) = tokio::time::timeout(TIMEOUT, call)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {TIMEOUT:?}"))
+        .and_then(|r| r)
+        .with_context(|| format!("cannot reach the frps management API at {base}"))?;
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("{url} did not answer with JSON"))?;
+    if !status.is_success() {
+        let message = envelope["message"].as_str().unwrap_or("no message");
+        bail!("the frps management API answered {status} for {path}: {message}");
+    }
+    serde_json::from_value(envelope["data"].clone())
+        .with_context(|| format!("unexpected answer from {url}"))
+}

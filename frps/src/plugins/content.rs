@@ -1,0 +1,286 @@
+//! What each operation sends as `content`, with frp's field names.
+//!
+//! Every field is always sent (fields that do not apply to frpx are empty),
+//! and a plugin's modified content may leave any of them out or set them to
+//! `null` (as Go plugins do for empty maps): those read as empty.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::Op;
+
+/// Content of one operation.
+pub trait Content: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The operation this content belongs to.
+    const OP: Op;
+}
+
+/// Reads `null` as the default value.
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
+/// Metadata, string to string.
+pub type Metas = BTreeMap<String, String>;
+
+/// Who a client is, as every operation but `Login` carries it under `user`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// frpc's `--user` (empty when not given).
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: String,
+    /// frpc's `--meta` entries.
+    #[serde(default, deserialize_with = "nullable")]
+    pub metas: Metas,
+    /// The control session's id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub run_id: String,
+}
+
+/// `Login`: a client logged in and asks to register.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginContent {
+    /// frpc version.
+    #[serde(default, deserialize_with = "nullable")]
+    pub version: String,
+    /// Host name of the GPU box.
+    #[serde(default, deserialize_with = "nullable")]
+    pub hostname: String,
+    /// Its operating system.
+    #[serde(default, deserialize_with = "nullable")]
+    pub os: String,
+    /// Its CPU architecture.
+    #[serde(default, deserialize_with = "nullable")]
+    pub arch: String,
+    /// frpc's `--user`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: String,
+    /// Unix time (seconds) at frps when the call was made.
+    #[serde(default, deserialize_with = "nullable")]
+    pub timestamp: i64,
+    /// Always empty: frpx authenticates with accounts, not frp's token.
+    #[serde(default, deserialize_with = "nullable")]
+    pub privilege_key: String,
+    /// The control session's id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub run_id: String,
+    /// Always 0: frpx dials data connections back on demand, keeping no pool.
+    #[serde(default, deserialize_with = "nullable")]
+    pub pool_count: i64,
+    /// frpc's `--meta` entries.
+    #[serde(default, deserialize_with = "nullable")]
+    pub metas: Metas,
+    /// `ip:port` of the control connection's peer.
+    #[serde(default, deserialize_with = "nullable")]
+    pub client_address: String,
+}
+
+impl Content for LoginContent {
+    const OP: Op = Op::Login;
+}
+
+/// `NewProxy`: a client registers the service it exposes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewProxyContent {
+    /// The client.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: UserInfo,
+    /// The client id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy_name: String,
+    /// Always `http`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy_type: String,
+    /// Always false (frpx has no per-proxy encryption).
+    #[serde(default, deserialize_with = "nullable")]
+    pub use_encryption: bool,
+    /// Always false.
+    #[serde(default, deserialize_with = "nullable")]
+    pub use_compression: bool,
+    /// Empty: every client is in one load-balanced pool.
+    #[serde(default, deserialize_with = "nullable")]
+    pub group: String,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub group_key: String,
+    /// 0 (tcp and udp only).
+    #[serde(default, deserialize_with = "nullable")]
+    pub remote_port: i64,
+    /// Empty: frpx routes by API key, not by host name.
+    #[serde(default, deserialize_with = "nullable")]
+    pub custom_domains: Vec<String>,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub subdomain: String,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub locations: Vec<String>,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub http_user: String,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub http_pwd: String,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub host_header_rewrite: String,
+    /// Empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub headers: Metas,
+    /// Empty (stcp only).
+    #[serde(default, deserialize_with = "nullable")]
+    pub sk: String,
+    /// Empty (tcpmux only).
+    #[serde(default, deserialize_with = "nullable")]
+    pub multiplexer: String,
+    /// frpc's `--proxy-meta` entries.
+    #[serde(default, deserialize_with = "nullable")]
+    pub metas: Metas,
+}
+
+impl Content for NewProxyContent {
+    const OP: Op = Op::NewProxy;
+}
+
+/// `CloseProxy`: a registered client went away (notification only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseProxyContent {
+    /// The client.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: UserInfo,
+    /// The client id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy_name: String,
+}
+
+impl Content for CloseProxyContent {
+    const OP: Op = Op::CloseProxy;
+}
+
+/// `Ping`: a heartbeat from a registered client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingContent {
+    /// The client.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: UserInfo,
+    /// Unix time (seconds) at frps.
+    #[serde(default, deserialize_with = "nullable")]
+    pub timestamp: i64,
+    /// Always empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub privilege_key: String,
+}
+
+impl Content for PingContent {
+    const OP: Op = Op::Ping;
+}
+
+/// `NewWorkConn`: a client dialed back a data connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewWorkConnContent {
+    /// The client.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: UserInfo,
+    /// The control session's id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub run_id: String,
+    /// Unix time (seconds) at frps.
+    #[serde(default, deserialize_with = "nullable")]
+    pub timestamp: i64,
+    /// Always empty.
+    #[serde(default, deserialize_with = "nullable")]
+    pub privilege_key: String,
+}
+
+impl Content for NewWorkConnContent {
+    const OP: Op = Op::NewWorkConn;
+}
+
+/// `NewUserConn`: an authenticated public request is about to go to a client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewUserConnContent {
+    /// The client chosen to serve it.
+    #[serde(default, deserialize_with = "nullable")]
+    pub user: UserInfo,
+    /// That client's id.
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy_name: String,
+    /// Always `http`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub proxy_type: String,
+    /// `ip:port` of the public caller.
+    #[serde(default, deserialize_with = "nullable")]
+    pub remote_addr: String,
+}
+
+impl Content for NewUserConnContent {
+    const OP: Op = Op::NewUserConn;
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        let mut k: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn every_frp_field_is_sent_even_when_empty() {
+        let v = serde_json::to_value(NewProxyContent::default()).unwrap();
+        assert_eq!(v["custom_domains"], json!([]));
+        assert_eq!(v["headers"], json!({}));
+        assert_eq!(
+            keys(&v).len(),
+            18,
+            "the seed's NewProxy fields: {:?}",
+            keys(&v)
+        );
+        let v = serde_json::to_value(LoginContent::default()).unwrap();
+        assert_eq!(
+            keys(&v),
+            [
+                "arch",
+                "client_address",
+                "hostname",
+                "metas",
+                "os",
+                "pool_count",
+                "privilege_key",
+                "run_id",
+                "timestamp",
+                "user",
+                "version"
+            ]
+        );
+    }
+
+    #[test]
+    fn null_and_missing_fields_read_as_empty() {
+        let c: NewProxyContent = serde_json::from_value(json!({
+            "user": {"user": "u", "metas": null},
+            "proxy_name": "renamed",
+            "metas": null,
+            "custom_domains": null
+        }))
+        .unwrap();
+        assert_eq!(c.proxy_name, "renamed");
+        assert_eq!(c.user.user, "u");
+        assert!(c.metas.is_empty() && c.user.metas.is_empty());
+        assert!(serde_json::from_value::<LoginContent>(json!({"timestamp": "soon"})).is_err());
+    }
+}

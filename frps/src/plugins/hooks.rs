@@ -1,0 +1,207 @@
+//! Where frps asks its plugins. Every helper returns at once, building no
+//! content, when no plugin handles its operation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use common::Registration;
+use http::{Response, StatusCode};
+use tracing::info;
+use uuid::Uuid;
+
+use super::content::{
+    CloseProxyContent, LoginContent, NewProxyContent, NewUserConnContent, NewWorkConnContent,
+    PingContent, UserInfo, now,
+};
+use super::{Op, PluginError, Plugins};
+use crate::auth::constant_time_eq;
+use crate::listeners::public::{PublicBody, error_response};
+use crate::registry::ClientHandle;
+use crate::state::State;
+
+/// frp's `proxy_type` for every frpx client.
+pub const PROXY_TYPE: &str = "http";
+
+/// The `run_id` plugins see for a control session.
+pub fn run_id(session: u64) -> String {
+    session.to_string()
+}
+
+fn user_info(user: &str, metas: &super::content::Metas, session: u64) -> UserInfo {
+    UserInfo {
+        user: user.to_owned(),
+        metas: metas.clone(),
+        run_id: run_id(session),
+    }
+}
+
+fn client_user(client: &ClientHandle) -> UserInfo {
+    let reg = &client.registration;
+    user_info(&reg.user, &reg.metas, client.session)
+}
+
+/// `Login`, then `NewProxy`, for a registration about to be accepted as
+/// session `session`. Returns the registration as the plugins left it: a
+/// modified `Login` may change the user, metas, hostname, os, arch and
+/// version; a modified `NewProxy` may change the client id (`proxy_name`)
+/// and the proxy metas.
+pub async fn admit(
+    plugins: &Plugins,
+    mut reg: Registration,
+    peer: SocketAddr,
+    session: u64,
+) -> Result<Registration, PluginError> {
+    if plugins.handles(Op::Login) {
+        let login = LoginContent {
+            version: reg.version.clone(),
+            hostname: reg.hostname.clone(),
+            os: reg.os.clone(),
+            arch: reg.arch.clone(),
+            user: reg.user.clone(),
+            timestamp: now(),
+            privilege_key: String::new(),
+            run_id: run_id(session),
+            pool_count: 0,
+            metas: reg.metas.clone(),
+            client_address: peer.to_string(),
+        };
+        let login = plugins.call(login).await?;
+        reg.version = login.version;
+        reg.hostname = login.hostname;
+        reg.os = login.os;
+        reg.arch = login.arch;
+        reg.user = login.user;
+        reg.metas = login.metas;
+    }
+    if plugins.handles(Op::NewProxy) {
+        let proxy = NewProxyContent {
+            user: user_info(&reg.user, &reg.metas, session),
+            proxy_name: reg.client_id.clone(),
+            proxy_type: PROXY_TYPE.into(),
+            metas: reg.proxy_metas.clone(),
+            ..Default::default()
+        };
+        let proxy = plugins.call(proxy).await?;
+        if proxy.proxy_name != reg.client_id {
+            info!(
+                "server plugin renamed client '{}' to '{}'",
+                reg.client_id, proxy.proxy_name
+            );
+        }
+        reg.client_id = proxy.proxy_name;
+        reg.proxy_metas = proxy.metas;
+    }
+    Ok(reg)
+}
+
+/// `CloseProxy` for a client whose session ended. Notification only:
+/// failures are logged (by the plugin layer) and otherwise ignored.
+pub async fn close_proxy(plugins: &Plugins, client: &ClientHandle) {
+    if plugins.handles(Op::CloseProxy) {
+        let content = CloseProxyContent {
+            user: client_user(client),
+            proxy_name: client.id.clone(),
+        };
+        let _ = plugins.call(content).await;
+    }
+}
+
+/// `Ping` for a heartbeat, run beside the control session so a slow plugin
+/// does not hold up its frames. A rejection (or failure) disconnects the
+/// client with the reason.
+pub fn ping(state: &Arc<State>, client: &Arc<ClientHandle>) {
+    if !state.plugins.handles(Op::Ping) {
+        return;
+    }
+    let (state, client) = (state.clone(), client.clone());
+    state.tasks.clone().spawn(async move {
+        let content = PingContent {
+            user: client_user(&client),
+            timestamp: now(),
+            privilege_key: String::new(),
+        };
+        tokio::select! {
+            res = state.plugins.call(content) => {
+                if let Err(e) = res {
+                    client.kick(e.to_string());
+                }
+            }
+            _ = client.kick.cancelled() => {}
+            _ = state.hard_stop.cancelled() => {}
+        }
+    });
+}
+
+/// `NewWorkConn` for a data connection's hello. Only a hello that proves
+/// its session (client id and session key) is shown to plugins; any other
+/// is left to the pairing, which refuses it. On refusal the waiting request
+/// is failed at once (it fails over) and the reason is returned.
+pub async fn new_work_conn(
+    state: &State,
+    conn_id: Uuid,
+    client_id: &str,
+    session_key: &str,
+) -> Result<(), String> {
+    if !state.plugins.handles(Op::NewWorkConn) {
+        return Ok(());
+    }
+    let Some(client) = state
+        .registry
+        .get(client_id)
+        .filter(|c| constant_time_eq(c.session_key.as_bytes(), session_key.as_bytes()))
+    else {
+        return Ok(());
+    };
+    let content = NewWorkConnContent {
+        user: client_user(&client),
+        run_id: run_id(client.session),
+        timestamp: now(),
+        privilege_key: String::new(),
+    };
+    match state.plugins.call(content).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let reason = e.to_string();
+            state.pending.fail(conn_id, client.session, reason.clone());
+            Err(reason)
+        }
+    }
+}
+
+/// `NewUserConn` for a public request about to go to `client`.
+pub async fn new_user_conn(
+    plugins: &Plugins,
+    client: &ClientHandle,
+    caller: SocketAddr,
+) -> Result<(), PluginError> {
+    if !plugins.handles(Op::NewUserConn) {
+        return Ok(());
+    }
+    let content = NewUserConnContent {
+        user: client_user(client),
+        proxy_name: client.id.clone(),
+        proxy_type: PROXY_TYPE.into(),
+        remote_addr: caller.to_string(),
+    };
+    plugins.call(content).await.map(drop)
+}
+
+/// The public caller's answer when `NewUserConn` did not pass: 403 with the
+/// plugin's reason, or 503 when a plugin could not decide.
+pub fn refusal(e: &PluginError) -> Response<PublicBody> {
+    if e.is_rejection() {
+        error_response(
+            StatusCode::FORBIDDEN,
+            &e.to_string(),
+            "permission_error",
+            "rejected_by_plugin",
+        )
+    } else {
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &e.to_string(),
+            "service_unavailable",
+            "plugin_unavailable",
+        )
+    }
+}

@@ -1,0 +1,385 @@
+//! frp-compatible server plugins (`docs/server-plugin.md`).
+//!
+//! Before certain operations frps asks external HTTP services, configured as
+//! `[plugin.NAME]` sections (or `[[httpPlugins]]` entries), each for a list of
+//! operations. A plugin rejects the operation with a reason, lets it
+//! proceed, or lets it proceed with modified content. The plugins for one
+//! operation run in configuration order, each seeing the content as the
+//! previous one left it.
+//!
+//! - [`content`]: what each operation sends, with frp's field names;
+//! - [`hooks`]: the call sites' helpers, which cost nothing for an
+//!   operation no plugin handles;
+//! - `client`: one call over HTTP and the reading of its answer.
+
+mod client;
+pub mod content;
+pub mod hooks;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+pub use client::{API_VERSION, CallError, MAX_ANSWER};
+pub use content::Content;
+
+use client::Verdict;
+
+/// An operation plugins can be asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// A client logged in and asks to register.
+    Login,
+    /// A client registers its service.
+    NewProxy,
+    /// A registered client went away (notification; the answer is ignored).
+    CloseProxy,
+    /// A heartbeat.
+    Ping,
+    /// A data connection dialed back by a client.
+    NewWorkConn,
+    /// A public request about to be sent to a client.
+    NewUserConn,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 6] = [
+        Op::Login,
+        Op::NewProxy,
+        Op::CloseProxy,
+        Op::Ping,
+        Op::NewWorkConn,
+        Op::NewUserConn,
+    ];
+
+    /// frp's name of the operation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Login => "Login",
+            Op::NewProxy => "NewProxy",
+            Op::CloseProxy => "CloseProxy",
+            Op::Ping => "Ping",
+            Op::NewWorkConn => "NewWorkConn",
+            Op::NewUserConn => "NewUserConn",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Op {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Op::ALL
+            .into_iter()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Op::ALL.iter().map(|o| o.as_str()).collect();
+                format!("unknown operation `{s}` (known: {})", names.join(", "))
+            })
+    }
+}
+
+/// One configured plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSpec {
+    /// Its name (`[plugin.NAME]`), used in logs and refusals.
+    pub name: String,
+    /// `host:port` it listens on.
+    pub addr: String,
+    /// Path the calls are posted to, starting with `/`.
+    pub path: String,
+    /// The operations it is asked about.
+    pub ops: Vec<Op>,
+}
+
+/// A plugin setting that is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{field}`: {message}")]
+pub struct SpecError {
+    /// The setting (`name`, `addr`, `path` or `ops`).
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn spec_error(field: &'static str, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl PluginSpec {
+    /// Checks and normalises a plugin's settings: `addr` may carry an
+    /// `http://` prefix (not `https://`: frps speaks plain HTTP to plugins);
+    /// `path` defaults to `/`; `ops` must name at least one operation.
+    pub fn new(name: &str, addr: &str, path: &str, ops: &[&str]) -> Result<Self, SpecError> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(spec_error("name", "a plugin needs a name"));
+        }
+        let addr = addr.trim();
+        if addr.starts_with("https://") {
+            return Err(spec_error(
+                "addr",
+                "frps calls plugins over plain HTTP; https is not supported",
+            ));
+        }
+        let addr = addr
+            .strip_prefix("http://")
+            .unwrap_or(addr)
+            .trim_end_matches('/');
+        if addr.is_empty() {
+            return Err(spec_error("addr", "required (e.g. 127.0.0.1:9000)"));
+        }
+        let authority: http::uri::Authority = addr
+            .parse()
+            .map_err(|_| spec_error("addr", format!("`{addr}` is not host:port")))?;
+        if authority.port_u16().is_none() {
+            return Err(spec_error(
+                "addr",
+                format!("`{addr}` needs a port (e.g. {addr}:9000)"),
+            ));
+        }
+        let path = path.trim();
+        let path = match path {
+            "" => "/".to_owned(),
+            p if p.starts_with('/') => p.to_owned(),
+            p => format!("/{p}"),
+        };
+        if path.contains(['?', '#']) || path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(spec_error(
+                "path",
+                format!("`{path}` is not a plain URL path"),
+            ));
+        }
+        let mut parsed: Vec<Op> = Vec::new();
+        for op in ops.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+            let op = op.parse::<Op>().map_err(|e| spec_error("ops", e))?;
+            if !parsed.contains(&op) {
+                parsed.push(op);
+            }
+        }
+        if parsed.is_empty() {
+            return Err(spec_error(
+                "ops",
+                "must name at least one operation (e.g. Login, NewProxy)",
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            addr: addr.to_owned(),
+            path,
+            ops: parsed,
+        })
+    }
+}
+
+/// Why an operation may not proceed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A plugin rejected it; the reason is the plugin's own.
+    #[error("{reason}")]
+    Rejected {
+        /// The plugin's name.
+        plugin: String,
+        /// Its reason (a default one when it gave none).
+        reason: String,
+    },
+    /// A plugin could not decide: unreachable, too slow, non-200, garbage.
+    #[error("server plugin '{plugin}' failed on {op}: {cause}")]
+    Failed {
+        /// The plugin's name.
+        plugin: String,
+        /// The operation.
+        op: Op,
+        /// What went wrong.
+        cause: CallError,
+    },
+}
+
+impl PluginError {
+    /// Whether a plugin decided against the operation (as opposed to failing
+    /// to decide, which a retry may fix).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, PluginError::Rejected { .. })
+    }
+}
+
+/// The configured plugins, grouped by operation in configuration order.
+#[derive(Debug, Default)]
+pub struct Plugins {
+    chains: [Vec<PluginSpec>; 6],
+    timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct Call<'a, C> {
+    version: &'static str,
+    op: &'static str,
+    content: &'a C,
+}
+
+impl Plugins {
+    /// Plugins from `specs`, each call limited to `timeout`.
+    pub fn new(specs: &[PluginSpec], timeout: Duration) -> Self {
+        let mut chains: [Vec<PluginSpec>; 6] = Default::default();
+        for spec in specs {
+            for op in &spec.ops {
+                chains[op.index()].push(spec.clone());
+            }
+        }
+        for op in Op::ALL {
+            let names: Vec<&str> = chains[op.index()].iter().map(|p| p.name.as_str()).collect();
+            if !names.is_empty() {
+                info!("server plugins for {op}: {}", names.join(" → "));
+            }
+        }
+        Self { chains, timeout }
+    }
+
+    /// Whether any plugin handles `op`. Call sites check this before
+    /// building any content, so an operation without plugins costs nothing.
+    #[inline]
+    pub fn handles(&self, op: Op) -> bool {
+        !self.chains[op.index()].is_empty()
+    }
+
+    /// Runs `content` through the plugins for its operation, in order, and
+    /// returns the content as the last one left it.
+    pub async fn call<C: Content>(&self, mut content: C) -> Result<C, PluginError> {
+        for plugin in &self.chains[C::OP.index()] {
+            let fail = |cause: CallError| {
+                warn!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
+                PluginError::Failed {
+                    plugin: plugin.name.clone(),
+                    op: C::OP,
+                    cause,
+                }
+            };
+            match self.ask(plugin, &content).await.map_err(fail)? {
+                Verdict::Unchanged => {}
+                Verdict::Replaced(value) => {
+                    content = serde_json::from_value(value).map_err(|e| {
+                        fail(CallError::Invalid(format!(
+                            "modified content does not fit {}: {e}",
+                            C::OP
+                        )))
+                    })?;
+                }
+                Verdict::Reject(reason) => {
+                    let reason = if reason.trim().is_empty() {
+                        format!("rejected by server plugin '{}'", plugin.name)
+                    } else {
+                        reason
+                    };
+                    info!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
+                    return Err(PluginError::Rejected {
+                        plugin: plugin.name.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+        Ok(content)
+    }
+
+    /// One call to one plugin, within the timeout.
+    async fn ask<C: Content>(
+        &self,
+        plugin: &PluginSpec,
+        content: &C,
+    ) -> Result<Verdict, CallError> {
+        let body = serde_json::to_vec(&Call {
+            version: API_VERSION,
+            op: C::OP.as_str(),
+            content,
+        })
+        .map_err(|e| CallError::Invalid(format!("cannot encode the content: {e}")))?;
+        let reqid = uuid::Uuid::new_v4().simple().to_string();
+        let target = format!("{}?version={API_VERSION}&op={}", plugin.path, C::OP);
+        debug!(plugin = %plugin.name, op = %C::OP, %reqid, "calling server plugin");
+        let answer = tokio::time::timeout(
+            self.timeout,
+            client::post(&plugin.addr, &target, &reqid, body),
+        )
+        .await
+        .map_err(|_| CallError::Timeout(self.timeout))??;
+        client::verdict(&answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_names_round_trip_and_unknown_ones_are_listed() {
+        for op in Op::ALL {
+            assert_eq!(op.as_str().parse::<Op>().unwrap(), op);
+        }
+        let err = "login".parse::<Op>().unwrap_err();
+        assert!(err.contains("Login, NewProxy, CloseProxy, Ping, NewWorkConn, NewUserConn"));
+    }
+
+    #[test]
+    fn specs_are_checked_and_normalised() {
+        let p = PluginSpec::new(
+            " m ",
+            "http://127.0.0.1:9000/",
+            "handler",
+            &["Login", " Ping", "Login"],
+        )
+        .unwrap();
+        assert_eq!(p.name, "m");
+        assert_eq!(p.addr, "127.0.0.1:9000");
+        assert_eq!(p.path, "/handler");
+        assert_eq!(p.ops, [Op::Login, Op::Ping]);
+        assert_eq!(
+            PluginSpec::new("m", "h:1", "", &["Ping"]).unwrap().path,
+            "/"
+        );
+        for (addr, path, ops) in [
+            ("https://h:1", "/", &["Login"][..]),
+            ("", "/", &["Login"]),
+            ("127.0.0.1", "/", &["Login"]),
+            ("h:1", "/a?b", &["Login"]),
+            ("h:1", "/", &[]),
+            ("h:1", "/", &["Nope"]),
+        ] {
+            assert!(
+                PluginSpec::new("m", addr, path, ops).is_err(),
+                "{addr} {path} {ops:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn chains_follow_configuration_order() {
+        let a = PluginSpec::new("a", "h:1", "/", &["Login", "Ping"]).unwrap();
+        let b = PluginSpec::new("b", "h:2", "/", &["Login"]).unwrap();
+        let plugins = Plugins::new(&[a, b], Duration::from_secs(3));
+        let names: Vec<&str> = plugins.chains[Op::Login.index()]
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(plugins.handles(Op::Ping));
+        assert!(!plugins.handles(Op::NewUserConn));
+        assert!(!Plugins::default().handles(Op::Login));
+    }
+}

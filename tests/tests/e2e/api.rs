@@ -1,0 +1,447 @@
+//! The management API, `frps --monitor`, `/metrics` and the dashboard.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use frps::Server;
+use frpx_tests::http::{self, Conn, Reply};
+use frpx_tests::{API_KEY, Fleet, frps_config};
+
+const ADMIN: &str = "test-admin-token";
+
+async fn fleet_with_admin(n: usize) -> Fleet {
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(ADMIN.into());
+    Fleet::start_with(n, cfg).await
+}
+
+fn assert_envelope(reply: &Reply, success: bool) -> serde_json::Value {
+    let json = reply.json();
+    assert_eq!(json["success"], success, "{json}");
+    assert!(
+        json["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{json}"
+    );
+    let ts = json["timestamp"].as_str().expect("timestamp");
+    chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339 timestamp");
+    assert!(json.get("data").is_some(), "{json}");
+    json["data"].clone()
+}
+
+async fn api(fleet: &Fleet, method: &str, path: &str) -> Reply {
+    let mut conn = Conn::open(fleet.frps.addrs.api).await;
+    let req = http::request(
+        method,
+        fleet.frps.addrs.api,
+        path,
+        Some(ADMIN),
+        Bytes::new(),
+    );
+    http::read(conn.send(req).await.unwrap()).await
+}
+
+#[tokio::test]
+async fn every_endpoint_answers_in_the_envelope() {
+    let fleet = fleet_with_admin(2).await;
+    // Some traffic, so the counters have something to say.
+    for _ in 0..4 {
+        assert_eq!(
+            http::get(fleet.frps.public(), "/", Some(API_KEY))
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        http::get(fleet.frps.public(), "/", Some("bad"))
+            .await
+            .status,
+        401
+    );
+
+    let ok = [
+        "/api/health",
+        "/api/clients",
+        "/api/clients/client-0",
+        "/api/clients/client-0/status",
+        "/api/clients/client-0/heartbeat",
+        "/api/monitoring",
+        "/api/monitoring/client-1",
+        "/api/stats",
+        "/api/connections",
+        "/api/connections/pending",
+        "/api/config",
+        "/api/ports",
+        "/api/users",
+        "/api/tokens/active",
+        "/api/models",
+    ];
+    for path in ok {
+        let reply = api(&fleet, "GET", path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        assert_eq!(reply.headers["content-type"], "application/json", "{path}");
+        assert_envelope(&reply, true);
+    }
+    for path in [
+        "/api/clients/nobody",
+        "/api/clients/nobody/status",
+        "/api/clients/nobody/heartbeat",
+        "/api/monitoring/nobody",
+        "/api/no-such-endpoint",
+    ] {
+        let reply = api(&fleet, "GET", path).await;
+        assert_eq!(reply.status, 404, "{path}");
+        assert!(assert_envelope(&reply, false).is_null());
+    }
+    assert_eq!(
+        api(&fleet, "DELETE", "/api/clients/nobody").await.status,
+        404
+    );
+
+    let clients = assert_envelope(&api(&fleet, "GET", "/api/clients").await, true);
+    let ids: Vec<_> = clients
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["client-0", "client-1"]);
+    assert_eq!(clients[0]["status"], "online");
+    assert_eq!(clients[0]["models"][0], "model-of-client-0");
+
+    let stats = assert_envelope(&api(&fleet, "GET", "/api/stats").await, true);
+    assert_eq!(stats["requests_total"], 5);
+    assert_eq!(stats["errors"]["auth_failures"], 1);
+    let per_client: u64 = stats["requests_per_client"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(per_client, 4);
+    assert!(stats["bytes_out"].as_u64().unwrap() > 0);
+
+    let ports = assert_envelope(&api(&fleet, "GET", "/api/ports").await, true);
+    assert_eq!(ports["public"], fleet.frps.addrs.public.port());
+    assert_eq!(ports["api"], fleet.frps.addrs.api.port());
+
+    let config = api(&fleet, "GET", "/api/config").await;
+    assert!(
+        !config.body.contains(API_KEY) && !config.body.contains(ADMIN),
+        "secrets in /api/config"
+    );
+    assert_eq!(assert_envelope(&config, true)["admin_token"], true);
+
+    let users = api(&fleet, "GET", "/api/users").await;
+    assert!(
+        users.body.contains(frpx_tests::TEST_EMAIL) && !users.body.contains("argon2"),
+        "{}",
+        users.body
+    );
+    let tokens = assert_envelope(&api(&fleet, "GET", "/api/tokens/active").await, true);
+    assert_eq!(
+        tokens.as_array().unwrap().len(),
+        2,
+        "one token per logged-in frpc"
+    );
+    for t in tokens.as_array().unwrap() {
+        let shown = t["token"].as_str().unwrap();
+        assert!(
+            shown.ends_with('…') && shown.chars().count() <= 13,
+            "{shown}"
+        );
+    }
+
+    let models = assert_envelope(&api(&fleet, "GET", "/api/models").await, true);
+    assert_eq!(models.as_array().unwrap().len(), 2);
+    assert_eq!(models[0]["clients"][0], "client-0");
+}
+
+#[tokio::test]
+async fn the_admin_token_is_enforced() {
+    let fleet = fleet_with_admin(1).await;
+    let addr = fleet.frps.addrs.api;
+    let health = http::get(addr, "/api/health", None).await;
+    assert_eq!(health.status, 200, "health needs no token");
+    for path in [
+        "/api/clients",
+        "/api/stats",
+        "/metrics",
+        "/api/openapi.json",
+    ] {
+        let missing = http::get(addr, path, None).await;
+        assert_eq!(missing.status, 401, "{path}");
+        assert_envelope(&missing, false);
+        let wrong = http::get(addr, path, Some("not-the-token")).await;
+        assert_eq!(wrong.status, 401, "{path}");
+        assert_eq!(
+            http::get(addr, path, Some(ADMIN)).await.status,
+            200,
+            "{path}"
+        );
+    }
+    // Consumer keys are not admin tokens.
+    assert_eq!(
+        http::get(addr, "/api/clients", Some(API_KEY)).await.status,
+        401
+    );
+    // No permissive CORS.
+    let reply = http::get(addr, "/api/health", None).await;
+    assert!(!reply.headers.contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn binding_the_api_publicly_without_a_token_is_refused() {
+    let mut cfg = frps_config();
+    cfg.api_bind = "0.0.0.0".parse().unwrap();
+    let err = Server::bind(cfg.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("admin token"), "{err}");
+    cfg.admin_token = Some(ADMIN.into());
+    let server = Server::bind(cfg).await.expect("allowed with a token");
+    assert!(server.addrs().api.ip().is_unspecified());
+}
+
+#[tokio::test]
+async fn delete_disconnects_a_client_and_it_comes_back() {
+    let fleet = fleet_with_admin(1).await;
+    let before = fleet.frps.state.registry.get("client-0").unwrap().session;
+    let reply = api(&fleet, "DELETE", "/api/clients/client-0").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_envelope(&reply, true);
+    fleet
+        .frps
+        .wait_until("client-0 reconnects with a new session", |s| {
+            s.registry
+                .get("client-0")
+                .is_some_and(|c| c.session != before)
+        })
+        .await;
+    assert_eq!(
+        http::get(fleet.frps.public(), "/", Some(API_KEY))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn monitor_prints_a_row_per_client() {
+    let fleet = fleet_with_admin(3).await;
+    let mut cfg = frps_config();
+    cfg.monitor = true;
+    cfg.api_url = Some(format!("http://{}", fleet.frps.addrs.api));
+    cfg.admin_token = Some(ADMIN.into());
+    let mut out = Vec::new();
+    frps::monitor::run(&cfg, &mut out).await.unwrap();
+    let table = String::from_utf8(out).unwrap();
+    for id in ["client-0", "client-1", "client-2"] {
+        let rows = table.lines().filter(|l| l.contains(id)).count();
+        assert_eq!(rows, 1, "{id} in\n{table}");
+        assert!(table.contains(&format!("model-of-{id}")), "{table}");
+    }
+    assert!(table.contains("CPU %") && table.contains("last heartbeat"));
+
+    // Wrong token and unreachable server: one clear error.
+    cfg.admin_token = Some("wrong".into());
+    let err = frps::monitor::run(&cfg, &mut Vec::new()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("401"), "{err:#}");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    cfg.api_url = Some(format!("http://{dead}"));
+    let err = frps::monitor::run(&cfg, &mut Vec::new()).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("cannot reach the frps management API"),
+        "{err:#}"
+    );
+}
+
+/// Parses the text exposition: every sample line is `name{labels} value`.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+            (
+                series.to_owned(),
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value in {l}")),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_follow_model_changes() {
+    let fleet = fleet_with_admin(1).await;
+    assert_eq!(
+        http::get(fleet.frps.public(), "/x", Some(API_KEY))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(http::get(fleet.frps.public(), "/x", None).await.status, 401);
+    let metrics = |fleet: &Fleet| {
+        let addr = fleet.frps.addrs.api;
+        async move { http::get(addr, "/metrics", Some(ADMIN)).await.body }
+    };
+    frpx_tests::eventually_async("the request is counted", || async {
+        samples(&metrics(&fleet).await).iter().any(|(s, v)| {
+            s.starts_with("frpx_requests_total{")
+                && s.contains("status=\"200\"")
+                && s.contains("client=\"client-0\"")
+                && *v == 1.0
+        })
+    })
+    .await;
+    let all = samples(&metrics(&fleet).await);
+    let get = |name: &str| all.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
+    assert_eq!(get("frpx_clients_online"), Some(1.0));
+    assert!(
+        all.iter()
+            .any(|(s, v)| s.starts_with("frpx_requests_total{")
+                && s.contains("status=\"401\"")
+                && *v == 1.0)
+    );
+    assert!(get("frpx_request_duration_seconds_count").unwrap() >= 1.0);
+    assert_eq!(get("frpx_gateway_overhead_seconds_count"), Some(1.0));
+    assert!(
+        all.iter()
+            .any(|(s, v)| s == "frpx_auth_lookups_total{layer=\"static\"}" && *v >= 1.0)
+    );
+    frpx_tests::eventually_async("the client's system metrics arrive", || async {
+        metrics(&fleet)
+            .await
+            .contains("frpx_client_memory_total_bytes{client=\"client-0\"}")
+    })
+    .await;
+
+    // The backend's model list changes: frps learns it within a report interval.
+    fleet.backends[0].set_models(&["qwen2.5:1.5b", "llama3:latest"]);
+    frpx_tests::eventually_async("the new models reach /api/models", || async {
+        let models = api(&fleet, "GET", "/api/models").await.json();
+        let names: BTreeSet<_> = models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect();
+        names == BTreeSet::from(["qwen2.5:1.5b".to_owned(), "llama3:latest".to_owned()])
+    })
+    .await;
+    // The backend goes down: the client stays registered but unhealthy.
+    fleet.backends[0].stop();
+    fleet.backends[0].set_models(&[]);
+    frpx_tests::eventually_async("the client is marked unhealthy", || async {
+        api(&fleet, "GET", "/api/clients/client-0/status")
+            .await
+            .json()["data"]["status"]
+            == "unhealthy"
+    })
+    .await;
+    assert!(
+        metrics(&fleet)
+            .await
+            .contains("frpx_client_healthy{client=\"client-0\"} 0")
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route() {
+    let fleet = fleet_with_admin(0).await;
+    let doc = http::get(fleet.frps.addrs.api, "/api/openapi.json", Some(ADMIN))
+        .await
+        .json();
+    let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let expected: BTreeSet<String> = [
+        "/api/health",
+        "/api/clients",
+        "/api/clients/{id}",
+        "/api/clients/{id}/status",
+        "/api/clients/{id}/heartbeat",
+        "/api/monitoring",
+        "/api/monitoring/{id}",
+        "/api/stats",
+        "/api/connections",
+        "/api/connections/pending",
+        "/api/config",
+        "/api/ports",
+        "/api/users",
+        "/api/tokens/active",
+        "/api/models",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(paths, expected);
+    assert!(doc["paths"]["/api/clients/{id}"]["delete"].is_object());
+    assert!(doc["components"]["schemas"]["SystemInfo"].is_object());
+}
+
+/// The dashboard, rendered by a real browser, shows a row per client.
+#[tokio::test]
+async fn the_dashboard_renders_a_row_per_client() {
+    let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        if std::env::var("FRPX_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1") {
+            panic!("chromium is required (FRPX_REQUIRE_CHROMIUM=1) but not installed");
+        }
+        eprintln!("skipping: chromium not installed");
+        return;
+    };
+    let fleet = fleet_with_admin(2).await;
+    frpx_tests::eventually("system metrics reported", || {
+        fleet
+            .frps
+            .state
+            .registry
+            .all()
+            .iter()
+            .all(|c| c.system().is_some())
+    })
+    .await;
+    let url = format!("http://{}/#token={ADMIN}", fleet.frps.addrs.api);
+    let profile = std::env::temp_dir().join(format!("frpx-chromium-{}", uuid::Uuid::new_v4()));
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-dev-shm-usage",
+                &format!("--user-data-dir={}", profile.display()),
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                &url,
+            ])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finishes")
+    .expect("chromium runs");
+    let _ = std::fs::remove_dir_all(&profile);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for id in ["client-0", "client-1"] {
+        assert!(
+            dom.contains(&format!("data-client=\"{id}\"")),
+            "no row for {id} in:\n{dom}"
+        );
+    }
+    assert!(dom.contains("model-of-client-1"));
+    assert!(!dom.contains("No client is connected.\"") || dom.contains("hidden"));
+}

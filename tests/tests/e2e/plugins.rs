@@ -1,0 +1,768 @@
+//! frp-compatible server plugins, against a real plugin HTTP server: what
+//! each operation sends, rejections, modified content, chaining, failures,
+//! and the seed's configuration files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Command, PROTOCOL_VERSION, Registration};
+use frps::plugins::PluginSpec;
+use frpx_tests::fake::FakeClient;
+use frpx_tests::http::{self, Conn};
+use frpx_tests::plugin::{PLUGIN_PATH, PluginCall, PluginServer, Reply};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frpc_config, frps_config};
+use serde_json::{Value, json};
+
+/// The management API token of the tests that read `/api/clients`.
+const ADMIN: &str = "plugins-admin-token";
+
+/// frps with `plugins` (and a plugin timeout of `timeout`).
+async fn frps_with(plugins: Vec<PluginSpec>, timeout: Duration) -> Frps {
+    let mut cfg = frps_config();
+    cfg.plugins = plugins;
+    cfg.plugin_timeout = timeout;
+    Frps::start(cfg).await
+}
+
+/// Logs in with a fresh token and sends `reg`; returns frps's answer.
+async fn register(frps: &Frps, reg: Registration) -> (FakeClient, Command) {
+    let mut c = FakeClient::connect(frps.addrs.control).await;
+    c.send(Command::LoginToken {
+        token: frps.client_token().await,
+    })
+    .await;
+    assert!(
+        matches!(c.recv().await, Some(Command::LoginResult { ok: true, .. })),
+        "the account login passes before any plugin is asked"
+    );
+    c.send(Command::Register(reg)).await;
+    let answer = c.recv().await.expect("an answer to the registration");
+    (c, answer)
+}
+
+fn registration(id: &str) -> Registration {
+    Registration {
+        client_id: id.into(),
+        machine_id: format!("machine-{id}"),
+        hostname: "gpu-host".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        version: "0.1.0".into(),
+        protocol_version: PROTOCOL_VERSION,
+        user: "fake".into(),
+        metas: [("token".to_owned(), "fake".to_owned())].into(),
+        ..Default::default()
+    }
+}
+
+fn refusal(answer: &Command) -> (&str, bool) {
+    match answer {
+        Command::RegisterRefused { reason, retry } => (reason.as_str(), *retry),
+        other => panic!("expected RegisterRefused, got {other:?}"),
+    }
+}
+
+fn keys(v: &Value) -> Vec<&str> {
+    let mut k: Vec<&str> = v
+        .as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    k.sort_unstable();
+    k
+}
+
+fn metas(pairs: &[(&str, &str)]) -> Value {
+    let map: BTreeMap<&str, &str> = pairs.iter().copied().collect();
+    json!(map)
+}
+
+#[tokio::test]
+async fn every_operation_is_called_with_frps_documented_fields() {
+    let plugin = PluginServer::allow_all().await;
+    let all = [
+        "Login",
+        "NewProxy",
+        "CloseProxy",
+        "Ping",
+        "NewWorkConn",
+        "NewUserConn",
+    ];
+    let frps = frps_with(vec![plugin.spec("audit", &all)], Duration::from_secs(3)).await;
+    let backend = Backend::start("gpu-a").await;
+    let mut cfg = frpc_config("gpu-a", &frps.addrs, backend.addr);
+    cfg.user = "fake".into();
+    cfg.metas = vec![
+        ("token".into(), "fake".into()),
+        ("version".into(), "1.0.0".into()),
+    ];
+    cfg.proxy_metas = vec![("id".into(), "123".into())];
+    let frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["gpu-a"]).await;
+    let run_id = frps
+        .state
+        .registry
+        .get("gpu-a")
+        .expect("registered")
+        .session
+        .to_string();
+
+    let reply = http::get(frps.public(), "/through-the-tunnel", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "gpu-a");
+    plugin.wait_for("Ping").await;
+    frpc.kill().await;
+    plugin.wait_for("CloseProxy").await;
+
+    let calls = plugin.calls();
+    let mut reqids = HashSet::new();
+    for call in &calls {
+        assert_eq!(call.path, PLUGIN_PATH);
+        assert_eq!(call.query, format!("version=0.1.0&op={}", call.op()));
+        assert_eq!(call.body["version"], "0.1.0");
+        assert_eq!(keys(&call.body), ["content", "op", "version"]);
+        assert!(call.content_type.starts_with("application/json"));
+        assert!(!call.reqid.is_empty(), "X-Frp-Reqid is set");
+        assert!(
+            reqids.insert(call.reqid.clone()),
+            "X-Frp-Reqid is unique per call"
+        );
+    }
+    let user = json!({
+        "user": "fake",
+        "metas": metas(&[("token", "fake"), ("version", "1.0.0")]),
+        "run_id": run_id,
+    });
+
+    let login = plugin.wait_for("Login").await;
+    let c = login.content();
+    assert_eq!(
+        keys(c),
+        [
+            "arch",
+            "client_address",
+            "hostname",
+            "metas",
+            "os",
+            "pool_count",
+            "privilege_key",
+            "run_id",
+            "timestamp",
+            "user",
+            "version"
+        ]
+    );
+    assert_eq!(c["user"], "fake");
+    assert_eq!(c["metas"], user["metas"]);
+    assert_eq!(c["run_id"], run_id);
+    assert_eq!(c["privilege_key"], "");
+    assert_eq!(c["pool_count"], 0);
+    assert_eq!(c["version"], env!("CARGO_PKG_VERSION"));
+    for field in ["hostname", "os", "arch"] {
+        assert!(!c[field].as_str().unwrap().is_empty(), "{field}");
+    }
+    assert!(c["timestamp"].as_i64().unwrap() > 1_600_000_000);
+    assert!(
+        c["client_address"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+
+    let proxy = plugin.wait_for("NewProxy").await;
+    let c = proxy.content();
+    assert_eq!(
+        keys(c),
+        [
+            "custom_domains",
+            "group",
+            "group_key",
+            "headers",
+            "host_header_rewrite",
+            "http_pwd",
+            "http_user",
+            "locations",
+            "metas",
+            "multiplexer",
+            "proxy_name",
+            "proxy_type",
+            "remote_port",
+            "sk",
+            "subdomain",
+            "use_compression",
+            "use_encryption",
+            "user"
+        ]
+    );
+    assert_eq!(c["user"], user);
+    assert_eq!(c["proxy_name"], "gpu-a");
+    assert_eq!(c["proxy_type"], "http");
+    assert_eq!(c["metas"], metas(&[("id", "123")]));
+    assert_eq!(c["use_encryption"], false);
+    assert_eq!(c["custom_domains"], json!([]));
+    assert_eq!(c["locations"], json!([]));
+    assert_eq!(c["group"], "");
+
+    let ping = plugin.wait_for("Ping").await;
+    let c = ping.content();
+    assert_eq!(keys(c), ["privilege_key", "timestamp", "user"]);
+    assert_eq!(c["user"], user);
+    assert_eq!(c["privilege_key"], "");
+    assert!(c["timestamp"].as_i64().unwrap() > 1_600_000_000);
+
+    let work = plugin.wait_for("NewWorkConn").await;
+    let c = work.content();
+    assert_eq!(keys(c), ["privilege_key", "run_id", "timestamp", "user"]);
+    assert_eq!(c["user"], user);
+    assert_eq!(c["run_id"], run_id);
+
+    let user_conn = plugin.wait_for("NewUserConn").await;
+    let c = user_conn.content();
+    assert_eq!(keys(c), ["proxy_name", "proxy_type", "remote_addr", "user"]);
+    assert_eq!(c["user"], user);
+    assert_eq!(c["proxy_name"], "gpu-a");
+    assert_eq!(c["proxy_type"], "http");
+    assert!(c["remote_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+
+    let close = plugin.wait_for("CloseProxy").await;
+    let c = close.content();
+    assert_eq!(keys(c), ["proxy_name", "user"]);
+    assert_eq!(c["user"], user);
+    assert_eq!(c["proxy_name"], "gpu-a");
+
+    // Login comes first, then NewProxy; CloseProxy last.
+    let ops: Vec<&str> = calls.iter().map(PluginCall::op).collect();
+    assert_eq!(&ops[..2], ["Login", "NewProxy"]);
+    assert_eq!(ops.last(), Some(&"CloseProxy"));
+}
+
+#[tokio::test]
+async fn a_login_rejection_reaches_frpc_which_stops_with_the_reason() {
+    let plugin = PluginServer::start(|call| {
+        if call.content()["user"] == "fake" {
+            Reply::Reject("user fake is not allowed".into())
+        } else {
+            Reply::Allow
+        }
+    })
+    .await;
+    let frps = frps_with(
+        vec![plugin.spec("user-manager", &["Login"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let backend = Backend::start("b").await;
+    let mut cfg = frpc_config("gpu-a", &frps.addrs, backend.addr);
+    cfg.user = "fake".into();
+    let err = Frpc::start(cfg)
+        .exit()
+        .await
+        .expect_err("a rejected frpc stops");
+    assert!(
+        err.to_string().contains("user fake is not allowed"),
+        "frpc prints the plugin's reason: {err}"
+    );
+    assert!(frps.state.registry.is_empty());
+
+    // Another user passes the same plugin.
+    let mut cfg = frpc_config("gpu-b", &frps.addrs, backend.addr);
+    cfg.user = "alice".into();
+    let alice = Frpc::start(cfg);
+    frps.wait_for_clients(&["gpu-b"]).await;
+    alice.kill().await;
+}
+
+#[tokio::test]
+async fn a_new_proxy_rejection_refuses_the_registration_and_stops_the_chain() {
+    let first = PluginServer::start(|_| Reply::Reject("proxy name gpu-x is reserved".into())).await;
+    let second = PluginServer::allow_all().await;
+    let frps = frps_with(
+        vec![
+            first.spec("first", &["NewProxy"]),
+            second.spec("second", &["NewProxy"]),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (mut c, answer) = register(&frps, registration("gpu-x")).await;
+    assert_eq!(refusal(&answer), ("proxy name gpu-x is reserved", false));
+    assert!(c.recv().await.is_none(), "the connection closes");
+    assert!(frps.state.registry.is_empty());
+    assert!(
+        second.calls().is_empty(),
+        "plugins after a rejection are not asked"
+    );
+}
+
+#[tokio::test]
+async fn a_user_conn_rejection_answers_403_with_the_reason() {
+    let plugin = PluginServer::start(|_| Reply::Reject("monthly quota exceeded".into())).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("quota", &["NewUserConn"])];
+    let fleet = Fleet::start_with(1, cfg).await;
+    let reply = http::get(fleet.frps.public(), "/v1/chat/completions", Some(API_KEY)).await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let err = &reply.json()["error"];
+    assert_eq!(err["message"], "monthly quota exceeded");
+    assert_eq!(err["type"], "permission_error");
+    assert_eq!(err["code"], "rejected_by_plugin");
+    assert_eq!(fleet.backends[0].hits(), 0, "nothing reaches the GPU box");
+    // Unauthenticated requests never reach the plugin.
+    let before = plugin.calls().len();
+    assert_eq!(http::get(fleet.frps.public(), "/", None).await.status, 401);
+    assert_eq!(plugin.calls().len(), before);
+}
+
+#[tokio::test]
+async fn a_ping_rejection_disconnects_the_client_with_the_reason() {
+    let plugin = PluginServer::start(|_| Reply::Reject("this box is suspended".into())).await;
+    let frps = frps_with(
+        vec![plugin.spec("pinger", &["Ping"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (mut c, answer) = register(&frps, registration("gpu-p")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    c.send(Command::Heartbeat { seq: 1 }).await;
+    let mut saw_ack = false;
+    loop {
+        match c.recv().await {
+            Some(Command::HeartbeatAck { seq: 1 }) => saw_ack = true,
+            Some(Command::Disconnect { reason }) => {
+                assert_eq!(reason, "this box is suspended");
+                break;
+            }
+            other => panic!("expected an ack, then Disconnect; got {other:?}"),
+        }
+    }
+    assert!(saw_ack);
+    frps.wait_for_clients(&[]).await;
+}
+
+#[tokio::test]
+async fn a_work_conn_rejection_refuses_the_data_connection() {
+    let plugin = PluginServer::start(|_| Reply::Reject("no work connections today".into())).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("work", &["NewWorkConn"])];
+    let fleet = Fleet::start_with(1, cfg).await;
+    let started = Instant::now();
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("no work connections today"), "{message}");
+    assert!(
+        started.elapsed() < fleet.frps.state.config.connect_timeout,
+        "the request fails at once, not at the dial-back timeout"
+    );
+    assert_eq!(fleet.backends[0].hits(), 0);
+    assert_eq!(fleet.frps.state.pending.len(), 0);
+}
+
+#[tokio::test]
+async fn unchange_may_be_a_boolean_or_a_string() {
+    let plugin = PluginServer::start(|call| match call.op() {
+        "Login" => Reply::Json(json!({"reject": false, "unchange": "true"})),
+        _ => Reply::Json(json!({"reject": false, "unchange": true})),
+    })
+    .await;
+    let frps = frps_with(
+        vec![plugin.spec("p", &["Login", "NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_c, answer) = register(&frps, registration("gpu-u")).await;
+    assert!(matches!(answer, Command::Registered { ref client_id, .. } if client_id == "gpu-u"));
+    let client = frps.state.registry.get("gpu-u").expect("registered");
+    assert_eq!(client.registration.user, "fake");
+    assert_eq!(plugin.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn modified_content_is_what_frps_uses() {
+    let plugin = PluginServer::start(|call| {
+        let mut content = call.content().clone();
+        match call.op() {
+            "Login" => {
+                content["user"] = json!("mapped-user");
+                content["metas"]["tier"] = json!("gold");
+                Reply::Replace(content)
+            }
+            "NewProxy" => {
+                let name = content["proxy_name"].as_str().unwrap().to_owned();
+                content["proxy_name"] = json!(format!("renamed-{name}"));
+                content["metas"]["rack"] = json!("r7");
+                Reply::Replace(content)
+            }
+            _ => Reply::Allow,
+        }
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("rewriter", &["Login", "NewProxy", "NewUserConn"])];
+    cfg.admin_token = Some(ADMIN.into());
+    let frps = Frps::start(cfg).await;
+    let backend = Backend::start("gpu-m").await;
+    let mut fc = frpc_config("gpu-m", &frps.addrs, backend.addr);
+    fc.user = "fake".into();
+    fc.metas = vec![("token".into(), "fake".into())];
+    let frpc = Frpc::start(fc);
+
+    // The rewritten client id is the one frps registers.
+    frps.wait_for_clients(&["renamed-gpu-m"]).await;
+    let client = frps.state.registry.get("renamed-gpu-m").unwrap();
+    assert_eq!(client.registration.user, "mapped-user");
+    assert_eq!(client.registration.metas["tier"], "gold");
+    assert_eq!(client.registration.metas["token"], "fake");
+    assert_eq!(client.registration.proxy_metas["rack"], "r7");
+    let listed = Conn::open(frps.addrs.api)
+        .await
+        .get("/api/clients", Some(ADMIN))
+        .await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let ids: Vec<Value> = listed.json()["data"]
+        .as_array()
+        .expect("a list of clients")
+        .iter()
+        .map(|c| c["id"].clone())
+        .collect();
+    assert_eq!(
+        ids,
+        [json!("renamed-gpu-m")],
+        "the API lists the rewritten id"
+    );
+
+    // The next plugin call sees Login's modification.
+    let proxy = plugin.wait_for("NewProxy").await;
+    assert_eq!(proxy.content()["user"]["user"], "mapped-user");
+    assert_eq!(proxy.content()["user"]["metas"]["tier"], "gold");
+
+    // frpc uses the id frps gave it: requests flow through the renamed client.
+    let reply = http::get(frps.public(), "/renamed", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "gpu-m");
+    let user_conn = plugin.wait_for("NewUserConn").await;
+    assert_eq!(user_conn.content()["proxy_name"], "renamed-gpu-m");
+    assert_eq!(user_conn.content()["user"]["user"], "mapped-user");
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_rewritten_client_id_that_is_invalid_is_refused() {
+    let plugin = PluginServer::start(|call| {
+        let mut content = call.content().clone();
+        content["proxy_name"] = json!("not a valid id");
+        Reply::Replace(content)
+    })
+    .await;
+    let frps = frps_with(
+        vec![plugin.spec("bad", &["NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_c, answer) = register(&frps, registration("gpu-i")).await;
+    let (reason, retry) = refusal(&answer);
+    assert!(reason.contains("client id must be"), "{reason}");
+    assert!(!retry);
+    assert!(frps.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn plugins_run_in_configuration_order_each_seeing_the_last_content() {
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let chained = |name: &'static str, order: Arc<Mutex<Vec<String>>>| {
+        move |call: &PluginCall| {
+            let user = call.content()["user"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            order.lock().unwrap().push(format!("{name} saw {user}"));
+            let mut content = call.content().clone();
+            content["user"] = json!(format!("{user}+{name}"));
+            Reply::Replace(content)
+        }
+    };
+    let a = PluginServer::start(chained("a", order.clone())).await;
+    let b = PluginServer::start(chained("b", order.clone())).await;
+    let c = PluginServer::start(chained("c", order.clone())).await;
+    // Configured b, then a, then c: the order of the file, not of start-up.
+    let frps = frps_with(
+        vec![
+            b.spec("b", &["Login"]),
+            a.spec("a", &["Login"]),
+            c.spec("c", &["Login"]),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_c, answer) = register(&frps, registration("gpu-c")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    assert_eq!(
+        *order.lock().unwrap(),
+        ["b saw fake", "a saw fake+b", "c saw fake+b+a"]
+    );
+    let client = frps.state.registry.get("gpu-c").unwrap();
+    assert_eq!(client.registration.user, "fake+b+a+c");
+}
+
+#[tokio::test]
+async fn a_hung_plugin_fails_the_operation_after_the_timeout() {
+    let plugin = PluginServer::start(|_| Reply::Hang).await;
+    let frps = frps_with(
+        vec![plugin.spec("sleepy", &["Login"])],
+        Duration::from_millis(300),
+    )
+    .await;
+    let started = Instant::now();
+    let (_c, answer) = register(&frps, registration("gpu-t")).await;
+    let (reason, retry) = refusal(&answer);
+    assert_eq!(
+        reason,
+        "server plugin 'sleepy' failed on Login: no answer within 300ms"
+    );
+    assert!(retry, "a plugin that could not decide may decide later");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(frps.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn a_non_200_answer_fails_the_operation() {
+    let plugin = PluginServer::start(|_| Reply::Status(500)).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("broken", &["Login", "NewUserConn"])];
+    let frps = Frps::start(cfg).await;
+    let (_c, answer) = register(&frps, registration("gpu-5")).await;
+    let (reason, retry) = refusal(&answer);
+    assert_eq!(
+        reason,
+        "server plugin 'broken' failed on Login: answered HTTP 500 Internal Server Error"
+    );
+    assert!(retry);
+
+    // On the public port a failing plugin is 503, never a pass.
+    let plugin = PluginServer::start(|call| match call.op() {
+        "NewUserConn" => Reply::Status(404),
+        _ => Reply::Allow,
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("picky", &["NewUserConn"])];
+    let fleet = Fleet::start_with(1, cfg).await;
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "plugin_unavailable");
+    assert_eq!(fleet.backends[0].hits(), 0);
+}
+
+#[tokio::test]
+async fn garbage_answers_and_unreachable_plugins_fail_the_operation() {
+    let cases = [
+        (
+            Reply::Raw("<html>hello</html>".into()),
+            "invalid answer: not JSON",
+        ),
+        (
+            Reply::Json(json!({"unchange": "maybe"})),
+            "invalid answer: `maybe` is neither true nor false",
+        ),
+        (
+            Reply::Json(json!({"unchange": false})),
+            "invalid answer: `unchange` is false but there is no `content`",
+        ),
+        (
+            Reply::Json(json!({"unchange": false, "content": {"timestamp": "later"}})),
+            "invalid answer: modified content does not fit Login",
+        ),
+        (
+            Reply::Raw(format!("{{\"pad\": \"{}\"}}", "x".repeat(70_000))),
+            "answer longer than 65536 bytes",
+        ),
+    ];
+    for (reply, expected) in cases {
+        let plugin = PluginServer::start(move |_| reply.clone()).await;
+        let frps = frps_with(
+            vec![plugin.spec("junk", &["Login"])],
+            Duration::from_secs(3),
+        )
+        .await;
+        let (_c, answer) = register(&frps, registration("gpu-g")).await;
+        let (reason, retry) = refusal(&answer);
+        assert!(
+            reason.starts_with(&format!("server plugin 'junk' failed on Login: {expected}")),
+            "{reason}"
+        );
+        assert!(retry);
+        assert!(frps.state.registry.is_empty());
+    }
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gone = PluginSpec::new("gone", &closed.to_string(), "/handler", &["Login"]).unwrap();
+    let frps = frps_with(vec![gone], Duration::from_secs(3)).await;
+    let (_c, answer) = register(&frps, registration("gpu-g")).await;
+    let (reason, retry) = refusal(&answer);
+    assert!(
+        reason.starts_with("server plugin 'gone' failed on Login: unreachable"),
+        "{reason}"
+    );
+    assert!(retry);
+}
+
+#[tokio::test]
+async fn close_proxy_is_a_notification_whose_answer_is_ignored() {
+    let plugin = PluginServer::start(|call| match call.op() {
+        "CloseProxy" => Reply::Status(500),
+        _ => Reply::Allow,
+    })
+    .await;
+    let frps = frps_with(
+        vec![plugin.spec("closer", &["CloseProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (c, answer) = register(&frps, registration("gpu-q")).await;
+    assert!(matches!(answer, Command::Registered { .. }));
+    drop(c);
+    let call = plugin.wait_for("CloseProxy").await;
+    assert_eq!(call.content()["proxy_name"], "gpu-q");
+    frps.wait_for_clients(&[]).await;
+    // Another registration is unaffected by the failed notification.
+    let (_c, answer) = register(&frps, registration("gpu-q")).await;
+    assert!(matches!(answer, Command::Registered { .. }));
+}
+
+/// `PROGRAM --config PATH`.
+fn with_config(program: &str, path: &Path) -> Vec<OsString> {
+    vec![program.into(), "--config".into(), path.into()]
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+#[test]
+fn the_seed_frps_ini_and_frps_toml_parse_as_given() {
+    for file in ["frps.ini", "frps.toml"] {
+        let path = fixture(file);
+        let cli = frps::config_file::load_from(with_config("frps", &path))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let c = cli.config;
+        assert_eq!(
+            c.control_port, 7000,
+            "{file}: bind_port is the control port"
+        );
+        let plugins: Vec<(&str, &str, &str, Vec<&str>)> = c
+            .plugins
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.addr.as_str(),
+                    p.path.as_str(),
+                    p.ops.iter().map(|o| o.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            plugins,
+            [
+                ("user-manager", "127.0.0.1:9000", "/handler", vec!["Login"]),
+                (
+                    "port-manager",
+                    "127.0.0.1:9001",
+                    "/handler",
+                    vec!["NewProxy"]
+                ),
+            ],
+            "{file}"
+        );
+        assert_eq!(c.plugin_timeout, Duration::from_secs(3));
+    }
+}
+
+#[test]
+fn the_seed_frpc_ini_parses_as_given() {
+    let path = fixture("frpc.ini");
+    let c =
+        frpc::config_file::load_from(with_config("frpc", &path)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.server_addr, "127.0.0.1");
+    assert_eq!(c.control_port, 7000);
+    assert_eq!(c.user, "fake");
+    assert_eq!(
+        frpc::config::meta_map(&c.metas),
+        [("token", "fake"), ("version", "1.0.0")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into()
+    );
+    assert_eq!(c.client_id.as_deref(), Some("ssh"));
+    assert_eq!(c.local_port, 22);
+    assert_eq!(
+        frpc::config::meta_map(&c.proxy_metas),
+        [("id".to_owned(), "123".to_owned())].into()
+    );
+}
+
+#[tokio::test]
+async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
+    let plugin = PluginServer::start(|call| {
+        if call.op() == "Login" && call.content()["metas"]["token"] != "fake" {
+            Reply::Reject("bad token".into())
+        } else {
+            Reply::Allow
+        }
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("frpx-plugins-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let frps_ini = dir.join("frps.ini");
+    std::fs::write(
+        &frps_ini,
+        format!(
+            "[common]\nbind_addr = 127.0.0.1\nbind_port = 0\nproxy_port = 0\npublic_port = 0\napi_bind = 127.0.0.1\napi_port = 0\napi_key = {API_KEY}\ndatabase_url = {}\nredis_url = none\nplugin_timeout = 2s\n\n[plugin.user-manager]\naddr = {}\npath = {PLUGIN_PATH}\nops = Login, NewProxy\n",
+            frpx_tests::temp_sqlite_url(),
+            plugin.addr
+        ),
+    )
+    .unwrap();
+    let cli = frps::config_file::load_from(with_config("frps", &frps_ini))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let frps = Frps::start(cli.config).await;
+    let backend = Backend::start("ini-box").await;
+
+    let frpc_ini = dir.join("frpc.ini");
+    std::fs::write(
+        &frpc_ini,
+        format!(
+            "[common]\nserver_addr = 127.0.0.1\nserver_port = {}\nproxy_port = {}\nuser = fake\nmeta_token = fake\nemail = {}\npassword = {}\nno_prompt = true\ntoken_file = {}\nreconnect_min = 50ms\n\n[ini-box]\ntype = http\nlocal_ip = 127.0.0.1\nlocal_port = {}\nmeta_id = 123\n",
+            frps.addrs.control.port(),
+            frps.addrs.proxy.port(),
+            frpx_tests::TEST_EMAIL,
+            frpx_tests::TEST_PASSWORD,
+            dir.join("token.json").display(),
+            backend.addr.port()
+        ),
+    )
+    .unwrap();
+    let cfg = frpc::config_file::load_from(with_config("frpc", &frpc_ini))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["ini-box"]).await;
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "ini-box");
+    let proxy = plugin.wait_for("NewProxy").await;
+    assert_eq!(proxy.content()["metas"]["id"], "123");
+    assert_eq!(proxy.content()["user"]["user"], "fake");
+    frpc.kill().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
