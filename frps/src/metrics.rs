@@ -111,6 +111,7 @@ struct FleetSnapshot {
     bytes_in: u64,
     bytes_out: u64,
     auth: Vec<(&'static str, u64)>,
+    queues: Vec<(String, usize)>,
     per_client: Vec<ClientGauges>,
 }
 
@@ -145,6 +146,7 @@ impl FleetSnapshot {
                 ("database", keys.db_hits.load(Ordering::Relaxed)),
                 ("database_error", keys.db_errors.load(Ordering::Relaxed)),
             ],
+            queues: state.queues.depths(),
             per_client: clients
                 .iter()
                 .map(|c| {
@@ -212,6 +214,17 @@ impl Collector for FleetSnapshot {
         )?;
         for (direction, v) in [("in", self.bytes_in), ("out", self.bytes_out)] {
             ConstCounter::new(v).encode(bytes.encode_family(&[("direction", direction)])?)?;
+        }
+
+        let mut queue = encoder.encode_descriptor(
+            "frpx_queue_depth",
+            "Requests waiting for capacity, by model (* for requests naming none)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (model, n) in &self.queues {
+            ConstGauge::new(*n as i64)
+                .encode(queue.encode_family(&[("model", model.as_str())])?)?;
         }
 
         let mut auth = encoder.encode_descriptor(

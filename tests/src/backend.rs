@@ -24,6 +24,8 @@ type BackendBody = Either<Full<Bytes>, Channel<Bytes>>;
 pub struct Seen {
     /// Request path.
     pub path: String,
+    /// Query string.
+    pub query: Option<String>,
     /// Request headers.
     pub headers: HeaderMap,
 }
@@ -35,6 +37,12 @@ struct Shared {
     seen: Mutex<Vec<Seen>>,
     /// Released by the test to let `/sse` send its last event.
     sse_release: Notify,
+    /// Set by the test to let every `/hold` stream finish.
+    hold_release: tokio::sync::watch::Sender<bool>,
+    /// `/hold` streams whose caller went away before the end.
+    cancelled: std::sync::atomic::AtomicUsize,
+    /// `/hold` streams in progress.
+    holding: std::sync::atomic::AtomicUsize,
 }
 
 /// A running backend.
@@ -95,6 +103,25 @@ impl Backend {
         self.shared.sse_release.notify_one();
     }
 
+    /// Lets every `/hold` stream (current and future) finish.
+    pub fn release_holds(&self) {
+        self.shared.hold_release.send_replace(true);
+    }
+
+    /// `/hold` streams in progress.
+    pub fn holding(&self) -> usize {
+        self.shared
+            .holding
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// `/hold` streams abandoned by their caller.
+    pub fn cancelled(&self) -> usize {
+        self.shared
+            .cancelled
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Stops accepting (existing connections keep running).
     pub fn stop(&self) {
         self.task.abort();
@@ -114,6 +141,7 @@ async fn serve(
     let path = req.uri().path().to_owned();
     sh.seen.lock().unwrap().push(Seen {
         path: path.clone(),
+        query: req.uri().query().map(str::to_owned),
         headers: req.headers().clone(),
     });
     let full = |status: u16, ct: &str, body: String| {
@@ -146,6 +174,54 @@ async fn serve(
                 .header("content-type", "text/event-stream")
                 .body(Either::Right(body))
                 .unwrap()
+        }
+        "/hold" => {
+            // Streams "started", then a ping every 20 ms until released,
+            // then "done"; notices when the caller goes away.
+            let (mut tx, body) = Channel::<Bytes>::new(4);
+            let sh = sh.clone();
+            sh.holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut released = sh.hold_release.subscribe();
+                let mut alive = tx
+                    .send_data(Bytes::from(format!("started {}\n", sh.name)))
+                    .await
+                    .is_ok();
+                while alive && !*released.borrow() {
+                    tokio::select! {
+                        _ = released.changed() => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
+                            alive = tx.send_data(Bytes::from_static(b": ping\n")).await.is_ok();
+                        }
+                    }
+                }
+                if alive {
+                    let _ = tx.send_data(Bytes::from_static(b"done\n")).await;
+                } else {
+                    sh.cancelled
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                sh.holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            Response::builder()
+                .header("content-type", "text/plain")
+                .body(Either::Right(body))
+                .unwrap()
+        }
+        "/sleep" => {
+            let ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            full(
+                200,
+                "application/json",
+                serde_json::json!({"backend": sh.name, "path": path, "query": req.uri().query()})
+                    .to_string(),
+            )
         }
         "/echo" => {
             let body = req

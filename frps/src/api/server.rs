@@ -53,6 +53,7 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
             .map(|c| c.in_flight.load(Ordering::Relaxed))
             .sum(),
         pending_connections: state.pending.len(),
+        queue_depth: state.queues.depths().into_iter().collect(),
         bytes_in: load(&s.bytes_in),
         bytes_out: load(&s.bytes_out),
         errors: ErrorCounts {
@@ -61,6 +62,7 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
             no_client: load(&s.no_client),
             dial_timeouts: load(&s.dial_timeouts),
             upstream_errors: load(&s.upstream_errors),
+            queue_rejections: load(&s.queue_rejections),
         },
     };
     Ok(ok(stats, "server statistics"))

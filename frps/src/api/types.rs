@@ -167,6 +167,8 @@ pub struct ErrorCounts {
     pub dial_timeouts: u64,
     /// Client unreachable or failed (502).
     pub upstream_errors: u64,
+    /// Fleet at capacity: queue full or wait too long (429).
+    pub queue_rejections: u64,
 }
 
 /// `/api/stats`.
@@ -186,6 +188,8 @@ pub struct Stats {
     pub in_flight: usize,
     /// Dial-backs requested and not yet arrived.
     pub pending_connections: usize,
+    /// Requests waiting for capacity, per model (`*`: requests naming none).
+    pub queue_depth: BTreeMap<String, usize>,
     /// Request body bytes received from callers.
     pub bytes_in: u64,
     /// Response body bytes sent to callers.

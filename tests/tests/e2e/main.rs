@@ -4,5 +4,6 @@ mod api;
 mod auth;
 mod plugins;
 mod resilience;
+mod routing;
 mod storage;
 mod tunnel;

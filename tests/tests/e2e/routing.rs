@@ -1,0 +1,375 @@
+//! Inference-aware routing: models, balancing, capacity queues, failover.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use frps::Config;
+use frpx_tests::http::{self, Conn, Reply};
+use frpx_tests::{API_KEY, Backend, Frpc, Frps, WAIT, frpc_config, frps_config};
+use http_body_util::BodyExt;
+
+/// frps and one frpc per `(id, models, max_concurrency)`.
+struct Boxes {
+    frps: Frps,
+    backends: HashMap<String, Backend>,
+    clients: HashMap<String, Frpc>,
+}
+
+async fn boxes(config: Config, specs: &[(&str, &[&str], Option<u32>)]) -> Boxes {
+    let frps = Frps::start(config).await;
+    let mut backends = HashMap::new();
+    let mut clients = HashMap::new();
+    for (id, models, max) in specs {
+        let backend = Backend::start(id).await;
+        backend.set_models(models);
+        let mut cfg = frpc_config(id, &frps.addrs, backend.addr);
+        cfg.max_concurrency = *max;
+        clients.insert(id.to_string(), Frpc::start(cfg));
+        backends.insert(id.to_string(), backend);
+    }
+    let ids: Vec<&str> = specs.iter().map(|s| s.0).collect();
+    frps.wait_for_clients(&ids).await;
+    Boxes {
+        frps,
+        backends,
+        clients,
+    }
+}
+
+fn chat(model: &str) -> String {
+    serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> Reply {
+    Conn::open(addr).await.post(path, Some(API_KEY), body).await
+}
+
+#[tokio::test]
+async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
+    let b = boxes(
+        frps_config(),
+        &[
+            ("a", &["llama3:latest"], None),
+            ("b", &["qwen2.5:1.5b"], None),
+            ("c", &["llama3:latest", "qwen2.5:1.5b"], None),
+        ],
+    )
+    .await;
+    let mut served: HashMap<(String, String), usize> = HashMap::new();
+    let mut conn = Conn::open(b.frps.public()).await;
+    for i in 0..60 {
+        // `llama3` is `llama3:latest`, as in Ollama.
+        let (model, path) = match i % 4 {
+            0 => ("llama3", "/v1/chat/completions"),
+            1 => ("qwen2.5:1.5b", "/api/chat"),
+            2 => ("llama3:latest", "/api/generate"),
+            _ => ("qwen2.5:1.5b", "/v1/embeddings"),
+        };
+        let reply = conn.post(path, Some(API_KEY), chat(model)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let backend = reply.json()["backend"].as_str().unwrap().to_owned();
+        *served
+            .entry((model.replace(":latest", ""), backend))
+            .or_default() += 1;
+    }
+    for ((model, backend), n) in &served {
+        let ok = match model.as_str() {
+            "llama3" => backend == "a" || backend == "c",
+            _ => backend == "b" || backend == "c",
+        };
+        assert!(ok, "{model} went to {backend} ({n} times)");
+    }
+    let backends: HashSet<_> = served.keys().map(|(_, b)| b.clone()).collect();
+    assert_eq!(backends.len(), 3, "{served:?}");
+    // The body reached the box unchanged.
+    let seen = b.backends["b"].seen();
+    assert!(seen.iter().any(|s| s.path == "/api/chat"));
+}
+
+#[tokio::test]
+async fn unknown_models_get_404_and_an_empty_fleet_503() {
+    let b = boxes(frps_config(), &[("a", &["llama3:latest"], None)]).await;
+    let reply = post(b.frps.public(), "/v1/chat/completions", chat("mistral")).await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    let err = &reply.json()["error"];
+    assert_eq!(err["code"], "model_not_found");
+    assert!(err["message"].as_str().unwrap().contains("mistral"));
+    // A body that is not JSON, or names no model, goes to any client.
+    let reply = post(b.frps.public(), "/v1/chat/completions", "not json".into()).await;
+    assert_eq!(reply.status, 200);
+    for (_, c) in b.clients {
+        c.kill().await;
+    }
+    b.frps.wait_for_clients(&[]).await;
+    let reply = post(b.frps.public(), "/v1/chat/completions", chat("llama3")).await;
+    assert_eq!(reply.status, 503);
+}
+
+#[tokio::test]
+async fn the_fleets_models_are_listed_by_frps_itself() {
+    let b = boxes(
+        frps_config(),
+        &[
+            ("a", &["llama3:latest"], None),
+            ("b", &["qwen2.5:1.5b", "llama3:latest"], None),
+        ],
+    )
+    .await;
+    let openai = http::get(b.frps.public(), "/v1/models", Some(API_KEY)).await;
+    assert_eq!(openai.status, 200);
+    let json = openai.json();
+    assert_eq!(json["object"], "list");
+    let ids: Vec<_> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["llama3:latest", "qwen2.5:1.5b"]);
+    let ollama = http::get(b.frps.public(), "/api/tags", Some(API_KEY))
+        .await
+        .json();
+    let names: Vec<_> = ollama["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["llama3:latest", "qwen2.5:1.5b"]);
+    // Authenticated like everything else, and never forwarded.
+    assert_eq!(
+        http::get(b.frps.public(), "/v1/models", None).await.status,
+        401
+    );
+    assert!(b.backends.values().all(|be| be.hits() == 0));
+}
+
+async fn pinned(addr: std::net::SocketAddr, client: &str) -> Reply {
+    let mut conn = Conn::open(addr).await;
+    let req = ::http::Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("host", "x")
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("x-frpx-client", client)
+        .body(http_body_util::Full::new(Bytes::from(chat("m"))))
+        .unwrap();
+    http::read(conn.send(req).await.unwrap()).await
+}
+
+#[tokio::test]
+async fn x_frpx_client_pins_a_request() {
+    let b = boxes(frps_config(), &[("a", &["m"], None), ("b", &["m"], None)]).await;
+    for _ in 0..10 {
+        let reply = pinned(b.frps.public(), "b").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["backend"], "b");
+    }
+    let reply = pinned(b.frps.public(), "nobody").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "client_not_found");
+    // The header is frps's, not the box's.
+    assert!(
+        b.backends["b"]
+            .seen()
+            .iter()
+            .all(|s| !s.headers.contains_key("x-frpx-client"))
+    );
+}
+
+/// Starts a `/hold` request and returns once its first chunk arrived.
+async fn hold(addr: std::net::SocketAddr) -> (String, hyper::body::Incoming) {
+    let mut conn = Conn::open(addr).await;
+    let req = http::request("GET", addr, "/hold", Some(API_KEY), Bytes::new());
+    let resp = conn.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(first.into_data().unwrap().to_vec()).unwrap();
+    let who = text.trim().strip_prefix("started ").unwrap().to_owned();
+    // Keep the connection alive with the body.
+    tokio::spawn(async move { drop(conn) });
+    (who, body)
+}
+
+#[tokio::test]
+async fn least_conn_spreads_concurrent_slow_requests_one_per_box() {
+    let b = boxes(
+        frps_config(),
+        &[("a", &[], None), ("b", &[], None), ("c", &[], None)],
+    )
+    .await;
+    let mut bodies = Vec::new();
+    let mut who = HashSet::new();
+    for _ in 0..3 {
+        let (w, body) = hold(b.frps.public()).await;
+        who.insert(w);
+        bodies.push(body);
+    }
+    assert_eq!(who.len(), 3, "each box got exactly one: {who:?}");
+    for be in b.backends.values() {
+        be.release_holds();
+    }
+    for body in bodies {
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert!(rest.ends_with(b"done\n"));
+    }
+}
+
+#[tokio::test]
+async fn with_capacity_one_requests_queue_and_are_served_in_order() {
+    let b = boxes(frps_config(), &[("solo", &["m"], Some(1))]).await;
+    let state = b.frps.state.clone();
+    let addr = b.frps.public();
+    // The only slot is taken.
+    let (_, held) = hold(addr).await;
+    let mut tasks = Vec::new();
+    for i in 1..=5 {
+        let body = chat("m");
+        tasks.push(tokio::spawn(async move {
+            Conn::open(addr)
+                .await
+                .post(&format!("/sleep?ms=10&n={i}"), Some(API_KEY), body)
+                .await
+        }));
+        frpx_tests::eventually("the request waits in line", || state.queues.total() == i).await;
+    }
+    assert_eq!(
+        b.backends["solo"]
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/sleep")
+            .count(),
+        0,
+        "nothing piled onto the box"
+    );
+    b.backends["solo"].release_holds();
+    held.collect().await.unwrap();
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let order: Vec<String> = b.backends["solo"]
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/sleep")
+        .map(|s| s.query.unwrap_or_default())
+        .collect();
+    let expected: Vec<String> = (1..=5).map(|i| format!("ms=10&n={i}")).collect();
+    assert_eq!(order, expected, "served in arrival order");
+    assert_eq!(state.queues.total(), 0);
+}
+
+#[tokio::test]
+async fn a_full_or_timed_out_queue_answers_429_with_retry_after() {
+    let mut cfg = frps_config();
+    cfg.queue_timeout = Duration::from_millis(300);
+    cfg.queue_max = 1;
+    let b = boxes(cfg, &[("solo", &[], Some(1))]).await;
+    let (_, held) = hold(b.frps.public()).await;
+    let addr = b.frps.public();
+    let waiting = tokio::spawn(async move { http::get(addr, "/x", Some(API_KEY)).await });
+    frpx_tests::eventually("one request waits", || b.frps.state.queues.total() == 1).await;
+    let stats = http::get(b.frps.addrs.api, "/api/stats", None).await.json();
+    assert_eq!(stats["data"]["queue_depth"]["*"], 1, "{stats}");
+    let metrics = http::get(b.frps.addrs.api, "/metrics", None).await.body;
+    assert!(
+        metrics.contains("frpx_queue_depth{model=\"*\"} 1"),
+        "{metrics}"
+    );
+    // The queue (max 1) is full: refused at once.
+    let full = http::get(addr, "/y", Some(API_KEY)).await;
+    assert_eq!(full.status, 429, "{}", full.body);
+    assert_eq!(full.json()["error"]["code"], "capacity_exceeded");
+    assert!(full.headers.contains_key("retry-after"));
+    // The waiting one gives up after the queue timeout.
+    let timed_out = waiting.await.unwrap();
+    assert_eq!(timed_out.status, 429);
+    assert_eq!(timed_out.headers["retry-after"], "1");
+    b.backends["solo"].release_holds();
+    held.collect().await.unwrap();
+    assert_eq!(http::get(addr, "/z", Some(API_KEY)).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_box_killed_mid_run_fails_no_request_that_had_not_started_streaming() {
+    let mut b = boxes(
+        frps_config(),
+        &[
+            ("a", &["m"], None),
+            ("b", &["m"], None),
+            ("c", &["m"], None),
+        ],
+    )
+    .await;
+    let addr = b.frps.public();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await;
+            let req = http::request(
+                "POST",
+                addr,
+                "/v1/chat/completions",
+                Some(API_KEY),
+                Bytes::from(chat("m")),
+            );
+            match conn.send(req).await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    // A failure after the response started is reported by
+                    // closing the stream; that is allowed, nothing else is.
+                    let complete = resp.into_body().collect().await.is_ok();
+                    (status.as_u16(), complete)
+                }
+                Err(e) => panic!("request {i} failed before any response: {e}"),
+            }
+        }));
+        if i == 40 {
+            b.clients.remove("b").unwrap().kill().await;
+        }
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, complete) = t.await.unwrap();
+        assert_eq!(
+            status, 200,
+            "no request that had not started streaming may fail"
+        );
+        if complete {
+            ok += 1;
+        }
+    }
+    assert!(
+        ok >= 110,
+        "only streams cut mid-body may fail: {ok}/120 complete"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_that_disconnects_cancels_the_upstream_request() {
+    let b = boxes(frps_config(), &[("a", &[], None)]).await;
+    let (_, body) = hold(b.frps.public()).await;
+    assert_eq!(b.backends["a"].holding(), 1);
+    drop(body);
+    frpx_tests::eventually("the backend sees the caller leave", || {
+        b.backends["a"].cancelled() == 1
+    })
+    .await;
+    frpx_tests::eventually("the slot is freed", || {
+        b.frps
+            .state
+            .registry
+            .get("a")
+            .unwrap()
+            .in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 0
+    })
+    .await;
+}
