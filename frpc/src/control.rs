@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -258,6 +258,12 @@ impl Client {
         wr: &mut OwnedWriteHalf,
     ) -> Result<(Session, Duration, Probe), SessionError> {
         let (models, service_up) = probe_models(&self.config).await;
+        if !service_up {
+            warn!(
+                "the local service at {} does not answer; registering as unhealthy until it does",
+                self.config.local_host()
+            );
+        }
         let registration = Registration {
             client_id: self.identity.client_id.clone(),
             machine_id: self.identity.machine_id.clone(),
@@ -387,12 +393,19 @@ impl Client {
 /// The local service's models and whether it answered.
 type Probe = (Vec<ModelInfo>, bool);
 
+/// Asks the local service for its models. The service is down only when it
+/// cannot be reached; one that answers without a model list (a plain HTTP
+/// server) is up and serves no named model.
 async fn probe_models(config: &Config) -> Probe {
     match local::models(&config.local_host(), config.connect_timeout).await {
         Ok(models) => (models, true),
-        Err(e) => {
-            warn!("cannot list the local service's models: {e}");
+        Err(e @ (local::ProbeError::Unreachable(_) | local::ProbeError::Timeout(_))) => {
+            debug!("local service down: {e}");
             (Vec::new(), false)
+        }
+        Err(e) => {
+            debug!("local service has no model list: {e}");
+            (Vec::new(), true)
         }
     }
 }
@@ -431,6 +444,16 @@ async fn report(
             changed = now != last,
             "probed the local service"
         );
+        if now.1 != last.1 {
+            if now.1 {
+                info!("the local service at {} answers again", config.local_host());
+            } else {
+                warn!(
+                    "the local service at {} stopped answering",
+                    config.local_host()
+                );
+            }
+        }
         if now != last {
             let update = Command::ModelsUpdate {
                 models: now.0.clone(),

@@ -43,6 +43,8 @@ struct Shared {
     cancelled: std::sync::atomic::AtomicUsize,
     /// `/hold` streams in progress.
     holding: std::sync::atomic::AtomicUsize,
+    /// Answer 404 on the model-list endpoints, like a plain HTTP server.
+    no_model_list: std::sync::atomic::AtomicBool,
 }
 
 /// A running backend.
@@ -103,6 +105,13 @@ impl Backend {
         self.shared.sse_release.notify_one();
     }
 
+    /// Makes the model-list endpoints answer 404, like a plain HTTP server.
+    pub fn without_model_list(&self) {
+        self.shared
+            .no_model_list
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Lets every `/hold` stream (current and future) finish.
     pub fn release_holds(&self) {
         self.shared.hold_release.send_replace(true);
@@ -151,7 +160,9 @@ async fn serve(
             .body(Either::Left(Full::new(Bytes::from(body))))
             .unwrap()
     };
+    let no_list = sh.no_model_list.load(std::sync::atomic::Ordering::SeqCst);
     let resp = match path.as_str() {
+        "/api/tags" | "/v1/models" if no_list => full(404, "text/plain", "not found".into()),
         "/api/tags" => full(200, "application/json", {
             let models: Vec<_> = sh
                 .models

@@ -187,7 +187,8 @@ pub async fn new_user_conn(
 }
 
 /// The public caller's answer when `NewUserConn` did not pass: 403 with the
-/// plugin's reason, or 503 when a plugin could not decide.
+/// plugin's reason, or 503 when a plugin could not decide (the cause is in
+/// frps's log, not in the answer).
 pub fn refusal(e: &PluginError) -> Response<PublicBody> {
     if e.is_rejection() {
         error_response(
@@ -199,7 +200,7 @@ pub fn refusal(e: &PluginError) -> Response<PublicBody> {
     } else {
         error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &e.to_string(),
+            "the server could not check this request; retry later",
             "service_unavailable",
             "plugin_unavailable",
         )

@@ -557,6 +557,11 @@ async fn a_non_200_answer_fails_the_operation() {
     let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "plugin_unavailable");
+    assert!(
+        !reply.body.contains("picky"),
+        "the cause stays in frps's log: {}",
+        reply.body
+    );
     assert_eq!(fleet.backends[0].hits(), 0);
 }
 

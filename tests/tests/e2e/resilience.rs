@@ -240,6 +240,21 @@ async fn a_client_whose_service_dies_fails_over_and_cools_down() {
 }
 
 #[tokio::test]
+async fn a_plain_http_service_without_a_model_list_is_healthy() {
+    let frps = Frps::start_default().await;
+    let backend = frpx_tests::Backend::start("plain").await;
+    backend.without_model_list();
+    let frpc = Frpc::connect("plain", &frps, &backend);
+    frps.wait_for_clients(&["plain"]).await;
+    let client = frps.state.registry.get("plain").unwrap();
+    assert!(client.is_healthy());
+    assert!(client.models().is_empty());
+    let reply = http::get(frps.public(), "/index.html", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    frpc.kill().await;
+}
+
+#[tokio::test]
 async fn a_client_whose_service_is_down_gets_no_traffic() {
     let fleet = Fleet::start(1).await;
     let dead_port = {
@@ -276,7 +291,10 @@ async fn a_client_whose_service_is_down_gets_no_traffic() {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
-    let fleet = Fleet::start(1).await;
+    // The watcher below never heartbeats: give it time to see the shutdown.
+    let mut cfg = frps_config();
+    cfg.heartbeat_interval = Duration::from_secs(30);
+    let fleet = Fleet::start_with(1, cfg).await;
     let (mut watcher, _) = FakeClient::register(
         fleet.frps.addrs.control,
         &fleet.frps.client_token().await,
