@@ -1,6 +1,8 @@
 //! A minimal HTTP/1.1 client: one TCP connection per [`connect`], requests
 //! built from a parsed `http://` URL, bodies drained frame by frame.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
 use anyhow::Context;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONNECTION, HOST};
@@ -9,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Sender half of one client connection.
 pub type Sender = SendRequest<Empty<Bytes>>;
@@ -62,13 +64,51 @@ impl Target {
 /// HTTP/1.1 handshake. The connection task ends when the sender is dropped
 /// or the peer closes.
 pub async fn connect(addr: &str) -> anyhow::Result<Sender> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_nodelay(true)?;
+    connect_from(addr, None).await
+}
+
+/// Like [`connect`], from the local address `source` when given.
+pub async fn connect_from(addr: &str, source: Option<IpAddr>) -> anyhow::Result<Sender> {
+    let stream = tcp(addr, source).await?;
     let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// Opens a TCP connection to `addr` with `TCP_NODELAY`, from the local
+/// address `source` when given.
+pub async fn tcp(addr: &str, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let stream = match source {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => {
+            let peer = tokio::net::lookup_host(addr)
+                .await?
+                .find(|a| a.is_ipv4() == ip.is_ipv4())
+                .with_context(|| format!("{addr} has no address of {ip}'s family"))?;
+            let socket = if ip.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(peer).await
+        }
+    }
+    .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The source address of connection `n` when connections are spread over
+/// `count` loopback addresses (127.1.0.1, 127.1.0.2, ...), as many distinct
+/// callers would be; `None` (the default address) when `count` is 0 or 1.
+pub fn loopback_source(n: usize, count: usize) -> Option<IpAddr> {
+    if count <= 1 {
+        return None;
+    }
+    let k = n % count;
+    let [hi, lo] = [(k / 250 % 256) as u8, (k % 250 + 1) as u8];
+    Some(Ipv4Addr::new(127, 1, hi, lo).into())
 }
 
 /// Reads a response body to its end without keeping it; returns its length.
@@ -110,6 +150,24 @@ mod tests {
         assert_eq!((t.addr.as_str(), t.path.as_str()), ("localhost:80", "/"));
         assert!(Target::parse("https://x/").is_err());
         assert!(Target::parse("/no-host").is_err());
+    }
+
+    #[test]
+    fn sources_cycle_over_loopback_addresses() {
+        assert_eq!(loopback_source(7, 1), None);
+        assert_eq!(loopback_source(0, 3), Some([127, 1, 0, 1].into()));
+        assert_eq!(loopback_source(5, 3), Some([127, 1, 0, 3].into()));
+        assert_eq!(loopback_source(250, 1000), Some([127, 1, 1, 1].into()));
+    }
+
+    #[tokio::test]
+    async fn connections_leave_from_the_given_source() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let source = loopback_source(1, 2).unwrap();
+        let _stream = tcp(&addr, Some(source)).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), source);
     }
 
     #[test]

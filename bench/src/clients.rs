@@ -1,22 +1,31 @@
 //! Simulated frpc clients: many control connections in one process, each
 //! speaking the real protocol (`LoginToken`, `Register`, a `Heartbeat`),
-//! held open while the server's memory is read.
+//! held open while the server's memory is read. They log in with a client
+//! token (the one the bench frpc saved), so no password hashing runs in frps
+//! while its memory is measured.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::{Command, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, write_command};
-use tokio::net::TcpStream;
+use common::{
+    Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, write_command,
+};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::client;
 use crate::stats::Memory;
 
 /// Longest wait for any one frame from frps.
 const FRAME_WAIT: Duration = Duration::from_secs(10);
+
+/// Unrelated frames skipped while waiting for a heartbeat's answer.
+const MAX_SKIPPED: usize = 16;
 
 /// `frpx-bench clients` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,7 +33,7 @@ pub struct Args {
     /// frps control address (`host:port`).
     #[arg(long)]
     pub control: String,
-    /// Provider secret (frps `--client-secret`).
+    /// Client token every simulated client logs in with.
     #[arg(long)]
     pub token: String,
     /// Clients to register.
@@ -36,6 +45,10 @@ pub struct Args {
     /// Registrations in progress at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Spread the connections over this many loopback source addresses
+    /// (frps caps connections per address); 1 uses the default address.
+    #[arg(long, default_value_t = 1)]
+    pub sources: usize,
     /// Process (frps) whose memory is read once every client is registered.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -70,17 +83,27 @@ pub struct SimClient {
 }
 
 impl SimClient {
-    /// Logs in with `token`, registers as `id` and completes one heartbeat.
-    pub async fn register(control: &str, token: &str, id: &str) -> anyhow::Result<SimClient> {
-        let stream = TcpStream::connect(control)
+    /// Opens a control connection to `control`, from `source` when given.
+    async fn connect(control: &str, source: Option<IpAddr>) -> anyhow::Result<SimClient> {
+        let stream = client::tcp(control, source)
             .await
-            .with_context(|| format!("cannot connect to the control port {control}"))?;
-        stream.set_nodelay(true)?;
+            .context("cannot reach the control port")?;
         let (rd, writer) = stream.into_split();
-        let mut client = SimClient {
+        Ok(SimClient {
             reader: FrameReader::new(rd, MAX_FRAME),
             writer,
-        };
+        })
+    }
+
+    /// Logs in with `token`, registers as `id` and completes one heartbeat,
+    /// connecting from `source` when given.
+    pub async fn register(
+        control: &str,
+        source: Option<IpAddr>,
+        token: &str,
+        id: &str,
+    ) -> anyhow::Result<SimClient> {
+        let mut client = SimClient::connect(control, source).await?;
         client
             .send(Command::LoginToken {
                 token: token.to_owned(),
@@ -108,9 +131,25 @@ impl SimClient {
             other => anyhow::bail!("registration of {id} refused: {other:?}"),
         }
         client.send(Command::Heartbeat { seq: 1 }).await?;
-        match client.recv().await? {
-            Command::HeartbeatAck { seq: 1 } => Ok(client),
-            other => anyhow::bail!("expected HeartbeatAck for {id}, got {other:?}"),
+        // frps may send other commands first; a few are skipped.
+        for _ in 0..MAX_SKIPPED {
+            if let Command::HeartbeatAck { seq: 1 } = client.recv().await? {
+                return Ok(client);
+            }
+        }
+        anyhow::bail!("no HeartbeatAck for {id} within {MAX_SKIPPED} frames")
+    }
+
+    /// Closes the connection and waits until frps has closed its side too,
+    /// which it does once the client is out of its registry.
+    pub async fn leave(mut self) -> anyhow::Result<()> {
+        self.writer.shutdown().await?;
+        loop {
+            match self.reader.read_command_within(FRAME_WAIT).await {
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(FrameError::Io(_) | FrameError::Truncated) => return Ok(()),
+                Err(e) => return Err(e).context("frps did not close a simulated client"),
+            }
         }
     }
 
@@ -135,9 +174,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         let permits = permits.clone();
         let (control, token) = (args.control.clone(), args.token.clone());
         let id = format!("{}-{n}", args.prefix);
+        let source = client::loopback_source(n, args.sources);
         registering.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            SimClient::register(&control, &token, &id).await
+            SimClient::register(&control, source, &token, &id).await
         });
     }
     let collect = async {
@@ -151,8 +191,21 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .await
         .with_context(|| format!("{} clients did not register within {limit:?}", args.count))??;
     let memory = args.pid.map(Memory::of_pid).transpose()?;
+    let registered = clients.len();
+    // Leave only once frps has let every client go, so that nothing routes
+    // to them after this process is gone.
+    let mut leaving: JoinSet<_> = clients.into_iter().map(SimClient::leave).collect();
+    let drain = async {
+        while let Some(done) = leaving.join_next().await {
+            done??;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(limit, drain)
+        .await
+        .with_context(|| format!("frps did not let {registered} clients go within {limit:?}"))??;
     Ok(Report {
-        clients: clients.len(),
+        clients: registered,
         memory,
     })
 }

@@ -2,6 +2,7 @@
 //! reads the answer, and stays open while the server's memory is read.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,10 @@ pub struct Args {
     /// Connections being set up at once.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
+    /// Spread the connections over this many loopback source addresses
+    /// (frps caps connections per address); 1 uses the default address.
+    #[arg(long, default_value_t = 1)]
+    pub sources: usize,
     /// Process (frps) whose memory is read once every connection is idle.
     #[arg(long)]
     pub pid: Option<u32>,
@@ -64,11 +69,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let limit = Duration::from_secs(args.timeout_secs);
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut opening = JoinSet::new();
-    for _ in 0..args.count {
+    for n in 0..args.count {
         let (permits, target, key) = (permits.clone(), target.clone(), args.key.clone());
+        let source = client::loopback_source(n, args.sources);
         opening.spawn(async move {
             let _permit = permits.acquire_owned().await?;
-            open_one(&target, key.as_deref()).await
+            open_one(&target, key.as_deref(), source).await
         });
     }
     let collect = async {
@@ -94,8 +100,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     })
 }
 
-async fn open_one(target: &Target, key: Option<&str>) -> anyhow::Result<Sender> {
-    let mut sender = client::connect(&target.addr).await?;
+async fn open_one(
+    target: &Target,
+    key: Option<&str>,
+    source: Option<IpAddr>,
+) -> anyhow::Result<Sender> {
+    let mut sender = client::connect_from(&target.addr, source).await?;
     let (status, _) = client::fetch(&mut sender, target.get(key, false)?).await?;
     anyhow::ensure!(
         (200..300).contains(&status),

@@ -3,6 +3,7 @@
 //! - [`protocol`]: the [`Command`] enum, every message of the conversation.
 //! - [`codec`]: length-prefixed JSON framing with a size limit and timeouts.
 //! - [`join`]: bidirectional stream joining with half-close semantics.
+//! - [`stream`]: the connection type, plain TCP or TLS.
 //! - [`config_file`]: INI configuration files feeding the binaries' flags.
 //! - [`telemetry`]: the binaries' log set-up.
 
@@ -11,6 +12,7 @@ pub mod config_file;
 pub mod duration;
 pub mod join;
 pub mod protocol;
+pub mod stream;
 pub mod telemetry;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
@@ -19,3 +21,4 @@ pub use join::{JoinStats, join_streams};
 pub use protocol::{
     Command, DiskInfo, GpuInfo, ModelInfo, PROTOCOL_VERSION, Registration, SystemInfo,
 };
+pub use stream::Stream;

@@ -101,6 +101,36 @@ pub struct Config {
     #[arg(long = "proxy-meta", value_name = "KEY=VALUE", env = "FRPC_PROXY_META", value_parser = parse_meta)]
     pub proxy_metas: Vec<(String, String)>,
 
+    /// Use TLS on the control and data connections to frps (implied by
+    /// `--tls-ca` and `--tls-fingerprint`).
+    #[arg(long, env = "FRPC_TLS")]
+    pub tls: bool,
+
+    /// CA certificates (PEM bundle) that frps's certificate must chain to.
+    /// Default: the public web roots (webpki-roots).
+    #[arg(
+        long,
+        env = "FRPC_TLS_CA",
+        value_name = "FILE",
+        conflicts_with = "tls_fingerprint"
+    )]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Name frps's certificate must be valid for (default: `--server-addr`).
+    #[arg(long, env = "FRPC_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Accept exactly the frps certificate with this SHA-256 fingerprint (64
+    /// hex digits, colons allowed), as `frps --tls-self-signed` logs it; no CA
+    /// or name is checked, the handshake signature still is.
+    #[arg(long, env = "FRPC_TLS_FINGERPRINT", value_name = "SHA256HEX", value_parser = parse_fingerprint)]
+    pub tls_fingerprint: Option<[u8; 32]>,
+
+    /// Allow sending the account password over a plaintext connection (only
+    /// on a network you trust; prefer `--tls`).
+    #[arg(long, env = "FRPC_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+
     /// Configuration file in frp's INI form (`frpc.ini`): `[common]` with
     /// `server_addr`, `server_port`, `user`, `meta_*` (and these flags in
     /// snake_case), and one proxy section. Flags and the environment override it.
@@ -114,6 +144,20 @@ pub fn parse_meta(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
         _ => Err(format!("`{s}` is not KEY=VALUE")),
     }
+}
+
+/// Reads a SHA-256 fingerprint: 64 hex digits, optionally separated by colons.
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    let bad = || format!("`{s}` is not a SHA-256 fingerprint (64 hex digits)");
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
 }
 
 /// Metadata pairs as a map; a later entry for a key wins.
@@ -130,6 +174,11 @@ impl Config {
     /// `host:port` of the control port.
     pub fn control_addr(&self) -> String {
         format!("{}:{}", self.server_addr, self.control_port)
+    }
+
+    /// Whether connections to frps use TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.tls || self.tls_ca.is_some() || self.tls_fingerprint.is_some()
     }
 
     /// `host:port` of the proxy port.

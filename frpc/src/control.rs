@@ -6,11 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{
-    Command, FrameError, FrameReader, MAX_FRAME, ModelInfo, PROTOCOL_VERSION, Registration,
+    Command, FrameError, FrameReader, MAX_FRAME, ModelInfo, PROTOCOL_VERSION, Registration, Stream,
     write_command,
 };
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +22,7 @@ use crate::identity::{self, Identity};
 use crate::local;
 use crate::login::{self, Credentials};
 use crate::metrics::Collector;
+use crate::tls::Dialer;
 use crate::tunnel::{self, Session};
 
 /// How a session ended.
@@ -61,6 +61,8 @@ pub struct Client {
     shutdown: CancellationToken,
     tunnels: TaskTracker,
     token_refused: AtomicBool,
+    dialer: Dialer,
+    plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
     collector: Arc<Mutex<Collector>>,
 }
@@ -69,12 +71,15 @@ impl Client {
     /// A client for `config`, stopping when `shutdown` is cancelled.
     pub fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let identity = identity::resolve(config.client_id.as_deref(), &config.token_file)?;
+        let dialer = Dialer::from_config(&config)?;
         Ok(Self {
             config: Arc::new(config),
             identity,
             shutdown,
             tunnels: TaskTracker::new(),
             token_refused: AtomicBool::new(false),
+            dialer,
+            plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             collector: Arc::new(Mutex::new(Collector::new())),
         })
@@ -117,12 +122,12 @@ impl Client {
         let limit = self.config.connect_timeout;
         let stream = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            res = tokio::time::timeout(limit, TcpStream::connect(&addr)) => res
-                .map_err(|_| SessionError::Retry(format!("frps at {addr} did not accept within {limit:?}")))?
-                .map_err(|e| SessionError::Retry(format!("cannot reach frps at {addr}: {e}")))?,
+            res = self.dialer.connect(&addr, limit) => res.map_err(|e| match e.is_fatal() {
+                true => SessionError::Fatal(e.to_string()),
+                false => SessionError::Retry(e.to_string()),
+            })?,
         };
-        let _ = stream.set_nodelay(true);
-        let (rd, mut wr) = stream.into_split();
+        let (rd, mut wr) = tokio::io::split(stream);
         let mut reader = FrameReader::new(rd, MAX_FRAME);
 
         let handshake = async {
@@ -144,12 +149,17 @@ impl Client {
 
     async fn login(
         &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        wr: &mut OwnedWriteHalf,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
+        wr: &mut WriteHalf<Stream>,
     ) -> Result<(), SessionError> {
         let path = &self.config.token_file;
         let saved = login::load(path).filter(|_| !self.token_refused.load(Ordering::Relaxed));
         if let Some(saved) = saved {
+            if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "sending the login token to frps over plaintext: anyone on the path can read and reuse it. Use --tls (with --tls-ca or --tls-fingerprint)"
+                );
+            }
             write_command(wr, &Command::LoginToken { token: saved.token }).await?;
             return match self.expect_reply(reader).await? {
                 Command::LoginResult { ok: true, .. } => Ok(()),
@@ -173,6 +183,12 @@ impl Client {
                 }
                 other => Err(unexpected(&other)),
             };
+        }
+        if !self.dialer.is_tls() && !self.config.insecure_plaintext {
+            return Err(SessionError::Fatal(format!(
+                "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
+                self.config.control_addr()
+            )));
         }
         let creds = self.credentials().await?;
         let email = creds.email.clone();
@@ -254,8 +270,8 @@ impl Client {
 
     async fn register(
         &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        wr: &mut OwnedWriteHalf,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
+        wr: &mut WriteHalf<Stream>,
     ) -> Result<(Session, Duration, Probe), SessionError> {
         let (models, service_up) = probe_models(&self.config).await;
         if !service_up {
@@ -309,7 +325,7 @@ impl Client {
     /// Reads the reply to a handshake frame.
     async fn expect_reply(
         &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
     ) -> Result<Command, SessionError> {
         match reader
             .read_command_within(common::codec::HANDSHAKE_TIMEOUT)
@@ -327,8 +343,8 @@ impl Client {
 
     async fn serve(
         &self,
-        reader: &mut FrameReader<OwnedReadHalf>,
-        wr: &mut OwnedWriteHalf,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
+        wr: &mut WriteHalf<Stream>,
         session: Arc<Session>,
         heartbeat: Duration,
         probe: Probe,
@@ -370,7 +386,7 @@ impl Client {
                     dead.as_mut().reset(Instant::now() + silence);
                     match cmd {
                         Command::OpenConnection { conn_id } => {
-                            let open = tunnel::open(self.config.clone(), session.clone(), conn_id, out_tx.clone());
+                            let open = tunnel::open(self.config.clone(), self.dialer.clone(), session.clone(), conn_id, out_tx.clone());
                             let stop = self.shutdown.clone();
                             self.tunnels.spawn(async move {
                                 tokio::select! {

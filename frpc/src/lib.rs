@@ -5,6 +5,7 @@
 //! - [`tunnel`]: data connections dialed back on request;
 //! - [`local`]: probing the local service for its models;
 //! - [`login`]: the saved token and email/password credentials;
+//! - [`tls`]: dialing frps, with TLS when configured;
 //! - [`metrics`]: system and GPU metrics;
 //! - [`identity`]: client id and machine facts;
 //! - [`config_file`]: `--config frpc.ini` (frp's INI form);
@@ -18,6 +19,7 @@ pub mod identity;
 pub mod local;
 pub mod login;
 pub mod metrics;
+pub mod tls;
 pub mod tunnel;
 
 pub use config::Config;

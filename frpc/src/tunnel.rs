@@ -3,13 +3,15 @@
 
 use std::sync::Arc;
 
-use common::{Command, MAX_FRAME, join_streams, read_one_command, write_command};
+use common::{Command, MAX_FRAME, Stream, join_streams, read_one_command, write_command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::tls::Dialer;
 
 /// What a data connection needs to prove it belongs to this session.
 #[derive(Debug, Clone)]
@@ -24,11 +26,12 @@ pub struct Session {
 /// frps through `control` as `OpenFailed` so it can fail over at once.
 pub async fn open(
     config: Arc<Config>,
+    dialer: Dialer,
     session: Arc<Session>,
     conn_id: Uuid,
     control: mpsc::Sender<Command>,
 ) {
-    match connect(&config, &session, conn_id).await {
+    match connect(&config, &dialer, &session, conn_id).await {
         Ok((mut remote, mut local)) => {
             if let Err(e) = forward(&mut remote, &mut local, conn_id).await {
                 debug!(%conn_id, "data connection ended: {e}");
@@ -43,9 +46,10 @@ pub async fn open(
 
 async fn connect(
     config: &Config,
+    dialer: &Dialer,
     session: &Session,
     conn_id: Uuid,
-) -> Result<(TcpStream, TcpStream), String> {
+) -> Result<(Stream, TcpStream), String> {
     let limit = config.connect_timeout;
     let local_host = config.local_host();
     let proxy_addr = config.proxy_addr();
@@ -56,14 +60,13 @@ async fn connect(
             .map_err(|e| format!("local service {local_host} unreachable: {e}"))
     };
     let remote = async {
-        tokio::time::timeout(limit, TcpStream::connect(&proxy_addr))
+        dialer
+            .connect(&proxy_addr, limit)
             .await
-            .map_err(|_| format!("proxy port {proxy_addr} did not accept within {limit:?}"))?
-            .map_err(|e| format!("proxy port {proxy_addr} unreachable: {e}"))
+            .map_err(|e| format!("proxy port: {e}"))
     };
     let (local, mut remote) = tokio::try_join!(local, remote)?;
     let _ = local.set_nodelay(true);
-    let _ = remote.set_nodelay(true);
     let hello = Command::DataHello {
         conn_id,
         client_id: session.client_id.clone(),
@@ -78,18 +81,16 @@ async fn connect(
 /// Joins `remote` and `local` once frps starts talking. Frames start with a
 /// zero byte (their length is below 16 MiB) and HTTP never does, so a first
 /// zero byte means frps refused the hello: read the refusal instead of
-/// passing it to the local service.
-async fn forward(
-    remote: &mut TcpStream,
-    local: &mut TcpStream,
-    conn_id: Uuid,
-) -> std::io::Result<()> {
+/// passing it to the local service. Otherwise that first byte goes to the
+/// local service ahead of the rest.
+async fn forward(remote: &mut Stream, local: &mut TcpStream, conn_id: Uuid) -> std::io::Result<()> {
     let mut first = [0u8; 1];
-    if remote.peek(&mut first).await? == 0 {
+    if remote.read(&mut first).await? == 0 {
         return Ok(());
     }
     if first[0] == 0 {
-        match read_one_command(remote, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT).await {
+        let mut frame = AsyncReadExt::chain(&first[..], &mut *remote);
+        match read_one_command(&mut frame, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT).await {
             Ok(Command::DataRejected { reason, .. }) => {
                 warn!(%conn_id, "frps refused the data connection: {reason}")
             }
@@ -98,7 +99,8 @@ async fn forward(
         }
         return Ok(());
     }
+    local.write_all(&first).await?;
     let stats = join_streams(remote, local).await?;
-    debug!(%conn_id, to_local = stats.a_to_b, to_server = stats.b_to_a, "data connection closed");
+    debug!(%conn_id, to_local = stats.a_to_b + 1, to_server = stats.b_to_a, "data connection closed");
     Ok(())
 }

@@ -140,6 +140,52 @@ pub struct Config {
     #[arg(long, env = "FRPX_UPSTREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Certificate chain (PEM) for TLS on the control and proxy ports.
+    #[arg(long, env = "FRPX_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "FRPX_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// TLS on the control and proxy ports with a self-signed certificate,
+    /// generated on first start and reused; its SHA-256 fingerprint is logged
+    /// at start for frpc's `--tls-fingerprint`.
+    #[arg(long, env = "FRPX_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    pub tls_self_signed: bool,
+
+    /// Directory of the self-signed certificate (`frps-tls.pem`,
+    /// `frps-tls.key`). Default: beside the SQLite database, else the
+    /// working directory.
+    #[arg(long, env = "FRPX_TLS_DIR", value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+
+    /// Certificate chain (PEM) for TLS on the public port (when no reverse
+    /// proxy terminates TLS in front of frps).
+    #[arg(long, env = "FRPX_PUBLIC_TLS_CERT", requires = "public_tls_key")]
+    pub public_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--public-tls-cert`.
+    #[arg(long, env = "FRPX_PUBLIC_TLS_KEY", requires = "public_tls_cert")]
+    pub public_tls_key: Option<PathBuf>,
+
+    /// Most open connections per listener (public, control, proxy); more are
+    /// answered 503 (public) or closed at once.
+    #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000)]
+    pub max_connections: usize,
+
+    /// Most open connections per listener from one source address.
+    #[arg(long, env = "FRPX_MAX_CONNECTIONS_PER_IP", default_value_t = 512)]
+    pub max_connections_per_ip: usize,
+
+    /// Most dial-backs one client may have outstanding; more fail over at once.
+    #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 64)]
+    pub max_pending_per_client: usize,
+
+    /// Largest public request head (request line and headers), bytes.
+    #[arg(long, env = "FRPX_MAX_HEAD_BYTES", default_value_t = 64 * 1024)]
+    pub max_head_bytes: usize,
+
     /// Idle upstream connections kept per client for reuse.
     #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 32)]
     pub max_idle_per_client: usize,

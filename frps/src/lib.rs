@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 pub mod config_file;
 pub mod dispatch;
+pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod monitor;
@@ -26,6 +27,7 @@ pub mod router;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use common::Stream;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -29,6 +29,9 @@ pub enum PairError {
     /// The pairing was dropped (client gone, server shutting down).
     #[error("pairing cancelled")]
     Cancelled,
+    /// The client already has `--max-pending-per-client` dial-backs outstanding.
+    #[error("client has {0} dial-backs outstanding")]
+    TooMany(usize),
 }
 
 struct Entry {
@@ -36,7 +39,7 @@ struct Entry {
     session: u64,
     session_key: String,
     since: std::time::Instant,
-    tx: oneshot::Sender<Result<TcpStream, PairError>>,
+    tx: oneshot::Sender<Result<Stream, PairError>>,
 }
 
 /// Pending pairings, keyed by connection id.
@@ -56,15 +59,29 @@ pub struct Waiter {
     /// The connection id to send in `OpenConnection`.
     pub conn_id: Uuid,
     pending: Arc<Pending>,
-    rx: oneshot::Receiver<Result<TcpStream, PairError>>,
+    rx: oneshot::Receiver<Result<Stream, PairError>>,
 }
 
 impl Pending {
     /// Opens a pairing for a connection from `client`.
-    pub fn register(self: &Arc<Self>, client: &ClientHandle) -> Waiter {
+    /// Fails with [`PairError::TooMany`] when the client already has `max`
+    /// pairings outstanding.
+    pub fn register(
+        self: &Arc<Self>,
+        client: &ClientHandle,
+        max: usize,
+    ) -> Result<Waiter, PairError> {
         let conn_id = Uuid::new_v4();
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(
+        let mut entries = self.lock();
+        let outstanding = entries
+            .values()
+            .filter(|e| e.session == client.session)
+            .count();
+        if outstanding >= max {
+            return Err(PairError::TooMany(outstanding));
+        }
+        entries.insert(
             conn_id,
             Entry {
                 client_id: client.id.clone(),
@@ -74,11 +91,12 @@ impl Pending {
                 tx,
             },
         );
-        Waiter {
+        drop(entries);
+        Ok(Waiter {
             conn_id,
             pending: self.clone(),
             rx,
-        }
+        })
     }
 
     /// Hands `stream` to the waiter for `conn_id` if the hello proves it comes
@@ -90,8 +108,8 @@ impl Pending {
         conn_id: Uuid,
         client_id: &str,
         session_key: &str,
-        stream: TcpStream,
-    ) -> Result<(), (TcpStream, &'static str)> {
+        stream: Stream,
+    ) -> Result<(), (Stream, &'static str)> {
         let mut entries = self.lock();
         let Some(entry) = entries.get(&conn_id) else {
             return Err((stream, "unknown or expired connection id"));
@@ -146,7 +164,7 @@ impl Pending {
 
 impl Waiter {
     /// Waits for the dial-back, at most `limit`.
-    pub async fn wait(&mut self, limit: Duration) -> Result<TcpStream, PairError> {
+    pub async fn wait(&mut self, limit: Duration) -> Result<Stream, PairError> {
         match tokio::time::timeout(limit, &mut self.rx).await {
             Err(_) => Err(PairError::Timeout(limit)),
             Ok(Err(_)) => Err(PairError::Cancelled),
@@ -166,7 +184,7 @@ mod tests {
     use super::*;
     use crate::registry::{NewClient, Registry};
     use common::Registration;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
     use tokio::sync::mpsc;
 
     fn client(reg: &Registry, id: &str) -> Arc<ClientHandle> {
@@ -186,11 +204,11 @@ mod tests {
         })
     }
 
-    async fn stream() -> TcpStream {
+    async fn stream() -> Stream {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (s, _) = tokio::join!(TcpStream::connect(addr), l.accept());
-        s.unwrap()
+        s.unwrap().into()
     }
 
     #[tokio::test(start_paused = true)]
@@ -198,7 +216,7 @@ mod tests {
         let reg = Registry::default();
         let pending = Arc::new(Pending::default());
         let c = client(&reg, "a");
-        let mut w = pending.register(&c);
+        let mut w = pending.register(&c, 8).unwrap();
         assert_eq!(pending.len(), 1);
         let err = w.wait(Duration::from_secs(10)).await.unwrap_err();
         assert_eq!(err, PairError::Timeout(Duration::from_secs(10)));
@@ -211,7 +229,7 @@ mod tests {
         let reg = Registry::default();
         let pending = Arc::new(Pending::default());
         let a = client(&reg, "a");
-        let mut w = pending.register(&a);
+        let mut w = pending.register(&a, 8).unwrap();
         let id = w.conn_id;
         assert!(pending.complete(id, "a", "key-b", stream().await).is_err());
         assert!(pending.complete(id, "b", "key-a", stream().await).is_err());
@@ -230,12 +248,28 @@ mod tests {
         assert!(pending.is_empty());
     }
 
+    #[test]
+    fn outstanding_dial_backs_per_client_are_capped() {
+        let reg = Registry::default();
+        let pending = Arc::new(Pending::default());
+        let a = client(&reg, "a");
+        let b = client(&reg, "b");
+        let held: Vec<_> = (0..3).map(|_| pending.register(&a, 3).unwrap()).collect();
+        assert_eq!(pending.register(&a, 3).err(), Some(PairError::TooMany(3)));
+        assert!(
+            pending.register(&b, 3).is_ok(),
+            "other clients are unaffected"
+        );
+        drop(held);
+        assert!(pending.register(&a, 3).is_ok());
+    }
+
     #[tokio::test]
     async fn open_failed_reaches_the_waiter_at_once() {
         let reg = Registry::default();
         let pending = Arc::new(Pending::default());
         let a = client(&reg, "a");
-        let mut w = pending.register(&a);
+        let mut w = pending.register(&a, 8).unwrap();
         pending.fail(w.conn_id, a.session + 1, "wrong session".into());
         assert_eq!(pending.len(), 1);
         pending.fail(w.conn_id, a.session, "connection refused".into());

@@ -95,6 +95,7 @@ impl Server {
             "frps listening: control {}, proxy {}, public {}, api {}",
             addrs.control, addrs.proxy, addrs.public, addrs.api
         );
+        state.tls.log_at_start();
         state.tasks.spawn(listeners::accept_loop(
             "control",
             control,

@@ -56,12 +56,15 @@ pub struct State {
     pub hard_stop: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// TLS of the control, proxy and public ports.
+    pub tls: crate::tls::Tls,
 }
 
 impl State {
     /// Connects the database (running migrations) and starts the Redis
     /// layer for `config`.
     pub async fn new(config: Config, addrs: BoundAddrs) -> anyhow::Result<Self> {
+        let tls = crate::tls::Tls::from_config(&config).context("cannot set up TLS")?;
         let store = Store::connect(&config.database_url)
             .await
             .with_context(|| {
@@ -114,6 +117,7 @@ impl State {
             shutdown,
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            tls,
         })
     }
 }

@@ -114,7 +114,9 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
             });
         }
     }
-    let mut waiter = state.pending.register(client);
+    let mut waiter = state
+        .pending
+        .register(client, state.config.max_pending_per_client)?;
     let conn_id = waiter.conn_id;
     let dial = async {
         client

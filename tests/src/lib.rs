@@ -7,6 +7,7 @@ pub mod fake;
 pub mod http;
 pub mod plugin;
 pub mod services;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -214,6 +215,8 @@ pub fn frpc_config(id: &str, frps: &BoundAddrs, backend: SocketAddr) -> frpc::Co
     cfg.email = Some(TEST_EMAIL.to_owned());
     cfg.password = Some(TEST_PASSWORD.to_owned());
     cfg.no_prompt = true;
+    // The harness talks to frps over loopback; TLS tests turn TLS on.
+    cfg.insecure_plaintext = true;
     cfg.metrics_interval = Duration::from_secs(1);
     cfg.reconnect_min = Duration::from_millis(50);
     cfg.reconnect_max = Duration::from_millis(400);

@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration};
+use common::{Command, FrameError, FrameReader, MAX_FRAME, PROTOCOL_VERSION, Registration, Stream};
 use rand::RngCore;
 use tokio::io::AsyncWrite;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -37,10 +37,14 @@ enum ControlError {
 
 /// Serves one control connection until it closes.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
-    let _ = stream.set_nodelay(true);
     let span = info_span!("control", %peer);
     async move {
-        let (rd, mut wr) = stream.into_split();
+        let hs = state.config.handshake_timeout;
+        let stream = match state.tls.accept_frames(stream, hs).await {
+            Ok(s) => s,
+            Err(e) => return debug!("control connection dropped: {e}"),
+        };
+        let (rd, mut wr) = tokio::io::split(stream);
         let mut reader = FrameReader::new(rd, MAX_FRAME);
         match session(&mut reader, &mut wr, peer, &state).await {
             Ok(()) => {}
@@ -53,8 +57,8 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
 }
 
 async fn session(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<ReadHalf<Stream>>,
+    wr: &mut WriteHalf<Stream>,
     peer: SocketAddr,
     state: &Arc<State>,
 ) -> Result<(), ControlError> {
@@ -142,8 +146,8 @@ async fn session(
 }
 
 async fn login(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<ReadHalf<Stream>>,
+    wr: &mut WriteHalf<Stream>,
     peer: SocketAddr,
     state: &State,
 ) -> Result<Principal, ControlError> {
@@ -230,8 +234,8 @@ fn validate(reg: &Registration) -> Result<(), (String, bool)> {
 
 /// The registered phase: heartbeats, reports, commands to the client.
 async fn serve(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut OwnedWriteHalf,
+    reader: &mut FrameReader<ReadHalf<Stream>>,
+    wr: &mut WriteHalf<Stream>,
     mut rx: mpsc::Receiver<Command>,
     client: &Arc<ClientHandle>,
     state: &Arc<State>,

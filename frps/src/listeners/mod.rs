@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::limits::ConnLimiter;
 use crate::state::State;
 
 /// Accepts connections until shutdown, serving each with `handler` on the
-/// state's task tracker.
+/// state's task tracker; connections over `--max-connections` (in total or
+/// per address) are closed at once.
 pub async fn accept_loop<F, Fut>(
     name: &'static str,
     listener: TcpListener,
@@ -27,11 +29,23 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Arc<State>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let limiter = ConnLimiter::new(
+        state.config.max_connections,
+        state.config.max_connections_per_ip,
+    );
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let guard = match limiter.try_acquire(peer.ip()) {
+                        Ok(g) => g,
+                        Err(over) => {
+                            debug!(%peer, "{name} connection refused: {}", over.reason());
+                            drop(stream);
+                            continue;
+                        }
+                    };
                     let hard_stop = state.hard_stop.clone();
                     let conn = handler(stream, peer, state.clone());
                     state.tasks.spawn(async move {
@@ -39,6 +53,7 @@ pub async fn accept_loop<F, Fut>(
                             _ = conn => {}
                             _ = hard_stop.cancelled() => {}
                         }
+                        drop(guard);
                     });
                 }
                 Err(e) => {

@@ -12,9 +12,12 @@ use crate::plugins::hooks;
 use crate::state::State;
 
 /// Pairs one dial-back connection, or refuses it.
-pub async fn handle(mut stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
-    let _ = stream.set_nodelay(true);
+pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
     let hs = state.config.handshake_timeout;
+    let mut stream = match state.tls.accept_frames(stream, hs).await {
+        Ok(s) => s,
+        Err(e) => return debug!(%peer, "data connection dropped: {e}"),
+    };
     let (conn_id, reason) = match read_one_command(&mut stream, MAX_FRAME, hs).await {
         Ok(Command::DataHello {
             conn_id,

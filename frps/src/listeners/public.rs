@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::KeyCheck;
 use crate::dispatch::{self, Refusal};
+use crate::limits::{ConnLimiter, Over};
 use crate::plugins;
 use crate::registry::ClientHandle;
 use crate::router::Want;
@@ -36,8 +37,8 @@ use super::models;
 /// Body of a public response: streamed from upstream, or generated here.
 pub type PublicBody = Either<TrackedBody, Full<Bytes>>;
 
-/// Largest request head (line and headers) accepted, in bytes.
-pub const MAX_HEAD: usize = 64 * 1024;
+/// Smallest head buffer hyper accepts.
+const MIN_HEAD: usize = 8192;
 
 /// Accepts public connections until shutdown, then lets in-flight requests
 /// finish (up to `--shutdown-timeout`).
@@ -46,9 +47,13 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.header_timeout)
-        .max_buf_size(MAX_HEAD)
+        .max_buf_size(state.config.max_head_bytes.max(MIN_HEAD))
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    let limiter = ConnLimiter::new(
+        state.config.max_connections,
+        state.config.max_connections_per_ip,
+    );
     loop {
         let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
@@ -61,17 +66,32 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        let guard = match limiter.try_acquire(peer.ip()) {
+            Ok(g) => g,
+            Err(over) => {
+                state.tasks.spawn(refuse(stream, over));
+                continue;
+            }
+        };
         let st = state.clone();
         let svc = service_fn(move |req| handle(st.clone(), peer, req));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        let (watcher, builder) = (graceful.watcher(), builder.clone());
         let st = state.clone();
         Stats::inc(&st.stats.public_connections);
         state.tasks.spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, "public connection ended: {e}");
+            // The TLS handshake (when `--public-tls-cert` is set) runs here,
+            // off the accept loop, within the head deadline.
+            match st.tls.accept_public(stream, st.config.header_timeout).await {
+                Ok(stream) => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    if let Err(e) = watcher.watch(conn).await {
+                        debug!(%peer, "public connection ended: {e}");
+                    }
+                }
+                Err(e) => debug!(%peer, "public connection dropped: {e}"),
             }
             st.stats.public_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
         });
     }
     drop(listener);
@@ -79,6 +99,24 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         _ = graceful.shutdown() => {}
         _ = state.hard_stop.cancelled() => {}
     }
+}
+
+/// Answers a connection over the cap with 503 and closes it.
+async fn refuse(mut stream: tokio::net::TcpStream, over: Over) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({
+        "error": {"message": over.reason(), "type": "service_unavailable", "code": "too_many_connections"}
+    })
+    .to_string();
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
 }
 
 /// Handles one public request.

@@ -6,4 +6,5 @@ mod plugins;
 mod resilience;
 mod routing;
 mod storage;
+mod tls;
 mod tunnel;

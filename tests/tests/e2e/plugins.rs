@@ -748,7 +748,7 @@ async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
     std::fs::write(
         &frpc_ini,
         format!(
-            "[common]\nserver_addr = 127.0.0.1\nserver_port = {}\nproxy_port = {}\nuser = fake\nmeta_token = fake\nemail = {}\npassword = {}\nno_prompt = true\ntoken_file = {}\nreconnect_min = 50ms\n\n[ini-box]\ntype = http\nlocal_ip = 127.0.0.1\nlocal_port = {}\nmeta_id = 123\n",
+            "[common]\nserver_addr = 127.0.0.1\nserver_port = {}\nproxy_port = {}\nuser = fake\nmeta_token = fake\nemail = {}\npassword = {}\nno_prompt = true\ninsecure_plaintext = true\ntoken_file = {}\nreconnect_min = 50ms\n\n[ini-box]\ntype = http\nlocal_ip = 127.0.0.1\nlocal_port = {}\nmeta_id = 123\n",
             frps.addrs.control.port(),
             frps.addrs.proxy.port(),
             frpx_tests::TEST_EMAIL,

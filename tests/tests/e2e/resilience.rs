@@ -339,3 +339,186 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     assert_eq!(rest, Bytes::from("data: last\n\n"));
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn connections_over_the_caps_get_503_not_a_stall() {
+    let mut cfg = frps_config();
+    cfg.max_connections_per_ip = 2;
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    let mut a = Conn::open(public).await;
+    let mut b = Conn::open(public).await;
+    assert_eq!(a.get("/", Some(API_KEY)).await.status, 200);
+    assert_eq!(b.get("/", Some(API_KEY)).await.status, 200);
+    // A third connection from the same address is answered at once.
+    let mut c = TcpStream::connect(public).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(frpx_tests::WAIT, c.read_to_string(&mut answer))
+        .await
+        .expect("answered, not starved")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"));
+    // Closing one frees a place.
+    drop(a);
+    frpx_tests::eventually_async("a place frees up", || async {
+        let mut c = TcpStream::connect(public).await.unwrap();
+        c.write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer).await;
+        answer.starts_with("HTTP/1.1 200")
+    })
+    .await;
+    assert_eq!(b.get("/", Some(API_KEY)).await.status, 200);
+}
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused() {
+    let mut cfg = frps_config();
+    cfg.max_head_bytes = 16 * 1024;
+    let fleet = Fleet::start_with(1, cfg).await;
+    let mut s = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    let huge = "x".repeat(64 * 1024);
+    let _ = s
+        .write_all(format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes())
+        .await;
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(frpx_tests::WAIT, s.read_to_string(&mut answer)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert_eq!(fleet.backends[0].hits(), 0);
+    assert_eq!(
+        http::get(fleet.frps.public(), "/", Some(API_KEY))
+            .await
+            .status,
+        200
+    );
+}
+
+/// A raw TCP "service" for fault cases: `behave` gets each accepted socket.
+async fn raw_service<F, Fut>(behave: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let behave = std::sync::Arc::new(behave);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(behave(s));
+        }
+    });
+    addr
+}
+
+/// Reads a request head from `s` (up to the blank line).
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Whether a request is frpc's model-list probe (answered 404: no list).
+fn is_probe(head: &str) -> bool {
+    head.contains("/api/tags") || head.contains("/v1/models")
+}
+
+async fn fleet_on(service: std::net::SocketAddr, cfg: frps::Config) -> (Frps, Frpc) {
+    let frps = Frps::start(cfg).await;
+    let frpc = Frpc::start(frpx_tests::frpc_config("svc", &frps.addrs, service));
+    frps.wait_for_clients(&["svc"]).await;
+    (frps, frpc)
+}
+
+#[tokio::test]
+async fn a_service_that_accepts_and_never_answers_gets_a_clean_502() {
+    let service = raw_service(|mut s| async move {
+        let head = read_head(&mut s).await;
+        if is_probe(&head) {
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+        // Hold the socket open and say nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.upstream_idle_timeout = Duration::from_millis(300);
+    cfg.max_retries = 0;
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    let reply = http::get(frps.public(), "/never", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_service_answering_byte_by_byte_is_streamed_through() {
+    let service = raw_service(|mut s| async move {
+        let head = read_head(&mut s).await;
+        if is_probe(&head) {
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+        let body = b"slowly but surely";
+        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+        for b in head.as_bytes().iter().chain(body.iter()) {
+            if s.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let reply = http::get(frps.public(), "/slow", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "slowly but surely");
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_service_resetting_mid_body_gives_the_caller_a_clean_error() {
+    let service = raw_service(|mut s| async move {
+        let head = read_head(&mut s).await;
+        if is_probe(&head) {
+            let _ = s
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly part of it")
+            .await;
+        let _ = s.set_zero_linger();
+        drop(s); // RST
+    })
+    .await;
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let mut conn = Conn::open(frps.public()).await;
+    let req = http::request("GET", frps.public(), "/reset", Some(API_KEY), Bytes::new());
+    let resp = conn.send(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "headers had already been sent");
+    let body = resp.into_body().collect().await;
+    assert!(body.is_err(), "a cut body must not look complete");
+    // The server keeps serving.
+    assert_eq!(frps.state.registry.len(), 1);
+    frpc.kill().await;
+}

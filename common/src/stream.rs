@@ -1,0 +1,146 @@
+//! The byte stream every frpx connection runs on: plain TCP, or TLS over TCP.
+//!
+//! Listeners and the pairing table work on [`Stream`] whatever the transport,
+//! so TLS is decided once per connection (at accept or dial) and the data
+//! path never branches on it again. Reads and writes go straight to the TCP
+//! socket or through rustls' record layer: no extra buffer or copy.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsStream;
+
+/// A connection between frps and frpc (or a consumer), with or without TLS.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP, client or server side (boxed: rustls state is large).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The underlying TCP socket (for socket options and addresses).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
+    }
+}
+
+impl From<TcpStream> for Stream {
+    fn from(s: TcpStream) -> Self {
+        Stream::Plain(s)
+    }
+}
+
+impl From<tokio_rustls::server::TlsStream<TcpStream>> for Stream {
+    fn from(s: tokio_rustls::server::TlsStream<TcpStream>) -> Self {
+        Stream::Tls(Box::new(TlsStream::Server(s)))
+    }
+}
+
+impl From<tokio_rustls::client::TlsStream<TcpStream>> for Stream {
+    fn from(s: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        Stream::Tls(Box::new(TlsStream::Client(s)))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// First byte of a TLS handshake record (a ClientHello starts with it).
+/// Frames never start with it: their 4-byte length is below 16 MiB, so their
+/// first byte is 0.
+pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn plain_streams_carry_bytes_both_ways_and_half_close() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let mut a = Stream::from(a.unwrap());
+        let mut b = Stream::from(b.unwrap().0);
+        assert!(!a.is_tls());
+        assert_eq!(a.tcp().peer_addr().unwrap(), addr);
+        a.write_all(b"ping").await.unwrap();
+        a.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        b.write_all(b"pong").await.unwrap();
+        drop(b);
+        let mut back = Vec::new();
+        a.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong");
+    }
+}
