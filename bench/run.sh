@@ -138,12 +138,13 @@ wait_log() {
 random_hex() { od -An -tx1 -N"$1" /dev/urandom | tr -d ' \n'; }
 
 # ---------------------------------------------------------- machine is idle
+# The load average at start is a hint (it decays slowly after a build); in a
+# full run, the CPU use measured after the build is the verdict.
 CORES=$(nproc)
 read -r LOAD1 _ </proc/loadavg
-LOAD_NOTE="load average $LOAD1 on $CORES cores at start"
+LOAD_NOTE="load average $LOAD1 at start"
 if awk -v l="$LOAD1" -v c="$CORES" 'BEGIN { exit !(l > 0.25 * c) }'; then
-  warn "the machine is not idle ($LOAD_NOTE): figures will be noisy"
-  LOAD_NOTE="$LOAD_NOTE (busy)"
+  warn "load average $LOAD1 on $CORES cores: the machine may not be idle"
 fi
 
 # Percentage of CPU time spent busy over one second.
@@ -206,9 +207,10 @@ BENCH=$BIN/frpx-bench
 if [[ $MODE == full ]]; then
   busy=$(cpu_busy_pct)
   log "CPU busy over the last second: $busy %"
+  LOAD_NOTE="$LOAD_NOTE; CPU $busy % busy before measuring"
   if ((busy > 10)); then
     warn "something else is using $busy % of the CPU: figures will be noisy"
-    LOAD_NOTE="$LOAD_NOTE; $busy % CPU busy before measuring"
+    LOAD_NOTE="$LOAD_NOTE (not idle: figures are noisy)"
   fi
 fi
 

@@ -3,10 +3,12 @@
 //! (the stamp inside the event) to this process reading it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use http_body_util::BodyExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::backend::unix_nanos;
@@ -31,6 +33,10 @@ pub struct Args {
     /// Milliseconds between two events of a stream.
     #[arg(long, default_value_t = 10)]
     pub interval_ms: u64,
+    /// Streams being opened at once (each until its response head arrives):
+    /// the measure is event latency on open streams, not a burst of opens.
+    #[arg(long, default_value_t = 16)]
+    pub open_concurrency: usize,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     pub timeout_secs: u64,
@@ -71,9 +77,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         "{}?events={}&interval_ms={}",
         target.path, args.events, args.interval_ms
     );
+    let opening = Arc::new(Semaphore::new(args.open_concurrency.max(1)));
     let mut streams = JoinSet::new();
     for _ in 0..args.streams {
-        streams.spawn(stream(target.clone(), args.key.clone(), args.events));
+        let permit = opening.clone().acquire_owned();
+        let (target, key) = (target.clone(), args.key.clone());
+        streams.spawn(async move { stream(target, key, args.events, permit.await?).await });
     }
     let collect = async {
         let mut all = Vec::with_capacity(args.streams * args.events as usize);
@@ -96,13 +105,20 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     })
 }
 
-/// Reads one stream; returns each event's latency in nanoseconds.
-async fn stream(target: Target, key: Option<String>, events: u64) -> anyhow::Result<Vec<u64>> {
+/// Reads one stream; returns each event's latency in nanoseconds. `opening`
+/// is released once the response head has arrived.
+async fn stream(
+    target: Target,
+    key: Option<String>,
+    events: u64,
+    opening: OwnedSemaphorePermit,
+) -> anyhow::Result<Vec<u64>> {
     let mut sender = client::connect(&target.addr).await?;
     sender.ready().await?;
     let resp = sender
         .send_request(target.get(key.as_deref(), false)?)
         .await?;
+    drop(opening);
     anyhow::ensure!(
         resp.status().is_success(),
         "GET {} answered {}",
