@@ -179,7 +179,7 @@ pub struct Config {
     pub max_connections_per_ip: usize,
 
     /// Most dial-backs one client may have outstanding; more fail over at once.
-    #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 64)]
+    #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 512)]
     pub max_pending_per_client: usize,
 
     /// Largest public request head (request line and headers), bytes.

@@ -279,38 +279,36 @@ impl Collector for FleetSnapshot {
                 }
             }
         }
-        let mut util = encoder.encode_descriptor(
-            "frpx_client_gpu_utilization_percent",
-            "GPU utilisation reported by the client",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for c in &self.per_client {
-            for (i, (gpu, u, _)) in c.gpus.iter().enumerate() {
-                let index = i.to_string();
-                let labels = [
-                    ("client", c.id.as_str()),
-                    ("gpu", index.as_str()),
-                    ("name", gpu.as_str()),
-                ];
-                ConstGauge::new(*u).encode(util.encode_family(&labels)?)?;
-            }
-        }
-        let mut mem = encoder.encode_descriptor(
-            "frpx_client_gpu_memory_used_bytes",
-            "GPU memory in use reported by the client",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for c in &self.per_client {
-            for (i, (gpu, _, m)) in c.gpus.iter().enumerate() {
-                let index = i.to_string();
-                let labels = [
-                    ("client", c.id.as_str()),
-                    ("gpu", index.as_str()),
-                    ("name", gpu.as_str()),
-                ];
-                ConstGauge::new(*m).encode(mem.encode_family(&labels)?)?;
+        type GpuField = fn(&(String, f64, i64)) -> f64;
+        let per_gpu: [(&str, &str, GpuField); 2] = [
+            (
+                "frpx_client_gpu_utilization_percent",
+                "GPU utilisation reported by the client",
+                |g| g.1,
+            ),
+            (
+                "frpx_client_gpu_memory_used_bytes",
+                "GPU memory in use reported by the client",
+                |g| g.2 as f64,
+            ),
+        ];
+        for (name, help, field) in per_gpu {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for c in &self.per_client {
+                for (i, gpu) in c.gpus.iter().enumerate() {
+                    let index = i.to_string();
+                    let labels = [
+                        ("client", c.id.as_str()),
+                        ("gpu", index.as_str()),
+                        ("name", gpu.0.as_str()),
+                    ];
+                    ConstGauge::new(field(gpu)).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         Ok(())

@@ -402,7 +402,9 @@ async fn oversized_request_heads_are_refused() {
     );
 }
 
-/// A raw TCP "service" for fault cases: `behave` gets each accepted socket.
+/// A raw TCP "service" for fault cases. frpc's model-list probes get 404
+/// (no list: healthy, no models); every other request's socket, its head
+/// already read, goes to `behave`.
 async fn raw_service<F, Fut>(behave: F) -> std::net::SocketAddr
 where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
@@ -412,8 +414,17 @@ where
     let addr = listener.local_addr().unwrap();
     let behave = std::sync::Arc::new(behave);
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(behave(s));
+        while let Ok((mut s, _)) = listener.accept().await {
+            let behave = behave.clone();
+            tokio::spawn(async move {
+                if is_probe(&read_head(&mut s).await) {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                behave(s).await;
+            });
         }
     });
     addr
@@ -446,15 +457,9 @@ async fn fleet_on(service: std::net::SocketAddr, cfg: frps::Config) -> (Frps, Fr
 
 #[tokio::test]
 async fn a_service_that_accepts_and_never_answers_gets_a_clean_502() {
-    let service = raw_service(|mut s| async move {
-        let head = read_head(&mut s).await;
-        if is_probe(&head) {
-            let _ = s
-                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                .await;
-            return;
-        }
+    let service = raw_service(|s| async move {
         // Hold the socket open and say nothing.
+        let _held = s;
         tokio::time::sleep(Duration::from_secs(60)).await;
     })
     .await;
@@ -470,13 +475,6 @@ async fn a_service_that_accepts_and_never_answers_gets_a_clean_502() {
 #[tokio::test]
 async fn a_service_answering_byte_by_byte_is_streamed_through() {
     let service = raw_service(|mut s| async move {
-        let head = read_head(&mut s).await;
-        if is_probe(&head) {
-            let _ = s
-                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                .await;
-            return;
-        }
         let body = b"slowly but surely";
         let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
         for b in head.as_bytes().iter().chain(body.iter()) {
@@ -497,13 +495,6 @@ async fn a_service_answering_byte_by_byte_is_streamed_through() {
 #[tokio::test]
 async fn a_service_resetting_mid_body_gives_the_caller_a_clean_error() {
     let service = raw_service(|mut s| async move {
-        let head = read_head(&mut s).await;
-        if is_probe(&head) {
-            let _ = s
-                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
-                .await;
-            return;
-        }
         let _ = s
             .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly part of it")
             .await;
