@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -185,6 +186,16 @@ fn gauge(
     g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
+/// Starts a metric family with `name`, `help` and `kind`.
+fn family<'a>(
+    encoder: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &'a str,
+    kind: MetricType,
+) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
+    encoder.encode_descriptor(name, help, None, kind)
+}
+
 impl Collector for FleetSnapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         gauge(
@@ -206,32 +217,32 @@ impl Collector for FleetSnapshot {
             self.pending,
         )?;
 
-        let mut bytes = encoder.encode_descriptor(
+        let mut bytes = family(
+            &mut encoder,
             "frpx_bytes",
             "Body bytes through the public port",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            MetricType::Counter,
         )?;
         for (direction, v) in [("in", self.bytes_in), ("out", self.bytes_out)] {
             ConstCounter::new(v).encode(bytes.encode_family(&[("direction", direction)])?)?;
         }
 
-        let mut queue = encoder.encode_descriptor(
+        let mut queue = family(
+            &mut encoder,
             "frpx_queue_depth",
             "Requests waiting for capacity, by model (* for requests naming none)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            MetricType::Gauge,
         )?;
         for (model, n) in &self.queues {
             ConstGauge::new(*n as i64)
                 .encode(queue.encode_family(&[("model", model.as_str())])?)?;
         }
 
-        let mut auth = encoder.encode_descriptor(
+        let mut auth = family(
+            &mut encoder,
             "frpx_auth_lookups",
             "API key validations by the layer that answered (local = in-process cache hit)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
+            MetricType::Counter,
         )?;
         for (layer, v) in &self.auth {
             ConstCounter::new(*v).encode(auth.encode_family(&[("layer", *layer)])?)?;
@@ -266,12 +277,7 @@ impl Collector for FleetSnapshot {
             ),
         ];
         for (name, help, field) in per_client {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
+            let mut family = family(&mut encoder, name, help, MetricType::Gauge)?;
             for c in &self.per_client {
                 if let Some(v) = field(c) {
                     ConstGauge::new(v)
@@ -293,12 +299,7 @@ impl Collector for FleetSnapshot {
             ),
         ];
         for (name, help, field) in per_gpu {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
-            )?;
+            let mut family = family(&mut encoder, name, help, MetricType::Gauge)?;
             for c in &self.per_client {
                 for (i, gpu) in c.gpus.iter().enumerate() {
                     let index = i.to_string();
