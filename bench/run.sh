@@ -285,8 +285,8 @@ FRPS_PID=$LAST_PID
 line=$(wait_log "$TMP/frps.log" 'frps listening:' 30 "$FRPS_PID") ||
   die "frps did not start: $(tail -n 20 "$TMP/frps.log")"
 port_of() { sed -n "s/.* $1 [0-9.]*:\([0-9]*\).*/\1/p" <<<"$line"; }
-CONTROL=$(port_of control) PROXY=$(port_of proxy) PUBLIC=$(port_of public)
-[[ -n $CONTROL && -n $PROXY && -n $PUBLIC ]] || die "cannot read frps's ports from: $line"
+CONTROL=$(port_of control) PROXY=$(port_of proxy) PUBLIC=$(port_of public) API=$(port_of api)
+[[ -n $CONTROL && -n $PROXY && -n $PUBLIC && -n $API ]] || die "cannot read frps's ports from: $line"
 log "frps: control $CONTROL, proxy $PROXY, public $PUBLIC"
 
 FRPC_PID=""
@@ -418,11 +418,24 @@ LOAD_DESC="wrk -t$LOAD_THREADS -c$LOAD_CONNS -d${LOAD_SECS}s"
 
 log "a. small requests, keep-alive ($LOAD_DESC)"
 measure_load a_direct "$DIRECT" 0 || fail_case a "direct run failed"
+# f: frps's own histogram, over the requests of a and b through frpx.
+METRICS=http://127.0.0.1:$API/metrics
+"$BENCH" histogram --url "$METRICS" --save "$TMP/f_before.txt" >/dev/null 2>"$TMP/f.txt" ||
+  fail_case f "cannot read $METRICS: $(cat "$TMP/f.txt")"
 measure_load a_frpx "$FRPX" 0 || fail_case a "run through frpx failed"
 
 log "b. a new connection per request ($LOAD_DESC, Connection: close)"
 measure_load b_direct "$DIRECT" 1 || fail_case b "direct run failed"
 measure_load b_frpx "$FRPX" 1 || fail_case b "run through frpx failed"
+if [[ -f $TMP/f_before.txt ]]; then
+  if "$BENCH" histogram --url "$METRICS" --since "$TMP/f_before.txt" >"$TMP/f.txt" 2>&1; then
+    read_pairs f "$TMP/f.txt"
+    [[ ${R[f_count]:-0} -gt 0 && ${R[f_p50_us]:-none} != none ]] ||
+      fail_case f "no request was measured: $(cat "$TMP/f.txt")"
+  else
+    fail_case f "cannot read $METRICS: $(cat "$TMP/f.txt")"
+  fi
+fi
 
 log "c. one $BIG_LABEL download ($DL_TOOL)"
 measure_download c_direct "$DIRECT" || fail_case c "direct download failed"
@@ -570,8 +583,9 @@ TABLE=$(
   row "e. frps with $(thousands "$IDLE_CONNS") idle public keep-alive connections: RSS (peak)" — \
     "$(fig e_idle_rss_kib mib) ($(fig e_idle_hwm_kib mib))" — \
     "< 150 MiB with 10,000$(verdict "${R[e_idle_rss_kib]:-}" 'v < 153600')"
-  row "f. gateway overhead per request (frps's own measure): p50 / p99" \
-    "n/a (frps does not expose gateway overhead yet)" "n/a" "n/a" "p50 < 50 µs, p99 < 500 µs"
+  row "f. gateway overhead per request (frps's own measure, $(thousands "${R[f_count]:-0}") requests of a and b): p50" \
+    — "$(fig f_p50_us us)" — "< 50 µs$(verdict "${R[f_p50_us]:-}" 'v < 50')"
+  row "f. gateway overhead per request: p99" — "$(fig f_p99_us us)" — "< 500 µs$(verdict "${R[f_p99_us]:-}" 'v < 500')"
   printf '\n'
   printf 'Ratios within one run are what count; absolute figures move between runs.\n'
   printf 'e: with the bench frpc registered too; RSS read by the helper while every client / connection is open.\n'

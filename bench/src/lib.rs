@@ -9,6 +9,7 @@
 //! - [`download`]: one timed download, used when curl is absent;
 //! - [`clients`]: simulated frpc clients registered over the real protocol;
 //! - [`idle`]: idle keep-alive connections to the public port;
+//! - [`histogram`]: frps's gateway-overhead histogram from `/metrics`;
 //! - [`probe`]: readiness polling and free-port picking.
 //!
 //! Every measuring subcommand prints one line of `key=value` pairs for the
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod client;
 pub mod clients;
 pub mod download;
+pub mod histogram;
 pub mod idle;
 pub mod load;
 pub mod probe;

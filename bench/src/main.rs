@@ -1,5 +1,5 @@
 use clap::{Parser, Subcommand};
-use frpx_bench::{backend, clients, download, idle, load, probe, sse};
+use frpx_bench::{backend, clients, download, histogram, idle, load, probe, sse};
 
 /// frpx-bench: helpers for bench/run.sh.
 #[derive(Debug, Parser)]
@@ -30,6 +30,8 @@ enum Cmd {
     Clients(clients::Args),
     /// Hold idle public keep-alive connections and read frps's memory.
     Idle(idle::Args),
+    /// Read a histogram from frps's /metrics (case f).
+    Histogram(histogram::Args),
     /// Poll a URL until it answers 200.
     Wait(probe::WaitArgs),
     /// Print a free port on 127.0.0.1.
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
             Cmd::Download(args) => println!("{}", download::run(args).await?),
             Cmd::Clients(args) => println!("{}", clients::run(args).await?),
             Cmd::Idle(args) => println!("{}", idle::run(args).await?),
+            Cmd::Histogram(args) => println!("{}", histogram::run(args).await?),
             Cmd::Wait(args) => println!("ready_ms={}", probe::wait(args).await?.as_millis()),
             Cmd::FreePort => println!("{}", probe::free_port()?),
         }

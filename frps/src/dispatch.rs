@@ -112,16 +112,31 @@ impl Queues {
     }
 }
 
+/// A client with a slot reserved for one request.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// The client chosen.
+    pub client: Arc<ClientHandle>,
+    /// Whether the request waited in a queue for it (time the gateway
+    /// overhead measure counts as waiting, not as frps's own work).
+    pub queued: bool,
+}
+
 /// Reserves a slot on a client for `want`, waiting in the model's queue when
 /// every eligible client is at capacity.
-pub async fn acquire(state: &State, want: Want<'_>) -> Result<Arc<ClientHandle>, Refusal> {
+pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusal> {
     let balance = state.config.balance;
     let key = want.model.map(normalize).unwrap_or(ANY.into());
     let queue = state.queues.queue(&key);
     // Arrivals queue behind earlier waiters, so the queue is served in order.
     if queue.waiting.load(Ordering::Acquire) == 0 {
         match router::pick(&state.registry, balance, want) {
-            Ok(c) => return Ok(c),
+            Ok(client) => {
+                return Ok(Dispatched {
+                    client,
+                    queued: false,
+                });
+            }
             Err(no) => refusal(no)?,
         }
     }
@@ -136,7 +151,12 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Arc<ClientHandle>,
         tokio::pin!(notified);
         notified.as_mut().enable();
         match router::pick(&state.registry, balance, want) {
-            Ok(c) => return Ok(c),
+            Ok(client) => {
+                return Ok(Dispatched {
+                    client,
+                    queued: true,
+                });
+            }
             Err(no) => refusal(no)?,
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {

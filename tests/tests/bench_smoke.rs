@@ -79,7 +79,7 @@ fn bench_smoke_runs_every_case() {
         status.success(),
         "bench/run.sh --smoke failed ({status}):\n{stdout}\n{stderr}"
     );
-    for case in ["a", "b", "c", "d", "e"] {
+    for case in ["a", "b", "c", "d", "e", "f"] {
         let prefix = format!("| {case}. ");
         assert!(
             stdout.lines().any(|line| line.starts_with(&prefix)),

@@ -21,7 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::auth::KeyCheck;
 use crate::dispatch::{self, Refusal};
@@ -249,8 +249,9 @@ async fn forward(
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove("x-api-key");
     append_forwarded_for(&mut parts.headers, peer);
-    let upstream_started = Instant::now();
-
+    // Time spent waiting on others (a queue, a dial-back, the upstream's
+    // answer), which the gateway-overhead measure leaves out.
+    let mut waited = std::time::Duration::ZERO;
     let mut excluded: Vec<u64> = Vec::new();
     let mut last_error: Option<AcquireError> = None;
     loop {
@@ -259,8 +260,14 @@ async fn forward(
             pinned: pinned.as_deref(),
             exclude: &excluded,
         };
+        let picking = Instant::now();
         let client = match dispatch::acquire(state, want).await {
-            Ok(c) => c,
+            Ok(d) => {
+                if d.queued {
+                    waited += picking.elapsed();
+                }
+                d.client
+            }
             Err(refusal) => {
                 return refused(
                     state,
@@ -272,13 +279,22 @@ async fn forward(
             }
         };
         let guard = InFlight::reserved(state.clone(), client.clone());
-        info!("Chose client '{}' for the new connection", client.id);
+        // The prototype's line, at debug: written per request at info it
+        // cost frps ~5 % of its CPU under load (issue 7's profile).
+        debug!("Chose client '{}' for the new connection", client.id);
         if let Err(e) = plugins::hooks::new_user_conn(&state.plugins, &client, peer).await {
             return plugins::hooks::refusal(&e);
         }
+        let acquiring = Instant::now();
         let up = match upstream::acquire(state, &client).await {
-            Ok(up) => up,
+            Ok(up) => {
+                if !up.reused {
+                    waited += acquiring.elapsed();
+                }
+                up
+            }
             Err(e) => {
+                waited += acquiring.elapsed();
                 warn!(client = %client.id, "client failed before responding: {e}");
                 client.record_failure();
                 excluded.push(client.session);
@@ -300,18 +316,19 @@ async fn forward(
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
         let mut sender = up.sender;
+        let sending = Instant::now();
         let sent = tokio::time::timeout(
             state.config.upstream_idle_timeout,
             sender.try_send_request(req),
         )
         .await;
+        waited += sending.elapsed();
         let failure = match sent {
             Ok(Ok(resp)) => {
                 client.record_success();
-                let upstream_wait = upstream_started.elapsed();
                 state
                     .metrics
-                    .overhead(started.elapsed().saturating_sub(upstream_wait));
+                    .overhead(started.elapsed().saturating_sub(waited));
                 return respond(
                     state,
                     resp,
@@ -504,7 +521,8 @@ fn respond(
         status: parts.status.as_u16(),
         model,
         idle,
-        idle_timer: Box::pin(tokio::time::sleep(idle)),
+        idle_timer: None,
+        last_frame: tokio::time::Instant::now(),
     };
     Response::from_parts(parts, Either::Left(body))
 }
@@ -629,7 +647,8 @@ pub struct TrackedBody {
     status: u16,
     model: String,
     idle: std::time::Duration,
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    last_frame: tokio::time::Instant,
 }
 
 /// Error of a streamed response body.
@@ -652,17 +671,29 @@ impl Body for TrackedBody {
                         .bytes_out
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                let deadline = tokio::time::Instant::now() + self.idle;
-                self.idle_timer.as_mut().reset(deadline);
+                // The timer itself is re-armed lazily, when it fires: a
+                // reset per frame would touch the timer wheel per frame.
+                self.last_frame = tokio::time::Instant::now();
             }
             Poll::Ready(None) => self.finished = true,
             Poll::Ready(Some(Err(_))) => self.sender = None,
             Poll::Pending => {
-                if self.idle_timer.as_mut().poll(cx).is_ready() {
-                    self.sender = None;
-                    warn!(client = %self.guard.client.id, "upstream silent for {:?}; closing the stream", self.idle);
+                let this = &mut *self;
+                let deadline = this.last_frame + this.idle;
+                // Made on the first wait: most small answers never wait.
+                let timer = this
+                    .idle_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                while timer.as_mut().poll(cx).is_ready() {
+                    let deadline = this.last_frame + this.idle;
+                    if deadline > tokio::time::Instant::now() {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
+                    this.sender = None;
+                    warn!(client = %this.guard.client.id, "upstream silent for {:?}; closing the stream", this.idle);
                     return Poll::Ready(Some(Err(
-                        format!("upstream silent for {:?}", self.idle).into()
+                        format!("upstream silent for {:?}", this.idle).into()
                     )));
                 }
             }
