@@ -143,8 +143,8 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
-    match state.keys.check_headers(req.headers()).await {
-        KeyCheck::Valid => {}
+    let grant = match state.keys.check_headers(req.headers()).await {
+        KeyCheck::Valid(grant) => grant,
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
             return error_response(
@@ -172,8 +172,17 @@ async fn authenticate_and_forward(
                 "auth_unavailable",
             );
         }
+    };
+    let lease = match state.rate_limits.admit(&grant).await {
+        Ok(lease) => lease,
+        Err(limited) => return crate::ratelimit::refuse(state, limited),
+    };
+    let mut resp = forward(state, peer, req, started).await;
+    // A streamed body holds the key's concurrency slot until it ends.
+    if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
+        body.lease = Some(lease);
     }
-    forward(state, peer, req, started).await
+    resp
 }
 
 /// Paths whose JSON body names the model to route on.
@@ -505,6 +514,7 @@ fn respond(
         model,
         idle,
         idle_timer: Box::pin(tokio::time::sleep(idle)),
+        lease: None,
     };
     Response::from_parts(parts, Either::Left(body))
 }
@@ -630,6 +640,8 @@ pub struct TrackedBody {
     model: String,
     idle: std::time::Duration,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// The API key's concurrency slot, released with the body.
+    lease: Option<crate::ratelimit::Lease>,
 }
 
 /// Error of a streamed response body.

@@ -356,7 +356,7 @@ async fn random_invalid_keys_never_reach_redis() {
         .unwrap();
     let cache = frps.state.redis.clone().expect("redis configured");
     frpx_tests::eventually("Redis connected", || cache.is_healthy()).await;
-    assert_eq!(frps.state.keys.check(&key).await, KeyCheck::Valid);
+    assert!(matches!(frps.state.keys.check(&key).await, KeyCheck::Valid(_)));
     frpx_tests::eventually_async("the valid key is in Redis", || async {
         cache.count_entries().await == Some(1)
     })
@@ -576,6 +576,8 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         command: KeyCommand::Create {
             name: Some("team-a".into()),
             expires_in: Some(Duration::from_secs(86400)),
+            rpm: None,
+            max_concurrency: None,
         },
     };
     let out = admin(&cfg, create, "").await.unwrap();
@@ -595,7 +597,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         "{list}"
     );
     let validator = KeyValidator::new(None, Some(store.clone()), None);
-    assert_eq!(validator.check(&key).await, KeyCheck::Valid);
+    assert!(matches!(validator.check(&key).await, KeyCheck::Valid(_)));
     let revoke = Admin::Key {
         command: KeyCommand::Revoke {
             key: key[..12].to_owned(),
