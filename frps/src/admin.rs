@@ -130,9 +130,7 @@ fn parse_limit(s: &str, max: u32) -> Result<LimitArg, String> {
     }
     match s.trim().parse::<u32>() {
         Ok(n) if (1..=max).contains(&n) => Ok(LimitArg::Set(n)),
-        _ => Err(format!(
-            "expected a number from 1 to {max}, or `unlimited`"
-        )),
+        _ => Err(format!("expected a number from 1 to {max}, or `unlimited`")),
     }
 }
 
@@ -285,7 +283,9 @@ async fn dispatch(
                 max_concurrency,
             } => {
                 if rpm.is_none() && max_concurrency.is_none() {
-                    bail!("nothing to change: pass --rpm and/or --max-concurrency (a number or `unlimited`)");
+                    bail!(
+                        "nothing to change: pass --rpm and/or --max-concurrency (a number or `unlimited`)"
+                    );
                 }
                 let redis = admin_redis(config).await;
                 let change = |current: Limits| Limits {
@@ -372,7 +372,9 @@ async fn dispatch(
 /// Redis of `config` for invalidations, when configured and reachable.
 async fn admin_redis(config: &Config) -> Option<RedisCache> {
     let url = config.redis()?;
-    RedisCache::connect_now(url, &config.redis_prefix).await.ok()
+    RedisCache::connect_now(url, &config.redis_prefix)
+        .await
+        .ok()
 }
 
 fn table(header: &[&str]) -> Table {

@@ -216,9 +216,7 @@ impl Store {
             " FROM api_keys WHERE key = $1 OR key = $2 OR id = $1 OR prefix = $1"
         );
         let hashed = format!("{HASH_PREFIX}{hash_hex}");
-        Ok(
-            on_pool!(self, p => sqlx::query_as(FIND).bind(needle).bind(&hashed).fetch_all(p).await?),
-        )
+        Ok(on_pool!(self, p => sqlx::query_as(FIND).bind(needle).bind(&hashed).fetch_all(p).await?))
     }
 
     /// Sets the rate limits of the key stored as `key` (NULL: unlimited).

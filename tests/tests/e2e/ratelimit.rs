@@ -133,7 +133,6 @@ async fn over_rpm_is_429_with_retry_after_until_the_window_moves_on() {
         assert_eq!(status(frps, &unlimited).await, 200);
         assert_eq!(status(frps, API_KEY).await, 200);
     }
-
 }
 
 #[tokio::test]
@@ -158,7 +157,10 @@ async fn concurrency_is_held_until_the_stream_ends_or_the_caller_leaves() {
         status(frps, &key).await == 200
     })
     .await;
-    eventually("the backend saw the cancellation", || backend.cancelled() >= 1).await;
+    eventually("the backend saw the cancellation", || {
+        backend.cancelled() >= 1
+    })
+    .await;
     assert_eq!(frps.state.rate_limits.local_in_flight(&hash), 0);
 
     // A stream that ends normally frees it too, and only then.
@@ -290,13 +292,7 @@ async fn redis_down_falls_back_to_in_process_limits() {
 
 async fn admin(cfg: &frps::Config, command: KeyCommand) -> anyhow::Result<String> {
     let mut out = Vec::new();
-    frps::admin::run(
-        Admin::Key { command },
-        cfg,
-        &mut out,
-        &mut std::io::empty(),
-    )
-    .await?;
+    frps::admin::run(Admin::Key { command }, cfg, &mut out, &mut std::io::empty()).await?;
     Ok(String::from_utf8(out).unwrap())
 }
 
@@ -327,7 +323,10 @@ async fn limits_changed_by_the_admin_command_apply_at_once() {
     .unwrap();
     assert!(created.contains("rpm 50, max concurrency 7"), "{created}");
     let list = admin(&cfg, KeyCommand::List).await.unwrap();
-    let row = list.lines().find(|l| l.contains("limited")).expect("listed");
+    let row = list
+        .lines()
+        .find(|l| l.contains("limited"))
+        .expect("listed");
     assert!(row.contains("50") && row.contains('7'), "{list}");
 
     // A key without limits, cached everywhere by now.
@@ -384,9 +383,23 @@ async fn limits_changed_by_the_admin_command_apply_at_once() {
 #[test]
 fn limit_flags_must_be_positive() {
     let parse = |args: &[&str]| frps::Cli::try_parse_from(args.iter().copied());
-    assert!(parse(&["frps", "key", "create", "--rpm", "60", "--max-concurrency", "2"]).is_ok());
+    assert!(
+        parse(&[
+            "frps",
+            "key",
+            "create",
+            "--rpm",
+            "60",
+            "--max-concurrency",
+            "2"
+        ])
+        .is_ok()
+    );
     for bad in ["0", "-3", "many"] {
-        assert!(parse(&["frps", "key", "create", "--rpm", bad]).is_err(), "{bad}");
+        assert!(
+            parse(&["frps", "key", "create", "--rpm", bad]).is_err(),
+            "{bad}"
+        );
         assert!(parse(&["frps", "key", "create", "--max-concurrency", bad]).is_err());
         assert!(parse(&["frps", "key", "limits", "k", "--rpm", bad]).is_err());
     }

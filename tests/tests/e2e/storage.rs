@@ -211,7 +211,11 @@ async fn limits_migration_upgrades(url: &str) {
     ));
     store.close().await;
     // Running the migrations again changes nothing.
-    Store::connect(url).await.expect("migrations are idempotent").close().await;
+    Store::connect(url)
+        .await
+        .expect("migrations are idempotent")
+        .close()
+        .await;
 }
 
 #[tokio::test]
@@ -461,7 +465,10 @@ async fn random_invalid_keys_never_reach_redis() {
         .unwrap();
     let cache = frps.state.redis.clone().expect("redis configured");
     frpx_tests::eventually("Redis connected", || cache.is_healthy()).await;
-    assert!(matches!(frps.state.keys.check(&key).await, KeyCheck::Valid(_)));
+    assert!(matches!(
+        frps.state.keys.check(&key).await,
+        KeyCheck::Valid(_)
+    ));
     frpx_tests::eventually_async("the valid key is in Redis", || async {
         cache.count_entries().await == Some(1)
     })
