@@ -37,11 +37,11 @@ async fn main() -> anyhow::Result<()> {
 
     // In-process hit: the key is in the moka cache after the first check.
     let v = KeyValidator::new(None, Some(store.clone()), None);
-    assert_eq!(v.check(&key).await, KeyCheck::Valid);
+    assert!(matches!(v.check(&key).await, KeyCheck::Valid(_)));
     let n = 200_000;
     let t = Instant::now();
     for _ in 0..n {
-        assert_eq!(v.check(&key).await, KeyCheck::Valid);
+        assert!(matches!(v.check(&key).await, KeyCheck::Valid(_)));
     }
     println!(
         "| in-process cache hit | {} | moka |",
@@ -56,7 +56,10 @@ async fn main() -> anyhow::Result<()> {
             redis
                 .set(
                     &hash,
-                    frps::auth::redis::CachedKey { expires_at: None },
+                    frps::auth::redis::CachedKey {
+                        expires_at: None,
+                        limits: Default::default(),
+                    },
                     chrono::Utc::now().timestamp(),
                 )
                 .await;

@@ -14,6 +14,7 @@ use crate::auth::accounts::hash_password;
 use crate::auth::keys::KeyValidator;
 use crate::auth::redis::RedisCache;
 use crate::config::Config;
+use crate::ratelimit::{Limits, MAX_CONCURRENCY, MAX_RPM};
 use crate::store::{Store, StoreError, redact};
 
 /// Shortest password accepted.
@@ -75,15 +76,74 @@ pub enum KeyCommand {
         /// Lifetime, e.g. `30d`, `12h` (default: no expiry).
         #[arg(long, value_parser = parse_duration)]
         expires_in: Option<Duration>,
+        /// Requests per minute the key may make (default: unlimited).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_RPM as i64))]
+        rpm: Option<u32>,
+        /// Requests the key may have in flight at once (default: unlimited).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_CONCURRENCY as i64))]
+        max_concurrency: Option<u32>,
     },
-    /// List keys (masked).
+    /// List keys (masked), with their limits.
     List,
+    /// Change the rate limits of keys (by key, id or visible prefix); every
+    /// frps sharing Redis applies them at once, others within 10 s.
+    Limits {
+        /// The key, its id, or its visible prefix.
+        key: String,
+        /// Requests per minute: a number, or `unlimited` (omitted: unchanged).
+        #[arg(long, value_parser = parse_rpm)]
+        rpm: Option<LimitArg>,
+        /// Requests in flight at once: a number, or `unlimited` (omitted: unchanged).
+        #[arg(long, value_parser = parse_concurrency)]
+        max_concurrency: Option<LimitArg>,
+    },
     /// Revoke keys by key, id or visible prefix; every frps sharing Redis
     /// refuses them within a second.
     Revoke {
         /// The key, its id, or its visible prefix.
         key: String,
     },
+}
+
+/// A new value of one limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitArg {
+    /// Limit to this many.
+    Set(u32),
+    /// No limit.
+    Unlimited,
+}
+
+impl LimitArg {
+    fn apply(change: Option<LimitArg>, current: Option<u32>) -> Option<u32> {
+        match change {
+            None => current,
+            Some(LimitArg::Set(n)) => Some(n),
+            Some(LimitArg::Unlimited) => None,
+        }
+    }
+}
+
+fn parse_limit(s: &str, max: u32) -> Result<LimitArg, String> {
+    if matches!(s.trim(), "unlimited" | "none") {
+        return Ok(LimitArg::Unlimited);
+    }
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(LimitArg::Set(n)),
+        _ => Err(format!("expected a number from 1 to {max}, or `unlimited`")),
+    }
+}
+
+fn parse_rpm(s: &str) -> Result<LimitArg, String> {
+    parse_limit(s, MAX_RPM)
+}
+
+fn parse_concurrency(s: &str) -> Result<LimitArg, String> {
+    parse_limit(s, MAX_CONCURRENCY)
+}
+
+fn show_limit(v: Option<u32>) -> String {
+    v.map_or_else(|| "unlimited".into(), |n| n.to_string())
 }
 
 /// `frps token ...`
@@ -164,24 +224,46 @@ async fn dispatch(
             }
         },
         Admin::Key { command } => match command {
-            KeyCommand::Create { name, expires_in } => {
+            KeyCommand::Create {
+                name,
+                expires_in,
+                rpm,
+                max_concurrency,
+            } => {
                 let expires_at = expires_in
                     .map(|d| chrono::Duration::from_std(d).context("expiry too far in the future"))
                     .transpose()?
                     .map(|d| Utc::now().naive_utc() + d);
+                let limits = Limits {
+                    rpm,
+                    max_concurrency,
+                };
                 let (plaintext, secret) =
-                    KeyValidator::create(store, name.as_deref(), expires_at).await?;
+                    KeyValidator::create_with_limits(store, name.as_deref(), expires_at, limits)
+                        .await?;
                 writeln!(out, "{plaintext}")?;
                 writeln!(
                     out,
-                    "id {}, expires {}. Store the key now: it is shown only once.",
+                    "id {}, expires {}, rpm {}, max concurrency {}. Store the key now: it is shown only once.",
                     secret.id,
-                    time(expires_at)
+                    time(expires_at),
+                    show_limit(rpm),
+                    show_limit(max_concurrency),
                 )?;
             }
             KeyCommand::List => {
-                let mut table = table(&["id", "key", "name", "status", "expires", "created"]);
+                let mut table = table(&[
+                    "id",
+                    "key",
+                    "name",
+                    "status",
+                    "expires",
+                    "created",
+                    "rpm",
+                    "max concurrency",
+                ]);
                 for k in store.list_api_keys().await? {
+                    let limits = k.limits();
                     table.add_row(vec![
                         k.id.clone().unwrap_or_else(|| "-".into()),
                         k.masked(),
@@ -189,17 +271,52 @@ async fn dispatch(
                         k.status.clone().unwrap_or_else(|| "active".into()),
                         time(k.expires_at),
                         time(k.created_at),
+                        show_limit(limits.rpm),
+                        show_limit(limits.max_concurrency),
                     ]);
                 }
                 writeln!(out, "{table}")?;
             }
-            KeyCommand::Revoke { key } => {
-                let redis = match config.redis() {
-                    Some(url) => RedisCache::connect_now(url, &config.redis_prefix)
-                        .await
-                        .ok(),
-                    None => None,
+            KeyCommand::Limits {
+                key,
+                rpm,
+                max_concurrency,
+            } => {
+                if rpm.is_none() && max_concurrency.is_none() {
+                    bail!(
+                        "nothing to change: pass --rpm and/or --max-concurrency (a number or `unlimited`)"
+                    );
+                }
+                let redis = admin_redis(config).await;
+                let change = |current: Limits| Limits {
+                    rpm: LimitArg::apply(rpm, current.rpm),
+                    max_concurrency: LimitArg::apply(max_concurrency, current.max_concurrency),
                 };
+                let (rows, published) =
+                    KeyValidator::set_limits(store, redis.as_ref(), &key, change).await?;
+                if rows.is_empty() {
+                    bail!("no key matches `{key}`");
+                }
+                for (row, limits) in &rows {
+                    writeln!(
+                        out,
+                        "{}: rpm {}, max concurrency {}",
+                        row.masked(),
+                        show_limit(limits.rpm),
+                        show_limit(limits.max_concurrency)
+                    )?;
+                }
+                if !published {
+                    writeln!(
+                        out,
+                        "note: Redis not reachable from here; running frps servers apply the new limits when their cached entries expire ({}s in-process, up to {}s in Redis)",
+                        crate::auth::keys::LOCAL_TTL.as_secs(),
+                        crate::auth::redis::REDIS_TTL.as_secs()
+                    )?;
+                }
+            }
+            KeyCommand::Revoke { key } => {
+                let redis = admin_redis(config).await;
                 let (rows, published) = KeyValidator::revoke(store, redis.as_ref(), &key).await?;
                 if rows.is_empty() {
                     bail!("no key matches `{key}`");
@@ -250,6 +367,14 @@ async fn dispatch(
         },
     }
     Ok(())
+}
+
+/// Redis of `config` for invalidations, when configured and reachable.
+async fn admin_redis(config: &Config) -> Option<RedisCache> {
+    let url = config.redis()?;
+    RedisCache::connect_now(url, &config.redis_prefix)
+        .await
+        .ok()
 }
 
 fn table(header: &[&str]) -> Table {
@@ -306,6 +431,19 @@ fn read_password(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_parse_and_apply() {
+        assert_eq!(parse_rpm("60"), Ok(LimitArg::Set(60)));
+        assert_eq!(parse_rpm("unlimited"), Ok(LimitArg::Unlimited));
+        assert_eq!(parse_concurrency("none"), Ok(LimitArg::Unlimited));
+        for bad in ["0", "-1", "x", "", "100001"] {
+            assert!(parse_rpm(bad).is_err(), "{bad}");
+        }
+        assert_eq!(LimitArg::apply(None, Some(5)), Some(5));
+        assert_eq!(LimitArg::apply(Some(LimitArg::Set(2)), Some(5)), Some(2));
+        assert_eq!(LimitArg::apply(Some(LimitArg::Unlimited), Some(5)), None);
+    }
 
     #[test]
     fn emails_and_passwords_are_checked() {

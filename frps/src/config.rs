@@ -127,6 +127,12 @@ pub struct Config {
     #[arg(long, env = "FRPX_QUEUE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub queue_timeout: Duration,
 
+    /// Length of the sliding window an API key's `rpm` limit counts over.
+    /// Keep `1m` so `rpm` means requests per minute; shorter windows are for
+    /// tests. Every frps sharing a Redis must use the same value.
+    #[arg(long, env = "FRPX_RATE_LIMIT_WINDOW", default_value = "1m", value_parser = parse_duration)]
+    pub rate_limit_window: Duration,
+
     /// Other clients tried when one fails before any response byte was sent.
     #[arg(long, env = "FRPX_MAX_RETRIES", default_value_t = 2)]
     pub max_retries: usize,

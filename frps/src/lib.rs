@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pending;
 pub mod plugins;
+pub mod ratelimit;
 pub mod registry;
 pub mod router;
 pub mod server;

@@ -113,6 +113,7 @@ struct FleetSnapshot {
     bytes_in: u64,
     bytes_out: u64,
     auth: Vec<(&'static str, u64)>,
+    rate_limited: [(&'static str, u64); 2],
     queues: Vec<(String, usize)>,
     per_client: Vec<ClientGauges>,
 }
@@ -147,6 +148,13 @@ impl FleetSnapshot {
                 ("redis", keys.redis_hits.load(Ordering::Relaxed)),
                 ("database", keys.db_hits.load(Ordering::Relaxed)),
                 ("database_error", keys.db_errors.load(Ordering::Relaxed)),
+            ],
+            rate_limited: [
+                ("rpm", state.stats.rate_limited_rpm.load(Ordering::Relaxed)),
+                (
+                    "concurrency",
+                    state.stats.rate_limited_concurrency.load(Ordering::Relaxed),
+                ),
             ],
             queues: state.queues.depths(),
             per_client: clients
@@ -247,6 +255,16 @@ impl Collector for FleetSnapshot {
         )?;
         for (layer, v) in &self.auth {
             ConstCounter::new(*v).encode(auth.encode_family(&[("layer", *layer)])?)?;
+        }
+
+        let mut limited = family(
+            &mut encoder,
+            "frpx_rate_limited_requests",
+            "Public requests refused (429) by their API key's limits, by reason (rpm, concurrency)",
+            MetricType::Counter,
+        )?;
+        for (reason, v) in &self.rate_limited {
+            ConstCounter::new(*v).encode(limited.encode_family(&[("reason", *reason)])?)?;
         }
 
         type Field = fn(&ClientGauges) -> Option<f64>;

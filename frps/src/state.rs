@@ -17,6 +17,7 @@ use crate::dispatch::Queues;
 use crate::metrics::Metrics;
 use crate::pending::Pending;
 use crate::plugins::Plugins;
+use crate::ratelimit::RateLimiter;
 use crate::registry::Registry;
 use crate::server::BoundAddrs;
 use crate::store::{Store, redact};
@@ -38,6 +39,8 @@ pub struct State {
     pub redis: Option<Arc<RedisCache>>,
     /// Consumer API keys (public port).
     pub keys: Arc<KeyValidator>,
+    /// Per-key rate limits (public port).
+    pub rate_limits: Arc<RateLimiter>,
     /// Provider accounts and client tokens (control port).
     pub accounts: Accounts,
     /// Server plugins, by operation.
@@ -100,7 +103,11 @@ impl State {
                 forget.forget(hash);
             }
         });
+        let tasks = TaskTracker::new();
+        let rate_limits = RateLimiter::new(config.rate_limit_window, redis.clone(), tasks.clone());
+        tokio::spawn(rate_limits.clone().maintain(shutdown.clone()));
         Ok(Self {
+            rate_limits,
             accounts: Accounts::new(Some(store.clone()), config.token_lifetime()),
             plugins: Plugins::new(&config.plugins, config.plugin_timeout),
             keys,
@@ -116,7 +123,7 @@ impl State {
             started_at: Instant::now(),
             shutdown,
             hard_stop: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
             tls,
         })
     }
@@ -139,6 +146,10 @@ pub struct Stats {
     pub upstream_errors: AtomicU64,
     /// Public requests refused because the fleet stayed at capacity (429).
     pub queue_rejections: AtomicU64,
+    /// Public requests refused over their key's requests per minute (429).
+    pub rate_limited_rpm: AtomicU64,
+    /// Public requests refused over their key's concurrency limit (429).
+    pub rate_limited_concurrency: AtomicU64,
     /// Public connections currently open.
     pub public_connections: AtomicU64,
     /// Bytes received from callers (request bodies).

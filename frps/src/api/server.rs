@@ -63,6 +63,8 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
             dial_timeouts: load(&s.dial_timeouts),
             upstream_errors: load(&s.upstream_errors),
             queue_rejections: load(&s.queue_rejections),
+            rate_limited_rpm: load(&s.rate_limited_rpm),
+            rate_limited_concurrency: load(&s.rate_limited_concurrency),
         },
     };
     Ok(ok(stats, "server statistics"))

@@ -169,6 +169,12 @@ pub struct ErrorCounts {
     pub upstream_errors: u64,
     /// Fleet at capacity: queue full or wait too long (429).
     pub queue_rejections: u64,
+    /// Over an API key's requests per minute (429, `rate_limit_exceeded`).
+    #[serde(default)]
+    pub rate_limited_rpm: u64,
+    /// Over an API key's concurrent requests (429, `concurrency_limit_exceeded`).
+    #[serde(default)]
+    pub rate_limited_concurrency: u64,
 }
 
 /// `/api/stats`.

@@ -13,7 +13,8 @@ use tracing::{info, warn};
 use super::constant_time_eq;
 use super::redis::{CachedKey, RedisCache};
 use super::secret::{self, Secret};
-use crate::store::{ApiKeyRow, Store, StoreError};
+use crate::ratelimit::Limits;
+use crate::store::{ApiKeyRow, NewApiKey, Store, StoreError};
 
 /// How long a valid key is trusted from the in-process cache.
 pub const LOCAL_TTL: Duration = Duration::from_secs(10);
@@ -22,11 +23,20 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// Entries kept in each in-process cache.
 pub const LOCAL_CAPACITY: u64 = 100_000;
 
+/// What a valid key is allowed: who it is (for rate limiting) and its limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyGrant {
+    /// The key's SHA-256: its identity in rate-limit counters (never the key).
+    pub id: [u8; 32],
+    /// Its rate limits.
+    pub limits: Limits,
+}
+
 /// Outcome of checking a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyCheck {
-    /// The key is valid.
-    Valid,
+    /// The key is valid, with what it is allowed.
+    Valid(KeyGrant),
     /// No key was presented.
     Missing,
     /// The key is unknown, revoked, inactive or expired.
@@ -53,6 +63,7 @@ pub struct KeyStats {
 /// Validates consumer API keys.
 pub struct KeyValidator {
     static_key: Option<String>,
+    static_grant: KeyGrant,
     store: Option<Store>,
     redis: Option<Arc<RedisCache>>,
     valid: Cache<[u8; 32], CachedKey>,
@@ -80,8 +91,15 @@ impl KeyValidator {
         store: Option<Store>,
         redis: Option<Arc<RedisCache>>,
     ) -> Self {
+        let static_key = static_key.filter(|k| !k.is_empty());
+        // The static key has no limits (there are no flags for them).
+        let static_grant = KeyGrant {
+            id: secret::hash(static_key.as_deref().unwrap_or_default()),
+            limits: Limits::default(),
+        };
         Self {
-            static_key: static_key.filter(|k| !k.is_empty()),
+            static_key,
+            static_grant,
             store,
             redis,
             valid: Cache::builder()
@@ -133,7 +151,7 @@ impl KeyValidator {
             && constant_time_eq(k.as_bytes(), key.as_bytes())
         {
             self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
-            return KeyCheck::Valid;
+            return KeyCheck::Valid(self.static_grant);
         }
         let Some(store) = &self.store else {
             return KeyCheck::Invalid;
@@ -142,7 +160,7 @@ impl KeyValidator {
         let now = Utc::now().timestamp();
         if let Some(entry) = self.valid.get(&hash).await {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
-            return verdict(entry.valid_at(now));
+            return verdict(hash, entry, now);
         }
         if self.invalid.contains_key(&hash) {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
@@ -153,7 +171,7 @@ impl KeyValidator {
         {
             self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
             self.valid.insert(hash, entry).await;
-            return verdict(entry.valid_at(now));
+            return verdict(hash, entry, now);
         }
         match store.find_api_key(key, &secret::hex(&hash)).await {
             Ok(row) => {
@@ -163,12 +181,16 @@ impl KeyValidator {
                     Some(row) => {
                         let entry = CachedKey {
                             expires_at: row.expires_at.map(|t| t.and_utc().timestamp()),
+                            limits: row.limits(),
                         };
                         self.valid.insert(hash, entry).await;
                         if let Some(redis) = &self.redis {
                             redis.set(&hash, entry, now).await;
                         }
-                        KeyCheck::Valid
+                        KeyCheck::Valid(KeyGrant {
+                            id: hash,
+                            limits: entry.limits,
+                        })
                     }
                     None => {
                         self.invalid.insert(hash, ()).await;
@@ -198,23 +220,64 @@ impl KeyValidator {
         }
     }
 
-    /// Creates a key; returns its plaintext (shown once) and stored row.
+    /// Creates a key without limits; returns its plaintext (shown once)
+    /// and stored row.
     pub async fn create(
         store: &Store,
         name: Option<&str>,
         expires_at: Option<NaiveDateTime>,
     ) -> Result<(String, Secret), StoreError> {
+        Self::create_with_limits(store, name, expires_at, Limits::default()).await
+    }
+
+    /// Creates a key with rate limits; returns its plaintext (shown once)
+    /// and stored row.
+    pub async fn create_with_limits(
+        store: &Store,
+        name: Option<&str>,
+        expires_at: Option<NaiveDateTime>,
+        limits: Limits,
+    ) -> Result<(String, Secret), StoreError> {
         let secret = secret::generate("frpx");
-        store
-            .insert_api_key(
-                &secret.id,
-                &secret.hash_hex,
-                &secret.prefix,
-                name,
-                expires_at,
-            )
-            .await?;
+        let new = NewApiKey {
+            id: &secret.id,
+            prefix: &secret.prefix,
+            name,
+            expires_at,
+            limits,
+        };
+        store.insert_api_key(&new, &secret.hash_hex).await?;
         Ok((secret.plaintext.clone(), secret))
+    }
+
+    /// Changes the limits of keys matching `needle` (key, id or prefix):
+    /// `change` maps each key's current limits to its new ones. Drops the
+    /// keys' cached entries from Redis and tells every frps sharing it to
+    /// forget them, so the new limits apply at once. Returns the rows with
+    /// their new limits and whether the fleet-wide invalidation was published.
+    pub async fn set_limits(
+        store: &Store,
+        redis: Option<&RedisCache>,
+        needle: &str,
+        change: impl Fn(Limits) -> Limits,
+    ) -> Result<(Vec<(ApiKeyRow, Limits)>, bool), StoreError> {
+        let rows = store
+            .match_api_keys(needle, &secret::hash_hex(needle))
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut published = redis.is_some();
+        let column = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        for row in rows {
+            let limits = change(row.limits());
+            store
+                .set_api_key_limits(&row.key, column(limits.rpm), column(limits.max_concurrency))
+                .await?;
+            if let (Some(redis), Some(hash)) = (redis, stored_hash(&row)) {
+                published &= redis.revoke(&hash).await;
+            }
+            out.push((row, limits));
+        }
+        Ok((out, published))
     }
 
     /// Revokes keys matching `needle` (key, id or prefix) in `store`, drops
@@ -258,9 +321,12 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn verdict(valid: bool) -> KeyCheck {
-    if valid {
-        KeyCheck::Valid
+fn verdict(hash: [u8; 32], entry: CachedKey, now: i64) -> KeyCheck {
+    if entry.valid_at(now) {
+        KeyCheck::Valid(KeyGrant {
+            id: hash,
+            limits: entry.limits,
+        })
     } else {
         KeyCheck::Invalid
     }
@@ -281,6 +347,8 @@ mod tests {
             id: None,
             name: None,
             prefix: None,
+            rpm: None,
+            max_concurrency: None,
         };
         assert_eq!(stored_hash(&row), Some(h));
         let legacy = ApiKeyRow {
@@ -294,7 +362,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_store_only_the_static_key_passes() {
         let v = KeyValidator::new(Some("s".into()), None, None);
-        assert_eq!(v.check("s").await, KeyCheck::Valid);
+        assert!(matches!(v.check("s").await, KeyCheck::Valid(g) if g.limits.is_unlimited()));
         assert_eq!(v.check("abc123").await, KeyCheck::Invalid);
         let none = KeyValidator::new(None, None, None);
         assert!(!none.has_keys());

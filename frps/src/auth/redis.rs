@@ -31,6 +31,9 @@ const RETRY: Duration = Duration::from_secs(1);
 pub struct CachedKey {
     /// Expiry as a Unix timestamp (seconds), if the key expires.
     pub expires_at: Option<i64>,
+    /// The key's rate limits. Required when reading: an entry written by an
+    /// frps that predates limits does not parse, so it is looked up again.
+    pub limits: crate::ratelimit::Limits,
 }
 
 impl CachedKey {
@@ -228,6 +231,29 @@ impl RedisCache {
         deleted.is_some() && published.is_some()
     }
 
+    /// `suffix` under this cache's key prefix.
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+
+    /// Runs a Lua script; `None` when Redis is down or failed.
+    pub async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        script: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        let mut conn = self.conn()?;
+        self.run(script.invoke_async(&mut conn)).await
+    }
+
+    /// Removes `member` from the sorted set `key`; false when Redis failed.
+    pub async fn zrem(&self, key: &str, member: &str) -> bool {
+        let Some(mut conn) = self.conn() else {
+            return false;
+        };
+        let removed: Option<i64> = self.run(conn.zrem(key, member)).await;
+        removed.is_some()
+    }
+
     /// Number of entries under this prefix (for tests and diagnostics).
     pub async fn count_entries(&self) -> Option<usize> {
         let mut conn = self.conn()?;
@@ -264,4 +290,25 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_response_timeout(OP_TIMEOUT)
         .set_number_of_retries(1)
         .set_max_delay(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::Limits;
+
+    #[test]
+    fn cached_entries_carry_limits_and_old_entries_are_misses() {
+        let entry = CachedKey {
+            expires_at: Some(5),
+            limits: Limits {
+                rpm: Some(60),
+                max_concurrency: None,
+            },
+        };
+        let json = serde_json::to_string(&entry).unwrap();
+        assert_eq!(serde_json::from_str::<CachedKey>(&json).unwrap(), entry);
+        // Written by an frps without limits: not trusted, looked up again.
+        assert!(serde_json::from_str::<CachedKey>(r#"{"expires_at":null}"#).is_err());
+    }
 }

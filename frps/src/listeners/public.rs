@@ -143,8 +143,8 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
-    match state.keys.check_headers(req.headers()).await {
-        KeyCheck::Valid => {}
+    let grant = match state.keys.check_headers(req.headers()).await {
+        KeyCheck::Valid(grant) => grant,
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
             return error_response(
@@ -172,8 +172,17 @@ async fn authenticate_and_forward(
                 "auth_unavailable",
             );
         }
+    };
+    let lease = match state.rate_limits.admit(&grant).await {
+        Ok(lease) => lease,
+        Err(limited) => return crate::ratelimit::refuse(state, limited),
+    };
+    let mut resp = forward(state, peer, req, started).await;
+    // A streamed body holds the key's concurrency slot until it ends.
+    if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
+        body.lease = Some(lease);
     }
-    forward(state, peer, req, started).await
+    resp
 }
 
 /// Paths whose JSON body names the model to route on.
@@ -523,6 +532,7 @@ fn respond(
         idle,
         idle_timer: None,
         last_frame: tokio::time::Instant::now(),
+        lease: None,
     };
     Response::from_parts(parts, Either::Left(body))
 }
@@ -649,6 +659,8 @@ pub struct TrackedBody {
     idle: std::time::Duration,
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     last_frame: tokio::time::Instant,
+    /// The API key's concurrency slot, released with the body.
+    lease: Option<crate::ratelimit::Lease>,
 }
 
 /// Error of a streamed response body.

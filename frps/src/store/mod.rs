@@ -14,6 +14,28 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub use rows::{ApiKeyRow, ClientTokenRow, GpuAssetRow, UserRow};
 
+/// The `api_keys` columns every [`ApiKeyRow`] is read from.
+macro_rules! api_key_columns {
+    () => {
+        r#"key, status, "expiresAt", "createdAt", id, name, prefix, rpm, max_concurrency"#
+    };
+}
+
+/// A key to store (its hash is passed beside it).
+#[derive(Debug, Clone, Copy)]
+pub struct NewApiKey<'a> {
+    /// frpx's id of the key.
+    pub id: &'a str,
+    /// Its visible prefix.
+    pub prefix: &'a str,
+    /// A label.
+    pub name: Option<&'a str>,
+    /// Expiry (UTC), if any.
+    pub expires_at: Option<NaiveDateTime>,
+    /// Rate limits.
+    pub limits: crate::ratelimit::Limits,
+}
+
 /// Prefix of the `key` column for keys stored as a hash.
 pub const HASH_PREFIX: &str = "sha256:";
 
@@ -143,37 +165,73 @@ impl Store {
         plaintext: &str,
         hash_hex: &str,
     ) -> Result<Option<ApiKeyRow>, StoreError> {
-        const SQL: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
-            FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"#;
+        const SQL: &str = concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"
+        );
         let hashed = format!("{HASH_PREFIX}{hash_hex}");
         Ok(
             on_pool!(self, p => sqlx::query_as(SQL).bind(plaintext).bind(&hashed).fetch_optional(p).await?),
         )
     }
 
-    /// Stores a new key by its hash.
+    /// Stores a new key by its hash, with its rate limits.
     pub async fn insert_api_key(
         &self,
-        id: &str,
+        new: &NewApiKey<'_>,
         hash_hex: &str,
-        prefix: &str,
-        name: Option<&str>,
-        expires_at: Option<NaiveDateTime>,
     ) -> Result<(), StoreError> {
-        const SQL: &str = r#"INSERT INTO api_keys (key, status, "expiresAt", "createdAt", "updatedAt", id, name, prefix)
-            VALUES ($1, 'active', $2, $3, $3, $4, $5, $6)"#;
+        const SQL: &str = r#"INSERT INTO api_keys (key, status, "expiresAt", "createdAt", "updatedAt", id, name, prefix, rpm, max_concurrency)
+            VALUES ($1, 'active', $2, $3, $3, $4, $5, $6, $7, $8)"#;
         let key = format!("{HASH_PREFIX}{hash_hex}");
+        let limit = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
         on_pool!(self, p => sqlx::query(SQL)
-            .bind(&key).bind(expires_at).bind(now()).bind(id).bind(name).bind(prefix)
+            .bind(&key).bind(new.expires_at).bind(now()).bind(new.id).bind(new.name).bind(new.prefix)
+            .bind(limit(new.limits.rpm)).bind(limit(new.limits.max_concurrency))
             .execute(p).await?.rows_affected());
         Ok(())
     }
 
     /// Every key, newest first.
     pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
-        const SQL: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
-            FROM api_keys ORDER BY "createdAt" DESC"#;
+        const SQL: &str = concat!(
+            "SELECT ",
+            api_key_columns!(),
+            r#" FROM api_keys ORDER BY "createdAt" DESC"#
+        );
         Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+    }
+
+    /// Keys matching `needle`: a plaintext key, its `sha256:` form (whose
+    /// hex is `hash_hex`), an id or a visible prefix.
+    pub async fn match_api_keys(
+        &self,
+        needle: &str,
+        hash_hex: &str,
+    ) -> Result<Vec<ApiKeyRow>, StoreError> {
+        const FIND: &str = concat!(
+            "SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE key = $1 OR key = $2 OR id = $1 OR prefix = $1"
+        );
+        let hashed = format!("{HASH_PREFIX}{hash_hex}");
+        Ok(on_pool!(self, p => sqlx::query_as(FIND).bind(needle).bind(&hashed).fetch_all(p).await?))
+    }
+
+    /// Sets the rate limits of the key stored as `key` (NULL: unlimited).
+    pub async fn set_api_key_limits(
+        &self,
+        key: &str,
+        rpm: Option<i32>,
+        max_concurrency: Option<i32>,
+    ) -> Result<(), StoreError> {
+        const SQL: &str = r#"UPDATE api_keys SET rpm = $2, max_concurrency = $3, "updatedAt" = $4
+            WHERE key = $1"#;
+        on_pool!(self, p => sqlx::query(SQL)
+            .bind(key).bind(rpm).bind(max_concurrency).bind(now())
+            .execute(p).await?.rows_affected());
+        Ok(())
     }
 
     /// Marks keys matching `needle` (a plaintext key, its `sha256:` form, an
@@ -183,12 +241,9 @@ impl Store {
         needle: &str,
         hash_hex: &str,
     ) -> Result<Vec<ApiKeyRow>, StoreError> {
-        const FIND: &str = r#"SELECT key, status, "expiresAt", "createdAt", id, name, prefix
-            FROM api_keys WHERE key = $1 OR key = $2 OR id = $1 OR prefix = $1"#;
         const REVOKE: &str =
             r#"UPDATE api_keys SET status = 'revoked', "updatedAt" = $2 WHERE key = $1"#;
-        let hashed = format!("{HASH_PREFIX}{hash_hex}");
-        let rows: Vec<ApiKeyRow> = on_pool!(self, p => sqlx::query_as(FIND).bind(needle).bind(&hashed).fetch_all(p).await?);
+        let rows = self.match_api_keys(needle, hash_hex).await?;
         for row in &rows {
             on_pool!(self, p => sqlx::query(REVOKE).bind(&row.key).bind(now()).execute(p).await?.rows_affected());
         }

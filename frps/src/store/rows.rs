@@ -22,6 +22,10 @@ pub struct ApiKeyRow {
     pub name: Option<String>,
     /// Visible start of keys frpx created.
     pub prefix: Option<String>,
+    /// Requests per minute allowed (NULL: unlimited).
+    pub rpm: Option<i32>,
+    /// Requests allowed in flight at once (NULL: unlimited).
+    pub max_concurrency: Option<i32>,
 }
 
 impl ApiKeyRow {
@@ -29,6 +33,16 @@ impl ApiKeyRow {
     pub fn is_valid(&self, now: NaiveDateTime) -> bool {
         self.status.as_deref().unwrap_or("active") == "active"
             && self.expires_at.is_none_or(|exp| exp > now)
+    }
+
+    /// The key's rate limits (non-positive values, which the schema
+    /// refuses, count as unlimited).
+    pub fn limits(&self) -> crate::ratelimit::Limits {
+        let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
+        crate::ratelimit::Limits {
+            rpm: positive(self.rpm),
+            max_concurrency: positive(self.max_concurrency),
+        }
     }
 
     /// Whether the row stores a hash rather than the key itself.

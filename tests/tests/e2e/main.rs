@@ -3,6 +3,7 @@
 mod api;
 mod auth;
 mod plugins;
+mod ratelimit;
 mod resilience;
 mod routing;
 mod storage;

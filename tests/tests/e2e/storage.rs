@@ -7,6 +7,7 @@ use common::Command;
 use frps::admin::{Admin, KeyCommand, TokenCommand, UserCommand};
 use frps::auth::KeyValidator;
 use frps::auth::keys::KeyCheck;
+use frps::ratelimit::Limits;
 use frps::store::Store;
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http;
@@ -119,7 +120,115 @@ async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
     assert_eq!(asset.name.as_deref(), Some("client-0"));
     assert_eq!(asset.status.as_deref(), Some("online"));
     assert_eq!(asset.user_id, Some(fleet.frps.user_id.to_string()));
+    // Migration 0002 added the limit columns to the seed's own table.
+    let store = &fleet.frps.state.store;
+    let limits = Limits {
+        rpm: Some(1),
+        max_concurrency: None,
+    };
+    let (rows, _) = KeyValidator::set_limits(store, None, "test-api-key-123", |_| limits)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let fresh = KeyValidator::new(None, Some(store.clone()), None);
+    assert!(matches!(
+        fresh.check("test-api-key-123").await,
+        KeyCheck::Valid(grant) if grant.limits == limits
+    ));
     fleet.frps.stop().await;
+    pg.drop_db().await;
+}
+
+/// Applies only migration 0001 to the database at `url`, as an frps from
+/// before rate limits did.
+async fn migrate_to_0001(url: &str) -> Store {
+    let store = Store::connect_without_migrations(url).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("frpx-0001-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migrations")
+        .join(store.backend())
+        .join("0001_init.sql");
+    std::fs::copy(source, dir.join("0001_init.sql")).unwrap();
+    let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    match &store {
+        Store::Postgres(p) => migrator.run(p).await,
+        Store::Sqlite(p) => migrator.run(p).await,
+    }
+    .expect("migration 0001");
+    std::fs::remove_dir_all(dir).unwrap();
+    store
+}
+
+/// A database at migration 0001 with a key in it is upgraded by frps: the
+/// key keeps working, unlimited, and limits can be set and are enforced by
+/// the schema (positive or NULL).
+async fn limits_migration_upgrades(url: &str) {
+    let old = migrate_to_0001(url).await;
+    exec(
+        &old,
+        "INSERT INTO api_keys (key, status) VALUES ('pre-upgrade-key', 'active')",
+    )
+    .await;
+    old.close().await;
+
+    let store = Store::connect(url).await.expect("0002 applies");
+    let validator = KeyValidator::new(None, Some(store.clone()), None);
+    assert!(matches!(
+        validator.check("pre-upgrade-key").await,
+        KeyCheck::Valid(grant) if grant.limits.is_unlimited()
+    ));
+    let limits = Limits {
+        rpm: Some(5),
+        max_concurrency: Some(2),
+    };
+    let (rows, _) = KeyValidator::set_limits(&store, None, "pre-upgrade-key", |_| limits)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].1, limits);
+    let row = store
+        .find_api_key("pre-upgrade-key", "")
+        .await
+        .unwrap()
+        .expect("row");
+    assert_eq!(row.limits(), limits);
+    for bad in [
+        "UPDATE api_keys SET rpm = 0",
+        "UPDATE api_keys SET max_concurrency = -1",
+    ] {
+        let refused = match &store {
+            Store::Postgres(p) => sqlx::query(bad).execute(p).await.is_err(),
+            Store::Sqlite(p) => sqlx::query(bad).execute(p).await.is_err(),
+        };
+        assert!(refused, "{bad} was accepted");
+    }
+    let (key, _) = KeyValidator::create_with_limits(&store, None, None, limits)
+        .await
+        .unwrap();
+    assert!(matches!(
+        validator.check(&key).await,
+        KeyCheck::Valid(grant) if grant.limits == limits
+    ));
+    store.close().await;
+    // Running the migrations again changes nothing.
+    Store::connect(url)
+        .await
+        .expect("migrations are idempotent")
+        .close()
+        .await;
+}
+
+#[tokio::test]
+async fn limits_migration_upgrades_a_sqlite_database_from_0001() {
+    limits_migration_upgrades(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn limits_migration_upgrades_a_postgres_database_from_0001() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    limits_migration_upgrades(&pg.url).await;
     pg.drop_db().await;
 }
 
@@ -356,7 +465,10 @@ async fn random_invalid_keys_never_reach_redis() {
         .unwrap();
     let cache = frps.state.redis.clone().expect("redis configured");
     frpx_tests::eventually("Redis connected", || cache.is_healthy()).await;
-    assert_eq!(frps.state.keys.check(&key).await, KeyCheck::Valid);
+    assert!(matches!(
+        frps.state.keys.check(&key).await,
+        KeyCheck::Valid(_)
+    ));
     frpx_tests::eventually_async("the valid key is in Redis", || async {
         cache.count_entries().await == Some(1)
     })
@@ -576,6 +688,8 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         command: KeyCommand::Create {
             name: Some("team-a".into()),
             expires_in: Some(Duration::from_secs(86400)),
+            rpm: None,
+            max_concurrency: None,
         },
     };
     let out = admin(&cfg, create, "").await.unwrap();
@@ -595,7 +709,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         "{list}"
     );
     let validator = KeyValidator::new(None, Some(store.clone()), None);
-    assert_eq!(validator.check(&key).await, KeyCheck::Valid);
+    assert!(matches!(validator.check(&key).await, KeyCheck::Valid(_)));
     let revoke = Admin::Key {
         command: KeyCommand::Revoke {
             key: key[..12].to_owned(),
