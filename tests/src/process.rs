@@ -71,7 +71,13 @@ impl Proc {
         let echo = std::env::var_os("FRPX_TEST_LOG").is_some();
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        tokio::spawn(pump(stdout, output.clone(), tx.clone(), name.to_owned(), echo));
+        tokio::spawn(pump(
+            stdout,
+            output.clone(),
+            tx.clone(),
+            name.to_owned(),
+            echo,
+        ));
         tokio::spawn(pump(stderr, output.clone(), tx, name.to_owned(), echo));
         Proc {
             name: name.to_owned(),
