@@ -6,6 +6,7 @@ pub mod backend;
 pub mod fake;
 pub mod http;
 pub mod plugin;
+pub mod process;
 pub mod services;
 pub mod tls;
 

@@ -12,7 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-fn required() -> bool {
+/// Whether `FRPX_REQUIRE_SERVICES=1`: missing services fail tests instead of
+/// skipping them.
+pub fn required() -> bool {
     std::env::var("FRPX_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
 }
 
@@ -129,6 +131,7 @@ pub struct Cutter {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
     conns: Arc<Mutex<CancellationToken>>,
+    accepts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
 
 impl Cutter {
@@ -138,12 +141,14 @@ impl Cutter {
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(CancellationToken::new()));
-        let (d, c) = (down.clone(), conns.clone());
+        let accepts = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (d, c, a) = (down.clone(), conns.clone(), accepts.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
+                a.lock().unwrap().push(std::time::Instant::now());
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -160,7 +165,17 @@ impl Cutter {
                 });
             }
         });
-        Cutter { addr, down, conns }
+        Cutter {
+            addr,
+            down,
+            conns,
+            accepts,
+        }
+    }
+
+    /// When each connection so far arrived.
+    pub fn accepted(&self) -> Vec<std::time::Instant> {
+        self.accepts.lock().unwrap().clone()
     }
 
     /// Drops every connection and refuses new ones.

@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+mod faults;
 mod plugins;
 mod ratelimit;
 mod resilience;
