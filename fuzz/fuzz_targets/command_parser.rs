@@ -4,8 +4,8 @@
 
 #![no_main]
 
-use common::codec::encode;
 use common::Command;
+use common::codec::encode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

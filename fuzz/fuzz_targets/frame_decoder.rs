@@ -125,7 +125,12 @@ fn decode(stream: Chunked<'_>) -> Decoded {
         };
         match result {
             Ok(Some(cmd)) => commands.push(cmd),
-            Ok(None) => return Decoded { commands, error: None },
+            Ok(None) => {
+                return Decoded {
+                    commands,
+                    error: None,
+                };
+            }
             Err(e) => {
                 return Decoded {
                     commands,
