@@ -268,6 +268,7 @@ pub struct SystemInfo {
     /// CPU architecture.
     pub arch: String,
     /// Overall CPU usage, percent (0–100).
+    #[serde(deserialize_with = "finite_f32")]
     pub cpu_usage: f32,
     /// Number of logical CPUs.
     pub cpu_count: u32,
@@ -307,14 +308,39 @@ pub struct GpuInfo {
     /// Product name.
     pub name: String,
     /// Utilisation, percent.
+    #[serde(deserialize_with = "finite_f32")]
     pub utilization: f32,
     /// Memory in use, bytes.
     pub memory_used: u64,
     /// Total memory, bytes.
     pub memory_total: u64,
     /// Temperature, °C.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "finite_f32_opt"
+    )]
     pub temperature: Option<f32>,
+}
+
+/// An `f32` that fits: JSON numbers beyond `f32`'s range would otherwise
+/// become infinite, which serialises as `null` and never parses back.
+fn finite_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    let v = f32::deserialize(d)?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "number out of range for a 32-bit float ({v})"
+        )))
+    }
+}
+
+/// [`finite_f32`] for an optional field.
+fn finite_f32_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    #[derive(Deserialize)]
+    struct Finite(#[serde(deserialize_with = "finite_f32")] f32);
+    Ok(Option::<Finite>::deserialize(d)?.map(|Finite(v)| v))
 }
 
 #[cfg(test)]
@@ -353,5 +379,20 @@ mod tests {
                 code: None
             }
         );
+    }
+
+    /// A float too large for `f32` used to parse as infinity, which
+    /// re-encodes as `null` and no longer parses (caught by the
+    /// round-trip property of the `command_parser` fuzz target).
+    #[test]
+    fn out_of_range_floats_are_refused_not_made_infinite() {
+        let info = r#"{"type":"SystemInfo","hostname":"h","os":"linux","arch":"x86_64","cpu_usage":1e39,"cpu_count":1,"memory_used":1,"memory_total":2,"uptime_secs":1}"#;
+        assert!(serde_json::from_str::<Command>(info).is_err());
+        let gpu = r#"{"type":"SystemInfo","hostname":"h","os":"linux","arch":"x86_64","cpu_usage":1,"cpu_count":1,"memory_used":1,"memory_total":2,"uptime_secs":1,"gpus":[{"name":"g","utilization":-1e300,"memory_used":1,"memory_total":2,"temperature":4e38}]}"#;
+        assert!(serde_json::from_str::<Command>(gpu).is_err());
+        let fine = gpu.replace("-1e300", "99.5").replace("4e38", "70");
+        let cmd: Command = serde_json::from_str(&fine).unwrap();
+        let again: Command = serde_json::from_str(&serde_json::to_string(&cmd).unwrap()).unwrap();
+        assert_eq!(again, cmd);
     }
 }

@@ -202,6 +202,7 @@ mod tests {
             },
             session_key: format!("key-{id}"),
         })
+        .expect("one owner in these tests")
     }
 
     async fn stream() -> Stream {

@@ -13,6 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Principal;
 use crate::upstream::IdlePool;
 
+/// A registration named a client id that a live client of another account
+/// holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("client id '{0}' is in use by another account; choose another --client-id")]
+pub struct IdTaken(pub String);
+
 /// One registered client (one control session).
 #[derive(Debug)]
 pub struct ClientHandle {
@@ -228,9 +234,11 @@ pub struct NewClient {
 }
 
 impl Registry {
-    /// Adds a client. A live client with the same id is kicked and replaced:
-    /// a reconnect after a network blip is never locked out.
-    pub fn insert(&self, new: NewClient) -> Arc<ClientHandle> {
+    /// Adds a client. A live client with the same id and owner is kicked
+    /// and replaced: a reconnect after a network blip is never locked out.
+    /// A live client with the same id under another account stays, and the
+    /// newcomer is refused with [`IdTaken`].
+    pub fn insert(&self, new: NewClient) -> Result<Arc<ClientHandle>, IdTaken> {
         let session = self.reserve_session();
         self.insert_as(new, session)
     }
@@ -242,7 +250,7 @@ impl Registry {
     }
 
     /// [`Registry::insert`] with a number from [`Registry::reserve_session`].
-    pub fn insert_as(&self, new: NewClient, session: u64) -> Arc<ClientHandle> {
+    pub fn insert_as(&self, new: NewClient, session: u64) -> Result<Arc<ClientHandle>, IdTaken> {
         let handle = Arc::new(ClientHandle {
             id: new.registration.client_id.clone(),
             session,
@@ -265,16 +273,20 @@ impl Registry {
             idle: IdlePool::default(),
         });
         handle.set_service_up(handle.registration.service_up);
-        let old = self
-            .clients
-            .write()
-            .expect("registry lock")
-            .insert(handle.id.clone(), handle.clone());
+        let old = {
+            let mut clients = self.clients.write().expect("registry lock");
+            if let Some(live) = clients.get(&handle.id)
+                && live.owner.user_id != handle.owner.user_id
+            {
+                return Err(IdTaken(handle.id.clone()));
+            }
+            clients.insert(handle.id.clone(), handle.clone())
+        };
         if let Some(old) = old {
             old.kick("replaced by a newer connection with the same client id");
         }
         self.changed();
-        handle
+        Ok(handle)
     }
 
     /// Removes `handle` if it is still the registered session for its id.
@@ -369,9 +381,9 @@ mod tests {
     fn same_id_replaces_and_kicks_the_stale_session() {
         let reg = Registry::default();
         let (a, _rx1) = new_client("gpu");
-        let first = reg.insert(a);
+        let first = reg.insert(a).unwrap();
         let (b, _rx2) = new_client("gpu");
-        let second = reg.insert(b);
+        let second = reg.insert(b).unwrap();
         assert!(first.kick.is_cancelled());
         assert!(first.kick_reason().unwrap().contains("replaced"));
         assert_eq!(reg.len(), 1);
@@ -387,8 +399,25 @@ mod tests {
         let reg = Registry::default();
         let rx = reg.subscribe();
         let (a, _rx) = new_client("x");
-        let h = reg.insert(a);
+        let h = reg.insert(a).unwrap();
         reg.remove(&h);
         assert_eq!(*rx.borrow(), 2);
+    }
+
+    #[test]
+    fn another_accounts_live_id_is_not_taken_over() {
+        let reg = Registry::default();
+        let (a, _rx1) = new_client("gpu");
+        let owner = reg.insert(a).unwrap();
+        let (mut b, _rx2) = new_client("gpu");
+        b.owner.user_id = 2;
+        assert_eq!(reg.insert(b).unwrap_err(), IdTaken("gpu".into()));
+        assert!(!owner.kick.is_cancelled());
+        assert_eq!(reg.get("gpu").unwrap().session, owner.session);
+        // Once the owner is gone, the id is free again.
+        assert!(reg.remove(&owner));
+        let (mut c, _rx3) = new_client("gpu");
+        c.owner.user_id = 2;
+        assert!(reg.insert(c).is_ok());
     }
 }

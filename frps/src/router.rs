@@ -179,6 +179,7 @@ mod tests {
             },
             session_key: String::new(),
         })
+        .expect("one owner in these tests")
     }
 
     fn want(model: Option<&str>) -> Want<'_> {

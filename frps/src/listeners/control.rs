@@ -112,7 +112,18 @@ async fn session(
         session_key: session_key.clone(),
         owner,
     };
-    let client = state.registry.insert_as(new, session);
+    let client = match state.registry.insert_as(new, session) {
+        Ok(client) => client,
+        Err(taken) => {
+            let reason = taken.to_string();
+            let refusal = Command::RegisterRefused {
+                reason: reason.clone(),
+                retry: false,
+            };
+            send(wr, &refusal, hs).await?;
+            return Err(ControlError::Refused(reason));
+        }
+    };
     tracing::Span::current().record("client", client.id.as_str());
     let registered = Command::Registered {
         client_id: client.id.clone(),

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use crate::auth::KeyCheck;
+use crate::config::Config;
 use crate::dispatch::{self, Refusal};
 use crate::limits::{ConnLimiter, Over};
 use crate::plugins;
@@ -43,12 +44,7 @@ const MIN_HEAD: usize = 8192;
 /// Accepts public connections until shutdown, then lets in-flight requests
 /// finish (up to `--shutdown-timeout`).
 pub async fn run(listener: TcpListener, state: Arc<State>) {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.header_timeout)
-        .max_buf_size(state.config.max_head_bytes.max(MIN_HEAD))
-        .keep_alive(true);
+    let builder = http_builder(&state.config);
     let graceful = GracefulShutdown::new();
     let limiter = ConnLimiter::new(
         state.config.max_connections,
@@ -73,8 +69,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        let st = state.clone();
-        let svc = service_fn(move |req| handle(st.clone(), peer, req));
+        let svc = service(state.clone(), peer);
         let (watcher, builder) = (graceful.watcher(), builder.clone());
         let st = state.clone();
         Stats::inc(&st.stats.public_connections);
@@ -99,6 +94,49 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         _ = graceful.shutdown() => {}
         _ = state.hard_stop.cancelled() => {}
     }
+}
+
+/// The HTTP/1.1 settings of every public connection: a deadline and a size
+/// cap on request heads, keep-alive.
+fn http_builder(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout)
+        .max_buf_size(config.max_head_bytes.max(MIN_HEAD))
+        // A caller that shuts its sending side after the request still
+        // gets the answer (without this, hyper drops it at the EOF after
+        // the request already went to a GPU).
+        .half_close(true)
+        .keep_alive(true);
+    builder
+}
+
+/// The request handler of one public connection from `peer`.
+fn service(
+    state: Arc<State>,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<PublicBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<PublicBody>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req| handle(state.clone(), peer, req))
+}
+
+/// Serves one public connection over `io` exactly as the listener does
+/// (same HTTP settings, authentication, routing and header rewriting),
+/// minus TLS, the connection caps and graceful shutdown. For the
+/// `http_head` fuzz target, which feeds it arbitrary bytes in memory.
+#[doc(hidden)]
+pub async fn serve_connection<I>(state: Arc<State>, io: I, peer: SocketAddr) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    http_builder(&state.config)
+        .serve_connection(TokioIo::new(io), service(state, peer))
+        .await
 }
 
 /// Answers a connection over the cap with 503 and closes it.
@@ -235,10 +273,22 @@ async fn forward(
     }
     let routed = req.method() == Method::POST && MODEL_PATHS.contains(&path);
     let (mut parts, body) = req.into_parts();
-    let pinned = parts
+    let pinned = match parts
         .headers
         .remove("x-frpx-client")
-        .and_then(|v| v.to_str().ok().map(str::to_owned));
+        .map(|v| v.to_str().map(str::to_owned))
+    {
+        None => None,
+        Some(Ok(id)) => Some(id),
+        Some(Err(_)) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "X-Frpx-Client must be a client id (letters, digits and -_.:@)",
+                "invalid_request_error",
+                "bad_client_id",
+            );
+        }
+    };
     let (mut payload, model) = if routed {
         match read_body(state, body).await {
             Ok(bytes) => {
@@ -397,6 +447,10 @@ fn bad_gateway(message: &str) -> Response<PublicBody> {
 /// Reads a body to route on, at most `--max-body` bytes.
 async fn read_body(state: &State, body: Incoming) -> Result<Bytes, Response<PublicBody>> {
     let limit = state.config.max_body;
+    // An announced length over the limit is refused before reading a byte.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(body_too_large(limit));
+    }
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => {
             let bytes = collected.to_bytes();
@@ -406,12 +460,7 @@ async fn read_body(state: &State, body: Incoming) -> Result<Bytes, Response<Publ
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             Ok(bytes)
         }
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("request body larger than {limit} bytes"),
-            "invalid_request_error",
-            "body_too_large",
-        )),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(body_too_large(limit)),
         Err(e) => Err(error_response(
             StatusCode::BAD_REQUEST,
             &format!("could not read the request body: {e}"),
@@ -419,6 +468,15 @@ async fn read_body(state: &State, body: Incoming) -> Result<Bytes, Response<Publ
             "bad_body",
         )),
     }
+}
+
+fn body_too_large(limit: usize) -> Response<PublicBody> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body larger than {limit} bytes"),
+        "invalid_request_error",
+        "body_too_large",
+    )
 }
 
 /// The `model` field of a JSON body, if it has one.

@@ -2,6 +2,7 @@
 
 mod api;
 mod auth;
+mod bad_input;
 mod faults;
 mod plugins;
 mod ratelimit;

@@ -1,0 +1,372 @@
+//! Hostile bytes on every port: garbage, truncated frames and requests, a
+//! 4 GiB length, invalid UTF-8, deeply nested JSON and forged client ids.
+//! Each test keeps a bad connection open while a well-behaved caller is
+//! served, and checks that caller again once the bad input is over.
+
+use std::net::SocketAddr;
+
+use common::Command;
+use frpx_tests::fake::FakeClient;
+use frpx_tests::http::Conn;
+use frpx_tests::{API_KEY, Fleet, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// JSON nested far deeper than serde_json's recursion limit (128), still
+/// well under the 64 KiB frame limit.
+fn nested(depth: usize) -> String {
+    format!("{}{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+/// Writes `bytes`, half-closes when asked, and returns everything the
+/// server sends until it closes the connection.
+async fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may close as soon as it has seen enough.
+    let _ = s.write_all(bytes).await;
+    if half_close {
+        let _ = s.shutdown().await;
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("server kept a bad connection open: {out:?}"),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of the first response in `raw`.
+fn status(raw: &str) -> u16 {
+    raw.strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {raw:?}"))
+}
+
+/// One routed request through the fleet's public port succeeds.
+async fn served(public: SocketAddr) {
+    let reply = Conn::open(public)
+        .await
+        .post(
+            "/v1/chat/completions",
+            Some(API_KEY),
+            r#"{"model":"model-of-client-0"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "client-0");
+}
+
+#[tokio::test]
+async fn nested_json_frames_on_control_and_proxy_ports_harm_no_one_else() {
+    let fleet = Fleet::start(1).await;
+    let addrs = fleet.frps.addrs;
+    let body = nested(30_000);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    // The same depth inside a registration that is otherwise well formed.
+    let deep_meta = format!(
+        r#"{{"type":"Register","client_id":"deep","machine_id":"m","hostname":"h","os":"linux","arch":"x86_64","version":"0","protocol_version":1,"metas":{}}}"#,
+        nested(30_000)
+    );
+    for port in [addrs.control, addrs.proxy] {
+        // Half a frame, left open while someone else is served.
+        let mut slow = TcpStream::connect(port).await.unwrap();
+        slow.write_all(&frame[..frame.len() / 2]).await.unwrap();
+        served(addrs.public).await;
+        slow.write_all(&frame[frame.len() / 2..]).await.unwrap();
+        let rest = exchange_open(slow).await;
+        assert!(!rest.contains("Registered"), "{rest}");
+    }
+    // After a valid login, on the control port.
+    let token = fleet.frps.client_token().await;
+    let mut c = FakeClient::connect(addrs.control).await;
+    c.send(Command::LoginToken { token }).await;
+    assert!(matches!(
+        c.recv().await,
+        Some(Command::LoginResult { ok: true, .. })
+    ));
+    let mut wr = c.writer;
+    wr.write_all(&(deep_meta.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    wr.write_all(deep_meta.as_bytes()).await.unwrap();
+    assert!(c.reader.read_command().await.unwrap_or(None).is_none());
+    assert!(fleet.frps.state.registry.get("deep").is_none());
+    served(addrs.public).await;
+}
+
+/// Reads from an already written connection until the server closes it.
+async fn exchange_open(mut s: TcpStream) -> String {
+    let mut out = Vec::new();
+    match tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await {
+        Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => panic!("server kept a bad connection open"),
+    }
+}
+
+#[tokio::test]
+async fn a_registration_under_another_accounts_client_id_is_refused() {
+    let fleet = Fleet::start(1).await;
+    let frps = &fleet.frps;
+    let before = frps.state.registry.get("client-0").expect("registered");
+    // A second provider account, logged in properly, claims client-0.
+    let other = frps
+        .state
+        .store
+        .create_user("intruder@example.com", "not-a-real-hash")
+        .await
+        .unwrap();
+    let s = frps::auth::secret::generate("frpxc");
+    frps.state
+        .store
+        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, other.id, None)
+        .await
+        .unwrap();
+    let (_intruder, answer) =
+        FakeClient::register(frps.addrs.control, &s.plaintext, "client-0").await;
+    match answer {
+        Command::RegisterRefused { reason, retry } => {
+            assert!(reason.contains("another account"), "{reason}");
+            assert!(!retry);
+        }
+        other => panic!("expected RegisterRefused, got {other:?}"),
+    }
+    let after = frps
+        .state
+        .registry
+        .get("client-0")
+        .expect("still registered");
+    assert_eq!(
+        after.session, before.session,
+        "the real client-0 was kicked"
+    );
+    served(frps.public()).await;
+
+    // Ids that are not ids at all, from the legitimate account.
+    let token = frps.client_token().await;
+    for forged in [
+        "",
+        "client-0/../admin",
+        "client-0\u{0}",
+        "client 0",
+        "clïent-0",
+        &"x".repeat(10_000),
+    ] {
+        let (_c, answer) = FakeClient::register(frps.addrs.control, &token, forged).await;
+        assert!(
+            matches!(answer, Command::RegisterRefused { retry: false, .. }),
+            "{forged:?}: {answer:?}"
+        );
+    }
+    assert_eq!(frps.state.registry.all().len(), 1);
+    served(frps.public()).await;
+}
+
+/// The start of a TLS ClientHello, then bytes no HTTP parser accepts.
+const TLS_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\xff\r\n\r\n";
+
+/// A raw request head (and body) with `key` as the Bearer key.
+fn raw_post(path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n{extra}\r\n"
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+#[tokio::test]
+async fn bad_requests_on_the_public_port_harm_no_one_else() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    // A truncated head, left open while someone else is served.
+    let mut slow = TcpStream::connect(public).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthor")
+        .await
+        .unwrap();
+    served(public).await;
+
+    let pinned = |id: &[u8]| {
+        let mut r = raw_post("/v1/chat/completions", "Content-Length: 2\r\n", b"{}");
+        let at = r.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 2;
+        let header = [b"X-Frpx-Client: ", id, b"\r\n"].concat();
+        r.splice(at..at, header);
+        r
+    };
+    let body = format!(r#"{{"model":"model-of-client-0","x":{}}}"#, nested(50_000));
+    let deep = raw_post(
+        "/v1/chat/completions",
+        &format!("Content-Length: {}\r\n", body.len()),
+        body.as_bytes(),
+    );
+    let cases: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
+        ("garbage", TLS_HELLO.to_vec(), false, 400, ""),
+        (
+            "truncated body",
+            raw_post(
+                "/v1/chat/completions",
+                "Content-Length: 100\r\n",
+                b"{\"model\"",
+            ),
+            true,
+            400,
+            "bad_body",
+        ),
+        // Refused on the announced length: nothing is read or buffered.
+        (
+            "4 GiB body",
+            raw_post(
+                "/v1/chat/completions",
+                "Content-Length: 4294967296\r\n",
+                b"{\"model\":",
+            ),
+            false,
+            413,
+            "body_too_large",
+        ),
+        (
+            "length overflow",
+            raw_post(
+                "/v1/chat/completions",
+                "Content-Length: 18446744073709551616\r\n",
+                b"",
+            ),
+            false,
+            400,
+            "",
+        ),
+        (
+            "invalid utf-8 key",
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"
+                .to_vec(),
+            true,
+            401,
+            "missing_api_key",
+        ),
+        (
+            "invalid utf-8 path",
+            b"GET /v1/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            true,
+            400,
+            "",
+        ),
+        // Not JSON, so no model to route on: any client serves it.
+        (
+            "invalid utf-8 body",
+            raw_post(
+                "/v1/chat/completions",
+                "Content-Length: 13\r\n",
+                b"{\"model\":\"\xff\"}",
+            ),
+            true,
+            200,
+            "client-0",
+        ),
+        (
+            "invalid utf-8 pin",
+            pinned(b"\xff\xfe"),
+            true,
+            400,
+            "bad_client_id",
+        ),
+        (
+            "forged pin",
+            pinned(b"client-0.evil"),
+            true,
+            404,
+            "client_not_found",
+        ),
+        // Too deep to read a model from: routed like a body without one.
+        ("nested json body", deep, true, 200, "client-0"),
+    ];
+    for (what, bytes, half_close, code, needle) in cases {
+        let raw = exchange(public, &bytes, half_close).await;
+        assert_eq!(status(&raw), code, "{what}: {raw}");
+        assert!(raw.contains(needle), "{what}: {raw}");
+    }
+    drop(slow);
+    served(public).await;
+}
+
+#[tokio::test]
+async fn bad_requests_on_the_management_api_harm_no_one_else() {
+    let fleet = Fleet::start(1).await;
+    let api = fleet.frps.addrs.api;
+    let mut slow = TcpStream::connect(api).await.unwrap();
+    slow.write_all(b"GET /api/clients HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let reply = Conn::open(api).await.get("/api/clients", None).await;
+    assert_eq!(reply.status, 200);
+    let body = nested(50_000);
+    let deep = [
+        format!(
+            "GET /api/clients HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+        body.as_bytes(),
+    ]
+    .concat();
+    let cases: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
+        ("garbage", TLS_HELLO.to_vec(), false, 400, ""),
+        (
+            "truncated body",
+            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".to_vec(),
+            true,
+            404,
+            "not online",
+        ),
+        (
+            "4 GiB body",
+            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 4294967296\r\n\r\n{".to_vec(),
+            false,
+            404,
+            "not online",
+        ),
+        ("invalid utf-8 path", b"GET /api/clients/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), true, 400, ""),
+        (
+            "invalid utf-8 escaped",
+            b"GET /api/clients/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            true,
+            400,
+            "Invalid UTF-8",
+        ),
+        // Without --admin-token the header is not looked at.
+        (
+            "invalid utf-8 header",
+            b"GET /api/clients HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n".to_vec(),
+            true,
+            200,
+            "client-0",
+        ),
+        (
+            "forged id",
+            b"DELETE /api/clients/client-0%2F..%2Fclient-0 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            true,
+            404,
+            "not online",
+        ),
+        (
+            "forged id with NUL",
+            b"DELETE /api/clients/client-0%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            true,
+            404,
+            "not online",
+        ),
+        ("nested json body", deep, true, 200, "client-0"),
+    ];
+    for (what, bytes, half_close, code, needle) in cases {
+        let raw = exchange(api, &bytes, half_close).await;
+        assert_eq!(status(&raw), code, "{what}: {raw}");
+        assert!(raw.contains(needle), "{what}: {raw}");
+    }
+    drop(slow);
+    assert!(fleet.frps.state.registry.get("client-0").is_some());
+    served(fleet.frps.public()).await;
+}
