@@ -6,11 +6,13 @@
 //! - [`stream`]: the connection type, plain TCP or TLS.
 //! - [`config_file`]: INI configuration files feeding the binaries' flags.
 //! - [`telemetry`]: the binaries' log set-up.
+//! - [`memory`]: allocator tuning so freed large blocks leave RSS.
 
 pub mod codec;
 pub mod config_file;
 pub mod duration;
 pub mod join;
+pub mod memory;
 pub mod protocol;
 pub mod stream;
 pub mod telemetry;

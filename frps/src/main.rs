@@ -1,5 +1,6 @@
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    common::memory::return_large_blocks();
     let cli = frps::config_file::load().unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(admin) => {
