@@ -368,6 +368,17 @@ impl StorageRig {
         let panics = self.frps.proc.lines_with("panicked");
         assert!(panics.is_empty(), "frps panicked: {panics:?}");
     }
+
+    /// Ends an outage test: the load saw no failure, frps is healthy; then
+    /// stops frpc and drops the database. Returns the requests served.
+    async fn finish(mut self, load: Load, pg: TestPg) -> u64 {
+        let (ok, failures) = load.finish().await;
+        assert!(failures.is_empty(), "cached keys failed: {failures:?}");
+        self.assert_healthy();
+        self.frpc.kill().await;
+        pg.drop_db().await;
+        ok
+    }
 }
 
 async fn status(public: std::net::SocketAddr, key: &str) -> u16 {
@@ -425,7 +436,7 @@ async fn postgres_stopped_and_started_under_load() {
     };
     // frps reaches PostgreSQL through a cutter: cut = the server is gone.
     let cutter = Cutter::start(pg.addr()).await;
-    let mut rig = storage_rig(&pg.url_via(cutter.addr), &pg.url, &redis, 4).await;
+    let rig = storage_rig(&pg.url_via(cutter.addr), &pg.url, &redis, 4).await;
     let public = rig.frps.addrs.public;
     let uncached = rig.fresh_key().await;
     let load = Load::start(public, &rig.keys, 4);
@@ -448,15 +459,11 @@ async fn postgres_stopped_and_started_under_load() {
     })
     .await;
     load.progress(20).await;
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "cached keys failed: {failures:?}");
-    rig.assert_healthy();
+    let ok = rig.finish(load, pg).await;
     eprintln!(
         "PostgreSQL down {:?}: {served_during} requests with cached keys served during the outage, {ok} in all, no failure",
         outage()
     );
-    rig.frpc.kill().await;
-    pg.drop_db().await;
 }
 
 #[tokio::test]
@@ -467,7 +474,7 @@ async fn redis_killed_and_restarted_under_load() {
     let Some(mut redis) = RedisProcess::start().await else {
         return;
     };
-    let mut rig = storage_rig(&pg.url, &pg.url, &redis, 4).await;
+    let rig = storage_rig(&pg.url, &pg.url, &redis, 4).await;
     let public = rig.frps.addrs.public;
     let channel = format!("{}revocations", rig.prefix);
     let load = Load::start(public, &rig.keys, 4);
@@ -519,15 +526,11 @@ async fn redis_killed_and_restarted_under_load() {
     })
     .await;
     load.progress(20).await;
-    let (ok, failures) = load.finish().await;
-    assert!(failures.is_empty(), "cached keys failed: {failures:?}");
-    rig.assert_healthy();
+    let ok = rig.finish(load, pg).await;
     eprintln!(
         "Redis killed for {:?}: {served_during} requests served during the outage, {ok} in all, no failure; revocations resubscribed",
         outage()
     );
-    rig.frpc.kill().await;
-    pg.drop_db().await;
 }
 
 /// What the soak's callers saw.
