@@ -6,6 +6,7 @@
 #   bench/run.sh                 full run (about a minute once built), release build
 #   bench/run.sh --smoke         every case with tiny numbers, debug build (CI)
 #   bench/run.sh --out FILE      write the table to FILE
+#   bench/run.sh --cases ad      only some cases (letters a-f), for iterating
 #
 # Every process it starts is stopped on exit and its temp dir removed; every
 # wait is bounded in time and count.
@@ -13,13 +14,15 @@ set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: bench/run.sh [--smoke] [--out FILE]
+usage: bench/run.sh [--smoke] [--out FILE] [--cases LETTERS]
 
   --smoke     tiny numbers and a debug build: checks that every case runs and
               yields a figure (no targets asserted); uses the Rust stand-ins
               when nginx, wrk or curl are missing
   --out FILE  where to write the table (default bench/results/latest.md,
               or bench/results/smoke.md with --smoke)
+  --cases L   run only the cases whose letters are in L (default abcdef);
+              rows of the others read "not run"
 
 Environment: CARGO (cargo binary), CARGO_TARGET_DIR (build directory),
 FRPX_BENCH_NO_INSTALL=1 (full mode: never apt-get install wrk/curl/nginx),
@@ -31,11 +34,20 @@ EOF
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MODE=full
 OUT=""
+CASES=abcdef
 while (($#)); do
   case $1 in
     --smoke) MODE=smoke ;;
     --out)
       OUT=${2:?--out needs a file}
+      shift
+      ;;
+    --cases)
+      CASES=${2:?--cases needs letters a-f}
+      [[ $CASES =~ ^[a-f]+$ ]] || {
+        echo "run.sh: --cases takes letters a-f, not '$CASES'" >&2
+        exit 2
+      }
       shift
       ;;
     -h | --help)
@@ -416,18 +428,29 @@ read_pairs() {
 LOAD_DESC="wrk -t$LOAD_THREADS -c$LOAD_CONNS -d${LOAD_SECS}s"
 [[ $LOAD_TOOL == rust ]] && LOAD_DESC="frpx-bench load -c$LOAD_CONNS -d${LOAD_SECS}s"
 
-log "a. small requests, keep-alive ($LOAD_DESC)"
-measure_load a_direct "$DIRECT" 0 || fail_case a "direct run failed"
-# f: frps's own histogram, over the requests of a and b through frpx.
-METRICS=http://127.0.0.1:$API/metrics
-"$BENCH" histogram --url "$METRICS" --save "$TMP/f_before.txt" >/dev/null 2>"$TMP/f.txt" ||
-  fail_case f "cannot read $METRICS: $(cat "$TMP/f.txt")"
-measure_load a_frpx "$FRPX" 0 || fail_case a "run through frpx failed"
+want() { [[ $CASES == *$1* ]]; }
+[[ $CASES == f ]] && die "case f measures the requests of a and b: run it with a or b (--cases abf)"
 
-log "b. a new connection per request ($LOAD_DESC, Connection: close)"
-measure_load b_direct "$DIRECT" 1 || fail_case b "direct run failed"
-measure_load b_frpx "$FRPX" 1 || fail_case b "run through frpx failed"
-if [[ -f $TMP/f_before.txt ]]; then
+METRICS=http://127.0.0.1:$API/metrics
+if want a; then
+  log "a. small requests, keep-alive ($LOAD_DESC)"
+  measure_load a_direct "$DIRECT" 0 || fail_case a "direct run failed"
+fi
+# f: frps's own histogram, over the requests of a and b through frpx.
+if want f; then
+  "$BENCH" histogram --url "$METRICS" --save "$TMP/f_before.txt" >/dev/null 2>"$TMP/f.txt" ||
+    fail_case f "cannot read $METRICS: $(cat "$TMP/f.txt")"
+fi
+if want a; then
+  measure_load a_frpx "$FRPX" 0 || fail_case a "run through frpx failed"
+fi
+
+if want b; then
+  log "b. a new connection per request ($LOAD_DESC, Connection: close)"
+  measure_load b_direct "$DIRECT" 1 || fail_case b "direct run failed"
+  measure_load b_frpx "$FRPX" 1 || fail_case b "run through frpx failed"
+fi
+if want f && [[ -f $TMP/f_before.txt ]]; then
   if "$BENCH" histogram --url "$METRICS" --since "$TMP/f_before.txt" >"$TMP/f.txt" 2>&1; then
     read_pairs f "$TMP/f.txt"
     [[ ${R[f_count]:-0} -gt 0 && ${R[f_p50_us]:-none} != none ]] ||
@@ -437,51 +460,59 @@ if [[ -f $TMP/f_before.txt ]]; then
   fi
 fi
 
-log "c. one $BIG_LABEL download ($DL_TOOL)"
-measure_download c_direct "$DIRECT" || fail_case c "direct download failed"
-measure_download c_frpx "$FRPX" || fail_case c "download through frpx failed"
-
-log "e. memory after a-c"
-measure_memory e_frps "$FRPS_PID" || fail_case e "cannot read frps's memory"
-measure_memory e_frpc "$FRPC_PID" || fail_case e "cannot read frpc's memory"
-
-log "d. SSE: $SSE_STREAMS streams x $SSE_EVENTS events, one every $SSE_INTERVAL_MS ms"
-measure_sse d_direct "http://127.0.0.1:$RUST_PORT" || fail_case d "direct streams failed"
-if [[ $HTTP_PORT != "$RUST_PORT" ]]; then
-  # Point the tunnel at the SSE backend: a new frpc replaces the old one.
-  stop_pid "$FRPC_PID"
-  start_frpc "$RUST_PORT" "frpx-bench backend"
+if want c; then
+  log "c. one $BIG_LABEL download ($DL_TOOL)"
+  measure_download c_direct "$DIRECT" || fail_case c "direct download failed"
+  measure_download c_frpx "$FRPX" || fail_case c "download through frpx failed"
 fi
-measure_sse d_frpx "$FRPX" || fail_case d "streams through frpx failed"
+
+if want e; then
+  log "e. memory after $(tr -d 'def' <<<"$CASES" | sed 's/./&, /g; s/, $//')"
+  measure_memory e_frps "$FRPS_PID" || fail_case e "cannot read frps's memory"
+  measure_memory e_frpc "$FRPC_PID" || fail_case e "cannot read frpc's memory"
+fi
+
+if want d; then
+  log "d. SSE: $SSE_STREAMS streams x $SSE_EVENTS events, one every $SSE_INTERVAL_MS ms"
+  measure_sse d_direct "http://127.0.0.1:$RUST_PORT" || fail_case d "direct streams failed"
+  if [[ $HTTP_PORT != "$RUST_PORT" ]]; then
+    # Point the tunnel at the SSE backend: a new frpc replaces the old one.
+    stop_pid "$FRPC_PID"
+    start_frpc "$RUST_PORT" "frpx-bench backend"
+  fi
+  measure_sse d_frpx "$FRPX" || fail_case d "streams through frpx failed"
+fi
 
 # Many connections come from many loopback addresses (127.1.0.x), at most
 # 100 each, as from many callers: frps caps connections per address.
 sources() { echo $((($1 + 99) / 100)); }
 
-log "e. frps with $SIM_CLIENTS simulated clients"
-# They log in with the client token the bench frpc saved at its first login.
-TOKEN=$(sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' "$TMP/frpc/token.json" 2>/dev/null || true)
-if [[ -z $TOKEN ]]; then
-  fail_case e "no client token in $TMP/frpc/token.json"
-else
-  if timeout 300 "$BENCH" clients --control "127.0.0.1:$CONTROL" --token "$TOKEN" \
-    --count "$SIM_CLIENTS" --sources "$(sources "$SIM_CLIENTS")" --pid "$FRPS_PID" \
-    --timeout-secs 240 >"$TMP/e_clients.txt" 2>&1; then
-    read_pairs e_clients "$TMP/e_clients.txt"
+if want e; then
+  log "e. frps with $SIM_CLIENTS simulated clients"
+  # They log in with the client token the bench frpc saved at its first login.
+  TOKEN=$(sed -n 's/.*"token": *"\([^"]*\)".*/\1/p' "$TMP/frpc/token.json" 2>/dev/null || true)
+  if [[ -z $TOKEN ]]; then
+    fail_case e "no client token in $TMP/frpc/token.json"
   else
-    fail_case e "simulated clients failed: $(tail -n 5 "$TMP/e_clients.txt")"
+    if timeout 300 "$BENCH" clients --control "127.0.0.1:$CONTROL" --token "$TOKEN" \
+      --count "$SIM_CLIENTS" --sources "$(sources "$SIM_CLIENTS")" --pid "$FRPS_PID" \
+      --timeout-secs 240 >"$TMP/e_clients.txt" 2>&1; then
+      read_pairs e_clients "$TMP/e_clients.txt"
+    else
+      fail_case e "simulated clients failed: $(tail -n 5 "$TMP/e_clients.txt")"
+    fi
   fi
-fi
 
-log "e. frps with $IDLE_CONNS idle public connections"
-if timeout 300 "$BENCH" idle --url "$FRPX/" --key "$KEY" --count "$IDLE_CONNS" \
-  --sources "$(sources "$IDLE_CONNS")" --pid "$FRPS_PID" --timeout-secs 240 >"$TMP/e_idle.txt" 2>&1; then
-  read_pairs e_idle "$TMP/e_idle.txt"
-else
-  fail_case e "idle connections failed: $(tail -n 5 "$TMP/e_idle.txt")"
-fi
-if [[ -n ${R[e_idle_open]:-} && ${R[e_idle_open]} != "${R[e_idle_connections]:-}" ]]; then
-  fail_case e "only ${R[e_idle_open]} of ${R[e_idle_connections]} idle connections were still open"
+  log "e. frps with $IDLE_CONNS idle public connections"
+  if timeout 300 "$BENCH" idle --url "$FRPX/" --key "$KEY" --count "$IDLE_CONNS" \
+    --sources "$(sources "$IDLE_CONNS")" --pid "$FRPS_PID" --timeout-secs 240 >"$TMP/e_idle.txt" 2>&1; then
+    read_pairs e_idle "$TMP/e_idle.txt"
+  else
+    fail_case e "idle connections failed: $(tail -n 5 "$TMP/e_idle.txt")"
+  fi
+  if [[ -n ${R[e_idle_open]:-} && ${R[e_idle_open]} != "${R[e_idle_connections]:-}" ]]; then
+    fail_case e "only ${R[e_idle_open]} of ${R[e_idle_connections]} idle connections were still open"
+  fi
 fi
 
 # ------------------------------------------------------------ the table
@@ -491,6 +522,10 @@ thousands() { sed ':a; s/\B[0-9]\{3\}\>/,&/; ta' <<<"$1"; }
 # Prints R[$1] formatted by $2 (rate, gbps, us, mib), or "error".
 fig() {
   local v=${R[$1]:-}
+  if ! want "${1:0:1}"; then
+    printf 'not run'
+    return
+  fi
   if [[ -z $v ]]; then
     printf 'error'
     return
@@ -506,6 +541,10 @@ fig() {
 # frpx / direct for R[$1] and R[$2].
 ratio() {
   local a=${R[$1]:-} b=${R[$2]:-}
+  want "${1:0:1}" || {
+    printf '—'
+    return
+  }
   [[ -n $a && -n $b ]] || {
     printf 'error'
     return
@@ -515,6 +554,10 @@ ratio() {
 # frpx - direct for R[$1] and R[$2] (µs), as added latency.
 added() {
   local a=${R[$1]:-} b=${R[$2]:-}
+  want "${1:0:1}" || {
+    printf '—'
+    return
+  }
   [[ -n $a && -n $b ]] || {
     printf 'error'
     return
@@ -545,6 +588,7 @@ SSE_DESC="$SSE_STREAMS streams × $SSE_EVENTS events, one per $SSE_INTERVAL_MS m
 TABLE=$(
   printf '# frpx benchmark (%s mode)\n\n' "$MODE"
   printf -- '- when: %s; frpx %s, %s build\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" "$REV" "$PROFILE"
+  [[ $CASES == abcdef ]] || printf -- '- cases run: %s (--cases); the others read "not run"\n' "$CASES"
   printf -- '- machine: %s cores, Linux %s; %s\n' "$CORES" "$(uname -r)" "$LOAD_NOTE"
   printf -- '- backend: %s; SSE from the Rust backend\n' "$BACKEND_NOTE"
   # shellcheck disable=SC2016 # backquotes are markdown here

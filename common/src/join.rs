@@ -1,10 +1,27 @@
 //! Joining two byte streams.
+//!
+//! Each direction copies through a buffer that exists only while bytes are
+//! moving: it is allocated when the source becomes readable, grows while
+//! reads fill it (a bulk download) and shrinks when they stop, and is freed
+//! as soon as the source has nothing more to give. An idle joined connection
+//! (a warm tunnel connection waiting for its next request) holds no buffer
+//! at all, where a fixed pair of 64 KiB buffers per connection made frpc's
+//! memory grow with every connection frps kept warm.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Copy buffer size for each direction. Chosen so one read usually carries a
-/// whole TCP segment burst without holding much memory per idle connection.
-pub const JOIN_BUFFER: usize = 64 * 1024;
+/// First buffer of a direction that starts moving: one small request or
+/// response fits.
+pub const JOIN_BUFFER_MIN: usize = 8 * 1024;
+
+/// Largest buffer a direction grows to while reads keep filling it.
+pub const JOIN_BUFFER_MAX: usize = 64 * 1024;
 
 /// Bytes moved by [`join_streams`] in each direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -20,20 +37,203 @@ pub struct JoinStats {
 /// Half-close is preserved: when one side reaches EOF, the other side's write
 /// half is shut down, and the opposite direction keeps flowing until it ends
 /// too. One side's EOF never cuts data still in flight the other way.
-pub async fn join_streams<A, B>(a: &mut A, b: &mut B) -> std::io::Result<JoinStats>
+pub async fn join_streams<A, B>(a: &mut A, b: &mut B) -> io::Result<JoinStats>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (a_to_b, b_to_a) =
-        tokio::io::copy_bidirectional_with_sizes(a, b, JOIN_BUFFER, JOIN_BUFFER).await?;
-    Ok(JoinStats { a_to_b, b_to_a })
+    let (mut a_to_b, mut b_to_a) = (Copy::default(), Copy::default());
+    poll_fn(|cx| {
+        let there = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
+        if there.is_ready() && back.is_ready() {
+            Poll::Ready(Ok::<(), io::Error>(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(JoinStats {
+        a_to_b: a_to_b.moved,
+        b_to_a: b_to_a.moved,
+    })
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Copying,
+    /// The source ended and everything read was written: shutting the
+    /// destination's write half.
+    ShuttingDown,
+    Done,
+}
+
+/// One direction of a join.
+#[derive(Debug, Default)]
+struct Copy {
+    /// Bytes read and not yet written; no capacity while idle.
+    buf: BytesMut,
+    /// Size of the next allocation: doubles while reads fill the buffer,
+    /// halves while they use under a quarter of it.
+    size: usize,
+    moved: u64,
+    phase: Phase,
+}
+
+impl Copy {
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut from: Pin<&mut R>,
+        mut to: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            match self.phase {
+                Phase::Done => return Poll::Ready(Ok(())),
+                Phase::ShuttingDown => {
+                    ready!(to.as_mut().poll_shutdown(cx))?;
+                    self.phase = Phase::Done;
+                }
+                Phase::Copying if self.buf.has_remaining() => {
+                    let n = ready!(to.as_mut().poll_write(cx, self.buf.chunk()))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.buf.advance(n);
+                    self.moved += n as u64;
+                    if !self.buf.has_remaining() {
+                        // Written out: a buffered destination (TLS) sends now.
+                        ready!(to.as_mut().poll_flush(cx))?;
+                    }
+                }
+                Phase::Copying => {
+                    if self.size == 0 {
+                        self.size = JOIN_BUFFER_MIN;
+                    }
+                    // Reclaims the emptied allocation, or makes one.
+                    self.buf.clear();
+                    self.buf.reserve(self.size);
+                    let room = self.buf.capacity();
+                    match tokio_util::io::poll_read_buf(from.as_mut(), cx, &mut self.buf) {
+                        Poll::Pending => {
+                            // Nothing buffered and nothing to read: hold no
+                            // memory until the source speaks again.
+                            self.buf = BytesMut::new();
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Ok(0)) => {
+                            self.buf = BytesMut::new();
+                            self.phase = Phase::ShuttingDown;
+                        }
+                        Poll::Ready(Ok(n)) if n >= room => {
+                            self.size = (self.size * 2).min(JOIN_BUFFER_MAX);
+                        }
+                        Poll::Ready(Ok(n)) if n < self.size / 4 => {
+                            self.size = (self.size / 2).max(JOIN_BUFFER_MIN);
+                        }
+                        Poll::Ready(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::task::Waker;
+
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf, duplex, sink};
+
+    /// A source that yields the given chunks one read at a time, then is
+    /// pending (or at EOF once `end` is set).
+    #[derive(Default)]
+    struct Chunks {
+        chunks: VecDeque<Vec<u8>>,
+        end: bool,
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.chunks.pop_front() {
+                Some(mut chunk) => {
+                    let n = chunk.len().min(buf.remaining());
+                    buf.put_slice(&chunk[..n]);
+                    if n < chunk.len() {
+                        self.chunks.push_front(chunk.split_off(n));
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                None if self.end => Poll::Ready(Ok(())),
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_once(
+        copy: &mut Copy,
+        from: &mut Chunks,
+        to: &mut tokio::io::Sink,
+    ) -> Poll<io::Result<()>> {
+        let mut cx = Context::from_waker(Waker::noop());
+        copy.poll(&mut cx, Pin::new(from), Pin::new(to))
+    }
+
+    #[test]
+    fn an_idle_direction_holds_no_buffer() {
+        let (mut copy, mut to) = (Copy::default(), sink());
+        let mut from = Chunks::default();
+        assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
+        assert_eq!(copy.buf.capacity(), 0);
+
+        from.chunks.push_back(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
+        assert_eq!(copy.moved, 18);
+        assert_eq!(
+            copy.buf.capacity(),
+            0,
+            "the buffer is freed once the source is drained"
+        );
+        assert_eq!(copy.size, JOIN_BUFFER_MIN);
+    }
+
+    #[test]
+    fn reads_that_fill_the_buffer_grow_it_and_small_ones_shrink_it() {
+        let (mut copy, mut to) = (Copy::default(), sink());
+        let mut from = Chunks::default();
+        from.chunks.push_back(vec![7; 1 << 20]);
+        assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
+        assert_eq!(copy.moved, 1 << 20);
+        assert_eq!(
+            copy.size, JOIN_BUFFER_MAX,
+            "a bulk transfer reads in the largest buffer"
+        );
+
+        let mut sizes = Vec::new();
+        for _ in 0..4 {
+            from.chunks.push_back(vec![1; 100]);
+            assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
+            sizes.push(copy.size);
+        }
+        assert_eq!(sizes, [32 * 1024, 16 * 1024, 8 * 1024, 8 * 1024]);
+
+        from.end = true;
+        assert!(poll_once(&mut copy, &mut from, &mut to).is_ready());
+        assert_eq!(copy.phase, Phase::Done);
+        assert_eq!(copy.moved, (1 << 20) + 400);
+    }
 
     #[tokio::test]
     async fn half_close_keeps_the_other_direction() {

@@ -18,3 +18,76 @@ pub fn return_large_blocks() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
+
+/// Hands the free memory inside the allocator's heaps back to the system.
+///
+/// glibc returns a heap's free top on its own, but free pages below a block
+/// still in use stay in the process's RSS until `malloc_trim`. After a burst
+/// (a load of connections, a fleet reconnecting) that is most of what the
+/// burst allocated. Takes time in proportion to the heaps' size: call it off
+/// the async workers (`spawn_blocking`), and only when [`BurstEnd`] says so.
+/// A no-op where the C library is not glibc.
+pub fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes the allocator's own locks; 0 keeps no pad.
+    // Its result is not used: it reports only some arenas' releases.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Tells when a burst has ended: fed the number of open connections (or
+/// any measure of live work) now and then, it answers true once that number
+/// has fallen to half its peak since the last answer, by at least
+/// [`BurstEnd::MIN_DROP`]. Steady load never trims; each burst's end trims
+/// once.
+#[derive(Debug, Default, Clone)]
+pub struct BurstEnd {
+    peak: u64,
+}
+
+impl BurstEnd {
+    /// Smallest fall in open connections counted as a burst's end.
+    pub const MIN_DROP: u64 = 16;
+
+    /// Records `open`; true when a burst just ended (time to [`trim`]).
+    pub fn observe(&mut self, open: u64) -> bool {
+        self.peak = self.peak.max(open);
+        if self.peak - open >= Self::MIN_DROP && open <= self.peak / 2 {
+            self.peak = open;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_ends_once_when_connections_halve() {
+        let mut end = BurstEnd::default();
+        let seen: Vec<bool> = [0, 10, 50, 40, 26, 25, 24, 3, 2, 0]
+            .into_iter()
+            .map(|open| end.observe(open))
+            .collect();
+        // 50 -> 25: half the peak and 25 fewer; then the new peak is 25 and
+        // the fall to 2 is only 23 but still counts; 2 -> 0 is too small.
+        assert_eq!(
+            seen,
+            [
+                false, false, false, false, false, true, false, true, false, false
+            ]
+        );
+    }
+
+    #[test]
+    fn steady_or_small_loads_never_trim() {
+        let mut end = BurstEnd::default();
+        for open in [8, 0, 8, 0, 15, 0, 100, 90, 80, 70, 60, 51] {
+            assert!(!end.observe(open), "at {open}");
+        }
+    }
+}

@@ -1,6 +1,10 @@
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
+// One thread: frpc's work is moving bytes between sockets, which one core
+// does at many Gbit/s; a second worker only added cross-thread wakeups (SSE
+// events came later) and a second malloc arena (benchmark case d and e).
+// Blocking work (metrics, the password prompt) runs on spawn_blocking.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     common::memory::return_large_blocks();
     let config = frpc::config_file::load().unwrap_or_else(|e| e.exit());

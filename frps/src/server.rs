@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api;
 use crate::config::Config;
@@ -109,6 +110,7 @@ impl Server {
             proxy::handle,
         ));
         state.tasks.spawn(public::run(public, state.clone()));
+        state.tasks.spawn(trim_after_bursts(state.clone()));
         let app = api::router(state.clone());
         let api_shutdown = state.shutdown.clone();
         state.tasks.spawn(async move {
@@ -138,5 +140,26 @@ impl Server {
         state.tasks.wait().await;
         info!("frps stopped");
         Ok(())
+    }
+}
+
+/// Once a second, looks at the open public connections and registered
+/// clients; when a burst of them has ended, hands the memory they used back
+/// to the system (`common::memory::trim`, on a blocking thread).
+async fn trim_after_bursts(state: Arc<State>) {
+    let mut burst = common::memory::BurstEnd::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let open =
+            state.stats.public_connections.load(Ordering::Relaxed) + state.registry.len() as u64;
+        if burst.observe(open) {
+            debug!(open, "burst ended: trimming the heap");
+            let _ = tokio::task::spawn_blocking(common::memory::trim).await;
+        }
     }
 }

@@ -122,7 +122,10 @@ fn service(
     Error = Infallible,
     Future = impl Future<Output = Result<Response<PublicBody>, Infallible>> + Send,
 > + Clone {
-    service_fn(move |req| handle(state.clone(), peer, req))
+    // Boxed per request: hyper keeps room for one request's future in every
+    // connection for as long as it is open, and this one is over 4 KiB; a
+    // box is 8 bytes (10,000 idle keep-alive connections: 43 MiB less).
+    service_fn(move |req| Box::pin(handle(state.clone(), peer, req)))
 }
 
 /// Serves one public connection over `io` exactly as the listener does
