@@ -4,14 +4,9 @@
 
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS line")
-}
+mod support;
+
+use support::rss_kib;
 
 #[test]
 fn trim_returns_free_pages_below_live_blocks() {
