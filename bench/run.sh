@@ -63,6 +63,12 @@ while (($#)); do
   shift
 done
 
+want() { [[ $CASES == *$1* ]]; }
+if want f && ! want a && ! want b; then
+  echo "run.sh: case f measures the requests of a and b: run it with a or b (--cases abf)" >&2
+  exit 2
+fi
+
 # ---------------------------------------------------------------- parameters
 SSE_INTERVAL_MS=10
 if [[ $MODE == smoke ]]; then
@@ -428,8 +434,6 @@ read_pairs() {
 LOAD_DESC="wrk -t$LOAD_THREADS -c$LOAD_CONNS -d${LOAD_SECS}s"
 [[ $LOAD_TOOL == rust ]] && LOAD_DESC="frpx-bench load -c$LOAD_CONNS -d${LOAD_SECS}s"
 
-want() { [[ $CASES == *$1* ]]; }
-[[ $CASES == f ]] && die "case f measures the requests of a and b: run it with a or b (--cases abf)"
 
 METRICS=http://127.0.0.1:$API/metrics
 if want a; then

@@ -72,7 +72,7 @@ enum Phase {
 }
 
 /// One direction of a join.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Copy {
     /// Bytes read and not yet written; no capacity while idle.
     buf: BytesMut,
@@ -85,7 +85,25 @@ struct Copy {
     phase: Phase,
 }
 
+impl Default for Copy {
+    fn default() -> Self {
+        Copy {
+            buf: BytesMut::new(),
+            size: JOIN_BUFFER_MIN,
+            allocated: 0,
+            moved: 0,
+            phase: Phase::Copying,
+        }
+    }
+}
+
 impl Copy {
+    /// Frees the buffer (nothing is left in it).
+    fn release(&mut self) {
+        self.buf = BytesMut::new();
+        self.allocated = 0;
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -116,9 +134,6 @@ impl Copy {
                     }
                 }
                 Phase::Copying => {
-                    if self.size == 0 {
-                        self.size = JOIN_BUFFER_MIN;
-                    }
                     // Reuses the emptied allocation when it is the size
                     // wanted (`reserve` moves back to its start), else
                     // makes one of exactly that size (`reserve` on a
@@ -136,14 +151,12 @@ impl Copy {
                         Poll::Pending => {
                             // Nothing buffered and nothing to read: hold no
                             // memory until the source speaks again.
-                            self.buf = BytesMut::new();
-                            self.allocated = 0;
+                            self.release();
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Ready(Ok(0)) => {
-                            self.buf = BytesMut::new();
-                            self.allocated = 0;
+                            self.release();
                             self.phase = Phase::ShuttingDown;
                         }
                         Poll::Ready(Ok(n)) if n >= room => {
