@@ -192,9 +192,15 @@ pub struct Config {
     #[arg(long, env = "FRPX_MAX_HEAD_BYTES", default_value_t = 64 * 1024)]
     pub max_head_bytes: usize,
 
-    /// Idle upstream connections kept per client for reuse.
-    #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 32)]
+    /// Most idle upstream connections kept per client for reuse. The pool
+    /// holds what recent load needed (connections used at once), up to this.
+    #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 256)]
     pub max_idle_per_client: usize,
+
+    /// An idle upstream connection unused this long is closed, so the pool
+    /// shrinks back after a burst.
+    #[arg(long, env = "FRPX_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
 
     /// Deadline for each call to a server plugin; a plugin that does not
     /// answer in time fails the operation (`docs/server-plugin.md`).

@@ -111,6 +111,9 @@ impl Server {
         ));
         state.tasks.spawn(public::run(public, state.clone()));
         state.tasks.spawn(trim_after_bursts(state.clone()));
+        state
+            .tasks
+            .spawn(crate::upstream::expire_idle(state.clone()));
         let app = api::router(state.clone());
         let api_shutdown = state.shutdown.clone();
         state.tasks.spawn(async move {

@@ -2,12 +2,14 @@
 //! tunnel: reuse an idle one, else ask the client to dial back.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::Command;
 use http_body_util::{Either, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::listeners::public::CountedBody;
@@ -43,9 +45,19 @@ impl AcquireError {
 }
 
 /// Idle upstream connections of one client, most recently used last.
+///
+/// The pool holds as many connections as recent load needed (every
+/// connection in it was in use at once at some point), up to
+/// `--max-idle-per-client`; [`IdlePool::expire`] closes those unused for
+/// `--pool-idle-timeout`, so it shrinks back after a burst.
 #[derive(Default)]
 pub struct IdlePool {
-    senders: Mutex<Vec<Sender>>,
+    entries: Mutex<Vec<Idle>>,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
 }
 
 impl std::fmt::Debug for IdlePool {
@@ -60,27 +72,42 @@ impl IdlePool {
     /// Takes the most recently used connection that is still open. It may
     /// still be finishing its previous exchange: await `ready()` before use.
     pub fn take(&self) -> Option<Sender> {
-        let mut senders = self.senders.lock().expect("idle lock");
-        while let Some(s) = senders.pop() {
-            if !s.is_closed() {
-                return Some(s);
+        let mut entries = self.entries.lock().expect("idle lock");
+        while let Some(idle) = entries.pop() {
+            if !idle.sender.is_closed() {
+                return Some(idle.sender);
             }
         }
         None
     }
 
-    /// Returns a connection for reuse, unless `max` are already idle.
+    /// Returns a connection for reuse, unless `max` open ones are already
+    /// idle (then it is dropped, which closes it).
     pub fn put(&self, sender: Sender, max: usize) {
-        let mut senders = self.senders.lock().expect("idle lock");
-        senders.retain(|s| !s.is_closed());
-        if senders.len() < max {
-            senders.push(sender);
+        let mut entries = self.entries.lock().expect("idle lock");
+        if entries.len() >= max {
+            entries.retain(|e| !e.sender.is_closed());
         }
+        if entries.len() < max {
+            entries.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the connections idle since before `cutoff`, and those the
+    /// other side closed; returns how many went.
+    pub fn expire(&self, cutoff: Instant) -> usize {
+        let mut entries = self.entries.lock().expect("idle lock");
+        let before = entries.len();
+        entries.retain(|e| e.since >= cutoff && !e.sender.is_closed());
+        before - entries.len()
     }
 
     /// Number of idle connections.
     pub fn len(&self) -> usize {
-        self.senders.lock().expect("idle lock").len()
+        self.entries.lock().expect("idle lock").len()
     }
 
     /// Whether no connection is idle.
@@ -90,7 +117,32 @@ impl IdlePool {
 
     /// Drops every idle connection.
     pub fn clear(&self) {
-        self.senders.lock().expect("idle lock").clear();
+        self.entries.lock().expect("idle lock").clear();
+    }
+}
+
+/// Four times per `--pool-idle-timeout` (but at most every 100 ms and at
+/// least every 15 s), closes the idle upstream connections of every client
+/// that went unused for `--pool-idle-timeout`.
+pub async fn expire_idle(state: std::sync::Arc<State>) {
+    let timeout = state.config.pool_idle_timeout;
+    let period = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(cutoff) = Instant::now().checked_sub(timeout) else {
+            continue;
+        };
+        for client in state.registry.all() {
+            let closed = client.idle.expire(cutoff);
+            if closed > 0 {
+                debug!(client = %client.id, closed, "closed idle upstream connections");
+            }
+        }
     }
 }
 
@@ -148,4 +200,73 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
         sender,
         reused: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender over an in-memory pipe, with the pipe's far end (drop it
+    /// to close the connection).
+    async fn sender() -> (Sender, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake::<_, UpBody>(TokioIo::new(near))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        (sender, far)
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max() {
+        let pool = IdlePool::default();
+        let mut ends = Vec::new();
+        for _ in 0..3 {
+            let (s, far) = sender().await;
+            ends.push(far);
+            pool.put(s, 2);
+        }
+        assert_eq!(pool.len(), 2);
+        assert!(pool.take().is_some());
+        assert!(pool.take().is_some());
+        assert!(pool.take().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expire_closes_connections_unused_for_the_timeout() {
+        let pool = IdlePool::default();
+        let (old, _old_end) = sender().await;
+        pool.put(old, 8);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let (recent, _recent_end) = sender().await;
+        pool.put(recent, 8);
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // Idle 60 s and 30 s; a 45 s timeout closes the first only.
+        let cutoff = Instant::now() - Duration::from_secs(45);
+        assert_eq!(pool.expire(cutoff), 1);
+        assert_eq!(pool.len(), 1);
+        assert_eq!(pool.expire(cutoff), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_closed_by_the_client_are_never_handed_out() {
+        let pool = IdlePool::default();
+        let (s, far) = sender().await;
+        pool.put(s, 8);
+        drop(far);
+        let since = Instant::now();
+        // The connection task notices the end of the pipe on its own.
+        while pool
+            .entries
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| !e.sender.is_closed())
+        {
+            assert!(since.elapsed() < Duration::from_secs(5), "never closed");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(pool.expire(since - Duration::from_secs(1)), 1);
+        assert!(pool.take().is_none());
+    }
 }

@@ -288,8 +288,10 @@ pub struct ConfigView {
     pub header_timeout_ms: u64,
     /// Drain deadline at shutdown, milliseconds.
     pub shutdown_timeout_ms: u64,
-    /// Idle upstream connections kept per client.
+    /// Most idle upstream connections kept per client.
     pub max_idle_per_client: usize,
+    /// An idle upstream connection unused this long is closed, milliseconds.
+    pub pool_idle_timeout_ms: u64,
     /// Client token lifetime, seconds (null: no expiry).
     pub token_ttl_secs: Option<u64>,
 }

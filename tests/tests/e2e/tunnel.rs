@@ -101,6 +101,55 @@ async fn server_sent_events_arrive_one_by_one() {
     assert_eq!(rest, Bytes::from("data: last\n\n"));
 }
 
+/// Starts `n` `/hold` streams at once, each on its own public connection,
+/// and waits until the backend holds all of them; the caller reads them out.
+async fn hold_many(fleet: &Fleet, n: usize) -> Vec<(Conn, hyper::Response<hyper::body::Incoming>)> {
+    let mut streams = Vec::new();
+    for _ in 0..n {
+        let mut conn = Conn::open(fleet.frps.public()).await;
+        let req = http::request(
+            "GET",
+            fleet.frps.public(),
+            "/hold",
+            Some(API_KEY),
+            Bytes::new(),
+        );
+        let resp = conn.send(req).await.expect("hold request");
+        assert_eq!(resp.status(), 200);
+        streams.push((conn, resp));
+    }
+    frpx_tests::eventually("the backend holds every stream", || {
+        fleet.backends[0].holding() == n
+    })
+    .await;
+    streams
+}
+
+#[tokio::test]
+async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
+    let mut config = frpx_tests::frps_config();
+    // Long enough to see all 40 back even on a slow machine, short enough to
+    // watch them expire.
+    config.pool_idle_timeout = std::time::Duration::from_secs(2);
+    let fleet = Fleet::start_with(1, config).await;
+    // 40 requests at once need 40 tunnel connections: all of them stay
+    // pooled afterwards (the old fixed cap of 32 dropped 8, and the next
+    // burst paid 8 dial-backs).
+    let streams = hold_many(&fleet, 40).await;
+    fleet.backends[0].release_holds();
+    for (_conn, resp) in streams {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"done\n"));
+    }
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    frpx_tests::eventually("all 40 connections are back in the pool", || {
+        client.idle.len() == 40
+    })
+    .await;
+    // Unused for --pool-idle-timeout, they are closed.
+    frpx_tests::eventually("the idle connections expire", || client.idle.is_empty()).await;
+}
+
 #[tokio::test]
 async fn idle_upstream_connections_are_reused() {
     let fleet = Fleet::start(1).await;
