@@ -414,12 +414,14 @@ measure_sse() {
   read -r "R[${key}_p50]" "R[${key}_p99]" "R[${key}_max]" "R[${key}_late]" <<<"$fig"
 }
 
-# VmRSS and VmHWM (KiB) of process $2 into R[$1_rss], R[$1_hwm].
+# VmRSS, VmHWM, RssAnon and RssFile (KiB) of process $2 into R[$1_rss],
+# R[$1_hwm], R[$1_anon], R[$1_file]: how much of the RSS is heap and stacks,
+# how much the binary's own pages.
 measure_memory() {
   local fig
-  fig=$(awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } END { if (r == "") exit 1; print r, h }' \
-    "/proc/$2/status" 2>/dev/null) || return 1
-  read -r "R[${1}_rss]" "R[${1}_hwm]" <<<"$fig"
+  fig=$(awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 }
+    END { if (r == "") exit 1; print r, h, a, f }' "/proc/$2/status" 2>/dev/null) || return 1
+  read -r "R[${1}_rss]" "R[${1}_hwm]" "R[${1}_anon]" "R[${1}_file]" <<<"$fig"
 }
 
 # Reads key=value pairs of a helper's output line into R[$1_<key>].
@@ -621,9 +623,11 @@ TABLE=$(
   row "d. SSE write→read: max (events ≥ $SSE_INTERVAL_MS ms late)" \
     "$(fig d_direct_max us) ($(fig d_direct_late raw) late)" "$(fig d_frpx_max us) ($(fig d_frpx_late raw) late)" \
     "$(added d_direct_max d_frpx_max)" "no event held back$(verdict "${R[d_frpx_late]:-}" 'v == 0')"
-  row "e. frps after a–c: RSS (peak)" — "$(fig e_frps_rss mib) ($(fig e_frps_hwm mib))" — \
+  row "e. frps after a–c: RSS (peak) [anonymous + file-backed]" — \
+    "$(fig e_frps_rss mib) ($(fig e_frps_hwm mib)) [$(fig e_frps_anon mib) + $(fig e_frps_file mib)]" — \
     "< 10 MiB RSS$(verdict "${R[e_frps_rss]:-}" 'v < 10240')"
-  row "e. frpc after a–c: RSS (peak)" — "$(fig e_frpc_rss mib) ($(fig e_frpc_hwm mib))" — \
+  row "e. frpc after a–c: RSS (peak) [anonymous + file-backed]" — \
+    "$(fig e_frpc_rss mib) ($(fig e_frpc_hwm mib)) [$(fig e_frpc_anon mib) + $(fig e_frpc_file mib)]" — \
     "< 10 MiB RSS$(verdict "${R[e_frpc_rss]:-}" 'v < 10240')"
   row "e. frps with $(thousands "$SIM_CLIENTS") registered clients: RSS (peak)" — \
     "$(fig e_clients_rss_kib mib) ($(fig e_clients_hwm_kib mib))" — \
