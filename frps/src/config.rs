@@ -107,7 +107,9 @@ pub struct Config {
     #[arg(long, env = "FRPX_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Deadline for the head of a public HTTP request (slowloris guard).
+    /// Deadline for the head of a public HTTP request (slowloris guard),
+    /// counted from the connection's start or its previous response's end:
+    /// also how long an idle keep-alive connection stays open.
     #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 

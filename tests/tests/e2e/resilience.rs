@@ -402,6 +402,57 @@ async fn oversized_request_heads_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_slow_head_and_an_idle_keep_alive_connection_are_closed_after_the_header_timeout() {
+    let mut cfg = frps_config();
+    cfg.header_timeout = std::time::Duration::from_millis(600);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
+
+    // Slowloris: half a head, then silence. Closed without an answer.
+    let mut slow = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    slow.write_all(&request.as_bytes()[..20]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    tokio::time::timeout(frpx_tests::WAIT, slow.read_to_string(&mut answer))
+        .await
+        .expect("closed by frps")
+        .unwrap();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+
+    // Keep-alive: a second request well within the timeout is served on the
+    // same connection; then, idle for longer, the connection is closed.
+    let mut conn = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    for _ in 0..2 {
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let head = read_head(&mut conn).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .expect("content-length");
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let idle = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut rest))
+        .await
+        .expect("idle connection closed by frps")
+        .unwrap();
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert!(idle.elapsed() >= std::time::Duration::from_millis(400));
+}
+
 /// A raw TCP "service" for fault cases. frpc's model-list probes get 404
 /// (no list: healthy, no models); every other request's socket, its head
 /// already read, goes to `behave`.
