@@ -108,10 +108,14 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// Deadline for the head of a public HTTP request (slowloris guard),
-    /// counted from the connection's start or its previous response's end:
-    /// also how long an idle keep-alive connection stays open.
+    /// from its first byte (from the connection's start for its first one).
     #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+
+    /// An idle keep-alive public connection is closed after this long
+    /// without a new request.
+    #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
 
     /// How long in-flight requests may run on after SIGINT/SIGTERM.
     #[arg(long, env = "FRPX_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]

@@ -144,6 +144,7 @@ pub async fn config(AxState(state): ApiState) -> ApiResult<ConfigView> {
         heartbeat_interval_ms: ms(c.heartbeat_interval),
         handshake_timeout_ms: ms(c.handshake_timeout),
         header_timeout_ms: ms(c.header_timeout),
+        keepalive_timeout_ms: ms(c.keepalive_timeout),
         shutdown_timeout_ms: ms(c.shutdown_timeout),
         max_idle_per_client: c.max_idle_per_client,
         pool_idle_timeout_ms: ms(c.pool_idle_timeout),

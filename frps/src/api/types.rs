@@ -286,6 +286,8 @@ pub struct ConfigView {
     pub handshake_timeout_ms: u64,
     /// Public request head deadline, milliseconds.
     pub header_timeout_ms: u64,
+    /// Idle keep-alive public connections close after this, milliseconds.
+    pub keepalive_timeout_ms: u64,
     /// Drain deadline at shutdown, milliseconds.
     pub shutdown_timeout_ms: u64,
     /// Most idle upstream connections kept per client.

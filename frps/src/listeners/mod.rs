@@ -2,6 +2,7 @@
 //! management API lives in [`crate::api`].
 
 pub mod control;
+pub mod head_clock;
 pub mod models;
 pub mod proxy;
 pub mod public;

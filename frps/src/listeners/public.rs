@@ -33,6 +33,7 @@ use crate::router::Want;
 use crate::state::{State, Stats};
 use crate::upstream::{self, AcquireError};
 
+use super::head_clock::{Ended, HeadClock, Phase};
 use super::models;
 
 /// Body of a public response: streamed from upstream, or generated here.
@@ -69,7 +70,6 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
                 continue;
             }
         };
-        let svc = service(state.clone(), peer);
         let (watcher, builder) = (graceful.watcher(), builder.clone());
         let st = state.clone();
         Stats::inc(&st.stats.public_connections);
@@ -78,7 +78,10 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
             // off the accept loop, within the head deadline.
             match st.tls.accept_public(stream, st.config.header_timeout).await {
                 Ok(stream) => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    let phase = Arc::new(Phase::default());
+                    let io = HeadClock::new(stream, phase.clone(), st.config.header_timeout);
+                    let svc = service(st.clone(), peer, phase);
+                    let conn = builder.serve_connection(TokioIo::new(io), svc);
                     if let Err(e) = watcher.watch(conn).await {
                         debug!(%peer, "public connection ended: {e}");
                     }
@@ -96,13 +99,15 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-/// The HTTP/1.1 settings of every public connection: a deadline and a size
-/// cap on request heads, keep-alive.
+/// The HTTP/1.1 settings of every public connection: keep-alive, closed
+/// after `--keepalive-timeout` without a new request (hyper's head clock
+/// starts when the previous response ends; [`HeadClock`] holds each head to
+/// `--header-timeout` from its first byte), and a size cap on heads.
 fn http_builder(config: &Config) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
+        .header_read_timeout(config.keepalive_timeout)
         .max_buf_size(config.max_head_bytes.max(MIN_HEAD))
         // A caller that shuts its sending side after the request still
         // gets the answer (without this, hyper drops it at the EOF after
@@ -112,20 +117,30 @@ fn http_builder(config: &Config) -> http1::Builder {
     builder
 }
 
-/// The request handler of one public connection from `peer`.
+/// The request handler of one public connection from `peer`, telling
+/// `phase` when each request starts and its response ends.
 fn service(
     state: Arc<State>,
     peer: SocketAddr,
+    phase: Arc<Phase>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<PublicBody>,
+    Response = Response<Ended<PublicBody>>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<PublicBody>, Infallible>> + Send,
+    Future = impl Future<Output = Result<Response<Ended<PublicBody>>, Infallible>> + Send,
 > + Clone {
-    // Boxed per request: hyper keeps room for one request's future in every
-    // connection for as long as it is open, and this one is over 4 KiB; a
-    // box is 8 bytes (10,000 idle keep-alive connections: 43 MiB less).
-    service_fn(move |req| Box::pin(handle(state.clone(), peer, req)))
+    service_fn(move |req| {
+        phase.request_started();
+        let (state, phase) = (state.clone(), phase.clone());
+        // Boxed per request: hyper keeps room for one request's future in
+        // every connection for as long as it is open, and this one is over
+        // 4 KiB; a box is 8 bytes (10,000 idle keep-alive connections:
+        // 43 MiB less).
+        Box::pin(async move {
+            let resp = handle(state, peer, req).await?;
+            Ok(resp.map(|body| Ended::new(body, phase)))
+        })
+    })
 }
 
 /// Serves one public connection over `io` exactly as the listener does
@@ -137,8 +152,10 @@ pub async fn serve_connection<I>(state: Arc<State>, io: I, peer: SocketAddr) -> 
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let phase = Arc::new(Phase::default());
+    let io = HeadClock::new(io, phase.clone(), state.config.header_timeout);
     http_builder(&state.config)
-        .serve_connection(TokioIo::new(io), service(state, peer))
+        .serve_connection(TokioIo::new(io), service(state, peer, phase))
         .await
 }
 

@@ -402,55 +402,84 @@ async fn oversized_request_heads_are_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_slow_head_and_an_idle_keep_alive_connection_are_closed_after_the_header_timeout() {
-    let mut cfg = frps_config();
-    cfg.header_timeout = std::time::Duration::from_millis(600);
-    let fleet = Fleet::start_with(1, cfg).await;
-    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
+/// Sends a request on `conn` and reads its answer (a `Content-Length` body).
+async fn exchange(conn: &mut TcpStream, request: &str) {
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(conn).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body).await.unwrap();
+}
 
-    // Slowloris: half a head, then silence. Closed without an answer.
-    let mut slow = TcpStream::connect(fleet.frps.public()).await.unwrap();
-    slow.write_all(&request.as_bytes()[..20]).await.unwrap();
+/// Reads until frps closes `conn`; returns how long that took and what came.
+async fn until_closed(conn: &mut TcpStream) -> (std::time::Duration, String) {
     let started = std::time::Instant::now();
-    let mut answer = String::new();
-    tokio::time::timeout(frpx_tests::WAIT, slow.read_to_string(&mut answer))
+    let mut rest = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut rest))
         .await
         .expect("closed by frps")
         .unwrap();
+    (
+        started.elapsed(),
+        String::from_utf8_lossy(&rest).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn slow_heads_are_cut_at_the_header_timeout_and_idle_keep_alive_at_the_keepalive_timeout() {
+    use std::time::Duration;
+    let mut cfg = frps_config();
+    cfg.header_timeout = Duration::from_millis(500);
+    cfg.keepalive_timeout = Duration::from_millis(2500);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let request = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
+    let half = &request.as_bytes()[..20];
+
+    // Slowloris on a new connection: half a head, then silence.
+    let mut slow = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    slow.write_all(half).await.unwrap();
+    let (took, answer) = until_closed(&mut slow).await;
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
-    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
 
-    // Keep-alive: a second request well within the timeout is served on the
-    // same connection; then, idle for longer, the connection is closed.
+    // Keep-alive: idle for longer than the head deadline between requests
+    // is fine; the next head's clock starts at its first byte.
     let mut conn = TcpStream::connect(fleet.frps.public()).await.unwrap();
-    for _ in 0..2 {
-        conn.write_all(request.as_bytes()).await.unwrap();
-        let head = read_head(&mut conn).await;
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap())
-            })
-            .expect("content-length");
-        let mut body = vec![0u8; length];
-        conn.read_exact(&mut body).await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let idle = std::time::Instant::now();
-    let mut rest = Vec::new();
-    tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut rest))
-        .await
-        .expect("idle connection closed by frps")
-        .unwrap();
-    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
-    assert!(idle.elapsed() >= std::time::Duration::from_millis(400));
+    exchange(&mut conn, &request).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    exchange(&mut conn, &request).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    conn.write_all(half).await.unwrap();
+    let (took, answer) = until_closed(&mut conn).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+
+    // Idle past --keepalive-timeout: closed, nothing sent.
+    let mut idle = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    exchange(&mut idle, &request).await;
+    let (took, answer) = until_closed(&mut idle).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(took >= Duration::from_millis(2000), "{took:?}");
 }
 
 /// A raw TCP "service" for fault cases. frpc's model-list probes get 404
