@@ -8,10 +8,33 @@
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
+
+/// Silence after which TCP keepalive probes start on a link between frps
+/// and frpc: well under the idle timeout of common NATs, so a pooled data
+/// connection's mapping stays open while it waits for a request.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Between unanswered probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the kernel declares the peer gone and the
+/// connection fails (so a dead idle connection is never handed a request).
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Socket options of every link between frps and frpc (control and data):
+/// `TCP_NODELAY` (requests and events go out at once) and TCP keepalive
+/// ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`]).
+pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
+}
 
 /// A connection between frps and frpc (or a consumer), with or without TLS.
 #[derive(Debug)]
@@ -122,6 +145,19 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn links_get_nodelay_and_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tune_link(&tcp).unwrap();
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(tcp.nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+    }
 
     #[tokio::test]
     async fn plain_streams_carry_bytes_both_ways_and_half_close() {

@@ -143,7 +143,7 @@ impl Dialer {
     }
 
     /// Connects to `addr` (and completes the TLS handshake) within `limit`,
-    /// with TCP_NODELAY set.
+    /// with TCP_NODELAY and TCP keepalive set (`common::stream::tune_link`).
     pub async fn connect(&self, addr: &str, limit: Duration) -> Result<Stream, DialError> {
         let dial = async {
             let tcp = TcpStream::connect(addr)
@@ -152,7 +152,8 @@ impl Dialer {
                     addr: addr.to_owned(),
                     source,
                 })?;
-            let _ = tcp.set_nodelay(true);
+            // Best effort: a socket that refuses an option still works.
+            let _ = common::stream::tune_link(&tcp);
             let Some((connector, name)) = &self.tls else {
                 return Ok(Stream::from(tcp));
             };
@@ -309,6 +310,23 @@ impl ServerCertVerifier for Pinned {
 mod tests {
     use super::*;
     use crate::config::parse_fingerprint;
+
+    #[tokio::test]
+    async fn dialed_links_get_keepalive_and_nodelay() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let stream = Dialer { tls: None }
+            .connect(&addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(stream.tcp());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            common::stream::KEEPALIVE_IDLE
+        );
+        assert!(stream.tcp().nodelay().unwrap());
+    }
 
     #[test]
     fn fingerprints_parse_with_or_without_colons() {

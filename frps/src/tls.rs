@@ -156,7 +156,8 @@ impl Tls {
         tcp: TcpStream,
         limit: Duration,
     ) -> Result<Stream, AcceptError> {
-        let _ = tcp.set_nodelay(true);
+        // Best effort: a socket that refuses an option still works.
+        let _ = common::stream::tune_link(&tcp);
         let accept = async {
             let mut first = [0u8; 1];
             if tcp.peek(&mut first).await? == 0 {
@@ -314,6 +315,27 @@ fn acceptor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn accepted_links_get_keepalive_and_nodelay() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut dialed = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut dialed, b"\0")
+            .await
+            .unwrap();
+        let (tcp, _) = l.accept().await.unwrap();
+        let stream = Tls::default()
+            .accept_frames(tcp, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(stream.tcp());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            common::stream::KEEPALIVE_IDLE
+        );
+        assert!(stream.tcp().nodelay().unwrap());
+    }
 
     #[test]
     fn the_default_directory_is_beside_the_sqlite_database() {
