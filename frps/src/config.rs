@@ -107,13 +107,13 @@ pub struct Config {
     #[arg(long, env = "FRPX_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Deadline for the head of a public HTTP request (slowloris guard),
-    /// from its first byte (from the connection's start for its first one).
+    /// Deadline for a public connection's TLS handshake and first request
+    /// head, from the accept (slowloris guard).
     #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
-    /// An idle keep-alive public connection is closed after this long
-    /// without a new request.
+    /// After a response, a keep-alive public connection is closed unless
+    /// the next request head has arrived within this (idle or mid-head).
     #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 

@@ -286,7 +286,7 @@ pub struct ConfigView {
     pub handshake_timeout_ms: u64,
     /// Public request head deadline, milliseconds.
     pub header_timeout_ms: u64,
-    /// Idle keep-alive public connections close after this, milliseconds.
+    /// Next request head due within this of a response's end, milliseconds.
     pub keepalive_timeout_ms: u64,
     /// Drain deadline at shutdown, milliseconds.
     pub shutdown_timeout_ms: u64,

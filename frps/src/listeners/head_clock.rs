@@ -1,87 +1,65 @@
-//! The public port's two clocks for request heads.
+//! The public port's deadline for a connection's first request head.
 //!
-//! hyper has one: `header_read_timeout`, started when it begins waiting for
-//! a head, which on a keep-alive connection is the moment the previous
-//! response ended. Used alone it either closes idle keep-alive connections
-//! after the short slowloris deadline, or gives a slow head the long idle
-//! allowance. So hyper's clock is set to `--keepalive-timeout` (how long an
-//! idle connection may wait for its next request), and [`HeadClock`], around
-//! the connection's stream, enforces `--header-timeout` from a head's first
-//! byte (from the connection's start for its first head) until the request
-//! reaches the service.
+//! hyper has one head clock (`header_read_timeout`), started whenever it
+//! begins waiting for a head: on a keep-alive connection, the moment the
+//! previous response ended. Used alone it would either close idle
+//! keep-alive connections after the short slowloris deadline, or give a
+//! new connection the long idle allowance to send its first head. So
+//! hyper's clock is set to `--keepalive-timeout` (how long a connection may
+//! wait, idle or mid-head, after a response), and [`HeadClock`], around the
+//! connection's stream, holds the TLS handshake and the first head together
+//! to `--header-timeout` from the accept.
+//!
+//! Later heads are held to `--keepalive-timeout` only: a peer that dribbles
+//! one holds no more than a peer that idles for as long, which every
+//! keep-alive connection may. The first head's short deadline is what keeps
+//! connections that never send a request from piling up.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
-/// Where one connection is in its request cycle, shared by its stream
-/// wrapper and its service.
+/// Set by the connection's service when its first request arrives.
 #[derive(Debug, Default)]
-pub struct Phase {
-    /// Requests handed to the service so far.
-    started: AtomicU64,
-    in_request: AtomicBool,
-}
+pub struct FirstRequest(AtomicBool);
 
-impl Phase {
+impl FirstRequest {
     /// A request head was parsed and handed to the service.
-    pub fn request_started(&self) {
-        self.started.fetch_add(1, Ordering::AcqRel);
-        self.in_request.store(true, Ordering::Release);
+    pub fn arrived(&self) {
+        self.0.store(true, Ordering::Release);
     }
 
-    /// The response to it was sent (or dropped): the next bytes start a head.
-    pub fn response_ended(&self) {
-        self.in_request.store(false, Ordering::Release);
-    }
-
-    fn in_request(&self) -> bool {
-        self.in_request.load(Ordering::Acquire)
-    }
-
-    fn started(&self) -> u64 {
-        self.started.load(Ordering::Acquire)
+    fn has_arrived(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }
 
-/// A running head deadline, and how many requests had started when it was
-/// set: once another starts, that head arrived in time.
-#[derive(Debug)]
-struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-    requests: u64,
-}
-
-/// A connection's stream that fails reads once a request head has taken
-/// longer than its limit.
+/// A connection's stream whose reads fail once its first request head is
+/// later than a deadline.
 #[derive(Debug)]
 pub struct HeadClock<I> {
     io: I,
-    phase: Arc<Phase>,
+    first: Arc<FirstRequest>,
     limit: Duration,
-    /// Running while a head is being received; `None` otherwise.
-    deadline: Option<Deadline>,
+    /// Until the first request arrives; then dropped.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<I> HeadClock<I> {
-    /// Wraps `io`; its first head must arrive within `limit` from now.
-    pub fn new(io: I, phase: Arc<Phase>, limit: Duration) -> Self {
+    /// Wraps `io`, accepted at `accepted`: its first request head must have
+    /// arrived by `accepted + limit`.
+    pub fn new(io: I, first: Arc<FirstRequest>, accepted: Instant, limit: Duration) -> Self {
         Self {
             io,
-            phase,
+            first,
             limit,
-            deadline: Some(Deadline {
-                sleep: Box::pin(tokio::time::sleep(limit)),
-                requests: 0,
-            }),
+            deadline: Some(Box::pin(tokio::time::sleep_until(accepted + limit))),
         }
     }
 }
@@ -93,40 +71,18 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this
-            .deadline
-            .as_ref()
-            .is_some_and(|d| d.requests != this.phase.started())
-        {
-            // The head arrived in time.
+        if this.deadline.is_some() && this.first.has_arrived() {
             this.deadline = None;
         }
         if let Some(deadline) = &mut this.deadline
-            && deadline.sleep.as_mut().poll(cx).is_ready()
+            && deadline.as_mut().poll(cx).is_ready()
         {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("request head not complete within {:?}", this.limit),
+                format!("no complete request head within {:?}", this.limit),
             )));
         }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && buf.filled().len() > before
-            && this.deadline.is_none()
-            && !this.phase.in_request()
-        {
-            // The first byte of the next head (or of a request body the
-            // service did not read, which must also end in time).
-            let mut sleep = Box::pin(tokio::time::sleep(this.limit));
-            // Registers the wakeup; a fresh deadline cannot have passed.
-            let _ = sleep.as_mut().poll(cx);
-            this.deadline = Some(Deadline {
-                sleep,
-                requests: this.phase.started(),
-            });
-        }
-        polled
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
@@ -160,119 +116,62 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     }
 }
 
-/// A response body that tells the connection's [`Phase`] when it is gone
-/// (hyper drops it once sent, or when the connection fails).
-#[derive(Debug)]
-pub struct Ended<B> {
-    inner: B,
-    phase: Arc<Phase>,
-}
-
-impl<B> Ended<B> {
-    /// Wraps the body of the response to the current request.
-    pub fn new(inner: B, phase: Arc<Phase>) -> Self {
-        Self { inner, phase }
-    }
-}
-
-impl<B> Drop for Ended<B> {
-    fn drop(&mut self) {
-        self.phase.response_ended();
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for Ended<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    fn clocked(
-        limit_ms: u64,
-    ) -> (
-        HeadClock<tokio::io::DuplexStream>,
-        tokio::io::DuplexStream,
-        Arc<Phase>,
-    ) {
+    fn clocked(limit_ms: u64) -> (HeadClock<DuplexStream>, DuplexStream, Arc<FirstRequest>) {
         let (near, far) = tokio::io::duplex(1024);
-        let phase = Arc::new(Phase::default());
-        let io = HeadClock::new(near, phase.clone(), Duration::from_millis(limit_ms));
-        (io, far, phase)
+        let first = Arc::new(FirstRequest::default());
+        let limit = Duration::from_millis(limit_ms);
+        let io = HeadClock::new(near, first.clone(), Instant::now(), limit);
+        (io, far, first)
     }
 
-    async fn read_some(io: &mut HeadClock<tokio::io::DuplexStream>) -> io::Result<usize> {
+    async fn read_some(io: &mut HeadClock<DuplexStream>) -> io::Result<usize> {
         let mut buf = [0u8; 64];
         io.read(&mut buf).await
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_first_head_that_never_comes_times_out() {
-        let (mut io, _far, _phase) = clocked(100);
-        let started = tokio::time::Instant::now();
+        let (mut io, _far, _first) = clocked(100);
+        let started = Instant::now();
         let err = read_some(&mut io).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_between_requests_is_not_a_slow_head() {
-        let (mut io, mut far, phase) = clocked(100);
-        far.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(read_some(&mut io).await.unwrap() > 0);
-        phase.request_started();
-        phase.response_ended();
-        // Idle far longer than the head limit: no error, the read waits.
-        let waiting = tokio::time::timeout(Duration::from_secs(60), read_some(&mut io)).await;
-        assert!(waiting.is_err(), "an idle connection was failed");
-        // The next head's first byte starts its clock.
-        far.write_all(b"GE").await.unwrap();
-        assert_eq!(read_some(&mut io).await.unwrap(), 2);
-        let started = tokio::time::Instant::now();
+    async fn a_dribbled_first_head_times_out_from_the_accept() {
+        let (mut io, mut far, _first) = clocked(100);
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            far.write_all(b"G").await.unwrap();
+            assert_eq!(read_some(&mut io).await.unwrap(), 1);
+        }
         let err = read_some(&mut io).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_in_progress_has_no_head_deadline() {
-        let (mut io, mut far, phase) = clocked(100);
+    async fn after_the_first_request_reads_have_no_deadline() {
+        let (mut io, mut far, first) = clocked(100);
         far.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
         assert!(read_some(&mut io).await.unwrap() > 0);
-        phase.request_started();
-        // A slow body, one byte a second: not the head clock's business.
+        first.arrived();
+        // A slow body, then a long idle wait: hyper's keep-alive clock
+        // governs these, not this one.
         for _ in 0..3 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             far.write_all(b"x").await.unwrap();
             assert_eq!(read_some(&mut io).await.unwrap(), 1);
         }
-    }
-
-    #[test]
-    fn dropping_the_response_body_ends_the_request() {
-        let phase = Arc::new(Phase::default());
-        phase.request_started();
-        let body = Ended::new(http_body_util::Empty::<Bytes>::new(), phase.clone());
-        assert!(phase.in_request());
-        drop(body);
-        assert!(!phase.in_request());
+        let waiting = tokio::time::timeout(Duration::from_secs(60), read_some(&mut io)).await;
+        assert!(
+            waiting.is_err(),
+            "the connection was failed after its first request"
+        );
     }
 }

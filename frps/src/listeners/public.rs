@@ -33,7 +33,7 @@ use crate::router::Want;
 use crate::state::{State, Stats};
 use crate::upstream::{self, AcquireError};
 
-use super::head_clock::{Ended, HeadClock, Phase};
+use super::head_clock::{FirstRequest, HeadClock};
 use super::models;
 
 /// Body of a public response: streamed from upstream, or generated here.
@@ -73,14 +73,16 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         let (watcher, builder) = (graceful.watcher(), builder.clone());
         let st = state.clone();
         Stats::inc(&st.stats.public_connections);
+        let accepted = tokio::time::Instant::now();
         state.tasks.spawn(async move {
             // The TLS handshake (when `--public-tls-cert` is set) runs here,
             // off the accept loop, within the head deadline.
             match st.tls.accept_public(stream, st.config.header_timeout).await {
                 Ok(stream) => {
-                    let phase = Arc::new(Phase::default());
-                    let io = HeadClock::new(stream, phase.clone(), st.config.header_timeout);
-                    let svc = service(st.clone(), peer, phase);
+                    let first = Arc::new(FirstRequest::default());
+                    let io =
+                        HeadClock::new(stream, first.clone(), accepted, st.config.header_timeout);
+                    let svc = service(st.clone(), peer, first);
                     let conn = builder.serve_connection(TokioIo::new(io), svc);
                     if let Err(e) = watcher.watch(conn).await {
                         debug!(%peer, "public connection ended: {e}");
@@ -99,10 +101,10 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
     }
 }
 
-/// The HTTP/1.1 settings of every public connection: keep-alive, closed
-/// after `--keepalive-timeout` without a new request (hyper's head clock
-/// starts when the previous response ends; [`HeadClock`] holds each head to
-/// `--header-timeout` from its first byte), and a size cap on heads.
+/// The HTTP/1.1 settings of every public connection: keep-alive, with the
+/// next request head due within `--keepalive-timeout` of the previous
+/// response's end ([`HeadClock`] holds the first one to `--header-timeout`
+/// from the accept), and a size cap on heads.
 fn http_builder(config: &Config) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
@@ -117,29 +119,25 @@ fn http_builder(config: &Config) -> http1::Builder {
     builder
 }
 
-/// The request handler of one public connection from `peer`, telling
-/// `phase` when each request starts and its response ends.
+/// The request handler of one public connection from `peer`; tells
+/// `first` when a request arrives.
 fn service(
     state: Arc<State>,
     peer: SocketAddr,
-    phase: Arc<Phase>,
+    first: Arc<FirstRequest>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = Response<Ended<PublicBody>>,
+    Response = Response<PublicBody>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<Ended<PublicBody>>, Infallible>> + Send,
+    Future = impl Future<Output = Result<Response<PublicBody>, Infallible>> + Send,
 > + Clone {
     service_fn(move |req| {
-        phase.request_started();
-        let (state, phase) = (state.clone(), phase.clone());
+        first.arrived();
         // Boxed per request: hyper keeps room for one request's future in
         // every connection for as long as it is open, and this one is over
         // 4 KiB; a box is 8 bytes (10,000 idle keep-alive connections:
         // 43 MiB less).
-        Box::pin(async move {
-            let resp = handle(state, peer, req).await?;
-            Ok(resp.map(|body| Ended::new(body, phase)))
-        })
+        Box::pin(handle(state.clone(), peer, req))
     })
 }
 
@@ -152,10 +150,11 @@ pub async fn serve_connection<I>(state: Arc<State>, io: I, peer: SocketAddr) -> 
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let phase = Arc::new(Phase::default());
-    let io = HeadClock::new(io, phase.clone(), state.config.header_timeout);
+    let first = Arc::new(FirstRequest::default());
+    let limit = state.config.header_timeout;
+    let io = HeadClock::new(io, first.clone(), tokio::time::Instant::now(), limit);
     http_builder(&state.config)
-        .serve_connection(TokioIo::new(io), service(state, peer, phase))
+        .serve_connection(TokioIo::new(io), service(state, peer, first))
         .await
 }
 
@@ -317,6 +316,9 @@ async fn forward(
             }
             Err(resp) => return resp,
         }
+    } else if body.is_end_stream() {
+        // No body (a GET, say): as replayable as a buffered one.
+        (Payload::Buffered(Bytes::new()), None)
     } else {
         let body = CountedBody {
             inner: body,
@@ -419,7 +421,8 @@ async fn forward(
             }
             Ok(Err(mut err)) => {
                 let unsent = err.take_message();
-                let reason = err.into_error().to_string();
+                let error = err.into_error();
+                let reason = error.to_string();
                 match unsent {
                     // Never written: a stale pooled connection says nothing
                     // about the client; a fresh one failing does.
@@ -430,6 +433,15 @@ async fn forward(
                             continue;
                         }
                         reason
+                    }
+                    // Written, then the connection closed without a byte of
+                    // answer: on a pooled connection, the service closing it
+                    // as idle while the request was on its way (a
+                    // keep-alive race), which says nothing about the client
+                    // either. The body is replayable; try again.
+                    None if up.reused && payload.replayable() && error.is_incomplete_message() => {
+                        debug!(client = %client.id, "pooled connection closed under the request: {reason}");
+                        continue;
                     }
                     None if payload.replayable() => reason,
                     None => {

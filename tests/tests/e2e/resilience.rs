@@ -434,11 +434,12 @@ async fn until_closed(conn: &mut TcpStream) -> (std::time::Duration, String) {
 }
 
 #[tokio::test]
-async fn slow_heads_are_cut_at_the_header_timeout_and_idle_keep_alive_at_the_keepalive_timeout() {
+async fn a_first_head_is_due_within_the_header_timeout_and_later_ones_within_the_keepalive_timeout()
+{
     use std::time::Duration;
     let mut cfg = frps_config();
     cfg.header_timeout = Duration::from_millis(500);
-    cfg.keepalive_timeout = Duration::from_millis(2500);
+    cfg.keepalive_timeout = Duration::from_millis(2000);
     let fleet = Fleet::start_with(1, cfg).await;
     let request = format!("GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
     let half = &request.as_bytes()[..20];
@@ -452,16 +453,18 @@ async fn slow_heads_are_cut_at_the_header_timeout_and_idle_keep_alive_at_the_kee
         "{answer}"
     );
     assert!(
-        took >= Duration::from_millis(400) && took < Duration::from_millis(2000),
+        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
         "{took:?}"
     );
 
-    // Keep-alive: idle for longer than the head deadline between requests
-    // is fine; the next head's clock starts at its first byte.
+    // Keep-alive: idle for longer than the first-head deadline between
+    // requests is fine.
     let mut conn = TcpStream::connect(fleet.frps.public()).await.unwrap();
     exchange(&mut conn, &request).await;
     tokio::time::sleep(Duration::from_millis(900)).await;
     exchange(&mut conn, &request).await;
+    // A later head, idle then arriving slowly, is due within the keep-alive
+    // timeout of the previous response.
     tokio::time::sleep(Duration::from_millis(900)).await;
     conn.write_all(half).await.unwrap();
     let (took, answer) = until_closed(&mut conn).await;
@@ -470,7 +473,7 @@ async fn slow_heads_are_cut_at_the_header_timeout_and_idle_keep_alive_at_the_kee
         "{answer}"
     );
     assert!(
-        took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+        took >= Duration::from_millis(700) && took < Duration::from_millis(1800),
         "{took:?}"
     );
 
@@ -479,7 +482,7 @@ async fn slow_heads_are_cut_at_the_header_timeout_and_idle_keep_alive_at_the_kee
     exchange(&mut idle, &request).await;
     let (took, answer) = until_closed(&mut idle).await;
     assert!(answer.is_empty(), "{answer}");
-    assert!(took >= Duration::from_millis(2000), "{took:?}");
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
 }
 
 /// A raw TCP "service" for fault cases. frpc's model-list probes get 404
@@ -549,6 +552,33 @@ async fn a_service_that_accepts_and_never_answers_gets_a_clean_502() {
     let (frps, frpc) = fleet_on(service, cfg).await;
     let reply = http::get(frps.public(), "/never", Some(API_KEY)).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_without_blame() {
+    // Answers a connection's first request, then closes it when the next
+    // one arrives: a service closing an idle keep-alive connection just as
+    // frps reuses it.
+    let service = raw_service(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        let _ = read_head(&mut s).await;
+    })
+    .await;
+    // No failover: a request blamed on the only client would fail.
+    let mut cfg = frps_config();
+    cfg.max_retries = 0;
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    let mut conn = Conn::open(frps.public()).await;
+    for _ in 0..3 {
+        // Every request after the first meets a pooled connection that
+        // closes under it; each must still be answered.
+        let reply = conn.get("/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.body, "ok");
+    }
     frpc.kill().await;
 }
 
