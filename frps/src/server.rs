@@ -138,7 +138,7 @@ impl Server {
         }
         state.hard_stop.cancel();
         for client in state.registry.all() {
-            client.idle.clear();
+            client.idle.close();
         }
         state.tasks.wait().await;
         info!("frps stopped");

@@ -52,7 +52,14 @@ impl AcquireError {
 /// `--pool-idle-timeout`, so it shrinks back after a burst.
 #[derive(Default)]
 pub struct IdlePool {
-    entries: Mutex<Vec<Idle>>,
+    entries: Mutex<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    list: Vec<Idle>,
+    /// Set when the client is gone: nothing is taken back any more.
+    closed: bool,
 }
 
 struct Idle {
@@ -73,7 +80,7 @@ impl IdlePool {
     /// still be finishing its previous exchange: await `ready()` before use.
     pub fn take(&self) -> Option<Sender> {
         let mut entries = self.entries.lock().expect("idle lock");
-        while let Some(idle) = entries.pop() {
+        while let Some(idle) = entries.list.pop() {
             if !idle.sender.is_closed() {
                 return Some(idle.sender);
             }
@@ -82,14 +89,18 @@ impl IdlePool {
     }
 
     /// Returns a connection for reuse, unless `max` open ones are already
-    /// idle (then it is dropped, which closes it).
+    /// idle or the pool is closed (then it is dropped, which closes it).
     pub fn put(&self, sender: Sender, max: usize) {
         let mut entries = self.entries.lock().expect("idle lock");
-        if entries.len() >= max {
-            entries.retain(|e| !e.sender.is_closed());
+        if entries.closed {
+            return;
         }
-        if entries.len() < max {
-            entries.push(Idle {
+        let list = &mut entries.list;
+        if list.len() >= max {
+            list.retain(|e| !e.sender.is_closed());
+        }
+        if list.len() < max {
+            list.push(Idle {
                 sender,
                 since: Instant::now(),
             });
@@ -99,15 +110,15 @@ impl IdlePool {
     /// Closes the connections idle since before `cutoff`, and those the
     /// other side closed; returns how many went.
     pub fn expire(&self, cutoff: Instant) -> usize {
-        let mut entries = self.entries.lock().expect("idle lock");
-        let before = entries.len();
-        entries.retain(|e| e.since >= cutoff && !e.sender.is_closed());
-        before - entries.len()
+        let list = &mut self.entries.lock().expect("idle lock").list;
+        let before = list.len();
+        list.retain(|e| e.since >= cutoff && !e.sender.is_closed());
+        before - list.len()
     }
 
     /// Number of idle connections.
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("idle lock").len()
+        self.entries.lock().expect("idle lock").list.len()
     }
 
     /// Whether no connection is idle.
@@ -115,9 +126,12 @@ impl IdlePool {
         self.len() == 0
     }
 
-    /// Drops every idle connection.
-    pub fn clear(&self) {
-        self.entries.lock().expect("idle lock").clear();
+    /// Drops every idle connection and refuses any put back later (the
+    /// client is gone, or frps is stopping).
+    pub fn close(&self) {
+        let mut entries = self.entries.lock().expect("idle lock");
+        entries.closed = true;
+        entries.list.clear();
     }
 }
 
@@ -260,6 +274,7 @@ mod tests {
             .entries
             .lock()
             .unwrap()
+            .list
             .iter()
             .any(|e| !e.sender.is_closed())
         {
@@ -268,5 +283,19 @@ mod tests {
         }
         assert_eq!(pool.expire(since - Duration::from_secs(1)), 1);
         assert!(pool.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_closed_pool_takes_nothing_back() {
+        let pool = IdlePool::default();
+        let (before, _before_end) = sender().await;
+        pool.put(before, 8);
+        pool.close();
+        assert!(pool.is_empty());
+        // A response that ends after the client left returns its connection
+        // to a pool nobody will sweep: it is closed instead.
+        let (after, _after_end) = sender().await;
+        pool.put(after, 8);
+        assert!(pool.is_empty());
     }
 }

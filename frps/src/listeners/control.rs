@@ -147,7 +147,7 @@ async fn session(
     };
     // Fail waiters for this session at once rather than at their timeout.
     client.kick.cancel();
-    client.idle.clear();
+    client.idle.close();
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
         write_asset(state, &client, "offline").await;

@@ -822,7 +822,8 @@ impl Drop for TrackedBody {
         );
         if let Some(sender) = self.sender.take() {
             let reusable = self.finished || self.inner.is_end_stream();
-            if reusable && !self.guard.client.kick.is_cancelled() {
+            // A pool whose client is gone refuses it (`IdlePool::close`).
+            if reusable {
                 self.guard
                     .client
                     .idle
