@@ -36,6 +36,17 @@ pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
+/// Whether `tcp` carries exactly [`tune_link`]'s options (for tests and
+/// diagnostics).
+pub fn link_is_tuned(tcp: &TcpStream) -> io::Result<bool> {
+    let sock = socket2::SockRef::from(tcp);
+    Ok(tcp.nodelay()?
+        && sock.keepalive()?
+        && sock.tcp_keepalive_time()? == KEEPALIVE_IDLE
+        && sock.tcp_keepalive_interval()? == KEEPALIVE_INTERVAL
+        && sock.tcp_keepalive_retries()? == KEEPALIVE_RETRIES)
+}
+
 /// A connection between frps and frpc (or a consumer), with or without TLS.
 #[derive(Debug)]
 pub enum Stream {
@@ -150,13 +161,9 @@ mod tests {
     async fn links_get_nodelay_and_keepalive() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        assert!(!link_is_tuned(&tcp).unwrap());
         tune_link(&tcp).unwrap();
-        let sock = socket2::SockRef::from(&tcp);
-        assert!(tcp.nodelay().unwrap());
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
-        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
-        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+        assert!(link_is_tuned(&tcp).unwrap());
     }
 
     #[tokio::test]

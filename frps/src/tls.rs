@@ -328,13 +328,7 @@ mod tests {
             .accept_frames(tcp, Duration::from_secs(5))
             .await
             .unwrap();
-        let sock = socket2::SockRef::from(stream.tcp());
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(
-            sock.tcp_keepalive_time().unwrap(),
-            common::stream::KEEPALIVE_IDLE
-        );
-        assert!(stream.tcp().nodelay().unwrap());
+        assert!(common::stream::link_is_tuned(stream.tcp()).unwrap());
     }
 
     #[test]
