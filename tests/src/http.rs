@@ -105,3 +105,19 @@ pub async fn read(resp: Response<Incoming>) -> Reply {
 pub async fn get(addr: SocketAddr, path: &str, key: Option<&str>) -> Reply {
     Conn::open(addr).await.get(path, key).await
 }
+
+/// Starts `/hold` on a fresh connection to `public` and reads its first
+/// chunk: the response headers are sent and the body is streaming.
+pub async fn start_hold(public: SocketAddr, key: &str) -> (Conn, Response<Incoming>) {
+    let mut conn = Conn::open(public).await;
+    let req = request("GET", public, "/hold", Some(key), Bytes::new());
+    let mut resp = conn.send(req).await.expect("hold request");
+    assert_eq!(resp.status(), 200);
+    let first = tokio::time::timeout(WAIT, resp.body_mut().frame())
+        .await
+        .expect("first chunk in time")
+        .expect("a chunk")
+        .expect("chunk");
+    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"started")));
+    (conn, resp)
+}

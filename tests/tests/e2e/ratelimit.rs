@@ -9,10 +9,9 @@ use frps::admin::{Admin, KeyCommand, LimitArg};
 use frps::auth::KeyValidator;
 use frps::auth::secret::Secret;
 use frps::ratelimit::Limits;
-use frpx_tests::http::{self, Conn, Reply};
+use frpx_tests::http::{self, Reply};
 use frpx_tests::services::{self, Cutter};
 use frpx_tests::{API_KEY, Fleet, Frps, eventually, eventually_async, frps_config};
-use http_body_util::BodyExt;
 
 /// A config whose rpm window is `window` (instead of a minute).
 fn config(window: Duration) -> frps::Config {
@@ -55,22 +54,6 @@ fn assert_limited(reply: &Reply, code: &str) -> u64 {
     assert_eq!(error["type"], "rate_limit_error");
     assert!(error["message"].as_str().unwrap().contains("limit"));
     retry_after(reply)
-}
-
-/// Starts `/hold` on a fresh connection and reads its first chunk: the
-/// response headers are sent and the body is streaming.
-async fn start_hold(frps: &Frps, key: &str) -> (Conn, hyper::Response<hyper::body::Incoming>) {
-    let mut conn = Conn::open(frps.public()).await;
-    let req = http::request("GET", frps.public(), "/hold", Some(key), Default::default());
-    let mut resp = conn.send(req).await.expect("hold request");
-    assert_eq!(resp.status(), 200);
-    let first = tokio::time::timeout(frpx_tests::WAIT, resp.body_mut().frame())
-        .await
-        .expect("first chunk in time")
-        .expect("a chunk")
-        .expect("chunk");
-    assert!(first.data_ref().is_some_and(|d| d.starts_with(b"started")));
-    (conn, resp)
 }
 
 async fn metrics(frps: &Frps) -> String {
@@ -145,7 +128,7 @@ async fn concurrency_is_held_until_the_stream_ends_or_the_caller_leaves() {
     assert!(!secret.id.is_empty());
 
     // Headers sent, body streaming: the slot is still taken.
-    let (conn, resp) = start_hold(frps, &key).await;
+    let (conn, resp) = http::start_hold(frps.public(), &key).await;
     let refused = get(frps, &key).await;
     assert_eq!(assert_limited(&refused, "concurrency_limit_exceeded"), 1);
     assert_eq!(frps.state.rate_limits.local_in_flight(&hash), 1);
@@ -164,7 +147,7 @@ async fn concurrency_is_held_until_the_stream_ends_or_the_caller_leaves() {
     assert_eq!(frps.state.rate_limits.local_in_flight(&hash), 0);
 
     // A stream that ends normally frees it too, and only then.
-    let (_conn, resp) = start_hold(frps, &key).await;
+    let (_conn, resp) = http::start_hold(frps.public(), &key).await;
     assert_limited(&get(frps, &key).await, "concurrency_limit_exceeded");
     backend.release_holds();
     let body = http::read(resp).await.body;
@@ -213,7 +196,7 @@ async fn two_frps_sharing_redis_share_one_budget() {
 
     // One concurrency slot for both: held on a, refused on b, freed in Redis.
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let (conn, resp) = start_hold(&a.frps, &one).await;
+    let (conn, resp) = http::start_hold(a.frps.public(), &one).await;
     assert_eq!(a.frps.state.rate_limits.shared_leases(), 1);
     assert_limited(&get(&b.frps, &one).await, "concurrency_limit_exceeded");
     drop((resp, conn));
@@ -249,7 +232,7 @@ async fn redis_down_falls_back_to_in_process_limits() {
         assert_eq!(status(frps, &key).await, 200);
     }
     assert_limited(&get(frps, &key).await, "rate_limit_exceeded");
-    let (conn, resp) = start_hold(frps, &held).await;
+    let (conn, resp) = http::start_hold(frps.public(), &held).await;
     assert_limited(&get(frps, &held).await, "concurrency_limit_exceeded");
     drop((resp, conn));
     eventually_async("the in-process slot is freed", || async {

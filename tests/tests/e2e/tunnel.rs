@@ -101,27 +101,18 @@ async fn server_sent_events_arrive_one_by_one() {
     assert_eq!(rest, Bytes::from("data: last\n\n"));
 }
 
-/// Starts `n` `/hold` streams at once, each on its own public connection,
-/// and waits until the backend holds all of them; the caller reads them out.
+/// Starts `n` `/hold` streams at once, each on its own public connection
+/// and each past its first chunk; the caller reads them out.
 async fn hold_many(fleet: &Fleet, n: usize) -> Vec<(Conn, hyper::Response<hyper::body::Incoming>)> {
     let mut streams = Vec::new();
     for _ in 0..n {
-        let mut conn = Conn::open(fleet.frps.public()).await;
-        let req = http::request(
-            "GET",
-            fleet.frps.public(),
-            "/hold",
-            Some(API_KEY),
-            Bytes::new(),
-        );
-        let resp = conn.send(req).await.expect("hold request");
-        assert_eq!(resp.status(), 200);
-        streams.push((conn, resp));
+        streams.push(http::start_hold(fleet.frps.public(), API_KEY).await);
     }
-    frpx_tests::eventually("the backend holds every stream", || {
-        fleet.backends[0].holding() == n
-    })
-    .await;
+    assert_eq!(
+        fleet.backends[0].holding(),
+        n,
+        "the backend holds every stream"
+    );
     streams
 }
 
