@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -79,11 +79,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
             // off the accept loop, within the head deadline.
             match st.tls.accept_public(stream, st.config.header_timeout).await {
                 Ok(stream) => {
-                    let first = Arc::new(FirstRequest::default());
-                    let io =
-                        HeadClock::new(stream, first.clone(), accepted, st.config.header_timeout);
-                    let svc = service(st.clone(), peer, first);
-                    let conn = builder.serve_connection(TokioIo::new(io), svc);
+                    let conn = connection(&builder, st.clone(), stream, peer, accepted);
                     if let Err(e) = watcher.watch(conn).await {
                         debug!(%peer, "public connection ended: {e}");
                     }
@@ -119,6 +115,24 @@ fn http_builder(config: &Config) -> http1::Builder {
     builder
 }
 
+/// One public connection over `io` from `peer`, accepted at `accepted`:
+/// its first head held to `--header-timeout` from then ([`HeadClock`]),
+/// each request authenticated and routed.
+fn connection<I>(
+    builder: &http1::Builder,
+    state: Arc<State>,
+    io: I,
+    peer: SocketAddr,
+    accepted: tokio::time::Instant,
+) -> impl GracefulConnection<Error = hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let first = Arc::new(FirstRequest::default());
+    let io = HeadClock::new(io, first.clone(), accepted, state.config.header_timeout);
+    builder.serve_connection(TokioIo::new(io), service(state, peer, first))
+}
+
 /// The request handler of one public connection from `peer`; tells
 /// `first` when a request arrives.
 fn service(
@@ -150,12 +164,8 @@ pub async fn serve_connection<I>(state: Arc<State>, io: I, peer: SocketAddr) -> 
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let first = Arc::new(FirstRequest::default());
-    let limit = state.config.header_timeout;
-    let io = HeadClock::new(io, first.clone(), tokio::time::Instant::now(), limit);
-    http_builder(&state.config)
-        .serve_connection(TokioIo::new(io), service(state, peer, first))
-        .await
+    let builder = http_builder(&state.config);
+    connection(&builder, state, io, peer, tokio::time::Instant::now()).await
 }
 
 /// Answers a connection over the cap with 503 and closes it.
