@@ -173,7 +173,7 @@ impl Client {
                             self.token_refused.store(true, Ordering::Relaxed);
                             Err(SessionError::Relogin)
                         }
-                        Some("unavailable") => Err(SessionError::Retry(format!(
+                        Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
                             "frps cannot log us in now: {reason}"
                         ))),
                         _ => Err(SessionError::Fatal(format!(
@@ -230,7 +230,9 @@ impl Client {
             Command::LoginResult { reason, code, .. } => {
                 let reason = reason.unwrap_or_else(|| "no reason given".into());
                 match code.as_deref() {
-                    Some("unavailable") => Err(SessionError::Retry(format!(
+                    // Too many attempts from this address (another box behind
+                    // the same NAT, or several logging in at once): wait.
+                    Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
                         "frps cannot log us in now: {reason}"
                     ))),
                     _ => Err(SessionError::Fatal(format!("login failed: {reason}"))),

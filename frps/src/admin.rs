@@ -98,7 +98,8 @@ pub enum KeyCommand {
         max_concurrency: Option<LimitArg>,
     },
     /// Revoke keys by key, id or visible prefix; every frps sharing Redis
-    /// refuses them within a second.
+    /// refuses them within a second (when this command reaches Redis too;
+    /// else once the cached entries expire: up to 5 min, it says so).
     Revoke {
         /// The key, its id, or its visible prefix.
         key: String,
@@ -307,12 +308,7 @@ async fn dispatch(
                     )?;
                 }
                 if !published {
-                    writeln!(
-                        out,
-                        "note: Redis not reachable from here; running frps servers apply the new limits when their cached entries expire ({}s in-process, up to {}s in Redis)",
-                        crate::auth::keys::LOCAL_TTL.as_secs(),
-                        crate::auth::redis::REDIS_TTL.as_secs()
-                    )?;
+                    writeln!(out, "{}", unpublished_note("apply the new limits", config))?;
                 }
             }
             KeyCommand::Revoke { key } => {
@@ -325,11 +321,7 @@ async fn dispatch(
                     writeln!(out, "revoked {}", row.masked())?;
                 }
                 if !published {
-                    writeln!(
-                        out,
-                        "note: Redis unreachable; running frps servers refuse the key once their in-process cache entry expires (at most {}s)",
-                        crate::auth::keys::LOCAL_TTL.as_secs()
-                    )?;
+                    writeln!(out, "{}", unpublished_note("refuse the key", config))?;
                 }
             }
         },
@@ -367,6 +359,24 @@ async fn dispatch(
         },
     }
     Ok(())
+}
+
+/// What running frps servers do when a change could not be published
+/// through Redis: without Redis they `act` once their in-process entry
+/// expires; with a Redis this command could not reach, only once the
+/// entry cached there expires too.
+fn unpublished_note(act: &str, config: &Config) -> String {
+    let local = crate::auth::keys::LOCAL_TTL.as_secs();
+    match config.redis() {
+        None => format!(
+            "note: no Redis configured; running frps servers {act} once their in-process cache entry expires (at most {local}s)"
+        ),
+        Some(url) => format!(
+            "warning: Redis at {} not reachable from here: frps servers that use it {act} only once the entry cached there expires (up to {}s, plus {local}s in-process); run this again when Redis is reachable to apply it at once",
+            crate::store::redact(url),
+            crate::auth::redis::REDIS_TTL.as_secs()
+        ),
+    }
 }
 
 /// Redis of `config` for invalidations, when configured and reachable.

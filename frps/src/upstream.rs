@@ -277,7 +277,7 @@ mod tests {
         let since = Instant::now();
         // The connection task notices the end of the pipe on its own; from
         // then on it is not counted, though still in the list until the sweep.
-        while pool.len() > 0 {
+        while !pool.is_empty() {
             assert!(since.elapsed() < Duration::from_secs(5), "never closed");
             tokio::task::yield_now().await;
         }

@@ -1,9 +1,9 @@
 //! Provider accounts (the people who run GPU boxes): password login, client
 //! tokens, and throttling of failed logins.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -27,9 +27,13 @@ pub enum LoginError {
     /// The token has expired.
     #[error("the saved token has expired; log in again with email and password")]
     TokenExpired,
-    /// Too many recent failures for this email or address.
+    /// Too many recent failures for this email or address, or another
+    /// attempt for either is still being checked.
     #[error("too many failed logins; retry in {}s", .0.as_secs().max(1))]
     Throttled(Duration),
+    /// As many password checks as the server runs at once are under way.
+    #[error("too many logins in progress; retry in {}s", BUSY_RETRY.as_secs())]
+    Busy,
     /// The account database cannot be reached.
     #[error("account database unavailable; retry later")]
     Unavailable,
@@ -45,7 +49,7 @@ impl LoginError {
             LoginError::InvalidCredentials => "invalid_credentials",
             LoginError::TokenInvalid => "token_invalid",
             LoginError::TokenExpired => "token_expired",
-            LoginError::Throttled(_) => "throttled",
+            LoginError::Throttled(_) | LoginError::Busy => "throttled",
             LoginError::Unavailable | LoginError::NoStore => "unavailable",
         }
     }
@@ -98,26 +102,43 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// How long a caller refused with [`LoginError::Busy`] is asked to wait.
+pub const BUSY_RETRY: Duration = Duration::from_secs(1);
+
 /// Accounts and client tokens.
 #[derive(Debug)]
 pub struct Accounts {
     store: Option<Store>,
     token_ttl: Option<Duration>,
     throttle: Throttle,
+    /// Password checks allowed at once (each Argon2 check holds ~19 MiB
+    /// and a core for tens of milliseconds).
+    checks: Arc<tokio::sync::Semaphore>,
 }
 
 impl Accounts {
-    /// Accounts in `store`; issued tokens live `token_ttl` (forever when `None`).
+    /// Accounts in `store`; issued tokens live `token_ttl` (forever when
+    /// `None`). Runs as many password checks at once as there are cores.
     pub fn new(store: Option<Store>, token_ttl: Option<Duration>) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self::with_checks(store, token_ttl, cores)
+    }
+
+    /// As [`Accounts::new`], with at most `checks` password checks at once.
+    pub fn with_checks(store: Option<Store>, token_ttl: Option<Duration>, checks: usize) -> Self {
         Self {
             store,
             token_ttl,
             throttle: Throttle::default(),
+            checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
         }
     }
 
     /// Verifies email and password and issues a new token. Failures for one
-    /// email or one address are slowed down exponentially, before Argon2 runs.
+    /// email or one address (an IPv6 /64) are slowed down exponentially,
+    /// before Argon2 runs; one attempt per email and per address is checked
+    /// at a time, and no more password checks at once than the server has
+    /// cores (others are refused with [`LoginError::Busy`]).
     pub async fn login(
         &self,
         email: &str,
@@ -125,18 +146,23 @@ impl Accounts {
         from: IpAddr,
     ) -> Result<IssuedToken, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let keys = [
-            format!("email:{}", email.to_lowercase()),
-            format!("ip:{from}"),
-        ];
-        if let Err(wait) = self.throttle.check(&keys, Instant::now()) {
-            return Err(LoginError::Throttled(wait));
-        }
+        let keys = throttle_keys(email, from);
+        let attempt = self
+            .throttle
+            .begin(&keys, Instant::now())
+            .map_err(LoginError::Throttled)?;
+        let permit = self
+            .checks
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| LoginError::Busy)?;
         let user = store.find_user(email).await?;
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
-        // Unknown emails cost the same Argon2 work as wrong passwords.
+        // Unknown emails cost the same Argon2 work as wrong passwords. The
+        // permit lives as long as the check, even if this caller goes away.
         let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             verify_password(&password, phc.as_deref().unwrap_or(&DUMMY_HASH))
         })
         .await
@@ -144,11 +170,11 @@ impl Accounts {
         let user = match (ok, user) {
             (true, Some(user)) => user,
             _ => {
-                self.throttle.fail(&keys, Instant::now());
+                attempt.fail(Instant::now());
                 return Err(LoginError::InvalidCredentials);
             }
         };
-        self.throttle.succeed(&keys[0]);
+        attempt.succeed();
         self.issue(store, &user).await
     }
 
@@ -192,6 +218,21 @@ impl Accounts {
     }
 }
 
+/// What failed logins are counted against: the email (case-insensitive)
+/// and the address, IPv6 by /64 (one host usually holds a whole /64).
+fn throttle_keys(email: &str, from: IpAddr) -> [String; 2] {
+    let from = match from {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let mut bits = v6.octets();
+            bits[8..].fill(0);
+            format!("ip:{}/64", std::net::Ipv6Addr::from(bits))
+        }
+        IpAddr::V6(v6) => format!("ip:{}", v6.to_canonical()),
+        IpAddr::V4(v4) => format!("ip:{v4}"),
+    };
+    [format!("email:{}", email.to_lowercase()), from]
+}
+
 static DUMMY_HASH: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| hash_password("frpx-dummy-password-for-unknown-users"));
 
@@ -209,10 +250,48 @@ struct Failures {
     last: Instant,
 }
 
-/// Exponential delays after failed logins, per email and per address.
+/// Exponential delays after failed logins, per email and per address; and
+/// one attempt at a time per email and per address, so attempts sent
+/// together cannot all pass before the first failure is counted.
 #[derive(Debug, Default)]
 pub struct Throttle {
-    failures: Mutex<HashMap<String, Failures>>,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    failures: HashMap<String, Failures>,
+    in_flight: HashSet<String>,
+}
+
+/// One login attempt under way; it ends (and frees its keys) when dropped.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    throttle: &'a Throttle,
+    keys: Vec<String>,
+}
+
+impl Attempt<'_> {
+    /// Records a failure for each key.
+    pub fn fail(self, now: Instant) {
+        self.throttle.fail(&self.keys, now);
+    }
+
+    /// Clears the failures of the first key (the email) after a success.
+    pub fn succeed(self) {
+        if let Some(email) = self.keys.first() {
+            self.throttle.succeed(email);
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let mut state = self.throttle.state.lock().expect("throttle lock");
+        for k in &self.keys {
+            state.in_flight.remove(k);
+        }
+    }
 }
 
 impl Throttle {
@@ -228,10 +307,14 @@ impl Throttle {
 
     /// `Err(remaining)` when any of `keys` must still wait.
     pub fn check(&self, keys: &[String], now: Instant) -> Result<(), Duration> {
-        let failures = self.failures.lock().expect("throttle lock");
+        let state = self.state.lock().expect("throttle lock");
+        Self::wait(&state, keys, now)
+    }
+
+    fn wait(state: &ThrottleState, keys: &[String], now: Instant) -> Result<(), Duration> {
         let wait = keys
             .iter()
-            .filter_map(|k| failures.get(k))
+            .filter_map(|k| state.failures.get(k))
             .filter(|f| now.duration_since(f.last) < FORGET_AFTER)
             .map(|f| (f.last + Self::delay(f.count)).saturating_duration_since(now))
             .max()
@@ -239,9 +322,26 @@ impl Throttle {
         if wait.is_zero() { Ok(()) } else { Err(wait) }
     }
 
+    /// Starts an attempt for `keys`: `Err(wait)` when any of them must still
+    /// wait after failures, or has an attempt under way (then the wait is
+    /// [`BASE_DELAY`]).
+    pub fn begin(&self, keys: &[String], now: Instant) -> Result<Attempt<'_>, Duration> {
+        let mut state = self.state.lock().expect("throttle lock");
+        Self::wait(&state, keys, now)?;
+        if keys.iter().any(|k| state.in_flight.contains(k)) {
+            return Err(BASE_DELAY);
+        }
+        state.in_flight.extend(keys.iter().cloned());
+        Ok(Attempt {
+            throttle: self,
+            keys: keys.to_vec(),
+        })
+    }
+
     /// Records a failure for each of `keys`.
     pub fn fail(&self, keys: &[String], now: Instant) {
-        let mut failures = self.failures.lock().expect("throttle lock");
+        let mut state = self.state.lock().expect("throttle lock");
+        let failures = &mut state.failures;
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
         }
@@ -260,7 +360,11 @@ impl Throttle {
 
     /// Clears the failures of `key` after a success.
     pub fn succeed(&self, key: &str) {
-        self.failures.lock().expect("throttle lock").remove(key);
+        self.state
+            .lock()
+            .expect("throttle lock")
+            .failures
+            .remove(key);
     }
 }
 
@@ -297,5 +401,38 @@ mod tests {
         assert_eq!(Throttle::delay(40), MAX_DELAY);
         t.succeed("email:a");
         assert!(t.check(&["email:a".into()], start).is_ok());
+    }
+
+    #[test]
+    fn one_attempt_per_email_and_per_address_at_a_time() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        let keys = throttle_keys("A@x.test", "192.0.2.1".parse().unwrap());
+        let first = t.begin(&keys, now).unwrap();
+        // Same email (any case) from elsewhere, or anything from the same address.
+        let same_email = throttle_keys("a@X.test", "192.0.2.2".parse().unwrap());
+        let same_address = throttle_keys("b@x.test", "192.0.2.1".parse().unwrap());
+        assert_eq!(t.begin(&same_email, now).unwrap_err(), BASE_DELAY);
+        assert_eq!(t.begin(&same_address, now).unwrap_err(), BASE_DELAY);
+        let other = throttle_keys("b@x.test", "192.0.2.2".parse().unwrap());
+        drop(t.begin(&other, now).unwrap());
+        // A failure is counted before the keys are free again.
+        first.fail(now);
+        assert_eq!(t.begin(&keys, now).unwrap_err(), BASE_DELAY);
+        let later = t.begin(&keys, now + BASE_DELAY).unwrap();
+        later.succeed();
+        // The email's failures are cleared, the address's are not.
+        assert!(t.begin(&same_email, now + BASE_DELAY).is_ok());
+        assert!(t.check(&same_address, now).is_err());
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_64() {
+        let key = |ip: &str| throttle_keys("e", ip.parse().unwrap())[1].clone();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "ip:2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), "ip:192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "ip:192.0.2.7");
     }
 }

@@ -156,6 +156,11 @@ impl KeyValidator {
         let Some(store) = &self.store else {
             return KeyCheck::Invalid;
         };
+        // What the database stores is not a key: whoever reads a stored
+        // hash (a backup, Redis key names) must not be able to present it.
+        if key.starts_with(crate::store::HASH_PREFIX) {
+            return KeyCheck::Invalid;
+        }
         let hash = secret::hash(key);
         let now = Utc::now().timestamp();
         if let Some(entry) = self.valid.get(&hash).await {

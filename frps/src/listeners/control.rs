@@ -305,12 +305,17 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     } else {
         machine
     };
-    if let Err(e) = state
+    match state
         .store
         .upsert_gpu_asset(Some(&user), machine, &client.id, status)
         .await
     {
-        warn!(client = %client.id, "cannot record the client in gpu_assets: {e}");
+        Ok(true) => {}
+        Ok(false) => warn!(
+            client = %client.id,
+            "not recording the client in gpu_assets: machine id {machine} belongs to another account's row"
+        ),
+        Err(e) => warn!(client = %client.id, "cannot record the client in gpu_assets: {e}"),
     }
 }
 

@@ -110,7 +110,10 @@ impl Store {
     pub async fn connect_without_migrations(url: &str) -> Result<Store, StoreError> {
         let acquire = Duration::from_secs(3);
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url)?;
+            // Timestamps are `TIMESTAMP` (no zone) holding UTC: make the
+            // session's NOW() and CURRENT_TIMESTAMP UTC too, whatever the
+            // server's zone, so hand-written SQL agrees with frps.
+            let opts = PgConnectOptions::from_str(url)?.options([("timezone", "UTC")]);
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(acquire)
@@ -171,8 +174,15 @@ impl Store {
             " FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"
         );
         let hashed = format!("{HASH_PREFIX}{hash_hex}");
+        // A presented `sha256:…` only ever matches as a hash, never as the
+        // stored form itself.
+        let legacy = if plaintext.starts_with(HASH_PREFIX) {
+            hashed.as_str()
+        } else {
+            plaintext
+        };
         Ok(
-            on_pool!(self, p => sqlx::query_as(SQL).bind(plaintext).bind(&hashed).fetch_optional(p).await?),
+            on_pool!(self, p => sqlx::query_as(SQL).bind(legacy).bind(&hashed).fetch_optional(p).await?),
         )
     }
 
@@ -354,23 +364,27 @@ impl Store {
 
     // ---- GPU assets -----------------------------------------------------
 
-    /// Inserts or refreshes a machine's row.
+    /// Inserts or refreshes a machine's row; false (and nothing written)
+    /// when the machine id belongs to another account's row.
     pub async fn upsert_gpu_asset(
         &self,
         user_id: Option<&str>,
         machine_id: &str,
         name: &str,
         status: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        // Machine ids come from frpc: one account must not take over (or
+        // mark offline) the row of another account's machine.
         const SQL: &str = r#"INSERT INTO gpu_assets ("userId", "machineId", name, status, "createdAt", "updatedAt")
             VALUES ($1, $2, $3, $4, $5, $5)
             ON CONFLICT ("machineId") DO UPDATE SET
               "userId" = excluded."userId", name = excluded.name,
-              status = excluded.status, "updatedAt" = excluded."updatedAt""#;
-        on_pool!(self, p => sqlx::query(SQL)
+              status = excluded.status, "updatedAt" = excluded."updatedAt"
+            WHERE gpu_assets."userId" IS NULL OR gpu_assets."userId" = excluded."userId""#;
+        let written = on_pool!(self, p => sqlx::query(SQL)
             .bind(user_id).bind(machine_id).bind(name).bind(status).bind(now())
             .execute(p).await?.rows_affected());
-        Ok(())
+        Ok(written > 0)
     }
 
     /// Sets a machine's status (e.g. `offline`).

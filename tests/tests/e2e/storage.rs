@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use common::Command;
 use frps::admin::{Admin, KeyCommand, TokenCommand, UserCommand};
 use frps::auth::KeyValidator;
+use frps::auth::accounts::LoginError;
 use frps::auth::keys::KeyCheck;
 use frps::ratelimit::Limits;
 use frps::store::Store;
@@ -136,6 +137,52 @@ async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
         KeyCheck::Valid(grant) if grant.limits == limits
     ));
     fleet.frps.stop().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    // A server whose default zone is UTC+8.
+    let mut psql = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .unwrap();
+    let db = pg.url.rsplit('/').next().unwrap().to_owned();
+    sqlx::query(&format!(
+        "ALTER DATABASE {db} SET timezone TO 'Asia/Shanghai'"
+    ))
+    .execute(&mut psql)
+    .await
+    .unwrap();
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url.clone();
+    let frps = Frps::start(cfg).await;
+    let Store::Postgres(pool) = &frps.state.store else {
+        unreachable!("a PostgreSQL store")
+    };
+    let (zone,): (String,) = sqlx::query_as("SHOW timezone")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(zone, "UTC");
+    // Column defaults (NOW()) and frps's own timestamps agree.
+    sqlx::query(r#"INSERT INTO api_keys (key, status) VALUES ('defaults', 'active')"#)
+        .execute(pool)
+        .await
+        .unwrap();
+    let (created,): (chrono::NaiveDateTime,) =
+        sqlx::query_as(r#"SELECT "createdAt" FROM api_keys WHERE key = 'defaults'"#)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let skew = (created - chrono::Utc::now().naive_utc())
+        .num_seconds()
+        .abs();
+    assert!(skew < 60, "a default timestamp is {skew}s off UTC");
+    drop(psql);
+    frps.stop().await;
     pg.drop_db().await;
 }
 
@@ -273,6 +320,19 @@ async fn created_keys_are_stored_only_as_hashes_in_the_database_and_redis() {
     let text = table_text(store, "api_keys").await;
     assert!(!text.contains(&key), "plaintext key in the database");
     assert!(text.contains(&secret.hash_hex));
+    // What is stored does not work as a key (a leaked backup or Redis key
+    // name gives away no access).
+    let stored = format!("sha256:{}", secret.hash_hex);
+    assert_eq!(status(&fleet.frps, &stored).await, 401);
+    assert_eq!(
+        fleet.frps.state.keys.check(&stored).await,
+        KeyCheck::Invalid
+    );
+    let row = store
+        .find_api_key(&stored, &frps::auth::secret::hash_hex(&stored))
+        .await
+        .unwrap();
+    assert!(row.is_none(), "the stored form matched itself");
 
     if let Some(url) = redis {
         let client = redis::Client::open(url).unwrap();
@@ -574,6 +634,88 @@ async fn a_wrong_password_is_a_clear_error_and_writes_no_token_file() {
     }
 }
 
+/// The code of the answer to a password login sent on `fake`.
+async fn login_code(fake: &mut FakeClient, password: &str) -> String {
+    fake.send(Command::Login {
+        email: TEST_EMAIL.into(),
+        password: password.into(),
+    })
+    .await;
+    match fake.recv().await {
+        Some(Command::LoginResult {
+            ok: false, code, ..
+        }) => code.unwrap_or_default(),
+        Some(Command::LoginResult { ok: true, .. }) => "ok".into(),
+        other => panic!("expected a login result, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_burst_of_guesses_costs_one_password_check() {
+    let frps = Frps::start_default().await;
+    let mut fakes = Vec::new();
+    for _ in 0..20 {
+        fakes.push(FakeClient::connect(frps.addrs.control).await);
+    }
+    // All sent before any answer: each used to get its own Argon2 check.
+    let codes =
+        futures_util::future::join_all(fakes.iter_mut().map(|f| login_code(f, "a wrong guess")))
+            .await;
+    let checked = codes.iter().filter(|c| *c == "invalid_credentials").count();
+    let throttled = codes.iter().filter(|c| *c == "throttled").count();
+    assert_eq!((checked, throttled), (1, 19), "{codes:?}");
+}
+
+#[tokio::test]
+async fn password_checks_at_once_are_capped_and_the_rest_told_to_retry() {
+    let frps = Frps::start_default().await;
+    let cores = std::thread::available_parallelism().unwrap().get();
+    // From different addresses (the per-address limit does not apply),
+    // all started before any check ends.
+    let emails: Vec<String> = (0..cores + 3)
+        .map(|i| format!("guess-{i}@example.com"))
+        .collect();
+    let attempts = emails.iter().enumerate().map(|(i, email)| {
+        let from = std::net::IpAddr::from([192, 0, 2, i as u8 + 1]);
+        frps.state.accounts.login(email, "wrong", from)
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let busy = results
+        .iter()
+        .filter(|r| matches!(r, Err(LoginError::Busy)))
+        .count();
+    let checked = results
+        .iter()
+        .filter(|r| matches!(r, Err(LoginError::InvalidCredentials)))
+        .count();
+    assert_eq!((checked, busy), (cores, 3), "{results:?}");
+    assert!(LoginError::Busy.to_string().contains("retry in 1s"));
+    assert_eq!(LoginError::Busy.code(), "throttled");
+    // The permits come back: the next login goes through.
+    let ok = frps
+        .state
+        .accounts
+        .login(TEST_EMAIL, TEST_PASSWORD, [192, 0, 2, 200].into())
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[tokio::test]
+async fn frpc_waits_out_a_throttled_login_instead_of_giving_up() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    // Someone else behind the same address just failed: frpc's first
+    // attempt is refused with `throttled`, and it tries again.
+    let mut fake = FakeClient::connect(frps.addrs.control).await;
+    assert_eq!(
+        login_code(&mut fake, "someone else's typo").await,
+        "invalid_credentials"
+    );
+    let frpc = Frpc::start(frpc_config("gpu", &frps.addrs, backend.addr));
+    frps.wait_for_clients(&["gpu"]).await;
+    frpc.kill().await;
+}
+
 #[tokio::test]
 async fn without_token_flags_or_terminal_frpc_says_what_to_pass() {
     let frps = Frps::start_default().await;
@@ -625,6 +767,26 @@ async fn gpu_assets_follow_clients_online_and_offline() {
         }
     })
     .await;
+
+    // Another account presenting the same machine id takes nothing over.
+    let owner = store.gpu_asset(&machine).await.unwrap().unwrap().user_id;
+    let written = store
+        .upsert_gpu_asset(Some("another-account"), &machine, "intruder", "online")
+        .await
+        .unwrap();
+    assert!(!written);
+    let row = store.gpu_asset(&machine).await.unwrap().unwrap();
+    assert_eq!(row.user_id, owner);
+    assert_eq!(row.status.as_deref(), Some("offline"));
+    assert_eq!(row.name.as_deref(), Some("client-0"));
+    // Its owner still refreshes it.
+    let owner_id = owner.clone();
+    assert!(
+        store
+            .upsert_gpu_asset(owner_id.as_deref(), &machine, "client-0", "online")
+            .await
+            .unwrap()
+    );
 }
 
 async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Result<String> {
@@ -715,12 +877,37 @@ async fn admin_commands_manage_users_keys_and_tokens() {
             key: key[..12].to_owned(),
         },
     };
-    assert!(admin(&cfg, revoke, "").await.unwrap().contains("revoked"));
+    let said = admin(&cfg, revoke, "").await.unwrap();
+    assert!(said.contains("revoked"), "{said}");
+    // No Redis here: the in-process bound is the whole story.
+    assert!(
+        said.contains("no Redis configured") && said.contains("10s"),
+        "{said}"
+    );
     assert_eq!(
         KeyValidator::new(None, Some(store.clone()), None)
             .check(&key)
             .await,
         KeyCheck::Invalid
+    );
+    // A Redis this command cannot reach: it says how long fleets using it
+    // may still accept the key.
+    let (second, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    let mut unreachable = cfg.clone();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    unreachable.redis_url = format!("redis://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let revoke = Admin::Key {
+        command: KeyCommand::Revoke {
+            key: second[..12].to_owned(),
+        },
+    };
+    let said = admin(&unreachable, revoke, "").await.unwrap();
+    assert!(
+        said.contains("warning: Redis at")
+            && said.contains("300s")
+            && said.contains("run this again"),
+        "{said}"
     );
     let missing = Admin::Key {
         command: KeyCommand::Revoke {
