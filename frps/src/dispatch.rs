@@ -4,7 +4,7 @@
 //! frees, instead of piling onto one box.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,44 +37,108 @@ pub enum Refusal {
 #[derive(Debug, Default)]
 struct Queue {
     notify: Notify,
+    /// Requests in this queue (changed only under the map's lock, so an
+    /// empty queue can be removed without losing a waiter).
     waiting: AtomicUsize,
+    /// Slots freed for this queue so far: a woken waiter that cannot use
+    /// the slot passes the wake-up on once per freed slot.
+    freed: AtomicU64,
 }
 
-/// Per-model wait queues.
+/// Per-model wait queues. A queue exists only while requests wait in it.
+///
+/// Waiters in one queue can all use the same slots: requests pinned to a
+/// client (`X-Frpx-Client`) wait in a queue of their own per client, and
+/// retries (which exclude the clients that failed them) in one of their
+/// own per model. A waiter woken for a slot it still cannot use passes the
+/// wake-up to the next one.
 #[derive(Debug, Default)]
 pub struct Queues {
     queues: Mutex<HashMap<String, Arc<Queue>>>,
 }
 
-struct Waiting<'a>(&'a Queue);
+/// A place in a queue; leaving it (on drop) removes the queue when empty.
+struct Waiting<'a> {
+    queues: &'a Queues,
+    key: String,
+    queue: Arc<Queue>,
+}
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        let mut queues = self.queues.queues.lock().expect("queues lock");
+        if self.queue.waiting.fetch_sub(1, Ordering::AcqRel) == 1
+            && queues
+                .get(&self.key)
+                .is_some_and(|q| Arc::ptr_eq(q, &self.queue))
+        {
+            queues.remove(&self.key);
+        }
     }
 }
 
+/// The queue of requests for `model` (`*` for none) pinned to `pinned`, or
+/// retrying (`retry`).
+fn queue_key(model: &str, pinned: Option<&str>, retry: bool) -> String {
+    match (pinned, retry) {
+        (Some(id), _) => format!("{model}@{id}"),
+        (None, true) => format!("{model}!retry"),
+        (None, false) => model.to_owned(),
+    }
+}
+
+/// The model a queue key is for (what `/metrics` and the API report).
+fn model_of_key(key: &str) -> &str {
+    key.rsplit_once('@')
+        .map(|(m, _)| m)
+        .or_else(|| key.strip_suffix("!retry"))
+        .unwrap_or(key)
+}
+
 impl Queues {
-    fn queue(&self, key: &str) -> Arc<Queue> {
-        self.queues
-            .lock()
-            .expect("queues lock")
-            .entry(key.to_owned())
-            .or_default()
-            .clone()
+    /// Requests waiting in the queue `key`.
+    fn waiting(&self, key: &str) -> usize {
+        let queues = self.queues.lock().expect("queues lock");
+        queues
+            .get(key)
+            .map_or(0, |q| q.waiting.load(Ordering::Acquire))
     }
 
-    /// A slot on `client` freed: wake the first waiter of each model it serves.
+    /// Joins the queue `key` (created if absent), unless `max` already wait.
+    fn join(&self, key: String, max: usize) -> Option<Waiting<'_>> {
+        let mut queues = self.queues.lock().expect("queues lock");
+        let queue = queues.entry(key.clone()).or_default().clone();
+        if queue.waiting.load(Ordering::Acquire) >= max {
+            if queue.waiting.load(Ordering::Acquire) == 0 {
+                queues.remove(&key);
+            }
+            return None;
+        }
+        queue.waiting.fetch_add(1, Ordering::AcqRel);
+        Some(Waiting {
+            queues: self,
+            key,
+            queue,
+        })
+    }
+
+    /// A slot on `client` freed: wake the first waiter of each queue that
+    /// can use it.
     pub fn slot_freed(&self, client: &ClientHandle) {
         let queues = self.queues.lock().expect("queues lock");
         if queues.is_empty() {
             return;
         }
-        let wake = |key: &str| {
-            if let Some(q) = queues.get(key)
-                && q.waiting.load(Ordering::Acquire) > 0
-            {
-                q.notify.notify_one();
+        let wake = |model: &str| {
+            for key in [
+                queue_key(model, None, false),
+                queue_key(model, None, true),
+                queue_key(model, Some(&client.id), false),
+            ] {
+                if let Some(q) = queues.get(&key) {
+                    q.freed.fetch_add(1, Ordering::AcqRel);
+                    q.notify.notify_one();
+                }
             }
         };
         wake(ANY);
@@ -95,13 +159,12 @@ impl Queues {
 
     /// Requests waiting, per model (`*` for requests naming none).
     pub fn depths(&self) -> Vec<(String, usize)> {
-        let mut d: Vec<_> = self
-            .queues
-            .lock()
-            .expect("queues lock")
-            .iter()
-            .map(|(k, q)| (k.clone(), q.waiting.load(Ordering::Relaxed)))
-            .collect();
+        let mut by_model: HashMap<String, usize> = HashMap::new();
+        for (k, q) in self.queues.lock().expect("queues lock").iter() {
+            *by_model.entry(model_of_key(k).to_owned()).or_default() +=
+                q.waiting.load(Ordering::Relaxed);
+        }
+        let mut d: Vec<_> = by_model.into_iter().collect();
         d.sort();
         d
     }
@@ -109,6 +172,16 @@ impl Queues {
     /// Requests waiting in all queues.
     pub fn total(&self) -> usize {
         self.depths().iter().map(|(_, n)| n).sum()
+    }
+
+    /// Number of queues (each has at least one request waiting).
+    pub fn len(&self) -> usize {
+        self.queues.lock().expect("queues lock").len()
+    }
+
+    /// Whether no request waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -123,14 +196,17 @@ pub struct Dispatched {
 }
 
 /// Reserves a slot on a client for `want`, waiting in the model's queue when
-/// every eligible client is at capacity.
+/// every eligible client is at capacity. A queue is made only then: for a
+/// model some online client serves (never for any name a caller sends).
 pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusal> {
     let balance = state.config.balance;
-    let key = want.model.map(normalize).unwrap_or(ANY.into());
-    let queue = state.queues.queue(&key);
-    // Arrivals queue behind earlier waiters, so the queue is served in order.
-    if queue.waiting.load(Ordering::Acquire) == 0 {
-        match router::pick(&state.registry, balance, want) {
+    let model = want.model.map(normalize).unwrap_or(ANY.into());
+    let key = queue_key(&model, want.pinned, !want.exclude.is_empty());
+    let pick = || router::pick(&state.registry, balance, want);
+    // Arrivals queue behind earlier waiters, so the queue is served in
+    // order; when it is full, one that a free slot fits right now takes it.
+    if state.queues.waiting(&key) == 0 || state.queues.waiting(&key) >= state.config.queue_max {
+        match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
                     client,
@@ -140,17 +216,18 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
             Err(no) => refusal(no)?,
         }
     }
-    if queue.waiting.load(Ordering::Acquire) >= state.config.queue_max {
+    let Some(place) = state.queues.join(key, state.config.queue_max) else {
         return Err(Refusal::QueueFull);
-    }
-    queue.waiting.fetch_add(1, Ordering::AcqRel);
-    let _waiting = Waiting(&queue);
+    };
+    let queue = place.queue.clone();
     let deadline = Instant::now() + state.config.queue_timeout;
+    let mut woken = false;
+    let mut passed_on = None;
     loop {
         let notified = queue.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match router::pick(&state.registry, balance, want) {
+        match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
                     client,
@@ -159,9 +236,18 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
             }
             Err(no) => refusal(no)?,
         }
+        // Woken for a slot this request cannot use (another client's, or
+        // one it excludes): the next waiter may. Once per freed slot, so
+        // waiters that cannot use it do not wake each other forever.
+        let freed = queue.freed.load(Ordering::Acquire);
+        if woken && passed_on != Some(freed) {
+            passed_on = Some(freed);
+            queue.notify.notify_one();
+        }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Err(Refusal::QueueTimeout);
         }
+        woken = true;
     }
 }
 

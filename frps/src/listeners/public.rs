@@ -29,7 +29,7 @@ use crate::dispatch::{self, Refusal};
 use crate::limits::{ConnLimiter, Over};
 use crate::plugins;
 use crate::registry::ClientHandle;
-use crate::router::Want;
+use crate::router::{self, Want};
 use crate::state::{State, Stats};
 use crate::upstream::{self, AcquireError};
 
@@ -426,7 +426,12 @@ async fn forward(
                     guard,
                     sender,
                     started,
-                    model.unwrap_or_default(),
+                    // The served model's name, not the caller's spelling of
+                    // it (" llama3" and "llama3:latest" are one series).
+                    model
+                        .as_deref()
+                        .map(|m| router::normalize(m).into_owned())
+                        .unwrap_or_default(),
                 );
             }
             Ok(Err(mut err)) => {
@@ -551,7 +556,7 @@ fn refused(
             StatusCode::NOT_FOUND,
             &format!(
                 "The model `{}` does not exist on any online client",
-                model.unwrap_or_default()
+                shorten(model.unwrap_or_default(), 200)
             ),
             "invalid_request_error",
             "model_not_found",
@@ -593,6 +598,15 @@ fn refused(
                 "no_clients_available",
             )
         }
+    }
+}
+
+/// `text` cut to at most `max` characters (an ellipsis marks the cut), for
+/// echoing caller input back.
+fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]).into(),
+        None => text.into(),
     }
 }
 
@@ -904,6 +918,13 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
         append_forwarded_for(&mut h, "10.0.0.2:5".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn echoed_input_is_shortened() {
+        assert_eq!(shorten("abc", 3), "abc");
+        assert_eq!(shorten("abcd", 3), "abc…");
+        assert_eq!(shorten("ééé", 2), "éé…");
     }
 
     #[test]

@@ -266,6 +266,81 @@ async fn with_capacity_one_requests_queue_and_are_served_in_order() {
 }
 
 #[tokio::test]
+async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
+    let mut cfg = frps_config();
+    // Longer than the test waits: a request left waiting fails it.
+    cfg.queue_timeout = Duration::from_secs(120);
+    let b = boxes(cfg, &[("x", &["m"], Some(1)), ("y", &["m"], Some(1))]).await;
+    let addr = b.frps.public();
+    let mut held = HashMap::new();
+    for _ in 0..2 {
+        let (who, body) = hold(addr).await;
+        held.insert(who, body);
+    }
+    assert_eq!(held.len(), 2, "one hold per box");
+    let state = &b.frps.state;
+    // First a request pinned to x, then one for any box serving m.
+    let to_x = tokio::spawn(async move { pinned(addr, "x").await });
+    frpx_tests::eventually("the pinned request waits", || state.queues.total() == 1).await;
+    let to_any = tokio::spawn(async move { post(addr, "/v1/chat/completions", chat("m")).await });
+    frpx_tests::eventually("both wait", || state.queues.total() == 2).await;
+    assert_eq!(state.queues.depths(), vec![("m:latest".to_owned(), 2)]);
+    // y frees its slot: the unpinned request takes it, though the pinned
+    // one (which cannot use it) was woken first.
+    b.backends["y"].release_holds();
+    held.remove("y").unwrap().collect().await.unwrap();
+    let reply = tokio::time::timeout(WAIT, to_any)
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "y");
+    assert_eq!(state.queues.total(), 1);
+    b.backends["x"].release_holds();
+    held.remove("x").unwrap().collect().await.unwrap();
+    let reply = tokio::time::timeout(WAIT, to_x)
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(reply.json()["backend"], "x");
+    // Queues exist only while requests wait in them.
+    assert!(state.queues.is_empty());
+}
+
+#[tokio::test]
+async fn names_no_box_serves_leave_no_queue_and_no_series() {
+    let b = boxes(frps_config(), &[("x", &["m"], Some(1))]).await;
+    let addr = b.frps.public();
+    let (_, held) = hold(addr).await;
+    // The box is at capacity; none of these names is served.
+    let long = "n".repeat(100_000);
+    for name in ["unknown-model", " m-ish ", long.as_str()] {
+        let reply = post(addr, "/v1/chat/completions", chat(name)).await;
+        assert_eq!(reply.status, 404, "{}", reply.body);
+        assert!(reply.body.len() < 1_000, "the name is not echoed whole");
+    }
+    assert!(b.frps.state.queues.is_empty());
+    let metrics = http::get(b.frps.addrs.api, "/metrics", None).await.body;
+    assert!(!metrics.contains("unknown-model") && !metrics.contains("nnnn"));
+    b.backends["x"].release_holds();
+    held.collect().await.unwrap();
+    // Spellings of one served model are one series.
+    for name in ["m", " m ", "m:latest"] {
+        let reply = post(addr, "/v1/chat/completions", chat(name)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let metrics = http::get(b.frps.addrs.api, "/metrics", None).await.body;
+    let series: HashSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("frpx_requests_total{"))
+        .filter_map(|l| l.split("model=\"").nth(1))
+        .filter_map(|l| l.split('"').next())
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert_eq!(series, HashSet::from(["m:latest"]), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_full_or_timed_out_queue_answers_429_with_retry_after() {
     let mut cfg = frps_config();
     cfg.queue_timeout = Duration::from_millis(300);
