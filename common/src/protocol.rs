@@ -23,6 +23,11 @@ use uuid::Uuid;
 /// a registration whose version it does not speak.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The `Disconnect` reason of a session another connection with the same
+/// client id replaced (frpc then waits its longest backoff, so two frpc
+/// sharing an id do not take it from each other every second).
+pub const REPLACED: &str = "replaced by a newer connection with the same client id";
+
 /// One message of the frpc ↔ frps conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]

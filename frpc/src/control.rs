@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -24,6 +24,11 @@ use crate::login::{self, Credentials};
 use crate::metrics::Collector;
 use crate::tls::Dialer;
 use crate::tunnel::{self, Session};
+
+/// How long frpc waits for frps's answer to a login or registration. frps
+/// may consult its server plugins first (one after another, each allowed
+/// `--plugin-timeout`), so this is well above frps's own frame deadline.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +100,19 @@ impl Client {
                 Ok(SessionEnd::Shutdown) => break Ok(()),
                 Ok(SessionEnd::Disconnected(reason)) => {
                     let why = reason.unwrap_or_else(|| "connection closed".into());
+                    if why == common::protocol::REPLACED {
+                        // Another frpc registered with our id (two on one
+                        // machine, or cloned machines): take turns slowly.
+                        error!(
+                            "another frpc registered as client id '{}'; give each its own --client-id. Taking the id back in {:?}",
+                            self.identity.client_id, self.config.reconnect_max
+                        );
+                        backoff.reset();
+                        if self.pause(self.config.reconnect_max).await {
+                            break Ok(());
+                        }
+                        continue;
+                    }
                     warn!("disconnected from frps: {why}");
                 }
                 Err(SessionError::Fatal(reason)) => break Err(anyhow::anyhow!(reason)),
@@ -106,9 +124,8 @@ impl Client {
                 "reconnecting to {} in {delay:.1?}",
                 self.config.control_addr()
             );
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break Ok(()),
-                _ = tokio::time::sleep(delay) => {}
+            if self.pause(delay).await {
+                break Ok(());
             }
         };
         self.tunnels.close();
@@ -116,8 +133,22 @@ impl Client {
         result
     }
 
+    /// Waits `delay`; true when shutdown came first.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => true,
+            _ = tokio::time::sleep(delay) => false,
+        }
+    }
+
     /// One control session. `backoff` is reset once registration succeeds.
     async fn session(&self, backoff: &mut Backoff) -> Result<SessionEnd, SessionError> {
+        // The local service is asked for its models before frps is dialled:
+        // a slow or hung service must not eat into frps's handshake deadline.
+        let probe = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            probe = probe_models(&self.config) => probe,
+        };
         let addr = self.config.control_addr();
         let limit = self.config.connect_timeout;
         let stream = tokio::select! {
@@ -132,7 +163,7 @@ impl Client {
 
         let handshake = async {
             self.login(&mut reader, &mut wr).await?;
-            self.register(&mut reader, &mut wr).await
+            self.register(&mut reader, &mut wr, probe).await
         };
         let (session, heartbeat, probe) = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -153,7 +184,21 @@ impl Client {
         wr: &mut WriteHalf<Stream>,
     ) -> Result<(), SessionError> {
         let path = &self.config.token_file;
-        let saved = login::load(path).filter(|_| !self.token_refused.load(Ordering::Relaxed));
+        let server = self.config.control_addr();
+        let saved = login::load(path)
+            .filter(|_| !self.token_refused.load(Ordering::Relaxed))
+            .filter(|saved| {
+                // A token is for the frps that issued it: never hand it to
+                // another one (a test server, a typo in --server-addr).
+                let ours = saved.server.is_empty() || saved.server == server;
+                if !ours {
+                    info!(
+                        "the saved token is for frps at {}, not {server}: logging in with email and password",
+                        saved.server
+                    );
+                }
+                ours
+            });
         if let Some(saved) = saved {
             if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
                 warn!(
@@ -274,8 +319,8 @@ impl Client {
         &self,
         reader: &mut FrameReader<ReadHalf<Stream>>,
         wr: &mut WriteHalf<Stream>,
+        (models, service_up): Probe,
     ) -> Result<(Session, Duration, Probe), SessionError> {
-        let (models, service_up) = probe_models(&self.config).await;
         if !service_up {
             warn!(
                 "the local service at {} does not answer; registering as unhealthy until it does",
@@ -329,10 +374,7 @@ impl Client {
         &self,
         reader: &mut FrameReader<ReadHalf<Stream>>,
     ) -> Result<Command, SessionError> {
-        match reader
-            .read_command_within(common::codec::HANDSHAKE_TIMEOUT)
-            .await?
-        {
+        match reader.read_command_within(REPLY_TIMEOUT).await? {
             Some(Command::Error { message }) => {
                 Err(SessionError::Fatal(format!("frps: {message}")))
             }

@@ -49,6 +49,10 @@ pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
         }
     }
     let id = uuid::Uuid::new_v4().to_string();
+    // The token file's directory may not exist yet on a first start.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
     std::fs::write(path, format!("{id}\n"))
         .with_context(|| format!("cannot save the client id to {}", path.display()))?;
     Ok(id)
@@ -75,9 +79,9 @@ mod tests {
 
     #[test]
     fn fallback_uuid_is_persisted_and_reused() {
+        // The token file's directory does not exist yet (a first start).
         let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = fallback_path(&dir.join("token.json"));
+        let path = fallback_path(&dir.join("state").join("token.json"));
         let first = persisted_uuid(&path).unwrap();
         let second = persisted_uuid(&path).unwrap();
         assert_eq!(first, second);

@@ -221,7 +221,16 @@ async fn dispatch(
                 {
                     bail!("no user with email {email}");
                 }
+                // The old password's sessions end too: tokens issued with it
+                // are revoked, and running frpc must log in with the new one.
+                let revoked = store.revoke_client_tokens(&email).await?;
                 writeln!(out, "password changed for {email}")?;
+                if revoked > 0 {
+                    writeln!(
+                        out,
+                        "revoked its {revoked} client token(s): its frpc are disconnected within six heartbeat intervals and must log in with the new password"
+                    )?;
+                }
             }
         },
         Admin::Key { command } => match command {
@@ -354,7 +363,10 @@ async fn dispatch(
                 if n == 0 {
                     bail!("no active token matches `{token}`");
                 }
-                writeln!(out, "revoked {n} token(s)")?;
+                writeln!(
+                    out,
+                    "revoked {n} token(s); frpc logged in with them are disconnected within six heartbeat intervals"
+                )?;
             }
         },
     }

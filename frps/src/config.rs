@@ -113,7 +113,8 @@ pub struct Config {
     pub header_timeout: Duration,
 
     /// After a response, a keep-alive public connection is closed unless
-    /// the next request head has arrived within this (idle or mid-head).
+    /// the next request head has arrived within this (idle or mid-head);
+    /// and a request body that stops arriving for this long is cut (408).
     #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 

@@ -72,7 +72,7 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
                 format!("{} / {}", gib(s.memory_used), gib(s.memory_total)),
                 s.disks
                     .iter()
-                    .map(|d| format!("{} {} / {}", d.mount, gib(d.used), gib(d.total)))
+                    .map(|d| format!("{} {} / {}", clean(&d.mount), gib(d.used), gib(d.total)))
                     .collect::<Vec<_>>()
                     .join("\n"),
                 if s.gpus.is_empty() {
@@ -83,7 +83,7 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
                         .map(|g| {
                             format!(
                                 "{} {:.0}% {} / {}",
-                                g.name,
+                                clean(&g.name),
                                 g.utilization,
                                 gib(g.memory_used),
                                 gib(g.memory_total)
@@ -96,8 +96,8 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
             None => ("-".into(), "-".into(), "-".into(), "-".into()),
         };
         table.add_row(vec![
-            c.id,
-            c.status,
+            clean(&c.id),
+            clean(&c.status),
             cpu,
             memory,
             disk,
@@ -105,13 +105,25 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
             if c.models.is_empty() {
                 "-".into()
             } else {
-                c.models.join("\n")
+                c.models
+                    .iter()
+                    .map(|m| clean(m))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             },
             c.in_flight.to_string(),
             format!("{:.1}s ago", c.last_heartbeat_secs_ago),
         ]);
     }
     Ok(table)
+}
+
+/// `text` (reported by a client) safe to print on an operator's terminal:
+/// control characters (escape sequences, line breaks) shown as `�`.
+fn clean(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 fn gib(bytes: u64) -> String {
@@ -166,4 +178,19 @@ async fn get<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_value(envelope["data"].clone())
         .with_context(|| format!("unexpected answer from {url}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_text_cannot_drive_the_terminal() {
+        // OSC 52 (write the clipboard), a screen clear, a forged line.
+        let hostile = "llama3\u{1b}]52;c;ZWNobyBwd25lZA==\u{7}\u{1b}[2J\nfake-row";
+        let shown = clean(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("llama3\u{fffd}]52;"));
+        assert_eq!(clean("qwen2.5:1.5b ü"), "qwen2.5:1.5b ü");
+    }
 }

@@ -54,6 +54,8 @@ pub struct ClientHandle {
     health: Mutex<Health>,
     /// Idle upstream HTTP connections through this client's tunnel.
     pub idle: IdlePool,
+    /// Held while its `gpu_assets` row is written, so writes land in order.
+    pub asset_writes: tokio::sync::Mutex<()>,
 }
 
 impl ClientHandle {
@@ -271,6 +273,7 @@ impl Registry {
             service_up: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
             idle: IdlePool::default(),
+            asset_writes: tokio::sync::Mutex::new(()),
         });
         handle.set_service_up(handle.registration.service_up);
         let old = {
@@ -283,7 +286,7 @@ impl Registry {
             clients.insert(handle.id.clone(), handle.clone())
         };
         if let Some(old) = old {
-            old.kick("replaced by a newer connection with the same client id");
+            old.kick(common::protocol::REPLACED);
         }
         self.changed();
         Ok(handle)
@@ -371,6 +374,7 @@ mod tests {
                 owner: Principal {
                     user_id: 1,
                     email: "a@b".into(),
+                    token_id: None,
                 },
             },
             rx,

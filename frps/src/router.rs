@@ -176,6 +176,7 @@ mod tests {
             owner: crate::auth::Principal {
                 user_id: 1,
                 email: "a@b".into(),
+                token_id: None,
             },
             session_key: String::new(),
         })

@@ -140,11 +140,25 @@ impl Server {
         for client in state.registry.all() {
             client.idle.close();
         }
-        state.tasks.wait().await;
+        // Everything watches `hard_stop`; should anything still not end,
+        // frps stops anyway rather than hang.
+        if tokio::time::timeout(HARD_STOP_GRACE, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "{} tasks still running {HARD_STOP_GRACE:?} after the shutdown deadline; stopping anyway",
+                state.tasks.len()
+            );
+        }
         info!("frps stopped");
         Ok(())
     }
 }
+
+/// How long tasks get to end after the shutdown deadline has closed every
+/// connection.
+const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Once a second, looks at the open public connections and registered
 /// clients; when a burst of them has ended, hands the memory they used back

@@ -22,6 +22,8 @@ type BackendBody = Either<Full<Bytes>, Channel<Bytes>>;
 /// What the backend saw of one request.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// The request target as it arrived (origin or absolute form).
+    pub target: String,
     /// Request path.
     pub path: String,
     /// Query string.
@@ -149,6 +151,7 @@ async fn serve(
 ) -> Result<Response<BackendBody>, Infallible> {
     let path = req.uri().path().to_owned();
     sh.seen.lock().unwrap().push(Seen {
+        target: req.uri().to_string(),
         path: path.clone(),
         query: req.uri().query().map(str::to_owned),
         headers: req.headers().clone(),

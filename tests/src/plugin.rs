@@ -62,6 +62,8 @@ pub enum Reply {
     Raw(String),
     /// Never answers.
     Hang,
+    /// Allows, after this long.
+    AllowAfter(std::time::Duration),
 }
 
 type Handler = Arc<dyn Fn(&PluginCall) -> Reply + Send + Sync>;
@@ -175,5 +177,9 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
         Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
         Reply::Raw(text) => (StatusCode::OK, text).into_response(),
         Reply::Hang => std::future::pending().await,
+        Reply::AllowAfter(delay) => {
+            tokio::time::sleep(delay).await;
+            json(json!({"reject": false, "unchange": true}))
+        }
     }
 }

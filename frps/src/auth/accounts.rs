@@ -69,6 +69,9 @@ pub struct Principal {
     pub user_id: i64,
     /// User email.
     pub email: String,
+    /// The client token the session logged in with (issued at a password
+    /// login, or presented), re-checked while the session lasts.
+    pub token_id: Option<String>,
 }
 
 /// A token issued at login.
@@ -193,6 +196,7 @@ impl Accounts {
             principal: Principal {
                 user_id: user.id,
                 email: user.email.clone(),
+                token_id: Some(s.id.clone()),
             },
         })
     }
@@ -214,7 +218,16 @@ impl Accounts {
         Ok(Principal {
             user_id: row.user_id,
             email: row.email,
+            token_id: Some(row.id),
         })
+    }
+
+    /// Whether the token with this id is still usable (not revoked, not
+    /// expired); an unknown id is not.
+    pub async fn token_usable(&self, id: &str) -> Result<bool, LoginError> {
+        let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
+        let row = store.find_client_token_by_id(id).await?;
+        Ok(row.is_some_and(|r| r.is_usable(Utc::now().naive_utc())))
     }
 }
 

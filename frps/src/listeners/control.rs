@@ -141,7 +141,10 @@ async fn session(
             );
             state.queues.wake_all();
             write_asset(state, &client, "online").await;
-            serve(reader, wr, rx, &client, state).await
+            let watch = tokio::spawn(watch_token(state.clone(), client.clone()));
+            let served = serve(reader, wr, rx, &client, state).await;
+            watch.abort();
+            served
         }
         Err(e) => Err(e.into()),
     };
@@ -296,8 +299,42 @@ async fn serve(
     }
 }
 
+/// Every six heartbeat intervals, checks that the token the session logged
+/// in with is still usable; once it is revoked (`frps token revoke`, a
+/// password change) or expired, the client is disconnected and must log in
+/// again. While the database cannot be asked, the session goes on.
+async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
+    let Some(id) = client.owner.token_id.clone() else {
+        return;
+    };
+    let period = state.config.heartbeat_interval * 6;
+    loop {
+        tokio::select! {
+            _ = client.kick.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match state.accounts.token_usable(&id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                client.kick(TOKEN_ENDED);
+                return;
+            }
+            Err(e) => debug!(client = %client.id, "cannot re-check the login token: {e}"),
+        }
+    }
+}
+
+/// The `Disconnect` reason of a session whose login token was revoked or expired.
+pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";
+
 /// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
+/// Writes of one client land in order, and no `online` lands after the
+/// session ended (a periodic refresh racing the `offline` write).
 async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
+    let _order = client.asset_writes.lock().await;
+    if status == "online" && client.kick.is_cancelled() {
+        return;
+    }
     let user = client.owner.user_id.to_string();
     let machine = &client.registration.machine_id;
     let machine = if machine.is_empty() {

@@ -80,8 +80,15 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
             match st.tls.accept_public(stream, st.config.header_timeout).await {
                 Ok(stream) => {
                     let conn = connection(&builder, st.clone(), stream, peer, accepted);
-                    if let Err(e) = watcher.watch(conn).await {
-                        debug!(%peer, "public connection ended: {e}");
+                    // After the drain deadline the connection is dropped,
+                    // even if its caller stopped reading a response.
+                    tokio::select! {
+                        ended = watcher.watch(conn) => if let Err(e) = ended {
+                            debug!(%peer, "public connection ended: {e}");
+                        },
+                        _ = st.hard_stop.cancelled() => {
+                            debug!(%peer, "public connection closed at the shutdown deadline");
+                        }
                     }
                 }
                 Err(e) => debug!(%peer, "public connection dropped: {e}"),
@@ -107,10 +114,13 @@ fn http_builder(config: &Config) -> http1::Builder {
         .timer(TokioTimer::new())
         .header_read_timeout(config.keepalive_timeout)
         .max_buf_size(config.max_head_bytes.max(MIN_HEAD))
-        // A caller that shuts its sending side after the request still
-        // gets the answer (without this, hyper drops it at the EOF after
-        // the request already went to a GPU).
-        .half_close(true)
+        // A caller's EOF ends its connection, also while its request
+        // waits in a queue or for the answer: the request is cancelled
+        // (capacity slot, queue place and key lease go back, the GPU stops).
+        // A caller cannot half-close and still wait for the answer (as with
+        // nginx, which takes the EOF for an abort too): a closed and a
+        // half-closed caller look the same until something is written.
+        .half_close(false)
         .keep_alive(true);
     builder
 }
@@ -287,6 +297,11 @@ impl Payload {
     fn replayable(&self) -> bool {
         matches!(self, Payload::Buffered(_))
     }
+
+    /// A streamed body already handed to an attempt that failed.
+    fn is_spent(&self) -> bool {
+        matches!(self, Payload::Stream(None))
+    }
 }
 
 /// Routes an authenticated request to a client and streams the answer back.
@@ -296,6 +311,15 @@ async fn forward(
     req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
+    // Tunnelling is not what the public port is for.
+    if req.method() == Method::CONNECT {
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported",
+            "invalid_request_error",
+            "method_not_allowed",
+        );
+    }
     let path = req.uri().path();
     if req.method() == Method::GET && (path == "/v1/models" || path == "/api/tags") {
         return models::list(state, path == "/api/tags");
@@ -333,6 +357,8 @@ async fn forward(
         let body = CountedBody {
             inner: body,
             state: state.clone(),
+            gap: state.config.keepalive_timeout,
+            timer: None,
         };
         (Payload::Stream(Some(body)), None)
     };
@@ -402,7 +428,7 @@ async fn forward(
         };
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
+        *req.uri_mut() = origin_form(&parts.uri);
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
@@ -417,6 +443,8 @@ async fn forward(
         let failure = match sent {
             Ok(Ok(resp)) => {
                 client.record_success();
+                // Served: counted once, whatever attempts came before.
+                client.requests.fetch_add(1, Ordering::Relaxed);
                 state
                     .metrics
                     .overhead(started.elapsed().saturating_sub(waited));
@@ -460,7 +488,21 @@ async fn forward(
                     }
                     None if payload.replayable() => reason,
                     None => {
-                        // Part of a streamed body went out: it cannot be replayed.
+                        // Part of a streamed body went out: it cannot be
+                        // replayed. The caller's body failing is not the
+                        // client's fault.
+                        if let Some(CallerBodyError::Stalled(gap)) = caller_body_error(&error) {
+                            return body_stalled(*gap);
+                        }
+                        if caller_body_error(&error).is_some() {
+                            debug!(client = %client.id, "the caller's body failed: {reason}");
+                            return error_response(
+                                StatusCode::BAD_REQUEST,
+                                &format!("could not read the request body: {reason}"),
+                                "invalid_request_error",
+                                "bad_body",
+                            );
+                        }
                         Stats::inc(&state.stats.upstream_errors);
                         warn!(client = %client.id, "upstream request failed: {reason}");
                         return bad_gateway("the client's local service failed while answering");
@@ -475,7 +517,8 @@ async fn forward(
         warn!(client = %client.id, "client failed before responding: {failure}");
         client.record_failure();
         excluded.push(client.session);
-        if excluded.len() > state.config.max_retries {
+        // A streamed body went with the failed attempt: nothing to retry with.
+        if excluded.len() > state.config.max_retries || payload.is_spent() {
             Stats::inc(&state.stats.upstream_errors);
             return bad_gateway("the client's local service failed before answering");
         }
@@ -491,30 +534,78 @@ fn bad_gateway(message: &str) -> Response<PublicBody> {
     )
 }
 
-/// Reads a body to route on, at most `--max-body` bytes.
-async fn read_body(state: &State, body: Incoming) -> Result<Bytes, Response<PublicBody>> {
+/// Reads a body to route on, at most `--max-body` bytes, each piece due
+/// within `--keepalive-timeout` of the previous one.
+async fn read_body(state: &State, mut body: Incoming) -> Result<Bytes, Response<PublicBody>> {
     let limit = state.config.max_body;
+    let gap = state.config.keepalive_timeout;
     // An announced length over the limit is refused before reading a byte.
     if body.size_hint().lower() > limit as u64 {
         return Err(body_too_large(limit));
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => {
-            let bytes = collected.to_bytes();
-            state
-                .stats
-                .bytes_in
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            Ok(bytes)
+    // One piece (the usual case) is kept as it came; more are joined.
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    let mut len = 0usize;
+    loop {
+        let frame = match tokio::time::timeout(gap, body.frame()).await {
+            Err(_) => return Err(body_stalled(gap)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("could not read the request body: {e}"),
+                    "invalid_request_error",
+                    "bad_body",
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > limit {
+            return Err(body_too_large(limit));
         }
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(body_too_large(limit)),
-        Err(e) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            &format!("could not read the request body: {e}"),
-            "invalid_request_error",
-            "bad_body",
-        )),
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
     }
+    let bytes = first.unwrap_or_else(|| joined.freeze());
+    state
+        .stats
+        .bytes_in
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(bytes)
+}
+
+/// The caller's body failure behind an upstream error, if that is what it was.
+fn caller_body_error(error: &hyper::Error) -> Option<&CallerBodyError> {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(found) = e.downcast_ref::<CallerBodyError>() {
+            return Some(found);
+        }
+        source = e.source();
+    }
+    None
+}
+
+/// 408 for a request body that stopped arriving.
+fn body_stalled(gap: std::time::Duration) -> Response<PublicBody> {
+    error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("the request body stalled: nothing arrived for {gap:?}"),
+        "invalid_request_error",
+        "request_timeout",
+    )
 }
 
 fn body_too_large(limit: usize) -> Response<PublicBody> {
@@ -598,6 +689,17 @@ fn refused(
                 "no_clients_available",
             )
         }
+    }
+}
+
+/// The path and query of `uri`: a caller's absolute-form target
+/// (`GET http://other-host/…`) must not reach the box as one, or a server
+/// that follows RFC 9112 would take the host from it and not from `Host`.
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => http::Uri::from(pq.clone()),
+        None => http::Uri::from_static("/"),
     }
 }
 
@@ -742,7 +844,6 @@ pub struct InFlight {
 
 impl InFlight {
     fn reserved(state: Arc<State>, client: Arc<ClientHandle>) -> Self {
-        client.requests.fetch_add(1, Ordering::Relaxed);
         Self { state, client }
     }
 }
@@ -861,26 +962,59 @@ impl Drop for TrackedBody {
 pub struct CountedBody {
     inner: Incoming,
     state: Arc<State>,
+    /// Longest wait for the next piece (`--keepalive-timeout`).
+    gap: std::time::Duration,
+    /// Armed while a piece is awaited.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// A streamed request body's failure: the caller's connection, or its
+/// silence past `--keepalive-timeout`.
+#[derive(Debug, thiserror::Error)]
+pub enum CallerBodyError {
+    /// Reading from the caller failed.
+    #[error("reading the request body failed: {0}")]
+    Read(#[from] hyper::Error),
+    /// Nothing arrived for the whole gap.
+    #[error("the request body stalled: nothing arrived for {0:?}")]
+    Stalled(std::time::Duration),
 }
 
 impl Body for CountedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = CallerBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.state
-                .stats
-                .bytes_in
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, CallerBodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                if let Some(timer) = &mut this.timer {
+                    timer.as_mut().reset(tokio::time::Instant::now() + this.gap);
+                }
+                if let Some(Ok(frame)) = &polled
+                    && let Some(data) = frame.data_ref()
+                {
+                    this.state
+                        .stats
+                        .bytes_in
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(polled.map(|r| r.map_err(CallerBodyError::from)))
+            }
+            Poll::Pending => {
+                let gap = this.gap;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(CallerBodyError::Stalled(gap)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -918,6 +1052,21 @@ mod tests {
         append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
         append_forwarded_for(&mut h, "10.0.0.2:5".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn targets_reach_the_box_in_origin_form() {
+        for (target, sent) in [
+            ("/v1/chat?x=1", "/v1/chat?x=1"),
+            ("http://admin.internal/secret?x=1", "/secret?x=1"),
+            ("https://h:8443/a/b", "/a/b"),
+            ("*", "*"),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(origin_form(&uri), sent, "{target}");
+        }
+        let authority: http::Uri = "h:443".parse().unwrap();
+        assert_eq!(origin_form(&authority), "/");
     }
 
     #[test]

@@ -262,12 +262,16 @@ impl Store {
 
     // ---- users ----------------------------------------------------------
 
-    /// Creates a user; `StoreError::Duplicate` when the email is taken.
+    /// Creates a user; `StoreError::Duplicate` when the email is taken, in
+    /// any letter case (emails are matched case-insensitively).
     pub async fn create_user(
         &self,
         email: &str,
         password_hash: &str,
     ) -> Result<UserRow, StoreError> {
+        if self.find_user(email).await?.is_some() {
+            return Err(StoreError::Duplicate(format!("user {email}")));
+        }
         const SQL: &str = "INSERT INTO users (email, password_hash, created_at, updated_at)
             VALUES ($1, $2, $3, $3) RETURNING id, email, password_hash, created_at";
         let res = on_pool!(self, p => sqlx::query_as(SQL).bind(email).bind(password_hash).bind(now()).fetch_one(p).await);
@@ -279,9 +283,11 @@ impl Store {
         })
     }
 
-    /// The user with this email.
+    /// The user with this email, in any letter case (the oldest, should a
+    /// database from before this rule hold two that differ only in case).
     pub async fn find_user(&self, email: &str) -> Result<Option<UserRow>, StoreError> {
-        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users WHERE email = $1";
+        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
+            WHERE lower(email) = lower($1) ORDER BY id LIMIT 1";
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(email).fetch_optional(p).await?))
     }
 
@@ -293,7 +299,8 @@ impl Store {
 
     /// Replaces a user's password hash; false when no such user.
     pub async fn set_password(&self, email: &str, password_hash: &str) -> Result<bool, StoreError> {
-        const SQL: &str = "UPDATE users SET password_hash = $2, updated_at = $3 WHERE email = $1";
+        const SQL: &str = "UPDATE users SET password_hash = $2, updated_at = $3
+            WHERE id = (SELECT id FROM users WHERE lower(email) = lower($1) ORDER BY id LIMIT 1)";
         let done = on_pool!(self, p => sqlx::query(SQL).bind(email).bind(password_hash).bind(now()).execute(p).await?.rows_affected());
         Ok(done > 0)
     }
@@ -328,6 +335,16 @@ impl Store {
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(hash_hex).fetch_optional(p).await?))
     }
 
+    /// The token with this id, with its owner's email.
+    pub async fn find_client_token_by_id(
+        &self,
+        id: &str,
+    ) -> Result<Option<ClientTokenRow>, StoreError> {
+        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+            FROM client_tokens t JOIN users u ON u.id = t.user_id WHERE t.id = $1";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(id).fetch_optional(p).await?))
+    }
+
     /// Records that a token was used now.
     pub async fn touch_client_token(&self, id: &str) -> Result<(), StoreError> {
         const SQL: &str = "UPDATE client_tokens SET last_used_at = $2 WHERE id = $1";
@@ -335,20 +352,23 @@ impl Store {
         Ok(())
     }
 
-    /// Client tokens, newest first; only usable ones when `active_only`.
+    /// Client tokens, newest first; only usable ones when `active_only`
+    /// (filtered by the database: revoked and expired rows are not read).
     pub async fn list_client_tokens(
         &self,
         active_only: bool,
     ) -> Result<Vec<ClientTokenRow>, StoreError> {
-        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+        const ALL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
             FROM client_tokens t JOIN users u ON u.id = t.user_id ORDER BY t.created_at DESC";
-        let rows: Vec<ClientTokenRow> =
-            on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?);
-        let now = now();
-        Ok(rows
-            .into_iter()
-            .filter(|t| !active_only || t.is_usable(now))
-            .collect())
+        const ACTIVE: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+            FROM client_tokens t JOIN users u ON u.id = t.user_id
+            WHERE t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $1)
+            ORDER BY t.created_at DESC";
+        Ok(if active_only {
+            on_pool!(self, p => sqlx::query_as(ACTIVE).bind(now()).fetch_all(p).await?)
+        } else {
+            on_pool!(self, p => sqlx::query_as(ALL).fetch_all(p).await?)
+        })
     }
 
     /// Revokes tokens whose id or visible prefix is `needle`, or every token
@@ -356,7 +376,7 @@ impl Store {
     pub async fn revoke_client_tokens(&self, needle: &str) -> Result<u64, StoreError> {
         const SQL: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE revoked_at IS NULL AND (id = $1 OR prefix = $1
-              OR user_id IN (SELECT id FROM users WHERE email = $1))";
+              OR user_id IN (SELECT id FROM users WHERE lower(email) = lower($1)))";
         Ok(
             on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected()),
         )

@@ -4,11 +4,12 @@
 //! served, and checks that caller again once the bad input is over.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::Command;
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http::Conn;
-use frpx_tests::{API_KEY, Fleet, WAIT};
+use frpx_tests::{API_KEY, Fleet, WAIT, frps_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -18,13 +19,31 @@ fn nested(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }
 
-/// Writes `bytes`, half-closes when asked, and returns everything the
-/// server sends until it closes the connection.
-async fn exchange(addr: SocketAddr, bytes: &[u8], half_close: bool) -> String {
+/// How a test request ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// As written (the server closes on its own: a bad head, say).
+    AsIs,
+    /// With `Connection: close` added after the first line: a request the
+    /// server answers and then closes the connection after.
+    Close,
+    /// Half-closed after writing: a body shorter than announced ends there.
+    HalfClose,
+}
+
+/// Writes `bytes`, ending as `end` says, and returns everything the server
+/// sends until it closes the connection.
+async fn exchange(addr: SocketAddr, bytes: &[u8], end: End) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut bytes = bytes.to_vec();
+    if end == End::Close
+        && let Some(eol) = bytes.windows(2).position(|w| w == b"\r\n")
+    {
+        bytes.splice(eol + 2..eol + 2, b"Connection: close\r\n".iter().copied());
+    }
     // The server may close as soon as it has seen enough.
-    let _ = s.write_all(bytes).await;
-    if half_close {
+    let _ = s.write_all(&bytes).await;
+    if end == End::HalfClose {
         let _ = s.shutdown().await;
     }
     let mut out = Vec::new();
@@ -181,6 +200,60 @@ fn raw_post(path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn absolute_targets_and_connect_reach_no_other_host() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    let absolute = format!(
+        "GET http://admin.internal/secret?x=1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+    );
+    let raw = exchange(public, absolute.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    let seen = fleet.backends[0].seen();
+    let secret = seen
+        .iter()
+        .find(|s| s.path == "/secret")
+        .expect("forwarded");
+    assert_eq!(secret.target, "/secret?x=1", "sent in origin form");
+    let connect = format!(
+        "CONNECT admin.internal:22 HTTP/1.1\r\nHost: admin.internal:22\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+    );
+    let raw = exchange(public, connect.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 405, "{raw}");
+    assert!(raw.contains("method_not_allowed"), "{raw}");
+    assert!(
+        fleet.backends[0]
+            .seen()
+            .iter()
+            .all(|s| !s.target.contains("admin.internal"))
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_at_the_keepalive_timeout() {
+    let mut cfg = frps_config();
+    cfg.keepalive_timeout = Duration::from_millis(500);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    // Routed (read whole by frps) and streamed (forwarded as it comes).
+    // The streamed one several times: were the box blamed, it would cool down.
+    for path in ["/v1/chat/completions", "/echo", "/echo", "/echo", "/echo"] {
+        let mut s = TcpStream::connect(public).await.unwrap();
+        let head = raw_post(path, "Content-Length: 100\r\n", b"{\"model\":");
+        s.write_all(&head).await.unwrap();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+        let raw = String::from_utf8_lossy(&out);
+        assert!(read.is_ok(), "{path}: still open");
+        assert_eq!(status(&raw), 408, "{path}: {raw}");
+        assert!(raw.contains("request_timeout"), "{path}: {raw}");
+    }
+    // The box was not blamed for the caller's silence.
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    assert!(!client.is_cooling_down());
+    served(public).await;
+}
+
+#[tokio::test]
 async fn bad_requests_on_the_public_port_harm_no_one_else() {
     let fleet = Fleet::start(1).await;
     let public = fleet.frps.public();
@@ -204,8 +277,8 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
         &format!("Content-Length: {}\r\n", body.len()),
         body.as_bytes(),
     );
-    let cases: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
-        ("garbage", TLS_HELLO.to_vec(), false, 400, ""),
+    let cases: Vec<(&str, Vec<u8>, End, u16, &str)> = vec![
+        ("garbage", TLS_HELLO.to_vec(), End::AsIs, 400, ""),
         (
             "truncated body",
             raw_post(
@@ -213,7 +286,7 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
                 "Content-Length: 100\r\n",
                 b"{\"model\"",
             ),
-            true,
+            End::HalfClose,
             400,
             "bad_body",
         ),
@@ -225,7 +298,7 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
                 "Content-Length: 4294967296\r\n",
                 b"{\"model\":",
             ),
-            false,
+            End::AsIs,
             413,
             "body_too_large",
         ),
@@ -236,7 +309,7 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
                 "Content-Length: 18446744073709551616\r\n",
                 b"",
             ),
-            false,
+            End::AsIs,
             400,
             "",
         ),
@@ -244,14 +317,14 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
             "invalid utf-8 key",
             b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n"
                 .to_vec(),
-            true,
+            End::Close,
             401,
             "missing_api_key",
         ),
         (
             "invalid utf-8 path",
             b"GET /v1/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            true,
+            End::Close,
             400,
             "",
         ),
@@ -263,29 +336,29 @@ async fn bad_requests_on_the_public_port_harm_no_one_else() {
                 "Content-Length: 13\r\n",
                 b"{\"model\":\"\xff\"}",
             ),
-            true,
+            End::Close,
             200,
             "client-0",
         ),
         (
             "invalid utf-8 pin",
             pinned(b"\xff\xfe"),
-            true,
+            End::Close,
             400,
             "bad_client_id",
         ),
         (
             "forged pin",
             pinned(b"client-0.evil"),
-            true,
+            End::Close,
             404,
             "client_not_found",
         ),
         // Too deep to read a model from: routed like a body without one.
-        ("nested json body", deep, true, 200, "client-0"),
+        ("nested json body", deep, End::Close, 200, "client-0"),
     ];
-    for (what, bytes, half_close, code, needle) in cases {
-        let raw = exchange(public, &bytes, half_close).await;
+    for (what, bytes, end, code, needle) in cases {
+        let raw = exchange(public, &bytes, end).await;
         assert_eq!(status(&raw), code, "{what}: {raw}");
         assert!(raw.contains(needle), "{what}: {raw}");
     }
@@ -313,27 +386,27 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
         body.as_bytes(),
     ]
     .concat();
-    let cases: Vec<(&str, Vec<u8>, bool, u16, &str)> = vec![
-        ("garbage", TLS_HELLO.to_vec(), false, 400, ""),
+    let cases: Vec<(&str, Vec<u8>, End, u16, &str)> = vec![
+        ("garbage", TLS_HELLO.to_vec(), End::AsIs, 400, ""),
         (
             "truncated body",
             b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".to_vec(),
-            true,
+            End::HalfClose,
             404,
             "not online",
         ),
         (
             "4 GiB body",
             b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 4294967296\r\n\r\n{".to_vec(),
-            false,
+            End::AsIs,
             404,
             "not online",
         ),
-        ("invalid utf-8 path", b"GET /api/clients/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), true, 400, ""),
+        ("invalid utf-8 path", b"GET /api/clients/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), End::Close, 400, ""),
         (
             "invalid utf-8 escaped",
             b"GET /api/clients/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            true,
+            End::Close,
             400,
             "Invalid UTF-8",
         ),
@@ -341,28 +414,28 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
         (
             "invalid utf-8 header",
             b"GET /api/clients HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n".to_vec(),
-            true,
+            End::Close,
             200,
             "client-0",
         ),
         (
             "forged id",
             b"DELETE /api/clients/client-0%2F..%2Fclient-0 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            true,
+            End::Close,
             404,
             "not online",
         ),
         (
             "forged id with NUL",
             b"DELETE /api/clients/client-0%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-            true,
+            End::Close,
             404,
             "not online",
         ),
-        ("nested json body", deep, true, 200, "client-0"),
+        ("nested json body", deep, End::Close, 200, "client-0"),
     ];
-    for (what, bytes, half_close, code, needle) in cases {
-        let raw = exchange(api, &bytes, half_close).await;
+    for (what, bytes, end, code, needle) in cases {
+        let raw = exchange(api, &bytes, end).await;
         assert_eq!(status(&raw), code, "{what}: {raw}");
         assert!(raw.contains(needle), "{what}: {raw}");
     }

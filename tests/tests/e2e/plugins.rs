@@ -241,6 +241,27 @@ async fn every_operation_is_called_with_frps_documented_fields() {
 }
 
 #[tokio::test]
+async fn frpc_waits_for_plugins_that_answer_within_their_timeout() {
+    // Login and NewProxy each take most of their 3 s: over 5 s together,
+    // longer than frps's own frame deadline.
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(2_700))).await;
+    let frps = frps_with(
+        vec![plugin.spec("slow", &["Login", "NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let backend = Backend::start("b").await;
+    let frpc = Frpc::start(frpc_config("patient", &frps.addrs, backend.addr));
+    frps.wait_for_clients(&["patient"]).await;
+    assert_eq!(
+        plugin.calls_for("NewProxy").len(),
+        1,
+        "registered at the first try"
+    );
+    frpc.kill().await;
+}
+
+#[tokio::test]
 async fn a_login_rejection_reaches_frpc_which_stops_with_the_reason() {
     let plugin = PluginServer::start(|call| {
         if call.content()["user"] == "fake" {

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::{Command, write_command};
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn};
-use frpx_tests::{API_KEY, Fleet, Frpc, Frps, frps_config};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frps_config};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -255,6 +255,61 @@ async fn a_plain_http_service_without_a_model_list_is_healthy() {
 }
 
 #[tokio::test]
+async fn two_frpc_with_one_client_id_take_turns_slowly() {
+    let frps = Frps::start(frps_config()).await;
+    let backend = Backend::start("b").await;
+    let mut first = frpx_tests::frpc_config("twin", &frps.addrs, backend.addr);
+    first.reconnect_max = Duration::from_secs(30);
+    let a = Frpc::start(first);
+    frps.wait_for_clients(&["twin"]).await;
+    let a_session = frps.state.registry.get("twin").unwrap().session;
+    let mut second = frpx_tests::frpc_config("twin", &frps.addrs, backend.addr);
+    second.token_file = second.token_file.with_file_name("second-token.json");
+    let b = Frpc::start(second);
+    frpx_tests::eventually("the second takes the id", || {
+        frps.state
+            .registry
+            .get("twin")
+            .is_some_and(|c| c.session != a_session)
+    })
+    .await;
+    let b_session = frps.state.registry.get("twin").unwrap().session;
+    // The first waits its longest backoff (30 s) before taking it back;
+    // it used to be back after its shortest (50 ms here).
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        assert_eq!(frps.state.registry.get("twin").unwrap().session, b_session);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.kill().await;
+    b.kill().await;
+}
+
+#[tokio::test]
+async fn a_hung_local_service_does_not_keep_frpc_from_registering() {
+    let mut cfg = frps_config();
+    cfg.handshake_timeout = Duration::from_secs(1);
+    let frps = Frps::start(cfg).await;
+    // Accepts connections, never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let mut client = frpx_tests::frpc_config("stuck", &frps.addrs, hung_addr);
+    // The probe waits longer than frps gives a handshake.
+    client.connect_timeout = Duration::from_secs(2);
+    let frpc = Frpc::start(client);
+    frps.wait_for_clients(&["stuck"]).await;
+    assert!(!frps.state.registry.get("stuck").unwrap().is_healthy());
+    frpc.kill().await;
+    holder.abort();
+}
+
+#[tokio::test]
 async fn a_client_whose_service_is_down_gets_no_traffic() {
     let fleet = Fleet::start(1).await;
     let dead_port = {
@@ -338,6 +393,34 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(rest, Bytes::from("data: last\n\n"));
     stopping.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
+    let mut cfg = frps_config();
+    cfg.shutdown_timeout = Duration::from_millis(300);
+    let fleet = Fleet::start_with(1, cfg).await;
+    // 32 MiB echoed back to a caller that never reads: frps's writes to it
+    // block once the socket buffers are full.
+    let size = 32 << 20;
+    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    caller.write_all(&vec![b'x'; size]).await.unwrap();
+    let state = fleet.frps.state.clone();
+    frpx_tests::eventually("the echo is under way", || {
+        state
+            .stats
+            .bytes_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    })
+    .await;
+    // `stop` fails the test unless frps ends within its wait.
+    fleet.frps.stop().await;
+    drop(caller);
 }
 
 #[tokio::test]

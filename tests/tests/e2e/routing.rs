@@ -427,6 +427,47 @@ async fn a_box_killed_mid_run_fails_no_request_that_had_not_started_streaming() 
 }
 
 #[tokio::test]
+async fn a_caller_that_leaves_while_queued_gives_up_its_place() {
+    let mut cfg = frps_config();
+    cfg.queue_timeout = Duration::from_secs(120);
+    let b = boxes(cfg, &[("a", &["m"], Some(1))]).await;
+    let addr = b.frps.public();
+    let (_, held) = hold(addr).await;
+    let state = &b.frps.state;
+    for close in ["fin", "reset"] {
+        let mut caller = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let body = chat("m");
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut caller, head.as_bytes())
+            .await
+            .unwrap();
+        frpx_tests::eventually("the request waits", || state.queues.total() == 1).await;
+        if close == "reset" {
+            caller.set_zero_linger().unwrap();
+        }
+        drop(caller);
+        frpx_tests::eventually(&format!("the queue place is given up ({close})"), || {
+            state.queues.total() == 0
+        })
+        .await;
+    }
+    b.backends["a"].release_holds();
+    held.collect().await.unwrap();
+    // Neither request reached the box after the slot freed.
+    assert_eq!(
+        b.backends["a"]
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/v1/chat/completions")
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
 async fn a_caller_that_disconnects_cancels_the_upstream_request() {
     let b = boxes(frps_config(), &[("a", &[], None)]).await;
     let (_, body) = hold(b.frps.public()).await;

@@ -601,6 +601,117 @@ async fn a_bad_saved_token_falls_back_to_login() {
 }
 
 #[tokio::test]
+async fn a_token_saved_for_another_server_is_not_sent() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    // A token this frps would accept, saved as another server's.
+    let other = frpc::login::SavedToken {
+        token: frps.client_token().await,
+        expires_at: None,
+        server: "frps.elsewhere.example:17000".into(),
+        email: TEST_EMAIL.into(),
+    };
+    frpc::login::save(&cfg.token_file, &other).unwrap();
+    let frpc = Frpc::start(cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let saved = frpc::login::load(&cfg.token_file).unwrap();
+    assert_ne!(
+        saved.token, other.token,
+        "logged in with the password instead"
+    );
+    assert_eq!(saved.server, cfg.control_addr());
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn revoking_a_token_ends_its_session_and_a_password_change_ends_them_all() {
+    let frps = Frps::start_default().await;
+    let cfg = frps.state.config.clone();
+    let backend = Backend::start("b").await;
+    let client_cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    let frpc = Frpc::start(client_cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let first = frps.state.registry.get("gpu").unwrap().session;
+    let first_token = frpc::login::load(&client_cfg.token_file).unwrap().token;
+
+    // Revoked: the session ends; frpc logs in again with its password.
+    let said = admin(
+        &cfg,
+        Admin::Token {
+            command: TokenCommand::Revoke {
+                token: TEST_EMAIL.into(),
+            },
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(said.contains("revoked 1 token"), "{said}");
+    frpx_tests::eventually("a new session with a new token", || {
+        frps.state
+            .registry
+            .get("gpu")
+            .is_some_and(|c| c.session != first)
+            && frpc::login::load(&client_cfg.token_file).is_some_and(|t| t.token != first_token)
+    })
+    .await;
+
+    // A new password: frpc's old one no longer logs in, and it stops.
+    let said = admin(
+        &cfg,
+        Admin::User {
+            command: UserCommand::Passwd {
+                email: TEST_EMAIL.into(),
+                password_stdin: true,
+            },
+        },
+        "a brand new password\n",
+    )
+    .await
+    .unwrap();
+    assert!(said.contains("revoked its 1 client token"), "{said}");
+    let err = frpc.exit().await.unwrap_err().to_string();
+    assert!(err.contains("invalid email or password"), "{err}");
+    frps.wait_for_clients(&[]).await;
+}
+
+#[tokio::test]
+async fn emails_match_in_any_letter_case() {
+    let frps = Frps::start_default().await;
+    let cfg = frps.state.config.clone();
+    let shouted = TEST_EMAIL.to_uppercase();
+    let add = Admin::User {
+        command: UserCommand::Add {
+            email: shouted.clone(),
+            password_stdin: true,
+        },
+    };
+    let err = admin(&cfg, add, "another password\n").await.unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let store = &frps.state.store;
+    let before = store.list_client_tokens(true).await.unwrap().len();
+    let issued = frps
+        .state
+        .accounts
+        .login(&shouted, TEST_PASSWORD, [192, 0, 2, 9].into())
+        .await
+        .expect("the same account");
+    assert_eq!(issued.principal.user_id, frps.user_id);
+    assert_eq!(
+        store.list_client_tokens(true).await.unwrap().len(),
+        before + 1
+    );
+    let revoked = store.revoke_client_tokens(&shouted).await.unwrap();
+    assert_eq!(revoked as usize, before + 1);
+    assert!(store.list_client_tokens(true).await.unwrap().is_empty());
+    assert_eq!(
+        store.list_client_tokens(false).await.unwrap().len(),
+        before + 1
+    );
+}
+
+#[tokio::test]
 async fn a_wrong_password_is_a_clear_error_and_writes_no_token_file() {
     let frps = Frps::start_default().await;
     let backend = Backend::start("b").await;
