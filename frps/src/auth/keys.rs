@@ -68,6 +68,9 @@ pub struct KeyValidator {
     redis: Option<Arc<RedisCache>>,
     valid: Cache<[u8; 32], CachedKey>,
     invalid: Cache<[u8; 32], ()>,
+    /// When each key was last revoked (told through Redis): a database
+    /// answer read before that is not cached.
+    revoked: Cache<[u8; 32], std::time::Instant>,
     db_healthy: AtomicBool,
     /// Counters.
     pub stats: KeyStats,
@@ -110,6 +113,10 @@ impl KeyValidator {
                 .max_capacity(LOCAL_CAPACITY)
                 .time_to_live(NEGATIVE_TTL)
                 .build(),
+            revoked: Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(LOCAL_TTL)
+                .build(),
             db_healthy: AtomicBool::new(true),
             stats: KeyStats::default(),
         }
@@ -130,8 +137,12 @@ impl KeyValidator {
     pub fn forget(&self, hash: Option<[u8; 32]>) {
         match hash {
             Some(h) => {
-                let valid = self.valid.clone();
-                tokio::spawn(async move { valid.invalidate(&h).await });
+                let (valid, revoked) = (self.valid.clone(), self.revoked.clone());
+                let at = std::time::Instant::now();
+                tokio::spawn(async move {
+                    revoked.insert(h, at).await;
+                    valid.invalidate(&h).await;
+                });
             }
             None => self.valid.invalidate_all(),
         }
@@ -178,6 +189,7 @@ impl KeyValidator {
             self.valid.insert(hash, entry).await;
             return verdict(hash, entry, now);
         }
+        let asked = std::time::Instant::now();
         match store.find_api_key(key, &secret::hex(&hash)).await {
             Ok(row) => {
                 self.db_ok();
@@ -188,9 +200,13 @@ impl KeyValidator {
                             expires_at: row.expires_at.map(|t| t.and_utc().timestamp()),
                             limits: row.limits(),
                         };
-                        self.valid.insert(hash, entry).await;
-                        if let Some(redis) = &self.redis {
-                            redis.set(&hash, entry, now).await;
+                        // Revoked (or its limits changed) while this answer
+                        // was on its way: used once, not remembered.
+                        if !self.revoked_since(&hash, asked).await {
+                            self.valid.insert(hash, entry).await;
+                            if let Some(redis) = &self.redis {
+                                redis.set(&hash, entry, now).await;
+                            }
                         }
                         KeyCheck::Valid(KeyGrant {
                             id: hash,
@@ -208,6 +224,11 @@ impl KeyValidator {
                 KeyCheck::Unavailable
             }
         }
+    }
+
+    /// Whether a revocation of `hash` arrived at or after `asked`.
+    async fn revoked_since(&self, hash: &[u8; 32], asked: std::time::Instant) -> bool {
+        self.revoked.get(hash).await.is_some_and(|at| at >= asked)
     }
 
     fn db_ok(&self) {
@@ -362,6 +383,23 @@ mod tests {
         };
         assert_eq!(stored_hash(&legacy), Some(h));
         assert_eq!(parse_hex32("zz"), None);
+    }
+
+    #[tokio::test]
+    async fn answers_read_before_a_revocation_are_not_remembered() {
+        let v = KeyValidator::new(None, None, None);
+        let h = secret::hash("k");
+        let before = std::time::Instant::now();
+        v.forget(Some(h));
+        // `forget` records on a task of its own.
+        let since = std::time::Instant::now();
+        while !v.revoked_since(&h, before).await {
+            assert!(since.elapsed() < Duration::from_secs(5));
+            tokio::task::yield_now().await;
+        }
+        let after = std::time::Instant::now();
+        assert!(!v.revoked_since(&h, after).await);
+        assert!(!v.revoked_since(&secret::hash("other"), before).await);
     }
 
     #[tokio::test]

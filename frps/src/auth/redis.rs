@@ -26,6 +26,32 @@ const OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// Delay between reconnection attempts.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How long a revocation keeps a key's entry from being cached again: an
+/// frps that read the key's row just before it was revoked must not put it
+/// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(10);
+
+/// Caches an entry unless its key was revoked within [`TOMBSTONE_TTL`].
+/// KEYS: entry, tombstone. ARGV: value, ttl seconds.
+const SET_LUA: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
+";
+
+/// Deletes an entry and leaves a tombstone. KEYS: entry, tombstone.
+/// ARGV: tombstone ttl seconds.
+const REVOKE_LUA: &str = r"
+redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return 1
+";
+
+static SET: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(SET_LUA));
+static REVOKE: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(REVOKE_LUA));
+
 /// What is cached about a valid key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedKey {
@@ -170,8 +196,14 @@ impl RedisCache {
         self.conn.read().expect("redis lock").clone()
     }
 
+    // The hash in braces: a key's entry and tombstone share a Redis Cluster
+    // slot, so one script can touch both.
     fn entry_key(&self, hash: &[u8; 32]) -> String {
-        format!("{}key:{}", self.prefix, hex(hash))
+        format!("{}key:{{{}}}", self.prefix, hex(hash))
+    }
+
+    fn tombstone_key(&self, hash: &[u8; 32]) -> String {
+        format!("{}revoked:{{{}}}", self.prefix, hex(hash))
     }
 
     fn channel(&self) -> String {
@@ -206,25 +238,33 @@ impl RedisCache {
         serde_json::from_str(&raw?).ok()
     }
 
-    /// Caches a valid key for [`REDIS_TTL`] (less if it expires sooner).
+    /// Caches a valid key for [`REDIS_TTL`] (less if it expires sooner),
+    /// unless it was revoked in the last [`TOMBSTONE_TTL`].
     pub async fn set(&self, hash: &[u8; 32], entry: CachedKey, now: i64) {
-        let Some(mut conn) = self.conn() else { return };
         let ttl = match entry.expires_at {
             Some(exp) => (exp - now).clamp(1, REDIS_TTL.as_secs() as i64) as u64,
             None => REDIS_TTL.as_secs(),
         };
         let value = serde_json::to_string(&entry).expect("serializable");
-        let _: Option<()> = self
-            .run(conn.set_ex(self.entry_key(hash), value, ttl))
-            .await;
+        let mut call = SET.prepare_invoke();
+        call.key(self.entry_key(hash))
+            .key(self.tombstone_key(hash))
+            .arg(value)
+            .arg(ttl);
+        let _: Option<i64> = self.invoke(&call).await;
     }
 
-    /// Deletes a key's entry and tells every frps to forget it.
+    /// Deletes a key's entry (leaving a tombstone that keeps it from being
+    /// cached again for [`TOMBSTONE_TTL`]) and tells every frps to forget it.
     pub async fn revoke(&self, hash: &[u8; 32]) -> bool {
+        let mut call = REVOKE.prepare_invoke();
+        call.key(self.entry_key(hash))
+            .key(self.tombstone_key(hash))
+            .arg(TOMBSTONE_TTL.as_secs());
+        let deleted: Option<i64> = self.invoke(&call).await;
         let Some(mut conn) = self.conn() else {
             return false;
         };
-        let deleted: Option<()> = self.run(conn.del(self.entry_key(hash))).await;
         let published: Option<i64> = self
             .run(conn.publish(self.channel(), hash.as_slice()))
             .await;

@@ -368,6 +368,36 @@ async fn created_keys_are_stored_only_as_hashes_in_the_database_and_redis() {
 }
 
 #[tokio::test]
+async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
+    let Some(url) = services::redis_url() else {
+        return;
+    };
+    let redis = frps::auth::redis::RedisCache::connect_now(&url, &services::redis_prefix())
+        .await
+        .unwrap();
+    let entry = frps::auth::redis::CachedKey {
+        expires_at: None,
+        limits: Limits::default(),
+    };
+    let now = chrono::Utc::now().timestamp();
+    let (kept, revoked) = (
+        frps::auth::secret::hash("kept"),
+        frps::auth::secret::hash("revoked"),
+    );
+    redis.set(&kept, entry, now).await;
+    redis.set(&revoked, entry, now).await;
+    assert_eq!(redis.get(&revoked).await, Some(entry));
+    assert!(redis.revoke(&revoked).await);
+    assert_eq!(redis.get(&revoked).await, None);
+    // An frps that read the row just before the revocation writes it back:
+    // the tombstone keeps it out.
+    redis.set(&revoked, entry, now).await;
+    assert_eq!(redis.get(&revoked).await, None);
+    assert_eq!(redis.get(&kept).await, Some(entry));
+    assert_eq!(redis.count_entries().await, Some(1));
+}
+
+#[tokio::test]
 async fn revocation_reaches_a_second_frps_within_a_second() {
     let Some(pg) = TestPg::create().await else {
         return;
