@@ -50,17 +50,39 @@ struct Queue {
 /// Waiters in one queue can all use the same slots: requests pinned to a
 /// client (`X-Frpx-Client`) wait in a queue of their own per client, and
 /// retries (which exclude the clients that failed them) in one of their
-/// own per model. A waiter woken for a slot it still cannot use passes the
-/// wake-up to the next one.
+/// own per model. In a retry queue a waiter woken for a slot it cannot use
+/// passes the wake-up to the next one.
 #[derive(Debug, Default)]
 pub struct Queues {
-    queues: Mutex<HashMap<String, Arc<Queue>>>,
+    queues: Mutex<HashMap<QueueKey, Arc<Queue>>>,
+}
+
+/// Which requests a queue holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct QueueKey {
+    /// The normalised model (`*` for requests naming none).
+    model: String,
+    /// The client the requests are pinned to.
+    pinned: Option<String>,
+    /// Retries: each excludes the clients that failed it.
+    retry: bool,
+}
+
+impl QueueKey {
+    fn new(model: &str, pinned: Option<&str>, retry: bool) -> Self {
+        QueueKey {
+            model: model.to_owned(),
+            pinned: pinned.map(str::to_owned),
+            // A pinned request that failed on its client is not queued again.
+            retry: retry && pinned.is_none(),
+        }
+    }
 }
 
 /// A place in a queue; leaving it (on drop) removes the queue when empty.
 struct Waiting<'a> {
     queues: &'a Queues,
-    key: String,
+    key: QueueKey,
     queue: Arc<Queue>,
 }
 
@@ -77,27 +99,9 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// The queue of requests for `model` (`*` for none) pinned to `pinned`, or
-/// retrying (`retry`).
-fn queue_key(model: &str, pinned: Option<&str>, retry: bool) -> String {
-    match (pinned, retry) {
-        (Some(id), _) => format!("{model}@{id}"),
-        (None, true) => format!("{model}!retry"),
-        (None, false) => model.to_owned(),
-    }
-}
-
-/// The model a queue key is for (what `/metrics` and the API report).
-fn model_of_key(key: &str) -> &str {
-    key.rsplit_once('@')
-        .map(|(m, _)| m)
-        .or_else(|| key.strip_suffix("!retry"))
-        .unwrap_or(key)
-}
-
 impl Queues {
     /// Requests waiting in the queue `key`.
-    fn waiting(&self, key: &str) -> usize {
+    fn waiting(&self, key: &QueueKey) -> usize {
         let queues = self.queues.lock().expect("queues lock");
         queues
             .get(key)
@@ -105,7 +109,7 @@ impl Queues {
     }
 
     /// Joins the queue `key` (created if absent), unless `max` already wait.
-    fn join(&self, key: String, max: usize) -> Option<Waiting<'_>> {
+    fn join(&self, key: QueueKey, max: usize) -> Option<Waiting<'_>> {
         let mut queues = self.queues.lock().expect("queues lock");
         let queue = queues.entry(key.clone()).or_default().clone();
         if queue.waiting.load(Ordering::Acquire) >= max {
@@ -131,9 +135,9 @@ impl Queues {
         }
         let wake = |model: &str| {
             for key in [
-                queue_key(model, None, false),
-                queue_key(model, None, true),
-                queue_key(model, Some(&client.id), false),
+                QueueKey::new(model, None, false),
+                QueueKey::new(model, None, true),
+                QueueKey::new(model, Some(&client.id), false),
             ] {
                 if let Some(q) = queues.get(&key) {
                     q.freed.fetch_add(1, Ordering::AcqRel);
@@ -161,8 +165,7 @@ impl Queues {
     pub fn depths(&self) -> Vec<(String, usize)> {
         let mut by_model: HashMap<String, usize> = HashMap::new();
         for (k, q) in self.queues.lock().expect("queues lock").iter() {
-            *by_model.entry(model_of_key(k).to_owned()).or_default() +=
-                q.waiting.load(Ordering::Relaxed);
+            *by_model.entry(k.model.clone()).or_default() += q.waiting.load(Ordering::Relaxed);
         }
         let mut d: Vec<_> = by_model.into_iter().collect();
         d.sort();
@@ -201,7 +204,7 @@ pub struct Dispatched {
 pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusal> {
     let balance = state.config.balance;
     let model = want.model.map(normalize).unwrap_or(ANY.into());
-    let key = queue_key(&model, want.pinned, !want.exclude.is_empty());
+    let key = QueueKey::new(&model, want.pinned, !want.exclude.is_empty());
     let pick = || router::pick(&state.registry, balance, want);
     // Arrivals queue behind earlier waiters, so the queue is served in
     // order; when it is full, one that a free slot fits right now takes it.
@@ -220,6 +223,10 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
         return Err(Refusal::QueueFull);
     };
     let queue = place.queue.clone();
+    // Only retries differ in which slots they can use (each excludes its
+    // own failed clients); in any other queue, what one waiter cannot use
+    // no other can.
+    let retry = place.key.retry;
     let deadline = Instant::now() + state.config.queue_timeout;
     let mut woken = false;
     let mut passed_on = None;
@@ -227,23 +234,24 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
         let notified = queue.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        match pick() {
+        let refused = match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
                     client,
                     queued: true,
                 });
             }
-            Err(no) => refusal(no)?,
-        }
-        // Woken for a slot this request cannot use (another client's, or
-        // one it excludes): the next waiter may. Once per freed slot, so
+            Err(no) => refusal(no),
+        };
+        // Woken for a slot this retry cannot use (one it excludes), or
+        // leaving: the next waiter may use it. Once per freed slot, so
         // waiters that cannot use it do not wake each other forever.
         let freed = queue.freed.load(Ordering::Acquire);
-        if woken && passed_on != Some(freed) {
+        if retry && woken && (refused.is_err() || passed_on != Some(freed)) {
             passed_on = Some(freed);
             queue.notify.notify_one();
         }
+        refused?;
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
             return Err(Refusal::QueueTimeout);
         }
@@ -264,4 +272,110 @@ fn refusal(no: NoPick) -> Result<(), Refusal> {
 /// `Retry-After` for a queue refusal, in whole seconds.
 pub fn retry_after(queue_timeout: Duration) -> u64 {
     queue_timeout.as_secs().clamp(1, 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::NewClient;
+    use crate::server::BoundAddrs;
+    use common::{ModelInfo, Registration};
+    use futures_util::FutureExt;
+
+    async fn state() -> (Arc<State>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("frps-dispatch-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("db").display());
+        let mut config = crate::Config::ephemeral("k", &url);
+        config.queue_timeout = Duration::from_secs(120);
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let addrs = BoundAddrs {
+            control: any,
+            proxy: any,
+            public: any,
+            api: any,
+        };
+        (Arc::new(State::new(config, addrs).await.unwrap()), dir)
+    }
+
+    fn add(state: &State, id: &str) -> Arc<ClientHandle> {
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        state
+            .registry
+            .insert(NewClient {
+                registration: Registration {
+                    client_id: id.into(),
+                    models: vec![ModelInfo {
+                        name: "m".into(),
+                        size: None,
+                    }],
+                    max_concurrency: Some(1),
+                    ..Default::default()
+                },
+                remote_addr: "127.0.0.1:1".parse().unwrap(),
+                control_tx: tx,
+                owner: crate::auth::Principal {
+                    user_id: 1,
+                    email: "a@b".into(),
+                    token_id: None,
+                },
+                session_key: String::new(),
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_retry_woken_for_a_slot_it_excludes_passes_the_wake_up_on() {
+        let (state, dir) = state().await;
+        let (x, y) = (add(&state, "x"), add(&state, "y"));
+        assert!(x.try_reserve() && y.try_reserve(), "both boxes busy");
+        // Two retries: the first (queued first) excludes y, the second x.
+        let (not_y, not_x) = ([y.session], [x.session]);
+        let want = |exclude| Want {
+            model: Some("m"),
+            pinned: None,
+            exclude,
+        };
+        let mut first = Box::pin(acquire(&state, want(&not_y)));
+        let mut second = Box::pin(acquire(&state, want(&not_x)));
+        // Both join the queue.
+        for _ in 0..2 {
+            assert!(first.as_mut().now_or_never().is_none());
+            assert!(second.as_mut().now_or_never().is_none());
+        }
+        assert_eq!(state.queues.total(), 2);
+        // y frees a slot: the first waiter is woken, cannot use it, and
+        // passes the wake-up to the second, which takes it.
+        y.release_slot();
+        state.queues.slot_freed(&y);
+        let got = tokio::select! {
+            d = &mut second => d.unwrap(),
+            _ = &mut first => panic!("the first excludes y"),
+            _ = tokio::time::sleep(Duration::from_secs(10)) => panic!("the wake-up was lost"),
+        };
+        assert_eq!(got.client.id, "y");
+        assert!(got.queued);
+        assert_eq!(state.queues.total(), 1);
+        drop(first);
+        assert!(state.queues.is_empty(), "an empty queue is removed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn queues_of_pinned_requests_and_retries_count_under_their_model() {
+        let queues = Queues::default();
+        let a = queues.join(QueueKey::new("m:latest", Some("gpu@site"), false), 10);
+        let b = queues.join(QueueKey::new("m:latest", None, true), 10);
+        let c = queues.join(QueueKey::new("*", None, false), 10);
+        assert_eq!(
+            queues.depths(),
+            vec![("*".to_owned(), 1), ("m:latest".to_owned(), 2)]
+        );
+        assert!(
+            queues.join(QueueKey::new("*", None, false), 1).is_none(),
+            "full"
+        );
+        drop((a, b, c));
+        assert!(queues.is_empty());
+    }
 }

@@ -1,7 +1,7 @@
 //! Provider accounts (the people who run GPU boxes): password login, client
 //! tokens, and throttling of failed logins.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,6 +108,10 @@ pub fn verify_password(password: &str, phc: &str) -> bool {
 /// How long a caller refused with [`LoginError::Busy`] is asked to wait.
 pub const BUSY_RETRY: Duration = Duration::from_secs(1);
 
+/// Longest a login waits for its turn (behind other attempts for the same
+/// email or address, or for a free password check).
+pub const TURN_WAIT: Duration = Duration::from_secs(5);
+
 /// Accounts and client tokens.
 #[derive(Debug)]
 pub struct Accounts {
@@ -139,9 +143,11 @@ impl Accounts {
 
     /// Verifies email and password and issues a new token. Failures for one
     /// email or one address (an IPv6 /64) are slowed down exponentially,
-    /// before Argon2 runs; one attempt per email and per address is checked
-    /// at a time, and no more password checks at once than the server has
-    /// cores (others are refused with [`LoginError::Busy`]).
+    /// before Argon2 runs. Attempts for one email or one address take turns
+    /// (each sees the failures of the ones before it, so a burst of guesses
+    /// costs one check), and no more password checks run at once than the
+    /// server has cores; a login that waits longer than [`TURN_WAIT`] for
+    /// either is refused ([`LoginError::Throttled`] / [`LoginError::Busy`]).
     pub async fn login(
         &self,
         email: &str,
@@ -152,13 +158,14 @@ impl Accounts {
         let keys = throttle_keys(email, from);
         let attempt = self
             .throttle
-            .begin(&keys, Instant::now())
+            .begin(&keys, TURN_WAIT)
+            .await
             .map_err(LoginError::Throttled)?;
-        let permit = self
-            .checks
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| LoginError::Busy)?;
+        let permit = tokio::time::timeout(TURN_WAIT, self.checks.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(LoginError::Busy)?;
         let user = store.find_user(email).await?;
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
@@ -264,8 +271,8 @@ struct Failures {
 }
 
 /// Exponential delays after failed logins, per email and per address; and
-/// one attempt at a time per email and per address, so attempts sent
-/// together cannot all pass before the first failure is counted.
+/// attempts for one email or address in turn, so attempts sent together
+/// cannot all pass before the first failure is counted.
 #[derive(Debug, Default)]
 pub struct Throttle {
     state: Mutex<ThrottleState>,
@@ -274,14 +281,16 @@ pub struct Throttle {
 #[derive(Debug, Default)]
 struct ThrottleState {
     failures: HashMap<String, Failures>,
-    in_flight: HashSet<String>,
+    /// One lock per key with attempts under way or waiting.
+    turns: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
-/// One login attempt under way; it ends (and frees its keys) when dropped.
+/// One login attempt's turn; it ends (and frees its keys) when dropped.
 #[derive(Debug)]
 pub struct Attempt<'a> {
     throttle: &'a Throttle,
     keys: Vec<String>,
+    turns: Vec<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Attempt<'_> {
@@ -300,9 +309,17 @@ impl Attempt<'_> {
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
+        self.turns.clear();
         let mut state = self.throttle.state.lock().expect("throttle lock");
         for k in &self.keys {
-            state.in_flight.remove(k);
+            // Nobody else holds or waits for this key's turn: forget it.
+            if state
+                .turns
+                .get(k)
+                .is_some_and(|t| Arc::strong_count(t) == 1)
+            {
+                state.turns.remove(k);
+            }
         }
     }
 }
@@ -335,20 +352,37 @@ impl Throttle {
         if wait.is_zero() { Ok(()) } else { Err(wait) }
     }
 
-    /// Starts an attempt for `keys`: `Err(wait)` when any of them must still
-    /// wait after failures, or has an attempt under way (then the wait is
-    /// [`BASE_DELAY`]).
-    pub fn begin(&self, keys: &[String], now: Instant) -> Result<Attempt<'_>, Duration> {
-        let mut state = self.state.lock().expect("throttle lock");
-        Self::wait(&state, keys, now)?;
-        if keys.iter().any(|k| state.in_flight.contains(k)) {
-            return Err(BASE_DELAY);
-        }
-        state.in_flight.extend(keys.iter().cloned());
-        Ok(Attempt {
+    /// Waits (at most `patience`) for the turn of `keys`, behind attempts
+    /// for any of them already under way, then checks their failures:
+    /// `Err(wait)` when any must still wait after failures (or the turn did
+    /// not come in time: then the wait is [`BASE_DELAY`]).
+    pub async fn begin(
+        &self,
+        keys: &[String],
+        patience: Duration,
+    ) -> Result<Attempt<'_>, Duration> {
+        let mut attempt = Attempt {
             throttle: self,
             keys: keys.to_vec(),
-        })
+            turns: Vec::with_capacity(keys.len()),
+        };
+        // Always in the same order, so two attempts never wait on each other.
+        let mut order: Vec<&String> = keys.iter().collect();
+        order.sort();
+        order.dedup();
+        let deadline = tokio::time::Instant::now() + patience;
+        for key in order {
+            let turn = {
+                let mut state = self.state.lock().expect("throttle lock");
+                state.turns.entry(key.clone()).or_default().clone()
+            };
+            match tokio::time::timeout_at(deadline, turn.lock_owned()).await {
+                Ok(guard) => attempt.turns.push(guard),
+                Err(_) => return Err(BASE_DELAY),
+            }
+        }
+        self.check(keys, Instant::now())?;
+        Ok(attempt)
     }
 
     /// Records a failure for each of `keys`.
@@ -416,27 +450,70 @@ mod tests {
         assert!(t.check(&["email:a".into()], start).is_ok());
     }
 
-    #[test]
-    fn one_attempt_per_email_and_per_address_at_a_time() {
+    #[tokio::test(start_paused = true)]
+    async fn attempts_for_one_email_or_address_take_turns() {
+        use futures_util::FutureExt;
         let t = Throttle::default();
-        let now = Instant::now();
+        let patience = Duration::from_secs(5);
         let keys = throttle_keys("A@x.test", "192.0.2.1".parse().unwrap());
-        let first = t.begin(&keys, now).unwrap();
-        // Same email (any case) from elsewhere, or anything from the same address.
+        let first = t.begin(&keys, patience).await.unwrap();
+        // Same email (any case) from elsewhere, or anything from the same
+        // address: waits for the first to end.
         let same_email = throttle_keys("a@X.test", "192.0.2.2".parse().unwrap());
         let same_address = throttle_keys("b@x.test", "192.0.2.1".parse().unwrap());
-        assert_eq!(t.begin(&same_email, now).unwrap_err(), BASE_DELAY);
-        assert_eq!(t.begin(&same_address, now).unwrap_err(), BASE_DELAY);
-        let other = throttle_keys("b@x.test", "192.0.2.2".parse().unwrap());
-        drop(t.begin(&other, now).unwrap());
-        // A failure is counted before the keys are free again.
-        first.fail(now);
-        assert_eq!(t.begin(&keys, now).unwrap_err(), BASE_DELAY);
-        let later = t.begin(&keys, now + BASE_DELAY).unwrap();
-        later.succeed();
-        // The email's failures are cleared, the address's are not.
-        assert!(t.begin(&same_email, now + BASE_DELAY).is_ok());
-        assert!(t.check(&same_address, now).is_err());
+        let mut behind = Box::pin(t.begin(&same_email, patience));
+        assert!(behind.as_mut().now_or_never().is_none(), "waits its turn");
+        let gave_up = t.begin(&same_address, Duration::from_millis(10)).await;
+        assert_eq!(
+            gave_up.unwrap_err(),
+            BASE_DELAY,
+            "no turn within its patience"
+        );
+        // Unrelated keys go at once.
+        let other = throttle_keys("c@x.test", "192.0.2.3".parse().unwrap());
+        drop(t.begin(&other, patience).await.unwrap());
+        // The first fails: the one waiting behind it is throttled without a
+        // check of its own.
+        first.fail(Instant::now());
+        let waited = behind.await;
+        assert!(matches!(waited, Err(d) if d > Duration::ZERO), "{waited:?}");
+        // Once the delay has passed, the next attempt goes, and a success
+        // clears the email's failures (not the address's).
+        let later = Instant::now() + BASE_DELAY;
+        assert!(t.check(&keys, later).is_ok());
+        t.succeed("email:a@x.test");
+        assert!(t.check(&same_email[..1], Instant::now()).is_ok());
+        assert!(t.check(&same_address, Instant::now()).is_err());
+        // Every turn was handed back and forgotten.
+        assert!(t.state.lock().unwrap().turns.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_login_waits_for_a_free_password_check_then_gives_up() {
+        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("db").display());
+        let accounts = Accounts::with_checks(Some(Store::connect(&url).await.unwrap()), None, 1);
+        let ip = |n| IpAddr::from([192, 0, 2, n]);
+        // Every password check is taken: the login waits TURN_WAIT, then is
+        // told to come back (the database is not even asked).
+        let held = accounts.checks.clone().acquire_owned().await.unwrap();
+        tokio::time::pause();
+        let started = tokio::time::Instant::now();
+        let busy = accounts.login("who@x.test", "pw", ip(1)).await;
+        assert_eq!(busy.unwrap_err(), LoginError::Busy);
+        let waited = started.elapsed();
+        assert!(waited >= TURN_WAIT && waited < TURN_WAIT * 2, "{waited:?}");
+        tokio::time::resume();
+        // A check frees up while a login waits: it goes ahead.
+        let waiting = accounts.login("who@x.test", "pw", ip(2));
+        let freeing = async {
+            tokio::task::yield_now().await;
+            drop(held);
+        };
+        let (outcome, ()) = tokio::join!(waiting, freeing);
+        assert_eq!(outcome.unwrap_err(), LoginError::InvalidCredentials);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -182,14 +182,14 @@ impl KeyValidator {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Invalid;
         }
+        let asked = std::time::Instant::now();
         if let Some(redis) = &self.redis
             && let Some(entry) = redis.get(&hash).await
         {
             self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
-            self.valid.insert(hash, entry).await;
+            self.remember(hash, entry, asked).await;
             return verdict(hash, entry, now);
         }
-        let asked = std::time::Instant::now();
         match store.find_api_key(key, &secret::hex(&hash)).await {
             Ok(row) => {
                 self.db_ok();
@@ -200,13 +200,10 @@ impl KeyValidator {
                             expires_at: row.expires_at.map(|t| t.and_utc().timestamp()),
                             limits: row.limits(),
                         };
-                        // Revoked (or its limits changed) while this answer
-                        // was on its way: used once, not remembered.
-                        if !self.revoked_since(&hash, asked).await {
-                            self.valid.insert(hash, entry).await;
-                            if let Some(redis) = &self.redis {
-                                redis.set(&hash, entry, now).await;
-                            }
+                        if self.remember(hash, entry, asked).await
+                            && let Some(redis) = &self.redis
+                        {
+                            redis.set(&hash, entry, now).await;
                         }
                         KeyCheck::Valid(KeyGrant {
                             id: hash,
@@ -224,6 +221,21 @@ impl KeyValidator {
                 KeyCheck::Unavailable
             }
         }
+    }
+
+    /// Caches `entry` in-process unless a revocation of `hash` (or a change
+    /// of its limits) arrived since `asked`, before or just after the insert:
+    /// such an answer is used once, not remembered. Returns whether it was.
+    async fn remember(&self, hash: [u8; 32], entry: CachedKey, asked: std::time::Instant) -> bool {
+        if self.revoked_since(&hash, asked).await {
+            return false;
+        }
+        self.valid.insert(hash, entry).await;
+        if self.revoked_since(&hash, asked).await {
+            self.valid.invalidate(&hash).await;
+            return false;
+        }
+        true
     }
 
     /// Whether a revocation of `hash` arrived at or after `asked`.

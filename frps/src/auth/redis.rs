@@ -265,10 +265,15 @@ impl RedisCache {
         let Some(mut conn) = self.conn() else {
             return false;
         };
+        // The entry as frps before 2026-12 named it (`key:<hex>`, no hash
+        // tag): gone too, or an older frps in a mixed fleet would read it
+        // back after the revocation.
+        let legacy = format!("{}key:{}", self.prefix, hex(hash));
+        let legacy_deleted: Option<i64> = self.run(conn.del(legacy)).await;
         let published: Option<i64> = self
             .run(conn.publish(self.channel(), hash.as_slice()))
             .await;
-        deleted.is_some() && published.is_some()
+        deleted.is_some() && legacy_deleted.is_some() && published.is_some()
     }
 
     /// `suffix` under this cache's key prefix.

@@ -110,10 +110,11 @@ impl Store {
     pub async fn connect_without_migrations(url: &str) -> Result<Store, StoreError> {
         let acquire = Duration::from_secs(3);
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            // Timestamps are `TIMESTAMP` (no zone) holding UTC: make the
-            // session's NOW() and CURRENT_TIMESTAMP UTC too, whatever the
-            // server's zone, so hand-written SQL agrees with frps.
-            let opts = PgConnectOptions::from_str(url)?.options([("timezone", "UTC")]);
+            // Timestamps are `TIMESTAMP` (no zone) holding UTC. sqlx starts
+            // every session with `TimeZone=UTC` (a startup parameter that
+            // poolers such as PgBouncer pass on), so NOW() and column
+            // defaults are UTC whatever the server's zone; a test holds it.
+            let opts = PgConnectOptions::from_str(url)?;
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(acquire)

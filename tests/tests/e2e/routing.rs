@@ -285,8 +285,8 @@ async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
     let to_any = tokio::spawn(async move { post(addr, "/v1/chat/completions", chat("m")).await });
     frpx_tests::eventually("both wait", || state.queues.total() == 2).await;
     assert_eq!(state.queues.depths(), vec![("m:latest".to_owned(), 2)]);
-    // y frees its slot: the unpinned request takes it, though the pinned
-    // one (which cannot use it) was woken first.
+    // y frees its slot: the unpinned request takes it (it used to wait in
+    // one queue behind the pinned one, which was woken and could not).
     b.backends["y"].release_holds();
     held.remove("y").unwrap().collect().await.unwrap();
     let reply = tokio::time::timeout(WAIT, to_any)
