@@ -277,9 +277,7 @@ pub fn retry_after(queue_timeout: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::NewClient;
     use crate::server::BoundAddrs;
-    use common::{ModelInfo, Registration};
     use futures_util::FutureExt;
 
     async fn state() -> (Arc<State>, std::path::PathBuf) {
@@ -299,29 +297,7 @@ mod tests {
     }
 
     fn add(state: &State, id: &str) -> Arc<ClientHandle> {
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        state
-            .registry
-            .insert(NewClient {
-                registration: Registration {
-                    client_id: id.into(),
-                    models: vec![ModelInfo {
-                        name: "m".into(),
-                        size: None,
-                    }],
-                    max_concurrency: Some(1),
-                    ..Default::default()
-                },
-                remote_addr: "127.0.0.1:1".parse().unwrap(),
-                control_tx: tx,
-                owner: crate::auth::Principal {
-                    user_id: 1,
-                    email: "a@b".into(),
-                    token_id: None,
-                },
-                session_key: String::new(),
-            })
-            .unwrap()
+        crate::registry::testing::add(&state.registry, id, &["m"], Some(1))
     }
 
     #[tokio::test]

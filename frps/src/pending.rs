@@ -182,28 +182,11 @@ impl Drop for Waiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{NewClient, Registry};
-    use common::Registration;
+    use crate::registry::Registry;
     use tokio::net::{TcpListener, TcpStream};
-    use tokio::sync::mpsc;
 
     fn client(reg: &Registry, id: &str) -> Arc<ClientHandle> {
-        let (tx, _rx) = mpsc::channel(1);
-        reg.insert(NewClient {
-            registration: Registration {
-                client_id: id.into(),
-                ..Default::default()
-            },
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
-            control_tx: tx,
-            owner: crate::auth::Principal {
-                user_id: 1,
-                email: "a@b".into(),
-                token_id: None,
-            },
-            session_key: format!("key-{id}"),
-        })
-        .expect("one owner in these tests")
+        crate::registry::testing::add(reg, id, &[], None)
     }
 
     async fn stream() -> Stream {

@@ -356,29 +356,59 @@ impl Registry {
     }
 }
 
+/// Clients for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A registration of `id` (account 1, session key `key-<id>`) serving
+    /// `models`, at most `max` at once; and its control channel's far end.
+    pub fn new_client(
+        id: &str,
+        models: &[&str],
+        max: Option<u32>,
+    ) -> (NewClient, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(4);
+        let models = models
+            .iter()
+            .map(|m| common::ModelInfo {
+                name: m.to_string(),
+                size: None,
+            })
+            .collect();
+        let new = NewClient {
+            registration: Registration {
+                client_id: id.into(),
+                models,
+                max_concurrency: max,
+                ..Default::default()
+            },
+            remote_addr: "127.0.0.1:1".parse().unwrap(),
+            control_tx: tx,
+            session_key: format!("key-{id}"),
+            owner: Principal {
+                user_id: 1,
+                email: "a@b".into(),
+                token_id: None,
+            },
+        };
+        (new, rx)
+    }
+
+    /// Registers [`new_client`] in `reg`.
+    pub fn add(reg: &Registry, id: &str, models: &[&str], max: Option<u32>) -> Arc<ClientHandle> {
+        reg.insert(new_client(id, models, max).0)
+            .expect("one owner in these tests")
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::testing::new_client as client_with;
     use super::*;
 
     fn new_client(id: &str) -> (NewClient, mpsc::Receiver<Command>) {
-        let (tx, rx) = mpsc::channel(4);
-        (
-            NewClient {
-                registration: Registration {
-                    client_id: id.into(),
-                    ..Default::default()
-                },
-                remote_addr: "127.0.0.1:1".parse().unwrap(),
-                control_tx: tx,
-                session_key: "k".into(),
-                owner: Principal {
-                    user_id: 1,
-                    email: "a@b".into(),
-                    token_id: None,
-                },
-            },
-            rx,
-        )
+        client_with(id, &[], None)
     }
 
     #[test]

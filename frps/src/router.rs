@@ -151,37 +151,8 @@ fn choose(eligible: &[&Arc<ClientHandle>], balance: Balance) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::NewClient;
-    use common::{ModelInfo, Registration};
+    use crate::registry::testing::add;
     use std::collections::{HashMap, HashSet};
-    use tokio::sync::mpsc;
-
-    fn add(reg: &Registry, id: &str, models: &[&str], max: Option<u32>) -> Arc<ClientHandle> {
-        let (tx, _rx) = mpsc::channel(1);
-        reg.insert(NewClient {
-            registration: Registration {
-                client_id: id.into(),
-                models: models
-                    .iter()
-                    .map(|m| ModelInfo {
-                        name: m.to_string(),
-                        size: None,
-                    })
-                    .collect(),
-                max_concurrency: max,
-                ..Default::default()
-            },
-            remote_addr: "127.0.0.1:1".parse().unwrap(),
-            control_tx: tx,
-            owner: crate::auth::Principal {
-                user_id: 1,
-                email: "a@b".into(),
-                token_id: None,
-            },
-            session_key: String::new(),
-        })
-        .expect("one owner in these tests")
-    }
 
     fn want(model: Option<&str>) -> Want<'_> {
         Want {
