@@ -208,7 +208,8 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
     let pick = || router::pick(&state.registry, balance, want);
     // Arrivals queue behind earlier waiters, so the queue is served in
     // order; when it is full, one that a free slot fits right now takes it.
-    if state.queues.waiting(&key) == 0 || state.queues.waiting(&key) >= state.config.queue_max {
+    let waiting = state.queues.waiting(&key);
+    if waiting == 0 || waiting >= state.config.queue_max {
         match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
