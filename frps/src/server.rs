@@ -111,6 +111,7 @@ impl Server {
         ));
         state.tasks.spawn(public::run(public, state.clone()));
         state.tasks.spawn(trim_after_bursts(state.clone()));
+        state.tasks.spawn(purge_dead_tokens(state.clone()));
         state
             .tasks
             .spawn(crate::upstream::expire_idle(state.clone()));
@@ -153,6 +154,31 @@ impl Server {
         }
         info!("frps stopped");
         Ok(())
+    }
+}
+
+/// How long revoked and expired client tokens stay listed before they are
+/// deleted.
+pub const DEAD_TOKENS_KEPT: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// At start and then daily, deletes client tokens revoked or expired more
+/// than [`DEAD_TOKENS_KEPT`] ago (every password login adds one, so the
+/// table would otherwise only grow).
+async fn purge_dead_tokens(state: Arc<State>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let keep = chrono::Duration::from_std(DEAD_TOKENS_KEPT).expect("30 days");
+        let cutoff = chrono::Utc::now().naive_utc() - keep;
+        match state.store.purge_client_tokens(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => info!("deleted {n} client tokens revoked or expired over 30 days ago"),
+            Err(e) => warn!("cannot delete old client tokens: {e}"),
+        }
     }
 }
 

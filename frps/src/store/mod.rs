@@ -372,6 +372,15 @@ impl Store {
         })
     }
 
+    /// Deletes the tokens revoked or expired before `cutoff` (they can never
+    /// log in again; newer ones stay listed for a while, for the record).
+    /// Returns how many went.
+    pub async fn purge_client_tokens(&self, cutoff: NaiveDateTime) -> Result<u64, StoreError> {
+        const SQL: &str = "DELETE FROM client_tokens
+            WHERE revoked_at < $1 OR (revoked_at IS NULL AND expires_at < $1)";
+        Ok(on_pool!(self, p => sqlx::query(SQL).bind(cutoff).execute(p).await?.rows_affected()))
+    }
+
     /// Revokes tokens whose id or visible prefix is `needle`, or every token
     /// of the user with that email; returns how many were revoked.
     pub async fn revoke_client_tokens(&self, needle: &str) -> Result<u64, StoreError> {

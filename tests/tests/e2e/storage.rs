@@ -707,6 +707,68 @@ async fn revoking_a_token_ends_its_session_and_a_password_change_ends_them_all()
 }
 
 #[tokio::test]
+async fn tokens_dead_for_30_days_are_deleted_at_start() {
+    let mut cfg = frps_config();
+    cfg.database_url = frpx_tests::temp_sqlite_url();
+    let frps = Frps::start(cfg.clone()).await;
+    let store = frps.state.store.clone();
+    let user = frps.user_id;
+    let day = chrono::Duration::days(1);
+    let now = chrono::Utc::now().naive_utc();
+    for (id, expires) in [
+        ("live", None),
+        ("expired-long-ago", Some(now - day * 40)),
+        ("expired-lately", Some(now - day)),
+        ("revoked-long-ago", None),
+        ("revoked-lately", None),
+    ] {
+        store
+            .insert_client_token(id, &format!("hash-{id}"), id, user, expires)
+            .await
+            .unwrap();
+    }
+    let long_ago = (now - day * 40).format("%Y-%m-%d %H:%M:%S");
+    exec(
+        &store,
+        &format!(
+            "UPDATE client_tokens SET revoked_at = '{long_ago}' WHERE id = 'revoked-long-ago'"
+        ),
+    )
+    .await;
+    store.revoke_client_tokens("revoked-lately").await.unwrap();
+    frps.stop().await;
+
+    // The next start deletes what can never log in again and is old.
+    let frps = Frps::start(cfg).await;
+    let store = frps.state.store.clone();
+    frpx_tests::eventually_async("old dead tokens are deleted", || {
+        let store = store.clone();
+        async move {
+            let ids: Vec<String> = store
+                .list_client_tokens(false)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|t| t.id)
+                .collect();
+            !ids.iter().any(|id| id.ends_with("long-ago"))
+        }
+    })
+    .await;
+    let mut ids: Vec<String> = store
+        .list_client_tokens(false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .filter(|id| ["live", "expired-lately", "revoked-lately"].contains(&id.as_str()))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["expired-lately", "live", "revoked-lately"]);
+    frps.stop().await;
+}
+
+#[tokio::test]
 async fn emails_match_in_any_letter_case() {
     let frps = Frps::start_default().await;
     let cfg = frps.state.config.clone();
