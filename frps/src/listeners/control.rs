@@ -103,6 +103,26 @@ async fn session(
         }
     };
 
+    // Plugins may have taken a while: a client that gave up meanwhile (its
+    // connection closed) is not registered, so it cannot replace the
+    // session it opened since with the same id.
+    match tokio::time::timeout(Duration::ZERO, reader.read_command()).await {
+        Err(_) => {}
+        Ok(Ok(None)) => return Err(ControlError::ClosedEarly),
+        Ok(Ok(Some(other))) => {
+            let reason = format!("expected nothing before Registered, got {}", other.name());
+            let _ = send(
+                wr,
+                &Command::Error {
+                    message: reason.clone(),
+                },
+                hs,
+            )
+            .await;
+            return Err(ControlError::Refused(reason));
+        }
+        Ok(Err(e)) => return Err(e.into()),
+    }
     let (tx, rx) = mpsc::channel(64);
     let session_key = random_hex(32);
     let new = NewClient {

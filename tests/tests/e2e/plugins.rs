@@ -241,6 +241,43 @@ async fn every_operation_is_called_with_frps_documented_fields() {
 }
 
 #[tokio::test]
+async fn a_client_that_left_while_plugins_decided_is_not_registered() {
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(500))).await;
+    let frps = frps_with(
+        vec![plugin.spec("slow", &["NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let changes = *frps.state.registry.subscribe().borrow();
+    let mut c = FakeClient::connect(frps.addrs.control).await;
+    c.send(Command::LoginToken {
+        token: frps.client_token().await,
+    })
+    .await;
+    assert!(matches!(
+        c.recv().await,
+        Some(Command::LoginResult { ok: true, .. })
+    ));
+    // frps's own tasks plus this connection's.
+    let with_connection = frps.state.tasks.len();
+    c.send(Command::Register(registration("quitter"))).await;
+    plugin.wait_for("NewProxy").await;
+    // Gives up while the plugin is still thinking.
+    drop(c);
+    frpx_tests::eventually("frps is done with the connection", || {
+        frps.state.tasks.len() == with_connection - 1
+    })
+    .await;
+    assert_eq!(
+        *frps.state.registry.subscribe().borrow(),
+        changes,
+        "never registered (not even briefly)"
+    );
+    let asset = frps.state.store.gpu_asset("machine-quitter").await.unwrap();
+    assert!(asset.is_none(), "{asset:?}");
+}
+
+#[tokio::test]
 async fn frpc_waits_for_plugins_that_answer_within_their_timeout() {
     // Login and NewProxy each take most of their 3 s: over 5 s together,
     // longer than frps's own frame deadline.
