@@ -491,17 +491,13 @@ async fn forward(
                         // Part of a streamed body went out: it cannot be
                         // replayed. The caller's body failing is not the
                         // client's fault.
-                        if let Some(CallerBodyError::Stalled(gap)) = caller_body_error(&error) {
-                            return body_stalled(*gap);
-                        }
-                        if caller_body_error(&error).is_some() {
-                            debug!(client = %client.id, "the caller's body failed: {reason}");
-                            return error_response(
-                                StatusCode::BAD_REQUEST,
-                                &format!("could not read the request body: {reason}"),
-                                "invalid_request_error",
-                                "bad_body",
-                            );
+                        match caller_body_error(&error) {
+                            Some(CallerBodyError::Stalled(gap)) => return body_stalled(*gap),
+                            Some(CallerBodyError::Read(_)) => {
+                                debug!(client = %client.id, "the caller's body failed: {reason}");
+                                return bad_body(&reason);
+                            }
+                            None => {}
                         }
                         Stats::inc(&state.stats.upstream_errors);
                         warn!(client = %client.id, "upstream request failed: {reason}");
@@ -552,12 +548,7 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<Bytes, Response<
             Err(_) => return Err(body_stalled(gap)),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
-                return Err(error_response(
-                    StatusCode::BAD_REQUEST,
-                    &format!("could not read the request body: {e}"),
-                    "invalid_request_error",
-                    "bad_body",
-                ));
+                return Err(bad_body(&e));
             }
             Ok(Some(Ok(frame))) => frame,
         };
@@ -596,6 +587,16 @@ fn caller_body_error(error: &hyper::Error) -> Option<&CallerBodyError> {
         source = e.source();
     }
     None
+}
+
+/// 400 for a request body that could not be read.
+fn bad_body(e: &dyn std::fmt::Display) -> Response<PublicBody> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        &format!("could not read the request body: {e}"),
+        "invalid_request_error",
+        "bad_body",
+    )
 }
 
 /// 408 for a request body that stopped arriving.

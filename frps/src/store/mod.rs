@@ -21,6 +21,14 @@ macro_rules! api_key_columns {
     };
 }
 
+/// The columns of a `ClientTokenRow`: client tokens with their owner's email.
+macro_rules! client_token_select {
+    () => {
+        "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+            FROM client_tokens t JOIN users u ON u.id = t.user_id"
+    };
+}
+
 /// A key to store (its hash is passed beside it).
 #[derive(Debug, Clone, Copy)]
 pub struct NewApiKey<'a> {
@@ -331,8 +339,7 @@ impl Store {
         &self,
         hash_hex: &str,
     ) -> Result<Option<ClientTokenRow>, StoreError> {
-        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
-            FROM client_tokens t JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1";
+        const SQL: &str = concat!(client_token_select!(), " WHERE t.token_hash = $1");
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(hash_hex).fetch_optional(p).await?))
     }
 
@@ -341,8 +348,7 @@ impl Store {
         &self,
         id: &str,
     ) -> Result<Option<ClientTokenRow>, StoreError> {
-        const SQL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
-            FROM client_tokens t JOIN users u ON u.id = t.user_id WHERE t.id = $1";
+        const SQL: &str = concat!(client_token_select!(), " WHERE t.id = $1");
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(id).fetch_optional(p).await?))
     }
 
@@ -359,12 +365,13 @@ impl Store {
         &self,
         active_only: bool,
     ) -> Result<Vec<ClientTokenRow>, StoreError> {
-        const ALL: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
-            FROM client_tokens t JOIN users u ON u.id = t.user_id ORDER BY t.created_at DESC";
-        const ACTIVE: &str = "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
-            FROM client_tokens t JOIN users u ON u.id = t.user_id
+        const ALL: &str = concat!(client_token_select!(), " ORDER BY t.created_at DESC");
+        const ACTIVE: &str = concat!(
+            client_token_select!(),
+            "
             WHERE t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $1)
-            ORDER BY t.created_at DESC";
+            ORDER BY t.created_at DESC"
+        );
         Ok(if active_only {
             on_pool!(self, p => sqlx::query_as(ACTIVE).bind(now()).fetch_all(p).await?)
         } else {
