@@ -97,15 +97,19 @@ impl Server {
             addrs.control, addrs.proxy, addrs.public, addrs.api
         );
         state.tls.log_at_start();
+        // New clients are turned away once shutdown starts; dial-backs are
+        // taken until the public port has drained.
         state.tasks.spawn(listeners::accept_loop(
             "control",
             control,
+            state.shutdown.clone(),
             state.clone(),
             control::handle,
         ));
         state.tasks.spawn(listeners::accept_loop(
             "proxy",
             proxy,
+            state.drained.clone(),
             state.clone(),
             proxy::handle,
         ));

@@ -55,6 +55,10 @@ pub struct State {
     pub started_at: Instant,
     /// Cancelled when shutdown begins: listeners stop accepting.
     pub shutdown: CancellationToken,
+    /// Cancelled once the public port has drained (every public connection
+    /// ended) or the drain deadline passed: client sessions end and the
+    /// proxy port closes. Until then, requests still in line can be served.
+    pub drained: CancellationToken,
     /// Cancelled when the drain deadline passes: everything stops.
     pub hard_stop: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -122,6 +126,7 @@ impl State {
             queues: Queues::default(),
             started_at: Instant::now(),
             shutdown,
+            drained: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tasks,
             tls,

@@ -282,7 +282,9 @@ async fn serve(
     loop {
         tokio::select! {
             biased;
-            _ = state.shutdown.cancelled() => {
+            // Sessions outlive the start of shutdown: requests in flight
+            // or in line may still need a dial-back.
+            _ = state.drained.cancelled() => {
                 let _ = send(wr, &Command::Disconnect { reason: "server is shutting down".into() }, hs).await;
                 return Ok(());
             }

@@ -13,17 +13,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::limits::ConnLimiter;
 use crate::state::State;
 
-/// Accepts connections until shutdown, serving each with `handler` on the
-/// state's task tracker; connections over `--max-connections` (in total or
-/// per address) are closed at once.
+/// Accepts connections until `until` is cancelled, serving each with
+/// `handler` on the state's task tracker; connections over
+/// `--max-connections` (in total or per address) are closed at once.
 pub async fn accept_loop<F, Fut>(
     name: &'static str,
     listener: TcpListener,
+    until: CancellationToken,
     state: Arc<State>,
     handler: F,
 ) where
@@ -36,7 +38,7 @@ pub async fn accept_loop<F, Fut>(
     );
     loop {
         tokio::select! {
-            _ = state.shutdown.cancelled() => break,
+            _ = until.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let guard = match limiter.try_acquire(peer.ip()) {

@@ -102,6 +102,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         _ = graceful.shutdown() => {}
         _ = state.hard_stop.cancelled() => {}
     }
+    state.drained.cancel();
 }
 
 /// The HTTP/1.1 settings of every public connection: keep-alive, with the

@@ -372,7 +372,19 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     let public = fleet.frps.public();
     let state = fleet.frps.state.clone();
     let stopping = tokio::spawn(fleet.frps.stop());
-    // Clients are told why they are dropped.
+    frpx_tests::eventually("the public port stops accepting", || {
+        std::net::TcpStream::connect(public).is_err()
+    })
+    .await;
+    assert!(state.shutdown.is_cancelled());
+    // Client sessions last while the public port drains.
+    assert!(!state.drained.is_cancelled());
+    // The in-flight stream still completes.
+    fleet.backends[0].release_sse();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, Bytes::from("data: last\n\n"));
+    drop(conn);
+    // Then clients are told why they are dropped.
     loop {
         match watcher.recv().await {
             Some(Command::Disconnect { reason }) => {
@@ -383,15 +395,7 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
             None => panic!("closed without a Disconnect"),
         }
     }
-    assert!(state.shutdown.is_cancelled());
-    frpx_tests::eventually("the public port stops accepting", || {
-        std::net::TcpStream::connect(public).is_err()
-    })
-    .await;
-    // The in-flight stream still completes.
-    fleet.backends[0].release_sse();
-    let rest = body.collect().await.unwrap().to_bytes();
-    assert_eq!(rest, Bytes::from("data: last\n\n"));
+    assert!(state.drained.is_cancelled());
     stopping.await.unwrap();
 }
 

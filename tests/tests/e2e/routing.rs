@@ -489,3 +489,45 @@ async fn a_caller_that_disconnects_cancels_the_upstream_request() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_request_queued_when_shutdown_starts_is_still_served() {
+    let b = boxes(frps_config(), &[("solo", &["m"], Some(1))]).await;
+    let Boxes {
+        frps,
+        backends,
+        clients: _clients,
+    } = b;
+    let state = frps.state.clone();
+    let addr = frps.public();
+    // The only slot is taken; a second request waits for it.
+    let (_, held) = hold(addr).await;
+    let queued = tokio::spawn(async move {
+        Conn::open(addr)
+            .await
+            .post("/sleep?ms=10", Some(API_KEY), chat("m"))
+            .await
+    });
+    frpx_tests::eventually("the request waits in line", || state.queues.total() == 1).await;
+
+    let stopping = tokio::spawn(frps.stop());
+    frpx_tests::eventually("the public port stops accepting", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    // While frps drains, the box stays registered and can still dial back:
+    // the queued request gets the slot once the first one ends.
+    backends["solo"].release_holds();
+    held.collect().await.unwrap();
+    let reply = queued.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        backends["solo"]
+            .seen()
+            .iter()
+            .filter(|s| s.path == "/sleep")
+            .count(),
+        1
+    );
+    stopping.await.unwrap();
+}
