@@ -1,43 +1,120 @@
 //! `/api/users`, `/api/tokens/active`.
 
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::Query;
 use axum::extract::State as AxState;
+use axum::extract::rejection::QueryRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use chrono::NaiveDateTime;
 
-use super::types::{Token, User};
-use super::{ApiError, ApiResult, ApiState, Envelope, ok};
+use super::types::{Page, Token, User};
+use super::{ApiError, ApiState, Envelope, ok};
+use crate::store::Window;
+
+/// Most entries one page holds (and how many a page without `limit` holds).
+pub const MAX_PAGE: u64 = 1000;
+
+/// A page of a listing, with a `Link` header to the next one.
+type Paged<T> = Result<(HeaderMap, Json<Envelope<Vec<T>>>), ApiError>;
 
 fn rfc3339(t: NaiveDateTime) -> String {
     t.and_utc().to_rfc3339()
 }
 
-/// Provider accounts (never password hashes).
-#[utoipa::path(get, path = "/api/users", tag = "accounts",
-    responses((status = 200, body = Envelope<Vec<User>>), (status = 503, body = Envelope<String>)))]
-pub async fn users(AxState(state): ApiState) -> ApiResult<Vec<User>> {
-    let rows = state.store.list_users().await.map_err(ApiError::database)?;
-    let clients = state.registry.all();
+/// The window a request's `?limit=&offset=` asks for, one row more than
+/// the page (to tell whether another page follows).
+fn window(query: Result<Query<Page>, QueryRejection>) -> Result<(u64, u64), ApiError> {
+    let Query(page) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("bad paging parameters: {}", e.body_text()),
+        )
+    })?;
+    let limit = page.limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1 to {MAX_PAGE}"),
+        ));
+    }
+    Ok((page.offset.unwrap_or(0), limit))
+}
+
+/// Cuts `rows` (fetched with one extra) to `limit`; returns the message's
+/// tail and the headers naming the next page when there is one.
+fn finish<T>(path: &str, offset: u64, limit: u64, rows: &mut Vec<T>) -> (HeaderMap, String) {
+    let mut headers = HeaderMap::new();
+    if rows.len() as u64 <= limit {
+        return (headers, String::new());
+    }
+    rows.truncate(limit as usize);
+    let next = offset.saturating_add(limit);
+    let link = format!("<{path}?limit={limit}&offset={next}>; rel=\"next\"");
+    headers.insert(
+        header::LINK,
+        HeaderValue::from_str(&link).expect("digits and a fixed path"),
+    );
+    (headers, format!("; more from offset {next}"))
+}
+
+/// Provider accounts (never password hashes), oldest first.
+#[utoipa::path(get, path = "/api/users", tag = "accounts", params(Page),
+    responses((status = 200, body = Envelope<Vec<User>>), (status = 400, body = Envelope<String>),
+        (status = 503, body = Envelope<String>)))]
+pub async fn users(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Paged<User> {
+    let (offset, limit) = window(query)?;
+    let mut rows = state
+        .store
+        .list_users_in(Window {
+            offset,
+            limit: limit + 1,
+        })
+        .await
+        .map_err(ApiError::database)?;
+    let (headers, more) = finish("/api/users", offset, limit, &mut rows);
+    let mut online: HashMap<i64, usize> = HashMap::new();
+    for client in state.registry.all() {
+        *online.entry(client.owner.user_id).or_default() += 1;
+    }
     let users: Vec<_> = rows
         .into_iter()
         .map(|u| User {
-            clients_online: clients.iter().filter(|c| c.owner.user_id == u.id).count(),
+            clients_online: online.get(&u.id).copied().unwrap_or(0),
             id: u.id,
             email: u.email,
             created_at: rfc3339(u.created_at),
         })
         .collect();
     let n = users.len();
-    Ok(ok(users, &format!("{n} user(s)")))
+    Ok((headers, ok(users, &format!("{n} user(s){more}"))))
 }
 
-/// Usable client tokens, masked to their visible prefix.
-#[utoipa::path(get, path = "/api/tokens/active", tag = "accounts",
-    responses((status = 200, body = Envelope<Vec<Token>>), (status = 503, body = Envelope<String>)))]
-pub async fn active_tokens(AxState(state): ApiState) -> ApiResult<Vec<Token>> {
-    let rows = state
+/// Usable client tokens, masked to their visible prefix, newest first.
+#[utoipa::path(get, path = "/api/tokens/active", tag = "accounts", params(Page),
+    responses((status = 200, body = Envelope<Vec<Token>>), (status = 400, body = Envelope<String>),
+        (status = 503, body = Envelope<String>)))]
+pub async fn active_tokens(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Paged<Token> {
+    let (offset, limit) = window(query)?;
+    let mut rows = state
         .store
-        .list_client_tokens(true)
+        .list_client_tokens_in(
+            true,
+            Window {
+                offset,
+                limit: limit + 1,
+            },
+        )
         .await
         .map_err(ApiError::database)?;
+    let (headers, more) = finish("/api/tokens/active", offset, limit, &mut rows);
     let tokens: Vec<_> = rows
         .into_iter()
         .map(|t| Token {
@@ -50,5 +127,5 @@ pub async fn active_tokens(AxState(state): ApiState) -> ApiResult<Vec<Token>> {
         })
         .collect();
     let n = tokens.len();
-    Ok(ok(tokens, &format!("{n} active token(s)")))
+    Ok((headers, ok(tokens, &format!("{n} active token(s){more}"))))
 }

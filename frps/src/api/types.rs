@@ -338,3 +338,15 @@ pub struct FleetModel {
     /// Size in bytes, when reported.
     pub size: Option<u64>,
 }
+
+/// Paging of `/api/users` and `/api/tokens/active`: `?limit=&offset=`.
+/// When more rows follow, the response carries
+/// `Link: <…?limit=L&offset=O>; rel="next"`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct Page {
+    /// Most entries returned, 1 to 1000 (default 1000).
+    pub limit: Option<u64>,
+    /// Entries skipped (default 0).
+    pub offset: Option<u64>,
+}

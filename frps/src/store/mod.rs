@@ -29,6 +29,32 @@ macro_rules! client_token_select {
     };
 }
 
+/// A slice of a listing: at most `limit` rows after skipping `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Rows skipped.
+    pub offset: u64,
+    /// Most rows returned.
+    pub limit: u64,
+}
+
+impl Window {
+    /// Every row.
+    pub const ALL: Window = Window {
+        offset: 0,
+        limit: i64::MAX as u64,
+    };
+
+    // SQL takes signed 64-bit numbers; larger values mean "no bound".
+    fn limit(self) -> i64 {
+        i64::try_from(self.limit).unwrap_or(i64::MAX)
+    }
+
+    fn offset(self) -> i64 {
+        i64::try_from(self.offset).unwrap_or(i64::MAX)
+    }
+}
+
 /// A key to store (its hash is passed beside it).
 #[derive(Debug, Clone, Copy)]
 pub struct NewApiKey<'a> {
@@ -302,8 +328,16 @@ impl Store {
 
     /// Every user, oldest first.
     pub async fn list_users(&self) -> Result<Vec<UserRow>, StoreError> {
-        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users ORDER BY id";
-        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+        self.list_users_in(Window::ALL).await
+    }
+
+    /// The users in `window`, oldest first.
+    pub async fn list_users_in(&self, window: Window) -> Result<Vec<UserRow>, StoreError> {
+        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
+            ORDER BY id LIMIT $1 OFFSET $2";
+        Ok(
+            on_pool!(self, p => sqlx::query_as(SQL).bind(window.limit()).bind(window.offset()).fetch_all(p).await?),
+        )
     }
 
     /// Replaces a user's password hash; false when no such user.
@@ -365,17 +399,30 @@ impl Store {
         &self,
         active_only: bool,
     ) -> Result<Vec<ClientTokenRow>, StoreError> {
-        const ALL: &str = concat!(client_token_select!(), " ORDER BY t.created_at DESC");
+        self.list_client_tokens_in(active_only, Window::ALL).await
+    }
+
+    /// The client tokens in `window`, newest first (ties by id).
+    pub async fn list_client_tokens_in(
+        &self,
+        active_only: bool,
+        window: Window,
+    ) -> Result<Vec<ClientTokenRow>, StoreError> {
+        const ALL: &str = concat!(
+            client_token_select!(),
+            " ORDER BY t.created_at DESC, t.id LIMIT $1 OFFSET $2"
+        );
         const ACTIVE: &str = concat!(
             client_token_select!(),
             "
             WHERE t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $1)
-            ORDER BY t.created_at DESC"
+            ORDER BY t.created_at DESC, t.id LIMIT $2 OFFSET $3"
         );
+        let (limit, offset) = (window.limit(), window.offset());
         Ok(if active_only {
-            on_pool!(self, p => sqlx::query_as(ACTIVE).bind(now()).fetch_all(p).await?)
+            on_pool!(self, p => sqlx::query_as(ACTIVE).bind(now()).bind(limit).bind(offset).fetch_all(p).await?)
         } else {
-            on_pool!(self, p => sqlx::query_as(ALL).fetch_all(p).await?)
+            on_pool!(self, p => sqlx::query_as(ALL).bind(limit).bind(offset).fetch_all(p).await?)
         })
     }
 

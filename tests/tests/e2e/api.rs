@@ -445,3 +445,74 @@ async fn the_dashboard_renders_a_row_per_client() {
     assert!(dom.contains("model-of-client-1"));
     assert!(!dom.contains("No client is connected.\"") || dom.contains("hidden"));
 }
+
+#[tokio::test]
+async fn users_and_tokens_come_in_pages() {
+    let fleet = fleet_with_admin(0).await;
+    let store = &fleet.frps.state.store;
+    for i in 1..=4 {
+        store
+            .create_user(&format!("user{i}@example.com"), "not-a-hash")
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        fleet.frps.client_token().await;
+    }
+
+    // Without parameters: everything, no next page.
+    let all = api(&fleet, "GET", "/api/users").await;
+    assert_eq!(assert_envelope(&all, true).as_array().unwrap().len(), 5);
+    assert!(all.headers.get("link").is_none());
+
+    // Pages of two, followed through their `Link` headers.
+    let mut path = "/api/users?limit=2".to_owned();
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = api(&fleet, "GET", &path).await;
+        let data = assert_envelope(&page, true);
+        ids.extend(
+            data.as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u["id"].as_i64().unwrap()),
+        );
+        pages += 1;
+        let Some(link) = page.headers.get("link") else {
+            break;
+        };
+        let link = link.to_str().unwrap();
+        assert!(link.ends_with(">; rel=\"next\""), "{link}");
+        assert!(
+            page.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("more from offset")
+        );
+        path = link[1..link.find('>').unwrap()].to_owned();
+        assert!(pages < 5, "pages never end: {path}");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(ids.len(), 5);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "oldest first, no repeats: {ids:?}"
+    );
+
+    let tokens = api(&fleet, "GET", "/api/tokens/active?limit=2&offset=4").await;
+    assert_eq!(assert_envelope(&tokens, true).as_array().unwrap().len(), 1);
+    assert!(tokens.headers.get("link").is_none());
+    let tokens = api(&fleet, "GET", "/api/tokens/active?limit=3").await;
+    assert_eq!(assert_envelope(&tokens, true).as_array().unwrap().len(), 3);
+    assert_eq!(
+        tokens.headers.get("link").unwrap(),
+        "</api/tokens/active?limit=3&offset=3>; rel=\"next\""
+    );
+
+    for bad in ["limit=0", "limit=1001", "limit=two", "offset=-1"] {
+        let reply = api(&fleet, "GET", &format!("/api/users?{bad}")).await;
+        assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
+        assert_envelope(&reply, false);
+    }
+}

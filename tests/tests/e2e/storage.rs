@@ -1145,3 +1145,70 @@ async fn admin_commands_manage_users_keys_and_tokens() {
     );
     store.close().await;
 }
+
+async fn listings_page(url: &str) {
+    use frps::store::Window;
+    let store = Store::connect(url).await.unwrap();
+    let mut users = Vec::new();
+    for i in 0..5 {
+        let user = store
+            .create_user(&format!("page{i}@example.com"), "not-a-hash")
+            .await
+            .unwrap();
+        users.push(user.id);
+        let s = frps::auth::secret::generate("frpxc");
+        store
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, None)
+            .await
+            .unwrap();
+    }
+    let page = |offset, limit| Window { offset, limit };
+    let ids = |rows: Vec<frps::store::UserRow>| rows.into_iter().map(|u| u.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_users_in(page(0, 2)).await.unwrap()),
+        users[..2]
+    );
+    assert_eq!(
+        ids(store.list_users_in(page(2, 2)).await.unwrap()),
+        users[2..4]
+    );
+    assert_eq!(
+        ids(store.list_users_in(page(4, 2)).await.unwrap()),
+        users[4..]
+    );
+    assert!(store.list_users_in(page(9, 2)).await.unwrap().is_empty());
+    assert_eq!(ids(store.list_users_in(Window::ALL).await.unwrap()), users);
+
+    // Tokens: pages of one another, newest first, together the whole list.
+    let all: Vec<String> = store
+        .list_client_tokens(true)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(all.len(), 5);
+    let mut paged = Vec::new();
+    for offset in (0..5).step_by(2) {
+        let rows = store
+            .list_client_tokens_in(true, page(offset, 2))
+            .await
+            .unwrap();
+        paged.extend(rows.into_iter().map(|t| t.id));
+    }
+    assert_eq!(paged, all);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn listings_page_on_sqlite() {
+    listings_page(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn listings_page_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    listings_page(&pg.url).await;
+}
