@@ -127,28 +127,22 @@ impl Queues {
     }
 
     /// A slot on `client` freed: wake the first waiter of each queue that
-    /// can use it.
+    /// can use it (requests naming no model or one the client serves, not
+    /// pinned to another client). Allocates nothing under the lock.
     pub fn slot_freed(&self, client: &ClientHandle) {
         let queues = self.queues.lock().expect("queues lock");
         if queues.is_empty() {
             return;
         }
-        let wake = |model: &str| {
-            for key in [
-                QueueKey::new(model, None, false),
-                QueueKey::new(model, None, true),
-                QueueKey::new(model, Some(&client.id), false),
-            ] {
-                if let Some(q) = queues.get(&key) {
+        client.with_models(|models| {
+            for (key, q) in queues.iter() {
+                let mine = key.pinned.as_deref().is_none_or(|id| id == client.id);
+                let usable =
+                    key.model == ANY || models.iter().any(|m| router::names(&m.name, &key.model));
+                if mine && usable {
                     q.freed.fetch_add(1, Ordering::AcqRel);
                     q.notify.notify_one();
                 }
-            }
-        };
-        wake(ANY);
-        client.with_models(|models| {
-            for m in models {
-                wake(&normalize(&m.name));
             }
         });
     }
@@ -336,6 +330,37 @@ mod tests {
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_freed_slot_wakes_the_queues_its_client_can_serve() {
+        let registry = crate::registry::Registry::default();
+        let x = crate::registry::testing::add(&registry, "x", &["m", "n:7b"], Some(1));
+        let queues = Queues::default();
+        let join = |model, pinned, retry| {
+            queues
+                .join(QueueKey::new(model, pinned, retry), 10)
+                .expect("room")
+        };
+        let woken = [
+            join("m:latest", None, false),
+            join("m:latest", None, true),
+            join("m:latest", Some("x"), false),
+            join("n:7b", None, false),
+            join(ANY, None, false),
+        ];
+        let left = [
+            join("m:latest", Some("y"), false),
+            join("n:latest", None, false),
+            join("other:latest", None, false),
+        ];
+        queues.slot_freed(&x);
+        for w in &woken {
+            assert_eq!(w.queue.freed.load(Ordering::Acquire), 1, "{:?}", w.key);
+        }
+        for w in &left {
+            assert_eq!(w.queue.freed.load(Ordering::Acquire), 0, "{:?}", w.key);
+        }
     }
 
     #[test]

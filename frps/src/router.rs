@@ -49,20 +49,33 @@ pub enum NoPick {
 /// Normalises a model name the way Ollama does: a name without a tag means
 /// `:latest` (`llama3` is `llama3:latest`).
 pub fn normalize(model: &str) -> std::borrow::Cow<'_, str> {
+    match trim_and_tag(model) {
+        (name, true) => std::borrow::Cow::Borrowed(name),
+        (name, false) => std::borrow::Cow::Owned(format!("{name}:latest")),
+    }
+}
+
+/// The name without surrounding blanks, and whether it carries a tag.
+fn trim_and_tag(model: &str) -> (&str, bool) {
     let name = model.trim();
     // A tag is a `:` after the last `/` (registry hosts may carry ports).
     let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') {
-        std::borrow::Cow::Borrowed(name)
-    } else {
-        std::borrow::Cow::Owned(format!("{name}:latest"))
+    (name, last.contains(':'))
+}
+
+/// Whether `name` normalises to `normalized` (a [`normalize`]d name),
+/// without allocating.
+pub fn names(name: &str, normalized: &str) -> bool {
+    match trim_and_tag(name) {
+        (name, true) => name == normalized,
+        (name, false) => normalized.strip_suffix(":latest") == Some(name),
     }
 }
 
 /// Whether `client` reports `model`.
 pub fn serves(client: &ClientHandle, model: &str) -> bool {
     let want = normalize(model);
-    client.with_models(|models| models.iter().any(|m| normalize(&m.name) == want))
+    client.with_models(|models| models.iter().any(|m| names(&m.name, &want)))
 }
 
 /// Chooses a client for `want` with `balance`, reserving one of its
@@ -164,6 +177,26 @@ mod tests {
     #[test]
     fn names_normalise_like_ollama() {
         assert_eq!(normalize("llama3"), "llama3:latest");
+        for (name, other) in [
+            ("llama3", "llama3:latest"),
+            (" llama3 ", "llama3"),
+            ("llama3:8b", "llama3:latest"),
+            (
+                "registry:5000/team/model",
+                "registry:5000/team/model:latest",
+            ),
+            ("registry:5000/team/model:v2", "registry:5000/team/model"),
+            ("a", "b:latest"),
+            ("", ":latest"),
+        ] {
+            for (a, b) in [(name, other), (other, name), (name, name)] {
+                assert_eq!(
+                    names(a, &normalize(b)),
+                    normalize(a) == normalize(b),
+                    "{a} / {b}"
+                );
+            }
+        }
         assert_eq!(normalize("llama3:latest"), "llama3:latest");
         assert_eq!(normalize("qwen2.5:1.5b"), "qwen2.5:1.5b");
         assert_eq!(
