@@ -140,6 +140,9 @@ impl Server {
             .is_err()
         {
             warn!("shutdown deadline passed; closing remaining connections");
+            // Clients hear why before their connections close.
+            state.drained.cancel();
+            let _ = tokio::time::timeout(GOODBYE, state.registry.until_empty()).await;
         }
         state.hard_stop.cancel();
         for client in state.registry.all() {
@@ -189,6 +192,10 @@ async fn purge_dead_tokens(state: Arc<State>) {
 /// How long tasks get to end after the shutdown deadline has closed every
 /// connection.
 const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long client sessions get, after the drain deadline, to send their
+/// `Disconnect` before every connection is closed.
+const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Once a second, looks at the open public connections and registered
 /// clients; when a burst of them has ended, hands the memory they used back

@@ -403,7 +403,14 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
 async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
     let mut cfg = frps_config();
     cfg.shutdown_timeout = Duration::from_millis(300);
+    cfg.heartbeat_interval = Duration::from_secs(30);
     let fleet = Fleet::start_with(1, cfg).await;
+    let (mut watcher, _) = FakeClient::register(
+        fleet.frps.addrs.control,
+        &fleet.frps.client_token().await,
+        "watcher",
+    )
+    .await;
     // 32 MiB echoed back to a caller that never reads: frps's writes to it
     // block once the socket buffers are full.
     let size = 32 << 20;
@@ -424,6 +431,17 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
     .await;
     // `stop` fails the test unless frps ends within its wait.
     fleet.frps.stop().await;
+    // Past the deadline too, clients hear why before their connections close.
+    loop {
+        match watcher.recv().await {
+            Some(Command::Disconnect { reason }) => {
+                assert!(reason.contains("shutting down"), "{reason}");
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("closed without a Disconnect"),
+        }
+    }
     drop(caller);
 }
 
