@@ -136,10 +136,10 @@ impl Queues {
         }
         client.with_models(|models| {
             for (key, q) in queues.iter() {
-                let mine = key.pinned.as_deref().is_none_or(|id| id == client.id);
-                let usable =
-                    key.model == ANY || models.iter().any(|m| router::names(&m.name, &key.model));
-                if mine && usable {
+                if key.pinned.as_deref().is_some_and(|id| id != client.id) {
+                    continue;
+                }
+                if key.model == ANY || models.iter().any(|m| router::names(&m.name, &key.model)) {
                     q.freed.fetch_add(1, Ordering::AcqRel);
                     q.notify.notify_one();
                 }

@@ -351,16 +351,6 @@ impl Registry {
         self.changes.subscribe()
     }
 
-    /// Resolves once no client is registered.
-    pub async fn until_empty(&self) {
-        let mut changes = self.subscribe();
-        while !self.is_empty() {
-            if changes.changed().await.is_err() {
-                return;
-            }
-        }
-    }
-
     fn changed(&self) {
         self.changes.send_modify(|v| *v += 1);
     }

@@ -82,7 +82,9 @@ impl Server {
     }
 
     /// Serves until `state().shutdown` is cancelled, then drains in-flight
-    /// requests for at most `--shutdown-timeout` and returns.
+    /// requests for at most `--shutdown-timeout` and returns (past that
+    /// deadline, after at most `GOODBYE` (1 s) for client sessions to end and
+    /// `HARD_STOP_GRACE` (5 s) for every other task).
     pub async fn run(self) -> anyhow::Result<()> {
         let Server {
             state,
@@ -140,9 +142,11 @@ impl Server {
             .is_err()
         {
             warn!("shutdown deadline passed; closing remaining connections");
-            // Clients hear why before their connections close.
+            // Clients hear why, and their sessions clean up (marking their
+            // machines offline), before every connection closes.
             state.drained.cancel();
-            let _ = tokio::time::timeout(GOODBYE, state.registry.until_empty()).await;
+            state.sessions.close();
+            let _ = tokio::time::timeout(GOODBYE, state.sessions.wait()).await;
         }
         state.hard_stop.cancel();
         for client in state.registry.all() {
@@ -194,7 +198,7 @@ async fn purge_dead_tokens(state: Arc<State>) {
 const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long client sessions get, after the drain deadline, to send their
-/// `Disconnect` before every connection is closed.
+/// `Disconnect` and clean up before every connection is closed.
 const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Once a second, looks at the open public connections and registered

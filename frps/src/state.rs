@@ -53,7 +53,8 @@ pub struct State {
     pub queues: Queues,
     /// When the server started.
     pub started_at: Instant,
-    /// Cancelled when shutdown begins: listeners stop accepting.
+    /// Cancelled when shutdown begins: the public and control ports stop
+    /// accepting (the proxy port stays open until [`State::drained`]).
     pub shutdown: CancellationToken,
     /// Cancelled once the public port has drained (every public connection
     /// ended) or the drain deadline passed: client sessions end and the
@@ -63,6 +64,10 @@ pub struct State {
     pub hard_stop: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Control connections, up to the end of their clean-up (the
+    /// `gpu_assets` offline write, the `CloseProxy` plugin call), so the
+    /// drain deadline can let them finish it.
+    pub sessions: TaskTracker,
     /// TLS of the control, proxy and public ports.
     pub tls: crate::tls::Tls,
 }
@@ -129,6 +134,7 @@ impl State {
             drained: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tasks,
+            sessions: TaskTracker::new(),
             tls,
         })
     }

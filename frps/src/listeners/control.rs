@@ -37,6 +37,7 @@ enum ControlError {
 
 /// Serves one control connection until it closes.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
+    let _session = state.sessions.token();
     let span = info_span!("control", %peer);
     async move {
         let hs = state.config.handshake_timeout;

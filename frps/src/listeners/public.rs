@@ -45,6 +45,8 @@ const MIN_HEAD: usize = 8192;
 /// Accepts public connections until shutdown, then lets in-flight requests
 /// finish (up to `--shutdown-timeout`).
 pub async fn run(listener: TcpListener, state: Arc<State>) {
+    // However this ends, client sessions then wind down.
+    let _drained = state.drained.clone().drop_guard();
     let builder = http_builder(&state.config);
     let graceful = GracefulShutdown::new();
     let limiter = ConnLimiter::new(
@@ -102,7 +104,6 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         _ = graceful.shutdown() => {}
         _ = state.hard_stop.cancelled() => {}
     }
-    state.drained.cancel();
 }
 
 /// The HTTP/1.1 settings of every public connection: keep-alive, with the

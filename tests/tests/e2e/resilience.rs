@@ -429,9 +429,20 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
             > 0
     })
     .await;
+    let store = state.store.clone();
+    let machine = state
+        .registry
+        .get("client-0")
+        .unwrap()
+        .registration
+        .machine_id
+        .clone();
     // `stop` fails the test unless frps ends within its wait.
     fleet.frps.stop().await;
-    // Past the deadline too, clients hear why before their connections close.
+    // Past the deadline too, sessions clean up before connections close...
+    let row = store.gpu_asset(&machine).await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("offline"));
+    // ... and clients hear why.
     loop {
         match watcher.recv().await {
             Some(Command::Disconnect { reason }) => {
