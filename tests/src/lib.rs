@@ -149,6 +149,13 @@ impl Frps {
         Frps::start(frps_config()).await
     }
 
+    /// The machine id client `id` registered with (it must be online).
+    pub fn machine_id(&self, id: &str) -> String {
+        let client = self.state.registry.get(id);
+        let client = client.unwrap_or_else(|| panic!("client '{id}' is not online"));
+        client.registration.machine_id.clone()
+    }
+
     /// Public base URL.
     pub fn public(&self) -> SocketAddr {
         self.addrs.public

@@ -430,13 +430,7 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
     })
     .await;
     let store = state.store.clone();
-    let machine = state
-        .registry
-        .get("client-0")
-        .unwrap()
-        .registration
-        .machine_id
-        .clone();
+    let machine = fleet.frps.machine_id("client-0");
     // `stop` fails the test unless frps ends within its wait.
     fleet.frps.stop().await;
     // Past the deadline too, sessions clean up before connections close...

@@ -932,15 +932,7 @@ async fn without_token_flags_or_terminal_frpc_says_what_to_pass() {
 #[tokio::test]
 async fn gpu_assets_follow_clients_online_and_offline() {
     let mut fleet = Fleet::start(1).await;
-    let machine = fleet
-        .frps
-        .state
-        .registry
-        .get("client-0")
-        .unwrap()
-        .registration
-        .machine_id
-        .clone();
+    let machine = fleet.frps.machine_id("client-0");
     let store = fleet.frps.state.store.clone();
     frpx_tests::eventually_async("the asset is recorded online", || {
         let (store, machine) = (store.clone(), machine.clone());
