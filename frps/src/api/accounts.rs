@@ -23,9 +23,9 @@ fn rfc3339(t: NaiveDateTime) -> String {
     t.and_utc().to_rfc3339()
 }
 
-/// The window a request's `?limit=&offset=` asks for, one row more than
-/// the page (to tell whether another page follows).
-fn window(query: Result<Query<Page>, QueryRejection>) -> Result<(u64, u64), ApiError> {
+/// The rows a request's `?limit=&offset=` asks for, plus one (to tell
+/// whether another page follows).
+fn window(query: Result<Query<Page>, QueryRejection>) -> Result<Window, ApiError> {
     let Query(page) = query.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -39,18 +39,23 @@ fn window(query: Result<Query<Page>, QueryRejection>) -> Result<(u64, u64), ApiE
             format!("limit must be 1 to {MAX_PAGE}"),
         ));
     }
-    Ok((page.offset.unwrap_or(0), limit))
+    Ok(Window {
+        offset: page.offset.unwrap_or(0),
+        limit: limit + 1,
+    })
 }
 
-/// Cuts `rows` (fetched with one extra) to `limit`; returns the message's
-/// tail and the headers naming the next page when there is one.
-fn finish<T>(path: &str, offset: u64, limit: u64, rows: &mut Vec<T>) -> (HeaderMap, String) {
+/// Cuts `rows` (read with [`window`]'s extra row) to the page asked for;
+/// returns the message's tail and the headers naming the next page when
+/// there is one.
+fn finish<T>(path: &str, window: Window, rows: &mut Vec<T>) -> (HeaderMap, String) {
+    let limit = window.limit - 1;
     let mut headers = HeaderMap::new();
     if rows.len() as u64 <= limit {
         return (headers, String::new());
     }
     rows.truncate(limit as usize);
-    let next = offset.saturating_add(limit);
+    let next = window.offset.saturating_add(limit);
     let link = format!("<{path}?limit={limit}&offset={next}>; rel=\"next\"");
     headers.insert(
         header::LINK,
@@ -67,16 +72,13 @@ pub async fn users(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,
 ) -> Paged<User> {
-    let (offset, limit) = window(query)?;
+    let window = window(query)?;
     let mut rows = state
         .store
-        .list_users_in(Window {
-            offset,
-            limit: limit + 1,
-        })
+        .list_users_in(window)
         .await
         .map_err(ApiError::database)?;
-    let (headers, more) = finish("/api/users", offset, limit, &mut rows);
+    let (headers, more) = finish("/api/users", window, &mut rows);
     let mut online: HashMap<i64, usize> = HashMap::new();
     for client in state.registry.all() {
         *online.entry(client.owner.user_id).or_default() += 1;
@@ -102,19 +104,13 @@ pub async fn active_tokens(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,
 ) -> Paged<Token> {
-    let (offset, limit) = window(query)?;
+    let window = window(query)?;
     let mut rows = state
         .store
-        .list_client_tokens_in(
-            true,
-            Window {
-                offset,
-                limit: limit + 1,
-            },
-        )
+        .list_client_tokens_in(true, window)
         .await
         .map_err(ApiError::database)?;
-    let (headers, more) = finish("/api/tokens/active", offset, limit, &mut rows);
+    let (headers, more) = finish("/api/tokens/active", window, &mut rows);
     let tokens: Vec<_> = rows
         .into_iter()
         .map(|t| Token {
