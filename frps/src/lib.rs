@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod monitor;
 pub mod pending;
+pub mod periodic;
 pub mod plugins;
 pub mod ratelimit;
 pub mod registry;

@@ -176,13 +176,8 @@ pub const DEAD_TOKENS_KEPT: std::time::Duration = std::time::Duration::from_secs
 /// than [`DEAD_TOKENS_KEPT`] ago (every password login adds one, so the
 /// table would otherwise only grow).
 async fn purge_dead_tokens(state: Arc<State>) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(24 * 3600));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let period = std::time::Duration::from_secs(24 * 3600);
+    crate::periodic::every(period, &state.shutdown, || async {
         let keep = chrono::Duration::from_std(DEAD_TOKENS_KEPT).expect("30 days");
         let cutoff = chrono::Utc::now().naive_utc() - keep;
         match state.store.purge_client_tokens(cutoff).await {
@@ -190,7 +185,8 @@ async fn purge_dead_tokens(state: Arc<State>) {
             Ok(n) => info!("deleted {n} client tokens revoked or expired over 30 days ago"),
             Err(e) => warn!("cannot delete old client tokens: {e}"),
         }
-    }
+    })
+    .await;
 }
 
 /// How long tasks get to end after the shutdown deadline has closed every
@@ -206,18 +202,17 @@ const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 /// to the system (`common::memory::trim`, on a blocking thread).
 async fn trim_after_bursts(state: Arc<State>) {
     let mut burst = common::memory::BurstEnd::default();
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let period = std::time::Duration::from_secs(1);
+    crate::periodic::every(period, &state.shutdown, || {
         let open =
             state.stats.public_connections.load(Ordering::Relaxed) + state.registry.len() as u64;
-        if burst.observe(open) {
-            debug!(open, "burst ended: trimming the heap");
-            let _ = tokio::task::spawn_blocking(common::memory::trim).await;
+        let ended = burst.observe(open);
+        async move {
+            if ended {
+                debug!(open, "burst ended: trimming the heap");
+                let _ = tokio::task::spawn_blocking(common::memory::trim).await;
+            }
         }
-    }
+    })
+    .await;
 }

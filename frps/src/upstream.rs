@@ -147,15 +147,9 @@ impl IdlePool {
 pub async fn expire_idle(state: std::sync::Arc<State>) {
     let timeout = state.config.pool_idle_timeout;
     let period = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(15));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    crate::periodic::every(period, &state.shutdown, || async {
         let Some(cutoff) = Instant::now().checked_sub(timeout) else {
-            continue;
+            return;
         };
         for client in state.registry.all() {
             let closed = client.idle.expire(cutoff);
@@ -163,7 +157,8 @@ pub async fn expire_idle(state: std::sync::Arc<State>) {
                 debug!(client = %client.id, closed, "closed idle upstream connections");
             }
         }
-    }
+    })
+    .await;
 }
 
 /// An upstream connection and whether it came from the idle pool.
