@@ -339,14 +339,18 @@ pub struct FleetModel {
     pub size: Option<u64>,
 }
 
-/// Paging of `/api/users` and `/api/tokens/active`: `?limit=&offset=`.
+/// Paging of `/api/users` and `/api/tokens/active`: `?limit=&after=`.
 /// When more rows follow, the response carries
-/// `Link: <…?limit=L&offset=O>; rel="next"`.
+/// `Link: <…?limit=L&after=C>; rel="next"`; `C` is an opaque cursor naming
+/// the page's last row, and the next page starts just after it, however
+/// many rows were added or removed meanwhile.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct Page {
     /// Most entries returned, 1 to 1000 (default 1000).
     pub limit: Option<u64>,
-    /// Entries skipped (default 0).
-    pub offset: Option<u64>,
+    /// Cursor from a `Link` header: start after that entry (default: from
+    /// the first).
+    pub after: Option<String>,
 }

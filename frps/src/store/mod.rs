@@ -29,29 +29,46 @@ macro_rules! client_token_select {
     };
 }
 
-/// A slice of a listing: at most `limit` rows after skipping `offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    /// Rows skipped.
-    pub offset: u64,
+/// A page of a listing: at most `limit` rows, from just after the row
+/// whose sort key is `after` (from the start when `None`). Paging by key,
+/// not by offset, so rows added or removed between two pages never make
+/// the next one repeat or skip a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window<K> {
+    /// Sort key of the last row of the previous page.
+    pub after: Option<K>,
     /// Most rows returned.
     pub limit: u64,
 }
 
-impl Window {
+impl<K> Window<K> {
     /// Every row.
-    pub const ALL: Window = Window {
-        offset: 0,
+    pub const ALL: Window<K> = Window {
+        after: None,
         limit: i64::MAX as u64,
     };
 
     // SQL takes signed 64-bit numbers; larger values mean "no bound".
-    fn limit(self) -> i64 {
+    fn limit(&self) -> i64 {
         i64::try_from(self.limit).unwrap_or(i64::MAX)
     }
+}
 
-    fn offset(self) -> i64 {
-        i64::try_from(self.offset).unwrap_or(i64::MAX)
+/// Sort key of a client token in listings (newest first, ties by id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    /// The token's creation time, exactly as stored.
+    pub created_at: NaiveDateTime,
+    /// The token's id.
+    pub id: String,
+}
+
+impl From<&ClientTokenRow> for TokenKey {
+    fn from(row: &ClientTokenRow) -> Self {
+        TokenKey {
+            created_at: row.created_at,
+            id: row.id.clone(),
+        }
     }
 }
 
@@ -331,12 +348,13 @@ impl Store {
         self.list_users_in(Window::ALL).await
     }
 
-    /// The users in `window`, oldest first.
-    pub async fn list_users_in(&self, window: Window) -> Result<Vec<UserRow>, StoreError> {
+    /// The users in `window` (keyed by id), oldest first.
+    pub async fn list_users_in(&self, window: Window<i64>) -> Result<Vec<UserRow>, StoreError> {
         const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
-            ORDER BY id LIMIT $1 OFFSET $2";
+            WHERE id > $1 ORDER BY id LIMIT $2";
+        let after = window.after.unwrap_or(i64::MIN);
         Ok(
-            on_pool!(self, p => sqlx::query_as(SQL).bind(window.limit()).bind(window.offset()).fetch_all(p).await?),
+            on_pool!(self, p => sqlx::query_as(SQL).bind(after).bind(window.limit()).fetch_all(p).await?),
         )
     }
 
@@ -406,23 +424,30 @@ impl Store {
     pub async fn list_client_tokens_in(
         &self,
         active_only: bool,
-        window: Window,
+        window: Window<TokenKey>,
     ) -> Result<Vec<ClientTokenRow>, StoreError> {
         const ALL: &str = concat!(
             client_token_select!(),
-            " ORDER BY t.created_at DESC, t.id LIMIT $1 OFFSET $2"
+            "
+            WHERE ($2 IS NULL OR t.created_at < $2 OR (t.created_at = $2 AND t.id > $3))
+            ORDER BY t.created_at DESC, t.id LIMIT $1"
         );
         const ACTIVE: &str = concat!(
             client_token_select!(),
             "
-            WHERE t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $1)
-            ORDER BY t.created_at DESC, t.id LIMIT $2 OFFSET $3"
+            WHERE ($2 IS NULL OR t.created_at < $2 OR (t.created_at = $2 AND t.id > $3))
+              AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $4)
+            ORDER BY t.created_at DESC, t.id LIMIT $1"
         );
-        let (limit, offset) = (window.limit(), window.offset());
+        let limit = window.limit();
+        let (created, id) = match window.after {
+            Some(key) => (Some(key.created_at), key.id),
+            None => (None, String::new()),
+        };
         Ok(if active_only {
-            on_pool!(self, p => sqlx::query_as(ACTIVE).bind(now()).bind(limit).bind(offset).fetch_all(p).await?)
+            on_pool!(self, p => sqlx::query_as(ACTIVE).bind(limit).bind(created).bind(&id).bind(now()).fetch_all(p).await?)
         } else {
-            on_pool!(self, p => sqlx::query_as(ALL).bind(limit).bind(offset).fetch_all(p).await?)
+            on_pool!(self, p => sqlx::query_as(ALL).bind(limit).bind(created).bind(&id).fetch_all(p).await?)
         })
     }
 

@@ -488,7 +488,7 @@ async fn users_and_tokens_come_in_pages() {
             page.json()["message"]
                 .as_str()
                 .unwrap()
-                .contains("more from offset")
+                .contains("more after")
         );
         path = link[1..link.find('>').unwrap()].to_owned();
         assert!(pages < 5, "pages never end: {path}");
@@ -500,18 +500,48 @@ async fn users_and_tokens_come_in_pages() {
         "oldest first, no repeats: {ids:?}"
     );
 
-    let tokens = api(&fleet, "GET", "/api/tokens/active?limit=2&offset=4").await;
-    assert_eq!(assert_envelope(&tokens, true).as_array().unwrap().len(), 1);
-    assert!(tokens.headers.get("link").is_none());
-    let tokens = api(&fleet, "GET", "/api/tokens/active?limit=3").await;
-    assert_eq!(assert_envelope(&tokens, true).as_array().unwrap().len(), 3);
+    // Tokens, newest first, in pages of three: a login between two pages
+    // (a new token on top) neither repeats nor skips a row.
+    let first = api(&fleet, "GET", "/api/tokens/active?limit=3").await;
+    let token_ids = |reply: &Reply| -> Vec<String> {
+        assert_envelope(reply, true)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut seen = token_ids(&first);
+    assert_eq!(seen.len(), 3);
+    let link = first.headers.get("link").unwrap().to_str().unwrap();
+    assert!(
+        link.starts_with("</api/tokens/active?limit=3&after=") && link.ends_with(">; rel=\"next\""),
+        "{link}"
+    );
+    fleet.frps.client_token().await;
+    let next = api(&fleet, "GET", &link[1..link.find('>').unwrap()]).await;
+    seen.extend(token_ids(&next));
+    assert!(next.headers.get("link").is_none());
+    let everything = api(&fleet, "GET", "/api/tokens/active").await;
+    let everything = token_ids(&everything);
+    assert_eq!(everything.len(), 6);
     assert_eq!(
-        tokens.headers.get("link").unwrap(),
-        "</api/tokens/active?limit=3&offset=3>; rel=\"next\""
+        seen,
+        everything[1..],
+        "the new token is on top, outside both pages"
     );
 
-    for bad in ["limit=0", "limit=1001", "limit=two", "offset=-1"] {
-        let reply = api(&fleet, "GET", &format!("/api/users?{bad}")).await;
+    for bad in [
+        "/api/users?limit=0",
+        "/api/users?limit=1001",
+        "/api/users?limit=two",
+        "/api/users?after=two",
+        // Offset paging is gone (rows added meanwhile shifted the pages).
+        "/api/users?offset=2",
+        "/api/tokens/active?after=12",
+        "/api/tokens/active?after=x_abc",
+    ] {
+        let reply = api(&fleet, "GET", bad).await;
         assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
         assert_envelope(&reply, false);
     }

@@ -1139,7 +1139,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
 }
 
 async fn listings_page(url: &str) {
-    use frps::store::Window;
+    use frps::store::{TokenKey, Window};
     let store = Store::connect(url).await.unwrap();
     let mut users = Vec::new();
     for i in 0..5 {
@@ -1154,24 +1154,40 @@ async fn listings_page(url: &str) {
             .await
             .unwrap();
     }
-    let page = |offset, limit| Window { offset, limit };
+    fn page<K>(after: Option<K>, limit: u64) -> Window<K> {
+        Window { after, limit }
+    }
     let ids = |rows: Vec<frps::store::UserRow>| rows.into_iter().map(|u| u.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(store.list_users_in(page(0, 2)).await.unwrap()),
+        ids(store.list_users_in(page(None, 2)).await.unwrap()),
         users[..2]
     );
     assert_eq!(
-        ids(store.list_users_in(page(2, 2)).await.unwrap()),
+        ids(store.list_users_in(page(Some(users[1]), 2)).await.unwrap()),
         users[2..4]
     );
+    // A user added meanwhile comes last, after those not yet listed.
+    let late = store
+        .create_user("page-late@example.com", "not-a-hash")
+        .await
+        .unwrap();
+    users.push(late.id);
     assert_eq!(
-        ids(store.list_users_in(page(4, 2)).await.unwrap()),
+        ids(store.list_users_in(page(Some(users[3]), 2)).await.unwrap()),
         users[4..]
     );
-    assert!(store.list_users_in(page(9, 2)).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_users_in(page(Some(late.id), 2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(ids(store.list_users_in(Window::ALL).await.unwrap()), users);
 
-    // Tokens: pages of one another, newest first, together the whole list.
+    // Tokens: pages of two, newest first, each after the previous page's
+    // last row; together the whole list, though a token is created and
+    // one revoked between pages.
     let all: Vec<String> = store
         .list_client_tokens(true)
         .await
@@ -1180,15 +1196,31 @@ async fn listings_page(url: &str) {
         .map(|t| t.id)
         .collect();
     assert_eq!(all.len(), 5);
-    let mut paged = Vec::new();
-    for offset in (0..5).step_by(2) {
+    let first = store
+        .list_client_tokens_in(true, page(None, 2))
+        .await
+        .unwrap();
+    let mut paged: Vec<String> = first.iter().map(|t| t.id.clone()).collect();
+    let newer = frps::auth::secret::generate("frpxc");
+    store
+        .insert_client_token(&newer.id, &newer.hash_hex, &newer.prefix, users[0], None)
+        .await
+        .unwrap();
+    assert_eq!(store.revoke_client_tokens(&first[0].id).await.unwrap(), 1);
+    let mut after = first.last().map(TokenKey::from);
+    while let Some(key) = after {
         let rows = store
-            .list_client_tokens_in(true, page(offset, 2))
+            .list_client_tokens_in(true, page(Some(key), 2))
             .await
             .unwrap();
+        after = (rows.len() == 2).then(|| TokenKey::from(&rows[1]));
         paged.extend(rows.into_iter().map(|t| t.id));
     }
-    assert_eq!(paged, all);
+    assert_eq!(paged, all, "no row repeated or skipped");
+    // Every token, the revoked one too; the newest first.
+    let every = store.list_client_tokens(false).await.unwrap();
+    assert_eq!(every.len(), 6);
+    assert_eq!(every[0].id, newer.id, "newest first");
     store.close().await;
 }
 
