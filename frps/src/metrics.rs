@@ -18,8 +18,9 @@ use crate::state::State;
 /// Labels of a finished public request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// HTTP status sent to the caller.
-    pub status: String,
+    /// HTTP status sent to the caller (a number: formatting it per request
+    /// cost more than the counter).
+    pub status: u16,
     /// Client that served it (empty when none did).
     pub client: String,
     /// Model asked for (empty when the request named none).
@@ -78,7 +79,7 @@ impl Metrics {
     pub fn finished(&self, status: u16, client: &str, model: &str, total: Duration) {
         self.requests
             .get_or_create(&RequestLabels {
-                status: status.to_string(),
+                status,
                 client: client.to_owned(),
                 model: model.to_owned(),
             })

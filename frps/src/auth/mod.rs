@@ -13,6 +13,9 @@ pub use keys::{KeyCheck, KeyValidator};
 
 use http::HeaderMap;
 
+/// The header that may carry an API key instead of `Authorization`.
+pub const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// The API key a request carries: `Authorization: Bearer <key>`, else
 /// `x-api-key: <key>`.
 pub fn request_key(headers: &HeaderMap) -> Option<&str> {
@@ -26,7 +29,7 @@ pub fn request_key(headers: &HeaderMap) -> Option<&str> {
         return None;
     }
     headers
-        .get("x-api-key")
+        .get(X_API_KEY)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty())

@@ -142,14 +142,31 @@ where
 {
     let first = Arc::new(FirstRequest::default());
     let io = HeadClock::new(io, first.clone(), accepted, state.config.header_timeout);
-    builder.serve_connection(TokioIo::new(io), service(state, peer, first))
+    builder.serve_connection(TokioIo::new(io), service(state, Caller::new(peer), first))
 }
 
-/// The request handler of one public connection from `peer`; tells
+/// Who is at the other end of a public connection.
+#[derive(Clone)]
+struct Caller {
+    addr: SocketAddr,
+    /// `addr`'s entry for `X-Forwarded-For`.
+    forwarded_for: HeaderValue,
+}
+
+impl Caller {
+    fn new(addr: SocketAddr) -> Self {
+        Caller {
+            addr,
+            forwarded_for: forwarded_for_entry(addr),
+        }
+    }
+}
+
+/// The request handler of one public connection from `caller`; tells
 /// `first` when a request arrives.
 fn service(
     state: Arc<State>,
-    peer: SocketAddr,
+    caller: Caller,
     first: Arc<FirstRequest>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
@@ -163,7 +180,7 @@ fn service(
         // every connection for as long as it is open, and this one is over
         // 4 KiB; a box is 8 bytes (10,000 idle keep-alive connections:
         // 43 MiB less).
-        Box::pin(handle(state.clone(), peer, req))
+        Box::pin(handle(state.clone(), caller.clone(), req))
     })
 }
 
@@ -201,11 +218,11 @@ async fn refuse(mut stream: tokio::net::TcpStream, over: Over) {
 /// Handles one public request.
 async fn handle(
     state: Arc<State>,
-    peer: SocketAddr,
+    caller: Caller,
     req: Request<Incoming>,
 ) -> Result<Response<PublicBody>, Infallible> {
     let started = Instant::now();
-    let resp = authenticate_and_forward(&state, peer, req, started).await;
+    let resp = authenticate_and_forward(&state, &caller, req, started).await;
     if let Either::Right(_) = resp.body() {
         // Generated here; streamed responses are counted when their body ends.
         state
@@ -217,7 +234,7 @@ async fn handle(
 
 async fn authenticate_and_forward(
     state: &Arc<State>,
-    peer: SocketAddr,
+    caller: &Caller,
     req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
@@ -256,7 +273,7 @@ async fn authenticate_and_forward(
         Ok(lease) => lease,
         Err(limited) => return crate::ratelimit::refuse(state, limited),
     };
-    let mut resp = forward(state, peer, req, started).await;
+    let mut resp = forward(state, caller, req, started).await;
     // A streamed body holds the key's concurrency slot until it ends.
     if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
         body.lease = Some(lease);
@@ -309,7 +326,7 @@ impl Payload {
 /// Routes an authenticated request to a client and streams the answer back.
 async fn forward(
     state: &Arc<State>,
-    peer: SocketAddr,
+    caller: &Caller,
     req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
@@ -330,7 +347,7 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     let pinned = match parts
         .headers
-        .remove("x-frpx-client")
+        .remove(X_FRPX_CLIENT)
         .map(|v| v.to_str().map(str::to_owned))
     {
         None => None,
@@ -366,8 +383,8 @@ async fn forward(
     };
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.remove("x-api-key");
-    append_forwarded_for(&mut parts.headers, peer);
+    parts.headers.remove(crate::auth::X_API_KEY);
+    append_forwarded_for(&mut parts.headers, &caller.forwarded_for);
     // Time spent waiting on others (a queue, a dial-back, the upstream's
     // answer), which the gateway-overhead measure leaves out.
     let mut waited = std::time::Duration::ZERO;
@@ -401,7 +418,7 @@ async fn forward(
         // The prototype's line, at debug: written per request at info it
         // cost frps ~5 % of its CPU under load (issue 7's profile).
         debug!("Chose client '{}' for the new connection", client.id);
-        if let Err(e) = plugins::hooks::new_user_conn(&state.plugins, &client, peer).await {
+        if let Err(e) = plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr).await {
             return plugins::hooks::refusal(&e);
         }
         let acquiring = Instant::now();
@@ -723,7 +740,7 @@ fn set_host(req: &mut Request<upstream::UpBody>, client: &ClientHandle) {
     if let Ok(v) = HeaderValue::from_str(local) {
         let headers = req.headers_mut();
         if let Some(orig) = headers.insert(header::HOST, v) {
-            headers.insert("x-forwarded-host", orig);
+            headers.insert(X_FORWARDED_HOST, orig);
         }
     }
 }
@@ -799,20 +816,18 @@ pub fn error_response(
     resp
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the
-/// `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
+/// Names outside `http`'s table of standard headers, parsed once: a
+/// lookup by `&str` parses the name on every call.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The header that pins a request to one client.
+const X_FRPX_CLIENT: HeaderName = HeaderName::from_static("x-frpx-client");
+
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
         header::CONNECTION,
         header::PROXY_AUTHORIZATION,
         header::PROXY_AUTHENTICATE,
@@ -820,22 +835,68 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         header::TRAILER,
         header::TRANSFER_ENCODING,
         header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+    ]
+    .contains(name)
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the
+/// `Connection` header names.
+///
+/// One pass over the names present decides what goes: a removal per
+/// possible name (each hashing it, and parsing the non-standard ones) was
+/// ~10 % of frps's instructions per request (issue 7's callgrind profile).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
+    // Options `Connection` lists: header names, except the two tokens that
+    // are not (`close`) or are removed anyway (`keep-alive`).
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+        .collect();
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || named.contains(name))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// The caller's address as an `X-Forwarded-For` entry (made once per
+/// connection: formatting an address costs more than the rest of the
+/// header rewriting).
+fn forwarded_for_entry(peer: SocketAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+}
+
+/// Appends `entry` (from [`forwarded_for_entry`]) to `X-Forwarded-For`.
+fn append_forwarded_for(headers: &mut HeaderMap, entry: &HeaderValue) {
+    let joined = match headers.get(X_FORWARDED_FOR) {
+        None => entry.clone(),
+        Some(prev) => {
+            let mut value = Vec::with_capacity(prev.len() + 2 + entry.len());
+            value.extend_from_slice(prev.as_bytes());
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(entry.as_bytes());
+            match HeaderValue::from_bytes(&value) {
+                Ok(v) => v,
+                // Not reachable (both parts were valid values); keep the
+                // caller's header rather than lose the request.
+                Err(_) => return,
+            }
+        }
+    };
+    headers.insert(X_FORWARDED_FOR, joined);
 }
 
 /// A capacity slot reserved on a client for one request; dropping it frees
@@ -1047,14 +1108,58 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+
+        // Every hop-by-hop name, without a Connection header to list them.
+        let mut h = HeaderMap::new();
+        for name in [
+            "proxy-authorization",
+            "proxy-authenticate",
+            "te",
+            "trailer",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+            "content-length",
+        ] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("x"));
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-length"]);
+
+        // Listed names go in any case and spacing; `close` is no header.
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("Close"));
+        h.append("connection", HeaderValue::from_static(" X-Hop ,x-other"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert(
+            "close",
+            HeaderValue::from_static("kept: not an option name"),
+        );
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "close"]);
+
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer k"));
+        h.insert("host", HeaderValue::from_static("a"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1:5".parse().unwrap());
-        append_forwarded_for(&mut h, "10.0.0.2:5".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2");
+        append_forwarded_for(&mut h, &forwarded_for_entry("10.0.0.1:5".parse().unwrap()));
+        append_forwarded_for(
+            &mut h,
+            &forwarded_for_entry("[2001:db8::1]:5".parse().unwrap()),
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
     }
 
     #[test]
