@@ -83,6 +83,11 @@ struct Copy {
     allocated: usize,
     moved: u64,
     phase: Phase,
+    /// Everything read was written, but the destination's flush has not
+    /// completed yet: owed before the next read. A buffered destination
+    /// (TLS) may hold the bytes until it does, and an idle source would
+    /// never poll again to push them out.
+    flush_owed: bool,
 }
 
 impl Default for Copy {
@@ -93,6 +98,7 @@ impl Default for Copy {
             allocated: 0,
             moved: 0,
             phase: Phase::Copying,
+            flush_owed: false,
         }
     }
 }
@@ -128,10 +134,12 @@ impl Copy {
                     }
                     self.buf.advance(n);
                     self.moved += n as u64;
-                    if !self.buf.has_remaining() {
-                        // Written out: a buffered destination (TLS) sends now.
-                        ready!(to.as_mut().poll_flush(cx))?;
-                    }
+                    // Written out: a buffered destination (TLS) sends now.
+                    self.flush_owed = !self.buf.has_remaining();
+                }
+                Phase::Copying if self.flush_owed => {
+                    ready!(to.as_mut().poll_flush(cx))?;
+                    self.flush_owed = false;
                 }
                 Phase::Copying => {
                     // Reuses the emptied allocation when it is the size
@@ -270,6 +278,64 @@ mod tests {
         assert!(poll_once(&mut copy, &mut from, &mut to).is_ready());
         assert_eq!(copy.phase, Phase::Done);
         assert_eq!(copy.moved, bulk as u64 + 100 * small_reads);
+    }
+
+    /// A destination that keeps written bytes until flushed, and whose
+    /// first flush is pending (a TLS stream whose socket is full).
+    #[derive(Default)]
+    struct Buffered {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+        flushes_refused: usize,
+    }
+
+    impl AsyncWrite for Buffered {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.flushes_refused < 1 {
+                self.flushes_refused += 1;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend(held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[test]
+    fn a_pending_flush_is_finished_though_the_source_stays_idle() {
+        let mut copy = Copy::default();
+        let mut to = Buffered::default();
+        let mut from = Chunks::default();
+        from.chunks.push_back(b"the end of an answer".to_vec());
+        let mut cx = Context::from_waker(Waker::noop());
+        // First poll: written, the flush refused.
+        assert!(
+            copy.poll(&mut cx, Pin::new(&mut from), Pin::new(&mut to))
+                .is_pending()
+        );
+        assert!(to.sent.is_empty());
+        // Woken by the destination, with nothing more to read: the flush
+        // is retried, not forgotten.
+        assert!(
+            copy.poll(&mut cx, Pin::new(&mut from), Pin::new(&mut to))
+                .is_pending()
+        );
+        assert_eq!(to.sent, b"the end of an answer");
+        assert!(!copy.flush_owed);
     }
 
     #[tokio::test]
