@@ -14,6 +14,13 @@
 //! one holds no more than a peer that idles for as long, which every
 //! keep-alive connection may. The first head's short deadline is what keeps
 //! connections that never send a request from piling up.
+//!
+//! The same wrapper holds writes to a deadline: a caller that stops reading
+//! while a response is owed to it fails its connection once no byte could
+//! be written for the stall limit (`--keepalive-timeout`). Without it such
+//! a caller kept the request's capacity slot, its key's concurrency lease
+//! and the upstream connection for as long as it liked: hyper stops
+//! polling the response body (and its idle timer) while it cannot write.
 
 use std::io;
 use std::pin::Pin;
@@ -41,7 +48,8 @@ impl FirstRequest {
 }
 
 /// A connection's stream whose reads fail once its first request head is
-/// later than a deadline.
+/// later than a deadline, and whose writes fail once none could make
+/// progress for a stall limit.
 #[derive(Debug)]
 pub struct HeadClock<I> {
     io: I,
@@ -49,18 +57,66 @@ pub struct HeadClock<I> {
     limit: Duration,
     /// Until the first request arrives; then dropped.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Longest a write may wait for the caller to take bytes.
+    stall_limit: Duration,
+    /// Armed when a write starts waiting; made on the first wait.
+    stall: Option<Pin<Box<Sleep>>>,
+    /// Whether the last write (or flush) is waiting.
+    stalled: bool,
 }
 
 impl<I> HeadClock<I> {
     /// Wraps `io`, accepted at `accepted`: its first request head must have
-    /// arrived by `accepted + limit`.
-    pub fn new(io: I, first: Arc<FirstRequest>, accepted: Instant, limit: Duration) -> Self {
+    /// arrived by `accepted + limit`, and no write may wait longer than
+    /// `stall_limit` for the peer to take a byte.
+    pub fn new(
+        io: I,
+        first: Arc<FirstRequest>,
+        accepted: Instant,
+        limit: Duration,
+        stall_limit: Duration,
+    ) -> Self {
         Self {
             io,
             first,
             limit,
             deadline: Some(Box::pin(tokio::time::sleep_until(accepted + limit))),
+            stall_limit,
+            stall: None,
+            stalled: false,
         }
+    }
+
+    /// Passes on a write's outcome: progress disarms the stall clock, a
+    /// wait arms it (from the first wait), and a wait past the limit fails.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        if !self.stalled {
+            self.stalled = true;
+            let until = Instant::now() + self.stall_limit;
+            match &mut self.stall {
+                Some(sleep) => sleep.as_mut().reset(until),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(until))),
+            }
+        }
+        let sleep = self.stall.as_mut().expect("armed above");
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the caller took no response byte for {:?}",
+                    self.stall_limit
+                ),
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -92,7 +148,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -100,7 +158,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -108,11 +168,15 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.watch(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.watch(cx, polled)
     }
 }
 
@@ -125,9 +189,11 @@ mod tests {
         let (near, far) = tokio::io::duplex(1024);
         let first = Arc::new(FirstRequest::default());
         let limit = Duration::from_millis(limit_ms);
-        let io = HeadClock::new(near, first.clone(), Instant::now(), limit);
+        let io = HeadClock::new(near, first.clone(), Instant::now(), limit, STALL);
         (io, far, first)
     }
+
+    const STALL: Duration = Duration::from_secs(60);
 
     async fn read_some(io: &mut HeadClock<DuplexStream>) -> io::Result<usize> {
         let mut buf = [0u8; 64];
@@ -173,5 +239,41 @@ mod tests {
             waiting.is_err(),
             "the connection was failed after its first request"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_reading_fails_its_writes_after_the_stall_limit() {
+        // 1 KiB of pipe: the caller reads nothing, the pipe fills.
+        let (mut io, mut far, _first) = clocked(100);
+        let started = Instant::now();
+        let chunk = [7u8; 256];
+        let err = loop {
+            match io.write(&chunk).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), STALL);
+
+        // A slow reader that takes a byte now and then is never cut.
+        let (mut io, mut far2, _first) = clocked(100);
+        let reader = tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut buf = [0u8; 16];
+            while got < 4096 {
+                tokio::time::sleep(Duration::from_secs(50)).await;
+                got += far2.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        let mut sent = 0;
+        while sent < 4096 {
+            sent += io.write(&chunk).await.expect("progress within the limit");
+        }
+        io.flush().await.unwrap();
+        drop(io);
+        assert!(reader.await.unwrap() >= 4096);
+        far.shutdown().await.unwrap();
     }
 }

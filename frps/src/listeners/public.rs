@@ -141,7 +141,13 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let first = Arc::new(FirstRequest::default());
-    let io = HeadClock::new(io, first.clone(), accepted, state.config.header_timeout);
+    let io = HeadClock::new(
+        io,
+        first.clone(),
+        accepted,
+        state.config.header_timeout,
+        state.config.keepalive_timeout,
+    );
     builder.serve_connection(TokioIo::new(io), service(state, Caller::new(peer), first))
 }
 
@@ -851,6 +857,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // A message framed by Transfer-Encoding ignores any Content-Length; it
+    // goes with the encoding (RFC 9112 §6.3), or the decoded body would be
+    // resent under a length it does not have.
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     // Options `Connection` lists: header names, except the two tokens that
     // are not (`close`) or are removed anyway (`keep-alive`).
     let named: Vec<HeaderName> = headers
@@ -1141,6 +1153,14 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["accept", "close"]);
+
+        // A stale Content-Length beside Transfer-Encoding goes with it.
+        let mut h = HeaderMap::new();
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["content-type"]);
 
         // Nothing hop-by-hop: nothing changes.
         let mut h = HeaderMap::new();

@@ -451,6 +451,37 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
 }
 
 #[tokio::test]
+async fn a_caller_that_stops_reading_loses_its_connection_and_frees_the_slot() {
+    let mut cfg = frps_config();
+    cfg.keepalive_timeout = Duration::from_millis(500);
+    let fleet = Fleet::start_with(1, cfg).await;
+    // 32 MiB echoed back to a caller that never reads.
+    let size = 32 << 20;
+    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {size}\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    // The body is sent while frps echoes it; frps stops taking it once its
+    // writes back are blocked, so the write may not finish.
+    let body = vec![b'x'; size];
+    let _ = tokio::time::timeout(Duration::from_secs(2), caller.write_all(&body)).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    let in_flight = || client.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(in_flight(), 1, "the echo holds the client's slot");
+    // Past --keepalive-timeout without taking a byte, frps closes the
+    // connection: the slot is back and the service's request cancelled.
+    frpx_tests::eventually("the slot comes back", || in_flight() == 0).await;
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(frpx_tests::WAIT, caller.read_to_end(&mut sink)).await;
+    assert!(ended.is_ok(), "the connection was closed");
+    assert!(sink.len() < size, "not the whole answer: {}", sink.len());
+    // The client serves the next caller.
+    let mut next = Conn::open(fleet.frps.public()).await;
+    assert_eq!(next.get("/", Some(API_KEY)).await.status, 200);
+}
+
+#[tokio::test]
 async fn connections_over_the_caps_get_503_not_a_stall() {
     let mut cfg = frps_config();
     cfg.max_connections_per_ip = 2;
