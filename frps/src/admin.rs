@@ -10,7 +10,7 @@ use clap::Subcommand;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use common::parse_duration;
 
-use crate::auth::accounts::hash_password;
+use crate::auth::accounts::{expiry_after, hash_password};
 use crate::auth::keys::KeyValidator;
 use crate::auth::redis::RedisCache;
 use crate::config::Config;
@@ -241,9 +241,12 @@ async fn dispatch(
                 max_concurrency,
             } => {
                 let expires_at = expires_in
-                    .map(|d| chrono::Duration::from_std(d).context("expiry too far in the future"))
-                    .transpose()?
-                    .map(|d| Utc::now().naive_utc() + d);
+                    .map(|d| {
+                        expiry_after(Utc::now().naive_utc(), d).with_context(|| {
+                            format!("--expires-in {d:?} is too far in the future: the expiry date would be out of range")
+                        })
+                    })
+                    .transpose()?;
                 let limits = Limits {
                     rpm,
                     max_concurrency,
@@ -465,6 +468,53 @@ mod tests {
         assert_eq!(LimitArg::apply(None, Some(5)), Some(5));
         assert_eq!(LimitArg::apply(Some(LimitArg::Set(2)), Some(5)), Some(2));
         assert_eq!(LimitArg::apply(Some(LimitArg::Unlimited), Some(5)), None);
+    }
+
+    #[tokio::test]
+    async fn a_key_expiring_past_the_last_date_is_refused_not_a_panic() {
+        let dir = std::env::temp_dir().join(format!("frps-admin-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("db").display());
+        let config = Config::ephemeral("k", &url);
+        let create = |expires_in| Admin::Key {
+            command: KeyCommand::Create {
+                name: None,
+                expires_in,
+                rpm: None,
+                max_concurrency: None,
+            },
+        };
+        // Within chrono's durations, but past the year 262143.
+        let too_far = parse_duration("100000000d").unwrap();
+        let mut out = Vec::new();
+        let e = run(
+            create(Some(too_far)),
+            &config,
+            &mut out,
+            &mut std::io::empty(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("--expires-in"), "{e}");
+        assert!(e.to_string().contains("too far in the future"), "{e}");
+        let e = run(
+            create(Some(Duration::MAX)),
+            &config,
+            &mut out,
+            &mut std::io::empty(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("too far in the future"), "{e}");
+        run(
+            create(Some(Duration::from_secs(86400))),
+            &config,
+            &mut out,
+            &mut std::io::empty(),
+        )
+        .await
+        .unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

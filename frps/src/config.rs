@@ -89,8 +89,9 @@ pub struct Config {
     #[arg(long, env = "FRPX_REDIS_PREFIX", default_value = "frpx:")]
     pub redis_prefix: String,
 
-    /// Lifetime of client tokens issued at login (`0` for no expiry).
-    #[arg(long, env = "FRPX_TOKEN_TTL", default_value = "30d", value_parser = parse_duration)]
+    /// Lifetime of client tokens issued at login (`0` for no expiry; at
+    /// most 100 years).
+    #[arg(long, env = "FRPX_TOKEN_TTL", default_value = "30d", value_parser = parse_token_ttl)]
     pub token_ttl: Duration,
 
     /// How long a requested data connection may take to arrive before the
@@ -98,9 +99,9 @@ pub struct Config {
     #[arg(long, env = "FRPX_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
 
-    /// Heartbeat interval asked of clients; a client silent for three
-    /// intervals is evicted.
-    #[arg(long, env = "FRPX_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// Heartbeat interval asked of clients (100ms to 1h); a client silent
+    /// for three intervals is evicted.
+    #[arg(long, env = "FRPX_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_heartbeat_interval)]
     pub heartbeat_interval: Duration,
 
     /// Deadline for a connection's first frame (login, data hello).
@@ -114,7 +115,9 @@ pub struct Config {
 
     /// After a response, a keep-alive public connection is closed unless
     /// the next request head has arrived within this (idle or mid-head);
-    /// and a request body that stops arriving for this long is cut (408).
+    /// a request body that stops arriving for this long is cut (408); and a
+    /// caller that takes no byte of its response for this long has its
+    /// connection closed (the request is cancelled).
     #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub keepalive_timeout: Duration,
 
@@ -229,6 +232,41 @@ pub struct Config {
     pub plugins: Vec<PluginSpec>,
 }
 
+/// Shortest `--heartbeat-interval`: frpc never heartbeats more often, and
+/// shorter intervals would evict clients that are merely busy.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `--heartbeat-interval`: a dead client is noticed within three.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Longest `--token-ttl` (100 years; `0` means no expiry).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// `--heartbeat-interval`: a duration from [`MIN_HEARTBEAT_INTERVAL`] to
+/// [`MAX_HEARTBEAT_INTERVAL`].
+fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if (MIN_HEARTBEAT_INTERVAL..=MAX_HEARTBEAT_INTERVAL).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!(
+            "--heartbeat-interval must be from 100ms to 1h (got `{}`)",
+            s.trim()
+        ))
+    }
+}
+
+/// `--token-ttl`: `0` (no expiry) or a duration up to [`MAX_TOKEN_TTL`].
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d <= MAX_TOKEN_TTL {
+        Ok(d)
+    } else {
+        Err(format!(
+            "--token-ttl must be at most 100 years, e.g. 36500d, or 0 for no expiry (got `{}`)",
+            s.trim()
+        ))
+    }
+}
+
 impl Config {
     /// A configuration for tests and embedding: every port 0 on loopback,
     /// the given static key, the given database, no Redis.
@@ -290,5 +328,47 @@ mod tests {
             assert_eq!(cfg.database_url, "sqlite://frpx.db");
         }
         assert_eq!(cfg.token_lifetime(), Some(Duration::from_secs(30 * 86400)));
+    }
+
+    fn parse_error(flags: &[&str]) -> String {
+        let args = ["frps"].iter().chain(flags);
+        match Config::try_parse_from(args) {
+            Ok(_) => panic!("{flags:?} accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn heartbeat_intervals_out_of_range_are_refused() {
+        for bad in ["0", "99ms", "3601s", "2h", "100000000d"] {
+            let e = parse_error(&["--heartbeat-interval", bad]);
+            assert!(
+                e.contains("--heartbeat-interval must be from 100ms to 1h"),
+                "{bad}: {e}"
+            );
+        }
+        for (good, want) in [("100ms", 100), ("10s", 10_000), ("1h", 3_600_000)] {
+            let cfg = Config::try_parse_from(["frps", "--heartbeat-interval", good]).unwrap();
+            assert_eq!(
+                cfg.heartbeat_interval,
+                Duration::from_millis(want),
+                "{good}"
+            );
+        }
+    }
+
+    #[test]
+    fn token_lifetimes_beyond_100_years_are_refused() {
+        for bad in ["36501d", "1000000000d", "18446744073709551615"] {
+            let e = parse_error(&["--token-ttl", bad]);
+            assert!(
+                e.contains("--token-ttl must be at most 100 years"),
+                "{bad}: {e}"
+            );
+        }
+        let cfg = Config::try_parse_from(["frps", "--token-ttl", "36500d"]).unwrap();
+        assert_eq!(cfg.token_lifetime(), Some(MAX_TOKEN_TTL));
+        let cfg = Config::try_parse_from(["frps", "--token-ttl", "0"]).unwrap();
+        assert_eq!(cfg.token_lifetime(), None, "0 is no expiry");
     }
 }

@@ -390,6 +390,15 @@ mod tests {
             &[],
         ));
         assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("timeout")));
+        let e = file_error(load("frps.ini", "[common]\nheartbeat_interval = 0\n", &[]));
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("heartbeat_interval"))
+        );
+        assert!(e.message.contains("from 100ms to 1h"), "{e}");
+        let e = file_error(load("frps.ini", "[common]\ntoken_ttl = 36501d\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("token_ttl")));
+        assert!(e.message.contains("at most 100 years"), "{e}");
         let e = file_error(load("frps.ini", "[common]\n[server]\n", &[]));
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("[server]")));
     }

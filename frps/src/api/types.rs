@@ -59,7 +59,8 @@ pub struct ClientSummary {
     pub requests: u64,
     /// Models its service reports.
     pub models: Vec<String>,
-    /// Metadata it announced.
+    /// Metadata it announced; values of keys that look secret (holding
+    /// `token`, `secret`, `password` or `key`) read `***`.
     pub metas: BTreeMap<String, String>,
 }
 
@@ -81,9 +82,28 @@ impl ClientSummary {
             in_flight: c.in_flight.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
             models: c.models().into_iter().map(|m| m.name).collect(),
-            metas: c.registration.metas.clone(),
+            metas: masked_metas(&c.registration.metas),
         }
     }
+}
+
+/// Parts of a meta's key that mark its value as secret (e.g. frp's
+/// `meta_token`, which server plugins check).
+const SECRET_META_WORDS: [&str; 4] = ["token", "secret", "password", "key"];
+
+/// `metas` for the API: the value of each key holding one of
+/// [`SECRET_META_WORDS`] (in any letter case) is `***`. Server plugins get
+/// the real values from the registration, never from here.
+pub fn masked_metas(metas: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    metas
+        .iter()
+        .map(|(k, v)| {
+            let key = k.to_ascii_lowercase();
+            let secret = SECRET_META_WORDS.iter().any(|w| key.contains(w));
+            let v = if secret { "***".to_owned() } else { v.clone() };
+            (k.clone(), v)
+        })
+        .collect()
 }
 
 /// `online` or `unhealthy`.
@@ -353,4 +373,31 @@ pub struct Page {
     /// Cursor from a `Link` header: start after that entry (default: from
     /// the first).
     pub after: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_metas_are_masked() {
+        let metas: BTreeMap<String, String> = [
+            ("token", "plugin-secret"),
+            ("Meta_API_KEY", "k1"),
+            ("db_password", "pw"),
+            ("clientSecret", "s"),
+            ("version", "1.0.0"),
+            ("region", "eu"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let masked = masked_metas(&metas);
+        assert_eq!(masked.len(), metas.len());
+        for k in ["token", "Meta_API_KEY", "db_password", "clientSecret"] {
+            assert_eq!(masked[k], "***", "{k}");
+        }
+        assert_eq!(masked["version"], "1.0.0");
+        assert_eq!(masked["region"], "eu");
+    }
 }

@@ -190,10 +190,10 @@ impl Accounts {
 
     async fn issue(&self, store: &Store, user: &UserRow) -> Result<IssuedToken, LoginError> {
         let s = secret::generate("frpxc");
+        // A lifetime reaching past the last representable date never ends.
         let expires_at = self
             .token_ttl
-            .and_then(|ttl| chrono::Duration::from_std(ttl).ok())
-            .map(|ttl| Utc::now().naive_utc() + ttl);
+            .and_then(|ttl| expiry_after(Utc::now().naive_utc(), ttl));
         store
             .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, expires_at)
             .await?;
@@ -208,7 +208,32 @@ impl Accounts {
         })
     }
 
-    /// Checks a saved token.
+    /// Logs in from `from` with a saved token. Refused tokens (unknown,
+    /// revoked or expired) count as failures of the address, as wrong
+    /// passwords do, and take turns with its other logins: guessing tokens
+    /// is slowed down the same way, before the database is asked
+    /// ([`LoginError::Throttled`]). A valid token from an address without
+    /// failures goes at once. A success leaves the address's failures as
+    /// they are: one valid token must not reset the throttle for guesses.
+    pub async fn login_token(&self, token: &str, from: IpAddr) -> Result<Principal, LoginError> {
+        if self.store.is_none() {
+            return Err(LoginError::NoStore);
+        }
+        let keys = [address_key(from)];
+        let attempt = self
+            .throttle
+            .begin(&keys, TURN_WAIT)
+            .await
+            .map_err(LoginError::Throttled)?;
+        let outcome = self.check_token(token).await;
+        if let Err(LoginError::TokenInvalid | LoginError::TokenExpired) = outcome {
+            attempt.fail(Instant::now());
+        }
+        outcome
+    }
+
+    /// Checks a saved token, without throttling: logins on the control port
+    /// must go through [`Accounts::login_token`].
     pub async fn check_token(&self, token: &str) -> Result<Principal, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
         let row = store
@@ -238,10 +263,16 @@ impl Accounts {
     }
 }
 
-/// What failed logins are counted against: the email (case-insensitive)
-/// and the address, IPv6 by /64 (one host usually holds a whole /64).
+/// What failed password logins are counted against: the email
+/// (case-insensitive) and the address ([`address_key`]).
 fn throttle_keys(email: &str, from: IpAddr) -> [String; 2] {
-    let from = match from {
+    [format!("email:{}", email.to_lowercase()), address_key(from)]
+}
+
+/// What failed logins from `from` are counted against: the address, IPv6
+/// by /64 (one host usually holds a whole /64).
+fn address_key(from: IpAddr) -> String {
+    match from {
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
             let mut bits = v6.octets();
             bits[8..].fill(0);
@@ -249,8 +280,13 @@ fn throttle_keys(email: &str, from: IpAddr) -> [String; 2] {
         }
         IpAddr::V6(v6) => format!("ip:{}", v6.to_canonical()),
         IpAddr::V4(v4) => format!("ip:{v4}"),
-    };
-    [format!("email:{}", email.to_lowercase()), from]
+    }
+}
+
+/// `now + lifetime`, or `None` when that lies past the last date that can
+/// be represented (or `lifetime` exceeds any date difference).
+pub fn expiry_after(now: NaiveDateTime, lifetime: Duration) -> Option<NaiveDateTime> {
+    now.checked_add_signed(chrono::Duration::from_std(lifetime).ok()?)
 }
 
 static DUMMY_HASH: std::sync::LazyLock<String> =
@@ -513,6 +549,95 @@ mod tests {
         };
         let (outcome, ()) = tokio::join!(waiting, freeing);
         assert_eq!(outcome.unwrap_err(), LoginError::InvalidCredentials);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn expiries_past_the_last_date_are_none_not_a_panic() {
+        let now = Utc::now().naive_utc();
+        let day = Duration::from_secs(86400);
+        assert_eq!(
+            expiry_after(now, day),
+            Some(now + chrono::Duration::days(1))
+        );
+        // Within chrono's durations but past the year 262143; beyond them.
+        assert_eq!(expiry_after(now, day * 100_000_000), None);
+        assert_eq!(expiry_after(now, Duration::MAX), None);
+    }
+
+    #[tokio::test]
+    async fn huge_token_lifetimes_issue_tokens_without_expiry() {
+        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("db").display());
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .create_user("ttl@x.test", &hash_password("password"))
+            .await
+            .unwrap();
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        for ttl in [Duration::MAX, Duration::from_secs(86400 * 100_000_000)] {
+            let accounts = Accounts::new(Some(store.clone()), Some(ttl));
+            let issued = accounts.login("ttl@x.test", "password", ip).await.unwrap();
+            assert_eq!(issued.expires_at, None, "{ttl:?}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn failed_token_logins_are_throttled_per_address() {
+        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("db").display());
+        let store = Store::connect(&url).await.unwrap();
+        store
+            .create_user("tok@x.test", &hash_password("password"))
+            .await
+            .unwrap();
+        let accounts = Accounts::new(Some(store), None);
+        let ip = |n| IpAddr::from([192, 0, 2, n]);
+        let token = accounts
+            .login("tok@x.test", "password", ip(1))
+            .await
+            .unwrap()
+            .token;
+        // A valid token from an address without failures: at once.
+        let started = Instant::now();
+        let who = accounts.login_token(&token, ip(2)).await.unwrap();
+        assert_eq!(who.email, "tok@x.test");
+        assert!(started.elapsed() < BASE_DELAY, "{:?}", started.elapsed());
+        // A guess fails and counts against its address: the next attempt
+        // from there, even with the valid token, is refused unchecked.
+        assert_eq!(
+            accounts.login_token("frpxc_guess", ip(3)).await,
+            Err(LoginError::TokenInvalid)
+        );
+        let throttled = accounts.login_token(&token, ip(3)).await;
+        assert!(
+            matches!(throttled, Err(LoginError::Throttled(d)) if d > Duration::ZERO && d <= BASE_DELAY),
+            "{throttled:?}"
+        );
+        // So is a password login from there: one throttle per address.
+        let password = accounts.login("tok@x.test", "password", ip(3)).await;
+        assert!(
+            matches!(password, Err(LoginError::Throttled(_))),
+            "{password:?}"
+        );
+        // Other addresses are not slowed down.
+        assert!(accounts.login_token(&token, ip(4)).await.is_ok());
+        // Once the delay has passed, the valid token logs in; it does not
+        // clear the address's failures, so the next guess waits longer.
+        tokio::time::sleep(BASE_DELAY).await;
+        assert!(accounts.login_token(&token, ip(3)).await.is_ok());
+        assert_eq!(
+            accounts.login_token("frpxc_guess", ip(3)).await,
+            Err(LoginError::TokenInvalid)
+        );
+        let again = accounts.login_token("frpxc_guess", ip(3)).await;
+        assert!(
+            matches!(again, Err(LoginError::Throttled(d)) if d > BASE_DELAY),
+            "two failures: {again:?}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -2,6 +2,7 @@
 //! in-process cache, then Redis, then the database. Never fails open: when
 //! the database is down, only keys already cached (and the static key) pass.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -11,13 +12,28 @@ use moka::future::Cache;
 use tracing::{info, warn};
 
 use super::constant_time_eq;
-use super::redis::{CachedKey, RedisCache};
+use super::redis::{CachedKey, RedisCache, TOMBSTONE_TTL};
 use super::secret::{self, Secret};
 use crate::ratelimit::Limits;
 use crate::store::{ApiKeyRow, NewApiKey, Store, StoreError};
 
-/// How long a valid key is trusted from the in-process cache.
+/// How long a valid key is trusted from the in-process cache, and how long
+/// a revocation keeps the key from being cached again in-process.
 pub const LOCAL_TTL: Duration = Duration::from_secs(10);
+/// Deadline for the database lookup of a key that is not cached. A
+/// revocation keeps a key from being cached again only for [`LOCAL_TTL`]
+/// (in-process) and [`TOMBSTONE_TTL`] (Redis): an answer read before the
+/// revocation but arriving after those guards expire would cache the revoked
+/// key again (in Redis for five minutes). So a slower lookup is given up, the
+/// request is answered as if the database were down (503), and the late
+/// answer is never seen. Half the guards, leaving room for the Redis calls
+/// before and after the lookup.
+pub const DB_TIMEOUT: Duration = Duration::from_secs(5);
+const _: () = assert!(
+    2 * DB_TIMEOUT.as_millis() <= LOCAL_TTL.as_millis()
+        && 2 * DB_TIMEOUT.as_millis() <= TOMBSTONE_TTL.as_millis(),
+    "a key lookup must end well before the revocation guards expire"
+);
 /// How long an unknown key is remembered as invalid (in-process only).
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// Entries kept in each in-process cache.
@@ -190,7 +206,7 @@ impl KeyValidator {
             self.remember(hash, entry, asked).await;
             return verdict(hash, entry, now);
         }
-        match store.find_api_key(key, &secret::hex(&hash)).await {
+        match within_deadline(store.find_api_key(key, &secret::hex(&hash))).await {
             Ok(row) => {
                 self.db_ok();
                 self.stats.db_hits.fetch_add(1, Ordering::Relaxed);
@@ -249,7 +265,7 @@ impl KeyValidator {
         }
     }
 
-    fn db_failed(&self, e: &StoreError) {
+    fn db_failed(&self, e: &LookupError) {
         self.stats.db_errors.fetch_add(1, Ordering::Relaxed);
         if self.db_healthy.swap(false, Ordering::Relaxed) {
             warn!(
@@ -340,6 +356,28 @@ impl KeyValidator {
     }
 }
 
+/// Why the database gave no answer about a key.
+#[derive(Debug, thiserror::Error)]
+enum LookupError {
+    /// The database failed.
+    #[error(transparent)]
+    Failed(#[from] StoreError),
+    /// The database did not answer within [`DB_TIMEOUT`].
+    #[error("no answer within {DB_TIMEOUT:?}")]
+    TimedOut,
+}
+
+/// `lookup`'s answer if it comes within [`DB_TIMEOUT`]; a later one is
+/// dropped unread, so it can never be cached.
+async fn within_deadline<T>(
+    lookup: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, LookupError> {
+    match tokio::time::timeout(DB_TIMEOUT, lookup).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(LookupError::TimedOut),
+    }
+}
+
 /// The SHA-256 a row's key is cached under.
 pub fn stored_hash(row: &ApiKeyRow) -> Option<[u8; 32]> {
     match row.key.strip_prefix(crate::store::HASH_PREFIX) {
@@ -412,6 +450,48 @@ mod tests {
         let after = std::time::Instant::now();
         assert!(!v.revoked_since(&h, after).await);
         assert!(!v.revoked_since(&secret::hash("other"), before).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_slower_than_the_deadline_is_unavailable_not_late() {
+        let row = || ApiKeyRow {
+            key: "k".into(),
+            status: None,
+            expires_at: None,
+            created_at: None,
+            id: None,
+            name: None,
+            prefix: None,
+            rpm: None,
+            max_concurrency: None,
+        };
+        // An answer just within the deadline is used.
+        let prompt = within_deadline(async {
+            tokio::time::sleep(DB_TIMEOUT - Duration::from_millis(1)).await;
+            Ok(Some(row()))
+        });
+        assert!(matches!(prompt.await, Ok(Some(_))));
+        // One that would come after the revocation guards expired is given
+        // up at the deadline, never read.
+        let started = tokio::time::Instant::now();
+        let late = within_deadline(async {
+            tokio::time::sleep(LOCAL_TTL + Duration::from_secs(1)).await;
+            Ok(Some(row()))
+        });
+        assert!(matches!(late.await, Err(LookupError::TimedOut)));
+        assert_eq!(started.elapsed(), DB_TIMEOUT);
+        // A failure stays a failure.
+        let failed = within_deadline(async {
+            Err::<Option<ApiKeyRow>, _>(StoreError::Database(sqlx::Error::PoolTimedOut))
+        });
+        assert!(matches!(failed.await, Err(LookupError::Failed(_))));
+        assert!(
+            LookupError::TimedOut
+                .to_string()
+                .contains("no answer within 5s"),
+            "{}",
+            LookupError::TimedOut
+        );
     }
 
     #[tokio::test]

@@ -28,7 +28,9 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// How long a revocation keeps a key's entry from being cached again: an
 /// frps that read the key's row just before it was revoked must not put it
-/// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it.
+/// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it. It
+/// only can while the tombstone lasts, so frps gives up a key's database
+/// lookup after [`super::keys::DB_TIMEOUT`], well within it.
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(10);
 
 /// Caches an entry unless its key was revoked within [`TOMBSTONE_TTL`].

@@ -515,8 +515,11 @@ impl Store {
     }
 }
 
-/// `url` with any password replaced by `***`, for messages.
+/// `url` with any password replaced by `***`, for messages: the one in
+/// `user:password@`, and the values of query parameters whose name holds
+/// `password` (`?password=`, `&sslpassword=`, in any letter case).
 pub fn redact(url: &str) -> String {
+    let url = redact_query(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -527,11 +530,28 @@ pub fn redact(url: &str) -> String {
                     &creds[..colon],
                     &url[at..]
                 ),
-                None => url.to_owned(),
+                None => url,
             }
         }
-        _ => url.to_owned(),
+        _ => url,
     }
+}
+
+/// `url` with the values of its password query parameters replaced by `***`.
+fn redact_query(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+                format!("{name}=***")
+            }
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 #[cfg(test)]
@@ -543,5 +563,26 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://frpx.db"), "sqlite://frpx.db");
+    }
+
+    #[test]
+    fn password_query_parameters_are_redacted() {
+        assert_eq!(
+            redact("postgres://frpx@db/frpx?password=secret"),
+            "postgres://frpx@db/frpx?password=***"
+        );
+        assert_eq!(
+            redact(
+                "postgres://frpx@db/frpx?sslmode=require&sslpassword=k3y&PassWord=p@ss&application_name=frps"
+            ),
+            "postgres://frpx@db/frpx?sslmode=require&sslpassword=***&PassWord=***&application_name=frps"
+        );
+        let both = redact("postgres://u:secret@h/db?password=other");
+        assert_eq!(both, "postgres://u:***@h/db?password=***");
+        assert_eq!(
+            redact("sqlite://frpx.db?mode=rwc"),
+            "sqlite://frpx.db?mode=rwc"
+        );
+        assert_eq!(redact("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
     }
 }

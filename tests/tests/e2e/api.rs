@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use frps::Server;
 use frpx_tests::http::{self, Conn, Reply};
-use frpx_tests::{API_KEY, Fleet, frps_config};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frpc_config, frps_config};
 
 const ADMIN: &str = "test-admin-token";
 
@@ -223,6 +223,44 @@ async fn delete_disconnects_a_client_and_it_comes_back() {
             .status,
         200
     );
+}
+
+#[tokio::test]
+async fn secret_looking_metas_are_masked_in_the_api() {
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(ADMIN.into());
+    let frps = Frps::start(cfg).await;
+    let backend = Backend::start("gpu-meta").await;
+    let mut fc = frpc_config("gpu-meta", &frps.addrs, backend.addr);
+    fc.metas = vec![
+        ("token".into(), "plugin-secret".into()),
+        ("Api_Key".into(), "k1".into()),
+        ("version".into(), "1.0.0".into()),
+    ];
+    let frpc = Frpc::start(fc);
+    frps.wait_for_clients(&["gpu-meta"]).await;
+    let get = |path: &'static str| {
+        let addr = frps.addrs.api;
+        async move { Conn::open(addr).await.get(path, Some(ADMIN)).await }
+    };
+    let listed = get("/api/clients").await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let detail = get("/api/clients/gpu-meta").await;
+    assert_eq!(detail.status, 200, "{}", detail.body);
+    for metas in [
+        &listed.json()["data"][0]["metas"],
+        &detail.json()["data"]["metas"],
+    ] {
+        assert_eq!(
+            metas,
+            &serde_json::json!({"token": "***", "Api_Key": "***", "version": "1.0.0"})
+        );
+    }
+    assert!(!listed.body.contains("plugin-secret") && !detail.body.contains("plugin-secret"));
+    // frps itself (and so the server plugins) keeps the real values.
+    let client = frps.state.registry.get("gpu-meta").unwrap();
+    assert_eq!(client.registration.metas["token"], "plugin-secret");
+    frpc.kill().await;
 }
 
 #[tokio::test]

@@ -542,6 +542,37 @@ async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
 }
 
 #[tokio::test]
+async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let (key, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    let validator = KeyValidator::new(None, Some(store.clone()), None);
+    // Another session holds the table: the lookup waits on its lock, as
+    // long as it lasts (past the revocation guards, were there no deadline).
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
+        sqlx::query(sql).execute(&mut locker).await.unwrap();
+    }
+    let deadline = frps::auth::keys::DB_TIMEOUT;
+    let started = Instant::now();
+    let answer = tokio::time::timeout(deadline * 2, validator.check(&key))
+        .await
+        .expect("answered at the deadline, not when the lock goes");
+    assert_eq!(answer, KeyCheck::Unavailable);
+    let waited = started.elapsed();
+    assert!(
+        waited >= deadline && waited < deadline + Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    assert!(matches!(validator.check(&key).await, KeyCheck::Valid(_)));
+    pg.drop_db().await;
+}
+
+#[tokio::test]
 async fn random_invalid_keys_never_reach_redis() {
     let Some(redis) = services::redis_url() else {
         return;
