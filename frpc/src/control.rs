@@ -70,6 +70,7 @@ pub struct Client {
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
     collector: Arc<Mutex<Collector>>,
+    models_fit: Arc<local::ModelFit>,
 }
 
 impl Client {
@@ -77,6 +78,8 @@ impl Client {
     pub fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
         let identity = identity::resolve(config.client_id.as_deref(), &config.token_file)?;
         let dialer = Dialer::from_config(&config)?;
+        let template = registration(&config, &identity, Vec::new(), false);
+        let models_fit = Arc::new(local::ModelFit::new(&template));
         Ok(Self {
             config: Arc::new(config),
             identity,
@@ -87,6 +90,7 @@ impl Client {
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             collector: Arc::new(Mutex::new(Collector::new())),
+            models_fit,
         })
     }
 
@@ -147,7 +151,7 @@ impl Client {
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            probe = probe_models(&self.config) => probe,
+            probe = probe_models(&self.config, &self.models_fit) => probe,
         };
         let addr = self.config.control_addr();
         let limit = self.config.connect_timeout;
@@ -327,22 +331,7 @@ impl Client {
                 self.config.local_host()
             );
         }
-        let registration = Registration {
-            client_id: self.identity.client_id.clone(),
-            machine_id: self.identity.machine_id.clone(),
-            hostname: identity::hostname(),
-            os: identity::os(),
-            arch: identity::arch(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            protocol_version: PROTOCOL_VERSION,
-            metas: crate::config::meta_map(&self.config.metas),
-            user: self.config.user.clone(),
-            proxy_metas: crate::config::meta_map(&self.config.proxy_metas),
-            models: models.clone(),
-            local_host: self.config.local_host(),
-            service_up,
-            max_concurrency: self.config.max_concurrency,
-        };
+        let registration = registration(&self.config, &self.identity, models.clone(), service_up);
         write_command(wr, &Command::Register(registration)).await?;
         match self.expect_reply(reader).await? {
             Command::Registered {
@@ -397,6 +386,7 @@ impl Client {
         let reporter = report(
             self.config.clone(),
             self.collector.clone(),
+            self.models_fit.clone(),
             probe,
             out_tx.clone(),
         );
@@ -450,15 +440,41 @@ impl Client {
     }
 }
 
+/// What frpc announces when it registers.
+fn registration(
+    config: &Config,
+    identity: &Identity,
+    models: Vec<ModelInfo>,
+    service_up: bool,
+) -> Registration {
+    Registration {
+        client_id: identity.client_id.clone(),
+        machine_id: identity.machine_id.clone(),
+        hostname: identity::hostname(),
+        os: identity::os(),
+        arch: identity::arch(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        protocol_version: PROTOCOL_VERSION,
+        metas: crate::config::meta_map(&config.metas),
+        user: config.user.clone(),
+        proxy_metas: crate::config::meta_map(&config.proxy_metas),
+        models,
+        local_host: config.local_host(),
+        service_up,
+        max_concurrency: config.max_concurrency,
+    }
+}
+
 /// The local service's models and whether it answered.
 type Probe = (Vec<ModelInfo>, bool);
 
-/// Asks the local service for its models. The service is down only when it
-/// cannot be reached; one that answers without a model list (a plain HTTP
-/// server) is up and serves no named model.
-async fn probe_models(config: &Config) -> Probe {
+/// Asks the local service for its models, keeping those that fit in a
+/// control frame (`fit`). The service is down only when it cannot be
+/// reached; one that answers without a model list (a plain HTTP server) is
+/// up and serves no named model.
+async fn probe_models(config: &Config, fit: &local::ModelFit) -> Probe {
     match local::models(&config.local_host(), config.connect_timeout).await {
-        Ok(models) => (models, true),
+        Ok(models) => (fit.fit(models), true),
         Err(e @ (local::ProbeError::Unreachable(_) | local::ProbeError::Timeout(_))) => {
             debug!("local service down: {e}");
             (Vec::new(), false)
@@ -475,6 +491,7 @@ async fn probe_models(config: &Config) -> Probe {
 async fn report(
     config: Arc<Config>,
     collector: Arc<Mutex<Collector>>,
+    fit: Arc<local::ModelFit>,
     mut last: Probe,
     out: mpsc::Sender<Command>,
 ) {
@@ -497,7 +514,7 @@ async fn report(
         if std::mem::take(&mut first) {
             continue;
         }
-        let now = probe_models(&config).await;
+        let now = probe_models(&config, &fit).await;
         tracing::debug!(
             models = now.0.len(),
             up = now.1,

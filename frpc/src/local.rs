@@ -1,17 +1,100 @@
 //! The local model service: probing it for its models.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::ModelInfo;
+use common::{Command, MAX_FRAME, ModelInfo, Registration};
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use tracing::{debug, warn};
 
-/// Largest model-list body read from the local service.
+/// Largest model-list body read from the local service. It may list more
+/// models than a control frame can carry: see [`ModelFit`].
 const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Room kept for the host name, which is read again at every registration
+/// and so may differ from the one the budget was computed with.
+const HOSTNAME_ROOM: usize = 1024;
+
+/// Trims model lists to what fits in one control frame.
+///
+/// The models travel in `Register` and `ModelsUpdate`, each of which must
+/// fit in [`MAX_FRAME`] bytes; a service listing more (thousands of models,
+/// long names) would otherwise make every registration fail. When the list
+/// is too long, the models are taken in name order (whatever order the
+/// service lists them in) and as many as fit are kept; the rest are left
+/// out, with a warning the first time.
+#[derive(Debug)]
+pub struct ModelFit {
+    /// Bytes available to the encoded model list (between its brackets).
+    budget: usize,
+    warned: AtomicBool,
+}
+
+impl ModelFit {
+    /// The fit for the frames of a client registering with `template`
+    /// (whose models, host name and health are ignored).
+    pub fn new(template: &Registration) -> ModelFit {
+        let mut reg = template.clone();
+        reg.models.clear();
+        reg.hostname.clear();
+        reg.service_up = false;
+        let register = encoded_len(&Command::Register(reg)) + HOSTNAME_ROOM;
+        let update = encoded_len(&Command::ModelsUpdate {
+            models: Vec::new(),
+            service_up: false,
+        });
+        ModelFit {
+            budget: MAX_FRAME.saturating_sub(register.max(update)),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// `models` as they fit: unchanged when they all do, else the first by
+    /// name that fit.
+    pub fn fit(&self, mut models: Vec<ModelInfo>) -> Vec<ModelInfo> {
+        let listed = models.len();
+        // In a JSON array the entries are separated by commas.
+        let total: usize = models.iter().map(encoded_len).sum::<usize>() + listed.saturating_sub(1);
+        if total <= self.budget {
+            return models;
+        }
+        models.sort_by(|a, b| a.name.cmp(&b.name).then(a.size.cmp(&b.size)));
+        let mut used = 0;
+        let mut kept = 0;
+        for model in &models {
+            let need = encoded_len(model) + usize::from(kept > 0);
+            if used + need > self.budget {
+                break;
+            }
+            used += need;
+            kept += 1;
+        }
+        models.truncate(kept);
+        let left_out = listed - kept;
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                "the local service lists {listed} models, more than fit in a {MAX_FRAME}-byte control frame: announcing the first {kept} by name to frps and leaving out {left_out}, which frps will not route requests for"
+            );
+        } else {
+            debug!(
+                "announcing {kept} of {listed} models; {left_out} do not fit in a control frame"
+            );
+        }
+        models
+    }
+}
+
+/// Length of `value` encoded as JSON, as frames carry it.
+fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value)
+        .expect("protocol types always encode")
+        .len()
+}
 
 /// Why the local service could not be probed.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +245,110 @@ mod tests {
             "meta-llama/Llama-3-8B"
         );
         assert!(parse_ollama(b"<html>").is_err());
+    }
+
+    /// Runs `f` with WARN and above logged to a string; returns both.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    fn template() -> Registration {
+        Registration {
+            client_id: "gpu-01".into(),
+            machine_id: "0123456789abcdef".into(),
+            hostname: "gpu-01.lab".into(),
+            version: "0.1.0".into(),
+            metas: [("token".to_owned(), "x".repeat(500))].into(),
+            local_host: "127.0.0.1:11434".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_model_list_too_long_for_a_frame_is_trimmed_by_name_with_one_warning() {
+        // Listed in reverse name order, as a service might.
+        let models: Vec<ModelInfo> = (0..5_000)
+            .rev()
+            .map(|i| ModelInfo {
+                name: format!("{i:05}-{}", "long-model-name/".repeat(6)),
+                size: Some(1 << 40),
+            })
+            .collect();
+        let fit = ModelFit::new(&template());
+        let (kept, warning) = logged(|| fit.fit(models.clone()));
+        assert!(
+            !kept.is_empty() && kept.len() < models.len(),
+            "{}",
+            kept.len()
+        );
+        let mut first_by_name = models.clone();
+        first_by_name.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(
+            kept,
+            first_by_name[..kept.len()],
+            "the first by name are kept"
+        );
+        let left_out = models.len() - kept.len();
+        assert!(
+            warning.contains("WARN")
+                && warning.contains("lists 5000 models")
+                && warning.contains(&format!("leaving out {left_out}")),
+            "{warning}"
+        );
+
+        // Both frames that carry the list fit, with any host name.
+        let mut reg = template();
+        reg.hostname = "h".repeat(255);
+        reg.models = kept.clone();
+        let register = common::codec::encode(&Command::Register(reg), MAX_FRAME).unwrap();
+        assert!(register.len() > MAX_FRAME * 9 / 10, "little room is wasted");
+        let update = Command::ModelsUpdate {
+            models: kept.clone(),
+            service_up: true,
+        };
+        common::codec::encode(&update, MAX_FRAME).unwrap();
+
+        // The next probe keeps the same models, without warning again.
+        let (again, warning) = logged(|| fit.fit(models.into_iter().rev().collect()));
+        assert_eq!(again, kept);
+        assert!(warning.is_empty(), "{warning}");
+    }
+
+    #[test]
+    fn a_model_list_that_fits_is_left_as_listed() {
+        let models = vec![
+            ModelInfo {
+                name: "qwen2.5:1.5b".into(),
+                size: Some(1),
+            },
+            ModelInfo {
+                name: "llama3:8b".into(),
+                size: None,
+            },
+        ];
+        let (kept, warning) = logged(|| ModelFit::new(&template()).fit(models.clone()));
+        assert_eq!(kept, models);
+        assert!(warning.is_empty(), "{warning}");
     }
 
     #[tokio::test]

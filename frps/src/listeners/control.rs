@@ -161,7 +161,14 @@ async fn session(
                 client.id
             );
             state.queues.wake_all();
-            write_asset(state, &client, "online").await;
+            // Recorded beside the session, which starts serving at once: a
+            // slow database must not hold up heartbeats and dial-back
+            // commands. `write_asset` keeps it before this session's
+            // `offline` write (or skips it once the session has ended).
+            let (st, cl) = (state.clone(), client.clone());
+            state
+                .tasks
+                .spawn(async move { write_asset(&st, &cl, "online").await });
             let watch = tokio::spawn(watch_token(state.clone(), client.clone()));
             let served = serve(reader, wr, rx, &client, state).await;
             watch.abort();
@@ -172,11 +179,13 @@ async fn session(
     // Fail waiters for this session at once rather than at their timeout.
     client.kick.cancel();
     client.idle.close();
+    // A session replaced by a newer one of the same client id leaves the
+    // proxy to that session: only the session that held the id closes it.
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
         write_asset(state, &client, "offline").await;
+        hooks::close_proxy(&state.plugins, &client).await;
     }
-    hooks::close_proxy(&state.plugins, &client).await;
     result
 }
 
@@ -188,9 +197,13 @@ async fn login(
 ) -> Result<Principal, ControlError> {
     let hs = state.config.handshake_timeout;
     let outcome = match reader.read_command_within(hs).await? {
-        Some(Command::LoginToken { token }) => {
-            state.accounts.check_token(&token).await.map(|p| (p, None))
-        }
+        // Throttled per source address like password logins, so guessing
+        // tokens cannot hammer the database.
+        Some(Command::LoginToken { token }) => state
+            .accounts
+            .login_token(&token, peer.ip())
+            .await
+            .map(|p| (p, None)),
         Some(Command::Login { email, password }) => state
             .accounts
             .login(&email, &password, peer.ip())
@@ -280,6 +293,7 @@ async fn serve(
     let evict = tokio::time::sleep(silence);
     tokio::pin!(evict);
     let mut asset_written = Instant::now();
+    let ping_slot = hooks::PingSlot::default();
     loop {
         tokio::select! {
             biased;
@@ -312,7 +326,7 @@ async fn serve(
                     tokio::spawn(async move { write_asset(&state, &client, "online").await });
                 }
                 if matches!(cmd, Command::Heartbeat { .. }) {
-                    hooks::ping(state, client);
+                    hooks::ping(state, client, &ping_slot);
                 }
                 if let Some(reply) = on_command(cmd, client, state) {
                     send(wr, &reply, hs).await?;

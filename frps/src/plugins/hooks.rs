@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::Registration;
 use http::{Response, StatusCode};
@@ -106,15 +107,35 @@ pub async fn close_proxy(plugins: &Plugins, client: &ClientHandle) {
     }
 }
 
+/// A control session's right to one `Ping` call at a time: see [`ping`].
+#[derive(Debug, Default)]
+pub struct PingSlot(Arc<AtomicBool>);
+
+/// Frees a [`PingSlot`] when its call ends, however it ends.
+struct PingInFlight(Arc<AtomicBool>);
+
+impl Drop for PingInFlight {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// `Ping` for a heartbeat, run beside the control session so a slow plugin
 /// does not hold up its frames. A rejection (or failure) disconnects the
-/// client with the reason.
-pub fn ping(state: &Arc<State>, client: &Arc<ClientHandle>) {
+/// client with the reason. At most one call per session is in flight
+/// (`slot`): a heartbeat arriving meanwhile is not shown to the plugins, so
+/// a client sending heartbeats in a flood costs one call at a time.
+pub fn ping(state: &Arc<State>, client: &Arc<ClientHandle>, slot: &PingSlot) {
     if !state.plugins.handles(Op::Ping) {
         return;
     }
+    if slot.0.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let in_flight = PingInFlight(slot.0.clone());
     let (state, client) = (state.clone(), client.clone());
     state.tasks.clone().spawn(async move {
+        let _in_flight = in_flight;
         let content = PingContent {
             user: client_user(&client),
             timestamp: now(),

@@ -91,3 +91,40 @@ async fn registration_must_follow_login() {
     }
     assert!(frps.state.registry.is_empty());
 }
+
+#[tokio::test]
+async fn guessed_client_tokens_are_throttled_per_address_on_the_control_port() {
+    let fleet = Fleet::start(0).await;
+    let frps = &fleet.frps;
+    let token = frps.client_token().await;
+    // A guess from this address is refused as a bad token...
+    let (_guess, answer) = FakeClient::register(frps.addrs.control, "frpxc_guess", "g").await;
+    match answer {
+        Command::LoginResult {
+            ok: false, code, ..
+        } => assert_ne!(code.as_deref(), Some("throttled")),
+        other => panic!("expected a refused login, got {other:?}"),
+    }
+    // ... and right after it, even the valid token from the same address
+    // waits its turn instead of reaching the database.
+    let (_next, answer) = FakeClient::register(frps.addrs.control, &token, "g").await;
+    match answer {
+        Command::LoginResult {
+            ok: false, code, ..
+        } => assert_eq!(code.as_deref(), Some("throttled")),
+        other => panic!("expected a throttled login, got {other:?}"),
+    }
+    // Once the delay has passed, the valid token logs in.
+    let since = std::time::Instant::now();
+    loop {
+        let (_client, answer) = FakeClient::register(frps.addrs.control, &token, "g").await;
+        if matches!(answer, Command::Registered { .. }) {
+            break;
+        }
+        assert!(
+            since.elapsed() < frpx_tests::WAIT,
+            "never let in: {answer:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -701,3 +701,66 @@ async fn soak_20000_requests_in_5_minutes_with_an_frpc_killed_every_30_s() {
     let panics = frps.proc.lines_with("panicked");
     assert!(panics.is_empty(), "frps panicked: {panics:?}");
 }
+
+#[tokio::test]
+async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url.clone();
+    let frps = Frps::start(cfg).await;
+    // A slow database for gpu_assets writes: they wait for this transaction
+    // (reads, and writes to other tables, go on).
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .expect("database");
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("LOCK TABLE gpu_assets IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let backend = Backend::start("box").await;
+    let frpc = Frpc::connect("box", &frps, &backend);
+    frps.wait_for_clients(&["box"]).await;
+    let session = frps.state.registry.get("box").expect("registered").session;
+    let machine = frps.machine_id("box");
+    // Dial-backs are asked for and heartbeats answered meanwhile.
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "box");
+    tokio::time::sleep(frps.state.config.heartbeat_interval * 4).await;
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let now = frps.state.registry.get("box").expect("still registered");
+    assert_eq!(now.session, session, "the session was never dropped");
+    assert!(
+        frps.state
+            .store
+            .gpu_asset(&machine)
+            .await
+            .unwrap()
+            .is_none(),
+        "the online write is still waiting"
+    );
+
+    // Once the database answers, the write lands.
+    lock.rollback().await.unwrap();
+    let store = frps.state.store.clone();
+    frpx_tests::eventually_async("the asset is recorded online", || {
+        let (store, machine) = (store.clone(), machine.clone());
+        async move {
+            store
+                .gpu_asset(&machine)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.status.as_deref() == Some("online"))
+        }
+    })
+    .await;
+    frpc.kill().await;
+    frps.stop().await;
+    drop(conn);
+    pg.drop_db().await;
+}

@@ -829,3 +829,98 @@ async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
     frpc.kill().await;
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_session_replaced_by_a_reconnect_does_not_close_the_proxy() {
+    let plugin = PluginServer::allow_all().await;
+    let frps = frps_with(
+        vec![plugin.spec("audit", &["NewProxy", "CloseProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (mut old, answer) = register(&frps, registration("gpu-r")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let first = frps
+        .state
+        .registry
+        .get("gpu-r")
+        .expect("registered")
+        .session;
+
+    // The client reconnects before its old connection was noticed dead.
+    let (new, answer) = register(&frps, registration("gpu-r")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let second = frps
+        .state
+        .registry
+        .get("gpu-r")
+        .expect("registered")
+        .session;
+    assert_ne!(first, second, "the reconnect is a new session");
+    match old.recv().await {
+        Some(Command::Disconnect { reason }) => assert_eq!(reason, common::protocol::REPLACED),
+        other => panic!("expected Disconnect, got {other:?}"),
+    }
+    // frps closes the old connection once that session's clean-up is over.
+    assert!(old.recv().await.is_none());
+    assert_eq!(plugin.calls_for("NewProxy").len(), 2);
+    assert!(
+        plugin.calls_for("CloseProxy").is_empty(),
+        "the proxy is live in the new session: {:?}",
+        plugin.calls_for("CloseProxy")
+    );
+
+    // A real disconnect closes it, once, as the live session's.
+    drop(new);
+    let close = plugin.wait_for("CloseProxy").await;
+    assert_eq!(close.content()["proxy_name"], "gpu-r");
+    assert_eq!(close.content()["user"]["run_id"], second.to_string());
+    frps.wait_for_clients(&[]).await;
+    assert_eq!(plugin.calls_for("CloseProxy").len(), 1);
+}
+
+#[tokio::test]
+async fn a_flood_of_heartbeats_makes_one_ping_call_at_a_time() {
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(500))).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("pinger", &["Ping"])];
+    cfg.plugin_timeout = Duration::from_secs(3);
+    // Long enough that the pauses below do not evict the client.
+    cfg.heartbeat_interval = Duration::from_secs(10);
+    let frps = Frps::start(cfg).await;
+    let (mut c, answer) = register(&frps, registration("gpu-f")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+
+    const BURST: u64 = 2_000;
+    for seq in 1..=BURST {
+        c.send(Command::Heartbeat { seq }).await;
+    }
+    for seq in 1..=BURST {
+        match c.recv().await {
+            Some(Command::HeartbeatAck { seq: acked }) => assert_eq!(acked, seq),
+            other => panic!("expected the ack of heartbeat {seq}, got {other:?}"),
+        }
+    }
+    // Calls started by the burst have reached the plugin by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let during = plugin.calls_for("Ping").len();
+    assert!(
+        (1..=2).contains(&during),
+        "{BURST} heartbeats in a burst made {during} Ping calls"
+    );
+
+    // Once the call in flight has ended, heartbeats are pinged again.
+    let mut seq = BURST;
+    let resumed = async {
+        while plugin.calls_for("Ping").len() == during {
+            seq += 1;
+            c.send(Command::Heartbeat { seq }).await;
+            assert!(matches!(c.recv().await, Some(Command::HeartbeatAck { .. })));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(frpx_tests::WAIT, resumed)
+        .await
+        .expect("a heartbeat after the call ended is pinged");
+    assert!(frps.state.registry.get("gpu-f").is_some());
+}

@@ -159,3 +159,32 @@ async fn idle_upstream_connections_are_reused() {
         5
     );
 }
+
+#[tokio::test]
+async fn a_service_listing_more_models_than_a_frame_holds_still_registers() {
+    let frps = frpx_tests::Frps::start_default().await;
+    let backend = frpx_tests::Backend::start("crowded").await;
+    // About 450 KiB of names, seven times the 64 KiB frame limit.
+    let names: Vec<String> = (0..5_000)
+        .map(|i| format!("{i:05}-{}", "a-rather-long-model-name/".repeat(3)))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    backend.set_models(&refs);
+    let frpc = frpx_tests::Frpc::connect("crowded", &frps, &backend);
+    frps.wait_for_clients(&["crowded"]).await;
+    let client = frps.state.registry.get("crowded").unwrap();
+    let models = client.models();
+    assert!(
+        !models.is_empty() && models.len() < names.len(),
+        "{} models announced",
+        models.len()
+    );
+    // The first by name, in order.
+    for (model, name) in models.iter().zip(&names) {
+        assert_eq!(&model.name, name);
+    }
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "crowded");
+    frpc.kill().await;
+}
