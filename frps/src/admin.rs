@@ -38,6 +38,24 @@ pub enum Admin {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Manage client ids (each belongs to the account that first registered it).
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+}
+
+/// `frps client ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientCommand {
+    /// List client ids and the accounts they belong to.
+    List,
+    /// Release a client id, so the next account to register it gets it
+    /// (e.g. a machine handed to another account).
+    Release {
+        /// The client id.
+        id: String,
+    },
 }
 
 /// `frps user ...`
@@ -369,6 +387,24 @@ async fn dispatch(
                 writeln!(
                     out,
                     "revoked {n} token(s); frpc logged in with them are disconnected within six heartbeat intervals"
+                )?;
+            }
+        },
+        Admin::Client { command } => match command {
+            ClientCommand::List => {
+                let mut table = table(&["client id", "user", "since"]);
+                for c in store.list_client_ids().await? {
+                    table.add_row(vec![c.id, c.email, time(Some(c.created_at))]);
+                }
+                writeln!(out, "{table}")?;
+            }
+            ClientCommand::Release { id } => {
+                if !store.release_client_id(&id).await? {
+                    bail!("client id `{id}` is not bound to any account");
+                }
+                writeln!(
+                    out,
+                    "released client id `{id}`; the next account to register it gets it (a client online under it stays until it disconnects)"
                 )?;
             }
         },

@@ -92,6 +92,10 @@ async fn session(
             .and_then(|reg| validate(&reg).map(|()| reg)),
         Err(refusal) => Err(refusal),
     };
+    let admitted = match admitted {
+        Ok(reg) => claim_id(state, &reg, owner.user_id).await.map(|()| reg),
+        Err(refusal) => Err(refusal),
+    };
     let registration = match admitted {
         Ok(reg) => reg,
         Err((reason, retry)) => {
@@ -250,6 +254,33 @@ async fn login(
             send(wr, &refused, hs).await?;
             Err(ControlError::Refused(format!("login failed: {e}")))
         }
+    }
+}
+
+/// Binds the registration's client id to `user_id` at its first
+/// registration: an id is an account's for good (until `frps client
+/// release`), so no other account can take it, and the requests pinned to
+/// it, while its owner is offline. On refusal returns the reason and
+/// whether a retry can succeed.
+async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(), (String, bool)> {
+    let id = &reg.client_id;
+    let hs = state.config.handshake_timeout;
+    match tokio::time::timeout(hs, state.store.claim_client_id(id, user_id)).await {
+        Ok(Ok(owner)) if owner == user_id => Ok(()),
+        Ok(Ok(_)) => Err((
+            format!("client id '{id}' belongs to another account; choose another --client-id"),
+            false,
+        )),
+        Ok(Err(e)) => Err((
+            format!("cannot check which account client id '{id}' belongs to: {e}"),
+            true,
+        )),
+        Err(_) => Err((
+            format!(
+                "cannot check which account client id '{id}' belongs to: no answer from the database within {hs:?}"
+            ),
+            true,
+        )),
     }
 }
 

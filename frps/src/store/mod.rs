@@ -12,7 +12,7 @@ use chrono::NaiveDateTime;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
-pub use rows::{ApiKeyRow, ClientTokenRow, GpuAssetRow, UserRow};
+pub use rows::{ApiKeyRow, ClientIdRow, ClientTokenRow, GpuAssetRow, UserRow};
 
 /// The `api_keys` columns every [`ApiKeyRow`] is read from.
 macro_rules! api_key_columns {
@@ -469,6 +469,38 @@ impl Store {
         Ok(
             on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected()),
         )
+    }
+
+    // ---- client ids -----------------------------------------------------
+
+    /// Binds `client_id` to `user_id` unless it is bound already, in one
+    /// statement (two frps sharing a database cannot both bind it); returns
+    /// the account it belongs to.
+    pub async fn claim_client_id(&self, client_id: &str, user_id: i64) -> Result<i64, StoreError> {
+        // The no-op update makes RETURNING yield the row already there.
+        const SQL: &str = "INSERT INTO client_ids (id, user_id, created_at) VALUES ($1, $2, $3)
+            ON CONFLICT (id) DO UPDATE SET id = excluded.id
+            RETURNING user_id";
+        let (owner,): (i64,) = on_pool!(self, p => sqlx::query_as(SQL)
+            .bind(client_id).bind(user_id).bind(now())
+            .fetch_one(p).await?);
+        Ok(owner)
+    }
+
+    /// Every bound client id with its account's email, by id.
+    pub async fn list_client_ids(&self) -> Result<Vec<ClientIdRow>, StoreError> {
+        const SQL: &str = "SELECT c.id, c.user_id, u.email, c.created_at
+            FROM client_ids c JOIN users u ON u.id = c.user_id ORDER BY c.id";
+        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+    }
+
+    /// Unbinds a client id, so the next account to register it gets it;
+    /// false when it was not bound.
+    pub async fn release_client_id(&self, client_id: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "DELETE FROM client_ids WHERE id = $1";
+        let gone =
+            on_pool!(self, p => sqlx::query(SQL).bind(client_id).execute(p).await?.rows_affected());
+        Ok(gone > 0)
     }
 
     // ---- GPU assets -----------------------------------------------------

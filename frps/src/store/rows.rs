@@ -125,3 +125,16 @@ pub struct GpuAssetRow {
     #[sqlx(rename = "updatedAt")]
     pub updated_at: Option<NaiveDateTime>,
 }
+
+/// One `client_ids` row: a client id and the account it belongs to.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ClientIdRow {
+    /// The client id.
+    pub id: String,
+    /// The account.
+    pub user_id: i64,
+    /// That account's email.
+    pub email: String,
+    /// When the id was first registered (UTC).
+    pub created_at: NaiveDateTime,
+}

@@ -129,6 +129,57 @@ async fn exchange_open(mut s: TcpStream) -> String {
 }
 
 #[tokio::test]
+async fn a_client_id_stays_its_accounts_while_its_owner_is_offline() {
+    let fleet = Fleet::start(0).await;
+    let frps = &fleet.frps;
+    let owner_token = frps.client_token().await;
+    let (owner, answer) = FakeClient::register(frps.addrs.control, &owner_token, "gpu-x").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    drop(owner);
+    let state = frps.state.clone();
+    let registry = &state.registry;
+    frpx_tests::eventually("the owner is gone", || registry.get("gpu-x").is_none()).await;
+
+    // Another account, while the owner is away.
+    let other = frps
+        .state
+        .store
+        .create_user("squatter@example.com", "not-a-real-hash")
+        .await
+        .unwrap();
+    let s = frps::auth::secret::generate("frpxc");
+    frps.state
+        .store
+        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, other.id, None)
+        .await
+        .unwrap();
+    let (_squatter, answer) = FakeClient::register(frps.addrs.control, &s.plaintext, "gpu-x").await;
+    match answer {
+        Command::RegisterRefused { reason, retry } => {
+            assert!(reason.contains("belongs to another account"), "{reason}");
+            assert!(!retry);
+        }
+        other => panic!("expected RegisterRefused, got {other:?}"),
+    }
+    assert!(registry.get("gpu-x").is_none());
+
+    // The owner comes back to its id.
+    let (back, answer) = FakeClient::register(frps.addrs.control, &owner_token, "gpu-x").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    drop(back);
+    frpx_tests::eventually("the owner is gone again", || {
+        registry.get("gpu-x").is_none()
+    })
+    .await;
+
+    // Released by the operator, the id goes to the next account.
+    assert!(frps.state.store.release_client_id("gpu-x").await.unwrap());
+    let (_new_owner, answer) =
+        FakeClient::register(frps.addrs.control, &s.plaintext, "gpu-x").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+}
+
+#[tokio::test]
 async fn a_registration_under_another_accounts_client_id_is_refused() {
     let fleet = Fleet::start(1).await;
     let frps = &fleet.frps;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use common::Command;
-use frps::admin::{Admin, KeyCommand, TokenCommand, UserCommand};
+use frps::admin::{Admin, ClientCommand, KeyCommand, TokenCommand, UserCommand};
 use frps::auth::KeyValidator;
 use frps::auth::accounts::LoginError;
 use frps::auth::keys::KeyCheck;
@@ -1253,6 +1253,78 @@ async fn listings_page(url: &str) {
     assert_eq!(every.len(), 6);
     assert_eq!(every[0].id, newer.id, "newest first");
     store.close().await;
+}
+
+/// Client ids bind to the first account that registers them, on `url`'s
+/// database, and `frps client list` / `release` manage the bindings.
+async fn client_ids_bind(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let alice = store.create_user("alice@example.com", "h").await.unwrap();
+    let bob = store.create_user("bob@example.com", "h").await.unwrap();
+    assert_eq!(
+        store.claim_client_id("gpu-a", alice.id).await.unwrap(),
+        alice.id
+    );
+    assert_eq!(
+        store.claim_client_id("gpu-a", alice.id).await.unwrap(),
+        alice.id
+    );
+    assert_eq!(
+        store.claim_client_id("gpu-a", bob.id).await.unwrap(),
+        alice.id,
+        "the first account keeps it"
+    );
+    assert_eq!(
+        store.claim_client_id("gpu-b", bob.id).await.unwrap(),
+        bob.id
+    );
+    let rows = store.list_client_ids().await.unwrap();
+    let listed: Vec<_> = rows
+        .iter()
+        .map(|r| (r.id.as_str(), r.email.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [("gpu-a", "alice@example.com"), ("gpu-b", "bob@example.com")]
+    );
+
+    // The CLI against the same database.
+    let mut cfg = frps_config();
+    cfg.database_url = url.to_owned();
+    let list = Admin::Client {
+        command: ClientCommand::List,
+    };
+    let out = admin(&cfg, list, "").await.unwrap();
+    assert!(
+        out.contains("gpu-a") && out.contains("alice@example.com"),
+        "{out}"
+    );
+    let release = |id: &str| Admin::Client {
+        command: ClientCommand::Release { id: id.into() },
+    };
+    let out = admin(&cfg, release("gpu-a"), "").await.unwrap();
+    assert!(out.contains("released client id `gpu-a`"), "{out}");
+    let err = admin(&cfg, release("gpu-a"), "").await.unwrap_err();
+    assert!(err.to_string().contains("not bound"), "{err}");
+    // Released: the next account to register it gets it.
+    assert_eq!(
+        store.claim_client_id("gpu-a", bob.id).await.unwrap(),
+        bob.id
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn client_ids_bind_on_sqlite() {
+    client_ids_bind(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn client_ids_bind_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    client_ids_bind(&pg.url).await;
 }
 
 #[tokio::test]
