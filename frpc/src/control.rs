@@ -9,7 +9,7 @@ use common::{
     Command, FrameError, FrameReader, MAX_FRAME, ModelInfo, PROTOCOL_VERSION, Registration, Stream,
     write_command,
 };
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -410,9 +410,16 @@ impl Client {
                 _ = &mut dead => return Err(SessionError::Retry(format!("frps silent for {silence:?}"))),
                 _ = ticker.tick() => {
                     seq += 1;
-                    write_command(wr, &Command::Heartbeat { seq }).await?;
+                    let beat = Command::Heartbeat { seq };
+                    if !send_within(wr, &beat, silence, &self.shutdown).await? {
+                        return Ok(SessionEnd::Shutdown);
+                    }
                 }
-                Some(cmd) = out_rx.recv() => write_command(wr, &cmd).await?,
+                Some(cmd) = out_rx.recv() => {
+                    if !send_within(wr, &cmd, silence, &self.shutdown).await? {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                }
                 frame = reader.read_command() => {
                     let Some(cmd) = frame? else {
                         return Ok(SessionEnd::Disconnected(None));
@@ -437,6 +444,29 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// Writes `cmd` to frps; true once written. A server that takes none of it
+/// for `limit` (stuck, or its connection dead without a reset) is given up
+/// for a reconnect; a shutdown meanwhile ends the wait at once (false).
+/// Without this a blocked write held up the session loop, its silence
+/// timer and Ctrl-C alike.
+async fn send_within<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    cmd: &Command,
+    limit: Duration,
+    shutdown: &CancellationToken,
+) -> Result<bool, SessionError> {
+    tokio::select! {
+        written = tokio::time::timeout(limit, write_command(wr, cmd)) => match written {
+            Ok(done) => done.map(|()| true).map_err(Into::into),
+            Err(_) => Err(SessionError::Retry(format!(
+                "frps took no {} for {limit:?}",
+                cmd.name()
+            ))),
+        },
+        _ = shutdown.cancelled() => Ok(false),
     }
 }
 
@@ -549,4 +579,41 @@ fn unexpected(cmd: &Command) -> SessionError {
         "unexpected {} from frps during the handshake",
         cmd.name()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_takes_nothing_is_given_up_after_the_limit() {
+        // 64 bytes of pipe nobody reads: a frame or two fit, then writes block.
+        let (mut near, _far) = tokio::io::duplex(64);
+        let shutdown = CancellationToken::new();
+        let limit = Duration::from_secs(30);
+        let started = Instant::now();
+        let mut seq = 0;
+        let err = loop {
+            seq += 1;
+            match send_within(&mut near, &Command::Heartbeat { seq }, limit, &shutdown).await {
+                Ok(true) => continue,
+                Ok(false) => panic!("reported a shutdown that did not happen"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, SessionError::Retry(ref m) if m.contains("took no Heartbeat")),
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), limit);
+        // A shutdown ends a blocked write at once.
+        shutdown.cancel();
+        let beat = Command::Heartbeat { seq: 0 };
+        assert!(
+            !send_within(&mut near, &beat, limit, &shutdown)
+                .await
+                .unwrap()
+        );
+        assert_eq!(started.elapsed(), limit);
+    }
 }
