@@ -152,7 +152,8 @@ pub struct Config {
     pub max_body: usize,
 
     /// Longest silence from a client's service, waiting for response headers
-    /// or between body chunks, before the request is failed.
+    /// (from the end of the request body) or between body chunks, before
+    /// the request is failed.
     #[arg(long, env = "FRPX_UPSTREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub upstream_idle_timeout: Duration,
 

@@ -367,6 +367,8 @@ async fn forward(
             );
         }
     };
+    // How far a streamed body's upload has got (unused for buffered ones).
+    let upload = Arc::new(UploadClock::default());
     let (mut payload, model) = if routed {
         match read_body(state, body).await {
             Ok(bytes) => {
@@ -384,6 +386,7 @@ async fn forward(
             state: state.clone(),
             gap: state.config.keepalive_timeout,
             timer: None,
+            upload: upload.clone(),
         };
         (Payload::Stream(Some(body)), None)
     };
@@ -459,9 +462,11 @@ async fn forward(
         set_host(&mut req, &client);
         let mut sender = up.sender;
         let sending = Instant::now();
-        let sent = tokio::time::timeout(
-            state.config.upstream_idle_timeout,
+        let streamed = (!payload.replayable()).then_some(&*upload);
+        let sent = response_head(
             sender.try_send_request(req),
+            state.config.upstream_idle_timeout,
+            streamed,
         )
         .await;
         waited += sending.elapsed();
@@ -1034,6 +1039,51 @@ impl Drop for TrackedBody {
     }
 }
 
+/// When a streamed request body finished uploading (`None` while the
+/// caller is still sending it), shared by the body, which records it, and
+/// the wait for the response head, which does not count the caller's
+/// upload time against the service.
+#[derive(Debug, Default)]
+struct UploadClock(std::sync::Mutex<Option<tokio::time::Instant>>);
+
+impl UploadClock {
+    fn finish(&self) {
+        let mut done = self.0.lock().expect("upload clock lock");
+        done.get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    fn finished(&self) -> Option<tokio::time::Instant> {
+        *self.0.lock().expect("upload clock lock")
+    }
+}
+
+/// Awaits `send` (the response head) while the service is given `idle` to
+/// answer from the end of the request: a streamed upload (`upload`) still
+/// arriving from the caller is the caller's time (its gaps are held to
+/// `--keepalive-timeout` by [`CountedBody`]), not the service's. `Err` when
+/// the service stayed silent that long.
+async fn response_head<F: Future>(
+    send: F,
+    idle: std::time::Duration,
+    upload: Option<&UploadClock>,
+) -> Result<F::Output, ()> {
+    tokio::pin!(send);
+    let mut deadline = tokio::time::Instant::now() + idle;
+    loop {
+        tokio::select! {
+            out = &mut send => return Ok(out),
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = tokio::time::Instant::now();
+                deadline = match upload.map(UploadClock::finished) {
+                    Some(None) => now + idle,
+                    Some(Some(at)) if at + idle > now => at + idle,
+                    _ => return Err(()),
+                };
+            }
+        }
+    }
+}
+
 /// A caller's request body on its way upstream, counting its bytes.
 pub struct CountedBody {
     inner: Incoming,
@@ -1042,6 +1092,8 @@ pub struct CountedBody {
     gap: std::time::Duration,
     /// Armed while a piece is awaited.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Told when the last piece went out.
+    upload: Arc<UploadClock>,
 }
 
 /// A streamed request body's failure: the caller's connection, or its
@@ -1077,6 +1129,11 @@ impl Body for CountedBody {
                         .stats
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+                // The end, whether read (`None`) or known from the length
+                // (hyper does not poll past a body's announced end).
+                if polled.is_none() || this.inner.is_end_stream() {
+                    this.upload.finish();
                 }
                 Poll::Ready(polled.map(|r| r.map_err(CallerBodyError::from)))
             }
@@ -1169,6 +1226,40 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_service_is_given_its_time_from_the_end_of_the_upload() {
+        use std::time::Duration;
+        use tokio::time::{Instant, sleep};
+        let idle = Duration::from_secs(10);
+        let never = std::future::pending::<()>;
+
+        // A request that was out at once: the service has `idle`.
+        let started = Instant::now();
+        assert!(response_head(never(), idle, None).await.is_err());
+        assert_eq!(started.elapsed(), idle);
+
+        // An upload that runs 25 s: the service has `idle` from its end.
+        let upload = Arc::new(UploadClock::default());
+        let uploader = tokio::spawn({
+            let upload = upload.clone();
+            async move {
+                sleep(Duration::from_secs(25)).await;
+                upload.finish();
+            }
+        });
+        let started = Instant::now();
+        assert!(response_head(never(), idle, Some(&upload)).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(35));
+        uploader.await.unwrap();
+
+        // An answer in time is passed on.
+        let answer = async {
+            sleep(Duration::from_secs(3)).await;
+            42
+        };
+        assert_eq!(response_head(answer, idle, Some(&upload)).await, Ok(42));
     }
 
     #[test]

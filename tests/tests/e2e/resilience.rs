@@ -482,6 +482,37 @@ async fn a_caller_that_stops_reading_loses_its_connection_and_frees_the_slot() {
 }
 
 #[tokio::test]
+async fn a_slow_upload_does_not_count_against_the_services_answer_time() {
+    let mut cfg = frps_config();
+    cfg.upstream_idle_timeout = Duration::from_millis(800);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    // /echo answers once it has the whole body, which takes the caller
+    // about 1.8 s: over the service's 800 ms, which counts from the end.
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        caller.write_all(b"5\r\nhello\r\n").await.unwrap();
+    }
+    caller.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(&"hello".repeat(6)) {
+        let n = tokio::time::timeout(frpx_tests::WAIT, caller.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
 async fn connections_over_the_caps_get_503_not_a_stall() {
     let mut cfg = frps_config();
     cfg.max_connections_per_ip = 2;
