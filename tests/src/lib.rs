@@ -135,13 +135,30 @@ impl Frps {
 
     /// Issues a client token for the test account, as a login would.
     pub async fn client_token(&self) -> String {
+        self.client_token_of(self.user_id).await
+    }
+
+    /// Issues a client token for account `user_id`.
+    pub async fn client_token_of(&self, user_id: i64) -> String {
         let s = frps::auth::secret::generate("frpxc");
         self.state
             .store
-            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, self.user_id, None)
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user_id, None)
             .await
             .expect("token");
         s.plaintext
+    }
+
+    /// Creates a second provider account, `email`, and issues it a client
+    /// token.
+    pub async fn other_account_token(&self, email: &str) -> String {
+        let other = self
+            .state
+            .store
+            .create_user(email, "not-a-real-hash")
+            .await
+            .expect("account");
+        self.client_token_of(other.id).await
     }
 
     /// Starts frps with [`frps_config`].

@@ -412,11 +412,10 @@ fn verdict(hash: [u8; 32], entry: CachedKey, now: i64) -> KeyCheck {
 mod tests {
     use super::*;
 
-    #[test]
-    fn stored_hashes_round_trip() {
-        let h = secret::hash("k");
-        let row = ApiKeyRow {
-            key: format!("sha256:{}", secret::hex(&h)),
+    /// A row with `key` and nothing else set.
+    fn bare_row(key: &str) -> ApiKeyRow {
+        ApiKeyRow {
+            key: key.into(),
             status: None,
             expires_at: None,
             created_at: None,
@@ -425,7 +424,13 @@ mod tests {
             prefix: None,
             rpm: None,
             max_concurrency: None,
-        };
+        }
+    }
+
+    #[test]
+    fn stored_hashes_round_trip() {
+        let h = secret::hash("k");
+        let row = bare_row(&format!("sha256:{}", secret::hex(&h)));
         assert_eq!(stored_hash(&row), Some(h));
         let legacy = ApiKeyRow {
             key: "k".into(),
@@ -454,17 +459,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lookup_slower_than_the_deadline_is_unavailable_not_late() {
-        let row = || ApiKeyRow {
-            key: "k".into(),
-            status: None,
-            expires_at: None,
-            created_at: None,
-            id: None,
-            name: None,
-            prefix: None,
-            rpm: None,
-            max_concurrency: None,
-        };
+        let row = || bare_row("k");
         // An answer just within the deadline is used.
         let prompt = within_deadline(async {
             tokio::time::sleep(DB_TIMEOUT - Duration::from_millis(1)).await;

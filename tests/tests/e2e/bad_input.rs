@@ -141,19 +141,8 @@ async fn a_client_id_stays_its_accounts_while_its_owner_is_offline() {
     frpx_tests::eventually("the owner is gone", || registry.get("gpu-x").is_none()).await;
 
     // Another account, while the owner is away.
-    let other = frps
-        .state
-        .store
-        .create_user("squatter@example.com", "not-a-real-hash")
-        .await
-        .unwrap();
-    let s = frps::auth::secret::generate("frpxc");
-    frps.state
-        .store
-        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, other.id, None)
-        .await
-        .unwrap();
-    let (_squatter, answer) = FakeClient::register(frps.addrs.control, &s.plaintext, "gpu-x").await;
+    let squatter = frps.other_account_token("squatter@example.com").await;
+    let (_squatter, answer) = FakeClient::register(frps.addrs.control, &squatter, "gpu-x").await;
     match answer {
         Command::RegisterRefused { reason, retry } => {
             assert!(reason.contains("belongs to another account"), "{reason}");
@@ -174,8 +163,7 @@ async fn a_client_id_stays_its_accounts_while_its_owner_is_offline() {
 
     // Released by the operator, the id goes to the next account.
     assert!(frps.state.store.release_client_id("gpu-x").await.unwrap());
-    let (_new_owner, answer) =
-        FakeClient::register(frps.addrs.control, &s.plaintext, "gpu-x").await;
+    let (_new_owner, answer) = FakeClient::register(frps.addrs.control, &squatter, "gpu-x").await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
 }
 
@@ -185,20 +173,8 @@ async fn a_registration_under_another_accounts_client_id_is_refused() {
     let frps = &fleet.frps;
     let before = frps.state.registry.get("client-0").expect("registered");
     // A second provider account, logged in properly, claims client-0.
-    let other = frps
-        .state
-        .store
-        .create_user("intruder@example.com", "not-a-real-hash")
-        .await
-        .unwrap();
-    let s = frps::auth::secret::generate("frpxc");
-    frps.state
-        .store
-        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, other.id, None)
-        .await
-        .unwrap();
-    let (_intruder, answer) =
-        FakeClient::register(frps.addrs.control, &s.plaintext, "client-0").await;
+    let intruder = frps.other_account_token("intruder@example.com").await;
+    let (_intruder, answer) = FakeClient::register(frps.addrs.control, &intruder, "client-0").await;
     match answer {
         Command::RegisterRefused { reason, retry } => {
             assert!(reason.contains("another account"), "{reason}");
