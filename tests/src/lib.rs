@@ -69,6 +69,22 @@ where
         .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
 }
 
+/// Waits until `machine`'s `gpu_assets` row has `status` (and, when given,
+/// the client name `name`).
+pub async fn wait_for_asset(
+    store: &frps::store::Store,
+    machine: &str,
+    status: &str,
+    name: Option<&str>,
+) {
+    eventually_async(&format!("the asset is {status}"), || async {
+        store.gpu_asset(machine).await.unwrap().is_some_and(|r| {
+            r.status.as_deref() == Some(status) && name.is_none_or(|n| r.name.as_deref() == Some(n))
+        })
+    })
+    .await;
+}
+
 /// A fresh embedded database URL in a temporary directory.
 pub fn temp_sqlite_url() -> String {
     let dir = std::env::temp_dir().join("frpx-tests");

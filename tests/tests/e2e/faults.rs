@@ -747,18 +747,7 @@ async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
 
     // Once the database answers, the write lands.
     lock.rollback().await.unwrap();
-    let store = frps.state.store.clone();
-    frpx_tests::eventually_async("the asset is recorded online", || {
-        let (store, machine) = (store.clone(), machine.clone());
-        async move {
-            store
-                .gpu_asset(&machine)
-                .await
-                .unwrap()
-                .is_some_and(|r| r.status.as_deref() == Some("online"))
-        }
-    })
-    .await;
+    frpx_tests::wait_for_asset(&frps.state.store, &machine, "online", None).await;
     frpc.kill().await;
     frps.stop().await;
     drop(conn);

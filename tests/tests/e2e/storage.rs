@@ -965,30 +965,10 @@ async fn gpu_assets_follow_clients_online_and_offline() {
     let mut fleet = Fleet::start(1).await;
     let machine = fleet.frps.machine_id("client-0");
     let store = fleet.frps.state.store.clone();
-    frpx_tests::eventually_async("the asset is recorded online", || {
-        let (store, machine) = (store.clone(), machine.clone());
-        async move {
-            store.gpu_asset(&machine).await.unwrap().is_some_and(|r| {
-                r.status.as_deref() == Some("online") && r.name.as_deref() == Some("client-0")
-            })
-        }
-    })
-    .await;
+    frpx_tests::wait_for_asset(&store, &machine, "online", Some("client-0")).await;
     fleet.clients.remove(0).kill().await;
     fleet.frps.wait_for_clients(&[]).await;
-    frpx_tests::eventually_async("the asset is marked offline", || {
-        let (store, machine) = (store.clone(), machine.clone());
-        async move {
-            store
-                .gpu_asset(&machine)
-                .await
-                .unwrap()
-                .and_then(|r| r.status)
-                .as_deref()
-                == Some("offline")
-        }
-    })
-    .await;
+    frpx_tests::wait_for_asset(&store, &machine, "offline", None).await;
 
     // Another account presenting the same machine id takes nothing over.
     let owner = store.gpu_asset(&machine).await.unwrap().unwrap().user_id;
