@@ -367,8 +367,9 @@ async fn forward(
             );
         }
     };
-    // How far a streamed body's upload has got (unused for buffered ones).
-    let upload = Arc::new(UploadClock::default());
+    // How far a streamed body's upload has got (made for those only: most
+    // requests are buffered or bodiless, and this is their hot path).
+    let mut upload: Option<Arc<UploadClock>> = None;
     let (mut payload, model) = if routed {
         match read_body(state, body).await {
             Ok(bytes) => {
@@ -381,12 +382,14 @@ async fn forward(
         // No body (a GET, say): as replayable as a buffered one.
         (Payload::Buffered(Bytes::new()), None)
     } else {
+        let clock = Arc::new(UploadClock::default());
+        upload = Some(clock.clone());
         let body = CountedBody {
             inner: body,
             state: state.clone(),
             gap: state.config.keepalive_timeout,
             timer: None,
-            upload: upload.clone(),
+            upload: clock,
         };
         (Payload::Stream(Some(body)), None)
     };
@@ -462,11 +465,10 @@ async fn forward(
         set_host(&mut req, &client);
         let mut sender = up.sender;
         let sending = Instant::now();
-        let streamed = (!payload.replayable()).then_some(&*upload);
         let sent = response_head(
             sender.try_send_request(req),
             state.config.upstream_idle_timeout,
-            streamed,
+            upload.as_deref(),
         )
         .await;
         waited += sending.elapsed();
