@@ -11,6 +11,7 @@ use chrono::NaiveDateTime;
 
 use super::types::{Page, Token, User};
 use super::{ApiError, ApiState, Envelope, ok};
+use crate::listeners::public::shorten;
 use crate::store::{TokenKey, Window};
 
 /// Most entries one page holds (and how many a page without `limit` holds).
@@ -50,7 +51,7 @@ fn window<K>(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "after: {:?} is not a cursor from a Link header of this listing",
-                    shorten(cursor)
+                    shorten(cursor, 40)
                 ),
             )
         })?),
@@ -59,14 +60,6 @@ fn window<K>(
         after,
         limit: limit + 1,
     })
-}
-
-/// At most 40 characters of a caller's cursor, for an error message.
-fn shorten(cursor: &str) -> &str {
-    cursor
-        .char_indices()
-        .nth(40)
-        .map_or(cursor, |(at, _)| &cursor[..at])
 }
 
 /// Cuts `rows` (read with [`window`]'s extra row, `limit` being the page
@@ -239,8 +232,22 @@ mod tests {
 
     #[test]
     fn long_cursors_are_cut_in_errors() {
-        let long = "é".repeat(100);
-        assert_eq!(shorten(&long).chars().count(), 40);
-        assert_eq!(shorten("short"), "short");
+        let refused = |after: &str| {
+            let page = Page {
+                limit: None,
+                after: Some(after.to_owned()),
+            };
+            window(Ok(Query(page)), |_| None::<i64>).unwrap_err()
+        };
+        let e = refused(&"é".repeat(100));
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.contains(&format!("\"{}…\"", "é".repeat(40))),
+            "{}",
+            e.message
+        );
+        assert!(!e.message.contains(&"é".repeat(41)), "{}", e.message);
+        let e = refused("short");
+        assert!(e.message.contains("\"short\""), "{}", e.message);
     }
 }

@@ -738,7 +738,7 @@ fn origin_form(uri: &http::Uri) -> http::Uri {
 
 /// `text` cut to at most `max` characters (an ellipsis marks the cut), for
 /// echoing caller input back.
-fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+pub(crate) fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     match text.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &text[..at]).into(),
         None => text.into(),
