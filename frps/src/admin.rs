@@ -508,49 +508,32 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_expiring_past_the_last_date_is_refused_not_a_panic() {
-        let dir = std::env::temp_dir().join(format!("frps-admin-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}", dir.join("db").display());
-        let config = Config::ephemeral("k", &url);
-        let create = |expires_in| Admin::Key {
-            command: KeyCommand::Create {
+        let db = crate::store::TempDb::new("admin");
+        let config = Config::ephemeral("k", &db.url);
+        let create = async |expires_in| {
+            let command = KeyCommand::Create {
                 name: None,
                 expires_in,
                 rpm: None,
                 max_concurrency: None,
-            },
+            };
+            let mut out = Vec::new();
+            run(
+                Admin::Key { command },
+                &config,
+                &mut out,
+                &mut std::io::empty(),
+            )
+            .await
         };
         // Within chrono's durations, but past the year 262143.
         let too_far = parse_duration("100000000d").unwrap();
-        let mut out = Vec::new();
-        let e = run(
-            create(Some(too_far)),
-            &config,
-            &mut out,
-            &mut std::io::empty(),
-        )
-        .await
-        .unwrap_err();
+        let e = create(Some(too_far)).await.unwrap_err();
         assert!(e.to_string().contains("--expires-in"), "{e}");
         assert!(e.to_string().contains("too far in the future"), "{e}");
-        let e = run(
-            create(Some(Duration::MAX)),
-            &config,
-            &mut out,
-            &mut std::io::empty(),
-        )
-        .await
-        .unwrap_err();
+        let e = create(Some(Duration::MAX)).await.unwrap_err();
         assert!(e.to_string().contains("too far in the future"), "{e}");
-        run(
-            create(Some(Duration::from_secs(86400))),
-            &config,
-            &mut out,
-            &mut std::io::empty(),
-        )
-        .await
-        .unwrap();
-        std::fs::remove_dir_all(dir).unwrap();
+        create(Some(Duration::from_secs(86400))).await.unwrap();
     }
 
     #[test]

@@ -275,11 +275,9 @@ mod tests {
     use crate::server::BoundAddrs;
     use futures_util::FutureExt;
 
-    async fn state() -> (Arc<State>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("frps-dispatch-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}", dir.join("db").display());
-        let mut config = crate::Config::ephemeral("k", &url);
+    async fn state() -> (Arc<State>, crate::store::TempDb) {
+        let db = crate::store::TempDb::new("dispatch");
+        let mut config = crate::Config::ephemeral("k", &db.url);
         config.queue_timeout = Duration::from_secs(120);
         let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
         let addrs = BoundAddrs {
@@ -288,7 +286,7 @@ mod tests {
             public: any,
             api: any,
         };
-        (Arc::new(State::new(config, addrs).await.unwrap()), dir)
+        (Arc::new(State::new(config, addrs).await.unwrap()), db)
     }
 
     fn add(state: &State, id: &str) -> Arc<ClientHandle> {
@@ -297,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_woken_for_a_slot_it_excludes_passes_the_wake_up_on() {
-        let (state, dir) = state().await;
+        let (state, _db) = state().await;
         let (x, y) = (add(&state, "x"), add(&state, "y"));
         assert!(x.try_reserve() && y.try_reserve(), "both boxes busy");
         // Two retries: the first (queued first) excludes y, the second x.
@@ -329,7 +327,6 @@ mod tests {
         assert_eq!(state.queues.total(), 1);
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

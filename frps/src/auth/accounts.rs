@@ -526,10 +526,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_login_waits_for_a_free_password_check_then_gives_up() {
-        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}", dir.join("db").display());
-        let accounts = Accounts::with_checks(Some(Store::connect(&url).await.unwrap()), None, 1);
+        let db = crate::store::TempDb::new("accounts");
+        let accounts = Accounts::with_checks(Some(Store::connect(&db.url).await.unwrap()), None, 1);
         let ip = |n| IpAddr::from([192, 0, 2, n]);
         // Every password check is taken: the login waits TURN_WAIT, then is
         // told to come back (the database is not even asked).
@@ -549,7 +547,6 @@ mod tests {
         };
         let (outcome, ()) = tokio::join!(waiting, freeing);
         assert_eq!(outcome.unwrap_err(), LoginError::InvalidCredentials);
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
@@ -567,10 +564,8 @@ mod tests {
 
     #[tokio::test]
     async fn huge_token_lifetimes_issue_tokens_without_expiry() {
-        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}", dir.join("db").display());
-        let store = Store::connect(&url).await.unwrap();
+        let db = crate::store::TempDb::new("accounts");
+        let store = Store::connect(&db.url).await.unwrap();
         store
             .create_user("ttl@x.test", &hash_password("password"))
             .await
@@ -581,15 +576,12 @@ mod tests {
             let issued = accounts.login("ttl@x.test", "password", ip).await.unwrap();
             assert_eq!(issued.expires_at, None, "{ttl:?}");
         }
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
     async fn failed_token_logins_are_throttled_per_address() {
-        let dir = std::env::temp_dir().join(format!("frps-accounts-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = format!("sqlite://{}", dir.join("db").display());
-        let store = Store::connect(&url).await.unwrap();
+        let db = crate::store::TempDb::new("accounts");
+        let store = Store::connect(&db.url).await.unwrap();
         store
             .create_user("tok@x.test", &hash_password("password"))
             .await
@@ -638,7 +630,6 @@ mod tests {
             matches!(again, Err(LoginError::Throttled(d)) if d > BASE_DELAY),
             "two failures: {again:?}"
         );
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -586,6 +586,35 @@ fn redact_query(url: &str) -> String {
     format!("{base}?{}", params.join("&"))
 }
 
+/// A SQLite database in a fresh temporary directory, removed when dropped
+/// (for unit tests).
+#[cfg(test)]
+pub(crate) struct TempDb {
+    /// `sqlite://` URL of the database.
+    pub url: String,
+    dir: std::path::PathBuf,
+}
+
+#[cfg(test)]
+impl TempDb {
+    /// A new empty directory for a database; `label` names it.
+    pub fn new(label: &str) -> TempDb {
+        let dir = std::env::temp_dir().join(format!("frps-{label}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        TempDb {
+            url: format!("sqlite://{}", dir.join("db").display()),
+            dir,
+        }
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1305,6 +1305,7 @@ async fn client_ids_bind_on_postgres() {
         return;
     };
     client_ids_bind(&pg.url).await;
+    pg.drop_db().await;
 }
 
 #[tokio::test]
@@ -1318,4 +1319,5 @@ async fn listings_page_on_postgres() {
         return;
     };
     listings_page(&pg.url).await;
+    pg.drop_db().await;
 }
