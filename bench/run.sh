@@ -27,7 +27,8 @@ usage: bench/run.sh [--smoke] [--out FILE] [--cases LETTERS]
 Environment: CARGO (cargo binary), CARGO_TARGET_DIR (build directory),
 FRPX_BENCH_NO_INSTALL=1 (full mode: never apt-get install wrk/curl/nginx),
 FRPX_BENCH_RUST_TOOLS=1 (smoke mode: use the Rust stand-ins even when
-nginx, wrk and curl are installed).
+nginx, wrk and curl are installed), FRPX_BENCH_FRPS_WRAP (a command frps
+runs under, e.g. a profiler: bench/link-order.sh uses it).
 EOF
 }
 
@@ -222,6 +223,21 @@ BIN=$TARGET_DIR/$PROFILE
 for exe in frps frpc frpx-bench; do [[ -x $BIN/$exe ]] || die "$BIN/$exe was not built"; done
 BENCH=$BIN/frpx-bench
 
+# Release frps lays out the code it runs side by side (frps/build.rs); a
+# dependency or toolchain update renames symbols and makes the list stale.
+ORDER_NOTE=""
+if [[ $PROFILE == release && -f $ROOT/frps/link-order.txt ]] && have nm; then
+  listed=$(sort -u "$ROOT/frps/link-order.txt" | wc -l)
+  found=$(nm --defined-only "$BIN/frps" 2>/dev/null | awk '{ print $NF }' | sort -u |
+    comm -12 - <(sort -u "$ROOT/frps/link-order.txt") | wc -l)
+  ORDER_NOTE="frps link order: $found of $listed listed functions found"
+  log "$ORDER_NOTE"
+  if ((found * 2 < listed)); then
+    warn "frps/link-order.txt is stale (most of its symbols are gone): run bench/link-order.sh"
+    ORDER_NOTE="$ORDER_NOTE (stale: run bench/link-order.sh)"
+  fi
+fi
+
 if [[ $MODE == full ]]; then
   busy=$(cpu_busy_pct)
   log "CPU busy over the last second: $busy %"
@@ -296,7 +312,8 @@ printf '%s\n' "$PASSWORD" |
   NO_COLOR=1 "$BIN/frps" "${FRPS_DB[@]}" user add --email "$EMAIL" --password-stdin >"$TMP/user.log" 2>&1 ||
   die "cannot create the bench account: $(cat "$TMP/user.log")"
 
-start_bg frps env NO_COLOR=1 "$BIN/frps" "${FRPS_DB[@]}" --bind-addr 127.0.0.1 --api-bind 127.0.0.1 \
+# shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
+start_bg frps env NO_COLOR=1 ${FRPX_BENCH_FRPS_WRAP:-} "$BIN/frps" "${FRPS_DB[@]}" --bind-addr 127.0.0.1 --api-bind 127.0.0.1 \
   --control-port 0 --proxy-port 0 --public-port 0 --api-port 0 \
   --api-key "$KEY" --shutdown-timeout 2s
 FRPS_PID=$LAST_PID
@@ -597,6 +614,7 @@ TABLE=$(
   [[ $CASES == abcdef ]] || printf -- '- cases run: %s (--cases); the others read "not run"\n' "$CASES"
   printf -- '- machine: %s cores, Linux %s; %s\n' "$CORES" "$(uname -r)" "$LOAD_NOTE"
   printf -- '- backend: %s; SSE from the Rust backend\n' "$BACKEND_NOTE"
+  [[ -z $ORDER_NOTE ]] || printf -- '- %s\n' "$ORDER_NOTE"
   # shellcheck disable=SC2016 # backquotes are markdown here
   printf -- '- load: %s; download: %s; every request carries `Authorization: Bearer <key>`\n\n' \
     "$LOAD_DESC" "$DL_DESC"

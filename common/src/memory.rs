@@ -19,6 +19,21 @@ pub fn return_large_blocks() {
     }
 }
 
+/// Makes every thread allocate from the one main heap. glibc gives a thread
+/// that finds the heaps busy a heap of its own (up to eight per core), and
+/// each keeps its own free pages: frps's two workers and blocking threads
+/// held 1.2-1.5 MiB more after the benchmark's load that way, for no
+/// throughput the benchmark could see (bench/README.md). Call before any
+/// other thread starts. A no-op where the C library is not glibc.
+pub fn one_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: as above, a tuning value under the allocator's own lock; a
+    // limit of one arena is valid (the main arena always exists).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Hands the free memory inside the allocator's heaps back to the system.
 ///
 /// glibc returns a heap's free top on its own, but free pages below a block

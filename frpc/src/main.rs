@@ -4,9 +4,17 @@ use tokio_util::sync::CancellationToken;
 // does at many Gbit/s; a second worker only added cross-thread wakeups (SSE
 // events came later) and a second malloc arena (benchmark case d and e).
 // Blocking work (metrics, the password prompt) runs on spawn_blocking.
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The allocator is tuned before any thread starts.
     common::memory::return_large_blocks();
+    common::memory::one_heap();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let config = frpc::config_file::load().unwrap_or_else(|e| e.exit());
     common::telemetry::init(&config.log);
     let shutdown = CancellationToken::new();

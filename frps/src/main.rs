@@ -1,6 +1,14 @@
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The allocator is tuned before the runtime starts its threads.
     common::memory::return_large_blocks();
+    common::memory::one_heap();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let cli = frps::config_file::load().unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(admin) => {
