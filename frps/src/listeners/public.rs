@@ -141,6 +141,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let first = Arc::new(FirstRequest::default());
+    let caller = Caller::new(peer, state.tls.public.is_some());
     let io = HeadClock::new(
         io,
         first.clone(),
@@ -148,22 +149,25 @@ where
         state.config.header_timeout,
         state.config.keepalive_timeout,
     );
-    builder.serve_connection(TokioIo::new(io), service(state, Caller::new(peer), first))
+    builder.serve_connection(TokioIo::new(io), service(state, caller, first))
 }
 
 /// Who is at the other end of a public connection.
 #[derive(Clone)]
 struct Caller {
     addr: SocketAddr,
-    /// `addr`'s entry for `X-Forwarded-For`.
+    /// `addr`'s entry for `X-Forwarded-For` (and all of `X-Real-IP`).
     forwarded_for: HeaderValue,
+    /// `X-Forwarded-Proto`: how the caller reached frps.
+    proto: HeaderValue,
 }
 
 impl Caller {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, https: bool) -> Self {
         Caller {
             addr,
             forwarded_for: forwarded_for_entry(addr),
+            proto: HeaderValue::from_static(if https { "https" } else { "http" }),
         }
     }
 }
@@ -396,7 +400,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(crate::auth::X_API_KEY);
-    append_forwarded_for(&mut parts.headers, &caller.forwarded_for);
+    set_forwarding(&mut parts.headers, caller);
     // Time spent waiting on others (a queue, a dial-back, the upstream's
     // answer), which the gateway-overhead measure leaves out.
     let mut waited = std::time::Duration::ZERO;
@@ -835,6 +839,8 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// The header that pins a request to one client.
 const X_FRPX_CLIENT: HeaderName = HeaderName::from_static("x-frpx-client");
 
@@ -896,6 +902,40 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// header rewriting).
 fn forwarded_for_entry(peer: SocketAddr) -> HeaderValue {
     HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+}
+
+/// Whether only frps may set `name` on a request to a service: it speaks
+/// for the caller's address or the public side, which a caller could forge.
+fn is_edge_header(name: &HeaderName) -> bool {
+    [
+        header::FORWARDED,
+        X_REAL_IP,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+    ]
+    .contains(name)
+}
+
+/// Tells the service who called and how: the caller's address is appended
+/// to `X-Forwarded-For` (a chain the caller sent is kept, as proxies do: its
+/// entries are the caller's word, the last one is frps's) and is all of
+/// `X-Real-IP`; `X-Forwarded-Proto` says `http` or `https`. A caller's own
+/// `Forwarded`, `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host` are
+/// dropped (`set_host` adds `X-Forwarded-Host` when it rewrites `Host`).
+fn set_forwarding(headers: &mut HeaderMap, caller: &Caller) {
+    if headers.keys().any(is_edge_header) {
+        let forged: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_edge_header(n))
+            .cloned()
+            .collect();
+        for name in forged {
+            headers.remove(name);
+        }
+    }
+    append_forwarded_for(headers, &caller.forwarded_for);
+    headers.insert(X_REAL_IP, caller.forwarded_for.clone());
+    headers.insert(X_FORWARDED_PROTO, caller.proto.clone());
 }
 
 /// Appends `entry` (from [`forwarded_for_entry`]) to `X-Forwarded-For`.
@@ -1273,6 +1313,43 @@ mod tests {
             &forwarded_for_entry("[2001:db8::1]:5".parse().unwrap()),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
+    }
+
+    #[test]
+    fn a_caller_cannot_forge_what_frps_says_about_it() {
+        let caller = Caller::new("203.0.113.7:40000".parse().unwrap(), false);
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x-real-ip", "10.9.9.9"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=10.9.9.9;proto=https"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-forwarded-for", "10.9.9.9"),
+            ("accept", "*/*"),
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        set_forwarding(&mut h, &caller);
+        assert_eq!(h["x-real-ip"], "203.0.113.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("forwarded"), "{h:?}");
+        assert!(!h.contains_key("x-forwarded-host"), "{h:?}");
+        // The caller's chain is kept; frps's entry is the last one.
+        assert_eq!(h["x-forwarded-for"], "10.9.9.9, 203.0.113.7");
+        assert_eq!(h["accept"], "*/*");
+        assert_eq!(h.len(), 4);
+
+        let mut h = HeaderMap::new();
+        set_forwarding(
+            &mut h,
+            &Caller::new("[2001:db8::1]:5".parse().unwrap(), true),
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-real-ip"], "2001:db8::1");
+        assert_eq!(h["x-forwarded-for"], "2001:db8::1");
     }
 
     #[test]

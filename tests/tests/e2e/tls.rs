@@ -242,6 +242,13 @@ async fn the_public_port_serves_https_to_a_client_trusting_the_certificate() {
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.json()["path"], path);
     }
+    // The service learns that the caller came over HTTPS.
+    let seen = fleet.backends[0].seen();
+    let one = seen
+        .iter()
+        .find(|s| s.path == "/one")
+        .expect("/one reached the box");
+    assert_eq!(one.headers["x-forwarded-proto"], "https");
     let req = http::request("GET", public, "/", Some("wrong-key"), Bytes::new());
     sender.ready().await.unwrap();
     let reply = http::read(sender.send_request(req).await.unwrap()).await;

@@ -35,6 +35,10 @@ async fn the_backend_never_sees_the_consumer_key() {
         .uri("/b")
         .header("host", "public.example")
         .header("x-api-key", API_KEY)
+        // What only frps may say about a caller: a caller's own copies go.
+        .header("x-real-ip", "10.9.9.9")
+        .header("x-forwarded-proto", "https")
+        .header("forwarded", "for=10.9.9.9")
         .body(http_body_util::Full::new(Bytes::new()))
         .unwrap();
     let reply = http::read(conn.send(req).await.unwrap()).await;
@@ -48,7 +52,10 @@ async fn the_backend_never_sees_the_consumer_key() {
         assert!(!s.headers.contains_key("x-api-key"), "{:?}", s.headers);
         // Host is rewritten to the local service (Ollama refuses foreign hosts).
         assert_eq!(s.headers["host"], fleet.backends[0].addr.to_string());
-        assert!(s.headers.contains_key("x-forwarded-for"));
+        assert_eq!(s.headers["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(s.headers["x-real-ip"], "127.0.0.1");
+        assert_eq!(s.headers["x-forwarded-proto"], "http");
+        assert!(!s.headers.contains_key("forwarded"), "{:?}", s.headers);
     }
     let b = seen.iter().find(|s| s.path == "/b").unwrap();
     assert_eq!(b.headers["x-forwarded-host"], "public.example");
