@@ -79,7 +79,7 @@ impl Client {
         let identity = identity::resolve(config.client_id.as_deref(), &config.token_file)?;
         let dialer = Dialer::from_config(&config)?;
         let template = registration(&config, &identity, Vec::new(), false);
-        let models_fit = Arc::new(local::ModelFit::new(&template));
+        let models_fit = Arc::new(local::ModelFit::new(&template)?);
         Ok(Self {
             config: Arc::new(config),
             identity,

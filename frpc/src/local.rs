@@ -20,6 +20,17 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// and so may differ from the one the budget was computed with.
 const HOSTNAME_ROOM: usize = 1024;
 
+/// A registration that cannot fit in a control frame whatever the models:
+/// frps would refuse every attempt, so frpc stops at start instead.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the registration takes {len} bytes before any model (client id, --meta and --proxy-meta values, room for the host name), more than a control frame carries ({MAX_FRAME} bytes): shorten the metadata"
+)]
+pub struct RegistrationTooLarge {
+    /// Encoded size without models, host-name room included.
+    pub len: usize,
+}
+
 /// Trims model lists to what fits in one control frame.
 ///
 /// The models travel in `Register` and `ModelsUpdate`, each of which must
@@ -37,8 +48,9 @@ pub struct ModelFit {
 
 impl ModelFit {
     /// The fit for the frames of a client registering with `template`
-    /// (whose models, host name and health are ignored).
-    pub fn new(template: &Registration) -> ModelFit {
+    /// (whose models, host name and health are ignored); an error when
+    /// even a registration without models would not fit in a frame.
+    pub fn new(template: &Registration) -> Result<ModelFit, RegistrationTooLarge> {
         let mut reg = template.clone();
         reg.models.clear();
         reg.hostname.clear();
@@ -48,10 +60,13 @@ impl ModelFit {
             models: Vec::new(),
             service_up: false,
         });
-        ModelFit {
+        if register > MAX_FRAME {
+            return Err(RegistrationTooLarge { len: register });
+        }
+        Ok(ModelFit {
             budget: MAX_FRAME.saturating_sub(register.max(update)),
             warned: AtomicBool::new(false),
-        }
+        })
     }
 
     /// `models` as they fit: unchanged when they all do, else the first by
@@ -285,6 +300,22 @@ mod tests {
     }
 
     #[test]
+    fn metadata_too_large_for_any_registration_is_refused_up_front() {
+        let mut reg = template();
+        reg.metas.insert("notes".into(), "n".repeat(MAX_FRAME));
+        let err = ModelFit::new(&reg).unwrap_err();
+        assert!(err.len > MAX_FRAME, "{err}");
+        assert!(err.to_string().contains("--meta"), "{err}");
+        // Just under the limit still registers (without room for models).
+        let mut reg = template();
+        let base = ModelFit::new(&reg).unwrap();
+        assert!(base.budget > 0);
+        reg.metas
+            .insert("notes".into(), "n".repeat(MAX_FRAME - 3_000));
+        assert!(ModelFit::new(&reg).is_ok());
+    }
+
+    #[test]
     fn a_model_list_too_long_for_a_frame_is_trimmed_by_name_with_one_warning() {
         // Listed in reverse name order, as a service might.
         let models: Vec<ModelInfo> = (0..5_000)
@@ -294,7 +325,7 @@ mod tests {
                 size: Some(1 << 40),
             })
             .collect();
-        let fit = ModelFit::new(&template());
+        let fit = ModelFit::new(&template()).unwrap();
         let (kept, warning) = logged(|| fit.fit(models.clone()));
         assert!(
             !kept.is_empty() && kept.len() < models.len(),
@@ -346,7 +377,7 @@ mod tests {
                 size: None,
             },
         ];
-        let (kept, warning) = logged(|| ModelFit::new(&template()).fit(models.clone()));
+        let (kept, warning) = logged(|| ModelFit::new(&template()).unwrap().fit(models.clone()));
         assert_eq!(kept, models);
         assert!(warning.is_empty(), "{warning}");
     }
