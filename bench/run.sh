@@ -227,9 +227,10 @@ BENCH=$BIN/frpx-bench
 # dependency or toolchain update renames symbols and makes the list stale.
 ORDER_NOTE=""
 if [[ $PROFILE == release && -f $ROOT/frps/link-order.txt ]] && have nm; then
-  listed=$(sort -u "$ROOT/frps/link-order.txt" | wc -l)
+  sort -u "$ROOT/frps/link-order.txt" >"$TMP/link-order.txt"
+  listed=$(wc -l <"$TMP/link-order.txt")
   found=$(nm --defined-only "$BIN/frps" 2>/dev/null | awk '{ print $NF }' | sort -u |
-    comm -12 - <(sort -u "$ROOT/frps/link-order.txt") | wc -l)
+    comm -12 - "$TMP/link-order.txt" | wc -l)
   ORDER_NOTE="frps link order: $found of $listed listed functions found"
   log "$ORDER_NOTE"
   if ((found * 2 < listed)); then

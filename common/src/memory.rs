@@ -34,6 +34,19 @@ pub fn one_heap() {
     }
 }
 
+/// Runs a binary's `main` on a runtime from `builder` (I/O and time
+/// enabled), after tuning the allocator ([`return_large_blocks`],
+/// [`one_heap`]). The tuning has to come first: the runtime starts its
+/// threads when it is built.
+pub fn run<F: std::future::Future>(
+    mut builder: tokio::runtime::Builder,
+    main: F,
+) -> std::io::Result<F::Output> {
+    return_large_blocks();
+    one_heap();
+    Ok(builder.enable_all().build()?.block_on(main))
+}
+
 /// Hands the free memory inside the allocator's heaps back to the system.
 ///
 /// glibc returns a heap's free top on its own, but free pages below a block

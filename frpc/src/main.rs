@@ -5,13 +5,7 @@ use tokio_util::sync::CancellationToken;
 // events came later) and a second malloc arena (benchmark case d and e).
 // Blocking work (metrics, the password prompt) runs on spawn_blocking.
 fn main() -> anyhow::Result<()> {
-    // The allocator is tuned before any thread starts.
-    common::memory::return_large_blocks();
-    common::memory::one_heap();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve())
+    common::memory::run(tokio::runtime::Builder::new_current_thread(), serve())?
 }
 
 async fn serve() -> anyhow::Result<()> {

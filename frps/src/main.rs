@@ -1,11 +1,5 @@
 fn main() -> anyhow::Result<()> {
-    // The allocator is tuned before the runtime starts its threads.
-    common::memory::return_large_blocks();
-    common::memory::one_heap();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve())
+    common::memory::run(tokio::runtime::Builder::new_multi_thread(), serve())?
 }
 
 async fn serve() -> anyhow::Result<()> {

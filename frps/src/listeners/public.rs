@@ -887,12 +887,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    let doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| is_hop_by_hop(name) || named.contains(name))
-        .cloned()
-        .collect();
-    for name in doomed {
+    remove_where(headers, |name| is_hop_by_hop(name) || named.contains(name));
+}
+
+/// Removes every header whose name `doomed` picks, looking at each name
+/// present once (no hashed removal per possible name).
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
         headers.remove(name);
     }
 }
@@ -923,16 +925,7 @@ fn is_edge_header(name: &HeaderName) -> bool {
 /// `Forwarded`, `X-Real-IP`, `X-Forwarded-Proto` and `X-Forwarded-Host` are
 /// dropped (`set_host` adds `X-Forwarded-Host` when it rewrites `Host`).
 fn set_forwarding(headers: &mut HeaderMap, caller: &Caller) {
-    if headers.keys().any(is_edge_header) {
-        let forged: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_edge_header(n))
-            .cloned()
-            .collect();
-        for name in forged {
-            headers.remove(name);
-        }
-    }
+    remove_where(headers, is_edge_header);
     append_forwarded_for(headers, &caller.forwarded_for);
     headers.insert(X_REAL_IP, caller.forwarded_for.clone());
     headers.insert(X_FORWARDED_PROTO, caller.proto.clone());
