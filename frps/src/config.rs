@@ -213,6 +213,13 @@ pub struct Config {
     #[arg(long, env = "FRPX_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
 
+    /// Idle upstream connections each client keeps once a burst of load has
+    /// ended (frps's open public connections fell to half their peak): the
+    /// surplus is closed at once and its memory handed back; the rest wait
+    /// for `--pool-idle-timeout`.
+    #[arg(long, env = "FRPX_POOL_IDLE_AFTER_BURST", default_value_t = 4)]
+    pub pool_idle_after_burst: usize,
+
     /// Deadline for each call to a server plugin; a plugin that does not
     /// answer in time fails the operation (`docs/server-plugin.md`).
     #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]

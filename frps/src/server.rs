@@ -197,19 +197,43 @@ const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// `Disconnect` and clean up before every connection is closed.
 const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Once a second, looks at the open public connections and registered
-/// clients; when a burst of them has ended, hands the memory they used back
-/// to the system (`common::memory::trim`, on a blocking thread).
+/// Four times a second, looks at the open public connections (and their
+/// peak since the last look) and registered clients. When a burst of them
+/// has ended, closes the idle upstream connections each client holds beyond
+/// `--pool-idle-after-burst`, and a round later (their tasks have ended by
+/// then) hands the memory the burst used back to the system
+/// (`common::memory::trim`, on a blocking thread).
 async fn trim_after_bursts(state: Arc<State>) {
     let mut burst = common::memory::BurstEnd::default();
-    let period = std::time::Duration::from_secs(1);
+    let mut trim_next = false;
+    let period = std::time::Duration::from_millis(250);
     crate::periodic::every(period, &state.shutdown, || {
-        let open =
-            state.stats.public_connections.load(Ordering::Relaxed) + state.registry.len() as u64;
-        let ended = burst.observe(open);
+        let stats = &state.stats;
+        let clients = state.registry.len() as u64;
+        let public = stats.public_connections.load(Ordering::Relaxed);
+        // The peak since the last round first: a burst between two rounds
+        // counts too. It starts again from what is open now.
+        let peak = stats
+            .public_connections_peak
+            .swap(public, Ordering::Relaxed);
+        let open = public + clients;
+        let ended = burst.observe(peak.max(public) + clients) | burst.observe(open);
+        if ended {
+            let keep = state.config.pool_idle_after_burst;
+            let closed: usize = state
+                .registry
+                .all()
+                .iter()
+                .map(|c| c.idle.shrink(keep))
+                .sum();
+            debug!(
+                open,
+                closed, "burst ended: closed the surplus idle upstream connections"
+            );
+        }
+        let trim = std::mem::replace(&mut trim_next, ended);
         async move {
-            if ended {
-                debug!(open, "burst ended: trimming the heap");
+            if trim {
                 let _ = tokio::task::spawn_blocking(common::memory::trim).await;
             }
         }

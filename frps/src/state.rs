@@ -163,6 +163,9 @@ pub struct Stats {
     pub rate_limited_concurrency: AtomicU64,
     /// Public connections currently open.
     pub public_connections: AtomicU64,
+    /// Most public connections open at once since the burst watcher last
+    /// looked (it samples four times a second; a burst can be shorter).
+    pub public_connections_peak: AtomicU64,
     /// Bytes received from callers (request bodies).
     pub bytes_in: AtomicU64,
     /// Bytes sent to callers (response bodies).
@@ -173,5 +176,12 @@ impl Stats {
     /// Adds one to `counter`.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a public connection opened (and the peak with it).
+    pub fn public_connection_opened(&self) {
+        let open = self.public_connections.fetch_add(1, Ordering::Relaxed) + 1;
+        self.public_connections_peak
+            .fetch_max(open, Ordering::Relaxed);
     }
 }

@@ -116,6 +116,17 @@ impl IdlePool {
         before - list.len()
     }
 
+    /// Closes all but the `keep` most recently used idle connections (and
+    /// those the other side closed); returns how many went.
+    pub fn shrink(&self, keep: usize) -> usize {
+        let list = &mut self.entries.lock().expect("idle lock").list;
+        let before = list.len();
+        list.retain(|e| !e.sender.is_closed());
+        let surplus = list.len().saturating_sub(keep);
+        list.drain(..surplus);
+        before - list.len()
+    }
+
     /// Number of idle connections still open (those the other side closed
     /// wait for the next sweep or `put` to be dropped, and are not counted).
     pub fn len(&self) -> usize {
@@ -161,6 +172,14 @@ pub async fn expire_idle(state: std::sync::Arc<State>) {
     .await;
 }
 
+/// Most an upstream connection's read buffer grows to (hyper's default is
+/// about 400 KiB). A large download grows it, and it stays that size while
+/// the connection waits in the pool: frps after the benchmark's download
+/// held 0.6 MiB more that way, and at 128 KiB the download is as fast
+/// (bench/README.md). Also the largest response head frps accepts from a
+/// service.
+pub const UPSTREAM_READ_BUFFER: usize = 128 * 1024;
+
 /// An upstream connection and whether it came from the idle pool.
 pub struct Upstream {
     /// Where to send the request.
@@ -198,6 +217,7 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
         _ = client.kick.cancelled() => return Err(AcquireError::ClientGone),
     };
     let (mut sender, conn) = http1::Builder::new()
+        .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake::<_, UpBody>(TokioIo::new(stream))
         .await?;
     let stop = state.hard_stop.clone();
@@ -219,6 +239,8 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt;
+
     use super::*;
 
     /// A sender over an in-memory pipe, with the pipe's far end (drop it
@@ -278,6 +300,28 @@ mod tests {
         }
         assert_eq!(pool.entries.lock().unwrap().list.len(), 1);
         assert_eq!(pool.expire(since - Duration::from_secs(1)), 1);
+        assert!(pool.take().is_none());
+    }
+
+    #[tokio::test]
+    async fn shrink_keeps_the_most_recently_used() {
+        let pool = IdlePool::default();
+        let mut ends = Vec::new();
+        for _ in 0..5 {
+            let (s, far) = sender().await;
+            ends.push(far);
+            pool.put(s, 8);
+        }
+        assert_eq!(pool.shrink(2), 3);
+        assert_eq!(pool.len(), 2);
+        // The three put first are closed: their far ends read the end.
+        for far in &mut ends[..3] {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), far.read(&mut byte));
+            assert_eq!(read.await.expect("closed").unwrap(), 0);
+        }
+        assert_eq!(pool.shrink(2), 0, "nothing more to close");
+        assert_eq!(pool.shrink(0), 2);
         assert!(pool.take().is_none());
     }
 

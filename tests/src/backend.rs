@@ -237,6 +237,19 @@ async fn serve(
                     .to_string(),
             )
         }
+        "/big-head" => {
+            // A response head with a header of `bytes=N` bytes.
+            let n: usize = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("bytes="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            Response::builder()
+                .header("x-filler", "f".repeat(n))
+                .body(Either::Left(Full::new(Bytes::from_static(b"big head"))))
+                .unwrap()
+        }
         "/echo" => {
             let body = req
                 .into_body()

@@ -148,6 +148,7 @@ pub async fn config(AxState(state): ApiState) -> ApiResult<ConfigView> {
         shutdown_timeout_ms: ms(c.shutdown_timeout),
         max_idle_per_client: c.max_idle_per_client,
         pool_idle_timeout_ms: ms(c.pool_idle_timeout),
+        pool_idle_after_burst: c.pool_idle_after_burst,
         token_ttl_secs: c.token_lifetime().map(|d| d.as_secs()),
     };
     Ok(ok(view, "server configuration (secrets omitted)"))

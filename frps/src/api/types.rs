@@ -314,6 +314,8 @@ pub struct ConfigView {
     pub max_idle_per_client: usize,
     /// An idle upstream connection unused this long is closed, milliseconds.
     pub pool_idle_timeout_ms: u64,
+    /// Idle upstream connections kept per client once a burst has ended.
+    pub pool_idle_after_burst: usize,
     /// Client token lifetime, seconds (null: no expiry).
     pub token_ttl_secs: Option<u64>,
 }

@@ -74,7 +74,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         };
         let (watcher, builder) = (graceful.watcher(), builder.clone());
         let st = state.clone();
-        Stats::inc(&st.stats.public_connections);
+        st.stats.public_connection_opened();
         let accepted = tokio::time::Instant::now();
         state.tasks.spawn(async move {
             // The TLS handshake (when `--public-tls-cert` is set) runs here,
@@ -521,6 +521,16 @@ async fn forward(
                     None if up.reused && payload.replayable() && error.is_incomplete_message() => {
                         debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                         continue;
+                    }
+                    // A head over the read buffer is an answer frps will not
+                    // relay, not a failing client: no failover.
+                    None if error.is_parse_too_large() => {
+                        Stats::inc(&state.stats.upstream_errors);
+                        warn!(client = %client.id, "upstream response refused: {reason}");
+                        return bad_gateway(&format!(
+                            "the client's local service sent a response head over {} KiB",
+                            crate::upstream::UPSTREAM_READ_BUFFER / 1024
+                        ));
                     }
                     None if payload.replayable() => reason,
                     None => {

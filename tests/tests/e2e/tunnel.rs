@@ -129,6 +129,8 @@ async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     // Long enough to see all 40 back even on a slow machine, short enough to
     // watch them expire.
     config.pool_idle_timeout = std::time::Duration::from_secs(2);
+    // Kept past the burst's end too (the test below shrinks it instead).
+    config.pool_idle_after_burst = 40;
     let fleet = Fleet::start_with(1, config).await;
     // 40 requests at once need 40 tunnel connections: all of them stay
     // pooled afterwards (the old fixed cap of 32 dropped 8, and the next
@@ -146,6 +148,59 @@ async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     .await;
     // Unused for --pool-idle-timeout, they are closed.
     frpx_tests::eventually("the idle connections expire", || client.idle.is_empty()).await;
+}
+
+#[tokio::test]
+async fn the_pool_shrinks_when_a_burst_ends() {
+    // The default --pool-idle-timeout (60 s) is far away: what closes the
+    // surplus is the end of the burst.
+    let fleet = Fleet::start(1).await;
+    let mut streams = hold_many(&fleet, 40).await;
+    fleet.backends[0].release_holds();
+    let mut conns = Vec::new();
+    for (conn, resp) in streams.drain(..) {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"done\n"));
+        conns.push(conn);
+    }
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    frpx_tests::eventually("all 40 connections are back in the pool", || {
+        client.idle.len() == 40
+    })
+    .await;
+    // The callers leave: open public connections fall from 40 to none.
+    drop(conns);
+    let keep = fleet.frps.state.config.pool_idle_after_burst;
+    assert_eq!(keep, 4, "the default");
+    frpx_tests::eventually("the pool keeps --pool-idle-after-burst", || {
+        client.idle.len() == keep
+    })
+    .await;
+    // What is kept still serves.
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    assert_eq!(conn.get("/", Some(API_KEY)).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_response_head_over_the_upstream_buffer_is_a_bad_gateway() {
+    let fleet = Fleet::start(1).await;
+    let limit = frps::upstream::UPSTREAM_READ_BUFFER;
+    let under = format!("/big-head?bytes={}", limit - 4096);
+    let reply = http::get(fleet.frps.public(), &under, Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["x-filler"].len(), limit - 4096);
+    let over = format!("/big-head?bytes={}", limit + 1);
+    let reply = http::get(fleet.frps.public(), &over, Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert!(
+        reply.body.contains("response head over 128 KiB"),
+        "{}",
+        reply.body
+    );
+    // An answer frps will not relay says nothing about the client: it still
+    // serves the next request.
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
 }
 
 #[tokio::test]
