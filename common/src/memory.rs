@@ -90,6 +90,28 @@ impl BurstEnd {
     }
 }
 
+/// Tells when traffic has stopped: fed a running total of work done
+/// (requests, bytes moved) now and then, it answers true the first time the
+/// total has not moved since the last look after it had. A transfer's
+/// buffers are freed when it ends, which no count of connections shows (one
+/// large download is one connection).
+#[derive(Debug, Default, Clone)]
+pub struct TrafficStop {
+    last: u64,
+    moving: bool,
+}
+
+impl TrafficStop {
+    /// Records `total`; true when traffic just stopped (time to [`trim`]).
+    pub fn observe(&mut self, total: u64) -> bool {
+        let moved = total != self.last;
+        self.last = total;
+        let stopped = self.moving && !moved;
+        self.moving = moved;
+        stopped
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +129,23 @@ mod tests {
             seen,
             [
                 false, false, false, false, false, true, false, true, false, false
+            ]
+        );
+    }
+
+    #[test]
+    fn traffic_stops_once_per_pause() {
+        let mut stop = TrafficStop::default();
+        let seen: Vec<bool> = [0, 0, 5, 9, 9, 9, 10, 10, 30, 31, 31]
+            .into_iter()
+            .map(|total| stop.observe(total))
+            .collect();
+        // Nothing moved at first: no stop. 9 -> 9 is the first pause, the
+        // next look at 9 is the same pause; then 10 and 31 pause again.
+        assert_eq!(
+            seen,
+            [
+                false, false, false, false, true, false, false, true, false, false, true
             ]
         );
     }

@@ -202,9 +202,12 @@ const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 /// has ended, closes the idle upstream connections each client holds beyond
 /// `--pool-idle-after-burst`, and a round later (their tasks have ended by
 /// then) hands the memory the burst used back to the system
-/// (`common::memory::trim`, on a blocking thread).
+/// (`common::memory::trim`, on a blocking thread). It also trims when
+/// traffic stops (a round with no request and no body byte after one with
+/// some): the buffers of a large transfer are free by then.
 async fn trim_after_bursts(state: Arc<State>) {
     let mut burst = common::memory::BurstEnd::default();
+    let mut traffic = common::memory::TrafficStop::default();
     let mut trim_next = false;
     let period = std::time::Duration::from_millis(250);
     crate::periodic::every(period, &state.shutdown, || {
@@ -231,7 +234,11 @@ async fn trim_after_bursts(state: Arc<State>) {
                 closed, "burst ended: closed the surplus idle upstream connections"
             );
         }
-        let trim = std::mem::replace(&mut trim_next, ended);
+        let moved = [&stats.requests, &stats.bytes_in, &stats.bytes_out]
+            .iter()
+            .fold(0u64, |sum, n| sum.wrapping_add(n.load(Ordering::Relaxed)));
+        let stopped = traffic.observe(moved);
+        let trim = std::mem::replace(&mut trim_next, ended) || stopped;
         async move {
             if trim {
                 let _ = tokio::task::spawn_blocking(common::memory::trim).await;

@@ -130,12 +130,16 @@ pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
 /// The API's routes.
 pub fn router(state: Arc<State>) -> Router {
     let (api, openapi) = documented();
-    let openapi = Arc::new(openapi);
+    // Kept as its JSON text: the document's structure took three times the
+    // memory, for the life of the process.
+    let doc =
+        bytes::Bytes::from(serde_json::to_vec(&openapi).expect("the API document serializes"));
+    drop(openapi);
     api.route(
         "/api/openapi.json",
         get(move || {
-            let doc = openapi.clone();
-            async move { Json(doc.as_ref().clone()) }
+            let doc = doc.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], doc) }
         }),
     )
     .route("/metrics", get(metrics))

@@ -394,9 +394,9 @@ async fn metrics_count_requests_and_follow_model_changes() {
 #[tokio::test]
 async fn the_openapi_document_lists_every_route() {
     let fleet = fleet_with_admin(0).await;
-    let doc = http::get(fleet.frps.addrs.api, "/api/openapi.json", Some(ADMIN))
-        .await
-        .json();
+    let reply = http::get(fleet.frps.addrs.api, "/api/openapi.json", Some(ADMIN)).await;
+    assert_eq!(reply.headers["content-type"], "application/json");
+    let doc = reply.json();
     let paths: BTreeSet<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     let expected: BTreeSet<String> = [
         "/api/health",
