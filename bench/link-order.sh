@@ -7,8 +7,8 @@
 #
 #   bench/link-order.sh          needs valgrind, plus what bench/run.sh needs
 #
-# Run it after a dependency or toolchain update (bench/run.sh reports a stale
-# list), then rebuild: cargo build --release -p frps. It takes a few minutes:
+# Run it after a change to frps, a dependency update or a toolchain update
+# (bench/run.sh reports a stale list), then rebuild: cargo build --release -p frps. It takes a few minutes:
 # frps runs some fifty times slower under callgrind.
 set -euo pipefail
 

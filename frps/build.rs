@@ -7,9 +7,9 @@
 //! LLD's `--symbol-ordering-file` puts them first, one after another. frps's
 //! resident code after the benchmark's load fell from 7.8 to 3.4 MiB
 //! (bench/README.md). Symbols the file names but the build lacks (after a
-//! dependency or toolchain update changed their hashes) are skipped: the
-//! binary is the same as without the file, only larger in memory;
-//! `bench/run.sh` reports how many are found. The names also depend on the
+//! change to frps or a dependency or toolchain update changed their hashes)
+//! are skipped: the binary is the same as without the file, only larger in
+//! memory; `bench/run.sh` reports how many are found. The names also depend on the
 //! set of packages built together (Cargo's hashes cover the features unified
 //! across them): the list is made for the benchmark's build, `cargo build
 //! --release -p frps -p frpc -p frpx-bench`; `-p frps` alone renames about
