@@ -53,7 +53,7 @@ pub fn run<F: std::future::Future>(
 /// still in use stay in the process's RSS until `malloc_trim`. After a burst
 /// (a load of connections, a fleet reconnecting) that is most of what the
 /// burst allocated. Takes time in proportion to the heaps' size: call it off
-/// the async workers (`spawn_blocking`), and only when [`BurstEnd`] says so.
+/// the async workers (`spawn_blocking`), and only when [`Watch`] says so.
 /// A no-op where the C library is not glibc.
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -90,25 +90,98 @@ impl BurstEnd {
     }
 }
 
-/// Tells when traffic has stopped: fed a running total of work done
-/// (requests, bytes moved) now and then, it answers true the first time the
-/// total has not moved since the last look after it had. A transfer's
-/// buffers are freed when it ends, which no count of connections shows (one
-/// large download is one connection).
+/// Tells when a spell of traffic worth trimming after has stopped: fed the
+/// running totals of requests and bytes moved now and then, it answers true
+/// the first time they have not moved since the last look after they had,
+/// provided at least [`TrafficStop::MIN_REQUESTS`] requests or
+/// [`TrafficStop::MIN_BYTES`] bytes went by since the last true. A large
+/// transfer's buffers are freed when it ends, which no count of connections
+/// shows (one download is one connection); a trickle of requests does not
+/// trim after each one.
 #[derive(Debug, Default, Clone)]
 pub struct TrafficStop {
-    last: u64,
+    last: (u64, u64),
     moving: bool,
+    /// The totals at the last true.
+    base: (u64, u64),
 }
 
 impl TrafficStop {
-    /// Records `total`; true when traffic just stopped (time to [`trim`]).
-    pub fn observe(&mut self, total: u64) -> bool {
-        let moved = total != self.last;
-        self.last = total;
+    /// Requests since the last trim that make a stop worth trimming after.
+    pub const MIN_REQUESTS: u64 = 1_000;
+    /// Bytes since the last trim that make a stop worth trimming after.
+    pub const MIN_BYTES: u64 = 64 << 20;
+
+    /// Records the totals; true when enough traffic just stopped (time to
+    /// [`trim`]).
+    pub fn observe(&mut self, requests: u64, bytes: u64) -> bool {
+        let moved = (requests, bytes) != self.last;
+        self.last = (requests, bytes);
         let stopped = self.moving && !moved;
         self.moving = moved;
-        stopped
+        let enough = requests.wrapping_sub(self.base.0) >= Self::MIN_REQUESTS
+            || bytes.wrapping_sub(self.base.1) >= Self::MIN_BYTES;
+        if stopped && enough {
+            self.base = (requests, bytes);
+        }
+        stopped && enough
+    }
+}
+
+/// One look at a server's load, for [`Watch`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sample {
+    /// Public connections open now.
+    pub public: u64,
+    /// Most public connections open at once since the last look.
+    pub public_peak: u64,
+    /// Clients registered now.
+    pub clients: u64,
+    /// Requests served so far.
+    pub requests: u64,
+    /// Body bytes moved so far.
+    pub bytes: u64,
+}
+
+/// What a [`Watch`] says to do after a look.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// A burst of public connections ended: let go of the connections kept
+    /// for it.
+    pub shrink_pools: bool,
+    /// Hand the free heap back ([`trim`]).
+    pub trim: bool,
+}
+
+/// Decides, from periodic [`Sample`]s, when a server should give memory
+/// back: a burst of public connections ending shrinks the pools, and the
+/// heap is trimmed a look later (the connections closed by the shrink have
+/// freed their buffers by then); a burst of clients leaving, or enough
+/// traffic stopping, trims at once. Public connections and clients are
+/// separate bursts: a fleet of many clients does not hide a burst of
+/// callers, and clients leaving does not empty the pools of those staying.
+#[derive(Debug, Default, Clone)]
+pub struct Watch {
+    public: BurstEnd,
+    clients: BurstEnd,
+    traffic: TrafficStop,
+    trim_next: bool,
+}
+
+impl Watch {
+    /// Records a look; what to do now.
+    pub fn observe(&mut self, s: Sample) -> Verdict {
+        // The peak between two looks first: a burst shorter than the period
+        // counts too.
+        let public_ended =
+            self.public.observe(s.public_peak.max(s.public)) | self.public.observe(s.public);
+        let clients_ended = self.clients.observe(s.clients);
+        let stopped = self.traffic.observe(s.requests, s.bytes);
+        let trim = std::mem::replace(&mut self.trim_next, public_ended) || clients_ended || stopped;
+        Verdict {
+            shrink_pools: public_ended,
+            trim,
+        }
     }
 }
 
@@ -134,20 +207,92 @@ mod tests {
     }
 
     #[test]
-    fn traffic_stops_once_per_pause() {
+    fn traffic_stops_count_once_enough_went_by() {
         let mut stop = TrafficStop::default();
-        let seen: Vec<bool> = [0, 0, 5, 9, 9, 9, 10, 10, 30, 31, 31]
-            .into_iter()
-            .map(|total| stop.observe(total))
-            .collect();
-        // Nothing moved at first: no stop. 9 -> 9 is the first pause, the
-        // next look at 9 is the same pause; then 10 and 31 pause again.
+        let mb = 1 << 20;
+        let seen: Vec<bool> = [
+            (0, 0),
+            (0, 0),
+            (5, 10 * mb),
+            (5, 10 * mb), // a pause after too little: no
+            (6, 70 * mb),
+            (6, 70 * mb), // 70 MiB since the start: yes
+            (6, 70 * mb), // the same pause
+            (900, 71 * mb),
+            (900, 71 * mb), // 894 requests, 1 MiB since: no
+            (1_006, 72 * mb),
+            (1_006, 72 * mb), // 1,000 requests since the last yes
+        ]
+        .into_iter()
+        .map(|(requests, bytes)| stop.observe(requests, bytes))
+        .collect();
         assert_eq!(
             seen,
             [
-                false, false, false, false, true, false, false, true, false, false, true
+                false, false, false, false, false, true, false, false, false, false, true
             ]
         );
+    }
+
+    fn look(public: u64, peak: u64, clients: u64) -> Sample {
+        Sample {
+            public,
+            public_peak: peak,
+            clients,
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn a_burst_of_callers_shows_among_many_clients() {
+        let mut watch = Watch::default();
+        assert_eq!(watch.observe(look(0, 0, 100)), Verdict::default());
+        // 60 callers come and go between two looks of a fleet of 100.
+        let ended = watch.observe(look(0, 60, 100));
+        assert_eq!(
+            ended,
+            Verdict {
+                shrink_pools: true,
+                trim: false
+            }
+        );
+        // The trim comes a look later, once the closed connections are gone.
+        assert_eq!(
+            watch.observe(look(0, 0, 100)),
+            Verdict {
+                shrink_pools: false,
+                trim: true
+            }
+        );
+        assert_eq!(watch.observe(look(0, 0, 100)), Verdict::default());
+    }
+
+    #[test]
+    fn clients_leaving_trim_without_emptying_the_pools() {
+        let mut watch = Watch::default();
+        watch.observe(look(30, 30, 100));
+        assert_eq!(
+            watch.observe(look(30, 30, 40)),
+            Verdict {
+                shrink_pools: false,
+                trim: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_large_transfer_ending_trims() {
+        let mut watch = Watch::default();
+        let moving = |bytes| Sample {
+            public: 1,
+            public_peak: 1,
+            clients: 1,
+            requests: 1,
+            bytes,
+        };
+        assert!(!watch.observe(moving(0)).trim);
+        assert!(!watch.observe(moving(1 << 30)).trim);
+        assert!(watch.observe(moving(1 << 30)).trim);
     }
 
     #[test]

@@ -198,30 +198,31 @@ const HARD_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 const GOODBYE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Four times a second, looks at the open public connections (and their
-/// peak since the last look) and registered clients. When a burst of them
-/// has ended, closes the idle upstream connections each client holds beyond
-/// `--pool-idle-after-burst`, and a round later (their tasks have ended by
-/// then) hands the memory the burst used back to the system
-/// (`common::memory::trim`, on a blocking thread). It also trims when
-/// traffic stops (a round with no request and no body byte after one with
-/// some): the buffers of a large transfer are free by then.
+/// peak since the last look), the registered clients and the traffic, and
+/// gives memory back as `common::memory::Watch` says: when a burst of
+/// public connections has ended, closes the idle upstream connections each
+/// client holds beyond `--pool-idle-after-burst`, then trims the heap
+/// (`common::memory::trim`, on a blocking thread) a look later; when a
+/// burst of clients has left or enough traffic has stopped, trims at once.
 async fn trim_after_bursts(state: Arc<State>) {
-    let mut burst = common::memory::BurstEnd::default();
-    let mut traffic = common::memory::TrafficStop::default();
-    let mut trim_next = false;
+    let mut watch = common::memory::Watch::default();
     let period = std::time::Duration::from_millis(250);
     crate::periodic::every(period, &state.shutdown, || {
         let stats = &state.stats;
-        let clients = state.registry.len() as u64;
         let public = stats.public_connections.load(Ordering::Relaxed);
-        // The peak since the last round first: a burst between two rounds
-        // counts too. It starts again from what is open now.
-        let peak = stats
+        // The peak starts again from what is open now.
+        let public_peak = stats
             .public_connections_peak
             .swap(public, Ordering::Relaxed);
-        let open = public + clients;
-        let ended = burst.observe(peak.max(public) + clients) | burst.observe(open);
-        if ended {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        let verdict = watch.observe(common::memory::Sample {
+            public,
+            public_peak,
+            clients: state.registry.len() as u64,
+            requests: load(&stats.requests),
+            bytes: load(&stats.bytes_in).wrapping_add(load(&stats.bytes_out)),
+        });
+        if verdict.shrink_pools {
             let keep = state.config.pool_idle_after_burst;
             let closed: usize = state
                 .registry
@@ -230,17 +231,12 @@ async fn trim_after_bursts(state: Arc<State>) {
                 .map(|c| c.idle.shrink(keep))
                 .sum();
             debug!(
-                open,
+                public,
                 closed, "burst ended: closed the surplus idle upstream connections"
             );
         }
-        let moved = [&stats.requests, &stats.bytes_in, &stats.bytes_out]
-            .iter()
-            .fold(0u64, |sum, n| sum.wrapping_add(n.load(Ordering::Relaxed)));
-        let stopped = traffic.observe(moved);
-        let trim = std::mem::replace(&mut trim_next, ended) || stopped;
         async move {
-            if trim {
+            if verdict.trim {
                 let _ = tokio::task::spawn_blocking(common::memory::trim).await;
             }
         }

@@ -172,12 +172,13 @@ pub async fn expire_idle(state: std::sync::Arc<State>) {
     .await;
 }
 
-/// Most an upstream connection's read buffer grows to (hyper's default is
-/// about 400 KiB). A large download grows it, and it stays that size while
-/// the connection waits in the pool: frps after the benchmark's download
-/// held 0.6 MiB more that way, and at 128 KiB the download is as fast
+/// Most an upstream connection's read buffer grows to, and most of a
+/// request body its write buffer queues (hyper's default is about 400 KiB).
+/// A large download grows the read buffer, and it stays that size while the
+/// connection waits in the pool: frps after the benchmark's download held
+/// 0.6 MiB more that way, and at 128 KiB the download is as fast
 /// (bench/README.md). Also the largest response head frps accepts from a
-/// service.
+/// service (hyper also refuses one of over 100 headers).
 pub const UPSTREAM_READ_BUFFER: usize = 128 * 1024;
 
 /// An upstream connection and whether it came from the idle pool.

@@ -237,6 +237,12 @@ async fn serve(
                     .to_string(),
             )
         }
+        "/early" => {
+            // Answers at once and reads the body after (keeping the
+            // connection for the next request once it has all of it).
+            tokio::spawn(req.into_body().collect());
+            full(200, "application/json", r#"{"early":true}"#.into())
+        }
         "/big-head" => {
             // A response head with a header of `bytes=N` bytes.
             let n: usize = req

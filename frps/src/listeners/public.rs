@@ -496,6 +496,7 @@ async fn forward(
                         .as_deref()
                         .map(|m| router::normalize(m).into_owned())
                         .unwrap_or_default(),
+                    upload,
                 );
             }
             Ok(Err(mut err)) => {
@@ -522,13 +523,14 @@ async fn forward(
                         debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                         continue;
                     }
-                    // A head over the read buffer is an answer frps will not
-                    // relay, not a failing client: no failover.
+                    // A head too large to read (over the read buffer, over
+                    // 100 headers, an absurd Content-Length) is an answer
+                    // frps will not relay, not a failing client: no failover.
                     None if error.is_parse_too_large() => {
                         Stats::inc(&state.stats.upstream_errors);
                         warn!(client = %client.id, "upstream response refused: {reason}");
                         return bad_gateway(&format!(
-                            "the client's local service sent a response head over {} KiB",
+                            "the client's local service sent a response head too large to relay (over {} KiB or over 100 headers)",
                             crate::upstream::UPSTREAM_READ_BUFFER / 1024
                         ));
                     }
@@ -779,6 +781,7 @@ fn respond(
     sender: upstream::Sender,
     started: Instant,
     model: String,
+    upload: Option<Arc<UploadClock>>,
 ) -> Response<PublicBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -796,6 +799,7 @@ fn respond(
         idle_timer: None,
         last_frame: tokio::time::Instant::now(),
         lease: None,
+        upload,
     };
     Response::from_parts(parts, Either::Left(body))
 }
@@ -1002,6 +1006,10 @@ pub struct TrackedBody {
     last_frame: tokio::time::Instant,
     /// The API key's concurrency slot, released with the body.
     lease: Option<crate::ratelimit::Lease>,
+    /// A streamed request body's upload (`None` for buffered and bodiless
+    /// ones). A service that answered before the upload ended still has the
+    /// rest of it coming on that connection: it is not pooled.
+    upload: Option<Arc<UploadClock>>,
 }
 
 /// Error of a streamed response body.
@@ -1072,7 +1080,8 @@ impl Drop for TrackedBody {
             self.started.elapsed(),
         );
         if let Some(sender) = self.sender.take() {
-            let reusable = self.finished || self.inner.is_end_stream();
+            let uploaded = self.upload.as_ref().is_none_or(|u| u.finished().is_some());
+            let reusable = (self.finished || self.inner.is_end_stream()) && uploaded;
             // A pool whose client is gone refuses it (`IdlePool::close`).
             if reusable {
                 self.guard

@@ -513,6 +513,43 @@ async fn a_slow_upload_does_not_count_against_the_services_answer_time() {
 }
 
 #[tokio::test]
+async fn a_connection_still_uploading_is_not_pooled() {
+    let fleet = Fleet::start(1).await;
+    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    // /early answers before reading the body, then reads it; the caller
+    // has sent only the first chunk of its upload.
+    let head = format!(
+        "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains(r#"{"early":true}"#) {
+        let n = tokio::time::timeout(frpx_tests::WAIT, caller.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    // That connection still carries the rest of the upload: the next request
+    // gets a connection of its own at once instead of waiting on it for
+    // --connect-timeout.
+    let connect_timeout = fleet.frps.state.config.connect_timeout;
+    let since = std::time::Instant::now();
+    let mut next = Conn::open(fleet.frps.public()).await;
+    assert_eq!(next.get("/", Some(API_KEY)).await.status, 200);
+    assert!(
+        since.elapsed() < connect_timeout,
+        "waited {:?} for the uploading connection",
+        since.elapsed()
+    );
+    // The caller can still finish its upload.
+    caller.write_all(b"0\r\n\r\n").await.unwrap();
+}
+
+#[tokio::test]
 async fn connections_over_the_caps_get_503_not_a_stall() {
     let mut cfg = frps_config();
     cfg.max_connections_per_ip = 2;

@@ -193,7 +193,9 @@ async fn a_response_head_over_the_upstream_buffer_is_a_bad_gateway() {
     let reply = http::get(fleet.frps.public(), &over, Some(API_KEY)).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert!(
-        reply.body.contains("response head over 128 KiB"),
+        reply
+            .body
+            .contains("response head too large to relay (over 128 KiB"),
         "{}",
         reply.body
     );
