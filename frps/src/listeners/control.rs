@@ -353,8 +353,11 @@ async fn serve(
                 evict.as_mut().reset(Instant::now() + silence);
                 if asset_written.elapsed() >= ASSET_REFRESH {
                     asset_written = Instant::now();
-                    let (state, client) = (state.clone(), client.clone());
-                    tokio::spawn(async move { write_asset(&state, &client, "online").await });
+                    // Tracked like the first write: a shutdown waits for it.
+                    let (st, cl) = (state.clone(), client.clone());
+                    state
+                        .tasks
+                        .spawn(async move { write_asset(&st, &cl, "online").await });
                 }
                 if matches!(cmd, Command::Heartbeat { .. }) {
                     hooks::ping(state, client, &ping_slot);
