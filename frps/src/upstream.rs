@@ -255,15 +255,22 @@ mod tests {
         (sender, far)
     }
 
-    #[tokio::test]
-    async fn the_pool_keeps_at_most_max() {
+    /// A pool that was offered `n` connections with room for `max`, and
+    /// the far ends of all of them.
+    async fn offered(n: usize, max: usize) -> (IdlePool, Vec<tokio::io::DuplexStream>) {
         let pool = IdlePool::default();
         let mut ends = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..n {
             let (s, far) = sender().await;
             ends.push(far);
-            pool.put(s, 2);
+            pool.put(s, max);
         }
+        (pool, ends)
+    }
+
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max() {
+        let (pool, _ends) = offered(3, 2).await;
         assert_eq!(pool.len(), 2);
         assert!(pool.take().is_some());
         assert!(pool.take().is_some());
@@ -306,13 +313,7 @@ mod tests {
 
     #[tokio::test]
     async fn shrink_keeps_the_most_recently_used() {
-        let pool = IdlePool::default();
-        let mut ends = Vec::new();
-        for _ in 0..5 {
-            let (s, far) = sender().await;
-            ends.push(far);
-            pool.put(s, 8);
-        }
+        let (pool, mut ends) = offered(5, 8).await;
         assert_eq!(pool.shrink(2), 3);
         assert_eq!(pool.len(), 2);
         // The three put first are closed: their far ends read the end.

@@ -498,9 +498,15 @@ async fn a_slow_upload_does_not_count_against_the_services_answer_time() {
         caller.write_all(b"5\r\nhello\r\n").await.unwrap();
     }
     caller.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = read_until(&mut caller, &"hello".repeat(6)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Reads a raw answer from `caller` until it contains `marker`.
+async fn read_until(caller: &mut TcpStream, marker: &str) -> String {
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains(&"hello".repeat(6)) {
+    while !String::from_utf8_lossy(&answer).contains(marker) {
         let n = tokio::time::timeout(frpx_tests::WAIT, caller.read(&mut buf))
             .await
             .expect("an answer")
@@ -508,8 +514,7 @@ async fn a_slow_upload_does_not_count_against_the_services_answer_time() {
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
         answer.extend_from_slice(&buf[..n]);
     }
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
@@ -522,17 +527,8 @@ async fn a_connection_still_uploading_is_not_pooled() {
         "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     );
     caller.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains(r#"{"early":true}"#) {
-        let n = tokio::time::timeout(frpx_tests::WAIT, caller.read(&mut buf))
-            .await
-            .expect("an answer")
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&buf[..n]);
-    }
-    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let answer = read_until(&mut caller, r#"{"early":true}"#).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // That connection still carries the rest of the upload: the next request
     // gets a connection of its own at once instead of waiting on it for
     // --connect-timeout.
