@@ -123,6 +123,28 @@ async fn hold_many(fleet: &Fleet, n: usize) -> Vec<(Conn, hyper::Response<hyper:
     streams
 }
 
+/// Serves 40 `/hold` streams at once on client-0, reads them out and waits
+/// until all 40 tunnel connections are back in its pool; returns the
+/// callers' connections, still open, and the client.
+async fn forty_back_in_the_pool(
+    fleet: &Fleet,
+) -> (Vec<Conn>, std::sync::Arc<frps::registry::ClientHandle>) {
+    let streams = hold_many(fleet, 40).await;
+    fleet.backends[0].release_holds();
+    let mut conns = Vec::new();
+    for (conn, resp) in streams {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"done\n"));
+        conns.push(conn);
+    }
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    frpx_tests::eventually("all 40 connections are back in the pool", || {
+        client.idle.len() == 40
+    })
+    .await;
+    (conns, client)
+}
+
 #[tokio::test]
 async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     let mut config = frpx_tests::frps_config();
@@ -135,17 +157,9 @@ async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     // 40 requests at once need 40 tunnel connections: all of them stay
     // pooled afterwards (the old fixed cap of 32 dropped 8, and the next
     // burst paid 8 dial-backs).
-    let streams = hold_many(&fleet, 40).await;
-    fleet.backends[0].release_holds();
-    for (_conn, resp) in streams {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(body.ends_with(b"done\n"));
-    }
-    let client = fleet.frps.state.registry.get("client-0").unwrap();
-    frpx_tests::eventually("all 40 connections are back in the pool", || {
-        client.idle.len() == 40
-    })
-    .await;
+    let (conns, client) = forty_back_in_the_pool(&fleet).await;
+    // The callers leave; the pool still keeps all 40 until the timeout.
+    drop(conns);
     // Unused for --pool-idle-timeout, they are closed.
     frpx_tests::eventually("the idle connections expire", || client.idle.is_empty()).await;
 }
@@ -155,19 +169,7 @@ async fn the_pool_shrinks_when_a_burst_ends() {
     // The default --pool-idle-timeout (60 s) is far away: what closes the
     // surplus is the end of the burst.
     let fleet = Fleet::start(1).await;
-    let mut streams = hold_many(&fleet, 40).await;
-    fleet.backends[0].release_holds();
-    let mut conns = Vec::new();
-    for (conn, resp) in streams.drain(..) {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(body.ends_with(b"done\n"));
-        conns.push(conn);
-    }
-    let client = fleet.frps.state.registry.get("client-0").unwrap();
-    frpx_tests::eventually("all 40 connections are back in the pool", || {
-        client.idle.len() == 40
-    })
-    .await;
+    let (conns, client) = forty_back_in_the_pool(&fleet).await;
     // The callers leave: open public connections fall from 40 to none.
     drop(conns);
     let keep = fleet.frps.state.config.pool_idle_after_burst;
