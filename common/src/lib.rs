@@ -6,6 +6,7 @@
 //! - [`stream`]: the connection type, plain TCP or TLS.
 //! - [`config_file`]: INI configuration files feeding the binaries' flags.
 //! - [`telemetry`]: the binaries' log set-up.
+//! - [`mux`]: many byte streams over one frps-frpc connection.
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
 
 pub mod codec;
@@ -13,6 +14,7 @@ pub mod config_file;
 pub mod duration;
 pub mod join;
 pub mod memory;
+pub mod mux;
 pub mod protocol;
 pub mod stream;
 pub mod telemetry;

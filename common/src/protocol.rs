@@ -10,7 +10,11 @@
 //! - a **data connection** (frpc → frps proxy port): exactly one
 //!   [`Command::DataHello`] from frpc, answered only on failure by
 //!   [`Command::DataRejected`]; after the hello the connection carries raw
-//!   HTTP/1.1 bytes between frps and the local service.
+//!   HTTP/1.1 bytes between frps and the local service;
+//! - the **tunnel connection** (frpc → frps proxy port, one per session when
+//!   frps offers it): [`Command::MuxHello`], answered by
+//!   [`Command::MuxAccepted`]; then [`crate::mux`] frames carry many
+//!   streams, each of which is what a data connection would be.
 //!
 //! `docs/protocol.md` describes the conversation in prose.
 
@@ -80,6 +84,11 @@ pub enum Command {
         /// How often frpc must send [`Command::Heartbeat`], in milliseconds.
         /// frps evicts a client that stays silent for three intervals.
         heartbeat_interval_ms: u64,
+        /// Whether frps takes a multiplexed tunnel connection
+        /// ([`Command::MuxHello`]). Absent (false) from an frps that
+        /// does not: frpc then only answers [`Command::OpenConnection`].
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mux: bool,
     },
     /// frps → frpc: the registration was refused; the control connection
     /// closes after this frame.
@@ -134,6 +143,20 @@ pub enum Command {
         /// The `session_key` from [`Command::Registered`].
         session_key: String,
     },
+    /// frpc → frps (proxy port, first frame): this connection is the
+    /// session's multiplexed tunnel connection (see [`crate::mux`]); sent
+    /// only when [`Command::Registered`] said `mux`. Answered by
+    /// [`Command::MuxAccepted`] (then [`crate::mux`] frames both ways) or
+    /// [`Command::DataRejected`] with a nil `conn_id`.
+    MuxHello {
+        /// The registered client id.
+        client_id: String,
+        /// The `session_key` from [`Command::Registered`].
+        session_key: String,
+    },
+    /// frps → frpc (the tunnel connection, only frame): the hello was
+    /// accepted; multiplexed frames follow.
+    MuxAccepted,
     /// frps → frpc (data connection): the hello was not accepted (unknown or
     /// expired pairing, wrong proof); the connection closes after this frame.
     DataRejected {
@@ -175,6 +198,8 @@ impl Command {
             Command::OpenFailed { .. } => "OpenFailed",
             Command::DataHello { .. } => "DataHello",
             Command::DataRejected { .. } => "DataRejected",
+            Command::MuxHello { .. } => "MuxHello",
+            Command::MuxAccepted => "MuxAccepted",
             Command::Disconnect { .. } => "Disconnect",
             Command::Error { .. } => "Error",
         }
@@ -384,6 +409,28 @@ mod tests {
                 code: None
             }
         );
+    }
+
+    /// An frps from before the tunnel connection says nothing of it: frpc
+    /// reads that as no; the offer goes out only when made.
+    #[test]
+    fn the_tunnel_offer_defaults_to_no() {
+        let old =
+            r#"{"type":"Registered","client_id":"a","session_key":"k","heartbeat_interval_ms":5}"#;
+        let cmd: Command = serde_json::from_str(old).unwrap();
+        assert!(matches!(cmd, Command::Registered { mux: false, .. }));
+        let offer = Command::Registered {
+            client_id: "a".into(),
+            session_key: "k".into(),
+            heartbeat_interval_ms: 5,
+            mux: true,
+        };
+        let json = serde_json::to_value(&offer).unwrap();
+        assert_eq!(json["mux"], true);
+        let back: Command = serde_json::from_value(json).unwrap();
+        assert_eq!(back, offer);
+        let json = serde_json::to_value(Command::MuxAccepted).unwrap();
+        assert_eq!(json, serde_json::json!({"type": "MuxAccepted"}));
     }
 
     /// A float too large for `f32` used to parse as infinity, which

@@ -36,6 +36,25 @@ pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
+/// How long sent bytes may go unacknowledged on a tunnel connection before
+/// the kernel fails it: keepalive only probes an idle connection, and a
+/// tunnel connection is rarely idle, so a path that goes silent under
+/// traffic would otherwise be retried for about 15 minutes.
+pub const TUNNEL_USER_TIMEOUT: Duration = Duration::from_secs(
+    KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
+);
+
+/// [`tune_link`]'s options, and `TCP_USER_TIMEOUT` of
+/// [`TUNNEL_USER_TIMEOUT`]: for the multiplexed tunnel connection, which
+/// every new upstream connection of its client relies on.
+/// (Linux only: elsewhere, just [`tune_link`].)
+pub fn tune_tunnel(tcp: &TcpStream) -> io::Result<()> {
+    tune_link(tcp)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(TUNNEL_USER_TIMEOUT))?;
+    Ok(())
+}
+
 /// Whether `tcp` carries exactly [`tune_link`]'s options (for tests and
 /// diagnostics).
 pub fn link_is_tuned(tcp: &TcpStream) -> io::Result<bool> {
@@ -164,6 +183,14 @@ mod tests {
         assert!(!link_is_tuned(&tcp).unwrap());
         tune_link(&tcp).unwrap();
         assert!(link_is_tuned(&tcp).unwrap());
+        tune_tunnel(&tcp).unwrap();
+        assert!(link_is_tuned(&tcp).unwrap());
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap(),
+            Some(TUNNEL_USER_TIMEOUT)
+        );
+        assert_eq!(TUNNEL_USER_TIMEOUT, Duration::from_secs(60));
     }
 
     #[tokio::test]

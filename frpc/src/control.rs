@@ -338,10 +338,12 @@ impl Client {
                 client_id,
                 session_key,
                 heartbeat_interval_ms,
+                mux,
             } => Ok((
                 Session {
                     client_id,
                     session_key,
+                    mux,
                 },
                 Duration::from_millis(heartbeat_interval_ms.max(100)),
                 (models, service_up),
@@ -397,6 +399,19 @@ impl Client {
                 _ = stop.cancelled() => {}
             }
         });
+        // The tunnel connection lives as long as this session.
+        let session_over = self.shutdown.child_token();
+        let _end_tunnel = session_over.clone().drop_guard();
+        if session.mux {
+            self.tunnels.spawn(tunnel::run_tunnel(
+                self.config.clone(),
+                self.dialer.clone(),
+                session.clone(),
+                self.tunnels.clone(),
+                session_over,
+                self.shutdown.clone(),
+            ));
+        }
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let silence = heartbeat * 3;

@@ -1,12 +1,19 @@
 //! Data connections: on `OpenConnection`, connect the local service, dial the
-//! proxy port, say hello, then join the two streams.
+//! proxy port, say hello, then join the two streams. And the session's
+//! tunnel connection, when frps offers one: each stream frps opens on it is
+//! joined to a new connection to the local service, as a data connection
+//! would be, without a command or a dial per connection.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use common::mux::{Mux, MuxStream, Role};
 use common::{Command, MAX_FRAME, Stream, join_streams, read_one_command, write_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
@@ -20,6 +27,162 @@ pub struct Session {
     pub client_id: String,
     /// Session key from `Registered`.
     pub session_key: String,
+    /// Whether frps offered a tunnel connection.
+    pub mux: bool,
+}
+
+/// First wait before dialing a lost tunnel connection again; doubles up to
+/// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
+/// Meanwhile frps asks for dial-backs, as without a tunnel connection.
+pub const TUNNEL_RETRY_MIN: Duration = Duration::from_millis(500);
+/// Longest wait between two tunnel dials.
+pub const TUNNEL_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why a tunnel connection ended.
+#[derive(Debug, thiserror::Error)]
+enum TunnelError {
+    /// frps said no: not worth asking again in this session.
+    #[error("frps refused the tunnel connection: {0}")]
+    Refused(String),
+    /// Dialing, the handshake or the connection failed.
+    #[error("{0}")]
+    Lost(String),
+}
+
+/// Keeps the session's tunnel connection up while the session lasts: dials
+/// it, serves the streams frps opens (each task on `tasks`, ending only
+/// with frpc's `shutdown`), and dials again after a pause when it is lost
+/// or refused (a refusal waits [`TUNNEL_RETRY_MAX`]). Once `session_over`,
+/// no new dial: a connection still up keeps serving the streams in flight
+/// (as dial-back connections outlive their session) until frps closes it.
+pub async fn run_tunnel(
+    config: Arc<Config>,
+    dialer: Dialer,
+    session: Arc<Session>,
+    tasks: TaskTracker,
+    session_over: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let mut pause = TUNNEL_RETRY_MIN;
+    loop {
+        let run = tunnel(&config, &dialer, &session, &tasks, &shutdown);
+        let (result, worked) = tokio::select! {
+            r = run => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if worked {
+            pause = TUNNEL_RETRY_MIN;
+        }
+        match result {
+            Err(TunnelError::Refused(reason)) => {
+                warn!("frps refused the tunnel connection ({reason}); dial-backs meanwhile");
+                pause = TUNNEL_RETRY_MAX;
+            }
+            Err(TunnelError::Lost(reason)) => {
+                warn!("tunnel connection lost: {reason}; dial-backs until it is back")
+            }
+            Ok(()) => debug!("tunnel connection closed by frps"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = session_over.cancelled() => return,
+        }
+        pause = (pause * 2).min(TUNNEL_RETRY_MAX);
+    }
+}
+
+/// One tunnel connection, until it ends; also says whether frps accepted it.
+async fn tunnel(
+    config: &Arc<Config>,
+    dialer: &Dialer,
+    session: &Session,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> (Result<(), TunnelError>, bool) {
+    let proxy_addr = config.proxy_addr();
+    let handshake = async {
+        let mut remote = dialer
+            .connect(&proxy_addr, config.connect_timeout)
+            .await
+            .map_err(|e| TunnelError::Lost(format!("proxy port: {e}")))?;
+        let hello = Command::MuxHello {
+            client_id: session.client_id.clone(),
+            session_key: session.session_key.clone(),
+        };
+        let lost =
+            |e: common::FrameError| TunnelError::Lost(format!("handshake with {proxy_addr}: {e}"));
+        write_command(&mut remote, &hello).await.map_err(lost)?;
+        match read_one_command(&mut remote, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(lost)?
+        {
+            Command::MuxAccepted => Ok(remote),
+            Command::DataRejected { reason, .. } => Err(TunnelError::Refused(reason)),
+            Command::Error { message } => Err(TunnelError::Refused(message)),
+            other => Err(TunnelError::Refused(format!("unexpected {}", other.name()))),
+        }
+    };
+    let remote = match handshake.await {
+        Ok(remote) => remote,
+        Err(e) => return (Err(e), false),
+    };
+    debug!("tunnel connection open");
+    let _ = common::stream::tune_tunnel(remote.tcp());
+    let (mux, driver) = Mux::new(remote, Role::Acceptor);
+    let accept = async {
+        while let Some(stream) = mux.accept().await {
+            let (config, shutdown) = (config.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = serve_stream(&config, stream) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            });
+        }
+    };
+    let result = tokio::select! {
+        r = driver => r.map_err(|e| TunnelError::Lost(e.to_string())),
+        _ = accept => Ok(()),
+    };
+    (result, true)
+}
+
+/// Joins one stream of the tunnel connection to a new connection to the
+/// local service; when the service cannot be reached the stream is reset
+/// with the reason, and frps fails the request over.
+async fn serve_stream(config: &Config, mut stream: MuxStream) {
+    let id = stream.id();
+    let mut local = match connect_local(config).await {
+        Ok(local) => local,
+        Err(reason) => {
+            warn!(stream = id, "cannot open data connection: {reason}");
+            stream.reset(&reason);
+            return;
+        }
+    };
+    match join_streams(&mut stream, &mut local).await {
+        Ok(stats) => {
+            debug!(
+                stream = id,
+                to_local = stats.a_to_b,
+                to_server = stats.b_to_a,
+                "tunnel stream closed"
+            )
+        }
+        Err(e) => debug!(stream = id, "tunnel stream ended: {e}"),
+    }
+}
+
+/// A connection to the local service, within `--connect-timeout`.
+async fn connect_local(config: &Config) -> Result<TcpStream, String> {
+    let limit = config.connect_timeout;
+    let local_host = config.local_host();
+    let local = tokio::time::timeout(limit, TcpStream::connect(&local_host))
+        .await
+        .map_err(|_| format!("local service {local_host} did not accept within {limit:?}"))?
+        .map_err(|e| format!("local service {local_host} unreachable: {e}"))?;
+    let _ = local.set_nodelay(true);
+    Ok(local)
 }
 
 /// Opens data connection `conn_id`; failures before the join are reported to
@@ -51,14 +214,8 @@ async fn connect(
     conn_id: Uuid,
 ) -> Result<(Stream, TcpStream), String> {
     let limit = config.connect_timeout;
-    let local_host = config.local_host();
     let proxy_addr = config.proxy_addr();
-    let local = async {
-        tokio::time::timeout(limit, TcpStream::connect(&local_host))
-            .await
-            .map_err(|_| format!("local service {local_host} did not accept within {limit:?}"))?
-            .map_err(|e| format!("local service {local_host} unreachable: {e}"))
-    };
+    let local = connect_local(config);
     let remote = async {
         dialer
             .connect(&proxy_addr, limit)
@@ -66,7 +223,6 @@ async fn connect(
             .map_err(|e| format!("proxy port: {e}"))
     };
     let (local, mut remote) = tokio::try_join!(local, remote)?;
-    let _ = local.set_nodelay(true);
     let hello = Command::DataHello {
         conn_id,
         client_id: session.client_id.clone(),

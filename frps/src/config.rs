@@ -220,6 +220,15 @@ pub struct Config {
     #[arg(long, env = "FRPX_POOL_IDLE_AFTER_BURST", default_value_t = 4)]
     pub pool_idle_after_burst: usize,
 
+    /// Offer each client one multiplexed tunnel connection (frpc dials it
+    /// once after registering) and open upstream connections as streams on
+    /// it, where otherwise each one is a dial-back of its own (a command, a
+    /// new TCP connection, a round trip). Off by default: on loopback it
+    /// did not beat dial-backs (bench/README.md). Clients that do not take
+    /// the offer are served with dial-backs either way.
+    #[arg(long, env = "FRPX_TUNNEL_MUX", default_value_t = false, action = clap::ArgAction::Set)]
+    pub tunnel_mux: bool,
+
     /// Deadline for each call to a server plugin; a plugin that does not
     /// answer in time fails the operation (`docs/server-plugin.md`).
     #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]

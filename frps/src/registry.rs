@@ -56,9 +56,34 @@ pub struct ClientHandle {
     pub idle: IdlePool,
     /// Held while its `gpu_assets` row is written, so writes land in order.
     pub asset_writes: tokio::sync::Mutex<()>,
+    /// The session's multiplexed tunnel connection, once frpc dialed it.
+    tunnel: Mutex<Option<common::mux::Mux>>,
 }
 
 impl ClientHandle {
+    /// The tunnel connection to open upstream streams on, while it lasts.
+    pub fn tunnel(&self) -> Option<common::mux::Mux> {
+        let tunnel = self.tunnel.lock().expect("tunnel lock");
+        tunnel.as_ref().filter(|m| !m.is_closed()).cloned()
+    }
+
+    /// Makes `mux` the session's tunnel connection; one it replaces is
+    /// closed (its streams fail, and requests on them fail over).
+    pub fn attach_tunnel(&self, mux: common::mux::Mux) {
+        let old = self.tunnel.lock().expect("tunnel lock").replace(mux);
+        if let Some(old) = old {
+            old.close();
+        }
+    }
+
+    /// Forgets `mux` if it is still the session's tunnel connection.
+    pub fn detach_tunnel(&self, mux: &common::mux::Mux) {
+        let mut tunnel = self.tunnel.lock().expect("tunnel lock");
+        if tunnel.as_ref().is_some_and(|m| m.same(mux)) {
+            *tunnel = None;
+        }
+    }
+
     /// Marks the client as heard from now.
     pub fn touch(&self) {
         *self.last_seen.lock().expect("last_seen lock") = Instant::now();
@@ -274,6 +299,7 @@ impl Registry {
             health: Mutex::new(Health::default()),
             idle: IdlePool::default(),
             asset_writes: tokio::sync::Mutex::new(()),
+            tunnel: Mutex::new(None),
         });
         handle.set_service_up(handle.registration.service_up);
         let old = {

@@ -166,6 +166,10 @@ pub struct Stats {
     /// Most public connections open at once since the burst watcher last
     /// looked (it samples four times a second; a burst can be shorter).
     pub public_connections_peak: AtomicU64,
+    /// Upstream connections opened by a dial-back.
+    pub upstream_dial_backs: AtomicU64,
+    /// Upstream connections opened as streams of a tunnel connection.
+    pub upstream_streams: AtomicU64,
     /// Bytes received from callers (request bodies).
     pub bytes_in: AtomicU64,
     /// Bytes sent to callers (response bodies).

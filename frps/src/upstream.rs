@@ -15,7 +15,7 @@ use tracing::debug;
 use crate::listeners::public::CountedBody;
 use crate::pending::PairError;
 use crate::registry::ClientHandle;
-use crate::state::State;
+use crate::state::{State, Stats};
 
 /// Body of a request sent upstream: buffered (routing read it) or streamed.
 pub type UpBody = Either<Full<Bytes>, CountedBody>;
@@ -201,10 +201,22 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
             });
         }
     }
+    if let Some(tunnel) = client.tunnel()
+        && let Ok(stream) = tunnel.open()
+    {
+        // A stream on the tunnel connection: no round trip before the
+        // request goes out. frpc connects the local service when the
+        // stream's first frame arrives; if it cannot, it resets the stream
+        // with the reason and the request fails over as when a dial-back
+        // cannot be opened.
+        Stats::inc(&state.stats.upstream_streams);
+        return handshake(state, client, stream).await;
+    }
     let mut waiter = state
         .pending
         .register(client, state.config.max_pending_per_client)?;
     let conn_id = waiter.conn_id;
+    Stats::inc(&state.stats.upstream_dial_backs);
     let dial = async {
         client
             .control_tx
@@ -217,9 +229,19 @@ pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, A
         res = tokio::time::timeout(timeout, dial) => res.map_err(|_| PairError::Timeout(timeout))??,
         _ = client.kick.cancelled() => return Err(AcquireError::ClientGone),
     };
+    handshake(state, client, stream).await
+}
+
+/// An HTTP/1.1 connection to `client`'s local service over `io` (a
+/// dial-back or a stream of the tunnel connection), driven by its own task
+/// until it closes or frps stops.
+async fn handshake<T>(state: &State, client: &ClientHandle, io: T) -> Result<Upstream, AcquireError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (mut sender, conn) = http1::Builder::new()
         .max_buf_size(UPSTREAM_READ_BUFFER)
-        .handshake::<_, UpBody>(TokioIo::new(stream))
+        .handshake::<_, UpBody>(TokioIo::new(io))
         .await?;
     let stop = state.hard_stop.clone();
     let client_id = client.id.clone();

@@ -335,6 +335,20 @@ impl Fleet {
         let ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         frps.wait_for_clients(&ids).await;
+        // Each frpc dials its tunnel connection right after registering;
+        // waiting for them makes every request of a test take that path
+        // (tests of dial-backs turn `tunnel_mux` off).
+        if frps.state.config.tunnel_mux {
+            eventually("every client's tunnel connection is up", || {
+                ids.iter().all(|id| {
+                    frps.state
+                        .registry
+                        .get(id)
+                        .is_some_and(|c| c.tunnel().is_some())
+                })
+            })
+            .await;
+        }
         Fleet {
             frps,
             backends,

@@ -53,6 +53,8 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
             .map(|c| c.in_flight.load(Ordering::Relaxed))
             .sum(),
         pending_connections: state.pending.len(),
+        upstream_dial_backs: load(&s.upstream_dial_backs),
+        upstream_streams: load(&s.upstream_streams),
         queue_depth: state.queues.depths().into_iter().collect(),
         bytes_in: load(&s.bytes_in),
         bytes_out: load(&s.bytes_out),
@@ -83,6 +85,7 @@ pub async fn connections(AxState(state): ApiState) -> ApiResult<Connections> {
             remote_addr: c.remote_addr.to_string(),
             in_flight: c.in_flight.load(Ordering::Relaxed),
             idle: c.idle.len(),
+            tunnel: c.tunnel().is_some(),
         })
         .collect();
     clients.sort_by(|a, b| a.id.cmp(&b.id));
@@ -149,6 +152,7 @@ pub async fn config(AxState(state): ApiState) -> ApiResult<ConfigView> {
         max_idle_per_client: c.max_idle_per_client,
         pool_idle_timeout_ms: ms(c.pool_idle_timeout),
         pool_idle_after_burst: c.pool_idle_after_burst,
+        tunnel_mux: c.tunnel_mux,
         token_ttl_secs: c.token_lifetime().map(|d| d.as_secs()),
     };
     Ok(ok(view, "server configuration (secrets omitted)"))

@@ -214,6 +214,13 @@ pub struct Stats {
     pub in_flight: usize,
     /// Dial-backs requested and not yet arrived.
     pub pending_connections: usize,
+    /// Upstream connections opened by a dial-back, since start.
+    #[serde(default)]
+    pub upstream_dial_backs: u64,
+    /// Upstream connections opened as streams of a tunnel connection,
+    /// since start.
+    #[serde(default)]
+    pub upstream_streams: u64,
     /// Requests waiting for capacity, per model (`*`: requests naming none).
     pub queue_depth: BTreeMap<String, usize>,
     /// Request body bytes received from callers.
@@ -235,6 +242,10 @@ pub struct ClientConnections {
     pub in_flight: usize,
     /// Idle upstream connections kept for it.
     pub idle: usize,
+    /// Whether its tunnel connection is up (upstream connections are then
+    /// streams on it), or frps asks it for dial-backs.
+    #[serde(default)]
+    pub tunnel: bool,
 }
 
 /// `/api/connections`.
@@ -316,6 +327,8 @@ pub struct ConfigView {
     pub pool_idle_timeout_ms: u64,
     /// Idle upstream connections kept per client once a burst has ended.
     pub pool_idle_after_burst: usize,
+    /// Whether clients are offered a multiplexed tunnel connection.
+    pub tunnel_mux: bool,
     /// Client token lifetime, seconds (null: no expiry).
     pub token_ttl_secs: Option<u64>,
 }

@@ -154,6 +154,7 @@ async fn session(
         client_id: client.id.clone(),
         session_key,
         heartbeat_interval_ms: state.config.heartbeat_interval.as_millis() as u64,
+        mux: state.config.tunnel_mux,
     };
     let result = match send(wr, &registered, hs).await {
         Ok(()) => {

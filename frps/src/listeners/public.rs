@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use common::mux::StreamReset;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -27,6 +28,7 @@ use crate::auth::KeyCheck;
 use crate::config::Config;
 use crate::dispatch::{self, Refusal};
 use crate::limits::{ConnLimiter, Over};
+use crate::pending::PairError;
 use crate::plugins;
 use crate::registry::ClientHandle;
 use crate::router::{self, Want};
@@ -502,6 +504,30 @@ async fn forward(
             Ok(Err(mut err)) => {
                 let unsent = err.take_message();
                 let error = err.into_error();
+                // frpc reset the tunnel stream before any answer: it could
+                // not reach its service (the reason says why), as a
+                // dial-back it could not open.
+                if let Some(reset) = StreamReset::find(&error) {
+                    if let Some(back) = unsent {
+                        payload.put_back(back.into_body());
+                    }
+                    // On a pooled stream: the service closed the connection
+                    // behind it as idle (a keep-alive race), nothing to
+                    // blame the client for.
+                    if up.reused && !payload.is_spent() {
+                        debug!(client = %client.id, "pooled stream reset under the request: {reset}");
+                        continue;
+                    }
+                    let failed = AcquireError::Pair(PairError::Failed(reset.reason.to_string()));
+                    warn!(client = %client.id, "client failed before responding: {failed}");
+                    client.record_failure();
+                    excluded.push(client.session);
+                    if excluded.len() > state.config.max_retries || payload.is_spent() {
+                        return upstream_error(state, &failed);
+                    }
+                    last_error = Some(failed);
+                    continue;
+                }
                 let reason = error.to_string();
                 match unsent {
                     // Never written: a stale pooled connection says nothing

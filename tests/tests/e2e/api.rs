@@ -8,7 +8,7 @@ use frps::Server;
 use frpx_tests::http::{self, Conn, Reply};
 use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frpc_config, frps_config};
 
-const ADMIN: &str = "test-admin-token";
+pub(crate) const ADMIN: &str = "test-admin-token";
 
 async fn fleet_with_admin(n: usize) -> Fleet {
     let mut cfg = frps_config();
@@ -29,7 +29,7 @@ fn assert_envelope(reply: &Reply, success: bool) -> serde_json::Value {
     json["data"].clone()
 }
 
-async fn api(fleet: &Fleet, method: &str, path: &str) -> Reply {
+pub(crate) async fn api(fleet: &Fleet, method: &str, path: &str) -> Reply {
     let mut conn = Conn::open(fleet.frps.addrs.api).await;
     let req = http::request(
         method,

@@ -4,6 +4,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod faults;
+mod mux;
 mod plugins;
 mod ratelimit;
 mod resilience;

@@ -110,7 +110,10 @@ async fn server_sent_events_arrive_one_by_one() {
 
 /// Starts `n` `/hold` streams at once, each on its own public connection
 /// and each past its first chunk; the caller reads them out.
-async fn hold_many(fleet: &Fleet, n: usize) -> Vec<(Conn, hyper::Response<hyper::body::Incoming>)> {
+pub(crate) async fn hold_many(
+    fleet: &Fleet,
+    n: usize,
+) -> Vec<(Conn, hyper::Response<hyper::body::Incoming>)> {
     let mut streams = Vec::new();
     for _ in 0..n {
         streams.push(http::start_hold(fleet.frps.public(), API_KEY).await);

@@ -1,0 +1,259 @@
+//! The tunnel connection: each client's upstream connections as streams of
+//! one multiplexed connection, and the dial-backs frps falls back to.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{Command, read_one_command, write_command};
+use frpx_tests::http::{self, Conn};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc};
+use http_body_util::BodyExt;
+
+use super::api::{ADMIN, api};
+use super::tunnel::hold_many;
+
+/// frps's test configuration with the tunnel connection offered.
+fn offering() -> frps::Config {
+    let mut config = frpx_tests::frps_config();
+    config.tunnel_mux = true;
+    config
+}
+
+/// A fleet of `n` whose clients use their tunnel connections (the fleet
+/// waits for them).
+async fn fleet(n: usize) -> Fleet {
+    Fleet::start_with(n, offering()).await
+}
+
+async fn api_stats(fleet: &Fleet) -> serde_json::Value {
+    api(fleet, "GET", "/api/stats").await.json()["data"].clone()
+}
+
+#[tokio::test]
+async fn upstream_connections_are_streams_of_the_tunnel_connection() {
+    let mut config = offering();
+    config.admin_token = Some(ADMIN.into());
+    let fleet = Fleet::start_with(1, config).await;
+    let stats = &fleet.frps.state.stats;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    let tunnel = client.tunnel().expect("the fleet waits for it");
+    // Twenty callers at once need twenty upstream connections: twenty
+    // streams, and not one dial-back.
+    let streams = hold_many(&fleet, 20).await;
+    assert_eq!(tunnel.streams(), 20);
+    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 20);
+    assert_eq!(stats.upstream_dial_backs.load(Ordering::Relaxed), 0);
+    fleet.backends[0].release_holds();
+    for (_conn, resp) in streams {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(body.ends_with(b"done\n"));
+    }
+    // Back in the pool, still streams of the same connection, and reused.
+    frpx_tests::eventually("20 in the pool", || client.idle.len() == 20).await;
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    let payload = vec![b'z'; 2_000_000];
+    let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), payload.len(), "over the window both ways");
+    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 20);
+    assert!(client.tunnel().unwrap().same(&tunnel));
+    // The management API says so.
+    let api = api(&fleet, "GET", "/api/connections").await.json();
+    assert_eq!(api["data"]["clients"][0]["tunnel"], true, "{api}");
+    let api = api_stats(&fleet).await;
+    assert_eq!(api["upstream_streams"], 20, "{api}");
+    assert_eq!(api["upstream_dial_backs"], 0, "{api}");
+}
+
+#[tokio::test]
+async fn without_the_offer_clients_are_asked_for_dial_backs() {
+    let fleet = Fleet::start(1).await;
+    assert!(!fleet.frps.state.config.tunnel_mux, "off by default");
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    assert!(client.tunnel().is_none());
+    let stats = &fleet.frps.state.stats;
+    assert_eq!(stats.upstream_dial_backs.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_lost_tunnel_connection_is_dialed_again_and_dial_backs_fill_the_gap() {
+    let fleet = fleet(1).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    let first = client.tunnel().unwrap();
+    let mut conn = Conn::open(fleet.frps.public()).await;
+    assert_eq!(conn.get("/", Some(API_KEY)).await.status, 200);
+    first.close();
+    // The pooled stream died with it; the next request is still served
+    // (another stream once frpc is back, else a dial-back meanwhile).
+    for _ in 0..5 {
+        let reply = conn.get("/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    frpx_tests::eventually("frpc dials a new tunnel connection", || {
+        client.tunnel().is_some_and(|t| !t.same(&first))
+    })
+    .await;
+    let streams = fleet
+        .frps
+        .state
+        .stats
+        .upstream_streams
+        .load(Ordering::Relaxed);
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+    assert!(client.idle.len() <= 1);
+    // Served over the new connection (pooled or a new stream), never
+    // counted as a failure of the client.
+    assert!(
+        fleet
+            .frps
+            .state
+            .stats
+            .upstream_streams
+            .load(Ordering::Relaxed)
+            >= streams
+    );
+    assert!(client.is_healthy());
+}
+
+#[tokio::test]
+async fn an_unreachable_service_resets_its_stream_with_the_reason() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    let backend = Backend::start("gone").await;
+    let frpc = Frpc::connect("gone", &frps, &backend);
+    frps.wait_for_clients(&["gone"]).await;
+    let client = frps.state.registry.get("gone").unwrap();
+    frpx_tests::eventually("the tunnel connection is up", || client.tunnel().is_some()).await;
+    backend.stop();
+    drop(backend);
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("client could not open a connection: local service")
+            && message.contains("unreachable"),
+        "{message}"
+    );
+    assert_eq!(
+        frps.state.stats.upstream_dial_backs.load(Ordering::Relaxed),
+        0
+    );
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_tunnel_hello_must_prove_its_session() {
+    let fleet = fleet(1).await;
+    let proxy = fleet.frps.addrs.proxy;
+    for (client_id, key) in [("client-0", "not-the-key"), ("nobody", "x")] {
+        let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let hello = Command::MuxHello {
+            client_id: client_id.into(),
+            session_key: key.into(),
+        };
+        write_command(&mut s, &hello).await.unwrap();
+        let answer = read_one_command(&mut s, 1 << 20, Duration::from_secs(5))
+            .await
+            .unwrap();
+        match answer {
+            Command::DataRejected { reason, conn_id } => {
+                assert!(conn_id.is_nil());
+                assert_eq!(reason, "unknown client or wrong session key");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The real tunnel connection is untouched.
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    assert!(client.tunnel().is_some());
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+}
+
+#[tokio::test]
+async fn the_tunnel_connection_runs_over_tls_and_streams_events_one_by_one() {
+    let ca = frpx_tests::tls::TestCa::new();
+    let cert = ca.issue("frps", &["localhost", "127.0.0.1"]);
+    let mut config = offering();
+    config.tls_cert = Some(cert.cert);
+    config.tls_key = Some(cert.key);
+    let frps = frpx_tests::Frps::start(config).await;
+    let backend = Backend::start("client-0").await;
+    let mut cfg = frpx_tests::frpc_config("client-0", &frps.addrs, backend.addr);
+    cfg.tls = true;
+    cfg.tls_ca = Some(ca.ca_pem.clone());
+    let frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["client-0"]).await;
+    let client = frps.state.registry.get("client-0").unwrap();
+    frpx_tests::eventually("the tunnel connection is up", || client.tunnel().is_some()).await;
+
+    let mut conn = Conn::open(frps.public()).await;
+    let payload = vec![b'y'; 300_000];
+    let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.as_bytes(), payload.as_slice());
+    // An event is not held back waiting for more bytes to batch with.
+    let req = http::request(
+        "GET",
+        frps.public(),
+        "/sse",
+        Some(API_KEY),
+        bytes::Bytes::new(),
+    );
+    let mut body = conn.send(req).await.unwrap().into_body();
+    let first = tokio::time::timeout(frpx_tests::WAIT, body.frame())
+        .await
+        .unwrap();
+    let first = first.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, bytes::Bytes::from("data: first\n\n"));
+    backend.release_sse();
+    assert_eq!(
+        body.collect().await.unwrap().to_bytes(),
+        bytes::Bytes::from("data: last\n\n")
+    );
+    assert_eq!(
+        frps.state.stats.upstream_dial_backs.load(Ordering::Relaxed),
+        0
+    );
+    assert!(frps.state.stats.upstream_streams.load(Ordering::Relaxed) >= 1);
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_outlives_its_session() {
+    let fleet = fleet(1).await;
+    let registry = &fleet.frps.state.registry;
+    let old = registry.get("client-0").unwrap();
+    let tunnel = old.tunnel().unwrap();
+    let mut held = hold_many(&fleet, 1).await;
+    // The session ends (frpc is told, and registers again) while the
+    // stream is still answering.
+    old.kick("the operator says so");
+    frpx_tests::eventually("a new session with its own tunnel connection", || {
+        registry.get("client-0").is_some_and(|c| {
+            c.session != old.session && c.tunnel().is_some_and(|t| !t.same(&tunnel))
+        })
+    })
+    .await;
+    assert!(
+        !tunnel.is_closed(),
+        "the old connection still carries the stream"
+    );
+    fleet.backends[0].release_holds();
+    let (_conn, resp) = held.pop().unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.ends_with(b"done\n"), "{body:?}");
+    frpx_tests::eventually("the old connection closes once drained", || {
+        tunnel.is_closed()
+    })
+    .await;
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+}
