@@ -220,12 +220,8 @@ impl StreamState {
     }
 
     fn wake_all(&mut self) {
-        if let Some(w) = self.read_waker.take() {
-            w.wake();
-        }
-        if let Some(w) = self.write_waker.take() {
-            w.wake();
-        }
+        wake(&mut self.read_waker);
+        wake(&mut self.write_waker);
     }
 }
 
@@ -237,9 +233,14 @@ impl Inner {
         self.out.put_u32(id);
         self.out.put_u32(len);
         self.out.put_slice(payload);
-        if let Some(w) = self.writer.take() {
-            w.wake();
-        }
+        wake(&mut self.writer);
+    }
+}
+
+/// Wakes the task waiting in `slot`, if one is.
+fn wake(slot: &mut Option<Waker>) {
+    if let Some(w) = slot.take() {
+        w.wake();
     }
 }
 
@@ -265,15 +266,9 @@ impl Shared {
             st.wake_all();
         }
         inner.out_waiters.clear();
-        if let Some(w) = inner.drain_waker.take() {
-            w.wake();
-        }
-        if let Some(w) = inner.acceptor.take() {
-            w.wake();
-        }
-        if let Some(w) = inner.writer.take() {
-            w.wake();
-        }
+        wake(&mut inner.drain_waker);
+        wake(&mut inner.acceptor);
+        wake(&mut inner.writer);
         inner.out = BytesMut::new();
     }
 
@@ -293,9 +288,7 @@ impl Shared {
                 }
                 inner.streams.insert(id, StreamState::new());
                 inner.accept_queue.push_back(id);
-                if let Some(w) = inner.acceptor.take() {
-                    w.wake();
-                }
+                wake(&mut inner.acceptor);
             }
             Kind::Data => {
                 // A stream this side dropped: its bytes have nowhere to go.
@@ -314,17 +307,13 @@ impl Shared {
                 st.recv_window -= len;
                 if st.reset.is_none() && !payload.is_empty() {
                     st.receive(payload);
-                    if let Some(w) = st.read_waker.take() {
-                        w.wake();
-                    }
+                    wake(&mut st.read_waker);
                 }
             }
             Kind::Fin => {
                 if let Some(st) = inner.streams.get_mut(&id) {
                     st.recv_fin = true;
-                    if let Some(w) = st.read_waker.take() {
-                        w.wake();
-                    }
+                    wake(&mut st.read_waker);
                 }
             }
             Kind::Reset => {
@@ -350,9 +339,7 @@ impl Shared {
                         .ok_or_else(|| {
                             protocol_error(format!("stream {id} was granted more than its window"))
                         })?;
-                    if let Some(w) = st.write_waker.take() {
-                        w.wake();
-                    }
+                    wake(&mut st.write_waker);
                 }
             }
         }
@@ -570,9 +557,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, shared: &Shared) -> io
             for id in out_waiters.drain(..) {
                 if let Some(st) = streams.get_mut(&id) {
                     st.wants_room = false;
-                    if let Some(w) = st.write_waker.take() {
-                        w.wake();
-                    }
+                    wake(&mut st.write_waker);
                 }
             }
         }
@@ -826,10 +811,8 @@ impl Drop for MuxStream {
         let Some(st) = inner.streams.remove(&self.id) else {
             return;
         };
-        if inner.streams.is_empty()
-            && let Some(w) = inner.drain_waker.take()
-        {
-            w.wake();
+        if inner.streams.is_empty() {
+            wake(&mut inner.drain_waker);
         }
         // Both halves ended, or the peer already knows: nothing to say.
         if (st.sent_fin && st.recv_fin) || st.reset.is_some() || inner.dead.is_some() {

@@ -41,7 +41,7 @@ pub const TUNNEL_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Why a tunnel connection ended.
 #[derive(Debug, thiserror::Error)]
 enum TunnelError {
-    /// frps said no: not worth asking again in this session.
+    /// frps said no: asked again only after [`TUNNEL_RETRY_MAX`].
     #[error("frps refused the tunnel connection: {0}")]
     Refused(String),
     /// Dialing, the handshake or the connection failed.

@@ -342,6 +342,14 @@ impl Registry {
         self.clients.read().expect("registry lock").get(id).cloned()
     }
 
+    /// The live client `id` if `session_key` is its session's proof
+    /// (compared in constant time): what a dial-back or tunnel hello names.
+    pub fn proven(&self, id: &str, session_key: &str) -> Option<Arc<ClientHandle>> {
+        self.get(id).filter(|c| {
+            crate::auth::constant_time_eq(c.session_key.as_bytes(), session_key.as_bytes())
+        })
+    }
+
     /// The live client with this session number.
     pub fn get_session(&self, id: &str, session: u64) -> Option<Arc<ClientHandle>> {
         self.get(id).filter(|c| c.session == session)

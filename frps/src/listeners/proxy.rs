@@ -11,7 +11,6 @@ use tokio::net::TcpStream;
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::auth::constant_time_eq;
 use crate::plugins::hooks;
 use crate::registry::ClientHandle;
 use crate::state::State;
@@ -87,8 +86,7 @@ async fn tunnel(
     }
     let client = state
         .registry
-        .get(client_id)
-        .filter(|c| constant_time_eq(c.session_key.as_bytes(), session_key.as_bytes()))
+        .proven(client_id, session_key)
         .ok_or("unknown client or wrong session key")?;
     hooks::new_work_conn(state, Uuid::nil(), client_id, session_key).await?;
     Ok(client)

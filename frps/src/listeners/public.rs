@@ -449,12 +449,11 @@ async fn forward(
             }
             Err(e) => {
                 waited += acquiring.elapsed();
-                warn!(client = %client.id, "client failed before responding: {e}");
-                client.record_failure();
-                excluded.push(client.session);
-                last_error = Some(e);
-                if excluded.len() > state.config.max_retries {
-                    return upstream_error(state, last_error.as_ref().expect("set"));
+                let retries = state.config.max_retries;
+                if let Some(resp) =
+                    blame(state, &client, e, &mut excluded, &mut last_error, retries)
+                {
+                    return resp;
                 }
                 continue;
             }
@@ -519,13 +518,22 @@ async fn forward(
                         continue;
                     }
                     let failed = AcquireError::Pair(PairError::Failed(reset.reason.to_string()));
-                    warn!(client = %client.id, "client failed before responding: {failed}");
-                    client.record_failure();
-                    excluded.push(client.session);
-                    if excluded.len() > state.config.max_retries || payload.is_spent() {
-                        return upstream_error(state, &failed);
+                    // A streamed body went with it: no other attempt.
+                    let retries = if payload.is_spent() {
+                        0
+                    } else {
+                        state.config.max_retries
+                    };
+                    if let Some(resp) = blame(
+                        state,
+                        &client,
+                        failed,
+                        &mut excluded,
+                        &mut last_error,
+                        retries,
+                    ) {
+                        return resp;
                     }
-                    last_error = Some(failed);
                     continue;
                 }
                 let reason = error.to_string();
@@ -593,6 +601,24 @@ async fn forward(
             return bad_gateway("the client's local service failed before answering");
         }
     }
+}
+
+/// Counts `client` as failing for `error` before it answered (no connection
+/// to its service) and leaves it out of the next attempt; once more than
+/// `retries` clients failed, the 502/504 for `error`.
+fn blame(
+    state: &State,
+    client: &ClientHandle,
+    error: AcquireError,
+    excluded: &mut Vec<u64>,
+    last_error: &mut Option<AcquireError>,
+    retries: usize,
+) -> Option<Response<PublicBody>> {
+    warn!(client = %client.id, "client failed before responding: {error}");
+    client.record_failure();
+    excluded.push(client.session);
+    let error = last_error.insert(error);
+    (excluded.len() > retries).then(|| upstream_error(state, error))
 }
 
 fn bad_gateway(message: &str) -> Response<PublicBody> {

@@ -15,7 +15,6 @@ use super::content::{
     PingContent, UserInfo, now,
 };
 use super::{Op, PluginError, Plugins};
-use crate::auth::constant_time_eq;
 use crate::listeners::public::{PublicBody, error_response};
 use crate::registry::ClientHandle;
 use crate::state::State;
@@ -166,11 +165,7 @@ pub async fn new_work_conn(
     if !state.plugins.handles(Op::NewWorkConn) {
         return Ok(());
     }
-    let Some(client) = state
-        .registry
-        .get(client_id)
-        .filter(|c| constant_time_eq(c.session_key.as_bytes(), session_key.as_bytes()))
-    else {
+    let Some(client) = state.registry.proven(client_id, session_key) else {
         return Ok(());
     };
     let content = NewWorkConnContent {
