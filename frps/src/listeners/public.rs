@@ -943,17 +943,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(header::CONTENT_LENGTH);
     }
     // Options `Connection` lists: header names, except the two tokens that
-    // are not (`close`) or are removed anyway (`keep-alive`).
-    let named: Vec<HeaderName> = headers
+    // are not (`close`) or are removed anyway (`keep-alive`). Each token is
+    // one hashed removal (no allocation), so a value of many thousands of
+    // names costs time in proportion to its length, not to its length times
+    // the number of headers present.
+    let listed: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect();
+    for token in listed
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    remove_where(headers, |name| is_hop_by_hop(name) || named.contains(name));
+    {
+        headers.remove(token);
+    }
+    remove_where(headers, is_hop_by_hop);
 }
 
 /// Removes every header whose name `doomed` picks, looking at each name
@@ -1316,6 +1324,25 @@ mod tests {
         let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["accept", "close"]);
+
+        // A value listing thousands of names (repeated, unknown, invalid,
+        // empty) removes exactly the listed headers present.
+        let mut h = HeaderMap::new();
+        let mut listed = String::new();
+        for i in 0..20_000 {
+            listed.push_str(["x-hop-7,", "x-absent,", "not a name,", ",", "X-HOP-99,"][i % 5]);
+        }
+        h.insert("connection", HeaderValue::from_str(&listed).unwrap());
+        for i in 0..100 {
+            h.insert(
+                HeaderName::from_bytes(format!("x-hop-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 98);
+        assert!(!h.contains_key("x-hop-7") && !h.contains_key("x-hop-99"));
+        assert!(h.contains_key("x-hop-8") && !h.contains_key("connection"));
 
         // A stale Content-Length beside Transfer-Encoding goes with it.
         let mut h = HeaderMap::new();
