@@ -321,18 +321,42 @@ impl Store {
         email: &str,
         password_hash: &str,
     ) -> Result<UserRow, StoreError> {
-        if self.find_user(email).await?.is_some() {
-            return Err(StoreError::Duplicate(format!("user {email}")));
-        }
+        // One statement checks and inserts, so two adds of the same email
+        // in different letter cases cannot both pass the check: SQLite
+        // takes its write lock before the statement reads; PostgreSQL's
+        // snapshot would not see a concurrent insert, so adds there queue on
+        // a transaction-scoped advisory lock first.
         const SQL: &str = "INSERT INTO users (email, password_hash, created_at, updated_at)
-            VALUES ($1, $2, $3, $3) RETURNING id, email, password_hash, created_at";
-        let res = on_pool!(self, p => sqlx::query_as(SQL).bind(email).bind(password_hash).bind(now()).fetch_one(p).await);
-        res.map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                StoreError::Duplicate(format!("user {email}"))
+            SELECT $1, $2, $3, $3
+            WHERE NOT EXISTS (SELECT 1 FROM users WHERE lower(email) = lower($1))
+            RETURNING id, email, password_hash, created_at";
+        const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('frpx.users.email'))";
+        let at = now();
+        let res: Result<Option<UserRow>, sqlx::Error> = match self {
+            Store::Postgres(p) => {
+                async {
+                    let mut tx = p.begin().await?;
+                    sqlx::query(LOCK).execute(&mut *tx).await?;
+                    let insert = sqlx::query_as(SQL).bind(email).bind(password_hash).bind(at);
+                    let row = insert.fetch_optional(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(row)
+                }
+                .await
             }
-            _ => e.into(),
-        })
+            Store::Sqlite(p) => {
+                let insert = sqlx::query_as(SQL).bind(email).bind(password_hash).bind(at);
+                insert.fetch_optional(p).await
+            }
+        };
+        match res {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(StoreError::Duplicate(format!("user {email}"))),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(StoreError::Duplicate(format!("user {email}")))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The user with this email, in any letter case (the oldest, should a

@@ -1321,3 +1321,57 @@ async fn listings_page_on_postgres() {
     listings_page(&pg.url).await;
     pg.drop_db().await;
 }
+
+/// Sixteen adds of one email in different letter cases at once, on `url`'s
+/// database: exactly one account comes of them, the rest are duplicates.
+async fn concurrent_adds_make_one_account(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let adds = (0..16).map(|i| {
+        let store = store.clone();
+        // Every variant differs from the others in the case of some letters.
+        let email: String = "racer@example.com"
+            .chars()
+            .enumerate()
+            .map(|(n, c)| {
+                if n < 4 && i >> n & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect();
+        tokio::spawn(async move { store.create_user(&email, "h").await })
+    });
+    let mut created = 0;
+    for add in futures_util::future::join_all(adds).await {
+        match add.unwrap() {
+            Ok(_) => created += 1,
+            Err(frps::store::StoreError::Duplicate(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(created, 1);
+    let racers: Vec<_> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|u| u.email.eq_ignore_ascii_case("racer@example.com"))
+        .collect();
+    assert_eq!(racers.len(), 1);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn concurrent_adds_make_one_account_on_sqlite() {
+    concurrent_adds_make_one_account(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn concurrent_adds_make_one_account_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    concurrent_adds_make_one_account(&pg.url).await;
+    pg.drop_db().await;
+}
