@@ -27,6 +27,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// As [`parse_duration`], refusing zero: for delays and deadlines where
+/// zero would mean a busy loop or a wait that always fails.
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "`{}` is zero; give a duration above zero (examples: 500ms, 10s)",
+            s.trim()
+        )),
+        d => Ok(d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +53,13 @@ mod tests {
         assert!(parse_duration("99999999999999999d").is_err());
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
         assert!(parse_duration("10x").unwrap_err().contains("unknown unit"));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert!(
+            parse_positive_duration("0s")
+                .unwrap_err()
+                .contains("is zero")
+        );
+        assert!(parse_positive_duration("0ms").is_err());
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
     }
 }

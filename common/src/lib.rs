@@ -8,6 +8,7 @@
 //! - [`telemetry`]: the binaries' log set-up.
 //! - [`mux`]: many byte streams over one frps-frpc connection.
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
+//! - [`process`]: signals and the open-file limit.
 
 pub mod codec;
 pub mod config_file;
@@ -15,12 +16,13 @@ pub mod duration;
 pub mod join;
 pub mod memory;
 pub mod mux;
+pub mod process;
 pub mod protocol;
 pub mod stream;
 pub mod telemetry;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
-pub use duration::parse_duration;
+pub use duration::{parse_duration, parse_positive_duration};
 pub use join::{JoinStats, join_streams};
 pub use protocol::{
     Command, DiskInfo, GpuInfo, ModelInfo, PROTOCOL_VERSION, Registration, SystemInfo,

@@ -44,7 +44,12 @@ pub fn run<F: std::future::Future>(
 ) -> std::io::Result<F::Output> {
     return_large_blocks();
     one_heap();
-    Ok(builder.enable_all().build()?.block_on(main))
+    let runtime = builder.enable_all().build()?;
+    let out = runtime.block_on(main);
+    // A blocking task still running (a metrics read stuck in a driver, a
+    // password prompt nobody answers) must not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    Ok(out)
 }
 
 /// Hands the free memory inside the allocator's heaps back to the system.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use common::parse_duration;
+use common::{parse_duration, parse_positive_duration};
 
 /// frpc: exposes a local model server through frps.
 #[derive(Debug, Clone, Parser)]
@@ -63,16 +63,22 @@ pub struct Config {
     pub token_file: PathBuf,
 
     /// First reconnect delay; doubles (with jitter) up to `--reconnect-max`.
-    #[arg(long, env = "FRPC_RECONNECT_MIN", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPC_RECONNECT_MIN", default_value = "1s", value_parser = parse_positive_duration)]
     pub reconnect_min: Duration,
 
     /// Longest reconnect delay.
-    #[arg(long, env = "FRPC_RECONNECT_MAX", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPC_RECONNECT_MAX", default_value = "30s", value_parser = parse_positive_duration)]
     pub reconnect_max: Duration,
 
     /// Deadline for connecting to frps or to the local service.
-    #[arg(long, env = "FRPC_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPC_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
+
+    /// On SIGINT or SIGTERM: how long connections still carrying a request
+    /// may finish (frps stops sending new ones at once); `0` closes them at
+    /// once. A second signal exits without waiting.
+    #[arg(long, env = "FRPC_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 
     /// Most requests this box serves at once (default: unlimited); frps
     /// queues the rest instead of piling them onto the box.
@@ -80,7 +86,7 @@ pub struct Config {
     pub max_concurrency: Option<u32>,
 
     /// How often system metrics and the model list are reported.
-    #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
     pub metrics_interval: Duration,
 
     /// Log filter (e.g. `info`, `frpc=debug`); `RUST_LOG` takes precedence.
@@ -184,5 +190,27 @@ impl Config {
     /// `host:port` of the proxy port.
     pub fn proxy_addr(&self) -> String {
         format!("{}:{}", self.server_addr, self.proxy_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_delays_and_deadlines_are_refused_and_zero_drain_is_not() {
+        for flag in [
+            "--reconnect-min",
+            "--reconnect-max",
+            "--connect-timeout",
+            "--metrics-interval",
+        ] {
+            let err = Config::try_parse_from(["frpc", flag, "0s"]).unwrap_err();
+            assert!(err.to_string().contains("is zero"), "{flag}: {err}");
+        }
+        let cfg = Config::try_parse_from(["frpc", "--shutdown-timeout", "0"]).unwrap();
+        assert!(cfg.shutdown_timeout.is_zero());
+        let cfg = Config::try_parse_from(["frpc"]).unwrap();
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(30));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{
     Command, FrameError, FrameReader, MAX_FRAME, ModelInfo, PROTOCOL_VERSION, Registration, Stream,
-    write_command,
+    SystemInfo, write_command,
 };
 use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
@@ -29,6 +29,12 @@ use crate::tunnel::{self, Session};
 /// may consult its server plugins first (one after another, each allowed
 /// `--plugin-timeout`), so this is well above frps's own frame deadline.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a session must have lasted for the next reconnect to start
+/// from `--reconnect-min` again. A session frps ends right after accepting
+/// it (a plugin that kicks, an operator's disconnect) is retried with the
+/// backoff growing, not every heartbeat.
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +70,9 @@ pub struct Client {
     config: Arc<Config>,
     identity: Identity,
     shutdown: CancellationToken,
+    /// Ends the connections still carrying requests once the drain after
+    /// `shutdown` is over (`--shutdown-timeout`).
+    hard_stop: CancellationToken,
     tunnels: TaskTracker,
     token_refused: AtomicBool,
     dialer: Dialer,
@@ -84,6 +93,7 @@ impl Client {
             config: Arc::new(config),
             identity,
             shutdown,
+            hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             token_refused: AtomicBool::new(false),
             dialer,
@@ -100,7 +110,12 @@ impl Client {
     pub async fn run(self) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
         let result = loop {
-            match self.session(&mut backoff).await {
+            let mut registered = None;
+            let ended = self.session(&mut registered).await;
+            if registered.is_some_and(|at: Instant| at.elapsed() >= STABLE_SESSION) {
+                backoff.reset();
+            }
+            match ended {
                 Ok(SessionEnd::Shutdown) => break Ok(()),
                 Ok(SessionEnd::Disconnected(reason)) => {
                     let why = reason.unwrap_or_else(|| "connection closed".into());
@@ -132,9 +147,36 @@ impl Client {
                 break Ok(());
             }
         };
-        self.tunnels.close();
-        self.tunnels.wait().await;
+        self.drain().await;
         result
+    }
+
+    /// Lets the connections still carrying requests finish, for at most
+    /// `--shutdown-timeout`, then ends them. The control connection is
+    /// closed by now, so frps sends no new request and closes this client's
+    /// idle connections itself.
+    async fn drain(&self) {
+        self.tunnels.close();
+        let limit = self.config.shutdown_timeout;
+        if !self.tunnels.is_empty() && !limit.is_zero() {
+            info!(
+                "waiting up to {limit:?} for {} connection(s) to finish",
+                self.tunnels.len()
+            );
+        }
+        if tokio::time::timeout(limit, self.tunnels.wait())
+            .await
+            .is_err()
+        {
+            if !limit.is_zero() {
+                warn!(
+                    "shutdown deadline passed; closing {} connection(s) still in use",
+                    self.tunnels.len()
+                );
+            }
+            self.hard_stop.cancel();
+            self.tunnels.wait().await;
+        }
     }
 
     /// Waits `delay`; true when shutdown came first.
@@ -145,8 +187,18 @@ impl Client {
         }
     }
 
-    /// One control session. `backoff` is reset once registration succeeds.
-    async fn session(&self, backoff: &mut Backoff) -> Result<SessionEnd, SessionError> {
+    /// One control session; `registered` is set to when frps accepted it.
+    async fn session(&self, registered: &mut Option<Instant>) -> Result<SessionEnd, SessionError> {
+        // Credentials come before frps is dialled: a person typing a
+        // password must not be racing frps's handshake deadline.
+        let saved = self.usable_saved_token();
+        let creds = match saved {
+            Some(_) => None,
+            None => tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                creds = self.password_credentials() => Some(creds?),
+            },
+        };
         // The local service is asked for its models before frps is dialled:
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
@@ -166,14 +218,14 @@ impl Client {
         let mut reader = FrameReader::new(rd, MAX_FRAME);
 
         let handshake = async {
-            self.login(&mut reader, &mut wr).await?;
+            self.login(&mut reader, &mut wr, saved, creds).await?;
             self.register(&mut reader, &mut wr, probe).await
         };
         let (session, heartbeat, probe) = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             res = handshake => res?,
         };
-        backoff.reset();
+        *registered = Some(Instant::now());
         info!(
             "registered with frps at {addr} as '{}' (heartbeat every {heartbeat:?})",
             session.client_id
@@ -182,14 +234,11 @@ impl Client {
             .await
     }
 
-    async fn login(
-        &self,
-        reader: &mut FrameReader<ReadHalf<Stream>>,
-        wr: &mut WriteHalf<Stream>,
-    ) -> Result<(), SessionError> {
-        let path = &self.config.token_file;
+    /// The saved token, unless frps refused it in this process, it is for
+    /// another frps, or it has expired.
+    fn usable_saved_token(&self) -> Option<login::SavedToken> {
         let server = self.config.control_addr();
-        let saved = login::load(path)
+        login::load(&self.config.token_file)
             .filter(|_| !self.token_refused.load(Ordering::Relaxed))
             .filter(|saved| {
                 // A token is for the frps that issued it: never hand it to
@@ -202,7 +251,42 @@ impl Client {
                     );
                 }
                 ours
-            });
+            })
+            .filter(|saved| {
+                // Sending a token known to be dead would only count as a
+                // failed login against this address.
+                let expired = saved.expired_at(chrono::Utc::now());
+                if expired {
+                    info!(
+                        "the saved token expired at {}: logging in with email and password",
+                        saved.expires_at.as_deref().unwrap_or("?")
+                    );
+                }
+                !expired
+            })
+    }
+
+    /// Email and password for a login, refusing to send them in plaintext
+    /// unless allowed.
+    async fn password_credentials(&self) -> Result<Credentials, SessionError> {
+        if !self.dialer.is_tls() && !self.config.insecure_plaintext {
+            return Err(SessionError::Fatal(format!(
+                "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
+                self.config.control_addr()
+            )));
+        }
+        self.credentials().await
+    }
+
+    /// Logs in with the `saved` token, or else with `creds`.
+    async fn login(
+        &self,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
+        wr: &mut WriteHalf<Stream>,
+        saved: Option<login::SavedToken>,
+        creds: Option<Credentials>,
+    ) -> Result<(), SessionError> {
+        let path = &self.config.token_file;
         if let Some(saved) = saved {
             if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
                 warn!(
@@ -220,6 +304,9 @@ impl Client {
                                 "frps refused the saved token ({reason}); logging in with email and password"
                             );
                             self.token_refused.store(true, Ordering::Relaxed);
+                            // A dead token left on disk would be sent again
+                            // at every start, each a failed login.
+                            login::forget(path);
                             Err(SessionError::Relogin)
                         }
                         Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
@@ -233,13 +320,11 @@ impl Client {
                 other => Err(unexpected(&other)),
             };
         }
-        if !self.dialer.is_tls() && !self.config.insecure_plaintext {
-            return Err(SessionError::Fatal(format!(
-                "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
-                self.config.control_addr()
-            )));
-        }
-        let creds = self.credentials().await?;
+        let Some(creds) = creds else {
+            return Err(SessionError::Retry(
+                "no saved token and no credentials for this session".into(),
+            ));
+        };
         let email = creds.email.clone();
         write_command(
             wr,
@@ -262,15 +347,23 @@ impl Client {
                     server: self.config.control_addr(),
                     email,
                 };
-                login::save(path, &saved).map_err(|e| {
-                    SessionError::Fatal(format!("logged in, but cannot save the token: {e:#}"))
-                })?;
-                self.token_refused.store(false, Ordering::Relaxed);
-                info!(
-                    "logged in as {}; token saved to {}",
-                    saved.email,
-                    path.display()
-                );
+                // A token that cannot be saved (a full disk, a read-only
+                // directory) costs the next session a password login, not
+                // this one.
+                match login::save(path, &saved) {
+                    Ok(()) => {
+                        self.token_refused.store(false, Ordering::Relaxed);
+                        info!(
+                            "logged in as {}; token saved to {}",
+                            saved.email,
+                            path.display()
+                        );
+                    }
+                    Err(e) => warn!(
+                        "logged in as {}, but cannot save the token ({e:#}); the next session logs in with the password again",
+                        saved.email
+                    ),
+                }
                 Ok(())
             }
             Command::LoginResult { ok: true, .. } => Err(SessionError::Retry(
@@ -409,7 +502,7 @@ impl Client {
                 session.clone(),
                 self.tunnels.clone(),
                 session_over,
-                self.shutdown.clone(),
+                self.hard_stop.clone(),
             ));
         }
         let mut ticker = tokio::time::interval(heartbeat);
@@ -443,7 +536,7 @@ impl Client {
                     match cmd {
                         Command::OpenConnection { conn_id } => {
                             let open = tunnel::open(self.config.clone(), self.dialer.clone(), session.clone(), conn_id, out_tx.clone());
-                            let stop = self.shutdown.clone();
+                            let stop = self.hard_stop.clone();
                             self.tunnels.spawn(async move {
                                 tokio::select! {
                                     _ = open => {}
@@ -518,15 +611,57 @@ type Probe = (Vec<ModelInfo>, bool);
 /// reached; one that answers without a model list (a plain HTTP server) is
 /// up and serves no named model.
 async fn probe_models(config: &Config, fit: &local::ModelFit) -> Probe {
+    probe_service(config, fit).await.0
+}
+
+/// As [`probe_models`], also saying whether the service answered with a
+/// model list (or could not be reached): false for an answer that was not
+/// one (an error status, a body cut short or too large).
+async fn probe_service(config: &Config, fit: &local::ModelFit) -> (Probe, bool) {
     match local::models(&config.local_host(), config.connect_timeout).await {
-        Ok(models) => (fit.fit(models), true),
+        Ok(models) => ((fit.fit(models), true), true),
         Err(e @ (local::ProbeError::Unreachable(_) | local::ProbeError::Timeout(_))) => {
             debug!("local service down: {e}");
-            (Vec::new(), false)
+            ((Vec::new(), false), true)
         }
         Err(e) => {
             debug!("local service has no model list: {e}");
-            (Vec::new(), true)
+            ((Vec::new(), true), false)
+        }
+    }
+}
+
+/// What the reporter announces after a probe: an answer that was no model
+/// list, once after a list, keeps that list (a passing error status from
+/// the service must not withdraw every model); the second in a row is
+/// believed.
+fn after_probe(last: &Probe, now: Probe, listed: bool, unlisted_before: &mut bool) -> Probe {
+    if listed {
+        *unlisted_before = false;
+        return now;
+    }
+    let keep = last.1 && !last.0.is_empty() && !*unlisted_before;
+    *unlisted_before = true;
+    if keep { last.clone() } else { now }
+}
+
+/// System metrics from `collector`, read off the async thread, or `None`
+/// when they took longer than `limit` (a GPU driver or a network mount
+/// that hangs) or the previous read is still stuck: at most one thread
+/// ever waits on a hung read, and the model reports go on.
+async fn read_metrics(collector: &Arc<Mutex<Collector>>, limit: Duration) -> Option<SystemInfo> {
+    let c = collector.clone();
+    let read = tokio::task::spawn_blocking(move || match c.try_lock() {
+        Ok(mut c) => Some(c.collect()),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().collect()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    });
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(_)) => None,
+        Err(_) => {
+            warn!("reading system metrics took over {limit:?}; skipping them until it ends");
+            None
         }
     }
 }
@@ -545,21 +680,19 @@ async fn report(
     // The first tick is immediate: metrics at once; the models were just
     // probed for the registration.
     let mut first = true;
+    let mut unlisted_before = false;
     loop {
         tick.tick().await;
-        let c = collector.clone();
-        let Ok(info) =
-            tokio::task::spawn_blocking(move || c.lock().expect("collector lock").collect()).await
-        else {
-            return;
-        };
-        if out.send(Command::SystemInfo(info)).await.is_err() {
+        if let Some(info) = read_metrics(&collector, config.metrics_interval).await
+            && out.send(Command::SystemInfo(info)).await.is_err()
+        {
             return;
         }
         if std::mem::take(&mut first) {
             continue;
         }
-        let now = probe_models(&config, &fit).await;
+        let (now, listed) = probe_service(&config, &fit).await;
+        let now = after_probe(&last, now, listed, &mut unlisted_before);
         tracing::debug!(
             models = now.0.len(),
             up = now.1,
@@ -599,6 +732,68 @@ fn unexpected(cmd: &Command) -> SessionError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed(names: &[&str]) -> Probe {
+        let models = names
+            .iter()
+            .map(|n| ModelInfo {
+                name: (*n).into(),
+                ..ModelInfo::default()
+            })
+            .collect();
+        (models, true)
+    }
+
+    #[test]
+    fn one_answer_without_a_list_keeps_the_last_list_and_two_withdraw_it() {
+        let mut unlisted = false;
+        let last = listed(&["llama3"]);
+        let none = (Vec::new(), true);
+        // One bad answer: the models stay.
+        let now = after_probe(&last, none.clone(), false, &mut unlisted);
+        assert_eq!(now, last);
+        // A second in a row: believed.
+        let now = after_probe(&now, none.clone(), false, &mut unlisted);
+        assert_eq!(now, none);
+        // A list again resets the count.
+        let back = after_probe(&now, listed(&["qwen"]), true, &mut unlisted);
+        assert_eq!(back, listed(&["qwen"]));
+        assert!(!unlisted);
+        // A service that never lists models, or that is down, is as it says.
+        let mut unlisted = false;
+        assert_eq!(after_probe(&none, none.clone(), false, &mut unlisted), none);
+        let down = (Vec::new(), false);
+        assert_eq!(after_probe(&last, down.clone(), true, &mut unlisted), down);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_metrics_read_is_skipped_without_piling_up_threads() {
+        let collector = Arc::new(Mutex::new(Collector::new()));
+        // Another read holds the collector (as a read stuck in a driver
+        // would): this one gives up at once instead of queueing behind it.
+        let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let collector = collector.clone();
+            std::thread::spawn(move || {
+                let _held = collector.lock().unwrap();
+                locked_tx.send(()).unwrap();
+                let _ = release_rx.recv();
+            })
+        };
+        locked_rx.recv().unwrap();
+        let started = std::time::Instant::now();
+        let read = read_metrics(&collector, Duration::from_secs(30)).await;
+        assert!(read.is_none());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(
+            read_metrics(&collector, Duration::from_secs(30))
+                .await
+                .is_some()
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_server_that_takes_nothing_is_given_up_after_the_limit() {

@@ -22,6 +22,27 @@ pub struct SavedToken {
     pub email: String,
 }
 
+impl SavedToken {
+    /// Whether its expiry has passed at `now` (a token without one, or with
+    /// one that does not parse, is left for frps to judge).
+    pub fn expired_at(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.expires_at
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_some_and(|at| at <= now)
+    }
+}
+
+/// Removes the token file after frps refused its token; a file already
+/// gone is fine, any other failure is logged.
+pub fn forget(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!("removed the refused token from {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("cannot remove the refused token {}: {e}", path.display()),
+    }
+}
+
 /// Reads the token file; `None` when absent or unreadable.
 pub fn load(path: &Path) -> Option<SavedToken> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -131,6 +152,28 @@ mod tests {
         }
         std::fs::write(&path, "garbage").unwrap();
         assert!(load(&path).is_none());
+        forget(&path);
+        assert!(!path.exists());
+        forget(&path);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_past_its_expiry_is_expired() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let with = |expires_at: Option<&str>| SavedToken {
+            token: "t".into(),
+            expires_at: expires_at.map(Into::into),
+            server: String::new(),
+            email: String::new(),
+        };
+        assert!(with(Some("2026-12-01T11:59:59Z")).expired_at(now));
+        assert!(with(Some("2026-12-01T12:00:00+00:00")).expired_at(now));
+        assert!(!with(Some("2026-12-01T12:00:01Z")).expired_at(now));
+        assert!(!with(Some("2026-12-01T14:00:00+01:00")).expired_at(now));
+        assert!(!with(None).expired_at(now));
+        assert!(!with(Some("next tuesday")).expired_at(now));
     }
 }

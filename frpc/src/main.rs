@@ -11,11 +11,10 @@ fn main() -> anyhow::Result<()> {
 async fn serve() -> anyhow::Result<()> {
     let config = frpc::config_file::load().unwrap_or_else(|e| e.exit());
     common::telemetry::init(&config.log);
+    if let Some(limit) = common::process::raise_fd_limit() {
+        tracing::info!("open-file limit: {limit}");
+    }
     let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        on_signal.cancel();
-    });
+    common::process::on_signals(shutdown.clone());
     frpc::run(config, shutdown).await
 }

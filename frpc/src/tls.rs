@@ -65,6 +65,18 @@ pub enum DialError {
         /// Which check failed and what to pass instead.
         reason: String,
     },
+    /// frps's certificate is outside its validity period: a renewal that is
+    /// late or this machine's clock (before NTP set it) - both pass, so
+    /// frpc keeps retrying.
+    #[error(
+        "frps at {addr} presented a certificate {reason}: check frps's certificate renewal and this machine's clock (retrying)"
+    )]
+    CertificateTime {
+        /// The address dialed.
+        addr: String,
+        /// Which bound was passed, with the times.
+        reason: String,
+    },
     /// frps answered the TLS handshake with something that is not TLS.
     #[error(
         "frps at {addr} does not speak TLS on this port (it probably runs without TLS): drop --tls, or start frps with --tls-cert/--tls-key or --tls-self-signed"
@@ -179,6 +191,27 @@ fn classify(addr: &str, e: std::io::Error) -> DialError {
     };
     let reason = match tls {
         rustls::Error::InvalidMessage(_) => return DialError::NotTls { addr },
+        rustls::Error::InvalidCertificate(e @ (CertificateError::Expired | CertificateError::ExpiredContext { .. } | CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. })) => {
+            let at = |t: &rustls_pki_types::UnixTime| {
+                chrono::DateTime::from_timestamp(t.as_secs() as i64, 0)
+                    .map_or_else(|| "?".into(), |t| t.to_rfc3339())
+            };
+            let reason = match e {
+                CertificateError::ExpiredContext { time, not_after } => format!(
+                    "that expired at {} (this machine's time is {})",
+                    at(not_after),
+                    at(time)
+                ),
+                CertificateError::NotValidYetContext { time, not_before } => format!(
+                    "that is valid from {} (this machine's time is {})",
+                    at(not_before),
+                    at(time)
+                ),
+                CertificateError::Expired => "that has expired".into(),
+                _ => "that is not valid yet".into(),
+            };
+            return DialError::CertificateTime { addr, reason };
+        }
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
             "its certificate is signed by an unknown CA: pass --tls-ca with the CA's PEM bundle, or pin it with --tls-fingerprint".to_owned()
         }
@@ -310,6 +343,34 @@ impl ServerCertVerifier for Pinned {
 mod tests {
     use super::*;
     use crate::config::parse_fingerprint;
+
+    #[test]
+    fn a_certificate_out_of_its_dates_is_retried_and_an_untrusted_one_is_not() {
+        let refused = |e: CertificateError| {
+            let io = std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                rustls::Error::InvalidCertificate(e),
+            );
+            classify("frps.example:17000", io)
+        };
+        let t = |secs| rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        let expired = refused(CertificateError::ExpiredContext {
+            time: t(1_780_000_000),
+            not_after: t(1_779_990_000),
+        });
+        assert!(matches!(expired, DialError::CertificateTime { .. }));
+        assert!(!expired.is_fatal());
+        let text = expired.to_string();
+        assert!(
+            text.contains("expired at 2026-05-28T") && text.contains("clock"),
+            "{text}"
+        );
+        let early = refused(CertificateError::NotValidYet);
+        assert!(!early.is_fatal());
+        assert!(early.to_string().contains("not valid yet"), "{early}");
+        let untrusted = refused(CertificateError::UnknownIssuer);
+        assert!(untrusted.is_fatal());
+    }
 
     #[tokio::test]
     async fn dialed_links_get_keepalive_and_nodelay() {

@@ -58,33 +58,6 @@ pub struct Cli {
 /// gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(config).await?;
-    let shutdown = server.state().shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        shutdown.cancel();
-    });
+    common::process::on_signals(server.state().shutdown.clone());
     server.run().await
-}
-
-/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-pub async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

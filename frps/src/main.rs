@@ -22,6 +22,9 @@ async fn serve() -> anyhow::Result<()> {
         }
         None => {
             common::telemetry::init(&cli.config.log);
+            if let Some(limit) = common::process::raise_fd_limit() {
+                tracing::info!("open-file limit: {limit}");
+            }
             frps::run(cli.config).await
         }
     }

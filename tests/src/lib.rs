@@ -262,6 +262,9 @@ pub fn frpc_config(id: &str, frps: &BoundAddrs, backend: SocketAddr) -> frpc::Co
     cfg.reconnect_min = Duration::from_millis(50);
     cfg.reconnect_max = Duration::from_millis(400);
     cfg.connect_timeout = Duration::from_secs(2);
+    // `Frpc::kill` closes everything at once, as a killed process would;
+    // the drain tests set their own.
+    cfg.shutdown_timeout = Duration::ZERO;
     cfg.token_file = std::env::temp_dir()
         .join(format!("frpx-test-{}", uuid::Uuid::new_v4()))
         .join("token.json");
@@ -289,6 +292,11 @@ impl Frpc {
         let _ = tokio::time::timeout(WAIT, self.join)
             .await
             .expect("frpc stops in time");
+    }
+
+    /// Asks frpc to stop (as SIGTERM does) without waiting for it.
+    pub fn signal(&self) {
+        self.shutdown.cancel();
     }
 
     /// Whether the frpc task has ended.

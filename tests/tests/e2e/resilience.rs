@@ -824,3 +824,82 @@ async fn a_service_resetting_mid_body_gives_the_caller_a_clean_error() {
     assert_eq!(frps.state.registry.len(), 1);
     frpc.kill().await;
 }
+
+/// frpc `id` on `frps` with `backend`, draining for `drain` when stopped.
+fn draining(id: &str, frps: &Frps, backend: &Backend, drain: Duration) -> Frpc {
+    let mut cfg = frpx_tests::frpc_config(id, &frps.addrs, backend.addr);
+    cfg.shutdown_timeout = drain;
+    Frpc::start(cfg)
+}
+
+/// The rest of a `/hold` body, as text, and whether it ended cleanly.
+async fn rest_of(resp: hyper::Response<hyper::body::Incoming>) -> (String, bool) {
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(frpx_tests::WAIT, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    text.push_str(&String::from_utf8_lossy(d));
+                }
+            }
+            Ok(Some(Err(_))) => return (text, false),
+            Ok(None) => return (text, true),
+            Err(_) => panic!("the body neither went on nor ended"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_frpc_lets_requests_in_flight_finish_and_takes_no_new_ones() {
+    let mut tunnel = frps_config();
+    tunnel.tunnel_mux = true;
+    for config in [frps_config(), tunnel] {
+        let frps = Frps::start(config).await;
+        let backend = Backend::start("b").await;
+        let frpc = draining("gpu", &frps, &backend, Duration::from_secs(60));
+        frps.wait_for_clients(&["gpu"]).await;
+        if frps.state.config.tunnel_mux {
+            let registry = &frps.state.registry;
+            frpx_tests::eventually("the tunnel connection is up", || {
+                registry.get("gpu").is_some_and(|c| c.tunnel().is_some())
+            })
+            .await;
+        }
+        // A request pooled and idle, and one in flight.
+        assert_eq!(
+            http::get(frps.public(), "/", Some(API_KEY)).await.status,
+            200
+        );
+        let (_conn, resp) = http::start_hold(frps.public(), API_KEY).await;
+
+        frpc.signal();
+        frps.wait_for_clients(&[]).await;
+        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "no new request reaches a stopping frpc");
+        assert!(!frpc.is_finished(), "frpc waits for the request in flight");
+        backend.release_holds();
+        let (rest, clean) = rest_of(resp).await;
+        assert!(clean && rest.ends_with("done\n"), "{rest}");
+        frpc.exit().await.expect("a clean exit");
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_frpc_ends_what_is_left_at_its_shutdown_timeout() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let frpc = draining("gpu", &frps, &backend, Duration::from_millis(300));
+    frps.wait_for_clients(&["gpu"]).await;
+    let (_conn, resp) = http::start_hold(frps.public(), API_KEY).await;
+    let stopped = std::time::Instant::now();
+    frpc.signal();
+    frpc.exit().await.expect("a clean exit");
+    assert!(stopped.elapsed() >= Duration::from_millis(300));
+    let (rest, clean) = rest_of(resp).await;
+    assert!(!clean && !rest.contains("done"), "{rest}");
+    frpx_tests::eventually("the service sees the caller gone", || {
+        backend.cancelled() == 1
+    })
+    .await;
+}

@@ -1375,3 +1375,72 @@ async fn concurrent_adds_make_one_account_on_postgres() {
     concurrent_adds_make_one_account(&pg.url).await;
     pg.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_refused_token_leaves_the_disk_and_an_expired_one_is_never_sent() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+
+    // Refused, and no password to fall back on: frpc stops, and the next
+    // start does not send the dead token again.
+    let mut cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    cfg.email = None;
+    cfg.password = None;
+    let dead = frpc::login::SavedToken {
+        token: "frpxc_revoked_or_made_up".into(),
+        expires_at: None,
+        server: String::new(),
+        email: TEST_EMAIL.into(),
+    };
+    frpc::login::save(&cfg.token_file, &dead).unwrap();
+    let err = Frpc::start(cfg.clone()).exit().await.unwrap_err();
+    assert!(err.to_string().contains("no usable saved token"), "{err}");
+    assert!(!cfg.token_file.exists(), "the refused token was removed");
+
+    // A token frps would take, but past the expiry saved with it: frpc
+    // logs in with the password instead.
+    let cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    let expired = frpc::login::SavedToken {
+        token: frps.client_token().await,
+        expires_at: Some("2020-01-01T00:00:00+00:00".into()),
+        server: String::new(),
+        email: TEST_EMAIL.into(),
+    };
+    frpc::login::save(&cfg.token_file, &expired).unwrap();
+    let frpc = Frpc::start(cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let saved = frpc::login::load(&cfg.token_file).unwrap();
+    assert_ne!(saved.token, expired.token, "logged in with the password");
+    let row = frps
+        .state
+        .store
+        .find_client_token(&frps::auth::secret::hash_hex(&expired.token))
+        .await
+        .unwrap()
+        .expect("the token frps issued");
+    assert!(
+        row.last_used_at.is_none(),
+        "the expired token was never sent"
+    );
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_saved_does_not_stop_frpc() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("b").await;
+    let mut cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    // The token's directory would be a file: nothing can be saved there.
+    let blocker = std::env::temp_dir().join(format!("frpx-test-{}", uuid::Uuid::new_v4()));
+    std::fs::write(&blocker, "a file").unwrap();
+    cfg.token_file = blocker.join("token.json");
+    let frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["gpu"]).await;
+    assert_eq!(
+        http::get(frps.public(), "/", Some(API_KEY)).await.status,
+        200
+    );
+    assert!(!frpc.is_finished());
+    frpc.kill().await;
+    std::fs::remove_file(blocker).unwrap();
+}
