@@ -315,10 +315,13 @@ printf '%s\n' "$PASSWORD" |
   NO_COLOR=1 "$BIN/frps" "${FRPS_DB[@]}" user add --email "$EMAIL" --password-stdin >"$TMP/user.log" 2>&1 ||
   die "cannot create the bench account: $(cat "$TMP/user.log")"
 
+# The backends' paths (/, /big.bin, /sse, /whoami) are no model API, so
+# every path is forwarded (--forward-paths '*'; the default list's check is
+# a few string comparisons more per request).
 # shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
 start_bg frps env NO_COLOR=1 ${FRPX_BENCH_FRPS_WRAP:-} "$BIN/frps" "${FRPS_DB[@]}" --bind-addr 127.0.0.1 --api-bind 127.0.0.1 \
   --control-port 0 --proxy-port 0 --public-port 0 --api-port 0 \
-  --api-key "$KEY" --shutdown-timeout 2s
+  --api-key "$KEY" --shutdown-timeout 2s --forward-paths '*'
 FRPS_PID=$LAST_PID
 line=$(wait_log "$TMP/frps.log" 'frps listening:' 30 "$FRPS_PID") ||
   die "frps did not start: $(tail -n 20 "$TMP/frps.log")"

@@ -309,7 +309,15 @@ impl<'a> FileArgs<'a> {
             }
             return Ok(());
         }
-        check(arg, value).map_err(|e| self.invalid(line, key, value, &e))?;
+        // A list flag (`a,b`) takes the file's value as the command line
+        // would: each item is checked on its own.
+        let items: Vec<&str> = match arg.get_value_delimiter() {
+            Some(d) => value.split(d).collect(),
+            None => vec![value],
+        };
+        for item in items {
+            check(arg, item).map_err(|e| self.invalid(line, key, value, &e))?;
+        }
         if repeatable || !self.given(id) {
             self.args.push(format!("--{long}={value}").into());
         }

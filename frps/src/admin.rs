@@ -451,7 +451,7 @@ fn time(t: Option<NaiveDateTime>) -> String {
 }
 
 fn validate_email(email: &str) -> anyhow::Result<()> {
-    let ok = email.len() <= 254
+    let ok = email.len() <= crate::auth::accounts::MAX_EMAIL_BYTES
         && email.split_once('@').is_some_and(|(user, host)| {
             !user.is_empty() && !host.is_empty() && !email.contains(char::is_whitespace)
         });

@@ -229,6 +229,15 @@ pub struct Config {
     #[arg(long, env = "FRPX_TUNNEL_MUX", default_value_t = false, action = clap::ArgAction::Set)]
     pub tunnel_mux: bool,
 
+    /// Request paths the public port forwards to clients' services
+    /// (comma-separated): `/exact/path`, `/prefix/*`, or `*` for every
+    /// path. The default lets callers use the models (OpenAI's `/v1/*`,
+    /// Ollama's inference and read-only calls) but not manage the boxes
+    /// (Ollama's /api/delete, /api/pull, /api/create...): those get 403
+    /// `path_not_allowed`.
+    #[arg(long, env = "FRPX_FORWARD_PATHS", value_delimiter = ',', default_value = crate::paths::DEFAULT_FORWARD_PATHS, value_parser = crate::paths::PathRule::parse)]
+    pub forward_paths: Vec<crate::paths::PathRule>,
+
     /// Deadline for each call to a server plugin; a plugin that does not
     /// answer in time fails the operation (`docs/server-plugin.md`).
     #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod monitor;
+pub mod paths;
 pub mod pending;
 pub mod periodic;
 pub mod plugins;

@@ -269,6 +269,8 @@ impl FrpsProcess {
             .args(["--public-port", "0", "--api-port", "0"])
             .args(["--database-url", database_url, "--redis-url", redis_url])
             .args(["--log", "info"])
+            // As `frps_config`: the test backend's routes are no model API.
+            .args(["--forward-paths", "*"])
             .args(extra)
             .env("API_KEY", API_KEY);
         let proc = Proc::spawn("frps", cmd);

@@ -153,6 +153,7 @@ pub async fn config(AxState(state): ApiState) -> ApiResult<ConfigView> {
         pool_idle_timeout_ms: ms(c.pool_idle_timeout),
         pool_idle_after_burst: c.pool_idle_after_burst,
         tunnel_mux: c.tunnel_mux,
+        forward_paths: c.forward_paths.iter().map(ToString::to_string).collect(),
         token_ttl_secs: c.token_lifetime().map(|d| d.as_secs()),
     };
     Ok(ok(view, "server configuration (secrets omitted)"))

@@ -329,6 +329,8 @@ pub struct ConfigView {
     pub pool_idle_after_burst: usize,
     /// Whether clients are offered a multiplexed tunnel connection.
     pub tunnel_mux: bool,
+    /// Request paths the public port forwards (`--forward-paths`).
+    pub forward_paths: Vec<String>,
     /// Client token lifetime, seconds (null: no expiry).
     pub token_ttl_secs: Option<u64>,
 }

@@ -155,6 +155,11 @@ impl Accounts {
         from: IpAddr,
     ) -> Result<IssuedToken, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
+        // No account has a longer email (`frps user add` refuses one), and
+        // the throttle would keep it as a key: up to a frame's 64 KiB each.
+        if email.len() > MAX_EMAIL_BYTES {
+            return Err(LoginError::InvalidCredentials);
+        }
         let keys = throttle_keys(email, from);
         let attempt = self
             .throttle
@@ -188,15 +193,27 @@ impl Accounts {
         self.issue(store, &user).await
     }
 
+    /// A token for `user`, whose password (hash `user.password_hash`) was
+    /// just verified; none if the password changed meanwhile.
     async fn issue(&self, store: &Store, user: &UserRow) -> Result<IssuedToken, LoginError> {
         let s = secret::generate("frpxc");
         // A lifetime reaching past the last representable date never ends.
         let expires_at = self
             .token_ttl
             .and_then(|ttl| expiry_after(Utc::now().naive_utc(), ttl));
-        store
-            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, expires_at)
+        let stored = store
+            .insert_client_token_if_password(
+                &s.id,
+                &s.hash_hex,
+                &s.prefix,
+                user.id,
+                expires_at,
+                &user.password_hash,
+            )
             .await?;
+        if !stored {
+            return Err(LoginError::InvalidCredentials);
+        }
         Ok(IssuedToken {
             token: s.plaintext,
             expires_at,
@@ -262,6 +279,10 @@ impl Accounts {
         Ok(row.is_some_and(|r| r.is_usable(Utc::now().naive_utc())))
     }
 }
+
+/// Longest email an account can have (RFC 5321's path limit, less the
+/// angle brackets).
+pub const MAX_EMAIL_BYTES: usize = 254;
 
 /// What failed password logins are counted against: the email
 /// (case-insensitive) and the address ([`address_key`]).
@@ -576,6 +597,27 @@ mod tests {
             let issued = accounts.login("ttl@x.test", "password", ip).await.unwrap();
             assert_eq!(issued.expires_at, None, "{ttl:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_email_no_account_can_have_is_refused_before_the_throttle_keeps_it() {
+        let db = crate::store::TempDb::new("accounts");
+        let store = Store::connect(&db.url).await.unwrap();
+        let accounts = Accounts::new(Some(store), None);
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        let long = format!("{}@x.test", "a".repeat(60_000));
+        let err = accounts.login(&long, "password", ip).await.unwrap_err();
+        assert_eq!(err, LoginError::InvalidCredentials);
+        {
+            let state = accounts.throttle.state.lock().unwrap();
+            assert!(state.failures.is_empty() && state.turns.is_empty());
+        }
+        // At the limit the login is an ordinary failed one.
+        let longest = format!("{}@x.test", "a".repeat(MAX_EMAIL_BYTES - 7));
+        assert_eq!(longest.len(), MAX_EMAIL_BYTES);
+        let err = accounts.login(&longest, "password", ip).await.unwrap_err();
+        assert_eq!(err, LoginError::InvalidCredentials);
+        assert_eq!(accounts.throttle.state.lock().unwrap().failures.len(), 2);
     }
 
     #[tokio::test]

@@ -335,6 +335,26 @@ impl Payload {
     }
 }
 
+/// 403 for a path `--forward-paths` does not list, naming those it does.
+#[cold]
+fn path_not_allowed(rules: &[crate::paths::PathRule], path: &str) -> Response<PublicBody> {
+    let listed: Vec<String> = rules.iter().map(ToString::to_string).collect();
+    let shown: String = path.chars().take(200).collect();
+    error_response(
+        StatusCode::FORBIDDEN,
+        &format!(
+            "frps does not forward {shown}; it forwards {}",
+            if listed.is_empty() {
+                "no path".to_owned()
+            } else {
+                listed.join(", ")
+            }
+        ),
+        "invalid_request_error",
+        "path_not_allowed",
+    )
+}
+
 /// Routes an authenticated request to a client and streams the answer back.
 async fn forward(
     state: &Arc<State>,
@@ -352,6 +372,9 @@ async fn forward(
         );
     }
     let path = req.uri().path();
+    if !crate::paths::allowed(&state.config.forward_paths, path) {
+        return path_not_allowed(&state.config.forward_paths, path);
+    }
     if req.method() == Method::GET && (path == "/v1/models" || path == "/api/tags") {
         return models::list(state, path == "/api/tags");
     }

@@ -410,6 +410,40 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a client token issued on a login that verified the password
+    /// hash `verified`, unless the user's hash has changed since: a
+    /// password change (which revokes the user's tokens after it) cannot
+    /// miss a token from a login that was checking the old password
+    /// meanwhile. False when nothing was stored. PostgreSQL locks the user's
+    /// row for the insert, so a change in flight is waited for and seen;
+    /// SQLite runs one writer at a time.
+    pub async fn insert_client_token_if_password(
+        &self,
+        id: &str,
+        hash_hex: &str,
+        prefix: &str,
+        user_id: i64,
+        expires_at: Option<NaiveDateTime>,
+        verified: &str,
+    ) -> Result<bool, StoreError> {
+        macro_rules! insert {
+            () => {
+                "INSERT INTO client_tokens (id, token_hash, prefix, user_id, created_at, expires_at)
+                SELECT $1, $2, $3, u.id, $5, $6 FROM users u WHERE u.id = $4 AND u.password_hash = $7"
+            };
+        }
+        const PG: &str = concat!(insert!(), " FOR SHARE OF u");
+        const LITE: &str = insert!();
+        let sql = match self {
+            Store::Postgres(_) => PG,
+            Store::Sqlite(_) => LITE,
+        };
+        let done = on_pool!(self, p => sqlx::query(sql)
+            .bind(id).bind(hash_hex).bind(prefix).bind(user_id).bind(now()).bind(expires_at).bind(verified)
+            .execute(p).await?.rows_affected());
+        Ok(done == 1)
+    }
+
     /// The token with this hash, with its owner's email.
     pub async fn find_client_token(
         &self,

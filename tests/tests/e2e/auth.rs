@@ -128,3 +128,72 @@ async fn guessed_client_tokens_are_throttled_per_address_on_the_control_port() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn by_default_a_key_reaches_the_models_but_not_the_boxes_management() {
+    let mut config = frpx_tests::frps_config();
+    config.forward_paths = frps::Config::ephemeral(API_KEY, "sqlite::memory:").forward_paths;
+    config.admin_token = Some(crate::api::ADMIN.into());
+    let fleet = Fleet::start_with(1, config).await;
+    let public = fleet.frps.public();
+    let mut conn = Conn::open(public).await;
+    for path in [
+        "/v1/chat/completions",
+        "/api/chat",
+        "/api/show",
+        "/api/version",
+    ] {
+        let reply = conn.post(path, Some(API_KEY), "{}").await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    }
+    for (method, path) in [
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/pull"),
+        ("POST", "/api/create"),
+        ("POST", "/api/copy"),
+        ("POST", "/api/push"),
+        ("GET", "/"),
+        ("POST", "/v1/../api/delete"),
+        ("POST", "/v1/%2e%2e/api/pull"),
+    ] {
+        let req = http::request(
+            method,
+            public,
+            path,
+            Some(API_KEY),
+            r#"{"model":"m"}"#.into(),
+        );
+        let reply = http::read(conn.send(req).await.unwrap()).await;
+        assert_openai_error(&reply, 403, "path_not_allowed");
+        assert!(
+            reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/v1/*"),
+            "names what is forwarded"
+        );
+    }
+    // Unauthenticated, the answer is still 401: nothing about paths leaks.
+    let reply = http::get(public, "/api/delete", None).await;
+    assert_openai_error(&reply, 401, "missing_api_key");
+    let seen: Vec<String> = fleet.backends[0]
+        .seen()
+        .into_iter()
+        .map(|s| s.path)
+        .filter(|p| p != "/api/tags")
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "/v1/chat/completions",
+            "/api/chat",
+            "/api/show",
+            "/api/version"
+        ]
+    );
+    // The configuration view lists them.
+    let view = crate::api::api(&fleet, "GET", "/api/config").await.json();
+    let listed = view["data"]["forward_paths"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 9, "{listed:?}");
+    assert_eq!(listed[0], "/v1/*");
+}

@@ -791,7 +791,7 @@ async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
     std::fs::write(
         &frps_ini,
         format!(
-            "[common]\nbind_addr = 127.0.0.1\nbind_port = 0\nproxy_port = 0\npublic_port = 0\napi_bind = 127.0.0.1\napi_port = 0\napi_key = {API_KEY}\ndatabase_url = {}\nredis_url = none\nplugin_timeout = 2s\n\n[plugin.user-manager]\naddr = {}\npath = {PLUGIN_PATH}\nops = Login, NewProxy\n",
+            "[common]\nbind_addr = 127.0.0.1\nbind_port = 0\nproxy_port = 0\npublic_port = 0\napi_bind = 127.0.0.1\napi_port = 0\napi_key = {API_KEY}\ndatabase_url = {}\nredis_url = none\nplugin_timeout = 2s\nforward_paths = /v1/*, /api/chat\n\n[plugin.user-manager]\naddr = {}\npath = {PLUGIN_PATH}\nops = Login, NewProxy\n",
             frpx_tests::temp_sqlite_url(),
             plugin.addr
         ),
@@ -799,6 +799,14 @@ async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
     .unwrap();
     let cli = frps::config_file::load_from(with_config("frps", &frps_ini))
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cli.config.forward_paths,
+        [
+            frps::paths::PathRule::Prefix("/v1/".into()),
+            frps::paths::PathRule::Exact("/api/chat".into())
+        ],
+        "a list in the file"
+    );
     let frps = Frps::start(cli.config).await;
     let backend = Backend::start("ini-box").await;
 
@@ -820,7 +828,7 @@ async fn ini_files_drive_a_real_frps_and_frpc_with_a_plugin() {
         .unwrap_or_else(|e| panic!("{e}"));
     let frpc = Frpc::start(cfg);
     frps.wait_for_clients(&["ini-box"]).await;
-    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    let reply = http::get(frps.public(), "/v1/chat/completions", Some(API_KEY)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["backend"], "ini-box");
     let proxy = plugin.wait_for("NewProxy").await;

@@ -1444,3 +1444,49 @@ async fn a_token_that_cannot_be_saved_does_not_stop_frpc() {
     frpc.kill().await;
     std::fs::remove_file(blocker).unwrap();
 }
+
+/// A token from a login that verified a password the user no longer has is
+/// not stored, on `url`'s database.
+async fn tokens_follow_only_the_current_password(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let user = store
+        .create_user("pw@example.com", "hash-old")
+        .await
+        .unwrap();
+    let stored = store
+        .insert_client_token_if_password("t1", "hash-t1", "t1", user.id, None, "hash-old")
+        .await
+        .unwrap();
+    assert!(stored);
+    assert!(
+        store
+            .set_password("pw@example.com", "hash-new")
+            .await
+            .unwrap()
+    );
+    let stored = store
+        .insert_client_token_if_password("t2", "hash-t2", "t2", user.id, None, "hash-old")
+        .await
+        .unwrap();
+    assert!(
+        !stored,
+        "a login that checked the old password gets no token"
+    );
+    assert!(store.find_client_token("hash-t2").await.unwrap().is_none());
+    assert!(store.find_client_token("hash-t1").await.unwrap().is_some());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn tokens_follow_only_the_current_password_on_sqlite() {
+    tokens_follow_only_the_current_password(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn tokens_follow_only_the_current_password_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    tokens_follow_only_the_current_password(&pg.url).await;
+    pg.drop_db().await;
+}
