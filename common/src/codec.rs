@@ -194,6 +194,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_of_an_unknown_type_is_read_as_unknown_and_the_stream_goes_on() {
+        let (mut a, b) = duplex(1024);
+        let future = br#"{"type":"SomethingNewer","detail":{"x":1}}"#;
+        a.write_all(&(future.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(future).await.unwrap();
+        write_command(&mut a, &Command::Heartbeat { seq: 7 })
+            .await
+            .unwrap();
+        drop(a);
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        assert_eq!(reader.read_command().await.unwrap(), Some(Command::Unknown));
+        assert_eq!(
+            reader.read_command().await.unwrap(),
+            Some(Command::Heartbeat { seq: 7 })
+        );
+        // A known type with bad fields is still an error, not Unknown.
+        let (mut a, b) = duplex(1024);
+        let bad = br#"{"type":"Heartbeat","seq":"seven"}"#;
+        a.write_all(&(bad.len() as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(bad).await.unwrap();
+        assert!(FrameReader::new(b, MAX_FRAME).read_command().await.is_err());
+    }
+
+    #[tokio::test]
     async fn round_trip_over_duplex() {
         let (mut a, b) = duplex(1024);
         let cmds = vec![

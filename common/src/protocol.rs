@@ -178,6 +178,11 @@ pub enum Command {
         /// What went wrong, in English.
         message: String,
     },
+    /// A message of a type this build does not know (from a newer peer):
+    /// read and ignored, so an older frpc or frps keeps its session instead
+    /// of reconnecting over it. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 impl Command {
@@ -202,6 +207,7 @@ impl Command {
             Command::MuxAccepted => "MuxAccepted",
             Command::Disconnect { .. } => "Disconnect",
             Command::Error { .. } => "Error",
+            Command::Unknown => "an unknown command",
         }
     }
 }
@@ -391,9 +397,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_type_is_an_error() {
-        let err = serde_json::from_str::<Command>(r#"{"type":"Nope"}"#);
-        assert!(err.is_err());
+    fn an_unknown_type_is_unknown_and_a_missing_one_an_error() {
+        let cmd = serde_json::from_str::<Command>(r#"{"type":"Nope","x":[1]}"#);
+        assert_eq!(cmd.unwrap(), Command::Unknown);
+        assert!(serde_json::from_str::<Command>(r#"{"seq":1}"#).is_err());
+        assert!(serde_json::from_str::<Command>(r#"{"type":7}"#).is_err());
     }
 
     #[test]

@@ -112,9 +112,7 @@ impl Client {
         let result = loop {
             let mut registered = None;
             let ended = self.session(&mut registered).await;
-            if registered.is_some_and(|at: Instant| at.elapsed() >= STABLE_SESSION) {
-                backoff.reset();
-            }
+            settle(&mut backoff, registered);
             match ended {
                 Ok(SessionEnd::Shutdown) => break Ok(()),
                 Ok(SessionEnd::Disconnected(reason)) => {
@@ -547,11 +545,20 @@ impl Client {
                         Command::HeartbeatAck { .. } => {}
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
+                        Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),
                         other => warn!("ignoring unexpected {} from frps", other.name()),
                     }
                 }
             }
         }
+    }
+}
+
+/// After a session that frps accepted at `registered`: the backoff starts
+/// over if it lasted [`STABLE_SESSION`].
+fn settle(backoff: &mut Backoff, registered: Option<Instant>) {
+    if registered.is_some_and(|at| at.elapsed() >= STABLE_SESSION) {
+        backoff.reset();
     }
 }
 
@@ -742,6 +749,28 @@ mod tests {
             })
             .collect();
         (models, true)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_session_that_lasted_starts_the_backoff_over() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
+        let mut backoff = Backoff::new(min, max);
+        for _ in 0..3 {
+            backoff.next_delay();
+        }
+        // Accepted, then ended within seconds (a kick): the delays go on
+        // growing, as after a failed dial.
+        let accepted = Instant::now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        settle(&mut backoff, Some(accepted));
+        assert!(backoff.next_delay() >= Duration::from_millis(6400));
+        settle(&mut backoff, None);
+        assert!(backoff.next_delay() >= Duration::from_millis(12800));
+        // A session that lasted: from the first delay again.
+        let accepted = Instant::now();
+        tokio::time::advance(STABLE_SESSION).await;
+        settle(&mut backoff, Some(accepted));
+        assert!(backoff.next_delay() <= min.mul_f64(1.2));
     }
 
     #[test]

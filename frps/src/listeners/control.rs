@@ -347,7 +347,6 @@ async fn serve(
                 let _ = send(wr, &Command::Disconnect { reason }, hs).await;
                 return Ok(());
             }
-            Some(cmd) = rx.recv() => send(wr, &cmd, hs).await?,
             frame = reader.read_command() => {
                 let Some(cmd) = frame? else { return Ok(()) };
                 client.touch();
@@ -367,6 +366,10 @@ async fn serve(
                     send(wr, &reply, hs).await?;
                 }
             }
+            // After the reader: a steady stream of commands to send (dial-
+            // back requests under load) must not keep the client's
+            // heartbeats unread until the eviction timer fires.
+            Some(cmd) = rx.recv() => send(wr, &cmd, hs).await?,
         }
     }
 }
@@ -461,6 +464,10 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
         }
         Command::Error { message } => {
             warn!(client = %client.id, "client reported an error: {message}");
+            None
+        }
+        Command::Unknown => {
+            debug!(client = %client.id, "ignoring a command this frps does not know (a newer frpc)");
             None
         }
         other => Some(Command::Error {
