@@ -6,6 +6,21 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// The block of addresses one peer is counted as: an IPv4 address (also
+/// when it arrives IPv4-mapped over IPv6) is itself; an IPv6 address counts
+/// as its /64, which one host or home usually holds whole (else a single
+/// host could take a new address per connection).
+pub fn address_block(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut bits = v6.octets();
+            bits[8..].fill(0);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 /// Counts open connections of one listener.
 #[derive(Debug)]
 pub struct ConnLimiter {
@@ -50,8 +65,10 @@ impl ConnLimiter {
         })
     }
 
-    /// Takes a place for a connection from `ip`.
+    /// Takes a place for a connection from `ip` (counted with the rest of
+    /// its [`address_block`]).
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, Over> {
+        let ip = address_block(ip);
         let mut open = self.open.lock().expect("limiter lock");
         if open.0 >= self.total_max {
             return Err(Over::Total);
@@ -104,5 +121,23 @@ mod tests {
         drop(g1);
         assert_eq!(l.open(), 2);
         assert!(l.try_acquire(a).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_peer_and_a_mapped_ipv4_is_its_ipv4() {
+        let l = ConnLimiter::new(100, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _g1 = l.try_acquire(ip("2001:db8:1:2::1")).unwrap();
+        let _g2 = l.try_acquire(ip("2001:db8:1:2:ffff::9")).unwrap();
+        assert_eq!(
+            l.try_acquire(ip("2001:db8:1:2:abcd:1:2:3")).unwrap_err(),
+            Over::PerIp
+        );
+        assert!(l.try_acquire(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        let _g3 = l.try_acquire(ip("192.0.2.1")).unwrap();
+        let _g4 = l.try_acquire(ip("::ffff:192.0.2.1")).unwrap();
+        assert_eq!(l.try_acquire(ip("192.0.2.1")).unwrap_err(), Over::PerIp);
+        assert_eq!(address_block(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+        assert_eq!(address_block(ip("2001:db8::1:2:3:4")), ip("2001:db8::"));
     }
 }

@@ -293,14 +293,9 @@ fn throttle_keys(email: &str, from: IpAddr) -> [String; 2] {
 /// What failed logins from `from` are counted against: the address, IPv6
 /// by /64 (one host usually holds a whole /64).
 fn address_key(from: IpAddr) -> String {
-    match from {
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
-            let mut bits = v6.octets();
-            bits[8..].fill(0);
-            format!("ip:{}/64", std::net::Ipv6Addr::from(bits))
-        }
-        IpAddr::V6(v6) => format!("ip:{}", v6.to_canonical()),
-        IpAddr::V4(v4) => format!("ip:{v4}"),
+    match crate::limits::address_block(from) {
+        IpAddr::V6(block) => format!("ip:{block}/64"),
+        v4 => format!("ip:{v4}"),
     }
 }
 
