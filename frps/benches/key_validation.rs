@@ -52,7 +52,9 @@ async fn main() -> anyhow::Result<()> {
     match std::env::var("FRPX_TEST_REDIS_URL") {
         Ok(redis_url) => {
             let prefix = format!("frpx-bench-{}:", uuid::Uuid::new_v4().simple());
-            let redis = RedisCache::connect_now(&redis_url, &prefix).await?;
+            let redis =
+                RedisCache::connect_now(&redis_url, &prefix, frps::auth::redis::Seal::random())
+                    .await?;
             redis
                 .set(
                     &hash,

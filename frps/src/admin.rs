@@ -318,7 +318,7 @@ async fn dispatch(
                         "nothing to change: pass --rpm and/or --max-concurrency (a number or `unlimited`)"
                     );
                 }
-                let redis = admin_redis(config).await;
+                let redis = admin_redis(config, store).await;
                 let change = |current: Limits| Limits {
                     rpm: LimitArg::apply(rpm, current.rpm),
                     max_concurrency: LimitArg::apply(max_concurrency, current.max_concurrency),
@@ -342,7 +342,7 @@ async fn dispatch(
                 }
             }
             KeyCommand::Revoke { key } => {
-                let redis = admin_redis(config).await;
+                let redis = admin_redis(config, store).await;
                 let (rows, published) = KeyValidator::revoke(store, redis.as_ref(), &key).await?;
                 if rows.is_empty() {
                     bail!("no key matches `{key}`");
@@ -431,9 +431,10 @@ fn unpublished_note(act: &str, config: &Config) -> String {
 }
 
 /// Redis of `config` for invalidations, when configured and reachable.
-async fn admin_redis(config: &Config) -> Option<RedisCache> {
+async fn admin_redis(config: &Config, store: &Store) -> Option<RedisCache> {
     let url = config.redis()?;
-    RedisCache::connect_now(url, &config.redis_prefix)
+    let seal = crate::auth::redis::Seal::load(store).await.ok()?;
+    RedisCache::connect_now(url, &config.redis_prefix, seal)
         .await
         .ok()
 }

@@ -94,8 +94,11 @@ impl State {
                 let on_revoke = Arc::new(move |hash| {
                     let _ = revoked_tx.send(hash);
                 });
+                let seal = crate::auth::redis::Seal::load(&store)
+                    .await
+                    .context("cannot read the Redis entry secret from the database")?;
                 let redis =
-                    RedisCache::start(url, &config.redis_prefix, on_revoke, shutdown.clone())
+                    RedisCache::start(url, &config.redis_prefix, seal, on_revoke, shutdown.clone())
                         .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
                 Some(redis)
             }

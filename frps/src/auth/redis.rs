@@ -71,6 +71,93 @@ impl CachedKey {
     }
 }
 
+/// Authenticates the key entries frps writes to Redis with HMAC-SHA256
+/// under a secret the frps instances share through their database
+/// (`server_secrets`), never through Redis: an entry someone else wrote
+/// (a Redis shared with other software, a process listening on Redis's
+/// port where none runs) does not pass for a valid key, however it reads.
+#[derive(Clone)]
+pub struct Seal([u8; 32]);
+
+/// The name of the seal's secret in `server_secrets`.
+const SEAL_SECRET: &str = "redis-entry-mac";
+
+/// How sealed entries start: `v2.<hex MAC>.<JSON>`.
+const SEALED: &str = "v2.";
+
+type Mac = hmac::Hmac<sha2::Sha256>;
+
+impl Seal {
+    /// The seal every frps on `store`'s database uses (the first to ask
+    /// makes it).
+    pub async fn load(store: &crate::store::Store) -> Result<Seal, crate::store::StoreError> {
+        let mut fresh = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
+        let value = store.server_secret(SEAL_SECRET, &hex(&fresh)).await?;
+        Ok(Seal::from_hex(&value).unwrap_or_else(|| {
+            // Not ours (edited by hand): still a secret, used as it is.
+            Seal(
+                sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+                    value.as_bytes(),
+                ))
+                .into(),
+            )
+        }))
+    }
+
+    /// A seal of its own, shared with no other frps: entries it writes are
+    /// read back only through it (tests, benchmarks).
+    pub fn random() -> Seal {
+        let mut key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
+        Seal(key)
+    }
+
+    fn from_hex(s: &str) -> Option<Seal> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Seal(key))
+    }
+
+    fn mac(&self, hash: &[u8; 32], json: &str) -> Mac {
+        use hmac::Mac as _;
+        let mut mac = Mac::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(hash);
+        mac.update(json.as_bytes());
+        mac
+    }
+
+    /// The Redis value for key `hash`'s entry `json`.
+    fn seal(&self, hash: &[u8; 32], json: &str) -> String {
+        use hmac::Mac as _;
+        let tag = self.mac(hash, json).finalize().into_bytes();
+        format!("{SEALED}{}.{json}", hex(&tag))
+    }
+
+    /// The JSON of a value sealed for key `hash`; `None` when it is not
+    /// (another key's entry, an unsealed or forged one). Compared in
+    /// constant time.
+    fn open<'a>(&self, hash: &[u8; 32], value: &'a str) -> Option<&'a str> {
+        use hmac::Mac as _;
+        let rest = value.strip_prefix(SEALED)?;
+        let (tag_hex, json) = rest.split_once('.')?;
+        let tag = Seal::from_hex(tag_hex)?;
+        self.mac(hash, json).verify_slice(&tag.0).ok()?;
+        Some(json)
+    }
+}
+
+impl std::fmt::Debug for Seal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Seal(..)")
+    }
+}
+
 /// Called with the hash of each key revoked anywhere in the fleet; `None`
 /// means "anything may have changed" (after a reconnect).
 pub type OnRevoke = Arc<dyn Fn(Option<[u8; 32]>) + Send + Sync>;
@@ -80,6 +167,10 @@ pub struct RedisCache {
     conn: RwLock<Option<ConnectionManager>>,
     prefix: String,
     healthy: AtomicBool,
+    seal: Seal,
+    /// Whether an entry that failed its seal was reported (once per
+    /// process; later ones are logged at debug level).
+    forgery_reported: AtomicBool,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -97,6 +188,7 @@ impl RedisCache {
     pub fn start(
         url: &str,
         prefix: &str,
+        seal: Seal,
         on_revoke: OnRevoke,
         shutdown: CancellationToken,
     ) -> Result<Arc<RedisCache>, redis::RedisError> {
@@ -105,6 +197,8 @@ impl RedisCache {
             conn: RwLock::new(None),
             prefix: prefix.to_owned(),
             healthy: AtomicBool::new(true),
+            seal,
+            forgery_reported: AtomicBool::new(false),
         });
         tokio::spawn(cache.clone().connect_loop(client.clone(), shutdown.clone()));
         tokio::spawn(cache.clone().subscribe_loop(client, on_revoke, shutdown));
@@ -112,13 +206,19 @@ impl RedisCache {
     }
 
     /// Connects once and waits for it (for the admin commands).
-    pub async fn connect_now(url: &str, prefix: &str) -> Result<RedisCache, redis::RedisError> {
+    pub async fn connect_now(
+        url: &str,
+        prefix: &str,
+        seal: Seal,
+    ) -> Result<RedisCache, redis::RedisError> {
         let conn =
             ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config()).await?;
         Ok(RedisCache {
             conn: RwLock::new(Some(conn)),
             prefix: prefix.to_owned(),
             healthy: AtomicBool::new(true),
+            seal,
+            forgery_reported: AtomicBool::new(false),
         })
     }
 
@@ -236,8 +336,23 @@ impl RedisCache {
     pub async fn get(&self, hash: &[u8; 32]) -> Option<CachedKey> {
         let mut conn = self.conn()?;
         let key = self.entry_key(hash);
-        let raw: Option<String> = self.run(conn.get(key)).await.flatten()?;
-        serde_json::from_str(&raw?).ok()
+        let raw: String = self
+            .run(conn.get::<_, Option<String>>(key))
+            .await
+            .flatten()?;
+        let Some(json) = self.seal.open(hash, &raw) else {
+            // An entry from before sealing, or one no frps on this database
+            // wrote: a miss, looked up in the database (and sealed then).
+            if raw.starts_with(SEALED) && !self.forgery_reported.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "a key entry in Redis does not carry this fleet's seal: ignored. Is this Redis shared with other software, or not the one configured?"
+                );
+            } else {
+                tracing::debug!("ignoring an unsealed key entry in Redis");
+            }
+            return None;
+        };
+        serde_json::from_str(json).ok()
     }
 
     /// Caches a valid key for [`REDIS_TTL`] (less if it expires sooner),
@@ -247,7 +362,9 @@ impl RedisCache {
             Some(exp) => (exp - now).clamp(1, REDIS_TTL.as_secs() as i64) as u64,
             None => REDIS_TTL.as_secs(),
         };
-        let value = serde_json::to_string(&entry).expect("serializable");
+        let value = self
+            .seal
+            .seal(hash, &serde_json::to_string(&entry).expect("serializable"));
         let mut call = SET.prepare_invoke();
         call.key(self.entry_key(hash))
             .key(self.tombstone_key(hash))
@@ -357,5 +474,28 @@ mod tests {
         assert_eq!(serde_json::from_str::<CachedKey>(&json).unwrap(), entry);
         // Written by an frps without limits: not trusted, looked up again.
         assert!(serde_json::from_str::<CachedKey>(r#"{"expires_at":null}"#).is_err());
+    }
+
+    #[test]
+    fn only_entries_sealed_for_their_key_by_this_fleet_open() {
+        let seal = Seal([7; 32]);
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let json = r#"{"expires_at":null,"limits":{"rpm":null,"max_concurrency":null}}"#;
+        let sealed = seal.seal(&a, json);
+        assert!(sealed.starts_with("v2."));
+        assert_eq!(seal.open(&a, &sealed), Some(json));
+        // Copied to another key's slot, written by another fleet, edited,
+        // unsealed or garbled: not an entry.
+        assert_eq!(seal.open(&b, &sealed), None);
+        assert_eq!(Seal([8; 32]).open(&a, &sealed), None);
+        let edited = sealed.replace("null}}", "1}}");
+        assert_eq!(seal.open(&a, &edited), None);
+        assert_eq!(seal.open(&a, json), None);
+        assert_eq!(seal.open(&a, "v2.zz.{}"), None);
+        assert_eq!(seal.open(&a, "v2."), None);
+        let secret = hex(&[0xab; 32]);
+        assert_eq!(Seal::from_hex(&secret).unwrap().0, [0xab; 32]);
+        assert!(Seal::from_hex("abc").is_none());
+        assert!(Seal::from_hex(&"é".repeat(32)).is_none());
     }
 }

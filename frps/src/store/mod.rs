@@ -390,6 +390,17 @@ impl Store {
         Ok(done > 0)
     }
 
+    /// The shared secret `name`, made from `fresh` by the first frps that
+    /// asks (every frps on this database then reads the same one).
+    pub async fn server_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
+        const INSERT: &str = "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+        const SELECT: &str = "SELECT value FROM server_secrets WHERE name = $1";
+        on_pool!(self, p => sqlx::query(INSERT).bind(name).bind(fresh).execute(p).await?.rows_affected());
+        let (value,): (String,) =
+            on_pool!(self, p => sqlx::query_as(SELECT).bind(name).fetch_one(p).await?);
+        Ok(value)
+    }
+
     // ---- client tokens --------------------------------------------------
 
     /// Stores a client token by its hash.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use frps::auth::KeyValidator;
-use frps::auth::redis::RedisCache;
+use frps::auth::redis::{RedisCache, Seal};
 use frps::store::Store;
 use frpx_tests::http::{self, Conn};
 use frpx_tests::process::{FrpcSpec, FrpsProcess, RedisProcess, provision_token};
@@ -317,7 +317,7 @@ async fn storage_rig(
     let store = Store::connect_without_migrations(direct_database_url)
         .await
         .expect("database");
-    let cache = RedisCache::connect_now(&redis.url(), &prefix)
+    let cache = RedisCache::connect_now(&redis.url(), &prefix, Seal::random())
         .await
         .expect("redis");
     // frps holds a command connection and a subscription: wait for both, so
@@ -498,7 +498,7 @@ async fn redis_killed_and_restarted_under_load() {
     .await;
     // ... and a revocation reaches it well before its in-process cache
     // would have expired the key.
-    let cache = RedisCache::connect_now(&redis.url(), &rig.prefix)
+    let cache = RedisCache::connect_now(&redis.url(), &rig.prefix, Seal::random())
         .await
         .expect("redis");
     let victim = rig.fresh_key().await;

@@ -372,9 +372,13 @@ async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
     let Some(url) = services::redis_url() else {
         return;
     };
-    let redis = frps::auth::redis::RedisCache::connect_now(&url, &services::redis_prefix())
-        .await
-        .unwrap();
+    let redis = frps::auth::redis::RedisCache::connect_now(
+        &url,
+        &services::redis_prefix(),
+        frps::auth::redis::Seal::random(),
+    )
+    .await
+    .unwrap();
     let entry = frps::auth::redis::CachedKey {
         expires_at: None,
         limits: Limits::default(),
@@ -1489,4 +1493,81 @@ async fn tokens_follow_only_the_current_password_on_postgres() {
     };
     tokens_follow_only_the_current_password(&pg.url).await;
     pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_key_entry_no_frps_of_this_fleet_wrote_to_redis_opens_nothing() {
+    let Some(url) = services::redis_url() else {
+        return;
+    };
+    let prefix = services::redis_prefix();
+    let mut cfg = frps_config();
+    cfg.redis_url = url.clone();
+    cfg.redis_prefix = prefix.clone();
+    let fleet = Fleet::start_with(1, cfg).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entry = r#"{"expires_at":null,"limits":{"rpm":null,"max_concurrency":null}}"#;
+    // A real key's sealed entry, for a forger to copy.
+    let (real, _) = KeyValidator::create(&fleet.frps.state.store, None, None)
+        .await
+        .unwrap();
+    assert_eq!(status(&fleet.frps, &real).await, 200);
+    let slot = |key: &str| {
+        let hash = frps::auth::secret::hash(key);
+        format!("{prefix}key:{{{}}}", frps::auth::secret::hex(&hash))
+    };
+    let get = |slot: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("GET")
+                .arg(slot)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    frpx_tests::eventually_async("the real key's entry is in Redis", || async {
+        get(slot(&real)).await.is_some()
+    })
+    .await;
+    let copied = get(slot(&real)).await.unwrap();
+    assert!(copied.starts_with("v2."), "{copied}");
+    let other_fleet = {
+        // Sealed right, under a secret this fleet's database does not hold.
+        let cache = frps::auth::redis::RedisCache::connect_now(
+            &url,
+            &prefix,
+            frps::auth::redis::Seal::random(),
+        )
+        .await
+        .unwrap();
+        let key = "frpx_sealed_by_another_fleet";
+        let value = frps::auth::redis::CachedKey {
+            expires_at: None,
+            limits: Limits::default(),
+        };
+        cache.set(&frps::auth::secret::hash(key), value, 0).await;
+        key
+    };
+    for (key, value) in [
+        ("frpx_plain_json_entry", Some(entry.to_owned())),
+        ("frpx_copied_entry", Some(copied.clone())),
+        (
+            "frpx_bad_mac",
+            Some(format!("v2.{}.{entry}", "0".repeat(64))),
+        ),
+        (other_fleet, None),
+    ] {
+        if let Some(value) = value {
+            let _: () = redis::cmd("SET")
+                .arg(slot(key))
+                .arg(value)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        assert_eq!(status(&fleet.frps, key).await, 401, "{key}");
+    }
+    assert_eq!(status(&fleet.frps, &real).await, 200);
 }
