@@ -335,6 +335,18 @@ impl RateLimiter {
             .arg(LEASE_TTL.as_millis() as u64);
         let Some((verdict, ms)) = redis.invoke::<(i64, i64)>(&call).await else {
             self.redis_failed();
+            if grant.limits.max_concurrency.is_some() {
+                // The script may have run with its answer lost (a timeout):
+                // its lease would hold a slot until it expired, beside the
+                // one counted in-process now. Take it back (a no-op if the
+                // script never ran; when Redis is down it expires).
+                let redis = self.redis.clone();
+                self.tasks.spawn(async move {
+                    if let Some(redis) = redis {
+                        redis.zrem(&leases, &member).await;
+                    }
+                });
+            }
             return None;
         };
         self.redis_ok();
