@@ -301,10 +301,12 @@ impl Client {
                             info!(
                                 "frps refused the saved token ({reason}); logging in with email and password"
                             );
+                            // Not sent again by this process; the file
+                            // stays (a password login replaces it): frps
+                            // may refuse it only for now (a database being
+                            // restored), and a box without a password
+                            // would have nothing left to log in with.
                             self.token_refused.store(true, Ordering::Relaxed);
-                            // A dead token left on disk would be sent again
-                            // at every start, each a failed login.
-                            login::forget(path);
                             Err(SessionError::Relogin)
                         }
                         Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
@@ -690,6 +692,11 @@ async fn report(
     let mut unlisted_before = false;
     loop {
         tick.tick().await;
+        // The session is over (its loop dropped the receiver): so is this,
+        // whether or not a send would have noticed this tick.
+        if out.is_closed() {
+            return;
+        }
         if let Some(info) = read_metrics(&collector, config.metrics_interval).await
             && out.send(Command::SystemInfo(info)).await.is_err()
         {

@@ -33,16 +33,6 @@ impl SavedToken {
     }
 }
 
-/// Removes the token file after frps refused its token; a file already
-/// gone is fine, any other failure is logged.
-pub fn forget(path: &Path) {
-    match std::fs::remove_file(path) {
-        Ok(()) => tracing::info!("removed the refused token from {}", path.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!("cannot remove the refused token {}: {e}", path.display()),
-    }
-}
-
 /// Reads the token file; `None` when absent or unreadable.
 pub fn load(path: &Path) -> Option<SavedToken> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -152,9 +142,6 @@ mod tests {
         }
         std::fs::write(&path, "garbage").unwrap();
         assert!(load(&path).is_none());
-        forget(&path);
-        assert!(!path.exists());
-        forget(&path);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -35,12 +35,16 @@ impl PathRule {
                 "`{s}` is not a path rule: give `*`, a path such as /api/chat, or a prefix such as /v1/*"
             ));
         }
-        if s[..s.len() - 1].contains('*') {
+        let (body, prefix) = match s.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (s, false),
+        };
+        if body.contains('*') {
             return Err(format!("`{s}`: `*` may only end a path rule"));
         }
-        Ok(match s.strip_suffix('*') {
-            Some(prefix) => PathRule::Prefix(prefix.to_owned()),
-            None => PathRule::Exact(s.to_owned()),
+        Ok(match prefix {
+            true => PathRule::Prefix(body.to_owned()),
+            false => PathRule::Exact(body.to_owned()),
         })
     }
 
@@ -169,6 +173,8 @@ mod tests {
                 .contains("only end")
         );
         assert!(PathRule::parse("").is_err());
+        assert_eq!(PathRule::parse("/é"), Ok(PathRule::Exact("/é".into())));
+        assert_eq!(PathRule::parse("/é*"), Ok(PathRule::Prefix("/é".into())));
         for rule in defaults() {
             assert_eq!(PathRule::parse(&rule.to_string()), Ok(rule));
         }

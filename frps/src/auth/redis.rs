@@ -82,8 +82,12 @@ pub struct Seal([u8; 32]);
 /// The name of the seal's secret in `server_secrets`.
 const SEAL_SECRET: &str = "redis-entry-mac";
 
-/// How sealed entries start: `v2.<hex MAC>.<JSON>`.
+/// How sealed entries start: `v2.<hex MAC>.<written at, Unix s>.<JSON>`.
 const SEALED: &str = "v2.";
+
+/// How far frps clocks in one fleet may disagree, for the age of a sealed
+/// entry.
+const CLOCK_SKEW: i64 = 60;
 
 type Mac = hmac::Hmac<sha2::Sha256>;
 
@@ -124,31 +128,42 @@ impl Seal {
         Some(Seal(key))
     }
 
-    fn mac(&self, hash: &[u8; 32], json: &str) -> Mac {
+    fn mac(&self, hash: &[u8; 32], at: &str, json: &str) -> Mac {
         use hmac::Mac as _;
         let mut mac = Mac::new_from_slice(&self.0).expect("HMAC takes any key length");
         mac.update(hash);
+        mac.update(at.as_bytes());
+        mac.update(b".");
         mac.update(json.as_bytes());
         mac
     }
 
-    /// The Redis value for key `hash`'s entry `json`.
-    fn seal(&self, hash: &[u8; 32], json: &str) -> String {
+    /// The Redis value for key `hash`'s entry `json`, written at `now`
+    /// (Unix seconds).
+    fn seal(&self, hash: &[u8; 32], json: &str, now: i64) -> String {
         use hmac::Mac as _;
-        let tag = self.mac(hash, json).finalize().into_bytes();
-        format!("{SEALED}{}.{json}", hex(&tag))
+        let at = now.to_string();
+        let tag = self.mac(hash, &at, json).finalize().into_bytes();
+        format!("{SEALED}{}.{at}.{json}", hex(&tag))
     }
 
-    /// The JSON of a value sealed for key `hash`; `None` when it is not
-    /// (another key's entry, an unsealed or forged one). Compared in
-    /// constant time.
-    fn open<'a>(&self, hash: &[u8; 32], value: &'a str) -> Option<&'a str> {
+    /// The JSON of a value sealed for key `hash` no longer than
+    /// [`REDIS_TTL`] before `now`; `None` when it is not (another key's
+    /// entry, an unsealed, forged or replayed one: an entry saved while its
+    /// key was valid and written back after a revocation is refused once it
+    /// is older than an entry could live). Compared in constant time.
+    fn open<'a>(&self, hash: &[u8; 32], value: &'a str, now: i64) -> Option<&'a str> {
         use hmac::Mac as _;
         let rest = value.strip_prefix(SEALED)?;
-        let (tag_hex, json) = rest.split_once('.')?;
+        let (tag_hex, rest) = rest.split_once('.')?;
+        let (at, json) = rest.split_once('.')?;
         let tag = Seal::from_hex(tag_hex)?;
-        self.mac(hash, json).verify_slice(&tag.0).ok()?;
-        Some(json)
+        self.mac(hash, at, json).verify_slice(&tag.0).ok()?;
+        let written: i64 = at.parse().ok()?;
+        let oldest = now - REDIS_TTL.as_secs() as i64 - CLOCK_SKEW;
+        (oldest..=now + CLOCK_SKEW)
+            .contains(&written)
+            .then_some(json)
     }
 }
 
@@ -340,15 +355,16 @@ impl RedisCache {
             .run(conn.get::<_, Option<String>>(key))
             .await
             .flatten()?;
-        let Some(json) = self.seal.open(hash, &raw) else {
+        let now = chrono::Utc::now().timestamp();
+        let Some(json) = self.seal.open(hash, &raw, now) else {
             // An entry from before sealing, or one no frps on this database
             // wrote: a miss, looked up in the database (and sealed then).
-            if raw.starts_with(SEALED) && !self.forgery_reported.swap(true, Ordering::Relaxed) {
+            if !self.forgery_reported.swap(true, Ordering::Relaxed) {
                 warn!(
-                    "a key entry in Redis does not carry this fleet's seal: ignored. Is this Redis shared with other software, or not the one configured?"
+                    "a key entry in Redis does not carry this fleet's seal (or is older than any entry could be): ignored and looked up in the database. Expected only while frps from before 2026-12 share this Redis; otherwise, is this Redis shared with other software, or not the one configured?"
                 );
             } else {
-                tracing::debug!("ignoring an unsealed key entry in Redis");
+                tracing::debug!("ignoring a key entry in Redis without this fleet's seal");
             }
             return None;
         };
@@ -362,9 +378,11 @@ impl RedisCache {
             Some(exp) => (exp - now).clamp(1, REDIS_TTL.as_secs() as i64) as u64,
             None => REDIS_TTL.as_secs(),
         };
-        let value = self
-            .seal
-            .seal(hash, &serde_json::to_string(&entry).expect("serializable"));
+        let value = self.seal.seal(
+            hash,
+            &serde_json::to_string(&entry).expect("serializable"),
+            now,
+        );
         let mut call = SET.prepare_invoke();
         call.key(self.entry_key(hash))
             .key(self.tombstone_key(hash))
@@ -481,18 +499,28 @@ mod tests {
         let seal = Seal([7; 32]);
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let json = r#"{"expires_at":null,"limits":{"rpm":null,"max_concurrency":null}}"#;
-        let sealed = seal.seal(&a, json);
+        let now = 1_800_000_000;
+        let sealed = seal.seal(&a, json, now);
         assert!(sealed.starts_with("v2."));
-        assert_eq!(seal.open(&a, &sealed), Some(json));
+        assert_eq!(seal.open(&a, &sealed, now), Some(json));
         // Copied to another key's slot, written by another fleet, edited,
         // unsealed or garbled: not an entry.
-        assert_eq!(seal.open(&b, &sealed), None);
-        assert_eq!(Seal([8; 32]).open(&a, &sealed), None);
+        assert_eq!(seal.open(&b, &sealed, now), None);
+        assert_eq!(Seal([8; 32]).open(&a, &sealed, now), None);
         let edited = sealed.replace("null}}", "1}}");
-        assert_eq!(seal.open(&a, &edited), None);
-        assert_eq!(seal.open(&a, json), None);
-        assert_eq!(seal.open(&a, "v2.zz.{}"), None);
-        assert_eq!(seal.open(&a, "v2."), None);
+        assert_eq!(seal.open(&a, &edited, now), None);
+        let redated = sealed.replace(".1800000000.", ".1800000100.");
+        assert_eq!(seal.open(&a, &redated, now + 100), None);
+        assert_eq!(seal.open(&a, json, now), None);
+        assert_eq!(seal.open(&a, "v2.zz.1.{}", now), None);
+        assert_eq!(seal.open(&a, "v2.", now), None);
+        // Replayed after it could have lived in Redis (a saved copy written
+        // back after a revocation), or dated ahead of every clock: refused.
+        let ttl = REDIS_TTL.as_secs() as i64;
+        assert_eq!(seal.open(&a, &sealed, now + ttl + CLOCK_SKEW), Some(json));
+        assert_eq!(seal.open(&a, &sealed, now + ttl + CLOCK_SKEW + 1), None);
+        assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW), Some(json));
+        assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW - 1), None);
         let secret = hex(&[0xab; 32]);
         assert_eq!(Seal::from_hex(&secret).unwrap().0, [0xab; 32]);
         assert!(Seal::from_hex("abc").is_none());

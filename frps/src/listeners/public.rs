@@ -372,11 +372,13 @@ async fn forward(
         );
     }
     let path = req.uri().path();
-    if !crate::paths::allowed(&state.config.forward_paths, path) {
-        return path_not_allowed(&state.config.forward_paths, path);
-    }
+    // frps answers these itself (the fleet's models), whatever reaches the
+    // boxes.
     if req.method() == Method::GET && (path == "/v1/models" || path == "/api/tags") {
         return models::list(state, path == "/api/tags");
+    }
+    if !crate::paths::allowed(&state.config.forward_paths, path) {
+        return path_not_allowed(&state.config.forward_paths, path);
     }
     let routed = req.method() == Method::POST && MODEL_PATHS.contains(&path);
     let (mut parts, body) = req.into_parts();

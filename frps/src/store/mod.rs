@@ -190,10 +190,22 @@ impl Store {
         Ok(store)
     }
 
+    /// Applies the migrations this build has. One a newer frps applied
+    /// that this build does not know is left alone (frps's migrations only
+    /// add tables and columns): an older frps still starts on the database,
+    /// so a fleet can be upgraded one server at a time or rolled back.
     async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Store::Postgres(p) => sqlx::migrate!("../migrations/postgres").run(p).await?,
-            Store::Sqlite(p) => sqlx::migrate!("../migrations/sqlite").run(p).await?,
+            Store::Postgres(p) => {
+                let mut m = sqlx::migrate!("../migrations/postgres");
+                m.set_ignore_missing(true);
+                m.run(p).await?
+            }
+            Store::Sqlite(p) => {
+                let mut m = sqlx::migrate!("../migrations/sqlite");
+                m.set_ignore_missing(true);
+                m.run(p).await?
+            }
         }
         Ok(())
     }

@@ -1381,12 +1381,13 @@ async fn concurrent_adds_make_one_account_on_postgres() {
 }
 
 #[tokio::test]
-async fn a_refused_token_leaves_the_disk_and_an_expired_one_is_never_sent() {
+async fn a_refused_token_stays_on_disk_and_an_expired_one_is_never_sent() {
     let frps = Frps::start_default().await;
     let backend = Backend::start("b").await;
 
-    // Refused, and no password to fall back on: frpc stops, and the next
-    // start does not send the dead token again.
+    // Refused, and no password to fall back on: frpc stops with the reason
+    // and keeps the file (frps may refuse it only for now: a database being
+    // restored).
     let mut cfg = frpc_config("gpu", &frps.addrs, backend.addr);
     cfg.email = None;
     cfg.password = None;
@@ -1399,7 +1400,7 @@ async fn a_refused_token_leaves_the_disk_and_an_expired_one_is_never_sent() {
     frpc::login::save(&cfg.token_file, &dead).unwrap();
     let err = Frpc::start(cfg.clone()).exit().await.unwrap_err();
     assert!(err.to_string().contains("no usable saved token"), "{err}");
-    assert!(!cfg.token_file.exists(), "the refused token was removed");
+    assert_eq!(frpc::login::load(&cfg.token_file), Some(dead), "kept");
 
     // A token frps would take, but past the expiry saved with it: frpc
     // logs in with the password instead.
@@ -1547,7 +1548,13 @@ async fn a_key_entry_no_frps_of_this_fleet_wrote_to_redis_opens_nothing() {
             expires_at: None,
             limits: Limits::default(),
         };
-        cache.set(&frps::auth::secret::hash(key), value, 0).await;
+        cache
+            .set(
+                &frps::auth::secret::hash(key),
+                value,
+                chrono::Utc::now().timestamp(),
+            )
+            .await;
         key
     };
     for (key, value) in [
@@ -1570,4 +1577,36 @@ async fn a_key_entry_no_frps_of_this_fleet_wrote_to_redis_opens_nothing() {
         assert_eq!(status(&fleet.frps, key).await, 401, "{key}");
     }
     assert_eq!(status(&fleet.frps, &real).await, 200);
+}
+
+/// A database a newer frps migrated further (a migration this build does
+/// not have) still opens, on `url`.
+async fn a_newer_frps_migration_does_not_stop_this_one(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let checksum = match store.backend() {
+        "postgres" => r"'\x00'::bytea",
+        _ => "X'00'",
+    };
+    let sql = format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99990001, 'from a newer frps', TRUE, {checksum}, 0)"
+    );
+    exec(&store, &sql).await;
+    store.close().await;
+    let again = Store::connect(url).await.expect("opens all the same");
+    again.close().await;
+}
+
+#[tokio::test]
+async fn a_newer_frps_migration_does_not_stop_this_one_on_sqlite() {
+    a_newer_frps_migration_does_not_stop_this_one(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn a_newer_frps_migration_does_not_stop_this_one_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    a_newer_frps_migration_does_not_stop_this_one(&pg.url).await;
+    pg.drop_db().await;
 }
