@@ -193,14 +193,18 @@ mod tests {
             .unwrap()
     }
 
+    /// `body` as one frame, length first.
+    fn raw_frame(body: &[u8]) -> Vec<u8> {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        frame
+    }
+
     #[tokio::test]
     async fn a_command_of_an_unknown_type_is_read_as_unknown_and_the_stream_goes_on() {
         let (mut a, b) = duplex(1024);
         let future = br#"{"type":"SomethingNewer","detail":{"x":1}}"#;
-        a.write_all(&(future.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        a.write_all(future).await.unwrap();
+        a.write_all(&raw_frame(future)).await.unwrap();
         write_command(&mut a, &Command::Heartbeat { seq: 7 })
             .await
             .unwrap();
@@ -214,10 +218,7 @@ mod tests {
         // A known type with bad fields is still an error, not Unknown.
         let (mut a, b) = duplex(1024);
         let bad = br#"{"type":"Heartbeat","seq":"seven"}"#;
-        a.write_all(&(bad.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        a.write_all(bad).await.unwrap();
+        a.write_all(&raw_frame(bad)).await.unwrap();
         assert!(FrameReader::new(b, MAX_FRAME).read_command().await.is_err());
     }
 
@@ -304,10 +305,7 @@ mod tests {
     async fn deeply_nested_json_is_malformed_not_a_crash() {
         let body = "[".repeat(10_000);
         let (mut a, b) = duplex(64 * 1024);
-        a.write_all(&(body.len() as u32).to_be_bytes())
-            .await
-            .unwrap();
-        a.write_all(body.as_bytes()).await.unwrap();
+        a.write_all(&raw_frame(body.as_bytes())).await.unwrap();
         let mut reader = FrameReader::new(b, MAX_FRAME);
         assert!(matches!(
             reader.read_command().await,

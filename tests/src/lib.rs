@@ -162,7 +162,7 @@ impl Frps {
         let s = frps::auth::secret::generate("frpxc");
         self.state
             .store
-            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user_id, None)
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user_id, None, None)
             .await
             .expect("token");
         s.plaintext

@@ -296,7 +296,7 @@ pub async fn provision_token(store: &frps::store::Store, token_file: &Path) {
     };
     let s = frps::auth::secret::generate("frpxc");
     store
-        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, None)
+        .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, None, None)
         .await
         .expect("client token");
     let saved = frpc::login::SavedToken {

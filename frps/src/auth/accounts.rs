@@ -202,13 +202,13 @@ impl Accounts {
             .token_ttl
             .and_then(|ttl| expiry_after(Utc::now().naive_utc(), ttl));
         let stored = store
-            .insert_client_token_if_password(
+            .insert_client_token(
                 &s.id,
                 &s.hash_hex,
                 &s.prefix,
                 user.id,
                 expires_at,
-                &user.password_hash,
+                Some(&user.password_hash),
             )
             .await?;
         if !stored {

@@ -415,7 +415,14 @@ impl Store {
 
     // ---- client tokens --------------------------------------------------
 
-    /// Stores a client token by its hash.
+    /// Stores a client token by its hash for `user_id`. With `verified`
+    /// (the password hash a login just checked), only if the user's hash
+    /// is still that one: a password change (which revokes the user's
+    /// tokens after it) cannot miss a token from a login that was checking
+    /// the old password meanwhile. False when nothing was stored (no such
+    /// user, or the password changed). PostgreSQL locks the user's row for
+    /// the insert, so a change in flight is waited for and seen; SQLite runs
+    /// one writer at a time.
     pub async fn insert_client_token(
         &self,
         id: &str,
@@ -423,36 +430,13 @@ impl Store {
         prefix: &str,
         user_id: i64,
         expires_at: Option<NaiveDateTime>,
-    ) -> Result<(), StoreError> {
-        const SQL: &str =
-            "INSERT INTO client_tokens (id, token_hash, prefix, user_id, created_at, expires_at)
-            VALUES ($1, $2, $3, $4, $5, $6)";
-        on_pool!(self, p => sqlx::query(SQL)
-            .bind(id).bind(hash_hex).bind(prefix).bind(user_id).bind(now()).bind(expires_at)
-            .execute(p).await?.rows_affected());
-        Ok(())
-    }
-
-    /// Stores a client token issued on a login that verified the password
-    /// hash `verified`, unless the user's hash has changed since: a
-    /// password change (which revokes the user's tokens after it) cannot
-    /// miss a token from a login that was checking the old password
-    /// meanwhile. False when nothing was stored. PostgreSQL locks the user's
-    /// row for the insert, so a change in flight is waited for and seen;
-    /// SQLite runs one writer at a time.
-    pub async fn insert_client_token_if_password(
-        &self,
-        id: &str,
-        hash_hex: &str,
-        prefix: &str,
-        user_id: i64,
-        expires_at: Option<NaiveDateTime>,
-        verified: &str,
+        verified: Option<&str>,
     ) -> Result<bool, StoreError> {
         macro_rules! insert {
             () => {
                 "INSERT INTO client_tokens (id, token_hash, prefix, user_id, created_at, expires_at)
-                SELECT $1, $2, $3, u.id, $5, $6 FROM users u WHERE u.id = $4 AND u.password_hash = $7"
+                SELECT $1, $2, $3, u.id, $5, $6 FROM users u
+                WHERE u.id = $4 AND ($7 IS NULL OR u.password_hash = $7)"
             };
         }
         const PG: &str = concat!(insert!(), " FOR SHARE OF u");

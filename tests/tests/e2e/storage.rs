@@ -758,7 +758,7 @@ async fn tokens_dead_for_30_days_are_deleted_at_start() {
         ("revoked-lately", None),
     ] {
         store
-            .insert_client_token(id, &format!("hash-{id}"), id, user, expires)
+            .insert_client_token(id, &format!("hash-{id}"), id, user, expires, None)
             .await
             .unwrap();
     }
@@ -1165,7 +1165,7 @@ async fn listings_page(url: &str) {
         users.push(user.id);
         let s = frps::auth::secret::generate("frpxc");
         store
-            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, None)
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user.id, None, None)
             .await
             .unwrap();
     }
@@ -1218,7 +1218,14 @@ async fn listings_page(url: &str) {
     let mut paged: Vec<String> = first.iter().map(|t| t.id.clone()).collect();
     let newer = frps::auth::secret::generate("frpxc");
     store
-        .insert_client_token(&newer.id, &newer.hash_hex, &newer.prefix, users[0], None)
+        .insert_client_token(
+            &newer.id,
+            &newer.hash_hex,
+            &newer.prefix,
+            users[0],
+            None,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(store.revoke_client_tokens(&first[0].id).await.unwrap(), 1);
@@ -1459,7 +1466,7 @@ async fn tokens_follow_only_the_current_password(url: &str) {
         .await
         .unwrap();
     let stored = store
-        .insert_client_token_if_password("t1", "hash-t1", "t1", user.id, None, "hash-old")
+        .insert_client_token("t1", "hash-t1", "t1", user.id, None, Some("hash-old"))
         .await
         .unwrap();
     assert!(stored);
@@ -1470,7 +1477,7 @@ async fn tokens_follow_only_the_current_password(url: &str) {
             .unwrap()
     );
     let stored = store
-        .insert_client_token_if_password("t2", "hash-t2", "t2", user.id, None, "hash-old")
+        .insert_client_token("t2", "hash-t2", "t2", user.id, None, Some("hash-old"))
         .await
         .unwrap();
     assert!(
