@@ -59,6 +59,12 @@ pub struct Cli {
 /// gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(config).await?;
-    common::process::on_signals(server.state().shutdown.clone());
+    // One signal starts the drain; more are ignored (a supervisor that
+    // signals twice must not cut it short: --shutdown-timeout bounds it).
+    let shutdown = server.state().shutdown.clone();
+    tokio::spawn(async move {
+        common::process::wait_for_signal().await;
+        shutdown.cancel();
+    });
     server.run().await
 }
