@@ -195,11 +195,19 @@ pub async fn open(
     control: mpsc::Sender<Command>,
 ) {
     match connect(&config, &dialer, &session, conn_id).await {
-        Ok((mut remote, mut local)) => {
-            if let Err(e) = forward(&mut remote, &mut local, conn_id).await {
-                debug!(%conn_id, "data connection ended: {e}");
+        Ok((mut remote, mut local)) => match forward(&mut remote, &mut local, conn_id).await {
+            // Closed before a byte: frps dropped it unread (its connection
+            // cap, say). Said over the control connection, frps fails the
+            // request over at once instead of waiting --connect-timeout; for
+            // a pairing no longer waiting it is a no-op.
+            Ok(false) => {
+                debug!(%conn_id, "frps closed the data connection before using it");
+                let reason = "frps closed the data connection before using it".to_owned();
+                let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
             }
-        }
+            Ok(true) => {}
+            Err(e) => debug!(%conn_id, "data connection ended: {e}"),
+        },
         Err(reason) => {
             warn!(%conn_id, "cannot open data connection: {reason}");
             let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
@@ -238,11 +246,28 @@ async fn connect(
 /// zero byte (their length is below 16 MiB) and HTTP never does, so a first
 /// zero byte means frps refused the hello: read the refusal instead of
 /// passing it to the local service. Otherwise that first byte goes to the
-/// local service ahead of the rest.
-async fn forward(remote: &mut Stream, local: &mut TcpStream, conn_id: Uuid) -> std::io::Result<()> {
+/// local service ahead of the rest. False when frps closed (or reset) the
+/// connection before sending anything.
+async fn forward(
+    remote: &mut Stream,
+    local: &mut TcpStream,
+    conn_id: Uuid,
+) -> std::io::Result<bool> {
     let mut first = [0u8; 1];
-    if remote.read(&mut first).await? == 0 {
-        return Ok(());
+    match remote.read(&mut first).await {
+        Ok(0) => return Ok(false),
+        Ok(_) => {}
+        // Reset before a byte: closed unread with our hello still in its
+        // buffer.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
     }
     if first[0] == 0 {
         let mut frame = AsyncReadExt::chain(&first[..], &mut *remote);
@@ -253,10 +278,60 @@ async fn forward(remote: &mut Stream, local: &mut TcpStream, conn_id: Uuid) -> s
             Ok(other) => warn!(%conn_id, "unexpected {} on a data connection", other.name()),
             Err(e) => warn!(%conn_id, "bad frame on a data connection: {e}"),
         }
-        return Ok(());
+        return Ok(true);
     }
     local.write_all(&first).await?;
     let stats = join_streams(remote, local).await?;
     debug!(%conn_id, to_local = stats.a_to_b + 1, to_server = stats.b_to_a, "data connection closed");
-    Ok(())
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn a_data_connection_frps_drops_unread_is_reported_as_failed() {
+        // frps's proxy port over its connection cap: accepts and closes.
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = proxy.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = proxy.accept().await {
+                drop(s);
+            }
+        });
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let local_port = service.local_addr().unwrap().port();
+        let mut config = Config::parse_from(["frpc"]);
+        config.server_addr = "127.0.0.1".into();
+        config.proxy_port = proxy_port;
+        config.local_addr = "127.0.0.1".into();
+        config.local_port = local_port;
+        let dialer = Dialer::from_config(&config).unwrap();
+        let session = Arc::new(Session {
+            client_id: "gpu".into(),
+            session_key: "k".into(),
+            mux: false,
+        });
+        let (tx, mut rx) = mpsc::channel(4);
+        let conn_id = Uuid::new_v4();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            open(Arc::new(config), dialer, session, conn_id, tx),
+        )
+        .await
+        .expect("ends at once");
+        match rx.try_recv() {
+            Ok(Command::OpenFailed {
+                conn_id: id,
+                reason,
+            }) => {
+                assert_eq!(id, conn_id);
+                assert!(reason.contains("before using it"), "{reason}");
+            }
+            other => panic!("expected OpenFailed, got {other:?}"),
+        }
+    }
 }
