@@ -381,20 +381,9 @@ async fn within_deadline<T>(
 /// The SHA-256 a row's key is cached under.
 pub fn stored_hash(row: &ApiKeyRow) -> Option<[u8; 32]> {
     match row.key.strip_prefix(crate::store::HASH_PREFIX) {
-        Some(hex) => parse_hex32(hex),
+        Some(hex) => secret::parse_hex32(hex),
         None => Some(secret::hash(&row.key)),
     }
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 fn verdict(hash: [u8; 32], entry: CachedKey, now: i64) -> KeyCheck {
@@ -437,7 +426,7 @@ mod tests {
             ..row
         };
         assert_eq!(stored_hash(&legacy), Some(h));
-        assert_eq!(parse_hex32("zz"), None);
+        assert_eq!(secret::parse_hex32("zz"), None);
     }
 
     #[tokio::test]

@@ -95,18 +95,19 @@ impl Seal {
     /// The seal every frps on `store`'s database uses (the first to ask
     /// makes it).
     pub async fn load(store: &crate::store::Store) -> Result<Seal, crate::store::StoreError> {
-        let mut fresh = [0u8; 32];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut fresh);
-        let value = store.server_secret(SEAL_SECRET, &hex(&fresh)).await?;
-        Ok(Seal::from_hex(&value).unwrap_or_else(|| {
-            // Not ours (edited by hand): still a secret, used as it is.
-            Seal(
-                sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
-                    value.as_bytes(),
-                ))
-                .into(),
-            )
-        }))
+        let fresh = Seal::random();
+        let value = store.server_secret(SEAL_SECRET, &hex(&fresh.0)).await?;
+        Ok(super::secret::parse_hex32(&value)
+            .map(Seal)
+            .unwrap_or_else(|| {
+                // Not ours (edited by hand): still a secret, used as it is.
+                Seal(
+                    sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(
+                        value.as_bytes(),
+                    ))
+                    .into(),
+                )
+            }))
     }
 
     /// A seal of its own, shared with no other frps: entries it writes are
@@ -115,17 +116,6 @@ impl Seal {
         let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut key);
         Seal(key)
-    }
-
-    fn from_hex(s: &str) -> Option<Seal> {
-        if s.len() != 64 {
-            return None;
-        }
-        let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(Seal(key))
     }
 
     fn mac(&self, hash: &[u8; 32], at: &str, json: &str) -> Mac {
@@ -157,8 +147,8 @@ impl Seal {
         let rest = value.strip_prefix(SEALED)?;
         let (tag_hex, rest) = rest.split_once('.')?;
         let (at, json) = rest.split_once('.')?;
-        let tag = Seal::from_hex(tag_hex)?;
-        self.mac(hash, at, json).verify_slice(&tag.0).ok()?;
+        let tag = super::secret::parse_hex32(tag_hex)?;
+        self.mac(hash, at, json).verify_slice(&tag).ok()?;
         let written: i64 = at.parse().ok()?;
         let oldest = now - REDIS_TTL.as_secs() as i64 - CLOCK_SKEW;
         (oldest..=now + CLOCK_SKEW)
@@ -522,8 +512,8 @@ mod tests {
         assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW), Some(json));
         assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW - 1), None);
         let secret = hex(&[0xab; 32]);
-        assert_eq!(Seal::from_hex(&secret).unwrap().0, [0xab; 32]);
-        assert!(Seal::from_hex("abc").is_none());
-        assert!(Seal::from_hex(&"é".repeat(32)).is_none());
+        assert_eq!(super::super::secret::parse_hex32(&secret), Some([0xab; 32]));
+        assert!(super::super::secret::parse_hex32("abc").is_none());
+        assert!(super::super::secret::parse_hex32(&"é".repeat(32)).is_none());
     }
 }
