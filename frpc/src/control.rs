@@ -56,6 +56,14 @@ impl From<FrameError> for SessionError {
     }
 }
 
+/// What a session logs in with: decided before frps is dialled.
+enum LoginWith {
+    /// The saved token ([`Client::usable_saved_token`]).
+    Token(login::SavedToken),
+    /// Email and password.
+    Password(Credentials),
+}
+
 /// How a session that registered ended without error.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SessionEnd {
@@ -189,12 +197,11 @@ impl Client {
     async fn session(&self, registered: &mut Option<Instant>) -> Result<SessionEnd, SessionError> {
         // Credentials come before frps is dialled: a person typing a
         // password must not be racing frps's handshake deadline.
-        let saved = self.usable_saved_token();
-        let creds = match saved {
-            Some(_) => None,
+        let with = match self.usable_saved_token() {
+            Some(saved) => LoginWith::Token(saved),
             None => tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-                creds = self.password_credentials() => Some(creds?),
+                creds = self.password_credentials() => LoginWith::Password(creds?),
             },
         };
         // The local service is asked for its models before frps is dialled:
@@ -216,7 +223,7 @@ impl Client {
         let mut reader = FrameReader::new(rd, MAX_FRAME);
 
         let handshake = async {
-            self.login(&mut reader, &mut wr, saved, creds).await?;
+            self.login(&mut reader, &mut wr, with).await?;
             self.register(&mut reader, &mut wr, probe).await
         };
         let (session, heartbeat, probe) = tokio::select! {
@@ -276,54 +283,59 @@ impl Client {
         self.credentials().await
     }
 
-    /// Logs in with the `saved` token, or else with `creds`.
+    /// Logs in with a saved token.
+    async fn login_token(
+        &self,
+        reader: &mut FrameReader<ReadHalf<Stream>>,
+        wr: &mut WriteHalf<Stream>,
+        saved: login::SavedToken,
+    ) -> Result<(), SessionError> {
+        if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                "sending the login token to frps over plaintext: anyone on the path can read and reuse it. Use --tls (with --tls-ca or --tls-fingerprint)"
+            );
+        }
+        write_command(wr, &Command::LoginToken { token: saved.token }).await?;
+        match self.expect_reply(reader).await? {
+            Command::LoginResult { ok: true, .. } => Ok(()),
+            Command::LoginResult { reason, code, .. } => {
+                let reason = reason.unwrap_or_else(|| "no reason given".into());
+                match code.as_deref() {
+                    Some("token_invalid" | "token_expired") => {
+                        info!(
+                            "frps refused the saved token ({reason}); logging in with email and password"
+                        );
+                        // Not sent again by this process; the file
+                        // stays (a password login replaces it): frps
+                        // may refuse it only for now (a database being
+                        // restored), and a box without a password
+                        // would have nothing left to log in with.
+                        self.token_refused.store(true, Ordering::Relaxed);
+                        Err(SessionError::Relogin)
+                    }
+                    Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
+                        "frps cannot log us in now: {reason}"
+                    ))),
+                    _ => Err(SessionError::Fatal(format!(
+                        "frps refused the login: {reason}"
+                    ))),
+                }
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Logs in `with` the saved token or a password.
     async fn login(
         &self,
         reader: &mut FrameReader<ReadHalf<Stream>>,
         wr: &mut WriteHalf<Stream>,
-        saved: Option<login::SavedToken>,
-        creds: Option<Credentials>,
+        with: LoginWith,
     ) -> Result<(), SessionError> {
         let path = &self.config.token_file;
-        if let Some(saved) = saved {
-            if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
-                warn!(
-                    "sending the login token to frps over plaintext: anyone on the path can read and reuse it. Use --tls (with --tls-ca or --tls-fingerprint)"
-                );
-            }
-            write_command(wr, &Command::LoginToken { token: saved.token }).await?;
-            return match self.expect_reply(reader).await? {
-                Command::LoginResult { ok: true, .. } => Ok(()),
-                Command::LoginResult { reason, code, .. } => {
-                    let reason = reason.unwrap_or_else(|| "no reason given".into());
-                    match code.as_deref() {
-                        Some("token_invalid" | "token_expired") => {
-                            info!(
-                                "frps refused the saved token ({reason}); logging in with email and password"
-                            );
-                            // Not sent again by this process; the file
-                            // stays (a password login replaces it): frps
-                            // may refuse it only for now (a database being
-                            // restored), and a box without a password
-                            // would have nothing left to log in with.
-                            self.token_refused.store(true, Ordering::Relaxed);
-                            Err(SessionError::Relogin)
-                        }
-                        Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
-                            "frps cannot log us in now: {reason}"
-                        ))),
-                        _ => Err(SessionError::Fatal(format!(
-                            "frps refused the login: {reason}"
-                        ))),
-                    }
-                }
-                other => Err(unexpected(&other)),
-            };
-        }
-        let Some(creds) = creds else {
-            return Err(SessionError::Retry(
-                "no saved token and no credentials for this session".into(),
-            ));
+        let creds = match with {
+            LoginWith::Password(creds) => creds,
+            LoginWith::Token(saved) => return self.login_token(reader, wr, saved).await,
         };
         let email = creds.email.clone();
         write_command(
