@@ -92,9 +92,21 @@ impl Backend {
         self.shared.seen.lock().unwrap().clone()
     }
 
-    /// Number of requests seen (model-list probes excluded).
+    /// The request heads seen, in order, but frpc's model-list probes.
+    pub fn requests(&self) -> Vec<Seen> {
+        let mut seen = self.seen();
+        seen.retain(|s| s.path != "/api/tags");
+        seen
+    }
+
+    /// Paths of [`Backend::requests`].
+    pub fn paths(&self) -> Vec<String> {
+        self.requests().into_iter().map(|s| s.path).collect()
+    }
+
+    /// Number of [`Backend::requests`].
     pub fn hits(&self) -> usize {
-        self.seen().iter().filter(|s| s.path != "/api/tags").count()
+        self.requests().len()
     }
 
     /// Replaces the models `/api/tags` reports.
