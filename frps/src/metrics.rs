@@ -149,6 +149,7 @@ impl FleetSnapshot {
                 ("redis", keys.redis_hits.load(Ordering::Relaxed)),
                 ("database", keys.db_hits.load(Ordering::Relaxed)),
                 ("database_error", keys.db_errors.load(Ordering::Relaxed)),
+                ("throttled", keys.throttled.load(Ordering::Relaxed)),
             ],
             rate_limited: [
                 ("rpm", state.stats.rate_limited_rpm.load(Ordering::Relaxed)),
@@ -251,7 +252,7 @@ impl Collector for FleetSnapshot {
         let mut auth = family(
             &mut encoder,
             "frpx_auth_lookups",
-            "API key validations by the layer that answered (local = in-process cache hit)",
+            "API key validations by the layer that answered (local = in-process cache hit; throttled = refused unasked: the caller's address had spent its failed lookups)",
             MetricType::Counter,
         )?;
         for (layer, v) in &self.auth {

@@ -14,8 +14,8 @@
 //! sorted set of request times per key, a sorted set of leases per key
 //! scored by their expiry), one `ZREM` releases a lease. Leases expire after
 //! [`LEASE_TTL`] unless refreshed, which this frps does every
-//! [`LEASE_REFRESH`] for its own live ones, so a crashed frps leaks no slot
-//! for longer than that. Time is Redis's clock, so frps clocks may differ.
+//! [`LEASE_REFRESH`] for its own live ones (putting back any Redis lost), so
+//! a crashed frps leaks no slot for longer than that. Time is Redis's clock, so frps clocks may differ.
 //! When Redis fails, counting falls back to this process (logged once) and
 //! Redis is tried again after [`REDIS_BACKOFF`]; no request fails because
 //! Redis is down.
@@ -167,15 +167,18 @@ end
 return {0, 0}
 ";
 
-/// Pushes the expiry of live leases out by a TTL. KEYS: lease sets.
-/// ARGV: TTL ms, then one member per key. Released leases stay released.
+/// Pushes the expiry of live leases out by a TTL, adding back any Redis
+/// lost (a restart without persistence, a failover to a replica that had
+/// not seen it): a stream still running holds its slot. KEYS: lease sets.
+/// ARGV: TTL ms, then one member per key. A lease released while this ran
+/// is removed again by the caller ([`RateLimiter::refresh`]).
 const REFRESH_LUA: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
   redis.call('PEXPIRE', key, ttl)
 end
 return #KEYS
@@ -210,6 +213,14 @@ impl LocalKey {
 struct SharedLease {
     key: String,
     member: String,
+}
+
+/// One of this frps's live leases in Redis, as [`RateLimiter::live_leases`]
+/// saw it.
+#[derive(Debug, Clone)]
+pub struct LiveLease {
+    seq: u64,
+    lease: SharedLease,
 }
 
 /// Enforces per-key limits; one per frps.
@@ -476,24 +487,52 @@ impl RateLimiter {
     }
 
     async fn refresh_shared(&self) {
-        let Some(redis) = &self.redis else { return };
-        let live: Vec<SharedLease> = self
-            .shared
+        if self.redis.is_some() {
+            self.refresh(&self.live_leases()).await;
+        }
+    }
+
+    /// This frps's leases in Redis now (what a refresh covers).
+    pub fn live_leases(&self) -> Vec<LiveLease> {
+        self.shared
             .lock()
             .expect("rate limit lock")
-            .values()
-            .cloned()
-            .collect();
+            .iter()
+            .map(|(&seq, lease)| LiveLease {
+                seq,
+                lease: lease.clone(),
+            })
+            .collect()
+    }
+
+    /// Pushes the expiry of `leases` out by [`LEASE_TTL`] (adding back those
+    /// Redis lost), as the maintenance loop does every [`LEASE_REFRESH`].
+    /// A lease released since `leases` was taken is removed again
+    /// afterwards: its own `ZREM` may have run before this put it back.
+    pub async fn refresh(&self, leases: &[LiveLease]) {
+        let Some(redis) = &self.redis else { return };
         // Bounded script calls: at most 500 leases each.
-        for batch in live.chunks(500) {
+        for batch in leases.chunks(500) {
             let mut call = REFRESH.prepare_invoke();
             call.arg(LEASE_TTL.as_millis() as u64);
-            for lease in batch {
-                call.key(&lease.key).arg(&lease.member);
+            for live in batch {
+                call.key(&live.lease.key).arg(&live.lease.member);
             }
             if redis.invoke::<i64>(&call).await.is_none() {
                 self.redis_failed();
                 return;
+            }
+            let released: Vec<&SharedLease> = {
+                let shared = self.shared.lock().expect("rate limit lock");
+                batch
+                    .iter()
+                    .filter(|live| !shared.contains_key(&live.seq))
+                    .map(|live| &live.lease)
+                    .collect()
+            };
+            for lease in released {
+                // When Redis fails here the lease expires within LEASE_TTL.
+                redis.zrem(&lease.key, &lease.member).await;
             }
         }
     }

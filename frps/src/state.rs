@@ -104,11 +104,10 @@ impl State {
             }
             None => None,
         };
-        let keys = Arc::new(KeyValidator::new(
-            config.api_key.clone(),
-            Some(store.clone()),
-            redis.clone(),
-        ));
+        let mut keys =
+            KeyValidator::new(config.api_key.clone(), Some(store.clone()), redis.clone());
+        keys.set_failure_budget(config.key_failures_per_minute);
+        let keys = Arc::new(keys);
         let forget = keys.clone();
         tokio::spawn(async move {
             while let Some(hash) = revoked_rx.recv().await {

@@ -47,6 +47,19 @@ impl Conn {
         Conn { sender, addr }
     }
 
+    /// Connects to `addr` from the loopback address `from` (127.x.y.z on
+    /// Linux), as another caller would.
+    pub async fn open_from(addr: SocketAddr, from: std::net::IpAddr) -> Conn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(from, 0)).expect("bind source");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        Conn { sender, addr }
+    }
+
     /// Sends a request built by the caller, returning the streaming response.
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
         self.sender.ready().await?;

@@ -3,6 +3,7 @@
 //! the database is down, only keys already cached (and the static key) pass.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tracing::{info, warn};
 use super::constant_time_eq;
 use super::redis::{CachedKey, RedisCache, TOMBSTONE_TTL};
 use super::secret::{self, Secret};
+use crate::limits::FailureBudget;
 use crate::ratelimit::Limits;
 use crate::store::{ApiKeyRow, NewApiKey, Store, StoreError};
 
@@ -59,6 +61,9 @@ pub enum KeyCheck {
     Invalid,
     /// The key is not cached and the database cannot be asked.
     Unavailable,
+    /// The caller's address has spent its budget of failed lookups
+    /// ([`crate::limits::FailureBudget`]); one is free again after this.
+    Throttled(Duration),
 }
 
 /// Where validations were answered (for `/metrics` and the benchmark).
@@ -74,6 +79,8 @@ pub struct KeyStats {
     pub db_hits: AtomicU64,
     /// Database unavailable.
     pub db_errors: AtomicU64,
+    /// Refused unasked: the caller's address had no failed lookups left.
+    pub throttled: AtomicU64,
 }
 
 /// Validates consumer API keys.
@@ -88,6 +95,8 @@ pub struct KeyValidator {
     /// answer read before that is not cached.
     revoked: Cache<[u8; 32], std::time::Instant>,
     db_healthy: AtomicBool,
+    /// Failed lookups allowed per caller address (none: unlimited).
+    failures: Option<FailureBudget>,
     /// Counters.
     pub stats: KeyStats,
 }
@@ -134,6 +143,7 @@ impl KeyValidator {
                 .time_to_live(LOCAL_TTL)
                 .build(),
             db_healthy: AtomicBool::new(true),
+            failures: None,
             stats: KeyStats::default(),
         }
     }
@@ -142,6 +152,12 @@ impl KeyValidator {
     /// so it is created after it).
     pub fn set_redis(&mut self, redis: Arc<RedisCache>) {
         self.redis = Some(redis);
+    }
+
+    /// Allows each caller address (block) `per_minute` lookups of keys that
+    /// turn out unknown (see [`FailureBudget`]).
+    pub fn set_failure_budget(&mut self, per_minute: u32) {
+        self.failures = Some(FailureBudget::new(per_minute));
     }
 
     /// Whether any key at all can be valid.
@@ -164,25 +180,32 @@ impl KeyValidator {
         }
     }
 
-    /// Checks the key carried by a request's headers.
-    pub async fn check_headers(&self, headers: &http::HeaderMap) -> KeyCheck {
+    /// Checks the key carried by a request's headers, from a caller at
+    /// `from`.
+    pub async fn check_headers(&self, headers: &http::HeaderMap, from: IpAddr) -> KeyCheck {
         match super::request_key(headers) {
             None => KeyCheck::Missing,
-            Some(key) => self.check(key).await,
+            Some(key) => self.check_from(key, Some(from)).await,
         }
     }
 
-    /// Checks one key.
+    /// Checks one key (no caller address: no failure budget applies).
     pub async fn check(&self, key: &str) -> KeyCheck {
+        self.check_from(key, None).await
+    }
+
+    /// Checks one key presented from `from`: a key not cached here is looked
+    /// up only while `from` has failed lookups left.
+    pub async fn check_from(&self, key: &str, from: Option<IpAddr>) -> KeyCheck {
         if let Some(k) = &self.static_key
             && constant_time_eq(k.as_bytes(), key.as_bytes())
         {
             self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Valid(self.static_grant);
         }
-        let Some(store) = &self.store else {
+        if self.store.is_none() {
             return KeyCheck::Invalid;
-        };
+        }
         // What the database stores is not a key: whoever reads a stored
         // hash (a backup, Redis key names) must not be able to present it.
         if key.starts_with(crate::store::HASH_PREFIX) {
@@ -198,6 +221,27 @@ impl KeyValidator {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Invalid;
         }
+        let budget = self.failures.as_ref().zip(from);
+        if let Some((failures, from)) = budget
+            && let Err(wait) = failures.take(from, tokio::time::Instant::now())
+        {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return KeyCheck::Throttled(wait);
+        }
+        let answer = self.look_up(key, hash, now).await;
+        if let Some((failures, from)) = budget
+            && answer != KeyCheck::Invalid
+        {
+            failures.give_back(from, tokio::time::Instant::now());
+        }
+        answer
+    }
+
+    /// Asks Redis, then the database, about a key the caches do not know.
+    async fn look_up(&self, key: &str, hash: [u8; 32], now: i64) -> KeyCheck {
+        let Some(store) = &self.store else {
+            return KeyCheck::Invalid;
+        };
         let asked = std::time::Instant::now();
         if let Some(redis) = &self.redis
             && let Some(entry) = redis.get(&hash).await

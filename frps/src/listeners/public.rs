@@ -251,7 +251,11 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
-    let grant = match state.keys.check_headers(req.headers()).await {
+    let grant = match state
+        .keys
+        .check_headers(req.headers(), caller.addr.ip())
+        .await
+    {
         KeyCheck::Valid(grant) => grant,
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
@@ -270,6 +274,10 @@ async fn authenticate_and_forward(
                 "invalid_request_error",
                 "invalid_api_key",
             );
+        }
+        KeyCheck::Throttled(wait) => {
+            Stats::inc(&state.stats.auth_failures);
+            return too_many_invalid_keys(wait);
         }
         KeyCheck::Unavailable => {
             Stats::inc(&state.stats.auth_unavailable);
@@ -290,6 +298,22 @@ async fn authenticate_and_forward(
     if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
         body.lease = Some(lease);
     }
+    resp
+}
+
+/// 429 for a caller whose address has spent its failed key lookups; the
+/// connection closes after it, so guessing also pays for a new connection.
+fn too_many_invalid_keys(wait: std::time::Duration) -> Response<PublicBody> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut resp = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &format!("too many invalid API keys from your address; retry in {secs} s"),
+        "rate_limit_error",
+        "too_many_invalid_keys",
+    );
+    let headers = resp.headers_mut();
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 

@@ -1,5 +1,8 @@
 //! Authentication on the public and control ports.
 
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+
 use common::Command;
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn};
@@ -41,6 +44,71 @@ async fn every_request_on_a_keep_alive_connection_is_authenticated() {
     assert_openai_error(&third, 401, "missing_api_key");
     assert_eq!(conn.get("/fourth", Some(API_KEY)).await.status, 200);
     assert_eq!(fleet.backends[0].paths(), ["/first", "/fourth"]);
+}
+
+#[tokio::test]
+async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() {
+    let mut cfg = frpx_tests::frps_config();
+    cfg.key_failures_per_minute = 5;
+    let fleet = Fleet::start_with(1, cfg).await;
+    let frps = &fleet.frps;
+    let public = frps.public();
+    let here: IpAddr = [127, 0, 0, 1].into();
+    let elsewhere: IpAddr = [127, 0, 0, 2].into();
+    let (fresh, _) = frps::auth::KeyValidator::create(&frps.state.store, None, None)
+        .await
+        .expect("key created");
+    let asked = || frps.state.keys.stats.db_hits.load(Ordering::Relaxed);
+
+    let mut conn = Conn::open_from(public, here).await;
+    for i in 0..5 {
+        let reply = conn.get("/", Some(&format!("guess-{i}"))).await;
+        assert_openai_error(&reply, 401, "invalid_api_key");
+    }
+    assert_eq!(asked(), 5);
+    // Spent: the next unknown key is not looked up, and the connection
+    // closes after the answer.
+    let refused = conn.get("/", Some("guess-5")).await;
+    assert_openai_error(&refused, 429, "too_many_invalid_keys");
+    let wait: u64 = refused.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=12).contains(&wait), "one refills every 12 s: {wait}");
+    assert_eq!(refused.headers["connection"], "close");
+    assert_eq!(asked(), 5, "no lookup for a spent address");
+    // A key frps knows is served as before: the static key, a key already
+    // refused (cached as unknown: 401, not 429).
+    let mut conn = Conn::open_from(public, here).await;
+    assert_eq!(conn.get("/static", Some(API_KEY)).await.status, 200);
+    let again = conn.get("/", Some("guess-0")).await;
+    assert_openai_error(&again, 401, "invalid_api_key");
+    // A valid key frps has not seen waits too from this address, not from
+    // another; once it is cached, it is served here as well.
+    let reply = Conn::open_from(public, here)
+        .await
+        .get("/", Some(&fresh))
+        .await;
+    assert_openai_error(&reply, 429, "too_many_invalid_keys");
+    let mut other = Conn::open_from(public, elsewhere).await;
+    assert_eq!(other.get("/other", Some(&fresh)).await.status, 200);
+    let mut conn = Conn::open_from(public, here).await;
+    assert_eq!(conn.get("/cached", Some(&fresh)).await.status, 200);
+    // Valid keys cost the other address nothing: it still has its 5.
+    for i in 0..5 {
+        let reply = other.get("/", Some(&format!("other-guess-{i}"))).await;
+        assert_openai_error(&reply, 401, "invalid_api_key");
+    }
+    let reply = other.get("/", Some("other-guess-5")).await;
+    assert_openai_error(&reply, 429, "too_many_invalid_keys");
+    assert_eq!(frps.state.keys.stats.throttled.load(Ordering::Relaxed), 3);
+    let metrics = http::get(frps.addrs.api, "/metrics", None).await.body;
+    assert!(
+        metrics.contains(r#"frpx_auth_lookups_total{layer="throttled"} 3"#),
+        "{metrics}"
+    );
+    assert_eq!(fleet.backends[0].paths(), ["/static", "/other", "/cached"]);
 }
 
 #[tokio::test]

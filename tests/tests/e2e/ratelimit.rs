@@ -210,6 +210,76 @@ async fn two_frps_sharing_redis_share_one_budget() {
 }
 
 #[tokio::test]
+async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let database = frpx_tests::temp_sqlite_url();
+    let prefix = services::redis_prefix();
+    let cfg = || {
+        let mut cfg = config(Duration::from_secs(30));
+        cfg.database_url = database.clone();
+        cfg.redis_url = redis.clone();
+        cfg.redis_prefix = prefix.clone();
+        cfg
+    };
+    let a = Fleet::start_with(1, cfg()).await;
+    let b = Fleet::start_with(1, cfg()).await;
+    for f in [&a, &b] {
+        let r = f.frps.state.redis.clone().unwrap();
+        eventually("Redis connected", || r.is_healthy()).await;
+    }
+    let mut conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (one, _) = key_with(&a.frps, None, Some(1)).await;
+    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(&one));
+    let leases = format!("{prefix}ratelimit:{{{hex}}}:concurrency");
+    let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
+        redis::cmd("ZCARD")
+            .arg(&leases)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+
+    // A stream holds the key's one slot on a; Redis loses it (a restart
+    // without persistence): b would admit a second stream.
+    let (conn_a, resp) = http::start_hold(a.frps.public(), &one).await;
+    assert_eq!(held(&mut conn).await, 1);
+    let _: () = redis::cmd("DEL")
+        .arg(&leases)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // a's renewal puts it back: b refuses again.
+    let limits = &a.frps.state.rate_limits;
+    limits.refresh(&limits.live_leases()).await;
+    assert_eq!(held(&mut conn).await, 1);
+    assert_limited(&get(&b.frps, &one).await, "concurrency_limit_exceeded");
+
+    // A renewal of leases seen before they were released does not bring
+    // them back (the release's ZREM ran first; the renewal removes again
+    // what it put back).
+    let seen = limits.live_leases();
+    assert_eq!(seen.len(), 1);
+    drop((resp, conn_a));
+    eventually("a released its lease", || limits.shared_leases() == 0).await;
+    eventually_async("the release reached Redis", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 0 }
+    })
+    .await;
+    limits.refresh(&seen).await;
+    assert_eq!(held(&mut conn).await, 0);
+    assert_eq!(status(&b.frps, &one).await, 200);
+    a.frps.stop().await;
+    b.frps.stop().await;
+}
+
+#[tokio::test]
 async fn redis_down_falls_back_to_in_process_limits() {
     let Some(redis) = services::redis_url() else {
         return;
