@@ -77,6 +77,8 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
         .unwrap();
     assert!((1..=12).contains(&wait), "one refills every 12 s: {wait}");
     assert_eq!(refused.headers["connection"], "close");
+    let next = http::request("GET", public, "/", Some(API_KEY), Default::default());
+    assert!(conn.send(next).await.is_err(), "the connection was closed");
     assert_eq!(asked(), 5, "no lookup for a spent address");
     // A key frps knows is served as before: the static key, a key already
     // refused (cached as unknown: 401, not 429).
