@@ -113,6 +113,9 @@ pub fn prompt(email: Option<&str>) -> anyhow::Result<Credentials> {
             line.trim().to_owned()
         }
     };
+    // If frpc ends while this waits (SIGTERM), its exit puts the
+    // terminal's echo back (rpassword does so itself on Enter and Ctrl-C).
+    let _saved = common::process::save_terminal(std::path::Path::new("/dev/tty"));
     let password = rpassword::prompt_password("Password: ")?;
     Ok(Credentials { email, password })
 }

@@ -5,7 +5,10 @@ use tokio_util::sync::CancellationToken;
 // events came later) and a second malloc arena (benchmark case d and e).
 // Blocking work (metrics, the password prompt) runs on spawn_blocking.
 fn main() -> anyhow::Result<()> {
-    common::memory::run(tokio::runtime::Builder::new_current_thread(), serve())?
+    let result = common::memory::run(tokio::runtime::Builder::new_current_thread(), serve());
+    // Ended (by a signal, say) while a password prompt had echo off.
+    common::process::restore_terminal();
+    result?
 }
 
 async fn serve() -> anyhow::Result<()> {
