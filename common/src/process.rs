@@ -101,9 +101,10 @@ impl Drop for SavedTerminal {
 
 /// Saves the settings of the terminal at `path` (`/dev/tty`: the
 /// controlling terminal, which a password prompt reads) before a prompt
-/// changes them. A process that ends while the prompt waits (SIGTERM, a
-/// second Ctrl-C) calls [`restore_terminal`], so the shell it leaves does
-/// not go on without echo. Nothing is saved where `path` is no terminal.
+/// changes them. A process that ends while the prompt waits (a SIGTERM
+/// from elsewhere: Ctrl-C typed at the prompt is a character to it, which
+/// it handles itself) calls [`restore_terminal`], so the shell it leaves
+/// does not go on without echo. Nothing is saved where `path` is no terminal.
 pub fn save_terminal(path: &std::path::Path) -> SavedTerminal {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

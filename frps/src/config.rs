@@ -195,10 +195,11 @@ pub struct Config {
     #[arg(long, env = "FRPX_MAX_CONNECTIONS_PER_IP", default_value_t = 512)]
     pub max_connections_per_ip: usize,
 
-    /// Lookups of unknown API keys allowed per caller address (an IPv6 /64
-    /// counts as one) per minute, refilled evenly; past that, keys frps has
-    /// not cached are refused (429 `too_many_invalid_keys`) without asking
-    /// Redis or the database. Valid keys cost nothing.
+    /// Key lookups that find no valid key allowed per caller address (an
+    /// IPv6 /64 counts as one) per minute, refilled evenly; past that, keys
+    /// frps has not cached (valid ones too) are refused (429
+    /// `too_many_invalid_keys`) without asking Redis or the database until
+    /// the budget refills. Valid keys are not counted.
     #[arg(long, env = "FRPX_KEY_FAILURES_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     pub key_failures_per_minute: u32,
 

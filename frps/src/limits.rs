@@ -105,28 +105,47 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Addresses a [`FailureBudget`] tracks at most; past that, an address not
-/// yet tracked is not limited (memory stays bounded under a flood from many
-/// addresses, which the connection caps still bound).
+/// Addresses a [`FailureBudget`] tracks at most (about 5 MiB); failures
+/// from further addresses share one budget.
 pub const MAX_TRACKED_ADDRESSES: usize = 100_000;
+
+/// How far below zero failures can take an address's budget, in minutes of
+/// refill: lookups that were already under way when the budget ran out
+/// (one per open connection) are paid for by waiting longer, up to this.
+pub const MAX_DEBT_MINUTES: u32 = 5;
+
+/// Failures of addresses beyond [`MAX_TRACKED_ADDRESSES`] are counted here
+/// (no caller has the unspecified address).
+const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
+/// How often the buckets whose budget is whole again are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A budget of failed API-key lookups per address block, refilled evenly
 /// over a minute (a token bucket holding a minute's worth): an unknown key
 /// costs frps a Redis and a database query, which a caller guessing keys
-/// must not be able to ask for at the speed of its connection. A lookup
-/// takes one before asking and gives it back when the key is valid (or the
-/// database could not be asked); an address whose budget is spent is
-/// refused before anything is asked until one refills. Keys frps already
-/// knows (cached) never touch it.
+/// must not be able to ask for at the speed of its connections. A lookup is
+/// allowed while its address has budget left ([`check`](Self::check)); one
+/// that did not find a valid key (unknown, or the database could not be
+/// asked) or was abandoned costs one ([`fail`](Self::fail)), down to
+/// [`MAX_DEBT_MINUTES`] below zero, so lookups already under way when the
+/// budget ran out are paid for too. Valid keys cost nothing, however many
+/// look up at once. Keys frps already knows (cached) never touch it.
 #[derive(Debug)]
 pub struct FailureBudget {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    state: Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    buckets: HashMap<IpAddr, Bucket>,
+    swept: tokio::time::Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
-    /// Lookups left at `at`.
+    /// Lookups left at `at` (negative: failures to wait off).
     left: f64,
     at: tokio::time::Instant,
 }
@@ -136,68 +155,89 @@ impl FailureBudget {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute: per_minute.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            state: Mutex::new(BudgetState {
+                buckets: HashMap::new(),
+                swept: tokio::time::Instant::now(),
+            }),
         }
+    }
+
+    fn full(&self) -> f64 {
+        f64::from(self.per_minute)
+    }
+
+    fn rate(&self) -> f64 {
+        self.full() / 60.0
     }
 
     fn refilled(&self, bucket: Bucket, now: tokio::time::Instant) -> f64 {
-        let rate = f64::from(self.per_minute) / 60.0;
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        (bucket.left + elapsed * rate).min(f64::from(self.per_minute))
+        (bucket.left + elapsed * self.rate()).min(self.full())
     }
 
-    /// Takes one lookup for `ip`'s block, or says how long until one is
-    /// free again.
-    pub fn take(&self, ip: IpAddr, now: tokio::time::Instant) -> Result<(), Duration> {
-        let ip = address_block(ip);
-        let mut buckets = self.buckets.lock().expect("failure budget lock");
-        let left = match buckets.get(&ip) {
-            Some(&bucket) => self.refilled(bucket, now),
-            None => {
-                if buckets.len() >= MAX_TRACKED_ADDRESSES {
-                    // Forget the blocks whose budget is whole again.
-                    let full = f64::from(self.per_minute);
-                    buckets.retain(|_, b| self.refilled(*b, now) < full);
-                    if buckets.len() >= MAX_TRACKED_ADDRESSES {
-                        return Ok(());
-                    }
-                }
-                f64::from(self.per_minute)
-            }
-        };
-        if left < 1.0 {
-            let rate = f64::from(self.per_minute) / 60.0;
-            return Err(Duration::from_secs_f64((1.0 - left) / rate));
+    /// The bucket `ip`'s failures count in: its block's, or the shared one
+    /// when no more blocks can be tracked.
+    fn slot(&self, state: &BudgetState, ip: IpAddr) -> IpAddr {
+        let block = address_block(ip);
+        if state.buckets.contains_key(&block) || state.buckets.len() < MAX_TRACKED_ADDRESSES {
+            block
+        } else {
+            OVERFLOW
         }
-        buckets.insert(
-            ip,
-            Bucket {
-                left: left - 1.0,
+    }
+
+    /// `Ok` while `ip`'s block may have a key looked up; otherwise how long
+    /// until it may again.
+    pub fn check(&self, ip: IpAddr, now: tokio::time::Instant) -> Result<(), Duration> {
+        let state = self.state.lock().expect("failure budget lock");
+        let Some(&bucket) = state.buckets.get(&self.slot(&state, ip)) else {
+            return Ok(());
+        };
+        let left = self.refilled(bucket, now);
+        if left >= 1.0 {
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - left) / self.rate()))
+    }
+
+    /// Counts one failed lookup against `ip`'s block.
+    pub fn fail(&self, ip: IpAddr, now: tokio::time::Instant) {
+        let mut state = self.state.lock().expect("failure budget lock");
+        if now.saturating_duration_since(state.swept) >= SWEEP_EVERY
+            || (state.buckets.len() >= MAX_TRACKED_ADDRESSES
+                && now.saturating_duration_since(state.swept) >= Duration::from_secs(1))
+        {
+            // Forget the blocks whose budget is whole again (at most once a
+            // second when full: each sweep reads every bucket).
+            let full = self.full();
+            state.buckets.retain(|_, b| self.refilled(*b, now) < full);
+            if state.buckets.capacity() > 64 && state.buckets.len() < state.buckets.capacity() / 4 {
+                state.buckets.shrink_to_fit();
+            }
+            state.swept = now;
+        }
+        let slot = self.slot(&state, ip);
+        let floor = -f64::from(MAX_DEBT_MINUTES) * self.full();
+        let bucket = match state.buckets.get(&slot) {
+            Some(&b) => Bucket {
+                left: (self.refilled(b, now) - 1.0).max(floor),
+                at: now.max(b.at),
+            },
+            None => Bucket {
+                left: self.full() - 1.0,
                 at: now,
             },
-        );
-        Ok(())
-    }
-
-    /// Gives back a lookup [`take`](Self::take) took (the key was valid).
-    pub fn give_back(&self, ip: IpAddr, now: tokio::time::Instant) {
-        let ip = address_block(ip);
-        let mut buckets = self.buckets.lock().expect("failure budget lock");
-        let full = f64::from(self.per_minute);
-        let Some(&bucket) = buckets.get(&ip) else {
-            return;
         };
-        let left = self.refilled(bucket, now) + 1.0;
-        if left >= full {
-            buckets.remove(&ip);
-        } else {
-            buckets.insert(ip, Bucket { left, at: now });
-        }
+        state.buckets.insert(slot, bucket);
     }
 
     /// Address blocks tracked now (for tests and diagnostics).
     pub fn tracked(&self) -> usize {
-        self.buckets.lock().expect("failure budget lock").len()
+        self.state
+            .lock()
+            .expect("failure budget lock")
+            .buckets
+            .len()
     }
 }
 
@@ -239,40 +279,66 @@ mod tests {
     }
 
     #[test]
-    fn the_failure_budget_refills_over_a_minute_and_valid_keys_cost_nothing() {
+    fn the_failure_budget_refills_over_a_minute() {
         let budget = FailureBudget::new(3);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let a = ip("192.0.2.1");
         let t0 = tokio::time::Instant::now();
         for _ in 0..3 {
-            budget.take(a, t0).unwrap();
+            budget.check(a, t0).unwrap();
+            budget.fail(a, t0);
         }
         // One refills every 20 s.
-        let wait = budget.take(a, t0).unwrap_err();
+        let wait = budget.check(a, t0).unwrap_err();
         assert_eq!(wait.as_secs(), 20, "{wait:?}");
-        let wait = budget.take(a, t0 + Duration::from_secs(15)).unwrap_err();
+        let wait = budget.check(a, t0 + Duration::from_secs(15)).unwrap_err();
         assert_eq!(wait.as_secs(), 5, "{wait:?}");
-        budget.take(a, t0 + Duration::from_secs(20)).unwrap();
-        assert!(budget.take(a, t0 + Duration::from_secs(20)).is_err());
+        let t20 = t0 + Duration::from_secs(20);
+        budget.check(a, t20).unwrap();
+        budget.fail(a, t20);
+        assert!(budget.check(a, t20).is_err());
         // Another block has its own budget; the same /64 shares one.
-        budget.take(ip("192.0.2.2"), t0).unwrap();
+        budget.check(ip("192.0.2.2"), t0).unwrap();
         let v6 = ip("2001:db8::1");
         for _ in 0..3 {
-            budget.take(v6, t0).unwrap();
+            budget.fail(v6, t0);
         }
-        assert!(budget.take(ip("2001:db8::ffff:2"), t0).is_err());
-        // Valid keys give theirs back: a budget is spent only by failures.
-        let b = ip("198.51.100.7");
-        for _ in 0..10 {
-            budget.take(b, t0).unwrap();
-            budget.give_back(b, t0);
-        }
-        assert_eq!(budget.tracked(), 3, "a whole budget is not kept");
+        assert!(budget.check(ip("2001:db8::ffff:2"), t0).is_err());
+        assert!(budget.check(ip("2001:db8:0:1::2"), t0).is_ok());
         // A minute after its last failure an address's budget is whole.
-        let later = t0 + Duration::from_secs(80);
+        let later = t20 + Duration::from_secs(60);
         for _ in 0..3 {
-            budget.take(a, later).unwrap();
+            budget.check(a, later).unwrap();
+            budget.fail(a, later);
         }
+        assert!(budget.check(a, later).is_err());
+    }
+
+    #[test]
+    fn lookups_under_way_when_the_budget_ran_out_are_paid_for_by_waiting() {
+        let budget = FailureBudget::new(60);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let t0 = tokio::time::Instant::now();
+        // 100 lookups checked at once (one per open connection), then all
+        // failing: 40 beyond the budget, paid for by 40 more seconds.
+        for _ in 0..100 {
+            budget.check(a, t0).unwrap();
+        }
+        for _ in 0..100 {
+            budget.fail(a, t0);
+        }
+        let wait = budget.check(a, t0).unwrap_err();
+        assert_eq!(wait.as_secs(), 41, "{wait:?}");
+        // However many, the wait is bounded.
+        for _ in 0..10_000 {
+            budget.fail(a, t0);
+        }
+        let wait = budget.check(a, t0).unwrap_err();
+        assert_eq!(
+            wait.as_secs(),
+            u64::from(MAX_DEBT_MINUTES) * 60 + 1,
+            "{wait:?}"
+        );
     }
 
     #[test]
@@ -280,18 +346,27 @@ mod tests {
         let budget = FailureBudget::new(2);
         let t0 = tokio::time::Instant::now();
         for i in 0..MAX_TRACKED_ADDRESSES as u32 {
-            budget.take(IpAddr::from(i.to_be_bytes()), t0).unwrap();
+            budget.fail(IpAddr::from(i.to_be_bytes()), t0);
         }
         assert_eq!(budget.tracked(), MAX_TRACKED_ADDRESSES);
-        // Full: an untracked address is let through, not remembered.
-        let new = IpAddr::from([203, 0, 113, 9]);
-        for _ in 0..5 {
-            budget.take(new, t0).unwrap();
-        }
-        assert_eq!(budget.tracked(), MAX_TRACKED_ADDRESSES);
+        // Full: further addresses share one budget.
+        let (new, other) = (
+            IpAddr::from([203, 0, 113, 9]),
+            IpAddr::from([203, 0, 113, 10]),
+        );
+        budget.fail(new, t0);
+        budget.fail(other, t0);
+        assert!(budget.check(new, t0).is_err());
+        assert!(budget.check(other, t0).is_err());
+        assert_eq!(
+            budget.tracked(),
+            MAX_TRACKED_ADDRESSES + 1,
+            "and the shared one"
+        );
         // Once the old ones are whole again they make room.
-        let later = t0 + Duration::from_secs(60);
-        budget.take(new, later).unwrap();
+        let later = t0 + Duration::from_secs(61);
+        budget.fail(new, later);
         assert_eq!(budget.tracked(), 1);
+        assert!(budget.check(other, later).is_ok());
     }
 }

@@ -66,6 +66,21 @@ pub enum KeyCheck {
     Throttled(Duration),
 }
 
+/// Counts a failed lookup when dropped, unless `counted` was cleared.
+struct Failure<'a> {
+    failures: &'a FailureBudget,
+    from: IpAddr,
+    counted: bool,
+}
+
+impl Drop for Failure<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.failures.fail(self.from, tokio::time::Instant::now());
+        }
+    }
+}
+
 /// Where validations were answered (for `/metrics` and the benchmark).
 #[derive(Debug, Default)]
 pub struct KeyStats {
@@ -154,8 +169,8 @@ impl KeyValidator {
         self.redis = Some(redis);
     }
 
-    /// Allows each caller address (block) `per_minute` lookups of keys that
-    /// turn out unknown (see [`FailureBudget`]).
+    /// Allows each caller address (block) `per_minute` lookups a minute
+    /// that find no valid key (see [`FailureBudget`]).
     pub fn set_failure_budget(&mut self, per_minute: u32) {
         self.failures = Some(FailureBudget::new(per_minute));
     }
@@ -221,19 +236,23 @@ impl KeyValidator {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Invalid;
         }
-        let budget = self.failures.as_ref().zip(from);
-        if let Some((failures, from)) = budget
-            && let Err(wait) = failures.take(from, tokio::time::Instant::now())
-        {
+        let Some((failures, from)) = self.failures.as_ref().zip(from) else {
+            return self.look_up(key, hash, now).await;
+        };
+        if let Err(wait) = failures.check(from, tokio::time::Instant::now()) {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Throttled(wait);
         }
+        // Counted as failed unless it finds a valid key: unknown, the
+        // database unavailable (a guesser gains nothing from an outage), or
+        // abandoned midway (a caller closing its connection).
+        let mut failed = Failure {
+            failures,
+            from,
+            counted: true,
+        };
         let answer = self.look_up(key, hash, now).await;
-        if let Some((failures, from)) = budget
-            && answer != KeyCheck::Invalid
-        {
-            failures.give_back(from, tokio::time::Instant::now());
-        }
+        failed.counted = !matches!(answer, KeyCheck::Valid(_));
         answer
     }
 

@@ -1,7 +1,9 @@
 //! Authentication on the public and control ports.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::Command;
 use frpx_tests::fake::FakeClient;
@@ -66,8 +68,10 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
         assert_openai_error(&reply, 401, "invalid_api_key");
     }
     assert_eq!(asked(), 5);
-    // Spent: the next unknown key is not looked up, and the connection
-    // closes after the answer.
+    // A key just refused is cached as unknown: 401 as before, not counted.
+    let again = conn.get("/", Some("guess-4")).await;
+    assert_openai_error(&again, 401, "invalid_api_key");
+    // Spent: the next unknown key is not looked up.
     let refused = conn.get("/", Some("guess-5")).await;
     assert_openai_error(&refused, 429, "too_many_invalid_keys");
     let wait: u64 = refused.headers["retry-after"]
@@ -77,15 +81,24 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
         .unwrap();
     assert!((1..=12).contains(&wait), "one refills every 12 s: {wait}");
     assert_eq!(refused.headers["connection"], "close");
-    let next = http::request("GET", public, "/", Some(API_KEY), Default::default());
-    assert!(conn.send(next).await.is_err(), "the connection was closed");
+    // And frps closes the connection after it.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(here, 0)).unwrap();
+    let mut raw = socket.connect(public).await.unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: frps\r\nAuthorization: Bearer guess-6\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, raw.read_to_end(&mut answer))
+        .await
+        .expect("frps closes the connection")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert_eq!(asked(), 5, "no lookup for a spent address");
-    // A key frps knows is served as before: the static key, a key already
-    // refused (cached as unknown: 401, not 429).
+    // A key frps knows is served as before.
     let mut conn = Conn::open_from(public, here).await;
     assert_eq!(conn.get("/static", Some(API_KEY)).await.status, 200);
-    let again = conn.get("/", Some("guess-0")).await;
-    assert_openai_error(&again, 401, "invalid_api_key");
     // A valid key frps has not seen waits too from this address, not from
     // another; once it is cached, it is served here as well.
     let reply = Conn::open_from(public, here)
@@ -97,20 +110,32 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
     assert_eq!(other.get("/other", Some(&fresh)).await.status, 200);
     let mut conn = Conn::open_from(public, here).await;
     assert_eq!(conn.get("/cached", Some(&fresh)).await.status, 200);
-    // Valid keys cost the other address nothing: it still has its 5.
+    // Valid keys cost nothing, however many are looked up at once: twenty
+    // first requests with a new key in parallel, from an address with 5.
+    let (burst, _) = frps::auth::KeyValidator::create(&frps.state.store, None, None)
+        .await
+        .expect("key created");
+    let firsts = (0..20).map(|_| async {
+        let mut conn = Conn::open_from(public, elsewhere).await;
+        conn.get("/burst", Some(&burst)).await.status
+    });
+    let statuses = futures_util::future::join_all(firsts).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     for i in 0..5 {
         let reply = other.get("/", Some(&format!("other-guess-{i}"))).await;
         assert_openai_error(&reply, 401, "invalid_api_key");
     }
     let reply = other.get("/", Some("other-guess-5")).await;
     assert_openai_error(&reply, 429, "too_many_invalid_keys");
-    assert_eq!(frps.state.keys.stats.throttled.load(Ordering::Relaxed), 3);
+    assert_eq!(frps.state.keys.stats.throttled.load(Ordering::Relaxed), 4);
     let metrics = http::get(frps.addrs.api, "/metrics", None).await.body;
     assert!(
-        metrics.contains(r#"frpx_auth_lookups_total{layer="throttled"} 3"#),
+        metrics.contains(r#"frpx_auth_lookups_total{layer="throttled"} 4"#),
         "{metrics}"
     );
-    assert_eq!(fleet.backends[0].paths(), ["/static", "/other", "/cached"]);
+    let mut paths = fleet.backends[0].paths();
+    paths.retain(|p| p != "/burst");
+    assert_eq!(paths, ["/static", "/other", "/cached"]);
 }
 
 #[tokio::test]
