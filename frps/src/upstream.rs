@@ -35,6 +35,13 @@ pub enum AcquireError {
     /// The HTTP handshake over the tunnel failed.
     #[error("tunnel handshake failed: {0}")]
     Handshake(#[from] hyper::Error),
+    /// The request reached the client's service, which failed (closed,
+    /// reset) before a response head.
+    #[error("{0}")]
+    Service(String),
+    /// The client's service sent no response head in this time.
+    #[error("no response headers within {0:?}")]
+    HeadTimeout(std::time::Duration),
 }
 
 impl AcquireError {
@@ -189,11 +196,16 @@ pub struct Upstream {
     pub reused: bool,
 }
 
-/// Gets a connection to `client`'s local service: an idle one if ready, else
-/// a new dial-back, waiting at most `--connect-timeout`.
-pub async fn acquire(state: &State, client: &ClientHandle) -> Result<Upstream, AcquireError> {
+/// Gets a connection to `client`'s local service: an idle one if ready
+/// (unless `fresh`), else a new stream or dial-back, waiting at most
+/// `--connect-timeout`.
+pub async fn acquire(
+    state: &State,
+    client: &ClientHandle,
+    fresh: bool,
+) -> Result<Upstream, AcquireError> {
     let timeout = state.config.connect_timeout;
-    while let Some(mut sender) = client.idle.take() {
+    while !fresh && let Some(mut sender) = client.idle.take() {
         if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await {
             return Ok(Upstream {
                 sender,

@@ -318,7 +318,7 @@ fn too_many_invalid_keys(wait: std::time::Duration) -> Response<PublicBody> {
 }
 
 /// Paths whose JSON body names the model to route on.
-pub const MODEL_PATHS: [&str; 7] = [
+pub const MODEL_PATHS: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -326,6 +326,9 @@ pub const MODEL_PATHS: [&str; 7] = [
     "/api/generate",
     "/api/embed",
     "/api/embeddings",
+    // A model's details (Open WebUI reads its context length here): only a
+    // box that has the model can answer.
+    "/api/show",
 ];
 
 /// The request body across attempts: buffered (replayable) or streamed
@@ -405,6 +408,7 @@ async fn forward(
         return path_not_allowed(&state.config.forward_paths, path);
     }
     let routed = req.method() == Method::POST && MODEL_PATHS.contains(&path);
+    let by_name = path == "/api/show";
     let (mut parts, body) = req.into_parts();
     let pinned = match parts
         .headers
@@ -428,7 +432,7 @@ async fn forward(
     let (mut payload, model) = if routed {
         match read_body(state, body).await {
             Ok(bytes) => {
-                let model = model_of(&bytes);
+                let model = model_of(&bytes, by_name);
                 (Payload::Buffered(bytes), model)
             }
             Err(resp) => return resp,
@@ -457,6 +461,10 @@ async fn forward(
     let mut waited = std::time::Duration::ZERO;
     let mut excluded: Vec<u64> = Vec::new();
     let mut last_error: Option<AcquireError> = None;
+    // Whether the request already went out on a pooled connection that the
+    // service closed under it (the keep-alive race): it may have been
+    // processed, so it is sent once more at most, on a new connection.
+    let mut raced = false;
     loop {
         let want = Want {
             model: model.as_deref(),
@@ -489,12 +497,25 @@ async fn forward(
             return plugins::hooks::refusal(&e);
         }
         let acquiring = Instant::now();
-        let up = match upstream::acquire(state, &client).await {
+        let up = match upstream::acquire(state, &client, raced).await {
             Ok(up) => {
                 if !up.reused {
                     waited += acquiring.elapsed();
                 }
                 up
+            }
+            // Too many dial-backs already outstanding to this client: a
+            // burst, not a failing box. Another client is tried, without
+            // cooling this one down.
+            Err(e @ AcquireError::Pair(PairError::TooMany(_))) => {
+                waited += acquiring.elapsed();
+                debug!(client = %client.id, "not asking for another connection: {e}");
+                excluded.push(client.session);
+                let error = last_error.get_or_insert(e);
+                if excluded.len() > state.config.max_retries {
+                    return upstream_error(state, error);
+                }
+                continue;
             }
             Err(e) => {
                 waited += acquiring.elapsed();
@@ -562,8 +583,9 @@ async fn forward(
                     // On a pooled stream: the service closed the connection
                     // behind it as idle (a keep-alive race), nothing to
                     // blame the client for.
-                    if up.reused && !payload.is_spent() {
+                    if up.reused && !payload.is_spent() && !raced {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
+                        raced = true;
                         continue;
                     }
                     let failed = AcquireError::Pair(PairError::Failed(reset.reason.to_string()));
@@ -595,15 +617,22 @@ async fn forward(
                             debug!(client = %client.id, "stale pooled connection: {reason}");
                             continue;
                         }
-                        reason
+                        AcquireError::Service(reason)
                     }
                     // Written, then the connection closed without a byte of
                     // answer: on a pooled connection, the service closing it
                     // as idle while the request was on its way (a
                     // keep-alive race), which says nothing about the client
-                    // either. The body is replayable; try again.
-                    None if up.reused && payload.replayable() && error.is_incomplete_message() => {
+                    // either. The body is replayable; try again, once, on a
+                    // new connection (a service that closes every connection
+                    // on this request is not sent it over and over).
+                    None if up.reused
+                        && !raced
+                        && payload.replayable()
+                        && error.is_incomplete_message() =>
+                    {
                         debug!(client = %client.id, "pooled connection closed under the request: {reason}");
+                        raced = true;
                         continue;
                     }
                     // A head too large to read (over the read buffer, over
@@ -617,7 +646,7 @@ async fn forward(
                             crate::upstream::UPSTREAM_READ_BUFFER / 1024
                         ));
                     }
-                    None if payload.replayable() => reason,
+                    None if payload.replayable() => AcquireError::Service(reason),
                     None => {
                         // Part of a streamed body went out: it cannot be
                         // replayed. The caller's body failing is not the
@@ -636,25 +665,33 @@ async fn forward(
                     }
                 }
             }
-            Err(_) => format!(
-                "no response headers within {:?}",
-                state.config.upstream_idle_timeout
-            ),
+            Err(_) => AcquireError::HeadTimeout(state.config.upstream_idle_timeout),
         };
-        warn!(client = %client.id, "client failed before responding: {failure}");
-        client.record_failure();
-        excluded.push(client.session);
         // A streamed body went with the failed attempt: nothing to retry with.
-        if excluded.len() > state.config.max_retries || payload.is_spent() {
-            Stats::inc(&state.stats.upstream_errors);
-            return bad_gateway("the client's local service failed before answering");
+        let retries = if payload.is_spent() {
+            0
+        } else {
+            state.config.max_retries
+        };
+        if let Some(resp) = blame(
+            state,
+            &client,
+            failure,
+            &mut excluded,
+            &mut last_error,
+            retries,
+        ) {
+            return resp;
         }
     }
 }
 
 /// Counts `client` as failing for `error` before it answered (no connection
-/// to its service) and leaves it out of the next attempt; once more than
-/// `retries` clients failed, the 502/504 for `error`.
+/// to its service, or its service failed or stayed silent before a response
+/// head) and leaves it out of the next attempt; once more than `retries`
+/// clients failed, the 502/504 for `error`. Kept as the request's last
+/// error: if no other client can be tried, the caller is told why the last
+/// one failed, not that none is left.
 fn blame(
     state: &State,
     client: &ClientHandle,
@@ -767,15 +804,24 @@ fn body_too_large(limit: usize) -> Response<PublicBody> {
     )
 }
 
-/// The `model` field of a JSON body, if it has one.
-pub fn model_of(body: &[u8]) -> Option<String> {
+/// The `model` field of a JSON body, if it has one; with `or_name`, its
+/// `name` field otherwise (what Ollama's `/api/show` took before `model`).
+pub fn model_of(body: &[u8], or_name: bool) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Named {
         model: Option<String>,
+        name: Option<serde_json::Value>,
     }
-    serde_json::from_slice::<Named>(body)
-        .ok()
-        .and_then(|n| n.model)
+    let named = serde_json::from_slice::<Named>(body).ok()?;
+    let name = || match named.name {
+        Some(serde_json::Value::String(n)) if or_name => Some(n),
+        _ => None,
+    };
+    named
+        .model
+        .clone()
+        .filter(|m| !m.trim().is_empty())
+        .or_else(name)
         .filter(|m| !m.trim().is_empty())
 }
 
@@ -787,6 +833,11 @@ fn refused(
     last_error: Option<&AcquireError>,
 ) -> Response<PublicBody> {
     match (refusal, last_error) {
+        // A client was tried and failed, and none is left to try (the
+        // failed one may even have gone offline since): why it failed.
+        (Refusal::NoModel | Refusal::NoneOnline | Refusal::Unavailable, Some(e)) => {
+            upstream_error(state, e)
+        }
         (Refusal::NoneOnline, _) if pinned.is_some() => error_response(
             StatusCode::NOT_FOUND,
             &format!("client '{}' is not online", pinned.unwrap_or_default()),
@@ -820,7 +871,6 @@ fn refused(
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             resp
         }
-        (_, Some(e)) => upstream_error(state, e),
         (Refusal::Unavailable, None) => {
             Stats::inc(&state.stats.no_client);
             error_response(
@@ -913,6 +963,35 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
             &format!("no client answered in time: {e}"),
             "gateway_timeout",
             "client_timeout",
+        )
+    } else if let AcquireError::Pair(PairError::TooMany(_)) = e {
+        Stats::inc(&state.stats.no_client);
+        let mut resp = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "every client that could serve this request is busy opening connections ({e}); retry shortly"
+            ),
+            "service_unavailable",
+            "client_busy",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        resp
+    } else if let AcquireError::HeadTimeout(_) = e {
+        Stats::inc(&state.stats.upstream_errors);
+        error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            &format!("the client's local service did not answer: {e}"),
+            "gateway_timeout",
+            "upstream_timeout",
+        )
+    } else if let AcquireError::Service(_) = e {
+        Stats::inc(&state.stats.upstream_errors);
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("the client's local service failed before answering: {e}"),
+            "upstream_error",
+            "upstream_failed",
         )
     } else {
         Stats::inc(&state.stats.upstream_errors);
@@ -1026,7 +1105,9 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
 /// connection: formatting an address costs more than the rest of the
 /// header rewriting).
 fn forwarded_for_entry(peer: SocketAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.ip().to_string()).expect("an IP address is a valid header value")
+    // An IPv4 caller of a dual-stack listener is itself, not ::ffff:a.b.c.d.
+    HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+        .expect("an IP address is a valid header value")
 }
 
 /// Whether only frps may set `name` on a request to a service: it speaks
@@ -1445,6 +1526,33 @@ mod tests {
     }
 
     #[test]
+    fn the_model_comes_from_the_body() {
+        assert_eq!(
+            model_of(br#"{"model":"llama3","messages":[]}"#, false).as_deref(),
+            Some("llama3")
+        );
+        assert_eq!(model_of(br#"{"model":"  "}"#, false), None);
+        assert_eq!(model_of(b"not json", false), None);
+        // `name` counts only where asked (Ollama's /api/show), and `model`
+        // wins over it.
+        assert_eq!(model_of(br#"{"name":"qwen2"}"#, false), None);
+        assert_eq!(
+            model_of(br#"{"name":"qwen2"}"#, true).as_deref(),
+            Some("qwen2")
+        );
+        assert_eq!(
+            model_of(br#"{"model":"a","name":"b"}"#, true).as_deref(),
+            Some("a")
+        );
+        // A `name` of another type does not spoil the `model`.
+        assert_eq!(
+            model_of(br#"{"model":"a","name":{"x":1}}"#, true).as_deref(),
+            Some("a")
+        );
+        assert_eq!(model_of(br#"{"name":7}"#, true), None);
+    }
+
+    #[test]
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         append_forwarded_for(&mut h, &forwarded_for_entry("10.0.0.1:5".parse().unwrap()));
@@ -1453,6 +1561,11 @@ mod tests {
             &forwarded_for_entry("[2001:db8::1]:5".parse().unwrap()),
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
+        let mapped = forwarded_for_entry("[::ffff:192.0.2.7]:5".parse().unwrap());
+        assert_eq!(
+            mapped, "192.0.2.7",
+            "an IPv4 caller of a dual-stack listener"
+        );
     }
 
     #[test]

@@ -142,6 +142,35 @@ async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
 }
 
 #[tokio::test]
+async fn a_client_with_its_dial_backs_all_outstanding_is_busy_not_failing() {
+    let mut cfg = frps_config();
+    // Within the fake client's eviction for silence (3 heartbeats, 1.5 s).
+    cfg.connect_timeout = Duration::from_secs(1);
+    cfg.max_pending_per_client = 1;
+    let frps = Frps::start(cfg).await;
+    // Registers, then never dials back: its one dial-back stays pending.
+    let (mut silent, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "slow").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let first = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
+    assert!(matches!(
+        silent.recv().await,
+        Some(Command::OpenConnection { .. })
+    ));
+    // Three more while it is outstanding: a burst, answered at once, and
+    // the box is not put in a cool-down for it.
+    for _ in 0..3 {
+        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "client_busy");
+        assert_eq!(reply.headers["retry-after"], "1");
+    }
+    let client = frps.state.registry.get("slow").unwrap();
+    assert!(!client.is_cooling_down());
+    assert_eq!(first.await.unwrap().status, 504, "the first one times out");
+}
+
+#[tokio::test]
 async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     let mut cfg = frps_config();
     cfg.heartbeat_interval = Duration::from_millis(100);
@@ -740,19 +769,74 @@ async fn fleet_on(service: std::net::SocketAddr, cfg: frps::Config) -> (Frps, Fr
 }
 
 #[tokio::test]
-async fn a_service_that_accepts_and_never_answers_gets_a_clean_502() {
+async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
     let service = raw_service(|s| async move {
         // Hold the socket open and say nothing.
         let _held = s;
         tokio::time::sleep(Duration::from_secs(60)).await;
     })
     .await;
-    let mut cfg = frps_config();
-    cfg.upstream_idle_timeout = Duration::from_millis(300);
-    cfg.max_retries = 0;
-    let (frps, frpc) = fleet_on(service, cfg).await;
-    let reply = http::get(frps.public(), "/never", Some(API_KEY)).await;
+    // With failover or without: the answer is why the last client failed,
+    // not that no client is left (the only one is cooling down by then).
+    for retries in [0, 2] {
+        let mut cfg = frps_config();
+        cfg.upstream_idle_timeout = Duration::from_millis(300);
+        cfg.max_retries = retries;
+        let (frps, frpc) = fleet_on(service, cfg).await;
+        let reply = http::get(frps.public(), "/never", Some(API_KEY)).await;
+        assert_eq!(reply.status, 504, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+        frpc.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_the_service_drops_is_sent_twice_at_most_and_answered_502() {
+    // Answers /warm on a connection and keeps it; drops the connection on
+    // anything else after reading the request (as a service that crashes
+    // on it, or a proxy that closes), counting how often it got it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    let drops = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = drops.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if is_probe(&head) || head.starts_with("GET /warm ") {
+                        let answer: &[u8] = if is_probe(&head) {
+                            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+            });
+        }
+    });
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    // Four pooled connections to the box.
+    let warm = (0..4).map(|_| http::get(frps.public(), "/warm", Some(API_KEY)));
+    for reply in futures_util::future::join_all(warm).await {
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let reply = http::get(frps.public(), "/drop", Some(API_KEY)).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_failed");
+    // Once on a pooled connection (the keep-alive race: no blame), once on
+    // a new one (the client's failure); not once per pooled connection.
+    assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 2);
     frpc.kill().await;
 }
 
