@@ -24,34 +24,31 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// connection fails (so a dead idle connection is never handed a request).
 pub const KEEPALIVE_RETRIES: u32 = 3;
 
-/// Socket options of every link between frps and frpc (control and data):
-/// `TCP_NODELAY` (requests and events go out at once) and TCP keepalive
-/// ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`]).
+/// How long sent bytes may go unacknowledged on a link before the kernel
+/// fails it: keepalive only probes an idle connection, so a path that goes
+/// silent under traffic (a hello just sent, a request on its way, a tunnel
+/// connection that is rarely idle) would otherwise be retried for about 15
+/// minutes. Also ends a link whose peer has taken nothing (a zero window)
+/// for this long.
+pub const LINK_USER_TIMEOUT: Duration = Duration::from_secs(
+    KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
+);
+
+/// Socket options of every link between frps and frpc (control, data and
+/// tunnel connections): `TCP_NODELAY` (requests and events go out at once),
+/// TCP keepalive ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`],
+/// [`KEEPALIVE_RETRIES`]) and, on Linux, `TCP_USER_TIMEOUT` of
+/// [`LINK_USER_TIMEOUT`].
 pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
     tcp.set_nodelay(true)?;
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
-}
-
-/// How long sent bytes may go unacknowledged on a tunnel connection before
-/// the kernel fails it: keepalive only probes an idle connection, and a
-/// tunnel connection is rarely idle, so a path that goes silent under
-/// traffic would otherwise be retried for about 15 minutes.
-pub const TUNNEL_USER_TIMEOUT: Duration = Duration::from_secs(
-    KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
-);
-
-/// [`tune_link`]'s options, and `TCP_USER_TIMEOUT` of
-/// [`TUNNEL_USER_TIMEOUT`]: for the multiplexed tunnel connection, which
-/// every new upstream connection of its client relies on.
-/// (Linux only: elsewhere, just [`tune_link`].)
-pub fn tune_tunnel(tcp: &TcpStream) -> io::Result<()> {
-    tune_link(tcp)?;
+    let sock = socket2::SockRef::from(tcp);
+    sock.set_tcp_keepalive(&keepalive)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(TUNNEL_USER_TIMEOUT))?;
+    sock.set_tcp_user_timeout(Some(LINK_USER_TIMEOUT))?;
     Ok(())
 }
 
@@ -59,6 +56,10 @@ pub fn tune_tunnel(tcp: &TcpStream) -> io::Result<()> {
 /// diagnostics).
 pub fn link_is_tuned(tcp: &TcpStream) -> io::Result<bool> {
     let sock = socket2::SockRef::from(tcp);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if sock.tcp_user_timeout()? != Some(LINK_USER_TIMEOUT) {
+        return Ok(false);
+    }
     Ok(tcp.nodelay()?
         && sock.keepalive()?
         && sock.tcp_keepalive_time()? == KEEPALIVE_IDLE
@@ -177,20 +178,18 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
-    async fn links_get_nodelay_and_keepalive() {
+    async fn links_get_nodelay_keepalive_and_a_user_timeout() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         assert!(!link_is_tuned(&tcp).unwrap());
         tune_link(&tcp).unwrap();
         assert!(link_is_tuned(&tcp).unwrap());
-        tune_tunnel(&tcp).unwrap();
-        assert!(link_is_tuned(&tcp).unwrap());
         #[cfg(target_os = "linux")]
         assert_eq!(
             socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap(),
-            Some(TUNNEL_USER_TIMEOUT)
+            Some(LINK_USER_TIMEOUT)
         );
-        assert_eq!(TUNNEL_USER_TIMEOUT, Duration::from_secs(60));
+        assert_eq!(LINK_USER_TIMEOUT, Duration::from_secs(60));
     }
 
     #[tokio::test]

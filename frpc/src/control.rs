@@ -197,7 +197,7 @@ impl Client {
     async fn session(&self, registered: &mut Option<Instant>) -> Result<SessionEnd, SessionError> {
         // Credentials come before frps is dialled: a person typing a
         // password must not be racing frps's handshake deadline.
-        let with = match self.usable_saved_token() {
+        let with = match self.usable_saved_token().await {
             Some(saved) => LoginWith::Token(saved),
             None => tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -241,9 +241,16 @@ impl Client {
 
     /// The saved token, unless frps refused it in this process, it is for
     /// another frps, or it has expired.
-    fn usable_saved_token(&self) -> Option<login::SavedToken> {
+    async fn usable_saved_token(&self) -> Option<login::SavedToken> {
         let server = self.config.control_addr();
-        login::load(&self.config.token_file)
+        // Off the runtime's one thread: a disk busy with a model loading
+        // must not hold up the streams of the previous session.
+        let path = self.config.token_file.clone();
+        let loaded = tokio::task::spawn_blocking(move || login::load(&path))
+            .await
+            .ok()
+            .flatten();
+        loaded
             .filter(|_| !self.token_refused.load(Ordering::Relaxed))
             .filter(|saved| {
                 // A token is for the frps that issued it: never hand it to
@@ -362,7 +369,11 @@ impl Client {
                 // A token that cannot be saved (a full disk, a read-only
                 // directory) costs the next session a password login, not
                 // this one.
-                match login::save(path, &saved) {
+                let (file, token) = (path.clone(), saved.clone());
+                let written = tokio::task::spawn_blocking(move || login::save(&file, &token))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the saving thread failed: {e}")));
+                match written {
                     Ok(()) => {
                         self.token_refused.store(false, Ordering::Relaxed);
                         info!(
@@ -635,15 +646,22 @@ async fn probe_models(config: &Config, fit: &local::ModelFit) -> Probe {
     probe_service(config, fit).await.0
 }
 
-/// As [`probe_models`], also saying whether the service answered with a
-/// model list (or could not be reached): false for an answer that was not
-/// one (an error status, a body cut short or too large).
+/// As [`probe_models`], also saying whether the answer is to be believed
+/// at once: false for an answer that was not a model list (an error status,
+/// a body cut short or too large) and for a service that did not answer in
+/// time (busy: a model loading, long prompts being tokenised), which
+/// [`after_probe`] believes only the second time in a row. A service that
+/// cannot be reached is down at once.
 async fn probe_service(config: &Config, fit: &local::ModelFit) -> (Probe, bool) {
     match local::models(&config.local_host(), config.connect_timeout).await {
         Ok(models) => ((fit.fit(models), true), true),
-        Err(e @ (local::ProbeError::Unreachable(_) | local::ProbeError::Timeout(_))) => {
+        Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");
             ((Vec::new(), false), true)
+        }
+        Err(e @ local::ProbeError::Timeout(_)) => {
+            debug!("local service slow to answer: {e}");
+            ((Vec::new(), false), false)
         }
         Err(e) => {
             debug!("local service has no model list: {e}");
@@ -652,16 +670,16 @@ async fn probe_service(config: &Config, fit: &local::ModelFit) -> (Probe, bool) 
     }
 }
 
-/// What the reporter announces after a probe: an answer that was no model
-/// list, once after a list, keeps that list (a passing error status from
-/// the service must not withdraw every model); the second in a row is
-/// believed.
+/// What the reporter announces after a probe: a doubtful one (no model
+/// list, or no answer in time) after a service that was up keeps what it
+/// said (a passing error status or a busy moment must not withdraw every
+/// model, nor mark the box down); the second in a row is believed.
 fn after_probe(last: &Probe, now: Probe, listed: bool, unlisted_before: &mut bool) -> Probe {
     if listed {
         *unlisted_before = false;
         return now;
     }
-    let keep = last.1 && !last.0.is_empty() && !*unlisted_before;
+    let keep = last.1 && !*unlisted_before;
     *unlisted_before = true;
     if keep { last.clone() } else { now }
 }
@@ -812,6 +830,15 @@ mod tests {
         assert_eq!(after_probe(&none, none.clone(), false, &mut unlisted), none);
         let down = (Vec::new(), false);
         assert_eq!(after_probe(&last, down.clone(), true, &mut unlisted), down);
+        // A service slow to answer once (doubtful) stays up with its models;
+        // twice in a row, it is down.
+        let mut doubted = false;
+        let now = after_probe(&last, down.clone(), false, &mut doubted);
+        assert_eq!(now, last);
+        assert_eq!(after_probe(&now, down.clone(), false, &mut doubted), down);
+        // One that was down stays down.
+        let mut doubted = false;
+        assert_eq!(after_probe(&down, down.clone(), false, &mut doubted), down);
     }
 
     #[tokio::test]

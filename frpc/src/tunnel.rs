@@ -112,7 +112,10 @@ async fn tunnel(
         let lost =
             |e: common::FrameError| TunnelError::Lost(format!("handshake with {proxy_addr}: {e}"));
         write_command(&mut remote, &hello).await.map_err(lost)?;
-        match read_one_command(&mut remote, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT)
+        // frps asks its NewWorkConn plugins before answering (each within
+        // its --plugin-timeout): the wait of a control request, not of a
+        // bare handshake.
+        match read_one_command(&mut remote, MAX_FRAME, crate::control::REPLY_TIMEOUT)
             .await
             .map_err(lost)?
         {
@@ -127,7 +130,6 @@ async fn tunnel(
         Err(e) => return (Err(e), false),
     };
     debug!("tunnel connection open");
-    let _ = common::stream::tune_tunnel(remote.tcp());
     let (mux, driver) = Mux::new(remote, Role::Acceptor);
     let accept = async {
         while let Some(stream) = mux.accept().await {

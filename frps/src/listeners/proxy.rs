@@ -113,9 +113,6 @@ async fn serve_tunnel(
             return debug!(%peer, client = %client.id, "tunnel connection stalled in its handshake");
         }
     }
-    // Unacknowledged bytes fail it within a minute (a path that went
-    // silent), as keepalive does an idle one.
-    let _ = common::stream::tune_tunnel(stream.tcp());
     let (mux, driver) = Mux::new(stream, Role::Opener);
     client.attach_tunnel(mux.clone());
     debug!(%peer, client = %client.id, "tunnel connection open");
