@@ -219,12 +219,13 @@ impl Client {
                 false => SessionError::Retry(e.to_string()),
             })?,
         };
+        let proxy_addr = tunnel::dial_back_addr(stream.tcp().peer_addr().ok(), &self.config);
         let (rd, mut wr) = tokio::io::split(stream);
         let mut reader = FrameReader::new(rd, MAX_FRAME);
 
         let handshake = async {
             self.login(&mut reader, &mut wr, with).await?;
-            self.register(&mut reader, &mut wr, probe).await
+            self.register(&mut reader, &mut wr, probe, proxy_addr).await
         };
         let (session, heartbeat, probe) = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -440,6 +441,7 @@ impl Client {
         reader: &mut FrameReader<ReadHalf<Stream>>,
         wr: &mut WriteHalf<Stream>,
         (models, service_up): Probe,
+        proxy_addr: String,
     ) -> Result<(Session, Duration, Probe), SessionError> {
         if !service_up {
             warn!(
@@ -460,6 +462,7 @@ impl Client {
                     client_id,
                     session_key,
                     mux,
+                    proxy_addr,
                 },
                 Duration::from_millis(heartbeat_interval_ms.max(100)),
                 (models, service_up),

@@ -29,6 +29,21 @@ pub struct Session {
     pub session_key: String,
     /// Whether frps offered a tunnel connection.
     pub mux: bool,
+    /// Where data and tunnel connections go ([`dial_back_addr`]).
+    pub proxy_addr: String,
+}
+
+/// frps's proxy port at the address this session's control connection
+/// reached: a server name is resolved once per session, not per dial-back,
+/// so dial-backs reach the frps that holds the session (several frps behind
+/// one round-robin DNS name each know only their own sessions) and a slow
+/// resolver costs nothing per request. The configured address when the
+/// control connection's peer is unknown.
+pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Config) -> String {
+    match control_peer {
+        Some(peer) => std::net::SocketAddr::new(peer.ip(), config.proxy_port).to_string(),
+        None => config.proxy_addr(),
+    }
 }
 
 /// First wait before dialing a lost tunnel connection again; doubles up to
@@ -99,10 +114,10 @@ async fn tunnel(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> (Result<(), TunnelError>, bool) {
-    let proxy_addr = config.proxy_addr();
+    let proxy_addr = &session.proxy_addr;
     let handshake = async {
         let mut remote = dialer
-            .connect(&proxy_addr, config.connect_timeout)
+            .connect(proxy_addr, config.connect_timeout)
             .await
             .map_err(|e| TunnelError::Lost(format!("proxy port: {e}")))?;
         let hello = Command::MuxHello {
@@ -224,11 +239,11 @@ async fn connect(
     conn_id: Uuid,
 ) -> Result<(Stream, TcpStream), String> {
     let limit = config.connect_timeout;
-    let proxy_addr = config.proxy_addr();
+    let proxy_addr = &session.proxy_addr;
     let local = connect_local(config);
     let remote = async {
         dialer
-            .connect(&proxy_addr, limit)
+            .connect(proxy_addr, limit)
             .await
             .map_err(|e| format!("proxy port: {e}"))
     };
@@ -294,6 +309,19 @@ mod tests {
     use clap::Parser;
     use tokio::net::TcpListener;
 
+    #[test]
+    fn dial_backs_go_where_the_control_connection_went() {
+        let mut config = Config::parse_from(["frpc"]);
+        config.server_addr = "frps.example".into();
+        config.proxy_port = 17001;
+        // The name's address for this session, not the name again.
+        let peer: std::net::SocketAddr = "203.0.113.7:17000".parse().unwrap();
+        assert_eq!(dial_back_addr(Some(peer), &config), "203.0.113.7:17001");
+        let peer: std::net::SocketAddr = "[2001:db8::7]:17000".parse().unwrap();
+        assert_eq!(dial_back_addr(Some(peer), &config), "[2001:db8::7]:17001");
+        assert_eq!(dial_back_addr(None, &config), "frps.example:17001");
+    }
+
     #[tokio::test]
     async fn a_data_connection_frps_drops_unread_is_reported_as_failed() {
         // frps's proxy port over its connection cap: accepts and closes.
@@ -316,6 +344,7 @@ mod tests {
             client_id: "gpu".into(),
             session_key: "k".into(),
             mux: false,
+            proxy_addr: config.proxy_addr(),
         });
         let (tx, mut rx) = mpsc::channel(4);
         let conn_id = Uuid::new_v4();
