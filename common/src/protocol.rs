@@ -165,6 +165,17 @@ pub enum Command {
         /// Why, in English.
         reason: String,
     },
+    /// frps → frpc (control, registered): a new login token for this
+    /// account, to save in place of the one the session logged in with,
+    /// which has less than half its lifetime left (it stays valid until it
+    /// expires). An frpc that does not know this command ignores it.
+    TokenRenewed {
+        /// The new token.
+        token: String,
+        /// RFC 3339 expiry of `token`, if it expires.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+    },
     /// frps → frpc (control): the server is dropping this client (operator
     /// request, shutdown, replaced by a newer connection). The control
     /// connection closes after this frame; frpc may reconnect after backoff.
@@ -205,6 +216,7 @@ impl Command {
             Command::DataRejected { .. } => "DataRejected",
             Command::MuxHello { .. } => "MuxHello",
             Command::MuxAccepted => "MuxAccepted",
+            Command::TokenRenewed { .. } => "TokenRenewed",
             Command::Disconnect { .. } => "Disconnect",
             Command::Error { .. } => "Error",
             Command::Unknown => "an unknown command",

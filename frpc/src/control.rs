@@ -86,6 +86,8 @@ pub struct Client {
     dialer: Dialer,
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
+    /// The account the last login was for (saved with a renewed token).
+    account: Mutex<String>,
     collector: Arc<Mutex<Collector>>,
     models_fit: Arc<local::ModelFit>,
 }
@@ -107,6 +109,7 @@ impl Client {
             dialer,
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
+            account: Mutex::new(String::new()),
             collector: Arc::new(Mutex::new(Collector::new())),
             models_fit,
         })
@@ -279,6 +282,44 @@ impl Client {
             })
     }
 
+    /// Saves `token` (of the account `email`) to the token file, off the
+    /// runtime's thread (a disk busy loading a model must not hold up the
+    /// streams).
+    async fn save_token(
+        &self,
+        token: String,
+        expires_at: Option<String>,
+        email: String,
+    ) -> anyhow::Result<()> {
+        let saved = login::SavedToken {
+            token,
+            expires_at,
+            server: self.config.control_addr(),
+            email,
+        };
+        let file = self.config.token_file.clone();
+        tokio::task::spawn_blocking(move || login::save(&file, &saved))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the saving thread failed: {e}")))?;
+        self.token_refused.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Saves a token frps renewed (at a token login or during a session).
+    async fn renewed(&self, token: String, expires_at: Option<String>) {
+        let email = self.account.lock().expect("account lock").clone();
+        let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
+        match self.save_token(token, expires_at, email).await {
+            Ok(()) => info!(
+                "frps renewed the login token (valid until {until}); saved to {}",
+                self.config.token_file.display()
+            ),
+            Err(e) => warn!(
+                "frps renewed the login token, but it cannot be saved ({e:#}); the saved one stays valid until it expires"
+            ),
+        }
+    }
+
     /// Email and password for a login, refusing to send them in plaintext
     /// unless allowed.
     async fn password_credentials(&self) -> Result<Credentials, SessionError> {
@@ -305,7 +346,19 @@ impl Client {
         }
         write_command(wr, &Command::LoginToken { token: saved.token }).await?;
         match self.expect_reply(reader).await? {
-            Command::LoginResult { ok: true, .. } => Ok(()),
+            Command::LoginResult {
+                ok: true,
+                token,
+                expires_at,
+                ..
+            } => {
+                *self.account.lock().expect("account lock") = saved.email.clone();
+                // Past half its lifetime, frps hands over a new one.
+                if let Some(token) = token {
+                    self.renewed(token, expires_at).await;
+                }
+                Ok(())
+            }
             Command::LoginResult { reason, code, .. } => {
                 let reason = reason.unwrap_or_else(|| "no reason given".into());
                 match code.as_deref() {
@@ -361,31 +414,14 @@ impl Client {
                 expires_at,
                 ..
             } => {
-                let saved = login::SavedToken {
-                    token,
-                    expires_at,
-                    server: self.config.control_addr(),
-                    email,
-                };
+                *self.account.lock().expect("account lock") = email.clone();
                 // A token that cannot be saved (a full disk, a read-only
                 // directory) costs the next session a password login, not
                 // this one.
-                let (file, token) = (path.clone(), saved.clone());
-                let written = tokio::task::spawn_blocking(move || login::save(&file, &token))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("the saving thread failed: {e}")));
-                match written {
-                    Ok(()) => {
-                        self.token_refused.store(false, Ordering::Relaxed);
-                        info!(
-                            "logged in as {}; token saved to {}",
-                            saved.email,
-                            path.display()
-                        );
-                    }
+                match self.save_token(token, expires_at, email.clone()).await {
+                    Ok(()) => info!("logged in as {email}; token saved to {}", path.display()),
                     Err(e) => warn!(
-                        "logged in as {}, but cannot save the token ({e:#}); the next session logs in with the password again",
-                        saved.email
+                        "logged in as {email}, but cannot save the token ({e:#}); the next session logs in with the password again"
                     ),
                 }
                 Ok(())
@@ -571,6 +607,7 @@ impl Client {
                             });
                         }
                         Command::HeartbeatAck { .. } => {}
+                        Command::TokenRenewed { token, expires_at } => self.renewed(token, expires_at).await,
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),

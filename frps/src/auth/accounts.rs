@@ -13,7 +13,7 @@ use argon2::password_hash::{
 use chrono::{NaiveDateTime, Utc};
 
 use super::secret;
-use crate::store::{Store, StoreError, UserRow};
+use crate::store::{Store, StoreError};
 
 /// Why a login failed. The `code` goes to frpc in `LoginResult`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +83,18 @@ pub struct IssuedToken {
     pub expires_at: Option<NaiveDateTime>,
     /// Who it belongs to.
     pub principal: Principal,
+}
+
+/// A session's token, re-checked ([`Accounts::review_token`]).
+#[derive(Debug, Clone)]
+pub enum TokenReview {
+    /// Revoked, expired or gone: the session must end.
+    Unusable,
+    /// Usable, with more than half its lifetime left (or no expiry).
+    Usable,
+    /// Usable and past half its lifetime: a new token of the same account,
+    /// to hand the box (the old one stays valid until it expires).
+    Renewed(IssuedToken),
 }
 
 /// Hashes a password with Argon2id (PHC string).
@@ -190,26 +202,26 @@ impl Accounts {
             }
         };
         attempt.succeed();
-        self.issue(store, &user).await
+        self.issue(store, user.id, &user.email, Some(&user.password_hash))
+            .await
     }
 
-    /// A token for `user`, whose password (hash `user.password_hash`) was
-    /// just verified; none if the password changed meanwhile.
-    async fn issue(&self, store: &Store, user: &UserRow) -> Result<IssuedToken, LoginError> {
+    /// A token for the account `user_id`; with `verified`, none if its
+    /// password hash is no longer that one (changed while it was checked).
+    async fn issue(
+        &self,
+        store: &Store,
+        user_id: i64,
+        email: &str,
+        verified: Option<&str>,
+    ) -> Result<IssuedToken, LoginError> {
         let s = secret::generate("frpxc");
         // A lifetime reaching past the last representable date never ends.
         let expires_at = self
             .token_ttl
             .and_then(|ttl| expiry_after(Utc::now().naive_utc(), ttl));
         let stored = store
-            .insert_client_token(
-                &s.id,
-                &s.hash_hex,
-                &s.prefix,
-                user.id,
-                expires_at,
-                Some(&user.password_hash),
-            )
+            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user_id, expires_at, verified)
             .await?;
         if !stored {
             return Err(LoginError::InvalidCredentials);
@@ -218,11 +230,40 @@ impl Accounts {
             token: s.plaintext,
             expires_at,
             principal: Principal {
-                user_id: user.id,
-                email: user.email.clone(),
+                user_id,
+                email: email.to_owned(),
                 token_id: Some(s.id.clone()),
             },
         })
+    }
+
+    /// Re-checks the token with this id and, once less than half of
+    /// `--token-ttl` is left of it, issues its account a new one: a box
+    /// that has only its token (no password) never runs out, whether it
+    /// stays connected for months or logs in again. A revoked token is not
+    /// renewed (a password change revokes them all).
+    pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
+        let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
+        let Some(row) = store.find_client_token_by_id(id).await? else {
+            return Ok(TokenReview::Unusable);
+        };
+        let now = Utc::now().naive_utc();
+        if !row.is_usable(now) {
+            return Ok(TokenReview::Unusable);
+        }
+        let (Some(ttl), Some(expires_at)) = (self.token_ttl, row.expires_at) else {
+            return Ok(TokenReview::Usable);
+        };
+        let left = (expires_at - now).to_std().unwrap_or_default();
+        if left > ttl / 2 {
+            return Ok(TokenReview::Usable);
+        }
+        match self.issue(store, row.user_id, &row.email, None).await {
+            Ok(issued) => Ok(TokenReview::Renewed(issued)),
+            // The account is gone: the old token goes on until it ends.
+            Err(LoginError::InvalidCredentials) => Ok(TokenReview::Usable),
+            Err(e) => Err(e),
+        }
     }
 
     /// Logs in from `from` with a saved token. Refused tokens (unknown,
@@ -269,14 +310,6 @@ impl Accounts {
             email: row.email,
             token_id: Some(row.id),
         })
-    }
-
-    /// Whether the token with this id is still usable (not revoked, not
-    /// expired); an unknown id is not.
-    pub async fn token_usable(&self, id: &str) -> Result<bool, LoginError> {
-        let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let row = store.find_client_token_by_id(id).await?;
-        Ok(row.is_some_and(|r| r.is_usable(Utc::now().naive_utc())))
     }
 }
 

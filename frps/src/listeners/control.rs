@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Principal;
+use crate::auth::accounts::TokenReview;
 use crate::plugins::hooks;
 use crate::registry::{ClientHandle, NewClient};
 use crate::state::State;
@@ -194,6 +195,28 @@ async fn session(
     result
 }
 
+/// A token login's principal, with a new token for the box when its own
+/// has less than half its lifetime left ([`TokenReview::Renewed`]).
+async fn renewed_at_login(
+    state: &State,
+    principal: Principal,
+) -> (Principal, Option<(String, Option<chrono::NaiveDateTime>)>) {
+    let Some(id) = principal.token_id.as_deref() else {
+        return (principal, None);
+    };
+    match state.accounts.review_token(id).await {
+        Ok(TokenReview::Renewed(t)) => {
+            info!(email = %t.principal.email, "renewed a login token at login");
+            (t.principal, Some((t.token, t.expires_at)))
+        }
+        Ok(_) => (principal, None),
+        Err(e) => {
+            debug!("cannot renew the login token: {e}");
+            (principal, None)
+        }
+    }
+}
+
 async fn login(
     reader: &mut FrameReader<ReadHalf<Stream>>,
     wr: &mut WriteHalf<Stream>,
@@ -204,11 +227,12 @@ async fn login(
     let outcome = match reader.read_command_within(hs).await? {
         // Throttled per source address like password logins, so guessing
         // tokens cannot hammer the database.
-        Some(Command::LoginToken { token }) => state
-            .accounts
-            .login_token(&token, peer.ip())
-            .await
-            .map(|p| (p, None)),
+        Some(Command::LoginToken { token }) => {
+            match state.accounts.login_token(&token, peer.ip()).await {
+                Ok(principal) => Ok(renewed_at_login(state, principal).await),
+                Err(e) => Err(e),
+            }
+        }
         Some(Command::Login { email, password }) => state
             .accounts
             .login(&email, &password, peer.ip())
@@ -377,9 +401,11 @@ async fn serve(
 /// Every six heartbeat intervals, checks that the token the session logged
 /// in with is still usable; once it is revoked (`frps token revoke`, a
 /// password change) or expired, the client is disconnected and must log in
-/// again. While the database cannot be asked, the session goes on.
+/// again. Once it has less than half its lifetime left, the box is sent a
+/// new one (`TokenRenewed`) and the session goes on under that one. While
+/// the database cannot be asked, the session goes on.
 async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
-    let Some(id) = client.owner.token_id.clone() else {
+    let Some(mut id) = client.owner.token_id.clone() else {
         return;
     };
     let period = state.config.heartbeat_interval * 6;
@@ -388,11 +414,24 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
             _ = client.kick.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        match state.accounts.token_usable(&id).await {
-            Ok(true) => {}
-            Ok(false) => {
+        match state.accounts.review_token(&id).await {
+            Ok(TokenReview::Usable) => {}
+            Ok(TokenReview::Unusable) => {
                 client.kick(TOKEN_ENDED);
                 return;
+            }
+            Ok(TokenReview::Renewed(t)) => {
+                let renewed = Command::TokenRenewed {
+                    token: t.token,
+                    expires_at: t.expires_at.map(|e| e.and_utc().to_rfc3339()),
+                };
+                if client.control_tx.send(renewed).await.is_err() {
+                    return;
+                }
+                info!(client = %client.id, "sent the client a renewed login token");
+                if let Some(new) = t.principal.token_id {
+                    id = new;
+                }
             }
             Err(e) => debug!(client = %client.id, "cannot re-check the login token: {e}"),
         }

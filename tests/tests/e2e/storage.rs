@@ -742,6 +742,62 @@ async fn revoking_a_token_ends_its_session_and_a_password_change_ends_them_all()
 }
 
 #[tokio::test]
+async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
+    let mut cfg = frps_config();
+    // Tokens live 4 s; the session's token is looked at every 1.2 s and
+    // renewed once less than 2 s is left.
+    cfg.token_ttl = Duration::from_secs(4);
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    let frps = Frps::start(cfg).await;
+    let backend = Backend::start("b").await;
+    let mut client_cfg = frpc_config("gpu", &frps.addrs, backend.addr);
+    let frpc = Frpc::start(client_cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    let session = frps.state.registry.get("gpu").unwrap().session;
+    let first = frpc::login::load(&client_cfg.token_file).unwrap();
+    let first_ends = chrono::DateTime::parse_from_rfc3339(first.expires_at.as_deref().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+
+    // Sent during the session and saved, before the first one ends.
+    frpx_tests::eventually("a renewed token saved", || {
+        frpc::login::load(&client_cfg.token_file).is_some_and(|t| t.token != first.token)
+    })
+    .await;
+    let renewed = frpc::login::load(&client_cfg.token_file).unwrap();
+    assert!(chrono::Utc::now() < first_ends, "renewed in time");
+    assert_eq!(renewed.email, TEST_EMAIL);
+    assert_eq!(renewed.server, client_cfg.control_addr());
+    // The session outlives its first token: it goes on under the new one.
+    while chrono::Utc::now() < first_ends + chrono::Duration::milliseconds(1500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(frps.state.registry.get("gpu").unwrap().session, session);
+    frpc.kill().await;
+    frps.wait_for_clients(&[]).await;
+
+    // A box without a password logs in with the saved token (and, past
+    // half its life by now, is given and saves the next one at login).
+    client_cfg.email = None;
+    client_cfg.password = None;
+    let latest = frpc::login::load(&client_cfg.token_file).unwrap();
+    let latest_ends = chrono::DateTime::parse_from_rfc3339(latest.expires_at.as_deref().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    // Past its half-life, with 1.8 s left to log in with it.
+    while latest_ends - chrono::Utc::now() > chrono::Duration::milliseconds(1800) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frpc = Frpc::start(client_cfg.clone());
+    frps.wait_for_clients(&["gpu"]).await;
+    frpx_tests::eventually("the token renewed at login saved", || {
+        frpc::login::load(&client_cfg.token_file).is_some_and(|t| t.token != latest.token)
+    })
+    .await;
+    frpc.kill().await;
+}
+
+#[tokio::test]
 async fn tokens_dead_for_30_days_are_deleted_at_start() {
     let mut cfg = frps_config();
     cfg.database_url = frpx_tests::temp_sqlite_url();
