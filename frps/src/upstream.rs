@@ -196,16 +196,30 @@ pub struct Upstream {
     pub reused: bool,
 }
 
-/// Gets a connection to `client`'s local service: an idle one if ready
-/// (unless `fresh`), else a new stream or dial-back, waiting at most
+/// Which connections [`acquire`] may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// An idle pooled one first, else a tunnel stream, else a dial-back.
+    Any,
+    /// Not a pooled one, which the service may close as idle just as a
+    /// request goes out on it (the keep-alive race): a new tunnel stream,
+    /// else a dial-back. For a request that cannot be sent twice (a
+    /// streamed body) and for the one retry after such a race.
+    NotPooled,
+}
+
+/// Gets a connection to `client`'s local service as `reuse` allows: an
+/// idle one if ready, else a new stream or dial-back, waiting at most
 /// `--connect-timeout`.
 pub async fn acquire(
     state: &State,
     client: &ClientHandle,
-    fresh: bool,
+    reuse: Reuse,
 ) -> Result<Upstream, AcquireError> {
     let timeout = state.config.connect_timeout;
-    while !fresh && let Some(mut sender) = client.idle.take() {
+    while reuse == Reuse::Any
+        && let Some(mut sender) = client.idle.take()
+    {
         if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await {
             return Ok(Upstream {
                 sender,

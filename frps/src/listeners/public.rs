@@ -497,7 +497,14 @@ async fn forward(
             return plugins::hooks::refusal(&e);
         }
         let acquiring = Instant::now();
-        let up = match upstream::acquire(state, &client, raced).await {
+        // A body that cannot be sent twice is not sent where a connection
+        // closed as idle could take part of it.
+        let reuse = if raced || !payload.replayable() {
+            upstream::Reuse::NotPooled
+        } else {
+            upstream::Reuse::Any
+        };
+        let up = match upstream::acquire(state, &client, reuse).await {
             Ok(up) => {
                 if !up.reused {
                     waited += acquiring.elapsed();

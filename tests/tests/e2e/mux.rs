@@ -51,17 +51,21 @@ async fn upstream_connections_are_streams_of_the_tunnel_connection() {
     // Back in the pool, still streams of the same connection, and reused.
     frpx_tests::eventually("20 in the pool", || client.idle.len() == 20).await;
     let mut conn = Conn::open(fleet.frps.public()).await;
+    assert_eq!(conn.get("/again", Some(API_KEY)).await.status, 200);
+    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 20);
+    // A streamed body takes a new stream (never a pooled connection the
+    // service could close under it), still no dial-back.
     let payload = vec![b'z'; 2_000_000];
     let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), payload.len(), "over the window both ways");
-    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 20);
+    assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 21);
     assert!(client.tunnel().unwrap().same(&tunnel));
     // The management API says so.
     let api = api(&fleet, "GET", "/api/connections").await.json();
     assert_eq!(api["data"]["clients"][0]["tunnel"], true, "{api}");
     let api = api_stats(&fleet).await;
-    assert_eq!(api["upstream_streams"], 20, "{api}");
+    assert_eq!(api["upstream_streams"], 21, "{api}");
     assert_eq!(api["upstream_dial_backs"], 0, "{api}");
 }
 

@@ -864,6 +864,13 @@ async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_witho
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.body, "ok");
     }
+    // A streamed body (not a routed path) cannot be sent twice: it goes on
+    // a new connection, not the pooled one that would close under it.
+    let pooled = frps.state.registry.get("svc").unwrap().idle.len();
+    assert!(pooled >= 1, "a pooled connection is there to be avoided");
+    let reply = conn.post("/upload", Some(API_KEY), vec![b'u'; 1000]).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body, "ok");
     frpc.kill().await;
 }
 
