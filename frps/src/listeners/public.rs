@@ -1290,29 +1290,56 @@ impl Drop for TrackedBody {
     }
 }
 
-/// When a streamed request body finished uploading (`None` while the
-/// caller is still sending it), shared by the body, which records it, and
-/// the wait for the response head, which does not count the caller's
-/// upload time against the service.
+/// Where a streamed request body's upload stands, shared by the body,
+/// which records it, and the wait for the response head, which does not
+/// count the caller's time against the service.
 #[derive(Debug, Default)]
-struct UploadClock(std::sync::Mutex<Option<tokio::time::Instant>>);
+struct UploadClock(std::sync::Mutex<Upload>);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Upload {
+    /// The next piece is wanted and the caller has not sent it yet (also
+    /// before the first is asked for): the caller's time.
+    #[default]
+    Waiting,
+    /// A piece was handed on at this time and no other asked for since:
+    /// the connection to the service has taken nothing more (its buffers
+    /// are full), the service's time.
+    Handed(tokio::time::Instant),
+    /// The last piece was handed on at this time.
+    Finished(tokio::time::Instant),
+}
 
 impl UploadClock {
+    fn set(&self, to: Upload) {
+        let mut at = self.0.lock().expect("upload clock lock");
+        if !matches!(*at, Upload::Finished(_)) {
+            *at = to;
+        }
+    }
+
     fn finish(&self) {
-        let mut done = self.0.lock().expect("upload clock lock");
-        done.get_or_insert_with(tokio::time::Instant::now);
+        self.set(Upload::Finished(tokio::time::Instant::now()));
+    }
+
+    fn state(&self) -> Upload {
+        *self.0.lock().expect("upload clock lock")
     }
 
     fn finished(&self) -> Option<tokio::time::Instant> {
-        *self.0.lock().expect("upload clock lock")
+        match self.state() {
+            Upload::Finished(at) => Some(at),
+            _ => None,
+        }
     }
 }
 
 /// Awaits `send` (the response head) while the service is given `idle` to
 /// answer from the end of the request: a streamed upload (`upload`) still
 /// arriving from the caller is the caller's time (its gaps are held to
-/// `--keepalive-timeout` by [`CountedBody`]), not the service's. `Err` when
-/// the service stayed silent that long.
+/// `--keepalive-timeout` by [`CountedBody`]), not the service's; a piece of
+/// it that the service has not taken for `idle` is the service's. `Err`
+/// when the service stayed silent, or took nothing, that long.
 async fn response_head<F: Future>(
     send: F,
     idle: std::time::Duration,
@@ -1325,9 +1352,11 @@ async fn response_head<F: Future>(
             out = &mut send => return Ok(out),
             _ = tokio::time::sleep_until(deadline) => {
                 let now = tokio::time::Instant::now();
-                deadline = match upload.map(UploadClock::finished) {
-                    Some(None) => now + idle,
-                    Some(Some(at)) if at + idle > now => at + idle,
+                deadline = match upload.map(UploadClock::state) {
+                    Some(Upload::Waiting) => now + idle,
+                    Some(Upload::Handed(at) | Upload::Finished(at)) if at + idle > now => {
+                        at + idle
+                    }
                     _ => return Err(()),
                 };
             }
@@ -1380,6 +1409,7 @@ impl Body for CountedBody {
                         .stats
                         .bytes_in
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    this.upload.set(Upload::Handed(tokio::time::Instant::now()));
                 }
                 // The end, whether read (`None`) or known from the length
                 // (hyper does not poll past a body's announced end).
@@ -1389,6 +1419,7 @@ impl Body for CountedBody {
                 Poll::Ready(polled.map(|r| r.map_err(CallerBodyError::from)))
             }
             Poll::Pending => {
+                this.upload.set(Upload::Waiting);
                 let gap = this.gap;
                 let timer = this
                     .timer
@@ -1523,6 +1554,31 @@ mod tests {
         assert!(response_head(never(), idle, Some(&upload)).await.is_err());
         assert_eq!(started.elapsed(), Duration::from_secs(35));
         uploader.await.unwrap();
+
+        // A piece handed on and never taken further (the service reads no
+        // more of the body): the service has `idle` from then.
+        let stuck = Arc::new(UploadClock::default());
+        stuck.set(Upload::Handed(Instant::now()));
+        let started = Instant::now();
+        assert!(response_head(never(), idle, Some(&stuck)).await.is_err());
+        assert_eq!(started.elapsed(), idle);
+        // Taken piece by piece, each within `idle`, then finished: from the
+        // end.
+        let taken = Arc::new(UploadClock::default());
+        let feeder = tokio::spawn({
+            let taken = taken.clone();
+            async move {
+                for _ in 0..4 {
+                    taken.set(Upload::Handed(Instant::now()));
+                    sleep(Duration::from_secs(8)).await;
+                }
+                taken.finish();
+            }
+        });
+        let started = Instant::now();
+        assert!(response_head(never(), idle, Some(&taken)).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(42));
+        feeder.await.unwrap();
 
         // An answer in time is passed on.
         let answer = async {

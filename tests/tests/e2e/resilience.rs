@@ -791,6 +791,46 @@ async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
 }
 
 #[tokio::test]
+async fn an_upload_the_service_stops_taking_ends_in_504_not_a_hang() {
+    // Reads the request head, then nothing more, holding the connection.
+    let service = raw_service(|s| async move {
+        let _held = s;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.upstream_idle_timeout = Duration::from_secs(1);
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    // A 256 MiB upload, sent for as long as anything takes it: the buffers
+    // on the way fill, then nothing moves.
+    let caller = TcpStream::connect(frps.public()).await.unwrap();
+    let (mut from_frps, mut to_frps) = caller.into_split();
+    let len = 256 << 20;
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: frps\r\nauthorization: Bearer {API_KEY}\r\ncontent-length: {len}\r\n\r\n"
+    );
+    to_frps.write_all(head.as_bytes()).await.unwrap();
+    let uploader = tokio::spawn(async move {
+        let chunk = vec![b'u'; 64 << 10];
+        for _ in 0..len / chunk.len() {
+            if to_frps.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(frpx_tests::WAIT, from_frps.read(&mut answer))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+    uploader.abort();
+    frpc.kill().await;
+}
+
+#[tokio::test]
 async fn a_request_the_service_drops_is_sent_twice_at_most_and_answered_502() {
     // Answers /warm on a connection and keeps it; drops the connection on
     // anything else after reading the request (as a service that crashes
