@@ -96,7 +96,9 @@ pub fn pick(
             {
                 return Err(NoPick::NoModel);
             }
-            if want.exclude.contains(&c.session) {
+            // Pinned or not, a box that is down or cooling down is spared:
+            // a caller pinning it cannot keep extending its cool-down.
+            if want.exclude.contains(&c.session) || !c.is_routable(std::time::Instant::now()) {
                 return Err(NoPick::Unavailable);
             }
             return if c.try_reserve() {
