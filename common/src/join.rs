@@ -44,15 +44,55 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    join(a, b, None).await
+}
+
+/// As [`join_streams`], but once `a` has ended (its EOF passed on to `b`),
+/// the way back gets `linger` at most without a byte before the join ends:
+/// a peer that closed and a `b` that never answers (a hung service that
+/// ignores the half-close) do not hold both connections for ever.
+pub async fn join_streams_lingering<A, B>(
+    a: &mut A,
+    b: &mut B,
+    linger: std::time::Duration,
+) -> io::Result<JoinStats>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    join(a, b, Some(linger)).await
+}
+
+async fn join<A, B>(
+    a: &mut A,
+    b: &mut B,
+    linger: Option<std::time::Duration>,
+) -> io::Result<JoinStats>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let (mut a_to_b, mut b_to_a) = (Copy::default(), Copy::default());
+    // Armed once `a` ended; pushed back whenever bytes move the other way.
+    let mut lingering: Option<(Pin<Box<tokio::time::Sleep>>, u64)> = None;
     poll_fn(|cx| {
         let there = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         if there.is_ready() && back.is_ready() {
-            Poll::Ready(Ok::<(), io::Error>(()))
-        } else {
-            Poll::Pending
+            return Poll::Ready(Ok::<(), io::Error>(()));
         }
+        if let (Poll::Ready(()), Some(limit)) = (there, linger) {
+            let (timer, seen) = lingering
+                .get_or_insert_with(|| (Box::pin(tokio::time::sleep(limit)), b_to_a.moved));
+            if *seen != b_to_a.moved {
+                *seen = b_to_a.moved;
+                timer.as_mut().reset(tokio::time::Instant::now() + limit);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Poll::Pending
     })
     .await?;
     Ok(JoinStats {
@@ -373,5 +413,39 @@ mod tests {
                 b_to_a: 100_000
             }
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_one_side_ends_the_other_has_a_bounded_linger_without_bytes() {
+        use std::time::Duration;
+        let (mut a, mut a_peer) = duplex(1024);
+        let (mut b, mut b_peer) = duplex(1024);
+        let linger = Duration::from_secs(30);
+        let started = tokio::time::Instant::now();
+        let join =
+            tokio::spawn(
+                async move { join_streams_lingering(&mut a_peer, &mut b_peer, linger).await },
+            );
+        // a closes; b answers a little every 20 s (under the linger each
+        // time), then falls silent and never closes.
+        a.shutdown().await.unwrap();
+        let mut eof = Vec::new();
+        b.read_to_end(&mut eof).await.unwrap();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            b.write_all(b"tick").await.unwrap();
+        }
+        let stats = join.await.unwrap().unwrap();
+        assert_eq!(stats.b_to_a, 12);
+        // Ended 30 s after the last byte (written at 60 s), not waiting for b.
+        let ended = started.elapsed();
+        assert!(
+            (Duration::from_secs(90)..Duration::from_secs(91)).contains(&ended),
+            "{ended:?}"
+        );
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"tick".repeat(3));
+        drop(b);
     }
 }

@@ -168,8 +168,9 @@ impl Client {
         self.tunnels.close();
         let limit = self.config.shutdown_timeout;
         if !self.tunnels.is_empty() && !limit.is_zero() {
+            // Counted as tasks: the connections, and the tunnel's supervisor.
             info!(
-                "waiting up to {limit:?} for {} connection(s) to finish",
+                "waiting up to {limit:?} for the requests in flight to finish ({} task(s) open)",
                 self.tunnels.len()
             );
         }
@@ -323,6 +324,20 @@ impl Client {
     /// Email and password for a login, refusing to send them in plaintext
     /// unless allowed.
     async fn password_credentials(&self) -> Result<Credentials, SessionError> {
+        // No password to send at all: say that, not that it would go in
+        // plaintext.
+        let have_one = self.prompted.lock().expect("credentials lock").is_some()
+            || !matches!(
+                login::source(
+                    self.config.email.as_deref(),
+                    self.config.password.as_deref(),
+                    !self.config.no_prompt,
+                ),
+                login::Source::None
+            );
+        if !have_one {
+            return Err(self.no_credentials());
+        }
         if !self.dialer.is_tls() && !self.config.insecure_plaintext {
             return Err(SessionError::Fatal(format!(
                 "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
@@ -465,11 +480,26 @@ impl Client {
                 *self.prompted.lock().expect("credentials lock") = Some(creds.clone());
                 Ok(creds)
             }
-            login::Source::None => Err(SessionError::Fatal(format!(
-                "no usable saved token in {} and no credentials: pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or run frpc in a terminal to be prompted",
-                self.config.token_file.display()
-            ))),
+            login::Source::None => Err(self.no_credentials()),
         }
+    }
+
+    /// Neither a usable saved token nor a password: why, and what to do.
+    fn no_credentials(&self) -> SessionError {
+        let token = if self.token_refused.load(Ordering::Relaxed) {
+            format!(
+                "frps refused the saved token in {}",
+                self.config.token_file.display()
+            )
+        } else {
+            format!(
+                "no usable saved token in {}",
+                self.config.token_file.display()
+            )
+        };
+        SessionError::Fatal(format!(
+            "{token} and no credentials: pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or run frpc in a terminal to be prompted"
+        ))
     }
 
     async fn register(

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::mux::{Mux, MuxStream, Role};
-use common::{Command, MAX_FRAME, Stream, join_streams, read_one_command, write_command};
+use common::{
+    Command, MAX_FRAME, Stream, join_streams, join_streams_lingering, read_one_command,
+    write_command,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -45,6 +48,10 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
         None => config.proxy_addr(),
     }
 }
+
+/// How long a data connection frps has closed waits for the local service's
+/// next byte before both are dropped.
+pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 
 /// First wait before dialing a lost tunnel connection again; doubles up to
 /// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
@@ -298,7 +305,10 @@ async fn forward(
         return Ok(true);
     }
     local.write_all(&first).await?;
-    let stats = join_streams(remote, local).await?;
+    // frps never half-closes a connection it still wants an answer on: once
+    // it has closed, the service's answer (or silence, if it hangs and
+    // ignores the half-close) gets DIAL_BACK_LINGER, not for ever.
+    let stats = join_streams_lingering(remote, local, DIAL_BACK_LINGER).await?;
     debug!(%conn_id, to_local = stats.a_to_b + 1, to_server = stats.b_to_a, "data connection closed");
     Ok(true)
 }

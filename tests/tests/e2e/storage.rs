@@ -1462,7 +1462,10 @@ async fn a_refused_token_stays_on_disk_and_an_expired_one_is_never_sent() {
     };
     frpc::login::save(&cfg.token_file, &dead).unwrap();
     let err = Frpc::start(cfg.clone()).exit().await.unwrap_err();
-    assert!(err.to_string().contains("no usable saved token"), "{err}");
+    assert!(
+        err.to_string().contains("frps refused the saved token"),
+        "{err}"
+    );
     assert_eq!(frpc::login::load(&cfg.token_file), Some(dead), "kept");
 
     // A token frps would take, but past the expiry saved with it: frpc

@@ -169,6 +169,13 @@ async fn a_password_is_never_sent_in_clear_without_insecure_plaintext() {
     assert!(message.contains("over plaintext"), "{message}");
     assert!(message.contains("--insecure-plaintext"), "{message}");
     assert!(message.contains("--tls"), "{message}");
+    // Without a password, the reason is that there is none.
+    let mut none = cfg.clone();
+    none.email = None;
+    none.password = None;
+    let message = refusal(Frpc::start(none)).await;
+    assert!(message.contains("no usable saved token"), "{message}");
+    assert!(!message.contains("over plaintext"), "{message}");
 
     // A saved token may go over plaintext (with a warning): no password is sent.
     let token = frpc::login::SavedToken {
