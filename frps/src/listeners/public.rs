@@ -595,80 +595,66 @@ async fn forward(
                         raced = true;
                         continue;
                     }
-                    let failed = AcquireError::Pair(PairError::Failed(reset.reason.to_string()));
-                    // A streamed body went with it: no other attempt.
-                    let retries = if payload.is_spent() {
-                        0
-                    } else {
-                        state.config.max_retries
-                    };
-                    if let Some(resp) = blame(
-                        state,
-                        &client,
-                        failed,
-                        &mut excluded,
-                        &mut last_error,
-                        retries,
-                    ) {
-                        return resp;
-                    }
-                    continue;
-                }
-                let reason = error.to_string();
-                match unsent {
-                    // Never written: a stale pooled connection says nothing
-                    // about the client; a fresh one failing does.
-                    Some(back) => {
-                        payload.put_back(back.into_body());
-                        if up.reused {
-                            debug!(client = %client.id, "stale pooled connection: {reason}");
+                    AcquireError::Pair(PairError::Failed(reset.reason.to_string()))
+                } else {
+                    let reason = error.to_string();
+                    match unsent {
+                        // Never written: a stale pooled connection says nothing
+                        // about the client; a fresh one failing does.
+                        Some(back) => {
+                            payload.put_back(back.into_body());
+                            if up.reused {
+                                debug!(client = %client.id, "stale pooled connection: {reason}");
+                                continue;
+                            }
+                            AcquireError::Service(reason)
+                        }
+                        // Written, then the connection closed without a byte of
+                        // answer: on a pooled connection, the service closing it
+                        // as idle while the request was on its way (a
+                        // keep-alive race), which says nothing about the client
+                        // either. The body is replayable; try again, once, on a
+                        // new connection (a service that closes every connection
+                        // on this request is not sent it over and over).
+                        None if up.reused
+                            && !raced
+                            && payload.replayable()
+                            && error.is_incomplete_message() =>
+                        {
+                            debug!(client = %client.id, "pooled connection closed under the request: {reason}");
+                            raced = true;
                             continue;
                         }
-                        AcquireError::Service(reason)
-                    }
-                    // Written, then the connection closed without a byte of
-                    // answer: on a pooled connection, the service closing it
-                    // as idle while the request was on its way (a
-                    // keep-alive race), which says nothing about the client
-                    // either. The body is replayable; try again, once, on a
-                    // new connection (a service that closes every connection
-                    // on this request is not sent it over and over).
-                    None if up.reused
-                        && !raced
-                        && payload.replayable()
-                        && error.is_incomplete_message() =>
-                    {
-                        debug!(client = %client.id, "pooled connection closed under the request: {reason}");
-                        raced = true;
-                        continue;
-                    }
-                    // A head too large to read (over the read buffer, over
-                    // 100 headers, an absurd Content-Length) is an answer
-                    // frps will not relay, not a failing client: no failover.
-                    None if error.is_parse_too_large() => {
-                        Stats::inc(&state.stats.upstream_errors);
-                        warn!(client = %client.id, "upstream response refused: {reason}");
-                        return bad_gateway(&format!(
-                            "the client's local service sent a response head too large to relay (over {} KiB or over 100 headers)",
-                            crate::upstream::UPSTREAM_READ_BUFFER / 1024
-                        ));
-                    }
-                    None if payload.replayable() => AcquireError::Service(reason),
-                    None => {
-                        // Part of a streamed body went out: it cannot be
-                        // replayed. The caller's body failing is not the
-                        // client's fault.
-                        match caller_body_error(&error) {
-                            Some(CallerBodyError::Stalled(gap)) => return body_stalled(*gap),
-                            Some(CallerBodyError::Read(_)) => {
-                                debug!(client = %client.id, "the caller's body failed: {reason}");
-                                return bad_body(&reason);
-                            }
-                            None => {}
+                        // A head too large to read (over the read buffer, over
+                        // 100 headers, an absurd Content-Length) is an answer
+                        // frps will not relay, not a failing client: no failover.
+                        None if error.is_parse_too_large() => {
+                            Stats::inc(&state.stats.upstream_errors);
+                            warn!(client = %client.id, "upstream response refused: {reason}");
+                            return bad_gateway(&format!(
+                                "the client's local service sent a response head too large to relay (over {} KiB or over 100 headers)",
+                                crate::upstream::UPSTREAM_READ_BUFFER / 1024
+                            ));
                         }
-                        Stats::inc(&state.stats.upstream_errors);
-                        warn!(client = %client.id, "upstream request failed: {reason}");
-                        return bad_gateway("the client's local service failed while answering");
+                        None if payload.replayable() => AcquireError::Service(reason),
+                        None => {
+                            // Part of a streamed body went out: it cannot be
+                            // replayed. The caller's body failing is not the
+                            // client's fault.
+                            match caller_body_error(&error) {
+                                Some(CallerBodyError::Stalled(gap)) => return body_stalled(*gap),
+                                Some(CallerBodyError::Read(_)) => {
+                                    debug!(client = %client.id, "the caller's body failed: {reason}");
+                                    return bad_body(&reason);
+                                }
+                                None => {}
+                            }
+                            Stats::inc(&state.stats.upstream_errors);
+                            warn!(client = %client.id, "upstream request failed: {reason}");
+                            return bad_gateway(
+                                "the client's local service failed while answering",
+                            );
+                        }
                     }
                 }
             }

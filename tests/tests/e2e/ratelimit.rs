@@ -165,17 +165,15 @@ async fn concurrency_is_held_until_the_stream_ends_or_the_caller_leaves() {
     assert!([x, y, z].iter().all(|r| r.status == 200));
 }
 
-#[tokio::test]
-async fn two_frps_sharing_redis_share_one_budget() {
-    let Some(redis) = services::redis_url() else {
-        return;
-    };
+/// Two frps (one client each) sharing one database and `redis` under one
+/// fresh prefix, both connected to it; and that prefix.
+async fn two_frps_sharing(redis: &str) -> (Fleet, Fleet, String) {
     let database = frpx_tests::temp_sqlite_url();
     let prefix = services::redis_prefix();
     let cfg = || {
         let mut cfg = config(Duration::from_secs(30));
         cfg.database_url = database.clone();
-        cfg.redis_url = redis.clone();
+        cfg.redis_url = redis.to_owned();
         cfg.redis_prefix = prefix.clone();
         cfg
     };
@@ -185,6 +183,15 @@ async fn two_frps_sharing_redis_share_one_budget() {
         let r = f.frps.state.redis.clone().unwrap();
         eventually("Redis connected", || r.is_healthy()).await;
     }
+    (a, b, prefix)
+}
+
+#[tokio::test]
+async fn two_frps_sharing_redis_share_one_budget() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let (a, b, _) = two_frps_sharing(&redis).await;
     let (key, _) = key_with(&a.frps, Some(4), None).await;
     for frps in [&a.frps, &b.frps, &a.frps, &b.frps] {
         assert_eq!(status(frps, &key).await, 200);
@@ -214,21 +221,7 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     let Some(redis) = services::redis_url() else {
         return;
     };
-    let database = frpx_tests::temp_sqlite_url();
-    let prefix = services::redis_prefix();
-    let cfg = || {
-        let mut cfg = config(Duration::from_secs(30));
-        cfg.database_url = database.clone();
-        cfg.redis_url = redis.clone();
-        cfg.redis_prefix = prefix.clone();
-        cfg
-    };
-    let a = Fleet::start_with(1, cfg()).await;
-    let b = Fleet::start_with(1, cfg()).await;
-    for f in [&a, &b] {
-        let r = f.frps.state.redis.clone().unwrap();
-        eventually("Redis connected", || r.is_healthy()).await;
-    }
+    let (a, b, prefix) = two_frps_sharing(&redis).await;
     let mut conn = redis::Client::open(redis.as_str())
         .unwrap()
         .get_multiplexed_async_connection()

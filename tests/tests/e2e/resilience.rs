@@ -253,16 +253,25 @@ async fn a_client_whose_service_dies_fails_over_and_cools_down() {
         "repeated failures put the client in a cool-down"
     );
 
-    // Pinned to the dead service: a clean 502, no retry elsewhere.
-    let mut conn = Conn::open(fleet.frps.public()).await;
-    let req = ::http::Request::builder()
-        .uri("/")
-        .header("host", "x")
-        .header("authorization", format!("Bearer {API_KEY}"))
-        .header("x-frpx-client", "flaky")
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let reply = http::read(conn.send(req).await.unwrap()).await;
+    // Pinned to it while it cools down: spared, no retry elsewhere.
+    let pinned = || async {
+        let mut conn = Conn::open(fleet.frps.public()).await;
+        let req = ::http::Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .header("x-frpx-client", "flaky")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        http::read(conn.send(req).await.unwrap()).await
+    };
+    let reply = pinned().await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
+    // Once the cool-down is over, pinned to the dead service: a clean 502,
+    // no retry elsewhere.
+    handle.record_success();
+    let reply = pinned().await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
     flaky.kill().await;
