@@ -310,15 +310,26 @@ impl Client {
     async fn renewed(&self, token: String, expires_at: Option<String>) {
         let email = self.account.lock().expect("account lock").clone();
         let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
-        match self.save_token(token, expires_at, email).await {
-            Ok(()) => info!(
-                "frps renewed the login token (valid until {until}); saved to {}",
-                self.config.token_file.display()
-            ),
-            Err(e) => warn!(
-                "frps renewed the login token, but it cannot be saved ({e:#}); the saved one stays valid until it expires"
-            ),
-        }
+        let saved = self.save_token(token, expires_at, email).await;
+        log_renewal(&until, &self.config.token_file, saved);
+    }
+
+    /// As [`Self::renewed`] for a token sent during the session, which is
+    /// not held up by the write (heartbeats go on while a busy disk syncs).
+    fn renewed_in_session(&self, token: String, expires_at: Option<String>) {
+        let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
+        let saved = login::SavedToken {
+            token,
+            expires_at,
+            server: self.config.control_addr(),
+            email: self.account.lock().expect("account lock").clone(),
+        };
+        self.token_refused.store(false, Ordering::Relaxed);
+        let file = self.config.token_file.clone();
+        tokio::task::spawn_blocking(move || {
+            let written = login::save(&file, &saved);
+            log_renewal(&until, &file, written);
+        });
     }
 
     /// Email and password for a login, refusing to send them in plaintext
@@ -637,7 +648,7 @@ impl Client {
                             });
                         }
                         Command::HeartbeatAck { .. } => {}
-                        Command::TokenRenewed { token, expires_at } => self.renewed(token, expires_at).await,
+                        Command::TokenRenewed { token, expires_at } => self.renewed_in_session(token, expires_at),
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),
@@ -646,6 +657,19 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// Says how saving a token frps renewed went.
+fn log_renewal(until: &str, file: &std::path::Path, saved: anyhow::Result<()>) {
+    match saved {
+        Ok(()) => info!(
+            "frps renewed the login token (valid until {until}); saved to {}",
+            file.display()
+        ),
+        Err(e) => warn!(
+            "frps renewed the login token, but it cannot be saved ({e:#}); the saved one stays valid until it expires"
+        ),
     }
 }
 
