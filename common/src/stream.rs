@@ -29,7 +29,9 @@ pub const KEEPALIVE_RETRIES: u32 = 3;
 /// silent under traffic (a hello just sent, a request on its way, a tunnel
 /// connection that is rarely idle) would otherwise be retried for about 15
 /// minutes. Also ends a link whose peer has taken nothing (a zero window)
-/// for this long.
+/// for this long, which is why a data connection drops it once it carries
+/// a request ([`release_user_timeout`]); control and tunnel connections
+/// keep it.
 pub const LINK_USER_TIMEOUT: Duration = Duration::from_secs(
     KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
 );
@@ -49,6 +51,19 @@ pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
     sock.set_tcp_keepalive(&keepalive)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     sock.set_tcp_user_timeout(Some(LINK_USER_TIMEOUT))?;
+    Ok(())
+}
+
+/// Takes [`LINK_USER_TIMEOUT`] off a data connection once it carries a
+/// request: from then on a window held shut is a slow reader (a caller
+/// reading a stream slowly, a service that reads an upload late), which
+/// frps's own timers judge (`--keepalive-timeout`, `--upstream-idle-timeout`),
+/// not a path gone silent. Keepalive stays.
+pub fn release_user_timeout(tcp: &TcpStream) -> io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(None)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = tcp;
     Ok(())
 }
 
@@ -190,6 +205,13 @@ mod tests {
             Some(LINK_USER_TIMEOUT)
         );
         assert_eq!(LINK_USER_TIMEOUT, Duration::from_secs(60));
+        release_user_timeout(&tcp).unwrap();
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap(),
+            None
+        );
+        assert!(tcp.nodelay().unwrap(), "the rest stays");
     }
 
     #[tokio::test]

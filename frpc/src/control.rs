@@ -88,6 +88,10 @@ pub struct Client {
     prompted: Mutex<Option<Credentials>>,
     /// The account the last login was for (saved with a renewed token).
     account: Mutex<String>,
+    /// The token this process last received: used for the next login even
+    /// if writing it to the token file failed (frps revoked the one it
+    /// replaced).
+    current: Mutex<Option<login::SavedToken>>,
     collector: Arc<Mutex<Collector>>,
     models_fit: Arc<local::ModelFit>,
 }
@@ -110,6 +114,7 @@ impl Client {
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             account: Mutex::new(String::new()),
+            current: Mutex::new(None),
             collector: Arc::new(Mutex::new(Collector::new())),
             models_fit,
         })
@@ -251,10 +256,14 @@ impl Client {
         // Off the runtime's one thread: a disk busy with a model loading
         // must not hold up the streams of the previous session.
         let path = self.config.token_file.clone();
-        let loaded = tokio::task::spawn_blocking(move || login::load(&path))
-            .await
-            .ok()
-            .flatten();
+        let remembered = self.current.lock().expect("token lock").clone();
+        let loaded = match remembered {
+            Some(token) => Some(token),
+            None => tokio::task::spawn_blocking(move || login::load(&path))
+                .await
+                .ok()
+                .flatten(),
+        };
         loaded
             .filter(|_| !self.token_refused.load(Ordering::Relaxed))
             .filter(|saved| {
@@ -298,6 +307,7 @@ impl Client {
             server: self.config.control_addr(),
             email,
         };
+        *self.current.lock().expect("token lock") = Some(saved.clone());
         let file = self.config.token_file.clone();
         tokio::task::spawn_blocking(move || login::save(&file, &saved))
             .await
@@ -307,16 +317,10 @@ impl Client {
     }
 
     /// Saves a token frps renewed (at a token login or during a session).
-    async fn renewed(&self, token: String, expires_at: Option<String>) {
-        let email = self.account.lock().expect("account lock").clone();
-        let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
-        let saved = self.save_token(token, expires_at, email).await;
-        log_renewal(&until, &self.config.token_file, saved);
-    }
-
-    /// As [`Self::renewed`] for a token sent during the session, which is
-    /// not held up by the write (heartbeats go on while a busy disk syncs).
-    fn renewed_in_session(&self, token: String, expires_at: Option<String>) {
+    /// Not held up by the write (the handshake's deadline and the session's
+    /// heartbeats go on while a busy disk syncs); the token is used for the
+    /// next login whether or not the write succeeds.
+    fn renewed(&self, token: String, expires_at: Option<String>) {
         let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
         let saved = login::SavedToken {
             token,
@@ -324,6 +328,7 @@ impl Client {
             server: self.config.control_addr(),
             email: self.account.lock().expect("account lock").clone(),
         };
+        *self.current.lock().expect("token lock") = Some(saved.clone());
         self.token_refused.store(false, Ordering::Relaxed);
         let file = self.config.token_file.clone();
         tokio::task::spawn_blocking(move || {
@@ -381,7 +386,7 @@ impl Client {
                 *self.account.lock().expect("account lock") = saved.email.clone();
                 // Past half its lifetime, frps hands over a new one.
                 if let Some(token) = token {
-                    self.renewed(token, expires_at).await;
+                    self.renewed(token, expires_at);
                 }
                 Ok(())
             }
@@ -648,7 +653,7 @@ impl Client {
                             });
                         }
                         Command::HeartbeatAck { .. } => {}
-                        Command::TokenRenewed { token, expires_at } => self.renewed_in_session(token, expires_at),
+                        Command::TokenRenewed { token, expires_at } => self.renewed(token, expires_at),
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),

@@ -46,12 +46,17 @@ pub fn load(path: &Path) -> Option<SavedToken> {
 }
 
 /// Writes the token file atomically, readable by its owner only (0600).
+/// Saves may overlap (one running on a blocking thread while the next
+/// session's login writes another): each writes its own temporary file,
+/// and the last rename wins.
 pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]

@@ -44,7 +44,12 @@ pub struct Session {
 /// control connection's peer is unknown.
 pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Config) -> String {
     match control_peer {
-        Some(peer) => std::net::SocketAddr::new(peer.ip(), config.proxy_port).to_string(),
+        // The peer address as it is (an IPv6 scope id included), on the
+        // proxy port.
+        Some(mut peer) => {
+            peer.set_port(config.proxy_port);
+            peer.to_string()
+        }
         None => config.proxy_addr(),
     }
 }
@@ -304,6 +309,8 @@ async fn forward(
         }
         return Ok(true);
     }
+    // A request: from now on a slow reader is not a dead path.
+    let _ = common::stream::release_user_timeout(remote.tcp());
     local.write_all(&first).await?;
     // frps never half-closes a connection it still wants an answer on: once
     // it has closed, the service's answer (or silence, if it hangs and

@@ -92,8 +92,8 @@ pub enum TokenReview {
     Unusable,
     /// Usable, with more than half its lifetime left (or no expiry).
     Usable,
-    /// Usable and past half its lifetime: a new token of the same account,
-    /// to hand the box (the old one stays valid until it expires).
+    /// Usable and past half its lifetime: a new token of the same account
+    /// and family, to hand the box; the old one is revoked.
     Renewed(IssuedToken),
 }
 
@@ -238,10 +238,13 @@ impl Accounts {
     }
 
     /// Re-checks the token with this id and, once less than half of
-    /// `--token-ttl` is left of it, issues its account a new one: a box
-    /// that has only its token (no password) never runs out, whether it
-    /// stays connected for months or logs in again. A revoked token is not
-    /// renewed (a password change revokes them all).
+    /// `--token-ttl` is left of it, renews it: a new token of the same
+    /// account and family replaces it (revoked in the same transaction), so
+    /// a box that has only its token (no password) never runs out, whether
+    /// it stays connected for months or logs in again, and a token is
+    /// renewed once at most (a copy of it used elsewhere stops working,
+    /// and a leaked one cannot be renewed over and over). A revoked token
+    /// is not renewed; revoking any token of a family revokes all of it.
     pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
         let Some(row) = store.find_client_token_by_id(id).await? else {
@@ -258,12 +261,24 @@ impl Accounts {
         if left > ttl / 2 {
             return Ok(TokenReview::Usable);
         }
-        match self.issue(store, row.user_id, &row.email, None).await {
-            Ok(issued) => Ok(TokenReview::Renewed(issued)),
-            // The account is gone: the old token goes on until it ends.
-            Err(LoginError::InvalidCredentials) => Ok(TokenReview::Usable),
-            Err(e) => Err(e),
+        let s = secret::generate("frpxc");
+        let expires_at = expiry_after(now, ttl);
+        if !store
+            .rotate_client_token(&row.id, &s.id, &s.hash_hex, &s.prefix, expires_at)
+            .await?
+        {
+            // Revoked (or renewed by another frps) meanwhile.
+            return Ok(TokenReview::Unusable);
         }
+        Ok(TokenReview::Renewed(IssuedToken {
+            token: s.plaintext,
+            expires_at,
+            principal: Principal {
+                user_id: row.user_id,
+                email: row.email,
+                token_id: Some(s.id),
+            },
+        }))
     }
 
     /// Logs in from `from` with a saved token. Refused tokens (unknown,

@@ -600,14 +600,16 @@ async fn forward(
                     let reason = error.to_string();
                     match unsent {
                         // Never written: a stale pooled connection says nothing
-                        // about the client; a fresh one failing does.
+                        // about the client; a fresh one failing does (its
+                        // service never got the request: unreachable, not
+                        // failed).
                         Some(back) => {
                             payload.put_back(back.into_body());
                             if up.reused {
                                 debug!(client = %client.id, "stale pooled connection: {reason}");
                                 continue;
                             }
-                            AcquireError::Service(reason)
+                            AcquireError::Pair(PairError::Failed(reason))
                         }
                         // Written, then the connection closed without a byte of
                         // answer: on a pooled connection, the service closing it

@@ -197,7 +197,10 @@ pub async fn new_user_conn(
         user: client_user(client),
         proxy_name: client.id.clone(),
         proxy_type: PROXY_TYPE.into(),
-        remote_addr: caller.to_string(),
+        // An IPv4 caller of a dual-stack listener as IPv4, as in
+        // X-Forwarded-For.
+        remote_addr: std::net::SocketAddr::new(caller.ip().to_canonical(), caller.port())
+            .to_string(),
     };
     plugins.call(content).await.map(drop)
 }

@@ -528,12 +528,64 @@ impl Store {
     /// Revokes tokens whose id or visible prefix is `needle`, or every token
     /// of the user with that email; returns how many were revoked.
     pub async fn revoke_client_tokens(&self, needle: &str) -> Result<u64, StoreError> {
+        // A token named by id or prefix takes its whole family (what it was
+        // renewed from and into) with it.
         const SQL: &str = "UPDATE client_tokens SET revoked_at = $2
-            WHERE revoked_at IS NULL AND (id = $1 OR prefix = $1
+            WHERE revoked_at IS NULL AND (
+              COALESCE(family_id, id) IN (SELECT COALESCE(family_id, id) FROM client_tokens
+                                          WHERE id = $1 OR prefix = $1)
               OR user_id IN (SELECT id FROM users WHERE lower(email) = lower($1)))";
-        Ok(
-            on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected()),
-        )
+        // A renewal committing while this ran (its new token not yet there
+        // when the statement started) is caught by the next pass.
+        let mut revoked = 0;
+        for _ in 0..4 {
+            let n = on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected());
+            revoked += n;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(revoked)
+    }
+
+    /// Renews token `parent` into a new one (`id`, `hash_hex`, `prefix`,
+    /// `expires_at`) of the same account and family, revoking `parent` in
+    /// the same transaction; false (nothing changed) when `parent` is no
+    /// longer unrevoked.
+    pub async fn rotate_client_token(
+        &self,
+        parent: &str,
+        id: &str,
+        hash_hex: &str,
+        prefix: &str,
+        expires_at: Option<NaiveDateTime>,
+    ) -> Result<bool, StoreError> {
+        const REVOKE: &str =
+            "UPDATE client_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
+        const INSERT: &str = "INSERT INTO client_tokens
+              (id, token_hash, prefix, user_id, created_at, expires_at, family_id)
+            SELECT $1, $2, $3, p.user_id, $4, $5, COALESCE(p.family_id, p.id)
+            FROM client_tokens p WHERE p.id = $6";
+        let at = now();
+        let rotated = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let revoked = sqlx::query(REVOKE).bind(parent).bind(at).execute(&mut *tx).await?.rows_affected();
+            let inserted = if revoked == 1 {
+                sqlx::query(INSERT)
+                    .bind(id).bind(hash_hex).bind(prefix).bind(at).bind(expires_at).bind(parent)
+                    .execute(&mut *tx).await?.rows_affected()
+            } else {
+                0
+            };
+            if inserted == 1 {
+                tx.commit().await?;
+                true
+            } else {
+                tx.rollback().await?;
+                false
+            }
+        });
+        Ok(rotated)
     }
 
     // ---- client ids -----------------------------------------------------

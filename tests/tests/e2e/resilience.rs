@@ -786,7 +786,7 @@ async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
     })
     .await;
     // With failover or without: the answer is why the last client failed,
-    // not that no client is left (the only one is cooling down by then).
+    // not that no client is left to try (the only one is excluded).
     for retries in [0, 2] {
         let mut cfg = frps_config();
         cfg.upstream_idle_timeout = Duration::from_millis(300);

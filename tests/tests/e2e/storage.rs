@@ -768,6 +768,20 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     assert!(chrono::Utc::now() < first_ends, "renewed in time");
     assert_eq!(renewed.email, TEST_EMAIL);
     assert_eq!(renewed.server, client_cfg.control_addr());
+    // Renewed once: the token it replaced is revoked.
+    let store = frps.state.store.clone();
+    let row = |token: String| {
+        let store = store.clone();
+        async move {
+            store
+                .find_client_token(&frps::auth::secret::hash_hex(&token))
+                .await
+                .unwrap()
+                .expect("a stored token")
+        }
+    };
+    let first_row = row(first.token.clone()).await;
+    assert!(first_row.revoked_at.is_some(), "the old token is revoked");
     // The session outlives its first token: it goes on under the new one.
     while chrono::Utc::now() < first_ends + chrono::Duration::milliseconds(1500) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -794,7 +808,27 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
         frpc::login::load(&client_cfg.token_file).is_some_and(|t| t.token != latest.token)
     })
     .await;
-    frpc.kill().await;
+    let newest = frpc::login::load(&client_cfg.token_file).unwrap();
+    assert!(row(newest.token.clone()).await.revoked_at.is_none());
+
+    // Revoking the first token, as an operator who saw it listed would,
+    // revokes what it was renewed into: the session ends, and this box has
+    // no password to come back with.
+    let said = admin(
+        &frps.state.config,
+        Admin::Token {
+            command: TokenCommand::Revoke {
+                token: first_row.id.clone(),
+            },
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(said.contains("revoked"), "{said}");
+    assert!(row(newest.token).await.revoked_at.is_some());
+    let err = frpc.exit().await.unwrap_err().to_string();
+    assert!(err.contains("refused the saved token"), "{err}");
 }
 
 #[tokio::test]
@@ -1674,5 +1708,78 @@ async fn a_newer_frps_migration_does_not_stop_this_one_on_postgres() {
         return;
     };
     a_newer_frps_migration_does_not_stop_this_one(&pg.url).await;
+    pg.drop_db().await;
+}
+
+/// A renewal replaces a token with one of its family, once; revoking any
+/// token of a family by id or prefix revokes all of it, on `url`'s
+/// database.
+async fn renewed_tokens_form_a_family(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let user = store.create_user("fam@example.com", "hash").await.unwrap();
+    let other = store
+        .create_user("other@example.com", "hash")
+        .await
+        .unwrap();
+    for (id, user) in [("t1", user.id), ("o1", other.id)] {
+        let hash = format!("hash-{id}");
+        assert!(
+            store
+                .insert_client_token(id, &hash, id, user, None, None)
+                .await
+                .unwrap()
+        );
+    }
+    // t1 -> t2 -> t3; t1 cannot be renewed twice.
+    assert!(
+        store
+            .rotate_client_token("t1", "t2", "hash-t2", "t2", None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .rotate_client_token("t1", "tX", "hash-tX", "tX", None)
+            .await
+            .unwrap()
+    );
+    assert!(store.find_client_token("hash-tX").await.unwrap().is_none());
+    assert!(
+        store
+            .rotate_client_token("t2", "t3", "hash-t3", "t3", None)
+            .await
+            .unwrap()
+    );
+    let live = |hash: &'static str| {
+        let store = store.clone();
+        async move {
+            let row = store.find_client_token(hash).await.unwrap().unwrap();
+            assert_eq!(
+                row.user_id,
+                if hash == "hash-o1" { other.id } else { user.id }
+            );
+            row.revoked_at.is_none()
+        }
+    };
+    assert!(!live("hash-t1").await && !live("hash-t2").await && live("hash-t3").await);
+    // Revoking the first one by its id reaches the last; other families
+    // are untouched.
+    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 1);
+    assert!(!live("hash-t3").await);
+    assert!(live("hash-o1").await);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn renewed_tokens_form_a_family_on_sqlite() {
+    renewed_tokens_form_a_family(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn renewed_tokens_form_a_family_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    renewed_tokens_form_a_family(&pg.url).await;
     pg.drop_db().await;
 }
