@@ -317,11 +317,17 @@ fn too_many_invalid_keys(wait: std::time::Duration) -> Response<PublicBody> {
     resp
 }
 
+/// Largest body of announced length frps reads whole before forwarding it
+/// on a path it does not route by model (larger ones stream through).
+pub const SMALL_BODY: u64 = 64 * 1024;
+
 /// Paths whose JSON body names the model to route on.
-pub const MODEL_PATHS: [&str; 8] = [
+pub const MODEL_PATHS: [&str; 9] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
+    // OpenAI's Responses API (vLLM serves it too).
+    "/v1/responses",
     "/api/chat",
     "/api/generate",
     "/api/embed",
@@ -429,10 +435,17 @@ async fn forward(
     // How far a streamed body's upload has got (made for those only: most
     // requests are buffered or bodiless, and this is their hot path).
     let mut upload: Option<Arc<UploadClock>> = None;
-    let (mut payload, model) = if routed {
+    // A small body of announced length is read whole too: it can then go
+    // out again (on another box, after a keep-alive race) and on a pooled
+    // connection, as a streamed one cannot.
+    let small = body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= SMALL_BODY.min(state.config.max_body as u64));
+    let (mut payload, model) = if routed || (small && !body.is_end_stream()) {
         match read_body(state, body).await {
             Ok(bytes) => {
-                let model = model_of(&bytes, by_name);
+                let model = routed.then(|| model_of(&bytes, by_name)).flatten();
                 (Payload::Buffered(bytes), model)
             }
             Err(resp) => return resp,

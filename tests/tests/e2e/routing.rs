@@ -85,6 +85,19 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
     // The body reached the box unchanged.
     let seen = b.backends["b"].seen();
     assert!(seen.iter().any(|s| s.path == "/api/chat"));
+    // OpenAI's Responses API and Ollama's model details go by model too
+    // (the latter by `name` as older clients send it).
+    for _ in 0..10 {
+        let reply = conn
+            .post("/v1/responses", Some(API_KEY), chat("qwen2.5:1.5b"))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_ne!(reply.json()["backend"], "a", "a has no qwen");
+        let show = serde_json::json!({"name": "qwen2.5:1.5b"}).to_string();
+        let reply = conn.post("/api/show", Some(API_KEY), show).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_ne!(reply.json()["backend"], "a", "a has no qwen");
+    }
 }
 
 #[tokio::test]
