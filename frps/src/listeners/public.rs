@@ -473,6 +473,9 @@ async fn forward(
     // answer), which the gateway-overhead measure leaves out.
     let mut waited = std::time::Duration::ZERO;
     let mut excluded: Vec<u64> = Vec::new();
+    // Of those, clients skipped as busy (every dial-back outstanding): they
+    // did not fail, so they use none of `--max-retries`.
+    let mut busy = 0;
     let mut last_error: Option<AcquireError> = None;
     // Whether the request already went out on a pooled connection that the
     // service closed under it (the keep-alive race): it may have been
@@ -526,20 +529,19 @@ async fn forward(
             }
             // Too many dial-backs already outstanding to this client: a
             // burst, not a failing box. Another client is tried, without
-            // cooling this one down.
+            // cooling this one down and without using a retry; when none is
+            // left, dispatch refuses and the caller hears why.
             Err(e @ AcquireError::Pair(PairError::TooMany(_))) => {
                 waited += acquiring.elapsed();
                 debug!(client = %client.id, "not asking for another connection: {e}");
                 excluded.push(client.session);
-                let error = last_error.get_or_insert(e);
-                if excluded.len() > state.config.max_retries {
-                    return upstream_error(state, error);
-                }
+                busy += 1;
+                last_error.get_or_insert(e);
                 continue;
             }
             Err(e) => {
                 waited += acquiring.elapsed();
-                let retries = state.config.max_retries;
+                let retries = state.config.max_retries + busy;
                 if let Some(resp) =
                     blame(state, &client, e, &mut excluded, &mut last_error, retries)
                 {
@@ -679,7 +681,7 @@ async fn forward(
         let retries = if payload.is_spent() {
             0
         } else {
-            state.config.max_retries
+            state.config.max_retries + busy
         };
         if let Some(resp) = blame(
             state,

@@ -171,6 +171,47 @@ async fn a_client_with_its_dial_backs_all_outstanding_is_busy_not_failing() {
 }
 
 #[tokio::test]
+async fn a_busy_client_uses_no_retry() {
+    let mut cfg = frps_config();
+    cfg.connect_timeout = Duration::from_secs(1);
+    cfg.max_pending_per_client = 1;
+    cfg.max_retries = 0;
+    cfg.balance = frps::router::Balance::Random;
+    let frps = Frps::start(cfg).await;
+    let (mut silent, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "slow").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let backend = Backend::start("good").await;
+    let _good = Frpc::start(frpx_tests::frpc_config("good", &frps.addrs, backend.addr));
+    frps.wait_for_clients(&["slow", "good"]).await;
+    // "slow" gets one request, whose dial-back stays outstanding.
+    let public = frps.public();
+    let first = tokio::spawn(async move {
+        let mut conn = Conn::open(public).await;
+        let req = ::http::Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .header("x-frpx-client", "slow")
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        http::read(conn.send(req).await.unwrap()).await
+    });
+    assert!(matches!(
+        silent.recv().await,
+        Some(Command::OpenConnection { .. })
+    ));
+    // Without retries, requests that land on the busy one at random still
+    // go to the other: skipping a busy client is not a retry.
+    for _ in 0..10 {
+        let reply = http::get(public, "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(reply.json()["backend"], "good");
+    }
+    assert_eq!(first.await.unwrap().status, 504);
+}
+
+#[tokio::test]
 async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     let mut cfg = frps_config();
     cfg.heartbeat_interval = Duration::from_millis(100);
