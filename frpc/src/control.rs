@@ -301,13 +301,7 @@ impl Client {
         expires_at: Option<String>,
         email: String,
     ) -> anyhow::Result<()> {
-        let saved = login::SavedToken {
-            token,
-            expires_at,
-            server: self.config.control_addr(),
-            email,
-        };
-        *self.current.lock().expect("token lock") = Some(saved.clone());
+        let saved = self.remember(token, expires_at, email);
         let file = self.config.token_file.clone();
         tokio::task::spawn_blocking(move || login::save(&file, &saved))
             .await
@@ -316,19 +310,32 @@ impl Client {
         Ok(())
     }
 
+    /// The token frps just gave this process, kept for the next login
+    /// ([`Self::usable_saved_token`]) whether or not the file can be written.
+    fn remember(
+        &self,
+        token: String,
+        expires_at: Option<String>,
+        email: String,
+    ) -> login::SavedToken {
+        let saved = login::SavedToken {
+            token,
+            expires_at,
+            server: self.config.control_addr(),
+            email,
+        };
+        *self.current.lock().expect("token lock") = Some(saved.clone());
+        saved
+    }
+
     /// Saves a token frps renewed (at a token login or during a session).
     /// Not held up by the write (the handshake's deadline and the session's
     /// heartbeats go on while a busy disk syncs); the token is used for the
     /// next login whether or not the write succeeds.
     fn renewed(&self, token: String, expires_at: Option<String>) {
         let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
-        let saved = login::SavedToken {
-            token,
-            expires_at,
-            server: self.config.control_addr(),
-            email: self.account.lock().expect("account lock").clone(),
-        };
-        *self.current.lock().expect("token lock") = Some(saved.clone());
+        let email = self.account.lock().expect("account lock").clone();
+        let saved = self.remember(token, expires_at, email);
         self.token_refused.store(false, Ordering::Relaxed);
         let file = self.config.token_file.clone();
         tokio::task::spawn_blocking(move || {
@@ -452,7 +459,7 @@ impl Client {
                 match self.save_token(token, expires_at, email.clone()).await {
                     Ok(()) => info!("logged in as {email}; token saved to {}", path.display()),
                     Err(e) => warn!(
-                        "logged in as {email}, but cannot save the token ({e:#}); the next session logs in with the password again"
+                        "logged in as {email}, but cannot save the token ({e:#}); a restarted frpc logs in with the password again"
                     ),
                 }
                 Ok(())
