@@ -285,12 +285,15 @@ impl<'a> FileArgs<'a> {
     /// Sets flag `id` to `value`, written as `key` at `line` of the file.
     /// The value is checked with the flag's own parser. A flag the command
     /// line or environment set already keeps that value, except repeatable
-    /// flags, whose values are merged (the file's first).
+    /// flags (`--meta k=v`, one value each), whose values are merged (the
+    /// file's first). A list flag (`--forward-paths a,b`) is one setting:
+    /// given on the command line or in the environment, it replaces the
+    /// file's list rather than adding to it (an allow-list must not widen).
     pub fn set(&mut self, id: &str, key: &str, value: &str, line: usize) -> Result<(), FileError> {
         let Some(arg) = self.flag(id) else {
             return Err(FileError::at(self.path, line, key, "unknown key"));
         };
-        let repeatable = matches!(arg.get_action(), ArgAction::Append);
+        let repeatable = is_repeatable(arg);
         if !repeatable && let Some(first) = self.seen.insert(id.to_owned(), line) {
             return Err(FileError::at(
                 self.path,
@@ -347,7 +350,7 @@ impl<'a> FileArgs<'a> {
         for arg in self.cmd.get_arguments() {
             let id = arg.get_id().as_str();
             let from_env = self.given.value_source(id) == Some(ValueSource::EnvVariable);
-            if !(from_env && matches!(arg.get_action(), ArgAction::Append)) {
+            if !(from_env && is_repeatable(arg)) {
                 continue;
             }
             let (Some(long), Ok(Some(raw))) = (arg.get_long(), self.given.try_get_raw(id)) else {
@@ -361,6 +364,12 @@ impl<'a> FileArgs<'a> {
         }
         self.args
     }
+}
+
+/// Whether flag `arg` is given once per value and merged with the file's
+/// values; a list flag (with a delimiter) is one setting, not repeatable.
+fn is_repeatable(arg: &Arg) -> bool {
+    matches!(arg.get_action(), ArgAction::Append) && arg.get_value_delimiter().is_none()
 }
 
 /// Runs `value` through the parser of flag `arg` alone (a copy without its

@@ -348,6 +348,26 @@ mod tests {
     }
 
     #[test]
+    fn a_list_flag_replaces_the_files_list() {
+        let file = "[common]\nforward_paths = *\n";
+        let all = load("frps.ini", file, &[]).unwrap().config.forward_paths;
+        assert!(crate::paths::allowed(&all, "/api/delete"));
+        // The flag's list alone: the file's `*` would let everything through.
+        let cli = load("frps.ini", file, &["--forward-paths", "/v1/*"]).unwrap();
+        let paths = cli.config.forward_paths;
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        assert!(crate::paths::allowed(&paths, "/v1/chat/completions"));
+        assert!(!crate::paths::allowed(&paths, "/api/delete"));
+        // Named twice in the file is an error, as for any one setting.
+        let e = file_error(load(
+            "frps.ini",
+            "[common]\nforward_paths = /v1/*\nforward_paths = *\n",
+            &[],
+        ));
+        assert!(e.to_string().contains("key repeated"), "{e}");
+    }
+
+    #[test]
     fn ini_errors_name_file_line_and_key() {
         let e = file_error(load(
             "frps.ini",
