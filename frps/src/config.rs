@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use common::parse_duration;
+use common::{parse_duration, parse_positive_duration};
 
 use crate::plugins::PluginSpec;
 
@@ -96,7 +96,7 @@ pub struct Config {
 
     /// How long a requested data connection may take to arrive before the
     /// request fails over (e.g. `10s`, `500ms`).
-    #[arg(long, env = "FRPX_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
 
     /// Heartbeat interval asked of clients (100ms to 1h); a client silent
@@ -105,12 +105,12 @@ pub struct Config {
     pub heartbeat_interval: Duration,
 
     /// Deadline for a connection's first frame (login, data hello).
-    #[arg(long, env = "FRPX_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
 
     /// Deadline for a public connection's TLS handshake and first request
     /// head, from the accept (slowloris guard).
-    #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub header_timeout: Duration,
 
     /// After a response, a keep-alive public connection is closed unless
@@ -118,7 +118,7 @@ pub struct Config {
     /// a request body that stops arriving for this long is cut (408); and a
     /// caller that takes no byte of its response for this long has its
     /// connection closed (the request is cancelled).
-    #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
     pub keepalive_timeout: Duration,
 
     /// How long in-flight requests may run on after SIGINT/SIGTERM.
@@ -140,7 +140,7 @@ pub struct Config {
     /// Length of the sliding window an API key's `rpm` limit counts over.
     /// Keep `1m` so `rpm` means requests per minute; shorter windows are for
     /// tests. Every frps sharing a Redis must use the same value.
-    #[arg(long, env = "FRPX_RATE_LIMIT_WINDOW", default_value = "1m", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_RATE_LIMIT_WINDOW", default_value = "1m", value_parser = parse_positive_duration)]
     pub rate_limit_window: Duration,
 
     /// Other clients tried when one fails before any response byte was sent.
@@ -154,7 +154,7 @@ pub struct Config {
     /// Longest silence from a client's service, waiting for response headers
     /// (from the end of the request body) or between body chunks, before
     /// the request is failed.
-    #[arg(long, env = "FRPX_UPSTREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_UPSTREAM_IDLE_TIMEOUT", default_value = "10m", value_parser = parse_positive_duration)]
     pub upstream_idle_timeout: Duration,
 
     /// Certificate chain (PEM) for TLS on the control and proxy ports.
@@ -248,7 +248,7 @@ pub struct Config {
 
     /// Deadline for each call to a server plugin; a plugin that does not
     /// answer in time fails the operation (`docs/server-plugin.md`).
-    #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "FRPX_PLUGIN_TIMEOUT", default_value = "3s", value_parser = parse_positive_duration)]
     pub plugin_timeout: Duration,
 
     /// Log filter (e.g. `info`, `frps=debug`); `RUST_LOG` takes precedence.
@@ -370,6 +370,28 @@ mod tests {
             Ok(_) => panic!("{flags:?} accepted"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn deadlines_of_zero_are_refused() {
+        // Each would fail every connection, request or call at once.
+        for flag in [
+            "--connect-timeout",
+            "--handshake-timeout",
+            "--header-timeout",
+            "--keepalive-timeout",
+            "--rate-limit-window",
+            "--upstream-idle-timeout",
+            "--plugin-timeout",
+        ] {
+            let e = parse_error(&[flag, "0s"]);
+            assert!(e.contains("is zero"), "{flag}: {e}");
+        }
+        // Zero is meaningful here: no drain at shutdown, no queueing.
+        let cfg =
+            Config::try_parse_from(["frps", "--shutdown-timeout", "0", "--queue-timeout", "0"])
+                .unwrap();
+        assert!(cfg.shutdown_timeout.is_zero() && cfg.queue_timeout.is_zero());
     }
 
     #[test]
