@@ -75,8 +75,22 @@ where
     let (mut a_to_b, mut b_to_a) = (Copy::default(), Copy::default());
     // Armed once `a` ended; pushed back whenever bytes move the other way.
     let mut lingering: Option<(Pin<Box<tokio::time::Sleep>>, u64)> = None;
+    // How the way there failed, when it did and the way back goes on.
+    let mut failed_there: Option<io::Error> = None;
     poll_fn(|cx| {
-        let there = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
+        let there = match a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
+            // With a linger, the way back outlives a failure of the way
+            // there: a service that answers early and closes without
+            // reading the rest of an upload (its kernel then resets the
+            // connection, and the next write here fails) has its answer
+            // already on the way back, which still reaches `a`.
+            Poll::Ready(Err(e)) if linger.is_some() => {
+                a_to_b.fail();
+                failed_there = Some(e);
+                Poll::Ready(())
+            }
+            other => other?,
+        };
         let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         if there.is_ready() && back.is_ready() {
             return Poll::Ready(Ok::<(), io::Error>(()));
@@ -95,6 +109,9 @@ where
         Poll::Pending
     })
     .await?;
+    if let Some(e) = failed_there {
+        return Err(e);
+    }
     Ok(JoinStats {
         a_to_b: a_to_b.moved,
         b_to_a: b_to_a.moved,
@@ -144,6 +161,12 @@ impl Default for Copy {
 }
 
 impl Copy {
+    /// Gives up on this direction after an error: what it held is lost.
+    fn fail(&mut self) {
+        self.release();
+        self.phase = Phase::Done;
+    }
+
     /// Frees the buffer (nothing is left in it).
     fn release(&mut self) {
         self.buf = BytesMut::new();
@@ -413,6 +436,60 @@ mod tests {
                 b_to_a: 100_000
             }
         );
+    }
+
+    /// A service that answered and closed without reading the rest of the
+    /// upload: writes to it fail, its answer is still there to read.
+    struct AnsweredAndReset {
+        answer: Chunks,
+    }
+
+    impl AsyncRead for AnsweredAndReset {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.answer).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for AnsweredAndReset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_still_reaches_the_caller_after_the_upload_fails() {
+        let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n".to_vec();
+        let service = || AnsweredAndReset {
+            answer: Chunks {
+                chunks: VecDeque::from([answer.clone()]),
+                end: true,
+            },
+        };
+        let (mut caller, mut near) = duplex(1024);
+        caller.write_all(b"POST /upload ...").await.unwrap();
+        let mut b = service();
+        let linger = std::time::Duration::from_secs(10);
+        let join =
+            tokio::spawn(async move { join_streams_lingering(&mut near, &mut b, linger).await });
+        let mut got = Vec::new();
+        caller.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, answer);
+        let err = join.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::mux::{Mux, MuxStream, Role};
-use common::{
-    Command, MAX_FRAME, Stream, join_streams, join_streams_lingering, read_one_command,
-    write_command,
-};
+use common::{Command, MAX_FRAME, Stream, join_streams_lingering, read_one_command, write_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -189,7 +186,9 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
             return;
         }
     };
-    match join_streams(&mut stream, &mut local).await {
+    // As on a dial-back: once frps closed the stream, a hung service
+    // that ignores the half-close gets DIAL_BACK_LINGER, not for ever.
+    match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER).await {
         Ok(stats) => {
             debug!(
                 stream = id,
