@@ -1,14 +1,15 @@
-//! `GET /v1/models` and `GET /api/tags` on the public port, answered by frps
-//! itself: the union of the models of every online client.
+//! `GET /v1/models`, `GET /v1/models/{model}` and `GET /api/tags` on the
+//! public port, answered by frps itself from the union of the models of
+//! every online client.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use http::{Response, header};
+use http::{Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use serde_json::json;
 
-use super::public::PublicBody;
+use super::public::{PublicBody, error_response};
 use crate::state::State;
 
 /// The fleet's models in OpenAI's shape, or Ollama's when `ollama`.
@@ -38,6 +39,47 @@ pub fn list(state: &State, ollama: bool) -> Response<PublicBody> {
             .collect();
         json!({ "object": "list", "data": list })
     };
+    json_response(&body)
+}
+
+/// OpenAI's "retrieve model": the model named by the rest of the path
+/// (percent-decoded: names such as `org/model` may come as `org%2Fmodel`)
+/// if an online client serves it, else 404 `model_not_found`. Answered here
+/// rather than by one box, which would know only its own models.
+pub fn one(state: &State, encoded: &str) -> Response<PublicBody> {
+    let wanted = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+    let found = if wanted.trim().is_empty() {
+        None
+    } else {
+        let want = crate::router::normalize(&wanted);
+        state.registry.all().iter().find_map(|c| {
+            if c.kick.is_cancelled() {
+                return None;
+            }
+            c.with_models(|ms| {
+                ms.iter()
+                    .find(|m| crate::router::names(&m.name, &want))
+                    .map(|m| m.name.clone())
+            })
+        })
+    };
+    match found {
+        Some(name) => {
+            json_response(&json!({"id": name, "object": "model", "created": 0, "owned_by": "frpx"}))
+        }
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "The model `{}` does not exist on any online client",
+                super::public::shorten(&wanted, 200)
+            ),
+            "invalid_request_error",
+            "model_not_found",
+        ),
+    }
+}
+
+fn json_response(body: &serde_json::Value) -> Response<PublicBody> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -407,8 +407,13 @@ async fn forward(
     let path = req.uri().path();
     // frps answers these itself (the fleet's models), whatever reaches the
     // boxes.
-    if req.method() == Method::GET && (path == "/v1/models" || path == "/api/tags") {
-        return models::list(state, path == "/api/tags");
+    if req.method() == Method::GET {
+        if path == "/v1/models" || path == "/api/tags" {
+            return models::list(state, path == "/api/tags");
+        }
+        if let Some(model) = path.strip_prefix("/v1/models/") {
+            return models::one(state, model);
+        }
     }
     if !crate::paths::allowed(&state.config.forward_paths, path) {
         return path_not_allowed(&state.config.forward_paths, path);
@@ -445,7 +450,21 @@ async fn forward(
     let (mut payload, model) = if routed || (small && !body.is_end_stream()) {
         match read_body(state, body).await {
             Ok(bytes) => {
-                let model = routed.then(|| model_of(&bytes, by_name)).flatten();
+                let model = if routed {
+                    match model_of(&bytes, by_name) {
+                        Ok(model) => model,
+                        Err(Ambiguous) => {
+                            return error_response(
+                                StatusCode::BAD_REQUEST,
+                                "the body names its model more than once",
+                                "invalid_request_error",
+                                "ambiguous_model",
+                            );
+                        }
+                    }
+                } else {
+                    None
+                };
                 (Payload::Buffered(bytes), model)
             }
             Err(resp) => return resp,
@@ -816,24 +835,37 @@ fn body_too_large(limit: usize) -> Response<PublicBody> {
 
 /// The `model` field of a JSON body, if it has one; with `or_name`, its
 /// `name` field otherwise (what Ollama's `/api/show` took before `model`).
-pub fn model_of(body: &[u8], or_name: bool) -> Option<String> {
+/// A body that names its model twice is [`Ambiguous`]: frps would route on
+/// one and the service might serve the other.
+pub fn model_of(body: &[u8], or_name: bool) -> Result<Option<String>, Ambiguous> {
     #[derive(serde::Deserialize)]
     struct Named {
         model: Option<String>,
         name: Option<serde_json::Value>,
     }
-    let named = serde_json::from_slice::<Named>(body).ok()?;
+    let named = match serde_json::from_slice::<Named>(body) {
+        Ok(named) => named,
+        // serde's message for a field given twice (`Error::duplicate_field`).
+        Err(e) if e.is_data() && e.to_string().starts_with("duplicate field `") => {
+            return Err(Ambiguous);
+        }
+        Err(_) => return Ok(None),
+    };
     let name = || match named.name {
         Some(serde_json::Value::String(n)) if or_name => Some(n),
         _ => None,
     };
-    named
+    Ok(named
         .model
         .clone()
         .filter(|m| !m.trim().is_empty())
         .or_else(name)
-        .filter(|m| !m.trim().is_empty())
+        .filter(|m| !m.trim().is_empty()))
 }
+
+/// A JSON body with its `model` (or `name`) field more than once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ambiguous;
 
 fn refused(
     state: &State,
@@ -1594,28 +1626,49 @@ mod tests {
     #[test]
     fn the_model_comes_from_the_body() {
         assert_eq!(
-            model_of(br#"{"model":"llama3","messages":[]}"#, false).as_deref(),
+            model_of(br#"{"model":"llama3","messages":[]}"#, false)
+                .unwrap()
+                .as_deref(),
             Some("llama3")
         );
-        assert_eq!(model_of(br#"{"model":"  "}"#, false), None);
-        assert_eq!(model_of(b"not json", false), None);
+        assert_eq!(model_of(br#"{"model":"  "}"#, false), Ok(None));
+        assert_eq!(model_of(b"not json", false), Ok(None));
         // `name` counts only where asked (Ollama's /api/show), and `model`
         // wins over it.
-        assert_eq!(model_of(br#"{"name":"qwen2"}"#, false), None);
+        assert_eq!(model_of(br#"{"name":"qwen2"}"#, false), Ok(None));
         assert_eq!(
-            model_of(br#"{"name":"qwen2"}"#, true).as_deref(),
+            model_of(br#"{"name":"qwen2"}"#, true).unwrap().as_deref(),
             Some("qwen2")
         );
         assert_eq!(
-            model_of(br#"{"model":"a","name":"b"}"#, true).as_deref(),
+            model_of(br#"{"model":"a","name":"b"}"#, true)
+                .unwrap()
+                .as_deref(),
             Some("a")
         );
         // A `name` of another type does not spoil the `model`.
         assert_eq!(
-            model_of(br#"{"model":"a","name":{"x":1}}"#, true).as_deref(),
+            model_of(br#"{"model":"a","name":{"x":1}}"#, true)
+                .unwrap()
+                .as_deref(),
             Some("a")
         );
-        assert_eq!(model_of(br#"{"name":7}"#, true), None);
+        assert_eq!(model_of(br#"{"name":7}"#, true), Ok(None));
+        // Named twice: frps would route on one, the service serve the other.
+        for body in [
+            &br#"{"model":"a","model":"b"}"#[..],
+            br#"{"model":"a","messages":[],"model":"a"}"#,
+            br#"{"name":"a","name":"b"}"#,
+        ] {
+            assert_eq!(model_of(body, true), Err(Ambiguous));
+        }
+        // Nested objects may have their own `model`.
+        assert_eq!(
+            model_of(br#"{"model":"a","tools":[{"model":"b"}]}"#, false)
+                .unwrap()
+                .as_deref(),
+            Some("a")
+        );
     }
 
     #[test]

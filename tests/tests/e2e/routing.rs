@@ -101,7 +101,7 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
 }
 
 #[tokio::test]
-async fn unknown_models_get_404_and_an_empty_fleet_503() {
+async fn unknown_models_get_404_ambiguous_ones_400_and_an_empty_fleet_503() {
     let b = boxes(frps_config(), &[("a", &["llama3:latest"], None)]).await;
     let reply = post(b.frps.public(), "/v1/chat/completions", chat("mistral")).await;
     assert_eq!(reply.status, 404, "{}", reply.body);
@@ -111,6 +111,11 @@ async fn unknown_models_get_404_and_an_empty_fleet_503() {
     // A body that is not JSON, or names no model, goes to any client.
     let reply = post(b.frps.public(), "/v1/chat/completions", "not json".into()).await;
     assert_eq!(reply.status, 200);
+    // One that names it twice is refused, not routed on one of the two.
+    let twice = r#"{"model":"llama3","messages":[],"model":"mistral"}"#;
+    let reply = post(b.frps.public(), "/v1/chat/completions", twice.into()).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "ambiguous_model");
     for (_, c) in b.clients {
         c.kill().await;
     }
@@ -125,7 +130,11 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
         frps_config(),
         &[
             ("a", &["llama3:latest"], None),
-            ("b", &["qwen2.5:1.5b", "llama3:latest"], None),
+            (
+                "b",
+                &["qwen2.5:1.5b", "llama3:latest", "org/tuned:v2"],
+                None,
+            ),
         ],
     )
     .await;
@@ -139,7 +148,31 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["llama3:latest", "qwen2.5:1.5b"]);
+    assert_eq!(ids, ["llama3:latest", "org/tuned:v2", "qwen2.5:1.5b"]);
+    // OpenAI's "retrieve model" from the whole fleet, not from one box: a
+    // name without a tag means `:latest`, and a slash may come encoded.
+    for (path, id) in [
+        ("/v1/models/llama3", "llama3:latest"),
+        ("/v1/models/qwen2.5:1.5b", "qwen2.5:1.5b"),
+        ("/v1/models/org/tuned:v2", "org/tuned:v2"),
+        ("/v1/models/org%2Ftuned%3Av2", "org/tuned:v2"),
+    ] {
+        let one = http::get(b.frps.public(), path, Some(API_KEY)).await;
+        assert_eq!(one.status, 200, "{path}: {}", one.body);
+        assert_eq!(one.json()["id"], id, "{path}");
+        assert_eq!(one.json()["object"], "model", "{path}");
+    }
+    for path in ["/v1/models/mistral", "/v1/models/", "/v1/models/org%2F"] {
+        let missing = http::get(b.frps.public(), path, Some(API_KEY)).await;
+        assert_eq!(missing.status, 404, "{path}: {}", missing.body);
+        assert_eq!(missing.json()["error"]["code"], "model_not_found", "{path}");
+    }
+    assert_eq!(
+        http::get(b.frps.public(), "/v1/models/llama3", None)
+            .await
+            .status,
+        401
+    );
     let ollama = http::get(b.frps.public(), "/api/tags", Some(API_KEY))
         .await
         .json();
@@ -149,7 +182,7 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["llama3:latest", "qwen2.5:1.5b"]);
+    assert_eq!(names, ["llama3:latest", "org/tuned:v2", "qwen2.5:1.5b"]);
     // Authenticated like everything else, and never forwarded.
     assert_eq!(
         http::get(b.frps.public(), "/v1/models", None).await.status,
