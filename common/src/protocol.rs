@@ -167,8 +167,9 @@ pub enum Command {
     },
     /// frps → frpc (control, registered): a new login token for this
     /// account, to save in place of the one the session logged in with,
-    /// which has less than half its lifetime left (it stays valid until it
-    /// expires). An frpc that does not know this command ignores it.
+    /// which has less than half its lifetime left (it stays valid until the
+    /// new one's first login, or until it expires). An frpc that does not
+    /// know this command ignores it.
     TokenRenewed {
         /// The new token.
         token: String,

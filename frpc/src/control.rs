@@ -36,6 +36,11 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// backoff growing, not every heartbeat.
 pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 
+/// How long a password login waits for its token to be written before
+/// registering (the write then finishes on its own): frps expects the
+/// registration within its handshake timeout (5 s by default).
+const TOKEN_SAVE_WAIT: Duration = Duration::from_secs(1);
+
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -88,10 +93,12 @@ pub struct Client {
     prompted: Mutex<Option<Credentials>>,
     /// The account the last login was for (saved with a renewed token).
     account: Mutex<String>,
-    /// The token this process last received: used for the next login even
-    /// if writing it to the token file failed (frps revoked the one it
-    /// replaced).
-    current: Mutex<Option<login::SavedToken>>,
+    /// The token for the next login, when it is not (only) the file's: one
+    /// from a password login whose file could not be written, and a
+    /// renewal once it is saved. A renewal that cannot be saved is not
+    /// used: the saved token stays valid until its renewal's first use, so
+    /// a restarted frpc can still log in with it.
+    current: Arc<Mutex<Option<login::SavedToken>>>,
     collector: Arc<Mutex<Collector>>,
     models_fit: Arc<local::ModelFit>,
 }
@@ -114,7 +121,7 @@ impl Client {
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             account: Mutex::new(String::new()),
-            current: Mutex::new(None),
+            current: Arc::new(Mutex::new(None)),
             collector: Arc::new(Mutex::new(Collector::new())),
             models_fit,
         })
@@ -292,56 +299,69 @@ impl Client {
             })
     }
 
-    /// Saves `token` (of the account `email`) to the token file, off the
-    /// runtime's thread (a disk busy loading a model must not hold up the
-    /// streams).
-    async fn save_token(
-        &self,
-        token: String,
-        expires_at: Option<String>,
-        email: String,
-    ) -> anyhow::Result<()> {
-        let saved = self.remember(token, expires_at, email);
-        let file = self.config.token_file.clone();
-        tokio::task::spawn_blocking(move || login::save(&file, &saved))
-            .await
-            .unwrap_or_else(|e| Err(anyhow::anyhow!("the saving thread failed: {e}")))?;
+    /// The token of a password login, for the next login whether or not
+    /// it can be written to the token file, where it is saved off the
+    /// runtime's thread: a disk busy loading a model must not hold up the
+    /// streams, nor (the write waited for [`TOKEN_SAVE_WAIT`] at most) the
+    /// registration frps expects within its handshake timeout.
+    async fn save_token(&self, token: String, expires_at: Option<String>, email: String) {
+        let saved = self.saved_token(token, expires_at, email);
+        *self.current.lock().expect("token lock") = Some(saved.clone());
         self.token_refused.store(false, Ordering::Relaxed);
-        Ok(())
+        let file = self.config.token_file.clone();
+        let write = tokio::task::spawn_blocking(move || match login::save(&file, &saved) {
+            Ok(()) => info!(
+                "logged in as {}; token saved to {}",
+                saved.email,
+                file.display()
+            ),
+            Err(e) => warn!(
+                "logged in as {}, but cannot save the token ({e:#}); this frpc keeps using it, a restarted one logs in with the password again",
+                saved.email
+            ),
+        });
+        // Past the wait, the write finishes (and says so) on its own.
+        let _ = tokio::time::timeout(TOKEN_SAVE_WAIT, write).await;
     }
 
-    /// The token frps just gave this process, kept for the next login
-    /// ([`Self::usable_saved_token`]) whether or not the file can be written.
-    fn remember(
+    fn saved_token(
         &self,
         token: String,
         expires_at: Option<String>,
         email: String,
     ) -> login::SavedToken {
-        let saved = login::SavedToken {
+        login::SavedToken {
             token,
             expires_at,
             server: self.config.control_addr(),
             email,
-        };
-        *self.current.lock().expect("token lock") = Some(saved.clone());
-        saved
+        }
     }
 
-    /// Saves a token frps renewed (at a token login or during a session).
-    /// Not held up by the write (the handshake's deadline and the session's
-    /// heartbeats go on while a busy disk syncs); the token is used for the
-    /// next login whether or not the write succeeds.
-    fn renewed(&self, token: String, expires_at: Option<String>) {
+    /// Saves a token frps renewed (at a token login or during a session),
+    /// not held up by the write (the handshake's deadline and the session's
+    /// heartbeats go on while a busy disk syncs). Once saved it is the one
+    /// for the next login; one that cannot be saved is never used, so the
+    /// saved one, which frps keeps valid until its renewal's first use,
+    /// still logs in after a restart (and is renewed again then).
+    fn renewed(&self, token: String, expires_at: Option<String>) -> tokio::task::JoinHandle<()> {
         let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
         let email = self.account.lock().expect("account lock").clone();
-        let saved = self.remember(token, expires_at, email);
-        self.token_refused.store(false, Ordering::Relaxed);
+        let saved = self.saved_token(token, expires_at, email);
         let file = self.config.token_file.clone();
-        tokio::task::spawn_blocking(move || {
-            let written = login::save(&file, &saved);
-            log_renewal(&until, &file, written);
-        });
+        let current = self.current.clone();
+        tokio::task::spawn_blocking(move || match login::save(&file, &saved) {
+            Ok(()) => {
+                *current.lock().expect("token lock") = Some(saved);
+                info!(
+                    "frps renewed the login token (valid until {until}); saved to {}",
+                    file.display()
+                );
+            }
+            Err(e) => warn!(
+                "frps renewed the login token, but it cannot be saved ({e:#}); frpc keeps logging in with the token it had, valid until it expires"
+            ),
+        })
     }
 
     /// Email and password for a login, refusing to send them in plaintext
@@ -393,7 +413,7 @@ impl Client {
                 *self.account.lock().expect("account lock") = saved.email.clone();
                 // Past half its lifetime, frps hands over a new one.
                 if let Some(token) = token {
-                    self.renewed(token, expires_at);
+                    drop(self.renewed(token, expires_at));
                 }
                 Ok(())
             }
@@ -431,7 +451,6 @@ impl Client {
         wr: &mut WriteHalf<Stream>,
         with: LoginWith,
     ) -> Result<(), SessionError> {
-        let path = &self.config.token_file;
         let creds = match with {
             LoginWith::Password(creds) => creds,
             LoginWith::Token(saved) => return self.login_token(reader, wr, saved).await,
@@ -454,14 +473,9 @@ impl Client {
             } => {
                 *self.account.lock().expect("account lock") = email.clone();
                 // A token that cannot be saved (a full disk, a read-only
-                // directory) costs the next session a password login, not
-                // this one.
-                match self.save_token(token, expires_at, email.clone()).await {
-                    Ok(()) => info!("logged in as {email}; token saved to {}", path.display()),
-                    Err(e) => warn!(
-                        "logged in as {email}, but cannot save the token ({e:#}); a restarted frpc logs in with the password again"
-                    ),
-                }
+                // directory) costs a restarted frpc a password login, not
+                // this one or its next sessions.
+                self.save_token(token, expires_at, email).await;
                 Ok(())
             }
             Command::LoginResult { ok: true, .. } => Err(SessionError::Retry(
@@ -660,7 +674,7 @@ impl Client {
                             });
                         }
                         Command::HeartbeatAck { .. } => {}
-                        Command::TokenRenewed { token, expires_at } => self.renewed(token, expires_at),
+                        Command::TokenRenewed { token, expires_at } => drop(self.renewed(token, expires_at)),
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),
@@ -669,19 +683,6 @@ impl Client {
                 }
             }
         }
-    }
-}
-
-/// Says how saving a token frps renewed went.
-fn log_renewal(until: &str, file: &std::path::Path, saved: anyhow::Result<()>) {
-    match saved {
-        Ok(()) => info!(
-            "frps renewed the login token (valid until {until}); saved to {}",
-            file.display()
-        ),
-        Err(e) => warn!(
-            "frps renewed the login token, but it cannot be saved ({e:#}); the saved one stays valid until it expires"
-        ),
     }
 }
 
@@ -892,6 +893,48 @@ mod tests {
             })
             .collect();
         (models, true)
+    }
+
+    fn client_saving_to(token_file: &std::path::Path) -> Client {
+        use clap::Parser;
+        let config = Config::parse_from([
+            "frpc",
+            "--client-id",
+            "gpu",
+            "--token-file",
+            &token_file.display().to_string(),
+        ]);
+        Client::new(config, CancellationToken::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_renewal_is_used_once_saved_and_never_when_it_cannot_be() {
+        let dir = std::env::temp_dir().join(format!("frpc-renew-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Saved: the next login uses it.
+        let path = dir.join("token.json");
+        let client = client_saving_to(&path);
+        client.renewed("frpxc_new".into(), None).await.unwrap();
+        assert_eq!(login::load(&path).unwrap().token, "frpxc_new");
+        assert_eq!(
+            client.usable_saved_token().await.unwrap().token,
+            "frpxc_new"
+        );
+        // Not saved (the token file's name is taken by a directory): the
+        // token it renews stays the one to log in with, and no temporary
+        // copy of the new one is left behind.
+        let blocked = dir.join("blocked");
+        std::fs::create_dir_all(blocked.join("token.json")).unwrap();
+        let client = client_saving_to(&blocked.join("token.json"));
+        client.renewed("frpxc_unsaved".into(), None).await.unwrap();
+        assert!(client.current.lock().unwrap().is_none());
+        let left: Vec<_> = std::fs::read_dir(&blocked)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.contains("tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

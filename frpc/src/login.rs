@@ -67,11 +67,23 @@ pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
     let mut file = opts
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(serde_json::to_string_pretty(token)?.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    let written = (|| -> anyhow::Result<()> {
+        file.write_all(serde_json::to_string_pretty(token)?.as_bytes())?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        // The rename reaches the disk with its directory's sync: without
+        // it a power cut could bring back the file it replaced.
+        if let Some(dir) = dir {
+            std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+        }
+        Ok(())
+    })();
+    if written.is_err() {
+        // No half-written copy of a token left beside the file.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Email and password for a login.

@@ -239,12 +239,13 @@ impl Accounts {
 
     /// Re-checks the token with this id and, once less than half of
     /// `--token-ttl` is left of it, renews it: a new token of the same
-    /// account and family replaces it (revoked in the same transaction), so
-    /// a box that has only its token (no password) never runs out, whether
-    /// it stays connected for months or logs in again, and a token is
-    /// renewed once at most (a copy of it used elsewhere stops working,
-    /// and a leaked one cannot be renewed over and over). A revoked token
-    /// is not renewed; revoking any token of a family revokes all of it.
+    /// account and family replaces it, so a box that has only its token (no
+    /// password) never runs out, whether it stays connected for months or
+    /// logs in again. The old token stays valid until the new one is first
+    /// used (a renewal lost on its way, or not saved, costs the box
+    /// nothing), then stops working with every other token of the family
+    /// (a copy used elsewhere, a leaked one). A revoked token is not
+    /// renewed; revoking any token of a family revokes all of it.
     pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
         let Some(row) = store.find_client_token_by_id(id).await? else {
@@ -319,7 +320,13 @@ impl Accounts {
         if !row.is_usable(Utc::now().naive_utc()) {
             return Err(LoginError::TokenExpired);
         }
-        store.touch_client_token(&row.id).await?;
+        if row.renewed_from.is_some() {
+            // The first use of a renewal: the box has it, so what it
+            // replaced (and any renewal lost before it) stops working.
+            store.confirm_client_token(&row.id).await?;
+        } else {
+            store.touch_client_token(&row.id).await?;
+        }
         Ok(Principal {
             user_id: row.user_id,
             email: row.email,

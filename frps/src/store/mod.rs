@@ -24,7 +24,7 @@ macro_rules! api_key_columns {
 /// The columns of a `ClientTokenRow`: client tokens with their owner's email.
 macro_rules! client_token_select {
     () => {
-        "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at
+        "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at, t.renewed_from
             FROM client_tokens t JOIN users u ON u.id = t.user_id"
     };
 }
@@ -476,6 +476,27 @@ impl Store {
         Ok(())
     }
 
+    /// Records the first use of renewed token `id`: every other token of
+    /// its family (what it was renewed from, and any renewal of it that was
+    /// lost on its way) is revoked, and it is marked used. Returns how many
+    /// were revoked.
+    pub async fn confirm_client_token(&self, id: &str) -> Result<u64, StoreError> {
+        const REVOKE: &str = "UPDATE client_tokens SET revoked_at = $2
+            WHERE revoked_at IS NULL AND id <> $1
+              AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = $1)";
+        const USED: &str =
+            "UPDATE client_tokens SET renewed_from = NULL, last_used_at = $2 WHERE id = $1";
+        let at = now();
+        let revoked = on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            let n = sqlx::query(REVOKE).bind(id).bind(at).execute(&mut *tx).await?.rows_affected();
+            sqlx::query(USED).bind(id).bind(at).execute(&mut *tx).await?;
+            tx.commit().await?;
+            n
+        });
+        Ok(revoked)
+    }
+
     /// Client tokens, newest first; only usable ones when `active_only`
     /// (filtered by the database: revoked and expired rows are not read).
     pub async fn list_client_tokens(
@@ -549,9 +570,12 @@ impl Store {
     }
 
     /// Renews token `parent` into a new one (`id`, `hash_hex`, `prefix`,
-    /// `expires_at`) of the same account and family, revoking `parent` in
-    /// the same transaction; false (nothing changed) when `parent` is no
-    /// longer unrevoked.
+    /// `expires_at`) of the same account and family; false (nothing
+    /// changed) when `parent` is revoked. `parent` stays valid until the new
+    /// one is first used ([`Store::confirm_client_token`]), so a renewal
+    /// lost on its way costs nothing; an earlier renewal of `parent` that
+    /// was never used is revoked here (it was lost, since `parent` is being
+    /// renewed again), so one unused renewal at most is valid.
     pub async fn rotate_client_token(
         &self,
         parent: &str,
@@ -560,17 +584,23 @@ impl Store {
         prefix: &str,
         expires_at: Option<NaiveDateTime>,
     ) -> Result<bool, StoreError> {
-        const REVOKE: &str =
-            "UPDATE client_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
+        // Takes the parent's row lock (a no-op write) so that two frps
+        // renewing it at once take turns, the second seeing the first's
+        // renewal to revoke.
+        const LOCK: &str =
+            "UPDATE client_tokens SET revoked_at = NULL WHERE id = $1 AND revoked_at IS NULL";
+        const LOST: &str = "UPDATE client_tokens SET revoked_at = $2
+            WHERE renewed_from = $1 AND revoked_at IS NULL";
         const INSERT: &str = "INSERT INTO client_tokens
-              (id, token_hash, prefix, user_id, created_at, expires_at, family_id)
-            SELECT $1, $2, $3, p.user_id, $4, $5, COALESCE(p.family_id, p.id)
+              (id, token_hash, prefix, user_id, created_at, expires_at, family_id, renewed_from)
+            SELECT $1, $2, $3, p.user_id, $4, $5, COALESCE(p.family_id, p.id), p.id
             FROM client_tokens p WHERE p.id = $6";
         let at = now();
         let rotated = on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let revoked = sqlx::query(REVOKE).bind(parent).bind(at).execute(&mut *tx).await?.rows_affected();
-            let inserted = if revoked == 1 {
+            let live = sqlx::query(LOCK).bind(parent).execute(&mut *tx).await?.rows_affected();
+            let inserted = if live == 1 {
+                sqlx::query(LOST).bind(parent).bind(at).execute(&mut *tx).await?;
                 sqlx::query(INSERT)
                     .bind(id).bind(hash_hex).bind(prefix).bind(at).bind(expires_at).bind(parent)
                     .execute(&mut *tx).await?.rows_affected()

@@ -99,6 +99,9 @@ pub struct ClientTokenRow {
     pub last_used_at: Option<NaiveDateTime>,
     /// Revocation time (UTC).
     pub revoked_at: Option<NaiveDateTime>,
+    /// For a renewed token not used yet: the token it was renewed from
+    /// (still valid until this one's first use).
+    pub renewed_from: Option<String>,
 }
 
 impl ClientTokenRow {

@@ -768,7 +768,8 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     assert!(chrono::Utc::now() < first_ends, "renewed in time");
     assert_eq!(renewed.email, TEST_EMAIL);
     assert_eq!(renewed.server, client_cfg.control_addr());
-    // Renewed once: the token it replaced is revoked.
+    // The token it replaced stays valid until the new one is used (a
+    // renewal lost on its way costs the box nothing).
     let store = frps.state.store.clone();
     let row = |token: String| {
         let store = store.clone();
@@ -781,7 +782,11 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
         }
     };
     let first_row = row(first.token.clone()).await;
-    assert!(first_row.revoked_at.is_some(), "the old token is revoked");
+    assert!(
+        first_row.revoked_at.is_none(),
+        "the old token is still valid"
+    );
+    assert!(row(renewed.token.clone()).await.renewed_from.is_some());
     // The session outlives its first token: it goes on under the new one.
     while chrono::Utc::now() < first_ends + chrono::Duration::milliseconds(1500) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -810,6 +815,15 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     .await;
     let newest = frpc::login::load(&client_cfg.token_file).unwrap();
     assert!(row(newest.token.clone()).await.revoked_at.is_none());
+    // The login with `latest` was its first use: every other token of the
+    // family but the renewal it was just given is revoked now.
+    let used = row(latest.token.clone()).await;
+    assert!(used.revoked_at.is_none() && used.renewed_from.is_none());
+    for other in store.list_client_tokens(false).await.unwrap() {
+        if other.id != used.id && other.id != row(newest.token.clone()).await.id {
+            assert!(other.revoked_at.is_some(), "{} still valid", other.id);
+        }
+    }
 
     // Revoking the first token, as an operator who saw it listed would,
     // revokes what it was renewed into: the session ends, and this box has
@@ -1730,43 +1744,59 @@ async fn renewed_tokens_form_a_family(url: &str) {
                 .unwrap()
         );
     }
-    // t1 -> t2 -> t3; t1 cannot be renewed twice.
-    assert!(
-        store
-            .rotate_client_token("t1", "t2", "hash-t2", "t2", None)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .rotate_client_token("t1", "tX", "hash-tX", "tX", None)
-            .await
-            .unwrap()
-    );
-    assert!(store.find_client_token("hash-tX").await.unwrap().is_none());
-    assert!(
-        store
-            .rotate_client_token("t2", "t3", "hash-t3", "t3", None)
-            .await
-            .unwrap()
-    );
-    let live = |hash: &'static str| {
+    let rotate = |parent: &'static str, id: &'static str| {
         let store = store.clone();
         async move {
-            let row = store.find_client_token(hash).await.unwrap().unwrap();
-            assert_eq!(
-                row.user_id,
-                if hash == "hash-o1" { other.id } else { user.id }
-            );
+            store
+                .rotate_client_token(parent, id, &format!("hash-{id}"), id, None)
+                .await
+                .unwrap()
+        }
+    };
+    let live = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            let row = store
+                .find_client_token(&format!("hash-{id}"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(row.user_id, if id == "o1" { other.id } else { user.id });
             row.revoked_at.is_none()
         }
     };
-    assert!(!live("hash-t1").await && !live("hash-t2").await && live("hash-t3").await);
+    // t1 -> t2: t1 stays valid until t2 is used.
+    assert!(rotate("t1", "t2").await);
+    assert!(live("t1").await && live("t2").await);
+    // t1 renewed again (t2 never reached its box): t2 is revoked, t3 is
+    // the one renewal of t1 that counts.
+    assert!(rotate("t1", "t3").await);
+    assert!(live("t1").await && !live("t2").await && live("t3").await);
+    assert_eq!(
+        store
+            .find_client_token("hash-t3")
+            .await
+            .unwrap()
+            .unwrap()
+            .renewed_from
+            .as_deref(),
+        Some("t1")
+    );
+    // t3's first use revokes the rest of the family, and only that.
+    assert_eq!(store.confirm_client_token("t3").await.unwrap(), 1);
+    assert!(!live("t1").await && live("t3").await && live("o1").await);
+    let t3 = store.find_client_token("hash-t3").await.unwrap().unwrap();
+    assert!(t3.renewed_from.is_none() && t3.last_used_at.is_some());
+    // A revoked token cannot be renewed; a used renewal can.
+    assert!(!rotate("t1", "tX").await);
+    assert!(store.find_client_token("hash-tX").await.unwrap().is_none());
+    assert!(rotate("t3", "t4").await);
+    assert!(live("t3").await && live("t4").await);
     // Revoking the first one by its id reaches the last; other families
     // are untouched.
-    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 1);
-    assert!(!live("hash-t3").await);
-    assert!(live("hash-o1").await);
+    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 2);
+    assert!(!live("t3").await && !live("t4").await);
+    assert!(live("o1").await);
     store.close().await;
 }
 
