@@ -151,6 +151,18 @@ pub struct Config {
     #[arg(long, env = "FRPX_MAX_BODY", default_value_t = 10 * 1024 * 1024)]
     pub max_body: usize,
 
+    /// Most bytes of request bodies frps holds in memory at once, over all
+    /// callers (bodies it reads whole: to route on the model, and small ones
+    /// it can retry); past that a request gets 503 `server_busy` rather than
+    /// frps running out of memory.
+    #[arg(long, env = "FRPX_MAX_BUFFERED_BODIES", default_value_t = 256 * 1024 * 1024, value_parser = parse_body_budget)]
+    pub max_buffered_bodies: usize,
+
+    /// Longest a body frps reads whole may take to arrive, in all (each piece
+    /// is also due within `--keepalive-timeout`); 408 after it.
+    #[arg(long, env = "FRPX_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub body_timeout: Duration,
+
     /// Longest silence from a client's service, waiting for response headers
     /// (from the end of the request body) or between body chunks, before
     /// the request is failed.
@@ -285,6 +297,18 @@ fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
             "--heartbeat-interval must be from 100ms to 1h (got `{}`)",
             s.trim()
         ))
+    }
+}
+
+/// `--max-buffered-bodies`: bytes, from one to 4 GiB − 1 (a body's share
+/// of it is taken in pieces of up to that).
+fn parse_body_budget(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        _ => Err(format!(
+            "--max-buffered-bodies must be a number of bytes from 1 to 4294967295 (got `{}`)",
+            s.trim()
+        )),
     }
 }
 

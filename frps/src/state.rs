@@ -51,6 +51,9 @@ pub struct State {
     pub metrics: Metrics,
     /// Requests waiting for capacity.
     pub queues: Queues,
+    /// Bytes of request bodies frps may still hold in memory
+    /// (`--max-buffered-bodies`): one permit per byte.
+    pub body_budget: Arc<tokio::sync::Semaphore>,
     /// When the server started.
     pub started_at: Instant,
     /// Cancelled when shutdown begins: the public and control ports stop
@@ -117,6 +120,7 @@ impl State {
         let tasks = TaskTracker::new();
         let rate_limits = RateLimiter::new(config.rate_limit_window, redis.clone(), tasks.clone());
         tokio::spawn(rate_limits.clone().maintain(shutdown.clone()));
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bodies));
         Ok(Self {
             rate_limits,
             accounts: Accounts::new(Some(store.clone()), config.token_lifetime()),
@@ -131,6 +135,7 @@ impl State {
             stats: Stats::default(),
             metrics: Metrics::default(),
             queues: Queues::default(),
+            body_budget,
             started_at: Instant::now(),
             shutdown,
             drained: CancellationToken::new(),

@@ -440,6 +440,9 @@ async fn forward(
     // How far a streamed body's upload has got (made for those only: most
     // requests are buffered or bodiless, and this is their hot path).
     let mut upload: Option<Arc<UploadClock>> = None;
+    // A body read whole holds its share of `--max-buffered-bodies` until
+    // the request is done with it.
+    let mut _buffered: Option<tokio::sync::OwnedSemaphorePermit> = None;
     // A small body of announced length is read whole too: it can then go
     // out again (on another box, after a keep-alive race) and on a pooled
     // connection, as a streamed one cannot.
@@ -449,7 +452,8 @@ async fn forward(
         .is_some_and(|n| n <= SMALL_BODY.min(state.config.max_body as u64));
     let (mut payload, model) = if routed || (small && !body.is_end_stream()) {
         match read_body(state, body).await {
-            Ok(bytes) => {
+            Ok(ReadBody { bytes, _held: held }) => {
+                _buffered = held;
                 let model = if routed {
                     match model_of(&bytes, by_name) {
                         Ok(model) => model,
@@ -745,21 +749,34 @@ fn bad_gateway(message: &str) -> Response<PublicBody> {
     )
 }
 
+/// A body read whole, with its share of `--max-buffered-bodies` (given
+/// back when dropped: keep it while the bytes may still be sent).
+struct ReadBody {
+    bytes: Bytes,
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Reads a body to route on, at most `--max-body` bytes, each piece due
-/// within `--keepalive-timeout` of the previous one.
-async fn read_body(state: &State, mut body: Incoming) -> Result<Bytes, Response<PublicBody>> {
+/// within `--keepalive-timeout` of the previous one and the whole within
+/// `--body-timeout`, while all bodies held stay under
+/// `--max-buffered-bodies`.
+async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Response<PublicBody>> {
     let limit = state.config.max_body;
     let gap = state.config.keepalive_timeout;
     // An announced length over the limit is refused before reading a byte.
     if body.size_hint().lower() > limit as u64 {
         return Err(body_too_large(limit));
     }
+    let deadline = tokio::time::Instant::now() + state.config.body_timeout;
     // One piece (the usual case) is kept as it came; more are joined.
     let mut first: Option<Bytes> = None;
     let mut joined = bytes::BytesMut::new();
     let mut len = 0usize;
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
-        let frame = match tokio::time::timeout(gap, body.frame()).await {
+        let due = (tokio::time::Instant::now() + gap).min(deadline);
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Err(_) if due == deadline => return Err(body_too_slow(state.config.body_timeout)),
             Err(_) => return Err(body_stalled(gap)),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -773,6 +790,18 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<Bytes, Response<
         len += data.len();
         if len > limit {
             return Err(body_too_large(limit));
+        }
+        // The piece counts against the budget while frps holds it (a joined
+        // body's pieces, freed once copied, count once: the copy).
+        let Some(share) = u32::try_from(data.len())
+            .ok()
+            .and_then(|n| state.body_budget.clone().try_acquire_many_owned(n).ok())
+        else {
+            return Err(bodies_over_budget());
+        };
+        match held.as_mut() {
+            Some(h) => h.merge(share),
+            None => held = Some(share),
         }
         match first.take() {
             None if joined.is_empty() => first = Some(data),
@@ -789,7 +818,28 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<Bytes, Response<
         .stats
         .bytes_in
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    Ok(bytes)
+    Ok(ReadBody { bytes, _held: held })
+}
+
+fn body_too_slow(limit: std::time::Duration) -> Response<PublicBody> {
+    error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("the request body did not arrive within {limit:?}"),
+        "invalid_request_error",
+        "request_timeout",
+    )
+}
+
+fn bodies_over_budget() -> Response<PublicBody> {
+    let mut resp = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "frps holds as many request bodies as it may (--max-buffered-bodies); retry shortly",
+        "service_unavailable",
+        "server_busy",
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// The caller's body failure behind an upstream error, if that is what it was.

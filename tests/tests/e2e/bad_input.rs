@@ -281,6 +281,68 @@ async fn a_stalled_request_body_is_cut_at_the_keepalive_timeout() {
 }
 
 #[tokio::test]
+async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
+    let mut cfg = frps_config();
+    cfg.max_buffered_bodies = 100_000;
+    cfg.body_timeout = Duration::from_secs(1);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    // Bodies that keep coming, each piece under --keepalive-timeout, are
+    // cut at --body-timeout however long they announce themselves.
+    let mut slow = TcpStream::connect(public).await.unwrap();
+    let head = raw_post(
+        "/v1/chat/completions",
+        "Content-Length: 90000\r\n",
+        &[b' '; 80_000],
+    );
+    slow.write_all(&head).await.unwrap();
+    // 80 kB held: a second body that would take frps past 100 kB waits for
+    // nothing, it is refused at once (and one that fits is served).
+    let body = format!(
+        r#"{{"model":"model-of-client-0","pad":"{}"}}"#,
+        "x".repeat(30_000)
+    );
+    let reply = Conn::open(public)
+        .await
+        .post("/v1/chat/completions", Some(API_KEY), body)
+        .await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "server_busy");
+    assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
+    served(public).await;
+    // The slow one ends at its deadline (it is still sending: no gap), and
+    // its share is given back.
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let pieces = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        _ = pieces => {}
+        _ = tokio::time::sleep(WAIT) => panic!("the slow body was never cut"),
+    }
+    let _ = tokio::time::timeout(WAIT, slow.read_to_end(&mut out)).await;
+    let raw = String::from_utf8_lossy(&out);
+    assert_eq!(status(&raw), 408, "{raw}");
+    assert!(raw.contains("did not arrive within"), "{raw}");
+    assert!(started.elapsed() < WAIT);
+    let body = format!(
+        r#"{{"model":"model-of-client-0","pad":"{}"}}"#,
+        "x".repeat(90_000)
+    );
+    let reply = Conn::open(public)
+        .await
+        .post("/v1/chat/completions", Some(API_KEY), body)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[tokio::test]
 async fn bad_requests_on_the_public_port_harm_no_one_else() {
     let fleet = Fleet::start(1).await;
     let public = fleet.frps.public();
