@@ -154,6 +154,13 @@ const PUBLIC_PATHS: [&str; 2] = ["/api/health", "/"];
 
 async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Response {
     let Some(expected) = state.config.admin_token() else {
+        // No token: only a loopback address can reach the API, but a web
+        // page in the operator's browser could still, by rebinding its own
+        // name to 127.0.0.1 (then its requests name that name as their
+        // host) or by posting across origins. Both are refused.
+        if let Some(why) = foreign_request(&req) {
+            return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+        }
         return next.run(req).await;
     };
     if PUBLIC_PATHS.contains(&req.uri().path()) {
@@ -163,8 +170,9 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => next.run(req).await,
         Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response(),
@@ -181,6 +189,52 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
     }
 }
 
+/// Why a request to a token-less API did not come from this machine's own
+/// tools: a `Host` that is not a loopback name or address (DNS rebinding),
+/// or an `Origin` of another host (a page posting across origins).
+fn foreign_request(req: &Request) -> Option<&'static str> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    // HTTP/1.1 requires Host; HTTP/2 carries it in the URI.
+    let host = header(header::HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !host.is_some_and(is_loopback_host) {
+        return Some(
+            "without --admin-token the API answers only requests for localhost or a loopback address (Host header)",
+        );
+    }
+    if let Some(origin) = header(header::ORIGIN) {
+        let host = origin.split_once("://").map(|(_, rest)| rest);
+        if !host.is_some_and(is_loopback_host) {
+            return Some(
+                "without --admin-token the API answers no requests from web pages of other hosts (Origin header)",
+            );
+        }
+    }
+    None
+}
+
+/// Whether `host` (`name[:port]`, `[v6][:port]`) is `localhost`, a name
+/// under it, or a loopback address.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, port)) if port.is_empty() || port.starts_with(':') => v6,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 async fn metrics(AxState(state): ApiState) -> Response {
     (
         [(
@@ -194,4 +248,40 @@ async fn metrics(AxState(state): ApiState) -> Response {
 
 async fn dashboard() -> Html<&'static str> {
     Html(include_str!("dashboard.html"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts() {
+        for ok in [
+            "localhost",
+            "LOCALHOST:18081",
+            "localhost.",
+            "dash.localhost:80",
+            "127.0.0.1",
+            "127.0.0.1:18081",
+            "127.3.4.5:1",
+            "[::1]",
+            "[::1]:18081",
+            "[::ffff:127.0.0.1]:9",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:18081",
+            "localhost.evil.example",
+            "10.0.0.1:18081",
+            "[::2]:18081",
+            "[::1",
+            "[::1]x",
+            "127.0.0.1.nip.io",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
+    }
 }

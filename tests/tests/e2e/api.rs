@@ -181,6 +181,12 @@ async fn the_admin_token_is_enforced() {
             "{path}"
         );
     }
+    // The scheme's name is case-insensitive (RFC 9110).
+    let mut conn = Conn::open(addr).await;
+    let mut req = http::request("GET", addr, "/api/clients", None, Bytes::new());
+    req.headers_mut()
+        .insert("authorization", format!("bearer {ADMIN}").parse().unwrap());
+    assert_eq!(conn.send(req).await.unwrap().status(), 200);
     // Consumer keys are not admin tokens.
     assert_eq!(
         http::get(addr, "/api/clients", Some(API_KEY)).await.status,
@@ -189,6 +195,41 @@ async fn the_admin_token_is_enforced() {
     // No permissive CORS.
     let reply = http::get(addr, "/api/health", None).await;
     assert!(!reply.headers.contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn without_a_token_the_api_answers_only_this_machine() {
+    let fleet = Fleet::start(1).await;
+    let addr = fleet.frps.addrs.api;
+    let send = |host: &'static str, origin: Option<&'static str>, method: &'static str| async move {
+        let mut conn = Conn::open(addr).await;
+        let mut req = http::request(method, addr, "/api/clients/client-0", None, Bytes::new());
+        req.headers_mut().insert("host", host.parse().unwrap());
+        if let Some(origin) = origin {
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+        }
+        http::read(conn.send(req).await.unwrap()).await
+    };
+    let session = fleet.frps.state.registry.get("client-0").unwrap().session;
+    for host in ["127.0.0.1:18081", "localhost:18081", "[::1]:18081"] {
+        assert_eq!(send(host, None, "GET").await.status, 200, "{host}");
+    }
+    // A page that rebound its own name to 127.0.0.1.
+    let rebound = send("attacker.example:18081", None, "GET").await;
+    assert_eq!(rebound.status, 403, "{}", rebound.body);
+    assert_envelope(&rebound, false);
+    // A page posting (or deleting) across origins.
+    let crossed = send("127.0.0.1:18081", Some("http://attacker.example"), "DELETE").await;
+    assert_eq!(crossed.status, 403, "{}", crossed.body);
+    assert!(crossed.body.contains("Origin"), "{}", crossed.body);
+    // Nothing was done: the client is still on its first session.
+    assert_eq!(
+        fleet.frps.state.registry.get("client-0").unwrap().session,
+        session
+    );
+    // The dashboard's own calls (same origin) go through.
+    let own = send("localhost:18081", Some("http://localhost:18081"), "GET").await;
+    assert_eq!(own.status, 200, "{}", own.body);
 }
 
 #[tokio::test]
