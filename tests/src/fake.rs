@@ -45,6 +45,22 @@ impl FakeClient {
 
     /// Logs in with `token` and registers as `id`; returns frps's answer to the registration.
     pub async fn register(control: SocketAddr, token: &str, id: &str) -> (FakeClient, Command) {
+        let registration = Registration {
+            client_id: id.into(),
+            machine_id: format!("machine-{id}"),
+            protocol_version: PROTOCOL_VERSION,
+            ..Default::default()
+        };
+        FakeClient::register_as(control, token, registration).await
+    }
+
+    /// Logs in with `token` and sends `registration` as it is; returns the
+    /// connection and frps's answer.
+    pub async fn register_as(
+        control: SocketAddr,
+        token: &str,
+        registration: Registration,
+    ) -> (FakeClient, Command) {
         let mut c = FakeClient::connect(control).await;
         c.send(Command::LoginToken {
             token: token.into(),
@@ -61,13 +77,7 @@ impl FakeClient {
                 );
             }
         }
-        c.send(Command::Register(Registration {
-            client_id: id.into(),
-            machine_id: format!("machine-{id}"),
-            protocol_version: PROTOCOL_VERSION,
-            ..Default::default()
-        }))
-        .await;
+        c.send(Command::Register(registration)).await;
         let answer = c.recv().await.expect("registration answer");
         (c, answer)
     }

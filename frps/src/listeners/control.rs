@@ -296,10 +296,17 @@ async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(),
             format!("client id '{id}' belongs to another account; choose another --client-id"),
             false,
         )),
-        Ok(Err(e)) => Err((
-            format!("cannot check which account client id '{id}' belongs to: {e}"),
-            true,
-        )),
+        Ok(Err(e)) => {
+            // The database's own words stay in frps's log: a box's owner
+            // gets no view of the server's internals.
+            warn!(client = %id, "cannot check which account the client id belongs to: {e}");
+            Err((
+                format!(
+                    "cannot check which account client id '{id}' belongs to: the database is unavailable"
+                ),
+                true,
+            ))
+        }
         Err(_) => Err((
             format!(
                 "cannot check which account client id '{id}' belongs to: no answer from the database within {hs:?}"
@@ -333,8 +340,35 @@ fn validate(reg: &Registration) -> Result<(), (String, bool)> {
             false,
         ));
     }
+    // Stored (gpu_assets), logged and shown by the API: bounded, and no
+    // control characters to forge log lines or trip the database.
+    let texts = [
+        ("machine id", &reg.machine_id, 1),
+        ("hostname", &reg.hostname, 0),
+        ("os", &reg.os, 0),
+        ("arch", &reg.arch, 0),
+        ("version", &reg.version, 0),
+        ("user", &reg.user, 0),
+    ];
+    for (what, text, min) in texts {
+        if text.len() < min
+            || text.len() > MAX_REGISTRATION_TEXT
+            || text.chars().any(char::is_control)
+        {
+            return Err((
+                format!(
+                    "{what} must be {min}-{MAX_REGISTRATION_TEXT} bytes of text without control characters"
+                ),
+                false,
+            ));
+        }
+    }
     Ok(())
 }
+
+/// Longest machine id, hostname, os, arch, version or user a registration
+/// may carry (a hostname is at most 253 characters).
+const MAX_REGISTRATION_TEXT: usize = 255;
 
 /// The registered phase: heartbeats, reports, commands to the client.
 async fn serve(
@@ -544,6 +578,8 @@ mod tests {
     fn registrations_are_validated() {
         let ok = Registration {
             client_id: "gpu-01.lab:a@b_c".into(),
+            machine_id: "4c4c4544-0042-3510".into(),
+            hostname: "gpu box (lab)".into(),
             protocol_version: PROTOCOL_VERSION,
             ..Default::default()
         };
@@ -556,6 +592,14 @@ mod tests {
             bad.client_id = id.into();
             assert!(validate(&bad).is_err(), "{id:?} accepted");
         }
+        for machine in ["", "a\tb", &"m".repeat(256)] {
+            let mut bad = ok.clone();
+            bad.machine_id = machine.into();
+            assert!(validate(&bad).is_err(), "{machine:?} accepted");
+        }
+        let mut bad = ok.clone();
+        bad.os = "linux\r\n".into();
+        assert!(validate(&bad).is_err());
     }
 
     #[test]

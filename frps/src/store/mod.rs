@@ -696,8 +696,12 @@ impl Store {
 
 /// `url` with any password replaced by `***`, for messages: the one in
 /// `user:password@`, and the values of query parameters whose name holds
-/// `password` (`?password=`, `&sslpassword=`, in any letter case).
+/// `password` (`?password=`, `&sslpassword=`, in any letter case), or of
+/// such keywords in libpq's `key=value` form (`host=db password=secret`).
 pub fn redact(url: &str) -> String {
+    if !url.contains("://") && url.contains('=') {
+        return redact_keywords(url);
+    }
     let url = redact_query(url);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
@@ -714,6 +718,39 @@ pub fn redact(url: &str) -> String {
         }
         _ => url,
     }
+}
+
+/// libpq's keyword form with the values of keys holding `password`
+/// replaced by `***` (a value may be quoted: `password='a b\'c'`).
+fn redact_keywords(conninfo: &str) -> String {
+    let mut out = String::with_capacity(conninfo.len());
+    let mut rest = conninfo;
+    while let Some(eq) = rest.find('=') {
+        let (key_part, after) = rest.split_at(eq);
+        let key = key_part.rsplit(char::is_whitespace).next().unwrap_or("");
+        let secret = key.to_ascii_lowercase().contains("password");
+        out.push_str(key_part);
+        out.push('=');
+        let value = &after[1..];
+        // The value's end: its closing quote, else the next blank.
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            let mut escaped = false;
+            quoted
+                .char_indices()
+                .find(|&(_, c)| {
+                    let close = c == '\'' && !escaped;
+                    escaped = c == '\\' && !escaped;
+                    close
+                })
+                .map_or(value.len(), |(i, _)| i + 2)
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        out.push_str(if secret { "***" } else { &value[..end] });
+        rest = &value[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `url` with the values of its password query parameters replaced by `***`.
@@ -792,5 +829,20 @@ mod tests {
             "sqlite://frpx.db?mode=rwc"
         );
         assert_eq!(redact("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+    }
+
+    #[test]
+    fn libpq_keyword_passwords_are_redacted() {
+        assert_eq!(
+            redact("host=db user=frpx password=s3cret dbname=frpx"),
+            "host=db user=frpx password=*** dbname=frpx"
+        );
+        assert_eq!(
+            redact("host=db PASSWORD='a b\\'c' sslpassword=k dbname=x"),
+            "host=db PASSWORD=*** sslpassword=*** dbname=x"
+        );
+        assert_eq!(redact("password='unclosed"), "password=***");
+        assert_eq!(redact("host=db dbname=x"), "host=db dbname=x");
+        assert_eq!(redact("password="), "password=***");
     }
 }

@@ -209,6 +209,29 @@ async fn a_registration_under_another_accounts_client_id_is_refused() {
             "{forged:?}: {answer:?}"
         );
     }
+    // Nor machine ids and hostnames that are not text (stored, logged and
+    // shown by the API).
+    let long = "m".repeat(256);
+    for (machine, host) in [
+        ("", "box"),
+        ("machine\u{0}", "box"),
+        (long.as_str(), "box"),
+        ("machine-x", "box\nINFO forged log line"),
+        ("machine-x", long.as_str()),
+    ] {
+        let registration = common::protocol::Registration {
+            client_id: "client-x".into(),
+            machine_id: machine.into(),
+            hostname: host.into(),
+            protocol_version: common::protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        };
+        let (_c, answer) = FakeClient::register_as(frps.addrs.control, &token, registration).await;
+        assert!(
+            matches!(answer, Command::RegisterRefused { retry: false, .. }),
+            "{machine:?} {host:?}: {answer:?}"
+        );
+    }
     assert_eq!(frps.state.registry.all().len(), 1);
     served(frps.public()).await;
 }
@@ -468,7 +491,7 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
     let body = nested(50_000);
     let deep = [
         format!(
-            "GET /api/clients HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "GET /api/clients HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
@@ -479,22 +502,22 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
         ("garbage", TLS_HELLO.to_vec(), End::AsIs, 400, ""),
         (
             "truncated body",
-            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".to_vec(),
+            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{".to_vec(),
             End::HalfClose,
             404,
             "not online",
         ),
         (
             "4 GiB body",
-            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: x\r\nContent-Length: 4294967296\r\n\r\n{".to_vec(),
+            b"DELETE /api/clients/nobody HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4294967296\r\n\r\n{".to_vec(),
             End::AsIs,
             404,
             "not online",
         ),
-        ("invalid utf-8 path", b"GET /api/clients/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), End::Close, 400, ""),
+        ("invalid utf-8 path", b"GET /api/clients/\xff\xfe HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(), End::Close, 400, ""),
         (
             "invalid utf-8 escaped",
-            b"GET /api/clients/%FF%FE HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"GET /api/clients/%FF%FE HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
             End::Close,
             400,
             "Invalid UTF-8",
@@ -502,21 +525,21 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
         // Without --admin-token the header is not looked at.
         (
             "invalid utf-8 header",
-            b"GET /api/clients HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n".to_vec(),
+            b"GET /api/clients HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer \xff\r\n\r\n".to_vec(),
             End::Close,
             200,
             "client-0",
         ),
         (
             "forged id",
-            b"DELETE /api/clients/client-0%2F..%2Fclient-0 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"DELETE /api/clients/client-0%2F..%2Fclient-0 HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
             End::Close,
             404,
             "not online",
         ),
         (
             "forged id with NUL",
-            b"DELETE /api/clients/client-0%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"DELETE /api/clients/client-0%00 HTTP/1.1\r\nHost: localhost\r\n\r\n".to_vec(),
             End::Close,
             404,
             "not online",
