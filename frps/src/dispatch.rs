@@ -264,6 +264,23 @@ fn refusal(no: NoPick) -> Result<(), Refusal> {
     }
 }
 
+/// Notes a failure of `client` before any response byte. When that puts
+/// it in a cool-down, the requests queued meanwhile look again once it
+/// ends: the box frees no slot by recovering, and nothing else would tell
+/// them it can take one.
+pub fn record_failure(state: &Arc<State>, client: &ClientHandle) {
+    let Some(cool) = client.record_failure() else {
+        return;
+    };
+    let state = Arc::downgrade(state);
+    tokio::spawn(async move {
+        tokio::time::sleep(cool).await;
+        if let Some(state) = state.upgrade() {
+            state.queues.wake_all();
+        }
+    });
+}
+
 /// `Retry-After` for a queue refusal, in whole seconds.
 pub fn retry_after(queue_timeout: Duration) -> u64 {
     queue_timeout.as_secs().clamp(1, 60)

@@ -154,16 +154,20 @@ impl ClientHandle {
 
     /// Notes a failure before any response byte. After
     /// [`FAILURES_BEFORE_COOLDOWN`] in a row the client is skipped for a
-    /// cool-down that doubles with each further failure (1 s up to 60 s).
-    pub fn record_failure(&self) {
+    /// cool-down that doubles with each further failure (1 s up to 60 s);
+    /// returns its length when one starts. Requests queued meanwhile must
+    /// be woken at its end ([`crate::dispatch::record_failure`]).
+    pub fn record_failure(&self) -> Option<std::time::Duration> {
         let mut h = self.health.lock().expect("health lock");
         h.failures = h.failures.saturating_add(1);
-        if h.failures >= FAILURES_BEFORE_COOLDOWN {
-            let n = (h.failures - FAILURES_BEFORE_COOLDOWN).min(6);
-            let cool = (COOLDOWN_BASE * (1u32 << n)).min(COOLDOWN_MAX);
-            h.until = Some(Instant::now() + cool);
-            tracing::warn!(client = %self.id, failures = h.failures, "client '{}' marked unhealthy for {cool:?}", self.id);
+        if h.failures < FAILURES_BEFORE_COOLDOWN {
+            return None;
         }
+        let n = (h.failures - FAILURES_BEFORE_COOLDOWN).min(6);
+        let cool = (COOLDOWN_BASE * (1u32 << n)).min(COOLDOWN_MAX);
+        h.until = Some(Instant::now() + cool);
+        tracing::warn!(client = %self.id, failures = h.failures, "client '{}' marked unhealthy for {cool:?}", self.id);
+        Some(cool)
     }
 
     /// Notes a success (or a healthy report): the failure count restarts.

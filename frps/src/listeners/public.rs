@@ -55,6 +55,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         state.config.max_connections,
         state.config.max_connections_per_ip,
     );
+    let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
@@ -70,7 +71,14 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         let guard = match limiter.try_acquire(peer.ip()) {
             Ok(g) => g,
             Err(over) => {
-                state.tasks.spawn(refuse(stream, over));
+                // Answered while few others are; in a flood beyond that,
+                // closed at once (each answer may hold a TLS handshake
+                // and up to REFUSAL_TIME).
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    state
+                        .tasks
+                        .spawn(refuse(state.clone(), stream, over, permit));
+                }
                 continue;
             }
         };
@@ -210,8 +218,24 @@ where
 }
 
 /// Answers a connection over the cap with 503 and closes it.
-async fn refuse(mut stream: tokio::net::TcpStream, over: Over) {
-    use tokio::io::AsyncWriteExt;
+/// Connections over the caps answered at once at most; more are closed.
+const MAX_REFUSALS: usize = 256;
+
+/// Longest an over-the-cap connection is kept for its answer.
+const REFUSAL_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Answers a connection over the caps with 503 `too_many_connections`, in
+/// TLS on a TLS port (plaintext would reach an HTTPS caller as a handshake
+/// error), then reads what the caller sent until it closes: closing with
+/// its request unread would reset the connection, and could destroy the
+/// answer before it is read.
+async fn refuse(
+    state: Arc<State>,
+    stream: tokio::net::TcpStream,
+    over: Over,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = serde_json::json!({
         "error": {"message": over.reason(), "type": "service_unavailable", "code": "too_many_connections"}
     })
@@ -220,11 +244,23 @@ async fn refuse(mut stream: tokio::net::TcpStream, over: Over) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
-    let write = async {
+    let answer = async {
+        let Ok(mut stream) = state.tls.accept_public(stream, REFUSAL_TIME).await else {
+            return Ok(());
+        };
         stream.write_all(resp.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut read = 0;
+        while read < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
     };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), write).await;
+    let _ = tokio::time::timeout(REFUSAL_TIME, answer).await;
 }
 
 /// Handles one public request.
@@ -726,7 +762,7 @@ async fn forward(
 /// error: if no other client can be tried, the caller is told why the last
 /// one failed, not that none is left.
 fn blame(
-    state: &State,
+    state: &Arc<State>,
     client: &ClientHandle,
     error: AcquireError,
     excluded: &mut Vec<u64>,
@@ -734,7 +770,7 @@ fn blame(
     retries: usize,
 ) -> Option<Response<PublicBody>> {
     warn!(client = %client.id, "client failed before responding: {error}");
-    client.record_failure();
+    dispatch::record_failure(state, client);
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))

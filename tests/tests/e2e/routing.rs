@@ -322,6 +322,39 @@ async fn with_capacity_one_requests_queue_and_are_served_in_order() {
 }
 
 #[tokio::test]
+async fn a_queued_request_goes_to_a_box_whose_cool_down_ends() {
+    let mut cfg = frps_config();
+    cfg.queue_timeout = Duration::from_secs(120);
+    let b = boxes(cfg, &[("a", &["m"], Some(1)), ("b", &["m"], Some(1))]).await;
+    let state = b.frps.state.clone();
+    let addr = b.frps.public();
+    // a cools down (1 s) after failures; b's one slot is taken.
+    let a = state.registry.get("a").unwrap();
+    while !a.is_cooling_down() {
+        frps::dispatch::record_failure(&state, &a);
+    }
+    let (who, held) = hold(addr).await;
+    assert_eq!(who, "b");
+    let waiting = tokio::spawn(async move {
+        Conn::open(addr)
+            .await
+            .post("/v1/chat/completions", Some(API_KEY), chat("m"))
+            .await
+    });
+    frpx_tests::eventually("the request waits in line", || state.queues.total() == 1).await;
+    // Served by a once its cool-down is over, not when b frees its slot
+    // (never, here) or the queue gives up (two minutes).
+    let reply = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("served when the cool-down ended")
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "a");
+    b.backends["b"].release_holds();
+    held.collect().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
     let mut cfg = frps_config();
     // Longer than the test waits: a request left waiting fails it.

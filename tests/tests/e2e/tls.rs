@@ -272,3 +272,32 @@ async fn the_public_port_serves_https_to_a_client_trusting_the_certificate() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn over_the_connection_cap_an_https_caller_gets_503_in_tls() {
+    let ca = TestCa::new();
+    let cert = ca.issue("public", &["localhost", "127.0.0.1"]);
+    let mut cfg = frps_config();
+    cfg.public_tls_cert = Some(cert.cert);
+    cfg.public_tls_key = Some(cert.key);
+    cfg.max_connections_per_ip = 1;
+    let fleet = frpx_tests::Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    let mut first = https_connect(public, "localhost", ca.client_config())
+        .await
+        .unwrap();
+    let req = http::request("GET", public, "/", Some(API_KEY), Bytes::new());
+    first.ready().await.unwrap();
+    assert_eq!(first.send_request(req).await.unwrap().status(), 200);
+    // The second connection: a 503 the HTTPS caller can read, not
+    // plaintext it would take for a broken handshake.
+    let mut second = https_connect(public, "localhost", ca.client_config())
+        .await
+        .expect("TLS handshake though over the cap");
+    let req = http::request("GET", public, "/", Some(API_KEY), Bytes::new());
+    second.ready().await.unwrap();
+    let reply = http::read(second.send_request(req).await.unwrap()).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "too_many_connections");
+    assert_eq!(reply.headers["retry-after"], "1");
+}
