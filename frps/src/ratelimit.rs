@@ -344,32 +344,36 @@ impl RateLimiter {
             .arg(grant.limits.max_concurrency.unwrap_or(0))
             .arg(&member)
             .arg(LEASE_TTL.as_millis() as u64);
+        // Until the script's answer is read, its lease (if it ran) is taken
+        // back should this end otherwise: the answer lost (a timeout), or
+        // the caller gone while it was on its way (this future dropped).
+        // Either way the lease would hold a slot until it expired. A no-op
+        // if the script never ran; when Redis is down the lease expires.
+        let mut unclaimed = UnclaimedLease {
+            limiter: self,
+            lease: grant
+                .limits
+                .max_concurrency
+                .is_some()
+                .then_some(SharedLease {
+                    key: leases,
+                    member,
+                }),
+        };
         let Some((verdict, ms)) = redis.invoke::<(i64, i64)>(&call).await else {
             self.redis_failed();
-            if grant.limits.max_concurrency.is_some() {
-                // The script may have run with its answer lost (a timeout):
-                // its lease would hold a slot until it expired, beside the
-                // one counted in-process now. Take it back (a no-op if the
-                // script never ran; when Redis is down it expires).
-                let redis = self.redis.clone();
-                self.tasks.spawn(async move {
-                    if let Some(redis) = redis {
-                        redis.zrem(&leases, &member).await;
-                    }
-                });
-            }
             return None;
         };
         self.redis_ok();
+        // Answered: a lease exists only if the script granted it.
+        let lease = unclaimed.lease.take();
         Some(match verdict {
             0 if grant.limits.max_concurrency.is_some() => {
-                self.shared.lock().expect("rate limit lock").insert(
-                    seq,
-                    SharedLease {
-                        key: leases,
-                        member,
-                    },
-                );
+                let lease = lease.expect("a lease for a concurrency limit");
+                self.shared
+                    .lock()
+                    .expect("rate limit lock")
+                    .insert(seq, lease);
                 Ok(Some(Lease {
                     limiter: self.clone(),
                     id: grant.id,
@@ -382,6 +386,23 @@ impl RateLimiter {
             }),
             _ => Err(Limited::Concurrency),
         })
+    }
+
+    /// Removes `lease` from Redis in the background (when Redis is down,
+    /// it expires within LEASE_TTL).
+    fn take_back(&self, lease: SharedLease) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        // Dropped with the runtime (at shutdown) there is none to run on;
+        // the lease then expires.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.tasks.spawn_on(
+            async move { redis.zrem(&lease.key, &lease.member).await },
+            &runtime,
+        );
     }
 
     fn admit_local(
@@ -431,20 +452,10 @@ impl RateLimiter {
     }
 
     fn release_shared(&self, seq: u64) {
-        let Some(lease) = self.shared.lock().expect("rate limit lock").remove(&seq) else {
-            return;
-        };
-        let Some(redis) = self.redis.clone() else {
-            return;
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            // No runtime (process ending): the lease expires by itself.
-            return;
+        let lease = self.shared.lock().expect("rate limit lock").remove(&seq);
+        if let Some(lease) = lease {
+            self.take_back(lease);
         }
-        self.tasks.spawn(async move {
-            // When Redis is down the lease expires within LEASE_TTL.
-            redis.zrem(&lease.key, &lease.member).await;
-        });
     }
 
     /// Requests in flight counted in-process for the key `id` (for tests
@@ -534,6 +545,21 @@ impl RateLimiter {
                 // When Redis fails here the lease expires within LEASE_TTL.
                 redis.zrem(&lease.key, &lease.member).await;
             }
+        }
+    }
+}
+
+/// A lease the acquire script may have added to Redis and nobody holds
+/// yet: taken back when dropped, unless claimed.
+struct UnclaimedLease<'a> {
+    limiter: &'a RateLimiter,
+    lease: Option<SharedLease>,
+}
+
+impl Drop for UnclaimedLease<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.limiter.take_back(lease);
         }
     }
 }

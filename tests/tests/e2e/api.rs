@@ -358,6 +358,39 @@ fn samples(text: &str) -> Vec<(String, f64)> {
 }
 
 #[tokio::test]
+async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
+    use tokio::io::AsyncWriteExt;
+    let fleet = fleet_with_admin(1).await;
+    let public = fleet.frps.public();
+    let mut caller = tokio::net::TcpStream::connect(public).await.unwrap();
+    caller
+        .write_all(
+            format!(
+                "GET /sleep?ms=60000 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    frpx_tests::eventually("the request reached the box", || {
+        fleet.backends[0]
+            .requests()
+            .iter()
+            .any(|s| s.path == "/sleep")
+    })
+    .await;
+    drop(caller);
+    let addr = fleet.frps.addrs.api;
+    frpx_tests::eventually_async("the abandoned request is counted", || async {
+        let text = http::get(addr, "/metrics", Some(ADMIN)).await.body;
+        samples(&text).iter().any(|(s, v)| {
+            s.starts_with("frpx_requests_total{") && s.contains("status=\"499\"") && *v == 1.0
+        })
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn metrics_count_requests_and_follow_model_changes() {
     let fleet = fleet_with_admin(1).await;
     assert_eq!(

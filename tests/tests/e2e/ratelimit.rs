@@ -273,6 +273,56 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
 }
 
 #[tokio::test]
+async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let (a, b, prefix) = two_frps_sharing(&redis).await;
+    let conn = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (one, _) = key_with(&a.frps, None, Some(1)).await;
+    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(&one));
+    let leases = format!("{prefix}ratelimit:{{{hex}}}:concurrency");
+    let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
+        redis::cmd("ZCARD")
+            .arg(&leases)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    let frps::auth::KeyCheck::Valid(grant) = a.frps.state.keys.check(&one).await else {
+        panic!("the key is valid");
+    };
+    // The script runs and adds the lease; the caller leaves before its
+    // answer is read (the request future is dropped).
+    let limits = a.frps.state.rate_limits.clone();
+    let mut admit = Box::pin(async move { limits.admit(&grant).await });
+    tokio::select! {
+        biased;
+        _ = &mut admit => panic!("answered without waiting for Redis"),
+        _ = std::future::ready(()) => {}
+    }
+    eventually_async("the script added the lease", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 1 }
+    })
+    .await;
+    drop(admit);
+    // Taken back at once, not held for the lease's minute.
+    eventually_async("the lease was taken back", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 0 }
+    })
+    .await;
+    assert_eq!(status(&b.frps, &one).await, 200);
+    a.frps.stop().await;
+    b.frps.stop().await;
+}
+
+#[tokio::test]
 async fn redis_down_falls_back_to_in_process_limits() {
     let Some(redis) = services::redis_url() else {
         return;
