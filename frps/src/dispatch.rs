@@ -3,7 +3,7 @@
 //! by `--queue-max` and `--queue-timeout`) and is served as soon as a slot
 //! frees, instead of piling onto one box.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,13 +36,46 @@ pub enum Refusal {
 
 #[derive(Debug, Default)]
 struct Queue {
-    notify: Notify,
+    /// The waiters in arrival order, each woken through its own `Notify`
+    /// (which keeps a wake-up that comes while its waiter is busy picking).
+    /// Only the first picks a slot: a waiter keeps its place when a slot it
+    /// was woken for went elsewhere, and an arrival never takes a slot
+    /// ahead of the waiters before it.
+    line: Mutex<VecDeque<Arc<Notify>>>,
     /// Requests in this queue (changed only under the map's lock, so an
     /// empty queue can be removed without losing a waiter).
     waiting: AtomicUsize,
     /// Slots freed for this queue so far: a woken waiter that cannot use
     /// the slot passes the wake-up on once per freed slot.
     freed: AtomicU64,
+}
+
+impl Queue {
+    /// Wakes the first waiter.
+    fn wake_first(&self) {
+        if let Some(first) = self.line.lock().expect("line lock").front() {
+            first.notify_one();
+        }
+    }
+
+    /// Wakes the waiter right after `me`.
+    fn wake_after(&self, me: &Arc<Notify>) {
+        let line = self.line.lock().expect("line lock");
+        if let Some(at) = line.iter().position(|w| Arc::ptr_eq(w, me))
+            && let Some(next) = line.get(at + 1)
+        {
+            next.notify_one();
+        }
+    }
+
+    /// Whether `me` is the first waiter.
+    fn is_first(&self, me: &Arc<Notify>) -> bool {
+        self.line
+            .lock()
+            .expect("line lock")
+            .front()
+            .is_some_and(|w| Arc::ptr_eq(w, me))
+    }
 }
 
 /// Per-model wait queues. A queue exists only while requests wait in it.
@@ -79,16 +112,29 @@ impl QueueKey {
     }
 }
 
-/// A place in a queue; leaving it (on drop) removes the queue when empty.
+/// A place in a queue; leaving it (on drop) wakes the waiter after it (the
+/// new first one, when it was first: a slot may still be free, or the
+/// wake-up it took was meant for the line), and removes the queue when
+/// empty.
 struct Waiting<'a> {
     queues: &'a Queues,
     key: QueueKey,
     queue: Arc<Queue>,
+    me: Arc<Notify>,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut queues = self.queues.queues.lock().expect("queues lock");
+        {
+            let mut line = self.queue.line.lock().expect("line lock");
+            if let Some(at) = line.iter().position(|w| Arc::ptr_eq(w, &self.me)) {
+                line.remove(at);
+                if let Some(next) = line.get(at) {
+                    next.notify_one();
+                }
+            }
+        }
         if self.queue.waiting.fetch_sub(1, Ordering::AcqRel) == 1
             && queues
                 .get(&self.key)
@@ -119,10 +165,13 @@ impl Queues {
             return None;
         }
         queue.waiting.fetch_add(1, Ordering::AcqRel);
+        let me = Arc::new(Notify::new());
+        queue.line.lock().expect("line lock").push_back(me.clone());
         Some(Waiting {
             queues: self,
             key,
             queue,
+            me,
         })
     }
 
@@ -141,17 +190,18 @@ impl Queues {
                 }
                 if key.model == ANY || models.iter().any(|m| router::names(&m.name, &key.model)) {
                     q.freed.fetch_add(1, Ordering::AcqRel);
-                    q.notify.notify_one();
+                    q.wake_first();
                 }
             }
         });
     }
 
-    /// Capacity appeared (a client registered or recovered): let every
-    /// waiter look again.
+    /// Capacity appeared (a client registered or recovered): the first
+    /// waiter of every queue looks again (and, having taken a slot, wakes
+    /// the next, so the line takes what there is in order).
     pub fn wake_all(&self) {
         for q in self.queues.lock().expect("queues lock").values() {
-            q.notify.notify_waiters();
+            q.wake_first();
         }
     }
 
@@ -226,28 +276,33 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
     let mut woken = false;
     let mut passed_on = None;
     loop {
-        let notified = queue.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let refused = match pick() {
-            Ok(client) => {
-                return Ok(Dispatched {
-                    client,
-                    queued: true,
-                });
+        // The first in line picks; in a retry queue, so does one the
+        // wake-up was passed to. (A wake-up that comes meanwhile is kept
+        // by the waiter's own `Notify`.)
+        if retry && woken || queue.is_first(&place.me) {
+            let refused = match pick() {
+                Ok(client) => {
+                    return Ok(Dispatched {
+                        client,
+                        queued: true,
+                    });
+                }
+                Err(no) => refusal(no),
+            };
+            // Woken for a slot this retry cannot use (one it excludes):
+            // the next waiter may use it. Once per freed slot. (Leaving,
+            // it wakes the next one anyway.)
+            let freed = queue.freed.load(Ordering::Acquire);
+            if retry && woken && refused.is_ok() && passed_on != Some(freed) {
+                passed_on = Some(freed);
+                queue.wake_after(&place.me);
             }
-            Err(no) => refusal(no),
-        };
-        // Woken for a slot this retry cannot use (one it excludes), or
-        // leaving: the next waiter may use it. Once per freed slot, so
-        // waiters that cannot use it do not wake each other forever.
-        let freed = queue.freed.load(Ordering::Acquire);
-        if retry && woken && (refused.is_err() || passed_on != Some(freed)) {
-            passed_on = Some(freed);
-            queue.notify.notify_one();
+            refused?;
         }
-        refused?;
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        if tokio::time::timeout_at(deadline, place.me.notified())
+            .await
+            .is_err()
+        {
             return Err(Refusal::QueueTimeout);
         }
         woken = true;
@@ -344,6 +399,52 @@ mod tests {
         assert_eq!(state.queues.total(), 1);
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
+    }
+
+    #[tokio::test]
+    async fn the_line_is_served_in_order_and_a_waiter_keeps_its_place() {
+        let (state, _db) = state().await;
+        let x = add(&state, "x");
+        assert!(x.try_reserve(), "the box is busy");
+        let want = Want {
+            model: Some("m"),
+            pinned: None,
+            exclude: &[],
+        };
+        let mut first = Box::pin(acquire(&state, want));
+        assert!(first.as_mut().now_or_never().is_none());
+        let mut second = Box::pin(acquire(&state, want));
+        assert!(second.as_mut().now_or_never().is_none());
+        // A slot frees and another request takes it before the first
+        // waiter runs (a request of another queue): the first keeps its
+        // place, it does not go behind the second.
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        assert!(x.try_reserve());
+        assert!(first.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        // A slot frees again, and a request arrives before the first
+        // waiter runs: the arrival queues behind, the slot is the first's.
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        let mut third = Box::pin(acquire(&state, want));
+        assert!(third.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        let got = first.as_mut().now_or_never().expect("the first is served");
+        assert_eq!(got.unwrap().client.id, "x");
+        drop(first);
+        // Then the second, then the third, one slot at a time.
+        assert!(third.as_mut().now_or_never().is_none());
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        assert!(third.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().expect("second").is_ok());
+        drop(second);
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        assert!(third.as_mut().now_or_never().expect("third").is_ok());
+        drop(third);
+        assert!(state.queues.is_empty());
     }
 
     #[test]
