@@ -570,37 +570,51 @@ async fn forward(
     // service closed under it (the keep-alive race): it may have been
     // processed, so it is sent once more at most, on a new connection.
     let mut raced = false;
+    // The client (and its capacity slot) to send the request to again, on
+    // another connection, when the one it went out on proved stale or
+    // closed under it: nothing to blame the client for, and its slot is
+    // not given up to the queue in between.
+    let mut again: Option<(Arc<ClientHandle>, InFlight)> = None;
     loop {
-        let want = Want {
-            model: model.as_deref(),
-            pinned: pinned.as_deref(),
-            exclude: &excluded,
-        };
-        let picking = Instant::now();
-        let client = match dispatch::acquire(state, want).await {
-            Ok(d) => {
-                if d.queued {
-                    waited += picking.elapsed();
+        let (client, guard) = match again.take() {
+            Some(kept) => kept,
+            None => {
+                let want = Want {
+                    model: model.as_deref(),
+                    pinned: pinned.as_deref(),
+                    exclude: &excluded,
+                };
+                let picking = Instant::now();
+                let client = match dispatch::acquire(state, want).await {
+                    Ok(d) => {
+                        if d.queued {
+                            waited += picking.elapsed();
+                        }
+                        d.client
+                    }
+                    Err(refusal) => {
+                        return refused(
+                            state,
+                            refusal,
+                            model.as_deref(),
+                            pinned.as_deref(),
+                            last_error.as_ref(),
+                        );
+                    }
+                };
+                let guard = InFlight::reserved(state.clone(), client.clone());
+                // The prototype's line, at debug: written per request at
+                // info it cost frps ~5 % of its CPU under load (issue 7's
+                // profile).
+                debug!("Chose client '{}' for the new connection", client.id);
+                if let Err(e) =
+                    plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr).await
+                {
+                    return plugins::hooks::refusal(&e);
                 }
-                d.client
-            }
-            Err(refusal) => {
-                return refused(
-                    state,
-                    refusal,
-                    model.as_deref(),
-                    pinned.as_deref(),
-                    last_error.as_ref(),
-                );
+                (client, guard)
             }
         };
-        let guard = InFlight::reserved(state.clone(), client.clone());
-        // The prototype's line, at debug: written per request at info it
-        // cost frps ~5 % of its CPU under load (issue 7's profile).
-        debug!("Chose client '{}' for the new connection", client.id);
-        if let Err(e) = plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr).await {
-            return plugins::hooks::refusal(&e);
-        }
         let acquiring = Instant::now();
         // A body that cannot be sent twice is not sent where a connection
         // closed as idle could take part of it.
@@ -697,6 +711,7 @@ async fn forward(
                     if up.reused && !payload.is_spent() && !raced {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
                         raced = true;
+                        again = Some((client, guard));
                         continue;
                     }
                     AcquireError::Pair(PairError::Failed(reset.reason.to_string()))
@@ -711,6 +726,7 @@ async fn forward(
                             payload.put_back(back.into_body());
                             if up.reused {
                                 debug!(client = %client.id, "stale pooled connection: {reason}");
+                                again = Some((client, guard));
                                 continue;
                             }
                             AcquireError::Pair(PairError::Failed(reason))
@@ -729,6 +745,7 @@ async fn forward(
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
+                            again = Some((client, guard));
                             continue;
                         }
                         // A head too large to read (over the read buffer, over
