@@ -321,14 +321,17 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
     slow.write_all(&head).await.unwrap();
     // 80 kB held: a second body that would take frps past 100 kB waits for
     // nothing, it is refused at once (and one that fits is served).
-    let body = format!(
-        r#"{{"model":"model-of-client-0","pad":"{}"}}"#,
-        "x".repeat(30_000)
-    );
-    let reply = Conn::open(public)
-        .await
-        .post("/v1/chat/completions", Some(API_KEY), body)
-        .await;
+    let padded = |n: usize| async move {
+        let body = format!(
+            r#"{{"model":"model-of-client-0","pad":"{}"}}"#,
+            "x".repeat(n)
+        );
+        Conn::open(public)
+            .await
+            .post("/v1/chat/completions", Some(API_KEY), body)
+            .await
+    };
+    let reply = padded(30_000).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "server_busy");
     assert_eq!(reply.headers.get("retry-after").unwrap(), "1");
@@ -337,31 +340,28 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
     // its share is given back.
     let mut out = Vec::new();
     let started = std::time::Instant::now();
-    let pieces = async {
+    let (mut rd, mut wr) = slow.split();
+    let cut = async {
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if slow.write_all(b" ").await.is_err() {
-                break;
+            tokio::select! {
+                read = rd.read_buf(&mut out) => match read {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let _ = wr.write_all(b" ").await;
+                }
             }
         }
     };
-    tokio::select! {
-        _ = pieces => {}
-        _ = tokio::time::sleep(WAIT) => panic!("the slow body was never cut"),
-    }
-    let _ = tokio::time::timeout(WAIT, slow.read_to_end(&mut out)).await;
+    tokio::time::timeout(WAIT, cut)
+        .await
+        .expect("the slow body was cut");
     let raw = String::from_utf8_lossy(&out);
     assert_eq!(status(&raw), 408, "{raw}");
     assert!(raw.contains("did not arrive within"), "{raw}");
     assert!(started.elapsed() < WAIT);
-    let body = format!(
-        r#"{{"model":"model-of-client-0","pad":"{}"}}"#,
-        "x".repeat(90_000)
-    );
-    let reply = Conn::open(public)
-        .await
-        .post("/v1/chat/completions", Some(API_KEY), body)
-        .await;
+    let reply = padded(90_000).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
 

@@ -216,20 +216,29 @@ async fn two_frps_sharing_redis_share_one_budget() {
     b.frps.stop().await;
 }
 
+/// A connection to Redis and the name of `key`'s concurrency leases.
+async fn leases_of(
+    redis: &str,
+    prefix: &str,
+    key: &str,
+) -> (redis::aio::MultiplexedConnection, String) {
+    let conn = redis::Client::open(redis)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(key));
+    (conn, format!("{prefix}ratelimit:{{{hex}}}:concurrency"))
+}
+
 #[tokio::test]
 async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     let Some(redis) = services::redis_url() else {
         return;
     };
     let (a, b, prefix) = two_frps_sharing(&redis).await;
-    let mut conn = redis::Client::open(redis.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(&one));
-    let leases = format!("{prefix}ratelimit:{{{hex}}}:concurrency");
+    let (mut conn, leases) = leases_of(&redis, &prefix, &one).await;
     let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
         redis::cmd("ZCARD")
             .arg(&leases)
@@ -278,14 +287,8 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
         return;
     };
     let (a, b, prefix) = two_frps_sharing(&redis).await;
-    let conn = redis::Client::open(redis.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(&one));
-    let leases = format!("{prefix}ratelimit:{{{hex}}}:concurrency");
+    let (conn, leases) = leases_of(&redis, &prefix, &one).await;
     let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
         redis::cmd("ZCARD")
             .arg(&leases)
