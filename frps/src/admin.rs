@@ -342,6 +342,17 @@ async fn dispatch(
                 }
             }
             KeyCommand::Revoke { key } => {
+                // A visible prefix carries 42 random bits: two keys may
+                // share one. Revoking both would cut off a stranger.
+                let matched = store
+                    .match_api_keys(&key, &crate::auth::secret::hash_hex(&key))
+                    .await?;
+                if matched.len() > 1 {
+                    bail!(
+                        "`{key}` is the start of {} keys; give the id of the one to revoke (`frps key list`)",
+                        matched.len()
+                    );
+                }
                 let redis = admin_redis(config, store).await;
                 let (rows, published) = KeyValidator::revoke(store, redis.as_ref(), &key).await?;
                 if rows.is_empty() {
@@ -380,6 +391,14 @@ async fn dispatch(
                 writeln!(out, "{table}")?;
             }
             TokenCommand::Revoke { token } => {
+                // Likewise for a token's prefix (36 random bits); an email
+                // is meant to take all of its account's tokens.
+                let families = store.client_token_families(&token).await?;
+                if families > 1 {
+                    bail!(
+                        "`{token}` is the start of tokens of {families} logins; give the id of the one to revoke (`frps token list`)"
+                    );
+                }
                 let n = store.revoke_client_tokens(&token).await?;
                 if n == 0 {
                     bail!("no active token matches `{token}`");

@@ -569,6 +569,14 @@ impl Store {
         Ok(revoked)
     }
 
+    /// How many token families hold a token with this id or prefix (an
+    /// email names none here).
+    pub async fn client_token_families(&self, needle: &str) -> Result<i64, StoreError> {
+        const SQL: &str = "SELECT COUNT(DISTINCT COALESCE(family_id, id)) FROM client_tokens
+            WHERE id = $1 OR prefix = $1";
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(SQL).bind(needle).fetch_one(p).await?))
+    }
+
     /// Renews token `parent` into a new one (`id`, `hash_hex`, `prefix`,
     /// `expires_at`) of the same account and family; false (nothing
     /// changed) when `parent` is revoked. `parent` stays valid until the new

@@ -1107,6 +1107,57 @@ async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn a_prefix_shared_by_two_logins_or_keys_revokes_neither() {
+    let cfg = frps_config();
+    let store = frps::store::Store::connect(&cfg.database_url)
+        .await
+        .unwrap();
+    let a = store.create_user("a@example.com", "hash").await.unwrap();
+    let b = store.create_user("b@example.com", "hash").await.unwrap();
+    for (id, user) in [("ta", a.id), ("tb", b.id)] {
+        let hash = format!("hash-{id}");
+        store
+            .insert_client_token(id, &hash, "frpxc_shared", user, None, None)
+            .await
+            .unwrap();
+    }
+    let revoke = |token: &str| Admin::Token {
+        command: TokenCommand::Revoke {
+            token: token.into(),
+        },
+    };
+    let err = admin(&cfg, revoke("frpxc_shared"), "").await.unwrap_err();
+    assert!(err.to_string().contains("give the id"), "{err}");
+    let live = store.list_client_tokens(true).await.unwrap();
+    assert_eq!(live.len(), 2, "neither revoked");
+    // By id, the one meant.
+    admin(&cfg, revoke("ta"), "").await.unwrap();
+    assert_eq!(store.list_client_tokens(true).await.unwrap().len(), 1);
+
+    for id in ["ka", "kb"] {
+        let new = frps::store::NewApiKey {
+            id,
+            prefix: "frpx_shared0",
+            name: None,
+            expires_at: None,
+            limits: Default::default(),
+        };
+        store
+            .insert_api_key(&new, &format!("{id:0>64}"))
+            .await
+            .unwrap();
+    }
+    let revoke = |key: &str| Admin::Key {
+        command: KeyCommand::Revoke { key: key.into() },
+    };
+    let err = admin(&cfg, revoke("frpx_shared0"), "").await.unwrap_err();
+    assert!(err.to_string().contains("give the id"), "{err}");
+    let out = admin(&cfg, revoke("kb"), "").await.unwrap();
+    assert!(out.contains("revoked"), "{out}");
+    store.close().await;
+}
+
+#[tokio::test]
 async fn admin_commands_manage_users_keys_and_tokens() {
     let cfg = frps_config();
     let add = || Admin::User {
