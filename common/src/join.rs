@@ -79,12 +79,15 @@ where
     let mut failed_there: Option<io::Error> = None;
     poll_fn(|cx| {
         let there = match a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
-            // With a linger, the way back outlives a failure of the way
-            // there: a service that answers early and closes without
-            // reading the rest of an upload (its kernel then resets the
-            // connection, and the next write here fails) has its answer
-            // already on the way back, which still reaches `a`.
-            Poll::Ready(Err(e)) if linger.is_some() => {
+            // With a linger, the way back outlives a failed write to `b`:
+            // a service that answers early and closes without reading the
+            // rest of an upload (its kernel then resets the connection,
+            // and the next write here fails) has its answer already on the
+            // way back, which still reaches `a`. A failed read from `a`
+            // (frps reset the connection: its caller left) ends the join
+            // at once, closing `b`, so the service stops working for
+            // nobody.
+            Poll::Ready(Err(e)) if linger.is_some() && a_to_b.write_failed => {
                 a_to_b.fail();
                 failed_there = Some(e);
                 Poll::Ready(())
@@ -145,6 +148,8 @@ struct Copy {
     /// (TLS) may hold the bytes until it does, and an idle source would
     /// never poll again to push them out.
     flush_owed: bool,
+    /// The error that ended this direction came from the destination.
+    write_failed: bool,
 }
 
 impl Default for Copy {
@@ -156,11 +161,19 @@ impl Default for Copy {
             moved: 0,
             phase: Phase::Copying,
             flush_owed: false,
+            write_failed: false,
         }
     }
 }
 
 impl Copy {
+    /// Passes on the outcome of a write to the destination, noting a
+    /// failure as the destination's (not the source's).
+    fn writing<T>(&mut self, outcome: io::Result<T>) -> io::Result<T> {
+        self.write_failed |= outcome.is_err();
+        outcome
+    }
+
     /// Gives up on this direction after an error: what it held is lost.
     fn fail(&mut self) {
         self.release();
@@ -187,12 +200,15 @@ impl Copy {
             match self.phase {
                 Phase::Done => return Poll::Ready(Ok(())),
                 Phase::ShuttingDown => {
-                    ready!(to.as_mut().poll_shutdown(cx))?;
+                    let shut = ready!(to.as_mut().poll_shutdown(cx));
+                    self.writing(shut)?;
                     self.phase = Phase::Done;
                 }
                 Phase::Copying if self.buf.has_remaining() => {
-                    let n = ready!(to.as_mut().poll_write(cx, self.buf.chunk()))?;
+                    let written = ready!(to.as_mut().poll_write(cx, self.buf.chunk()));
+                    let n = self.writing(written)?;
                     if n == 0 {
+                        self.write_failed = true;
                         return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                     }
                     self.buf.advance(n);
@@ -201,7 +217,8 @@ impl Copy {
                     self.flush_owed = !self.buf.has_remaining();
                 }
                 Phase::Copying if self.flush_owed => {
-                    ready!(to.as_mut().poll_flush(cx))?;
+                    let flushed = ready!(to.as_mut().poll_flush(cx));
+                    self.writing(flushed)?;
                     self.flush_owed = false;
                 }
                 Phase::Copying => {
@@ -490,6 +507,52 @@ mod tests {
         assert_eq!(got, answer);
         let err = join.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    /// A peer that reset the connection: reads fail, writes go nowhere.
+    struct ResetByPeer;
+
+    impl AsyncRead for ResetByPeer {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for ResetByPeer {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_from_the_caller_side_ends_the_join_at_once() {
+        // frps reset the connection (its caller left) while the service is
+        // still silent: no linger, the service's connection closes now.
+        let (mut service, mut near) = duplex(1024);
+        let started = tokio::time::Instant::now();
+        let linger = std::time::Duration::from_secs(30);
+        let err = join_streams_lingering(&mut ResetByPeer, &mut near, linger)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO);
+        drop(near);
+        let mut rest = Vec::new();
+        service.read_to_end(&mut rest).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

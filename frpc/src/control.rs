@@ -87,20 +87,52 @@ pub struct Client {
     /// `shutdown` is over (`--shutdown-timeout`).
     hard_stop: CancellationToken,
     tunnels: TaskTracker,
-    token_refused: AtomicBool,
+    /// The token frps last refused (revoked, expired): never sent again by
+    /// this process (the file keeps it: frps may refuse it only for now,
+    /// a database being restored, and a box without a password would have
+    /// nothing left to log in with).
+    refused: Mutex<Option<String>>,
     dialer: Dialer,
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
     /// The account the last login was for (saved with a renewed token).
     account: Mutex<String>,
-    /// The token for the next login, when it is not (only) the file's: one
-    /// from a password login whose file could not be written, and a
-    /// renewal once it is saved. A renewal that cannot be saved is not
-    /// used: the saved token stays valid until its renewal's first use, so
-    /// a restarted frpc can still log in with it.
-    current: Arc<Mutex<Option<login::SavedToken>>>,
+    /// The token for the next login, when it is not (only) the file's, and
+    /// the order of the tokens frps gave this process.
+    tokens: Arc<Mutex<Tokens>>,
+    /// Held while a token file is written: writes land one at a time, and
+    /// one overtaken by a newer token is skipped.
+    writing: Arc<Mutex<()>>,
     collector: Arc<Mutex<Collector>>,
     models_fit: Arc<local::ModelFit>,
+}
+
+/// The tokens frps gave this process.
+#[derive(Debug, Default)]
+struct Tokens {
+    /// The one for the next login, when it is not (only) the file's: one
+    /// from a password login (whether or not its file could be written),
+    /// a renewal once saved.
+    current: Option<login::SavedToken>,
+    /// Counts the tokens received: a write or a renewal overtaken by a
+    /// later one is dropped.
+    turn: u64,
+}
+
+impl Tokens {
+    /// The turn of a token just received.
+    fn next_turn(&mut self) -> u64 {
+        self.turn += 1;
+        self.turn
+    }
+
+    /// Makes the renewal of `turn` the one for the next login, unless a
+    /// later token came meanwhile.
+    fn keep(&mut self, turn: u64, saved: login::SavedToken) {
+        if self.turn == turn {
+            self.current = Some(saved);
+        }
+    }
 }
 
 impl Client {
@@ -116,12 +148,13 @@ impl Client {
             shutdown,
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
-            token_refused: AtomicBool::new(false),
+            refused: Mutex::new(None),
             dialer,
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             account: Mutex::new(String::new()),
-            current: Arc::new(Mutex::new(None)),
+            tokens: Arc::default(),
+            writing: Arc::default(),
             collector: Arc::new(Mutex::new(Collector::new())),
             models_fit,
         })
@@ -256,47 +289,49 @@ impl Client {
             .await
     }
 
-    /// The saved token, unless frps refused it in this process, it is for
-    /// another frps, or it has expired.
+    /// The token to log in with: the one this process holds (from a
+    /// password login, or a renewal once saved), else the file's; one frps
+    /// refused in this process, one for another frps and an expired one
+    /// are passed over.
     async fn usable_saved_token(&self) -> Option<login::SavedToken> {
         let server = self.config.control_addr();
+        let refused = self.refused.lock().expect("refused lock").clone();
+        let held = self.tokens.lock().expect("token lock").current.clone();
+        let usable = |saved: &login::SavedToken| {
+            if refused.as_deref() == Some(saved.token.as_str()) {
+                return false;
+            }
+            // A token is for the frps that issued it: never hand it to
+            // another one (a test server, a typo in --server-addr).
+            if !(saved.server.is_empty() || saved.server == server) {
+                info!(
+                    "the saved token is for frps at {}, not {server}: logging in with email and password",
+                    saved.server
+                );
+                return false;
+            }
+            // Sending a token known to be dead would only count as a
+            // failed login against this address.
+            if saved.expired_at(chrono::Utc::now()) {
+                info!(
+                    "the saved token expired at {}: logging in with email and password",
+                    saved.expires_at.as_deref().unwrap_or("?")
+                );
+                return false;
+            }
+            true
+        };
+        if let Some(held) = held.filter(usable) {
+            return Some(held);
+        }
         // Off the runtime's one thread: a disk busy with a model loading
         // must not hold up the streams of the previous session.
         let path = self.config.token_file.clone();
-        let remembered = self.current.lock().expect("token lock").clone();
-        let loaded = match remembered {
-            Some(token) => Some(token),
-            None => tokio::task::spawn_blocking(move || login::load(&path))
-                .await
-                .ok()
-                .flatten(),
-        };
-        loaded
-            .filter(|_| !self.token_refused.load(Ordering::Relaxed))
-            .filter(|saved| {
-                // A token is for the frps that issued it: never hand it to
-                // another one (a test server, a typo in --server-addr).
-                let ours = saved.server.is_empty() || saved.server == server;
-                if !ours {
-                    info!(
-                        "the saved token is for frps at {}, not {server}: logging in with email and password",
-                        saved.server
-                    );
-                }
-                ours
-            })
-            .filter(|saved| {
-                // Sending a token known to be dead would only count as a
-                // failed login against this address.
-                let expired = saved.expired_at(chrono::Utc::now());
-                if expired {
-                    info!(
-                        "the saved token expired at {}: logging in with email and password",
-                        saved.expires_at.as_deref().unwrap_or("?")
-                    );
-                }
-                !expired
-            })
+        tokio::task::spawn_blocking(move || login::load(&path))
+            .await
+            .ok()
+            .flatten()
+            .filter(usable)
     }
 
     /// The token of a password login, for the next login whether or not
@@ -306,10 +341,12 @@ impl Client {
     /// registration frps expects within its handshake timeout.
     async fn save_token(&self, token: String, expires_at: Option<String>, email: String) {
         let saved = self.saved_token(token, expires_at, email);
-        *self.current.lock().expect("token lock") = Some(saved.clone());
-        self.token_refused.store(false, Ordering::Relaxed);
-        let file = self.config.token_file.clone();
-        let write = tokio::task::spawn_blocking(move || match login::save(&file, &saved) {
+        let turn = {
+            let mut tokens = self.tokens.lock().expect("token lock");
+            tokens.current = Some(saved.clone());
+            tokens.next_turn()
+        };
+        let write = self.write_token(turn, saved, |saved, file, written| match written {
             Ok(()) => info!(
                 "logged in as {}; token saved to {}",
                 saved.email,
@@ -348,11 +385,11 @@ impl Client {
         let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
         let email = self.account.lock().expect("account lock").clone();
         let saved = self.saved_token(token, expires_at, email);
-        let file = self.config.token_file.clone();
-        let current = self.current.clone();
-        tokio::task::spawn_blocking(move || match login::save(&file, &saved) {
+        let turn = self.tokens.lock().expect("token lock").next_turn();
+        let tokens = self.tokens.clone();
+        self.write_token(turn, saved, move |saved, file, written| match written {
             Ok(()) => {
-                *current.lock().expect("token lock") = Some(saved);
+                tokens.lock().expect("token lock").keep(turn, saved.clone());
                 info!(
                     "frps renewed the login token (valid until {until}); saved to {}",
                     file.display()
@@ -361,6 +398,30 @@ impl Client {
             Err(e) => warn!(
                 "frps renewed the login token, but it cannot be saved ({e:#}); frpc keeps logging in with the token it had, valid until it expires"
             ),
+        })
+    }
+
+    /// Writes `saved`, the token of `turn`, to the token file on a blocking
+    /// thread, then tells `done` how it went; skipped (and `done` not
+    /// called) when a later token came first, whose file must not be
+    /// replaced by this older one (a renewal frps revoked by renewing the
+    /// same token again).
+    fn write_token(
+        &self,
+        turn: u64,
+        saved: login::SavedToken,
+        done: impl FnOnce(&login::SavedToken, &std::path::Path, anyhow::Result<()>) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let file = self.config.token_file.clone();
+        let (tokens, writing) = (self.tokens.clone(), self.writing.clone());
+        tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = writing.lock().expect("token write lock");
+            if tokens.lock().expect("token lock").turn != turn {
+                debug!("not saving a token a later one replaced");
+                return;
+            }
+            let written = login::save(&file, &saved);
+            done(&saved, &file, written);
         })
     }
 
@@ -402,6 +463,7 @@ impl Client {
                 "sending the login token to frps over plaintext: anyone on the path can read and reuse it. Use --tls (with --tls-ca or --tls-fingerprint)"
             );
         }
+        let refused_token = saved.token.clone();
         write_command(wr, &Command::LoginToken { token: saved.token }).await?;
         match self.expect_reply(reader).await? {
             Command::LoginResult {
@@ -424,12 +486,7 @@ impl Client {
                         info!(
                             "frps refused the saved token ({reason}); logging in with email and password"
                         );
-                        // Not sent again by this process; the file
-                        // stays (a password login replaces it): frps
-                        // may refuse it only for now (a database being
-                        // restored), and a box without a password
-                        // would have nothing left to log in with.
-                        self.token_refused.store(true, Ordering::Relaxed);
+                        *self.refused.lock().expect("refused lock") = Some(refused_token);
                         Err(SessionError::Relogin)
                     }
                     Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
@@ -523,7 +580,7 @@ impl Client {
 
     /// Neither a usable saved token nor a password: why, and what to do.
     fn no_credentials(&self) -> SessionError {
-        let token = if self.token_refused.load(Ordering::Relaxed) {
+        let token = if self.refused.lock().expect("refused lock").is_some() {
             format!(
                 "frps refused the saved token in {}",
                 self.config.token_file.display()
@@ -927,13 +984,45 @@ mod tests {
         std::fs::create_dir_all(blocked.join("token.json")).unwrap();
         let client = client_saving_to(&blocked.join("token.json"));
         client.renewed("frpxc_unsaved".into(), None).await.unwrap();
-        assert!(client.current.lock().unwrap().is_none());
+        assert!(client.tokens.lock().unwrap().current.is_none());
         let left: Vec<_> = std::fs::read_dir(&blocked)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|name| name.contains("tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_token_overtaken_by_a_later_one_never_replaces_it() {
+        let dir = std::env::temp_dir().join(format!("frpc-order-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        for _ in 0..20 {
+            let client = client_saving_to(&path);
+            // A renewal whose write is still on its way when frps gives a
+            // newer token (renewing again, or a password login): whichever
+            // write runs first, the newer token is the one kept and saved.
+            let older = client.renewed("frpxc_older".into(), None);
+            let newer = client.renewed("frpxc_newer".into(), None);
+            older.await.unwrap();
+            newer.await.unwrap();
+            assert_eq!(login::load(&path).unwrap().token, "frpxc_newer");
+            assert_eq!(
+                client.usable_saved_token().await.unwrap().token,
+                "frpxc_newer"
+            );
+            let older = client.renewed("frpxc_renewal".into(), None);
+            client
+                .save_token("frpxc_password".into(), None, "a@b".into())
+                .await;
+            older.await.unwrap();
+            assert_eq!(login::load(&path).unwrap().token, "frpxc_password");
+            assert_eq!(
+                client.usable_saved_token().await.unwrap().token,
+                "frpxc_password"
+            );
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

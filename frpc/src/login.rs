@@ -73,9 +73,16 @@ pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
         drop(file);
         std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
         // The rename reaches the disk with its directory's sync: without
-        // it a power cut could bring back the file it replaced.
-        if let Some(dir) = dir {
-            std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+        // it a power cut could bring back the file it replaced. The token
+        // is saved either way (the file holds it), so a failure here is
+        // only worth a word.
+        if let Some(dir) = dir
+            && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+        {
+            tracing::warn!(
+                "saved {}, but cannot sync its directory ({e}); a power cut could bring back the previous token",
+                path.display()
+            );
         }
         Ok(())
     })();

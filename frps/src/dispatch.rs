@@ -201,6 +201,9 @@ impl Queues {
     /// the next, so the line takes what there is in order).
     pub fn wake_all(&self) {
         for q in self.queues.lock().expect("queues lock").values() {
+            // As for a freed slot: a retry that cannot use it passes the
+            // wake-up on once more.
+            q.freed.fetch_add(1, Ordering::AcqRel);
             q.wake_first();
         }
     }
@@ -399,6 +402,34 @@ mod tests {
         assert_eq!(state.queues.total(), 1);
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
+    }
+
+    #[tokio::test]
+    async fn each_wake_of_all_is_passed_on_in_a_retry_queue() {
+        let (state, _db) = state().await;
+        let (x, y) = (add(&state, "x"), add(&state, "y"));
+        assert!(x.try_reserve() && y.try_reserve(), "both boxes busy");
+        let (not_y, not_x) = ([y.session], [x.session]);
+        let want = |exclude| Want {
+            model: Some("m"),
+            pinned: None,
+            exclude,
+        };
+        let mut first = Box::pin(acquire(&state, want(&not_y)));
+        let mut second = Box::pin(acquire(&state, want(&not_x)));
+        assert!(first.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        // Capacity news that helps no one, passed down the line.
+        state.queues.wake_all();
+        assert!(first.as_mut().now_or_never().is_none());
+        assert!(second.as_mut().now_or_never().is_none());
+        // y is free again without a freed-slot event (its cool-down ended,
+        // say): the first cannot use it and passes this wake-up on too.
+        y.release_slot();
+        state.queues.wake_all();
+        assert!(first.as_mut().now_or_never().is_none());
+        let got = second.as_mut().now_or_never().expect("passed on");
+        assert_eq!(got.unwrap().client.id, "y");
     }
 
     #[tokio::test]

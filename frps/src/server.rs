@@ -51,6 +51,13 @@ impl Server {
                 config.api_bind
             );
         }
+        if config.max_buffered_bodies < config.max_body {
+            anyhow::bail!(
+                "--max-buffered-bodies ({}) is below --max-body ({}): a body of the largest allowed size could never be read",
+                config.max_buffered_bodies,
+                config.max_body
+            );
+        }
         let control = bind("control", (config.bind_addr, config.control_port).into()).await?;
         let proxy = bind("proxy", (config.bind_addr, config.proxy_port).into()).await?;
         let public = bind("public", (config.bind_addr, config.public_port).into()).await?;

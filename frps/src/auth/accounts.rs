@@ -268,7 +268,7 @@ impl Accounts {
             .rotate_client_token(&row.id, &s.id, &s.hash_hex, &s.prefix, expires_at)
             .await?
         {
-            // Revoked (or renewed by another frps) meanwhile.
+            // Revoked meanwhile.
             return Ok(TokenReview::Unusable);
         }
         Ok(TokenReview::Renewed(IssuedToken {
@@ -320,10 +320,14 @@ impl Accounts {
         if !row.is_usable(Utc::now().naive_utc()) {
             return Err(LoginError::TokenExpired);
         }
-        if row.renewed_from.is_some() {
+        if let Some(parent) = &row.renewed_from {
             // The first use of a renewal: the box has it, so what it
             // replaced (and any renewal lost before it) stops working.
-            store.confirm_client_token(&row.id).await?;
+            // Revoked meanwhile (a login with its parent renewed that
+            // again): refused like any revoked token.
+            if store.confirm_client_token(&row.id, parent).await?.is_none() {
+                return Err(LoginError::TokenInvalid);
+            }
         } else {
             store.touch_client_token(&row.id).await?;
         }

@@ -711,7 +711,7 @@ async fn forward(
                     if up.reused && !payload.is_spent() && !raced {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
                         raced = true;
-                        again = Some((client, guard));
+                        again = (!client.kick.is_cancelled()).then_some((client, guard));
                         continue;
                     }
                     AcquireError::Pair(PairError::Failed(reset.reason.to_string()))
@@ -726,7 +726,7 @@ async fn forward(
                             payload.put_back(back.into_body());
                             if up.reused {
                                 debug!(client = %client.id, "stale pooled connection: {reason}");
-                                again = Some((client, guard));
+                                again = (!client.kick.is_cancelled()).then_some((client, guard));
                                 continue;
                             }
                             AcquireError::Pair(PairError::Failed(reason))
@@ -745,7 +745,7 @@ async fn forward(
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
-                            again = Some((client, guard));
+                            again = (!client.kick.is_cancelled()).then_some((client, guard));
                             continue;
                         }
                         // A head too large to read (over the read buffer, over
@@ -976,7 +976,20 @@ pub fn model_of(body: &[u8], or_name: bool) -> Result<Option<String>, Ambiguous>
         model: Option<String>,
         name: Option<serde_json::Value>,
     }
-    let named = match serde_json::from_slice::<Named>(body) {
+    #[derive(serde::Deserialize)]
+    struct Modeled {
+        model: Option<String>,
+    }
+    // `name` is read (and may be ambiguous) only where it names the model.
+    let parsed = if or_name {
+        serde_json::from_slice::<Named>(body)
+    } else {
+        serde_json::from_slice::<Modeled>(body).map(|m| Named {
+            model: m.model,
+            name: None,
+        })
+    };
+    let named = match parsed {
         Ok(named) => named,
         // serde's message for a field given twice (`Error::duplicate_field`).
         Err(e) if e.is_data() && e.to_string().starts_with("duplicate field `") => {
@@ -985,7 +998,7 @@ pub fn model_of(body: &[u8], or_name: bool) -> Result<Option<String>, Ambiguous>
         Err(_) => return Ok(None),
     };
     let name = || match named.name {
-        Some(serde_json::Value::String(n)) if or_name => Some(n),
+        Some(serde_json::Value::String(n)) => Some(n),
         _ => None,
     };
     Ok(named
@@ -1795,6 +1808,13 @@ mod tests {
         ] {
             assert_eq!(model_of(body, true), Err(Ambiguous));
         }
+        // `name` twice matters only where it names the model.
+        assert_eq!(
+            model_of(br#"{"model":"m","name":"a","name":"b"}"#, false)
+                .unwrap()
+                .as_deref(),
+            Some("m")
+        );
         // Nested objects may have their own `model`.
         assert_eq!(
             model_of(br#"{"model":"a","tools":[{"model":"b"}]}"#, false)

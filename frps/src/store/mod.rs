@@ -476,23 +476,37 @@ impl Store {
         Ok(())
     }
 
-    /// Records the first use of renewed token `id`: every other token of
-    /// its family (what it was renewed from, and any renewal of it that was
-    /// lost on its way) is revoked, and it is marked used. Returns how many
+    /// Records the first use of token `id`, renewed from `parent`: every
+    /// other token of its family (what it was renewed from, and any
+    /// renewal of it that was lost on its way) is revoked, and it is marked
+    /// used. `None` (nothing changed) when `id` was revoked meanwhile (its
+    /// parent renewed again by a login racing this one); else how many
     /// were revoked.
-    pub async fn confirm_client_token(&self, id: &str) -> Result<u64, StoreError> {
+    pub async fn confirm_client_token(
+        &self,
+        id: &str,
+        parent: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        // Rows are locked parent first, as a renewal does, so the two take
+        // turns instead of deadlocking.
+        const LOCK: &str = "UPDATE client_tokens SET revoked_at = revoked_at WHERE id = $1";
+        const USED: &str = "UPDATE client_tokens SET renewed_from = NULL, last_used_at = $2
+            WHERE id = $1 AND revoked_at IS NULL";
         const REVOKE: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE revoked_at IS NULL AND id <> $1
               AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = $1)";
-        const USED: &str =
-            "UPDATE client_tokens SET renewed_from = NULL, last_used_at = $2 WHERE id = $1";
         let at = now();
         let revoked = on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let n = sqlx::query(REVOKE).bind(id).bind(at).execute(&mut *tx).await?.rows_affected();
-            sqlx::query(USED).bind(id).bind(at).execute(&mut *tx).await?;
-            tx.commit().await?;
-            n
+            sqlx::query(LOCK).bind(parent).execute(&mut *tx).await?;
+            if sqlx::query(USED).bind(id).bind(at).execute(&mut *tx).await?.rows_affected() == 0 {
+                tx.rollback().await?;
+                None
+            } else {
+                let n = sqlx::query(REVOKE).bind(id).bind(at).execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                Some(n)
+            }
         });
         Ok(revoked)
     }
@@ -583,7 +597,7 @@ impl Store {
     /// one is first used ([`Store::confirm_client_token`]), so a renewal
     /// lost on its way costs nothing; an earlier renewal of `parent` that
     /// was never used is revoked here (it was lost, since `parent` is being
-    /// renewed again), so one unused renewal at most is valid.
+    /// renewed again).
     pub async fn rotate_client_token(
         &self,
         parent: &str,
@@ -707,7 +721,7 @@ impl Store {
 /// `password` (`?password=`, `&sslpassword=`, in any letter case), or of
 /// such keywords in libpq's `key=value` form (`host=db password=secret`).
 pub fn redact(url: &str) -> String {
-    if !url.contains("://") && url.contains('=') {
+    if !has_scheme(url) && url.contains('=') {
         return redact_keywords(url);
     }
     let url = redact_query(url);
@@ -729,19 +743,29 @@ pub fn redact(url: &str) -> String {
 }
 
 /// libpq's keyword form with the values of keys holding `password`
-/// replaced by `***` (a value may be quoted: `password='a b\'c'`).
+/// replaced by `***`: `key = value` pairs, blanks allowed around `=`, a
+/// value bare or quoted (`password = 'a b\\'c'`).
 fn redact_keywords(conninfo: &str) -> String {
     let mut out = String::with_capacity(conninfo.len());
     let mut rest = conninfo;
-    while let Some(eq) = rest.find('=') {
-        let (key_part, after) = rest.split_at(eq);
-        let key = key_part.rsplit(char::is_whitespace).next().unwrap_or("");
+    loop {
+        // Blanks, then the key up to `=` (or blanks before it).
+        let blanks = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..blanks]);
+        rest = &rest[blanks..];
+        let Some(eq) = rest.find('=') else {
+            out.push_str(rest);
+            return out;
+        };
+        let key = rest[..eq].trim_end();
         let secret = key.to_ascii_lowercase().contains("password");
-        out.push_str(key_part);
-        out.push('=');
-        let value = &after[1..];
-        // The value's end: its closing quote, else the next blank.
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
+        out.push_str(&rest[..=eq]);
+        rest = &rest[eq + 1..];
+        let blanks = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..blanks]);
+        rest = &rest[blanks..];
+        // The value's end: past its closing quote, else the next blank.
+        let end = if let Some(quoted) = rest.strip_prefix('\'') {
             let mut escaped = false;
             quoted
                 .char_indices()
@@ -750,15 +774,24 @@ fn redact_keywords(conninfo: &str) -> String {
                     escaped = c == '\\' && !escaped;
                     close
                 })
-                .map_or(value.len(), |(i, _)| i + 2)
+                .map_or(rest.len(), |(i, _)| i + 2)
         } else {
-            value.find(char::is_whitespace).unwrap_or(value.len())
+            rest.find(char::is_whitespace).unwrap_or(rest.len())
         };
-        out.push_str(if secret { "***" } else { &value[..end] });
-        rest = &value[end..];
+        out.push_str(if secret { "***" } else { &rest[..end] });
+        rest = &rest[end..];
     }
-    out.push_str(rest);
-    out
+}
+
+/// Whether `url` starts with a URL scheme (`postgres://`, `sqlite:`…) rather
+/// than being libpq's keyword form.
+fn has_scheme(url: &str) -> bool {
+    url.split_once(':').is_some_and(|(scheme, _)| {
+        !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    })
 }
 
 /// `url` with the values of its password query parameters replaced by `***`.
@@ -852,5 +885,13 @@ mod tests {
         assert_eq!(redact("password='unclosed"), "password=***");
         assert_eq!(redact("host=db dbname=x"), "host=db dbname=x");
         assert_eq!(redact("password="), "password=***");
+        // Blanks around `=`, and values that look like URLs.
+        assert_eq!(
+            redact("host=db password = s3cret user=u"),
+            "host=db password = *** user=u"
+        );
+        assert_eq!(redact("password= s3cret"), "password= ***");
+        assert_eq!(redact("password=a://b host=db"), "password=*** host=db");
+        assert_eq!(redact("  password  =  'x y'  "), "  password  =  ***  ");
     }
 }

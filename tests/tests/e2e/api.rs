@@ -233,6 +233,15 @@ async fn without_a_token_the_api_answers_only_this_machine() {
 }
 
 #[tokio::test]
+async fn a_body_budget_below_the_largest_body_is_refused_at_start() {
+    let mut cfg = frps_config();
+    cfg.max_buffered_bodies = 1024;
+    cfg.max_body = 4096;
+    let err = Server::bind(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("--max-buffered-bodies"), "{err}");
+}
+
+#[tokio::test]
 async fn binding_the_api_publicly_without_a_token_is_refused() {
     let mut cfg = frps_config();
     cfg.api_bind = "0.0.0.0".parse().unwrap();

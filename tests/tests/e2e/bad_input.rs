@@ -307,6 +307,7 @@ async fn a_stalled_request_body_is_cut_at_the_keepalive_timeout() {
 async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
     let mut cfg = frps_config();
     cfg.max_buffered_bodies = 100_000;
+    cfg.max_body = 100_000;
     cfg.body_timeout = Duration::from_secs(1);
     let fleet = Fleet::start_with(1, cfg).await;
     let public = fleet.frps.public();
@@ -319,6 +320,11 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
         &[b' '; 80_000],
     );
     slow.write_all(&head).await.unwrap();
+    let budget = fleet.frps.state.body_budget.clone();
+    frpx_tests::eventually("frps holds the slow body's 80 kB", || {
+        budget.available_permits() <= 20_000
+    })
+    .await;
     // 80 kB held: a second body that would take frps past 100 kB waits for
     // nothing, it is refused at once (and one that fits is served).
     let padded = |n: usize| async move {

@@ -328,11 +328,14 @@ async fn a_queued_request_goes_to_a_box_whose_cool_down_ends() {
     let b = boxes(cfg, &[("a", &["m"], Some(1)), ("b", &["m"], Some(1))]).await;
     let state = b.frps.state.clone();
     let addr = b.frps.public();
-    // a cools down (1 s) after failures; b's one slot is taken.
+    // a cools down after failures (4 s: time enough to queue a request
+    // on a busy machine); b's one slot is taken.
     let a = state.registry.get("a").unwrap();
     while !a.is_cooling_down() {
         frps::dispatch::record_failure(&state, &a);
     }
+    frps::dispatch::record_failure(&state, &a);
+    frps::dispatch::record_failure(&state, &a);
     let (who, held) = hold(addr).await;
     assert_eq!(who, "b");
     let waiting = tokio::spawn(async move {
