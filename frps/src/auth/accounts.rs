@@ -255,15 +255,21 @@ impl Accounts {
         if !row.is_usable(now) {
             return Ok(TokenReview::Unusable);
         }
-        let (Some(ttl), Some(expires_at)) = (self.token_ttl, row.expires_at) else {
-            return Ok(TokenReview::Usable);
+        // Renewed: past half its lifetime; with an expiry though tokens
+        // no longer expire (`--token-ttl 0` set after it was issued: it
+        // would still end); without one though tokens now do (it would
+        // never end).
+        let expires_at = self.token_ttl.and_then(|ttl| expiry_after(now, ttl));
+        let due = match (self.token_ttl, row.expires_at) {
+            (Some(ttl), Some(ends)) => (ends - now).to_std().unwrap_or_default() <= ttl / 2,
+            (None, Some(_)) => true,
+            (Some(_), None) => expires_at.is_some(),
+            (None, None) => false,
         };
-        let left = (expires_at - now).to_std().unwrap_or_default();
-        if left > ttl / 2 {
+        if !due {
             return Ok(TokenReview::Usable);
         }
         let s = secret::generate("frpxc");
-        let expires_at = expiry_after(now, ttl);
         if !store
             .rotate_client_token(&row.id, &s.id, &s.hash_hex, &s.prefix, expires_at)
             .await?
@@ -651,6 +657,52 @@ mod tests {
             let issued = accounts.login("ttl@x.test", "password", ip).await.unwrap();
             assert_eq!(issued.expires_at, None, "{ttl:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_changed_token_lifetime_reaches_tokens_issued_before() {
+        let db = crate::store::TempDb::new("accounts");
+        let store = Store::connect(&db.url).await.unwrap();
+        store
+            .create_user("ttl@x.test", &hash_password("password"))
+            .await
+            .unwrap();
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let day = Duration::from_secs(86400);
+        let expiring = Accounts::new(Some(store.clone()), Some(day * 30));
+        let forever = Accounts::new(Some(store.clone()), None);
+        let id = |t: &IssuedToken| t.principal.token_id.clone().unwrap();
+        // Issued to expire, reviewed once tokens no longer do: renewed
+        // into one without expiry, which is then left alone.
+        let issued = expiring.login("ttl@x.test", "password", ip).await.unwrap();
+        assert!(issued.expires_at.is_some());
+        let TokenReview::Renewed(lasting) = forever.review_token(&id(&issued)).await.unwrap()
+        else {
+            panic!("not renewed");
+        };
+        assert_eq!(lasting.expires_at, None);
+        assert!(matches!(
+            forever.review_token(&id(&lasting)).await.unwrap(),
+            TokenReview::Usable
+        ));
+        // And back: once tokens expire again, it is renewed into one that
+        // does, which is then usable until half its life.
+        let TokenReview::Renewed(ending) = expiring.review_token(&id(&lasting)).await.unwrap()
+        else {
+            panic!("not renewed");
+        };
+        assert!(ending.expires_at.is_some());
+        assert!(matches!(
+            expiring.review_token(&id(&ending)).await.unwrap(),
+            TokenReview::Usable
+        ));
+        // A lifetime past the last date issues tokens without expiry: those
+        // are not renewed over and over.
+        let huge = Accounts::new(Some(store.clone()), Some(Duration::MAX));
+        assert!(matches!(
+            huge.review_token(&id(&lasting)).await.unwrap(),
+            TokenReview::Usable
+        ));
     }
 
     #[tokio::test]
