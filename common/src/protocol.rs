@@ -45,10 +45,9 @@ pub enum Command {
         password: String,
     },
     /// frpc → frps (control, first frame): log in with a token saved from an
-    /// earlier [`Command::LoginResult`] (or a provider secret configured on
-    /// frps). Answered by [`Command::LoginResult`].
+    /// earlier [`Command::LoginResult`]. Answered by [`Command::LoginResult`].
     LoginToken {
-        /// The token or provider secret.
+        /// The token.
         token: String,
     },
     /// frps → frpc: outcome of [`Command::Login`] or [`Command::LoginToken`].
@@ -66,7 +65,7 @@ pub enum Command {
         reason: Option<String>,
         /// Machine-readable failure: `invalid_credentials`, `token_invalid`,
         /// `token_expired` (log in again with a password), `throttled`,
-        /// `unavailable` (retry later).
+        /// `unavailable` (retry later), `protocol_error`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
     },

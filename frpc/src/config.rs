@@ -82,7 +82,7 @@ pub struct Config {
 
     /// Most requests this box serves at once (default: unlimited); frps
     /// queues the rest instead of piling them onto the box.
-    #[arg(long, env = "FRPC_MAX_CONCURRENCY")]
+    #[arg(long, env = "FRPC_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: Option<u32>,
 
     /// How often system metrics and the model list are reported.
@@ -208,6 +208,10 @@ mod tests {
             let err = Config::try_parse_from(["frpc", flag, "0s"]).unwrap_err();
             assert!(err.to_string().contains("is zero"), "{flag}: {err}");
         }
+        // A box that serves nothing at once would only queue requests.
+        assert!(Config::try_parse_from(["frpc", "--max-concurrency", "0"]).is_err());
+        let cfg = Config::try_parse_from(["frpc", "--max-concurrency", "1"]).unwrap();
+        assert_eq!(cfg.max_concurrency, Some(1));
         let cfg = Config::try_parse_from(["frpc", "--shutdown-timeout", "0"]).unwrap();
         assert!(cfg.shutdown_timeout.is_zero());
         let cfg = Config::try_parse_from(["frpc"]).unwrap();

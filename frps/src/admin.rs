@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use chrono::{NaiveDateTime, Utc};
 use clap::Subcommand;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
-use common::parse_duration;
+use common::parse_positive_duration;
 
 use crate::auth::accounts::{expiry_after, hash_password};
 use crate::auth::keys::KeyValidator;
@@ -92,7 +92,7 @@ pub enum KeyCommand {
         #[arg(long)]
         name: Option<String>,
         /// Lifetime, e.g. `30d`, `12h` (default: no expiry).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_positive_duration)]
         expires_in: Option<Duration>,
         /// Requests per minute the key may make (default: unlimited).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_RPM as i64))]
@@ -547,7 +547,7 @@ mod tests {
             .await
         };
         // Within chrono's durations, but past the year 262143.
-        let too_far = parse_duration("100000000d").unwrap();
+        let too_far = common::parse_duration("100000000d").unwrap();
         let e = create(Some(too_far)).await.unwrap_err();
         assert!(e.to_string().contains("--expires-in"), "{e}");
         assert!(e.to_string().contains("too far in the future"), "{e}");

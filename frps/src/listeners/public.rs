@@ -497,7 +497,7 @@ async fn forward(
         Some(Err(_)) => {
             return error_response(
                 StatusCode::BAD_REQUEST,
-                "X-Frpx-Client must be a client id (letters, digits and -_.:@)",
+                "X-Frpx-Client must be a client id in visible ASCII characters",
                 "invalid_request_error",
                 "bad_client_id",
             );
