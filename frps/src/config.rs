@@ -216,7 +216,7 @@ pub struct Config {
     pub key_failures_per_minute: u32,
 
     /// Most dial-backs one client may have outstanding; more fail over at once.
-    #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 512)]
+    #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 512, value_parser = parse_at_least_one)]
     pub max_pending_per_client: usize,
 
     /// Largest public request head (request line and headers), bytes.
@@ -297,6 +297,17 @@ fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
             "--heartbeat-interval must be from 100ms to 1h (got `{}`)",
             s.trim()
         ))
+    }
+}
+
+/// A count of one or more (zero would refuse everything it counts).
+fn parse_at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "must be a whole number of 1 or more (got `{}`)",
+            s.trim()
+        )),
     }
 }
 
@@ -411,6 +422,8 @@ mod tests {
             let e = parse_error(&[flag, "0s"]);
             assert!(e.contains("is zero"), "{flag}: {e}");
         }
+        let e = parse_error(&["--max-pending-per-client", "0"]);
+        assert!(e.contains("1 or more"), "{e}");
         // Zero is meaningful here: no drain at shutdown, no queueing.
         let cfg =
             Config::try_parse_from(["frps", "--shutdown-timeout", "0", "--queue-timeout", "0"])

@@ -44,8 +44,10 @@ pub struct ClientHandle {
     last_seen: Mutex<Instant>,
     models: RwLock<Vec<ModelInfo>>,
     system: RwLock<Option<SystemInfo>>,
-    /// Requests currently being served by this client.
-    pub in_flight: AtomicUsize,
+    /// Requests currently being served by this box: shared by its sessions
+    /// (a request an earlier session started still runs on the box after a
+    /// reconnect, and counts against its `--max-concurrency`).
+    pub in_flight: Arc<AtomicUsize>,
     /// Requests served by this client since it registered.
     pub requests: AtomicU64,
     /// Heartbeats received in this session.
@@ -237,6 +239,17 @@ pub struct Registry {
     clients: RwLock<HashMap<String, Arc<ClientHandle>>>,
     next_session: AtomicU64,
     changes: watch::Sender<u64>,
+    /// Each box's in-flight count (by client id and account), while any of
+    /// its sessions, current or gone with requests still running, holds it.
+    in_flight: Mutex<InFlightCounts>,
+}
+
+/// The in-flight counts of boxes, and when next to forget those no
+/// session holds any more.
+#[derive(Debug)]
+struct InFlightCounts {
+    by_box: HashMap<(String, i64), std::sync::Weak<AtomicUsize>>,
+    prune_at: usize,
 }
 
 impl Default for Registry {
@@ -245,6 +258,10 @@ impl Default for Registry {
             clients: RwLock::default(),
             next_session: AtomicU64::new(1),
             changes: watch::Sender::new(0),
+            in_flight: Mutex::new(InFlightCounts {
+                by_box: HashMap::new(),
+                prune_at: 1024,
+            }),
         }
     }
 }
@@ -280,8 +297,27 @@ impl Registry {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The in-flight count of the box `id` of account `user_id`: the one
+    /// its earlier sessions share while requests they started still run,
+    /// else a new one.
+    fn in_flight_of(&self, id: &str, user_id: i64) -> Arc<AtomicUsize> {
+        let mut counts = self.in_flight.lock().expect("in-flight lock");
+        let key = (id.to_owned(), user_id);
+        if let Some(live) = counts.by_box.get(&key).and_then(std::sync::Weak::upgrade) {
+            return live;
+        }
+        let fresh = Arc::new(AtomicUsize::new(0));
+        counts.by_box.insert(key, Arc::downgrade(&fresh));
+        if counts.by_box.len() > counts.prune_at {
+            counts.by_box.retain(|_, c| c.strong_count() > 0);
+            counts.prune_at = (counts.by_box.len() * 2).max(1024);
+        }
+        fresh
+    }
+
     /// [`Registry::insert`] with a number from [`Registry::reserve_session`].
     pub fn insert_as(&self, new: NewClient, session: u64) -> Result<Arc<ClientHandle>, IdTaken> {
+        let in_flight = self.in_flight_of(&new.registration.client_id, new.owner.user_id);
         let handle = Arc::new(ClientHandle {
             id: new.registration.client_id.clone(),
             session,
@@ -296,7 +332,7 @@ impl Registry {
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             system: RwLock::new(None),
-            in_flight: AtomicUsize::new(0),
+            in_flight,
             requests: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             service_up: AtomicBool::new(true),
@@ -447,6 +483,25 @@ mod tests {
 
     fn new_client(id: &str) -> (NewClient, mpsc::Receiver<Command>) {
         client_with(id, &[], None)
+    }
+
+    #[test]
+    fn a_boxs_cap_counts_requests_its_earlier_session_still_runs() {
+        let reg = Registry::default();
+        let first = super::testing::add(&reg, "gpu", &["m"], Some(1));
+        assert!(first.try_reserve());
+        // The box reconnects while that request streams on.
+        let second = super::testing::add(&reg, "gpu", &["m"], Some(1));
+        assert!(first.kick.is_cancelled());
+        assert_eq!(second.in_flight.load(Ordering::Relaxed), 1);
+        assert!(!second.try_reserve(), "over its --max-concurrency 1");
+        first.release_slot();
+        assert!(second.try_reserve());
+        second.release_slot();
+        // Another account's box of that id never shares the count.
+        assert!(second.try_reserve());
+        assert_eq!(reg.in_flight_of("gpu", 2).load(Ordering::Relaxed), 0);
+        second.release_slot();
     }
 
     #[test]
