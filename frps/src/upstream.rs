@@ -196,6 +196,10 @@ pub struct Upstream {
     pub reused: bool,
 }
 
+/// Longest [`acquire`] waits, over all the idle connections it tries, for
+/// one to be ready before opening a new one.
+const POOLED_READY_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Which connections [`acquire`] may hand out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reuse {
@@ -216,11 +220,16 @@ pub async fn acquire(
     client: &ClientHandle,
     reuse: Reuse,
 ) -> Result<Upstream, AcquireError> {
+    // An idle connection is ready at once, or nearly (its task finishing
+    // the last exchange); one still writing a request body its service
+    // stopped reading is not, and is dropped rather than waited on, all of
+    // them within POOLED_READY_WAIT in total.
     let timeout = state.config.connect_timeout;
+    let pooled_by = tokio::time::Instant::now() + POOLED_READY_WAIT.min(timeout);
     while reuse == Reuse::Any
         && let Some(mut sender) = client.idle.take()
     {
-        if let Ok(Ok(())) = tokio::time::timeout(timeout, sender.ready()).await {
+        if let Ok(Ok(())) = tokio::time::timeout_at(pooled_by, sender.ready()).await {
             return Ok(Upstream {
                 sender,
                 reused: true,
