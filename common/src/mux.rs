@@ -561,18 +561,27 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, shared: &Shared) -> io
                 }
             }
         }
-        let write = async {
-            writer.write_all(&batch).await?;
-            writer.flush().await
+        // Each write (and the flush) has WRITE_STALL to take a byte: a slow
+        // link taking a large batch bit by bit is not a stalled peer.
+        let stalled = || {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the other side took no bytes for {WRITE_STALL:?}"),
+            )
         };
-        tokio::time::timeout(WRITE_STALL, write)
+        let mut sent = 0;
+        while sent < batch.len() {
+            let n = tokio::time::timeout(WRITE_STALL, writer.write(&batch[sent..]))
+                .await
+                .map_err(|_| stalled())??;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            sent += n;
+        }
+        tokio::time::timeout(WRITE_STALL, writer.flush())
             .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the other side took no bytes for {WRITE_STALL:?}"),
-                )
-            })??;
+            .map_err(|_| stalled())??;
         batch.clear();
         if batch.capacity() > SPARE_KEEP && shared.lock().out.is_empty() {
             batch = BytesMut::new();
@@ -1126,6 +1135,26 @@ mod tests {
         let err = ended.expect("ended").unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(opener.is_closed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_link_taking_bytes_now_and_then_is_not_a_stall() {
+        // The far end reads 1 KiB every 50 s: each batch takes far longer
+        // than WRITE_STALL in all, but no write waits that long for a byte.
+        let (a, mut far) = tokio::io::duplex(1024);
+        let (opener, drive) = Mux::new(a, Role::Opener);
+        let driver = tokio::spawn(drive);
+        let mut s = opener.open().unwrap();
+        s.write_all(&[1u8; 8192]).await.unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 1024];
+        // The open frame, then the 8 KiB in frames with their headers.
+        while got < 8192 + 9 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            got += far.read(&mut buf).await.unwrap();
+        }
+        assert!(!driver.is_finished(), "the connection was failed");
+        assert!(!opener.is_closed());
     }
 
     /// Counts the writes that reach the connection.
