@@ -146,8 +146,9 @@ struct OllamaTags {
 #[derive(Deserialize)]
 struct OllamaModel {
     name: String,
+    /// Bytes in Ollama; llama.cpp's imitation of `/api/tags` sends `""`.
     #[serde(default)]
-    size: Option<u64>,
+    size: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -165,7 +166,14 @@ struct OpenAiModel {
 pub async fn models(host: &str, limit: Duration) -> Result<Vec<ModelInfo>, ProbeError> {
     tokio::time::timeout(limit, async {
         match get(host, "/api/tags").await {
-            Ok(body) => parse_ollama(&body),
+            Ok(body) => match parse_ollama(&body) {
+                Ok(models) => Ok(models),
+                // Not Ollama's list after all: OpenAI's, if it has one.
+                Err(unreadable) => match get(host, "/v1/models").await {
+                    Ok(body) => parse_openai(&body),
+                    Err(_) => Err(unreadable),
+                },
+            },
             Err(ProbeError::Unreachable(e)) => Err(ProbeError::Unreachable(e)),
             Err(_) => parse_openai(&get(host, "/v1/models").await?),
         }
@@ -184,7 +192,7 @@ fn parse_ollama(body: &[u8]) -> Result<Vec<ModelInfo>, ProbeError> {
         .into_iter()
         .map(|m| ModelInfo {
             name: m.name,
-            size: m.size,
+            size: m.size.and_then(|s| s.as_u64()),
         })
         .collect())
 }
@@ -260,6 +268,16 @@ mod tests {
             "meta-llama/Llama-3-8B"
         );
         assert!(parse_ollama(b"<html>").is_err());
+        // llama.cpp's server imitates /api/tags with empty strings for what
+        // it does not know.
+        let llama_cpp = br#"{"models":[{"name":"Qwen3-8B-Q4_K_M.gguf","model":"Qwen3-8B-Q4_K_M.gguf","modified_at":"","size":"","digest":"","type":"model","details":{"format":"gguf"}}],"object":"list","data":[]}"#;
+        assert_eq!(
+            parse_ollama(llama_cpp).unwrap(),
+            vec![ModelInfo {
+                name: "Qwen3-8B-Q4_K_M.gguf".into(),
+                size: None
+            }]
+        );
     }
 
     /// Runs `f` with WARN and above logged to a string; returns both.
@@ -380,6 +398,31 @@ mod tests {
         let (kept, warning) = logged(|| ModelFit::new(&template()).unwrap().fit(models.clone()));
         assert_eq!(kept, models);
         assert!(warning.is_empty(), "{warning}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_ollama_list_falls_back_to_openais() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                let body = if head[..n].starts_with(b"GET /api/tags ") {
+                    "<html>a web UI, not a model list</html>"
+                } else {
+                    r#"{"object":"list","data":[{"id":"served-model"}]}"#
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let listed = models(&addr, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(listed[0].name, "served-model");
     }
 
     #[tokio::test]

@@ -181,6 +181,22 @@ pub enum TokenCommand {
     },
 }
 
+/// Refuses `needle` when it is the visible prefix of more than one key: a
+/// prefix carries 42 random bits, so two keys may share one, and acting on
+/// both would reach a stranger's key.
+async fn refuse_shared_key_prefix(store: &Store, needle: &str, what: &str) -> anyhow::Result<()> {
+    let matched = store
+        .match_api_keys(needle, &crate::auth::secret::hash_hex(needle))
+        .await?;
+    if matched.len() > 1 {
+        bail!(
+            "`{needle}` is the start of {} keys; give the id of the one to {what} (`frps key list`)",
+            matched.len()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `admin` against the database of `config`, writing results to `out`
 /// and reading passwords from `input` when asked to.
 pub async fn run(
@@ -318,6 +334,7 @@ async fn dispatch(
                         "nothing to change: pass --rpm and/or --max-concurrency (a number or `unlimited`)"
                     );
                 }
+                refuse_shared_key_prefix(store, &key, "change").await?;
                 let redis = admin_redis(config, store).await;
                 let change = |current: Limits| Limits {
                     rpm: LimitArg::apply(rpm, current.rpm),
@@ -342,17 +359,7 @@ async fn dispatch(
                 }
             }
             KeyCommand::Revoke { key } => {
-                // A visible prefix carries 42 random bits: two keys may
-                // share one. Revoking both would cut off a stranger.
-                let matched = store
-                    .match_api_keys(&key, &crate::auth::secret::hash_hex(&key))
-                    .await?;
-                if matched.len() > 1 {
-                    bail!(
-                        "`{key}` is the start of {} keys; give the id of the one to revoke (`frps key list`)",
-                        matched.len()
-                    );
-                }
+                refuse_shared_key_prefix(store, &key, "revoke").await?;
                 let redis = admin_redis(config, store).await;
                 let (rows, published) = KeyValidator::revoke(store, redis.as_ref(), &key).await?;
                 if rows.is_empty() {

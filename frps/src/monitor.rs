@@ -27,20 +27,29 @@ pub async fn run(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.api_port));
     let token = config.admin_token();
+    if !config.watch {
+        writeln!(out, "{}", fleet_table(&base, token).await?)?;
+        return Ok(out.flush()?);
+    }
+    // One Ctrl-C listener for the whole watch, heard during a fetch too.
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
     loop {
-        let table = fleet_table(&base, token).await?;
-        if config.watch {
-            // Clear the screen and home the cursor before each redraw.
-            write!(out, "\x1b[2J\x1b[H")?;
+        let fetched = tokio::select! {
+            fetched = fleet_table(&base, token) => fetched,
+            _ = &mut stop => return Ok(()),
+        };
+        // Clear the screen and home the cursor before each redraw.
+        write!(out, "\x1b[2J\x1b[H")?;
+        match fetched {
+            Ok(table) => writeln!(out, "{table}")?,
+            // frps restarting, say: said, and tried again at the next turn.
+            Err(e) => writeln!(out, "cannot read the fleet from {base}: {e:#}; retrying")?,
         }
-        writeln!(out, "{table}")?;
         out.flush()?;
-        if !config.watch {
-            return Ok(());
-        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
         }
     }
 }
@@ -146,7 +155,12 @@ async fn get<T: serde::de::DeserializeOwned>(
     let authority = uri.authority().context("--api-url needs a host")?.clone();
     let port = authority.port_u16().unwrap_or(80);
     let call = async {
-        let stream = TcpStream::connect((authority.host(), port)).await?;
+        // An IPv6 literal comes bracketed (`[::1]`); the socket wants it bare.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let stream = TcpStream::connect((host, port)).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use common::Command;
-use frps::admin::{Admin, ClientCommand, KeyCommand, TokenCommand, UserCommand};
+use frps::admin::{Admin, ClientCommand, KeyCommand, LimitArg, TokenCommand, UserCommand};
 use frps::auth::KeyValidator;
 use frps::auth::accounts::LoginError;
 use frps::auth::keys::KeyCheck;
@@ -1151,6 +1151,15 @@ async fn a_prefix_shared_by_two_logins_or_keys_revokes_neither() {
         command: KeyCommand::Revoke { key: key.into() },
     };
     let err = admin(&cfg, revoke("frpx_shared0"), "").await.unwrap_err();
+    assert!(err.to_string().contains("give the id"), "{err}");
+    let limit = Admin::Key {
+        command: KeyCommand::Limits {
+            key: "frpx_shared0".into(),
+            rpm: Some(LimitArg::Set(1)),
+            max_concurrency: None,
+        },
+    };
+    let err = admin(&cfg, limit, "").await.unwrap_err();
     assert!(err.to_string().contains("give the id"), "{err}");
     let out = admin(&cfg, revoke("kb"), "").await.unwrap();
     assert!(out.contains("revoked"), "{out}");
