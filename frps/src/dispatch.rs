@@ -368,6 +368,15 @@ mod tests {
         crate::registry::testing::add(&state.registry, id, &["m"], Some(1))
     }
 
+    /// A retry for `model` that leaves out the clients (sessions) `failed`.
+    fn retry_of<'a>(model: &'a str, failed: &'a [u64]) -> Want<'a> {
+        Want {
+            model: Some(model),
+            pinned: None,
+            exclude: failed,
+        }
+    }
+
     #[tokio::test]
     async fn a_retry_woken_for_a_slot_it_excludes_passes_the_wake_up_on() {
         let (state, _db) = state().await;
@@ -375,13 +384,8 @@ mod tests {
         assert!(x.try_reserve() && y.try_reserve(), "both boxes busy");
         // Two retries: the first (queued first) excludes y, the second x.
         let (not_y, not_x) = ([y.session], [x.session]);
-        let want = |exclude| Want {
-            model: Some("m"),
-            pinned: None,
-            exclude,
-        };
-        let mut first = Box::pin(acquire(&state, want(&not_y)));
-        let mut second = Box::pin(acquire(&state, want(&not_x)));
+        let mut first = Box::pin(acquire(&state, retry_of("m", &not_y)));
+        let mut second = Box::pin(acquire(&state, retry_of("m", &not_x)));
         // Both join the queue.
         for _ in 0..2 {
             assert!(first.as_mut().now_or_never().is_none());
@@ -410,13 +414,8 @@ mod tests {
         let (x, y) = (add(&state, "x"), add(&state, "y"));
         assert!(x.try_reserve() && y.try_reserve(), "both boxes busy");
         let (not_y, not_x) = ([y.session], [x.session]);
-        let want = |exclude| Want {
-            model: Some("m"),
-            pinned: None,
-            exclude,
-        };
-        let mut first = Box::pin(acquire(&state, want(&not_y)));
-        let mut second = Box::pin(acquire(&state, want(&not_x)));
+        let mut first = Box::pin(acquire(&state, retry_of("m", &not_y)));
+        let mut second = Box::pin(acquire(&state, retry_of("m", &not_x)));
         assert!(first.as_mut().now_or_never().is_none());
         assert!(second.as_mut().now_or_never().is_none());
         // Capacity news that helps no one, passed down the line.

@@ -643,14 +643,20 @@ mod tests {
         assert_eq!(expiry_after(now, Duration::MAX), None);
     }
 
-    #[tokio::test]
-    async fn huge_token_lifetimes_issue_tokens_without_expiry() {
+    /// A fresh database with one account, `email`, password `password`.
+    async fn store_with(email: &str) -> (crate::store::TempDb, Store) {
         let db = crate::store::TempDb::new("accounts");
         let store = Store::connect(&db.url).await.unwrap();
         store
-            .create_user("ttl@x.test", &hash_password("password"))
+            .create_user(email, &hash_password("password"))
             .await
             .unwrap();
+        (db, store)
+    }
+
+    #[tokio::test]
+    async fn huge_token_lifetimes_issue_tokens_without_expiry() {
+        let (_db, store) = store_with("ttl@x.test").await;
         let ip = IpAddr::from([192, 0, 2, 1]);
         for ttl in [Duration::MAX, Duration::from_secs(86400 * 100_000_000)] {
             let accounts = Accounts::new(Some(store.clone()), Some(ttl));
@@ -661,12 +667,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_changed_token_lifetime_reaches_tokens_issued_before() {
-        let db = crate::store::TempDb::new("accounts");
-        let store = Store::connect(&db.url).await.unwrap();
-        store
-            .create_user("ttl@x.test", &hash_password("password"))
-            .await
-            .unwrap();
+        let (_db, store) = store_with("ttl@x.test").await;
         let ip = IpAddr::from([192, 0, 2, 1]);
         let day = Duration::from_secs(86400);
         let expiring = Accounts::new(Some(store.clone()), Some(day * 30));

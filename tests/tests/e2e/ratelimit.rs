@@ -216,6 +216,15 @@ async fn two_frps_sharing_redis_share_one_budget() {
     b.frps.stop().await;
 }
 
+/// How many leases `leases` holds.
+async fn zcard(conn: &mut redis::aio::MultiplexedConnection, leases: &str) -> i64 {
+    redis::cmd("ZCARD")
+        .arg(leases)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
 /// A connection to Redis and the name of `key`'s concurrency leases.
 async fn leases_of(
     redis: &str,
@@ -239,13 +248,7 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     let (a, b, prefix) = two_frps_sharing(&redis).await;
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
     let (mut conn, leases) = leases_of(&redis, &prefix, &one).await;
-    let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
-        redis::cmd("ZCARD")
-            .arg(&leases)
-            .query_async(conn)
-            .await
-            .unwrap()
-    };
+    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
 
     // A stream holds the key's one slot on a; Redis loses it (a restart
     // without persistence): b would admit a second stream.
@@ -289,13 +292,7 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     let (a, b, prefix) = two_frps_sharing(&redis).await;
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
     let (conn, leases) = leases_of(&redis, &prefix, &one).await;
-    let held = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
-        redis::cmd("ZCARD")
-            .arg(&leases)
-            .query_async(conn)
-            .await
-            .unwrap()
-    };
+    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
     let frps::auth::KeyCheck::Valid(grant) = a.frps.state.keys.check(&one).await else {
         panic!("the key is valid");
     };
