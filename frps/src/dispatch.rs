@@ -61,10 +61,21 @@ impl Queue {
     /// Wakes the waiter right after `me`.
     fn wake_after(&self, me: &Arc<Notify>) {
         let line = self.line.lock().expect("line lock");
-        if let Some(at) = line.iter().position(|w| Arc::ptr_eq(w, me))
+        if let Some(at) = place_of(&line, me)
             && let Some(next) = line.get(at + 1)
         {
             next.notify_one();
+        }
+    }
+
+    /// Takes `me` out of the line and wakes the waiter that came after it.
+    fn leave(&self, me: &Arc<Notify>) {
+        let mut line = self.line.lock().expect("line lock");
+        if let Some(at) = place_of(&line, me) {
+            line.remove(at);
+            if let Some(next) = line.get(at) {
+                next.notify_one();
+            }
         }
     }
 
@@ -76,6 +87,11 @@ impl Queue {
             .front()
             .is_some_and(|w| Arc::ptr_eq(w, me))
     }
+}
+
+/// Where `me` stands in `line`.
+fn place_of(line: &VecDeque<Arc<Notify>>, me: &Arc<Notify>) -> Option<usize> {
+    line.iter().position(|w| Arc::ptr_eq(w, me))
 }
 
 /// Per-model wait queues. A queue exists only while requests wait in it.
@@ -126,15 +142,7 @@ struct Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let mut queues = self.queues.queues.lock().expect("queues lock");
-        {
-            let mut line = self.queue.line.lock().expect("line lock");
-            if let Some(at) = line.iter().position(|w| Arc::ptr_eq(w, &self.me)) {
-                line.remove(at);
-                if let Some(next) = line.get(at) {
-                    next.notify_one();
-                }
-            }
-        }
+        self.queue.leave(&self.me);
         if self.queue.waiting.fetch_sub(1, Ordering::AcqRel) == 1
             && queues
                 .get(&self.key)

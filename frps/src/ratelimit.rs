@@ -365,11 +365,10 @@ impl RateLimiter {
             return None;
         };
         self.redis_ok();
-        // Answered: a lease exists only if the script granted it.
-        let lease = unclaimed.lease.take();
-        Some(match verdict {
-            0 if grant.limits.max_concurrency.is_some() => {
-                let lease = lease.expect("a lease for a concurrency limit");
+        // Answered: a lease exists only if the script granted it (and one
+        // was asked for: the key has a concurrency limit).
+        Some(match (verdict, unclaimed.lease.take()) {
+            (0, Some(lease)) => {
                 self.shared
                     .lock()
                     .expect("rate limit lock")
@@ -380,8 +379,8 @@ impl RateLimiter {
                     shared: Some(seq),
                 }))
             }
-            0 => Ok(None),
-            1 => Err(Limited::Rpm {
+            (0, None) => Ok(None),
+            (1, _) => Err(Limited::Rpm {
                 retry_after: Duration::from_millis(ms.max(1) as u64),
             }),
             _ => Err(Limited::Concurrency),

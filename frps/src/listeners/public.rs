@@ -217,7 +217,6 @@ where
     connection(&builder, state, io, peer, tokio::time::Instant::now()).await
 }
 
-/// Answers a connection over the cap with 503 and closes it.
 /// Connections over the caps answered at once at most; more are closed.
 const MAX_REFUSALS: usize = 256;
 
@@ -711,7 +710,7 @@ async fn forward(
                     if up.reused && !payload.is_spent() && !raced {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
                         raced = true;
-                        again = (!client.kick.is_cancelled()).then_some((client, guard));
+                        again = still_online(client, guard);
                         continue;
                     }
                     AcquireError::Pair(PairError::Failed(reset.reason.to_string()))
@@ -726,7 +725,7 @@ async fn forward(
                             payload.put_back(back.into_body());
                             if up.reused {
                                 debug!(client = %client.id, "stale pooled connection: {reason}");
-                                again = (!client.kick.is_cancelled()).then_some((client, guard));
+                                again = still_online(client, guard);
                                 continue;
                             }
                             AcquireError::Pair(PairError::Failed(reason))
@@ -745,7 +744,7 @@ async fn forward(
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
-                            again = (!client.kick.is_cancelled()).then_some((client, guard));
+                            again = still_online(client, guard);
                             continue;
                         }
                         // A head too large to read (over the read buffer, over
@@ -800,6 +799,17 @@ async fn forward(
             return resp;
         }
     }
+}
+
+/// The client and slot of a request to send again to the same client
+/// (after a stale pooled connection or the keep-alive race), unless the
+/// client went offline meanwhile: then the slot is given up and the request
+/// is routed again.
+fn still_online(
+    client: Arc<ClientHandle>,
+    guard: InFlight,
+) -> Option<(Arc<ClientHandle>, InFlight)> {
+    (!client.kick.is_cancelled()).then_some((client, guard))
 }
 
 /// Counts `client` as failing for `error` before it answered (no connection

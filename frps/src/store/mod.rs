@@ -758,7 +758,7 @@ fn redact_keywords(conninfo: &str) -> String {
             return out;
         };
         let key = rest[..eq].trim_end();
-        let secret = key.to_ascii_lowercase().contains("password");
+        let secret = names_password(key);
         out.push_str(&rest[..=eq]);
         rest = &rest[eq + 1..];
         let blanks = rest.len() - rest.trim_start().len();
@@ -783,6 +783,12 @@ fn redact_keywords(conninfo: &str) -> String {
     }
 }
 
+/// Whether a connection setting named `name` holds a password (`password`,
+/// `sslpassword`, in any letter case): its value is never shown.
+fn names_password(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("password")
+}
+
 /// Whether `url` starts with a URL scheme (`postgres://`, `sqlite:`…) rather
 /// than being libpq's keyword form.
 fn has_scheme(url: &str) -> bool {
@@ -802,7 +808,7 @@ fn redact_query(url: &str) -> String {
     let params: Vec<String> = query
         .split('&')
         .map(|param| match param.split_once('=') {
-            Some((name, _)) if name.to_ascii_lowercase().contains("password") => {
+            Some((name, _)) if names_password(name) => {
                 format!("{name}=***")
             }
             _ => param.to_owned(),
