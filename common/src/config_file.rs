@@ -236,7 +236,12 @@ pub struct FileArgs<'a> {
     path: &'a Path,
     config_id: &'a str,
     seen: HashMap<String, usize>,
-    args: Vec<OsString>,
+    /// Each file setting's flag id and the argument it stands for.
+    args: Vec<(String, OsString)>,
+    /// `(a, b)`: flag `a` requires flag `b` (`--tls-cert` needs `--tls-key`).
+    requires: Vec<(String, String)>,
+    /// Conflicts clap is not told of (see [`FileArgs::conflicts`]).
+    conflicts: Vec<(String, String)>,
 }
 
 impl<'a> FileArgs<'a> {
@@ -255,7 +260,25 @@ impl<'a> FileArgs<'a> {
             config_id,
             seen: HashMap::new(),
             args: Vec::new(),
+            requires: Vec::new(),
+            conflicts: Vec::new(),
         }
+    }
+
+    /// Declares that flag `a` requires flag `b` (clap does not say which
+    /// flags another requires): when the command line or the environment
+    /// overrules the file's `b` (see [`FileArgs::into_args`]), the file's
+    /// `a` goes too.
+    pub fn requires(&mut self, a: &str, b: &str) {
+        self.requires.push((a.to_owned(), b.to_owned()));
+    }
+
+    /// Declares that flags `a` and `b` cannot be used together, where the
+    /// program checks that itself: clap counts a switch the environment
+    /// turns off (`FRPX_TLS_SELF_SIGNED=false`) as present for its own
+    /// `conflicts_with`, so such a switch cannot declare one there.
+    pub fn conflicts(&mut self, a: &str, b: &str) {
+        self.conflicts.push((a.to_owned(), b.to_owned()));
     }
 
     /// The file being read.
@@ -308,7 +331,7 @@ impl<'a> FileArgs<'a> {
         if !arg.get_action().takes_values() {
             let on = switch(value).map_err(|e| self.invalid(line, key, value, &e))?;
             if on && !self.given(id) {
-                self.args.push(format!("--{long}").into());
+                self.args.push((id.to_owned(), format!("--{long}").into()));
             }
             return Ok(());
         }
@@ -322,7 +345,8 @@ impl<'a> FileArgs<'a> {
             check(arg, item).map_err(|e| self.invalid(line, key, value, &e))?;
         }
         if repeatable || !self.given(id) {
-            self.args.push(format!("--{long}={value}").into());
+            self.args
+                .push((id.to_owned(), format!("--{long}={value}").into()));
         }
         Ok(())
     }
@@ -343,10 +367,35 @@ impl<'a> FileArgs<'a> {
         )
     }
 
-    /// The arguments to place before the command line's. Values of
+    /// The arguments to place before the command line's. A file setting
+    /// that conflicts with a flag the command line or the environment gives
+    /// (the file's `tls_cert` against `--tls-self-signed`) is left out, as is
+    /// any file setting that requires one left out ([`FileArgs::requires`],
+    /// the file's `tls_key`): the command line wins
+    /// there too, instead of clap refusing the two together. Values of
     /// repeatable flags that came from the environment are added after the
     /// file's, since clap reads the environment only for absent flags.
-    pub fn into_args(mut self) -> Vec<OsString> {
+    pub fn into_args(self) -> Vec<OsString> {
+        let mut overruled: Vec<&str> = self
+            .args
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .filter(|id| self.overruled(id))
+            .collect();
+        // Until nothing more goes: a chain of requirements is followed.
+        while let Some((a, _)) = self
+            .requires
+            .iter()
+            .find(|(a, b)| !overruled.contains(&a.as_str()) && overruled.contains(&b.as_str()))
+        {
+            overruled.push(a);
+        }
+        let mut args: Vec<OsString> = self
+            .args
+            .iter()
+            .filter(|(id, _)| !overruled.contains(&id.as_str()))
+            .map(|(_, arg)| arg.clone())
+            .collect();
         for arg in self.cmd.get_arguments() {
             let id = arg.get_id().as_str();
             let from_env = self.given.value_source(id) == Some(ValueSource::EnvVariable);
@@ -359,10 +408,42 @@ impl<'a> FileArgs<'a> {
             for value in raw {
                 let mut flag = OsString::from(format!("--{long}="));
                 flag.push(value);
-                self.args.push(flag);
+                args.push(flag);
             }
         }
-        self.args
+        args
+    }
+
+    /// Whether `arg`, if a switch, is on (`FRPX_TLS_SELF_SIGNED=false` in
+    /// the environment chooses nothing); any other flag counts as given.
+    fn switched_on(&self, arg: &Arg) -> bool {
+        !matches!(arg.get_action(), ArgAction::SetTrue)
+            || self.given.get_one::<bool>(arg.get_id().as_str()).copied() == Some(true)
+    }
+
+    /// Whether the command line or the environment gives a flag that flag
+    /// `id` conflicts with (either side may declare the conflict).
+    fn overruled(&self, id: &str) -> bool {
+        let Some(arg) = self.flag(id) else {
+            return false;
+        };
+        let declared = self.cmd.get_arg_conflicts_with(arg);
+        self.cmd.get_arguments().any(|other| {
+            let other_id = other.get_id().as_str();
+            other_id != id
+                && self.given(other_id)
+                && self.switched_on(other)
+                && (declared.iter().any(|c| c.get_id() == other.get_id())
+                    || self
+                        .cmd
+                        .get_arg_conflicts_with(other)
+                        .iter()
+                        .any(|c| c.get_id() == arg.get_id())
+                    || self
+                        .conflicts
+                        .iter()
+                        .any(|(a, b)| (a == id && b == other_id) || (a == other_id && b == id)))
+        })
     }
 }
 
@@ -547,6 +628,116 @@ mod tests {
         assert!(!m.get_flag("quiet"));
         let metas: Vec<&String> = m.get_many("meta").unwrap().collect();
         assert_eq!(metas, ["a=1", "b=2"], "repeatable flags merge, file first");
+    }
+
+    /// `--self-signed` (a switch, also from `env`) conflicts with `--cert`
+    /// (declared to clap, or, without an `env`, to [`FileArgs`] alone),
+    /// which needs `--key` and back; `--chain` needs `--cert`.
+    fn tls_cmd(env: Option<&'static str>) -> Command {
+        let mut self_signed = Arg::new("self_signed")
+            .long("self-signed")
+            .action(ArgAction::SetTrue);
+        self_signed = match env {
+            Some(env) => self_signed.env(env),
+            None => self_signed.conflicts_with("cert"),
+        };
+        let path = || clap::value_parser!(PathBuf);
+        Command::new("t")
+            .arg(Arg::new("config").long("config").value_parser(path()))
+            .arg(
+                Arg::new("cert")
+                    .long("cert")
+                    .requires("key")
+                    .value_parser(path()),
+            )
+            .arg(
+                Arg::new("key")
+                    .long("key")
+                    .requires("cert")
+                    .value_parser(path()),
+            )
+            .arg(
+                Arg::new("chain")
+                    .long("chain")
+                    .requires("cert")
+                    .value_parser(path()),
+            )
+            .arg(self_signed)
+    }
+
+    fn run_tls(
+        env: Option<&'static str>,
+        argv: &[&str],
+        file: &str,
+    ) -> Result<ArgMatches, LoadError> {
+        let dir = std::env::temp_dir().join(format!("frpx-cf-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.ini");
+        std::fs::write(&path, file).unwrap();
+        let mut args: Vec<OsString> = vec!["t".into(), "--config".into(), path.clone().into()];
+        args.extend(argv.iter().map(OsString::from));
+        let out = load(tls_cmd(env), args, "config", |f, text| {
+            for (a, b) in [("cert", "key"), ("key", "cert"), ("chain", "cert")] {
+                f.requires(a, b);
+            }
+            if env.is_some() {
+                f.conflicts("self_signed", "cert");
+            }
+            for s in parse_ini(f.path(), text)? {
+                for e in s.entries {
+                    f.set(&e.key, &e.key, &e.value, e.line)?;
+                }
+            }
+            Ok(())
+        });
+        std::fs::remove_dir_all(dir).unwrap();
+        out.map(|(m, _)| m)
+    }
+
+    #[test]
+    fn a_file_setting_conflicting_with_the_command_line_gives_way_with_what_needs_it() {
+        const NO_ENV: Option<&str> = None;
+        let file = "[s]\ncert = c.pem\nkey = k.pem\nchain = ch.pem\n";
+        let m = run_tls(NO_ENV, &["--self-signed"], file).unwrap();
+        assert!(m.get_flag("self_signed"));
+        for id in ["cert", "key", "chain"] {
+            assert!(m.get_one::<PathBuf>(id).is_none(), "{id} kept");
+        }
+        let m = run_tls(NO_ENV, &[], file).unwrap();
+        assert!(!m.get_flag("self_signed"));
+        assert_eq!(m.get_one::<PathBuf>("chain").unwrap(), Path::new("ch.pem"));
+        // The declaring side does not matter: the file's switch gives way
+        // to the command line's certificate.
+        let m = run_tls(
+            NO_ENV,
+            &["--cert", "c2", "--key", "k2"],
+            "[s]\nself_signed = true\n",
+        )
+        .unwrap();
+        assert!(!m.get_flag("self_signed"));
+        assert_eq!(m.get_one::<PathBuf>("cert").unwrap(), Path::new("c2"));
+        // A file that contradicts itself is refused as clap refuses it.
+        let both = "[s]\ncert = c\nkey = k\nself_signed = on\n";
+        assert!(matches!(run_tls(NO_ENV, &[], both), Err(LoadError::Cli(_))));
+    }
+
+    #[test]
+    fn a_switch_turned_off_in_the_environment_overrules_nothing() {
+        // Read by this test's command alone; the conflict is declared to
+        // FileArgs, not clap.
+        const NAME: &str = "FRPX_CONFIG_FILE_TEST_SELF_SIGNED";
+        const ENV: Option<&str> = Some(NAME);
+        // SAFETY: no other code of this process reads or writes this name.
+        unsafe { std::env::set_var(NAME, "false") };
+        let off = run_tls(ENV, &[], "[s]\ncert = c.pem\nkey = k.pem\n");
+        unsafe { std::env::set_var(NAME, "true") };
+        let on = run_tls(ENV, &[], "[s]\ncert = c.pem\nkey = k.pem\n");
+        unsafe { std::env::remove_var(NAME) };
+        let off = off.unwrap();
+        assert_eq!(off.get_one::<PathBuf>("cert").unwrap(), Path::new("c.pem"));
+        let on = on.unwrap();
+        assert!(on.get_flag("self_signed"));
+        assert!(on.get_one::<PathBuf>("cert").is_none());
     }
 
     #[test]

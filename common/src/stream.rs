@@ -29,9 +29,11 @@ pub const KEEPALIVE_RETRIES: u32 = 3;
 /// silent under traffic (a hello just sent, a request on its way, a tunnel
 /// connection that is rarely idle) would otherwise be retried for about 15
 /// minutes. Also ends a link whose peer has taken nothing (a zero window)
-/// for this long, which is why a data connection drops it once it carries
-/// a request ([`release_user_timeout`]); control and tunnel connections
-/// keep it.
+/// for this long, which is why frpc's end of a data connection drops it once
+/// it carries a request ([`release_user_timeout`]): frpc sends answers, and a
+/// caller may read them slowly. frps's end keeps it (it sends requests, and a
+/// request written into a pooled connection whose path died must fail, not
+/// wait), as do control and tunnel connections.
 pub const LINK_USER_TIMEOUT: Duration = Duration::from_secs(
     KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
 );
@@ -54,11 +56,11 @@ pub fn tune_link(tcp: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes [`LINK_USER_TIMEOUT`] off a data connection once it carries a
-/// request: from then on a window held shut is a slow reader (a caller
-/// reading a stream slowly, a service that reads an upload late), which
-/// frps's own timers judge (`--keepalive-timeout`, `--upstream-idle-timeout`),
-/// not a path gone silent. Keepalive stays.
+/// Takes [`LINK_USER_TIMEOUT`] off frpc's end of a data connection once it
+/// carries a request: from then on a window held shut is a slow reader (a
+/// caller reading a stream slowly), which frps's own timers judge
+/// (`--keepalive-timeout`, `--upstream-idle-timeout`), not a path gone
+/// silent. Keepalive stays.
 pub fn release_user_timeout(tcp: &TcpStream) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     socket2::SockRef::from(tcp).set_tcp_user_timeout(None)?;

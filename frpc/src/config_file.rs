@@ -156,6 +156,17 @@ mod tests {
     }
 
     #[test]
+    fn a_flag_conflicting_with_the_files_setting_wins() {
+        let file = "[common]\nserver_addr = frps.example\ntls_ca = /etc/frpc/ca.pem\n";
+        let print = "ab".repeat(32);
+        let c = load(file, &["--tls-fingerprint", &print]).unwrap();
+        assert_eq!(c.tls_ca, None);
+        assert_eq!(c.tls_fingerprint, Some([0xab; 32]));
+        let c = load(file, &[]).unwrap();
+        assert_eq!(c.tls_ca.unwrap(), std::path::Path::new("/etc/frpc/ca.pem"));
+    }
+
+    #[test]
     fn flags_override_and_metas_merge() {
         let c = load(
             SEED,

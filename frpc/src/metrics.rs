@@ -101,10 +101,11 @@ impl Collector {
         };
         let count = nvml.device_count().unwrap_or(0);
         (0..count)
-            .filter_map(|i| nvml.device_by_index(i).ok())
-            .map(|dev| {
+            .filter_map(|i| Some((i, nvml.device_by_index(i).ok()?)))
+            .map(|(i, dev)| {
                 let memory = dev.memory_info().ok();
                 GpuInfo {
+                    index: Some(i),
                     name: dev.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
                     utilization: dev.utilization_rates().map(|u| u.gpu as f32).unwrap_or(0.0),
                     memory_used: memory.as_ref().map_or(0, |m| m.used),

@@ -179,8 +179,10 @@ pub struct Config {
 
     /// TLS on the control and proxy ports with a self-signed certificate,
     /// generated on first start and reused; its SHA-256 fingerprint is logged
-    /// at start for frpc's `--tls-fingerprint`.
-    #[arg(long, env = "FRPX_TLS_SELF_SIGNED", conflicts_with = "tls_cert")]
+    /// at start for frpc's `--tls-fingerprint`. Cannot be used with
+    /// `--tls-cert` (checked at start, not by clap, which would count
+    /// `FRPX_TLS_SELF_SIGNED=false` as the flag given).
+    #[arg(long, env = "FRPX_TLS_SELF_SIGNED")]
     pub tls_self_signed: bool,
 
     /// Directory of the self-signed certificate (`frps-tls.pem`,

@@ -44,7 +44,21 @@ where
     Ok(cli)
 }
 
+/// `(a, b)`: flag `a` requires flag `b` (clap's `requires`, which clap
+/// does not let [`FileArgs`] read).
+const REQUIRES: &[(&str, &str)] = &[
+    ("tls_cert", "tls_key"),
+    ("tls_key", "tls_cert"),
+    ("public_tls_cert", "public_tls_key"),
+    ("public_tls_key", "public_tls_cert"),
+    ("api_url", "monitor"),
+];
+
 fn read(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
+    for (a, b) in REQUIRES {
+        file.requires(a, b);
+    }
+    file.conflicts("tls_self_signed", "tls_cert");
     let toml = file
         .path()
         .extension()
@@ -345,6 +359,61 @@ mod tests {
         .unwrap();
         assert_eq!(cli.config.control_port, 7100);
         assert_eq!(cli.config.public_port, 8080);
+    }
+
+    #[test]
+    fn a_flag_conflicting_with_the_files_setting_wins() {
+        let file = "[common]\ntls_cert = /etc/frps/cert.pem\ntls_key = /etc/frps/key.pem\n";
+        // The file's certificate pair, both halves, gives way.
+        let c = load("frps.ini", file, &["--tls-self-signed"])
+            .unwrap()
+            .config;
+        assert!(c.tls_self_signed);
+        assert_eq!((c.tls_cert, c.tls_key), (None, None));
+        // Without the flag, the file counts.
+        let c = load("frps.ini", file, &[]).unwrap().config;
+        assert!(!c.tls_self_signed);
+        assert_eq!(c.tls_cert.unwrap(), Path::new("/etc/frps/cert.pem"));
+        assert_eq!(c.tls_key.unwrap(), Path::new("/etc/frps/key.pem"));
+        // And the other way round.
+        let c = load(
+            "frps.toml",
+            "tls_self_signed = true\n",
+            &["--tls-cert", "/c.pem", "--tls-key", "/k.pem"],
+        )
+        .unwrap()
+        .config;
+        assert!(!c.tls_self_signed);
+        assert_eq!(c.tls_cert.unwrap(), Path::new("/c.pem"));
+        // A file that contradicts itself is still refused, at start.
+        let both = "[common]\ntls_cert = /c\ntls_key = /k\ntls_self_signed = true\n";
+        let c = load("frps.ini", both, &[]).unwrap().config;
+        assert!(c.tls_self_signed && c.tls_cert.is_some());
+    }
+
+    #[test]
+    fn every_flag_that_requires_another_is_declared() {
+        // clap does not say which flags a flag requires: ask it, flag by
+        // flag, so a new `requires` cannot be missed in REQUIRES.
+        let cmd = Cli::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if !arg.get_action().takes_values() {
+                continue;
+            }
+            let alone = cmd
+                .clone()
+                .try_get_matches_from(["frps".to_owned(), format!("--{long}=1")]);
+            if let Err(e) = alone
+                && e.kind() == clap::error::ErrorKind::MissingRequiredArgument
+            {
+                let id = arg.get_id().as_str();
+                assert!(
+                    REQUIRES.iter().any(|(a, _)| *a == id),
+                    "--{long} requires another flag: add it to REQUIRES"
+                );
+            }
+        }
     }
 
     #[test]

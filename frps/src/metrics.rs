@@ -127,7 +127,36 @@ struct ClientGauges {
     cpu: Option<f64>,
     memory_used: Option<i64>,
     memory_total: Option<i64>,
-    gpus: Vec<(String, f64, i64)>,
+    gpus: Vec<GpuGauges>,
+}
+
+#[derive(Debug, PartialEq)]
+struct GpuGauges {
+    /// The `gpu` label.
+    index: String,
+    name: String,
+    utilization: f64,
+    memory_used: i64,
+}
+
+/// One client's GPUs, labelled by the index frpc reports for each (NVML's,
+/// so a card keeps its label when another cannot be read), or by their
+/// place in the list when an index is missing or repeated (older frpc).
+fn gpu_gauges(gpus: &[common::protocol::GpuInfo]) -> Vec<GpuGauges> {
+    let mut seen = std::collections::HashSet::new();
+    let own = gpus.iter().all(|g| g.index.is_some_and(|i| seen.insert(i)));
+    gpus.iter()
+        .enumerate()
+        .map(|(place, g)| GpuGauges {
+            index: match (own, g.index) {
+                (true, Some(i)) => i.to_string(),
+                _ => place.to_string(),
+            },
+            name: g.name.clone(),
+            utilization: g.utilization as f64,
+            memory_used: g.memory_used as i64,
+        })
+        .collect()
 }
 
 impl FleetSnapshot {
@@ -170,16 +199,7 @@ impl FleetSnapshot {
                         cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
                         memory_used: sys.as_ref().map(|s| s.memory_used as i64),
                         memory_total: sys.as_ref().map(|s| s.memory_total as i64),
-                        gpus: sys
-                            .map(|s| {
-                                s.gpus
-                                    .iter()
-                                    .map(|g| {
-                                        (g.name.clone(), g.utilization as f64, g.memory_used as i64)
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
+                        gpus: sys.map(|s| gpu_gauges(&s.gpus)).unwrap_or_default(),
                     }
                 })
                 .collect(),
@@ -306,33 +326,64 @@ impl Collector for FleetSnapshot {
                 }
             }
         }
-        type GpuField = fn(&(String, f64, i64)) -> f64;
+        type GpuField = fn(&GpuGauges) -> f64;
         let per_gpu: [(&str, &str, GpuField); 2] = [
             (
                 "frpx_client_gpu_utilization_percent",
                 "GPU utilisation reported by the client",
-                |g| g.1,
+                |g| g.utilization,
             ),
             (
                 "frpx_client_gpu_memory_used_bytes",
                 "GPU memory in use reported by the client",
-                |g| g.2 as f64,
+                |g| g.memory_used as f64,
             ),
         ];
         for (name, help, field) in per_gpu {
             let mut family = family(&mut encoder, name, help, MetricType::Gauge)?;
             for c in &self.per_client {
-                for (i, gpu) in c.gpus.iter().enumerate() {
-                    let index = i.to_string();
+                for gpu in &c.gpus {
                     let labels = [
                         ("client", c.id.as_str()),
-                        ("gpu", index.as_str()),
-                        ("name", gpu.0.as_str()),
+                        ("gpu", gpu.index.as_str()),
+                        ("name", gpu.name.as_str()),
                     ];
                     ConstGauge::new(field(gpu)).encode(family.encode_family(&labels)?)?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::protocol::GpuInfo;
+
+    fn gpu(index: Option<u32>) -> GpuInfo {
+        GpuInfo {
+            index,
+            name: "g".into(),
+            ..Default::default()
+        }
+    }
+
+    fn labels(gpus: &[GpuInfo]) -> Vec<String> {
+        gpu_gauges(gpus).into_iter().map(|g| g.index).collect()
+    }
+
+    #[test]
+    fn gpus_keep_their_own_index_unless_one_is_missing_or_repeated() {
+        assert_eq!(labels(&[gpu(Some(1)), gpu(Some(3))]), ["1", "3"]);
+        assert_eq!(labels(&[gpu(None), gpu(None)]), ["0", "1"]);
+        assert_eq!(labels(&[gpu(Some(2)), gpu(None)]), ["0", "1"]);
+        assert_eq!(labels(&[gpu(Some(0)), gpu(Some(0))]), ["0", "1"]);
+        // A repeated index may not collide with a place either.
+        assert_eq!(
+            labels(&[gpu(Some(1)), gpu(Some(1)), gpu(Some(0))]),
+            ["0", "1", "2"]
+        );
+        assert!(labels(&[]).is_empty());
     }
 }

@@ -51,6 +51,11 @@ impl Server {
                 config.api_bind
             );
         }
+        if config.tls_self_signed && config.tls_cert.is_some() {
+            anyhow::bail!(
+                "--tls-self-signed and --tls-cert both ask for TLS on the control and proxy ports: choose one"
+            );
+        }
         if config.max_buffered_bodies < config.max_body {
             anyhow::bail!(
                 "--max-buffered-bodies ({}) is below --max-body ({}): a body of the largest allowed size could never be read",

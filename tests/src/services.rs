@@ -126,10 +126,14 @@ pub fn redis_addr(url: &str) -> SocketAddr {
 /// A TCP forwarder in front of a service that a test can cut (every
 /// connection dropped, new ones refused) and restore: the service "stops"
 /// and "starts again" for whoever goes through it, and for no one else.
+/// It can also hold the service's answers back (the service still gets and
+/// carries out every command): a caller can be made to leave after its
+/// command ran and before it read the answer.
 pub struct Cutter {
     /// Address to connect to instead of the service.
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
+    held: Arc<tokio::sync::watch::Sender<bool>>,
     conns: Arc<Mutex<CancellationToken>>,
     accepts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
 }
@@ -142,10 +146,11 @@ impl Cutter {
         let down = Arc::new(AtomicBool::new(false));
         let conns = Arc::new(Mutex::new(CancellationToken::new()));
         let accepts = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (d, c, a) = (down.clone(), conns.clone(), accepts.clone());
+        let held = Arc::new(tokio::sync::watch::Sender::new(false));
+        let (d, c, a, h) = (down.clone(), conns.clone(), accepts.clone(), held.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
+                let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 a.lock().unwrap().push(std::time::Instant::now());
@@ -154,12 +159,13 @@ impl Cutter {
                     continue;
                 }
                 let cut = c.lock().await.clone();
+                let held = h.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                    let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = forward(inbound, outbound, held) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
@@ -168,12 +174,25 @@ impl Cutter {
         Cutter {
             addr,
             down,
+            held,
             conns,
             accepts,
         }
     }
 
-    /// When each connection so far arrived.
+    /// Holds back what the service sends from now on (it still reads and
+    /// carries out commands).
+    pub fn hold_answers(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Passes the held answers on, and what follows.
+    pub fn release_answers(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// When each connection so far arrived (connections cut or refused
+    /// included).
     pub fn accepted(&self) -> Vec<std::time::Instant> {
         self.accepts.lock().unwrap().clone()
     }
@@ -190,4 +209,34 @@ impl Cutter {
     pub fn restore(&self) {
         self.down.store(false, Ordering::SeqCst);
     }
+}
+
+/// Copies both ways between a caller and the service, holding the
+/// service's bytes while `held` is true; each side's end is passed on.
+async fn forward(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_caller, mut to_caller) = inbound.into_split();
+    let (mut from_service, mut to_service) = outbound.into_split();
+    let up = async {
+        tokio::io::copy(&mut from_caller, &mut to_service).await?;
+        to_service.shutdown().await
+    };
+    let down = async {
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = from_service.read(&mut buf).await?;
+            if n == 0 {
+                return to_caller.shutdown().await;
+            }
+            if held.wait_for(|held| !held).await.is_err() {
+                return Ok(());
+            }
+            to_caller.write_all(&buf[..n]).await?;
+        }
+    };
+    let _: Result<((), ()), std::io::Error> = tokio::try_join!(up, down);
 }

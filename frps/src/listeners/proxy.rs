@@ -32,12 +32,15 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
                 debug!(%peer, %conn_id, client = %client_id, "data connection refused by a server plugin: {reason}");
                 (conn_id, reason)
             }
-            Ok(()) => match state.pending.complete(conn_id, &client_id, &session_key, {
-                // It carries a request from now on: slow readers on either
-                // side are judged by frps's timers, not the kernel's.
-                let _ = common::stream::release_user_timeout(stream.tcp());
-                stream
-            }) {
+            // frps's end keeps `TCP_USER_TIMEOUT`: it only sends requests,
+            // and a request written into a path that died while the
+            // connection sat in the pool fails after a minute instead of
+            // waiting out `--upstream-idle-timeout`. frpc's end, which sends
+            // answers to callers that may read slowly, drops it.
+            Ok(()) => match state
+                .pending
+                .complete(conn_id, &client_id, &session_key, stream)
+            {
                 Ok(()) => return,
                 Err((s, reason)) => {
                     stream = s;

@@ -4,7 +4,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::Command;
 use frps::Server;
+use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn, Reply};
 use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frpc_config, frps_config};
 
@@ -242,6 +244,16 @@ async fn a_body_budget_below_the_largest_body_is_refused_at_start() {
 }
 
 #[tokio::test]
+async fn a_self_signed_certificate_and_a_given_one_are_refused_together_at_start() {
+    let mut cfg = frps_config();
+    cfg.tls_self_signed = true;
+    cfg.tls_cert = Some("/etc/frps/cert.pem".into());
+    cfg.tls_key = Some("/etc/frps/key.pem".into());
+    let err = Server::bind(cfg).await.err().expect("refused");
+    assert!(err.to_string().contains("choose one"), "{err}");
+}
+
+#[tokio::test]
 async fn binding_the_api_publicly_without_a_token_is_refused() {
     let mut cfg = frps_config();
     cfg.api_bind = "0.0.0.0".parse().unwrap();
@@ -395,6 +407,77 @@ async fn a_request_abandoned_before_its_answer_is_counted_as_499() {
         samples(&text).iter().any(|(s, v)| {
             s.starts_with("frpx_requests_total{") && s.contains("status=\"499\"") && *v == 1.0
         })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn gpu_metrics_are_labelled_by_the_index_frpc_reports() {
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(ADMIN.into());
+    // The fake boxes send no heartbeats: not evicted during the test.
+    cfg.heartbeat_interval = Duration::from_secs(30);
+    let frps = Frps::start(cfg).await;
+    let token = frps.client_token().await;
+    let gpu = |index: Option<u32>, name: &str, memory_used: u64| common::GpuInfo {
+        index,
+        name: name.into(),
+        utilization: 50.0,
+        memory_used,
+        memory_total: 1 << 30,
+        temperature: None,
+    };
+    // NVML could not read card 0: card 1 keeps its own label. A box that
+    // sends no index (an older frpc) or a repeated one is numbered by place.
+    let boxes = [
+        (
+            "skips-0",
+            vec![gpu(Some(1), "A", 11), gpu(Some(2), "B", 12)],
+        ),
+        ("no-index", vec![gpu(None, "C", 21), gpu(None, "D", 22)]),
+        (
+            "repeats",
+            vec![gpu(Some(5), "E", 31), gpu(Some(5), "F", 32)],
+        ),
+    ];
+    let mut held = Vec::new();
+    for (id, gpus) in boxes {
+        let (mut fake, answer) = FakeClient::register(frps.addrs.control, &token, id).await;
+        assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+        fake.send(Command::SystemInfo(common::SystemInfo {
+            hostname: id.into(),
+            gpus,
+            ..Default::default()
+        }))
+        .await;
+        held.push(fake);
+    }
+    let addr = frps.addrs.api;
+    let wanted = [
+        ("skips-0", "1", "A", 11.0),
+        ("skips-0", "2", "B", 12.0),
+        ("no-index", "0", "C", 21.0),
+        ("no-index", "1", "D", 22.0),
+        ("repeats", "0", "E", 31.0),
+        ("repeats", "1", "F", 32.0),
+    ];
+    frpx_tests::eventually_async("every GPU is exported", || async {
+        let text = http::get(addr, "/metrics", Some(ADMIN)).await.body;
+        let samples = samples(&text);
+        let gpu_series = samples
+            .iter()
+            .filter(|(s, _)| s.starts_with("frpx_client_gpu_memory_used_bytes{"))
+            .count();
+        gpu_series == wanted.len()
+            && wanted.iter().all(|(client, index, name, used)| {
+                samples.iter().any(|(s, v)| {
+                    s.starts_with("frpx_client_gpu_memory_used_bytes{")
+                        && s.contains(&format!("client=\"{client}\""))
+                        && s.contains(&format!("gpu=\"{index}\""))
+                        && s.contains(&format!("name=\"{name}\""))
+                        && v == used
+                })
+            })
     })
     .await;
 }

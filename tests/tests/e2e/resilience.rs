@@ -142,6 +142,30 @@ async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
 }
 
 #[tokio::test]
+async fn frps_keeps_its_user_timeout_on_a_paired_data_connection() {
+    // frps only sends requests on a data connection: a request written into
+    // a pooled connection whose path died must fail after
+    // `LINK_USER_TIMEOUT`, not wait out `--upstream-idle-timeout`.
+    let frps = Frps::start_default().await;
+    let (_control, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "box").await;
+    let Command::Registered { session_key, .. } = answer else {
+        panic!("{answer:?}")
+    };
+    let client = frps.state.registry.get("box").unwrap();
+    let mut waiter = frps.state.pending.register(&client, 8).unwrap();
+    let mut dial_back = TcpStream::connect(frps.addrs.proxy).await.unwrap();
+    let hello = Command::DataHello {
+        conn_id: waiter.conn_id,
+        client_id: "box".into(),
+        session_key,
+    };
+    write_command(&mut dial_back, &hello).await.unwrap();
+    let paired = waiter.wait(frpx_tests::WAIT).await.unwrap();
+    assert!(common::stream::link_is_tuned(paired.tcp()).unwrap());
+}
+
+#[tokio::test]
 async fn a_client_with_its_dial_backs_all_outstanding_is_busy_not_failing() {
     let mut cfg = frps_config();
     // Within the fake client's eviction for silence (3 heartbeats, 1.5 s).
