@@ -84,6 +84,27 @@ pub fn link_is_tuned(tcp: &TcpStream) -> io::Result<bool> {
         && sock.tcp_keepalive_retries()? == KEEPALIVE_RETRIES)
 }
 
+/// Most a refused peer's bytes are read before its connection is closed.
+pub const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Reads and drops what the peer still sends after a refusal was written,
+/// until it closes or [`DRAIN_LIMIT`] bytes have come (the caller's
+/// deadline bounds the time): closing with unread bytes makes the kernel
+/// reset the connection, which can destroy the refusal before the peer has
+/// read it.
+pub async fn drain(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 1024];
+    let mut read = 0;
+    while read < DRAIN_LIMIT {
+        match stream.read(&mut sink).await? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    Ok(())
+}
+
 /// A connection between frps and frpc (or a consumer), with or without TLS.
 #[derive(Debug)]
 pub enum Stream {
@@ -235,5 +256,28 @@ mod tests {
         let mut back = Vec::new();
         a.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn drain_reads_until_the_peer_closes_or_the_limit() {
+        // A peer that closes after a little: all of it read, then done.
+        let (mut near, mut far) = tokio::io::duplex(4096);
+        far.write_all(b"leftover request bytes").await.unwrap();
+        drop(far);
+        drain(&mut near).await.unwrap();
+        // A peer that never stops: done after DRAIN_LIMIT, the rest unread.
+        let (mut near, mut far) = tokio::io::duplex(256 * 1024);
+        far.write_all(&vec![b'x'; DRAIN_LIMIT + 10_000])
+            .await
+            .unwrap();
+        drain(&mut near).await.unwrap();
+        let mut rest = Vec::new();
+        drop(far);
+        near.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            !rest.is_empty() && rest.len() <= 10_000 + 1024,
+            "{}",
+            rest.len()
+        );
     }
 }

@@ -204,19 +204,17 @@ impl Tls {
     }
 }
 
-/// Writes an `Error` frame in plaintext, then reads what the peer sent until
-/// it closes (the caller's deadline bounds this): closing with unread bytes
-/// would reset the connection and could destroy the frame before it is read.
+/// Writes an `Error` frame in plaintext, then drains what the peer sent
+/// ([`common::stream::drain`]; the caller's deadline bounds this).
 async fn refuse(mut tcp: TcpStream, message: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let error = common::Command::Error {
         message: message.to_owned(),
     };
     if common::write_command(&mut tcp, &error).await.is_err() || tcp.shutdown().await.is_err() {
         return;
     }
-    let mut sink = [0u8; 1024];
-    while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    let _ = common::stream::drain(&mut tcp).await;
 }
 
 /// SHA-256 of a DER certificate, lowercase hex (what `--tls-fingerprint` takes).

@@ -234,7 +234,7 @@ async fn refuse(
     over: Over,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let body = serde_json::json!({
         "error": {"message": over.reason(), "type": "service_unavailable", "code": "too_many_connections"}
     })
@@ -249,15 +249,7 @@ async fn refuse(
         };
         stream.write_all(resp.as_bytes()).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        let mut read = 0;
-        while read < 64 * 1024 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => read += n,
-            }
-        }
-        Ok::<(), std::io::Error>(())
+        common::stream::drain(&mut stream).await
     };
     let _ = tokio::time::timeout(REFUSAL_TIME, answer).await;
 }
