@@ -32,6 +32,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// sharing an id do not take it from each other every second).
 pub const REPLACED: &str = "replaced by a newer connection with the same client id";
 
+/// The `Disconnect` reason of a session whose login token was revoked or
+/// expired (frpc then passes over that token and logs in with its password).
+pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";
+
 /// One message of the frpc ↔ frps conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]

@@ -41,6 +41,10 @@ pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// registration within its handshake timeout (5 s by default).
 const TOKEN_SAVE_WAIT: Duration = Duration::from_secs(1);
 
+/// Refused tokens a process remembers (it holds one and reads one from its
+/// file; a few more cover renewals refused in turn).
+const MAX_REFUSED_TOKENS: usize = 8;
+
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -87,11 +91,17 @@ pub struct Client {
     /// `shutdown` is over (`--shutdown-timeout`).
     hard_stop: CancellationToken,
     tunnels: TaskTracker,
-    /// The token frps last refused (revoked, expired): never sent again by
-    /// this process (the file keeps it: frps may refuse it only for now,
-    /// a database being restored, and a box without a password would have
-    /// nothing left to log in with).
-    refused: Mutex<Option<String>>,
+    /// Tokens frps refused (revoked, expired), the latest
+    /// [`MAX_REFUSED_TOKENS`]: never sent again by this process, neither the
+    /// one held in memory nor the file's, which may differ when the file
+    /// could not be written (the file keeps its token: frps may refuse it
+    /// only for now, a database being restored, and a box without a
+    /// password would have nothing left to log in with).
+    refused: Mutex<Vec<String>>,
+    /// The token the current session logged in with, or was given at its
+    /// password login: the one frps means when it ends the session with
+    /// [`common::protocol::TOKEN_ENDED`].
+    session_token: Mutex<Option<String>>,
     dialer: Dialer,
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
@@ -148,7 +158,8 @@ impl Client {
             shutdown,
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
-            refused: Mutex::new(None),
+            refused: Mutex::new(Vec::new()),
+            session_token: Mutex::new(None),
             dialer,
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
@@ -185,6 +196,13 @@ impl Client {
                             break Ok(());
                         }
                         continue;
+                    }
+                    if why == common::protocol::TOKEN_ENDED
+                        && let Some(token) = self.session_token.lock().expect("token lock").take()
+                    {
+                        // Sending it again would only count as a failed
+                        // login against this address.
+                        self.refuse_token(token);
                     }
                     warn!("disconnected from frps: {why}");
                 }
@@ -289,6 +307,17 @@ impl Client {
             .await
     }
 
+    /// Remembers that frps refused `token`, so it is not sent again.
+    fn refuse_token(&self, token: String) {
+        let mut refused = self.refused.lock().expect("refused lock");
+        if !refused.contains(&token) {
+            if refused.len() == MAX_REFUSED_TOKENS {
+                refused.remove(0);
+            }
+            refused.push(token);
+        }
+    }
+
     /// The token to log in with: the one this process holds (from a
     /// password login, or a renewal once saved), else the file's; one frps
     /// refused in this process, one for another frps and an expired one
@@ -298,7 +327,7 @@ impl Client {
         let refused = self.refused.lock().expect("refused lock").clone();
         let held = self.tokens.lock().expect("token lock").current.clone();
         let usable = |saved: &login::SavedToken| {
-            if refused.as_deref() == Some(saved.token.as_str()) {
+            if refused.contains(&saved.token) {
                 return false;
             }
             // A token is for the frps that issued it: never hand it to
@@ -473,6 +502,7 @@ impl Client {
                 ..
             } => {
                 *self.account.lock().expect("account lock") = saved.email.clone();
+                *self.session_token.lock().expect("token lock") = Some(refused_token);
                 // Past half its lifetime, frps hands over a new one.
                 if let Some(token) = token {
                     drop(self.renewed(token, expires_at));
@@ -486,7 +516,7 @@ impl Client {
                         info!(
                             "frps refused the saved token ({reason}); logging in with email and password"
                         );
-                        *self.refused.lock().expect("refused lock") = Some(refused_token);
+                        self.refuse_token(refused_token);
                         Err(SessionError::Relogin)
                     }
                     Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
@@ -529,6 +559,7 @@ impl Client {
                 ..
             } => {
                 *self.account.lock().expect("account lock") = email.clone();
+                *self.session_token.lock().expect("token lock") = Some(token.clone());
                 // A token that cannot be saved (a full disk, a read-only
                 // directory) costs a restarted frpc a password login, not
                 // this one or its next sessions.
@@ -580,7 +611,7 @@ impl Client {
 
     /// Neither a usable saved token nor a password: why, and what to do.
     fn no_credentials(&self) -> SessionError {
-        let token = if self.refused.lock().expect("refused lock").is_some() {
+        let token = if !self.refused.lock().expect("refused lock").is_empty() {
             format!(
                 "frps refused the saved token in {}",
                 self.config.token_file.display()
@@ -991,6 +1022,43 @@ mod tests {
             .filter(|name| name.contains("tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn neither_a_refused_held_token_nor_a_refused_file_token_is_sent_again() {
+        let dir = std::env::temp_dir().join(format!("frpc-refused-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        let client = client_saving_to(&path);
+        // A password login's token held in memory, and an older one left in
+        // the file (whose write failed).
+        client
+            .save_token("frpxc_held".into(), None, "a@b".into())
+            .await;
+        let old = login::SavedToken {
+            token: "frpxc_file".into(),
+            expires_at: None,
+            server: String::new(),
+            email: "a@b".into(),
+        };
+        login::save(&path, &old).unwrap();
+        let next = || async { client.usable_saved_token().await.map(|t| t.token) };
+        assert_eq!(next().await.as_deref(), Some("frpxc_held"));
+        client.refuse_token("frpxc_held".into());
+        assert_eq!(next().await.as_deref(), Some("frpxc_file"));
+        // Both refused: the password next, not the two in turn for ever.
+        client.refuse_token("frpxc_file".into());
+        assert_eq!(next().await, None);
+        // The list stays bounded, the latest kept.
+        for i in 0..2 * MAX_REFUSED_TOKENS {
+            client.refuse_token(format!("frpxc_{i}"));
+        }
+        let refused = client.refused.lock().unwrap().clone();
+        assert_eq!(refused.len(), MAX_REFUSED_TOKENS);
+        assert_eq!(
+            refused.last().unwrap(),
+            &format!("frpxc_{}", 2 * MAX_REFUSED_TOKENS - 1)
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

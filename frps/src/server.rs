@@ -134,14 +134,13 @@ impl Server {
             .tasks
             .spawn(crate::upstream::expire_idle(state.clone()));
         let app = api::router(state.clone());
-        let api_shutdown = state.shutdown.clone();
-        state.tasks.spawn(async move {
-            let serve =
-                axum::serve(api, app).with_graceful_shutdown(api_shutdown.cancelled_owned());
-            if let Err(e) = serve.await {
-                warn!("management API stopped: {e}");
-            }
-        });
+        state.tasks.spawn(listeners::accept_loop(
+            "API",
+            api,
+            state.shutdown.clone(),
+            state.clone(),
+            move |stream, peer, state| api::serve_conn(stream, peer, state, app.clone()),
+        ));
 
         state.shutdown.cancelled().await;
         info!(

@@ -73,6 +73,9 @@ pub struct State {
     pub sessions: TaskTracker,
     /// TLS of the control, proxy and public ports.
     pub tls: crate::tls::Tls,
+    /// Wrong admin tokens each address block may present
+    /// ([`crate::api::ADMIN_FAILURES_PER_MINUTE`]).
+    pub admin_failures: crate::limits::FailureBudget,
 }
 
 impl State {
@@ -143,6 +146,9 @@ impl State {
             tasks,
             sessions: TaskTracker::new(),
             tls,
+            admin_failures: crate::limits::FailureBudget::new(
+                crate::api::ADMIN_FAILURES_PER_MINUTE,
+            ),
         })
     }
 }

@@ -268,6 +268,20 @@ async fn serve(
                 .body(Either::Left(Full::new(Bytes::from_static(b"big head"))))
                 .unwrap()
         }
+        "/status" => {
+            // Answers with the status its query names (`?code=500`).
+            let code = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("code=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(200);
+            full(
+                code,
+                "application/json",
+                serde_json::json!({"backend": sh.name, "status": code}).to_string(),
+            )
+        }
         "/echo" => {
             let body = req
                 .into_body()

@@ -10,9 +10,11 @@ mod clients;
 mod server;
 pub mod types;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::{ConnectInfo, Request, State as AxState};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -27,6 +29,63 @@ use utoipa_axum::routes;
 use crate::auth::constant_time_eq;
 use crate::state::State;
 
+/// Wrong admin tokens an address block (one IPv4 address, one IPv6 /64)
+/// may present per minute, refilled evenly; past that, every request of
+/// that block that carries a token gets 429 until the budget is back.
+pub const ADMIN_FAILURES_PER_MINUTE: u32 = 10;
+
+/// Longest a management API request may take, body included.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Largest request head the management API reads (hyper's smallest read
+/// buffer; the API's requests carry a few short headers).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Serves the management API on one accepted connection (HTTP/1.1; the
+/// accept loop caps connections in all and per address): each request head
+/// is due within `--header-timeout` (an idle keep-alive connection is closed
+/// after it), may be at most 16 KiB, and each request must be answered
+/// within [`REQUEST_DEADLINE`] (a body still arriving then gets 408). At
+/// shutdown the connection finishes the request it is on, then closes.
+pub async fn serve_conn(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    state: Arc<State>,
+    app: Router,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let app = app.clone();
+        async move {
+            let answer = tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new));
+            match tokio::time::timeout(REQUEST_DEADLINE, answer).await {
+                Ok(resp) => resp,
+                Err(_) => Ok(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request was not complete within {REQUEST_DEADLINE:?}"),
+                )
+                .into_response()),
+            }
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(state.config.header_timeout)
+        .max_buf_size(MAX_HEAD);
+    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, "management API connection ended: {e}");
+    }
+}
 /// Shared handler state.
 pub type ApiState = AxState<Arc<State>>;
 
@@ -166,6 +225,12 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
     if PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
+    // Served connections always carry the peer; a router called directly
+    // (in tests) has none and is not throttled.
+    let from = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -173,9 +238,29 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
+    if presented.is_some()
+        && let Some(ip) = from
+        && let Err(wait) = state.admin_failures.check(ip, tokio::time::Instant::now())
+    {
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many wrong admin tokens from this address: wait before trying again",
+        )
+        .into_response();
+        let secs = wait.as_secs().max(1).to_string();
+        if let Ok(v) = HeaderValue::from_str(&secs) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
     match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response(),
+        Some(t) if same_secret(t, expected) => next.run(req).await,
+        Some(_) => {
+            if let Some(ip) = from {
+                state.admin_failures.fail(ip, tokio::time::Instant::now());
+            }
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response()
+        }
         None => {
             let mut resp = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -187,6 +272,16 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
             resp
         }
     }
+}
+
+/// Whether `presented` is `expected`, compared as SHA-256 digests: the time
+/// taken tells neither where they differ nor how long the token is.
+fn same_secret(presented: &str, expected: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    constant_time_eq(
+        &Sha256::digest(presented.as_bytes()),
+        &Sha256::digest(expected.as_bytes()),
+    )
 }
 
 /// Why a request to a token-less API did not come from this machine's own

@@ -153,6 +153,17 @@ impl Accounts {
         }
     }
 
+    /// Emails and addresses with failed logins remembered now (for tests
+    /// and diagnostics).
+    pub fn failing(&self) -> usize {
+        self.throttle
+            .state
+            .lock()
+            .expect("throttle lock")
+            .failures
+            .len()
+    }
+
     /// Verifies email and password and issues a new token. Failures for one
     /// email or one address (an IPv6 /64) are slowed down exponentially,
     /// before Argon2 runs. Attempts for one email or one address take turns
@@ -379,7 +390,12 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 pub const BASE_DELAY: Duration = Duration::from_millis(500);
 /// Failures older than this are forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Emails and addresses with failures tracked at most (about 10 MiB);
+/// failures of further ones share one entry, [`OVERFLOW`].
 const MAX_TRACKED: usize = 100_000;
+/// The entry of the failures no tracked entry could take (no email or
+/// address is empty).
+const OVERFLOW: &str = "";
 
 #[derive(Debug, Clone, Copy)]
 struct Failures {
@@ -398,6 +414,9 @@ pub struct Throttle {
 #[derive(Debug, Default)]
 struct ThrottleState {
     failures: HashMap<String, Failures>,
+    /// When a full table last dropped its forgotten failures (at most once
+    /// a second: each sweep reads every entry).
+    swept: Option<Instant>,
     /// One lock per key with attempts under way or waiting.
     turns: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -458,10 +477,20 @@ impl Throttle {
         Self::wait(&state, keys, now)
     }
 
+    /// The entry `key`'s failures count in: its own, or [`OVERFLOW`] when
+    /// the table is full.
+    fn slot<'a>(state: &ThrottleState, key: &'a str) -> &'a str {
+        if state.failures.len() < MAX_TRACKED || state.failures.contains_key(key) {
+            key
+        } else {
+            OVERFLOW
+        }
+    }
+
     fn wait(state: &ThrottleState, keys: &[String], now: Instant) -> Result<(), Duration> {
         let wait = keys
             .iter()
-            .filter_map(|k| state.failures.get(k))
+            .filter_map(|k| state.failures.get(Self::slot(state, k)))
             .filter(|f| now.duration_since(f.last) < FORGET_AFTER)
             .map(|f| (f.last + Self::delay(f.count)).saturating_duration_since(now))
             .max()
@@ -505,12 +534,19 @@ impl Throttle {
     /// Records a failure for each of `keys`.
     pub fn fail(&self, keys: &[String], now: Instant) {
         let mut state = self.state.lock().expect("throttle lock");
-        let failures = &mut state.failures;
-        if failures.len() >= MAX_TRACKED {
-            failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+        if state.failures.len() >= MAX_TRACKED
+            && state
+                .swept
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            state
+                .failures
+                .retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+            state.swept = Some(now);
         }
         for k in keys {
-            let f = failures.entry(k.clone()).or_insert(Failures {
+            let slot = Self::slot(&state, k).to_owned();
+            let f = state.failures.entry(slot).or_insert(Failures {
                 count: 0,
                 last: now,
             });
@@ -535,6 +571,32 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_failure_table_stops_growing_and_shares_one_entry() {
+        let throttle = Throttle::default();
+        let start = Instant::now();
+        for i in 0..MAX_TRACKED {
+            throttle.fail(&[format!("addr:{i}")], start);
+        }
+        let len = || throttle.state.lock().unwrap().failures.len();
+        assert_eq!(len(), MAX_TRACKED);
+        // Further keys share the overflow entry: one more entry at most,
+        // and a new key waits on the shared failures.
+        for i in 0..1_000 {
+            throttle.fail(&[format!("more:{i}")], start);
+        }
+        assert_eq!(len(), MAX_TRACKED + 1);
+        assert!(throttle.check(&["never-seen".into()], start).is_err());
+        // A tracked key keeps its own count.
+        throttle.fail(&["addr:7".into()], start);
+        assert_eq!(throttle.state.lock().unwrap().failures["addr:7"].count, 2);
+        // Once forgotten, the table is swept on the next failure.
+        let later = start + FORGET_AFTER + Duration::from_secs(1);
+        throttle.fail(&["fresh".into()], later);
+        assert_eq!(len(), 1);
+        assert!(throttle.check(&["never-seen".into()], later).is_ok());
+    }
 
     #[test]
     fn passwords_hash_and_verify() {

@@ -472,8 +472,7 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
     }
 }
 
-/// The `Disconnect` reason of a session whose login token was revoked or expired.
-pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";
+pub use common::protocol::TOKEN_ENDED;
 
 /// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
 /// Writes of one client land in order, and no `online` lands after the

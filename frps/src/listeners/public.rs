@@ -665,7 +665,14 @@ async fn forward(
         waited += sending.elapsed();
         let failure = match sent {
             Ok(Ok(resp)) => {
-                client.record_success();
+                // A server error is relayed as it is, but proves nothing
+                // of the box's health: a box whose model cannot load (and
+                // answers 500 at once) must not have its failures
+                // forgotten at every answer. Nor is it counted as a failure:
+                // it may be this request's own fault.
+                if !resp.status().is_server_error() {
+                    client.record_success();
+                }
                 // Served: counted once, whatever attempts came before.
                 client.requests.fetch_add(1, Ordering::Relaxed);
                 state
@@ -841,6 +848,42 @@ struct ReadBody {
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// A body read whole: one piece (the usual case) is kept as it came; more
+/// are joined.
+#[derive(Default)]
+struct Pieces {
+    first: Option<Bytes>,
+    joined: bytes::BytesMut,
+}
+
+impl Pieces {
+    /// Adds `data`; `rest` is what the body still announces (its
+    /// `Content-Length` left), `limit` the most it may hold.
+    fn push(&mut self, data: Bytes, rest: Option<u64>, limit: usize) {
+        match self.first.take() {
+            None if self.joined.is_empty() => self.first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    // Room for the whole announced body at once: grown by
+                    // doubling, a 10 MiB body would take up to 16 MiB (and
+                    // two copies while it grows) against the 10 that
+                    // `--max-buffered-bodies` counts. A body of unknown
+                    // length (chunked) still grows so.
+                    let held = (earlier.len() + data.len()) as u64;
+                    let whole = held.saturating_add(rest.unwrap_or(0)).min(limit as u64);
+                    self.joined.reserve(whole as usize);
+                    self.joined.extend_from_slice(&earlier);
+                }
+                self.joined.extend_from_slice(&data);
+            }
+        }
+    }
+
+    fn finish(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.joined.freeze())
+    }
+}
+
 /// Reads a body to route on, at most `--max-body` bytes, each piece due
 /// within `--keepalive-timeout` of the previous one and the whole within
 /// `--body-timeout`, while all bodies held stay under
@@ -853,9 +896,7 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
         return Err(body_too_large(limit));
     }
     let deadline = tokio::time::Instant::now() + state.config.body_timeout;
-    // One piece (the usual case) is kept as it came; more are joined.
-    let mut first: Option<Bytes> = None;
-    let mut joined = bytes::BytesMut::new();
+    let mut pieces = Pieces::default();
     let mut len = 0usize;
     let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
@@ -888,17 +929,9 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
             Some(h) => h.merge(share),
             None => held = Some(share),
         }
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    joined.extend_from_slice(&earlier);
-                }
-                joined.extend_from_slice(&data);
-            }
-        }
+        pieces.push(data, body.size_hint().exact(), limit);
     }
-    let bytes = first.unwrap_or_else(|| joined.freeze());
+    let bytes = pieces.finish();
     state
         .stats
         .bytes_in
@@ -1361,7 +1394,18 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.client.release_slot();
-        self.state.queues.slot_freed(&self.client);
+        if self.state.queues.is_empty() {
+            return;
+        }
+        // The slot is shared with the client's newer session, if it
+        // reconnected meanwhile: wake the queues for what that one serves
+        // (its model list may have changed).
+        let live = self.state.registry.get(&self.client.id).filter(|c| {
+            c.session != self.client.session && Arc::ptr_eq(&c.in_flight, &self.client.in_flight)
+        });
+        self.state
+            .queues
+            .slot_freed(live.as_deref().unwrap_or(&self.client));
     }
 }
 
@@ -1627,6 +1671,29 @@ impl Body for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_in_pieces_is_joined_in_one_buffer_of_its_announced_size() {
+        let piece = |n: usize| Bytes::from(vec![b'x'; n]);
+        // 10,000 bytes announced, in pieces of 1,000: one allocation.
+        let mut p = Pieces::default();
+        p.push(piece(1_000), Some(9_000), 1 << 20);
+        assert!(p.joined.is_empty(), "one piece is kept as it came");
+        for left in (0..9).rev() {
+            p.push(piece(1_000), Some(left * 1_000), 1 << 20);
+            assert_eq!(p.joined.capacity(), 10_000);
+        }
+        assert_eq!(p.finish().len(), 10_000);
+        // Never more room than the limit, whatever is announced.
+        let mut p = Pieces::default();
+        p.push(piece(10), Some(u64::MAX), 100);
+        p.push(piece(10), Some(u64::MAX), 100);
+        assert!(p.joined.capacity() <= 128, "{}", p.joined.capacity());
+        // One piece: as it came.
+        let mut p = Pieces::default();
+        p.push(Bytes::from_static(b"whole"), Some(0), 100);
+        assert_eq!(p.finish(), Bytes::from_static(b"whole"));
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_end_to_end_ones_stay() {

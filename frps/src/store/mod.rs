@@ -148,6 +148,41 @@ fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
 
+/// Creates a missing SQLite database file readable by its owner alone
+/// (SQLite gives its `-wal` and `-shm` files the same mode): it holds the
+/// key that signs Redis entries, password hashes and any plaintext keys of
+/// the prototype's rows. An existing file that others may read is left as
+/// it is, with a warning.
+fn private_file(path: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match created {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if let Ok(meta) = std::fs::metadata(path)
+                    && meta.permissions().mode() & 0o077 != 0
+                {
+                    tracing::warn!(
+                        "the database file {} can be read by other users (mode {:o}): it holds the Redis signing key and password hashes; run chmod 600 on it and its -wal and -shm files",
+                        path.display(),
+                        meta.permissions().mode() & 0o777
+                    );
+                }
+            }
+            // SQLite reports the real problem (a missing directory, say).
+            Err(_) => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
 impl Store {
     /// Connects to `url` and runs the migrations. A `sqlite://` file is
     /// created when missing.
@@ -173,7 +208,11 @@ impl Store {
                 .await?;
             Store::Postgres(pool)
         } else if url.starts_with("sqlite:") {
-            let opts = SqliteConnectOptions::from_str(url)?
+            let opts = SqliteConnectOptions::from_str(url)?;
+            if !(url.contains(":memory:") || url.contains("mode=memory")) {
+                private_file(opts.get_filename());
+            }
+            let opts = opts
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .foreign_keys(true)

@@ -254,6 +254,77 @@ async fn a_self_signed_certificate_and_a_given_one_are_refused_together_at_start
 }
 
 #[tokio::test]
+async fn wrong_admin_tokens_are_throttled_per_address() {
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(ADMIN.into());
+    let frps = Frps::start(cfg).await;
+    let api = frps.addrs.api;
+    for _ in 0..frps::api::ADMIN_FAILURES_PER_MINUTE {
+        let reply = http::get(api, "/api/stats", Some("guess")).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    // Out of budget: every request with a token waits, the right one too,
+    // so a guess that would be right tells nothing.
+    for token in ["guess", ADMIN] {
+        let reply = http::get(api, "/api/stats", Some(token)).await;
+        assert_eq!(reply.status, 429, "{}", reply.body);
+        let wait: u64 = reply.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&wait), "Retry-After {wait}");
+    }
+    // What needs no token still answers.
+    assert_eq!(http::get(api, "/api/health", None).await.status, 200);
+    let reply = http::get(api, "/api/stats", None).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn the_api_closes_idle_and_oversized_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = frps_config();
+    cfg.header_timeout = Duration::from_millis(300);
+    let frps = Frps::start(cfg).await;
+    let api = frps.addrs.api;
+    // Silent, or a head that stops half-way: closed after --header-timeout.
+    for sent in ["", "GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"] {
+        let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+        conn.write_all(sent.as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut rest))
+            .await
+            .expect("closed, not held")
+            .ok();
+        assert!(started.elapsed() >= Duration::from_millis(250), "{sent:?}");
+    }
+    // A keep-alive connection idle after its answer: closed too.
+    let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+    conn.write_all(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut all))
+        .await
+        .expect("closed once idle")
+        .ok();
+    assert!(String::from_utf8_lossy(&all).starts_with("HTTP/1.1 200"));
+    // A head over 16 KiB is refused.
+    let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+    let head = format!(
+        "GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nx-pad: {}\r\n\r\n",
+        "p".repeat(20_000)
+    );
+    let _ = conn.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
 async fn binding_the_api_publicly_without_a_token_is_refused() {
     let mut cfg = frps_config();
     cfg.api_bind = "0.0.0.0".parse().unwrap();

@@ -46,6 +46,71 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> Reply {
 }
 
 #[tokio::test]
+async fn a_slot_an_earlier_session_frees_wakes_requests_for_what_the_new_one_serves() {
+    let mut cfg = frps_config();
+    // Longer than WAIT: a request left asleep in its queue fails the test.
+    cfg.queue_timeout = Duration::from_secs(120);
+    let b = boxes(cfg, &[("a", &["m1:latest"], Some(1))]).await;
+    let frps = &b.frps;
+    // The box's one slot, taken by a stream of its first session.
+    let (_conn, mut held) = http::start_hold(frps.public(), API_KEY).await;
+    let first = frps.state.registry.get("a").unwrap().session;
+    // It reconnects (the stream goes on) serving a second model.
+    b.backends["a"].set_models(&["m1:latest", "m2:latest"]);
+    frps.state
+        .registry
+        .get("a")
+        .unwrap()
+        .kick("test: reconnect");
+    frps.wait_until("the new session serves m2", |s| {
+        s.registry
+            .get("a")
+            .is_some_and(|c| c.session != first && frps::router::serves(&c, "m2:latest"))
+    })
+    .await;
+    // A request for m2 waits for the slot the old session's stream holds.
+    let waiting = tokio::spawn(post(frps.public(), "/v1/chat/completions", chat("m2")));
+    frpx_tests::eventually("the m2 request is queued", || {
+        frps.state.queues.total() == 1
+    })
+    .await;
+    b.backends["a"].release_holds();
+    while let Some(frame) = held.body_mut().frame().await {
+        frame.unwrap();
+    }
+    let reply = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("woken when the slot freed, not at the queue timeout")
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures() {
+    let b = boxes(frps_config(), &[("a", &["m1:latest"], None)]).await;
+    let frps = &b.frps;
+    let client = frps.state.registry.get("a").unwrap();
+    assert_eq!(
+        client.record_failure(),
+        None,
+        "one failure: no cool-down yet"
+    );
+    let reply = http::get(frps.public(), "/status?code=500", Some(API_KEY)).await;
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "a");
+    // The 500 did not wipe the first failure: a second one cools it down.
+    assert!(client.record_failure().is_some());
+    assert!(client.is_cooling_down());
+    // Any other answer is a success that ends it.
+    let client = frps.state.registry.get("a").unwrap();
+    client.record_success();
+    assert_eq!(client.record_failure(), None);
+    let reply = http::get(frps.public(), "/status?code=404", Some(API_KEY)).await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(client.record_failure(), None, "the 404 reset the count");
+}
+
+#[tokio::test]
 async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
     let b = boxes(
         frps_config(),

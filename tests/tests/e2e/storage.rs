@@ -74,6 +74,36 @@ async fn seed_readme_flow_hand_inserted_key_works_on_sqlite() {
     assert_eq!(status(&fleet.frps, "test-api-key-124").await, 401);
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_sqlite_database_and_its_wal_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let url = frpx_tests::temp_sqlite_url();
+    let path = std::path::PathBuf::from(url.strip_prefix("sqlite://").unwrap());
+    let store = Store::connect(&url).await.unwrap();
+    // Writes reach the write-ahead log, so -wal and -shm exist.
+    exec(
+        &store,
+        "INSERT INTO api_keys (key, status) VALUES ('k', 'active')",
+    )
+    .await;
+    let mut wal = path.clone().into_os_string();
+    wal.push("-wal");
+    let mut shm = path.clone().into_os_string();
+    shm.push("-shm");
+    for file in [path.clone(), wal.into(), shm.into()] {
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", file.display());
+    }
+    // An existing file keeps its mode (frps only warns).
+    drop(store);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let again = Store::connect(&url).await.unwrap();
+    drop(again);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+}
+
 #[tokio::test]
 async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
     let Some(pg) = TestPg::create().await else {
@@ -700,7 +730,9 @@ async fn revoking_a_token_ends_its_session_and_a_password_change_ends_them_all()
     let first = frps.state.registry.get("gpu").unwrap().session;
     let first_token = frpc::login::load(&client_cfg.token_file).unwrap().token;
 
-    // Revoked: the session ends; frpc logs in again with its password.
+    // Revoked: the session ends; frpc logs in again with its password,
+    // without sending the revoked token (a failed login for its address).
+    assert_eq!(frps.state.accounts.failing(), 0);
     let said = admin(
         &cfg,
         Admin::Token {
@@ -721,6 +753,11 @@ async fn revoking_a_token_ends_its_session_and_a_password_change_ends_them_all()
             && frpc::login::load(&client_cfg.token_file).is_some_and(|t| t.token != first_token)
     })
     .await;
+    assert_eq!(
+        frps.state.accounts.failing(),
+        0,
+        "the revoked token was sent"
+    );
 
     // A new password: frpc's old one no longer logs in, and it stops.
     let said = admin(
