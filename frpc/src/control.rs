@@ -113,8 +113,14 @@ pub struct Client {
     /// Held while a token file is written: writes land one at a time, and
     /// one overtaken by a newer token is skipped.
     writing: Arc<Mutex<()>>,
-    collector: Arc<Mutex<Collector>>,
+    /// Made by the first metrics read, off the runtime's thread: loading
+    /// NVML or listing disks can hang (a wedged GPU driver, a dead network
+    /// mount), which must not hold up the login or Ctrl-C.
+    collector: Arc<Mutex<Option<Collector>>>,
     models_fit: Arc<local::ModelFit>,
+    /// What this process last announced of its service, across sessions:
+    /// a doubtful probe at a reconnect is judged against it as every other.
+    announced: Arc<Mutex<Announced>>,
 }
 
 /// The tokens frps gave this process.
@@ -166,8 +172,9 @@ impl Client {
             account: Mutex::new(String::new()),
             tokens: Arc::default(),
             writing: Arc::default(),
-            collector: Arc::new(Mutex::new(Collector::new())),
+            collector: Arc::default(),
             models_fit,
+            announced: Arc::default(),
         })
     }
 
@@ -275,7 +282,9 @@ impl Client {
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            probe = probe_models(&self.config, &self.models_fit) => probe,
+            (now, listed) = probe_service(&self.config, &self.models_fit) => {
+                self.announced.lock().expect("announced lock").judge(now, listed)
+            }
         };
         let addr = self.config.control_addr();
         let limit = self.config.connect_timeout;
@@ -700,6 +709,7 @@ impl Client {
             self.collector.clone(),
             self.models_fit.clone(),
             probe,
+            self.announced.clone(),
             out_tx.clone(),
         );
         let stop = self.shutdown.clone();
@@ -833,15 +843,33 @@ fn registration(
 /// The local service's models and whether it answered.
 type Probe = (Vec<ModelInfo>, bool);
 
-/// Asks the local service for its models, keeping those that fit in a
-/// control frame (`fit`). The service is down only when it cannot be
-/// reached; one that answers without a model list (a plain HTTP server) is
-/// up and serves no named model.
-async fn probe_models(config: &Config, fit: &local::ModelFit) -> Probe {
-    probe_service(config, fit).await.0
+/// What a process announced of its service, for [`after_probe`].
+#[derive(Debug, Default)]
+struct Announced {
+    /// The last probe announced, none before the first registration.
+    last: Option<Probe>,
+    /// Whether the probe before was doubtful.
+    unlisted_before: bool,
 }
 
-/// As [`probe_models`], also saying whether the answer is to be believed
+impl Announced {
+    /// What to announce after probe `now` (`listed`: to be believed at
+    /// once), remembered as the last announced.
+    fn judge(&mut self, now: Probe, listed: bool) -> Probe {
+        let judged = match &self.last {
+            Some(last) => after_probe(last, now, listed, &mut self.unlisted_before),
+            None => {
+                self.unlisted_before = !listed;
+                now
+            }
+        };
+        self.last = Some(judged.clone());
+        judged
+    }
+}
+
+/// Asks the local service for its models, keeping those that fit in a
+/// control frame (`fit`), and says whether the answer is to be believed
 /// at once: false for an answer that was not a model list (an error status,
 /// a body cut short or too large) and for a service that did not answer in
 /// time (busy: a model loading, long prompts being tokenised), which
@@ -879,16 +907,23 @@ fn after_probe(last: &Probe, now: Probe, listed: bool, unlisted_before: &mut boo
     if keep { last.clone() } else { now }
 }
 
-/// System metrics from `collector`, read off the async thread, or `None`
-/// when they took longer than `limit` (a GPU driver or a network mount
-/// that hangs) or the previous read is still stuck: at most one thread
-/// ever waits on a hung read, and the model reports go on.
-async fn read_metrics(collector: &Arc<Mutex<Collector>>, limit: Duration) -> Option<SystemInfo> {
+/// System metrics from `collector` (made by the first read), read off the
+/// async thread, or `None` when they took longer than `limit` (a GPU
+/// driver or a network mount that hangs, when loaded or when read) or the
+/// previous read is still stuck: at most one thread ever waits on a hung
+/// read, and the model reports go on.
+async fn read_metrics(
+    collector: &Arc<Mutex<Option<Collector>>>,
+    limit: Duration,
+) -> Option<SystemInfo> {
     let c = collector.clone();
-    let read = tokio::task::spawn_blocking(move || match c.try_lock() {
-        Ok(mut c) => Some(c.collect()),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().collect()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
+    let read = tokio::task::spawn_blocking(move || {
+        let mut c = match c.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(c.get_or_insert_with(Collector::new).collect())
     });
     match tokio::time::timeout(limit, read).await {
         Ok(Ok(info)) => info,
@@ -904,9 +939,10 @@ async fn read_metrics(collector: &Arc<Mutex<Collector>>, limit: Duration) -> Opt
 /// (or the service's health) changed. Ends with the session (its channel).
 async fn report(
     config: Arc<Config>,
-    collector: Arc<Mutex<Collector>>,
+    collector: Arc<Mutex<Option<Collector>>>,
     fit: Arc<local::ModelFit>,
     mut last: Probe,
+    announced: Arc<Mutex<Announced>>,
     out: mpsc::Sender<Command>,
 ) {
     let mut tick = tokio::time::interval(config.metrics_interval);
@@ -914,7 +950,6 @@ async fn report(
     // The first tick is immediate: metrics at once; the models were just
     // probed for the registration.
     let mut first = true;
-    let mut unlisted_before = false;
     loop {
         tick.tick().await;
         // The session is over (its loop dropped the receiver): so is this,
@@ -931,7 +966,7 @@ async fn report(
             continue;
         }
         let (now, listed) = probe_service(&config, &fit).await;
-        let now = after_probe(&last, now, listed, &mut unlisted_before);
+        let now = announced.lock().expect("announced lock").judge(now, listed);
         tracing::debug!(
             models = now.0.len(),
             up = now.1,
@@ -1117,6 +1152,25 @@ mod tests {
     }
 
     #[test]
+    fn a_doubtful_probe_at_a_reconnect_keeps_what_the_last_session_announced() {
+        let mut announced = Announced::default();
+        // Nothing announced yet: the first probe is taken as it is.
+        assert_eq!(
+            announced.judge(listed(&["llama3"]), true),
+            listed(&["llama3"])
+        );
+        // The next session's registration probe times out (a model
+        // loading): the models stay, the service stays up.
+        let slow = (Vec::new(), false);
+        assert_eq!(announced.judge(slow.clone(), false), listed(&["llama3"]));
+        // The reporter's next doubtful probe is the second in a row.
+        assert_eq!(announced.judge(slow.clone(), false), slow);
+        // A first doubtful probe at start is believed (nothing to keep).
+        let mut fresh = Announced::default();
+        assert_eq!(fresh.judge(slow.clone(), false), slow);
+    }
+
+    #[test]
     fn one_answer_without_a_list_keeps_the_last_list_and_two_withdraw_it() {
         let mut unlisted = false;
         let last = listed(&["llama3"]);
@@ -1149,7 +1203,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stuck_metrics_read_is_skipped_without_piling_up_threads() {
-        let collector = Arc::new(Mutex::new(Collector::new()));
+        let collector = Arc::new(Mutex::new(None));
         // Another read holds the collector (as a read stuck in a driver
         // would): this one gives up at once instead of queueing behind it.
         let (locked_tx, locked_rx) = std::sync::mpsc::channel();

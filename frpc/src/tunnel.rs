@@ -90,39 +90,52 @@ pub async fn run_tunnel(
     let mut pause = TUNNEL_RETRY_MIN;
     loop {
         let run = tunnel(&config, &dialer, &session, &tasks, &shutdown);
-        let (result, worked) = tokio::select! {
+        let (result, accepted) = tokio::select! {
             r = run => r,
             _ = shutdown.cancelled() => return,
         };
-        if worked {
-            pause = TUNNEL_RETRY_MIN;
-        }
+        let refused = matches!(result, Err(TunnelError::Refused(_)));
         match result {
             Err(TunnelError::Refused(reason)) => {
-                warn!("frps refused the tunnel connection ({reason}); dial-backs meanwhile");
-                pause = TUNNEL_RETRY_MAX;
+                warn!("frps refused the tunnel connection ({reason}); dial-backs meanwhile")
             }
             Err(TunnelError::Lost(reason)) => {
                 warn!("tunnel connection lost: {reason}; dial-backs until it is back")
             }
             Ok(()) => debug!("tunnel connection closed by frps"),
         }
+        let wait = pause_after(pause, accepted, refused);
         tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = session_over.cancelled() => return,
         }
-        pause = (pause * 2).min(TUNNEL_RETRY_MAX);
+        pause = (wait * 2).min(TUNNEL_RETRY_MAX);
     }
 }
 
-/// One tunnel connection, until it ends; also says whether frps accepted it.
+/// The pause before the next tunnel dial, after one that waited `pause`
+/// and was accepted at `accepted` (if it was): the shortest again only
+/// after a connection that lasted [`crate::control::STABLE_SESSION`] (one
+/// lost right after frps took it, every time, must not be dialled twice a
+/// second for ever), the longest after a refusal.
+fn pause_after(pause: Duration, accepted: Option<tokio::time::Instant>, refused: bool) -> Duration {
+    if refused {
+        TUNNEL_RETRY_MAX
+    } else if accepted.is_some_and(|at| at.elapsed() >= crate::control::STABLE_SESSION) {
+        TUNNEL_RETRY_MIN
+    } else {
+        pause
+    }
+}
+
+/// One tunnel connection, until it ends; also says when frps accepted it.
 async fn tunnel(
     config: &Arc<Config>,
     dialer: &Dialer,
     session: &Session,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
-) -> (Result<(), TunnelError>, bool) {
+) -> (Result<(), TunnelError>, Option<tokio::time::Instant>) {
     let proxy_addr = &session.proxy_addr;
     let handshake = async {
         let mut remote = dialer
@@ -151,8 +164,9 @@ async fn tunnel(
     };
     let remote = match handshake.await {
         Ok(remote) => remote,
-        Err(e) => return (Err(e), false),
+        Err(e) => return (Err(e), None),
     };
+    let accepted = tokio::time::Instant::now();
     debug!("tunnel connection open");
     let (mux, driver) = Mux::new(remote, Role::Acceptor);
     let accept = async {
@@ -170,7 +184,7 @@ async fn tunnel(
         r = driver => r.map_err(|e| TunnelError::Lost(e.to_string())),
         _ = accept => Ok(()),
     };
-    (result, true)
+    (result, Some(accepted))
 }
 
 /// Joins one stream of the tunnel connection to a new connection to the
@@ -324,6 +338,22 @@ mod tests {
     use super::*;
     use clap::Parser;
     use tokio::net::TcpListener;
+
+    #[tokio::test(start_paused = true)]
+    async fn only_a_tunnel_that_lasted_is_dialled_again_at_once() {
+        let grown = Duration::from_secs(8);
+        // Never accepted, or lost right after frps took it: the pause goes
+        // on growing.
+        assert_eq!(pause_after(grown, None, false), grown);
+        let accepted = tokio::time::Instant::now();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(pause_after(grown, Some(accepted), false), grown);
+        // Up for a while: from the shortest again.
+        tokio::time::advance(crate::control::STABLE_SESSION).await;
+        assert_eq!(pause_after(grown, Some(accepted), false), TUNNEL_RETRY_MIN);
+        // Refused: the longest.
+        assert_eq!(pause_after(grown, Some(accepted), true), TUNNEL_RETRY_MAX);
+    }
 
     #[test]
     fn dial_backs_go_where_the_control_connection_went() {
