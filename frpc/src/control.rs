@@ -98,10 +98,11 @@ pub struct Client {
     /// only for now, a database being restored, and a box without a
     /// password would have nothing left to log in with).
     refused: Mutex<Vec<String>>,
-    /// The token the current session logged in with, or was given at its
-    /// password login: the one frps means when it ends the session with
+    /// The token the current session logged in with (or was given at its
+    /// password login) and its renewals during the session: what frps
+    /// means when it ends the session with
     /// [`common::protocol::TOKEN_ENDED`].
-    session_token: Mutex<Option<String>>,
+    session_tokens: Mutex<Vec<String>>,
     dialer: Dialer,
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
@@ -165,7 +166,7 @@ impl Client {
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             refused: Mutex::new(Vec::new()),
-            session_token: Mutex::new(None),
+            session_tokens: Mutex::new(Vec::new()),
             dialer,
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
@@ -204,12 +205,14 @@ impl Client {
                         }
                         continue;
                     }
-                    if why == common::protocol::TOKEN_ENDED
-                        && let Some(token) = self.session_token.lock().expect("token lock").take()
-                    {
-                        // Sending it again would only count as a failed
-                        // login against this address.
-                        self.refuse_token(token);
+                    if why == common::protocol::TOKEN_ENDED {
+                        // Sending them again would only count as failed
+                        // logins against this address.
+                        let ended =
+                            std::mem::take(&mut *self.session_tokens.lock().expect("token lock"));
+                        for token in ended {
+                            self.refuse_token(token);
+                        }
                     }
                     warn!("disconnected from frps: {why}");
                 }
@@ -511,9 +514,13 @@ impl Client {
                 ..
             } => {
                 *self.account.lock().expect("account lock") = saved.email.clone();
-                *self.session_token.lock().expect("token lock") = Some(refused_token);
+                *self.session_tokens.lock().expect("token lock") = vec![refused_token];
                 // Past half its lifetime, frps hands over a new one.
                 if let Some(token) = token {
+                    self.session_tokens
+                        .lock()
+                        .expect("token lock")
+                        .push(token.clone());
                     drop(self.renewed(token, expires_at));
                 }
                 Ok(())
@@ -568,7 +575,7 @@ impl Client {
                 ..
             } => {
                 *self.account.lock().expect("account lock") = email.clone();
-                *self.session_token.lock().expect("token lock") = Some(token.clone());
+                *self.session_tokens.lock().expect("token lock") = vec![token.clone()];
                 // A token that cannot be saved (a full disk, a read-only
                 // directory) costs a restarted frpc a password login, not
                 // this one or its next sessions.
@@ -772,7 +779,11 @@ impl Client {
                             });
                         }
                         Command::HeartbeatAck { .. } => {}
-                        Command::TokenRenewed { token, expires_at } => drop(self.renewed(token, expires_at)),
+                        Command::TokenRenewed { token, expires_at } => {
+                            // frps now watches the renewal for this session.
+                            self.session_tokens.lock().expect("token lock").push(token.clone());
+                            drop(self.renewed(token, expires_at));
+                        }
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
                         Command::Error { message } => warn!("frps reported an error: {message}"),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),

@@ -43,7 +43,8 @@ pub struct Config {
 
     /// Token every management API route but `/api/health` requires
     /// (`Authorization: Bearer <token>`). Required when `--api-bind` is not
-    /// a loopback address.
+    /// a loopback address. Ten wrong tokens a minute from one address (a
+    /// repeated one counts once), then 429.
     #[arg(long, env = "FRPX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
@@ -109,7 +110,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
 
     /// Deadline for a public connection's TLS handshake and first request
-    /// head, from the accept (slowloris guard).
+    /// head, from the accept (slowloris guard); on the management API port,
+    /// for every request head (an idle keep-alive connection closes after
+    /// it).
     #[arg(long, env = "FRPX_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub header_timeout: Duration,
 
@@ -200,8 +203,8 @@ pub struct Config {
     #[arg(long, env = "FRPX_PUBLIC_TLS_KEY", requires = "public_tls_cert")]
     pub public_tls_key: Option<PathBuf>,
 
-    /// Most open connections per listener (public, control, proxy); more are
-    /// answered 503 (public) or closed at once.
+    /// Most open connections per listener (public, control, proxy,
+    /// management API); more are answered 503 (public) or closed at once.
     #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
 

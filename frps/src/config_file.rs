@@ -51,7 +51,7 @@ const REQUIRES: &[(&str, &str)] = &[
     ("tls_key", "tls_cert"),
     ("public_tls_cert", "public_tls_key"),
     ("public_tls_key", "public_tls_cert"),
-    ("api_url", "monitor"),
+    ("watch", "monitor"),
 ];
 
 fn read(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
@@ -395,22 +395,66 @@ mod tests {
     fn every_flag_that_requires_another_is_declared() {
         // clap does not say which flags a flag requires: ask it, flag by
         // flag, so a new `requires` cannot be missed in REQUIRES.
+        use clap::error::ErrorKind;
         let cmd = Cli::command();
-        for arg in cmd.get_arguments() {
-            let Some(long) = arg.get_long() else { continue };
+        // Each flag alone, with a value its parser takes.
+        let alone = |arg: &clap::Arg| -> Option<clap::error::Error> {
+            let long = arg.get_long()?;
             if !arg.get_action().takes_values() {
-                continue;
+                return cmd
+                    .clone()
+                    .try_get_matches_from(["frps".to_owned(), format!("--{long}")])
+                    .err();
             }
-            let alone = cmd
-                .clone()
-                .try_get_matches_from(["frps".to_owned(), format!("--{long}=1")]);
-            if let Err(e) = alone
-                && e.kind() == clap::error::ErrorKind::MissingRequiredArgument
-            {
-                let id = arg.get_id().as_str();
+            let possible = arg.get_possible_values();
+            let own = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .chain(possible.iter().map(|v| v.get_name().to_owned()));
+            let any = [
+                "1",
+                "1s",
+                "k=v",
+                "127.0.0.1",
+                "http://127.0.0.1:1",
+                "127.0.0.1:1",
+            ];
+            own.chain(any.iter().map(|v| v.to_string()))
+                .map(|v| {
+                    cmd.clone()
+                        .try_get_matches_from(["frps".to_owned(), format!("--{long}={v}")])
+                })
+                .find(|r| {
+                    !matches!(r, Err(e) if matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue))
+                })
+                .unwrap_or_else(|| panic!("no sample value for --{long}"))
+                .err()
+        };
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            let requires =
+                alone(arg).is_some_and(|e| e.kind() == ErrorKind::MissingRequiredArgument);
+            let declared: Vec<&str> = REQUIRES
+                .iter()
+                .filter(|(a, _)| *a == id)
+                .map(|(_, b)| *b)
+                .collect();
+            assert_eq!(
+                requires,
+                !declared.is_empty(),
+                "--{id}: REQUIRES must list exactly the flags clap requires"
+            );
+            for b in declared {
+                let long = cmd
+                    .get_arguments()
+                    .find(|a| a.get_id() == b)
+                    .and_then(|a| a.get_long())
+                    .unwrap_or_else(|| panic!("REQUIRES names an unknown flag {b}"));
+                let message = alone(arg).unwrap().to_string();
                 assert!(
-                    REQUIRES.iter().any(|(a, _)| *a == id),
-                    "--{long} requires another flag: add it to REQUIRES"
+                    message.contains(&format!("--{long}")),
+                    "{id} → {b}: {message}"
                 );
             }
         }

@@ -75,7 +75,7 @@ pub struct State {
     pub tls: crate::tls::Tls,
     /// Wrong admin tokens each address block may present
     /// ([`crate::api::ADMIN_FAILURES_PER_MINUTE`]).
-    pub admin_failures: crate::limits::FailureBudget,
+    pub admin_failures: crate::api::WrongTokens,
 }
 
 impl State {
@@ -146,9 +146,7 @@ impl State {
             tasks,
             sessions: TaskTracker::new(),
             tls,
-            admin_failures: crate::limits::FailureBudget::new(
-                crate::api::ADMIN_FAILURES_PER_MINUTE,
-            ),
+            admin_failures: crate::api::WrongTokens::default(),
         })
     }
 }

@@ -34,6 +34,54 @@ use crate::state::State;
 /// that block that carries a token gets 429 until the budget is back.
 pub const ADMIN_FAILURES_PER_MINUTE: u32 = 10;
 
+/// Wrong admin tokens presented, counted per address block
+/// ([`ADMIN_FAILURES_PER_MINUTE`]). A wrong token repeated (a dashboard tab
+/// or a `--monitor --watch` still holding an old token) counts once: the
+/// budget is for guesses, and an operator behind the same address (a TLS
+/// proxy, an SSH tunnel) must not be locked out by a stale tool.
+#[derive(Debug)]
+pub struct WrongTokens {
+    budget: crate::limits::FailureBudget,
+    /// Digests of the latest distinct wrong tokens.
+    recent: std::sync::Mutex<std::collections::VecDeque<[u8; 32]>>,
+}
+
+/// Distinct wrong tokens remembered as already counted.
+const RECENT_WRONG_TOKENS: usize = 64;
+
+impl Default for WrongTokens {
+    fn default() -> Self {
+        Self {
+            budget: crate::limits::FailureBudget::new(ADMIN_FAILURES_PER_MINUTE),
+            recent: Default::default(),
+        }
+    }
+}
+
+impl WrongTokens {
+    /// `Err(wait)` while `ip`'s block has no guesses left.
+    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), Duration> {
+        self.budget.check(ip, tokio::time::Instant::now())
+    }
+
+    /// Counts wrong token `token` from `ip`, unless it was counted lately.
+    pub fn fail(&self, ip: std::net::IpAddr, token: &str) {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        {
+            let mut recent = self.recent.lock().expect("wrong tokens lock");
+            if recent.contains(&digest) {
+                return;
+            }
+            if recent.len() == RECENT_WRONG_TOKENS {
+                recent.pop_front();
+            }
+            recent.push_back(digest);
+        }
+        self.budget.fail(ip, tokio::time::Instant::now());
+    }
+}
+
 /// Longest a management API request may take, body included.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -41,12 +89,17 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 /// buffer; the API's requests carry a few short headers).
 const MAX_HEAD: usize = 16 * 1024;
 
+/// Largest request body the management API reads (413 above).
+const MAX_BODY: usize = 1024 * 1024;
+
 /// Serves the management API on one accepted connection (HTTP/1.1; the
 /// accept loop caps connections in all and per address): each request head
 /// is due within `--header-timeout` (an idle keep-alive connection is closed
-/// after it), may be at most 16 KiB, and each request must be answered
-/// within [`REQUEST_DEADLINE`] (a body still arriving then gets 408). At
-/// shutdown the connection finishes the request it is on, then closes.
+/// after it) and may be at most 16 KiB; its body, at most 1 MiB, is read
+/// before the handler runs, and the request must be answered within
+/// [`REQUEST_DEADLINE`] (408 for a body still arriving then, 503 for an
+/// answer frps did not have ready). At shutdown the connection finishes the
+/// request it is on, then closes.
 pub async fn serve_conn(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -58,12 +111,38 @@ pub async fn serve_conn(
         req.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {
-            let answer = tower::ServiceExt::oneshot(app, req.map(axum::body::Body::new));
-            match tokio::time::timeout(REQUEST_DEADLINE, answer).await {
+            let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
+            let (parts, body) = req.into_parts();
+            let too_large = || {
+                let message = format!("request bodies are limited to {MAX_BODY} bytes");
+                Ok(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response())
+            };
+            // An announced length over the limit is refused before reading.
+            if hyper::body::Body::size_hint(&body).lower() > MAX_BODY as u64 {
+                return too_large();
+            }
+            let read =
+                http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_BODY));
+            let body = match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(body)) => body.to_bytes(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+                Ok(Err(e)) => {
+                    let message = format!("the request body could not be read: {e}");
+                    return Ok(ApiError::new(StatusCode::BAD_REQUEST, message).into_response());
+                }
+                Err(_) => {
+                    let message =
+                        format!("the request body was not complete within {REQUEST_DEADLINE:?}");
+                    return Ok(ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response());
+                }
+            };
+            let req = Request::from_parts(parts, axum::body::Body::from(body));
+            let answer = tower::ServiceExt::oneshot(app, req);
+            match tokio::time::timeout_at(deadline, answer).await {
                 Ok(resp) => resp,
                 Err(_) => Ok(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("the request was not complete within {REQUEST_DEADLINE:?}"),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no answer within {REQUEST_DEADLINE:?}"),
                 )
                 .into_response()),
             }
@@ -240,7 +319,7 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .map(|(_, token)| token.trim());
     if presented.is_some()
         && let Some(ip) = from
-        && let Err(wait) = state.admin_failures.check(ip, tokio::time::Instant::now())
+        && let Err(wait) = state.admin_failures.check(ip)
     {
         let mut resp = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -256,8 +335,8 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
     match presented {
         Some(t) if same_secret(t, expected) => next.run(req).await,
         Some(_) => {
-            if let Some(ip) = from {
-                state.admin_failures.fail(ip, tokio::time::Instant::now());
+            if let (Some(ip), Some(token)) = (from, presented) {
+                state.admin_failures.fail(ip, token);
             }
             ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response()
         }

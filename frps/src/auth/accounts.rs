@@ -390,8 +390,13 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 pub const BASE_DELAY: Duration = Duration::from_millis(500);
 /// Failures older than this are forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-/// Emails and addresses with failures tracked at most (about 10 MiB);
-/// failures of further ones share one entry, [`OVERFLOW`].
+/// Emails and addresses with failures tracked at most (about 10 MiB).
+/// Once full, failures of further emails share one entry, [`OVERFLOW`]
+/// (password guessing must not escape its throttle by filling the table
+/// first); further addresses are not tracked (the address throttle only
+/// spares the database, and whoever holds 100,000 addresses in 15 minutes
+/// gets past it anyway: sharing one entry would throttle every box
+/// logging in from a new address instead).
 const MAX_TRACKED: usize = 100_000;
 /// The entry of the failures no tracked entry could take (no email or
 /// address is empty).
@@ -477,20 +482,22 @@ impl Throttle {
         Self::wait(&state, keys, now)
     }
 
-    /// The entry `key`'s failures count in: its own, or [`OVERFLOW`] when
-    /// the table is full.
-    fn slot<'a>(state: &ThrottleState, key: &'a str) -> &'a str {
+    /// The entry `key`'s failures count in: its own, or, when the table is
+    /// full, [`OVERFLOW`] for an email and none for an address.
+    fn slot<'a>(state: &ThrottleState, key: &'a str) -> Option<&'a str> {
         if state.failures.len() < MAX_TRACKED || state.failures.contains_key(key) {
-            key
+            Some(key)
+        } else if key.starts_with("email:") {
+            Some(OVERFLOW)
         } else {
-            OVERFLOW
+            None
         }
     }
 
     fn wait(state: &ThrottleState, keys: &[String], now: Instant) -> Result<(), Duration> {
         let wait = keys
             .iter()
-            .filter_map(|k| state.failures.get(Self::slot(state, k)))
+            .filter_map(|k| state.failures.get(Self::slot(state, k)?))
             .filter(|f| now.duration_since(f.last) < FORGET_AFTER)
             .map(|f| (f.last + Self::delay(f.count)).saturating_duration_since(now))
             .max()
@@ -545,7 +552,9 @@ impl Throttle {
             state.swept = Some(now);
         }
         for k in keys {
-            let slot = Self::slot(&state, k).to_owned();
+            let Some(slot) = Self::slot(&state, k).map(str::to_owned) else {
+                continue;
+            };
             let f = state.failures.entry(slot).or_insert(Failures {
                 count: 0,
                 last: now,
@@ -573,29 +582,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_full_failure_table_stops_growing_and_shares_one_entry() {
+    fn a_full_failure_table_stops_growing_and_throttles_new_addresses_no_more() {
         let throttle = Throttle::default();
         let start = Instant::now();
         for i in 0..MAX_TRACKED {
-            throttle.fail(&[format!("addr:{i}")], start);
+            throttle.fail(
+                &[format!("ip:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255)],
+                start,
+            );
         }
         let len = || throttle.state.lock().unwrap().failures.len();
         assert_eq!(len(), MAX_TRACKED);
-        // Further keys share the overflow entry: one more entry at most,
-        // and a new key waits on the shared failures.
+        // Further emails share the overflow entry (one more entry at most),
+        // so a new email waits on the shared failures: guessing passwords
+        // does not escape its throttle by filling the table.
         for i in 0..1_000 {
-            throttle.fail(&[format!("more:{i}")], start);
+            throttle.fail(
+                &[format!("email:{i}@x"), format!("ip:192.168.0.{}", i % 250)],
+                start,
+            );
         }
         assert_eq!(len(), MAX_TRACKED + 1);
-        assert!(throttle.check(&["never-seen".into()], start).is_err());
+        assert!(throttle.check(&["email:new@x".into()], start).is_err());
+        // Further addresses are not tracked: a box logging in with its
+        // token from a new address is not held up by others' failures.
+        assert!(throttle.check(&["ip:192.168.0.1".into()], start).is_ok());
         // A tracked key keeps its own count.
-        throttle.fail(&["addr:7".into()], start);
-        assert_eq!(throttle.state.lock().unwrap().failures["addr:7"].count, 2);
+        throttle.fail(&["ip:10.0.0.7".into()], start);
+        assert_eq!(
+            throttle.state.lock().unwrap().failures["ip:10.0.0.7"].count,
+            2
+        );
         // Once forgotten, the table is swept on the next failure.
         let later = start + FORGET_AFTER + Duration::from_secs(1);
-        throttle.fail(&["fresh".into()], later);
+        throttle.fail(&["email:fresh@x".into()], later);
         assert_eq!(len(), 1);
-        assert!(throttle.check(&["never-seen".into()], later).is_ok());
+        assert!(throttle.check(&["email:new@x".into()], later).is_ok());
     }
 
     #[test]

@@ -879,6 +879,14 @@ impl Pieces {
         }
     }
 
+    /// Bytes held: the one piece, or the joining buffer's capacity.
+    fn holding(&self) -> usize {
+        match &self.first {
+            Some(first) => first.len(),
+            None => self.joined.capacity(),
+        }
+    }
+
     fn finish(self) -> Bytes {
         self.first.unwrap_or_else(|| self.joined.freeze())
     }
@@ -898,6 +906,7 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
     let deadline = tokio::time::Instant::now() + state.config.body_timeout;
     let mut pieces = Pieces::default();
     let mut len = 0usize;
+    let mut charged = 0usize;
     let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
         let due = (tokio::time::Instant::now() + gap).min(deadline);
@@ -917,19 +926,25 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
         if len > limit {
             return Err(body_too_large(limit));
         }
-        // The piece counts against the budget while frps holds it (a joined
-        // body's pieces, freed once copied, count once: the copy).
-        let Some(share) = u32::try_from(data.len())
-            .ok()
-            .and_then(|n| state.body_budget.clone().try_acquire_many_owned(n).ok())
-        else {
-            return Err(bodies_over_budget());
-        };
-        match held.as_mut() {
-            Some(h) => h.merge(share),
-            None => held = Some(share),
-        }
         pieces.push(data, body.size_hint().exact(), limit);
+        // What frps holds counts against the budget: the piece as it came,
+        // or the buffer the pieces are joined in, room reserved for the
+        // announced rest included (freed pieces, once copied, count once).
+        let holding = pieces.holding();
+        let more = holding.saturating_sub(charged);
+        if more > 0 {
+            let Some(share) = u32::try_from(more)
+                .ok()
+                .and_then(|n| state.body_budget.clone().try_acquire_many_owned(n).ok())
+            else {
+                return Err(bodies_over_budget());
+            };
+            match held.as_mut() {
+                Some(h) => h.merge(share),
+                None => held = Some(share),
+            }
+            charged = holding;
+        }
     }
     let bytes = pieces.finish();
     state
@@ -1683,6 +1698,7 @@ mod tests {
             p.push(piece(1_000), Some(left * 1_000), 1 << 20);
             assert_eq!(p.joined.capacity(), 10_000);
         }
+        assert_eq!(p.holding(), 10_000);
         assert_eq!(p.finish().len(), 10_000);
         // Never more room than the limit, whatever is announced.
         let mut p = Pieces::default();

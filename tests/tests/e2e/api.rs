@@ -259,8 +259,15 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
     cfg.admin_token = Some(ADMIN.into());
     let frps = Frps::start(cfg).await;
     let api = frps.addrs.api;
-    for _ in 0..frps::api::ADMIN_FAILURES_PER_MINUTE {
-        let reply = http::get(api, "/api/stats", Some("guess")).await;
+    // A stale token repeated (a dashboard tab left open) counts once.
+    for _ in 0..3 * frps::api::ADMIN_FAILURES_PER_MINUTE {
+        let reply = http::get(api, "/api/stats", Some("stale")).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    assert_eq!(http::get(api, "/api/stats", Some(ADMIN)).await.status, 200);
+    // Distinct guesses each count.
+    for i in 1..frps::api::ADMIN_FAILURES_PER_MINUTE {
+        let reply = http::get(api, "/api/stats", Some(&format!("guess-{i}"))).await;
         assert_eq!(reply.status, 401, "{}", reply.body);
     }
     // Out of budget: every request with a token waits, the right one too,
@@ -322,6 +329,25 @@ async fn the_api_closes_idle_and_oversized_connections() {
     let _ = tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A body over 1 MiB is refused once it passes the limit.
+    let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+    let len = 2 << 20;
+    let head = format!(
+        "POST /api/clients/x/disconnect HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: {len}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let (mut rd, mut wr) = conn.into_split();
+    let send = tokio::spawn(async move {
+        let _ = wr.write_all(&vec![b'x'; len]).await;
+    });
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(frpx_tests::WAIT, rd.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    send.abort();
 }
 
 #[tokio::test]

@@ -880,6 +880,9 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     assert!(row(newest.token).await.revoked_at.is_some());
     let err = frpc.exit().await.unwrap_err().to_string();
     assert!(err.contains("refused the saved token"), "{err}");
+    // Told why its session ended, it sent neither the token it logged in
+    // with nor its renewal again (each a failed login for its address).
+    assert_eq!(frps.state.accounts.failing(), 0);
 }
 
 #[tokio::test]
