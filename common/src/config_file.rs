@@ -595,14 +595,22 @@ mod tests {
             .arg(Arg::new("meta").long("meta").action(ArgAction::Append))
     }
 
-    fn run(argv: &[&str], file: &str) -> Result<ArgMatches, LoadError> {
+    /// Loads `file` (INI) for `cmd` with the command line `argv`, after
+    /// `declare` has told [`FileArgs`] what clap does not.
+    fn run_with(
+        cmd: Command,
+        argv: &[&str],
+        file: &str,
+        declare: impl FnOnce(&mut FileArgs<'_>),
+    ) -> Result<ArgMatches, LoadError> {
         let dir = std::env::temp_dir().join(format!("frpx-cf-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.ini");
         std::fs::write(&path, file).unwrap();
         let mut args: Vec<OsString> = vec!["t".into(), "--config".into(), path.clone().into()];
         args.extend(argv.iter().map(OsString::from));
-        let out = load(cmd(), args, "config", |f, text| {
+        let out = load(cmd, args, "config", |f, text| {
+            declare(f);
             for s in parse_ini(f.path(), text)? {
                 for e in s.entries {
                     f.set(&e.key, &e.key, &e.value, e.line)?;
@@ -612,6 +620,10 @@ mod tests {
         });
         std::fs::remove_dir_all(dir).unwrap();
         out.map(|(m, _)| m)
+    }
+
+    fn run(argv: &[&str], file: &str) -> Result<ArgMatches, LoadError> {
+        run_with(cmd(), argv, file, |_| {})
     }
 
     #[test]
@@ -670,28 +682,14 @@ mod tests {
         argv: &[&str],
         file: &str,
     ) -> Result<ArgMatches, LoadError> {
-        let dir = std::env::temp_dir().join(format!("frpx-cf-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.ini");
-        std::fs::write(&path, file).unwrap();
-        let mut args: Vec<OsString> = vec!["t".into(), "--config".into(), path.clone().into()];
-        args.extend(argv.iter().map(OsString::from));
-        let out = load(tls_cmd(env), args, "config", |f, text| {
+        run_with(tls_cmd(env), argv, file, |f| {
             for (a, b) in [("cert", "key"), ("key", "cert"), ("chain", "cert")] {
                 f.requires(a, b);
             }
             if env.is_some() {
                 f.conflicts("self_signed", "cert");
             }
-            for s in parse_ini(f.path(), text)? {
-                for e in s.entries {
-                    f.set(&e.key, &e.key, &e.value, e.line)?;
-                }
-            }
-            Ok(())
-        });
-        std::fs::remove_dir_all(dir).unwrap();
-        out.map(|(m, _)| m)
+        })
     }
 
     #[test]
