@@ -86,12 +86,13 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         let st = state.clone();
         st.stats.public_connection_opened();
         let accepted = tokio::time::Instant::now();
+        let socket = raw_socket(&stream);
         state.tasks.spawn(async move {
             // The TLS handshake (when `--public-tls-cert` is set) runs here,
             // off the accept loop, within the head deadline.
             match st.tls.accept_public(stream, st.config.header_timeout).await {
                 Ok(stream) => {
-                    let conn = connection(&builder, st.clone(), stream, peer, accepted);
+                    let conn = connection(&builder, st.clone(), stream, peer, socket, accepted);
                     // After the drain deadline the connection is dropped,
                     // even if its caller stopped reading a response.
                     tokio::select! {
@@ -139,19 +140,22 @@ fn http_builder(config: &Config) -> http1::Builder {
 
 /// One public connection over `io` from `peer`, accepted at `accepted`:
 /// its first head held to `--header-timeout` from then ([`HeadClock`]),
-/// each request authenticated and routed.
+/// each request authenticated and routed. `socket` is `io`'s TCP socket,
+/// watched for the caller's close while a request with a streamed body
+/// waits ([`CallerGone`]).
 fn connection<I>(
     builder: &http1::Builder,
     state: Arc<State>,
     io: I,
     peer: SocketAddr,
+    socket: Option<RawSocket>,
     accepted: tokio::time::Instant,
 ) -> impl GracefulConnection<Error = hyper::Error>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let first = Arc::new(FirstRequest::default());
-    let caller = Caller::new(peer, state.tls.public.is_some());
+    let caller = Caller::new(peer, state.tls.public.is_some(), socket);
     let io = HeadClock::new(
         io,
         first.clone(),
@@ -166,6 +170,9 @@ where
 #[derive(Clone)]
 struct Caller {
     addr: SocketAddr,
+    /// The connection's TCP socket (valid while its requests are handled:
+    /// the connection owns it and ends their futures before closing it).
+    socket: Option<RawSocket>,
     /// `addr`'s entry for `X-Forwarded-For` (and all of `X-Real-IP`).
     forwarded_for: HeaderValue,
     /// `X-Forwarded-Proto`: how the caller reached frps.
@@ -173,9 +180,10 @@ struct Caller {
 }
 
 impl Caller {
-    fn new(addr: SocketAddr, https: bool) -> Self {
+    fn new(addr: SocketAddr, https: bool, socket: Option<RawSocket>) -> Self {
         Caller {
             addr,
+            socket,
             forwarded_for: forwarded_for_entry(addr),
             proto: HeaderValue::from_static(if https { "https" } else { "http" }),
         }
@@ -214,7 +222,100 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let builder = http_builder(&state.config);
-    connection(&builder, state, io, peer, tokio::time::Instant::now()).await
+    connection(&builder, state, io, peer, None, tokio::time::Instant::now()).await
+}
+
+/// A public connection's socket, by its descriptor.
+#[cfg(unix)]
+type RawSocket = std::os::fd::RawFd;
+#[cfg(not(unix))]
+type RawSocket = ();
+
+#[cfg(unix)]
+fn raw_socket(stream: &tokio::net::TcpStream) -> Option<RawSocket> {
+    use std::os::fd::AsRawFd;
+    Some(stream.as_raw_fd())
+}
+
+#[cfg(not(unix))]
+fn raw_socket(_: &tokio::net::TcpStream) -> Option<RawSocket> {
+    None
+}
+
+/// Notices a caller closing its connection while frps waits on its behalf
+/// (in a queue, for a dial-back) with a streamed body: hyper reads such a
+/// body no further than the one piece it buffers until the body is sent,
+/// so the close would otherwise be seen only once the request had taken a
+/// slot and gone out to a box. Watches its own copy of the socket's
+/// descriptor for the peer's close (`EPOLLRDHUP`), dropped with it.
+struct CallerGone {
+    #[cfg(unix)]
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl CallerGone {
+    /// A watch on `socket`, if it can be had (else the wait goes unwatched,
+    /// as before).
+    #[cfg(unix)]
+    fn new(socket: Option<RawSocket>) -> Option<Self> {
+        // SAFETY: the descriptor is the caller's connection's, which stays
+        // open while its request is handled (see `Caller::socket`); it is
+        // only borrowed to be duplicated.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket?) };
+        let own = borrowed.try_clone_to_owned().ok()?;
+        // SAFETY: an `OwnedFd` stays open, on the same descriptor, until
+        // it is dropped with the `AsyncFd`.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(own, tokio::io::Interest::READABLE)
+        }
+        .ok()?;
+        Some(Self { fd })
+    }
+
+    #[cfg(not(unix))]
+    fn new(_: Option<RawSocket>) -> Option<Self> {
+        None
+    }
+
+    /// Resolves once the caller closed (or reset) its connection; more of
+    /// its body arriving meanwhile is left for hyper to read.
+    async fn closed(&self) {
+        #[cfg(unix)]
+        loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            if ready.ready().is_read_closed() || ready.ready().is_error() {
+                return;
+            }
+            ready.clear_ready();
+        }
+        #[cfg(not(unix))]
+        std::future::pending().await
+    }
+}
+
+/// `wait`'s output, or `None` when the caller `gone` watches left first.
+async fn unless_gone<F: Future>(gone: Option<&CallerGone>, wait: F) -> Option<F::Output> {
+    let Some(gone) = gone else {
+        return Some(wait.await);
+    };
+    tokio::select! {
+        biased;
+        out = wait => Some(out),
+        _ = gone.closed() => None,
+    }
+}
+
+/// The answer to a request whose caller left while it waited (nobody reads
+/// it; counted as 499).
+fn caller_left() -> Response<PublicBody> {
+    error_response(
+        StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("499 is a status code"),
+        "the caller closed its connection",
+        "invalid_request_error",
+        "client_closed_request",
+    )
 }
 
 /// Connections over the caps answered at once at most; more are closed.
@@ -566,6 +667,11 @@ async fn forward(
     // closed under it: nothing to blame the client for, and its slot is
     // not given up to the queue in between.
     let mut again: Option<(Arc<ClientHandle>, InFlight)> = None;
+    // Only a streamed body keeps hyper from seeing its caller leave.
+    let gone = match payload {
+        Payload::Stream(_) => CallerGone::new(caller.socket),
+        Payload::Buffered(_) => None,
+    };
     loop {
         let (client, guard) = match again.take() {
             Some(kept) => kept,
@@ -576,7 +682,12 @@ async fn forward(
                     exclude: &excluded,
                 };
                 let picking = Instant::now();
-                let client = match dispatch::acquire(state, want).await {
+                let Some(dispatched) =
+                    unless_gone(gone.as_ref(), dispatch::acquire(state, want)).await
+                else {
+                    return caller_left();
+                };
+                let client = match dispatched {
                     Ok(d) => {
                         if d.queued {
                             waited += picking.elapsed();
@@ -614,7 +725,12 @@ async fn forward(
         } else {
             upstream::Reuse::Any
         };
-        let up = match upstream::acquire(state, &client, reuse).await {
+        let Some(acquired) =
+            unless_gone(gone.as_ref(), upstream::acquire(state, &client, reuse)).await
+        else {
+            return caller_left();
+        };
+        let up = match acquired {
             Ok(up) => {
                 if !up.reused {
                     waited += acquiring.elapsed();
@@ -1927,7 +2043,7 @@ mod tests {
 
     #[test]
     fn a_caller_cannot_forge_what_frps_says_about_it() {
-        let caller = Caller::new("203.0.113.7:40000".parse().unwrap(), false);
+        let caller = Caller::new("203.0.113.7:40000".parse().unwrap(), false, None);
         let mut h = HeaderMap::new();
         for (name, value) in [
             ("x-real-ip", "10.9.9.9"),
@@ -1955,7 +2071,7 @@ mod tests {
         let mut h = HeaderMap::new();
         set_forwarding(
             &mut h,
-            &Caller::new("[2001:db8::1]:5".parse().unwrap(), true),
+            &Caller::new("[2001:db8::1]:5".parse().unwrap(), true, None),
         );
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-real-ip"], "2001:db8::1");

@@ -111,6 +111,46 @@ async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures(
 }
 
 #[tokio::test]
+async fn a_caller_with_a_streamed_body_leaving_its_queue_gives_up_its_place() {
+    use tokio::io::AsyncWriteExt;
+    let mut cfg = frps_config();
+    // Longer than WAIT: a place kept until the queue timeout fails the test.
+    cfg.queue_timeout = Duration::from_secs(120);
+    let b = boxes(cfg, &[("a", &["m1:latest"], Some(1))]).await;
+    let frps = &b.frps;
+    let (_conn, mut held) = http::start_hold(frps.public(), API_KEY).await;
+    // A chunked upload (streamed: hyper holds its first piece and reads no
+    // further) waits for the one slot.
+    let mut caller = tokio::net::TcpStream::connect(frps.public()).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: frps\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    frpx_tests::eventually("the upload is queued", || frps.state.queues.total() == 1).await;
+    // The caller gives up: its place goes at once, not at the queue timeout.
+    drop(caller);
+    frpx_tests::eventually("the upload left the queue", || {
+        frps.state.queues.total() == 0
+    })
+    .await;
+    b.backends["a"].release_holds();
+    while let Some(frame) = held.body_mut().frame().await {
+        frame.unwrap();
+    }
+    // The slot it would have taken serves the next caller; the upload
+    // never reached the box.
+    let reply = http::get(frps.public(), "/after", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        !b.backends["a"]
+            .requests()
+            .iter()
+            .any(|r| r.path == "/upload"),
+        "the abandoned upload was sent to the box"
+    );
+}
+
+#[tokio::test]
 async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
     let b = boxes(
         frps_config(),
