@@ -667,10 +667,11 @@ async fn forward(
     // closed under it: nothing to blame the client for, and its slot is
     // not given up to the queue in between.
     let mut again: Option<(Arc<ClientHandle>, InFlight)> = None;
-    // Only a streamed body keeps hyper from seeing its caller leave.
-    let gone = match payload {
-        Payload::Stream(_) => CallerGone::new(caller.socket),
-        Payload::Buffered(_) => None,
+    // Only a body still to come keeps hyper from seeing its caller leave
+    // (a request without one, the most common, costs no watch).
+    let gone = match &payload {
+        Payload::Stream(Some(body)) if !body.is_end_stream() => CallerGone::new(caller.socket),
+        _ => None,
     };
     loop {
         let (client, guard) = match again.take() {
