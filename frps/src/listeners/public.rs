@@ -296,10 +296,9 @@ impl CallerGone {
 }
 
 /// `wait`'s output, or `None` when the caller `gone` watches left first.
-async fn unless_gone<F: Future>(gone: Option<&CallerGone>, wait: F) -> Option<F::Output> {
-    let Some(gone) = gone else {
-        return Some(wait.await);
-    };
+/// Boxed by its callers: only requests with a body still to come take this
+/// path, and the others' futures stay as small as without it.
+async fn unless_gone<F: Future>(gone: &CallerGone, wait: F) -> Option<F::Output> {
     tokio::select! {
         biased;
         out = wait => Some(out),
@@ -683,10 +682,14 @@ async fn forward(
                     exclude: &excluded,
                 };
                 let picking = Instant::now();
-                let Some(dispatched) =
-                    unless_gone(gone.as_ref(), dispatch::acquire(state, want)).await
-                else {
-                    return caller_left();
+                let dispatched = match &gone {
+                    None => dispatch::acquire(state, want).await,
+                    Some(gone) => {
+                        match Box::pin(unless_gone(gone, dispatch::acquire(state, want))).await {
+                            Some(dispatched) => dispatched,
+                            None => return caller_left(),
+                        }
+                    }
                 };
                 let client = match dispatched {
                     Ok(d) => {
@@ -726,10 +729,14 @@ async fn forward(
         } else {
             upstream::Reuse::Any
         };
-        let Some(acquired) =
-            unless_gone(gone.as_ref(), upstream::acquire(state, &client, reuse)).await
-        else {
-            return caller_left();
+        let acquired = match &gone {
+            None => upstream::acquire(state, &client, reuse).await,
+            Some(gone) => {
+                match Box::pin(unless_gone(gone, upstream::acquire(state, &client, reuse))).await {
+                    Some(acquired) => acquired,
+                    None => return caller_left(),
+                }
+            }
         };
         let up = match acquired {
             Ok(up) => {
