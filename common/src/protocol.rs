@@ -358,8 +358,8 @@ pub struct DiskInfo {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     /// The device's index in the management library (NVML), which stays
-    /// the card's own when another card cannot be read. Absent from frpc
-    /// before 0.1.1 (frps then numbers the list).
+    /// the card's own when another card cannot be read. Older frpc leave
+    /// it out (frps then numbers the list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
     /// Product name.

@@ -64,10 +64,9 @@ impl WrongTokens {
         self.budget.check(ip, tokio::time::Instant::now())
     }
 
-    /// Counts wrong token `token` from `ip`, unless it was counted lately.
-    pub fn fail(&self, ip: std::net::IpAddr, token: &str) {
-        use sha2::{Digest, Sha256};
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    /// Counts the wrong token whose SHA-256 is `digest` from `ip`, unless
+    /// it was counted lately.
+    pub fn fail(&self, ip: std::net::IpAddr, digest: [u8; 32]) {
         {
             let mut recent = self.recent.lock().expect("wrong tokens lock");
             if recent.contains(&digest) {
@@ -332,11 +331,16 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         }
         return resp;
     }
-    match presented {
-        Some(t) if same_secret(t, expected) => next.run(req).await,
-        Some(_) => {
-            if let (Some(ip), Some(token)) = (from, presented) {
-                state.admin_failures.fail(ip, token);
+    // Compared as SHA-256 digests: the time taken tells neither where the
+    // tokens differ nor how long the right one is.
+    let digest = presented.map(crate::auth::secret::hash);
+    match digest {
+        Some(d) if constant_time_eq(&d, &crate::auth::secret::hash(expected)) => {
+            next.run(req).await
+        }
+        Some(d) => {
+            if let Some(ip) = from {
+                state.admin_failures.fail(ip, d);
             }
             ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response()
         }
@@ -351,16 +355,6 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
             resp
         }
     }
-}
-
-/// Whether `presented` is `expected`, compared as SHA-256 digests: the time
-/// taken tells neither where they differ nor how long the token is.
-fn same_secret(presented: &str, expected: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    constant_time_eq(
-        &Sha256::digest(presented.as_bytes()),
-        &Sha256::digest(expected.as_bytes()),
-    )
 }
 
 /// Why a request to a token-less API did not come from this machine's own

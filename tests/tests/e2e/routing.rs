@@ -45,15 +45,30 @@ async fn post(addr: std::net::SocketAddr, path: &str, body: String) -> Reply {
     Conn::open(addr).await.post(path, Some(API_KEY), body).await
 }
 
-#[tokio::test]
-async fn a_slot_an_earlier_session_frees_wakes_requests_for_what_the_new_one_serves() {
+/// One box, `a`, serving `m1:latest` with one slot, taken by a `/hold`
+/// stream (the returned connection and response). A request queued for
+/// the slot waits longer than WAIT: one left asleep fails its test.
+async fn one_busy_slot() -> (Boxes, Conn, hyper::Response<hyper::body::Incoming>) {
     let mut cfg = frps_config();
-    // Longer than WAIT: a request left asleep in its queue fails the test.
     cfg.queue_timeout = Duration::from_secs(120);
     let b = boxes(cfg, &[("a", &["m1:latest"], Some(1))]).await;
-    let frps = &b.frps;
+    let (conn, held) = http::start_hold(b.frps.public(), API_KEY).await;
+    (b, conn, held)
+}
+
+/// Ends [`one_busy_slot`]'s stream, reading it to its end: the slot frees.
+async fn free_the_slot(b: &Boxes, held: &mut hyper::Response<hyper::body::Incoming>) {
+    b.backends["a"].release_holds();
+    while let Some(frame) = held.body_mut().frame().await {
+        frame.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_slot_an_earlier_session_frees_wakes_requests_for_what_the_new_one_serves() {
     // The box's one slot, taken by a stream of its first session.
-    let (_conn, mut held) = http::start_hold(frps.public(), API_KEY).await;
+    let (b, _conn, mut held) = one_busy_slot().await;
+    let frps = &b.frps;
     let first = frps.state.registry.get("a").unwrap().session;
     // It reconnects (the stream goes on) serving a second model.
     b.backends["a"].set_models(&["m1:latest", "m2:latest"]);
@@ -74,10 +89,7 @@ async fn a_slot_an_earlier_session_frees_wakes_requests_for_what_the_new_one_ser
         frps.state.queues.total() == 1
     })
     .await;
-    b.backends["a"].release_holds();
-    while let Some(frame) = held.body_mut().frame().await {
-        frame.unwrap();
-    }
+    free_the_slot(&b, &mut held).await;
     let reply = tokio::time::timeout(WAIT, waiting)
         .await
         .expect("woken when the slot freed, not at the queue timeout")
@@ -113,12 +125,8 @@ async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures(
 #[tokio::test]
 async fn a_caller_with_a_streamed_body_leaving_its_queue_gives_up_its_place() {
     use tokio::io::AsyncWriteExt;
-    let mut cfg = frps_config();
-    // Longer than WAIT: a place kept until the queue timeout fails the test.
-    cfg.queue_timeout = Duration::from_secs(120);
-    let b = boxes(cfg, &[("a", &["m1:latest"], Some(1))]).await;
+    let (b, _conn, mut held) = one_busy_slot().await;
     let frps = &b.frps;
-    let (_conn, mut held) = http::start_hold(frps.public(), API_KEY).await;
     // A chunked upload (streamed: hyper holds its first piece and reads no
     // further) waits for the one slot.
     let mut caller = tokio::net::TcpStream::connect(frps.public()).await.unwrap();
@@ -133,10 +141,7 @@ async fn a_caller_with_a_streamed_body_leaving_its_queue_gives_up_its_place() {
         frps.state.queues.total() == 0
     })
     .await;
-    b.backends["a"].release_holds();
-    while let Some(frame) = held.body_mut().frame().await {
-        frame.unwrap();
-    }
+    free_the_slot(&b, &mut held).await;
     // The slot it would have taken serves the next caller; the upload
     // never reached the box.
     let reply = http::get(frps.public(), "/after", Some(API_KEY)).await;
