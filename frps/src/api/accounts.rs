@@ -114,8 +114,8 @@ fn parse_token_cursor(cursor: &str) -> Option<TokenKey> {
 
 /// Provider accounts (never password hashes), oldest first.
 #[utoipa::path(get, path = "/api/users", tag = "accounts", params(Page),
-    responses((status = 200, body = Envelope<Vec<User>>), (status = 400, body = Envelope<String>),
-        (status = 503, body = Envelope<String>)))]
+    responses((status = 200, body = Envelope<Vec<User>>), (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>),
+        (status = 503, description = "The database is unavailable", body = Envelope<String>)))]
 pub async fn users(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,
@@ -147,8 +147,8 @@ pub async fn users(
 
 /// Usable client tokens, masked to their visible prefix, newest first.
 #[utoipa::path(get, path = "/api/tokens/active", tag = "accounts", params(Page),
-    responses((status = 200, body = Envelope<Vec<Token>>), (status = 400, body = Envelope<String>),
-        (status = 503, body = Envelope<String>)))]
+    responses((status = 200, body = Envelope<Vec<Token>>), (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>),
+        (status = 503, description = "The database is unavailable", body = Envelope<String>)))]
 pub async fn active_tokens(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,

@@ -245,7 +245,7 @@ struct ApiDoc;
 
 /// Every documented route with its OpenAPI document.
 pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (routes, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(server::health))
         .routes(routes!(server::stats))
         .routes(routes!(server::connections))
@@ -261,7 +261,123 @@ pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
         .routes(routes!(clients::models))
         .routes(routes!(accounts::users))
         .routes(routes!(accounts::active_tokens))
-        .split_for_parts()
+        .split_for_parts();
+    (routes, add_shared_answers(doc))
+}
+
+/// Adds what every route shares to `doc`: the admin token as a bearer
+/// scheme (every route but the public ones requires it), and the answers
+/// the connection guard ([`serve_conn`]) and the token check
+/// ([`require_admin`]) give before or instead of any handler. An answer a
+/// handler documents itself (a 503 for the database, a 400 for its query)
+/// is kept as it is.
+fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{
+        HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+    };
+    use utoipa::openapi::{
+        ContentBuilder, HeaderBuilder, Object, Ref, RefOr, Response as Answer, ResponseBuilder,
+        Type,
+    };
+    // The handlers' own error answers register it under this name.
+    let envelope = ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("Envelope_String")))
+        .build();
+    let answer = |why: &str| -> RefOr<Answer> {
+        ResponseBuilder::new()
+            .description(why)
+            .content("application/json", envelope.clone())
+            .build()
+            .into()
+    };
+    let body_limit = format!("Request body over {MAX_BODY} bytes");
+    let head_limit = format!("Request head over {MAX_HEAD} bytes (no body)");
+    let timeout = format!("The request body was not complete within {REQUEST_DEADLINE:?}");
+    let no_answer =
+        format!("No answer within {REQUEST_DEADLINE:?}, or the database is unavailable");
+    // Answered before the admin token is looked at.
+    let everywhere: Vec<(&str, RefOr<Answer>)> = vec![
+        ("400", answer("The request body could not be read")),
+        (
+            "403",
+            answer(
+                "Without --admin-token: the request's Host or Origin is not this machine (only its own tools are answered)",
+            ),
+        ),
+        ("408", answer(&timeout)),
+        ("413", answer(&body_limit)),
+        (
+            "431",
+            ResponseBuilder::new()
+                .description(&head_limit)
+                .build()
+                .into(),
+        ),
+        ("503", answer(&no_answer)),
+    ];
+    let retry_after = HeaderBuilder::new()
+        .schema(Object::with_type(Type::Integer))
+        .description(Some("Seconds until a token may be tried again"))
+        .build();
+    let tokened: Vec<(&str, RefOr<Answer>)> = vec![
+        (
+            "401",
+            answer("With --admin-token: no `Authorization: Bearer <admin token>`, or a wrong one"),
+        ),
+        (
+            "429",
+            ResponseBuilder::new()
+                .description(format!(
+                    "Over {ADMIN_FAILURES_PER_MINUTE} wrong admin tokens a minute from this address: every request with a token is refused until Retry-After"
+                ))
+                .content("application/json", envelope.clone())
+                .header("Retry-After", retry_after)
+                .build()
+                .into(),
+        ),
+    ];
+    let scheme = "admin_token";
+    doc.components.get_or_insert_with(Default::default).add_security_scheme(
+        scheme,
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some("The admin token (--admin-token); without one set, only requests from this machine are answered"))
+                .build(),
+        ),
+    );
+    doc.security = Some(vec![SecurityRequirement::new(scheme, Vec::<String>::new())]);
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let public = PUBLIC_PATHS.contains(&path.as_str());
+        for op in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let shared = everywhere
+                .iter()
+                .chain(if public { &[][..] } else { &tokened[..] });
+            for (status, answer) in shared {
+                op.responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| answer.clone());
+            }
+            if public {
+                // No token needed.
+                op.security = Some(vec![SecurityRequirement::default()]);
+            }
+        }
+    }
+    doc
 }
 
 /// The API's routes.
@@ -421,6 +537,57 @@ async fn dashboard() -> Html<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_route_documents_the_shared_answers_and_the_token() {
+        let (_, doc) = documented();
+        let doc = serde_json::to_value(&doc).unwrap();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["admin_token"]["scheme"],
+            "bearer"
+        );
+        assert_eq!(doc["security"][0]["admin_token"], serde_json::json!([]));
+        let mut operations = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                operations += 1;
+                let answers = op["responses"].as_object().unwrap();
+                for status in ["400", "403", "408", "413", "431", "503"] {
+                    assert!(answers.contains_key(status), "{method} {path}: {status}");
+                    assert!(
+                        !answers[status]["description"].as_str().unwrap().is_empty(),
+                        "{method} {path}: {status}"
+                    );
+                }
+                if path == "/api/health" {
+                    assert!(!answers.contains_key("401"), "health needs no token");
+                    assert!(!answers.contains_key("429"));
+                    assert_eq!(op["security"], serde_json::json!([{}]));
+                } else {
+                    assert!(answers.contains_key("401"), "{method} {path}");
+                    assert!(
+                        answers["429"]["headers"]["Retry-After"].is_object(),
+                        "{method} {path}"
+                    );
+                    assert!(op.get("security").is_none(), "the document's applies");
+                }
+            }
+        }
+        assert!(operations >= 15, "{operations}");
+        // A handler's own answer stays its own.
+        assert_eq!(
+            doc["paths"]["/api/users"]["get"]["responses"]["503"]["description"],
+            "The database is unavailable"
+        );
+        assert_eq!(
+            doc["paths"]["/api/clients/{id}"]["get"]["responses"]["404"]["content"]["application/json"]
+                ["schema"],
+            doc["paths"]["/api/clients/{id}"]["get"]["responses"]["413"]["content"]["application/json"]
+                ["schema"],
+            "one envelope for every error"
+        );
+        assert!(doc["components"]["schemas"]["Envelope_String"].is_object());
+    }
 
     #[test]
     fn loopback_hosts() {
