@@ -184,6 +184,17 @@ cpu_busy_pct() {
     t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
 }
 
+# The CPU counters now: "stolen total" jiffies (steal: time the hypervisor
+# ran something else while this machine's CPUs had work).
+cpu_mark() { awk '/^cpu / { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
+
+# Percentage of CPU time stolen since mark $1 (empty without /proc/stat).
+steal_pct() {
+  [[ -n $1 ]] || return 0
+  awk -v a="$1" -v b="$(cpu_mark)" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    t = y[2] - x[2]; if (t > 0) printf "%.0f", 100 * (y[1] - x[1]) / t }'
+}
+
 # ----------------------------------------------------------------- tools
 RUST_TOOLS=${FRPX_BENCH_RUST_TOOLS:-0}
 [[ $MODE == full && $RUST_TOOLS == 1 ]] && die "FRPX_BENCH_RUST_TOOLS=1 is for --smoke only"
@@ -389,7 +400,8 @@ WRK_PARSE='
 # Runs the request load against URL ($2; $3=1 for a new connection per
 # request) and stores R[$1_rps], R[$1_p50], R[$1_p99] (µs).
 measure_load() {
-  local key=$1 url=$2 close=$3 out=$TMP/$1.txt fig
+  local key=$1 url=$2 close=$3 out=$TMP/$1.txt fig mark
+  mark=$(cpu_mark 2>/dev/null || true)
   if [[ $LOAD_TOOL == wrk ]]; then
     local args=(-t"$LOAD_THREADS" -c"$LOAD_CONNS" -d"${LOAD_SECS}s" --latency
       -H "Authorization: Bearer $KEY")
@@ -406,6 +418,7 @@ measure_load() {
   local rps p50 p99 errors
   read -r rps p50 p99 errors <<<"$fig"
   R[${key}_rps]=$rps R[${key}_p50]=$p50 R[${key}_p99]=$p99
+  R[${key}_steal]=$(steal_pct "$mark")
   ((errors == 0)) || {
     log "$key: $errors failed requests (see below)"
     cat "$out" >&2
@@ -415,7 +428,8 @@ measure_load() {
 
 # Downloads /big.bin from $2 and stores R[$1_gbps].
 measure_download() {
-  local key=$1 url=$2/big.bin out=$TMP/$1.txt code size secs
+  local key=$1 url=$2/big.bin out=$TMP/$1.txt code size secs mark
+  mark=$(cpu_mark 2>/dev/null || true)
   if [[ $DL_TOOL == curl ]]; then
     timeout 300 curl -sS --max-time 240 -o /dev/null -H "Authorization: Bearer $KEY" \
       -w '%{http_code} %{size_download} %{time_total}\n' "$url" >"$out" 2>&1 || return 1
@@ -429,6 +443,7 @@ measure_download() {
     return 1
   }
   R[${key}_gbps]=$(awk -v b="$size" -v s="$secs" 'BEGIN { printf "%.3f", b * 8 / s / 1e9 }')
+  R[${key}_steal]=$(steal_pct "$mark")
 }
 
 # Runs the SSE streams against $2 and stores R[$1_p50], R[$1_p99],
@@ -622,6 +637,23 @@ DL_DESC=$DL_TOOL
 [[ $DL_TOOL == rust ]] && DL_DESC="frpx-bench download"
 SSE_DESC="$SSE_STREAMS streams × $SSE_EVENTS events, one per $SSE_INTERVAL_MS ms"
 
+# CPU the hypervisor took while a, b and c ran: a ratio is only fair when
+# both sides of it had the machine to the same degree.
+STEAL_NOTE="" STOLEN=0
+for c in a b c; do
+  d=${R[${c}_direct_steal]:-} f=${R[${c}_frpx_steal]:-}
+  [[ -n $d || -n $f ]] || continue
+  STEAL_NOTE="$STEAL_NOTE${STEAL_NOTE:+, }$c ${d:-?} % / ${f:-?} %"
+  for v in $d $f; do if ((v > STOLEN)); then STOLEN=$v; fi; done
+done
+if [[ -n $STEAL_NOTE ]]; then
+  STEAL_NOTE="CPU stolen by the hypervisor while measuring (direct / frpx): $STEAL_NOTE"
+  if ((STOLEN > 5)); then
+    warn "the hypervisor took up to $STOLEN % of the CPU during the measurements: figures and ratios are unreliable"
+    STEAL_NOTE="$STEAL_NOTE (over 5 %: the machine was shared, figures are unreliable)"
+  fi
+fi
+
 TABLE=$(
   printf '# frpx benchmark (%s mode)\n\n' "$MODE"
   printf -- '- when: %s; frpx %s, %s build\n' "$(date -u '+%Y-%m-%d %H:%M UTC')" "$REV" "$PROFILE"
@@ -629,6 +661,7 @@ TABLE=$(
   printf -- '- machine: %s cores, Linux %s; %s\n' "$CORES" "$(uname -r)" "$LOAD_NOTE"
   printf -- '- backend: %s; SSE from the Rust backend\n' "$BACKEND_NOTE"
   [[ -z $ORDER_NOTE ]] || printf -- '- %s\n' "$ORDER_NOTE"
+  [[ -z $STEAL_NOTE ]] || printf -- '- %s\n' "$STEAL_NOTE"
   # shellcheck disable=SC2016 # backquotes are markdown here
   printf -- '- load: %s; download: %s; every request carries `Authorization: Bearer <key>`\n\n' \
     "$LOAD_DESC" "$DL_DESC"

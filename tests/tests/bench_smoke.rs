@@ -92,6 +92,15 @@ fn bench_smoke_runs_every_case() {
             .any(|line| line.starts_with('|') && line.contains("error")),
         "a case produced no figure:\n{stdout}"
     );
+    if std::path::Path::new("/proc/stat").exists() {
+        let stolen = stdout
+            .lines()
+            .find(|l| l.starts_with("- CPU stolen by the hypervisor while measuring"))
+            .unwrap_or_else(|| panic!("no line on stolen CPU:\n{stdout}"));
+        for case in ["a ", "b ", "c "] {
+            assert!(stolen.contains(case), "{case}: {stolen}");
+        }
+    }
 }
 
 /// Stops the script: SIGTERM first, so its trap stops what it started, then
