@@ -300,6 +300,19 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     let frps::auth::KeyCheck::Valid(grant) = a.frps.state.keys.check(&one).await else {
         panic!("the key is valid");
     };
+    // Redis runs the admission script by its digest and, the first time
+    // (a fresh Redis), answers NOSCRIPT, upon which the script itself is
+    // sent: with answers held, that second send would never happen. So one
+    // admission first, its lease seen in Redis and given back.
+    let first = a.frps.state.rate_limits.admit(&grant).await;
+    assert!(matches!(first, Ok(Some(_))), "admitted with a lease");
+    assert_eq!(held(&mut conn.clone()).await, 1, "taken in Redis");
+    drop(first);
+    eventually_async("the first lease was given back", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 0 }
+    })
+    .await;
     // The script runs and adds the lease; the caller leaves before its
     // answer is read (the request future is dropped).
     gate.hold_answers();
