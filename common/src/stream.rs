@@ -69,6 +69,98 @@ pub fn release_user_timeout(tcp: &TcpStream) -> io::Result<()> {
     Ok(())
 }
 
+/// How long a link may go without any acknowledgement from its peer, while
+/// it has bytes to deliver, before [`path_gone_silent`] calls the path dead.
+/// Above the longest gap between the kernel's zero-window probes (its
+/// `TCP_RTO_MAX`, 120 s): a live peer that keeps its window shut (frps
+/// relaying to a caller who reads slowly, or not for a while) answers each
+/// probe within it. For the end of a link that dropped
+/// [`LINK_USER_TIMEOUT`] ([`release_user_timeout`]): without either, the
+/// kernel retransmits into a dead path for about 15 minutes.
+pub const SILENT_PATH_LIMIT: Duration = Duration::from_secs(180);
+
+/// How often [`path_gone_silent`] looks.
+pub const SILENT_PATH_CHECK: Duration = Duration::from_secs(15);
+
+/// What the kernel says of the path under a TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathState {
+    /// Bytes in the send queue: sent and not yet acknowledged, or not sent
+    /// yet (the peer's window is shut).
+    pub queued: usize,
+    /// Time since the last acknowledgement from the peer (of data, or of a
+    /// window or keepalive probe).
+    pub since_ack: Duration,
+}
+
+impl PathState {
+    /// Whether the path looks dead: bytes to deliver and no acknowledgement
+    /// for `limit`. Nothing queued is an idle link, which keepalive judges.
+    pub fn is_silent(&self, limit: Duration) -> bool {
+        self.queued > 0 && self.since_ack >= limit
+    }
+}
+
+/// Reads [`PathState`] of the TCP socket `fd` (Linux with glibc only;
+/// elsewhere an `Unsupported` error).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn path_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: `fd` is a valid descriptor for the call (borrowed), and
+    // TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an all-zero `tcp_info` is a valid value of the plain C struct.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`.
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PathState {
+        queued: queued.max(0) as usize,
+        since_ack: Duration::from_millis(info.tcpi_last_ack_recv.into()),
+    })
+}
+
+/// See the Linux version: not available here.
+#[cfg(all(unix, not(all(target_os = "linux", target_env = "gnu"))))]
+pub fn path_state(_: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// Resolves once `read` says the path went silent ([`PathState::is_silent`]
+/// for `limit`), looking every `every`; never, if the state cannot be read
+/// (another platform, a descriptor that is not TCP), since the kernel's own
+/// retransmission limit still ends the link in the end. Returns the state
+/// that decided.
+pub async fn path_gone_silent(
+    mut read: impl FnMut() -> io::Result<PathState>,
+    limit: Duration,
+    every: Duration,
+) -> PathState {
+    loop {
+        tokio::time::sleep(every).await;
+        match read() {
+            Ok(state) if state.is_silent(limit) => return state,
+            Ok(_) => {}
+            Err(_) => return std::future::pending().await,
+        }
+    }
+}
+
 /// Whether `tcp` carries exactly [`tune_link`]'s options (for tests and
 /// diagnostics).
 pub fn link_is_tuned(tcp: &TcpStream) -> io::Result<bool> {
@@ -235,6 +327,77 @@ mod tests {
             None
         );
         assert!(tcp.nodelay().unwrap(), "the rest stays");
+    }
+
+    #[test]
+    fn a_path_is_silent_only_with_bytes_to_deliver_and_no_ack_for_the_limit() {
+        let limit = SILENT_PATH_LIMIT;
+        let state = |queued, since_ack| PathState { queued, since_ack };
+        assert!(state(1, limit).is_silent(limit));
+        assert!(state(64 * 1024, limit * 2).is_silent(limit));
+        // A peer answering probes (slow reader) or acknowledging data.
+        assert!(!state(64 * 1024, limit - Duration::from_millis(1)).is_silent(limit));
+        // Nothing to deliver: idle, keepalive's business.
+        assert!(!state(0, limit * 10).is_silent(limit));
+        assert!(
+            SILENT_PATH_LIMIT > Duration::from_secs(120),
+            "above the kernel's longest gap between window probes"
+        );
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_is_not_a_silent_path() {
+        use std::os::fd::AsFd;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (a, _peer) = (a.unwrap(), b.unwrap().0);
+        let idle = path_state(a.as_fd()).unwrap();
+        assert_eq!(idle.queued, 0);
+        // Fill the peer's window and our send buffer: the peer, alive,
+        // acknowledges what it took and answers for the rest.
+        let chunk = vec![7u8; 64 * 1024];
+        loop {
+            match a.try_write(&chunk) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let full = path_state(a.as_fd()).unwrap();
+        assert!(full.queued > 0, "{full:?}");
+        assert!(full.since_ack < Duration::from_secs(5), "{full:?}");
+        assert!(!full.is_silent(SILENT_PATH_LIMIT));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_resolves_at_the_first_silent_look_and_never_without_a_reading() {
+        let limit = Duration::from_secs(180);
+        let every = Duration::from_secs(15);
+        let mut looks = 0u32;
+        let started = tokio::time::Instant::now();
+        // Acknowledgements stop at the start; bytes stay queued.
+        let gone = path_gone_silent(
+            || {
+                looks += 1;
+                Ok(PathState {
+                    queued: 10,
+                    since_ack: started.elapsed(),
+                })
+            },
+            limit,
+            every,
+        )
+        .await;
+        assert_eq!(gone.since_ack, limit);
+        assert_eq!(started.elapsed(), limit);
+        assert_eq!(looks, 12);
+        // A state that cannot be read: the watch never fires.
+        let unreadable = path_gone_silent(|| Err(io::ErrorKind::Unsupported.into()), limit, every);
+        assert!(
+            tokio::time::timeout(limit * 10, unreadable).await.is_err(),
+            "never resolves"
+        );
     }
 
     #[tokio::test]

@@ -295,6 +295,18 @@ async fn forward(
     local: &mut TcpStream,
     conn_id: Uuid,
 ) -> std::io::Result<bool> {
+    let path = path_watch(remote.tcp());
+    forward_watched(remote, local, conn_id, path).await
+}
+
+/// [`forward`], ended early (both connections closed, `TimedOut`) when
+/// `path` says frps's end went silent.
+async fn forward_watched(
+    remote: &mut Stream,
+    local: &mut TcpStream,
+    conn_id: Uuid,
+    path: impl Future<Output = common::stream::PathState>,
+) -> std::io::Result<bool> {
     let mut first = [0u8; 1];
     match remote.read(&mut first).await {
         Ok(0) => return Ok(false),
@@ -325,12 +337,47 @@ async fn forward(
     // A request: from now on a slow reader is not a dead path.
     let _ = common::stream::release_user_timeout(remote.tcp());
     local.write_all(&first).await?;
+    // Without the user timeout, a path that dies while an answer is on its
+    // way would be retried by the kernel for about 15 minutes, holding the
+    // local connection (and the service's slot): watched instead, in a way
+    // that tells a dead path from a slow reader.
     // frps never half-closes a connection it still wants an answer on: once
     // it has closed, the service's answer (or silence, if it hangs and
     // ignores the half-close) gets DIAL_BACK_LINGER, not for ever.
-    let stats = join_streams_lingering(remote, local, DIAL_BACK_LINGER).await?;
+    let stats = tokio::select! {
+        joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER) => joined?,
+        silent = path => {
+            warn!(%conn_id, "no acknowledgement from frps for {:?} with {} bytes to deliver: the path is gone; closing the data connection and the local one", silent.since_ack, silent.queued);
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+    };
     debug!(%conn_id, to_local = stats.a_to_b + 1, to_server = stats.b_to_a, "data connection closed");
     Ok(true)
+}
+
+/// Resolves once the path under `tcp` (frpc's end of a data connection)
+/// has gone silent ([`common::stream::path_gone_silent`]).
+#[cfg(unix)]
+fn path_watch(tcp: &TcpStream) -> impl Future<Output = common::stream::PathState> + use<> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fd = tcp.as_raw_fd();
+    common::stream::path_gone_silent(
+        move || {
+            // SAFETY: the watch is raced against the join that owns the
+            // connection, and dropped with it: the descriptor is open
+            // whenever this runs.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            common::stream::path_state(fd)
+        },
+        common::stream::SILENT_PATH_LIMIT,
+        common::stream::SILENT_PATH_CHECK,
+    )
+}
+
+/// Not watched where descriptors cannot be read this way.
+#[cfg(not(unix))]
+fn path_watch(_: &TcpStream) -> impl Future<Output = common::stream::PathState> + use<> {
+    std::future::pending()
 }
 
 #[cfg(test)]
@@ -366,6 +413,58 @@ mod tests {
         let peer: std::net::SocketAddr = "[2001:db8::7]:17000".parse().unwrap();
         assert_eq!(dial_back_addr(Some(peer), &config), "[2001:db8::7]:17001");
         assert_eq!(dial_back_addr(None, &config), "frps.example:17001");
+    }
+
+    #[tokio::test]
+    async fn a_silent_path_closes_the_data_connection_and_the_local_one() {
+        let frps = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (remote, frps_end) = tokio::join!(
+            TcpStream::connect(frps.local_addr().unwrap()),
+            frps.accept()
+        );
+        let (local, service_end) = tokio::join!(
+            TcpStream::connect(service.local_addr().unwrap()),
+            service.accept()
+        );
+        let (mut remote, mut local) = (Stream::from(remote.unwrap()), local.unwrap());
+        let (mut frps_end, mut service_end) = (frps_end.unwrap().0, service_end.unwrap().0);
+        let (silent, path) = tokio::sync::oneshot::channel();
+        let path = async move {
+            let _ = path.await;
+            common::stream::PathState {
+                queued: 100,
+                since_ack: common::stream::SILENT_PATH_LIMIT,
+            }
+        };
+        let forwarding = tokio::spawn(async move {
+            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path).await
+        });
+        // A request reaches the service and it starts answering.
+        frps_end.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut got = [0u8; 18];
+        service_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n");
+        service_end.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        let mut head = [0u8; 17];
+        frps_end.read_exact(&mut head).await.unwrap();
+        assert!(
+            !forwarding.is_finished(),
+            "the join goes on while the path answers"
+        );
+        // The path goes silent: both connections close.
+        silent.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("ends")
+            .unwrap();
+        assert_eq!(ended.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), service_end.read_to_end(&mut rest))
+            .await
+            .expect("the service sees its connection close")
+            .unwrap();
+        assert!(rest.is_empty());
     }
 
     #[tokio::test]
