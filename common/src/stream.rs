@@ -94,16 +94,21 @@ pub struct PathState {
 }
 
 impl PathState {
-    /// Whether the path looks dead: bytes to deliver and no acknowledgement
-    /// for `limit`. Nothing queued is an idle link, which keepalive judges.
+    /// Whether the path looks dead at this look: bytes to deliver and no
+    /// acknowledgement for `limit`. Nothing queued is an idle link, which
+    /// keepalive judges. One look is not enough ([`path_gone_silent`]
+    /// wants two in a row): the kernel stamps only acknowledgements that
+    /// move something, so while frps sends and frpc has nothing to send,
+    /// the stamp goes stale, and an answer written then reads as silent
+    /// until its acknowledgement comes back one round trip later.
     pub fn is_silent(&self, limit: Duration) -> bool {
         self.queued > 0 && self.since_ack >= limit
     }
 }
 
-/// Reads [`PathState`] of the TCP socket `fd` (Linux with glibc only;
-/// elsewhere an `Unsupported` error).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Reads [`PathState`] of the TCP socket `fd` (Linux only; elsewhere an
+/// `Unsupported` error).
+#[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn path_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
     use std::os::fd::AsRawFd;
     let fd = fd.as_raw_fd();
@@ -136,14 +141,16 @@ pub fn path_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
 }
 
 /// See the Linux version: not available here.
-#[cfg(all(unix, not(all(target_os = "linux", target_env = "gnu"))))]
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
 pub fn path_state(_: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
     Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Resolves once `read` says the path went silent ([`PathState::is_silent`]
-/// for `limit`), looking every `every`; never, if the state cannot be read
-/// (another platform, a descriptor that is not TCP), since the kernel's own
+/// for `limit`) at two looks in a row, looking every `every` (below
+/// `limit`: an acknowledgement between the two looks would have reset the
+/// time since one below it); never, if the state cannot be read (another
+/// platform, a descriptor that is not TCP), since the kernel's own
 /// retransmission limit still ends the link in the end. Returns the state
 /// that decided.
 pub async fn path_gone_silent(
@@ -151,14 +158,26 @@ pub async fn path_gone_silent(
     limit: Duration,
     every: Duration,
 ) -> PathState {
+    let mut silent_before = false;
     loop {
         tokio::time::sleep(every).await;
         match read() {
-            Ok(state) if state.is_silent(limit) => return state,
-            Ok(_) => {}
+            Ok(state) if state.is_silent(limit) => {
+                if silent_before {
+                    return state;
+                }
+                silent_before = true;
+            }
+            Ok(_) => silent_before = false,
             Err(_) => return std::future::pending().await,
         }
     }
+}
+
+/// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
+/// leaving the kernel to deliver what is queued: for a link given up as dead.
+pub fn reset_on_close(tcp: &TcpStream) -> io::Result<()> {
+    socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO))
 }
 
 /// Whether `tcp` carries exactly [`tune_link`]'s options (for tests and
@@ -345,9 +364,9 @@ mod tests {
         );
     }
 
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_peer_that_stops_reading_is_not_a_silent_path() {
+    async fn path_state_reads_the_send_queue_of_a_live_peer_that_stops_reading() {
         use std::os::fd::AsFd;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
@@ -371,7 +390,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_watch_resolves_at_the_first_silent_look_and_never_without_a_reading() {
+    async fn the_watch_resolves_at_the_second_silent_look_in_a_row_and_never_without_a_reading() {
         let limit = Duration::from_secs(180);
         let every = Duration::from_secs(15);
         let mut looks = 0u32;
@@ -389,9 +408,32 @@ mod tests {
             every,
         )
         .await;
-        assert_eq!(gone.since_ack, limit);
-        assert_eq!(started.elapsed(), limit);
-        assert_eq!(looks, 12);
+        // Silent at the 12th look (180 s), and still at the 13th.
+        assert_eq!(gone.since_ack, limit + every);
+        assert_eq!(started.elapsed(), limit + every);
+        assert_eq!(looks, 13);
+        // A stale stamp seen once (an answer written after a long upload,
+        // its acknowledgement one round trip away) is not a dead path.
+        let mut looks = 0u32;
+        let stale_once = path_gone_silent(
+            || {
+                looks += 1;
+                Ok(PathState {
+                    queued: 10,
+                    since_ack: if looks % 2 == 1 {
+                        limit * 4
+                    } else {
+                        Duration::from_millis(20)
+                    },
+                })
+            },
+            limit,
+            every,
+        );
+        assert!(
+            tokio::time::timeout(limit * 10, stale_once).await.is_err(),
+            "never resolves"
+        );
         // A state that cannot be read: the watch never fires.
         let unreadable = path_gone_silent(|| Err(io::ErrorKind::Unsupported.into()), limit, every);
         assert!(

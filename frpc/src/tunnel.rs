@@ -348,6 +348,9 @@ async fn forward_watched(
         joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER) => joined?,
         silent = path => {
             warn!(%conn_id, "no acknowledgement from frps for {:?} with {} bytes to deliver: the path is gone; closing the data connection and the local one", silent.since_ack, silent.queued);
+            // Reset, not closed: a close would leave the kernel
+            // retransmitting the queued bytes into the dead path.
+            let _ = common::stream::reset_on_close(remote.tcp());
             return Err(std::io::ErrorKind::TimedOut.into());
         }
     };
@@ -459,6 +462,15 @@ mod tests {
             .expect("ends")
             .unwrap();
         assert_eq!(ended.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        // frps's end is reset (nothing left retransmitting into the path).
+        let mut more = [0u8; 64];
+        let reset = tokio::time::timeout(Duration::from_secs(10), frps_end.read(&mut more))
+            .await
+            .expect("frps's end hears of it");
+        assert_eq!(
+            reset.unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), service_end.read_to_end(&mut rest))
             .await
