@@ -243,8 +243,9 @@ pub type ApiResult<T> = Result<Json<Envelope<T>>, ApiError>;
 ))]
 struct ApiDoc;
 
-/// Every documented route with its OpenAPI document.
-pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
+/// Every documented route with its OpenAPI document, as this frps answers:
+/// `tokened` when it has an admin token.
+pub fn documented(tokened: bool) -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
     let (routes, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(server::health))
         .routes(routes!(server::stats))
@@ -262,16 +263,21 @@ pub fn documented() -> (Router<Arc<State>>, utoipa::openapi::OpenApi) {
         .routes(routes!(accounts::users))
         .routes(routes!(accounts::active_tokens))
         .split_for_parts();
-    (routes, add_shared_answers(doc))
+    (routes, add_shared_answers(doc, tokened))
 }
 
-/// Adds what every route shares to `doc`: the admin token as a bearer
-/// scheme (every route but the public ones requires it), and the answers
-/// the connection guard ([`serve_conn`]) and the token check
-/// ([`require_admin`]) give before or instead of any handler. An answer a
-/// handler documents itself (a 503 for the database, a 400 for its query)
-/// is kept as it is.
-fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+/// Adds what every route shares to `doc`: the answers the connection guard
+/// ([`serve_conn`]) gives before or instead of any handler, and those of
+/// the token check ([`require_admin`]) as configured. With an admin token
+/// (`tokened`), every route but the public ones requires it as a bearer
+/// token (401, and 429 after too many wrong ones); without one, no route
+/// does, and a request whose Host or Origin is not this machine gets 403.
+/// An answer a handler documents itself (a 503 for the database, a 400 for
+/// its query) is kept as it is.
+fn add_shared_answers(
+    mut doc: utoipa::openapi::OpenApi,
+    tokened: bool,
+) -> utoipa::openapi::OpenApi {
     use utoipa::openapi::security::{
         HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
     };
@@ -295,15 +301,8 @@ fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
     let timeout = format!("The request body was not complete within {REQUEST_DEADLINE:?}");
     let no_answer =
         format!("No answer within {REQUEST_DEADLINE:?}, or the database is unavailable");
-    // Answered before the admin token is looked at.
-    let everywhere: Vec<(&str, RefOr<Answer>)> = vec![
+    let mut everywhere: Vec<(&str, RefOr<Answer>)> = vec![
         ("400", answer("The request body could not be read")),
-        (
-            "403",
-            answer(
-                "Without --admin-token: the request's Host or Origin is not this machine (only its own tools are answered)",
-            ),
-        ),
         ("408", answer(&timeout)),
         ("413", answer(&body_limit)),
         (
@@ -315,14 +314,31 @@ fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
         ),
         ("503", answer(&no_answer)),
     ];
+    if !tokened {
+        everywhere.push((
+            "403",
+            answer(
+                "The request's Host or Origin is not this machine: without an admin token only its own tools are answered",
+            ),
+        ));
+    }
     let retry_after = HeaderBuilder::new()
         .schema(Object::with_type(Type::Integer))
         .description(Some("Seconds until a token may be tried again"))
         .build();
-    let tokened: Vec<(&str, RefOr<Answer>)> = vec![
+    let www_authenticate = HeaderBuilder::new()
+        .schema(Object::with_type(Type::String))
+        .description(Some("`Bearer`, when no token was sent"))
+        .build();
+    let guarded: Vec<(&str, RefOr<Answer>)> = vec![
         (
             "401",
-            answer("With --admin-token: no `Authorization: Bearer <admin token>`, or a wrong one"),
+            ResponseBuilder::new()
+                .description("No `Authorization: Bearer <admin token>`, or a wrong one")
+                .content("application/json", envelope.clone())
+                .header("WWW-Authenticate", www_authenticate)
+                .build()
+                .into(),
         ),
         (
             "429",
@@ -337,18 +353,22 @@ fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
         ),
     ];
     let scheme = "admin_token";
-    doc.components.get_or_insert_with(Default::default).add_security_scheme(
-        scheme,
-        SecurityScheme::Http(
-            HttpBuilder::new()
-                .scheme(HttpAuthScheme::Bearer)
-                .description(Some("The admin token (--admin-token); without one set, only requests from this machine are answered"))
-                .build(),
-        ),
-    );
-    doc.security = Some(vec![SecurityRequirement::new(scheme, Vec::<String>::new())]);
+    if tokened {
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(
+                scheme,
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("The admin token (--admin-token)"))
+                        .build(),
+                ),
+            );
+        doc.security = Some(vec![SecurityRequirement::new(scheme, Vec::<String>::new())]);
+    }
     for (path, item) in doc.paths.paths.iter_mut() {
-        let public = PUBLIC_PATHS.contains(&path.as_str());
+        let guard = tokened && !PUBLIC_PATHS.contains(&path.as_str());
         for op in [
             &mut item.get,
             &mut item.put,
@@ -364,15 +384,15 @@ fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
         {
             let shared = everywhere
                 .iter()
-                .chain(if public { &[][..] } else { &tokened[..] });
+                .chain(if guard { &guarded[..] } else { &[][..] });
             for (status, answer) in shared {
                 op.responses
                     .responses
                     .entry(status.to_string())
                     .or_insert_with(|| answer.clone());
             }
-            if public {
-                // No token needed.
+            if tokened && !guard {
+                // A public route: no token needed.
                 op.security = Some(vec![SecurityRequirement::default()]);
             }
         }
@@ -382,7 +402,7 @@ fn add_shared_answers(mut doc: utoipa::openapi::OpenApi) -> utoipa::openapi::Ope
 
 /// The API's routes.
 pub fn router(state: Arc<State>) -> Router {
-    let (api, openapi) = documented();
+    let (api, openapi) = documented(state.config.admin_token().is_some());
     // Kept as its JSON text: the document's structure took three times the
     // memory, for the life of the process.
     let doc =
@@ -538,42 +558,52 @@ async fn dashboard() -> Html<&'static str> {
 mod tests {
     use super::*;
 
+    /// Every operation of `doc` as (path, method, operation).
+    fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {
+        let mut all = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                all.push((path.clone(), method.clone(), op.clone()));
+            }
+        }
+        assert!(all.len() >= 15, "{}", all.len());
+        all
+    }
+
     #[test]
-    fn every_route_documents_the_shared_answers_and_the_token() {
-        let (_, doc) = documented();
-        let doc = serde_json::to_value(&doc).unwrap();
+    fn with_a_token_every_route_but_health_documents_it_and_its_refusals() {
+        let doc = serde_json::to_value(documented(true).1).unwrap();
         assert_eq!(
             doc["components"]["securitySchemes"]["admin_token"]["scheme"],
             "bearer"
         );
         assert_eq!(doc["security"][0]["admin_token"], serde_json::json!([]));
-        let mut operations = 0;
-        for (path, item) in doc["paths"].as_object().unwrap() {
-            for (method, op) in item.as_object().unwrap() {
-                operations += 1;
-                let answers = op["responses"].as_object().unwrap();
-                for status in ["400", "403", "408", "413", "431", "503"] {
-                    assert!(answers.contains_key(status), "{method} {path}: {status}");
-                    assert!(
-                        !answers[status]["description"].as_str().unwrap().is_empty(),
-                        "{method} {path}: {status}"
-                    );
-                }
-                if path == "/api/health" {
-                    assert!(!answers.contains_key("401"), "health needs no token");
-                    assert!(!answers.contains_key("429"));
-                    assert_eq!(op["security"], serde_json::json!([{}]));
-                } else {
-                    assert!(answers.contains_key("401"), "{method} {path}");
-                    assert!(
-                        answers["429"]["headers"]["Retry-After"].is_object(),
-                        "{method} {path}"
-                    );
-                    assert!(op.get("security").is_none(), "the document's applies");
-                }
+        for (path, method, op) in operations(&doc) {
+            let answers = op["responses"].as_object().unwrap();
+            for status in ["400", "408", "413", "431", "503"] {
+                assert!(answers.contains_key(status), "{method} {path}: {status}");
+                assert!(
+                    !answers[status]["description"].as_str().unwrap().is_empty(),
+                    "{method} {path}: {status}"
+                );
+            }
+            assert!(!answers.contains_key("403"), "only without a token");
+            if path == "/api/health" {
+                assert!(!answers.contains_key("401"), "health needs no token");
+                assert!(!answers.contains_key("429"));
+                assert_eq!(op["security"], serde_json::json!([{}]));
+            } else {
+                assert!(
+                    answers["401"]["headers"]["WWW-Authenticate"].is_object(),
+                    "{method} {path}"
+                );
+                assert!(
+                    answers["429"]["headers"]["Retry-After"].is_object(),
+                    "{method} {path}"
+                );
+                assert!(op.get("security").is_none(), "the document's applies");
             }
         }
-        assert!(operations >= 15, "{operations}");
         // A handler's own answer stays its own.
         assert_eq!(
             doc["paths"]["/api/users"]["get"]["responses"]["503"]["description"],
@@ -587,6 +617,26 @@ mod tests {
             "one envelope for every error"
         );
         assert!(doc["components"]["schemas"]["Envelope_String"].is_object());
+    }
+
+    #[test]
+    fn without_a_token_no_route_asks_for_one_and_foreign_pages_get_403() {
+        let doc = serde_json::to_value(documented(false).1).unwrap();
+        assert!(doc.get("security").is_none());
+        assert!(
+            doc["components"]
+                .get("securitySchemes")
+                .is_none_or(|s| s.get("admin_token").is_none())
+        );
+        for (path, method, op) in operations(&doc) {
+            let answers = op["responses"].as_object().unwrap();
+            for status in ["400", "403", "408", "413", "431", "503"] {
+                assert!(answers.contains_key(status), "{method} {path}: {status}");
+            }
+            assert!(!answers.contains_key("401"), "{method} {path}");
+            assert!(!answers.contains_key("429"), "{method} {path}");
+            assert!(op.get("security").is_none(), "{method} {path}");
+        }
     }
 
     #[test]

@@ -684,6 +684,9 @@ async fn the_openapi_document_lists_every_route() {
     assert_eq!(paths, expected);
     assert!(doc["paths"]["/api/clients/{id}"]["delete"].is_object());
     assert!(doc["components"]["schemas"]["SystemInfo"].is_object());
+    // As this frps answers: it has an admin token.
+    assert_eq!(doc["security"][0]["admin_token"], serde_json::json!([]));
+    assert!(doc["paths"]["/api/stats"]["get"]["responses"]["401"].is_object());
 }
 
 /// The dashboard, rendered by a real browser, shows a row per client.
