@@ -100,6 +100,7 @@ fn bench_smoke_runs_every_case() {
         for case in ["a ", "b ", "c "] {
             assert!(stolen.contains(case), "{case}: {stolen}");
         }
+        assert!(!stolen.contains('?'), "a side without a figure: {stolen}");
     }
 }
 
