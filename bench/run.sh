@@ -188,11 +188,12 @@ cpu_busy_pct() {
 # ran something else while this machine's CPUs had work).
 cpu_mark() { awk '/^cpu / { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
 
-# Percentage of CPU time stolen since mark $1 (empty without /proc/stat).
+# Percentage of CPU time stolen since mark $1 (empty without /proc/stat; 0
+# when too little time passed for the counters to move).
 steal_pct() {
   [[ -n $1 ]] || return 0
   awk -v a="$1" -v b="$(cpu_mark)" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    t = y[2] - x[2]; if (t > 0) printf "%.0f", 100 * (y[1] - x[1]) / t }'
+    t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
 }
 
 # ----------------------------------------------------------------- tools
