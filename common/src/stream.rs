@@ -174,6 +174,18 @@ pub async fn path_gone_silent(
     }
 }
 
+/// Sets `TCP_NODELAY` on `listener` so the sockets it accepts start with it:
+/// Linux copies the option from the listening socket to each accepted one,
+/// which spares a `setsockopt` per connection (a caller that opens a
+/// connection per request pays for every one). True when accepted sockets
+/// have it from the listener; otherwise each must be set on its own.
+pub fn accepted_get_nodelay(listener: &tokio::net::TcpListener) -> bool {
+    cfg!(any(target_os = "linux", target_os = "android"))
+        && socket2::SockRef::from(listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
+}
+
 /// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
 /// leaving the kernel to deliver what is queued: for a link given up as dead.
 pub fn reset_on_close(tcp: &TcpStream) -> io::Result<()> {
@@ -346,6 +358,24 @@ mod tests {
             None
         );
         assert!(tcp.nodelay().unwrap(), "the rest stays");
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_take_nodelay_from_their_listener() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let inherited = accepted_get_nodelay(&l);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let (c, a) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (_c, a) = (c.unwrap(), a.unwrap().0);
+        assert_eq!(a.nodelay().unwrap(), inherited);
+        // A listener left alone: accepted sockets without it.
+        let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (c, a) = tokio::join!(
+            TcpStream::connect(plain.local_addr().unwrap()),
+            plain.accept()
+        );
+        let (_c, a) = (c.unwrap(), a.unwrap().0);
+        assert!(!a.nodelay().unwrap());
     }
 
     #[test]

@@ -186,13 +186,18 @@ impl Tls {
             .map_err(|_| AcceptError::Timeout(limit))?
     }
 
-    /// Completes the transport of a public connection within `limit`.
+    /// Completes the transport of a public connection within `limit`
+    /// (`TCP_NODELAY` set here unless `has_nodelay`: taken from the
+    /// listener, [`common::stream::accepted_get_nodelay`]).
     pub async fn accept_public(
         &self,
         tcp: TcpStream,
         limit: Duration,
+        has_nodelay: bool,
     ) -> Result<Stream, AcceptError> {
-        let _ = tcp.set_nodelay(true);
+        if !has_nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
         let Some(acceptor) = &self.public else {
             return Ok(tcp.into());
         };

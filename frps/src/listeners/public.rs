@@ -56,6 +56,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         state.config.max_connections_per_ip,
     );
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
+    let has_nodelay = common::stream::accepted_get_nodelay(&listener);
     loop {
         let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
@@ -77,7 +78,7 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
                 if let Ok(permit) = refusing.clone().try_acquire_owned() {
                     state
                         .tasks
-                        .spawn(refuse(state.clone(), stream, over, permit));
+                        .spawn(refuse(state.clone(), stream, over, permit, has_nodelay));
                 }
                 continue;
             }
@@ -90,7 +91,11 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         state.tasks.spawn(async move {
             // The TLS handshake (when `--public-tls-cert` is set) runs here,
             // off the accept loop, within the head deadline.
-            match st.tls.accept_public(stream, st.config.header_timeout).await {
+            match st
+                .tls
+                .accept_public(stream, st.config.header_timeout, has_nodelay)
+                .await
+            {
                 Ok(stream) => {
                     let conn = connection(&builder, st.clone(), stream, peer, socket, accepted);
                     // After the drain deadline the connection is dropped,
@@ -333,6 +338,7 @@ async fn refuse(
     stream: tokio::net::TcpStream,
     over: Over,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    has_nodelay: bool,
 ) {
     use tokio::io::AsyncWriteExt;
     let body = serde_json::json!({
@@ -344,7 +350,11 @@ async fn refuse(
         body.len()
     );
     let answer = async {
-        let Ok(mut stream) = state.tls.accept_public(stream, REFUSAL_TIME).await else {
+        let Ok(mut stream) = state
+            .tls
+            .accept_public(stream, REFUSAL_TIME, has_nodelay)
+            .await
+        else {
             return Ok(());
         };
         stream.write_all(resp.as_bytes()).await?;
