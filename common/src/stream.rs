@@ -174,16 +174,28 @@ pub async fn path_gone_silent(
     }
 }
 
-/// Sets `TCP_NODELAY` on `listener` so the sockets it accepts start with it:
-/// Linux copies the option from the listening socket to each accepted one,
-/// which spares a `setsockopt` per connection (a caller that opens a
-/// connection per request pays for every one). True when accepted sockets
-/// have it from the listener; otherwise each must be set on its own.
-pub fn accepted_get_nodelay(listener: &tokio::net::TcpListener) -> bool {
-    cfg!(any(target_os = "linux", target_os = "android"))
-        && socket2::SockRef::from(listener)
-            .set_tcp_nodelay(true)
-            .is_ok()
+/// Binds a listener on `addr` as `TcpListener::bind` does (`SO_REUSEADDR`
+/// on Unix, a backlog of 128) with `TCP_NODELAY` set before it listens, so
+/// every socket it accepts starts with it: Linux copies the option from the
+/// listening socket to each accepted one, which spares a `setsockopt` per
+/// connection (a caller that opens a connection per request pays for every
+/// one). Set before `listen`, not after: a connection whose handshake ends
+/// in between would be queued without it. The flag says whether accepted
+/// sockets have it from the listener; otherwise each must be set on its own.
+pub async fn listen_with_nodelay(
+    addr: std::net::SocketAddr,
+) -> io::Result<(tokio::net::TcpListener, bool)> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    let inherited =
+        cfg!(any(target_os = "linux", target_os = "android")) && socket.set_nodelay(true).is_ok();
+    socket.bind(addr)?;
+    Ok((socket.listen(128)?, inherited))
 }
 
 /// Makes closing `tcp` reset the connection (`SO_LINGER` 0) instead of
@@ -362,13 +374,23 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_take_nodelay_from_their_listener() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let inherited = accepted_get_nodelay(&l);
-        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let (l, inherited) = listen_with_nodelay("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            inherited,
+            cfg!(any(target_os = "linux", target_os = "android"))
+        );
         let (c, a) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
         let (_c, a) = (c.unwrap(), a.unwrap().0);
         assert_eq!(a.nodelay().unwrap(), inherited);
-        // A listener left alone: accepted sockets without it.
+        // IPv6 too, where the machine has it.
+        if let Ok((l6, inherited)) = listen_with_nodelay("[::1]:0".parse().unwrap()).await {
+            let (c, a) = tokio::join!(TcpStream::connect(l6.local_addr().unwrap()), l6.accept());
+            let (_c, a) = (c.unwrap(), a.unwrap().0);
+            assert_eq!(a.nodelay().unwrap(), inherited);
+        }
+        // A listener bound the usual way: accepted sockets without it.
         let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (c, a) = tokio::join!(
             TcpStream::connect(plain.local_addr().unwrap()),

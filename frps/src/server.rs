@@ -32,6 +32,8 @@ pub struct Server {
     control: TcpListener,
     proxy: TcpListener,
     public: TcpListener,
+    /// Whether sockets `public` accepts have `TCP_NODELAY` from it.
+    public_nodelay: bool,
     api: TcpListener,
     addrs: BoundAddrs,
 }
@@ -65,7 +67,11 @@ impl Server {
         }
         let control = bind("control", (config.bind_addr, config.control_port).into()).await?;
         let proxy = bind("proxy", (config.bind_addr, config.proxy_port).into()).await?;
-        let public = bind("public", (config.bind_addr, config.public_port).into()).await?;
+        let public_addr: SocketAddr = (config.bind_addr, config.public_port).into();
+        // Every public connection wants TCP_NODELAY: taken from the listener.
+        let (public, public_nodelay) = common::stream::listen_with_nodelay(public_addr)
+            .await
+            .with_context(|| format!("cannot bind the public port on {public_addr}"))?;
         let api = bind("API", (config.api_bind, config.api_port).into()).await?;
         let addrs = BoundAddrs {
             control: control.local_addr()?,
@@ -78,6 +84,7 @@ impl Server {
             control,
             proxy,
             public,
+            public_nodelay,
             api,
             addrs,
         })
@@ -103,6 +110,7 @@ impl Server {
             control,
             proxy,
             public,
+            public_nodelay,
             api,
             addrs,
         } = self;
@@ -127,7 +135,9 @@ impl Server {
             state.clone(),
             proxy::handle,
         ));
-        state.tasks.spawn(public::run(public, state.clone()));
+        state
+            .tasks
+            .spawn(public::run(public, public_nodelay, state.clone()));
         state.tasks.spawn(trim_after_bursts(state.clone()));
         state.tasks.spawn(purge_dead_tokens(state.clone()));
         state

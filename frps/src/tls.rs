@@ -188,7 +188,7 @@ impl Tls {
 
     /// Completes the transport of a public connection within `limit`
     /// (`TCP_NODELAY` set here unless `has_nodelay`: taken from the
-    /// listener, [`common::stream::accepted_get_nodelay`]).
+    /// listener, [`common::stream::listen_with_nodelay`]).
     pub async fn accept_public(
         &self,
         tcp: TcpStream,
@@ -198,6 +198,10 @@ impl Tls {
         if !has_nodelay {
             let _ = tcp.set_nodelay(true);
         }
+        debug_assert!(
+            tcp.nodelay().unwrap_or(true),
+            "a public connection without TCP_NODELAY"
+        );
         let Some(acceptor) = &self.public else {
             return Ok(tcp.into());
         };

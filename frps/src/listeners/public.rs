@@ -45,8 +45,10 @@ pub type PublicBody = Either<TrackedBody, Full<Bytes>>;
 const MIN_HEAD: usize = 8192;
 
 /// Accepts public connections until shutdown, then lets in-flight requests
-/// finish (up to `--shutdown-timeout`).
-pub async fn run(listener: TcpListener, state: Arc<State>) {
+/// finish (up to `--shutdown-timeout`). `has_nodelay`: the sockets
+/// `listener` accepts have `TCP_NODELAY` from it
+/// ([`common::stream::listen_with_nodelay`]), else each gets it here.
+pub async fn run(listener: TcpListener, has_nodelay: bool, state: Arc<State>) {
     // However this ends, client sessions then wind down.
     let _drained = state.drained.clone().drop_guard();
     let builder = http_builder(&state.config);
@@ -56,7 +58,6 @@ pub async fn run(listener: TcpListener, state: Arc<State>) {
         state.config.max_connections_per_ip,
     );
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
-    let has_nodelay = common::stream::accepted_get_nodelay(&listener);
     loop {
         let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
