@@ -174,26 +174,31 @@ if awk -v l="$LOAD1" -v c="$CORES" 'BEGIN { exit !(l > 0.25 * c) }'; then
   warn "load average $LOAD1 on $CORES cores: the machine may not be idle"
 fi
 
-# Percentage of CPU time spent busy over one second.
-cpu_busy_pct() {
-  local a b
-  a=$(awk '/^cpu / { print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat)
-  sleep 1
-  b=$(awk '/^cpu / { print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
+# The CPU counters now, in jiffies: "stolen busy total" (steal: time the
+# hypervisor ran something else while this machine's CPUs had work; busy:
+# every state but idle and iowait, steal included).
+cpu_mark() {
+  awk '/^cpu / { print $9, $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat
 }
 
-# The CPU counters now: "stolen total" jiffies (steal: time the hypervisor
-# ran something else while this machine's CPUs had work).
-cpu_mark() { awk '/^cpu / { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
-
-# Percentage of CPU time stolen since mark $1 (empty without /proc/stat; 0
-# when too little time passed for the counters to move).
-steal_pct() {
+# Percentage of CPU time in field $2 of cpu_mark (1 stolen, 2 busy) since
+# mark $1 (empty without /proc/stat; 0 when too little time passed for the
+# counters to move).
+cpu_pct_since() {
   [[ -n $1 ]] || return 0
-  awk -v a="$1" -v b="$(cpu_mark)" 'BEGIN { split(a, x, " "); split(b, y, " ");
-    t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'
+  awk -v a="$1" -v b="$(cpu_mark)" -v f="$2" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    t = y[3] - x[3]; printf "%.0f", (t > 0 ? 100 * (y[f] - x[f]) / t : 0) }'
+}
+
+# Percentage of CPU time stolen since mark $1.
+steal_pct() { cpu_pct_since "$1" 1; }
+
+# Percentage of CPU time spent busy over one second.
+cpu_busy_pct() {
+  local mark
+  mark=$(cpu_mark)
+  sleep 1
+  cpu_pct_since "$mark" 2
 }
 
 # ----------------------------------------------------------------- tools

@@ -480,7 +480,9 @@ fn time(t: Option<NaiveDateTime>) -> String {
 fn validate_email(email: &str) -> anyhow::Result<()> {
     let ok = email.len() <= crate::auth::accounts::MAX_EMAIL_BYTES
         && email.split_once('@').is_some_and(|(user, host)| {
-            !user.is_empty() && !host.is_empty() && !email.contains(char::is_whitespace)
+            !user.is_empty()
+                && !host.is_empty()
+                && !email.contains(|c: char| c.is_whitespace() || c.is_control())
         });
     if !ok {
         bail!("`{email}` is not an email address");
@@ -566,7 +568,7 @@ mod tests {
     #[test]
     fn emails_and_passwords_are_checked() {
         assert!(validate_email("a@b.c").is_ok());
-        for bad in ["", "a", "@b", "a@", "a b@c"] {
+        for bad in ["", "a", "@b", "a@", "a b@c", "a\u{0}@b", "a@b\u{1b}[2J"] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }
         let mut input = std::io::Cursor::new("short\n");

@@ -81,6 +81,12 @@ pub fn allowed(rules: &[PathRule], path: &str) -> bool {
     rules.iter().any(|r| r.matches(path))
 }
 
+/// `path` with its percent-escapes decoded, as the services behind frps
+/// (Go's `URL.Path`, Starlette's `path`) route it; borrowed when it has none.
+pub fn decoded(path: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(path).decode_utf8_lossy()
+}
+
 /// No segment that walks (`.`, `..`), no backslash, no escaped `.`, `/` or
 /// `\`.
 fn plain(path: &str) -> bool {
@@ -103,6 +109,19 @@ fn plain(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_decoded_as_services_route_them() {
+        assert!(matches!(
+            decoded("/v1/chat/completions"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(decoded("/v1/chat/%63ompletions"), "/v1/chat/completions");
+        assert_eq!(decoded("/api/%73HOW"), "/api/sHOW");
+        assert_eq!(decoded("/v1%2Fchat/completions"), "/v1/chat/completions");
+        // Not UTF-8: replaced, never a panic.
+        assert_eq!(decoded("/v1/%ff"), "/v1/\u{fffd}");
+    }
 
     fn defaults() -> Vec<PathRule> {
         DEFAULT_FORWARD_PATHS

@@ -136,7 +136,14 @@ pub struct Cutter {
     held: Arc<tokio::sync::watch::Sender<bool>>,
     conns: Arc<Mutex<CancellationToken>>,
     accepts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    sent: Sent,
 }
+
+/// The first [`SENT_RECORDED`] bytes callers sent through a [`Cutter`].
+type Sent = Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// How much of what callers send a [`Cutter`] keeps for [`Cutter::sent`].
+const SENT_RECORDED: usize = 4 << 20;
 
 impl Cutter {
     /// Starts forwarding to `upstream`.
@@ -147,7 +154,9 @@ impl Cutter {
         let conns = Arc::new(Mutex::new(CancellationToken::new()));
         let accepts = Arc::new(std::sync::Mutex::new(Vec::new()));
         let held = Arc::new(tokio::sync::watch::Sender::new(false));
+        let sent = Sent::default();
         let (d, c, a, h) = (down.clone(), conns.clone(), accepts.clone(), held.clone());
+        let s = sent.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -160,12 +169,13 @@ impl Cutter {
                 }
                 let cut = c.lock().await.clone();
                 let held = h.subscribe();
+                let sent = s.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = forward(inbound, outbound, held) => {}
+                        _ = forward(inbound, outbound, held, sent) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
@@ -177,7 +187,14 @@ impl Cutter {
             held,
             conns,
             accepts,
+            sent,
         }
+    }
+
+    /// What callers sent the service so far, over every connection (the
+    /// first 4 MiB).
+    pub fn sent(&self) -> Vec<u8> {
+        self.sent.lock().unwrap().clone()
     }
 
     /// Holds back what the service sends from now on (it still reads and
@@ -212,18 +229,31 @@ impl Cutter {
 }
 
 /// Copies both ways between a caller and the service, holding the
-/// service's bytes while `held` is true; each side's end is passed on.
+/// service's bytes while `held` is true and recording the caller's in
+/// `sent`; each side's end is passed on.
 async fn forward(
     inbound: TcpStream,
     outbound: TcpStream,
     mut held: tokio::sync::watch::Receiver<bool>,
+    sent: Sent,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut from_caller, mut to_caller) = inbound.into_split();
     let (mut from_service, mut to_service) = outbound.into_split();
     let up = async {
-        tokio::io::copy(&mut from_caller, &mut to_service).await?;
-        to_service.shutdown().await
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = from_caller.read(&mut buf).await?;
+            if n == 0 {
+                return to_service.shutdown().await;
+            }
+            {
+                let mut sent = sent.lock().unwrap();
+                let room = SENT_RECORDED.saturating_sub(sent.len());
+                sent.extend_from_slice(&buf[..n.min(room)]);
+            }
+            to_service.write_all(&buf[..n]).await?;
+        }
     };
     let down = async {
         let mut buf = vec![0u8; 16 << 10];

@@ -180,7 +180,10 @@ impl Accounts {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
         // No account has a longer email (`frps user add` refuses one), and
         // the throttle would keep it as a key: up to a frame's 64 KiB each.
-        if email.len() > MAX_EMAIL_BYTES {
+        // Nor one with a control character: PostgreSQL refuses a NUL in a
+        // parameter, which would answer "unavailable" (and log a warning)
+        // where SQLite answers "invalid".
+        if email.len() > MAX_EMAIL_BYTES || email.contains(char::is_control) {
             return Err(LoginError::InvalidCredentials);
         }
         let keys = throttle_keys(email, from);
@@ -799,6 +802,15 @@ mod tests {
         let long = format!("{}@x.test", "a".repeat(60_000));
         let err = accounts.login(&long, "password", ip).await.unwrap_err();
         assert_eq!(err, LoginError::InvalidCredentials);
+        {
+            let state = accounts.throttle.state.lock().unwrap();
+            assert!(state.failures.is_empty() && state.turns.is_empty());
+        }
+        // Nor with a control character (a NUL trips PostgreSQL).
+        for odd in ["a\u{0}@x.test", "a@x.test\n", "a\u{7f}@x.test"] {
+            let err = accounts.login(odd, "password", ip).await.unwrap_err();
+            assert_eq!(err, LoginError::InvalidCredentials, "{odd:?}");
+        }
         {
             let state = accounts.throttle.state.lock().unwrap();
             assert!(state.failures.is_empty() && state.turns.is_empty());

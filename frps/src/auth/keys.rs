@@ -100,7 +100,8 @@ pub struct KeyStats {
 
 /// Validates consumer API keys.
 pub struct KeyValidator {
-    static_key: Option<String>,
+    /// Whether a static key is set; `static_grant.id` is its SHA-256.
+    has_static_key: bool,
     static_grant: KeyGrant,
     store: Option<Store>,
     redis: Option<Arc<RedisCache>>,
@@ -119,7 +120,7 @@ pub struct KeyValidator {
 impl std::fmt::Debug for KeyValidator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyValidator")
-            .field("static_key", &self.static_key.is_some())
+            .field("static_key", &self.has_static_key)
             .field("store", &self.store.as_ref().map(Store::backend))
             .field("redis", &self.redis)
             .finish()
@@ -135,13 +136,19 @@ impl KeyValidator {
         redis: Option<Arc<RedisCache>>,
     ) -> Self {
         let static_key = static_key.filter(|k| !k.is_empty());
+        if static_key.is_some() {
+            // It may come from an inherited `API_KEY` variable: say so.
+            warn!(
+                "a static API key is set (--api-key or API_KEY): the public port accepts it with no rate limits until frps restarts without it"
+            );
+        }
         // The static key has no limits (there are no flags for them).
         let static_grant = KeyGrant {
             id: secret::hash(static_key.as_deref().unwrap_or_default()),
             limits: Limits::default(),
         };
         Self {
-            static_key,
+            has_static_key: static_key.is_some(),
             static_grant,
             store,
             redis,
@@ -177,7 +184,7 @@ impl KeyValidator {
 
     /// Whether any key at all can be valid.
     pub fn has_keys(&self) -> bool {
-        self.static_key.is_some() || self.store.is_some()
+        self.has_static_key || self.store.is_some()
     }
 
     /// Forgets what is cached in-process about `hash` (all keys when `None`).
@@ -212,9 +219,10 @@ impl KeyValidator {
     /// Checks one key presented from `from`: a key not cached here is looked
     /// up only while `from` has failed lookups left.
     pub async fn check_from(&self, key: &str, from: Option<IpAddr>) -> KeyCheck {
-        if let Some(k) = &self.static_key
-            && constant_time_eq(k.as_bytes(), key.as_bytes())
-        {
+        // Compared as digests, which tells a timing observer neither where
+        // a guess differs from the static key nor how long that key is.
+        let hash = secret::hash(key);
+        if self.has_static_key && constant_time_eq(&self.static_grant.id, &hash) {
             self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Valid(self.static_grant);
         }
@@ -226,7 +234,6 @@ impl KeyValidator {
         if key.starts_with(crate::store::HASH_PREFIX) {
             return KeyCheck::Invalid;
         }
-        let hash = secret::hash(key);
         let now = Utc::now().timestamp();
         if let Some(entry) = self.valid.get(&hash).await {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
@@ -269,7 +276,7 @@ impl KeyValidator {
             self.remember(hash, entry, asked).await;
             return verdict(hash, entry, now);
         }
-        match within_deadline(store.find_api_key(key, &secret::hex(&hash))).await {
+        match within_deadline(store.find_api_key(key, &hash)).await {
             Ok(row) => {
                 self.db_ok();
                 self.stats.db_hits.fetch_add(1, Ordering::Relaxed);
@@ -546,8 +553,56 @@ mod tests {
         let v = KeyValidator::new(Some("s".into()), None, None);
         assert!(matches!(v.check("s").await, KeyCheck::Valid(g) if g.limits.is_unlimited()));
         assert_eq!(v.check("abc123").await, KeyCheck::Invalid);
+        // Nor a key the static one starts with, or one it starts with.
+        let long = KeyValidator::new(Some("static-key".into()), None, None);
+        for near in ["static-ke", "static-key!", "static-kez", ""] {
+            assert_eq!(long.check(near).await, KeyCheck::Invalid, "{near}");
+        }
         let none = KeyValidator::new(None, None, None);
         assert!(!none.has_keys());
         assert_eq!(none.check("").await, KeyCheck::Invalid);
+        // An empty static key is none at all.
+        let empty = KeyValidator::new(Some(String::new()), None, None);
+        assert!(!empty.has_keys());
+        assert_eq!(empty.check("").await, KeyCheck::Invalid);
+    }
+
+    /// The static key may come from an inherited `API_KEY`: frps says it
+    /// accepts one.
+    #[test]
+    fn a_static_key_is_announced() {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let logged = |key: Option<&str>| {
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                KeyValidator::new(key.map(str::to_owned), None, None)
+            });
+            String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+        };
+        let said = logged(Some("from-the-environment"));
+        assert!(
+            said.contains("WARN") && said.contains("a static API key is set"),
+            "{said}"
+        );
+        assert!(
+            !said.contains("from-the-environment"),
+            "the key itself is not logged"
+        );
+        assert_eq!(logged(None), "");
+        assert_eq!(logged(Some("")), "");
     }
 }

@@ -573,21 +573,26 @@ async fn forward(
         );
     }
     let path = req.uri().path();
+    // The path the service will see: Ollama and vLLM decode escapes before
+    // they route, so `/v1/chat/%63ompletions` is their chat path too.
+    let decoded = crate::paths::decoded(path);
     // frps answers these itself (the fleet's models), whatever reaches the
     // boxes.
     if req.method() == Method::GET {
-        if path == "/v1/models" || path == "/api/tags" {
-            return models::list(state, path == "/api/tags");
+        if decoded == "/v1/models" || decoded == "/api/tags" {
+            return models::list(state, decoded == "/api/tags");
         }
         if let Some(model) = path.strip_prefix("/v1/models/") {
             return models::one(state, model);
         }
     }
+    // The rules are matched against the path as sent: an escape never
+    // widens what they allow.
     if !crate::paths::allowed(&state.config.forward_paths, path) {
         return path_not_allowed(&state.config.forward_paths, path);
     }
-    let routed = req.method() == Method::POST && MODEL_PATHS.contains(&path);
-    let by_name = path == "/api/show";
+    let routed = req.method() == Method::POST && MODEL_PATHS.contains(&&*decoded);
+    let by_name = decoded == "/api/show";
     let (mut parts, body) = req.into_parts();
     let pinned = match parts
         .headers
@@ -1153,45 +1158,140 @@ fn body_too_large(limit: usize) -> Response<PublicBody> {
 
 /// The `model` field of a JSON body, if it has one; with `or_name`, its
 /// `name` field otherwise (what Ollama's `/api/show` took before `model`).
-/// A body that names its model twice is [`Ambiguous`]: frps would route on
-/// one and the service might serve the other.
+///
+/// Read as the services behind frps read it, so that frps routes on the
+/// model they serve: only the body's first JSON value counts (Go's
+/// `json.Decoder`, as Ollama uses it, ignores what follows), and a field
+/// name matches whatever its case (`"Model"` is Go's `model` too). A body
+/// that names its model twice, in any case, is [`Ambiguous`]: frps would
+/// route on one name and the service might serve the other. Values of other
+/// fields, and a `model` or `name` that is not a string, are skipped without
+/// being kept (a body of up to `--max-body` costs no more memory than
+/// itself).
 pub fn model_of(body: &[u8], or_name: bool) -> Result<Option<String>, Ambiguous> {
-    #[derive(serde::Deserialize)]
-    struct Named {
-        model: Option<String>,
-        name: Option<serde_json::Value>,
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+    /// Which naming field a key is, if any.
+    enum Key {
+        Model,
+        Name,
+        Other,
     }
-    #[derive(serde::Deserialize)]
-    struct Modeled {
-        model: Option<String>,
-    }
-    // `name` is read (and may be ambiguous) only where it names the model.
-    let parsed = if or_name {
-        serde_json::from_slice::<Named>(body)
-    } else {
-        serde_json::from_slice::<Modeled>(body).map(|m| Named {
-            model: m.model,
-            name: None,
-        })
-    };
-    let named = match parsed {
-        Ok(named) => named,
-        // serde's message for a field given twice (`Error::duplicate_field`).
-        Err(e) if e.is_data() && e.to_string().starts_with("duplicate field `") => {
-            return Err(Ambiguous);
+    impl<'de> serde::Deserialize<'de> for Key {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+            struct KeyVisitor;
+            impl Visitor<'_> for KeyVisitor {
+                type Value = Key;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                    Ok(if key.eq_ignore_ascii_case("model") {
+                        Key::Model
+                    } else if key.eq_ignore_ascii_case("name") {
+                        Key::Name
+                    } else {
+                        Key::Other
+                    })
+                }
+            }
+            d.deserialize_str(KeyVisitor)
         }
-        Err(_) => return Ok(None),
+    }
+
+    /// A string value, or `None` for any other (skipped, not kept).
+    struct Text(Option<String>);
+    impl<'de> serde::Deserialize<'de> for Text {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+            struct TextVisitor;
+            impl<'de> Visitor<'de> for TextVisitor {
+                type Value = Text;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                    Ok(Text(Some(v.to_owned())))
+                }
+                fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text, E> {
+                    Ok(Text(Some(v)))
+                }
+                fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Text, E> {
+                    Ok(Text(None))
+                }
+                fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Text, E> {
+                    Ok(Text(None))
+                }
+                fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Text, E> {
+                    Ok(Text(None))
+                }
+                fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Text, E> {
+                    Ok(Text(None))
+                }
+                fn visit_unit<E: serde::de::Error>(self) -> Result<Text, E> {
+                    Ok(Text(None))
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Text, A::Error> {
+                    IgnoredAny.visit_seq(seq).map(|_| Text(None))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+                    IgnoredAny.visit_map(map).map(|_| Text(None))
+                }
+            }
+            d.deserialize_any(TextVisitor)
+        }
+    }
+
+    /// What the top-level object names: each field's value (`Some` once
+    /// seen), and whether one was seen twice.
+    #[derive(Default)]
+    struct Namings {
+        model: Option<Option<String>>,
+        name: Option<Option<String>>,
+        twice: bool,
+    }
+    struct Top {
+        or_name: bool,
+    }
+    impl<'de> DeserializeSeed<'de> for Top {
+        type Value = Namings;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Namings, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Top {
+        type Value = Namings;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Namings, A::Error> {
+            let mut found = Namings::default();
+            while let Some(key) = map.next_key::<Key>()? {
+                // `name` is read (and may be ambiguous) only where it
+                // names the model.
+                let slot = match key {
+                    Key::Model => &mut found.model,
+                    Key::Name if self.or_name => &mut found.name,
+                    Key::Name | Key::Other => {
+                        map.next_value::<IgnoredAny>()?;
+                        continue;
+                    }
+                };
+                found.twice |= slot.is_some();
+                *slot = Some(map.next_value::<Text>()?.0);
+            }
+            Ok(found)
+        }
+    }
+
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let Ok(found) = Top { or_name }.deserialize(&mut json) else {
+        return Ok(None);
     };
-    let name = || match named.name {
-        Some(serde_json::Value::String(n)) => Some(n),
-        _ => None,
-    };
-    Ok(named
-        .model
-        .clone()
-        .filter(|m| !m.trim().is_empty())
-        .or_else(name)
-        .filter(|m| !m.trim().is_empty()))
+    if found.twice {
+        return Err(Ambiguous);
+    }
+    let named = |field: Option<Option<String>>| field.flatten().filter(|m| !m.trim().is_empty());
+    Ok(named(found.model).or_else(|| named(found.name)))
 }
 
 /// A JSON body with its `model` (or `name`) field more than once.
@@ -2042,6 +2142,110 @@ mod tests {
                 .as_deref(),
             Some("a")
         );
+    }
+
+    /// Go's `encoding/json` (Ollama) matches field names whatever their
+    /// case and reads only a body's first value: frps reads the body so.
+    #[test]
+    fn the_model_is_read_as_go_services_read_it() {
+        // Another case of the same name is the same field: named twice.
+        for body in [
+            &br#"{"model":"a","MODEL":"b"}"#[..],
+            br#"{"Model":"a","model":"a"}"#,
+            br#"{"mod\u0065l":"a","model":"b"}"#,
+        ] {
+            assert_eq!(model_of(body, false), Err(Ambiguous), "{body:?}");
+        }
+        assert_eq!(
+            model_of(br#"{"name":"a","NAME":"b"}"#, true),
+            Err(Ambiguous)
+        );
+        // Named once, in any case.
+        assert_eq!(
+            model_of(br#"{"Model":"a"}"#, false).unwrap().as_deref(),
+            Some("a")
+        );
+        assert_eq!(
+            model_of(br#"{"Name":"q"}"#, true).unwrap().as_deref(),
+            Some("q")
+        );
+        // What follows the first value is not read.
+        for body in [
+            &br#"{"model":"a"}{}"#[..],
+            br#"{"model":"a"} {"model":"b"}"#,
+        ] {
+            assert_eq!(model_of(body, false).unwrap().as_deref(), Some("a"));
+        }
+        // A `model` that is not a string names none.
+        for body in [
+            &br#"{"model":7}"#[..],
+            br#"{"model":null}"#,
+            br#"{"model":["a"]}"#,
+            br#"{"model":{"a":1}}"#,
+        ] {
+            assert_eq!(model_of(body, false), Ok(None), "{body:?}");
+        }
+        // Not an object.
+        assert_eq!(model_of(br#"["model","a"]"#, false), Ok(None));
+    }
+
+    /// Counts the bytes allocated by this thread while it is set.
+    mod counting {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            pub static COUNTING: Cell<bool> = const { Cell::new(false) };
+            pub static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+        }
+
+        pub struct Counting;
+
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                // `try_with`: a thread being torn down has no locals left.
+                let _ = COUNTING.try_with(|on| {
+                    if on.get() {
+                        let _ = ALLOCATED.try_with(|n| n.set(n.get() + layout.size()));
+                    }
+                });
+                unsafe { System.alloc(layout) }
+            }
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                unsafe { System.dealloc(ptr, layout) }
+            }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: counting::Counting = counting::Counting;
+
+    /// Bytes `f` allocates on this thread.
+    fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        counting::ALLOCATED.with(|n| n.set(0));
+        counting::COUNTING.with(|on| on.set(true));
+        let out = f();
+        counting::COUNTING.with(|on| on.set(false));
+        (out, counting::ALLOCATED.with(|n| n.get()))
+    }
+
+    /// Values that name no model are skipped, not kept: a body full of
+    /// numbers where `/api/show` looks for a name costs next to nothing
+    /// (kept as a JSON tree, 32 bytes a number: 25 times the body).
+    #[test]
+    fn reading_the_model_keeps_nothing_it_does_not_use() {
+        let mut body = String::from(r#"{"model":"m","name":["#);
+        body.push_str(&"0,".repeat(500_000));
+        body.push_str(r#"0],"options":{"x":[1,2,3]}}"#);
+        for or_name in [true, false] {
+            let (model, bytes) = allocated_by(|| model_of(body.as_bytes(), or_name));
+            assert_eq!(model.unwrap().as_deref(), Some("m"));
+            assert!(
+                bytes < 1024,
+                "{bytes} bytes allocated reading {}",
+                body.len()
+            );
+        }
     }
 
     #[test]

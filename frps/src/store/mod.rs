@@ -264,29 +264,58 @@ impl Store {
 
     // ---- API keys -------------------------------------------------------
 
-    /// The row for a presented key: stored in plaintext (a legacy row
-    /// inserted by hand) or as `sha256:<hex>`.
+    /// The row for a presented key (`hash`: its SHA-256): stored in
+    /// plaintext (a legacy row inserted by hand) or as `sha256:<hex>`.
+    ///
+    /// PostgreSQL is sent the hash alone and compares it with the hashes of
+    /// the plaintext rows itself, so a caller's key (or a guess) never
+    /// reaches a server that may log statements with their parameters
+    /// (`log_statement`, `log_min_duration_statement`, `auto_explain`). The
+    /// hashed rows are looked up by the key's index first; only a key not
+    /// stored so (a legacy one, or none) costs a scan of the plaintext rows.
+    /// SQLite, a file in frps's own process, is sent the key.
     pub async fn find_api_key(
         &self,
         plaintext: &str,
-        hash_hex: &str,
+        hash: &[u8; 32],
     ) -> Result<Option<ApiKeyRow>, StoreError> {
-        const SQL: &str = concat!(
+        const PG: &str = concat!(
+            "(SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE key = $1 LIMIT 1) UNION ALL (SELECT ",
+            api_key_columns!(),
+            " FROM api_keys WHERE key NOT LIKE 'sha256:%'",
+            " AND sha256(convert_to(key, 'UTF8')) = $2 LIMIT 1) LIMIT 1"
+        );
+        const SQLITE: &str = concat!(
             "SELECT ",
             api_key_columns!(),
             " FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"
         );
-        let hashed = format!("{HASH_PREFIX}{hash_hex}");
-        // A presented `sha256:…` only ever matches as a hash, never as the
-        // stored form itself.
-        let legacy = if plaintext.starts_with(HASH_PREFIX) {
-            hashed.as_str()
-        } else {
-            plaintext
-        };
-        Ok(
-            on_pool!(self, p => sqlx::query_as(SQL).bind(legacy).bind(&hashed).fetch_optional(p).await?),
-        )
+        let hashed = format!("{HASH_PREFIX}{}", crate::auth::secret::hex(hash));
+        Ok(match self {
+            Store::Postgres(p) => {
+                sqlx::query_as(PG)
+                    .bind(&hashed)
+                    .bind(&hash[..])
+                    .fetch_optional(p)
+                    .await?
+            }
+            Store::Sqlite(p) => {
+                // A presented `sha256:…` only ever matches as a hash, never
+                // as the stored form itself.
+                let legacy = if plaintext.starts_with(HASH_PREFIX) {
+                    hashed.as_str()
+                } else {
+                    plaintext
+                };
+                sqlx::query_as(SQLITE)
+                    .bind(&hashed)
+                    .bind(legacy)
+                    .fetch_optional(p)
+                    .await?
+            }
+        })
     }
 
     /// Stores a new key by its hash, with its rate limits.

@@ -226,6 +226,18 @@ async fn unknown_models_get_404_ambiguous_ones_400_and_an_empty_fleet_503() {
     let reply = post(b.frps.public(), "/v1/chat/completions", twice.into()).await;
     assert_eq!(reply.status, 400, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "ambiguous_model");
+    // As Ollama reads it: a name in another case is the same field, and an
+    // escaped path is the path it spells.
+    let twice = r#"{"model":"llama3","messages":[],"MODEL":"mistral"}"#;
+    let reply = post(b.frps.public(), "/v1/chat/completions", twice.into()).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "ambiguous_model");
+    for path in ["/v1/chat/%63ompletions", "/api/%67enerate"] {
+        let reply = post(b.frps.public(), path, chat("mistral")).await;
+        assert_eq!(reply.status, 404, "{path}: {}", reply.body);
+        let reply = post(b.frps.public(), path, chat("llama3")).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+    }
     for (_, c) in b.clients {
         c.kill().await;
     }

@@ -264,7 +264,10 @@ async fn limits_migration_upgrades(url: &str) {
         .unwrap();
     assert_eq!(rows[0].1, limits);
     let row = store
-        .find_api_key("pre-upgrade-key", "")
+        .find_api_key(
+            "pre-upgrade-key",
+            &frps::auth::secret::hash("pre-upgrade-key"),
+        )
         .await
         .unwrap()
         .expect("row");
@@ -359,7 +362,7 @@ async fn created_keys_are_stored_only_as_hashes_in_the_database_and_redis() {
         KeyCheck::Invalid
     );
     let row = store
-        .find_api_key(&stored, &frps::auth::secret::hash_hex(&stored))
+        .find_api_key(&stored, &frps::auth::secret::hash(&stored))
         .await
         .unwrap();
     assert!(row.is_none(), "the stored form matched itself");
@@ -532,6 +535,69 @@ async fn requests_keep_succeeding_while_redis_is_down() {
                 .is_some_and(|r| r.is_healthy())
     })
     .await;
+}
+
+/// PostgreSQL may log statements with their parameters: a caller's key,
+/// valid or not, reaches it only as its hash, legacy plaintext rows
+/// included (compared by PostgreSQL's own `sha256`).
+#[tokio::test]
+async fn presented_keys_never_reach_postgres_in_plaintext() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let cutter = Cutter::start(pg.addr()).await;
+    // Unencrypted through the cutter, so what it records is what was sent.
+    let mut url = url::Url::parse(&pg.url_via(cutter.addr)).unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "disable");
+    let store = Store::connect(url.as_str()).await.unwrap();
+    let legacy = "legacy-plaintext-key-6f1d";
+    let stranger = "guessed-key-93ab";
+    exec_on(
+        &store,
+        &format!("INSERT INTO api_keys (key, status) VALUES ('{legacy}', 'active')"),
+    )
+    .await;
+    let validator = KeyValidator::new(None, Some(store.clone()), None);
+    let (created, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    assert!(matches!(validator.check(legacy).await, KeyCheck::Valid(_)));
+    assert!(matches!(
+        validator.check(&created).await,
+        KeyCheck::Valid(_)
+    ));
+    assert_eq!(validator.check(stranger).await, KeyCheck::Invalid);
+    // A revoked legacy row is found, and refused.
+    exec_on(
+        &store,
+        "UPDATE api_keys SET status = 'revoked' WHERE key LIKE 'legacy-%'",
+    )
+    .await;
+    let fresh = KeyValidator::new(None, Some(store.clone()), None);
+    assert_eq!(fresh.check(legacy).await, KeyCheck::Invalid);
+    let sent = cutter.sent();
+    let seen = |s: &str| sent.windows(s.len()).any(|w| w == s.as_bytes());
+    assert!(
+        seen("INSERT INTO api_keys"),
+        "the cutter records the traffic"
+    );
+    for key in [created.as_str(), stranger] {
+        assert!(!seen(key), "{key} was sent to PostgreSQL");
+    }
+    // The legacy key went in by the INSERT above, and only there.
+    let statements = sent
+        .windows(legacy.len())
+        .filter(|w| *w == legacy.as_bytes());
+    assert_eq!(statements.count(), 1);
+    store.close().await;
+    pg.drop_db().await;
+}
+
+/// Runs `sql` on `store`.
+async fn exec_on(store: &Store, sql: &str) {
+    match store {
+        Store::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
+        Store::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
+    }
+    .unwrap();
 }
 
 #[tokio::test]
