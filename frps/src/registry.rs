@@ -194,9 +194,15 @@ impl ClientHandle {
         self.models.read().expect("models lock").clone()
     }
 
-    /// Replaces the reported models.
-    pub fn set_models(&self, models: Vec<ModelInfo>) {
-        *self.models.write().expect("models lock") = models;
+    /// Replaces the reported models; returns whether they differ from
+    /// those reported before.
+    pub fn set_models(&self, models: Vec<ModelInfo>) -> bool {
+        let mut current = self.models.write().expect("models lock");
+        if *current == models {
+            return false;
+        }
+        *current = models;
+        true
     }
 
     /// Records whether the local service answers.

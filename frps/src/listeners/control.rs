@@ -15,8 +15,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Principal;
 use crate::auth::accounts::TokenReview;
-use crate::plugins::hooks;
-use crate::registry::{ClientHandle, NewClient};
+use crate::plugins::{Op, hooks};
+use crate::registry::{ClientHandle, IdTaken, NewClient};
 use crate::state::State;
 
 /// Longest client id accepted.
@@ -39,7 +39,7 @@ enum ControlError {
 /// Serves one control connection until it closes.
 pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
     let _session = state.sessions.token();
-    let span = info_span!("control", %peer);
+    let span = info_span!("control", %peer, client = tracing::field::Empty);
     async move {
         let hs = state.config.handshake_timeout;
         let stream = match state.tls.accept_frames(stream, hs).await {
@@ -88,33 +88,31 @@ async fn session(
     let admitted = match validate(&registration) {
         Ok(()) => hooks::admit(&state.plugins, registration, peer, session)
             .await
-            .map_err(|e| (e.to_string(), !e.is_rejection()))
-            // A plugin may have rewritten the client id.
-            .and_then(|reg| validate(&reg).map(|()| reg)),
-        Err(refusal) => Err(refusal),
-    };
-    let admitted = match admitted {
-        Ok(reg) => claim_id(state, &reg, owner.user_id).await.map(|()| reg),
+            .map_err(|e| (e.to_string(), !e.is_rejection())),
         Err(refusal) => Err(refusal),
     };
     let registration = match admitted {
         Ok(reg) => reg,
-        Err((reason, retry)) => {
-            let refusal = Command::RegisterRefused {
-                reason: reason.clone(),
-                retry,
-            };
-            send(wr, &refusal, hs).await?;
-            return Err(ControlError::Refused(reason));
-        }
+        Err((reason, retry)) => return refuse(wr, hs, reason, retry).await,
     };
+    // The plugins accepted this registration's NewProxy: a refusal from
+    // here on owes them its CloseProxy.
+    let refusal = match validate(&registration) {
+        // A plugin may have rewritten the client id.
+        Err(refusal) => Some(refusal),
+        Ok(()) => claim_id(state, &registration, owner.user_id).await.err(),
+    };
+    if let Some((reason, retry)) = refusal {
+        hooks::close_proxy(&state.plugins, &registration, session).await;
+        return refuse(wr, hs, reason, retry).await;
+    }
 
     // Plugins may have taken a while: a client that gave up meanwhile (its
     // connection closed) is not registered, so it cannot replace the
     // session it opened since with the same id.
-    match tokio::time::timeout(Duration::ZERO, reader.read_command()).await {
-        Err(_) => {}
-        Ok(Ok(None)) => return Err(ControlError::ClosedEarly),
+    let early = match tokio::time::timeout(Duration::ZERO, reader.read_command()).await {
+        Err(_) => None,
+        Ok(Ok(None)) => Some(ControlError::ClosedEarly),
         Ok(Ok(Some(other))) => {
             let reason = format!("expected nothing before Registered, got {}", other.name());
             let _ = send(
@@ -125,12 +123,22 @@ async fn session(
                 hs,
             )
             .await;
-            return Err(ControlError::Refused(reason));
+            Some(ControlError::Refused(reason))
         }
-        Ok(Err(e)) => return Err(e.into()),
+        Ok(Err(e)) => Some(e.into()),
+    };
+    if let Some(ended) = early {
+        hooks::close_proxy(&state.plugins, &registration, session).await;
+        return Err(ended);
     }
     let (tx, rx) = mpsc::channel(64);
     let session_key = random_hex(32);
+    // Kept for a CloseProxy should the id still be live under another
+    // account (the registration moves into the registry's handle).
+    let closing = state
+        .plugins
+        .handles(Op::CloseProxy)
+        .then(|| registration.clone());
     let new = NewClient {
         registration,
         remote_addr: peer,
@@ -140,16 +148,20 @@ async fn session(
     };
     let client = match state.registry.insert_as(new, session) {
         Ok(client) => client,
-        Err(taken) => {
-            let reason = taken.to_string();
-            let refusal = Command::RegisterRefused {
-                reason: reason.clone(),
-                retry: false,
-            };
-            send(wr, &refusal, hs).await?;
-            return Err(ControlError::Refused(reason));
+        Err(IdTaken(id)) => {
+            if let Some(reg) = &closing {
+                hooks::close_proxy(&state.plugins, reg, session).await;
+            }
+            // `claim_id` just found the id this account's: an operator
+            // released it while the previous owner's session was still
+            // live. That session's end frees it, so the box tries again.
+            let reason = format!(
+                "client id '{id}' was released to this account but a session of its previous owner is still live; retrying until it ends"
+            );
+            return refuse(wr, hs, reason, true).await;
         }
     };
+    drop(closing);
     tracing::Span::current().record("client", client.id.as_str());
     let registered = Command::Registered {
         client_id: client.id.clone(),
@@ -189,10 +201,29 @@ async fn session(
     // proxy to that session: only the session that held the id closes it.
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
+        // Before the database write: a box reconnecting meanwhile sends its
+        // plugins a NewProxy for the same name, which must come after.
+        // (Plugins tell sessions apart by `run_id`.)
+        hooks::close_proxy(&state.plugins, &client.registration, client.session).await;
         write_asset(state, &client, "offline").await;
-        hooks::close_proxy(&state.plugins, &client).await;
     }
     result
+}
+
+/// Refuses a registration with `reason`; `retry` tells frpc whether trying
+/// again can succeed.
+async fn refuse<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    hs: Duration,
+    reason: String,
+    retry: bool,
+) -> Result<(), ControlError> {
+    let refusal = Command::RegisterRefused {
+        reason: reason.clone(),
+        retry,
+    };
+    send(wr, &refusal, hs).await?;
+    Err(ControlError::Refused(reason))
 }
 
 /// A token login's principal, with a new token for the box when its own
@@ -517,16 +548,22 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             None
         }
         Command::ModelsUpdate { models, service_up } => {
-            if service_up != client.is_healthy() {
+            let health_changed = service_up != client.is_healthy();
+            if health_changed {
                 info!(client = %client.id, "client's local service is {}", if service_up { "up again" } else { "down" });
             }
             client.set_service_up(service_up);
-            client.set_models(models);
-            if service_up {
-                // A healthy report ends a failure cool-down.
-                client.record_success();
+            let models_changed = client.set_models(models);
+            // frpc reports only changes: one that changes nothing (a peer
+            // repeating itself) neither ends a cool-down nor wakes every
+            // queue to look again.
+            if health_changed || models_changed {
+                if service_up {
+                    // A healthy report ends a failure cool-down.
+                    client.record_success();
+                }
+                state.queues.wake_all();
             }
-            state.queues.wake_all();
             None
         }
         Command::OpenFailed { conn_id, reason } => {

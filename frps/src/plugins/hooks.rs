@@ -94,13 +94,16 @@ pub async fn admit(
     Ok(reg)
 }
 
-/// `CloseProxy` for a client whose session ended. Notification only:
-/// failures are logged (by the plugin layer) and otherwise ignored.
-pub async fn close_proxy(plugins: &Plugins, client: &ClientHandle) {
+/// `CloseProxy` for a registration [`admit`] accepted as session
+/// `session`: its session ended, or it was refused after the plugins had
+/// accepted its `NewProxy` (every `NewProxy` accepted gets its
+/// `CloseProxy`). Notification only: failures are logged (by the plugin
+/// layer) and otherwise ignored.
+pub async fn close_proxy(plugins: &Plugins, reg: &Registration, session: u64) {
     if plugins.handles(Op::CloseProxy) {
         let content = CloseProxyContent {
-            user: client_user(client),
-            proxy_name: client.id.clone(),
+            user: user_info(&reg.user, &reg.metas, session),
+            proxy_name: reg.client_id.clone(),
         };
         let _ = plugins.call(content).await;
     }

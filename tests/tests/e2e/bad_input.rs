@@ -167,6 +167,95 @@ async fn a_client_id_stays_its_accounts_while_its_owner_is_offline() {
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
 }
 
+/// frpc reports its models and health only when they change: a report
+/// that changes nothing, however often repeated, does not end a failure
+/// cool-down (nor wake the queues); a real change does.
+#[tokio::test]
+async fn a_models_report_that_changes_nothing_changes_nothing() {
+    use common::protocol::ModelInfo;
+    let fleet = Fleet::start(0).await;
+    let frps = &fleet.frps;
+    let (mut c, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "gpu-m").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let model = |name: &str| ModelInfo {
+        name: name.into(),
+        size: None,
+    };
+    // Handled in order: once the heartbeat's answer is back, so is all
+    // that came before it.
+    let mut seq = 0;
+    let mut report = async |c: &mut FakeClient, models: Vec<ModelInfo>| {
+        c.send(Command::ModelsUpdate {
+            models,
+            service_up: true,
+        })
+        .await;
+        seq += 1;
+        c.send(Command::Heartbeat { seq }).await;
+        loop {
+            match c.recv().await {
+                Some(Command::HeartbeatAck { seq: acked }) if acked == seq => break,
+                Some(_) => {}
+                None => panic!("frps closed the session"),
+            }
+        }
+    };
+    report(&mut c, vec![model("a:latest")]).await;
+    let client = frps.state.registry.get("gpu-m").expect("registered");
+    assert_eq!(client.models(), vec![model("a:latest")]);
+    // Failures enough for the longest cool-down (60 s).
+    for _ in 0..10 {
+        client.record_failure();
+    }
+    assert!(client.is_cooling_down());
+    for _ in 0..50 {
+        report(&mut c, vec![model("a:latest")]).await;
+    }
+    assert!(
+        client.is_cooling_down(),
+        "an unchanged report ended the cool-down"
+    );
+    report(&mut c, vec![model("a:latest"), model("b:latest")]).await;
+    assert!(!client.is_cooling_down(), "a healthy change ends it");
+    assert_eq!(client.models().len(), 2);
+}
+
+/// An id the operator released while its previous owner is still online:
+/// the new owner's box is told to retry (not to give up), and gets in once
+/// that session ends.
+#[tokio::test]
+async fn a_released_id_still_in_use_is_retried_until_its_old_session_ends() {
+    let fleet = Fleet::start(0).await;
+    let frps = &fleet.frps;
+    let (old, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "gpu-r").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    assert!(frps.state.store.release_client_id("gpu-r").await.unwrap());
+    let heir = frps.other_account_token("heir@example.com").await;
+    let (_early, answer) = FakeClient::register(frps.addrs.control, &heir, "gpu-r").await;
+    match answer {
+        Command::RegisterRefused { reason, retry } => {
+            assert!(reason.contains("still live"), "{reason}");
+            assert!(retry, "the box must not give up: {reason}");
+        }
+        other => panic!("expected RegisterRefused, got {other:?}"),
+    }
+    let registry = &frps.state.registry;
+    let live = registry.get("gpu-r").expect("the old session stays");
+    assert_eq!(
+        live.owner.user_id, frps.user_id,
+        "still the first account's"
+    );
+    drop(old);
+    frpx_tests::eventually("the old session is gone", || {
+        registry.get("gpu-r").is_none()
+    })
+    .await;
+    let (_heir, answer) = FakeClient::register(frps.addrs.control, &heir, "gpu-r").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+}
+
 #[tokio::test]
 async fn a_registration_under_another_accounts_client_id_is_refused() {
     let fleet = Fleet::start(1).await;

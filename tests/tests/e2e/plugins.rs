@@ -887,6 +887,67 @@ async fn a_session_replaced_by_a_reconnect_does_not_close_the_proxy() {
     assert_eq!(plugin.calls_for("CloseProxy").len(), 1);
 }
 
+/// Every NewProxy the plugins accepted gets its CloseProxy, also when frps
+/// refuses the registration after asking them (here: the client id belongs
+/// to another account; then a client id the plugin rewrote to one frps
+/// refuses).
+#[tokio::test]
+async fn a_registration_refused_after_new_proxy_closes_its_proxy() {
+    let plugin = PluginServer::start(|call| match call.op() {
+        "NewProxy" if call.content()["proxy_name"] == "rename-me" => {
+            let mut content = call.content().clone();
+            content["proxy_name"] = json!("not an id/..");
+            Reply::Replace(content)
+        }
+        _ => Reply::Allow,
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("audit", &["NewProxy", "CloseProxy"])];
+    cfg.plugin_timeout = Duration::from_secs(3);
+    // The silent fake clients are not evicted (which closes proxies too)
+    // while the test runs.
+    cfg.heartbeat_interval = Duration::from_secs(60);
+    let frps = Frps::start(cfg).await;
+    // gpu-o is the first account's.
+    let (owner, answer) = register(&frps, registration("gpu-o")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let other = frps.other_account_token("other@example.com").await;
+    let (_other, answer) =
+        FakeClient::register_as(frps.addrs.control, &other, registration("gpu-o")).await;
+    let (reason, retry) = refusal(&answer);
+    assert!(reason.contains("another account"), "{reason}");
+    assert!(!retry);
+    let close = plugin.wait_for("CloseProxy").await;
+    let opened = plugin.calls_for("NewProxy");
+    assert_eq!(opened.len(), 2);
+    assert_eq!(close.content()["proxy_name"], "gpu-o");
+    assert_eq!(
+        close.content()["user"]["run_id"],
+        opened[1].content()["user"]["run_id"],
+        "the refused session's proxy, not the live one's"
+    );
+    assert!(
+        frps.state.registry.get("gpu-o").is_some(),
+        "the owner stays"
+    );
+
+    let (_renamed, answer) = register(&frps, registration("rename-me")).await;
+    let (reason, _) = refusal(&answer);
+    assert!(reason.contains("client id"), "{reason}");
+    frpx_tests::eventually("the renamed proxy is closed", || {
+        plugin.calls_for("CloseProxy").len() == 2
+    })
+    .await;
+    let closes = plugin.calls_for("CloseProxy");
+    assert_eq!(closes[1].content()["proxy_name"], "not an id/..");
+    drop(owner);
+    frpx_tests::eventually("the owner's proxy is closed", || {
+        plugin.calls_for("CloseProxy").len() == 3
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_flood_of_heartbeats_makes_one_ping_call_at_a_time() {
     let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(500))).await;
