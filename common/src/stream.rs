@@ -182,7 +182,7 @@ pub async fn path_gone_silent(
 /// one). Set before `listen`, not after: a connection whose handshake ends
 /// in between would be queued without it. The flag says whether accepted
 /// sockets have it from the listener; otherwise each must be set on its own.
-pub async fn listen_with_nodelay(
+pub fn listen_with_nodelay(
     addr: std::net::SocketAddr,
 ) -> io::Result<(tokio::net::TcpListener, bool)> {
     let socket = if addr.is_ipv4() {
@@ -374,9 +374,7 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_take_nodelay_from_their_listener() {
-        let (l, inherited) = listen_with_nodelay("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let (l, inherited) = listen_with_nodelay("127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(
             inherited,
             cfg!(any(target_os = "linux", target_os = "android"))
@@ -385,7 +383,7 @@ mod tests {
         let (_c, a) = (c.unwrap(), a.unwrap().0);
         assert_eq!(a.nodelay().unwrap(), inherited);
         // IPv6 too, where the machine has it.
-        if let Ok((l6, inherited)) = listen_with_nodelay("[::1]:0".parse().unwrap()).await {
+        if let Ok((l6, inherited)) = listen_with_nodelay("[::1]:0".parse().unwrap()) {
             let (c, a) = tokio::join!(TcpStream::connect(l6.local_addr().unwrap()), l6.accept());
             let (_c, a) = (c.unwrap(), a.unwrap().0);
             assert_eq!(a.nodelay().unwrap(), inherited);

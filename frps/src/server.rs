@@ -70,7 +70,6 @@ impl Server {
         let public_addr: SocketAddr = (config.bind_addr, config.public_port).into();
         // Every public connection wants TCP_NODELAY: taken from the listener.
         let (public, public_nodelay) = common::stream::listen_with_nodelay(public_addr)
-            .await
             .with_context(|| format!("cannot bind the public port on {public_addr}"))?;
         let api = bind("API", (config.api_bind, config.api_port).into()).await?;
         let addrs = BoundAddrs {
