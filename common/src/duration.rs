@@ -2,7 +2,16 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `10s`, `5m`, `1h` or a bare number of seconds.
+/// The longest duration a flag or config file may give: 100 years. Far
+/// beyond any useful timeout, and far below what a clock reading plus a
+/// duration can hold (`Instant + Duration` panics past about 292 billion
+/// years; `Duration` arithmetic such as a backoff's doubling overflows near
+/// 584 billion): a longer value would be accepted at start and panic on
+/// first use.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// Parses `250ms`, `10s`, `5m`, `1h` or a bare number of seconds, up to
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -15,7 +24,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .map(Duration::from_secs)
             .ok_or_else(|| format!("`{s}` is too long"))
     };
-    match unit {
+    let d = match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
         "m" => secs(60),
@@ -24,7 +33,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => Err(format!(
             "`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
         )),
+    }?;
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is too long (at most 100 years: 36500d)"));
     }
+    Ok(d)
 }
 
 /// As [`parse_duration`], refusing zero: for delays and deadlines where
@@ -51,6 +64,20 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("99999999999999999d").is_err());
+        // Accepted values can be added to a clock reading and doubled.
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+        for long in [
+            "36501d",
+            "18446744073709551615",
+            "3153600001",
+            "300000000000000d",
+        ] {
+            let err = parse_duration(long).unwrap_err();
+            assert!(err.contains("too long"), "{long}: {err}");
+            assert!(parse_positive_duration(long).is_err());
+        }
+        let longest = parse_duration("36500d").unwrap();
+        let _ = std::time::Instant::now() + longest * 4;
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
         assert!(parse_duration("10x").unwrap_err().contains("unknown unit"));
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));

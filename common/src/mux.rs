@@ -69,9 +69,12 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Streams one opener keeps open at once: [`Mux::open`] fails beyond (frps
 /// then falls back to a dial-back).
 pub const MAX_STREAMS: usize = 1024;
-/// Streams opened and not yet accepted after which the opener is in breach
-/// (an opener keeps to [`MAX_STREAMS`]).
-const MAX_UNACCEPTED: usize = 4 * MAX_STREAMS;
+/// Streams an acceptor holds for its peer, accepted or not, past which the
+/// opener is in breach: it keeps to [`MAX_STREAMS`], and streams it has
+/// finished with may linger here a while (their handles still dropping),
+/// hence the margin. Each stream can hold a receive window and, on frpc, a
+/// connection to the local service: a peer may not open them without end.
+const MAX_PEER_STREAMS: usize = 4 * MAX_STREAMS;
 /// Received bytes are packed into chunks of at least this much before
 /// they queue for the reader, so a peer sending tiny frames costs no more
 /// memory per byte than one sending large ones.
@@ -283,8 +286,10 @@ impl Shared {
                 if inner.streams.contains_key(&id) {
                     return Err(protocol_error(format!("stream {id} opened twice")));
                 }
-                if inner.accept_queue.len() >= MAX_UNACCEPTED {
-                    return Err(protocol_error("too many streams opened and not accepted"));
+                if inner.streams.len() >= MAX_PEER_STREAMS {
+                    return Err(protocol_error(format!(
+                        "more than {MAX_PEER_STREAMS} streams opened on the tunnel connection"
+                    )));
                 }
                 inner.streams.insert(id, StreamState::new());
                 inner.accept_queue.push_back(id);
@@ -1048,6 +1053,37 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Accepted or not, the streams a peer opens are bounded.
+    #[tokio::test]
+    async fn an_opener_past_the_stream_limit_ends_the_connection() {
+        for accepting in [false, true] {
+            let (a, mut b): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
+            let (mux, drive) = Mux::new(a, Role::Acceptor);
+            let driver = tokio::spawn(drive);
+            let holder = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while accepting && let Some(stream) = mux.accept().await {
+                    held.push(stream);
+                }
+                (mux, held)
+            });
+            let mut bytes = Vec::new();
+            for id in 1..=MAX_PEER_STREAMS as u32 {
+                bytes.extend(frame(1, id, 0, &[]));
+            }
+            b.write_all(&bytes).await.unwrap();
+            // All held (accepted or queued): the next one is a breach.
+            b.write_all(&frame(1, 0xffff, 0, &[])).await.unwrap();
+            let err = within("driver", driver).await.unwrap().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("streams opened"), "{err}");
+            let (_mux, held) = within("holder", holder).await.unwrap();
+            if accepting {
+                assert_eq!(held.len(), MAX_PEER_STREAMS);
+            }
+        }
     }
 
     #[tokio::test]

@@ -556,7 +556,7 @@ mod tests {
             .await
         };
         // Within chrono's durations, but past the year 262143.
-        let too_far = common::parse_duration("100000000d").unwrap();
+        let too_far = Duration::from_secs(100_000_000 * 86400);
         let e = create(Some(too_far)).await.unwrap_err();
         assert!(e.to_string().contains("--expires-in"), "{e}");
         assert!(e.to_string().contains("too far in the future"), "{e}");

@@ -330,14 +330,16 @@ fn parse_body_budget(s: &str) -> Result<usize, String> {
 
 /// `--token-ttl`: `0` (no expiry) or a duration up to [`MAX_TOKEN_TTL`].
 fn parse_token_ttl(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d <= MAX_TOKEN_TTL {
-        Ok(d)
-    } else {
-        Err(format!(
+    match parse_duration(s) {
+        Ok(d) if d <= MAX_TOKEN_TTL => Ok(d),
+        // Not a duration at all: that error says why.
+        Err(e) if !e.contains("too long") => Err(e),
+        // Too long for a token (or for any duration, which stops at the
+        // same 100 years).
+        _ => Err(format!(
             "--token-ttl must be at most 100 years, e.g. 36500d, or 0 for no expiry (got `{}`)",
             s.trim()
-        ))
+        )),
     }
 }
 
@@ -438,13 +440,16 @@ mod tests {
 
     #[test]
     fn heartbeat_intervals_out_of_range_are_refused() {
-        for bad in ["0", "99ms", "3601s", "2h", "100000000d"] {
+        for bad in ["0", "99ms", "3601s", "2h", "36500d"] {
             let e = parse_error(&["--heartbeat-interval", bad]);
             assert!(
                 e.contains("--heartbeat-interval must be from 100ms to 1h"),
                 "{bad}: {e}"
             );
         }
+        // Past any duration's 100 years: refused as too long.
+        let e = parse_error(&["--heartbeat-interval", "100000000d"]);
+        assert!(e.contains("too long"), "{e}");
         for (good, want) in [("100ms", 100), ("10s", 10_000), ("1h", 3_600_000)] {
             let cfg = Config::try_parse_from(["frps", "--heartbeat-interval", good]).unwrap();
             assert_eq!(

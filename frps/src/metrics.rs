@@ -52,8 +52,9 @@ impl Metrics {
             "Public requests by status, client and model",
             requests.clone(),
         );
-        // 100 µs .. ~27 min
-        let duration = Histogram::new(exponential_buckets(0.0001, 2.5, 18));
+        // 100 µs .. ~61 min (0.0001 × 2.5¹⁹ s): a long streamed generation
+        // still lands in a bucket of its own, not in +Inf.
+        let duration = Histogram::new(exponential_buckets(0.0001, 2.5, DURATION_BUCKETS));
         registry.register(
             "frpx_request_duration_seconds",
             "Time from a public request's arrival to the end of its response",
@@ -139,6 +140,15 @@ struct GpuGauges {
     memory_used: i64,
 }
 
+/// Buckets of `frpx_request_duration_seconds`.
+const DURATION_BUCKETS: u16 = 20;
+
+/// A byte count a client reported, as a gauge's value: one past `i64::MAX`
+/// (from a faulty or hostile frpc) is shown as the largest, not negative.
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// One client's GPUs, labelled by the index frpc reports for each (NVML's,
 /// so a card keeps its label when another cannot be read), or by their
 /// place in the list when an index is missing or repeated (older frpc).
@@ -154,7 +164,7 @@ fn gpu_gauges(gpus: &[common::protocol::GpuInfo]) -> Vec<GpuGauges> {
             },
             name: g.name.clone(),
             utilization: g.utilization as f64,
-            memory_used: g.memory_used as i64,
+            memory_used: saturating_i64(g.memory_used),
         })
         .collect()
 }
@@ -197,8 +207,8 @@ impl FleetSnapshot {
                         in_flight: c.in_flight.load(Ordering::Relaxed) as i64,
                         healthy: c.is_healthy(),
                         cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
-                        memory_used: sys.as_ref().map(|s| s.memory_used as i64),
-                        memory_total: sys.as_ref().map(|s| s.memory_total as i64),
+                        memory_used: sys.as_ref().map(|s| saturating_i64(s.memory_used)),
+                        memory_total: sys.as_ref().map(|s| saturating_i64(s.memory_total)),
                         gpus: sys.map(|s| gpu_gauges(&s.gpus)).unwrap_or_default(),
                     }
                 })
@@ -385,5 +395,25 @@ mod tests {
             ["0", "1", "2"]
         );
         assert!(labels(&[]).is_empty());
+    }
+
+    #[test]
+    fn reported_byte_counts_past_i64_are_the_largest_gauge_not_a_negative_one() {
+        assert_eq!(saturating_i64(5), 5);
+        assert_eq!(saturating_i64(i64::MAX as u64), i64::MAX);
+        assert_eq!(saturating_i64(u64::MAX), i64::MAX);
+        let g = GpuInfo {
+            memory_used: u64::MAX,
+            ..gpu(Some(0))
+        };
+        assert_eq!(gpu_gauges(&[g])[0].memory_used, i64::MAX);
+    }
+
+    #[test]
+    fn request_durations_have_buckets_up_to_an_hour() {
+        let bounds: Vec<f64> = exponential_buckets(0.0001, 2.5, DURATION_BUCKETS).collect();
+        let top = *bounds.last().unwrap();
+        assert!((3600.0..4000.0).contains(&top), "{top}");
+        assert_eq!(bounds[0], 0.0001);
     }
 }

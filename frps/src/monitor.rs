@@ -15,8 +15,10 @@ use tokio::net::TcpStream;
 use crate::api::types::{ClientSummary, Monitoring};
 use crate::config::Config;
 
-/// Largest API answer read.
-const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest API answer read: the fleet listings are not paged, and a box's
+/// report can be tens of KiB (many disks and GPUs), so room for about
+/// 10,000 large ones.
+const MAX_BODY: usize = 256 * 1024 * 1024;
 /// Deadline for one API call.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -70,11 +72,12 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
         "in-flight",
         "last heartbeat",
     ]);
+    let systems: std::collections::HashMap<&str, _> = monitoring
+        .iter()
+        .filter_map(|m| Some((m.id.as_str(), m.system.as_ref()?)))
+        .collect();
     for c in clients {
-        let sys = monitoring
-            .iter()
-            .find(|m| m.id == c.id)
-            .and_then(|m| m.system.as_ref());
+        let sys = systems.get(c.id.as_str()).copied();
         let (cpu, memory, disk, gpu) = match sys {
             Some(s) => (
                 format!("{:.1}", s.cpu_usage),
@@ -145,6 +148,16 @@ async fn get<T: serde::de::DeserializeOwned>(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<T> {
+    get_within(base, path, token, MAX_BODY).await
+}
+
+/// [`get`], reading at most `max_body` bytes of the answer.
+async fn get_within<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    max_body: usize,
+) -> anyhow::Result<T> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let uri: Uri = url
         .parse()
@@ -172,18 +185,24 @@ async fn get<T: serde::de::DeserializeOwned>(
             .send_request(req.body(Empty::<Bytes>::new())?)
             .await?;
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .to_bytes();
-        Ok::<_, anyhow::Error>((status, body))
+        let body = match Limited::new(resp.into_body(), max_body).collect().await {
+            Ok(body) => body.to_bytes(),
+            // Reached, but the answer is too large to show: not a
+            // connection problem.
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Ok(Err(anyhow::anyhow!(
+                    "{url} answered with more than {max_body} bytes; this monitor reads at most that"
+                )));
+            }
+            Err(e) => return Err(anyhow::anyhow!("{e}")),
+        };
+        Ok::<_, anyhow::Error>(Ok((status, body)))
     };
     let (status, body) = tokio::time::timeout(TIMEOUT, call)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {TIMEOUT:?}"))
         .and_then(|r| r)
-        .with_context(|| format!("cannot reach the frps management API at {base}"))?;
+        .with_context(|| format!("cannot reach the frps management API at {base}"))??;
     let envelope: serde_json::Value =
         serde_json::from_slice(&body).with_context(|| format!("{url} did not answer with JSON"))?;
     if !status.is_success() {
@@ -206,5 +225,37 @@ mod tests {
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert!(shown.starts_with("llama3\u{fffd}]52;"));
         assert_eq!(clean("qwen2.5:1.5b ü"), "qwen2.5:1.5b ü");
+    }
+
+    /// An answer over the limit is said to be one, not "cannot reach".
+    #[tokio::test]
+    async fn an_answer_too_large_is_not_called_unreachable() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head).await;
+                let body = format!(
+                    r#"{{"success":true,"data":[],"message":"{}"}}"#,
+                    "x".repeat(500)
+                );
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let err = get_within::<Vec<ClientSummary>>(&base, "/api/clients", None, 100)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("more than 100 bytes"), "{text}");
+        assert!(!text.contains("cannot reach"), "{text}");
+        let listed: Vec<ClientSummary> =
+            get_within(&base, "/api/clients", None, 4096).await.unwrap();
+        assert!(listed.is_empty());
     }
 }

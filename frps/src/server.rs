@@ -143,10 +143,12 @@ impl Server {
             .tasks
             .spawn(crate::upstream::expire_idle(state.clone()));
         let app = api::router(state.clone());
+        // Open while the public port drains: /api/health says
+        // `shutting_down`, and /metrics shows the drain.
         state.tasks.spawn(listeners::accept_loop(
             "API",
             api,
-            state.shutdown.clone(),
+            state.drained.clone(),
             state.clone(),
             move |stream, peer, state| api::serve_conn(stream, peer, state, app.clone()),
         ));

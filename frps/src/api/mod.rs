@@ -20,6 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde::Serialize;
 use utoipa::OpenApi;
 use utoipa::ToSchema;
@@ -97,8 +98,8 @@ const MAX_BODY: usize = 1024 * 1024;
 /// after it) and may be at most 16 KiB; its body, at most 1 MiB, is read
 /// before the handler runs, and the request must be answered within
 /// [`REQUEST_DEADLINE`] (408 for a body still arriving then, 503 for an
-/// answer frps did not have ready). At shutdown the connection finishes the
-/// request it is on, then closes.
+/// answer frps did not have ready). Once the public port has drained at
+/// shutdown, the connection finishes the request it is on, then closes.
 pub async fn serve_conn(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -155,7 +156,7 @@ pub async fn serve_conn(
     tokio::pin!(conn);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
-        _ = state.shutdown.cancelled() => {
+        _ = state.drained.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -328,7 +329,9 @@ fn add_shared_answers(
         .build();
     let www_authenticate = HeaderBuilder::new()
         .schema(Object::with_type(Type::String))
-        .description(Some("`Bearer`, when no token was sent"))
+        .description(Some(
+            "`Bearer` when no token was sent; `Bearer error=\"invalid_token\"` for a wrong one",
+        ))
         .build();
     let guarded: Vec<(&str, RefOr<Answer>)> = vec![
         (
@@ -419,7 +422,54 @@ pub fn router(state: Arc<State>) -> Router {
     .route("/", get(dashboard))
     .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
     .layer(middleware::from_fn_with_state(state.clone(), require_admin))
+    .layer(middleware::map_response(enveloped))
     .with_state(state)
+}
+
+/// Longest error text of axum's own (an extractor's rejection) that
+/// [`enveloped`] reads; theirs are a line or two.
+const REJECTION_TEXT: usize = 4096;
+
+/// Error answers axum gives itself, not in the envelope (an extractor's
+/// rejection: a path parameter that is not UTF-8, a body that is not the
+/// JSON asked for; a known path with a method it has no route for) are
+/// put in it, with their text as the message (or the status's name): every
+/// `/api` answer has one shape. Their headers (`Allow`) are kept.
+async fn enveloped(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = match http_body_util::Limited::new(body, REJECTION_TEXT)
+        .collect()
+        .await
+    {
+        Ok(collected) => String::from_utf8_lossy(&collected.to_bytes())
+            .trim()
+            .to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
+    } else {
+        text
+    };
+    let fresh = ApiError::new(status, message).into_response();
+    let (fresh_parts, body) = fresh.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &fresh_parts.headers {
+        parts.headers.insert(name, value.clone());
+    }
+    Response::from_parts(parts, body)
 }
 
 /// Paths reachable without the admin token.
@@ -478,7 +528,13 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
             if let Some(ip) = from {
                 state.admin_failures.fail(ip, d);
             }
-            ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response()
+            let mut resp =
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            resp
         }
         None => {
             let mut resp = ApiError::new(

@@ -175,8 +175,14 @@ async fn the_admin_token_is_enforced() {
         let missing = http::get(addr, path, None).await;
         assert_eq!(missing.status, 401, "{path}");
         assert_envelope(&missing, false);
+        assert_eq!(missing.headers["www-authenticate"], "Bearer", "{path}");
         let wrong = http::get(addr, path, Some("not-the-token")).await;
         assert_eq!(wrong.status, 401, "{path}");
+        // RFC 9110: every 401 names the scheme; RFC 6750: why it failed.
+        assert_eq!(
+            wrong.headers["www-authenticate"], r#"Bearer error="invalid_token""#,
+            "{path}"
+        );
         assert_eq!(
             http::get(addr, path, Some(ADMIN)).await.status,
             200,

@@ -646,6 +646,42 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
         assert_eq!(status(&raw), code, "{what}: {raw}");
         assert!(raw.contains(needle), "{what}: {raw}");
     }
+    // axum's own refusals come in the envelope too, their headers kept.
+    let refusals: [(&[u8], u16, &str); 3] = [
+        (
+            b"GET /api/clients/%FF%FE HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            400,
+            "Invalid UTF-8",
+        ),
+        (
+            b"PUT /api/clients HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+            405,
+            "method not allowed",
+        ),
+        (
+            b"GET /api/users?limit=many HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            400,
+            "limit",
+        ),
+    ];
+    for (bytes, code, needle) in refusals {
+        let raw = exchange(api, bytes, End::Close).await;
+        assert_eq!(status(&raw), code, "{raw}");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a head");
+        let json: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {raw}"));
+        assert_eq!(json["success"], false, "{raw}");
+        let message = json["message"].as_str().unwrap();
+        assert!(!message.is_empty() && message.contains(needle), "{raw}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/json"),
+            "{raw}"
+        );
+        if code == 405 {
+            assert!(head.to_ascii_lowercase().contains("allow: "), "{raw}");
+        }
+    }
     drop(slow);
     assert!(fleet.frps.state.registry.get("client-0").is_some());
     served(fleet.frps.public()).await;

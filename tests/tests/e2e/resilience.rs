@@ -482,6 +482,17 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     assert!(state.shutdown.is_cancelled());
     // Client sessions last while the public port drains.
     assert!(!state.drained.is_cancelled());
+    // So does the management API, which says so (and keeps serving
+    // /metrics while the in-flight gauge matters most).
+    let health = http::get(state.addrs.api, "/api/health", None).await;
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.json()["data"]["status"], "shutting_down");
+    let metrics = http::get(state.addrs.api, "/metrics", None).await;
+    assert!(
+        metrics.body.contains("frpx_in_flight_requests 1"),
+        "{}",
+        metrics.body
+    );
     // The in-flight stream still completes.
     fleet.backends[0].release_sse();
     let rest = body.collect().await.unwrap().to_bytes();
@@ -500,6 +511,10 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     }
     assert!(state.drained.is_cancelled());
     stopping.await.unwrap();
+    assert!(
+        std::net::TcpStream::connect(state.addrs.api).is_err(),
+        "the API closed at the end"
+    );
 }
 
 #[tokio::test]
