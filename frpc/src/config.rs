@@ -1,6 +1,7 @@
 //! Command-line flags (each also readable from the environment).
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -20,12 +21,14 @@ pub struct Config {
     #[arg(short = 'c', long, env = "FRPC_CLIENT_ID")]
     pub client_id: Option<String>,
 
-    /// Address of the frps server.
+    /// Address of the frps server: a host name or an IP address, without a
+    /// port (`--control-port` and `--proxy-port` give the ports).
     #[arg(
         short = 's',
         long,
         env = "FRPC_SERVER_ADDR",
-        default_value = "127.0.0.1"
+        default_value = "127.0.0.1",
+        value_parser = parse_server_addr
     )]
     pub server_addr: String,
 
@@ -85,8 +88,9 @@ pub struct Config {
     #[arg(long, env = "FRPC_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: Option<u32>,
 
-    /// How often system metrics and the model list are reported.
-    #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_positive_duration)]
+    /// How often system metrics and the model list are reported (at least
+    /// 1s; also the deadline for reading the metrics).
+    #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_metrics_interval)]
     pub metrics_interval: Duration,
 
     /// Log filter (e.g. `info`, `frpc=debug`); `RUST_LOG` takes precedence.
@@ -144,6 +148,46 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
 }
 
+/// Shortest `--metrics-interval`: it is also the deadline for reading the
+/// metrics, which takes a system call per disk and a driver call per GPU,
+/// and each report is a frame frps handles.
+pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads `--metrics-interval`: a duration of at least
+/// [`MIN_METRICS_INTERVAL`].
+pub fn parse_metrics_interval(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d < MIN_METRICS_INTERVAL => Err(format!(
+            "`{}` is below 1s: --metrics-interval takes 1s or more (examples: 1s, 10s, 1m)",
+            s.trim()
+        )),
+        d => Ok(d),
+    }
+}
+
+/// Reads `--server-addr`: a host name or an IP address (IPv6 bare or in
+/// brackets), refusing one with a port, which frpc would otherwise dial as
+/// a host name for ever (or refuse as a TLS server name).
+pub fn parse_server_addr(s: &str) -> Result<String, String> {
+    let bracketed = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    let is_ip =
+        s.parse::<IpAddr>().is_ok() || bracketed.is_some_and(|r| r.parse::<Ipv6Addr>().is_ok());
+    if s.contains("://") {
+        return Err(format!(
+            "`{s}` is a URL: --server-addr takes a host name or address (e.g. frps.example.com)"
+        ));
+    }
+    if !is_ip
+        && let Some((_, port)) = s.rsplit_once(':')
+        && port.parse::<u16>().is_ok()
+    {
+        return Err(format!(
+            "`{s}` includes a port: --server-addr takes a host name or address without one; give the port with --control-port (`server_port` in frpc.ini)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 /// Reads `KEY=VALUE` (the key non-empty, the value possibly empty).
 pub fn parse_meta(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -199,12 +243,7 @@ mod tests {
 
     #[test]
     fn zero_delays_and_deadlines_are_refused_and_zero_drain_is_not() {
-        for flag in [
-            "--reconnect-min",
-            "--reconnect-max",
-            "--connect-timeout",
-            "--metrics-interval",
-        ] {
+        for flag in ["--reconnect-min", "--reconnect-max", "--connect-timeout"] {
             let err = Config::try_parse_from(["frpc", flag, "0s"]).unwrap_err();
             assert!(err.to_string().contains("is zero"), "{flag}: {err}");
         }
@@ -216,5 +255,50 @@ mod tests {
         assert!(cfg.shutdown_timeout.is_zero());
         let cfg = Config::try_parse_from(["frpc"]).unwrap();
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_metrics_interval_below_a_second_is_refused() {
+        for short in ["0s", "1ms", "999ms"] {
+            let err = Config::try_parse_from(["frpc", "--metrics-interval", short]).unwrap_err();
+            let err = err.to_string();
+            assert!(
+                err.contains("below 1s") && err.contains("--metrics-interval"),
+                "{short}: {err}"
+            );
+        }
+        let cfg = Config::try_parse_from(["frpc", "--metrics-interval", "1000ms"]).unwrap();
+        assert_eq!(cfg.metrics_interval, MIN_METRICS_INTERVAL);
+        let cfg = Config::try_parse_from(["frpc"]).unwrap();
+        assert_eq!(cfg.metrics_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_server_addr_with_a_port_is_refused_and_ipv6_is_not() {
+        for with_port in [
+            "frps.example:17000",
+            "203.0.113.7:17000",
+            "[::1]:17000",
+            "::1:17000",
+        ] {
+            let err = Config::try_parse_from(["frpc", "--server-addr", with_port]).unwrap_err();
+            let err = err.to_string();
+            assert!(
+                err.contains("includes a port") && err.contains("--control-port"),
+                "{with_port}: {err}"
+            );
+        }
+        let err = Config::try_parse_from(["frpc", "-s", "https://frps.example"]).unwrap_err();
+        assert!(err.to_string().contains("is a URL"), "{err}");
+        for (addr, control) in [
+            ("frps.example", "frps.example:17000"),
+            ("203.0.113.7", "203.0.113.7:17000"),
+            ("[::1]", "[::1]:17000"),
+            ("::1", "::1:17000"),
+            ("fe80::1:8000", "fe80::1:8000:17000"),
+        ] {
+            let cfg = Config::try_parse_from(["frpc", "--server-addr", addr]).unwrap();
+            assert_eq!(cfg.control_addr(), control);
+        }
     }
 }

@@ -218,5 +218,15 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("local_port")));
         let e = file_error(load("[common]\nmeta_ = x\n", &[]));
         assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("meta_")));
+        // The file's values pass the flags' checks.
+        let e = file_error(load("[common]\nserver_addr = frps.example:7000\n", &[]));
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("server_addr")));
+        assert!(e.message.contains("--control-port"), "{}", e.message);
+        let e = file_error(load("[common]\nmetrics_interval = 100ms\n", &[]));
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("metrics_interval"))
+        );
+        assert!(e.message.contains("below 1s"), "{}", e.message);
     }
 }

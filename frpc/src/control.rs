@@ -275,10 +275,10 @@ impl Client {
         // Credentials come before frps is dialled: a person typing a
         // password must not be racing frps's handshake deadline.
         let with = match self.usable_saved_token().await {
-            Some(saved) => LoginWith::Token(saved),
-            None => tokio::select! {
+            Ok(Some(saved)) => LoginWith::Token(saved),
+            found => tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-                creds = self.password_credentials() => LoginWith::Password(creds?),
+                creds = self.password_credentials(found.err()) => LoginWith::Password(creds?),
             },
         };
         // The local service is asked for its models before frps is dialled:
@@ -333,8 +333,9 @@ impl Client {
     /// The token to log in with: the one this process holds (from a
     /// password login, or a renewal once saved), else the file's; one frps
     /// refused in this process, one for another frps and an expired one
-    /// are passed over.
-    async fn usable_saved_token(&self) -> Option<login::SavedToken> {
+    /// are passed over. An error when the token file exists but cannot be
+    /// read (and no token is held).
+    async fn usable_saved_token(&self) -> Result<Option<login::SavedToken>, login::ReadError> {
         let server = self.config.control_addr();
         let refused = self.refused.lock().expect("refused lock").clone();
         let held = self.tokens.lock().expect("token lock").current.clone();
@@ -363,16 +364,15 @@ impl Client {
             true
         };
         if let Some(held) = held.filter(usable) {
-            return Some(held);
+            return Ok(Some(held));
         }
         // Off the runtime's one thread: a disk busy with a model loading
         // must not hold up the streams of the previous session.
         let path = self.config.token_file.clone();
-        tokio::task::spawn_blocking(move || login::load(&path))
+        let read = tokio::task::spawn_blocking(move || login::read(&path))
             .await
-            .ok()
-            .flatten()
-            .filter(usable)
+            .unwrap_or(Ok(None))?;
+        Ok(read.filter(usable))
     }
 
     /// The token of a password login, for the next login whether or not
@@ -467,8 +467,15 @@ impl Client {
     }
 
     /// Email and password for a login, refusing to send them in plaintext
-    /// unless allowed.
-    async fn password_credentials(&self) -> Result<Credentials, SessionError> {
+    /// unless allowed. `unreadable`: the token file exists but could not be
+    /// read; then a password, when there is one, logs in instead, and a
+    /// box that has none (or may not send it) retries with backoff rather
+    /// than exiting, since the file may be readable again (an I/O error
+    /// that passes, permissions an operator fixes).
+    async fn password_credentials(
+        &self,
+        unreadable: Option<login::ReadError>,
+    ) -> Result<Credentials, SessionError> {
         // No password to send at all: say that, not that it would go in
         // plaintext.
         let have_one = self.prompted.lock().expect("credentials lock").is_some()
@@ -481,13 +488,25 @@ impl Client {
                 login::Source::None
             );
         if !have_one {
-            return Err(self.no_credentials());
+            return Err(match unreadable {
+                None => self.no_credentials(),
+                Some(e) => SessionError::Retry(format!(
+                    "{e}; trying it again (fix the file, or pass --email and --password or set FRPC_EMAIL and FRPC_PASSWORD to log in without it)"
+                )),
+            });
         }
         if !self.dialer.is_tls() && !self.config.insecure_plaintext {
-            return Err(SessionError::Fatal(format!(
+            let refusal = format!(
                 "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
                 self.config.control_addr()
-            )));
+            );
+            return Err(match unreadable {
+                None => SessionError::Fatal(refusal),
+                Some(e) => SessionError::Retry(format!("{e}; trying it again ({refusal})")),
+            });
+        }
+        if let Some(e) = unreadable {
+            warn!("{e}; logging in with email and password instead");
         }
         self.credentials().await
     }
@@ -1051,7 +1070,7 @@ mod tests {
         client.renewed("frpxc_new".into(), None).await.unwrap();
         assert_eq!(login::load(&path).unwrap().token, "frpxc_new");
         assert_eq!(
-            client.usable_saved_token().await.unwrap().token,
+            client.usable_saved_token().await.unwrap().unwrap().token,
             "frpxc_new"
         );
         // Not saved (the token file's name is taken by a directory): the
@@ -1072,6 +1091,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_file_that_cannot_be_read_is_retried_not_fatal() {
+        let dir = std::env::temp_dir().join(format!("frpc-unread-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        let client = |flags: &[&str]| {
+            use clap::Parser;
+            let mut args = vec!["frpc", "--client-id", "gpu", "--no-prompt", "--token-file"];
+            let file = path.display().to_string();
+            args.push(&file);
+            args.extend(flags);
+            Client::new(Config::parse_from(args), CancellationToken::new()).unwrap()
+        };
+        // No file and no password: nothing will change by retrying.
+        let bare = client(&[]);
+        assert!(bare.usable_saved_token().await.unwrap().is_none());
+        let err = bare.password_credentials(None).await.unwrap_err();
+        assert!(
+            matches!(err, SessionError::Fatal(ref m) if m.contains("no usable saved token")),
+            "{err}"
+        );
+        // A file that exists and cannot be read (a directory here, as a
+        // file frpc may not read for a user other than root): the failure
+        // names it and is retried, never taken for "no token".
+        std::fs::create_dir_all(&path).unwrap();
+        let unread = bare.usable_saved_token().await.unwrap_err();
+        let err = bare.password_credentials(Some(unread)).await.unwrap_err();
+        let SessionError::Retry(m) = err else {
+            panic!("not retried: {err}");
+        };
+        assert!(m.contains("cannot read the token file"), "{m}");
+        assert!(m.contains(&path.display().to_string()), "{m}");
+        assert!(!m.contains("no usable saved token"), "{m}");
+        // Nor when the password it has may not go in plaintext.
+        let plain = client(&["--email", "a@b", "--password", "pw"]);
+        let unread = plain.usable_saved_token().await.unwrap_err();
+        let err = plain.password_credentials(Some(unread)).await.unwrap_err();
+        assert!(
+            matches!(err, SessionError::Retry(ref m) if m.contains("cannot read the token file") && m.contains("plaintext")),
+            "{err}"
+        );
+        // With a password it may send, that logs in instead.
+        let given = client(&["--email", "a@b", "--password", "pw", "--insecure-plaintext"]);
+        let unread = given.usable_saved_token().await.unwrap_err();
+        let creds = given.password_credentials(Some(unread)).await.unwrap();
+        assert_eq!(
+            (creds.email.as_str(), creds.password.as_str()),
+            ("a@b", "pw")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
     async fn neither_a_refused_held_token_nor_a_refused_file_token_is_sent_again() {
         let dir = std::env::temp_dir().join(format!("frpc-refused-{}", uuid::Uuid::new_v4()));
         let path = dir.join("token.json");
@@ -1088,7 +1158,7 @@ mod tests {
             email: "a@b".into(),
         };
         login::save(&path, &old).unwrap();
-        let next = || async { client.usable_saved_token().await.map(|t| t.token) };
+        let next = || async { client.usable_saved_token().await.unwrap().map(|t| t.token) };
         assert_eq!(next().await.as_deref(), Some("frpxc_held"));
         client.refuse_token("frpxc_held".into());
         assert_eq!(next().await.as_deref(), Some("frpxc_file"));
@@ -1123,7 +1193,7 @@ mod tests {
             newer.await.unwrap();
             assert_eq!(login::load(&path).unwrap().token, "frpxc_newer");
             assert_eq!(
-                client.usable_saved_token().await.unwrap().token,
+                client.usable_saved_token().await.unwrap().unwrap().token,
                 "frpxc_newer"
             );
             let older = client.renewed("frpxc_renewal".into(), None);
@@ -1133,7 +1203,7 @@ mod tests {
             older.await.unwrap();
             assert_eq!(login::load(&path).unwrap().token, "frpxc_password");
             assert_eq!(
-                client.usable_saved_token().await.unwrap().token,
+                client.usable_saved_token().await.unwrap().unwrap().token,
                 "frpxc_password"
             );
         }

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::state_file;
+
 /// Key mixed into the machine-id hash, so frpx ids differ from other apps'.
 const MID_KEY: &str = "frpx";
 
@@ -40,20 +42,30 @@ pub fn fallback_path(token_file: &Path) -> PathBuf {
         .join("client-id")
 }
 
-/// Reads the UUID stored at `path`, creating it on first use.
+/// Reads the UUID stored at `path`, creating it on first use. A file that
+/// cannot be read or holds no UUID is replaced by a new one, with a warning
+/// (this machine then shows up under a new id). Written atomically (mode
+/// 0600), as the token file is: a crash mid-write leaves the old id, not an
+/// empty file that would change the id at the next start.
 pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
-    if let Ok(existing) = std::fs::read_to_string(path) {
-        let existing = existing.trim();
-        if uuid::Uuid::parse_str(existing).is_ok() {
-            return Ok(existing.to_owned());
-        }
+    match std::fs::read_to_string(path) {
+        Ok(existing) => match uuid::Uuid::parse_str(existing.trim()) {
+            Ok(_) => return Ok(existing.trim().to_owned()),
+            Err(e) => tracing::warn!(
+                "the client id file {} holds no UUID ({e}); replacing it with a new id",
+                path.display()
+            ),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            "cannot read the client id file {} ({e}); replacing it with a new id",
+            path.display()
+        ),
     }
     let id = uuid::Uuid::new_v4().to_string();
-    // The token file's directory may not exist yet on a first start.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    std::fs::write(path, format!("{id}\n"))
+    // The token file's directory may not exist yet on a first start: made
+    // by the write.
+    state_file::write_private(path, format!("{id}\n").as_bytes())
         .with_context(|| format!("cannot save the client id to {}", path.display()))?;
     Ok(id)
 }
@@ -86,6 +98,48 @@ mod tests {
         let second = persisted_uuid(&path).unwrap();
         assert_eq!(first, second);
         assert!(uuid::Uuid::parse_str(&first).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_client_id_file_without_a_uuid_is_replaced_with_a_warning() {
+        let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("client-id");
+        std::fs::write(&path, "not a uuid\n").unwrap();
+        let (id, warning) = crate::testing::logged(|| persisted_uuid(&path).unwrap());
+        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        assert!(
+            warning.contains("holds no UUID") && warning.contains(&path.display().to_string()),
+            "{warning}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), id);
+        // A file that exists and cannot be read (a directory here): said
+        // too, and the write that cannot replace it is an error.
+        let blocked = dir.join("blocked");
+        std::fs::create_dir_all(&blocked).unwrap();
+        let (saved, warning) = crate::testing::logged(|| persisted_uuid(&blocked));
+        assert!(saved.is_err());
+        assert!(
+            warning.contains("cannot read the client id file"),
+            "{warning}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_client_id_is_written_by_rename_not_through_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "theirs").unwrap();
+        let path = dir.join("client-id");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let id = persisted_uuid(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(persisted_uuid(&path).unwrap(), id);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

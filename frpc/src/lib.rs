@@ -8,6 +8,7 @@
 //! - [`tls`]: dialing frps, with TLS when configured;
 //! - [`metrics`]: system and GPU metrics;
 //! - [`identity`]: client id and machine facts;
+//! - [`state_file`]: the token and client-id files, written atomically;
 //! - [`config_file`]: `--config frpc.ini` (frp's INI form);
 //! - [`backoff`]: reconnect delays.
 
@@ -19,6 +20,9 @@ pub mod identity;
 pub mod local;
 pub mod login;
 pub mod metrics;
+pub mod state_file;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod tunnel;
 

@@ -1,10 +1,11 @@
 //! Credentials: the saved token file and email/password (flags or prompt).
 
 use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+use crate::state_file;
 
 /// What `token.json` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,64 +34,56 @@ impl SavedToken {
     }
 }
 
-/// Reads the token file; `None` when absent or unreadable.
-pub fn load(path: &Path) -> Option<SavedToken> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// A token file that exists but cannot be read (permissions, an I/O error,
+/// a directory at its path): possibly only for now, unlike a file that is
+/// absent or holds no token.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read the token file {}: {source}", path.display())]
+pub struct ReadError {
+    /// The token file.
+    pub path: PathBuf,
+    /// Why it cannot be read.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Reads the token file: `Ok(None)` when there is none, or when it holds no
+/// token (logged: a login replaces it); an error when it cannot be read.
+pub fn read(path: &Path) -> Result<Option<SavedToken>, ReadError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ReadError {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
     match serde_json::from_str::<SavedToken>(&text) {
-        Ok(t) if !t.token.is_empty() => Some(t),
+        Ok(t) if !t.token.is_empty() => Ok(Some(t)),
         _ => {
             tracing::warn!("ignoring unreadable token file {}", path.display());
-            None
+            Ok(None)
         }
     }
 }
 
-/// Writes the token file atomically, readable by its owner only (0600).
-/// Saves may overlap (one running on a blocking thread while the next
-/// session's login writes another): each writes its own temporary file,
-/// and the last rename wins.
+/// As [`read`], with a file that cannot be read logged (naming the file
+/// and the error) and taken as no token.
+pub fn load(path: &Path) -> Option<SavedToken> {
+    read(path).unwrap_or_else(|e| {
+        tracing::warn!("{e}");
+        None
+    })
+}
+
+/// Writes the token file atomically, readable by its owner only (0600), as
+/// [`state_file::write_private`] does. Saves may overlap (one running on a
+/// blocking thread while the next session's login writes another): the
+/// last rename wins.
 pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
-    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut file = opts
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    let written = (|| -> anyhow::Result<()> {
-        file.write_all(serde_json::to_string_pretty(token)?.as_bytes())?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        // The rename reaches the disk with its directory's sync: without
-        // it a power cut could bring back the file it replaced. The token
-        // is saved either way (the file holds it), so a failure here is
-        // only worth a word.
-        if let Some(dir) = dir
-            && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
-        {
-            tracing::warn!(
-                "saved {}, but cannot sync its directory ({e}); a power cut could bring back the previous token",
-                path.display()
-            );
-        }
-        Ok(())
-    })();
-    if written.is_err() {
-        // No half-written copy of a token left beside the file.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    state_file::write_private(path, serde_json::to_string_pretty(token)?.as_bytes())
 }
 
 /// Email and password for a login.
@@ -169,6 +162,28 @@ mod tests {
         }
         std::fs::write(&path, "garbage").unwrap();
         assert!(load(&path).is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_token_file_that_cannot_be_read_is_an_error_not_an_absent_token() {
+        let dir = std::env::temp_dir().join(format!("frpc-login-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        assert!(read(&path).unwrap().is_none(), "absent: no token");
+        // A directory at the path: reading it fails (as a file frpc may not
+        // read would, for a user other than root), whoever runs the test.
+        std::fs::create_dir_all(&path).unwrap();
+        let err = read(&path).unwrap_err();
+        assert_eq!(err.path, path);
+        assert_ne!(err.source.kind(), std::io::ErrorKind::NotFound);
+        let message = err.to_string();
+        assert!(
+            message.contains("cannot read the token file") && message.contains("token.json"),
+            "{message}"
+        );
+        let (loaded, warning) = crate::testing::logged(|| load(&path));
+        assert!(loaded.is_none());
+        assert!(warning.contains(&message), "{warning}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

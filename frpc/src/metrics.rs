@@ -8,6 +8,7 @@ use std::path::Path;
 use common::{DiskInfo, GpuInfo, SystemInfo};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::error::NvmlError;
 use sysinfo::{Disks, System};
 
 use crate::identity;
@@ -31,10 +32,17 @@ impl Default for Collector {
 impl Collector {
     /// A collector; tries to load NVML once.
     pub fn new() -> Self {
+        // Made once per process: each message is logged once.
         let nvml = match Nvml::init() {
             Ok(nvml) => Some(nvml),
-            Err(e) => {
+            Err(e) if nvml_missing(&e) => {
                 tracing::debug!("no NVIDIA management library ({e}); GPUs will not be reported");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot use NVIDIA's management library ({e}); GPUs will not be reported (after a driver update, a reboot usually fixes a version mismatch)"
+                );
                 None
             }
         };
@@ -137,6 +145,18 @@ fn relevant_mount(mount: &Path) -> bool {
     .any(|p| m == *p || m.starts_with(&format!("{p}/")))
 }
 
+/// Whether NVML failed to start only because it is not installed: the
+/// normal case on a box without an NVIDIA driver, not worth a warning. Any
+/// other failure (a driver and library of different versions, a driver not
+/// loaded, no permission on the device) means a GPU box whose GPUs go
+/// unreported.
+fn nvml_missing(e: &NvmlError) -> bool {
+    matches!(
+        e,
+        NvmlError::LibloadingError(_) | NvmlError::LibraryNotFound
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +173,26 @@ mod tests {
         assert!((0.0..=100.0).contains(&info.cpu_usage));
         for d in &info.disks {
             assert!(d.used <= d.total, "{d:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_missing_nvidia_library_is_quiet() {
+        // What a box without the driver gets: the library cannot be opened.
+        let missing = Nvml::builder()
+            .lib_path(std::ffi::OsStr::new("/nonexistent/libnvidia-ml.so.1"))
+            .init()
+            .expect_err("no library at that path");
+        assert!(nvml_missing(&missing), "{missing}");
+        assert!(nvml_missing(&NvmlError::LibraryNotFound));
+        for broken in [
+            NvmlError::LibRmVersionMismatch,
+            NvmlError::DriverNotLoaded,
+            NvmlError::NoPermission,
+            NvmlError::FailedToLoadSymbol("nvmlInit_v2".into()),
+            NvmlError::Unknown,
+        ] {
+            assert!(!nvml_missing(&broken), "{broken}");
         }
     }
 
