@@ -43,10 +43,13 @@ pub fn fallback_path(token_file: &Path) -> PathBuf {
 }
 
 /// Reads the UUID stored at `path`, creating it on first use. A file that
-/// cannot be read or holds no UUID is replaced by a new one, with a warning
-/// (this machine then shows up under a new id). Written atomically (mode
-/// 0600), as the token file is: a crash mid-write leaves the old id, not an
-/// empty file that would change the id at the next start.
+/// holds no UUID (damaged) is replaced by a new one, with a warning (this
+/// machine then shows up under a new id). One that exists and cannot be
+/// read (permissions: written by a `sudo frpc` run, say) is an error, not
+/// replaced: the id in it is this machine's, and a new one would register
+/// it as another. Written atomically (mode 0600), as the token file is: a
+/// crash mid-write leaves the old id, not an empty file that would change
+/// the id at the next start.
 pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(existing) => match uuid::Uuid::parse_str(existing.trim()) {
@@ -57,10 +60,19 @@ pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
             ),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(
-            "cannot read the client id file {} ({e}); replacing it with a new id",
+        // Not text: damaged, as one holding no UUID.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(
+            "the client id file {} holds no UUID ({e}); replacing it with a new id",
             path.display()
         ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot read the client id file {} (this machine's id when it has no machine id to read): make it readable, or pass --client-id",
+                    path.display()
+                )
+            });
+        }
     }
     let id = uuid::Uuid::new_v4().to_string();
     // The token file's directory may not exist yet on a first start: made
@@ -114,16 +126,21 @@ mod tests {
             "{warning}"
         );
         assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), id);
-        // A file that exists and cannot be read (a directory here): said
-        // too, and the write that cannot replace it is an error.
+        // Not text at all: damaged too.
+        std::fs::write(&path, [0xff, 0xfe, 0x00]).unwrap();
+        let (id, warning) = crate::testing::logged(|| persisted_uuid(&path).unwrap());
+        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        assert!(warning.contains("holds no UUID"), "{warning}");
+        // A file that exists and cannot be read (a directory here, as one
+        // another user wrote): an error naming it, and left as it is.
         let blocked = dir.join("blocked");
-        std::fs::create_dir_all(&blocked).unwrap();
-        let (saved, warning) = crate::testing::logged(|| persisted_uuid(&blocked));
-        assert!(saved.is_err());
+        std::fs::create_dir_all(blocked.join("inside")).unwrap();
+        let err = persisted_uuid(&blocked).unwrap_err();
         assert!(
-            warning.contains("cannot read the client id file"),
-            "{warning}"
+            format!("{err:#}").contains("cannot read the client id file"),
+            "{err:#}"
         );
+        assert!(blocked.join("inside").is_dir(), "left as it was");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

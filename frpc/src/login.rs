@@ -53,6 +53,12 @@ pub fn read(path: &Path) -> Result<Option<SavedToken>, ReadError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Not text: damaged, holding no token (reading it again will not
+        // help).
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            tracing::warn!("ignoring unreadable token file {}: {e}", path.display());
+            return Ok(None);
+        }
         Err(source) => {
             return Err(ReadError {
                 path: path.to_owned(),
@@ -184,6 +190,16 @@ mod tests {
         let (loaded, warning) = crate::testing::logged(|| load(&path));
         assert!(loaded.is_none());
         assert!(warning.contains(&message), "{warning}");
+        // A file that is not text is damaged, not unreadable: no token
+        // (a login replaces it), never retried as if it could change.
+        let damaged = dir.join("damaged.json");
+        std::fs::write(&damaged, [0xff, 0xfe, b'{']).unwrap();
+        let (read_back, warning) = crate::testing::logged(|| read(&damaged));
+        assert!(read_back.unwrap().is_none());
+        assert!(
+            warning.contains("ignoring unreadable token file"),
+            "{warning}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -11,17 +11,20 @@ use super::types::{
 use super::{ApiResult, ApiState, Envelope, ok};
 use crate::state::State;
 
-/// Server health (no admin token needed).
+/// Server health (no admin token needed): 200, or 503 once shutdown has
+/// started (the public port refuses new connections while it drains), so a
+/// probe that looks only at the status takes this frps out at once.
 #[utoipa::path(get, path = "/api/health", tag = "server",
-    responses((status = 200, body = Envelope<Health>)))]
-pub async fn health(AxState(state): ApiState) -> ApiResult<Health> {
+    responses(
+        (status = 200, body = Envelope<Health>, description = "Serving"),
+        (status = 503, body = Envelope<Health>, description = "Shutting down: the public port refuses new connections while in-flight requests finish (`status` is `shutting_down`)"),
+    ))]
+pub async fn health(
+    AxState(state): ApiState,
+) -> (axum::http::StatusCode, axum::Json<Envelope<Health>>) {
+    let stopping = state.shutdown.is_cancelled();
     let h = Health {
-        status: if state.shutdown.is_cancelled() {
-            "shutting_down"
-        } else {
-            "ok"
-        }
-        .into(),
+        status: if stopping { "shutting_down" } else { "ok" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: state.started_at.elapsed().as_secs(),
         clients_online: state.registry.len(),
@@ -29,7 +32,12 @@ pub async fn health(AxState(state): ApiState) -> ApiResult<Health> {
         database: state.store.backend().into(),
         redis: state.redis.as_ref().map(|r| r.is_healthy()),
     };
-    Ok(ok(h, "server is healthy"))
+    if stopping {
+        let mut answer = ok(h, "server is shutting down");
+        answer.0.success = false;
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, answer);
+    }
+    (axum::http::StatusCode::OK, ok(h, "server is healthy"))
 }
 
 /// Request and connection statistics.

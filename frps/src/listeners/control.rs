@@ -201,11 +201,15 @@ async fn session(
     // proxy to that session: only the session that held the id closes it.
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
-        // Before the database write: a box reconnecting meanwhile sends its
-        // plugins a NewProxy for the same name, which must come after.
-        // (Plugins tell sessions apart by `run_id`.)
-        hooks::close_proxy(&state.plugins, &client.registration, client.session).await;
-        write_asset(state, &client, "offline").await;
+        // Both at once: the plugins hear of the end without waiting for
+        // the database (a box reconnecting meanwhile sends them a NewProxy
+        // for the same name, with a new `run_id`), and the `offline` write
+        // does not wait for a slow plugin (a reconnect's `online` write
+        // must not be overtaken by it, nor shutdown's last second spent).
+        tokio::join!(
+            hooks::close_proxy(&state.plugins, &client.registration, client.session),
+            write_asset(state, &client, "offline"),
+        );
     }
     result
 }

@@ -272,7 +272,12 @@ impl Store {
     /// reaches a server that may log statements with their parameters
     /// (`log_statement`, `log_min_duration_statement`, `auto_explain`). The
     /// hashed rows are looked up by the key's index first; only a key not
-    /// stored so (a legacy one, or none) costs a scan of the plaintext rows.
+    /// stored so (a legacy one, or none) reads the plaintext rows, through
+    /// their own index (migration 0007). Only rows of printable ASCII are
+    /// hashed (a presented key is a header value: nothing else could match),
+    /// so no stored byte sequence can make the conversion fail whatever the
+    /// database's encoding. PostgreSQL before 11 has no `sha256()`: there
+    /// frps sends the key as SQLite is sent it, and says so once.
     /// SQLite, a file in frps's own process, is sent the key.
     pub async fn find_api_key(
         &self,
@@ -284,38 +289,55 @@ impl Store {
             api_key_columns!(),
             " FROM api_keys WHERE key = $1 LIMIT 1) UNION ALL (SELECT ",
             api_key_columns!(),
-            " FROM api_keys WHERE key NOT LIKE 'sha256:%'",
-            " AND sha256(convert_to(key, 'UTF8')) = $2 LIMIT 1) LIMIT 1"
+            " FROM api_keys WHERE key NOT LIKE 'sha256:%' AND CASE",
+            " WHEN key ~ '^[ -~]*$' THEN sha256(convert_to(key, 'UTF8')) = $2",
+            " ELSE false END LIMIT 1) LIMIT 1"
         );
-        const SQLITE: &str = concat!(
+        const PLAIN: &str = concat!(
             "SELECT ",
             api_key_columns!(),
             " FROM api_keys WHERE key = $1 OR key = $2 LIMIT 1"
         );
         let hashed = format!("{HASH_PREFIX}{}", crate::auth::secret::hex(hash));
-        Ok(match self {
+        // A presented `sha256:…` only ever matches as a hash, never as the
+        // stored form itself.
+        let legacy = if plaintext.starts_with(HASH_PREFIX) {
+            hashed.as_str()
+        } else {
+            plaintext
+        };
+        match self {
             Store::Postgres(p) => {
-                sqlx::query_as(PG)
+                let found = sqlx::query_as(PG)
                     .bind(&hashed)
                     .bind(&hash[..])
                     .fetch_optional(p)
-                    .await?
+                    .await;
+                match found {
+                    // 42883: undefined_function (no sha256(), before 11).
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
+                        static SAID: std::sync::Once = std::sync::Once::new();
+                        SAID.call_once(|| {
+                            tracing::warn!(
+                                "PostgreSQL before 11 has no sha256(): API keys are sent to the database as presented (upgrade PostgreSQL so they never reach it)"
+                            )
+                        });
+                        let row = sqlx::query_as(PLAIN)
+                            .bind(&hashed)
+                            .bind(legacy)
+                            .fetch_optional(p)
+                            .await?;
+                        Ok(row)
+                    }
+                    found => Ok(found?),
+                }
             }
-            Store::Sqlite(p) => {
-                // A presented `sha256:…` only ever matches as a hash, never
-                // as the stored form itself.
-                let legacy = if plaintext.starts_with(HASH_PREFIX) {
-                    hashed.as_str()
-                } else {
-                    plaintext
-                };
-                sqlx::query_as(SQLITE)
-                    .bind(&hashed)
-                    .bind(legacy)
-                    .fetch_optional(p)
-                    .await?
-            }
-        })
+            Store::Sqlite(p) => Ok(sqlx::query_as(PLAIN)
+                .bind(&hashed)
+                .bind(legacy)
+                .fetch_optional(p)
+                .await?),
+        }
     }
 
     /// Stores a new key by its hash, with its rate limits.

@@ -485,7 +485,8 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     // So does the management API, which says so (and keeps serving
     // /metrics while the in-flight gauge matters most).
     let health = http::get(state.addrs.api, "/api/health", None).await;
-    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert_eq!(health.json()["success"], false);
     assert_eq!(health.json()["data"]["status"], "shutting_down");
     let metrics = http::get(state.addrs.api, "/metrics", None).await;
     assert!(

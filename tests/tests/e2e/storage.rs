@@ -565,12 +565,28 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
         KeyCheck::Valid(_)
     ));
     assert_eq!(validator.check(stranger).await, KeyCheck::Invalid);
+    // A row that is not printable ASCII (no header value can carry its
+    // key) is passed over, not a failure of every lookup.
+    exec_on(
+        &store,
+        "INSERT INTO api_keys (key, status) VALUES ('clé-ünïcode', 'active')",
+    )
+    .await;
+    let fresh = KeyValidator::new(None, Some(store.clone()), None);
+    assert!(matches!(fresh.check(legacy).await, KeyCheck::Valid(_)));
+    assert_eq!(fresh.check("another-guess").await, KeyCheck::Invalid);
     // A revoked legacy row is found, and refused.
     exec_on(
         &store,
         "UPDATE api_keys SET status = 'revoked' WHERE key LIKE 'legacy-%'",
     )
     .await;
+    let row = store
+        .find_api_key(legacy, &frps::auth::secret::hash(legacy))
+        .await
+        .unwrap()
+        .expect("the legacy row, found by its hash");
+    assert_eq!(row.status.as_deref(), Some("revoked"));
     let fresh = KeyValidator::new(None, Some(store.clone()), None);
     assert_eq!(fresh.check(legacy).await, KeyCheck::Invalid);
     let sent = cutter.sent();
