@@ -84,6 +84,9 @@ pub struct Tls {
     pub fingerprint: Option<String>,
     /// Where the self-signed certificate lives, when one is used.
     pub self_signed_dir: Option<PathBuf>,
+    /// What the certificates' dates warrant saying at start (expired, not
+    /// yet valid, expiring soon): every TLS client refuses such a one.
+    pub date_warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -114,12 +117,22 @@ impl Tls {
             }
             _ => None,
         };
+        let now = chrono::Utc::now().timestamp();
         if let Some((certs, key)) = frames {
+            let named = match (&config.tls_cert, &tls.self_signed_dir) {
+                (Some(cert), _) => cert.display().to_string(),
+                (None, Some(dir)) => dir.join(SELF_SIGNED_CERT).display().to_string(),
+                (None, None) => "of the control and proxy ports".into(),
+            };
+            tls.date_warnings
+                .extend(date_warning(&certs[0], now, &named));
             tls.fingerprint = Some(fingerprint(&certs[0]));
             tls.frames = Some(acceptor(certs, key)?);
         }
         if let (Some(cert), Some(key)) = (&config.public_tls_cert, &config.public_tls_key) {
             let (certs, key) = load_pem(cert, key)?;
+            tls.date_warnings
+                .extend(date_warning(&certs[0], now, &cert.display().to_string()));
             tls.public = Some(acceptor(certs, key)?);
         }
         Ok(tls)
@@ -144,6 +157,9 @@ impl Tls {
         }
         if self.public.is_some() {
             tracing::info!("TLS on the public port");
+        }
+        for warning in &self.date_warnings {
+            tracing::warn!("{warning}");
         }
     }
 
@@ -246,6 +262,49 @@ pub fn default_dir(database_url: &str) -> PathBuf {
         .filter(|p| !p.as_os_str().is_empty())
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// How long before a certificate's end frps starts saying so at start.
+const EXPIRY_NOTICE_SECS: i64 = 14 * 86400;
+
+/// What an operator should hear at start about the dates of `cert` (read
+/// from `named`) at `now` (Unix seconds): expired, not valid yet, or ending
+/// within [`EXPIRY_NOTICE_SECS`]. rustls checks neither its own
+/// certificate's dates nor lets frps see them, and every TLS client refuses
+/// a certificate outside them: frpc retries for ever, each time with a
+/// certificate error. `None` when the dates are fine (or cannot be read:
+/// rustls accepted the certificate, and the clients will judge).
+fn date_warning(cert: &CertificateDer<'_>, now: i64, named: &str) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let validity = parsed.validity();
+    let (from, until) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let date = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| format!("{t} (Unix time)"))
+    };
+    if until < now {
+        Some(format!(
+            "the TLS certificate {named} expired on {}: every TLS client refuses it; renew it and restart frps",
+            date(until)
+        ))
+    } else if from > now {
+        Some(format!(
+            "the TLS certificate {named} is not valid before {}: every TLS client refuses it until then (is this machine's clock right?)",
+            date(from)
+        ))
+    } else if until - now < EXPIRY_NOTICE_SECS {
+        Some(format!(
+            "the TLS certificate {named} expires on {} (in {} days): renew it and restart frps",
+            date(until),
+            (until - now) / 86400
+        ))
+    } else {
+        None
+    }
 }
 
 /// Reads a certificate chain and its private key from PEM files.
@@ -369,6 +428,79 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A certificate valid from `from` to `until` (year, month, day).
+    fn dated(from: (i32, u8, u8), until: (i32, u8, u8)) -> rcgen::CertifiedKey<rcgen::KeyPair> {
+        let mut params = rcgen::CertificateParams::new(vec!["frps".to_owned()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+        params.not_after = rcgen::date_time_ymd(until.0, until.1, until.2);
+        let signing_key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&signing_key).unwrap();
+        rcgen::CertifiedKey { cert, signing_key }
+    }
+
+    fn unix(y: i32, m: u32, d: u32) -> i64 {
+        chrono::NaiveDate::from_ymd_opt(y, m, d)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp()
+    }
+
+    #[test]
+    fn certificate_dates_outside_or_near_their_end_are_announced() {
+        let cert = dated((2026, 1, 1), (2027, 1, 1));
+        let der = cert.cert.der();
+        let at = |y, m, d| date_warning(der, unix(y, m, d), "c.pem");
+        assert_eq!(at(2026, 6, 1), None, "well within");
+        let expired = at(2027, 1, 2).unwrap();
+        assert!(
+            expired.contains("c.pem expired on 2027-01-01 00:00 UTC"),
+            "{expired}"
+        );
+        let early = at(2025, 12, 1).unwrap();
+        assert!(early.contains("not valid before 2026-01-01"), "{early}");
+        let soon = at(2026, 12, 22).unwrap();
+        assert!(
+            soon.contains("expires on 2027-01-01") && soon.contains("in 10 days"),
+            "{soon}"
+        );
+        assert_eq!(at(2026, 12, 17), None, "15 days left: not yet");
+        // Not a certificate at all: nothing to say (rustls judged it).
+        assert_eq!(
+            date_warning(&CertificateDer::from(vec![1, 2, 3]), 0, "x"),
+            None
+        );
+    }
+
+    #[test]
+    fn an_expired_certificate_is_loaded_with_a_warning() {
+        let dir = std::env::temp_dir().join(format!("frps-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dated((2020, 1, 1), (2021, 1, 1));
+        let (cert, key) = (dir.join("old.pem"), dir.join("old.key"));
+        std::fs::write(&cert, old.cert.pem()).unwrap();
+        std::fs::write(&key, old.signing_key.serialize_pem()).unwrap();
+        let mut config = Config::ephemeral("k", "sqlite::memory:");
+        config.tls_cert = Some(cert.clone());
+        config.tls_key = Some(key.clone());
+        config.public_tls_cert = Some(cert.clone());
+        config.public_tls_key = Some(key);
+        let tls = Tls::from_config(&config).unwrap();
+        assert!(tls.frames.is_some() && tls.public.is_some());
+        assert_eq!(tls.date_warnings.len(), 2, "{:?}", tls.date_warnings);
+        for warning in &tls.date_warnings {
+            assert!(warning.contains(&cert.display().to_string()), "{warning}");
+            assert!(warning.contains("expired on 2021-01-01"), "{warning}");
+        }
+        // The self-signed one lasts: nothing to say.
+        let mut config = Config::ephemeral("k", "sqlite::memory:");
+        config.tls_self_signed = true;
+        config.tls_dir = Some(dir.join("self"));
+        assert!(Tls::from_config(&config).unwrap().date_warnings.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -294,11 +294,27 @@ async fn serve(
                 .body(Either::Left(Full::new(body)))
                 .unwrap()
         }
-        _ => full(
-            200,
-            "application/json",
-            serde_json::json!({"backend": sh.name, "path": path}).to_string(),
-        ),
+        _ => {
+            // A small body with its length announced (an inference
+            // request) is read and sent back as `body`, so a test sees what
+            // reached the box; any other body is left unread.
+            let small = req
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|n| n > 0 && n <= 64 * 1024);
+            let body = if small {
+                let bytes = req.into_body().collect().await.map(|b| b.to_bytes());
+                bytes.ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+            } else {
+                None
+            };
+            full(
+                200,
+                "application/json",
+                serde_json::json!({"backend": sh.name, "path": path, "body": body}).to_string(),
+            )
+        }
     };
     Ok(resp)
 }

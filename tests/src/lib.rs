@@ -367,3 +367,10 @@ impl Fleet {
         }
     }
 }
+
+/// A body of about `len` bytes in which every 9-byte line is its own
+/// number (`00000000\n`, `00000001\n`, ...): a byte lost, repeated or
+/// moved shows, as it would not in a body of one repeated byte.
+pub fn numbered(len: usize) -> String {
+    (0..len.div_ceil(9)).map(|i| format!("{i:08}\n")).collect()
+}

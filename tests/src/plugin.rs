@@ -72,6 +72,28 @@ struct Shared {
     handler: Handler,
     calls: Mutex<Vec<PluginCall>>,
     count: watch::Sender<usize>,
+    /// Calls being answered now, and the most there ever were at once.
+    answering: Mutex<(usize, usize)>,
+}
+
+/// Counts a call as being answered while it lives.
+struct Answering(Arc<Shared>);
+
+impl Answering {
+    fn new(sh: Arc<Shared>) -> Self {
+        {
+            let mut n = sh.answering.lock().unwrap();
+            n.0 += 1;
+            n.1 = n.1.max(n.0);
+        }
+        Answering(sh)
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.lock().unwrap().0 -= 1;
+    }
 }
 
 /// A running plugin.
@@ -93,6 +115,7 @@ impl PluginServer {
             handler: Arc::new(handler),
             calls: Mutex::new(Vec::new()),
             count: watch::Sender::new(0),
+            answering: Mutex::new((0, 0)),
         });
         let sh = shared.clone();
         let app = Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
@@ -103,6 +126,12 @@ impl PluginServer {
             let _ = axum::serve(listener, app).await;
         });
         PluginServer { addr, shared, task }
+    }
+
+    /// The most calls it was answering at once so far (a call counts from
+    /// its arrival until its answer is ready, or the caller gave up).
+    pub fn most_at_once(&self) -> usize {
+        self.shared.answering.lock().unwrap().1
     }
 
     /// A plugin that allows everything.
@@ -165,6 +194,7 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
             |e| json!({"unparsable": format!("{e}: {}", String::from_utf8_lossy(&body))}),
         ),
     };
+    let _answering = Answering::new(sh.clone());
     let reply = (sh.handler)(&call);
     sh.calls.lock().unwrap().push(call);
     sh.count.send_modify(|n| *n += 1);

@@ -168,6 +168,13 @@ impl Cutter {
                     continue;
                 }
                 let cut = c.lock().await.clone();
+                // `cut` sets the flag before it takes the lock: looked at
+                // again under it, a connection accepted as the cut began is
+                // refused too, never handed the fresh token that outlives it.
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let held = h.subscribe();
                 let sent = s.clone();
                 tokio::spawn(async move {

@@ -280,6 +280,8 @@ async fn a_registration_under_another_accounts_client_id_is_refused() {
         after.session, before.session,
         "the real client-0 was kicked"
     );
+    // Set at the kick itself: no wait for the session's end needed.
+    assert_eq!(before.kick_reason(), None, "the real client-0 was kicked");
     served(frps.public()).await;
 
     // Ids that are not ids at all, from the legitimate account.

@@ -317,12 +317,23 @@ async fn storage_rig(
     let store = Store::connect_without_migrations(direct_database_url)
         .await
         .expect("database");
+    // frps holds a command connection (its health says when it is up) and
+    // a subscription: wait for both, so the keys below are cached in Redis
+    // too.
+    let api = frps.addrs.api;
+    frpx_tests::eventually_async("frps's Redis connection is up", || async move {
+        http::get(api, "/api/health", None).await.json()["data"]["redis"] == true
+    })
+    .await;
+    let channel = format!("{prefix}revocations");
+    frpx_tests::eventually_async("frps subscribes to revocations", || {
+        let (url, channel) = (redis.url(), channel.clone());
+        async move { subscribers(&url, &channel).await >= 1 }
+    })
+    .await;
     let cache = RedisCache::connect_now(&redis.url(), &prefix, Seal::random())
         .await
         .expect("redis");
-    // frps holds a command connection and a subscription: wait for both, so
-    // the keys below are cached in Redis too.
-    wait_for_redis_clients(&redis.url(), 2).await;
 
     let backend = Backend::start("box").await;
     let addrs = frps::BoundAddrs {
@@ -383,26 +394,6 @@ impl StorageRig {
 
 async fn status(public: std::net::SocketAddr, key: &str) -> u16 {
     http::get(public, "/", Some(key)).await.status.as_u16()
-}
-
-/// Waits until Redis has `n` clients besides the one asking.
-async fn wait_for_redis_clients(url: &str, n: usize) {
-    let client = redis::Client::open(url).unwrap();
-    frpx_tests::eventually_async(&format!("{n} clients connected to Redis"), || {
-        let client = client.clone();
-        async move {
-            let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
-                return false;
-            };
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .query_async(&mut conn)
-                .await
-                .unwrap_or_default();
-            list.lines().count() > n
-        }
-    })
-    .await;
 }
 
 /// Subscribers of `channel`.

@@ -55,10 +55,11 @@ async fn upstream_connections_are_streams_of_the_tunnel_connection() {
     assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 20);
     // A streamed body takes a new stream (never a pooled connection the
     // service could close under it), still no dial-back.
-    let payload = vec![b'z'; 2_000_000];
+    let payload = frpx_tests::numbered(2_000_000);
     let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), payload.len(), "over the window both ways");
+    assert!(reply.body == payload, "the body came back changed");
     assert_eq!(stats.upstream_streams.load(Ordering::Relaxed), 21);
     assert!(client.tunnel().unwrap().same(&tunnel));
     // The management API says so.
@@ -100,27 +101,31 @@ async fn a_lost_tunnel_connection_is_dialed_again_and_dial_backs_fill_the_gap() 
         client.tunnel().is_some_and(|t| !t.same(&first))
     })
     .await;
-    let streams = fleet
-        .frps
-        .state
-        .stats
-        .upstream_streams
-        .load(Ordering::Relaxed);
+    let stats = &fleet.frps.state.stats;
+    let dial_backs = stats.upstream_dial_backs.load(Ordering::Relaxed);
+    // A fresh connection (the pool may hold one from the gap): with the
+    // tunnel back, the request needs no dial-back.
     let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
     assert_eq!(reply.status, 200);
     assert!(client.idle.len() <= 1);
-    // Served over the new connection (pooled or a new stream), never
-    // counted as a failure of the client.
-    assert!(
-        fleet
-            .frps
-            .state
-            .stats
-            .upstream_streams
-            .load(Ordering::Relaxed)
-            >= streams
+    assert_eq!(
+        stats.upstream_dial_backs.load(Ordering::Relaxed),
+        dial_backs,
+        "a dial-back with the tunnel back"
     );
-    assert!(client.is_healthy());
+    // Held open, a second request at once cannot take the first one's
+    // pooled connection: it goes as a stream of the new tunnel.
+    let streams = stats.upstream_streams.load(Ordering::Relaxed);
+    let (_held, _body) = http::start_hold(fleet.frps.public(), API_KEY).await;
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200);
+    assert!(stats.upstream_streams.load(Ordering::Relaxed) > streams);
+    assert_eq!(
+        stats.upstream_dial_backs.load(Ordering::Relaxed),
+        dial_backs
+    );
+    assert!(client.is_routable(std::time::Instant::now()));
+    fleet.backends[0].release_holds();
 }
 
 #[tokio::test]

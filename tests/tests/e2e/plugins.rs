@@ -970,13 +970,15 @@ async fn a_flood_of_heartbeats_makes_one_ping_call_at_a_time() {
             other => panic!("expected the ack of heartbeat {seq}, got {other:?}"),
         }
     }
-    // Calls started by the burst have reached the plugin by now.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The burst made a call, and never two at once (each takes 500 ms:
+    // a burst longer than that makes a second one after the first).
+    plugin.wait_for("Ping").await;
     let during = plugin.calls_for("Ping").len();
     assert!(
         (1..=2).contains(&during),
         "{BURST} heartbeats in a burst made {during} Ping calls"
     );
+    assert_eq!(plugin.most_at_once(), 1, "Ping calls overlapped");
 
     // Once the call in flight has ended, heartbeats are pinged again.
     let mut seq = BURST;
@@ -991,5 +993,6 @@ async fn a_flood_of_heartbeats_makes_one_ping_call_at_a_time() {
     tokio::time::timeout(frpx_tests::WAIT, resumed)
         .await
         .expect("a heartbeat after the call ended is pinged");
+    assert_eq!(plugin.most_at_once(), 1, "Ping calls overlapped");
     assert!(frps.state.registry.get("gpu-f").is_some());
 }

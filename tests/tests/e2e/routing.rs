@@ -178,6 +178,8 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
         };
         let reply = conn.post(path, Some(API_KEY), chat(model)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
+        // frps read the body to route it; the box gets it unchanged.
+        assert_eq!(reply.json()["body"], chat(model), "{}", reply.body);
         let backend = reply.json()["backend"].as_str().unwrap().to_owned();
         *served
             .entry((model.replace(":latest", ""), backend))
@@ -192,7 +194,7 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
     }
     let backends: HashSet<_> = served.keys().map(|(_, b)| b.clone()).collect();
     assert_eq!(backends.len(), 3, "{served:?}");
-    // The body reached the box unchanged.
+    // On the path it was sent to.
     let seen = b.backends["b"].seen();
     assert!(seen.iter().any(|s| s.path == "/api/chat"));
     // OpenAI's Responses API and Ollama's model details go by model too
@@ -670,12 +672,16 @@ async fn a_caller_that_leaves_while_queued_gives_up_its_place() {
     }
     b.backends["a"].release_holds();
     held.collect().await.unwrap();
+    // A request through the one slot: a queued one wrongly woken by its
+    // freeing would have gone first.
+    let after = post(addr, "/v1/chat/completions?after", chat("m")).await;
+    assert_eq!(after.status, 200, "{}", after.body);
     // Neither request reached the box after the slot freed.
     assert_eq!(
         b.backends["a"]
             .seen()
             .iter()
-            .filter(|s| s.path == "/v1/chat/completions")
+            .filter(|s| s.path == "/v1/chat/completions" && s.query.as_deref() != Some("after"))
             .count(),
         0
     );

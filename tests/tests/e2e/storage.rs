@@ -1171,8 +1171,19 @@ async fn frpc_waits_out_a_throttled_login_instead_of_giving_up() {
         login_code(&mut fake, "someone else's typo").await,
         "invalid_credentials"
     );
-    let frpc = Frpc::start(frpc_config("gpu", &frps.addrs, backend.addr));
+    // Through a forwarder that counts frpc's control connections.
+    let counter = Cutter::start(frps.addrs.control).await;
+    let mut addrs = frps.addrs;
+    addrs.control = counter.addr;
+    let frpc = Frpc::start(frpc_config("gpu", &addrs, backend.addr));
     frps.wait_for_clients(&["gpu"]).await;
+    // A retry is a new connection: the first login was throttled.
+    let tries = counter.accepted();
+    assert!(
+        tries.len() >= 2,
+        "registered at the first try ({} connections)",
+        tries.len()
+    );
     frpc.kill().await;
 }
 

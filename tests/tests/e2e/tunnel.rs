@@ -18,10 +18,11 @@ async fn round_trip_through_the_tunnel() {
     assert_eq!(json["path"], "/v1/models-or-anything");
 
     // A body goes up and comes back intact, on the same keep-alive connection.
-    let payload = vec![b'x'; 300_000];
+    let payload = frpx_tests::numbered(300_000);
     let reply = conn.post("/echo", Some(API_KEY), payload.clone()).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body.len(), payload.len());
+    assert!(reply.body == payload, "the body came back changed");
     assert_eq!(reply.headers["x-backend"], "client-0");
 }
 
@@ -153,7 +154,7 @@ async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     let mut config = frpx_tests::frps_config();
     // Long enough to see all 40 back even on a slow machine, short enough to
     // watch them expire.
-    config.pool_idle_timeout = std::time::Duration::from_secs(2);
+    config.pool_idle_timeout = std::time::Duration::from_secs(4);
     // Kept past the burst's end too (the test below shrinks it instead).
     config.pool_idle_after_burst = 40;
     let fleet = Fleet::start_with(1, config).await;
@@ -161,10 +162,20 @@ async fn the_pool_keeps_what_the_load_needed_then_lets_it_go() {
     // pooled afterwards (the old fixed cap of 32 dropped 8, and the next
     // burst paid 8 dial-backs).
     let (conns, client) = forty_back_in_the_pool(&fleet).await;
-    // The callers leave; the pool still keeps all 40 until the timeout.
+    let full = std::time::Instant::now();
+    // The callers leave; the pool still keeps all 40 until the timeout:
+    // past two looks of the burst watcher (four a second), none went.
     drop(conns);
-    // Unused for --pool-idle-timeout, they are closed.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(client.idle.len(), 40, "closed before --pool-idle-timeout");
+    // Unused for --pool-idle-timeout, they are closed: not before (the
+    // last was used just before `full`; the sweep looks every second).
     frpx_tests::eventually("the idle connections expire", || client.idle.is_empty()).await;
+    assert!(
+        full.elapsed() >= std::time::Duration::from_secs(3),
+        "expired after {:?}",
+        full.elapsed()
+    );
 }
 
 #[tokio::test]
