@@ -263,8 +263,11 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
     let pick = || router::pick(&state.registry, balance, want);
     // Arrivals queue behind earlier waiters, so the queue is served in
     // order; when it is full, one that a free slot fits right now takes it.
+    // A retry looks first whatever the line: the retries before it each
+    // exclude their own failed clients, so a slot free for this one may be
+    // one none of them can use (and no wake-up will come for it).
     let waiting = state.queues.waiting(&key);
-    if waiting == 0 || waiting >= state.config.queue_max {
+    if waiting == 0 || key.retry || waiting >= state.config.queue_max {
         match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
@@ -414,6 +417,50 @@ mod tests {
         assert_eq!(state.queues.total(), 1);
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
+    }
+
+    /// A retry arriving behind another looks for a slot at once: the one
+    /// free may be one the earlier retry excludes.
+    #[tokio::test]
+    async fn a_later_retry_takes_a_slot_an_earlier_one_excludes() {
+        let (state, _db) = state().await;
+        let (x, y) = (add(&state, "x"), add(&state, "y"));
+        assert!(x.try_reserve(), "x busy, y free");
+        let (not_y, not_x) = ([y.session], [x.session]);
+        let mut first = Box::pin(acquire(&state, retry_of("m", &not_y)));
+        assert!(first.as_mut().now_or_never().is_none(), "waits for x");
+        let got = Box::pin(acquire(&state, retry_of("m", &not_x)))
+            .now_or_never()
+            .expect("y is free for it")
+            .unwrap();
+        assert_eq!(got.client.id, "y");
+        assert!(!got.queued);
+        drop(first);
+    }
+
+    /// A cool-down cut short by a success is news for the queues (the
+    /// caller wakes them); one that had already run out, or none, is not.
+    #[tokio::test]
+    async fn a_success_says_whether_it_ended_a_cool_down() {
+        let (state, _db) = state().await;
+        let (x, y) = (add(&state, "x"), add(&state, "y"));
+        assert!(!x.record_success(), "nothing to end");
+        while x.record_failure().is_none() {}
+        assert!(y.try_reserve(), "y busy; x free but cooling down");
+        let mut waiter = Box::pin(acquire(
+            &state,
+            Want {
+                model: Some("m"),
+                pinned: None,
+                exclude: &[],
+            },
+        ));
+        assert!(waiter.as_mut().now_or_never().is_none());
+        assert!(x.record_success(), "the cool-down was running");
+        state.queues.wake_all();
+        let got = waiter.as_mut().now_or_never().expect("woken").unwrap();
+        assert_eq!(got.client.id, "x");
+        assert!(!x.record_success());
     }
 
     #[tokio::test]

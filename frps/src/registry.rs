@@ -173,11 +173,16 @@ impl ClientHandle {
     }
 
     /// Notes a success (or a healthy report): the failure count restarts.
-    pub fn record_success(&self) {
+    /// Returns whether that ended a cool-down still running: the client
+    /// takes requests again, and queued ones should look (nothing else
+    /// tells them: no slot was freed).
+    pub fn record_success(&self) -> bool {
         let mut h = self.health.lock().expect("health lock");
+        let ended = h.until.is_some_and(|t| Instant::now() < t);
         if h.failures > 0 || h.until.is_some() {
             *h = Health::default();
         }
+        ended
     }
 
     /// Whether the client is cooling down after failures.

@@ -201,6 +201,10 @@ async fn session(
     // proxy to that session: only the session that held the id closes it.
     if state.registry.remove(&client) {
         info!(client = %client.id, "Client '{}' left", client.id);
+        // Requests queued for it (pinned, or for a model only it served)
+        // look again now: another client may serve them, or none will
+        // (404), rather than their waiting out the queue for a 429.
+        state.queues.wake_all();
         // Both at once: the plugins hear of the end without waiting for
         // the database (a box reconnecting meanwhile sends them a NewProxy
         // for the same name, with a new `run_id`), and the `offline` write
@@ -563,7 +567,8 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             // queue to look again.
             if health_changed || models_changed {
                 if service_up {
-                    // A healthy report ends a failure cool-down.
+                    // A healthy report ends a failure cool-down (the wake
+                    // below tells the queues).
                     client.record_success();
                 }
                 state.queues.wake_all();

@@ -810,8 +810,10 @@ async fn forward(
                 // answers 500 at once) must not have its failures
                 // forgotten at every answer. Nor is it counted as a failure:
                 // it may be this request's own fault.
-                if !resp.status().is_server_error() {
-                    client.record_success();
+                if !resp.status().is_server_error() && client.record_success() {
+                    // Its cool-down ended early: requests queued meanwhile
+                    // may go to it now.
+                    state.queues.wake_all();
                 }
                 // Served: counted once, whatever attempts came before.
                 client.requests.fetch_add(1, Ordering::Relaxed);

@@ -36,12 +36,19 @@ impl ApiKeyRow {
     }
 
     /// The key's rate limits (non-positive values, which the schema
-    /// refuses, count as unlimited).
+    /// refuses, count as unlimited; so do values past what `frps key
+    /// limits` accepts, which only a hand-edited row can hold: a limit that
+    /// high limits nothing, and counting up to it would let one key's
+    /// remembered requests grow without the bound the cap gives).
     pub fn limits(&self) -> crate::ratelimit::Limits {
-        let positive = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok()).filter(|v| *v > 0);
+        use crate::ratelimit::{MAX_CONCURRENCY, MAX_RPM};
+        let within = |v: Option<i32>, max: u32| {
+            v.and_then(|v| u32::try_from(v).ok())
+                .filter(|v| (1..=max).contains(v))
+        };
         crate::ratelimit::Limits {
-            rpm: positive(self.rpm),
-            max_concurrency: positive(self.max_concurrency),
+            rpm: within(self.rpm, MAX_RPM),
+            max_concurrency: within(self.max_concurrency, MAX_CONCURRENCY),
         }
     }
 
@@ -140,4 +147,43 @@ pub struct ClientIdRow {
     pub email: String,
     /// When the id was first registered (UTC).
     pub created_at: NaiveDateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::{MAX_CONCURRENCY, MAX_RPM};
+
+    fn row(rpm: Option<i32>, max_concurrency: Option<i32>) -> ApiKeyRow {
+        ApiKeyRow {
+            key: "k".into(),
+            status: None,
+            expires_at: None,
+            created_at: None,
+            id: None,
+            name: None,
+            prefix: None,
+            rpm,
+            max_concurrency,
+        }
+    }
+
+    #[test]
+    fn limits_outside_what_the_cli_sets_limit_nothing() {
+        let l = row(Some(60), Some(4)).limits();
+        assert_eq!((l.rpm, l.max_concurrency), (Some(60), Some(4)));
+        let max = row(Some(MAX_RPM as i32), Some(MAX_CONCURRENCY as i32)).limits();
+        assert_eq!(
+            (max.rpm, max.max_concurrency),
+            (Some(MAX_RPM), Some(MAX_CONCURRENCY))
+        );
+        // Hand-edited: past the caps, or not positive.
+        for (rpm, conc) in [
+            (Some(2_000_000_000), Some(MAX_CONCURRENCY as i32 + 1)),
+            (Some(0), Some(-3)),
+            (None, None),
+        ] {
+            assert!(row(rpm, conc).limits().is_unlimited(), "{rpm:?} {conc:?}");
+        }
+    }
 }

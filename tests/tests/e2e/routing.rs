@@ -751,3 +751,62 @@ async fn a_request_queued_when_shutdown_starts_is_still_served() {
     );
     stopping.await.unwrap();
 }
+
+/// Requests queued for the only client serving their model are answered
+/// as soon as it leaves (503: no client is online), not when the queue
+/// times out; one pinned to it likewise (404 `client_not_found`).
+#[tokio::test]
+async fn queued_requests_hear_at_once_that_their_only_client_left() {
+    use common::{Command, PROTOCOL_VERSION, Registration, protocol::ModelInfo};
+    let mut cfg = frps_config();
+    cfg.queue_timeout = Duration::from_secs(120);
+    // The silent fake client is not evicted while the test runs.
+    cfg.heartbeat_interval = Duration::from_secs(60);
+    let frps = Frps::start(cfg).await;
+    let registration = Registration {
+        client_id: "only".into(),
+        machine_id: "machine-only".into(),
+        protocol_version: PROTOCOL_VERSION,
+        models: vec![ModelInfo {
+            name: "m:latest".into(),
+            size: None,
+        }],
+        max_concurrency: Some(1),
+        ..Default::default()
+    };
+    let token = frps.client_token().await;
+    let (fake, answer) =
+        frpx_tests::fake::FakeClient::register_as(frps.addrs.control, &token, registration).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    // Its one slot is taken (as by a long stream).
+    let client = frps.state.registry.get("only").unwrap();
+    assert!(client.try_reserve());
+    let public = frps.public();
+    let queued = tokio::spawn(post(public, "/v1/chat/completions", chat("m")));
+    let pinned = tokio::spawn(async move {
+        let mut conn = Conn::open(public).await;
+        let mut req = http::request("GET", public, "/x", Some(API_KEY), Bytes::new());
+        req.headers_mut()
+            .insert("x-frpx-client", "only".parse().unwrap());
+        http::read(conn.send(req).await.unwrap()).await
+    });
+    let state = frps.state.clone();
+    frpx_tests::eventually("both wait", || state.queues.total() == 2).await;
+    drop(fake);
+    let started = std::time::Instant::now();
+    let reply = tokio::time::timeout(WAIT, queued)
+        .await
+        .expect("answered once the client left")
+        .unwrap();
+    // No client is online at all now: 503, as for an empty fleet.
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "no_clients_available");
+    let reply = tokio::time::timeout(WAIT, pinned)
+        .await
+        .expect("answered once the client left")
+        .unwrap();
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "client_not_found");
+    assert!(started.elapsed() < WAIT);
+    client.release_slot();
+}
