@@ -35,6 +35,20 @@ pub fn request_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
+/// Whether `presented` is `secret`, in time that depends on neither where
+/// they differ nor the secret's length: only on the presented one's (which
+/// its sender knows). Each presented byte is compared with the secret's
+/// byte at that place, the secret repeated as needed, and the lengths are
+/// compared too; no early exit. `secret` must not be empty.
+pub fn secret_eq(presented: &[u8], secret: &[u8]) -> bool {
+    debug_assert!(!secret.is_empty());
+    let mut diff = u8::from(presented.len() != secret.len());
+    for (i, byte) in presented.iter().enumerate() {
+        diff |= byte ^ secret[i % secret.len()];
+    }
+    diff == 0 && !presented.is_empty()
+}
+
 /// Compares two byte strings in time independent of where they differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -46,6 +60,22 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_presented_key_matches_the_secret_only_when_equal() {
+        let secret = b"static-key";
+        assert!(secret_eq(b"static-key", secret));
+        for other in [
+            &b""[..],
+            b"static-ke",
+            b"static-key!",
+            b"static-kez",
+            b"static-keystatic-key",
+            b"Static-key",
+        ] {
+            assert!(!secret_eq(other, secret), "{other:?}");
+        }
+    }
     use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
