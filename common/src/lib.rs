@@ -9,6 +9,7 @@
 //! - [`mux`]: many byte streams over one frps-frpc connection.
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
 //! - [`process`]: signals and the open-file limit.
+//! - `testing` (feature `testing`): helpers for the binaries' unit tests.
 
 pub mod codec;
 pub mod config_file;
@@ -20,6 +21,8 @@ pub mod process;
 pub mod protocol;
 pub mod stream;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
 pub use duration::{parse_duration, parse_positive_duration};

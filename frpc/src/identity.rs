@@ -119,7 +119,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("client-id");
         std::fs::write(&path, "not a uuid\n").unwrap();
-        let (id, warning) = crate::testing::logged(|| persisted_uuid(&path).unwrap());
+        let (id, warning) = common::testing::logged(|| persisted_uuid(&path).unwrap());
         assert!(uuid::Uuid::parse_str(&id).is_ok());
         assert!(
             warning.contains("holds no UUID") && warning.contains(&path.display().to_string()),
@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), id);
         // Not text at all: damaged too.
         std::fs::write(&path, [0xff, 0xfe, 0x00]).unwrap();
-        let (id, warning) = crate::testing::logged(|| persisted_uuid(&path).unwrap());
+        let (id, warning) = common::testing::logged(|| persisted_uuid(&path).unwrap());
         assert!(uuid::Uuid::parse_str(&id).is_ok());
         assert!(warning.contains("holds no UUID"), "{warning}");
         // A file that exists and cannot be read (a directory here, as one

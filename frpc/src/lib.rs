@@ -21,8 +21,6 @@ pub mod local;
 pub mod login;
 pub mod metrics;
 pub mod state_file;
-#[cfg(test)]
-mod testing;
 pub mod tls;
 pub mod tunnel;
 

@@ -250,7 +250,7 @@ async fn get(host: &str, path: &'static str) -> Result<Bytes, ProbeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::logged;
+    use common::testing::logged;
 
     #[test]
     fn both_model_list_shapes_parse() {

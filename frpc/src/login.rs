@@ -187,14 +187,14 @@ mod tests {
             message.contains("cannot read the token file") && message.contains("token.json"),
             "{message}"
         );
-        let (loaded, warning) = crate::testing::logged(|| load(&path));
+        let (loaded, warning) = common::testing::logged(|| load(&path));
         assert!(loaded.is_none());
         assert!(warning.contains(&message), "{warning}");
         // A file that is not text is damaged, not unreadable: no token
         // (a login replaces it), never retried as if it could change.
         let damaged = dir.join("damaged.json");
         std::fs::write(&damaged, [0xff, 0xfe, b'{']).unwrap();
-        let (read_back, warning) = crate::testing::logged(|| read(&damaged));
+        let (read_back, warning) = common::testing::logged(|| read(&damaged));
         assert!(read_back.unwrap().is_none());
         assert!(
             warning.contains("ignoring unreadable token file"),

@@ -479,14 +479,7 @@ mod tests {
     fn bare_row(key: &str) -> ApiKeyRow {
         ApiKeyRow {
             key: key.into(),
-            status: None,
-            expires_at: None,
-            created_at: None,
-            id: None,
-            name: None,
-            prefix: None,
-            rpm: None,
-            max_concurrency: None,
+            ..ApiKeyRow::default()
         }
     }
 
@@ -575,27 +568,8 @@ mod tests {
     /// accepts one.
     #[test]
     fn a_static_key_is_announced() {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let logged = |key: Option<&str>| {
-            let lines = Lines::default();
-            let writer = lines.clone();
-            let subscriber = tracing_subscriber::fmt()
-                .with_writer(move || writer.clone())
-                .finish();
-            tracing::subscriber::with_default(subscriber, || {
-                KeyValidator::new(key.map(str::to_owned), None, None)
-            });
-            String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+            common::testing::logged(|| KeyValidator::new(key.map(str::to_owned), None, None)).1
         };
         let said = logged(Some("from-the-environment"));
         assert!(

@@ -306,38 +306,29 @@ impl Store {
         } else {
             plaintext
         };
-        match self {
-            Store::Postgres(p) => {
-                let found = sqlx::query_as(PG)
-                    .bind(&hashed)
-                    .bind(&hash[..])
-                    .fetch_optional(p)
-                    .await;
-                match found {
-                    // 42883: undefined_function (no sha256(), before 11).
-                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
-                        static SAID: std::sync::Once = std::sync::Once::new();
-                        SAID.call_once(|| {
-                            tracing::warn!(
-                                "PostgreSQL before 11 has no sha256(): API keys are sent to the database as presented (upgrade PostgreSQL so they never reach it)"
-                            )
-                        });
-                        let row = sqlx::query_as(PLAIN)
-                            .bind(&hashed)
-                            .bind(legacy)
-                            .fetch_optional(p)
-                            .await?;
-                        Ok(row)
-                    }
-                    found => Ok(found?),
-                }
-            }
-            Store::Sqlite(p) => Ok(sqlx::query_as(PLAIN)
+        if let Store::Postgres(p) = self {
+            let found = sqlx::query_as(PG)
                 .bind(&hashed)
-                .bind(legacy)
+                .bind(&hash[..])
                 .fetch_optional(p)
-                .await?),
+                .await;
+            match found {
+                // 42883: undefined_function (no sha256(), before 11): on
+                // to the query SQLite is sent.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(
+                            "PostgreSQL before 11 has no sha256(): API keys are sent to the database as presented (upgrade PostgreSQL so they never reach it)"
+                        )
+                    });
+                }
+                found => return Ok(found?),
+            }
         }
+        Ok(
+            on_pool!(self, p => sqlx::query_as(PLAIN).bind(&hashed).bind(legacy).fetch_optional(p).await?),
+        )
     }
 
     /// Stores a new key by its hash, with its rate limits.

@@ -4,7 +4,7 @@ use chrono::NaiveDateTime;
 use serde::Serialize;
 
 /// One `api_keys` row.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, sqlx::FromRow)]
 pub struct ApiKeyRow {
     /// The key in plaintext (legacy, hand-inserted) or `sha256:<hex>`.
     pub key: String,
@@ -157,14 +157,9 @@ mod tests {
     fn row(rpm: Option<i32>, max_concurrency: Option<i32>) -> ApiKeyRow {
         ApiKeyRow {
             key: "k".into(),
-            status: None,
-            expires_at: None,
-            created_at: None,
-            id: None,
-            name: None,
-            prefix: None,
             rpm,
             max_concurrency,
+            ..ApiKeyRow::default()
         }
     }
 

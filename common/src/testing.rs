@@ -1,4 +1,5 @@
-//! Helpers for the unit tests.
+//! Helpers for frps's and frpc's unit tests (feature `testing`, which
+//! only their dev-dependencies turn on).
 
 /// Runs `f` with WARN and above logged to a string; returns both.
 pub fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
