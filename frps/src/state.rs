@@ -103,9 +103,15 @@ impl State {
                 let seal = crate::auth::redis::Seal::load(&store)
                     .await
                     .context("cannot read the Redis entry secret from the database")?;
-                let redis =
-                    RedisCache::start(url, &config.redis_prefix, seal, on_revoke, shutdown.clone())
-                        .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
+                let redis = RedisCache::start(
+                    url,
+                    &config.redis_prefix,
+                    seal,
+                    on_revoke,
+                    crate::auth::redis::Keepalive::default(),
+                    shutdown.clone(),
+                )
+                .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
                 Some(redis)
             }
             None => None,

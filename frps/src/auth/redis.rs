@@ -26,6 +26,32 @@ const OP_TIMEOUT: Duration = Duration::from_millis(250);
 /// Delay between reconnection attempts.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// How the revocation subscription checks that its connection still
+/// carries messages. A subscription only reads: when the path to Redis dies
+/// without a reset (a NAT or firewall forgetting an idle flow, a host gone
+/// from the network), nothing fails on frps's side and revocations stop
+/// arriving unnoticed. So it pings Redis every `every` and, when the answer
+/// (or the connection and `SUBSCRIBE` of a new subscription) takes longer
+/// than `within`, drops the connection and subscribes again; every key
+/// cached in-process is forgotten then, since revocations sent in between
+/// were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Time between two pings of an open subscription.
+    pub every: Duration,
+    /// Longest wait for a ping's answer, or for a new subscription.
+    pub within: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            every: Duration::from_secs(15),
+            within: Duration::from_secs(5),
+        }
+    }
+}
+
 /// How long a revocation keeps a key's entry from being cached again: an
 /// frps that read the key's row just before it was revoked must not put it
 /// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it. It
@@ -189,12 +215,14 @@ impl std::fmt::Debug for RedisCache {
 
 impl RedisCache {
     /// Starts connecting to `url` in the background (and subscribing to
-    /// revocations, calling `on_revoke`) until `shutdown`. Returns at once.
+    /// revocations, calling `on_revoke`, the subscription checked as
+    /// `keepalive` says) until `shutdown`. Returns at once.
     pub fn start(
         url: &str,
         prefix: &str,
         seal: Seal,
         on_revoke: OnRevoke,
+        keepalive: Keepalive,
         shutdown: CancellationToken,
     ) -> Result<Arc<RedisCache>, redis::RedisError> {
         let client = redis::Client::open(url)?;
@@ -206,7 +234,11 @@ impl RedisCache {
             forgery_reported: AtomicBool::new(false),
         });
         tokio::spawn(cache.clone().connect_loop(client.clone(), shutdown.clone()));
-        tokio::spawn(cache.clone().subscribe_loop(client, on_revoke, shutdown));
+        tokio::spawn(
+            cache
+                .clone()
+                .subscribe_loop(client, on_revoke, keepalive, shutdown),
+        );
         Ok(cache)
     }
 
@@ -254,28 +286,25 @@ impl RedisCache {
         self: Arc<Self>,
         client: redis::Client,
         on_revoke: OnRevoke,
+        keepalive: Keepalive,
         shutdown: CancellationToken,
     ) {
         let channel = self.channel();
+        let mut lost = false;
         loop {
-            let session = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
-                // Revocations sent while we were away are lost: forget everything.
-                on_revoke(None);
-                let mut messages = pubsub.on_message();
-                while let Some(msg) = messages.next().await {
-                    match <[u8; 32]>::try_from(msg.get_payload_bytes()) {
-                        Ok(hash) => on_revoke(Some(hash)),
-                        Err(_) => warn!("ignoring a malformed revocation on {channel}"),
-                    }
-                }
-                Ok::<_, redis::RedisError>(())
-            };
-            tokio::select! {
+            let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = session => {}
+                ended = subscription(&client, &channel, &on_revoke, keepalive, &mut lost) => ended,
+            };
+            if !lost {
+                warn!(
+                    "the subscription to key revocations ended ({ended}); subscribing again, and until then revoked keys stay valid for up to {:?} on this frps",
+                    super::keys::LOCAL_TTL
+                );
+            } else {
+                tracing::debug!("subscribing to key revocations failed again: {ended}");
             }
+            lost = true;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(RETRY) => {}
@@ -453,6 +482,57 @@ impl RedisCache {
             .await
             .ok()?
             .ok()
+    }
+}
+
+/// One subscription to `channel`, passing revocations to `on_revoke`
+/// until it fails or stops answering pings; returns why it ended. `lost`
+/// says whether an earlier one ended (logged once it is back).
+async fn subscription(
+    client: &redis::Client,
+    channel: &str,
+    on_revoke: &OnRevoke,
+    keepalive: Keepalive,
+    lost: &mut bool,
+) -> String {
+    let subscribe = async {
+        let (mut sink, messages) = client.get_async_pubsub().await?.split();
+        sink.subscribe(channel).await?;
+        Ok::<_, redis::RedisError>((sink, messages))
+    };
+    let (mut sink, mut messages) = match tokio::time::timeout(keepalive.within, subscribe).await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => return e.to_string(),
+        Err(_) => return format!("no subscription within {:?}", keepalive.within),
+    };
+    // Revocations sent while we were away are lost: forget everything.
+    on_revoke(None);
+    if std::mem::take(lost) {
+        info!("subscribed to key revocations again");
+    }
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + keepalive.every,
+        keepalive.every,
+    );
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = messages.next() => match msg {
+                Some(msg) => match <[u8; 32]>::try_from(msg.get_payload_bytes()) {
+                    Ok(hash) => on_revoke(Some(hash)),
+                    Err(_) => warn!("ignoring a malformed revocation on {channel}"),
+                },
+                None => return "the connection closed".to_owned(),
+            },
+            _ = ping.tick() => {
+                // Messages arriving meanwhile wait in the subscription's queue.
+                match tokio::time::timeout(keepalive.within, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return e.to_string(),
+                    Err(_) => return format!("no answer to a ping within {:?}", keepalive.within),
+                }
+            }
+        }
     }
 }
 

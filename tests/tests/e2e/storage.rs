@@ -434,6 +434,105 @@ async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
     assert_eq!(redis.count_entries().await, Some(1));
 }
 
+/// What a subscription reported: `None` for "forget everything" (a new
+/// subscription), a key hash for a revocation.
+type Revocations = tokio::sync::mpsc::UnboundedReceiver<Option<[u8; 32]>>;
+
+async fn next_revocation(rx: &mut Revocations, within: Duration) -> Option<Option<[u8; 32]>> {
+    tokio::time::timeout(within, rx.recv()).await.ok().flatten()
+}
+
+#[tokio::test]
+async fn a_silent_revocation_subscription_is_replaced_and_the_cache_forgotten() {
+    let Some(url) = services::redis_url() else {
+        return;
+    };
+    // The path to Redis goes quiet without a reset (a NAT forgetting the
+    // flow): what Redis sends is held, and dropped with the connection.
+    let cutter = Cutter::start(services::redis_addr(&url)).await;
+    let via = format!("redis://{}", cutter.addr);
+    let prefix = services::redis_prefix();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let keepalive = frps::auth::redis::Keepalive {
+        every: Duration::from_millis(200),
+        within: Duration::from_millis(500),
+    };
+    let _cache = frps::auth::redis::RedisCache::start(
+        &via,
+        &prefix,
+        frps::auth::redis::Seal::random(),
+        std::sync::Arc::new(move |hash| {
+            let _ = tx.send(hash);
+        }),
+        keepalive,
+        shutdown.clone(),
+    )
+    .unwrap();
+    assert_eq!(
+        next_revocation(&mut rx, Duration::from_secs(10)).await,
+        Some(None),
+        "subscribed"
+    );
+    let publisher = frps::auth::redis::RedisCache::connect_now(
+        &url,
+        &prefix,
+        frps::auth::redis::Seal::random(),
+    )
+    .await
+    .unwrap();
+    let first = frps::auth::secret::hash("first");
+    assert!(publisher.revoke(&first).await);
+    assert_eq!(
+        next_revocation(&mut rx, Duration::from_secs(5)).await,
+        Some(Some(first)),
+        "a revocation arrives while the path is alive"
+    );
+
+    // Pings keep a live subscription: nothing reconnects while Redis answers.
+    let connections = cutter.accepted().len();
+    tokio::time::sleep(keepalive.every * 3).await;
+    assert_eq!(
+        cutter.accepted().len(),
+        connections,
+        "reconnected needlessly"
+    );
+
+    cutter.hold_answers();
+    let held = Instant::now();
+    let lost = frps::auth::secret::hash("lost");
+    assert!(publisher.revoke(&lost).await, "published past the cutter");
+    // The ping goes unanswered: frps gives the connection up and tries a
+    // new one, well before its in-process cache would have expired the key.
+    frpx_tests::eventually_async("a new subscription is attempted", || {
+        let n = cutter.accepted().len();
+        async move { n > connections }
+    })
+    .await;
+    assert!(
+        held.elapsed() < frps::auth::keys::LOCAL_TTL,
+        "noticed only after {:?}",
+        held.elapsed()
+    );
+    assert!(rx.try_recv().is_err(), "nothing arrived while held");
+    cutter.release_answers();
+    // The held revocation went down with the old connection; the new
+    // subscription says to forget everything instead.
+    assert_eq!(
+        next_revocation(&mut rx, Duration::from_secs(10)).await,
+        Some(None),
+        "the cache is forgotten"
+    );
+    let second = frps::auth::secret::hash("second");
+    assert!(publisher.revoke(&second).await);
+    assert_eq!(
+        next_revocation(&mut rx, Duration::from_secs(5)).await,
+        Some(Some(second)),
+        "revocations arrive again"
+    );
+    shutdown.cancel();
+}
+
 #[tokio::test]
 async fn revocation_reaches_a_second_frps_within_a_second() {
     let Some(pg) = TestPg::create().await else {
