@@ -50,31 +50,57 @@ where
 /// As [`join_streams`], but once `a` has ended (its EOF passed on to `b`),
 /// the way back gets `linger` at most without a byte before the join ends:
 /// a peer that closed and a `b` that never answers (a hung service that
-/// ignores the half-close) do not hold both connections for ever.
+/// ignores the half-close) do not hold both connections for ever. And
+/// while bytes from `a` wait for `b` to take them, `b` gets `stall` at most
+/// without taking one before the join fails (`TimedOut`): a hung service
+/// that stopped reading would otherwise hold the join for ever, since
+/// nothing reads `a` meanwhile, so not even its reset is seen.
 pub async fn join_streams_lingering<A, B>(
     a: &mut A,
     b: &mut B,
     linger: std::time::Duration,
+    stall: std::time::Duration,
 ) -> io::Result<JoinStats>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    join(a, b, Some(linger)).await
+    join(a, b, Some((linger, stall))).await
+}
+
+/// A timer and the byte count it was last pushed back at.
+type Clock = Option<(Pin<Box<tokio::time::Sleep>>, u64)>;
+
+/// Whether `limit` passed since `moved` last changed, (re)arming `clock`.
+fn expired(
+    clock: &mut Clock,
+    limit: std::time::Duration,
+    moved: u64,
+    cx: &mut Context<'_>,
+) -> bool {
+    let (timer, seen) = clock.get_or_insert_with(|| (Box::pin(tokio::time::sleep(limit)), moved));
+    if *seen != moved {
+        *seen = moved;
+        timer.as_mut().reset(tokio::time::Instant::now() + limit);
+    }
+    timer.as_mut().poll(cx).is_ready()
 }
 
 async fn join<A, B>(
     a: &mut A,
     b: &mut B,
-    linger: Option<std::time::Duration>,
+    limits: Option<(std::time::Duration, std::time::Duration)>,
 ) -> io::Result<JoinStats>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let linger = limits.map(|(linger, _)| linger);
     let (mut a_to_b, mut b_to_a) = (Copy::default(), Copy::default());
     // Armed once `a` ended; pushed back whenever bytes move the other way.
-    let mut lingering: Option<(Pin<Box<tokio::time::Sleep>>, u64)> = None;
+    let mut lingering: Clock = None;
+    // Armed while bytes wait for `b`; pushed back whenever it takes some.
+    let mut stalling: Clock = None;
     // How the way there failed, when it did and the way back goes on.
     let mut failed_there: Option<io::Error> = None;
     poll_fn(|cx| {
@@ -98,16 +124,21 @@ where
         if there.is_ready() && back.is_ready() {
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
-        if let (Poll::Ready(()), Some(limit)) = (there, linger) {
-            let (timer, seen) = lingering
-                .get_or_insert_with(|| (Box::pin(tokio::time::sleep(limit)), b_to_a.moved));
-            if *seen != b_to_a.moved {
-                *seen = b_to_a.moved;
-                timer.as_mut().reset(tokio::time::Instant::now() + limit);
+        if let (Poll::Ready(()), Some(limit)) = (there, linger)
+            && expired(&mut lingering, limit, b_to_a.moved, cx)
+        {
+            return Poll::Ready(Ok(()));
+        }
+        match limits {
+            Some((_, stall)) if there.is_pending() && a_to_b.buf.has_remaining() => {
+                if expired(&mut stalling, stall, a_to_b.moved, cx) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the other side took no bytes for {stall:?}"),
+                    )));
+                }
             }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ok(()));
-            }
+            _ => stalling = None,
         }
         Poll::Pending
     })
@@ -501,7 +532,9 @@ mod tests {
         let mut b = service();
         let linger = std::time::Duration::from_secs(10);
         let join =
-            tokio::spawn(async move { join_streams_lingering(&mut near, &mut b, linger).await });
+            tokio::spawn(
+                async move { join_streams_lingering(&mut near, &mut b, linger, linger).await },
+            );
         let mut got = Vec::new();
         caller.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, answer);
@@ -545,7 +578,7 @@ mod tests {
         let (mut service, mut near) = duplex(1024);
         let started = tokio::time::Instant::now();
         let linger = std::time::Duration::from_secs(30);
-        let err = join_streams_lingering(&mut ResetByPeer, &mut near, linger)
+        let err = join_streams_lingering(&mut ResetByPeer, &mut near, linger, linger)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -562,10 +595,9 @@ mod tests {
         let (mut b, mut b_peer) = duplex(1024);
         let linger = Duration::from_secs(30);
         let started = tokio::time::Instant::now();
-        let join =
-            tokio::spawn(
-                async move { join_streams_lingering(&mut a_peer, &mut b_peer, linger).await },
-            );
+        let join = tokio::spawn(async move {
+            join_streams_lingering(&mut a_peer, &mut b_peer, linger, Duration::from_secs(60)).await
+        });
         // a closes; b answers a little every 20 s (under the linger each
         // time), then falls silent and never closes.
         a.shutdown().await.unwrap();
@@ -587,5 +619,71 @@ mod tests {
         a.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"tick".repeat(3));
         drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_stops_taking_bytes_ends_the_join_after_the_stall_limit() {
+        use std::time::Duration;
+        let (mut a, mut a_peer) = duplex(64 * 1024);
+        let (mut b, mut b_peer) = duplex(1024);
+        let stall = Duration::from_secs(60);
+        let join = tokio::spawn(async move {
+            join_streams_lingering(&mut a_peer, &mut b_peer, Duration::from_secs(10), stall).await
+        });
+        // An upload larger than the way to b holds; b reads a little every
+        // 50 s (under the limit each time), then stops reading, open.
+        let upload = vec![7u8; 32 * 1024];
+        a.write_all(&upload).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut taken = vec![0u8; 512];
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            b.read_exact(&mut taken).await.unwrap();
+        }
+        let err = join
+            .await
+            .unwrap()
+            .expect_err("a stalled destination fails the join");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        // 60 s after b last took bytes (at 150 s), not before and not never.
+        let ended = started.elapsed();
+        assert!(
+            (Duration::from_secs(210)..Duration::from_secs(211)).contains(&ended),
+            "{ended:?}"
+        );
+        // Its end closes a's side: the caller sees the connection go.
+        let mut rest = Vec::new();
+        assert_eq!(a.read_to_end(&mut rest).await.unwrap(), 0);
+        drop(b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_join_has_no_stall_limit() {
+        use std::time::Duration;
+        let (mut a, mut a_peer) = duplex(1024);
+        let (mut b, mut b_peer) = duplex(1024);
+        let mut join = tokio::spawn(async move {
+            join_streams_lingering(
+                &mut a_peer,
+                &mut b_peer,
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+            )
+            .await
+        });
+        a.write_all(b"request").await.unwrap();
+        let mut got = [0u8; 7];
+        b.read_exact(&mut got).await.unwrap();
+        // Nothing waits for b: an hour of silence (a long generation) is fine.
+        tokio::select! {
+            ended = &mut join => panic!("the join ended: {ended:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+        }
+        b.write_all(b"answer").await.unwrap();
+        let mut answer = [0u8; 6];
+        a.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"answer");
+        drop((a, b));
+        join.await.unwrap().unwrap();
     }
 }

@@ -55,6 +55,12 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
 /// next byte before both are dropped.
 pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 
+/// How long the local service may take no bytes of a request waiting for
+/// it before both connections are dropped (frps then answers its caller
+/// with an error): a service that hung mid-upload would otherwise hold the
+/// data connection, its local connection and frpc's task for ever.
+pub const LOCAL_WRITE_STALL: Duration = Duration::from_secs(60);
+
 /// First wait before dialing a lost tunnel connection again; doubles up to
 /// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
 /// Meanwhile frps asks for dial-backs, as without a tunnel connection.
@@ -202,7 +208,8 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
     };
     // As on a dial-back: once frps closed the stream, a hung service
     // that ignores the half-close gets DIAL_BACK_LINGER, not for ever.
-    match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER).await {
+    match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER, LOCAL_WRITE_STALL).await
+    {
         Ok(stats) => {
             debug!(
                 stream = id,
@@ -345,7 +352,7 @@ async fn forward_watched(
     // it has closed, the service's answer (or silence, if it hangs and
     // ignores the half-close) gets DIAL_BACK_LINGER, not for ever.
     let stats = tokio::select! {
-        joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER) => joined?,
+        joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER, LOCAL_WRITE_STALL) => joined?,
         silent = path => {
             warn!(%conn_id, "no acknowledgement from frps for {:?} with {} bytes to deliver: the path is gone; closing the data connection and the local one", silent.since_ack, silent.queued);
             // Reset, not closed: a close would leave the kernel
