@@ -10,19 +10,51 @@ use std::time::Duration;
 /// first use.
 pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86400);
 
+/// Why [`parse_duration_checked`] refused a value; both carry the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Not a duration at all (no number, an unknown unit).
+    Invalid(String),
+    /// A duration, but longer than [`MAX_DURATION`].
+    TooLong(String),
+}
+
+impl Refused {
+    /// The message for the user.
+    pub fn message(self) -> String {
+        match self {
+            Refused::Invalid(m) | Refused::TooLong(m) => m,
+        }
+    }
+}
+
 /// Parses `250ms`, `10s`, `5m`, `1h` or a bare number of seconds, up to
 /// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_checked(s).map_err(Refused::message)
+}
+
+/// As [`parse_duration`], saying whether a refused value was no duration
+/// or too long a one.
+pub fn parse_duration_checked(s: &str) -> Result<Duration, Refused> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 10s, 5m, 1h)"))?;
+    let too_long = || Refused::TooLong(format!("`{s}` is too long (at most 100 years: 36500d)"));
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        // Digits only, past u64: a number, just a huge one.
+        Err(_) if !num.is_empty() => return Err(too_long()),
+        Err(_) => {
+            return Err(Refused::Invalid(format!(
+                "`{s}` is not a duration (examples: 500ms, 10s, 5m, 1h)"
+            )));
+        }
+    };
     let secs = |mult: u64| {
         n.checked_mul(mult)
             .map(Duration::from_secs)
-            .ok_or_else(|| format!("`{s}` is too long"))
+            .ok_or_else(too_long)
     };
     let d = match unit {
         "ms" => Ok(Duration::from_millis(n)),
@@ -30,12 +62,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => secs(60),
         "h" => secs(3600),
         "d" => secs(86400),
-        _ => Err(format!(
+        _ => Err(Refused::Invalid(format!(
             "`{s}` has an unknown unit `{unit}` (use ms, s, m, h or d)"
-        )),
+        ))),
     }?;
     if d > MAX_DURATION {
-        return Err(format!("`{s}` is too long (at most 100 years: 36500d)"));
+        return Err(too_long());
     }
     Ok(d)
 }
@@ -80,6 +112,22 @@ mod tests {
         let _ = std::time::Instant::now() + longest * 4;
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86400)));
         assert!(parse_duration("10x").unwrap_err().contains("unknown unit"));
+        // Which kind of refusal, without reading the message.
+        for (value, too_long) in [
+            ("too long", false),
+            ("10x", false),
+            ("", false),
+            ("36501d", true),
+            ("99999999999999999999999", true),
+            ("300000000000000d", true),
+        ] {
+            let refused = parse_duration_checked(value).unwrap_err();
+            assert_eq!(
+                matches!(refused, Refused::TooLong(_)),
+                too_long,
+                "{value}: {refused:?}"
+            );
+        }
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert!(
             parse_positive_duration("0s")

@@ -330,10 +330,10 @@ fn parse_body_budget(s: &str) -> Result<usize, String> {
 
 /// `--token-ttl`: `0` (no expiry) or a duration up to [`MAX_TOKEN_TTL`].
 fn parse_token_ttl(s: &str) -> Result<Duration, String> {
-    match parse_duration(s) {
+    match common::parse_duration_checked(s) {
         Ok(d) if d <= MAX_TOKEN_TTL => Ok(d),
         // Not a duration at all: that error says why.
-        Err(e) if !e.contains("too long") => Err(e),
+        Err(common::duration::Refused::Invalid(e)) => Err(e),
         // Too long for a token (or for any duration, which stops at the
         // same 100 years).
         _ => Err(format!(
@@ -468,6 +468,11 @@ mod tests {
                 e.contains("--token-ttl must be at most 100 years"),
                 "{bad}: {e}"
             );
+        }
+        // Not a duration: said so, whatever the text reads like.
+        for bad in ["too long", "30x"] {
+            let e = parse_error(&["--token-ttl", bad]);
+            assert!(!e.contains("at most 100 years"), "{bad}: {e}");
         }
         let cfg = Config::try_parse_from(["frps", "--token-ttl", "36500d"]).unwrap();
         assert_eq!(cfg.token_lifetime(), Some(MAX_TOKEN_TTL));

@@ -528,10 +528,7 @@ impl RateLimiter {
             for live in batch {
                 call.key(&live.lease.key).arg(&live.lease.member);
             }
-            if redis.invoke::<i64>(&call).await.is_none() {
-                self.redis_failed();
-                return;
-            }
+            let refreshed = redis.invoke::<i64>(&call).await.is_some();
             let released: Vec<&SharedLease> = {
                 let shared = self.shared.lock().expect("rate limit lock");
                 batch
@@ -540,6 +537,16 @@ impl RateLimiter {
                     .map(|live| &live.lease)
                     .collect()
             };
+            if !refreshed {
+                // The script may have run with its answer lost (a timeout):
+                // what it put back of the released leases is taken back
+                // too, in the background, as a release does.
+                self.redis_failed();
+                for lease in released {
+                    self.take_back(lease.clone());
+                }
+                return;
+            }
             for lease in released {
                 // When Redis fails here the lease expires within LEASE_TTL.
                 redis.zrem(&lease.key, &lease.member).await;

@@ -287,6 +287,48 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
 }
 
 #[tokio::test]
+async fn a_renewal_whose_answer_is_lost_brings_back_no_released_lease() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    // a talks to Redis through a forwarder that can hold Redis's answers.
+    let gate = Cutter::start(services::redis_addr(&redis)).await;
+    let (a, b, prefix) = two_frps_sharing(&redis, Some(format!("redis://{}", gate.addr))).await;
+    let (one, _) = key_with(&a.frps, None, Some(1)).await;
+    let (conn, leases) = leases_of(&redis, &prefix, &one).await;
+    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
+    let (conn_a, resp) = http::start_hold(a.frps.public(), &one).await;
+    assert_eq!(held(&mut conn.clone()).await, 1);
+    // One renewal with answers flowing: Redis knows the script by its
+    // digest from then on (a NOSCRIPT answer held back would stop it).
+    let limits = &a.frps.state.rate_limits;
+    limits.refresh(&limits.live_leases()).await;
+    let seen = limits.live_leases();
+    assert_eq!(seen.len(), 1);
+    drop((resp, conn_a));
+    eventually("a released its lease", || limits.shared_leases() == 0).await;
+    eventually_async("the release reached Redis", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 0 }
+    })
+    .await;
+    // The renewal of what was seen before the release runs in Redis (and
+    // puts the lease back); its answer never comes.
+    gate.hold_answers();
+    limits.refresh(&seen).await;
+    // The lease goes again at once, not after the lease's minute.
+    eventually_async("the renewed lease was taken back", || {
+        let mut conn = conn.clone();
+        async move { held(&mut conn).await == 0 }
+    })
+    .await;
+    gate.release_answers();
+    assert_eq!(status(&b.frps, &one).await, 200, "the slot is free");
+    a.frps.stop().await;
+    b.frps.stop().await;
+}
+
+#[tokio::test]
 async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     let Some(redis) = services::redis_url() else {
         return;
