@@ -47,25 +47,42 @@ where
     join(a, b, None).await
 }
 
+/// How often a join whose bytes for `b` wait asks whether `a` is still
+/// there ([`join_streams_lingering`]).
+pub const GONE_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// As [`join_streams`], but once `a` has ended (its EOF passed on to `b`),
 /// the way back gets `linger` at most without a byte before the join ends:
 /// a peer that closed and a `b` that never answers (a hung service that
-/// ignores the half-close) do not hold both connections for ever. And
-/// while bytes from `a` wait for `b` to take them, `b` gets `stall` at most
-/// without taking one before the join fails (`TimedOut`): a hung service
-/// that stopped reading would otherwise hold the join for ever, since
-/// nothing reads `a` meanwhile, so not even its reset is seen.
+/// ignores the half-close) do not hold both connections for ever. And while
+/// bytes from `a` wait for `b` to take them, nothing reads `a`, so its end
+/// (or reset) would go unseen: every [`GONE_CHECK`] without progress the
+/// join asks `a_gone`, and ends (`ConnectionAborted`) once it says `a` is
+/// gone. A `b` that is merely slow, its caller still there, is waited for.
 pub async fn join_streams_lingering<A, B>(
     a: &mut A,
     b: &mut B,
     linger: std::time::Duration,
-    stall: std::time::Duration,
+    a_gone: impl Fn() -> bool + Sync,
 ) -> io::Result<JoinStats>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    join(a, b, Some((linger, stall))).await
+    join(a, b, Some((linger, &a_gone as &(dyn Fn() -> bool + Sync)))).await
+}
+
+/// Why [`join_streams_lingering`] ended when its `a_gone` said so (the
+/// `ConnectionAborted` error's inner error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the sending side left while its bytes waited to be taken")]
+pub struct SenderGone;
+
+impl SenderGone {
+    /// Whether `error` is a join ended by [`SenderGone`].
+    pub fn is(error: &io::Error) -> bool {
+        error.get_ref().is_some_and(|e| e.is::<SenderGone>())
+    }
 }
 
 /// A timer and the byte count it was last pushed back at.
@@ -89,7 +106,7 @@ fn expired(
 async fn join<A, B>(
     a: &mut A,
     b: &mut B,
-    limits: Option<(std::time::Duration, std::time::Duration)>,
+    limits: Option<(std::time::Duration, &(dyn Fn() -> bool + Sync))>,
 ) -> io::Result<JoinStats>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -99,7 +116,8 @@ where
     let (mut a_to_b, mut b_to_a) = (Copy::default(), Copy::default());
     // Armed once `a` ended; pushed back whenever bytes move the other way.
     let mut lingering: Clock = None;
-    // Armed while bytes wait for `b`; pushed back whenever it takes some.
+    // Armed while bytes wait for `b`; pushed back whenever it takes some,
+    // or `a` is found still there.
     let mut stalling: Clock = None;
     // How the way there failed, when it did and the way back goes on.
     let mut failed_there: Option<io::Error> = None;
@@ -130,12 +148,21 @@ where
             return Poll::Ready(Ok(()));
         }
         match limits {
-            Some((_, stall)) if there.is_pending() && a_to_b.buf.has_remaining() => {
-                if expired(&mut stalling, stall, a_to_b.moved, cx) {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the other side took no bytes for {stall:?}"),
-                    )));
+            Some((_, a_gone)) if there.is_pending() && a_to_b.buf.has_remaining() => {
+                while expired(&mut stalling, GONE_CHECK, a_to_b.moved, cx) {
+                    if a_gone() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            SenderGone,
+                        )));
+                    }
+                    // Still there: look again after another GONE_CHECK
+                    // (polled once more, so the timer holds this waker).
+                    if let Some((timer, _)) = &mut stalling {
+                        timer
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + GONE_CHECK);
+                    }
                 }
             }
             _ => stalling = None,
@@ -531,10 +558,9 @@ mod tests {
         caller.write_all(b"POST /upload ...").await.unwrap();
         let mut b = service();
         let linger = std::time::Duration::from_secs(10);
-        let join =
-            tokio::spawn(
-                async move { join_streams_lingering(&mut near, &mut b, linger, linger).await },
-            );
+        let join = tokio::spawn(async move {
+            join_streams_lingering(&mut near, &mut b, linger, || false).await
+        });
         let mut got = Vec::new();
         caller.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, answer);
@@ -578,7 +604,7 @@ mod tests {
         let (mut service, mut near) = duplex(1024);
         let started = tokio::time::Instant::now();
         let linger = std::time::Duration::from_secs(30);
-        let err = join_streams_lingering(&mut ResetByPeer, &mut near, linger, linger)
+        let err = join_streams_lingering(&mut ResetByPeer, &mut near, linger, || false)
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
@@ -596,7 +622,7 @@ mod tests {
         let linger = Duration::from_secs(30);
         let started = tokio::time::Instant::now();
         let join = tokio::spawn(async move {
-            join_streams_lingering(&mut a_peer, &mut b_peer, linger, Duration::from_secs(60)).await
+            join_streams_lingering(&mut a_peer, &mut b_peer, linger, || false).await
         });
         // a closes; b answers a little every 20 s (under the linger each
         // time), then falls silent and never closes.
@@ -622,53 +648,69 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_destination_that_stops_taking_bytes_ends_the_join_after_the_stall_limit() {
+    async fn bytes_waiting_for_a_destination_end_the_join_once_their_sender_is_gone() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
         use std::time::Duration;
         let (mut a, mut a_peer) = duplex(64 * 1024);
         let (mut b, mut b_peer) = duplex(1024);
-        let stall = Duration::from_secs(60);
+        let gone = Arc::new(AtomicBool::new(false));
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (g, n) = (gone.clone(), asked.clone());
         let join = tokio::spawn(async move {
-            join_streams_lingering(&mut a_peer, &mut b_peer, Duration::from_secs(10), stall).await
-        });
-        // An upload larger than the way to b holds; b reads a little every
-        // 50 s (under the limit each time), then stops reading, open.
-        let upload = vec![7u8; 32 * 1024];
-        a.write_all(&upload).await.unwrap();
-        let started = tokio::time::Instant::now();
-        let mut taken = vec![0u8; 512];
-        for _ in 0..3 {
-            tokio::time::sleep(Duration::from_secs(50)).await;
-            b.read_exact(&mut taken).await.unwrap();
-        }
-        let err = join
+            join_streams_lingering(
+                &mut a_peer,
+                &mut b_peer,
+                Duration::from_secs(10),
+                move || {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    g.load(Ordering::SeqCst)
+                },
+            )
             .await
-            .unwrap()
-            .expect_err("a stalled destination fails the join");
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-        // 60 s after b last took bytes (at 150 s), not before and not never.
-        let ended = started.elapsed();
+        });
+        // An upload larger than the way to b holds; b (a service whose
+        // workers are all busy) takes nothing for an hour: its sender is
+        // still there, so the join waits.
+        a.write_all(&vec![7u8; 32 * 1024]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!join.is_finished(), "a slow destination is waited for");
+        let looks = asked.load(Ordering::SeqCst);
         assert!(
-            (Duration::from_secs(210)..Duration::from_secs(211)).contains(&ended),
-            "{ended:?}"
+            (700..=721).contains(&looks),
+            "asked every 5 s without progress: {looks}"
         );
-        // Its end closes a's side: the caller sees the connection go.
+        // b takes a little: progress, so no look for the next 5 s.
+        let mut taken = vec![0u8; 512];
+        b.read_exact(&mut taken).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            looks,
+            "progress pushed the look back"
+        );
+        // The sender leaves (frps gave up on the request): the join ends at
+        // the next look, closing a's side.
+        gone.store(true, Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let err = join.await.unwrap().expect_err("the sender is gone");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted, "{err}");
+        assert!(SenderGone::is(&err), "{err}");
+        assert!(started.elapsed() <= GONE_CHECK, "{:?}", started.elapsed());
         let mut rest = Vec::new();
         assert_eq!(a.read_to_end(&mut rest).await.unwrap(), 0);
         drop(b);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_idle_join_has_no_stall_limit() {
+    async fn an_idle_join_never_asks_whether_its_sender_is_gone() {
         use std::time::Duration;
         let (mut a, mut a_peer) = duplex(1024);
         let (mut b, mut b_peer) = duplex(1024);
         let mut join = tokio::spawn(async move {
-            join_streams_lingering(
-                &mut a_peer,
-                &mut b_peer,
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-            )
+            join_streams_lingering(&mut a_peer, &mut b_peer, Duration::from_secs(10), || {
+                panic!("asked with nothing waiting")
+            })
             .await
         });
         a.write_all(b"request").await.unwrap();

@@ -613,6 +613,15 @@ impl MuxStream {
         self.id
     }
 
+    /// A handle that tells, without reading the stream, whether the other
+    /// side is gone from it ([`StreamWatch::gone`]).
+    pub fn watch(&self) -> StreamWatch {
+        StreamWatch {
+            id: self.id,
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Aborts the stream, telling the other side `reason` (cut to
     /// [`MAX_REASON`] bytes).
     pub fn reset(&self, reason: &str) {
@@ -636,6 +645,33 @@ impl MuxStream {
         }
         let reason = &reason.as_bytes()[..end];
         inner.push(Kind::Reset, self.id, reason.len() as u32, reason);
+    }
+}
+
+/// Looks at one stream from outside ([`MuxStream::watch`]).
+#[derive(Clone)]
+pub struct StreamWatch {
+    id: u32,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StreamWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamWatch").field("id", &self.id).finish()
+    }
+}
+
+impl StreamWatch {
+    /// Whether the stream can carry nothing more from the other side: it
+    /// was reset (by either side) or dropped, or the connection ended. A
+    /// stream the other side only half-closed is not gone.
+    pub fn gone(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.dead.is_some()
+            || inner
+                .streams
+                .get(&self.id)
+                .is_none_or(|st| st.reset.is_some())
     }
 }
 
@@ -965,6 +1001,38 @@ mod tests {
         assert_eq!(&*reset.reason, "local service 127.0.0.1:1 unreachable");
         let err = near.write_all(b"x").await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_watch_sees_a_reset_or_a_lost_connection_but_not_a_half_close() {
+        let (opener, acceptor) = pair();
+        let mut near = opener.open().unwrap();
+        let far = within("accept", acceptor.accept()).await.unwrap();
+        let watch = far.watch();
+        assert!(!watch.gone());
+        near.shutdown().await.unwrap();
+        let mut end = Vec::new();
+        let mut reader = far;
+        within("read", reader.read_to_end(&mut end)).await.unwrap();
+        assert!(!watch.gone(), "half-closed only");
+        drop(near);
+        within("the reset arrives", async {
+            while !watch.gone() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+
+        let _near = opener.open().unwrap();
+        let far = within("accept", acceptor.accept()).await.unwrap();
+        let watch = far.watch();
+        opener.close();
+        within("the connection's end arrives", async {
+            while !watch.gone() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -118,10 +118,21 @@ pub fn path_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
     if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    let info = tcp_info(fd)?;
+    Ok(PathState {
+        queued: queued.max(0) as usize,
+        since_ack: Duration::from_millis(info.tcpi_last_ack_recv.into()),
+    })
+}
+
+/// The kernel's `TCP_INFO` of the TCP socket `fd`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn tcp_info(fd: std::os::fd::RawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: an all-zero `tcp_info` is a valid value of the plain C struct.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info`.
+    // SAFETY: `fd` is open for the call (the callers borrow it), and the
+    // kernel writes at most `len` bytes into `info`.
     let got = unsafe {
         libc::getsockopt(
             fd,
@@ -134,15 +145,31 @@ pub fn path_state(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
     if got != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(PathState {
-        queued: queued.max(0) as usize,
-        since_ack: Duration::from_millis(info.tcpi_last_ack_recv.into()),
-    })
+    Ok(info)
+}
+
+/// Whether the peer of the TCP socket `fd` has closed or reset the
+/// connection (it is no longer established), as the kernel knows without
+/// a read: for a side that cannot read now (its bytes wait for someone
+/// else) and must not miss the other side's end. Linux only; elsewhere
+/// `Unsupported`.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn peer_gone(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    /// `TCP_ESTABLISHED` of the kernel's `tcp_states.h`.
+    const ESTABLISHED: u8 = 1;
+    Ok(tcp_info(fd.as_raw_fd())?.tcpi_state != ESTABLISHED)
 }
 
 /// See the Linux version: not available here.
 #[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
 pub fn path_state(_: std::os::fd::BorrowedFd<'_>) -> io::Result<PathState> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// See the Linux version: not available here.
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
+pub fn peer_gone(_: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
     Err(io::ErrorKind::Unsupported.into())
 }
 
@@ -437,6 +464,30 @@ mod tests {
         assert!(full.queued > 0, "{full:?}");
         assert!(full.since_ack < Duration::from_secs(5), "{full:?}");
         assert!(!full.is_silent(SILENT_PATH_LIMIT));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_peer_that_closes_or_resets_is_seen_gone_without_a_read() {
+        use std::os::fd::AsFd;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for reset in [false, true] {
+            let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+            let (a, peer) = (a.unwrap(), b.unwrap().0);
+            assert!(!peer_gone(a.as_fd()).unwrap(), "a live peer");
+            if reset {
+                reset_on_close(&peer).unwrap();
+            }
+            drop(peer);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !peer_gone(a.as_fd()).unwrap() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "reset {reset}: never seen gone"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -55,12 +55,6 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
 /// next byte before both are dropped.
 pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 
-/// How long the local service may take no bytes of a request waiting for
-/// it before both connections are dropped (frps then answers its caller
-/// with an error): a service that hung mid-upload would otherwise hold the
-/// data connection, its local connection and frpc's task for ever.
-pub const LOCAL_WRITE_STALL: Duration = Duration::from_secs(60);
-
 /// First wait before dialing a lost tunnel connection again; doubles up to
 /// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
 /// Meanwhile frps asks for dial-backs, as without a tunnel connection.
@@ -207,8 +201,14 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
         }
     };
     // As on a dial-back: once frps closed the stream, a hung service
-    // that ignores the half-close gets DIAL_BACK_LINGER, not for ever.
-    match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER, LOCAL_WRITE_STALL).await
+    // that ignores the half-close gets DIAL_BACK_LINGER, not for ever; and
+    // a service that stopped taking a request frps has given up on (it
+    // reset the stream) is let go.
+    let watch = stream.watch();
+    match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER, move || {
+        watch.gone()
+    })
+    .await
     {
         Ok(stats) => {
             debug!(
@@ -218,6 +218,11 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
                 "tunnel stream closed"
             )
         }
+        Err(e) if common::SenderGone::is(&e) => warn!(
+            stream = id,
+            "frps reset the stream while the local service took none of the request for {:?}; closing the local connection",
+            common::GONE_CHECK
+        ),
         Err(e) => debug!(stream = id, "tunnel stream ended: {e}"),
     }
 }
@@ -351,8 +356,17 @@ async fn forward_watched(
     // frps never half-closes a connection it still wants an answer on: once
     // it has closed, the service's answer (or silence, if it hangs and
     // ignores the half-close) gets DIAL_BACK_LINGER, not for ever.
+    // While the service takes nothing of a request, nothing reads frps's
+    // side: its end (it gave up on the request) is looked up instead.
+    let gone = peer_watch(remote.tcp());
     let stats = tokio::select! {
-        joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER, LOCAL_WRITE_STALL) => joined?,
+        joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER, gone) => match joined {
+            Err(e) if common::SenderGone::is(&e) => {
+                warn!(%conn_id, "frps closed the data connection while the local service took none of the request for {:?}; closing the local connection", common::GONE_CHECK);
+                return Err(e);
+            }
+            joined => joined?,
+        },
         silent = path => {
             warn!(%conn_id, "no acknowledgement from frps for {:?} with {} bytes to deliver: the path is gone; closing the data connection and the local one", silent.since_ack, silent.queued);
             // Reset, not closed: a close would leave the kernel
@@ -382,6 +396,26 @@ fn path_watch(tcp: &TcpStream) -> impl Future<Output = common::stream::PathState
         common::stream::SILENT_PATH_LIMIT,
         common::stream::SILENT_PATH_CHECK,
     )
+}
+
+/// Whether frps has closed or reset its end of the data connection under
+/// `tcp` ([`common::stream::peer_gone`]); never, where that cannot be read.
+#[cfg(unix)]
+fn peer_watch(tcp: &TcpStream) -> impl Fn() -> bool + Sync + use<> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fd = tcp.as_raw_fd();
+    move || {
+        // SAFETY: asked only by the join that owns the connection, while
+        // it runs: the descriptor is open whenever this runs.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        common::stream::peer_gone(fd).unwrap_or(false)
+    }
+}
+
+/// Never gone where descriptors cannot be read this way.
+#[cfg(not(unix))]
+fn peer_watch(_: &TcpStream) -> impl Fn() -> bool + Sync + use<> {
+    || false
 }
 
 /// Not watched where descriptors cannot be read this way.
@@ -484,6 +518,79 @@ mod tests {
             .expect("the service sees its connection close")
             .unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_the_service_stops_taking_is_let_go_once_frps_closes() {
+        let frps = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (remote, frps_end) = tokio::join!(
+            TcpStream::connect(frps.local_addr().unwrap()),
+            frps.accept()
+        );
+        let (local, service_end) = tokio::join!(
+            TcpStream::connect(service.local_addr().unwrap()),
+            service.accept()
+        );
+        let (mut remote, mut local) = (Stream::from(remote.unwrap()), local.unwrap());
+        let (frps_end, service_end) = (frps_end.unwrap().0, service_end.unwrap().0);
+        let forwarding = tokio::spawn(async move {
+            forward_watched(
+                &mut remote,
+                &mut local,
+                Uuid::new_v4(),
+                std::future::pending(),
+            )
+            .await
+        });
+        // An upload the service (hung, its connection open) never reads:
+        // frps sends until every buffer on the way is full.
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let sending = tokio::spawn(async move {
+            let mut frps_end = frps_end;
+            let chunk = vec![b'x'; 64 * 1024];
+            frps_end
+                .write_all(b"POST / HTTP/1.1\r\n\r\n")
+                .await
+                .unwrap();
+            tokio::select! {
+                _ = stopped => {}
+                _ = async { while frps_end.write_all(&chunk).await.is_ok() {} } => {}
+            }
+            frps_end
+        });
+        // Well past a few looks: frps is still there, so frpc waits.
+        tokio::time::sleep(common::GONE_CHECK * 2 + Duration::from_secs(1)).await;
+        assert!(
+            !forwarding.is_finished(),
+            "a hung service is waited for while frps waits"
+        );
+        // frps gives up on the request and its end goes, with the upload's
+        // bytes still queued: reset (a close would hold its FIN behind the
+        // queued bytes until frps's kernel gives the socket up).
+        stop.send(()).unwrap();
+        let frps_end = sending.await.unwrap();
+        common::stream::reset_on_close(&frps_end).unwrap();
+        drop(frps_end);
+        let ended = tokio::time::timeout(common::GONE_CHECK * 2, forwarding)
+            .await
+            .expect("let go within a look or two")
+            .unwrap();
+        let err = ended.unwrap_err();
+        assert!(common::SenderGone::is(&err), "{err}");
+        // The service's connection is closed too.
+        let mut service_end = service_end;
+        let mut rest = [0u8; 64 * 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match service_end.read(&mut rest).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the service sees its connection close");
     }
 
     #[tokio::test]
