@@ -89,13 +89,16 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
 /// buffer; the API's requests carry a few short headers).
 const MAX_HEAD: usize = 16 * 1024;
 
-/// Largest request body the management API reads (413 above).
-const MAX_BODY: usize = 1024 * 1024;
+/// Largest request body the management API reads (413 above). No route
+/// takes a body: this only spares a client that sends a stray small one,
+/// while a caller without the admin token (the body is read before the
+/// token is checked) can make frps hold little per connection.
+const MAX_BODY: usize = 1024;
 
 /// Serves the management API on one accepted connection (HTTP/1.1; the
 /// accept loop caps connections in all and per address): each request head
 /// is due within `--header-timeout` (an idle keep-alive connection is closed
-/// after it) and may be at most 16 KiB; its body, at most 1 MiB, is read
+/// after it) and may be at most 16 KiB; its body, at most 1 KiB, is read
 /// before the handler runs, and the request must be answered within
 /// [`REQUEST_DEADLINE`] (408 for a body still arriving then, 503 for an
 /// answer frps did not have ready). Once the public port has drained at

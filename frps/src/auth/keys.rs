@@ -254,16 +254,19 @@ impl KeyValidator {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Throttled(wait);
         }
-        // Counted as failed unless it finds a valid key: unknown, the
-        // database unavailable (a guesser gains nothing from an outage), or
-        // abandoned midway (a caller closing its connection).
+        // Counted as failed when it finds no key, or is abandoned midway (a
+        // caller closing its connection before the answer: a guesser must
+        // not escape the count that way). Not when the database could not
+        // answer: that says nothing of the caller, and counting it would
+        // lock every caller behind a busy address (a NAT, an application's
+        // backend) out for minutes after a short outage of the database.
         let mut failed = Failure {
             failures,
             from,
             counted: true,
         };
         let answer = self.look_up(key, hash, now).await;
-        failed.counted = !matches!(answer, KeyCheck::Valid(_));
+        failed.counted = matches!(answer, KeyCheck::Invalid);
         answer
     }
 

@@ -338,7 +338,26 @@ async fn the_api_closes_idle_and_oversized_connections() {
     let _ = tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut answer)).await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    // A body over 1 MiB is refused once it passes the limit.
+    // A body over 1 KiB (no route takes one) is refused once it passes the
+    // limit, announced or not: a caller without the token cannot make frps
+    // hold more.
+    let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+    conn.write_all(
+        b"POST /api/clients/x/disconnect HTTP/1.1\r\nHost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let chunk = format!("258\r\n{}\r\n", "x".repeat(600));
+        conn.write_all(chunk.as_bytes()).await.unwrap();
+    }
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(frpx_tests::WAIT, conn.read(&mut answer))
+        .await
+        .expect("an answer before the body ends")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
     let len = 2 << 20;
     let head = format!(

@@ -723,13 +723,24 @@ async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
     let cutter = Cutter::start(pg.addr()).await;
     let mut cfg = frps_config();
     cfg.database_url = pg.url_via(cutter.addr);
+    cfg.key_failures_per_minute = 3;
     let fleet = Fleet::start_with(1, cfg).await;
     let (key, _) = KeyValidator::create(&fleet.frps.state.store, None, None)
         .await
         .unwrap();
     assert_eq!(status(&fleet.frps, &key).await, 200);
+    let (fresh, _) = KeyValidator::create(&fleet.frps.state.store, None, None)
+        .await
+        .unwrap();
 
     cutter.cut().await;
+    // Lookups the database could not answer do not spend the address's
+    // budget for unknown keys (3 a minute here).
+    for i in 0..5 {
+        let reply = http::get(fleet.frps.public(), "/", Some(&format!("unasked-{i}"))).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "auth_unavailable");
+    }
     assert_eq!(
         status(&fleet.frps, &key).await,
         200,
@@ -749,9 +760,14 @@ async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
 
     cutter.restore();
     frpx_tests::eventually_async("the database is used again", || async {
-        status(&fleet.frps, "another-unknown-key").await == 401
+        status(&fleet.frps, &fresh).await == 200
     })
     .await;
+    assert_eq!(
+        status(&fleet.frps, "another-unknown-key").await,
+        401,
+        "looked up, not refused unasked"
+    );
     fleet.frps.stop().await;
     pg.drop_db().await;
 }
