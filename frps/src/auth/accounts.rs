@@ -124,6 +124,26 @@ pub const BUSY_RETRY: Duration = Duration::from_secs(1);
 /// email or address, or for a free password check).
 pub const TURN_WAIT: Duration = Duration::from_secs(5);
 
+/// Longest wait for one account-database call of a login, a token check or
+/// a renewal (as for key lookups): the pool's acquire timeout covers only
+/// getting a connection, and a query on a path that died without a reset,
+/// or waiting on a lock, would never return, holding a password-check
+/// permit, the address's turn, or a session's token watch meanwhile.
+pub const DB_DEADLINE: Duration = super::keys::DB_TIMEOUT;
+
+/// `call`, or [`LoginError::Unavailable`] once it took [`DB_DEADLINE`].
+async fn within_deadline<T>(
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, LoginError> {
+    match tokio::time::timeout(DB_DEADLINE, call).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => {
+            tracing::warn!("account database gave no answer within {DB_DEADLINE:?}");
+            Err(LoginError::Unavailable)
+        }
+    }
+}
+
 /// Accounts and client tokens.
 #[derive(Debug)]
 pub struct Accounts {
@@ -192,12 +212,12 @@ impl Accounts {
             .begin(&keys, TURN_WAIT)
             .await
             .map_err(LoginError::Throttled)?;
+        let user = within_deadline(store.find_user(email)).await?;
         let permit = tokio::time::timeout(TURN_WAIT, self.checks.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(LoginError::Busy)?;
-        let user = store.find_user(email).await?;
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
         // Unknown emails cost the same Argon2 work as wrong passwords. The
@@ -234,9 +254,15 @@ impl Accounts {
         let expires_at = self
             .token_ttl
             .and_then(|ttl| expiry_after(Utc::now().naive_utc(), ttl));
-        let stored = store
-            .insert_client_token(&s.id, &s.hash_hex, &s.prefix, user_id, expires_at, verified)
-            .await?;
+        let stored = within_deadline(store.insert_client_token(
+            &s.id,
+            &s.hash_hex,
+            &s.prefix,
+            user_id,
+            expires_at,
+            verified,
+        ))
+        .await?;
         if !stored {
             return Err(LoginError::InvalidCredentials);
         }
@@ -262,7 +288,7 @@ impl Accounts {
     /// renewed; revoking any token of a family revokes all of it.
     pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let Some(row) = store.find_client_token_by_id(id).await? else {
+        let Some(row) = within_deadline(store.find_client_token_by_id(id)).await? else {
             return Ok(TokenReview::Unusable);
         };
         let now = Utc::now().naive_utc();
@@ -284,9 +310,14 @@ impl Accounts {
             return Ok(TokenReview::Usable);
         }
         let s = secret::generate("frpxc");
-        if !store
-            .rotate_client_token(&row.id, &s.id, &s.hash_hex, &s.prefix, expires_at)
-            .await?
+        if !within_deadline(store.rotate_client_token(
+            &row.id,
+            &s.id,
+            &s.hash_hex,
+            &s.prefix,
+            expires_at,
+        ))
+        .await?
         {
             // Revoked meanwhile.
             return Ok(TokenReview::Unusable);
@@ -330,8 +361,7 @@ impl Accounts {
     /// must go through [`Accounts::login_token`].
     pub async fn check_token(&self, token: &str) -> Result<Principal, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let row = store
-            .find_client_token(&secret::hash_hex(token))
+        let row = within_deadline(store.find_client_token(&secret::hash_hex(token)))
             .await?
             .ok_or(LoginError::TokenInvalid)?;
         if row.revoked_at.is_some() {
@@ -345,11 +375,14 @@ impl Accounts {
             // replaced (and any renewal lost before it) stops working.
             // Revoked meanwhile (a login with its parent renewed that
             // again): refused like any revoked token.
-            if store.confirm_client_token(&row.id, parent).await?.is_none() {
+            if within_deadline(store.confirm_client_token(&row.id, parent))
+                .await?
+                .is_none()
+            {
                 return Err(LoginError::TokenInvalid);
             }
         } else {
-            store.touch_client_token(&row.id).await?;
+            within_deadline(store.touch_client_token(&row.id)).await?;
         }
         Ok(Principal {
             user_id: row.user_id,

@@ -773,6 +773,77 @@ async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
 }
 
 #[tokio::test]
+async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothing() {
+    use frps::auth::accounts::{Accounts, DB_DEADLINE, LoginError, hash_password};
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    store
+        .create_user("owner@example.com", &hash_password("secret"))
+        .await
+        .unwrap();
+    let accounts = Accounts::new(Some(store.clone()), None);
+    let from: std::net::IpAddr = [192, 0, 2, 7].into();
+    let token = accounts
+        .login("owner@example.com", "secret", from)
+        .await
+        .unwrap()
+        .token;
+    // Another session holds both tables: queries wait on its locks, as
+    // long as they last (as on a path to the database gone silent).
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    for sql in [
+        "BEGIN",
+        "LOCK TABLE users IN ACCESS EXCLUSIVE MODE",
+        "LOCK TABLE client_tokens IN ACCESS EXCLUSIVE MODE",
+    ] {
+        sqlx::query(sql).execute(&mut locker).await.unwrap();
+    }
+    let timed =
+        async |login: std::pin::Pin<Box<dyn std::future::Future<Output = LoginError> + '_>>| {
+            let started = Instant::now();
+            let err = tokio::time::timeout(DB_DEADLINE * 2, login)
+                .await
+                .expect("answered at the deadline, not when the lock goes");
+            let waited = started.elapsed();
+            assert!(
+                waited >= DB_DEADLINE && waited < DB_DEADLINE + Duration::from_secs(2),
+                "answered after {waited:?}"
+            );
+            err
+        };
+    let err = timed(Box::pin(async {
+        accounts
+            .login("owner@example.com", "secret", [192, 0, 2, 8].into())
+            .await
+            .unwrap_err()
+    }))
+    .await;
+    assert!(matches!(err, LoginError::Unavailable), "{err:?}");
+    let err = timed(Box::pin(async {
+        accounts
+            .login_token(&token, [192, 0, 2, 9].into())
+            .await
+            .unwrap_err()
+    }))
+    .await;
+    assert!(matches!(err, LoginError::Unavailable), "{err:?}");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    // Nothing was left held: logins from the same addresses go through.
+    accounts
+        .login("owner@example.com", "secret", [192, 0, 2, 8].into())
+        .await
+        .expect("a password login");
+    accounts
+        .login_token(&token, [192, 0, 2, 9].into())
+        .await
+        .expect("a token login");
+    pg.drop_db().await;
+}
+
+#[tokio::test]
 async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
     use sqlx::Connection;
     let Some(pg) = TestPg::create().await else {
