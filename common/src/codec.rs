@@ -47,6 +47,10 @@ pub enum FrameError {
     Timeout(Duration),
 }
 
+/// How much room a frame still arriving gets at a time, at least: its
+/// buffer grows with what arrived, never straight to the announced length.
+const READ_STEP: usize = 4096;
+
 /// Reads commands from a byte stream, buffering internally.
 ///
 /// [`FrameReader::read_command`] is cancel-safe: bytes read before a
@@ -104,7 +108,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let len = frame_len(self.buf[..HEADER].try_into().expect("4 bytes"), self.max)?;
         if self.buf.len() < HEADER + len {
-            self.buf.reserve(HEADER + len - self.buf.len());
+            // Room for what is still to come, but not beyond what has come
+            // so far (or READ_STEP): a peer that announces a large frame
+            // and sends little of it gets little memory held for it.
+            let missing = HEADER + len - self.buf.len();
+            self.buf.reserve(missing.min(READ_STEP.max(self.buf.len())));
             return Ok(None);
         }
         self.buf.advance(HEADER);
@@ -136,8 +144,16 @@ pub async fn read_one_command<R: AsyncRead + Unpin>(
         let mut header = [0u8; HEADER];
         read_exact_or_truncated(stream, &mut header).await?;
         let len = frame_len(header, max)?;
-        let mut body = vec![0u8; len];
-        read_exact_or_truncated(stream, &mut body).await?;
+        // Grown as bytes arrive, not allocated at the announced length: a
+        // peer that announces a large frame and stalls holds little.
+        let mut body = Vec::with_capacity(len.min(READ_STEP));
+        (&mut *stream)
+            .take(len as u64)
+            .read_to_end(&mut body)
+            .await?;
+        if body.len() < len {
+            return Err(FrameError::Truncated);
+        }
         Ok(serde_json::from_slice(&body)?)
     };
     tokio::time::timeout(limit, read)
@@ -220,6 +236,63 @@ mod tests {
         let bad = br#"{"type":"Heartbeat","seq":"seven"}"#;
         a.write_all(&raw_frame(bad)).await.unwrap();
         assert!(FrameReader::new(b, MAX_FRAME).read_command().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_frame_announced_large_holds_memory_only_for_what_arrived() {
+        let body = serde_json::to_vec(&Command::Disconnect {
+            reason: "r".repeat(40_000),
+        })
+        .unwrap();
+        let frame = raw_frame(&body);
+        let (mut a, b) = duplex(1 << 20);
+        // The header and a few bytes, then nothing: little is held.
+        a.write_all(&frame[..HEADER + 10]).await.unwrap();
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        let waited = tokio::time::timeout(Duration::from_millis(50), reader.read_command()).await;
+        assert!(waited.is_err(), "incomplete");
+        assert!(
+            reader.buf.capacity() <= 2 * READ_STEP,
+            "held {} bytes for 14 received",
+            reader.buf.capacity()
+        );
+        // The rest in pieces: the frame is read whole, the buffer grown
+        // with what arrived.
+        for piece in frame[HEADER + 10..].chunks(3000) {
+            a.write_all(piece).await.unwrap();
+        }
+        assert_eq!(
+            reader.read_command().await.unwrap(),
+            Some(Command::Disconnect {
+                reason: "r".repeat(40_000)
+            })
+        );
+
+        // The same for a single frame read without a reader.
+        let (mut a, mut b) = duplex(1 << 20);
+        a.write_all(&frame[..HEADER + 10]).await.unwrap();
+        let rest = frame[HEADER + 10..].to_vec();
+        let writer = tokio::spawn(async move {
+            for piece in rest.chunks(3000) {
+                tokio::task::yield_now().await;
+                a.write_all(piece).await.unwrap();
+            }
+            a
+        });
+        let read = read_one_command(&mut b, MAX_FRAME, Duration::from_secs(5)).await;
+        assert!(
+            matches!(read, Ok(Command::Disconnect { ref reason }) if reason.len() == 40_000),
+            "{read:?}"
+        );
+        drop(writer.await.unwrap());
+        // And a frame cut short is truncated, not waited for.
+        let (mut a, mut b) = duplex(1 << 20);
+        a.write_all(&frame[..HEADER + 10]).await.unwrap();
+        drop(a);
+        assert!(matches!(
+            read_one_command(&mut b, MAX_FRAME, Duration::from_secs(5)).await,
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[tokio::test]

@@ -710,14 +710,24 @@ impl Client {
         &self,
         reader: &mut FrameReader<ReadHalf<Stream>>,
     ) -> Result<Command, SessionError> {
-        match reader.read_command_within(REPLY_TIMEOUT).await? {
-            Some(Command::Error { message }) => {
-                Err(SessionError::Fatal(format!("frps: {message}")))
+        // One deadline for the reply, whatever comes before it: commands
+        // of a newer frps this frpc does not know are skipped, as the
+        // protocol says (not taken for a wrong reply).
+        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match reader.read_command_within(left).await? {
+                Some(Command::Error { message }) => {
+                    return Err(SessionError::Fatal(format!("frps: {message}")));
+                }
+                Some(Command::Unknown) => continue,
+                Some(cmd) => return Ok(cmd),
+                None => {
+                    return Err(SessionError::Retry(
+                        "frps closed the connection during the handshake".into(),
+                    ));
+                }
             }
-            Some(cmd) => Ok(cmd),
-            None => Err(SessionError::Retry(
-                "frps closed the connection during the handshake".into(),
-            )),
         }
     }
 

@@ -205,11 +205,11 @@ pub struct Config {
 
     /// Most open connections per listener (public, control, proxy,
     /// management API); more are answered 503 (public) or closed at once.
-    #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000)]
+    #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = parse_at_least_one)]
     pub max_connections: usize,
 
     /// Most open connections per listener from one source address.
-    #[arg(long, env = "FRPX_MAX_CONNECTIONS_PER_IP", default_value_t = 512)]
+    #[arg(long, env = "FRPX_MAX_CONNECTIONS_PER_IP", default_value_t = 512, value_parser = parse_at_least_one)]
     pub max_connections_per_ip: usize,
 
     /// Key lookups that find no valid key allowed per caller address (an
@@ -429,8 +429,14 @@ mod tests {
             let e = parse_error(&[flag, "0s"]);
             assert!(e.contains("is zero"), "{flag}: {e}");
         }
-        let e = parse_error(&["--max-pending-per-client", "0"]);
-        assert!(e.contains("1 or more"), "{e}");
+        for flag in [
+            "--max-pending-per-client",
+            "--max-connections",
+            "--max-connections-per-ip",
+        ] {
+            let e = parse_error(&[flag, "0"]);
+            assert!(e.contains("1 or more"), "{flag}: {e}");
+        }
         // Zero is meaningful here: no drain at shutdown, no queueing.
         let cfg =
             Config::try_parse_from(["frps", "--shutdown-timeout", "0", "--queue-timeout", "0"])

@@ -74,11 +74,11 @@ impl ConnLimiter {
         if open.0 >= self.total_max {
             return Err(Over::Total);
         }
-        let n = open.1.entry(ip).or_insert(0);
-        if *n >= self.per_ip_max {
+        // Looked up before an entry is made: a refused address leaves none.
+        if open.1.get(&ip).is_some_and(|n| *n >= self.per_ip_max) {
             return Err(Over::PerIp);
         }
-        *n += 1;
+        *open.1.entry(ip).or_insert(0) += 1;
         open.0 += 1;
         Ok(ConnGuard {
             limiter: self.clone(),

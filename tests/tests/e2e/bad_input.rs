@@ -688,3 +688,82 @@ async fn bad_requests_on_the_management_api_harm_no_one_else() {
     assert!(fleet.frps.state.registry.get("client-0").is_some());
     served(fleet.frps.public()).await;
 }
+
+/// One frame carrying `body` (length first), as a newer frps might send.
+fn frame_of(body: &[u8]) -> Vec<u8> {
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+#[tokio::test]
+async fn frpc_skips_commands_it_does_not_know_during_the_handshake() {
+    use common::codec::{FrameReader, write_command};
+    // A newer frps: before each handshake reply it sends a command this
+    // frpc does not know. frpc must skip it, not take it for a wrong reply
+    // and reconnect for ever.
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addrs = frps::BoundAddrs {
+        control: control.local_addr().unwrap(),
+        proxy: control.local_addr().unwrap(),
+        public: control.local_addr().unwrap(),
+        api: control.local_addr().unwrap(),
+    };
+    let backend = frpx_tests::Backend::start("box").await;
+    let frpc = frpx_tests::Frpc::start(frpx_tests::frpc_config("box", &addrs, backend.addr));
+    let (conn, _) = tokio::time::timeout(WAIT, control.accept())
+        .await
+        .expect("frpc dials")
+        .unwrap();
+    let (rd, mut wr) = tokio::io::split(conn);
+    let mut reader = FrameReader::new(rd, common::MAX_FRAME);
+    let newer = frame_of(br#"{"type":"ServerNotice","detail":{"text":"hello"}}"#);
+    let next = async |reader: &mut FrameReader<_>| {
+        tokio::time::timeout(WAIT, reader.read_command())
+            .await
+            .expect("a command in time")
+            .unwrap()
+            .expect("not closed")
+    };
+    assert!(matches!(next(&mut reader).await, Command::Login { .. }));
+    wr.write_all(&newer).await.unwrap();
+    write_command(
+        &mut wr,
+        &Command::LoginResult {
+            ok: true,
+            token: Some("frpxc_newer_frps_test_token".into()),
+            expires_at: None,
+            reason: None,
+            code: None,
+        },
+    )
+    .await
+    .unwrap();
+    let Command::Register(registration) = next(&mut reader).await else {
+        panic!("expected Register after the login");
+    };
+    wr.write_all(&newer).await.unwrap();
+    write_command(
+        &mut wr,
+        &Command::Registered {
+            client_id: registration.client_id.clone(),
+            session_key: "k".into(),
+            heartbeat_interval_ms: 60_000,
+            mux: false,
+        },
+    )
+    .await
+    .unwrap();
+    // Registered: frpc reports on this connection (its metrics every
+    // second here), and never dials again.
+    loop {
+        match next(&mut reader).await {
+            Command::SystemInfo(_) => break,
+            Command::Heartbeat { .. } | Command::ModelsUpdate { .. } => continue,
+            other => panic!("unexpected {}", other.name()),
+        }
+    }
+    let again = tokio::time::timeout(Duration::from_millis(300), control.accept()).await;
+    assert!(again.is_err(), "frpc reconnected");
+    frpc.kill().await;
+}
