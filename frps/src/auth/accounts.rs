@@ -212,12 +212,15 @@ impl Accounts {
             .begin(&keys, TURN_WAIT)
             .await
             .map_err(LoginError::Throttled)?;
-        let user = within_deadline(store.find_user(email)).await?;
+        // The permit first: while every check is taken, the database is not
+        // asked either. The lookup under it has its deadline, so a stuck
+        // database holds a permit for that long at most.
         let permit = tokio::time::timeout(TURN_WAIT, self.checks.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(LoginError::Busy)?;
+        let user = within_deadline(store.find_user(email)).await?;
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
         // Unknown emails cost the same Argon2 work as wrong passwords. The
