@@ -1,5 +1,8 @@
-//! One plugin call: `POST http://ADDR/PATH?version=0.1.0&op=OP` over a fresh
-//! HTTP/1.1 connection, and the reading of the plugin's answer.
+//! One plugin call: `POST http://ADDR/PATH?version=0.1.0&op=OP` over an
+//! HTTP/1.1 connection kept for the plugin's next calls, and the reading of
+//! the plugin's answer.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST, USER_AGENT};
@@ -50,9 +53,79 @@ pub enum Verdict {
     Replaced(serde_json::Value),
 }
 
+/// Most idle connections kept per plugin address.
+pub const MAX_IDLE: usize = 32;
+
+/// How long an idle connection to a plugin is kept for the next call (under
+/// the idle timeout of common HTTP servers: Go's default has none, nginx's
+/// is 75 s).
+pub const IDLE_FOR: Duration = Duration::from_secs(30);
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// The idle HTTP/1.1 connections to one plugin address. A new connection
+/// per call left one socket in TIME_WAIT on frps's side for a minute each
+/// (frps closed first): a `NewUserConn` plugin on another host, asked on
+/// every public request, ran frps out of local ports at a few hundred
+/// requests a second.
+#[derive(Default)]
+pub struct Connections {
+    idle: std::sync::Mutex<Vec<(Sender, tokio::time::Instant)>>,
+}
+
+impl std::fmt::Debug for Connections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connections")
+            .field("idle", &self.idle())
+            .finish()
+    }
+}
+
+impl Connections {
+    /// Idle connections kept now.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().expect("plugin pool lock").len()
+    }
+
+    /// The most recently used idle connection still open and not too old;
+    /// older ones are dropped on the way (which closes them).
+    fn take(&self) -> Option<Sender> {
+        let now = tokio::time::Instant::now();
+        let mut idle = self.idle.lock().expect("plugin pool lock");
+        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
+        idle.pop().map(|(sender, _)| sender)
+    }
+
+    fn put(&self, sender: Sender) {
+        let mut idle = self.idle.lock().expect("plugin pool lock");
+        if idle.len() < MAX_IDLE && !sender.is_closed() {
+            idle.push((sender, tokio::time::Instant::now()));
+        }
+    }
+}
+
+/// A new connection to `addr`, its driver spawned (it ends when the
+/// connection closes, or once the sender is dropped and nothing is under
+/// way).
+async fn dial(addr: &str) -> Result<Sender, CallError> {
+    let stream = TcpStream::connect(addr).await.map_err(CallError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| CallError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Sends `body` to `path_and_query` at `addr` and returns the answer body of
-/// a 200 response. The connection lives only as long as the call.
+/// a 200 response, on an idle connection from `pool` when there is one (a
+/// request it could not send, the plugin having closed it meanwhile, goes
+/// on a new one; one it sent is never sent twice). The connection goes
+/// back to `pool` once the answer was read whole.
 pub async fn post(
+    pool: &Connections,
     addr: &str,
     path_and_query: &str,
     reqid: &str,
@@ -61,42 +134,48 @@ pub async fn post(
     let uri: Uri = path_and_query
         .parse()
         .map_err(|e| CallError::Http(format!("bad request path: {e}")))?;
-    let request = Request::post(uri)
+    let mut request = Request::post(uri)
         .header(HOST, addr)
         .header(CONTENT_TYPE, "application/json")
         .header(USER_AGENT, concat!("frps/", env!("CARGO_PKG_VERSION")))
         .header("X-Frp-Reqid", reqid)
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| CallError::Http(e.to_string()))?;
-    let stream = TcpStream::connect(addr).await.map_err(CallError::Connect)?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| CallError::Http(e.to_string()))?;
-    // The sender is dropped when the exchange ends, which closes the
-    // connection and lets `conn` finish too.
-    let exchange = async move {
-        let resp = sender
-            .send_request(request)
-            .await
-            .map_err(|e| CallError::Http(e.to_string()))?;
-        if resp.status() != StatusCode::OK {
-            return Err(CallError::Status(resp.status()));
+    let (sender, resp) = loop {
+        let (mut sender, reused) = match pool.take() {
+            // Ready once its last exchange has wound down; closed meanwhile:
+            // the next one.
+            Some(mut sender) => match sender.ready().await {
+                Ok(()) => (sender, true),
+                Err(_) => continue,
+            },
+            None => (dial(addr).await?, false),
+        };
+        match sender.try_send_request(request).await {
+            Ok(resp) => break (sender, resp),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => request = unsent,
+                _ => return Err(CallError::Http(e.into_error().to_string())),
+            },
         }
-        let body = Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    CallError::TooLarge
-                } else {
-                    CallError::Http(e.to_string())
-                }
-            })?;
-        Ok(body.to_bytes())
     };
-    let (answer, _) = tokio::join!(exchange, conn);
-    answer
+    if resp.status() != StatusCode::OK {
+        return Err(CallError::Status(resp.status()));
+    }
+    let body = Limited::new(resp.into_body(), MAX_ANSWER)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                CallError::TooLarge
+            } else {
+                CallError::Http(e.to_string())
+            }
+        })?;
+    // Read whole: the connection can carry the next call (unless the
+    // plugin asked to close it: hyper then closes it, and it is skipped).
+    pool.put(sender);
+    Ok(body.to_bytes())
 }
 
 /// A boolean, or its string form (`"true"`, `"false"`) as frp's documentation

@@ -13,6 +13,8 @@
 //! - `client`: one call over HTTP and the reading of its answer.
 
 mod client;
+
+pub use client::MAX_IDLE as MAX_IDLE_CONNECTIONS;
 pub mod content;
 pub mod hooks;
 
@@ -225,6 +227,8 @@ impl PluginError {
 pub struct Plugins {
     chains: [Vec<PluginSpec>; 6],
     timeout: Duration,
+    /// Idle connections by plugin address.
+    pools: std::collections::HashMap<String, client::Connections>,
 }
 
 #[derive(Serialize)]
@@ -249,7 +253,21 @@ impl Plugins {
                 info!("server plugins for {op}: {}", names.join(" → "));
             }
         }
-        Self { chains, timeout }
+        let pools = specs
+            .iter()
+            .map(|spec| (spec.addr.clone(), client::Connections::default()))
+            .collect();
+        Self {
+            chains,
+            timeout,
+            pools,
+        }
+    }
+
+    /// Idle connections kept to the plugin at `addr` (for tests and
+    /// diagnostics).
+    pub fn idle_connections(&self, addr: &str) -> usize {
+        self.pools.get(addr).map_or(0, client::Connections::idle)
     }
 
     /// Whether any plugin handles `op`. Call sites check this before
@@ -315,7 +333,15 @@ impl Plugins {
         debug!(plugin = %plugin.name, op = %C::OP, %reqid, "calling server plugin");
         let answer = tokio::time::timeout(
             self.timeout,
-            client::post(&plugin.addr, &target, &reqid, body),
+            client::post(
+                self.pools
+                    .get(&plugin.addr)
+                    .expect("every plugin's address has a pool"),
+                &plugin.addr,
+                &target,
+                &reqid,
+                body,
+            ),
         )
         .await
         .map_err(|_| CallError::Timeout(self.timeout))??;

@@ -996,3 +996,61 @@ async fn a_flood_of_heartbeats_makes_one_ping_call_at_a_time() {
     assert_eq!(plugin.most_at_once(), 1, "Ping calls overlapped");
     assert!(frps.state.registry.get("gpu-f").is_some());
 }
+
+#[tokio::test]
+async fn plugin_calls_reuse_their_connections_and_survive_the_plugin_closing_them() {
+    use frpx_tests::services::Cutter;
+    let plugin = PluginServer::allow_all().await;
+    // frps reaches the plugin through a forwarder that counts connections
+    // and can drop them all (the plugin restarting, or closing idle ones).
+    let gate = Cutter::start(plugin.addr).await;
+    let mut spec = plugin.spec("audit", &["NewUserConn"]);
+    spec.addr = gate.addr.to_string();
+    let mut cfg = frps_config();
+    cfg.plugins = vec![spec];
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    for i in 0..20 {
+        let reply = http::get(public, &format!("/n/{i}"), Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    assert_eq!(plugin.calls_for("NewUserConn").len(), 20);
+    assert_eq!(
+        gate.accepted().len(),
+        1,
+        "one connection for 20 calls in a row"
+    );
+    assert_eq!(
+        fleet
+            .frps
+            .state
+            .plugins
+            .idle_connections(&gate.addr.to_string()),
+        1
+    );
+    // The plugin drops its connections: the next call opens a new one,
+    // and no request fails for it.
+    gate.cut().await;
+    gate.restore();
+    for i in 0..5 {
+        let reply = http::get(public, &format!("/after/{i}"), Some(API_KEY)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    assert_eq!(plugin.calls_for("NewUserConn").len(), 25);
+    assert_eq!(gate.accepted().len(), 2, "one new connection after the cut");
+    // Calls at once each get a connection; what is left idle stays within
+    // the cap.
+    let many = (0..40)
+        .map(|i| async move { http::get(public, &format!("/burst/{i}"), Some(API_KEY)).await });
+    let replies = futures_util::future::join_all(many).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    let idle = fleet
+        .frps
+        .state
+        .plugins
+        .idle_connections(&gate.addr.to_string());
+    assert!(
+        (1..=frps::plugins::MAX_IDLE_CONNECTIONS).contains(&idle),
+        "{idle} idle"
+    );
+}
