@@ -131,6 +131,12 @@ struct Tokens {
     /// from a password login (whether or not its file could be written),
     /// a renewal once saved.
     current: Option<login::SavedToken>,
+    /// The latest renewal that could not be saved (a read-only token file):
+    /// the last resort, once the held and the file's token are expired or
+    /// refused. Using it ends the saved one's family, dead by then anyway;
+    /// without it, a box with no password would stop for good when the
+    /// token it could not replace ran out.
+    unsaved: Option<login::SavedToken>,
     /// Counts the tokens received: a write or a renewal overtaken by a
     /// later one is dropped.
     turn: u64,
@@ -148,6 +154,15 @@ impl Tokens {
     fn keep(&mut self, turn: u64, saved: login::SavedToken) {
         if self.turn == turn {
             self.current = Some(saved);
+            self.unsaved = None;
+        }
+    }
+
+    /// Keeps the renewal of `turn`, which could not be saved, as the last
+    /// resort, unless a later token came meanwhile.
+    fn keep_unsaved(&mut self, turn: u64, saved: login::SavedToken) {
+        if self.turn == turn {
+            self.unsaved = Some(saved);
         }
     }
 }
@@ -274,7 +289,13 @@ impl Client {
     async fn session(&self, registered: &mut Option<Instant>) -> Result<SessionEnd, SessionError> {
         // Credentials come before frps is dialled: a person typing a
         // password must not be racing frps's handshake deadline.
-        let with = match self.usable_saved_token().await {
+        // The file is read on a blocking thread, which a hung disk (an NFS
+        // mount gone) can hold: a stop does not wait for it.
+        let saved = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            saved = self.usable_saved_token() => saved,
+        };
+        let with = match saved {
             Ok(Some(saved)) => LoginWith::Token(saved),
             found => tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -338,7 +359,10 @@ impl Client {
     async fn usable_saved_token(&self) -> Result<Option<login::SavedToken>, login::ReadError> {
         let server = self.config.control_addr();
         let refused = self.refused.lock().expect("refused lock").clone();
-        let held = self.tokens.lock().expect("token lock").current.clone();
+        let (held, unsaved) = {
+            let tokens = self.tokens.lock().expect("token lock");
+            (tokens.current.clone(), tokens.unsaved.clone())
+        };
         let usable = |saved: &login::SavedToken| {
             if refused.contains(&saved.token) {
                 return false;
@@ -372,7 +396,7 @@ impl Client {
         let read = tokio::task::spawn_blocking(move || login::read(&path))
             .await
             .unwrap_or(Ok(None))?;
-        Ok(read.filter(usable))
+        Ok(read.filter(usable).or_else(|| unsaved.filter(usable)))
     }
 
     /// The token of a password login, for the next login whether or not
@@ -436,9 +460,15 @@ impl Client {
                     file.display()
                 );
             }
-            Err(e) => warn!(
-                "frps renewed the login token, but it cannot be saved ({e:#}); frpc keeps logging in with the token it had, valid until it expires"
-            ),
+            Err(e) => {
+                tokens
+                    .lock()
+                    .expect("token lock")
+                    .keep_unsaved(turn, saved.clone());
+                warn!(
+                    "frps renewed the login token, but it cannot be saved ({e:#}); frpc keeps logging in with the token it had while it is valid, then with the renewal (a restarted frpc has only the saved one)"
+                )
+            }
         })
     }
 
@@ -1091,12 +1121,72 @@ mod tests {
         let client = client_saving_to(&blocked.join("token.json"));
         client.renewed("frpxc_unsaved".into(), None).await.unwrap();
         assert!(client.tokens.lock().unwrap().current.is_none());
+        assert_eq!(
+            client
+                .tokens
+                .lock()
+                .unwrap()
+                .unsaved
+                .as_ref()
+                .unwrap()
+                .token,
+            "frpxc_unsaved",
+            "kept as the last resort"
+        );
         let left: Vec<_> = std::fs::read_dir(&blocked)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .filter(|name| name.contains("tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unsaved_renewal_is_used_only_once_the_saved_token_is_dead() {
+        let dir = std::env::temp_dir().join(format!("frpc-unsaved-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token.json");
+        let client = client_saving_to(&path);
+        let token = |token: &str, expires_at: Option<&str>| login::SavedToken {
+            token: token.into(),
+            expires_at: expires_at.map(Into::into),
+            server: client.config.control_addr(),
+            email: "owner@example.com".into(),
+        };
+        let unsaved = token("frpxc_unsaved", None);
+        {
+            let mut tokens = client.tokens.lock().unwrap();
+            let turn = tokens.next_turn();
+            tokens.keep_unsaved(turn, unsaved.clone());
+        }
+        // The file's token is alive: it is the one.
+        login::save(&path, &token("frpxc_saved", Some("2999-01-01T00:00:00Z"))).unwrap();
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_saved");
+        // Expired, or refused by frps: the renewal frpc could not save.
+        login::save(&path, &token("frpxc_saved", Some("2001-01-01T00:00:00Z"))).unwrap();
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_unsaved");
+        login::save(&path, &token("frpxc_saved", None)).unwrap();
+        client.refuse_token("frpxc_saved".into());
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_unsaved");
+        // A later token saved replaces it as the last resort too.
+        {
+            let mut tokens = client.tokens.lock().unwrap();
+            let turn = tokens.next_turn();
+            tokens.keep(turn, token("frpxc_later", None));
+            assert!(tokens.unsaved.is_none());
+        }
+        // An older unsaved renewal never displaces a later token's turn.
+        {
+            let mut tokens = client.tokens.lock().unwrap();
+            let old = tokens.turn;
+            tokens.next_turn();
+            tokens.keep_unsaved(old, unsaved);
+            assert!(tokens.unsaved.is_none());
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 
