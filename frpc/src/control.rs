@@ -363,6 +363,11 @@ impl Client {
             let tokens = self.tokens.lock().expect("token lock");
             (tokens.current.clone(), tokens.unsaved.clone())
         };
+        // Without a password to fall back on, a token that only looks
+        // expired by this machine's clock (booted weeks ahead, before NTP
+        // set it) is sent all the same: frps, whose clock decides, may
+        // still take it; skipping it would stop frpc for good.
+        let judge_expiry = self.has_password();
         let usable = |saved: &login::SavedToken| {
             if refused.contains(&saved.token) {
                 return false;
@@ -378,7 +383,7 @@ impl Client {
             }
             // Sending a token known to be dead would only count as a
             // failed login against this address.
-            if saved.expired_at(chrono::Utc::now()) {
+            if judge_expiry && saved.expired_at(chrono::Utc::now()) {
                 info!(
                     "the saved token expired at {}: logging in with email and password",
                     saved.expires_at.as_deref().unwrap_or("?")
@@ -387,8 +392,12 @@ impl Client {
             }
             true
         };
-        if let Some(held) = held.filter(usable) {
-            return Ok(Some(held));
+        // Not expired by this clock, when it is not judged: preferred to
+        // one that is (the unsaved renewal over the expired saved token).
+        let alive = |saved: &login::SavedToken| !saved.expired_at(chrono::Utc::now());
+        let held = held.filter(usable);
+        if let Some(held) = held.as_ref().filter(|t| alive(t)) {
+            return Ok(Some(held.clone()));
         }
         // Off the runtime's one thread: a disk busy with a model loading
         // must not hold up the streams of the previous session.
@@ -396,7 +405,23 @@ impl Client {
         let read = tokio::task::spawn_blocking(move || login::read(&path))
             .await
             .unwrap_or(Ok(None))?;
-        Ok(read.filter(usable).or_else(|| unsaved.filter(usable)))
+        let candidates: Vec<login::SavedToken> =
+            [held, read.filter(usable), unsaved.filter(usable)]
+                .into_iter()
+                .flatten()
+                .collect();
+        let found = candidates
+            .iter()
+            .find(|t| alive(t))
+            .or(candidates.first())
+            .cloned();
+        if let Some(t) = found.as_ref().filter(|t| !alive(t)) {
+            warn!(
+                "the saved token expired at {} by this machine's clock; sending it anyway (no password to log in with): frps decides",
+                t.expires_at.as_deref().unwrap_or("?")
+            );
+        }
+        Ok(found)
     }
 
     /// The token of a password login, for the next login whether or not
@@ -502,13 +527,10 @@ impl Client {
     /// box that has none (or may not send it) retries with backoff rather
     /// than exiting, since the file may be readable again (an I/O error
     /// that passes, permissions an operator fixes).
-    async fn password_credentials(
-        &self,
-        unreadable: Option<login::ReadError>,
-    ) -> Result<Credentials, SessionError> {
-        // No password to send at all: say that, not that it would go in
-        // plaintext.
-        let have_one = self.prompted.lock().expect("credentials lock").is_some()
+    /// Whether a password login is possible: from the flags or the
+    /// environment, a prompt, or one prompted for already.
+    fn has_password(&self) -> bool {
+        self.prompted.lock().expect("credentials lock").is_some()
             || !matches!(
                 login::source(
                     self.config.email.as_deref(),
@@ -516,8 +538,16 @@ impl Client {
                     !self.config.no_prompt,
                 ),
                 login::Source::None
-            );
-        if !have_one {
+            )
+    }
+
+    async fn password_credentials(
+        &self,
+        unreadable: Option<login::ReadError>,
+    ) -> Result<Credentials, SessionError> {
+        // No password to send at all: say that, not that it would go in
+        // plaintext.
+        if !self.has_password() {
             return Err(match unreadable {
                 None => self.no_credentials(),
                 Some(e) => SessionError::Retry(format!(
@@ -1172,6 +1202,39 @@ mod tests {
         client.refuse_token("frpxc_saved".into());
         let chosen = client.usable_saved_token().await.unwrap().unwrap();
         assert_eq!(chosen.token, "frpxc_unsaved");
+        // Without a password (none here: no flags, no terminal), a token
+        // that looks expired by this clock is still sent when it is all
+        // there is: frps's clock decides.
+        {
+            client.tokens.lock().unwrap().unsaved = None;
+        }
+        login::save(
+            &path,
+            &token("frpxc_looks_expired", Some("2001-01-01T00:00:00Z")),
+        )
+        .unwrap();
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_looks_expired");
+        // With a password to fall back on, it is not sent.
+        let with_password = {
+            use clap::Parser;
+            let config = Config::parse_from([
+                "frpc",
+                "--client-id",
+                "gpu",
+                "--token-file",
+                &path.display().to_string(),
+                "--email",
+                "owner@example.com",
+                "--password",
+                "secret",
+            ]);
+            Client::new(config, CancellationToken::new()).unwrap()
+        };
+        assert!(with_password.usable_saved_token().await.unwrap().is_none());
+        {
+            client.tokens.lock().unwrap().unsaved = Some(unsaved.clone());
+        }
         // A later token saved replaces it as the last resort too.
         {
             let mut tokens = client.tokens.lock().unwrap();

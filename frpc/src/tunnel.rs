@@ -88,6 +88,9 @@ pub async fn run_tunnel(
     shutdown: CancellationToken,
 ) {
     let mut pause = TUNNEL_RETRY_MIN;
+    // The last refusal's reason: the same one again (a plugin's standing
+    // policy, asked every 30 s) is not worth a warning each time.
+    let mut last_refusal: Option<String> = None;
     loop {
         let run = tunnel(&config, &dialer, &session, &tasks, &shutdown);
         let (result, accepted) = tokio::select! {
@@ -97,12 +100,23 @@ pub async fn run_tunnel(
         let refused = matches!(result, Err(TunnelError::Refused(_)));
         match result {
             Err(TunnelError::Refused(reason)) => {
-                warn!("frps refused the tunnel connection ({reason}); dial-backs meanwhile")
+                if last_refusal.as_deref() == Some(reason.as_str()) {
+                    debug!("frps refused the tunnel connection again ({reason})");
+                } else {
+                    warn!(
+                        "frps refused the tunnel connection ({reason}); dial-backs meanwhile, asking again every {TUNNEL_RETRY_MAX:?}"
+                    );
+                    last_refusal = Some(reason);
+                }
             }
             Err(TunnelError::Lost(reason)) => {
+                last_refusal = None;
                 warn!("tunnel connection lost: {reason}; dial-backs until it is back")
             }
-            Ok(()) => debug!("tunnel connection closed by frps"),
+            Ok(()) => {
+                last_refusal = None;
+                debug!("tunnel connection closed by frps")
+            }
         }
         let wait = pause_after(pause, accepted, refused);
         tokio::select! {
