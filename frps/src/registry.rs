@@ -56,8 +56,9 @@ pub struct ClientHandle {
     health: Mutex<Health>,
     /// Idle upstream HTTP connections through this client's tunnel.
     pub idle: IdlePool,
-    /// Held while its `gpu_assets` row is written, so writes land in order.
-    pub asset_writes: tokio::sync::Mutex<()>,
+    /// Held while its `gpu_assets` row is written, so writes land in order:
+    /// shared with the box's other sessions (same id and account).
+    pub asset_writes: Arc<tokio::sync::Mutex<()>>,
     /// The session's multiplexed tunnel connection, once frpc dialed it.
     tunnel: Mutex<Option<common::mux::Mux>>,
 }
@@ -252,15 +253,42 @@ pub struct Registry {
     changes: watch::Sender<u64>,
     /// Each box's in-flight count (by client id and account), while any of
     /// its sessions, current or gone with requests still running, holds it.
-    in_flight: Mutex<InFlightCounts>,
+    in_flight: Mutex<ByBox<AtomicUsize>>,
+    /// Each box's `gpu_assets` write order, shared by its sessions: a gone
+    /// session's `offline` and its reconnect's `online` land in turn.
+    asset_writes: Mutex<ByBox<tokio::sync::Mutex<()>>>,
 }
 
-/// The in-flight counts of boxes, and when next to forget those no
-/// session holds any more.
+/// Something each box (client id and account) shares across its sessions
+/// while any holds it, and when next to forget those no session holds.
 #[derive(Debug)]
-struct InFlightCounts {
-    by_box: HashMap<(String, i64), std::sync::Weak<AtomicUsize>>,
+struct ByBox<T> {
+    by_box: HashMap<(String, i64), std::sync::Weak<T>>,
     prune_at: usize,
+}
+
+impl<T: Default> ByBox<T> {
+    fn new() -> Self {
+        ByBox {
+            by_box: HashMap::new(),
+            prune_at: 1024,
+        }
+    }
+
+    /// The one the box `(id, user_id)` holds, else a new one.
+    fn of(&mut self, id: &str, user_id: i64) -> Arc<T> {
+        let key = (id.to_owned(), user_id);
+        if let Some(live) = self.by_box.get(&key).and_then(std::sync::Weak::upgrade) {
+            return live;
+        }
+        let fresh = Arc::new(T::default());
+        self.by_box.insert(key, Arc::downgrade(&fresh));
+        if self.by_box.len() > self.prune_at {
+            self.by_box.retain(|_, c| c.strong_count() > 0);
+            self.prune_at = (self.by_box.len() * 2).max(1024);
+        }
+        fresh
+    }
 }
 
 impl Default for Registry {
@@ -269,10 +297,8 @@ impl Default for Registry {
             clients: RwLock::default(),
             next_session: AtomicU64::new(1),
             changes: watch::Sender::new(0),
-            in_flight: Mutex::new(InFlightCounts {
-                by_box: HashMap::new(),
-                prune_at: 1024,
-            }),
+            in_flight: Mutex::new(ByBox::new()),
+            asset_writes: Mutex::new(ByBox::new()),
         }
     }
 }
@@ -312,23 +338,20 @@ impl Registry {
     /// its earlier sessions share while requests they started still run,
     /// else a new one.
     fn in_flight_of(&self, id: &str, user_id: i64) -> Arc<AtomicUsize> {
-        let mut counts = self.in_flight.lock().expect("in-flight lock");
-        let key = (id.to_owned(), user_id);
-        if let Some(live) = counts.by_box.get(&key).and_then(std::sync::Weak::upgrade) {
-            return live;
-        }
-        let fresh = Arc::new(AtomicUsize::new(0));
-        counts.by_box.insert(key, Arc::downgrade(&fresh));
-        if counts.by_box.len() > counts.prune_at {
-            counts.by_box.retain(|_, c| c.strong_count() > 0);
-            counts.prune_at = (counts.by_box.len() * 2).max(1024);
-        }
-        fresh
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .of(id, user_id)
     }
 
     /// [`Registry::insert`] with a number from [`Registry::reserve_session`].
     pub fn insert_as(&self, new: NewClient, session: u64) -> Result<Arc<ClientHandle>, IdTaken> {
         let in_flight = self.in_flight_of(&new.registration.client_id, new.owner.user_id);
+        let asset_writes = self
+            .asset_writes
+            .lock()
+            .expect("asset write lock")
+            .of(&new.registration.client_id, new.owner.user_id);
         let handle = Arc::new(ClientHandle {
             id: new.registration.client_id.clone(),
             session,
@@ -349,7 +372,7 @@ impl Registry {
             service_up: AtomicBool::new(true),
             health: Mutex::new(Health::default()),
             idle: IdlePool::default(),
-            asset_writes: tokio::sync::Mutex::new(()),
+            asset_writes,
             tunnel: Mutex::new(None),
         });
         handle.set_service_up(handle.registration.service_up);

@@ -514,11 +514,20 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
 pub use common::protocol::TOKEN_ENDED;
 
 /// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
-/// Writes of one client land in order, and no `online` lands after the
-/// session ended (a periodic refresh racing the `offline` write).
+/// Writes of one box (all its sessions) land in order, no `online` lands
+/// after the session ended (a periodic refresh racing the `offline` write),
+/// and no `offline` lands while another session of the box is registered
+/// (a reconnect's `online` came first, or comes next).
 async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     let _order = client.asset_writes.lock().await;
     if status == "online" && client.kick.is_cancelled() {
+        return;
+    }
+    if status == "offline"
+        && state.registry.get(&client.id).is_some_and(|live| {
+            live.session != client.session && live.owner.user_id == client.owner.user_id
+        })
+    {
         return;
     }
     let user = client.owner.user_id.to_string();

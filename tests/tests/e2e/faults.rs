@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::Command;
 use frps::auth::KeyValidator;
 use frps::auth::redis::{RedisCache, Seal};
 use frps::store::Store;
+use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn};
 use frpx_tests::process::{FrpcSpec, FrpsProcess, RedisProcess, provision_token};
 use frpx_tests::services::{self, Cutter, TestPg};
@@ -691,6 +693,47 @@ async fn soak_20000_requests_in_5_minutes_with_an_frpc_killed_every_30_s() {
     );
     let panics = frps.proc.lines_with("panicked");
     assert!(panics.is_empty(), "frps panicked: {panics:?}");
+}
+
+#[tokio::test]
+async fn a_reconnect_records_the_box_online_after_its_old_sessions_offline() {
+    let frps = Frps::start(frps_config()).await;
+    let token = frps.client_token().await;
+    let (old, answer) = FakeClient::register(frps.addrs.control, &token, "box").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let machine = "machine-box";
+    frpx_tests::wait_for_asset(&frps.state.store, machine, "online", None).await;
+    // The box's asset writes wait (as behind a slow database) while its old
+    // session ends and a new one registers: the old session's `offline` is
+    // recorded first and the reconnect's `online` after it, never the
+    // other way round.
+    let first = frps.state.registry.get("box").unwrap();
+    let held = first.asset_writes.clone().lock_owned().await;
+    drop(old);
+    frpx_tests::eventually("the old session is gone", || {
+        frps.state.registry.get("box").is_none()
+    })
+    .await;
+    let (_new, answer) = FakeClient::register(frps.addrs.control, &token, "box").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let second = frps.state.registry.get("box").unwrap();
+    assert_ne!(second.session, first.session);
+    assert!(
+        std::sync::Arc::ptr_eq(&first.asset_writes, &second.asset_writes),
+        "one write order per box"
+    );
+    let before = frps.state.store.gpu_asset(machine).await.unwrap().unwrap();
+    drop(held);
+    // The reconnect's write lands (the row changes), and it is the last.
+    let store = &frps.state.store;
+    frpx_tests::eventually_async("the reconnect's write lands", || async {
+        let row = store.gpu_asset(machine).await.unwrap().unwrap();
+        row.updated_at != before.updated_at
+    })
+    .await;
+    let row = store.gpu_asset(machine).await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("online"));
+    frps.stop().await;
 }
 
 #[tokio::test]
