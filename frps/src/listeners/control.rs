@@ -187,10 +187,13 @@ async fn session(
             state
                 .tasks
                 .spawn(async move { write_asset(&st, &cl, "online").await });
-            let watch = tokio::spawn(watch_token(state.clone(), client.clone()));
-            let served = serve(reader, wr, rx, &client, state).await;
-            watch.abort();
-            served
+            // Ends with the session, also when the session's future is
+            // dropped (frps's hard stop) rather than run to its end.
+            let _watch = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_token(
+                state.clone(),
+                client.clone(),
+            )));
+            serve(reader, wr, rx, &client, state).await
         }
         Err(e) => Err(e.into()),
     };

@@ -156,8 +156,11 @@ pub fn ping(state: &Arc<State>, client: &Arc<ClientHandle>, slot: &PingSlot) {
 }
 
 /// `NewWorkConn` for a data connection's hello. Only a hello that proves
-/// its session (client id and session key) is shown to plugins; any other
-/// is left to the pairing, which refuses it. On refusal the waiting request
+/// its session (client id and session key) is shown to plugins; with
+/// plugins asked, any other is refused here, unpaired (a session replaced
+/// a moment ago may still have a request waiting for its dial-back, which
+/// must not be paired without the plugins' word; a forged hello must not
+/// fail a real pairing either). On a plugin's refusal the waiting request
 /// is failed at once (it fails over) and the reason is returned.
 pub async fn new_work_conn(
     state: &State,
@@ -169,7 +172,7 @@ pub async fn new_work_conn(
         return Ok(());
     }
     let Some(client) = state.registry.proven(client_id, session_key) else {
-        return Ok(());
+        return Err("unknown client or wrong session key".to_owned());
     };
     let content = NewWorkConnContent {
         user: client_user(&client),

@@ -1054,3 +1054,48 @@ async fn plugin_calls_reuse_their_connections_and_survive_the_plugin_closing_the
         "{idle} idle"
     );
 }
+
+#[tokio::test]
+async fn a_hello_that_proves_no_live_session_is_refused_before_pairing() {
+    let plugin = PluginServer::allow_all().await;
+    let frps = frps_with(
+        vec![plugin.spec("work", &["NewWorkConn"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let token = frps.client_token().await;
+    let (_client, answer) = FakeClient::register(frps.addrs.control, &token, "box").await;
+    let Command::Registered { session_key, .. } = answer else {
+        panic!("expected Registered, got {answer:?}");
+    };
+    // A hello with another key (a forged one, or a session replaced a
+    // moment ago): refused before any pairing, and not shown to plugins.
+    let mut conn = tokio::net::TcpStream::connect(frps.addrs.proxy)
+        .await
+        .unwrap();
+    let conn_id = uuid::Uuid::new_v4();
+    common::write_command(
+        &mut conn,
+        &Command::DataHello {
+            conn_id,
+            client_id: "box".into(),
+            session_key: format!("{session_key}-old"),
+        },
+    )
+    .await
+    .unwrap();
+    let refused = common::read_one_command(&mut conn, common::MAX_FRAME, frpx_tests::WAIT)
+        .await
+        .unwrap();
+    match refused {
+        Command::DataRejected {
+            conn_id: id,
+            reason,
+        } => {
+            assert_eq!(id, conn_id);
+            assert_eq!(reason, "unknown client or wrong session key");
+        }
+        other => panic!("expected DataRejected, got {other:?}"),
+    }
+    assert!(plugin.calls_for("NewWorkConn").is_empty());
+}
