@@ -8,7 +8,7 @@
 #   bench/link-order.sh          needs valgrind, plus what bench/run.sh needs
 #
 # Run it after a change to frps, a dependency update or a toolchain update
-# (bench/run.sh reports a stale list), then rebuild: cargo build --release -p frps. It takes a few minutes:
+# (bench/run.sh reports a stale list), then rebuild: cargo build --release -p frps -p frpc -p frpx-bench (the list is made for that build; -p frps alone names about half its functions differently). It takes a few minutes:
 # frps runs some fifty times slower under callgrind.
 set -euo pipefail
 
@@ -56,4 +56,4 @@ count=$(wc -l <"$WORK/link-order.txt")
   exit 1
 }
 mv "$WORK/link-order.txt" "$ROOT/frps/link-order.txt"
-log "wrote frps/link-order.txt ($count functions); apply it with: cargo build --release -p frps"
+log "wrote frps/link-order.txt ($count functions); apply it with: cargo build --release -p frps -p frpc -p frpx-bench"
