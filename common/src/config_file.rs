@@ -115,9 +115,13 @@ pub struct Section {
 }
 
 /// Parses INI text: `[section]` headers, `key = value` lines, blank lines
-/// and `;`/`#` comment lines. A value may be quoted (`"..."` or `'...'`);
-/// an unquoted value ends at ` ;` or ` #` (an inline comment). Keys outside
-/// a section, repeated sections and repeated keys are errors.
+/// and `;`/`#` comment lines. A value may be quoted (`"..."` or `'...'`,
+/// then followed by a comment or nothing). An unquoted value with ` ;` or
+/// ` #` in it is an error: frp keeps such text as part of the value (it
+/// reads no inline comments), other INI readers cut it there, and taking
+/// either reading silently could shorten a token or password the operator
+/// wrote. Keys outside a section, repeated sections and repeated keys are
+/// errors.
 pub fn parse_ini(path: &Path, text: &str) -> Result<Vec<Section>, FileError> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut sections: Vec<Section> = Vec::new();
@@ -196,7 +200,8 @@ pub fn parse_ini(path: &Path, text: &str) -> Result<Vec<Section>, FileError> {
     Ok(sections)
 }
 
-/// Unquotes a value, or cuts an unquoted one at an inline comment.
+/// Unquotes a value; refuses an unquoted one that reads as carrying an
+/// inline comment.
 fn ini_value(v: &str) -> Result<String, String> {
     for quote in ['"', '\''] {
         if let Some(rest) = v.strip_prefix(quote) {
@@ -210,13 +215,17 @@ fn ini_value(v: &str) -> Result<String, String> {
             return Ok(rest[..end].to_owned());
         }
     }
-    let cut = v
-        .char_indices()
-        .find(|&(i, c)| {
-            (c == ';' || c == '#') && v[..i].ends_with(|p: char| p.is_ascii_whitespace())
-        })
-        .map_or(v.len(), |(i, _)| i);
-    Ok(v[..cut].trim_end().to_owned())
+    let comment = v.char_indices().find(|&(i, c)| {
+        (c == ';' || c == '#') && v[..i].ends_with(|p: char| p.is_ascii_whitespace())
+    });
+    if let Some((i, _)) = comment {
+        return Err(format!(
+            "`{}` may end in a comment at `{}`, which frp would keep as part of the value: quote the value (\"...\" ; comment), or put the comment on a line of its own",
+            v.trim_end(),
+            &v[i..]
+        ));
+    }
+    Ok(v.trim_end().to_owned())
 }
 
 /// The line `offset` (a byte index into `text`) is on, 1-based.
@@ -517,7 +526,7 @@ mod tests {
 
     #[test]
     fn sections_keys_comments_and_quotes() {
-        let s = ini("\u{feff}; top\n[common]\nbind_port = 7000 ; inline\n# c\naddr=127.0.0.1:9000\nq = \"a ; b\"  # c\nurl = p#w\nempty =\n\n[plugin.x]\n  ops = Login, NewProxy\n").unwrap();
+        let s = ini("\u{feff}; top\n[common]\nbind_port = \"7000\" ; inline\n# c\naddr=127.0.0.1:9000\nq = \"a ; b\"  # c\nurl = p#w\nempty =\n\n[plugin.x]\n  ops = Login, NewProxy\n").unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!((s[0].name.as_str(), s[0].line), ("common", 2));
         let kv: Vec<_> = s[0]
@@ -538,6 +547,25 @@ mod tests {
         assert_eq!(s[1].name, "plugin.x");
         assert_eq!(s[1].entries[0].value, "Login, NewProxy");
         assert_eq!(s[1].entries[0].line, 11);
+    }
+
+    #[test]
+    fn an_unquoted_value_that_may_end_in_a_comment_is_refused_not_cut() {
+        // frp keeps `blue horse #42` whole; cutting it would shorten the
+        // token silently, keeping it would differ from other INI readers.
+        for line in [
+            "token = blue horse #42",
+            "password = my pass ;x",
+            "bind_port = 7000 ; control",
+        ] {
+            let e = ini(&format!("[common]\n{line}\n")).unwrap_err().to_string();
+            assert!(e.contains("quote the value"), "{line}: {e}");
+            assert!(e.contains("t.ini:2"), "{line}: {e}");
+        }
+        // Quoted, or `#`/`;` inside a word: the value as written.
+        let s = ini("[common]\ntoken = \"blue horse #42\"\npassword = my;pass#x\n").unwrap();
+        assert_eq!(s[0].entries[0].value, "blue horse #42");
+        assert_eq!(s[0].entries[1].value, "my;pass#x");
     }
 
     #[test]

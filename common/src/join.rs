@@ -142,7 +142,10 @@ where
         if there.is_ready() && back.is_ready() {
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
+        // The linger measures `b`'s silence: while bytes it sent wait for
+        // `a` to take them (backpressure), the clock stands still.
         if let (Poll::Ready(()), Some(limit)) = (there, linger)
+            && !b_to_a.buf.has_remaining()
             && expired(&mut lingering, limit, b_to_a.moved, cx)
         {
             return Poll::Ready(Ok(()));
@@ -727,5 +730,31 @@ mod tests {
         assert_eq!(&answer, b"answer");
         drop((a, b));
         join.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_linger_waits_out_a_slow_reader_of_the_answer() {
+        use std::time::Duration;
+        let (mut a, mut a_peer) = duplex(1024);
+        let (mut b, mut b_peer) = duplex(64 * 1024);
+        let linger = Duration::from_secs(30);
+        let join = tokio::spawn(async move {
+            join_streams_lingering(&mut a_peer, &mut b_peer, linger, || false).await
+        });
+        // a has sent all it will; b answers with more than the way to a
+        // holds, then closes. a takes nothing for a minute (a slow reader),
+        // then all of it: nothing is lost to the linger meanwhile.
+        a.shutdown().await.unwrap();
+        let mut eof = Vec::new();
+        b.read_to_end(&mut eof).await.unwrap();
+        let answer = vec![9u8; 16 * 1024];
+        b.write_all(&answer).await.unwrap();
+        drop(b);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let mut got = Vec::new();
+        a.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), answer.len());
+        let stats = join.await.unwrap().unwrap();
+        assert_eq!(stats.b_to_a, answer.len() as u64);
     }
 }

@@ -55,6 +55,10 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
 /// next byte before both are dropped.
 pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 
+/// How often a tunnel stream whose local connection is still being made
+/// looks whether frps reset it meanwhile.
+const STREAM_GONE_CHECK: Duration = Duration::from_millis(100);
+
 /// First wait before dialing a lost tunnel connection again; doubles up to
 /// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
 /// Meanwhile frps asks for dial-backs, as without a tunnel connection.
@@ -206,7 +210,28 @@ async fn tunnel(
 /// with the reason, and frps fails the request over.
 async fn serve_stream(config: &Config, mut stream: MuxStream) {
     let id = stream.id();
-    let mut local = match connect_local(config).await {
+    let watch = stream.watch();
+    // A stream frps gave up on meanwhile (its caller left while the service
+    // was slow to accept) is let go at once: a stream held until the
+    // connect times out still counts against the tunnel connection's
+    // stream limit, and enough of them would end the connection, failing
+    // every healthy stream on it.
+    let gone = async {
+        loop {
+            tokio::time::sleep(STREAM_GONE_CHECK).await;
+            if watch.gone() {
+                return;
+            }
+        }
+    };
+    let connected = tokio::select! {
+        connected = connect_local(config) => connected,
+        () = gone => {
+            debug!(stream = id, "frps reset the stream while the local service was being connected");
+            return;
+        }
+    };
+    let mut local = match connected {
         Ok(local) => local,
         Err(reason) => {
             warn!(stream = id, "cannot open data connection: {reason}");
@@ -218,7 +243,6 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
     // that ignores the half-close gets DIAL_BACK_LINGER, not for ever; and
     // a service that stopped taking a request frps has given up on (it
     // reset the stream) is let go.
-    let watch = stream.watch();
     match join_streams_lingering(&mut stream, &mut local, DIAL_BACK_LINGER, move || {
         watch.gone()
     })
@@ -605,6 +629,48 @@ mod tests {
         })
         .await;
         assert!(closed.is_ok(), "the service sees its connection close");
+    }
+
+    #[tokio::test]
+    async fn a_stream_reset_while_the_service_is_being_connected_is_let_go_at_once() {
+        // A local service whose accept queue is full: connects hang.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = socket.listen(1).unwrap();
+        let port = full.local_addr().unwrap().port();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(c)) = tokio::time::timeout(
+                Duration::from_millis(300),
+                TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            {
+                queued.push(c);
+            }
+        }
+        let mut config = Config::parse_from(["frpc"]);
+        config.local_addr = "127.0.0.1".into();
+        config.local_port = port;
+        config.connect_timeout = Duration::from_secs(30);
+        let (near, far) = tokio::io::duplex(1 << 16);
+        let (opener, drive_a) = Mux::new(near, Role::Opener);
+        let (acceptor, drive_b) = Mux::new(far, Role::Acceptor);
+        tokio::spawn(drive_a);
+        tokio::spawn(drive_b);
+        let sent = opener.open().unwrap();
+        let stream = acceptor.accept().await.unwrap();
+        let serving = tokio::spawn(async move { serve_stream(&config, stream).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!serving.is_finished(), "still connecting");
+        // frps gives up on it (its caller left).
+        drop(sent);
+        tokio::time::timeout(Duration::from_secs(2), serving)
+            .await
+            .expect("let go well before the 30 s connect timeout")
+            .unwrap();
+        assert_eq!(acceptor.streams(), 0, "nothing held on the connection");
+        drop(queued);
     }
 
     #[tokio::test]
