@@ -162,9 +162,13 @@ mod tests {
 
     #[test]
     fn explicit_id_wins() {
-        let dir = std::env::temp_dir();
+        // Its own directory: where the machine has no id, one is kept
+        // beside the token file, and other tests use the temp dir too.
+        let dir = std::env::temp_dir().join(format!("frpc-explicit-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
         let id = resolve(Some("client_A"), &dir.join("token.json")).unwrap();
         assert_eq!(id.client_id, "client_A");
         assert!(!id.machine_id.is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -62,10 +62,12 @@ impl Conn {
 
     /// Sends a request built by the caller, returning the streaming response.
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> hyper::Result<Response<Incoming>> {
-        self.sender.ready().await?;
-        tokio::time::timeout(WAIT, self.sender.send_request(req))
-            .await
-            .expect("response in time")
+        tokio::time::timeout(WAIT, async {
+            self.sender.ready().await?;
+            self.sender.send_request(req).await
+        })
+        .await
+        .expect("response in time")
     }
 
     /// GET `path` with an optional bearer key; reads the whole body.

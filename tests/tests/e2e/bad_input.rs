@@ -410,6 +410,7 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
         "Content-Length: 90000\r\n",
         &[b' '; 80_000],
     );
+    let head_sent = std::time::Instant::now();
     slow.write_all(&head).await.unwrap();
     let budget = fleet.frps.state.body_budget.clone();
     frpx_tests::eventually("frps holds the slow body's 80 kB", || {
@@ -436,7 +437,6 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
     // The slow one ends at its deadline (it is still sending: no gap), and
     // its share is given back.
     let mut out = Vec::new();
-    let started = std::time::Instant::now();
     let (mut rd, mut wr) = slow.split();
     let cut = async {
         loop {
@@ -457,7 +457,12 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
     let raw = String::from_utf8_lossy(&out);
     assert_eq!(status(&raw), 408, "{raw}");
     assert!(raw.contains("did not arrive within"), "{raw}");
-    assert!(started.elapsed() < WAIT);
+    // Cut at its deadline (1 s after the head), not before it.
+    assert!(
+        head_sent.elapsed() >= Duration::from_secs(1),
+        "cut after {:?}",
+        head_sent.elapsed()
+    );
     let reply = padded(90_000).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
 }

@@ -731,6 +731,9 @@ async fn a_reconnect_records_the_box_online_after_its_old_sessions_offline() {
         row.updated_at != before.updated_at
     })
     .await;
+    // Every write queued behind the held turn has landed once the turn
+    // is ours again (it is first come, first served).
+    drop(second.asset_writes.lock().await);
     let row = store.gpu_asset(machine).await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("online"));
     frps.stop().await;
