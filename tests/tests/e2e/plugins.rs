@@ -279,12 +279,12 @@ async fn a_client_that_left_while_plugins_decided_is_not_registered() {
 
 #[tokio::test]
 async fn frpc_waits_for_plugins_that_answer_within_their_timeout() {
-    // Login and NewProxy each take most of their 3 s: over 5 s together,
-    // longer than frps's own frame deadline.
-    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(2_700))).await;
+    // Login and NewProxy each take 3 s of their 5 s: 6 s together, longer
+    // than frps's own 5 s frame deadline.
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_secs(3))).await;
     let frps = frps_with(
         vec![plugin.spec("slow", &["Login", "NewProxy"])],
-        Duration::from_secs(3),
+        Duration::from_secs(5),
     )
     .await;
     let backend = Backend::start("b").await;

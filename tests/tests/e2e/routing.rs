@@ -559,7 +559,9 @@ async fn names_no_box_serves_leave_no_queue_and_no_series() {
 #[tokio::test]
 async fn a_full_or_timed_out_queue_answers_429_with_retry_after() {
     let mut cfg = frps_config();
-    cfg.queue_timeout = Duration::from_millis(300);
+    // Long enough for the checks below to run while one request waits,
+    // on a loaded machine too.
+    cfg.queue_timeout = Duration::from_secs(3);
     cfg.queue_max = 1;
     let b = boxes(cfg, &[("solo", &[], Some(1))]).await;
     let (_, held) = hold(b.frps.public()).await;
@@ -581,7 +583,10 @@ async fn a_full_or_timed_out_queue_answers_429_with_retry_after() {
     // The waiting one gives up after the queue timeout.
     let timed_out = waiting.await.unwrap();
     assert_eq!(timed_out.status, 429);
-    assert_eq!(timed_out.headers["retry-after"], "1");
+    assert_eq!(
+        timed_out.headers["retry-after"], "3",
+        "the queue timeout, in seconds"
+    );
     b.backends["solo"].release_holds();
     held.collect().await.unwrap();
     assert_eq!(http::get(addr, "/z", Some(API_KEY)).await.status, 200);
