@@ -156,9 +156,12 @@ fn tcp_info(fd: std::os::fd::RawFd) -> io::Result<libc::tcp_info> {
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub fn peer_gone(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    /// `TCP_ESTABLISHED` of the kernel's `tcp_states.h`.
-    const ESTABLISHED: u8 = 1;
-    Ok(tcp_info(fd.as_raw_fd())?.tcpi_state != ESTABLISHED)
+    // The states of the kernel's `tcp_states.h` reached once the peer's
+    // FIN or RST arrived: TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING.
+    // Not FIN_WAIT1/2: that is this side's own half-close, the peer still
+    // there.
+    const PEER_DONE: [u8; 5] = [6, 7, 8, 9, 11];
+    Ok(PEER_DONE.contains(&tcp_info(fd.as_raw_fd())?.tcpi_state))
 }
 
 /// See the Linux version: not available here.
@@ -475,6 +478,17 @@ mod tests {
             let (a, b) = tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
             let (a, peer) = (a.unwrap(), b.unwrap().0);
             assert!(!peer_gone(a.as_fd()).unwrap(), "a live peer");
+            // This side's own half-close is not the peer leaving.
+            let a = if reset {
+                a
+            } else {
+                let a = a.into_std().unwrap();
+                a.shutdown(std::net::Shutdown::Write).unwrap();
+                let a = TcpStream::from_std(a).unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert!(!peer_gone(a.as_fd()).unwrap(), "only half-closed here");
+                a
+            };
             if reset {
                 reset_on_close(&peer).unwrap();
             }

@@ -217,6 +217,15 @@ async fn session(
             hooks::close_proxy(&state.plugins, &client.registration, client.session),
             write_asset(state, &client, "offline"),
         );
+    } else if state
+        .registry
+        .get(&client.id)
+        .is_some_and(|live| asset_key(&live) != asset_key(&client))
+    {
+        // Replaced under its client id by another machine (two boxes
+        // sharing an id): that one's `online` is its own row; this
+        // machine's row goes offline.
+        write_asset(state, &client, "offline").await;
     }
     result
 }
@@ -516,6 +525,17 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
 
 pub use common::protocol::TOKEN_ENDED;
 
+/// The `gpu_assets` row a client writes: its machine id, or its client id
+/// when it sent none.
+fn asset_key(client: &ClientHandle) -> &str {
+    let machine = &client.registration.machine_id;
+    if machine.is_empty() {
+        &client.id
+    } else {
+        machine
+    }
+}
+
 /// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
 /// Writes of one box (all its sessions) land in order, no `online` lands
 /// after the session ended (a periodic refresh racing the `offline` write),
@@ -526,20 +546,20 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     if status == "online" && client.kick.is_cancelled() {
         return;
     }
+    let machine = asset_key(client);
+    // The row is the machine's: another machine registered under this
+    // client id (two boxes sharing an id, one given a new id since) does
+    // not keep this one's row online.
     if status == "offline"
         && state.registry.get(&client.id).is_some_and(|live| {
-            live.session != client.session && live.owner.user_id == client.owner.user_id
+            live.session != client.session
+                && live.owner.user_id == client.owner.user_id
+                && asset_key(&live) == machine
         })
     {
         return;
     }
     let user = client.owner.user_id.to_string();
-    let machine = &client.registration.machine_id;
-    let machine = if machine.is_empty() {
-        &client.id
-    } else {
-        machine
-    };
     match state
         .store
         .upsert_gpu_asset(Some(&user), machine, &client.id, status)

@@ -56,10 +56,12 @@ pub enum Verdict {
 /// Most idle connections kept per plugin address.
 pub const MAX_IDLE: usize = 32;
 
-/// How long an idle connection to a plugin is kept for the next call (under
-/// the idle timeout of common HTTP servers: Go's default has none, nginx's
-/// is 75 s).
-pub const IDLE_FOR: Duration = Duration::from_secs(30);
+/// How long an idle connection to a plugin is kept for the next call: under
+/// the idle timeouts of common HTTP servers (gunicorn 2 s, Node and uvicorn
+/// 5 s, nginx 75 s, Go none), so a call rarely races the plugin closing the
+/// connection it goes on; the call rates that exhaust ports reuse it well
+/// within this.
+pub const IDLE_FOR: Duration = Duration::from_secs(1);
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
@@ -97,7 +99,9 @@ impl Connections {
     }
 
     fn put(&self, sender: Sender) {
+        let now = tokio::time::Instant::now();
         let mut idle = self.idle.lock().expect("plugin pool lock");
+        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
         if idle.len() < MAX_IDLE && !sender.is_closed() {
             idle.push((sender, tokio::time::Instant::now()));
         }

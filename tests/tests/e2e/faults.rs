@@ -740,6 +740,40 @@ async fn a_reconnect_records_the_box_online_after_its_old_sessions_offline() {
 }
 
 #[tokio::test]
+async fn a_machine_replaced_under_its_client_id_by_another_is_recorded_offline() {
+    let frps = Frps::start(frps_config()).await;
+    let token = frps.client_token().await;
+    let registration = |machine: &str| common::Registration {
+        client_id: "shared-id".into(),
+        machine_id: machine.into(),
+        protocol_version: common::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let store = &frps.state.store;
+    let (_a, answer) =
+        FakeClient::register_as(frps.addrs.control, &token, registration("machine-a")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    frpx_tests::wait_for_asset(store, "machine-a", "online", None).await;
+    // Another machine registers under the same client id: it replaces the
+    // first, whose row goes offline while its own goes online.
+    let (_b, answer) =
+        FakeClient::register_as(frps.addrs.control, &token, registration("machine-b")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    frpx_tests::wait_for_asset(store, "machine-b", "online", None).await;
+    frpx_tests::wait_for_asset(store, "machine-a", "offline", None).await;
+    // The same machine reconnecting (a replaced session of its own) keeps
+    // its row online.
+    let (_b2, answer) =
+        FakeClient::register_as(frps.addrs.control, &token, registration("machine-b")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let live = frps.state.registry.get("shared-id").unwrap();
+    drop(live.asset_writes.lock().await);
+    let row = store.gpu_asset("machine-b").await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("online"));
+    frps.stop().await;
+}
+
+#[tokio::test]
 async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
     let Some(pg) = TestPg::create().await else {
         return;

@@ -1099,3 +1099,46 @@ async fn a_hello_that_proves_no_live_session_is_refused_before_pairing() {
     }
     assert!(plugin.calls_for("NewWorkConn").is_empty());
 }
+
+/// The fenced blocks of `lang` in `doc` (a path under the repository).
+fn doc_blocks(doc: &str, lang: &str) -> Vec<String> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(doc);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{doc}: {e}"));
+    let fence = format!("```{lang}");
+    let mut blocks = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find(&fence) {
+        let body = &rest[start + fence.len()..];
+        let body = body.strip_prefix('\n').unwrap_or(body);
+        let end = body.find("```").expect("a closed block");
+        blocks.push(body[..end].to_owned());
+        rest = &body[end + 3..];
+    }
+    blocks
+}
+
+#[test]
+fn the_documented_configuration_files_load_as_shown() {
+    let dir = std::env::temp_dir().join(format!("frpx-doc-config-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut loaded = 0;
+    for (lang, ext) in [("ini", "ini"), ("toml", "toml")] {
+        for (i, block) in doc_blocks("docs/server-plugin.md", lang).iter().enumerate() {
+            let path = dir.join(format!("example-{i}.{ext}"));
+            std::fs::write(&path, block).unwrap();
+            // Which program a block is for: its first line names the file.
+            if block.contains("frpc") && !block.contains("[plugin.") {
+                frpc::config_file::load_from(with_config("frpc", &path))
+                    .unwrap_or_else(|e| panic!("frpc example {i} ({ext}):\n{block}\n{e}"));
+            } else {
+                frps::config_file::load_from(with_config("frps", &path))
+                    .unwrap_or_else(|e| panic!("frps example {i} ({ext}):\n{block}\n{e}"));
+            }
+            loaded += 1;
+        }
+    }
+    assert!(loaded >= 2, "the frps.ini and frpc.ini examples were found");
+    std::fs::remove_dir_all(dir).unwrap();
+}
