@@ -497,8 +497,9 @@ mod tests {
         assert_eq!(dial_back_addr(None, &config), "frps.example:17001");
     }
 
-    #[tokio::test]
-    async fn a_silent_path_closes_the_data_connection_and_the_local_one() {
+    /// frpc's end of a data connection and its local one, and the other
+    /// ends of both (frps's and the service's), over loopback.
+    async fn joined_pairs() -> (Stream, TcpStream, TcpStream, TcpStream) {
         let frps = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (remote, frps_end) = tokio::join!(
@@ -509,8 +510,17 @@ mod tests {
             TcpStream::connect(service.local_addr().unwrap()),
             service.accept()
         );
-        let (mut remote, mut local) = (Stream::from(remote.unwrap()), local.unwrap());
-        let (mut frps_end, mut service_end) = (frps_end.unwrap().0, service_end.unwrap().0);
+        (
+            Stream::from(remote.unwrap()),
+            local.unwrap(),
+            frps_end.unwrap().0,
+            service_end.unwrap().0,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_silent_path_closes_the_data_connection_and_the_local_one() {
+        let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
         let (silent, path) = tokio::sync::oneshot::channel();
         let path = async move {
             let _ = path.await;
@@ -560,18 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_the_service_stops_taking_is_let_go_once_frps_closes() {
-        let frps = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (remote, frps_end) = tokio::join!(
-            TcpStream::connect(frps.local_addr().unwrap()),
-            frps.accept()
-        );
-        let (local, service_end) = tokio::join!(
-            TcpStream::connect(service.local_addr().unwrap()),
-            service.accept()
-        );
-        let (mut remote, mut local) = (Stream::from(remote.unwrap()), local.unwrap());
-        let (frps_end, service_end) = (frps_end.unwrap().0, service_end.unwrap().0);
+        let (mut remote, mut local, frps_end, service_end) = joined_pairs().await;
         let forwarding = tokio::spawn(async move {
             forward_watched(
                 &mut remote,

@@ -286,16 +286,47 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     b.frps.stop().await;
 }
 
+/// Two frps sharing Redis, a reaching it through a forwarder that can hold
+/// Redis's answers, and a key with one concurrency slot.
+struct Gated {
+    gate: Cutter,
+    a: Fleet,
+    b: Fleet,
+    /// The key.
+    one: String,
+    /// A direct connection to Redis, and the name of the key's leases.
+    conn: redis::aio::MultiplexedConnection,
+    leases: String,
+}
+
+async fn gated(redis: &str) -> Gated {
+    let gate = Cutter::start(services::redis_addr(redis)).await;
+    let (a, b, prefix) = two_frps_sharing(redis, Some(format!("redis://{}", gate.addr))).await;
+    let (one, _) = key_with(&a.frps, None, Some(1)).await;
+    let (conn, leases) = leases_of(redis, &prefix, &one).await;
+    Gated {
+        gate,
+        a,
+        b,
+        one,
+        conn,
+        leases,
+    }
+}
+
 #[tokio::test]
 async fn a_renewal_whose_answer_is_lost_brings_back_no_released_lease() {
     let Some(redis) = services::redis_url() else {
         return;
     };
-    // a talks to Redis through a forwarder that can hold Redis's answers.
-    let gate = Cutter::start(services::redis_addr(&redis)).await;
-    let (a, b, prefix) = two_frps_sharing(&redis, Some(format!("redis://{}", gate.addr))).await;
-    let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let (conn, leases) = leases_of(&redis, &prefix, &one).await;
+    let Gated {
+        gate,
+        a,
+        b,
+        one,
+        conn,
+        leases,
+    } = gated(&redis).await;
     let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
     let (conn_a, resp) = http::start_hold(a.frps.public(), &one).await;
     assert_eq!(held(&mut conn.clone()).await, 1);
@@ -333,11 +364,14 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     let Some(redis) = services::redis_url() else {
         return;
     };
-    // a talks to Redis through a forwarder that can hold Redis's answers.
-    let gate = Cutter::start(services::redis_addr(&redis)).await;
-    let (a, b, prefix) = two_frps_sharing(&redis, Some(format!("redis://{}", gate.addr))).await;
-    let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let (conn, leases) = leases_of(&redis, &prefix, &one).await;
+    let Gated {
+        gate,
+        a,
+        b,
+        one,
+        conn,
+        leases,
+    } = gated(&redis).await;
     let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
     let frps::auth::KeyCheck::Valid(grant) = a.frps.state.keys.check(&one).await else {
         panic!("the key is valid");
