@@ -417,20 +417,30 @@ async fn forward_watched(
     Ok(true)
 }
 
+/// `read` of the descriptor under `tcp`, whenever the returned function is
+/// called: for the watches raced against (or asked by) the join that owns
+/// the connection, and dropped with it.
+#[cfg(unix)]
+fn socket_reader<T>(
+    tcp: &TcpStream,
+    read: fn(std::os::fd::BorrowedFd<'_>) -> std::io::Result<T>,
+) -> impl Fn() -> std::io::Result<T> + Sync + use<T> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fd = tcp.as_raw_fd();
+    move || {
+        // SAFETY: the readers live no longer than the join that owns the
+        // connection: the descriptor is open whenever this runs.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        read(fd)
+    }
+}
+
 /// Resolves once the path under `tcp` (frpc's end of a data connection)
 /// has gone silent ([`common::stream::path_gone_silent`]).
 #[cfg(unix)]
 fn path_watch(tcp: &TcpStream) -> impl Future<Output = common::stream::PathState> + use<> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let fd = tcp.as_raw_fd();
     common::stream::path_gone_silent(
-        move || {
-            // SAFETY: the watch is raced against the join that owns the
-            // connection, and dropped with it: the descriptor is open
-            // whenever this runs.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            common::stream::path_state(fd)
-        },
+        socket_reader(tcp, common::stream::path_state),
         common::stream::SILENT_PATH_LIMIT,
         common::stream::SILENT_PATH_CHECK,
     )
@@ -440,14 +450,8 @@ fn path_watch(tcp: &TcpStream) -> impl Future<Output = common::stream::PathState
 /// `tcp` ([`common::stream::peer_gone`]); never, where that cannot be read.
 #[cfg(unix)]
 fn peer_watch(tcp: &TcpStream) -> impl Fn() -> bool + Sync + use<> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let fd = tcp.as_raw_fd();
-    move || {
-        // SAFETY: asked only by the join that owns the connection, while
-        // it runs: the descriptor is open whenever this runs.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        common::stream::peer_gone(fd).unwrap_or(false)
-    }
+    let gone = socket_reader(tcp, common::stream::peer_gone);
+    move || gone().unwrap_or(false)
 }
 
 /// Never gone where descriptors cannot be read this way.

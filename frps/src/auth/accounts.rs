@@ -12,6 +12,7 @@ use argon2::password_hash::{
 };
 use chrono::{NaiveDateTime, Utc};
 
+use super::keys::within_deadline;
 use super::secret;
 use crate::store::{Store, StoreError};
 
@@ -57,6 +58,15 @@ impl LoginError {
 
 impl From<StoreError> for LoginError {
     fn from(e: StoreError) -> Self {
+        tracing::warn!("account lookup failed: {e}");
+        LoginError::Unavailable
+    }
+}
+
+/// A database call past [`DB_DEADLINE`] ([`within_deadline`], shared with
+/// key lookups) is unavailable, as a failed one is.
+impl From<super::keys::LookupError> for LoginError {
+    fn from(e: super::keys::LookupError) -> Self {
         tracing::warn!("account lookup failed: {e}");
         LoginError::Unavailable
     }
@@ -130,19 +140,6 @@ pub const TURN_WAIT: Duration = Duration::from_secs(5);
 /// or waiting on a lock, would never return, holding a password-check
 /// permit, the address's turn, or a session's token watch meanwhile.
 pub const DB_DEADLINE: Duration = super::keys::DB_TIMEOUT;
-
-/// `call`, or [`LoginError::Unavailable`] once it took [`DB_DEADLINE`].
-async fn within_deadline<T>(
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, LoginError> {
-    match tokio::time::timeout(DB_DEADLINE, call).await {
-        Ok(answer) => Ok(answer?),
-        Err(_) => {
-            tracing::warn!("account database gave no answer within {DB_DEADLINE:?}");
-            Err(LoginError::Unavailable)
-        }
-    }
-}
 
 /// Accounts and client tokens.
 #[derive(Debug)]

@@ -435,7 +435,7 @@ impl KeyValidator {
 
 /// Why the database gave no answer about a key.
 #[derive(Debug, thiserror::Error)]
-enum LookupError {
+pub(super) enum LookupError {
     /// The database failed.
     #[error(transparent)]
     Failed(#[from] StoreError),
@@ -446,7 +446,7 @@ enum LookupError {
 
 /// `lookup`'s answer if it comes within [`DB_TIMEOUT`]; a later one is
 /// dropped unread, so it can never be cached.
-async fn within_deadline<T>(
+pub(super) async fn within_deadline<T>(
     lookup: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, LookupError> {
     match tokio::time::timeout(DB_TIMEOUT, lookup).await {

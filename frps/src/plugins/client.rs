@@ -92,19 +92,23 @@ impl Connections {
     /// The most recently used idle connection still open and not too old;
     /// older ones are dropped on the way (which closes them).
     fn take(&self) -> Option<Sender> {
-        let now = tokio::time::Instant::now();
-        let mut idle = self.idle.lock().expect("plugin pool lock");
-        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
-        idle.pop().map(|(sender, _)| sender)
+        self.pruned().pop().map(|(sender, _)| sender)
     }
 
     fn put(&self, sender: Sender) {
-        let now = tokio::time::Instant::now();
-        let mut idle = self.idle.lock().expect("plugin pool lock");
-        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
+        let mut idle = self.pruned();
         if idle.len() < MAX_IDLE && !sender.is_closed() {
             idle.push((sender, tokio::time::Instant::now()));
         }
+    }
+
+    /// The idle list, without connections closed or idle past [`IDLE_FOR`]
+    /// (dropped, which closes them).
+    fn pruned(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, tokio::time::Instant)>> {
+        let now = tokio::time::Instant::now();
+        let mut idle = self.idle.lock().expect("plugin pool lock");
+        idle.retain(|(sender, since)| !sender.is_closed() && now - *since < IDLE_FOR);
+        idle
     }
 }
 
