@@ -126,8 +126,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// costs frps a Redis and a database query, which a caller guessing keys
 /// must not be able to ask for at the speed of its connections. A lookup is
 /// allowed while its address has budget left ([`check`](Self::check)); one
-/// that did not find a valid key (unknown, or the database could not be
-/// asked) or was abandoned costs one ([`fail`](Self::fail)), down to
+/// that found no valid key or was abandoned costs one ([`fail`](Self::fail);
+/// one the database could not answer does not: see [`LookupGates`] for what
+/// bounds those), down to
 /// [`MAX_DEBT_MINUTES`] below zero, so lookups already under way when the
 /// budget ran out are paid for too. Valid keys cost nothing, however many
 /// look up at once. Keys frps already knows (cached) never touch it.
@@ -241,6 +242,91 @@ impl FailureBudget {
     }
 }
 
+/// Key lookups one address block may have under way at once; further ones
+/// wait their turn (see [`LookupGates`]).
+pub const LOOKUPS_PER_ADDRESS: usize = 4;
+
+/// Turns for the key lookups of each address block: at most
+/// [`LOOKUPS_PER_ADDRESS`] at once, so one caller cannot hold every
+/// database connection (a lookup the database is slow to answer, or cannot
+/// answer, costs no failed lookup, and would otherwise be unbounded), and
+/// a burst of lookups from one address is checked against its
+/// [`FailureBudget`] as the ones before it fail, not all at once before
+/// any has. An address block is tracked only while it has lookups under
+/// way or waiting, so the table is as large as the open connections.
+#[derive(Debug)]
+pub struct LookupGates {
+    per_block: usize,
+    gates: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// One lookup's turn; ends (and frees its block when nobody else has or
+/// waits for a turn there) when dropped.
+#[derive(Debug)]
+pub struct LookupTurn<'a> {
+    gates: &'a LookupGates,
+    block: IpAddr,
+    gate: Arc<tokio::sync::Semaphore>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Default for LookupGates {
+    fn default() -> Self {
+        Self::new(LOOKUPS_PER_ADDRESS)
+    }
+}
+
+impl LookupGates {
+    /// `per_block` lookups at once per address block (at least 1).
+    pub fn new(per_block: usize) -> Self {
+        Self {
+            per_block: per_block.max(1),
+            gates: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits (at most `patience`) for a turn of `ip`'s block; `None` when
+    /// it did not come in time.
+    pub async fn enter(&self, ip: IpAddr, patience: Duration) -> Option<LookupTurn<'_>> {
+        let block = address_block(ip);
+        let gate = {
+            let mut gates = self.gates.lock().expect("lookup gates lock");
+            gates
+                .entry(block)
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_block)))
+                .clone()
+        };
+        // Built before the wait, so a wait given up (or cancelled) still
+        // frees the block.
+        let mut turn = LookupTurn {
+            gates: self,
+            block,
+            gate,
+            permit: None,
+        };
+        let permit = tokio::time::timeout(patience, turn.gate.clone().acquire_owned()).await;
+        turn.permit = Some(permit.ok()?.ok()?);
+        Some(turn)
+    }
+
+    /// Address blocks with lookups under way or waiting (for tests and
+    /// diagnostics).
+    pub fn tracked(&self) -> usize {
+        self.gates.lock().expect("lookup gates lock").len()
+    }
+}
+
+impl Drop for LookupTurn<'_> {
+    fn drop(&mut self) {
+        self.permit = None;
+        let mut gates = self.gates.gates.lock().expect("lookup gates lock");
+        // The table's and this turn's: nobody else holds or waits for one.
+        if Arc::strong_count(&self.gate) == 2 {
+            gates.remove(&self.block);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +425,51 @@ mod tests {
             u64::from(MAX_DEBT_MINUTES) * 60 + 1,
             "{wait:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lookups_take_turns_per_address_block_and_free_it_after() {
+        let gates = LookupGates::new(2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let patience = Duration::from_secs(5);
+        let a = ip("192.0.2.1");
+        let first = gates.enter(a, patience).await.unwrap();
+        let second = gates.enter(a, patience).await.unwrap();
+        // A third from the block waits its turn, at most its patience.
+        let started = tokio::time::Instant::now();
+        assert!(gates.enter(a, patience).await.is_none());
+        assert_eq!(started.elapsed(), patience);
+        // Another block has turns of its own; a /64 is one block.
+        let v6 = gates.enter(ip("2001:db8::1"), patience).await.unwrap();
+        let v6_too = gates.enter(ip("2001:db8::2"), patience).await.unwrap();
+        assert!(
+            gates
+                .enter(ip("2001:db8::3"), Duration::ZERO)
+                .await
+                .is_none()
+        );
+        let other_64 = gates.enter(ip("2001:db8:0:1::1"), Duration::ZERO).await;
+        assert!(other_64.is_some());
+        assert_eq!(gates.tracked(), 3);
+        // A waiter gets its turn the moment one ends.
+        let waiting = gates.enter(a, patience);
+        tokio::pin!(waiting);
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        drop(first);
+        let third = waiting.await.expect("the freed turn");
+        drop((second, third, v6, v6_too, other_64));
+        assert_eq!(gates.tracked(), 0, "nothing kept once every turn ended");
+        // A wait given up (its caller gone) keeps nothing either.
+        let gates = LookupGates::new(1);
+        let held = gates.enter(a, patience).await.unwrap();
+        {
+            let cancelled = gates.enter(a, patience);
+            tokio::pin!(cancelled);
+            assert!(futures_util::poll!(cancelled.as_mut()).is_pending());
+        }
+        assert_eq!(gates.tracked(), 1);
+        drop(held);
+        assert_eq!(gates.tracked(), 0);
     }
 
     #[test]

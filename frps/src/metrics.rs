@@ -189,6 +189,7 @@ impl FleetSnapshot {
                 ("database", keys.db_hits.load(Ordering::Relaxed)),
                 ("database_error", keys.db_errors.load(Ordering::Relaxed)),
                 ("throttled", keys.throttled.load(Ordering::Relaxed)),
+                ("busy", keys.turn_timeouts.load(Ordering::Relaxed)),
             ],
             rate_limited: [
                 ("rpm", state.stats.rate_limited_rpm.load(Ordering::Relaxed)),
@@ -282,7 +283,7 @@ impl Collector for FleetSnapshot {
         let mut auth = family(
             &mut encoder,
             "frpx_auth_lookups",
-            "API key validations by the layer that answered (local = in-process cache hit; throttled = refused unasked: the caller's address had spent its failed lookups)",
+            "API key validations by the layer that answered (local = in-process cache hit; throttled = refused unasked: the caller's address had spent its failed lookups; busy = unavailable unasked: the caller's address had lookups under way all the while)",
             MetricType::Counter,
         )?;
         for (layer, v) in &self.auth {

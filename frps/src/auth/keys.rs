@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::redis::{CachedKey, RedisCache, TOMBSTONE_TTL};
 use super::secret::{self, Secret};
 use super::secret_eq;
-use crate::limits::FailureBudget;
+use crate::limits::{FailureBudget, LookupGates};
 use crate::ratelimit::Limits;
 use crate::store::{ApiKeyRow, NewApiKey, Store, StoreError};
 
@@ -96,6 +96,9 @@ pub struct KeyStats {
     pub db_errors: AtomicU64,
     /// Refused unasked: the caller's address had no failed lookups left.
     pub throttled: AtomicU64,
+    /// Unavailable unasked: the caller's address had lookups under way for
+    /// as long as a lookup may take ([`crate::limits::LookupGates`]).
+    pub turn_timeouts: AtomicU64,
 }
 
 /// Validates consumer API keys.
@@ -113,6 +116,8 @@ pub struct KeyValidator {
     db_healthy: AtomicBool,
     /// Failed lookups allowed per caller address (none: unlimited).
     failures: Option<FailureBudget>,
+    /// Lookups under way at once per caller address (with `failures`).
+    gates: LookupGates,
     /// Counters.
     pub stats: KeyStats,
 }
@@ -166,6 +171,7 @@ impl KeyValidator {
                 .build(),
             db_healthy: AtomicBool::new(true),
             failures: None,
+            gates: LookupGates::default(),
             stats: KeyStats::default(),
         }
     }
@@ -239,17 +245,28 @@ impl KeyValidator {
         }
         let hash = secret::hash(key);
         let now = Utc::now().timestamp();
-        if let Some(entry) = self.valid.get(&hash).await {
-            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
-            return verdict(hash, entry, now);
-        }
-        if self.invalid.contains_key(&hash) {
-            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
-            return KeyCheck::Invalid;
+        if let Some(answer) = self.cached(hash, now).await {
+            return answer;
         }
         let Some((failures, from)) = self.failures.as_ref().zip(from) else {
             return self.look_up(key, hash, now).await;
         };
+        if let Err(wait) = failures.check(from, tokio::time::Instant::now()) {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return KeyCheck::Throttled(wait);
+        }
+        // A few lookups per address at once (one address cannot take every
+        // database connection); the rest wait, as long as a lookup may take.
+        let Some(_turn) = self.gates.enter(from, DB_TIMEOUT).await else {
+            self.stats.turn_timeouts.fetch_add(1, Ordering::Relaxed);
+            return KeyCheck::Unavailable;
+        };
+        // The lookups ahead of this one may have cached its key (a caller's
+        // concurrent requests with one new key ask the database once), or
+        // spent the address's budget.
+        if let Some(answer) = self.cached(hash, now).await {
+            return answer;
+        }
         if let Err(wait) = failures.check(from, tokio::time::Instant::now()) {
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return KeyCheck::Throttled(wait);
@@ -268,6 +285,19 @@ impl KeyValidator {
         let answer = self.look_up(key, hash, now).await;
         failed.counted = matches!(answer, KeyCheck::Invalid);
         answer
+    }
+
+    /// What the in-process caches know of `hash`.
+    async fn cached(&self, hash: [u8; 32], now: i64) -> Option<KeyCheck> {
+        if let Some(entry) = self.valid.get(&hash).await {
+            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(verdict(hash, entry, now));
+        }
+        if self.invalid.contains_key(&hash) {
+            self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
+            return Some(KeyCheck::Invalid);
+        }
+        None
     }
 
     /// Asks Redis, then the database, about a key the caches do not know.

@@ -874,6 +874,111 @@ async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
     pg.drop_db().await;
 }
 
+/// Queries of this test's database waiting on a lock now.
+async fn waiting_on_locks(watcher: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(watcher)
+    .await
+    .unwrap()
+}
+
+/// Waits until `n` queries wait on locks, never seeing more than `n`.
+async fn until_waiting_on_locks(watcher: &mut sqlx::PgConnection, n: i64) {
+    let seen = async {
+        loop {
+            let now = waiting_on_locks(watcher).await;
+            assert!(now <= n, "{now} lookups in the database at once, not {n}");
+            if now == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(4), seen)
+        .await
+        .unwrap_or_else(|_| panic!("{n} lookups never reached the database"));
+}
+
+#[tokio::test]
+async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
+    use frps::limits::LOOKUPS_PER_ADDRESS;
+    use sqlx::Connection;
+    use std::sync::atomic::Ordering;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let (key, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    let (other, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    let mut validator = KeyValidator::new(None, Some(store.clone()), None);
+    validator.set_failure_budget(3);
+    let validator = std::sync::Arc::new(validator);
+    // Another session holds the table: lookups wait in the database (for
+    // less than their deadline here).
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
+        sqlx::query(sql).execute(&mut locker).await.unwrap();
+    }
+    let mut watcher = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let lookup = |key: &str, from: [u8; 4]| {
+        let (v, key) = (validator.clone(), key.to_owned());
+        async move { v.check_from(&key, Some(from.into())).await }
+    };
+    // Ten requests at once from one caller, with a key frps has not cached:
+    // a few reach the database, the rest wait their turn.
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        burst.spawn(lookup(&key, [192, 0, 2, 10]));
+    }
+    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64).await;
+    // Another caller is not queued behind them.
+    let elsewhere = tokio::spawn(lookup(&other, [198, 51, 100, 7]));
+    let expected = LOOKUPS_PER_ADDRESS as i64 + 1;
+    until_waiting_on_locks(&mut watcher, expected).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    for answer in burst.join_all().await {
+        assert!(matches!(answer, KeyCheck::Valid(_)), "{answer:?}");
+    }
+    assert!(matches!(elsewhere.await.unwrap(), KeyCheck::Valid(_)));
+    // The database was asked by the first turns and the other caller only:
+    // the waiting ones found the key cached.
+    assert_eq!(
+        validator.stats.db_hits.load(Ordering::Relaxed),
+        expected as u64
+    );
+    assert_eq!(validator.stats.turn_timeouts.load(Ordering::Relaxed), 0);
+
+    // Ten guesses at once from another caller (3 failed lookups a minute):
+    // the ones waiting their turn see the failures before them, so the
+    // address pays for at most the turns already under way beyond its
+    // budget, not for all ten.
+    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
+        sqlx::query(sql).execute(&mut locker).await.unwrap();
+    }
+    let mut guesses = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        guesses.spawn(lookup(&format!("guess-{i}"), [192, 0, 2, 20]));
+    }
+    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64).await;
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let answers = guesses.join_all().await;
+    let invalid = answers.iter().filter(|a| **a == KeyCheck::Invalid).count();
+    let throttled = answers
+        .iter()
+        .filter(|a| matches!(a, KeyCheck::Throttled(_)))
+        .count();
+    assert!(
+        (LOOKUPS_PER_ADDRESS..=3 + LOOKUPS_PER_ADDRESS - 1).contains(&invalid),
+        "{answers:?}"
+    );
+    assert_eq!(invalid + throttled, 10, "{answers:?}");
+    store.close().await;
+    pg.drop_db().await;
+}
+
 #[tokio::test]
 async fn random_invalid_keys_never_reach_redis() {
     let Some(redis) = services::redis_url() else {
