@@ -40,6 +40,16 @@ pub fn init_logs() {
     }
 }
 
+/// `body` whole, failing after [`WAIT`]: a body that stalls fails its
+/// test instead of hanging the run.
+pub async fn whole<B: hyper::body::Body>(body: B) -> Result<bytes::Bytes, B::Error> {
+    use http_body_util::BodyExt;
+    tokio::time::timeout(WAIT, body.collect())
+        .await
+        .expect("the body ended in time")
+        .map(|b| b.to_bytes())
+}
+
 /// Polls `cond` until it holds (for state with no change signal), failing
 /// after [`WAIT`].
 pub async fn eventually(what: &str, cond: impl Fn() -> bool) {

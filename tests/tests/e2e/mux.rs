@@ -45,7 +45,7 @@ async fn upstream_connections_are_streams_of_the_tunnel_connection() {
     assert_eq!(stats.upstream_dial_backs.load(Ordering::Relaxed), 0);
     fleet.backends[0].release_holds();
     for (_conn, resp) in streams {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = frpx_tests::whole(resp.into_body()).await.unwrap();
         assert!(body.ends_with(b"done\n"));
     }
     // Back in the pool, still streams of the same connection, and reused.
@@ -224,7 +224,7 @@ async fn the_tunnel_connection_runs_over_tls_and_streams_events_one_by_one() {
     assert_eq!(first, bytes::Bytes::from("data: first\n\n"));
     backend.release_sse();
     assert_eq!(
-        body.collect().await.unwrap().to_bytes(),
+        frpx_tests::whole(body).await.unwrap(),
         bytes::Bytes::from("data: last\n\n")
     );
     assert_eq!(
@@ -257,7 +257,7 @@ async fn a_stream_in_flight_outlives_its_session() {
     );
     fleet.backends[0].release_holds();
     let (_conn, resp) = held.pop().unwrap();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body = frpx_tests::whole(resp.into_body()).await.unwrap();
     assert!(body.ends_with(b"done\n"), "{body:?}");
     frpx_tests::eventually("the old connection closes once drained", || {
         tunnel.is_closed()

@@ -496,7 +496,7 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     );
     // The in-flight stream still completes.
     fleet.backends[0].release_sse();
-    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = frpx_tests::whole(body).await.unwrap();
     assert_eq!(rest, Bytes::from("data: last\n\n"));
     drop(conn);
     // Then clients are told why they are dropped.
@@ -1050,7 +1050,7 @@ async fn a_service_resetting_mid_body_gives_the_caller_a_clean_error() {
     let req = http::request("GET", frps.public(), "/reset", Some(API_KEY), Bytes::new());
     let resp = conn.send(req).await.unwrap();
     assert_eq!(resp.status(), 200, "headers had already been sent");
-    let body = resp.into_body().collect().await;
+    let body = frpx_tests::whole(resp.into_body()).await;
     assert!(body.is_err(), "a cut body must not look complete");
     // The server keeps serving.
     assert_eq!(frps.state.registry.len(), 1);

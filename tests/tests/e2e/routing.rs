@@ -396,7 +396,7 @@ async fn least_conn_spreads_concurrent_slow_requests_one_per_box() {
         be.release_holds();
     }
     for body in bodies {
-        let rest = body.collect().await.unwrap().to_bytes();
+        let rest = frpx_tests::whole(body).await.unwrap();
         assert!(rest.ends_with(b"done\n"));
     }
 }
@@ -429,7 +429,7 @@ async fn with_capacity_one_requests_queue_and_are_served_in_order() {
         "nothing piled onto the box"
     );
     b.backends["solo"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
     for t in tasks {
         let reply = t.await.unwrap();
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -478,7 +478,7 @@ async fn a_queued_request_goes_to_a_box_whose_cool_down_ends() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["backend"], "a");
     b.backends["b"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
 }
 
 #[tokio::test]
@@ -504,7 +504,7 @@ async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
     // y frees its slot: the unpinned request takes it (it used to wait in
     // one queue behind the pinned one, which was woken and could not).
     b.backends["y"].release_holds();
-    held.remove("y").unwrap().collect().await.unwrap();
+    frpx_tests::whole(held.remove("y").unwrap()).await.unwrap();
     let reply = tokio::time::timeout(WAIT, to_any)
         .await
         .expect("served")
@@ -513,7 +513,7 @@ async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
     assert_eq!(reply.json()["backend"], "y");
     assert_eq!(state.queues.total(), 1);
     b.backends["x"].release_holds();
-    held.remove("x").unwrap().collect().await.unwrap();
+    frpx_tests::whole(held.remove("x").unwrap()).await.unwrap();
     let reply = tokio::time::timeout(WAIT, to_x)
         .await
         .expect("served")
@@ -539,7 +539,7 @@ async fn names_no_box_serves_leave_no_queue_and_no_series() {
     let metrics = http::get(b.frps.addrs.api, "/metrics", None).await.body;
     assert!(!metrics.contains("unknown-model") && !metrics.contains("nnnn"));
     b.backends["x"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
     // Spellings of one served model are one series.
     for name in ["m", " m ", "m:latest"] {
         let reply = post(addr, "/v1/chat/completions", chat(name)).await;
@@ -588,7 +588,7 @@ async fn a_full_or_timed_out_queue_answers_429_with_retry_after() {
         "the queue timeout, in seconds"
     );
     b.backends["solo"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
     assert_eq!(http::get(addr, "/z", Some(API_KEY)).await.status, 200);
 }
 
@@ -620,7 +620,7 @@ async fn a_box_killed_mid_run_fails_no_request_that_had_not_started_streaming() 
                     let status = resp.status();
                     // A failure after the response started is reported by
                     // closing the stream; that is allowed, nothing else is.
-                    let complete = resp.into_body().collect().await.is_ok();
+                    let complete = frpx_tests::whole(resp.into_body()).await.is_ok();
                     (status.as_u16(), complete)
                 }
                 Err(e) => panic!("request {i} failed before any response: {e}"),
@@ -676,7 +676,7 @@ async fn a_caller_that_leaves_while_queued_gives_up_its_place() {
         .await;
     }
     b.backends["a"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
     // A request through the one slot: a queued one wrongly woken by its
     // freeing would have gone first.
     let after = post(addr, "/v1/chat/completions?after", chat("m")).await;
@@ -743,7 +743,7 @@ async fn a_request_queued_when_shutdown_starts_is_still_served() {
     // While frps drains, the box stays registered and can still dial back:
     // the queued request gets the slot once the first one ends.
     backends["solo"].release_holds();
-    held.collect().await.unwrap();
+    frpx_tests::whole(held).await.unwrap();
     let reply = queued.await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(

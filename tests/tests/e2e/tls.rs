@@ -66,7 +66,7 @@ async fn round_trip_over_tls_with_a_ca_signed_certificate() {
     assert_eq!(first, Bytes::from("data: first\n\n"));
     backend.release_sse();
     assert_eq!(
-        body.collect().await.unwrap().to_bytes(),
+        frpx_tests::whole(body).await.unwrap(),
         Bytes::from("data: last\n\n")
     );
 }

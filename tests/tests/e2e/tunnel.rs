@@ -105,7 +105,7 @@ async fn server_sent_events_arrive_one_by_one() {
         .unwrap();
     assert_eq!(first.into_data().unwrap(), Bytes::from("data: first\n\n"));
     fleet.backends[0].release_sse();
-    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = frpx_tests::whole(body).await.unwrap();
     assert_eq!(rest, Bytes::from("data: last\n\n"));
 }
 
@@ -137,7 +137,7 @@ async fn forty_back_in_the_pool(
     fleet.backends[0].release_holds();
     let mut conns = Vec::new();
     for (conn, resp) in streams {
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = frpx_tests::whole(resp.into_body()).await.unwrap();
         assert!(body.ends_with(b"done\n"));
         conns.push(conn);
     }
