@@ -220,6 +220,13 @@ pub struct Config {
     #[arg(long, env = "FRPX_KEY_FAILURES_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
     pub key_failures_per_minute: u32,
 
+    /// Key lookups (of keys frps has not cached) one caller address (an
+    /// IPv6 /64) may have under way at once; further ones wait their turn,
+    /// up to 5 s, then get 503 `auth_unavailable`. Bounds the database
+    /// connections one address can hold while the database is slow.
+    #[arg(long, env = "FRPX_KEY_LOOKUPS_PER_IP", default_value_t = crate::limits::LOOKUPS_PER_ADDRESS, value_parser = parse_at_least_one)]
+    pub key_lookups_per_ip: usize,
+
     /// Most dial-backs one client may have outstanding; more fail over at once.
     #[arg(long, env = "FRPX_MAX_PENDING_PER_CLIENT", default_value_t = 512, value_parser = parse_at_least_one)]
     pub max_pending_per_client: usize,
@@ -433,6 +440,7 @@ mod tests {
             "--max-pending-per-client",
             "--max-connections",
             "--max-connections-per-ip",
+            "--key-lookups-per-ip",
         ] {
             let e = parse_error(&[flag, "0"]);
             assert!(e.contains("1 or more"), "{flag}: {e}");

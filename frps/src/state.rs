@@ -119,6 +119,7 @@ impl State {
         let mut keys =
             KeyValidator::new(config.api_key.clone(), Some(store.clone()), redis.clone());
         keys.set_failure_budget(config.key_failures_per_minute);
+        keys.set_lookups_per_address(config.key_lookups_per_ip);
         let keys = Arc::new(keys);
         let forget = keys.clone();
         tokio::spawn(async move {

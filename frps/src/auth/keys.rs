@@ -188,6 +188,12 @@ impl KeyValidator {
         self.failures = Some(FailureBudget::new(per_minute));
     }
 
+    /// Allows each caller address (block) `at_once` lookups under way at
+    /// once (see [`LookupGates`]; with a failure budget only).
+    pub fn set_lookups_per_address(&mut self, at_once: usize) {
+        self.gates = LookupGates::new(at_once);
+    }
+
     /// Whether any key at all can be valid.
     pub fn has_keys(&self) -> bool {
         self.static_key.is_some() || self.store.is_some()
@@ -263,7 +269,8 @@ impl KeyValidator {
         };
         // The lookups ahead of this one may have cached its key (a caller's
         // concurrent requests with one new key ask the database once), or
-        // spent the address's budget.
+        // spent the address's budget. And the wait may have been long.
+        let now = Utc::now().timestamp();
         if let Some(answer) = self.cached(hash, now).await {
             return answer;
         }

@@ -885,8 +885,9 @@ async fn waiting_on_locks(watcher: &mut sqlx::PgConnection) -> i64 {
     .unwrap()
 }
 
-/// Waits until `n` queries wait on locks, never seeing more than `n`.
-async fn until_waiting_on_locks(watcher: &mut sqlx::PgConnection, n: i64) {
+/// Waits until `n` queries wait on locks, never seeing more than `n`, and
+/// fails at `by`.
+async fn until_waiting_on_locks(watcher: &mut sqlx::PgConnection, n: i64, by: Instant) {
     let seen = async {
         loop {
             let now = waiting_on_locks(watcher).await;
@@ -897,14 +898,13 @@ async fn until_waiting_on_locks(watcher: &mut sqlx::PgConnection, n: i64) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(4), seen)
+    tokio::time::timeout(by.saturating_duration_since(Instant::now()), seen)
         .await
         .unwrap_or_else(|_| panic!("{n} lookups never reached the database"));
 }
 
 #[tokio::test]
 async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
-    use frps::limits::LOOKUPS_PER_ADDRESS;
     use sqlx::Connection;
     use std::sync::atomic::Ordering;
     let Some(pg) = TestPg::create().await else {
@@ -915,6 +915,9 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     let (other, _) = KeyValidator::create(&store, None, None).await.unwrap();
     let mut validator = KeyValidator::new(None, Some(store.clone()), None);
     validator.set_failure_budget(3);
+    // What `--key-lookups-per-ip 3` sets.
+    const LOOKUPS_PER_ADDRESS: usize = 3;
+    validator.set_lookups_per_address(LOOKUPS_PER_ADDRESS);
     let validator = std::sync::Arc::new(validator);
     // Another session holds the table: lookups wait in the database (for
     // less than their deadline here).
@@ -928,16 +931,18 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
         async move { v.check_from(&key, Some(from.into())).await }
     };
     // Ten requests at once from one caller, with a key frps has not cached:
-    // a few reach the database, the rest wait their turn.
+    // a few reach the database, the rest wait their turn. Seen well within
+    // the 5 s the lookups and the waits for a turn have.
+    let by = Instant::now() + Duration::from_secs(3);
     let mut burst = tokio::task::JoinSet::new();
     for _ in 0..10 {
         burst.spawn(lookup(&key, [192, 0, 2, 10]));
     }
-    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64).await;
+    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64, by).await;
     // Another caller is not queued behind them.
     let elsewhere = tokio::spawn(lookup(&other, [198, 51, 100, 7]));
     let expected = LOOKUPS_PER_ADDRESS as i64 + 1;
-    until_waiting_on_locks(&mut watcher, expected).await;
+    until_waiting_on_locks(&mut watcher, expected, by).await;
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     for answer in burst.join_all().await {
         assert!(matches!(answer, KeyCheck::Valid(_)), "{answer:?}");
@@ -958,11 +963,12 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
         sqlx::query(sql).execute(&mut locker).await.unwrap();
     }
+    let by = Instant::now() + Duration::from_secs(3);
     let mut guesses = tokio::task::JoinSet::new();
     for i in 0..10 {
         guesses.spawn(lookup(&format!("guess-{i}"), [192, 0, 2, 20]));
     }
-    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64).await;
+    until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64, by).await;
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     let answers = guesses.join_all().await;
     let invalid = answers.iter().filter(|a| **a == KeyCheck::Invalid).count();
