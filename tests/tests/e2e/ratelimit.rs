@@ -218,28 +218,41 @@ async fn two_frps_sharing_redis_share_one_budget() {
     b.frps.stop().await;
 }
 
-/// How many leases `leases` holds.
-async fn zcard(conn: &mut redis::aio::MultiplexedConnection, leases: &str) -> i64 {
-    redis::cmd("ZCARD")
-        .arg(leases)
-        .query_async(conn)
-        .await
-        .unwrap()
+/// A key's concurrency leases in Redis, seen through a connection of the
+/// test's own.
+struct Leases {
+    conn: redis::aio::MultiplexedConnection,
+    name: String,
 }
 
-/// A connection to Redis and the name of `key`'s concurrency leases.
-async fn leases_of(
-    redis: &str,
-    prefix: &str,
-    key: &str,
-) -> (redis::aio::MultiplexedConnection, String) {
-    let conn = redis::Client::open(redis)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(key));
-    (conn, format!("{prefix}ratelimit:{{{hex}}}:concurrency"))
+impl Leases {
+    /// Of `key`, with frps's `prefix`.
+    async fn of(redis: &str, prefix: &str, key: &str) -> Leases {
+        let conn = redis::Client::open(redis)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let hex = frps::auth::secret::hex(&frps::auth::secret::hash(key));
+        Leases {
+            conn,
+            name: format!("{prefix}ratelimit:{{{hex}}}:concurrency"),
+        }
+    }
+
+    /// How many there are.
+    async fn held(&self) -> i64 {
+        redis::cmd("ZCARD")
+            .arg(&self.name)
+            .query_async(&mut self.conn.clone())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until there are `n`.
+    async fn until(&self, what: &str, n: i64) {
+        eventually_async(what, || async move { self.held().await == n }).await;
+    }
 }
 
 #[tokio::test]
@@ -249,22 +262,21 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     };
     let (a, b, prefix) = two_frps_sharing(&redis, None).await;
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let (mut conn, leases) = leases_of(&redis, &prefix, &one).await;
-    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
+    let leases = Leases::of(&redis, &prefix, &one).await;
 
     // A stream holds the key's one slot on a; Redis loses it (a restart
     // without persistence): b would admit a second stream.
     let (conn_a, resp) = http::start_hold(a.frps.public(), &one).await;
-    assert_eq!(held(&mut conn).await, 1);
+    assert_eq!(leases.held().await, 1);
     let _: () = redis::cmd("DEL")
-        .arg(&leases)
-        .query_async(&mut conn)
+        .arg(&leases.name)
+        .query_async(&mut leases.conn.clone())
         .await
         .unwrap();
     // a's renewal puts it back: b refuses again.
     let limits = &a.frps.state.rate_limits;
     limits.refresh(&limits.live_leases()).await;
-    assert_eq!(held(&mut conn).await, 1);
+    assert_eq!(leases.held().await, 1);
     assert_limited(&get(&b.frps, &one).await, "concurrency_limit_exceeded");
 
     // A renewal of leases seen before they were released does not bring
@@ -274,13 +286,9 @@ async fn a_renewal_puts_back_leases_redis_lost_and_never_released_ones() {
     assert_eq!(seen.len(), 1);
     drop((resp, conn_a));
     eventually("a released its lease", || limits.shared_leases() == 0).await;
-    eventually_async("the release reached Redis", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 0 }
-    })
-    .await;
+    leases.until("the release reached Redis", 0).await;
     limits.refresh(&seen).await;
-    assert_eq!(held(&mut conn).await, 0);
+    assert_eq!(leases.held().await, 0);
     assert_eq!(status(&b.frps, &one).await, 200);
     a.frps.stop().await;
     b.frps.stop().await;
@@ -294,22 +302,20 @@ struct Gated {
     b: Fleet,
     /// The key.
     one: String,
-    /// A direct connection to Redis, and the name of the key's leases.
-    conn: redis::aio::MultiplexedConnection,
-    leases: String,
+    /// The key's leases.
+    leases: Leases,
 }
 
 async fn gated(redis: &str) -> Gated {
     let gate = Cutter::start(services::redis_addr(redis)).await;
     let (a, b, prefix) = two_frps_sharing(redis, Some(format!("redis://{}", gate.addr))).await;
     let (one, _) = key_with(&a.frps, None, Some(1)).await;
-    let (conn, leases) = leases_of(redis, &prefix, &one).await;
+    let leases = Leases::of(redis, &prefix, &one).await;
     Gated {
         gate,
         a,
         b,
         one,
-        conn,
         leases,
     }
 }
@@ -324,12 +330,10 @@ async fn a_renewal_whose_answer_is_lost_brings_back_no_released_lease() {
         a,
         b,
         one,
-        conn,
         leases,
     } = gated(&redis).await;
-    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
     let (conn_a, resp) = http::start_hold(a.frps.public(), &one).await;
-    assert_eq!(held(&mut conn.clone()).await, 1);
+    assert_eq!(leases.held().await, 1);
     // One renewal with answers flowing: Redis knows the script by its
     // digest from then on (a NOSCRIPT answer held back would stop it).
     let limits = &a.frps.state.rate_limits;
@@ -338,21 +342,13 @@ async fn a_renewal_whose_answer_is_lost_brings_back_no_released_lease() {
     assert_eq!(seen.len(), 1);
     drop((resp, conn_a));
     eventually("a released its lease", || limits.shared_leases() == 0).await;
-    eventually_async("the release reached Redis", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 0 }
-    })
-    .await;
+    leases.until("the release reached Redis", 0).await;
     // The renewal of what was seen before the release runs in Redis (and
     // puts the lease back); its answer never comes.
     gate.hold_answers();
     limits.refresh(&seen).await;
     // The lease goes again at once, not after the lease's minute.
-    eventually_async("the renewed lease was taken back", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 0 }
-    })
-    .await;
+    leases.until("the renewed lease was taken back", 0).await;
     gate.release_answers();
     assert_eq!(status(&b.frps, &one).await, 200, "the slot is free");
     a.frps.stop().await;
@@ -369,10 +365,8 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
         a,
         b,
         one,
-        conn,
         leases,
     } = gated(&redis).await;
-    let held = async |conn: &mut redis::aio::MultiplexedConnection| zcard(conn, &leases).await;
     let frps::auth::KeyCheck::Valid(grant) = a.frps.state.keys.check(&one).await else {
         panic!("the key is valid");
     };
@@ -382,23 +376,15 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     // admission first, its lease seen in Redis and given back.
     let first = a.frps.state.rate_limits.admit(&grant).await;
     assert!(matches!(first, Ok(Some(_))), "admitted with a lease");
-    assert_eq!(held(&mut conn.clone()).await, 1, "taken in Redis");
+    assert_eq!(leases.held().await, 1, "taken in Redis");
     drop(first);
-    eventually_async("the first lease was given back", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 0 }
-    })
-    .await;
+    leases.until("the first lease was given back", 0).await;
     // The script runs and adds the lease; the caller leaves before its
     // answer is read (the request future is dropped).
     gate.hold_answers();
     let limits = a.frps.state.rate_limits.clone();
     let admit = tokio::spawn(async move { limits.admit(&grant).await.is_ok() });
-    eventually_async("the script added the lease", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 1 }
-    })
-    .await;
+    leases.until("the script added the lease", 1).await;
     // Unless Redis's operation timeout (250 ms) ran out first on a machine
     // this slow, in which case that path must give the lease back too.
     if admit.is_finished() {
@@ -407,11 +393,7 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     admit.abort();
     // Taken back at once, not held for the lease's minute.
     gate.release_answers();
-    eventually_async("the lease was taken back", || {
-        let mut conn = conn.clone();
-        async move { held(&mut conn).await == 0 }
-    })
-    .await;
+    leases.until("the lease was taken back", 0).await;
     assert_eq!(status(&b.frps, &one).await, 200);
     a.frps.stop().await;
     b.frps.stop().await;
