@@ -58,8 +58,8 @@ pub async fn run(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// Builds the fleet table from the API at `base`.
 pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Table> {
-    let clients: Vec<ClientSummary> = get(base, "/api/clients", token).await?;
-    let monitoring: Vec<Monitoring> = get(base, "/api/monitoring", token).await?;
+    let clients: Vec<ClientSummary> = get_all(base, "/api/clients", token).await?;
+    let monitoring: Vec<Monitoring> = get_all(base, "/api/monitoring", token).await?;
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
         "client",
@@ -142,22 +142,76 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// GETs `path` from the API and returns the envelope's `data`.
-async fn get<T: serde::de::DeserializeOwned>(
+/// Pages one listing is read in at most (10 million clients at the API's
+/// 1,000 a page): a server that keeps naming a next page is not followed
+/// for ever.
+const MAX_PAGES: usize = 10_000;
+
+/// GETs every page of the listing at `path` (following the `Link` headers
+/// that name the next one) and returns their `data` in order.
+async fn get_all<T: serde::de::DeserializeOwned>(
     base: &str,
     path: &str,
     token: Option<&str>,
-) -> anyhow::Result<T> {
-    get_within(base, path, token, MAX_BODY).await
+) -> anyhow::Result<Vec<T>> {
+    get_pages(base, path, token, MAX_PAGES).await
 }
 
-/// [`get`], reading at most `max_body` bytes of the answer.
+/// [`get_all`], reading at most `max_pages` pages.
+async fn get_pages<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    max_pages: usize,
+) -> anyhow::Result<Vec<T>> {
+    let mut all = Vec::new();
+    let mut next = Some(path.to_owned());
+    for _ in 0..max_pages {
+        let Some(page) = next.take() else {
+            return Ok(all);
+        };
+        let (items, link) = get_page::<Vec<T>>(base, &page, token, MAX_BODY).await?;
+        all.extend(items);
+        next = link;
+    }
+    if next.is_none() {
+        return Ok(all);
+    }
+    bail!("{path} named more than {max_pages} pages; this monitor reads at most that")
+}
+
+/// GETs `path` from the API, reading at most `max_body` bytes of the
+/// answer, and returns the envelope's `data`.
+#[cfg(test)]
 async fn get_within<T: serde::de::DeserializeOwned>(
     base: &str,
     path: &str,
     token: Option<&str>,
     max_body: usize,
 ) -> anyhow::Result<T> {
+    Ok(get_page(base, path, token, max_body).await?.0)
+}
+
+/// The next page a `Link` header names (`<path?query>; rel="next"`), when
+/// it names one on this API.
+fn next_page(headers: &hyper::HeaderMap) -> Option<String> {
+    headers.get_all(header::LINK).iter().find_map(|v| {
+        let (target, params) = v.to_str().ok()?.split_once(';')?;
+        let target = target.trim().strip_prefix('<')?.strip_suffix('>')?;
+        let next = params.split(';').any(|p| p.trim() == "rel=\"next\"");
+        (next && target.starts_with("/api/")).then(|| target.to_owned())
+    })
+}
+
+/// GETs `path` (with its query) from the API, reading at most `max_body`
+/// bytes of the answer; returns the envelope's `data` and the next page
+/// the answer names.
+async fn get_page<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    max_body: usize,
+) -> anyhow::Result<(T, Option<String>)> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let uri: Uri = url
         .parse()
@@ -177,7 +231,8 @@ async fn get_within<T: serde::de::DeserializeOwned>(
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
-        let mut req = Request::get(uri.path()).header(header::HOST, authority.as_str());
+        let target = uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = Request::get(target).header(header::HOST, authority.as_str());
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -185,6 +240,7 @@ async fn get_within<T: serde::de::DeserializeOwned>(
             .send_request(req.body(Empty::<Bytes>::new())?)
             .await?;
         let status = resp.status();
+        let next = next_page(resp.headers());
         let body = match Limited::new(resp.into_body(), max_body).collect().await {
             Ok(body) => body.to_bytes(),
             // Reached, but the answer is too large to show: not a
@@ -196,9 +252,9 @@ async fn get_within<T: serde::de::DeserializeOwned>(
             }
             Err(e) => return Err(anyhow::anyhow!("{e}")),
         };
-        Ok::<_, anyhow::Error>(Ok((status, body)))
+        Ok::<_, anyhow::Error>(Ok((status, body, next)))
     };
-    let (status, body) = tokio::time::timeout(TIMEOUT, call)
+    let (status, body, next) = tokio::time::timeout(TIMEOUT, call)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {TIMEOUT:?}"))
         .and_then(|r| r)
@@ -209,8 +265,9 @@ async fn get_within<T: serde::de::DeserializeOwned>(
         let message = envelope["message"].as_str().unwrap_or("no message");
         bail!("the frps management API answered {status} for {path}: {message}");
     }
-    serde_json::from_value(envelope["data"].clone())
-        .with_context(|| format!("unexpected answer from {url}"))
+    let data = serde_json::from_value(envelope["data"].clone())
+        .with_context(|| format!("unexpected answer from {url}"))?;
+    Ok((data, next))
 }
 
 #[cfg(test)]
@@ -225,6 +282,86 @@ mod tests {
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert!(shown.starts_with("llama3\u{fffd}]52;"));
         assert_eq!(clean("qwen2.5:1.5b ü"), "qwen2.5:1.5b ü");
+    }
+
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        let next = |links: &[&str]| {
+            let mut h = hyper::HeaderMap::new();
+            for l in links {
+                h.append(header::LINK, l.parse().unwrap());
+            }
+            next_page(&h)
+        };
+        assert_eq!(
+            next(&["</api/clients?limit=2&after=b-1>; rel=\"next\""]).as_deref(),
+            Some("/api/clients?limit=2&after=b-1")
+        );
+        assert_eq!(
+            next(&[
+                "</x>; rel=\"prev\"",
+                "</api/monitoring?after=a> ; rel=\"next\""
+            ])
+            .as_deref(),
+            Some("/api/monitoring?after=a")
+        );
+        // Not a next page, or not on this API: the listing ends there.
+        assert_eq!(next(&[]), None);
+        assert_eq!(next(&["</api/clients?after=a>; rel=\"prev\""]), None);
+        assert_eq!(
+            next(&["<http://elsewhere/api/clients>; rel=\"next\""]),
+            None
+        );
+        assert_eq!(next(&["/api/clients; rel=\"next\""]), None);
+    }
+
+    /// A fake API answering `pages` pages of one id each, each but the last
+    /// naming the next; returns its base URL.
+    async fn paged_api(pages: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&head[..n]);
+                // `GET /api/ids?after=N HTTP/1.1`: page N + 1.
+                let at: usize = head
+                    .split_once("after=")
+                    .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+                    .map_or(0, |n: usize| n + 1);
+                let body = format!(r#"{{"success":true,"data":["{at}"],"message":"a page"}}"#);
+                let link = if at + 1 < pages {
+                    format!("link: </api/ids?after={at}>; rel=\"next\"\r\n")
+                } else {
+                    String::new()
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{link}content-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn every_page_of_a_listing_is_read() {
+        let base = paged_api(3).await;
+        let ids: Vec<String> = get_all(&base, "/api/ids", None).await.unwrap();
+        assert_eq!(ids, ["0", "1", "2"]);
+        // A server naming pages without end is not followed for ever.
+        let base = paged_api(usize::MAX).await;
+        let err = get_pages::<String>(&base, "/api/ids", None, 5)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("more than 5 pages"), "{err:#}");
+        // Exactly as many pages as allowed is fine.
+        let base = paged_api(5).await;
+        let ids: Vec<String> = get_pages(&base, "/api/ids", None, 5).await.unwrap();
+        assert_eq!(ids.len(), 5);
     }
 
     /// An answer over the limit is said to be one, not "cannot reach".

@@ -2,89 +2,18 @@
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::extract::Query;
 use axum::extract::State as AxState;
 use axum::extract::rejection::QueryRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use chrono::NaiveDateTime;
 
+use super::page::{Paged, finish, window};
 use super::types::{Page, Token, User};
 use super::{ApiError, ApiState, Envelope, ok};
-use crate::listeners::public::shorten;
-use crate::store::{TokenKey, Window};
-
-/// Most entries one page holds (and how many a page without `limit` holds).
-pub const MAX_PAGE: u64 = 1000;
-
-/// A page of a listing, with a `Link` header to the next one.
-type Paged<T> = Result<(HeaderMap, Json<Envelope<Vec<T>>>), ApiError>;
+use crate::store::TokenKey;
 
 fn rfc3339(t: NaiveDateTime) -> String {
     t.and_utc().to_rfc3339()
-}
-
-/// The page a request's `?limit=&after=` asks for, with one row more than
-/// the page holds (to tell whether another follows); `parse` reads `after`,
-/// the cursor of a `Link` header.
-fn window<K>(
-    query: Result<Query<Page>, QueryRejection>,
-    parse: impl FnOnce(&str) -> Option<K>,
-) -> Result<Window<K>, ApiError> {
-    let Query(page) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("bad paging parameters: {}", e.body_text()),
-        )
-    })?;
-    let limit = page.limit.unwrap_or(MAX_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be 1 to {MAX_PAGE}"),
-        ));
-    }
-    let after = match page.after.as_deref() {
-        None => None,
-        Some(cursor) => Some(parse(cursor).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "after: {:?} is not a cursor from a Link header of this listing",
-                    shorten(cursor, 40)
-                ),
-            )
-        })?),
-    };
-    Ok(Window {
-        after,
-        limit: limit + 1,
-    })
-}
-
-/// Cuts `rows` (read with [`window`]'s extra row, `limit` being the page
-/// size plus one) to the page asked for; returns the message's tail and the
-/// headers naming the next page, which starts after the last row kept
-/// (`cursor` names it), when there is one.
-fn finish<T>(
-    path: &str,
-    limit: u64,
-    rows: &mut Vec<T>,
-    cursor: impl FnOnce(&T) -> String,
-) -> (HeaderMap, String) {
-    let limit = limit - 1;
-    let mut headers = HeaderMap::new();
-    if rows.len() as u64 <= limit {
-        return (headers, String::new());
-    }
-    rows.truncate(limit as usize);
-    let after = cursor(rows.last().expect("limit is at least 1"));
-    let link = format!("<{path}?limit={limit}&after={after}>; rel=\"next\"");
-    headers.insert(
-        header::LINK,
-        HeaderValue::from_str(&link).expect("a fixed path, digits, a cursor of [0-9a-z_]"),
-    );
-    (headers, format!("; more after {after}"))
 }
 
 /// Cursor of a token in listings: its creation time in nanoseconds since
@@ -211,43 +140,5 @@ mod tests {
         ] {
             assert_eq!(parse_token_cursor(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn the_last_row_kept_names_the_next_page() {
-        let mut rows = vec![1, 2, 3];
-        // A page of two read with one row more.
-        let (headers, more) = finish("/api/users", 3, &mut rows, |r| r.to_string());
-        assert_eq!(rows, [1, 2]);
-        assert_eq!(
-            headers[header::LINK],
-            "</api/users?limit=2&after=2>; rel=\"next\""
-        );
-        assert_eq!(more, "; more after 2");
-        let mut rows = vec![7, 8];
-        let (headers, more) = finish("/api/users", 3, &mut rows, |r| r.to_string());
-        assert_eq!(rows, [7, 8]);
-        assert!(headers.is_empty() && more.is_empty());
-    }
-
-    #[test]
-    fn long_cursors_are_cut_in_errors() {
-        let refused = |after: &str| {
-            let page = Page {
-                limit: None,
-                after: Some(after.to_owned()),
-            };
-            window(Ok(Query(page)), |_| None::<i64>).unwrap_err()
-        };
-        let e = refused(&"é".repeat(100));
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        assert!(
-            e.message.contains(&format!("\"{}…\"", "é".repeat(40))),
-            "{}",
-            e.message
-        );
-        assert!(!e.message.contains(&"é".repeat(41)), "{}", e.message);
-        let e = refused("short");
-        assert!(e.message.contains("\"short\""), "{}", e.message);
     }
 }

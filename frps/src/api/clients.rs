@@ -5,10 +5,15 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State as AxState};
 
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
+
+use super::page::{Paged, finish, window};
 use super::types::{
-    ClientDetail, ClientStatus, ClientSummary, FleetModel, HeartbeatStatus, Monitoring,
+    ClientDetail, ClientStatus, ClientSummary, FleetModel, HeartbeatStatus, Monitoring, Page,
 };
 use super::{ApiError, ApiResult, ApiState, Envelope, ok};
+use crate::listeners::control::is_client_id;
 use crate::registry::ClientHandle;
 use crate::state::State;
 
@@ -21,20 +26,40 @@ fn client(state: &State, id: &str) -> Result<Arc<ClientHandle>, ApiError> {
 
 fn sorted(state: &State) -> Vec<Arc<ClientHandle>> {
     let mut all = state.registry.all();
-    all.sort_by(|a, b| a.id.cmp(&b.id));
+    all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     all
 }
 
-/// Every registered client.
-#[utoipa::path(get, path = "/api/clients", tag = "clients",
-    responses((status = 200, body = Envelope<Vec<ClientSummary>>)))]
-pub async fn list(AxState(state): ApiState) -> ApiResult<Vec<ClientSummary>> {
-    let clients: Vec<_> = sorted(&state)
-        .iter()
-        .map(|c| ClientSummary::of(c))
-        .collect();
+/// The page of registered clients, in id order, that `query` asks for
+/// (with [`window`]'s extra one), and the limit to [`finish`] it with.
+fn page_of(
+    state: &State,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Result<(Vec<Arc<ClientHandle>>, u64), ApiError> {
+    let window = window(query, |after| is_client_id(after).then(|| after.to_owned()))?;
+    let mut all = sorted(state);
+    let start = window
+        .after
+        .as_deref()
+        .map_or(0, |after| all.partition_point(|c| c.id.as_str() <= after));
+    all.drain(..start);
+    all.truncate(usize::try_from(window.limit).unwrap_or(usize::MAX));
+    Ok((all, window.limit))
+}
+
+/// Registered clients, in id order.
+#[utoipa::path(get, path = "/api/clients", tag = "clients", params(Page),
+    responses((status = 200, body = Envelope<Vec<ClientSummary>>),
+        (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>)))]
+pub async fn list(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Paged<ClientSummary> {
+    let (mut page, limit) = page_of(&state, query)?;
+    let (headers, more) = finish("/api/clients", limit, &mut page, |c| c.id.clone());
+    let clients: Vec<_> = page.iter().map(|c| ClientSummary::of(c)).collect();
     let n = clients.len();
-    Ok(ok(clients, &format!("{n} client(s) online")))
+    Ok((headers, ok(clients, &format!("{n} client(s) online{more}"))))
 }
 
 /// One client in detail.
@@ -109,12 +134,21 @@ fn monitoring_of(c: &ClientHandle) -> Monitoring {
     }
 }
 
-/// System metrics of every client.
-#[utoipa::path(get, path = "/api/monitoring", tag = "monitoring",
-    responses((status = 200, body = Envelope<Vec<Monitoring>>)))]
-pub async fn monitoring(AxState(state): ApiState) -> ApiResult<Vec<Monitoring>> {
-    let all: Vec<_> = sorted(&state).iter().map(|c| monitoring_of(c)).collect();
-    Ok(ok(all, "system metrics of every client"))
+/// System metrics of the registered clients, in id order.
+#[utoipa::path(get, path = "/api/monitoring", tag = "monitoring", params(Page),
+    responses((status = 200, body = Envelope<Vec<Monitoring>>),
+        (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>)))]
+pub async fn monitoring(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Paged<Monitoring> {
+    let (mut page, limit) = page_of(&state, query)?;
+    let (headers, more) = finish("/api/monitoring", limit, &mut page, |c| c.id.clone());
+    let all: Vec<_> = page.iter().map(|c| monitoring_of(c)).collect();
+    Ok((
+        headers,
+        ok(all, &format!("system metrics of every client{more}")),
+    ))
 }
 
 /// System metrics of one client.

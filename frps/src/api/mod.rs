@@ -7,6 +7,7 @@
 
 mod accounts;
 mod clients;
+mod page;
 mod server;
 pub mod types;
 

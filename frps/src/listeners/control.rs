@@ -22,6 +22,16 @@ use crate::state::State;
 /// Longest client id accepted.
 pub const MAX_CLIENT_ID: usize = 128;
 
+/// Whether `id` may name a client: 1 to [`MAX_CLIENT_ID`] letters, digits
+/// and `-_.:@` (safe in logs, URLs and headers).
+pub fn is_client_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CLIENT_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
+}
+
 /// A live client's `gpu_assets` row is rewritten at most this often.
 pub const ASSET_REFRESH: Duration = Duration::from_secs(60);
 
@@ -379,13 +389,7 @@ fn validate(reg: &Registration) -> Result<(), (String, bool)> {
             false,
         ));
     }
-    let id = &reg.client_id;
-    if id.is_empty()
-        || id.len() > MAX_CLIENT_ID
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
-    {
+    if !is_client_id(&reg.client_id) {
         return Err((
             format!("client id must be 1-{MAX_CLIENT_ID} characters of letters, digits and -_.:@"),
             false,

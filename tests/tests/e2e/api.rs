@@ -717,7 +717,8 @@ async fn the_openapi_document_lists_every_route() {
     assert!(doc["paths"]["/api/stats"]["get"]["responses"]["401"].is_object());
 }
 
-/// The dashboard, rendered by a real browser, shows a row per client.
+/// The dashboard, rendered by a real browser, shows a row per client, read
+/// in pages of one (`#page=1`) through the listings' `Link` headers.
 #[tokio::test]
 async fn the_dashboard_renders_a_row_per_client() {
     let Some(chromium) = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -730,7 +731,7 @@ async fn the_dashboard_renders_a_row_per_client() {
         eprintln!("skipping: chromium not installed");
         return;
     };
-    let fleet = fleet_with_admin(2).await;
+    let fleet = fleet_with_admin(3).await;
     frpx_tests::eventually("system metrics reported", || {
         fleet
             .frps
@@ -741,7 +742,7 @@ async fn the_dashboard_renders_a_row_per_client() {
             .all(|c| c.system().is_some())
     })
     .await;
-    let url = format!("http://{}/#token={ADMIN}", fleet.frps.addrs.api);
+    let url = format!("http://{}/#token={ADMIN}&page=1", fleet.frps.addrs.api);
     let profile = std::env::temp_dir().join(format!("frpx-chromium-{}", uuid::Uuid::new_v4()));
     let out = tokio::time::timeout(
         Duration::from_secs(60),
@@ -768,19 +769,84 @@ async fn the_dashboard_renders_a_row_per_client() {
     .expect("chromium runs");
     let _ = std::fs::remove_dir_all(&profile);
     let dom = String::from_utf8_lossy(&out.stdout);
-    for id in ["client-0", "client-1"] {
+    for id in ["client-0", "client-1", "client-2"] {
         assert!(
             dom.contains(&format!("data-client=\"{id}\"")),
             "no row for {id} in:\n{dom}"
         );
     }
-    assert!(dom.contains("model-of-client-1"));
+    assert!(dom.contains("model-of-client-2"));
+    // Every client's metrics too, from every page of /api/monitoring.
+    assert_eq!(dom.matches(" CPUs</div>").count(), 3, "{dom}");
     // With clients listed, the "no client" line is hidden.
     let at = dom.find(r#"id="empty""#).expect("the empty-fleet line");
     let tag_start = dom[..at].rfind('<').unwrap();
     let tag_end = at + dom[at..].find('>').unwrap();
     let tag = &dom[tag_start..=tag_end];
     assert!(tag.contains("hidden"), "shown with clients listed: {tag}");
+}
+
+#[tokio::test]
+async fn clients_and_their_metrics_come_in_pages() {
+    let fleet = fleet_with_admin(3).await;
+    frpx_tests::eventually("system metrics reported", || {
+        let all = fleet.frps.state.registry.all();
+        all.len() == 3 && all.iter().all(|c| c.system().is_some())
+    })
+    .await;
+    let ids = |reply: &Reply| -> Vec<String> {
+        assert_envelope(reply, true)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // Without parameters: every client, in id order, no next page.
+    let all = api(&fleet, "GET", "/api/clients").await;
+    assert_eq!(ids(&all), ["client-0", "client-1", "client-2"]);
+    assert!(all.headers.get("link").is_none());
+    for (listing, size, pages) in [("/api/clients", 2, 2), ("/api/monitoring", 1, 3)] {
+        let mut path = format!("{listing}?limit={size}");
+        let mut seen = Vec::new();
+        for page in 1..=pages {
+            let reply = api(&fleet, "GET", &path).await;
+            seen.extend(ids(&reply));
+            let link = reply.headers.get("link").map(|l| l.to_str().unwrap());
+            if page == pages {
+                assert_eq!(link, None, "{path}");
+                continue;
+            }
+            let link = link.expect("a next page");
+            let last = seen.last().unwrap();
+            assert_eq!(
+                link,
+                format!("<{listing}?limit={size}&after={last}>; rel=\"next\"")
+            );
+            assert!(
+                reply.json()["message"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("more after {last}"))
+            );
+            path = link[1..link.find('>').unwrap()].to_owned();
+        }
+        assert_eq!(seen, ["client-0", "client-1", "client-2"], "{listing}");
+    }
+    // After the last one: an empty page. A cursor no client id could be,
+    // or an unknown parameter: 400.
+    let past = api(&fleet, "GET", "/api/clients?after=client-2").await;
+    assert!(ids(&past).is_empty());
+    for bad in [
+        "/api/clients?after=a%20b",
+        "/api/monitoring?limit=0",
+        "/api/clients?offset=1",
+    ] {
+        let reply = api(&fleet, "GET", bad).await;
+        assert_eq!(reply.status, 400, "{bad}");
+        assert_envelope(&reply, false);
+    }
+    fleet.frps.stop().await;
 }
 
 #[tokio::test]
