@@ -25,7 +25,11 @@
 //! - `Credit`: the sender consumed `length` more bytes of stream `id`: the
 //!   peer may send that much more. Each stream starts with [`WINDOW`] bytes
 //!   of credit each way, so a slow reader holds at most that much of a
-//!   stream in memory, and one stream never blocks the others.
+//!   stream in memory, and one stream never blocks the others. All streams
+//!   of a connection together hold at most [`RECEIVE_BUDGET`] received and
+//!   unread bytes: past it, the stream holding the most is reset (its
+//!   reader is the slowest), so slow readers cannot pin a window on each of
+//!   [`MAX_STREAMS`] streams.
 //!
 //! Anything else (an unknown kind, a frame over its limit, data beyond the
 //! window, an `Open` for a stream in use or towards the opener) is a
@@ -57,6 +61,12 @@ pub const MAX_REASON: usize = 1024;
 pub const WINDOW: u32 = 2 * 1024 * 1024;
 /// Consumed bytes of a stream after which credit goes back to the sender.
 const CREDIT_AT: u32 = WINDOW / 4;
+/// Received and unread bytes all streams of one connection may hold
+/// together (16 full windows); past it the stream holding the most is
+/// reset. Without it, a peer (a registered frpc) and callers that read
+/// slowly could make frps hold [`WINDOW`] on each of [`MAX_STREAMS`]
+/// streams: 2 GiB.
+pub const RECEIVE_BUDGET: usize = 16 * WINDOW as usize;
 /// Frames queued for the writer after which streams wait to write more
 /// (control frames are always queued: they are small and few).
 const OUT_MAX: usize = 512 * 1024;
@@ -166,6 +176,10 @@ struct Inner {
     next_id: u32,
     /// Why the connection ended, once it has.
     dead: Option<Arc<str>>,
+    /// Received bytes the streams hold, unread (the sum of their `held`).
+    buffered: usize,
+    /// Most of them allowed ([`RECEIVE_BUDGET`]).
+    budget: usize,
 }
 
 struct StreamState {
@@ -173,6 +187,8 @@ struct StreamState {
     recv: VecDeque<Bytes>,
     /// The last received bytes, still being packed (see [`CHUNK`]).
     tail: BytesMut,
+    /// Bytes in `recv` and `tail`.
+    held: usize,
     /// The peer sent `Fin`.
     recv_fin: bool,
     /// Bytes the peer may still send before it needs more credit.
@@ -196,6 +212,7 @@ impl StreamState {
         StreamState {
             recv: VecDeque::new(),
             tail: BytesMut::new(),
+            held: 0,
             recv_fin: false,
             recv_window: WINDOW,
             consumed: 0,
@@ -214,12 +231,14 @@ impl StreamState {
             self.recv.push_back(std::mem::take(&mut self.tail).freeze());
         }
         self.tail.extend_from_slice(payload);
+        self.held += payload.len();
     }
 
-    /// Drops what was received and not read.
-    fn discard(&mut self) {
+    /// Drops what was received and not read; returns how much that was.
+    fn discard(&mut self) -> usize {
         self.recv.clear();
         self.tail = BytesMut::new();
+        std::mem::take(&mut self.held)
     }
 
     fn wake_all(&mut self) {
@@ -229,6 +248,34 @@ impl StreamState {
 }
 
 impl Inner {
+    /// Resets the stream holding the most received bytes while the streams
+    /// hold more than the budget allows.
+    fn shed(&mut self) {
+        while self.buffered > self.budget {
+            let Some((&id, _)) = self
+                .streams
+                .iter()
+                .filter(|(_, st)| st.reset.is_none())
+                .max_by_key(|(_, st)| st.held)
+            else {
+                return;
+            };
+            let budget = self.budget;
+            let st = self.streams.get_mut(&id).expect("just found");
+            let reason = format!(
+                "the tunnel connection held {} KiB received and unread, over its {} KiB: \
+                 this stream's reader was the slowest ({} KiB unread)",
+                self.buffered / 1024,
+                budget / 1024,
+                st.held / 1024
+            );
+            st.reset = Some(Arc::from(reason.as_str()));
+            self.buffered -= st.discard();
+            st.wake_all();
+            self.push(Kind::Reset, id, reason.len() as u32, reason.as_bytes());
+        }
+    }
+
     /// Queues a frame header (and `payload`) and wakes the writer.
     fn push(&mut self, kind: Kind, id: u32, len: u32, payload: &[u8]) {
         self.out.reserve(HEADER + payload.len());
@@ -313,6 +360,10 @@ impl Shared {
                 if st.reset.is_none() && !payload.is_empty() {
                     st.receive(payload);
                     wake(&mut st.read_waker);
+                    inner.buffered += payload.len();
+                    if inner.buffered > inner.budget {
+                        inner.shed();
+                    }
                 }
             }
             Kind::Fin => {
@@ -360,10 +411,24 @@ impl Mux {
     where
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
+        Self::with_budget(io, role, RECEIVE_BUDGET)
+    }
+
+    /// [`Mux::new`], its streams holding at most `budget` received and
+    /// unread bytes together.
+    pub fn with_budget<T>(
+        io: T,
+        role: Role,
+        budget: usize,
+    ) -> (Mux, impl Future<Output = io::Result<()>> + Send)
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             role,
             inner: Mutex::new(Inner {
                 next_id: 1,
+                budget,
                 ..Inner::default()
             }),
             stop: Notify::new(),
@@ -637,8 +702,9 @@ impl MuxStream {
             return;
         }
         st.reset = Some(Arc::from("the stream was reset"));
-        st.discard();
+        let dropped = st.discard();
         st.wake_all();
+        inner.buffered -= dropped;
         let mut end = reason.len().min(MAX_REASON);
         while !reason.is_char_boundary(end) {
             end -= 1;
@@ -728,7 +794,12 @@ impl AsyncRead for MuxStream {
             return Poll::Ready(Ok(()));
         }
         let mut inner = self.shared.lock();
-        let Inner { streams, dead, .. } = &mut *inner;
+        let Inner {
+            streams,
+            dead,
+            buffered,
+            ..
+        } = &mut *inner;
         let st = streams
             .get_mut(&self.id)
             .expect("a live stream has its state");
@@ -756,6 +827,8 @@ impl AsyncRead for MuxStream {
             }
         }
         if copied > 0 {
+            st.held -= copied;
+            *buffered -= copied;
             st.consumed += copied as u32;
             if st.consumed >= CREDIT_AT && !st.recv_fin && dead.is_none() {
                 let grant = std::mem::take(&mut st.consumed);
@@ -861,6 +934,7 @@ impl Drop for MuxStream {
         let Some(st) = inner.streams.remove(&self.id) else {
             return;
         };
+        inner.buffered -= st.held;
         if inner.streams.is_empty() {
             wake(&mut inner.drain_waker);
         }
@@ -979,6 +1053,71 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, b"still moving");
+    }
+
+    #[tokio::test]
+    async fn past_the_receive_budget_the_slowest_reader_loses_its_stream() {
+        // The acceptor's streams may hold two windows between them.
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (opener, drive_a) = Mux::new(a, Role::Opener);
+        let (acceptor, drive_b) = Mux::with_budget(b, Role::Acceptor, 2 * WINDOW as usize);
+        tokio::spawn(drive_a);
+        tokio::spawn(drive_b);
+        let mut near = Vec::new();
+        let mut far = Vec::new();
+        for _ in 0..3 {
+            near.push(opener.open().unwrap());
+            far.push(within("accept", acceptor.accept()).await.unwrap());
+        }
+        let window = WINDOW as usize;
+        // Nobody reads on the acceptor's side: a window on the first, half
+        // a window on the second; a window less a little on the third takes
+        // the total past the budget.
+        near[0].write_all(&vec![1u8; window]).await.unwrap();
+        near[1].write_all(&vec![2u8; window / 2]).await.unwrap();
+        let buffered = || acceptor.shared.lock().buffered;
+        within("held", async {
+            while buffered() < window + window / 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        near[2].write_all(&vec![3u8; window - 1000]).await.unwrap();
+        // The first holds the most: it is reset, on both sides, with why.
+        let mut byte = [0u8; 1];
+        let err = within("read", far[0].read(&mut byte)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("reader was the slowest"), "{err}");
+        let err = within("read", near[0].read(&mut byte)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("over its 4096 KiB"), "{err}");
+        within("the third's bytes arrived", async {
+            while buffered() < window / 2 + window - 1000 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(buffered() <= 2 * window);
+        // The others keep every byte, and reading them frees the budget.
+        for (stream, (fill, len)) in far[1..]
+            .iter_mut()
+            .zip([(2, window / 2), (3, window - 1000)])
+        {
+            let mut got = vec![0u8; len];
+            within("read", stream.read_exact(&mut got)).await.unwrap();
+            assert!(got.iter().all(|b| *b == fill));
+        }
+        assert_eq!(buffered(), 0);
+        // Dropping a stream with unread bytes gives them back too.
+        near[1].write_all(b"unread").await.unwrap();
+        within("arrived", async {
+            while buffered() < 6 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        drop(far.remove(1));
+        assert_eq!(buffered(), 0);
     }
 
     #[tokio::test]
