@@ -40,6 +40,12 @@ pub struct ClientHandle {
     pub control_tx: mpsc::Sender<Command>,
     /// Cancelled to drop the client (replacement, operator, shutdown).
     pub kick: CancellationToken,
+    /// Cancelled when the client is evicted for silence (no frame for
+    /// three heartbeat intervals: a box frozen or cut off): requests still
+    /// waiting for its answer fail over then, rather than wait out
+    /// `--upstream-idle-timeout`. Not on a replacement or a kick, whose
+    /// requests in flight may still be answered.
+    pub silent: CancellationToken,
     kick_reason: Mutex<Option<String>>,
     last_seen: Mutex<Instant>,
     models: RwLock<Vec<ModelInfo>>,
@@ -363,6 +369,7 @@ impl Registry {
             connected_at: chrono::Utc::now(),
             control_tx: new.control_tx,
             kick: CancellationToken::new(),
+            silent: CancellationToken::new(),
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             system: RwLock::new(None),

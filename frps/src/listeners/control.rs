@@ -457,6 +457,10 @@ async fn serve(
             _ = &mut evict => {
                 warn!(client = %client.id, "evicting client '{}': no heartbeat for {silence:?}", client.id);
                 let reason = format!("no heartbeat for {silence:?}");
+                // Out of the routing at once (the Disconnect may wait for
+                // a full send buffer), and its unanswered requests fail over.
+                client.silent.cancel();
+                client.kick(reason.clone());
                 let _ = send(wr, &Command::Disconnect { reason }, hs).await;
                 return Ok(());
             }

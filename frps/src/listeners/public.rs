@@ -796,15 +796,24 @@ async fn forward(
         set_host(&mut req, &client);
         let mut sender = up.sender;
         let sending = Instant::now();
-        let sent = response_head(
+        let answer = response_head(
             sender.try_send_request(req),
             state.config.upstream_idle_timeout,
             upload.as_deref(),
-        )
-        .await;
+        );
+        // A box evicted for silence will not answer: its request fails over
+        // now (below), not at `--upstream-idle-timeout`.
+        let sent = tokio::select! {
+            sent = answer => Some(sent),
+            _ = client.silent.cancelled() => None,
+        };
         waited += sending.elapsed();
         let failure = match sent {
-            Ok(Ok(resp)) => {
+            None => AcquireError::Service(
+                "the client stopped answering (evicted for silence) before its service answered"
+                    .into(),
+            ),
+            Some(Ok(Ok(resp))) => {
                 // A server error is relayed as it is, but proves nothing
                 // of the box's health: a box whose model cannot load (and
                 // answers 500 at once) must not have its failures
@@ -835,7 +844,7 @@ async fn forward(
                     upload,
                 );
             }
-            Ok(Err(mut err)) => {
+            Some(Ok(Err(mut err))) => {
                 let unsent = err.take_message();
                 let error = err.into_error();
                 // frpc reset the tunnel stream before any answer: it could
@@ -921,7 +930,7 @@ async fn forward(
                     }
                 }
             }
-            Err(_) => AcquireError::HeadTimeout(state.config.upstream_idle_timeout),
+            Some(Err(_)) => AcquireError::HeadTimeout(state.config.upstream_idle_timeout),
         };
         // A streamed body went with the failed attempt: nothing to retry with.
         let retries = if payload.is_spent() {

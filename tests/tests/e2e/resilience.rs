@@ -235,6 +235,56 @@ async fn a_busy_client_uses_no_retry() {
     assert_eq!(first.await.unwrap().status, 504);
 }
 
+/// A box that took a request and froze (kernel still up: its connections
+/// stay open, nothing answers) is evicted after three heartbeat intervals;
+/// the request then fails over to another box at once instead of waiting
+/// out `--upstream-idle-timeout`.
+#[tokio::test]
+async fn a_request_on_a_box_evicted_for_silence_fails_over() {
+    let mut cfg = frps_config();
+    cfg.heartbeat_interval = Duration::from_millis(700);
+    cfg.upstream_idle_timeout = Duration::from_secs(120);
+    let frps = Frps::start(cfg).await;
+    let (mut frozen, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "frozen").await;
+    let Command::Registered { session_key, .. } = answer else {
+        panic!("{answer:?}")
+    };
+    let started = std::time::Instant::now();
+    let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
+    let Some(Command::OpenConnection { conn_id }) = frozen.recv().await else {
+        panic!("no dial-back asked for");
+    };
+    // It dials back, takes the request, and answers nothing.
+    let mut data = TcpStream::connect(frps.addrs.proxy).await.unwrap();
+    let hello = Command::DataHello {
+        conn_id,
+        client_id: "frozen".into(),
+        session_key,
+    };
+    write_command(&mut data, &hello).await.unwrap();
+    let mut head = [0u8; 4];
+    tokio::time::timeout(frpx_tests::WAIT, data.read_exact(&mut head))
+        .await
+        .expect("the request arrives")
+        .unwrap();
+    assert_eq!(&head, b"GET ");
+    // Another box comes online meanwhile.
+    let backend = Backend::start("good").await;
+    let _good = Frpc::start(frpx_tests::frpc_config("good", &frps.addrs, backend.addr));
+    frps.wait_for_clients(&["frozen", "good"]).await;
+    let reply = request.await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "good");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert!(frps.state.registry.get("frozen").is_none(), "evicted");
+    drop(data);
+}
+
 #[tokio::test]
 async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     let mut cfg = frps_config();
