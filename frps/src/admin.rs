@@ -14,7 +14,7 @@ use crate::auth::accounts::{expiry_after, hash_password};
 use crate::auth::keys::KeyValidator;
 use crate::auth::redis::RedisCache;
 use crate::config::Config;
-use crate::ratelimit::{Limits, MAX_CONCURRENCY, MAX_RPM};
+use crate::ratelimit::{Limits, LimitsChange, MAX_CONCURRENCY, MAX_RPM};
 use crate::store::{Store, StoreError, redact};
 
 /// Shortest password accepted.
@@ -134,12 +134,12 @@ pub enum LimitArg {
 }
 
 impl LimitArg {
-    fn apply(change: Option<LimitArg>, current: Option<u32>) -> Option<u32> {
-        match change {
-            None => current,
-            Some(LimitArg::Set(n)) => Some(n),
-            Some(LimitArg::Unlimited) => None,
-        }
+    /// The change `arg` asks for (`None`: none).
+    fn change(arg: Option<LimitArg>) -> Option<Option<u32>> {
+        arg.map(|a| match a {
+            LimitArg::Set(n) => Some(n),
+            LimitArg::Unlimited => None,
+        })
     }
 }
 
@@ -257,7 +257,12 @@ async fn dispatch(
                 }
                 // The old password's sessions end too: tokens issued with it
                 // are revoked, and running frpc must log in with the new one.
-                let revoked = store.revoke_client_tokens(&email).await?;
+                let revoked = store.revoke_client_tokens(&email).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "password changed for {email}, but its client tokens were NOT revoked ({e}): \
+                         sessions of the old password go on until `frps token revoke {email}` succeeds"
+                    )
+                })?;
                 writeln!(out, "password changed for {email}")?;
                 if revoked > 0 {
                     writeln!(
@@ -336,9 +341,9 @@ async fn dispatch(
                 }
                 refuse_shared_key_prefix(store, &key, "change").await?;
                 let redis = admin_redis(config, store).await;
-                let change = |current: Limits| Limits {
-                    rpm: LimitArg::apply(rpm, current.rpm),
-                    max_concurrency: LimitArg::apply(max_concurrency, current.max_concurrency),
+                let change = LimitsChange {
+                    rpm: LimitArg::change(rpm),
+                    max_concurrency: LimitArg::change(max_concurrency),
                 };
                 let (rows, published) =
                     KeyValidator::set_limits(store, redis.as_ref(), &key, change).await?;
@@ -487,6 +492,11 @@ fn validate_email(email: &str) -> anyhow::Result<()> {
     if !ok {
         bail!("`{email}` is not an email address");
     }
+    // Unique in any letter case, as the database compares it: SQLite's
+    // lower() folds only ASCII (PostgreSQL's depends on its locale).
+    if !email.is_ascii() {
+        bail!("`{email}`: only ASCII email addresses are taken (letter case is compared in ASCII)");
+    }
     Ok(())
 }
 
@@ -530,9 +540,55 @@ mod tests {
         for bad in ["0", "-1", "x", "", "100001"] {
             assert!(parse_rpm(bad).is_err(), "{bad}");
         }
-        assert_eq!(LimitArg::apply(None, Some(5)), Some(5));
-        assert_eq!(LimitArg::apply(Some(LimitArg::Set(2)), Some(5)), Some(2));
-        assert_eq!(LimitArg::apply(Some(LimitArg::Unlimited), Some(5)), None);
+        assert_eq!(LimitArg::change(None), None);
+        assert_eq!(LimitArg::change(Some(LimitArg::Set(2))), Some(Some(2)));
+        assert_eq!(LimitArg::change(Some(LimitArg::Unlimited)), Some(None));
+    }
+
+    /// A password changed whose tokens could not be revoked says so, and
+    /// how to finish, rather than fail as if nothing had changed.
+    #[tokio::test]
+    async fn a_password_change_whose_revocation_fails_says_what_is_left() {
+        let db = crate::store::TempDb::new("admin");
+        let config = Config::ephemeral("k", &db.url);
+        let store = Store::connect(&db.url).await.unwrap();
+        store
+            .create_user("owner@example.com", &hash_password("old"))
+            .await
+            .unwrap();
+        let Store::Sqlite(pool) = &store else {
+            panic!("a SQLite store")
+        };
+        sqlx::query("DROP TABLE client_tokens")
+            .execute(pool)
+            .await
+            .unwrap();
+        let command = UserCommand::Passwd {
+            email: "owner@example.com".into(),
+            password_stdin: true,
+        };
+        let mut out = Vec::new();
+        let e = run(
+            Admin::User { command },
+            &config,
+            &mut out,
+            &mut "new password\n".as_bytes(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "password changed for owner@example.com, but its client tokens were NOT revoked"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("frps token revoke owner@example.com"), "{e}");
+        let user = store.find_user("owner@example.com").await.unwrap().unwrap();
+        assert!(crate::auth::accounts::verify_password(
+            "new password",
+            &user.password_hash
+        ));
     }
 
     #[tokio::test]
@@ -571,6 +627,8 @@ mod tests {
         for bad in ["", "a", "@b", "a@", "a b@c", "a\u{0}@b", "a@b\u{1b}[2J"] {
             assert!(validate_email(bad).is_err(), "{bad}");
         }
+        let e = validate_email("Ärger@example.com").unwrap_err().to_string();
+        assert!(e.contains("only ASCII"), "{e}");
         let mut input = std::io::Cursor::new("short\n");
         assert!(read_password(true, &mut input, true).is_err());
         let mut input = std::io::Cursor::new("long enough pw\nignored\n");

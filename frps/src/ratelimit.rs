@@ -69,6 +69,26 @@ impl Limits {
     }
 }
 
+/// New values for some of a key's limits: `None` leaves a limit as it is,
+/// `Some(None)` lifts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitsChange {
+    /// New requests per window.
+    pub rpm: Option<Option<u32>>,
+    /// New requests in flight at once.
+    pub max_concurrency: Option<Option<u32>>,
+}
+
+impl From<Limits> for LimitsChange {
+    /// Both limits set to `limits`.
+    fn from(limits: Limits) -> Self {
+        LimitsChange {
+            rpm: Some(limits.rpm),
+            max_concurrency: Some(limits.max_concurrency),
+        }
+    }
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limited {

@@ -51,11 +51,7 @@ pub async fn users(
 ) -> Paged<User> {
     let window = window(query, |after| after.parse::<i64>().ok())?;
     let limit = window.limit;
-    let mut rows = state
-        .store
-        .list_users_in(window)
-        .await
-        .map_err(ApiError::database)?;
+    let mut rows = ApiError::within_deadline(state.store.list_users_in(window)).await?;
     let (headers, more) = finish("/api/users", limit, &mut rows, |u| u.id.to_string());
     let mut online: HashMap<i64, usize> = HashMap::new();
     for client in state.registry.all() {
@@ -84,11 +80,8 @@ pub async fn active_tokens(
 ) -> Paged<Token> {
     let window = window(query, parse_token_cursor)?;
     let limit = window.limit;
-    let mut rows = state
-        .store
-        .list_client_tokens_in(true, window)
-        .await
-        .map_err(ApiError::database)?;
+    let mut rows =
+        ApiError::within_deadline(state.store.list_client_tokens_in(true, window)).await?;
     let (headers, more) = finish("/api/tokens/active", limit, &mut rows, |t| {
         token_cursor(&TokenKey::from(t))
     });

@@ -224,6 +224,29 @@ impl ApiError {
         tracing::warn!("management API: database error: {e}");
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
     }
+
+    /// `query`'s answer within the database deadline ([`DB_TIMEOUT`], as
+    /// for key lookups and logins), else 503: the pool's acquire timeout
+    /// covers only getting a connection, and a query waiting on a lock or
+    /// a dead path would hold one of the shared connections as long as the
+    /// request deadline.
+    ///
+    /// [`DB_TIMEOUT`]: crate::auth::keys::DB_TIMEOUT
+    pub async fn within_deadline<T>(
+        query: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    ) -> Result<T, ApiError> {
+        use crate::auth::keys::DB_TIMEOUT;
+        match tokio::time::timeout(DB_TIMEOUT, query).await {
+            Ok(answer) => answer.map_err(ApiError::database),
+            Err(_) => {
+                tracing::warn!("management API: no database answer within {DB_TIMEOUT:?}");
+                Err(Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("database unavailable: no answer within {DB_TIMEOUT:?}"),
+                ))
+            }
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -16,7 +16,7 @@ use super::redis::{CachedKey, RedisCache, TOMBSTONE_TTL};
 use super::secret::{self, Secret};
 use super::secret_eq;
 use crate::limits::{FailureBudget, LookupGates};
-use crate::ratelimit::Limits;
+use crate::ratelimit::{Limits, LimitsChange};
 use crate::store::{ApiKeyRow, NewApiKey, Store, StoreError};
 
 /// How long a valid key is trusted from the in-process cache, and how long
@@ -419,30 +419,37 @@ impl KeyValidator {
     }
 
     /// Changes the limits of keys matching `needle` (key, id or prefix):
-    /// `change` maps each key's current limits to its new ones. Drops the
-    /// keys' cached entries from Redis and tells every frps sharing it to
-    /// forget them, so the new limits apply at once. Returns the rows with
-    /// their new limits and whether the fleet-wide invalidation was published.
+    /// those `change` gives, leaving the others as they are (also when
+    /// another change of them runs at the same time). Drops the keys'
+    /// cached entries from Redis and tells every frps sharing it to forget
+    /// them, so the new limits apply at once. Returns the rows with their
+    /// new limits and whether the fleet-wide invalidation was published.
     pub async fn set_limits(
         store: &Store,
         redis: Option<&RedisCache>,
         needle: &str,
-        change: impl Fn(Limits) -> Limits,
+        change: LimitsChange,
     ) -> Result<(Vec<(ApiKeyRow, Limits)>, bool), StoreError> {
         let rows = store
             .match_api_keys(needle, &secret::hash_hex(needle))
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut published = redis.is_some();
-        let column = |v: Option<u32>| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX));
-        for row in rows {
-            let limits = change(row.limits());
-            store
-                .set_api_key_limits(&row.key, column(limits.rpm), column(limits.max_concurrency))
-                .await?;
+        let column =
+            |v: Option<Option<u32>>| v.map(|v| v.map(|v| i32::try_from(v).unwrap_or(i32::MAX)));
+        for mut row in rows {
+            let Some((rpm, max_concurrency)) = store
+                .set_api_key_limits(&row.key, column(change.rpm), column(change.max_concurrency))
+                .await?
+            else {
+                // Deleted meanwhile: nothing to report.
+                continue;
+            };
+            (row.rpm, row.max_concurrency) = (rpm, max_concurrency);
             if let (Some(redis), Some(hash)) = (redis, stored_hash(&row)) {
                 published &= redis.revoke(&hash).await;
             }
+            let limits = row.limits();
             out.push((row, limits));
         }
         Ok((out, published))

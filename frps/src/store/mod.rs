@@ -108,6 +108,22 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this is what another connection opening a SQLite database
+    /// at the same moment causes: the database busy, or a migration that
+    /// the other one applied first.
+    fn is_sqlite_contention(&self) -> bool {
+        match self {
+            StoreError::Migrate(_) => true,
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
+                e.code()
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| matches!(c & 0xff, 5 | 6))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the database itself is unreachable or failing (as opposed to
     /// a constraint or a missing row).
     pub fn is_unavailable(&self) -> bool {
@@ -183,13 +199,44 @@ fn private_file(path: &std::path::Path) {
     let _ = path;
 }
 
+/// Attempts to open a SQLite database after the first, when another
+/// process opening it at the same time got in the way (see
+/// [`Store::connect`]).
+const SQLITE_OPEN_TRIES: u64 = 5;
+
 impl Store {
     /// Connects to `url` and runs the migrations. A `sqlite://` file is
     /// created when missing.
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
-        let store = Store::connect_without_migrations(url).await?;
-        store.migrate().await?;
-        Ok(store)
+        let mut tries = 0;
+        loop {
+            let opened = async {
+                let store = Store::connect_without_migrations(url).await?;
+                if let Err(e) = store.migrate().await {
+                    store.close().await;
+                    return Err(e);
+                }
+                Ok(store)
+            };
+            match opened.await {
+                // sqlx takes no lock on SQLite: two processes opening a new
+                // or upgraded database at once (frps and an admin command)
+                // meet in the switch to WAL ("database is locked") or in
+                // one migration ("duplicate column", a unique version), and
+                // the loser's transaction rolls back. Again, it sees what
+                // the other did and goes on.
+                Err(e)
+                    if url.starts_with("sqlite:")
+                        && e.is_sqlite_contention()
+                        && tries < SQLITE_OPEN_TRIES =>
+                {
+                    tries += 1;
+                    tracing::debug!("opening the SQLite database again: {e}");
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
+                }
+                opened => return opened,
+            }
+        }
     }
 
     /// Connects to `url` without touching the schema.
@@ -348,12 +395,13 @@ impl Store {
         Ok(())
     }
 
-    /// Every key, newest first.
+    /// Every key, newest first (rows inserted by hand without a creation
+    /// time last, on either database).
     pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
         const SQL: &str = concat!(
             "SELECT ",
             api_key_columns!(),
-            r#" FROM api_keys ORDER BY "createdAt" DESC"#
+            r#" FROM api_keys ORDER BY "createdAt" DESC NULLS LAST, id"#
         );
         Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
     }
@@ -378,15 +426,25 @@ impl Store {
     pub async fn set_api_key_limits(
         &self,
         key: &str,
-        rpm: Option<i32>,
-        max_concurrency: Option<i32>,
-    ) -> Result<(), StoreError> {
-        const SQL: &str = r#"UPDATE api_keys SET rpm = $2, max_concurrency = $3, "updatedAt" = $4
-            WHERE key = $1"#;
-        on_pool!(self, p => sqlx::query(SQL)
-            .bind(key).bind(rpm).bind(max_concurrency).bind(now())
-            .execute(p).await?.rows_affected());
-        Ok(())
+        rpm: Option<Option<i32>>,
+        max_concurrency: Option<Option<i32>>,
+    ) -> Result<Option<(Option<i32>, Option<i32>)>, StoreError> {
+        // One statement: only the limits given change, so two changes of
+        // different limits at once both land (read, then write both, lost
+        // one of them).
+        const SQL: &str = r#"UPDATE api_keys SET
+                rpm = CASE WHEN $2 THEN $3 ELSE rpm END,
+                max_concurrency = CASE WHEN $4 THEN $5 ELSE max_concurrency END,
+                "updatedAt" = $6
+            WHERE key = $1
+            RETURNING rpm, max_concurrency"#;
+        let row = on_pool!(self, p => sqlx::query_as::<_, (Option<i32>, Option<i32>)>(SQL)
+            .bind(key)
+            .bind(rpm.is_some()).bind(rpm.flatten())
+            .bind(max_concurrency.is_some()).bind(max_concurrency.flatten())
+            .bind(now())
+            .fetch_optional(p).await?);
+        Ok(row)
     }
 
     /// Marks keys matching `needle` (a plaintext key, its `sha256:` form, an
@@ -930,6 +988,23 @@ impl Drop for TempDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes starting on one new SQLite database at once (frps and
+    /// an admin command) both start: the one whose migration lost the race
+    /// runs them again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_stores_opening_a_new_sqlite_database_at_once_both_start() {
+        for round in 0..10 {
+            let db = TempDb::new("migrate-race");
+            let open = |url: String| tokio::spawn(async move { Store::connect(&url).await });
+            let (a, b) = tokio::join!(open(db.url.clone()), open(db.url.clone()));
+            for store in [a.unwrap(), b.unwrap()] {
+                let store = store.unwrap_or_else(|e| panic!("round {round}: {e}"));
+                assert!(store.list_users().await.unwrap().is_empty());
+                store.close().await;
+            }
+        }
+    }
 
     #[test]
     fn urls_are_redacted() {

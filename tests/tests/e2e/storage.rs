@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::Command;
 use frps::admin::{Admin, ClientCommand, KeyCommand, LimitArg, TokenCommand, UserCommand};
 use frps::auth::KeyValidator;
@@ -157,7 +158,7 @@ async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
         rpm: Some(1),
         max_concurrency: None,
     };
-    let (rows, _) = KeyValidator::set_limits(store, None, "test-api-key-123", |_| limits)
+    let (rows, _) = KeyValidator::set_limits(store, None, "test-api-key-123", limits.into())
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -259,7 +260,7 @@ async fn limits_migration_upgrades(url: &str) {
         rpm: Some(5),
         max_concurrency: Some(2),
     };
-    let (rows, _) = KeyValidator::set_limits(&store, None, "pre-upgrade-key", |_| limits)
+    let (rows, _) = KeyValidator::set_limits(&store, None, "pre-upgrade-key", limits.into())
         .await
         .unwrap();
     assert_eq!(rows[0].1, limits);
@@ -982,6 +983,57 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     );
     assert_eq!(invalid + throttled, 10, "{answers:?}");
     store.close().await;
+    pg.drop_db().await;
+}
+
+/// The management API's account listings answer 503 at the database
+/// deadline when their query waits on a lock, and hold nothing after.
+#[tokio::test]
+async fn stalled_listing_queries_are_503_at_the_deadline() {
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url.clone();
+    cfg.admin_token = Some("admin-token-for-the-listings".into());
+    let fleet = Fleet::start_with(0, cfg).await;
+    let list = async |path: &str| {
+        let api = fleet.frps.addrs.api;
+        let req = http::request(
+            "GET",
+            api,
+            path,
+            Some("admin-token-for-the-listings"),
+            Bytes::new(),
+        );
+        http::read(http::Conn::open(api).await.send(req).await.unwrap()).await
+    };
+    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    for sql in [
+        "BEGIN",
+        "LOCK TABLE users IN ACCESS EXCLUSIVE MODE",
+        "LOCK TABLE client_tokens IN ACCESS EXCLUSIVE MODE",
+    ] {
+        sqlx::query(sql).execute(&mut locker).await.unwrap();
+    }
+    let deadline = frps::auth::keys::DB_TIMEOUT;
+    let started = Instant::now();
+    let (users, tokens) = tokio::join!(list("/api/users"), list("/api/tokens/active"));
+    let waited = started.elapsed();
+    for (path, reply) in [("/api/users", users), ("/api/tokens/active", tokens)] {
+        assert_eq!(reply.status, 503, "{path}: {}", reply.body);
+        assert!(reply.body.contains("no answer within 5s"), "{}", reply.body);
+        assert!(
+            waited >= deadline && waited < deadline + Duration::from_secs(3),
+            "{path} answered after {waited:?}"
+        );
+    }
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    for path in ["/api/users", "/api/tokens/active"] {
+        assert_eq!(list(path).await.status, 200, "{path}");
+    }
+    fleet.frps.stop().await;
     pg.drop_db().await;
 }
 
@@ -1838,6 +1890,156 @@ async fn listings_page(url: &str) {
     assert_eq!(every.len(), 6);
     assert_eq!(every[0].id, newer.id, "newest first");
     store.close().await;
+}
+
+/// Changes of a key's limits set only the limits they name: two changes of
+/// different limits at once both land, and a limit not named keeps what the
+/// database holds (even a hand-edited value frps reads as unlimited).
+async fn limit_changes_touch_only_their_limits(url: &str) {
+    use frps::ratelimit::LimitsChange;
+    let store = Store::connect(url).await.unwrap();
+    let start = Limits {
+        rpm: Some(10),
+        max_concurrency: Some(3),
+    };
+    let (key, _) = KeyValidator::create_with_limits(&store, None, None, start)
+        .await
+        .unwrap();
+    let stored = async || {
+        let row = store
+            .find_api_key(&key, &frps::auth::secret::hash(&key))
+            .await
+            .unwrap()
+            .unwrap();
+        (row.rpm, row.max_concurrency)
+    };
+    for round in 1..=10u32 {
+        let rpm = LimitsChange {
+            rpm: Some(Some(100 + round)),
+            max_concurrency: None,
+        };
+        let concurrency = LimitsChange {
+            rpm: None,
+            max_concurrency: Some(Some(round)),
+        };
+        let (a, b) = tokio::join!(
+            KeyValidator::set_limits(&store, None, &key, rpm),
+            KeyValidator::set_limits(&store, None, &key, concurrency),
+        );
+        assert_eq!((a.unwrap().0.len(), b.unwrap().0.len()), (1, 1));
+        assert_eq!(
+            stored().await,
+            (Some(100 + round as i32), Some(round as i32)),
+            "round {round}"
+        );
+    }
+    exec_on(&store, "UPDATE api_keys SET max_concurrency = 999999").await;
+    let (rows, _) = KeyValidator::set_limits(
+        &store,
+        None,
+        &key,
+        LimitsChange {
+            rpm: Some(None),
+            max_concurrency: None,
+        },
+    )
+    .await
+    .unwrap();
+    // Reported as frps reads it; stored as it was.
+    assert_eq!(rows[0].1, Limits::default());
+    assert_eq!(stored().await, (None, Some(999999)));
+    store.close().await;
+}
+
+/// Logins find their account through the `lower(email)` index
+/// (migration 0008), not by reading every row.
+#[tokio::test]
+async fn accounts_are_found_by_the_lower_email_index() {
+    let store = Store::connect(&frpx_tests::temp_sqlite_url())
+        .await
+        .unwrap();
+    let Store::Sqlite(pool) = &store else {
+        panic!("SQLite")
+    };
+    let plan: Vec<String> =
+        sqlx::query("EXPLAIN QUERY PLAN SELECT id FROM users WHERE lower(email) = lower('A@b.c')")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect();
+    assert!(
+        plan.iter()
+            .any(|d| d.contains("USING INDEX users_lower_email_idx")),
+        "{plan:?}"
+    );
+    store.close().await;
+    if let Some(pg) = TestPg::create().await {
+        let store = Store::connect(&pg.url).await.unwrap();
+        let Store::Postgres(pool) = &store else {
+            panic!("PostgreSQL")
+        };
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'users_lower_email_idx'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        store.close().await;
+        pg.drop_db().await;
+    }
+}
+
+/// `frps key list` shows keys newest first, and a row inserted by hand
+/// without a creation time last, on either database.
+async fn key_listing_order(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    exec_on(
+        &store,
+        r#"INSERT INTO api_keys (key, status, "createdAt") VALUES ('by-hand', 'active', NULL)"#,
+    )
+    .await;
+    let (_, first) = KeyValidator::create(&store, None, None).await.unwrap();
+    let (_, second) = KeyValidator::create(&store, None, None).await.unwrap();
+    let keys: Vec<_> = store
+        .list_api_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id.unwrap_or(k.key))
+        .collect();
+    assert_eq!(keys, [second.id, first.id, "by-hand".to_owned()]);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn key_listing_order_on_sqlite() {
+    key_listing_order(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn key_listing_order_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    key_listing_order(&pg.url).await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn limit_changes_touch_only_their_limits_on_sqlite() {
+    limit_changes_touch_only_their_limits(&frpx_tests::temp_sqlite_url()).await;
+}
+
+#[tokio::test]
+async fn limit_changes_touch_only_their_limits_on_postgres() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    limit_changes_touch_only_their_limits(&pg.url).await;
+    pg.drop_db().await;
 }
 
 /// Client ids bind to the first account that registers them, on `url`'s
