@@ -249,19 +249,25 @@ impl StreamState {
 
 impl Inner {
     /// Resets the stream holding the most received bytes while the streams
-    /// hold more than the budget allows.
+    /// hold more than the budget allows. One the peer already reset only
+    /// loses its unread bytes (nothing to tell the peer).
     fn shed(&mut self) {
         while self.buffered > self.budget {
             let Some((&id, _)) = self
                 .streams
                 .iter()
-                .filter(|(_, st)| st.reset.is_none())
+                .filter(|(_, st)| st.held > 0)
                 .max_by_key(|(_, st)| st.held)
             else {
                 return;
             };
             let budget = self.budget;
             let st = self.streams.get_mut(&id).expect("just found");
+            if st.reset.is_some() {
+                self.buffered -= st.discard();
+                st.wake_all();
+                continue;
+            }
             let reason = format!(
                 "the tunnel connection held {} KiB received and unread, over its {} KiB: \
                  this stream's reader was the slowest ({} KiB unread)",
@@ -1117,6 +1123,60 @@ mod tests {
         })
         .await;
         drop(far.remove(1));
+        assert_eq!(buffered(), 0);
+    }
+
+    #[tokio::test]
+    async fn unread_bytes_of_a_stream_the_peer_reset_are_shed_first() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (opener, drive_a) = Mux::new(a, Role::Opener);
+        let (acceptor, drive_b) = Mux::with_budget(b, Role::Acceptor, 2 * WINDOW as usize);
+        tokio::spawn(drive_a);
+        tokio::spawn(drive_b);
+        let mut near = Vec::new();
+        let mut far = Vec::new();
+        for _ in 0..3 {
+            near.push(opener.open().unwrap());
+            far.push(within("accept", acceptor.accept()).await.unwrap());
+        }
+        let window = WINDOW as usize;
+        let buffered = || acceptor.shared.lock().buffered;
+        // A window on the first, which its opener then drops (a reset):
+        // its bytes stay readable, and count.
+        near[0].write_all(&vec![1u8; window]).await.unwrap();
+        within("held", async {
+            while buffered() < window {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        drop(near.remove(0));
+        within("reset seen", async {
+            while !far[0].watch().gone() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        near[0].write_all(&vec![2u8; window / 2]).await.unwrap();
+        near[1].write_all(&vec![3u8; window - 1000]).await.unwrap();
+        // Over the budget: the reset stream's bytes go, the live ones stay.
+        within("the others' bytes arrived", async {
+            while buffered() != window / 2 + window - 1000 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let mut byte = [0u8; 1];
+        let err = within("read", far[0].read(&mut byte)).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        for (stream, (fill, len)) in far[1..]
+            .iter_mut()
+            .zip([(2, window / 2), (3, window - 1000)])
+        {
+            let mut got = vec![0u8; len];
+            within("read", stream.read_exact(&mut got)).await.unwrap();
+            assert!(got.iter().all(|b| *b == fill));
+        }
         assert_eq!(buffered(), 0);
     }
 

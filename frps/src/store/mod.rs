@@ -113,7 +113,12 @@ impl StoreError {
     /// the other one applied first.
     fn is_sqlite_contention(&self) -> bool {
         match self {
-            StoreError::Migrate(_) => true,
+            // A migration the other one applied first fails as it runs
+            // (not a changed checksum or a missing version: those stay).
+            StoreError::Migrate(
+                sqlx::migrate::MigrateError::Execute(_)
+                | sqlx::migrate::MigrateError::ExecuteMigration(..),
+            ) => true,
             StoreError::Database(sqlx::Error::Database(e)) => {
                 // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
                 e.code()

@@ -242,7 +242,9 @@ async fn a_busy_client_uses_no_retry() {
 #[tokio::test]
 async fn a_request_on_a_box_evicted_for_silence_fails_over() {
     let mut cfg = frps_config();
-    cfg.heartbeat_interval = Duration::from_millis(700);
+    // Evicted 6 s after it registers: time for another box to come online
+    // on a slow machine.
+    cfg.heartbeat_interval = Duration::from_secs(2);
     cfg.upstream_idle_timeout = Duration::from_secs(120);
     let frps = Frps::start(cfg).await;
     let (mut frozen, answer) =
@@ -277,8 +279,8 @@ async fn a_request_on_a_box_evicted_for_silence_fails_over() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["backend"], "good");
     assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "answered after {:?}",
+        started.elapsed() < Duration::from_secs(60),
+        "answered after {:?}, not at the eviction",
         started.elapsed()
     );
     assert!(frps.state.registry.get("frozen").is_none(), "evicted");
