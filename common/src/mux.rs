@@ -1061,20 +1061,28 @@ mod tests {
         assert_eq!(got, b"still moving");
     }
 
-    #[tokio::test]
-    async fn past_the_receive_budget_the_slowest_reader_loses_its_stream() {
-        // The acceptor's streams may hold two windows between them.
+    /// A pair whose acceptor's streams may hold `budget` unread bytes
+    /// together, and `n` streams opened and accepted on it: the acceptor,
+    /// then the streams' near (opener) and far (acceptor) ends.
+    async fn budgeted(budget: usize, n: usize) -> (Mux, Vec<MuxStream>, Vec<MuxStream>) {
         let (a, b) = tokio::io::duplex(1 << 20);
         let (opener, drive_a) = Mux::new(a, Role::Opener);
-        let (acceptor, drive_b) = Mux::with_budget(b, Role::Acceptor, 2 * WINDOW as usize);
+        let (acceptor, drive_b) = Mux::with_budget(b, Role::Acceptor, budget);
         tokio::spawn(drive_a);
         tokio::spawn(drive_b);
         let mut near = Vec::new();
         let mut far = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..n {
             near.push(opener.open().unwrap());
             far.push(within("accept", acceptor.accept()).await.unwrap());
         }
+        (acceptor, near, far)
+    }
+
+    #[tokio::test]
+    async fn past_the_receive_budget_the_slowest_reader_loses_its_stream() {
+        // The acceptor's streams may hold two windows between them.
+        let (acceptor, mut near, mut far) = budgeted(2 * WINDOW as usize, 3).await;
         let window = WINDOW as usize;
         // Nobody reads on the acceptor's side: a window on the first, half
         // a window on the second; a window less a little on the third takes
@@ -1128,17 +1136,7 @@ mod tests {
 
     #[tokio::test]
     async fn unread_bytes_of_a_stream_the_peer_reset_are_shed_first() {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        let (opener, drive_a) = Mux::new(a, Role::Opener);
-        let (acceptor, drive_b) = Mux::with_budget(b, Role::Acceptor, 2 * WINDOW as usize);
-        tokio::spawn(drive_a);
-        tokio::spawn(drive_b);
-        let mut near = Vec::new();
-        let mut far = Vec::new();
-        for _ in 0..3 {
-            near.push(opener.open().unwrap());
-            far.push(within("accept", acceptor.accept()).await.unwrap());
-        }
+        let (acceptor, mut near, mut far) = budgeted(2 * WINDOW as usize, 3).await;
         let window = WINDOW as usize;
         let buffered = || acceptor.shared.lock().buffered;
         // A window on the first, which its opener then drops (a reset):

@@ -19,6 +19,26 @@ use frpx_tests::{
 };
 use sqlx::Row;
 
+/// Two tests of `$test(url)`: on a new SQLite database, and on a new
+/// PostgreSQL database when one is configured.
+macro_rules! on_both_databases {
+    ($sqlite:ident, $postgres:ident, $test:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            $test(&frpx_tests::temp_sqlite_url()).await;
+        }
+
+        #[tokio::test]
+        async fn $postgres() {
+            let Some(pg) = TestPg::create().await else {
+                return;
+            };
+            $test(&pg.url).await;
+            pg.drop_db().await;
+        }
+    };
+}
+
 async fn exec(store: &Store, sql: &str) {
     match store {
         Store::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
@@ -2014,33 +2034,17 @@ async fn key_listing_order(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn key_listing_order_on_sqlite() {
-    key_listing_order(&frpx_tests::temp_sqlite_url()).await;
-}
+on_both_databases!(
+    key_listing_order_on_sqlite,
+    key_listing_order_on_postgres,
+    key_listing_order
+);
 
-#[tokio::test]
-async fn key_listing_order_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    key_listing_order(&pg.url).await;
-    pg.drop_db().await;
-}
-
-#[tokio::test]
-async fn limit_changes_touch_only_their_limits_on_sqlite() {
-    limit_changes_touch_only_their_limits(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn limit_changes_touch_only_their_limits_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    limit_changes_touch_only_their_limits(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    limit_changes_touch_only_their_limits_on_sqlite,
+    limit_changes_touch_only_their_limits_on_postgres,
+    limit_changes_touch_only_their_limits
+);
 
 /// Client ids bind to the first account that registers them, on `url`'s
 /// database, and `frps client list` / `release` manage the bindings.
@@ -2101,33 +2105,17 @@ async fn client_ids_bind(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn client_ids_bind_on_sqlite() {
-    client_ids_bind(&frpx_tests::temp_sqlite_url()).await;
-}
+on_both_databases!(
+    client_ids_bind_on_sqlite,
+    client_ids_bind_on_postgres,
+    client_ids_bind
+);
 
-#[tokio::test]
-async fn client_ids_bind_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    client_ids_bind(&pg.url).await;
-    pg.drop_db().await;
-}
-
-#[tokio::test]
-async fn listings_page_on_sqlite() {
-    listings_page(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn listings_page_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    listings_page(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    listings_page_on_sqlite,
+    listings_page_on_postgres,
+    listings_page
+);
 
 /// Sixteen adds of one email in different letter cases at once, on `url`'s
 /// database: exactly one account comes of them, the rest are duplicates.
@@ -2169,19 +2157,11 @@ async fn concurrent_adds_make_one_account(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn concurrent_adds_make_one_account_on_sqlite() {
-    concurrent_adds_make_one_account(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn concurrent_adds_make_one_account_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    concurrent_adds_make_one_account(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    concurrent_adds_make_one_account_on_sqlite,
+    concurrent_adds_make_one_account_on_postgres,
+    concurrent_adds_make_one_account
+);
 
 #[tokio::test]
 async fn a_refused_token_stays_on_disk_and_an_expired_one_is_never_sent() {
@@ -2288,19 +2268,11 @@ async fn tokens_follow_only_the_current_password(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn tokens_follow_only_the_current_password_on_sqlite() {
-    tokens_follow_only_the_current_password(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn tokens_follow_only_the_current_password_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    tokens_follow_only_the_current_password(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    tokens_follow_only_the_current_password_on_sqlite,
+    tokens_follow_only_the_current_password_on_postgres,
+    tokens_follow_only_the_current_password
+);
 
 #[tokio::test]
 async fn a_key_entry_no_frps_of_this_fleet_wrote_to_redis_opens_nothing() {
@@ -2403,19 +2375,11 @@ async fn a_newer_frps_migration_does_not_stop_this_one(url: &str) {
     again.close().await;
 }
 
-#[tokio::test]
-async fn a_newer_frps_migration_does_not_stop_this_one_on_sqlite() {
-    a_newer_frps_migration_does_not_stop_this_one(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn a_newer_frps_migration_does_not_stop_this_one_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    a_newer_frps_migration_does_not_stop_this_one(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    a_newer_frps_migration_does_not_stop_this_one_on_sqlite,
+    a_newer_frps_migration_does_not_stop_this_one_on_postgres,
+    a_newer_frps_migration_does_not_stop_this_one
+);
 
 /// A renewal replaces a token with one of its family, once; revoking any
 /// token of a family by id or prefix revokes all of it, on `url`'s
@@ -2499,16 +2463,8 @@ async fn renewed_tokens_form_a_family(url: &str) {
     store.close().await;
 }
 
-#[tokio::test]
-async fn renewed_tokens_form_a_family_on_sqlite() {
-    renewed_tokens_form_a_family(&frpx_tests::temp_sqlite_url()).await;
-}
-
-#[tokio::test]
-async fn renewed_tokens_form_a_family_on_postgres() {
-    let Some(pg) = TestPg::create().await else {
-        return;
-    };
-    renewed_tokens_form_a_family(&pg.url).await;
-    pg.drop_db().await;
-}
+on_both_databases!(
+    renewed_tokens_form_a_family_on_sqlite,
+    renewed_tokens_form_a_family_on_postgres,
+    renewed_tokens_form_a_family
+);
