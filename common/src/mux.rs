@@ -1079,6 +1079,16 @@ mod tests {
         (acceptor, near, far)
     }
 
+    /// Reads from each of `streams` its `(fill, len)`: `len` bytes, each
+    /// `fill`.
+    async fn read_fills(streams: &mut [MuxStream], fills: [(u8, usize); 2]) {
+        for (stream, (fill, len)) in streams.iter_mut().zip(fills) {
+            let mut got = vec![0u8; len];
+            within("read", stream.read_exact(&mut got)).await.unwrap();
+            assert!(got.iter().all(|b| *b == fill));
+        }
+    }
+
     #[tokio::test]
     async fn past_the_receive_budget_the_slowest_reader_loses_its_stream() {
         // The acceptor's streams may hold two windows between them.
@@ -1113,14 +1123,7 @@ mod tests {
         .await;
         assert!(buffered() <= 2 * window);
         // The others keep every byte, and reading them frees the budget.
-        for (stream, (fill, len)) in far[1..]
-            .iter_mut()
-            .zip([(2, window / 2), (3, window - 1000)])
-        {
-            let mut got = vec![0u8; len];
-            within("read", stream.read_exact(&mut got)).await.unwrap();
-            assert!(got.iter().all(|b| *b == fill));
-        }
+        read_fills(&mut far[1..], [(2, window / 2), (3, window - 1000)]).await;
         assert_eq!(buffered(), 0);
         // Dropping a stream with unread bytes gives them back too.
         near[1].write_all(b"unread").await.unwrap();
@@ -1167,14 +1170,7 @@ mod tests {
         let mut byte = [0u8; 1];
         let err = within("read", far[0].read(&mut byte)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        for (stream, (fill, len)) in far[1..]
-            .iter_mut()
-            .zip([(2, window / 2), (3, window - 1000)])
-        {
-            let mut got = vec![0u8; len];
-            within("read", stream.read_exact(&mut got)).await.unwrap();
-            assert!(got.iter().all(|b| *b == fill));
-        }
+        read_fills(&mut far[1..], [(2, window / 2), (3, window - 1000)]).await;
         assert_eq!(buffered(), 0);
     }
 

@@ -268,7 +268,6 @@ pub struct LookupGates {
 pub struct LookupTurn<'a> {
     gates: &'a LookupGates,
     block: IpAddr,
-    gate: Arc<tokio::sync::Semaphore>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -304,10 +303,9 @@ impl LookupGates {
         let mut turn = LookupTurn {
             gates: self,
             block,
-            gate,
             permit: None,
         };
-        let permit = tokio::time::timeout(patience, turn.gate.clone().acquire_owned()).await;
+        let permit = tokio::time::timeout(patience, gate.acquire_owned()).await;
         turn.permit = Some(permit.ok()?.ok()?);
         Some(turn)
     }
@@ -323,8 +321,8 @@ impl Drop for LookupTurn<'_> {
     fn drop(&mut self) {
         self.permit = None;
         let mut gates = self.gates.gates.lock().expect("lookup gates lock");
-        // Counted under the lock (not by the gate's references, which
-        // turns ending together drop after it): the last one removes it.
+        // Counted under the lock, so of turns ending together exactly one
+        // sees itself the last and removes the block.
         if let Some((_, users)) = gates.get_mut(&self.block) {
             *users -= 1;
             if *users == 0 {

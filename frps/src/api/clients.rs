@@ -7,6 +7,7 @@ use axum::extract::{Path, State as AxState};
 
 use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
+use axum::http::HeaderMap;
 
 use super::page::{Paged, finish, window};
 use super::types::{
@@ -30,21 +31,25 @@ fn sorted(state: &State) -> Vec<Arc<ClientHandle>> {
     all
 }
 
-/// The page of registered clients, in id order, that `query` asks for
-/// (with [`window`]'s extra one), and the limit to [`finish`] it with.
-fn page_of(
+/// The page of registered clients, in id order, that `query` asks of the
+/// listing at `path`, each shown by `show`; with the headers naming the
+/// next page and the message's tail ([`finish`]).
+fn page_of<T>(
     state: &State,
     query: Result<Query<Page>, QueryRejection>,
-) -> Result<(Vec<Arc<ClientHandle>>, u64), ApiError> {
+    path: &str,
+    show: impl Fn(&ClientHandle) -> T,
+) -> Result<(HeaderMap, Vec<T>, String), ApiError> {
     let window = window(query, |after| is_client_id(after).then(|| after.to_owned()))?;
-    let mut all = sorted(state);
+    let mut page = sorted(state);
     let start = window
         .after
         .as_deref()
-        .map_or(0, |after| all.partition_point(|c| c.id.as_str() <= after));
-    all.drain(..start);
-    all.truncate(usize::try_from(window.limit).unwrap_or(usize::MAX));
-    Ok((all, window.limit))
+        .map_or(0, |after| page.partition_point(|c| c.id.as_str() <= after));
+    page.drain(..start);
+    page.truncate(usize::try_from(window.limit).unwrap_or(usize::MAX));
+    let (headers, more) = finish(path, window.limit, &mut page, |c| c.id.clone());
+    Ok((headers, page.iter().map(|c| show(c)).collect(), more))
 }
 
 /// Registered clients, in id order.
@@ -55,9 +60,7 @@ pub async fn list(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,
 ) -> Paged<ClientSummary> {
-    let (mut page, limit) = page_of(&state, query)?;
-    let (headers, more) = finish("/api/clients", limit, &mut page, |c| c.id.clone());
-    let clients: Vec<_> = page.iter().map(|c| ClientSummary::of(c)).collect();
+    let (headers, clients, more) = page_of(&state, query, "/api/clients", ClientSummary::of)?;
     let n = clients.len();
     Ok((headers, ok(clients, &format!("{n} client(s) online{more}"))))
 }
@@ -142,9 +145,7 @@ pub async fn monitoring(
     AxState(state): ApiState,
     query: Result<Query<Page>, QueryRejection>,
 ) -> Paged<Monitoring> {
-    let (mut page, limit) = page_of(&state, query)?;
-    let (headers, more) = finish("/api/monitoring", limit, &mut page, |c| c.id.clone());
-    let all: Vec<_> = page.iter().map(|c| monitoring_of(c)).collect();
+    let (headers, all, more) = page_of(&state, query, "/api/monitoring", monitoring_of)?;
     Ok((
         headers,
         ok(all, &format!("system metrics of every client{more}")),

@@ -235,14 +235,15 @@ impl ApiError {
     pub async fn within_deadline<T>(
         query: impl std::future::Future<Output = Result<T, crate::store::StoreError>>,
     ) -> Result<T, ApiError> {
-        use crate::auth::keys::DB_TIMEOUT;
-        match tokio::time::timeout(DB_TIMEOUT, query).await {
-            Ok(answer) => answer.map_err(ApiError::database),
-            Err(_) => {
-                tracing::warn!("management API: no database answer within {DB_TIMEOUT:?}");
+        use crate::auth::keys::LookupError;
+        match crate::auth::keys::within_deadline(query).await {
+            Ok(answer) => Ok(answer),
+            Err(LookupError::Failed(e)) => Err(ApiError::database(e)),
+            Err(e @ LookupError::TimedOut) => {
+                tracing::warn!("management API: database: {e}");
                 Err(Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("database unavailable: no answer within {DB_TIMEOUT:?}"),
+                    format!("database unavailable: {e}"),
                 ))
             }
         }

@@ -257,9 +257,13 @@ impl KeyValidator {
         let Some((failures, from)) = self.failures.as_ref().zip(from) else {
             return self.look_up(key, hash, now).await;
         };
-        if let Err(wait) = failures.check(from, tokio::time::Instant::now()) {
+        let over_budget = || {
+            let wait = failures.check(from, tokio::time::Instant::now()).err()?;
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            return KeyCheck::Throttled(wait);
+            Some(KeyCheck::Throttled(wait))
+        };
+        if let Some(throttled) = over_budget() {
+            return throttled;
         }
         // A few lookups per address at once (one address cannot take every
         // database connection); the rest wait, as long as a lookup may take.
@@ -274,9 +278,8 @@ impl KeyValidator {
         if let Some(answer) = self.cached(hash, now).await {
             return answer;
         }
-        if let Err(wait) = failures.check(from, tokio::time::Instant::now()) {
-            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            return KeyCheck::Throttled(wait);
+        if let Some(throttled) = over_budget() {
+            return throttled;
         }
         // Counted as failed when it finds no key, or is abandoned midway (a
         // caller closing its connection before the answer: a guesser must
@@ -479,7 +482,7 @@ impl KeyValidator {
 
 /// Why the database gave no answer about a key.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum LookupError {
+pub(crate) enum LookupError {
     /// The database failed.
     #[error(transparent)]
     Failed(#[from] StoreError),
@@ -490,7 +493,7 @@ pub(super) enum LookupError {
 
 /// `lookup`'s answer if it comes within [`DB_TIMEOUT`]; a later one is
 /// dropped unread, so it can never be cached.
-pub(super) async fn within_deadline<T>(
+pub(crate) async fn within_deadline<T>(
     lookup: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, LookupError> {
     match tokio::time::timeout(DB_TIMEOUT, lookup).await {

@@ -793,10 +793,39 @@ async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
     pg.drop_db().await;
 }
 
+/// Another session's transaction holding tables exclusively: queries on
+/// them wait on its locks for as long as it lasts.
+struct TableLock(sqlx::PgConnection);
+
+impl TableLock {
+    /// Connects to `url` and locks `tables`.
+    async fn take(url: &str, tables: &[&str]) -> TableLock {
+        use sqlx::Connection;
+        let mut lock = TableLock(sqlx::PgConnection::connect(url).await.unwrap());
+        lock.again(tables).await;
+        lock
+    }
+
+    /// Locks `tables` (again, after [`TableLock::release`]).
+    async fn again(&mut self, tables: &[&str]) {
+        sqlx::query("BEGIN").execute(&mut self.0).await.unwrap();
+        for table in tables {
+            sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut self.0)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Ends the transaction: the waiting queries go on.
+    async fn release(&mut self) {
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothing() {
     use frps::auth::accounts::{Accounts, DB_DEADLINE, LoginError, hash_password};
-    use sqlx::Connection;
     let Some(pg) = TestPg::create().await else {
         return;
     };
@@ -814,14 +843,7 @@ async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothin
         .token;
     // Another session holds both tables: queries wait on its locks, as
     // long as they last (as on a path to the database gone silent).
-    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
-    for sql in [
-        "BEGIN",
-        "LOCK TABLE users IN ACCESS EXCLUSIVE MODE",
-        "LOCK TABLE client_tokens IN ACCESS EXCLUSIVE MODE",
-    ] {
-        sqlx::query(sql).execute(&mut locker).await.unwrap();
-    }
+    let mut locker = TableLock::take(&pg.url, &["users", "client_tokens"]).await;
     let timed =
         async |login: std::pin::Pin<Box<dyn std::future::Future<Output = LoginError> + '_>>| {
             let started = Instant::now();
@@ -851,7 +873,7 @@ async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothin
     }))
     .await;
     assert!(matches!(err, LoginError::Unavailable), "{err:?}");
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     // Nothing was left held: logins from the same addresses go through.
     accounts
         .login("owner@example.com", "secret", [192, 0, 2, 8].into())
@@ -866,7 +888,6 @@ async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothin
 
 #[tokio::test]
 async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
-    use sqlx::Connection;
     let Some(pg) = TestPg::create().await else {
         return;
     };
@@ -875,10 +896,7 @@ async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
     let validator = KeyValidator::new(None, Some(store.clone()), None);
     // Another session holds the table: the lookup waits on its lock, as
     // long as it lasts (past the revocation guards, were there no deadline).
-    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
-    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
-        sqlx::query(sql).execute(&mut locker).await.unwrap();
-    }
+    let mut locker = TableLock::take(&pg.url, &["api_keys"]).await;
     let deadline = frps::auth::keys::DB_TIMEOUT;
     let started = Instant::now();
     let answer = tokio::time::timeout(deadline * 2, validator.check(&key))
@@ -890,7 +908,7 @@ async fn a_stalled_key_lookup_is_unavailable_at_the_deadline() {
         waited >= deadline && waited < deadline + Duration::from_secs(2),
         "answered after {waited:?}"
     );
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     assert!(matches!(validator.check(&key).await, KeyCheck::Valid(_)));
     pg.drop_db().await;
 }
@@ -942,10 +960,7 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     let validator = std::sync::Arc::new(validator);
     // Another session holds the table: lookups wait in the database (for
     // less than their deadline here).
-    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
-    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
-        sqlx::query(sql).execute(&mut locker).await.unwrap();
-    }
+    let mut locker = TableLock::take(&pg.url, &["api_keys"]).await;
     let mut watcher = sqlx::PgConnection::connect(&pg.url).await.unwrap();
     let lookup = |key: &str, from: [u8; 4]| {
         let (v, key) = (validator.clone(), key.to_owned());
@@ -964,7 +979,7 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     let elsewhere = tokio::spawn(lookup(&other, [198, 51, 100, 7]));
     let expected = LOOKUPS_PER_ADDRESS as i64 + 1;
     until_waiting_on_locks(&mut watcher, expected, by).await;
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     for answer in burst.join_all().await {
         assert!(matches!(answer, KeyCheck::Valid(_)), "{answer:?}");
     }
@@ -981,16 +996,14 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
     // the ones waiting their turn see the failures before them, so the
     // address pays for at most the turns already under way beyond its
     // budget, not for all ten.
-    for sql in ["BEGIN", "LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"] {
-        sqlx::query(sql).execute(&mut locker).await.unwrap();
-    }
+    locker.again(&["api_keys"]).await;
     let by = Instant::now() + Duration::from_secs(3);
     let mut guesses = tokio::task::JoinSet::new();
     for i in 0..10 {
         guesses.spawn(lookup(&format!("guess-{i}"), [192, 0, 2, 20]));
     }
     until_waiting_on_locks(&mut watcher, LOOKUPS_PER_ADDRESS as i64, by).await;
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     let answers = guesses.join_all().await;
     let invalid = answers.iter().filter(|a| **a == KeyCheck::Invalid).count();
     let throttled = answers
@@ -1010,7 +1023,6 @@ async fn key_lookups_from_one_address_take_turns_and_see_those_before_them() {
 /// deadline when their query waits on a lock, and hold nothing after.
 #[tokio::test]
 async fn stalled_listing_queries_are_503_at_the_deadline() {
-    use sqlx::Connection;
     let Some(pg) = TestPg::create().await else {
         return;
     };
@@ -1029,14 +1041,7 @@ async fn stalled_listing_queries_are_503_at_the_deadline() {
         );
         http::read(http::Conn::open(api).await.send(req).await.unwrap()).await
     };
-    let mut locker = sqlx::PgConnection::connect(&pg.url).await.unwrap();
-    for sql in [
-        "BEGIN",
-        "LOCK TABLE users IN ACCESS EXCLUSIVE MODE",
-        "LOCK TABLE client_tokens IN ACCESS EXCLUSIVE MODE",
-    ] {
-        sqlx::query(sql).execute(&mut locker).await.unwrap();
-    }
+    let mut locker = TableLock::take(&pg.url, &["users", "client_tokens"]).await;
     let deadline = frps::auth::keys::DB_TIMEOUT;
     let started = Instant::now();
     let (users, tokens) = tokio::join!(list("/api/users"), list("/api/tokens/active"));
@@ -1049,7 +1054,7 @@ async fn stalled_listing_queries_are_503_at_the_deadline() {
             "{path} answered after {waited:?}"
         );
     }
-    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    locker.release().await;
     for path in ["/api/users", "/api/tokens/active"] {
         assert_eq!(list(path).await.status, 200, "{path}");
     }
