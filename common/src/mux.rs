@@ -67,6 +67,10 @@ const CREDIT_AT: u32 = WINDOW / 4;
 /// slowly could make frps hold [`WINDOW`] on each of [`MAX_STREAMS`]
 /// streams: 2 GiB.
 pub const RECEIVE_BUDGET: usize = 16 * WINDOW as usize;
+/// How the reason of a stream reset for its connection's
+/// [`RECEIVE_BUDGET`] begins ([`StreamReset::is_shed`]): the side that
+/// read it is busy (its readers slow), not failing.
+pub const SHED: &str = "receive budget: ";
 /// Frames queued for the writer after which streams wait to write more
 /// (control frames are always queued: they are small and few).
 const OUT_MAX: usize = 512 * 1024;
@@ -269,7 +273,7 @@ impl Inner {
                 continue;
             }
             let reason = format!(
-                "the tunnel connection held {} KiB received and unread, over its {} KiB: \
+                "{SHED}the tunnel connection held {} KiB received and unread, over its {} KiB: \
                  this stream's reader was the slowest ({} KiB unread)",
                 self.buffered / 1024,
                 budget / 1024,
@@ -761,6 +765,13 @@ pub struct StreamReset {
 }
 
 impl StreamReset {
+    /// Whether the stream was reset for its connection's
+    /// [`RECEIVE_BUDGET`] (by either side): the readers behind that
+    /// connection were slow, which says nothing of the stream itself.
+    pub fn is_shed(&self) -> bool {
+        self.reason.starts_with(SHED)
+    }
+
     /// The reset behind `error`, if it is one (searching its sources).
     pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamReset> {
         let mut next = Some(error);
@@ -1112,9 +1123,12 @@ mod tests {
         let err = within("read", far[0].read(&mut byte)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(err.to_string().contains("reader was the slowest"), "{err}");
+        let shed = |err: &io::Error| StreamReset::find(err).is_some_and(StreamReset::is_shed);
+        assert!(shed(&err), "told apart from other resets: {err}");
         let err = within("read", near[0].read(&mut byte)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(err.to_string().contains("over its 4096 KiB"), "{err}");
+        assert!(shed(&err), "{err}");
         within("the third's bytes arrived", async {
             while buffered() < window / 2 + window - 1000 {
                 tokio::task::yield_now().await;
@@ -1192,6 +1206,7 @@ mod tests {
         assert_eq!(err.to_string(), "local service 127.0.0.1:1 unreachable");
         let reset = StreamReset::find(&err).expect("a reset");
         assert_eq!(&*reset.reason, "local service 127.0.0.1:1 unreachable");
+        assert!(!reset.is_shed(), "a failure, not a slow reader");
         let err = near.write_all(b"x").await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }

@@ -38,6 +38,73 @@ pub const LINK_USER_TIMEOUT: Duration = Duration::from_secs(
     KEEPALIVE_IDLE.as_secs() + KEEPALIVE_INTERVAL.as_secs() * KEEPALIVE_RETRIES as u64,
 );
 
+/// How long one address of a name is given to connect before the next one
+/// is tried beside it (RFC 8305's connection attempt delay).
+pub const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// Connects to `addr` (`host:port`), trying the addresses it resolves to
+/// as RFC 8305 does: the two families taking turns, the next address
+/// started when the one before fails or after [`ATTEMPT_DELAY`], the first
+/// to connect kept. tokio's `TcpStream::connect` tries them one after the
+/// other, each until it fails: an address that drops packets (an AAAA
+/// record of a server whose firewall opens only IPv4, a box with broken
+/// IPv6) took the caller's whole timeout, every time, and the next address
+/// was never tried.
+pub async fn connect_any(addr: &str) -> io::Result<TcpStream> {
+    let addrs = tokio::net::lookup_host(addr).await?.collect();
+    connect_first(families_alternating(addrs), ATTEMPT_DELAY).await
+}
+
+/// Connects to the first of `addrs` to answer, starting each after the one
+/// before failed or after `delay`; the error of the last to fail when none
+/// connects.
+pub async fn connect_first(
+    addrs: Vec<std::net::SocketAddr>,
+    delay: Duration,
+) -> io::Result<TcpStream> {
+    let mut next = addrs.into_iter().peekable();
+    // Dropped on return: the attempts still under way are abandoned.
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut last = None;
+    loop {
+        match next.next() {
+            Some(addr) => {
+                attempts.spawn(TcpStream::connect(addr));
+            }
+            None if attempts.is_empty() => {
+                return Err(last.unwrap_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "the name has no address")
+                }));
+            }
+            None => {}
+        }
+        let more = next.peek().is_some();
+        tokio::select! {
+            Some(joined) = attempts.join_next() => match joined {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last = Some(e),
+                Err(e) => last = Some(io::Error::other(e)),
+            },
+            () = tokio::time::sleep(delay), if more => {}
+        }
+    }
+}
+
+/// `addrs` with the family of the first and the other taking turns, each
+/// family in its own order.
+fn families_alternating(addrs: Vec<std::net::SocketAddr>) -> Vec<std::net::SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(std::net::SocketAddr::is_ipv6);
+    let (first, other): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(first.len() + other.len());
+    let (mut first, mut other) = (first.into_iter(), other.into_iter());
+    loop {
+        match (first.next(), other.next()) {
+            (None, None) => return out,
+            (a, b) => out.extend(a.into_iter().chain(b)),
+        }
+    }
+}
+
 /// Socket options of every link between frps and frpc (control, data and
 /// tunnel connections): `TCP_NODELAY` (requests and events go out at once),
 /// TCP keepalive ([`KEEPALIVE_IDLE`], [`KEEPALIVE_INTERVAL`],
@@ -379,6 +446,75 @@ pub const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn address_families_take_turns() {
+        let a = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let got = families_alternating(vec![
+            a("[::1]:1"),
+            a("[::2]:1"),
+            a("[::3]:1"),
+            a("10.0.0.1:1"),
+            a("10.0.0.2:1"),
+        ]);
+        let want = ["[::1]:1", "10.0.0.1:1", "[::2]:1", "10.0.0.2:1", "[::3]:1"];
+        assert_eq!(got, want.map(a));
+        let got = families_alternating(vec![a("10.0.0.1:1"), a("[::1]:1"), a("10.0.0.2:1")]);
+        assert_eq!(got, ["10.0.0.1:1", "[::1]:1", "10.0.0.2:1"].map(a));
+        assert!(families_alternating(Vec::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_address_that_drops_packets_does_not_hold_up_the_next() {
+        // A listener whose accept queue is full drops further SYNs: a
+        // connect to it hangs, as to an address a firewall drops.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dropping = socket.listen(0).unwrap();
+        let silent = dropping.local_addr().unwrap();
+        let _queued = TcpStream::connect(silent).await.unwrap();
+        let hung =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(silent)).await;
+        assert!(hung.is_err(), "the queue is full: connects hang");
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let to = good.local_addr().unwrap();
+        for addrs in [
+            vec![silent, to],
+            vec![refused, silent, to],
+            vec![refused, to],
+        ] {
+            let started = std::time::Instant::now();
+            let tcp = tokio::time::timeout(
+                Duration::from_secs(5),
+                connect_first(addrs.clone(), Duration::from_millis(100)),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{addrs:?}: stuck on the silent address"))
+            .unwrap();
+            assert_eq!(tcp.peer_addr().unwrap(), to, "{addrs:?}");
+            // A refusal moves on at once; only the silent one waits its delay.
+            let delays = addrs.iter().filter(|a| **a == silent).count() as u32;
+            assert!(
+                started.elapsed() < Duration::from_millis(100) * delays + Duration::from_secs(1),
+                "{addrs:?}: {:?}",
+                started.elapsed()
+            );
+        }
+        let err = connect_first(vec![refused], Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        let err = connect_first(Vec::new(), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let tcp = connect_any(&to.to_string()).await.unwrap();
+        assert_eq!(tcp.peer_addr().unwrap(), to);
+    }
 
     #[tokio::test]
     async fn links_get_nodelay_keepalive_and_a_user_timeout() {

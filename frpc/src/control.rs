@@ -692,11 +692,13 @@ impl Client {
         ) {
             login::Source::Given(c) => Ok(c),
             login::Source::Prompt => {
-                let email = self.config.email.clone();
-                let creds = tokio::task::spawn_blocking(move || login::prompt(email.as_deref()))
-                    .await
-                    .map_err(|e| SessionError::Fatal(format!("prompt failed: {e}")))?
-                    .map_err(|e| SessionError::Fatal(format!("cannot read credentials: {e:#}")))?;
+                let (email, password) = (self.config.email.clone(), self.config.password.clone());
+                let creds = tokio::task::spawn_blocking(move || {
+                    login::prompt(email.as_deref(), password.as_deref())
+                })
+                .await
+                .map_err(|e| SessionError::Fatal(format!("prompt failed: {e}")))?
+                .map_err(|e| SessionError::Fatal(format!("cannot read credentials: {e:#}")))?;
                 *self.prompted.lock().expect("credentials lock") = Some(creds.clone());
                 Ok(creds)
             }

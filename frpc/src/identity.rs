@@ -21,9 +21,31 @@ pub struct Identity {
 /// Resolves the identity: an explicit `--client-id` wins; otherwise the
 /// machine id; when that cannot be read, a UUID persisted beside `token_file`.
 pub fn resolve(explicit: Option<&str>, token_file: &Path) -> anyhow::Result<Identity> {
-    let machine_id = match mid::get(MID_KEY) {
-        Ok(id) if !id.is_empty() => id,
-        _ => persisted_uuid(&fallback_path(token_file))?,
+    let machine = mid::get(MID_KEY).ok().filter(|id| !id.is_empty());
+    resolve_with(machine, explicit, token_file)
+}
+
+/// [`resolve`] with the machine id already read (`None`: none to read).
+/// With an explicit id and no machine id, a fallback file that cannot be
+/// read or written (a read-only directory, a container's mounted secret)
+/// is a warning, not an error: the machine id is then `client-id:<id>`,
+/// as stable as the id the operator gave (without one, frpc has nothing
+/// stable to register as, and stops).
+fn resolve_with(
+    machine: Option<String>,
+    explicit: Option<&str>,
+    token_file: &Path,
+) -> anyhow::Result<Identity> {
+    let machine_id = match machine {
+        Some(id) => id,
+        None => match (persisted_uuid(&fallback_path(token_file)), explicit) {
+            (Ok(id), _) => id,
+            (Err(e), Some(id)) => {
+                tracing::warn!("{e:#}; the machine id is taken from --client-id instead");
+                format!("client-id:{id}")
+            }
+            (Err(e), None) => return Err(e),
+        },
     };
     let client_id = explicit
         .map(str::to_owned)
@@ -157,6 +179,43 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
         assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
         assert_eq!(persisted_uuid(&path).unwrap(), id);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn without_a_machine_id_an_unusable_id_file_stops_only_a_client_without_an_id() {
+        let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
+        // A client-id file that cannot be read (a directory here, as one
+        // another user wrote).
+        std::fs::create_dir_all(dir.join("client-id").join("inside")).unwrap();
+        let token_file = dir.join("token.json");
+        let (id, warning) = common::testing::logged(|| {
+            resolve_with(None, Some("gpu-1"), &token_file).expect("the id given suffices")
+        });
+        assert_eq!(id.client_id, "gpu-1");
+        assert_eq!(id.machine_id, "client-id:gpu-1");
+        assert!(
+            warning.contains("cannot read the client id file") && warning.contains("--client-id"),
+            "{warning}"
+        );
+        let err = resolve_with(None, None, &token_file).unwrap_err();
+        assert!(format!("{err:#}").contains("pass --client-id"), "{err:#}");
+        // A machine id, when there is one, is never replaced.
+        let id = resolve_with(Some("abc".into()), Some("gpu-1"), &token_file).unwrap();
+        assert_eq!(id.machine_id, "abc");
+        // A usable file still gives the persisted id with an explicit one.
+        std::fs::remove_dir_all(dir.join("client-id")).unwrap();
+        let id = resolve_with(None, Some("gpu-1"), &token_file).unwrap();
+        assert!(uuid::Uuid::parse_str(&id.machine_id).is_ok(), "{id:?}");
+        assert_eq!(
+            id,
+            resolve_with(None, None, &token_file)
+                .map(|i| Identity {
+                    client_id: "gpu-1".into(),
+                    ..i
+                })
+                .unwrap()
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -123,29 +123,72 @@ pub fn source(email: Option<&str>, password: Option<&str>, may_prompt: bool) -> 
     }
 }
 
-/// Asks for email (unless known) and password on the terminal; the password
-/// is not echoed.
-pub fn prompt(email: Option<&str>) -> anyhow::Result<Credentials> {
-    let email = match email {
-        Some(e) => e.to_owned(),
-        None => {
+/// Asks on the terminal for the email and the password, each unless
+/// known; the password is not echoed.
+pub fn prompt(email: Option<&str>, password: Option<&str>) -> anyhow::Result<Credentials> {
+    ask(
+        email,
+        password,
+        || {
             print!("Email: ");
             std::io::stdout().flush()?;
             let mut line = String::new();
             std::io::stdin().read_line(&mut line)?;
-            line.trim().to_owned()
-        }
+            Ok(line)
+        },
+        || {
+            // If frpc ends while this waits (SIGTERM), its exit puts the
+            // terminal's echo back (rpassword does so itself on Enter and
+            // Ctrl-C).
+            let _saved = common::process::save_terminal(std::path::Path::new("/dev/tty"));
+            rpassword::prompt_password("Password: ")
+        },
+    )
+}
+
+/// [`prompt`] with its two questions given: each asked only for what is
+/// not known already.
+fn ask(
+    email: Option<&str>,
+    password: Option<&str>,
+    ask_email: impl FnOnce() -> std::io::Result<String>,
+    ask_password: impl FnOnce() -> std::io::Result<String>,
+) -> anyhow::Result<Credentials> {
+    let email = match email {
+        Some(e) => e.to_owned(),
+        None => ask_email()?.trim().to_owned(),
     };
-    // If frpc ends while this waits (SIGTERM), its exit puts the
-    // terminal's echo back (rpassword does so itself on Enter and Ctrl-C).
-    let _saved = common::process::save_terminal(std::path::Path::new("/dev/tty"));
-    let password = rpassword::prompt_password("Password: ")?;
+    let password = match password {
+        Some(p) => p.to_owned(),
+        None => ask_password()?,
+    };
     Ok(Credentials { email, password })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prompt_asks_only_for_what_was_not_given() {
+        let never = || -> std::io::Result<String> { panic!("asked for what was given") };
+        let line = || Ok("  me@example.com\n".to_owned());
+        let secret = || Ok("s3cret".to_owned());
+        let c = ask(None, Some("given"), line, never).unwrap();
+        assert_eq!(
+            (c.email.as_str(), c.password.as_str()),
+            ("me@example.com", "given")
+        );
+        let c = ask(Some("a@b.c"), None, never, secret).unwrap();
+        assert_eq!((c.email.as_str(), c.password.as_str()), ("a@b.c", "s3cret"));
+        let c = ask(None, None, line, secret).unwrap();
+        assert_eq!(
+            (c.email.as_str(), c.password.as_str()),
+            ("me@example.com", "s3cret")
+        );
+        let closed = || Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert!(ask(None, Some("given"), closed, never).is_err());
+    }
 
     #[test]
     fn token_file_is_private_and_round_trips() {

@@ -14,7 +14,6 @@ use rustls::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::Config;
@@ -155,15 +154,17 @@ impl Dialer {
     }
 
     /// Connects to `addr` (and completes the TLS handshake) within `limit`,
-    /// with TCP_NODELAY and TCP keepalive set (`common::stream::tune_link`).
+    /// with TCP_NODELAY and TCP keepalive set (`common::stream::tune_link`);
+    /// a name's addresses are tried as `common::stream::connect_any` says.
     pub async fn connect(&self, addr: &str, limit: Duration) -> Result<Stream, DialError> {
         let dial = async {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .map_err(|source| DialError::Connect {
-                    addr: addr.to_owned(),
-                    source,
-                })?;
+            let tcp =
+                common::stream::connect_any(addr)
+                    .await
+                    .map_err(|source| DialError::Connect {
+                        addr: addr.to_owned(),
+                        source,
+                    })?;
             // Best effort: a socket that refuses an option still works.
             let _ = common::stream::tune_link(&tcp);
             let Some((connector, name)) = &self.tls else {

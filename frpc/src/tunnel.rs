@@ -269,7 +269,7 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
 async fn connect_local(config: &Config) -> Result<TcpStream, String> {
     let limit = config.connect_timeout;
     let local_host = config.local_host();
-    let local = tokio::time::timeout(limit, TcpStream::connect(&local_host))
+    let local = tokio::time::timeout(limit, common::stream::connect_any(&local_host))
         .await
         .map_err(|_| format!("local service {local_host} did not accept within {limit:?}"))?
         .map_err(|e| format!("local service {local_host} unreachable: {e}"))?;

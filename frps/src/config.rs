@@ -72,7 +72,8 @@ pub struct Config {
         long,
         env = "DATABASE_URL",
         default_value = "sqlite://frpx.db",
-        hide_env_values = true
+        hide_env_values = true,
+        global = true
     )]
     pub database_url: String,
 
@@ -82,12 +83,18 @@ pub struct Config {
         long,
         env = "REDIS_URL",
         default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
+        hide_env_values = true,
+        global = true
     )]
     pub redis_url: String,
 
     /// Prefix of every Redis key and channel frps uses.
-    #[arg(long, env = "FRPX_REDIS_PREFIX", default_value = "frpx:")]
+    #[arg(
+        long,
+        env = "FRPX_REDIS_PREFIX",
+        default_value = "frpx:",
+        global = true
+    )]
     pub redis_prefix: String,
 
     /// Lifetime of client tokens issued at login (`0` for no expiry; at
@@ -282,7 +289,13 @@ pub struct Config {
     /// Configuration file: frp's INI form (`frps.ini`: `[common]` with these
     /// settings in snake_case, `[plugin.NAME]` sections) or its TOML form
     /// (`*.toml`, with `[[httpPlugins]]`). Flags and the environment override it.
-    #[arg(short = 'c', long = "config", env = "FRPX_CONFIG", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        env = "FRPX_CONFIG",
+        value_name = "FILE",
+        global = true
+    )]
     pub config_file: Option<PathBuf>,
 
     /// Server plugins, from the configuration file, in its order.

@@ -579,4 +579,32 @@ mod tests {
         let e = file_error(load("frps.toml", "bindPort = \n", &[]));
         assert_eq!(e.line, Some(1));
     }
+
+    #[test]
+    fn admin_commands_take_the_store_flags_after_them_too() {
+        let path = write("frps.ini", "[common]\nredis_prefix = fromfile:\n");
+        let path = path.display().to_string();
+        for args in [
+            vec!["frps", "user", "list", "--database-url", "sqlite://a.db"],
+            vec!["frps", "--database-url", "sqlite://a.db", "user", "list"],
+        ] {
+            let cli = load_from(
+                args.iter()
+                    .copied()
+                    .chain(["--redis-url", "none", "-c", &path]),
+            )
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(
+                matches!(cli.command, Some(crate::admin::Admin::User { .. })),
+                "{args:?}"
+            );
+            assert_eq!(cli.config.database_url, "sqlite://a.db", "{args:?}");
+            assert_eq!(cli.config.redis(), None, "{args:?}");
+            assert_eq!(
+                cli.config.redis_prefix, "fromfile:",
+                "the file it names: {args:?}"
+            );
+        }
+        std::fs::remove_dir_all(std::path::Path::new(&path).parent().unwrap()).unwrap();
+    }
 }

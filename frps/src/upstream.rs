@@ -42,6 +42,11 @@ pub enum AcquireError {
     /// The client's service sent no response head in this time.
     #[error("no response headers within {0:?}")]
     HeadTimeout(std::time::Duration),
+    /// The request's tunnel stream was reset for its connection's receive
+    /// budget (frpc's local service, or frps's callers, reading slowly on
+    /// other streams): the client is busy, not failing.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl AcquireError {

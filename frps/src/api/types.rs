@@ -181,7 +181,7 @@ pub struct ErrorCounts {
     pub auth_failures: u64,
     /// Key validation unavailable (503).
     pub auth_unavailable: u64,
-    /// No client online (503).
+    /// No client online, or every one tried busy (503).
     pub no_client: u64,
     /// Client did not dial back in time (504).
     pub dial_timeouts: u64,

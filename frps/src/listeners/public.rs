@@ -854,6 +854,23 @@ async fn forward(
                     if let Some(back) = unsent {
                         payload.put_back(back.into_body());
                     }
+                    // Shed for the tunnel connection's receive budget: the
+                    // readers of its other streams are slow. Busy, like a
+                    // client with every dial-back outstanding: another is
+                    // tried without cooling this one down or using a
+                    // retry, and with no other (or a body gone with it)
+                    // the caller is asked to retry shortly.
+                    if reset.is_shed() {
+                        let e = AcquireError::Busy(reset.reason.to_string());
+                        if payload.is_spent() {
+                            return upstream_error(state, &e);
+                        }
+                        debug!(client = %client.id, "tunnel stream shed under the request: {e}");
+                        excluded.push(client.session);
+                        busy += 1;
+                        last_error = Some(e);
+                        continue;
+                    }
                     // On a pooled stream: the service closed the connection
                     // behind it as idle (a keep-alive race), nothing to
                     // blame the client for.
@@ -1448,13 +1465,11 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
             "gateway_timeout",
             "client_timeout",
         )
-    } else if let AcquireError::Pair(PairError::TooMany(_)) = e {
+    } else if let AcquireError::Pair(PairError::TooMany(_)) | AcquireError::Busy(_) = e {
         Stats::inc(&state.stats.no_client);
         let mut resp = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!(
-                "every client that could serve this request is busy opening connections ({e}); retry shortly"
-            ),
+            &format!("every client that could serve this request is busy ({e}); retry shortly"),
             "service_unavailable",
             "client_busy",
         );

@@ -158,6 +158,75 @@ async fn an_unreachable_service_resets_its_stream_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    let token = frps.client_token().await;
+    let (_control, registered) =
+        frpx_tests::fake::FakeClient::register(frps.addrs.control, &token, "shedding").await;
+    let Command::Registered {
+        client_id,
+        session_key,
+        mux: true,
+        ..
+    } = registered
+    else {
+        panic!("{registered:?}")
+    };
+    let mut tunnel = tokio::net::TcpStream::connect(frps.addrs.proxy)
+        .await
+        .unwrap();
+    let hello = Command::MuxHello {
+        client_id,
+        session_key,
+    };
+    write_command(&mut tunnel, &hello).await.unwrap();
+    let answer = read_one_command(&mut tunnel, 1 << 20, frpx_tests::WAIT)
+        .await
+        .unwrap();
+    assert!(matches!(answer, Command::MuxAccepted), "{answer:?}");
+    // As frpc resets a stream whose local service reads its body slowly
+    // while the tunnel connection holds its whole receive budget.
+    let (mux, driver) = common::mux::Mux::new(tunnel, common::mux::Role::Acceptor);
+    tokio::spawn(driver);
+    let shedding = tokio::spawn(async move {
+        let mut shed = 0;
+        while let Some(stream) = mux.accept().await {
+            stream.reset(&format!(
+                "{}the tunnel connection held 32770 KiB received and unread",
+                common::mux::SHED
+            ));
+            shed += 1;
+        }
+        shed
+    });
+    let client = frps.state.registry.get("shedding").unwrap();
+    frpx_tests::eventually("the tunnel connection is up", || client.tunnel().is_some()).await;
+    let tries = frps::registry::FAILURES_BEFORE_COOLDOWN as usize + 2;
+    let mut conn = Conn::open(frps.public()).await;
+    for i in 0..tries {
+        // A body frps holds whole and one it streams: either way the
+        // caller is told to come back, not that the box failed.
+        let reply = if i % 2 == 0 {
+            conn.get("/", Some(API_KEY)).await
+        } else {
+            conn.post("/upload", Some(API_KEY), frpx_tests::numbered(200_000))
+                .await
+        };
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "client_busy");
+        assert_eq!(reply.headers["retry-after"], "1");
+        let message = reply.json()["error"]["message"].to_string();
+        assert!(message.contains("receive budget"), "{message}");
+        // Busy is no failure: the box keeps taking requests.
+        assert!(!client.is_cooling_down(), "after {} sheds", i + 1);
+    }
+    assert!(client.is_routable(std::time::Instant::now()));
+    drop(conn);
+    frps.stop().await;
+    assert_eq!(shedding.await.unwrap(), tries, "each went to the box once");
+}
+
+#[tokio::test]
 async fn a_tunnel_hello_must_prove_its_session() {
     let fleet = fleet(1).await;
     let proxy = fleet.frps.addrs.proxy;
