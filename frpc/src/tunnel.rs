@@ -287,19 +287,21 @@ pub async fn open(
     control: mpsc::Sender<Command>,
 ) {
     match connect(&config, &dialer, &session, conn_id).await {
-        Ok((mut remote, mut local)) => match forward(&mut remote, &mut local, conn_id).await {
-            // Closed before a byte: frps dropped it unread (its connection
-            // cap, say). Said over the control connection, frps fails the
-            // request over at once instead of waiting --connect-timeout; for
-            // a pairing no longer waiting it is a no-op.
-            Ok(false) => {
-                debug!(%conn_id, "frps closed the data connection before using it");
-                let reason = "frps closed the data connection before using it".to_owned();
-                let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
+        Ok((mut remote, mut local)) => {
+            match forward(&config, &mut remote, &mut local, conn_id).await {
+                // Closed before a byte: frps dropped it unread (its connection
+                // cap, say). Said over the control connection, frps fails the
+                // request over at once instead of waiting --connect-timeout; for
+                // a pairing no longer waiting it is a no-op.
+                Ok(false) => {
+                    debug!(%conn_id, "frps closed the data connection before using it");
+                    let reason = "frps closed the data connection before using it".to_owned();
+                    let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
+                }
+                Ok(true) => {}
+                Err(e) => debug!(%conn_id, "data connection ended: {e}"),
             }
-            Ok(true) => {}
-            Err(e) => debug!(%conn_id, "data connection ended: {e}"),
-        },
+        }
         Err(reason) => {
             warn!(%conn_id, "cannot open data connection: {reason}");
             let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
@@ -340,25 +342,49 @@ async fn connect(
 /// passing it to the local service. Otherwise that first byte goes to the
 /// local service ahead of the rest. False when frps closed (or reset) the
 /// connection before sending anything.
+///
+/// `local` was opened with the dial (so an unreachable service is reported
+/// before frps sends a request), but frps may keep the connection in its
+/// pool, unused, for up to its `--pool-idle-timeout`: a service that closes
+/// connections idle that long (llama.cpp's server after 5 s) is seen doing
+/// so, and the request gets a new connection (before, it went into the
+/// closed one, and frps had to send it again).
 async fn forward(
+    config: &Config,
     remote: &mut Stream,
     local: &mut TcpStream,
     conn_id: Uuid,
 ) -> std::io::Result<bool> {
     let path = path_watch(remote.tcp());
-    forward_watched(remote, local, conn_id, path).await
+    forward_watched(remote, local, conn_id, path, connect_local(config)).await
 }
 
 /// [`forward`], ended early (both connections closed, `TimedOut`) when
-/// `path` says frps's end went silent.
+/// `path` says frps's end went silent; `redial` opens the local connection
+/// again when the service closed it before the request.
 async fn forward_watched(
     remote: &mut Stream,
     local: &mut TcpStream,
     conn_id: Uuid,
     path: impl Future<Output = common::stream::PathState>,
+    redial: impl Future<Output = Result<TcpStream, String>>,
 ) -> std::io::Result<bool> {
     let mut first = [0u8; 1];
-    match remote.read(&mut first).await {
+    // Before a request the service has nothing to say: what `peek` sees
+    // there is its end closing (or bytes of its own, left for the join).
+    let mut local_closed = false;
+    let mut watching = true;
+    let got = loop {
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            got = remote.read(&mut first) => break got,
+            seen = local.peek(&mut byte), if watching => {
+                watching = false;
+                local_closed = !matches!(seen, Ok(n) if n > 0);
+            }
+        }
+    };
+    match got {
         Ok(0) => return Ok(false),
         Ok(_) => {}
         // Reset before a byte: closed unread with our hello still in its
@@ -383,6 +409,13 @@ async fn forward_watched(
             Err(e) => warn!(%conn_id, "bad frame on a data connection: {e}"),
         }
         return Ok(true);
+    }
+    if local_closed {
+        debug!(%conn_id, "the local service closed the idle connection; opening another for the request");
+        *local = redial.await.map_err(|reason| {
+            warn!(%conn_id, "cannot open data connection: {reason}");
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, reason)
+        })?;
     }
     // A request: from now on a slow reader is not a dead path.
     let _ = common::stream::release_user_timeout(remote.tcp());
@@ -522,6 +555,84 @@ mod tests {
         )
     }
 
+    /// A redial for a test whose service keeps its connection.
+    async fn no_redial() -> Result<TcpStream, String> {
+        panic!("the local connection was open")
+    }
+
+    #[tokio::test]
+    async fn a_local_connection_the_service_closed_while_pooled_is_opened_again() {
+        let (mut remote, mut local, mut frps_end, service_end) = joined_pairs().await;
+        let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let again = service.local_addr().unwrap();
+        let forwarding = tokio::spawn(async move {
+            let redial = async move { TcpStream::connect(again).await.map_err(|e| e.to_string()) };
+            forward_watched(
+                &mut remote,
+                &mut local,
+                Uuid::new_v4(),
+                std::future::pending(),
+                redial,
+            )
+            .await
+        });
+        // The service closes the connection as idle, and a while later
+        // frps sends a request on it.
+        drop(service_end);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        frps_end.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let (mut service_end, _) = tokio::time::timeout(Duration::from_secs(10), service.accept())
+            .await
+            .expect("a new local connection")
+            .unwrap();
+        let mut got = [0u8; 18];
+        service_end.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n\r\n", "the whole request");
+        service_end.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        drop(service_end);
+        let mut head = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), frps_end.read_to_end(&mut head))
+            .await
+            .expect("the answer, then the close")
+            .unwrap();
+        assert_eq!(head, b"HTTP/1.1 200 OK\r\n");
+        drop(frps_end);
+        let carried = tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("ends once both sides closed");
+        assert!(carried.unwrap().unwrap(), "a request was carried");
+    }
+
+    #[tokio::test]
+    async fn a_service_that_speaks_first_keeps_its_connection() {
+        let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
+        let forwarding = tokio::spawn(async move {
+            forward_watched(
+                &mut remote,
+                &mut local,
+                Uuid::new_v4(),
+                std::future::pending(),
+                no_redial(),
+            )
+            .await
+        });
+        service_end.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!forwarding.is_finished(), "waiting for frps's first byte");
+        frps_end.write_all(b"x").await.unwrap();
+        let mut got = [0u8; 1];
+        service_end.read_exact(&mut got).await.unwrap();
+        let mut hello = [0u8; 5];
+        frps_end.read_exact(&mut hello).await.unwrap();
+        assert_eq!(&hello, b"hello");
+        drop(frps_end);
+        drop(service_end);
+        let carried = tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("ends once both sides closed");
+        assert!(carried.unwrap().unwrap());
+    }
+
     #[tokio::test]
     async fn a_silent_path_closes_the_data_connection_and_the_local_one() {
         let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
@@ -534,7 +645,7 @@ mod tests {
             }
         };
         let forwarding = tokio::spawn(async move {
-            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path).await
+            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, no_redial()).await
         });
         // A request reaches the service and it starts answering.
         frps_end.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
@@ -581,6 +692,7 @@ mod tests {
                 &mut local,
                 Uuid::new_v4(),
                 std::future::pending(),
+                no_redial(),
             )
             .await
         });

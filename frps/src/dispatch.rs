@@ -265,9 +265,12 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
     // order; when it is full, one that a free slot fits right now takes it.
     // A retry looks first whatever the line: the retries before it each
     // exclude their own failed clients, so a slot free for this one may be
-    // one none of them can use (and no wake-up will come for it).
+    // one none of them can use (and no wake-up will come for it). So does a
+    // pinned request that failed on its client: it is refused at once, not
+    // after the line before it.
+    let excludes = !want.exclude.is_empty();
     let waiting = state.queues.waiting(&key);
-    if waiting == 0 || key.retry || waiting >= state.config.queue_max {
+    if waiting == 0 || excludes || waiting >= state.config.queue_max {
         match pick() {
             Ok(client) => {
                 return Ok(Dispatched {
@@ -289,11 +292,15 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
     let deadline = Instant::now() + state.config.queue_timeout;
     let mut woken = false;
     let mut passed_on = None;
+    // A retry looks once more now that it is in line: a slot freed between
+    // its first look and its joining woke only the waiters already there,
+    // who may all exclude it.
+    let mut joined = retry;
     loop {
         // The first in line picks; in a retry queue, so does one the
         // wake-up was passed to. (A wake-up that comes meanwhile is kept
         // by the waiter's own `Notify`.)
-        if retry && woken || queue.is_first(&place.me) {
+        if retry && (woken || std::mem::take(&mut joined)) || queue.is_first(&place.me) {
             let refused = match pick() {
                 Ok(client) => {
                     return Ok(Dispatched {
@@ -386,6 +393,38 @@ mod tests {
             pinned: None,
             exclude: failed,
         }
+    }
+
+    #[tokio::test]
+    async fn a_pinned_request_that_failed_on_its_client_is_refused_not_queued() {
+        let (state, _db) = state().await;
+        let x = add(&state, "x");
+        assert!(x.try_reserve(), "x busy");
+        fn pinned(exclude: &[u64]) -> Want<'_> {
+            Want {
+                model: Some("m"),
+                pinned: Some("x"),
+                exclude,
+            }
+        }
+        let mut waiting = Box::pin(acquire(&state, pinned(&[])));
+        assert!(waiting.as_mut().now_or_never().is_none(), "waits for x");
+        // The same, after failing on x: refused at once, not queued
+        // behind the first (to be refused only once in front).
+        let failed = [x.session];
+        let refused = acquire(&state, pinned(&failed)).now_or_never();
+        assert!(
+            matches!(refused, Some(Err(Refusal::Unavailable))),
+            "{refused:?}"
+        );
+        assert_eq!(state.queues.total(), 1);
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(got.client.id, "x");
     }
 
     #[tokio::test]

@@ -152,8 +152,14 @@ fn choose(eligible: &[&Arc<ClientHandle>], balance: Balance) -> usize {
                 .unwrap_or(0)
         }
         Balance::P2c => {
-            let a = rng.random_range(0..eligible.len());
-            let b = rng.random_range(0..eligible.len());
+            let n = eligible.len();
+            let a = rng.random_range(0..n);
+            if n == 1 {
+                return a;
+            }
+            // Two different clients: drawn twice from all, one would be
+            // compared with itself (with two clients, half the time).
+            let b = (a + rng.random_range(1..n)) % n;
             if load(eligible[b]) < load(eligible[a]) {
                 b
             } else {
@@ -281,6 +287,23 @@ mod tests {
             }
             assert_eq!(seen.len(), 3, "{balance:?}: {seen:?}");
         }
+    }
+
+    #[test]
+    fn power_of_two_choices_compares_two_different_clients() {
+        let reg = Registry::default();
+        let busy = add(&reg, "busy", &[], None);
+        let idle = add(&reg, "idle", &[], None);
+        for _ in 0..5 {
+            assert!(busy.try_reserve());
+        }
+        // Of two, the less loaded always: its pair is always the other.
+        for _ in 0..200 {
+            let c = pick(&reg, Balance::P2c, want(None)).unwrap();
+            assert_eq!(c.id, "idle");
+            c.release_slot();
+        }
+        drop(idle);
     }
 
     #[test]
