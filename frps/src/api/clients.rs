@@ -164,13 +164,24 @@ pub async fn monitoring_one(
     Ok(ok(monitoring_of(&c), "system metrics"))
 }
 
-/// Models across the fleet, and which clients serve each.
-#[utoipa::path(get, path = "/api/models", tag = "monitoring",
-    responses((status = 200, body = Envelope<Vec<FleetModel>>)))]
-pub async fn models(AxState(state): ApiState) -> ApiResult<Vec<FleetModel>> {
+/// Models across the fleet, in name order, and which clients serve each
+/// (in id order); paged like the other listings, the cursor being the
+/// page's last model name in hexadecimal (a name may hold any text).
+#[utoipa::path(get, path = "/api/models", tag = "monitoring", params(Page),
+    responses((status = 200, body = Envelope<Vec<FleetModel>>),
+        (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>)))]
+pub async fn models(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Paged<FleetModel> {
+    let window = window(query, from_hex)?;
+    let after = window.after.as_deref();
     let mut by_name: BTreeMap<String, FleetModel> = BTreeMap::new();
     for c in sorted(&state) {
         for m in c.models() {
+            if after.is_some_and(|after| m.name.as_str() <= after) {
+                continue;
+            }
             let entry = by_name.entry(m.name.clone()).or_insert_with(|| FleetModel {
                 name: m.name.clone(),
                 clients: Vec::new(),
@@ -180,7 +191,47 @@ pub async fn models(AxState(state): ApiState) -> ApiResult<Vec<FleetModel>> {
             entry.size = entry.size.or(m.size);
         }
     }
-    let models: Vec<_> = by_name.into_values().collect();
+    let limit = usize::try_from(window.limit).unwrap_or(usize::MAX);
+    let mut models: Vec<_> = by_name.into_values().take(limit).collect();
+    let (headers, more) = finish("/api/models", window.limit, &mut models, |m| hex(&m.name));
     let n = models.len();
-    Ok(ok(models, &format!("{n} model(s) in the fleet")))
+    Ok((
+        headers,
+        ok(models, &format!("{n} model(s) in the fleet{more}")),
+    ))
+}
+
+/// `text`'s bytes in lower-case hexadecimal: a cursor of visible ASCII.
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The text [`hex`] gave `cursor`, if it is such a cursor.
+fn from_hex(cursor: &str) -> Option<String> {
+    if !cursor.len().is_multiple_of(2) || !cursor.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_cursors_are_hex_and_round_trip() {
+        for name in ["llama3:latest", "qwen2.5/7b instruct", "modèle", ""] {
+            let cursor = hex(name);
+            assert!(cursor.bytes().all(|b| b.is_ascii_hexdigit()), "{cursor}");
+            assert_eq!(from_hex(&cursor).as_deref(), Some(name));
+        }
+        assert_eq!(hex("a:"), "613a");
+        for bad in ["6", "zz", "ff", "6g", "+1"] {
+            assert_eq!(from_hex(bad), None, "{bad}");
+        }
+    }
 }

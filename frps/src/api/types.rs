@@ -376,8 +376,8 @@ pub struct FleetModel {
     pub size: Option<u64>,
 }
 
-/// Paging of `/api/users`, `/api/tokens/active`, `/api/clients` and
-/// `/api/monitoring`: `?limit=&after=`.
+/// Paging of `/api/users`, `/api/tokens/active`, `/api/clients`,
+/// `/api/monitoring` and `/api/models`: `?limit=&after=`.
 /// When more rows follow, the response carries
 /// `Link: <…?limit=L&after=C>; rel="next"`; `C` is an opaque cursor naming
 /// the page's last row, and the next page starts just after it, however

@@ -833,6 +833,49 @@ async fn clients_and_their_metrics_come_in_pages() {
         }
         assert_eq!(seen, ["client-0", "client-1", "client-2"], "{listing}");
     }
+    // Models too (one per client here), in name order, the cursor being
+    // the last name in hexadecimal.
+    let names = |reply: &Reply| -> Vec<(String, String)> {
+        let page = assert_envelope(reply, true);
+        let page = page.as_array().unwrap();
+        page.iter()
+            .map(|m| {
+                let served = &m["clients"];
+                assert_eq!(served.as_array().unwrap().len(), 1, "{m}");
+                (
+                    m["name"].as_str().unwrap().to_owned(),
+                    served[0].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let first = api(&fleet, "GET", "/api/models?limit=2").await;
+    assert_eq!(
+        names(&first),
+        [
+            ("model-of-client-0".into(), "client-0".into()),
+            ("model-of-client-1".into(), "client-1".into())
+        ]
+    );
+    let cursor: String = "model-of-client-1"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        first.headers["link"],
+        format!("</api/models?limit=2&after={cursor}>; rel=\"next\"")
+    );
+    let last = api(
+        &fleet,
+        "GET",
+        &format!("/api/models?limit=2&after={cursor}"),
+    )
+    .await;
+    assert_eq!(
+        names(&last),
+        [("model-of-client-2".into(), "client-2".into())]
+    );
+    assert!(last.headers.get("link").is_none());
     // After the last one: an empty page. A cursor no client id could be,
     // or an unknown parameter: 400.
     let past = api(&fleet, "GET", "/api/clients?after=client-2").await;
@@ -840,6 +883,7 @@ async fn clients_and_their_metrics_come_in_pages() {
     for bad in [
         "/api/clients?after=a%20b",
         "/api/monitoring?limit=0",
+        "/api/models?after=model",
         "/api/clients?offset=1",
     ] {
         let reply = api(&fleet, "GET", bad).await;
