@@ -95,7 +95,20 @@ async fn session(
         None => return Err(ControlError::ClosedEarly),
     };
     let session = state.registry.reserve_session();
+    // An id another account holds is refused before the plugins hear of
+    // it: a `NewProxy` for a live name refused afterwards would tell them
+    // (by its `CloseProxy`) that the live one ended.
+    let proxy_plugins =
+        state.plugins.handles(Op::NewProxy) || state.plugins.handles(Op::CloseProxy);
     let admitted = match validate(&registration) {
+        Ok(()) if proxy_plugins => {
+            let lookup = state.store.client_id_owner(&registration.client_id);
+            owned_by(state, &registration.client_id, owner.user_id, lookup).await
+        }
+        Ok(()) => Ok(()),
+        Err(refusal) => Err(refusal),
+    };
+    let admitted = match admitted {
         Ok(()) => hooks::admit(&state.plugins, registration, peer, session)
             .await
             .map_err(|e| (e.to_string(), !e.is_rejection())),
@@ -108,13 +121,21 @@ async fn session(
     // The plugins accepted this registration's NewProxy: a refusal from
     // here on owes them its CloseProxy.
     let refusal = match validate(&registration) {
-        // A plugin may have rewritten the client id.
-        Err(refusal) => Some(refusal),
+        // A plugin rewrote it (the client id, the host name...) into one
+        // frps refuses: the plugin's doing, not frpc's flags, and a fixed
+        // plugin may accept it.
+        Err((reason, _)) => Some((
+            format!("a server plugin changed this registration into one frps refuses: {reason}"),
+            true,
+        )),
         Ok(()) => claim_id(state, &registration, owner.user_id).await.err(),
     };
     if let Some((reason, retry)) = refusal {
+        // frpc hears first: its wait for an answer does not include the
+        // CloseProxy plugins.
+        let refused = refuse(wr, hs, reason, retry).await;
         hooks::close_proxy(&state.plugins, &registration, session).await;
-        return refuse(wr, hs, reason, retry).await;
+        return refused;
     }
 
     // Plugins may have taken a while: a client that gave up meanwhile (its
@@ -159,16 +180,17 @@ async fn session(
     let client = match state.registry.insert_as(new, session) {
         Ok(client) => client,
         Err(IdTaken(id)) => {
-            if let Some(reg) = &closing {
-                hooks::close_proxy(&state.plugins, reg, session).await;
-            }
             // `claim_id` just found the id this account's: an operator
             // released it while the previous owner's session was still
             // live. That session's end frees it, so the box tries again.
             let reason = format!(
                 "client id '{id}' was released to this account but a session of its previous owner is still live; retrying until it ends"
             );
-            return refuse(wr, hs, reason, true).await;
+            let refused = refuse(wr, hs, reason, true).await;
+            if let Some(reg) = &closing {
+                hooks::close_proxy(&state.plugins, reg, session).await;
+            }
+            return refused;
         }
     };
     drop(closing);
@@ -349,11 +371,27 @@ async fn login(
 /// it, while its owner is offline. On refusal returns the reason and
 /// whether a retry can succeed.
 async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(), (String, bool)> {
-    let id = &reg.client_id;
+    let claim = state.store.claim_client_id(&reg.client_id, user_id);
+    owned_by(state, &reg.client_id, user_id, async {
+        claim.await.map(Some)
+    })
+    .await
+}
+
+/// Whether client id `id` may be `user_id`'s, as `lookup` (the account it
+/// is bound to, if any) says; on refusal, the reason and whether a retry
+/// can succeed.
+async fn owned_by(
+    state: &State,
+    id: &str,
+    user_id: i64,
+    lookup: impl Future<Output = Result<Option<i64>, crate::store::StoreError>>,
+) -> Result<(), (String, bool)> {
     let hs = state.config.handshake_timeout;
-    match tokio::time::timeout(hs, state.store.claim_client_id(id, user_id)).await {
-        Ok(Ok(owner)) if owner == user_id => Ok(()),
-        Ok(Ok(_)) => Err((
+    match tokio::time::timeout(hs, lookup).await {
+        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(Some(owner))) if owner == user_id => Ok(()),
+        Ok(Ok(Some(_))) => Err((
             format!("client id '{id}' belongs to another account; choose another --client-id"),
             false,
         )),

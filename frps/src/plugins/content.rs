@@ -26,6 +26,18 @@ where
     Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
+/// Reads any value as the default: for the fields frps sends empty and
+/// takes nothing from in a modified content, so a plugin may send them back
+/// in any form (frp's plugin documentation has `locations` as a string,
+/// frp itself a list).
+fn ignored<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default,
+{
+    serde::de::IgnoredAny::deserialize(d).map(|_| T::default())
+}
+
 /// Metadata, string to string.
 pub type Metas = BTreeMap<String, String>;
 
@@ -98,46 +110,46 @@ pub struct NewProxyContent {
     #[serde(default, deserialize_with = "nullable")]
     pub proxy_type: String,
     /// Always false (frpx has no per-proxy encryption).
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub use_encryption: bool,
     /// Always false.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub use_compression: bool,
     /// Empty: every client is in one load-balanced pool.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub group: String,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub group_key: String,
     /// 0 (tcp and udp only).
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub remote_port: i64,
     /// Empty: frpx routes by API key, not by host name.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub custom_domains: Vec<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub subdomain: String,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub locations: Vec<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub http_user: String,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub http_pwd: String,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub host_header_rewrite: String,
     /// Empty.
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub headers: Metas,
     /// Empty (stcp only).
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub sk: String,
     /// Empty (tcpmux only).
-    #[serde(default, deserialize_with = "nullable")]
+    #[serde(default, deserialize_with = "ignored")]
     pub multiplexer: String,
     /// frpc's `--proxy-meta` entries.
     #[serde(default, deserialize_with = "nullable")]
@@ -282,5 +294,30 @@ mod tests {
         assert_eq!(c.user.user, "u");
         assert!(c.metas.is_empty() && c.user.metas.is_empty());
         assert!(serde_json::from_value::<LoginContent>(json!({"timestamp": "soon"})).is_err());
+    }
+
+    #[test]
+    fn fields_frps_takes_nothing_from_may_come_back_in_any_form() {
+        // As frp's plugin documentation shows `locations` (a string), and
+        // other shapes a plugin might echo.
+        let c: NewProxyContent = serde_json::from_value(json!({
+            "proxy_name": "gpu-1",
+            "locations": "",
+            "custom_domains": "a.example",
+            "remote_port": "8080",
+            "use_encryption": "yes",
+            "headers": [],
+            "metas": {"k": "v"}
+        }))
+        .unwrap();
+        assert_eq!(c.proxy_name, "gpu-1");
+        assert!(c.locations.is_empty() && c.custom_domains.is_empty());
+        assert_eq!((c.remote_port, c.use_encryption), (0, false));
+        assert_eq!(c.metas["k"], "v");
+        // What frps does take is still checked.
+        let wrong = json!({"proxy_name": 7});
+        assert!(serde_json::from_value::<NewProxyContent>(wrong).is_err());
+        let wrong = json!({"proxy_name": "a", "metas": {"k": 1}});
+        assert!(serde_json::from_value::<NewProxyContent>(wrong).is_err());
     }
 }

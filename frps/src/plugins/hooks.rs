@@ -84,8 +84,9 @@ pub async fn admit(
         let proxy = plugins.call(proxy).await?;
         if proxy.proxy_name != reg.client_id {
             info!(
-                "server plugin renamed client '{}' to '{}'",
-                reg.client_id, proxy.proxy_name
+                "server plugin renamed client '{}' to {:?}",
+                reg.client_id,
+                crate::listeners::public::shorten(&proxy.proxy_name, super::MAX_PLUGIN_TEXT)
             );
         }
         reg.client_id = proxy.proxy_name;
@@ -105,7 +106,7 @@ pub async fn close_proxy(plugins: &Plugins, reg: &Registration, session: u64) {
             user: user_info(&reg.user, &reg.metas, session),
             proxy_name: reg.client_id.clone(),
         };
-        let _ = plugins.call(content).await;
+        plugins.notify(content).await;
     }
 }
 

@@ -231,6 +231,20 @@ pub struct Plugins {
     pools: std::collections::HashMap<String, client::Connections>,
 }
 
+/// Most characters of a plugin's text (a rejection's reason, an answer's
+/// fault) frps passes on: it goes into frames to frpc (64 KiB at most) and
+/// into frps's log.
+pub const MAX_PLUGIN_TEXT: usize = 1024;
+
+/// A plugin's `text` as frps passes it on: control characters (which
+/// would forge log lines) as spaces, cut to [`MAX_PLUGIN_TEXT`].
+pub fn tame(text: &str) -> String {
+    let text = crate::listeners::public::shorten(text, MAX_PLUGIN_TEXT);
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 #[derive(Serialize)]
 struct Call<'a, C> {
     version: &'static str,
@@ -281,39 +295,59 @@ impl Plugins {
     /// returns the content as the last one left it.
     pub async fn call<C: Content>(&self, mut content: C) -> Result<C, PluginError> {
         for plugin in &self.chains[C::OP.index()] {
-            let fail = |cause: CallError| {
-                warn!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
-                PluginError::Failed {
-                    plugin: plugin.name.clone(),
-                    op: C::OP,
-                    cause,
-                }
-            };
-            match self.ask(plugin, &content).await.map_err(fail)? {
-                Verdict::Unchanged => {}
-                Verdict::Replaced(value) => {
-                    content = serde_json::from_value(value).map_err(|e| {
-                        fail(CallError::Invalid(format!(
-                            "modified content does not fit {}: {e}",
-                            C::OP
-                        )))
-                    })?;
-                }
-                Verdict::Reject(reason) => {
-                    let reason = if reason.trim().is_empty() {
-                        format!("rejected by server plugin '{}'", plugin.name)
-                    } else {
-                        reason
-                    };
-                    info!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
-                    return Err(PluginError::Rejected {
-                        plugin: plugin.name.clone(),
-                        reason,
-                    });
-                }
-            }
+            content = self.one(plugin, content).await?;
         }
         Ok(content)
+    }
+
+    /// Tells every plugin for `content`'s operation, each the content as
+    /// frps made it, whatever the others answered (frp's way with
+    /// `CloseProxy`: one plugin down, or rejecting, must not keep the
+    /// others from hearing of it). Failures are logged.
+    pub async fn notify<C: Content + Clone>(&self, content: C) {
+        for plugin in &self.chains[C::OP.index()] {
+            let _ = self.one(plugin, content.clone()).await;
+        }
+    }
+
+    /// `content` through one plugin.
+    async fn one<C: Content>(&self, plugin: &PluginSpec, content: C) -> Result<C, PluginError> {
+        let fail = |cause: CallError| {
+            // A fault may quote the plugin's answer (serde's errors quote
+            // the value): bounded and without control characters.
+            let cause = match cause {
+                CallError::Invalid(text) => CallError::Invalid(tame(&text)),
+                CallError::Http(text) => CallError::Http(tame(&text)),
+                cause => cause,
+            };
+            warn!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
+            PluginError::Failed {
+                plugin: plugin.name.clone(),
+                op: C::OP,
+                cause,
+            }
+        };
+        match self.ask(plugin, &content).await.map_err(fail)? {
+            Verdict::Unchanged => Ok(content),
+            Verdict::Replaced(value) => serde_json::from_value(value).map_err(|e| {
+                fail(CallError::Invalid(format!(
+                    "modified content does not fit {}: {e}",
+                    C::OP
+                )))
+            }),
+            Verdict::Reject(reason) => {
+                let reason = if reason.trim().is_empty() {
+                    format!("rejected by server plugin '{}'", plugin.name)
+                } else {
+                    tame(&reason)
+                };
+                info!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
+                Err(PluginError::Rejected {
+                    plugin: plugin.name.clone(),
+                    reason,
+                })
+            }
+        }
     }
 
     /// One call to one plugin, within the timeout.

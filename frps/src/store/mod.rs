@@ -800,6 +800,14 @@ impl Store {
         Ok(owner)
     }
 
+    /// The account `client_id` is bound to, if it is bound.
+    pub async fn client_id_owner(&self, client_id: &str) -> Result<Option<i64>, StoreError> {
+        const SQL: &str = "SELECT user_id FROM client_ids WHERE id = $1";
+        let owner: Option<(i64,)> =
+            on_pool!(self, p => sqlx::query_as(SQL).bind(client_id).fetch_optional(p).await?);
+        Ok(owner.map(|(o,)| o))
+    }
+
     /// Every bound client id with its account's email, by id.
     pub async fn list_client_ids(&self) -> Result<Vec<ClientIdRow>, StoreError> {
         const SQL: &str = "SELECT c.id, c.user_id, u.email, c.created_at

@@ -526,9 +526,40 @@ async fn a_rewritten_client_id_that_is_invalid_is_refused() {
     .await;
     let (_c, answer) = register(&frps, registration("gpu-i")).await;
     let (reason, retry) = refusal(&answer);
-    assert!(reason.contains("client id must be"), "{reason}");
-    assert!(!retry);
+    assert!(
+        reason.contains("a server plugin changed this registration")
+            && reason.contains("client id must be"),
+        "{reason}"
+    );
+    assert!(
+        retry,
+        "the plugin's doing, not frpc's: a fixed plugin may accept it"
+    );
     assert!(frps.state.registry.is_empty());
+}
+
+#[tokio::test]
+async fn a_plugins_reason_reaches_frpc_bounded_and_on_one_line() {
+    let plugin =
+        PluginServer::start(|_| Reply::Reject(format!("{}\nINFO forged line", "x".repeat(65_000))))
+            .await;
+    let frps = frps_with(
+        vec![plugin.spec("wordy", &["NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    // 65 KB of reason fit the plugin's answer but not a frame to frpc:
+    // cut, so frpc hears the refusal (before, frps could not send it and
+    // frpc took the closed connection for a reason to try again).
+    let (_c, answer) = register(&frps, registration("gpu-w")).await;
+    let (reason, retry) = refusal(&answer);
+    assert!(!retry, "a rejection is final");
+    assert!(
+        reason.starts_with("xxxx") && reason.chars().count() <= 1024 + 1,
+        "{} chars",
+        reason.len()
+    );
+    assert!(!reason.contains('\n'));
 }
 
 #[tokio::test]
@@ -686,8 +717,12 @@ async fn close_proxy_is_a_notification_whose_answer_is_ignored() {
         _ => Reply::Allow,
     })
     .await;
+    let after = PluginServer::allow_all().await;
     let frps = frps_with(
-        vec![plugin.spec("closer", &["CloseProxy"])],
+        vec![
+            plugin.spec("closer", &["CloseProxy"]),
+            after.spec("after", &["CloseProxy"]),
+        ],
         Duration::from_secs(3),
     )
     .await;
@@ -696,6 +731,10 @@ async fn close_proxy_is_a_notification_whose_answer_is_ignored() {
     drop(c);
     let call = plugin.wait_for("CloseProxy").await;
     assert_eq!(call.content()["proxy_name"], "gpu-q");
+    // Every plugin hears of it, whatever the one before answered, and
+    // with the content frps made (frp's way with notifications).
+    let after = after.wait_for("CloseProxy").await;
+    assert_eq!(after.content(), call.content());
     frps.wait_for_clients(&[]).await;
     // Another registration is unaffected by the failed notification.
     let (_c, answer) = register(&frps, registration("gpu-q")).await;
@@ -912,40 +951,42 @@ async fn a_registration_refused_after_new_proxy_closes_its_proxy() {
     // gpu-o is the first account's.
     let (owner, answer) = register(&frps, registration("gpu-o")).await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    // Another account's id: refused before the plugins hear of it (a
+    // NewProxy for the live name, then its CloseProxy, would tell them
+    // the live one ended).
     let other = frps.other_account_token("other@example.com").await;
     let (_other, answer) =
         FakeClient::register_as(frps.addrs.control, &other, registration("gpu-o")).await;
     let (reason, retry) = refusal(&answer);
     assert!(reason.contains("another account"), "{reason}");
     assert!(!retry);
-    let close = plugin.wait_for("CloseProxy").await;
-    let opened = plugin.calls_for("NewProxy");
-    assert_eq!(opened.len(), 2);
-    assert_eq!(close.content()["proxy_name"], "gpu-o");
-    assert_eq!(
-        close.content()["user"]["run_id"],
-        opened[1].content()["user"]["run_id"],
-        "the refused session's proxy, not the live one's"
-    );
+    assert_eq!(plugin.calls_for("NewProxy").len(), 1, "the owner's only");
     assert!(
         frps.state.registry.get("gpu-o").is_some(),
         "the owner stays"
     );
 
+    // Renamed by a plugin into an id frps refuses: refused after the
+    // NewProxy, which gets its CloseProxy (same run_id).
     let (_renamed, answer) = register(&frps, registration("rename-me")).await;
     let (reason, _) = refusal(&answer);
     assert!(reason.contains("client id"), "{reason}");
-    frpx_tests::eventually("the renamed proxy is closed", || {
+    let close = plugin.wait_for("CloseProxy").await;
+    let opened = plugin.calls_for("NewProxy");
+    assert_eq!(opened.len(), 2);
+    assert_eq!(close.content()["proxy_name"], "not an id/..");
+    assert_eq!(
+        close.content()["user"]["run_id"],
+        opened[1].content()["user"]["run_id"],
+        "the refused session's proxy"
+    );
+    drop(owner);
+    frpx_tests::eventually("the owner's proxy is closed", || {
         plugin.calls_for("CloseProxy").len() == 2
     })
     .await;
     let closes = plugin.calls_for("CloseProxy");
-    assert_eq!(closes[1].content()["proxy_name"], "not an id/..");
-    drop(owner);
-    frpx_tests::eventually("the owner's proxy is closed", || {
-        plugin.calls_for("CloseProxy").len() == 3
-    })
-    .await;
+    assert_eq!(closes[1].content()["proxy_name"], "gpu-o");
 }
 
 #[tokio::test]
