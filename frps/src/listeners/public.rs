@@ -729,9 +729,17 @@ async fn forward(
                 // info it cost frps ~5 % of its CPU under load (issue 7's
                 // profile).
                 debug!("Chose client '{}' for the new connection", client.id);
-                if let Err(e) =
-                    plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr).await
-                {
+                let asked = plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr);
+                let asked = match &gone {
+                    None => asked.await,
+                    // A caller gone while a slow plugin decides frees the
+                    // client's slot now, not at the plugin timeout.
+                    Some(gone) => match Box::pin(unless_gone(gone, asked)).await {
+                        Some(asked) => asked,
+                        None => return caller_left(),
+                    },
+                };
+                if let Err(e) = asked {
                     return plugins::hooks::refusal(&e);
                 }
                 (client, guard)

@@ -376,6 +376,38 @@ async fn a_user_conn_rejection_answers_403_with_the_reason() {
 }
 
 #[tokio::test]
+async fn a_caller_gone_while_a_user_conn_plugin_decides_frees_the_slot_at_once() {
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_secs(60))).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("slow", &["NewUserConn"])];
+    cfg.plugin_timeout = Duration::from_secs(60);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    // An upload still coming (its body is streamed, so frps watches its
+    // socket for the caller leaving).
+    let mut caller = tokio::net::TcpStream::connect(fleet.frps.public())
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut caller, head.as_bytes())
+        .await
+        .unwrap();
+    plugin.wait_for("NewUserConn").await;
+    assert_eq!(
+        client.in_flight.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    drop(caller);
+    frpx_tests::eventually("the slot is given back, not at the plugin timeout", || {
+        client.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(fleet.backends[0].hits(), 0, "nothing reached the box");
+}
+
+#[tokio::test]
 async fn a_ping_rejection_disconnects_the_client_with_the_reason() {
     let plugin = PluginServer::start(|_| Reply::Reject("this box is suspended".into())).await;
     let frps = frps_with(
