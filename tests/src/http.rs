@@ -39,10 +39,14 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr`.
     pub async fn open(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).await.expect("connect");
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
+        let (sender, conn) = tokio::time::timeout(WAIT, async {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake")
+        })
+        .await
+        .expect("connect and handshake within WAIT");
         tokio::spawn(conn);
         Conn { sender, addr }
     }
@@ -52,10 +56,14 @@ impl Conn {
     pub async fn open_from(addr: SocketAddr, from: std::net::IpAddr) -> Conn {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.bind(SocketAddr::new(from, 0)).expect("bind source");
-        let stream = socket.connect(addr).await.expect("connect");
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
+        let (sender, conn) = tokio::time::timeout(WAIT, async {
+            let stream = socket.connect(addr).await.expect("connect");
+            http1::handshake(TokioIo::new(stream))
+                .await
+                .expect("handshake")
+        })
+        .await
+        .expect("connect and handshake within WAIT");
         tokio::spawn(conn);
         Conn { sender, addr }
     }

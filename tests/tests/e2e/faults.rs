@@ -74,7 +74,11 @@ async fn kill_9_of_an_frpc_mid_stream_ends_that_stream_and_moves_traffic_at_once
     let resp = conn.send(req).await.expect("stream starts");
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
-    let first = body.frame().await.expect("a first event").expect("frame");
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the first event within WAIT")
+        .expect("a first event")
+        .expect("frame");
     assert_eq!(first.into_data().unwrap(), Bytes::from("data: first\n\n"));
 
     box_a.kill_9().await;
@@ -733,7 +737,11 @@ async fn a_reconnect_records_the_box_online_after_its_old_sessions_offline() {
     .await;
     // Every write queued behind the held turn has landed once the turn
     // is ours again (it is first come, first served).
-    drop(second.asset_writes.lock().await);
+    drop(
+        tokio::time::timeout(WAIT, second.asset_writes.lock())
+            .await
+            .expect("the box's asset-write turn within WAIT"),
+    );
     let row = store.gpu_asset(machine).await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("online"));
     frps.stop().await;
@@ -767,7 +775,11 @@ async fn a_machine_replaced_under_its_client_id_by_another_is_recorded_offline()
         FakeClient::register_as(frps.addrs.control, &token, registration("machine-b")).await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
     let live = frps.state.registry.get("shared-id").unwrap();
-    drop(live.asset_writes.lock().await);
+    drop(
+        tokio::time::timeout(WAIT, live.asset_writes.lock())
+            .await
+            .expect("the box's asset-write turn within WAIT"),
+    );
     let row = store.gpu_asset("machine-b").await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("online"));
     frps.stop().await;

@@ -521,7 +521,11 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
     );
     let resp = conn.send(req).await.unwrap();
     let mut body = resp.into_body();
-    let first = body.frame().await.unwrap().unwrap();
+    let first = tokio::time::timeout(frpx_tests::WAIT, body.frame())
+        .await
+        .expect("the first event within WAIT")
+        .unwrap()
+        .unwrap();
     assert_eq!(first.into_data().unwrap(), Bytes::from("data: first\n\n"));
 
     let public = fleet.frps.public();
@@ -782,10 +786,16 @@ async fn oversized_request_heads_are_refused() {
     );
 }
 
-/// Sends a request on `conn` and reads its answer (a `Content-Length` body).
+/// Sends a request on `conn` and reads its answer (a `Content-Length` body),
+/// failing after [`frpx_tests::WAIT`].
 async fn exchange(conn: &mut TcpStream, request: &str) {
-    conn.write_all(request.as_bytes()).await.unwrap();
-    let head = read_head(conn).await;
+    tokio::time::timeout(frpx_tests::WAIT, conn.write_all(request.as_bytes()))
+        .await
+        .expect("the request written within WAIT")
+        .unwrap();
+    let head = tokio::time::timeout(frpx_tests::WAIT, read_head(conn))
+        .await
+        .expect("the response head within WAIT");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let length: usize = head
         .lines()
@@ -796,7 +806,10 @@ async fn exchange(conn: &mut TcpStream, request: &str) {
         })
         .expect("content-length");
     let mut body = vec![0u8; length];
-    conn.read_exact(&mut body).await.unwrap();
+    tokio::time::timeout(frpx_tests::WAIT, conn.read_exact(&mut body))
+        .await
+        .expect("the response body within WAIT")
+        .unwrap();
 }
 
 /// Reads `conn` until frps closes it over a head that never completed:

@@ -59,9 +59,7 @@ async fn one_busy_slot() -> (Boxes, Conn, hyper::Response<hyper::body::Incoming>
 /// Ends [`one_busy_slot`]'s stream, reading it to its end: the slot frees.
 async fn free_the_slot(b: &Boxes, held: &mut hyper::Response<hyper::body::Incoming>) {
     b.backends["a"].release_holds();
-    while let Some(frame) = held.body_mut().frame().await {
-        frame.unwrap();
-    }
+    frpx_tests::whole(held.body_mut()).await.unwrap();
 }
 
 #[tokio::test]

@@ -21,6 +21,30 @@ async fn frps_with_ca(ca: &TestCa, names: &[&str]) -> Frps {
     Frps::start(cfg).await
 }
 
+/// [`https_connect`], failing after [`WAIT`].
+async fn https_connect_within_wait(
+    addr: std::net::SocketAddr,
+    name: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>> {
+    tokio::time::timeout(WAIT, https_connect(addr, name, config))
+        .await
+        .expect("the TLS connection (or its refusal) within WAIT")
+}
+
+/// Sends `req` on `sender` once it is ready, failing after [`WAIT`].
+async fn send_within_wait(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>,
+    req: ::http::Request<http_body_util::Full<Bytes>>,
+) -> ::http::Response<hyper::body::Incoming> {
+    tokio::time::timeout(WAIT, async {
+        sender.ready().await.unwrap();
+        sender.send_request(req).await.unwrap()
+    })
+    .await
+    .expect("the response head within WAIT")
+}
+
 /// A frpc configuration that refuses plaintext passwords (the default).
 fn strict_config(id: &str, frps: &Frps, backend: &Backend) -> frpc::Config {
     let mut cfg = frpc_config(id, &frps.addrs, backend.addr);
@@ -242,13 +266,12 @@ async fn the_public_port_serves_https_to_a_client_trusting_the_certificate() {
     let fleet = frpx_tests::Fleet::start_with(1, cfg).await;
     let public = fleet.frps.public();
 
-    let mut sender = https_connect(public, "localhost", ca.client_config())
+    let mut sender = https_connect_within_wait(public, "localhost", ca.client_config())
         .await
         .expect("TLS handshake with the public port");
     for path in ["/one", "/two"] {
         let req = http::request("GET", public, path, Some(API_KEY), Bytes::new());
-        sender.ready().await.unwrap();
-        let reply = http::read(sender.send_request(req).await.unwrap()).await;
+        let reply = http::read(send_within_wait(&mut sender, req).await).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.json()["path"], path);
     }
@@ -260,14 +283,13 @@ async fn the_public_port_serves_https_to_a_client_trusting_the_certificate() {
         .expect("/one reached the box");
     assert_eq!(one.headers["x-forwarded-proto"], "https");
     let req = http::request("GET", public, "/", Some("wrong-key"), Bytes::new());
-    sender.ready().await.unwrap();
-    let reply = http::read(sender.send_request(req).await.unwrap()).await;
+    let reply = http::read(send_within_wait(&mut sender, req).await).await;
     assert_eq!(reply.status, 401);
 
     // A client that does not trust the certificate gets no HTTP at all.
     let stranger = TestCa::new();
     assert!(
-        https_connect(public, "localhost", stranger.client_config())
+        https_connect_within_wait(public, "localhost", stranger.client_config())
             .await
             .is_err()
     );
@@ -283,20 +305,18 @@ async fn over_the_connection_cap_an_https_caller_gets_503_in_tls() {
     cfg.max_connections_per_ip = 1;
     let fleet = frpx_tests::Fleet::start_with(1, cfg).await;
     let public = fleet.frps.public();
-    let mut first = https_connect(public, "localhost", ca.client_config())
+    let mut first = https_connect_within_wait(public, "localhost", ca.client_config())
         .await
         .unwrap();
     let req = http::request("GET", public, "/", Some(API_KEY), Bytes::new());
-    first.ready().await.unwrap();
-    assert_eq!(first.send_request(req).await.unwrap().status(), 200);
+    assert_eq!(send_within_wait(&mut first, req).await.status(), 200);
     // The second connection: a 503 the HTTPS caller can read, not
     // plaintext it would take for a broken handshake.
-    let mut second = https_connect(public, "localhost", ca.client_config())
+    let mut second = https_connect_within_wait(public, "localhost", ca.client_config())
         .await
         .expect("TLS handshake though over the cap");
     let req = http::request("GET", public, "/", Some(API_KEY), Bytes::new());
-    second.ready().await.unwrap();
-    let reply = http::read(second.send_request(req).await.unwrap()).await;
+    let reply = http::read(send_within_wait(&mut second, req).await).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "too_many_connections");
     assert_eq!(reply.headers["retry-after"], "1");
