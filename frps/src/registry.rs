@@ -245,10 +245,17 @@ pub const COOLDOWN_BASE: std::time::Duration = std::time::Duration::from_secs(1)
 /// Longest cool-down.
 pub const COOLDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Health {
     failures: u32,
     until: Option<Instant>,
+}
+
+impl Health {
+    /// Whether there is anything to remember: failures, or a cool-down.
+    fn is_clean(&self) -> bool {
+        self.failures == 0 && self.until.is_none()
+    }
 }
 
 /// The set of live clients.
@@ -263,6 +270,10 @@ pub struct Registry {
     /// Each box's `gpu_assets` write order, shared by its sessions: a gone
     /// session's `offline` and its reconnect's `online` land in turn.
     asset_writes: Mutex<ByBox<tokio::sync::Mutex<()>>>,
+    /// The failures (and cool-down) of boxes whose session ended, for
+    /// their next session, until the time with each: a box failing
+    /// requests does not leave its cool-down by reconnecting.
+    health_left: Mutex<HashMap<(String, i64), (Health, Instant)>>,
 }
 
 /// Something each box (client id and account) shares across its sessions
@@ -305,6 +316,7 @@ impl Default for Registry {
             changes: watch::Sender::new(0),
             in_flight: Mutex::new(ByBox::new()),
             asset_writes: Mutex::new(ByBox::new()),
+            health_left: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -358,6 +370,7 @@ impl Registry {
             .lock()
             .expect("asset write lock")
             .of(&new.registration.client_id, new.owner.user_id);
+        let health = self.health_of(&new.registration.client_id, new.owner.user_id);
         let handle = Arc::new(ClientHandle {
             id: new.registration.client_id.clone(),
             session,
@@ -377,7 +390,7 @@ impl Registry {
             requests: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             service_up: AtomicBool::new(true),
-            health: Mutex::new(Health::default()),
+            health: Mutex::new(health),
             idle: IdlePool::default(),
             asset_writes,
             tunnel: Mutex::new(None),
@@ -413,9 +426,41 @@ impl Registry {
             }
         };
         if removed {
+            self.keep_health(handle);
             self.changed();
         }
         removed
+    }
+
+    /// What a new session of the box `(id, user_id)` starts with: the
+    /// health of its live session (a reconnect replacing it), else what
+    /// its last session left, if that is still remembered.
+    fn health_of(&self, id: &str, user_id: i64) -> Health {
+        let live = self.clients.read().expect("registry lock").get(id).cloned();
+        if let Some(live) = live.filter(|c| c.owner.user_id == user_id) {
+            return *live.health.lock().expect("health lock");
+        }
+        let mut left = self.health_left.lock().expect("health lock");
+        match left.remove(&(id.to_owned(), user_id)) {
+            Some((health, until)) if Instant::now() < until => health,
+            _ => Health::default(),
+        }
+    }
+
+    /// Remembers the failures of `gone`'s session for the box's next one:
+    /// for [`COOLDOWN_MAX`] past its cool-down's end (or past now).
+    fn keep_health(&self, gone: &ClientHandle) {
+        let health = *gone.health.lock().expect("health lock");
+        let key = (gone.id.clone(), gone.owner.user_id);
+        let mut left = self.health_left.lock().expect("health lock");
+        let now = Instant::now();
+        if health.is_clean() {
+            left.remove(&key);
+            return;
+        }
+        left.retain(|_, (_, until)| now < *until);
+        let from = health.until.map_or(now, |t| t.max(now));
+        left.insert(key, (health, from + COOLDOWN_MAX));
     }
 
     /// The live client with this id.
@@ -587,5 +632,40 @@ mod tests {
         let (mut c, _rx3) = new_client("gpu");
         c.owner.user_id = 2;
         assert!(reg.insert(c).is_ok());
+    }
+
+    #[test]
+    fn a_box_keeps_its_failures_and_cool_down_across_sessions() {
+        let reg = Registry::default();
+        let add = |id| super::testing::add(&reg, id, &[], None);
+        let first = add("gpu");
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            first.record_failure();
+        }
+        assert!(first.is_cooling_down());
+        // A reconnect replacing the live session, then one after the
+        // session ended: both still cooling down.
+        let second = add("gpu");
+        assert!(second.is_cooling_down(), "replaced");
+        assert!(reg.remove(&second));
+        let third = add("gpu");
+        assert!(third.is_cooling_down(), "reconnected after it ended");
+        assert!(!third.is_routable(Instant::now()));
+        // One more failure doubles the cool-down as it would have.
+        assert_eq!(third.record_failure(), Some(COOLDOWN_BASE * 2));
+        // Another account's box of that id starts clean.
+        assert!(reg.remove(&third));
+        let (mut other, _rx) = new_client("gpu");
+        other.owner.user_id = 2;
+        let other = reg.insert(other).unwrap();
+        assert!(!other.is_cooling_down());
+        assert!(reg.remove(&other));
+        // A success forgets it all: the next session starts clean.
+        let fourth = add("gpu");
+        assert!(fourth.is_cooling_down());
+        fourth.record_success();
+        assert!(reg.remove(&fourth));
+        assert!(!add("gpu").is_cooling_down());
+        assert!(reg.health_left.lock().unwrap().is_empty());
     }
 }
