@@ -560,6 +560,18 @@ mod tests {
         panic!("the local connection was open")
     }
 
+    /// [`forward_watched`] of `remote` and `local` in a task, with a path
+    /// that never goes silent and a service that keeps its connection.
+    fn forwarding(
+        mut remote: Stream,
+        mut local: TcpStream,
+    ) -> tokio::task::JoinHandle<std::io::Result<bool>> {
+        tokio::spawn(async move {
+            let path = std::future::pending();
+            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, no_redial()).await
+        })
+    }
+
     #[tokio::test]
     async fn a_local_connection_the_service_closed_while_pooled_is_opened_again() {
         let (mut remote, mut local, mut frps_end, service_end) = joined_pairs().await;
@@ -605,17 +617,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_service_that_speaks_first_keeps_its_connection() {
-        let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
-        let forwarding = tokio::spawn(async move {
-            forward_watched(
-                &mut remote,
-                &mut local,
-                Uuid::new_v4(),
-                std::future::pending(),
-                no_redial(),
-            )
-            .await
-        });
+        let (remote, local, mut frps_end, mut service_end) = joined_pairs().await;
+        let forwarding = forwarding(remote, local);
         service_end.write_all(b"hello").await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!forwarding.is_finished(), "waiting for frps's first byte");
@@ -685,17 +688,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_the_service_stops_taking_is_let_go_once_frps_closes() {
-        let (mut remote, mut local, frps_end, service_end) = joined_pairs().await;
-        let forwarding = tokio::spawn(async move {
-            forward_watched(
-                &mut remote,
-                &mut local,
-                Uuid::new_v4(),
-                std::future::pending(),
-                no_redial(),
-            )
-            .await
-        });
+        let (remote, local, frps_end, service_end) = joined_pairs().await;
+        let forwarding = forwarding(remote, local);
         // An upload the service (hung, its connection open) never reads:
         // frps sends until every buffer on the way is full.
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
