@@ -9,7 +9,6 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 /// Largest model-list body read from the local service. It may list more
@@ -215,7 +214,7 @@ fn parse_openai(body: &[u8]) -> Result<Vec<ModelInfo>, ProbeError> {
 /// One GET over a fresh connection; the body of a 200, else an error.
 async fn get(host: &str, path: &'static str) -> Result<Bytes, ProbeError> {
     let unreachable = |e: &dyn std::fmt::Display| ProbeError::Unreachable(format!("{host}: {e}"));
-    let stream = TcpStream::connect(host)
+    let stream = common::stream::connect_any(host)
         .await
         .map_err(|e| unreachable(&e))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

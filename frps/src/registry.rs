@@ -405,6 +405,10 @@ impl Registry {
             }
             clients.insert(handle.id.clone(), handle.clone())
         };
+        self.health_left
+            .lock()
+            .expect("health lock")
+            .remove(&(handle.id.clone(), handle.owner.user_id));
         if let Some(old) = old {
             old.kick(common::protocol::REPLACED);
         }
@@ -440,9 +444,11 @@ impl Registry {
         if let Some(live) = live.filter(|c| c.owner.user_id == user_id) {
             return *live.health.lock().expect("health lock");
         }
-        let mut left = self.health_left.lock().expect("health lock");
-        match left.remove(&(id.to_owned(), user_id)) {
-            Some((health, until)) if Instant::now() < until => health,
+        // Forgotten only once the new session is in ([`Registry::insert_as`]):
+        // a registration refused meanwhile leaves it for the next.
+        let left = self.health_left.lock().expect("health lock");
+        match left.get(&(id.to_owned(), user_id)) {
+            Some(&(health, until)) if Instant::now() < until => health,
             _ => Health::default(),
         }
     }
@@ -653,12 +659,14 @@ mod tests {
         assert!(!third.is_routable(Instant::now()));
         // One more failure doubles the cool-down as it would have.
         assert_eq!(third.record_failure(), Some(COOLDOWN_BASE * 2));
-        // Another account's box of that id starts clean.
+        // Another account's box of that id starts clean; refused while
+        // it is live, this box's next session still remembers.
         assert!(reg.remove(&third));
         let (mut other, _rx) = new_client("gpu");
         other.owner.user_id = 2;
         let other = reg.insert(other).unwrap();
         assert!(!other.is_cooling_down());
+        assert!(reg.insert(new_client("gpu").0).is_err(), "IdTaken");
         assert!(reg.remove(&other));
         // A success forgets it all: the next session starts clean.
         let fourth = add("gpu");

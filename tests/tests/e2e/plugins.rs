@@ -572,9 +572,10 @@ async fn a_rewritten_client_id_that_is_invalid_is_refused() {
 
 #[tokio::test]
 async fn a_plugins_reason_reaches_frpc_bounded_and_on_one_line() {
-    let plugin =
-        PluginServer::start(|_| Reply::Reject(format!("{}\nINFO forged line", "x".repeat(65_000))))
-            .await;
+    let plugin = PluginServer::start(|_| {
+        Reply::Reject(format!("xxxx\nINFO forged line {}", "x".repeat(65_000)))
+    })
+    .await;
     let frps = frps_with(
         vec![plugin.spec("wordy", &["NewProxy"])],
         Duration::from_secs(3),
