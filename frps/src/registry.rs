@@ -186,10 +186,21 @@ impl ClientHandle {
     pub fn record_success(&self) -> bool {
         let mut h = self.health.lock().expect("health lock");
         let ended = h.until.is_some_and(|t| Instant::now() < t);
-        if h.failures > 0 || h.until.is_some() {
+        if !h.is_clean() {
             *h = Health::default();
         }
         ended
+    }
+
+    /// Notes a request's tunnel stream shed for its connection's receive
+    /// budget before an answer (the box busy, not failing); true once more
+    /// than [`SHEDS_BEFORE_FAILURE`] came with no success between: the
+    /// reason is the box's own text, so a box that sheds everything is
+    /// taken for a failing one.
+    pub fn record_shed(&self) -> bool {
+        let mut h = self.health.lock().expect("health lock");
+        h.sheds = h.sheds.saturating_add(1);
+        h.sheds > SHEDS_BEFORE_FAILURE
     }
 
     /// Whether the client is cooling down after failures.
@@ -245,16 +256,23 @@ pub const COOLDOWN_BASE: std::time::Duration = std::time::Duration::from_secs(1)
 /// Longest cool-down.
 pub const COOLDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Streams shed for the receive budget in a row (no success between) after
+/// which each further one counts as a failure.
+pub const SHEDS_BEFORE_FAILURE: u32 = 16;
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Health {
     failures: u32,
     until: Option<Instant>,
+    /// Streams shed since the last success.
+    sheds: u32,
 }
 
 impl Health {
-    /// Whether there is anything to remember: failures, or a cool-down.
+    /// Whether there is anything to remember: failures, sheds, or a
+    /// cool-down.
     fn is_clean(&self) -> bool {
-        self.failures == 0 && self.until.is_none()
+        self.failures == 0 && self.until.is_none() && self.sheds == 0
     }
 }
 

@@ -867,8 +867,9 @@ async fn forward(
                     // client with every dial-back outstanding: another is
                     // tried without cooling this one down or using a
                     // retry, and with no other (or a body gone with it)
-                    // the caller is asked to retry shortly.
-                    if reset.is_shed() {
+                    // the caller is asked to retry shortly. (Past
+                    // SHEDS_BEFORE_FAILURE in a row, a failure.)
+                    if reset.is_shed() && !client.record_shed() {
                         let e = AcquireError::Busy(reset.reason.to_string());
                         if payload.is_spent() {
                             return upstream_error(state, &e);

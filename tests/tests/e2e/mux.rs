@@ -201,7 +201,7 @@ async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one
     });
     let client = frps.state.registry.get("shedding").unwrap();
     frpx_tests::eventually("the tunnel connection is up", || client.tunnel().is_some()).await;
-    let tries = frps::registry::FAILURES_BEFORE_COOLDOWN as usize + 2;
+    let tries = frps::registry::SHEDS_BEFORE_FAILURE as usize;
     let mut conn = Conn::open(frps.public()).await;
     for i in 0..tries {
         // A body frps holds whole and one it streams: either way the
@@ -221,9 +221,18 @@ async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one
         assert!(!client.is_cooling_down(), "after {} sheds", i + 1);
     }
     assert!(client.is_routable(std::time::Instant::now()));
+    // The reason is the box's own text: one that sheds everything, with
+    // no success between, is taken for a failing box after that many.
+    for _ in 0..frps::registry::FAILURES_BEFORE_COOLDOWN {
+        let reply = conn.get("/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    }
+    assert!(client.is_cooling_down());
     drop(conn);
     frps.stop().await;
-    assert_eq!(shedding.await.unwrap(), tries, "each went to the box once");
+    let sent = tries + frps::registry::FAILURES_BEFORE_COOLDOWN as usize;
+    assert_eq!(shedding.await.unwrap(), sent, "each went to the box once");
 }
 
 #[tokio::test]
