@@ -2,6 +2,7 @@
 //!
 //! - [`protocol`]: the [`Command`] enum, every message of the conversation.
 //! - [`codec`]: length-prefixed JSON framing with a size limit and timeouts.
+//! - [`hex`]: lower-case hexadecimal.
 //! - [`join`]: bidirectional stream joining with half-close semantics.
 //! - [`stream`]: the connection type, plain TCP or TLS.
 //! - [`config_file`]: INI configuration files feeding the binaries' flags.
@@ -14,6 +15,7 @@
 pub mod codec;
 pub mod config_file;
 pub mod duration;
+pub mod hex;
 pub mod join;
 pub mod memory;
 pub mod mux;

@@ -199,15 +199,8 @@ pub fn parse_meta(s: &str) -> Result<(String, String), String> {
 /// Reads a SHA-256 fingerprint: 64 hex digits, optionally separated by colons.
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     let hex: String = s.chars().filter(|c| *c != ':').collect();
-    let bad = || format!("`{s}` is not a SHA-256 fingerprint (64 hex digits)");
-    if hex.len() != 64 || !hex.is_ascii() {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    common::hex::decode_array(&hex)
+        .ok_or_else(|| format!("`{s}` is not a SHA-256 fingerprint (64 hex digits)"))
 }
 
 /// Metadata pairs as a map; a later entry for a key wins.

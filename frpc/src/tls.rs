@@ -263,11 +263,6 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(cert.as_ref()).into()
 }
 
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Accepts exactly one certificate, by SHA-256; the handshake signature is
 /// still verified against that certificate's key.
 #[derive(Debug)]
@@ -309,8 +304,8 @@ impl ServerCertVerifier for Pinned {
             return Ok(ServerCertVerified::assertion());
         }
         let mismatch = FingerprintMismatch {
-            got: hex(&got),
-            want: hex(&self.sha256),
+            got: common::hex::encode(&got),
+            want: common::hex::encode(&self.sha256),
         };
         Err(rustls::Error::InvalidCertificate(CertificateError::Other(
             rustls::OtherError(Arc::new(mismatch)),
@@ -392,6 +387,7 @@ mod tests {
         assert_eq!(parse_fingerprint(&colons).unwrap(), [0xab; 32]);
         assert!(parse_fingerprint("abcd").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
+        assert!(parse_fingerprint(&"+a".repeat(32)).is_err());
     }
 
     #[test]

@@ -563,31 +563,32 @@ mod tests {
     /// [`forward_watched`] of `remote` and `local` in a task, with a path
     /// that never goes silent and a service that keeps its connection.
     fn forwarding(
+        remote: Stream,
+        local: TcpStream,
+    ) -> tokio::task::JoinHandle<std::io::Result<bool>> {
+        forwarding_with(remote, local, std::future::pending(), no_redial())
+    }
+
+    /// [`forward_watched`] of `remote` and `local` in a task, watching
+    /// `path` and opening the local connection again with `redial`.
+    fn forwarding_with(
         mut remote: Stream,
         mut local: TcpStream,
+        path: impl Future<Output = common::stream::PathState> + Send + 'static,
+        redial: impl Future<Output = Result<TcpStream, String>> + Send + 'static,
     ) -> tokio::task::JoinHandle<std::io::Result<bool>> {
         tokio::spawn(async move {
-            let path = std::future::pending();
-            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, no_redial()).await
+            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, redial).await
         })
     }
 
     #[tokio::test]
     async fn a_local_connection_the_service_closed_while_pooled_is_opened_again() {
-        let (mut remote, mut local, mut frps_end, service_end) = joined_pairs().await;
+        let (remote, local, mut frps_end, service_end) = joined_pairs().await;
         let service = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let again = service.local_addr().unwrap();
-        let forwarding = tokio::spawn(async move {
-            let redial = async move { TcpStream::connect(again).await.map_err(|e| e.to_string()) };
-            forward_watched(
-                &mut remote,
-                &mut local,
-                Uuid::new_v4(),
-                std::future::pending(),
-                redial,
-            )
-            .await
-        });
+        let redial = async move { TcpStream::connect(again).await.map_err(|e| e.to_string()) };
+        let forwarding = forwarding_with(remote, local, std::future::pending(), redial);
         // The service closes the connection as idle, and a while later
         // frps sends a request on it.
         drop(service_end);
@@ -638,7 +639,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_path_closes_the_data_connection_and_the_local_one() {
-        let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
+        let (remote, local, mut frps_end, mut service_end) = joined_pairs().await;
         let (silent, path) = tokio::sync::oneshot::channel();
         let path = async move {
             let _ = path.await;
@@ -647,9 +648,7 @@ mod tests {
                 since_ack: common::stream::SILENT_PATH_LIMIT,
             }
         };
-        let forwarding = tokio::spawn(async move {
-            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, no_redial()).await
-        });
+        let forwarding = forwarding_with(remote, local, path, no_redial());
         // A request reaches the service and it starts answering.
         frps_end.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let mut got = [0u8; 18];

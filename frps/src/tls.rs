@@ -244,10 +244,7 @@ async fn refuse(mut tcp: TcpStream, message: &str) {
 
 /// SHA-256 of a DER certificate, lowercase hex (what `--tls-fingerprint` takes).
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    Sha256::digest(cert.as_ref())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    common::hex::encode(&Sha256::digest(cert.as_ref()))
 }
 
 /// The default directory of the self-signed certificate: beside the SQLite

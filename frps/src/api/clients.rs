@@ -203,19 +203,12 @@ pub async fn models(
 
 /// `text`'s bytes in lower-case hexadecimal: a cursor of visible ASCII.
 fn hex(text: &str) -> String {
-    text.bytes().map(|b| format!("{b:02x}")).collect()
+    common::hex::encode(text.as_bytes())
 }
 
 /// The text [`hex`] gave `cursor`, if it is such a cursor.
 fn from_hex(cursor: &str) -> Option<String> {
-    if !cursor.len().is_multiple_of(2) || !cursor.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..cursor.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&cursor[i..i + 2], 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
+    String::from_utf8(common::hex::decode(cursor)?).ok()
 }
 
 #[cfg(test)]

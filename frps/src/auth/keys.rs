@@ -544,6 +544,7 @@ mod tests {
         };
         assert_eq!(stored_hash(&legacy), Some(h));
         assert_eq!(secret::parse_hex32("zz"), None);
+        assert_eq!(secret::parse_hex32(&"+a".repeat(32)), None);
     }
 
     #[tokio::test]

@@ -690,7 +690,7 @@ async fn send<W: AsyncWrite + Unpin>(
 pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    common::hex::encode(&buf)
 }
 
 #[cfg(test)]

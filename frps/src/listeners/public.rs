@@ -301,14 +301,23 @@ impl CallerGone {
     }
 }
 
-/// `wait`'s output, or `None` when the caller `gone` watches left first.
-/// Boxed by its callers: only requests with a body still to come take this
-/// path, and the others' futures stay as small as without it.
-async fn unless_gone<F: Future>(gone: &CallerGone, wait: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        out = wait => Some(out),
-        _ = gone.closed() => None,
+/// `wait`'s output, or `None` when the caller `gone` watches (if any) left
+/// first.
+async fn unless_gone<F: Future>(gone: Option<&CallerGone>, wait: F) -> Option<F::Output> {
+    match gone {
+        None => Some(wait.await),
+        // Boxed: only requests with a body still to come take this path,
+        // and the others' futures stay as small as without it.
+        Some(gone) => {
+            Box::pin(async move {
+                tokio::select! {
+                    biased;
+                    out = wait => Some(out),
+                    _ = gone.closed() => None,
+                }
+            })
+            .await
+        }
     }
 }
 
@@ -698,14 +707,10 @@ async fn forward(
                     exclude: &excluded,
                 };
                 let picking = Instant::now();
-                let dispatched = match &gone {
-                    None => dispatch::acquire(state, want).await,
-                    Some(gone) => {
-                        match Box::pin(unless_gone(gone, dispatch::acquire(state, want))).await {
-                            Some(dispatched) => dispatched,
-                            None => return caller_left(),
-                        }
-                    }
+                let Some(dispatched) =
+                    unless_gone(gone.as_ref(), dispatch::acquire(state, want)).await
+                else {
+                    return caller_left();
                 };
                 let client = match dispatched {
                     Ok(d) => {
@@ -730,14 +735,10 @@ async fn forward(
                 // profile).
                 debug!("Chose client '{}' for the new connection", client.id);
                 let asked = plugins::hooks::new_user_conn(&state.plugins, &client, caller.addr);
-                let asked = match &gone {
-                    None => asked.await,
-                    // A caller gone while a slow plugin decides frees the
-                    // client's slot now, not at the plugin timeout.
-                    Some(gone) => match Box::pin(unless_gone(gone, asked)).await {
-                        Some(asked) => asked,
-                        None => return caller_left(),
-                    },
+                // A caller gone while a slow plugin decides frees the
+                // client's slot now, not at the plugin timeout.
+                let Some(asked) = unless_gone(gone.as_ref(), asked).await else {
+                    return caller_left();
                 };
                 if let Err(e) = asked {
                     return plugins::hooks::refusal(&e);
@@ -753,14 +754,10 @@ async fn forward(
         } else {
             upstream::Reuse::Any
         };
-        let acquired = match &gone {
-            None => upstream::acquire(state, &client, reuse).await,
-            Some(gone) => {
-                match Box::pin(unless_gone(gone, upstream::acquire(state, &client, reuse))).await {
-                    Some(acquired) => acquired,
-                    None => return caller_left(),
-                }
-            }
+        let Some(acquired) =
+            unless_gone(gone.as_ref(), upstream::acquire(state, &client, reuse)).await
+        else {
+            return caller_left();
         };
         let up = match acquired {
             Ok(up) => {
