@@ -88,6 +88,14 @@ pub struct Config {
     #[arg(long, env = "FRPC_MAX_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: Option<u32>,
 
+    /// Most dial-back data connections this frpc holds at once (opening,
+    /// pooled by frps, or carrying a request); an `OpenConnection` past it
+    /// is answered `OpenFailed` without dialing. frps keeps far fewer (at
+    /// most 256 idle and 512 being opened per client, plus those in use):
+    /// the cap is against a misbehaving frps.
+    #[arg(long, env = "FRPC_MAX_DATA_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_data_connections: u32,
+
     /// How often system metrics and the model list are reported (at least
     /// 1s; also the deadline for reading the metrics).
     #[arg(long, env = "FRPC_METRICS_INTERVAL", default_value = "10s", value_parser = parse_metrics_interval)]

@@ -10,7 +10,7 @@ use common::{
     SystemInfo, write_command,
 };
 use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -91,6 +91,12 @@ pub struct Client {
     /// `shutdown` is over (`--shutdown-timeout`).
     hard_stop: CancellationToken,
     tunnels: TaskTracker,
+    /// One permit per dial-back data connection held, across sessions
+    /// (`--max-data-connections`).
+    data_slots: Arc<Semaphore>,
+    /// Set while `OpenConnection`s are refused for want of a slot: the
+    /// first refusal of a run is a warning, the rest debug lines.
+    data_slots_out: AtomicBool,
     /// Tokens frps refused (revoked, expired), the latest
     /// [`MAX_REFUSED_TOKENS`]: never sent again by this process, neither the
     /// one held in memory nor the file's, which may differ when the file
@@ -174,12 +180,15 @@ impl Client {
         let dialer = Dialer::from_config(&config)?;
         let template = registration(&config, &identity, Vec::new(), false);
         let models_fit = Arc::new(local::ModelFit::new(&template)?);
+        let data_slots = Arc::new(Semaphore::new(config.max_data_connections as usize));
         Ok(Self {
             config: Arc::new(config),
             identity,
             shutdown,
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
+            data_slots,
+            data_slots_out: AtomicBool::new(false),
             refused: Mutex::new(Vec::new()),
             session_tokens: Mutex::new(Vec::new()),
             dialer,
@@ -859,16 +868,7 @@ impl Client {
                     };
                     dead.as_mut().reset(Instant::now() + silence);
                     match cmd {
-                        Command::OpenConnection { conn_id } => {
-                            let open = tunnel::open(self.config.clone(), self.dialer.clone(), session.clone(), conn_id, out_tx.clone());
-                            let stop = self.hard_stop.clone();
-                            self.tunnels.spawn(async move {
-                                tokio::select! {
-                                    _ = open => {}
-                                    _ = stop.cancelled() => {}
-                                }
-                            });
-                        }
+                        Command::OpenConnection { conn_id } => self.open(conn_id, &session, &out_tx),
                         Command::HeartbeatAck { .. } => {}
                         Command::TokenRenewed { token, expires_at } => {
                             // frps now watches the renewal for this session.
@@ -883,6 +883,43 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+impl Client {
+    /// Opens data connection `conn_id` in a task holding one of the
+    /// `--max-data-connections` slots; without a free slot, tells frps
+    /// (`OpenFailed`) at once, or, when the control connection's queue is
+    /// full too, lets frps's pairing time out.
+    fn open(&self, conn_id: uuid::Uuid, session: &Arc<Session>, out: &mpsc::Sender<Command>) {
+        let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
+            let max = self.config.max_data_connections;
+            let reason =
+                format!("frpc already holds {max} data connections (--max-data-connections)");
+            if self.data_slots_out.swap(true, Ordering::Relaxed) {
+                debug!(%conn_id, "{reason}");
+            } else {
+                warn!(%conn_id, "{reason}: refusing frps's requests for more");
+            }
+            let _ = out.try_send(Command::OpenFailed { conn_id, reason });
+            return;
+        };
+        self.data_slots_out.store(false, Ordering::Relaxed);
+        let open = tunnel::open(
+            self.config.clone(),
+            self.dialer.clone(),
+            session.clone(),
+            conn_id,
+            out.clone(),
+        );
+        let stop = self.hard_stop.clone();
+        self.tunnels.spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = open => {}
+                _ = stop.cancelled() => {}
+            }
+        });
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use frpx_tests::http::{self, Conn};
-use frpx_tests::{API_KEY, Fleet};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frpc_config};
 use http_body_util::BodyExt;
 
 #[tokio::test]
@@ -267,4 +267,37 @@ async fn a_service_listing_more_models_than_a_frame_holds_still_registers() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["backend"], "crowded");
     frpc.kill().await;
+}
+
+#[tokio::test]
+async fn frpc_refuses_data_connections_past_its_cap_at_once() {
+    let frps = Frps::start_default().await;
+    let backend = Backend::start("capped").await;
+    let mut cfg = frpc_config("capped", &frps.addrs, backend.addr);
+    cfg.max_data_connections = 1;
+    let _frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["capped"]).await;
+    // The one data connection frpc may hold carries a stream.
+    let (_conn, held) = http::start_hold(frps.public(), API_KEY).await;
+    // frps's next dial-back is refused without waiting --connect-timeout.
+    let asked = std::time::Instant::now();
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert!(
+        reply.body.contains("--max-data-connections"),
+        "{}",
+        reply.body
+    );
+    assert!(asked.elapsed() < frps.state.config.connect_timeout);
+    assert_eq!(
+        backend.hits(),
+        1,
+        "the refused request never reached the box"
+    );
+    // Once the stream ends its connection carries the next request.
+    backend.release_holds();
+    let rest = frpx_tests::whole(held.into_body()).await.unwrap();
+    assert!(rest.ends_with(b"done\n"));
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
 }
