@@ -77,16 +77,42 @@ impl TestPg {
     }
 
     /// Drops the database.
-    pub async fn drop_db(self) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin_url).await {
-            let _ = sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut conn)
-            .await;
-        }
+    pub async fn drop_db(mut self) {
+        drop_database(&self.admin_url, &self.name).await;
+        self.name.clear();
     }
+}
+
+/// A test that failed before [`TestPg::drop_db`] (a panic unwinding past
+/// it) still leaves no database behind: dropped from a thread of its own,
+/// as the test's runtime may be the one unwinding.
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        let (admin_url, name) = (self.admin_url.clone(), std::mem::take(&mut self.name));
+        let dropping = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime to drop the test database");
+            runtime.block_on(drop_database(&admin_url, &name));
+        });
+        let _ = dropping.join();
+    }
+}
+
+/// Drops database `name`, giving up after 10 s (a stopped server leaves it).
+async fn drop_database(admin_url: &str, name: &str) {
+    let dropping = async {
+        if let Ok(mut conn) = sqlx::PgConnection::connect(admin_url).await {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await;
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), dropping).await;
 }
 
 fn replace_db(url: &str, name: &str) -> String {

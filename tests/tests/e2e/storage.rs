@@ -2473,3 +2473,34 @@ on_both_databases!(
     renewed_tokens_form_a_family_on_postgres,
     renewed_tokens_form_a_family
 );
+
+#[tokio::test]
+async fn a_test_database_is_dropped_even_when_its_test_fails() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let name = url::Url::parse(&pg.url).unwrap().path()[1..].to_owned();
+    let admin = std::env::var("FRPX_TEST_DATABASE_URL").unwrap();
+    let exists = |name: String| {
+        let admin = admin.clone();
+        async move {
+            let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin)
+                .await
+                .unwrap();
+            sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+                .bind(name)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(exists(name.clone()).await);
+    // A failing test unwinds past its `drop_db`.
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _pg = pg;
+        panic!("the test failed");
+    }));
+    assert!(failed.is_err());
+    assert!(!exists(name).await, "the database is gone");
+}
