@@ -7,6 +7,7 @@
 //! - [`stream`]: the connection type, plain TCP or TLS.
 //! - [`config_file`]: INI configuration files feeding the binaries' flags.
 //! - [`telemetry`]: the binaries' log set-up.
+//! - [`text`]: peers' text cut and tamed for echoing and logging.
 //! - [`mux`]: many byte streams over one frps-frpc connection.
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
 //! - [`process`]: signals and the open-file limit.
@@ -25,6 +26,7 @@ pub mod stream;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod text;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
 pub use duration::{parse_duration, parse_duration_checked, parse_positive_duration};

@@ -1,11 +1,140 @@
 //! Logging set-up, in one place.
 
+use std::io::Write;
+
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`.
+/// Every event is one line on standard output: line breaks inside it (a
+/// peer's text in a message) are written as `\n` and `\r`, so nothing a
+/// peer sends can forge a log line.
 pub fn init(default_filter: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(default_filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(OneLine(std::io::stdout))
+        .try_init();
+}
+
+/// A [`MakeWriter`] whose writers hold an event's text and hand it to the
+/// inner writer on one line when dropped (the fmt layer makes one writer
+/// per event).
+#[derive(Debug, Clone, Copy)]
+pub struct OneLine<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for OneLine<M> {
+    type Writer = EventBuffer<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EventBuffer {
+            text: Vec::new(),
+            out: self.0.make_writer(),
+        }
+    }
+}
+
+/// One event's text on its way to `out`.
+#[derive(Debug)]
+pub struct EventBuffer<W: Write> {
+    text: Vec<u8>,
+    out: W,
+}
+
+impl<W: Write> Write for EventBuffer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Drop for EventBuffer<W> {
+    fn drop(&mut self) {
+        if self.text.is_empty() {
+            return;
+        }
+        let line = one_line(&self.text);
+        let _ = self.out.write_all(&line);
+        let _ = self.out.flush();
+    }
+}
+
+/// `text` with every line break but a final `\n` written as `\n` or `\r`.
+pub fn one_line(text: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let (body, end) = match text.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (text, &b""[..]),
+    };
+    if !body.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return text.into();
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    for &b in body {
+        match b {
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(b),
+        }
+    }
+    out.extend_from_slice(end);
+    out.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn line_breaks_inside_an_event_are_escaped() {
+        assert_eq!(&*one_line(b"plain\n"), b"plain\n");
+        assert_eq!(&*one_line(b"no end"), b"no end");
+        assert_eq!(
+            &*one_line(b"a\nb\r\nc\n"),
+            b"a\\nb\\r\\nc\n",
+            "only the last break stays"
+        );
+    }
+
+    /// A shared buffer as the inner writer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_peer_text_with_line_breaks_stays_on_its_event_line() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(OneLine(move || sink.clone()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let message = "bye\n2026-12-03T00:00:00Z  INFO frps: Client 'victim' registered";
+            tracing::warn!("client reported an error: {message}");
+            tracing::info!("next");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].contains("bye\\n2026"), "{text}");
+        assert!(lines[1].ends_with("next"), "{text}");
+    }
 }

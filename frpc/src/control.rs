@@ -45,6 +45,13 @@ const TOKEN_SAVE_WAIT: Duration = Duration::from_secs(1);
 /// file; a few more cover renewals refused in turn).
 const MAX_REFUSED_TOKENS: usize = 8;
 
+/// Tokens of one session kept for [`common::protocol::TOKEN_ENDED`]: the
+/// login's and the latest renewals.
+const MAX_SESSION_TOKENS: usize = 8;
+
+/// Shortest time between two renewals of a session that frpc takes.
+const RENEWAL_PACE: Duration = Duration::from_secs(1);
+
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -474,6 +481,16 @@ impl Client {
         }
     }
 
+    /// Adds a renewal to the tokens of the current session: the one it
+    /// logged in with and the latest [`MAX_SESSION_TOKENS`] `- 1` renewals.
+    fn session_token(&self, token: String) {
+        let mut tokens = self.session_tokens.lock().expect("token lock");
+        if tokens.len() >= MAX_SESSION_TOKENS {
+            tokens.remove(1);
+        }
+        tokens.push(token);
+    }
+
     /// Saves a token frps renewed (at a token login or during a session),
     /// not held up by the write (the handshake's deadline and the session's
     /// heartbeats go on while a busy disk syncs). Once saved it is the one
@@ -530,12 +547,6 @@ impl Client {
         })
     }
 
-    /// Email and password for a login, refusing to send them in plaintext
-    /// unless allowed. `unreadable`: the token file exists but could not be
-    /// read; then a password, when there is one, logs in instead, and a
-    /// box that has none (or may not send it) retries with backoff rather
-    /// than exiting, since the file may be readable again (an I/O error
-    /// that passes, permissions an operator fixes).
     /// Whether a password login is possible: from the flags or the
     /// environment, a prompt, or one prompted for already.
     fn has_password(&self) -> bool {
@@ -550,6 +561,12 @@ impl Client {
             )
     }
 
+    /// Email and password for a login, refusing to send them in plaintext
+    /// unless allowed. `unreadable`: the token file exists but could not be
+    /// read; then a password, when there is one, logs in instead, and a
+    /// box that has none (or may not send it) retries with backoff rather
+    /// than exiting, since the file may be readable again (an I/O error
+    /// that passes, permissions an operator fixes).
     async fn password_credentials(
         &self,
         unreadable: Option<login::ReadError>,
@@ -605,10 +622,7 @@ impl Client {
                 *self.session_tokens.lock().expect("token lock") = vec![refused_token];
                 // Past half its lifetime, frps hands over a new one.
                 if let Some(token) = token {
-                    self.session_tokens
-                        .lock()
-                        .expect("token lock")
-                        .push(token.clone());
+                    self.session_token(token.clone());
                     drop(self.renewed(token, expires_at));
                 }
                 Ok(())
@@ -845,6 +859,7 @@ impl Client {
         let dead = tokio::time::sleep(silence);
         tokio::pin!(dead);
         let mut seq = 0u64;
+        let mut renewals = Pace::new(RENEWAL_PACE);
         loop {
             tokio::select! {
                 biased;
@@ -871,8 +886,15 @@ impl Client {
                         Command::OpenConnection { conn_id } => self.open(conn_id, &session, &out_tx),
                         Command::HeartbeatAck { .. } => {}
                         Command::TokenRenewed { token, expires_at } => {
+                            // frps renews a token past half its lifetime (days):
+                            // renewals without pause (a broken frps) are not
+                            // each kept and written.
+                            if !renewals.admit() {
+                                warn!("frps renewed the login token again within {RENEWAL_PACE:?}; ignoring the renewal");
+                                continue;
+                            }
                             // frps now watches the renewal for this session.
-                            self.session_tokens.lock().expect("token lock").push(token.clone());
+                            self.session_token(token.clone());
                             drop(self.renewed(token, expires_at));
                         }
                         Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
@@ -920,6 +942,29 @@ impl Client {
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// Lets through one event per `every`.
+#[derive(Debug)]
+struct Pace {
+    every: Duration,
+    last: Option<Instant>,
+}
+
+impl Pace {
+    fn new(every: Duration) -> Self {
+        Self { every, last: None }
+    }
+
+    /// Whether an event now is let through (and counted as the last).
+    fn admit(&mut self) -> bool {
+        let now = Instant::now();
+        if self.last.is_some_and(|at| now - at < self.every) {
+            return false;
+        }
+        self.last = Some(now);
+        true
     }
 }
 
@@ -1510,6 +1555,35 @@ mod tests {
             read_metrics(&collector, Duration::from_secs(30))
                 .await
                 .is_some()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_without_pause_are_let_through_once_a_second() {
+        let mut pace = Pace::new(RENEWAL_PACE);
+        assert!(pace.admit());
+        assert!(!pace.admit());
+        tokio::time::advance(RENEWAL_PACE - Duration::from_millis(1)).await;
+        assert!(!pace.admit());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(pace.admit());
+    }
+
+    #[test]
+    fn a_session_keeps_its_login_token_and_its_latest_renewals() {
+        let dir = std::env::temp_dir().join(format!("frpc-session-{}", uuid::Uuid::new_v4()));
+        let client = client_saving_to(&dir.join("token.json"));
+        *client.session_tokens.lock().unwrap() = vec!["login".into()];
+        for i in 0..100 {
+            client.session_token(format!("renewal-{i}"));
+        }
+        let kept = client.session_tokens.lock().unwrap().clone();
+        assert_eq!(kept.len(), MAX_SESSION_TOKENS);
+        assert_eq!(kept[0], "login");
+        assert_eq!(kept[MAX_SESSION_TOKENS - 1], "renewal-99");
+        assert_eq!(
+            kept[1],
+            format!("renewal-{}", 100 - (MAX_SESSION_TOKENS - 1))
         );
     }
 

@@ -173,6 +173,15 @@ pub struct Config {
     #[arg(long, env = "FRPX_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
     pub body_timeout: Duration,
 
+    /// Longest a body frps streams to the service instead of reading it
+    /// whole (over 64 KiB or of unknown length, on a path that is not a
+    /// model path: uploads) may take to arrive, in all, from the request
+    /// head (each piece is also due within `--keepalive-timeout`); 408
+    /// before the answer, the response cut after. It bounds how long a
+    /// trickling upload holds the box's capacity and a data connection.
+    #[arg(long, env = "FRPX_UPLOAD_TIMEOUT", default_value = "10m", value_parser = parse_positive_duration)]
+    pub upload_timeout: Duration,
+
     /// Longest silence from a client's service, waiting for response headers
     /// (from the end of the request body) or between body chunks, before
     /// the request is failed.
@@ -445,6 +454,8 @@ mod tests {
             "--rate-limit-window",
             "--upstream-idle-timeout",
             "--plugin-timeout",
+            "--body-timeout",
+            "--upload-timeout",
         ] {
             let e = parse_error(&[flag, "0s"]);
             assert!(e.contains("is zero"), "{flag}: {e}");

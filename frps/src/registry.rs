@@ -48,6 +48,8 @@ pub struct ClientHandle {
     pub silent: CancellationToken,
     kick_reason: Mutex<Option<String>>,
     last_seen: Mutex<Instant>,
+    /// When the client's last `Error` was logged at warn.
+    error_logged: Mutex<Option<tokio::time::Instant>>,
     models: RwLock<Vec<ModelInfo>>,
     system: RwLock<Option<SystemInfo>>,
     /// Requests currently being served by this box: shared by its sessions
@@ -91,6 +93,19 @@ impl ClientHandle {
         if tunnel.as_ref().is_some_and(|m| m.same(mux)) {
             *tunnel = None;
         }
+    }
+
+    /// Whether the client's `Error` received now is logged at warn: one a
+    /// second at most, the rest at debug (a client sending them without
+    /// pause would fill the log).
+    pub fn may_log_error(&self) -> bool {
+        let mut logged = self.error_logged.lock().expect("error_logged lock");
+        let now = tokio::time::Instant::now();
+        if logged.is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1)) {
+            return false;
+        }
+        *logged = Some(now);
+        true
     }
 
     /// Marks the client as heard from now.
@@ -403,6 +418,7 @@ impl Registry {
             silent: CancellationToken::new(),
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
+            error_logged: Mutex::new(None),
             system: RwLock::new(None),
             in_flight,
             requests: AtomicU64::new(0),
@@ -612,6 +628,19 @@ mod tests {
         assert!(second.try_reserve());
         assert_eq!(reg.in_flight_of("gpu", 2).load(Ordering::Relaxed), 0);
         second.release_slot();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clients_errors_are_logged_at_warn_once_a_second() {
+        let reg = Registry::default();
+        let client = reg.insert(new_client("chatty").0).unwrap();
+        assert!(client.may_log_error());
+        assert!(!client.may_log_error());
+        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        assert!(!client.may_log_error());
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert!(client.may_log_error());
+        assert!(!client.may_log_error());
     }
 
     #[test]

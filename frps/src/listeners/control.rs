@@ -520,6 +520,12 @@ async fn serve(
                 if let Some(reply) = on_command(cmd, client, state) {
                     send(wr, &reply, hs).await?;
                 }
+                // One queued command per frame read: a client whose frames
+                // never stop coming (the reader always ready) still hears
+                // its dial-back requests and token renewals.
+                if let Ok(cmd) = rx.try_recv() {
+                    send(wr, &cmd, hs).await?;
+                }
             }
             // After the reader: a steady stream of commands to send (dial-
             // back requests under load) must not keep the client's
@@ -556,8 +562,11 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
                     token: t.token,
                     expires_at: t.expires_at.map(|e| e.and_utc().to_rfc3339()),
                 };
-                if client.control_tx.send(renewed).await.is_err() {
-                    return;
+                tokio::select! {
+                    _ = client.kick.cancelled() => return,
+                    sent = client.control_tx.send(renewed) => if sent.is_err() {
+                        return;
+                    },
                 }
                 info!(client = %client.id, "sent the client a renewed login token");
                 if let Some(new) = t.principal.token_id {
@@ -570,6 +579,9 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
 }
 
 pub use common::protocol::TOKEN_ENDED;
+
+/// Most characters of a client's `Error` text frps logs.
+pub const MAX_CLIENT_TEXT: usize = 1024;
 
 /// The `gpu_assets` row a client writes: its machine id, or its client id
 /// when it sent none.
@@ -659,7 +671,14 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             None
         }
         Command::Error { message } => {
-            warn!(client = %client.id, "client reported an error: {message}");
+            // A line a second at most: the text and the pace are the
+            // client's.
+            let message = common::text::tame(&message, MAX_CLIENT_TEXT);
+            if client.may_log_error() {
+                warn!(client = %client.id, "client reported an error: {message}");
+            } else {
+                debug!(client = %client.id, "client reported an error: {message}");
+            }
             None
         }
         Command::Unknown => {

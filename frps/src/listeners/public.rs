@@ -601,6 +601,10 @@ async fn forward(
         return path_not_allowed(&state.config.forward_paths, path);
     }
     let routed = req.method() == Method::POST && MODEL_PATHS.contains(&&*decoded);
+    // hyper sends a GET's or HEAD's body only with a length: one of
+    // unknown length (chunked) is read whole, or it would be dropped unsent
+    // while the service's answer waited for its end.
+    let lengthless = matches!(*req.method(), Method::GET | Method::HEAD);
     let by_name = decoded == "/api/show";
     let (mut parts, body) = req.into_parts();
     let pinned = match parts
@@ -632,7 +636,7 @@ async fn forward(
         .size_hint()
         .exact()
         .is_some_and(|n| n <= SMALL_BODY.min(state.config.max_body as u64));
-    let (mut payload, model) = if routed || (small && !body.is_end_stream()) {
+    let (mut payload, model) = if routed || ((small || lengthless) && !body.is_end_stream()) {
         match read_body(state, body).await {
             Ok(ReadBody { bytes, _held: held }) => {
                 _buffered = held;
@@ -665,6 +669,8 @@ async fn forward(
             inner: body,
             state: state.clone(),
             gap: state.config.keepalive_timeout,
+            limit: state.config.upload_timeout,
+            deadline: tokio::time::Instant::now() + state.config.upload_timeout,
             timer: None,
             upload: clock,
         };
@@ -938,6 +944,9 @@ async fn forward(
                             // client's fault.
                             match caller_body_error(&error) {
                                 Some(CallerBodyError::Stalled(gap)) => return body_stalled(*gap),
+                                Some(CallerBodyError::TooSlow(limit)) => {
+                                    return upload_too_slow(*limit);
+                                }
                                 Some(CallerBodyError::Read(_)) => {
                                     debug!(client = %client.id, "the caller's body failed: {reason}");
                                     return bad_body(&reason);
@@ -1132,6 +1141,15 @@ fn body_too_slow(limit: std::time::Duration) -> Response<PublicBody> {
     error_response(
         StatusCode::REQUEST_TIMEOUT,
         &format!("the request body did not arrive within {limit:?}"),
+        "invalid_request_error",
+        "request_timeout",
+    )
+}
+
+fn upload_too_slow(limit: std::time::Duration) -> Response<PublicBody> {
+    error_response(
+        StatusCode::REQUEST_TIMEOUT,
+        &format!("the request body did not arrive within {limit:?} (--upload-timeout)"),
         "invalid_request_error",
         "request_timeout",
     )
@@ -1410,14 +1428,7 @@ fn origin_form(uri: &http::Uri) -> http::Uri {
     }
 }
 
-/// `text` cut to at most `max` characters (an ellipsis marks the cut), for
-/// echoing caller input back.
-pub(crate) fn shorten(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    match text.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &text[..at]).into(),
-        None => text.into(),
-    }
-}
+pub(crate) use common::text::shorten;
 
 fn set_host(req: &mut Request<upstream::UpBody>, client: &ClientHandle) {
     let local = &client.registration.local_host;
@@ -1879,6 +1890,9 @@ pub struct CountedBody {
     state: Arc<State>,
     /// Longest wait for the next piece (`--keepalive-timeout`).
     gap: std::time::Duration,
+    /// Longest the whole may take (`--upload-timeout`), and when that is.
+    limit: std::time::Duration,
+    deadline: tokio::time::Instant,
     /// Armed while a piece is awaited.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Told when the last piece went out.
@@ -1895,6 +1909,9 @@ pub enum CallerBodyError {
     /// Nothing arrived for the whole gap.
     #[error("the request body stalled: nothing arrived for {0:?}")]
     Stalled(std::time::Duration),
+    /// The whole did not arrive within `--upload-timeout`.
+    #[error("the request body did not arrive within {0:?}")]
+    TooSlow(std::time::Duration),
 }
 
 impl Body for CountedBody {
@@ -1908,8 +1925,13 @@ impl Body for CountedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(polled) => {
+                let now = tokio::time::Instant::now();
+                // A body still coming at its deadline (however steadily).
+                if polled.is_some() && !this.inner.is_end_stream() && now >= this.deadline {
+                    return Poll::Ready(Some(Err(CallerBodyError::TooSlow(this.limit))));
+                }
                 if let Some(timer) = &mut this.timer {
-                    timer.as_mut().reset(tokio::time::Instant::now() + this.gap);
+                    timer.as_mut().reset((now + this.gap).min(this.deadline));
                 }
                 if let Some(Ok(frame)) = &polled
                     && let Some(data) = frame.data_ref()
@@ -1929,11 +1951,15 @@ impl Body for CountedBody {
             }
             Poll::Pending => {
                 this.upload.set(Upload::Waiting);
-                let gap = this.gap;
-                let timer = this
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+                let (gap, deadline) = (this.gap, this.deadline);
+                let timer = this.timer.get_or_insert_with(|| {
+                    let due = (tokio::time::Instant::now() + gap).min(deadline);
+                    Box::pin(tokio::time::sleep_until(due))
+                });
                 match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) if timer.deadline() >= deadline => {
+                        Poll::Ready(Some(Err(CallerBodyError::TooSlow(this.limit))))
+                    }
                     Poll::Ready(()) => Poll::Ready(Some(Err(CallerBodyError::Stalled(gap)))),
                     Poll::Pending => Poll::Pending,
                 }

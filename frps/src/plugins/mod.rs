@@ -239,10 +239,7 @@ pub const MAX_PLUGIN_TEXT: usize = 1024;
 /// A plugin's `text` as frps passes it on: control characters (which
 /// would forge log lines) as spaces, cut to [`MAX_PLUGIN_TEXT`].
 pub fn tame(text: &str) -> String {
-    let text = crate::listeners::public::shorten(text, MAX_PLUGIN_TEXT);
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    common::text::tame(text, MAX_PLUGIN_TEXT)
 }
 
 #[derive(Serialize)]

@@ -375,11 +375,20 @@ async fn a_stalled_request_body_is_cut_at_the_keepalive_timeout() {
     cfg.keepalive_timeout = Duration::from_millis(500);
     let fleet = Fleet::start_with(1, cfg).await;
     let public = fleet.frps.public();
-    // Routed (read whole by frps) and streamed (forwarded as it comes).
-    // The streamed one several times: were the box blamed, it would cool down.
-    for path in ["/v1/chat/completions", "/echo", "/echo", "/echo", "/echo"] {
+    // Routed (read whole by frps), small (read whole too) and streamed
+    // (over 64 KiB, forwarded as it comes). The streamed one several times:
+    // were the box blamed, it would cool down.
+    let streamed = "Content-Length: 100000\r\n";
+    for (path, length) in [
+        ("/v1/chat/completions", "Content-Length: 100\r\n"),
+        ("/echo", "Content-Length: 100\r\n"),
+        ("/echo", streamed),
+        ("/echo", streamed),
+        ("/echo", streamed),
+        ("/echo", streamed),
+    ] {
         let mut s = TcpStream::connect(public).await.unwrap();
-        let head = raw_post(path, "Content-Length: 100\r\n", b"{\"model\":");
+        let head = raw_post(path, length, b"{\"model\":");
         s.write_all(&head).await.unwrap();
         let mut out = Vec::new();
         let read = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
@@ -392,6 +401,63 @@ async fn a_stalled_request_body_is_cut_at_the_keepalive_timeout() {
     let client = fleet.frps.state.registry.get("client-0").unwrap();
     assert!(!client.is_cooling_down());
     served(public).await;
+}
+
+#[tokio::test]
+async fn a_streamed_upload_that_keeps_trickling_is_cut_at_the_upload_timeout() {
+    let mut cfg = frps_config();
+    cfg.upload_timeout = Duration::from_secs(1);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    for length in [
+        "Content-Length: 100000\r\n",
+        "Transfer-Encoding: chunked\r\n",
+    ] {
+        let mut s = TcpStream::connect(public).await.unwrap();
+        let chunked = length.starts_with("Transfer");
+        s.write_all(&raw_post("/echo", length, b"")).await.unwrap();
+        // A byte every 100 ms: never a gap, never an end.
+        let sent = std::time::Instant::now();
+        let (mut rd, mut wr) = s.into_split();
+        let trickle = tokio::spawn(async move {
+            let piece: &[u8] = if chunked { b"1\r\nx\r\n" } else { b"x" };
+            while wr.write_all(piece).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(WAIT, rd.read(&mut buf))
+                .await
+                .expect("an answer before WAIT")
+                .unwrap();
+            assert!(n > 0, "closed without an answer");
+            out.extend_from_slice(&buf[..n]);
+        }
+        trickle.abort();
+        let raw = String::from_utf8_lossy(&out);
+        assert_eq!(status(&raw), 408, "{length}: {raw}");
+        assert!(sent.elapsed() >= Duration::from_secs(1), "{length}");
+    }
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    assert!(
+        !client.is_cooling_down(),
+        "the caller's slowness, not the box's"
+    );
+    served(public).await;
+}
+
+#[tokio::test]
+async fn a_get_with_a_chunked_body_reaches_the_service_with_it() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    let get = format!(
+        "GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let raw = exchange(public, get.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    assert!(raw.ends_with("\r\n\r\nhello"), "{raw}");
 }
 
 #[tokio::test]
@@ -778,4 +844,36 @@ async fn frpc_skips_commands_it_does_not_know_during_the_handshake() {
     let again = tokio::time::timeout(Duration::from_millis(300), control.accept()).await;
     assert!(again.is_err(), "frpc reconnected");
     frpc.kill().await;
+}
+
+// Two workers: the flood is written while frps reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_frames_without_pause_still_hears_its_commands() {
+    let fleet = Fleet::start(0).await;
+    let frps = &fleet.frps;
+    let (fake, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "flood").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let FakeClient { mut reader, writer } = fake;
+    // Frames frps takes without answering, written as fast as it reads.
+    let json = br#"{"type":"NoSuchCommand"}"#;
+    let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(json);
+    let burst = frame.repeat(4096);
+    let flooding = tokio::spawn(async move {
+        let mut writer = writer;
+        while writer.write_all(&burst).await.is_ok() {}
+    });
+    let request = tokio::spawn(frpx_tests::http::get(frps.public(), "/", Some(API_KEY)));
+    // The dial-back request reaches the box while the frames keep coming.
+    let heard = tokio::time::timeout(WAIT, reader.read_command())
+        .await
+        .expect("frps's command within WAIT");
+    assert!(
+        matches!(heard, Ok(Some(Command::OpenConnection { .. }))),
+        "{heard:?}"
+    );
+    assert!(!flooding.is_finished(), "still flooding");
+    flooding.abort();
+    request.abort();
 }
