@@ -32,6 +32,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// sharing an id do not take it from each other every second).
 pub const REPLACED: &str = "replaced by a newer connection with the same client id";
 
+/// How an `OpenFailed` reason starts when frpc refused the connection for
+/// want of room (its `--max-data-connections`), not because its service is
+/// unreachable: frps then takes the box as busy, not failing.
+pub const OPEN_BUSY: &str = "busy: ";
+
 /// The `Disconnect` reason of a session whose login token was revoked or
 /// expired (frpc then passes over that token and logs in with its password).
 pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";

@@ -19,9 +19,9 @@ pub fn init(default_filter: &str) {
         .try_init();
 }
 
-/// A [`MakeWriter`] whose writers hold an event's text and hand it to the
-/// inner writer on one line when dropped (the fmt layer makes one writer
-/// per event).
+/// A [`MakeWriter`] whose writers hand an event's text to the inner writer
+/// on one line: at once when it comes in one write ending its line (as the
+/// fmt layer writes, one writer per event), else when dropped.
 #[derive(Debug, Clone, Copy)]
 pub struct OneLine<M>(pub M);
 
@@ -32,6 +32,13 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for OneLine<M> {
         EventBuffer {
             text: Vec::new(),
             out: self.0.make_writer(),
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        EventBuffer {
+            text: Vec::new(),
+            out: self.0.make_writer_for(meta),
         }
     }
 }
@@ -45,6 +52,12 @@ pub struct EventBuffer<W: Write> {
 
 impl<W: Write> Write for EventBuffer<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The fmt layer hands over a whole event in one write: passed on
+        // as it is, without a copy, when it holds no break to escape.
+        if self.text.is_empty() && buf.ends_with(b"\n") {
+            self.out.write_all(&one_line(buf))?;
+            return Ok(buf.len());
+        }
         self.text.extend_from_slice(buf);
         Ok(buf.len())
     }

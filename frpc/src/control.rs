@@ -916,8 +916,10 @@ impl Client {
     fn open(&self, conn_id: uuid::Uuid, session: &Arc<Session>, out: &mpsc::Sender<Command>) {
         let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
             let max = self.config.max_data_connections;
-            let reason =
-                format!("frpc already holds {max} data connections (--max-data-connections)");
+            let reason = format!(
+                "{}frpc already holds {max} data connections (--max-data-connections)",
+                common::protocol::OPEN_BUSY
+            );
             if self.data_slots_out.swap(true, Ordering::Relaxed) {
                 debug!(%conn_id, "{reason}");
             } else {

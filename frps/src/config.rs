@@ -175,10 +175,11 @@ pub struct Config {
 
     /// Longest a body frps streams to the service instead of reading it
     /// whole (over 64 KiB or of unknown length, on a path that is not a
-    /// model path: uploads) may take to arrive, in all, from the request
-    /// head (each piece is also due within `--keepalive-timeout`); 408
-    /// before the answer, the response cut after. It bounds how long a
-    /// trickling upload holds the box's capacity and a data connection.
+    /// model path: uploads) may keep frps waiting for the caller's pieces,
+    /// added up (each piece is also due within `--keepalive-timeout`; the
+    /// service's time taking them does not count); 408 before the answer,
+    /// the response cut after. It bounds how long a trickling upload holds
+    /// the box's capacity and a data connection.
     #[arg(long, env = "FRPX_UPLOAD_TIMEOUT", default_value = "10m", value_parser = parse_positive_duration)]
     pub upload_timeout: Duration,
 

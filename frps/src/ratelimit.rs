@@ -257,6 +257,8 @@ pub struct RateLimiter {
     redis_skip_until: Mutex<Option<Instant>>,
     redis_down: AtomicBool,
     tasks: TaskTracker,
+    /// While [`RateLimiter::maintain`] runs.
+    maintaining: AtomicBool,
 }
 
 impl std::fmt::Debug for RateLimiter {
@@ -303,6 +305,7 @@ impl RateLimiter {
             redis_skip_until: Mutex::new(None),
             redis_down: AtomicBool::new(false),
             tasks,
+            maintaining: AtomicBool::new(false),
         })
     }
 
@@ -487,17 +490,29 @@ impl RateLimiter {
             .map_or(0, |k| k.in_flight)
     }
 
+    /// Whether the leases are being refreshed ([`RateLimiter::maintain`]).
+    pub fn is_maintaining(&self) -> bool {
+        self.maintaining.load(Ordering::Relaxed)
+    }
+
     /// Leases this frps holds in Redis.
     pub fn shared_leases(&self) -> usize {
         self.shared.lock().expect("rate limit lock").len()
     }
 
     /// Refreshes this frps's leases in Redis and drops idle in-process
-    /// counters every [`LEASE_REFRESH`], until `shutdown`.
-    pub async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
+    /// counters every [`LEASE_REFRESH`], until `stop`: frps's hard stop,
+    /// not the start of shutdown, since the requests still draining hold
+    /// their leases (a lease not refreshed ends in Redis after
+    /// [`LEASE_TTL`], and another frps would admit past the limit).
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        self.maintaining.store(true, Ordering::Relaxed);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = stop.cancelled() => {
+                    self.maintaining.store(false, Ordering::Relaxed);
+                    return;
+                }
                 _ = tokio::time::sleep(LEASE_REFRESH) => {}
             }
             self.sweep_local(Instant::now());

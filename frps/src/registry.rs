@@ -208,7 +208,8 @@ impl ClientHandle {
     }
 
     /// Notes a request's tunnel stream shed for its connection's receive
-    /// budget before an answer (the box busy, not failing); true once more
+    /// budget before an answer, or a dial-back frpc refused for want of room
+    /// (`--max-data-connections`): the box busy, not failing; true once more
     /// than [`SHEDS_BEFORE_FAILURE`] came with no success between: the
     /// reason is the box's own text, so a box that sheds everything is
     /// taken for a failing one.

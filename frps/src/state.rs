@@ -129,7 +129,8 @@ impl State {
         });
         let tasks = TaskTracker::new();
         let rate_limits = RateLimiter::new(config.rate_limit_window, redis.clone(), tasks.clone());
-        tokio::spawn(rate_limits.clone().maintain(shutdown.clone()));
+        let hard_stop = CancellationToken::new();
+        tokio::spawn(rate_limits.clone().maintain(hard_stop.clone()));
         let body_budget = Arc::new(tokio::sync::Semaphore::new(config.max_buffered_bodies));
         Ok(Self {
             rate_limits,
@@ -149,7 +150,7 @@ impl State {
             started_at: Instant::now(),
             shutdown,
             drained: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
             tasks,
             sessions: TaskTracker::new(),
             tls,

@@ -673,11 +673,11 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
         Command::Error { message } => {
             // A line a second at most: the text and the pace are the
             // client's.
-            let message = common::text::tame(&message, MAX_CLIENT_TEXT);
             if client.may_log_error() {
+                let message = common::text::tame(&message, MAX_CLIENT_TEXT);
                 warn!(client = %client.id, "client reported an error: {message}");
             } else {
-                debug!(client = %client.id, "client reported an error: {message}");
+                debug!(client = %client.id, "client reported an error: {}", common::text::shorten(&message, MAX_CLIENT_TEXT));
             }
             None
         }

@@ -636,6 +636,7 @@ async fn forward(
         .size_hint()
         .exact()
         .is_some_and(|n| n <= SMALL_BODY.min(state.config.max_body as u64));
+    let lengthless = lengthless && body.size_hint().exact().is_none();
     let (mut payload, model) = if routed || ((small || lengthless) && !body.is_end_stream()) {
         match read_body(state, body).await {
             Ok(ReadBody { bytes, _held: held }) => {
@@ -668,9 +669,7 @@ async fn forward(
         let body = CountedBody {
             inner: body,
             state: state.clone(),
-            gap: state.config.keepalive_timeout,
-            limit: state.config.upload_timeout,
-            deadline: tokio::time::Instant::now() + state.config.upload_timeout,
+            waits: CallerWaits::new(state.config.keepalive_timeout, state.config.upload_timeout),
             timer: None,
             upload: clock,
         };
@@ -772,10 +771,23 @@ async fn forward(
                 }
                 up
             }
-            // Too many dial-backs already outstanding to this client: a
-            // burst, not a failing box. Another client is tried, without
-            // cooling this one down and without using a retry; when none is
-            // left, dispatch refuses and the caller hears why.
+            // Too many dial-backs already outstanding to this client, or
+            // frpc holding all the data connections it may: a burst, not a
+            // failing box. Another client is tried, without cooling this
+            // one down and without using a retry; when none is left,
+            // dispatch refuses and the caller hears why. (The refusal is
+            // the box's own word: past SHEDS_BEFORE_FAILURE in a row, a
+            // failure.)
+            Err(AcquireError::Pair(PairError::Failed(reason)))
+                if reason.starts_with(common::protocol::OPEN_BUSY) && !client.record_shed() =>
+            {
+                waited += acquiring.elapsed();
+                debug!(client = %client.id, "the client refused another connection: {reason}");
+                excluded.push(client.session);
+                busy += 1;
+                last_error.get_or_insert(AcquireError::Busy(reason));
+                continue;
+            }
             Err(e @ AcquireError::Pair(PairError::TooMany(_))) => {
                 waited += acquiring.elapsed();
                 debug!(client = %client.id, "not asking for another connection: {e}");
@@ -1888,11 +1900,8 @@ async fn response_head<F: Future>(
 pub struct CountedBody {
     inner: Incoming,
     state: Arc<State>,
-    /// Longest wait for the next piece (`--keepalive-timeout`).
-    gap: std::time::Duration,
-    /// Longest the whole may take (`--upload-timeout`), and when that is.
-    limit: std::time::Duration,
-    deadline: tokio::time::Instant,
+    /// The caller's time: each wait and all of them together.
+    waits: CallerWaits,
     /// Armed while a piece is awaited.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Told when the last piece went out.
@@ -1909,9 +1918,61 @@ pub enum CallerBodyError {
     /// Nothing arrived for the whole gap.
     #[error("the request body stalled: nothing arrived for {0:?}")]
     Stalled(std::time::Duration),
-    /// The whole did not arrive within `--upload-timeout`.
+    /// The caller's waits added up to `--upload-timeout`.
     #[error("the request body did not arrive within {0:?}")]
     TooSlow(std::time::Duration),
+}
+
+/// A streamed body's waits for the caller: each is held to `gap`
+/// (`--keepalive-timeout`) and all together to `limit`
+/// (`--upload-timeout`). Only the time a piece is wanted and the caller
+/// has not sent it counts: not the time before frps asks for the body (a
+/// queue, a dial-back) nor while the service takes what it was handed.
+#[derive(Debug)]
+struct CallerWaits {
+    gap: std::time::Duration,
+    limit: std::time::Duration,
+    /// The caller's time in the waits that ended.
+    spent: std::time::Duration,
+    /// When the current wait began.
+    since: Option<tokio::time::Instant>,
+}
+
+impl CallerWaits {
+    fn new(gap: std::time::Duration, limit: std::time::Duration) -> Self {
+        Self {
+            gap,
+            limit,
+            spent: std::time::Duration::ZERO,
+            since: None,
+        }
+    }
+
+    /// A piece is wanted and has not come: `Some(due)` when a wait begins
+    /// now (the time it fails at), `None` while one goes on.
+    fn waiting(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        if self.since.is_some() {
+            return None;
+        }
+        self.since = Some(now);
+        Some(now + self.gap.min(self.limit.saturating_sub(self.spent)))
+    }
+
+    /// A piece (or the end) came: the wait, if any, is over.
+    fn arrived(&mut self, now: tokio::time::Instant) {
+        if let Some(since) = self.since.take() {
+            self.spent += now - since;
+        }
+    }
+
+    /// Why the wait that began at `since` and failed at its due failed.
+    fn expired(&self) -> CallerBodyError {
+        if self.limit.saturating_sub(self.spent) <= self.gap {
+            CallerBodyError::TooSlow(self.limit)
+        } else {
+            CallerBodyError::Stalled(self.gap)
+        }
+    }
 }
 
 impl Body for CountedBody {
@@ -1925,13 +1986,8 @@ impl Body for CountedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(polled) => {
-                let now = tokio::time::Instant::now();
-                // A body still coming at its deadline (however steadily).
-                if polled.is_some() && !this.inner.is_end_stream() && now >= this.deadline {
-                    return Poll::Ready(Some(Err(CallerBodyError::TooSlow(this.limit))));
-                }
-                if let Some(timer) = &mut this.timer {
-                    timer.as_mut().reset((now + this.gap).min(this.deadline));
+                if this.timer.is_some() {
+                    this.waits.arrived(tokio::time::Instant::now());
                 }
                 if let Some(Ok(frame)) = &polled
                     && let Some(data) = frame.data_ref()
@@ -1951,16 +2007,15 @@ impl Body for CountedBody {
             }
             Poll::Pending => {
                 this.upload.set(Upload::Waiting);
-                let (gap, deadline) = (this.gap, this.deadline);
-                let timer = this.timer.get_or_insert_with(|| {
-                    let due = (tokio::time::Instant::now() + gap).min(deadline);
-                    Box::pin(tokio::time::sleep_until(due))
-                });
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) if timer.deadline() >= deadline => {
-                        Poll::Ready(Some(Err(CallerBodyError::TooSlow(this.limit))))
+                if let Some(due) = this.waits.waiting(tokio::time::Instant::now()) {
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(due),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(due))),
                     }
-                    Poll::Ready(()) => Poll::Ready(Some(Err(CallerBodyError::Stalled(gap)))),
+                }
+                let timer = this.timer.as_mut().expect("armed while waiting");
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(this.waits.expired()))),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -2002,6 +2057,36 @@ mod tests {
         let mut p = Pieces::default();
         p.push(Bytes::from_static(b"whole"), Some(0), 100);
         assert_eq!(p.finish(), Bytes::from_static(b"whole"));
+    }
+
+    #[test]
+    fn only_the_callers_waits_count_against_the_upload_timeout() {
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        let t0 = tokio::time::Instant::now();
+        let mut waits = CallerWaits::new(s(60), s(100));
+        // Queued and dialed for minutes before the first poll: not counted.
+        let first = t0 + s(600);
+        assert_eq!(waits.waiting(first), Some(first + s(60)));
+        assert_eq!(waits.waiting(first + s(1)), None, "the same wait");
+        waits.arrived(first + s(50));
+        // The service takes its time with that piece: not counted either.
+        let second = first + s(500);
+        assert_eq!(waits.waiting(second), Some(second + s(50)), "50 s left");
+        assert!(matches!(waits.expired(), CallerBodyError::TooSlow(l) if l == s(100)));
+        waits.arrived(second + s(10));
+        // 60 s spent: the next wait may take the gap, 40 s, the rest.
+        let third = second + s(20);
+        assert_eq!(waits.waiting(third), Some(third + s(40)));
+        waits.arrived(third + s(1));
+        // A wait with more left than the gap stalls at the gap.
+        let mut roomy = CallerWaits::new(s(60), s(600));
+        assert_eq!(roomy.waiting(t0), Some(t0 + s(60)));
+        assert!(matches!(roomy.expired(), CallerBodyError::Stalled(g) if g == s(60)));
+        // Arriving with no wait under way changes nothing.
+        roomy.arrived(t0 + s(1));
+        roomy.arrived(t0 + s(500));
+        assert_eq!(roomy.spent, s(1));
     }
 
     #[test]

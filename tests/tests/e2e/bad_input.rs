@@ -438,6 +438,7 @@ async fn a_streamed_upload_that_keeps_trickling_is_cut_at_the_upload_timeout() {
         trickle.abort();
         let raw = String::from_utf8_lossy(&out);
         assert_eq!(status(&raw), 408, "{length}: {raw}");
+        assert!(raw.contains("--upload-timeout"), "{length}: {raw}");
         assert!(sent.elapsed() >= Duration::from_secs(1), "{length}");
     }
     let client = fleet.frps.state.registry.get("client-0").unwrap();

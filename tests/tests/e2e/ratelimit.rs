@@ -578,3 +578,34 @@ fn limit_flags_must_be_positive() {
     }
     assert!(parse(&["frps", "key", "limits", "k", "--rpm", "unlimited"]).is_ok());
 }
+
+#[tokio::test]
+async fn leases_are_kept_fresh_while_requests_drain_at_shutdown() {
+    let mut cfg = frps_config();
+    cfg.shutdown_timeout = Duration::from_secs(60);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let state = fleet.frps.state.clone();
+    let (_conn, held) = http::start_hold(fleet.frps.public(), API_KEY).await;
+    eventually("the leases are refreshed", || {
+        state.rate_limits.is_maintaining()
+    })
+    .await;
+    // Shutdown begins; the stream drains on, holding its lease, which must
+    // not lapse in Redis meanwhile.
+    state.shutdown.cancel();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(!state.hard_stop.is_cancelled(), "still draining");
+        assert!(
+            state.rate_limits.is_maintaining(),
+            "refreshed while draining"
+        );
+    }
+    fleet.backends[0].release_holds();
+    let rest = frpx_tests::whole(held.into_body()).await.unwrap();
+    assert!(rest.ends_with(b"done\n"));
+    eventually("the refreshing ends with frps", || {
+        !state.rate_limits.is_maintaining()
+    })
+    .await;
+}

@@ -279,21 +279,27 @@ async fn frpc_refuses_data_connections_past_its_cap_at_once() {
     frps.wait_for_clients(&["capped"]).await;
     // The one data connection frpc may hold carries a stream.
     let (_conn, held) = http::start_hold(frps.public(), API_KEY).await;
-    // frps's next dial-back is refused without waiting --connect-timeout.
-    let asked = std::time::Instant::now();
-    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    assert!(
-        reply.body.contains("--max-data-connections"),
-        "{}",
-        reply.body
-    );
-    assert!(asked.elapsed() < frps.state.config.connect_timeout);
+    // frps's next dial-backs are refused without waiting --connect-timeout,
+    // and the box is busy, not failing.
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
+        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "client_busy");
+        assert!(
+            reply.body.contains("--max-data-connections"),
+            "{}",
+            reply.body
+        );
+        assert!(asked.elapsed() < frps.state.config.connect_timeout);
+    }
     assert_eq!(
         backend.hits(),
         1,
-        "the refused request never reached the box"
+        "the refused requests never reached the box"
     );
+    let client = frps.state.registry.get("capped").unwrap();
+    assert!(!client.is_cooling_down(), "busy, not failing");
     // Once the stream ends its connection carries the next request.
     backend.release_holds();
     let rest = frpx_tests::whole(held.into_body()).await.unwrap();
