@@ -78,6 +78,15 @@ pub struct State {
     pub admin_failures: crate::api::WrongTokens,
 }
 
+/// A state dropped without [`crate::server::Server::run`] ending (a server
+/// bound and never run, an embedding program's) still stops the tasks
+/// that last until the hard stop (the rate limiter's lease refreshing).
+impl Drop for State {
+    fn drop(&mut self) {
+        self.hard_stop.cancel();
+    }
+}
+
 impl State {
     /// Connects the database (running migrations) and starts the Redis
     /// layer for `config`.

@@ -282,6 +282,31 @@ async fn serve(
                 serde_json::json!({"backend": sh.name, "status": code}).to_string(),
             )
         }
+        "/slow-read" => {
+            // Takes the body slowly, `ms=N` after each 16 KiB (a service
+            // that reads uploads slowly), and answers its length.
+            let ms: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(50);
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            while let Some(Ok(frame)) = body.frame().await {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                len += data.len();
+                let pause = ms * data.len() as u64 / (16 * 1024);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
+            full(
+                200,
+                "application/json",
+                serde_json::json!({"backend": sh.name, "read": len}).to_string(),
+            )
+        }
         "/echo" => {
             let body = req
                 .into_body()

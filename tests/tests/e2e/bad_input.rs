@@ -450,6 +450,26 @@ async fn a_streamed_upload_that_keeps_trickling_is_cut_at_the_upload_timeout() {
 }
 
 #[tokio::test]
+async fn a_fast_upload_to_a_service_reading_slowly_is_not_cut_at_the_upload_timeout() {
+    let mut cfg = frps_config();
+    cfg.upload_timeout = Duration::from_millis(500);
+    let fleet = Fleet::start_with(1, cfg).await;
+    // 512 KiB the caller sends at once and the service takes in 1.6 s.
+    let body = "x".repeat(512 * 1024);
+    let started = std::time::Instant::now();
+    let reply = Conn::open(fleet.frps.public())
+        .await
+        .post("/slow-read?ms=50", Some(API_KEY), body)
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["read"], 512 * 1024);
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "the service was slow"
+    );
+}
+
+#[tokio::test]
 async fn a_get_with_a_chunked_body_reaches_the_service_with_it() {
     let fleet = Fleet::start(1).await;
     let public = fleet.frps.public();
