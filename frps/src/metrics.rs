@@ -1,6 +1,7 @@
 //! Prometheus metrics (`GET /metrics` on the API port): request counters and
 //! histograms recorded on the request path, fleet gauges taken at scrape time.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -27,13 +28,27 @@ pub struct RequestLabels {
     pub model: String,
 }
 
+/// How long the request series of a client no longer registered are kept:
+/// long enough for scrapes to see their last counts, short enough that a
+/// fleet whose client ids keep changing does not grow them for ever.
+pub const GONE_SERIES_KEPT: Duration = Duration::from_secs(10 * 60);
+
 /// Metrics recorded on the request path.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    /// The request series of each client (by id), and since when the
+    /// client has not been registered, for [`Metrics::prune`].
+    series: std::sync::Mutex<HashMap<String, ClientSeries>>,
     duration: Histogram,
     overhead: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct ClientSeries {
+    labels: Vec<RequestLabels>,
+    gone_since: Option<tokio::time::Instant>,
 }
 
 impl Default for Metrics {
@@ -71,6 +86,7 @@ impl Metrics {
         Self {
             registry,
             requests,
+            series: std::sync::Mutex::default(),
             duration,
             overhead,
         }
@@ -78,14 +94,50 @@ impl Metrics {
 
     /// Counts a finished request and its duration.
     pub fn finished(&self, status: u16, client: &str, model: &str, total: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                status,
-                client: client.to_owned(),
-                model: model.to_owned(),
-            })
-            .inc();
+        let labels = RequestLabels {
+            status,
+            client: client.to_owned(),
+            model: model.to_owned(),
+        };
+        match self.requests.get(&labels) {
+            Some(counter) => {
+                counter.inc();
+            }
+            // A new series (rare): noted under its client, for pruning.
+            None => {
+                self.requests.get_or_create(&labels).inc();
+                if !client.is_empty() {
+                    let mut series = self.series.lock().expect("series lock");
+                    let of_client = series.entry(labels.client.clone()).or_default();
+                    if !of_client.labels.contains(&labels) {
+                        of_client.labels.push(labels);
+                    }
+                }
+            }
+        }
         self.duration.observe(total.as_secs_f64());
+    }
+
+    /// Removes the request series of clients that have not been registered
+    /// for [`GONE_SERIES_KEPT`]; `registered` says whether a client id is.
+    /// Run at each scrape.
+    pub fn prune(&self, registered: impl Fn(&str) -> bool) {
+        let now = tokio::time::Instant::now();
+        let mut series = self.series.lock().expect("series lock");
+        series.retain(|client, of_client| {
+            if registered(client) {
+                of_client.gone_since = None;
+                return true;
+            }
+            let since = *of_client.gone_since.get_or_insert(now);
+            if now - since < GONE_SERIES_KEPT {
+                return true;
+            }
+            for labels in &of_client.labels {
+                self.requests.remove(labels);
+            }
+            false
+        });
     }
 
     /// Records the gateway's own time for one request.
@@ -95,6 +147,7 @@ impl Metrics {
 
     /// The text exposition of every metric, including a snapshot of the fleet.
     pub fn render(&self, state: &State) -> String {
+        self.prune(|id| state.registry.get(id).is_some());
         let mut out = String::new();
         let mut fleet = Registry::default();
         fleet.register_collector(Box::new(FleetSnapshot::take(state)));
@@ -396,6 +449,53 @@ mod tests {
             ["0", "1", "2"]
         );
         assert!(labels(&[]).is_empty());
+    }
+
+    /// The `frpx_requests_total` series `metrics` exposes.
+    fn series(metrics: &Metrics) -> usize {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &metrics.registry).unwrap();
+        out.lines()
+            .filter(|l| l.starts_with("frpx_requests_total{"))
+            .count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn series_of_clients_gone_for_ten_minutes_are_removed() {
+        let metrics = Metrics::new();
+        let ms = Duration::from_millis(5);
+        for (status, client, model) in [
+            (200, "stays", "m"),
+            (200, "leaves", "m"),
+            (500, "leaves", "m"),
+            (200, "leaves", "other"),
+            (200, "leaves", "m"),
+            (503, "", ""),
+        ] {
+            metrics.finished(status, client, model, ms);
+        }
+        assert_eq!(series(&metrics), 5);
+        let registered = |id: &str| id == "stays";
+        metrics.prune(registered);
+        tokio::time::advance(GONE_SERIES_KEPT - Duration::from_secs(1)).await;
+        metrics.prune(registered);
+        assert_eq!(series(&metrics), 5, "kept for a while");
+        // Back in time: its count goes on.
+        metrics.prune(|_| true);
+        tokio::time::advance(GONE_SERIES_KEPT).await;
+        metrics.prune(|_| true);
+        assert_eq!(series(&metrics), 5);
+        metrics.prune(registered);
+        tokio::time::advance(GONE_SERIES_KEPT).await;
+        metrics.prune(registered);
+        assert_eq!(series(&metrics), 2, "the client's three are gone");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &metrics.registry).unwrap();
+        assert!(!out.contains("leaves"), "{out}");
+        assert!(out.contains(r#"client="stays""#), "{out}");
+        // Were it to come back, it starts over.
+        metrics.finished(200, "leaves", "m", ms);
+        assert_eq!(series(&metrics), 3);
     }
 
     #[test]
