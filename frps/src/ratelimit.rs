@@ -357,6 +357,18 @@ impl RateLimiter {
         let hex = secret::hex(&grant.id);
         let times = redis.key(&format!("ratelimit:{{{hex}}}:rpm"));
         let leases = redis.key(&format!("ratelimit:{{{hex}}}:concurrency"));
+        // Slots this frps gave while Redis was down, still held: Redis
+        // does not know them, so they come off what it may grant.
+        let max_concurrency = match grant.limits.max_concurrency {
+            Some(max) => {
+                let local = self.local_in_flight(&grant.id);
+                if local >= max {
+                    return Some(Err(Limited::Concurrency));
+                }
+                max - local
+            }
+            None => 0,
+        };
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let member = format!("{}:{seq}", self.instance);
         let mut call = ACQUIRE.prepare_invoke();
@@ -364,7 +376,7 @@ impl RateLimiter {
             .key(&leases)
             .arg(self.window.as_millis() as u64)
             .arg(grant.limits.rpm.unwrap_or(0))
-            .arg(grant.limits.max_concurrency.unwrap_or(0))
+            .arg(max_concurrency)
             .arg(&member)
             .arg(LEASE_TTL.as_millis() as u64);
         // Until the script's answer is read, its lease (if it ran) is taken
@@ -432,10 +444,25 @@ impl RateLimiter {
         grant: &KeyGrant,
         now: Instant,
     ) -> Result<Option<Lease>, Limited> {
+        // Slots this frps holds in Redis for the key (taken before Redis
+        // went away, still in use) count too.
+        let in_redis = match (&self.redis, grant.limits.max_concurrency) {
+            (Some(redis), Some(_)) => {
+                let hex = secret::hex(&grant.id);
+                let leases = redis.key(&format!("ratelimit:{{{hex}}}:concurrency"));
+                self.shared
+                    .lock()
+                    .expect("rate limit lock")
+                    .values()
+                    .filter(|lease| lease.key == leases)
+                    .count()
+            }
+            _ => 0,
+        };
         let mut keys = self.local.lock().expect("rate limit lock");
         let key = keys.entry(grant.id).or_default();
         if let Some(max) = grant.limits.max_concurrency
-            && key.in_flight >= max
+            && key.in_flight + in_redis as u32 >= max
         {
             return Err(Limited::Concurrency);
         }
@@ -488,6 +515,12 @@ impl RateLimiter {
             .expect("rate limit lock")
             .get(id)
             .map_or(0, |k| k.in_flight)
+    }
+
+    /// Whether limits are counted in Redis (configured, and not down at
+    /// the last try).
+    pub fn counts_in_redis(&self) -> bool {
+        self.redis.is_some() && !self.redis_down.load(Ordering::Relaxed)
     }
 
     /// Whether the leases are being refreshed ([`RateLimiter::maintain`]).

@@ -463,6 +463,51 @@ async fn redis_down_falls_back_to_in_process_limits() {
         .unwrap();
 }
 
+#[tokio::test]
+async fn one_frps_keeps_a_key_at_its_concurrency_limit_while_redis_comes_and_goes() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let cutter = Cutter::start(services::redis_addr(&redis)).await;
+    let mut cfg = config(Duration::from_secs(30));
+    cfg.redis_url = format!("redis://{}", cutter.addr);
+    cfg.redis_prefix = services::redis_prefix();
+    let fleet = Fleet::start_with(1, cfg).await;
+    let frps = &fleet.frps;
+    let cache = frps.state.redis.clone().unwrap();
+    eventually("Redis connected", || cache.is_healthy()).await;
+    let (held, _) = key_with(frps, None, Some(2)).await;
+    let (other, _) = key_with(frps, Some(1000), None).await;
+    // One slot taken in Redis; then Redis goes away.
+    let first = http::start_hold(frps.public(), &held).await;
+    assert_eq!(frps.state.rate_limits.shared_leases(), 1);
+    cutter.cut().await;
+    // Counted in-process, the slot held in Redis still counts.
+    let second = http::start_hold(frps.public(), &held).await;
+    assert!(!frps.state.rate_limits.counts_in_redis());
+    assert_limited(&get(frps, &held).await, "concurrency_limit_exceeded");
+    // Redis back: it counts the first, and the second, which it never
+    // saw, comes off what it may grant.
+    cutter.restore();
+    let limits = frps.state.rate_limits.clone();
+    eventually_async("limits are counted in Redis again", || {
+        let limits = limits.clone();
+        let other = other.clone();
+        async move {
+            assert_eq!(status(frps, &other).await, 200);
+            limits.counts_in_redis()
+        }
+    })
+    .await;
+    assert_limited(&get(frps, &held).await, "concurrency_limit_exceeded");
+    drop(second);
+    eventually_async("the in-process slot is freed", || async {
+        status(frps, &held).await == 200
+    })
+    .await;
+    drop(first);
+}
+
 async fn admin(cfg: &frps::Config, command: KeyCommand) -> anyhow::Result<String> {
     let mut out = Vec::new();
     frps::admin::run(Admin::Key { command }, cfg, &mut out, &mut std::io::empty()).await?;
