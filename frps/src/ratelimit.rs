@@ -231,6 +231,8 @@ impl LocalKey {
 /// A lease held in Redis: the set it is in and its member.
 #[derive(Debug, Clone)]
 struct SharedLease {
+    /// The API key's id (its hash).
+    id: [u8; 32],
     key: String,
     member: String,
 }
@@ -337,7 +339,7 @@ impl RateLimiter {
             Some(Instant::now() + REDIS_BACKOFF);
         if !self.redis_down.swap(true, Ordering::Relaxed) {
             warn!(
-                "Redis unavailable for rate limits: counting per frps until it returns (each frps allows a key its full limit meanwhile)"
+                "Redis unavailable for rate limits: counting per frps until it returns (each frps allows a key its limit meanwhile, counting only its own requests)"
             );
         }
     }
@@ -354,6 +356,15 @@ impl RateLimiter {
         redis: &RedisCache,
         grant: &KeyGrant,
     ) -> Option<Result<Option<Lease>, Limited>> {
+        // Back after an outage: this frps's slots go into Redis first (it
+        // may have come back without them, restarted without persistence),
+        // so what it grants from now on counts them.
+        if self.redis_down.load(Ordering::Relaxed) {
+            if !self.refresh(&self.live_leases()).await {
+                return None;
+            }
+            self.redis_ok();
+        }
         let hex = secret::hex(&grant.id);
         let times = redis.key(&format!("ratelimit:{{{hex}}}:rpm"));
         let leases = redis.key(&format!("ratelimit:{{{hex}}}:concurrency"));
@@ -391,6 +402,7 @@ impl RateLimiter {
                 .max_concurrency
                 .is_some()
                 .then_some(SharedLease {
+                    id: grant.id,
                     key: leases,
                     member,
                 }),
@@ -446,18 +458,15 @@ impl RateLimiter {
     ) -> Result<Option<Lease>, Limited> {
         // Slots this frps holds in Redis for the key (taken before Redis
         // went away, still in use) count too.
-        let in_redis = match (&self.redis, grant.limits.max_concurrency) {
-            (Some(redis), Some(_)) => {
-                let hex = secret::hex(&grant.id);
-                let leases = redis.key(&format!("ratelimit:{{{hex}}}:concurrency"));
-                self.shared
-                    .lock()
-                    .expect("rate limit lock")
-                    .values()
-                    .filter(|lease| lease.key == leases)
-                    .count()
-            }
-            _ => 0,
+        let in_redis = match grant.limits.max_concurrency {
+            Some(_) => self
+                .shared
+                .lock()
+                .expect("rate limit lock")
+                .values()
+                .filter(|lease| lease.id == grant.id)
+                .count(),
+            None => 0,
         };
         let mut keys = self.local.lock().expect("rate limit lock");
         let key = keys.entry(grant.id).or_default();
@@ -507,8 +516,8 @@ impl RateLimiter {
         }
     }
 
-    /// Requests in flight counted in-process for the key `id` (for tests
-    /// and diagnostics).
+    /// Requests in flight counted in-process for the key `id` (while Redis
+    /// was down; they come off what Redis may grant once it is back).
     pub fn local_in_flight(&self, id: &[u8; 32]) -> u32 {
         self.local
             .lock()
@@ -587,8 +596,10 @@ impl RateLimiter {
     /// Redis lost), as the maintenance loop does every [`LEASE_REFRESH`].
     /// A lease released since `leases` was taken is removed again
     /// afterwards: its own `ZREM` may have run before this put it back.
-    pub async fn refresh(&self, leases: &[LiveLease]) {
-        let Some(redis) = &self.redis else { return };
+    pub async fn refresh(&self, leases: &[LiveLease]) -> bool {
+        let Some(redis) = &self.redis else {
+            return false;
+        };
         // Bounded script calls: at most 500 leases each.
         for batch in leases.chunks(500) {
             let mut call = REFRESH.prepare_invoke();
@@ -613,13 +624,14 @@ impl RateLimiter {
                 for lease in released {
                     self.take_back(lease.clone());
                 }
-                return;
+                return false;
             }
             for lease in released {
                 // When Redis fails here the lease expires within LEASE_TTL.
                 redis.zrem(&lease.key, &lease.member).await;
             }
         }
+        true
     }
 }
 

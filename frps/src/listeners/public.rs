@@ -776,12 +776,10 @@ async fn forward(
             // failing box. Another client is tried, without cooling this
             // one down and without using a retry; when none is left,
             // dispatch refuses and the caller hears why. (The refusal is
-            // the box's own word: unless frps has other requests in flight
-            // on it, which bear it out, past SHEDS_BEFORE_FAILURE in a
-            // row it is a failure.)
+            // the box's own word: past SHEDS_BEFORE_FAILURE in a row with no
+            // response head between, a failure.)
             Err(AcquireError::Pair(PairError::Failed(reason)))
-                if reason.starts_with(common::protocol::OPEN_BUSY)
-                    && (client.in_flight.load(Ordering::Relaxed) > 1 || !client.record_shed()) =>
+                if reason.starts_with(common::protocol::OPEN_BUSY) && !client.record_shed() =>
             {
                 waited += acquiring.elapsed();
                 debug!(client = %client.id, "the client refused another connection: {reason}");

@@ -454,15 +454,16 @@ async fn a_fast_upload_to_a_service_reading_slowly_is_not_cut_at_the_upload_time
     let mut cfg = frps_config();
     cfg.upload_timeout = Duration::from_millis(500);
     let fleet = Fleet::start_with(1, cfg).await;
-    // 512 KiB the caller sends at once and the service takes in 1.6 s.
-    let body = "x".repeat(512 * 1024);
+    // 32 MiB the caller sends at once and the service takes in 2 s: more
+    // than the buffers on the way hold, so frps waits on the service.
+    let body = "x".repeat(32 << 20);
     let started = std::time::Instant::now();
     let reply = Conn::open(fleet.frps.public())
         .await
-        .post("/slow-read?ms=50", Some(API_KEY), body)
+        .post("/slow-read?ms=1", Some(API_KEY), body)
         .await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(reply.json()["read"], 512 * 1024);
+    assert_eq!(reply.json()["read"], 32 << 20);
     assert!(
         started.elapsed() > Duration::from_secs(1),
         "the service was slow"

@@ -469,9 +469,10 @@ async fn one_frps_keeps_a_key_at_its_concurrency_limit_while_redis_comes_and_goe
         return;
     };
     let cutter = Cutter::start(services::redis_addr(&redis)).await;
+    let prefix = services::redis_prefix();
     let mut cfg = config(Duration::from_secs(30));
     cfg.redis_url = format!("redis://{}", cutter.addr);
-    cfg.redis_prefix = services::redis_prefix();
+    cfg.redis_prefix = prefix.clone();
     let fleet = Fleet::start_with(1, cfg).await;
     let frps = &fleet.frps;
     let cache = frps.state.redis.clone().unwrap();
@@ -486,8 +487,19 @@ async fn one_frps_keeps_a_key_at_its_concurrency_limit_while_redis_comes_and_goe
     let second = http::start_hold(frps.public(), &held).await;
     assert!(!frps.state.rate_limits.counts_in_redis());
     assert_limited(&get(frps, &held).await, "concurrency_limit_exceeded");
-    // Redis back: it counts the first, and the second, which it never
-    // saw, comes off what it may grant.
+    // Redis comes back without its data (restarted without persistence):
+    // frps puts its slot back before granting more, and the second, which
+    // Redis never saw, comes off what it may grant.
+    let client = redis::Client::open(redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let hex = frps::auth::secret::hex(&frps::auth::secret::hash(&held));
+    let slots = format!("{prefix}ratelimit:{{{hex}}}:concurrency");
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&slots)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the first slot was in Redis");
     cutter.restore();
     let limits = frps.state.rate_limits.clone();
     eventually_async("limits are counted in Redis again", || {
