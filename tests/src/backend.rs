@@ -157,6 +157,15 @@ impl Drop for Backend {
     }
 }
 
+/// The request's `ms=N` query parameter, 50 when absent.
+fn query_ms<B>(req: &Request<B>) -> u64 {
+    req.uri()
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
 async fn serve(
     sh: Arc<Shared>,
     req: Request<Incoming>,
@@ -235,12 +244,7 @@ async fn serve(
                 .unwrap()
         }
         "/sleep" => {
-            let ms: u64 = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(50);
+            let ms = query_ms(&req);
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             full(
                 200,
@@ -285,12 +289,7 @@ async fn serve(
         "/slow-read" => {
             // Takes the body slowly, `ms=N` after each 16 KiB (a service
             // that reads uploads slowly), and answers its length.
-            let ms: u64 = req
-                .uri()
-                .query()
-                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(50);
+            let ms = query_ms(&req);
             let mut body = req.into_body();
             let mut len = 0usize;
             while let Some(Ok(frame)) = body.frame().await {

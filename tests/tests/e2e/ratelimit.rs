@@ -399,20 +399,27 @@ async fn a_caller_gone_while_its_lease_was_being_taken_holds_no_slot() {
     b.frps.stop().await;
 }
 
-#[tokio::test]
-async fn redis_down_falls_back_to_in_process_limits() {
-    let Some(redis) = services::redis_url() else {
-        return;
-    };
-    let cutter = Cutter::start(services::redis_addr(&redis)).await;
+/// One frps whose Redis (`redis`) is reached through a [`Cutter`], once
+/// connected; with the Redis key prefix it uses.
+async fn behind_a_cutter(redis: &str) -> (Cutter, String, Fleet) {
+    let cutter = Cutter::start(services::redis_addr(redis)).await;
     let prefix = services::redis_prefix();
     let mut cfg = config(Duration::from_secs(30));
     cfg.redis_url = format!("redis://{}", cutter.addr);
     cfg.redis_prefix = prefix.clone();
     let fleet = Fleet::start_with(1, cfg).await;
-    let frps = &fleet.frps;
-    let cache = frps.state.redis.clone().unwrap();
+    let cache = fleet.frps.state.redis.clone().unwrap();
     eventually("Redis connected", || cache.is_healthy()).await;
+    (cutter, prefix, fleet)
+}
+
+#[tokio::test]
+async fn redis_down_falls_back_to_in_process_limits() {
+    let Some(redis) = services::redis_url() else {
+        return;
+    };
+    let (cutter, prefix, fleet) = behind_a_cutter(&redis).await;
+    let frps = &fleet.frps;
     let (key, _) = key_with(frps, Some(3), None).await;
     let (held, _) = key_with(frps, None, Some(1)).await;
 
@@ -468,15 +475,8 @@ async fn one_frps_keeps_a_key_at_its_concurrency_limit_while_redis_comes_and_goe
     let Some(redis) = services::redis_url() else {
         return;
     };
-    let cutter = Cutter::start(services::redis_addr(&redis)).await;
-    let prefix = services::redis_prefix();
-    let mut cfg = config(Duration::from_secs(30));
-    cfg.redis_url = format!("redis://{}", cutter.addr);
-    cfg.redis_prefix = prefix.clone();
-    let fleet = Fleet::start_with(1, cfg).await;
+    let (cutter, prefix, fleet) = behind_a_cutter(&redis).await;
     let frps = &fleet.frps;
-    let cache = frps.state.redis.clone().unwrap();
-    eventually("Redis connected", || cache.is_healthy()).await;
     let (held, _) = key_with(frps, None, Some(2)).await;
     let (other, _) = key_with(frps, Some(1000), None).await;
     // One slot taken in Redis; then Redis goes away.
