@@ -10,6 +10,7 @@
 //! - [`text`]: peers' text cut and tamed for echoing and logging.
 //! - [`mux`]: many byte streams over one frps-frpc connection.
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
+//! - [`pace`]: one event per interval.
 //! - [`process`]: signals and the open-file limit.
 //! - `testing` (feature `testing`): helpers for the binaries' unit tests.
 
@@ -20,6 +21,7 @@ pub mod hex;
 pub mod join;
 pub mod memory;
 pub mod mux;
+pub mod pace;
 pub mod process;
 pub mod protocol;
 pub mod stream;

@@ -859,7 +859,7 @@ impl Client {
         let dead = tokio::time::sleep(silence);
         tokio::pin!(dead);
         let mut seq = 0u64;
-        let mut renewals = Pace::new(RENEWAL_PACE);
+        let mut renewals = common::pace::Pace::new(RENEWAL_PACE);
         loop {
             tokio::select! {
                 biased;
@@ -944,29 +944,6 @@ impl Client {
                 _ = stop.cancelled() => {}
             }
         });
-    }
-}
-
-/// Lets through one event per `every`.
-#[derive(Debug)]
-struct Pace {
-    every: Duration,
-    last: Option<Instant>,
-}
-
-impl Pace {
-    fn new(every: Duration) -> Self {
-        Self { every, last: None }
-    }
-
-    /// Whether an event now is let through (and counted as the last).
-    fn admit(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last.is_some_and(|at| now - at < self.every) {
-            return false;
-        }
-        self.last = Some(now);
-        true
     }
 }
 
@@ -1562,7 +1539,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn renewals_without_pause_are_let_through_once_a_second() {
-        let mut pace = Pace::new(RENEWAL_PACE);
+        let mut pace = common::pace::Pace::new(RENEWAL_PACE);
         assert!(pace.admit());
         assert!(!pace.admit());
         tokio::time::advance(RENEWAL_PACE - Duration::from_millis(1)).await;

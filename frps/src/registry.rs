@@ -48,8 +48,8 @@ pub struct ClientHandle {
     pub silent: CancellationToken,
     kick_reason: Mutex<Option<String>>,
     last_seen: Mutex<Instant>,
-    /// When the client's last `Error` was logged at warn.
-    error_logged: Mutex<Option<tokio::time::Instant>>,
+    /// Paces the client's `Error` lines at warn.
+    error_logged: Mutex<common::pace::Pace>,
     models: RwLock<Vec<ModelInfo>>,
     system: RwLock<Option<SystemInfo>>,
     /// Requests currently being served by this box: shared by its sessions
@@ -99,13 +99,7 @@ impl ClientHandle {
     /// second at most, the rest at debug (a client sending them without
     /// pause would fill the log).
     pub fn may_log_error(&self) -> bool {
-        let mut logged = self.error_logged.lock().expect("error_logged lock");
-        let now = tokio::time::Instant::now();
-        if logged.is_some_and(|at| now.duration_since(at) < std::time::Duration::from_secs(1)) {
-            return false;
-        }
-        *logged = Some(now);
-        true
+        self.error_logged.lock().expect("error_logged lock").admit()
     }
 
     /// Marks the client as heard from now.
@@ -419,7 +413,7 @@ impl Registry {
             silent: CancellationToken::new(),
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
-            error_logged: Mutex::new(None),
+            error_logged: Mutex::new(common::pace::Pace::new(std::time::Duration::from_secs(1))),
             system: RwLock::new(None),
             in_flight,
             requests: AtomicU64::new(0),

@@ -1959,6 +1959,11 @@ impl CallerWaits {
         Some(now + self.gap.min(self.limit.saturating_sub(self.spent)))
     }
 
+    /// Whether a wait is under way.
+    fn is_waiting(&self) -> bool {
+        self.since.is_some()
+    }
+
     /// A piece (or the end) came: the wait, if any, is over.
     fn arrived(&mut self, now: tokio::time::Instant) {
         if let Some(since) = self.since.take() {
@@ -1987,7 +1992,7 @@ impl Body for CountedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(polled) => {
-                if this.timer.is_some() {
+                if this.waits.is_waiting() {
                     this.waits.arrived(tokio::time::Instant::now());
                 }
                 if let Some(Ok(frame)) = &polled
