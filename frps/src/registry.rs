@@ -67,6 +67,9 @@ pub struct ClientHandle {
     /// Held while its `gpu_assets` row is written, so writes land in order:
     /// shared with the box's other sessions (same id and account).
     pub asset_writes: Arc<tokio::sync::Mutex<()>>,
+    /// The `updatedAt` of this session's last `gpu_assets` write that
+    /// landed: its `offline` lands only on the row as it left it.
+    pub asset_written_at: Mutex<Option<chrono::NaiveDateTime>>,
     /// The session's multiplexed tunnel connection, once frpc dialed it.
     tunnel: Mutex<Option<common::mux::Mux>>,
 }
@@ -422,6 +425,7 @@ impl Registry {
             health: Mutex::new(health),
             idle: IdlePool::default(),
             asset_writes,
+            asset_written_at: Mutex::new(None),
             tunnel: Mutex::new(None),
         });
         handle.set_service_up(handle.registration.service_up);

@@ -597,8 +597,9 @@ fn asset_key(client: &ClientHandle) -> &str {
 /// Upserts the client's `gpu_assets` row; failures are logged, never fatal.
 /// Writes of one box (all its sessions) land in order, no `online` lands
 /// after the session ended (a periodic refresh racing the `offline` write),
-/// and no `offline` lands while another session of the box is registered
-/// (a reconnect's `online` came first, or comes next).
+/// no `offline` lands while another session of the box is registered
+/// (a reconnect's `online` came first, or comes next), nor over a write
+/// made since by a session on another frps.
 async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     let _order = client.asset_writes.lock().await;
     if status == "online" && client.kick.is_cancelled() {
@@ -617,14 +618,32 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     {
         return;
     }
+    // Another frps may have written the row since (the box reconnected
+    // there before this session noticed it was gone): this session's
+    // `offline` lands only on the row as this session last left it. When
+    // none of its writes landed, it is written as it stands.
+    let unless_changed_since = match status {
+        "offline" => *client.asset_written_at.lock().expect("asset time lock"),
+        _ => None,
+    };
     let user = client.owner.user_id.to_string();
     match state
         .store
-        .upsert_gpu_asset(Some(&user), machine, &client.id, status)
+        .upsert_gpu_asset(
+            Some(&user),
+            machine,
+            &client.id,
+            status,
+            unless_changed_since,
+        )
         .await
     {
-        Ok(true) => {}
-        Ok(false) => warn!(
+        Ok(Some(at)) => *client.asset_written_at.lock().expect("asset time lock") = Some(at),
+        Ok(None) if unless_changed_since.is_some() => debug!(
+            client = %client.id,
+            "not recording machine {machine} offline: its gpu_assets row was written since by another session"
+        ),
+        Ok(None) => warn!(
             client = %client.id,
             "not recording the client in gpu_assets: machine id {machine} belongs to another account's row"
         ),

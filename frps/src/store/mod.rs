@@ -8,7 +8,7 @@ mod rows;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::NaiveDateTime;
+use chrono::{NaiveDateTime, Timelike};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
@@ -834,31 +834,31 @@ impl Store {
         machine_id: &str,
         name: &str,
         status: &str,
-    ) -> Result<bool, StoreError> {
+        unless_changed_since: Option<NaiveDateTime>,
+    ) -> Result<Option<NaiveDateTime>, StoreError> {
         // Machine ids come from frpc: one account must not take over (or
-        // mark offline) the row of another account's machine.
+        // mark offline) the row of another account's machine. With
+        // `unless_changed_since`, an existing row is written only while its
+        // `updatedAt` is still that one (a session's `offline` must not
+        // undo what another frps wrote since for the box's new session).
         const SQL: &str = r#"INSERT INTO gpu_assets ("userId", "machineId", name, status, "createdAt", "updatedAt")
             VALUES ($1, $2, $3, $4, $5, $5)
             ON CONFLICT ("machineId") DO UPDATE SET
               "userId" = excluded."userId", name = excluded.name,
               status = excluded.status, "updatedAt" = excluded."updatedAt"
-            WHERE gpu_assets."userId" IS NULL OR gpu_assets."userId" = excluded."userId""#;
+            WHERE (gpu_assets."userId" IS NULL OR gpu_assets."userId" = excluded."userId")
+              AND ($6 IS NULL OR gpu_assets."updatedAt" = $6)"#;
+        // Whole microseconds: what PostgreSQL keeps, so that the time
+        // returned compares equal to the row's.
+        let at = now();
+        let at = at
+            .with_nanosecond(at.nanosecond() / 1_000 * 1_000)
+            .unwrap_or(at);
         let written = on_pool!(self, p => sqlx::query(SQL)
-            .bind(user_id).bind(machine_id).bind(name).bind(status).bind(now())
+            .bind(user_id).bind(machine_id).bind(name).bind(status).bind(at)
+            .bind(unless_changed_since)
             .execute(p).await?.rows_affected());
-        Ok(written > 0)
-    }
-
-    /// Sets a machine's status (e.g. `offline`).
-    pub async fn set_gpu_asset_status(
-        &self,
-        machine_id: &str,
-        status: &str,
-    ) -> Result<(), StoreError> {
-        const SQL: &str =
-            r#"UPDATE gpu_assets SET status = $2, "updatedAt" = $3 WHERE "machineId" = $1"#;
-        on_pool!(self, p => sqlx::query(SQL).bind(machine_id).bind(status).bind(now()).execute(p).await?.rows_affected());
-        Ok(())
+        Ok((written > 0).then_some(at))
     }
 
     /// The row of one machine.

@@ -786,6 +786,38 @@ async fn a_machine_replaced_under_its_client_id_by_another_is_recorded_offline()
 }
 
 #[tokio::test]
+async fn a_box_that_moved_to_another_frps_stays_online_when_its_old_session_ends() {
+    // Two frps on one database; the box registers on `a`, then (its
+    // connection to `a` cut without `a` noticing yet) on `b`.
+    let mut cfg = frps_config();
+    cfg.database_url = frpx_tests::temp_sqlite_url();
+    let a = Frps::start(cfg.clone()).await;
+    let b = Frps::start(cfg).await;
+    let machine = "machine-box";
+    let (old, answer) = FakeClient::register(a.addrs.control, &a.client_token().await, "box").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    frpx_tests::wait_for_asset(&a.state.store, machine, "online", None).await;
+    let on_a = a.state.store.gpu_asset(machine).await.unwrap().unwrap();
+    let (_new, answer) =
+        FakeClient::register(b.addrs.control, &b.client_token().await, "box").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let store = &b.state.store;
+    frpx_tests::eventually_async("b's online write lands", || async {
+        let row = store.gpu_asset(machine).await.unwrap().unwrap();
+        row.updated_at != on_a.updated_at
+    })
+    .await;
+    // `a` now sees its session end, and writes what it writes on the way
+    // out (its stop waits for that).
+    drop(old);
+    a.wait_for_clients(&[]).await;
+    a.stop().await;
+    let row = store.gpu_asset(machine).await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("online"), "{row:?}");
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
     let Some(pg) = TestPg::create().await else {
         return;

@@ -1588,10 +1588,16 @@ async fn gpu_assets_follow_clients_online_and_offline() {
     // Another account presenting the same machine id takes nothing over.
     let owner = store.gpu_asset(&machine).await.unwrap().unwrap().user_id;
     let written = store
-        .upsert_gpu_asset(Some("another-account"), &machine, "intruder", "online")
+        .upsert_gpu_asset(
+            Some("another-account"),
+            &machine,
+            "intruder",
+            "online",
+            None,
+        )
         .await
         .unwrap();
-    assert!(!written);
+    assert_eq!(written, None);
     let row = store.gpu_asset(&machine).await.unwrap().unwrap();
     assert_eq!(row.user_id, owner);
     assert_eq!(row.status.as_deref(), Some("offline"));
@@ -1600,10 +1606,54 @@ async fn gpu_assets_follow_clients_online_and_offline() {
     let owner_id = owner.clone();
     assert!(
         store
-            .upsert_gpu_asset(owner_id.as_deref(), &machine, "client-0", "online")
+            .upsert_gpu_asset(owner_id.as_deref(), &machine, "client-0", "online", None)
             .await
             .unwrap()
+            .is_some()
     );
+}
+
+on_both_databases!(
+    a_gpu_asset_write_can_wait_for_the_row_to_be_as_left_on_sqlite,
+    a_gpu_asset_write_can_wait_for_the_row_to_be_as_left_on_postgres,
+    a_gpu_asset_write_can_wait_for_the_row_to_be_as_left
+);
+
+/// `unless_changed_since` writes only a row whose `updatedAt` is that time:
+/// the time a write returns is the row's, to the database's precision.
+async fn a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let owner = Some("owner");
+    let put = |status: &'static str, since| {
+        let store = store.clone();
+        async move {
+            store
+                .upsert_gpu_asset(owner, "m", "box", status, since)
+                .await
+                .unwrap()
+        }
+    };
+    // A missing row is written either way.
+    let ghost = chrono::DateTime::from_timestamp(1, 0).unwrap().naive_utc();
+    let first = put("online", Some(ghost)).await.expect("a new row");
+    let row = store.gpu_asset("m").await.unwrap().unwrap();
+    assert_eq!(row.updated_at, Some(first));
+    // Another session's write since: the row is not as `first` left it.
+    let second = loop {
+        let at = put("online", None).await.expect("written");
+        if at != first {
+            break at;
+        }
+    };
+    assert_eq!(put("offline", Some(first)).await, None);
+    let row = store.gpu_asset("m").await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("online"));
+    assert_eq!(row.updated_at, Some(second));
+    // As the last write left it: written.
+    let third = put("offline", Some(second)).await.expect("written");
+    let row = store.gpu_asset("m").await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("offline"));
+    assert_eq!(row.updated_at, Some(third));
 }
 
 async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Result<String> {
