@@ -26,6 +26,10 @@ pub enum PairError {
     /// The client reported it could not open the connection.
     #[error("client could not open a connection: {0}")]
     Failed(String),
+    /// A server plugin refused the data connection (or could not be
+    /// asked): the operator's word on this connection, not the box failing.
+    #[error("a server plugin refused the data connection: {0}")]
+    Refused(String),
     /// The pairing was dropped (client gone, server shutting down).
     #[error("pairing cancelled")]
     Cancelled,
@@ -131,11 +135,11 @@ impl Pending {
     }
 
     /// Fails the pairing `conn_id` of session `session` with `reason`.
-    pub fn fail(&self, conn_id: Uuid, session: u64, reason: String) {
+    pub fn fail(&self, conn_id: Uuid, session: u64, error: PairError) {
         let mut entries = self.lock();
         if entries.get(&conn_id).is_some_and(|e| e.session == session) {
             let entry = entries.remove(&conn_id).expect("entry present");
-            let _ = entry.tx.send(Err(PairError::Failed(reason)));
+            let _ = entry.tx.send(Err(error));
         }
     }
 
@@ -255,9 +259,17 @@ mod tests {
         let pending = Arc::new(Pending::default());
         let a = client(&reg, "a");
         let mut w = pending.register(&a, 8).unwrap();
-        pending.fail(w.conn_id, a.session + 1, "wrong session".into());
+        pending.fail(
+            w.conn_id,
+            a.session + 1,
+            PairError::Failed("wrong session".into()),
+        );
         assert_eq!(pending.len(), 1);
-        pending.fail(w.conn_id, a.session, "connection refused".into());
+        pending.fail(
+            w.conn_id,
+            a.session,
+            PairError::Failed("connection refused".into()),
+        );
         assert_eq!(
             w.wait(Duration::from_secs(5)).await.unwrap_err(),
             PairError::Failed("connection refused".into())

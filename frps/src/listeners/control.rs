@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Principal;
 use crate::auth::accounts::TokenReview;
+use crate::pending::PairError;
 use crate::plugins::{Op, hooks};
 use crate::registry::{ClientHandle, IdTaken, NewClient};
 use crate::state::State;
@@ -686,7 +687,9 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
         }
         Command::OpenFailed { conn_id, reason } => {
             debug!(client = %client.id, %conn_id, "client could not open a connection: {reason}");
-            state.pending.fail(conn_id, client.session, reason);
+            state
+                .pending
+                .fail(conn_id, client.session, PairError::Failed(reason));
             None
         }
         Command::Error { message } => {

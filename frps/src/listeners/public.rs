@@ -789,6 +789,17 @@ async fn forward(
                 last_error.get_or_insert(AcquireError::Busy(reason));
                 continue;
             }
+            // A server plugin refused the box's data connection (or could
+            // not be asked): the operator's word, not the box failing. The
+            // box is not cooled down and no retry is used; when no other
+            // is left, the caller hears a 503 without the plugin's text.
+            Err(e @ AcquireError::Pair(PairError::Refused(_))) => {
+                waited += acquiring.elapsed();
+                excluded.push(client.session);
+                busy += 1;
+                last_error.get_or_insert(e);
+                continue;
+            }
             Err(e @ AcquireError::Pair(PairError::TooMany(_))) => {
                 waited += acquiring.elapsed();
                 debug!(client = %client.id, "not asking for another connection: {e}");
@@ -1506,6 +1517,15 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         resp
+    } else if let AcquireError::Pair(PairError::Refused(_)) = e {
+        // The cause is in frps's log (the plugin call's line).
+        Stats::inc(&state.stats.no_client);
+        error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server could not connect a client for this request; retry later",
+            "service_unavailable",
+            "plugin_unavailable",
+        )
     } else if let AcquireError::HeadTimeout(_) = e {
         Stats::inc(&state.stats.upstream_errors);
         error_response(

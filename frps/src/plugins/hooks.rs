@@ -16,6 +16,7 @@ use super::content::{
 };
 use super::{Op, PluginError, Plugins};
 use crate::listeners::public::{PublicBody, error_response};
+use crate::pending::PairError;
 use crate::registry::ClientHandle;
 use crate::state::State;
 
@@ -185,7 +186,9 @@ pub async fn new_work_conn(
         Ok(_) => Ok(()),
         Err(e) => {
             let reason = e.to_string();
-            state.pending.fail(conn_id, client.session, reason.clone());
+            state
+                .pending
+                .fail(conn_id, client.session, PairError::Refused(reason.clone()));
             Err(reason)
         }
     }

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -434,25 +435,41 @@ async fn a_ping_rejection_disconnects_the_client_with_the_reason() {
 }
 
 #[tokio::test]
-async fn a_work_conn_rejection_refuses_the_data_connection() {
-    let plugin = PluginServer::start(|_| Reply::Reject("no work connections today".into())).await;
+async fn a_work_conn_rejection_refuses_the_data_connection_without_blaming_the_box() {
+    let refuse = Arc::new(AtomicBool::new(true));
+    let refusing = refuse.clone();
+    let plugin = PluginServer::start(move |_| {
+        if refusing.load(Ordering::SeqCst) {
+            Reply::Reject("no work connections today".into())
+        } else {
+            Reply::Allow
+        }
+    })
+    .await;
     let mut cfg = frps_config();
     cfg.plugins = vec![plugin.spec("work", &["NewWorkConn"])];
     let fleet = Fleet::start_with(1, cfg).await;
     let started = Instant::now();
-    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
-    assert_eq!(reply.status, 502, "{}", reply.body);
-    let message = reply.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(message.contains("no work connections today"), "{message}");
+    // More refusals than the failures that cool a box down.
+    for _ in 0..4 {
+        let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        let error = &reply.json()["error"];
+        assert_eq!(error["code"], "plugin_unavailable", "{}", reply.body);
+        // The plugin's word is for the operator's log, not for callers.
+        assert!(!reply.body.contains("work connections"), "{}", reply.body);
+    }
     assert!(
         started.elapsed() < fleet.frps.state.config.connect_timeout,
-        "the request fails at once, not at the dial-back timeout"
+        "the requests fail at once, not at the dial-back timeout"
     );
     assert_eq!(fleet.backends[0].hits(), 0);
     assert_eq!(fleet.frps.state.pending.len(), 0);
+    // The box was not at fault: once the plugin allows its connections,
+    // it serves at once (no cool-down).
+    refuse.store(false, Ordering::SeqCst);
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
 }
 
 #[tokio::test]
