@@ -26,7 +26,7 @@ pub const LOCAL_TTL: Duration = Duration::from_secs(10);
 /// revocation keeps a key from being cached again only for [`LOCAL_TTL`]
 /// (in-process) and [`TOMBSTONE_TTL`] (Redis): an answer read before the
 /// revocation but arriving after those guards expire would cache the revoked
-/// key again (in Redis for five minutes). So a slower lookup is given up, the
+/// key again. So a slower lookup is given up, the
 /// request is answered as if the database were down (503), and the late
 /// answer is never seen. Half the guards, leaving room for the Redis calls
 /// before and after the lookup.

@@ -54,10 +54,19 @@ impl Default for Keepalive {
 
 /// How long a revocation keeps a key's entry from being cached again: an
 /// frps that read the key's row just before it was revoked must not put it
-/// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it. It
-/// only can while the tombstone lasts, so frps gives up a key's database
-/// lookup after [`super::keys::DB_TIMEOUT`], well within it.
-pub const TOMBSTONE_TTL: Duration = Duration::from_secs(10);
+/// back into Redis (for [`REDIS_TTL`]) after the revocation deleted it.
+/// frps gives up a key's database lookup after [`super::keys::DB_TIMEOUT`],
+/// but a write it already handed to its Redis connection is still sent (a
+/// path to Redis retransmitting may deliver it many seconds late), so the
+/// tombstone outlasts every entry sealed before the revocation could be
+/// accepted: [`REDIS_TTL`] past its seal, with the clock skew of the frps
+/// that sealed it and of the one reading it, and the lookup's time.
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
+const _: () = assert!(
+    TOMBSTONE_TTL.as_secs()
+        >= REDIS_TTL.as_secs() + 2 * CLOCK_SKEW as u64 + super::keys::DB_TIMEOUT.as_secs(),
+    "a tombstone outlasts every entry sealed before it"
+);
 
 /// Caches an entry unless its key was revoked within [`TOMBSTONE_TTL`].
 /// KEYS: entry, tombstone. ARGV: value, ttl seconds.

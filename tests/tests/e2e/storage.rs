@@ -426,9 +426,10 @@ async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
     let Some(url) = services::redis_url() else {
         return;
     };
+    let prefix = services::redis_prefix();
     let redis = frps::auth::redis::RedisCache::connect_now(
         &url,
-        &services::redis_prefix(),
+        &prefix,
         frps::auth::redis::Seal::random(),
     )
     .await
@@ -453,6 +454,22 @@ async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
     assert_eq!(redis.get(&revoked).await, None);
     assert_eq!(redis.get(&kept).await, Some(entry));
     assert_eq!(redis.count_entries().await, Some(1));
+    // Even a write that reaches Redis minutes late (a path retransmitting):
+    // the tombstone outlasts any entry sealed before the revocation (one is
+    // read for REDIS_TTL past its seal, a minute of clock skew each way).
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tombstone = format!("{prefix}revoked:{{{}}}", frps::auth::secret::hex(&revoked));
+    let left: i64 = redis::cmd("TTL")
+        .arg(&tombstone)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let outlived = frps::auth::redis::REDIS_TTL.as_secs() as i64 + 2 * 60;
+    assert!(left > outlived, "tombstone {tombstone} lasts {left} s");
 }
 
 /// What a subscription reported: `None` for "forget everything" (a new
