@@ -217,7 +217,13 @@ impl Accounts {
             .ok()
             .and_then(Result::ok)
             .ok_or(LoginError::Busy)?;
-        let user = within_deadline(store.find_user(email)).await?;
+        // The account's own email, in any ASCII letter case: PostgreSQL's
+        // lower() also folds other letters (`İ` to `i`), so that many
+        // spellings would reach one account, each with its own failure
+        // budget. Another spelling is checked like an unknown email.
+        let user = within_deadline(store.find_user(email))
+            .await?
+            .filter(|u| u.email.eq_ignore_ascii_case(email));
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
         // Unknown emails cost the same Argon2 work as wrong passwords. The

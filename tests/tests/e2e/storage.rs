@@ -840,6 +840,36 @@ impl TableLock {
     }
 }
 
+on_both_databases!(
+    a_login_takes_the_accounts_email_in_ascii_case_only_on_sqlite,
+    a_login_takes_the_accounts_email_in_ascii_case_only_on_postgres,
+    a_login_takes_the_accounts_email_in_ascii_case_only
+);
+
+/// PostgreSQL's lower() folds `İ` to `i`: `admİn@…` found `admin@…`'s
+/// account, and each such spelling had its own failure budget.
+async fn a_login_takes_the_accounts_email_in_ascii_case_only(url: &str) {
+    use frps::auth::accounts::{Accounts, LoginError, hash_password};
+    let store = Store::connect(url).await.unwrap();
+    store
+        .create_user("admin@x.test", &hash_password("secret"))
+        .await
+        .unwrap();
+    let accounts = Accounts::new(Some(store), None);
+    let from: std::net::IpAddr = [192, 0, 2, 7].into();
+    let err = accounts
+        .login("adm\u{130}n@x.test", "secret", from)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LoginError::InvalidCredentials), "{err:?}");
+    // (From another address: the failure slows this one down.)
+    let issued = accounts
+        .login("ADMIN@X.test", "secret", [192, 0, 2, 8].into())
+        .await
+        .expect("the account's email in another ASCII case");
+    assert_eq!(issued.principal.email, "admin@x.test");
+}
+
 #[tokio::test]
 async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothing() {
     use frps::auth::accounts::{Accounts, DB_DEADLINE, LoginError, hash_password};
