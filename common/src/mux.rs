@@ -772,6 +772,13 @@ impl StreamReset {
         self.reason.starts_with(SHED)
     }
 
+    /// Whether the stream was reset as its opener's peer too busy for it:
+    /// shed ([`StreamReset::is_shed`]), or refused for frpc's cap on its
+    /// data connections ([`crate::protocol::OPEN_BUSY`]).
+    pub fn is_busy(&self) -> bool {
+        self.is_shed() || self.reason.starts_with(crate::protocol::OPEN_BUSY)
+    }
+
     /// The reset behind `error`, if it is one (searching its sources).
     pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a StreamReset> {
         let mut next = Some(error);

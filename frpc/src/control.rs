@@ -849,6 +849,7 @@ impl Client {
                 self.dialer.clone(),
                 session.clone(),
                 self.tunnels.clone(),
+                self.data_slots.clone(),
                 session_over,
                 self.hard_stop.clone(),
             ));
@@ -915,11 +916,7 @@ impl Client {
     /// full too, lets frps's pairing time out.
     fn open(&self, conn_id: uuid::Uuid, session: &Arc<Session>, out: &mpsc::Sender<Command>) {
         let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
-            let max = self.config.max_data_connections;
-            let reason = format!(
-                "{}frpc already holds {max} data connections (--max-data-connections)",
-                common::protocol::OPEN_BUSY
-            );
+            let reason = tunnel::busy_reason(self.config.max_data_connections);
             if self.data_slots_out.swap(true, Ordering::Relaxed) {
                 debug!(%conn_id, "{reason}");
             } else {

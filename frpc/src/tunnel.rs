@@ -11,7 +11,7 @@ use common::mux::{Mux, MuxStream, Role};
 use common::{Command, MAX_FRAME, Stream, join_streams_lingering, read_one_command, write_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -79,15 +79,18 @@ enum TunnelError {
 
 /// Keeps the session's tunnel connection up while the session lasts: dials
 /// it, serves the streams frps opens (each task on `tasks`, ending only
-/// with frpc's `shutdown`), and dials again after a pause when it is lost
-/// or refused (a refusal waits [`TUNNEL_RETRY_MAX`]). Once `session_over`,
-/// no new dial: a connection still up keeps serving the streams in flight
-/// (as dial-back connections outlive their session) until frps closes it.
+/// with frpc's `shutdown`, and holding one of `slots`, the
+/// `--max-data-connections` that dial-backs take too), and dials again
+/// after a pause when it is lost or refused (a refusal waits
+/// [`TUNNEL_RETRY_MAX`]). Once `session_over`, no new dial: a connection
+/// still up keeps serving the streams in flight (as dial-back connections
+/// outlive their session) until frps closes it, and resets any new one.
 pub async fn run_tunnel(
     config: Arc<Config>,
     dialer: Dialer,
     session: Arc<Session>,
     tasks: TaskTracker,
+    slots: Arc<Semaphore>,
     session_over: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -96,7 +99,15 @@ pub async fn run_tunnel(
     // policy, asked every 30 s) is not worth a warning each time.
     let mut last_refusal: Option<String> = None;
     loop {
-        let run = tunnel(&config, &dialer, &session, &tasks, &shutdown);
+        let run = tunnel(
+            &config,
+            &dialer,
+            &session,
+            &tasks,
+            &slots,
+            &session_over,
+            &shutdown,
+        );
         let (result, accepted) = tokio::select! {
             r = run => r,
             _ = shutdown.cancelled() => return,
@@ -131,6 +142,15 @@ pub async fn run_tunnel(
     }
 }
 
+/// Why frpc refuses another data connection or tunnel stream: frps takes
+/// a refusal starting with [`common::protocol::OPEN_BUSY`] as the box busy.
+pub fn busy_reason(max: u32) -> String {
+    format!(
+        "{}frpc already holds {max} data connections (--max-data-connections)",
+        common::protocol::OPEN_BUSY
+    )
+}
+
 /// The pause before the next tunnel dial, after one that waited `pause`
 /// and was accepted at `accepted` (if it was): the shortest again only
 /// after a connection that lasted [`crate::control::STABLE_SESSION`] (one
@@ -152,6 +172,8 @@ async fn tunnel(
     dialer: &Dialer,
     session: &Session,
     tasks: &TaskTracker,
+    slots: &Arc<Semaphore>,
+    session_over: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (Result<(), TunnelError>, Option<tokio::time::Instant>) {
     let proxy_addr = &session.proxy_addr;
@@ -189,8 +211,20 @@ async fn tunnel(
     let (mux, driver) = Mux::new(remote, Role::Acceptor);
     let accept = async {
         while let Some(stream) = mux.accept().await {
+            if session_over.is_cancelled() {
+                stream.reset("the session of this tunnel connection has ended");
+                continue;
+            }
+            // frps takes a reset with this reason as the box busy.
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let reason = busy_reason(config.max_data_connections);
+                debug!(stream = stream.id(), "{reason}");
+                stream.reset(&reason);
+                continue;
+            };
             let (config, shutdown) = (config.clone(), shutdown.clone());
             tasks.spawn(async move {
+                let _slot = slot;
                 tokio::select! {
                     _ = serve_stream(&config, stream) => {}
                     _ = shutdown.cancelled() => {}

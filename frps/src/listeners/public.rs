@@ -889,15 +889,20 @@ async fn forward(
                     if let Some(back) = unsent {
                         payload.put_back(back.into_body());
                     }
-                    // Shed for the tunnel connection's receive budget: the
-                    // readers of its other streams are slow. Busy, like a
+                    // Shed for the tunnel connection's receive budget (the
+                    // readers of its other streams are slow), or refused
+                    // for frpc's --max-data-connections. Busy, like a
                     // client with every dial-back outstanding: another is
                     // tried without cooling this one down or using a
                     // retry, and with no other (or a body gone with it)
                     // the caller is asked to retry shortly. (Past
                     // SHEDS_BEFORE_FAILURE in a row, a failure.)
-                    if reset.is_shed() && !client.record_shed() {
-                        let e = AcquireError::Busy(reset.reason.to_string());
+                    if reset.is_busy() && !client.record_shed() {
+                        let reason = &*reset.reason;
+                        let reason = reason
+                            .strip_prefix(common::protocol::OPEN_BUSY)
+                            .unwrap_or(reason);
+                        let e = AcquireError::Busy(reason.to_owned());
                         if payload.is_spent() {
                             return upstream_error(state, &e);
                         }

@@ -344,3 +344,77 @@ async fn a_stream_in_flight_outlives_its_session() {
     let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
     assert_eq!(reply.status, 200);
 }
+
+#[tokio::test]
+async fn tunnel_streams_count_against_frpcs_data_connection_cap() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    let backend = Backend::start("capped").await;
+    let mut cfg = frpx_tests::frpc_config("capped", &frps.addrs, backend.addr);
+    cfg.max_data_connections = 1;
+    let _frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["capped"]).await;
+    let registry = &frps.state.registry;
+    frpx_tests::eventually("the tunnel connection is up", || {
+        registry.get("capped").is_some_and(|c| c.tunnel().is_some())
+    })
+    .await;
+    // The one stream frpc may serve is taken.
+    let (_conn, held) = http::start_hold(frps.public(), API_KEY).await;
+    // The next is reset at once as the box busy: the caller hears why,
+    // and the box is not cooled down.
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "client_busy");
+    assert!(
+        reply.body.contains("--max-data-connections"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        backend.hits(),
+        1,
+        "the refused request never reached the box"
+    );
+    assert!(!registry.get("capped").unwrap().is_cooling_down());
+    backend.release_holds();
+    let rest = frpx_tests::whole(held.into_body()).await.unwrap();
+    assert!(rest.ends_with(b"done\n"));
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_tunnel_connection_of_an_ended_session_takes_no_new_stream() {
+    let fleet = fleet(1).await;
+    let registry = &fleet.frps.state.registry;
+    let old = registry.get("client-0").unwrap();
+    let tunnel = old.tunnel().unwrap();
+    // A stream in flight keeps the old connection open past its session.
+    let mut held = hold_many(&fleet, 1).await;
+    old.kick("the operator says so");
+    frpx_tests::eventually("a new session with its own tunnel connection", || {
+        registry.get("client-0").is_some_and(|c| {
+            c.session != old.session && c.tunnel().is_some_and(|t| !t.same(&tunnel))
+        })
+    })
+    .await;
+    // A new stream on the old connection (as a misbehaving frps could
+    // open): frpc resets it rather than reach the service for it.
+    let mut stream = tunnel.open().unwrap();
+    let request = b"GET /late HTTP/1.1\r\nhost: x\r\n\r\n";
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, request).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        frpx_tests::WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut got),
+    )
+    .await
+    .expect("frpc answers the stream");
+    let err = read.expect_err("the stream is reset");
+    assert!(err.to_string().contains("has ended"), "{err}");
+    assert_eq!(fleet.backends[0].hits(), 1, "only the held request");
+    fleet.backends[0].release_holds();
+    let (_conn, resp) = held.pop().unwrap();
+    let body = frpx_tests::whole(resp.into_body()).await.unwrap();
+    assert!(body.ends_with(b"done\n"), "{body:?}");
+}
