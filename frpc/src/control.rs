@@ -628,7 +628,7 @@ impl Client {
                 Ok(())
             }
             Command::LoginResult { reason, code, .. } => {
-                let reason = reason.unwrap_or_else(|| "no reason given".into());
+                let reason = reason.map_or_else(|| "no reason given".into(), |r| from_frps(&r));
                 match code.as_deref() {
                     Some("token_invalid" | "token_expired") => {
                         info!(
@@ -688,7 +688,7 @@ impl Client {
                 "frps accepted the login but sent no token".into(),
             )),
             Command::LoginResult { reason, code, .. } => {
-                let reason = reason.unwrap_or_else(|| "no reason given".into());
+                let reason = reason.map_or_else(|| "no reason given".into(), |r| from_frps(&r));
                 match code.as_deref() {
                     // Too many attempts from this address (another box behind
                     // the same NAT, or several logging in at once): wait.
@@ -779,7 +779,7 @@ impl Client {
                 (models, service_up),
             )),
             Command::RegisterRefused { reason, retry } => {
-                let msg = format!("frps refused the registration: {reason}");
+                let msg = format!("frps refused the registration: {}", from_frps(&reason));
                 Err(if retry {
                     SessionError::Retry(msg)
                 } else {
@@ -803,7 +803,10 @@ impl Client {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match reader.read_command_within(left).await? {
                 Some(Command::Error { message }) => {
-                    return Err(SessionError::Fatal(format!("frps: {message}")));
+                    return Err(SessionError::Fatal(format!(
+                        "frps: {}",
+                        from_frps(&message)
+                    )));
                 }
                 Some(Command::Unknown) => continue,
                 Some(cmd) => return Ok(cmd),
@@ -861,6 +864,7 @@ impl Client {
         tokio::pin!(dead);
         let mut seq = 0u64;
         let mut renewals = common::pace::Pace::new(RENEWAL_PACE);
+        let mut errors = common::pace::Pace::new(Duration::from_secs(1));
         loop {
             tokio::select! {
                 biased;
@@ -898,8 +902,8 @@ impl Client {
                             self.session_token(token.clone());
                             drop(self.renewed(token, expires_at));
                         }
-                        Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(reason))),
-                        Command::Error { message } => warn!("frps reported an error: {message}"),
+                        Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(from_frps(&reason)))),
+                        Command::Error { message } => report_error(&mut errors, &message),
                         Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),
                         other => warn!("ignoring unexpected {} from frps", other.name()),
                     }
@@ -941,6 +945,26 @@ impl Client {
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// The longest text from frps (a refusal's reason, an `Error`'s message)
+/// that frpc logs or prints; longer is cut.
+pub const MAX_FRPS_TEXT: usize = 1024;
+
+/// Text from frps as frpc logs it: at most [`MAX_FRPS_TEXT`] characters,
+/// control characters as spaces (frps's frames carry up to 64 KiB).
+pub(crate) fn from_frps(text: &str) -> String {
+    common::text::tame(text, MAX_FRPS_TEXT)
+}
+
+/// Logs an `Error` frps sent: a line a second at most at warn, the rest at
+/// debug (the text and the pace are frps's).
+fn report_error(pace: &mut common::pace::Pace, message: &str) {
+    if pace.admit() {
+        warn!("frps reported an error: {}", from_frps(message));
+    } else {
+        debug!("frps reported an error: {}", from_frps(message));
     }
 }
 
@@ -1543,6 +1567,28 @@ mod tests {
         assert!(!pace.admit());
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(pace.admit());
+    }
+
+    #[test]
+    fn errors_from_frps_are_logged_short_on_one_line_once_a_second() {
+        let forged = format!(
+            "oops\n2026-12-03T00:00:00Z  INFO forged {}",
+            "x".repeat(70_000)
+        );
+        let ((), logged) = common::testing::logged(|| {
+            let mut pace = common::pace::Pace::new(Duration::from_secs(1));
+            for _ in 0..100 {
+                report_error(&mut pace, &forged);
+            }
+        });
+        let lines: Vec<&str> = logged.lines().collect();
+        assert_eq!(lines.len(), 1, "{logged}");
+        assert!(lines[0].contains("frps reported an error: oops 2026-12-03T00:00:00Z"));
+        assert!(
+            lines[0].len() < MAX_FRPS_TEXT + 200,
+            "{} bytes",
+            lines[0].len()
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::control::from_frps;
 use crate::tls::Dialer;
 
 /// What a data connection needs to prove it belongs to this session.
@@ -197,8 +198,8 @@ async fn tunnel(
             .map_err(lost)?
         {
             Command::MuxAccepted => Ok(remote),
-            Command::DataRejected { reason, .. } => Err(TunnelError::Refused(reason)),
-            Command::Error { message } => Err(TunnelError::Refused(message)),
+            Command::DataRejected { reason, .. } => Err(TunnelError::Refused(from_frps(&reason))),
+            Command::Error { message } => Err(TunnelError::Refused(from_frps(&message))),
             other => Err(TunnelError::Refused(format!("unexpected {}", other.name()))),
         }
     };
@@ -437,7 +438,7 @@ async fn forward_watched(
         let mut frame = AsyncReadExt::chain(&first[..], &mut *remote);
         match read_one_command(&mut frame, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT).await {
             Ok(Command::DataRejected { reason, .. }) => {
-                warn!(%conn_id, "frps refused the data connection: {reason}")
+                warn!(%conn_id, "frps refused the data connection: {}", from_frps(&reason))
             }
             Ok(other) => warn!(%conn_id, "unexpected {} on a data connection", other.name()),
             Err(e) => warn!(%conn_id, "bad frame on a data connection: {e}"),
