@@ -29,6 +29,8 @@ pub struct PluginCall {
     pub reqid: String,
     /// `Content-Type`.
     pub content_type: String,
+    /// `Authorization` (empty without one).
+    pub authorization: String,
     /// The JSON body.
     pub body: Value,
 }
@@ -190,6 +192,7 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
         query: uri.query().unwrap_or_default().to_owned(),
         reqid: header("x-frp-reqid"),
         content_type: header("content-type"),
+        authorization: header("authorization"),
         body: serde_json::from_slice(&body).unwrap_or_else(
             |e| json!({"unparsable": format!("{e}: {}", String::from_utf8_lossy(&body))}),
         ),

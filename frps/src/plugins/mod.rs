@@ -96,16 +96,55 @@ impl FromStr for Op {
 }
 
 /// One configured plugin.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PluginSpec {
     /// Its name (`[plugin.NAME]`), used in logs and refusals.
     pub name: String,
-    /// `host:port` it listens on.
+    /// `host:port` it listens on (without the user name and password an
+    /// `addr` may carry).
     pub addr: String,
     /// Path the calls are posted to, starting with `/`.
     pub path: String,
     /// The operations it is asked about.
     pub ops: Vec<Op>,
+    /// The `Authorization` header sent with every call: HTTP Basic, from
+    /// a `user:password@` in `addr` (as frp's Go client sends it).
+    pub authorization: Option<String>,
+}
+
+impl std::fmt::Debug for PluginSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginSpec")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .field("path", &self.path)
+            .field("ops", &self.ops)
+            .field("authorization", &self.authorization.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The `Authorization` header for the `user[:password]` of an `addr`
+/// (each percent-decoded, as in a URL).
+fn basic_authorization(userinfo: &str) -> Result<String, SpecError> {
+    use base64::Engine as _;
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| {
+                spec_error(
+                    "addr",
+                    "the user name or password is not UTF-8 once decoded",
+                )
+            })
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let credentials = format!("{}:{}", decode(user)?, decode(password)?);
+    Ok(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    ))
 }
 
 /// A plugin setting that is wrong.
@@ -145,6 +184,11 @@ impl PluginSpec {
             .strip_prefix("http://")
             .unwrap_or(addr)
             .trim_end_matches('/');
+        // `user:password@host:port`: sent as HTTP Basic, as frp does.
+        let (authorization, addr) = match addr.rsplit_once('@') {
+            Some((userinfo, host)) => (Some(basic_authorization(userinfo)?), host),
+            None => (None, addr),
+        };
         if addr.is_empty() {
             return Err(spec_error("addr", "required (e.g. 127.0.0.1:9000)"));
         }
@@ -187,6 +231,7 @@ impl PluginSpec {
             addr: addr.to_owned(),
             path,
             ops: parsed,
+            authorization,
         })
     }
 }
@@ -371,6 +416,7 @@ impl Plugins {
                 &plugin.addr,
                 &target,
                 &reqid,
+                plugin.authorization.as_deref(),
                 body,
             ),
         )
@@ -406,6 +452,20 @@ mod tests {
         assert_eq!(p.addr, "127.0.0.1:9000");
         assert_eq!(p.path, "/handler");
         assert_eq!(p.ops, [Op::Login, Op::Ping]);
+        assert_eq!(p.authorization, None);
+        let guarded = PluginSpec::new("g", "user:pw@h:1", "/", &["Ping"]).unwrap();
+        assert_eq!(guarded.addr, "h:1");
+        // base64("user:pw")
+        assert_eq!(guarded.authorization.as_deref(), Some("Basic dXNlcjpwdw=="));
+        assert!(!format!("{guarded:?}").contains("dXNlcjpwdw"));
+        assert_eq!(
+            PluginSpec::new("g", "user@h:1", "/", &["Ping"])
+                .unwrap()
+                .authorization
+                .as_deref(),
+            Some("Basic dXNlcjo="),
+            "a user without a password"
+        );
         assert_eq!(
             PluginSpec::new("m", "h:1", "", &["Ping"]).unwrap().path,
             "/"
@@ -417,6 +477,8 @@ mod tests {
             ("h:1", "/a?b", &["Login"]),
             ("h:1", "/", &[]),
             ("h:1", "/", &["Nope"]),
+            ("user:pw@", "/", &["Login"]),
+            ("user:%ff@h:1", "/", &["Login"]),
         ] {
             assert!(
                 PluginSpec::new("m", addr, path, ops).is_err(),

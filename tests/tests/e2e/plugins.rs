@@ -127,6 +127,7 @@ async fn every_operation_is_called_with_frps_documented_fields() {
         assert_eq!(call.body["version"], "0.1.0");
         assert_eq!(keys(&call.body), ["content", "op", "version"]);
         assert!(call.content_type.starts_with("application/json"));
+        assert_eq!(call.authorization, "", "no credentials configured");
         assert!(!call.reqid.is_empty(), "X-Frp-Reqid is set");
         assert!(
             reqids.insert(call.reqid.clone()),
@@ -470,6 +471,22 @@ async fn a_work_conn_rejection_refuses_the_data_connection_without_blaming_the_b
     refuse.store(false, Ordering::SeqCst);
     let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_user_and_password_in_addr_are_sent_as_basic_auth() {
+    let plugin = PluginServer::start(|_| Reply::Allow).await;
+    // As frp's Go client reads such an address: percent-decoded, Basic.
+    let addr = format!("http://op%40lab:s3cr%3At@{}", plugin.addr);
+    let spec = PluginSpec::new("guarded", &addr, PLUGIN_PATH, &["Login"]).unwrap();
+    assert_eq!(spec.addr, plugin.addr.to_string());
+    assert!(!format!("{spec:?}").contains("s3cr"), "{spec:?}");
+    let frps = frps_with(vec![spec], Duration::from_secs(3)).await;
+    let (_c, answer) = register(&frps, registration("gpu-basic")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let call = plugin.wait_for("Login").await;
+    // base64("op@lab:s3cr:t")
+    assert_eq!(call.authorization, "Basic b3BAbGFiOnMzY3I6dA==");
 }
 
 #[tokio::test]
