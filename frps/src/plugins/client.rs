@@ -176,22 +176,25 @@ pub async fn post(
             },
         }
     };
-    if resp.status() != StatusCode::OK {
-        return Err(CallError::Status(resp.status()));
-    }
-    let body = Limited::new(resp.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                CallError::TooLarge
-            } else {
-                CallError::Http(e.to_string())
-            }
-        })?;
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
     // Read whole: the connection can carry the next call (unless the
-    // plugin asked to close it: hyper then closes it, and it is skipped).
-    pool.put(sender);
+    // plugin asked to close it: hyper then closes it, and it is skipped),
+    // also after a refusal by status (a plugin refusing every call at a
+    // high rate must not cost a connection each).
+    if body.is_ok() {
+        pool.put(sender);
+    }
+    if status != StatusCode::OK {
+        return Err(CallError::Status(status));
+    }
+    let body = body.map_err(|e| {
+        if e.is::<http_body_util::LengthLimitError>() {
+            CallError::TooLarge
+        } else {
+            CallError::Http(e.to_string())
+        }
+    })?;
     Ok(body.to_bytes())
 }
 

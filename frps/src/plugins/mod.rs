@@ -268,12 +268,23 @@ impl PluginError {
 }
 
 /// The configured plugins, grouped by operation in configuration order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Plugins {
     chains: [Vec<PluginSpec>; 6],
     timeout: Duration,
     /// Idle connections by plugin address.
     pools: std::collections::HashMap<String, client::Connections>,
+    /// Paces each operation's failure and rejection lines (`NewUserConn`
+    /// and `NewWorkConn` are asked per request): one a second at warn and
+    /// info, the rest at debug.
+    lines: [[std::sync::Mutex<common::pace::Pace>; 2]; 6],
+}
+
+/// No plugins.
+impl Default for Plugins {
+    fn default() -> Self {
+        Plugins::new(&[], Duration::ZERO)
+    }
 }
 
 /// Most characters of a plugin's text (a rejection's reason, an answer's
@@ -317,6 +328,11 @@ impl Plugins {
             chains,
             timeout,
             pools,
+            lines: std::array::from_fn(|_| {
+                std::array::from_fn(|_| {
+                    std::sync::Mutex::new(common::pace::Pace::new(Duration::from_secs(1)))
+                })
+            }),
         }
     }
 
@@ -352,6 +368,15 @@ impl Plugins {
         }
     }
 
+    /// Whether a line of `op`'s `kind` (0 failures, 1 rejections) is
+    /// logged at its own level now, rather than at debug.
+    fn may_log(&self, op: Op, kind: usize) -> bool {
+        self.lines[op.index()][kind]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit()
+    }
+
     /// `content` through one plugin.
     async fn one<C: Content>(&self, plugin: &PluginSpec, content: C) -> Result<C, PluginError> {
         let fail = |cause: CallError| {
@@ -362,7 +387,11 @@ impl Plugins {
                 CallError::Http(text) => CallError::Http(tame(&text)),
                 cause => cause,
             };
-            warn!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
+            if self.may_log(C::OP, 0) {
+                warn!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
+            } else {
+                debug!(plugin = %plugin.name, addr = %plugin.addr, op = %C::OP, "server plugin failed: {cause}");
+            }
             PluginError::Failed {
                 plugin: plugin.name.clone(),
                 op: C::OP,
@@ -383,7 +412,11 @@ impl Plugins {
                 } else {
                     tame(&reason)
                 };
-                info!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
+                if self.may_log(C::OP, 1) {
+                    info!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
+                } else {
+                    debug!(plugin = %plugin.name, op = %C::OP, "server plugin rejected the operation: {reason}");
+                }
                 Err(PluginError::Rejected {
                     plugin: plugin.name.clone(),
                     reason,
@@ -485,6 +518,33 @@ mod tests {
                 "{addr} {path} {ops:?}"
             );
         }
+    }
+
+    #[test]
+    fn per_request_failures_are_logged_once_a_second() {
+        // Nothing listens there: every call fails at once.
+        let spec = PluginSpec::new("down", "127.0.0.1:1", "/", &["Ping"]).unwrap();
+        let plugins = Plugins::new(&[spec], Duration::from_secs(3));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (failed, logged) = common::testing::logged(|| {
+            runtime.block_on(async {
+                let mut failed = 0;
+                for _ in 0..50 {
+                    let content = content::PingContent::default();
+                    failed += usize::from(plugins.call(content).await.is_err());
+                }
+                failed
+            })
+        });
+        assert_eq!(failed, 50);
+        assert_eq!(
+            logged.matches("server plugin failed").count(),
+            1,
+            "{logged}"
+        );
     }
 
     #[test]

@@ -1164,6 +1164,28 @@ async fn plugin_calls_reuse_their_connections_and_survive_the_plugin_closing_the
 }
 
 #[tokio::test]
+async fn a_plugin_refusing_by_status_keeps_its_connection() {
+    use frpx_tests::services::Cutter;
+    let plugin = PluginServer::start(|_| Reply::Status(403)).await;
+    let gate = Cutter::start(plugin.addr).await;
+    let mut spec = plugin.spec("gatekeeper", &["NewUserConn"]);
+    spec.addr = gate.addr.to_string();
+    let mut cfg = frps_config();
+    cfg.plugins = vec![spec];
+    let fleet = Fleet::start_with(1, cfg).await;
+    for i in 0..10 {
+        let reply = http::get(fleet.frps.public(), &format!("/n/{i}"), Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+    }
+    assert_eq!(plugin.calls_for("NewUserConn").len(), 10);
+    assert_eq!(
+        gate.accepted().len(),
+        1,
+        "one connection for 10 refusals in a row"
+    );
+}
+
+#[tokio::test]
 async fn a_hello_that_proves_no_live_session_is_refused_before_pairing() {
     let plugin = PluginServer::allow_all().await;
     let frps = frps_with(
