@@ -12,7 +12,7 @@ use argon2::password_hash::{
 };
 use chrono::{NaiveDateTime, Utc};
 
-use super::keys::within_deadline;
+use super::keys::{absent_if_unreadable, within_deadline};
 use super::secret;
 use crate::store::{Store, StoreError};
 
@@ -221,8 +221,7 @@ impl Accounts {
         // lower() also folds other letters (`İ` to `i`), so that many
         // spellings would reach one account, each with its own failure
         // budget. Another spelling is checked like an unknown email.
-        let user = within_deadline(store.find_user(email))
-            .await?
+        let user = absent_if_unreadable(within_deadline(store.find_user(email)).await, "users")?
             .filter(|u| u.email.eq_ignore_ascii_case(email));
         let password = password.to_owned();
         let phc = user.as_ref().map(|u| u.password_hash.clone());
@@ -294,7 +293,8 @@ impl Accounts {
     /// renewed; revoking any token of a family revokes all of it.
     pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let Some(row) = within_deadline(store.find_client_token_by_id(id)).await? else {
+        let found = within_deadline(store.find_client_token_by_id(id)).await;
+        let Some(row) = absent_if_unreadable(found, "client_tokens")? else {
             return Ok(TokenReview::Unusable);
         };
         let now = Utc::now().naive_utc();
@@ -367,9 +367,8 @@ impl Accounts {
     /// must go through [`Accounts::login_token`].
     pub async fn check_token(&self, token: &str) -> Result<Principal, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let row = within_deadline(store.find_client_token(&secret::hash_hex(token)))
-            .await?
-            .ok_or(LoginError::TokenInvalid)?;
+        let found = within_deadline(store.find_client_token(&secret::hash_hex(token))).await;
+        let row = absent_if_unreadable(found, "client_tokens")?.ok_or(LoginError::TokenInvalid)?;
         if row.revoked_at.is_some() {
             return Err(LoginError::TokenInvalid);
         }

@@ -108,7 +108,10 @@ pub struct KeyValidator {
     static_grant: KeyGrant,
     store: Option<Store>,
     redis: Option<Arc<RedisCache>>,
-    valid: Cache<[u8; 32], CachedKey>,
+    /// Valid keys, each with when it was asked about: trusted for
+    /// [`LOCAL_TTL`] from then ([`FromAsked`]), not from when the answer
+    /// came.
+    valid: Cache<[u8; 32], (CachedKey, std::time::Instant)>,
     invalid: Cache<[u8; 32], ()>,
     /// When each key was last revoked (told through Redis): a database
     /// answer read before that is not cached.
@@ -160,6 +163,7 @@ impl KeyValidator {
             valid: Cache::builder()
                 .max_capacity(LOCAL_CAPACITY)
                 .time_to_live(LOCAL_TTL)
+                .expire_after(FromAsked)
                 .build(),
             invalid: Cache::builder()
                 .max_capacity(LOCAL_CAPACITY)
@@ -299,7 +303,7 @@ impl KeyValidator {
 
     /// What the in-process caches know of `hash`.
     async fn cached(&self, hash: [u8; 32], now: i64) -> Option<KeyCheck> {
-        if let Some(entry) = self.valid.get(&hash).await {
+        if let Some((entry, _)) = self.valid.get(&hash).await {
             self.stats.local_hits.fetch_add(1, Ordering::Relaxed);
             return Some(verdict(hash, entry, now));
         }
@@ -323,7 +327,10 @@ impl KeyValidator {
             self.remember(hash, entry, asked).await;
             return verdict(hash, entry, now);
         }
-        match within_deadline(store.find_api_key(key, &hash)).await {
+        match absent_if_unreadable(
+            within_deadline(store.find_api_key(key, &hash)).await,
+            "api_keys",
+        ) {
             Ok(row) => {
                 self.db_ok();
                 self.stats.db_hits.fetch_add(1, Ordering::Relaxed);
@@ -363,7 +370,7 @@ impl KeyValidator {
         if self.revoked_since(&hash, asked).await {
             return false;
         }
-        self.valid.insert(hash, entry).await;
+        self.valid.insert(hash, (entry, asked)).await;
         if self.revoked_since(&hash, asked).await {
             self.valid.invalidate(&hash).await;
             return false;
@@ -491,6 +498,52 @@ pub(crate) enum LookupError {
     TimedOut,
 }
 
+/// A valid key's in-process entry lasts [`LOCAL_TTL`] from when the key
+/// was asked about (before its row was read), not from when the answer
+/// came: without Redis to tell of a revocation, a key revoked just after
+/// its row was read is accepted for at most [`LOCAL_TTL`] from then, however
+/// long the lookup took (up to [`DB_TIMEOUT`]).
+struct FromAsked;
+
+impl moka::Expiry<[u8; 32], (CachedKey, std::time::Instant)> for FromAsked {
+    fn expire_after_create(
+        &self,
+        _key: &[u8; 32],
+        value: &(CachedKey, std::time::Instant),
+        created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(LOCAL_TTL.saturating_sub(created_at.saturating_duration_since(value.1)))
+    }
+
+    fn expire_after_update(
+        &self,
+        key: &[u8; 32],
+        value: &(CachedKey, std::time::Instant),
+        updated_at: std::time::Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        self.expire_after_create(key, value, updated_at)
+    }
+}
+
+/// A row that cannot be decoded ([`StoreError::is_unreadable_row`]) as no
+/// row, with a warning naming `table`: a key, account or token whose row
+/// was edited into a value frps cannot read is refused (not reported as
+/// the database down, which would flip frps's health and answer 503 for
+/// as long as the row stays so).
+pub(crate) fn absent_if_unreadable<T>(
+    answer: Result<Option<T>, LookupError>,
+    table: &str,
+) -> Result<Option<T>, LookupError> {
+    match answer {
+        Err(LookupError::Failed(e)) if e.is_unreadable_row() => {
+            warn!("a row of {table} cannot be read ({e}): treated as absent until it is fixed");
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
 /// `lookup`'s answer if it comes within [`DB_TIMEOUT`]; a later one is
 /// dropped unread, so it can never be cached.
 pub(crate) async fn within_deadline<T>(
@@ -562,6 +615,30 @@ mod tests {
         let after = std::time::Instant::now();
         assert!(!v.revoked_since(&h, after).await);
         assert!(!v.revoked_since(&secret::hash("other"), before).await);
+    }
+
+    #[tokio::test]
+    async fn a_valid_key_is_trusted_for_the_local_ttl_from_when_it_was_asked() {
+        let v = KeyValidator::new(None, None, None);
+        let entry = CachedKey {
+            expires_at: None,
+            limits: Limits::default(),
+        };
+        let now = std::time::Instant::now();
+        let (fresh, stale) = (secret::hash("fresh"), secret::hash("stale"));
+        // Asked just now: cached. Asked a LOCAL_TTL ago (a lookup that
+        // took that long): used once, not trusted any longer.
+        assert!(v.remember(fresh, entry, now).await);
+        let asked_long_ago = now
+            .checked_sub(LOCAL_TTL)
+            .expect("a monotonic clock this old");
+        v.remember(stale, entry, asked_long_ago).await;
+        assert!(v.cached(fresh, 0).await.is_some());
+        assert!(v.cached(stale, 0).await.is_none());
+        // The time left is counted from the asking.
+        let asked = now.checked_sub(Duration::from_secs(3)).unwrap();
+        let left = moka::Expiry::expire_after_create(&FromAsked, &fresh, &(entry, asked), now);
+        assert_eq!(left, Some(LOCAL_TTL - Duration::from_secs(3)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -129,6 +129,22 @@ impl StoreError {
         }
     }
 
+    /// Whether a row was read but cannot be decoded (a value frps never
+    /// writes, put there by hand: a date without a time in SQLite, a
+    /// number out of range): the row is unusable, the database is fine.
+    pub fn is_unreadable_row(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database(
+                sqlx::Error::ColumnDecode { .. }
+                    | sqlx::Error::Decode(_)
+                    | sqlx::Error::ColumnNotFound(_)
+                    | sqlx::Error::ColumnIndexOutOfBounds { .. }
+                    | sqlx::Error::TypeNotFound { .. }
+            )
+        )
+    }
+
     /// Whether the database itself is unreachable or failing (as opposed to
     /// a constraint or a missing row).
     pub fn is_unavailable(&self) -> bool {

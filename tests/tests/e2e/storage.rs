@@ -871,6 +871,45 @@ async fn a_login_takes_the_accounts_email_in_ascii_case_only(url: &str) {
 }
 
 #[tokio::test]
+async fn rows_edited_into_values_frps_cannot_read_are_refused_not_an_outage() {
+    use std::sync::atomic::Ordering;
+    // SQLite keeps what it is given: a date without a time, which no
+    // timestamp column of frps's can be read from.
+    let frps = Frps::start_default().await;
+    let store = &frps.state.store;
+    let (key, _) = KeyValidator::create(store, Some("edited"), None)
+        .await
+        .unwrap();
+    let token = frps.client_token().await;
+    exec(
+        store,
+        r#"UPDATE api_keys SET "expiresAt" = date('now', '+30 days')"#,
+    )
+    .await;
+    exec(store, "UPDATE client_tokens SET revoked_at = date('now')").await;
+    // The key is refused (not 503, not the database reported down).
+    assert_eq!(frps.state.keys.check(&key).await, KeyCheck::Invalid);
+    assert_eq!(frps.state.keys.stats.db_errors.load(Ordering::Relaxed), 0);
+    // The revoked token is refused, rather than "unavailable" for ever.
+    let err = frps.state.accounts.check_token(&token).await.unwrap_err();
+    assert!(matches!(err, LoginError::TokenInvalid), "{err:?}");
+    // So is a login to an account whose row cannot be read.
+    exec(store, "UPDATE users SET created_at = date('now')").await;
+    let err = frps
+        .state
+        .accounts
+        .login(
+            frpx_tests::TEST_EMAIL,
+            frpx_tests::TEST_PASSWORD,
+            [192, 0, 2, 9].into(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LoginError::InvalidCredentials), "{err:?}");
+    frps.stop().await;
+}
+
+#[tokio::test]
 async fn stalled_account_queries_are_unavailable_at_the_deadline_and_hold_nothing() {
     use frps::auth::accounts::{Accounts, DB_DEADLINE, LoginError, hash_password};
     let Some(pg) = TestPg::create().await else {
