@@ -73,7 +73,7 @@ pub fn fallback_path(token_file: &Path) -> PathBuf {
 /// crash mid-write leaves the old id, not an empty file that would change
 /// the id at the next start.
 pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
-    match std::fs::read_to_string(path) {
+    match crate::state_file::read_small(path) {
         Ok(existing) => match uuid::Uuid::parse_str(existing.trim()) {
             Ok(_) => return Ok(existing.trim().to_owned()),
             Err(e) => tracing::warn!(

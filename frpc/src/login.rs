@@ -50,7 +50,7 @@ pub struct ReadError {
 /// Reads the token file: `Ok(None)` when there is none, or when it holds no
 /// token (logged: a login replaces it); an error when it cannot be read.
 pub fn read(path: &Path) -> Result<Option<SavedToken>, ReadError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::state_file::read_small(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         // Not text: damaged, holding no token (reading it again will not

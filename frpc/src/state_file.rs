@@ -46,6 +46,33 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     written
 }
 
+/// Largest state file frpc reads (a token file is well under 1 KiB).
+pub const MAX_STATE_FILE: u64 = 64 * 1024;
+
+/// Reads a state file as text: only a regular file (a FIFO would block
+/// the read for ever, `/dev/zero` never end) of at most
+/// [`MAX_STATE_FILE`] bytes. A larger one, or one not UTF-8, is
+/// `InvalidData` (damaged, as one holding nothing usable); another kind
+/// of file is `InvalidInput`.
+pub fn read_small(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    File::open(path)?
+        .take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} KiB", MAX_STATE_FILE / 1024),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
+}
+
 /// The directory `path` is in: `.` for a bare file name (`token.json`).
 pub fn directory_of(path: &Path) -> &Path {
     path.parent()
@@ -87,6 +114,41 @@ fn create_temporary(mut names: impl FnMut() -> PathBuf) -> std::io::Result<(Path
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_small_regular_files_are_read() {
+        let dir = std::env::temp_dir().join(format!("frpc-read-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let small = dir.join("token.json");
+        std::fs::write(&small, "{}").unwrap();
+        assert_eq!(read_small(&small).unwrap(), "{}");
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'x'; MAX_STATE_FILE as usize + 1]).unwrap();
+        assert_eq!(
+            read_small(&big).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        let not_text = dir.join("not-text");
+        std::fs::write(&not_text, [0xff, 0xfe]).unwrap();
+        assert_eq!(
+            read_small(&not_text).unwrap_err().kind(),
+            std::io::ErrorKind::InvalidData
+        );
+        // A device that never ends, and a directory: refused, not read.
+        for odd in [Path::new("/dev/zero"), dir.as_path()] {
+            assert_eq!(
+                read_small(odd).unwrap_err().kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{}",
+                odd.display()
+            );
+        }
+        assert_eq!(
+            read_small(&dir.join("missing")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_bare_file_name_is_in_the_current_directory() {
