@@ -56,14 +56,18 @@ pub const MAX_STATE_FILE: u64 = 64 * 1024;
 /// of file is `InvalidInput`.
 pub fn read_small(path: &Path) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind, Read};
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without waiting (a FIFO's open would wait for a writer), then
+    // looked at through the handle: what is read is what was checked.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
     }
     let mut bytes = Vec::new();
-    File::open(path)?
-        .take(MAX_STATE_FILE + 1)
-        .read_to_end(&mut bytes)?;
+    file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_STATE_FILE {
         return Err(Error::new(
             ErrorKind::InvalidData,
@@ -134,8 +138,15 @@ mod tests {
             read_small(&not_text).unwrap_err().kind(),
             std::io::ErrorKind::InvalidData
         );
-        // A device that never ends, and a directory: refused, not read.
-        for odd in [Path::new("/dev/zero"), dir.as_path()] {
+        // A device that never ends, a directory and a FIFO (whose open
+        // would wait for a writer): refused, not read.
+        let fifo = dir.join("fifo");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for odd in [Path::new("/dev/zero"), dir.as_path(), fifo.as_path()] {
             assert_eq!(
                 read_small(odd).unwrap_err().kind(),
                 std::io::ErrorKind::InvalidInput,

@@ -60,6 +60,8 @@ pub enum Reply {
     Json(Value),
     /// An empty answer with this status.
     Status(u16),
+    /// This text with this status.
+    StatusWith(u16, String),
     /// This body as it is, with status 200.
     Raw(String),
     /// Never answers.
@@ -208,6 +210,9 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
         Reply::Replace(content) => json(json!({"unchange": "false", "content": content})),
         Reply::Json(v) => json(v),
         Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
+        Reply::StatusWith(code, text) => {
+            (StatusCode::from_u16(code).unwrap(), text).into_response()
+        }
         Reply::Raw(text) => (StatusCode::OK, text).into_response(),
         Reply::Hang => std::future::pending().await,
         Reply::AllowAfter(delay) => {

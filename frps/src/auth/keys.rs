@@ -537,7 +537,18 @@ pub(crate) fn absent_if_unreadable<T>(
 ) -> Result<Option<T>, LookupError> {
     match answer {
         Err(LookupError::Failed(e)) if e.is_unreadable_row() => {
-            warn!("a row of {table} cannot be read ({e}): treated as absent until it is fixed");
+            // A line a second at most: a column of a kept seed table that
+            // frps cannot read makes every lookup such a one.
+            static PACE: std::sync::LazyLock<std::sync::Mutex<common::pace::Pace>> =
+                std::sync::LazyLock::new(|| {
+                    std::sync::Mutex::new(common::pace::Pace::new(Duration::from_secs(1)))
+                });
+            let pace = PACE.lock().map(|mut p| p.admit()).unwrap_or(true);
+            if pace {
+                warn!("a row of {table} cannot be read ({e}): treated as absent until it is fixed");
+            } else {
+                tracing::debug!("a row of {table} cannot be read ({e})");
+            }
             Ok(None)
         }
         other => other,

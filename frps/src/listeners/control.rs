@@ -639,7 +639,7 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
         )
         .await
     {
-        Ok(Some(at)) => *client.asset_written_at.lock().expect("asset time lock") = Some(at),
+        Ok(Some(at)) => *client.asset_written_at.lock().expect("asset time lock") = at,
         Ok(None) if unless_changed_since.is_some() => debug!(
             client = %client.id,
             "not recording machine {machine} offline: its gpu_assets row was written since by another session"
@@ -648,7 +648,12 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
             client = %client.id,
             "not recording the client in gpu_assets: machine id {machine} belongs to another account's row"
         ),
-        Err(e) => warn!(client = %client.id, "cannot record the client in gpu_assets: {e}"),
+        Err(e) => {
+            // It may have landed all the same (an answer lost after the
+            // commit): this session no longer knows how it left the row.
+            *client.asset_written_at.lock().expect("asset time lock") = None;
+            warn!(client = %client.id, "cannot record the client in gpu_assets: {e}")
+        }
     }
 }
 

@@ -790,14 +790,19 @@ async fn forward(
                 continue;
             }
             // A server plugin refused the box's data connection (or could
-            // not be asked): the operator's word, not the box failing. The
-            // box is not cooled down and no retry is used; when no other
-            // is left, the caller hears a 503 without the plugin's text.
+            // not be asked): the operator's word, not the box failing, so
+            // the box is not cooled down. It uses a retry (a plugin down or
+            // slow refuses every box alike: a request must not try each);
+            // when none is left, the caller hears a 503 without the
+            // plugin's text.
             Err(e @ AcquireError::Pair(PairError::Refused(_))) => {
                 waited += acquiring.elapsed();
+                debug!(client = %client.id, "not using the client: {e}");
                 excluded.push(client.session);
-                busy += 1;
-                last_error.get_or_insert(e);
+                let e = last_error.insert(e);
+                if excluded.len() > state.config.max_retries + busy {
+                    return upstream_error(state, e);
+                }
                 continue;
             }
             Err(e @ AcquireError::Pair(PairError::TooMany(_))) => {

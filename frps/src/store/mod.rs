@@ -8,7 +8,7 @@ mod rows;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{NaiveDateTime, Timelike};
+use chrono::NaiveDateTime;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
@@ -842,8 +842,10 @@ impl Store {
 
     // ---- GPU assets -----------------------------------------------------
 
-    /// Inserts or refreshes a machine's row; false (and nothing written)
-    /// when the machine id belongs to another account's row.
+    /// Inserts or refreshes a machine's row: `Some` with the `"updatedAt"`
+    /// the row now holds, `None` (nothing written) when the machine id
+    /// belongs to another account's row or, with `unless_changed_since`,
+    /// the row changed since.
     pub async fn upsert_gpu_asset(
         &self,
         user_id: Option<&str>,
@@ -851,7 +853,7 @@ impl Store {
         name: &str,
         status: &str,
         unless_changed_since: Option<NaiveDateTime>,
-    ) -> Result<Option<NaiveDateTime>, StoreError> {
+    ) -> Result<Option<Option<NaiveDateTime>>, StoreError> {
         // Machine ids come from frpc: one account must not take over (or
         // mark offline) the row of another account's machine. With
         // `unless_changed_since`, an existing row is written only while its
@@ -863,18 +865,16 @@ impl Store {
               "userId" = excluded."userId", name = excluded.name,
               status = excluded.status, "updatedAt" = excluded."updatedAt"
             WHERE (gpu_assets."userId" IS NULL OR gpu_assets."userId" = excluded."userId")
-              AND ($6 IS NULL OR gpu_assets."updatedAt" = $6)"#;
-        // Whole microseconds: what PostgreSQL keeps, so that the time
-        // returned compares equal to the row's.
-        let at = now();
-        let at = at
-            .with_nanosecond(at.nanosecond() / 1_000 * 1_000)
-            .unwrap_or(at);
-        let written = on_pool!(self, p => sqlx::query(SQL)
-            .bind(user_id).bind(machine_id).bind(name).bind(status).bind(at)
+              AND ($6 IS NULL OR gpu_assets."updatedAt" = $6)
+            RETURNING "updatedAt""#;
+        // The time as the row keeps it (a seed table's column may keep
+        // less than the microseconds frps sends): what a later write
+        // compares with.
+        let written: Option<(Option<NaiveDateTime>,)> = on_pool!(self, p => sqlx::query_as(SQL)
+            .bind(user_id).bind(machine_id).bind(name).bind(status).bind(now())
             .bind(unless_changed_since)
-            .execute(p).await?.rows_affected());
-        Ok((written > 0).then_some(at))
+            .fetch_optional(p).await?);
+        Ok(written.map(|(at,)| at))
     }
 
     /// The row of one machine.

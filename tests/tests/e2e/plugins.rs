@@ -490,6 +490,24 @@ async fn a_user_and_password_in_addr_are_sent_as_basic_auth() {
 }
 
 #[tokio::test]
+async fn a_work_conn_plugin_refusing_every_box_costs_a_request_its_retries_only() {
+    // A plugin refusing every data connection (down, slow or by policy):
+    // a request tries as many boxes as its retries allow, not all of them.
+    let plugin = PluginServer::start(|_| Reply::Reject("closed".into())).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("work", &["NewWorkConn"])];
+    let retries = cfg.max_retries;
+    let fleet = Fleet::start_with(retries + 3, cfg).await;
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "plugin_unavailable");
+    assert_eq!(plugin.calls_for("NewWorkConn").len(), retries + 1);
+    for client in fleet.frps.state.registry.all() {
+        assert!(!client.is_cooling_down(), "{} blamed", client.id);
+    }
+}
+
+#[tokio::test]
 async fn unchange_may_be_a_boolean_or_a_string() {
     let plugin = PluginServer::start(|call| match call.op() {
         "Login" => Reply::Json(json!({"reject": false, "unchange": "true"})),
@@ -1166,7 +1184,9 @@ async fn plugin_calls_reuse_their_connections_and_survive_the_plugin_closing_the
 #[tokio::test]
 async fn a_plugin_refusing_by_status_keeps_its_connection() {
     use frpx_tests::services::Cutter;
-    let plugin = PluginServer::start(|_| Reply::Status(403)).await;
+    // A refusal with a body (read, so the connection can carry the next).
+    let plugin =
+        PluginServer::start(|_| Reply::StatusWith(403, "not on my watch ".repeat(100))).await;
     let gate = Cutter::start(plugin.addr).await;
     let mut spec = plugin.spec("gatekeeper", &["NewUserConn"]);
     spec.addr = gate.addr.to_string();

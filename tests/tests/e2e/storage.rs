@@ -1705,6 +1705,22 @@ on_both_databases!(
     a_gpu_asset_write_can_wait_for_the_row_to_be_as_left
 );
 
+#[tokio::test]
+async fn a_gpu_asset_write_compares_with_the_time_as_the_row_keeps_it() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    // A seed table whose column keeps milliseconds, not microseconds.
+    let store = Store::connect(&pg.url).await.unwrap();
+    exec(
+        &store,
+        r#"ALTER TABLE gpu_assets ALTER COLUMN "updatedAt" TYPE TIMESTAMP(3)"#,
+    )
+    .await;
+    a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(&pg.url).await;
+    pg.drop_db().await;
+}
+
 /// `unless_changed_since` writes only a row whose `updatedAt` is that time:
 /// the time a write returns is the row's, to the database's precision.
 async fn a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(url: &str) {
@@ -1722,8 +1738,9 @@ async fn a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(url: &str) {
     // A missing row is written either way.
     let ghost = chrono::DateTime::from_timestamp(1, 0).unwrap().naive_utc();
     let first = put("online", Some(ghost)).await.expect("a new row");
+    assert!(first.is_some());
     let row = store.gpu_asset("m").await.unwrap().unwrap();
-    assert_eq!(row.updated_at, Some(first));
+    assert_eq!(row.updated_at, first);
     // Another session's write since: the row is not as `first` left it.
     let second = loop {
         let at = put("online", None).await.expect("written");
@@ -1731,15 +1748,15 @@ async fn a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(url: &str) {
             break at;
         }
     };
-    assert_eq!(put("offline", Some(first)).await, None);
+    assert_eq!(put("offline", first).await, None);
     let row = store.gpu_asset("m").await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("online"));
-    assert_eq!(row.updated_at, Some(second));
+    assert_eq!(row.updated_at, second);
     // As the last write left it: written.
-    let third = put("offline", Some(second)).await.expect("written");
+    let third = put("offline", second).await.expect("written");
     let row = store.gpu_asset("m").await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("offline"));
-    assert_eq!(row.updated_at, Some(third));
+    assert_eq!(row.updated_at, third);
 }
 
 async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Result<String> {
