@@ -10,7 +10,7 @@ use frpx_tests::{API_KEY, Backend, Fleet, Frpc};
 use http_body_util::BodyExt;
 
 use super::api::{ADMIN, api};
-use super::tunnel::hold_many;
+use super::tunnel::{hold_many, refused_for_the_cap};
 
 /// frps's test configuration with the tunnel connection offered.
 fn offering() -> frps::Config {
@@ -313,15 +313,19 @@ async fn the_tunnel_connection_runs_over_tls_and_streams_events_one_by_one() {
     frpc.kill().await;
 }
 
-#[tokio::test]
-async fn a_stream_in_flight_outlives_its_session() {
-    let fleet = fleet(1).await;
+/// Holds one stream on client-0's tunnel connection, then ends its session
+/// (frpc is told, and registers again with a tunnel connection of its
+/// own); returns the old connection and the held stream.
+async fn session_ended_with_a_stream_held(
+    fleet: &Fleet,
+) -> (
+    common::mux::Mux,
+    Vec<(Conn, hyper::Response<hyper::body::Incoming>)>,
+) {
     let registry = &fleet.frps.state.registry;
     let old = registry.get("client-0").unwrap();
     let tunnel = old.tunnel().unwrap();
-    let mut held = hold_many(&fleet, 1).await;
-    // The session ends (frpc is told, and registers again) while the
-    // stream is still answering.
+    let held = hold_many(fleet, 1).await;
     old.kick("the operator says so");
     frpx_tests::eventually("a new session with its own tunnel connection", || {
         registry.get("client-0").is_some_and(|c| {
@@ -329,6 +333,14 @@ async fn a_stream_in_flight_outlives_its_session() {
         })
     })
     .await;
+    (tunnel, held)
+}
+
+#[tokio::test]
+async fn a_stream_in_flight_outlives_its_session() {
+    let fleet = fleet(1).await;
+    // The session ends while the stream is still answering.
+    let (tunnel, mut held) = session_ended_with_a_stream_held(&fleet).await;
     assert!(
         !tunnel.is_closed(),
         "the old connection still carries the stream"
@@ -362,14 +374,7 @@ async fn tunnel_streams_count_against_frpcs_data_connection_cap() {
     let (_conn, held) = http::start_hold(frps.public(), API_KEY).await;
     // The next is reset at once as the box busy: the caller hears why,
     // and the box is not cooled down.
-    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
-    assert_eq!(reply.status, 503, "{}", reply.body);
-    assert_eq!(reply.json()["error"]["code"], "client_busy");
-    assert!(
-        reply.body.contains("--max-data-connections"),
-        "{}",
-        reply.body
-    );
+    refused_for_the_cap(&frps).await;
     assert_eq!(
         backend.hits(),
         1,
@@ -386,18 +391,8 @@ async fn tunnel_streams_count_against_frpcs_data_connection_cap() {
 #[tokio::test]
 async fn a_tunnel_connection_of_an_ended_session_takes_no_new_stream() {
     let fleet = fleet(1).await;
-    let registry = &fleet.frps.state.registry;
-    let old = registry.get("client-0").unwrap();
-    let tunnel = old.tunnel().unwrap();
     // A stream in flight keeps the old connection open past its session.
-    let mut held = hold_many(&fleet, 1).await;
-    old.kick("the operator says so");
-    frpx_tests::eventually("a new session with its own tunnel connection", || {
-        registry.get("client-0").is_some_and(|c| {
-            c.session != old.session && c.tunnel().is_some_and(|t| !t.same(&tunnel))
-        })
-    })
-    .await;
+    let (tunnel, mut held) = session_ended_with_a_stream_held(&fleet).await;
     // A new stream on the old connection (as a misbehaving frps could
     // open): frpc resets it rather than reach the service for it.
     let mut stream = tunnel.open().unwrap();

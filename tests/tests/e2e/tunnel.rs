@@ -111,6 +111,19 @@ async fn server_sent_events_arrive_one_by_one() {
 
 /// Starts `n` `/hold` streams at once, each on its own public connection
 /// and each past its first chunk; the caller reads them out.
+/// Asks `frps` for `/` and checks the answer: 503 `client_busy`, for
+/// frpc's `--max-data-connections`.
+pub(crate) async fn refused_for_the_cap(frps: &Frps) {
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "client_busy");
+    assert!(
+        reply.body.contains("--max-data-connections"),
+        "{}",
+        reply.body
+    );
+}
+
 pub(crate) async fn hold_many(
     fleet: &Fleet,
     n: usize,
@@ -284,14 +297,7 @@ async fn frpc_refuses_data_connections_past_its_cap_at_once() {
     // word is taken for).
     for _ in 0..10 {
         let asked = std::time::Instant::now();
-        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
-        assert_eq!(reply.status, 503, "{}", reply.body);
-        assert_eq!(reply.json()["error"]["code"], "client_busy");
-        assert!(
-            reply.body.contains("--max-data-connections"),
-            "{}",
-            reply.body
-        );
+        refused_for_the_cap(&frps).await;
         assert!(asked.elapsed() < frps.state.config.connect_timeout);
     }
     assert_eq!(
