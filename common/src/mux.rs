@@ -776,7 +776,7 @@ impl StreamReset {
     /// shed ([`StreamReset::is_shed`]), or refused for frpc's cap on its
     /// data connections ([`crate::protocol::OPEN_BUSY`]).
     pub fn is_busy(&self) -> bool {
-        self.is_shed() || self.reason.starts_with(crate::protocol::OPEN_BUSY)
+        self.is_shed() || crate::protocol::busy_refusal(&self.reason).is_some()
     }
 
     /// The reset behind `error`, if it is one (searching its sources).

@@ -1,6 +1,7 @@
 //! Letting an event through at most once per interval: log lines and
 //! commands a peer can send without pause.
 
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,7 +16,7 @@ pub struct Pace {
 
 impl Pace {
     /// A pace letting the first event through.
-    pub fn new(every: Duration) -> Self {
+    pub const fn new(every: Duration) -> Self {
         Self { every, last: None }
     }
 
@@ -27,6 +28,25 @@ impl Pace {
         }
         self.last = Some(now);
         true
+    }
+}
+
+/// A [`Pace`] that threads share (a lock around it).
+#[derive(Debug)]
+pub struct SharedPace(Mutex<Pace>);
+
+impl SharedPace {
+    /// A shared pace letting the first event through.
+    pub const fn new(every: Duration) -> Self {
+        Self(Mutex::new(Pace::new(every)))
+    }
+
+    /// Whether an event now is let through (and counted as the last).
+    pub fn admit(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit()
     }
 }
 

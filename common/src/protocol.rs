@@ -37,6 +37,12 @@ pub const REPLACED: &str = "replaced by a newer connection with the same client 
 /// unreachable: frps then takes the box as busy, not failing.
 pub const OPEN_BUSY: &str = "busy: ";
 
+/// What a refusal says past [`OPEN_BUSY`], when it starts with it (frpc
+/// refused for want of room); `None` for any other refusal.
+pub fn busy_refusal(reason: &str) -> Option<&str> {
+    reason.strip_prefix(OPEN_BUSY)
+}
+
 /// The `Disconnect` reason of a session whose login token was revoked or
 /// expired (frpc then passes over that token and logs in with its password).
 pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";

@@ -49,7 +49,7 @@ pub struct ClientHandle {
     kick_reason: Mutex<Option<String>>,
     last_seen: Mutex<Instant>,
     /// Paces the client's `Error` lines at warn.
-    error_logged: Mutex<common::pace::Pace>,
+    error_logged: common::pace::SharedPace,
     models: RwLock<Vec<ModelInfo>>,
     system: RwLock<Option<SystemInfo>>,
     /// Requests currently being served by this box: shared by its sessions
@@ -102,7 +102,7 @@ impl ClientHandle {
     /// second at most, the rest at debug (a client sending them without
     /// pause would fill the log).
     pub fn may_log_error(&self) -> bool {
-        self.error_logged.lock().expect("error_logged lock").admit()
+        self.error_logged.admit()
     }
 
     /// Marks the client as heard from now.
@@ -416,7 +416,7 @@ impl Registry {
             silent: CancellationToken::new(),
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
-            error_logged: Mutex::new(common::pace::Pace::new(std::time::Duration::from_secs(1))),
+            error_logged: common::pace::SharedPace::new(std::time::Duration::from_secs(1)),
             system: RwLock::new(None),
             in_flight,
             requests: AtomicU64::new(0),

@@ -539,12 +539,9 @@ pub(crate) fn absent_if_unreadable<T>(
         Err(LookupError::Failed(e)) if e.is_unreadable_row() => {
             // A line a second at most: a column of a kept seed table that
             // frps cannot read makes every lookup such a one.
-            static PACE: std::sync::LazyLock<std::sync::Mutex<common::pace::Pace>> =
-                std::sync::LazyLock::new(|| {
-                    std::sync::Mutex::new(common::pace::Pace::new(Duration::from_secs(1)))
-                });
-            let pace = PACE.lock().map(|mut p| p.admit()).unwrap_or(true);
-            if pace {
+            static PACE: common::pace::SharedPace =
+                common::pace::SharedPace::new(Duration::from_secs(1));
+            if PACE.admit() {
                 warn!("a row of {table} cannot be read ({e}): treated as absent until it is fixed");
             } else {
                 tracing::debug!("a row of {table} cannot be read ({e})");

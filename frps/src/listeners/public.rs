@@ -779,13 +779,15 @@ async fn forward(
             // the box's own word: past SHEDS_BEFORE_FAILURE in a row with no
             // response head between, a failure.)
             Err(AcquireError::Pair(PairError::Failed(reason)))
-                if reason.starts_with(common::protocol::OPEN_BUSY) && !client.record_shed() =>
+                if common::protocol::busy_refusal(&reason).is_some() && !client.record_shed() =>
             {
                 waited += acquiring.elapsed();
                 debug!(client = %client.id, "the client refused another connection: {reason}");
                 excluded.push(client.session);
                 busy += 1;
-                let reason = reason[common::protocol::OPEN_BUSY.len()..].to_owned();
+                let reason = common::protocol::busy_refusal(&reason)
+                    .unwrap_or(&reason)
+                    .to_owned();
                 last_error.get_or_insert(AcquireError::Busy(reason));
                 continue;
             }
@@ -904,9 +906,7 @@ async fn forward(
                     // SHEDS_BEFORE_FAILURE in a row, a failure.)
                     if reset.is_busy() && !client.record_shed() {
                         let reason = &*reset.reason;
-                        let reason = reason
-                            .strip_prefix(common::protocol::OPEN_BUSY)
-                            .unwrap_or(reason);
+                        let reason = common::protocol::busy_refusal(reason).unwrap_or(reason);
                         let e = AcquireError::Busy(reason.to_owned());
                         if payload.is_spent() {
                             return upstream_error(state, &e);

@@ -137,7 +137,7 @@ pub async fn post(
     addr: &str,
     path_and_query: &str,
     reqid: &str,
-    authorization: Option<&str>,
+    authorization: Option<&http::HeaderValue>,
     body: Vec<u8>,
 ) -> Result<Bytes, CallError> {
     let uri: Uri = path_and_query
@@ -151,12 +151,9 @@ pub async fn post(
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| CallError::Http(e.to_string()))?;
     if let Some(value) = authorization {
-        let mut value = http::HeaderValue::from_str(value)
-            .map_err(|e| CallError::Http(format!("bad Authorization header: {e}")))?;
-        value.set_sensitive(true);
         request
             .headers_mut()
-            .insert(http::header::AUTHORIZATION, value);
+            .insert(http::header::AUTHORIZATION, value.clone());
     }
     let (sender, resp) = loop {
         let (mut sender, reused) = match pool.take() {

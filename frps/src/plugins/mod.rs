@@ -109,7 +109,7 @@ pub struct PluginSpec {
     pub ops: Vec<Op>,
     /// The `Authorization` header sent with every call: HTTP Basic, from
     /// a `user:password@` in `addr` (as frp's Go client sends it).
-    pub authorization: Option<String>,
+    pub authorization: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for PluginSpec {
@@ -125,8 +125,8 @@ impl std::fmt::Debug for PluginSpec {
 }
 
 /// The `Authorization` header for the `user[:password]` of an `addr`
-/// (each percent-decoded, as in a URL).
-fn basic_authorization(userinfo: &str) -> Result<String, SpecError> {
+/// (each percent-decoded, as in a URL), marked sensitive.
+fn basic_authorization(userinfo: &str) -> Result<http::HeaderValue, SpecError> {
     use base64::Engine as _;
     let decode = |part: &str| {
         percent_encoding::percent_decode_str(part)
@@ -141,10 +141,13 @@ fn basic_authorization(userinfo: &str) -> Result<String, SpecError> {
     };
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     let credentials = format!("{}:{}", decode(user)?, decode(password)?);
-    Ok(format!(
+    let header = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(credentials)
-    ))
+    );
+    let mut value = http::HeaderValue::from_str(&header).expect("base64 is a valid header value");
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// A plugin setting that is wrong.
@@ -277,7 +280,7 @@ pub struct Plugins {
     /// Paces each operation's failure and rejection lines (`NewUserConn`
     /// and `NewWorkConn` are asked per request): one a second at warn and
     /// info, the rest at debug.
-    lines: [[std::sync::Mutex<common::pace::Pace>; 2]; 6],
+    lines: [[common::pace::SharedPace; 2]; 6],
 }
 
 /// No plugins.
@@ -329,9 +332,7 @@ impl Plugins {
             timeout,
             pools,
             lines: std::array::from_fn(|_| {
-                std::array::from_fn(|_| {
-                    std::sync::Mutex::new(common::pace::Pace::new(Duration::from_secs(1)))
-                })
+                std::array::from_fn(|_| common::pace::SharedPace::new(Duration::from_secs(1)))
             }),
         }
     }
@@ -371,10 +372,7 @@ impl Plugins {
     /// Whether a line of `op`'s `kind` (0 failures, 1 rejections) is
     /// logged at its own level now, rather than at debug.
     fn may_log(&self, op: Op, kind: usize) -> bool {
-        self.lines[op.index()][kind]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .admit()
+        self.lines[op.index()][kind].admit()
     }
 
     /// `content` through one plugin.
@@ -449,7 +447,7 @@ impl Plugins {
                 &plugin.addr,
                 &target,
                 &reqid,
-                plugin.authorization.as_deref(),
+                plugin.authorization.as_ref(),
                 body,
             ),
         )
@@ -489,14 +487,17 @@ mod tests {
         let guarded = PluginSpec::new("g", "user:pw@h:1", "/", &["Ping"]).unwrap();
         assert_eq!(guarded.addr, "h:1");
         // base64("user:pw")
-        assert_eq!(guarded.authorization.as_deref(), Some("Basic dXNlcjpwdw=="));
+        assert_eq!(
+            guarded.authorization.as_ref().unwrap(),
+            "Basic dXNlcjpwdw=="
+        );
         assert!(!format!("{guarded:?}").contains("dXNlcjpwdw"));
         assert_eq!(
             PluginSpec::new("g", "user@h:1", "/", &["Ping"])
                 .unwrap()
                 .authorization
-                .as_deref(),
-            Some("Basic dXNlcjo="),
+                .unwrap(),
+            "Basic dXNlcjo=",
             "a user without a password"
         );
         assert_eq!(
