@@ -4,6 +4,7 @@
 //! (`migrations/postgres`, `migrations/sqlite`) and run on connect.
 
 mod rows;
+mod schema;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -105,6 +106,13 @@ pub enum StoreError {
     /// A unique value (e.g. an email) is taken.
     #[error("{0} already exists")]
     Duplicate(String),
+    /// Tables made before frps ran (kept by its migrations) have columns
+    /// frps cannot read, each named.
+    #[error(
+        "the database's tables differ from what frps reads (made by hand before frps first ran?): {}; change those columns (ALTER TABLE ... ALTER COLUMN ... TYPE ...) or give frps another database",
+        .0.join("; ")
+    )]
+    Schema(Vec<String>),
 }
 
 impl StoreError {
@@ -233,7 +241,11 @@ impl Store {
         loop {
             let opened = async {
                 let store = Store::connect_without_migrations(url).await?;
-                if let Err(e) = store.migrate().await {
+                let checked = match store.migrate().await {
+                    Ok(()) => store.check_schema().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = checked {
                     store.close().await;
                     return Err(e);
                 }
@@ -315,6 +327,21 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Fails with every column frps reads that a table kept from before
+    /// frps ran lacks or has in a type frps cannot decode (PostgreSQL only:
+    /// see [`schema`]).
+    async fn check_schema(&self) -> Result<(), StoreError> {
+        let Store::Postgres(p) = self else {
+            return Ok(());
+        };
+        let wrong = schema::mismatches(&schema::columns(p).await?);
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Schema(wrong))
+        }
     }
 
     /// Which backend this is (`postgres` or `sqlite`).

@@ -192,6 +192,71 @@ async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
 }
 
 #[tokio::test]
+async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    // The seed's api_keys with a zoned expiry, and an application's own
+    // users table: the migrations keep both as they are.
+    let seed = Store::connect_without_migrations(&pg.url).await.unwrap();
+    for sql in [
+        r#"CREATE TABLE api_keys (
+            key VARCHAR PRIMARY KEY,
+            status VARCHAR DEFAULT 'active',
+            "expiresAt" TIMESTAMPTZ,
+            "createdAt" TIMESTAMP DEFAULT NOW(),
+            "updatedAt" TIMESTAMP DEFAULT NOW()
+        )"#,
+        "CREATE TABLE users (
+            id BIGSERIAL PRIMARY KEY,
+            email TEXT NOT NULL UNIQUE,
+            password TEXT,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+            updated_at TIMESTAMP NOT NULL DEFAULT NOW()
+        )",
+        "INSERT INTO api_keys (key, status) VALUES ('test-api-key-123', 'active')",
+    ] {
+        exec(&seed, sql).await;
+    }
+    seed.close().await;
+    let err = match Store::connect(&pg.url).await {
+        Ok(_) => panic!("started on columns it cannot read"),
+        Err(e) => e,
+    };
+    let frps::store::StoreError::Schema(ref wrong) = err else {
+        panic!("{err}");
+    };
+    assert_eq!(
+        wrong,
+        &[
+            "api_keys.\"expiresAt\" is timestamptz where frps reads timestamp",
+            "users has no column \"password_hash\"",
+            "users.\"created_at\" is timestamptz where frps reads timestamp",
+        ]
+    );
+    let said = err.to_string();
+    assert!(said.contains("ALTER TABLE"), "{said}");
+    // Mended, it starts, and the seed's key works.
+    let fixed = Store::connect_without_migrations(&pg.url).await.unwrap();
+    for sql in [
+        r#"ALTER TABLE api_keys ALTER COLUMN "expiresAt" TYPE TIMESTAMP"#,
+        "ALTER TABLE users RENAME COLUMN password TO password_hash",
+        "ALTER TABLE users ALTER COLUMN created_at TYPE TIMESTAMP",
+    ] {
+        exec(&fixed, sql).await;
+    }
+    fixed.close().await;
+    let store = Store::connect(&pg.url).await.unwrap();
+    let keys = KeyValidator::new(None, Some(store.clone()), None);
+    assert!(matches!(
+        keys.check("test-api-key-123").await,
+        KeyCheck::Valid(_)
+    ));
+    store.close().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
 async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
     let Some(pg) = TestPg::create().await else {
         return;
@@ -689,7 +754,7 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
     let store = Store::connect(url.as_str()).await.unwrap();
     let legacy = "legacy-plaintext-key-6f1d";
     let stranger = "guessed-key-93ab";
-    exec_on(
+    exec(
         &store,
         &format!("INSERT INTO api_keys (key, status) VALUES ('{legacy}', 'active')"),
     )
@@ -704,7 +769,7 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
     assert_eq!(validator.check(stranger).await, KeyCheck::Invalid);
     // A row that is not printable ASCII (no header value can carry its
     // key) is passed over, not a failure of every lookup.
-    exec_on(
+    exec(
         &store,
         "INSERT INTO api_keys (key, status) VALUES ('clé-ünïcode', 'active')",
     )
@@ -713,7 +778,7 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
     assert!(matches!(fresh.check(legacy).await, KeyCheck::Valid(_)));
     assert_eq!(fresh.check("another-guess").await, KeyCheck::Invalid);
     // A revoked legacy row is found, and refused.
-    exec_on(
+    exec(
         &store,
         "UPDATE api_keys SET status = 'revoked' WHERE key LIKE 'legacy-%'",
     )
@@ -745,14 +810,6 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
 }
 
 /// Runs `sql` on `store`.
-async fn exec_on(store: &Store, sql: &str) {
-    match store {
-        Store::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
-        Store::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
-    }
-    .unwrap();
-}
-
 #[tokio::test]
 async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
     let Some(pg) = TestPg::create().await else {
@@ -2111,7 +2168,7 @@ async fn limit_changes_touch_only_their_limits(url: &str) {
             "round {round}"
         );
     }
-    exec_on(&store, "UPDATE api_keys SET max_concurrency = 999999").await;
+    exec(&store, "UPDATE api_keys SET max_concurrency = 999999").await;
     let (rows, _) = KeyValidator::set_limits(
         &store,
         None,
@@ -2174,7 +2231,7 @@ async fn accounts_are_found_by_the_lower_email_index() {
 /// without a creation time last, on either database.
 async fn key_listing_order(url: &str) {
     let store = Store::connect(url).await.unwrap();
-    exec_on(
+    exec(
         &store,
         r#"INSERT INTO api_keys (key, status, "createdAt") VALUES ('by-hand', 'active', NULL)"#,
     )
