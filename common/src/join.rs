@@ -11,6 +11,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
@@ -24,6 +25,45 @@ pub const JOIN_BUFFER_MIN: usize = 8 * 1024;
 /// by benchmark case c (one 1 GiB download): 64 KiB gave 6.6-6.8 Gbit/s
 /// through frpx, 256 KiB 10.1 Gbit/s on the same machine.
 pub const JOIN_BUFFER_MAX: usize = 256 * 1024;
+
+/// Most bytes all joins of a process hold beyond [`JOIN_BUFFER_MIN`] per
+/// direction at once: a 64th of what 4,096 joins (frpc's default
+/// `--max-data-connections`) would hold with both directions grown to
+/// [`JOIN_BUFFER_MAX`] (2 GiB), for instance against a peer that stops
+/// reading while the other side keeps sending. A direction that finds it
+/// spent copies in the buffer it has (at least [`JOIN_BUFFER_MIN`]) until
+/// others give theirs back; 128 directions can copy at full size at once.
+pub const JOIN_GROWTH_BUDGET: usize = 128 * (JOIN_BUFFER_MAX - JOIN_BUFFER_MIN);
+
+/// Room for buffers to grow past [`JOIN_BUFFER_MIN`], shared by joins.
+#[derive(Debug)]
+struct Budget {
+    left: AtomicUsize,
+}
+
+impl Budget {
+    const fn new(bytes: usize) -> Budget {
+        Budget {
+            left: AtomicUsize::new(bytes),
+        }
+    }
+
+    /// Takes `bytes` if that many are left.
+    fn take(&self, bytes: usize) -> bool {
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.left.fetch_add(bytes, Ordering::AcqRel);
+    }
+}
+
+/// The process's [`JOIN_GROWTH_BUDGET`].
+static GROWTH: Budget = Budget::new(JOIN_GROWTH_BUDGET);
 
 /// Bytes moved by [`join_streams`] in each direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -182,6 +222,12 @@ where
     })
 }
 
+impl Drop for Copy {
+    fn drop(&mut self) {
+        self.budget.give(self.charged);
+    }
+}
+
 #[derive(Debug, Default, PartialEq, Eq)]
 enum Phase {
     #[default]
@@ -202,6 +248,10 @@ struct Copy {
     size: usize,
     /// Size of the allocation `buf` holds (0 when none).
     allocated: usize,
+    /// What the allocation holds beyond [`JOIN_BUFFER_MIN`], taken from
+    /// `budget`.
+    charged: usize,
+    budget: &'static Budget,
     moved: u64,
     phase: Phase,
     /// Everything read was written, but the destination's flush has not
@@ -215,19 +265,26 @@ struct Copy {
 
 impl Default for Copy {
     fn default() -> Self {
+        Copy::paid_by(&GROWTH)
+    }
+}
+
+impl Copy {
+    /// A direction whose growth past [`JOIN_BUFFER_MIN`] `budget` pays for.
+    fn paid_by(budget: &'static Budget) -> Self {
         Copy {
             buf: BytesMut::new(),
             size: JOIN_BUFFER_MIN,
             allocated: 0,
+            charged: 0,
+            budget,
             moved: 0,
             phase: Phase::Copying,
             flush_owed: false,
             write_failed: false,
         }
     }
-}
 
-impl Copy {
     /// Passes on the outcome of a write to the destination, noting a
     /// failure as the destination's (not the source's).
     fn writing<T>(&mut self, outcome: io::Result<T>) -> io::Result<T> {
@@ -245,6 +302,21 @@ impl Copy {
     fn release(&mut self) {
         self.buf = BytesMut::new();
         self.allocated = 0;
+        self.budget.give(std::mem::take(&mut self.charged));
+    }
+
+    /// The size of the next allocation: `self.size`, or less when the
+    /// budget cannot pay for the growth (what this direction holds
+    /// already, at least [`JOIN_BUFFER_MIN`]).
+    fn affordable(&mut self) -> usize {
+        let want = self.size - JOIN_BUFFER_MIN;
+        if want < self.charged {
+            self.budget.give(self.charged - want);
+            self.charged = want;
+        } else if want > self.charged && self.budget.take(want - self.charged) {
+            self.charged = want;
+        }
+        JOIN_BUFFER_MIN + self.charged
     }
 
     fn poll<R, W>(
@@ -288,11 +360,12 @@ impl Copy {
                     // makes one of exactly that size (`reserve` on a
                     // smaller one would double it, past the maximum).
                     self.buf.clear();
-                    if self.allocated == self.size {
-                        self.buf.reserve(self.size);
+                    let size = self.affordable();
+                    if self.allocated == size {
+                        self.buf.reserve(size);
                     } else {
-                        self.buf = BytesMut::with_capacity(self.size);
-                        self.allocated = self.size;
+                        self.buf = BytesMut::with_capacity(size);
+                        self.allocated = size;
                     }
                     let room = self.buf.capacity();
                     debug_assert!(room <= JOIN_BUFFER_MAX, "buffer of {room} bytes");
@@ -419,6 +492,79 @@ mod tests {
         assert!(poll_once(&mut copy, &mut from, &mut to).is_ready());
         assert_eq!(copy.phase, Phase::Done);
         assert_eq!(copy.moved, bulk as u64 + 100 * small_reads);
+    }
+
+    /// A destination that takes nothing (a peer that stopped reading).
+    struct Stuck;
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[test]
+    fn buffers_grow_only_as_far_as_the_shared_budget_allows() {
+        let budget: &'static Budget =
+            Box::leak(Box::new(Budget::new(JOIN_BUFFER_MAX - JOIN_BUFFER_MIN)));
+        // A direction that had grown to the largest size, its destination
+        // then taking nothing: it holds its buffer.
+        let held = || {
+            let mut copy = Copy::paid_by(budget);
+            copy.size = JOIN_BUFFER_MAX;
+            let mut from = Chunks::default();
+            from.chunks.push_back(vec![7; 2 * JOIN_BUFFER_MAX]);
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(
+                copy.poll(&mut cx, Pin::new(&mut from), Pin::new(&mut Stuck))
+                    .is_pending()
+            );
+            assert!(copy.buf.has_remaining());
+            copy
+        };
+        let first = held();
+        assert_eq!(first.allocated, JOIN_BUFFER_MAX);
+        assert_eq!(budget.left.load(Ordering::Acquire), 0);
+        // The next one gets its first size only.
+        let second = held();
+        assert_eq!(second.allocated, JOIN_BUFFER_MIN);
+        assert_eq!(second.buf.len(), JOIN_BUFFER_MIN);
+        // Once the first is gone, the room is there again.
+        drop(first);
+        let third = held();
+        assert_eq!(third.allocated, JOIN_BUFFER_MAX);
+        drop((second, third));
+        assert_eq!(
+            budget.left.load(Ordering::Acquire),
+            JOIN_BUFFER_MAX - JOIN_BUFFER_MIN
+        );
+        // A direction that shrinks or empties gives back what it took.
+        let (mut copy, mut to) = (Copy::paid_by(budget), sink());
+        let mut from = Chunks::default();
+        from.chunks.push_back(vec![
+            7;
+            (JOIN_BUFFER_MAX - JOIN_BUFFER_MIN)
+                + 3 * JOIN_BUFFER_MAX
+        ]);
+        assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
+        assert_eq!(copy.size, JOIN_BUFFER_MAX);
+        assert_eq!(copy.charged, 0, "released with the drained buffer");
+        assert_eq!(
+            budget.left.load(Ordering::Acquire),
+            JOIN_BUFFER_MAX - JOIN_BUFFER_MIN
+        );
     }
 
     /// A destination that keeps written bytes until flushed, and whose
