@@ -101,6 +101,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             .map_err(|_| FrameError::Timeout(limit))?
     }
 
+    /// A command that has come already (buffered here, or readable from
+    /// `inner` without waiting), or `None` when the next one is not there
+    /// yet; what was read of it stays buffered. For a side about to give
+    /// its peer up for silence: while it waited on a write of its own, the
+    /// peer's frames may have come without being read.
+    pub async fn read_command_now(&mut self) -> Option<Result<Option<Command>, FrameError>> {
+        let read = self.read_command();
+        let mut read = std::pin::pin!(read);
+        // Not held back by the task's cooperative budget: a frame that is
+        // there is found.
+        tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match read.as_mut().poll(cx) {
+                std::task::Poll::Ready(read) => Some(read),
+                std::task::Poll::Pending => None,
+            })
+        }))
+        .await
+    }
+
     /// Parses one frame from the buffer if it is complete.
     fn parse(&mut self) -> Result<Option<Command>, FrameError> {
         if self.buf.len() < HEADER {
@@ -236,6 +255,30 @@ mod tests {
         let bad = br#"{"type":"Heartbeat","seq":"seven"}"#;
         a.write_all(&raw_frame(bad)).await.unwrap();
         assert!(FrameReader::new(b, MAX_FRAME).read_command().await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_came_is_found_without_waiting_and_one_still_coming_is_not() {
+        let (mut a, b) = duplex(1024);
+        let mut reader = FrameReader::new(b, MAX_FRAME);
+        let started = tokio::time::Instant::now();
+        assert!(reader.read_command_now().await.is_none());
+        let beat = raw_frame(&serde_json::to_vec(&Command::Heartbeat { seq: 1 }).unwrap());
+        // Half a frame: not yet, and what came is kept.
+        a.write_all(&beat[..5]).await.unwrap();
+        assert!(reader.read_command_now().await.is_none());
+        a.write_all(&beat[5..]).await.unwrap();
+        write_command(&mut a, &Command::Heartbeat { seq: 2 })
+            .await
+            .unwrap();
+        for seq in [1, 2] {
+            let found = reader.read_command_now().await.expect("there");
+            assert_eq!(found.unwrap(), Some(Command::Heartbeat { seq }));
+        }
+        assert!(reader.read_command_now().await.is_none());
+        drop(a);
+        assert_eq!(reader.read_command_now().await.unwrap().unwrap(), None);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test]

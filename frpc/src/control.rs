@@ -866,48 +866,61 @@ impl Client {
         let mut renewals = common::pace::Pace::new(RENEWAL_PACE);
         let mut errors = common::pace::Pace::new(Duration::from_secs(1));
         loop {
-            tokio::select! {
+            let frame = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-                _ = &mut dead => return Err(SessionError::Retry(format!("frps silent for {silence:?}"))),
+                // A write of this loop may have waited most of the window
+                // (its limit is the window): what frps sent meanwhile is
+                // read before it is taken for silent.
+                _ = &mut dead => match reader.read_command_now().await {
+                    Some(frame) => frame,
+                    None => return Err(SessionError::Retry(format!("frps silent for {silence:?}"))),
+                },
                 _ = ticker.tick() => {
                     seq += 1;
                     let beat = Command::Heartbeat { seq };
                     if !send_within(wr, &beat, silence, &self.shutdown).await? {
                         return Ok(SessionEnd::Shutdown);
                     }
+                    continue;
                 }
                 Some(cmd) = out_rx.recv() => {
                     if !send_within(wr, &cmd, silence, &self.shutdown).await? {
                         return Ok(SessionEnd::Shutdown);
                     }
+                    continue;
                 }
-                frame = reader.read_command() => {
-                    let Some(cmd) = frame? else {
-                        return Ok(SessionEnd::Disconnected(None));
-                    };
-                    dead.as_mut().reset(Instant::now() + silence);
-                    match cmd {
-                        Command::OpenConnection { conn_id } => self.open(conn_id, &session, &out_tx),
-                        Command::HeartbeatAck { .. } => {}
-                        Command::TokenRenewed { token, expires_at } => {
-                            // frps renews a token past half its lifetime (days):
-                            // renewals without pause (a broken frps) are not
-                            // each kept and written.
-                            if !renewals.admit() {
-                                warn!("frps renewed the login token again within {RENEWAL_PACE:?}; ignoring the renewal");
-                                continue;
-                            }
-                            // frps now watches the renewal for this session.
-                            self.session_token(token.clone());
-                            drop(self.renewed(token, expires_at));
-                        }
-                        Command::Disconnect { reason } => return Ok(SessionEnd::Disconnected(Some(from_frps(&reason)))),
-                        Command::Error { message } => report_error(&mut errors, &message),
-                        Command::Unknown => debug!("ignoring a command this frpc does not know (a newer frps)"),
-                        other => warn!("ignoring unexpected {} from frps", other.name()),
+                frame = reader.read_command() => frame,
+            };
+            let Some(cmd) = frame? else {
+                return Ok(SessionEnd::Disconnected(None));
+            };
+            dead.as_mut().reset(Instant::now() + silence);
+            match cmd {
+                Command::OpenConnection { conn_id } => self.open(conn_id, &session, &out_tx),
+                Command::HeartbeatAck { .. } => {}
+                Command::TokenRenewed { token, expires_at } => {
+                    // frps renews a token past half its lifetime (days):
+                    // renewals without pause (a broken frps) are not
+                    // each kept and written.
+                    if !renewals.admit() {
+                        warn!(
+                            "frps renewed the login token again within {RENEWAL_PACE:?}; ignoring the renewal"
+                        );
+                        continue;
                     }
+                    // frps now watches the renewal for this session.
+                    self.session_token(token.clone());
+                    drop(self.renewed(token, expires_at));
                 }
+                Command::Disconnect { reason } => {
+                    return Ok(SessionEnd::Disconnected(Some(from_frps(&reason))));
+                }
+                Command::Error { message } => report_error(&mut errors, &message),
+                Command::Unknown => {
+                    debug!("ignoring a command this frpc does not know (a newer frps)")
+                }
+                other => warn!("ignoring unexpected {} from frps", other.name()),
             }
         }
     }

@@ -19,10 +19,19 @@ pub struct FakeClient {
 impl FakeClient {
     /// Connects to the control port.
     pub async fn connect(control: SocketAddr) -> FakeClient {
-        let (rd, wr) = TcpStream::connect(control)
-            .await
-            .expect("connect")
-            .into_split();
+        FakeClient::over(TcpStream::connect(control).await.expect("connect"))
+    }
+
+    /// Connects with a receive buffer of `bytes` (the kernel doubles it),
+    /// so that frps's frames fill it soon while they go unread.
+    pub async fn connect_receiving_little(control: SocketAddr, bytes: u32) -> FakeClient {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        FakeClient::over(socket.connect(control).await.expect("connect"))
+    }
+
+    fn over(stream: TcpStream) -> FakeClient {
+        let (rd, wr) = stream.into_split();
         FakeClient {
             reader: FrameReader::new(rd, MAX_FRAME),
             writer: wr,
@@ -61,24 +70,36 @@ impl FakeClient {
         token: &str,
         registration: Registration,
     ) -> (FakeClient, Command) {
-        let mut c = FakeClient::connect(control).await;
-        c.send(Command::LoginToken {
+        FakeClient::connect(control)
+            .await
+            .log_in_and_register(token, registration)
+            .await
+    }
+
+    /// Logs in on this connection with `token` and sends `registration`;
+    /// returns the connection and frps's answer.
+    pub async fn log_in_and_register(
+        mut self,
+        token: &str,
+        registration: Registration,
+    ) -> (FakeClient, Command) {
+        self.send(Command::LoginToken {
             token: token.into(),
         })
         .await;
-        match c.recv().await {
+        match self.recv().await {
             Some(Command::LoginResult { ok: true, .. }) => {}
             other => {
                 return (
-                    c,
+                    self,
                     other.unwrap_or(Command::Error {
                         message: "closed".into(),
                     }),
                 );
             }
         }
-        c.send(Command::Register(registration)).await;
-        let answer = c.recv().await.expect("registration answer");
-        (c, answer)
+        self.send(Command::Register(registration)).await;
+        let answer = self.recv().await.expect("registration answer");
+        (self, answer)
     }
 }

@@ -479,7 +479,7 @@ async fn serve(
     let mut asset_written = Instant::now();
     let ping_slot = hooks::PingSlot::default();
     loop {
-        tokio::select! {
+        let frame = tokio::select! {
             biased;
             // Sessions outlive the start of shutdown: requests in flight
             // or in line may still need a dial-back.
@@ -493,45 +493,53 @@ async fn serve(
                 let _ = send(wr, &Command::Disconnect { reason }, hs).await;
                 return Ok(());
             }
-            _ = &mut evict => {
-                warn!(client = %client.id, "evicting client '{}': no heartbeat for {silence:?}", client.id);
-                let reason = format!("no heartbeat for {silence:?}");
-                // Out of the routing at once (the Disconnect may wait for
-                // a full send buffer), and its unanswered requests fail over.
-                client.silent.cancel();
-                client.kick(reason.clone());
-                let _ = send(wr, &Command::Disconnect { reason }, hs).await;
-                return Ok(());
-            }
-            frame = reader.read_command() => {
-                let Some(cmd) = frame? else { return Ok(()) };
-                client.touch();
-                evict.as_mut().reset(Instant::now() + silence);
-                if asset_written.elapsed() >= ASSET_REFRESH {
-                    asset_written = Instant::now();
-                    // Tracked like the first write: a shutdown waits for it.
-                    let (st, cl) = (state.clone(), client.clone());
-                    state
-                        .tasks
-                        .spawn(async move { write_asset(&st, &cl, "online").await });
+            // Writes of this loop may have waited (a send each up to the
+            // handshake timeout): heartbeats that came meanwhile are read
+            // before the client is taken for silent.
+            _ = &mut evict => match reader.read_command_now().await {
+                Some(frame) => frame,
+                None => {
+                    warn!(client = %client.id, "evicting client '{}': no heartbeat for {silence:?}", client.id);
+                    let reason = format!("no heartbeat for {silence:?}");
+                    // Out of the routing at once (the Disconnect may wait for
+                    // a full send buffer), and its unanswered requests fail over.
+                    client.silent.cancel();
+                    client.kick(reason.clone());
+                    let _ = send(wr, &Command::Disconnect { reason }, hs).await;
+                    return Ok(());
                 }
-                if matches!(cmd, Command::Heartbeat { .. }) {
-                    hooks::ping(state, client, &ping_slot);
-                }
-                if let Some(reply) = on_command(cmd, client, state) {
-                    send(wr, &reply, hs).await?;
-                }
-                // One queued command per frame read: a client whose frames
-                // never stop coming (the reader always ready) still hears
-                // its dial-back requests and token renewals.
-                if let Ok(cmd) = rx.try_recv() {
-                    send(wr, &cmd, hs).await?;
-                }
-            }
+            },
+            frame = reader.read_command() => frame,
             // After the reader: a steady stream of commands to send (dial-
             // back requests under load) must not keep the client's
             // heartbeats unread until the eviction timer fires.
-            Some(cmd) = rx.recv() => send(wr, &cmd, hs).await?,
+            Some(cmd) = rx.recv() => {
+                send(wr, &cmd, hs).await?;
+                continue;
+            }
+        };
+        let Some(cmd) = frame? else { return Ok(()) };
+        client.touch();
+        evict.as_mut().reset(Instant::now() + silence);
+        if asset_written.elapsed() >= ASSET_REFRESH {
+            asset_written = Instant::now();
+            // Tracked like the first write: a shutdown waits for it.
+            let (st, cl) = (state.clone(), client.clone());
+            state
+                .tasks
+                .spawn(async move { write_asset(&st, &cl, "online").await });
+        }
+        if matches!(cmd, Command::Heartbeat { .. }) {
+            hooks::ping(state, client, &ping_slot);
+        }
+        if let Some(reply) = on_command(cmd, client, state) {
+            send(wr, &reply, hs).await?;
+        }
+        // One queued command per frame read: a client whose frames
+        // never stop coming (the reader always ready) still hears
+        // its dial-back requests and token renewals.
+        if let Ok(cmd) = rx.try_recv() {
+            send(wr, &cmd, hs).await?;
         }
     }
 }

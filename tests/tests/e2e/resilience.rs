@@ -311,6 +311,74 @@ async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     }
 }
 
+/// frps's writes to a client wait (up to `--handshake-timeout` each) while
+/// the client does not read; heartbeats that came meanwhile are read
+/// before the silence window is found to have passed.
+#[tokio::test]
+async fn heartbeats_that_came_while_frps_could_not_write_keep_the_client() {
+    let mut cfg = frps_config();
+    // Silent after 600 ms; a write may wait 10 s.
+    cfg.heartbeat_interval = Duration::from_millis(200);
+    cfg.handshake_timeout = Duration::from_secs(10);
+    let frps = Frps::start(cfg).await;
+    let registration = common::Registration {
+        client_id: "busy".into(),
+        machine_id: "machine-busy".into(),
+        protocol_version: common::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let (client, answer) = FakeClient::connect_receiving_little(frps.addrs.control, 4096)
+        .await
+        .log_in_and_register(&frps.client_token().await, registration)
+        .await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let FakeClient {
+        mut reader,
+        mut writer,
+    } = client;
+    // Heartbeats without a pause, their acks unread: the acks fill the
+    // socket buffers, frps's write of the next one waits, and heartbeats
+    // pile up unread on its side in turn (this write then waits too).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut seq = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                seq += 1;
+                write_command(&mut writer, &Command::Heartbeat { seq })
+                    .await
+                    .expect("heartbeat");
+            }
+            (writer, seq)
+        }
+    });
+    // Well past the silence window, well within the write's limit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    // Reading again: frps's write completes, and the heartbeats it had not
+    // read are read, each acked, none evicting.
+    let mut acked = 0;
+    let sent = loop {
+        match tokio::time::timeout(frpx_tests::WAIT, reader.read_command()).await {
+            Ok(Ok(Some(Command::HeartbeatAck { seq }))) => {
+                acked = seq;
+                if flood.is_finished() {
+                    break seq;
+                }
+            }
+            other => panic!("after {acked} acks: {other:?}"),
+        }
+    };
+    let (writer, last) = flood.await.unwrap();
+    assert!(sent <= last);
+    assert!(
+        frps.state.registry.get("busy").is_some(),
+        "still registered"
+    );
+    drop(writer);
+}
+
 #[tokio::test]
 async fn heartbeats_keep_a_client_registered() {
     let mut cfg = frps_config();
