@@ -715,13 +715,17 @@ impl Client {
         ) {
             login::Source::Given(c) => Ok(c),
             login::Source::Prompt => {
+                // Said in the log too: the prompt itself may be where
+                // nobody looks (a container's terminal).
+                warn!(
+                    "{}: asking for the account's email and password on the terminal (answer within {PROMPT_TIMEOUT:?}; --no-prompt to fail instead)",
+                    self.why_no_token()
+                );
                 let (email, password) = (self.config.email.clone(), self.config.password.clone());
-                let creds = tokio::task::spawn_blocking(move || {
+                let creds = answered_within(PROMPT_TIMEOUT, move || {
                     login::prompt(email.as_deref(), password.as_deref())
                 })
-                .await
-                .map_err(|e| SessionError::Fatal(format!("prompt failed: {e}")))?
-                .map_err(|e| SessionError::Fatal(format!("cannot read credentials: {e:#}")))?;
+                .await?;
                 *self.prompted.lock().expect("credentials lock") = Some(creds.clone());
                 Ok(creds)
             }
@@ -731,20 +735,25 @@ impl Client {
 
     /// Neither a usable saved token nor a password: why, and what to do.
     fn no_credentials(&self) -> SessionError {
-        let token = if !self.refused.lock().expect("refused lock").is_empty() {
-            format!(
-                "frps refused the saved token in {}",
-                self.config.token_file.display()
-            )
-        } else {
+        SessionError::Fatal(format!(
+            "{} and no credentials: pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or run frpc in a terminal to be prompted",
+            self.why_no_token()
+        ))
+    }
+
+    /// Why a password is needed: the saved token refused, or none usable.
+    fn why_no_token(&self) -> String {
+        if self.refused.lock().expect("refused lock").is_empty() {
             format!(
                 "no usable saved token in {}",
                 self.config.token_file.display()
             )
-        };
-        SessionError::Fatal(format!(
-            "{token} and no credentials: pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or run frpc in a terminal to be prompted"
-        ))
+        } else {
+            format!(
+                "frps refused the saved token in {}",
+                self.config.token_file.display()
+            )
+        }
     }
 
     async fn register(
@@ -978,6 +987,30 @@ fn report_error(pace: &mut common::pace::Pace, message: &str) {
         warn!("frps reported an error: {}", from_frps(message));
     } else {
         debug!("frps reported an error: {}", from_frps(message));
+    }
+}
+
+/// How long frpc waits for an answer at its password prompt.
+pub const PROMPT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Credentials from `ask` (a prompt, on a blocking thread), or an error
+/// once `limit` passed without an answer: a terminal nobody types in (under
+/// `docker run -t` without `-i`, stdin is a terminal that never speaks)
+/// must not hold frpc for ever. The thread left waiting does not hold up
+/// the exit.
+async fn answered_within(
+    limit: Duration,
+    ask: impl FnOnce() -> anyhow::Result<Credentials> + Send + 'static,
+) -> Result<Credentials, SessionError> {
+    match tokio::time::timeout(limit, tokio::task::spawn_blocking(ask)).await {
+        Err(_) => Err(SessionError::Fatal(format!(
+            "no answer at the terminal's prompt within {limit:?} (a terminal nobody types in, as under `docker run -t` without `-i`?): pass --email and --password (or set FRPC_EMAIL and FRPC_PASSWORD), or --no-prompt"
+        ))),
+        Ok(Err(e)) => Err(SessionError::Fatal(format!("prompt failed: {e}"))),
+        Ok(Ok(Err(e))) => Err(SessionError::Fatal(format!(
+            "cannot read credentials: {e:#}"
+        ))),
+        Ok(Ok(Ok(creds))) => Ok(creds),
     }
 }
 
@@ -1619,6 +1652,42 @@ mod tests {
         assert_eq!(
             kept[1],
             format!("renewal-{}", 100 - (MAX_SESSION_TOKENS - 1))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prompt_nobody_answers_ends_with_what_to_pass_instead() {
+        // A read of a terminal that never speaks.
+        let (release, never) = std::sync::mpsc::channel::<()>();
+        let started = Instant::now();
+        let err = answered_within(Duration::from_millis(100), move || {
+            let _ = never.recv();
+            anyhow::bail!("released")
+        })
+        .await
+        .unwrap_err();
+        let SessionError::Fatal(m) = err else {
+            panic!("not fatal: {err}");
+        };
+        assert!(
+            m.contains("no answer at the terminal's prompt within 100ms"),
+            "{m}"
+        );
+        assert!(m.contains("--no-prompt"), "{m}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(release);
+        // An answer in time is the answer.
+        let creds = answered_within(Duration::from_secs(30), || {
+            Ok(Credentials {
+                email: "a@b".into(),
+                password: "pw".into(),
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (creds.email.as_str(), creds.password.as_str()),
+            ("a@b", "pw")
         );
     }
 
