@@ -73,6 +73,119 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 #[derive(Default)]
 pub struct Connections {
     idle: std::sync::Mutex<Vec<(Sender, tokio::time::Instant)>>,
+    addresses: Addresses,
+}
+
+/// How long a plugin host name's addresses are used before it is looked up
+/// again; a failed lookup is kept for [`UNRESOLVED_FOR`].
+pub const RESOLVED_FOR: Duration = Duration::from_secs(30);
+
+/// How long a failed lookup of a plugin's host name is the answer.
+pub const UNRESOLVED_FOR: Duration = Duration::from_secs(1);
+
+/// A lookup's outcome, shared by the calls that wait for it.
+type Lookup = Result<Vec<std::net::SocketAddr>, String>;
+
+/// How a host name is looked up (the system's resolver; a test's own).
+type Resolve = std::sync::Arc<
+    dyn Fn(
+            String,
+        )
+            -> futures_util::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>>
+        + Send
+        + Sync,
+>;
+
+/// The addresses of one plugin `addr` given by host name. The system's
+/// resolver blocks a thread of tokio's blocking pool (which Argon2 also
+/// uses) for as long as a dead DNS server makes it wait, and a call's
+/// timeout cannot cancel it: one lookup at a time runs, in a task of its
+/// own, and every call waiting meanwhile takes its answer, kept for
+/// [`RESOLVED_FOR`] ([`UNRESOLVED_FOR`] when it failed).
+struct Addresses {
+    state: std::sync::Arc<std::sync::Mutex<Resolution>>,
+    resolve: Resolve,
+}
+
+#[derive(Default)]
+enum Resolution {
+    #[default]
+    Unknown,
+    Known(Lookup, tokio::time::Instant),
+    Asking(tokio::sync::watch::Receiver<Option<Lookup>>),
+}
+
+impl Default for Addresses {
+    fn default() -> Self {
+        Addresses::resolved_by(std::sync::Arc::new(|host: String| {
+            Box::pin(async move { Ok(tokio::net::lookup_host(host).await?.collect()) })
+        }))
+    }
+}
+
+impl Addresses {
+    fn resolved_by(resolve: Resolve) -> Self {
+        Addresses {
+            state: std::sync::Arc::default(),
+            resolve,
+        }
+    }
+
+    /// The addresses to dial for `addr` (`host:port`, or an IP address
+    /// and port, which needs no lookup).
+    async fn of(&self, addr: &str) -> Result<Vec<std::net::SocketAddr>, CallError> {
+        if let Ok(ip) = addr.parse::<std::net::SocketAddr>() {
+            return Ok(vec![ip]);
+        }
+        let mut answer = {
+            let mut state = self.state.lock().expect("plugin address lock");
+            match &*state {
+                Resolution::Known(lookup, at) if at.elapsed() < kept_for(lookup) => {
+                    return lookup.clone().map_err(unresolved);
+                }
+                // (A lookup task that ended without answering, at a
+                // runtime's shutdown, leaves a closed channel: asked again.)
+                Resolution::Asking(answer) if answer.has_changed().is_ok() => answer.clone(),
+                _ => {
+                    let (tell, answer) = tokio::sync::watch::channel(None);
+                    *state = Resolution::Asking(answer.clone());
+                    let (lookup, shared, host) =
+                        (self.resolve.clone(), self.state.clone(), addr.to_owned());
+                    tokio::spawn(async move {
+                        let found = match lookup(host).await {
+                            Ok(addrs) if addrs.is_empty() => Err("no addresses".to_owned()),
+                            Ok(addrs) => Ok(addrs),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        *shared.lock().expect("plugin address lock") =
+                            Resolution::Known(found.clone(), tokio::time::Instant::now());
+                        let _ = tell.send(Some(found));
+                    });
+                    answer
+                }
+            }
+        };
+        let found = answer
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| unresolved("the lookup ended without an answer".into()))?;
+        found.clone().expect("waited for").map_err(unresolved)
+    }
+}
+
+/// How long `lookup` is the answer.
+fn kept_for(lookup: &Lookup) -> Duration {
+    if lookup.is_ok() {
+        RESOLVED_FOR
+    } else {
+        UNRESOLVED_FOR
+    }
+}
+
+fn unresolved(why: String) -> CallError {
+    CallError::Connect(std::io::Error::other(format!(
+        "cannot resolve the host name: {why}"
+    )))
 }
 
 impl std::fmt::Debug for Connections {
@@ -115,8 +228,11 @@ impl Connections {
 /// A new connection to `addr`, its driver spawned (it ends when the
 /// connection closes, or once the sender is dropped and nothing is under
 /// way).
-async fn dial(addr: &str) -> Result<Sender, CallError> {
-    let stream = TcpStream::connect(addr).await.map_err(CallError::Connect)?;
+async fn dial(addresses: &Addresses, addr: &str) -> Result<Sender, CallError> {
+    let addrs = addresses.of(addr).await?;
+    let stream = TcpStream::connect(&addrs[..])
+        .await
+        .map_err(CallError::Connect)?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -163,7 +279,7 @@ pub async fn post(
                 Ok(()) => (sender, true),
                 Err(_) => continue,
             },
-            None => (dial(addr).await?, false),
+            None => (dial(&pool.addresses, addr).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(resp) => break (sender, resp),
@@ -258,6 +374,87 @@ pub fn verdict(body: &[u8]) -> Result<Verdict, CallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resolver counting its lookups, each taking `slow` and answering
+    /// `found` (an error when `None`).
+    fn counted(
+        slow: Duration,
+        found: Option<&'static str>,
+    ) -> (Addresses, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = asked.clone();
+        let resolve: Resolve = std::sync::Arc::new(move |host: String| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                assert_eq!(host, "plugin.internal:9000");
+                tokio::time::sleep(slow).await;
+                match found {
+                    Some(ip) => Ok(vec![ip.parse().unwrap()]),
+                    None => Err(std::io::Error::other("no DNS server answered")),
+                }
+            })
+        });
+        (Addresses::resolved_by(resolve), asked)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_host_name_is_looked_up_once_for_every_call_waiting_and_kept_a_while() {
+        use std::sync::atomic::Ordering::SeqCst;
+        const HOST: &str = "plugin.internal:9000";
+        let (addresses, asked) = counted(Duration::from_secs(5), Some("127.0.0.1:9000"));
+        // Calls that give up (their timeout) while a slow lookup runs do not
+        // start another each.
+        for _ in 0..50 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(50), addresses.of(HOST)).await;
+            assert!(gave_up.is_err());
+        }
+        assert_eq!(asked.load(SeqCst), 1);
+        // Calls waiting together all take its answer.
+        let answers = futures_util::future::join_all((0..20).map(|_| addresses.of(HOST))).await;
+        let ip: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        for answer in answers {
+            assert_eq!(answer.unwrap(), [ip]);
+        }
+        assert_eq!(asked.load(SeqCst), 1);
+        // Kept for RESOLVED_FOR, then asked again.
+        tokio::time::advance(RESOLVED_FOR - Duration::from_millis(10)).await;
+        assert_eq!(addresses.of(HOST).await.unwrap(), [ip]);
+        assert_eq!(asked.load(SeqCst), 1);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(addresses.of(HOST).await.unwrap(), [ip]);
+        assert_eq!(asked.load(SeqCst), 2);
+        // An address given as an IP is never looked up.
+        let given: std::net::SocketAddr = "[::1]:9001".parse().unwrap();
+        assert_eq!(addresses.of("[::1]:9001").await.unwrap(), [given]);
+        assert_eq!(asked.load(SeqCst), 2);
+
+        // A failed lookup is the answer for UNRESOLVED_FOR.
+        let (addresses, asked) = counted(Duration::from_secs(5), None);
+        for _ in 0..3 {
+            let Err(CallError::Connect(e)) = addresses.of(HOST).await else {
+                panic!("resolved");
+            };
+            assert!(
+                e.to_string()
+                    .contains("cannot resolve the host name: no DNS server answered"),
+                "{e}"
+            );
+        }
+        assert_eq!(asked.load(SeqCst), 1);
+        tokio::time::advance(UNRESOLVED_FOR).await;
+        assert!(addresses.of(HOST).await.is_err());
+        assert_eq!(asked.load(SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_systems_resolver_is_the_default() {
+        let found = Addresses::default().of("localhost:9").await.unwrap();
+        assert!(!found.is_empty());
+        assert!(
+            found.iter().all(|a| a.ip().is_loopback() && a.port() == 9),
+            "{found:?}"
+        );
+    }
     use serde_json::json;
 
     fn v(body: serde_json::Value) -> Result<Verdict, CallError> {
