@@ -979,7 +979,7 @@ async fn forward(
                             match caller_body_error(&error) {
                                 Some(CallerBodyError::Stalled(gap)) => return body_stalled(*gap),
                                 Some(CallerBodyError::TooSlow(limit)) => {
-                                    return upload_too_slow(*limit);
+                                    return body_too_slow(*limit, "--upload-timeout");
                                 }
                                 Some(CallerBodyError::Read(_)) => {
                                     debug!(client = %client.id, "the caller's body failed: {reason}");
@@ -1128,7 +1128,9 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
     loop {
         let due = (tokio::time::Instant::now() + gap).min(deadline);
         let frame = match tokio::time::timeout_at(due, body.frame()).await {
-            Err(_) if due == deadline => return Err(body_too_slow(state.config.body_timeout)),
+            Err(_) if due == deadline => {
+                return Err(body_too_slow(state.config.body_timeout, "--body-timeout"));
+            }
             Err(_) => return Err(body_stalled(gap)),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -1171,19 +1173,13 @@ async fn read_body(state: &State, mut body: Incoming) -> Result<ReadBody, Respon
     Ok(ReadBody { bytes, _held: held })
 }
 
-fn body_too_slow(limit: std::time::Duration) -> Response<PublicBody> {
+/// 408 for a request body not all there within `limit`, which the
+/// setting `flag` sets (`--body-timeout` for a body read whole first,
+/// `--upload-timeout` for one streamed to the box).
+fn body_too_slow(limit: std::time::Duration, flag: &str) -> Response<PublicBody> {
     error_response(
         StatusCode::REQUEST_TIMEOUT,
-        &format!("the request body did not arrive within {limit:?}"),
-        "invalid_request_error",
-        "request_timeout",
-    )
-}
-
-fn upload_too_slow(limit: std::time::Duration) -> Response<PublicBody> {
-    error_response(
-        StatusCode::REQUEST_TIMEOUT,
-        &format!("the request body did not arrive within {limit:?} (--upload-timeout)"),
+        &format!("the request body did not arrive within {limit:?} ({flag})"),
         "invalid_request_error",
         "request_timeout",
     )
