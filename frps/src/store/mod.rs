@@ -336,12 +336,19 @@ impl Store {
         let Store::Postgres(p) = self else {
             return Ok(());
         };
-        let wrong = schema::mismatches(&schema::columns(p).await?);
-        if wrong.is_empty() {
-            Ok(())
-        } else {
-            Err(StoreError::Schema(wrong))
+        let found = schema::columns(p).await?;
+        let wrong = schema::mismatches(&found);
+        if !wrong.is_empty() {
+            return Err(StoreError::Schema(wrong));
         }
+        let nullable = schema::nullable(&found);
+        if !nullable.is_empty() {
+            tracing::warn!(
+                "{} may hold NULL (a table made before frps first ran?): a row with NULL there cannot be read, and is taken as absent (an account that cannot log in, a token or client id unknown); declare them NOT NULL",
+                nullable.join(", ")
+            );
+        }
+        Ok(())
     }
 
     /// Which backend this is (`postgres` or `sqlite`).

@@ -544,7 +544,10 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
         .expect("the slow body was cut");
     let raw = String::from_utf8_lossy(&out);
     assert_eq!(status(&raw), 408, "{raw}");
-    assert!(raw.contains("did not arrive within 1s (--body-timeout)"), "{raw}");
+    assert!(
+        raw.contains("did not arrive within 1s (--body-timeout)"),
+        "{raw}"
+    );
     // Cut at its deadline (1 s after the head), not before it.
     assert!(
         head_sent.elapsed() >= Duration::from_secs(1),

@@ -207,12 +207,15 @@ async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start(
             "createdAt" TIMESTAMP DEFAULT NOW(),
             "updatedAt" TIMESTAMP DEFAULT NOW()
         )"#,
+        // A domain is read as its base type; a zoned time frps only
+        // writes is fine.
+        "CREATE DOMAIN address AS VARCHAR(320)",
         "CREATE TABLE users (
             id BIGSERIAL PRIMARY KEY,
-            email TEXT NOT NULL UNIQUE,
+            email address NOT NULL UNIQUE,
             password TEXT,
             created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-            updated_at TIMESTAMP NOT NULL DEFAULT NOW()
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
         )",
         "INSERT INTO api_keys (key, status) VALUES ('test-api-key-123', 'active')",
     ] {
@@ -252,6 +255,20 @@ async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start(
         keys.check("test-api-key-123").await,
         KeyCheck::Valid(_)
     ));
+    // Accounts go in and out of the kept users table, its domain and its
+    // zoned update time included.
+    store
+        .create_user("owner@example.com", "hash-1")
+        .await
+        .unwrap();
+    assert!(
+        store
+            .set_password("owner@example.com", "hash-2")
+            .await
+            .unwrap()
+    );
+    let user = store.find_user("owner@example.com").await.unwrap().unwrap();
+    assert_eq!(user.password_hash, "hash-2");
     store.close().await;
     pg.drop_db().await;
 }
@@ -809,7 +826,6 @@ async fn presented_keys_never_reach_postgres_in_plaintext() {
     pg.drop_db().await;
 }
 
-/// Runs `sql` on `store`.
 #[tokio::test]
 async fn database_down_cached_keys_work_and_unknown_keys_get_503() {
     let Some(pg) = TestPg::create().await else {
