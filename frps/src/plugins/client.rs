@@ -83,6 +83,11 @@ pub const RESOLVED_FOR: Duration = Duration::from_secs(30);
 /// How long a failed lookup of a plugin's host name is the answer.
 pub const UNRESOLVED_FOR: Duration = Duration::from_secs(1);
 
+/// Longest a lookup of a plugin's host name is waited for (glibc gives up
+/// within about 30 s; a hung name service module may never): after it, the
+/// lookup failed, and the next call starts another.
+pub const LOOKUP_LIMIT: Duration = Duration::from_secs(60);
+
 /// A lookup's outcome, shared by the calls that wait for it.
 type Lookup = Result<Vec<std::net::SocketAddr>, String>;
 
@@ -152,10 +157,11 @@ impl Addresses {
                     let (lookup, shared, host) =
                         (self.resolve.clone(), self.state.clone(), addr.to_owned());
                     tokio::spawn(async move {
-                        let found = match lookup(host).await {
-                            Ok(addrs) if addrs.is_empty() => Err("no addresses".to_owned()),
-                            Ok(addrs) => Ok(addrs),
-                            Err(e) => Err(e.to_string()),
+                        let found = match tokio::time::timeout(LOOKUP_LIMIT, lookup(host)).await {
+                            Ok(Ok(addrs)) if addrs.is_empty() => Err("no addresses".to_owned()),
+                            Ok(Ok(addrs)) => Ok(addrs),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no answer within {LOOKUP_LIMIT:?}")),
                         };
                         *shared.lock().expect("plugin address lock") =
                             Resolution::Known(found.clone(), tokio::time::Instant::now());
@@ -170,6 +176,16 @@ impl Addresses {
             .await
             .map_err(|_| unresolved("the lookup ended without an answer".into()))?;
         found.clone().expect("waited for").map_err(unresolved)
+    }
+
+    /// None of `addrs` took a connection: unless a later lookup replaced
+    /// them, they are forgotten, so the next call looks the name up again
+    /// (a plugin moved to another address).
+    fn failed(&self, addrs: &[std::net::SocketAddr]) {
+        let mut state = self.state.lock().expect("plugin address lock");
+        if matches!(&*state, Resolution::Known(Ok(known), _) if known == addrs) {
+            *state = Resolution::Unknown;
+        }
     }
 }
 
@@ -230,9 +246,13 @@ impl Connections {
 /// way).
 async fn dial(addresses: &Addresses, addr: &str) -> Result<Sender, CallError> {
     let addrs = addresses.of(addr).await?;
-    let stream = TcpStream::connect(&addrs[..])
-        .await
-        .map_err(CallError::Connect)?;
+    let stream = match TcpStream::connect(&addrs[..]).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            addresses.failed(&addrs);
+            return Err(CallError::Connect(e));
+        }
+    };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -443,6 +463,34 @@ mod tests {
         assert_eq!(asked.load(SeqCst), 1);
         tokio::time::advance(UNRESOLVED_FOR).await;
         assert!(addresses.of(HOST).await.is_err());
+        assert_eq!(asked.load(SeqCst), 2);
+
+        // A lookup that never ends fails at LOOKUP_LIMIT, and the next call
+        // asks again.
+        let (addresses, asked) = counted(Duration::MAX, Some("127.0.0.1:9000"));
+        let Err(CallError::Connect(e)) = addresses.of(HOST).await else {
+            panic!("resolved");
+        };
+        assert!(e.to_string().contains("no answer within 60s"), "{e}");
+        tokio::time::advance(UNRESOLVED_FOR).await;
+        let again = tokio::time::timeout(Duration::from_secs(1), addresses.of(HOST)).await;
+        assert!(again.is_err(), "waits on a new lookup");
+        assert_eq!(asked.load(SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn addresses_that_took_no_connection_are_looked_up_again() {
+        use std::sync::atomic::Ordering::SeqCst;
+        const HOST: &str = "plugin.internal:9000";
+        let (addresses, asked) = counted(Duration::ZERO, Some("127.0.0.1:9000"));
+        let ip: std::net::SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        assert_eq!(addresses.of(HOST).await.unwrap(), [ip]);
+        // Others than the ones known (an older lookup's) change nothing.
+        addresses.failed(&["127.0.0.2:9000".parse().unwrap()]);
+        assert_eq!(addresses.of(HOST).await.unwrap(), [ip]);
+        assert_eq!(asked.load(SeqCst), 1);
+        addresses.failed(&[ip]);
+        assert_eq!(addresses.of(HOST).await.unwrap(), [ip]);
         assert_eq!(asked.load(SeqCst), 2);
     }
 
