@@ -30,9 +30,9 @@ pub const JOIN_BUFFER_MAX: usize = 256 * 1024;
 /// direction at once: a 64th of what 4,096 joins (frpc's default
 /// `--max-data-connections`) would hold with both directions grown to
 /// [`JOIN_BUFFER_MAX`] (2 GiB), for instance against a peer that stops
-/// reading while the other side keeps sending. A direction that finds it
-/// spent copies in the buffer it has (at least [`JOIN_BUFFER_MIN`]) until
-/// others give theirs back; 128 directions can copy at full size at once.
+/// reading while the other side keeps sending. A direction grows no further
+/// than what is left (copying in at least [`JOIN_BUFFER_MIN`]) until others
+/// give theirs back; 128 directions can copy at full size at once.
 pub const JOIN_GROWTH_BUDGET: usize = 128 * (JOIN_BUFFER_MAX - JOIN_BUFFER_MIN);
 
 /// Room for buffers to grow past [`JOIN_BUFFER_MIN`], shared by joins.
@@ -48,13 +48,15 @@ impl Budget {
         }
     }
 
-    /// Takes `bytes` if that many are left.
-    fn take(&self, bytes: usize) -> bool {
-        self.left
+    /// Takes `bytes`, or what is left when that is less; returns how many.
+    fn take_up_to(&self, bytes: usize) -> usize {
+        match self
+            .left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-                left.checked_sub(bytes)
-            })
-            .is_ok()
+                Some(left - left.min(bytes))
+            }) {
+            Ok(left) | Err(left) => left.min(bytes),
+        }
     }
 
     fn give(&self, bytes: usize) {
@@ -305,16 +307,16 @@ impl Copy {
         self.budget.give(std::mem::take(&mut self.charged));
     }
 
-    /// The size of the next allocation: `self.size`, or less when the
-    /// budget cannot pay for the growth (what this direction holds
-    /// already, at least [`JOIN_BUFFER_MIN`]).
+    /// The size of the next allocation: `self.size`, or as much of it as
+    /// the budget can pay for beyond what this direction holds already (at
+    /// least [`JOIN_BUFFER_MIN`]).
     fn affordable(&mut self) -> usize {
         let want = self.size - JOIN_BUFFER_MIN;
         if want < self.charged {
             self.budget.give(self.charged - want);
             self.charged = want;
-        } else if want > self.charged && self.budget.take(want - self.charged) {
-            self.charged = want;
+        } else if want > self.charged {
+            self.charged += self.budget.take_up_to(want - self.charged);
         }
         JOIN_BUFFER_MIN + self.charged
     }
@@ -517,8 +519,9 @@ mod tests {
 
     #[test]
     fn buffers_grow_only_as_far_as_the_shared_budget_allows() {
-        let budget: &'static Budget =
-            Box::leak(Box::new(Budget::new(JOIN_BUFFER_MAX - JOIN_BUFFER_MIN)));
+        const LEFT_OVER: usize = 100 * 1024;
+        let full = JOIN_BUFFER_MAX - JOIN_BUFFER_MIN;
+        let budget: &'static Budget = Box::leak(Box::new(Budget::new(full + LEFT_OVER)));
         // A direction that had grown to the largest size, its destination
         // then taking nothing: it holds its buffer.
         let held = || {
@@ -536,20 +539,19 @@ mod tests {
         };
         let first = held();
         assert_eq!(first.allocated, JOIN_BUFFER_MAX);
-        assert_eq!(budget.left.load(Ordering::Acquire), 0);
-        // The next one gets its first size only.
+        assert_eq!(budget.left.load(Ordering::Acquire), LEFT_OVER);
+        // The next one gets what is left, the one after its first size only.
         let second = held();
-        assert_eq!(second.allocated, JOIN_BUFFER_MIN);
-        assert_eq!(second.buf.len(), JOIN_BUFFER_MIN);
+        assert_eq!(second.allocated, JOIN_BUFFER_MIN + LEFT_OVER);
+        let spent = held();
+        assert_eq!(spent.allocated, JOIN_BUFFER_MIN);
+        assert_eq!(spent.buf.len(), JOIN_BUFFER_MIN);
         // Once the first is gone, the room is there again.
         drop(first);
         let third = held();
         assert_eq!(third.allocated, JOIN_BUFFER_MAX);
-        drop((second, third));
-        assert_eq!(
-            budget.left.load(Ordering::Acquire),
-            JOIN_BUFFER_MAX - JOIN_BUFFER_MIN
-        );
+        drop((second, spent, third));
+        assert_eq!(budget.left.load(Ordering::Acquire), full + LEFT_OVER);
         // A direction that shrinks or empties gives back what it took.
         let (mut copy, mut to) = (Copy::paid_by(budget), sink());
         let mut from = Chunks::default();
@@ -561,10 +563,7 @@ mod tests {
         assert!(poll_once(&mut copy, &mut from, &mut to).is_pending());
         assert_eq!(copy.size, JOIN_BUFFER_MAX);
         assert_eq!(copy.charged, 0, "released with the drained buffer");
-        assert_eq!(
-            budget.left.load(Ordering::Acquire),
-            JOIN_BUFFER_MAX - JOIN_BUFFER_MIN
-        );
+        assert_eq!(budget.left.load(Ordering::Acquire), full + LEFT_OVER);
     }
 
     /// A destination that keeps written bytes until flushed, and whose
