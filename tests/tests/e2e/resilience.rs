@@ -339,23 +339,37 @@ async fn heartbeats_that_came_while_frps_could_not_write_keep_the_client() {
     // Heartbeats without a pause, their acks unread: the acks fill the
     // socket buffers, frps's write of the next one waits, and heartbeats
     // pile up unread on its side in turn (this write then waits too).
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let written = std::sync::Arc::new(AtomicU64::new(0));
     let flood = tokio::spawn({
-        let stop = stop.clone();
+        let (stop, written) = (stop.clone(), written.clone());
         async move {
             let mut seq = 0;
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            while !stop.load(Ordering::Acquire) {
                 seq += 1;
                 write_command(&mut writer, &Command::Heartbeat { seq })
                     .await
                     .expect("heartbeat");
+                written.store(seq, Ordering::Release);
             }
             (writer, seq)
         }
     });
-    // Well past the silence window, well within the write's limit.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Release);
+    // The flood stalls once frps reads no more (its write of an ack
+    // waiting); from then, well past the silence window, well within the
+    // write's limit.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = written.load(Ordering::Acquire);
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Release);
     // Reading again: frps's write completes, and the heartbeats it had not
     // read are read, each acked, none evicting.
     let mut acked = 0;
