@@ -41,10 +41,12 @@ pub struct Config {
     #[arg(long, env = "FRPX_API_BIND", default_value = "127.0.0.1")]
     pub api_bind: IpAddr,
 
-    /// Token every management API route but `/api/health` requires
-    /// (`Authorization: Bearer <token>`). Required when `--api-bind` is not
-    /// a loopback address. Ten wrong tokens a minute from one address (a
-    /// repeated one counts once), then 429.
+    /// Token every management API route but `/api/health` and the
+    /// dashboard page requires (`Authorization: Bearer <token>`). Required,
+    /// of at least 32 characters, when `--api-bind` is not a loopback
+    /// address. Ten wrong tokens a minute from one address (a repeated one
+    /// counts once), then 429 (a token of 32 characters or more still
+    /// passes).
     #[arg(long, env = "FRPX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 

@@ -47,11 +47,25 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Server {
     /// Binds every listener from `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
-        if !config.api_bind.is_loopback() && config.admin_token().is_none() {
-            anyhow::bail!(
+        match config.admin_token() {
+            None if !config.api_bind.is_loopback() => anyhow::bail!(
                 "refusing to expose the management API on {} without an admin token: it lists the fleet and can disconnect clients. Set --admin-token (or FRPX_ADMIN_TOKEN), or keep --api-bind on 127.0.0.1",
                 config.api_bind
-            );
+            ),
+            Some(token)
+                if !config.api_bind.is_loopback()
+                    && token.chars().count() < crate::api::STRONG_ADMIN_TOKEN =>
+            {
+                anyhow::bail!(
+                    "refusing to expose the management API on {} with an admin token of under {} characters: from many addresses it could be guessed. Use a long random one (`openssl rand -hex 32`), or keep --api-bind on 127.0.0.1",
+                    config.api_bind,
+                    crate::api::STRONG_ADMIN_TOKEN
+                )
+            }
+            None => tracing::warn!(
+                "the management API has no admin token: any process on this machine can use it (list the fleet, disconnect clients); set --admin-token (FRPX_ADMIN_TOKEN) where others share the machine"
+            ),
+            Some(_) => {}
         }
         if config.tls_self_signed && config.tls_cert.is_some() {
             anyhow::bail!(

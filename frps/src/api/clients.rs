@@ -176,11 +176,22 @@ pub async fn models(
 ) -> Paged<FleetModel> {
     let window = window(query, from_hex)?;
     let after = window.after.as_deref();
+    let limit = usize::try_from(window.limit).unwrap_or(usize::MAX);
+    // The page's models only: a small page of a large fleet holds no more.
     let mut by_name: BTreeMap<String, FleetModel> = BTreeMap::new();
     for c in sorted(&state) {
         for m in c.models() {
             if after.is_some_and(|after| m.name.as_str() <= after) {
                 continue;
+            }
+            if by_name.len() >= limit && !by_name.contains_key(&m.name) {
+                if by_name
+                    .last_key_value()
+                    .is_some_and(|(last, _)| m.name > *last)
+                {
+                    continue;
+                }
+                by_name.pop_last();
             }
             let entry = by_name.entry(m.name.clone()).or_insert_with(|| FleetModel {
                 name: m.name.clone(),
@@ -191,8 +202,7 @@ pub async fn models(
             entry.size = entry.size.or(m.size);
         }
     }
-    let limit = usize::try_from(window.limit).unwrap_or(usize::MAX);
-    let mut models: Vec<_> = by_name.into_values().take(limit).collect();
+    let mut models: Vec<_> = by_name.into_values().collect();
     let (headers, more) = finish("/api/models", window.limit, &mut models, |m| hex(&m.name));
     let n = models.len();
     Ok((

@@ -100,9 +100,9 @@ const MAX_BODY: usize = 1024;
 /// accept loop caps connections in all and per address): each request head
 /// is due within `--header-timeout` (an idle keep-alive connection is closed
 /// after it) and may be at most 16 KiB; its body, at most 1 KiB, is read
-/// before the handler runs, and the request must be answered within
-/// [`REQUEST_DEADLINE`] (408 for a body still arriving then, 503 for an
-/// answer frps did not have ready). Once the public port has drained at
+/// before the handler runs and is due within `--header-timeout` of the
+/// head (408 after), and the request must be answered within
+/// [`REQUEST_DEADLINE`] (503 for an answer frps did not have ready). Once the public port has drained at
 /// shutdown, the connection finishes the request it is on, then closes.
 pub async fn serve_conn(
     stream: tokio::net::TcpStream,
@@ -111,11 +111,17 @@ pub async fn serve_conn(
     app: Router,
 ) {
     let _ = stream.set_nodelay(true);
+    let header_timeout = state.config.header_timeout;
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {
-            let deadline = tokio::time::Instant::now() + REQUEST_DEADLINE;
+            let started = tokio::time::Instant::now();
+            let deadline = started + REQUEST_DEADLINE;
+            // No route takes a body: a stray one is due as soon as a head
+            // is, so a caller without the token cannot hold a connection
+            // for the whole deadline by dripping one.
+            let body_due = started + header_timeout.min(REQUEST_DEADLINE);
             let (parts, body) = req.into_parts();
             let too_large = || {
                 let message = format!("request bodies are limited to {MAX_BODY} bytes");
@@ -127,7 +133,7 @@ pub async fn serve_conn(
             }
             let read =
                 http_body_util::BodyExt::collect(http_body_util::Limited::new(body, MAX_BODY));
-            let body = match tokio::time::timeout_at(deadline, read).await {
+            let body = match tokio::time::timeout_at(body_due, read).await {
                 Ok(Ok(body)) => body.to_bytes(),
                 Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
                 Ok(Err(e)) => {
@@ -135,8 +141,10 @@ pub async fn serve_conn(
                     return Ok(ApiError::new(StatusCode::BAD_REQUEST, message).into_response());
                 }
                 Err(_) => {
-                    let message =
-                        format!("the request body was not complete within {REQUEST_DEADLINE:?}");
+                    let message = format!(
+                        "the request body was not complete within {:?}",
+                        body_due - started
+                    );
                     return Ok(ApiError::new(StatusCode::REQUEST_TIMEOUT, message).into_response());
                 }
             };
@@ -327,7 +335,7 @@ fn add_shared_answers(
     };
     let body_limit = format!("Request body over {MAX_BODY} bytes");
     let head_limit = format!("Request head over {MAX_HEAD} bytes (no body)");
-    let timeout = format!("The request body was not complete within {REQUEST_DEADLINE:?}");
+    let timeout = "The request body was not complete within --header-timeout".to_owned();
     let no_answer =
         format!("No answer within {REQUEST_DEADLINE:?}, or the database is unavailable");
     let mut everywhere: Vec<(&str, RefOr<Answer>)> = vec![
@@ -503,6 +511,14 @@ async fn enveloped(resp: Response) -> Response {
 /// Paths reachable without the admin token.
 const PUBLIC_PATHS: [&str; 2] = ["/api/health", "/"];
 
+/// Fewest characters of an admin token that no rate of guessing can find
+/// (32 random hex digits are 128 bits). frps exposes its API beyond
+/// loopback only with such a token; with one, the right token is let
+/// through even from an address out of its budget for wrong ones (behind a
+/// reverse proxy every caller has the proxy's address, and anyone reaching
+/// it could otherwise lock the operator out).
+pub const STRONG_ADMIN_TOKEN: usize = 32;
+
 async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Response {
     let Some(expected) = state.config.admin_token() else {
         // No token: only a loopback address can reach the API, but a web
@@ -530,7 +546,18 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .and_then(|v| v.trim().split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
+    // Compared as SHA-256 digests: the time taken tells neither where the
+    // tokens differ nor how long the right one is.
+    let digest = presented.map(crate::auth::secret::hash);
+    let right = digest
+        .as_ref()
+        .is_some_and(|d| constant_time_eq(d, &crate::auth::secret::hash(expected)));
+    // A short token stays out of reach while the address is out of budget
+    // (or a guess that would be right would tell); a strong one cannot be
+    // guessed, and the budget only spares frps the work.
+    let strong = expected.chars().count() >= STRONG_ADMIN_TOKEN;
     if presented.is_some()
+        && !(right && strong)
         && let Some(ip) = from
         && let Err(wait) = state.admin_failures.check(ip)
     {
@@ -545,13 +572,8 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         }
         return resp;
     }
-    // Compared as SHA-256 digests: the time taken tells neither where the
-    // tokens differ nor how long the right one is.
-    let digest = presented.map(crate::auth::secret::hash);
     match digest {
-        Some(d) if constant_time_eq(&d, &crate::auth::secret::hash(expected)) => {
-            next.run(req).await
-        }
+        Some(_) if right => next.run(req).await,
         Some(d) => {
             if let Some(ip) = from {
                 state.admin_failures.fail(ip, d);

@@ -89,21 +89,42 @@ impl ClientSummary {
 
 /// Parts of a meta's key that mark its value as secret (e.g. frp's
 /// `meta_token`, which server plugins check).
-const SECRET_META_WORDS: [&str; 4] = ["token", "secret", "password", "key"];
+const SECRET_META_WORDS: [&str; 10] = [
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "key",
+    "auth",
+    "credential",
+    "cookie",
+    "private",
+];
 
 /// `metas` for the API: the value of each key holding one of
-/// [`SECRET_META_WORDS`] (in any letter case) is `***`. Server plugins get
-/// the real values from the registration, never from here.
+/// [`SECRET_META_WORDS`] (in any letter case), and each value that carries
+/// a URL's user information (`postgres://user:pw@host/db`), is `***`.
+/// Server plugins get the real values from the registration, never from
+/// here.
 pub fn masked_metas(metas: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     metas
         .iter()
         .map(|(k, v)| {
             let key = k.to_ascii_lowercase();
-            let secret = SECRET_META_WORDS.iter().any(|w| key.contains(w));
+            let secret = SECRET_META_WORDS.iter().any(|w| key.contains(w)) || has_user_info(v);
             let v = if secret { "***".to_owned() } else { v.clone() };
             (k.clone(), v)
         })
         .collect()
+}
+
+/// Whether `value` holds a URL with user information (`scheme://…@host`).
+fn has_user_info(value: &str) -> bool {
+    value.split("://").skip(1).any(|rest| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        authority.contains('@')
+    })
 }
 
 /// `online` or `unhealthy`.
@@ -404,6 +425,12 @@ mod tests {
             ("Meta_API_KEY", "k1"),
             ("db_password", "pw"),
             ("clientSecret", "s"),
+            ("smtp_passwd", "p"),
+            ("Authorization", "Basic eDp5"),
+            ("session_cookie", "c"),
+            ("db_url", "postgres://frpx:hunter2@db:5432/frpx"),
+            ("mirror", "see https://user@example.com/x"),
+            ("homepage", "https://example.com/team@work"),
             ("version", "1.0.0"),
             ("region", "eu"),
         ]
@@ -412,9 +439,21 @@ mod tests {
         .collect();
         let masked = masked_metas(&metas);
         assert_eq!(masked.len(), metas.len());
-        for k in ["token", "Meta_API_KEY", "db_password", "clientSecret"] {
+        for k in [
+            "token",
+            "Meta_API_KEY",
+            "db_password",
+            "clientSecret",
+            "smtp_passwd",
+            "Authorization",
+            "session_cookie",
+            "db_url",
+            "mirror",
+        ] {
             assert_eq!(masked[k], "***", "{k}");
         }
+        // An @ in a URL's path is not user information.
+        assert_eq!(masked["homepage"], "https://example.com/team@work");
         assert_eq!(masked["version"], "1.0.0");
         assert_eq!(masked["region"], "eu");
     }

@@ -298,6 +298,34 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
 }
 
 #[tokio::test]
+async fn a_strong_admin_token_passes_from_an_address_out_of_budget() {
+    // Behind a reverse proxy every caller has the proxy's address: wrong
+    // guesses from anyone must not lock the operator out, and a token this
+    // long cannot be found by guessing anyway.
+    let strong = "s".repeat(frps::api::STRONG_ADMIN_TOKEN);
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(strong.clone());
+    let frps = Frps::start(cfg).await;
+    let api = frps.addrs.api;
+    for i in 0..frps::api::ADMIN_FAILURES_PER_MINUTE {
+        let reply = http::get(api, "/api/stats", Some(&format!("guess-{i}"))).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    assert_eq!(
+        http::get(api, "/api/stats", Some("guess")).await.status,
+        429
+    );
+    assert_eq!(
+        http::get(api, "/api/stats", Some(&strong)).await.status,
+        200
+    );
+    assert_eq!(
+        http::get(api, "/api/stats", Some("guess")).await.status,
+        429
+    );
+}
+
+#[tokio::test]
 async fn the_api_closes_idle_and_oversized_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = frps_config();
@@ -316,6 +344,24 @@ async fn the_api_closes_idle_and_oversized_connections() {
             .ok();
         assert!(started.elapsed() >= Duration::from_millis(250), "{sent:?}");
     }
+    // A stray body dripped after its head (no route takes one): 408 once
+    // --header-timeout has passed, not after the request's whole minute.
+    let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
+    conn.write_all(
+        b"POST /api/clients/x/disconnect HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 100\r\n\r\nx",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(frpx_tests::WAIT, conn.read(&mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("not complete within 300ms"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(10));
     // A keep-alive connection idle after its answer: closed too.
     let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
     conn.write_all(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -384,7 +430,11 @@ async fn binding_the_api_publicly_without_a_token_is_refused() {
     cfg.api_bind = "0.0.0.0".parse().unwrap();
     let err = Server::bind(cfg.clone()).await.err().expect("refused");
     assert!(err.to_string().contains("admin token"), "{err}");
-    cfg.admin_token = Some(ADMIN.into());
+    // Nor with a token short enough to guess from many addresses.
+    cfg.admin_token = Some("x".repeat(frps::api::STRONG_ADMIN_TOKEN - 1));
+    let err = Server::bind(cfg.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("under 32 characters"), "{err}");
+    cfg.admin_token = Some("x".repeat(frps::api::STRONG_ADMIN_TOKEN));
     let server = Server::bind(cfg).await.expect("allowed with a token");
     assert!(server.addrs().api.ip().is_unspecified());
 }
