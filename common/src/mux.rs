@@ -209,6 +209,8 @@ struct StreamState {
     wants_room: bool,
     /// The stream was reset (by the peer, or locally): why.
     reset: Option<Arc<str>>,
+    /// That reset was this side's (a shed, or [`MuxStream::reset`]).
+    reset_here: bool,
 }
 
 impl StreamState {
@@ -226,6 +228,7 @@ impl StreamState {
             sent_fin: false,
             wants_room: false,
             reset: None,
+            reset_here: false,
         }
     }
 
@@ -280,6 +283,7 @@ impl Inner {
                 st.held / 1024
             );
             st.reset = Some(Arc::from(reason.as_str()));
+            st.reset_here = true;
             self.buffered -= st.discard();
             st.wake_all();
             self.push(Kind::Reset, id, reason.len() as u32, reason.as_bytes());
@@ -712,6 +716,7 @@ impl MuxStream {
             return;
         }
         st.reset = Some(Arc::from("the stream was reset"));
+        st.reset_here = true;
         let dropped = st.discard();
         st.wake_all();
         inner.buffered -= dropped;
@@ -762,6 +767,10 @@ fn lost(reason: &Arc<str>) -> io::Error {
 pub struct StreamReset {
     /// Why, as the side that reset it said.
     pub reason: Arc<str>,
+    /// The reset was this side's own (a shed of bytes it received and
+    /// nobody read, or the stream's own reset), not the peer's: whatever
+    /// the peer sent on it was dropped here.
+    pub here: bool,
 }
 
 impl StreamReset {
@@ -799,11 +808,12 @@ impl StreamReset {
     }
 }
 
-fn was_reset(reason: &Arc<str>) -> io::Error {
+fn was_reset(reason: &Arc<str>, here: bool) -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionReset,
         StreamReset {
             reason: reason.clone(),
+            here,
         },
     )
 }
@@ -866,7 +876,7 @@ impl AsyncRead for MuxStream {
             return Poll::Ready(Ok(()));
         }
         if let Some(reason) = &st.reset {
-            return Poll::Ready(Err(was_reset(reason)));
+            return Poll::Ready(Err(was_reset(reason, st.reset_here)));
         }
         if let Some(reason) = dead {
             return Poll::Ready(Err(lost(reason)));
@@ -900,7 +910,7 @@ impl AsyncWrite for MuxStream {
             .get_mut(&self.id)
             .expect("a live stream has its state");
         if let Some(reason) = &st.reset {
-            return Poll::Ready(Err(was_reset(reason)));
+            return Poll::Ready(Err(was_reset(reason, st.reset_here)));
         }
         if st.sent_fin {
             return Poll::Ready(Err(io::Error::new(
@@ -1131,11 +1141,14 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(err.to_string().contains("reader was the slowest"), "{err}");
         let shed = |err: &io::Error| StreamReset::find(err).is_some_and(StreamReset::is_shed);
+        let here = |err: &io::Error| StreamReset::find(err).is_some_and(|r| r.here);
         assert!(shed(&err), "told apart from other resets: {err}");
+        assert!(here(&err), "the side that dropped the bytes knows it did");
         let err = within("read", near[0].read(&mut byte)).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(err.to_string().contains("over its 4096 KiB"), "{err}");
         assert!(shed(&err), "{err}");
+        assert!(!here(&err), "the peer's");
         within("the third's bytes arrived", async {
             while buffered() < window / 2 + window - 1000 {
                 tokio::task::yield_now().await;
@@ -1214,6 +1227,7 @@ mod tests {
         let reset = StreamReset::find(&err).expect("a reset");
         assert_eq!(&*reset.reason, "local service 127.0.0.1:1 unreachable");
         assert!(!reset.is_shed(), "a failure, not a slow reader");
+        assert!(!reset.here, "the peer's");
         let err = near.write_all(b"x").await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }

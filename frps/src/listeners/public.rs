@@ -893,6 +893,14 @@ async fn forward(
                 // not reach its service (the reason says why), as a
                 // dial-back it could not open.
                 if let Some(reset) = StreamReset::find(&error) {
+                    // frps's own shed, of the box's answer arriving faster
+                    // than the tunnel connection's slowest readers took
+                    // theirs: the box has done the work, so the request is
+                    // not sent again (the caller may retry it).
+                    if reset.here && reset.is_shed() && unsent.is_none() {
+                        let e = AcquireError::Busy(reset.reason.to_string());
+                        return upstream_error(state, &e);
+                    }
                     if let Some(back) = unsent {
                         payload.put_back(back.into_body());
                     }
