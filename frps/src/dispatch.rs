@@ -32,7 +32,16 @@ pub enum Refusal {
     QueueFull,
     /// Waited `--queue-timeout` without a free slot.
     QueueTimeout,
+    /// Requests waiting in queues hold [`QUEUED_BODIES_SHARE`] of
+    /// `--max-buffered-bodies` already: this one's body would pass it.
+    QueuedBodies,
 }
+
+/// The part of `--max-buffered-bodies` that bodies of requests waiting in
+/// queues may hold, together (a half): one model's backlog of large bodies
+/// must not leave every other request, for idle boxes too, without room to
+/// read its body.
+pub const QUEUED_BODIES_SHARE: usize = 2;
 
 #[derive(Debug, Default)]
 struct Queue {
@@ -104,6 +113,20 @@ fn place_of(line: &VecDeque<Arc<Notify>>, me: &Arc<Notify>) -> Option<usize> {
 #[derive(Debug, Default)]
 pub struct Queues {
     queues: Mutex<HashMap<QueueKey, Arc<Queue>>>,
+    /// Bytes of the bodies of the requests waiting in them.
+    held: AtomicUsize,
+}
+
+/// A waiting request's body, counted in [`Queues::held`] until it leaves.
+struct HeldBody<'a> {
+    queues: &'a Queues,
+    bytes: usize,
+}
+
+impl Drop for HeldBody<'_> {
+    fn drop(&mut self) {
+        self.queues.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Which requests a queue holds.
@@ -154,6 +177,25 @@ impl Drop for Waiting<'_> {
 }
 
 impl Queues {
+    /// Counts `bytes` of a request's body as waiting, unless the bodies
+    /// waiting would then hold over `max`.
+    fn hold(&self, bytes: usize, max: usize) -> Option<HeldBody<'_>> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|total| *total <= max)
+            })
+            .ok()?;
+        Some(HeldBody {
+            queues: self,
+            bytes,
+        })
+    }
+
+    /// Bytes of the bodies of requests waiting in queues.
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
     /// Requests waiting in the queue `key`.
     fn waiting(&self, key: &QueueKey) -> usize {
         let queues = self.queues.lock().expect("queues lock");
@@ -257,6 +299,18 @@ pub struct Dispatched {
 /// every eligible client is at capacity. A queue is made only then: for a
 /// model some online client serves (never for any name a caller sends).
 pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusal> {
+    acquire_holding(state, want, 0).await
+}
+
+/// [`acquire`] for a request holding a body of `body` bytes read whole:
+/// it waits in a queue only while the bodies waiting, its own with them,
+/// hold at most [`QUEUED_BODIES_SHARE`] of `--max-buffered-bodies`
+/// ([`Refusal::QueuedBodies`] otherwise).
+pub async fn acquire_holding(
+    state: &State,
+    want: Want<'_>,
+    body: usize,
+) -> Result<Dispatched, Refusal> {
     let balance = state.config.balance;
     let model = want.model.map(normalize).unwrap_or(ANY.into());
     let key = QueueKey::new(&model, want.pinned, !want.exclude.is_empty());
@@ -281,6 +335,10 @@ pub async fn acquire(state: &State, want: Want<'_>) -> Result<Dispatched, Refusa
             Err(no) => refusal(no)?,
         }
     }
+    let share = state.config.max_buffered_bodies / QUEUED_BODIES_SHARE;
+    let Some(_held) = state.queues.hold(body, share) else {
+        return Err(Refusal::QueuedBodies);
+    };
     let Some(place) = state.queues.join(key, state.config.queue_max) else {
         return Err(Refusal::QueueFull);
     };
@@ -369,9 +427,16 @@ mod tests {
     use futures_util::FutureExt;
 
     async fn state() -> (Arc<State>, crate::store::TempDb) {
+        state_with(|_| {}).await
+    }
+
+    async fn state_with(
+        tune: impl FnOnce(&mut crate::Config),
+    ) -> (Arc<State>, crate::store::TempDb) {
         let db = crate::store::TempDb::new("dispatch");
         let mut config = crate::Config::ephemeral("k", &db.url);
         config.queue_timeout = Duration::from_secs(120);
+        tune(&mut config);
         let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
         let addrs = BoundAddrs {
             control: any,
@@ -456,6 +521,50 @@ mod tests {
         assert_eq!(state.queues.total(), 1);
         drop(first);
         assert!(state.queues.is_empty(), "an empty queue is removed");
+    }
+
+    #[tokio::test]
+    async fn bodies_waiting_in_queues_hold_at_most_half_the_buffer_budget() {
+        let (state, _db) = state_with(|c| c.max_buffered_bodies = 1000).await;
+        let x = add(&state, "x");
+        assert!(x.try_reserve(), "x busy");
+        let want = || Want {
+            model: Some("m"),
+            pinned: None,
+            exclude: &[],
+        };
+        let mut large = Box::pin(acquire_holding(&state, want(), 400));
+        assert!(large.as_mut().now_or_never().is_none(), "waits");
+        assert_eq!(state.queues.held_bytes(), 400);
+        // Past half of the budget with it: refused, not queued.
+        let refused = acquire_holding(&state, want(), 101).now_or_never();
+        assert!(
+            matches!(refused, Some(Err(Refusal::QueuedBodies))),
+            "{refused:?}"
+        );
+        assert_eq!(state.queues.total(), 1);
+        // Up to half, and bodiless ones, wait.
+        let mut fits = Box::pin(acquire_holding(&state, want(), 100));
+        assert!(fits.as_mut().now_or_never().is_none());
+        let mut bodiless = Box::pin(acquire(&state, want()));
+        assert!(bodiless.as_mut().now_or_never().is_none());
+        assert_eq!((state.queues.held_bytes(), state.queues.total()), (500, 3));
+        // A waiter that leaves (its caller gone) gives its share back.
+        drop(large);
+        assert_eq!(state.queues.held_bytes(), 100);
+        let mut again = Box::pin(acquire_holding(&state, want(), 400));
+        assert!(again.as_mut().now_or_never().is_none());
+        // One that gets its slot too.
+        x.release_slot();
+        state.queues.slot_freed(&x);
+        let got = tokio::time::timeout(Duration::from_secs(10), &mut fits)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(got.client.id, "x");
+        assert_eq!(state.queues.held_bytes(), 400);
+        drop((bodiless, again));
+        assert_eq!(state.queues.held_bytes(), 0);
     }
 
     /// A retry arriving behind another looks for a slot at once: the one

@@ -712,8 +712,12 @@ async fn forward(
                     exclude: &excluded,
                 };
                 let picking = Instant::now();
+                let body = match &payload {
+                    Payload::Buffered(bytes) => bytes.len(),
+                    Payload::Stream(_) => 0,
+                };
                 let Some(dispatched) =
-                    unless_gone(gone.as_ref(), dispatch::acquire(state, want)).await
+                    unless_gone(gone.as_ref(), dispatch::acquire_holding(state, want, body)).await
                 else {
                     return caller_left();
                 };
@@ -1416,12 +1420,16 @@ fn refused(
             "invalid_request_error",
             "model_not_found",
         ),
-        (Refusal::QueueFull | Refusal::QueueTimeout, _) => {
+        (Refusal::QueueFull | Refusal::QueueTimeout | Refusal::QueuedBodies, _) => {
             Stats::inc(&state.stats.queue_rejections);
-            let why = if refusal == Refusal::QueueFull {
-                "every client serving this model is busy and the queue is full"
-            } else {
-                "every client serving this model stayed busy; gave up waiting"
+            let why = match refusal {
+                Refusal::QueueFull => {
+                    "every client serving this model is busy and the queue is full"
+                }
+                Refusal::QueuedBodies => {
+                    "every client serving this model is busy, and the requests waiting hold half of what frps may buffer (--max-buffered-bodies)"
+                }
+                _ => "every client serving this model stayed busy; gave up waiting",
             };
             let mut resp = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
