@@ -141,7 +141,8 @@ pub struct Config {
     #[arg(long, env = "FRPX_BALANCE", value_enum, default_value = "least-conn")]
     pub balance: crate::router::Balance,
 
-    /// Requests that may wait per model when every eligible client is at capacity.
+    /// Requests that may wait per queue when every eligible client is at
+    /// capacity: a model's, each pinned client's, and a model's retries'.
     #[arg(long, env = "FRPX_QUEUE_MAX", default_value_t = 100)]
     pub queue_max: usize,
 
