@@ -144,3 +144,16 @@ pub async fn start_hold(public: SocketAddr, key: &str) -> (Conn, Response<Incomi
     assert!(first.data_ref().is_some_and(|d| d.starts_with(b"started")));
     (conn, resp)
 }
+
+/// What one read of `from` brings within [`WAIT`] (the start of an answer
+/// sent on a raw connection), as text; panics with `expect` when nothing
+/// comes in time.
+pub async fn first_read<R: tokio::io::AsyncRead + Unpin>(from: &mut R, expect: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, from.read(&mut answer))
+        .await
+        .expect(expect)
+        .expect("read");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}

@@ -353,12 +353,7 @@ async fn the_api_closes_idle_and_oversized_connections() {
     .await
     .unwrap();
     let started = std::time::Instant::now();
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(frpx_tests::WAIT, conn.read(&mut answer))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = http::first_read(&mut conn, "an answer").await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("not complete within 300ms"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -397,12 +392,7 @@ async fn the_api_closes_idle_and_oversized_connections() {
         let chunk = format!("258\r\n{}\r\n", "x".repeat(600));
         conn.write_all(chunk.as_bytes()).await.unwrap();
     }
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(frpx_tests::WAIT, conn.read(&mut answer))
-        .await
-        .expect("an answer before the body ends")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = http::first_read(&mut conn, "an answer before the body ends").await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let mut conn = tokio::net::TcpStream::connect(api).await.unwrap();
     let len = 2 << 20;
@@ -414,12 +404,7 @@ async fn the_api_closes_idle_and_oversized_connections() {
     let send = tokio::spawn(async move {
         let _ = wr.write_all(&vec![b'x'; len]).await;
     });
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(frpx_tests::WAIT, rd.read(&mut answer))
-        .await
-        .expect("an answer")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = http::first_read(&mut rd, "an answer").await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     send.abort();
 }

@@ -1059,12 +1059,7 @@ async fn an_upload_the_service_stops_taking_ends_in_504_not_a_hang() {
             }
         }
     });
-    let mut answer = vec![0u8; 4096];
-    let n = tokio::time::timeout(frpx_tests::WAIT, from_frps.read(&mut answer))
-        .await
-        .expect("an answer, not a hang")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer[..n]);
+    let answer = http::first_read(&mut from_frps, "an answer, not a hang").await;
     assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
     assert!(answer.contains("upstream_timeout"), "{answer}");
     uploader.abort();
