@@ -150,7 +150,16 @@ pub struct Accounts {
     /// Password checks allowed at once (each Argon2 check holds ~19 MiB
     /// and a core for tens of milliseconds).
     checks: Arc<tokio::sync::Semaphore>,
+    /// SHA-256 of tokens this frps issued or saw log in lately: not
+    /// guesses, so they log in past their address's failures.
+    known: moka::future::Cache<[u8; 32], ()>,
 }
+
+/// Most tokens [`Accounts`] remembers as known (SHA-256 each).
+pub const KNOWN_TOKENS: u64 = 100_000;
+
+/// How long a known token is remembered after its last use.
+pub const KNOWN_TOKEN_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Accounts {
     /// Accounts in `store`; issued tokens live `token_ttl` (forever when
@@ -167,6 +176,10 @@ impl Accounts {
             token_ttl,
             throttle: Throttle::default(),
             checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
+            known: moka::future::Cache::builder()
+                .max_capacity(KNOWN_TOKENS)
+                .time_to_idle(KNOWN_TOKEN_IDLE)
+                .build(),
         }
     }
 
@@ -271,6 +284,7 @@ impl Accounts {
         if !stored {
             return Err(LoginError::InvalidCredentials);
         }
+        self.known.insert(secret::hash(&s.plaintext), ()).await;
         Ok(IssuedToken {
             token: s.plaintext,
             expires_at,
@@ -328,6 +342,7 @@ impl Accounts {
             // Revoked meanwhile.
             return Ok(TokenReview::Unusable);
         }
+        self.known.insert(secret::hash(&s.plaintext), ()).await;
         Ok(TokenReview::Renewed(IssuedToken {
             token: s.plaintext,
             expires_at,
@@ -346,9 +361,22 @@ impl Accounts {
     /// ([`LoginError::Throttled`]). A valid token from an address without
     /// failures goes at once. A success leaves the address's failures as
     /// they are: one valid token must not reset the throttle for guesses.
+    /// A token this frps issued or saw log in within [`KNOWN_TOKEN_IDLE`]
+    /// is no guess: it is checked at once, past its address's failures, so
+    /// wrong tokens sent from behind the same address (a NAT shared with a
+    /// box whose token was revoked, restarted in a loop, or with someone
+    /// who means harm) do not keep the boxes there from reconnecting.
     pub async fn login_token(&self, token: &str, from: IpAddr) -> Result<Principal, LoginError> {
         if self.store.is_none() {
             return Err(LoginError::NoStore);
+        }
+        let hash = secret::hash(token);
+        if self.known.contains_key(&hash) {
+            let outcome = self.check_token(token).await;
+            if let Err(LoginError::TokenInvalid | LoginError::TokenExpired) = outcome {
+                self.known.invalidate(&hash).await;
+            }
+            return outcome;
         }
         let keys = [address_key(from)];
         let attempt = self
@@ -357,8 +385,12 @@ impl Accounts {
             .await
             .map_err(LoginError::Throttled)?;
         let outcome = self.check_token(token).await;
-        if let Err(LoginError::TokenInvalid | LoginError::TokenExpired) = outcome {
-            attempt.fail(Instant::now());
+        match outcome {
+            Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
+                attempt.fail(Instant::now())
+            }
+            Ok(_) => self.known.insert(hash, ()).await,
+            Err(_) => {}
         }
         outcome
     }
@@ -879,6 +911,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_token_this_frps_knows_logs_in_past_its_addresses_failures() {
+        let db = crate::store::TempDb::new("accounts");
+        let store = Store::connect(&db.url).await.unwrap();
+        store
+            .create_user("nat@x.test", &hash_password("password"))
+            .await
+            .unwrap();
+        let accounts = Accounts::new(Some(store.clone()), None);
+        let nat = IpAddr::from([198, 51, 100, 7]);
+        let issued = accounts
+            .login("nat@x.test", "password", IpAddr::from([192, 0, 2, 1]))
+            .await
+            .unwrap();
+        // Wrong tokens from behind the same NAT: the address is throttled.
+        for guess in ["frpxc_a", "frpxc_b"] {
+            let _ = accounts.login_token(guess, nat).await;
+        }
+        let guess = accounts.login_token("frpxc_c", nat).await;
+        assert!(matches!(guess, Err(LoginError::Throttled(_))), "{guess:?}");
+        // The box's own token, issued here, goes at once all the same.
+        let started = Instant::now();
+        let who = accounts.login_token(&issued.token, nat).await.unwrap();
+        assert_eq!(who.email, "nat@x.test");
+        assert!(started.elapsed() < BASE_DELAY);
+        // Still checked: revoked, it is refused, and is a stranger again.
+        let id = issued.principal.token_id.clone().unwrap();
+        assert_eq!(store.revoke_client_tokens(&id).await.unwrap(), 1);
+        assert_eq!(
+            accounts.login_token(&issued.token, nat).await,
+            Err(LoginError::TokenInvalid)
+        );
+        assert!(matches!(
+            accounts.login_token(&issued.token, nat).await,
+            Err(LoginError::Throttled(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn failed_token_logins_are_throttled_per_address() {
         let db = crate::store::TempDb::new("accounts");
         let store = Store::connect(&db.url).await.unwrap();
@@ -899,11 +969,13 @@ mod tests {
         assert_eq!(who.email, "tok@x.test");
         assert!(started.elapsed() < BASE_DELAY, "{:?}", started.elapsed());
         // A guess fails and counts against its address: the next attempt
-        // from there, even with the valid token, is refused unchecked.
+        // from there, even with a valid token this frps does not know (one
+        // another frps issued), is refused unchecked.
         assert_eq!(
             accounts.login_token("frpxc_guess", ip(3)).await,
             Err(LoginError::TokenInvalid)
         );
+        accounts.known.invalidate_all();
         let throttled = accounts.login_token(&token, ip(3)).await;
         assert!(
             matches!(throttled, Err(LoginError::Throttled(d)) if d > Duration::ZERO && d <= BASE_DELAY),
@@ -919,6 +991,8 @@ mod tests {
         assert!(accounts.login_token(&token, ip(4)).await.is_ok());
         // Once the delay has passed, the valid token logs in; it does not
         // clear the address's failures, so the next guess waits longer.
+        // (A token this frps issued or saw is let through at once: below.)
+        accounts.known.invalidate_all();
         tokio::time::sleep(BASE_DELAY).await;
         assert!(accounts.login_token(&token, ip(3)).await.is_ok());
         assert_eq!(
