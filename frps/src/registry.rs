@@ -74,6 +74,27 @@ pub struct ClientHandle {
     tunnel: Mutex<Option<common::mux::Mux>>,
 }
 
+/// Most models frps keeps for one client (the first ones announced); a
+/// longer list makes every routed request and `/v1/models` scan it.
+pub const MAX_MODELS: usize = 1024;
+
+/// Longest model name frps keeps, in bytes.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// `models` as frps keeps them: names of 1 to [`MAX_MODEL_NAME`] bytes
+/// without control characters, at most [`MAX_MODELS`] of them; and how
+/// many were dropped.
+pub fn within_limits(mut models: Vec<ModelInfo>) -> (Vec<ModelInfo>, usize) {
+    let announced = models.len();
+    models.retain(|m| {
+        (1..=MAX_MODEL_NAME).contains(&m.name.len()) && !m.name.contains(char::is_control)
+    });
+    models.truncate(MAX_MODELS);
+    models.shrink_to_fit();
+    let dropped = announced - models.len();
+    (models, dropped)
+}
+
 impl ClientHandle {
     /// The tunnel connection to open upstream streams on, while it lasts.
     pub fn tunnel(&self) -> Option<common::mux::Mux> {
@@ -228,6 +249,11 @@ impl ClientHandle {
     /// Models the client's service currently reports.
     pub fn models(&self) -> Vec<ModelInfo> {
         self.models.read().expect("models lock").clone()
+    }
+
+    /// How many models the client serves now.
+    pub fn model_count(&self) -> usize {
+        self.models.read().expect("models lock").len()
     }
 
     /// Replaces the reported models; returns whether they differ from
@@ -394,7 +420,11 @@ impl Registry {
     }
 
     /// [`Registry::insert`] with a number from [`Registry::reserve_session`].
-    pub fn insert_as(&self, new: NewClient, session: u64) -> Result<Arc<ClientHandle>, IdTaken> {
+    pub fn insert_as(
+        &self,
+        mut new: NewClient,
+        session: u64,
+    ) -> Result<Arc<ClientHandle>, IdTaken> {
         let in_flight = self.in_flight_of(&new.registration.client_id, new.owner.user_id);
         let asset_writes = self
             .asset_writes
@@ -406,7 +436,8 @@ impl Registry {
             id: new.registration.client_id.clone(),
             session,
             session_key: new.session_key,
-            models: RwLock::new(new.registration.models.clone()),
+            // Kept once: the registration's copy is never read again.
+            models: RwLock::new(std::mem::take(&mut new.registration.models)),
             registration: new.registration,
             owner: new.owner,
             remote_addr: new.remote_addr,

@@ -115,10 +115,11 @@ async fn session(
             .map_err(|e| (e.to_string(), !e.is_rejection())),
         Err(refusal) => Err(refusal),
     };
-    let registration = match admitted {
+    let mut registration = match admitted {
         Ok(reg) => reg,
         Err((reason, retry)) => return refuse(wr, hs, reason, retry).await,
     };
+    registration.models = kept_models(&registration.client_id, registration.models);
     // The plugins accepted this registration's NewProxy: a refusal from
     // here on owes them its CloseProxy.
     let refusal = match validate(&registration) {
@@ -207,7 +208,7 @@ async fn session(
             info!(
                 client = %client.id,
                 machine = %client.registration.machine_id,
-                models = client.registration.models.len(),
+                models = client.model_count(),
                 "Client '{}' registered from {peer}",
                 client.id
             );
@@ -460,6 +461,24 @@ fn validate(reg: &Registration) -> Result<(), (String, bool)> {
     Ok(())
 }
 
+/// The models of a registration or report as frps keeps them
+/// ([`crate::registry::within_limits`]); what it drops is said once a
+/// second at most.
+fn kept_models(client: &str, models: Vec<common::ModelInfo>) -> Vec<common::ModelInfo> {
+    static DROPPED: common::pace::SharedPace =
+        common::pace::SharedPace::new(std::time::Duration::from_secs(1));
+    let (kept, dropped) = crate::registry::within_limits(models);
+    if dropped > 0 && DROPPED.admit() {
+        warn!(
+            %client,
+            "dropped {dropped} of the client's models: frps keeps at most {} with names of 1-{} bytes without control characters",
+            crate::registry::MAX_MODELS,
+            crate::registry::MAX_MODEL_NAME
+        );
+    }
+    kept
+}
+
 /// Longest machine id, hostname, os, arch, version or user a registration
 /// may carry (a hostname is at most 253 characters).
 const MAX_REGISTRATION_TEXT: usize = 255;
@@ -684,7 +703,7 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
                 info!(client = %client.id, "client's local service is {}", if service_up { "up again" } else { "down" });
             }
             client.set_service_up(service_up);
-            let models_changed = client.set_models(models);
+            let models_changed = client.set_models(kept_models(&client.id, models));
             // frpc reports only changes: one that changes nothing (a peer
             // repeating itself) neither ends a cool-down nor wakes every
             // queue to look again.

@@ -902,3 +902,51 @@ async fn a_client_sending_frames_without_pause_still_hears_its_commands() {
     flooding.abort();
     request.abort();
 }
+
+#[tokio::test]
+async fn a_client_keeps_at_most_so_many_models_of_sane_names() {
+    use common::protocol::ModelInfo;
+    use frps::registry::{MAX_MODEL_NAME, MAX_MODELS};
+    let model = |name: String| ModelInfo { name, size: None };
+    // Names that are not names first, then more than frps keeps.
+    let announced = |prefix: &str| {
+        let mut models = vec![
+            model(String::new()),
+            model("x".repeat(MAX_MODEL_NAME + 1)),
+            model("bad\nname".into()),
+        ];
+        models.extend((0..MAX_MODELS + 500).map(|i| model(format!("{prefix}-{i:05}"))));
+        models
+    };
+    let frps = frpx_tests::Frps::start(frps_config()).await;
+    let registration = common::Registration {
+        client_id: "many".into(),
+        machine_id: "machine-many".into(),
+        protocol_version: common::PROTOCOL_VERSION,
+        models: announced("reg"),
+        ..Default::default()
+    };
+    let (mut c, answer) =
+        FakeClient::register_as(frps.addrs.control, &frps.client_token().await, registration).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let client = frps.state.registry.get("many").expect("registered");
+    let kept = client.models();
+    assert_eq!(kept.len(), MAX_MODELS);
+    assert_eq!(kept[0].name, "reg-00000", "the first ones kept, in order");
+    assert_eq!(
+        kept[MAX_MODELS - 1].name,
+        format!("reg-{:05}", MAX_MODELS - 1)
+    );
+    assert!(client.registration.models.is_empty(), "kept once");
+    // So with a report.
+    c.send(Command::ModelsUpdate {
+        models: announced("upd"),
+        service_up: true,
+    })
+    .await;
+    c.send(Command::Heartbeat { seq: 1 }).await;
+    while c.recv().await != Some(Command::HeartbeatAck { seq: 1 }) {}
+    let kept = client.models();
+    assert_eq!(kept.len(), MAX_MODELS);
+    assert_eq!(kept[0].name, "upd-00000");
+}
