@@ -305,7 +305,17 @@ impl Accounts {
     /// nothing), then stops working with every other token of the family
     /// (a copy used elsewhere, a leaked one). A revoked token is not
     /// renewed; revoking any token of a family revokes all of it.
-    pub async fn review_token(&self, id: &str) -> Result<TokenReview, LoginError> {
+    ///
+    /// A session that started at `session_start` renews nothing once the
+    /// token logged in again after that (the same box back on another
+    /// connection, perhaps to another frps, before this session was found
+    /// gone): that login renewed it or will, and a renewal here would
+    /// revoke the one it handed out.
+    pub async fn review_token(
+        &self,
+        id: &str,
+        session_start: Option<NaiveDateTime>,
+    ) -> Result<TokenReview, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
         let found = within_deadline(store.find_client_token_by_id(id)).await;
         let Some(row) = absent_if_unreadable(found, "client_tokens")? else {
@@ -314,6 +324,11 @@ impl Accounts {
         let now = Utc::now().naive_utc();
         if !row.is_usable(now) {
             return Ok(TokenReview::Unusable);
+        }
+        if let (Some(start), Some(used)) = (session_start, row.last_used_at)
+            && used > start
+        {
+            return Ok(TokenReview::Usable);
         }
         // Renewed: past half its lifetime; with an expiry though tokens
         // no longer expire (`--token-ttl 0` set after it was issued: it
@@ -840,6 +855,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_whose_token_logged_in_again_since_renews_nothing() {
+        let (_db, store) = store_with("race@x.test").await;
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let expiring = Accounts::new(Some(store.clone()), Some(Duration::from_secs(86400)));
+        let forever = Accounts::new(Some(store.clone()), None);
+        let issued = expiring.login("race@x.test", "password", ip).await.unwrap();
+        let id = issued.principal.token_id.clone().unwrap();
+        // The session that logged in with it started here; the box then
+        // came back on another connection and logged in with it again.
+        let session_start = Utc::now().naive_utc();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        forever.login_token(&issued.token, ip).await.unwrap();
+        // Due for renewal (tokens no longer expire), yet the old session
+        // leaves it to the new one.
+        assert!(matches!(
+            forever
+                .review_token(&id, Some(session_start))
+                .await
+                .unwrap(),
+            TokenReview::Usable
+        ));
+        // A session that started after that login renews it.
+        assert!(matches!(
+            forever
+                .review_token(&id, Some(Utc::now().naive_utc()))
+                .await
+                .unwrap(),
+            TokenReview::Renewed(_)
+        ));
+    }
+
+    #[tokio::test]
     async fn a_changed_token_lifetime_reaches_tokens_issued_before() {
         let (_db, store) = store_with("ttl@x.test").await;
         let ip = IpAddr::from([192, 0, 2, 1]);
@@ -851,31 +898,32 @@ mod tests {
         // into one without expiry, which is then left alone.
         let issued = expiring.login("ttl@x.test", "password", ip).await.unwrap();
         assert!(issued.expires_at.is_some());
-        let TokenReview::Renewed(lasting) = forever.review_token(&id(&issued)).await.unwrap()
+        let TokenReview::Renewed(lasting) = forever.review_token(&id(&issued), None).await.unwrap()
         else {
             panic!("not renewed");
         };
         assert_eq!(lasting.expires_at, None);
         assert!(matches!(
-            forever.review_token(&id(&lasting)).await.unwrap(),
+            forever.review_token(&id(&lasting), None).await.unwrap(),
             TokenReview::Usable
         ));
         // And back: once tokens expire again, it is renewed into one that
         // does, which is then usable until half its life.
-        let TokenReview::Renewed(ending) = expiring.review_token(&id(&lasting)).await.unwrap()
+        let TokenReview::Renewed(ending) =
+            expiring.review_token(&id(&lasting), None).await.unwrap()
         else {
             panic!("not renewed");
         };
         assert!(ending.expires_at.is_some());
         assert!(matches!(
-            expiring.review_token(&id(&ending)).await.unwrap(),
+            expiring.review_token(&id(&ending), None).await.unwrap(),
             TokenReview::Usable
         ));
         // A lifetime past the last date issues tokens without expiry: those
         // are not renewed over and over.
         let huge = Accounts::new(Some(store.clone()), Some(Duration::MAX));
         assert!(matches!(
-            huge.review_token(&id(&lasting)).await.unwrap(),
+            huge.review_token(&id(&lasting), None).await.unwrap(),
             TokenReview::Usable
         ));
     }

@@ -289,7 +289,7 @@ async fn renewed_at_login(
     let Some(id) = principal.token_id.as_deref() else {
         return (principal, None);
     };
-    match state.accounts.review_token(id).await {
+    match state.accounts.review_token(id, None).await {
         Ok(TokenReview::Renewed(t)) => {
             info!(email = %t.principal.email, "renewed a login token at login");
             (t.principal, Some((t.token, t.expires_at)))
@@ -579,7 +579,15 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
             _ = client.kick.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        match state.accounts.review_token(&id).await {
+        // A session replaced meanwhile (its box back on a new connection,
+        // whose login may have renewed the token already) renews nothing:
+        // a renewal here would revoke the one its successor handed out.
+        let reviewed = tokio::select! {
+            biased;
+            _ = client.kick.cancelled() => return,
+            reviewed = state.accounts.review_token(&id, Some(client.connected_at.naive_utc())) => reviewed,
+        };
+        match reviewed {
             Ok(TokenReview::Usable) => {}
             Ok(TokenReview::Unusable) => {
                 client.kick(TOKEN_ENDED);
