@@ -116,15 +116,33 @@ pub fn hash_password(password: &str) -> String {
         .to_string()
 }
 
-/// Checks a password against a PHC string.
+/// Checks a password against a PHC string. A stored hash frps cannot
+/// check (another scheme, as an application's own `users` table may hold,
+/// or no hash at all) costs the same Argon2 work as a wrong password, so
+/// the time taken does not tell such an account from an unknown email.
 pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc)
-        .map(|h| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        })
-        .unwrap_or(false)
+    let checked = PasswordHash::new(phc).map_err(drop).and_then(|h| {
+        if h.hash.is_none() {
+            // Nothing to compare with.
+            return Err(());
+        }
+        match Argon2::default().verify_password(password.as_bytes(), &h) {
+            Ok(()) => Ok(true),
+            Err(argon2::password_hash::Error::Password) => Ok(false),
+            Err(_) => Err(()),
+        }
+    });
+    checked.unwrap_or_else(|()| {
+        let spent = PasswordHash::new(DUMMY_HASH).expect("the dummy hash parses");
+        let _ = Argon2::default().verify_password(password.as_bytes(), &spent);
+        false
+    })
+}
+
+/// Password checks run at once on a machine of `cores` cores: half of
+/// them, one at least.
+pub fn password_checks(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 /// How long a caller refused with [`LoginError::Busy`] is asked to wait.
@@ -163,10 +181,12 @@ pub const KNOWN_TOKEN_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Accounts {
     /// Accounts in `store`; issued tokens live `token_ttl` (forever when
-    /// `None`). Runs as many password checks at once as there are cores.
+    /// `None`). Runs as many password checks at once as there are cores
+    /// beyond the first half (one at least): a flood of password logins
+    /// from many addresses leaves the rest to the traffic.
     pub fn new(store: Option<Store>, token_ttl: Option<Duration>) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self::with_checks(store, token_ttl, cores)
+        Self::with_checks(store, token_ttl, password_checks(cores))
     }
 
     /// As [`Accounts::new`], with at most `checks` password checks at once.
@@ -851,6 +871,30 @@ mod tests {
             let accounts = Accounts::new(Some(store.clone()), Some(ttl));
             let issued = accounts.login("ttl@x.test", "password", ip).await.unwrap();
             assert_eq!(issued.expires_at, None, "{ttl:?}");
+        }
+    }
+
+    #[test]
+    fn password_checks_leave_half_the_cores_to_the_traffic() {
+        assert_eq!([1, 2, 3, 8].map(password_checks), [1, 1, 1, 4]);
+    }
+
+    #[test]
+    fn a_hash_frps_cannot_check_costs_a_wrong_passwords_work() {
+        let timed = |phc: &str| {
+            let started = std::time::Instant::now();
+            assert!(!verify_password("password", phc));
+            started.elapsed()
+        };
+        let wrong = timed(DUMMY_HASH);
+        for foreign in [
+            "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
+            "$argon2id$v=19$m=19456,t=2,p=1$bm90IGEgaGFzaA",
+            "plaintext",
+            "",
+        ] {
+            let took = timed(foreign);
+            assert!(took * 4 >= wrong, "{foreign:?}: {took:?} against {wrong:?}");
         }
     }
 
