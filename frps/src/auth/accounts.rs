@@ -886,7 +886,8 @@ mod tests {
             assert!(!verify_password("password", phc));
             started.elapsed()
         };
-        let wrong = timed(DUMMY_HASH);
+        // The quickest of three (a busy machine only makes the rest slower).
+        let wrong = (0..3).map(|_| timed(DUMMY_HASH)).min().unwrap();
         for foreign in [
             "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
             "$argon2id$v=19$m=19456,t=2,p=1$bm90IGEgaGFzaA",
