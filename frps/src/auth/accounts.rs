@@ -170,11 +170,51 @@ pub struct Accounts {
     checks: Arc<tokio::sync::Semaphore>,
     /// SHA-256 of tokens this frps issued or saw log in lately: not
     /// guesses, so they log in past their address's failures.
-    known: moka::future::Cache<[u8; 32], ()>,
+    known: KnownTokens,
+}
+
+/// Tokens (their SHA-256) this frps issued or saw log in, with when last:
+/// a map that grows with the fleet (a cache with its own operation queues
+/// held a quarter of a MiB from the start).
+#[derive(Debug, Default)]
+struct KnownTokens(std::sync::Mutex<std::collections::HashMap<[u8; 32], Instant>>);
+
+impl KnownTokens {
+    /// Whether `hash` was seen within [`KNOWN_TOKEN_IDLE`].
+    fn contains(&self, hash: &[u8; 32]) -> bool {
+        let known = self.0.lock().expect("known tokens lock");
+        known
+            .get(hash)
+            .is_some_and(|seen| seen.elapsed() < KNOWN_TOKEN_IDLE)
+    }
+
+    /// Remembers `hash` as seen now. Full ([`KNOWN_TOKENS`]), those unseen
+    /// for [`KNOWN_TOKEN_IDLE`] go first; still full, it is not
+    /// remembered (the token then waits out its address's failures, as one
+    /// only another frps has seen does).
+    fn insert(&self, hash: [u8; 32]) {
+        let mut known = self.0.lock().expect("known tokens lock");
+        if known.len() >= KNOWN_TOKENS && !known.contains_key(&hash) {
+            known.retain(|_, seen| seen.elapsed() < KNOWN_TOKEN_IDLE);
+            if known.len() >= KNOWN_TOKENS {
+                return;
+            }
+        }
+        known.insert(hash, Instant::now());
+    }
+
+    fn forget(&self, hash: &[u8; 32]) {
+        self.0.lock().expect("known tokens lock").remove(hash);
+    }
+
+    #[cfg(test)]
+    fn clear(&self) {
+        self.0.lock().expect("known tokens lock").clear();
+    }
 }
 
 /// Most tokens [`Accounts`] remembers as known (SHA-256 each).
-pub const KNOWN_TOKENS: u64 = 100_000;
+pub const KNOWN_TOKENS: usize = 100_000;
 
 /// How long a known token is remembered after its last use.
 pub const KNOWN_TOKEN_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -196,10 +236,7 @@ impl Accounts {
             token_ttl,
             throttle: Throttle::default(),
             checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
-            known: moka::future::Cache::builder()
-                .max_capacity(KNOWN_TOKENS)
-                .time_to_idle(KNOWN_TOKEN_IDLE)
-                .build(),
+            known: KnownTokens::default(),
         }
     }
 
@@ -304,7 +341,7 @@ impl Accounts {
         if !stored {
             return Err(LoginError::InvalidCredentials);
         }
-        self.known.insert(secret::hash(&s.plaintext), ()).await;
+        self.known.insert(secret::hash(&s.plaintext));
         Ok(IssuedToken {
             token: s.plaintext,
             expires_at,
@@ -377,7 +414,7 @@ impl Accounts {
             // Revoked meanwhile.
             return Ok(TokenReview::Unusable);
         }
-        self.known.insert(secret::hash(&s.plaintext), ()).await;
+        self.known.insert(secret::hash(&s.plaintext));
         Ok(TokenReview::Renewed(IssuedToken {
             token: s.plaintext,
             expires_at,
@@ -406,10 +443,10 @@ impl Accounts {
             return Err(LoginError::NoStore);
         }
         let hash = secret::hash(token);
-        if self.known.contains_key(&hash) {
+        if self.known.contains(&hash) {
             let outcome = self.check_token(token).await;
             if let Err(LoginError::TokenInvalid | LoginError::TokenExpired) = outcome {
-                self.known.invalidate(&hash).await;
+                self.known.forget(&hash);
             }
             return outcome;
         }
@@ -424,7 +461,7 @@ impl Accounts {
             Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                 attempt.fail(Instant::now())
             }
-            Ok(_) => self.known.insert(hash, ()).await,
+            Ok(_) => self.known.insert(hash),
             Err(_) => {}
         }
         outcome
@@ -1003,6 +1040,30 @@ mod tests {
         assert_eq!(accounts.throttle.state.lock().unwrap().failures.len(), 2);
     }
 
+    #[test]
+    fn known_tokens_are_held_up_to_their_cap() {
+        let known = KnownTokens::default();
+        let hash = |i: usize| {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            h
+        };
+        for i in 0..KNOWN_TOKENS {
+            known.insert(hash(i));
+        }
+        assert!(known.contains(&hash(0)) && known.contains(&hash(KNOWN_TOKENS - 1)));
+        // Full of tokens seen lately: a further one is not remembered, one
+        // already there is seen again.
+        known.insert(hash(KNOWN_TOKENS));
+        assert!(!known.contains(&hash(KNOWN_TOKENS)));
+        known.insert(hash(7));
+        assert!(known.contains(&hash(7)));
+        known.forget(&hash(7));
+        assert!(!known.contains(&hash(7)));
+        known.insert(hash(KNOWN_TOKENS));
+        assert!(known.contains(&hash(KNOWN_TOKENS)), "room again");
+    }
+
     #[tokio::test]
     async fn a_token_this_frps_knows_logs_in_past_its_addresses_failures() {
         let db = crate::store::TempDb::new("accounts");
@@ -1068,7 +1129,7 @@ mod tests {
             accounts.login_token("frpxc_guess", ip(3)).await,
             Err(LoginError::TokenInvalid)
         );
-        accounts.known.invalidate_all();
+        accounts.known.clear();
         let throttled = accounts.login_token(&token, ip(3)).await;
         assert!(
             matches!(throttled, Err(LoginError::Throttled(d)) if d > Duration::ZERO && d <= BASE_DELAY),
@@ -1085,7 +1146,7 @@ mod tests {
         // Once the delay has passed, the valid token logs in; it does not
         // clear the address's failures, so the next guess waits longer.
         // (A token this frps issued or saw is let through at once: below.)
-        accounts.known.invalidate_all();
+        accounts.known.clear();
         tokio::time::sleep(BASE_DELAY).await;
         assert!(accounts.login_token(&token, ip(3)).await.is_ok());
         assert_eq!(
