@@ -1066,12 +1066,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_this_frps_knows_logs_in_past_its_addresses_failures() {
-        let db = crate::store::TempDb::new("accounts");
-        let store = Store::connect(&db.url).await.unwrap();
-        store
-            .create_user("nat@x.test", &hash_password("password"))
-            .await
-            .unwrap();
+        let (_db, store) = store_with("nat@x.test").await;
         let accounts = Accounts::new(Some(store.clone()), None);
         let nat = IpAddr::from([198, 51, 100, 7]);
         let issued = accounts
