@@ -170,54 +170,74 @@ pub struct Accounts {
     checks: Arc<tokio::sync::Semaphore>,
     /// SHA-256 of tokens this frps issued or saw log in lately: not
     /// guesses, so they log in past their address's failures.
-    known: KnownTokens,
+    known: SeenLately,
+    /// SHA-256 of the email and address pairs ([`pair_key`]) that logged
+    /// in lately: their password logins do not count their email's
+    /// failures from elsewhere.
+    logged_in: SeenLately,
 }
 
-/// Tokens (their SHA-256) this frps issued or saw log in, with when last:
-/// a map that grows with the fleet (a cache with its own operation queues
-/// held a quarter of a MiB from the start).
-#[derive(Debug, Default)]
-struct KnownTokens(std::sync::Mutex<std::collections::HashMap<[u8; 32], Instant>>);
+/// SHA-256 hashes seen lately (tokens this frps issued or saw log in;
+/// email and address pairs that logged in), with when last: a map that
+/// grows with the fleet (a cache with its own operation queues held a
+/// quarter of a MiB from the start), up to `cap` entries.
+#[derive(Debug)]
+struct SeenLately {
+    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], Instant>>,
+    cap: usize,
+    idle: Duration,
+}
 
-impl KnownTokens {
-    /// Whether `hash` was seen within [`KNOWN_TOKEN_IDLE`].
-    fn contains(&self, hash: &[u8; 32]) -> bool {
-        let known = self.0.lock().expect("known tokens lock");
-        known
-            .get(hash)
-            .is_some_and(|seen| seen.elapsed() < KNOWN_TOKEN_IDLE)
+impl SeenLately {
+    fn new(cap: usize, idle: Duration) -> Self {
+        Self {
+            seen: Default::default(),
+            cap,
+            idle,
+        }
     }
 
-    /// Remembers `hash` as seen now. Full ([`KNOWN_TOKENS`]), those unseen
-    /// for [`KNOWN_TOKEN_IDLE`] go first; still full, it is not
-    /// remembered (the token then waits out its address's failures, as one
-    /// only another frps has seen does).
+    /// Whether `hash` was seen within the last `idle`.
+    fn contains(&self, hash: &[u8; 32]) -> bool {
+        let seen = self.seen.lock().expect("seen lately lock");
+        seen.get(hash).is_some_and(|at| at.elapsed() < self.idle)
+    }
+
+    /// Remembers `hash` as seen now. Full, those unseen for `idle` go
+    /// first; still full, it is not remembered (a token then waits out its
+    /// address's failures, as one only another frps has seen does; a pair
+    /// counts in its email's failures).
     fn insert(&self, hash: [u8; 32]) {
-        let mut known = self.0.lock().expect("known tokens lock");
-        if known.len() >= KNOWN_TOKENS && !known.contains_key(&hash) {
-            known.retain(|_, seen| seen.elapsed() < KNOWN_TOKEN_IDLE);
-            if known.len() >= KNOWN_TOKENS {
+        let mut seen = self.seen.lock().expect("seen lately lock");
+        if seen.len() >= self.cap && !seen.contains_key(&hash) {
+            seen.retain(|_, at| at.elapsed() < self.idle);
+            if seen.len() >= self.cap {
                 return;
             }
         }
-        known.insert(hash, Instant::now());
+        seen.insert(hash, Instant::now());
     }
 
     fn forget(&self, hash: &[u8; 32]) {
-        self.0.lock().expect("known tokens lock").remove(hash);
+        self.seen.lock().expect("seen lately lock").remove(hash);
     }
 
     #[cfg(test)]
     fn clear(&self) {
-        self.0.lock().expect("known tokens lock").clear();
+        self.seen.lock().expect("seen lately lock").clear();
     }
 }
 
-/// Most tokens [`Accounts`] remembers as known (SHA-256 each).
+/// Most tokens [`Accounts`] remembers as known (SHA-256 each), and most
+/// email and address pairs it remembers as having logged in.
 pub const KNOWN_TOKENS: usize = 100_000;
 
 /// How long a known token is remembered after its last use.
 pub const KNOWN_TOKEN_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long an email and address pair that logged in is remembered after
+/// its last login (with the password or a token of that account).
+pub const KNOWN_LOGIN_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl Accounts {
     /// Accounts in `store`; issued tokens live `token_ttl` (forever when
@@ -236,7 +256,8 @@ impl Accounts {
             token_ttl,
             throttle: Throttle::default(),
             checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
-            known: KnownTokens::default(),
+            known: SeenLately::new(KNOWN_TOKENS, KNOWN_TOKEN_IDLE),
+            logged_in: SeenLately::new(KNOWN_TOKENS, KNOWN_LOGIN_IDLE),
         }
     }
 
@@ -274,11 +295,22 @@ impl Accounts {
             return Err(LoginError::InvalidCredentials);
         }
         let keys = throttle_keys(email, from);
+        let pair = secret::hash(&keys[0]);
+        // An email and address pair that logged in lately is not held up
+        // by the email's failures from elsewhere (nor waits for the email's
+        // turn): someone guessing from many addresses must not keep the
+        // owner out. Its own failures still count in the email's.
+        let checked = if self.logged_in.contains(&pair) {
+            vec![keys[0].clone(), keys[2].clone()]
+        } else {
+            keys.to_vec()
+        };
         let attempt = self
             .throttle
-            .begin(&keys, TURN_WAIT)
+            .begin(&checked, TURN_WAIT)
             .await
-            .map_err(LoginError::Throttled)?;
+            .map_err(LoginError::Throttled)?
+            .counting(&keys);
         // The permit first: while every check is taken, the database is not
         // asked either. The lookup under it has its deadline, so a stuck
         // database holds a permit for that long at most.
@@ -311,6 +343,7 @@ impl Accounts {
             }
         };
         attempt.succeed();
+        self.logged_in.insert(pair);
         self.issue(store, user.id, &user.email, Some(&user.password_hash))
             .await
     }
@@ -445,8 +478,12 @@ impl Accounts {
         let hash = secret::hash(token);
         if self.known.contains(&hash) {
             let outcome = self.check_token(token).await;
-            if let Err(LoginError::TokenInvalid | LoginError::TokenExpired) = outcome {
-                self.known.forget(&hash);
+            match &outcome {
+                Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
+                    self.known.forget(&hash)
+                }
+                Ok(who) => self.logged_in(&who.email, from),
+                Err(_) => {}
             }
             return outcome;
         }
@@ -457,14 +494,24 @@ impl Accounts {
             .await
             .map_err(LoginError::Throttled)?;
         let outcome = self.check_token(token).await;
-        match outcome {
+        match &outcome {
             Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                 attempt.fail(Instant::now())
             }
-            Ok(_) => self.known.insert(hash),
+            Ok(who) => {
+                self.known.insert(hash);
+                self.logged_in(&who.email, from);
+            }
             Err(_) => {}
         }
         outcome
+    }
+
+    /// Remembers that `email` logged in from `from` (with a token: its next
+    /// password login from there is the owner's too).
+    fn logged_in(&self, email: &str, from: IpAddr) {
+        let [pair, ..] = throttle_keys(email, from);
+        self.logged_in.insert(secret::hash(&pair));
     }
 
     /// Checks a saved token, without throttling: logins on the control port
@@ -506,9 +553,19 @@ impl Accounts {
 pub const MAX_EMAIL_BYTES: usize = 254;
 
 /// What failed password logins are counted against: the email
-/// (case-insensitive) and the address ([`address_key`]).
-fn throttle_keys(email: &str, from: IpAddr) -> [String; 2] {
-    [format!("email:{}", email.to_lowercase()), address_key(from)]
+/// (case-insensitive) from the address, with delays from the first failure;
+/// the email from anywhere, with delays only past [`EMAIL_FREE`] failures
+/// ([`Policy::Loose`]: one address guessing an email's password must not
+/// keep its owner out); and the address ([`address_key`]).
+fn throttle_keys(email: &str, from: IpAddr) -> [String; 3] {
+    let email = email.to_lowercase();
+    let address = address_key(from);
+    // No address key holds a space: the pair reads back one way only.
+    [
+        format!("login:{email} {address}"),
+        format!("email:{email}"),
+        address,
+    ]
 }
 
 /// What failed logins from `from` are counted against: the address, IPv6
@@ -538,13 +595,44 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 pub const BASE_DELAY: Duration = Duration::from_millis(500);
 /// Failures older than this are forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-/// Emails and addresses with failures tracked at most (about 10 MiB).
-/// Once full, failures of further emails share one entry, [`OVERFLOW`]
-/// (password guessing must not escape its throttle by filling the table
-/// first); further addresses are not tracked (the address throttle only
-/// spares the database, and whoever holds 100,000 addresses in 15 minutes
-/// gets past it anyway: sharing one entry would throttle every box
-/// logging in from a new address instead).
+/// Failures an email may have from anywhere (with the address's and the
+/// email and address pair's own delays between them) before its logins
+/// from every address it has not logged in from are delayed too.
+pub const EMAIL_FREE: u32 = 20;
+/// An email's failures from anywhere leak away one per this long, so that
+/// one address failing once a minute (its own delay's pace) never reaches
+/// [`EMAIL_FREE`]: four a minute from many addresses do.
+pub const EMAIL_LEAK: Duration = Duration::from_secs(15);
+
+/// How failures of a key turn into a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    /// [`BASE_DELAY`] after the first failure, doubling with each further
+    /// one up to [`MAX_DELAY`]; forgotten after [`FORGET_AFTER`] without
+    /// one.
+    Tight,
+    /// Failures leak away one per [`EMAIL_LEAK`]; past [`EMAIL_FREE`] of
+    /// them, delays as [`Policy::Tight`]'s after the ones beyond.
+    Loose,
+}
+
+impl Policy {
+    fn of(key: &str) -> Self {
+        if key.starts_with("email:") || key == OVERFLOW {
+            Policy::Loose
+        } else {
+            Policy::Tight
+        }
+    }
+}
+/// Emails, email and address pairs, and addresses with failures tracked at
+/// most (about 10 MiB). Once full, failures of further emails share one
+/// entry, [`OVERFLOW`] (password guessing must not escape its throttle by
+/// filling the table first); further pairs and addresses are not tracked
+/// (their email's failures still count; the address throttle only spares
+/// the database, and whoever holds 100,000 addresses in 15 minutes gets
+/// past it anyway: sharing one entry would throttle every box logging in
+/// from a new address instead).
 const MAX_TRACKED: usize = 100_000;
 /// The entry of the failures no tracked entry could take (no email or
 /// address is empty).
@@ -553,7 +641,55 @@ const OVERFLOW: &str = "";
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     count: u32,
+    /// The last failure.
     last: Instant,
+    /// How far leaking has been counted ([`Policy::Loose`]).
+    leaked: Instant,
+}
+
+impl Failures {
+    /// The failures still counted at `now`.
+    fn level(&self, policy: Policy, now: Instant) -> u32 {
+        if now.saturating_duration_since(self.last) >= FORGET_AFTER {
+            return 0;
+        }
+        match policy {
+            Policy::Tight => self.count,
+            Policy::Loose => self.count.saturating_sub(self.leaks(now)),
+        }
+    }
+
+    /// Failures leaked away between `leaked` and `now`.
+    fn leaks(&self, now: Instant) -> u32 {
+        let since = now.saturating_duration_since(self.leaked);
+        u32::try_from(since.as_nanos() / EMAIL_LEAK.as_nanos()).unwrap_or(u32::MAX)
+    }
+
+    /// How long an attempt at `now` must still wait.
+    fn wait(&self, policy: Policy, now: Instant) -> Duration {
+        let level = self.level(policy, now);
+        let over = match policy {
+            Policy::Tight => level,
+            Policy::Loose => level.saturating_sub(EMAIL_FREE - 1),
+        };
+        (self.last + Throttle::delay(over)).saturating_duration_since(now)
+    }
+
+    /// Counts one more failure at `now`.
+    fn add(&mut self, policy: Policy, now: Instant) {
+        let level = self.level(policy, now);
+        if policy == Policy::Loose {
+            // Whole leaks only, so the time toward the next one is kept.
+            let leaks = self.leaks(now).min(self.count);
+            self.leaked = if level == 0 {
+                now
+            } else {
+                self.leaked + EMAIL_LEAK * leaks
+            };
+        }
+        self.count = level.saturating_add(1);
+        self.last = now;
+    }
 }
 
 /// Exponential delays after failed logins, per email and per address; and
@@ -579,19 +715,28 @@ struct ThrottleState {
 pub struct Attempt<'a> {
     throttle: &'a Throttle,
     keys: Vec<String>,
+    /// What a failure counts against ([`Attempt::counting`]).
+    counted: Vec<String>,
     turns: Vec<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl Attempt<'_> {
-    /// Records a failure for each key.
-    pub fn fail(self, now: Instant) {
-        self.throttle.fail(&self.keys, now);
+impl<'a> Attempt<'a> {
+    /// Counts a failure against `keys` instead of the ones it waited for.
+    pub fn counting(mut self, keys: &[String]) -> Attempt<'a> {
+        self.counted = keys.to_vec();
+        self
     }
 
-    /// Clears the failures of the first key (the email) after a success.
+    /// Records a failure for each key counted.
+    pub fn fail(self, now: Instant) {
+        self.throttle.fail(&self.counted, now);
+    }
+
+    /// Clears the failures of the first key (the email and address pair
+    /// of a password login) after a success.
     pub fn succeed(self) {
-        if let Some(email) = self.keys.first() {
-            self.throttle.succeed(email);
+        if let Some(first) = self.counted.first() {
+            self.throttle.succeed(first);
         }
     }
 }
@@ -645,9 +790,10 @@ impl Throttle {
     fn wait(state: &ThrottleState, keys: &[String], now: Instant) -> Result<(), Duration> {
         let wait = keys
             .iter()
-            .filter_map(|k| state.failures.get(Self::slot(state, k)?))
-            .filter(|f| now.duration_since(f.last) < FORGET_AFTER)
-            .map(|f| (f.last + Self::delay(f.count)).saturating_duration_since(now))
+            .filter_map(|k| {
+                let slot = Self::slot(state, k)?;
+                Some(state.failures.get(slot)?.wait(Policy::of(slot), now))
+            })
             .max()
             .unwrap_or_default();
         if wait.is_zero() { Ok(()) } else { Err(wait) }
@@ -665,6 +811,7 @@ impl Throttle {
         let mut attempt = Attempt {
             throttle: self,
             keys: keys.to_vec(),
+            counted: keys.to_vec(),
             turns: Vec::with_capacity(keys.len()),
         };
         // Always in the same order, so two attempts never wait on each other.
@@ -696,22 +843,23 @@ impl Throttle {
         {
             state
                 .failures
-                .retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
+                .retain(|k, f| f.level(Policy::of(k), now) > 0);
             state.swept = Some(now);
         }
         for k in keys {
             let Some(slot) = Self::slot(&state, k).map(str::to_owned) else {
                 continue;
             };
-            let f = state.failures.entry(slot).or_insert(Failures {
-                count: 0,
-                last: now,
-            });
-            if now.duration_since(f.last) >= FORGET_AFTER {
-                f.count = 0;
-            }
-            f.count = f.count.saturating_add(1);
-            f.last = now;
+            let policy = Policy::of(&slot);
+            state
+                .failures
+                .entry(slot)
+                .or_insert(Failures {
+                    count: 0,
+                    last: now,
+                    leaked: now,
+                })
+                .add(policy, now);
         }
     }
 
@@ -794,7 +942,7 @@ mod tests {
     #[test]
     fn failures_slow_down_exponentially_and_are_forgotten() {
         let t = Throttle::default();
-        let keys = vec!["email:a".to_string(), "ip:1".to_string()];
+        let keys = vec!["login:a ip:1".to_string(), "ip:1".to_string()];
         let start = Instant::now();
         assert!(t.check(&keys, start).is_ok());
         t.fail(&keys, start);
@@ -805,12 +953,80 @@ mod tests {
             assert_eq!(t.check(&keys, start), Err(BASE_DELAY * (1 << i)));
         }
         // Another email from the same address waits too.
-        assert!(t.check(&["email:b".into(), "ip:1".into()], start).is_err());
-        assert!(t.check(&["email:b".into(), "ip:2".into()], start).is_ok());
+        assert!(
+            t.check(&["login:b ip:1".into(), "ip:1".into()], start)
+                .is_err()
+        );
+        assert!(
+            t.check(&["login:b ip:2".into(), "ip:2".into()], start)
+                .is_ok()
+        );
         assert!(t.check(&keys, start + FORGET_AFTER).is_ok());
         assert_eq!(Throttle::delay(40), MAX_DELAY);
-        t.succeed("email:a");
-        assert!(t.check(&["email:a".into()], start).is_ok());
+        t.succeed("login:a ip:1");
+        assert!(t.check(&["login:a ip:1".into()], start).is_ok());
+    }
+
+    #[test]
+    fn an_emails_failures_from_anywhere_delay_only_past_its_free_ones_and_leak_away() {
+        let t = Throttle::default();
+        let email = vec!["email:a".to_string()];
+        let start = Instant::now();
+        for _ in 1..EMAIL_FREE {
+            t.fail(&email, start);
+        }
+        assert_eq!(t.check(&email, start), Ok(()), "{} free", EMAIL_FREE - 1);
+        t.fail(&email, start);
+        assert_eq!(t.check(&email, start), Err(BASE_DELAY));
+        t.fail(&email, start);
+        assert_eq!(t.check(&email, start), Err(BASE_DELAY * 2));
+        // One leaks away per EMAIL_LEAK: two of them, and it is free again.
+        assert!(t.check(&email, start + EMAIL_LEAK).is_ok());
+        let later = start + EMAIL_LEAK * 2 + EMAIL_LEAK / 2;
+        assert!(t.check(&email, later).is_ok());
+        // A failure then counts on what is left (19), keeping the half leak
+        // under way: one more fills the free ones until it completes.
+        t.fail(&email, later);
+        assert_eq!(t.check(&email, later), Err(BASE_DELAY));
+        assert!(t.check(&email, start + EMAIL_LEAK * 3).is_ok());
+        // Forgotten 15 minutes after the last failure, swept with the rest.
+        let forgotten = later + FORGET_AFTER;
+        assert!(t.check(&email, forgotten).is_ok());
+        let failures = |k: &str| t.state.lock().unwrap().failures.get(k).map(|f| f.count);
+        t.fail(&email, forgotten);
+        assert_eq!(failures("email:a"), Some(1));
+    }
+
+    #[test]
+    fn one_address_guessing_at_its_own_pace_never_delays_the_emails_owner() {
+        let t = Throttle::default();
+        let attacker = throttle_keys("owner@x.test", "198.51.100.9".parse().unwrap());
+        let owner = throttle_keys("owner@x.test", "192.0.2.1".parse().unwrap());
+        let start = Instant::now();
+        let mut now = start;
+        let mut guesses = 0;
+        // Two hours of guessing as fast as the throttle lets one address.
+        while now < start + Duration::from_secs(2 * 3600) {
+            match t.check(&attacker, now) {
+                Ok(()) => {
+                    t.fail(&attacker, now);
+                    guesses += 1;
+                }
+                Err(wait) => now += wait,
+            }
+            assert_eq!(t.check(&owner, now), Ok(()), "owner held up at {guesses}");
+        }
+        assert!((120..=130).contains(&guesses), "{guesses} guesses");
+        // Many addresses, each guessing once, do delay the email's logins
+        // from anywhere (what lets the owner through: below).
+        for i in 0..EMAIL_FREE {
+            let from = IpAddr::from([203, 0, 113, i as u8]);
+            let keys = throttle_keys("owner@x.test", from);
+            if t.check(&keys, now).is_ok() {
+                t.fail(&keys, now);
+            }
+        }
+        assert!(t.check(&owner, now).is_err());
     }
 
     #[tokio::test(start_paused = true)]
@@ -824,9 +1040,9 @@ mod tests {
         // address: waits for the first to end.
         let same_email = throttle_keys("a@X.test", "192.0.2.2".parse().unwrap());
         let same_address = throttle_keys("b@x.test", "192.0.2.1".parse().unwrap());
-        let mut behind = Box::pin(t.begin(&same_email, patience));
+        let mut behind = Box::pin(t.begin(&same_address, patience));
         assert!(behind.as_mut().now_or_never().is_none(), "waits its turn");
-        let gave_up = t.begin(&same_address, Duration::from_millis(10)).await;
+        let gave_up = t.begin(&same_email, Duration::from_millis(10)).await;
         assert_eq!(
             gave_up.unwrap_err(),
             BASE_DELAY,
@@ -841,11 +1057,14 @@ mod tests {
         let waited = behind.await;
         assert!(matches!(waited, Err(d) if d > Duration::ZERO), "{waited:?}");
         // Once the delay has passed, the next attempt goes, and a success
-        // clears the email's failures (not the address's).
+        // clears the failures of the email from that address (not the
+        // address's). One failure does not delay the email from elsewhere.
+        assert!(t.check(&same_email, Instant::now()).is_ok());
         let later = Instant::now() + BASE_DELAY;
         assert!(t.check(&keys, later).is_ok());
-        t.succeed("email:a@x.test");
-        assert!(t.check(&same_email[..1], Instant::now()).is_ok());
+        assert!(t.check(&keys[..1], Instant::now()).is_err());
+        t.succeed(&keys[0]);
+        assert!(t.check(&keys[..1], Instant::now()).is_ok());
         assert!(t.check(&same_address, Instant::now()).is_err());
         // Every turn was handed back and forgotten.
         assert!(t.state.lock().unwrap().turns.is_empty());
@@ -1037,12 +1256,55 @@ mod tests {
         assert_eq!(longest.len(), MAX_EMAIL_BYTES);
         let err = accounts.login(&longest, "password", ip).await.unwrap_err();
         assert_eq!(err, LoginError::InvalidCredentials);
-        assert_eq!(accounts.throttle.state.lock().unwrap().failures.len(), 2);
+        assert_eq!(accounts.throttle.state.lock().unwrap().failures.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn guesses_from_many_addresses_keep_out_only_addresses_the_owner_never_used() {
+        let (_db, store) = store_with("owner@x.test").await;
+        let accounts = Accounts::new(Some(store), None);
+        let home = IpAddr::from([192, 0, 2, 1]);
+        let box_ = IpAddr::from([192, 0, 2, 2]);
+        let issued = accounts
+            .login("owner@x.test", "password", home)
+            .await
+            .unwrap();
+        // The box logs in with its token from another address, and again
+        // from a third as a token another frps issued.
+        let moved = IpAddr::from([192, 0, 2, 3]);
+        accounts.login_token(&issued.token, box_).await.unwrap();
+        accounts.known.clear();
+        accounts.login_token(&issued.token, moved).await.unwrap();
+        for i in 0..EMAIL_FREE {
+            let from = IpAddr::from([203, 0, 113, i as u8]);
+            let guess = accounts.login("owner@x.test", "guess", from).await;
+            assert_eq!(guess.err(), Some(LoginError::InvalidCredentials));
+        }
+        // A new address waits, even with the right password...
+        let elsewhere = IpAddr::from([198, 51, 100, 1]);
+        let refused = accounts.login("owner@x.test", "password", elsewhere).await;
+        assert!(
+            matches!(refused, Err(LoginError::Throttled(_))),
+            "{refused:?}"
+        );
+        // ... while the addresses the account logged in from, with the
+        // password or with a token, go at once.
+        for from in [home, box_, moved] {
+            let started = Instant::now();
+            let issued = accounts.login("owner@x.test", "password", from).await;
+            assert!(issued.is_ok(), "{from}: {issued:?}");
+            assert!(started.elapsed() < BASE_DELAY);
+        }
+        // A wrong password from there is still counted, against the pair.
+        let typo = accounts.login("owner@x.test", "typo", home).await;
+        assert_eq!(typo.err(), Some(LoginError::InvalidCredentials));
+        let again = accounts.login("owner@x.test", "password", home).await;
+        assert!(matches!(again, Err(LoginError::Throttled(_))), "{again:?}");
     }
 
     #[test]
     fn known_tokens_are_held_up_to_their_cap() {
-        let known = KnownTokens::default();
+        let known = SeenLately::new(KNOWN_TOKENS, KNOWN_TOKEN_IDLE);
         let hash = |i: usize| {
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -1157,7 +1419,7 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_count_by_64() {
-        let key = |ip: &str| throttle_keys("e", ip.parse().unwrap())[1].clone();
+        let key = |ip: &str| throttle_keys("e", ip.parse().unwrap())[2].clone();
         assert_eq!(key("2001:db8:1:2:aaaa::1"), "ip:2001:db8:1:2::/64");
         assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
