@@ -301,9 +301,12 @@ impl Accounts {
         // turn): someone guessing from many addresses must not keep the
         // owner out. Its own failures still count in the email's.
         let checked = if self.logged_in.contains(&pair) {
-            vec![keys[0].clone(), keys[2].clone()]
+            keys.iter()
+                .filter(|k| Policy::of(k) == Policy::Tight)
+                .cloned()
+                .collect()
         } else {
-            keys.to_vec()
+            keys.clone()
         };
         let attempt = self
             .throttle
@@ -487,7 +490,7 @@ impl Accounts {
             }
             return outcome;
         }
-        let keys = [address_key(from)];
+        let keys = address_keys(from);
         let attempt = self
             .throttle
             .begin(&keys, TURN_WAIT)
@@ -510,8 +513,8 @@ impl Accounts {
     /// Remembers that `email` logged in from `from` (with a token: its next
     /// password login from there is the owner's too).
     fn logged_in(&self, email: &str, from: IpAddr) {
-        let [pair, ..] = throttle_keys(email, from);
-        self.logged_in.insert(secret::hash(&pair));
+        let keys = throttle_keys(email, from);
+        self.logged_in.insert(secret::hash(&keys[0]));
     }
 
     /// Checks a saved token, without throttling: logins on the control port
@@ -554,26 +557,36 @@ pub const MAX_EMAIL_BYTES: usize = 254;
 
 /// What failed password logins are counted against: the email
 /// (case-insensitive) from the address, with delays from the first failure;
-/// the email from anywhere, with delays only past [`EMAIL_FREE`] failures
+/// the email from anywhere, with delays only past [`LOOSE_FREE`] failures
 /// ([`Policy::Loose`]: one address guessing an email's password must not
-/// keep its owner out); and the address ([`address_key`]).
-fn throttle_keys(email: &str, from: IpAddr) -> [String; 3] {
+/// keep its owner out); and the address ([`address_keys`]). The first is
+/// the pair.
+fn throttle_keys(email: &str, from: IpAddr) -> Vec<String> {
     let email = email.to_lowercase();
-    let address = address_key(from);
+    let addresses = address_keys(from);
     // No address key holds a space: the pair reads back one way only.
-    [
-        format!("login:{email} {address}"),
+    let mut keys = vec![
+        format!("login:{email} {}", addresses[0]),
         format!("email:{email}"),
-        address,
-    ]
+    ];
+    keys.extend(addresses);
+    keys
 }
 
 /// What failed logins from `from` are counted against: the address, IPv6
-/// by /64 (one host usually holds a whole /64).
-fn address_key(from: IpAddr) -> String {
+/// by /64 (one host usually holds a whole /64); and for IPv6 its /48 too,
+/// loosely ([`Policy::Loose`]): whoever holds a /48 (a tunnel broker hands
+/// them out for free) would otherwise get 65,536 first attempts at full
+/// speed.
+fn address_keys(from: IpAddr) -> Vec<String> {
     match crate::limits::address_block(from) {
-        IpAddr::V6(block) => format!("ip:{block}/64"),
-        v4 => format!("ip:{v4}"),
+        IpAddr::V6(block) => {
+            let mut net = block.octets();
+            net[6..].fill(0);
+            let net = std::net::Ipv6Addr::from(net);
+            vec![format!("ip:{block}/64"), format!("net:{net}/48")]
+        }
+        v4 => vec![format!("ip:{v4}")],
     }
 }
 
@@ -595,14 +608,15 @@ pub const MAX_DELAY: Duration = Duration::from_secs(60);
 pub const BASE_DELAY: Duration = Duration::from_millis(500);
 /// Failures older than this are forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(15 * 60);
-/// Failures an email may have from anywhere (with the address's and the
-/// email and address pair's own delays between them) before its logins
-/// from every address it has not logged in from are delayed too.
-pub const EMAIL_FREE: u32 = 20;
-/// An email's failures from anywhere leak away one per this long, so that
-/// one address failing once a minute (its own delay's pace) never reaches
-/// [`EMAIL_FREE`]: four a minute from many addresses do.
-pub const EMAIL_LEAK: Duration = Duration::from_secs(15);
+/// Failures counted loosely ([`Policy::Loose`]: an email's from anywhere,
+/// an IPv6 /48's) that delay nothing: the delays start with the next one.
+/// For an email, they come on top of each address's and each pair's own
+/// delays, and spare the addresses it logged in from.
+pub const LOOSE_FREE: u32 = 19;
+/// Loosely counted failures leak away one per this long, so that one
+/// address failing once a minute (its own delays' pace) never gets past
+/// [`LOOSE_FREE`]: four a minute from many addresses do.
+pub const LOOSE_LEAK: Duration = Duration::from_secs(15);
 
 /// How failures of a key turn into a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -611,14 +625,14 @@ enum Policy {
     /// one up to [`MAX_DELAY`]; forgotten after [`FORGET_AFTER`] without
     /// one.
     Tight,
-    /// Failures leak away one per [`EMAIL_LEAK`]; past [`EMAIL_FREE`] of
+    /// Failures leak away one per [`LOOSE_LEAK`]; past [`LOOSE_FREE`] of
     /// them, delays as [`Policy::Tight`]'s after the ones beyond.
     Loose,
 }
 
 impl Policy {
     fn of(key: &str) -> Self {
-        if key.starts_with("email:") || key == OVERFLOW {
+        if key.starts_with("email:") || key.starts_with("net:") || key == OVERFLOW {
             Policy::Loose
         } else {
             Policy::Tight
@@ -662,7 +676,7 @@ impl Failures {
     /// Failures leaked away between `leaked` and `now`.
     fn leaks(&self, now: Instant) -> u32 {
         let since = now.saturating_duration_since(self.leaked);
-        u32::try_from(since.as_nanos() / EMAIL_LEAK.as_nanos()).unwrap_or(u32::MAX)
+        u32::try_from(since.as_nanos() / LOOSE_LEAK.as_nanos()).unwrap_or(u32::MAX)
     }
 
     /// How long an attempt at `now` must still wait.
@@ -670,7 +684,7 @@ impl Failures {
         let level = self.level(policy, now);
         let over = match policy {
             Policy::Tight => level,
-            Policy::Loose => level.saturating_sub(EMAIL_FREE - 1),
+            Policy::Loose => level.saturating_sub(LOOSE_FREE),
         };
         (self.last + Throttle::delay(over)).saturating_duration_since(now)
     }
@@ -684,7 +698,7 @@ impl Failures {
             self.leaked = if level == 0 {
                 now
             } else {
-                self.leaked + EMAIL_LEAK * leaks
+                self.leaked + LOOSE_LEAK * leaks
             };
         }
         self.count = level.saturating_add(1);
@@ -971,30 +985,40 @@ mod tests {
     fn an_emails_failures_from_anywhere_delay_only_past_its_free_ones_and_leak_away() {
         let t = Throttle::default();
         let email = vec!["email:a".to_string()];
+        let count = |k: &str| t.state.lock().unwrap().failures.get(k).map(|f| f.count);
         let start = Instant::now();
-        for _ in 1..EMAIL_FREE {
+        for _ in 0..LOOSE_FREE {
             t.fail(&email, start);
         }
-        assert_eq!(t.check(&email, start), Ok(()), "{} free", EMAIL_FREE - 1);
+        assert_eq!(t.check(&email, start), Ok(()), "{LOOSE_FREE} free");
         t.fail(&email, start);
         assert_eq!(t.check(&email, start), Err(BASE_DELAY));
         t.fail(&email, start);
         assert_eq!(t.check(&email, start), Err(BASE_DELAY * 2));
-        // One leaks away per EMAIL_LEAK: two of them, and it is free again.
-        assert!(t.check(&email, start + EMAIL_LEAK).is_ok());
-        let later = start + EMAIL_LEAK * 2 + EMAIL_LEAK / 2;
-        assert!(t.check(&email, later).is_ok());
-        // A failure then counts on what is left (19), keeping the half leak
-        // under way: one more fills the free ones until it completes.
-        t.fail(&email, later);
-        assert_eq!(t.check(&email, later), Err(BASE_DELAY));
-        assert!(t.check(&email, start + EMAIL_LEAK * 3).is_ok());
-        // Forgotten 15 minutes after the last failure, swept with the rest.
-        let forgotten = later + FORGET_AFTER;
+        // One leaks away per LOOSE_LEAK: a failure then counts on what is
+        // left.
+        let at = |leaks: u32| start + LOOSE_LEAK * leaks;
+        t.fail(&email, at(1));
+        assert_eq!(t.check(&email, at(1)), Err(BASE_DELAY * 2));
+        // A leak and a half on: one leaked away, and the half is kept
+        // toward the next across a failure.
+        let half = at(2) + LOOSE_LEAK / 2;
+        t.fail(&email, half);
+        assert_eq!(count("email:a"), Some(LOOSE_FREE + 2));
+        t.fail(&email, at(3));
+        assert_eq!(count("email:a"), Some(LOOSE_FREE + 2));
+        assert_eq!(t.check(&email, at(3)), Err(BASE_DELAY * 2));
+        // All leaked away: free, and counted from one again.
+        let empty = at(3 + LOOSE_FREE + 2);
+        assert!(t.check(&email, empty).is_ok());
+        t.fail(&email, empty);
+        assert_eq!(count("email:a"), Some(1));
+        // Forgotten 15 minutes after the last failure, as tight ones are.
+        t.fail(&email, empty);
+        let forgotten = empty + FORGET_AFTER;
         assert!(t.check(&email, forgotten).is_ok());
-        let failures = |k: &str| t.state.lock().unwrap().failures.get(k).map(|f| f.count);
         t.fail(&email, forgotten);
-        assert_eq!(failures("email:a"), Some(1));
+        assert_eq!(count("email:a"), Some(1));
     }
 
     #[test]
@@ -1019,7 +1043,7 @@ mod tests {
         assert!((120..=130).contains(&guesses), "{guesses} guesses");
         // Many addresses, each guessing once, do delay the email's logins
         // from anywhere (what lets the owner through: below).
-        for i in 0..EMAIL_FREE {
+        for i in 0..=LOOSE_FREE {
             let from = IpAddr::from([203, 0, 113, i as u8]);
             let keys = throttle_keys("owner@x.test", from);
             if t.check(&keys, now).is_ok() {
@@ -1275,7 +1299,7 @@ mod tests {
         accounts.login_token(&issued.token, box_).await.unwrap();
         accounts.known.clear();
         accounts.login_token(&issued.token, moved).await.unwrap();
-        for i in 0..EMAIL_FREE {
+        for i in 0..=LOOSE_FREE {
             let from = IpAddr::from([203, 0, 113, i as u8]);
             let guess = accounts.login("owner@x.test", "guess", from).await;
             assert_eq!(guess.err(), Some(LoginError::InvalidCredentials));
@@ -1419,11 +1443,31 @@ mod tests {
 
     #[test]
     fn ipv6_addresses_count_by_64() {
-        let key = |ip: &str| throttle_keys("e", ip.parse().unwrap())[2].clone();
+        let key = |ip: &str| address_keys(ip.parse().unwrap())[0].clone();
         assert_eq!(key("2001:db8:1:2:aaaa::1"), "ip:2001:db8:1:2::/64");
         assert_eq!(key("2001:db8:1:2:bbbb::9"), key("2001:db8:1:2::1"));
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
         assert_eq!(key("::ffff:192.0.2.7"), "ip:192.0.2.7");
         assert_eq!(key("192.0.2.7"), "ip:192.0.2.7");
+        assert_eq!(address_keys("192.0.2.7".parse().unwrap()).len(), 1);
+        assert_eq!(
+            address_keys("2001:db8:1:2:aaaa::1".parse().unwrap()),
+            ["ip:2001:db8:1:2::/64", "net:2001:db8:1::/48"]
+        );
+    }
+
+    #[test]
+    fn an_ipv6_48_gets_its_free_failures_then_waits_on_every_64() {
+        let t = Throttle::default();
+        let now = Instant::now();
+        let keys = |net: u16, n: u16| {
+            address_keys(std::net::Ipv6Addr::new(0x2001, 0xdb8, net, n, 0, 0, 0, 1).into())
+        };
+        for n in 0..=LOOSE_FREE as u16 {
+            assert_eq!(t.check(&keys(1, n), now), Ok(()), "/64 number {n}");
+            t.fail(&keys(1, n), now);
+        }
+        assert_eq!(t.check(&keys(1, 1000), now), Err(BASE_DELAY));
+        assert_eq!(t.check(&keys(2, 0), now), Ok(()), "another /48");
     }
 }
