@@ -228,6 +228,12 @@ pub struct Config {
     #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = parse_at_least_one)]
     pub max_connections: usize,
 
+    /// Most client ids one account may hold (each is bound to it at its
+    /// first registration, for good: `frps client release` frees one); a
+    /// registration of a further one is refused.
+    #[arg(long, env = "FRPX_MAX_CLIENT_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_ids: u32,
+
     /// Most open connections per listener from one source address.
     #[arg(long, env = "FRPX_MAX_CONNECTIONS_PER_IP", default_value_t = 512, value_parser = parse_at_least_one)]
     pub max_connections_per_ip: usize,

@@ -373,11 +373,27 @@ async fn login(
 /// it, while its owner is offline. On refusal returns the reason and
 /// whether a retry can succeed.
 async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(), (String, bool)> {
-    let claim = state.store.claim_client_id(&reg.client_id, user_id);
-    owned_by(state, &reg.client_id, user_id, async {
-        claim.await.map(Some)
-    })
-    .await
+    let most = state.config.max_client_ids;
+    let claim = state.store.claim_client_id(&reg.client_id, user_id, most);
+    let mut full = false;
+    let owner = async {
+        let owner = claim.await?;
+        full = owner.is_none();
+        // Held by nobody: this account's, had it room.
+        Ok(owner.or(Some(user_id)))
+    };
+    owned_by(state, &reg.client_id, user_id, owner).await?;
+    if full {
+        // Not a retry's to fix: an operator's (or the account's other ids
+        // released).
+        return Err((
+            format!(
+                "this account holds {most} client ids, the most it may (--max-client-ids); ask the operator to release unused ones (`frps client release <id>`), or reuse one"
+            ),
+            false,
+        ));
+    }
+    Ok(())
 }
 
 /// Whether client id `id` may be `user_id`'s, as `lookup` (the account it

@@ -837,17 +837,32 @@ impl Store {
     // ---- client ids -----------------------------------------------------
 
     /// Binds `client_id` to `user_id` unless it is bound already, in one
-    /// statement (two frps sharing a database cannot both bind it); returns
-    /// the account it belongs to.
-    pub async fn claim_client_id(&self, client_id: &str, user_id: i64) -> Result<i64, StoreError> {
-        // The no-op update makes RETURNING yield the row already there.
-        const SQL: &str = "INSERT INTO client_ids (id, user_id, created_at) VALUES ($1, $2, $3)
+    /// statement (two frps sharing a database cannot both bind it), or the
+    /// account holds `most` ids already; returns the account it belongs to
+    /// (`None`: it is not bound, as the account has no room for it).
+    pub async fn claim_client_id(
+        &self,
+        client_id: &str,
+        user_id: i64,
+        most: u32,
+    ) -> Result<Option<i64>, StoreError> {
+        // The no-op update makes RETURNING yield the row already there. The
+        // count is read before the insert: registrations of new ids for one
+        // account at the same moment may each see room for one more.
+        const SQL: &str = "INSERT INTO client_ids (id, user_id, created_at)
+            SELECT $1, $2, $3
+            WHERE (SELECT COUNT(*) FROM client_ids WHERE user_id = $2) < $4
             ON CONFLICT (id) DO UPDATE SET id = excluded.id
             RETURNING user_id";
-        let (owner,): (i64,) = on_pool!(self, p => sqlx::query_as(SQL)
-            .bind(client_id).bind(user_id).bind(now())
-            .fetch_one(p).await?);
-        Ok(owner)
+        let owner: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(SQL)
+            .bind(client_id).bind(user_id).bind(now()).bind(i64::from(most))
+            .fetch_optional(p).await?);
+        match owner {
+            Some((owner,)) => Ok(Some(owner)),
+            // At its cap, the account may still register the ids it holds,
+            // and hear whose an id another account holds is.
+            None => self.client_id_owner(client_id).await,
+        }
     }
 
     /// The account `client_id` is bound to, if it is bound.

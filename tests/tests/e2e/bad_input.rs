@@ -167,6 +167,43 @@ async fn a_client_id_stays_its_accounts_while_its_owner_is_offline() {
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
 }
 
+#[tokio::test]
+async fn an_account_past_its_client_ids_cannot_claim_another() {
+    let mut config = frps_config();
+    config.max_client_ids = 2;
+    let fleet = Fleet::start_with(0, config).await;
+    let frps = &fleet.frps;
+    let token = frps.client_token().await;
+    let registered = |id: &'static str| {
+        let token = token.clone();
+        async move {
+            let (client, answer) = FakeClient::register(frps.addrs.control, &token, id).await;
+            (client, answer)
+        }
+    };
+    let (_one, answer) = registered("gpu-1").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let (_two, answer) = registered("gpu-2").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let (_three, answer) = registered("gpu-3").await;
+    match answer {
+        Command::RegisterRefused { reason, retry } => {
+            assert!(reason.contains("holds 2 client ids"), "{reason}");
+            assert!(reason.contains("--max-client-ids"), "{reason}");
+            assert!(!retry, "waiting does not make room");
+        }
+        other => panic!("expected RegisterRefused, got {other:?}"),
+    }
+    assert!(frps.state.registry.get("gpu-3").is_none());
+    assert_eq!(
+        frps.state.store.client_id_owner("gpu-3").await.unwrap(),
+        None
+    );
+    // An id it holds still registers (a new session of the box).
+    let (_again, answer) = registered("gpu-1").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+}
+
 /// frpc reports its models and health only when they change: a report
 /// that changes nothing, however often repeated, does not end a failure
 /// cool-down (nor wake the queues); a real change does.

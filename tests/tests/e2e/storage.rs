@@ -2284,21 +2284,21 @@ async fn client_ids_bind(url: &str) {
     let alice = store.create_user("alice@example.com", "h").await.unwrap();
     let bob = store.create_user("bob@example.com", "h").await.unwrap();
     assert_eq!(
-        store.claim_client_id("gpu-a", alice.id).await.unwrap(),
-        alice.id
+        store.claim_client_id("gpu-a", alice.id, 10).await.unwrap(),
+        Some(alice.id)
     );
     assert_eq!(
-        store.claim_client_id("gpu-a", alice.id).await.unwrap(),
-        alice.id
+        store.claim_client_id("gpu-a", alice.id, 10).await.unwrap(),
+        Some(alice.id)
     );
     assert_eq!(
-        store.claim_client_id("gpu-a", bob.id).await.unwrap(),
-        alice.id,
+        store.claim_client_id("gpu-a", bob.id, 10).await.unwrap(),
+        Some(alice.id),
         "the first account keeps it"
     );
     assert_eq!(
-        store.claim_client_id("gpu-b", bob.id).await.unwrap(),
-        bob.id
+        store.claim_client_id("gpu-b", bob.id, 10).await.unwrap(),
+        Some(bob.id)
     );
     let rows = store.list_client_ids().await.unwrap();
     let listed: Vec<_> = rows
@@ -2330,8 +2330,8 @@ async fn client_ids_bind(url: &str) {
     assert!(err.to_string().contains("not bound"), "{err}");
     // Released: the next account to register it gets it.
     assert_eq!(
-        store.claim_client_id("gpu-a", bob.id).await.unwrap(),
-        bob.id
+        store.claim_client_id("gpu-a", bob.id, 10).await.unwrap(),
+        Some(bob.id)
     );
     store.close().await;
 }
@@ -2340,6 +2340,33 @@ on_both_databases!(
     client_ids_bind_on_sqlite,
     client_ids_bind_on_postgres,
     client_ids_bind
+);
+
+/// An account holds at most the ids it may; at its cap it still claims
+/// the ones it holds, and hears whose another account's are.
+async fn client_ids_stop_at_the_accounts_cap(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let alice = store.create_user("alice@example.com", "h").await.unwrap();
+    let bob = store.create_user("bob@example.com", "h").await.unwrap();
+    let claim = |id: &'static str, user: i64| store.claim_client_id(id, user, 2);
+    assert_eq!(claim("bob-1", bob.id).await.unwrap(), Some(bob.id));
+    assert_eq!(claim("a-1", alice.id).await.unwrap(), Some(alice.id));
+    assert_eq!(claim("a-2", alice.id).await.unwrap(), Some(alice.id));
+    assert_eq!(claim("a-3", alice.id).await.unwrap(), None, "full");
+    assert_eq!(store.client_id_owner("a-3").await.unwrap(), None);
+    assert_eq!(claim("a-1", alice.id).await.unwrap(), Some(alice.id));
+    assert_eq!(claim("bob-1", alice.id).await.unwrap(), Some(bob.id));
+    // Bob's own count is his: one more fits.
+    assert_eq!(claim("bob-2", bob.id).await.unwrap(), Some(bob.id));
+    assert!(store.release_client_id("a-1").await.unwrap());
+    assert_eq!(claim("a-3", alice.id).await.unwrap(), Some(alice.id));
+    store.close().await;
+}
+
+on_both_databases!(
+    client_ids_stop_at_the_accounts_cap_on_sqlite,
+    client_ids_stop_at_the_accounts_cap_on_postgres,
+    client_ids_stop_at_the_accounts_cap
 );
 
 on_both_databases!(
