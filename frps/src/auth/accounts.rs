@@ -171,16 +171,65 @@ pub struct Accounts {
     /// SHA-256 of tokens this frps issued or saw log in lately: not
     /// guesses, so they log in past their address's failures.
     known: SeenLately,
-    /// SHA-256 of the email and address pairs ([`pair_key`]) that logged
-    /// in lately: their password logins do not count their email's
-    /// failures from elsewhere.
-    logged_in: SeenLately,
+    /// Where each account logged in from lately: its password logins from
+    /// there are not held up by its email's failures from elsewhere.
+    logged_in: LoggedIn,
 }
 
-/// SHA-256 hashes seen lately (tokens this frps issued or saw log in;
-/// email and address pairs that logged in), with when last: a map that
-/// grows with the fleet (a cache with its own operation queues held a
-/// quarter of a MiB from the start), up to `cap` entries.
+/// Where each account logged in from lately, with its password or a token:
+/// per email (SHA-256, lowercased), the addresses ([`address_keys`]'s
+/// first, SHA-256) of its last [`LOGIN_ADDRESSES`] logins within
+/// [`KNOWN_LOGIN_IDLE`]. Only logins that succeeded add to it, and each
+/// account's list is capped, so an account holder logging in from ever new
+/// addresses fills only its own (a table shared by all, once full, would
+/// have stopped remembering the other accounts' owners).
+#[derive(Debug, Default)]
+struct LoggedIn(Mutex<HashMap<[u8; 32], Vec<LoggedInFrom>>>);
+
+/// An address (SHA-256 of its key) and when the account last logged in
+/// from it.
+type LoggedInFrom = ([u8; 32], Instant);
+
+impl LoggedIn {
+    fn keys(email: &str, from: IpAddr) -> ([u8; 32], [u8; 32]) {
+        let [address, ..] = &address_keys(from)[..] else {
+            unreachable!("every address has a key")
+        };
+        (secret::hash(&email.to_lowercase()), secret::hash(address))
+    }
+
+    /// Whether `email` logged in from `from` lately.
+    fn contains(&self, email: &str, from: IpAddr) -> bool {
+        let (email, address) = Self::keys(email, from);
+        let logged_in = self.0.lock().expect("logged-in lock");
+        logged_in.get(&email).is_some_and(|addresses| {
+            addresses
+                .iter()
+                .any(|(a, at)| *a == address && at.elapsed() < KNOWN_LOGIN_IDLE)
+        })
+    }
+
+    /// Remembers that `email` logged in from `from` now; past
+    /// [`LOGIN_ADDRESSES`] for it, the address unused the longest goes.
+    fn insert(&self, email: &str, from: IpAddr) {
+        let (email, address) = Self::keys(email, from);
+        let mut logged_in = self.0.lock().expect("logged-in lock");
+        let addresses = logged_in.entry(email).or_default();
+        addresses.retain(|(a, at)| *a != address && at.elapsed() < KNOWN_LOGIN_IDLE);
+        if addresses.len() >= LOGIN_ADDRESSES {
+            addresses.remove(0);
+        }
+        addresses.push((address, Instant::now()));
+    }
+}
+
+/// Addresses remembered per account as ones it logged in from.
+pub const LOGIN_ADDRESSES: usize = 8;
+
+/// SHA-256 hashes seen lately (tokens this frps issued or saw log in),
+/// with when last: a map that grows with the fleet (a cache with its own
+/// operation queues held a quarter of a MiB from the start), up to `cap`
+/// entries.
 #[derive(Debug)]
 struct SeenLately {
     seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], Instant>>,
@@ -205,8 +254,7 @@ impl SeenLately {
 
     /// Remembers `hash` as seen now. Full, those unseen for `idle` go
     /// first; still full, it is not remembered (a token then waits out its
-    /// address's failures, as one only another frps has seen does; a pair
-    /// counts in its email's failures).
+    /// address's failures, as one only another frps has seen does).
     fn insert(&self, hash: [u8; 32]) {
         let mut seen = self.seen.lock().expect("seen lately lock");
         if seen.len() >= self.cap && !seen.contains_key(&hash) {
@@ -228,8 +276,7 @@ impl SeenLately {
     }
 }
 
-/// Most tokens [`Accounts`] remembers as known (SHA-256 each), and most
-/// email and address pairs it remembers as having logged in.
+/// Most tokens [`Accounts`] remembers as known (SHA-256 each).
 pub const KNOWN_TOKENS: usize = 100_000;
 
 /// How long a known token is remembered after its last use.
@@ -257,7 +304,7 @@ impl Accounts {
             throttle: Throttle::default(),
             checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
             known: SeenLately::new(KNOWN_TOKENS, KNOWN_TOKEN_IDLE),
-            logged_in: SeenLately::new(KNOWN_TOKENS, KNOWN_LOGIN_IDLE),
+            logged_in: LoggedIn::default(),
         }
     }
 
@@ -272,13 +319,16 @@ impl Accounts {
             .len()
     }
 
-    /// Verifies email and password and issues a new token. Failures for one
-    /// email or one address (an IPv6 /64) are slowed down exponentially,
-    /// before Argon2 runs. Attempts for one email or one address take turns
-    /// (each sees the failures of the ones before it, so a burst of guesses
-    /// costs one check), and no more password checks run at once than the
-    /// server has cores; a login that waits longer than [`TURN_WAIT`] for
-    /// either is refused ([`LoginError::Throttled`] / [`LoginError::Busy`]).
+    /// Verifies email and password and issues a new token. Failures are
+    /// slowed down before Argon2 runs ([`throttle_keys`]): exponentially
+    /// for the email from one address and for the address (an IPv6 /64),
+    /// past [`LOOSE_FREE`] failures for the email from anywhere and for an
+    /// IPv6 /48 (which an address the account logged in from lately skips).
+    /// Attempts sharing a key they are checked against take turns (each
+    /// sees the failures of the ones before it, so a burst of guesses costs
+    /// one check), and password checks run on half the cores at most; a
+    /// login that waits longer than [`TURN_WAIT`] for either is refused
+    /// ([`LoginError::Throttled`] / [`LoginError::Busy`]).
     pub async fn login(
         &self,
         email: &str,
@@ -295,12 +345,11 @@ impl Accounts {
             return Err(LoginError::InvalidCredentials);
         }
         let keys = throttle_keys(email, from);
-        let pair = secret::hash(&keys[0]);
         // An email and address pair that logged in lately is not held up
         // by the email's failures from elsewhere (nor waits for the email's
         // turn): someone guessing from many addresses must not keep the
         // owner out. Its own failures still count in the email's.
-        let checked = if self.logged_in.contains(&pair) {
+        let checked = if self.logged_in.contains(email, from) {
             keys.iter()
                 .filter(|k| Policy::of(k) == Policy::Tight)
                 .cloned()
@@ -346,7 +395,7 @@ impl Accounts {
             }
         };
         attempt.succeed();
-        self.logged_in.insert(pair);
+        self.logged_in.insert(email, from);
         self.issue(store, user.id, &user.email, Some(&user.password_hash))
             .await
     }
@@ -485,17 +534,23 @@ impl Accounts {
                 Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                     self.known.forget(&hash)
                 }
-                Ok(who) => self.logged_in(&who.email, from),
+                Ok(who) => self.logged_in.insert(&who.email, from),
                 Err(_) => {}
             }
             return outcome;
         }
+        // Checked against (and waiting for) the address only: tokens are
+        // not guessable, so the /48's loose count would only make the boxes
+        // of one /48 share a fate (queued behind each other after a
+        // restart, or held up by a neighbour's failures). Failures count
+        // there all the same.
         let keys = address_keys(from);
         let attempt = self
             .throttle
-            .begin(&keys, TURN_WAIT)
+            .begin(&keys[..1], TURN_WAIT)
             .await
-            .map_err(LoginError::Throttled)?;
+            .map_err(LoginError::Throttled)?
+            .counting(&keys);
         let outcome = self.check_token(token).await;
         match &outcome {
             Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
@@ -503,18 +558,11 @@ impl Accounts {
             }
             Ok(who) => {
                 self.known.insert(hash);
-                self.logged_in(&who.email, from);
+                self.logged_in.insert(&who.email, from);
             }
             Err(_) => {}
         }
         outcome
-    }
-
-    /// Remembers that `email` logged in from `from` (with a token: its next
-    /// password login from there is the owner's too).
-    fn logged_in(&self, email: &str, from: IpAddr) {
-        let keys = throttle_keys(email, from);
-        self.logged_in.insert(secret::hash(&keys[0]));
     }
 
     /// Checks a saved token, without throttling: logins on the control port
@@ -640,7 +688,8 @@ impl Policy {
     }
 }
 /// Emails, email and address pairs, and addresses with failures tracked at
-/// most (about 10 MiB). Once full, failures of further emails share one
+/// most (about 15 MiB with ordinary emails, 40 MiB at most with the
+/// longest ones frps takes). Once full, failures of further emails share one
 /// entry, [`OVERFLOW`] (password guessing must not escape its throttle by
 /// filling the table first); further pairs and addresses are not tracked
 /// (their email's failures still count; the address throttle only spares
@@ -706,9 +755,9 @@ impl Failures {
     }
 }
 
-/// Exponential delays after failed logins, per email and per address; and
-/// attempts for one email or address in turn, so attempts sent together
-/// cannot all pass before the first failure is counted.
+/// Delays after failed logins, per key ([`Policy`]: exponential, or loose
+/// past some free failures); and attempts for one key in turn, so attempts
+/// sent together cannot all pass before the first failure is counted.
 #[derive(Debug, Default)]
 pub struct Throttle {
     state: Mutex<ThrottleState>,
@@ -1013,8 +1062,11 @@ mod tests {
         assert!(t.check(&email, empty).is_ok());
         t.fail(&email, empty);
         assert_eq!(count("email:a"), Some(1));
-        // Forgotten 15 minutes after the last failure, as tight ones are.
-        t.fail(&email, empty);
+        // Forgotten 15 minutes after the last failure, as tight ones are
+        // (more than leak away in that time).
+        for _ in 0..100 {
+            t.fail(&email, empty);
+        }
         let forgotten = empty + FORGET_AFTER;
         assert!(t.check(&email, forgotten).is_ok());
         t.fail(&email, forgotten);
@@ -1320,10 +1372,71 @@ mod tests {
             assert!(started.elapsed() < BASE_DELAY);
         }
         // A wrong password from there is still counted, against the pair.
+        let count = |k: &str| accounts.throttle.state.lock().unwrap().failures[k].count;
+        let before = count("email:owner@x.test");
         let typo = accounts.login("owner@x.test", "typo", home).await;
         assert_eq!(typo.err(), Some(LoginError::InvalidCredentials));
+        assert_eq!(
+            count("email:owner@x.test"),
+            before + 1,
+            "counted all the same"
+        );
         let again = accounts.login("owner@x.test", "password", home).await;
         assert!(matches!(again, Err(LoginError::Throttled(_))), "{again:?}");
+    }
+
+    #[test]
+    fn an_account_is_remembered_at_its_last_addresses_only() {
+        let logged_in = LoggedIn::default();
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        logged_in.insert("Owner@x.test", ip(0));
+        logged_in.insert("other@x.test", ip(0));
+        for n in 1..1000 {
+            logged_in.insert("owner@x.test", ip(n));
+        }
+        assert!(logged_in.contains("owner@X.test", ip(999)));
+        let kept = (0..1000).filter(|&n| logged_in.contains("owner@x.test", ip(n)));
+        assert_eq!(kept.count(), LOGIN_ADDRESSES);
+        assert!(!logged_in.contains("owner@x.test", ip(0)));
+        assert!(
+            logged_in.contains("other@x.test", ip(0)),
+            "another account's"
+        );
+        // A login again from an address moves it to the end.
+        logged_in.insert("other@x.test", ip(1));
+        logged_in.insert("other@x.test", ip(0));
+        for n in 2..=LOGIN_ADDRESSES as u32 {
+            logged_in.insert("other@x.test", ip(n));
+        }
+        assert!(logged_in.contains("other@x.test", ip(0)));
+        assert!(!logged_in.contains("other@x.test", ip(1)));
+    }
+
+    #[tokio::test]
+    async fn token_logins_wait_on_their_64_only_yet_count_in_their_48() {
+        let (_db, store) = store_with("v6@x.test").await;
+        let accounts = Accounts::new(Some(store), None);
+        let ip = |n: u16| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, n, 0, 0, 0, 1));
+        let token = accounts
+            .login("v6@x.test", "password", IpAddr::from([192, 0, 2, 1]))
+            .await
+            .unwrap()
+            .token;
+        for n in 0..=LOOSE_FREE as u16 {
+            let guess = accounts.login_token("frpxc_guess", ip(n)).await;
+            assert_eq!(guess, Err(LoginError::TokenInvalid), "/64 number {n}");
+        }
+        // A box of the /48 with a token this frps does not know goes at
+        // once; a password login from the /48 waits.
+        accounts.known.clear();
+        let started = Instant::now();
+        assert!(accounts.login_token(&token, ip(100)).await.is_ok());
+        assert!(started.elapsed() < BASE_DELAY);
+        let password = accounts.login("v6@x.test", "password", ip(101)).await;
+        assert!(
+            matches!(password, Err(LoginError::Throttled(_))),
+            "{password:?}"
+        );
     }
 
     #[test]
