@@ -49,7 +49,46 @@ struct Entry {
 /// Pending pairings, keyed by connection id.
 #[derive(Default)]
 pub struct Pending {
-    entries: Mutex<HashMap<Uuid, Entry>>,
+    entries: Mutex<Entries>,
+}
+
+/// The pairings, and how many each session has (counted as they come and
+/// go: a count by scanning every client's pairings, under the lock every
+/// dial-back takes, cost a whole fleet's worth per request).
+#[derive(Default)]
+struct Entries {
+    by_id: HashMap<Uuid, Entry>,
+    per_session: HashMap<u64, usize>,
+}
+
+impl Entries {
+    fn outstanding(&self, session: u64) -> usize {
+        self.per_session.get(&session).copied().unwrap_or(0)
+    }
+
+    fn insert(&mut self, conn_id: Uuid, entry: Entry) {
+        *self.per_session.entry(entry.session).or_default() += 1;
+        if let Some(replaced) = self.by_id.insert(conn_id, entry) {
+            // Random ids do not repeat; were one to, it is counted once.
+            self.forget(replaced.session);
+        }
+    }
+
+    fn remove(&mut self, conn_id: &Uuid) -> Option<Entry> {
+        let entry = self.by_id.remove(conn_id)?;
+        self.forget(entry.session);
+        Some(entry)
+    }
+
+    fn forget(&mut self, session: u64) {
+        if let std::collections::hash_map::Entry::Occupied(mut n) = self.per_session.entry(session)
+        {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Pending {
@@ -78,10 +117,7 @@ impl Pending {
         let conn_id = Uuid::new_v4();
         let (tx, rx) = oneshot::channel();
         let mut entries = self.lock();
-        let outstanding = entries
-            .values()
-            .filter(|e| e.session == client.session)
-            .count();
+        let outstanding = entries.outstanding(client.session);
         if outstanding >= max {
             return Err(PairError::TooMany(outstanding));
         }
@@ -115,7 +151,7 @@ impl Pending {
         stream: Stream,
     ) -> Result<(), (Stream, &'static str)> {
         let mut entries = self.lock();
-        let Some(entry) = entries.get(&conn_id) else {
+        let Some(entry) = entries.by_id.get(&conn_id) else {
             return Err((stream, "unknown or expired connection id"));
         };
         if entry.client_id != client_id
@@ -137,7 +173,11 @@ impl Pending {
     /// Fails the pairing `conn_id` of session `session` with `reason`.
     pub fn fail(&self, conn_id: Uuid, session: u64, error: PairError) {
         let mut entries = self.lock();
-        if entries.get(&conn_id).is_some_and(|e| e.session == session) {
+        if entries
+            .by_id
+            .get(&conn_id)
+            .is_some_and(|e| e.session == session)
+        {
             let entry = entries.remove(&conn_id).expect("entry present");
             let _ = entry.tx.send(Err(error));
         }
@@ -146,6 +186,7 @@ impl Pending {
     /// `(connection id, client id, waited so far)` of every waiting pairing.
     pub fn snapshot(&self) -> Vec<(Uuid, String, std::time::Duration)> {
         self.lock()
+            .by_id
             .iter()
             .map(|(id, e)| (*id, e.client_id.clone(), e.since.elapsed()))
             .collect()
@@ -153,7 +194,7 @@ impl Pending {
 
     /// Number of pairings waiting for a dial-back.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     /// Whether no pairing is waiting.
@@ -161,7 +202,7 @@ impl Pending {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().expect("pending lock")
     }
 }
@@ -235,6 +276,7 @@ mod tests {
         assert!(pending.complete(id, "a", "key-a", stream().await).is_ok());
         assert!(w.wait(Duration::from_secs(5)).await.is_ok());
         assert!(pending.is_empty());
+        assert!(pending.lock().per_session.is_empty());
     }
 
     #[test]
@@ -251,6 +293,18 @@ mod tests {
         );
         drop(held);
         assert!(pending.register(&a, 3).is_ok());
+        // Pairings ended every way hand their place back.
+        let mut ended: Vec<_> = (0..3).map(|_| pending.register(&a, 3).unwrap()).collect();
+        pending.fail(ended[0].conn_id, a.session, PairError::Cancelled);
+        drop(ended.remove(1));
+        assert_eq!(pending.lock().outstanding(a.session), 1);
+        let _more: Vec<_> = (0..2).map(|_| pending.register(&a, 3).unwrap()).collect();
+        assert_eq!(pending.register(&a, 3).err(), Some(PairError::TooMany(3)));
+        drop((ended, _more));
+        assert!(
+            pending.lock().per_session.is_empty(),
+            "nothing left counted"
+        );
     }
 
     #[tokio::test]
