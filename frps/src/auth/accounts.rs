@@ -529,7 +529,7 @@ impl Accounts {
         }
         let hash = secret::hash(token);
         if self.known.contains(&hash) {
-            let outcome = self.check_token(token).await;
+            let outcome = self.check_token_hash(&hash).await;
             match &outcome {
                 Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                     self.known.forget(&hash)
@@ -551,7 +551,7 @@ impl Accounts {
             .await
             .map_err(LoginError::Throttled)?
             .counting(&keys);
-        let outcome = self.check_token(token).await;
+        let outcome = self.check_token_hash(&hash).await;
         match &outcome {
             Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                 attempt.fail(Instant::now())
@@ -568,8 +568,13 @@ impl Accounts {
     /// Checks a saved token, without throttling: logins on the control port
     /// must go through [`Accounts::login_token`].
     pub async fn check_token(&self, token: &str) -> Result<Principal, LoginError> {
+        self.check_token_hash(&secret::hash(token)).await
+    }
+
+    /// [`Accounts::check_token`] for the token whose SHA-256 is `hash`.
+    async fn check_token_hash(&self, hash: &[u8; 32]) -> Result<Principal, LoginError> {
         let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
-        let found = within_deadline(store.find_client_token(&secret::hash_hex(token))).await;
+        let found = within_deadline(store.find_client_token(&secret::hex(hash))).await;
         let row = absent_if_unreadable(found, "client_tokens")?.ok_or(LoginError::TokenInvalid)?;
         if row.revoked_at.is_some() {
             return Err(LoginError::TokenInvalid);

@@ -47,6 +47,16 @@ async fn exec(store: &Store, sql: &str) {
     .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Runs `statements` on the database at `url` as its own application
+/// would, without frps's migrations.
+async fn exec_unmigrated(url: &str, statements: &[&str]) {
+    let store = Store::connect_without_migrations(url).await.unwrap();
+    for sql in statements {
+        exec(&store, sql).await;
+    }
+    store.close().await;
+}
+
 /// Every text value of every row of `table`, joined.
 async fn table_text(store: &Store, table: &str) -> String {
     let sql = format!("SELECT * FROM {table}");
@@ -131,28 +141,28 @@ async fn seed_readme_flow_on_postgres_with_the_seeds_own_tables() {
         return;
     };
     // Exactly the seed README's set-up, before frps ever ran.
-    let seed = Store::connect_without_migrations(&pg.url).await.unwrap();
-    for sql in [
-        r#"CREATE TABLE "public"."api_keys" (
-            key VARCHAR PRIMARY KEY,
-            status VARCHAR DEFAULT 'active',
-            "expiresAt" TIMESTAMP,
-            "createdAt" TIMESTAMP DEFAULT NOW(),
-            "updatedAt" TIMESTAMP DEFAULT NOW()
-        )"#,
-        r#"CREATE TABLE "public"."gpu_assets" (
-            "userId" VARCHAR,
-            "machineId" VARCHAR PRIMARY KEY,
-            name VARCHAR,
-            status VARCHAR DEFAULT 'online',
-            "createdAt" TIMESTAMP DEFAULT NOW(),
-            "updatedAt" TIMESTAMP DEFAULT NOW()
-        )"#,
-        r#"INSERT INTO "public"."api_keys" (key, status) VALUES ('test-api-key-123', 'active')"#,
-    ] {
-        exec(&seed, sql).await;
-    }
-    seed.close().await;
+    exec_unmigrated(
+        &pg.url,
+        &[
+            r#"CREATE TABLE "public"."api_keys" (
+                key VARCHAR PRIMARY KEY,
+                status VARCHAR DEFAULT 'active',
+                "expiresAt" TIMESTAMP,
+                "createdAt" TIMESTAMP DEFAULT NOW(),
+                "updatedAt" TIMESTAMP DEFAULT NOW()
+            )"#,
+            r#"CREATE TABLE "public"."gpu_assets" (
+                "userId" VARCHAR,
+                "machineId" VARCHAR PRIMARY KEY,
+                name VARCHAR,
+                status VARCHAR DEFAULT 'online',
+                "createdAt" TIMESTAMP DEFAULT NOW(),
+                "updatedAt" TIMESTAMP DEFAULT NOW()
+            )"#,
+            r#"INSERT INTO "public"."api_keys" (key, status) VALUES ('test-api-key-123', 'active')"#,
+        ],
+    )
+    .await;
 
     let mut cfg = frps_config();
     cfg.database_url = pg.url.clone();
@@ -198,30 +208,30 @@ async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start(
     };
     // The seed's api_keys with a zoned expiry, and an application's own
     // users table: the migrations keep both as they are.
-    let seed = Store::connect_without_migrations(&pg.url).await.unwrap();
-    for sql in [
-        r#"CREATE TABLE api_keys (
-            key VARCHAR PRIMARY KEY,
-            status VARCHAR DEFAULT 'active',
-            "expiresAt" TIMESTAMPTZ,
-            "createdAt" TIMESTAMP DEFAULT NOW(),
-            "updatedAt" TIMESTAMP DEFAULT NOW()
-        )"#,
-        // A domain is read as its base type; a zoned time frps only
-        // writes is fine.
-        "CREATE DOMAIN address AS VARCHAR(320)",
-        "CREATE TABLE users (
-            id BIGSERIAL PRIMARY KEY,
-            email address NOT NULL UNIQUE,
-            password TEXT,
-            created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-            updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
-        )",
-        "INSERT INTO api_keys (key, status) VALUES ('test-api-key-123', 'active')",
-    ] {
-        exec(&seed, sql).await;
-    }
-    seed.close().await;
+    exec_unmigrated(
+        &pg.url,
+        &[
+            r#"CREATE TABLE api_keys (
+                key VARCHAR PRIMARY KEY,
+                status VARCHAR DEFAULT 'active',
+                "expiresAt" TIMESTAMPTZ,
+                "createdAt" TIMESTAMP DEFAULT NOW(),
+                "updatedAt" TIMESTAMP DEFAULT NOW()
+            )"#,
+            // A domain is read as its base type; a zoned time frps only
+            // writes is fine.
+            "CREATE DOMAIN address AS VARCHAR(320)",
+            "CREATE TABLE users (
+                id BIGSERIAL PRIMARY KEY,
+                email address NOT NULL UNIQUE,
+                password TEXT,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+                updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+            )",
+            "INSERT INTO api_keys (key, status) VALUES ('test-api-key-123', 'active')",
+        ],
+    )
+    .await;
     let err = match Store::connect(&pg.url).await {
         Ok(_) => panic!("started on columns it cannot read"),
         Err(e) => e,
@@ -240,15 +250,15 @@ async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start(
     let said = err.to_string();
     assert!(said.contains("ALTER TABLE"), "{said}");
     // Mended, it starts, and the seed's key works.
-    let fixed = Store::connect_without_migrations(&pg.url).await.unwrap();
-    for sql in [
-        r#"ALTER TABLE api_keys ALTER COLUMN "expiresAt" TYPE TIMESTAMP"#,
-        "ALTER TABLE users RENAME COLUMN password TO password_hash",
-        "ALTER TABLE users ALTER COLUMN created_at TYPE TIMESTAMP",
-    ] {
-        exec(&fixed, sql).await;
-    }
-    fixed.close().await;
+    exec_unmigrated(
+        &pg.url,
+        &[
+            r#"ALTER TABLE api_keys ALTER COLUMN "expiresAt" TYPE TIMESTAMP"#,
+            "ALTER TABLE users RENAME COLUMN password TO password_hash",
+            "ALTER TABLE users ALTER COLUMN created_at TYPE TIMESTAMP",
+        ],
+    )
+    .await;
     let store = Store::connect(&pg.url).await.unwrap();
     let keys = KeyValidator::new(None, Some(store.clone()), None);
     assert!(matches!(
