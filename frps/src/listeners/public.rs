@@ -1731,16 +1731,35 @@ fn append_forwarded_for(headers: &mut HeaderMap, entry: &HeaderValue) {
 pub struct InFlight {
     state: Arc<State>,
     client: Arc<ClientHandle>,
+    /// Whether this one holds the slot (not handed on by [`InFlight::take`]).
+    armed: bool,
 }
 
 impl InFlight {
     fn reserved(state: Arc<State>, client: Arc<ClientHandle>) -> Self {
-        Self { state, client }
+        Self {
+            state,
+            client,
+            armed: true,
+        }
+    }
+
+    /// The slot, leaving this one holding nothing.
+    fn take(&mut self) -> InFlight {
+        let armed = std::mem::replace(&mut self.armed, false);
+        InFlight {
+            state: self.state.clone(),
+            client: self.client.clone(),
+            armed,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         self.client.release_slot();
         if self.state.queues.is_empty() {
             return;
@@ -1780,7 +1799,9 @@ pub struct TrackedBody {
     lease: Option<crate::ratelimit::Lease>,
     /// A streamed request body's upload (`None` for buffered and bodiless
     /// ones). A service that answered before the upload ended still has the
-    /// rest of it coming on that connection: it is not pooled.
+    /// rest of it coming on that connection: it is not pooled, and the
+    /// box's slot and the key's lease stay taken until the upload ends
+    /// ([`UploadClock::hold`]).
     upload: Option<Arc<UploadClock>>,
 }
 
@@ -1862,14 +1883,46 @@ impl Drop for TrackedBody {
                     .put(sender, self.state.config.max_idle_per_client);
             }
         }
+        if let Some(upload) = &self.upload {
+            let held = Held {
+                _slot: self.guard.take(),
+                _lease: self.lease.take(),
+            };
+            upload.hold(held, self.state.config.upstream_idle_timeout);
+        }
+    }
+}
+
+/// What a request holds while the box works on it: its slot on the box,
+/// its API key's concurrency lease.
+struct Held {
+    _slot: InFlight,
+    _lease: Option<crate::ratelimit::Lease>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("client", &self._slot.client.id)
+            .finish()
     }
 }
 
 /// Where a streamed request body's upload stands, shared by the body,
 /// which records it, and the wait for the response head, which does not
-/// count the caller's time against the service.
+/// count the caller's time against the service; and what the request holds
+/// past its answer while the upload goes on.
 #[derive(Debug, Default)]
-struct UploadClock(std::sync::Mutex<Upload>);
+struct UploadClock(std::sync::Mutex<Clock>);
+
+#[derive(Debug, Default)]
+struct Clock {
+    at: Upload,
+    /// Held for an answer that ended before the upload (a [`Held`]).
+    held: Option<Box<dyn std::fmt::Debug + Send>>,
+    /// The body went away (its connection ended) without finishing.
+    gone: bool,
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Upload {
@@ -1886,19 +1939,90 @@ enum Upload {
 }
 
 impl UploadClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clock> {
+        self.0.lock().expect("upload clock lock")
+    }
+
     fn set(&self, to: Upload) {
-        let mut at = self.0.lock().expect("upload clock lock");
-        if !matches!(*at, Upload::Finished(_)) {
-            *at = to;
+        let mut clock = self.lock();
+        if !matches!(clock.at, Upload::Finished(_)) {
+            clock.at = to;
         }
     }
 
+    /// The last piece went out: what the request held is given back.
     fn finish(&self) {
-        self.set(Upload::Finished(tokio::time::Instant::now()));
+        let held = {
+            let mut clock = self.lock();
+            if !matches!(clock.at, Upload::Finished(_)) {
+                clock.at = Upload::Finished(tokio::time::Instant::now());
+            }
+            clock.held.take()
+        };
+        drop(held);
+    }
+
+    /// The body is gone, finished or not: what the request held is given
+    /// back.
+    fn end(&self) {
+        let held = {
+            let mut clock = self.lock();
+            clock.gone = true;
+            clock.held.take()
+        };
+        drop(held);
+    }
+
+    /// Keeps `held` (the answer has ended) until the upload finishes or its
+    /// body goes away, or the service takes none of it for `idle` (the
+    /// connection may be stuck for good: the box's slot must not be). Given
+    /// back at once if the upload is over already.
+    fn hold(
+        self: &Arc<Self>,
+        held: impl std::fmt::Debug + Send + 'static,
+        idle: std::time::Duration,
+    ) {
+        {
+            let mut clock = self.lock();
+            if matches!(clock.at, Upload::Finished(_)) || clock.gone {
+                drop(clock);
+                drop(held);
+                return;
+            }
+            clock.held = Some(Box::new(held));
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.end();
+            return;
+        };
+        let clock = Arc::downgrade(self);
+        runtime.spawn(async move {
+            let mut due = tokio::time::Instant::now() + idle;
+            loop {
+                tokio::time::sleep_until(due).await;
+                let Some(clock) = clock.upgrade() else { return };
+                let mut state = clock.lock();
+                if state.held.is_none() {
+                    return;
+                }
+                match state.at {
+                    // Taken lately, or the caller's turn (its waits are held
+                    // to --keepalive-timeout by the body itself).
+                    Upload::Handed(at) if at + idle > tokio::time::Instant::now() => due = at + idle,
+                    Upload::Waiting => due = tokio::time::Instant::now() + idle,
+                    _ => {
+                        let held = state.held.take();
+                        drop(state);
+                        debug!(?held, "the service took none of an upload for {idle:?} after answering; its slot is given back");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     fn state(&self) -> Upload {
-        *self.0.lock().expect("upload clock lock")
+        self.lock().at
     }
 
     fn finished(&self) -> Option<tokio::time::Instant> {
@@ -2020,6 +2144,12 @@ impl CallerWaits {
         } else {
             CallerBodyError::Stalled(self.gap)
         }
+    }
+}
+
+impl Drop for CountedBody {
+    fn drop(&mut self) {
+        self.upload.end();
     }
 }
 
@@ -2219,6 +2349,51 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_an_early_answer_held_goes_back_when_its_upload_ends() {
+        use std::time::Duration;
+        use tokio::time::{Instant, sleep};
+        #[derive(Debug)]
+        struct Token(#[allow(dead_code)] Arc<()>);
+        let idle = Duration::from_secs(10);
+        let token = Arc::new(());
+        let held = || Token(token.clone());
+        let holding = || Arc::strong_count(&token) - 1;
+
+        // The upload finishes (or its body goes away) later: held till then.
+        let upload = Arc::new(UploadClock::default());
+        upload.hold(held(), idle);
+        assert_eq!(holding(), 1);
+        upload.set(Upload::Handed(Instant::now()));
+        upload.finish();
+        assert_eq!(holding(), 0);
+        let gone = Arc::new(UploadClock::default());
+        gone.hold(held(), idle);
+        gone.end();
+        assert_eq!(holding(), 0);
+        // Over already: given back at once.
+        upload.hold(held(), idle);
+        gone.hold(held(), idle);
+        assert_eq!(holding(), 0);
+
+        // The caller slow to send: its own deadlines end the body, not this.
+        let slow = Arc::new(UploadClock::default());
+        slow.hold(held(), idle);
+        sleep(idle * 5).await;
+        assert_eq!(holding(), 1);
+        // Taken piece by piece within `idle` each: kept.
+        for _ in 0..5 {
+            slow.set(Upload::Handed(Instant::now()));
+            sleep(idle - Duration::from_secs(1)).await;
+            assert_eq!(holding(), 1);
+        }
+        // A piece the service has not taken for `idle`: given back.
+        sleep(Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(holding(), 0);
+        drop(slow);
     }
 
     #[tokio::test(start_paused = true)]

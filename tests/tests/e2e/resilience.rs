@@ -803,6 +803,36 @@ async fn a_connection_still_uploading_is_not_pooled() {
 }
 
 #[tokio::test]
+async fn an_answer_before_the_upload_ends_keeps_the_boxs_slot_until_it_does() {
+    let fleet = Fleet::start(1).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    let in_flight = || client.in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
+    let head = format!(
+        "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_until(&mut caller, r#"{"early":true}"#).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The answer is done with (counted), the upload is not: the box is
+    // still at work on it.
+    let addr = fleet.frps.addrs.api;
+    frpx_tests::eventually_async("the answer is counted", || async {
+        let text = frpx_tests::http::get(addr, "/metrics", None).await.body;
+        text.lines()
+            .any(|l| l.starts_with("frpx_requests_total{") && l.contains("status=\"200\""))
+    })
+    .await;
+    assert_eq!(
+        in_flight(),
+        1,
+        "the slot went back with the upload going on"
+    );
+    caller.write_all(b"0\r\n\r\n").await.unwrap();
+    frpx_tests::eventually("the slot is given back", || in_flight() == 0).await;
+}
+
+#[tokio::test]
 async fn connections_over_the_caps_get_503_not_a_stall() {
     let mut cfg = frps_config();
     cfg.max_connections_per_ip = 2;
