@@ -388,7 +388,7 @@ async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(),
         // released).
         return Err((
             format!(
-                "this account holds {most} client ids, the most it may (--max-client-ids); ask the operator to release unused ones (`frps client release <id>`), or reuse one"
+                "this account has reached its limit of {most} client ids (--max-client-ids); ask the operator to release unused ones (`frps client release <id>`), or reuse one"
             ),
             false,
         ));

@@ -1913,7 +1913,12 @@ impl std::fmt::Debug for Held {
 /// count the caller's time against the service; and what the request holds
 /// past its answer while the upload goes on.
 #[derive(Debug, Default)]
-struct UploadClock(std::sync::Mutex<Clock>);
+struct UploadClock {
+    clock: std::sync::Mutex<Clock>,
+    /// Told when what was held is given back by the upload's end, so the
+    /// watch over it ends too.
+    given_back: Arc<tokio::sync::Notify>,
+}
 
 #[derive(Debug, Default)]
 struct Clock {
@@ -1940,7 +1945,15 @@ enum Upload {
 
 impl UploadClock {
     fn lock(&self) -> std::sync::MutexGuard<'_, Clock> {
-        self.0.lock().expect("upload clock lock")
+        self.clock.lock().expect("upload clock lock")
+    }
+
+    /// Gives back what `held` is (taken under the lock), telling the watch.
+    fn give_back(&self, held: Option<Box<dyn std::fmt::Debug + Send>>) {
+        if held.is_some() {
+            drop(held);
+            self.given_back.notify_one();
+        }
     }
 
     fn set(&self, to: Upload) {
@@ -1959,7 +1972,7 @@ impl UploadClock {
             }
             clock.held.take()
         };
-        drop(held);
+        self.give_back(held);
     }
 
     /// The body is gone, finished or not: what the request held is given
@@ -1970,7 +1983,7 @@ impl UploadClock {
             clock.gone = true;
             clock.held.take()
         };
-        drop(held);
+        self.give_back(held);
     }
 
     /// Keeps `held` (the answer has ended) until the upload finishes or its
@@ -1992,14 +2005,20 @@ impl UploadClock {
             clock.held = Some(Box::new(held));
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.end();
+            // Nothing to watch it with (frps runs on tokio: not seen).
+            let held = self.lock().held.take();
+            drop(held);
             return;
         };
         let clock = Arc::downgrade(self);
+        let given_back = self.given_back.clone();
         runtime.spawn(async move {
             let mut due = tokio::time::Instant::now() + idle;
             loop {
-                tokio::time::sleep_until(due).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = given_back.notified() => return,
+                }
                 let Some(clock) = clock.upgrade() else { return };
                 let mut state = clock.lock();
                 if state.held.is_none() {
@@ -2362,10 +2381,17 @@ mod tests {
         let held = || Token(token.clone());
         let holding = || Arc::strong_count(&token) - 1;
 
-        // The upload finishes (or its body goes away) later: held till then.
+        let watches = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+
+        // The upload finishes (or its body goes away) later: held till
+        // then, and watched no longer.
         let upload = Arc::new(UploadClock::default());
         upload.hold(held(), idle);
-        assert_eq!(holding(), 1);
+        assert_eq!((holding(), watches()), (1, 1));
         upload.set(Upload::Handed(Instant::now()));
         upload.finish();
         assert_eq!(holding(), 0);
@@ -2373,6 +2399,8 @@ mod tests {
         gone.hold(held(), idle);
         gone.end();
         assert_eq!(holding(), 0);
+        tokio::task::yield_now().await;
+        assert_eq!(watches(), 0, "the watches ended with their uploads");
         // Over already: given back at once.
         upload.hold(held(), idle);
         gone.hold(held(), idle);

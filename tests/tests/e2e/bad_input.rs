@@ -188,7 +188,7 @@ async fn an_account_past_its_client_ids_cannot_claim_another() {
     let (_three, answer) = registered("gpu-3").await;
     match answer {
         Command::RegisterRefused { reason, retry } => {
-            assert!(reason.contains("holds 2 client ids"), "{reason}");
+            assert!(reason.contains("limit of 2 client ids"), "{reason}");
             assert!(reason.contains("--max-client-ids"), "{reason}");
             assert!(!retry, "waiting does not make room");
         }
