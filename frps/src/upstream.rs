@@ -10,6 +10,7 @@ use http_body_util::{Either, Full};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::listeners::public::CountedBody;
@@ -199,6 +200,9 @@ pub struct Upstream {
     pub sender: Sender,
     /// True when reused (a failure to send on it says nothing about the client).
     pub reused: bool,
+    /// Closes a new connection (`None` for a pooled one), whatever it is
+    /// doing: for one stuck writing an upload its service stopped taking.
+    pub cut: Option<CancellationToken>,
 }
 
 /// Longest [`acquire`] waits, over all the idle connections it tries, for
@@ -238,6 +242,7 @@ pub async fn acquire(
             return Ok(Upstream {
                 sender,
                 reused: true,
+                cut: None,
             });
         }
     }
@@ -283,7 +288,9 @@ where
         .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake::<_, UpBody>(TokioIo::new(io))
         .await?;
-    let stop = state.hard_stop.clone();
+    // Cut at frps's hard stop, or by the request's upload watch.
+    let cut = state.hard_stop.child_token();
+    let stop = cut.clone();
     let client_id = client.id.clone();
     tokio::spawn(async move {
         tokio::select! {
@@ -297,6 +304,7 @@ where
     Ok(Upstream {
         sender,
         reused: false,
+        cut: Some(cut),
     })
 }
 

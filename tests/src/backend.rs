@@ -259,6 +259,16 @@ async fn serve(
             tokio::spawn(req.into_body().collect());
             full(200, "application/json", r#"{"early":true}"#.into())
         }
+        "/early-deaf" => {
+            // Answers at once and never reads the body, keeping the
+            // connection open (the body is held, unread, for a minute).
+            let body = req.into_body();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                drop(body);
+            });
+            full(200, "application/json", r#"{"early":true}"#.into())
+        }
         "/big-head" => {
             // A response head with a header of `bytes=N` bytes.
             let n: usize = req

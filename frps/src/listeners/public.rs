@@ -840,6 +840,9 @@ async fn forward(
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
+        if let Some(upload) = &upload {
+            upload.goes_out_on(up.cut.as_ref());
+        }
         let mut sender = up.sender;
         let sending = Instant::now();
         let answer = response_head(
@@ -1927,6 +1930,8 @@ struct Clock {
     held: Option<Box<dyn std::fmt::Debug + Send>>,
     /// The body went away (its connection ended) without finishing.
     gone: bool,
+    /// Closes the connection the upload goes out on.
+    cut: Option<tokio_util::sync::CancellationToken>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -2031,8 +2036,14 @@ impl UploadClock {
                     Upload::Waiting => due = tokio::time::Instant::now() + idle,
                     _ => {
                         let held = state.held.take();
+                        let cut = state.cut.take();
                         drop(state);
-                        debug!(?held, "the service took none of an upload for {idle:?} after answering; its slot is given back");
+                        debug!(?held, "the service took none of an upload for {idle:?} after answering; its connection is closed and its slot given back");
+                        // Closed, the connection drops the body, which
+                        // drops the caller's side of it.
+                        if let Some(cut) = cut {
+                            cut.cancel();
+                        }
                         return;
                     }
                 }
@@ -2042,6 +2053,11 @@ impl UploadClock {
 
     fn state(&self) -> Upload {
         self.lock().at
+    }
+
+    /// The upload goes out on the connection `cut` closes.
+    fn goes_out_on(&self, cut: Option<&tokio_util::sync::CancellationToken>) {
+        self.lock().cut = cut.cloned();
     }
 
     fn finished(&self) -> Option<tokio::time::Instant> {
@@ -2392,9 +2408,15 @@ mod tests {
         let upload = Arc::new(UploadClock::default());
         upload.hold(held(), idle);
         assert_eq!((holding(), watches()), (1, 1));
+        let connection = tokio_util::sync::CancellationToken::new();
+        upload.goes_out_on(Some(&connection));
         upload.set(Upload::Handed(Instant::now()));
         upload.finish();
         assert_eq!(holding(), 0);
+        assert!(
+            !connection.is_cancelled(),
+            "a finished upload's connection is kept"
+        );
         let gone = Arc::new(UploadClock::default());
         gone.hold(held(), idle);
         gone.end();
@@ -2408,6 +2430,7 @@ mod tests {
 
         // The caller slow to send: its own deadlines end the body, not this.
         let slow = Arc::new(UploadClock::default());
+        slow.goes_out_on(Some(&connection));
         slow.hold(held(), idle);
         sleep(idle * 5).await;
         assert_eq!(holding(), 1);
@@ -2417,10 +2440,13 @@ mod tests {
             sleep(idle - Duration::from_secs(1)).await;
             assert_eq!(holding(), 1);
         }
-        // A piece the service has not taken for `idle`: given back.
+        // A piece the service has not taken for `idle`: given back, and its
+        // connection closed.
+        assert!(!connection.is_cancelled());
         sleep(Duration::from_secs(1)).await;
         tokio::task::yield_now().await;
         assert_eq!(holding(), 0);
+        assert!(connection.is_cancelled());
         drop(slow);
     }
 
