@@ -774,18 +774,23 @@ async fn read_until(caller: &mut TcpStream, marker: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-#[tokio::test]
-async fn a_connection_still_uploading_is_not_pooled() {
-    let fleet = Fleet::start(1).await;
+/// A caller that sent `/early` the first chunk of its upload, and got the
+/// answer the service sends before reading the body (it reads it after).
+async fn answered_early(fleet: &Fleet) -> TcpStream {
     let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
-    // /early answers before reading the body, then reads it; the caller
-    // has sent only the first chunk of its upload.
     let head = format!(
         "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     );
     caller.write_all(head.as_bytes()).await.unwrap();
     let answer = read_until(&mut caller, r#"{"early":true}"#).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    caller
+}
+
+#[tokio::test]
+async fn a_connection_still_uploading_is_not_pooled() {
+    let fleet = Fleet::start(1).await;
+    let mut caller = answered_early(&fleet).await;
     // That connection still carries the rest of the upload: the next request
     // gets a connection of its own at once instead of waiting on it for
     // --connect-timeout.
@@ -807,13 +812,7 @@ async fn an_answer_before_the_upload_ends_keeps_the_boxs_slot_until_it_does() {
     let fleet = Fleet::start(1).await;
     let client = fleet.frps.state.registry.get("client-0").unwrap();
     let in_flight = || client.in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
-    let head = format!(
-        "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
-    );
-    caller.write_all(head.as_bytes()).await.unwrap();
-    let answer = read_until(&mut caller, r#"{"early":true}"#).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let mut caller = answered_early(&fleet).await;
     // The answer is done with (counted), the upload is not: the box is
     // still at work on it.
     let addr = fleet.frps.addrs.api;
