@@ -2022,7 +2022,8 @@ impl UploadClock {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(due) => {}
-                    _ = given_back.notified() => return,
+                    // Looked at below: the held thing may be gone.
+                    _ = given_back.notified() => {}
                 }
                 let Some(clock) = clock.upgrade() else { return };
                 let mut state = clock.lock();
@@ -2408,6 +2409,7 @@ mod tests {
         let upload = Arc::new(UploadClock::default());
         upload.hold(held(), idle);
         assert_eq!((holding(), watches()), (1, 1));
+        tokio::task::yield_now().await;
         let connection = tokio_util::sync::CancellationToken::new();
         upload.goes_out_on(Some(&connection));
         upload.set(Upload::Handed(Instant::now()));
