@@ -1604,17 +1604,6 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn renewals_without_pause_are_let_through_once_a_second() {
-        let mut pace = common::pace::Pace::new(RENEWAL_PACE);
-        assert!(pace.admit());
-        assert!(!pace.admit());
-        tokio::time::advance(RENEWAL_PACE - Duration::from_millis(1)).await;
-        assert!(!pace.admit());
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(pace.admit());
-    }
-
     #[test]
     fn errors_from_frps_are_logged_short_on_one_line_once_a_second() {
         let forged = format!(
