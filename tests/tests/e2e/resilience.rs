@@ -774,12 +774,13 @@ async fn read_until(caller: &mut TcpStream, marker: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// A caller that sent `/early` the first chunk of its upload, and got the
-/// answer the service sends before reading the body (it reads it after).
-async fn answered_early(fleet: &Fleet) -> TcpStream {
+/// A caller that sent `path` (`/early`, which reads the body after
+/// answering, or `/early-deaf`, which never does) the first chunk of its
+/// upload, and got the answer the service sends before reading the body.
+async fn answered_early(fleet: &Fleet, path: &str) -> TcpStream {
     let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
     let head = format!(
-        "POST /early HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
     );
     caller.write_all(head.as_bytes()).await.unwrap();
     let answer = read_until(&mut caller, r#"{"early":true}"#).await;
@@ -790,7 +791,7 @@ async fn answered_early(fleet: &Fleet) -> TcpStream {
 #[tokio::test]
 async fn a_connection_still_uploading_is_not_pooled() {
     let fleet = Fleet::start(1).await;
-    let mut caller = answered_early(&fleet).await;
+    let mut caller = answered_early(&fleet, "/early").await;
     // That connection still carries the rest of the upload: the next request
     // gets a connection of its own at once instead of waiting on it for
     // --connect-timeout.
@@ -812,7 +813,7 @@ async fn an_answer_before_the_upload_ends_keeps_the_boxs_slot_until_it_does() {
     let fleet = Fleet::start(1).await;
     let client = fleet.frps.state.registry.get("client-0").unwrap();
     let in_flight = || client.in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    let mut caller = answered_early(&fleet).await;
+    let mut caller = answered_early(&fleet, "/early").await;
     // The answer is done with (counted), the upload is not: the box is
     // still at work on it.
     let addr = fleet.frps.addrs.api;
@@ -838,13 +839,7 @@ async fn an_upload_its_service_stopped_taking_after_answering_is_cut() {
     let fleet = Fleet::start_with(1, cfg).await;
     let client = fleet.frps.state.registry.get("client-0").unwrap();
     let in_flight = || client.in_flight.load(std::sync::atomic::Ordering::SeqCst);
-    let mut caller = TcpStream::connect(fleet.frps.public()).await.unwrap();
-    let head = format!(
-        "POST /early-deaf HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
-    );
-    caller.write_all(head.as_bytes()).await.unwrap();
-    let answer = read_until(&mut caller, r#"{"early":true}"#).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let caller = answered_early(&fleet, "/early-deaf").await;
     // Answered, the caller keeps sending: every buffer on the way fills,
     // and the service takes nothing.
     let (mut from, mut to) = caller.into_split();
