@@ -170,7 +170,7 @@ pub struct Accounts {
     checks: Arc<tokio::sync::Semaphore>,
     /// SHA-256 of tokens this frps issued or saw log in lately: not
     /// guesses, so they log in past their address's failures.
-    known: SeenLately,
+    known: KnownTokens,
     /// Where each account logged in from lately: its password logins from
     /// there are not held up by its email's failures from elsewhere.
     logged_in: LoggedIn,
@@ -226,40 +226,32 @@ impl LoggedIn {
 /// Addresses remembered per account as ones it logged in from.
 pub const LOGIN_ADDRESSES: usize = 8;
 
-/// SHA-256 hashes seen lately (tokens this frps issued or saw log in),
-/// with when last: a map that grows with the fleet (a cache with its own
-/// operation queues held a quarter of a MiB from the start), up to `cap`
+/// SHA-256 of the tokens this frps issued or saw log in lately, with when
+/// last: a map that grows with the fleet (a cache with its own operation
+/// queues held a quarter of a MiB from the start), up to [`KNOWN_TOKENS`]
 /// entries.
-#[derive(Debug)]
-struct SeenLately {
-    seen: std::sync::Mutex<std::collections::HashMap<[u8; 32], Instant>>,
-    cap: usize,
-    idle: Duration,
+#[derive(Debug, Default)]
+struct KnownTokens {
+    seen: Mutex<HashMap<[u8; 32], Instant>>,
 }
 
-impl SeenLately {
-    fn new(cap: usize, idle: Duration) -> Self {
-        Self {
-            seen: Default::default(),
-            cap,
-            idle,
-        }
-    }
-
-    /// Whether `hash` was seen within the last `idle`.
+impl KnownTokens {
+    /// Whether `hash` was seen within the last [`KNOWN_TOKEN_IDLE`].
     fn contains(&self, hash: &[u8; 32]) -> bool {
-        let seen = self.seen.lock().expect("seen lately lock");
-        seen.get(hash).is_some_and(|at| at.elapsed() < self.idle)
+        let seen = self.seen.lock().expect("known tokens lock");
+        seen.get(hash)
+            .is_some_and(|at| at.elapsed() < KNOWN_TOKEN_IDLE)
     }
 
-    /// Remembers `hash` as seen now. Full, those unseen for `idle` go
-    /// first; still full, it is not remembered (a token then waits out its
-    /// address's failures, as one only another frps has seen does).
+    /// Remembers `hash` as seen now. Full, those unseen for
+    /// [`KNOWN_TOKEN_IDLE`] go first; still full, it is not remembered (a
+    /// token then waits out its address's failures, as one only another
+    /// frps has seen does).
     fn insert(&self, hash: [u8; 32]) {
-        let mut seen = self.seen.lock().expect("seen lately lock");
-        if seen.len() >= self.cap && !seen.contains_key(&hash) {
-            seen.retain(|_, at| at.elapsed() < self.idle);
-            if seen.len() >= self.cap {
+        let mut seen = self.seen.lock().expect("known tokens lock");
+        if seen.len() >= KNOWN_TOKENS && !seen.contains_key(&hash) {
+            seen.retain(|_, at| at.elapsed() < KNOWN_TOKEN_IDLE);
+            if seen.len() >= KNOWN_TOKENS {
                 return;
             }
         }
@@ -267,12 +259,12 @@ impl SeenLately {
     }
 
     fn forget(&self, hash: &[u8; 32]) {
-        self.seen.lock().expect("seen lately lock").remove(hash);
+        self.seen.lock().expect("known tokens lock").remove(hash);
     }
 
     #[cfg(test)]
     fn clear(&self) {
-        self.seen.lock().expect("seen lately lock").clear();
+        self.seen.lock().expect("known tokens lock").clear();
     }
 }
 
@@ -303,7 +295,7 @@ impl Accounts {
             token_ttl,
             throttle: Throttle::default(),
             checks: Arc::new(tokio::sync::Semaphore::new(checks.max(1))),
-            known: SeenLately::new(KNOWN_TOKENS, KNOWN_TOKEN_IDLE),
+            known: KnownTokens::default(),
             logged_in: LoggedIn::default(),
         }
     }
@@ -1446,7 +1438,7 @@ mod tests {
 
     #[test]
     fn known_tokens_are_held_up_to_their_cap() {
-        let known = SeenLately::new(KNOWN_TOKENS, KNOWN_TOKEN_IDLE);
+        let known = KnownTokens::default();
         let hash = |i: usize| {
             let mut h = [0u8; 32];
             h[..8].copy_from_slice(&(i as u64).to_be_bytes());

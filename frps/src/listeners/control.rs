@@ -103,8 +103,9 @@ async fn session(
         state.plugins.handles(Op::NewProxy) || state.plugins.handles(Op::CloseProxy);
     let admitted = match validate(&registration) {
         Ok(()) if proxy_plugins => {
-            let lookup = state.store.client_id_owner(&registration.client_id);
-            owned_by(state, &registration.client_id, owner.user_id, lookup).await
+            let id = &registration.client_id;
+            let bound = bound_to(state, id, state.store.client_id_owner(id)).await;
+            bound.and_then(|bound| owned_by(id, owner.user_id, bound))
         }
         Ok(()) => Ok(()),
         Err(refusal) => Err(refusal),
@@ -375,44 +376,42 @@ async fn login(
 async fn claim_id(state: &State, reg: &Registration, user_id: i64) -> Result<(), (String, bool)> {
     let most = state.config.max_client_ids;
     let claim = state.store.claim_client_id(&reg.client_id, user_id, most);
-    let mut full = false;
-    let owner = async {
-        let owner = claim.await?;
-        full = owner.is_none();
-        // Held by nobody: this account's, had it room.
-        Ok(owner.or(Some(user_id)))
-    };
-    owned_by(state, &reg.client_id, user_id, owner).await?;
-    if full {
-        // Not a retry's to fix: an operator's (or the account's other ids
-        // released).
-        return Err((
+    match bound_to(state, &reg.client_id, claim).await? {
+        Some(owner) => owned_by(&reg.client_id, user_id, Some(owner)),
+        // Not bound, the account having no room: not a retry's to fix but
+        // an operator's (or the account's other ids released).
+        None => Err((
             format!(
                 "this account has reached its limit of {most} client ids (--max-client-ids); ask the operator to release unused ones (`frps client release <id>`), or reuse one"
             ),
             false,
-        ));
+        )),
     }
-    Ok(())
 }
 
-/// Whether client id `id` may be `user_id`'s, as `lookup` (the account it
-/// is bound to, if any) says; on refusal, the reason and whether a retry
-/// can succeed.
-async fn owned_by(
-    state: &State,
-    id: &str,
-    user_id: i64,
-    lookup: impl Future<Output = Result<Option<i64>, crate::store::StoreError>>,
-) -> Result<(), (String, bool)> {
-    let hs = state.config.handshake_timeout;
-    match tokio::time::timeout(hs, lookup).await {
-        Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(owner))) if owner == user_id => Ok(()),
-        Ok(Ok(Some(_))) => Err((
+/// Whether client id `id` may be `user_id`'s, bound as it is to `owner`
+/// (`None`: to no account); on refusal, the reason (a retry cannot help).
+fn owned_by(id: &str, user_id: i64, owner: Option<i64>) -> Result<(), (String, bool)> {
+    match owner {
+        Some(owner) if owner != user_id => Err((
             format!("client id '{id}' belongs to another account; choose another --client-id"),
             false,
         )),
+        _ => Ok(()),
+    }
+}
+
+/// The account client id `id` is bound to, if any, as `lookup` says
+/// within the handshake timeout; on failure, the reason and that a retry
+/// can succeed.
+async fn bound_to(
+    state: &State,
+    id: &str,
+    lookup: impl Future<Output = Result<Option<i64>, crate::store::StoreError>>,
+) -> Result<Option<i64>, (String, bool)> {
+    let hs = state.config.handshake_timeout;
+    match tokio::time::timeout(hs, lookup).await {
+        Ok(Ok(owner)) => Ok(owner),
         Ok(Err(e)) => {
             // The database's own words stay in frps's log: a box's owner
             // gets no view of the server's internals.

@@ -2000,6 +2000,11 @@ impl UploadClock {
         held: impl std::fmt::Debug + Send + 'static,
         idle: std::time::Duration,
     ) {
+        // Nothing to watch it with, it is given back (frps runs on tokio:
+        // not seen).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         {
             let mut clock = self.lock();
             if matches!(clock.at, Upload::Finished(_)) || clock.gone {
@@ -2009,12 +2014,6 @@ impl UploadClock {
             }
             clock.held = Some(Box::new(held));
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // Nothing to watch it with (frps runs on tokio: not seen).
-            let held = self.lock().held.take();
-            drop(held);
-            return;
-        };
         let clock = Arc::downgrade(self);
         let given_back = self.given_back.clone();
         runtime.spawn(async move {

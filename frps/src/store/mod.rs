@@ -839,28 +839,56 @@ impl Store {
     /// Binds `client_id` to `user_id` unless it is bound already, in one
     /// statement (two frps sharing a database cannot both bind it), or the
     /// account holds `most` ids already; returns the account it belongs to
-    /// (`None`: it is not bound, as the account has no room for it).
+    /// (`None`: it is not bound, as the account has no room for it). An id
+    /// already bound is only looked up; new ids of one account are bound
+    /// one at a time, so the cap is exact however many register at once.
     pub async fn claim_client_id(
         &self,
         client_id: &str,
         user_id: i64,
         most: u32,
     ) -> Result<Option<i64>, StoreError> {
-        // The no-op update makes RETURNING yield the row already there. The
-        // count is read before the insert: registrations of new ids for one
-        // account at the same moment may each see room for one more.
+        if let Some(owner) = self.client_id_owner(client_id).await? {
+            return Ok(Some(owner));
+        }
+        // The no-op update makes RETURNING yield a row bound meanwhile.
+        // SQLite takes its write lock before the statement reads the count;
+        // on PostgreSQL, whose snapshot would not see another transaction's
+        // insert, claims for one account first queue on its row's lock.
         const SQL: &str = "INSERT INTO client_ids (id, user_id, created_at)
             SELECT $1, $2, $3
             WHERE (SELECT COUNT(*) FROM client_ids WHERE user_id = $2) < $4
             ON CONFLICT (id) DO UPDATE SET id = excluded.id
             RETURNING user_id";
-        let owner: Option<(i64,)> = on_pool!(self, p => sqlx::query_as(SQL)
-            .bind(client_id).bind(user_id).bind(now()).bind(i64::from(most))
-            .fetch_optional(p).await?);
+        const LOCK: &str = "SELECT 1 FROM users WHERE id = $1 FOR UPDATE";
+        let at = now();
+        let most = i64::from(most);
+        let owner: Option<(i64,)> = match self {
+            Store::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query(LOCK).bind(user_id).execute(&mut *tx).await?;
+                let claim = sqlx::query_as(SQL)
+                    .bind(client_id)
+                    .bind(user_id)
+                    .bind(at)
+                    .bind(most);
+                let owner = claim.fetch_optional(&mut *tx).await?;
+                tx.commit().await?;
+                owner
+            }
+            Store::Sqlite(p) => {
+                let claim = sqlx::query_as(SQL)
+                    .bind(client_id)
+                    .bind(user_id)
+                    .bind(at)
+                    .bind(most);
+                claim.fetch_optional(p).await?
+            }
+        };
         match owner {
             Some((owner,)) => Ok(Some(owner)),
-            // At its cap, the account may still register the ids it holds,
-            // and hear whose an id another account holds is.
+            // At its cap: the id may have been bound by another account
+            // since the look-up.
             None => self.client_id_owner(client_id).await,
         }
     }

@@ -2379,6 +2379,47 @@ on_both_databases!(
     client_ids_stop_at_the_accounts_cap
 );
 
+/// Sixteen new ids of one account claimed at once against a cap of five,
+/// on `url`'s database: exactly five are bound, however the claims
+/// interleave; another account's claims at the same time are not held to
+/// it.
+async fn concurrent_claims_stop_at_the_cap(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let alice = store.create_user("alice@example.com", "h").await.unwrap();
+    let bob = store.create_user("bob@example.com", "h").await.unwrap();
+    let claims = (0..16).map(|i| {
+        let store = store.clone();
+        let user = if i % 4 == 0 { bob.id } else { alice.id };
+        tokio::spawn(async move {
+            let id = format!("gpu-{i}");
+            (user, store.claim_client_id(&id, user, 5).await.unwrap())
+        })
+    });
+    let mut bound = std::collections::HashMap::<i64, usize>::new();
+    for claim in futures_util::future::join_all(claims).await {
+        let (user, owner) = claim.unwrap();
+        match owner {
+            Some(owner) => {
+                assert_eq!(owner, user);
+                *bound.entry(user).or_default() += 1;
+            }
+            None => assert_eq!(user, alice.id, "bob claims four ids only"),
+        }
+    }
+    assert_eq!(bound[&alice.id], 5, "{bound:?}");
+    assert_eq!(bound[&bob.id], 4, "{bound:?}");
+    let rows = store.list_client_ids().await.unwrap();
+    let held = |user: i64| rows.iter().filter(|r| r.user_id == user).count();
+    assert_eq!((held(alice.id), held(bob.id)), (5, 4));
+    store.close().await;
+}
+
+on_both_databases!(
+    concurrent_claims_stop_at_the_cap_on_sqlite,
+    concurrent_claims_stop_at_the_cap_on_postgres,
+    concurrent_claims_stop_at_the_cap
+);
+
 on_both_databases!(
     listings_page_on_sqlite,
     listings_page_on_postgres,
