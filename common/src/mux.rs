@@ -211,6 +211,9 @@ struct StreamState {
     reset: Option<Arc<str>>,
     /// That reset was this side's (a shed, or [`MuxStream::reset`]).
     reset_here: bool,
+    /// Received bytes were thrown away unread (a shed, or a reset here):
+    /// an end that arrived is not the end of what the reader got.
+    thrown: bool,
 }
 
 impl StreamState {
@@ -229,6 +232,7 @@ impl StreamState {
             wants_room: false,
             reset: None,
             reset_here: false,
+            thrown: false,
         }
     }
 
@@ -245,7 +249,9 @@ impl StreamState {
     fn discard(&mut self) -> usize {
         self.recv.clear();
         self.tail = BytesMut::new();
-        std::mem::take(&mut self.held)
+        let held = std::mem::take(&mut self.held);
+        self.thrown |= held > 0;
+        held
     }
 
     fn wake_all(&mut self) {
@@ -871,8 +877,10 @@ impl AsyncRead for MuxStream {
             }
             return Poll::Ready(Ok(()));
         }
-        // An end that arrived before a reset still reads as the end.
-        if st.recv_fin {
+        // An end that arrived before a reset still reads as the end,
+        // unless bytes before it were thrown away here (the reader would
+        // take a cut stream for a whole one).
+        if st.recv_fin && !st.thrown {
             return Poll::Ready(Ok(()));
         }
         if let Some(reason) = &st.reset {
@@ -1168,6 +1176,63 @@ mod tests {
         })
         .await;
         drop(far.remove(1));
+        assert_eq!(buffered(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_shed_after_its_end_arrived_reads_as_cut_not_ended() {
+        let (acceptor, mut near, mut far) = budgeted(2 * WINDOW as usize, 3).await;
+        let window = WINDOW as usize;
+        let buffered = || acceptor.shared.lock().buffered;
+        // The first's whole answer and its end arrive; nobody reads them.
+        near[0].write_all(&vec![1u8; window]).await.unwrap();
+        near[0].shutdown().await.unwrap();
+        within("held", async {
+            while buffered() < window || !acceptor.shared.lock().streams[&far[0].id].recv_fin {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        near[1].write_all(&vec![2u8; window / 2]).await.unwrap();
+        near[2].write_all(&vec![3u8; window - 1000]).await.unwrap();
+        // Shed, its bytes thrown away: the reader hears so, not a clean end.
+        let mut got = Vec::new();
+        let err = within("read", far[0].read_to_end(&mut got))
+            .await
+            .unwrap_err();
+        assert!(got.is_empty());
+        let reset = StreamReset::find(&err).expect("a reset");
+        assert!(reset.is_shed() && reset.here, "{err}");
+        read_fills(&mut far[1..], [(2, window / 2), (3, window - 1000)]).await;
+        // A reset here that throws nothing away leaves an end an end.
+        near[1].write_all(b"whole").await.unwrap();
+        near[1].shutdown().await.unwrap();
+        let mut whole = [0u8; 5];
+        within("read", far[1].read_exact(&mut whole)).await.unwrap();
+        within("end", async {
+            while !acceptor.shared.lock().streams[&far[1].id].recv_fin {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        far[1].reset("done with it");
+        let mut rest = Vec::new();
+        within("read", far[1].read_to_end(&mut rest)).await.unwrap();
+        assert!(rest.is_empty());
+        // One with bytes unread does not.
+        near[2].write_all(b"unread").await.unwrap();
+        near[2].shutdown().await.unwrap();
+        within("end", async {
+            while !acceptor.shared.lock().streams[&far[2].id].recv_fin {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        far[2].reset("done with it");
+        let err = within("read", far[2].read_to_end(&mut rest))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(buffered(), 0);
     }
 
