@@ -82,16 +82,25 @@ pub const MAX_MODELS: usize = 1024;
 pub const MAX_MODEL_NAME: usize = 256;
 
 /// `models` as frps keeps them: names of 1 to [`MAX_MODEL_NAME`] bytes
-/// without control characters, at most [`MAX_MODELS`] of them; and how
-/// many were dropped.
+/// without control characters, each once, at most [`MAX_MODELS`] of them;
+/// and how many were dropped.
 pub fn within_limits(mut models: Vec<ModelInfo>) -> (Vec<ModelInfo>, usize) {
     let announced = models.len();
+    // A name said twice is one model (the size said first kept), and not a
+    // dropped one: the fleet's listing names each box once per model.
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = 0;
     models.retain(|m| {
-        (1..=MAX_MODEL_NAME).contains(&m.name.len()) && !m.name.contains(char::is_control)
+        if !(1..=MAX_MODEL_NAME).contains(&m.name.len()) || m.name.contains(char::is_control) {
+            return false;
+        }
+        let new = seen.insert(m.name.clone());
+        repeated += usize::from(!new);
+        new
     });
     models.truncate(MAX_MODELS);
     models.shrink_to_fit();
-    let dropped = announced - models.len();
+    let dropped = announced - repeated - models.len();
     (models, dropped)
 }
 
@@ -225,6 +234,21 @@ impl ClientHandle {
         ended
     }
 
+    /// Notes the box's report that its local service is up again: a
+    /// cool-down running ends, once between successes (a box flipping its
+    /// report cannot keep out of its cool-downs), and the failures and
+    /// sheds stay counted (its next failure cools it down again, for
+    /// longer). Returns whether a cool-down ended.
+    pub fn record_service_up(&self) -> bool {
+        let mut h = self.health.lock().expect("health lock");
+        let ended = !h.forgiven && h.until.is_some_and(|t| Instant::now() < t);
+        if ended {
+            h.until = None;
+            h.forgiven = true;
+        }
+        ended
+    }
+
     /// Notes a request's tunnel stream shed for its connection's receive
     /// budget before an answer, or a dial-back frpc refused for want of room
     /// (`--max-data-connections`): the box busy, not failing; true once more
@@ -305,13 +329,16 @@ struct Health {
     until: Option<Instant>,
     /// Streams shed since the last success.
     sheds: u32,
+    /// A report of the service up again ended a cool-down since the last
+    /// success.
+    forgiven: bool,
 }
 
 impl Health {
     /// Whether there is anything to remember: failures, sheds, or a
     /// cool-down.
     fn is_clean(&self) -> bool {
-        self.failures == 0 && self.until.is_none() && self.sheds == 0
+        self.failures == 0 && self.until.is_none() && self.sheds == 0 && !self.forgiven
     }
 }
 
@@ -752,5 +779,57 @@ mod tests {
         assert!(reg.remove(&fourth));
         assert!(!add("gpu").is_cooling_down());
         assert!(reg.health_left.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_model_said_twice_is_kept_once_and_not_counted_as_dropped() {
+        let model = |name: &str, size| ModelInfo {
+            name: name.into(),
+            size,
+        };
+        let (kept, dropped) = within_limits(vec![
+            model("llama3", Some(1)),
+            model("", None),
+            model("qwen", None),
+            model("llama3", Some(2)),
+            model("bad\n", None),
+            model("qwen", None),
+        ]);
+        assert_eq!(kept, vec![model("llama3", Some(1)), model("qwen", None)]);
+        assert_eq!(dropped, 2, "the empty and the control-character names");
+        // Past the cap, distinct names are dropped and counted; repeats of
+        // kept ones are not.
+        let mut many: Vec<_> = (0..MAX_MODELS + 3)
+            .map(|i| model(&format!("m{i}"), None))
+            .collect();
+        many.insert(1, model("m0", None));
+        let (kept, dropped) = within_limits(many);
+        assert_eq!(kept.len(), MAX_MODELS);
+        assert_eq!(kept[1].name, "m1");
+        assert_eq!(dropped, 3);
+    }
+
+    #[test]
+    fn a_report_of_the_service_up_again_ends_one_cool_down_between_successes() {
+        let reg = Registry::default();
+        let gpu = super::testing::add(&reg, "gpu", &[], None);
+        assert!(!gpu.record_service_up(), "nothing to end");
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            gpu.record_failure();
+        }
+        assert!(gpu.record_service_up());
+        assert!(!gpu.is_cooling_down());
+        // Its failures stay counted: the next one cools it down again, for
+        // longer, and flipping its report does not end that one.
+        assert_eq!(gpu.record_failure(), Some(COOLDOWN_BASE * 2));
+        assert!(!gpu.record_service_up());
+        assert!(gpu.is_cooling_down());
+        // A success forgets it all.
+        gpu.record_success();
+        assert!(!gpu.is_cooling_down());
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            gpu.record_failure();
+        }
+        assert!(gpu.record_service_up());
     }
 }

@@ -727,15 +727,15 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             }
             client.set_service_up(service_up);
             let models_changed = client.set_models(kept_models(&client.id, models));
+            // The service back up ends a failure cool-down (the wake below
+            // tells the queues), once between successes: the report is the
+            // box's word, not a request served.
+            if health_changed && service_up {
+                client.record_service_up();
+            }
             // frpc reports only changes: one that changes nothing (a peer
-            // repeating itself) neither ends a cool-down nor wakes every
-            // queue to look again.
+            // repeating itself) does not wake every queue to look again.
             if health_changed || models_changed {
-                if service_up {
-                    // A healthy report ends a failure cool-down (the wake
-                    // below tells the queues).
-                    client.record_success();
-                }
                 state.queues.wake_all();
             }
             None

@@ -208,7 +208,7 @@ async fn an_account_past_its_client_ids_cannot_claim_another() {
 /// that changes nothing, however often repeated, does not end a failure
 /// cool-down (nor wake the queues); a real change does.
 #[tokio::test]
-async fn a_models_report_that_changes_nothing_changes_nothing() {
+async fn a_models_report_ends_a_cool_down_only_as_the_service_back_up_once() {
     use common::protocol::ModelInfo;
     let fleet = Fleet::start(0).await;
     let frps = &fleet.frps;
@@ -222,12 +222,8 @@ async fn a_models_report_that_changes_nothing_changes_nothing() {
     // Handled in order: once the heartbeat's answer is back, so is all
     // that came before it.
     let mut seq = 0;
-    let mut report = async |c: &mut FakeClient, models: Vec<ModelInfo>| {
-        c.send(Command::ModelsUpdate {
-            models,
-            service_up: true,
-        })
-        .await;
+    let mut report = async |c: &mut FakeClient, models: Vec<ModelInfo>, service_up: bool| {
+        c.send(Command::ModelsUpdate { models, service_up }).await;
         seq += 1;
         c.send(Command::Heartbeat { seq }).await;
         loop {
@@ -238,7 +234,7 @@ async fn a_models_report_that_changes_nothing_changes_nothing() {
             }
         }
     };
-    report(&mut c, vec![model("a:latest")]).await;
+    report(&mut c, vec![model("a:latest")], true).await;
     let client = frps.state.registry.get("gpu-m").expect("registered");
     assert_eq!(client.models(), vec![model("a:latest")]);
     // Failures enough for the longest cool-down (60 s).
@@ -247,15 +243,36 @@ async fn a_models_report_that_changes_nothing_changes_nothing() {
     }
     assert!(client.is_cooling_down());
     for _ in 0..50 {
-        report(&mut c, vec![model("a:latest")]).await;
+        report(&mut c, vec![model("a:latest")], true).await;
     }
     assert!(
         client.is_cooling_down(),
         "an unchanged report ended the cool-down"
     );
-    report(&mut c, vec![model("a:latest"), model("b:latest")]).await;
-    assert!(!client.is_cooling_down(), "a healthy change ends it");
+    // Nor does a change of models (a box could flip them for ever).
+    for n in 0..10 {
+        let models = (0..=n % 2).map(|i| model(&format!("m{i}"))).collect();
+        report(&mut c, models, true).await;
+    }
+    assert!(client.is_cooling_down(), "a change of models ended it");
     assert_eq!(client.models().len(), 2);
+    // The service back up ends it, once: the box's next failure cools it
+    // down again, and flipping its health does not end that one.
+    report(&mut c, vec![model("a:latest")], false).await;
+    assert!(!client.is_healthy());
+    report(&mut c, vec![model("a:latest")], true).await;
+    assert!(!client.is_cooling_down(), "the service back up ends it");
+    assert!(client.record_failure().is_some(), "cooled down again");
+    for up in [false, true, false, true] {
+        report(&mut c, vec![model("a:latest")], up).await;
+    }
+    assert!(
+        client.is_cooling_down(),
+        "flipping its health ended it again"
+    );
+    // A request served ends it.
+    client.record_success();
+    assert!(!client.is_cooling_down());
 }
 
 /// An id the operator released while its previous owner is still online:
