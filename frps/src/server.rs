@@ -48,6 +48,12 @@ impl Server {
     /// Binds every listener from `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         match config.admin_token() {
+            // A header carries visible ASCII only, and frps trims what it
+            // is sent: such a token (one read with the `\r` of a CRLF env
+            // file, say) could never be presented.
+            Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => anyhow::bail!(
+                "the admin token holds a space, a control character (a line end left from the file it came from?) or a non-ASCII character: a request cannot present it. Use visible ASCII only (`openssl rand -hex 32`)"
+            ),
             None if !config.api_bind.is_loopback() => anyhow::bail!(
                 "refusing to expose the management API on {} without an admin token: it lists the fleet and can disconnect clients. Set --admin-token (or FRPX_ADMIN_TOKEN), or keep --api-bind on 127.0.0.1",
                 config.api_bind

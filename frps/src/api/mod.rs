@@ -566,10 +566,10 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
             "too many wrong admin tokens from this address: wait before trying again",
         )
         .into_response();
-        let secs = wait.as_secs().max(1).to_string();
-        if let Ok(v) = HeaderValue::from_str(&secs) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
+        // Rounded up: a client waiting as told is let in.
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         return resp;
     }
     match digest {

@@ -580,8 +580,12 @@ impl Store {
 
     /// The users in `window` (keyed by id), oldest first.
     pub async fn list_users_in(&self, window: Window<i64>) -> Result<Vec<UserRow>, StoreError> {
-        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
-            WHERE id > $1 ORDER BY id LIMIT $2";
+        // The listing shows no hash: an application's own table that leaves
+        // it NULL for some accounts (named in a warning at start) still
+        // lists them, instead of failing every page from that row on.
+        const SQL: &str =
+            "SELECT id, email, COALESCE(password_hash, '') AS password_hash, created_at
+            FROM users WHERE id > $1 ORDER BY id LIMIT $2";
         let after = window.after.unwrap_or(i64::MIN);
         Ok(
             on_pool!(self, p => sqlx::query_as(SQL).bind(after).bind(window.limit()).fetch_all(p).await?),

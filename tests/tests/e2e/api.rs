@@ -290,6 +290,12 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
             .parse()
             .unwrap();
         assert!((1..=60).contains(&wait), "Retry-After {wait}");
+        // Rounded up: a client waiting as told is not refused again.
+        let left = frps.state.admin_failures.check(api.ip()).unwrap_err();
+        assert!(
+            Duration::from_secs(wait) >= left,
+            "Retry-After {wait} s, {left:?} left"
+        );
     }
     // What needs no token still answers.
     assert_eq!(http::get(api, "/api/health", None).await.status, 200);
@@ -422,6 +428,25 @@ async fn binding_the_api_publicly_without_a_token_is_refused() {
     cfg.admin_token = Some("x".repeat(frps::api::STRONG_ADMIN_TOKEN));
     let server = Server::bind(cfg).await.expect("allowed with a token");
     assert!(server.addrs().api.ip().is_unspecified());
+}
+
+#[tokio::test]
+async fn an_admin_token_no_request_could_present_is_refused_at_start() {
+    let strong = "x".repeat(frps::api::STRONG_ADMIN_TOKEN);
+    for token in [
+        format!("{strong}\r"),
+        format!(" {strong}"),
+        format!("{strong}é"),
+        format!("x y{strong}"),
+    ] {
+        let mut cfg = frps_config();
+        cfg.admin_token = Some(token.clone());
+        let err = Server::bind(cfg).await.err().expect("refused");
+        assert!(
+            err.to_string().contains("visible ASCII"),
+            "{token:?}: {err}"
+        );
+    }
 }
 
 #[tokio::test]

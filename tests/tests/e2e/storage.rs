@@ -2379,6 +2379,39 @@ on_both_databases!(
     client_ids_stop_at_the_accounts_cap
 );
 
+/// An application's own `users` table may leave `password_hash` NULL for
+/// accounts that log in elsewhere (frps warns at start): the listing, which
+/// shows no hash, still lists them and the rows after them.
+#[tokio::test]
+async fn users_without_a_password_hash_are_listed() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let first = store.create_user("first@example.com", "h").await.unwrap();
+    exec(
+        &store,
+        "ALTER TABLE users ALTER COLUMN password_hash DROP NOT NULL",
+    )
+    .await;
+    exec(
+        &store,
+        "INSERT INTO users (email, password_hash, created_at, updated_at)
+         VALUES ('sso@example.com', NULL, NOW(), NOW())",
+    )
+    .await;
+    let last = store.create_user("last@example.com", "h").await.unwrap();
+    let listed = store.list_users_in(frps::store::Window::ALL).await.unwrap();
+    let emails: Vec<_> = listed.iter().map(|u| u.email.as_str()).collect();
+    assert_eq!(
+        emails,
+        ["first@example.com", "sso@example.com", "last@example.com"]
+    );
+    assert_eq!((listed[0].id, listed[2].id), (first.id, last.id));
+    store.close().await;
+    pg.drop_db().await;
+}
+
 /// Sixteen new ids of one account claimed at once against a cap of five,
 /// on `url`'s database: exactly five are bound, however the claims
 /// interleave; another account's claims at the same time are not held to
