@@ -83,6 +83,10 @@ pub enum Command {
         /// `unavailable` (retry later), `protocol_error`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         code: Option<String>,
+        /// With `throttled`: how long to wait before trying again, in
+        /// milliseconds (an attempt sooner is refused the same way).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
     /// frpc → frps (control, after a successful login): announce this client
     /// and the service it exposes. Answered by [`Command::Registered`] or
@@ -446,7 +450,8 @@ mod tests {
                 token: None,
                 expires_at: None,
                 reason: None,
-                code: None
+                code: None,
+                retry_after_ms: None,
             }
         );
     }

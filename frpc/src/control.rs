@@ -61,6 +61,15 @@ pub enum SessionError {
     /// Anything else: reconnect after backoff.
     #[error("{0}")]
     Retry(String),
+    /// frps cannot log us in now and said for how long: reconnect after
+    /// backoff, and not before `at_least`.
+    #[error("{reason}")]
+    Wait {
+        /// What frps said.
+        reason: String,
+        /// frps's hint, at most [`LONGEST_WAIT_HINT`].
+        at_least: Duration,
+    },
     /// The saved token was refused: reconnect at once and log in with a password.
     #[error("saved token refused")]
     Relogin,
@@ -215,6 +224,7 @@ impl Client {
     /// unsupported protocol): it never exits because the server went away.
     pub async fn run(self) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(self.config.reconnect_min, self.config.reconnect_max);
+        let mut floor = Duration::ZERO;
         let result = loop {
             let mut registered = None;
             let ended = self.session(&mut registered).await;
@@ -249,9 +259,14 @@ impl Client {
                 }
                 Err(SessionError::Fatal(reason)) => break Err(anyhow::anyhow!(reason)),
                 Err(SessionError::Retry(reason)) => warn!("{reason}"),
+                Err(SessionError::Wait { reason, at_least }) => {
+                    warn!("{reason}");
+                    floor = at_least;
+                }
                 Err(SessionError::Relogin) => continue,
             }
-            let delay = backoff.next_delay();
+            // An attempt sooner than frps asked would only be refused again.
+            let delay = backoff.next_delay().max(std::mem::take(&mut floor));
             info!(
                 "reconnecting to {} in {delay:.1?}",
                 self.config.control_addr()
@@ -627,7 +642,12 @@ impl Client {
                 }
                 Ok(())
             }
-            Command::LoginResult { reason, code, .. } => {
+            Command::LoginResult {
+                reason,
+                code,
+                retry_after_ms,
+                ..
+            } => {
                 let reason = reason.map_or_else(|| "no reason given".into(), |r| from_frps(&r));
                 match code.as_deref() {
                     Some("token_invalid" | "token_expired") => {
@@ -637,9 +657,7 @@ impl Client {
                         self.refuse_token(refused_token);
                         Err(SessionError::Relogin)
                     }
-                    Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
-                        "frps cannot log us in now: {reason}"
-                    ))),
+                    Some("unavailable" | "throttled") => Err(not_now(reason, retry_after_ms)),
                     _ => Err(SessionError::Fatal(format!(
                         "frps refused the login: {reason}"
                     ))),
@@ -687,14 +705,17 @@ impl Client {
             Command::LoginResult { ok: true, .. } => Err(SessionError::Retry(
                 "frps accepted the login but sent no token".into(),
             )),
-            Command::LoginResult { reason, code, .. } => {
+            Command::LoginResult {
+                reason,
+                code,
+                retry_after_ms,
+                ..
+            } => {
                 let reason = reason.map_or_else(|| "no reason given".into(), |r| from_frps(&r));
                 match code.as_deref() {
                     // Too many attempts from this address (another box behind
                     // the same NAT, or several logging in at once): wait.
-                    Some("unavailable" | "throttled") => Err(SessionError::Retry(format!(
-                        "frps cannot log us in now: {reason}"
-                    ))),
+                    Some("unavailable" | "throttled") => Err(not_now(reason, retry_after_ms)),
                     _ => Err(SessionError::Fatal(format!("login failed: {reason}"))),
                 }
             }
@@ -1011,6 +1032,23 @@ async fn answered_within(
             "cannot read credentials: {e:#}"
         ))),
         Ok(Ok(Ok(creds))) => Ok(creds),
+    }
+}
+
+/// Longest wait frps's hint on a refused login makes frpc keep to (its
+/// own throttle asks for a minute at most).
+pub const LONGEST_WAIT_HINT: Duration = Duration::from_secs(300);
+
+/// A login frps cannot grant now (`throttled`, `unavailable`): retried
+/// after backoff, and not before frps's `retry_after_ms` when it gave one.
+fn not_now(reason: String, retry_after_ms: Option<u64>) -> SessionError {
+    let reason = format!("frps cannot log us in now: {reason}");
+    match retry_after_ms {
+        Some(ms) => SessionError::Wait {
+            reason,
+            at_least: Duration::from_millis(ms).min(LONGEST_WAIT_HINT),
+        },
+        None => SessionError::Retry(reason),
     }
 }
 
@@ -1501,6 +1539,21 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn frps_asking_for_a_wait_is_kept_to_within_reason() {
+        let wait = |ms| match not_now("throttled".into(), ms) {
+            SessionError::Wait { at_least, reason } => {
+                assert!(reason.contains("throttled"), "{reason}");
+                Some(at_least)
+            }
+            SessionError::Retry(_) => None,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(wait(Some(1500)), Some(Duration::from_millis(1500)));
+        assert_eq!(wait(Some(u64::MAX)), Some(LONGEST_WAIT_HINT));
+        assert_eq!(wait(None), None, "an frps that gives no hint");
     }
 
     #[tokio::test(start_paused = true)]

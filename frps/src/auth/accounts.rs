@@ -30,7 +30,7 @@ pub enum LoginError {
     TokenExpired,
     /// Too many recent failures for this email or address, or another
     /// attempt for either is still being checked.
-    #[error("too many failed logins; retry in {}s", .0.as_secs().max(1))]
+    #[error("too many failed logins; retry in {}s", .0.as_millis().div_ceil(1000).max(1))]
     Throttled(Duration),
     /// As many password checks as the server runs at once are under way.
     #[error("too many logins in progress; retry in {}s", BUSY_RETRY.as_secs())]
@@ -52,6 +52,16 @@ impl LoginError {
             LoginError::TokenExpired => "token_expired",
             LoginError::Throttled(_) | LoginError::Busy => "throttled",
             LoginError::Unavailable | LoginError::NoStore => "unavailable",
+        }
+    }
+
+    /// How long a refused caller should wait before trying again, when
+    /// an attempt sooner is refused the same way.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LoginError::Throttled(wait) => Some(*wait),
+            LoginError::Busy => Some(BUSY_RETRY),
+            _ => None,
         }
     }
 }

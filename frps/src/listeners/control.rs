@@ -332,6 +332,7 @@ async fn login(
                 expires_at: None,
                 reason: Some(reason.clone()),
                 code: Some("protocol_error".into()),
+                retry_after_ms: None,
             };
             send(wr, &refused, hs).await?;
             return Err(ControlError::Refused(reason));
@@ -350,6 +351,7 @@ async fn login(
                 expires_at,
                 reason: None,
                 code: None,
+                retry_after_ms: None,
             };
             send(wr, &ok, hs).await?;
             Ok(principal)
@@ -361,6 +363,9 @@ async fn login(
                 expires_at: None,
                 reason: Some(e.to_string()),
                 code: Some(e.code().into()),
+                retry_after_ms: e
+                    .retry_after()
+                    .map(|wait| u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
             };
             send(wr, &refused, hs).await?;
             Err(ControlError::Refused(format!("login failed: {e}")))

@@ -892,6 +892,7 @@ async fn frpc_skips_commands_it_does_not_know_during_the_handshake() {
             expires_at: None,
             reason: None,
             code: None,
+            retry_after_ms: None,
         },
     )
     .await
