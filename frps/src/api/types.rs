@@ -89,11 +89,12 @@ impl ClientSummary {
 
 /// Parts of a meta's key that mark its value as secret (e.g. frp's
 /// `meta_token`, which server plugins check).
-const SECRET_META_WORDS: [&str; 10] = [
+const SECRET_META_WORDS: [&str; 9] = [
     "token",
     "secret",
-    "password",
-    "passwd",
+    // password, passwd, passphrase, db_pass (a harmless word masked too,
+    // `bypass`, is the lesser harm).
+    "pass",
     "pwd",
     "key",
     "auth",
@@ -426,6 +427,8 @@ mod tests {
             ("db_password", "pw"),
             ("clientSecret", "s"),
             ("smtp_passwd", "p"),
+            ("db_pass", "p"),
+            ("gpg_passphrase", "p"),
             ("Authorization", "Basic eDp5"),
             ("session_cookie", "c"),
             ("db_url", "postgres://frpx:hunter2@db:5432/frpx"),
@@ -445,6 +448,8 @@ mod tests {
             "db_password",
             "clientSecret",
             "smtp_passwd",
+            "db_pass",
+            "gpg_passphrase",
             "Authorization",
             "session_cookie",
             "db_url",
