@@ -386,7 +386,8 @@ impl Client {
     /// password login, or a renewal once saved), else the file's; one frps
     /// refused in this process, one for another frps and an expired one
     /// are passed over. An error when the token file exists but cannot be
-    /// read (and no token is held).
+    /// read and this process holds no usable token of its own (one that
+    /// looks expired, or a renewal it could not save).
     async fn usable_saved_token(&self) -> Result<Option<login::SavedToken>, login::ReadError> {
         let server = self.config.control_addr();
         let refused = self.refused.lock().expect("refused lock").clone();
@@ -435,7 +436,20 @@ impl Client {
         let path = self.config.token_file.clone();
         let read = tokio::task::spawn_blocking(move || login::read(&path))
             .await
-            .unwrap_or(Ok(None))?;
+            .unwrap_or(Ok(None));
+        let read = match read {
+            Ok(read) => read,
+            // Unreadable (replaced by a `sudo frpc` run, say), with a token
+            // of this process's own to log in with: that one, rather than
+            // retrying until someone fixes the file.
+            Err(e) => {
+                let Some(own) = held.as_ref().or(unsaved.as_ref()).filter(|t| usable(t)) else {
+                    return Err(e);
+                };
+                warn!("{e}; logging in with the token this frpc holds instead");
+                return Ok(Some(own.clone()));
+            }
+        };
         let candidates: Vec<login::SavedToken> =
             [held, read.filter(usable), unsaved.filter(usable)]
                 .into_iter()
@@ -1319,6 +1333,12 @@ mod tests {
         let client = client_saving_to(&blocked.join("token.json"));
         client.renewed("frpxc_unsaved".into(), None).await.unwrap();
         assert!(client.tokens.lock().unwrap().current.is_none());
+        // The file cannot be read either: the renewal this process holds
+        // logs in, rather than a retry until the file is mended.
+        assert_eq!(
+            client.usable_saved_token().await.unwrap().unwrap().token,
+            "frpxc_unsaved"
+        );
         assert_eq!(
             client
                 .tokens
