@@ -159,6 +159,9 @@ struct Tokens {
     /// without it, a box with no password would stop for good when the
     /// token it could not replace ran out.
     unsaved: Option<login::SavedToken>,
+    /// The token file's token as this process last read it: logged in with
+    /// when the file can no longer be read.
+    read: Option<login::SavedToken>,
     /// Counts the tokens received: a write or a renewal overtaken by a
     /// later one is dropped.
     turn: u64,
@@ -385,15 +388,16 @@ impl Client {
     /// The token to log in with: the one this process holds (from a
     /// password login, or a renewal once saved), else the file's; one frps
     /// refused in this process, one for another frps and an expired one
-    /// are passed over. An error when the token file exists but cannot be
-    /// read and this process holds no usable token of its own (one that
-    /// looks expired, or a renewal it could not save).
+    /// are passed over. When the token file exists but cannot be read, the
+    /// token it held when last read (or the one held, should it only look
+    /// expired); an error without either.
     async fn usable_saved_token(&self) -> Result<Option<login::SavedToken>, login::ReadError> {
         let server = self.config.control_addr();
         let refused = self.refused.lock().expect("refused lock").clone();
-        let (held, unsaved) = {
+        let (held, unsaved, last_read) = {
             let tokens = self.tokens.lock().expect("token lock");
-            (tokens.current.clone(), tokens.unsaved.clone())
+            let t = &*tokens;
+            (t.current.clone(), t.unsaved.clone(), t.read.clone())
         };
         // Without a password to fall back on, a token that only looks
         // expired by this machine's clock (booted weeks ahead, before NTP
@@ -438,15 +442,24 @@ impl Client {
             .await
             .unwrap_or(Ok(None));
         let read = match read {
-            Ok(read) => read,
-            // Unreadable (replaced by a `sudo frpc` run, say), with a token
-            // of this process's own to log in with: that one, rather than
-            // retrying until someone fixes the file.
+            Ok(read) => {
+                self.tokens.lock().expect("token lock").read = read.clone();
+                read
+            }
+            // Unreadable (replaced by a `sudo frpc` run, say): the token
+            // it held when this process last read it, rather than retrying
+            // until someone mends the file. Not an unsaved renewal: using
+            // it would end the file's token, which may well be alive.
             Err(e) => {
-                let Some(own) = held.as_ref().or(unsaved.as_ref()).filter(|t| usable(t)) else {
+                let own: Vec<_> = [held, last_read]
+                    .into_iter()
+                    .flatten()
+                    .filter(usable)
+                    .collect();
+                let Some(own) = own.iter().find(|t| alive(t)).or(own.first()) else {
                     return Err(e);
                 };
-                warn!("{e}; logging in with the token this frpc holds instead");
+                warn!("{e}; logging in with the token it held when frpc last read it");
                 return Ok(Some(own.clone()));
             }
         };
@@ -1333,12 +1346,7 @@ mod tests {
         let client = client_saving_to(&blocked.join("token.json"));
         client.renewed("frpxc_unsaved".into(), None).await.unwrap();
         assert!(client.tokens.lock().unwrap().current.is_none());
-        // The file cannot be read either: the renewal this process holds
-        // logs in, rather than a retry until the file is mended.
-        assert_eq!(
-            client.usable_saved_token().await.unwrap().unwrap().token,
-            "frpxc_unsaved"
-        );
+
         assert_eq!(
             client
                 .tokens
@@ -1357,6 +1365,38 @@ mod tests {
             .filter(|name| name.contains("tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_token_file_gone_unreadable_leaves_the_token_last_read_from_it() {
+        let dir = std::env::temp_dir().join(format!("frpc-lastread-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        let saved = |token: &str| login::SavedToken {
+            token: token.into(),
+            expires_at: None,
+            server: String::new(),
+            email: "a@b".into(),
+        };
+        login::save(&path, &saved("frpxc_in_file")).unwrap();
+        let client = client_saving_to(&path);
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_in_file");
+        // A renewal that could not be saved is held too; then the file
+        // cannot be read (a directory in its place, as a root-owned copy
+        // would be for this user).
+        client.tokens.lock().unwrap().unsaved = Some(saved("frpxc_unsaved"));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(&path).unwrap();
+        // The file's token as last read logs in, not the renewal (using
+        // it would end the file's token, alive as far as frpc knows).
+        let chosen = client.usable_saved_token().await.unwrap().unwrap();
+        assert_eq!(chosen.token, "frpxc_in_file");
+        // Refused by frps meanwhile, it is not sent again: the error is.
+        client.refuse_token("frpxc_in_file".into());
+        assert!(client.usable_saved_token().await.is_err());
+        // A process that never read the file has nothing to fall back on.
+        assert!(client_saving_to(&path).usable_saved_token().await.is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

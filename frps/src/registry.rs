@@ -221,7 +221,7 @@ impl ClientHandle {
         Some(cool)
     }
 
-    /// Notes a success (or a healthy report): the failure count restarts.
+    /// Notes a request served: the failure count restarts.
     /// Returns whether that ended a cool-down still running: the client
     /// takes requests again, and queued ones should look (nothing else
     /// tells them: no slot was freed).

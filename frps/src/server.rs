@@ -38,6 +38,15 @@ pub struct Server {
     addrs: BoundAddrs,
 }
 
+/// Whether an `Authorization: Bearer` header can carry `token` as the API
+/// reads it (trimmed): visible ASCII, with spaces and tabs only inside.
+fn presentable(token: &str) -> bool {
+    token.trim() == token
+        && token
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
 async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -48,11 +57,11 @@ impl Server {
     /// Binds every listener from `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
         match config.admin_token() {
-            // A header carries visible ASCII only, and frps trims what it
-            // is sent: such a token (one read with the `\r` of a CRLF env
-            // file, say) could never be presented.
-            Some(token) if !token.bytes().all(|b| b.is_ascii_graphic()) => anyhow::bail!(
-                "the admin token holds a space, a control character (a line end left from the file it came from?) or a non-ASCII character: a request cannot present it. Use visible ASCII only (`openssl rand -hex 32`)"
+            // A header carries visible ASCII, spaces and tabs only, and
+            // frps trims what it is sent: such a token (one read with the
+            // `\r` of a CRLF env file, say) could never be presented.
+            Some(token) if !presentable(token) => anyhow::bail!(
+                "the admin token begins or ends with a space, or holds a control character (a line end left from the file it came from?) or a non-ASCII character: a request cannot present it. Use visible ASCII (`openssl rand -hex 32`)"
             ),
             None if !config.api_bind.is_loopback() => anyhow::bail!(
                 "refusing to expose the management API on {} without an admin token: it lists the fleet and can disconnect clients. Set --admin-token (or FRPX_ADMIN_TOKEN), or keep --api-bind on 127.0.0.1",

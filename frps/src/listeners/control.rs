@@ -363,9 +363,9 @@ async fn login(
                 expires_at: None,
                 reason: Some(e.to_string()),
                 code: Some(e.code().into()),
-                retry_after_ms: e
-                    .retry_after()
-                    .map(|wait| u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)),
+                retry_after_ms: e.retry_after().map(|wait| {
+                    u64::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+                }),
             };
             send(wr, &refused, hs).await?;
             Err(ControlError::Refused(format!("login failed: {e}")))

@@ -864,12 +864,24 @@ impl Store {
             WHERE (SELECT COUNT(*) FROM client_ids WHERE user_id = $2) < $4
             ON CONFLICT (id) DO UPDATE SET id = excluded.id
             RETURNING user_id";
-        const LOCK: &str = "SELECT 1 FROM users WHERE id = $1 FOR UPDATE";
+        // Not one that blocks the key-share locks of inserts that name the
+        // account (its logins' tokens).
+        const LOCK: &str = "SELECT 1 FROM users WHERE id = $1 FOR NO KEY UPDATE";
+        // Each statement sees what committed before it, whatever the
+        // database's default: the count, what the claim before it bound.
+        const FRESH: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
+        const COUNT: &str = "SELECT COUNT(*) FROM client_ids WHERE user_id = $1";
         let at = now();
         let most = i64::from(most);
+        // An account at its cap is refused without queuing for the lock
+        // (or the write lock), holding a pooled connection meanwhile.
+        let (held,): (i64,) =
+            on_pool!(self, p => sqlx::query_as(COUNT).bind(user_id).fetch_one(p).await?);
         let owner: Option<(i64,)> = match self {
+            _ if held >= most => None,
             Store::Postgres(p) => {
                 let mut tx = p.begin().await?;
+                sqlx::query(FRESH).execute(&mut *tx).await?;
                 sqlx::query(LOCK).bind(user_id).execute(&mut *tx).await?;
                 let claim = sqlx::query_as(SQL)
                     .bind(client_id)

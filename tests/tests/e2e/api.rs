@@ -437,7 +437,7 @@ async fn an_admin_token_no_request_could_present_is_refused_at_start() {
         format!("{strong}\r"),
         format!(" {strong}"),
         format!("{strong}é"),
-        format!("x y{strong}"),
+        format!("{strong}\u{7f}"),
     ] {
         let mut cfg = frps_config();
         cfg.admin_token = Some(token.clone());
@@ -447,6 +447,14 @@ async fn an_admin_token_no_request_could_present_is_refused_at_start() {
             "{token:?}: {err}"
         );
     }
+    // Spaces inside reach the API as they are (a passphrase): allowed, and
+    // presented, they let a request in.
+    let phrase = "correct horse battery staple\tand more words";
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(phrase.into());
+    let frps = Frps::start(cfg).await;
+    let reply = http::get(frps.addrs.api, "/api/stats", Some(phrase)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
 }
 
 #[tokio::test]
