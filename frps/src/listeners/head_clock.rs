@@ -16,11 +16,14 @@
 //! connections that never send a request from piling up.
 //!
 //! The same wrapper holds writes to a deadline: a caller that stops reading
-//! while a response is owed to it fails its connection once no byte could
-//! be written for the stall limit (`--keepalive-timeout`). Without it such
-//! a caller kept the request's capacity slot, its key's concurrency lease
-//! and the upstream connection for as long as it liked: hyper stops
-//! polling the response body (and its idle timer) while it cannot write.
+//! while a response is owed to it fails its connection once it took less
+//! than [`STALL_DRAIN`] bytes in the stall limit (`--keepalive-timeout`)
+//! from the moment a write first had to wait. Without it such a caller kept
+//! the request's capacity slot, its key's concurrency lease and the
+//! upstream connection for as long as it liked: hyper stops polling the
+//! response body (and its idle timer) while it cannot write. (Before, any
+//! byte taken started the limit over, so a caller taking a few bytes a
+//! minute held them for hours.)
 
 use std::io;
 use std::pin::Pin;
@@ -61,9 +64,14 @@ pub struct HeadClock<I> {
     stall_limit: Duration,
     /// Armed when a write starts waiting; made on the first wait.
     stall: Option<Pin<Box<Sleep>>>,
-    /// Whether the last write (or flush) is waiting.
-    stalled: bool,
+    /// Since a write had to wait: until when the caller has to take
+    /// [`STALL_DRAIN`] bytes, and how many it took so far.
+    stalled: Option<(Instant, usize)>,
 }
+
+/// Bytes a caller that makes writes wait must take within the stall limit
+/// (16 KiB a minute at the default: about 270 bytes a second).
+pub const STALL_DRAIN: usize = 16 * 1024;
 
 impl<I> HeadClock<I> {
     /// Wraps `io`, accepted at `accepted`: its first request head must have
@@ -83,37 +91,47 @@ impl<I> HeadClock<I> {
             deadline: Some(Box::pin(tokio::time::sleep_until(accepted + limit))),
             stall_limit,
             stall: None,
-            stalled: false,
+            stalled: None,
         }
     }
 
-    /// Passes on a write's outcome: progress disarms the stall clock, a
-    /// wait arms it (from the first wait), and a wait past the limit fails.
+    /// Passes on a write's outcome (`written`: the bytes it took). A wait
+    /// arms the stall clock; it is disarmed once the caller took
+    /// [`STALL_DRAIN`] bytes since, or a write goes through past the limit
+    /// (the caller kept up at that moment); a wait past the limit fails.
     fn watch<T>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
+        written: usize,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stalled = false;
+            if let Some((until, drained)) = &mut self.stalled {
+                *drained += written;
+                if *drained >= STALL_DRAIN || Instant::now() >= *until {
+                    self.stalled = None;
+                }
+            }
             return polled;
         }
-        if !self.stalled {
-            self.stalled = true;
+        let (until, drained) = *self.stalled.get_or_insert_with(|| {
             let until = Instant::now() + self.stall_limit;
             match &mut self.stall {
                 Some(sleep) => sleep.as_mut().reset(until),
                 None => self.stall = Some(Box::pin(tokio::time::sleep_until(until))),
             }
-        }
+            (until, 0)
+        });
         let sleep = self.stall.as_mut().expect("armed above");
         if sleep.as_mut().poll(cx).is_ready() {
+            let took = match drained {
+                0 => "no response byte".to_owned(),
+                n => format!("{n} bytes of its response (less than {STALL_DRAIN})"),
+            };
+            debug_assert!(Instant::now() >= until);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!(
-                    "the caller took no response byte for {:?}",
-                    self.stall_limit
-                ),
+                format!("the caller took {took} in {:?}", self.stall_limit),
             )));
         }
         Poll::Pending
@@ -150,7 +168,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        this.watch(cx, polled)
+        let written = written(&polled);
+        this.watch(cx, polled, written)
     }
 
     fn poll_write_vectored(
@@ -160,7 +179,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
-        this.watch(cx, polled)
+        let written = written(&polled);
+        this.watch(cx, polled, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -170,13 +190,21 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_flush(cx);
-        this.watch(cx, polled)
+        this.watch(cx, polled, 0)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.watch(cx, polled)
+        this.watch(cx, polled, 0)
+    }
+}
+
+/// The bytes a write took.
+fn written(polled: &Poll<io::Result<usize>>) -> usize {
+    match polled {
+        Poll::Ready(Ok(n)) => *n,
+        _ => 0,
     }
 }
 
@@ -256,24 +284,82 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), STALL);
 
-        // A slow reader that takes a byte now and then is never cut.
+        // A slow reader that takes 16 KiB a minute (a KiB every three
+        // seconds) is never cut.
         let (mut io, mut far2, _first) = clocked(100);
+        let total = 4 * STALL_DRAIN;
         let reader = tokio::spawn(async move {
             let mut got = 0usize;
-            let mut buf = [0u8; 16];
-            while got < 4096 {
-                tokio::time::sleep(Duration::from_secs(50)).await;
+            let mut buf = [0u8; 1024];
+            while got < total {
+                tokio::time::sleep(Duration::from_secs(3)).await;
                 got += far2.read(&mut buf).await.unwrap();
             }
             got
         });
         let mut sent = 0;
-        while sent < 4096 {
-            sent += io.write(&chunk).await.expect("progress within the limit");
+        while sent < total {
+            sent += io
+                .write(&chunk)
+                .await
+                .expect("enough taken within the limit");
         }
         io.flush().await.unwrap();
         drop(io);
-        assert!(reader.await.unwrap() >= 4096);
+        assert!(reader.await.unwrap() >= total);
         far.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_taking_a_few_bytes_now_and_then_is_cut_at_the_stall_limit() {
+        let (mut io, mut far, _first) = clocked(100);
+        let _reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            loop {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                if far.read(&mut buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let chunk = [7u8; 256];
+        let started = Instant::now();
+        let cut = tokio::time::timeout(10 * STALL, async {
+            loop {
+                if let Err(e) = io.write(&chunk).await {
+                    break e;
+                }
+            }
+        });
+        let err = cut.await.expect("never cut");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("bytes of its response"), "{err}");
+        // From the first wait (the pipe full at once), not from the last
+        // few bytes taken.
+        assert_eq!(started.elapsed(), STALL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_kept_up_after_a_wait_starts_afresh_at_the_next() {
+        // It waits once and takes a little; the response then comes slower
+        // than it reads (a model generating), and much later it has to
+        // wait again: that wait gets the whole limit.
+        let (mut io, mut far, _first) = clocked(100);
+        let chunk = [7u8; 1024];
+        io.write_all(&chunk).await.unwrap();
+        let mut buf = [0u8; 2048];
+        let pending = tokio::time::timeout(Duration::from_secs(1), io.write_all(&chunk)).await;
+        assert!(pending.is_err(), "the pipe is full");
+        assert_eq!(far.read(&mut buf).await.unwrap(), 1024);
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            io.write_all(&[1u8; 100]).await.unwrap();
+            assert_eq!(far.read(&mut buf).await.unwrap(), 100);
+        }
+        io.write_all(&chunk).await.unwrap();
+        let waited = Instant::now();
+        let err = io.write_all(&chunk).await.unwrap_err();
+        assert_eq!(waited.elapsed(), STALL);
+        assert!(err.to_string().contains("no response byte"), "{err}");
     }
 }
