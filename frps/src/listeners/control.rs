@@ -36,6 +36,11 @@ pub fn is_client_id(id: &str) -> bool {
 /// A live client's `gpu_assets` row is rewritten at most this often.
 pub const ASSET_REFRESH: Duration = Duration::from_secs(60);
 
+/// Longest a `gpu_assets` write is waited for: a database that stopped
+/// answering (a network path dead without a reset) must not keep ended
+/// sessions alive, nor queue a box's later writes behind it.
+pub const ASSET_WRITE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// How a control session ended badly.
 #[derive(Debug, thiserror::Error)]
 enum ControlError {
@@ -683,17 +688,20 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
         _ => None,
     };
     let user = client.owner.user_id.to_string();
-    match state
-        .store
-        .upsert_gpu_asset(
-            Some(&user),
-            machine,
-            &client.id,
-            status,
-            unless_changed_since,
-        )
-        .await
-    {
+    let write = state.store.upsert_gpu_asset(
+        Some(&user),
+        machine,
+        &client.id,
+        status,
+        unless_changed_since,
+    );
+    let written = match tokio::time::timeout(ASSET_WRITE_DEADLINE, write).await {
+        Ok(written) => written.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer from the database within {ASSET_WRITE_DEADLINE:?}"
+        )),
+    };
+    match written {
         Ok(Some(at)) => *client.asset_written_at.lock().expect("asset time lock") = at,
         Ok(None) if unless_changed_since.is_some() => debug!(
             client = %client.id,
@@ -705,7 +713,8 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
         ),
         Err(e) => {
             // It may have landed all the same (an answer lost after the
-            // commit): this session no longer knows how it left the row.
+            // commit, or a write given up on that the database still
+            // runs): this session no longer knows how it left the row.
             *client.asset_written_at.lock().expect("asset time lock") = None;
             warn!(client = %client.id, "cannot record the client in gpu_assets: {e}")
         }

@@ -817,6 +817,47 @@ async fn a_box_that_moved_to_another_frps_stays_online_when_its_old_session_ends
     b.stop().await;
 }
 
+/// A database that never answers gpu_assets writes (its network path gone
+/// without a reset): an ended session is not kept alive waiting for them.
+#[tokio::test]
+async fn an_ended_session_does_not_wait_for_ever_on_its_gpu_assets_writes() {
+    use frps::listeners::control::ASSET_WRITE_DEADLINE;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let mut cfg = frps_config();
+    cfg.database_url = pg.url.clone();
+    let frps = Frps::start(cfg).await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .expect("database");
+    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query("LOCK TABLE gpu_assets IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let backend = Backend::start("box").await;
+    let frpc = Frpc::connect("box", &frps, &backend);
+    frps.wait_for_clients(&["box"]).await;
+    frpc.kill().await;
+    frps.wait_for_clients(&[]).await;
+    // Its `online` write gives up, then its `offline` write: the session
+    // ends while the table is still locked.
+    let ended = Instant::now();
+    let gone = tokio::time::timeout(3 * ASSET_WRITE_DEADLINE, async {
+        while !frps.state.sessions.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the session still waits on the database");
+    assert!(ended.elapsed() <= 2 * ASSET_WRITE_DEADLINE + Duration::from_secs(2));
+    lock.rollback().await.unwrap();
+    frps.stop().await;
+    drop(conn);
+    pg.drop_db().await;
+}
+
 #[tokio::test]
 async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
     let Some(pg) = TestPg::create().await else {
