@@ -61,7 +61,9 @@ pub struct ClientHandle {
     /// Heartbeats received in this session.
     pub heartbeats: AtomicU64,
     service_up: AtomicBool,
-    health: Mutex<Health>,
+    /// The box's failures and cool-down: shared with the session it
+    /// replaced, whose requests still running count for the box.
+    health: Arc<Mutex<Health>>,
     /// Idle upstream HTTP connections through this client's tunnel.
     pub idle: IdlePool,
     /// Held while its `gpu_assets` row is written, so writes land in order:
@@ -480,7 +482,7 @@ impl Registry {
             requests: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
             service_up: AtomicBool::new(true),
-            health: Mutex::new(health),
+            health,
             idle: IdlePool::default(),
             asset_writes,
             asset_written_at: Mutex::new(None),
@@ -515,33 +517,37 @@ impl Registry {
             match clients.get(&handle.id) {
                 Some(current) if current.session == handle.session => {
                     clients.remove(&handle.id);
+                    // Under the registry's lock: a registration of the box
+                    // finds either this session or what it left.
+                    self.keep_health(handle);
                     true
                 }
                 _ => false,
             }
         };
         if removed {
-            self.keep_health(handle);
             self.changed();
         }
         removed
     }
 
     /// What a new session of the box `(id, user_id)` starts with: the
-    /// health of its live session (a reconnect replacing it), else what
+    /// health of its live session (a reconnect replacing it), shared, so
+    /// the requests that session still runs count for the box; else what
     /// its last session left, if that is still remembered.
-    fn health_of(&self, id: &str, user_id: i64) -> Health {
+    fn health_of(&self, id: &str, user_id: i64) -> Arc<Mutex<Health>> {
         let live = self.clients.read().expect("registry lock").get(id).cloned();
         if let Some(live) = live.filter(|c| c.owner.user_id == user_id) {
-            return *live.health.lock().expect("health lock");
+            return live.health.clone();
         }
         // Forgotten only once the new session is in ([`Registry::insert_as`]):
         // a registration refused meanwhile leaves it for the next.
         let left = self.health_left.lock().expect("health lock");
-        match left.get(&(id.to_owned(), user_id)) {
+        let health = match left.get(&(id.to_owned(), user_id)) {
             Some(&(health, until)) if Instant::now() < until => health,
             _ => Health::default(),
-        }
+        };
+        Arc::new(Mutex::new(health))
     }
 
     /// Remembers the failures of `gone`'s session for the box's next one:
@@ -779,6 +785,29 @@ mod tests {
         assert!(reg.remove(&fourth));
         assert!(!add("gpu").is_cooling_down());
         assert!(reg.health_left.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn failures_of_requests_a_replaced_session_still_runs_count_for_the_box() {
+        let reg = Registry::default();
+        let add = |id| super::testing::add(&reg, id, &[], None);
+        let old = add("gpu");
+        // A reconnect replaces it while its requests still run; they fail.
+        let new = add("gpu");
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            old.record_failure();
+        }
+        assert!(
+            new.is_cooling_down(),
+            "the box's failures, whichever session"
+        );
+        new.record_success();
+        assert!(!old.is_cooling_down());
+        // The old session's end leaves nothing that would hold back the
+        // box's next one.
+        assert!(!reg.remove(&old), "not the registered session");
+        assert!(reg.remove(&new));
+        assert!(!add("gpu").is_cooling_down());
     }
 
     #[test]

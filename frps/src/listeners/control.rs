@@ -667,14 +667,15 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
         return;
     }
     let machine = asset_key(client);
-    // The row is the machine's: another machine registered under this
-    // client id (two boxes sharing an id, one given a new id since) does
-    // not keep this one's row online.
+    // The row is the machine's: while another session of it is live (a
+    // reconnect under this client id, or another frpc on the machine under
+    // another id) it stays online; another machine registered under this
+    // client id (two boxes sharing an id) does not keep this one's online.
     if status == "offline"
-        && state.registry.get(&client.id).is_some_and(|live| {
+        && state.registry.all().iter().any(|live| {
             live.session != client.session
                 && live.owner.user_id == client.owner.user_id
-                && asset_key(&live) == machine
+                && asset_key(live) == machine
         })
     {
         return;

@@ -817,6 +817,37 @@ async fn a_box_that_moved_to_another_frps_stays_online_when_its_old_session_ends
     b.stop().await;
 }
 
+/// Two frpc on one machine, under their own client ids, share its
+/// gpu_assets row: one leaving does not record the machine offline while
+/// the other serves.
+#[tokio::test]
+async fn a_machine_stays_online_while_another_of_its_clients_is() {
+    let frps = Frps::start(frps_config()).await;
+    let token = frps.client_token().await;
+    let register = |id: &str| common::Registration {
+        client_id: id.into(),
+        machine_id: "machine-shared".into(),
+        protocol_version: common::PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let (_b, answer) = FakeClient::register_as(frps.addrs.control, &token, register("gpu-b")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let store = &frps.state.store;
+    frpx_tests::wait_for_asset(store, "machine-shared", "online", Some("gpu-b")).await;
+    // The one leaving wrote the row last (so no later write by another
+    // session spares it).
+    let (a, answer) = FakeClient::register_as(frps.addrs.control, &token, register("gpu-a")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    frpx_tests::wait_for_asset(store, "machine-shared", "online", Some("gpu-a")).await;
+    drop(a);
+    frps.wait_for_clients(&["gpu-b"]).await;
+    // Its session's clean-up is over once only the other's remains.
+    frpx_tests::eventually("gpu-a's session ended", || frps.state.sessions.len() == 1).await;
+    let row = store.gpu_asset("machine-shared").await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("online"), "{row:?}");
+    frps.stop().await;
+}
+
 /// A database that never answers gpu_assets writes (its network path gone
 /// without a reset): an ended session is not kept alive waiting for them.
 #[tokio::test]
