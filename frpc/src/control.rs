@@ -403,7 +403,7 @@ impl Client {
         // expired by this machine's clock (booted weeks ahead, before NTP
         // set it) is sent all the same: frps, whose clock decides, may
         // still take it; skipping it would stop frpc for good.
-        let judge_expiry = self.has_password();
+        let judge_expiry = self.has_password() && self.may_send_password();
         let usable = |saved: &login::SavedToken| {
             if refused.contains(&saved.token) {
                 return false;
@@ -603,6 +603,12 @@ impl Client {
             )
     }
 
+    /// Whether a password may go to frps: over TLS, or in plaintext when
+    /// allowed (`--insecure-plaintext`).
+    fn may_send_password(&self) -> bool {
+        self.dialer.is_tls() || self.config.insecure_plaintext
+    }
+
     /// Email and password for a login, refusing to send them in plaintext
     /// unless allowed. `unreadable`: the token file exists but could not be
     /// read; then a password, when there is one, logs in instead, and a
@@ -623,7 +629,7 @@ impl Client {
                 )),
             });
         }
-        if !self.dialer.is_tls() && !self.config.insecure_plaintext {
+        if !self.may_send_password() {
             let refusal = format!(
                 "refusing to send the account password to frps at {} over plaintext: pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps), or --insecure-plaintext on a network you trust",
                 self.config.control_addr()
@@ -1443,23 +1449,22 @@ mod tests {
         .unwrap();
         let chosen = client.usable_saved_token().await.unwrap().unwrap();
         assert_eq!(chosen.token, "frpxc_looks_expired");
-        // With a password to fall back on, it is not sent.
-        let with_password = {
+        // With a password to fall back on, it is not sent; with one that
+        // may not go in plaintext, it is (frpc would only stop).
+        let with_password = |plaintext: bool| {
             use clap::Parser;
-            let config = Config::parse_from([
-                "frpc",
-                "--client-id",
-                "gpu",
-                "--token-file",
-                &path.display().to_string(),
-                "--email",
-                "owner@example.com",
-                "--password",
-                "secret",
-            ]);
-            Client::new(config, CancellationToken::new()).unwrap()
+            let file = path.display().to_string();
+            let mut args = vec!["frpc", "--client-id", "gpu", "--token-file", &file];
+            args.extend(["--email", "owner@example.com", "--password", "secret"]);
+            if plaintext {
+                args.push("--insecure-plaintext");
+            }
+            Client::new(Config::parse_from(args), CancellationToken::new()).unwrap()
         };
-        assert!(with_password.usable_saved_token().await.unwrap().is_none());
+        let may_send = with_password(true);
+        assert!(may_send.usable_saved_token().await.unwrap().is_none());
+        let may_not = with_password(false).usable_saved_token().await.unwrap();
+        assert_eq!(may_not.unwrap().token, "frpxc_looks_expired");
         {
             client.tokens.lock().unwrap().unsaved = Some(unsaved.clone());
         }
