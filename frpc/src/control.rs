@@ -1267,6 +1267,11 @@ async fn report(
             continue;
         }
         let (now, listed) = probe_service(&config, &fit).await;
+        // The session ended during the probe: the next one's start-up
+        // probe is judged afresh, not as the second of two slow answers.
+        if out.is_closed() {
+            return;
+        }
         let now = announced.lock().expect("announced lock").judge(now, listed);
         tracing::debug!(
             models = now.0.len(),
@@ -1372,6 +1377,56 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "{left:?}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_probe_ending_after_its_session_is_not_judged() {
+        use clap::Parser;
+        // A service that takes the probe's connection and never answers.
+        let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = service.local_addr().unwrap().port().to_string();
+        let config = Config::parse_from([
+            "frpc",
+            "--client-id",
+            "gpu",
+            "--local-port",
+            &port,
+            "--metrics-interval",
+            "1s",
+            "--connect-timeout",
+            "1s",
+        ]);
+        let up = vec![ModelInfo {
+            name: "llama3".into(),
+            size: None,
+        }];
+        let announced = Arc::new(Mutex::new(Announced {
+            last: Some((up.clone(), true)),
+            unlisted_before: false,
+        }));
+        let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let reporter = tokio::spawn(report(
+            Arc::new(config),
+            Arc::new(Mutex::new(None)),
+            Arc::new(fit),
+            (up.clone(), true),
+            announced.clone(),
+            tx,
+        ));
+        // The probe is under way: the session ends meanwhile.
+        let within = Duration::from_secs(10);
+        let accepted = tokio::time::timeout(within, service.accept()).await;
+        let (_held, _) = accepted.expect("probed").unwrap();
+        drop(rx);
+        let ended = tokio::time::timeout(within, reporter).await;
+        ended.expect("the reporter ended").unwrap();
+        let announced = announced.lock().unwrap();
+        assert!(
+            !announced.unlisted_before,
+            "the late probe counted as a doubtful one"
+        );
+        assert_eq!(announced.last, Some((up, true)));
     }
 
     #[tokio::test]
