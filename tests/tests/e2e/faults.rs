@@ -848,29 +848,75 @@ async fn a_machine_stays_online_while_another_of_its_clients_is() {
     frps.stop().await;
 }
 
+/// frps on its own PostgreSQL database whose `gpu_assets` table another
+/// connection holds locked (its writes wait; reads, and writes to other
+/// tables, go on), with one box registered.
+struct SlowAssets {
+    pg: TestPg,
+    frps: Frps,
+    frpc: Option<Frpc>,
+    _backend: Backend,
+    lock: sqlx::PgConnection,
+}
+
+impl SlowAssets {
+    async fn start() -> Option<SlowAssets> {
+        let pg = TestPg::create().await?;
+        let mut cfg = frps_config();
+        cfg.database_url = pg.url.clone();
+        let frps = Frps::start(cfg).await;
+        let mut lock = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+            .await
+            .expect("database");
+        for sql in ["BEGIN", "LOCK TABLE gpu_assets IN EXCLUSIVE MODE"] {
+            sqlx::query(sql).execute(&mut lock).await.unwrap();
+        }
+        let backend = Backend::start("box").await;
+        let frpc = Frpc::connect("box", &frps, &backend);
+        frps.wait_for_clients(&["box"]).await;
+        Some(SlowAssets {
+            pg,
+            frps,
+            frpc: Some(frpc),
+            _backend: backend,
+            lock,
+        })
+    }
+
+    /// The box goes away (`kill -9`).
+    async fn kill_box(&mut self) {
+        if let Some(frpc) = self.frpc.take() {
+            frpc.kill().await;
+        }
+    }
+
+    /// The database answers again.
+    async fn unlock(&mut self) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut self.lock)
+            .await
+            .unwrap();
+    }
+
+    async fn end(mut self) {
+        self.kill_box().await;
+        self.unlock().await;
+        self.frps.stop().await;
+        drop(self.lock);
+        self.pg.drop_db().await;
+    }
+}
+
 /// A database that never answers gpu_assets writes (its network path gone
 /// without a reset): an ended session is not kept alive waiting for them.
 #[tokio::test]
 async fn an_ended_session_does_not_wait_for_ever_on_its_gpu_assets_writes() {
     use frps::listeners::control::ASSET_WRITE_DEADLINE;
-    let Some(pg) = TestPg::create().await else {
+    let Some(mut slow) = SlowAssets::start().await else {
         return;
     };
-    let mut cfg = frps_config();
-    cfg.database_url = pg.url.clone();
-    let frps = Frps::start(cfg).await;
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
-        .await
-        .expect("database");
-    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::query("LOCK TABLE gpu_assets IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-    let backend = Backend::start("box").await;
-    let frpc = Frpc::connect("box", &frps, &backend);
-    frps.wait_for_clients(&["box"]).await;
-    frpc.kill().await;
+    slow.kill_box().await;
+    let frps = &slow.frps;
     frps.wait_for_clients(&[]).await;
     // Its `online` write gives up, then its `offline` write: the session
     // ends while the table is still locked.
@@ -883,34 +929,15 @@ async fn an_ended_session_does_not_wait_for_ever_on_its_gpu_assets_writes() {
     .await;
     assert!(gone.is_ok(), "the session still waits on the database");
     assert!(ended.elapsed() <= 2 * ASSET_WRITE_DEADLINE + Duration::from_secs(2));
-    lock.rollback().await.unwrap();
-    frps.stop().await;
-    drop(conn);
-    pg.drop_db().await;
+    slow.end().await;
 }
 
 #[tokio::test]
 async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
-    let Some(pg) = TestPg::create().await else {
+    let Some(mut slow) = SlowAssets::start().await else {
         return;
     };
-    let mut cfg = frps_config();
-    cfg.database_url = pg.url.clone();
-    let frps = Frps::start(cfg).await;
-    // A slow database for gpu_assets writes: they wait for this transaction
-    // (reads, and writes to other tables, go on).
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
-        .await
-        .expect("database");
-    let mut lock = sqlx::Connection::begin(&mut conn).await.unwrap();
-    sqlx::query("LOCK TABLE gpu_assets IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .unwrap();
-
-    let backend = Backend::start("box").await;
-    let frpc = Frpc::connect("box", &frps, &backend);
-    frps.wait_for_clients(&["box"]).await;
+    let frps = &slow.frps;
     let session = frps.state.registry.get("box").expect("registered").session;
     let machine = frps.machine_id("box");
     // Dial-backs are asked for and heartbeats answered meanwhile.
@@ -933,10 +960,7 @@ async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
     );
 
     // Once the database answers, the write lands.
-    lock.rollback().await.unwrap();
-    frpx_tests::wait_for_asset(&frps.state.store, &machine, "online", None).await;
-    frpc.kill().await;
-    frps.stop().await;
-    drop(conn);
-    pg.drop_db().await;
+    slow.unlock().await;
+    frpx_tests::wait_for_asset(&slow.frps.state.store, &machine, "online", None).await;
+    slow.end().await;
 }
