@@ -5,11 +5,20 @@ use axum::Json;
 use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
 use super::types::Page;
 use super::{ApiError, Envelope};
 use crate::listeners::public::shorten;
 use crate::store::Window;
+
+/// Bytes a cursor keeps as they are in a `Link` header (RFC 3986's
+/// unreserved set); every other byte is percent-encoded.
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// Most entries one page holds (and how many a page without `limit` holds).
 pub const MAX_PAGE: u64 = 1000;
@@ -71,13 +80,19 @@ pub fn finish<T>(
         return (headers, String::new());
     }
     rows.truncate(limit as usize);
-    let after = cursor(rows.last().expect("limit is at least 1"));
-    let link = format!("<{path}?limit={limit}&after={after}>; rel=\"next\"");
-    headers.insert(
-        header::LINK,
-        HeaderValue::from_str(&link).expect("a fixed path, digits, a cursor of visible ASCII"),
-    );
-    (headers, format!("; more after {after}"))
+    let Some(last) = rows.last() else {
+        return (headers, String::new());
+    };
+    let after = cursor(last);
+    // Ids come from clients and from hand-made rows, so the cursor is
+    // percent-encoded: any byte outside the unreserved set would otherwise
+    // end the query or make the header invalid. `?after=` is decoded again.
+    let encoded = utf8_percent_encode(&after, NOT_UNRESERVED);
+    let link = format!("<{path}?limit={limit}&after={encoded}>; rel=\"next\"");
+    if let Ok(value) = HeaderValue::from_str(&link) {
+        headers.insert(header::LINK, value);
+    }
+    (headers, format!("; more after {}", shorten(&after, 40)))
 }
 
 #[cfg(test)]
@@ -99,6 +114,30 @@ mod tests {
         let (headers, more) = finish("/api/users", 3, &mut rows, |r| r.to_string());
         assert_eq!(rows, [7, 8]);
         assert!(headers.is_empty() && more.is_empty());
+    }
+
+    #[test]
+    fn cursors_of_any_text_are_percent_encoded() {
+        let mut rows = vec!["a", "bé x&y=z#\u{7f}\n"];
+        let (headers, more) = finish("/api/clients", 2, &mut rows, |r| r.to_string());
+        assert_eq!(rows, ["a"]);
+        assert_eq!(
+            headers[header::LINK],
+            "</api/clients?limit=1&after=a>; rel=\"next\""
+        );
+        assert_eq!(more, "; more after a");
+        let mut rows = vec!["bé x&y=z#\u{7f}\n_1.~", "c"];
+        let (headers, _) = finish("/api/clients", 2, &mut rows, |r| r.to_string());
+        assert_eq!(
+            headers[header::LINK],
+            "</api/clients?limit=1&after=b%C3%A9%20x%26y%3Dz%23%7F%0A_1.~>; rel=\"next\""
+        );
+        // The query extractor gives the cursor back as it was.
+        let uri: axum::http::Uri = "/api/clients?limit=1&after=b%C3%A9%20x%26y%3Dz%23%7F%0A_1.~"
+            .parse()
+            .unwrap();
+        let Query(page) = Query::<Page>::try_from_uri(&uri).unwrap();
+        assert_eq!(page.after.as_deref(), Some("bé x&y=z#\u{7f}\n_1.~"));
     }
 
     #[test]
