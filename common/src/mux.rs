@@ -262,8 +262,8 @@ impl StreamState {
 
 impl Inner {
     /// Resets the stream holding the most received bytes while the streams
-    /// hold more than the budget allows. One the peer already reset only
-    /// loses its unread bytes (nothing to tell the peer).
+    /// hold more than the budget allows. One the peer already reset loses
+    /// its unread bytes (nothing to tell the peer) and reads as shed too.
     fn shed(&mut self) {
         while self.buffered > self.budget {
             let Some((&id, _)) = self
@@ -276,11 +276,6 @@ impl Inner {
             };
             let budget = self.budget;
             let st = self.streams.get_mut(&id).expect("just found");
-            if st.reset.is_some() {
-                self.buffered -= st.discard();
-                st.wake_all();
-                continue;
-            }
             let reason = format!(
                 "{SHED}the tunnel connection held {} KiB received and unread, over its {} KiB: \
                  this stream's reader was the slowest ({} KiB unread)",
@@ -288,11 +283,18 @@ impl Inner {
                 budget / 1024,
                 st.held / 1024
             );
+            // Reset by the peer too, but what it sent is lost here: the
+            // reader hears of the shed (the peer answered), not of a peer
+            // that never did, which an opener could take for a reason to
+            // send its request again.
+            let told = st.reset.is_some();
             st.reset = Some(Arc::from(reason.as_str()));
             st.reset_here = true;
             self.buffered -= st.discard();
             st.wake_all();
-            self.push(Kind::Reset, id, reason.len() as u32, reason.as_bytes());
+            if !told {
+                self.push(Kind::Reset, id, reason.len() as u32, reason.as_bytes());
+            }
         }
     }
 
@@ -1176,6 +1178,42 @@ mod tests {
         })
         .await;
         drop(far.remove(1));
+        assert_eq!(buffered(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_peer_reset_reads_as_shed_once_its_bytes_are_dropped() {
+        let (acceptor, mut near, mut far) = budgeted(2 * WINDOW as usize, 3).await;
+        let window = WINDOW as usize;
+        let buffered = || acceptor.shared.lock().buffered;
+        // The first's answer arrives, then its peer gives up on it (the
+        // service died mid-answer); nobody has read a byte yet.
+        near[0].write_all(&vec![1u8; window]).await.unwrap();
+        within("held", async {
+            while buffered() < window {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        near[0].reset("the service closed the connection");
+        within("reset", async {
+            while acceptor.shared.lock().streams[&far[0].id].reset.is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        near[1].write_all(&vec![2u8; window / 2]).await.unwrap();
+        near[2].write_all(&vec![3u8; window - 1000]).await.unwrap();
+        // Its bytes went for the budget: the reader hears of the shed here,
+        // not of a peer that never answered.
+        let mut got = Vec::new();
+        let err = within("read", far[0].read_to_end(&mut got))
+            .await
+            .unwrap_err();
+        assert!(got.is_empty());
+        let reset = StreamReset::find(&err).expect("a reset");
+        assert!(reset.is_shed() && reset.here, "{err}");
+        read_fills(&mut far[1..], [(2, window / 2), (3, window - 1000)]).await;
         assert_eq!(buffered(), 0);
     }
 
