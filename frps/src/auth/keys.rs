@@ -106,6 +106,9 @@ pub struct KeyValidator {
     /// The static key, if one is set; `static_grant.id` is its SHA-256.
     static_key: Option<String>,
     static_grant: KeyGrant,
+    /// Whether the static key is at least [`super::STRONG_SECRET`]
+    /// characters long (see [`Self::check_from`]).
+    static_strong: bool,
     store: Option<Store>,
     redis: Option<Arc<RedisCache>>,
     /// Valid keys, each with when it was asked about: trusted for
@@ -144,11 +147,20 @@ impl KeyValidator {
         redis: Option<Arc<RedisCache>>,
     ) -> Self {
         let static_key = static_key.filter(|k| !k.is_empty());
+        let static_strong = static_key
+            .as_ref()
+            .is_some_and(|k| k.chars().count() >= super::STRONG_SECRET);
         if static_key.is_some() {
             // It may come from an inherited `API_KEY` variable: say so.
             warn!(
                 "a static API key is set (--api-key or API_KEY): the public port accepts it with no rate limits until frps restarts without it"
             );
+            if !static_strong {
+                warn!(
+                    "the static API key is shorter than {} characters: an address out of its budget for wrong keys (--key-failures-per-minute) is refused even the right one until the budget refills; choose a long random key (openssl rand -hex 32)",
+                    super::STRONG_SECRET
+                );
+            }
         }
         // The static key has no limits (there are no flags for them).
         let static_grant = KeyGrant {
@@ -158,6 +170,7 @@ impl KeyValidator {
         Self {
             static_key,
             static_grant,
+            static_strong,
             store,
             redis,
             valid: Cache::builder()
@@ -239,11 +252,30 @@ impl KeyValidator {
         // guess differs from the static key nor how long that key is (and
         // without hashing each request's key first: the static key is the
         // common case of a small deployment).
-        if let Some(k) = &self.static_key
-            && secret_eq(key.as_bytes(), k.as_bytes())
-        {
-            self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
-            return KeyCheck::Valid(self.static_grant);
+        if let Some(k) = &self.static_key {
+            // A short static key stays out of reach of an address out of
+            // its budget (or a guess that would be right would tell, and
+            // guessing it would go on at line rate); a strong one cannot be
+            // guessed, and its common case stays one comparison.
+            if !self.static_strong
+                && let Some((failures, from)) = self.failures.as_ref().zip(from)
+                && let Err(wait) = failures.check(from, tokio::time::Instant::now())
+            {
+                // Only a stored key known valid here still passes: it is
+                // no guess at the static key (which is never cached).
+                let hash = secret::hash(key);
+                if let Some(answer) = self.cached(hash, Utc::now().timestamp()).await
+                    && !matches!(answer, KeyCheck::Invalid)
+                {
+                    return answer;
+                }
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                return KeyCheck::Throttled(wait);
+            }
+            if secret_eq(key.as_bytes(), k.as_bytes()) {
+                self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
+                return KeyCheck::Valid(self.static_grant);
+            }
         }
         if self.store.is_none() {
             return KeyCheck::Invalid;
@@ -718,5 +750,48 @@ mod tests {
         );
         assert_eq!(logged(None), "");
         assert_eq!(logged(Some("")), "");
+        assert!(said.contains("shorter than 32 characters"), "{said}");
+        let strong = logged(Some(&"k".repeat(super::super::STRONG_SECRET)));
+        assert!(strong.contains("a static API key is set"), "{strong}");
+        assert!(!strong.contains("shorter than"), "{strong}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_static_key_is_refused_to_an_address_out_of_budget() {
+        let spent: IpAddr = [192, 0, 2, 7].into();
+        let other: IpAddr = [198, 51, 100, 7].into();
+        let strong = "k".repeat(super::super::STRONG_SECRET);
+        for (key, short) in [("short-static-key", true), (strong.as_str(), false)] {
+            let mut v = KeyValidator::new(Some(key.to_owned()), None, None);
+            v.set_failure_budget(2);
+            let budget = v.failures.as_ref().expect("set");
+            let now = tokio::time::Instant::now();
+            budget.fail(spent, now);
+            budget.fail(spent, now);
+            let answer = v.check_from(key, Some(spent)).await;
+            if short {
+                // A guess that happens to be right tells nothing either.
+                assert!(matches!(answer, KeyCheck::Throttled(_)), "{answer:?}");
+                assert!(matches!(
+                    v.check_from("a-guess", Some(spent)).await,
+                    KeyCheck::Throttled(_)
+                ));
+                assert_eq!(v.stats.throttled.load(Ordering::Relaxed), 2);
+                assert_eq!(v.stats.static_hits.load(Ordering::Relaxed), 0);
+            } else {
+                assert!(matches!(answer, KeyCheck::Valid(_)), "{answer:?}");
+            }
+            // Other addresses are served; so is the address once refilled
+            // (two a minute: one every 30 s).
+            assert!(matches!(
+                v.check_from(key, Some(other)).await,
+                KeyCheck::Valid(_)
+            ));
+            tokio::time::advance(Duration::from_secs(30)).await;
+            assert!(matches!(
+                v.check_from(key, Some(spent)).await,
+                KeyCheck::Valid(_)
+            ));
+        }
     }
 }

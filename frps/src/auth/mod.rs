@@ -13,26 +13,34 @@ pub use keys::{KeyCheck, KeyValidator};
 
 use http::HeaderMap;
 
+/// Characters from which a secret an operator chose (the static API key,
+/// the admin token) counts as too long to guess: it is accepted even from
+/// an address out of its budget for wrong ones. A shorter one is refused
+/// there too, or a right guess would tell.
+pub const STRONG_SECRET: usize = 32;
+
 /// The header that may carry an API key instead of `Authorization`.
 pub const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
 /// The API key a request carries: `Authorization: Bearer <key>`, else
-/// `x-api-key: <key>`.
+/// `x-api-key: <key>`. An `Authorization` header that holds no bearer key
+/// (`Basic` credentials a proxy in front checked, say) leaves the choice to
+/// `x-api-key`.
 pub fn request_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-        let v = v.to_str().ok()?;
-        let (scheme, rest) = v.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") {
-            let key = rest.trim();
-            return (!key.is_empty()).then_some(key);
-        }
-        return None;
-    }
-    headers
-        .get(X_API_KEY)
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, rest)| rest.trim())
+        .filter(|k| !k.is_empty());
+    bearer.or_else(|| {
+        headers
+            .get(X_API_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+    })
 }
 
 /// Whether `presented` is `secret`, in time that depends on neither where
@@ -103,5 +111,28 @@ mod tests {
         );
         assert_eq!(request_key(&headers(&[("authorization", "Bearer ")])), None);
         assert_eq!(request_key(&headers(&[])), None);
+        // Credentials of another scheme (a proxy's) leave x-api-key in play;
+        // a bearer key comes first.
+        assert_eq!(
+            request_key(&headers(&[
+                ("authorization", "Basic dXNlcjpwdw=="),
+                ("x-api-key", "k2")
+            ])),
+            Some("k2")
+        );
+        assert_eq!(
+            request_key(&headers(&[
+                ("authorization", "Bearer "),
+                ("x-api-key", "k2")
+            ])),
+            Some("k2")
+        );
+        assert_eq!(
+            request_key(&headers(&[
+                ("authorization", "Bearer k1"),
+                ("x-api-key", "k2")
+            ])),
+            Some("k1")
+        );
     }
 }

@@ -428,6 +428,17 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
+    if !framed_by_chunks_alone(req.headers()) {
+        // hyper decodes only the chunking of `gzip, chunked`, and the
+        // encoding goes with the hop-by-hop header: the service would get
+        // gzip bytes as a plain body (RFC 9112 §6.1: 501).
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "the only transfer coding accepted on requests is `chunked` alone; send other codings as Content-Encoding",
+            "invalid_request_error",
+            "unsupported_transfer_coding",
+        );
+    }
     let grant = match state
         .keys
         .check_headers(req.headers(), caller.addr.ip())
@@ -1599,6 +1610,21 @@ pub fn error_response(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     resp
+}
+
+/// Whether a request's `Transfer-Encoding` (if any) names `chunked` and
+/// nothing else: the one coding frps undoes and the service gets undone.
+fn framed_by_chunks_alone(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 /// Names outside `http`'s table of standard headers, parsed once: a

@@ -52,6 +52,11 @@ async fn every_request_on_a_keep_alive_connection_is_authenticated() {
 async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() {
     let mut cfg = frpx_tests::frps_config();
     cfg.key_failures_per_minute = 5;
+    // A static key too long to guess: served even to a spent address (a
+    // shorter one is not: the next test).
+    let api_key = "k".repeat(frps::auth::STRONG_SECRET);
+    cfg.api_key = Some(api_key.clone());
+    let api_key = api_key.as_str();
     let fleet = Fleet::start_with(1, cfg).await;
     let frps = &fleet.frps;
     let public = frps.public();
@@ -98,7 +103,7 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
     assert_eq!(asked(), 5, "no lookup for a spent address");
     // A key frps knows is served as before.
     let mut conn = Conn::open_from(public, here).await;
-    assert_eq!(conn.get("/static", Some(API_KEY)).await.status, 200);
+    assert_eq!(conn.get("/static", Some(api_key)).await.status, 200);
     // A valid key frps has not seen waits too from this address, not from
     // another; once it is cached, it is served here as well.
     let reply = Conn::open_from(public, here)
@@ -136,6 +141,47 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
     let mut paths = fleet.backends[0].paths();
     paths.retain(|p| p != "/burst");
     assert_eq!(paths, ["/static", "/other", "/cached"]);
+}
+
+#[tokio::test]
+async fn a_short_static_key_waits_with_the_guesses_of_a_spent_address() {
+    let mut cfg = frpx_tests::frps_config();
+    cfg.key_failures_per_minute = 3;
+    // API_KEY, the static key, is under 32 characters.
+    assert!(API_KEY.len() < frps::auth::STRONG_SECRET);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let frps = &fleet.frps;
+    let public = frps.public();
+    let here: IpAddr = [127, 0, 0, 1].into();
+    let elsewhere: IpAddr = [127, 0, 0, 2].into();
+    let (stored, _) = frps::auth::KeyValidator::create(&frps.state.store, None, None)
+        .await
+        .expect("key created");
+    let mut conn = Conn::open_from(public, here).await;
+    assert_eq!(conn.get("/stored", Some(&stored)).await.status, 200);
+    for i in 0..3 {
+        let reply = conn.get("/", Some(&format!("guess-{i}"))).await;
+        assert_openai_error(&reply, 401, "invalid_api_key");
+    }
+    // Spent: the static key gets what any guess gets, so a right guess
+    // does not tell; so does a guess refused before.
+    for key in [API_KEY, "guess-3", "guess-2"] {
+        let reply = Conn::open_from(public, here)
+            .await
+            .get("/", Some(key))
+            .await;
+        assert_openai_error(&reply, 429, "too_many_invalid_keys");
+    }
+    // A stored key known valid is no guess at it, and is served; the
+    // static key is served from other addresses.
+    let mut conn = Conn::open_from(public, here).await;
+    assert_eq!(conn.get("/stored-again", Some(&stored)).await.status, 200);
+    let mut other = Conn::open_from(public, elsewhere).await;
+    assert_eq!(other.get("/static", Some(API_KEY)).await.status, 200);
+    assert_eq!(
+        fleet.backends[0].paths(),
+        ["/stored", "/stored-again", "/static"]
+    );
 }
 
 #[tokio::test]

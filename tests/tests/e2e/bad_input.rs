@@ -395,6 +395,37 @@ fn raw_post(path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn a_transfer_coding_other_than_chunked_is_501_and_reaches_no_box() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    // hyper undoes the chunking of `gzip, chunked` and would pass the
+    // gzip bytes on as a plain body.
+    for coding in ["gzip, chunked", "gzip,chunked", "deflate, chunked"] {
+        let post = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: {coding}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let raw = exchange(public, post.as_bytes(), End::Close).await;
+        assert_eq!(status(&raw), 501, "{coding}: {raw}");
+        assert!(raw.contains("unsupported_transfer_coding"), "{raw}");
+    }
+    assert!(
+        fleet.backends[0]
+            .seen()
+            .iter()
+            .all(|s| s.path != "/v1/chat/completions"),
+        "nothing reached the box"
+    );
+    // Chunked alone goes through, in any case.
+    let post = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let raw = exchange(public, post.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    assert!(raw.contains("hello"), "{raw}");
+    served(public).await;
+}
+
+#[tokio::test]
 async fn absolute_targets_and_connect_reach_no_other_host() {
     let fleet = Fleet::start(1).await;
     let public = fleet.frps.public();
