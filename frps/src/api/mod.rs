@@ -29,6 +29,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::constant_time_eq;
+use crate::listeners::head_clock::{FirstRequest, HeadClock};
 use crate::state::State;
 
 /// Wrong admin tokens an address block (one IPv4 address, one IPv6 /64)
@@ -102,7 +103,9 @@ const MAX_BODY: usize = 1024;
 /// after it) and may be at most 16 KiB; its body, at most 1 KiB, is read
 /// before the handler runs and is due within `--header-timeout` of the
 /// head (408 after), and the request must be answered within
-/// [`REQUEST_DEADLINE`] (503 for an answer frps did not have ready). Once the public port has drained at
+/// [`REQUEST_DEADLINE`] (503 for an answer frps did not have ready); a
+/// caller must take at least 16 KiB of answers within `--header-timeout`
+/// of a write having to wait ([`HeadClock`]). Once the public port has drained at
 /// shutdown, the connection finishes the request it is on, then closes.
 pub async fn serve_conn(
     stream: tokio::net::TcpStream,
@@ -112,7 +115,20 @@ pub async fn serve_conn(
 ) {
     let _ = stream.set_nodelay(true);
     let header_timeout = state.config.header_timeout;
+    // hyper runs no clock while an answer waits for the caller to take it
+    // (pipelined requests never read would hold the connection until the
+    // hard stop): a write that waits fails once the caller took less than
+    // 16 KiB in --header-timeout, as on the public port.
+    let first = Arc::new(FirstRequest::default());
+    let stream = HeadClock::new(
+        stream,
+        first.clone(),
+        tokio::time::Instant::now(),
+        header_timeout,
+        header_timeout,
+    );
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        first.arrived();
         req.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {
@@ -517,7 +533,7 @@ const PUBLIC_PATHS: [&str; 2] = ["/api/health", "/"];
 /// through even from an address out of its budget for wrong ones (behind a
 /// reverse proxy every caller has the proxy's address, and anyone reaching
 /// it could otherwise lock the operator out).
-pub const STRONG_ADMIN_TOKEN: usize = 32;
+pub const STRONG_ADMIN_TOKEN: usize = crate::auth::STRONG_SECRET;
 
 async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Response {
     let Some(expected) = state.config.admin_token() else {

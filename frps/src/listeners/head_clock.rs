@@ -24,6 +24,9 @@
 //! response body (and its idle timer) while it cannot write. (Before, any
 //! byte taken started the limit over, so a caller taking a few bytes a
 //! minute held them for hours.)
+//!
+//! The management API wraps its connections in it too, `--header-timeout`
+//! being both its first head's deadline and its stall limit.
 
 use std::io;
 use std::pin::Pin;

@@ -332,6 +332,45 @@ async fn a_strong_admin_token_passes_from_an_address_out_of_budget() {
 }
 
 #[tokio::test]
+async fn an_api_caller_that_stops_reading_loses_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = frps_config();
+    cfg.header_timeout = Duration::from_millis(300);
+    // One connection per address: a new one is refused while the deaf
+    // caller's is open.
+    cfg.max_connections_per_ip = 1;
+    let frps = Frps::start(cfg).await;
+    let api = frps.addrs.api;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut deaf = socket.connect(api).await.unwrap();
+    // A thousand dashboards (8 KiB each), asked for at once and never read:
+    // frps's writes wait once the socket buffers are full.
+    let one = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    deaf.write_all(&one.repeat(1000)).await.unwrap();
+    let healthy = || async {
+        let Ok(mut conn) = tokio::net::TcpStream::connect(api).await else {
+            return false;
+        };
+        let asked = conn
+            .write_all(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(frpx_tests::WAIT, conn.read_to_end(&mut answer)).await;
+        asked.is_ok() && matches!(read, Ok(Ok(_))) && answer.starts_with(b"HTTP/1.1 200")
+    };
+    assert!(
+        !healthy().await,
+        "the deaf caller holds the address's one connection"
+    );
+    frpx_tests::eventually_async("the deaf caller's connection is closed", healthy).await;
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(frpx_tests::WAIT, deaf.read_to_end(&mut got)).await;
+    assert!(ended.is_ok(), "closed, not held");
+    assert!(got.len() < 1000 * 8000, "not every answer: {}", got.len());
+}
+
+#[tokio::test]
 async fn the_api_closes_idle_and_oversized_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cfg = frps_config();
