@@ -70,7 +70,8 @@ pub struct ClientHandle {
     /// shared with the box's other sessions (same id and account).
     pub asset_writes: Arc<tokio::sync::Mutex<()>>,
     /// The `updatedAt` of this session's last `gpu_assets` write that
-    /// landed: its `offline` lands only on the row as it left it.
+    /// landed, or of a later one by another session of its machine that
+    /// left before it: its `offline` lands only on the row as they left it.
     pub asset_written_at: Mutex<Option<chrono::NaiveDateTime>>,
     /// The session's multiplexed tunnel connection, once frpc dialed it.
     tunnel: Mutex<Option<common::mux::Mux>>,

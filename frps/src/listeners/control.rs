@@ -671,14 +671,29 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
     // reconnect under this client id, or another frpc on the machine under
     // another id) it stays online; another machine registered under this
     // client id (two boxes sharing an id) does not keep this one's online.
-    if status == "offline"
-        && state.registry.all().iter().any(|live| {
+    if status == "offline" {
+        let mine = *client.asset_written_at.lock().expect("asset time lock");
+        let mut spared = false;
+        for live in state.registry.all().iter().filter(|live| {
             live.session != client.session
                 && live.owner.user_id == client.owner.user_id
                 && asset_key(live) == machine
-        })
-    {
-        return;
+        }) {
+            // The row holds the latest of its sessions' writes, which may
+            // be this one's: the last to leave must find its `offline`
+            // guarded by that. Not knowing how this session left the row
+            // (a failed write may have landed) leaves the other's guard
+            // off too.
+            let mut theirs = live.asset_written_at.lock().expect("asset time lock");
+            *theirs = match (*theirs, mine) {
+                (Some(at), Some(mine)) => Some(at.max(mine)),
+                _ => None,
+            };
+            spared = true;
+        }
+        if spared {
+            return;
+        }
     }
     // Another frps may have written the row since (the box reconnected
     // there before this session noticed it was gone): this session's

@@ -830,7 +830,7 @@ async fn a_machine_stays_online_while_another_of_its_clients_is() {
         protocol_version: common::PROTOCOL_VERSION,
         ..Default::default()
     };
-    let (_b, answer) = FakeClient::register_as(frps.addrs.control, &token, register("gpu-b")).await;
+    let (b, answer) = FakeClient::register_as(frps.addrs.control, &token, register("gpu-b")).await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
     let store = &frps.state.store;
     frpx_tests::wait_for_asset(store, "machine-shared", "online", Some("gpu-b")).await;
@@ -845,6 +845,10 @@ async fn a_machine_stays_online_while_another_of_its_clients_is() {
     frpx_tests::eventually("gpu-a's session ended", || frps.state.sessions.len() == 1).await;
     let row = store.gpu_asset("machine-shared").await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("online"), "{row:?}");
+    // The last one leaving did not write the row last, but took over what
+    // the other left: the machine goes offline.
+    drop(b);
+    frpx_tests::wait_for_asset(store, "machine-shared", "offline", Some("gpu-b")).await;
     frps.stop().await;
 }
 
