@@ -718,7 +718,12 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
         )),
     };
     match written {
-        Ok(Some(at)) => *client.asset_written_at.lock().expect("asset time lock") = at,
+        Ok(Some(at)) => {
+            *client.asset_written_at.lock().expect("asset time lock") = at;
+            if status == "offline" {
+                prune_assets(state, &user).await;
+            }
+        }
         Ok(None) if unless_changed_since.is_some() => debug!(
             client = %client.id,
             "not recording machine {machine} offline: its gpu_assets row was written since by another session"
@@ -734,6 +739,26 @@ async fn write_asset(state: &State, client: &ClientHandle, status: &str) {
             *client.asset_written_at.lock().expect("asset time lock") = None;
             warn!(client = %client.id, "cannot record the client in gpu_assets: {e}")
         }
+    }
+}
+
+/// Keeps the account's `offline` machine rows to the most recent
+/// `--max-client-ids` (machine ids come from frpc: an account presenting
+/// new ones would add rows for good). Failures are logged.
+async fn prune_assets(state: &State, user: &str) {
+    let keep = state.config.max_client_ids;
+    let prune = state.store.prune_gpu_assets(user, keep);
+    match tokio::time::timeout(ASSET_WRITE_DEADLINE, prune).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(gone)) => debug!(
+            user,
+            "deleted {gone} offline gpu_assets row(s) beyond the account's {keep} most recent"
+        ),
+        Ok(Err(e)) => warn!(user, "cannot prune the account's gpu_assets rows: {e}"),
+        Err(_) => warn!(
+            user,
+            "cannot prune the account's gpu_assets rows: no answer from the database within {ASSET_WRITE_DEADLINE:?}"
+        ),
     }
 }
 

@@ -970,6 +970,21 @@ impl Store {
         Ok(written.map(|(at,)| at))
     }
 
+    /// Deletes `user_id`'s `offline` machine rows beyond the `keep` most
+    /// recently written; returns how many went.
+    pub async fn prune_gpu_assets(&self, user_id: &str, keep: u32) -> Result<u64, StoreError> {
+        const SQL: &str = r#"DELETE FROM gpu_assets
+            WHERE "userId" = $1 AND status = 'offline' AND "machineId" NOT IN (
+              SELECT "machineId" FROM gpu_assets
+              WHERE "userId" = $1 AND status = 'offline'
+              ORDER BY "updatedAt" DESC NULLS LAST, "machineId" DESC
+              LIMIT $2)"#;
+        let gone = on_pool!(self, p => sqlx::query(SQL)
+            .bind(user_id).bind(i64::from(keep))
+            .execute(p).await?.rows_affected());
+        Ok(gone)
+    }
+
     /// The row of one machine.
     pub async fn gpu_asset(&self, machine_id: &str) -> Result<Option<GpuAssetRow>, StoreError> {
         const SQL: &str = r#"SELECT "userId", "machineId", name, status, "updatedAt" FROM gpu_assets WHERE "machineId" = $1"#;

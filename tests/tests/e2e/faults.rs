@@ -852,6 +852,38 @@ async fn a_machine_stays_online_while_another_of_its_clients_is() {
     frps.stop().await;
 }
 
+#[tokio::test]
+async fn an_account_keeps_its_most_recent_offline_machines_only() {
+    let mut cfg = frps_config();
+    cfg.max_client_ids = 2;
+    let frps = Frps::start(cfg).await;
+    let token = frps.client_token().await;
+    let store = &frps.state.store;
+    // One client id, a new machine id at each registration.
+    for machine in ["machine-1", "machine-2", "machine-3"] {
+        let registration = common::Registration {
+            client_id: "gpu".into(),
+            machine_id: machine.into(),
+            protocol_version: common::PROTOCOL_VERSION,
+            ..Default::default()
+        };
+        let (c, answer) = FakeClient::register_as(frps.addrs.control, &token, registration).await;
+        assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+        frpx_tests::wait_for_asset(store, machine, "online", Some("gpu")).await;
+        drop(c);
+        frpx_tests::wait_for_asset(store, machine, "offline", Some("gpu")).await;
+    }
+    // The oldest went when the third went offline.
+    frpx_tests::eventually_async("the oldest machine row is deleted", || async {
+        store.gpu_asset("machine-1").await.unwrap().is_none()
+    })
+    .await;
+    for kept in ["machine-2", "machine-3"] {
+        assert!(store.gpu_asset(kept).await.unwrap().is_some(), "{kept}");
+    }
+    frps.stop().await;
+}
+
 /// frps on its own PostgreSQL database whose `gpu_assets` table another
 /// connection holds locked (its writes wait; reads, and writes to other
 /// tables, go on), with one box registered.

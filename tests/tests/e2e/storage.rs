@@ -1781,6 +1781,59 @@ async fn gpu_assets_follow_clients_online_and_offline() {
 }
 
 on_both_databases!(
+    an_accounts_oldest_offline_machines_are_pruned_on_sqlite,
+    an_accounts_oldest_offline_machines_are_pruned_on_postgres,
+    an_accounts_oldest_offline_machines_are_pruned
+);
+
+/// `prune_gpu_assets` deletes only the account's offline rows beyond the
+/// most recently written.
+async fn an_accounts_oldest_offline_machines_are_pruned(url: &str) {
+    let store = Store::connect(url).await.unwrap();
+    let put = |owner: &'static str, machine: &'static str, status: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .upsert_gpu_asset(Some(owner), machine, "box", status, None)
+                .await
+                .unwrap()
+                .expect("written");
+        }
+    };
+    // Written in this order (each write's time is later: a loop until it is).
+    for machine in ["old-1", "old-2", "new-1", "new-2"] {
+        let before = chrono::Utc::now().naive_utc();
+        while chrono::Utc::now().naive_utc() <= before {
+            tokio::task::yield_now().await;
+        }
+        put("owner", machine, "offline").await;
+    }
+    put("owner", "live", "online").await;
+    put("other", "theirs", "offline").await;
+    exec(
+        &store,
+        r#"INSERT INTO gpu_assets ("machineId", name, status) VALUES ('seed-row', 'x', 'offline')"#,
+    )
+    .await;
+    assert_eq!(store.prune_gpu_assets("owner", 2).await.unwrap(), 2);
+    for (machine, kept) in [
+        ("old-1", false),
+        ("old-2", false),
+        ("new-1", true),
+        ("new-2", true),
+        ("live", true),
+        ("theirs", true),
+        ("seed-row", true),
+    ] {
+        let row = store.gpu_asset(machine).await.unwrap();
+        assert_eq!(row.is_some(), kept, "{machine}");
+    }
+    // Nothing more to prune.
+    assert_eq!(store.prune_gpu_assets("owner", 2).await.unwrap(), 0);
+    assert_eq!(store.prune_gpu_assets("other", 1).await.unwrap(), 0);
+}
+
+on_both_databases!(
     a_gpu_asset_write_can_wait_for_the_row_to_be_as_left_on_sqlite,
     a_gpu_asset_write_can_wait_for_the_row_to_be_as_left_on_postgres,
     a_gpu_asset_write_can_wait_for_the_row_to_be_as_left
