@@ -210,7 +210,11 @@ fn ini_value(v: &str) -> Result<String, String> {
             };
             let after = rest[end + 1..].trim_start();
             if !(after.is_empty() || after.starts_with(';') || after.starts_with('#')) {
-                return Err(format!("unexpected text after the quoted value: `{after}`"));
+                // Not repeated: it may be part of a secret.
+                return Err(format!(
+                    "unexpected text after the quoted value ({} characters after the closing quote)",
+                    after.chars().count()
+                ));
             }
             return Ok(rest[..end].to_owned());
         }
@@ -218,11 +222,12 @@ fn ini_value(v: &str) -> Result<String, String> {
     let comment = v.char_indices().find(|&(i, c)| {
         (c == ';' || c == '#') && v[..i].ends_with(|p: char| p.is_ascii_whitespace())
     });
-    if let Some((i, _)) = comment {
+    if let Some((i, c)) = comment {
+        // The value is not repeated: it may be a password or a token, and
+        // this message goes to the terminal or the journal.
         return Err(format!(
-            "`{}` may end in a comment at `{}`, which frp would keep as part of the value: quote the value (\"...\" ; comment), or put the comment on a line of its own",
-            v.trim_end(),
-            &v[i..]
+            "the value may end in a comment at its character {} (`{c}` after a blank), which frp would keep as part of the value: quote the value (\"...\" ; comment), or put the comment on a line of its own",
+            v[..i].chars().count() + 1,
         ));
     }
     Ok(v.trim_end().to_owned())
@@ -307,11 +312,26 @@ impl<'a> FileArgs<'a> {
     }
 
     /// Whether the command line or the environment already set flag `id`.
+    /// A variable set to nothing (or blanks) sets nothing: docker-compose
+    /// writes `${VAR}` of an unset variable so, as does a placeholder
+    /// `Environment=` line, and frpx reads an empty value as unset, so it
+    /// must not silently drop the file's (an admin token, a Redis URL).
     pub fn given(&self, id: &str) -> bool {
-        matches!(
-            self.given.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        )
+        match self.given.value_source(id) {
+            Some(ValueSource::CommandLine) => true,
+            Some(ValueSource::EnvVariable) => !self.env_is_blank(id),
+            _ => false,
+        }
+    }
+
+    /// Whether flag `id`'s environment variable holds nothing but blanks.
+    fn env_is_blank(&self, id: &str) -> bool {
+        self.cmd
+            .get_arguments()
+            .find(|a| a.get_id() == id)
+            .and_then(Arg::get_env)
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.to_string_lossy().trim().is_empty())
     }
 
     /// Sets flag `id` to `value`, written as `key` at `line` of the file.
@@ -561,6 +581,10 @@ mod tests {
             let e = ini(&format!("[common]\n{line}\n")).unwrap_err().to_string();
             assert!(e.contains("quote the value"), "{line}: {e}");
             assert!(e.contains("t.ini:2"), "{line}: {e}");
+            // The value is not repeated: it may be a secret.
+            for word in ["horse", "my pass", "7000", "control"] {
+                assert!(!e.contains(word), "{line}: {e}");
+            }
         }
         // Quoted, or `#`/`;` inside a word: the value as written.
         let s = ini("[common]\ntoken = \"blue horse #42\"\npassword = my;pass#x\n").unwrap();
@@ -589,7 +613,8 @@ mod tests {
         assert!(ini("[x\n").is_err());
         assert!(ini("[]\n").is_err());
         assert!(ini("[x]\na = \"open\n").is_err());
-        assert!(ini("[x]\na = \"q\" tail\n").is_err());
+        let e = ini("[x]\na = \"q\" secret-tail\n").unwrap_err().to_string();
+        assert!(!e.contains("secret"), "{e}");
     }
 
     #[test]
@@ -764,6 +789,33 @@ mod tests {
         let on = on.unwrap();
         assert!(on.get_flag("self_signed"));
         assert!(on.get_one::<PathBuf>("cert").is_none());
+    }
+
+    #[test]
+    fn a_variable_set_to_nothing_leaves_the_files_value() {
+        const NAME: &str = "FRPX_CONFIG_FILE_TEST_BLANK";
+        let cmd = || {
+            Command::new("t")
+                .arg(
+                    Arg::new("config")
+                        .long("config")
+                        .value_parser(clap::value_parser!(PathBuf)),
+                )
+                .arg(Arg::new("token").long("token").env(NAME))
+        };
+        let file = "[s]\ntoken = from-the-file\n";
+        let token = |m: ArgMatches| m.get_one::<String>("token").cloned();
+        // SAFETY: no other code of this process reads or writes this name.
+        unsafe { std::env::set_var(NAME, "") };
+        let empty = run_with(cmd(), &[], file, |_| {});
+        unsafe { std::env::set_var(NAME, "  ") };
+        let blank = run_with(cmd(), &[], file, |_| {});
+        unsafe { std::env::set_var(NAME, "from-the-environment") };
+        let set = run_with(cmd(), &[], file, |_| {});
+        unsafe { std::env::remove_var(NAME) };
+        assert_eq!(token(empty.unwrap()).as_deref(), Some("from-the-file"));
+        assert_eq!(token(blank.unwrap()).as_deref(), Some("from-the-file"));
+        assert_eq!(token(set.unwrap()).as_deref(), Some("from-the-environment"));
     }
 
     #[test]
