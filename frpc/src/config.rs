@@ -216,15 +216,26 @@ pub fn meta_map(pairs: &[(String, String)]) -> BTreeMap<String, String> {
     pairs.iter().cloned().collect()
 }
 
+/// `host:port`, an IPv6 address in brackets (`[::1]:11434`): the form a
+/// `Host` header takes, and one a dial reads unambiguously.
+fn host_port(host: &str, port: u16) -> String {
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 impl Config {
-    /// `host:port` of the local service.
+    /// `host:port` of the local service (also the `Host` its requests
+    /// carry).
     pub fn local_host(&self) -> String {
-        format!("{}:{}", self.local_addr, self.local_port)
+        host_port(&self.local_addr, self.local_port)
     }
 
     /// `host:port` of the control port.
     pub fn control_addr(&self) -> String {
-        format!("{}:{}", self.server_addr, self.control_port)
+        host_port(&self.server_addr, self.control_port)
     }
 
     /// Whether connections to frps use TLS.
@@ -234,13 +245,36 @@ impl Config {
 
     /// `host:port` of the proxy port.
     pub fn proxy_addr(&self) -> String {
-        format!("{}:{}", self.server_addr, self.proxy_port)
+        host_port(&self.server_addr, self.proxy_port)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_are_bracketed_in_host_and_port() {
+        let cfg = Config::try_parse_from([
+            "frpc",
+            "--local-addr",
+            "::1",
+            "--local-port",
+            "11434",
+            "--server-addr",
+            "2001:db8::7",
+        ])
+        .unwrap();
+        assert_eq!(cfg.local_host(), "[::1]:11434");
+        assert!(cfg.control_addr().starts_with("[2001:db8::7]:"));
+        assert!(cfg.proxy_addr().starts_with("[2001:db8::7]:"));
+        let cfg =
+            Config::try_parse_from(["frpc", "--local-addr", "[::1]", "--local-port", "8"]).unwrap();
+        assert_eq!(cfg.local_host(), "[::1]:8");
+        let cfg = Config::try_parse_from(["frpc", "--local-addr", "gpu.lan", "--local-port", "8"])
+            .unwrap();
+        assert_eq!(cfg.local_host(), "gpu.lan:8");
+    }
 
     #[test]
     fn zero_delays_and_deadlines_are_refused_and_zero_drain_is_not() {
@@ -295,8 +329,8 @@ mod tests {
             ("frps.example", "frps.example:17000"),
             ("203.0.113.7", "203.0.113.7:17000"),
             ("[::1]", "[::1]:17000"),
-            ("::1", "::1:17000"),
-            ("fe80::1:8000", "fe80::1:8000:17000"),
+            ("::1", "[::1]:17000"),
+            ("fe80::1:8000", "[fe80::1:8000]:17000"),
         ] {
             let cfg = Config::try_parse_from(["frpc", "--server-addr", addr]).unwrap();
             assert_eq!(cfg.control_addr(), control);
