@@ -205,12 +205,36 @@ pub async fn run(
     out: &mut dyn Write,
     input: &mut dyn BufRead,
 ) -> anyhow::Result<()> {
+    let notice = fresh_database_notice(&config.database_url);
     let store = Store::connect(&config.database_url)
         .await
         .with_context(|| format!("cannot open the database {}", redact(&config.database_url)))?;
+    if let Some(notice) = notice {
+        eprintln!("{notice}");
+    }
     let result = dispatch(admin, config, &store, out, input).await;
     store.close().await;
     result
+}
+
+/// What an admin command says on stderr when `url` names an SQLite file
+/// that does not exist yet: it creates a new, empty database, which is
+/// right before frps's first start but not when run from another directory
+/// than frps's (a relative path), whose changes frps would never see.
+fn fresh_database_notice(url: &str) -> Option<String> {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let opts: sqlx::sqlite::SqliteConnectOptions = url.parse().ok()?;
+    let file = opts.get_filename();
+    if file.exists() {
+        return None;
+    }
+    let shown = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    Some(format!(
+        "frps: {} did not exist: this command creates a new, empty database there. frps serves the database its --database-url names (a relative path from the directory frps runs in): if it already runs elsewhere, run this command there or with its --database-url",
+        shown.display()
+    ))
 }
 
 async fn dispatch(
@@ -531,6 +555,34 @@ fn read_password(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_creating_an_sqlite_database_says_where() {
+        let dir = std::env::temp_dir().join(format!("frpx-admin-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("frpx.db");
+        let url = format!("sqlite://{}", file.display());
+        let notice = fresh_database_notice(&url).expect("a new file");
+        assert!(notice.contains(&file.display().to_string()), "{notice}");
+        assert!(notice.contains("new, empty database"), "{notice}");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(fresh_database_notice(&url), None, "it exists");
+        for quiet in [
+            "sqlite::memory:",
+            "sqlite://x.db?mode=memory",
+            "postgres://postgres@127.0.0.1/test",
+        ] {
+            assert_eq!(fresh_database_notice(quiet), None, "{quiet}");
+        }
+        // A relative path is shown from where the command runs.
+        let notice = fresh_database_notice("sqlite://not-here-frpx-test.db").unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert!(
+            notice.contains(&cwd.join("not-here-frpx-test.db").display().to_string()),
+            "{notice}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn limits_parse_and_apply() {
