@@ -22,12 +22,26 @@ const MAX_BODY: usize = 256 * 1024 * 1024;
 /// Deadline for one API call.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The API of the frps `config` describes: its `--api-bind` address (the
+/// loopback address of its family when that is unspecified) and port.
+fn default_url(config: &Config) -> String {
+    let host = match config.api_bind {
+        ip if ip.is_unspecified() && ip.is_ipv6() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!(
+        "http://{}",
+        std::net::SocketAddr::new(host, config.api_port)
+    )
+}
+
 /// Prints the table (or keeps redrawing it with `--watch`).
 pub async fn run(config: &Config, out: &mut dyn Write) -> anyhow::Result<()> {
     let base = config
         .api_url
         .clone()
-        .unwrap_or_else(|| format!("http://127.0.0.1:{}", config.api_port));
+        .unwrap_or_else(|| default_url(config));
     let token = config.admin_token();
     if !config.watch {
         writeln!(out, "{}", fleet_table(&base, token).await?)?;
@@ -273,6 +287,25 @@ async fn get_page<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_url_follows_the_api_bind_address() {
+        let url = |bind: &str| {
+            let cfg = <Config as clap::Parser>::parse_from([
+                "frps",
+                "--api-bind",
+                bind,
+                "--api-port",
+                "9001",
+            ]);
+            default_url(&cfg)
+        };
+        assert_eq!(url("127.0.0.1"), "http://127.0.0.1:9001");
+        assert_eq!(url("10.0.0.5"), "http://10.0.0.5:9001");
+        assert_eq!(url("::1"), "http://[::1]:9001");
+        assert_eq!(url("0.0.0.0"), "http://127.0.0.1:9001");
+        assert_eq!(url("::"), "http://[::1]:9001");
+    }
 
     #[test]
     fn client_text_cannot_drive_the_terminal() {
