@@ -222,15 +222,11 @@ pub async fn run(
 /// right before frps's first start but not when run from another directory
 /// than frps's (a relative path), whose changes frps would never see.
 fn fresh_database_notice(url: &str) -> Option<String> {
-    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
-        return None;
-    }
-    let opts: sqlx::sqlite::SqliteConnectOptions = url.parse().ok()?;
-    let file = opts.get_filename();
+    let file = crate::store::sqlite_file(url)?;
     if file.exists() {
         return None;
     }
-    let shown = std::path::absolute(file).unwrap_or_else(|_| file.to_owned());
+    let shown = std::path::absolute(&file).unwrap_or(file);
     Some(format!(
         "frps: {} did not exist: this command creates a new, empty database there. frps serves the database its --database-url names (a relative path from the directory frps runs in): if it already runs elsewhere, run this command there or with its --database-url",
         shown.display()

@@ -555,13 +555,7 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
+    let presented = crate::auth::bearer(req.headers());
     // Compared as SHA-256 digests: the time taken tells neither where the
     // tokens differ nor how long the right one is.
     let digest = presented.map(crate::auth::secret::hash);

@@ -22,19 +22,23 @@ pub const STRONG_SECRET: usize = 32;
 /// The header that may carry an API key instead of `Authorization`.
 pub const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
 
+/// The credentials of `Authorization: Bearer <credentials>`, trimmed
+/// (possibly empty), when that is the header's scheme.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, credentials)| credentials.trim())
+}
+
 /// The API key a request carries: `Authorization: Bearer <key>`, else
 /// `x-api-key: <key>`. An `Authorization` header that holds no bearer key
 /// (`Basic` credentials a proxy in front checked, say) leaves the choice to
 /// `x-api-key`.
 pub fn request_key(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim_start().split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, rest)| rest.trim())
-        .filter(|k| !k.is_empty());
-    bearer.or_else(|| {
+    bearer(headers).filter(|k| !k.is_empty()).or_else(|| {
         headers
             .get(X_API_KEY)
             .and_then(|v| v.to_str().ok())

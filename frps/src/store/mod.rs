@@ -193,6 +193,16 @@ fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
 
+/// The file an `sqlite:` URL names (`None` for another database, an
+/// in-memory one, or a URL that does not parse).
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let opts = SqliteConnectOptions::from_str(url).ok()?;
+    Some(opts.get_filename().to_owned())
+}
+
 /// Creates a missing SQLite database file readable by its owner alone
 /// (SQLite gives its `-wal` and `-shm` files the same mode): it holds the
 /// key that signs Redis entries, password hashes and any plaintext keys of
@@ -289,8 +299,8 @@ impl Store {
             Store::Postgres(pool)
         } else if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?;
-            if !(url.contains(":memory:") || url.contains("mode=memory")) {
-                private_file(opts.get_filename());
+            if let Some(file) = sqlite_file(url) {
+                private_file(&file);
             }
             let opts = opts
                 .create_if_missing(true)
