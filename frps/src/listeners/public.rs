@@ -940,16 +940,18 @@ async fn forward(
                         debug!(client = %client.id, "tunnel stream shed under the request: {e}");
                         excluded.push(client.session);
                         busy += 1;
-                        last_error = Some(e);
+                        // An earlier client's failure stays the answer.
+                        last_error.get_or_insert(e);
                         continue;
                     }
                     // On a pooled stream: the service closed the connection
                     // behind it as idle (a keep-alive race), nothing to
-                    // blame the client for.
-                    if up.reused && !payload.is_spent() && !raced {
+                    // blame the client for. Not a shed past
+                    // SHEDS_BEFORE_FAILURE: that is the box failing.
+                    if up.reused && !payload.is_spent() && !raced && !reset.is_busy() {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
                         raced = true;
-                        again = still_online(client, guard);
+                        again = still_online(client, guard, &mut last_error);
                         continue;
                     }
                     AcquireError::Pair(PairError::Failed(reset.reason.to_string()))
@@ -964,7 +966,7 @@ async fn forward(
                             payload.put_back(back.into_body());
                             if up.reused {
                                 debug!(client = %client.id, "stale pooled connection: {reason}");
-                                again = still_online(client, guard);
+                                again = still_online(client, guard, &mut last_error);
                                 continue;
                             }
                             AcquireError::Pair(PairError::Failed(reason))
@@ -983,7 +985,7 @@ async fn forward(
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
-                            again = still_online(client, guard);
+                            again = still_online(client, guard, &mut last_error);
                             continue;
                         }
                         // A head too large to read (over the read buffer, over
@@ -1045,18 +1047,35 @@ async fn forward(
 
 /// The client and slot of a request to send again to the same client
 /// (after a stale pooled connection or the keep-alive race), unless the
-/// client went offline meanwhile: then the slot is given up and the request
-/// is routed again.
+/// client went offline meanwhile: then the slot is given up, the request
+/// is routed again, and, with no other client to take it, the caller hears
+/// that its client left (502), not that none was ever there.
 fn still_online(
     client: Arc<ClientHandle>,
     guard: InFlight,
+    last_error: &mut Option<AcquireError>,
 ) -> Option<(Arc<ClientHandle>, InFlight)> {
-    (!client.kick.is_cancelled()).then_some((client, guard))
+    if client.kick.is_cancelled() {
+        last_error.get_or_insert(AcquireError::ClientGone);
+        return None;
+    }
+    Some((client, guard))
+}
+
+/// Whether `client`'s session ended for something other than its silence
+/// (replaced by a newer session of the box, disconnected by an operator,
+/// its token revoked, its control connection lost): what failed under a
+/// request then is the session, not the box's service, and the health
+/// the box's next session starts from is left alone. A box evicted for
+/// silence (frozen) is failing.
+fn session_ended_under(client: &ClientHandle) -> bool {
+    client.kick.is_cancelled() && !client.silent.is_cancelled()
 }
 
 /// Counts `client` as failing for `error` before it answered (no connection
 /// to its service, or its service failed or stayed silent before a response
-/// head) and leaves it out of the next attempt; once more than `retries`
+/// head; not when its session ended under the request:
+/// [`session_ended_under`]) and leaves it out of the next attempt; once more than `retries`
 /// clients failed, the 502/504 for `error`. Kept as the request's last
 /// error: if no other client can be tried, the caller is told why the last
 /// one failed, not that none is left.
@@ -1068,8 +1087,12 @@ fn blame(
     last_error: &mut Option<AcquireError>,
     retries: usize,
 ) -> Option<Response<PublicBody>> {
-    warn!(client = %client.id, "client failed before responding: {error}");
-    dispatch::record_failure(state, client);
+    if session_ended_under(client) {
+        debug!(client = %client.id, "client left before responding: {error}");
+    } else {
+        warn!(client = %client.id, "client failed before responding: {error}");
+        dispatch::record_failure(state, client);
+    }
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))

@@ -157,12 +157,22 @@ async fn an_unreachable_service_resets_its_stream_with_the_reason() {
     frpc.kill().await;
 }
 
-#[tokio::test]
-async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one() {
-    let frps = frpx_tests::Frps::start(offering()).await;
+/// A box played by the test: registered as `id` on a control connection
+/// (kept in the answer: dropped, the box leaves), its tunnel connection up,
+/// and every stream frps opens on it handed to `serve`. The task's result
+/// is how many streams frps opened, once the tunnel connection closes.
+async fn fake_box<F, Fut>(
+    frps: &frpx_tests::Frps,
+    id: &str,
+    serve: F,
+) -> (frpx_tests::fake::FakeClient, tokio::task::JoinHandle<usize>)
+where
+    F: Fn(common::mux::MuxStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let token = frps.client_token().await;
-    let (_control, registered) =
-        frpx_tests::fake::FakeClient::register(frps.addrs.control, &token, "shedding").await;
+    let (control, registered) =
+        frpx_tests::fake::FakeClient::register(frps.addrs.control, &token, id).await;
     let Command::Registered {
         client_id,
         session_key,
@@ -184,23 +194,54 @@ async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one
         .await
         .unwrap();
     assert!(matches!(answer, Command::MuxAccepted), "{answer:?}");
-    // As frpc resets a stream whose local service reads its body slowly
-    // while the tunnel connection holds its whole receive budget.
     let (mux, driver) = common::mux::Mux::new(tunnel, common::mux::Role::Acceptor);
     tokio::spawn(driver);
-    let shedding = tokio::spawn(async move {
-        let mut shed = 0;
+    let streams = tokio::spawn(async move {
+        let mut opened = 0;
         while let Some(stream) = mux.accept().await {
-            stream.reset(&format!(
-                "{}the tunnel connection held 32770 KiB received and unread",
-                common::mux::SHED
-            ));
-            shed += 1;
+            tokio::spawn(serve(stream));
+            opened += 1;
         }
-        shed
+        opened
     });
-    let client = frps.state.registry.get("shedding").unwrap();
+    let client = frps.state.registry.get(id).unwrap();
     frpx_tests::eventually("the tunnel connection is up", || client.tunnel().is_some()).await;
+    (control, streams)
+}
+
+/// What frpc resets a stream with when its local service reads slowly
+/// while the tunnel connection holds its whole receive budget.
+fn shed(stream: &common::mux::MuxStream) {
+    stream.reset(&format!(
+        "{}the tunnel connection held 32770 KiB received and unread",
+        common::mux::SHED
+    ));
+}
+
+/// Reads one request head from `stream` (empty when it ended first).
+async fn request_head(stream: &mut common::mux::MuxStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return Vec::new(),
+        }
+    }
+    head
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+#[tokio::test]
+async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    let (_control, shedding) = fake_box(&frps, "shedding", |stream| async move {
+        shed(&stream);
+    })
+    .await;
+    let client = frps.state.registry.get("shedding").unwrap();
     let tries = frps::registry::SHEDS_BEFORE_FAILURE as usize;
     let mut conn = Conn::open(frps.public()).await;
     for i in 0..tries {
@@ -233,6 +274,92 @@ async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one
     frps.stop().await;
     let sent = tries + frps::registry::FAILURES_BEFORE_COOLDOWN as usize;
     assert_eq!(shedding.await.unwrap(), sent, "each went to the box once");
+}
+
+#[tokio::test]
+async fn a_pooled_stream_shed_once_too_often_is_a_failure_not_a_keep_alive_race() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    // Pooled streams enough for every shed a box may make before it counts
+    // as failing, and one more.
+    let pooled = frps::registry::SHEDS_BEFORE_FAILURE as usize + 1;
+    let warm = std::sync::Arc::new(tokio::sync::Barrier::new(pooled));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = opened.clone();
+    // Each stream's first request is answered (the first `pooled` of them
+    // together, so that all are in use at once and all are pooled); any
+    // later request on it is shed.
+    let (_control, streams) = fake_box(&frps, "box", move |mut stream| {
+        let warm = warm.clone();
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            use tokio::io::AsyncWriteExt;
+            if request_head(&mut stream).await.is_empty() {
+                return;
+            }
+            if n < pooled {
+                warm.wait().await;
+            }
+            if stream.write_all(OK).await.is_err() {
+                return;
+            }
+            if !request_head(&mut stream).await.is_empty() {
+                shed(&stream);
+            }
+        }
+    })
+    .await;
+    let warming = (0..pooled).map(|_| http::get(frps.public(), "/", Some(API_KEY)));
+    for reply in futures_util::future::join_all(warming).await {
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let client = frps.state.registry.get("box").unwrap();
+    frpx_tests::eventually("every stream is pooled", || client.idle.len() == pooled).await;
+    // Busy as long as the box may shed: come back shortly.
+    for _ in 0..frps::registry::SHEDS_BEFORE_FAILURE {
+        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "client_busy");
+    }
+    // One more shed is the box failing: not taken for the service closing
+    // an idle connection (which would send the request once more, on a
+    // new stream).
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    frps.stop().await;
+    assert_eq!(
+        streams.await.unwrap(),
+        pooled,
+        "no stream opened to send it again"
+    );
+    assert_eq!(opened.load(Ordering::SeqCst), pooled);
+}
+
+#[tokio::test]
+async fn a_busy_box_after_a_failed_one_leaves_the_failure_as_the_answer() {
+    let frps = frpx_tests::Frps::start(offering()).await;
+    // One box cannot reach its service; the other is busy.
+    let (_failing, _) = fake_box(&frps, "failing", |stream| async move {
+        stream.reset("could not connect to the local service: connection refused");
+    })
+    .await;
+    let (_busy, _) = fake_box(&frps, "busy", |stream| async move {
+        shed(&stream);
+    })
+    .await;
+    let boxes = ["failing", "busy"].map(|id| frps.state.registry.get(id).unwrap());
+    // Whichever is tried first (at random), the caller hears of the
+    // failure, not that a box was busy.
+    for _ in 0..12 {
+        for b in &boxes {
+            b.record_success();
+        }
+        let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+        let message = reply.json()["error"]["message"].to_string();
+        assert!(message.contains("connection refused"), "{message}");
+    }
 }
 
 #[tokio::test]

@@ -430,6 +430,46 @@ async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
 }
 
 #[tokio::test]
+async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_down() {
+    let mut cfg = frps_config();
+    // Within the fake clients' eviction for silence (3 heartbeats, 1.5 s).
+    cfg.connect_timeout = Duration::from_secs(1);
+    let frps = Frps::start(cfg).await;
+    let token = frps.client_token().await;
+    let (mut first, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    // Requests enough to cool a box down wait on its dial-backs...
+    let waiting = frps::registry::FAILURES_BEFORE_COOLDOWN as usize;
+    let requests: Vec<_> = (0..waiting)
+        .map(|_| tokio::spawn(http::get(frps.public(), "/", Some(API_KEY))))
+        .collect();
+    for _ in 0..waiting {
+        assert!(matches!(
+            first.recv().await,
+            Some(Command::OpenConnection { .. })
+        ));
+    }
+    // ...when the box reconnects (its frpc restarted): the session they
+    // waited on ended, the box did not fail, and its new session takes them.
+    let (mut second, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    for _ in 0..waiting {
+        let asked = tokio::time::timeout(frpx_tests::WAIT, second.recv()).await;
+        assert!(
+            matches!(asked, Ok(Some(Command::OpenConnection { .. }))),
+            "{asked:?}"
+        );
+    }
+    assert!(!frps.state.registry.get("gpu").unwrap().is_cooling_down());
+    // The new session never dials back either: they time out there.
+    for request in requests {
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 504, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "client_timeout");
+    }
+}
+
+#[tokio::test]
 async fn a_client_whose_service_dies_fails_over_and_cools_down() {
     let fleet = Fleet::start(1).await;
     // A second client whose service answers at registration, then dies; it
@@ -1209,6 +1249,48 @@ async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_witho
     let reply = conn.post("/upload", Some(API_KEY), big).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.body, "ok");
+    frpc.kill().await;
+}
+
+#[tokio::test]
+async fn a_box_that_leaves_during_the_keep_alive_race_is_a_502_not_a_missing_box() {
+    // The box goes offline (an operator disconnects it) just as its service
+    // closes a pooled connection under a request.
+    let frps_state =
+        std::sync::Arc::new(std::sync::OnceLock::<std::sync::Arc<frps::state::State>>::new());
+    let state = frps_state.clone();
+    let service = raw_service(move |mut s| {
+        let state = state.clone();
+        async move {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            if let Some(svc) = state.get().and_then(|st| st.registry.get("svc")) {
+                svc.kick("disconnected by an operator through the management API");
+            }
+        }
+    })
+    .await;
+    let frps = Frps::start(frps_config()).await;
+    let _ = frps_state.set(frps.state.clone());
+    // It stays away for the test.
+    let mut cfg = frpx_tests::frpc_config("svc", &frps.addrs, service);
+    cfg.reconnect_min = Duration::from_secs(60);
+    cfg.reconnect_max = Duration::from_secs(60);
+    let frpc = Frpc::start(cfg);
+    frps.wait_for_clients(&["svc"]).await;
+    let mut conn = Conn::open(frps.public()).await;
+    let reply = conn.get("/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // Sent on the pooled connection, which closes under it; the box is
+    // gone by then: the caller hears that its box left, not that no box
+    // was ever there to serve it.
+    let reply = conn.get("/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
     frpc.kill().await;
 }
 
