@@ -873,6 +873,21 @@ async fn forward(
                 "the client stopped answering (evicted for silence) before its service answered"
                     .into(),
             ),
+            Some(Ok(Ok(resp))) if !framed_by_chunks_alone(resp.headers()) => {
+                // As on requests: hyper undoes only the chunking of
+                // `gzip, chunked`, and the coding would leave with the
+                // hop-by-hop header: the caller would get gzip bytes as a
+                // plain body. The service answered, so it is no failure of
+                // the box; the request is not sent again.
+                Stats::inc(&state.stats.upstream_errors);
+                warn!(client = %client.id, "upstream response refused: Transfer-Encoding other than chunked alone");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "the client's local service answered with a transfer coding other than `chunked` alone, which frps does not relay",
+                    "upstream_error",
+                    "unsupported_transfer_coding",
+                );
+            }
             Some(Ok(Ok(resp))) => {
                 // A server error is relayed as it is, but proves nothing
                 // of the box's health: a box whose model cannot load (and

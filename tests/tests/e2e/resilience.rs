@@ -1315,6 +1315,31 @@ async fn a_service_answering_byte_by_byte_is_streamed_through() {
 }
 
 #[tokio::test]
+async fn an_answer_in_a_transfer_coding_frps_cannot_relay_is_a_clean_502() {
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = asked.clone();
+    let service = raw_service(move |mut s| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            // gzip's magic, then chunked framing around it.
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
+                )
+                .await;
+        }
+    })
+    .await;
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "unsupported_transfer_coding");
+    // The service answered: the request is not sent elsewhere or again.
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    frpc.kill().await;
+}
+
+#[tokio::test]
 async fn a_service_resetting_mid_body_gives_the_caller_a_clean_error() {
     let service = raw_service(|mut s| async move {
         let _ = s
