@@ -34,7 +34,7 @@ fn sorted(state: &State) -> Vec<Arc<ClientHandle>> {
 /// The page of registered clients, in id order, that `query` asks of the
 /// listing at `path`, each shown by `show`; with the headers naming the
 /// next page and the message's tail ([`finish`]).
-fn page_of<T>(
+pub(super) fn page_of<T>(
     state: &State,
     query: Result<Query<Page>, QueryRejection>,
     path: &str,

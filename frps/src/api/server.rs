@@ -2,13 +2,16 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::State as AxState;
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State as AxState};
+use axum::http::HeaderMap;
 
 use super::types::{
-    ClientConnections, ConfigView, Connections, ErrorCounts, Health, Pending, PendingConnection,
-    Ports, Stats,
+    ClientConnections, ConfigView, Connections, ErrorCounts, Health, Page, Pending,
+    PendingConnection, Ports, Stats,
 };
-use super::{ApiResult, ApiState, Envelope, ok};
+use super::{ApiError, ApiResult, ApiState, Envelope, ok};
 use crate::state::State;
 
 /// Server health (no admin token needed): 200, or 503 once shutdown has
@@ -80,29 +83,29 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
     Ok(ok(stats, "server statistics"))
 }
 
-/// Open connections, per client.
-#[utoipa::path(get, path = "/api/connections", tag = "server",
-    responses((status = 200, body = Envelope<Connections>)))]
-pub async fn connections(AxState(state): ApiState) -> ApiResult<Connections> {
-    let mut clients: Vec<_> = state
-        .registry
-        .all()
-        .iter()
-        .map(|c| ClientConnections {
+/// Open connections, and per client a page of the registered clients (in
+/// id order, as `/api/clients`: `?limit=&after=`, `Link` to the next).
+#[utoipa::path(get, path = "/api/connections", tag = "server", params(Page),
+    responses((status = 200, body = Envelope<Connections>),
+        (status = 400, description = "A page parameter (`limit`, `after`) that is not valid", body = Envelope<String>)))]
+pub async fn connections(
+    AxState(state): ApiState,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Result<(HeaderMap, Json<Envelope<Connections>>), ApiError> {
+    let (headers, clients, more) =
+        super::clients::page_of(&state, query, "/api/connections", |c| ClientConnections {
             id: c.id.clone(),
             remote_addr: c.remote_addr.to_string(),
             in_flight: c.in_flight.load(Ordering::Relaxed),
             idle: c.idle.len(),
             tunnel: c.tunnel().is_some(),
-        })
-        .collect();
-    clients.sort_by(|a, b| a.id.cmp(&b.id));
+        })?;
     let c = Connections {
         public_connections: state.stats.public_connections.load(Ordering::Relaxed),
         pending: state.pending.len(),
         clients,
     };
-    Ok(ok(c, "current connections"))
+    Ok((headers, ok(c, &format!("current connections{more}"))))
 }
 
 /// Dial-backs requested and not yet arrived.

@@ -277,7 +277,8 @@ pub struct Connections {
     pub public_connections: u64,
     /// Dial-backs requested and not yet arrived.
     pub pending: usize,
-    /// Per client.
+    /// Per client: the page asked for (`?limit=&after=`, as
+    /// `/api/clients`; a `Link` header names the next).
     pub clients: Vec<ClientConnections>,
 }
 

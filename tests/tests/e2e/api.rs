@@ -901,9 +901,11 @@ async fn clients_and_their_metrics_come_in_pages() {
         all.len() == 3 && all.iter().all(|c| c.system().is_some())
     })
     .await;
+    // A listing's page is its data, or (`/api/connections`) its `clients`.
     let ids = |reply: &Reply| -> Vec<String> {
-        assert_envelope(reply, true)
-            .as_array()
+        let data = assert_envelope(reply, true);
+        let page = data.get("clients").unwrap_or(&data);
+        page.as_array()
             .unwrap()
             .iter()
             .map(|c| c["id"].as_str().unwrap().to_owned())
@@ -913,7 +915,11 @@ async fn clients_and_their_metrics_come_in_pages() {
     let all = api(&fleet, "GET", "/api/clients").await;
     assert_eq!(ids(&all), ["client-0", "client-1", "client-2"]);
     assert!(all.headers.get("link").is_none());
-    for (listing, size, pages) in [("/api/clients", 2, 2), ("/api/monitoring", 1, 3)] {
+    for (listing, size, pages) in [
+        ("/api/clients", 2, 2),
+        ("/api/monitoring", 1, 3),
+        ("/api/connections", 2, 2),
+    ] {
         let mut path = format!("{listing}?limit={size}");
         let mut seen = Vec::new();
         for page in 1..=pages {
@@ -1094,6 +1100,8 @@ async fn users_and_tokens_come_in_pages() {
         "/api/users?offset=2",
         "/api/tokens/active?after=12",
         "/api/tokens/active?after=x_abc",
+        "/api/connections?limit=0",
+        "/api/connections?after=%20",
     ] {
         let reply = api(&fleet, "GET", bad).await;
         assert_eq!(reply.status, 400, "{bad}: {}", reply.body);
