@@ -830,6 +830,22 @@ async fn forward(
                 last_error.get_or_insert(e);
                 continue;
             }
+            // The session ended while its connection was being opened
+            // (the box reconnected, an operator disconnected it, its token
+            // was revoked, its control connection was lost): the request
+            // went nowhere, and the box's service did not fail, so the
+            // health its next session starts from is left alone. Another
+            // client (or that next session) is tried without using a
+            // retry; with none left, the caller hears that its client left
+            // unless another's failure stands.
+            Err(e) if session_ended_under(&client) => {
+                waited += acquiring.elapsed();
+                debug!(client = %client.id, "the client left before a connection to it opened: {e}");
+                excluded.push(client.session);
+                busy += 1;
+                last_error.get_or_insert(AcquireError::ClientGone);
+                continue;
+            }
             Err(e) => {
                 waited += acquiring.elapsed();
                 let retries = state.config.max_retries + busy;
@@ -873,7 +889,10 @@ async fn forward(
                 "the client stopped answering (evicted for silence) before its service answered"
                     .into(),
             ),
-            Some(Ok(Ok(resp))) if !framed_by_chunks_alone(resp.headers()) => {
+            Some(Ok(Ok(resp)))
+                if has_body(&parts.method, resp.status())
+                    && !decoded_by_framing(resp.headers()) =>
+            {
                 // As on requests: hyper undoes only the chunking of
                 // `gzip, chunked`, and the coding would leave with the
                 // hop-by-hop header: the caller would get gzip bytes as a
@@ -1079,9 +1098,7 @@ fn still_online(
 
 /// Whether `client`'s session ended for something other than its silence
 /// (replaced by a newer session of the box, disconnected by an operator,
-/// its token revoked, its control connection lost): what failed under a
-/// request then is the session, not the box's service, and the health
-/// the box's next session starts from is left alone. A box evicted for
+/// its token revoked, its control connection lost). A box evicted for
 /// silence (frozen) is failing.
 fn session_ended_under(client: &ClientHandle) -> bool {
     client.kick.is_cancelled() && !client.silent.is_cancelled()
@@ -1089,8 +1106,7 @@ fn session_ended_under(client: &ClientHandle) -> bool {
 
 /// Counts `client` as failing for `error` before it answered (no connection
 /// to its service, or its service failed or stayed silent before a response
-/// head; not when its session ended under the request:
-/// [`session_ended_under`]) and leaves it out of the next attempt; once more than `retries`
+/// head) and leaves it out of the next attempt; once more than `retries`
 /// clients failed, the 502/504 for `error`. Kept as the request's last
 /// error: if no other client can be tried, the caller is told why the last
 /// one failed, not that none is left.
@@ -1102,12 +1118,8 @@ fn blame(
     last_error: &mut Option<AcquireError>,
     retries: usize,
 ) -> Option<Response<PublicBody>> {
-    if session_ended_under(client) {
-        debug!(client = %client.id, "client left before responding: {error}");
-    } else {
-        warn!(client = %client.id, "client failed before responding: {error}");
-        dispatch::record_failure(state, client);
-    }
+    warn!(client = %client.id, "client failed before responding: {error}");
+    dispatch::record_failure(state, client);
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))
@@ -1663,6 +1675,32 @@ fn framed_by_chunks_alone(headers: &HeaderMap) -> bool {
         None => true,
         Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
     }
+}
+
+/// Whether an answer with `status` to a `method` request carries a body
+/// (RFC 9110 §6.4.1: not to HEAD, nor a 1xx, 204 or 304), whatever its
+/// framing headers say.
+fn has_body(method: &Method, status: StatusCode) -> bool {
+    *method != Method::HEAD
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+}
+
+/// Whether an answer's `Transfer-Encoding` (if any) names only codings
+/// that undoing the framing undoes: `chunked`, and `identity` (the old
+/// name for none).
+fn decoded_by_framing(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .all(|c| {
+            c.is_empty()
+                || c.eq_ignore_ascii_case(b"chunked")
+                || c.eq_ignore_ascii_case(b"identity")
+        })
 }
 
 /// Names outside `http`'s table of standard headers, parsed once: a

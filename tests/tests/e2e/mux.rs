@@ -19,6 +19,14 @@ fn offering() -> frps::Config {
     config
 }
 
+/// [`offering`] for boxes played by the test ([`fake_box`]), which send no
+/// heartbeats: not evicted for silence while a test runs.
+fn quiet_offering() -> frps::Config {
+    let mut config = offering();
+    config.heartbeat_interval = Duration::from_secs(10);
+    config
+}
+
 /// A fleet of `n` whose clients use their tunnel connections (the fleet
 /// waits for them).
 async fn fleet(n: usize) -> Fleet {
@@ -236,7 +244,7 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
 #[tokio::test]
 async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one() {
-    let frps = frpx_tests::Frps::start(offering()).await;
+    let frps = frpx_tests::Frps::start(quiet_offering()).await;
     let (_control, shedding) = fake_box(&frps, "shedding", |stream| async move {
         shed(&stream);
     })
@@ -278,7 +286,10 @@ async fn a_stream_shed_for_the_receive_budget_is_a_busy_client_not_a_failing_one
 
 #[tokio::test]
 async fn a_pooled_stream_shed_once_too_often_is_a_failure_not_a_keep_alive_race() {
-    let frps = frpx_tests::Frps::start(offering()).await;
+    let mut cfg = quiet_offering();
+    // The end of the warm-up burst keeps every pooled stream.
+    cfg.pool_idle_after_burst = frps::registry::SHEDS_BEFORE_FAILURE as usize + 1;
+    let frps = frpx_tests::Frps::start(cfg).await;
     // Pooled streams enough for every shed a box may make before it counts
     // as failing, and one more.
     let pooled = frps::registry::SHEDS_BEFORE_FAILURE as usize + 1;
@@ -337,7 +348,7 @@ async fn a_pooled_stream_shed_once_too_often_is_a_failure_not_a_keep_alive_race(
 
 #[tokio::test]
 async fn a_busy_box_after_a_failed_one_leaves_the_failure_as_the_answer() {
-    let frps = frpx_tests::Frps::start(offering()).await;
+    let frps = frpx_tests::Frps::start(quiet_offering()).await;
     // One box cannot reach its service; the other is busy.
     let (_failing, _) = fake_box(&frps, "failing", |stream| async move {
         stream.reset("could not connect to the local service: connection refused");

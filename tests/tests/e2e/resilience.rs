@@ -432,8 +432,11 @@ async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
 #[tokio::test]
 async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_down() {
     let mut cfg = frps_config();
-    // Within the fake clients' eviction for silence (3 heartbeats, 1.5 s).
     cfg.connect_timeout = Duration::from_secs(1);
+    // The fake clients send no heartbeats: not evicted for silence here.
+    cfg.heartbeat_interval = Duration::from_secs(10);
+    // A session's end uses none: the box's next session is tried anyway.
+    cfg.max_retries = 0;
     let frps = Frps::start(cfg).await;
     let token = frps.client_token().await;
     let (mut first, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
@@ -1316,26 +1319,63 @@ async fn a_service_answering_byte_by_byte_is_streamed_through() {
 
 #[tokio::test]
 async fn an_answer_in_a_transfer_coding_frps_cannot_relay_is_a_clean_502() {
+    // Answers every request with `transfer-encoding: <its path>, chunked`
+    // (`/identity`: the old name for no coding; `/gzip`: gzip's magic in
+    // the chunk), a body unless the request is a HEAD or asks for a 304.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
     let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = asked.clone();
-    let service = raw_service(move |mut s| {
-        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async move {
-            // gzip's magic, then chunked framing around it.
-            let _ = s
-                .write_all(
-                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n",
-                )
-                .await;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let head = read_head(&mut s).await;
+            if is_probe(&head) {
+                let _ = s
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                continue;
+            }
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let coding = if head.contains(" /identity ") {
+                "identity"
+            } else {
+                "gzip"
+            };
+            let status = if head.contains("if-none-match") {
+                "304 Not Modified"
+            } else {
+                "200 OK"
+            };
+            let mut answer =
+                format!("HTTP/1.1 {status}\r\ntransfer-encoding: {coding}, chunked\r\n\r\n")
+                    .into_bytes();
+            if status == "200 OK" && !head.starts_with("HEAD ") {
+                answer.extend_from_slice(b"4\r\n\x1f\x8b\x08\x00\r\n0\r\n\r\n");
+            }
+            let _ = s.write_all(&answer).await;
         }
-    })
-    .await;
+    });
     let (frps, frpc) = fleet_on(service, frps_config()).await;
-    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    let reply = http::get(frps.public(), "/gzip", Some(API_KEY)).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "unsupported_transfer_coding");
     // The service answered: the request is not sent elsewhere or again.
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Nothing to undo: relayed.
+    let reply = http::get(frps.public(), "/identity", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body, "\u{1f}\u{fffd}\u{8}\u{0}");
+    // Answers without a body: nothing coded to pass on.
+    let mut conn = Conn::open(frps.public()).await;
+    let head = http::request("HEAD", frps.public(), "/gzip", Some(API_KEY), Bytes::new());
+    let reply = http::read(conn.send(head).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut cached = http::request("GET", frps.public(), "/gzip", Some(API_KEY), Bytes::new());
+    cached
+        .headers_mut()
+        .insert("if-none-match", ::http::HeaderValue::from_static("\"v1\""));
+    let reply = http::read(conn.send(cached).await.unwrap()).await;
+    assert_eq!(reply.status, 304, "{}", reply.body);
     frpc.kill().await;
 }
 
