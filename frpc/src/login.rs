@@ -111,9 +111,15 @@ pub enum Source {
     None,
 }
 
+/// A credential as given, unless it is blank (an `FRPC_PASSWORD=` left
+/// empty by a compose file): not given, as every other blank variable.
+fn given(value: Option<&str>) -> Option<&str> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
 /// Decides where credentials come from.
 pub fn source(email: Option<&str>, password: Option<&str>, may_prompt: bool) -> Source {
-    match (email, password) {
+    match (given(email), given(password)) {
         (Some(e), Some(p)) => Source::Given(Credentials {
             email: e.to_owned(),
             password: p.to_owned(),
@@ -127,8 +133,8 @@ pub fn source(email: Option<&str>, password: Option<&str>, may_prompt: bool) -> 
 /// known; the password is not echoed.
 pub fn prompt(email: Option<&str>, password: Option<&str>) -> anyhow::Result<Credentials> {
     ask(
-        email,
-        password,
+        given(email),
+        given(password),
         || {
             print!("Email: ");
             std::io::stdout().flush()?;
@@ -168,6 +174,21 @@ fn ask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blank_credentials_are_not_given() {
+        let from = |e, p| match source(e, p, false) {
+            Source::Given(c) => Some((c.email, c.password)),
+            _ => None,
+        };
+        assert!(from(Some(""), Some("pw")).is_none());
+        assert!(from(Some("me@example.com"), Some("")).is_none());
+        assert!(from(Some("  "), Some("pw")).is_none());
+        assert_eq!(
+            from(Some("me@example.com"), Some(" pw ")),
+            Some(("me@example.com".into(), " pw ".into()))
+        );
+    }
 
     #[test]
     fn the_prompt_asks_only_for_what_was_not_given() {

@@ -84,7 +84,7 @@ pub struct Config {
     #[arg(
         long,
         env = "REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
+        default_value = DEFAULT_REDIS_URL,
         hide_env_values = true,
         global = true
     )]
@@ -143,7 +143,7 @@ pub struct Config {
 
     /// Requests that may wait per queue when every eligible client is at
     /// capacity: a model's, each pinned client's, and a model's retries'.
-    #[arg(long, env = "FRPX_QUEUE_MAX", default_value_t = 100)]
+    #[arg(long, env = "FRPX_QUEUE_MAX", default_value_t = 100, value_parser = parse_count)]
     pub queue_max: usize,
 
     /// Longest a request waits for capacity before 429.
@@ -157,7 +157,7 @@ pub struct Config {
     pub rate_limit_window: Duration,
 
     /// Other clients tried when one fails before any response byte was sent.
-    #[arg(long, env = "FRPX_MAX_RETRIES", default_value_t = 2)]
+    #[arg(long, env = "FRPX_MAX_RETRIES", default_value_t = 2, value_parser = parse_count)]
     pub max_retries: usize,
 
     /// Largest request body read to find the model (bytes); larger bodies get 413.
@@ -263,7 +263,7 @@ pub struct Config {
 
     /// Most idle upstream connections kept per client for reuse. The pool
     /// holds what recent load needed (connections used at once), up to this.
-    #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 256)]
+    #[arg(long, env = "FRPX_MAX_IDLE_PER_CLIENT", default_value_t = 256, value_parser = parse_count)]
     pub max_idle_per_client: usize,
 
     /// An idle upstream connection unused this long is closed, so the pool
@@ -275,7 +275,7 @@ pub struct Config {
     /// ended (frps's open public connections fell to half their peak): the
     /// surplus is closed at once and its memory handed back; the rest wait
     /// for `--pool-idle-timeout`.
-    #[arg(long, env = "FRPX_POOL_IDLE_AFTER_BURST", default_value_t = 4)]
+    #[arg(long, env = "FRPX_POOL_IDLE_AFTER_BURST", default_value_t = 4, value_parser = parse_count)]
     pub pool_idle_after_burst: usize,
 
     /// Offer each client one multiplexed tunnel connection (frpc dials it
@@ -345,11 +345,28 @@ fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
 }
 
 /// A count of one or more (zero would refuse everything it counts).
+/// Where frps looks for Redis unless told otherwise.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// Most a count setting may be: far past any real need, and far below
+/// what a semaphore takes or what adding a few to it would overflow.
+pub const MAX_COUNT: usize = 1 << 30;
+
 fn parse_at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
+        Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(n),
         _ => Err(format!(
-            "must be a whole number of 1 or more (got `{}`)",
+            "must be a whole number from 1 to {MAX_COUNT} (got `{}`)",
+            s.trim()
+        )),
+    }
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_COUNT => Ok(n),
+        _ => Err(format!(
+            "must be a whole number from 0 to {MAX_COUNT} (got `{}`)",
             s.trim()
         )),
     }
@@ -400,10 +417,15 @@ impl Config {
         cfg
     }
 
-    /// The Redis URL, unless Redis is disabled.
+    /// The Redis URL, unless Redis is disabled (`none`). A blank one (a
+    /// `REDIS_URL=` left empty by a compose file) is the default, as for
+    /// every other blank variable: Redis is turned off by `none` alone.
     pub fn redis(&self) -> Option<&str> {
-        let url = self.redis_url.trim();
-        (!url.is_empty() && url != "none").then_some(url)
+        match self.redis_url.trim() {
+            "none" => None,
+            "" => Some(DEFAULT_REDIS_URL),
+            url => Some(url),
+        }
     }
 
     /// The admin token, unless empty.
@@ -477,13 +499,48 @@ mod tests {
             "--key-lookups-per-ip",
         ] {
             let e = parse_error(&[flag, "0"]);
-            assert!(e.contains("1 or more"), "{flag}: {e}");
+            assert!(e.contains("from 1 to"), "{flag}: {e}");
         }
         // Zero is meaningful here: no drain at shutdown, no queueing.
         let cfg =
             Config::try_parse_from(["frps", "--shutdown-timeout", "0", "--queue-timeout", "0"])
                 .unwrap();
         assert!(cfg.shutdown_timeout.is_zero() && cfg.queue_timeout.is_zero());
+    }
+
+    #[test]
+    fn only_none_turns_redis_off() {
+        let with = |url: &str| Config::try_parse_from(["frps", "--redis-url", url]).unwrap();
+        assert_eq!(with("none").redis(), None);
+        assert_eq!(with(" none ").redis(), None);
+        assert_eq!(with("").redis(), Some(DEFAULT_REDIS_URL));
+        assert_eq!(with("  ").redis(), Some(DEFAULT_REDIS_URL));
+        assert_eq!(with("redis://r:6380").redis(), Some("redis://r:6380"));
+    }
+
+    #[test]
+    fn counts_past_any_use_are_refused() {
+        // A semaphore of that many permits panics (under its lock, so
+        // every later key lookup would too); a retry count that large
+        // overflows when the busy clients skipped are added to it.
+        let huge = "4611686018427387904";
+        for flag in [
+            "--max-pending-per-client",
+            "--max-connections",
+            "--max-connections-per-ip",
+            "--key-lookups-per-ip",
+            "--max-retries",
+            "--queue-max",
+            "--max-idle-per-client",
+            "--pool-idle-after-burst",
+        ] {
+            let e = parse_error(&[flag, huge]);
+            assert!(e.contains(&format!("to {MAX_COUNT}")), "{flag}: {e}");
+        }
+        let cfg = Config::try_parse_from(["frps", "--key-lookups-per-ip", "1073741824"]).unwrap();
+        assert_eq!(cfg.key_lookups_per_ip, MAX_COUNT);
+        let cfg = Config::try_parse_from(["frps", "--max-retries", "0"]).unwrap();
+        assert_eq!(cfg.max_retries, 0);
     }
 
     #[test]

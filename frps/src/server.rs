@@ -56,6 +56,13 @@ async fn bind(what: &str, addr: SocketAddr) -> anyhow::Result<TcpListener> {
 impl Server {
     /// Binds every listener from `config`.
     pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        if let Some(key) = config.api_key.as_deref().filter(|k| !k.is_empty())
+            && !presentable(key)
+        {
+            anyhow::bail!(
+                "the static API key (--api-key or API_KEY) begins or ends with a space, or holds a control character (a line end left from the file it came from?) or a non-ASCII character: a request cannot present it. Use visible ASCII (`openssl rand -hex 32`)"
+            );
+        }
         match config.admin_token() {
             // A header carries visible ASCII, spaces and tabs only, and
             // frps trims what it is sent: such a token (one read with the

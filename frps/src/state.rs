@@ -123,7 +123,12 @@ impl State {
                 .with_context(|| format!("invalid Redis URL {}", redact(url)))?;
                 Some(redis)
             }
-            None => None,
+            None => {
+                info!(
+                    "Redis: none (--redis-url none): keys are cached in this process only, and revocations and rate limits are not shared with other frps"
+                );
+                None
+            }
         };
         let mut keys =
             KeyValidator::new(config.api_key.clone(), Some(store.clone()), redis.clone());

@@ -250,14 +250,10 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// The default directory of the self-signed certificate: beside the SQLite
 /// database, else the working directory.
 pub fn default_dir(database_url: &str) -> PathBuf {
-    let file = database_url
-        .strip_prefix("sqlite://")
-        .or_else(|| database_url.strip_prefix("sqlite:"))
-        .map(|rest| rest.split('?').next().unwrap_or_default())
-        .filter(|f| !f.is_empty() && !f.starts_with(':'));
-    file.and_then(|f| Path::new(f).parent())
+    // The file as SQLite opens it (percent-decoded), not the URL's text.
+    crate::store::sqlite_file(database_url)
+        .and_then(|f| f.parent().map(Path::to_path_buf))
         .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
@@ -412,6 +408,11 @@ mod tests {
             PathBuf::from("data")
         );
         assert_eq!(default_dir("sqlite://frpx.db"), PathBuf::from("."));
+        // Decoded as SQLite decodes it: where the database is.
+        assert_eq!(
+            default_dir("sqlite:///srv/my%20data/frpx.db"),
+            PathBuf::from("/srv/my data")
+        );
         assert_eq!(default_dir("sqlite::memory:"), PathBuf::from("."));
         assert_eq!(default_dir("postgres://db/frpx"), PathBuf::from("."));
     }

@@ -470,7 +470,7 @@ async fn binding_the_api_publicly_without_a_token_is_refused() {
 }
 
 #[tokio::test]
-async fn an_admin_token_no_request_could_present_is_refused_at_start() {
+async fn a_token_or_key_no_request_could_present_is_refused_at_start() {
     let strong = "x".repeat(frps::api::STRONG_ADMIN_TOKEN);
     for token in [
         format!("{strong}\r"),
@@ -483,6 +483,15 @@ async fn an_admin_token_no_request_could_present_is_refused_at_start() {
         let err = Server::bind(cfg).await.err().expect("refused");
         assert!(
             err.to_string().contains("visible ASCII"),
+            "{token:?}: {err}"
+        );
+        // The public port's static key is read the same way.
+        let mut cfg = frps_config();
+        cfg.api_key = Some(token.clone());
+        let err = Server::bind(cfg).await.err().expect("refused");
+        let err = err.to_string();
+        assert!(
+            err.contains("static API key") && err.contains("visible ASCII"),
             "{token:?}: {err}"
         );
     }
