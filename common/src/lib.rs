@@ -12,6 +12,7 @@
 //! - [`memory`]: allocator tuning so freed large blocks leave RSS.
 //! - [`pace`]: one event per interval.
 //! - [`process`]: signals and the open-file limit.
+//! - [`private_file`]: files only their owner may read, written atomically.
 //! - `testing` (feature `testing`): helpers for the binaries' unit tests.
 
 pub mod codec;
@@ -22,6 +23,7 @@ pub mod join;
 pub mod memory;
 pub mod mux;
 pub mod pace;
+pub mod private_file;
 pub mod process;
 pub mod protocol;
 pub mod stream;

@@ -328,41 +328,50 @@ fn self_signed(
     let cert_path = dir.join(SELF_SIGNED_CERT);
     let key_path = dir.join(SELF_SIGNED_KEY);
     if cert_path.exists() && key_path.exists() {
+        warn_if_readable(&key_path);
         return load_pem(&cert_path, &key_path);
     }
     let names = vec!["frps".to_owned(), "localhost".to_owned()];
     let generated = rcgen::generate_simple_self_signed(names)?;
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| TlsError::Write { path, source }
+        move |e: anyhow::Error| TlsError::Write {
+            path,
+            source: io::Error::other(format!("{e:#}")),
+        }
     };
-    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())
-        .map_err(write_err(&key_path))?;
-    std::fs::write(&cert_path, generated.cert.pem()).map_err(write_err(&cert_path))?;
+    // Each written whole under a new name, then renamed over its own: a
+    // file or symlink someone left at a name (a dangling one counts as
+    // missing) is replaced, never written through, and a crash between
+    // the two leaves a key with no certificate, both made again at the
+    // next start, never a new key beside an old certificate. The
+    // certificate is public; the same owner-only mode does it no harm.
+    common::private_file::write_private(
+        &key_path,
+        generated.signing_key.serialize_pem().as_bytes(),
+    )
+    .map_err(write_err(&key_path))?;
+    common::private_file::write_private(&cert_path, generated.cert.pem().as_bytes())
+        .map_err(write_err(&cert_path))?;
     load_pem(&cert_path, &key_path)
 }
 
-/// Writes `bytes` to `path`, readable by its owner only (0600).
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut file = opts.open(path)?;
-    // `mode` applies to a file created here only: one left by something
-    // else keeps its permissions unless told, before the key is in it.
+/// Warns when the self-signed key others may read: anyone who reads it
+/// can pose as this frps to every frpc that pins its fingerprint.
+fn warn_if_readable(key: &Path) {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        if let Ok(meta) = std::fs::metadata(key)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                "{} may be read by other users (mode {:o}): anyone who reads it can pose as this frps; chmod 600 it, or delete the pair to have a new one made (and pin the new fingerprint)",
+                key.display(),
+                meta.permissions().mode() & 0o777
+            );
+        }
     }
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 /// A rustls acceptor (ring provider, TLS 1.2 and 1.3) for one certificate.
@@ -438,17 +447,32 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn a_key_written_over_a_file_left_readable_is_private() {
+    fn the_pair_is_written_beside_what_others_left_never_through_it() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("frps-tls-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("stray.key");
-        std::fs::write(&path, b"old").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        write_private(&path, b"secret").unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        // Someone else's file behind a symlink at the certificate's name,
+        // a dangling symlink at the key's (a missing key: a pair is made).
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "theirs").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(SELF_SIGNED_CERT)).unwrap();
+        let planted = dir.join("planted.key");
+        std::os::unix::fs::symlink(&planted, dir.join(SELF_SIGNED_KEY)).unwrap();
+        let (made, _) = self_signed(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
+        assert!(!planted.exists(), "no key written through the symlink");
+        for name in [SELF_SIGNED_CERT, SELF_SIGNED_KEY] {
+            let meta = std::fs::symlink_metadata(dir.join(name)).unwrap();
+            assert!(meta.file_type().is_file(), "{name}");
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        }
+        // A key whose certificate never got written (a crash between the
+        // two): both made again, never the new key beside an old one.
+        std::fs::remove_file(dir.join(SELF_SIGNED_CERT)).unwrap();
+        let (again, _) = self_signed(&dir).unwrap();
+        assert_ne!(fingerprint(&made[0]), fingerprint(&again[0]));
+        let (kept, _) = self_signed(&dir).unwrap();
+        assert_eq!(fingerprint(&again[0]), fingerprint(&kept[0]));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
