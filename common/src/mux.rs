@@ -74,6 +74,13 @@ pub const SHED: &str = "receive budget: ";
 /// Frames queued for the writer after which streams wait to write more
 /// (control frames are always queued: they are small and few).
 const OUT_MAX: usize = 512 * 1024;
+/// Frames queued for the writer past which the connection fails: only the
+/// frames the peer's own make this side queue (a `Reset` for each `Open`
+/// refused, `Credit`s) grow the queue past [`OUT_MAX`] without waiting,
+/// and a peer that keeps sending them while it reads nothing would grow
+/// it without end. An honest peer's share stays far below (its open
+/// streams are bounded, and so are the answers to them).
+const OUT_LIMIT: usize = OUT_MAX + 4 * 1024 * 1024;
 /// A writer buffer larger than this is freed once nothing more is queued,
 /// so an idle connection holds little (while frames keep coming it is
 /// kept: a download would map and unmap it on every write).
@@ -379,6 +386,9 @@ impl Shared {
                     )));
                 }
                 st.recv_window -= len;
+                // Bytes of a stream reset here are dropped: an end after
+                // them is not the end of what the reader got.
+                st.thrown |= st.reset.is_some() && !payload.is_empty();
                 if st.reset.is_none() && !payload.is_empty() {
                     st.receive(payload);
                     wake(&mut st.read_waker);
@@ -396,8 +406,10 @@ impl Shared {
             }
             Kind::Reset => {
                 if let Some(st) = inner.streams.get_mut(&id) {
-                    let reason = String::from_utf8_lossy(payload);
-                    let reason = if reason.is_empty() {
+                    // The peer's text, logged and passed on to callers:
+                    // no control characters (forged log lines).
+                    let reason = crate::text::tame(&String::from_utf8_lossy(payload), MAX_REASON);
+                    let reason = if reason.trim().is_empty() {
                         "the stream was reset by the other side".into()
                     } else {
                         reason
@@ -420,6 +432,12 @@ impl Shared {
                     wake(&mut st.write_waker);
                 }
             }
+        }
+        if inner.out.len() > OUT_LIMIT {
+            return Err(protocol_error(format!(
+                "the other side reads nothing of the {} KiB of frames its own made this side queue",
+                inner.out.len() / 1024
+            )));
         }
         Ok(())
     }
@@ -1484,6 +1502,96 @@ mod tests {
                 assert_eq!(held.len(), MAX_PEER_STREAMS);
             }
         }
+    }
+
+    /// A peer that opens streams only to have them refused, reading none
+    /// of the resets, cannot grow this side's queue without end.
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_of_what_it_causes_ends_the_connection() {
+        // Little room on the way back, and the far end never reads it.
+        let (a, b): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+        let (_far_reader, mut far) = tokio::io::split(b);
+        let (mux, drive) = Mux::new(a, Role::Acceptor);
+        let driver = tokio::spawn(drive);
+        let shared = mux.shared.clone();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let counted = refused.clone();
+        // As frpc refuses a stream past its cap: a reset with a reason.
+        tokio::spawn(async move {
+            while let Some(stream) = mux.accept().await {
+                stream.reset(&"busy: over --max-data-connections ".repeat(3));
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        // Opens in batches, each once the last was refused (under the
+        // limit of streams held at once).
+        let flood = tokio::spawn(async move {
+            let mut id = 1u32;
+            loop {
+                let mut bytes = Vec::new();
+                for _ in 0..1000 {
+                    bytes.extend(frame(1, id, 0, &[]));
+                    id += 1;
+                }
+                if far.write_all(&bytes).await.is_err() {
+                    return id;
+                }
+                let sent = id as usize - 1;
+                while shared.lock().dead.is_none() && refused.load(Ordering::SeqCst) < sent {
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let err = within("driver", driver).await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("reads nothing"), "{err}");
+        // About one Open in ten of a reset's size past the limit, not all.
+        let opened = within("flood", flood).await.unwrap() as usize;
+        assert!(opened > OUT_LIMIT / 120, "{opened}");
+    }
+
+    #[tokio::test]
+    async fn a_reset_reason_from_the_peer_is_tamed() {
+        let (a, mut b): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
+        let (mux, drive) = Mux::new(a, Role::Acceptor);
+        tokio::spawn(drive);
+        let forged = b"refused\n2026-12-04T00:00:00Z  INFO frps: forged line";
+        let bytes = [
+            frame(1, 3, 0, &[]),
+            frame(4, 3, forged.len() as u32, forged),
+        ]
+        .concat();
+        b.write_all(&bytes).await.unwrap();
+        let mut s = within("accept", mux.accept()).await.unwrap();
+        let mut got = Vec::new();
+        let err = within("read", s.read_to_end(&mut got)).await.unwrap_err();
+        let reset = StreamReset::find(&err).expect("a reset").reason.to_string();
+        assert!(!reset.contains('\n'), "{reset:?}");
+        assert!(reset.starts_with("refused 2026-12-04"), "{reset:?}");
+    }
+
+    #[tokio::test]
+    async fn bytes_dropped_after_a_reset_here_keep_a_later_end_from_reading_as_whole() {
+        let (a, mut b): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
+        let (mux, drive) = Mux::new(a, Role::Acceptor);
+        tokio::spawn(drive);
+        b.write_all(&frame(1, 5, 0, &[])).await.unwrap();
+        let mut s = within("accept", mux.accept()).await.unwrap();
+        s.reset("not wanted");
+        // Sent before the peer saw the reset: dropped here, then its end.
+        let bytes = [frame(2, 5, 4, b"lost"), frame(3, 5, 0, &[])].concat();
+        b.write_all(&bytes).await.unwrap();
+        let shared = mux.shared.clone();
+        within("frames read", async {
+            while !shared.lock().streams[&5].recv_fin {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        let mut got = Vec::new();
+        let err = within("read", s.read_to_end(&mut got)).await.unwrap_err();
+        assert!(got.is_empty());
+        assert!(StreamReset::find(&err).is_some(), "{err}");
     }
 
     #[tokio::test]

@@ -796,6 +796,8 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             None
         }
         Command::OpenFailed { conn_id, reason } => {
+            // The client's text, logged and told to callers.
+            let reason = common::text::tame(&reason, MAX_CLIENT_TEXT);
             debug!(client = %client.id, %conn_id, "client could not open a connection: {reason}");
             state
                 .pending

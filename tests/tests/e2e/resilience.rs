@@ -142,6 +142,33 @@ async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
 }
 
 #[tokio::test]
+async fn a_clients_reason_for_not_connecting_reaches_the_caller_tamed() {
+    let mut cfg = frps_config();
+    cfg.max_retries = 0;
+    let frps = Frps::start(cfg).await;
+    let (mut box_, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "box").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
+    let Some(Command::OpenConnection { conn_id }) = box_.recv().await else {
+        panic!("no OpenConnection")
+    };
+    let reason = "connection refused\n2026-12-04T00:00:00Z  INFO frps: forged line".to_owned();
+    box_.send(Command::OpenFailed { conn_id, reason }).await;
+    let reply = request.await.unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("connection refused 2026-12-04"),
+        "{message:?}"
+    );
+    assert!(!message.contains('\n'), "{message:?}");
+}
+
+#[tokio::test]
 async fn frps_keeps_its_user_timeout_on_a_paired_data_connection() {
     // frps only sends requests on a data connection: a request written into
     // a pooled connection whose path died must fail after
