@@ -8,15 +8,33 @@ use tracing_subscriber::fmt::MakeWriter;
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`.
 /// Every event is one line on standard output: line breaks inside it (a
 /// peer's text in a message) are written as `\n` and `\r`, so nothing a
-/// peer sends can forge a log line.
+/// peer sends can forge a log line. Colours only on a terminal (a log file
+/// or a collector gets no escape codes).
 pub fn init(default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter(default_filter))
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(OneLine(std::io::stdout))
         .try_init();
+}
+
+/// [`init`] on standard error: for commands whose standard output is their
+/// answer (a key created, a table), which a script reads whole.
+pub fn init_on_stderr(default_filter: &str) {
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter(default_filter))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(OneLine(std::io::stderr))
+        .try_init();
+}
+
+/// `RUST_LOG` if set and valid, else `default_filter`, else `info`.
+fn filter(default_filter: &str) -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default_filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// A [`MakeWriter`] whose writers hand an event's text to the inner writer

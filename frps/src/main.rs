@@ -6,7 +6,7 @@ async fn serve() -> anyhow::Result<()> {
     let cli = frps::config_file::load().unwrap_or_else(|e| e.exit());
     match cli.command {
         Some(admin) => {
-            common::telemetry::init("warn");
+            common::telemetry::init_on_stderr("warn");
             let stdin = std::io::stdin();
             frps::admin::run(
                 admin,
@@ -17,7 +17,7 @@ async fn serve() -> anyhow::Result<()> {
             .await
         }
         None if cli.config.monitor => {
-            common::telemetry::init("warn");
+            common::telemetry::init_on_stderr("warn");
             frps::monitor::run(&cli.config, &mut std::io::stdout()).await
         }
         None => {

@@ -149,6 +149,14 @@ impl Server {
             api,
             addrs,
         } = self;
+        // Should this future be dropped before its end (an embedding
+        // program's `select!`, an aborted task), everything it started
+        // stops all the same rather than serve on with nobody to stop it.
+        let _stop_on_drop = (
+            state.shutdown.clone().drop_guard(),
+            state.drained.clone().drop_guard(),
+            state.hard_stop.clone().drop_guard(),
+        );
         info!(
             "frps listening: control {}, proxy {}, public {}, api {}",
             addrs.control, addrs.proxy, addrs.public, addrs.api

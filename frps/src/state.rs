@@ -80,9 +80,11 @@ pub struct State {
 
 /// A state dropped without [`crate::server::Server::run`] ending (a server
 /// bound and never run, an embedding program's) still stops the tasks
-/// that last until the hard stop (the rate limiter's lease refreshing).
+/// that last until shutdown (the Redis connection and its subscription) or
+/// the hard stop (the rate limiter's lease refreshing).
 impl Drop for State {
     fn drop(&mut self) {
+        self.shutdown.cancel();
         self.hard_stop.cancel();
     }
 }

@@ -253,10 +253,19 @@ async fn session(
         // for the same name, with a new `run_id`), and the `offline` write
         // does not wait for a slow plugin (a reconnect's `online` write
         // must not be overtaken by it, nor shutdown's last second spent).
-        tokio::join!(
-            hooks::close_proxy(&state.plugins, &client.registration, client.session),
-            write_asset(state, &client, "offline"),
-        );
+        //
+        // In a task of its own, tracked: frps's hard stop, which drops this
+        // session (a drain past its deadline leaves sessions a second to
+        // end), does not cut the write midway and leave the machine
+        // `online`; the last wait of shutdown gives it its time.
+        let (st, cl) = (state.clone(), client.clone());
+        let ending = state.tasks.spawn(async move {
+            tokio::join!(
+                hooks::close_proxy(&st.plugins, &cl.registration, cl.session),
+                write_asset(&st, &cl, "offline"),
+            );
+        });
+        let _ = ending.await;
     } else if state
         .registry
         .get(&client.id)

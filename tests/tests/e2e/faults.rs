@@ -1000,3 +1000,45 @@ async fn a_session_serves_while_its_gpu_assets_write_waits_for_the_database() {
     frpx_tests::wait_for_asset(&slow.frps.state.store, &machine, "online", None).await;
     slow.end().await;
 }
+
+#[tokio::test]
+async fn an_admin_commands_answer_is_alone_on_its_standard_output() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("frpx-admin-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A database file others may read: frps warns about it as it opens it.
+    let db = dir.join("frpx.db");
+    std::fs::write(&db, b"").unwrap();
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = tokio::process::Command::new(FRPS_BIN);
+    for var in ["DATABASE_URL", "REDIS_URL", "API_KEY", "RUST_LOG"] {
+        cmd.env_remove(var);
+    }
+    let url = format!("sqlite://{}", db.display());
+    let out = cmd
+        .args([
+            "--database-url",
+            &url,
+            "--redis-url",
+            "none",
+            "key",
+            "create",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    // A script reading the key takes the first line: the key, nothing else.
+    let mut lines = stdout.lines();
+    let key = lines.next().unwrap();
+    assert!(!key.is_empty() && !key.contains(' '), "{stdout:?}");
+    assert!(lines.next().unwrap().starts_with("id "), "{stdout:?}");
+    assert_eq!(lines.next(), None, "{stdout:?}");
+    // The warning went to standard error, without colour codes off a
+    // terminal.
+    assert!(stderr.contains("can be read by other users"), "{stderr:?}");
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -727,6 +727,53 @@ async fn shutdown_lets_in_flight_requests_finish_and_tells_clients() {
 }
 
 #[tokio::test]
+async fn dropping_a_running_server_stops_what_it_started() {
+    let server = frps::Server::bind(frps_config()).await.unwrap();
+    let (state, addrs) = (server.state(), server.addrs());
+    let running = tokio::spawn(server.run());
+    frpx_tests::eventually_async("the API serves", || async {
+        http::get(addrs.api, "/api/health", None).await.status == 200
+    })
+    .await;
+    running.abort();
+    let _ = running.await;
+    assert!(state.shutdown.is_cancelled() && state.hard_stop.is_cancelled());
+    frpx_tests::eventually("every port closed", || {
+        [addrs.control, addrs.proxy, addrs.public, addrs.api]
+            .iter()
+            .all(|a| std::net::TcpStream::connect(a).is_err())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_machines_offline_write_outlives_the_hard_stop() {
+    let mut cfg = frps_config();
+    cfg.shutdown_timeout = Duration::from_millis(200);
+    let fleet = Fleet::start_with(1, cfg).await;
+    // A request still running at the deadline: the drain is overdue.
+    let (_conn, _held) = http::start_hold(fleet.frps.public(), API_KEY).await;
+    let state = fleet.frps.state.clone();
+    let client = state.registry.get("client-0").unwrap();
+    frpx_tests::eventually("the machine is recorded online", || {
+        client.asset_written_at.lock().unwrap().is_some()
+    })
+    .await;
+    // The box's `offline` write waits its turn past the second sessions
+    // get after the deadline (a database slow with many boxes' writes).
+    let writes = client.asset_writes.clone().lock_owned().await;
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        drop(writes);
+    });
+    let store = state.store.clone();
+    let machine = fleet.frps.machine_id("client-0");
+    fleet.frps.stop().await;
+    let row = store.gpu_asset(&machine).await.unwrap().unwrap();
+    assert_eq!(row.status.as_deref(), Some("offline"));
+}
+
+#[tokio::test]
 async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
     let mut cfg = frps_config();
     cfg.shutdown_timeout = Duration::from_millis(300);
