@@ -30,11 +30,33 @@ pub fn init_on_stderr(default_filter: &str) {
         .try_init();
 }
 
-/// `RUST_LOG` if set and valid, else `default_filter`, else `info`.
+/// `RUST_LOG` if set, else `default_filter` (checked when the flag was
+/// read: [`parse_filter`]); one that is not a filter is said on stderr,
+/// not dropped in silence.
 fn filter(default_filter: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+    if let Ok(env) = std::env::var(EnvFilter::DEFAULT_ENV)
+        && !env.trim().is_empty()
+    {
+        match EnvFilter::try_new(&env) {
+            Ok(f) => return f,
+            Err(e) => eprintln!(
+                "{}={env:?} is not a log filter ({e}); logging with {default_filter:?}",
+                EnvFilter::DEFAULT_ENV
+            ),
+        }
+    }
+    EnvFilter::try_new(default_filter).unwrap_or_else(|e| {
+        eprintln!("{default_filter:?} is not a log filter ({e}); logging with \"info\"");
+        EnvFilter::new("info")
+    })
+}
+
+/// Reads a `--log` value: a filter as `RUST_LOG` takes (`info`,
+/// `frps=debug,hyper=warn`), or a clear error at start.
+pub fn parse_filter(s: &str) -> Result<String, String> {
+    EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a log filter such as `info` or `frps=debug,hyper=warn`: {e}"))
 }
 
 /// A [`MakeWriter`] whose writers hand an event's text to the inner writer

@@ -102,7 +102,7 @@ pub struct Config {
     pub metrics_interval: Duration,
 
     /// Log filter (e.g. `info`, `frpc=debug`); `RUST_LOG` takes precedence.
-    #[arg(long, env = "FRPX_LOG", default_value = "info")]
+    #[arg(long, env = "FRPX_LOG", default_value = "info", value_parser = common::telemetry::parse_filter)]
     pub log: String,
 
     /// frp's `user`: who runs this client, as frps's server plugins see it.

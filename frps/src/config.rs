@@ -302,7 +302,7 @@ pub struct Config {
     pub plugin_timeout: Duration,
 
     /// Log filter (e.g. `info`, `frps=debug`); `RUST_LOG` takes precedence.
-    #[arg(long, env = "FRPX_LOG", default_value = "info")]
+    #[arg(long, env = "FRPX_LOG", default_value = "info", value_parser = common::telemetry::parse_filter)]
     pub log: String,
 
     /// Configuration file: frp's INI form (`frps.ini`: `[common]` with these
@@ -506,6 +506,14 @@ mod tests {
             Config::try_parse_from(["frps", "--shutdown-timeout", "0", "--queue-timeout", "0"])
                 .unwrap();
         assert!(cfg.shutdown_timeout.is_zero() && cfg.queue_timeout.is_zero());
+    }
+
+    #[test]
+    fn a_log_filter_that_is_none_is_refused_at_start() {
+        let e = parse_error(&["--log", "frps=loud"]);
+        assert!(e.contains("not a log filter"), "{e}");
+        let cfg = Config::try_parse_from(["frps", "--log", "frps=debug,hyper=warn"]).unwrap();
+        assert_eq!(cfg.log, "frps=debug,hyper=warn");
     }
 
     #[test]
