@@ -14,7 +14,7 @@ pub fn init(default_filter: &str) {
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(default_filter))
-        .with_ansi(std::io::stdout().is_terminal())
+        .with_ansi(std::io::stdout().is_terminal() && !no_color())
         .with_writer(OneLine(std::io::stdout))
         .try_init();
 }
@@ -25,9 +25,15 @@ pub fn init_on_stderr(default_filter: &str) {
     use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(default_filter))
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && !no_color())
         .with_writer(OneLine(std::io::stderr))
         .try_init();
+}
+
+/// Whether `NO_COLOR` asks for no colours (<https://no-color.org>: set and
+/// not empty).
+fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }
 
 /// `RUST_LOG` if set, else `default_filter` (checked when the flag was

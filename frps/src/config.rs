@@ -344,7 +344,6 @@ fn parse_heartbeat_interval(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// A count of one or more (zero would refuse everything it counts).
 /// Where frps looks for Redis unless told otherwise.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
@@ -352,6 +351,7 @@ pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// what a semaphore takes or what adding a few to it would overflow.
 pub const MAX_COUNT: usize = 1 << 30;
 
+/// A count of one or more (zero would refuse everything it counts).
 fn parse_at_least_one(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=MAX_COUNT).contains(&n) => Ok(n),
@@ -362,6 +362,7 @@ fn parse_at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A count of zero or more (zero has a meaning: no retry, no queue).
 fn parse_count(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if n <= MAX_COUNT => Ok(n),

@@ -110,7 +110,7 @@ impl Tls {
                 let dir = config
                     .tls_dir
                     .clone()
-                    .unwrap_or_else(|| default_dir(&config.database_url));
+                    .unwrap_or_else(|| default_dir_kept(&config.database_url));
                 let pair = self_signed(&dir)?;
                 tls.self_signed_dir = Some(dir);
                 Some(pair)
@@ -255,6 +255,32 @@ pub fn default_dir(database_url: &str) -> PathBuf {
         .and_then(|f| f.parent().map(Path::to_path_buf))
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// [`default_dir`], unless the pair is only where frps before 2026-12-04
+/// kept it: in the SQLite URL's directory as written, not percent-decoded
+/// (`my%20data` for `my data`). Made anew elsewhere, the pair would change
+/// the fingerprint every frpc pins.
+fn default_dir_kept(database_url: &str) -> PathBuf {
+    let dir = default_dir(database_url);
+    let has_pair = |d: &Path| d.join(SELF_SIGNED_CERT).exists() && d.join(SELF_SIGNED_KEY).exists();
+    let written = database_url
+        .strip_prefix("sqlite://")
+        .or_else(|| database_url.strip_prefix("sqlite:"))
+        .map(|rest| rest.split('?').next().unwrap_or_default())
+        .and_then(|f| Path::new(f).parent())
+        .filter(|p| !p.as_os_str().is_empty());
+    match written {
+        Some(old) if old != dir && !has_pair(&dir) && has_pair(old) => {
+            tracing::warn!(
+                "using the self-signed pair in {} (the database URL's directory as written); move it to {} or pass --tls-dir",
+                old.display(),
+                dir.display()
+            );
+            old.to_path_buf()
+        }
+        _ => dir,
+    }
 }
 
 /// How long before a certificate's end frps starts saying so at start.
@@ -422,6 +448,16 @@ mod tests {
             default_dir("sqlite:///srv/my%20data/frpx.db"),
             PathBuf::from("/srv/my data")
         );
+        // Unless the pair is only where the URL's text put it before.
+        let root = std::env::temp_dir().join(format!("frps-tls-{}", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}/my%20data/frpx.db", root.display());
+        assert_eq!(default_dir_kept(&url), root.join("my data"));
+        let (old, new) = (root.join("my%20data"), root.join("my data"));
+        self_signed(&old).unwrap();
+        assert_eq!(default_dir_kept(&url), old);
+        self_signed(&new).unwrap();
+        assert_eq!(default_dir_kept(&url), new);
+        std::fs::remove_dir_all(root).unwrap();
         assert_eq!(default_dir("sqlite::memory:"), PathBuf::from("."));
         assert_eq!(default_dir("postgres://db/frpx"), PathBuf::from("."));
     }

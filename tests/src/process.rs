@@ -25,7 +25,7 @@ const KEPT_LINES: usize = 400;
 
 /// Environment variables frps and frpc read: cleared so the test's own
 /// environment cannot change a child's configuration.
-fn scrub(cmd: &mut Command) {
+pub fn scrub(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let Some(key) = key.to_str() else { continue };
         if key.starts_with("FRPX_")

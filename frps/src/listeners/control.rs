@@ -253,19 +253,7 @@ async fn session(
         // for the same name, with a new `run_id`), and the `offline` write
         // does not wait for a slow plugin (a reconnect's `online` write
         // must not be overtaken by it, nor shutdown's last second spent).
-        //
-        // In a task of its own, tracked: frps's hard stop, which drops this
-        // session (a drain past its deadline leaves sessions a second to
-        // end), does not cut the write midway and leave the machine
-        // `online`; the last wait of shutdown gives it its time.
-        let (st, cl) = (state.clone(), client.clone());
-        let ending = state.tasks.spawn(async move {
-            tokio::join!(
-                hooks::close_proxy(&st.plugins, &cl.registration, cl.session),
-                write_asset(&st, &cl, "offline"),
-            );
-        });
-        let _ = ending.await;
+        record_end(state, &client, true).await;
     } else if state
         .registry
         .get(&client.id)
@@ -274,9 +262,28 @@ async fn session(
         // Replaced under its client id by another machine (two boxes
         // sharing an id): that one's `online` is its own row; this
         // machine's row goes offline.
-        write_asset(state, &client, "offline").await;
+        record_end(state, &client, false).await;
     }
     result
+}
+
+/// Writes `client`'s machine `offline` (and, with `close_proxy`, tells the
+/// plugins its proxy closed) in a task of its own, tracked, and waits for
+/// it: frps's hard stop, which drops the session (a drain past its
+/// deadline leaves sessions a second to end), does not cut the write
+/// midway and leave the machine `online`; the last wait of shutdown gives
+/// it its time.
+async fn record_end(state: &Arc<State>, client: &Arc<ClientHandle>, close_proxy: bool) {
+    let (st, cl) = (state.clone(), client.clone());
+    let ending = state.tasks.spawn(async move {
+        let closing = async {
+            if close_proxy {
+                hooks::close_proxy(&st.plugins, &cl.registration, cl.session).await;
+            }
+        };
+        tokio::join!(closing, write_asset(&st, &cl, "offline"));
+    });
+    let _ = ending.await;
 }
 
 /// Refuses a registration with `reason`; `retry` tells frpc whether trying

@@ -1687,20 +1687,25 @@ fn has_body(method: &Method, status: StatusCode) -> bool {
         && status != StatusCode::NOT_MODIFIED
 }
 
-/// Whether an answer's `Transfer-Encoding` (if any) names only codings
-/// that undoing the framing undoes: `chunked`, and `identity` (the old
-/// name for none).
+/// Whether an answer's `Transfer-Encoding` (if any) leaves nothing coded
+/// once its framing is undone: `identity` (the old name for none) only,
+/// then at most `chunked`, last, as hyper reads it. With `chunked`
+/// anywhere but last hyper reads the body to the close, chunk lines and
+/// all.
 fn decoded_by_framing(headers: &HeaderMap) -> bool {
-    headers
+    let codings: Vec<&[u8]> = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
-        .all(|c| {
-            c.is_empty()
-                || c.eq_ignore_ascii_case(b"chunked")
-                || c.eq_ignore_ascii_case(b"identity")
-        })
+        .filter(|c| !c.is_empty())
+        .collect();
+    let (last, before) = match codings.split_last() {
+        None => return true,
+        Some(split) => split,
+    };
+    before.iter().all(|c| c.eq_ignore_ascii_case(b"identity"))
+        && (last.eq_ignore_ascii_case(b"chunked") || last.eq_ignore_ascii_case(b"identity"))
 }
 
 /// Names outside `http`'s table of standard headers, parsed once: a
@@ -2402,6 +2407,30 @@ mod tests {
         roomy.arrived(t0 + s(1));
         roomy.arrived(t0 + s(500));
         assert_eq!(roomy.spent, s(1));
+    }
+
+    #[test]
+    fn only_an_answer_left_uncoded_by_its_framing_is_relayed() {
+        let with = |te: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in te {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            decoded_by_framing(&h)
+        };
+        assert!(with(&[]));
+        assert!(with(&["chunked"]));
+        assert!(with(&["Chunked"]));
+        assert!(with(&["identity"]));
+        assert!(with(&["identity, chunked"]));
+        assert!(with(&["identity", "chunked"]));
+        assert!(!with(&["gzip, chunked"]));
+        assert!(!with(&["gzip"]));
+        assert!(!with(&["chunked, identity, gzip"]));
+        assert!(!with(&["chunked, identity"]));
+        // Read to the close by hyper, chunk lines and all.
+        assert!(!with(&["chunked, chunked"]));
+        assert!(!with(&["chunked", "gzip"]));
     }
 
     #[test]

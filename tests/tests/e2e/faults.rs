@@ -1011,9 +1011,7 @@ async fn an_admin_commands_answer_is_alone_on_its_standard_output() {
     std::fs::write(&db, b"").unwrap();
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut cmd = tokio::process::Command::new(FRPS_BIN);
-    for var in ["DATABASE_URL", "REDIS_URL", "API_KEY", "RUST_LOG"] {
-        cmd.env_remove(var);
-    }
+    frpx_tests::process::scrub(&mut cmd);
     let url = format!("sqlite://{}", db.display());
     let out = cmd
         .args([

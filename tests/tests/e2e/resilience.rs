@@ -459,7 +459,8 @@ async fn a_reconnect_with_the_same_id_replaces_the_stale_connection() {
 #[tokio::test]
 async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_down() {
     let mut cfg = frps_config();
-    cfg.connect_timeout = Duration::from_secs(1);
+    // The dial-backs wait far longer than the reconnect takes.
+    cfg.connect_timeout = Duration::from_secs(30);
     // The fake clients send no heartbeats: not evicted for silence here.
     cfg.heartbeat_interval = Duration::from_secs(10);
     // A session's end uses none: the box's next session is tried anyway.
@@ -483,19 +484,23 @@ async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_dow
     // waited on ended, the box did not fail, and its new session takes them.
     let (mut second, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let mut asked = Vec::new();
     for _ in 0..waiting {
-        let asked = tokio::time::timeout(frpx_tests::WAIT, second.recv()).await;
-        assert!(
-            matches!(asked, Ok(Some(Command::OpenConnection { .. }))),
-            "{asked:?}"
-        );
+        match tokio::time::timeout(frpx_tests::WAIT, second.recv()).await {
+            Ok(Some(Command::OpenConnection { conn_id })) => asked.push(conn_id),
+            other => panic!("{other:?}"),
+        }
     }
     assert!(!frps.state.registry.get("gpu").unwrap().is_cooling_down());
-    // The new session never dials back either: they time out there.
+    // The new session cannot reach its service: that is its failure.
+    for conn_id in asked {
+        let reason = "connection refused".to_owned();
+        second.send(Command::OpenFailed { conn_id, reason }).await;
+    }
     for request in requests {
         let reply = request.await.unwrap();
-        assert_eq!(reply.status, 504, "{}", reply.body);
-        assert_eq!(reply.json()["error"]["code"], "client_timeout");
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
     }
 }
 
