@@ -153,6 +153,16 @@ pub fn refuse(state: &State, limited: Limited) -> Response<PublicBody> {
     resp
 }
 
+/// Clears its flag when dropped: the slots are being put back into Redis
+/// by one request only while that request runs.
+struct Restoring<'a>(&'a AtomicBool);
+
+impl Drop for Restoring<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Checks and takes both counters of one key in Redis, atomically.
 /// KEYS: request-times set, lease set. ARGV: window ms, rpm (0: none),
 /// max concurrency (0: none), member (unique per request), lease TTL ms.
@@ -258,6 +268,9 @@ pub struct RateLimiter {
     /// Until when Redis is skipped after a failure.
     redis_skip_until: Mutex<Option<Instant>>,
     redis_down: AtomicBool,
+    /// A request is putting this frps's slots back into Redis after an
+    /// outage: the others count here meanwhile rather than each do it.
+    restoring: AtomicBool,
     tasks: TaskTracker,
     /// While [`RateLimiter::maintain`] runs.
     maintaining: AtomicBool,
@@ -306,6 +319,7 @@ impl RateLimiter {
             seq: AtomicU64::new(0),
             redis_skip_until: Mutex::new(None),
             redis_down: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
             tasks,
             maintaining: AtomicBool::new(false),
         })
@@ -359,11 +373,19 @@ impl RateLimiter {
         // Back after an outage: this frps's slots go into Redis first (it
         // may have come back without them, restarted without persistence),
         // so what it grants from now on counts them.
+        // One request at a time does it (they would each send every
+        // lease); Redis is taken for back only once the acquire below is
+        // answered (with no lease to put back, nothing was asked of it).
         if self.redis_down.load(Ordering::Relaxed) {
-            if !self.refresh(&self.live_leases()).await {
+            if self.restoring.swap(true, Ordering::AcqRel) {
                 return None;
             }
-            self.redis_ok();
+            // Given back however this ends (the caller gone included).
+            let _restoring = Restoring(&self.restoring);
+            if !self.refresh(&self.live_leases()).await {
+                self.redis_failed();
+                return None;
+            }
         }
         let hex = secret::hex(&grant.id);
         let times = redis.key(&format!("ratelimit:{{{hex}}}:rpm"));

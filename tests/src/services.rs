@@ -161,6 +161,8 @@ pub struct Cutter {
     down: Arc<AtomicBool>,
     held: Arc<tokio::sync::watch::Sender<bool>>,
     conns: Arc<Mutex<CancellationToken>>,
+    /// Cancelled to stall the connections open now.
+    stalls: Arc<std::sync::Mutex<CancellationToken>>,
     accepts: Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
     sent: Sent,
 }
@@ -181,8 +183,9 @@ impl Cutter {
         let accepts = Arc::new(std::sync::Mutex::new(Vec::new()));
         let held = Arc::new(tokio::sync::watch::Sender::new(false));
         let sent = Sent::default();
+        let stalls = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
         let (d, c, a, h) = (down.clone(), conns.clone(), accepts.clone(), held.clone());
-        let s = sent.clone();
+        let (s, st) = (sent.clone(), stalls.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
@@ -203,12 +206,13 @@ impl Cutter {
                 }
                 let held = h.subscribe();
                 let sent = s.clone();
+                let stall = st.lock().unwrap().clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = forward(inbound, outbound, held, sent) => {}
+                        _ = forward(inbound, outbound, held, sent, stall) => {}
                         _ = cut.cancelled() => {}
                     }
                 });
@@ -219,9 +223,19 @@ impl Cutter {
             down,
             held,
             conns,
+            stalls,
             accepts,
             sent,
         }
+    }
+
+    /// Stops carrying anything either way on the connections open now,
+    /// keeping them open (a path gone dead without a reset: no error, no
+    /// answer); connections made afterwards work.
+    pub fn stall_open(&self) {
+        let mut stalls = self.stalls.lock().unwrap();
+        stalls.cancel();
+        *stalls = CancellationToken::new();
     }
 
     /// What callers sent the service so far, over every connection (the
@@ -263,12 +277,14 @@ impl Cutter {
 
 /// Copies both ways between a caller and the service, holding the
 /// service's bytes while `held` is true and recording the caller's in
-/// `sent`; each side's end is passed on.
+/// `sent`; each side's end is passed on. Once `stall` is cancelled nothing
+/// more moves, and both connections stay open.
 async fn forward(
     inbound: TcpStream,
     outbound: TcpStream,
     mut held: tokio::sync::watch::Receiver<bool>,
     sent: Sent,
+    stall: CancellationToken,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut from_caller, mut to_caller) = inbound.into_split();
@@ -301,5 +317,11 @@ async fn forward(
             to_caller.write_all(&buf[..n]).await?;
         }
     };
-    let _: Result<((), ()), std::io::Error> = tokio::try_join!(up, down);
+    tokio::select! {
+        _ = async { tokio::try_join!(up, down) } => {}
+        _ = stall.cancelled() => {
+            // The copies stop; the sockets stay open with them, unread.
+            std::future::pending::<()>().await;
+        }
+    }
 }

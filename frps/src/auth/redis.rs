@@ -4,7 +4,7 @@
 //! frps serves from its in-process cache and the database, reconnects in
 //! the background, and says so once rather than per request.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::secret::hex;
 
@@ -25,6 +25,14 @@ const OP_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// Delay between reconnection attempts.
 const RETRY: Duration = Duration::from_secs(1);
+
+/// Operations in a row that got no answer in time after which the
+/// connection is replaced. A connection whose path died without a reset (a
+/// NAT or firewall forgetting the flow, a host gone from the network) gets
+/// no error for as long as the kernel keeps retransmitting (about 15
+/// minutes): the manager only reconnects on an error, so every operation
+/// would wait out [`OP_TIMEOUT`] until then.
+const STALLS_BEFORE_RECONNECT: u32 = 3;
 
 /// How the revocation subscription checks that its connection still
 /// carries messages. A subscription only reads: when the path to Redis dies
@@ -204,7 +212,13 @@ pub type OnRevoke = Arc<dyn Fn(Option<[u8; 32]>) + Send + Sync>;
 
 /// A Redis connection that may be absent.
 pub struct RedisCache {
-    conn: RwLock<Option<ConnectionManager>>,
+    conn: Arc<RwLock<Option<ConnectionManager>>>,
+    /// What new connections are made from.
+    client: redis::Client,
+    /// Operations in a row that got no answer in time.
+    stalls: Arc<AtomicU32>,
+    /// A new connection is being made to replace a stalled one.
+    replacing: Arc<AtomicBool>,
     prefix: String,
     healthy: AtomicBool,
     seal: Seal,
@@ -236,7 +250,10 @@ impl RedisCache {
     ) -> Result<Arc<RedisCache>, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let cache = Arc::new(RedisCache {
-            conn: RwLock::new(None),
+            conn: Arc::new(RwLock::new(None)),
+            client: client.clone(),
+            stalls: Arc::new(AtomicU32::new(0)),
+            replacing: Arc::new(AtomicBool::new(false)),
             prefix: prefix.to_owned(),
             healthy: AtomicBool::new(true),
             seal,
@@ -257,10 +274,13 @@ impl RedisCache {
         prefix: &str,
         seal: Seal,
     ) -> Result<RedisCache, redis::RedisError> {
-        let conn =
-            ConnectionManager::new_with_config(redis::Client::open(url)?, manager_config()).await?;
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
         Ok(RedisCache {
-            conn: RwLock::new(Some(conn)),
+            conn: Arc::new(RwLock::new(Some(conn))),
+            client,
+            stalls: Arc::new(AtomicU32::new(0)),
+            replacing: Arc::new(AtomicBool::new(false)),
             prefix: prefix.to_owned(),
             healthy: AtomicBool::new(true),
             seal,
@@ -361,18 +381,59 @@ impl RedisCache {
     ) -> Option<T> {
         match tokio::time::timeout(OP_TIMEOUT, op).await {
             Ok(Ok(v)) => {
+                self.stalls.store(0, Ordering::Relaxed);
                 self.mark(true, "reachable again");
                 Some(v)
             }
             Ok(Err(e)) => {
+                if e.is_timeout() {
+                    self.stalled();
+                } else {
+                    self.stalls.store(0, Ordering::Relaxed);
+                }
                 self.mark(false, &e.to_string());
                 None
             }
             Err(_) => {
+                self.stalled();
                 self.mark(false, &format!("no answer within {OP_TIMEOUT:?}"));
                 None
             }
         }
+    }
+
+    /// Counts an operation that got no answer in time; past
+    /// [`STALLS_BEFORE_RECONNECT`] in a row, makes a new connection (one at
+    /// a time, in the background) to replace the current one.
+    fn stalled(&self) {
+        if self.stalls.fetch_add(1, Ordering::Relaxed) + 1 < STALLS_BEFORE_RECONNECT
+            || self.replacing.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.replacing.store(false, Ordering::Release);
+            return;
+        };
+        let (client, conn, stalls, replacing) = (
+            self.client.clone(),
+            self.conn.clone(),
+            self.stalls.clone(),
+            self.replacing.clone(),
+        );
+        runtime.spawn(async move {
+            match ConnectionManager::new_with_config(client, manager_config()).await {
+                Ok(fresh) => {
+                    *conn.write().expect("redis lock") = Some(fresh);
+                    stalls.store(0, Ordering::Relaxed);
+                    info!(
+                        "Redis: replaced a connection that left {STALLS_BEFORE_RECONNECT} operations in a row unanswered"
+                    );
+                }
+                Err(e) => debug!("Redis: no new connection to replace a stalled one: {e}"),
+            }
+            replacing.store(false, Ordering::Release);
+        });
     }
 
     /// The cached entry for a key hash; `None` when absent or Redis is down.

@@ -573,6 +573,49 @@ async fn next_revocation(rx: &mut Revocations, within: Duration) -> Option<Optio
 }
 
 #[tokio::test]
+async fn a_command_connection_gone_silent_is_replaced() {
+    let Some(url) = services::redis_url() else {
+        return;
+    };
+    let cutter = Cutter::start(services::redis_addr(&url)).await;
+    let via = format!("redis://{}", cutter.addr);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cache = frps::auth::redis::RedisCache::start(
+        &via,
+        &services::redis_prefix(),
+        frps::auth::redis::Seal::random(),
+        std::sync::Arc::new(|_| {}),
+        frps::auth::redis::Keepalive::default(),
+        shutdown.clone(),
+    )
+    .unwrap();
+    let hash = frps::auth::secret::hash("some key");
+    frpx_tests::eventually_async("Redis answers", || async {
+        cache.get(&hash).await;
+        cache.is_healthy()
+    })
+    .await;
+    // The path dies without a reset: no error, no answer, for as long as
+    // the kernel would retransmit (minutes). New connections get through.
+    cutter.stall_open();
+    let mut unanswered = 0;
+    loop {
+        cache.get(&hash).await;
+        if cache.is_healthy() {
+            break;
+        }
+        unanswered += 1;
+        assert!(
+            unanswered < 40,
+            "still no answer after {unanswered} operations"
+        );
+    }
+    // A few went unanswered, then a new connection took over.
+    assert!(unanswered >= 3, "{unanswered}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
 async fn a_silent_revocation_subscription_is_replaced_and_the_cache_forgotten() {
     let Some(url) = services::redis_url() else {
         return;
