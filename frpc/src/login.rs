@@ -93,12 +93,22 @@ pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
 }
 
 /// Email and password for a login.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Credentials {
     /// Account email.
     pub email: String,
     /// Account password.
     pub password: String,
+}
+
+/// The password never shows (a debug log line, a panic message).
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("email", &self.email)
+            .field("password", &"***")
+            .finish()
+    }
 }
 
 /// Where to get credentials when no valid token is saved.
@@ -174,6 +184,19 @@ fn ask(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_never_shows_in_debug_output() {
+        let c = Credentials {
+            email: "me@example.com".into(),
+            password: "hunter2-secret".into(),
+        };
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("me@example.com") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn blank_credentials_are_not_given() {
