@@ -58,14 +58,14 @@ pub async fn run(listener: TcpListener, has_nodelay: bool, state: Arc<State>) {
         state.config.max_connections_per_ip,
     );
     let refusing = Arc::new(tokio::sync::Semaphore::new(MAX_REFUSALS));
+    let mut failures = super::AcceptFailures::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = state.shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!("public accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    failures.failed("public", &e).await;
                     continue;
                 }
             },
