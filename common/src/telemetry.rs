@@ -12,21 +12,34 @@ use tracing_subscriber::fmt::MakeWriter;
 /// or a collector gets no escape codes).
 pub fn init(default_filter: &str) {
     use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter(default_filter))
-        .with_ansi(std::io::stdout().is_terminal() && !no_color())
-        .with_writer(OneLine(std::io::stdout))
-        .try_init();
+    install(
+        default_filter,
+        std::io::stdout,
+        std::io::stdout().is_terminal(),
+    );
 }
 
 /// [`init`] on standard error: for commands whose standard output is their
 /// answer (a key created, a table), which a script reads whole.
 pub fn init_on_stderr(default_filter: &str) {
     use std::io::IsTerminal;
+    install(
+        default_filter,
+        std::io::stderr,
+        std::io::stderr().is_terminal(),
+    );
+}
+
+/// The subscriber of [`init`] writing to `out`, in colour when `terminal`
+/// (and `NO_COLOR` does not say otherwise).
+fn install<M>(default_filter: &str, out: M, terminal: bool)
+where
+    M: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(default_filter))
-        .with_ansi(std::io::stderr().is_terminal() && !no_color())
-        .with_writer(OneLine(std::io::stderr))
+        .with_ansi(terminal && !no_color())
+        .with_writer(OneLine(out))
         .try_init();
 }
 
