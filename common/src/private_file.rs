@@ -85,9 +85,42 @@ fn create_temporary(mut names: impl FnMut() -> PathBuf) -> std::io::Result<(Path
     Err(taken.expect("at least one name was tried"))
 }
 
+/// The permission bits of the file at `path` when users other than its
+/// owner may read or write it (`mode & 0o077` set); `None` otherwise, or
+/// when it cannot be looked at.
+pub fn open_to_others(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_file_others_may_read_is_told_apart() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("frpx-mode-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, "x").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(open_to_others(&path), Some(0o644));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(open_to_others(&path), None);
+        assert_eq!(open_to_others(&dir.join("missing")), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn a_bare_file_name_is_in_the_current_directory() {

@@ -385,18 +385,11 @@ fn self_signed(
 /// Warns when the self-signed key others may read: anyone who reads it
 /// can pose as this frps to every frpc that pins its fingerprint.
 fn warn_if_readable(key: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(key)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            tracing::warn!(
-                "{} may be read by other users (mode {:o}): anyone who reads it can pose as this frps; chmod 600 it, or delete the pair to have a new one made (and pin the new fingerprint)",
-                key.display(),
-                meta.permissions().mode() & 0o777
-            );
-        }
+    if let Some(mode) = common::private_file::open_to_others(key) {
+        tracing::warn!(
+            "{} may be read by other users (mode {mode:o}): anyone who reads it can pose as this frps; chmod 600 it, or delete the pair to have a new one made (and pin the new fingerprint)",
+            key.display(),
+        );
     }
 }
 

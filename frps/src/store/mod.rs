@@ -211,7 +211,7 @@ pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 fn private_file(path: &std::path::Path) {
     #[cfg(unix)]
     {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let created = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -220,13 +220,10 @@ fn private_file(path: &std::path::Path) {
         match created {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if let Ok(meta) = std::fs::metadata(path)
-                    && meta.permissions().mode() & 0o077 != 0
-                {
+                if let Some(mode) = common::private_file::open_to_others(path) {
                     tracing::warn!(
-                        "the database file {} can be read by other users (mode {:o}): it holds the Redis signing key and password hashes; run chmod 600 on it and its -wal and -shm files",
+                        "the database file {} can be read by other users (mode {mode:o}): it holds the Redis signing key and password hashes; run chmod 600 on it and its -wal and -shm files",
                         path.display(),
-                        meta.permissions().mode() & 0o777
                     );
                 }
             }
