@@ -1665,12 +1665,7 @@ pub fn error_response(
 /// Whether a request's `Transfer-Encoding` (if any) names `chunked` and
 /// nothing else: the one coding frps undoes and the service gets undone.
 fn framed_by_chunks_alone(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty());
+    let mut codings = transfer_codings(headers);
     match codings.next() {
         None => true,
         Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
@@ -1693,19 +1688,24 @@ fn has_body(method: &Method, status: StatusCode) -> bool {
 /// anywhere but last hyper reads the body to the close, chunk lines and
 /// all.
 fn decoded_by_framing(headers: &HeaderMap) -> bool {
-    let codings: Vec<&[u8]> = headers
+    let mut last: Option<&[u8]> = None;
+    for coding in transfer_codings(headers) {
+        if last.is_some_and(|before| !before.eq_ignore_ascii_case(b"identity")) {
+            return false;
+        }
+        last = Some(coding);
+    }
+    last.is_none_or(|c| c.eq_ignore_ascii_case(b"chunked") || c.eq_ignore_ascii_case(b"identity"))
+}
+
+/// The codings a message's `Transfer-Encoding` headers list, in order.
+fn transfer_codings(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .filter(|c| !c.is_empty())
-        .collect();
-    let (last, before) = match codings.split_last() {
-        None => return true,
-        Some(split) => split,
-    };
-    before.iter().all(|c| c.eq_ignore_ascii_case(b"identity"))
-        && (last.eq_ignore_ascii_case(b"chunked") || last.eq_ignore_ascii_case(b"identity"))
 }
 
 /// Names outside `http`'s table of standard headers, parsed once: a
