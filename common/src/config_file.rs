@@ -256,6 +256,8 @@ pub struct FileArgs<'a> {
     requires: Vec<(String, String)>,
     /// Conflicts clap is not told of (see [`FileArgs::conflicts`]).
     conflicts: Vec<(String, String)>,
+    /// Flags only the command line may give (see [`FileArgs::command_only`]).
+    command_only: Vec<String>,
 }
 
 impl<'a> FileArgs<'a> {
@@ -276,7 +278,15 @@ impl<'a> FileArgs<'a> {
             args: Vec::new(),
             requires: Vec::new(),
             conflicts: Vec::new(),
+            command_only: Vec::new(),
         }
+    }
+
+    /// Declares flag `id` one a file may not set: it makes the program do
+    /// something else than run (`--monitor` prints the fleet and exits), so
+    /// a file naming it would turn every start into that.
+    pub fn command_only(&mut self, id: &str) {
+        self.command_only.push(id.to_owned());
     }
 
     /// Declares that flag `a` requires flag `b` (clap does not say which
@@ -345,6 +355,17 @@ impl<'a> FileArgs<'a> {
         let Some(arg) = self.flag(id) else {
             return Err(FileError::at(self.path, line, key, "unknown key"));
         };
+        if self.command_only.iter().any(|c| c == id) {
+            return Err(FileError::at(
+                self.path,
+                line,
+                key,
+                format!(
+                    "a command-line option, not a setting: give --{} on the command line",
+                    arg.get_long().unwrap_or(id)
+                ),
+            ));
+        }
         let repeatable = is_repeatable(arg);
         if !repeatable && let Some(first) = self.seen.insert(id.to_owned(), line) {
             return Err(FileError::at(
@@ -378,6 +399,55 @@ impl<'a> FileArgs<'a> {
                 .push((id.to_owned(), format!("--{long}={value}").into()));
         }
         Ok(())
+    }
+
+    /// Sets flag `id` from a list of values (a TOML array): each value of a
+    /// repeatable flag, or the values of a list flag (`a,b`) joined by its
+    /// delimiter. A flag that takes one value refuses a list.
+    pub fn set_list(
+        &mut self,
+        id: &str,
+        key: &str,
+        items: &[String],
+        line: usize,
+    ) -> Result<(), FileError> {
+        let Some(arg) = self.flag(id) else {
+            return Err(FileError::at(self.path, line, key, "unknown key"));
+        };
+        if is_repeatable(arg) {
+            for item in items {
+                self.set(id, key, item, line)?;
+            }
+            return Ok(());
+        }
+        let Some(delimiter) = arg.get_value_delimiter() else {
+            return Err(FileError::at(
+                self.path,
+                line,
+                key,
+                "takes a single value, not an array",
+            ));
+        };
+        if items.is_empty() {
+            return Err(FileError::at(
+                self.path,
+                line,
+                key,
+                "an empty array: give at least one value",
+            ));
+        }
+        if let Some(n) = items.iter().position(|i| i.contains(delimiter)) {
+            return Err(FileError::at(
+                self.path,
+                line,
+                key,
+                format!(
+                    "item {} holds `{delimiter}`, which separates the items of this list",
+                    n + 1
+                ),
+            ));
+        }
+        self.set(id, key, &items.join(&delimiter.to_string()), line)
     }
 
     fn invalid(&self, line: usize, key: &str, value: &str, e: &clap::Error) -> FileError {
@@ -693,6 +763,43 @@ mod tests {
         assert!(!m.get_flag("quiet"));
         let metas: Vec<&String> = m.get_many("meta").unwrap().collect();
         assert_eq!(metas, ["a=1", "b=2"], "repeatable flags merge, file first");
+    }
+
+    #[test]
+    fn a_list_sets_each_value_of_a_repeatable_flag_and_no_single_one() {
+        let list = |key: &'static str, items: &'static [&'static str]| {
+            run_with(cmd(), &["--meta", "c=3"], "", move |f| {
+                let items: Vec<String> = items.iter().map(|i| i.to_string()).collect();
+                f.set_list(key, key, &items, 4)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            })
+        };
+        let m = list("meta", &["a=1", "b=2"]).unwrap();
+        let metas: Vec<&String> = m.get_many("meta").unwrap().collect();
+        assert_eq!(metas, ["a=1", "b=2", "c=3"]);
+        let e = run_with(cmd(), &[], "", |f| {
+            let e = f.set_list("port", "port", &["1".into()], 4).unwrap_err();
+            assert_eq!((e.line, e.key.as_deref()), (Some(4), Some("port")));
+            assert!(e.message.contains("not an array"), "{e}");
+            let e = f.set_list("nope", "nope", &[], 5).unwrap_err();
+            assert!(e.message.contains("unknown key"), "{e}");
+        });
+        assert!(e.is_ok());
+    }
+
+    #[test]
+    fn a_command_only_flag_is_refused_in_the_file() {
+        let e = run_with(cmd(), &[], "[s]\nquiet = true\n", |f| {
+            f.command_only("quiet")
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`quiet`: a command-line option, not a setting: give --quiet"),
+            "{e}"
+        );
+        let m = run_with(cmd(), &["--quiet"], "", |f| f.command_only("quiet")).unwrap();
+        assert!(m.get_flag("quiet"));
     }
 
     /// `--self-signed` (a switch, also from `env`) conflicts with `--cert`

@@ -59,6 +59,8 @@ fn read(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileErro
         file.requires(a, b);
     }
     file.conflicts("tls_self_signed", "tls_cert");
+    file.command_only("monitor");
+    file.command_only("watch");
     let toml = file
         .path()
         .extension()
@@ -79,11 +81,15 @@ fn setting(
     value: &str,
     line: usize,
 ) -> Result<(), FileError> {
-    let id = ALIASES
+    file.set(setting_id(name), key, value, line)
+}
+
+/// The flag id of setting `name` (frp's alias or the flag's snake_case).
+fn setting_id(name: &str) -> &str {
+    ALIASES
         .iter()
         .find(|(alias, _)| *alias == name)
-        .map_or(name, |(_, id)| id);
-    file.set(id, key, value, line)
+        .map_or(name, |(_, id)| id)
 }
 
 fn read_ini(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, FileError> {
@@ -207,6 +213,23 @@ fn read_toml(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, Fil
                 }
                 plugins.push(spec);
             }
+            continue;
+        }
+        if let DeValue::Array(items) = value.get_ref() {
+            // A list flag (`forwardPaths = ["/v1/*", "/api/*"]`).
+            let Some(items) = items
+                .iter()
+                .map(|i| scalar(i.get_ref()))
+                .collect::<Option<Vec<String>>>()
+            else {
+                return Err(FileError::at(
+                    &path,
+                    line,
+                    name,
+                    "expected an array of single values",
+                ));
+            };
+            file.set_list(setting_id(&snake_case(name)), name, &items, line)?;
             continue;
         }
         let Some(text_value) = scalar(value.get_ref()) else {
@@ -578,6 +601,61 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("addr")));
         let e = file_error(load("frps.toml", "bindPort = \n", &[]));
         assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn a_toml_array_sets_a_list_flag() {
+        let cli = load(
+            "frps.toml",
+            "forwardPaths = [\"/v1/*\", \"/api/tags\"]\n",
+            &[],
+        )
+        .unwrap();
+        let paths = cli.config.forward_paths;
+        assert_eq!(paths.len(), 2, "{paths:?}");
+        assert!(crate::paths::allowed(&paths, "/v1/chat/completions"));
+        assert!(crate::paths::allowed(&paths, "/api/tags"));
+        assert!(!crate::paths::allowed(&paths, "/api/delete"));
+        // Each item is checked as the flag checks it.
+        let e = file_error(load(
+            "frps.toml",
+            "forward_paths = [\"/v1/*\", \"\"]\n",
+            &[],
+        ));
+        assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("forward_paths")));
+        for (text, why) in [
+            ("bindPort = [7000]\n", "takes a single value, not an array"),
+            ("forwardPaths = []\n", "an empty array"),
+            ("forwardPaths = [\"/v1/*,/api/*\"]\n", "item 1 holds `,`"),
+            (
+                "forwardPaths = [{ path = \"/v1/*\" }]\n",
+                "expected an array of single values",
+            ),
+        ] {
+            let e = file_error(load("frps.toml", text, &[]));
+            assert_eq!(e.line, Some(1), "{text}: {e}");
+            assert!(e.message.contains(why), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_file_cannot_turn_the_server_into_the_monitor() {
+        for (name, text, key) in [
+            ("frps.ini", "[common]\nmonitor = true\n", "monitor"),
+            ("frps.ini", "[common]\nwatch = true\n", "watch"),
+            ("frps.toml", "bindPort = 7000\nmonitor = true\n", "monitor"),
+        ] {
+            let e = file_error(load(name, text, &[]));
+            assert_eq!(e.key.as_deref(), Some(key), "{text}: {e}");
+            assert!(
+                e.message.contains("a command-line option, not a setting")
+                    && e.message.contains(&format!("--{key}")),
+                "{text}: {e}"
+            );
+        }
+        // The command line still may.
+        let cli = load("frps.ini", "[common]\nbind_port = 7000\n", &["--monitor"]).unwrap();
+        assert!(cli.config.monitor);
     }
 
     #[test]
