@@ -67,12 +67,27 @@ pub fn read(path: &Path) -> Result<Option<SavedToken>, ReadError> {
         }
     };
     match serde_json::from_str::<SavedToken>(&text) {
-        Ok(t) if !t.token.is_empty() => Ok(Some(t)),
+        Ok(t) if !t.token.is_empty() => {
+            if let Some(warning) = exposed(path) {
+                tracing::warn!("{warning}");
+            }
+            Ok(Some(t))
+        }
         _ => {
             tracing::warn!("ignoring unreadable token file {}", path.display());
             Ok(None)
         }
     }
+}
+
+/// What to say of a token file other users may read (frpc writes it 0600;
+/// a copy or an edit may not keep that): its token logs in as this client.
+fn exposed(path: &Path) -> Option<String> {
+    let mode = common::private_file::open_to_others(path)?;
+    Some(format!(
+        "the token file {} may be read by other users (mode {mode:o}): anyone who reads it can log in as this client; chmod 600 it (or revoke its token with `frps token revoke` and log in again)",
+        path.display()
+    ))
 }
 
 /// As [`read`], with a file that cannot be read logged (naming the file
@@ -246,12 +261,23 @@ mod tests {
             email: "a@b.c".into(),
         };
         save(&path, &t).unwrap();
-        assert_eq!(load(&path), Some(t));
+        assert_eq!(load(&path), Some(t.clone()));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
+            assert_eq!(exposed(&path), None);
+            // Copied with other users' read permission: still read, and
+            // said, with the way out.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert_eq!(load(&path), Some(t));
+            let said = exposed(&path).expect("others may read it");
+            assert!(
+                said.contains("token.json may be read by other users (mode 644)")
+                    && said.contains("chmod 600"),
+                "{said}"
+            );
         }
         std::fs::write(&path, "garbage").unwrap();
         assert!(load(&path).is_none());
