@@ -15,9 +15,18 @@
 //! --release -p frps -p frpc -p frpx-bench`; `-p frps` alone renames about
 //! half of it (generic code instantiated from clap, tokio and the like).
 //!
-//! Only where the linker is known to be LLD: Rust 1.90 and later link
+//! Release builds also pack their relocations (`-z pack-relative-relocs`,
+//! `DT_RELR`): the loader reads the 13,000 pointers it adjusts at start from
+//! 8 KiB instead of 314 KiB, and those pages stay mapped (frps's resident
+//! read-only data 1.06–1.14 → 0.78–0.80 MiB). glibc reads packed
+//! relocations from 2.36 on (the binary names `GLIBC_ABI_DT_RELR`, so an
+//! older glibc refuses it at start with that name), so only when the
+//! building machine's glibc is 2.36 or later; `FRPX_PACK_RELOCS=0` turns it
+//! off for a binary meant for older systems (which then needs glibc 2.34).
+//!
+//! Both only where the linker is known to be LLD: Rust 1.90 and later link
 //! x86_64 Linux (glibc) binaries with its bundled LLD, unless the linker is
-//! overridden. `FRPX_LINK_ORDER=0` turns it off.
+//! overridden. `FRPX_LINK_ORDER=0` turns the link order off.
 
 use std::env;
 use std::process::Command;
@@ -27,15 +36,35 @@ const ORDER_FILE: &str = "link-order.txt";
 fn main() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
     println!("cargo:rerun-if-env-changed=FRPX_LINK_ORDER");
-    if env::var("FRPX_LINK_ORDER").is_ok_and(|v| v == "0") {
-        return;
-    }
+    println!("cargo:rerun-if-env-changed=FRPX_PACK_RELOCS");
     if env::var("PROFILE").as_deref() != Ok("release") || !links_with_bundled_lld() {
         return;
     }
-    let dir = env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    println!("cargo:rustc-link-arg-bin=frps=-Wl,--symbol-ordering-file={dir}/{ORDER_FILE}");
-    println!("cargo:rustc-link-arg-bin=frps=-Wl,--no-warn-symbol-ordering");
+    if !env::var("FRPX_LINK_ORDER").is_ok_and(|v| v == "0") {
+        let dir = env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+        println!("cargo:rustc-link-arg-bin=frps=-Wl,--symbol-ordering-file={dir}/{ORDER_FILE}");
+        println!("cargo:rustc-link-arg-bin=frps=-Wl,--no-warn-symbol-ordering");
+    }
+    if !env::var("FRPX_PACK_RELOCS").is_ok_and(|v| v == "0") && glibc_reads_packed_relocs() {
+        println!("cargo:rustc-link-arg-bin=frps=-Wl,-z,pack-relative-relocs");
+    }
+}
+
+/// Whether this machine's glibc (`getconf GNU_LIBC_VERSION`: `glibc 2.36`)
+/// reads `DT_RELR`, which it does from 2.36 on. Unknown counts as no.
+fn glibc_reads_packed_relocs() -> bool {
+    let Ok(out) = Command::new("getconf").arg("GNU_LIBC_VERSION").output() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(version) = text.trim().strip_prefix("glibc ") else {
+        return false;
+    };
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    matches!(
+        (parts.next().flatten(), parts.next().flatten()),
+        (Some(2), Some(36..)) | (Some(3..), _)
+    )
 }
 
 /// Whether rustc links this target with its own LLD: x86_64 Linux with
