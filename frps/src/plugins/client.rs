@@ -365,17 +365,67 @@ struct Answer {
     content: Option<serde_json::Value>,
 }
 
+/// A name as Go's `encoding/json` compares a key with a field's name when
+/// they differ (frp reads answers with it): `Reject`, `REJECT` and `reject`
+/// are one field (and `ſ`, `K` the Kelvin sign, fold as Go folds them).
+pub fn go_fold(name: &str) -> String {
+    name.chars()
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// A JSON object's members in the order written (serde_json's maps sort
+/// them): where two keys name one field, Go keeps the last.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, serde_json::Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// The fields of an answer, by their names in frp's `Response`.
+const ANSWER_FIELDS: [&str; 4] = ["reject", "reject_reason", "unchange", "content"];
+
 /// Reads a plugin's answer. `unchange` may be a boolean or a string; when it
 /// is absent, a `content` object replaces the content (as in frp) and no
-/// content means unchanged.
+/// content means unchanged. Keys name fields as frp's Go reads them: in
+/// any case (`{"Reject": true}` from a Go plugin whose struct has no JSON
+/// tags rejects, as under frp), the last of two for one field winning.
 pub fn verdict(body: &[u8]) -> Result<Verdict, CallError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| CallError::Invalid(format!("not JSON ({e})")))?;
-    if !value.is_object() {
-        return Err(CallError::Invalid("not a JSON object".into()));
+    let Members(members) = serde_json::from_slice(body).map_err(|e| {
+        CallError::Invalid(match e.classify() {
+            serde_json::error::Category::Data => "not a JSON object".into(),
+            _ => format!("not JSON ({e})"),
+        })
+    })?;
+    let mut fields = serde_json::Map::new();
+    for (key, value) in members {
+        let folded = go_fold(&key);
+        if let Some(field) = ANSWER_FIELDS.iter().find(|f| **f == folded) {
+            fields.insert((*field).to_owned(), value);
+        }
     }
-    let answer: Answer =
-        serde_json::from_value(value).map_err(|e| CallError::Invalid(e.to_string()))?;
+    let answer: Answer = serde_json::from_value(serde_json::Value::Object(fields))
+        .map_err(|e| CallError::Invalid(e.to_string()))?;
     if answer.reject == Some(true) {
         let reason = answer.reject_reason.unwrap_or_default();
         return Ok(Verdict::Reject(reason));
@@ -545,6 +595,40 @@ mod tests {
             v(json!({"reject": true})).unwrap(),
             Verdict::Reject(String::new())
         );
+    }
+
+    #[test]
+    fn keys_name_fields_in_any_case_as_go_reads_them() {
+        // A Go plugin answering with a struct that has no JSON tags.
+        assert_eq!(
+            v(json!({"Reject": true, "RejectReason": "no"})).unwrap(),
+            Verdict::Reject(String::new())
+        );
+        assert_eq!(
+            v(json!({"REJECT": true, "Reject_Reason": "no"})).unwrap(),
+            Verdict::Reject("no".into())
+        );
+        assert_eq!(
+            v(json!({"Unchange": false, "Content": {"user": "x"}})).unwrap(),
+            Verdict::Replaced(json!({"user": "x"}))
+        );
+        // Go's folding: `ſ` is an `s`.
+        assert_eq!(
+            verdict("{\"reject\": true, \"reject_rea\u{17f}on\": \"long s\"}".as_bytes()).unwrap(),
+            Verdict::Reject("long s".into())
+        );
+        // Two keys for one field: the last written wins, as in Go (the
+        // map serde_json reads into would sort `Reject` before `reject`).
+        assert_eq!(
+            verdict(br#"{"reject": false, "Reject": true}"#).unwrap(),
+            Verdict::Reject(String::new())
+        );
+        assert_eq!(
+            verdict(br#"{"Reject": true, "reject": false}"#).unwrap(),
+            Verdict::Unchanged
+        );
+        // Other keys are ignored, in any case.
+        assert_eq!(v(json!({"Rejected": true})).unwrap(), Verdict::Unchanged);
     }
 
     #[test]

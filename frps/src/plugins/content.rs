@@ -235,6 +235,40 @@ impl Content for NewUserConnContent {
     const OP: Op = Op::NewUserConn;
 }
 
+/// Fields holding a structure of their own (frp's `UserInfo`); the other
+/// objects are maps (`metas`, `headers`), whose keys are data.
+const STRUCT_FIELDS: &[&str] = &["user"];
+
+/// Renames the keys of a plugin's modified content to the field names of
+/// the content frps `sent`, where they differ only as Go's `encoding/json`
+/// lets them (`User`, `PROXY_NAME`; see [`super::client::go_fold`]): frp
+/// reads modified content into its structs that way. A key written exactly
+/// wins over its other spellings; of several other spellings, the first in
+/// sorted order (the object's order is not kept). Map keys stay as written.
+pub fn go_names(value: &mut serde_json::Value, sent: &serde_json::Value) {
+    let (serde_json::Value::Object(map), serde_json::Value::Object(fields)) = (value, sent) else {
+        return;
+    };
+    let spelled: Vec<String> = map
+        .keys()
+        .filter(|k| !fields.contains_key(k.as_str()))
+        .cloned()
+        .collect();
+    for key in spelled {
+        let folded = super::client::go_fold(&key);
+        let Some(field) = fields.keys().find(|f| super::client::go_fold(f) == folded) else {
+            continue;
+        };
+        let v = map.remove(&key).expect("listed");
+        map.entry(field.clone()).or_insert(v);
+    }
+    for field in STRUCT_FIELDS {
+        if let (Some(inner), Some(sent_inner)) = (map.get_mut(*field), fields.get(*field)) {
+            go_names(inner, sent_inner);
+        }
+    }
+}
+
 /// Seconds since the Unix epoch, now.
 pub fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -249,6 +283,44 @@ mod tests {
         let mut k: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         k.sort();
         k
+    }
+
+    #[test]
+    fn content_keys_take_the_field_names_as_go_reads_them() {
+        let sent = serde_json::to_value(NewProxyContent {
+            user: UserInfo {
+                user: "u".into(),
+                metas: [("Region".to_owned(), "eu".to_owned())].into(),
+                run_id: "r".into(),
+            },
+            proxy_name: "gpu-a".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut answer = json!({
+            "User": {"USER": "bob", "Metas": {"region": "us"}, "run_id": "r"},
+            "Proxy_Name": "other",
+            "proxy_name": "gpu-b",
+            "Metas": {"Tier": "1"},
+            "unknown_field": 1,
+        });
+        go_names(&mut answer, &sent);
+        let c: NewProxyContent = serde_json::from_value(answer).unwrap();
+        assert_eq!(c.user.user, "bob");
+        // Map keys are data: not renamed after the keys sent.
+        assert_eq!(
+            c.user.metas,
+            [("region".to_owned(), "us".to_owned())].into()
+        );
+        assert_eq!(c.metas, [("Tier".to_owned(), "1".to_owned())].into());
+        // The exact spelling wins over another.
+        assert_eq!(c.proxy_name, "gpu-b");
+        // Login's `user` is a string, not a structure.
+        let sent = serde_json::to_value(LoginContent::default()).unwrap();
+        let mut answer = json!({"User": "carol", "Metas": null});
+        go_names(&mut answer, &sent);
+        let c: LoginContent = serde_json::from_value(answer).unwrap();
+        assert_eq!(c.user, "carol");
     }
 
     #[test]

@@ -398,12 +398,17 @@ impl Plugins {
         };
         match self.ask(plugin, &content).await.map_err(fail)? {
             Verdict::Unchanged => Ok(content),
-            Verdict::Replaced(value) => serde_json::from_value(value).map_err(|e| {
-                fail(CallError::Invalid(format!(
-                    "modified content does not fit {}: {e}",
-                    C::OP
-                )))
-            }),
+            Verdict::Replaced(mut value) => {
+                if let Ok(sent) = serde_json::to_value(&content) {
+                    content::go_names(&mut value, &sent);
+                }
+                serde_json::from_value(value).map_err(|e| {
+                    fail(CallError::Invalid(format!(
+                        "modified content does not fit {}: {e}",
+                        C::OP
+                    )))
+                })
+            }
             Verdict::Reject(reason) => {
                 let reason = if reason.trim().is_empty() {
                     format!("rejected by server plugin '{}'", plugin.name)

@@ -359,6 +359,33 @@ async fn a_new_proxy_rejection_refuses_the_registration_and_stops_the_chain() {
 }
 
 #[tokio::test]
+async fn a_go_plugins_untagged_answer_rejects_and_modifies_as_under_frp() {
+    // A Go plugin whose response struct has no JSON tags writes its field
+    // names capitalised; frp's Go reads them in any case.
+    let plugin = PluginServer::start(|call| match call.op() {
+        "Login" => Reply::Json(json!({
+            "Unchange": false,
+            "Content": {"User": "mapped", "Metas": {"Tier": "gold"}},
+        })),
+        _ => Reply::Json(json!({"Reject": true, "REJECT_REASON": "reserved id"})),
+    })
+    .await;
+    let frps = frps_with(
+        vec![plugin.spec("go", &["Login", "NewProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (mut c, answer) = register(&frps, registration("gpu-x")).await;
+    assert_eq!(refusal(&answer), ("reserved id", false));
+    assert!(c.recv().await.is_none(), "the connection closes");
+    assert!(frps.state.registry.is_empty());
+    // NewProxy saw Login's modification under frp's field names.
+    let proxy = plugin.wait_for("NewProxy").await;
+    assert_eq!(proxy.content()["user"]["user"], "mapped");
+    assert_eq!(proxy.content()["user"]["metas"]["Tier"], "gold");
+}
+
+#[tokio::test]
 async fn a_user_conn_rejection_answers_403_with_the_reason() {
     let plugin = PluginServer::start(|_| Reply::Reject("monthly quota exceeded".into())).await;
     let mut cfg = frps_config();
