@@ -61,10 +61,23 @@ impl Default for WrongTokens {
     }
 }
 
+/// Who a wrong token is counted against: its address (IPv6 by /64), but
+/// one caller for every loopback address. Any process on the host may
+/// connect from any of 127.0.0.0/8 without setting anything up, so counted
+/// apart they gave a local user (against whom the short tokens a loopback
+/// bind allows are the only lock) 16 million budgets.
+fn caller(ip: std::net::IpAddr) -> std::net::IpAddr {
+    if ip.to_canonical().is_loopback() {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    } else {
+        ip
+    }
+}
+
 impl WrongTokens {
     /// `Err(wait)` while `ip`'s block has no guesses left.
     pub fn check(&self, ip: std::net::IpAddr) -> Result<(), Duration> {
-        self.budget.check(ip, tokio::time::Instant::now())
+        self.budget.check(caller(ip), tokio::time::Instant::now())
     }
 
     /// Counts the wrong token whose SHA-256 is `digest` from `ip`, unless
@@ -80,7 +93,7 @@ impl WrongTokens {
             }
             recent.push_back(digest);
         }
-        self.budget.fail(ip, tokio::time::Instant::now());
+        self.budget.fail(caller(ip), tokio::time::Instant::now());
     }
 }
 
@@ -673,6 +686,17 @@ async fn dashboard() -> Html<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_loopback_address_is_one_caller_for_wrong_tokens() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for local in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.5"] {
+            assert_eq!(caller(ip(local)), ip("127.0.0.1"), "{local}");
+        }
+        for remote in ["10.0.0.1", "2001:db8::1", "::ffff:192.0.2.1"] {
+            assert_eq!(caller(ip(remote)), ip(remote), "{remote}");
+        }
+    }
 
     /// Every operation of `doc` as (path, method, operation).
     fn operations(doc: &serde_json::Value) -> Vec<(String, String, serde_json::Value)> {

@@ -297,6 +297,15 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
             "Retry-After {wait} s, {left:?} left"
         );
     }
+    // Every loopback address is one caller: a local user cannot take a
+    // new budget by connecting from 127.0.0.2.
+    for from in ["127.0.0.2", "127.3.2.1"] {
+        let reply = Conn::open_from(api, from.parse().unwrap())
+            .await
+            .get("/api/stats", Some(&format!("guess-from-{from}")))
+            .await;
+        assert_eq!(reply.status, 429, "{from}: {}", reply.body);
+    }
     // What needs no token still answers.
     assert_eq!(http::get(api, "/api/health", None).await.status, 200);
     let reply = http::get(api, "/api/stats", None).await;
