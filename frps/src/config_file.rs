@@ -102,11 +102,16 @@ fn read_ini(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, File
             }
         } else if let Some(name) = section.name.strip_prefix("plugin.") {
             let mut fields: [Option<(&str, usize)>; 3] = [None; 3];
+            let mut tls_verify = false;
             for e in &section.entries {
                 let slot = match e.key.as_str() {
                     "addr" => 0,
                     "path" => 1,
                     "ops" => 2,
+                    TLS_VERIFY => {
+                        tls_verify = true;
+                        continue;
+                    }
                     _ => {
                         return Err(FileError::at(
                             &path,
@@ -139,7 +144,7 @@ fn read_ini(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, File
                 &ops,
             )
             .map_err(|e| FileError::at(&path, line_of_field(e.field), e.field, e.message))?;
-            plugins.push(spec);
+            plugins.push(with_tls_verify(spec, tls_verify));
         } else {
             return Err(FileError::at(
                 &path,
@@ -150,6 +155,19 @@ fn read_ini(file: &mut FileArgs<'_>, text: &str) -> Result<Vec<PluginSpec>, File
         }
     }
     Ok(plugins)
+}
+
+/// frp's `tls_verify` for an `https://` plugin: taken so an frp
+/// configuration starts, and said at start, since frps calls plugins over
+/// plain HTTP only (an `https://` address is refused).
+const TLS_VERIFY: &str = "tls_verify";
+
+fn with_tls_verify(mut spec: PluginSpec, given: bool) -> PluginSpec {
+    if given {
+        spec.unused
+            .push("tls_verify (frps calls plugins over plain HTTP)".into());
+    }
+    spec
 }
 
 /// `bindPort` → `bind_port`; snake_case stays as it is.
@@ -265,9 +283,14 @@ fn toml_plugin(
         ("path", String::new(), entry_line),
     ];
     let mut ops: (Vec<String>, usize) = (Vec::new(), entry_line);
+    let mut tls_verify = false;
     for (key, value) in table {
         let line = line_of(text, key.span().start);
         let name = key.get_ref().as_ref();
+        if snake_case(name) == TLS_VERIFY {
+            tls_verify = true;
+            continue;
+        }
         if name == "ops" {
             let DeValue::Array(items) = value.get_ref() else {
                 return Err(FileError::at(
@@ -307,7 +330,7 @@ fn toml_plugin(
     }
     let [(_, name, _), (_, addr, _), (_, plugin_path, _)] = &strings;
     let op_names: Vec<&str> = ops.0.iter().map(String::as_str).collect();
-    PluginSpec::new(name, addr, plugin_path, &op_names).map_err(|e| {
+    let spec = PluginSpec::new(name, addr, plugin_path, &op_names).map_err(|e| {
         let line = match e.field {
             "ops" => ops.1,
             field => strings
@@ -316,7 +339,8 @@ fn toml_plugin(
                 .map_or(entry_line, |(_, _, line)| *line),
         };
         FileError::at(path, line, e.field, e.message)
-    })
+    })?;
+    Ok(with_tls_verify(spec, tls_verify))
 }
 
 #[cfg(test)]
@@ -589,10 +613,10 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(1), Some("webServer")));
         let e = file_error(load(
             "frps.toml",
-            "[[httpPlugins]]\nname = \"a\"\naddr = \"h:1\"\nops = [\"Login\"]\ntlsVerify = true\n",
+            "[[httpPlugins]]\nname = \"a\"\naddr = \"h:1\"\nops = [\"Login\"]\ntimeout = 3\n",
             &[],
         ));
-        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("tlsVerify")));
+        assert_eq!((e.line, e.key.as_deref()), (Some(5), Some("timeout")));
         let e = file_error(load(
             "frps.toml",
             "[[httpPlugins]]\nname = \"a\"\naddr = \"https://h:1\"\nops = [\"Login\"]\n",
@@ -601,6 +625,34 @@ mod tests {
         assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("addr")));
         let e = file_error(load("frps.toml", "bindPort = \n", &[]));
         assert_eq!(e.line, Some(1));
+    }
+
+    #[test]
+    fn frp_plugin_settings_frps_does_not_act_on_are_taken() {
+        // frp's CloseUserConn and tls_verify: an frp configuration starts.
+        let ini = load(
+            "frps.ini",
+            "[plugin.a]\naddr = h:1\nops = NewUserConn, CloseUserConn\ntls_verify = false\n",
+            &[],
+        )
+        .unwrap();
+        let toml = load(
+            "frps.toml",
+            "[[httpPlugins]]\nname = \"a\"\naddr = \"h:1\"\nops = [\"NewUserConn\", \"CloseUserConn\"]\ntlsVerify = false\n",
+            &[],
+        )
+        .unwrap();
+        for cli in [ini, toml] {
+            let p = &cli.config.plugins[0];
+            assert_eq!(p.ops, [Op::NewUserConn]);
+            assert_eq!(
+                p.unused,
+                [
+                    "the operation CloseUserConn (frps never makes that call)",
+                    "tls_verify (frps calls plugins over plain HTTP)"
+                ]
+            );
+        }
     }
 
     #[test]

@@ -110,7 +110,16 @@ pub struct PluginSpec {
     /// The `Authorization` header sent with every call: HTTP Basic, from
     /// a `user:password@` in `addr` (as frp's Go client sends it).
     pub authorization: Option<http::HeaderValue>,
+    /// What of frp's configuration it carries that frps takes but does
+    /// not act on (said at start): an operation frps never calls
+    /// ([`UNSENT_OPS`]), `tls_verify`.
+    pub unused: Vec<String>,
 }
+
+/// Operations frp defines that frps never calls: `CloseUserConn` (frp tells
+/// when a TCP user connection ends; a public request is no connection of
+/// its own here). Taken in `ops`, so an frp configuration starts, and said.
+pub const UNSENT_OPS: &[&str] = &["CloseUserConn"];
 
 impl std::fmt::Debug for PluginSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,6 +129,7 @@ impl std::fmt::Debug for PluginSpec {
             .field("path", &self.path)
             .field("ops", &self.ops)
             .field("authorization", &self.authorization.as_ref().map(|_| "***"))
+            .field("unused", &self.unused)
             .finish()
     }
 }
@@ -217,7 +227,15 @@ impl PluginSpec {
             ));
         }
         let mut parsed: Vec<Op> = Vec::new();
+        let mut unused = Vec::new();
         for op in ops.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+            if UNSENT_OPS.contains(&op) {
+                let said = format!("the operation {op} (frps never makes that call)");
+                if !unused.contains(&said) {
+                    unused.push(said);
+                }
+                continue;
+            }
             let op = op.parse::<Op>().map_err(|e| spec_error("ops", e))?;
             if !parsed.contains(&op) {
                 parsed.push(op);
@@ -226,7 +244,7 @@ impl PluginSpec {
         if parsed.is_empty() {
             return Err(spec_error(
                 "ops",
-                "must name at least one operation (e.g. Login, NewProxy)",
+                "must name at least one operation frps calls (e.g. Login, NewProxy)",
             ));
         }
         Ok(Self {
@@ -235,6 +253,7 @@ impl PluginSpec {
             path,
             ops: parsed,
             authorization,
+            unused,
         })
     }
 }
@@ -315,6 +334,14 @@ impl Plugins {
         for spec in specs {
             for op in &spec.ops {
                 chains[op.index()].push(spec.clone());
+            }
+        }
+        for spec in specs {
+            for what in &spec.unused {
+                tracing::warn!(
+                    "server plugin '{}': {what} is taken from frp's configuration but has no effect",
+                    spec.name
+                );
             }
         }
         for op in Op::ALL {
@@ -516,6 +543,7 @@ mod tests {
             ("h:1", "/a?b", &["Login"]),
             ("h:1", "/", &[]),
             ("h:1", "/", &["Nope"]),
+            ("h:1", "/", &["CloseUserConn"]),
             ("user:pw@", "/", &["Login"]),
             ("user:%ff@h:1", "/", &["Login"]),
         ] {
@@ -524,6 +552,29 @@ mod tests {
                 "{addr} {path} {ops:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_operation_frps_never_calls_is_taken_and_said() {
+        let spec = PluginSpec::new(
+            "m",
+            "h:1",
+            "/",
+            &["NewUserConn", "CloseUserConn", "CloseUserConn"],
+        )
+        .unwrap();
+        assert_eq!(spec.ops, [Op::NewUserConn]);
+        assert_eq!(
+            spec.unused,
+            ["the operation CloseUserConn (frps never makes that call)"]
+        );
+        let e = PluginSpec::new("m", "h:1", "/", &["CloseUserConn"]).unwrap_err();
+        assert_eq!(e.field, "ops");
+        assert!(
+            e.message.contains("at least one operation frps calls"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
