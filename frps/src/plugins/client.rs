@@ -178,6 +178,21 @@ impl Addresses {
         found.clone().expect("waited for").map_err(unresolved)
     }
 
+    /// `addrs[at]` took a connection after those before it did not: it is
+    /// tried first from now on (while the lookup is kept), so one address
+    /// that drops packets costs one call [`ATTEMPT_LIMIT`], not every call.
+    fn worked(&self, addrs: &[std::net::SocketAddr], at: usize) {
+        if at == 0 {
+            return;
+        }
+        let mut state = self.state.lock().expect("plugin address lock");
+        if let Resolution::Known(Ok(known), _) = &mut *state
+            && known == addrs
+        {
+            known[..=at].rotate_right(1);
+        }
+    }
+
     /// None of `addrs` took a connection: unless a later lookup replaced
     /// them, they are forgotten, so the next call looks the name up again
     /// (a plugin moved to another address).
@@ -241,13 +256,49 @@ impl Connections {
     }
 }
 
+/// Longest wait for one of a host name's addresses to take a connection
+/// while others are left to try: an address that drops packets (an IPv6
+/// one on a host without an IPv6 route, typically listed first) would
+/// otherwise take the call's whole timeout, every call, and the next
+/// address never be tried. The last address has what is left of the call's
+/// timeout.
+pub const ATTEMPT_LIMIT: Duration = Duration::from_secs(1);
+
+/// A connection to the first of `addrs` that takes one, and its index.
+async fn connect_any(addrs: &[std::net::SocketAddr]) -> std::io::Result<(TcpStream, usize)> {
+    let mut last = None;
+    for (at, addr) in addrs.iter().enumerate() {
+        let attempt = TcpStream::connect(addr);
+        let result = if at + 1 < addrs.len() {
+            tokio::time::timeout(ATTEMPT_LIMIT, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{addr}: no connection within {ATTEMPT_LIMIT:?}"),
+                    ))
+                })
+        } else {
+            attempt.await
+        };
+        match result {
+            Ok(stream) => return Ok((stream, at)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no addresses to connect to")))
+}
+
 /// A new connection to `addr`, its driver spawned (it ends when the
 /// connection closes, or once the sender is dropped and nothing is under
 /// way).
 async fn dial(addresses: &Addresses, addr: &str) -> Result<Sender, CallError> {
     let addrs = addresses.of(addr).await?;
-    let stream = match TcpStream::connect(&addrs[..]).await {
-        Ok(stream) => stream,
+    let stream = match connect_any(&addrs).await {
+        Ok((stream, at)) => {
+            addresses.worked(&addrs, at);
+            stream
+        }
         Err(e) => {
             addresses.failed(&addrs);
             return Err(CallError::Connect(e));
@@ -444,6 +495,54 @@ pub fn verdict(body: &[u8]) -> Result<Verdict, CallError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_address_that_drops_packets_is_passed_over_and_then_tried_last() {
+        // A listener whose accept queue is full drops further SYNs, as a
+        // firewall (or a host without an IPv6 route) does.
+        let hole = tokio::net::TcpSocket::new_v4().unwrap();
+        hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let hole = hole.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hole_addr))
+                .await
+                .is_err(),
+            "the full queue drops connections"
+        );
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = live.accept().await {
+                held.push(s);
+            }
+        });
+        let resolve: Resolve = std::sync::Arc::new(move |_host: String| {
+            Box::pin(async move { Ok(vec![hole_addr, live_addr]) })
+        });
+        let addresses = Addresses::resolved_by(resolve);
+        let started = std::time::Instant::now();
+        dial(&addresses, "plugin.internal:9000").await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= ATTEMPT_LIMIT && took < ATTEMPT_LIMIT * 3,
+            "the next address after {ATTEMPT_LIMIT:?}: {took:?}"
+        );
+        // The address that took it is tried first from now on.
+        assert_eq!(
+            addresses.of("plugin.internal:9000").await.unwrap(),
+            [live_addr, hole_addr]
+        );
+        let started = std::time::Instant::now();
+        dial(&addresses, "plugin.internal:9000").await.unwrap();
+        assert!(
+            started.elapsed() < ATTEMPT_LIMIT / 2,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 
     /// A resolver counting its lookups, each taking `slow` and answering
     /// `found` (an error when `None`).
