@@ -227,7 +227,7 @@ impl FleetSnapshot {
         let clients = state.registry.all();
         let keys = &state.keys.stats;
         Self {
-            clients_online: clients.len() as i64,
+            clients_online: clients.iter().filter(|c| !c.kick.is_cancelled()).count() as i64,
             in_flight: clients
                 .iter()
                 .map(|c| c.in_flight.load(Ordering::Relaxed) as i64)

@@ -585,6 +585,35 @@ impl Registry {
         self.get(id).filter(|c| c.session == session)
     }
 
+    /// Every live client that is not on its way out: a kicked one
+    /// (disconnected by an operator, replaced, evicted) stays registered
+    /// until its session has told it why, up to `--handshake-timeout`, but
+    /// takes no requests and is shown nowhere.
+    pub fn online(&self) -> Vec<Arc<ClientHandle>> {
+        self.clients
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter(|c| !c.kick.is_cancelled())
+            .cloned()
+            .collect()
+    }
+
+    /// How many clients [`Registry::online`] lists.
+    pub fn online_count(&self) -> usize {
+        self.clients
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter(|c| !c.kick.is_cancelled())
+            .count()
+    }
+
+    /// Client `id` if it is online (see [`Registry::online`]).
+    pub fn get_online(&self, id: &str) -> Option<Arc<ClientHandle>> {
+        self.get(id).filter(|c| !c.kick.is_cancelled())
+    }
+
     /// Every live client.
     pub fn all(&self) -> Vec<Arc<ClientHandle>> {
         self.clients
@@ -705,6 +734,26 @@ mod tests {
         tokio::time::advance(std::time::Duration::from_millis(1)).await;
         assert!(client.may_log_error());
         assert!(!client.may_log_error());
+    }
+
+    #[test]
+    fn a_kicked_client_is_not_online_while_its_session_winds_down() {
+        let reg = Registry::default();
+        let (a, _rx1) = new_client("gpu-a");
+        let a = reg.insert(a).unwrap();
+        let (b, _rx2) = new_client("gpu-b");
+        reg.insert(b).unwrap();
+        assert_eq!(reg.online_count(), 2);
+        a.kick("disconnected by an operator");
+        // Still registered (its session has yet to tell it why)...
+        assert_eq!(reg.len(), 2);
+        assert!(reg.get("gpu-a").is_some());
+        // ...but shown nowhere.
+        assert!(reg.get_online("gpu-a").is_none());
+        assert!(reg.get_online("gpu-b").is_some());
+        assert_eq!(reg.online_count(), 1);
+        let ids: Vec<String> = reg.online().iter().map(|c| c.id.clone()).collect();
+        assert_eq!(ids, ["gpu-b"]);
     }
 
     #[test]

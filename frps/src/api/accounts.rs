@@ -54,7 +54,7 @@ pub async fn users(
     let mut rows = ApiError::within_deadline(state.store.list_users_in(window)).await?;
     let (headers, more) = finish("/api/users", limit, &mut rows, |u| u.id.to_string());
     let mut online: HashMap<i64, usize> = HashMap::new();
-    for client in state.registry.all() {
+    for client in state.registry.online() {
         *online.entry(client.owner.user_id).or_default() += 1;
     }
     let users: Vec<_> = rows

@@ -21,12 +21,12 @@ use crate::state::State;
 fn client(state: &State, id: &str) -> Result<Arc<ClientHandle>, ApiError> {
     state
         .registry
-        .get(id)
+        .get_online(id)
         .ok_or_else(|| ApiError::no_client(id))
 }
 
 fn sorted(state: &State) -> Vec<Arc<ClientHandle>> {
-    let mut all = state.registry.all();
+    let mut all = state.registry.online();
     all.sort_unstable_by(|a, b| a.id.cmp(&b.id));
     all
 }

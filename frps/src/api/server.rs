@@ -30,7 +30,7 @@ pub async fn health(
         status: if stopping { "shutting_down" } else { "ok" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: state.started_at.elapsed().as_secs(),
-        clients_online: state.registry.len(),
+        clients_online: state.registry.online_count(),
         pending_connections: state.pending.len(),
         database: state.store.backend().into(),
         redis: state.redis.as_ref().map(|r| r.is_healthy()),
@@ -49,7 +49,7 @@ pub async fn health(
 pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
     let s = &state.stats;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let clients = state.registry.all();
+    let clients = state.registry.online();
     let stats = Stats {
         uptime_secs: state.started_at.elapsed().as_secs(),
         requests_total: load(&s.requests),

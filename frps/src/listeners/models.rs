@@ -15,10 +15,7 @@ use crate::state::State;
 /// The fleet's models in OpenAI's shape, or Ollama's when `ollama`.
 pub fn list(state: &State, ollama: bool) -> Response<PublicBody> {
     let mut models: BTreeMap<String, Option<u64>> = BTreeMap::new();
-    for c in state.registry.all() {
-        if c.kick.is_cancelled() {
-            continue;
-        }
+    for c in state.registry.online() {
         c.with_models(|ms| {
             for m in ms {
                 let size = models.entry(m.name.clone()).or_insert(None);
@@ -52,10 +49,7 @@ pub fn one(state: &State, encoded: &str) -> Response<PublicBody> {
         None
     } else {
         let want = crate::router::normalize(&wanted);
-        state.registry.all().iter().find_map(|c| {
-            if c.kick.is_cancelled() {
-                return None;
-            }
+        state.registry.online().iter().find_map(|c| {
             c.with_models(|ms| {
                 ms.iter()
                     .find(|m| crate::router::names(&m.name, &want))
