@@ -26,7 +26,8 @@ macro_rules! api_key_columns {
 macro_rules! client_token_select {
     () => {
         "SELECT t.id, t.prefix, t.user_id, u.email, t.created_at, t.expires_at, t.last_used_at, t.revoked_at, t.renewed_from
-            FROM client_tokens t JOIN users u ON u.id = t.user_id"
+            FROM client_tokens t JOIN users u
+              ON u.id = t.user_id AND u.email IS NOT NULL AND t.created_at IS NOT NULL"
     };
 }
 
@@ -575,8 +576,12 @@ impl Store {
     /// The user with this email, in any letter case (the oldest, should a
     /// database from before this rule hold two that differ only in case).
     pub async fn find_user(&self, email: &str) -> Result<Option<UserRow>, StoreError> {
+        // A row of an application's own table with NULL where frps reads a
+        // value (named in a warning at start) is absent, not a failure.
         const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
-            WHERE lower(email) = lower($1) ORDER BY id LIMIT 1";
+            WHERE lower(email) = lower($1)
+              AND password_hash IS NOT NULL AND created_at IS NOT NULL
+            ORDER BY id LIMIT 1";
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(email).fetch_optional(p).await?))
     }
 
@@ -589,10 +594,13 @@ impl Store {
     pub async fn list_users_in(&self, window: Window<i64>) -> Result<Vec<UserRow>, StoreError> {
         // The listing shows no hash: an application's own table that leaves
         // it NULL for some accounts (named in a warning at start) still
-        // lists them, instead of failing every page from that row on.
+        // lists them, instead of failing every page from that row on. A row
+        // without an email or a creation time is absent, as everywhere.
         const SQL: &str =
             "SELECT id, email, COALESCE(password_hash, '') AS password_hash, created_at
-            FROM users WHERE id > $1 ORDER BY id LIMIT $2";
+            FROM users
+            WHERE id > $1 AND email IS NOT NULL AND created_at IS NOT NULL
+            ORDER BY id LIMIT $2";
         let after = window.after.unwrap_or(i64::MIN);
         Ok(
             on_pool!(self, p => sqlx::query_as(SQL).bind(after).bind(window.limit()).fetch_all(p).await?),

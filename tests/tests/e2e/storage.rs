@@ -284,6 +284,58 @@ async fn tables_made_before_frps_with_columns_it_cannot_read_are_named_at_start(
 }
 
 #[tokio::test]
+async fn an_application_users_row_with_null_where_frps_reads_a_value_is_absent() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    exec_unmigrated(
+        &pg.url,
+        &[
+            "CREATE TABLE users (
+                id BIGSERIAL PRIMARY KEY,
+                email VARCHAR UNIQUE,
+                password_hash TEXT,
+                created_at TIMESTAMP,
+                updated_at TIMESTAMP
+            )",
+            "INSERT INTO users (email, password_hash, created_at) VALUES
+                ('whole@example.com', 'h1', '2026-01-01'),
+                ('no-time@example.com', 'h2', NULL),
+                ('no-hash@example.com', NULL, '2026-01-02'),
+                (NULL, 'h3', '2026-01-03')",
+        ],
+    )
+    .await;
+    let store = Store::connect(&pg.url).await.unwrap();
+    // Listed (no hash is shown), but for the rows without an email or a
+    // creation time; before, the whole page failed as if the database were
+    // down, and every page after it.
+    let listed: Vec<String> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.email)
+        .collect();
+    assert_eq!(listed, ["whole@example.com", "no-hash@example.com"]);
+    assert!(
+        store
+            .find_user("whole@example.com")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    for absent in ["no-time@example.com", "no-hash@example.com"] {
+        assert!(
+            store.find_user(absent).await.unwrap().is_none(),
+            "{absent}: absent, not a failure"
+        );
+    }
+    store.close().await;
+    pg.drop_db().await;
+}
+
+#[tokio::test]
 async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
     let Some(pg) = TestPg::create().await else {
         return;
