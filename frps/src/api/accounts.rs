@@ -18,13 +18,21 @@ fn rfc3339(t: NaiveDateTime) -> String {
 
 /// Cursor of a token in listings: its creation time in nanoseconds since
 /// 1970 (exact: the key compares equal to the stored time) and its id.
+/// A time outside what nanoseconds in an `i64` hold (before 1677, after
+/// 2262: a hand-edited row) is written `<seconds>.<nanoseconds, 9
+/// digits>`; before, it became 2262 and the next page started over or
+/// skipped rows.
 fn token_cursor(key: &TokenKey) -> String {
-    let nanos = key
-        .created_at
-        .and_utc()
-        .timestamp_nanos_opt()
-        .unwrap_or(i64::MAX);
-    format!("{nanos}_{}", key.id)
+    let at = key.created_at.and_utc();
+    match at.timestamp_nanos_opt() {
+        Some(nanos) => format!("{nanos}_{}", key.id),
+        None => format!(
+            "{}.{:09}_{}",
+            at.timestamp(),
+            at.timestamp_subsec_nanos(),
+            key.id
+        ),
+    }
 }
 
 fn parse_token_cursor(cursor: &str) -> Option<TokenKey> {
@@ -34,7 +42,16 @@ fn parse_token_cursor(cursor: &str) -> Option<TokenKey> {
     if !valid_id {
         return None;
     }
-    let created_at = chrono::DateTime::from_timestamp_nanos(nanos.parse().ok()?).naive_utc();
+    let created_at = match nanos.split_once('.') {
+        Some((secs, subsec)) => {
+            if subsec.len() != 9 || !subsec.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            chrono::DateTime::from_timestamp(secs.parse().ok()?, subsec.parse().ok()?)?
+        }
+        None => chrono::DateTime::from_timestamp_nanos(nanos.parse().ok()?),
+    }
+    .naive_utc();
     Some(TokenKey {
         created_at,
         id: id.to_owned(),
@@ -116,6 +133,21 @@ mod tests {
         let cursor = token_cursor(&key);
         assert_eq!(cursor, "1764583200123456789_a1b2c3d4e5f6");
         assert_eq!(parse_token_cursor(&cursor), Some(key));
+        // Beyond what nanoseconds in an i64 hold, both ways.
+        for (secs, nanos, written) in [
+            (-11_676_096_000, 5, "-11676096000.000000005_a1"),
+            (9_999_999_999, 0, "9999999999.000000000_a1"),
+        ] {
+            let key = TokenKey {
+                created_at: chrono::DateTime::from_timestamp(secs, nanos)
+                    .unwrap()
+                    .naive_utc(),
+                id: "a1".into(),
+            };
+            let cursor = token_cursor(&key);
+            assert_eq!(cursor, written);
+            assert_eq!(parse_token_cursor(&cursor), Some(key));
+        }
     }
 
     #[test]
@@ -130,6 +162,11 @@ mod tests {
             "123_a b",
             &format!("1_{}", "a".repeat(65)),
             "99999999999999999999_abc",
+            "1.5_abc",
+            "1.0000000001_abc",
+            "1.-00000001_abc",
+            "x.000000000_abc",
+            "999999999999999999.000000000_abc",
         ] {
             assert_eq!(parse_token_cursor(bad), None, "{bad:?}");
         }
