@@ -64,6 +64,8 @@ pub enum Reply {
     StatusWith(u16, String),
     /// This body as it is, with status 200.
     Raw(String),
+    /// This status (a redirect) with this `Location`.
+    Redirect(u16, String),
     /// Never answers.
     Hang,
     /// Allows, after this long.
@@ -214,6 +216,11 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
             (StatusCode::from_u16(code).unwrap(), text).into_response()
         }
         Reply::Raw(text) => (StatusCode::OK, text).into_response(),
+        Reply::Redirect(code, location) => (
+            StatusCode::from_u16(code).unwrap(),
+            [(axum::http::header::LOCATION, location)],
+        )
+            .into_response(),
         Reply::Hang => std::future::pending().await,
         Reply::AllowAfter(delay) => {
             tokio::time::sleep(delay).await;

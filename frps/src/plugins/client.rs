@@ -40,7 +40,18 @@ pub enum CallError {
     /// The answer is not one the protocol allows.
     #[error("invalid answer: {0}")]
     Invalid(String),
+    /// A redirect frps does not follow (see [`MAX_REDIRECTS`]).
+    #[error(
+        "answered HTTP {0}, to {1}, which frps does not follow (only 307 and 308 to the plugin's own address, at most {MAX_REDIRECTS} in a row)"
+    )]
+    Redirect(StatusCode, String),
 }
+
+/// Most redirects (307 or 308, to the plugin's own address) one call
+/// follows. frp's Go client follows them, sending the call again (a Flask
+/// plugin at `/handler/` answers `path = /handler` with a 308); frps keeps
+/// to the address configured, so a plugin cannot send it elsewhere.
+pub const MAX_REDIRECTS: usize = 5;
 
 /// What a plugin decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -327,15 +338,65 @@ pub async fn post(
     authorization: Option<&http::HeaderValue>,
     body: Vec<u8>,
 ) -> Result<Bytes, CallError> {
-    let uri: Uri = path_and_query
+    let body = Bytes::from(body);
+    let mut uri: Uri = path_and_query
         .parse()
         .map_err(|e| CallError::Http(format!("bad request path: {e}")))?;
+    let mut hops = 0;
+    loop {
+        match exchange(pool, addr, uri, reqid, authorization, body.clone()).await? {
+            Exchanged::Answer(answer) => return Ok(answer),
+            Exchanged::Redirect(status, location) => {
+                let next = (hops < MAX_REDIRECTS)
+                    .then(|| same_address(&location, addr))
+                    .flatten();
+                let Some(next) = next else {
+                    return Err(CallError::Redirect(status, location));
+                };
+                uri = next;
+                hops += 1;
+            }
+        }
+    }
+}
+
+/// What one exchange brought.
+enum Exchanged {
+    /// A 200 answer's body.
+    Answer(Bytes),
+    /// A 307 or 308 and its `Location`.
+    Redirect(StatusCode, String),
+}
+
+/// The path and query `location` (a redirect's) names on `addr`: an
+/// absolute path (`/handler/`), or an `http://` URL of that same address;
+/// `None` for anything else.
+fn same_address(location: &str, addr: &str) -> Option<Uri> {
+    let uri: Uri = location.parse().ok()?;
+    match (uri.scheme_str(), uri.authority()) {
+        (None, None) if location.starts_with('/') && !location.starts_with("//") => {}
+        (Some("http"), Some(authority)) if authority.as_str().eq_ignore_ascii_case(addr) => {}
+        _ => return None,
+    }
+    let path = uri.path_and_query()?.as_str();
+    path.parse().ok()
+}
+
+/// One request of a call on a pooled or new connection.
+async fn exchange(
+    pool: &Connections,
+    addr: &str,
+    uri: Uri,
+    reqid: &str,
+    authorization: Option<&http::HeaderValue>,
+    body: Bytes,
+) -> Result<Exchanged, CallError> {
     let mut request = Request::post(uri)
         .header(HOST, addr)
         .header(CONTENT_TYPE, "application/json")
         .header(USER_AGENT, concat!("frps/", env!("CARGO_PKG_VERSION")))
         .header("X-Frp-Reqid", reqid)
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(body))
         .map_err(|e| CallError::Http(e.to_string()))?;
     if let Some(value) = authorization {
         request
@@ -361,6 +422,10 @@ pub async fn post(
         }
     };
     let status = resp.status();
+    let location = resp
+        .headers()
+        .get(http::header::LOCATION)
+        .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
     let body = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
     // Read whole: the connection can carry the next call (unless the
     // plugin asked to close it: hyper then closes it, and it is skipped),
@@ -368,6 +433,11 @@ pub async fn post(
     // high rate must not cost a connection each).
     if body.is_ok() {
         pool.put(sender);
+    }
+    if let (StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT, Some(location)) =
+        (status, location)
+    {
+        return Ok(Exchanged::Redirect(status, location));
     }
     if status != StatusCode::OK {
         return Err(CallError::Status(status));
@@ -379,7 +449,7 @@ pub async fn post(
             CallError::Http(e.to_string())
         }
     })?;
-    Ok(body.to_bytes())
+    Ok(Exchanged::Answer(body.to_bytes()))
 }
 
 /// A boolean, or its string form (`"true"`, `"false"`) as frp's documentation
@@ -694,6 +764,27 @@ mod tests {
             v(json!({"reject": true})).unwrap(),
             Verdict::Reject(String::new())
         );
+    }
+
+    #[test]
+    fn only_redirects_to_the_plugins_own_address_are_followed() {
+        let to = |l: &str| same_address(l, "Plugin.internal:9000").map(|u| u.to_string());
+        assert_eq!(to("/handler/?op=Login").as_deref(), Some("/handler/?op=Login"));
+        assert_eq!(
+            to("http://plugin.INTERNAL:9000/h?x=1").as_deref(),
+            Some("/h?x=1")
+        );
+        for elsewhere in [
+            "//evil.example/h",
+            "http://evil.example:9000/h",
+            "http://plugin.internal:9001/h",
+            "https://plugin.internal:9000/h",
+            "handler/",
+            "",
+            "http://plugin.internal:9000@evil.example/h",
+        ] {
+            assert_eq!(to(elsewhere), None, "{elsewhere}");
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-pub use client::{API_VERSION, CallError, MAX_ANSWER};
+pub use client::{API_VERSION, CallError, MAX_ANSWER, MAX_REDIRECTS};
 pub use content::Content;
 
 use client::Verdict;
@@ -410,6 +410,7 @@ impl Plugins {
             let cause = match cause {
                 CallError::Invalid(text) => CallError::Invalid(tame(&text)),
                 CallError::Http(text) => CallError::Http(tame(&text)),
+                CallError::Redirect(status, to) => CallError::Redirect(status, tame(&to)),
                 cause => cause,
             };
             if self.may_log(C::OP, 0) {

@@ -386,6 +386,50 @@ async fn a_go_plugins_untagged_answer_rejects_and_modifies_as_under_frp() {
 }
 
 #[tokio::test]
+async fn a_redirect_on_the_plugins_own_address_is_followed_as_frp_does() {
+    // A Flask plugin at `/handler/` answers `/handler` with a 308.
+    let plugin = PluginServer::start(|call| match call.path.as_str() {
+        "/handler/" => Reply::Reject("from the right path".into()),
+        path if path.starts_with("/loop") => Reply::Redirect(307, format!("{path}x")),
+        "/elsewhere" => Reply::Redirect(308, "http://plugin.example:9000/handler/".into()),
+        _ => Reply::Redirect(308, format!("/handler/?{}", call.query)),
+    })
+    .await;
+    let spec = |path: &str| {
+        PluginSpec::new("flask", &plugin.addr.to_string(), path, &["NewProxy"]).unwrap()
+    };
+    let frps = frps_with(vec![spec("/handler")], Duration::from_secs(3)).await;
+    let (_c, answer) = register(&frps, registration("gpu-r")).await;
+    assert_eq!(refusal(&answer), ("from the right path", false));
+    let calls = plugin.calls();
+    let paths: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(paths, ["/handler", "/handler/"]);
+    assert_eq!(calls[1].query, calls[0].query, "the query goes along");
+    assert_eq!(calls[1].body, calls[0].body, "the call is sent again whole");
+    // Another address is not followed; nor is a redirect loop, for ever.
+    for (path, calls, why) in [
+        (
+            "/elsewhere",
+            1,
+            "to http://plugin.example:9000/handler/, which frps does not follow",
+        ),
+        (
+            "/loop",
+            1 + frps::plugins::MAX_REDIRECTS,
+            "to /loopxxxxxx, which frps does not follow",
+        ),
+    ] {
+        let before = plugin.calls().len();
+        let frps = frps_with(vec![spec(path)], Duration::from_secs(3)).await;
+        let (_c, answer) = register(&frps, registration("gpu-r")).await;
+        let (reason, retry) = refusal(&answer);
+        assert!(retry, "a failure, not a rejection");
+        assert!(reason.contains(why), "{reason}");
+        assert_eq!(plugin.calls().len() - before, calls, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn a_user_conn_rejection_answers_403_with_the_reason() {
     let plugin = PluginServer::start(|_| Reply::Reject("monthly quota exceeded".into())).await;
     let mut cfg = frps_config();
