@@ -769,7 +769,10 @@ mod tests {
     #[test]
     fn only_redirects_to_the_plugins_own_address_are_followed() {
         let to = |l: &str| same_address(l, "Plugin.internal:9000").map(|u| u.to_string());
-        assert_eq!(to("/handler/?op=Login").as_deref(), Some("/handler/?op=Login"));
+        assert_eq!(
+            to("/handler/?op=Login").as_deref(),
+            Some("/handler/?op=Login")
+        );
         assert_eq!(
             to("http://plugin.INTERNAL:9000/h?x=1").as_deref(),
             Some("/h?x=1")

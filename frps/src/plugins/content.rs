@@ -26,16 +26,45 @@ where
     Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
-/// Reads any value as the default: for the fields frps sends empty and
-/// takes nothing from in a modified content, so a plugin may send them back
-/// in any form (frp's plugin documentation has `locations` as a string,
-/// frp itself a list).
-fn ignored<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Default,
-{
-    serde::de::IgnoredAny::deserialize(d).map(|_| T::default())
+/// A field frps sends empty (`T`'s default) and takes nothing from: a
+/// plugin's modified content may set it in any form (frp's plugin
+/// documentation has `locations` as a string, frp itself a list), and the
+/// value it set is what the next plugin in the chain is sent, as under frp
+/// (an enriching plugin setting `group` for a policy plugin after it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passed<T> {
+    /// What a plugin set, if one did.
+    set: Option<serde_json::Value>,
+    empty: std::marker::PhantomData<T>,
+}
+
+impl<T> Default for Passed<T> {
+    fn default() -> Self {
+        Passed {
+            set: None,
+            empty: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Default + Serialize> Serialize for Passed<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.set {
+            Some(value) => value.serialize(s),
+            None => T::default().serialize(s),
+        }
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Passed<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // `null` (a Go plugin's empty map or slice) is empty, as sent.
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(Passed {
+            set: (!value.is_null()).then_some(value),
+            empty: std::marker::PhantomData,
+        })
+    }
 }
 
 /// Metadata, string to string.
@@ -110,47 +139,47 @@ pub struct NewProxyContent {
     #[serde(default, deserialize_with = "nullable")]
     pub proxy_type: String,
     /// Always false (frpx has no per-proxy encryption).
-    #[serde(default, deserialize_with = "ignored")]
-    pub use_encryption: bool,
+    #[serde(default)]
+    pub use_encryption: Passed<bool>,
     /// Always false.
-    #[serde(default, deserialize_with = "ignored")]
-    pub use_compression: bool,
+    #[serde(default)]
+    pub use_compression: Passed<bool>,
     /// Empty: every client is in one load-balanced pool.
-    #[serde(default, deserialize_with = "ignored")]
-    pub group: String,
+    #[serde(default)]
+    pub group: Passed<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub group_key: String,
+    #[serde(default)]
+    pub group_key: Passed<String>,
     /// 0 (tcp and udp only).
-    #[serde(default, deserialize_with = "ignored")]
-    pub remote_port: i64,
+    #[serde(default)]
+    pub remote_port: Passed<i64>,
     /// Empty: frpx routes by API key, not by host name.
-    #[serde(default, deserialize_with = "ignored")]
-    pub custom_domains: Vec<String>,
+    #[serde(default)]
+    pub custom_domains: Passed<Vec<String>>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub subdomain: String,
+    #[serde(default)]
+    pub subdomain: Passed<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub locations: Vec<String>,
+    #[serde(default)]
+    pub locations: Passed<Vec<String>>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub http_user: String,
+    #[serde(default)]
+    pub http_user: Passed<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub http_pwd: String,
+    #[serde(default)]
+    pub http_pwd: Passed<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub host_header_rewrite: String,
+    #[serde(default)]
+    pub host_header_rewrite: Passed<String>,
     /// Empty.
-    #[serde(default, deserialize_with = "ignored")]
-    pub headers: Metas,
+    #[serde(default)]
+    pub headers: Passed<Metas>,
     /// Empty (stcp only).
-    #[serde(default, deserialize_with = "ignored")]
-    pub sk: String,
+    #[serde(default)]
+    pub sk: Passed<String>,
     /// Empty (tcpmux only).
-    #[serde(default, deserialize_with = "ignored")]
-    pub multiplexer: String,
+    #[serde(default)]
+    pub multiplexer: Passed<String>,
     /// frpc's `--proxy-meta` entries.
     #[serde(default, deserialize_with = "nullable")]
     pub metas: Metas,
@@ -383,9 +412,24 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(c.proxy_name, "gpu-1");
-        assert!(c.locations.is_empty() && c.custom_domains.is_empty());
-        assert_eq!((c.remote_port, c.use_encryption), (0, false));
         assert_eq!(c.metas["k"], "v");
+        // Sent on as set, to the next plugin.
+        let sent = serde_json::to_value(&c).unwrap();
+        assert_eq!(sent["locations"], "");
+        assert_eq!(sent["custom_domains"], "a.example");
+        assert_eq!(sent["remote_port"], "8080");
+        assert_eq!(sent["use_encryption"], "yes");
+        assert_eq!(sent["headers"], json!([]));
+        // What no plugin set, or set to null, goes as frps sends it: empty.
+        assert_eq!(sent["group"], "");
+        assert_eq!(sent["subdomain"], "");
+        let c: NewProxyContent =
+            serde_json::from_value(json!({"proxy_name": "a", "custom_domains": null})).unwrap();
+        let sent = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            (&sent["custom_domains"], &sent["remote_port"]),
+            (&json!([]), &json!(0))
+        );
         // What frps does take is still checked.
         let wrong = json!({"proxy_name": 7});
         assert!(serde_json::from_value::<NewProxyContent>(wrong).is_err());

@@ -757,6 +757,35 @@ async fn plugins_run_in_configuration_order_each_seeing_the_last_content() {
 }
 
 #[tokio::test]
+async fn a_field_frps_takes_nothing_from_reaches_the_next_plugin_as_set() {
+    // An enriching plugin sets `group` for a policy plugin after it.
+    let enrich = PluginServer::start(|call| {
+        let mut content = call.content().clone();
+        content["group"] = json!("g1");
+        content["custom_domains"] = json!(["a.example"]);
+        Reply::Replace(content)
+    })
+    .await;
+    let policy = PluginServer::start(|call| match call.content()["group"].as_str() {
+        Some("g1") => Reply::Reject("group g1 is full".into()),
+        _ => Reply::Allow,
+    })
+    .await;
+    let frps = frps_with(
+        vec![
+            enrich.spec("enrich", &["NewProxy"]),
+            policy.spec("policy", &["NewProxy"]),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_c, answer) = register(&frps, registration("gpu-g")).await;
+    assert_eq!(refusal(&answer), ("group g1 is full", false));
+    let seen = policy.wait_for("NewProxy").await;
+    assert_eq!(seen.content()["custom_domains"], json!(["a.example"]));
+}
+
+#[tokio::test]
 async fn a_hung_plugin_fails_the_operation_after_the_timeout() {
     let plugin = PluginServer::start(|_| Reply::Hang).await;
     let frps = frps_with(
