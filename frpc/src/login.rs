@@ -271,7 +271,9 @@ mod tests {
             // Copied with other users' read permission: still read, and
             // said, with the way out.
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-            assert_eq!(load(&path), Some(t));
+            let (read, said) = common::testing::logged(|| load(&path));
+            assert_eq!(read, Some(t));
+            assert!(said.contains("chmod 600"), "said at the read: {said}");
             let said = exposed(&path).expect("others may read it");
             assert!(
                 said.contains("token.json may be read by other users (mode 644)")

@@ -121,6 +121,9 @@ type Resolve = std::sync::Arc<
 struct Addresses {
     state: std::sync::Arc<std::sync::Mutex<Resolution>>,
     resolve: Resolve,
+    /// The address that last took a connection: tried first while a
+    /// lookup lists it (see [`ATTEMPT_LIMIT`]).
+    preferred: std::sync::Mutex<Option<std::net::SocketAddr>>,
 }
 
 #[derive(Default)]
@@ -144,12 +147,23 @@ impl Addresses {
         Addresses {
             state: std::sync::Arc::default(),
             resolve,
+            preferred: std::sync::Mutex::default(),
         }
     }
 
     /// The addresses to dial for `addr` (`host:port`, or an IP address
     /// and port, which needs no lookup).
     async fn of(&self, addr: &str) -> Result<Vec<std::net::SocketAddr>, CallError> {
+        let mut addrs = self.looked_up(addr).await?;
+        let preferred = *self.preferred.lock().expect("plugin address lock");
+        if let Some(at) = addrs.iter().position(|a| Some(*a) == preferred) {
+            addrs[..=at].rotate_right(1);
+        }
+        Ok(addrs)
+    }
+
+    /// The addresses of `addr` in the order its lookup gave them.
+    async fn looked_up(&self, addr: &str) -> Result<Vec<std::net::SocketAddr>, CallError> {
         if let Ok(ip) = addr.parse::<std::net::SocketAddr>() {
             return Ok(vec![ip]);
         }
@@ -189,19 +203,11 @@ impl Addresses {
         found.clone().expect("waited for").map_err(unresolved)
     }
 
-    /// `addrs[at]` took a connection after those before it did not: it is
-    /// tried first from now on (while the lookup is kept), so one address
-    /// that drops packets costs one call [`ATTEMPT_LIMIT`], not every call.
+    /// `addrs[at]` took a connection: it is tried first from now on, also
+    /// in later lookups that list it, so one address that drops packets
+    /// costs one call an attempt (see [`ATTEMPT_LIMIT`]), not every call.
     fn worked(&self, addrs: &[std::net::SocketAddr], at: usize) {
-        if at == 0 {
-            return;
-        }
-        let mut state = self.state.lock().expect("plugin address lock");
-        if let Resolution::Known(Ok(known), _) = &mut *state
-            && known == addrs
-        {
-            known[..=at].rotate_right(1);
-        }
+        *self.preferred.lock().expect("plugin address lock") = addrs.get(at).copied();
     }
 
     /// None of `addrs` took a connection: unless a later lookup replaced
@@ -268,25 +274,33 @@ impl Connections {
 }
 
 /// Longest wait for one of a host name's addresses to take a connection
-/// while others are left to try: an address that drops packets (an IPv6
-/// one on a host without an IPv6 route, typically listed first) would
+/// while others are left to try (less when the call's timeout, shared
+/// among the addresses, leaves less): an address that drops packets (an
+/// IPv6 one on a host without an IPv6 route, typically listed first) would
 /// otherwise take the call's whole timeout, every call, and the next
 /// address never be tried. The last address has what is left of the call's
 /// timeout.
 pub const ATTEMPT_LIMIT: Duration = Duration::from_secs(1);
 
-/// A connection to the first of `addrs` that takes one, and its index.
-async fn connect_any(addrs: &[std::net::SocketAddr]) -> std::io::Result<(TcpStream, usize)> {
+/// A connection to the first of `addrs` that takes one, and its index; each
+/// but the last tried for at most [`ATTEMPT_LIMIT`] or its share of
+/// `budget` (the call's timeout), whichever is less.
+async fn connect_any(
+    addrs: &[std::net::SocketAddr],
+    budget: Duration,
+) -> std::io::Result<(TcpStream, usize)> {
+    let share = budget / u32::try_from(addrs.len().max(1)).unwrap_or(u32::MAX);
+    let limit = ATTEMPT_LIMIT.min(share);
     let mut last = None;
     for (at, addr) in addrs.iter().enumerate() {
         let attempt = TcpStream::connect(addr);
         let result = if at + 1 < addrs.len() {
-            tokio::time::timeout(ATTEMPT_LIMIT, attempt)
+            tokio::time::timeout(limit, attempt)
                 .await
                 .unwrap_or_else(|_| {
                     Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
-                        format!("{addr}: no connection within {ATTEMPT_LIMIT:?}"),
+                        format!("{addr}: no connection within {limit:?}"),
                     ))
                 })
         } else {
@@ -303,9 +317,9 @@ async fn connect_any(addrs: &[std::net::SocketAddr]) -> std::io::Result<(TcpStre
 /// A new connection to `addr`, its driver spawned (it ends when the
 /// connection closes, or once the sender is dropped and nothing is under
 /// way).
-async fn dial(addresses: &Addresses, addr: &str) -> Result<Sender, CallError> {
+async fn dial(addresses: &Addresses, addr: &str, budget: Duration) -> Result<Sender, CallError> {
     let addrs = addresses.of(addr).await?;
-    let stream = match connect_any(&addrs).await {
+    let stream = match connect_any(&addrs, budget).await {
         Ok((stream, at)) => {
             addresses.worked(&addrs, at);
             stream
@@ -337,6 +351,7 @@ pub async fn post(
     reqid: &str,
     authorization: Option<&http::HeaderValue>,
     body: Vec<u8>,
+    budget: Duration,
 ) -> Result<Bytes, CallError> {
     let body = Bytes::from(body);
     let mut uri: Uri = path_and_query
@@ -344,7 +359,7 @@ pub async fn post(
         .map_err(|e| CallError::Http(format!("bad request path: {e}")))?;
     let mut hops = 0;
     loop {
-        match exchange(pool, addr, uri, reqid, authorization, body.clone()).await? {
+        match exchange(pool, addr, uri, reqid, authorization, body.clone(), budget).await? {
             Exchanged::Answer(answer) => return Ok(answer),
             Exchanged::Redirect(status, location) => {
                 let next = (hops < MAX_REDIRECTS)
@@ -373,9 +388,14 @@ enum Exchanged {
 /// `None` for anything else.
 fn same_address(location: &str, addr: &str) -> Option<Uri> {
     let uri: Uri = location.parse().ok()?;
+    let ours: http::uri::Authority = addr.parse().ok()?;
     match (uri.scheme_str(), uri.authority()) {
         (None, None) if location.starts_with('/') && !location.starts_with("//") => {}
-        (Some("http"), Some(authority)) if authority.as_str().eq_ignore_ascii_case(addr) => {}
+        // The port may be left out where it is http's 80.
+        (Some("http"), Some(theirs))
+            if !theirs.as_str().contains('@')
+                && theirs.host().eq_ignore_ascii_case(ours.host())
+                && theirs.port_u16().unwrap_or(80) == ours.port_u16().unwrap_or(80) => {}
         _ => return None,
     }
     let path = uri.path_and_query()?.as_str();
@@ -390,6 +410,7 @@ async fn exchange(
     reqid: &str,
     authorization: Option<&http::HeaderValue>,
     body: Bytes,
+    budget: Duration,
 ) -> Result<Exchanged, CallError> {
     let mut request = Request::post(uri)
         .header(HOST, addr)
@@ -411,7 +432,7 @@ async fn exchange(
                 Ok(()) => (sender, true),
                 Err(_) => continue,
             },
-            None => (dial(&pool.addresses, addr).await?, false),
+            None => (dial(&pool.addresses, addr, budget).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(resp) => break (sender, resp),
@@ -434,10 +455,14 @@ async fn exchange(
     if body.is_ok() {
         pool.put(sender);
     }
-    if let (StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT, Some(location)) =
-        (status, location)
-    {
-        return Ok(Exchanged::Redirect(status, location));
+    if let (true, Some(location)) = (status.is_redirection(), location) {
+        return match status {
+            StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT => {
+                Ok(Exchanged::Redirect(status, location))
+            }
+            // Go turns a POST into a GET for these: no plugin call.
+            _ => Err(CallError::Redirect(status, location)),
+        };
     }
     if status != StatusCode::OK {
         return Err(CallError::Status(status));
@@ -490,9 +515,17 @@ struct Answer {
 /// they differ (frp reads answers with it): `Reject`, `REJECT` and `reject`
 /// are one field (and `ſ`, `K` the Kelvin sign, fold as Go folds them).
 pub fn go_fold(name: &str) -> String {
+    // Go maps one rune to one rune (simple case mapping): a rune whose full
+    // mapping has several (`ß` → `SS`) stays as it is.
+    fn one(mut mapped: impl Iterator<Item = char>, c: char) -> char {
+        match (mapped.next(), mapped.next()) {
+            (Some(m), None) => m,
+            _ => c,
+        }
+    }
     name.chars()
-        .flat_map(char::to_uppercase)
-        .flat_map(char::to_lowercase)
+        .map(|c| one(c.to_uppercase(), c))
+        .map(|c| one(c.to_lowercase(), c))
         .collect()
 }
 
@@ -594,7 +627,9 @@ mod tests {
         });
         let addresses = Addresses::resolved_by(resolve);
         let started = std::time::Instant::now();
-        dial(&addresses, "plugin.internal:9000").await.unwrap();
+        dial(&addresses, "plugin.internal:9000", Duration::from_secs(3))
+            .await
+            .unwrap();
         let took = started.elapsed();
         assert!(
             took >= ATTEMPT_LIMIT && took < ATTEMPT_LIMIT * 3,
@@ -605,8 +640,21 @@ mod tests {
             addresses.of("plugin.internal:9000").await.unwrap(),
             [live_addr, hole_addr]
         );
+        // A call timeout shorter than the attempt limit is shared among
+        // the addresses: the next one is still tried within it.
+        let resolve: Resolve = std::sync::Arc::new(move |_host: String| {
+            Box::pin(async move { Ok(vec![hole_addr, live_addr]) })
+        });
+        let fresh = Addresses::resolved_by(resolve);
+        let short = Duration::from_millis(600);
+        tokio::time::timeout(short, dial(&fresh, "plugin.internal:9000", short))
+            .await
+            .expect("the next address within the call's timeout")
+            .unwrap();
         let started = std::time::Instant::now();
-        dial(&addresses, "plugin.internal:9000").await.unwrap();
+        dial(&addresses, "plugin.internal:9000", Duration::from_secs(3))
+            .await
+            .unwrap();
         assert!(
             started.elapsed() < ATTEMPT_LIMIT / 2,
             "{:?}",
@@ -785,9 +833,31 @@ mod tests {
             "handler/",
             "",
             "http://plugin.internal:9000@evil.example/h",
+            "http://plugin.internal/h",
         ] {
             assert_eq!(to(elsewhere), None, "{elsewhere}");
         }
+    }
+
+    #[test]
+    fn a_redirect_may_leave_out_https_default_port() {
+        let to = |l: &str, addr: &str| same_address(l, addr).map(|u| u.to_string());
+        assert_eq!(to("http://plugin/x", "plugin:80").as_deref(), Some("/x"));
+        assert_eq!(to("http://plugin:80/x", "PLUGIN:80").as_deref(), Some("/x"));
+        assert_eq!(
+            to("http://127.0.0.1:9000/handler/", "127.0.0.1:9000").as_deref(),
+            Some("/handler/")
+        );
+        assert_eq!(to("http://plugin/x", "plugin:8080"), None);
+    }
+
+    #[test]
+    fn go_folds_one_rune_to_one() {
+        assert_eq!(go_fold("Reject_Reason"), "reject_reason");
+        assert_eq!(go_fold("reject_rea\u{17f}on"), "reject_reason");
+        assert_eq!(go_fold("\u{212a}ey"), "key");
+        // Not Go's: a full mapping to several letters.
+        assert_eq!(go_fold("client_addre\u{df}"), "client_addre\u{df}");
     }
 
     #[test]

@@ -577,11 +577,14 @@ impl Store {
     /// database from before this rule hold two that differ only in case).
     pub async fn find_user(&self, email: &str) -> Result<Option<UserRow>, StoreError> {
         // A row of an application's own table with NULL where frps reads a
-        // value (named in a warning at start) is absent, not a failure.
-        const SQL: &str = "SELECT id, email, password_hash, created_at FROM users
-            WHERE lower(email) = lower($1)
-              AND password_hash IS NOT NULL AND created_at IS NOT NULL
-            ORDER BY id LIMIT 1";
+        // value (named in a warning at start) is absent, not a failure; the
+        // oldest row is the account still (as for `set_password`), not the
+        // next one that reads.
+        const SQL: &str = "SELECT id, email, password_hash, created_at FROM (
+                SELECT id, email, password_hash, created_at FROM users
+                WHERE lower(email) = lower($1) ORDER BY id LIMIT 1
+            ) oldest
+            WHERE password_hash IS NOT NULL AND created_at IS NOT NULL";
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(email).fetch_optional(p).await?))
     }
 
