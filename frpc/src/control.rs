@@ -340,8 +340,12 @@ impl Client {
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            (now, listed) = probe_service(&self.config, &self.models_fit) => {
-                self.announced.lock().expect("announced lock").judge(now, listed)
+            (now, listed, list) = probe_service(&self.config, &self.models_fit) => {
+                let mut announced = self.announced.lock().expect("announced lock");
+                if let Some(why) = list {
+                    announced.note_list(why, &self.config.local_host());
+                }
+                announced.judge(now, listed)
             }
         };
         let addr = self.config.control_addr();
@@ -1151,9 +1155,32 @@ struct Announced {
     last: Option<Probe>,
     /// Whether the probe before was doubtful.
     unlisted_before: bool,
+    /// Why the service's answer was no model list, as last said.
+    no_list: Option<String>,
 }
 
 impl Announced {
+    /// Says (once per reason) that the service answers without a model
+    /// list (`why`; `None`: it listed its models), and when it lists them
+    /// again: such a box is announced up with no models (the second such
+    /// answer in a row is believed), so requests naming a model never
+    /// reach it, and nothing else at the default level would say why.
+    fn note_list(&mut self, why: Option<String>, service: &str) {
+        match (why, &self.no_list) {
+            (Some(why), said) if said.as_ref() != Some(&why) => {
+                warn!(
+                    "the local service at {service} answers, but not with a model list ({why}): this box is announced with no models, so requests naming a model do not come to it (is --local-port the service's, and does it want an API key?)"
+                );
+                self.no_list = Some(why);
+            }
+            (None, Some(_)) => {
+                info!("the local service at {service} lists its models again");
+                self.no_list = None;
+            }
+            _ => {}
+        }
+    }
+
     /// What to announce after probe `now` (`listed`: to be believed at
     /// once), remembered as the last announced.
     fn judge(&mut self, now: Probe, listed: bool) -> Probe {
@@ -1176,20 +1203,26 @@ impl Announced {
 /// time (busy: a model loading, long prompts being tokenised), which
 /// [`after_probe`] believes only the second time in a row. A service that
 /// cannot be reached is down at once.
-async fn probe_service(config: &Config, fit: &local::ModelFit) -> (Probe, bool) {
+/// The third value is why an answer was no model list (`None` when it was
+/// one, or when the service did not answer).
+async fn probe_service(
+    config: &Config,
+    fit: &local::ModelFit,
+) -> (Probe, bool, Option<Option<String>>) {
     match local::models(&config.local_host(), config.connect_timeout).await {
-        Ok(models) => ((fit.fit(models), true), true),
+        Ok(models) => ((fit.fit(models), true), true, Some(None)),
         Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");
-            ((Vec::new(), false), true)
+            ((Vec::new(), false), true, None)
         }
         Err(e @ local::ProbeError::Timeout(_)) => {
             debug!("local service slow to answer: {e}");
-            ((Vec::new(), false), false)
+            ((Vec::new(), false), false, None)
         }
         Err(e) => {
             debug!("local service has no model list: {e}");
-            ((Vec::new(), true), false)
+            let why = common::text::tame(&e.to_string(), 512);
+            ((Vec::new(), true), false, Some(Some(why)))
         }
     }
 }
@@ -1266,13 +1299,19 @@ async fn report(
         if std::mem::take(&mut first) {
             continue;
         }
-        let (now, listed) = probe_service(&config, &fit).await;
+        let (now, listed, list) = probe_service(&config, &fit).await;
         // The session ended during the probe: the next one's start-up
         // probe is judged afresh, not as the second of two slow answers.
         if out.is_closed() {
             return;
         }
-        let now = announced.lock().expect("announced lock").judge(now, listed);
+        let now = {
+            let mut announced = announced.lock().expect("announced lock");
+            if let Some(why) = list {
+                announced.note_list(why, &config.local_host());
+            }
+            announced.judge(now, listed)
+        };
         tracing::debug!(
             models = now.0.len(),
             up = now.1,
@@ -1379,6 +1418,30 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    #[test]
+    fn a_service_answering_without_a_model_list_is_said_once_per_reason() {
+        let mut announced = Announced::default();
+        let mut note = |why: Option<&str>| {
+            common::testing::logged(|| {
+                announced.note_list(why.map(str::to_owned), "127.0.0.1:11434")
+            })
+            .1
+        };
+        let said = note(Some("local service answered 401 on /v1/models"));
+        assert!(
+            said.contains(
+                "answers, but not with a model list (local service answered 401 on /v1/models)"
+            ) && said.contains("API key"),
+            "{said}"
+        );
+        // Not at every probe.
+        assert_eq!(note(Some("local service answered 401 on /v1/models")), "");
+        assert!(note(Some("local service answered 404 on /api/tags")).contains("404"));
+        // Listing again is said at info level (not captured here), once.
+        assert_eq!(note(None), "");
+        assert!(note(Some("local service answered 404 on /api/tags")).contains("404"));
+    }
+
     #[tokio::test]
     async fn a_probe_ending_after_its_session_is_not_judged() {
         use clap::Parser;
@@ -1403,6 +1466,7 @@ mod tests {
         let announced = Arc::new(Mutex::new(Announced {
             last: Some((up.clone(), true)),
             unlisted_before: false,
+            no_list: None,
         }));
         let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
         let (tx, rx) = mpsc::channel(8);

@@ -21,7 +21,19 @@ pub struct Collector {
     system: Option<System>,
     disks: Option<Disks>,
     nvml: Option<Nvml>,
+    /// How NVML is started (the library; a test's own).
+    init: fn() -> Result<Nvml, NvmlError>,
+    /// When to try starting NVML again, after a failure other than its
+    /// absence: the driver may be loaded later (a module rebuilt at boot
+    /// after a kernel update), or the permissions fixed.
+    retry_at: Option<std::time::Instant>,
+    /// Whether a failure to start NVML, or to list its GPUs, was said
+    /// (once until GPUs are reported again).
+    failure_said: bool,
 }
+
+/// How long after a failure to start NVML it is tried again.
+pub const NVML_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Default for Collector {
     fn default() -> Self {
@@ -30,30 +42,55 @@ impl Default for Collector {
 }
 
 impl Collector {
-    /// A collector; tries to load NVML once.
+    /// A collector; tries to load NVML (again every [`NVML_RETRY`] while
+    /// it is there but fails to start).
     pub fn new() -> Self {
-        // Made once per process: each message is logged once.
-        let nvml = match Nvml::init() {
-            Ok(nvml) => Some(nvml),
-            Err(e) if nvml_missing(&e) => {
-                tracing::debug!("no NVIDIA management library ({e}); GPUs will not be reported");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "cannot use NVIDIA's management library ({e}); GPUs will not be reported (after a driver update, a reboot usually fixes a version mismatch)"
-                );
-                None
-            }
-        };
+        Self::starting_nvml_with(Nvml::init)
+    }
+
+    fn starting_nvml_with(init: fn() -> Result<Nvml, NvmlError>) -> Self {
         let mut system = System::new().ok();
         if let Some(s) = system.as_mut() {
             s.refresh_cpu_usage();
         }
-        Self {
+        let mut collector = Self {
             system,
             disks: Disks::new_with_refreshed_list().ok(),
-            nvml,
+            nvml: None,
+            init,
+            retry_at: None,
+            failure_said: false,
+        };
+        collector.start_nvml();
+        collector
+    }
+
+    /// Starts NVML: a library that is not installed is the normal case on
+    /// a box without an NVIDIA driver (a debug line, never tried again);
+    /// any other failure is said once and tried again later.
+    fn start_nvml(&mut self) {
+        match (self.init)() {
+            Ok(nvml) => {
+                if self.failure_said {
+                    tracing::info!("NVIDIA's management library started: GPUs are reported");
+                    self.failure_said = false;
+                }
+                self.nvml = Some(nvml);
+                self.retry_at = None;
+            }
+            Err(e) if nvml_missing(&e) => {
+                tracing::debug!("no NVIDIA management library ({e}); GPUs will not be reported");
+                self.retry_at = None;
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failure_said, true) {
+                    tracing::warn!(
+                        "cannot use NVIDIA's management library ({e}); GPUs are not reported until it starts, tried again every {}s (after a driver update, a reboot usually fixes a version mismatch)",
+                        NVML_RETRY.as_secs()
+                    );
+                }
+                self.retry_at = Some(std::time::Instant::now() + NVML_RETRY);
+            }
         }
     }
 
@@ -92,7 +129,11 @@ impl Collector {
         let mut seen = HashSet::new();
         disks
             .iter()
-            .filter(|d| relevant_mount(d.mount_point()) && d.total_space() > 0)
+            .filter(|d| {
+                relevant_mount(d.mount_point())
+                    && d.total_space() > 0
+                    && !is_file_mount(d.mount_point())
+            })
             .filter(|d| seen.insert(d.mount_point().to_path_buf()))
             .take(MAX_DISKS)
             .map(|d| DiskInfo {
@@ -103,11 +144,33 @@ impl Collector {
             .collect()
     }
 
-    fn gpus(&self) -> Vec<GpuInfo> {
+    fn gpus(&mut self) -> Vec<GpuInfo> {
+        if self.nvml.is_none()
+            && self
+                .retry_at
+                .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            self.start_nvml();
+        }
         let Some(nvml) = &self.nvml else {
             return Vec::new();
         };
-        let count = nvml.device_count().unwrap_or(0);
+        let count = match nvml.device_count() {
+            Ok(count) => {
+                if std::mem::take(&mut self.failure_said) {
+                    tracing::info!("NVIDIA's management library lists the GPUs again");
+                }
+                count
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failure_said, true) {
+                    tracing::warn!(
+                        "NVIDIA's management library cannot list the GPUs ({e}); they are not reported until it can (after a driver update, a reboot usually fixes it)"
+                    );
+                }
+                return Vec::new();
+            }
+        };
         (0..count)
             .filter_map(|i| Some((i, nvml.device_by_index(i).ok()?)))
             .map(|(i, dev)| {
@@ -126,6 +189,14 @@ impl Collector {
             })
             .collect()
     }
+}
+
+/// Whether `mount` is a file mounted over a file, not a file system's
+/// directory: in a container, `/etc/hosts`, `/etc/resolv.conf` and the
+/// NVIDIA toolkit's libraries and tools are bound in one by one, each
+/// listed as a mount of the host's disk.
+fn is_file_mount(mount: &Path) -> bool {
+    std::fs::metadata(mount).is_ok_and(|m| !m.is_dir())
 }
 
 /// Mounts worth reporting: the root, home and data mounts, not the
@@ -197,11 +268,54 @@ mod tests {
     }
 
     #[test]
+    fn nvml_failing_to_start_is_said_once_and_tried_again_later() {
+        static TRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn unloaded() -> Result<Nvml, NvmlError> {
+            TRIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(NvmlError::DriverNotLoaded)
+        }
+        let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
+        let (mut c, said) = common::testing::logged(|| Collector::starting_nvml_with(unloaded));
+        assert!(said.contains("tried again every 60s"), "{said}");
+        assert_eq!(tries(), 1);
+        // Not before its time.
+        let (gpus, said) = common::testing::logged(|| c.gpus());
+        assert!(gpus.is_empty());
+        assert_eq!((tries(), said.as_str()), (1, ""));
+        // Then again, without saying it twice.
+        c.retry_at = Some(std::time::Instant::now());
+        let (gpus, said) = common::testing::logged(|| c.gpus());
+        assert!(gpus.is_empty());
+        assert_eq!((tries(), said.as_str()), (2, ""));
+        assert!(c.retry_at.is_some(), "and again later");
+        // Not installed: never tried again.
+        fn absent() -> Result<Nvml, NvmlError> {
+            Err(NvmlError::LibraryNotFound)
+        }
+        let c = Collector::starting_nvml_with(absent);
+        assert!(c.retry_at.is_none());
+    }
+
+    #[test]
     fn pseudo_mounts_are_skipped() {
         assert!(relevant_mount(Path::new("/")));
         assert!(relevant_mount(Path::new("/home")));
         assert!(!relevant_mount(Path::new("/proc")));
         assert!(!relevant_mount(Path::new("/run/user/0")));
         assert!(!relevant_mount(Path::new("/boot/efi")));
+    }
+
+    #[test]
+    fn a_file_bound_in_a_container_is_no_disk() {
+        let dir = std::env::temp_dir().join(format!("frpc-mount-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("hosts");
+        std::fs::write(&file, "127.0.0.1 localhost\n").unwrap();
+        assert!(is_file_mount(&file));
+        assert!(!is_file_mount(&dir));
+        assert!(!is_file_mount(Path::new("/")));
+        // Gone meanwhile: left to the other checks.
+        assert!(!is_file_mount(&dir.join("missing")));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
