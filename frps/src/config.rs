@@ -58,7 +58,8 @@ pub struct Config {
     #[arg(long, requires = "monitor")]
     pub watch: bool,
 
-    /// With `--monitor`: the API to read (default http://127.0.0.1:<api-port>).
+    /// With `--monitor`: the API to read (default
+    /// http://<api-bind>:<api-port>, loopback when bound to 0.0.0.0 or ::).
     #[arg(long, env = "FRPX_API_URL")]
     pub api_url: Option<String>,
 
@@ -128,8 +129,9 @@ pub struct Config {
     /// After a response, a keep-alive public connection is closed unless
     /// the next request head has arrived within this (idle or mid-head);
     /// a request body that stops arriving for this long is cut (408); and a
-    /// caller that takes no byte of its response for this long has its
-    /// connection closed (the request is cancelled).
+    /// caller that makes frps wait to write its response and takes less
+    /// than 16 KiB of it within this long has its connection closed (the
+    /// request is cancelled).
     #[arg(long, env = "FRPX_KEEPALIVE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
     pub keepalive_timeout: Duration,
 
@@ -231,7 +233,7 @@ pub struct Config {
     /// Most client ids one account may hold (each is bound to it at its
     /// first registration, for good: `frps client release` frees one); a
     /// registration of a further one is refused.
-    #[arg(long, env = "FRPX_MAX_CLIENT_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "FRPX_MAX_CLIENT_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT as i64))]
     pub max_client_ids: u32,
 
     /// Most open connections per listener from one source address.
@@ -243,7 +245,7 @@ pub struct Config {
     /// frps has not cached (valid ones too) are refused (429
     /// `too_many_invalid_keys`) without asking Redis or the database until
     /// the budget refills. Valid keys are not counted.
-    #[arg(long, env = "FRPX_KEY_FAILURES_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "FRPX_KEY_FAILURES_PER_MINUTE", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=MAX_COUNT as i64))]
     pub key_failures_per_minute: u32,
 
     /// Key lookups (of keys frps has not cached) one caller address (an
@@ -550,6 +552,13 @@ mod tests {
         assert_eq!(cfg.key_lookups_per_ip, MAX_COUNT);
         let cfg = Config::try_parse_from(["frps", "--max-retries", "0"]).unwrap();
         assert_eq!(cfg.max_retries, 0);
+        // The two counts kept in 32 bits: the same cap, said as clap says it.
+        for flag in ["--max-client-ids", "--key-failures-per-minute"] {
+            let e = parse_error(&[flag, "1073741825"]);
+            assert!(e.contains("1073741825"), "{flag}: {e}");
+            let ok = Config::try_parse_from(["frps", flag, "1073741824"]);
+            assert!(ok.is_ok(), "{flag}");
+        }
     }
 
     #[test]
