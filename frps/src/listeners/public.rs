@@ -428,17 +428,6 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
-    if !framed_by_chunks_alone(req.headers()) {
-        // hyper decodes only the chunking of `gzip, chunked`, and the
-        // encoding goes with the hop-by-hop header: the service would get
-        // gzip bytes as a plain body (RFC 9112 §6.1: 501).
-        return error_response(
-            StatusCode::NOT_IMPLEMENTED,
-            "the only transfer coding accepted on requests is `chunked` alone; send other codings as Content-Encoding",
-            "invalid_request_error",
-            "unsupported_transfer_coding",
-        );
-    }
     let grant = match state
         .keys
         .check_headers(req.headers(), caller.addr.ip())
@@ -477,6 +466,19 @@ async fn authenticate_and_forward(
             );
         }
     };
+    if !framed_by_chunks_alone(req.headers()) {
+        // hyper decodes only the chunking of `gzip, chunked`, and the
+        // encoding goes with the hop-by-hop header: the service would get
+        // gzip bytes as a plain body (RFC 9112 §6.1: 501). Checked once
+        // the key is: a caller without one hears 401 first, as for any
+        // other request.
+        return error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "the only transfer coding accepted on requests is `chunked` alone; send other codings as Content-Encoding",
+            "invalid_request_error",
+            "unsupported_transfer_coding",
+        );
+    }
     let lease = match state.rate_limits.admit(&grant).await {
         Ok(lease) => lease,
         Err(limited) => return crate::ratelimit::refuse(state, limited),

@@ -407,6 +407,10 @@ async fn a_transfer_coding_other_than_chunked_is_501_and_reaches_no_box() {
         let raw = exchange(public, post.as_bytes(), End::Close).await;
         assert_eq!(status(&raw), 501, "{coding}: {raw}");
         assert!(raw.contains("unsupported_transfer_coding"), "{raw}");
+        // Without a key, the key is what is wrong.
+        let keyless = post.replace(&format!("Authorization: Bearer {API_KEY}\r\n"), "");
+        let raw = exchange(public, keyless.as_bytes(), End::Close).await;
+        assert_eq!(status(&raw), 401, "{coding}: {raw}");
     }
     assert!(
         fleet.backends[0]
