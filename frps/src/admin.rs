@@ -198,11 +198,14 @@ async fn refuse_shared_key_prefix(store: &Store, needle: &str, what: &str) -> an
 }
 
 /// Runs `admin` against the database of `config`, writing results to `out`
-/// and reading passwords from `input` when asked to.
+/// (stdout: what a script reads, a new key alone on its line), notes and
+/// warnings to `err` (stderr), and reading passwords from `input` when
+/// asked to.
 pub async fn run(
     admin: Admin,
     config: &Config,
     out: &mut dyn Write,
+    err: &mut dyn Write,
     input: &mut dyn BufRead,
 ) -> anyhow::Result<()> {
     let notice = fresh_database_notice(&config.database_url);
@@ -210,9 +213,9 @@ pub async fn run(
         .await
         .with_context(|| format!("cannot open the database {}", redact(&config.database_url)))?;
     if let Some(notice) = notice {
-        eprintln!("{notice}");
+        writeln!(err, "{notice}")?;
     }
-    let result = dispatch(admin, config, &store, out, input).await;
+    let result = dispatch(admin, config, &store, out, err, input).await;
     store.close().await;
     result
 }
@@ -238,6 +241,7 @@ async fn dispatch(
     config: &Config,
     store: &Store,
     out: &mut dyn Write,
+    err: &mut dyn Write,
     input: &mut dyn BufRead,
 ) -> anyhow::Result<()> {
     match admin {
@@ -380,7 +384,7 @@ async fn dispatch(
                     )?;
                 }
                 if !published {
-                    writeln!(out, "{}", unpublished_note("apply the new limits", config))?;
+                    writeln!(err, "{}", unpublished_note("apply the new limits", config))?;
                 }
             }
             KeyCommand::Revoke { key } => {
@@ -394,7 +398,7 @@ async fn dispatch(
                     writeln!(out, "revoked {}", row.masked())?;
                 }
                 if !published {
-                    writeln!(out, "{}", unpublished_note("refuse the key", config))?;
+                    writeln!(err, "{}", unpublished_note("refuse the key", config))?;
                 }
             }
         },
@@ -620,6 +624,7 @@ mod tests {
             Admin::User { command },
             &config,
             &mut out,
+            &mut std::io::sink(),
             &mut "new password\n".as_bytes(),
         )
         .await
@@ -655,6 +660,7 @@ mod tests {
                 Admin::Key { command },
                 &config,
                 &mut out,
+                &mut std::io::sink(),
                 &mut std::io::empty(),
             )
             .await

@@ -12,6 +12,7 @@ async fn serve() -> anyhow::Result<()> {
                 admin,
                 &cli.config,
                 &mut std::io::stdout(),
+                &mut std::io::stderr(),
                 &mut stdin.lock(),
             )
             .await

@@ -522,7 +522,14 @@ async fn one_frps_keeps_a_key_at_its_concurrency_limit_while_redis_comes_and_goe
 
 async fn admin(cfg: &frps::Config, command: KeyCommand) -> anyhow::Result<String> {
     let mut out = Vec::new();
-    frps::admin::run(Admin::Key { command }, cfg, &mut out, &mut std::io::empty()).await?;
+    frps::admin::run(
+        Admin::Key { command },
+        cfg,
+        &mut out,
+        &mut std::io::sink(),
+        &mut std::io::empty(),
+    )
+    .await?;
     Ok(String::from_utf8(out).unwrap())
 }
 

@@ -806,9 +806,15 @@ async fn revocation_reaches_a_second_frps_within_a_second() {
             key: secret.id.clone(),
         },
     };
-    frps::admin::run(admin, &config(), &mut out, &mut std::io::empty())
-        .await
-        .unwrap();
+    frps::admin::run(
+        admin,
+        &config(),
+        &mut out,
+        &mut std::io::sink(),
+        &mut std::io::empty(),
+    )
+    .await
+    .unwrap();
     let revoked_at = Instant::now();
     assert!(String::from_utf8_lossy(&out).contains("revoked"));
     loop {
@@ -1999,10 +2005,22 @@ async fn a_gpu_asset_write_can_wait_for_the_row_to_be_as_left(url: &str) {
 }
 
 async fn admin(cfg: &frps::Config, command: Admin, stdin: &str) -> anyhow::Result<String> {
-    let mut out = Vec::new();
+    Ok(admin_said(cfg, command, stdin).await?.0)
+}
+
+/// An admin command's stdout and stderr.
+async fn admin_said(
+    cfg: &frps::Config,
+    command: Admin,
+    stdin: &str,
+) -> anyhow::Result<(String, String)> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
     let mut input = std::io::Cursor::new(stdin.as_bytes().to_vec());
-    frps::admin::run(command, cfg, &mut out, &mut input).await?;
-    Ok(String::from_utf8(out).unwrap())
+    frps::admin::run(command, cfg, &mut out, &mut err, &mut input).await?;
+    Ok((
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    ))
 }
 
 #[tokio::test]
@@ -2146,12 +2164,14 @@ async fn admin_commands_manage_users_keys_and_tokens() {
             key: key[..12].to_owned(),
         },
     };
-    let said = admin(&cfg, revoke, "").await.unwrap();
+    let (said, noted) = admin_said(&cfg, revoke, "").await.unwrap();
     assert!(said.contains("revoked"), "{said}");
-    // No Redis here: the in-process bound is the whole story.
+    // No Redis here: the in-process bound is the whole story, said on
+    // stderr (stdout is the answer a script reads).
+    assert!(!said.contains("note"), "{said}");
     assert!(
-        said.contains("no Redis configured") && said.contains("10s"),
-        "{said}"
+        noted.contains("no Redis configured") && noted.contains("10s"),
+        "{noted}"
     );
     assert_eq!(
         KeyValidator::new(None, Some(store.clone()), None)
@@ -2171,12 +2191,13 @@ async fn admin_commands_manage_users_keys_and_tokens() {
             key: second[..12].to_owned(),
         },
     };
-    let said = admin(&unreachable, revoke, "").await.unwrap();
+    let (said, noted) = admin_said(&unreachable, revoke, "").await.unwrap();
+    assert!(said.starts_with("revoked "), "{said}");
     assert!(
-        said.contains("warning: Redis at")
-            && said.contains("300s")
-            && said.contains("run this again"),
-        "{said}"
+        noted.contains("warning: Redis at")
+            && noted.contains("300s")
+            && noted.contains("run this again"),
+        "{noted}"
     );
     let missing = Admin::Key {
         command: KeyCommand::Revoke {
