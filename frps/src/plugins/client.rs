@@ -212,10 +212,15 @@ impl Addresses {
 
     /// None of `addrs` took a connection: unless a later lookup replaced
     /// them, they are forgotten, so the next call looks the name up again
-    /// (a plugin moved to another address).
+    /// (a plugin moved to another address). `addrs` may be in another
+    /// order than the lookup's ([`Addresses::of`] puts the preferred
+    /// first): the same addresses are the same lookup.
     fn failed(&self, addrs: &[std::net::SocketAddr]) {
         let mut state = self.state.lock().expect("plugin address lock");
-        if matches!(&*state, Resolution::Known(Ok(known), _) if known == addrs) {
+        let same = |known: &[std::net::SocketAddr]| {
+            known.len() == addrs.len() && known.iter().all(|a| addrs.contains(a))
+        };
+        if matches!(&*state, Resolution::Known(Ok(known), _) if same(known)) {
             *state = Resolution::Unknown;
         }
     }
@@ -317,8 +322,14 @@ async fn connect_any(
 /// A new connection to `addr`, its driver spawned (it ends when the
 /// connection closes, or once the sender is dropped and nothing is under
 /// way).
-async fn dial(addresses: &Addresses, addr: &str, budget: Duration) -> Result<Sender, CallError> {
+async fn dial(
+    addresses: &Addresses,
+    addr: &str,
+    deadline: tokio::time::Instant,
+) -> Result<Sender, CallError> {
     let addrs = addresses.of(addr).await?;
+    // What the lookup (and any redirect before) left of the call's time.
+    let budget = deadline.saturating_duration_since(tokio::time::Instant::now());
     let stream = match connect_any(&addrs, budget).await {
         Ok((stream, at)) => {
             addresses.worked(&addrs, at);
@@ -353,13 +364,24 @@ pub async fn post(
     body: Vec<u8>,
     budget: Duration,
 ) -> Result<Bytes, CallError> {
+    let deadline = tokio::time::Instant::now() + budget;
     let body = Bytes::from(body);
     let mut uri: Uri = path_and_query
         .parse()
         .map_err(|e| CallError::Http(format!("bad request path: {e}")))?;
     let mut hops = 0;
     loop {
-        match exchange(pool, addr, uri, reqid, authorization, body.clone(), budget).await? {
+        match exchange(
+            pool,
+            addr,
+            uri,
+            reqid,
+            authorization,
+            body.clone(),
+            deadline,
+        )
+        .await?
+        {
             Exchanged::Answer(answer) => return Ok(answer),
             Exchanged::Redirect(status, location) => {
                 let next = (hops < MAX_REDIRECTS)
@@ -410,7 +432,7 @@ async fn exchange(
     reqid: &str,
     authorization: Option<&http::HeaderValue>,
     body: Bytes,
-    budget: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Exchanged, CallError> {
     let mut request = Request::post(uri)
         .header(HOST, addr)
@@ -432,7 +454,7 @@ async fn exchange(
                 Ok(()) => (sender, true),
                 Err(_) => continue,
             },
-            None => (dial(&pool.addresses, addr, budget).await?, false),
+            None => (dial(&pool.addresses, addr, deadline).await?, false),
         };
         match sender.try_send_request(request).await {
             Ok(resp) => break (sender, resp),
@@ -627,7 +649,7 @@ mod tests {
         });
         let addresses = Addresses::resolved_by(resolve);
         let started = std::time::Instant::now();
-        dial(&addresses, "plugin.internal:9000", Duration::from_secs(3))
+        dial(&addresses, "plugin.internal:9000", in_secs(3))
             .await
             .unwrap();
         let took = started.elapsed();
@@ -647,12 +669,27 @@ mod tests {
         });
         let fresh = Addresses::resolved_by(resolve);
         let short = Duration::from_millis(600);
-        tokio::time::timeout(short, dial(&fresh, "plugin.internal:9000", short))
+        let deadline = tokio::time::Instant::now() + short;
+        tokio::time::timeout(short, dial(&fresh, "plugin.internal:9000", deadline))
             .await
             .expect("the next address within the call's timeout")
             .unwrap();
+        // What is shared is what a slow lookup left of the call's time.
+        let resolve: Resolve = std::sync::Arc::new(move |_host: String| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                Ok(vec![hole_addr, live_addr])
+            })
+        });
+        let slow = Addresses::resolved_by(resolve);
+        let budget = Duration::from_millis(900);
+        let deadline = tokio::time::Instant::now() + budget;
+        tokio::time::timeout(budget, dial(&slow, "plugin.internal:9000", deadline))
+            .await
+            .expect("the next address within what the lookup left")
+            .unwrap();
         let started = std::time::Instant::now();
-        dial(&addresses, "plugin.internal:9000", Duration::from_secs(3))
+        dial(&addresses, "plugin.internal:9000", in_secs(3))
             .await
             .unwrap();
         assert!(
@@ -660,6 +697,10 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    fn in_secs(secs: u64) -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(secs)
     }
 
     /// A resolver counting its lookups, each taking `slow` and answering
@@ -761,6 +802,31 @@ mod tests {
         assert_eq!(asked.load(SeqCst), 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn addresses_first_the_one_that_worked_are_looked_up_again_when_none_works() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        const HOST: &str = "plugin.internal:9000";
+        let (a, b): (std::net::SocketAddr, std::net::SocketAddr) = (
+            "127.0.0.1:9000".parse().unwrap(),
+            "127.0.0.2:9000".parse().unwrap(),
+        );
+        let asked = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let addresses = Addresses::resolved_by(std::sync::Arc::new(move |_host: String| {
+            counter.fetch_add(1, SeqCst);
+            Box::pin(async move { Ok(vec![a, b]) })
+        }));
+        let addrs = addresses.of(HOST).await.unwrap();
+        assert_eq!(addrs, [a, b]);
+        addresses.worked(&addrs, 1);
+        let addrs = addresses.of(HOST).await.unwrap();
+        assert_eq!(addrs, [b, a], "the one that worked first");
+        assert_eq!(asked.load(SeqCst), 1);
+        addresses.failed(&addrs);
+        assert_eq!(addresses.of(HOST).await.unwrap(), [b, a]);
+        assert_eq!(asked.load(SeqCst), 2, "none worked: looked up again");
+    }
+
     #[tokio::test]
     async fn the_systems_resolver_is_the_default() {
         let found = Addresses::default().of("localhost:9").await.unwrap();
@@ -840,7 +906,7 @@ mod tests {
     }
 
     #[test]
-    fn a_redirect_may_leave_out_https_default_port() {
+    fn a_redirect_may_leave_out_http_default_port() {
         let to = |l: &str, addr: &str| same_address(l, addr).map(|u| u.to_string());
         assert_eq!(to("http://plugin/x", "plugin:80").as_deref(), Some("/x"));
         assert_eq!(to("http://plugin:80/x", "PLUGIN:80").as_deref(), Some("/x"));
