@@ -342,10 +342,11 @@ impl Client {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             (now, listed, list) = probe_service(&self.config, &self.models_fit) => {
                 let mut announced = self.announced.lock().expect("announced lock");
+                let judged = announced.judge(now, listed);
                 if let Some(why) = list {
                     announced.note_list(why, &self.config.local_host());
                 }
-                announced.judge(now, listed)
+                judged
             }
         };
         let addr = self.config.control_addr();
@@ -1155,8 +1156,10 @@ struct Announced {
     last: Option<Probe>,
     /// Whether the probe before was doubtful.
     unlisted_before: bool,
-    /// Why the service's answer was no model list, as last said.
+    /// The kind of answer without a model list last said.
     no_list: Option<String>,
+    /// Whether the last probe judged was a doubtful one set aside.
+    held: bool,
 }
 
 impl Announced {
@@ -1165,13 +1168,16 @@ impl Announced {
     /// again: such a box is announced up with no models (the second such
     /// answer in a row is believed), so requests naming a model never
     /// reach it, and nothing else at the default level would say why.
-    fn note_list(&mut self, why: Option<String>, service: &str) {
+    /// Called after [`Announced::judge`]: an answer it set aside (the
+    /// first in a row, a passing error) is not said.
+    fn note_list(&mut self, why: Option<NoList>, service: &str) {
         match (why, &self.no_list) {
-            (Some(why), said) if said.as_ref() != Some(&why) => {
+            (Some(_), _) if self.held => {}
+            (Some(NoList { kind, why }), said) if said.as_ref() != Some(&kind) => {
                 warn!(
                     "the local service at {service} answers, but not with a model list ({why}): this box is announced with no models, so requests naming a model do not come to it (is --local-port the service's, and does it want an API key?)"
                 );
-                self.no_list = Some(why);
+                self.no_list = Some(kind);
             }
             (None, Some(_)) => {
                 info!("the local service at {service} lists its models again");
@@ -1185,8 +1191,12 @@ impl Announced {
     /// once), remembered as the last announced.
     fn judge(&mut self, now: Probe, listed: bool) -> Probe {
         let judged = match &self.last {
-            Some(last) => after_probe(last, now, listed, &mut self.unlisted_before),
+            Some(last) => {
+                self.held = !listed && holds_doubt(last, self.unlisted_before);
+                after_probe(last, now, listed, &mut self.unlisted_before)
+            }
             None => {
+                self.held = false;
                 self.unlisted_before = !listed;
                 now
             }
@@ -1194,6 +1204,15 @@ impl Announced {
         self.last = Some(judged.clone());
         judged
     }
+}
+
+/// Why the local service's answer was no model list.
+#[derive(Debug, Clone, PartialEq)]
+struct NoList {
+    /// Its kind ([`local::ProbeError::kind`]): a reason is said once.
+    kind: String,
+    /// What is said.
+    why: String,
 }
 
 /// Asks the local service for its models, keeping those that fit in a
@@ -1208,7 +1227,7 @@ impl Announced {
 async fn probe_service(
     config: &Config,
     fit: &local::ModelFit,
-) -> (Probe, bool, Option<Option<String>>) {
+) -> (Probe, bool, Option<Option<NoList>>) {
     match local::models(&config.local_host(), config.connect_timeout).await {
         Ok(models) => ((fit.fit(models), true), true, Some(None)),
         Err(e @ local::ProbeError::Unreachable(_)) => {
@@ -1222,7 +1241,8 @@ async fn probe_service(
         Err(e) => {
             debug!("local service has no model list: {e}");
             let why = common::text::tame(&e.to_string(), 512);
-            ((Vec::new(), true), false, Some(Some(why)))
+            let kind = e.kind();
+            ((Vec::new(), true), false, Some(Some(NoList { kind, why })))
         }
     }
 }
@@ -1236,9 +1256,15 @@ fn after_probe(last: &Probe, now: Probe, listed: bool, unlisted_before: &mut boo
         *unlisted_before = false;
         return now;
     }
-    let keep = last.1 && !*unlisted_before;
+    let keep = holds_doubt(last, *unlisted_before);
     *unlisted_before = true;
     if keep { last.clone() } else { now }
+}
+
+/// Whether a doubtful probe after `last` is set aside: `last` was up, and
+/// the probe before was not doubtful too.
+fn holds_doubt(last: &Probe, unlisted_before: bool) -> bool {
+    last.1 && !unlisted_before
 }
 
 /// System metrics from `collector` (made by the first read), read off the
@@ -1307,10 +1333,11 @@ async fn report(
         }
         let now = {
             let mut announced = announced.lock().expect("announced lock");
+            let judged = announced.judge(now, listed);
             if let Some(why) = list {
                 announced.note_list(why, &config.local_host());
             }
-            announced.judge(now, listed)
+            judged
         };
         tracing::debug!(
             models = now.0.len(),
@@ -1419,27 +1446,66 @@ mod tests {
     }
 
     #[test]
-    fn a_service_answering_without_a_model_list_is_said_once_per_reason() {
+    fn a_service_answering_without_a_model_list_is_said_once_per_reason_once_believed() {
         let mut announced = Announced::default();
-        let mut note = |why: Option<&str>| {
-            common::testing::logged(|| {
-                announced.note_list(why.map(str::to_owned), "127.0.0.1:11434")
+        // A probe judged and noted as the reporter does; what it warned.
+        let mut probe = |why: Option<(&str, &str)>| {
+            let said = common::testing::logged(|| {
+                let now = match why {
+                    None => listed(&["llama3"]),
+                    Some(_) => (Vec::new(), true),
+                };
+                announced.judge(now, why.is_none());
+                let why = why.map(|(kind, why)| NoList {
+                    kind: kind.into(),
+                    why: why.into(),
+                });
+                announced.note_list(why, "127.0.0.1:11434");
             })
-            .1
+            .1;
+            (said, announced.no_list.clone())
         };
-        let said = note(Some("local service answered 401 on /v1/models"));
+        assert_eq!(probe(None), (String::new(), None));
+        // One error in passing is set aside: not said (nor its end).
+        let passing = Some(("503 on /api/tags", "local service answered 503"));
+        assert_eq!(probe(passing), (String::new(), None));
+        assert_eq!(probe(None), (String::new(), None));
+        // The second in a row is believed and said.
+        let denied = |column| {
+            let why = format!("local service answered 401 on /v1/models (line 1 column {column})");
+            Some(("401 on /v1/models", why.leak() as &str))
+        };
+        assert_eq!(probe(denied(3)).0, "");
+        let (said, kind) = probe(denied(4));
         assert!(
-            said.contains(
-                "answers, but not with a model list (local service answered 401 on /v1/models)"
-            ) && said.contains("API key"),
+            said.contains("answers, but not with a model list (local service answered 401 on /v1/models (line 1 column 4))")
+                && said.contains("API key"),
             "{said}"
         );
-        // Not at every probe.
-        assert_eq!(note(Some("local service answered 401 on /v1/models")), "");
-        assert!(note(Some("local service answered 404 on /api/tags")).contains("404"));
-        // Listing again is said at info level (not captured here), once.
-        assert_eq!(note(None), "");
-        assert!(note(Some("local service answered 404 on /api/tags")).contains("404"));
+        assert_eq!(kind.as_deref(), Some("401 on /v1/models"));
+        // Not at every probe, though its details change.
+        assert_eq!(probe(denied(5)).0, "");
+        let other = Some((
+            "404 on /api/tags",
+            "local service answered 404 on /api/tags",
+        ));
+        assert!(probe(other).0.contains("404"));
+        // Listing again (said at info level, not captured here), once.
+        assert_eq!(probe(None), (String::new(), None));
+        assert_eq!(probe(other).0, "");
+        assert!(probe(other).0.contains("404"));
+        // At start nothing is kept: the first such answer is believed.
+        let mut fresh = Announced::default();
+        fresh.judge((Vec::new(), true), false);
+        let said = common::testing::logged(|| {
+            let why = NoList {
+                kind: "401 on /v1/models".into(),
+                why: "local service answered 401 on /v1/models".into(),
+            };
+            fresh.note_list(Some(why), "127.0.0.1:11434");
+        })
+        .1;
+        assert!(said.contains("401"), "{said}");
     }
 
     #[tokio::test]
@@ -1467,6 +1533,7 @@ mod tests {
             last: Some((up.clone(), true)),
             unlisted_before: false,
             no_list: None,
+            held: false,
         }));
         let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
         let (tx, rx) = mpsc::channel(8);

@@ -137,6 +137,20 @@ pub enum ProbeError {
     Timeout(Duration),
 }
 
+impl ProbeError {
+    /// What kind of answer this was, without details that change from
+    /// one answer to the next (a parse error's position): the same kind
+    /// twice is the same reason.
+    pub fn kind(&self) -> String {
+        match self {
+            ProbeError::Unreachable(_) => "unreachable".into(),
+            ProbeError::Status { path, status } => format!("{status} on {path}"),
+            ProbeError::Body { path, .. } => format!("unreadable list on {path}"),
+            ProbeError::Timeout(_) => "timeout".into(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct OllamaTags {
     models: Vec<OllamaModel>,

@@ -144,6 +144,20 @@ impl Collector {
             .collect()
     }
 
+    /// NVML started but cannot list the GPUs (`e`): said once; the
+    /// library is shut down and started again after [`NVML_RETRY`] (a
+    /// driver reloaded meanwhile answers a new start, never the old one).
+    fn unlisted(&mut self, e: &NvmlError) {
+        if !std::mem::replace(&mut self.failure_said, true) {
+            tracing::warn!(
+                "NVIDIA's management library cannot list the GPUs ({e}); they are not reported until it can, tried again every {}s (after a driver update, a reboot usually fixes it)",
+                NVML_RETRY.as_secs()
+            );
+        }
+        self.nvml = None;
+        self.retry_at = Some(std::time::Instant::now() + NVML_RETRY);
+    }
+
     fn gpus(&mut self) -> Vec<GpuInfo> {
         if self.nvml.is_none()
             && self
@@ -163,11 +177,7 @@ impl Collector {
                 count
             }
             Err(e) => {
-                if !std::mem::replace(&mut self.failure_said, true) {
-                    tracing::warn!(
-                        "NVIDIA's management library cannot list the GPUs ({e}); they are not reported until it can (after a driver update, a reboot usually fixes it)"
-                    );
-                }
+                self.unlisted(&e);
                 return Vec::new();
             }
         };
@@ -294,6 +304,31 @@ mod tests {
         }
         let c = Collector::starting_nvml_with(absent);
         assert!(c.retry_at.is_none());
+    }
+
+    #[test]
+    fn nvml_failing_to_list_the_gpus_is_said_once_and_started_again_later() {
+        static TRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn unloaded() -> Result<Nvml, NvmlError> {
+            TRIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(NvmlError::DriverNotLoaded)
+        }
+        let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
+        let mut c = Collector::starting_nvml_with(unloaded);
+        c.retry_at = None;
+        c.failure_said = false;
+        let ((), said) = common::testing::logged(|| c.unlisted(&NvmlError::Unknown));
+        assert!(said.contains("cannot list the GPUs"), "{said}");
+        assert!(c.nvml.is_none(), "the handle that failed is let go");
+        let ((), said) = common::testing::logged(|| c.unlisted(&NvmlError::Unknown));
+        assert_eq!(said, "", "said once");
+        // Started again at its time.
+        let before = tries();
+        c.gpus();
+        assert_eq!(tries(), before, "not before its time");
+        c.retry_at = Some(std::time::Instant::now());
+        c.gpus();
+        assert_eq!(tries(), before + 1);
     }
 
     #[test]
