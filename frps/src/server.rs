@@ -229,6 +229,15 @@ impl Server {
                 state.tasks.len()
             );
         }
+        // Its connections end cleanly (PostgreSQL logs no lost client;
+        // SQLite checkpoints its log); one still held by a task that did
+        // not end is not waited for.
+        if tokio::time::timeout(HARD_STOP_GRACE, state.store.close())
+            .await
+            .is_err()
+        {
+            warn!("the database pool did not close within {HARD_STOP_GRACE:?}; stopping anyway");
+        }
         info!("frps stopped");
         Ok(())
     }

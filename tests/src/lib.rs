@@ -245,6 +245,7 @@ impl Frps {
             .expect("frps stops in time")
             .expect("frps task")
             .expect("frps run");
+        assert!(self.state.store.is_closed(), "frps closed its database");
     }
 }
 

@@ -372,6 +372,11 @@ impl Store {
         on_pool!(self, p => p.close().await)
     }
 
+    /// Whether [`Store::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        on_pool!(self, p => p.is_closed())
+    }
+
     // ---- API keys -------------------------------------------------------
 
     /// The row for a presented key (`hash`: its SHA-256): stored in

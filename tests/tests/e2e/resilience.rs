@@ -771,9 +771,11 @@ async fn a_machines_offline_write_outlives_the_hard_stop() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         drop(writes);
     });
-    let store = state.store.clone();
+    let url = state.config.database_url.clone();
     let machine = fleet.frps.machine_id("client-0");
     fleet.frps.stop().await;
+    // frps closed its pool: the row is read on a connection of our own.
+    let store = frps::store::Store::connect(&url).await.unwrap();
     let row = store.gpu_asset(&machine).await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("offline"));
 }
@@ -808,10 +810,11 @@ async fn a_caller_that_stops_reading_does_not_hold_up_shutdown() {
             > 0
     })
     .await;
-    let store = state.store.clone();
+    let url = state.config.database_url.clone();
     let machine = fleet.frps.machine_id("client-0");
     // `stop` fails the test unless frps ends within its wait.
     fleet.frps.stop().await;
+    let store = frps::store::Store::connect(&url).await.unwrap();
     // Past the deadline too, sessions clean up before connections close...
     let row = store.gpu_asset(&machine).await.unwrap().unwrap();
     assert_eq!(row.status.as_deref(), Some("offline"));
