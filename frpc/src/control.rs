@@ -904,16 +904,18 @@ impl Client {
             self.announced.clone(),
             out_tx.clone(),
         );
-        let stop = self.shutdown.clone();
+        // The reporter and the tunnel connection live as long as this
+        // session (a fatal error ends it without a shutdown: the process's
+        // exit must not wait for the reporter's next tick).
+        let session_over = self.shutdown.child_token();
+        let _end_session = session_over.clone().drop_guard();
+        let stop = session_over.clone();
         self.tunnels.spawn(async move {
             tokio::select! {
                 _ = reporter => {}
                 _ = stop.cancelled() => {}
             }
         });
-        // The tunnel connection lives as long as this session.
-        let session_over = self.shutdown.child_token();
-        let _end_tunnel = session_over.clone().drop_guard();
         if session.mux {
             self.tunnels.spawn(tunnel::run_tunnel(
                 self.config.clone(),
@@ -2014,5 +2016,153 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(started.elapsed(), limit);
+    }
+
+    /// A frps on a port of its own that logs a token in and registers one
+    /// session (`mux`: offering a tunnel connection), then runs `after`
+    /// with the session's writer and reader; and a saved token for it.
+    async fn one_session_frps<F, Fut>(mux: bool, after: F) -> (u16, std::path::PathBuf)
+    where
+        F: FnOnce(WriteHalf<Stream>, FrameReader<ReadHalf<Stream>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let frps = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = frps.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("frpc-session-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token.json");
+        let saved = login::SavedToken {
+            token: "frpxc_t".into(),
+            expires_at: None,
+            server: format!("127.0.0.1:{port}"),
+            email: "a@b.c".into(),
+        };
+        login::save(&token_file, &saved).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = frps.accept().await.unwrap();
+            let (rd, mut wr) = tokio::io::split(Stream::from(s));
+            let mut reader = FrameReader::new(rd, MAX_FRAME);
+            let login = reader.read_command().await.unwrap();
+            assert!(
+                matches!(login, Some(Command::LoginToken { .. })),
+                "{login:?}"
+            );
+            let result = Command::LoginResult {
+                ok: true,
+                token: None,
+                expires_at: None,
+                reason: None,
+                code: None,
+                retry_after_ms: None,
+            };
+            write_command(&mut wr, &result).await.unwrap();
+            let _register = reader.read_command().await.unwrap();
+            let registered = Command::Registered {
+                client_id: "gpu".into(),
+                session_key: "k".into(),
+                heartbeat_interval_ms: 10_000,
+                mux,
+            };
+            write_command(&mut wr, &registered).await.unwrap();
+            after(wr, reader).await;
+        });
+        (port, token_file)
+    }
+
+    fn config_for(port: u16, token_file: &std::path::Path, more: &[&str]) -> Config {
+        use clap::Parser;
+        let (port, file) = (port.to_string(), token_file.display().to_string());
+        let mut args = vec![
+            "frpc",
+            "--client-id",
+            "gpu",
+            "--server-addr",
+            "127.0.0.1",
+            "--control-port",
+            &port,
+            "--token-file",
+            &file,
+            "--no-prompt",
+            "--local-port",
+            "1",
+            "--connect-timeout",
+            "1s",
+        ];
+        args.extend_from_slice(more);
+        Config::parse_from(args)
+    }
+
+    #[tokio::test]
+    async fn a_fatal_end_of_a_session_does_not_wait_for_its_reporter() {
+        // frps ends the token's session: without a password, frpc stops.
+        let (port, token_file) = one_session_frps(false, |mut wr, mut reader| async move {
+            // Once the session's reporter runs (its first metrics).
+            while let Ok(Some(cmd)) = reader.read_command().await {
+                if matches!(cmd, Command::SystemInfo(_)) {
+                    break;
+                }
+            }
+            let ended = Command::Disconnect {
+                reason: common::protocol::TOKEN_ENDED.into(),
+            };
+            write_command(&mut wr, &ended).await.unwrap();
+            std::future::pending::<()>().await;
+        })
+        .await;
+        let more = ["--metrics-interval", "60s", "--shutdown-timeout", "60s"];
+        let client = Client::new(
+            config_for(port, &token_file, &more),
+            CancellationToken::new(),
+        );
+        let started = std::time::Instant::now();
+        let ran = tokio::time::timeout(Duration::from_secs(30), client.unwrap().run()).await;
+        let err = ran.expect("frpc stopped before the reporter's next tick");
+        assert!(err.is_err(), "a fatal error: {err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        std::fs::remove_dir_all(token_file.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stop_does_not_wait_for_a_tunnel_handshake() {
+        // A proxy port that takes the tunnel connection and never answers
+        // its MuxHello (a slow NewWorkConn plugin).
+        let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_port = proxy.local_addr().unwrap().port().to_string();
+        let (dialled, mut was_dialled) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = proxy.accept().await {
+                held.push(s);
+                let _ = dialled.try_send(());
+            }
+        });
+        let (port, token_file) = one_session_frps(true, |_wr, mut reader| async move {
+            while let Ok(Some(_)) = reader.read_command().await {}
+        })
+        .await;
+        let more = ["--proxy-port", &proxy_port, "--shutdown-timeout", "60s"];
+        let shutdown = CancellationToken::new();
+        let client = Client::new(config_for(port, &token_file, &more), shutdown.clone());
+        let run = tokio::spawn(client.unwrap().run());
+        let within = Duration::from_secs(10);
+        tokio::time::timeout(within, was_dialled.recv())
+            .await
+            .expect("the tunnel connection dialled");
+        let started = std::time::Instant::now();
+        shutdown.cancel();
+        let ran = tokio::time::timeout(within, run).await;
+        ran.expect("stopped without waiting for the handshake")
+            .unwrap()
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        std::fs::remove_dir_all(token_file.parent().unwrap()).unwrap();
     }
 }

@@ -113,6 +113,9 @@ pub async fn run_tunnel(
             r = run => r,
             _ = shutdown.cancelled() => return,
         };
+        if session_over.is_cancelled() && accepted.is_none() {
+            return;
+        }
         let refused = matches!(result, Err(TunnelError::Refused(_)));
         match result {
             Err(TunnelError::Refused(reason)) => {
@@ -203,9 +206,15 @@ async fn tunnel(
             other => Err(TunnelError::Refused(format!("unexpected {}", other.name()))),
         }
     };
-    let remote = match handshake.await {
-        Ok(remote) => remote,
-        Err(e) => return (Err(e), None),
+    // A handshake under way when the session ends (a stop, a reconnect)
+    // is given up: nothing would use its connection, and a stop would
+    // wait for it (up to frps's reply timeout) as for a request in flight.
+    let remote = tokio::select! {
+        done = handshake => match done {
+            Ok(remote) => remote,
+            Err(e) => return (Err(e), None),
+        },
+        _ = session_over.cancelled() => return (Ok(()), None),
     };
     let accepted = tokio::time::Instant::now();
     debug!("tunnel connection open");
