@@ -1143,6 +1143,10 @@ struct ReadBody {
     _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// The first room a body in pieces is joined in (most are smaller: one
+/// allocation).
+const JOIN_START: usize = 64 << 10;
+
 /// A body read whole: one piece (the usual case) is kept as it came; more
 /// are joined.
 #[derive(Default)]
@@ -1154,24 +1158,36 @@ struct Pieces {
 impl Pieces {
     /// Adds `data`; `rest` is what the body still announces (its
     /// `Content-Length` left), `limit` the most it may hold.
+    ///
+    /// The joining buffer grows to twice what arrived (at least
+    /// [`JOIN_START`]), never past the announced whole, which it ends at
+    /// exactly: room for a whole announced body reserved at its second
+    /// piece let a caller hold `--max-buffered-bodies` with a few bytes per
+    /// connection (each announcing 10 MiB), and growing by plain doubling
+    /// took up to 16 MiB for a 10 MiB body.
     fn push(&mut self, data: Bytes, rest: Option<u64>, limit: usize) {
-        match self.first.take() {
-            None if self.joined.is_empty() => self.first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    // Room for the whole announced body at once: grown by
-                    // doubling, a 10 MiB body would take up to 16 MiB (and
-                    // two copies while it grows) against the 10 that
-                    // `--max-buffered-bodies` counts. A body of unknown
-                    // length (chunked) still grows so.
-                    let held = (earlier.len() + data.len()) as u64;
-                    let whole = held.saturating_add(rest.unwrap_or(0)).min(limit as u64);
-                    self.joined.reserve(whole as usize);
-                    self.joined.extend_from_slice(&earlier);
-                }
-                self.joined.extend_from_slice(&data);
+        let earlier = match self.first.take() {
+            None if self.joined.is_empty() => {
+                self.first = Some(data);
+                return;
             }
+            earlier => earlier,
+        };
+        let held = self.joined.len() + earlier.as_ref().map_or(0, Bytes::len) + data.len();
+        if held > self.joined.capacity() {
+            let whole = match rest {
+                Some(rest) => (held as u64).saturating_add(rest).min(limit as u64) as usize,
+                None => limit,
+            };
+            let room = held.saturating_mul(2).max(JOIN_START).min(whole).max(held);
+            let mut grown = bytes::BytesMut::with_capacity(room);
+            grown.extend_from_slice(&self.joined);
+            self.joined = grown;
         }
+        if let Some(earlier) = earlier {
+            self.joined.extend_from_slice(&earlier);
+        }
+        self.joined.extend_from_slice(&data);
     }
 
     /// Bytes held: the one piece, or the joining buffer's capacity.
@@ -2375,6 +2391,26 @@ mod tests {
         p.push(piece(10), Some(u64::MAX), 100);
         p.push(piece(10), Some(u64::MAX), 100);
         assert!(p.joined.capacity() <= 128, "{}", p.joined.capacity());
+        // A large announced body trickling in holds about what arrived,
+        // and ends in a buffer of its announced size.
+        let whole = 10 << 20;
+        let mut p = Pieces::default();
+        let mut arrived = 0;
+        for n in [1, 1, 1000, 100_000, 1_000_000, 4_000_000, whole - 5_101_002] {
+            arrived += n;
+            p.push(piece(n), Some((whole - arrived) as u64), 16 << 20);
+            let most = (2 * arrived).max(JOIN_START);
+            assert!(p.holding() <= most, "{} for {arrived}", p.holding());
+        }
+        assert_eq!(p.joined.capacity(), whole);
+        assert_eq!(p.finish().len(), whole);
+        // Of unknown length (chunked): grown by doubling, up to the limit.
+        let mut p = Pieces::default();
+        for _ in 0..66 {
+            p.push(piece(1_000), None, 70_000);
+        }
+        assert_eq!(p.joined.capacity(), 70_000);
+        assert_eq!(p.finish().len(), 66_000);
         // One piece: as it came.
         let mut p = Pieces::default();
         p.push(Bytes::from_static(b"whole"), Some(0), 100);

@@ -648,6 +648,37 @@ async fn bodies_held_in_memory_have_a_total_cap_and_a_deadline() {
 }
 
 #[tokio::test]
+async fn large_announced_bodies_sent_a_byte_at_a_time_hold_little_of_the_budget() {
+    const MIB: usize = 1 << 20;
+    let mut cfg = frps_config();
+    cfg.max_body = 10 * MIB;
+    cfg.max_buffered_bodies = 20 * MIB;
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    let budget = fleet.frps.state.body_budget.clone();
+    // Two bodies announcing 10 MiB each, of which two bytes come.
+    let mut held = Vec::new();
+    for n in 1..=2 {
+        let mut s = TcpStream::connect(public).await.unwrap();
+        let head = raw_post("/v1/chat/completions", "Content-Length: 10485760\r\n", b"{");
+        s.write_all(&head).await.unwrap();
+        frpx_tests::eventually("the first byte held", || {
+            budget.available_permits() < 20 * MIB - (n - 1) * (64 << 10)
+        })
+        .await;
+        s.write_all(b"\"").await.unwrap();
+        frpx_tests::eventually("the second byte joined", || {
+            budget.available_permits() <= 20 * MIB - n * (64 << 10)
+        })
+        .await;
+        held.push(s);
+    }
+    // They hold 64 KiB each (room for the whole 10 MiB emptied the budget).
+    assert_eq!(budget.available_permits(), 20 * MIB - 2 * (64 << 10));
+    served(public).await;
+}
+
+#[tokio::test]
 async fn bad_requests_on_the_public_port_harm_no_one_else() {
     let fleet = Fleet::start(1).await;
     let public = fleet.frps.public();
