@@ -39,12 +39,11 @@ pub fn list(state: &State, ollama: bool) -> Response<PublicBody> {
     json_response(&body)
 }
 
-/// OpenAI's "retrieve model": the model named by the rest of the path
-/// (percent-decoded: names such as `org/model` may come as `org%2Fmodel`)
+/// OpenAI's "retrieve model": the model `wanted`, the rest of the
+/// percent-decoded path (names such as `org/model` may come as `org%2Fmodel`)
 /// if an online client serves it, else 404 `model_not_found`. Answered here
 /// rather than by one box, which would know only its own models.
-pub fn one(state: &State, encoded: &str) -> Response<PublicBody> {
-    let wanted = percent_encoding::percent_decode_str(encoded).decode_utf8_lossy();
+pub fn one(state: &State, wanted: &str) -> Response<PublicBody> {
     let found = if wanted.trim().is_empty() {
         None
     } else {

@@ -599,12 +599,14 @@ async fn forward(
     // they route, so `/v1/chat/%63ompletions` is their chat path too.
     let decoded = crate::paths::decoded(path);
     // frps answers these itself (the fleet's models), whatever reaches the
-    // boxes.
-    if req.method() == Method::GET {
+    // boxes; on the path as the service would see it (an escaped
+    // `/v1/%6dodels/x` went to one box, which knows only its own models),
+    // and to a HEAD as to a GET (hyper sends no body for it).
+    if matches!(*req.method(), Method::GET | Method::HEAD) {
         if decoded == "/v1/models" || decoded == "/api/tags" {
             return models::list(state, decoded == "/api/tags");
         }
-        if let Some(model) = path.strip_prefix("/v1/models/") {
+        if let Some(model) = decoded.strip_prefix("/v1/models/") {
             return models::one(state, model);
         }
     }

@@ -278,13 +278,21 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
         ("/v1/models/qwen2.5:1.5b", "qwen2.5:1.5b"),
         ("/v1/models/org/tuned:v2", "org/tuned:v2"),
         ("/v1/models/org%2Ftuned%3Av2", "org/tuned:v2"),
+        // Escaped as the boxes' services would decode it: still frps's.
+        ("/v1/%6dodels/qwen2.5:1.5b", "qwen2.5:1.5b"),
+        ("/v1%2Fmodels/llama3", "llama3:latest"),
     ] {
         let one = http::get(b.frps.public(), path, Some(API_KEY)).await;
         assert_eq!(one.status, 200, "{path}: {}", one.body);
         assert_eq!(one.json()["id"], id, "{path}");
         assert_eq!(one.json()["object"], "model", "{path}");
     }
-    for path in ["/v1/models/mistral", "/v1/models/", "/v1/models/org%2F"] {
+    for path in [
+        "/v1/models/mistral",
+        "/v1/models/",
+        "/v1/models/org%2F",
+        "/v1/%6dodels/mistral",
+    ] {
         let missing = http::get(b.frps.public(), path, Some(API_KEY)).await;
         assert_eq!(missing.status, 404, "{path}: {}", missing.body);
         assert_eq!(missing.json()["error"]["code"], "model_not_found", "{path}");
@@ -295,6 +303,21 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
             .status,
         401
     );
+    // A HEAD is answered as its GET, without the body.
+    for path in ["/v1/models", "/api/tags", "/v1/models/llama3"] {
+        let got = http::get(b.frps.public(), path, Some(API_KEY)).await;
+        let req = http::request("HEAD", b.frps.public(), path, Some(API_KEY), Bytes::new());
+        let mut conn = Conn::open(b.frps.public()).await;
+        let head = http::read(conn.send(req).await.unwrap()).await;
+        assert_eq!(head.status, 200, "{path}");
+        assert_eq!(head.body, "", "{path}");
+        let length = head.headers.get("content-length").unwrap();
+        assert_eq!(
+            length.to_str().unwrap(),
+            got.body.len().to_string(),
+            "{path}"
+        );
+    }
     let ollama = http::get(b.frps.public(), "/api/tags", Some(API_KEY))
         .await
         .json();
