@@ -47,7 +47,7 @@ pub fn one(state: &State, wanted: &str) -> Response<PublicBody> {
     let found = if wanted.trim().is_empty() {
         None
     } else {
-        let want = crate::router::normalize(&wanted);
+        let want = crate::router::normalize(wanted);
         state.registry.online().iter().find_map(|c| {
             c.with_models(|ms| {
                 ms.iter()
@@ -64,7 +64,7 @@ pub fn one(state: &State, wanted: &str) -> Response<PublicBody> {
             StatusCode::NOT_FOUND,
             &format!(
                 "The model `{}` does not exist on any online client",
-                super::public::shorten(&wanted, 200)
+                super::public::shorten(wanted, 200)
             ),
             "invalid_request_error",
             "model_not_found",
