@@ -511,6 +511,14 @@ fn too_many_invalid_keys(wait: std::time::Duration) -> Response<PublicBody> {
 /// on a path it does not route by model (larger ones stream through).
 pub const SMALL_BODY: u64 = 64 * 1024;
 
+/// How soon after a request went out on a pooled connection its closing
+/// (with no answer) is taken for the keep-alive race, the service having
+/// closed the connection as idle while the request was on its way, and the
+/// request sent once more: the close then follows within a round trip. Later
+/// it is the service failing on the request (a crash mid-generation), which
+/// is not run twice on the same box.
+pub const RACE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Paths whose JSON body names the model to route on.
 pub const MODEL_PATHS: [&str; 9] = [
     "/v1/chat/completions",
@@ -887,7 +895,9 @@ async fn forward(
             sent = answer => Some(sent),
             _ = client.silent.cancelled() => None,
         };
-        waited += sending.elapsed();
+        let took = sending.elapsed();
+        waited += took;
+        let racing = took < RACE_WINDOW;
         let failure = match sent {
             None => AcquireError::Service(
                 "the client stopped answering (evicted for silence) before its service answered"
@@ -986,7 +996,7 @@ async fn forward(
                     // behind it as idle (a keep-alive race), nothing to
                     // blame the client for. Not a shed past
                     // SHEDS_BEFORE_FAILURE: that is the box failing.
-                    if up.reused && !payload.is_spent() && !raced && !reset.is_busy() {
+                    if up.reused && racing && !payload.is_spent() && !raced && !reset.is_busy() {
                         debug!(client = %client.id, "pooled stream reset under the request: {reset}");
                         raced = true;
                         again = still_online(client, guard, &mut last_error);
@@ -1012,11 +1022,13 @@ async fn forward(
                         // Written, then the connection closed without a byte of
                         // answer: on a pooled connection, the service closing it
                         // as idle while the request was on its way (a
-                        // keep-alive race), which says nothing about the client
-                        // either. The body is replayable; try again, once, on a
-                        // new connection (a service that closes every connection
-                        // on this request is not sent it over and over).
+                        // keep-alive race, within RACE_WINDOW), which says
+                        // nothing about the client either. The body is
+                        // replayable; try again, once, on a new connection (a
+                        // service that closes every connection on this request
+                        // is not sent it over and over).
                         None if up.reused
+                            && racing
                             && !raced
                             && payload.replayable()
                             && error.is_incomplete_message() =>
