@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::{Command, write_command};
 use frpx_tests::fake::FakeClient;
 use frpx_tests::http::{self, Conn};
-use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, frps_config};
+use frpx_tests::{API_KEY, Backend, Fleet, Frpc, Frps, WAIT, frps_config};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -1187,6 +1187,62 @@ async fn fleet_on(service: std::net::SocketAddr, cfg: frps::Config) -> (Frps, Fr
     let frpc = Frpc::start(frpx_tests::frpc_config("svc", &frps.addrs, service));
     frps.wait_for_clients(&["svc"]).await;
     (frps, frpc)
+}
+
+#[tokio::test]
+async fn an_upload_cut_at_the_shutdown_deadline_never_reaches_the_service_as_ended() {
+    // The service tells what it got of a chunked body: once its first
+    // piece, then all of it when the connection ends.
+    let (got, mut told) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let service = raw_service(move |mut s| {
+        let got = got.clone();
+        async move {
+            let mut body = Vec::new();
+            let mut buf = [0u8; 1024];
+            let mut first = true;
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                body.extend_from_slice(&buf[..n]);
+                if first && body.windows(5).any(|w| w == b"hello") {
+                    first = false;
+                    let _ = got.send(Vec::new());
+                }
+            }
+            let _ = got.send(body);
+        }
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.shutdown_timeout = Duration::from_millis(200);
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    let mut caller = TcpStream::connect(frps.public()).await.unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let first = tokio::time::timeout(WAIT, told.recv()).await.unwrap();
+    assert_eq!(
+        first,
+        Some(Vec::new()),
+        "the first piece reached the service"
+    );
+    // frps stops with the upload under way; at its deadline the caller's
+    // connection is dropped: the service's body must not end as whole
+    // (hyper from 1.12 ends a body whose connection is dropped with an
+    // error, not a clean end, which frps's upstream would have relayed as
+    // the chunked body's last chunk).
+    frps.stop().await;
+    let body = tokio::time::timeout(WAIT, told.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("hello"), "{body}");
+    assert!(
+        !body.contains("0\r\n\r\n"),
+        "a cut body was ended: {body:?}"
+    );
+    drop(caller);
+    frpc.kill().await;
 }
 
 #[tokio::test]
