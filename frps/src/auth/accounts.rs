@@ -536,7 +536,12 @@ impl Accounts {
                 Err(LoginError::TokenInvalid | LoginError::TokenExpired) => {
                     self.known.forget(&hash)
                 }
-                Ok(who) => self.logged_in.insert(&who.email, from),
+                // Seen log in now: known for KNOWN_TOKEN_IDLE from now,
+                // not from when it was issued or first seen.
+                Ok(who) => {
+                    self.known.insert(hash);
+                    self.logged_in.insert(&who.email, from);
+                }
                 Err(_) => {}
             }
             return outcome;
@@ -1501,6 +1506,21 @@ mod tests {
             accounts.login_token(&issued.token, nat).await,
             Err(LoginError::Throttled(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_known_token_logging_in_is_known_from_then_on() {
+        let (_db, store) = store_with("k@x.test").await;
+        let accounts = Accounts::new(Some(store.clone()), None);
+        let from = IpAddr::from([192, 0, 2, 1]);
+        let issued = accounts.login("k@x.test", "password", from).await.unwrap();
+        let hash = secret::hash(&issued.token);
+        // Issued almost KNOWN_TOKEN_IDLE ago.
+        let old = Instant::now() - (KNOWN_TOKEN_IDLE - Duration::from_secs(3600));
+        accounts.known.seen.lock().unwrap().insert(hash, old);
+        accounts.login_token(&issued.token, from).await.unwrap();
+        let at = accounts.known.seen.lock().unwrap()[&hash];
+        assert!(at.elapsed() < Duration::from_secs(60), "{:?}", at.elapsed());
     }
 
     #[tokio::test]

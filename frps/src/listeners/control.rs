@@ -110,7 +110,16 @@ async fn session(
         Ok(()) if proxy_plugins => {
             let id = &registration.client_id;
             let bound = bound_to(state, id, state.store.client_id_owner(id)).await;
-            bound.and_then(|bound| owned_by(id, owner.user_id, bound))
+            let owned = bound.and_then(|bound| owned_by(id, owner.user_id, bound));
+            // Released to this account while the previous owner's session
+            // is still live: refused (and retried) before the plugins hear
+            // a NewProxy for the live name, as it would be after them.
+            match state.registry.get(id) {
+                Some(live) if owned.is_ok() && live.owner.user_id != owner.user_id => {
+                    Err((still_live_elsewhere(id), true))
+                }
+                _ => owned,
+            }
         }
         Ok(()) => Ok(()),
         Err(refusal) => Err(refusal),
@@ -191,10 +200,7 @@ async fn session(
             // `claim_id` just found the id this account's: an operator
             // released it while the previous owner's session was still
             // live. That session's end frees it, so the box tries again.
-            let reason = format!(
-                "client id '{id}' was released to this account but a session of its previous owner is still live; retrying until it ends"
-            );
-            let refused = refuse(wr, hs, reason, true).await;
+            let refused = refuse(wr, hs, still_live_elsewhere(&id), true).await;
             if let Some(reg) = &closing {
                 hooks::close_proxy(&state.plugins, reg, session).await;
             }
@@ -604,8 +610,9 @@ async fn serve(
     }
 }
 
-/// Every six heartbeat intervals, checks that the token the session logged
-/// in with is still usable; once it is revoked (`frps token revoke`, a
+/// Every six heartbeat intervals (a quarter of `--token-ttl` when that is
+/// shorter: [`token_check_period`]), checks that the token the session
+/// logged in with is still usable; once it is revoked (`frps token revoke`, a
 /// password change) or expired, the client is disconnected and must log in
 /// again. Once it has less than half its lifetime left, the box is sent a
 /// new one (`TokenRenewed`) and the session goes on under that one. While
@@ -614,7 +621,10 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
     let Some(mut id) = client.owner.token_id.clone() else {
         return;
     };
-    let period = state.config.heartbeat_interval * 6;
+    let period = token_check_period(
+        state.config.heartbeat_interval,
+        state.config.token_lifetime(),
+    );
     loop {
         tokio::select! {
             _ = client.kick.cancelled() => return,
@@ -862,9 +872,42 @@ pub fn random_hex(bytes: usize) -> String {
     common::hex::encode(&buf)
 }
 
+/// Why a registration for `id` waits: the id was released to its account
+/// while a session of the previous owner is still live.
+fn still_live_elsewhere(id: &str) -> String {
+    format!(
+        "client id '{id}' was released to this account but a session of its previous owner is still live; retrying until it ends"
+    )
+}
+
+/// How often a session's token is checked: every six heartbeat intervals,
+/// or a quarter of the tokens' lifetime `ttl` when that is shorter (at
+/// least a second), so a check falls in the second half of a token's life
+/// and renews it before it expires (with `--token-ttl 1m` and a 10 s
+/// heartbeat the first check found the token expired, and a box without a
+/// password stopped).
+fn token_check_period(heartbeat: Duration, ttl: Option<Duration>) -> Duration {
+    let period = heartbeat * 6;
+    match ttl {
+        Some(ttl) => period.min(ttl / 4).max(Duration::from_secs(1)),
+        None => period,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_checked_in_the_second_half_of_its_life() {
+        let s = Duration::from_secs;
+        assert_eq!(token_check_period(s(10), None), s(60));
+        assert_eq!(token_check_period(s(10), Some(s(30 * 86400))), s(60));
+        // A lifetime at or under six heartbeats: a quarter of it.
+        assert_eq!(token_check_period(s(10), Some(s(60))), s(15));
+        assert_eq!(token_check_period(s(3600), Some(s(6 * 3600))), s(5400));
+        assert_eq!(token_check_period(s(10), Some(s(2))), s(1));
+    }
 
     #[test]
     fn registrations_are_validated() {

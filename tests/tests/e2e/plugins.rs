@@ -1392,3 +1392,29 @@ fn the_documented_configuration_files_load_as_shown() {
     assert!(loaded >= 2, "the frps.ini and frpc.ini examples were found");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn an_id_released_while_its_owner_is_live_is_refused_before_the_plugins_hear_it() {
+    let plugin = PluginServer::allow_all().await;
+    let frps = frps_with(
+        vec![plugin.spec("audit", &["NewProxy", "CloseProxy"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_old, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "gpu-r").await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let live = frps.state.registry.get("gpu-r").unwrap().session;
+    assert!(frps.state.store.release_client_id("gpu-r").await.unwrap());
+    let heir = frps.other_account_token("heir@example.com").await;
+    let (_h, answer) = FakeClient::register(frps.addrs.control, &heir, "gpu-r").await;
+    let Command::RegisterRefused { reason, retry, .. } = answer else {
+        panic!("{answer:?}");
+    };
+    assert!(retry && reason.contains("still live"), "{reason}");
+    // The plugin heard the live run's NewProxy alone: no second NewProxy
+    // (the end of the live run, to a plugin) nor its CloseProxy.
+    let ops: Vec<_> = plugin.calls().iter().map(|c| c.op().to_owned()).collect();
+    assert_eq!(ops, ["NewProxy"], "{ops:?}");
+    assert_eq!(frps.state.registry.get("gpu-r").unwrap().session, live);
+}
