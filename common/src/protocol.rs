@@ -195,6 +195,17 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at: Option<String>,
     },
+    /// frpc → frps (control, registered): renewal `token` (from
+    /// `TokenRenewed`, or a token login's `LoginResult`) is saved in the
+    /// token file: frps takes it as used, as at its first login, so the
+    /// token it was renewed from, and copies of it, stop working now (a
+    /// copy logging in meanwhile could otherwise have it renewed again,
+    /// revoking this one). A frps that does not know this command ignores
+    /// it.
+    TokenSaved {
+        /// The renewal saved.
+        token: String,
+    },
     /// frps → frpc (control): the server is dropping this client (operator
     /// request, shutdown, replaced by a newer connection). The control
     /// connection closes after this frame; frpc may reconnect after backoff.
@@ -236,6 +247,7 @@ impl Command {
             Command::MuxHello { .. } => "MuxHello",
             Command::MuxAccepted => "MuxAccepted",
             Command::TokenRenewed { .. } => "TokenRenewed",
+            Command::TokenSaved { .. } => "TokenSaved",
             Command::Disconnect { .. } => "Disconnect",
             Command::Error { .. } => "Error",
             Command::Unknown => "an unknown command",

@@ -144,6 +144,11 @@ pub struct Client {
     /// What this process last announced of its service, across sessions:
     /// a doubtful probe at a reconnect is judged against it as every other.
     announced: Arc<Mutex<Announced>>,
+    /// Renewals saved and not yet said so to frps (`TokenSaved`, sent by
+    /// the session that is up when `saved_ready` fires), the latest
+    /// [`MAX_SESSION_TOKENS`].
+    saved: Arc<Mutex<Vec<String>>>,
+    saved_ready: Arc<tokio::sync::Notify>,
 }
 
 /// The tokens frps gave this process.
@@ -219,6 +224,8 @@ impl Client {
             collector: Arc::default(),
             models_fit,
             announced: Arc::default(),
+            saved: Arc::default(),
+            saved_ready: Arc::default(),
         })
     }
 
@@ -550,6 +557,7 @@ impl Client {
         let saved = self.saved_token(token, expires_at, email);
         let turn = self.tokens.lock().expect("token lock").next_turn();
         let tokens = self.tokens.clone();
+        let (acks, ack_ready) = (self.saved.clone(), self.saved_ready.clone());
         self.write_token(turn, saved, move |saved, file, written| match written {
             Ok(()) => {
                 tokens.lock().expect("token lock").keep(turn, saved.clone());
@@ -557,6 +565,14 @@ impl Client {
                     "frps renewed the login token (valid until {until}); saved to {}",
                     file.display()
                 );
+                // frps hears it is saved: what it replaces (and any copy
+                // of that) stops working now, not at the next login.
+                let mut acks = acks.lock().expect("saved tokens lock");
+                if acks.len() >= MAX_SESSION_TOKENS {
+                    acks.remove(0);
+                }
+                acks.push(saved.token.clone());
+                ack_ready.notify_one();
             }
             Err(e) => {
                 tokens
@@ -957,6 +973,16 @@ impl Client {
                 Some(cmd) = out_rx.recv() => {
                     if !send_within(wr, &cmd, silence, &self.shutdown).await? {
                         return Ok(SessionEnd::Shutdown);
+                    }
+                    continue;
+                }
+                _ = self.saved_ready.notified() => {
+                    let saved = std::mem::take(&mut *self.saved.lock().expect("saved tokens lock"));
+                    for token in saved {
+                        let said = Command::TokenSaved { token };
+                        if !send_within(wr, &said, silence, &self.shutdown).await? {
+                            return Ok(SessionEnd::Shutdown);
+                        }
                     }
                     continue;
                 }

@@ -75,7 +75,15 @@ pub struct ClientHandle {
     pub asset_written_at: Mutex<Option<chrono::NaiveDateTime>>,
     /// The session's multiplexed tunnel connection, once frpc dialed it.
     tunnel: Mutex<Option<common::mux::Mux>>,
+    /// SHA-256 of the token renewals sent to this session (at its token
+    /// login, and since), not yet said saved (`TokenSaved`): only these are
+    /// looked up when frpc says one is, at most [`MAX_SESSION_RENEWALS`].
+    renewals: Mutex<Vec<[u8; 32]>>,
 }
+
+/// Most renewals a session waits to hear saved (a renewal comes every
+/// half token lifetime: days).
+pub const MAX_SESSION_RENEWALS: usize = 8;
 
 /// Most models frps keeps for one client (the first ones announced); a
 /// longer list makes every routed request and `/v1/models` scan it.
@@ -108,6 +116,26 @@ pub fn within_limits(mut models: Vec<ModelInfo>) -> (Vec<ModelInfo>, usize) {
 }
 
 impl ClientHandle {
+    /// Renewal `hash` was sent to this session.
+    pub fn renewal_sent(&self, hash: [u8; 32]) {
+        let mut renewals = self.renewals.lock().expect("renewals lock");
+        if renewals.len() >= MAX_SESSION_RENEWALS {
+            renewals.remove(0);
+        }
+        renewals.push(hash);
+    }
+
+    /// Whether `hash` is a renewal sent to this session and not said saved
+    /// before (it is forgotten: said once).
+    pub fn renewal_saved(&self, hash: &[u8; 32]) -> bool {
+        let mut renewals = self.renewals.lock().expect("renewals lock");
+        let Some(at) = renewals.iter().position(|r| r == hash) else {
+            return false;
+        };
+        renewals.remove(at);
+        true
+    }
+
     /// The tunnel connection to open upstream streams on, while it lasts.
     pub fn tunnel(&self) -> Option<common::mux::Mux> {
         let tunnel = self.tunnel.lock().expect("tunnel lock");
@@ -488,6 +516,7 @@ impl Registry {
             asset_writes,
             asset_written_at: Mutex::new(None),
             tunnel: Mutex::new(None),
+            renewals: Mutex::new(Vec::new()),
         });
         handle.set_service_up(handle.registration.service_up);
         let old = {

@@ -572,6 +572,28 @@ impl Accounts {
         outcome
     }
 
+    /// Renewal `hash`, sent to a session of account `user_id`, is saved by
+    /// its box (`TokenSaved`): taken as used, as at its first login, so
+    /// what it was renewed from and copies of that stop working now (one
+    /// logging in meanwhile would have it renewed again, revoking this
+    /// one and locking the box out). Whether it was confirmed now.
+    pub async fn renewal_saved(&self, hash: &[u8; 32], user_id: i64) -> Result<bool, LoginError> {
+        let store = self.store.as_ref().ok_or(LoginError::NoStore)?;
+        let found = within_deadline(store.find_client_token(&secret::hex(hash))).await;
+        let Some(row) = absent_if_unreadable(found, "client_tokens")? else {
+            return Ok(false);
+        };
+        let Some(parent) = row
+            .renewed_from
+            .as_deref()
+            .filter(|_| row.user_id == user_id)
+        else {
+            return Ok(false);
+        };
+        let confirmed = within_deadline(store.confirm_saved_client_token(&row.id, parent)).await?;
+        Ok(confirmed.is_some())
+    }
+
     /// Checks a saved token, without throttling: logins on the control port
     /// must go through [`Accounts::login_token`].
     pub async fn check_token(&self, token: &str) -> Result<Principal, LoginError> {
@@ -1506,6 +1528,64 @@ mod tests {
             accounts.login_token(&issued.token, nat).await,
             Err(LoginError::Throttled(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_a_token_whose_renewal_is_saved_cannot_take_over() {
+        let (_db, store) = store_with("box@x.test").await;
+        let (at_box, elsewhere) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([203, 0, 113, 9]));
+        // Issued with a day to live, judged by a 3-day lifetime: due.
+        let short = Accounts::new(Some(store.clone()), Some(Duration::from_secs(86400)));
+        let accounts = Accounts::new(Some(store.clone()), Some(Duration::from_secs(3 * 86400)));
+        let t1 = short.login("box@x.test", "password", at_box).await.unwrap();
+        let t1_id = t1.principal.token_id.clone().unwrap();
+        let start = Utc::now().naive_utc() - chrono::Duration::seconds(1);
+        // The box's session renews T1 into T2, which the box saves and says so.
+        let TokenReview::Renewed(t2) = accounts.review_token(&t1_id, Some(start)).await.unwrap()
+        else {
+            panic!("not renewed");
+        };
+        let t2_hash = secret::hash(&t2.token);
+        // Said saved by another account's session: nothing happens.
+        assert!(
+            !accounts
+                .renewal_saved(&t2_hash, t2.principal.user_id + 1)
+                .await
+                .unwrap()
+        );
+        assert!(
+            accounts
+                .renewal_saved(&t2_hash, t2.principal.user_id)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !accounts
+                .renewal_saved(&t2_hash, t2.principal.user_id)
+                .await
+                .unwrap(),
+            "once"
+        );
+        // A copy of T1 no longer logs in, so it cannot be renewed again
+        // (which would revoke T2 and lock the box out).
+        assert!(matches!(
+            accounts.login_token(&t1.token, elsewhere).await,
+            Err(LoginError::TokenInvalid)
+        ));
+        // The box's session goes on under T2, which it has not logged in
+        // with yet: renewed in turn when due, not taken for another login.
+        let t2_id = t2.principal.token_id.clone().unwrap();
+        assert!(matches!(
+            accounts.review_token(&t2_id, Some(start)).await.unwrap(),
+            TokenReview::Usable
+        ));
+        let later = Accounts::new(Some(store.clone()), Some(Duration::from_secs(30 * 86400)));
+        assert!(matches!(
+            later.review_token(&t2_id, Some(start)).await.unwrap(),
+            TokenReview::Renewed(_)
+        ));
+        // And logs in with it.
+        accounts.login_token(&t2.token, at_box).await.unwrap();
     }
 
     #[tokio::test]

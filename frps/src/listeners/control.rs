@@ -81,7 +81,7 @@ async fn session(
     state: &Arc<State>,
 ) -> Result<(), ControlError> {
     let hs = state.config.handshake_timeout;
-    let owner = login(reader, wr, peer, state).await?;
+    let (owner, renewal) = login(reader, wr, peer, state).await?;
 
     let cmd = reader.read_command_within(hs).await?;
     let registration = match cmd {
@@ -208,6 +208,9 @@ async fn session(
         }
     };
     drop(closing);
+    if let Some(renewal) = renewal {
+        client.renewal_sent(renewal);
+    }
     tracing::Span::current().record("client", client.id.as_str());
     let registered = Command::Registered {
         client_id: client.id.clone(),
@@ -330,27 +333,34 @@ async fn renewed_at_login(
     }
 }
 
+/// Logs a client in: its account, and the SHA-256 of the renewal of its
+/// token sent with the answer, if one was.
 async fn login(
     reader: &mut FrameReader<ReadHalf<Stream>>,
     wr: &mut WriteHalf<Stream>,
     peer: SocketAddr,
     state: &State,
-) -> Result<Principal, ControlError> {
+) -> Result<(Principal, Option<[u8; 32]>), ControlError> {
     let hs = state.config.handshake_timeout;
     let outcome = match reader.read_command_within(hs).await? {
         // Throttled per source address like password logins, so guessing
         // tokens cannot hammer the database.
         Some(Command::LoginToken { token }) => {
             match state.accounts.login_token(&token, peer.ip()).await {
-                Ok(principal) => Ok(renewed_at_login(state, principal).await),
+                Ok(principal) => {
+                    let (principal, issued) = renewed_at_login(state, principal).await;
+                    let renewal = issued.as_ref().map(|(t, _)| crate::auth::secret::hash(t));
+                    Ok((principal, issued, renewal))
+                }
                 Err(e) => Err(e),
             }
         }
+        // A fresh token, renewed from nothing: none to say saved.
         Some(Command::Login { email, password }) => state
             .accounts
             .login(&email, &password, peer.ip())
             .await
-            .map(|t| (t.principal, Some((t.token, t.expires_at)))),
+            .map(|t| (t.principal, Some((t.token, t.expires_at)), None)),
         Some(other) => {
             let reason = format!("expected Login or LoginToken, got {}", other.name());
             let refused = Command::LoginResult {
@@ -367,7 +377,7 @@ async fn login(
         None => return Err(ControlError::ClosedEarly),
     };
     match outcome {
-        Ok((principal, issued)) => {
+        Ok((principal, issued, renewal)) => {
             let (token, expires_at) = match issued {
                 Some((token, exp)) => (Some(token), exp.map(|e| e.and_utc().to_rfc3339())),
                 None => (None, None),
@@ -381,7 +391,7 @@ async fn login(
                 retry_after_ms: None,
             };
             send(wr, &ok, hs).await?;
-            Ok(principal)
+            Ok((principal, renewal))
         }
         Err(e) => {
             let refused = Command::LoginResult {
@@ -598,6 +608,9 @@ async fn serve(
         if matches!(cmd, Command::Heartbeat { .. }) {
             hooks::ping(state, client, &ping_slot);
         }
+        if let Command::TokenSaved { token } = &cmd {
+            renewal_saved(state, client, token);
+        }
         if let Some(reply) = on_command(cmd, client, state) {
             send(wr, &reply, hs).await?;
         }
@@ -645,6 +658,7 @@ async fn watch_token(state: Arc<State>, client: Arc<ClientHandle>) {
                 return;
             }
             Ok(TokenReview::Renewed(t)) => {
+                client.renewal_sent(crate::auth::secret::hash(&t.token));
                 let renewed = Command::TokenRenewed {
                     token: t.token,
                     expires_at: t.expires_at.map(|e| e.and_utc().to_rfc3339()),
@@ -788,6 +802,30 @@ async fn prune_assets(state: &State, user: &str) {
     }
 }
 
+/// frpc saved renewal `token`: if it is one sent to this session, it is
+/// confirmed in the background (a shutdown waits for it), so what it was
+/// renewed from no longer logs in; anything else is ignored, without a
+/// database lookup.
+fn renewal_saved(state: &Arc<State>, client: &Arc<ClientHandle>, token: &str) {
+    let hash = crate::auth::secret::hash(token);
+    if !client.renewal_saved(&hash) {
+        debug!(client = %client.id, "ignoring TokenSaved for a token this session was not sent");
+        return;
+    }
+    let (st, id, user) = (state.clone(), client.id.clone(), client.owner.user_id);
+    state.tasks.spawn(async move {
+        match st.accounts.renewal_saved(&hash, user).await {
+            Ok(true) => info!(
+                client = %id,
+                "the client saved its renewed login token: the token it replaces no longer logs in"
+            ),
+            Ok(false) => debug!(client = %id, "a saved renewal was confirmed already, or revoked"),
+            // Its first login confirms it then.
+            Err(e) => debug!(client = %id, "cannot record a saved renewal: {e}"),
+        }
+    });
+}
+
 /// Handles one command from a registered client; returns the reply, if any.
 fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Command> {
     match cmd {
@@ -845,6 +883,8 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             debug!(client = %client.id, "ignoring a command this frps does not know (a newer frpc)");
             None
         }
+        // Handled by the session loop (`renewal_saved`).
+        Command::TokenSaved { .. } => None,
         other => Some(Command::Error {
             message: format!(
                 "unexpected {} on a registered control connection",

@@ -708,10 +708,31 @@ impl Store {
         id: &str,
         parent: &str,
     ) -> Result<Option<u64>, StoreError> {
+        self.confirm_renewal(id, parent, true).await
+    }
+
+    /// [`Store::confirm_client_token`] for a renewal its box says it saved
+    /// (`TokenSaved`), not yet used to log in: its `last_used_at` stays.
+    pub async fn confirm_saved_client_token(
+        &self,
+        id: &str,
+        parent: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        self.confirm_renewal(id, parent, false).await
+    }
+
+    async fn confirm_renewal(
+        &self,
+        id: &str,
+        parent: &str,
+        used: bool,
+    ) -> Result<Option<u64>, StoreError> {
         // Rows are locked parent first, as a renewal does, so the two take
         // turns instead of deadlocking.
         const LOCK: &str = "UPDATE client_tokens SET revoked_at = revoked_at WHERE id = $1";
         const USED: &str = "UPDATE client_tokens SET renewed_from = NULL, last_used_at = $2
+            WHERE id = $1 AND revoked_at IS NULL";
+        const SAVED: &str = "UPDATE client_tokens SET renewed_from = NULL
             WHERE id = $1 AND revoked_at IS NULL";
         const REVOKE: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE revoked_at IS NULL AND id <> $1
@@ -720,7 +741,12 @@ impl Store {
         let revoked = on_pool!(self, p => {
             let mut tx = p.begin().await?;
             sqlx::query(LOCK).bind(parent).execute(&mut *tx).await?;
-            if sqlx::query(USED).bind(id).bind(at).execute(&mut *tx).await?.rows_affected() == 0 {
+            let marked = if used {
+                sqlx::query(USED).bind(id).bind(at).execute(&mut *tx).await?
+            } else {
+                sqlx::query(SAVED).bind(id).execute(&mut *tx).await?
+            };
+            if marked.rows_affected() == 0 {
                 tx.rollback().await?;
                 None
             } else {

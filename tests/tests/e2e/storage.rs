@@ -1541,8 +1541,10 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     assert!(chrono::Utc::now() < first_ends, "renewed in time");
     assert_eq!(renewed.email, TEST_EMAIL);
     assert_eq!(renewed.server, client_cfg.control_addr());
-    // The token it replaced stays valid until the new one is used (a
-    // renewal lost on its way costs the box nothing).
+    // Once frpc says it saved it (`TokenSaved`), the token it replaced
+    // stops working at once: a copy of it logging in meanwhile could have
+    // it renewed again, revoking the box's renewal (a renewal lost on its
+    // way, never said saved, leaves the old one valid).
     let store = frps.state.store.clone();
     let row = |token: String| {
         let store = store.clone();
@@ -1555,11 +1557,15 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
         }
     };
     let first_row = row(first.token.clone()).await;
-    assert!(
-        first_row.revoked_at.is_none(),
-        "the old token is still valid"
-    );
-    assert!(row(renewed.token.clone()).await.renewed_from.is_some());
+    frpx_tests::eventually_async("the replaced token revoked", || async {
+        row(first.token.clone()).await.revoked_at.is_some()
+    })
+    .await;
+    let renewed_row = row(renewed.token.clone()).await;
+    assert!(renewed_row.renewed_from.is_none(), "confirmed");
+    assert!(renewed_row.last_used_at.is_none(), "not logged in with yet");
+    let copy = frps.state.accounts.check_token(&first.token).await;
+    assert!(copy.is_err(), "a copy of the replaced token logs in");
     // The session outlives its first token: it goes on under the new one.
     while chrono::Utc::now() < first_ends + chrono::Duration::milliseconds(1500) {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1587,16 +1593,17 @@ async fn a_box_with_only_its_token_gets_a_new_one_before_it_expires() {
     })
     .await;
     let newest = frpc::login::load(&client_cfg.token_file).unwrap();
-    assert!(row(newest.token.clone()).await.revoked_at.is_none());
-    // The login with `latest` was its first use: every other token of the
-    // family but the renewal it was just given is revoked now.
-    let used = row(latest.token.clone()).await;
-    assert!(used.revoked_at.is_none() && used.renewed_from.is_none());
-    for other in store.list_client_tokens(false).await.unwrap() {
-        if other.id != used.id && other.id != row(newest.token.clone()).await.id {
-            assert!(other.revoked_at.is_some(), "{} still valid", other.id);
-        }
-    }
+    let newest_id = row(newest.token.clone()).await.id;
+    // The renewal given at login, said saved, is the family's one valid
+    // token: the one the box logged in with is revoked with the others.
+    frpx_tests::eventually_async("the newest token the only valid one", || async {
+        let tokens = store.list_client_tokens(false).await.unwrap();
+        tokens
+            .iter()
+            .all(|t| (t.id == newest_id) == t.revoked_at.is_none())
+    })
+    .await;
+    assert!(row(latest.token.clone()).await.renewed_from.is_none());
 
     // Revoking the first token, as an operator who saw it listed would,
     // revokes what it was renewed into: the session ends, and this box has
