@@ -70,11 +70,10 @@ impl Collector {
     /// any other failure is said once and tried again later.
     fn start_nvml(&mut self) {
         match (self.init)() {
+            // Said working (and a failure said again) once it lists the
+            // GPUs: one that starts and still cannot list them is not
+            // "back" every minute.
             Ok(nvml) => {
-                if self.failure_said {
-                    tracing::info!("NVIDIA's management library started: GPUs are reported");
-                    self.failure_said = false;
-                }
                 self.nvml = Some(nvml);
                 self.retry_at = None;
             }
@@ -172,7 +171,7 @@ impl Collector {
         let count = match nvml.device_count() {
             Ok(count) => {
                 if std::mem::take(&mut self.failure_said) {
-                    tracing::info!("NVIDIA's management library lists the GPUs again");
+                    tracing::info!("NVIDIA's management library works again: GPUs are reported");
                 }
                 count
             }

@@ -445,8 +445,8 @@ impl Accounts {
     /// account and family replaces it, so a box that has only its token (no
     /// password) never runs out, whether it stays connected for months or
     /// logs in again. The old token stays valid until the new one is first
-    /// used (a renewal lost on its way, or not saved, costs the box
-    /// nothing), then stops working with every other token of the family
+    /// used or said saved ([`Accounts::renewal_saved`]; a renewal lost on
+    /// its way, or not saved, costs the box nothing), then stops working with every other token of the family
     /// (a copy used elsewhere, a leaked one). A revoked token is not
     /// renewed; revoking any token of a family revokes all of it.
     ///
@@ -1586,6 +1586,54 @@ mod tests {
         ));
         // And logs in with it.
         accounts.login_token(&t2.token, at_box).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewal_said_saved_after_it_was_renewed_again_revokes_nothing() {
+        let (_db, store) = store_with("box@x.test").await;
+        let at_box = IpAddr::from([192, 0, 2, 1]);
+        let short = Accounts::new(Some(store.clone()), Some(Duration::from_secs(86400)));
+        let accounts = Accounts::new(Some(store.clone()), Some(Duration::from_secs(3 * 86400)));
+        let later = Accounts::new(Some(store.clone()), Some(Duration::from_secs(30 * 86400)));
+        let t1 = short.login("box@x.test", "password", at_box).await.unwrap();
+        let start = Utc::now().naive_utc() - chrono::Duration::seconds(1);
+        async fn renew(accounts: &Accounts, t: &IssuedToken, start: NaiveDateTime) -> IssuedToken {
+            let id = t.principal.token_id.as_deref().unwrap();
+            match accounts.review_token(id, Some(start)).await.unwrap() {
+                TokenReview::Renewed(t) => t,
+                other => panic!("{other:?}"),
+            }
+        }
+        let t2 = renew(&accounts, &t1, start).await;
+        // T2's write is slow: the session renews it again before frpc says
+        // T2 is saved.
+        let t3 = renew(&later, &t2, start).await;
+        let user = t2.principal.user_id;
+        assert!(
+            !accounts
+                .renewal_saved(&secret::hash(&t2.token), user)
+                .await
+                .unwrap()
+        );
+        // (Read, not checked: a check would be T3's first use.)
+        let t3_row = store.find_client_token(&secret::hash_hex(&t3.token)).await;
+        assert!(
+            t3_row.unwrap().unwrap().revoked_at.is_none(),
+            "T3 still valid"
+        );
+        // T3 said saved: what came before it stops working.
+        assert!(
+            accounts
+                .renewal_saved(&secret::hash(&t3.token), user)
+                .await
+                .unwrap()
+        );
+        for old in [&t1.token, &t2.token] {
+            assert!(matches!(
+                accounts.check_token(old).await,
+                Err(LoginError::TokenInvalid)
+            ));
+        }
     }
 
     #[tokio::test]

@@ -922,14 +922,14 @@ fn still_live_elsewhere(id: &str) -> String {
 
 /// How often a session's token is checked: every six heartbeat intervals,
 /// or a quarter of the tokens' lifetime `ttl` when that is shorter (at
-/// least a second), so a check falls in the second half of a token's life
+/// least 100 ms), so a check falls in the second half of a token's life
 /// and renews it before it expires (with `--token-ttl 1m` and a 10 s
 /// heartbeat the first check found the token expired, and a box without a
 /// password stopped).
 fn token_check_period(heartbeat: Duration, ttl: Option<Duration>) -> Duration {
     let period = heartbeat * 6;
     match ttl {
-        Some(ttl) => period.min(ttl / 4).max(Duration::from_secs(1)),
+        Some(ttl) => period.min(ttl / 4).max(Duration::from_millis(100)),
         None => period,
     }
 }
@@ -946,7 +946,15 @@ mod tests {
         // A lifetime at or under six heartbeats: a quarter of it.
         assert_eq!(token_check_period(s(10), Some(s(60))), s(15));
         assert_eq!(token_check_period(s(3600), Some(s(6 * 3600))), s(5400));
-        assert_eq!(token_check_period(s(10), Some(s(2))), s(1));
+        assert_eq!(
+            token_check_period(s(10), Some(s(1))),
+            Duration::from_millis(250)
+        );
+        let least = Duration::from_millis(100);
+        assert_eq!(
+            token_check_period(s(10), Some(Duration::from_millis(1))),
+            least
+        );
     }
 
     #[test]

@@ -712,7 +712,9 @@ impl Store {
     }
 
     /// [`Store::confirm_client_token`] for a renewal its box says it saved
-    /// (`TokenSaved`), not yet used to log in: its `last_used_at` stays.
+    /// (`TokenSaved`), not yet used to log in: its `last_used_at` stays;
+    /// `None` also when it was renewed again meanwhile (the newer renewal's
+    /// own `TokenSaved` confirms that one).
     pub async fn confirm_saved_client_token(
         &self,
         id: &str,
@@ -732,8 +734,13 @@ impl Store {
         const LOCK: &str = "UPDATE client_tokens SET revoked_at = revoked_at WHERE id = $1";
         const USED: &str = "UPDATE client_tokens SET renewed_from = NULL, last_used_at = $2
             WHERE id = $1 AND revoked_at IS NULL";
+        // A renewal said saved after it was renewed again (its write slow,
+        // the next renewal on its way) is left as it is: confirming it would
+        // revoke the newer one the box may be saving.
         const SAVED: &str = "UPDATE client_tokens SET renewed_from = NULL
-            WHERE id = $1 AND revoked_at IS NULL";
+            WHERE id = $1 AND revoked_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM client_tokens c
+                              WHERE c.renewed_from = $1 AND c.revoked_at IS NULL)";
         const REVOKE: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE revoked_at IS NULL AND id <> $1
               AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = $1)";

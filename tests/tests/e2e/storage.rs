@@ -2981,10 +2981,21 @@ async fn renewed_tokens_form_a_family(url: &str) {
     assert!(store.find_client_token("hash-tX").await.unwrap().is_none());
     assert!(rotate("t3", "t4").await);
     assert!(live("t3").await && live("t4").await);
+    // Said saved by its box (TokenSaved) after it was renewed again (a
+    // slow write): t4 confirms nothing, which would revoke t5 on its way;
+    // t5 said saved revokes the rest, and is not marked as logged in with.
+    assert!(rotate("t4", "t5").await);
+    let saved = |id, parent| store.confirm_saved_client_token(id, parent);
+    assert_eq!(saved("t4", "t3").await.unwrap(), None);
+    assert!(live("t3").await && live("t4").await && live("t5").await);
+    assert_eq!(saved("t5", "t4").await.unwrap(), Some(2));
+    assert!(!live("t3").await && !live("t4").await && live("t5").await);
+    let t5 = store.find_client_token("hash-t5").await.unwrap().unwrap();
+    assert!(t5.renewed_from.is_none() && t5.last_used_at.is_none());
     // Revoking the first one by its id reaches the last; other families
     // are untouched.
-    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 2);
-    assert!(!live("t3").await && !live("t4").await);
+    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 1);
+    assert!(!live("t3").await && !live("t4").await && !live("t5").await);
     assert!(live("o1").await);
     store.close().await;
 }
