@@ -395,7 +395,13 @@ async fn dispatch(
                     bail!("no key matches `{key}`");
                 }
                 for row in &rows {
-                    writeln!(out, "revoked {}", row.masked())?;
+                    // Revoked before: its status stays as it was (told to
+                    // the fleet again all the same, for a revocation whose
+                    // Redis was unreachable then).
+                    match row.status.as_deref() {
+                        Some("revoked") => writeln!(out, "already revoked {}", row.masked())?,
+                        _ => writeln!(out, "revoked {}", row.masked())?,
+                    }
                 }
                 if !published {
                     writeln!(err, "{}", unpublished_note("refuse the key", config))?;
@@ -478,8 +484,9 @@ fn unpublished_note(act: &str, config: &Config) -> String {
             "note: no Redis configured; running frps servers {act} once their in-process cache entry expires (at most {local}s)"
         ),
         Some(url) => format!(
-            "warning: Redis at {} not reachable from here: frps servers that use it {act} only once the entry cached there expires (up to {}s, plus {local}s in-process); run this again when Redis is reachable to apply it at once",
+            "warning: not told through Redis at {}: it is not reachable from here, or no frps listens on `{}revocations` (none running, or the servers use another --redis-url or --redis-prefix than this command); frps servers {act} only once the entry cached in their Redis expires (up to {}s, plus {local}s in-process); run this again with the servers' Redis settings to apply it at once",
             crate::store::redact(url),
+            config.redis_prefix,
             crate::auth::redis::REDIS_TTL.as_secs()
         ),
     }

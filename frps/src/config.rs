@@ -387,9 +387,19 @@ fn parse_body_budget(s: &str) -> Result<usize, String> {
     }
 }
 
-/// `--token-ttl`: `0` (no expiry) or a duration up to [`MAX_TOKEN_TTL`].
+/// Shortest `--token-ttl` but `0`: a session's token is checked four
+/// times per lifetime at most every 100 ms (`token_check_period`), and a
+/// lifetime shorter than a login takes would end every session at once.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
+
+/// `--token-ttl`: `0` (no expiry) or a duration from [`MIN_TOKEN_TTL`] up
+/// to [`MAX_TOKEN_TTL`].
 fn parse_token_ttl(s: &str) -> Result<Duration, String> {
     match common::parse_duration_checked(s) {
+        Ok(d) if d > Duration::ZERO && d < MIN_TOKEN_TTL => Err(format!(
+            "--token-ttl must be at least 1s, or 0 for no expiry (got `{}`)",
+            s.trim()
+        )),
         Ok(d) if d <= MAX_TOKEN_TTL => Ok(d),
         // Not a duration at all: that error says why.
         Err(common::duration::Refused::Invalid(e)) => Err(e),
@@ -601,5 +611,12 @@ mod tests {
         assert_eq!(cfg.token_lifetime(), Some(MAX_TOKEN_TTL));
         let cfg = Config::try_parse_from(["frps", "--token-ttl", "0"]).unwrap();
         assert_eq!(cfg.token_lifetime(), None, "0 is no expiry");
+        // Under a second a session could not renew its token in time.
+        for bad in ["999ms", "1ms", "500ms"] {
+            let e = parse_error(&["--token-ttl", bad]);
+            assert!(e.contains("--token-ttl must be at least 1s"), "{bad}: {e}");
+        }
+        let cfg = Config::try_parse_from(["frps", "--token-ttl", "1s"]).unwrap();
+        assert_eq!(cfg.token_lifetime(), Some(MIN_TOKEN_TTL));
     }
 }

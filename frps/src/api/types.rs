@@ -59,8 +59,10 @@ pub struct ClientSummary {
     pub requests: u64,
     /// Models its service reports.
     pub models: Vec<String>,
-    /// Metadata it announced; values of keys that look secret (holding
-    /// `token`, `secret`, `password` or `key`) read `***`.
+    /// Metadata it announced; values of keys that look secret (holding, in
+    /// any letter case, `token`, `secret`, `pass`, `pwd`, `key`, `auth`,
+    /// `credential`, `cookie` or `private`), and values carrying a URL's
+    /// user information, read `***`.
     pub metas: BTreeMap<String, String>,
 }
 

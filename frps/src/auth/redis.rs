@@ -499,7 +499,9 @@ impl RedisCache {
         let published: Option<i64> = self
             .run(conn.publish(self.channel(), hash.as_slice()))
             .await;
-        deleted.is_some() && legacy_deleted.is_some() && published.is_some()
+        // Heard by nobody (0 subscribers): no frps uses this Redis with
+        // this prefix, or none runs; not "published" either way.
+        deleted.is_some() && legacy_deleted.is_some() && published.is_some_and(|n| n > 0)
     }
 
     /// `suffix` under this cache's key prefix.

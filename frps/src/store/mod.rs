@@ -516,14 +516,15 @@ impl Store {
     }
 
     /// Marks keys matching `needle` (a plaintext key, its `sha256:` form, an
-    /// id or a visible prefix) as revoked; returns the revoked rows.
+    /// id or a visible prefix) as revoked; returns the matching rows as
+    /// they were (`status` `revoked`: revoked before, left as it was).
     pub async fn revoke_api_keys(
         &self,
         needle: &str,
         hash_hex: &str,
     ) -> Result<Vec<ApiKeyRow>, StoreError> {
-        const REVOKE: &str =
-            r#"UPDATE api_keys SET status = 'revoked', "updatedAt" = $2 WHERE key = $1"#;
+        const REVOKE: &str = r#"UPDATE api_keys SET status = 'revoked', "updatedAt" = $2
+            WHERE key = $1 AND (status IS NULL OR status <> 'revoked')"#;
         let rows = self.match_api_keys(needle, hash_hex).await?;
         for row in &rows {
             on_pool!(self, p => sqlx::query(REVOKE).bind(&row.key).bind(now()).execute(p).await?.rows_affected());
@@ -975,8 +976,11 @@ impl Store {
 
     /// Every bound client id with its account's email, by id.
     pub async fn list_client_ids(&self) -> Result<Vec<ClientIdRow>, StoreError> {
+        // An account without an email (an application's own users table
+        // anonymising it) is absent, as everywhere else.
         const SQL: &str = "SELECT c.id, c.user_id, u.email, c.created_at
-            FROM client_ids c JOIN users u ON u.id = c.user_id ORDER BY c.id";
+            FROM client_ids c JOIN users u ON u.id = c.user_id
+            WHERE u.email IS NOT NULL ORDER BY c.id";
         Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
     }
 

@@ -341,6 +341,24 @@ async fn an_application_users_row_with_null_where_frps_reads_a_value_is_absent()
             "{absent}: absent, not a failure"
         );
     }
+    // Client ids of the account without an email (user 4) and of a whole
+    // one (user 1): the listing leaves out the first, and does not fail.
+    assert_eq!(
+        store.claim_client_id("anonymous-box", 4, 10).await.unwrap(),
+        Some(4)
+    );
+    assert_eq!(
+        store.claim_client_id("whole-box", 1, 10).await.unwrap(),
+        Some(1)
+    );
+    let ids: Vec<String> = store
+        .list_client_ids()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids, ["whole-box"]);
     store.close().await;
     pg.drop_db().await;
 }
@@ -600,7 +618,8 @@ async fn a_revoked_key_cannot_be_cached_again_by_a_late_validation() {
     redis.set(&kept, entry, now).await;
     redis.set(&revoked, entry, now).await;
     assert_eq!(redis.get(&revoked).await, Some(entry));
-    assert!(redis.revoke(&revoked).await);
+    // Gone from Redis; not "published": no frps listens on this prefix.
+    assert!(!redis.revoke(&revoked).await);
     assert_eq!(redis.get(&revoked).await, None);
     // An frps that read the row just before the revocation writes it back:
     // the tombstone keeps it out.
@@ -828,6 +847,23 @@ async fn revocation_reaches_a_second_frps_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(status(&a.frps, &key).await, 401);
+    // The command run with another prefix than the servers' reaches no
+    // frps: it says so (0 listeners was taken for a published revocation).
+    let mut elsewhere = config();
+    elsewhere.redis_prefix = format!("{prefix}elsewhere:");
+    let again = Admin::Key {
+        command: KeyCommand::Revoke {
+            key: secret.id.clone(),
+        },
+    };
+    let (said, noted) = admin_said(&elsewhere, again, "").await.unwrap();
+    assert!(said.starts_with("already revoked "), "{said}");
+    assert!(
+        noted.contains(&format!(
+            "no frps listens on `{prefix}elsewhere:revocations`"
+        )),
+        "{noted}"
+    );
     a.frps.stop().await;
     b.frps.stop().await;
     pg.drop_db().await;
@@ -2198,14 +2234,18 @@ async fn admin_commands_manage_users_keys_and_tokens() {
             key: second[..12].to_owned(),
         },
     };
-    let (said, noted) = admin_said(&unreachable, revoke, "").await.unwrap();
+    let (said, noted) = admin_said(&unreachable, revoke.clone(), "").await.unwrap();
     assert!(said.starts_with("revoked "), "{said}");
     assert!(
-        noted.contains("warning: Redis at")
+        noted.contains("warning: not told through Redis at")
+            && noted.contains("not reachable from here")
             && noted.contains("300s")
             && noted.contains("run this again"),
         "{noted}"
     );
+    // Again: said to be revoked before (and told to the fleet again).
+    let (said, _) = admin_said(&unreachable, revoke, "").await.unwrap();
+    assert!(said.starts_with("already revoked "), "{said}");
     let missing = Admin::Key {
         command: KeyCommand::Revoke {
             key: "nothing-like-this".into(),
