@@ -224,10 +224,12 @@ fn gpu_gauges(gpus: &[common::protocol::GpuInfo]) -> Vec<GpuGauges> {
 
 impl FleetSnapshot {
     fn take(state: &State) -> Self {
-        let clients = state.registry.all();
+        // A client being disconnected is shown nowhere, as in /api/stats:
+        // neither counted nor given its own gauges.
+        let clients = state.registry.online();
         let keys = &state.keys.stats;
         Self {
-            clients_online: clients.iter().filter(|c| !c.kick.is_cancelled()).count() as i64,
+            clients_online: clients.len() as i64,
             in_flight: clients
                 .iter()
                 .map(|c| c.in_flight.load(Ordering::Relaxed) as i64)

@@ -145,11 +145,34 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
 }
 
 /// `text` (reported by a client) safe to print on an operator's terminal:
-/// control characters (escape sequences, line breaks) shown as `�`.
+/// control characters (escape sequences, line breaks) and invisible
+/// formatting ones (bidirectional overrides that show the rest of a row
+/// reversed, zero-width characters that throw the columns out, line and
+/// paragraph separators) shown as `�`.
 fn clean(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .map(|c| {
+            if c.is_control() || invisible(c) {
+                '\u{fffd}'
+            } else {
+                c
+            }
+        })
         .collect()
+}
+
+/// Unicode's invisible formatting characters a terminal acts on: bidi
+/// marks, embeddings, overrides and isolates, zero-width characters, the
+/// line and paragraph separators, word joiners and the byte-order mark.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 fn gib(bytes: u64) -> String {
@@ -315,6 +338,14 @@ mod tests {
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert!(shown.starts_with("llama3\u{fffd}]52;"));
         assert_eq!(clean("qwen2.5:1.5b ü"), "qwen2.5:1.5b ü");
+        // A right-to-left override shows the rest of the row reversed; a
+        // zero-width space and a line separator throw the columns out.
+        assert_eq!(
+            clean("llama\u{202E}ecnetsixe\u{200B}x\u{2028}y\u{2066}z"),
+            "llama\u{fffd}ecnetsixe\u{fffd}x\u{fffd}y\u{fffd}z"
+        );
+        // Letters of right-to-left scripts are text, not formatting.
+        assert_eq!(clean("نموذج"), "نموذج");
     }
 
     #[test]

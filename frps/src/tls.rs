@@ -353,9 +353,37 @@ fn self_signed(
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let cert_path = dir.join(SELF_SIGNED_CERT);
     let key_path = dir.join(SELF_SIGNED_KEY);
-    if cert_path.exists() && key_path.exists() {
-        warn_if_readable(&key_path);
-        return load_pem(&cert_path, &key_path);
+    // Whether a file is there (a dangling symlink is not); one that cannot
+    // be told (no permission on the directory) stops frps, rather than be
+    // taken for missing and replaced.
+    let there = |path: &Path| {
+        path.try_exists().map_err(|e| TlsError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    };
+    match (there(&cert_path)?, there(&key_path)?) {
+        (true, true) => {
+            warn_if_readable(&key_path);
+            return load_pem(&cert_path, &key_path);
+        }
+        // Never left by frps (the key is written first): a key lost or not
+        // mounted yet. A new pair would change the fingerprint every frpc
+        // pins, and each would stop at its next connection.
+        (true, false) => {
+            return Err(TlsError::Read {
+                path: key_path.clone(),
+                reason: format!(
+                    "missing, though its certificate {} is there: frps makes no new pair over it (every frpc pinning its fingerprint would stop); restore the key, or delete the certificate to have a new pair made and pin the new fingerprint",
+                    cert_path.display()
+                ),
+            });
+        }
+        (false, true) => tracing::warn!(
+            "{} has no certificate beside it (a start stopped while making the pair): a new pair is made; frpc must pin its new fingerprint",
+            key_path.display()
+        ),
+        (false, false) => {}
     }
     let names = vec!["frps".to_owned(), "localhost".to_owned()];
     let generated = rcgen::generate_simple_self_signed(names)?;
@@ -480,16 +508,17 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("frps-tls-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
-        // Someone else's file behind a symlink at the certificate's name,
-        // a dangling symlink at the key's (a missing key: a pair is made).
-        let victim = dir.join("victim");
-        std::fs::write(&victim, "theirs").unwrap();
-        std::os::unix::fs::symlink(&victim, dir.join(SELF_SIGNED_CERT)).unwrap();
-        let planted = dir.join("planted.key");
-        std::os::unix::fs::symlink(&planted, dir.join(SELF_SIGNED_KEY)).unwrap();
+        // Dangling symlinks at both names (missing files: a pair is made),
+        // pointing where someone wants frps to write.
+        let (planted_cert, planted_key) = (dir.join("planted.pem"), dir.join("planted.key"));
+        std::os::unix::fs::symlink(&planted_cert, dir.join(SELF_SIGNED_CERT)).unwrap();
+        std::os::unix::fs::symlink(&planted_key, dir.join(SELF_SIGNED_KEY)).unwrap();
         let (made, _) = self_signed(&dir).unwrap();
-        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
-        assert!(!planted.exists(), "no key written through the symlink");
+        assert!(
+            !planted_cert.exists(),
+            "no certificate written through the symlink"
+        );
+        assert!(!planted_key.exists(), "no key written through the symlink");
         for name in [SELF_SIGNED_CERT, SELF_SIGNED_KEY] {
             let meta = std::fs::symlink_metadata(dir.join(name)).unwrap();
             assert!(meta.file_type().is_file(), "{name}");
@@ -502,6 +531,16 @@ mod tests {
         assert_ne!(fingerprint(&made[0]), fingerprint(&again[0]));
         let (kept, _) = self_signed(&dir).unwrap();
         assert_eq!(fingerprint(&again[0]), fingerprint(&kept[0]));
+        // A certificate without its key (lost, a mount not there yet):
+        // frps stops, and the certificate every frpc pins is left as it is.
+        let cert = std::fs::read(dir.join(SELF_SIGNED_CERT)).unwrap();
+        std::fs::remove_file(dir.join(SELF_SIGNED_KEY)).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "theirs").unwrap();
+        std::os::unix::fs::symlink(dir.join("not-mounted.key"), dir.join(SELF_SIGNED_KEY)).unwrap();
+        let err = self_signed(&dir).unwrap_err().to_string();
+        assert!(err.contains("makes no new pair"), "{err}");
+        assert_eq!(std::fs::read(dir.join(SELF_SIGNED_CERT)).unwrap(), cert);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
