@@ -33,6 +33,17 @@ pub struct RequestLabels {
 /// fleet whose client ids keep changing does not grow them for ever.
 pub const GONE_SERIES_KEPT: Duration = Duration::from_secs(10 * 60);
 
+/// Most request series one client gets with a model and status of their
+/// own; past it, a new one is counted under model `other` and its status's
+/// class (`500` for any 5xx): a client that keeps announcing new models,
+/// or whose service answers every status there is, cannot grow `/metrics`
+/// without bound while it stays registered.
+pub const MAX_SERIES_PER_CLIENT: usize = 512;
+
+/// How often the series of clients gone for [`GONE_SERIES_KEPT`] are
+/// removed (also at each scrape).
+pub const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// Metrics recorded on the request path.
 #[derive(Debug)]
 pub struct Metrics {
@@ -103,16 +114,31 @@ impl Metrics {
             Some(counter) => {
                 counter.inc();
             }
-            // A new series (rare): noted under its client, for pruning.
+            // A new series (rare): noted under its client, for pruning, up
+            // to MAX_SERIES_PER_CLIENT of its own.
             None => {
-                self.requests.get_or_create(&labels).inc();
-                if !client.is_empty() {
+                let labels = if client.is_empty() {
+                    labels
+                } else {
                     let mut series = self.series.lock().expect("series lock");
                     let of_client = series.entry(labels.client.clone()).or_default();
+                    let labels = if of_client.labels.len() >= MAX_SERIES_PER_CLIENT
+                        && !of_client.labels.contains(&labels)
+                    {
+                        RequestLabels {
+                            status: labels.status / 100 * 100,
+                            model: "other".into(),
+                            ..labels
+                        }
+                    } else {
+                        labels
+                    };
                     if !of_client.labels.contains(&labels) {
-                        of_client.labels.push(labels);
+                        of_client.labels.push(labels.clone());
                     }
-                }
+                    labels
+                };
+                self.requests.get_or_create(&labels).inc();
             }
         }
         self.duration.observe(total.as_secs_f64());
@@ -120,7 +146,8 @@ impl Metrics {
 
     /// Removes the request series of clients that have not been registered
     /// for [`GONE_SERIES_KEPT`]; `registered` says whether a client id is.
-    /// Run at each scrape.
+    /// Run at each scrape and every [`PRUNE_EVERY`] (an frps never scraped
+    /// would keep them all).
     pub fn prune(&self, registered: impl Fn(&str) -> bool) {
         let now = tokio::time::Instant::now();
         let mut series = self.series.lock().expect("series lock");
@@ -498,6 +525,43 @@ mod tests {
         // Were it to come back, it starts over.
         metrics.finished(200, "leaves", "m", ms);
         assert_eq!(series(&metrics), 3);
+    }
+
+    #[test]
+    fn a_client_gets_a_bounded_number_of_series() {
+        let metrics = Metrics::new();
+        let ms = Duration::from_millis(5);
+        // Models announced and replaced, statuses of every kind.
+        for n in 0..MAX_SERIES_PER_CLIENT {
+            metrics.finished(200, "rotating", &format!("model-{n}"), ms);
+        }
+        assert_eq!(series(&metrics), MAX_SERIES_PER_CLIENT);
+        for status in 100..1000 {
+            metrics.finished(status, "rotating", &format!("new-{status}"), ms);
+        }
+        // One series per status class past the bound.
+        assert_eq!(series(&metrics), MAX_SERIES_PER_CLIENT + 9);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &metrics.registry).unwrap();
+        assert!(
+            out.contains(
+                r#"frpx_requests_total{status="500",client="rotating",model="other"} 100"#
+            ),
+            "{out}"
+        );
+        // A series it had before the bound still counts on its own.
+        metrics.finished(200, "rotating", "model-0", ms);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut out, &metrics.registry).unwrap();
+        assert!(
+            out.contains(
+                r#"frpx_requests_total{status="200",client="rotating",model="model-0"} 2"#
+            ),
+            "{out}"
+        );
+        // Another client has its own room.
+        metrics.finished(200, "other-box", "model-0", ms);
+        assert_eq!(series(&metrics), MAX_SERIES_PER_CLIENT + 10);
     }
 
     #[test]

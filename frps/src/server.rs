@@ -183,6 +183,7 @@ impl Server {
             .spawn(public::run(public, public_nodelay, state.clone()));
         state.tasks.spawn(trim_after_bursts(state.clone()));
         state.tasks.spawn(purge_dead_tokens(state.clone()));
+        state.tasks.spawn(prune_request_series(state.clone()));
         state
             .tasks
             .spawn(crate::upstream::expire_idle(state.clone()));
@@ -260,6 +261,15 @@ async fn purge_dead_tokens(state: Arc<State>) {
             Ok(n) => info!("deleted {n} client tokens revoked or expired over 30 days ago"),
             Err(e) => warn!("cannot delete old client tokens: {e}"),
         }
+    })
+    .await;
+}
+
+/// Every [`crate::metrics::PRUNE_EVERY`], removes the request series of
+/// clients gone for [`crate::metrics::GONE_SERIES_KEPT`].
+async fn prune_request_series(state: Arc<State>) {
+    crate::periodic::every(crate::metrics::PRUNE_EVERY, &state.shutdown, || async {
+        state.metrics.prune(|id| state.registry.get(id).is_some());
     })
     .await;
 }
