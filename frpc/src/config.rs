@@ -120,7 +120,7 @@ pub struct Config {
     pub proxy_metas: Vec<(String, String)>,
 
     /// Use TLS on the control and data connections to frps (implied by
-    /// `--tls-ca` and `--tls-fingerprint`).
+    /// `--tls-ca`, `--tls-server-name` and `--tls-fingerprint`).
     #[arg(long, env = "FRPC_TLS")]
     pub tls: bool,
 
@@ -134,7 +134,8 @@ pub struct Config {
     )]
     pub tls_ca: Option<PathBuf>,
 
-    /// Name frps's certificate must be valid for (default: `--server-addr`).
+    /// Name frps's certificate must be valid for (default: `--server-addr`;
+    /// implies `--tls`).
     #[arg(long, env = "FRPC_TLS_SERVER_NAME", value_name = "NAME")]
     pub tls_server_name: Option<String>,
 
@@ -238,9 +239,14 @@ impl Config {
         host_port(&self.server_addr, self.control_port)
     }
 
-    /// Whether connections to frps use TLS.
+    /// Whether connections to frps use TLS: asked for, or implied by a
+    /// setting only TLS uses (a name for frps's certificate given alone
+    /// left the token to cross in clear).
     pub fn uses_tls(&self) -> bool {
-        self.tls || self.tls_ca.is_some() || self.tls_fingerprint.is_some()
+        self.tls
+            || self.tls_ca.is_some()
+            || self.tls_server_name.is_some()
+            || self.tls_fingerprint.is_some()
     }
 
     /// `host:port` of the proxy port.
@@ -252,6 +258,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_setting_only_tls_uses_turns_tls_on() {
+        assert!(!Config::try_parse_from(["frpc"]).unwrap().uses_tls());
+        for args in [
+            &["--tls"][..],
+            &["--tls-ca", "/etc/frpc/ca.pem"],
+            &["--tls-server-name", "frps.example.com"],
+            &["--tls-fingerprint", &"ab".repeat(32)],
+        ] {
+            let cfg = Config::try_parse_from(std::iter::once("frpc").chain(args.iter().copied()));
+            assert!(cfg.unwrap().uses_tls(), "{args:?}");
+        }
+    }
 
     #[test]
     fn ipv6_addresses_are_bracketed_in_host_and_port() {
