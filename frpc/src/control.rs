@@ -349,11 +349,7 @@ impl Client {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             (now, listed, list) = probe_service(&self.config, &self.models_fit) => {
                 let mut announced = self.announced.lock().expect("announced lock");
-                let judged = announced.judge(now, listed);
-                if let Some(why) = list {
-                    announced.note_list(why, &self.config.local_host());
-                }
-                judged
+                announced.take(now, listed, list, &self.config.local_host())
             }
         };
         let addr = self.config.control_addr();
@@ -1215,6 +1211,23 @@ impl Announced {
         }
     }
 
+    /// A probe of the service at `service`, as [`probe_service`] returns
+    /// it: judged ([`Announced::judge`]), then what it says of the model
+    /// list noted ([`Announced::note_list`]); what to announce.
+    fn take(
+        &mut self,
+        now: Probe,
+        listed: bool,
+        list: Option<Option<NoList>>,
+        service: &str,
+    ) -> Probe {
+        let judged = self.judge(now, listed);
+        if let Some(why) = list {
+            self.note_list(why, service);
+        }
+        judged
+    }
+
     /// What to announce after probe `now` (`listed`: to be believed at
     /// once), remembered as the last announced.
     fn judge(&mut self, now: Probe, listed: bool) -> Probe {
@@ -1359,14 +1372,11 @@ async fn report(
         if out.is_closed() {
             return;
         }
-        let now = {
-            let mut announced = announced.lock().expect("announced lock");
-            let judged = announced.judge(now, listed);
-            if let Some(why) = list {
-                announced.note_list(why, &config.local_host());
-            }
-            judged
-        };
+        let now =
+            announced
+                .lock()
+                .expect("announced lock")
+                .take(now, listed, list, &config.local_host());
         tracing::debug!(
             models = now.0.len(),
             up = now.1,
@@ -1476,19 +1486,19 @@ mod tests {
     #[test]
     fn a_service_answering_without_a_model_list_is_said_once_per_reason_once_believed() {
         let mut announced = Announced::default();
-        // A probe judged and noted as the reporter does; what it warned.
+        // A probe taken as the reporter takes it; what it warned.
         let mut probe = |why: Option<(&str, &str)>| {
             let said = common::testing::logged(|| {
                 let now = match why {
                     None => listed(&["llama3"]),
                     Some(_) => (Vec::new(), true),
                 };
-                announced.judge(now, why.is_none());
+                let listed = why.is_none();
                 let why = why.map(|(kind, why)| NoList {
                     kind: kind.into(),
                     why: why.into(),
                 });
-                announced.note_list(why, "127.0.0.1:11434");
+                announced.take(now, listed, Some(why), "127.0.0.1:11434");
             })
             .1;
             (said, announced.no_list.clone())
