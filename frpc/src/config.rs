@@ -9,7 +9,7 @@ use clap::Parser;
 use common::{parse_duration, parse_positive_duration};
 
 /// frpc: exposes a local model server through frps.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(
     name = "frpc",
     version,
@@ -227,6 +227,77 @@ fn host_port(host: &str, port: u16) -> String {
     }
 }
 
+/// Shown without the password, and with the metas' names only (a value
+/// may be a secret the operator passes to a plugin): a debug print must
+/// never put them in a log.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |metas: &[(String, String)]| -> Vec<String> {
+            metas.iter().map(|(k, _)| format!("{k}=***")).collect()
+        };
+        // Every field named (no `..`): a new one must be placed here,
+        // shown or hidden, or this does not compile.
+        let Config {
+            client_id,
+            server_addr,
+            control_port,
+            proxy_port,
+            local_addr,
+            local_port,
+            email,
+            password,
+            no_prompt,
+            token_file,
+            reconnect_min,
+            reconnect_max,
+            connect_timeout,
+            shutdown_timeout,
+            max_concurrency,
+            max_data_connections,
+            metrics_interval,
+            log,
+            user,
+            metas,
+            proxy_metas,
+            tls,
+            tls_ca,
+            tls_server_name,
+            tls_fingerprint,
+            insecure_plaintext,
+            config_file,
+        } = self;
+        f.debug_struct("Config")
+            .field("client_id", client_id)
+            .field("server_addr", server_addr)
+            .field("control_port", control_port)
+            .field("proxy_port", proxy_port)
+            .field("local_addr", local_addr)
+            .field("local_port", local_port)
+            .field("email", email)
+            .field("password", &password.as_ref().map(|_| "***"))
+            .field("no_prompt", no_prompt)
+            .field("token_file", token_file)
+            .field("reconnect_min", reconnect_min)
+            .field("reconnect_max", reconnect_max)
+            .field("connect_timeout", connect_timeout)
+            .field("shutdown_timeout", shutdown_timeout)
+            .field("max_concurrency", max_concurrency)
+            .field("max_data_connections", max_data_connections)
+            .field("metrics_interval", metrics_interval)
+            .field("log", log)
+            .field("user", user)
+            .field("metas", &names(metas))
+            .field("proxy_metas", &names(proxy_metas))
+            .field("tls", tls)
+            .field("tls_ca", tls_ca)
+            .field("tls_server_name", tls_server_name)
+            .field("tls_fingerprint", tls_fingerprint)
+            .field("insecure_plaintext", insecure_plaintext)
+            .field("config_file", config_file)
+            .finish()
+    }
+}
+
 impl Config {
     /// `host:port` of the local service (also the `Host` its requests
     /// carry).
@@ -258,6 +329,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let cfg = Config::try_parse_from([
+            "frpc",
+            "--email",
+            "owner@example.com",
+            "--password",
+            "password-secret",
+            "--meta",
+            "plugin_token=meta-secret",
+        ])
+        .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("password-secret"), "{shown}");
+        assert!(!shown.contains("meta-secret"), "{shown}");
+        assert!(shown.contains("password: Some(\"***\")"), "{shown}");
+        assert!(shown.contains("plugin_token=***"), "{shown}");
+        assert!(shown.contains("owner@example.com"), "{shown}");
+    }
 
     #[test]
     fn every_setting_only_tls_uses_turns_tls_on() {

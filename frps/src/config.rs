@@ -10,7 +10,7 @@ use common::{parse_duration, parse_positive_duration};
 use crate::plugins::PluginSpec;
 
 /// frps: the frpx server.
-#[derive(Debug, Clone, Parser)]
+#[derive(Clone, Parser)]
 #[command(
     name = "frps",
     version,
@@ -412,6 +412,126 @@ fn parse_token_ttl(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Shown without its secrets (the admin token, the static key, a
+/// password in the database, Redis or API address): `State`'s `Debug`
+/// holds it, and a debug print must never put them in a log.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field named (no `..`): a new one must be placed here,
+        // shown or hidden, or this does not compile.
+        let Config {
+            control_port,
+            proxy_port,
+            public_port,
+            api_port,
+            bind_addr,
+            api_bind,
+            admin_token,
+            monitor,
+            watch,
+            api_url,
+            api_key,
+            database_url,
+            redis_url,
+            redis_prefix,
+            token_ttl,
+            connect_timeout,
+            heartbeat_interval,
+            handshake_timeout,
+            header_timeout,
+            keepalive_timeout,
+            shutdown_timeout,
+            balance,
+            queue_max,
+            queue_timeout,
+            rate_limit_window,
+            max_retries,
+            max_body,
+            max_buffered_bodies,
+            body_timeout,
+            upload_timeout,
+            upstream_idle_timeout,
+            tls_cert,
+            tls_key,
+            tls_self_signed,
+            tls_dir,
+            public_tls_cert,
+            public_tls_key,
+            max_connections,
+            max_client_ids,
+            max_connections_per_ip,
+            key_failures_per_minute,
+            key_lookups_per_ip,
+            max_pending_per_client,
+            max_head_bytes,
+            max_idle_per_client,
+            pool_idle_timeout,
+            pool_idle_after_burst,
+            tunnel_mux,
+            forward_paths,
+            plugin_timeout,
+            log,
+            config_file,
+            plugins,
+        } = self;
+        f.debug_struct("Config")
+            .field("control_port", control_port)
+            .field("proxy_port", proxy_port)
+            .field("public_port", public_port)
+            .field("api_port", api_port)
+            .field("bind_addr", bind_addr)
+            .field("api_bind", api_bind)
+            .field("admin_token", &admin_token.as_ref().map(|_| "***"))
+            .field("monitor", monitor)
+            .field("watch", watch)
+            .field("api_url", &api_url.as_deref().map(crate::store::redact))
+            .field("api_key", &api_key.as_ref().map(|_| "***"))
+            .field("database_url", &crate::store::redact(database_url))
+            .field("redis_url", &crate::store::redact(redis_url))
+            .field("redis_prefix", redis_prefix)
+            .field("token_ttl", token_ttl)
+            .field("connect_timeout", connect_timeout)
+            .field("heartbeat_interval", heartbeat_interval)
+            .field("handshake_timeout", handshake_timeout)
+            .field("header_timeout", header_timeout)
+            .field("keepalive_timeout", keepalive_timeout)
+            .field("shutdown_timeout", shutdown_timeout)
+            .field("balance", balance)
+            .field("queue_max", queue_max)
+            .field("queue_timeout", queue_timeout)
+            .field("rate_limit_window", rate_limit_window)
+            .field("max_retries", max_retries)
+            .field("max_body", max_body)
+            .field("max_buffered_bodies", max_buffered_bodies)
+            .field("body_timeout", body_timeout)
+            .field("upload_timeout", upload_timeout)
+            .field("upstream_idle_timeout", upstream_idle_timeout)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
+            .field("tls_self_signed", tls_self_signed)
+            .field("tls_dir", tls_dir)
+            .field("public_tls_cert", public_tls_cert)
+            .field("public_tls_key", public_tls_key)
+            .field("max_connections", max_connections)
+            .field("max_client_ids", max_client_ids)
+            .field("max_connections_per_ip", max_connections_per_ip)
+            .field("key_failures_per_minute", key_failures_per_minute)
+            .field("key_lookups_per_ip", key_lookups_per_ip)
+            .field("max_pending_per_client", max_pending_per_client)
+            .field("max_head_bytes", max_head_bytes)
+            .field("max_idle_per_client", max_idle_per_client)
+            .field("pool_idle_timeout", pool_idle_timeout)
+            .field("pool_idle_after_burst", pool_idle_after_burst)
+            .field("tunnel_mux", tunnel_mux)
+            .field("forward_paths", forward_paths)
+            .field("plugin_timeout", plugin_timeout)
+            .field("log", log)
+            .field("config_file", config_file)
+            .field("plugins", plugins)
+            .finish()
+    }
+}
+
 impl Config {
     /// A configuration for tests and embedding: every port 0 on loopback,
     /// the given static key, the given database, no Redis.
@@ -455,6 +575,40 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let cfg = Config::parse_from([
+            "frps",
+            "--admin-token",
+            "admin-secret-0123456789",
+            "--api-key",
+            "static-key-secret",
+            "--database-url",
+            "postgres://frpx:db-secret@db.example/frpx",
+            "--redis-url",
+            "redis://:redis-secret@cache.example:6379",
+            "--api-url",
+            "http://ops:api-secret@127.0.0.1:18081",
+        ]);
+        let shown = format!("{cfg:?}");
+        for secret in [
+            "admin-secret",
+            "static-key-secret",
+            "db-secret",
+            "redis-secret",
+            "api-secret",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // What is not secret is still there to read.
+        assert!(
+            shown.contains("postgres://frpx:***@db.example/frpx"),
+            "{shown}"
+        );
+        assert!(shown.contains("admin_token: Some(\"***\")"), "{shown}");
+        assert!(shown.contains("heartbeat_interval: 10s"), "{shown}");
+    }
 
     #[test]
     fn defaults_match_the_seed_and_have_no_static_key() {
