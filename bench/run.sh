@@ -474,6 +474,10 @@ measure_memory() {
   fig=$(awk '/^VmRSS:/ { r = $2 } /^VmHWM:/ { h = $2 } /^RssAnon:/ { a = $2 } /^RssFile:/ { f = $2 }
     END { if (r == "") exit 1; print r, h, a, f }' "/proc/$2/status" 2>/dev/null) || return 1
   read -r "R[${1}_rss]" "R[${1}_hwm]" "R[${1}_anon]" "R[${1}_file]" <<<"$fig"
+  # FRPX_BENCH_SMAPS=DIR keeps the process's mappings as read (DIR/$1.smaps).
+  if [[ -n ${FRPX_BENCH_SMAPS:-} ]]; then
+    mkdir -p "$FRPX_BENCH_SMAPS" && cp "/proc/$2/smaps" "$FRPX_BENCH_SMAPS/$1.smaps" 2>/dev/null || true
+  fi
 }
 
 # Reads key=value pairs of a helper's output line into R[$1_<key>].

@@ -4,6 +4,8 @@ use tokio_util::sync::CancellationToken;
 // does at many Gbit/s; a second worker only added cross-thread wakeups (SSE
 // events came later) and a second malloc arena (benchmark case d and e).
 // Blocking work (metrics, the password prompt) runs on spawn_blocking.
+common::define_pow!();
+
 fn main() -> anyhow::Result<()> {
     let result = common::memory::run(tokio::runtime::Builder::new_current_thread(), serve());
     // Ended (by a signal, say) while a password prompt had echo off.

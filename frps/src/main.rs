@@ -1,3 +1,5 @@
+common::define_pow!();
+
 fn main() -> anyhow::Result<()> {
     common::memory::run(tokio::runtime::Builder::new_multi_thread(), serve())?
 }

@@ -11,7 +11,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::state::State;
@@ -80,7 +80,7 @@ impl Metrics {
         );
         // 100 µs .. ~61 min (0.0001 × 2.5¹⁹ s): a long streamed generation
         // still lands in a bucket of its own, not in +Inf.
-        let duration = Histogram::new(exponential_buckets(0.0001, 2.5, DURATION_BUCKETS));
+        let duration = Histogram::new(DURATION_BOUNDS);
         registry.register(
             "frpx_request_duration_seconds",
             "Time from a public request's arrival to the end of its response",
@@ -88,7 +88,7 @@ impl Metrics {
         );
         // 1 µs .. ~1.3 s in steps of 25 %, so quantiles read from it are
         // within about 12 % (the benchmark's case f reads them).
-        let overhead = Histogram::new(exponential_buckets(0.000001, 1.25, 64));
+        let overhead = Histogram::new(OVERHEAD_BOUNDS);
         registry.register(
             "frpx_gateway_overhead_seconds",
             "Time frps spent on a request itself: total time to response headers minus time waiting on the upstream (queued for capacity, dialing back, waiting for the answer)",
@@ -222,6 +222,103 @@ struct GpuGauges {
 
 /// Buckets of `frpx_request_duration_seconds`.
 const DURATION_BUCKETS: u16 = 20;
+
+/// `frpx_request_duration_seconds`' upper bounds: 0.0001 × 2.5ⁱ s for i
+/// in 0..20, as prometheus_client's `exponential_buckets` computes them
+/// with glibc's `pow` (a test holds them equal). Written out: frps's own
+/// `pow` ([`common::define_pow`]) may differ from glibc's in the last bit,
+/// and a bound changed by a bit is a new `le` label, a new series.
+const DURATION_BOUNDS: [f64; DURATION_BUCKETS as usize] = [
+    0.0001,
+    0.00025,
+    0.000625,
+    0.0015625,
+    0.00390625,
+    0.009765625,
+    0.0244140625,
+    0.06103515625,
+    0.152587890625,
+    0.3814697265625,
+    0.95367431640625,
+    2.384185791015625,
+    5.9604644775390625,
+    14.901161193847656,
+    37.25290298461914,
+    93.13225746154785,
+    232.83064365386963,
+    582.0766091346741,
+    1455.1915228366852,
+    3637.978807091713,
+];
+
+/// `frpx_gateway_overhead_seconds`' upper bounds: 0.000001 × 1.25ⁱ s for i
+/// in 0..64 (see [`DURATION_BOUNDS`]).
+const OVERHEAD_BOUNDS: [f64; 64] = [
+    1e-06,
+    1.2499999999999999e-06,
+    1.5624999999999999e-06,
+    1.953125e-06,
+    2.44140625e-06,
+    3.0517578124999997e-06,
+    3.814697265625e-06,
+    4.76837158203125e-06,
+    5.9604644775390625e-06,
+    7.450580596923828e-06,
+    9.313225746154785e-06,
+    1.1641532182693481e-05,
+    1.4551915228366852e-05,
+    1.8189894035458565e-05,
+    2.2737367544323206e-05,
+    2.8421709430404007e-05,
+    3.552713678800501e-05,
+    4.440892098500626e-05,
+    5.551115123125783e-05,
+    6.938893903907228e-05,
+    8.673617379884035e-05,
+    0.00010842021724855044,
+    0.00013552527156068805,
+    0.00016940658945086007,
+    0.00021175823681357508,
+    0.00026469779601696886,
+    0.00033087224502121107,
+    0.00041359030627651384,
+    0.0005169878828456423,
+    0.0006462348535570528,
+    0.0008077935669463161,
+    0.001009741958682895,
+    0.001262177448353619,
+    0.0015777218104420234,
+    0.0019721522630525294,
+    0.0024651903288156617,
+    0.0030814879110195774,
+    0.0038518598887744716,
+    0.004814824860968089,
+    0.006018531076210112,
+    0.00752316384526264,
+    0.0094039548065783,
+    0.011754943508222876,
+    0.014693679385278593,
+    0.018367099231598242,
+    0.0229588740394978,
+    0.02869859254937225,
+    0.03587324068671532,
+    0.04484155085839415,
+    0.05605193857299268,
+    0.07006492321624086,
+    0.08758115402030106,
+    0.10947644252537633,
+    0.13684555315672042,
+    0.17105694144590053,
+    0.21382117680737564,
+    0.2672764710092196,
+    0.33409558876152445,
+    0.4176194859519055,
+    0.522024357439882,
+    0.6525304467998524,
+    0.8156630584998155,
+    1.0195788231247696,
+    1.2744735289059619,
+];
 
 /// A byte count a client reported, as a gauge's value: one past `i64::MAX`
 /// (from a faulty or hostile frpc) is shown as the largest, not negative.
@@ -578,9 +675,20 @@ mod tests {
 
     #[test]
     fn request_durations_have_buckets_up_to_an_hour() {
-        let bounds: Vec<f64> = exponential_buckets(0.0001, 2.5, DURATION_BUCKETS).collect();
-        let top = *bounds.last().unwrap();
+        let top = *DURATION_BOUNDS.last().unwrap();
         assert!((3600.0..4000.0).contains(&top), "{top}");
-        assert_eq!(bounds[0], 0.0001);
+        assert_eq!(DURATION_BOUNDS[0], 0.0001);
+    }
+
+    /// The written-out bounds are, to the bit, the ones frps computed
+    /// before (a changed `le` label would start new series).
+    #[test]
+    fn bounds_are_the_exponential_buckets() {
+        use prometheus_client::metrics::histogram::exponential_buckets;
+        let bits = |v: &[f64]| v.iter().map(|b| b.to_bits()).collect::<Vec<_>>();
+        let duration: Vec<f64> = exponential_buckets(0.0001, 2.5, DURATION_BUCKETS).collect();
+        assert_eq!(bits(&DURATION_BOUNDS), bits(&duration));
+        let overhead: Vec<f64> = exponential_buckets(0.000001, 1.25, 64).collect();
+        assert_eq!(bits(&OVERHEAD_BOUNDS), bits(&overhead));
     }
 }
