@@ -51,6 +51,24 @@ pub enum AcquireError {
 }
 
 impl AcquireError {
+    /// What the caller is told of this failure: frps's own words. A reason
+    /// a client sent (why it could not open a connection, why it reset or
+    /// refused a stream) stays in frps's log: it may name the box's
+    /// addresses, and a box must not write to the fleet's callers (a
+    /// provider's text in a consumer's error, "use this other endpoint").
+    pub fn for_caller(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            AcquireError::Pair(PairError::Failed(_)) => {
+                "the client could not open a connection to its service".into()
+            }
+            AcquireError::Pair(PairError::Refused(_)) => {
+                "a server plugin refused the data connection".into()
+            }
+            AcquireError::Busy(_) => "the client is busy".into(),
+            other => other.to_string().into(),
+        }
+    }
+
     /// Whether the failure was the client not dialing back in time.
     pub fn is_timeout(&self) -> bool {
         matches!(self, AcquireError::Pair(PairError::Timeout(_)))
@@ -313,6 +331,28 @@ mod tests {
     use tokio::io::AsyncReadExt;
 
     use super::*;
+
+    #[test]
+    fn a_clients_own_reason_is_not_told_to_the_caller() {
+        let from_box = "dial 10.0.0.5:11434: refused; use https://elsewhere.example";
+        for e in [
+            AcquireError::Pair(PairError::Failed(from_box.into())),
+            AcquireError::Pair(PairError::Refused(from_box.into())),
+            AcquireError::Busy(from_box.into()),
+        ] {
+            assert!(e.to_string().contains(from_box), "logged: {e}");
+            let told = e.for_caller();
+            assert!(
+                !told.contains("10.0.0.5") && !told.contains("elsewhere"),
+                "{told}"
+            );
+        }
+        // frps's own words pass as they are.
+        let e = AcquireError::HeadTimeout(Duration::from_secs(300));
+        assert_eq!(e.for_caller(), e.to_string());
+        let e = AcquireError::Pair(PairError::Timeout(Duration::from_secs(10)));
+        assert_eq!(e.for_caller(), "client did not dial back within 10s");
+    }
 
     /// A sender over an in-memory pipe, with the pipe's far end (drop it
     /// to close the connection).

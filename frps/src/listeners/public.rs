@@ -1620,7 +1620,7 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         Stats::inc(&state.stats.dial_timeouts);
         error_response(
             StatusCode::GATEWAY_TIMEOUT,
-            &format!("no client answered in time: {e}"),
+            &format!("no client answered in time: {}", e.for_caller()),
             "gateway_timeout",
             "client_timeout",
         )
@@ -1628,7 +1628,7 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         Stats::inc(&state.stats.no_client);
         let mut resp = error_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &format!("every client that could serve this request is busy ({e}); retry shortly"),
+            "every client that could serve this request is busy; retry shortly",
             "service_unavailable",
             "client_busy",
         );
@@ -1648,7 +1648,10 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         Stats::inc(&state.stats.upstream_errors);
         error_response(
             StatusCode::GATEWAY_TIMEOUT,
-            &format!("the client's local service did not answer: {e}"),
+            &format!(
+                "the client's local service did not answer: {}",
+                e.for_caller()
+            ),
             "gateway_timeout",
             "upstream_timeout",
         )
@@ -1656,7 +1659,10 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         Stats::inc(&state.stats.upstream_errors);
         error_response(
             StatusCode::BAD_GATEWAY,
-            &format!("the client's local service failed before answering: {e}"),
+            &format!(
+                "the client's local service failed before answering: {}",
+                e.for_caller()
+            ),
             "upstream_error",
             "upstream_failed",
         )
@@ -1664,7 +1670,7 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         Stats::inc(&state.stats.upstream_errors);
         error_response(
             StatusCode::BAD_GATEWAY,
-            &format!("could not reach a client's service: {e}"),
+            &format!("could not reach a client's service: {}", e.for_caller()),
             "upstream_error",
             "upstream_unavailable",
         )

@@ -142,7 +142,7 @@ async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
 }
 
 #[tokio::test]
-async fn a_clients_reason_for_not_connecting_reaches_the_caller_tamed() {
+async fn a_clients_reason_for_not_connecting_stays_out_of_the_callers_answer() {
     let mut cfg = frps_config();
     cfg.max_retries = 0;
     let frps = Frps::start(cfg).await;
@@ -161,11 +161,11 @@ async fn a_clients_reason_for_not_connecting_reaches_the_caller_tamed() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(
-        message.contains("connection refused 2026-12-04"),
-        "{message:?}"
+    // The box's text (a forged log line here) never reaches the caller.
+    assert_eq!(
+        message,
+        "could not reach a client's service: the client could not open a connection to its service"
     );
-    assert!(!message.contains('\n'), "{message:?}");
 }
 
 #[tokio::test]
