@@ -50,6 +50,7 @@ pub struct ClientHandle {
     last_seen: Mutex<Instant>,
     /// Paces the client's `Error` lines at warn.
     error_logged: common::pace::SharedPace,
+    busy_logged: common::pace::SharedPace,
     models: RwLock<Vec<ModelInfo>>,
     system: RwLock<Option<SystemInfo>>,
     /// Requests currently being served by this box: shared by its sessions
@@ -164,6 +165,13 @@ impl ClientHandle {
     /// pause would fill the log).
     pub fn may_log_error(&self) -> bool {
         self.error_logged.admit()
+    }
+
+    /// Whether a refusal of the client's for want of room (its reason,
+    /// which callers are not told) is logged at info now: one a second at
+    /// most, the rest at debug (a burst refuses many).
+    pub fn may_log_busy(&self) -> bool {
+        self.busy_logged.admit()
     }
 
     /// Marks the client as heard from now.
@@ -506,6 +514,7 @@ impl Registry {
             kick_reason: Mutex::new(None),
             last_seen: Mutex::new(Instant::now()),
             error_logged: common::pace::SharedPace::new(std::time::Duration::from_secs(1)),
+            busy_logged: common::pace::SharedPace::new(std::time::Duration::from_secs(1)),
             system: RwLock::new(None),
             in_flight,
             requests: AtomicU64::new(0),
@@ -750,6 +759,20 @@ mod tests {
         assert!(second.try_reserve());
         assert_eq!(reg.in_flight_of("gpu", 2).load(Ordering::Relaxed), 0);
         second.release_slot();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_clients_busy_refusals_are_logged_at_info_once_a_second_apart_from_errors() {
+        let reg = Registry::default();
+        let client = reg.insert(new_client("busy").0).unwrap();
+        assert!(client.may_log_busy());
+        assert!(!client.may_log_busy());
+        // Its own pace: a burst of refusals does not silence an error.
+        assert!(client.may_log_error());
+        tokio::time::advance(std::time::Duration::from_millis(999)).await;
+        assert!(!client.may_log_busy());
+        tokio::time::advance(std::time::Duration::from_millis(1)).await;
+        assert!(client.may_log_busy());
     }
 
     #[tokio::test(start_paused = true)]

@@ -860,7 +860,9 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
             None
         }
         Command::OpenFailed { conn_id, reason } => {
-            // The client's text, logged and told to callers.
+            // The client's text: logged (at warn when the request fails
+            // for it, at info when it says the box is busy), never told
+            // to callers.
             let reason = common::text::tame(&reason, MAX_CLIENT_TEXT);
             debug!(client = %client.id, %conn_id, "client could not open a connection: {reason}");
             state

@@ -22,7 +22,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown};
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::KeyCheck;
 use crate::config::Config;
@@ -809,7 +809,7 @@ async fn forward(
                 if common::protocol::busy_refusal(&reason).is_some() && !client.record_shed() =>
             {
                 waited += acquiring.elapsed();
-                debug!(client = %client.id, "the client refused another connection: {reason}");
+                log_busy(&client, "the client refused another connection", &reason);
                 excluded.push(client.session);
                 busy += 1;
                 let reason = common::protocol::busy_refusal(&reason)
@@ -964,6 +964,11 @@ async fn forward(
                     // theirs: the box has done the work, so the request is
                     // not sent again (the caller may retry it).
                     if reset.here && reset.is_shed() && unsent.is_none() {
+                        log_busy(
+                            &client,
+                            "the answer's tunnel stream was shed",
+                            &reset.reason,
+                        );
                         let e = AcquireError::Busy(reset.reason.to_string());
                         return upstream_error(state, &e);
                     }
@@ -981,11 +986,11 @@ async fn forward(
                     if reset.is_busy() && !client.record_shed() {
                         let reason = &*reset.reason;
                         let reason = common::protocol::busy_refusal(reason).unwrap_or(reason);
+                        log_busy(&client, "tunnel stream shed under the request", reason);
                         let e = AcquireError::Busy(reason.to_owned());
                         if payload.is_spent() {
                             return upstream_error(state, &e);
                         }
-                        debug!(client = %client.id, "tunnel stream shed under the request: {e}");
                         excluded.push(client.session);
                         busy += 1;
                         // An earlier client's failure stays the answer.
@@ -1139,6 +1144,16 @@ fn blame(
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))
+}
+
+/// Logs why `client` took no more requests (its own reason, which the
+/// caller is not told): at info one a second per client, the rest at debug.
+fn log_busy(client: &ClientHandle, what: &str, reason: &str) {
+    if client.may_log_busy() {
+        info!(client = %client.id, "{what}: {reason}");
+    } else {
+        debug!(client = %client.id, "{what}: {reason}");
+    }
 }
 
 fn bad_gateway(message: &str) -> Response<PublicBody> {

@@ -1054,7 +1054,8 @@ impl Store {
 
 /// `url` with any password replaced by `***`, for messages: the one in
 /// `user:password@`, and the values of query parameters whose name holds
-/// `password` (`?password=`, `&sslpassword=`, in any letter case), or of
+/// `password` (`?password=`, `&sslpassword=`, in any letter case) or is
+/// `pass` (a Redis socket's `redis+unix:///run/redis.sock?pass=`), or of
 /// such keywords in libpq's `key=value` form (`host=db password=secret`).
 pub fn redact(url: &str) -> String {
     if !has_scheme(url) && url.contains('=') {
@@ -1120,9 +1121,11 @@ fn redact_keywords(conninfo: &str) -> String {
 }
 
 /// Whether a connection setting named `name` holds a password (`password`,
-/// `sslpassword`, in any letter case): its value is never shown.
+/// `sslpassword`, and `pass`, where the Redis client reads the password of
+/// a `redis+unix://` socket; in any letter case): its value is never shown.
 fn names_password(name: &str) -> bool {
-    name.to_ascii_lowercase().contains("password")
+    let name = name.to_ascii_lowercase();
+    name.contains("password") || name == "pass"
 }
 
 /// Whether `url` starts with a URL scheme (`postgres://`, `sqlite:`…) rather
@@ -1229,6 +1232,14 @@ mod tests {
             "sqlite://frpx.db?mode=rwc"
         );
         assert_eq!(redact("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(
+            redact("redis+unix:///run/redis.sock?db=1&PASS=s3cret&user=frps"),
+            "redis+unix:///run/redis.sock?db=1&PASS=***&user=frps"
+        );
+        assert_eq!(
+            redact("unix:///run/r.sock?pass=x"),
+            "unix:///run/r.sock?pass=***"
+        );
     }
 
     #[test]
