@@ -911,7 +911,9 @@ async fn forward(
                 // `gzip, chunked`, and the coding would leave with the
                 // hop-by-hop header: the caller would get gzip bytes as a
                 // plain body. The service answered, so it is no failure of
-                // the box; the request is not sent again.
+                // the box (an answer, as below); the request is not sent
+                // again.
+                answered(state, &client, resp.status());
                 Stats::inc(&state.stats.upstream_errors);
                 warn!(client = %client.id, "upstream response refused: Transfer-Encoding other than chunked alone");
                 return error_response(
@@ -922,16 +924,7 @@ async fn forward(
                 );
             }
             Some(Ok(Ok(resp))) => {
-                // A server error is relayed as it is, but proves nothing
-                // of the box's health: a box whose model cannot load (and
-                // answers 500 at once) must not have its failures
-                // forgotten at every answer. Nor is it counted as a failure:
-                // it may be this request's own fault.
-                if !resp.status().is_server_error() && client.record_success() {
-                    // Its cool-down ended early: requests queued meanwhile
-                    // may go to it now.
-                    state.queues.wake_all();
-                }
+                answered(state, &client, resp.status());
                 // Served: counted once, whatever attempts came before.
                 client.requests.fetch_add(1, Ordering::Relaxed);
                 state
@@ -1144,6 +1137,19 @@ fn blame(
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))
+}
+
+/// Notes that `client`'s service answered with `status`: its failures and
+/// sheds are forgotten. A server error is relayed as it is, but proves
+/// nothing of the box's health: a box whose model cannot load (and answers
+/// 500 at once) must not have its failures forgotten at every answer. Nor
+/// is it counted as a failure: it may be the request's own fault.
+fn answered(state: &State, client: &ClientHandle, status: StatusCode) {
+    if !status.is_server_error() && client.record_success() {
+        // Its cool-down ended early: requests queued meanwhile may go to
+        // it now.
+        state.queues.wake_all();
+    }
 }
 
 /// Logs why `client` took no more requests (its own reason, which the

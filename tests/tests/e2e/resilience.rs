@@ -1507,11 +1507,18 @@ async fn an_answer_in_a_transfer_coding_frps_cannot_relay_is_a_clean_502() {
         }
     });
     let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let client = frps.state.registry.online().pop().unwrap();
+    for _ in 1..frps::registry::FAILURES_BEFORE_COOLDOWN {
+        assert_eq!(client.record_failure(), None);
+    }
     let reply = http::get(frps.public(), "/gzip", Some(API_KEY)).await;
     assert_eq!(reply.status, 502, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "unsupported_transfer_coding");
-    // The service answered: the request is not sent elsewhere or again.
+    // The service answered: the request is not sent elsewhere or again,
+    // and the box's earlier failures are forgotten (one more does not
+    // cool it down).
     assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(client.record_failure(), None);
     // Nothing to undo: relayed.
     let reply = http::get(frps.public(), "/identity", Some(API_KEY)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
