@@ -49,6 +49,9 @@ pub fn one_heap() {
 macro_rules! define_pow {
     () => {
         /// `x` to the power `y`, as C's `pow` (see `common::define_pow`).
+        /// On glibc only: elsewhere the C library's own is linked as before
+        /// (a static or two-level-namespace C library could clash with it).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         #[unsafe(no_mangle)]
         pub extern "C" fn pow(x: f64, y: f64) -> f64 {
             $crate::memory::libm_pow(x, y)

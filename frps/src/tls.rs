@@ -87,6 +87,9 @@ pub struct Tls {
     /// What the certificates' dates warrant saying at start (expired, not
     /// yet valid, expiring soon): every TLS client refuses such a one.
     pub date_warnings: Vec<String>,
+    /// Operator keys (`--tls-key`, `--public-tls-key`) every user may read,
+    /// said at start.
+    pub key_warnings: Vec<String>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -129,6 +132,16 @@ impl Tls {
             tls.fingerprint = Some(fingerprint(&certs[0]));
             tls.frames = Some(acceptor(certs, key)?);
         }
+        for key in [&config.tls_key, &config.public_tls_key]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(warning) = world_readable(key)
+                && !tls.key_warnings.contains(&warning)
+            {
+                tls.key_warnings.push(warning);
+            }
+        }
         if let (Some(cert), Some(key)) = (&config.public_tls_cert, &config.public_tls_key) {
             let (certs, key) = load_pem(cert, key)?;
             tls.date_warnings
@@ -158,7 +171,7 @@ impl Tls {
         if self.public.is_some() {
             tracing::info!("TLS on the public port");
         }
-        for warning in &self.date_warnings {
+        for warning in self.date_warnings.iter().chain(&self.key_warnings) {
             tracing::warn!("{warning}");
         }
     }
@@ -421,6 +434,19 @@ fn warn_if_readable(key: &Path) {
     }
 }
 
+/// What to say of an operator's private key every user may read (a group
+/// may: Debian's `ssl-cert` convention is 0640): anyone on the machine
+/// could pose as this frps.
+fn world_readable(key: &Path) -> Option<String> {
+    let mode = common::private_file::open_to_others(key)?;
+    (mode & 0o007 != 0).then(|| {
+        format!(
+            "{} may be read by every user (mode {mode:o}): anyone who reads it can pose as this frps; chmod o-rwx it",
+            key.display()
+        )
+    })
+}
+
 /// A rustls acceptor (ring provider, TLS 1.2 and 1.3) for one certificate.
 fn acceptor(
     certs: Vec<CertificateDer<'static>>,
@@ -605,6 +631,24 @@ mod tests {
         let tls = Tls::from_config(&config).unwrap();
         assert!(tls.frames.is_some() && tls.public.is_some());
         assert_eq!(tls.date_warnings.len(), 2, "{:?}", tls.date_warnings);
+        // Written with the umask's 0644: every user may read the key (one
+        // warning for the one file both flags name).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = config.tls_key.clone().unwrap();
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let tls = Tls::from_config(&config).unwrap();
+            assert_eq!(tls.key_warnings.len(), 1, "{:?}", tls.key_warnings);
+            assert!(
+                tls.key_warnings[0].contains("mode 644"),
+                "{:?}",
+                tls.key_warnings
+            );
+            // A group may read it (ssl-cert); others not: nothing to say.
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+            assert!(Tls::from_config(&config).unwrap().key_warnings.is_empty());
+        }
         for warning in &tls.date_warnings {
             assert!(warning.contains(&cert.display().to_string()), "{warning}");
             assert!(warning.contains("expired on 2021-01-01"), "{warning}");
