@@ -268,9 +268,12 @@ fi
 # Release frps and frpc load no libm (common::define_pow, SQLite without
 # FTS5 from .cargo/config.toml); a LIBSQLITE3_FLAGS of one's own replaces
 # that setting, and libm (0.5 MiB resident) comes back.
-if [[ $PROFILE == release ]] && have readelf; then
+if [[ $PROFILE == release ]] && ! have readelf; then
+  log "readelf not found: not checking whether frps and frpc load libm"
+elif [[ $PROFILE == release ]]; then
   for exe in frps frpc; do
-    if readelf -d "$BIN/$exe" 2>/dev/null | grep -q 'NEEDED.*libm\.so'; then
+    dynamic=$(readelf -d "$BIN/$exe" 2>/dev/null || true)
+    if grep -q 'NEEDED.*libm\.so' <<<"$dynamic"; then
       warn "$exe loads libm (LIBSQLITE3_FLAGS set in the environment? .cargo/config.toml builds SQLite without FTS5): e's figures suffer"
       ORDER_NOTE="${ORDER_NOTE:+$ORDER_NOTE; }$exe loads libm"
     fi

@@ -439,7 +439,7 @@ fn warn_if_readable(key: &Path) {
 /// could pose as this frps.
 fn world_readable(key: &Path) -> Option<String> {
     let mode = common::private_file::open_to_others(key)?;
-    (mode & 0o007 != 0).then(|| {
+    (mode & 0o004 != 0).then(|| {
         format!(
             "{} may be read by every user (mode {mode:o}): anyone who reads it can pose as this frps; chmod o-rwx it",
             key.display()

@@ -809,12 +809,12 @@ async fn forward(
                 if common::protocol::busy_refusal(&reason).is_some() && !client.record_shed() =>
             {
                 waited += acquiring.elapsed();
-                log_busy(&client, "the client refused another connection", &reason);
-                excluded.push(client.session);
-                busy += 1;
                 let reason = common::protocol::busy_refusal(&reason)
                     .unwrap_or(&reason)
                     .to_owned();
+                log_busy(&client, "the client refused another connection", &reason);
+                excluded.push(client.session);
+                busy += 1;
                 last_error.get_or_insert(AcquireError::Busy(reason));
                 continue;
             }
