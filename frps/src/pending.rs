@@ -192,6 +192,11 @@ impl Pending {
             .collect()
     }
 
+    /// Number of pairings waiting for a dial-back from `session`.
+    pub fn outstanding(&self, session: u64) -> usize {
+        self.lock().outstanding(session)
+    }
+
     /// Number of pairings waiting for a dial-back.
     pub fn len(&self) -> usize {
         self.lock().by_id.len()

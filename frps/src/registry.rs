@@ -64,7 +64,7 @@ pub struct ClientHandle {
     service_up: AtomicBool,
     /// The box's failures and cool-down: shared with the session it
     /// replaced, whose requests still running count for the box.
-    health: Arc<Mutex<Health>>,
+    health: SharedHealth,
     /// Idle upstream HTTP connections through this client's tunnel.
     pub idle: IdlePool,
     /// Held while its `gpu_assets` row is written, so writes land in order:
@@ -393,10 +393,32 @@ pub struct Registry {
     /// Each box's `gpu_assets` write order, shared by its sessions: a gone
     /// session's `offline` and its reconnect's `online` land in turn.
     asset_writes: Mutex<ByBox<tokio::sync::Mutex<()>>>,
-    /// The failures (and cool-down) of boxes whose session ended, for
-    /// their next session, until the time with each: a box failing
-    /// requests does not leave its cool-down by reconnecting.
-    health_left: Mutex<HashMap<(String, i64), (Health, Instant)>>,
+    /// The health (failures, cool-down) of boxes whose session ended, for
+    /// their next session: a box failing requests does not leave its
+    /// cool-down by reconnecting.
+    health_left: Mutex<HealthLeft>,
+}
+
+/// The health each box's last session left, shared (requests that
+/// session still ran when it ended, failing or answered later, count for
+/// the box's next one), with when the session ended; kept while
+/// [`remembered`].
+#[derive(Debug)]
+struct HealthLeft {
+    by_box: HashMap<(String, i64), (SharedHealth, Instant)>,
+    prune_at: usize,
+}
+
+/// A box's health, shared by its sessions.
+type SharedHealth = Arc<Mutex<Health>>;
+
+/// Whether a box's health, left by a session that ended at `left_at`, is
+/// still handed to its next session at `now`: for [`COOLDOWN_MAX`] past its
+/// cool-down's end, or past `left_at`.
+fn remembered(health: &Mutex<Health>, left_at: Instant, now: Instant) -> bool {
+    let until = health.lock().expect("health lock").until;
+    let from = until.map_or(left_at, |t| t.max(left_at));
+    now < from + COOLDOWN_MAX
 }
 
 /// Something each box (client id and account) shares across its sessions
@@ -439,7 +461,10 @@ impl Default for Registry {
             changes: watch::Sender::new(0),
             in_flight: Mutex::new(ByBox::new()),
             asset_writes: Mutex::new(ByBox::new()),
-            health_left: Mutex::new(HashMap::new()),
+            health_left: Mutex::new(HealthLeft {
+                by_box: HashMap::new(),
+                prune_at: 1024,
+            }),
         }
     }
 }
@@ -540,6 +565,7 @@ impl Registry {
         self.health_left
             .lock()
             .expect("health lock")
+            .by_box
             .remove(&(handle.id.clone(), handle.owner.user_id));
         if let Some(old) = old {
             old.kick(common::protocol::REPLACED);
@@ -571,10 +597,10 @@ impl Registry {
     }
 
     /// What a new session of the box `(id, user_id)` starts with: the
-    /// health of its live session (a reconnect replacing it), shared, so
-    /// the requests that session still runs count for the box; else what
-    /// its last session left, if that is still remembered.
-    fn health_of(&self, id: &str, user_id: i64) -> Arc<Mutex<Health>> {
+    /// health of its live session (a reconnect replacing it), or what its
+    /// last session left while that is remembered; shared, so the requests
+    /// that session still runs count for the box.
+    fn health_of(&self, id: &str, user_id: i64) -> SharedHealth {
         let live = self.clients.read().expect("registry lock").get(id).cloned();
         if let Some(live) = live.filter(|c| c.owner.user_id == user_id) {
             return live.health.clone();
@@ -582,27 +608,28 @@ impl Registry {
         // Forgotten only once the new session is in ([`Registry::insert_as`]):
         // a registration refused meanwhile leaves it for the next.
         let left = self.health_left.lock().expect("health lock");
-        let health = match left.get(&(id.to_owned(), user_id)) {
-            Some(&(health, until)) if Instant::now() < until => health,
-            _ => Health::default(),
-        };
-        Arc::new(Mutex::new(health))
+        match left.by_box.get(&(id.to_owned(), user_id)) {
+            Some((health, left_at)) if remembered(health, *left_at, Instant::now()) => {
+                health.clone()
+            }
+            _ => Arc::new(Mutex::new(Health::default())),
+        }
     }
 
-    /// Remembers the failures of `gone`'s session for the box's next one:
-    /// for [`COOLDOWN_MAX`] past its cool-down's end (or past now).
+    /// Keeps the health of `gone`'s session for the box's next one, shared:
+    /// a request it still ran that fails (or is answered) after it ended
+    /// counts too. A frpc that crashes mid-request ends its session as its
+    /// requests fail.
     fn keep_health(&self, gone: &ClientHandle) {
-        let health = *gone.health.lock().expect("health lock");
         let key = (gone.id.clone(), gone.owner.user_id);
         let mut left = self.health_left.lock().expect("health lock");
         let now = Instant::now();
-        if health.is_clean() {
-            left.remove(&key);
-            return;
+        left.by_box.insert(key, (gone.health.clone(), now));
+        if left.by_box.len() > left.prune_at {
+            left.by_box
+                .retain(|_, (health, left_at)| remembered(health, *left_at, now));
+            left.prune_at = (left.by_box.len() * 2).max(1024);
         }
-        left.retain(|_, (_, until)| now < *until);
-        let from = health.until.map_or(now, |t| t.max(now));
-        left.insert(key, (health, from + COOLDOWN_MAX));
     }
 
     /// The live client with this id.
@@ -885,8 +912,79 @@ mod tests {
         assert!(fourth.is_cooling_down());
         fourth.record_success();
         assert!(reg.remove(&fourth));
-        assert!(!add("gpu").is_cooling_down());
-        assert!(reg.health_left.lock().unwrap().is_empty());
+        let fifth = add("gpu");
+        assert!(!fifth.is_cooling_down());
+        // Starting clean: one failure is not enough.
+        assert_eq!(fifth.record_failure(), None);
+    }
+
+    #[test]
+    fn failures_of_requests_a_session_ran_when_it_ended_count_for_the_next() {
+        let reg = Registry::default();
+        let add = |id| super::testing::add(&reg, id, &[], None);
+        let gone = add("gpu");
+        assert!(reg.remove(&gone));
+        // Its requests fail as it ends (a frpc crashing mid-request): the
+        // box's next session cools down, whether it registered before...
+        let next = add("gpu");
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            gone.record_failure();
+        }
+        assert!(next.is_cooling_down(), "registered before they failed");
+        // ...or after.
+        next.record_success();
+        assert!(reg.remove(&next));
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            next.record_failure();
+        }
+        assert!(add("gpu").is_cooling_down(), "registered after they failed");
+    }
+
+    #[test]
+    fn what_sessions_left_is_forgotten_once_past_its_time() {
+        let reg = Registry::default();
+        let gone = super::testing::add(&reg, "gpu", &[], None);
+        for _ in 0..FAILURES_BEFORE_COOLDOWN {
+            gone.record_failure();
+        }
+        assert!(reg.remove(&gone));
+        let health = |reg: &Registry| {
+            let left = reg.health_left.lock().unwrap();
+            let (health, left_at) = &left.by_box[&("gpu".to_owned(), 1)];
+            (health.clone(), *left_at)
+        };
+        let (kept, left_at) = health(&reg);
+        let until = kept.lock().unwrap().until.unwrap();
+        assert!(remembered(
+            &kept,
+            left_at,
+            until + COOLDOWN_MAX - std::time::Duration::from_millis(1)
+        ));
+        assert!(!remembered(&kept, left_at, until + COOLDOWN_MAX));
+        // A clean one for COOLDOWN_MAX past its session's end.
+        kept.lock().unwrap().until = None;
+        assert!(remembered(
+            &kept,
+            left_at,
+            left_at + COOLDOWN_MAX - std::time::Duration::from_millis(1)
+        ));
+        assert!(!remembered(&kept, left_at, left_at + COOLDOWN_MAX));
+        // Many boxes leaving: the forgotten ones are pruned as the map grows.
+        {
+            let mut left = reg.health_left.lock().unwrap();
+            let past = Instant::now() - COOLDOWN_MAX * 2;
+            for i in 0..2000 {
+                let health = Arc::new(Mutex::new(Health::default()));
+                left.by_box.insert((format!("old-{i}"), 1), (health, past));
+            }
+        }
+        for i in 0..10 {
+            let c = super::testing::add(&reg, &format!("new-{i}"), &[], None);
+            assert!(reg.remove(&c));
+        }
+        let left = reg.health_left.lock().unwrap();
+        assert!(left.by_box.len() <= 12, "{}", left.by_box.len());
+        assert!(left.by_box.contains_key(&("gpu".to_owned(), 1)));
     }
 
     #[test]

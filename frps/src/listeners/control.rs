@@ -246,6 +246,19 @@ async fn session(
         }
         Err(e) => Err(e.into()),
     };
+    // The box ended its session itself (its frpc stopped or crashed, its
+    // connection dropped or it broke the protocol; not replaced, kicked or
+    // evicted, which name a reason) while frps waited for its dial-backs:
+    // once, a failure of the box. Those requests fail over unblamed (a
+    // session's end is not its service failing), so a frpc that crashes at
+    // each request would otherwise be picked again at each reconnect.
+    if client.kick_reason().is_none()
+        && !state.drained.is_cancelled()
+        && state.pending.outstanding(client.session) > 0
+    {
+        warn!(client = %client.id, "client '{}' left while frps waited for its dial-backs", client.id);
+        crate::dispatch::record_failure(state, &client);
+    }
     // Fail waiters for this session at once rather than at their timeout.
     client.kick.cancel();
     client.idle.close();

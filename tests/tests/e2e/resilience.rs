@@ -504,6 +504,62 @@ async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_dow
     }
 }
 
+/// A frpc that crashes whenever frps asks it for a connection (its session
+/// lost while the dial-back is awaited) counts a failure each time: after
+/// two such sessions its next one starts cooling down, and requests no
+/// longer wait on it. A session that ends with no dial-back awaited, or
+/// that is replaced, counts none.
+#[tokio::test]
+async fn a_box_crashing_at_each_dial_back_cools_down_across_reconnects() {
+    let mut cfg = frps_config();
+    cfg.connect_timeout = Duration::from_secs(30);
+    // The fake clients send no heartbeats: not evicted for silence here.
+    cfg.heartbeat_interval = Duration::from_secs(10);
+    let frps = Frps::start(cfg).await;
+    let token = frps.client_token().await;
+    let registry = &frps.state.registry;
+    let session = || async {
+        let (fake, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
+        assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+        fake
+    };
+    let left = || async {
+        frpx_tests::eventually("the session ends", || registry.get("gpu").is_none()).await;
+    };
+    // Sessions that end idle: nothing awaited, nothing counted.
+    for _ in 0..frps::registry::FAILURES_BEFORE_COOLDOWN {
+        drop(session().await);
+        left().await;
+    }
+    for crash in 1..=frps::registry::FAILURES_BEFORE_COOLDOWN {
+        let mut fake = session().await;
+        assert!(
+            !registry.get("gpu").unwrap().is_cooling_down(),
+            "before crash {crash}"
+        );
+        let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
+        assert!(matches!(
+            fake.recv().await,
+            Some(Command::OpenConnection { .. })
+        ));
+        drop(fake);
+        left().await;
+        // No other session to take it: the caller hears its client left.
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        assert!(reply.body.contains("client disconnected"), "{}", reply.body);
+    }
+    let _third = session().await;
+    let client = registry.get("gpu").unwrap();
+    assert!(
+        client.is_cooling_down(),
+        "two sessions lost under dial-backs"
+    );
+    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
+}
+
 #[tokio::test]
 async fn a_client_whose_service_dies_fails_over_and_cools_down() {
     let fleet = Fleet::start(1).await;
