@@ -269,8 +269,7 @@ impl KeyValidator {
                 {
                     return answer;
                 }
-                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-                return KeyCheck::Throttled(wait);
+                return self.throttled(wait);
             }
             if secret_eq(key.as_bytes(), k.as_bytes()) {
                 self.stats.static_hits.fetch_add(1, Ordering::Relaxed);
@@ -295,8 +294,7 @@ impl KeyValidator {
         };
         let over_budget = || {
             let wait = failures.check(from, tokio::time::Instant::now()).err()?;
-            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-            Some(KeyCheck::Throttled(wait))
+            Some(self.throttled(wait))
         };
         if let Some(throttled) = over_budget() {
             return throttled;
@@ -331,6 +329,13 @@ impl KeyValidator {
         let answer = self.look_up(key, hash, now).await;
         failed.counted = matches!(answer, KeyCheck::Invalid);
         answer
+    }
+
+    /// The answer to an address out of its failed-lookup budget for `wait`,
+    /// counted.
+    fn throttled(&self, wait: Duration) -> KeyCheck {
+        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+        KeyCheck::Throttled(wait)
     }
 
     /// What the in-process caches know of `hash`.
