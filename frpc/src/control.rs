@@ -950,7 +950,15 @@ impl Client {
         loop {
             let frame = tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                _ = self.shutdown.cancelled() => {
+                    // frps hears a stop, not a crash: the requests waiting
+                    // for this box's dial-backs go elsewhere without its
+                    // being counted as failing. No write of this loop is
+                    // midway here (one cut by the shutdown returns at once).
+                    let bye = Command::Disconnect { reason: STOPPING.into() };
+                    let _ = tokio::time::timeout(GOODBYE_WRITE, write_command(wr, &bye)).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
                 // A write of this loop may have waited most of the window
                 // (its limit is the window): what frps sent meanwhile is
                 // read before it is taken for silent.
@@ -1144,6 +1152,12 @@ async fn send_within<W: AsyncWrite + Unpin>(
         _ = shutdown.cancelled() => Ok(false),
     }
 }
+
+/// The `Disconnect` reason frpc sends frps when it stops (SIGINT, SIGTERM).
+pub const STOPPING: &str = "frpc is shutting down";
+
+/// How long frpc's `Disconnect` may take to write when it stops.
+const GOODBYE_WRITE: Duration = Duration::from_secs(1);
 
 /// What frpc announces when it registers.
 fn registration(
@@ -2198,6 +2212,42 @@ mod tests {
             started.elapsed() < Duration::from_secs(5),
             "{:?}",
             started.elapsed()
+        );
+        std::fs::remove_dir_all(token_file.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_stop_tells_frps_it_is_no_crash() {
+        let (heard, mut said) = mpsc::channel(1);
+        let (registered, mut is_registered) = mpsc::channel(1);
+        let (port, token_file) = one_session_frps(false, |_wr, mut reader| async move {
+            let _ = registered.send(()).await;
+            // The last command before the connection closes.
+            let mut last = None;
+            while let Ok(Some(cmd)) = reader.read_command().await {
+                last = Some(cmd);
+            }
+            let _ = heard.send(last).await;
+        })
+        .await;
+        let more = ["--metrics-interval", "60s"];
+        let shutdown = CancellationToken::new();
+        let client = Client::new(config_for(port, &token_file, &more), shutdown.clone());
+        let run = tokio::spawn(client.unwrap().run());
+        let within = Duration::from_secs(10);
+        tokio::time::timeout(within, is_registered.recv())
+            .await
+            .expect("registered");
+        shutdown.cancel();
+        tokio::time::timeout(within, run)
+            .await
+            .expect("stopped")
+            .unwrap()
+            .unwrap();
+        let last = tokio::time::timeout(within, said.recv()).await.unwrap();
+        assert!(
+            matches!(&last, Some(Some(Command::Disconnect { reason })) if reason == STOPPING),
+            "{last:?}"
         );
         std::fs::remove_dir_all(token_file.parent().unwrap()).unwrap();
     }

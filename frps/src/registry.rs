@@ -300,6 +300,12 @@ impl ClientHandle {
         h.sheds > SHEDS_BEFORE_FAILURE
     }
 
+    /// The box's failures since its last success (of this session and of
+    /// the sessions before it that the box's health carries over).
+    pub fn failures(&self) -> u32 {
+        self.health.lock().expect("health lock").failures
+    }
+
     /// Whether the client is cooling down after failures.
     pub fn is_cooling_down(&self) -> bool {
         self.health
@@ -969,10 +975,24 @@ mod tests {
             left_at + COOLDOWN_MAX - std::time::Duration::from_millis(1)
         ));
         assert!(!remembered(&kept, left_at, left_at + COOLDOWN_MAX));
+        // Past its time, the box's next session starts clean.
+        let (Some(past), now) = (Instant::now().checked_sub(COOLDOWN_MAX * 2), Instant::now())
+        else {
+            return; // a monotonic clock younger than two minutes
+        };
+        kept.lock().unwrap().until = Some(past);
+        reg.health_left
+            .lock()
+            .unwrap()
+            .by_box
+            .insert(("gpu".to_owned(), 1), (kept, past));
+        assert!(!remembered(&health(&reg).0, past, now));
+        let next = super::testing::add(&reg, "gpu", &[], None);
+        assert_eq!(next.failures(), 0, "forgotten");
+        assert!(reg.remove(&next));
         // Many boxes leaving: the forgotten ones are pruned as the map grows.
         {
             let mut left = reg.health_left.lock().unwrap();
-            let past = Instant::now() - COOLDOWN_MAX * 2;
             for i in 0..2000 {
                 let health = Arc::new(Mutex::new(Health::default()));
                 left.by_box.insert((format!("old-{i}"), 1), (health, past));

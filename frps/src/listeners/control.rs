@@ -179,7 +179,7 @@ async fn session(
         hooks::close_proxy(&state.plugins, &registration, session).await;
         return Err(ended);
     }
-    let (tx, rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::channel(64);
     let session_key = random_hex(32);
     // Kept for a CloseProxy should the id still be live under another
     // account (the registration moves into the registry's handle).
@@ -242,25 +242,30 @@ async fn session(
                 state.clone(),
                 client.clone(),
             )));
-            serve(reader, wr, rx, &client, state).await
+            serve(reader, wr, &mut rx, &client, state).await
         }
         Err(e) => Err(e.into()),
     };
-    // The box ended its session itself (its frpc stopped or crashed, its
-    // connection dropped or it broke the protocol; not replaced, kicked or
-    // evicted, which name a reason) while frps waited for its dial-backs:
-    // once, a failure of the box. Those requests fail over unblamed (a
-    // session's end is not its service failing), so a frpc that crashes at
-    // each request would otherwise be picked again at each reconnect.
-    if client.kick_reason().is_none()
+    // The box's session was lost (its frpc crashed, its connection dropped,
+    // it broke the protocol; not replaced, kicked, evicted or stopped with a
+    // `Disconnect`, which name a reason) while frps waited for its
+    // dial-backs: once, a failure of the box. Those requests fail over
+    // unblamed (a session's end is not its service failing), so a frpc that
+    // crashes at each request would otherwise be asked again at each
+    // reconnect. Read before the waiters hear of the end and withdraw.
+    let lost_under_dial_backs = client.kick_reason().is_none()
         && !state.drained.is_cancelled()
-        && state.pending.outstanding(client.session) > 0
-    {
-        warn!(client = %client.id, "client '{}' left while frps waited for its dial-backs", client.id);
+        && state.pending.outstanding(client.session) > 0;
+    // Fail waiters for this session at once rather than at their timeout.
+    // Until now the command channel stayed open: a request handing it an
+    // `OpenConnection` meanwhile waits for this (a session's end, unblamed)
+    // rather than finding the channel closed under a session still on.
+    client.kick.cancel();
+    drop(rx);
+    if lost_under_dial_backs {
+        warn!(client = %client.id, "client '{}' was lost while frps waited for its dial-backs", client.id);
         crate::dispatch::record_failure(state, &client);
     }
-    // Fail waiters for this session at once rather than at their timeout.
-    client.kick.cancel();
     client.idle.close();
     // A session replaced by a newer one of the same client id leaves the
     // proxy to that session: only the session that held the id closes it.
@@ -557,7 +562,7 @@ const MAX_REGISTRATION_TEXT: usize = 255;
 async fn serve(
     reader: &mut FrameReader<ReadHalf<Stream>>,
     wr: &mut WriteHalf<Stream>,
-    mut rx: mpsc::Receiver<Command>,
+    rx: &mut mpsc::Receiver<Command>,
     client: &Arc<ClientHandle>,
     state: &Arc<State>,
 ) -> Result<(), ControlError> {
@@ -609,6 +614,14 @@ async fn serve(
         };
         let Some(cmd) = frame? else { return Ok(()) };
         client.touch();
+        if let Command::Disconnect { reason } = &cmd {
+            // frpc stopping: the box's own choice, not its failure (the
+            // requests waiting for its dial-backs go elsewhere unblamed).
+            let reason = common::text::tame(reason, MAX_CLIENT_TEXT);
+            info!(client = %client.id, "client '{}' is disconnecting: {reason}", client.id);
+            client.kick(format!("the client disconnected: {reason}"));
+            return Ok(());
+        }
         evict.as_mut().reset(Instant::now() + silence);
         if asset_written.elapsed() >= ASSET_REFRESH {
             asset_written = Instant::now();

@@ -505,10 +505,10 @@ async fn a_box_replaced_while_requests_wait_for_its_dial_backs_is_not_cooled_dow
 }
 
 /// A frpc that crashes whenever frps asks it for a connection (its session
-/// lost while the dial-back is awaited) counts a failure each time: after
-/// two such sessions its next one starts cooling down, and requests no
-/// longer wait on it. A session that ends with no dial-back awaited, or
-/// that is replaced, counts none.
+/// lost while the dial-back is awaited) counts one failure each time: after
+/// two such sessions the box cools down, and its next session inherits the
+/// count. A session that ends with no dial-back awaited, or that frpc ends
+/// with a `Disconnect` (its shutdown), counts none.
 #[tokio::test]
 async fn a_box_crashing_at_each_dial_back_cools_down_across_reconnects() {
     let mut cfg = frps_config();
@@ -518,6 +518,7 @@ async fn a_box_crashing_at_each_dial_back_cools_down_across_reconnects() {
     let frps = Frps::start(cfg).await;
     let token = frps.client_token().await;
     let registry = &frps.state.registry;
+    let public = frps.public();
     let session = || async {
         let (fake, answer) = FakeClient::register(frps.addrs.control, &token, "gpu").await;
         assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
@@ -526,38 +527,62 @@ async fn a_box_crashing_at_each_dial_back_cools_down_across_reconnects() {
     let left = || async {
         frpx_tests::eventually("the session ends", || registry.get("gpu").is_none()).await;
     };
+    // One request, waiting for the box's dial-back when `end` ends its
+    // session; with no other session to take it, the caller hears its
+    // client left.
+    let asked_then = |end: fn(&mut FakeClient) -> Option<Command>| async move {
+        let mut fake = session().await;
+        let request = tokio::spawn(http::get(public, "/", Some(API_KEY)));
+        assert!(matches!(
+            fake.recv().await,
+            Some(Command::OpenConnection { .. })
+        ));
+        if let Some(bye) = end(&mut fake) {
+            fake.send(bye).await;
+        }
+        drop(fake);
+        left().await;
+        let reply = request.await.unwrap();
+        assert_eq!(reply.status, 502, "{}", reply.body);
+        assert!(reply.body.contains("client disconnected"), "{}", reply.body);
+    };
+    let failures = || async {
+        let fake = session().await;
+        let failures = registry.get("gpu").unwrap().failures();
+        drop(fake);
+        left().await;
+        failures
+    };
     // Sessions that end idle: nothing awaited, nothing counted.
     for _ in 0..frps::registry::FAILURES_BEFORE_COOLDOWN {
         drop(session().await);
         left().await;
     }
-    for crash in 1..=frps::registry::FAILURES_BEFORE_COOLDOWN {
-        let mut fake = session().await;
-        assert!(
-            !registry.get("gpu").unwrap().is_cooling_down(),
-            "before crash {crash}"
-        );
-        let request = tokio::spawn(http::get(frps.public(), "/", Some(API_KEY)));
-        assert!(matches!(
-            fake.recv().await,
-            Some(Command::OpenConnection { .. })
-        ));
-        drop(fake);
-        left().await;
-        // No other session to take it: the caller hears its client left.
-        let reply = request.await.unwrap();
-        assert_eq!(reply.status, 502, "{}", reply.body);
-        assert!(reply.body.contains("client disconnected"), "{}", reply.body);
+    assert_eq!(failures().await, 0, "idle ends");
+    // frpc stopping under dial-backs says so: nothing counted.
+    let stop = |_: &mut FakeClient| {
+        Some(Command::Disconnect {
+            reason: frpc::control::STOPPING.into(),
+        })
+    };
+    for _ in 0..frps::registry::FAILURES_BEFORE_COOLDOWN {
+        asked_then(stop).await;
     }
-    let _third = session().await;
+    assert_eq!(failures().await, 0, "stops");
+    // Crashes: one failure per lost session, whatever it was asked.
+    let crash = |_: &mut FakeClient| None;
+    asked_then(crash).await;
+    assert_eq!(failures().await, 1, "one crash");
+    asked_then(crash).await;
+    let after = std::time::Instant::now();
+    let _next = session().await;
     let client = registry.get("gpu").unwrap();
+    assert_eq!(client.failures(), 2, "two crashes");
+    // Its cool-down (the first, 1 s) runs from the lost session's end.
     assert!(
-        client.is_cooling_down(),
+        client.is_cooling_down() || after.elapsed() >= frps::registry::COOLDOWN_BASE,
         "two sessions lost under dial-backs"
     );
-    let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
-    assert_eq!(reply.status, 503, "{}", reply.body);
-    assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
 }
 
 #[tokio::test]
