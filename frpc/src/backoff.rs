@@ -27,14 +27,19 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
-        let factor = rand::rng().random_range(0.8..=1.2);
-        base.mul_f64(factor).min(self.max)
+        jittered(base).min(self.max)
     }
 
     /// Starts over from `min` (after a successful registration).
     pub fn reset(&mut self) {
         self.current = self.min;
     }
+}
+
+/// `delay` jittered by ±20 %: clients that lost their connections at once
+/// (a frps restart) do not all come back in the same instant.
+pub fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(rand::rng().random_range(0.8..=1.2))
 }
 
 #[cfg(test)]
@@ -65,5 +70,19 @@ mod tests {
             .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).next_delay())
             .collect();
         assert!(delays.len() > 10);
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        let base = Duration::from_secs(10);
+        let delays: Vec<_> = (0..200).map(|_| jittered(base)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| (Duration::from_secs(8)..=Duration::from_secs(12)).contains(d))
+        );
+        // Spread, not one value.
+        let (min, max) = (delays.iter().min().unwrap(), delays.iter().max().unwrap());
+        assert!(*max - *min > Duration::from_secs(1), "{min:?}..{max:?}");
     }
 }

@@ -2221,6 +2221,12 @@ mod tests {
         let (heard, mut said) = mpsc::channel(1);
         let (registered, mut is_registered) = mpsc::channel(1);
         let (port, token_file) = one_session_frps(false, |_wr, mut reader| async move {
+            // Once the session loop runs (it sends the first metrics).
+            while let Ok(Some(cmd)) = reader.read_command().await {
+                if matches!(cmd, Command::SystemInfo(_)) {
+                    break;
+                }
+            }
             let _ = registered.send(()).await;
             // The last command before the connection closes.
             let mut last = None;

@@ -128,6 +128,11 @@ pub async fn run_tunnel(
                     last_refusal = Some(reason);
                 }
             }
+            // With its session: the next session dials its own.
+            Err(TunnelError::Lost(reason)) if session_over.is_cancelled() => {
+                debug!("tunnel connection ended with its session: {reason}");
+                return;
+            }
             Err(TunnelError::Lost(reason)) => {
                 last_refusal = None;
                 warn!("tunnel connection lost: {reason}; dial-backs until it is back")
@@ -139,7 +144,9 @@ pub async fn run_tunnel(
         }
         let wait = pause_after(pause, accepted, refused);
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            // Jittered: a fleet whose tunnels dropped at once (frps's proxy
+            // port restarted, its sessions kept) does not redial at once.
+            _ = tokio::time::sleep(crate::backoff::jittered(wait)) => {}
             _ = session_over.cancelled() => return,
         }
         pause = (wait * 2).min(TUNNEL_RETRY_MAX);
@@ -478,6 +485,15 @@ async fn forward_watched(
         joined = join_streams_lingering(remote, local, DIAL_BACK_LINGER, gone) => match joined {
             Err(e) if common::SenderGone::is(&e) => {
                 warn!(%conn_id, "frps closed the data connection while the local service took none of the request for {:?}; closing the local connection", common::GONE_CHECK);
+                return Err(e);
+            }
+            // The service's connection failed (reset: it crashed
+            // mid-answer): frps hears a reset too, not a close, which
+            // would end an answer framed by its connection's close as if
+            // it were complete.
+            Err(e) if common::SourceFailed::is(&e) => {
+                debug!(%conn_id, "the local service's connection failed: {e}; resetting the data connection");
+                let _ = common::stream::reset_on_close(remote.tcp());
                 return Err(e);
             }
             joined => joined?,

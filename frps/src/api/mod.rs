@@ -141,7 +141,7 @@ pub async fn serve_conn(
         header_timeout,
     );
     let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-        first.arrived();
+        first.arrived_with(req.headers());
         req.extensions_mut().insert(ConnectInfo(peer));
         let app = app.clone();
         async move {

@@ -27,6 +27,16 @@
 //!
 //! The management API wraps its connections in it too, `--header-timeout`
 //! being both its first head's deadline and its stall limit.
+//!
+//! And it closes a connection that carried a request body gently: once
+//! its end is written (FIN, or TLS's close_notify), it reads what the caller
+//! still sends and drops it, until the caller closes ([`LINGER_TIME`] at
+//! most, [`LINGER_GAP`] of silence ends it early), as nginx's lingering
+//! close does. frps answers some requests without reading their body (401,
+//! 413 on the announced length, 429...) and hyper then closes; a close with
+//! bytes unread, or arriving after it, resets the connection, which fails
+//! the caller's write of its body (HTTP clients send the whole request
+//! before reading) and can destroy the answer on its way.
 
 use std::io;
 use std::pin::Pin;
@@ -38,20 +48,56 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Set by the connection's service when its first request arrives.
+/// Set by the connection's service when its first request arrives, and
+/// when a request announces a body.
 #[derive(Debug, Default)]
-pub struct FirstRequest(AtomicBool);
+pub struct FirstRequest {
+    arrived: AtomicBool,
+    body: AtomicBool,
+}
 
 impl FirstRequest {
     /// A request head was parsed and handed to the service.
     pub fn arrived(&self) {
-        self.0.store(true, Ordering::Release);
+        self.arrived.store(true, Ordering::Release);
+    }
+
+    /// A request announced a body (`Content-Length` over 0, or
+    /// `Transfer-Encoding`): the connection's close lingers.
+    pub fn body_announced(&self) {
+        self.body.store(true, Ordering::Relaxed);
+    }
+
+    /// A request with `headers` was handed to the service: it arrived, and
+    /// announced a body if they say so.
+    pub fn arrived_with(&self, headers: &hyper::HeaderMap) {
+        self.arrived();
+        let body = headers.contains_key(hyper::header::TRANSFER_ENCODING)
+            || headers
+                .get(hyper::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if body {
+            self.body_announced();
+        }
     }
 
     fn has_arrived(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.arrived.load(Ordering::Acquire)
+    }
+
+    fn had_body(&self) -> bool {
+        self.body.load(Ordering::Relaxed)
     }
 }
+
+/// Longest a closing connection reads what its caller still sends.
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+
+/// Silence from the caller that ends a lingering close early.
+pub const LINGER_GAP: Duration = Duration::from_secs(1);
+
+/// Most bytes a lingering close reads and drops.
+pub const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
 /// A connection's stream whose reads fail once its first request head is
 /// later than a deadline, and whose writes fail once none could make
@@ -70,6 +116,20 @@ pub struct HeadClock<I> {
     /// Since a write had to wait: until when the caller has to take
     /// [`STALL_DRAIN`] bytes, and how many it took so far.
     stalled: Option<(Instant, usize)>,
+    /// Once the connection's end is written, if it lingers.
+    closing: Closing,
+}
+
+/// Where a connection's close is.
+#[derive(Debug)]
+enum Closing {
+    /// Its end is not written yet.
+    Open,
+    /// Written; reading the caller's last bytes: when it ends at the
+    /// latest, its timer, and the bytes read.
+    Lingering(Instant, Pin<Box<Sleep>>, usize),
+    /// Done.
+    Closed,
 }
 
 /// Bytes a caller that makes writes wait must take within the stall limit
@@ -95,6 +155,7 @@ impl<I> HeadClock<I> {
             stall_limit,
             stall: None,
             stalled: None,
+            closing: Closing::Open,
         }
     }
 
@@ -163,7 +224,40 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
+impl<I: AsyncRead + Unpin> HeadClock<I> {
+    /// Reads and drops what the caller still sends until it closes (or
+    /// fails, or [`LINGER_BYTES`] came), [`LINGER_TIME`] after the close
+    /// began at most, [`LINGER_GAP`] after its last byte at most.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Closing::Lingering(until, timer, read) = &mut self.closing else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut sink = [0u8; 8 * 1024];
+        loop {
+            if timer.as_mut().poll(cx).is_ready() {
+                break;
+            }
+            let mut buf = ReadBuf::new(&mut sink);
+            match Pin::new(&mut self.io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    *read += buf.filled().len();
+                    if *read >= LINGER_BYTES {
+                        break;
+                    }
+                    let next = (Instant::now() + LINGER_GAP).min(*until);
+                    timer.as_mut().reset(next);
+                }
+                // Its end, or a failure: nothing more is coming.
+                Poll::Ready(_) => break,
+            }
+        }
+        self.closing = Closing::Closed;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -198,8 +292,21 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
-        this.watch(cx, polled, 0)
+        if let Closing::Open = this.closing {
+            let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+            match this.watch(cx, polled, 0) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            this.closing = if this.first.had_body() {
+                let now = Instant::now();
+                let timer = Box::pin(tokio::time::sleep_until(now + LINGER_GAP));
+                Closing::Lingering(now + LINGER_TIME, timer, 0)
+            } else {
+                Closing::Closed
+            };
+        }
+        this.poll_linger(cx)
     }
 }
 
@@ -364,5 +471,74 @@ mod tests {
         let err = io.write_all(&chunk).await.unwrap_err();
         assert_eq!(waited.elapsed(), STALL);
         assert!(err.to_string().contains("no response byte"), "{err}");
+    }
+
+    /// Writes a byte every 100 ms to `far` for `sending` (all of them must
+    /// go through), then closes it if `close`, else keeps it open.
+    fn sender(
+        mut far: DuplexStream,
+        sending: Duration,
+        close: bool,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let until = Instant::now() + sending;
+            while Instant::now() < until {
+                far.write_all(b"x").await.expect("taken while lingering");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if close {
+                drop(far);
+            } else {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_after_a_body_reads_what_the_caller_still_sends() {
+        // Until the caller closes.
+        let (mut io, far, first) = clocked(100);
+        first.arrived();
+        first.body_announced();
+        let started = Instant::now();
+        let sending = sender(far, Duration::from_secs(3), true);
+        io.shutdown().await.unwrap();
+        sending.await.unwrap();
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(3) && took < LINGER_TIME,
+            "{took:?}"
+        );
+
+        // A caller that sends nothing more: its silence ends it.
+        let (mut io, far, first) = clocked(100);
+        first.body_announced();
+        let started = Instant::now();
+        io.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), LINGER_GAP);
+        drop(far);
+
+        // One that never stops: LINGER_TIME at most.
+        let (mut io, far, first) = clocked(100);
+        first.body_announced();
+        let started = Instant::now();
+        let _sending = sender(far, Duration::from_secs(3600), false);
+        io.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), LINGER_TIME);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_without_a_body_does_not_linger() {
+        let (mut io, mut far, first) = clocked(100);
+        first.arrived();
+        let started = Instant::now();
+        io.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // The end is written.
+        let mut buf = [0u8; 8];
+        assert_eq!(far.read(&mut buf).await.unwrap(), 0);
+        // And it is closed for good: a second shutdown does not linger.
+        io.shutdown().await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -209,7 +209,7 @@ fn service(
     Future = impl Future<Output = Result<Response<PublicBody>, Infallible>> + Send,
 > + Clone {
     service_fn(move |req| {
-        first.arrived();
+        first.arrived_with(req.headers());
         // Boxed per request: hyper keeps room for one request's future in
         // every connection for as long as it is open, and this one is over
         // 4 KiB; a box is 8 bytes (10,000 idle keep-alive connections:
@@ -1017,7 +1017,8 @@ async fn forward(
                             }
                             AcquireError::Pair(PairError::Failed(reason))
                         }
-                        // Written, then the connection closed without a byte of
+                        // Written, then the connection closed (or was reset:
+                        // frpc passes its service's reset on) without a byte of
                         // answer: on a pooled connection, the service closing it
                         // as idle while the request was on its way (a
                         // keep-alive race, within RACE_WINDOW), which says
@@ -1029,7 +1030,7 @@ async fn forward(
                             && racing
                             && !raced
                             && payload.replayable()
-                            && error.is_incomplete_message() =>
+                            && (error.is_incomplete_message() || is_reset(&error)) =>
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
@@ -1091,6 +1092,25 @@ async fn forward(
             return resp;
         }
     }
+}
+
+/// Whether hyper's `error` is its connection reset by the other end. On a
+/// dial-back that is frpc passing on its service's reset (a service
+/// closing a connection as idle just as a request went into it resets it;
+/// frpc resets the dial-back then, so that an answer cut by a crash does
+/// not end as if complete).
+fn is_reset(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The client and slot of a request to send again to the same client
@@ -2377,9 +2397,11 @@ impl Body for CountedBody {
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
                     this.upload.set(Upload::Handed(tokio::time::Instant::now()));
                 }
-                // The end, whether read (`None`) or known from the length
-                // (hyper does not poll past a body's announced end).
-                if polled.is_none() || this.inner.is_end_stream() {
+                // The end, whether read (`None`), known from the length
+                // (hyper does not poll past a body's announced end) or
+                // from trailers (always last: hyper stops there too).
+                let trailers = matches!(&polled, Some(Ok(frame)) if frame.is_trailers());
+                if polled.is_none() || trailers || this.inner.is_end_stream() {
                     this.upload.finish();
                 }
                 Poll::Ready(polled.map(|r| r.map_err(CallerBodyError::from)))

@@ -1071,3 +1071,73 @@ async fn a_client_keeps_at_most_so_many_models_of_sane_names() {
     assert_eq!(kept.len(), MAX_MODELS);
     assert_eq!(kept[0].name, "upd-00000");
 }
+
+/// An answer frps gives without reading the request's body (401 for a
+/// wrong key, 413 for an announced length over `--max-body`) reaches a
+/// caller that sends its whole body before reading, as HTTP clients do:
+/// frps reads the rest away before it closes. Closing with bytes unread
+/// resets the connection, which fails the caller's write and can destroy
+/// the answer on its way.
+#[tokio::test]
+async fn an_answer_before_the_body_survives_the_body_sent_after_it() {
+    let mut cfg = frps_config();
+    cfg.max_body = 1024 * 1024;
+    let frps = frpx_tests::Frps::start(cfg).await;
+    let len = 4 * 1024 * 1024;
+    let (public, api) = (frps.public(), frps.addrs.api);
+    let cases = [
+        (
+            public,
+            "/v1/chat/completions",
+            "Bearer wrong-key".to_owned(),
+            401,
+            "invalid_api_key",
+        ),
+        (
+            public,
+            "/v1/chat/completions",
+            format!("Bearer {API_KEY}"),
+            413,
+            "body_too_large",
+        ),
+        // The management API likewise.
+        (
+            api,
+            "/api/users",
+            "Bearer wrong-token".to_owned(),
+            413,
+            "request bodies are limited",
+        ),
+    ];
+    for (addr, path, auth, status, code) in cases {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = stream.into_split();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        );
+        // The whole request first, then the answer.
+        let sent = async {
+            wr.write_all(head.as_bytes()).await?;
+            let chunk = vec![b' '; 64 * 1024];
+            for _ in 0..len / chunk.len() {
+                wr.write_all(&chunk).await?;
+            }
+            std::io::Result::Ok(())
+        };
+        tokio::time::timeout(WAIT, sent)
+            .await
+            .expect("sent in time")
+            .unwrap_or_else(|e| panic!("{status}: the body could not be sent: {e}"));
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, rd.read_to_end(&mut answer))
+            .await
+            .expect("answered in time")
+            .unwrap_or_else(|e| panic!("{status}: the answer could not be read: {e}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{answer}"
+        );
+        assert!(answer.contains(code), "{answer}");
+    }
+}

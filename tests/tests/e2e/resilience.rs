@@ -1383,6 +1383,71 @@ async fn an_upload_the_service_stops_taking_ends_in_504_not_a_hang() {
     frpc.kill().await;
 }
 
+/// A streamed (chunked) upload that ends with trailers has ended: a
+/// service silent after it gets `--upstream-idle-timeout`, as after any
+/// other body (hyper stops polling a body at its trailers, so its end was
+/// never seen and the wait for an answer had no limit).
+#[tokio::test]
+async fn an_upload_ending_in_trailers_then_silence_ends_in_504() {
+    let service = raw_service(|s| async move {
+        let _held = s;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.upstream_idle_timeout = Duration::from_millis(500);
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    let caller = TcpStream::connect(frps.public()).await.unwrap();
+    let (mut from_frps, mut to_frps) = caller.into_split();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nhost: frps\r\nauthorization: Bearer {API_KEY}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    );
+    to_frps.write_all(head.as_bytes()).await.unwrap();
+    // frps waits for more of the body (the upload's clock at "waiting")...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ...then it ends, with a trailer.
+    to_frps.write_all(b"0\r\nx-sum: 1\r\n\r\n").await.unwrap();
+    let answer = http::first_read(&mut from_frps, "an answer, not a hang").await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+    frpc.kill().await;
+}
+
+/// A service that resets its connection mid-answer (it crashed) is told to
+/// the caller as a cut answer, also when the answer is framed by its
+/// connection's close: frpc resets the dial-back rather than closing it,
+/// which would end the answer as if it were complete.
+#[tokio::test]
+async fn a_service_reset_mid_answer_framed_by_its_close_is_no_complete_answer() {
+    let service = raw_service(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\npartial")
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Reset, as a crashed process's connection is.
+        let _ = s.set_zero_linger();
+    })
+    .await;
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let mut caller = TcpStream::connect(frps.public()).await.unwrap();
+    let head = format!(
+        "GET /cut HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, caller.read_to_end(&mut answer))
+        .await
+        .expect("the caller's connection ends");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("partial"), "{answer}");
+    assert!(
+        !answer.ends_with("0\r\n\r\n"),
+        "a cut answer was ended as whole: {answer:?}"
+    );
+    frpc.kill().await;
+}
+
 #[tokio::test]
 async fn a_request_the_service_drops_is_sent_twice_at_most_and_answered_502() {
     // Answers /warm on a connection and keeps it; drops the connection on
