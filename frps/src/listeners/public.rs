@@ -593,14 +593,21 @@ async fn forward(
     req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
-    // Tunnelling is not what the public port is for.
-    if req.method() == Method::CONNECT {
-        return error_response(
+    // Tunnelling is not what the public port is for, nor echoing requests
+    // (TRACE: a service would send back the forwarding headers, and any
+    // cookie, to whatever script made the call).
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+        let mut resp = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported",
+            &format!("{} is not supported", req.method()),
             "invalid_request_error",
             "method_not_allowed",
         );
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            HeaderValue::from_static(ALLOWED_METHODS),
+        );
+        return resp;
     }
     let path = req.uri().path();
     // The path the service will see: Ollama and vLLM decode escapes before
@@ -876,7 +883,10 @@ async fn forward(
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = origin_form(&parts.uri);
-        *req.version_mut() = parts.version;
+        // frps's own version (RFC 9110 §6.2), whatever the caller spoke: an
+        // HTTP/1.0 request would make the service close the connection
+        // after its answer (lost for the pool) and frame it by the close.
+        *req.version_mut() = hyper::Version::HTTP_11;
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
         if let Some(upload) = &upload {
@@ -903,6 +913,17 @@ async fn forward(
                 "the client stopped answering (evicted for silence) before its service answered"
                     .into(),
             ),
+            // A switch of protocols frps never asked for (it forwards no
+            // `Upgrade`): relayed, the caller would get a 101 without an
+            // `Upgrade`, then nothing. Not sent again; the box's health is
+            // left as it is (it answered, with nonsense).
+            Some(Ok(Ok(resp))) if resp.status().is_informational() => {
+                Stats::inc(&state.stats.upstream_errors);
+                warn!(client = %client.id, "upstream response refused: {} without a protocol switch asked for", resp.status());
+                return bad_gateway(
+                    "the client's local service answered with a protocol switch frps did not ask for",
+                );
+            }
             Some(Ok(Ok(resp)))
                 if has_body(&parts.method, resp.status())
                     && !decoded_by_framing(resp.headers()) =>
@@ -1093,6 +1114,10 @@ async fn forward(
         }
     }
 }
+
+/// The `Allow` of a 405: the methods frps forwards (any but `CONNECT` and
+/// `TRACE`; these are the standard ones).
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Whether hyper's `error` is its connection reset by the other end. On a
 /// dial-back that is frpc passing on its service's reset (a service

@@ -451,6 +451,18 @@ async fn absolute_targets_and_connect_reach_no_other_host() {
     assert_eq!(status(&raw), 405, "{raw}");
     assert!(raw.contains("method_not_allowed"), "{raw}");
     assert!(
+        raw.to_ascii_lowercase()
+            .contains("allow: get, head, post, put, patch, delete, options\r\n"),
+        "{raw}"
+    );
+    // Nor is a request echoed back.
+    let trace = format!(
+        "TRACE /secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nCookie: s=1\r\n\r\n"
+    );
+    let raw = exchange(public, trace.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 405, "{raw}");
+    assert!(raw.contains("TRACE is not supported"), "{raw}");
+    assert!(
         fleet.backends[0]
             .seen()
             .iter()

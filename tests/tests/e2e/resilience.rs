@@ -1448,6 +1448,73 @@ async fn a_service_reset_mid_answer_framed_by_its_close_is_no_complete_answer() 
     frpc.kill().await;
 }
 
+/// frps speaks HTTP/1.1 to the service whatever version the caller spoke
+/// (RFC 9110 §6.2): an HTTP/1.0 caller's request does not make the service
+/// close the connection after its answer (and frame it by the close).
+#[tokio::test]
+async fn an_http_1_0_request_goes_to_the_service_as_http_1_1() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    // The request line, as the service got it.
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    let status = if is_probe(&head) {
+                        "404 Not Found"
+                    } else {
+                        "200 OK"
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n{line}",
+                        line.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let mut caller = TcpStream::connect(frps.public()).await.unwrap();
+    let head = format!("GET /old HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, caller.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains(" 200 OK\r\n"), "{answer}");
+    assert!(answer.ends_with("GET /old HTTP/1.1"), "{answer}");
+    frpc.kill().await;
+}
+
+/// A service answering 101 to a request frps sent without `Upgrade` gets
+/// the caller a 502, not a protocol switch without a protocol.
+#[tokio::test]
+async fn an_unasked_protocol_switch_is_a_502() {
+    let service = raw_service(|mut s| async move {
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (frps, frpc) = fleet_on(service, frps_config()).await;
+    let reply = http::get(frps.public(), "/ws", Some(API_KEY)).await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "upstream_failed");
+    assert!(reply.body.contains("protocol switch"), "{}", reply.body);
+    frpc.kill().await;
+}
+
 #[tokio::test]
 async fn a_request_the_service_drops_is_sent_twice_at_most_and_answered_502() {
     // Answers /warm on a connection and keeps it; drops the connection on
