@@ -10,7 +10,7 @@ use common::{
     SystemInfo, write_command,
 };
 use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -109,10 +109,7 @@ pub struct Client {
     tunnels: TaskTracker,
     /// One permit per dial-back data connection held, across sessions
     /// (`--max-data-connections`).
-    data_slots: Arc<Semaphore>,
-    /// Set while `OpenConnection`s are refused for want of a slot: the
-    /// first refusal of a run is a warning, the rest debug lines.
-    data_slots_out: AtomicBool,
+    data_slots: Arc<tunnel::DataSlots>,
     /// Tokens frps refused (revoked, expired), the latest
     /// [`MAX_REFUSED_TOKENS`]: never sent again by this process, neither the
     /// one held in memory nor the file's, which may differ when the file
@@ -204,7 +201,7 @@ impl Client {
         let dialer = Dialer::from_config(&config)?;
         let template = registration(&config, &identity, Vec::new(), false);
         let models_fit = Arc::new(local::ModelFit::new(&template)?);
-        let data_slots = Arc::new(Semaphore::new(config.max_data_connections as usize));
+        let data_slots = Arc::new(tunnel::DataSlots::new(config.max_data_connections));
         Ok(Self {
             config: Arc::new(config),
             identity,
@@ -212,7 +209,6 @@ impl Client {
             hard_stop: CancellationToken::new(),
             tunnels: TaskTracker::new(),
             data_slots,
-            data_slots_out: AtomicBool::new(false),
             refused: Mutex::new(Vec::new()),
             session_tokens: Mutex::new(Vec::new()),
             dialer,
@@ -1032,17 +1028,16 @@ impl Client {
     /// (`OpenFailed`) at once, or, when the control connection's queue is
     /// full too, lets frps's pairing time out.
     fn open(&self, conn_id: uuid::Uuid, session: &Arc<Session>, out: &mpsc::Sender<Command>) {
-        let Ok(slot) = self.data_slots.clone().try_acquire_owned() else {
-            let reason = tunnel::busy_reason(self.config.max_data_connections);
-            if self.data_slots_out.swap(true, Ordering::Relaxed) {
-                debug!(%conn_id, "{reason}");
-            } else {
-                warn!(%conn_id, "{reason}: refusing frps's requests for more");
+        let slot = match self
+            .data_slots
+            .take(format_args!("data connection {conn_id}"))
+        {
+            Ok(slot) => slot,
+            Err(reason) => {
+                let _ = out.try_send(Command::OpenFailed { conn_id, reason });
+                return;
             }
-            let _ = out.try_send(Command::OpenFailed { conn_id, reason });
-            return;
         };
-        self.data_slots_out.store(false, Ordering::Relaxed);
         let open = tunnel::open(
             self.config.clone(),
             self.dialer.clone(),

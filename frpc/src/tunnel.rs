@@ -5,13 +5,14 @@
 //! would be, without a command or a dial per connection.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::mux::{Mux, MuxStream, Role};
 use common::{Command, MAX_FRAME, Stream, join_streams_lingering, read_one_command, write_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -91,7 +92,7 @@ pub async fn run_tunnel(
     dialer: Dialer,
     session: Arc<Session>,
     tasks: TaskTracker,
-    slots: Arc<Semaphore>,
+    slots: Arc<DataSlots>,
     session_over: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -162,6 +163,48 @@ pub fn busy_reason(max: u32) -> String {
     )
 }
 
+/// The `--max-data-connections` slots that dial-backs and tunnel streams
+/// take alike, across sessions.
+#[derive(Debug)]
+pub struct DataSlots {
+    slots: Arc<Semaphore>,
+    max: u32,
+    /// Set while requests are refused for want of a slot: the first
+    /// refusal of a run is a warning, the rest debug lines.
+    out: AtomicBool,
+}
+
+impl DataSlots {
+    /// `max` slots.
+    pub fn new(max: u32) -> Self {
+        DataSlots {
+            slots: Arc::new(Semaphore::new(max as usize)),
+            max,
+            out: AtomicBool::new(false),
+        }
+    }
+
+    /// A slot for `what` (a dial-back's or stream's id), else the reason
+    /// to refuse it with (logged: at warn once per run of refusals).
+    pub fn take(&self, what: impl std::fmt::Display) -> Result<OwnedSemaphorePermit, String> {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                self.out.store(false, Ordering::Relaxed);
+                Ok(slot)
+            }
+            Err(_) => {
+                let reason = busy_reason(self.max);
+                if self.out.swap(true, Ordering::Relaxed) {
+                    debug!("{what}: {reason}");
+                } else {
+                    warn!("{what}: {reason}: refusing frps's requests for more");
+                }
+                Err(reason)
+            }
+        }
+    }
+}
+
 /// The pause before the next tunnel dial, after one that waited `pause`
 /// and was accepted at `accepted` (if it was): the shortest again only
 /// after a connection that lasted [`crate::control::STABLE_SESSION`] (one
@@ -183,7 +226,7 @@ async fn tunnel(
     dialer: &Dialer,
     session: &Session,
     tasks: &TaskTracker,
-    slots: &Arc<Semaphore>,
+    slots: &DataSlots,
     session_over: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> (Result<(), TunnelError>, Option<tokio::time::Instant>) {
@@ -233,11 +276,12 @@ async fn tunnel(
                 continue;
             }
             // frps takes a reset with this reason as the box busy.
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                let reason = busy_reason(config.max_data_connections);
-                debug!(stream = stream.id(), "{reason}");
-                stream.reset(&reason);
-                continue;
+            let slot = match slots.take(format_args!("stream {}", stream.id())) {
+                Ok(slot) => slot,
+                Err(reason) => {
+                    stream.reset(&reason);
+                    continue;
+                }
             };
             let (config, shutdown) = (config.clone(), shutdown.clone());
             tasks.spawn(async move {
@@ -564,6 +608,30 @@ mod tests {
     use super::*;
     use clap::Parser;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_run_of_refusals_for_want_of_a_slot_is_warned_once() {
+        let slots = DataSlots::new(1);
+        let held = slots.take("first").expect("one slot");
+        let (refusals, said) = common::testing::logged(|| {
+            (0..3)
+                .map(|i| slots.take(format_args!("stream {i}")).unwrap_err())
+                .collect::<Vec<_>>()
+        });
+        assert!(
+            refusals.iter().all(|r| r == &busy_reason(1)),
+            "{refusals:?}"
+        );
+        assert!(refusals[0].starts_with(common::protocol::OPEN_BUSY));
+        assert_eq!(said.matches("--max-data-connections").count(), 1, "{said}");
+        assert!(said.contains("stream 0"), "{said}");
+        // A slot free again ends the run: the next refusal warns again.
+        drop(held);
+        let again = slots.take("second").expect("freed");
+        let (_, said) = common::testing::logged(|| slots.take("third").unwrap_err());
+        assert!(said.contains("third"), "{said}");
+        drop(again);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn only_a_tunnel_that_lasted_is_dialled_again_at_once() {

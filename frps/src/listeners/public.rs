@@ -428,6 +428,17 @@ async fn authenticate_and_forward(
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
+    // RFC 9112 §3.2: an HTTP/1.1 request names its `Host` exactly once (an
+    // HTTP/1.0 one may leave it out). hyper does not check it.
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() != hyper::Version::HTTP_10) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "a request needs exactly one Host header",
+            "invalid_request_error",
+            "bad_host",
+        );
+    }
     let grant = match state
         .keys
         .check_headers(req.headers(), caller.addr.ip())

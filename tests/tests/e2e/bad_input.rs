@@ -1153,3 +1153,39 @@ async fn an_answer_before_the_body_survives_the_body_sent_after_it() {
         assert!(answer.contains(code), "{answer}");
     }
 }
+
+/// An HTTP/1.1 request names its `Host` exactly once (RFC 9112 §3.2): none,
+/// or two, is a 400 before anything else; an HTTP/1.0 request may leave it
+/// out.
+#[tokio::test]
+async fn a_request_without_one_host_is_a_400() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    let ask = |head: String| async move {
+        let mut s = TcpStream::connect(public).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+            .await
+            .expect("answered")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let auth = format!("Authorization: Bearer {API_KEY}\r\nConnection: close\r\n");
+    for head in [
+        format!("GET / HTTP/1.1\r\n{auth}\r\n"),
+        format!("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n{auth}\r\n"),
+        format!("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n{auth}\r\n"),
+    ] {
+        let answer = ask(head.clone()).await;
+        assert!(answer.contains(" 400 Bad Request\r\n"), "{head}: {answer}");
+        assert!(answer.contains("bad_host"), "{head}: {answer}");
+    }
+    for head in [
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{auth}\r\n"),
+        format!("GET / HTTP/1.0\r\n{auth}\r\n"),
+    ] {
+        let answer = ask(head.clone()).await;
+        assert!(answer.contains(" 200 OK\r\n"), "{head}: {answer}");
+    }
+}
