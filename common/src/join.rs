@@ -127,22 +127,6 @@ impl SenderGone {
     }
 }
 
-/// Why a join ended when reading `b` failed (its peer reset the
-/// connection: a service that crashed mid-answer): the inner error of the
-/// returned error, which has its kind. Told apart from `b`'s end so the
-/// caller passes the failure on as one (a reset), not as an end: an answer
-/// framed by its connection's close would otherwise look complete.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceFailed(pub io::Error);
-
-impl SourceFailed {
-    /// Whether `error` is a join ended by reading `b` failing.
-    pub fn is(error: &io::Error) -> bool {
-        error.get_ref().is_some_and(|e| e.is::<SourceFailed>())
-    }
-}
-
 /// A timer and the byte count it was last pushed back at.
 type Clock = Option<(Pin<Box<tokio::time::Sleep>>, u64)>;
 
@@ -196,12 +180,7 @@ where
             }
             other => other?,
         };
-        let back = match b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a)) {
-            Poll::Ready(Err(e)) if !b_to_a.write_failed => {
-                return Poll::Ready(Err(io::Error::new(e.kind(), SourceFailed(e))));
-            }
-            other => other?,
-        };
+        let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         if there.is_ready() && back.is_ready() {
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
@@ -777,27 +756,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert!(!SourceFailed::is(&err), "the caller's side failed");
         assert_eq!(started.elapsed(), std::time::Duration::ZERO);
         drop(near);
         let mut rest = Vec::new();
         service.read_to_end(&mut rest).await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_reset_from_the_service_side_is_told_apart() {
-        // The service's connection was reset mid-answer: the join says
-        // so, for frpc to reset frps's connection in turn.
-        let (mut caller, mut near) = duplex(1024);
-        let linger = std::time::Duration::from_secs(30);
-        let err = join_streams_lingering(&mut near, &mut ResetByPeer, linger, || false)
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        assert!(SourceFailed::is(&err), "{err:?}");
-        drop(near);
-        let mut rest = Vec::new();
-        caller.read_to_end(&mut rest).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -34,9 +34,7 @@ pub mod text;
 
 pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_command};
 pub use duration::{parse_duration, parse_duration_checked, parse_positive_duration};
-pub use join::{
-    GONE_CHECK, JoinStats, SenderGone, SourceFailed, join_streams, join_streams_lingering,
-};
+pub use join::{GONE_CHECK, JoinStats, SenderGone, join_streams, join_streams_lingering};
 pub use protocol::{
     Command, DiskInfo, GpuInfo, ModelInfo, PROTOCOL_VERSION, Registration, SystemInfo,
 };

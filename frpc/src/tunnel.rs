@@ -531,15 +531,6 @@ async fn forward_watched(
                 warn!(%conn_id, "frps closed the data connection while the local service took none of the request for {:?}; closing the local connection", common::GONE_CHECK);
                 return Err(e);
             }
-            // The service's connection failed (reset: it crashed
-            // mid-answer): frps hears a reset too, not a close, which
-            // would end an answer framed by its connection's close as if
-            // it were complete.
-            Err(e) if common::SourceFailed::is(&e) => {
-                debug!(%conn_id, "the local service's connection failed: {e}; resetting the data connection");
-                let _ = common::stream::reset_on_close(remote.tcp());
-                return Err(e);
-            }
             joined => joined?,
         },
         silent = path => {

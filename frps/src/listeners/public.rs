@@ -1049,8 +1049,7 @@ async fn forward(
                             }
                             AcquireError::Pair(PairError::Failed(reason))
                         }
-                        // Written, then the connection closed (or was reset:
-                        // frpc passes its service's reset on) without a byte of
+                        // Written, then the connection closed without a byte of
                         // answer: on a pooled connection, the service closing it
                         // as idle while the request was on its way (a
                         // keep-alive race, within RACE_WINDOW), which says
@@ -1062,7 +1061,7 @@ async fn forward(
                             && racing
                             && !raced
                             && payload.replayable()
-                            && (error.is_incomplete_message() || is_reset(&error)) =>
+                            && error.is_incomplete_message() =>
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
@@ -1129,25 +1128,6 @@ async fn forward(
 /// The `Allow` of a 405: the methods frps forwards (any but `CONNECT` and
 /// `TRACE`; these are the standard ones).
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
-
-/// Whether hyper's `error` is its connection reset by the other end. On a
-/// dial-back that is frpc passing on its service's reset (a service
-/// closing a connection as idle just as a request went into it resets it;
-/// frpc resets the dial-back then, so that an answer cut by a crash does
-/// not end as if complete).
-fn is_reset(error: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            );
-        }
-        source = e.source();
-    }
-    false
-}
 
 /// The client and slot of a request to send again to the same client
 /// (after a stale pooled connection or the keep-alive race), unless the
@@ -1651,13 +1631,20 @@ pub(crate) use common::text::shorten;
 
 fn set_host(req: &mut Request<upstream::UpBody>, client: &ClientHandle) {
     let local = &client.registration.local_host;
-    if local.is_empty() {
-        return;
-    }
-    if let Ok(v) = HeaderValue::from_str(local) {
-        let headers = req.headers_mut();
-        if let Some(orig) = headers.insert(header::HOST, v) {
-            headers.insert(X_FORWARDED_HOST, orig);
+    let headers = req.headers_mut();
+    match HeaderValue::from_str(local) {
+        Ok(v) if !local.is_empty() => {
+            if let Some(orig) = headers.insert(header::HOST, v) {
+                headers.insert(X_FORWARDED_HOST, orig);
+            }
+        }
+        // A client that did not say its service's address: the caller's
+        // Host stays. An HTTP/1.0 caller may have sent none, and the
+        // request goes out as HTTP/1.1, which must name one.
+        _ => {
+            headers
+                .entry(header::HOST)
+                .or_insert(HeaderValue::from_static("localhost"));
         }
     }
 }
@@ -2471,6 +2458,40 @@ impl Body for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_upstream_always_names_a_host() {
+        use crate::registry::{Registry, testing};
+        let reg = Registry::default();
+        let request = |host: Option<&'static str>| {
+            let mut req = Request::new(Either::Left(Full::new(Bytes::new())));
+            if let Some(host) = host {
+                req.headers_mut()
+                    .insert(header::HOST, HeaderValue::from_static(host));
+            }
+            req
+        };
+        // A client that said its service's address: that is the Host, the
+        // caller's goes in X-Forwarded-Host.
+        let (mut new, _rx) = testing::new_client("addressed", &[], None);
+        new.registration.local_host = "127.0.0.1:11434".into();
+        let addressed = reg.insert(new).unwrap();
+        let mut req = request(Some("api.example"));
+        set_host(&mut req, &addressed);
+        assert_eq!(req.headers()[header::HOST], "127.0.0.1:11434");
+        assert_eq!(req.headers()[X_FORWARDED_HOST], "api.example");
+        // One that did not: the caller's stays...
+        let blank = testing::add(&reg, "blank", &[], None);
+        let mut req = request(Some("api.example"));
+        set_host(&mut req, &blank);
+        assert_eq!(req.headers()[header::HOST], "api.example");
+        assert!(!req.headers().contains_key(X_FORWARDED_HOST));
+        // ...and an HTTP/1.0 caller without one still sends the service
+        // (over HTTP/1.1) a Host.
+        let mut req = request(None);
+        set_host(&mut req, &blank);
+        assert_eq!(req.headers()[header::HOST], "localhost");
+    }
 
     #[test]
     fn a_body_in_pieces_is_joined_in_one_buffer_of_its_announced_size() {
