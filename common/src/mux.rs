@@ -221,6 +221,9 @@ struct StreamState {
     /// Received bytes were thrown away unread (a shed, or a reset here):
     /// an end that arrived is not the end of what the reader got.
     thrown: bool,
+    /// Which reset came first (what a log line about the stream's end
+    /// should blame; [`StreamWatch::gone_by`]).
+    first_reset: Option<GoneBy>,
 }
 
 impl StreamState {
@@ -240,6 +243,7 @@ impl StreamState {
             reset: None,
             reset_here: false,
             thrown: false,
+            first_reset: None,
         }
     }
 
@@ -297,6 +301,7 @@ impl Inner {
             let told = st.reset.is_some();
             st.reset = Some(Arc::from(reason.as_str()));
             st.reset_here = true;
+            st.first_reset.get_or_insert(GoneBy::ShedHere);
             self.buffered -= st.discard();
             st.wake_all();
             if !told {
@@ -417,6 +422,7 @@ impl Shared {
                     // What arrived before the reset is still read first
                     // (a response cut short shows as cut, not as missing).
                     st.reset.get_or_insert_with(|| Arc::from(reason.as_ref()));
+                    st.first_reset.get_or_insert(GoneBy::Peer);
                     st.wake_all();
                 }
             }
@@ -743,6 +749,7 @@ impl MuxStream {
         }
         st.reset = Some(Arc::from("the stream was reset"));
         st.reset_here = true;
+        st.first_reset = Some(GoneBy::ResetHere);
         let dropped = st.discard();
         st.wake_all();
         inner.buffered -= dropped;
@@ -780,6 +787,35 @@ impl StreamWatch {
                 .get(&self.id)
                 .is_none_or(|st| st.reset.is_some())
     }
+
+    /// Why the stream is [gone](Self::gone), for a log line about its end
+    /// (`None` while it is not).
+    pub fn gone_by(&self) -> Option<GoneBy> {
+        let inner = self.shared.lock();
+        if inner.dead.is_some() {
+            return Some(GoneBy::ConnectionLost);
+        }
+        match inner.streams.get(&self.id) {
+            None => Some(GoneBy::Dropped),
+            Some(st) => st.first_reset,
+        }
+    }
+}
+
+/// Who ended a stream ([`StreamWatch::gone_by`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GoneBy {
+    /// The multiplexed connection ended.
+    ConnectionLost,
+    /// Its handle on this side was dropped.
+    Dropped,
+    /// This side shed it for its receive budget (it held the most unread),
+    /// before the peer reset it.
+    ShedHere,
+    /// This side reset it ([`MuxStream::reset`]).
+    ResetHere,
+    /// The peer reset it.
+    Peer,
 }
 
 fn lost(reason: &Arc<str>) -> io::Error {
@@ -1162,6 +1198,7 @@ mod tests {
             }
         })
         .await;
+        let watches: Vec<_> = far.iter().map(MuxStream::watch).collect();
         near[2].write_all(&vec![3u8; window - 1000]).await.unwrap();
         // The first holds the most: it is reset, on both sides, with why.
         let mut byte = [0u8; 1];
@@ -1172,7 +1209,14 @@ mod tests {
         let here = |err: &io::Error| StreamReset::find(err).is_some_and(|r| r.here);
         assert!(shed(&err), "told apart from other resets: {err}");
         assert!(here(&err), "the side that dropped the bytes knows it did");
+        assert!(watches[0].gone());
+        assert_eq!(watches[0].gone_by(), Some(GoneBy::ShedHere));
+        assert!(!watches[1].gone());
+        assert_eq!(watches[1].gone_by(), None);
+        let near_watch = near[0].watch();
         let err = within("read", near[0].read(&mut byte)).await.unwrap_err();
+        assert!(near_watch.gone());
+        assert_eq!(near_watch.gone_by(), Some(GoneBy::Peer));
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert!(err.to_string().contains("over its 4096 KiB"), "{err}");
         assert!(shed(&err), "{err}");
@@ -1222,8 +1266,17 @@ mod tests {
         .await;
         // Its bytes went for the budget: the reader hears of the shed here,
         // not of a peer that never answered.
+        let watch = far[0].watch();
+        assert_eq!(watch.gone_by(), Some(GoneBy::Peer));
         overflow_shedding_the_first(&mut near, &mut far).await;
         assert_eq!(buffered(), 0);
+        // A log line still blames the peer, which reset it first.
+        assert_eq!(watch.gone_by(), Some(GoneBy::Peer));
+        // Reset here, and a connection lost.
+        far[1].reset("given up");
+        assert_eq!(far[1].watch().gone_by(), Some(GoneBy::ResetHere));
+        acceptor.close();
+        assert_eq!(far[2].watch().gone_by(), Some(GoneBy::ConnectionLost));
     }
 
     /// With the first stream holding a window unread, the other two's

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::mux::{Mux, MuxStream, Role};
+use common::mux::{GoneBy, Mux, MuxStream, Role};
 use common::{Command, MAX_FRAME, Stream, join_streams_lingering, read_one_command, write_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -306,6 +306,15 @@ async fn tunnel(
 async fn serve_stream(config: &Config, mut stream: MuxStream) {
     let id = stream.id();
     let watch = stream.watch();
+    let whose = watch.clone();
+    // Who ended a stream that went away under the join.
+    let reset_by = move || match whose.gone_by() {
+        Some(GoneBy::ShedHere) => {
+            "frpc shed the stream for the tunnel connection's receive budget (it held the most unread)"
+        }
+        Some(GoneBy::ConnectionLost) => "the tunnel connection ended",
+        _ => "frps reset the stream",
+    };
     // A stream frps gave up on meanwhile (its caller left while the service
     // was slow to accept) is let go at once: a stream held until the
     // connect times out still counts against the tunnel connection's
@@ -322,7 +331,7 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
     let connected = tokio::select! {
         connected = connect_local(config) => connected,
         () = gone => {
-            debug!(stream = id, "frps reset the stream while the local service was being connected");
+            debug!(stream = id, "{} while the local service was being connected", reset_by());
             return;
         }
     };
@@ -353,7 +362,8 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
         }
         Err(e) if common::SenderGone::is(&e) => warn!(
             stream = id,
-            "frps reset the stream while the local service took none of the request for {:?}; closing the local connection",
+            "{} while the local service took none of the request for {:?}; closing the local connection",
+            reset_by(),
             common::GONE_CHECK
         ),
         Err(e) => debug!(stream = id, "tunnel stream ended: {e}"),

@@ -627,11 +627,21 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
 /// or an `Origin` of another host (a page posting across origins).
 fn foreign_request(req: &Request) -> Option<&'static str> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-    // HTTP/1.1 requires Host; HTTP/2 carries it in the URI.
-    let host = header(header::HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if !host.is_some_and(is_loopback_host) {
+    // HTTP/1.1 requires Host; HTTP/2 carries it in the URI, as does an
+    // absolute-form target (`GET http://host/api/…`), whose host wins over
+    // the header's (RFC 9112 §3.2.2): both must be this machine.
+    // A Host that is no text, or two of them, names no loopback host.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => None,
+        (Some(host), None) => Some(host.to_str().unwrap_or("")),
+        (Some(_), Some(_)) => Some(""),
+    };
+    let authority = req.uri().authority().map(|a| a.host());
+    let named = host.is_some() || authority.is_some();
+    if !named || !host.is_none_or(is_loopback_host) || !authority.is_none_or(is_loopback_host) {
         return Some(
-            "without --admin-token the API answers only requests for localhost or a loopback address (Host header)",
+            "without --admin-token the API answers only requests for localhost or a loopback address (Host header, and the target's host if it names one)",
         );
     }
     if let Some(origin) = header(header::ORIGIN) {
@@ -777,6 +787,42 @@ mod tests {
             assert!(!answers.contains_key("429"), "{method} {path}");
             assert!(op.get("security").is_none(), "{method} {path}");
         }
+    }
+
+    #[test]
+    fn a_token_less_api_answers_requests_naming_this_machine_only() {
+        let request = |target: &str, host: Option<&str>| {
+            let mut req = Request::builder().uri(target);
+            if let Some(host) = host {
+                req = req.header(header::HOST, host);
+            }
+            foreign_request(&req.body(axum::body::Body::empty()).unwrap())
+        };
+        assert_eq!(request("/api/clients", Some("localhost:18081")), None);
+        assert_eq!(request("http://127.0.0.1:18081/api/clients", None), None);
+        assert_eq!(request("http://[::1]/api/clients", Some("localhost")), None);
+        assert!(request("/api/clients", Some("evil.example")).is_some());
+        assert!(request("/api/clients", None).is_some());
+        // An absolute-form target's host wins over the header's: both must
+        // be loopback.
+        assert!(request("http://evil.example/api/clients", Some("localhost")).is_some());
+        assert!(request("http://localhost/api/clients", Some("evil.example")).is_some());
+        // A Host that is no text names nothing, not "no Host".
+        let mut req = Request::builder()
+            .uri("http://localhost/api/clients")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        req.headers_mut().insert(
+            header::HOST,
+            HeaderValue::from_bytes(b"localhost\xff").unwrap(),
+        );
+        assert!(foreign_request(&req).is_some());
+        // Nor do two.
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+        req.headers_mut()
+            .append(header::HOST, HeaderValue::from_static("localhost"));
+        assert!(foreign_request(&req).is_some());
     }
 
     #[test]

@@ -424,7 +424,7 @@ pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 async fn authenticate_and_forward(
     state: &Arc<State>,
     caller: &Caller,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
     Stats::inc(&state.stats.requests);
@@ -439,6 +439,7 @@ async fn authenticate_and_forward(
             "bad_host",
         );
     }
+    target_names_the_host(&mut req);
     let grant = match state
         .keys
         .check_headers(req.headers(), caller.addr.ip())
@@ -601,7 +602,7 @@ fn path_not_allowed(rules: &[crate::paths::PathRule], path: &str) -> Response<Pu
 async fn forward(
     state: &Arc<State>,
     caller: &Caller,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
     // Tunnelling is not what the public port is for, nor echoing requests
@@ -619,6 +620,9 @@ async fn forward(
             HeaderValue::from_static(ALLOWED_METHODS),
         );
         return resp;
+    }
+    if req.method() == Method::OPTIONS && !forwards_options(req.headers_mut()) {
+        return options_answered_here();
     }
     let path = req.uri().path();
     // The path the service will see: Ollama and vLLM decode escapes before
@@ -1627,6 +1631,57 @@ fn origin_form(uri: &http::Uri) -> http::Uri {
     }
 }
 
+/// RFC 9110 §7.6.2: an `OPTIONS` request whose `Max-Forwards` is 0 is
+/// not forwarded (false: frps answers it as its final recipient); a larger
+/// one goes on with one less. A value that is no number is left as it came.
+fn forwards_options(headers: &mut http::HeaderMap) -> bool {
+    let mut values = headers.get_all(header::MAX_FORWARDS).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return true;
+    };
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return true;
+    }
+    // All digits: only too many of them fail to parse (as good as no limit).
+    let Ok(left) = std::str::from_utf8(digits).unwrap_or("").parse::<u64>() else {
+        return true;
+    };
+    if left == 0 {
+        return false;
+    }
+    headers.insert(header::MAX_FORWARDS, HeaderValue::from(left - 1));
+    true
+}
+
+/// The answer to an `OPTIONS` request frps does not forward: what the
+/// public port takes.
+#[cold]
+fn options_answered_here() -> Response<PublicBody> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    resp
+}
+
+/// RFC 9112 §3.2.2: the host of an absolute-form target (`GET
+/// http://api.example/v1/models`) is the request's host, whatever its `Host`
+/// says; a gateway passes that one on (as the service's `Host`, or in
+/// `X-Forwarded-Host` where `set_host` names the service's own address).
+fn target_names_the_host<B>(req: &mut Request<B>) {
+    let Some(authority) = req.uri().authority() else {
+        return;
+    };
+    // Without any user information the target carried.
+    let host = match authority.port() {
+        Some(port) => format!("{}:{port}", authority.host()),
+        None => authority.host().to_owned(),
+    };
+    if let Ok(host) = HeaderValue::from_str(&host) {
+        req.headers_mut().insert(header::HOST, host);
+    }
+}
+
 pub(crate) use common::text::shorten;
 
 fn set_host(req: &mut Request<upstream::UpBody>, client: &ClientHandle) {
@@ -2458,6 +2513,64 @@ impl Body for CountedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_go_on_while_max_forwards_allows() {
+        let forwards = |values: &[&'static str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(header::MAX_FORWARDS, HeaderValue::from_static(v));
+            }
+            let on = forwards_options(&mut h);
+            let left: Vec<_> = h
+                .get_all(header::MAX_FORWARDS)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect();
+            (on, left)
+        };
+        assert_eq!(forwards(&[]), (true, vec![]));
+        assert_eq!(forwards(&["0"]), (false, vec!["0".to_owned()]));
+        assert_eq!(forwards(&["1"]), (true, vec!["0".to_owned()]));
+        assert_eq!(forwards(&["10"]), (true, vec!["9".to_owned()]));
+        // Not a number, or two: left as they came.
+        assert_eq!(forwards(&["x"]), (true, vec!["x".to_owned()]));
+        assert_eq!(forwards(&["-1"]), (true, vec!["-1".to_owned()]));
+        assert!(forwards(&["0", "0"]).0);
+        assert_eq!(
+            forwards(&["99999999999999999999999"]),
+            (true, vec!["99999999999999999999999".to_owned()])
+        );
+    }
+
+    #[test]
+    fn an_absolute_targets_host_is_the_requests() {
+        let request = |target: &str, host: Option<&'static str>| {
+            let mut req = Request::builder().uri(target).body(()).unwrap();
+            if let Some(host) = host {
+                req.headers_mut()
+                    .insert(header::HOST, HeaderValue::from_static(host));
+            }
+            target_names_the_host(&mut req);
+            req.headers()
+                .get(header::HOST)
+                .map(|h| h.to_str().unwrap().to_owned())
+        };
+        let host = |target, host| request(target, Some(host));
+        assert_eq!(
+            host("http://api.example/v1/models", "x").unwrap(),
+            "api.example"
+        );
+        assert_eq!(
+            host("http://u:p@api.example:8/", "x").unwrap(),
+            "api.example:8"
+        );
+        assert_eq!(host("http://[::1]:9/a", "x").unwrap(), "[::1]:9");
+        assert_eq!(request("http://api.example/", None).unwrap(), "api.example");
+        // An origin-form target leaves Host as it came.
+        assert_eq!(host("/v1/models", "x").unwrap(), "x");
+        assert_eq!(request("/v1/models", None), None);
+    }
 
     #[test]
     fn a_request_upstream_always_names_a_host() {

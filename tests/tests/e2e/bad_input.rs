@@ -444,6 +444,21 @@ async fn absolute_targets_and_connect_reach_no_other_host() {
         .find(|s| s.path == "/secret")
         .expect("forwarded");
     assert_eq!(secret.target, "/secret?x=1", "sent in origin form");
+    // Its host is the target's (RFC 9112 §3.2.2), passed on as the caller's;
+    // the service's Host stays its own.
+    assert_eq!(secret.headers["x-forwarded-host"], "admin.internal");
+    let service = fleet.backends[0].addr.to_string();
+    assert_eq!(secret.headers["host"], service.as_str());
+    // With a port and user information: host and port, as sent.
+    let absolute = format!(
+        "GET http://u:p@admin.internal:8443/port HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+    );
+    let raw = exchange(public, absolute.as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    let seen = fleet.backends[0].seen();
+    let port = seen.iter().find(|s| s.path == "/port").expect("forwarded");
+    assert_eq!(port.headers["x-forwarded-host"], "admin.internal:8443");
+    assert_eq!(port.headers["host"], service.as_str());
     let connect = format!(
         "CONNECT admin.internal:22 HTTP/1.1\r\nHost: admin.internal:22\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
     );
@@ -468,6 +483,47 @@ async fn absolute_targets_and_connect_reach_no_other_host() {
             .iter()
             .all(|s| !s.target.contains("admin.internal"))
     );
+}
+
+#[tokio::test]
+async fn options_stop_where_max_forwards_runs_out() {
+    let fleet = Fleet::start(1).await;
+    let public = fleet.frps.public();
+    let options = |left: &str| {
+        format!(
+            "OPTIONS /probe-{left} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nMax-Forwards: {left}\r\n\r\n"
+        )
+    };
+    // 0: frps is the final recipient and answers itself.
+    let raw = exchange(public, options("0").as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("content-length: 0\r\n"),
+        "{raw}"
+    );
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("allow: get, head, post, put, patch, delete, options\r\n"),
+        "{raw}"
+    );
+    // More: forwarded with one less.
+    let raw = exchange(public, options("3").as_bytes(), End::Close).await;
+    assert_eq!(status(&raw), 200, "{raw}");
+    let seen = fleet.backends[0].seen();
+    assert!(seen.iter().all(|s| s.path != "/probe-0"), "not forwarded");
+    let probe = seen
+        .iter()
+        .find(|s| s.path == "/probe-3")
+        .expect("forwarded");
+    assert_eq!(probe.headers["max-forwards"], "2");
+    // The key is still checked first.
+    let raw = exchange(
+        public,
+        b"OPTIONS / HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\n\r\n",
+        End::Close,
+    )
+    .await;
+    assert_eq!(status(&raw), 401, "{raw}");
 }
 
 #[tokio::test]

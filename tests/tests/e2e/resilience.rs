@@ -1245,6 +1245,16 @@ where
     addr
 }
 
+/// A service that reads a request's head, then says and reads nothing
+/// more, holding the connection for two minutes.
+async fn silent_service() -> std::net::SocketAddr {
+    raw_service(|s| async move {
+        let _held = s;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+    })
+    .await
+}
+
 /// Reads a request head from `s` (up to the blank line).
 async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -1328,12 +1338,7 @@ async fn an_upload_cut_at_the_shutdown_deadline_never_reaches_the_service_as_end
 
 #[tokio::test]
 async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
-    let service = raw_service(|s| async move {
-        // Hold the socket open and say nothing.
-        let _held = s;
-        tokio::time::sleep(Duration::from_secs(60)).await;
-    })
-    .await;
+    let service = silent_service().await;
     // With failover or without: the answer is why the last client failed,
     // not that no client is left to try (the only one is excluded).
     for retries in [0, 2] {
@@ -1350,12 +1355,7 @@ async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
 
 #[tokio::test]
 async fn an_upload_the_service_stops_taking_ends_in_504_not_a_hang() {
-    // Reads the request head, then nothing more, holding the connection.
-    let service = raw_service(|s| async move {
-        let _held = s;
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    })
-    .await;
+    let service = silent_service().await;
     let mut cfg = frps_config();
     cfg.upstream_idle_timeout = Duration::from_secs(1);
     let (frps, frpc) = fleet_on(service, cfg).await;
@@ -1389,11 +1389,7 @@ async fn an_upload_the_service_stops_taking_ends_in_504_not_a_hang() {
 /// never seen and the wait for an answer had no limit).
 #[tokio::test]
 async fn an_upload_ending_in_trailers_then_silence_ends_in_504() {
-    let service = raw_service(|s| async move {
-        let _held = s;
-        tokio::time::sleep(Duration::from_secs(120)).await;
-    })
-    .await;
+    let service = silent_service().await;
     let mut cfg = frps_config();
     cfg.upstream_idle_timeout = Duration::from_millis(500);
     let (frps, frpc) = fleet_on(service, cfg).await;
