@@ -75,6 +75,30 @@ pub enum SessionError {
     Relogin,
 }
 
+/// A reply frpc could not read as a frame: what answered may be no frps
+/// control port at all (its public or API port speaks HTTP, an SSH server
+/// its banner); said so, with the first bytes when they are text, rather
+/// than as a frame too large to read.
+fn not_frps(e: FrameError, addr: &str) -> SessionError {
+    let first = match &e {
+        FrameError::TooLarge { len, .. } => u32::try_from(*len)
+            .ok()
+            .map(u32::to_be_bytes)
+            .filter(|b| b.iter().all(|c| c.is_ascii_graphic() || *c == b' '))
+            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+        FrameError::Malformed(_) => None,
+        _ => return e.into(),
+    };
+    let seen = match first.as_deref() {
+        Some("HTTP") => " (it answered in HTTP: frps's public or API port?)".to_owned(),
+        Some(text) => format!(" (its first bytes read {text:?})"),
+        None => format!(" ({e})"),
+    };
+    SessionError::Retry(format!(
+        "what answers at {addr} does not speak frpx's control protocol{seen}: --server-addr and --control-port must name frps's control port (17000 by default)"
+    ))
+}
+
 impl From<FrameError> for SessionError {
     fn from(e: FrameError) -> Self {
         SessionError::Retry(format!("connection to frps failed: {e}"))
@@ -146,6 +170,8 @@ pub struct Client {
     /// [`MAX_SESSION_TOKENS`].
     saved: Arc<Mutex<Vec<String>>>,
     saved_ready: Arc<tokio::sync::Notify>,
+    /// This process's hold on its token file (one frpc per token file).
+    _token_lock: crate::state_file::TokenFileLock,
 }
 
 /// The tokens frps gave this process.
@@ -197,6 +223,16 @@ impl Tokens {
 impl Client {
     /// A client for `config`, stopping when `shutdown` is cancelled.
     pub fn new(config: Config, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let token_lock = crate::state_file::lock_token_file(&config.token_file)?;
+        Self::holding(config, shutdown, token_lock)
+    }
+
+    /// [`Client::new`] with its token file's lock taken.
+    fn holding(
+        config: Config,
+        shutdown: CancellationToken,
+        token_lock: crate::state_file::TokenFileLock,
+    ) -> anyhow::Result<Self> {
         let identity = identity::resolve(config.client_id.as_deref(), &config.token_file)?;
         let dialer = Dialer::from_config(&config)?;
         let template = registration(&config, &identity, Vec::new(), false);
@@ -222,6 +258,7 @@ impl Client {
             announced: Arc::default(),
             saved: Arc::default(),
             saved_ready: Arc::default(),
+            _token_lock: token_lock,
         })
     }
 
@@ -524,6 +561,7 @@ impl Client {
             expires_at,
             server: self.config.control_addr(),
             email,
+            tls: self.dialer.is_tls(),
         }
     }
 
@@ -665,6 +703,13 @@ impl Client {
         wr: &mut WriteHalf<Stream>,
         saved: login::SavedToken,
     ) -> Result<(), SessionError> {
+        if saved.tls && !self.may_send_password() {
+            return Err(SessionError::Fatal(format!(
+                "refusing to send the login token saved in {} to frps at {} over plaintext: it was issued over TLS. Pass --tls (with --tls-ca, or --tls-fingerprint for a self-signed frps) as when it was issued, or --insecure-plaintext on a network you trust",
+                self.config.token_file.display(),
+                self.config.control_addr()
+            )));
+        }
         if !self.dialer.is_tls() && !self.plaintext_warned.swap(true, Ordering::Relaxed) {
             warn!(
                 "sending the login token to frps over plaintext: anyone on the path can read and reuse it. Use --tls (with --tls-ca or --tls-fingerprint)"
@@ -877,7 +922,8 @@ impl Client {
         let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match reader.read_command_within(left).await? {
+            let read = reader.read_command_within(left).await;
+            match read.map_err(|e| not_frps(e, &self.config.control_addr()))? {
                 Some(Command::Error { message }) => {
                     return Err(SessionError::Fatal(format!(
                         "frps: {}",
@@ -1437,6 +1483,13 @@ mod tests {
         (models, true)
     }
 
+    /// A client for `config` that does not take its token file's lock:
+    /// for tests of several processes' views of one file.
+    fn unlocked(config: Config) -> Client {
+        let none = crate::state_file::TokenFileLock::none();
+        Client::holding(config, CancellationToken::new(), none).unwrap()
+    }
+
     fn client_saving_to(token_file: &std::path::Path) -> Client {
         use clap::Parser;
         let config = Config::parse_from([
@@ -1616,6 +1669,7 @@ mod tests {
             expires_at: None,
             server: String::new(),
             email: "a@b".into(),
+            tls: false,
         };
         login::save(&path, &saved("frpxc_in_file")).unwrap();
         let client = client_saving_to(&path);
@@ -1635,6 +1689,7 @@ mod tests {
         client.refuse_token("frpxc_in_file".into());
         assert!(client.usable_saved_token().await.is_err());
         // A process that never read the file has nothing to fall back on.
+        drop(client);
         assert!(client_saving_to(&path).usable_saved_token().await.is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -1650,6 +1705,7 @@ mod tests {
             expires_at: expires_at.map(Into::into),
             server: client.config.control_addr(),
             email: "owner@example.com".into(),
+            tls: false,
         };
         let unsaved = token("frpxc_unsaved", None);
         {
@@ -1692,7 +1748,7 @@ mod tests {
             if plaintext {
                 args.push("--insecure-plaintext");
             }
-            Client::new(Config::parse_from(args), CancellationToken::new()).unwrap()
+            unlocked(Config::parse_from(args))
         };
         let may_send = with_password(true);
         assert!(may_send.usable_saved_token().await.unwrap().is_none());
@@ -1729,7 +1785,7 @@ mod tests {
             let file = path.display().to_string();
             args.push(&file);
             args.extend(flags);
-            Client::new(Config::parse_from(args), CancellationToken::new()).unwrap()
+            unlocked(Config::parse_from(args))
         };
         // No file and no password: nothing will change by retrying.
         let bare = client(&[]);
@@ -1785,6 +1841,7 @@ mod tests {
             expires_at: None,
             server: String::new(),
             email: "a@b".into(),
+            tls: false,
         };
         login::save(&path, &old).unwrap();
         let next = || async { client.usable_saved_token().await.unwrap().map(|t| t.token) };
@@ -2081,6 +2138,7 @@ mod tests {
             expires_at: None,
             server: format!("127.0.0.1:{port}"),
             email: "a@b.c".into(),
+            tls: false,
         };
         login::save(&token_file, &saved).unwrap();
         tokio::spawn(async move {
@@ -2251,5 +2309,98 @@ mod tests {
             "{last:?}"
         );
         std::fs::remove_dir_all(token_file.parent().unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_token_issued_over_tls_is_not_sent_in_plaintext() {
+        let frps = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = frps.local_addr().unwrap().port();
+        let (heard, mut said) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let (s, _) = frps.accept().await.unwrap();
+            let (rd, _wr) = tokio::io::split(Stream::from(s));
+            let mut reader = FrameReader::new(rd, MAX_FRAME);
+            let _ = heard.send(reader.read_command().await.ok().flatten()).await;
+        });
+        let dir = std::env::temp_dir().join(format!("frpc-tls-token-{}", uuid::Uuid::new_v4()));
+        let token_file = dir.join("token.json");
+        let saved = login::SavedToken {
+            token: "frpxc_secret".into(),
+            expires_at: None,
+            server: format!("127.0.0.1:{port}"),
+            email: "a@b.c".into(),
+            tls: true,
+        };
+        login::save(&token_file, &saved).unwrap();
+        let within = Duration::from_secs(10);
+        let run = |more: &'static [&'static str]| {
+            let client = Client::new(
+                config_for(port, &token_file, more),
+                CancellationToken::new(),
+            );
+            tokio::time::timeout(within, client.unwrap().run())
+        };
+        let err = run(&[]).await.expect("exits").unwrap_err().to_string();
+        assert!(err.contains("it was issued over TLS"), "{err}");
+        assert!(err.contains("--insecure-plaintext"), "{err}");
+        // frps heard nothing of it: the connection closed unwritten.
+        let first = tokio::time::timeout(within, said.recv()).await.unwrap();
+        assert_eq!(first, Some(None));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_port_that_is_no_control_port_is_named_as_such() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (answer, said) in [
+            (
+                &b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"[..],
+                "it answered in HTTP: frps's public or API port?",
+            ),
+            (
+                &b"SSH-2.0-OpenSSH_9.2\r\n"[..],
+                "its first bytes read \"SSH-\"",
+            ),
+        ] {
+            let port = {
+                let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let port = server.local_addr().unwrap().port();
+                tokio::spawn(async move {
+                    let (mut s, _) = server.accept().await.unwrap();
+                    s.write_all(answer).await.unwrap();
+                    let _ = s.read(&mut [0u8; 1024]).await;
+                });
+                port
+            };
+            let dir = std::env::temp_dir().join(format!("frpc-port-{}", uuid::Uuid::new_v4()));
+            let more = [
+                "--email",
+                "a@b.c",
+                "--password",
+                "pw",
+                "--insecure-plaintext",
+            ];
+            let client = Client::new(
+                config_for(port, &dir.join("token.json"), &more),
+                CancellationToken::new(),
+            )
+            .unwrap();
+            let mut registered = None;
+            let ended =
+                tokio::time::timeout(Duration::from_secs(10), client.session(&mut registered))
+                    .await
+                    .expect("ends");
+            let Err(SessionError::Retry(why)) = ended else {
+                panic!("{ended:?}");
+            };
+            assert!(
+                why.contains("does not speak frpx's control protocol"),
+                "{why}"
+            );
+            assert!(why.contains(said), "{why}");
+            assert!(why.contains("--control-port"), "{why}");
+            drop(client);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

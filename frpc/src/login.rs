@@ -21,6 +21,11 @@ pub struct SavedToken {
     /// The account it belongs to.
     #[serde(default)]
     pub email: String,
+    /// It was issued over TLS: frpc sends it in plaintext only with
+    /// `--insecure-plaintext`, as it would the password (a configuration
+    /// that lost its TLS settings must not hand the token to the path).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
 }
 
 impl SavedToken {
@@ -145,8 +150,10 @@ fn given(value: Option<&str>) -> Option<&str> {
 /// Decides where credentials come from.
 pub fn source(email: Option<&str>, password: Option<&str>, may_prompt: bool) -> Source {
     match (given(email), given(password)) {
+        // An email never has spaces around it (a stray one in a compose
+        // file would read as a wrong password); a password may.
         (Some(e), Some(p)) => Source::Given(Credentials {
-            email: e.to_owned(),
+            email: e.trim().to_owned(),
             password: p.to_owned(),
         }),
         _ if may_prompt && std::io::stdin().is_terminal() => Source::Prompt,
@@ -186,7 +193,7 @@ fn ask(
     ask_password: impl FnOnce() -> std::io::Result<String>,
 ) -> anyhow::Result<Credentials> {
     let email = match email {
-        Some(e) => e.to_owned(),
+        Some(e) => e.trim().to_owned(),
         None => ask_email()?.trim().to_owned(),
     };
     let password = match password {
@@ -226,6 +233,18 @@ mod tests {
             from(Some("me@example.com"), Some(" pw ")),
             Some(("me@example.com".into(), " pw ".into()))
         );
+        assert_eq!(
+            from(Some(" me@example.com \n"), Some("pw")),
+            Some(("me@example.com".into(), "pw".into()))
+        );
+        let c = ask(
+            Some(" me@example.com "),
+            Some("pw"),
+            || panic!(),
+            || panic!(),
+        )
+        .unwrap();
+        assert_eq!(c.email, "me@example.com");
     }
 
     #[test]
@@ -259,6 +278,7 @@ mod tests {
             expires_at: Some("2026-12-01T00:00:00Z".into()),
             server: "127.0.0.1:17000".into(),
             email: "a@b.c".into(),
+            tls: true,
         };
         save(&path, &t).unwrap();
         assert_eq!(load(&path), Some(t.clone()));
@@ -328,6 +348,7 @@ mod tests {
             expires_at: expires_at.map(Into::into),
             server: String::new(),
             email: String::new(),
+            tls: false,
         };
         assert!(with(Some("2026-12-01T11:59:59Z")).expired_at(now));
         assert!(with(Some("2026-12-01T12:00:00+00:00")).expired_at(now));

@@ -36,9 +36,92 @@ pub fn read_small(path: &Path) -> std::io::Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
 }
 
+/// The lock a running frpc holds on its token file
+/// ([`lock_token_file`]): released when dropped (or the process ends).
+#[derive(Debug)]
+pub struct TokenFileLock {
+    _file: Option<std::fs::File>,
+}
+
+impl TokenFileLock {
+    /// No lock held (tests of several processes' views of one file).
+    #[cfg(test)]
+    pub fn none() -> Self {
+        TokenFileLock { _file: None }
+    }
+}
+
+/// Takes `<token file>.lock` for this frpc. Two frpc sharing one token file
+/// (the default `token.json` of one working directory) would renew and
+/// revoke each other's tokens and race to save them, until one of them
+/// holds a revoked token and, without a password, stops for good: the
+/// second one to start is refused, with what to change. A lock file that
+/// cannot be made (a read-only directory: the token is then not saved
+/// either) is only a warning.
+pub fn lock_token_file(token_file: &Path) -> anyhow::Result<TokenFileLock> {
+    let mut name = token_file.file_name().unwrap_or_default().to_owned();
+    name.push(".lock");
+    let path = directory_of(token_file).join(name);
+    let opened = std::fs::create_dir_all(directory_of(token_file)).and_then(|()| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+    });
+    let file = match opened {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::warn!(
+                "cannot create {} ({e}); another frpc given the same --token-file would not be noticed",
+                path.display()
+            );
+            return Ok(TokenFileLock { _file: None });
+        }
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(TokenFileLock { _file: Some(file) }),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another frpc is using the token file {} (it holds {}): give each frpc its own --token-file (and --client-id)",
+            token_file.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(
+                "cannot lock {} ({e}); another frpc given the same --token-file would not be noticed",
+                path.display()
+            );
+            Ok(TokenFileLock { _file: None })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_frpc_at_a_time_uses_a_token_file() {
+        let dir = std::env::temp_dir().join(format!("frpc-lock-{}", uuid::Uuid::new_v4()));
+        // Its directory is made if need be.
+        let token_file = dir.join("state").join("token.json");
+        let first = lock_token_file(&token_file).unwrap();
+        let err = lock_token_file(&token_file).unwrap_err().to_string();
+        assert!(
+            err.contains("another frpc is using the token file"),
+            "{err}"
+        );
+        assert!(err.contains("token.json.lock"), "{err}");
+        // Another file is another frpc's.
+        let other = lock_token_file(&dir.join("other.json")).unwrap();
+        // Released when the first stops.
+        drop(first);
+        let again = lock_token_file(&token_file).unwrap();
+        drop((again, other));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn only_small_regular_files_are_read() {

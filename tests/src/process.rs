@@ -304,6 +304,7 @@ pub async fn provision_token(store: &frps::store::Store, token_file: &Path) {
         expires_at: None,
         server: String::new(),
         email: TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(token_file, &saved).expect("token file");
 }

@@ -60,7 +60,13 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
             }
         },
         Ok(other) => {
-            let message = format!("expected DataHello or MuxHello, got {}", other.name());
+            let mut message = format!("expected DataHello or MuxHello, got {}", other.name());
+            if matches!(other, Command::Login { .. } | Command::LoginToken { .. }) {
+                // A frpc whose --control-port names this port.
+                message.push_str(
+                    ": this is frps's proxy port, for data connections; --control-port must name its control port (17000 by default)",
+                );
+            }
             debug!(%peer, "{message}");
             let _ = tokio::time::timeout(
                 hs,

@@ -551,11 +551,17 @@ impl Store {
             WHERE NOT EXISTS (SELECT 1 FROM users WHERE lower(email) = lower($1))
             RETURNING id, email, password_hash, created_at";
         const LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext('frpx.users.email'))";
+        // The check sees what committed while this add queued for the lock,
+        // whatever the database's default isolation (under repeatable
+        // read the lock's statement took the snapshot before the wait: two
+        // adds in different letter cases both passed the check).
+        const FRESH: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
         let at = now();
         let res: Result<Option<UserRow>, sqlx::Error> = match self {
             Store::Postgres(p) => {
                 async {
                     let mut tx = p.begin().await?;
+                    sqlx::query(FRESH).execute(&mut *tx).await?;
                     sqlx::query(LOCK).execute(&mut *tx).await?;
                     let insert = sqlx::query_as(SQL).bind(email).bind(password_hash).bind(at);
                     let row = insert.fetch_optional(&mut *tx).await?;

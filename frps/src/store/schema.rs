@@ -12,8 +12,12 @@
 
 use sqlx::PgPool;
 
-/// PostgreSQL types frps decodes as text (sqlx's `String`).
-const TEXT: &[&str] = &["text", "varchar", "bpchar", "name", "citext"];
+/// PostgreSQL types frps decodes as text (sqlx's `String`). Not `CHAR(n)`
+/// (`bpchar`): its values come back padded with spaces, which frps would
+/// take as part of a key's hash, a status or an email (a `CHAR` key
+/// column's revocations reached no cache: its key stayed valid for the
+/// cache's lifetime).
+const TEXT: &[&str] = &["text", "varchar", "name", "citext"];
 /// `TIMESTAMP` without a zone, holding UTC (`chrono::NaiveDateTime`).
 const TIMESTAMP: &[&str] = &["timestamp"];
 /// A time frps only writes (never reads back): PostgreSQL casts the
@@ -212,8 +216,10 @@ mod tests {
         let mut found = as_migrated();
         column(&mut found, "api_keys", "expiresAt").ty = "timestamptz".into();
         column(&mut found, "users", "id").ty = "int4".into();
-        // Any of the text types will do, and a zoned time frps only writes.
-        column(&mut found, "gpu_assets", "userId").ty = "bpchar".into();
+        // Any of the text types will do, and a zoned time frps only writes;
+        // not a padded CHAR.
+        column(&mut found, "gpu_assets", "userId").ty = "citext".into();
+        column(&mut found, "api_keys", "key").ty = "bpchar".into();
         column(&mut found, "users", "updated_at").ty = "timestamptz".into();
         found.retain(|f| !(f.table == "users" && f.column == "password_hash"));
         found.retain(|f| f.table != "server_secrets");
@@ -227,6 +233,7 @@ mod tests {
         assert_eq!(
             mismatches(&found),
             [
+                "api_keys.\"key\" is bpchar where frps reads text or varchar or name or citext",
                 "api_keys.\"expiresAt\" is timestamptz where frps reads timestamp",
                 "users.\"id\" is int4 where frps reads int8",
                 "users has no column \"password_hash\"",

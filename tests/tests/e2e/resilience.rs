@@ -121,6 +121,19 @@ async fn bad_frames_on_control_and_proxy_ports_harm_no_one_else() {
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
 
+/// frpc pointed at the proxy port instead of the control port hears which
+/// port it reached, and stops (a configuration error).
+#[tokio::test]
+async fn a_frpc_pointed_at_the_proxy_port_is_told_so() {
+    let fleet = Fleet::start(0).await;
+    let backend = Backend::start("b").await;
+    let mut cfg = frpx_tests::frpc_config("lost", &fleet.frps.addrs, backend.addr);
+    cfg.control_port = fleet.frps.addrs.proxy.port();
+    let err = Frpc::start(cfg).exit().await.unwrap_err().to_string();
+    assert!(err.contains("this is frps's proxy port"), "{err}");
+    assert!(err.contains("--control-port"), "{err}");
+}
+
 #[tokio::test]
 async fn a_pending_pairing_expires_with_504_and_is_cleaned_up() {
     let mut cfg = frps_config();

@@ -1454,6 +1454,7 @@ async fn a_bad_saved_token_falls_back_to_login() {
         expires_at: None,
         server: String::new(),
         email: TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(&cfg.token_file, &stale).unwrap();
     let frpc = Frpc::start(cfg.clone());
@@ -1478,6 +1479,7 @@ async fn a_token_saved_for_another_server_is_not_sent() {
         expires_at: None,
         server: "frps.elsewhere.example:17000".into(),
         email: TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(&cfg.token_file, &other).unwrap();
     let frpc = Frpc::start(cfg.clone());
@@ -2683,6 +2685,76 @@ on_both_databases!(
     listings_page
 );
 
+/// A PostgreSQL database whose default isolation is repeatable read (or
+/// serializable): two adds of one email in different letter cases, both
+/// queued behind the lock the adds take, make one account and one
+/// duplicate (the check ran on a snapshot from before the wait: both
+/// passed).
+#[tokio::test]
+async fn adds_queued_under_repeatable_read_still_make_one_account() {
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let mut admin = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    for (n, level) in ["repeatable read", "serializable"].into_iter().enumerate() {
+        sqlx::query(&format!(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L', current_database(), '{level}'); END $$"
+        ))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+        // Connections made from now on take it.
+        let store = Store::connect(&pg.url).await.unwrap();
+        sqlx::query("SELECT pg_advisory_lock(hashtext('frpx.users.email'))")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let email = format!("queued{n}@example.com");
+        let adds: Vec<_> = [email.clone(), email.to_uppercase()]
+            .into_iter()
+            .map(|email| {
+                let store = store.clone();
+                tokio::spawn(async move { store.create_user(&email, "h").await })
+            })
+            .collect();
+        // Both wait for the lock before it is let go.
+        let started = Instant::now();
+        loop {
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+            if waiting == 2 {
+                break;
+            }
+            assert!(
+                started.elapsed() < frpx_tests::WAIT,
+                "the adds never queued: {waiting}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sqlx::query("SELECT pg_advisory_unlock(hashtext('frpx.users.email'))")
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let mut created = 0;
+        for add in futures_util::future::join_all(adds).await {
+            match add.unwrap() {
+                Ok(_) => created += 1,
+                Err(frps::store::StoreError::Duplicate(_)) => {}
+                Err(e) => panic!("{level}: {e}"),
+            }
+        }
+        assert_eq!(created, 1, "{level}");
+        store.close().await;
+    }
+    drop(admin);
+    pg.drop_db().await;
+}
+
 /// Sixteen adds of one email in different letter cases at once, on `url`'s
 /// database: exactly one account comes of them, the rest are duplicates.
 async fn concurrent_adds_make_one_account(url: &str) {
@@ -2745,6 +2817,7 @@ async fn a_refused_token_stays_on_disk_and_an_expired_one_is_never_sent() {
         expires_at: None,
         server: String::new(),
         email: TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(&cfg.token_file, &dead).unwrap();
     let err = Frpc::start(cfg.clone()).exit().await.unwrap_err();
@@ -2762,6 +2835,7 @@ async fn a_refused_token_stays_on_disk_and_an_expired_one_is_never_sent() {
         expires_at: Some("2020-01-01T00:00:00+00:00".into()),
         server: String::new(),
         email: TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(&cfg.token_file, &expired).unwrap();
     let frpc = Frpc::start(cfg.clone());

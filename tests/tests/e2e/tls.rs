@@ -207,6 +207,7 @@ async fn a_password_is_never_sent_in_clear_without_insecure_plaintext() {
         expires_at: None,
         server: frps.addrs.control.to_string(),
         email: frpx_tests::TEST_EMAIL.into(),
+        tls: false,
     };
     frpc::login::save(&cfg.token_file, &token).unwrap();
     let mut with_token = cfg;
