@@ -443,7 +443,17 @@ async fn dispatch(
                 }
                 let n = store.revoke_client_tokens(&token).await?;
                 if n == 0 {
-                    bail!("no active token matches `{token}`");
+                    // Nothing left to revoke of a token or account that
+                    // exists is done, as for keys (a script run twice);
+                    // a name that matches nothing is a mistake.
+                    if families == 0 && store.find_user(&token).await?.is_none() {
+                        bail!("no token or account matches `{token}`");
+                    }
+                    writeln!(
+                        out,
+                        "nothing to revoke: no active token matches `{token}` (revoked before, or the account has none)"
+                    )?;
+                    return Ok(());
                 }
                 writeln!(
                     out,

@@ -2274,7 +2274,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         },
     };
     assert!(
-        admin(&cfg, revoke, "")
+        admin(&cfg, revoke.clone(), "")
             .await
             .unwrap()
             .contains("revoked 1 token(s)")
@@ -2283,6 +2283,28 @@ async fn admin_commands_manage_users_keys_and_tokens() {
         accounts.check_token(&issued.token).await.unwrap_err(),
         frps::auth::LoginError::TokenInvalid
     );
+    // Again, by account or by the token's id: nothing left, and no error
+    // (a script run twice); a name that matches nothing is one.
+    let tokens = store.list_client_tokens(false).await.unwrap();
+    let id = tokens
+        .into_iter()
+        .find(|t| t.email == "owner@example.com")
+        .expect("listed, revoked")
+        .id;
+    let id = Admin::Token {
+        command: TokenCommand::Revoke { token: id },
+    };
+    for again in [revoke, id] {
+        let said = admin(&cfg, again, "").await.unwrap();
+        assert!(said.contains("nothing to revoke"), "{said}");
+    }
+    let nobody = Admin::Token {
+        command: TokenCommand::Revoke {
+            token: "nobody@example.com".into(),
+        },
+    };
+    let err = admin(&cfg, nobody, "").await.unwrap_err().to_string();
+    assert!(err.contains("no token or account matches"), "{err}");
     store.close().await;
 }
 
