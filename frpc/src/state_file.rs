@@ -64,11 +64,13 @@ pub fn lock_token_file(token_file: &Path) -> anyhow::Result<TokenFileLock> {
     let path = directory_of(token_file).join(name);
     let opened = std::fs::create_dir_all(directory_of(token_file)).and_then(|()| {
         use std::os::unix::fs::OpenOptionsExt;
+        // Not through a symlink, nor waiting on a FIFO put in its place.
         std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
     });
     let file = match opened {
@@ -120,6 +122,13 @@ mod tests {
         drop(first);
         let again = lock_token_file(&token_file).unwrap();
         drop((again, other));
+        // A symlink in the lock file's place is not followed (nor is the
+        // file it names made): a warning, no lock.
+        let target = dir.join("elsewhere");
+        std::os::unix::fs::symlink(&target, dir.join("linked.json.lock")).unwrap();
+        let unlocked = lock_token_file(&dir.join("linked.json")).unwrap();
+        assert!(unlocked._file.is_none());
+        assert!(!target.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -15,7 +15,7 @@ use crate::auth::keys::KeyValidator;
 use crate::auth::redis::RedisCache;
 use crate::config::Config;
 use crate::ratelimit::{Limits, LimitsChange, MAX_CONCURRENCY, MAX_RPM};
-use crate::store::{Store, StoreError, redact};
+use crate::store::{ApiKeyRow, Store, StoreError, redact};
 
 /// Shortest password accepted.
 pub const MIN_PASSWORD: usize = 8;
@@ -49,7 +49,11 @@ pub enum Admin {
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientCommand {
     /// List client ids and the accounts they belong to.
-    List,
+    List {
+        /// A JSON array (RFC 3339 times) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Release a client id, so the next account to register it gets it
     /// (e.g. a machine handed to another account).
     Release {
@@ -71,7 +75,11 @@ pub enum UserCommand {
         password_stdin: bool,
     },
     /// List accounts.
-    List,
+    List {
+        /// A JSON array (RFC 3339 times) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change an account's password.
     Passwd {
         /// Email of the account.
@@ -102,7 +110,12 @@ pub enum KeyCommand {
         max_concurrency: Option<u32>,
     },
     /// List keys (masked), with their limits.
-    List,
+    List {
+        /// A JSON array (RFC 3339 times; limits null when unlimited; a
+        /// `state` of active, expired or revoked) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the rate limits of keys (by key, id or visible prefix); every
     /// frps sharing Redis applies them at once, others within 10 s.
     Limits {
@@ -173,6 +186,9 @@ pub enum TokenCommand {
         /// Include revoked and expired tokens.
         #[arg(long)]
         all: bool,
+        /// A JSON array (RFC 3339 times) instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke tokens by id, visible prefix, or every token of an email.
     Revoke {
@@ -261,9 +277,20 @@ async fn dispatch(
                     Err(e) => return Err(e.into()),
                 }
             }
-            UserCommand::List => {
+            UserCommand::List { json } => {
+                let users = store.list_users().await?;
+                if json {
+                    let rows = users.into_iter().map(|u| {
+                        serde_json::json!({
+                            "id": u.id,
+                            "email": u.email,
+                            "created_at": rfc3339(Some(u.created_at)),
+                        })
+                    });
+                    return json_lines(out, rows);
+                }
                 let mut table = table(&["id", "email", "created"]);
-                for u in store.list_users().await? {
+                for u in users {
                     table.add_row(vec![u.id.to_string(), u.email, time(Some(u.created_at))]);
                 }
                 writeln!(out, "{table}")?;
@@ -327,7 +354,25 @@ async fn dispatch(
                     show_limit(max_concurrency),
                 )?;
             }
-            KeyCommand::List => {
+            KeyCommand::List { json } => {
+                let keys = store.list_api_keys().await?;
+                let now = Utc::now().naive_utc();
+                if json {
+                    let rows = keys.into_iter().map(|k| {
+                        let limits = k.limits();
+                        serde_json::json!({
+                            "id": k.id,
+                            "key": k.masked(),
+                            "name": k.name,
+                            "state": key_state(&k, now),
+                            "expires_at": rfc3339(k.expires_at),
+                            "created_at": rfc3339(k.created_at),
+                            "rpm": limits.rpm,
+                            "max_concurrency": limits.max_concurrency,
+                        })
+                    });
+                    return json_lines(out, rows);
+                }
                 let mut table = table(&[
                     "id",
                     "key",
@@ -338,13 +383,13 @@ async fn dispatch(
                     "rpm",
                     "max concurrency",
                 ]);
-                for k in store.list_api_keys().await? {
+                for k in keys {
                     let limits = k.limits();
                     table.add_row(vec![
                         k.id.clone().unwrap_or_else(|| "-".into()),
                         k.masked(),
                         k.name.clone().unwrap_or_default(),
-                        k.status.clone().unwrap_or_else(|| "active".into()),
+                        key_state(&k, now),
                         time(k.expires_at),
                         time(k.created_at),
                         show_limit(limits.rpm),
@@ -409,7 +454,31 @@ async fn dispatch(
             }
         },
         Admin::Token { command } => match command {
-            TokenCommand::List { all } => {
+            TokenCommand::List { all, json } => {
+                let tokens = store.list_client_tokens(!all).await?;
+                if json {
+                    let now = Utc::now().naive_utc();
+                    let rows = tokens.into_iter().map(|t| {
+                        let state = if t.revoked_at.is_some() {
+                            "revoked"
+                        } else if t.expires_at.is_some_and(|at| at <= now) {
+                            "expired"
+                        } else {
+                            "active"
+                        };
+                        serde_json::json!({
+                            "id": t.id,
+                            "prefix": t.prefix,
+                            "email": t.email,
+                            "state": state,
+                            "created_at": rfc3339(Some(t.created_at)),
+                            "expires_at": rfc3339(t.expires_at),
+                            "last_used_at": rfc3339(t.last_used_at),
+                            "revoked_at": rfc3339(t.revoked_at),
+                        })
+                    });
+                    return json_lines(out, rows);
+                }
                 let mut table = table(&[
                     "id",
                     "token",
@@ -419,7 +488,7 @@ async fn dispatch(
                     "last used",
                     "revoked",
                 ]);
-                for t in store.list_client_tokens(!all).await? {
+                for t in tokens {
                     table.add_row(vec![
                         t.id.clone(),
                         format!("{}…", t.prefix),
@@ -462,9 +531,20 @@ async fn dispatch(
             }
         },
         Admin::Client { command } => match command {
-            ClientCommand::List => {
+            ClientCommand::List { json } => {
+                let ids = store.list_client_ids().await?;
+                if json {
+                    let rows = ids.into_iter().map(|c| {
+                        serde_json::json!({
+                            "id": c.id,
+                            "email": c.email,
+                            "created_at": rfc3339(Some(c.created_at)),
+                        })
+                    });
+                    return json_lines(out, rows);
+                }
                 let mut table = table(&["client id", "user", "since"]);
-                for c in store.list_client_ids().await? {
+                for c in ids {
                     table.add_row(vec![c.id, c.email, time(Some(c.created_at))]);
                 }
                 writeln!(out, "{table}")?;
@@ -516,6 +596,34 @@ fn table(header: &[&str]) -> Table {
     t.load_preset(UTF8_FULL_CONDENSED)
         .set_header(header.to_vec());
     t
+}
+
+/// A listing as one JSON array, for scripts.
+fn json_lines(
+    out: &mut dyn Write,
+    rows: impl Iterator<Item = serde_json::Value>,
+) -> anyhow::Result<()> {
+    let rows: Vec<_> = rows.collect();
+    writeln!(out, "{}", serde_json::Value::Array(rows))?;
+    Ok(())
+}
+
+/// A stored (UTC) time in RFC 3339, to the second; `null` for none.
+fn rfc3339(t: Option<NaiveDateTime>) -> Option<String> {
+    t.map(|t| {
+        t.and_utc()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    })
+}
+
+/// What a key is now: its status as stored (NULL is active), `expired`
+/// for an active one past its expiry.
+fn key_state(k: &ApiKeyRow, now: NaiveDateTime) -> String {
+    match k.status.as_deref() {
+        None | Some("active") if k.expires_at.is_some_and(|at| at <= now) => "expired".into(),
+        None => "active".into(),
+        Some(status) => status.to_owned(),
+    }
 }
 
 fn time(t: Option<NaiveDateTime>) -> String {
@@ -599,6 +707,58 @@ mod tests {
             "{notice}"
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn listings_take_json_from_the_command_line() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let mut all = vec!["frps"];
+            all.extend_from_slice(args);
+            crate::Cli::try_parse_from(all).unwrap().command.unwrap()
+        };
+        assert!(matches!(
+            parse(&["key", "list", "--json"]),
+            Admin::Key {
+                command: KeyCommand::List { json: true }
+            }
+        ));
+        assert!(matches!(
+            parse(&["token", "list", "--all", "--json"]),
+            Admin::Token {
+                command: TokenCommand::List {
+                    all: true,
+                    json: true
+                }
+            }
+        ));
+        assert!(matches!(
+            parse(&["user", "list"]),
+            Admin::User {
+                command: UserCommand::List { json: false }
+            }
+        ));
+        assert!(matches!(
+            parse(&["client", "list", "--json"]),
+            Admin::Client {
+                command: ClientCommand::List { json: true }
+            }
+        ));
+    }
+
+    #[test]
+    fn key_state_tells_expired_from_active() {
+        let now = Utc::now().naive_utc();
+        let key = |status: Option<&str>, expires: Option<i64>| ApiKeyRow {
+            status: status.map(Into::into),
+            expires_at: expires.map(|h| now + chrono::Duration::hours(h)),
+            ..ApiKeyRow::default()
+        };
+        assert_eq!(key_state(&key(None, None), now), "active");
+        assert_eq!(key_state(&key(Some("active"), Some(1)), now), "active");
+        assert_eq!(key_state(&key(Some("active"), Some(-1)), now), "expired");
+        assert_eq!(key_state(&key(None, Some(-1)), now), "expired");
+        assert_eq!(key_state(&key(Some("revoked"), Some(-1)), now), "revoked");
     }
 
     #[test]

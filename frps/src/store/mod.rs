@@ -349,6 +349,14 @@ impl Store {
         if !wrong.is_empty() {
             return Err(StoreError::Schema(wrong));
         }
+        let padded = schema::padded(&found);
+        if !padded.is_empty() {
+            tracing::warn!(
+                "{} {} CHAR(n): PostgreSQL pads a shorter value with spaces, which frps reads as part of it (a key that no longer matches its cache entry, so its revocation waits for the cache's expiry; a status or email that matches nothing); change each to text (ALTER TABLE ... ALTER COLUMN ... TYPE text drops the padding)",
+                padded.join(", "),
+                if padded.len() == 1 { "is" } else { "are" }
+            );
+        }
         let nullable = schema::nullable(&found);
         if !nullable.is_empty() {
             tracing::warn!(

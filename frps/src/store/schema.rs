@@ -12,12 +12,10 @@
 
 use sqlx::PgPool;
 
-/// PostgreSQL types frps decodes as text (sqlx's `String`). Not `CHAR(n)`
-/// (`bpchar`): its values come back padded with spaces, which frps would
-/// take as part of a key's hash, a status or an email (a `CHAR` key
-/// column's revocations reached no cache: its key stayed valid for the
-/// cache's lifetime).
-const TEXT: &[&str] = &["text", "varchar", "name", "citext"];
+/// PostgreSQL types frps decodes as text (sqlx's `String`). `CHAR(n)`
+/// (`bpchar`) decodes, but a value shorter than `n` comes back padded
+/// with spaces ([`padded`]).
+const TEXT: &[&str] = &["text", "varchar", "bpchar", "name", "citext"];
 /// `TIMESTAMP` without a zone, holding UTC (`chrono::NaiveDateTime`).
 const TIMESTAMP: &[&str] = &["timestamp"];
 /// A time frps only writes (never reads back): PostgreSQL casts the
@@ -170,6 +168,26 @@ pub(super) fn mismatches(found: &[Found]) -> Vec<String> {
     out
 }
 
+/// Columns of `found` frps reads or writes that are `CHAR(n)`: their
+/// values come back padded with spaces to `n`, which frps takes as part of
+/// the value (a key's hash: its revocations reached no cache, so a revoked
+/// key stayed valid for the cache's lifetime; a status, which then refused
+/// every key; an email, which no login matched). Worth a warning (not a
+/// refusal: a column whose values all fill it, a `CHAR(36)` of UUIDs,
+/// works).
+pub(super) fn padded(found: &[Found]) -> Vec<String> {
+    found
+        .iter()
+        .filter(|f| f.ty == "bpchar")
+        .filter(|f| {
+            COLUMNS.iter().any(|(table, columns)| {
+                *table == f.table && columns.iter().any(|(column, _)| *column == f.column)
+            })
+        })
+        .map(|f| format!("{}.\"{}\"", f.table, f.column))
+        .collect()
+}
+
 /// Columns of `found` that frps reads as a value and that allow `NULL`:
 /// worth a warning, since a row with `NULL` there is unusable.
 pub(super) fn nullable(found: &[Found]) -> Vec<String> {
@@ -216,8 +234,7 @@ mod tests {
         let mut found = as_migrated();
         column(&mut found, "api_keys", "expiresAt").ty = "timestamptz".into();
         column(&mut found, "users", "id").ty = "int4".into();
-        // Any of the text types will do, and a zoned time frps only writes;
-        // not a padded CHAR.
+        // Any of the text types will do, and a zoned time frps only writes.
         column(&mut found, "gpu_assets", "userId").ty = "citext".into();
         column(&mut found, "api_keys", "key").ty = "bpchar".into();
         column(&mut found, "users", "updated_at").ty = "timestamptz".into();
@@ -233,13 +250,28 @@ mod tests {
         assert_eq!(
             mismatches(&found),
             [
-                "api_keys.\"key\" is bpchar where frps reads text or varchar or name or citext",
                 "api_keys.\"expiresAt\" is timestamptz where frps reads timestamp",
                 "users.\"id\" is int4 where frps reads int8",
                 "users has no column \"password_hash\"",
                 "there is no table server_secrets",
             ]
         );
+    }
+
+    #[test]
+    fn char_columns_are_named() {
+        assert!(padded(&as_migrated()).is_empty());
+        let mut found = as_migrated();
+        column(&mut found, "api_keys", "key").ty = "bpchar".into();
+        column(&mut found, "users", "email").ty = "bpchar".into();
+        // Not one frps neither reads nor writes.
+        found.push(Found {
+            table: "users".into(),
+            column: "country".into(),
+            ty: "bpchar".into(),
+            not_null: false,
+        });
+        assert_eq!(padded(&found), ["api_keys.\"key\"", "users.\"email\""]);
     }
 
     #[test]

@@ -559,7 +559,7 @@ async fn limits_changed_by_the_admin_command_apply_at_once() {
     .await
     .unwrap();
     assert!(created.contains("rpm 50, max concurrency 7"), "{created}");
-    let list = admin(&cfg, KeyCommand::List).await.unwrap();
+    let list = admin(&cfg, KeyCommand::List { json: false }).await.unwrap();
     let row = list
         .lines()
         .find(|l| l.contains("limited"))
@@ -589,7 +589,7 @@ async fn limits_changed_by_the_admin_command_apply_at_once() {
         "took {:?}: the cache was not invalidated",
         changed.elapsed()
     );
-    let list = admin(&cfg, KeyCommand::List).await.unwrap();
+    let list = admin(&cfg, KeyCommand::List { json: false }).await.unwrap();
     assert!(list.contains("unlimited"), "{list}");
 
     admin(&cfg, set(LimitArg::Unlimited)).await.unwrap();

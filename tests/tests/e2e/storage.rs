@@ -2144,7 +2144,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
     let list = admin(
         &cfg,
         Admin::User {
-            command: UserCommand::List,
+            command: UserCommand::List { json: false },
         },
         "",
     )
@@ -2192,7 +2192,7 @@ async fn admin_commands_manage_users_keys_and_tokens() {
     let list = admin(
         &cfg,
         Admin::Key {
-            command: KeyCommand::List,
+            command: KeyCommand::List { json: false },
         },
         "",
     )
@@ -2224,6 +2224,68 @@ async fn admin_commands_manage_users_keys_and_tokens() {
             .await,
         KeyCheck::Invalid
     );
+    // For scripts: JSON, with what each key is now (one past its expiry
+    // shows as expired in the table too).
+    let past = chrono::Utc::now().naive_utc() - chrono::Duration::hours(1);
+    KeyValidator::create_with_limits(&store, Some("old"), Some(past), Limits::default())
+        .await
+        .unwrap();
+    let list_as = |json| Admin::Key {
+        command: KeyCommand::List { json },
+    };
+    let listed = admin(&cfg, list_as(true), "").await.unwrap();
+    let keys: serde_json::Value = serde_json::from_str(&listed).expect("one JSON document");
+    let named = |name: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {listed}"))
+            .clone()
+    };
+    let team = named("team-a");
+    assert_eq!(team["state"], "revoked");
+    assert_eq!(team["rpm"], serde_json::Value::Null, "unlimited");
+    let masked = team["key"].as_str().unwrap();
+    assert!(
+        masked.starts_with(&key[..12]) && !listed.contains(&key),
+        "{listed}"
+    );
+    assert!(
+        team["created_at"].as_str().unwrap().ends_with('Z'),
+        "{team}"
+    );
+    assert_eq!(named("old")["state"], "expired");
+    let table = admin(&cfg, list_as(false), "").await.unwrap();
+    assert!(table.contains("expired"), "{table}");
+    for listing in [
+        Admin::User {
+            command: UserCommand::List { json: true },
+        },
+        Admin::Token {
+            command: TokenCommand::List {
+                all: true,
+                json: true,
+            },
+        },
+        Admin::Client {
+            command: ClientCommand::List { json: true },
+        },
+    ] {
+        let out = admin(&cfg, listing, "").await.unwrap();
+        let rows: serde_json::Value = serde_json::from_str(&out).expect("one JSON document");
+        assert!(rows.is_array(), "{out}");
+    }
+    let users = admin(
+        &cfg,
+        Admin::User {
+            command: UserCommand::List { json: true },
+        },
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(users.contains("\"email\":\"owner@example.com\""), "{users}");
     // A Redis this command cannot reach: it says how long fleets using it
     // may still accept the key.
     let (second, _) = KeyValidator::create(&store, None, None).await.unwrap();
@@ -2258,7 +2320,10 @@ async fn admin_commands_manage_users_keys_and_tokens() {
     let tokens = admin(
         &cfg,
         Admin::Token {
-            command: TokenCommand::List { all: false },
+            command: TokenCommand::List {
+                all: false,
+                json: false,
+            },
         },
         "",
     )
@@ -2572,7 +2637,7 @@ async fn client_ids_bind(url: &str) {
     let mut cfg = frps_config();
     cfg.database_url = url.to_owned();
     let list = Admin::Client {
-        command: ClientCommand::List,
+        command: ClientCommand::List { json: false },
     };
     let out = admin(&cfg, list, "").await.unwrap();
     assert!(
