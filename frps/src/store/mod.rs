@@ -472,14 +472,37 @@ impl Store {
     }
 
     /// Every key, newest first (rows inserted by hand without a creation
-    /// time last, on either database).
-    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRow>, StoreError> {
+    /// time last, on either database), and those that cannot be read,
+    /// each named by its id or prefix (never its key) with why: a row
+    /// edited by hand into a value frps cannot decode (a date without a
+    /// time in SQLite's `"expiresAt"`, say) is left out of the listing
+    /// rather than failing all of it.
+    pub async fn list_api_keys(&self) -> Result<(Vec<ApiKeyRow>, Vec<String>), StoreError> {
+        use sqlx::{FromRow, Row};
         const SQL: &str = concat!(
             "SELECT ",
             api_key_columns!(),
             r#" FROM api_keys ORDER BY "createdAt" DESC NULLS LAST, id"#
         );
-        Ok(on_pool!(self, p => sqlx::query_as(SQL).fetch_all(p).await?))
+        Ok(on_pool!(self, p => {
+            let mut keys = Vec::new();
+            let mut unreadable = Vec::new();
+            for row in sqlx::query(SQL).fetch_all(p).await? {
+                match ApiKeyRow::from_row(&row) {
+                    Ok(key) => keys.push(key),
+                    Err(e) => {
+                        let named = |column| row.try_get::<Option<String>, _>(column).ok().flatten();
+                        let which = match (named("id"), named("prefix")) {
+                            (Some(id), _) => format!("id {id}"),
+                            (None, Some(prefix)) => format!("prefix {prefix}"),
+                            (None, None) => "a row without id or prefix".to_owned(),
+                        };
+                        unreadable.push(format!("{which}: {e}"));
+                    }
+                }
+            }
+            (keys, unreadable)
+        }))
     }
 
     /// Keys matching `needle`: a plaintext key, its `sha256:` form (whose
@@ -606,6 +629,14 @@ impl Store {
             ) oldest
             WHERE password_hash IS NOT NULL AND created_at IS NOT NULL";
         Ok(on_pool!(self, p => sqlx::query_as(SQL).bind(email).fetch_optional(p).await?))
+    }
+
+    /// Whether any account has this email, in any letter case (also one
+    /// [`Store::find_user`] leaves out for a NULL it cannot read).
+    pub async fn account_named(&self, email: &str) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT COUNT(*) FROM users WHERE lower(email) = lower($1)";
+        let n: i64 = on_pool!(self, p => sqlx::query_scalar(SQL).bind(email).fetch_one(p).await?);
+        Ok(n > 0)
     }
 
     /// Every user, oldest first.
