@@ -390,8 +390,9 @@ impl Client {
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            (now, listed, list) = probe_service(&self.config, &self.models_fit) => {
+            (now, listed, list, why) = probe_service(&self.config, &self.models_fit) => {
                 let mut announced = self.announced.lock().expect("announced lock");
+                announced.down_why = why;
                 announced.take(now, listed, list, &self.config.local_host())
             }
         };
@@ -886,8 +887,9 @@ impl Client {
         proxy_addr: String,
     ) -> Result<(Session, Duration, Probe), SessionError> {
         if !service_up {
+            let why = self.announced.lock().expect("announced lock").why_down();
             warn!(
-                "the local service at {} does not answer; registering as unhealthy until it does",
+                "the local service at {} does not answer{why}; registering as unhealthy until it does",
                 self.config.local_host()
             );
         }
@@ -1249,9 +1251,19 @@ struct Announced {
     no_list: Option<String>,
     /// Whether the last probe judged was a doubtful one set aside.
     held: bool,
+    /// Why the last probe found the service down or slow, if it did.
+    down_why: Option<String>,
 }
 
 impl Announced {
+    /// ` (why)` the last probe found the service down or slow, or nothing.
+    fn why_down(&self) -> String {
+        self.down_why
+            .as_deref()
+            .map(|why| format!(" ({why})"))
+            .unwrap_or_default()
+    }
+
     /// Says (once per reason) that the service answers without a model
     /// list (`why`; `None`: it listed its models), and when it lists them
     /// again: such a box is announced up with no models (the second such
@@ -1307,6 +1319,14 @@ impl Announced {
                 now
             }
         };
+        // A service that is down keeps the models it last listed, announced
+        // as down: frps then answers their callers 503 (retry) and keeps
+        // their queues, rather than 404 `model_not_found` (which SDKs take
+        // for good) while Ollama restarts or vLLM loads its weights.
+        let judged = match (&self.last, judged) {
+            (Some((models, _)), (none, false)) if none.is_empty() => (models.clone(), false),
+            (_, judged) => judged,
+        };
         self.last = Some(judged.clone());
         judged
     }
@@ -1330,25 +1350,34 @@ struct NoList {
 /// cannot be reached is down at once.
 /// The third value is why an answer was no model list (`None` when it was
 /// one, or when the service did not answer).
+/// The fourth value is why the service is down or slow (for the line that
+/// says it stopped answering).
 async fn probe_service(
     config: &Config,
     fit: &local::ModelFit,
-) -> (Probe, bool, Option<Option<NoList>>) {
+) -> (Probe, bool, Option<Option<NoList>>, Option<String>) {
     match local::models(&config.local_host(), config.connect_timeout).await {
-        Ok(models) => ((fit.fit(models), true), true, Some(None)),
+        Ok(models) => ((fit.fit(models), true), true, Some(None), None),
         Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");
-            ((Vec::new(), false), true, None)
+            let why = common::text::tame(&e.to_string(), 512);
+            ((Vec::new(), false), true, None, Some(why))
         }
         Err(e @ local::ProbeError::Timeout(_)) => {
             debug!("local service slow to answer: {e}");
-            ((Vec::new(), false), false, None)
+            let why = common::text::tame(&e.to_string(), 512);
+            ((Vec::new(), false), false, None, Some(why))
         }
         Err(e) => {
             debug!("local service has no model list: {e}");
             let why = common::text::tame(&e.to_string(), 512);
             let kind = e.kind();
-            ((Vec::new(), true), false, Some(Some(NoList { kind, why })))
+            (
+                (Vec::new(), true),
+                false,
+                Some(Some(NoList { kind, why })),
+                None,
+            )
         }
     }
 }
@@ -1431,17 +1460,18 @@ async fn report(
         if std::mem::take(&mut first) {
             continue;
         }
-        let (now, listed, list) = probe_service(&config, &fit).await;
+        let (now, listed, list, why) = probe_service(&config, &fit).await;
         // The session ended during the probe: the next one's start-up
         // probe is judged afresh, not as the second of two slow answers.
         if out.is_closed() {
             return;
         }
-        let now =
-            announced
-                .lock()
-                .expect("announced lock")
-                .take(now, listed, list, &config.local_host());
+        let (now, why) = {
+            let mut announced = announced.lock().expect("announced lock");
+            announced.down_why = why;
+            let now = announced.take(now, listed, list, &config.local_host());
+            (now, announced.why_down())
+        };
         tracing::debug!(
             models = now.0.len(),
             up = now.1,
@@ -1453,7 +1483,7 @@ async fn report(
                 info!("the local service at {} answers again", config.local_host());
             } else {
                 warn!(
-                    "the local service at {} stopped answering",
+                    "the local service at {} stopped answering{why}",
                     config.local_host()
                 );
             }
@@ -1618,6 +1648,69 @@ mod tests {
         assert!(said.contains("401"), "{said}");
     }
 
+    #[test]
+    fn a_service_gone_down_is_said_with_why_and_keeps_its_models() {
+        use clap::Parser;
+        let (update, said) = common::testing::logged(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // Nothing listens there any more.
+                let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = closed.local_addr().unwrap().port().to_string();
+                drop(closed);
+                let config = Config::parse_from([
+                    "frpc",
+                    "--client-id",
+                    "gpu",
+                    "--local-port",
+                    &port,
+                    "--metrics-interval",
+                    "1s",
+                    "--connect-timeout",
+                    "1s",
+                ]);
+                let up = vec![ModelInfo {
+                    name: "llama3".into(),
+                    size: None,
+                }];
+                let announced = Arc::new(Mutex::new(Announced {
+                    last: Some((up.clone(), true)),
+                    ..Announced::default()
+                }));
+                let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
+                let (tx, mut rx) = mpsc::channel(8);
+                let reporter = tokio::spawn(report(
+                    Arc::new(config),
+                    Arc::new(Mutex::new(None)),
+                    Arc::new(fit),
+                    (up, true),
+                    announced,
+                    tx,
+                ));
+                let update = loop {
+                    let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+                    if let Command::ModelsUpdate { models, service_up } = cmd.unwrap().unwrap() {
+                        break (models, service_up);
+                    }
+                };
+                reporter.abort();
+                update
+            })
+        });
+        // Down, its models kept (frps answers their callers 503, not 404).
+        assert!(!update.1);
+        assert_eq!(update.0.len(), 1);
+        assert_eq!(update.0[0].name, "llama3");
+        // The line says why.
+        assert!(
+            said.contains("stopped answering (local service unreachable: "),
+            "{said}"
+        );
+    }
+
     #[tokio::test]
     async fn a_probe_ending_after_its_session_is_not_judged() {
         use clap::Parser;
@@ -1641,9 +1734,7 @@ mod tests {
         }];
         let announced = Arc::new(Mutex::new(Announced {
             last: Some((up.clone(), true)),
-            unlisted_before: false,
-            no_list: None,
-            held: false,
+            ..Announced::default()
         }));
         let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
         let (tx, rx) = mpsc::channel(8);
@@ -1955,8 +2046,20 @@ mod tests {
         // loading): the models stay, the service stays up.
         let slow = (Vec::new(), false);
         assert_eq!(announced.judge(slow.clone(), false), listed(&["llama3"]));
-        // The reporter's next doubtful probe is the second in a row.
-        assert_eq!(announced.judge(slow.clone(), false), slow);
+        // The reporter's next doubtful probe is the second in a row: the
+        // service is down, its models still announced (frps answers their
+        // callers 503, not 404).
+        let down = (listed(&["llama3"]).0, false);
+        assert_eq!(announced.judge(slow.clone(), false), down);
+        // So while it stays unreachable (down at once).
+        assert_eq!(announced.judge((Vec::new(), false), true), down);
+        // Back, with what it lists now; an answer with no models is
+        // believed too.
+        assert_eq!(
+            announced.judge(listed(&["qwen2.5:1.5b"]), true),
+            listed(&["qwen2.5:1.5b"])
+        );
+        assert_eq!(announced.judge(listed(&[]), true), listed(&[]));
         // A first doubtful probe at start is believed (nothing to keep).
         let mut fresh = Announced::default();
         assert_eq!(fresh.judge(slow.clone(), false), slow);

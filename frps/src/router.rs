@@ -72,10 +72,22 @@ pub fn names(name: &str, normalized: &str) -> bool {
     }
 }
 
+/// Whether a box listing the model `listed` takes a request naming
+/// `requested`. Ollama lists every model with its tag and takes a name
+/// without one as `:latest`, so a listed name with a tag takes the request
+/// as Ollama would (`llama3` for `llama3:latest`). A listed name without a
+/// tag is another server's (vLLM, llama.cpp), which takes only the name as
+/// it lists it: `llama3:latest` sent to a vLLM serving `llama3` was a 404.
+pub fn listed_serves(listed: &str, requested: &str) -> bool {
+    match trim_and_tag(listed) {
+        (listed, true) => names(requested, listed),
+        (listed, false) => requested.trim() == listed,
+    }
+}
+
 /// Whether `client` reports `model`.
 pub fn serves(client: &ClientHandle, model: &str) -> bool {
-    let want = normalize(model);
-    client.with_models(|models| models.iter().any(|m| names(&m.name, &want)))
+    client.with_models(|models| models.iter().any(|m| listed_serves(&m.name, model)))
 }
 
 /// Chooses a client for `want` with `balance`, reserving one of its
@@ -172,6 +184,36 @@ fn choose(eligible: &[&Arc<ClientHandle>], balance: Balance) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn untagged_listings_take_only_their_own_name() {
+        // Ollama's (tagged) take the name with or without `:latest`.
+        assert!(listed_serves("llama3:latest", "llama3"));
+        assert!(listed_serves("llama3:latest", "llama3:latest"));
+        assert!(listed_serves("llama3:latest", " llama3 "));
+        assert!(!listed_serves("llama3:8b", "llama3"));
+        // vLLM's or llama.cpp's (untagged) take only the name as listed.
+        assert!(listed_serves("llama3", "llama3"));
+        assert!(listed_serves("llama3", " llama3"));
+        assert!(!listed_serves("llama3", "llama3:latest"));
+        assert!(listed_serves(
+            "meta-llama/Llama-3-8B",
+            "meta-llama/Llama-3-8B"
+        ));
+        assert!(!listed_serves(
+            "meta-llama/Llama-3-8B",
+            "meta-llama/Llama-3-8B:latest"
+        ));
+        // A registry host's port is no tag.
+        assert!(!listed_serves(
+            "registry:5000/team/model",
+            "registry:5000/team/model:latest"
+        ));
+        assert!(listed_serves(
+            "registry:5000/team/model:latest",
+            "registry:5000/team/model"
+        ));
+    }
     use crate::registry::testing::add;
     use std::collections::{HashMap, HashSet};
 

@@ -60,9 +60,12 @@ pub struct Backend {
 impl Backend {
     /// Starts a backend that answers as `name`.
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("backend binds");
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// [`Backend::start`] on `addr` (a stopped backend's, to bring it back).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Backend {
+        let listener = TcpListener::bind(addr).await.expect("backend binds");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             name: name.to_owned(),

@@ -47,11 +47,10 @@ pub fn one(state: &State, wanted: &str) -> Response<PublicBody> {
     let found = if wanted.trim().is_empty() {
         None
     } else {
-        let want = crate::router::normalize(wanted);
         state.registry.online().iter().find_map(|c| {
             c.with_models(|ms| {
                 ms.iter()
-                    .find(|m| crate::router::names(&m.name, &want))
+                    .find(|m| crate::router::listed_serves(&m.name, wanted))
                     .map(|m| m.name.clone())
             })
         })

@@ -470,12 +470,12 @@ async fn authenticate_and_forward(
         }
         KeyCheck::Unavailable => {
             Stats::inc(&state.stats.auth_unavailable);
-            return error_response(
+            return retry_soon(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "authentication backend unavailable",
                 "service_unavailable",
                 "auth_unavailable",
-            );
+            ));
         }
     };
     if !framed_by_chunks_alone(req.headers()) {
@@ -1601,23 +1601,32 @@ fn refused(
         }
         (Refusal::Unavailable, None) => {
             Stats::inc(&state.stats.no_client);
-            error_response(
+            retry_soon(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "every client that could serve this request is unhealthy; retry shortly",
                 "service_unavailable",
                 "no_healthy_clients",
-            )
+            ))
         }
         (Refusal::NoneOnline, None) => {
             Stats::inc(&state.stats.no_client);
-            error_response(
+            retry_soon(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no client is online to serve this request",
                 "service_unavailable",
                 "no_clients_available",
-            )
+            ))
         }
     }
+}
+
+/// `resp` with `Retry-After: 1`: a 503 that may pass at once (a box back
+/// from its cool-down or reconnecting, the database or a plugin back). The
+/// OpenAI SDKs retry a 503 on their own; the header sets their first wait.
+pub(crate) fn retry_soon(mut resp: Response<PublicBody>) -> Response<PublicBody> {
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 /// The path and query of `uri`: a caller's absolute-form target
@@ -1757,12 +1766,12 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
     } else if let AcquireError::Pair(PairError::Refused(_)) = e {
         // The cause is in frps's log (the plugin call's line).
         Stats::inc(&state.stats.no_client);
-        error_response(
+        retry_soon(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server could not connect a client for this request; retry later",
             "service_unavailable",
             "plugin_unavailable",
-        )
+        ))
     } else if let AcquireError::HeadTimeout(_) = e {
         Stats::inc(&state.stats.upstream_errors);
         error_response(

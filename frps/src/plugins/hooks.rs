@@ -227,11 +227,11 @@ pub fn refusal(e: &PluginError) -> Response<PublicBody> {
             "rejected_by_plugin",
         )
     } else {
-        error_response(
+        crate::listeners::public::retry_soon(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server could not check this request; retry later",
             "service_unavailable",
             "plugin_unavailable",
-        )
+        ))
     }
 }

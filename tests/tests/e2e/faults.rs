@@ -444,6 +444,7 @@ async fn postgres_stopped_and_started_under_load() {
     let reply = http::get(public, "/", Some(&uncached)).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "auth_unavailable");
+    assert_eq!(reply.headers["retry-after"], "1");
     let during = load.ok();
     tokio::time::sleep(outage().saturating_sub(cut_at.elapsed())).await;
     load.progress(20).await;

@@ -17,6 +17,8 @@ async fn no_client_online_is_503() {
     let reply = http::get(frps.public(), "/v1/chat/completions", Some(API_KEY)).await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.json()["error"]["code"], "no_clients_available");
+    // The SDKs retry a 503; this says when.
+    assert_eq!(reply.headers["retry-after"], "1");
 }
 
 #[tokio::test]

@@ -210,6 +210,47 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
     }
 }
 
+/// A box whose service goes down (Ollama restarting, vLLM loading) keeps
+/// its models, announced as down: their callers get 503 (retry), not 404
+/// `model_not_found`, which SDKs take for good; and frps still lists them.
+/// Back up, it serves them again. A name tagged `:latest` does not go to a
+/// box that lists the model without a tag (vLLM takes only its own name).
+#[tokio::test]
+async fn a_box_whose_service_is_down_keeps_its_models_answered_503() {
+    let b = boxes(
+        frps_config(),
+        &[("a", &["llama3:latest"], None), ("v", &["mistral"], None)],
+    )
+    .await;
+    let public = b.frps.public();
+    let reply = post(public, "/v1/chat/completions", chat("llama3")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // vLLM's untagged name: as it lists it, not with `:latest`.
+    let reply = post(public, "/v1/chat/completions", chat("mistral")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = post(public, "/v1/chat/completions", chat("mistral:latest")).await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    let reply = http::get(public, "/v1/models/mistral:latest", Some(API_KEY)).await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    // a's service goes away; its frpc reports it down at its next probe.
+    let a = b.frps.state.registry.get("a").unwrap();
+    let addr = b.backends["a"].addr;
+    b.backends["a"].stop();
+    frpx_tests::eventually("a reported down", || !a.is_healthy()).await;
+    let reply = post(public, "/v1/chat/completions", chat("llama3")).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
+    assert_eq!(reply.headers["retry-after"], "1");
+    let listed = http::get(public, "/v1/models", Some(API_KEY)).await;
+    assert!(listed.body.contains("llama3:latest"), "{}", listed.body);
+    // Back on the same address: served again.
+    let back = Backend::start_on("a", addr).await;
+    back.set_models(&["llama3:latest"]);
+    frpx_tests::eventually("a reported up", || a.is_healthy()).await;
+    let reply = post(public, "/v1/chat/completions", chat("llama3")).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
 #[tokio::test]
 async fn unknown_models_get_404_ambiguous_ones_400_and_an_empty_fleet_503() {
     let b = boxes(frps_config(), &[("a", &["llama3:latest"], None)]).await;
@@ -546,7 +587,8 @@ async fn a_request_pinned_to_a_busy_box_does_not_hold_up_the_others() {
 
 #[tokio::test]
 async fn names_no_box_serves_leave_no_queue_and_no_series() {
-    let b = boxes(frps_config(), &[("x", &["m"], Some(1))]).await;
+    // Listed as Ollama lists it, with its tag.
+    let b = boxes(frps_config(), &[("x", &["m:latest"], Some(1))]).await;
     let addr = b.frps.public();
     let (_, held) = hold(addr).await;
     // The box is at capacity; none of these names is served.
