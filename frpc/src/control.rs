@@ -1363,8 +1363,17 @@ async fn probe_service(
             let why = common::text::tame(&e.to_string(), 512);
             ((Vec::new(), false), true, None, Some(why))
         }
-        Err(e @ local::ProbeError::Timeout(_)) => {
-            debug!("local service slow to answer: {e}");
+        // Not ready (llama.cpp loading its model answers 503; a proxy in
+        // front of a vLLM still starting, 502 or 504): as a service slow
+        // to answer, doubtful once, down the second time in a row, its
+        // models kept.
+        Err(
+            e @ (local::ProbeError::Timeout(_)
+            | local::ProbeError::Status {
+                status: 502..=504, ..
+            }),
+        ) => {
+            debug!("local service slow to answer or not ready: {e}");
             let why = common::text::tame(&e.to_string(), 512);
             ((Vec::new(), false), false, None, Some(why))
         }
@@ -1708,6 +1717,45 @@ mod tests {
         assert!(
             said.contains("stopped answering (local service unreachable: "),
             "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_answering_503_is_not_ready_not_without_models() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // llama.cpp while it loads its model: 503 on every path.
+        let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = service.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = service.accept().await {
+                let _ = s.read(&mut [0u8; 4096]).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let config = {
+            use clap::Parser;
+            let port = port.to_string();
+            Config::parse_from(["frpc", "--client-id", "gpu", "--local-port", &port])
+        };
+        let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
+        let (probe, believed, list, why) = probe_service(&config, &fit).await;
+        assert_eq!(probe, (Vec::new(), false), "down, not up without models");
+        assert!(!believed, "doubtful: believed the second time");
+        assert!(list.is_none());
+        assert!(why.unwrap().contains("503"));
+        // Judged after a service that listed models: they are kept, and
+        // the box is down the second time.
+        let mut announced = Announced::default();
+        announced.judge(listed(&["llama3"]), true);
+        assert_eq!(
+            announced.judge(probe.clone(), believed),
+            listed(&["llama3"])
+        );
+        assert_eq!(
+            announced.judge(probe, believed),
+            (listed(&["llama3"]).0, false)
         );
     }
 

@@ -51,6 +51,10 @@ impl TokenFileLock {
     }
 }
 
+/// How long [`lock_token_file`] waits for a token file's lock before it
+/// takes its holder for another running frpc.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Takes `<token file>.lock` for this frpc. Two frpc sharing one token file
 /// (the default `token.json` of one working directory) would renew and
 /// revoke each other's tokens and race to save them, until one of them
@@ -83,7 +87,17 @@ pub fn lock_token_file(token_file: &Path) -> anyhow::Result<TokenFileLock> {
             return Ok(TokenFileLock { _file: None });
         }
     };
-    match file.try_lock() {
+    // A frpc that just stopped may still be finishing a token write (each
+    // holds the lock until done): its turn ends within a moment.
+    let waiting_since = std::time::Instant::now();
+    let mut tried = file.try_lock();
+    while matches!(tried, Err(std::fs::TryLockError::WouldBlock))
+        && waiting_since.elapsed() < LOCK_WAIT
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        tried = file.try_lock();
+    }
+    match tried {
         Ok(()) => Ok(TokenFileLock { _file: Some(file) }),
         Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
             "another frpc is using the token file {} (it holds {}): give each frpc its own --token-file (and --client-id)",
@@ -110,7 +124,12 @@ mod tests {
         // Its directory is made if need be.
         let token_file = dir.join("state").join("token.json");
         let first = lock_token_file(&token_file).unwrap();
+        let asked = std::time::Instant::now();
         let err = lock_token_file(&token_file).unwrap_err().to_string();
+        assert!(
+            asked.elapsed() >= LOCK_WAIT,
+            "waited for a holder finishing"
+        );
         assert!(
             err.contains("another frpc is using the token file"),
             "{err}"
@@ -118,9 +137,13 @@ mod tests {
         assert!(err.contains("token.json.lock"), "{err}");
         // Another file is another frpc's.
         let other = lock_token_file(&dir.join("other.json")).unwrap();
-        // Released when the first stops.
-        drop(first);
+        // Released when the first stops, also while the next one waits.
+        let releasing = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(first);
+        });
         let again = lock_token_file(&token_file).unwrap();
+        releasing.join().unwrap();
         drop((again, other));
         // A symlink in the lock file's place is not followed (nor is the
         // file it names made): a warning, no lock.

@@ -15,7 +15,7 @@ use crate::registry::ClientHandle;
 use crate::router::{self, NoPick, Want, normalize};
 use crate::state::State;
 
-/// Queue key of requests that name no model.
+/// The queue depth label of requests that name no model.
 const ANY: &str = "*";
 
 /// Why no slot was had.
@@ -132,8 +132,11 @@ impl Drop for HeldBody<'_> {
 /// Which requests a queue holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct QueueKey {
-    /// The normalised model (`*` for requests naming none).
-    model: String,
+    /// The model as the requests name it, trimmed (`None` for requests
+    /// naming none): not normalised, as boxes listing a model without a tag
+    /// take only its exact name ([`router::listed_serves`]), so `m` and
+    /// `m:latest` may wait for different boxes.
+    model: Option<String>,
     /// The client the requests are pinned to.
     pinned: Option<String>,
     /// Retries: each excludes the clients that failed it.
@@ -141,9 +144,9 @@ struct QueueKey {
 }
 
 impl QueueKey {
-    fn new(model: &str, pinned: Option<&str>, retry: bool) -> Self {
+    fn new(model: Option<&str>, pinned: Option<&str>, retry: bool) -> Self {
         QueueKey {
-            model: model.to_owned(),
+            model: model.map(str::to_owned),
             pinned: pinned.map(str::to_owned),
             // A pinned request that failed on its client is not queued again.
             retry: retry && pinned.is_none(),
@@ -238,7 +241,9 @@ impl Queues {
                 if key.pinned.as_deref().is_some_and(|id| id != client.id) {
                     continue;
                 }
-                if key.model == ANY || models.iter().any(|m| router::names(&m.name, &key.model)) {
+                let serves =
+                    |want: &str| models.iter().any(|m| router::listed_serves(&m.name, want));
+                if key.model.as_deref().is_none_or(serves) {
                     q.freed.fetch_add(1, Ordering::AcqRel);
                     q.wake_first();
                 }
@@ -262,7 +267,12 @@ impl Queues {
     pub fn depths(&self) -> Vec<(String, usize)> {
         let mut by_model: HashMap<String, usize> = HashMap::new();
         for (k, q) in self.queues.lock().expect("queues lock").iter() {
-            *by_model.entry(k.model.clone()).or_default() += q.waiting.load(Ordering::Relaxed);
+            // One series per model however it was spelled.
+            let model = match k.model.as_deref() {
+                None => ANY.to_owned(),
+                Some(named) => normalize(named).into_owned(),
+            };
+            *by_model.entry(model).or_default() += q.waiting.load(Ordering::Relaxed);
         }
         let mut d: Vec<_> = by_model.into_iter().collect();
         d.sort();
@@ -312,8 +322,11 @@ pub async fn acquire_holding(
     body: usize,
 ) -> Result<Dispatched, Refusal> {
     let balance = state.config.balance;
-    let model = want.model.map(normalize).unwrap_or(ANY.into());
-    let key = QueueKey::new(&model, want.pinned, !want.exclude.is_empty());
+    let key = QueueKey::new(
+        want.model.map(str::trim),
+        want.pinned,
+        !want.exclude.is_empty(),
+    );
     let pick = || router::pick(&state.registry, balance, want);
     // Arrivals queue behind earlier waiters, so the queue is served in
     // order; when it is full, one that a free slot fits right now takes it.
@@ -683,7 +696,8 @@ mod tests {
     #[test]
     fn a_freed_slot_wakes_the_queues_its_client_can_serve() {
         let registry = crate::registry::Registry::default();
-        let x = crate::registry::testing::add(&registry, "x", &["m", "n:7b"], Some(1));
+        // Two models as Ollama lists them, one as vLLM does.
+        let x = crate::registry::testing::add(&registry, "x", &["m:latest", "n:7b", "v"], Some(1));
         let queues = Queues::default();
         let join = |model, pinned, retry| {
             queues
@@ -691,16 +705,20 @@ mod tests {
                 .expect("room")
         };
         let woken = [
-            join("m:latest", None, false),
-            join("m:latest", None, true),
-            join("m:latest", Some("x"), false),
-            join("n:7b", None, false),
-            join(ANY, None, false),
+            join(Some("m:latest"), None, false),
+            join(Some("m"), None, false),
+            join(Some("m:latest"), None, true),
+            join(Some("m:latest"), Some("x"), false),
+            join(Some("n:7b"), None, false),
+            join(Some("v"), None, false),
+            join(None, None, false),
         ];
         let left = [
-            join("m:latest", Some("y"), false),
-            join("n:latest", None, false),
-            join("other:latest", None, false),
+            join(Some("m:latest"), Some("y"), false),
+            join(Some("n:latest"), None, false),
+            join(Some("other:latest"), None, false),
+            // vLLM takes only its own name.
+            join(Some("v:latest"), None, false),
         ];
         queues.slot_freed(&x);
         for w in &woken {
@@ -714,18 +732,26 @@ mod tests {
     #[test]
     fn queues_of_pinned_requests_and_retries_count_under_their_model() {
         let queues = Queues::default();
-        let a = queues.join(QueueKey::new("m:latest", Some("gpu@site"), false), 10);
-        let b = queues.join(QueueKey::new("m:latest", None, true), 10);
-        let c = queues.join(QueueKey::new("*", None, false), 10);
+        let a = queues.join(QueueKey::new(Some("m:latest"), Some("gpu@site"), false), 10);
+        let b = queues.join(QueueKey::new(Some("m:latest"), None, true), 10);
+        let c = queues.join(QueueKey::new(None, None, false), 10);
+        // Spelled without its tag: the same series.
+        let d = queues.join(QueueKey::new(Some("m"), None, false), 10);
+        // A model named `*` is no request naming none.
+        let e = queues.join(QueueKey::new(Some("*"), None, false), 10);
         assert_eq!(
             queues.depths(),
-            vec![("*".to_owned(), 1), ("m:latest".to_owned(), 2)]
+            vec![
+                ("*".to_owned(), 1),
+                ("*:latest".to_owned(), 1),
+                ("m:latest".to_owned(), 3)
+            ]
         );
         assert!(
-            queues.join(QueueKey::new("*", None, false), 1).is_none(),
+            queues.join(QueueKey::new(None, None, false), 1).is_none(),
             "full"
         );
-        drop((a, b, c));
+        drop((a, b, c, d, e));
         assert!(queues.is_empty());
     }
 }

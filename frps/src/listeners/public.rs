@@ -972,11 +972,13 @@ async fn forward(
                     guard,
                     sender,
                     started,
-                    // The served model's name, not the caller's spelling of
-                    // it (" llama3" and "llama3:latest" are one series).
+                    // The served model's name as its box lists it, not the
+                    // caller's spelling of it (" llama3" and
+                    // "llama3:latest" are one series; vLLM's "mistral"
+                    // stays "mistral").
                     model
                         .as_deref()
-                        .map(|m| router::normalize(m).into_owned())
+                        .map(|m| served_name(&client, m))
                         .unwrap_or_default(),
                     upload,
                 );
@@ -1618,6 +1620,20 @@ fn refused(
             ))
         }
     }
+}
+
+/// The name under which `client` lists the model a request for `model`
+/// reached (the normalised name if, listing changed meanwhile, none
+/// matches now).
+fn served_name(client: &ClientHandle, model: &str) -> String {
+    client
+        .with_models(|models| {
+            models
+                .iter()
+                .find(|m| router::listed_serves(&m.name, model))
+                .map(|m| m.name.trim().to_owned())
+        })
+        .unwrap_or_else(|| router::normalize(model).into_owned())
 }
 
 /// `resp` with `Retry-After: 1`: a 503 that may pass at once (a box back

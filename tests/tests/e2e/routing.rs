@@ -232,6 +232,10 @@ async fn a_box_whose_service_is_down_keeps_its_models_answered_503() {
     assert_eq!(reply.status, 404, "{}", reply.body);
     let reply = http::get(public, "/v1/models/mistral:latest", Some(API_KEY)).await;
     assert_eq!(reply.status, 404, "{}", reply.body);
+    // Counted under the name its box lists.
+    let metrics = http::get(b.frps.addrs.api, "/metrics", None).await.body;
+    assert!(metrics.contains("model=\"mistral\""), "{metrics}");
+    assert!(!metrics.contains("model=\"mistral:latest\""), "{metrics}");
     // a's service goes away; its frpc reports it down at its next probe.
     let a = b.frps.state.registry.get("a").unwrap();
     let addr = b.backends["a"].addr;
