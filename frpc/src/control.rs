@@ -1659,7 +1659,6 @@ mod tests {
 
     #[test]
     fn a_service_gone_down_is_said_with_why_and_keeps_its_models() {
-        use clap::Parser;
         let (update, said) = common::testing::logged(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -1670,35 +1669,7 @@ mod tests {
                 let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let port = closed.local_addr().unwrap().port().to_string();
                 drop(closed);
-                let config = Config::parse_from([
-                    "frpc",
-                    "--client-id",
-                    "gpu",
-                    "--local-port",
-                    &port,
-                    "--metrics-interval",
-                    "1s",
-                    "--connect-timeout",
-                    "1s",
-                ]);
-                let up = vec![ModelInfo {
-                    name: "llama3".into(),
-                    size: None,
-                }];
-                let announced = Arc::new(Mutex::new(Announced {
-                    last: Some((up.clone(), true)),
-                    ..Announced::default()
-                }));
-                let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
-                let (tx, mut rx) = mpsc::channel(8);
-                let reporter = tokio::spawn(report(
-                    Arc::new(config),
-                    Arc::new(Mutex::new(None)),
-                    Arc::new(fit),
-                    (up, true),
-                    announced,
-                    tx,
-                ));
+                let (reporter, mut rx, _) = reporter_up_with_llama3(&port);
                 let update = loop {
                     let cmd = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
                     if let Command::ModelsUpdate { models, service_up } = cmd.unwrap().unwrap() {
@@ -1761,39 +1732,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_ending_after_its_session_is_not_judged() {
-        use clap::Parser;
         // A service that takes the probe's connection and never answers.
         let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = service.local_addr().unwrap().port().to_string();
-        let config = Config::parse_from([
-            "frpc",
-            "--client-id",
-            "gpu",
-            "--local-port",
-            &port,
-            "--metrics-interval",
-            "1s",
-            "--connect-timeout",
-            "1s",
-        ]);
-        let up = vec![ModelInfo {
-            name: "llama3".into(),
-            size: None,
-        }];
-        let announced = Arc::new(Mutex::new(Announced {
-            last: Some((up.clone(), true)),
-            ..Announced::default()
-        }));
-        let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
-        let (tx, rx) = mpsc::channel(8);
-        let reporter = tokio::spawn(report(
-            Arc::new(config),
-            Arc::new(Mutex::new(None)),
-            Arc::new(fit),
-            (up.clone(), true),
-            announced.clone(),
-            tx,
-        ));
+        let (reporter, rx, announced) = reporter_up_with_llama3(&port);
         // The probe is under way: the session ends meanwhile.
         let within = Duration::from_secs(10);
         let accepted = tokio::time::timeout(within, service.accept()).await;
@@ -1806,7 +1748,53 @@ mod tests {
             !announced.unlisted_before,
             "the late probe counted as a doubtful one"
         );
-        assert_eq!(announced.last, Some((up, true)));
+        assert_eq!(announced.last, Some((llama3(), true)));
+    }
+
+    fn llama3() -> Vec<ModelInfo> {
+        vec![ModelInfo {
+            name: "llama3".into(),
+            size: None,
+        }]
+    }
+
+    /// The reporter of a session whose service (at `port`) last listed
+    /// `llama3`, up, probing every second: its task, what it sends, and
+    /// what it announced.
+    fn reporter_up_with_llama3(
+        port: &str,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        mpsc::Receiver<Command>,
+        Arc<Mutex<Announced>>,
+    ) {
+        use clap::Parser;
+        let config = Config::parse_from([
+            "frpc",
+            "--client-id",
+            "gpu",
+            "--local-port",
+            port,
+            "--metrics-interval",
+            "1s",
+            "--connect-timeout",
+            "1s",
+        ]);
+        let announced = Arc::new(Mutex::new(Announced {
+            last: Some((llama3(), true)),
+            ..Announced::default()
+        }));
+        let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let reporter = tokio::spawn(report(
+            Arc::new(config),
+            Arc::new(Mutex::new(None)),
+            Arc::new(fit),
+            (llama3(), true),
+            announced.clone(),
+            tx,
+        ));
+        (reporter, rx, announced)
     }
 
     #[tokio::test]
