@@ -629,9 +629,12 @@ fn rfc3339(t: Option<NaiveDateTime>) -> Option<String> {
 /// `inactive` (any other status, which frps refuses: `disabled`, a
 /// `CHAR`-padded `active`...).
 fn key_state(k: &ApiKeyRow, now: NaiveDateTime) -> &'static str {
+    // Active exactly when the validator takes it.
+    if k.is_valid(now) {
+        return "active";
+    }
     match k.status.as_deref() {
-        None | Some("active") if k.expires_at.is_some_and(|at| at <= now) => "expired",
-        None | Some("active") => "active",
+        None | Some("active") => "expired",
         Some("revoked") => "revoked",
         Some(_) => "inactive",
     }
