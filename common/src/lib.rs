@@ -36,6 +36,7 @@ pub use codec::{FrameError, FrameReader, MAX_FRAME, read_one_command, write_comm
 pub use duration::{parse_duration, parse_duration_checked, parse_positive_duration};
 pub use join::{GONE_CHECK, JoinStats, SenderGone, join_streams, join_streams_lingering};
 pub use protocol::{
-    Command, DiskInfo, GpuInfo, ModelInfo, PROTOCOL_VERSION, Registration, SystemInfo,
+    Command, DiskInfo, GpuInfo, MAX_MODEL_NAME, MAX_MODELS, ModelInfo, PROTOCOL_VERSION,
+    Registration, SystemInfo, model_name_kept,
 };
 pub use stream::Stream;

@@ -325,6 +325,20 @@ impl Default for Registration {
     }
 }
 
+/// Most models frps keeps for one client; frpc announces no more (the
+/// first by name). A longer list makes every routed request and
+/// `/v1/models` scan it.
+pub const MAX_MODELS: usize = 1024;
+
+/// Longest model name frps keeps, in bytes.
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// Whether frps keeps a model of this name: 1 to [`MAX_MODEL_NAME`] bytes
+/// without control characters.
+pub fn model_name_kept(name: &str) -> bool {
+    (1..=MAX_MODEL_NAME).contains(&name.len()) && !name.contains(char::is_control)
+}
+
 /// One model served by a client's local service.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

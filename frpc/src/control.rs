@@ -1356,7 +1356,7 @@ async fn probe_service(
     config: &Config,
     fit: &local::ModelFit,
 ) -> (Probe, bool, Option<Option<NoList>>, Option<String>) {
-    match local::models(&config.local_host(), config.connect_timeout).await {
+    match local::models(&config.local_host(), config.connect_timeout, &fit.listed).await {
         Ok(models) => ((fit.fit(models), true), true, Some(None), None),
         Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");

@@ -38,11 +38,27 @@ pub struct RegistrationTooLarge {
 /// is too long, the models are taken in name order (whatever order the
 /// service lists them in) and as many as fit are kept; the rest are left
 /// out, with a warning the first time.
+///
+/// It also remembers which list the service answered last
+/// ([`ModelFit::listed`]).
 #[derive(Debug)]
 pub struct ModelFit {
     /// Bytes available to the encoded model list (between its brackets).
     budget: usize,
     warned: AtomicBool,
+    /// Whether names frps would not keep were said.
+    unkept_warned: AtomicBool,
+    /// Which model list the service gave last.
+    pub listed: Listed,
+}
+
+/// Which model list the local service gave at the last probe: a service
+/// that gave OpenAI's `/v1/models` (vLLM, llama.cpp) is asked for it
+/// first, so each probe does not cost it a 404 for `/api/tags` (which
+/// vLLM logs at every probe).
+#[derive(Debug, Default)]
+pub struct Listed {
+    openai: AtomicBool,
 }
 
 impl ModelFit {
@@ -65,22 +81,40 @@ impl ModelFit {
         Ok(ModelFit {
             budget: MAX_FRAME.saturating_sub(register.max(update)),
             warned: AtomicBool::new(false),
+            unkept_warned: AtomicBool::new(false),
+            listed: Listed::default(),
         })
     }
 
-    /// `models` as they fit: unchanged when they all do, else the first by
-    /// name that fit.
+    /// `models` as frps keeps them and as they fit: names frps does not
+    /// keep ([`common::model_name_kept`]) and repeats left out; then,
+    /// unchanged when the rest are at most [`common::MAX_MODELS`] and fit a
+    /// frame, else the first by name of those, as many as fit.
     pub fn fit(&self, mut models: Vec<ModelInfo>) -> Vec<ModelInfo> {
+        let mut seen = std::collections::HashSet::new();
+        let mut unkept = 0;
+        models.retain(|m| {
+            let kept = common::model_name_kept(&m.name);
+            unkept += usize::from(!kept);
+            kept && seen.insert(m.name.clone())
+        });
+        drop(seen);
+        if unkept > 0 && !self.unkept_warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                "the local service lists {unkept} model name(s) frps does not take (empty, longer than {} bytes, or with control characters): they are not announced",
+                common::MAX_MODEL_NAME
+            );
+        }
         let listed = models.len();
         // In a JSON array the entries are separated by commas.
         let total: usize = models.iter().map(encoded_len).sum::<usize>() + listed.saturating_sub(1);
-        if total <= self.budget {
+        if total <= self.budget && listed <= common::MAX_MODELS {
             return models;
         }
         models.sort_by(|a, b| a.name.cmp(&b.name).then(a.size.cmp(&b.size)));
         let mut used = 0;
         let mut kept = 0;
-        for model in &models {
+        for model in models.iter().take(common::MAX_MODELS) {
             let need = encoded_len(model) + usize::from(kept > 0);
             if used + need > self.budget {
                 break;
@@ -90,14 +124,20 @@ impl ModelFit {
         }
         models.truncate(kept);
         let left_out = listed - kept;
+        let why = if total > self.budget {
+            format!("more than fit in a {MAX_FRAME}-byte control frame")
+        } else {
+            format!(
+                "more than the {} frps takes from one box",
+                common::MAX_MODELS
+            )
+        };
         if !self.warned.swap(true, Ordering::Relaxed) {
             warn!(
-                "the local service lists {listed} models, more than fit in a {MAX_FRAME}-byte control frame: announcing the first {kept} by name to frps and leaving out {left_out}, which frps will not route requests for"
+                "the local service lists {listed} models, {why}: announcing the first {kept} by name to frps and leaving out {left_out}, which frps will not route requests for"
             );
         } else {
-            debug!(
-                "announcing {kept} of {listed} models; {left_out} do not fit in a control frame"
-            );
+            debug!("announcing {kept} of {listed} models; {left_out} left out: {why}");
         }
         models
     }
@@ -175,20 +215,46 @@ struct OpenAiModel {
 }
 
 /// Lists the models served at `host` (`addr:port`): Ollama's `/api/tags`,
-/// falling back to OpenAI's `/v1/models` (vLLM, llama.cpp).
-pub async fn models(host: &str, limit: Duration) -> Result<Vec<ModelInfo>, ProbeError> {
+/// falling back to OpenAI's `/v1/models` (vLLM, llama.cpp); a service that
+/// gave OpenAI's list last time (`listed`) is asked for it first.
+pub async fn models(
+    host: &str,
+    limit: Duration,
+    listed: &Listed,
+) -> Result<Vec<ModelInfo>, ProbeError> {
     tokio::time::timeout(limit, async {
+        if listed.openai.load(Ordering::Relaxed) {
+            match get(host, "/v1/models").await {
+                Ok(body) => {
+                    if let Ok(models) = parse_openai(&body) {
+                        return Ok(models);
+                    }
+                }
+                // No list there any more (another service on the port,
+                // an Ollama now, say): both are tried again below.
+                Err(ProbeError::Status { status: 404, .. }) => {}
+                // Down, not ready, refusing: as it is, not a reason to
+                // ask for Ollama's list too.
+                Err(e) => return Err(e),
+            }
+            listed.openai.store(false, Ordering::Relaxed);
+        }
+        let openai = |body: Bytes| {
+            let models = parse_openai(&body)?;
+            listed.openai.store(true, Ordering::Relaxed);
+            Ok(models)
+        };
         match get(host, "/api/tags").await {
             Ok(body) => match parse_ollama(&body) {
                 Ok(models) => Ok(models),
                 // Not Ollama's list after all: OpenAI's, if it has one.
                 Err(unreadable) => match get(host, "/v1/models").await {
-                    Ok(body) => parse_openai(&body),
+                    Ok(body) => openai(body),
                     Err(_) => Err(unreadable),
                 },
             },
             Err(ProbeError::Unreachable(e)) => Err(ProbeError::Unreachable(e)),
-            Err(_) => parse_openai(&get(host, "/v1/models").await?),
+            Err(_) => openai(get(host, "/v1/models").await?),
         }
     })
     .await
@@ -264,6 +330,7 @@ async fn get(host: &str, path: &'static str) -> Result<Bytes, ProbeError> {
 mod tests {
     use super::*;
     use common::testing::logged;
+    use std::sync::Arc;
 
     #[test]
     fn both_model_list_shapes_parse() {
@@ -320,6 +387,53 @@ mod tests {
         reg.metas
             .insert("notes".into(), "n".repeat(MAX_FRAME - 3_000));
         assert!(ModelFit::new(&reg).is_ok());
+    }
+
+    /// frpc announces what frps keeps: at most 1,024 models (the first by
+    /// name, not the first 1,024 the service happens to list), names frps
+    /// takes, each once.
+    #[test]
+    fn the_models_announced_are_those_frps_keeps() {
+        let short: Vec<ModelInfo> = (0..1_500)
+            .rev()
+            .map(|i| ModelInfo {
+                name: format!("m{i:04}"),
+                size: None,
+            })
+            .collect();
+        let fit = ModelFit::new(&template()).unwrap();
+        let (kept, warning) = logged(|| fit.fit(short.clone()));
+        assert_eq!(kept.len(), common::MAX_MODELS);
+        assert_eq!(kept[0].name, "m0000");
+        assert_eq!(kept[common::MAX_MODELS - 1].name, "m1023");
+        assert!(
+            warning.contains("lists 1500 models")
+                && warning.contains("more than the 1024 frps takes")
+                && warning.contains("leaving out 476"),
+            "{warning}"
+        );
+        let named = |name: &str| ModelInfo {
+            name: name.into(),
+            size: None,
+        };
+        let odd = vec![
+            named("llama3:latest"),
+            named(""),
+            named("bad\nname"),
+            named(&"x".repeat(common::MAX_MODEL_NAME + 1)),
+            named("llama3:latest"),
+            named("mistral"),
+        ];
+        let fit = ModelFit::new(&template()).unwrap();
+        let (kept, warning) = logged(|| fit.fit(odd));
+        assert_eq!(kept, [named("llama3:latest"), named("mistral")]);
+        assert!(
+            warning.contains("lists 3 model name(s) frps does not take"),
+            "{warning}"
+        );
+        // Said once.
+        let (_, again) = logged(|| fit.fit(vec![named("")]));
+        assert!(!again.contains("WARN"), "{again}");
     }
 
     #[test]
@@ -410,8 +524,77 @@ mod tests {
                 let _ = s.write_all(answer.as_bytes()).await;
             }
         });
-        let listed = models(&addr, Duration::from_secs(5)).await.unwrap();
+        let listed = models(&addr, Duration::from_secs(5), &Listed::default())
+            .await
+            .unwrap();
         assert_eq!(listed[0].name, "served-model");
+    }
+
+    /// The `(path, status, body)` a test service answers with.
+    type Answers = Arc<std::sync::Mutex<Vec<(&'static str, u16, &'static str)>>>;
+
+    /// A local service answering the probes with the `(path, status, body)`
+    /// of `answers` (404 for other paths), taken from the shared list at
+    /// each request; the paths it was asked for.
+    async fn service(answers: Answers) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut head = vec![0u8; 4096];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                let line = String::from_utf8_lossy(&head[..n]).into_owned();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+                seen.lock().unwrap().push(path.clone());
+                let (status, body) = answers
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(p, _, _)| *p == path)
+                    .map_or((404, "not found"), |&(_, status, body)| (status, body));
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        (addr, asked)
+    }
+
+    /// A vLLM (OpenAI's list only) is asked for that list first once it
+    /// gave it; replaced by an Ollama, Ollama's list is asked for again;
+    /// not ready, it is said so without a second request.
+    #[tokio::test]
+    async fn a_service_is_asked_first_for_the_list_it_gave() {
+        const OPENAI: &str = r#"{"object":"list","data":[{"id":"mistral"}]}"#;
+        const OLLAMA: &str = r#"{"models":[{"name":"llama3:latest","size":1}]}"#;
+        let answers = Arc::new(std::sync::Mutex::new(vec![("/v1/models", 200, OPENAI)]));
+        let (addr, asked) = service(answers.clone()).await;
+        let listed = Listed::default();
+        let probe = || models(&addr, Duration::from_secs(5), &listed);
+        let take = || std::mem::take(&mut *asked.lock().unwrap());
+        assert_eq!(probe().await.unwrap()[0].name, "mistral");
+        assert_eq!(take(), ["/api/tags", "/v1/models"]);
+        assert_eq!(probe().await.unwrap()[0].name, "mistral");
+        assert_eq!(take(), ["/v1/models"]);
+        // Loading again (llama.cpp's 503): said at once.
+        *answers.lock().unwrap() = vec![("/v1/models", 503, "loading")];
+        let err = probe().await.unwrap_err();
+        assert!(
+            matches!(err, ProbeError::Status { status: 503, .. }),
+            "{err}"
+        );
+        assert_eq!(take(), ["/v1/models"]);
+        // An Ollama on the port now.
+        *answers.lock().unwrap() = vec![("/api/tags", 200, OLLAMA)];
+        assert_eq!(probe().await.unwrap()[0].name, "llama3:latest");
+        assert_eq!(take(), ["/v1/models", "/api/tags"]);
+        assert_eq!(probe().await.unwrap()[0].name, "llama3:latest");
+        assert_eq!(take(), ["/api/tags"]);
     }
 
     #[tokio::test]
@@ -419,7 +602,9 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         drop(l);
-        let err = models(&addr, Duration::from_secs(5)).await.unwrap_err();
+        let err = models(&addr, Duration::from_secs(5), &Listed::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ProbeError::Unreachable(_)), "{err}");
     }
 }

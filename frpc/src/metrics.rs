@@ -19,6 +19,9 @@ const MAX_DISKS: usize = 16;
 /// Keeps what sysinfo needs between samples (CPU usage is a difference).
 pub struct Collector {
     system: Option<System>,
+    /// When the CPU times were last read: usage is their difference over
+    /// the interval since.
+    cpu_read_at: std::time::Instant,
     disks: Option<Disks>,
     nvml: Option<Nvml>,
     /// How NVML is started (the library; a test's own).
@@ -55,6 +58,7 @@ impl Collector {
         }
         let mut collector = Self {
             system,
+            cpu_read_at: std::time::Instant::now(),
             disks: Disks::new_with_refreshed_list().ok(),
             nvml: None,
             init,
@@ -96,6 +100,15 @@ impl Collector {
     /// Takes one sample (blocking: run it off the async threads).
     pub fn collect(&mut self) -> SystemInfo {
         if let Some(s) = self.system.as_mut() {
+            // The first sample is taken right after the collector is made:
+            // over a near-zero interval the usage is noise (0 or 100 %).
+            // sysinfo's shortest meaningful interval is waited out (off the
+            // async threads, well within the read's deadline of 1 s or more).
+            let since = self.cpu_read_at.elapsed();
+            if let Some(rest) = sysinfo::MINIMUM_CPU_UPDATE_INTERVAL.checked_sub(since) {
+                std::thread::sleep(rest);
+            }
+            self.cpu_read_at = std::time::Instant::now();
             s.refresh_cpu_usage();
             s.refresh_memory();
         }
@@ -243,8 +256,12 @@ mod tests {
 
     #[test]
     fn a_sample_has_real_figures() {
+        let made = std::time::Instant::now();
         let mut c = Collector::new();
         let info = c.collect();
+        // The CPU usage covers an interval long enough to mean something,
+        // the first one too.
+        assert!(made.elapsed() >= sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
         assert!(info.memory_total > 0);
         assert!(info.memory_used <= info.memory_total);
         assert!(info.cpu_count > 0);

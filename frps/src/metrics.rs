@@ -206,6 +206,8 @@ struct ClientGauges {
     in_flight: i64,
     healthy: bool,
     cpu: Option<f64>,
+    /// Seconds since the client's system metrics came.
+    system_age: Option<f64>,
     memory_used: Option<i64>,
     memory_total: Option<i64>,
     gpus: Vec<GpuGauges>,
@@ -381,12 +383,13 @@ impl FleetSnapshot {
             per_client: clients
                 .iter()
                 .map(|c| {
-                    let sys = c.system();
+                    let (sys, age) = c.system_aged().unzip();
                     ClientGauges {
                         id: c.id.clone(),
                         in_flight: c.in_flight.load(Ordering::Relaxed) as i64,
                         healthy: c.is_healthy(),
                         cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
+                        system_age: age.map(|a| a.as_secs_f64()),
                         memory_used: sys.as_ref().map(|s| saturating_i64(s.memory_used)),
                         memory_total: sys.as_ref().map(|s| saturating_i64(s.memory_total)),
                         gpus: sys.map(|s| gpu_gauges(&s.gpus)).unwrap_or_default(),
@@ -480,7 +483,7 @@ impl Collector for FleetSnapshot {
         }
 
         type Field = fn(&ClientGauges) -> Option<f64>;
-        let per_client: [(&str, &str, Field); 5] = [
+        let per_client: [(&str, &str, Field); 6] = [
             (
                 "frpx_client_in_flight_requests",
                 "Requests being served by the client",
@@ -495,6 +498,11 @@ impl Collector for FleetSnapshot {
                 "frpx_client_cpu_usage_percent",
                 "CPU usage reported by the client",
                 |c| c.cpu,
+            ),
+            (
+                "frpx_client_system_age_seconds",
+                "Seconds since the client's system metrics (CPU, memory, disks, GPUs) came",
+                |c| c.system_age,
             ),
             (
                 "frpx_client_memory_used_bytes",

@@ -88,13 +88,13 @@ pub async fn fleet_table(base: &str, token: Option<&str>) -> anyhow::Result<Tabl
     ]);
     let systems: std::collections::HashMap<&str, _> = monitoring
         .iter()
-        .filter_map(|m| Some((m.id.as_str(), m.system.as_ref()?)))
+        .filter_map(|m| Some((m.id.as_str(), (m.system.as_ref()?, m.system_secs_ago))))
         .collect();
     for c in clients {
         let sys = systems.get(c.id.as_str()).copied();
         let (cpu, memory, disk, gpu) = match sys {
-            Some(s) => (
-                format!("{:.1}", s.cpu_usage),
+            Some((s, age)) => (
+                cpu_cell(s.cpu_usage, age),
                 format!("{} / {}", gib(s.memory_used), gib(s.memory_total)),
                 s.disks
                     .iter()
@@ -173,6 +173,19 @@ fn invisible(c: char) -> bool {
             | '\u{2060}'..='\u{2069}'
             | '\u{FEFF}'
     )
+}
+
+/// Metrics older than this are shown with their age: frpc sends them
+/// every `--metrics-interval` (10 s by default), and none while reading
+/// them hangs (a stuck network mount, a wedged GPU driver).
+pub const STALE_METRICS_SECS: f64 = 60.0;
+
+/// The CPU column: the usage, and the metrics' age once they are stale.
+fn cpu_cell(usage: f32, age: Option<f64>) -> String {
+    match age {
+        Some(age) if age >= STALE_METRICS_SECS => format!("{usage:.1}\n({age:.0}s old)"),
+        _ => format!("{usage:.1}"),
+    }
 }
 
 fn gib(bytes: u64) -> String {
@@ -328,6 +341,13 @@ mod tests {
         assert_eq!(url("::1"), "http://[::1]:9001");
         assert_eq!(url("0.0.0.0"), "http://127.0.0.1:9001");
         assert_eq!(url("::"), "http://[::1]:9001");
+    }
+
+    #[test]
+    fn stale_metrics_are_shown_with_their_age() {
+        assert_eq!(cpu_cell(12.34, Some(9.0)), "12.3");
+        assert_eq!(cpu_cell(12.34, None), "12.3");
+        assert_eq!(cpu_cell(12.34, Some(75.4)), "12.3\n(75s old)");
     }
 
     #[test]

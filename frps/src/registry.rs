@@ -52,7 +52,8 @@ pub struct ClientHandle {
     error_logged: common::pace::SharedPace,
     busy_logged: common::pace::SharedPace,
     models: RwLock<Vec<ModelInfo>>,
-    system: RwLock<Option<SystemInfo>>,
+    /// The latest system metrics, and when they came.
+    system: RwLock<Option<(SystemInfo, Instant)>>,
     /// Requests currently being served by this box: shared by its sessions
     /// (a request an earlier session started still runs on the box after a
     /// reconnect, and counts against its `--max-concurrency`).
@@ -86,12 +87,9 @@ pub struct ClientHandle {
 /// half token lifetime: days).
 pub const MAX_SESSION_RENEWALS: usize = 8;
 
-/// Most models frps keeps for one client (the first ones announced); a
-/// longer list makes every routed request and `/v1/models` scan it.
-pub const MAX_MODELS: usize = 1024;
-
-/// Longest model name frps keeps, in bytes.
-pub const MAX_MODEL_NAME: usize = 256;
+/// Most models frps keeps for one client (the first ones announced; a
+/// frpc of 2026-12-05 or later announces no more, the first by name).
+pub use common::{MAX_MODEL_NAME, MAX_MODELS};
 
 /// `models` as frps keeps them: names of 1 to [`MAX_MODEL_NAME`] bytes
 /// without control characters, each once, at most [`MAX_MODELS`] of them;
@@ -103,7 +101,7 @@ pub fn within_limits(mut models: Vec<ModelInfo>) -> (Vec<ModelInfo>, usize) {
     let mut seen = std::collections::HashSet::new();
     let mut repeated = 0;
     models.retain(|m| {
-        if !(1..=MAX_MODEL_NAME).contains(&m.name.len()) || m.name.contains(char::is_control) {
+        if !common::model_name_kept(&m.name) {
             return false;
         }
         let new = seen.insert(m.name.clone());
@@ -306,6 +304,12 @@ impl ClientHandle {
         self.health.lock().expect("health lock").failures
     }
 
+    /// What is left at `now` of the cool-down the client is in, if any.
+    pub fn cooling_left(&self, now: Instant) -> Option<std::time::Duration> {
+        let until = self.health.lock().expect("health lock").until?;
+        Some(until.checked_duration_since(now)?).filter(|d| !d.is_zero())
+    }
+
     /// Whether the client is cooling down after failures.
     pub fn is_cooling_down(&self) -> bool {
         self.health
@@ -348,12 +352,26 @@ impl ClientHandle {
 
     /// Latest system metrics.
     pub fn system(&self) -> Option<SystemInfo> {
-        self.system.read().expect("system lock").clone()
+        self.system_aged().map(|(info, _)| info)
+    }
+
+    /// Latest system metrics with their age: a box whose metrics read
+    /// hangs (a stuck network mount, a wedged GPU driver) sends none until
+    /// it ends, and its last ones would otherwise pass for current.
+    pub fn system_aged(&self) -> Option<(SystemInfo, std::time::Duration)> {
+        self.system_aged_at(Instant::now())
+    }
+
+    fn system_aged_at(&self, now: Instant) -> Option<(SystemInfo, std::time::Duration)> {
+        let system = self.system.read().expect("system lock");
+        system
+            .as_ref()
+            .map(|(info, at)| (info.clone(), now.saturating_duration_since(*at)))
     }
 
     /// Stores the latest system metrics.
     pub fn set_system(&self, info: SystemInfo) {
-        *self.system.write().expect("system lock") = Some(info);
+        *self.system.write().expect("system lock") = Some((info, Instant::now()));
     }
 }
 
@@ -773,6 +791,30 @@ mod tests {
 
     fn new_client(id: &str) -> (NewClient, mpsc::Receiver<Command>) {
         client_with(id, &[], None)
+    }
+
+    /// Metrics come with their age: a box whose metrics read hangs sends
+    /// none, and its last ones must not pass for current.
+    #[test]
+    fn system_metrics_carry_their_age() {
+        let reg = Registry::default();
+        let c = super::testing::add(&reg, "gpu", &[], None);
+        assert!(c.system_aged().is_none());
+        let info = SystemInfo {
+            cpu_usage: 42.0,
+            ..Default::default()
+        };
+        c.set_system(info.clone());
+        let (got, age) = c.system_aged().unwrap();
+        assert_eq!(got, info);
+        assert!(age < std::time::Duration::from_secs(5), "{age:?}");
+        let later = Instant::now() + std::time::Duration::from_secs(90);
+        let (_, age) = c.system_aged_at(later).unwrap();
+        assert!(age >= std::time::Duration::from_secs(90), "{age:?}");
+        // A new report starts it again.
+        c.set_system(info);
+        let (_, age) = c.system_aged_at(later).unwrap();
+        assert!(age <= std::time::Duration::from_secs(90), "{age:?}");
     }
 
     #[test]

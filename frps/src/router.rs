@@ -148,6 +148,31 @@ pub fn pick(
     })
 }
 
+/// How long a request for `want` refused with [`NoPick::Unavailable`]
+/// should wait before it is tried again: the soonest end of the cool-downs
+/// its clients are in, or `None` when one of them is unavailable for a
+/// reason whose end frps cannot tell (its service reported down: the box's
+/// next probe may find it back at any time; or it failed this request).
+pub fn next_routable(registry: &Registry, want: Want<'_>) -> Option<std::time::Duration> {
+    let now = std::time::Instant::now();
+    registry.with_clients(|clients| {
+        let mut soonest: Option<std::time::Duration> = None;
+        let candidates = clients.values().filter(|c| {
+            !c.kick.is_cancelled()
+                && want.pinned.is_none_or(|id| c.id == id)
+                && want.model.is_none_or(|m| serves(c, m))
+        });
+        for c in candidates {
+            if want.exclude.contains(&c.session) || !c.is_healthy() {
+                return None;
+            }
+            let left = c.cooling_left(now)?;
+            soonest = Some(soonest.map_or(left, |s| s.min(left)));
+        }
+        soonest
+    })
+}
+
 fn load(c: &ClientHandle) -> usize {
     c.in_flight.load(Ordering::Relaxed)
 }
@@ -371,5 +396,50 @@ mod tests {
         );
         b.record_success();
         assert_eq!(pick(&reg, Balance::Random, w).unwrap().id, "b");
+    }
+
+    /// A request refused because every box it may use is cooling down is
+    /// told when the first of them comes back; one whose box is down (no
+    /// end known) or failed it is told nothing (try soon).
+    #[test]
+    fn the_soonest_cool_down_end_is_when_to_come_back() {
+        let reg = Registry::default();
+        let a = add(&reg, "a", &["m"], None);
+        let b = add(&reg, "b", &["m"], None);
+        let other = add(&reg, "other", &["n"], None);
+        let cool = |c: &ClientHandle, at_least: u64| loop {
+            if c.record_failure().is_some_and(|d| d.as_secs() >= at_least) {
+                break;
+            }
+        };
+        cool(&a, 8);
+        cool(&b, 16);
+        let left = |w: Want<'_>| next_routable(&reg, w).map(|d| d.as_secs_f64());
+        let m = want(Some("m"));
+        let soonest = left(m).unwrap();
+        assert!((7.0..=8.0).contains(&soonest), "{soonest}");
+        let pinned = Want {
+            pinned: Some("b"),
+            ..m
+        };
+        let b_left = left(pinned).unwrap();
+        assert!((15.0..=16.0).contains(&b_left), "{b_left}");
+        // `other` serves no `m`: not counted; on its own it is routable.
+        assert!(left(want(Some("n"))).is_none());
+        // A box whose service is down may be back at its next probe.
+        a.set_service_up(false);
+        assert!(left(m).is_none());
+        a.set_service_up(true);
+        // One that failed this request is no better in 8 s.
+        let exclude = [a.session];
+        let excluding = Want {
+            exclude: &exclude,
+            ..m
+        };
+        assert!(left(excluding).is_none());
+        // Its cool-down over, a box is no reason to wait.
+        a.record_success();
+        assert!(left(m).is_none());
+        drop(other);
     }
 }

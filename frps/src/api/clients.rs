@@ -71,13 +71,15 @@ pub async fn list(
     responses((status = 200, body = Envelope<ClientDetail>), (status = 404, body = Envelope<String>)))]
 pub async fn get(AxState(state): ApiState, Path(id): Path<String>) -> ApiResult<ClientDetail> {
     let c = client(&state, &id)?;
+    let (system, age) = c.system_aged().unzip();
     let detail = ClientDetail {
         summary: ClientSummary::of(&c),
         local_host: c.registration.local_host.clone(),
         idle_connections: c.idle.len(),
         max_concurrency: c.registration.max_concurrency,
         model_details: c.models(),
-        system: c.system(),
+        system,
+        system_secs_ago: age.map(|a| a.as_secs_f64()),
     };
     Ok(ok(detail, "client found"))
 }
@@ -130,10 +132,12 @@ pub async fn heartbeat(
 }
 
 fn monitoring_of(c: &ClientHandle) -> Monitoring {
+    let (system, age) = c.system_aged().unzip();
     Monitoring {
         id: c.id.clone(),
         status: super::types::status(c).into(),
-        system: c.system(),
+        system,
+        system_secs_ago: age.map(|a| a.as_secs_f64()),
     }
 }
 

@@ -155,6 +155,10 @@ pub struct ClientDetail {
     pub model_details: Vec<ModelInfo>,
     /// Its latest system metrics (null until the first report).
     pub system: Option<SystemInfo>,
+    /// Seconds since those metrics came (null until the first report):
+    /// frpc sends them every `--metrics-interval`, and none while reading
+    /// them hangs.
+    pub system_secs_ago: Option<f64>,
 }
 
 /// `/api/clients/{id}/status`.
@@ -196,6 +200,10 @@ pub struct Monitoring {
     pub status: String,
     /// Latest system metrics (null until the first report).
     pub system: Option<SystemInfo>,
+    /// Seconds since those metrics came (null until the first report):
+    /// frpc sends them every `--metrics-interval`, and none while reading
+    /// them hangs.
+    pub system_secs_ago: Option<f64>,
 }
 
 /// Errors by kind, in `/api/stats`.

@@ -1603,12 +1603,26 @@ fn refused(
         }
         (Refusal::Unavailable, None) => {
             Stats::inc(&state.stats.no_client);
-            retry_soon(error_response(
+            let mut resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "every client that could serve this request is unhealthy; retry shortly",
                 "service_unavailable",
                 "no_healthy_clients",
-            ))
+            );
+            // Every box cooling down: the first back says when (SDKs wait
+            // that long before their retry, instead of spending their
+            // retries in the first second of a cool-down of up to 60 s).
+            let want = router::Want {
+                model,
+                pinned,
+                exclude: &[],
+            };
+            let secs = router::next_routable(&state.registry, want)
+                .map_or(1, |left| left.as_secs_f64().ceil() as u64)
+                .clamp(1, 60);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
         }
         (Refusal::NoneOnline, None) => {
             Stats::inc(&state.stats.no_client);

@@ -919,6 +919,21 @@ async fn clients_and_their_metrics_come_in_pages() {
         all.len() == 3 && all.iter().all(|c| c.system().is_some())
     })
     .await;
+    // Each with its age, current here.
+    let one = assert_envelope(&api(&fleet, "GET", "/api/monitoring/client-1").await, true);
+    let age = one["system_secs_ago"].as_f64().expect("a number");
+    assert!((0.0..60.0).contains(&age), "{age}");
+    assert!(one["system"]["cpu_count"].as_u64().unwrap() > 0);
+    let detail = assert_envelope(&api(&fleet, "GET", "/api/clients/client-1").await, true);
+    assert!(detail["system_secs_ago"].as_f64().unwrap() < 60.0);
+    let metrics = http::get(fleet.frps.addrs.api, "/metrics", Some(ADMIN)).await;
+    assert!(
+        metrics
+            .body
+            .contains("frpx_client_system_age_seconds{client=\"client-1\"}"),
+        "{}",
+        metrics.body
+    );
     // A listing's page is its data, or (`/api/connections`) its `clients`.
     let ids = |reply: &Reply| -> Vec<String> {
         let data = assert_envelope(reply, true);

@@ -405,14 +405,19 @@ async fn x_frpx_client_pins_a_request() {
     let reply = pinned(b.frps.public(), "nobody").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "client_not_found");
-    // A box cooling down after failures is spared, pinned or not.
+    // A box cooling down after failures is spared, pinned or not; the
+    // caller is told when its cool-down ends.
     let cooling = b.frps.state.registry.get("b").unwrap();
-    while !cooling.is_cooling_down() {
-        cooling.record_failure();
-    }
+    while cooling.record_failure().is_none_or(|d| d.as_secs() < 8) {}
     let reply = pinned(b.frps.public(), "b").await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.json()["error"]["code"], "no_healthy_clients");
+    let wait: u64 = reply.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((7..=8).contains(&wait), "{wait}");
     cooling.record_success();
     assert_eq!(pinned(b.frps.public(), "b").await.status, 200);
     // The header is frps's, not the box's.
