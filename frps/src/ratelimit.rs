@@ -133,16 +133,24 @@ pub fn refuse(state: &State, limited: Limited) -> Response<PublicBody> {
     let message = match limited {
         Limited::Rpm { .. } => {
             Stats::inc(&state.stats.rate_limited_rpm);
-            "rate limit reached: this API key made its allowed requests per minute; retry after the time in Retry-After"
+            // The limit counts over --rate-limit-window: a minute unless
+            // the operator chose another.
+            let window = match state.config.rate_limit_window {
+                w if w == Duration::from_secs(60) => "per minute".to_owned(),
+                w => format!("per {w:?} window"),
+            };
+            format!(
+                "rate limit reached: this API key made its allowed requests {window}; retry after the time in Retry-After"
+            )
         }
         Limited::Concurrency => {
             Stats::inc(&state.stats.rate_limited_concurrency);
-            "concurrency limit reached: this API key has its allowed number of requests in flight; retry when one finishes"
+            "concurrency limit reached: this API key has its allowed number of requests in flight; retry when one finishes".to_owned()
         }
     };
     let mut resp = error_response(
         StatusCode::TOO_MANY_REQUESTS,
-        message,
+        &message,
         "rate_limit_error",
         limited.code(),
     );

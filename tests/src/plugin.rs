@@ -70,6 +70,8 @@ pub enum Reply {
     Hang,
     /// Allows, after this long.
     AllowAfter(std::time::Duration),
+    /// Allows, with an `x-pad` header of this many bytes.
+    AllowPadded(usize),
 }
 
 type Handler = Arc<dyn Fn(&PluginCall) -> Reply + Send + Sync>;
@@ -222,6 +224,11 @@ async fn answer(sh: Arc<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> R
         )
             .into_response(),
         Reply::Hang => std::future::pending().await,
+        Reply::AllowPadded(n) => (
+            [("x-pad", "p".repeat(n))],
+            axum::Json(json!({"reject": false, "unchange": true})),
+        )
+            .into_response(),
         Reply::AllowAfter(delay) => {
             tokio::time::sleep(delay).await;
             json(json!({"reject": false, "unchange": true}))

@@ -341,7 +341,12 @@ async fn dial(
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    // The answer's head is held to MAX_ANSWER too (hyper's own limit is
+    // some 400 KiB), and to 64 headers.
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_header_size(MAX_ANSWER)
+        .max_headers(64)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| CallError::Http(e.to_string()))?;
     tokio::spawn(async move {

@@ -64,7 +64,7 @@ pub async fn admit(
             run_id: run_id(session),
             pool_count: 0,
             metas: reg.metas.clone(),
-            client_address: peer.to_string(),
+            client_address: as_frp_gives(peer),
         };
         let login = plugins.call(login).await?;
         reg.version = login.version;
@@ -207,12 +207,17 @@ pub async fn new_user_conn(
         user: client_user(client),
         proxy_name: client.id.clone(),
         proxy_type: PROXY_TYPE.into(),
-        // An IPv4 caller of a dual-stack listener as IPv4, as in
-        // X-Forwarded-For.
-        remote_addr: std::net::SocketAddr::new(caller.ip().to_canonical(), caller.port())
-            .to_string(),
+        remote_addr: as_frp_gives(caller),
     };
     plugins.call(content).await.map(drop)
+}
+
+/// A peer's address as frp gives it to plugins: an IPv4 peer of a
+/// dual-stack listener (`--bind-addr ::`) as IPv4 (`203.0.113.5:50000`, not
+/// `[::ffff:203.0.113.5]:50000`, which a plugin written for frp would not
+/// match against its IPv4 lists), as in X-Forwarded-For.
+fn as_frp_gives(peer: SocketAddr) -> String {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port()).to_string()
 }
 
 /// The public caller's answer when `NewUserConn` did not pass: 403 with the
@@ -233,5 +238,20 @@ pub fn refusal(e: &PluginError) -> Response<PublicBody> {
             "service_unavailable",
             "plugin_unavailable",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_peers_of_a_dual_stack_listener_are_given_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:203.0.113.5]:50000".parse().unwrap();
+        assert_eq!(as_frp_gives(mapped), "203.0.113.5:50000");
+        let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(as_frp_gives(v6), "[2001:db8::1]:443");
+        let v4: SocketAddr = "127.0.0.1:7".parse().unwrap();
+        assert_eq!(as_frp_gives(v4), "127.0.0.1:7");
     }
 }

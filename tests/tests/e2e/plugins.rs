@@ -862,6 +862,11 @@ async fn garbage_answers_and_unreachable_plugins_fail_the_operation() {
             Reply::Raw(format!("{{\"pad\": \"{}\"}}", "x".repeat(70_000))),
             "answer longer than 65536 bytes",
         ),
+        // The head is held to the limit too.
+        (
+            Reply::AllowPadded(100_000),
+            "HTTP exchange failed: message head is too large",
+        ),
     ];
     for (reply, expected) in cases {
         let plugin = PluginServer::start(move |_| reply.clone()).await;

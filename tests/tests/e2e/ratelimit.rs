@@ -79,6 +79,12 @@ async fn over_rpm_is_429_with_retry_after_until_the_window_moves_on() {
     let secs = assert_limited(&refused, "rate_limit_exceeded");
     // The first request leaves the 2 s window 2 s after it was made.
     assert!((1..=2).contains(&secs), "Retry-After {secs}");
+    // The message names the window the limit counts over.
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(message.contains("requests per 2s window"), "{message}");
     // Refusals are not counted: asking again does not push the wait out.
     for _ in 0..5 {
         assert_limited(&get(frps, &key).await, "rate_limit_exceeded");
