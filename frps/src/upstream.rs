@@ -24,6 +24,28 @@ pub type UpBody = Either<Full<Bytes>, CountedBody>;
 /// Sender half of one upstream connection.
 pub type Sender = SendRequest<UpBody>;
 
+/// One upstream connection: where its requests go, and what closes it.
+///
+/// Dropping the sender alone does not close a connection whose task still
+/// has a request body queued that the service stopped taking (hyper looks
+/// at the sender only once its write queue is empty): such a connection,
+/// and the body's bytes, would stay for good on a tunnel stream. So a
+/// connection frps lets go of is closed with [`Conn::close`].
+#[derive(Debug)]
+pub struct Conn {
+    /// Where its requests go.
+    pub sender: Sender,
+    /// Ends the connection's task, whatever it is doing.
+    pub cut: CancellationToken,
+}
+
+impl Conn {
+    /// Closes the connection now.
+    pub fn close(self) {
+        self.cut.cancel();
+    }
+}
+
 /// Why no upstream connection could be had from a client.
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
@@ -94,7 +116,7 @@ struct Entries {
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -109,53 +131,53 @@ impl std::fmt::Debug for IdlePool {
 impl IdlePool {
     /// Takes the most recently used connection that is still open. It may
     /// still be finishing its previous exchange: await `ready()` before use.
-    pub fn take(&self) -> Option<Sender> {
+    pub fn take(&self) -> Option<Conn> {
         let mut entries = self.entries.lock().expect("idle lock");
         while let Some(idle) = entries.list.pop() {
-            if !idle.sender.is_closed() {
-                return Some(idle.sender);
+            if !idle.conn.sender.is_closed() {
+                return Some(idle.conn);
             }
+            idle.conn.close();
         }
         None
     }
 
     /// Returns a connection for reuse, unless `max` open ones are already
-    /// idle or the pool is closed (then it is dropped, which closes it).
-    pub fn put(&self, sender: Sender, max: usize) {
+    /// idle or the pool is closed (then it is closed).
+    pub fn put(&self, conn: Conn, max: usize) {
         let mut entries = self.entries.lock().expect("idle lock");
         if entries.closed {
+            conn.close();
             return;
         }
-        let list = &mut entries.list;
-        if list.len() >= max {
-            list.retain(|e| !e.sender.is_closed());
+        if entries.list.len() >= max {
+            entries.close_where(|e| e.conn.sender.is_closed());
         }
-        if list.len() < max {
-            list.push(Idle {
-                sender,
+        if entries.list.len() < max {
+            entries.list.push(Idle {
+                conn,
                 since: Instant::now(),
             });
+        } else {
+            conn.close();
         }
     }
 
     /// Closes the connections idle since before `cutoff`, and those the
     /// other side closed; returns how many went.
     pub fn expire(&self, cutoff: Instant) -> usize {
-        let list = &mut self.entries.lock().expect("idle lock").list;
-        let before = list.len();
-        list.retain(|e| e.since >= cutoff && !e.sender.is_closed());
-        before - list.len()
+        let mut entries = self.entries.lock().expect("idle lock");
+        entries.close_where(|e| e.since < cutoff || e.conn.sender.is_closed())
     }
 
     /// Closes all but the `keep` most recently used idle connections (and
     /// those the other side closed); returns how many went.
     pub fn shrink(&self, keep: usize) -> usize {
-        let list = &mut self.entries.lock().expect("idle lock").list;
-        let before = list.len();
-        list.retain(|e| !e.sender.is_closed());
-        let surplus = list.len().saturating_sub(keep);
-        list.drain(..surplus);
-        before - list.len()
+        let mut entries = self.entries.lock().expect("idle lock");
+        let closed = entries.close_where(|e| e.conn.sender.is_closed());
+        let surplus = entries.list.len().saturating_sub(keep);
+        entries.list.drain(..surplus).for_each(|e| e.conn.close());
+        closed + surplus
     }
 
     /// Number of idle connections still open (those the other side closed
@@ -165,7 +187,7 @@ impl IdlePool {
         entries
             .list
             .iter()
-            .filter(|e| !e.sender.is_closed())
+            .filter(|e| !e.conn.sender.is_closed())
             .count()
     }
 
@@ -179,7 +201,24 @@ impl IdlePool {
     pub fn close(&self) {
         let mut entries = self.entries.lock().expect("idle lock");
         entries.closed = true;
-        entries.list.clear();
+        entries.list.drain(..).for_each(|e| e.conn.close());
+    }
+}
+
+impl Entries {
+    /// Closes and removes the connections `gone` picks; returns how many.
+    fn close_where(&mut self, gone: impl Fn(&Idle) -> bool) -> usize {
+        let before = self.list.len();
+        let mut kept = Vec::with_capacity(before);
+        for e in self.list.drain(..) {
+            if gone(&e) {
+                e.conn.close();
+            } else {
+                kept.push(e);
+            }
+        }
+        self.list = kept;
+        before - self.list.len()
     }
 }
 
@@ -218,9 +257,9 @@ pub struct Upstream {
     pub sender: Sender,
     /// True when reused (a failure to send on it says nothing about the client).
     pub reused: bool,
-    /// Closes a new connection (`None` for a pooled one), whatever it is
-    /// doing: for one stuck writing an upload its service stopped taking.
-    pub cut: Option<CancellationToken>,
+    /// Closes the connection, whatever it is doing: for one stuck writing
+    /// an upload its service stopped taking.
+    pub cut: CancellationToken,
 }
 
 /// Longest [`acquire`] waits, over all the idle connections it tries, for
@@ -254,15 +293,18 @@ pub async fn acquire(
     let timeout = state.config.connect_timeout;
     let pooled_by = tokio::time::Instant::now() + POOLED_READY_WAIT.min(timeout);
     while reuse == Reuse::Any
-        && let Some(mut sender) = client.idle.take()
+        && let Some(mut conn) = client.idle.take()
     {
-        if let Ok(Ok(())) = tokio::time::timeout_at(pooled_by, sender.ready()).await {
+        if let Ok(Ok(())) = tokio::time::timeout_at(pooled_by, conn.sender.ready()).await {
             return Ok(Upstream {
-                sender,
+                sender: conn.sender,
                 reused: true,
-                cut: None,
+                cut: conn.cut,
             });
         }
+        // Not ready (still writing a body its service no longer takes):
+        // closed, not merely dropped, or it would stay so for good.
+        conn.close();
     }
     if let Some(tunnel) = client.tunnel()
         && let Ok(stream) = tunnel.open()
@@ -289,7 +331,15 @@ pub async fn acquire(
         Ok::<_, AcquireError>(waiter.wait(timeout).await?)
     };
     let stream = tokio::select! {
-        res = tokio::time::timeout(timeout, dial) => res.map_err(|_| PairError::Timeout(timeout))??,
+        res = tokio::time::timeout(timeout, dial) => match res {
+            Ok(Ok(stream)) => stream,
+            // The box dialed back, and the server plugins have not decided
+            // on its connection yet: theirs, not the box's.
+            Err(_) | Ok(Err(AcquireError::Pair(PairError::Timeout(_)))) => {
+                return Err(state.pending.timed_out(conn_id, timeout).into());
+            }
+            Ok(Err(e)) => return Err(e),
+        },
         _ = client.kick.cancelled() => return Err(AcquireError::ClientGone),
     };
     handshake(state, client, stream).await
@@ -306,23 +356,34 @@ where
         .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake::<_, UpBody>(TokioIo::new(io))
         .await?;
-    // Cut at frps's hard stop, or by the request's upload watch.
+    // Cut at frps's hard stop, by the request's upload watch, or when
+    // frps lets go of the connection ([`Conn::close`]).
     let cut = state.hard_stop.child_token();
-    let stop = cut.clone();
-    let client_id = client.id.clone();
+    drive(conn, cut.clone(), client.id.clone());
+    sender.ready().await?;
+    Ok(Upstream {
+        sender,
+        reused: false,
+        cut,
+    })
+}
+
+/// Runs an upstream connection's task until it ends or `cut` is cancelled.
+fn drive<T>(
+    conn: http1::Connection<TokioIo<T>, UpBody>,
+    cut: CancellationToken,
+    client_id: String,
+) -> tokio::task::JoinHandle<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     tokio::spawn(async move {
         tokio::select! {
             res = conn => if let Err(e) = res {
                 debug!(client = %client_id, "upstream connection ended: {e}");
             },
-            _ = stop.cancelled() => {}
+            _ = cut.cancelled() => {}
         }
-    });
-    sender.ready().await?;
-    Ok(Upstream {
-        sender,
-        reused: false,
-        cut: Some(cut),
     })
 }
 
@@ -354,15 +415,70 @@ mod tests {
         assert_eq!(e.for_caller(), "client did not dial back within 10s");
     }
 
-    /// A sender over an in-memory pipe, with the pipe's far end (drop it
-    /// to close the connection).
-    async fn sender() -> (Sender, tokio::io::DuplexStream) {
+    /// A connection over an in-memory pipe, with the pipe's far end (drop
+    /// it to close the connection).
+    async fn sender() -> (Conn, tokio::io::DuplexStream) {
+        let (conn, far, _task) = driven().await;
+        (conn, far)
+    }
+
+    /// [`sender`] with the connection's task.
+    async fn driven() -> (Conn, tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
         let (near, far) = tokio::io::duplex(1024);
         let (sender, conn) = http1::handshake::<_, UpBody>(TokioIo::new(near))
             .await
             .unwrap();
-        tokio::spawn(conn);
-        (sender, far)
+        let cut = CancellationToken::new();
+        let task = drive(conn, cut.clone(), "gpu".into());
+        (Conn { sender, cut }, far, task)
+    }
+
+    /// A connection whose service stopped taking a request body: dropping
+    /// its sender leaves its task writing for good; every way the pool lets
+    /// go of a connection closes it.
+    #[tokio::test(start_paused = true)]
+    async fn connections_the_pool_lets_go_of_are_closed_not_dropped() {
+        let stuck = || async {
+            let (mut conn, far, task) = driven().await;
+            let body = Full::new(Bytes::from(vec![b'x'; 1 << 20]));
+            let req = hyper::Request::post("/v1/chat/completions")
+                .header("host", "box")
+                .body(Either::Left(body))
+                .unwrap();
+            // Sent; the far end reads none of it.
+            let _answer = conn.sender.send_request(req);
+            tokio::task::yield_now().await;
+            (conn, far, task)
+        };
+        let ended = |task: tokio::task::JoinHandle<()>| async move {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_ok()
+        };
+        // Merely dropped, it stays (what the pool must not do).
+        let (conn, _far, task) = stuck().await;
+        drop(conn.sender);
+        assert!(!ended(task).await, "hyper noticed a dropped sender");
+        // Refused by a full pool.
+        let pool = IdlePool::default();
+        let (conn, _far, task) = stuck().await;
+        pool.put(conn, 0);
+        assert!(ended(task).await);
+        // Expired, shrunk, and when the client is gone.
+        for way in 0..3 {
+            let (conn, _far, task) = stuck().await;
+            pool.put(conn, 8);
+            match way {
+                0 => assert_eq!(pool.expire(Instant::now() + Duration::from_secs(1)), 1),
+                1 => assert_eq!(pool.shrink(0), 1),
+                _ => pool.close(),
+            }
+            assert!(ended(task).await, "way {way}");
+        }
+        // Put back after the client left.
+        let (conn, _far, task) = stuck().await;
+        pool.put(conn, 8);
+        assert!(ended(task).await);
     }
 
     /// A pool that was offered `n` connections with room for `max`, and

@@ -905,9 +905,13 @@ async fn forward(
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
         if let Some(upload) = &upload {
-            upload.goes_out_on(up.cut.as_ref());
+            upload.goes_out_on(&up.cut);
         }
         let mut sender = up.sender;
+        // A connection that does not go on to carry the answer is closed
+        // when this attempt ends: dropping its sender alone would leave it
+        // writing, for good, a body its service stopped taking.
+        let closer = up.cut.drop_guard();
         let sending = Instant::now();
         let answer = response_head(
             sender.try_send_request(req),
@@ -966,11 +970,15 @@ async fn forward(
                 state
                     .metrics
                     .overhead(started.elapsed().saturating_sub(waited));
+                let conn = upstream::Conn {
+                    sender,
+                    cut: closer.disarm(),
+                };
                 return respond(
                     state,
                     resp,
                     guard,
-                    sender,
+                    conn,
                     started,
                     // The served model's name as its box lists it, not the
                     // caller's spelling of it (" llama3" and
@@ -1747,7 +1755,7 @@ fn respond(
     state: &Arc<State>,
     resp: Response<Incoming>,
     guard: InFlight,
-    sender: upstream::Sender,
+    conn: upstream::Conn,
     started: Instant,
     model: String,
     upload: Option<Arc<UploadClock>>,
@@ -1759,7 +1767,7 @@ fn respond(
         inner: body,
         state: state.clone(),
         guard,
-        sender: Some(sender),
+        conn: Some(conn),
         finished: false,
         started,
         status: parts.status.as_u16(),
@@ -2093,7 +2101,8 @@ pub struct TrackedBody {
     inner: Incoming,
     state: Arc<State>,
     guard: InFlight,
-    sender: Option<upstream::Sender>,
+    /// The upstream connection, pooled or closed when the body is done.
+    conn: Option<upstream::Conn>,
     finished: bool,
     started: Instant,
     status: u16,
@@ -2136,7 +2145,7 @@ impl Body for TrackedBody {
                 self.last_frame = tokio::time::Instant::now();
             }
             Poll::Ready(None) => self.finished = true,
-            Poll::Ready(Some(Err(_))) => self.sender = None,
+            Poll::Ready(Some(Err(_))) => self.let_go(),
             Poll::Pending => {
                 let this = &mut *self;
                 let deadline = this.last_frame + this.idle;
@@ -2150,7 +2159,7 @@ impl Body for TrackedBody {
                         timer.as_mut().reset(deadline);
                         continue;
                     }
-                    this.sender = None;
+                    this.let_go();
                     warn!(client = %this.guard.client.id, "upstream silent for {:?}; closing the stream", this.idle);
                     return Poll::Ready(Some(Err(
                         format!("upstream silent for {:?}", this.idle).into()
@@ -2170,6 +2179,25 @@ impl Body for TrackedBody {
     }
 }
 
+impl TrackedBody {
+    /// Whether nothing of the request is still going out (its streamed
+    /// body's upload, if any, ended).
+    fn uploaded(&self) -> bool {
+        self.upload.as_ref().is_none_or(|u| u.finished().is_some())
+    }
+
+    /// Gives up the upstream connection, which will carry nothing more:
+    /// closed, unless an upload still going out on it holds it (the
+    /// upload's watch closes it, [`UploadClock`]).
+    fn let_go(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.uploaded()
+        {
+            conn.close();
+        }
+    }
+}
+
 impl Drop for TrackedBody {
     fn drop(&mut self) {
         self.state.metrics.finished(
@@ -2178,17 +2206,16 @@ impl Drop for TrackedBody {
             &self.model,
             self.started.elapsed(),
         );
-        if let Some(sender) = self.sender.take() {
-            let uploaded = self.upload.as_ref().is_none_or(|u| u.finished().is_some());
-            let reusable = (self.finished || self.inner.is_end_stream()) && uploaded;
-            // A pool whose client is gone refuses it (`IdlePool::close`).
-            if reusable {
-                self.guard
-                    .client
-                    .idle
-                    .put(sender, self.state.config.max_idle_per_client);
-            }
+        let reusable = (self.finished || self.inner.is_end_stream()) && self.uploaded();
+        if reusable && let Some(conn) = self.conn.take() {
+            // A pool whose client is gone, or full, closes it
+            // (`IdlePool::put`).
+            self.guard
+                .client
+                .idle
+                .put(conn, self.state.config.max_idle_per_client);
         }
+        self.let_go();
         if let Some(upload) = &self.upload {
             let held = Held {
                 _slot: self.guard.take(),
@@ -2359,8 +2386,8 @@ impl UploadClock {
     }
 
     /// The upload goes out on the connection `cut` closes.
-    fn goes_out_on(&self, cut: Option<&tokio_util::sync::CancellationToken>) {
-        self.lock().cut = cut.cloned();
+    fn goes_out_on(&self, cut: &tokio_util::sync::CancellationToken) {
+        self.lock().cut = Some(cut.clone());
     }
 
     fn finished(&self) -> Option<tokio::time::Instant> {
@@ -2851,7 +2878,7 @@ mod tests {
         assert_eq!((holding(), watches()), (1, 1));
         tokio::task::yield_now().await;
         let connection = tokio_util::sync::CancellationToken::new();
-        upload.goes_out_on(Some(&connection));
+        upload.goes_out_on(&connection);
         upload.set(Upload::Handed(Instant::now()));
         upload.finish();
         assert_eq!(holding(), 0);
@@ -2872,7 +2899,7 @@ mod tests {
 
         // The caller slow to send: its own deadlines end the body, not this.
         let slow = Arc::new(UploadClock::default());
-        slow.goes_out_on(Some(&connection));
+        slow.goes_out_on(&connection);
         slow.hold(held(), idle);
         sleep(idle * 5).await;
         assert_eq!(holding(), 1);
