@@ -50,6 +50,25 @@ struct Entry {
 #[derive(Default)]
 pub struct Pending {
     entries: Mutex<Entries>,
+    /// Connection ids whose dial-back arrived and waits for the server
+    /// plugins' `NewWorkConn` decision ([`Pending::deciding`]).
+    deciding: Mutex<std::collections::HashSet<Uuid>>,
+}
+
+/// Marks a dial-back as waiting for the plugins' decision while it lives.
+pub struct Deciding<'a> {
+    pending: &'a Pending,
+    conn_id: Uuid,
+}
+
+impl Drop for Deciding<'_> {
+    fn drop(&mut self) {
+        self.pending
+            .deciding
+            .lock()
+            .expect("deciding lock")
+            .remove(&self.conn_id);
+    }
 }
 
 /// The pairings, and how many each session has (counted as they come and
@@ -183,6 +202,37 @@ impl Pending {
         }
     }
 
+    /// Notes that the dial-back for `conn_id` arrived and the server
+    /// plugins are deciding on it, until the guard is dropped: a wait that
+    /// ends meanwhile is the plugins' doing ([`Pending::timed_out`]), not
+    /// the box's.
+    pub fn deciding(&self, conn_id: Uuid) -> Deciding<'_> {
+        self.deciding.lock().expect("deciding lock").insert(conn_id);
+        Deciding {
+            pending: self,
+            conn_id,
+        }
+    }
+
+    /// Why the wait of `limit` for `conn_id` ended without a connection:
+    /// the box did not dial back ([`PairError::Timeout`]), or it did and
+    /// the server plugins had not decided on it yet ([`PairError::Refused`]:
+    /// not the box's failure).
+    pub fn timed_out(&self, conn_id: Uuid, limit: Duration) -> PairError {
+        if self
+            .deciding
+            .lock()
+            .expect("deciding lock")
+            .contains(&conn_id)
+        {
+            PairError::Refused(format!(
+                "the server plugins did not decide on the client's data connection within {limit:?} (--connect-timeout)"
+            ))
+        } else {
+            PairError::Timeout(limit)
+        }
+    }
+
     /// `(connection id, client id, waited so far)` of every waiting pairing.
     pub fn snapshot(&self) -> Vec<(Uuid, String, std::time::Duration)> {
         self.lock()
@@ -244,6 +294,26 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let (s, _) = tokio::join!(TcpStream::connect(addr), l.accept());
         s.unwrap().into()
+    }
+
+    /// A dial-back that arrived while the plugins decide on it is not the
+    /// box failing to dial back.
+    #[test]
+    fn a_wait_ended_while_plugins_decide_is_theirs() {
+        let pending = Pending::default();
+        let limit = Duration::from_secs(2);
+        let id = Uuid::new_v4();
+        assert_eq!(pending.timed_out(id, limit), PairError::Timeout(limit));
+        let deciding = pending.deciding(id);
+        let other = Uuid::new_v4();
+        assert_eq!(pending.timed_out(other, limit), PairError::Timeout(limit));
+        match pending.timed_out(id, limit) {
+            PairError::Refused(why) => assert!(why.contains("did not decide"), "{why}"),
+            e => panic!("{e:?}"),
+        }
+        drop(deciding);
+        assert_eq!(pending.timed_out(id, limit), PairError::Timeout(limit));
+        assert!(pending.deciding.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -151,7 +151,11 @@ impl State {
         Ok(Self {
             rate_limits,
             accounts: Accounts::new(Some(store.clone()), config.token_lifetime()),
-            plugins: Plugins::new(&config.plugins, config.plugin_timeout),
+            plugins: Plugins::new(
+                &config.plugins,
+                config.plugin_timeout,
+                config.connect_timeout,
+            ),
             keys,
             redis,
             store,

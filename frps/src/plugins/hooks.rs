@@ -182,6 +182,9 @@ pub async fn new_work_conn(
         timestamp: now(),
         privilege_key: String::new(),
     };
+    // A request whose wait ends while the plugins decide is failed as
+    // theirs (not the box's: no cool-down, no 504 blaming it).
+    let _deciding = state.pending.deciding(conn_id);
     match state.plugins.call(content).await {
         Ok(_) => Ok(()),
         Err(e) => {

@@ -305,7 +305,7 @@ pub struct Plugins {
 /// No plugins.
 impl Default for Plugins {
     fn default() -> Self {
-        Plugins::new(&[], Duration::ZERO)
+        Plugins::new(&[], Duration::ZERO, Duration::ZERO)
     }
 }
 
@@ -328,8 +328,10 @@ struct Call<'a, C> {
 }
 
 impl Plugins {
-    /// Plugins from `specs`, each call limited to `timeout`.
-    pub fn new(specs: &[PluginSpec], timeout: Duration) -> Self {
+    /// Plugins from `specs`, each call limited to `timeout`; a request
+    /// waits `connect_timeout` for its data connection, `NewWorkConn`
+    /// included.
+    pub fn new(specs: &[PluginSpec], timeout: Duration, connect_timeout: Duration) -> Self {
         let mut chains: [Vec<PluginSpec>; 6] = Default::default();
         for spec in specs {
             for op in &spec.ops {
@@ -349,6 +351,12 @@ impl Plugins {
             if !names.is_empty() {
                 info!("server plugins for {op}: {}", names.join(" → "));
             }
+        }
+        let work = chains[Op::NewWorkConn.index()].len();
+        if work > 0 && timeout * work as u32 >= connect_timeout {
+            tracing::warn!(
+                "{work} server plugin(s) for NewWorkConn at --plugin-timeout {timeout:?} each may take longer than --connect-timeout {connect_timeout:?}, which a request waits for its data connection: a slow plugin then fails requests (503 plugin_unavailable); raise --connect-timeout or lower --plugin-timeout"
+            );
         }
         let pools = specs
             .iter()
@@ -576,11 +584,39 @@ mod tests {
         assert_eq!(spec.unused.len(), 1);
     }
 
+    /// `NewWorkConn` plugins that together may outlast the wait for a data
+    /// connection are said at start.
+    #[test]
+    fn work_conn_plugins_slower_than_the_connect_timeout_are_warned_of() {
+        let spec =
+            |name: &str| PluginSpec::new(name, "127.0.0.1:1", "/", &["NewWorkConn"]).unwrap();
+        let (_, quiet) = common::testing::logged(|| {
+            Plugins::new(
+                &[spec("a")],
+                Duration::from_secs(3),
+                Duration::from_secs(10),
+            )
+        });
+        assert!(!quiet.contains("WARN"), "{quiet}");
+        let (_, warned) = common::testing::logged(|| {
+            Plugins::new(
+                &[spec("a"), spec("b"), spec("c"), spec("d")],
+                Duration::from_secs(3),
+                Duration::from_secs(10),
+            )
+        });
+        assert!(
+            warned.contains("4 server plugin(s) for NewWorkConn")
+                && warned.contains("raise --connect-timeout"),
+            "{warned}"
+        );
+    }
+
     #[test]
     fn per_request_failures_are_logged_once_a_second() {
         // Nothing listens there: every call fails at once.
         let spec = PluginSpec::new("down", "127.0.0.1:1", "/", &["Ping"]).unwrap();
-        let plugins = Plugins::new(&[spec], Duration::from_secs(3));
+        let plugins = Plugins::new(&[spec], Duration::from_secs(3), Duration::from_secs(10));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -607,7 +643,7 @@ mod tests {
     fn chains_follow_configuration_order() {
         let a = PluginSpec::new("a", "h:1", "/", &["Login", "Ping"]).unwrap();
         let b = PluginSpec::new("b", "h:2", "/", &["Login"]).unwrap();
-        let plugins = Plugins::new(&[a, b], Duration::from_secs(3));
+        let plugins = Plugins::new(&[a, b], Duration::from_secs(3), Duration::from_secs(10));
         let names: Vec<&str> = plugins.chains[Op::Login.index()]
             .iter()
             .map(|p| p.name.as_str())

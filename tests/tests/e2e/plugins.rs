@@ -578,6 +578,29 @@ async fn a_work_conn_plugin_refusing_every_box_costs_a_request_its_retries_only(
     }
 }
 
+/// A `NewWorkConn` plugin slower than `--connect-timeout`: the box dialed
+/// back in time, and the wait that ran out is the plugins', not the box's:
+/// 503 `plugin_unavailable`, the box neither blamed nor cooled down (it
+/// was answered 504 `client_timeout`, the box counted as failing).
+#[tokio::test]
+async fn a_work_conn_plugin_slower_than_the_connect_timeout_does_not_blame_the_box() {
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_secs(2))).await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("slow", &["NewWorkConn"])];
+    cfg.connect_timeout = Duration::from_millis(500);
+    cfg.plugin_timeout = Duration::from_secs(5);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    for _ in 0..3 {
+        let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["error"]["code"], "plugin_unavailable");
+    }
+    assert!(!plugin.calls_for("NewWorkConn").is_empty());
+    assert_eq!(client.failures(), 0);
+    assert!(!client.is_cooling_down());
+}
+
 #[tokio::test]
 async fn unchange_may_be_a_boolean_or_a_string() {
     let plugin = PluginServer::start(|call| match call.op() {
