@@ -28,6 +28,10 @@ pub enum CallError {
     /// No complete answer within the plugin timeout.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// [`MAX_CALLS`] calls to the plugin's address were under way for the
+    /// whole plugin timeout: this one was never sent.
+    #[error("{MAX_CALLS} calls to this plugin were under way for {0:?}; not sent")]
+    Busy(std::time::Duration),
     /// The HTTP exchange failed.
     #[error("HTTP exchange failed: {0}")]
     Http(String),
@@ -67,6 +71,14 @@ pub enum Verdict {
 /// Most idle connections kept per plugin address.
 pub const MAX_IDLE: usize = 32;
 
+/// Most calls under way at once to one plugin address; more wait for one
+/// to end (within their own timeout). As many as are kept idle: a burst
+/// (a thousand requests at once, each asking `NewUserConn`) opened a
+/// connection per call and frps closed all but [`MAX_IDLE`] after it, each
+/// closed one a socket in TIME_WAIT on frps's side (the port exhaustion
+/// the pool is there to prevent), and the plugin got the burst at once.
+pub const MAX_CALLS: usize = MAX_IDLE;
+
 /// How long an idle connection to a plugin is kept for the next call: under
 /// the idle timeouts of common HTTP servers (gunicorn 2 s, Node and uvicorn
 /// 5 s, nginx 75 s, Go none), so a call rarely races the plugin closing the
@@ -81,10 +93,21 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 /// (frps closed first): a `NewUserConn` plugin on another host, asked on
 /// every public request, ran frps out of local ports at a few hundred
 /// requests a second.
-#[derive(Default)]
 pub struct Connections {
     idle: std::sync::Mutex<Vec<(Sender, tokio::time::Instant)>>,
     addresses: Addresses,
+    /// [`MAX_CALLS`] permits.
+    calls: tokio::sync::Semaphore,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            idle: Default::default(),
+            addresses: Default::default(),
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
+        }
+    }
 }
 
 /// How long a plugin host name's addresses are used before it is looked up
@@ -370,6 +393,9 @@ pub async fn post(
     budget: Duration,
 ) -> Result<Bytes, CallError> {
     let deadline = tokio::time::Instant::now() + budget;
+    let Ok(Ok(_call)) = tokio::time::timeout_at(deadline, pool.calls.acquire()).await else {
+        return Err(CallError::Busy(budget));
+    };
     let body = Bytes::from(body);
     let mut uri: Uri = path_and_query
         .parse()

@@ -14,6 +14,7 @@
 
 mod client;
 
+pub use client::MAX_CALLS as MAX_CALLS_AT_ONCE;
 pub use client::MAX_IDLE as MAX_IDLE_CONNECTIONS;
 pub mod content;
 pub mod hooks;

@@ -1309,6 +1309,40 @@ async fn plugin_calls_reuse_their_connections_and_survive_the_plugin_closing_the
     );
 }
 
+/// A burst of calls to a plugin takes at most MAX_CALLS_AT_ONCE
+/// connections (the rest wait their turn), all of which are kept: a
+/// connection per call, closed after it past the idle cap, left frps a
+/// socket in TIME_WAIT each.
+#[tokio::test]
+async fn a_burst_of_plugin_calls_waits_for_the_connections_kept() {
+    use frpx_tests::services::Cutter;
+    let plugin = PluginServer::start(|_| Reply::AllowAfter(Duration::from_millis(200))).await;
+    let gate = Cutter::start(plugin.addr).await;
+    let mut spec = plugin.spec("audit", &["NewUserConn"]);
+    spec.addr = gate.addr.to_string();
+    let mut cfg = frps_config();
+    cfg.plugins = vec![spec];
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    let burst = frps::plugins::MAX_CALLS_AT_ONCE + 16;
+    let many = (0..burst)
+        .map(|i| async move { http::get(public, &format!("/burst/{i}"), Some(API_KEY)).await });
+    let replies = futures_util::future::join_all(many).await;
+    assert!(replies.iter().all(|r| r.status == 200));
+    assert_eq!(plugin.calls_for("NewUserConn").len(), burst);
+    let opened = gate.accepted().len();
+    assert!(
+        (1..=frps::plugins::MAX_CALLS_AT_ONCE).contains(&opened),
+        "{opened} connections for {burst} calls"
+    );
+    let idle = fleet
+        .frps
+        .state
+        .plugins
+        .idle_connections(&gate.addr.to_string());
+    assert_eq!(idle, opened, "every one kept");
+}
+
 #[tokio::test]
 async fn a_plugin_refusing_by_status_keeps_its_connection() {
     use frpx_tests::services::Cutter;
