@@ -207,20 +207,47 @@ return {0, 0}
 
 /// Pushes the expiry of live leases out by a TTL, adding back any Redis
 /// lost (a restart without persistence, a failover to a replica that had
-/// not seen it): a stream still running holds its slot. KEYS: lease sets.
-/// ARGV: TTL ms, then one member per key. A lease released while this ran
-/// is removed again by the caller ([`RateLimiter::refresh`]).
+/// not seen it): a stream still running holds its slot. KEYS: one API
+/// key's lease set (a script's keys must share a Redis Cluster slot, which
+/// the sets of different API keys do not). ARGV: TTL ms, then its members.
+/// A lease released while this ran is removed again by the caller
+/// ([`RateLimiter::refresh`]).
 const REFRESH_LUA: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, ttl)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
-return #KEYS
+redis.call('PEXPIRE', KEYS[1], ttl)
+return #ARGV - 1
 ";
+
+/// Most leases one refresh script call carries.
+const REFRESH_BATCH: usize = 500;
+
+/// `leases` in refresh script calls: one lease set each (a Redis Cluster
+/// refuses a script whose keys lie in different slots), at most
+/// [`REFRESH_BATCH`] leases each.
+fn refresh_batches(leases: &[LiveLease]) -> Vec<(&str, Vec<&LiveLease>)> {
+    let mut by_set: std::collections::BTreeMap<&str, Vec<&LiveLease>> = Default::default();
+    for live in leases {
+        by_set
+            .entry(live.lease.key.as_str())
+            .or_default()
+            .push(live);
+    }
+    by_set
+        .into_iter()
+        .flat_map(|(set, lives)| {
+            lives
+                .chunks(REFRESH_BATCH)
+                .map(|batch| (set, batch.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
 
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACQUIRE_LUA));
 static REFRESH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(REFRESH_LUA));
@@ -630,12 +657,12 @@ impl RateLimiter {
         let Some(redis) = &self.redis else {
             return false;
         };
-        // Bounded script calls: at most 500 leases each.
-        for batch in leases.chunks(500) {
+        // Bounded script calls, each on one lease set.
+        for (set, batch) in refresh_batches(leases) {
             let mut call = REFRESH.prepare_invoke();
-            call.arg(LEASE_TTL.as_millis() as u64);
-            for live in batch {
-                call.key(&live.lease.key).arg(&live.lease.member);
+            call.key(set).arg(LEASE_TTL.as_millis() as u64);
+            for live in &batch {
+                call.arg(&live.lease.member);
             }
             let refreshed = redis.invoke::<i64>(&call).await.is_some();
             let released: Vec<&SharedLease> = {
@@ -696,6 +723,42 @@ mod tests {
 
     fn limiter(window: Duration) -> Arc<RateLimiter> {
         RateLimiter::new(window, None, TaskTracker::new())
+    }
+
+    /// Each refresh script call renews one API key's lease set (a Redis
+    /// Cluster refuses a script whose keys lie in different slots), in
+    /// bounded batches.
+    #[test]
+    fn refresh_calls_each_renew_one_lease_set() {
+        let live = |seq: u64, set: &str| LiveLease {
+            seq,
+            lease: SharedLease {
+                id: [0; 32],
+                key: set.to_owned(),
+                member: format!("m{seq}"),
+            },
+        };
+        let mut leases: Vec<LiveLease> = (0..REFRESH_BATCH as u64 + 3)
+            .map(|i| live(i, "ratelimit:{a}:concurrency"))
+            .collect();
+        leases.insert(1, live(9_000, "ratelimit:{b}:concurrency"));
+        let batches = refresh_batches(&leases);
+        let shape: Vec<(&str, usize)> = batches.iter().map(|(set, b)| (*set, b.len())).collect();
+        assert_eq!(
+            shape,
+            [
+                ("ratelimit:{a}:concurrency", REFRESH_BATCH),
+                ("ratelimit:{a}:concurrency", 3),
+                ("ratelimit:{b}:concurrency", 1),
+            ]
+        );
+        for (set, batch) in &batches {
+            assert!(batch.iter().all(|l| l.lease.key == *set));
+        }
+        assert_eq!(
+            batches.iter().map(|(_, b)| b.len()).sum::<usize>(),
+            leases.len()
+        );
     }
 
     #[tokio::test(start_paused = true)]
