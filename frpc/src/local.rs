@@ -239,22 +239,26 @@ pub async fn models(
             }
             listed.openai.store(false, Ordering::Relaxed);
         }
-        let openai = |body: Bytes| {
-            let models = parse_openai(&body)?;
-            listed.openai.store(true, Ordering::Relaxed);
-            Ok(models)
-        };
         match get(host, "/api/tags").await {
             Ok(body) => match parse_ollama(&body) {
                 Ok(models) => Ok(models),
                 // Not Ollama's list after all: OpenAI's, if it has one.
                 Err(unreadable) => match get(host, "/v1/models").await {
-                    Ok(body) => openai(body),
+                    Ok(body) => parse_openai(&body),
                     Err(_) => Err(unreadable),
                 },
             },
             Err(ProbeError::Unreachable(e)) => Err(ProbeError::Unreachable(e)),
-            Err(_) => openai(get(host, "/v1/models").await?),
+            // No Ollama list there at all: a service that gives OpenAI's
+            // is asked for it first from now on. (Not after another
+            // failure: an Ollama answering 500 once also serves OpenAI's
+            // list, without the sizes its own carries.)
+            Err(ProbeError::Status { status: 404, .. }) => {
+                let models = parse_openai(&get(host, "/v1/models").await?)?;
+                listed.openai.store(true, Ordering::Relaxed);
+                Ok(models)
+            }
+            Err(_) => parse_openai(&get(host, "/v1/models").await?),
         }
     })
     .await
@@ -593,6 +597,14 @@ mod tests {
         *answers.lock().unwrap() = vec![("/api/tags", 200, OLLAMA)];
         assert_eq!(probe().await.unwrap()[0].name, "llama3:latest");
         assert_eq!(take(), ["/v1/models", "/api/tags"]);
+        assert_eq!(probe().await.unwrap()[0].name, "llama3:latest");
+        assert_eq!(take(), ["/api/tags"]);
+        // Its list failing once (it serves OpenAI's too): Ollama's is
+        // still asked first at the next probe, for the sizes.
+        *answers.lock().unwrap() = vec![("/api/tags", 500, "oops"), ("/v1/models", 200, OPENAI)];
+        assert_eq!(probe().await.unwrap()[0].name, "mistral");
+        assert_eq!(take(), ["/api/tags", "/v1/models"]);
+        *answers.lock().unwrap() = vec![("/api/tags", 200, OLLAMA), ("/v1/models", 200, OPENAI)];
         assert_eq!(probe().await.unwrap()[0].name, "llama3:latest");
         assert_eq!(take(), ["/api/tags"]);
     }

@@ -51,8 +51,9 @@ struct Entry {
 pub struct Pending {
     entries: Mutex<Entries>,
     /// Connection ids whose dial-back arrived and waits for the server
-    /// plugins' `NewWorkConn` decision ([`Pending::deciding`]).
-    deciding: Mutex<std::collections::HashSet<Uuid>>,
+    /// plugins' `NewWorkConn` decision ([`Pending::deciding`]), and when
+    /// it arrived.
+    deciding: Mutex<HashMap<Uuid, std::time::Instant>>,
 }
 
 /// Marks a dial-back as waiting for the plugins' decision while it lives.
@@ -207,24 +208,30 @@ impl Pending {
     /// ends meanwhile is the plugins' doing ([`Pending::timed_out`]), not
     /// the box's.
     pub fn deciding(&self, conn_id: Uuid) -> Deciding<'_> {
-        self.deciding.lock().expect("deciding lock").insert(conn_id);
+        self.deciding
+            .lock()
+            .expect("deciding lock")
+            .insert(conn_id, std::time::Instant::now());
         Deciding {
             pending: self,
             conn_id,
         }
     }
 
-    /// Why the wait of `limit` for `conn_id` ended without a connection:
-    /// the box did not dial back ([`PairError::Timeout`]), or it did and
-    /// the server plugins had not decided on it yet ([`PairError::Refused`]:
-    /// not the box's failure).
-    pub fn timed_out(&self, conn_id: Uuid, limit: Duration) -> PairError {
-        if self
+    /// Why the wait of `limit` for `conn_id`, ending now, ended without a
+    /// connection: the box did not dial back ([`PairError::Timeout`]), or
+    /// it did, at least `share` ago, and the server plugins had not decided
+    /// on it yet ([`PairError::Refused`]: not the box's failure). A box
+    /// that dialed back with less than `share` of the wait left was late
+    /// itself.
+    pub fn timed_out(&self, conn_id: Uuid, limit: Duration, share: Duration) -> PairError {
+        let arrived = self
             .deciding
             .lock()
             .expect("deciding lock")
-            .contains(&conn_id)
-        {
+            .get(&conn_id)
+            .copied();
+        if arrived.is_some_and(|at| at.elapsed() >= share) {
             PairError::Refused(format!(
                 "the server plugins did not decide on the client's data connection within {limit:?} (--connect-timeout)"
             ))
@@ -302,17 +309,34 @@ mod tests {
     fn a_wait_ended_while_plugins_decide_is_theirs() {
         let pending = Pending::default();
         let limit = Duration::from_secs(2);
+        let none = Duration::ZERO;
         let id = Uuid::new_v4();
-        assert_eq!(pending.timed_out(id, limit), PairError::Timeout(limit));
+        assert_eq!(
+            pending.timed_out(id, limit, none),
+            PairError::Timeout(limit)
+        );
         let deciding = pending.deciding(id);
         let other = Uuid::new_v4();
-        assert_eq!(pending.timed_out(other, limit), PairError::Timeout(limit));
-        match pending.timed_out(id, limit) {
+        assert_eq!(
+            pending.timed_out(other, limit, none),
+            PairError::Timeout(limit)
+        );
+        match pending.timed_out(id, limit, none) {
             PairError::Refused(why) => assert!(why.contains("did not decide"), "{why}"),
             e => panic!("{e:?}"),
         }
+        // Dialed back too late for the plugins to have had their share:
+        // the box's lateness.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            pending.timed_out(id, limit, hour),
+            PairError::Timeout(limit)
+        );
         drop(deciding);
-        assert_eq!(pending.timed_out(id, limit), PairError::Timeout(limit));
+        assert_eq!(
+            pending.timed_out(id, limit, none),
+            PairError::Timeout(limit)
+        );
         assert!(pending.deciding.lock().unwrap().is_empty());
     }
 

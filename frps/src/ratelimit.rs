@@ -227,6 +227,9 @@ return #ARGV - 1
 /// Most leases one refresh script call carries.
 const REFRESH_BATCH: usize = 500;
 
+/// Most refresh script calls under way at once.
+const REFRESH_AT_ONCE: usize = 16;
+
 /// `leases` in refresh script calls: one lease set each (a Redis Cluster
 /// refuses a script whose keys lie in different slots), at most
 /// [`REFRESH_BATCH`] leases each.
@@ -649,6 +652,39 @@ impl RateLimiter {
             .collect()
     }
 
+    /// Renews one lease set's `batch` (see [`RateLimiter::refresh`]);
+    /// false when Redis did not answer.
+    async fn refresh_set(&self, redis: &RedisCache, set: &str, batch: &[&LiveLease]) -> bool {
+        let mut call = REFRESH.prepare_invoke();
+        call.key(set).arg(LEASE_TTL.as_millis() as u64);
+        for live in batch {
+            call.arg(&live.lease.member);
+        }
+        let refreshed = redis.invoke::<i64>(&call).await.is_some();
+        let released: Vec<&SharedLease> = {
+            let shared = self.shared.lock().expect("rate limit lock");
+            batch
+                .iter()
+                .filter(|live| !shared.contains_key(&live.seq))
+                .map(|live| &live.lease)
+                .collect()
+        };
+        if !refreshed {
+            // The script may have run with its answer lost (a timeout):
+            // what it put back of the released leases is taken back
+            // too, in the background, as a release does.
+            for lease in released {
+                self.take_back(lease.clone());
+            }
+            return false;
+        }
+        for lease in released {
+            // When Redis fails here the lease expires within LEASE_TTL.
+            redis.zrem(&lease.key, &lease.member).await;
+        }
+        true
+    }
+
     /// Pushes the expiry of `leases` out by [`LEASE_TTL`] (adding back those
     /// Redis lost), as the maintenance loop does every [`LEASE_REFRESH`].
     /// A lease released since `leases` was taken is removed again
@@ -657,38 +693,24 @@ impl RateLimiter {
         let Some(redis) = &self.redis else {
             return false;
         };
-        // Bounded script calls, each on one lease set.
-        for (set, batch) in refresh_batches(leases) {
-            let mut call = REFRESH.prepare_invoke();
-            call.key(set).arg(LEASE_TTL.as_millis() as u64);
-            for live in &batch {
-                call.arg(&live.lease.member);
+        // Bounded script calls, each on one lease set, REFRESH_AT_ONCE
+        // under way at a time (one round trip per API key, in turn, took a
+        // whole LEASE_REFRESH for thousands of keys on a distant Redis).
+        let batches = refresh_batches(leases);
+        let mut refreshed = true;
+        for group in batches.chunks(REFRESH_AT_ONCE) {
+            let mut calls = Vec::with_capacity(group.len());
+            for (set, batch) in group {
+                calls.push(self.refresh_set(redis, set, batch));
             }
-            let refreshed = redis.invoke::<i64>(&call).await.is_some();
-            let released: Vec<&SharedLease> = {
-                let shared = self.shared.lock().expect("rate limit lock");
-                batch
-                    .iter()
-                    .filter(|live| !shared.contains_key(&live.seq))
-                    .map(|live| &live.lease)
-                    .collect()
-            };
-            if !refreshed {
-                // The script may have run with its answer lost (a timeout):
-                // what it put back of the released leases is taken back
-                // too, in the background, as a release does.
-                self.redis_failed();
-                for lease in released {
-                    self.take_back(lease.clone());
-                }
-                return false;
-            }
-            for lease in released {
-                // When Redis fails here the lease expires within LEASE_TTL.
-                redis.zrem(&lease.key, &lease.member).await;
+            for ok in futures_util::future::join_all(calls).await {
+                refreshed &= ok;
             }
         }
-        true
+        if !refreshed {
+            self.redis_failed();
+        }
+        refreshed
     }
 }
 

@@ -295,16 +295,18 @@ pub async fn acquire(
     while reuse == Reuse::Any
         && let Some(mut conn) = client.idle.take()
     {
+        // Not ready in time (still writing a body its service no longer
+        // takes), or the request gave up meanwhile (its caller left):
+        // closed, not merely dropped, or it would stay so for good.
+        let closer = conn.cut.clone().drop_guard();
         if let Ok(Ok(())) = tokio::time::timeout_at(pooled_by, conn.sender.ready()).await {
+            closer.disarm();
             return Ok(Upstream {
                 sender: conn.sender,
                 reused: true,
                 cut: conn.cut,
             });
         }
-        // Not ready (still writing a body its service no longer takes):
-        // closed, not merely dropped, or it would stay so for good.
-        conn.close();
     }
     if let Some(tunnel) = client.tunnel()
         && let Ok(stream) = tunnel.open()
@@ -336,7 +338,10 @@ pub async fn acquire(
             // The box dialed back, and the server plugins have not decided
             // on its connection yet: theirs, not the box's.
             Err(_) | Ok(Err(AcquireError::Pair(PairError::Timeout(_)))) => {
-                return Err(state.pending.timed_out(conn_id, timeout).into());
+                // The plugins are blamed when they had a fair share of the
+                // wait (one plugin timeout, at most half the wait).
+                let share = state.config.plugin_timeout.min(timeout / 2);
+                return Err(state.pending.timed_out(conn_id, timeout, share).into());
             }
             Ok(Err(e)) => return Err(e),
         },

@@ -28,9 +28,9 @@ pub enum CallError {
     /// No complete answer within the plugin timeout.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// [`MAX_CALLS`] calls to the plugin's address were under way for the
-    /// whole plugin timeout: this one was never sent.
-    #[error("{MAX_CALLS} calls to this plugin were under way for {0:?}; not sent")]
+    /// [`MAX_CALLS`] per-request calls to the plugin's address were under
+    /// way for the whole plugin timeout: this one was never sent.
+    #[error("{MAX_CALLS} per-request calls to this plugin were under way for {0:?}; not sent")]
     Busy(std::time::Duration),
     /// The HTTP exchange failed.
     #[error("HTTP exchange failed: {0}")]
@@ -71,12 +71,14 @@ pub enum Verdict {
 /// Most idle connections kept per plugin address.
 pub const MAX_IDLE: usize = 32;
 
-/// Most calls under way at once to one plugin address; more wait for one
-/// to end (within their own timeout). As many as are kept idle: a burst
-/// (a thousand requests at once, each asking `NewUserConn`) opened a
-/// connection per call and frps closed all but [`MAX_IDLE`] after it, each
-/// closed one a socket in TIME_WAIT on frps's side (the port exhaustion
-/// the pool is there to prevent), and the plugin got the burst at once.
+/// Most per-request calls (`NewUserConn`, `NewWorkConn`) under way at once
+/// to one plugin address; more wait for one to end (within their own
+/// timeout). As many as are kept idle: a burst (a thousand requests at
+/// once) opened a connection per call and frps closed all but [`MAX_IDLE`]
+/// after it, each closed one a socket in TIME_WAIT on frps's side (the
+/// port exhaustion the pool is there to prevent), and the plugin got the
+/// burst at once. The control plane's calls (a heartbeat's `Ping`, a
+/// login) are not held back by them.
 pub const MAX_CALLS: usize = MAX_IDLE;
 
 /// How long an idle connection to a plugin is kept for the next call: under
@@ -273,6 +275,18 @@ impl std::fmt::Debug for Connections {
 }
 
 impl Connections {
+    /// Waits, at most `budget`, for a turn among the [`MAX_CALLS`]
+    /// per-request calls to this address; the call holds the permit.
+    pub async fn turn(
+        &self,
+        budget: Duration,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
+        match tokio::time::timeout(budget, self.calls.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(CallError::Busy(budget)),
+        }
+    }
+
     /// Idle connections kept now.
     pub fn idle(&self) -> usize {
         self.idle.lock().expect("plugin pool lock").len()
@@ -393,9 +407,6 @@ pub async fn post(
     budget: Duration,
 ) -> Result<Bytes, CallError> {
     let deadline = tokio::time::Instant::now() + budget;
-    let Ok(Ok(_call)) = tokio::time::timeout_at(deadline, pool.calls.acquire()).await else {
-        return Err(CallError::Busy(budget));
-    };
     let body = Bytes::from(body);
     let mut uri: Uri = path_and_query
         .parse()

@@ -49,6 +49,15 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the operation is asked per public request (`NewUserConn`,
+    /// `NewWorkConn`): those calls come in bursts and wait their turn for
+    /// one of [`client::MAX_CALLS`]; the control plane's (`Login`,
+    /// `NewProxy`, `CloseProxy`, `Ping`) never queue behind them (a `Ping`
+    /// that failed waiting would disconnect its box).
+    pub fn per_request(self) -> bool {
+        matches!(self, Op::NewWorkConn | Op::NewUserConn)
+    }
+
     /// Every operation.
     pub const ALL: [Op; 6] = [
         Op::Login,
@@ -480,20 +489,28 @@ impl Plugins {
         let reqid = uuid::Uuid::new_v4().simple().to_string();
         let target = format!("{}?version={API_VERSION}&op={}", plugin.path, C::OP);
         debug!(plugin = %plugin.name, op = %C::OP, %reqid, "calling server plugin");
-        let answer = tokio::time::timeout(
-            self.timeout,
+        let pool = self
+            .pools
+            .get(&plugin.addr)
+            .expect("every plugin's address has a pool");
+        let answer = tokio::time::timeout(self.timeout, async {
+            // Per-request calls take turns; the control plane's do not
+            // wait for them.
+            let _turn = match C::OP.per_request() {
+                true => Some(pool.turn(self.timeout).await?),
+                false => None,
+            };
             client::post(
-                self.pools
-                    .get(&plugin.addr)
-                    .expect("every plugin's address has a pool"),
+                pool,
                 &plugin.addr,
                 &target,
                 &reqid,
                 plugin.authorization.as_ref(),
                 body,
                 self.timeout,
-            ),
-        )
+            )
+            .await
+        })
         .await
         .map_err(|_| CallError::Timeout(self.timeout))??;
         client::verdict(&answer)

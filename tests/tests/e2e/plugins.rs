@@ -1343,6 +1343,46 @@ async fn a_burst_of_plugin_calls_waits_for_the_connections_kept() {
     assert_eq!(idle, opened, "every one kept");
 }
 
+/// Per-request calls waiting their turn do not hold back the control
+/// plane's: while every turn of a plugin's `NewUserConn` calls is taken
+/// (by calls that hang), a box's `Login` and `NewProxy` to the same plugin
+/// go through at once, not after the hanging calls' timeout (and a
+/// heartbeat's `Ping` failing would disconnect its box).
+#[tokio::test]
+async fn control_calls_do_not_wait_behind_request_calls() {
+    let plugin = PluginServer::start(|call| match call.op() {
+        "NewUserConn" => Reply::Hang,
+        _ => Reply::Allow,
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.plugins = vec![plugin.spec("manager", &["NewUserConn", "Login", "NewProxy"])];
+    cfg.plugin_timeout = Duration::from_secs(3);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let public = fleet.frps.public();
+    let burst = frps::plugins::MAX_CALLS_AT_ONCE + 8;
+    let hanging = tokio::spawn(futures_util::future::join_all((0..burst).map(
+        move |i| async move { http::get(public, &format!("/burst/{i}"), Some(API_KEY)).await },
+    )));
+    frpx_tests::eventually("every turn taken", || {
+        plugin.calls_for("NewUserConn").len() == frps::plugins::MAX_CALLS_AT_ONCE
+    })
+    .await;
+    let since = std::time::Instant::now();
+    let (_box, answer) = register(&fleet.frps, registration("gpu-late")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    assert!(
+        since.elapsed() < Duration::from_millis(1500),
+        "the registration waited {:?} for the request calls",
+        since.elapsed()
+    );
+    let replies = hanging.await.unwrap();
+    assert!(
+        replies.iter().all(|r| r.status == 503),
+        "the hanging calls fail"
+    );
+}
+
 #[tokio::test]
 async fn a_plugin_refusing_by_status_keeps_its_connection() {
     use frpx_tests::services::Cutter;
