@@ -363,7 +363,7 @@ impl Accounts {
             .throttle
             .begin(&checked, TURN_WAIT)
             .await
-            .map_err(LoginError::Throttled)?
+            .map_err(NotNow::refusal)?
             .counting(&keys);
         // The permit first: while every check is taken, the database is not
         // asked either. The lookup under it has its deadline, so a stuck
@@ -495,11 +495,20 @@ impl Accounts {
             &s.hash_hex,
             &s.prefix,
             expires_at,
+            session_start,
         ))
         .await?
         {
-            // Revoked meanwhile.
-            return Ok(TokenReview::Unusable);
+            // Revoked meanwhile, or (for a session's review) logged in
+            // again since the session started: that login renewed it.
+            let again = within_deadline(store.find_client_token_by_id(id)).await;
+            let still = absent_if_unreadable(again, "client_tokens")?
+                .is_some_and(|row| row.is_usable(Utc::now().naive_utc()));
+            return Ok(if still {
+                TokenReview::Usable
+            } else {
+                TokenReview::Unusable
+            });
         }
         self.known.insert(secret::hash(&s.plaintext));
         Ok(TokenReview::Renewed(IssuedToken {
@@ -556,7 +565,7 @@ impl Accounts {
             .throttle
             .begin(&keys[..1], TURN_WAIT)
             .await
-            .map_err(LoginError::Throttled)?
+            .map_err(NotNow::refusal)?
             .counting(&keys);
         let outcome = self.check_token_hash(&hash).await;
         match &outcome {
@@ -789,6 +798,26 @@ impl Failures {
     }
 }
 
+/// Why a login may not be checked now ([`Throttle::begin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotNow {
+    /// Failures for its email or address ask it to wait this long.
+    Wait(Duration),
+    /// Its turn behind the attempts already under way for its email or
+    /// address did not come in time (a fleet logging in together).
+    NoTurn,
+}
+
+impl NotNow {
+    /// What the login is told: throttled after failures, busy without.
+    pub fn refusal(self) -> LoginError {
+        match self {
+            NotNow::Wait(wait) => LoginError::Throttled(wait),
+            NotNow::NoTurn => LoginError::Busy,
+        }
+    }
+}
+
 /// Delays after failed logins, per key ([`Policy`]: exponential, or loose
 /// past some free failures); and attempts for one key in turn, so attempts
 /// sent together cannot all pass before the first failure is counted.
@@ -898,13 +927,9 @@ impl Throttle {
 
     /// Waits (at most `patience`) for the turn of `keys`, behind attempts
     /// for any of them already under way, then checks their failures:
-    /// `Err(wait)` when any must still wait after failures (or the turn did
-    /// not come in time: then the wait is [`BASE_DELAY`]).
-    pub async fn begin(
-        &self,
-        keys: &[String],
-        patience: Duration,
-    ) -> Result<Attempt<'_>, Duration> {
+    /// [`NotNow::Wait`] when any must still wait after failures,
+    /// [`NotNow::NoTurn`] when the turn did not come in time.
+    pub async fn begin(&self, keys: &[String], patience: Duration) -> Result<Attempt<'_>, NotNow> {
         let mut attempt = Attempt {
             throttle: self,
             keys: keys.to_vec(),
@@ -923,10 +948,10 @@ impl Throttle {
             };
             match tokio::time::timeout_at(deadline, turn.lock_owned()).await {
                 Ok(guard) => attempt.turns.push(guard),
-                Err(_) => return Err(BASE_DELAY),
+                Err(_) => return Err(NotNow::NoTurn),
             }
         }
-        self.check(keys, Instant::now())?;
+        self.check(keys, Instant::now()).map_err(NotNow::Wait)?;
         Ok(attempt)
     }
 
@@ -1155,9 +1180,13 @@ mod tests {
         let gave_up = t.begin(&same_email, Duration::from_millis(10)).await;
         assert_eq!(
             gave_up.unwrap_err(),
-            BASE_DELAY,
+            NotNow::NoTurn,
             "no turn within its patience"
         );
+        // Told as logins in progress, not as failed ones (nothing failed).
+        let told = NotNow::NoTurn.refusal();
+        assert_eq!(told, LoginError::Busy);
+        assert!(told.to_string().contains("in progress"), "{told}");
         // Unrelated keys go at once.
         let other = throttle_keys("c@x.test", "192.0.2.3".parse().unwrap());
         drop(t.begin(&other, patience).await.unwrap());
@@ -1165,7 +1194,10 @@ mod tests {
         // check of its own.
         first.fail(Instant::now());
         let waited = behind.await;
-        assert!(matches!(waited, Err(d) if d > Duration::ZERO), "{waited:?}");
+        assert!(
+            matches!(waited, Err(NotNow::Wait(d)) if d > Duration::ZERO),
+            "{waited:?}"
+        );
         // Once the delay has passed, the next attempt goes, and a success
         // clears the failures of the email from that address (not the
         // address's). One failure does not delay the email from elsewhere.
@@ -1295,6 +1327,42 @@ mod tests {
                 .unwrap(),
             TokenReview::Renewed(_)
         ));
+    }
+
+    /// The same, interleaved: the old session found the token not used
+    /// since it started, then the box's new login renewed it and handed
+    /// the renewal out, then the old session's renewal ran. The renewal the
+    /// box holds stays valid (it was revoked as lost, and a box without a
+    /// password stopped for good).
+    #[tokio::test]
+    async fn a_login_renewing_the_token_meanwhile_keeps_its_renewal() {
+        let (_db, store) = store_with("interleave@x.test").await;
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let expiring = Accounts::new(Some(store.clone()), Some(Duration::from_secs(86400)));
+        let forever = Accounts::new(Some(store.clone()), None);
+        let issued = expiring
+            .login("interleave@x.test", "password", ip)
+            .await
+            .unwrap();
+        let id = issued.principal.token_id.clone().unwrap();
+        let session_start = Utc::now().naive_utc();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The new login, and its renewal at login (due: tokens no longer
+        // expire).
+        forever.login_token(&issued.token, ip).await.unwrap();
+        let TokenReview::Renewed(handed) = forever.review_token(&id, None).await.unwrap() else {
+            panic!("renewed at login");
+        };
+        // The old session's renewal, its check passed before that login.
+        let rotated = store
+            .rotate_client_token(&id, "late", "late-hash", "late", None, Some(session_start))
+            .await
+            .unwrap();
+        assert!(!rotated, "renewed though logged in again since");
+        assert!(
+            forever.login_token(&handed.token, ip).await.is_ok(),
+            "the renewal handed to the box was revoked"
+        );
     }
 
     #[tokio::test]

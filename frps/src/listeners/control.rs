@@ -496,9 +496,15 @@ async fn bound_to(
 /// can succeed.
 fn validate(reg: &Registration) -> Result<(), (String, bool)> {
     if reg.protocol_version != PROTOCOL_VERSION {
+        // The older side is the one to upgrade.
+        let upgrade = if reg.protocol_version > PROTOCOL_VERSION {
+            "upgrade frps"
+        } else {
+            "upgrade frpc"
+        };
         return Err((
             format!(
-                "protocol version {} is not supported (this server speaks {PROTOCOL_VERSION}); upgrade frpc",
+                "protocol version {} is not supported (this server speaks {PROTOCOL_VERSION}); {upgrade}",
                 reg.protocol_version
             ),
             false,
@@ -997,7 +1003,12 @@ mod tests {
         assert!(validate(&ok).is_ok());
         let mut bad = ok.clone();
         bad.protocol_version = 99;
-        assert!(!validate(&bad).unwrap_err().1);
+        let (newer, retry) = validate(&bad).unwrap_err();
+        assert!(!retry);
+        assert!(newer.ends_with("upgrade frps"), "{newer}");
+        bad.protocol_version = 0;
+        let (older, _) = validate(&bad).unwrap_err();
+        assert!(older.ends_with("upgrade frpc"), "{older}");
         for id in ["", "has space", "new\nline", &"x".repeat(200)] {
             let mut bad = ok.clone();
             bad.client_id = id.into();

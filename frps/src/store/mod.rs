@@ -898,6 +898,12 @@ impl Store {
     /// lost on its way costs nothing; an earlier renewal of `parent` that
     /// was never used is revoked here (it was lost, since `parent` is being
     /// renewed again).
+    ///
+    /// With `unused_since`, nothing changes either when `parent` logged in
+    /// after that time (a session that started then renews nothing once
+    /// its box logged in again on another connection: that login's own
+    /// renewal, handed to the box, would be revoked here as lost); checked
+    /// under the row lock, so a login renewing it meanwhile is seen.
     pub async fn rotate_client_token(
         &self,
         parent: &str,
@@ -905,12 +911,14 @@ impl Store {
         hash_hex: &str,
         prefix: &str,
         expires_at: Option<NaiveDateTime>,
+        unused_since: Option<NaiveDateTime>,
     ) -> Result<bool, StoreError> {
         // Takes the parent's row lock (a no-op write) so that two frps
         // renewing it at once take turns, the second seeing the first's
         // renewal to revoke.
-        const LOCK: &str =
-            "UPDATE client_tokens SET revoked_at = NULL WHERE id = $1 AND revoked_at IS NULL";
+        const LOCK: &str = "UPDATE client_tokens SET revoked_at = NULL
+            WHERE id = $1 AND revoked_at IS NULL
+              AND ($2 IS NULL OR last_used_at IS NULL OR last_used_at <= $2)";
         const LOST: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE renewed_from = $1 AND revoked_at IS NULL";
         const INSERT: &str = "INSERT INTO client_tokens
@@ -920,7 +928,12 @@ impl Store {
         let at = now();
         let rotated = on_pool!(self, p => {
             let mut tx = p.begin().await?;
-            let live = sqlx::query(LOCK).bind(parent).execute(&mut *tx).await?.rows_affected();
+            let live = sqlx::query(LOCK)
+                .bind(parent)
+                .bind(unused_since)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let inserted = if live == 1 {
                 sqlx::query(LOST).bind(parent).bind(at).execute(&mut *tx).await?;
                 sqlx::query(INSERT)

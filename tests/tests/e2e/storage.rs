@@ -3158,7 +3158,7 @@ async fn renewed_tokens_form_a_family(url: &str) {
         let store = store.clone();
         async move {
             store
-                .rotate_client_token(parent, id, &format!("hash-{id}"), id, None)
+                .rotate_client_token(parent, id, &format!("hash-{id}"), id, None, None)
                 .await
                 .unwrap()
         }
@@ -3207,7 +3207,26 @@ async fn renewed_tokens_form_a_family(url: &str) {
     // A revoked token cannot be renewed; a used renewal can.
     assert!(!rotate("t1", "tX").await);
     assert!(store.find_client_token("hash-tX").await.unwrap().is_none());
+    // A session that started before t3's last login renews nothing; one
+    // that started after it does.
+    let used = t3.last_used_at.unwrap();
+    let since = |secs| Some(used + chrono::Duration::seconds(secs));
+    assert!(
+        !store
+            .rotate_client_token("t3", "tY", "hash-tY", "tY", None, since(-1))
+            .await
+            .unwrap()
+    );
+    assert!(store.find_client_token("hash-tY").await.unwrap().is_none());
+    assert!(
+        store
+            .rotate_client_token("t3", "tZ", "hash-tZ", "tZ", None, since(1))
+            .await
+            .unwrap()
+    );
     assert!(rotate("t3", "t4").await);
+    // t4 renewed t3 again: tZ never reached its box, and is revoked.
+    assert!(!live("tZ").await);
     assert!(live("t3").await && live("t4").await);
     // Said saved by its box (TokenSaved) after it was renewed again (a
     // slow write): t4 confirms nothing, which would revoke t5 on its way;
