@@ -281,17 +281,23 @@ async fn session(
         // does not wait for a slow plugin (a reconnect's `online` write
         // must not be overtaken by it, nor shutdown's last second spent).
         record_end(state, &client, true).await;
-    } else if state
-        .registry
-        .get(&client.id)
-        .is_some_and(|live| asset_key(&live) != asset_key(&client))
-    {
+    } else if replaced_by_another_machine(state.registry.get(&client.id).as_deref(), &client) {
         // Replaced under its client id by another machine (two boxes
         // sharing an id): that one's `online` is its own row; this
         // machine's row goes offline.
         record_end(state, &client, false).await;
     }
     result
+}
+
+/// Whether `ended`, a session replaced under its client id, writes its own
+/// machine `offline`: when the id is now another machine's (`live`), or no
+/// session holds it any more (the one that replaced it left first, having
+/// written only its own machine's row; were that this machine, the write
+/// is a no-op: its row changed since this session's last write, which
+/// [`write_asset`] checks).
+fn replaced_by_another_machine(live: Option<&ClientHandle>, ended: &ClientHandle) -> bool {
+    live.is_none_or(|live| asset_key(live) != asset_key(ended))
 }
 
 /// Writes `client`'s machine `offline` (and, with `close_proxy`, tells the
@@ -989,6 +995,25 @@ mod tests {
             token_check_period(s(10), Some(Duration::from_millis(1))),
             least
         );
+    }
+
+    /// A session replaced under its client id writes its machine offline
+    /// when the id went to another machine, or when the session that
+    /// replaced it already left (it wrote only its own machine's row).
+    #[test]
+    fn a_replaced_session_writes_its_machine_offline_unless_it_lives_on() {
+        let reg = crate::registry::Registry::default();
+        let on = |machine: &str| {
+            let (mut new, _rx) = crate::registry::testing::new_client("gpu", &[], None);
+            new.registration.machine_id = machine.into();
+            reg.insert(new).unwrap()
+        };
+        let ended = on("m1");
+        let same = on("m1");
+        assert!(!replaced_by_another_machine(Some(&same), &ended));
+        let other = on("m2");
+        assert!(replaced_by_another_machine(Some(&other), &ended));
+        assert!(replaced_by_another_machine(None, &ended));
     }
 
     #[test]
