@@ -47,8 +47,10 @@ pub fn busy_refusal(reason: &str) -> Option<&str> {
 /// expired (frpc then passes over that token and logs in with its password).
 pub const TOKEN_ENDED: &str = "the login token was revoked or has expired; log in again";
 
-/// One message of the frpc ↔ frps conversation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One message of the frpc ↔ frps conversation. Its `Debug` shows the
+/// fields as the frame carries them, secrets (passwords, tokens, session
+/// keys) left out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Command {
     /// frpc → frps (control, first frame): log in with an account's email and
@@ -441,9 +443,76 @@ fn finite_f32_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>,
     Ok(Option::<Finite>::deserialize(d)?.map(|Finite(v)| v))
 }
 
+/// Fields of [`Command`]s whose values are secrets.
+const SECRET_FIELDS: [&str; 3] = ["password", "token", "session_key"];
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut value = match serde_json::to_value(self) {
+            Ok(value) => value,
+            Err(_) => return f.write_str(self.name()),
+        };
+        if let Some(fields) = value.as_object_mut() {
+            for name in SECRET_FIELDS {
+                if let Some(v) = fields.get_mut(name)
+                    && !v.is_null()
+                {
+                    *v = serde_json::Value::from("<redacted>");
+                }
+            }
+        }
+        write!(f, "{value}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command printed (a log line, a failed assertion) shows no secret.
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let cases = [
+            Command::Login {
+                email: "me@example.com".into(),
+                password: "hunter2-secret".into(),
+            },
+            Command::LoginToken {
+                token: "frpxc_secret".into(),
+            },
+            Command::LoginResult {
+                ok: true,
+                token: Some("frpxc_secret".into()),
+                expires_at: None,
+                reason: None,
+                code: None,
+                retry_after_ms: None,
+            },
+            Command::TokenRenewed {
+                token: "frpxc_secret".into(),
+                expires_at: None,
+            },
+            Command::TokenSaved {
+                token: "frpxc_secret".into(),
+            },
+            Command::MuxHello {
+                client_id: "gpu-01".into(),
+                session_key: "secret-session-key".into(),
+            },
+        ];
+        for cmd in cases {
+            let shown = format!("{cmd:?}");
+            assert!(!shown.contains("secret"), "{shown}");
+            assert!(shown.contains(cmd.name()), "{shown}");
+        }
+        let shown = format!(
+            "{:?}",
+            Command::Disconnect {
+                reason: "bye".into()
+            }
+        );
+        assert_eq!(shown, r#"{"reason":"bye","type":"Disconnect"}"#);
+    }
 
     #[test]
     fn commands_are_internally_tagged() {

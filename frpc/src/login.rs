@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::state_file;
 
-/// What `token.json` holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What `token.json` holds. Its `Debug` leaves the token out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedToken {
     /// The client token issued by frps.
     pub token: String,
@@ -26,6 +26,18 @@ pub struct SavedToken {
     /// that lost its TLS settings must not hand the token to the path).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls: bool,
+}
+
+impl std::fmt::Debug for SavedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SavedToken")
+            .field("token", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("server", &self.server)
+            .field("email", &self.email)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl SavedToken {
@@ -216,6 +228,19 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(
             shown.contains("me@example.com") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        // Nor a saved token.
+        let saved = SavedToken {
+            token: "frpxc_secret-token-value".into(),
+            expires_at: None,
+            server: "vps:17000".into(),
+            email: "me@example.com".into(),
+            tls: true,
+        };
+        let shown = format!("{saved:?}");
+        assert!(
+            shown.contains("vps:17000") && !shown.contains("secret-token"),
             "{shown}"
         );
     }
