@@ -162,6 +162,10 @@ impl Server {
             addrs.control, addrs.proxy, addrs.public, addrs.api
         );
         state.tls.log_at_start();
+        state.tasks.spawn(crate::tls::watch_dates(
+            state.tls.dates.clone(),
+            state.shutdown.clone(),
+        ));
         // New clients are turned away once shutdown starts; dial-backs are
         // taken until the public port has drained.
         state.tasks.spawn(listeners::accept_loop(

@@ -87,6 +87,8 @@ pub struct Tls {
     /// What the certificates' dates warrant saying at start (expired, not
     /// yet valid, expiring soon): every TLS client refuses such a one.
     pub date_warnings: Vec<String>,
+    /// The certificates' dates, watched while frps runs ([`watch_dates`]).
+    pub dates: Vec<CertDates>,
     /// Operator keys (`--tls-key`, `--public-tls-key`) every user may read,
     /// said at start.
     pub key_warnings: Vec<String>,
@@ -127,8 +129,7 @@ impl Tls {
                 (None, Some(dir)) => dir.join(SELF_SIGNED_CERT).display().to_string(),
                 (None, None) => "of the control and proxy ports".into(),
             };
-            tls.date_warnings
-                .extend(date_warning(&certs[0], now, &named));
+            tls.dates.extend(CertDates::of(&certs[0], &named));
             tls.fingerprint = Some(fingerprint(&certs[0]));
             tls.frames = Some(acceptor(certs, key)?);
         }
@@ -144,10 +145,16 @@ impl Tls {
         }
         if let (Some(cert), Some(key)) = (&config.public_tls_cert, &config.public_tls_key) {
             let (certs, key) = load_pem(cert, key)?;
-            tls.date_warnings
-                .extend(date_warning(&certs[0], now, &cert.display().to_string()));
+            tls.dates
+                .extend(CertDates::of(&certs[0], &cert.display().to_string()));
             tls.public = Some(acceptor(certs, key)?);
         }
+        tls.date_warnings = tls
+            .dates
+            .iter()
+            .filter_map(|d| d.warning(now))
+            .map(|(_, said)| said)
+            .collect();
         Ok(tls)
     }
 
@@ -299,43 +306,153 @@ fn default_dir_kept(database_url: &str) -> PathBuf {
 /// How long before a certificate's end frps starts saying so at start.
 const EXPIRY_NOTICE_SECS: i64 = 14 * 86400;
 
-/// What an operator should hear at start about the dates of `cert` (read
-/// from `named`) at `now` (Unix seconds): expired, not valid yet, or ending
-/// within [`EXPIRY_NOTICE_SECS`]. rustls checks neither its own
-/// certificate's dates nor lets frps see them, and every TLS client refuses
-/// a certificate outside them: frpc retries for ever, each time with a
-/// certificate error. `None` when the dates are fine (or cannot be read:
-/// rustls accepted the certificate, and the clients will judge).
-fn date_warning(cert: &CertificateDer<'_>, now: i64, named: &str) -> Option<String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
-    let validity = parsed.validity();
-    let (from, until) = (
-        validity.not_before.timestamp(),
-        validity.not_after.timestamp(),
-    );
-    let date = |t: i64| {
-        chrono::DateTime::from_timestamp(t, 0)
-            .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
-            .unwrap_or_else(|| format!("{t} (Unix time)"))
-    };
-    if until < now {
-        Some(format!(
-            "the TLS certificate {named} expired on {}: every TLS client refuses it; renew it and restart frps",
-            date(until)
-        ))
-    } else if from > now {
-        Some(format!(
-            "the TLS certificate {named} is not valid before {}: every TLS client refuses it until then (is this machine's clock right?)",
-            date(from)
-        ))
-    } else if until - now < EXPIRY_NOTICE_SECS {
-        Some(format!(
-            "the TLS certificate {named} expires on {} (in {} days): renew it and restart frps",
-            date(until),
-            (until - now) / 86400
-        ))
-    } else {
-        None
+/// A certificate's validity, as read at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertDates {
+    /// Where it was read from (or which ports it serves).
+    named: String,
+    /// Valid from, Unix seconds.
+    from: i64,
+    /// Valid until, Unix seconds.
+    until: i64,
+}
+
+/// What a certificate's dates say at a moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateState {
+    /// Within [`EXPIRY_NOTICE_SECS`] of its end.
+    Ending,
+    /// Past its end, or before its start: every TLS client refuses it.
+    Refused,
+}
+
+impl CertDates {
+    /// The dates of `cert` (read from `named`); `None` when they cannot be
+    /// read (rustls accepted the certificate, and the clients will judge).
+    fn of(cert: &CertificateDer<'_>, named: &str) -> Option<Self> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let validity = parsed.validity();
+        Some(Self {
+            named: named.to_owned(),
+            from: validity.not_before.timestamp(),
+            until: validity.not_after.timestamp(),
+        })
+    }
+
+    /// What an operator should hear about these dates at `now` (Unix
+    /// seconds): expired, not valid yet, or ending within
+    /// [`EXPIRY_NOTICE_SECS`]. rustls checks neither its own certificate's
+    /// dates nor lets frps see them, and every TLS client refuses a
+    /// certificate outside them: frpc retries for ever, each time with a
+    /// certificate error. `None` when the dates are fine.
+    pub fn warning(&self, now: i64) -> Option<(DateState, String)> {
+        let (from, until, named) = (self.from, self.until, &self.named);
+        let date = |t: i64| {
+            chrono::DateTime::from_timestamp(t, 0)
+                .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+                .unwrap_or_else(|| format!("{t} (Unix time)"))
+        };
+        if until < now {
+            Some((
+                DateState::Refused,
+                format!(
+                    "the TLS certificate {named} expired on {}: every TLS client refuses it; renew it and restart frps",
+                    date(until)
+                ),
+            ))
+        } else if from > now {
+            Some((
+                DateState::Refused,
+                format!(
+                    "the TLS certificate {named} is not valid before {}: every TLS client refuses it until then (is this machine's clock right?)",
+                    date(from)
+                ),
+            ))
+        } else if until - now < EXPIRY_NOTICE_SECS {
+            Some((
+                DateState::Ending,
+                format!(
+                    "the TLS certificate {named} expires on {} (in {} days): renew it and restart frps",
+                    date(until),
+                    (until - now) / 86400
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// How often the certificates' dates are looked at while frps runs.
+pub const DATE_CHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How often a certificate's dates that still warrant a word are said
+/// again (a change, such as its expiry, is said at once).
+const DATE_REPEAT_SECS: i64 = 86400;
+
+/// What has been said of each certificate's dates, and when.
+#[derive(Debug, Default)]
+pub struct DateWatch {
+    said: Vec<Option<(DateState, i64)>>,
+}
+
+impl DateWatch {
+    /// A watch of `dates` that knows what was said of them at `start`.
+    pub fn from_start(dates: &[CertDates], start: i64) -> Self {
+        Self {
+            said: dates
+                .iter()
+                .map(|d| d.warning(start).map(|(state, _)| (state, start)))
+                .collect(),
+        }
+    }
+
+    /// What is to be said of `dates` at `now`: a certificate whose state
+    /// changed since it was last said (ending, then expired), or that has
+    /// not been said of for [`DATE_REPEAT_SECS`]; with whether every TLS
+    /// client refuses it now.
+    pub fn check(&mut self, dates: &[CertDates], now: i64) -> Vec<(DateState, String)> {
+        self.said.resize(dates.len(), None);
+        let mut out = Vec::new();
+        for (d, said) in dates.iter().zip(&mut self.said) {
+            match d.warning(now) {
+                None => *said = None,
+                Some((state, text)) => {
+                    let due =
+                        said.is_none_or(|(was, at)| was != state || now - at >= DATE_REPEAT_SECS);
+                    if due {
+                        *said = Some((state, now));
+                        out.push((state, text));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Every [`DATE_CHECK`] until `stop`, says what the certificates' dates
+/// warrant: a certificate that expires while frps runs fails every new
+/// TLS handshake, which frps logs at debug only (a scan or a stray client
+/// fails them too).
+pub async fn watch_dates(dates: Vec<CertDates>, stop: tokio_util::sync::CancellationToken) {
+    if dates.is_empty() {
+        return;
+    }
+    let mut watch = DateWatch::from_start(&dates, chrono::Utc::now().timestamp());
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + DATE_CHECK, DATE_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (state, said) in watch.check(&dates, chrono::Utc::now().timestamp()) {
+            match state {
+                DateState::Refused => tracing::error!("{said}"),
+                DateState::Ending => tracing::warn!("{said}"),
+            }
+        }
     }
 }
 
@@ -592,8 +709,8 @@ mod tests {
     #[test]
     fn certificate_dates_outside_or_near_their_end_are_announced() {
         let cert = dated((2026, 1, 1), (2027, 1, 1));
-        let der = cert.cert.der();
-        let at = |y, m, d| date_warning(der, unix(y, m, d), "c.pem");
+        let dates = CertDates::of(cert.cert.der(), "c.pem").unwrap();
+        let at = |y, m, d| dates.warning(unix(y, m, d)).map(|(_, said)| said);
         assert_eq!(at(2026, 6, 1), None, "well within");
         let expired = at(2027, 1, 2).unwrap();
         assert!(
@@ -610,9 +727,41 @@ mod tests {
         assert_eq!(at(2026, 12, 17), None, "15 days left: not yet");
         // Not a certificate at all: nothing to say (rustls judged it).
         assert_eq!(
-            date_warning(&CertificateDer::from(vec![1, 2, 3]), 0, "x"),
+            CertDates::of(&CertificateDer::from(vec![1, 2, 3]), "x"),
             None
         );
+    }
+
+    /// While frps runs, a certificate's end is said as it nears (once a
+    /// day) and at once when it passes: a certificate expiring after start
+    /// failed every handshake with nothing said above debug.
+    #[test]
+    fn certificate_dates_are_watched_while_frps_runs() {
+        let cert = dated((2026, 1, 1), (2027, 1, 1));
+        let dates = vec![CertDates::of(cert.cert.der(), "c.pem").unwrap()];
+        let start = unix(2026, 6, 1);
+        let mut watch = DateWatch::from_start(&dates, start);
+        let hour = 3600;
+        assert!(watch.check(&dates, start + hour).is_empty(), "well within");
+        // 14 days before the end: said, then not again for a day.
+        let near = unix(2026, 12, 19);
+        let said = watch.check(&dates, near);
+        assert_eq!(said.len(), 1);
+        assert_eq!(said[0].0, DateState::Ending);
+        assert!(said[0].1.contains("expires on 2027-01-01"), "{}", said[0].1);
+        assert!(watch.check(&dates, near + hour).is_empty());
+        assert_eq!(watch.check(&dates, near + 24 * hour).len(), 1);
+        // Past its end: said at once, as refused.
+        let gone = unix(2027, 1, 1) + hour;
+        let said = watch.check(&dates, gone);
+        assert_eq!(said.len(), 1);
+        assert_eq!(said[0].0, DateState::Refused);
+        assert!(said[0].1.contains("expired on 2027-01-01"), "{}", said[0].1);
+        assert!(watch.check(&dates, gone + hour).is_empty());
+        // What was said at start is not said again within the day.
+        let mut late = DateWatch::from_start(&dates, gone);
+        assert!(late.check(&dates, gone + hour).is_empty());
+        assert_eq!(late.check(&dates, gone + 24 * hour).len(), 1);
     }
 
     #[test]

@@ -123,9 +123,13 @@ pub fn masked_metas(metas: &BTreeMap<String, String>) -> BTreeMap<String, String
 }
 
 /// Whether `value` holds a URL with user information (`scheme://…@host`).
+/// The authority is taken up to the first `/` only: a password may hold a
+/// `?` or `#` that libpq and others read as part of it
+/// (`postgres://app:p?ss@db/app`), and masking one URL too many is the
+/// safe mistake.
 fn has_user_info(value: &str) -> bool {
     value.split("://").skip(1).any(|rest| {
-        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let authority = rest.split('/').next().unwrap_or("");
         authority.contains('@')
     })
 }
@@ -443,6 +447,7 @@ mod tests {
             ("Authorization", "Basic eDp5"),
             ("session_cookie", "c"),
             ("db_url", "postgres://frpx:hunter2@db:5432/frpx"),
+            ("replica", "postgres://frpx:p?ss#word@db2/frpx"),
             ("mirror", "see https://user@example.com/x"),
             ("homepage", "https://example.com/team@work"),
             ("version", "1.0.0"),
@@ -464,6 +469,7 @@ mod tests {
             "Authorization",
             "session_cookie",
             "db_url",
+            "replica",
             "mirror",
         ] {
             assert_eq!(masked[k], "***", "{k}");
