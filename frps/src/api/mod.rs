@@ -65,24 +65,35 @@ impl Default for WrongTokens {
 /// one caller for every loopback address. Any process on the host may
 /// connect from any of 127.0.0.0/8 without setting anything up, so counted
 /// apart they gave a local user (against whom the short tokens a loopback
-/// bind allows are the only lock) 16 million budgets.
-fn caller(ip: std::net::IpAddr) -> std::net::IpAddr {
+/// bind allows are the only lock) 16 million budgets. Loopback requests
+/// naming another host (`foreign`: a web page in the operator's browser
+/// that rebound its name to 127.0.0.1, or a local proxy passing the
+/// public name on) are a second caller: such a page spending its budget
+/// does not lock out the operator's own tools, which name this machine.
+fn caller(ip: std::net::IpAddr, foreign: bool) -> std::net::IpAddr {
     if ip.to_canonical().is_loopback() {
-        std::net::Ipv4Addr::LOCALHOST.into()
+        if foreign {
+            std::net::Ipv4Addr::new(127, 0, 0, 2).into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        }
     } else {
         ip
     }
 }
 
 impl WrongTokens {
-    /// `Err(wait)` while `ip`'s block has no guesses left.
-    pub fn check(&self, ip: std::net::IpAddr) -> Result<(), Duration> {
-        self.budget.check(caller(ip), tokio::time::Instant::now())
+    /// `Err(wait)` while `ip`'s block has no guesses left (`foreign`: of a
+    /// request naming another host than this machine).
+    pub fn check(&self, ip: std::net::IpAddr, foreign: bool) -> Result<(), Duration> {
+        self.budget
+            .check(caller(ip, foreign), tokio::time::Instant::now())
     }
 
-    /// Counts the wrong token whose SHA-256 is `digest` from `ip`, unless
-    /// it was counted lately.
-    pub fn fail(&self, ip: std::net::IpAddr, digest: [u8; 32]) {
+    /// Counts the wrong token whose SHA-256 is `digest` from `ip` (of a
+    /// request naming another host when `foreign`), unless it was counted
+    /// lately.
+    pub fn fail(&self, ip: std::net::IpAddr, foreign: bool, digest: [u8; 32]) {
         {
             let mut recent = self.recent.lock().expect("wrong tokens lock");
             if recent.contains(&digest) {
@@ -93,7 +104,8 @@ impl WrongTokens {
             }
             recent.push_back(digest);
         }
-        self.budget.fail(caller(ip), tokio::time::Instant::now());
+        self.budget
+            .fail(caller(ip, foreign), tokio::time::Instant::now());
     }
 }
 
@@ -568,6 +580,7 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
+    let foreign = foreign_request(&req).is_some();
     let presented = crate::auth::bearer(req.headers());
     // Compared as SHA-256 digests: the time taken tells neither where the
     // tokens differ nor how long the right one is.
@@ -582,7 +595,7 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
     if presented.is_some()
         && !(right && strong)
         && let Some(ip) = from
-        && let Err(wait) = state.admin_failures.check(ip)
+        && let Err(wait) = state.admin_failures.check(ip, foreign)
     {
         let mut resp = ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -599,7 +612,7 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
         Some(_) if right => next.run(req).await,
         Some(d) => {
             if let Some(ip) = from {
-                state.admin_failures.fail(ip, d);
+                state.admin_failures.fail(ip, foreign, d);
             }
             let mut resp =
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid admin token").into_response();
@@ -701,10 +714,14 @@ mod tests {
     fn every_loopback_address_is_one_caller_for_wrong_tokens() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         for local in ["127.0.0.1", "127.9.9.9", "::1", "::ffff:127.0.0.5"] {
-            assert_eq!(caller(ip(local)), ip("127.0.0.1"), "{local}");
+            assert_eq!(caller(ip(local), false), ip("127.0.0.1"), "{local}");
+            // Naming another host: one other caller.
+            assert_eq!(caller(ip(local), true), ip("127.0.0.2"), "{local}");
         }
         for remote in ["10.0.0.1", "2001:db8::1", "::ffff:192.0.2.1"] {
-            assert_eq!(caller(ip(remote)), ip(remote), "{remote}");
+            for foreign in [false, true] {
+                assert_eq!(caller(ip(remote), foreign), ip(remote), "{remote}");
+            }
         }
     }
 

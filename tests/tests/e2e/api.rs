@@ -291,7 +291,11 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
             .unwrap();
         assert!((1..=60).contains(&wait), "Retry-After {wait}");
         // Rounded up: a client waiting as told is not refused again.
-        let left = frps.state.admin_failures.check(api.ip()).unwrap_err();
+        let left = frps
+            .state
+            .admin_failures
+            .check(api.ip(), false)
+            .unwrap_err();
         assert!(
             Duration::from_secs(wait) >= left,
             "Retry-After {wait} s, {left:?} left"
@@ -310,6 +314,32 @@ async fn wrong_admin_tokens_are_throttled_per_address() {
     assert_eq!(http::get(api, "/api/health", None).await.status, 200);
     let reply = http::get(api, "/api/stats", None).await;
     assert_eq!(reply.status, 401, "{}", reply.body);
+}
+
+/// A web page in the operator's browser that rebound its name to
+/// 127.0.0.1 (its requests name its own host) spends a budget of its own:
+/// the operator's tools, naming this machine, keep theirs.
+#[tokio::test]
+async fn a_page_naming_another_host_cannot_lock_local_tools_out() {
+    let mut cfg = frps_config();
+    cfg.admin_token = Some(ADMIN.into());
+    let frps = Frps::start(cfg).await;
+    let api = frps.addrs.api;
+    let from_page = |token: String| async move {
+        let req = ::http::Request::builder()
+            .uri("/api/stats")
+            .header("host", format!("rebound.example:{}", api.port()))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::new(Bytes::new()))
+            .unwrap();
+        http::read(Conn::open(api).await.send(req).await.unwrap()).await
+    };
+    for i in 0..frps::api::ADMIN_FAILURES_PER_MINUTE {
+        assert_eq!(from_page(format!("guess-{i}")).await.status, 401);
+    }
+    assert_eq!(from_page("one-more".into()).await.status, 429);
+    // The operator's tools still get in.
+    assert_eq!(http::get(api, "/api/stats", Some(ADMIN)).await.status, 200);
 }
 
 #[tokio::test]
