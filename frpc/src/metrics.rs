@@ -143,6 +143,7 @@ impl Collector {
             .iter()
             .filter(|d| {
                 relevant_mount(d.mount_point())
+                    && relevant_file_system(d.mount_point(), d.file_system())
                     && d.total_space() > 0
                     && !is_file_mount(d.mount_point())
             })
@@ -233,9 +234,25 @@ fn relevant_mount(mount: &Path) -> bool {
         "/boot",
         "/snap",
         "/var/lib/docker",
+        "/var/lib/containerd",
+        "/var/lib/kubelet",
     ]
     .iter()
     .any(|p| m == *p || m.starts_with(&format!("{p}/")))
+}
+
+/// Whether a mount of `fs` at `mount` is a disk worth reporting: not memory
+/// (tmpfs, a container's secrets), not a read-only image (squashfs: snaps,
+/// always full), not a container's overlay other than the root of the
+/// container frpc runs in. On a host running containers or pods such
+/// mounts filled the [`MAX_DISKS`] slots before the disks that matter.
+fn relevant_file_system(mount: &Path, fs: &std::ffi::OsStr) -> bool {
+    let fs = fs.to_string_lossy();
+    match fs.as_ref() {
+        "tmpfs" | "devtmpfs" | "ramfs" | "squashfs" | "nsfs" | "fuse.lxcfs" => false,
+        "overlay" | "overlayfs" | "aufs" => mount == Path::new("/"),
+        _ => true,
+    }
 }
 
 /// Whether NVML failed to start only because it is not installed: the
@@ -354,6 +371,17 @@ mod tests {
         assert!(!relevant_mount(Path::new("/proc")));
         assert!(!relevant_mount(Path::new("/run/user/0")));
         assert!(!relevant_mount(Path::new("/boot/efi")));
+        assert!(!relevant_mount(Path::new(
+            "/var/lib/kubelet/pods/x/volumes/kubernetes.io~secret/token"
+        )));
+        let fs = |mount: &str, fs: &str| {
+            relevant_file_system(Path::new(mount), std::ffi::OsStr::new(fs))
+        };
+        assert!(fs("/", "ext4") && fs("/data", "xfs") && fs("/models", "nfs4"));
+        assert!(!fs("/mnt/ram", "tmpfs") && !fs("/snap/core/1", "squashfs"));
+        // A container's own root is its disk; other overlays are not.
+        assert!(fs("/", "overlay"));
+        assert!(!fs("/srv/merged", "overlay"));
     }
 
     #[test]
