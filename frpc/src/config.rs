@@ -33,19 +33,20 @@ pub struct Config {
     pub server_addr: String,
 
     /// frps control port.
-    #[arg(long, env = "FRPC_CONTROL_PORT", default_value_t = 17000)]
+    #[arg(long, env = "FRPC_CONTROL_PORT", default_value_t = 17000, value_parser = clap::value_parser!(u16).range(1..))]
     pub control_port: u16,
 
     /// frps proxy (dial-back) port.
-    #[arg(long, env = "FRPC_PROXY_PORT", default_value_t = 17001)]
+    #[arg(long, env = "FRPC_PROXY_PORT", default_value_t = 17001, value_parser = clap::value_parser!(u16).range(1..))]
     pub proxy_port: u16,
 
-    /// Address of the local service to expose.
-    #[arg(long, env = "FRPC_LOCAL_ADDR", default_value = "127.0.0.1")]
+    /// Address of the local service to expose (a host name or address,
+    /// without a port or scheme).
+    #[arg(long, env = "FRPC_LOCAL_ADDR", default_value = "127.0.0.1", value_parser = parse_local_addr)]
     pub local_addr: String,
 
     /// Port of the local service to expose (Ollama's by default).
-    #[arg(long, env = "FRPC_LOCAL_PORT", default_value_t = 11434)]
+    #[arg(long, env = "FRPC_LOCAL_PORT", default_value_t = 11434, value_parser = clap::value_parser!(u16).range(1..))]
     pub local_port: u16,
 
     /// Account email, for the first login (afterwards the saved token is used).
@@ -178,12 +179,35 @@ pub fn parse_metrics_interval(s: &str) -> Result<Duration, String> {
 /// brackets), refusing one with a port, which frpc would otherwise dial as
 /// a host name for ever (or refuse as a TLS server name).
 pub fn parse_server_addr(s: &str) -> Result<String, String> {
+    host_only(
+        s,
+        "--server-addr",
+        "frps.example.com",
+        "--control-port (`server_port` in frpc.ini)",
+    )
+}
+
+/// Reads `--local-addr`: as [`parse_server_addr`], a host without a port
+/// or scheme (`OLLAMA_HOST`'s `http://127.0.0.1:11434` was taken for a
+/// host name, and every probe and connection failed to resolve it).
+pub fn parse_local_addr(s: &str) -> Result<String, String> {
+    host_only(
+        s,
+        "--local-addr",
+        "127.0.0.1",
+        "--local-port (`local_port` in frpc.ini)",
+    )
+}
+
+/// `s` when it is a host name or address without a port or scheme, else
+/// why not, for `flag` (whose port is given with `port_flag`).
+fn host_only(s: &str, flag: &str, example: &str, port_flag: &str) -> Result<String, String> {
     let bracketed = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
     let is_ip =
         s.parse::<IpAddr>().is_ok() || bracketed.is_some_and(|r| r.parse::<Ipv6Addr>().is_ok());
     if s.contains("://") {
         return Err(format!(
-            "`{s}` is a URL: --server-addr takes a host name or address (e.g. frps.example.com)"
+            "`{s}` is a URL: {flag} takes a host name or address (e.g. {example}); give the port with {port_flag}"
         ));
     }
     if !is_ip
@@ -191,7 +215,7 @@ pub fn parse_server_addr(s: &str) -> Result<String, String> {
         && port.parse::<u16>().is_ok()
     {
         return Err(format!(
-            "`{s}` includes a port: --server-addr takes a host name or address without one; give the port with --control-port (`server_port` in frpc.ini)"
+            "`{s}` includes a port: {flag} takes a host name or address without one; give the port with {port_flag}"
         ));
     }
     Ok(s.to_owned())
@@ -436,6 +460,21 @@ mod tests {
         }
         let err = Config::try_parse_from(["frpc", "-s", "https://frps.example"]).unwrap_err();
         assert!(err.to_string().contains("is a URL"), "{err}");
+        // The local service's address likewise (OLLAMA_HOST's form).
+        for local in ["http://127.0.0.1:11434", "127.0.0.1:8000"] {
+            let err = Config::try_parse_from(["frpc", "--local-addr", local]).unwrap_err();
+            let err = err.to_string();
+            assert!(err.contains("--local-port"), "{local}: {err}");
+        }
+        let cfg = Config::try_parse_from(["frpc", "--local-addr", "::1"]).unwrap();
+        assert_eq!(cfg.local_addr, "::1");
+        // A port 0 reaches nothing.
+        for flag in ["--local-port", "--control-port", "--proxy-port"] {
+            assert!(
+                Config::try_parse_from(["frpc", flag, "0"]).is_err(),
+                "{flag}"
+            );
+        }
         for (addr, control) in [
             ("frps.example", "frps.example:17000"),
             ("203.0.113.7", "203.0.113.7:17000"),

@@ -272,7 +272,13 @@ async fn tunnel(
     let accept = async {
         while let Some(stream) = mux.accept().await {
             if session_over.is_cancelled() {
-                stream.reset("the session of this tunnel connection has ended");
+                // As busy: frps moves the request to another box without
+                // counting a failure of this one (a stop or reconnect is
+                // none).
+                stream.reset(&format!(
+                    "{}the session of this tunnel connection has ended",
+                    common::protocol::OPEN_BUSY
+                ));
                 continue;
             }
             // frps takes a reset with this reason as the box busy.
@@ -507,6 +513,11 @@ async fn forward_watched(
     if first[0] == 0 {
         let mut frame = AsyncReadExt::chain(&first[..], &mut *remote);
         match read_one_command(&mut frame, MAX_FRAME, common::codec::HANDSHAKE_TIMEOUT).await {
+            // frps gave up on the pairing (its caller left, its wait ran
+            // out, the request moved elsewhere): routine, not a refusal.
+            Ok(Command::DataRejected { reason, .. }) if given_up(&reason) => {
+                debug!(%conn_id, "frps no longer wanted the data connection: {}", from_frps(&reason))
+            }
             Ok(Command::DataRejected { reason, .. }) => {
                 warn!(%conn_id, "frps refused the data connection: {}", from_frps(&reason))
             }
@@ -604,11 +615,29 @@ fn path_watch(_: &TcpStream) -> impl Future<Output = common::stream::PathState> 
     std::future::pending()
 }
 
+/// Whether a `DataRejected` reason is frps having given up on the pairing
+/// (what frps's `pending` says then), not a refusal of the connection.
+fn given_up(reason: &str) -> bool {
+    reason.starts_with("unknown or expired connection id")
+        || reason.starts_with("the request gave up waiting")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
     use tokio::net::TcpListener;
+
+    #[test]
+    fn a_pairing_frps_gave_up_on_is_no_refusal() {
+        // What frps's `pending` says of a pairing whose request left.
+        assert!(given_up("unknown or expired connection id"));
+        assert!(given_up("the request gave up waiting for this connection"));
+        assert!(!given_up("server plugin 'p' rejected it: not today"));
+        assert!(!given_up(
+            "connection id does not belong to this client session"
+        ));
+    }
 
     #[test]
     fn a_run_of_refusals_for_want_of_a_slot_is_warned_once() {

@@ -548,6 +548,10 @@ async fn a_tunnel_connection_of_an_ended_session_takes_no_new_stream() {
     .expect("frpc answers the stream");
     let err = read.expect_err("the stream is reset");
     assert!(err.to_string().contains("has ended"), "{err}");
+    // As the box busy (a stop or reconnect is no failure of it): frps
+    // moves such a request elsewhere without blaming the box.
+    let reset = common::mux::StreamReset::find(&err).expect("a stream reset");
+    assert!(reset.is_busy(), "{reset}");
     assert_eq!(fleet.backends[0].hits(), 1, "only the held request");
     fleet.backends[0].release_holds();
     let (_conn, resp) = held.pop().unwrap();
