@@ -29,20 +29,42 @@ pub type Sender = SendRequest<UpBody>;
 /// Dropping the sender alone does not close a connection whose task still
 /// has a request body queued that the service stopped taking (hyper looks
 /// at the sender only once its write queue is empty): such a connection,
-/// and the body's bytes, would stay for good on a tunnel stream. So a
-/// connection frps lets go of is closed with [`Conn::close`].
+/// and the body's bytes, would stay for good on a tunnel stream. So
+/// dropping a `Conn` closes its connection; only [`Conn::keep_open`] lets
+/// go of it without (for an upload still going out on it, whose own watch
+/// closes it).
 #[derive(Debug)]
 pub struct Conn {
     /// Where its requests go.
     pub sender: Sender,
-    /// Ends the connection's task, whatever it is doing.
+    /// Ends the connection's task, whatever it is doing; cancelled when
+    /// the `Conn` is dropped.
     pub cut: CancellationToken,
+    /// Set by [`Conn::keep_open`].
+    kept_open: bool,
 }
 
 impl Conn {
-    /// Closes the connection now.
-    pub fn close(self) {
-        self.cut.cancel();
+    /// The connection `sender` sends on, which `cut` ends.
+    pub fn new(sender: Sender, cut: CancellationToken) -> Self {
+        Self {
+            sender,
+            cut,
+            kept_open: false,
+        }
+    }
+
+    /// Lets go of the connection without closing it.
+    pub fn keep_open(mut self) {
+        self.kept_open = true;
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.kept_open {
+            self.cut.cancel();
+        }
     }
 }
 
@@ -137,7 +159,6 @@ impl IdlePool {
             if !idle.conn.sender.is_closed() {
                 return Some(idle.conn);
             }
-            idle.conn.close();
         }
         None
     }
@@ -147,37 +168,38 @@ impl IdlePool {
     pub fn put(&self, conn: Conn, max: usize) {
         let mut entries = self.entries.lock().expect("idle lock");
         if entries.closed {
-            conn.close();
             return;
         }
-        if entries.list.len() >= max {
-            entries.close_where(|e| e.conn.sender.is_closed());
+        let list = &mut entries.list;
+        if list.len() >= max {
+            list.retain(|e| !e.conn.sender.is_closed());
         }
-        if entries.list.len() < max {
-            entries.list.push(Idle {
+        if list.len() < max {
+            list.push(Idle {
                 conn,
                 since: Instant::now(),
             });
-        } else {
-            conn.close();
         }
     }
 
     /// Closes the connections idle since before `cutoff`, and those the
     /// other side closed; returns how many went.
     pub fn expire(&self, cutoff: Instant) -> usize {
-        let mut entries = self.entries.lock().expect("idle lock");
-        entries.close_where(|e| e.since < cutoff || e.conn.sender.is_closed())
+        let list = &mut self.entries.lock().expect("idle lock").list;
+        let before = list.len();
+        list.retain(|e| e.since >= cutoff && !e.conn.sender.is_closed());
+        before - list.len()
     }
 
     /// Closes all but the `keep` most recently used idle connections (and
     /// those the other side closed); returns how many went.
     pub fn shrink(&self, keep: usize) -> usize {
-        let mut entries = self.entries.lock().expect("idle lock");
-        let closed = entries.close_where(|e| e.conn.sender.is_closed());
-        let surplus = entries.list.len().saturating_sub(keep);
-        entries.list.drain(..surplus).for_each(|e| e.conn.close());
-        closed + surplus
+        let list = &mut self.entries.lock().expect("idle lock").list;
+        let before = list.len();
+        list.retain(|e| !e.conn.sender.is_closed());
+        let surplus = list.len().saturating_sub(keep);
+        list.drain(..surplus);
+        before - list.len()
     }
 
     /// Number of idle connections still open (those the other side closed
@@ -201,24 +223,7 @@ impl IdlePool {
     pub fn close(&self) {
         let mut entries = self.entries.lock().expect("idle lock");
         entries.closed = true;
-        entries.list.drain(..).for_each(|e| e.conn.close());
-    }
-}
-
-impl Entries {
-    /// Closes and removes the connections `gone` picks; returns how many.
-    fn close_where(&mut self, gone: impl Fn(&Idle) -> bool) -> usize {
-        let before = self.list.len();
-        let mut kept = Vec::with_capacity(before);
-        for e in self.list.drain(..) {
-            if gone(&e) {
-                e.conn.close();
-            } else {
-                kept.push(e);
-            }
-        }
-        self.list = kept;
-        before - self.list.len()
+        entries.list.clear();
     }
 }
 
@@ -253,13 +258,10 @@ pub const UPSTREAM_READ_BUFFER: usize = 128 * 1024;
 
 /// An upstream connection and whether it came from the idle pool.
 pub struct Upstream {
-    /// Where to send the request.
-    pub sender: Sender,
+    /// The connection (closed when dropped).
+    pub conn: Conn,
     /// True when reused (a failure to send on it says nothing about the client).
     pub reused: bool,
-    /// Closes the connection, whatever it is doing: for one stuck writing
-    /// an upload its service stopped taking.
-    pub cut: CancellationToken,
 }
 
 /// Longest [`acquire`] waits, over all the idle connections it tries, for
@@ -296,16 +298,10 @@ pub async fn acquire(
         && let Some(mut conn) = client.idle.take()
     {
         // Not ready in time (still writing a body its service no longer
-        // takes), or the request gave up meanwhile (its caller left):
-        // closed, not merely dropped, or it would stay so for good.
-        let closer = conn.cut.clone().drop_guard();
+        // takes), or the request gave up meanwhile (its caller left): the
+        // `Conn` dropped closes it.
         if let Ok(Ok(())) = tokio::time::timeout_at(pooled_by, conn.sender.ready()).await {
-            closer.disarm();
-            return Ok(Upstream {
-                sender: conn.sender,
-                reused: true,
-                cut: conn.cut,
-            });
+            return Ok(Upstream { conn, reused: true });
         }
     }
     if let Some(tunnel) = client.tunnel()
@@ -357,19 +353,19 @@ async fn handshake<T>(state: &State, client: &ClientHandle, io: T) -> Result<Ups
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut sender, conn) = http1::Builder::new()
+    let (sender, conn) = http1::Builder::new()
         .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake::<_, UpBody>(TokioIo::new(io))
         .await?;
     // Cut at frps's hard stop, by the request's upload watch, or when
-    // frps lets go of the connection ([`Conn::close`]).
+    // frps lets go of the connection (the `Conn` dropped).
     let cut = state.hard_stop.child_token();
     drive(conn, cut.clone(), client.id.clone());
-    sender.ready().await?;
+    let mut conn = Conn::new(sender, cut);
+    conn.sender.ready().await?;
     Ok(Upstream {
-        sender,
+        conn,
         reused: false,
-        cut,
     })
 }
 
@@ -435,7 +431,7 @@ mod tests {
             .unwrap();
         let cut = CancellationToken::new();
         let task = drive(conn, cut.clone(), "gpu".into());
-        (Conn { sender, cut }, far, task)
+        (Conn::new(sender, cut), far, task)
     }
 
     /// A connection whose service stopped taking a request body: dropping
@@ -460,9 +456,9 @@ mod tests {
                 .await
                 .is_ok()
         };
-        // Merely dropped, it stays (what the pool must not do).
+        // Its sender merely dropped, it stays (what the pool must not do).
         let (conn, _far, task) = stuck().await;
-        drop(conn.sender);
+        conn.keep_open();
         assert!(!ended(task).await, "hyper noticed a dropped sender");
         // Refused by a full pool.
         let pool = IdlePool::default();

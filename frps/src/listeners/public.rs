@@ -813,7 +813,7 @@ async fn forward(
         else {
             return caller_left();
         };
-        let up = match acquired {
+        let mut up = match acquired {
             Ok(up) => {
                 if !up.reused {
                     waited += acquiring.elapsed();
@@ -905,16 +905,13 @@ async fn forward(
         *req.headers_mut() = parts.headers.clone();
         set_host(&mut req, &client);
         if let Some(upload) = &upload {
-            upload.goes_out_on(&up.cut);
+            upload.goes_out_on(&up.conn.cut);
         }
-        let mut sender = up.sender;
         // A connection that does not go on to carry the answer is closed
-        // when this attempt ends: dropping its sender alone would leave it
-        // writing, for good, a body its service stopped taking.
-        let closer = up.cut.drop_guard();
+        // when this attempt ends (`up` dropped).
         let sending = Instant::now();
         let answer = response_head(
-            sender.try_send_request(req),
+            up.conn.sender.try_send_request(req),
             state.config.upstream_idle_timeout,
             upload.as_deref(),
         );
@@ -970,15 +967,11 @@ async fn forward(
                 state
                     .metrics
                     .overhead(started.elapsed().saturating_sub(waited));
-                let conn = upstream::Conn {
-                    sender,
-                    cut: closer.disarm(),
-                };
                 return respond(
                     state,
                     resp,
                     guard,
-                    conn,
+                    up.conn,
                     started,
                     // The served model's name as its box lists it, not the
                     // caller's spelling of it (" llama3" and
@@ -1365,15 +1358,12 @@ fn body_too_slow(limit: std::time::Duration, flag: &str) -> Response<PublicBody>
 }
 
 fn bodies_over_budget() -> Response<PublicBody> {
-    let mut resp = error_response(
+    retry_soon(error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         "frps holds as many request bodies as it may (--max-buffered-bodies); retry shortly",
         "service_unavailable",
         "server_busy",
-    );
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    resp
+    ))
 }
 
 /// The caller's body failure behind an upstream error, if that is what it was.
@@ -1598,20 +1588,17 @@ fn refused(
                 }
                 _ => "every client serving this model stayed busy; gave up waiting",
             };
-            let mut resp = error_response(
+            let resp = error_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 why,
                 "rate_limit_error",
                 "capacity_exceeded",
             );
-            let secs = dispatch::retry_after(state.config.queue_timeout);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            resp
+            retry_after(resp, dispatch::retry_after(state.config.queue_timeout))
         }
         (Refusal::Unavailable, None) => {
             Stats::inc(&state.stats.no_client);
-            let mut resp = error_response(
+            let resp = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "every client that could serve this request is unhealthy; retry shortly",
                 "service_unavailable",
@@ -1628,9 +1615,7 @@ fn refused(
             let secs = router::next_routable(&state.registry, want)
                 .map_or(1, |left| left.as_secs_f64().ceil() as u64)
                 .clamp(1, 60);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            resp
+            retry_after(resp, secs)
         }
         (Refusal::NoneOnline, None) => {
             Stats::inc(&state.stats.no_client);
@@ -1661,9 +1646,14 @@ fn served_name(client: &ClientHandle, model: &str) -> String {
 /// `resp` with `Retry-After: 1`: a 503 that may pass at once (a box back
 /// from its cool-down or reconnecting, the database or a plugin back). The
 /// OpenAI SDKs retry a 503 on their own; the header sets their first wait.
-pub(crate) fn retry_soon(mut resp: Response<PublicBody>) -> Response<PublicBody> {
+pub(crate) fn retry_soon(resp: Response<PublicBody>) -> Response<PublicBody> {
+    retry_after(resp, 1)
+}
+
+/// `resp` with `Retry-After: secs`.
+fn retry_after(mut resp: Response<PublicBody>, secs: u64) -> Response<PublicBody> {
     resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
     resp
 }
 
@@ -1792,15 +1782,12 @@ fn upstream_error(state: &State, e: &AcquireError) -> Response<PublicBody> {
         )
     } else if let AcquireError::Pair(PairError::TooMany(_)) | AcquireError::Busy(_) = e {
         Stats::inc(&state.stats.no_client);
-        let mut resp = error_response(
+        retry_soon(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "every client that could serve this request is busy; retry shortly",
             "service_unavailable",
             "client_busy",
-        );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        resp
+        ))
     } else if let AcquireError::Pair(PairError::Refused(_)) = e {
         // The cause is in frps's log (the plugin call's line).
         Stats::inc(&state.stats.no_client);
@@ -2187,13 +2174,13 @@ impl TrackedBody {
     }
 
     /// Gives up the upstream connection, which will carry nothing more:
-    /// closed, unless an upload still going out on it holds it (the
-    /// upload's watch closes it, [`UploadClock`]).
+    /// closed (dropped), unless an upload still going out on it holds it
+    /// (the upload's watch closes it, [`UploadClock`]).
     fn let_go(&mut self) {
         if let Some(conn) = self.conn.take()
-            && self.uploaded()
+            && !self.uploaded()
         {
-            conn.close();
+            conn.keep_open();
         }
     }
 }
