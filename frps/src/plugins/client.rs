@@ -28,10 +28,6 @@ pub enum CallError {
     /// No complete answer within the plugin timeout.
     #[error("no answer within {0:?}")]
     Timeout(std::time::Duration),
-    /// [`MAX_CALLS`] per-request calls to the plugin's address were under
-    /// way for the whole plugin timeout: this one was never sent.
-    #[error("{MAX_CALLS} per-request calls to this plugin were under way for {0:?}; not sent")]
-    Busy(std::time::Duration),
     /// The HTTP exchange failed.
     #[error("HTTP exchange failed: {0}")]
     Http(String),
@@ -275,16 +271,14 @@ impl std::fmt::Debug for Connections {
 }
 
 impl Connections {
-    /// Waits, at most `budget`, for a turn among the [`MAX_CALLS`]
-    /// per-request calls to this address; the call holds the permit.
-    pub async fn turn(
-        &self,
-        budget: Duration,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>, CallError> {
-        match tokio::time::timeout(budget, self.calls.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(CallError::Busy(budget)),
-        }
+    /// Waits for a turn among the [`MAX_CALLS`] per-request calls to this
+    /// address; the call holds the permit. The caller bounds the wait (a
+    /// call's plugin timeout covers its turn).
+    pub async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.calls
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// Idle connections kept now.

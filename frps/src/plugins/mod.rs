@@ -497,7 +497,7 @@ impl Plugins {
             // Per-request calls take turns; the control plane's do not
             // wait for them.
             let _turn = match C::OP.per_request() {
-                true => Some(pool.turn(self.timeout).await?),
+                true => Some(pool.turn().await),
                 false => None,
             };
             client::post(
