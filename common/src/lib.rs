@@ -37,6 +37,6 @@ pub use duration::{parse_duration, parse_duration_checked, parse_positive_durati
 pub use join::{GONE_CHECK, JoinStats, SenderGone, join_streams, join_streams_lingering};
 pub use protocol::{
     Command, DiskInfo, GpuInfo, MAX_MODEL_NAME, MAX_MODELS, ModelInfo, PROTOCOL_VERSION,
-    Registration, SystemInfo, model_name_kept,
+    Registration, SystemInfo, keep_named_models, model_name_kept,
 };
 pub use stream::Stream;

@@ -341,6 +341,25 @@ pub fn model_name_kept(name: &str) -> bool {
     (1..=MAX_MODEL_NAME).contains(&name.len()) && !name.contains(char::is_control)
 }
 
+/// Leaves in `models` those whose names frps keeps ([`model_name_kept`]),
+/// each name once (the first said, with its size); returns how many were
+/// left out for their names, and how many as repeats. frpc announces, and
+/// frps keeps, what this leaves.
+pub fn keep_named_models(models: &mut Vec<ModelInfo>) -> (usize, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let (mut unkept, mut repeated) = (0, 0);
+    models.retain(|m| {
+        if !model_name_kept(&m.name) {
+            unkept += 1;
+            return false;
+        }
+        let new = seen.insert(m.name.clone());
+        repeated += usize::from(!new);
+        new
+    });
+    (unkept, repeated)
+}
+
 /// One model served by a client's local service.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

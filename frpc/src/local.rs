@@ -91,14 +91,7 @@ impl ModelFit {
     /// unchanged when the rest are at most [`common::MAX_MODELS`] and fit a
     /// frame, else the first by name of those, as many as fit.
     pub fn fit(&self, mut models: Vec<ModelInfo>) -> Vec<ModelInfo> {
-        let mut seen = std::collections::HashSet::new();
-        let mut unkept = 0;
-        models.retain(|m| {
-            let kept = common::model_name_kept(&m.name);
-            unkept += usize::from(!kept);
-            kept && seen.insert(m.name.clone())
-        });
-        drop(seen);
+        let (unkept, _) = common::keep_named_models(&mut models);
         if unkept > 0 && !self.unkept_warned.swap(true, Ordering::Relaxed) {
             warn!(
                 "the local service lists {unkept} model name(s) frps does not take (empty, longer than {} bytes, or with control characters): they are not announced",

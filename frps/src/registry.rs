@@ -98,16 +98,7 @@ pub fn within_limits(mut models: Vec<ModelInfo>) -> (Vec<ModelInfo>, usize) {
     let announced = models.len();
     // A name said twice is one model (the size said first kept), and not a
     // dropped one: the fleet's listing names each box once per model.
-    let mut seen = std::collections::HashSet::new();
-    let mut repeated = 0;
-    models.retain(|m| {
-        if !common::model_name_kept(&m.name) {
-            return false;
-        }
-        let new = seen.insert(m.name.clone());
-        repeated += usize::from(!new);
-        new
-    });
+    let (_, repeated) = common::keep_named_models(&mut models);
     models.truncate(MAX_MODELS);
     models.shrink_to_fit();
     let dropped = announced - repeated - models.len();
