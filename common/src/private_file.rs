@@ -20,16 +20,51 @@ const TEMPORARY_NAMES: usize = 8;
 /// last rename wins. A failed write leaves `path` as it was and no
 /// temporary file behind.
 pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    write(path, contents, Place::Replace).map(|_| ())
+}
+
+/// As [`write_private`], but only when nothing is at `path` yet: `false`
+/// (and nothing written) when something is, also when another writer put
+/// it there meanwhile. The temporary file is hard-linked to `path`, which
+/// fails when the name exists, so of two processes creating the file at
+/// once exactly one does, and the other reads what it wrote (two frpc
+/// starting together must not each settle on an id of their own). Where
+/// the file system has no hard links, the file is renamed into place when
+/// `path` is still free a moment before (the race comes back there only).
+pub fn create_private(path: &Path, contents: &[u8]) -> anyhow::Result<bool> {
+    write(path, contents, Place::IfAbsent)
+}
+
+#[derive(Clone, Copy)]
+enum Place {
+    Replace,
+    IfAbsent,
+}
+
+fn write(path: &Path, contents: &[u8], place: Place) -> anyhow::Result<bool> {
     let dir = directory_of(path);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (tmp, mut file) = create_temporary(|| temporary_name(path))
         .with_context(|| format!("cannot write a temporary file beside {}", path.display()))?;
-    let written = (|| -> anyhow::Result<()> {
+    let written = (|| -> anyhow::Result<bool> {
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        // The rename reaches the disk with its directory's sync: without
+        let placed = match place {
+            Place::Replace => std::fs::rename(&tmp, path).map(|()| true),
+            Place::IfAbsent => match std::fs::hard_link(&tmp, path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                // No hard links here (FAT, some network file systems).
+                Err(_) if std::fs::symlink_metadata(path).is_ok() => Ok(false),
+                Err(_) => std::fs::rename(&tmp, path).map(|()| true),
+            },
+        }
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        if !placed {
+            return Ok(false);
+        }
+        // The new name reaches the disk with its directory's sync: without
         // it a power cut could bring back the file it replaced. The file
         // is written either way, so a failure here is only worth a word.
         if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
@@ -38,10 +73,12 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
                 path.display()
             );
         }
-        Ok(())
+        Ok(true)
     })();
-    if written.is_err() {
-        // No half-written copy (of a token, say) left beside the file.
+    // Linked (or not placed), the temporary name goes; renamed, it is
+    // already gone. Failed, no half-written copy (of a token, say) is left
+    // beside the file.
+    if !matches!((&written, place), (Ok(true), Place::Replace)) {
         let _ = std::fs::remove_file(&tmp);
     }
     written
@@ -164,6 +201,57 @@ mod tests {
         let err = create_temporary(|| link.clone()).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "theirs");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_file_is_created_once_when_many_write_it_at_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("frpx-create-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("client-id");
+        // Many writers at once, each with its own content: exactly one
+        // places its file, every other is told it was there first, and
+        // the file holds the winner's content whole.
+        let barrier = std::sync::Barrier::new(16);
+        let results: Vec<(usize, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|i| {
+                    let (path, barrier) = (&path, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        (
+                            i,
+                            create_private(path, format!("{i}\n").as_bytes()).unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<usize> = results.iter().filter(|r| r.1).map(|r| r.0).collect();
+        assert_eq!(winners.len(), 1, "{results:?}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", winners[0])
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Present: left as it is.
+        assert!(!create_private(&path, b"other\n").unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", winners[0])
+        );
+        // Replaced on request.
+        write_private(&path, b"new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        // No temporary file left behind by any of them.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["client-id"]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

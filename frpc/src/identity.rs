@@ -71,37 +71,54 @@ pub fn fallback_path(token_file: &Path) -> PathBuf {
 /// replaced: the id in it is this machine's, and a new one would register
 /// it as another. Written atomically (mode 0600), as the token file is: a
 /// crash mid-write leaves the old id, not an empty file that would change
-/// the id at the next start.
+/// the id at the next start. Created only where no file is yet: of two
+/// frpc starting together for the first time, one writes its id and the
+/// other reads and uses it (each ran under an id of its own, and one of
+/// them was lost at the next start).
 pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
-    match crate::state_file::read_small(path) {
-        Ok(existing) => match uuid::Uuid::parse_str(existing.trim()) {
-            Ok(_) => return Ok(existing.trim().to_owned()),
-            Err(e) => tracing::warn!(
-                "the client id file {} holds no UUID ({e}); replacing it with a new id",
-                path.display()
-            ),
-        },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        // Not text: damaged, as one holding no UUID.
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(
-            "the client id file {} holds no UUID ({e}); replacing it with a new id",
-            path.display()
-        ),
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot read the client id file {} (this machine's id when it has no machine id to read): make it readable, or pass --client-id",
+    let mut first = true;
+    loop {
+        let damaged = match crate::state_file::read_small(path) {
+            Ok(existing) => match uuid::Uuid::parse_str(existing.trim()) {
+                Ok(_) => return Ok(existing.trim().to_owned()),
+                Err(e) => Some(e.to_string()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // Not text: damaged, as one holding no UUID.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Some(e.to_string()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot read the client id file {} (this machine's id when it has no machine id to read): make it readable, or pass --client-id",
+                        path.display()
+                    )
+                });
+            }
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        let contents = format!("{id}\n");
+        // The token file's directory may not exist yet on a first start:
+        // made by the write.
+        let written = match damaged {
+            Some(e) => {
+                tracing::warn!(
+                    "the client id file {} holds no UUID ({e}); replacing it with a new id",
                     path.display()
-                )
-            });
+                );
+                state_file::write_private(path, contents.as_bytes()).map(|()| true)
+            }
+            // Another frpc may be creating it this very moment: the first
+            // one's id is the machine's.
+            None if first => state_file::create_private(path, contents.as_bytes()),
+            // Gone again after it was there: written, as on a first start.
+            None => state_file::write_private(path, contents.as_bytes()).map(|()| true),
         }
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    // The token file's directory may not exist yet on a first start: made
-    // by the write.
-    state_file::write_private(path, format!("{id}\n").as_bytes())
         .with_context(|| format!("cannot save the client id to {}", path.display()))?;
-    Ok(id)
+        if written {
+            return Ok(id);
+        }
+        first = false;
+    }
 }
 
 /// Host name of this machine.
@@ -132,6 +149,28 @@ mod tests {
         let second = persisted_uuid(&path).unwrap();
         assert_eq!(first, second);
         assert!(uuid::Uuid::parse_str(&first).is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn frpc_starting_together_settle_on_one_id() {
+        let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
+        let path = fallback_path(&dir.join("token.json"));
+        let barrier = std::sync::Barrier::new(8);
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (&path, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        persisted_uuid(path).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), ids[0]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

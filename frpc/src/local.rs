@@ -502,29 +502,20 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreadable_ollama_list_falls_back_to_openais() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let mut head = vec![0u8; 4096];
-                let n = s.read(&mut head).await.unwrap_or(0);
-                let body = if head[..n].starts_with(b"GET /api/tags ") {
-                    "<html>a web UI, not a model list</html>"
-                } else {
-                    r#"{"object":"list","data":[{"id":"served-model"}]}"#
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(answer.as_bytes()).await;
-            }
-        });
+        let answers = Arc::new(std::sync::Mutex::new(vec![
+            ("/api/tags", 200, "<html>a web UI, not a model list</html>"),
+            (
+                "/v1/models",
+                200,
+                r#"{"object":"list","data":[{"id":"served-model"}]}"#,
+            ),
+        ]));
+        let (addr, asked) = service(answers).await;
         let listed = models(&addr, Duration::from_secs(5), &Listed::default())
             .await
             .unwrap();
         assert_eq!(listed[0].name, "served-model");
+        assert_eq!(*asked.lock().unwrap(), ["/api/tags", "/v1/models"]);
     }
 
     /// The `(path, status, body)` a test service answers with.
