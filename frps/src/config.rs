@@ -612,25 +612,35 @@ mod tests {
 
     #[test]
     fn defaults_match_the_seed_and_have_no_static_key() {
-        let cfg = Config::parse_from(["frps"]);
-        assert_eq!(
-            (
-                cfg.control_port,
-                cfg.proxy_port,
-                cfg.public_port,
-                cfg.api_port
-            ),
-            (17000, 17001, 18080, 18081)
-        );
+        // Read off the flags' definitions, not a parse: the environment
+        // of whoever runs the tests (API_KEY, DATABASE_URL, FRPX_*) must
+        // not decide what this test sees.
+        use clap::CommandFactory;
+        let command = Config::command();
+        let default = |id: &str| -> Option<String> {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_id() == id)
+                .unwrap_or_else(|| panic!("no flag {id}"));
+            let values = arg.get_default_values();
+            (!values.is_empty()).then(|| values[0].to_string_lossy().into_owned())
+        };
+        for (id, port) in [
+            ("control_port", "17000"),
+            ("proxy_port", "17001"),
+            ("public_port", "18080"),
+            ("api_port", "18081"),
+        ] {
+            assert_eq!(default(id).as_deref(), Some(port), "{id}");
+        }
         // The seed defaulted to `abc123`; frpx has no default key.
-        if std::env::var_os("API_KEY").is_none() {
-            assert_eq!(cfg.api_key, None);
-        }
-        assert_eq!(cfg.api_bind.to_string(), "127.0.0.1");
-        assert_eq!(cfg.connect_timeout, Duration::from_secs(10));
-        if std::env::var_os("DATABASE_URL").is_none() {
-            assert_eq!(cfg.database_url, "sqlite://frpx.db");
-        }
+        assert_eq!(default("api_key"), None);
+        assert_eq!(default("api_bind").as_deref(), Some("127.0.0.1"));
+        assert_eq!(default("connect_timeout").as_deref(), Some("10s"));
+        assert_eq!(default("database_url").as_deref(), Some("sqlite://frpx.db"));
+        assert_eq!(default("token_ttl").as_deref(), Some("30d"));
+        // And they parse to what they say.
+        let cfg = Config::parse_from(["frps", "--token-ttl", "30d"]);
         assert_eq!(cfg.token_lifetime(), Some(Duration::from_secs(30 * 86400)));
     }
 

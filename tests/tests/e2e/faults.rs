@@ -109,8 +109,9 @@ async fn kill_9_of_an_frpc_mid_stream_ends_that_stream_and_moves_traffic_at_once
     // three missed heartbeats would take.
     frps.wait_for_clients(&["box-b"]).await;
     let dropped = killed.elapsed();
+    // (Milliseconds here; seconds of slack for a loaded machine.)
     assert!(
-        dropped < Duration::from_secs(1),
+        dropped < Duration::from_secs(3),
         "box A dropped {dropped:?} after the kill"
     );
 
@@ -120,8 +121,10 @@ async fn kill_9_of_an_frpc_mid_stream_ends_that_stream_and_moves_traffic_at_once
         let reply = http::get(frps.public(), "/", Some(API_KEY)).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_eq!(reply.json()["backend"], "box-b");
+        // No wait for box A (a dial-back to it would wait out the 3 s
+        // --connect-timeout): at once, with slack.
         assert!(
-            sent.elapsed() < Duration::from_secs(1),
+            sent.elapsed() < Duration::from_secs(2),
             "{:?}",
             sent.elapsed()
         );

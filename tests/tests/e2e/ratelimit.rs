@@ -112,7 +112,7 @@ async fn over_rpm_is_429_with_retry_after_until_the_window_moves_on() {
         "admitted again before the first request left the window"
     );
     assert!(
-        waited <= Duration::from_secs(secs) + Duration::from_millis(500),
+        waited <= Duration::from_secs(secs) + Duration::from_secs(2),
         "admitted {waited:?} after a Retry-After of {secs}s"
     );
 
@@ -649,8 +649,13 @@ fn limit_flags_must_be_positive() {
     assert!(parse(&["frps", "key", "limits", "k", "--rpm", "unlimited"]).is_ok());
 }
 
+/// The lease maintenance (renewing live leases every `LEASE_REFRESH`,
+/// 20 s: too long to wait for here; the renewal itself is unit-tested in
+/// frps's ratelimit module) runs on while requests drain at shutdown and
+/// ends with frps's hard stop, not at the start of the shutdown: a stream
+/// draining for minutes would otherwise see its lease lapse in Redis.
 #[tokio::test]
-async fn leases_are_kept_fresh_while_requests_drain_at_shutdown() {
+async fn lease_maintenance_runs_until_the_hard_stop_not_the_shutdown() {
     let mut cfg = frps_config();
     cfg.shutdown_timeout = Duration::from_secs(60);
     let fleet = Fleet::start_with(1, cfg).await;
@@ -660,8 +665,8 @@ async fn leases_are_kept_fresh_while_requests_drain_at_shutdown() {
         state.rate_limits.is_maintaining()
     })
     .await;
-    // Shutdown begins; the stream drains on, holding its lease, which must
-    // not lapse in Redis meanwhile.
+    // Shutdown begins; the stream drains on, holding its lease, and the
+    // maintenance goes on with it.
     state.shutdown.cancel();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(25)).await;
