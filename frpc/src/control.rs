@@ -419,8 +419,9 @@ impl Client {
         };
         *registered = Some(Instant::now());
         info!(
-            "registered with frps at {addr} as '{}' (heartbeat every {heartbeat:?})",
-            session.client_id
+            "registered with frps at {addr} as '{}' for account {} (heartbeat every {heartbeat:?})",
+            session.client_id,
+            self.account.lock().expect("account lock")
         );
         self.serve(&mut reader, &mut wr, Arc::new(session), heartbeat, probe)
             .await
@@ -456,6 +457,7 @@ impl Client {
         // set it) is sent all the same: frps, whose clock decides, may
         // still take it; skipping it would stop frpc for good.
         let judge_expiry = self.has_password() && self.may_send_password();
+        let configured_email = self.config.email.clone();
         let usable = |saved: &login::SavedToken| {
             if refused.contains(&saved.token) {
                 return false;
@@ -466,6 +468,19 @@ impl Client {
                 info!(
                     "the saved token is for frps at {}, not {server}: logging in with email and password",
                     saved.server
+                );
+                return false;
+            }
+            // A token is for the account that logged in: one given on the
+            // command line (or in frpc.ini) that is another is the one
+            // meant (the box moved to another owner), not the token's.
+            if let Some(email) = configured_email.as_deref()
+                && !saved.email.is_empty()
+                && !saved.email.trim().eq_ignore_ascii_case(email.trim())
+            {
+                info!(
+                    "the saved token is for account {}, not {email}: logging in with email and password",
+                    saved.email
                 );
                 return false;
             }
@@ -1795,6 +1810,47 @@ mod tests {
             tx,
         ));
         (reporter, rx, announced)
+    }
+
+    /// A box moved to another owner, restarted with that account's email:
+    /// the token of the account before is not logged in with (frpc went
+    /// on serving, and claiming client ids for, the old account).
+    #[tokio::test]
+    async fn a_token_of_another_account_than_the_one_given_is_passed_over() {
+        use clap::Parser;
+        let dir = std::env::temp_dir().join(format!("frpc-account-{}", uuid::Uuid::new_v4()));
+        let path = dir.join("token.json");
+        let token_file = path.display().to_string();
+        let saved = login::SavedToken {
+            token: "frpxc_alices".into(),
+            expires_at: None,
+            server: String::new(),
+            email: "alice@example.com".into(),
+            tls: false,
+        };
+        login::save(&path, &saved).unwrap();
+        let client = |email: Option<&str>| {
+            let mut args = vec!["frpc", "--client-id", "gpu", "--token-file", &token_file];
+            if let Some(email) = email {
+                args.extend(["--email", email, "--password", "secret-pw"]);
+            }
+            Client::new(Config::parse_from(args), CancellationToken::new()).unwrap()
+        };
+        let chosen = |email| async move {
+            client(email)
+                .usable_saved_token()
+                .await
+                .unwrap()
+                .map(|t| t.token)
+        };
+        assert_eq!(chosen(Some("bob@example.com")).await, None);
+        // The same account, in any letter case, or none given: used.
+        assert_eq!(
+            chosen(Some("Alice@Example.com")).await.as_deref(),
+            Some("frpxc_alices")
+        );
+        assert_eq!(chosen(None).await.as_deref(), Some("frpxc_alices"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -523,9 +523,10 @@ impl Accounts {
     }
 
     /// Logs in from `from` with a saved token. Refused tokens (unknown,
-    /// revoked or expired) count as failures of the address, as wrong
-    /// passwords do, and take turns with its other logins: guessing tokens
-    /// is slowed down the same way, before the database is asked
+    /// revoked or expired) count as failures of the address's token
+    /// logins ([`token_address_keys`]; wrong passwords count for its
+    /// password logins), which take turns: guessing tokens is slowed down
+    /// as guessing passwords is, before the database is asked
     /// ([`LoginError::Throttled`]). A valid token from an address without
     /// failures goes at once. A success leaves the address's failures as
     /// they are: one valid token must not reset the throttle for guesses.
@@ -555,15 +556,12 @@ impl Accounts {
             }
             return outcome;
         }
-        // Checked against (and waiting for) the address only: tokens are
-        // not guessable, so the /48's loose count would only make the boxes
-        // of one /48 share a fate (queued behind each other after a
-        // restart, or held up by a neighbour's failures). Failures count
-        // there all the same.
-        let keys = address_keys(from);
+        // Checked against (and waiting for) the address's token logins
+        // only ([`token_address_keys`]).
+        let keys = token_address_keys(from);
         let attempt = self
             .throttle
-            .begin(&keys[..1], TURN_WAIT)
+            .begin(&keys, TURN_WAIT)
             .await
             .map_err(NotNow::refusal)?
             .counting(&keys);
@@ -679,6 +677,23 @@ fn address_keys(from: IpAddr) -> Vec<String> {
         }
         v4 => vec![format!("ip:{v4}")],
     }
+}
+
+/// The address key token logins are throttled by: [`address_keys`]'s
+/// first (the address, or its /64), of their own (`token-ip:`). A box
+/// whose saved token was refused logs in with its password next, at once:
+/// under the password logins' keys that token's failure held it up
+/// (refused as throttled, a retry later, "too many failed logins" in its
+/// log). Guessing passwords gains nothing from it: tokens failing no
+/// longer spend that budget, and passwords failing still do. Tokens are
+/// not guessable, so this throttle only spares the database, and the /48's
+/// loose count would only make the boxes of one /48 share a fate.
+fn token_address_keys(from: IpAddr) -> Vec<String> {
+    address_keys(from)
+        .into_iter()
+        .take(1)
+        .map(|k| format!("token-{k}"))
+        .collect()
 }
 
 /// `now + lifetime`, or `None` when that lies past the last date that can
@@ -1515,7 +1530,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn token_logins_wait_on_their_64_only_yet_count_in_their_48() {
+    async fn token_logins_count_and_wait_on_their_64_only() {
         let (_db, store) = store_with("v6@x.test").await;
         let accounts = Accounts::new(Some(store), None);
         let ip = |n: u16| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 7, n, 0, 0, 0, 1));
@@ -1529,15 +1544,19 @@ mod tests {
             assert_eq!(guess, Err(LoginError::TokenInvalid), "/64 number {n}");
         }
         // A box of the /48 with a token this frps does not know goes at
-        // once; a password login from the /48 waits.
+        // once; so does a password login from the /48: tokens failing
+        // count for their own /64's token logins only.
         accounts.known.clear();
         let started = Instant::now();
         assert!(accounts.login_token(&token, ip(100)).await.is_ok());
         assert!(started.elapsed() < BASE_DELAY);
-        let password = accounts.login("v6@x.test", "password", ip(101)).await;
+        let guess = accounts.login_token("frpxc_guess", ip(0)).await;
+        assert!(matches!(guess, Err(LoginError::Throttled(_))), "{guess:?}");
         assert!(
-            matches!(password, Err(LoginError::Throttled(_))),
-            "{password:?}"
+            accounts
+                .login("v6@x.test", "password", ip(101))
+                .await
+                .is_ok()
         );
     }
 
@@ -1752,12 +1771,25 @@ mod tests {
             matches!(throttled, Err(LoginError::Throttled(d)) if d > Duration::ZERO && d <= BASE_DELAY),
             "{throttled:?}"
         );
-        // So is a password login from there: one throttle per address.
-        let password = accounts.login("tok@x.test", "password", ip(3)).await;
+        // Not a password login from there: a box whose saved token was
+        // refused logs in with its password next, at once (the token's
+        // failure is no password guess). Passwords failing throttle
+        // passwords, not tokens.
+        assert!(
+            accounts
+                .login("tok@x.test", "password", ip(3))
+                .await
+                .is_ok()
+        );
+        let wrong = accounts.login("tok@x.test", "wrong", ip(5)).await;
+        assert_eq!(wrong.err(), Some(LoginError::InvalidCredentials));
+        let password = accounts.login("tok@x.test", "password", ip(5)).await;
         assert!(
             matches!(password, Err(LoginError::Throttled(_))),
             "{password:?}"
         );
+        accounts.known.clear();
+        assert!(accounts.login_token(&token, ip(5)).await.is_ok());
         // Other addresses are not slowed down.
         assert!(accounts.login_token(&token, ip(4)).await.is_ok());
         // Once the delay has passed, the valid token logs in; it does not
