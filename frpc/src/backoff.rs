@@ -27,7 +27,14 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
-        jittered(base).min(self.max)
+        let delay = jittered(base);
+        // Clipped at the cap, half the delays there would be the cap
+        // itself: a fleet retrying at the cap in lockstep.
+        if delay > self.max {
+            at_most(self.max)
+        } else {
+            delay
+        }
     }
 
     /// Starts over from `min` (after a successful registration).
@@ -40,6 +47,11 @@ impl Backoff {
 /// (a frps restart) do not all come back in the same instant.
 pub fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(rand::rng().random_range(0.8..=1.2))
+}
+
+/// A delay between 80 % and all of `max`, spread evenly.
+pub fn at_most(max: Duration) -> Duration {
+    max.mul_f64(rand::rng().random_range(0.8..=1.0))
 }
 
 #[cfg(test)]
@@ -62,6 +74,21 @@ mod tests {
         }
         b.reset();
         assert!(within(b.next_delay(), 1.0));
+    }
+
+    #[test]
+    fn delays_at_the_cap_are_spread_below_it() {
+        let max = Duration::from_secs(30);
+        let mut b = Backoff::new(Duration::from_secs(1), max);
+        for _ in 0..6 {
+            b.next_delay();
+        }
+        let delays: Vec<_> = (0..1000).map(|_| b.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= max && *d >= max.mul_f64(0.8)));
+        let at_cap = delays.iter().filter(|d| **d == max).count();
+        assert!(at_cap < 50, "{at_cap} of 1000 at the cap itself");
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 900);
     }
 
     #[test]

@@ -280,12 +280,15 @@ impl Client {
                     if why == common::protocol::REPLACED {
                         // Another frpc registered with our id (two on one
                         // machine, or cloned machines): take turns slowly.
+                        // Jittered: the two taking turns in step would
+                        // keep replacing each other at once.
+                        let pause = crate::backoff::at_most(self.config.reconnect_max);
                         error!(
-                            "another frpc registered as client id '{}'; give each its own --client-id. Taking the id back in {:?}",
-                            self.identity.client_id, self.config.reconnect_max
+                            "another frpc registered as client id '{}'; give each its own --client-id. Taking the id back in {pause:.1?}",
+                            self.identity.client_id
                         );
                         backoff.reset();
-                        if self.pause(self.config.reconnect_max).await {
+                        if self.pause(pause).await {
                             break Ok(());
                         }
                         continue;
