@@ -136,7 +136,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         self.buf.advance(HEADER);
         let body = self.buf.split_to(len);
-        Ok(Some(serde_json::from_slice(&body)?))
+        let command = serde_json::from_slice(&body);
+        if self.buf.is_empty() && len > READ_STEP {
+            // The buffer grown for a large frame (a registration's model
+            // list) is let go with it: kept, the connection would hold it
+            // for its whole life, though its next frames are small.
+            self.buf = BytesMut::with_capacity(1024);
+        }
+        Ok(Some(command?))
     }
 }
 
@@ -178,6 +185,25 @@ pub async fn read_one_command<R: AsyncRead + Unpin>(
     tokio::time::timeout(limit, read)
         .await
         .map_err(|_| FrameError::Timeout(limit))?
+}
+
+/// [`read_one_command`], passing over commands of a newer peer this
+/// version does not know ([`Command::Unknown`]), all within `limit`: for a
+/// handshake's answer, which a newer peer may precede with something new.
+pub async fn read_one_known_command<R: AsyncRead + Unpin>(
+    stream: &mut R,
+    max: usize,
+    limit: Duration,
+) -> Result<Command, FrameError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match read_one_command(stream, max, left).await {
+            Ok(Command::Unknown) => continue,
+            Err(FrameError::Timeout(_)) => return Err(FrameError::Timeout(limit)),
+            read => return read,
+        }
+    }
 }
 
 async fn read_exact_or_truncated<R: AsyncRead + Unpin>(
@@ -233,6 +259,32 @@ mod tests {
         let mut frame = (body.len() as u32).to_be_bytes().to_vec();
         frame.extend_from_slice(body);
         frame
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handshake_answer_is_read_past_commands_of_a_newer_peer() {
+        let (mut a, mut b) = duplex(1024);
+        let future = br#"{"type":"SomethingNewer","detail":{"x":1}}"#;
+        a.write_all(&raw_frame(future)).await.unwrap();
+        write_command(&mut a, &Command::MuxAccepted).await.unwrap();
+        write_command(&mut a, &Command::Heartbeat { seq: 1 })
+            .await
+            .unwrap();
+        let limit = Duration::from_secs(5);
+        let read = read_one_known_command(&mut b, MAX_FRAME, limit).await;
+        assert_eq!(read.unwrap(), Command::MuxAccepted);
+        // Not a byte past it was read.
+        let read = read_one_command(&mut b, MAX_FRAME, limit).await;
+        assert_eq!(read.unwrap(), Command::Heartbeat { seq: 1 });
+        // Unknown commands only, then silence: one limit for them all.
+        let started = tokio::time::Instant::now();
+        a.write_all(&raw_frame(future)).await.unwrap();
+        let read = read_one_known_command(&mut b, MAX_FRAME, limit).await;
+        assert!(
+            matches!(read, Err(FrameError::Timeout(l)) if l == limit),
+            "{read:?}"
+        );
+        assert_eq!(started.elapsed(), limit);
     }
 
     #[tokio::test]
@@ -309,6 +361,21 @@ mod tests {
             Some(Command::Disconnect {
                 reason: "r".repeat(40_000)
             })
+        );
+        // Read, the large frame's memory is let go: the next, small ones
+        // do not keep it for the connection's life.
+        write_command(&mut a, &Command::Heartbeat { seq: 1 })
+            .await
+            .unwrap();
+        assert_eq!(
+            reader.read_command().await.unwrap(),
+            Some(Command::Heartbeat { seq: 1 })
+        );
+        reader.buf.reserve(1);
+        assert!(
+            reader.buf.capacity() <= 2 * READ_STEP,
+            "held {} bytes after the large frame",
+            reader.buf.capacity()
         );
 
         // The same for a single frame read without a reader.

@@ -252,7 +252,7 @@ impl Command {
             Command::TokenSaved { .. } => "TokenSaved",
             Command::Disconnect { .. } => "Disconnect",
             Command::Error { .. } => "Error",
-            Command::Unknown => "an unknown command",
+            Command::Unknown => "command unknown to this version",
         }
     }
 }

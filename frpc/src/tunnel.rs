@@ -246,10 +246,16 @@ async fn tunnel(
         // frps asks its NewWorkConn plugins before answering (each within
         // its --plugin-timeout): the wait of a control request, not of a
         // bare handshake.
-        match read_one_command(&mut remote, MAX_FRAME, crate::control::REPLY_TIMEOUT)
-            .await
-            .map_err(lost)?
-        {
+        // A newer frps's frames this version does not know are skipped,
+        // as on the control connection, within the one wait.
+        let answer = common::codec::read_one_known_command(
+            &mut remote,
+            MAX_FRAME,
+            crate::control::REPLY_TIMEOUT,
+        )
+        .await
+        .map_err(lost)?;
+        match answer {
             Command::MuxAccepted => Ok(remote),
             Command::DataRejected { reason, .. } => Err(TunnelError::Refused(from_frps(&reason))),
             Command::Error { message } => Err(TunnelError::Refused(from_frps(&message))),
