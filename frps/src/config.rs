@@ -45,8 +45,9 @@ pub struct Config {
     /// dashboard page requires (`Authorization: Bearer <token>`). Required,
     /// of at least 32 characters, when `--api-bind` is not a loopback
     /// address. Ten wrong tokens a minute from one address (a repeated one
-    /// counts once; every loopback address is one address), then 429 (a
-    /// token of 32 characters or more still passes).
+    /// counts once; every loopback address is one address, and loopback
+    /// requests naming another host in Host or Origin a second one), then
+    /// 429 (a token of 32 characters or more still passes).
     #[arg(long, env = "FRPX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 

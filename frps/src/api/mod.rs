@@ -234,13 +234,19 @@ pub struct Envelope<T> {
     pub timestamp: String,
 }
 
+/// The envelope's time: now, in the prototype's form (RFC 3339, UTC,
+/// microseconds, `Z`: `2025-06-01T17:55:48.826362Z`).
+fn timestamp() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
 /// A successful envelope.
 pub fn ok<T: Serialize>(data: T, message: &str) -> Json<Envelope<T>> {
     Json(Envelope {
         success: true,
         data: Some(data),
         message: message.to_owned(),
-        timestamp: chrono::Utc::now().to_rfc3339(),
+        timestamp: timestamp(),
     })
 }
 
@@ -305,7 +311,7 @@ impl IntoResponse for ApiError {
             success: false,
             data: None,
             message: self.message,
-            timestamp: chrono::Utc::now().to_rfc3339(),
+            timestamp: timestamp(),
         };
         (self.status, Json(body)).into_response()
     }

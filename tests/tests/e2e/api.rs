@@ -25,8 +25,13 @@ fn assert_envelope(reply: &Reply, success: bool) -> serde_json::Value {
         json["message"].as_str().is_some_and(|m| !m.is_empty()),
         "{json}"
     );
+    // The prototype's form: UTC, microseconds, `Z`.
     let ts = json["timestamp"].as_str().expect("timestamp");
     chrono::DateTime::parse_from_rfc3339(ts).expect("RFC 3339 timestamp");
+    assert!(
+        ts.len() == "2025-06-01T17:55:48.826362Z".len() && ts.ends_with('Z'),
+        "{ts}"
+    );
     assert!(json.get("data").is_some(), "{json}");
     json["data"].clone()
 }
