@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::auth::Principal;
-use crate::auth::accounts::TokenReview;
+use crate::auth::accounts::{LoginError, TokenReview};
 use crate::pending::PairError;
 use crate::plugins::{Op, hooks};
 use crate::registry::{ClientHandle, IdTaken, NewClient};
@@ -336,23 +336,26 @@ async fn refuse<W: AsyncWrite + Unpin>(
 }
 
 /// A token login's principal, with a new token for the box when its own
-/// has less than half its lifetime left ([`TokenReview::Renewed`]).
+/// has less than half its lifetime left ([`TokenReview::Renewed`]); refused
+/// when the token was revoked (or expired) since it was checked, a moment
+/// before: the session would have run on it until its next review.
 async fn renewed_at_login(
     state: &State,
     principal: Principal,
-) -> (Principal, Option<(String, Option<chrono::NaiveDateTime>)>) {
+) -> Result<(Principal, Option<(String, Option<chrono::NaiveDateTime>)>), LoginError> {
     let Some(id) = principal.token_id.as_deref() else {
-        return (principal, None);
+        return Ok((principal, None));
     };
     match state.accounts.review_token(id, None).await {
         Ok(TokenReview::Renewed(t)) => {
             info!(email = %t.principal.email, "renewed a login token at login");
-            (t.principal, Some((t.token, t.expires_at)))
+            Ok((t.principal, Some((t.token, t.expires_at))))
         }
-        Ok(_) => (principal, None),
+        Ok(TokenReview::Unusable) => Err(LoginError::TokenInvalid),
+        Ok(TokenReview::Usable) => Ok((principal, None)),
         Err(e) => {
             debug!("cannot renew the login token: {e}");
-            (principal, None)
+            Ok((principal, None))
         }
     }
 }
@@ -371,11 +374,10 @@ async fn login(
         // tokens cannot hammer the database.
         Some(Command::LoginToken { token }) => {
             match state.accounts.login_token(&token, peer.ip()).await {
-                Ok(principal) => {
-                    let (principal, issued) = renewed_at_login(state, principal).await;
+                Ok(principal) => renewed_at_login(state, principal).await.map(|(p, issued)| {
                     let renewal = issued.as_ref().map(|(t, _)| crate::auth::secret::hash(t));
-                    Ok((principal, issued, renewal))
-                }
+                    (p, issued, renewal)
+                }),
                 Err(e) => Err(e),
             }
         }
@@ -977,6 +979,51 @@ fn token_check_period(heartbeat: Duration, ttl: Option<Duration>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token revoked between the login's check and its review (the
+    /// renewal step) is refused there: its session would have run until
+    /// the next review, up to a minute.
+    #[tokio::test]
+    async fn a_token_revoked_during_its_login_is_refused() {
+        let db = crate::store::TempDb::new("control");
+        let config = crate::Config::ephemeral("k", &db.url);
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let addrs = crate::server::BoundAddrs {
+            control: any,
+            proxy: any,
+            public: any,
+            api: any,
+        };
+        let state = State::new(config, addrs).await.unwrap();
+        let store = state.store.clone();
+        store
+            .create_user(
+                "box@x.test",
+                &crate::auth::accounts::hash_password("password"),
+            )
+            .await
+            .unwrap();
+        let from = std::net::IpAddr::from([192, 0, 2, 1]);
+        let issued = state
+            .accounts
+            .login("box@x.test", "password", from)
+            .await
+            .unwrap();
+        let checked = state
+            .accounts
+            .login_token(&issued.token, from)
+            .await
+            .unwrap();
+        let (kept, renewal) = renewed_at_login(&state, checked.clone()).await.unwrap();
+        assert_eq!(kept.email, "box@x.test");
+        assert!(renewal.is_none(), "young: not renewed");
+        let id = checked.token_id.clone().unwrap();
+        assert_eq!(store.revoke_client_tokens(&id).await.unwrap(), 1);
+        assert_eq!(
+            renewed_at_login(&state, checked).await.err(),
+            Some(LoginError::TokenInvalid)
+        );
+    }
 
     #[test]
     fn a_token_is_checked_in_the_second_half_of_its_life() {
