@@ -357,12 +357,18 @@ impl KeyValidator {
             return KeyCheck::Invalid;
         };
         let asked = std::time::Instant::now();
+        // An entry Redis may have kept past a revocation it lost: the
+        // database decides, and the entry serves only when it cannot.
+        let mut suspect = None;
         if let Some(redis) = &self.redis
-            && let Some(entry) = redis.get(&hash).await
+            && let Some(cached) = redis.get(&hash).await
         {
-            self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
-            self.remember(hash, entry, asked).await;
-            return verdict(hash, entry, now);
+            if cached.trusted {
+                self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
+                self.remember(hash, cached.entry, asked).await;
+                return verdict(hash, cached.entry, now);
+            }
+            suspect = Some(cached.entry);
         }
         match absent_if_unreadable(
             within_deadline(store.find_api_key(key, &hash)).await,
@@ -395,7 +401,15 @@ impl KeyValidator {
             }
             Err(e) => {
                 self.db_failed(&e);
-                KeyCheck::Unavailable
+                match suspect {
+                    // As any key cached before the database went away.
+                    Some(entry) => {
+                        self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
+                        self.remember(hash, entry, asked).await;
+                        verdict(hash, entry, now)
+                    }
+                    None => KeyCheck::Unavailable,
+                }
             }
         }
     }

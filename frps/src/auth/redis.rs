@@ -4,7 +4,7 @@
 //! frps serves from its in-process cache and the database, reconnects in
 //! the background, and says so once rather than per request.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -185,7 +185,7 @@ impl Seal {
     /// entry, an unsealed, forged or replayed one: an entry saved while its
     /// key was valid and written back after a revocation is refused once it
     /// is older than an entry could live). Compared in constant time.
-    fn open<'a>(&self, hash: &[u8; 32], value: &'a str, now: i64) -> Option<&'a str> {
+    fn open<'a>(&self, hash: &[u8; 32], value: &'a str, now: i64) -> Option<(&'a str, i64)> {
         use hmac::Mac as _;
         let rest = value.strip_prefix(SEALED)?;
         let (tag_hex, rest) = rest.split_once('.')?;
@@ -196,7 +196,7 @@ impl Seal {
         let oldest = now - REDIS_TTL.as_secs() as i64 - CLOCK_SKEW;
         (oldest..=now + CLOCK_SKEW)
             .contains(&written)
-            .then_some(json)
+            .then_some((json, written))
     }
 }
 
@@ -225,6 +225,25 @@ pub struct RedisCache {
     /// Whether an entry that failed its seal was reported (once per
     /// process; later ones are logged at debug level).
     forgery_reported: AtomicBool,
+    /// Entries sealed before this time (Unix seconds) are not taken on
+    /// Redis's word ([`Cached::trusted`]): a revocation this frps did not
+    /// hear of while it had no subscription may be one Redis lost too.
+    distrust_before: Arc<AtomicI64>,
+    /// Subscriptions to revocations made so far.
+    subscriptions: AtomicU64,
+}
+
+/// A key's entry as Redis holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cached {
+    pub entry: CachedKey,
+    /// Sealed while this frps was subscribed to revocations. An entry
+    /// sealed before its subscription last began may be one Redis brought
+    /// back after losing the revocation that deleted it (restarted from
+    /// a snapshot older than the revocation, or a replica promoted before
+    /// it received it): the database is asked first, and the entry used
+    /// only when the database cannot answer.
+    pub trusted: bool,
 }
 
 impl std::fmt::Debug for RedisCache {
@@ -258,6 +277,10 @@ impl RedisCache {
             healthy: AtomicBool::new(true),
             seal,
             forgery_reported: AtomicBool::new(false),
+            // Until the first subscription: nothing Redis holds is known
+            // to have outlived no revocation.
+            distrust_before: Arc::new(AtomicI64::new(i64::MAX)),
+            subscriptions: AtomicU64::new(0),
         });
         tokio::spawn(cache.clone().connect_loop(client.clone(), shutdown.clone()));
         tokio::spawn(
@@ -285,6 +308,9 @@ impl RedisCache {
             healthy: AtomicBool::new(true),
             seal,
             forgery_reported: AtomicBool::new(false),
+            // The admin commands read no entries to act on them.
+            distrust_before: Arc::new(AtomicI64::new(i64::MIN)),
+            subscriptions: AtomicU64::new(0),
         })
     }
 
@@ -323,8 +349,11 @@ impl RedisCache {
         loop {
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                ended = subscription(&client, &channel, &on_revoke, keepalive, &mut lost) => ended,
+                ended = subscription(&client, &channel, &on_revoke, keepalive, &self.distrust_before, &self.subscriptions, &mut lost) => ended,
             };
+            // Revocations are not heard from now until the next
+            // subscription: no entry is taken on Redis's word meanwhile.
+            self.distrust_before.store(i64::MAX, Ordering::Relaxed);
             if !lost {
                 warn!(
                     "the subscription to key revocations ended ({ended}); subscribing again, and until then revoked keys stay valid for up to {:?} on this frps",
@@ -350,6 +379,12 @@ impl RedisCache {
             (false, true) => info!("Redis {detail}"),
             _ => {}
         }
+    }
+
+    /// How many subscriptions to revocations were made so far (each one
+    /// after the first replaced a lost one).
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Relaxed)
     }
 
     /// Whether the last operation succeeded.
@@ -437,7 +472,7 @@ impl RedisCache {
     }
 
     /// The cached entry for a key hash; `None` when absent or Redis is down.
-    pub async fn get(&self, hash: &[u8; 32]) -> Option<CachedKey> {
+    pub async fn get(&self, hash: &[u8; 32]) -> Option<Cached> {
         let mut conn = self.conn()?;
         let key = self.entry_key(hash);
         let raw: String = self
@@ -445,7 +480,7 @@ impl RedisCache {
             .await
             .flatten()?;
         let now = chrono::Utc::now().timestamp();
-        let Some(json) = self.seal.open(hash, &raw, now) else {
+        let Some((json, written)) = self.seal.open(hash, &raw, now) else {
             // An entry from before sealing, or one no frps on this database
             // wrote: a miss, looked up in the database (and sealed then).
             if !self.forgery_reported.swap(true, Ordering::Relaxed) {
@@ -457,7 +492,11 @@ impl RedisCache {
             }
             return None;
         };
-        serde_json::from_str(json).ok()
+        let entry = serde_json::from_str(json).ok()?;
+        Some(Cached {
+            entry,
+            trusted: written >= self.distrust_before.load(Ordering::Relaxed),
+        })
     }
 
     /// Caches a valid key for [`REDIS_TTL`] (less if it expires sooner),
@@ -565,6 +604,8 @@ async fn subscription(
     channel: &str,
     on_revoke: &OnRevoke,
     keepalive: Keepalive,
+    distrust_before: &AtomicI64,
+    subscriptions: &AtomicU64,
     lost: &mut bool,
 ) -> String {
     let subscribe = async {
@@ -577,8 +618,17 @@ async fn subscription(
         Ok(Err(e)) => return e.to_string(),
         Err(_) => return format!("no subscription within {:?}", keepalive.within),
     };
-    // Revocations sent while we were away are lost: forget everything.
+    // Revocations sent while we were away are lost: forget everything,
+    // and take entries sealed before now (by any frps of the fleet, whose
+    // clocks may be ahead of this one's) on the database's word: Redis may
+    // have lost a revocation as well (the reason the subscription ended
+    // may be its restart or failover).
+    distrust_before.store(
+        chrono::Utc::now().timestamp() + CLOCK_SKEW,
+        Ordering::Relaxed,
+    );
     on_revoke(None);
+    subscriptions.fetch_add(1, Ordering::Relaxed);
     if std::mem::take(lost) {
         info!("subscribed to key revocations again");
     }
@@ -644,7 +694,7 @@ mod tests {
         let now = 1_800_000_000;
         let sealed = seal.seal(&a, json, now);
         assert!(sealed.starts_with("v2."));
-        assert_eq!(seal.open(&a, &sealed, now), Some(json));
+        assert_eq!(seal.open(&a, &sealed, now), Some((json, now)));
         // Copied to another key's slot, written by another fleet, edited,
         // unsealed or garbled: not an entry.
         assert_eq!(seal.open(&b, &sealed, now), None);
@@ -659,9 +709,12 @@ mod tests {
         // Replayed after it could have lived in Redis (a saved copy written
         // back after a revocation), or dated ahead of every clock: refused.
         let ttl = REDIS_TTL.as_secs() as i64;
-        assert_eq!(seal.open(&a, &sealed, now + ttl + CLOCK_SKEW), Some(json));
+        assert_eq!(
+            seal.open(&a, &sealed, now + ttl + CLOCK_SKEW),
+            Some((json, now))
+        );
         assert_eq!(seal.open(&a, &sealed, now + ttl + CLOCK_SKEW + 1), None);
-        assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW), Some(json));
+        assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW), Some((json, now)));
         assert_eq!(seal.open(&a, &sealed, now - CLOCK_SKEW - 1), None);
         let secret = hex(&[0xab; 32]);
         assert_eq!(super::super::secret::parse_hex32(&secret), Some([0xab; 32]));
