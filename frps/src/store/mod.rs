@@ -896,8 +896,8 @@ impl Store {
     /// changed) when `parent` is revoked. `parent` stays valid until the new
     /// one is first used ([`Store::confirm_client_token`]), so a renewal
     /// lost on its way costs nothing; an earlier renewal of `parent` that
-    /// was never used is revoked here (it was lost, since `parent` is being
-    /// renewed again).
+    /// was never used is deleted here (it was lost, since `parent` is being
+    /// renewed again; revoked instead when it was renewed itself).
     ///
     /// With `unused_since`, nothing changes either when `parent` logged in
     /// after that time (a session that started then renews nothing once
@@ -919,6 +919,12 @@ impl Store {
         const LOCK: &str = "UPDATE client_tokens SET revoked_at = NULL
             WHERE id = $1 AND revoked_at IS NULL
               AND ($2 IS NULL OR last_used_at IS NULL OR last_used_at <= $2)";
+        // Never used nor renewed itself: deleted, not kept revoked for the
+        // 30 days of the purge (a box logging in again and again with a
+        // token past half its life added a row each time, without end).
+        const GONE: &str = "DELETE FROM client_tokens
+            WHERE renewed_from = $1 AND revoked_at IS NULL AND last_used_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM client_tokens c WHERE c.renewed_from = client_tokens.id)";
         const LOST: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE renewed_from = $1 AND revoked_at IS NULL";
         const INSERT: &str = "INSERT INTO client_tokens
@@ -935,6 +941,7 @@ impl Store {
                 .await?
                 .rows_affected();
             let inserted = if live == 1 {
+                sqlx::query(GONE).bind(parent).execute(&mut *tx).await?;
                 sqlx::query(LOST).bind(parent).bind(at).execute(&mut *tx).await?;
                 sqlx::query(INSERT)
                     .bind(id).bind(hash_hex).bind(prefix).bind(at).bind(expires_at).bind(parent)

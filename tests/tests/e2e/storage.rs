@@ -3311,10 +3311,20 @@ async fn renewed_tokens_form_a_family(url: &str) {
     // t1 -> t2: t1 stays valid until t2 is used.
     assert!(rotate("t1", "t2").await);
     assert!(live("t1").await && live("t2").await);
-    // t1 renewed again (t2 never reached its box): t2 is revoked, t3 is
-    // the one renewal of t1 that counts.
+    let gone = |id: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .find_client_token(&format!("hash-{id}"))
+                .await
+                .unwrap()
+                .is_none()
+        }
+    };
+    // t1 renewed again (t2 never reached its box): t2, never used, is
+    // deleted; t3 is the one renewal of t1 that counts.
     assert!(rotate("t1", "t3").await);
-    assert!(live("t1").await && !live("t2").await && live("t3").await);
+    assert!(live("t1").await && gone("t2").await && live("t3").await);
     assert_eq!(
         store
             .find_client_token("hash-t3")
@@ -3358,8 +3368,8 @@ async fn renewed_tokens_form_a_family(url: &str) {
             .unwrap()
     );
     assert!(rotate("t3", "t4").await);
-    // t4 renewed t3 again: tZ never reached its box, and is revoked.
-    assert!(!live("tZ").await);
+    // t4 renewed t3 again: tZ never reached its box, and is deleted.
+    assert!(gone("tZ").await);
     assert!(live("t3").await && live("t4").await);
     // Said saved by its box (TokenSaved) after it was renewed again (a
     // slow write): t4 confirms nothing, which would revoke t5 on its way;
@@ -3372,9 +3382,37 @@ async fn renewed_tokens_form_a_family(url: &str) {
     assert!(!live("t3").await && !live("t4").await && live("t5").await);
     let t5 = store.find_client_token("hash-t5").await.unwrap().unwrap();
     assert!(t5.renewed_from.is_none() && t5.last_used_at.is_none());
+    // Renewed again and again (a box logging in with t5 past half its
+    // life, over and over): one renewal at a time, not a row each.
+    let rows = || async { store.list_client_tokens(false).await.unwrap().len() };
+    let before = rows().await;
+    for i in 0..20 {
+        let id = format!("tr{i}");
+        let hash = format!("hash-{id}");
+        let rotated = store.rotate_client_token("t5", &id, &hash, &id, None, None);
+        assert!(rotated.await.unwrap());
+    }
+    assert_eq!(rows().await, before + 1, "one renewal of t5 at a time");
+    assert!(gone("tr0").await);
+    // One renewed itself before its parent was renewed again (a renewal
+    // said saved while the next is on its way) is revoked, not deleted:
+    // its own renewal names it.
+    let other_rotate = |parent: &'static str, id: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .rotate_client_token(parent, id, &format!("hash-{id}"), id, None, None)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(other_rotate("o1", "o2").await && other_rotate("o2", "o3").await);
+    assert!(other_rotate("o1", "o4").await);
+    let o2 = store.find_client_token("hash-o2").await.unwrap().unwrap();
+    assert!(o2.revoked_at.is_some(), "kept, revoked");
     // Revoking the first one by its id reaches the last; other families
     // are untouched.
-    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 1);
+    assert_eq!(store.revoke_client_tokens("t1").await.unwrap(), 2);
     assert!(!live("t3").await && !live("t4").await && !live("t5").await);
     assert!(live("o1").await);
     store.close().await;
