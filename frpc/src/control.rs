@@ -147,6 +147,9 @@ pub struct Client {
     /// [`common::protocol::TOKEN_ENDED`].
     session_tokens: Mutex<Vec<String>>,
     dialer: Dialer,
+    /// Whether a session of this process registered: a TLS failure that
+    /// stops a first start (a configuration to fix) is retried after that.
+    has_registered: AtomicBool,
     plaintext_warned: AtomicBool,
     prompted: Mutex<Option<Credentials>>,
     /// The account the last login was for (saved with a renewed token).
@@ -249,6 +252,7 @@ impl Client {
             refused: Mutex::new(Vec::new()),
             session_tokens: Mutex::new(Vec::new()),
             dialer,
+            has_registered: AtomicBool::new(false),
             plaintext_warned: AtomicBool::new(false),
             prompted: Mutex::new(None),
             account: Mutex::new(String::new()),
@@ -403,9 +407,8 @@ impl Client {
         let limit = self.config.connect_timeout;
         let stream = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            res = self.dialer.connect(&addr, limit) => res.map_err(|e| match e.is_fatal() {
-                true => SessionError::Fatal(e.to_string()),
-                false => SessionError::Retry(e.to_string()),
+            res = self.dialer.connect(&addr, limit) => res.map_err(|e| {
+                dial_failed(e, self.has_registered.load(Ordering::Relaxed), self.config.reconnect_max)
             })?,
         };
         let proxy_addr = tunnel::dial_back_addr(stream.tcp().peer_addr().ok(), &self.config);
@@ -421,6 +424,7 @@ impl Client {
             res = handshake => res?,
         };
         *registered = Some(Instant::now());
+        self.has_registered.store(true, Ordering::Relaxed);
         info!(
             "registered with frps at {addr} as '{}' for account {} (heartbeat every {heartbeat:?})",
             session.client_id,
@@ -1528,6 +1532,28 @@ async fn report(
     }
 }
 
+/// What a failed dial of the control connection ends the session with. A
+/// certificate frpc refuses, or a port that does not speak TLS, stops a
+/// first start: the configuration has to change. Once this process has
+/// registered, the same is retried (every `max`, saying so at error
+/// level): a box left running for months must not stop for good over a
+/// frps restarted once with a wrong certificate chain, or a middlebox that
+/// answered in its place, with nobody there to start it again.
+/// Verification is not weakened: nothing is sent until a handshake passes.
+fn dial_failed(e: crate::tls::DialError, has_registered: bool, max: Duration) -> SessionError {
+    match (e.is_fatal(), has_registered) {
+        (true, false) => SessionError::Fatal(e.to_string()),
+        (true, true) => {
+            error!("{e}; retrying, since this frpc was registered with frps before");
+            SessionError::Wait {
+                reason: "the TLS handshake with frps failed".into(),
+                at_least: max,
+            }
+        }
+        (false, _) => SessionError::Retry(e.to_string()),
+    }
+}
+
 fn unexpected(cmd: &Command) -> SessionError {
     SessionError::Retry(format!(
         "unexpected {} from frps during the handshake",
@@ -1813,6 +1839,43 @@ mod tests {
             tx,
         ));
         (reporter, rx, announced)
+    }
+
+    /// A refused certificate stops a first start, and is retried at the
+    /// longest reconnect delay once this process has registered.
+    #[test]
+    fn tls_refusals_stop_only_a_first_start() {
+        use crate::tls::DialError;
+        let max = Duration::from_secs(30);
+        let refused = || DialError::Certificate {
+            addr: "frps:17000".into(),
+            reason: "its certificate is issued by an unknown CA".into(),
+        };
+        let not_tls = || DialError::NotTls {
+            addr: "frps:17000".into(),
+        };
+        for e in [refused(), not_tls()] {
+            assert!(matches!(dial_failed(e, false, max), SessionError::Fatal(_)));
+        }
+        for e in [refused(), not_tls()] {
+            let (end, said) = common::testing::logged(|| dial_failed(e, true, max));
+            assert!(
+                matches!(end, SessionError::Wait { at_least, .. } if at_least == max),
+                "{end:?}"
+            );
+            assert!(
+                said.contains("ERROR") && said.contains("retrying"),
+                "{said}"
+            );
+        }
+        let timeout = DialError::Timeout {
+            addr: "frps:17000".into(),
+            limit: max,
+        };
+        assert!(matches!(
+            dial_failed(timeout, false, max),
+            SessionError::Retry(_)
+        ));
     }
 
     /// A box moved to another owner, restarted with that account's email:
