@@ -589,7 +589,16 @@ pub fn load<T>(
     config_id: &str,
     read: impl FnOnce(&mut FileArgs<'_>, &str) -> Result<T, FileError>,
 ) -> Result<(ArgMatches, Option<T>), LoadError> {
-    let mut cmd = cmd;
+    // A variable set to nothing (or blanks) sets nothing: dropped from its
+    // flag before clap reads it, so a typed flag (a port, a path, a switch)
+    // is not refused at start for it, and a text flag is not set to "".
+    let mut cmd = cmd.mut_args(|a| {
+        let blank = a
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.to_string_lossy().trim().is_empty());
+        if blank { a.env(None::<&str>) } else { a }
+    });
     cmd.build();
     let given = cmd.clone().try_get_matches_from(&args)?;
     let Some(path) = given.get_one::<PathBuf>(config_id).cloned() else {
@@ -901,6 +910,7 @@ mod tests {
     #[test]
     fn a_variable_set_to_nothing_leaves_the_files_value() {
         const NAME: &str = "FRPX_CONFIG_FILE_TEST_BLANK";
+        const PORT: &str = "FRPX_CONFIG_FILE_TEST_BLANK_PORT";
         let cmd = || {
             Command::new("t")
                 .arg(
@@ -909,20 +919,43 @@ mod tests {
                         .value_parser(clap::value_parser!(PathBuf)),
                 )
                 .arg(Arg::new("token").long("token").env(NAME))
+                .arg(
+                    Arg::new("port")
+                        .long("port")
+                        .env(PORT)
+                        .value_parser(clap::value_parser!(u16)),
+                )
         };
-        let file = "[s]\ntoken = from-the-file\n";
-        let token = |m: ArgMatches| m.get_one::<String>("token").cloned();
-        // SAFETY: no other code of this process reads or writes this name.
+        let file = "[s]\ntoken = from-the-file\nport = 7000\n";
+        let token = |m: &ArgMatches| m.get_one::<String>("token").cloned();
+        let port = |m: &ArgMatches| m.get_one::<u16>("port").copied();
+        let without_file =
+            |cmd: Command| load(cmd, vec!["t".into()], "config", |_, _| Ok(())).map(|(m, _)| m);
+        // SAFETY: no other code of this process reads or writes these names.
         unsafe { std::env::set_var(NAME, "") };
+        unsafe { std::env::set_var(PORT, "") };
         let empty = run_with(cmd(), &[], file, |_| {});
+        let empty_alone = without_file(cmd());
         unsafe { std::env::set_var(NAME, "  ") };
+        unsafe { std::env::set_var(PORT, " ") };
         let blank = run_with(cmd(), &[], file, |_| {});
         unsafe { std::env::set_var(NAME, "from-the-environment") };
+        unsafe { std::env::set_var(PORT, "8000") };
         let set = run_with(cmd(), &[], file, |_| {});
         unsafe { std::env::remove_var(NAME) };
-        assert_eq!(token(empty.unwrap()).as_deref(), Some("from-the-file"));
-        assert_eq!(token(blank.unwrap()).as_deref(), Some("from-the-file"));
-        assert_eq!(token(set.unwrap()).as_deref(), Some("from-the-environment"));
+        unsafe { std::env::remove_var(PORT) };
+        let empty = empty.unwrap();
+        assert_eq!(token(&empty).as_deref(), Some("from-the-file"));
+        assert_eq!(port(&empty), Some(7000));
+        let blank = blank.unwrap();
+        assert_eq!(token(&blank).as_deref(), Some("from-the-file"));
+        assert_eq!(port(&blank), Some(7000));
+        let set = set.unwrap();
+        assert_eq!(token(&set).as_deref(), Some("from-the-environment"));
+        assert_eq!(port(&set), Some(8000));
+        // Without a file: unset, not "" and not refused.
+        let alone = empty_alone.unwrap();
+        assert_eq!((token(&alone), port(&alone)), (None, None));
     }
 
     #[test]

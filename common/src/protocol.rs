@@ -27,6 +27,20 @@ use uuid::Uuid;
 /// a registration whose version it does not speak.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// Longest client id frps accepts.
+pub const MAX_CLIENT_ID: usize = 128;
+
+/// Whether `id` may name a client: 1 to [`MAX_CLIENT_ID`] letters, digits
+/// and `-_.:@` (safe in logs, URLs and headers). frps refuses any other for
+/// good; frpc checks it at start.
+pub fn is_client_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_CLIENT_ID
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
+}
+
 /// The `Disconnect` reason of a session another connection with the same
 /// client id replaced (frpc then waits its longest backoff, so two frpc
 /// sharing an id do not take it from each other every second).

@@ -18,7 +18,7 @@ use common::{parse_duration, parse_positive_duration};
 pub struct Config {
     /// Unique id of this client. Default: the machine id (from `mid`), or a
     /// UUID persisted next to the token file when no machine id can be read.
-    #[arg(short = 'c', long, env = "FRPC_CLIENT_ID")]
+    #[arg(short = 'c', long, env = "FRPC_CLIENT_ID", value_parser = parse_client_id)]
     pub client_id: Option<String>,
 
     /// Address of the frps server: a host name or an IP address, without a
@@ -175,6 +175,20 @@ pub fn parse_metrics_interval(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Reads `--client-id`: what frps takes ([`common::protocol::is_client_id`]);
+/// any other was found out only after a whole login (a password login
+/// issuing a token, maybe), when frps refused the registration for good.
+pub fn parse_client_id(s: &str) -> Result<String, String> {
+    if common::protocol::is_client_id(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "`{s}` is not a client id frps takes: 1-{} characters of letters, digits and -_.:@",
+            common::protocol::MAX_CLIENT_ID
+        ))
+    }
+}
+
 /// Reads `--server-addr`: a host name or an IP address (IPv6 bare or in
 /// brackets), refusing one with a port, which frpc would otherwise dial as
 /// a host name for ever (or refuse as a TLS server name).
@@ -202,6 +216,11 @@ pub fn parse_local_addr(s: &str) -> Result<String, String> {
 /// `s` when it is a host name or address without a port or scheme, else
 /// why not, for `flag` (whose port is given with `port_flag`).
 fn host_only(s: &str, flag: &str, example: &str, port_flag: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err(format!(
+            "{flag} is empty: give a host name or address (e.g. {example})"
+        ));
+    }
     let bracketed = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
     let is_ip =
         s.parse::<IpAddr>().is_ok() || bracketed.is_some_and(|r| r.parse::<Ipv6Addr>().is_ok());
@@ -468,6 +487,12 @@ mod tests {
         }
         let cfg = Config::try_parse_from(["frpc", "--local-addr", "::1"]).unwrap();
         assert_eq!(cfg.local_addr, "::1");
+        // Nothing at all (retried as "cannot reach frps at :17000" for
+        // ever before).
+        for flag in ["--server-addr", "--local-addr"] {
+            let err = Config::try_parse_from(["frpc", flag, " "]).unwrap_err();
+            assert!(err.to_string().contains("is empty"), "{flag}: {err}");
+        }
         // A port 0 reaches nothing.
         for flag in ["--local-port", "--control-port", "--proxy-port"] {
             assert!(
@@ -484,6 +509,21 @@ mod tests {
         ] {
             let cfg = Config::try_parse_from(["frpc", "--server-addr", addr]).unwrap();
             assert_eq!(cfg.control_addr(), control);
+        }
+    }
+
+    #[test]
+    fn a_client_id_frps_would_refuse_is_refused_at_start() {
+        for bad in ["", "gpu 1", "gpu/1", "ünïcode", &"x".repeat(129)] {
+            let err = Config::try_parse_from(["frpc", "--client-id", bad]).unwrap_err();
+            assert!(
+                err.to_string().contains("not a client id"),
+                "{bad:?}: {err}"
+            );
+        }
+        for good in ["gpu-1", "box_2.lab:a@home", &"x".repeat(128)] {
+            let cfg = Config::try_parse_from(["frpc", "-c", good]).unwrap();
+            assert_eq!(cfg.client_id.as_deref(), Some(good));
         }
     }
 }

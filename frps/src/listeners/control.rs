@@ -20,18 +20,7 @@ use crate::plugins::{Op, hooks};
 use crate::registry::{ClientHandle, IdTaken, NewClient};
 use crate::state::State;
 
-/// Longest client id accepted.
-pub const MAX_CLIENT_ID: usize = 128;
-
-/// Whether `id` may name a client: 1 to [`MAX_CLIENT_ID`] letters, digits
-/// and `-_.:@` (safe in logs, URLs and headers).
-pub fn is_client_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_CLIENT_ID
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
-}
+pub use common::protocol::{MAX_CLIENT_ID, is_client_id};
 
 /// A live client's `gpu_assets` row is rewritten at most this often.
 pub const ASSET_REFRESH: Duration = Duration::from_secs(60);
