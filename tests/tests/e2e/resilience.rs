@@ -1120,6 +1120,31 @@ async fn connections_over_the_caps_get_503_not_a_stall() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("too_many_connections"));
+    // One uploading a 6 MiB body (a prompt with images) reads the refusal
+    // too, not a reset: what it sends is read to its end.
+    let c = TcpStream::connect(public).await.unwrap();
+    let (mut from, mut to) = c.into_split();
+    let body = vec![b'b'; 6 << 20];
+    let upload = tokio::spawn(async move {
+        to.write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+        to.write_all(&body).await?;
+        to.shutdown().await
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, from.read_to_end(&mut answer))
+        .await
+        .expect("answered, not starved")
+        .expect("the refusal, not a reset");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    upload.await.unwrap().expect("the whole upload taken");
     // Closing one frees a place.
     drop(a);
     frpx_tests::eventually_async("a place frees up", || async {
