@@ -35,6 +35,10 @@ const ORDER_FILE: &str = "link-order.txt";
 
 fn main() {
     println!("cargo:rerun-if-changed={ORDER_FILE}");
+    // `sqlx::migrate!` embeds the migrations at compile time; with a build
+    // script cargo watches only what it names, and a new migration file
+    // would not rebuild frps (sqlx's documented advice).
+    println!("cargo:rerun-if-changed=../migrations");
     println!("cargo:rerun-if-env-changed=FRPX_LINK_ORDER");
     println!("cargo:rerun-if-env-changed=FRPX_PACK_RELOCS");
     if env::var("PROFILE").as_deref() != Ok("release") || !links_with_bundled_lld() {

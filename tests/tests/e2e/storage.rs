@@ -2657,6 +2657,66 @@ async fn limit_changes_touch_only_their_limits(url: &str) {
     store.close().await;
 }
 
+/// A renewal's first use revokes the rest of its family, and `frps token
+/// revoke` finds tokens by prefix, through indexes (migration 0010), not
+/// by reading every row.
+#[tokio::test]
+async fn token_families_and_prefixes_are_found_by_their_indexes() {
+    let store = Store::connect(&frpx_tests::temp_sqlite_url())
+        .await
+        .unwrap();
+    let Store::Sqlite(pool) = &store else {
+        panic!("SQLite")
+    };
+    let plan = |sql: &'static str| async move {
+        sqlx::query(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>("detail"))
+            .collect::<Vec<String>>()
+    };
+    // The statement the first use of a renewal runs (store/mod.rs).
+    let family = plan(
+        "EXPLAIN QUERY PLAN UPDATE client_tokens SET revoked_at = '2026-01-01 00:00:00'
+         WHERE revoked_at IS NULL AND id <> 'x'
+           AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = 'x')",
+    )
+    .await;
+    assert!(
+        family
+            .iter()
+            .any(|d| d.contains("USING INDEX client_tokens_family_idx")),
+        "{family:?}"
+    );
+    let prefix =
+        plan("EXPLAIN QUERY PLAN SELECT id FROM client_tokens WHERE prefix = 'frpxc_ab'").await;
+    assert!(
+        prefix
+            .iter()
+            .any(|d| d.contains("USING INDEX client_tokens_prefix_idx")),
+        "{prefix:?}"
+    );
+    store.close().await;
+    if let Some(pg) = TestPg::create().await {
+        let store = Store::connect(&pg.url).await.unwrap();
+        let Store::Postgres(pool) = &store else {
+            panic!("PostgreSQL")
+        };
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes
+             WHERE indexname IN ('client_tokens_family_idx', 'client_tokens_prefix_idx')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 2);
+        store.close().await;
+        pg.drop_db().await;
+    }
+}
+
 /// Logins find their account through the `lower(email)` index
 /// (migration 0008), not by reading every row.
 #[tokio::test]
