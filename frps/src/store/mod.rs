@@ -190,6 +190,15 @@ macro_rules! on_pool {
     };
 }
 
+/// Whether the database aborted a statement for a conflict with another
+/// transaction (PostgreSQL's deadlock or serialization failure), which
+/// running it again resolves.
+fn is_conflict(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
+}
+
 fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
@@ -871,11 +880,27 @@ impl Store {
                                           WHERE id = $1 OR prefix = $1)
               OR user_id IN (SELECT id FROM users WHERE lower(email) = lower($1)))";
         // A renewal committing while this ran (its new token not yet there
-        // when the statement started) is caught by the next pass.
+        // when the statement started) is caught by the next pass. One that
+        // locks the family's rows in the other order (a renewal's first
+        // use: parent, then the renewal) can make PostgreSQL abort this
+        // statement as a deadlock: nothing was revoked by it, and it runs
+        // again (an operator told "tokens were NOT revoked" after a
+        // password change, for a race with a box logging in).
         let mut revoked = 0;
-        for _ in 0..4 {
-            let n = on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await?.rows_affected());
+        let mut aborted = 0;
+        let mut passes = 0;
+        while passes < 4 {
+            let ran = on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await.map(|d| d.rows_affected()));
+            let n = match ran {
+                Ok(n) => n,
+                Err(e) if is_conflict(&e) && aborted < 4 => {
+                    aborted += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             revoked += n;
+            passes += 1;
             if n == 0 {
                 break;
             }

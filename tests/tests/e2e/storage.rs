@@ -2657,6 +2657,60 @@ async fn limit_changes_touch_only_their_limits(url: &str) {
     store.close().await;
 }
 
+/// Revoking a family while a renewal of it is first used (which locks the
+/// parent, then the renewal) can deadlock on PostgreSQL; the revocation is
+/// the statement aborted (it waited first), and runs again instead of
+/// failing ("tokens were NOT revoked" after a password change).
+#[tokio::test]
+async fn a_revocation_aborted_as_a_deadlock_runs_again() {
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let user = store.create_user("dl@example.com", "hash").await.unwrap();
+    assert!(
+        store
+            .insert_client_token("p", "hash-p", "p", user.id, None, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .rotate_client_token("p", "c", "hash-c", "c", None, None)
+            .await
+            .unwrap()
+    );
+    let mut other = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    let mut watcher = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+    // Another transaction holds the renewal's row...
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("UPDATE client_tokens SET revoked_at = revoked_at WHERE id = 'c'")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // ...the revocation takes the parent's and waits for the renewal's...
+    let revoking = tokio::spawn({
+        let store = store.clone();
+        async move { store.revoke_client_tokens("p").await }
+    });
+    until_waiting_on_locks(&mut watcher, 1, Instant::now() + frpx_tests::WAIT).await;
+    // ...and the other transaction then wants the parent's: a deadlock,
+    // found by the revocation's wait first (after deadlock_timeout, 1 s).
+    sqlx::query("UPDATE client_tokens SET revoked_at = revoked_at WHERE id = 'p'")
+        .execute(&mut other)
+        .await
+        .expect("the revocation is the statement aborted");
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let revoked = tokio::time::timeout(frpx_tests::WAIT, revoking)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.unwrap(), 2, "both revoked, after running again");
+    store.close().await;
+    pg.drop_db().await;
+}
+
 /// A renewal's first use revokes the rest of its family, and `frps token
 /// revoke` finds tokens by prefix, through indexes (migration 0010), not
 /// by reading every row.
