@@ -22,8 +22,27 @@ pub fn read_small(path: &Path) -> std::io::Result<String> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    // Another user's file is not this frpc's state, however readable: in a
+    // directory others may write (the default `token.json` in a shared
+    // working directory), it may have been planted, a token of their
+    // account taking this box (and its client id, for good) over.
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let owner = meta.uid();
+        if owner != me && owner != 0 {
+            return Err(Error::new(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "owned by user {owner}, not by the user frpc runs as ({me}) or root: another user may have put it there; remove it, or run frpc as its owner"
+                ),
+            ));
+        }
     }
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
@@ -194,6 +213,32 @@ mod tests {
             read_small(&dir.join("missing")).unwrap_err().kind(),
             std::io::ErrorKind::NotFound
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Another user's file (planted in a shared directory) is not read as
+    /// this frpc's state; root's is (a `sudo frpc` run wrote it).
+    #[test]
+    fn another_users_file_is_not_read() {
+        // Root's files are read by anyone: read one.
+        assert!(
+            read_small(Path::new("/etc/hostname")).is_ok() || !Path::new("/etc/hostname").exists()
+        );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Only root can give a file to another user to test with.
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("frpc-owner-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let planted = dir.join("token.json");
+        std::fs::write(&planted, "{}").unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+        let err = read_small(&planted).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("owned by user 65534"), "{err}");
+        std::os::unix::fs::chown(&planted, Some(0), Some(0)).unwrap();
+        assert_eq!(read_small(&planted).unwrap(), "{}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
