@@ -91,9 +91,11 @@ pub struct Config {
 
     /// Most dial-back data connections this frpc holds at once (opening,
     /// pooled by frps, or carrying a request); an `OpenConnection` past it
-    /// is answered `OpenFailed` without dialing. frps keeps far fewer (at
-    /// most 256 idle and 512 being opened per client, plus those in use):
-    /// the cap is against a misbehaving frps.
+    /// is answered `OpenFailed` without dialing. frps keeps far fewer (by
+    /// default at most 256 idle and 512 being opened per client, plus
+    /// those in use: keep this above frps's --max-idle-per-client and
+    /// --max-pending-per-client together): the cap is against a
+    /// misbehaving frps.
     #[arg(long, env = "FRPC_MAX_DATA_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_data_connections: u32,
 
