@@ -138,23 +138,13 @@ impl Collector {
             return Vec::new();
         };
         disks.refresh(true);
-        let mut seen = HashSet::new();
-        disks
-            .iter()
-            .filter(|d| {
-                relevant_mount(d.mount_point())
-                    && relevant_file_system(d.mount_point(), d.file_system())
-                    && d.total_space() > 0
-                    && !is_file_mount(d.mount_point())
-            })
-            .filter(|d| seen.insert(d.mount_point().to_path_buf()))
-            .take(MAX_DISKS)
-            .map(|d| DiskInfo {
-                mount: d.mount_point().display().to_string(),
-                used: d.total_space().saturating_sub(d.available_space()),
-                total: d.total_space(),
-            })
-            .collect()
+        pick_disks(disks.iter().map(|d| MountedDisk {
+            mount: d.mount_point(),
+            file_system: d.file_system(),
+            device: d.name(),
+            total: d.total_space(),
+            available: d.available_space(),
+        }))
     }
 
     /// NVML started but cannot list the GPUs (`e`): said once; the
@@ -220,6 +210,40 @@ impl Collector {
 /// listed as a mount of the host's disk.
 fn is_file_mount(mount: &Path) -> bool {
     std::fs::metadata(mount).is_ok_and(|m| !m.is_dir())
+}
+
+/// A mounted file system as sysinfo lists it.
+struct MountedDisk<'a> {
+    mount: &'a Path,
+    file_system: &'a std::ffi::OsStr,
+    /// The device (`/dev/sda1`), or the pool's dataset (`tank/data`).
+    device: &'a std::ffi::OsStr,
+    total: u64,
+    available: u64,
+}
+
+/// The disks worth reporting, each once, at most [`MAX_DISKS`]: a device
+/// mounted again elsewhere (a bind mount: a Docker volume, a directory of
+/// the root disk bound into a chroot) is the first mount's disk, not one
+/// more (its size counted twice in the fleet's totals).
+fn pick_disks<'a>(listed: impl Iterator<Item = MountedDisk<'a>>) -> Vec<DiskInfo> {
+    let (mut mounts, mut devices) = (HashSet::new(), HashSet::new());
+    listed
+        .filter(|d| {
+            relevant_mount(d.mount)
+                && relevant_file_system(d.mount, d.file_system)
+                && d.total > 0
+                && !is_file_mount(d.mount)
+        })
+        .filter(|d| mounts.insert(d.mount.to_path_buf()))
+        .filter(|d| d.device.is_empty() || devices.insert(d.device.to_owned()))
+        .take(MAX_DISKS)
+        .map(|d| DiskInfo {
+            mount: d.mount.display().to_string(),
+            used: d.total.saturating_sub(d.available),
+            total: d.total,
+        })
+        .collect()
 }
 
 /// Mounts worth reporting: the root, home and data mounts, not the
@@ -396,5 +420,48 @@ mod tests {
         // Gone meanwhile: left to the other checks.
         assert!(!is_file_mount(&dir.join("missing")));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_disk_mounted_again_elsewhere_is_reported_once() {
+        let disk =
+            |mount: &'static str, fs: &'static str, device: &'static str, total| MountedDisk {
+                mount: Path::new(mount),
+                file_system: std::ffi::OsStr::new(fs),
+                device: std::ffi::OsStr::new(device),
+                total,
+                available: total / 2,
+            };
+        let picked = pick_disks(
+            [
+                disk("/", "ext4", "/dev/sda1", 100),
+                // Docker volumes and a chroot's bind mounts of the root disk.
+                disk("/srv/volume-a", "ext4", "/dev/sda1", 100),
+                disk("/var/chroot/home", "ext4", "/dev/sda1", 100),
+                disk("/models", "xfs", "/dev/nvme0n1p1", 2000),
+                disk("/models", "xfs", "/dev/nvme0n1p1", 2000),
+                // ZFS datasets of one pool are each their own.
+                disk("/tank/a", "zfs", "tank/a", 50),
+                disk("/tank/b", "zfs", "tank/b", 50),
+                // No device name given: judged by its mount alone.
+                disk("/x", "ext4", "", 10),
+                disk("/y", "ext4", "", 10),
+            ]
+            .into_iter(),
+        );
+        let mounts: Vec<&str> = picked.iter().map(|d| d.mount.as_str()).collect();
+        assert_eq!(mounts, ["/", "/models", "/tank/a", "/tank/b", "/x", "/y"]);
+        assert_eq!(picked[0].used, 50);
+        // At most MAX_DISKS.
+        let many: Vec<String> = (0..40).map(|i| format!("/d{i}")).collect();
+        let devices: Vec<String> = (0..40).map(|i| format!("/dev/sd{i}")).collect();
+        let listed = many.iter().zip(&devices).map(|(m, d)| MountedDisk {
+            mount: Path::new(m.as_str()),
+            file_system: std::ffi::OsStr::new("ext4"),
+            device: std::ffi::OsStr::new(d.as_str()),
+            total: 1,
+            available: 0,
+        });
+        assert_eq!(pick_disks(listed).len(), MAX_DISKS);
     }
 }
