@@ -416,7 +416,13 @@ fn refusal(no: NoPick) -> Result<(), Refusal> {
 /// ends: the box frees no slot by recovering, and nothing else would tell
 /// them it can take one.
 pub fn record_failure(state: &Arc<State>, client: &ClientHandle) {
-    let Some(cool) = client.record_failure() else {
+    record_failure_of(state, client, std::time::Instant::now());
+}
+
+/// [`record_failure`] for a request sent to `client` at `sent`
+/// ([`ClientHandle::record_failure_of`]).
+pub fn record_failure_of(state: &Arc<State>, client: &ClientHandle, sent: std::time::Instant) {
+    let Some(cool) = client.record_failure_of(sent) else {
         return;
     };
     let state = Arc::downgrade(state);

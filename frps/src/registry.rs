@@ -237,14 +237,29 @@ impl ClientHandle {
     /// returns its length when one starts. Requests queued meanwhile must
     /// be woken at its end ([`crate::dispatch::record_failure`]).
     pub fn record_failure(&self) -> Option<std::time::Duration> {
+        self.record_failure_of(Instant::now())
+    }
+
+    /// [`Self::record_failure`] for a request sent to the box at `sent`.
+    /// One sent before the last cool-down began failed with the failure
+    /// that began it (the service crashed under all of them at once) and
+    /// is not counted again: eight requests inside an Ollama that
+    /// restarted doubled the cool-down eight times, to a minute, for an
+    /// outage of seconds. Requests sent after it count as before.
+    pub fn record_failure_of(&self, sent: Instant) -> Option<std::time::Duration> {
         let mut h = self.health.lock().expect("health lock");
+        if h.cooled_at.is_some_and(|at| sent < at) {
+            return None;
+        }
         h.failures = h.failures.saturating_add(1);
         if h.failures < FAILURES_BEFORE_COOLDOWN {
             return None;
         }
         let n = (h.failures - FAILURES_BEFORE_COOLDOWN).min(6);
         let cool = (COOLDOWN_BASE * (1u32 << n)).min(COOLDOWN_MAX);
-        h.until = Some(Instant::now() + cool);
+        let now = Instant::now();
+        h.until = Some(now + cool);
+        h.cooled_at = Some(now);
         tracing::warn!(client = %self.id, failures = h.failures, "client '{}' marked unhealthy for {cool:?}", self.id);
         Some(cool)
     }
@@ -381,6 +396,8 @@ pub const SHEDS_BEFORE_FAILURE: u32 = 16;
 struct Health {
     failures: u32,
     until: Option<Instant>,
+    /// When the last cool-down began.
+    cooled_at: Option<Instant>,
     /// Streams shed since the last success.
     sheds: u32,
     /// A report of the service up again ended a cool-down since the last
@@ -1113,5 +1130,27 @@ mod tests {
             gpu.record_failure();
         }
         assert!(gpu.record_service_up());
+    }
+
+    /// Requests that failed together (a service crashing under all of
+    /// them) make one cool-down, not one doubling each: those sent before
+    /// it began are not counted; one sent after it is.
+    #[test]
+    fn requests_failing_together_cool_a_box_down_once() {
+        let reg = Registry::default();
+        let gpu = super::testing::add(&reg, "gpu", &[], None);
+        let sent = Instant::now();
+        assert_eq!(gpu.record_failure_of(sent), None);
+        assert_eq!(gpu.record_failure_of(sent), Some(COOLDOWN_BASE));
+        for _ in 0..8 {
+            assert_eq!(gpu.record_failure_of(sent), None);
+        }
+        assert_eq!(gpu.failures(), FAILURES_BEFORE_COOLDOWN);
+        let left = gpu.cooling_left(Instant::now()).expect("cooling down");
+        assert!(left <= COOLDOWN_BASE, "{left:?}");
+        // A request sent after the cool-down began fails: it doubles.
+        let later = Instant::now();
+        assert_eq!(gpu.record_failure_of(later), Some(COOLDOWN_BASE * 2));
+        assert_eq!(gpu.record_failure_of(sent), None);
     }
 }

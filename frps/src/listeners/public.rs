@@ -883,9 +883,14 @@ async fn forward(
             Err(e) => {
                 waited += acquiring.elapsed();
                 let retries = state.config.max_retries + busy;
-                if let Some(resp) =
-                    blame(state, &client, e, &mut excluded, &mut last_error, retries)
-                {
+                if let Some(resp) = blame(
+                    state,
+                    (&client, acquiring),
+                    e,
+                    &mut excluded,
+                    &mut last_error,
+                    retries,
+                ) {
                     return resp;
                 }
                 continue;
@@ -1121,7 +1126,7 @@ async fn forward(
         };
         if let Some(resp) = blame(
             state,
-            &client,
+            (&client, acquiring),
             failure,
             &mut excluded,
             &mut last_error,
@@ -1169,14 +1174,14 @@ fn session_ended_under(client: &ClientHandle) -> bool {
 /// one failed, not that none is left.
 fn blame(
     state: &Arc<State>,
-    client: &ClientHandle,
+    (client, sent): (&ClientHandle, Instant),
     error: AcquireError,
     excluded: &mut Vec<u64>,
     last_error: &mut Option<AcquireError>,
     retries: usize,
 ) -> Option<Response<PublicBody>> {
     warn!(client = %client.id, "client failed before responding: {error}");
-    dispatch::record_failure(state, client);
+    dispatch::record_failure_of(state, client, sent);
     excluded.push(client.session);
     let error = last_error.insert(error);
     (excluded.len() > retries).then(|| upstream_error(state, error))
