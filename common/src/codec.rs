@@ -137,11 +137,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.advance(HEADER);
         let body = self.buf.split_to(len);
         let command = serde_json::from_slice(&body);
-        if self.buf.is_empty() && len > READ_STEP {
+        if len > READ_STEP && self.buf.len() <= READ_STEP {
             // The buffer grown for a large frame (a registration's model
             // list) is let go with it: kept, the connection would hold it
-            // for its whole life, though its next frames are small.
-            self.buf = BytesMut::with_capacity(1024);
+            // for its whole life, though its next frames are small. What
+            // came after it in the same read (a heartbeat) moves to a
+            // small one.
+            let mut small = BytesMut::with_capacity(self.buf.len().max(1024));
+            small.extend_from_slice(&self.buf);
+            self.buf = small;
         }
         Ok(Some(command?))
     }
@@ -375,6 +379,26 @@ mod tests {
         assert!(
             reader.buf.capacity() <= 2 * READ_STEP,
             "held {} bytes after the large frame",
+            reader.buf.capacity()
+        );
+        // So when the next frame came in the same read as the large one.
+        let mut both = frame.clone();
+        both.extend_from_slice(&encode(&Command::Heartbeat { seq: 2 }, MAX_FRAME).unwrap());
+        reader.buf.extend_from_slice(&both);
+        assert!(matches!(
+            reader.read_command().await.unwrap(),
+            Some(Command::Disconnect { .. })
+        ));
+        assert_eq!(
+            reader.read_command().await.unwrap(),
+            Some(Command::Heartbeat { seq: 2 })
+        );
+        // (A buffer split off a larger one reports only its own part as
+        // its capacity; reserving takes the whole allocation back.)
+        reader.buf.reserve(1);
+        assert!(
+            reader.buf.capacity() <= 2 * READ_STEP,
+            "held {} bytes after the large frame and the next",
             reader.buf.capacity()
         );
 

@@ -589,14 +589,27 @@ pub fn load<T>(
     config_id: &str,
     read: impl FnOnce(&mut FileArgs<'_>, &str) -> Result<T, FileError>,
 ) -> Result<(ArgMatches, Option<T>), LoadError> {
+    load_keeping(cmd, args, config_id, &[], read)
+}
+
+/// [`load`], where the flags `empty_means` name take a variable set to
+/// nothing as an empty value (frps's `--redis-prefix`: no prefix), not as
+/// unset.
+pub fn load_keeping<T>(
+    cmd: Command,
+    args: Vec<OsString>,
+    config_id: &str,
+    empty_means: &[&str],
+    read: impl FnOnce(&mut FileArgs<'_>, &str) -> Result<T, FileError>,
+) -> Result<(ArgMatches, Option<T>), LoadError> {
     // A variable set to nothing (or blanks) sets nothing: dropped from its
     // flag before clap reads it, so a typed flag (a port, a path, a switch)
     // is not refused at start for it, and a text flag is not set to "".
     let mut cmd = cmd.mut_args(|a| {
-        let blank = a
-            .get_env()
-            .and_then(std::env::var_os)
-            .is_some_and(|v| v.to_string_lossy().trim().is_empty());
+        let blank = !empty_means.contains(&a.get_id().as_str())
+            && a.get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| v.to_string_lossy().trim().is_empty());
         if blank { a.env(None::<&str>) } else { a }
     });
     cmd.build();
@@ -956,6 +969,36 @@ mod tests {
         // Without a file: unset, not "" and not refused.
         let alone = empty_alone.unwrap();
         assert_eq!((token(&alone), port(&alone)), (None, None));
+    }
+
+    #[test]
+    fn a_flag_for_which_empty_means_something_keeps_an_empty_variable() {
+        const NAME: &str = "FRPX_CONFIG_FILE_TEST_EMPTY_PREFIX";
+        let cmd = || {
+            Command::new("t")
+                .arg(
+                    Arg::new("config")
+                        .long("config")
+                        .value_parser(clap::value_parser!(PathBuf)),
+                )
+                .arg(
+                    Arg::new("prefix")
+                        .long("prefix")
+                        .env(NAME)
+                        .default_value("p:"),
+                )
+        };
+        let prefix = |keeping: &[&str]| {
+            let (m, _) =
+                load_keeping(cmd(), vec!["t".into()], "config", keeping, |_, _| Ok(())).unwrap();
+            m.get_one::<String>("prefix").cloned()
+        };
+        // SAFETY: no other code of this process reads or writes this name.
+        unsafe { std::env::set_var(NAME, "") };
+        let (kept, dropped) = (prefix(&["prefix"]), prefix(&[]));
+        unsafe { std::env::remove_var(NAME) };
+        assert_eq!(kept.as_deref(), Some(""));
+        assert_eq!(dropped.as_deref(), Some("p:"));
     }
 
     #[test]

@@ -425,10 +425,16 @@ impl Client {
         };
         *registered = Some(Instant::now());
         self.has_registered.store(true, Ordering::Relaxed);
+        let account = self.account.lock().expect("account lock").clone();
+        // A token saved before its account was recorded names none.
+        let account = if account.is_empty() {
+            String::new()
+        } else {
+            format!(" for account {account}")
+        };
         info!(
-            "registered with frps at {addr} as '{}' for account {} (heartbeat every {heartbeat:?})",
-            session.client_id,
-            self.account.lock().expect("account lock")
+            "registered with frps at {addr} as '{}'{account} (heartbeat every {heartbeat:?})",
+            session.client_id
         );
         self.serve(&mut reader, &mut wr, Arc::new(session), heartbeat, probe)
             .await
@@ -1547,7 +1553,9 @@ fn dial_failed(e: crate::tls::DialError, has_registered: bool, max: Duration) ->
             error!("{e}; retrying, since this frpc was registered with frps before");
             SessionError::Wait {
                 reason: "the TLS handshake with frps failed".into(),
-                at_least: max,
+                // Jittered: a fleet refused by one bad deployment must not
+                // come back in lockstep.
+                at_least: crate::backoff::at_most(max),
             }
         }
         (false, _) => SessionError::Retry(e.to_string()),
@@ -1860,7 +1868,7 @@ mod tests {
         for e in [refused(), not_tls()] {
             let (end, said) = common::testing::logged(|| dial_failed(e, true, max));
             assert!(
-                matches!(end, SessionError::Wait { at_least, .. } if at_least == max),
+                matches!(end, SessionError::Wait { at_least, .. } if at_least <= max && at_least >= max.mul_f64(0.8)),
                 "{end:?}"
             );
             assert!(

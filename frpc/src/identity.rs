@@ -99,6 +99,7 @@ pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
         let contents = format!("{id}\n");
         // The token file's directory may not exist yet on a first start:
         // made by the write.
+        let created = damaged.is_none() && first;
         let written = match damaged {
             Some(e) => {
                 tracing::warn!(
@@ -114,8 +115,17 @@ pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
             None => state_file::write_private(path, contents.as_bytes()).map(|()| true),
         }
         .with_context(|| format!("cannot save the client id to {}", path.display()))?;
-        if written {
+        if written && created {
             return Ok(id);
+        }
+        if written {
+            // Replaced by rename: another frpc replacing it at once may
+            // have renamed its own over it; the id the file holds now is
+            // the machine's.
+            return Ok(match crate::state_file::read_small(path) {
+                Ok(now) if uuid::Uuid::parse_str(now.trim()).is_ok() => now.trim().to_owned(),
+                _ => id,
+            });
         }
         first = false;
     }

@@ -38,7 +38,11 @@ where
     T: Into<OsString>,
 {
     let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let (matches, plugins) = config_file::load(Cli::command(), args, "config_file", read)?;
+    // An empty prefix is a prefix (none), as it was before blank
+    // variables counted as unset: a fleet running with one keeps hearing
+    // its revocations.
+    let (matches, plugins) =
+        config_file::load_keeping(Cli::command(), args, "config_file", &["redis_prefix"], read)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.config.plugins = plugins.unwrap_or_default();
     Ok(cli)

@@ -395,6 +395,14 @@ impl KeyValidator {
                     }
                     None => {
                         self.invalid.insert(hash, ()).await;
+                        // An entry Redis kept past its key's revocation:
+                        // gone, with a tombstone, so no frps (one that
+                        // still trusts Redis) takes it.
+                        if suspect.is_some()
+                            && let Some(redis) = &self.redis
+                        {
+                            redis.revoke(&hash).await;
+                        }
                         KeyCheck::Invalid
                     }
                 }

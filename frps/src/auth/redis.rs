@@ -231,6 +231,12 @@ pub struct RedisCache {
     distrust_before: Arc<AtomicI64>,
     /// Subscriptions to revocations made so far.
     subscriptions: AtomicU64,
+    /// Bumped each time commands start failing: the subscription is made
+    /// again (with [`Self::distrust_before`] moved on), since what failed
+    /// may be Redis itself, restarted or failed over to a replica, while
+    /// the subscription's connection has not noticed yet (it learns of a
+    /// dead peer only from its pings, up to 20 s later).
+    broken: tokio::sync::watch::Sender<u64>,
 }
 
 /// A key's entry as Redis holds it.
@@ -281,6 +287,7 @@ impl RedisCache {
             // to have outlived no revocation.
             distrust_before: Arc::new(AtomicI64::new(i64::MAX)),
             subscriptions: AtomicU64::new(0),
+            broken: tokio::sync::watch::channel(0).0,
         });
         tokio::spawn(cache.clone().connect_loop(client.clone(), shutdown.clone()));
         tokio::spawn(
@@ -311,6 +318,7 @@ impl RedisCache {
             // The admin commands read no entries to act on them.
             distrust_before: Arc::new(AtomicI64::new(i64::MIN)),
             subscriptions: AtomicU64::new(0),
+            broken: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -346,10 +354,11 @@ impl RedisCache {
     ) {
         let channel = self.channel();
         let mut lost = false;
+        let mut broken = self.broken.subscribe();
         loop {
             let ended = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                ended = subscription(&client, &channel, &on_revoke, keepalive, &self.distrust_before, &self.subscriptions, &mut lost) => ended,
+                ended = subscription(&self, &client, &channel, &on_revoke, keepalive, &mut broken, &mut lost) => ended,
             };
             // Revocations are not heard from now until the next
             // subscription: no entry is taken on Redis's word meanwhile.
@@ -372,6 +381,13 @@ impl RedisCache {
 
     fn mark(&self, healthy: bool, detail: &str) {
         let was = self.healthy.swap(healthy, Ordering::Relaxed);
+        if was && !healthy {
+            // Redis may be coming back as another instance: nothing it
+            // holds is taken on its word until the subscription is made
+            // again.
+            self.distrust_before.store(i64::MAX, Ordering::Relaxed);
+            self.broken.send_modify(|n| *n += 1);
+        }
         match (was, healthy) {
             (true, false) => warn!(
                 "Redis unavailable ({detail}); serving from the in-process cache and the database, reconnecting in the background"
@@ -600,14 +616,17 @@ impl RedisCache {
 /// until it fails or stops answering pings; returns why it ended. `lost`
 /// says whether an earlier one ended (logged once it is back).
 async fn subscription(
+    cache: &RedisCache,
     client: &redis::Client,
     channel: &str,
     on_revoke: &OnRevoke,
     keepalive: Keepalive,
-    distrust_before: &AtomicI64,
-    subscriptions: &AtomicU64,
+    broken: &mut tokio::sync::watch::Receiver<u64>,
     lost: &mut bool,
 ) -> String {
+    let (distrust_before, subscriptions) = (&cache.distrust_before, &cache.subscriptions);
+    // Failures of commands from now on end this subscription.
+    broken.borrow_and_update();
     let subscribe = async {
         let (mut sink, messages) = client.get_async_pubsub().await?.split();
         sink.subscribe(channel).await?;
@@ -639,6 +658,9 @@ async fn subscription(
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = broken.changed() => {
+                return "commands to Redis failed: it may have restarted or failed over".to_owned();
+            }
             msg = messages.next() => match msg {
                 Some(msg) => match <[u8; 32]>::try_from(msg.get_payload_bytes()) {
                     Ok(hash) => on_revoke(Some(hash)),
