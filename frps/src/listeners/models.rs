@@ -14,19 +14,45 @@ use crate::state::State;
 
 /// The fleet's models in OpenAI's shape, or Ollama's when `ollama`.
 pub fn list(state: &State, ollama: bool) -> Response<PublicBody> {
-    let mut models: BTreeMap<String, Option<u64>> = BTreeMap::new();
+    // Each name's size (the first box to know it) and since when a box
+    // online serves it.
+    type Seen = (Option<u64>, chrono::DateTime<chrono::Utc>);
+    let mut models: BTreeMap<String, Seen> = BTreeMap::new();
     for c in state.registry.online() {
         c.with_models(|ms| {
             for m in ms {
-                let size = models.entry(m.name.clone()).or_insert(None);
+                let (size, since) = models
+                    .entry(m.name.clone())
+                    .or_insert((None, c.connected_at));
                 *size = size.or(m.size);
+                *since = (*since).min(c.connected_at);
             }
         });
     }
     let body = if ollama {
+        // Ollama's fields, all of them: clients decoding its list strictly
+        // (typed ones) need `modified_at`, `digest` and `details`, which
+        // the boxes do not report: empty, and the time the model came
+        // online here.
         let list: Vec<_> = models
             .iter()
-            .map(|(name, size)| json!({"name": name, "model": name, "size": size.unwrap_or(0)}))
+            .map(|(name, (size, since))| {
+                json!({
+                    "name": name,
+                    "model": name,
+                    "modified_at": since.to_rfc3339(),
+                    "size": size.unwrap_or(0),
+                    "digest": "",
+                    "details": {
+                        "parent_model": "",
+                        "format": "",
+                        "family": "",
+                        "families": null,
+                        "parameter_size": "",
+                        "quantization_level": "",
+                    },
+                })
+            })
             .collect();
         json!({ "models": list })
     } else {

@@ -532,12 +532,25 @@ pub const SMALL_BODY: u64 = 64 * 1024;
 pub const RACE_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Paths whose JSON body names the model to route on.
-pub const MODEL_PATHS: [&str; 9] = [
+pub const MODEL_PATHS: [&str; 18] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
     // OpenAI's Responses API (vLLM serves it too).
     "/v1/responses",
+    // vLLM's and llama.cpp's other JSON calls naming a model (the root
+    // paths reach a box only with --forward-paths allowing them): sent to
+    // a box without the model, they were answered 404 there, never tried
+    // on one that has it.
+    "/v1/rerank",
+    "/v2/rerank",
+    "/rerank",
+    "/v1/score",
+    "/score",
+    "/tokenize",
+    "/detokenize",
+    "/pooling",
+    "/classify",
     "/api/chat",
     "/api/generate",
     "/api/embed",

@@ -207,6 +207,18 @@ async fn requests_for_a_model_go_only_to_boxes_that_have_it() {
         let reply = conn.post("/api/show", Some(API_KEY), show).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         assert_ne!(reply.json()["backend"], "a", "a has no qwen");
+        // So do vLLM's and llama.cpp's other calls naming a model.
+        for path in [
+            "/v1/rerank",
+            "/rerank",
+            "/v1/score",
+            "/tokenize",
+            "/pooling",
+        ] {
+            let reply = conn.post(path, Some(API_KEY), chat("qwen2.5:1.5b")).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            assert_ne!(reply.json()["backend"], "a", "{path}: a has no qwen");
+        }
     }
 }
 
@@ -373,6 +385,22 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["llama3:latest", "org/tuned:v2", "qwen2.5:1.5b"]);
+    // With every field Ollama gives (clients decoding it strictly need
+    // them), filled where frps knows them.
+    for m in ollama["models"].as_array().unwrap() {
+        let since = m["modified_at"].as_str().unwrap();
+        chrono::DateTime::parse_from_rfc3339(since).expect("RFC 3339");
+        assert!(m["size"].is_u64() && m["digest"].is_string(), "{m}");
+        for field in [
+            "parent_model",
+            "format",
+            "family",
+            "parameter_size",
+            "quantization_level",
+        ] {
+            assert!(m["details"][field].is_string(), "{field}: {m}");
+        }
+    }
     // Authenticated like everything else, and never forwarded.
     assert_eq!(
         http::get(b.frps.public(), "/v1/models", None).await.status,
