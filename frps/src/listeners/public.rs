@@ -1588,10 +1588,18 @@ fn refused(
         ),
         (Refusal::NoModel, _) => error_response(
             StatusCode::NOT_FOUND,
-            &format!(
-                "The model `{}` does not exist on any online client",
-                shorten(model.unwrap_or_default(), 200)
-            ),
+            &match pinned {
+                // Other boxes may serve it: the pin is what stands in the way.
+                Some(client) => format!(
+                    "The model `{}` is not served by client '{}'",
+                    shorten(model.unwrap_or_default(), 200),
+                    shorten(client, 200)
+                ),
+                None => format!(
+                    "The model `{}` does not exist on any online client",
+                    shorten(model.unwrap_or_default(), 200)
+                ),
+            },
             "invalid_request_error",
             "model_not_found",
         ),

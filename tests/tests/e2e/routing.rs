@@ -424,7 +424,15 @@ async fn pinned(addr: std::net::SocketAddr, client: &str) -> Reply {
 
 #[tokio::test]
 async fn x_frpx_client_pins_a_request() {
-    let b = boxes(frps_config(), &[("a", &["m"], None), ("b", &["m"], None)]).await;
+    let b = boxes(
+        frps_config(),
+        &[
+            ("a", &["m"], None),
+            ("b", &["m"], None),
+            ("c", &["other"], None),
+        ],
+    )
+    .await;
     for _ in 0..10 {
         let reply = pinned(b.frps.public(), "b").await;
         assert_eq!(reply.status, 200);
@@ -433,6 +441,16 @@ async fn x_frpx_client_pins_a_request() {
     let reply = pinned(b.frps.public(), "nobody").await;
     assert_eq!(reply.status, 404);
     assert_eq!(reply.json()["error"]["code"], "client_not_found");
+    // Pinned to a box without the model: the pin is named, not the fleet
+    // (a and b serve it).
+    let reply = pinned(b.frps.public(), "c").await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "model_not_found");
+    let said = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(said.contains("not served by client 'c'"), "{said}");
     // A box cooling down after failures is spared, pinned or not; the
     // caller is told when its cool-down ends.
     let cooling = b.frps.state.registry.get("b").unwrap();
