@@ -205,6 +205,8 @@ struct ClientGauges {
     id: String,
     in_flight: i64,
     healthy: bool,
+    /// Taken by the router now: healthy and not cooling down.
+    routable: bool,
     cpu: Option<f64>,
     /// Seconds since the client's system metrics came.
     system_age: Option<f64>,
@@ -388,6 +390,7 @@ impl FleetSnapshot {
                         id: c.id.clone(),
                         in_flight: c.in_flight.load(Ordering::Relaxed) as i64,
                         healthy: c.is_healthy(),
+                        routable: c.is_healthy() && !c.is_cooling_down(),
                         cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
                         system_age: age.map(|a| a.as_secs_f64()),
                         memory_used: sys.as_ref().map(|s| saturating_i64(s.memory_used)),
@@ -483,7 +486,7 @@ impl Collector for FleetSnapshot {
         }
 
         type Field = fn(&ClientGauges) -> Option<f64>;
-        let per_client: [(&str, &str, Field); 6] = [
+        let per_client: [(&str, &str, Field); 7] = [
             (
                 "frpx_client_in_flight_requests",
                 "Requests being served by the client",
@@ -493,6 +496,11 @@ impl Collector for FleetSnapshot {
                 "frpx_client_healthy",
                 "1 when the client's local service answers",
                 |c| Some(f64::from(u8::from(c.healthy))),
+            ),
+            (
+                "frpx_client_routable",
+                "1 when frps sends the client requests: its service answers and it is not cooling down after failed requests",
+                |c| Some(f64::from(u8::from(c.routable))),
             ),
             (
                 "frpx_client_cpu_usage_percent",

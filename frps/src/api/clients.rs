@@ -105,6 +105,8 @@ pub async fn status(AxState(state): ApiState, Path(id): Path<String>) -> ApiResu
         id: c.id.clone(),
         status: super::types::status(&c).into(),
         healthy: c.is_healthy(),
+        cooling_down_secs: super::types::cooling_down_secs(&c),
+        failures: c.failures(),
         last_heartbeat_secs_ago: c.last_seen().elapsed().as_secs_f64(),
         in_flight: c.in_flight.load(std::sync::atomic::Ordering::Relaxed),
     };

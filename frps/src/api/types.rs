@@ -33,8 +33,13 @@ pub struct Health {
 pub struct ClientSummary {
     /// Client id.
     pub id: String,
-    /// `online`, or `unhealthy` when its local service does not answer.
+    /// `online`; `unhealthy` when its local service does not answer;
+    /// `cooling_down` while frps skips it after failed requests.
     pub status: String,
+    /// Seconds left of its cool-down after failed requests (null: none).
+    pub cooling_down_secs: Option<f64>,
+    /// Requests that failed on it since its last success.
+    pub failures: u32,
     /// Machine id.
     pub machine_id: String,
     /// Host name.
@@ -72,6 +77,8 @@ impl ClientSummary {
         Self {
             id: c.id.clone(),
             status: status(c).into(),
+            cooling_down_secs: cooling_down_secs(c),
+            failures: c.failures(),
             machine_id: c.registration.machine_id.clone(),
             hostname: c.registration.hostname.clone(),
             os: c.registration.os.clone(),
@@ -134,13 +141,25 @@ fn has_user_info(value: &str) -> bool {
     })
 }
 
-/// `online` or `unhealthy`.
+/// `online`; `unhealthy` when its local service does not answer;
+/// `cooling_down` when requests failed on it and frps skips it for a
+/// while (its service answering the probes all the same: before
+/// 2026-12-05 such a box showed `online` while every request to it got
+/// 503 `no_healthy_clients`).
 pub fn status(c: &ClientHandle) -> &'static str {
-    if c.is_healthy() {
-        "online"
-    } else {
+    if !c.is_healthy() {
         "unhealthy"
+    } else if c.is_cooling_down() {
+        "cooling_down"
+    } else {
+        "online"
     }
+}
+
+/// Seconds left of `c`'s cool-down, if it is in one.
+pub fn cooling_down_secs(c: &ClientHandle) -> Option<f64> {
+    c.cooling_left(std::time::Instant::now())
+        .map(|d| d.as_secs_f64())
 }
 
 /// One client in detail.
@@ -170,10 +189,14 @@ pub struct ClientDetail {
 pub struct ClientStatus {
     /// Client id.
     pub id: String,
-    /// `online` or `unhealthy`.
+    /// `online`, `unhealthy` or `cooling_down` (as in the client list).
     pub status: String,
     /// Whether its local service answers.
     pub healthy: bool,
+    /// Seconds left of its cool-down after failed requests (null: none).
+    pub cooling_down_secs: Option<f64>,
+    /// Requests that failed on it since its last success.
+    pub failures: u32,
     /// Seconds since it was last heard from.
     pub last_heartbeat_secs_ago: f64,
     /// Requests being served.

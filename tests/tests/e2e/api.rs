@@ -826,6 +826,39 @@ async fn metrics_count_requests_and_follow_model_changes() {
         names == BTreeSet::from(["qwen2.5:1.5b".to_owned(), "llama3:latest".to_owned()])
     })
     .await;
+    // Requests failing on it cool it down: shown as such (its service
+    // answers the probes all the same), and not routable.
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    for _ in 0..frps::registry::FAILURES_BEFORE_COOLDOWN + 2 {
+        client.record_failure();
+    }
+    let status = api(&fleet, "GET", "/api/clients/client-0/status")
+        .await
+        .json();
+    assert_eq!(status["data"]["status"], "cooling_down", "{status}");
+    assert_eq!(status["data"]["healthy"], true);
+    assert_eq!(status["data"]["failures"], 4);
+    let left = status["data"]["cooling_down_secs"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 4.0, "{left}");
+    let listed = api(&fleet, "GET", "/api/clients").await.json();
+    assert_eq!(listed["data"][0]["status"], "cooling_down", "{listed}");
+    let text = metrics(&fleet).await;
+    assert!(
+        text.contains("frpx_client_routable{client=\"client-0\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("frpx_client_healthy{client=\"client-0\"} 1"));
+    client.record_success();
+    let status = api(&fleet, "GET", "/api/clients/client-0/status")
+        .await
+        .json();
+    assert_eq!(status["data"]["status"], "online", "{status}");
+    assert!(status["data"]["cooling_down_secs"].is_null());
+    assert!(
+        metrics(&fleet)
+            .await
+            .contains("frpx_client_routable{client=\"client-0\"} 1")
+    );
     // The backend goes down: the client stays registered but unhealthy.
     fleet.backends[0].stop();
     fleet.backends[0].set_models(&[]);
