@@ -228,6 +228,8 @@ pub struct Config {
 
     /// Most open connections per listener (public, control, proxy,
     /// management API); more are answered 503 (public) or closed at once.
+    /// On the proxy port a connection counts until its hello is accepted
+    /// (a paired dial-back is then held by its client's own caps).
     #[arg(long, env = "FRPX_MAX_CONNECTIONS", default_value_t = 20_000, value_parser = parse_at_least_one)]
     pub max_connections: usize,
 
