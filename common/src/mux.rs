@@ -699,8 +699,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, shared: &Shared) -> io
             .await
             .map_err(|_| stalled())??;
         batch.clear();
-        if batch.capacity() > SPARE_KEEP && shared.lock().out.is_empty() {
-            batch = BytesMut::new();
+        // Idle once more (nothing queued meanwhile): neither buffer keeps
+        // what a burst grew it to. The one the streams fill was the batch
+        // before, grown as much: it is let go too, or an idle connection
+        // held up to a megabyte until its next frame.
+        let mut inner = shared.lock();
+        if inner.out.is_empty() {
+            if batch.capacity() > SPARE_KEEP {
+                batch = BytesMut::new();
+            }
+            if inner.out.capacity() > SPARE_KEEP {
+                inner.out = BytesMut::new();
+            }
         }
     }
 }
@@ -1067,6 +1077,47 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .unwrap_or_else(|_| panic!("{what}: timed out"))
+    }
+
+    /// After a burst through a slow link (the writer's two buffers grown
+    /// by frames queued faster than they left), an idle connection holds
+    /// neither grown buffer.
+    #[tokio::test]
+    async fn an_idle_connection_keeps_no_buffer_a_burst_grew() {
+        let (a, b) = tokio::io::duplex(4096);
+        let (opener, drive_a) = Mux::new(a, Role::Opener);
+        let (acceptor, drive_b) = Mux::new(b, Role::Acceptor);
+        tokio::spawn(drive_a);
+        tokio::spawn(drive_b);
+        let mut near = opener.open().unwrap();
+        let mut far = within("accept", acceptor.accept()).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 4 << 20];
+            far.read_exact(&mut got).await.unwrap();
+            far
+        });
+        within("write", near.write_all(&vec![7u8; 4 << 20]))
+            .await
+            .unwrap();
+        let _far = within("read", reader).await.unwrap();
+        // Let the writer finish its last batch.
+        within("idle", async {
+            loop {
+                if opener.shared.lock().out.is_empty() {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let held = opener.shared.lock().out.capacity();
+        assert!(
+            held <= SPARE_KEEP,
+            "the queue holds {held} bytes while idle"
+        );
     }
 
     #[tokio::test]
