@@ -265,18 +265,50 @@ impl Queues {
 
     /// Requests waiting, per model (`*` for requests naming none).
     pub fn depths(&self) -> Vec<(String, usize)> {
+        self.depths_named(|named| normalize(named).into_owned())
+    }
+
+    /// [`Self::depths`], each model named by `name` (from the name queued
+    /// for; called with no lock held).
+    pub fn depths_named(&self, name: impl Fn(&str) -> String) -> Vec<(String, usize)> {
+        let waiting: Vec<(Option<String>, usize)> = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .iter()
+            .map(|(k, q)| (k.model.clone(), q.waiting.load(Ordering::Relaxed)))
+            .collect();
         let mut by_model: HashMap<String, usize> = HashMap::new();
-        for (k, q) in self.queues.lock().expect("queues lock").iter() {
+        for (model, n) in waiting {
             // One series per model however it was spelled.
-            let model = match k.model.as_deref() {
+            let model = match model.as_deref() {
                 None => ANY.to_owned(),
-                Some(named) => normalize(named).into_owned(),
+                Some(named) => name(named),
             };
-            *by_model.entry(model).or_default() += q.waiting.load(Ordering::Relaxed);
+            *by_model.entry(model).or_default() += n;
         }
         let mut d: Vec<_> = by_model.into_iter().collect();
         d.sort();
         d
+    }
+
+    /// [`Self::depths`], each model named as a box online lists it (as
+    /// `frpx_requests_total` names it: `mistral` for vLLM's `mistral`, not
+    /// `mistral:latest`), or normalized when none does any more.
+    pub fn depths_listed(&self, registry: &crate::registry::Registry) -> Vec<(String, usize)> {
+        let online = registry.online();
+        self.depths_named(|named| {
+            online
+                .iter()
+                .find_map(|c| {
+                    c.with_models(|ms| {
+                        ms.iter()
+                            .find(|m| crate::router::listed_serves(&m.name, named))
+                            .map(|m| m.name.clone())
+                    })
+                })
+                .unwrap_or_else(|| normalize(named).into_owned())
+        })
     }
 
     /// Requests waiting in all queues.
@@ -759,5 +791,29 @@ mod tests {
         );
         drop((a, b, c, d, e));
         assert!(queues.is_empty());
+    }
+
+    /// Named as the box lists the model, as the request counts name it: a
+    /// vLLM's `v` (no tag) is `v`, an Ollama's `m` is `m:latest`; a model
+    /// no box online lists any more is normalized.
+    #[test]
+    fn queue_depths_name_models_as_the_boxes_list_them() {
+        let reg = crate::registry::Registry::default();
+        let _vllm = crate::registry::testing::add(&reg, "vllm", &["v"], None);
+        let _ollama = crate::registry::testing::add(&reg, "ollama", &["m:latest"], None);
+        let queues = Queues::default();
+        let v = queues.join(QueueKey::new(Some("v"), None, false), 10);
+        let m = queues.join(QueueKey::new(Some("m"), None, false), 10);
+        let gone = queues.join(QueueKey::new(Some("gone"), None, false), 10);
+        assert_eq!(
+            queues.depths_listed(&reg),
+            vec![
+                ("gone:latest".to_owned(), 1),
+                ("m:latest".to_owned(), 1),
+                ("v".to_owned(), 1)
+            ]
+        );
+        assert_eq!(queues.depths()[2], ("v:latest".to_owned(), 1));
+        drop((v, m, gone));
     }
 }

@@ -381,7 +381,7 @@ impl FleetSnapshot {
                     state.stats.rate_limited_concurrency.load(Ordering::Relaxed),
                 ),
             ],
-            queues: state.queues.depths(),
+            queues: state.queues.depths_listed(&state.registry),
             per_client: clients
                 .iter()
                 .map(|c| {

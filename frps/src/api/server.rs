@@ -66,7 +66,11 @@ pub async fn stats(AxState(state): ApiState) -> ApiResult<Stats> {
         pending_connections: state.pending.len(),
         upstream_dial_backs: load(&s.upstream_dial_backs),
         upstream_streams: load(&s.upstream_streams),
-        queue_depth: state.queues.depths().into_iter().collect(),
+        queue_depth: state
+            .queues
+            .depths_listed(&state.registry)
+            .into_iter()
+            .collect(),
         bytes_in: load(&s.bytes_in),
         bytes_out: load(&s.bytes_out),
         errors: ErrorCounts {
