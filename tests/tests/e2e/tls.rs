@@ -165,6 +165,51 @@ async fn a_certificate_for_another_name_is_refused() {
     frps.wait_for_clients(&["named"]).await;
 }
 
+/// A box that registered once is not stopped for good by a frps that
+/// came back with a certificate it refuses (a bad deployment, fixed
+/// later): it retries, and registers once the right one is back. At a
+/// first start the same refusal stops it (above).
+#[tokio::test]
+async fn a_refused_certificate_after_registering_is_retried_not_fatal() {
+    let ca = TestCa::new();
+    let good = ca.issue("frps", &["127.0.0.1"]);
+    let mut cfg = frps_config();
+    cfg.tls_cert = Some(good.cert.clone());
+    cfg.tls_key = Some(good.key.clone());
+    cfg.database_url = frpx_tests::temp_sqlite_url();
+    let frps = Frps::start(cfg.clone()).await;
+    let backend = Backend::start("steady").await;
+    let mut client = strict_config("steady", &frps, &backend);
+    client.tls = true;
+    client.tls_ca = Some(ca.ca_pem.clone());
+    let frpc = Frpc::start(client);
+    frps.wait_for_clients(&["steady"]).await;
+    // The same ports, a certificate of a CA frpc does not trust.
+    let addrs = frps.addrs;
+    frps.stop().await;
+    let other = TestCa::new().issue("frps", &["127.0.0.1"]);
+    let mut wrong = cfg.clone();
+    wrong.tls_cert = Some(other.cert);
+    wrong.tls_key = Some(other.key);
+    wrong.control_port = addrs.control.port();
+    wrong.proxy_port = addrs.proxy.port();
+    let frps = Frps::start(wrong).await;
+    // Time for several refused handshakes (400 ms apart at the tests'
+    // reconnect pace; the first would have stopped it), and frpc still
+    // running.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!frpc.is_finished(), "frpc stopped for good");
+    assert!(frps.state.registry.get("steady").is_none());
+    frps.stop().await;
+    // The right certificate is back: it registers.
+    let mut right = cfg;
+    right.control_port = addrs.control.port();
+    right.proxy_port = addrs.proxy.port();
+    let frps = Frps::start(right).await;
+    frps.wait_for_clients(&["steady"]).await;
+    frpc.kill().await;
+}
+
 #[tokio::test]
 async fn plaintext_against_tls_and_tls_against_plaintext_fail_clearly() {
     let ca = TestCa::new();
