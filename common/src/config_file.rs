@@ -718,13 +718,17 @@ mod tests {
         assert_eq!(line_of(t, 100), 3);
     }
 
+    /// A command with only its `--config` flag.
+    fn with_config() -> Command {
+        Command::new("t").arg(
+            Arg::new("config")
+                .long("config")
+                .value_parser(clap::value_parser!(PathBuf)),
+        )
+    }
+
     fn cmd() -> Command {
-        Command::new("t")
-            .arg(
-                Arg::new("config")
-                    .long("config")
-                    .value_parser(clap::value_parser!(PathBuf)),
-            )
+        with_config()
             .arg(
                 Arg::new("port")
                     .long("port")
@@ -925,12 +929,7 @@ mod tests {
         const NAME: &str = "FRPX_CONFIG_FILE_TEST_BLANK";
         const PORT: &str = "FRPX_CONFIG_FILE_TEST_BLANK_PORT";
         let cmd = || {
-            Command::new("t")
-                .arg(
-                    Arg::new("config")
-                        .long("config")
-                        .value_parser(clap::value_parser!(PathBuf)),
-                )
+            with_config()
                 .arg(Arg::new("token").long("token").env(NAME))
                 .arg(
                     Arg::new("port")
@@ -975,18 +974,12 @@ mod tests {
     fn a_flag_for_which_empty_means_something_keeps_an_empty_variable() {
         const NAME: &str = "FRPX_CONFIG_FILE_TEST_EMPTY_PREFIX";
         let cmd = || {
-            Command::new("t")
-                .arg(
-                    Arg::new("config")
-                        .long("config")
-                        .value_parser(clap::value_parser!(PathBuf)),
-                )
-                .arg(
-                    Arg::new("prefix")
-                        .long("prefix")
-                        .env(NAME)
-                        .default_value("p:"),
-                )
+            with_config().arg(
+                Arg::new("prefix")
+                    .long("prefix")
+                    .env(NAME)
+                    .default_value("p:"),
+            )
         };
         let prefix = |keeping: &[&str]| {
             let (m, _) =

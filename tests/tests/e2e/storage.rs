@@ -2735,105 +2735,79 @@ async fn a_revocation_aborted_as_a_deadlock_runs_again() {
     pg.drop_db().await;
 }
 
-/// A renewal's first use revokes the rest of its family, and `frps token
-/// revoke` finds tokens by prefix, through indexes (migration 0010), not
-/// by reading every row.
-#[tokio::test]
-async fn token_families_and_prefixes_are_found_by_their_indexes() {
+/// Each statement of `plans` is carried out through its index on SQLite
+/// (`EXPLAIN QUERY PLAN` says `USING INDEX <name>`), and PostgreSQL's
+/// migrations made the same indexes.
+async fn found_through_indexes(plans: &[(&str, &str)]) {
     let store = Store::connect(&frpx_tests::temp_sqlite_url())
         .await
         .unwrap();
     let Store::Sqlite(pool) = &store else {
         panic!("SQLite")
     };
-    let plan = |sql: &'static str| async move {
-        sqlx::query(sql)
-            .fetch_all(pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<String, _>("detail"))
-            .collect::<Vec<String>>()
-    };
-    // The statement the first use of a renewal runs (store/mod.rs).
-    let family = plan(
-        "EXPLAIN QUERY PLAN UPDATE client_tokens SET revoked_at = '2026-01-01 00:00:00'
-         WHERE revoked_at IS NULL AND id <> 'x'
-           AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = 'x')",
-    )
-    .await;
-    assert!(
-        family
-            .iter()
-            .any(|d| d.contains("USING INDEX client_tokens_family_idx")),
-        "{family:?}"
-    );
-    let prefix =
-        plan("EXPLAIN QUERY PLAN SELECT id FROM client_tokens WHERE prefix = 'frpxc_ab'").await;
-    assert!(
-        prefix
-            .iter()
-            .any(|d| d.contains("USING INDEX client_tokens_prefix_idx")),
-        "{prefix:?}"
-    );
-    store.close().await;
-    if let Some(pg) = TestPg::create().await {
-        let store = Store::connect(&pg.url).await.unwrap();
-        let Store::Postgres(pool) = &store else {
-            panic!("PostgreSQL")
-        };
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_indexes
-             WHERE indexname IN ('client_tokens_family_idx', 'client_tokens_prefix_idx')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        assert_eq!(n, 2);
-        store.close().await;
-        pg.drop_db().await;
-    }
-}
-
-/// Logins find their account through the `lower(email)` index
-/// (migration 0008), not by reading every row.
-#[tokio::test]
-async fn accounts_are_found_by_the_lower_email_index() {
-    let store = Store::connect(&frpx_tests::temp_sqlite_url())
-        .await
-        .unwrap();
-    let Store::Sqlite(pool) = &store else {
-        panic!("SQLite")
-    };
-    let plan: Vec<String> =
-        sqlx::query("EXPLAIN QUERY PLAN SELECT id FROM users WHERE lower(email) = lower('A@b.c')")
+    for (sql, index) in plans {
+        let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
             .fetch_all(pool)
             .await
             .unwrap()
             .iter()
             .map(|r| r.get::<String, _>("detail"))
             .collect();
-    assert!(
-        plan.iter()
-            .any(|d| d.contains("USING INDEX users_lower_email_idx")),
-        "{plan:?}"
-    );
+        assert!(
+            plan.iter()
+                .any(|d| d.contains(&format!("USING INDEX {index}"))),
+            "{sql}: {plan:?}"
+        );
+    }
     store.close().await;
     if let Some(pg) = TestPg::create().await {
         let store = Store::connect(&pg.url).await.unwrap();
         let Store::Postgres(pool) = &store else {
             panic!("PostgreSQL")
         };
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_indexes WHERE indexname = 'users_lower_email_idx'",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        assert_eq!(n, 1);
+        for (_, index) in plans {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_indexes WHERE indexname = $1")
+                .bind(index)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(n, 1, "{index}");
+        }
         store.close().await;
         pg.drop_db().await;
     }
+}
+
+/// A renewal's first use revokes the rest of its family, and `frps token
+/// revoke` finds tokens by prefix, through indexes (migration 0010), not
+/// by reading every row.
+#[tokio::test]
+async fn token_families_and_prefixes_are_found_by_their_indexes() {
+    found_through_indexes(&[
+        // The statement the first use of a renewal runs (store/mod.rs).
+        (
+            "UPDATE client_tokens SET revoked_at = '2026-01-01 00:00:00'
+             WHERE revoked_at IS NULL AND id <> 'x'
+               AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = 'x')",
+            "client_tokens_family_idx",
+        ),
+        (
+            "SELECT id FROM client_tokens WHERE prefix = 'frpxc_ab'",
+            "client_tokens_prefix_idx",
+        ),
+    ])
+    .await;
+}
+
+/// Logins find their account through the `lower(email)` index
+/// (migration 0008), not by reading every row.
+#[tokio::test]
+async fn accounts_are_found_by_the_lower_email_index() {
+    found_through_indexes(&[(
+        "SELECT id FROM users WHERE lower(email) = lower('A@b.c')",
+        "users_lower_email_idx",
+    )])
+    .await;
 }
 
 /// `frps key list` shows keys newest first, and a row inserted by hand
