@@ -933,22 +933,13 @@ async fn an_entry_redis_brought_back_after_losing_a_revocation_is_not_trusted() 
         .query_async(&mut direct)
         .await
         .unwrap();
-    let mut out = Vec::new();
     let revoke = Admin::Key {
         command: KeyCommand::Revoke {
             key: secret.id.clone(),
         },
     };
-    frps::admin::run(
-        revoke,
-        &cfg,
-        &mut out,
-        &mut std::io::sink(),
-        &mut std::io::empty(),
-    )
-    .await
-    .unwrap();
-    assert!(String::from_utf8_lossy(&out).contains("revoked"));
+    let said = admin(&cfg, revoke, "").await.unwrap();
+    assert!(said.contains("revoked"), "{said}");
     // Redis restarts from the snapshot: the revocation's deletion and
     // tombstone are lost, and every connection to it with them.
     let _: () = redis::cmd("SET")
