@@ -1455,7 +1455,7 @@ async fn read_metrics(
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        Some(c.get_or_insert_with(Collector::new).collect())
+        Some(c.get_or_insert_with(Collector::new).collect_within(limit))
     });
     match tokio::time::timeout(limit, read).await {
         Ok(Ok(info)) => info,

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use common::{DiskInfo, GpuInfo, SystemInfo};
 use nvml_wrapper::Nvml;
@@ -23,6 +24,17 @@ pub struct Collector {
     /// the interval since.
     cpu_read_at: std::time::Instant,
     disks: Option<Disks>,
+    /// The GPUs, read on a thread of their own within part of the read's
+    /// deadline ([`Collector::collect_within`]): a driver that hangs (a
+    /// card fallen off the bus) stops the GPU figures, not the others.
+    gpu: Arc<Mutex<Gpus>>,
+    /// Whether a GPU read past its deadline was said (once until one
+    /// succeeds again).
+    gpu_stuck_said: bool,
+}
+
+/// NVIDIA's management library, when the machine has it.
+struct Gpus {
     nvml: Option<Nvml>,
     /// How NVML is started (the library; a test's own).
     init: fn() -> Result<Nvml, NvmlError>,
@@ -56,49 +68,18 @@ impl Collector {
         if let Some(s) = system.as_mut() {
             s.refresh_cpu_usage();
         }
-        let mut collector = Self {
+        Self {
             system,
             cpu_read_at: std::time::Instant::now(),
             disks: Disks::new_with_refreshed_list().ok(),
-            nvml: None,
-            init,
-            retry_at: None,
-            failure_said: false,
-        };
-        collector.start_nvml();
-        collector
-    }
-
-    /// Starts NVML: a library that is not installed is the normal case on
-    /// a box without an NVIDIA driver (a debug line, never tried again);
-    /// any other failure is said once and tried again later.
-    fn start_nvml(&mut self) {
-        match (self.init)() {
-            // Said working (and a failure said again) once it lists the
-            // GPUs: one that starts and still cannot list them is not
-            // "back" every minute.
-            Ok(nvml) => {
-                self.nvml = Some(nvml);
-                self.retry_at = None;
-            }
-            Err(e) if nvml_missing(&e) => {
-                tracing::debug!("no NVIDIA management library ({e}); GPUs will not be reported");
-                self.retry_at = None;
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut self.failure_said, true) {
-                    tracing::warn!(
-                        "cannot use NVIDIA's management library ({e}); GPUs are not reported until it starts, tried again every {}s (after a driver update, a reboot usually fixes a version mismatch)",
-                        NVML_RETRY.as_secs()
-                    );
-                }
-                self.retry_at = Some(std::time::Instant::now() + NVML_RETRY);
-            }
+            gpu: Arc::new(Mutex::new(Gpus::starting_with(init))),
+            gpu_stuck_said: false,
         }
     }
 
-    /// Takes one sample (blocking: run it off the async threads).
-    pub fn collect(&mut self) -> SystemInfo {
+    /// Takes one sample (blocking: run it off the async threads), the
+    /// GPUs' within `limit` / 2 (none reported past it).
+    pub fn collect_within(&mut self, limit: std::time::Duration) -> SystemInfo {
         if let Some(s) = self.system.as_mut() {
             // The first sample is taken right after the collector is made:
             // over a near-zero interval the usage is noise (0 or 100 %).
@@ -129,7 +110,49 @@ impl Collector {
             disks: self.disks(),
             load_average: [load.one, load.five, load.fifteen],
             uptime_secs: System::uptime().unwrap_or(0),
-            gpus: self.gpus(),
+            gpus: self.read_gpus(limit / 2),
+        }
+    }
+
+    /// Takes one sample, as [`Self::collect_within`] with 2 s for the GPUs.
+    pub fn collect(&mut self) -> SystemInfo {
+        self.collect_within(std::time::Duration::from_secs(4))
+    }
+
+    /// The GPUs, read on a thread of their own within `limit`; none when
+    /// the read takes longer, or one before it is still stuck (at most one
+    /// thread ever waits on a hung driver).
+    fn read_gpus(&mut self, limit: std::time::Duration) -> Vec<GpuInfo> {
+        let gpu = self.gpu.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("frpc-gpus".into())
+            .spawn(move || {
+                let read = match gpu.try_lock() {
+                    Ok(mut g) => Some(g.gpus()),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().gpus()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                let _ = tx.send(read);
+            });
+        if spawned.is_err() {
+            return Vec::new();
+        }
+        match rx.recv_timeout(limit) {
+            Ok(Some(gpus)) => {
+                if std::mem::take(&mut self.gpu_stuck_said) {
+                    tracing::info!("the GPUs answer again: they are reported");
+                }
+                gpus
+            }
+            Ok(None) | Err(_) => {
+                if !std::mem::replace(&mut self.gpu_stuck_said, true) {
+                    tracing::warn!(
+                        "reading the GPUs (NVIDIA's management library) took over {limit:?}: they are not reported while it hangs; the other figures are"
+                    );
+                }
+                Vec::new()
+            }
         }
     }
 
@@ -145,6 +168,48 @@ impl Collector {
             total: d.total_space(),
             available: d.available_space(),
         }))
+    }
+}
+
+impl Gpus {
+    /// Starts NVML with `init` (the library; a test's own).
+    fn starting_with(init: fn() -> Result<Nvml, NvmlError>) -> Self {
+        let mut gpus = Self {
+            nvml: None,
+            init,
+            retry_at: None,
+            failure_said: false,
+        };
+        gpus.start_nvml();
+        gpus
+    }
+
+    /// Starts NVML: a library that is not installed is the normal case on
+    /// a box without an NVIDIA driver (a debug line, never tried again);
+    /// any other failure is said once and tried again later.
+    fn start_nvml(&mut self) {
+        match (self.init)() {
+            // Said working (and a failure said again) once it lists the
+            // GPUs: one that starts and still cannot list them is not
+            // "back" every minute.
+            Ok(nvml) => {
+                self.nvml = Some(nvml);
+                self.retry_at = None;
+            }
+            Err(e) if nvml_missing(&e) => {
+                tracing::debug!("no NVIDIA management library ({e}); GPUs will not be reported");
+                self.retry_at = None;
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.failure_said, true) {
+                    tracing::warn!(
+                        "cannot use NVIDIA's management library ({e}); GPUs are not reported until it starts, tried again every {}s (after a driver update, a reboot usually fixes a version mismatch)",
+                        NVML_RETRY.as_secs()
+                    );
+                }
+                self.retry_at = Some(std::time::Instant::now() + NVML_RETRY);
+            }
+        }
     }
 
     /// NVML started but cannot list the GPUs (`e`): said once; the
@@ -342,7 +407,7 @@ mod tests {
             Err(NvmlError::DriverNotLoaded)
         }
         let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
-        let (mut c, said) = common::testing::logged(|| Collector::starting_nvml_with(unloaded));
+        let (mut c, said) = common::testing::logged(|| Gpus::starting_with(unloaded));
         assert!(said.contains("tried again every 60s"), "{said}");
         assert_eq!(tries(), 1);
         // Not before its time.
@@ -359,7 +424,7 @@ mod tests {
         fn absent() -> Result<Nvml, NvmlError> {
             Err(NvmlError::LibraryNotFound)
         }
-        let c = Collector::starting_nvml_with(absent);
+        let c = Gpus::starting_with(absent);
         assert!(c.retry_at.is_none());
     }
 
@@ -371,7 +436,7 @@ mod tests {
             Err(NvmlError::DriverNotLoaded)
         }
         let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
-        let mut c = Collector::starting_nvml_with(unloaded);
+        let mut c = Gpus::starting_with(unloaded);
         c.retry_at = None;
         c.failure_said = false;
         let ((), said) = common::testing::logged(|| c.unlisted(&NvmlError::Unknown));
@@ -463,5 +528,39 @@ mod tests {
             available: 0,
         });
         assert_eq!(pick_disks(listed).len(), MAX_DISKS);
+    }
+
+    /// A GPU driver that hangs (a read stuck in it holds the GPUs' lock)
+    /// stops the GPU figures only: the others come within the deadline,
+    /// said once, and the GPUs are read again once the stuck read ends.
+    #[test]
+    fn a_hung_gpu_read_leaves_the_other_figures() {
+        fn absent() -> Result<Nvml, NvmlError> {
+            Err(NvmlError::LibraryNotFound)
+        }
+        let mut c = Collector::starting_nvml_with(absent);
+        let gpu = c.gpu.clone();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let stuck = std::thread::spawn(move || {
+            let _held = gpu.lock().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        held_rx.recv().unwrap();
+        let started = std::time::Instant::now();
+        let limit = std::time::Duration::from_secs(2);
+        let (info, said) = common::testing::logged(|| c.collect_within(limit));
+        assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+        assert!(info.memory_total > 0 && info.cpu_count > 0);
+        assert!(info.gpus.is_empty());
+        assert!(said.contains("reading the GPUs"), "{said}");
+        // Still stuck: said once, and no second thread waits on it.
+        let (_, said) = common::testing::logged(|| c.collect_within(limit));
+        assert_eq!(said, "");
+        release_tx.send(()).unwrap();
+        stuck.join().unwrap();
+        c.collect_within(limit);
+        assert!(!c.gpu_stuck_said, "read again");
     }
 }
