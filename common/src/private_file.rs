@@ -23,6 +23,14 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     write(path, contents, Place::Replace).map(|_| ())
 }
 
+/// [`write_private`], saying whether the write is durable: `false` when
+/// the directory could not be synced (a file system refusing `fsync` on a
+/// directory: some network and virtual-machine shares), so that a power
+/// cut could still bring back the file's previous content.
+pub fn write_private_durably(path: &Path, contents: &[u8]) -> anyhow::Result<bool> {
+    write(path, contents, Place::Replace).map(|placed| placed.unwrap_or(false))
+}
+
 /// As [`write_private`], but only when nothing is at `path` yet: `false`
 /// (and nothing written) when something is, also when another writer put
 /// it there meanwhile. The temporary file is hard-linked to `path`, which
@@ -32,7 +40,7 @@ pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
 /// the file system has no hard links, the file is renamed into place when
 /// `path` is still free a moment before (the race comes back there only).
 pub fn create_private(path: &Path, contents: &[u8]) -> anyhow::Result<bool> {
-    write(path, contents, Place::IfAbsent)
+    write(path, contents, Place::IfAbsent).map(|placed| placed.is_some())
 }
 
 #[derive(Clone, Copy)]
@@ -41,12 +49,14 @@ enum Place {
     IfAbsent,
 }
 
-fn write(path: &Path, contents: &[u8], place: Place) -> anyhow::Result<bool> {
+/// Writes as `place` says: `None` when nothing was placed (something was
+/// at `path`), else whether the directory's sync made it durable.
+fn write(path: &Path, contents: &[u8], place: Place) -> anyhow::Result<Option<bool>> {
     let dir = directory_of(path);
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (tmp, mut file) = create_temporary(|| temporary_name(path))
         .with_context(|| format!("cannot write a temporary file beside {}", path.display()))?;
-    let written = (|| -> anyhow::Result<bool> {
+    let written = (|| -> anyhow::Result<Option<bool>> {
         file.write_all(contents)?;
         file.sync_all()?;
         drop(file);
@@ -62,26 +72,63 @@ fn write(path: &Path, contents: &[u8], place: Place) -> anyhow::Result<bool> {
         }
         .with_context(|| format!("cannot write {}", path.display()))?;
         if !placed {
-            return Ok(false);
+            return Ok(None);
         }
         // The new name reaches the disk with its directory's sync: without
         // it a power cut could bring back the file it replaced. The file
-        // is written either way, so a failure here is only worth a word.
-        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        // is written either way, so a failure here is only worth a word
+        // (and the caller's care: [`write_private_durably`]).
+        if let Err(e) = sync_directory(dir) {
             tracing::warn!(
                 "saved {}, but cannot sync its directory ({e}); a power cut could bring back its previous content",
                 path.display()
             );
+            return Ok(Some(false));
         }
-        Ok(true)
+        Ok(Some(true))
     })();
     // Linked (or not placed), the temporary name goes; renamed, it is
     // already gone. Failed, no half-written copy (of a token, say) is left
     // beside the file.
-    if !matches!((&written, place), (Ok(true), Place::Replace)) {
+    if !matches!((&written, place), (Ok(Some(_)), Place::Replace)) {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+/// Syncs directory `dir`, so a new name in it survives a power cut.
+fn sync_directory(dir: &Path) -> std::io::Result<()> {
+    #[cfg(feature = "testing")]
+    if testing::refuses_sync(dir) {
+        return Err(std::io::Error::other(
+            "this file system refuses it (a test's)",
+        ));
+    }
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// A file system refusing to sync directories, for the binaries' tests
+/// (feature `testing`).
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static REFUSING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Syncs of directory `dir` fail from now on, as on a file system
+    /// that refuses `fsync` on directories.
+    pub fn refuse_directory_sync(dir: &Path) {
+        REFUSING.lock().expect("refusing lock").push(dir.to_owned());
+    }
+
+    pub(super) fn refuses_sync(dir: &Path) -> bool {
+        REFUSING
+            .lock()
+            .expect("refusing lock")
+            .iter()
+            .any(|d| d == dir)
+    }
 }
 
 /// The directory `path` is in: `.` for a bare file name (`token.json`).

@@ -578,7 +578,7 @@ impl Client {
             // Where, in full: a relative --token-file is the working
             // directory's, which under a service manager may not be
             // what the operator thinks.
-            Ok(()) => info!(
+            Ok(_) => info!(
                 "logged in as {}; token saved to {}",
                 saved.email,
                 std::path::absolute(file).as_deref().unwrap_or(file).display()
@@ -631,12 +631,18 @@ impl Client {
         let tokens = self.tokens.clone();
         let (acks, ack_ready) = (self.saved.clone(), self.saved_ready.clone());
         self.write_token(turn, saved, move |saved, file, written| match written {
-            Ok(()) => {
+            Ok(durable) => {
                 tokens.lock().expect("token lock").keep(turn, saved.clone());
                 info!(
                     "frps renewed the login token (valid until {until}); saved to {}",
                     file.display()
                 );
+                if !durable {
+                    // Said saved, frps would revoke the token it replaces,
+                    // which a power cut could bring back into the file:
+                    // its first login confirms it instead.
+                    return;
+                }
                 // frps hears it is saved: what it replaces (and any copy
                 // of that) stops working now, not at the next login.
                 let mut acks = acks.lock().expect("saved tokens lock");
@@ -667,7 +673,7 @@ impl Client {
         &self,
         turn: u64,
         saved: login::SavedToken,
-        done: impl FnOnce(&login::SavedToken, &std::path::Path, anyhow::Result<()>) + Send + 'static,
+        done: impl FnOnce(&login::SavedToken, &std::path::Path, anyhow::Result<bool>) + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let file = self.config.token_file.clone();
         let (tokens, writing) = (self.tokens.clone(), self.writing.clone());
@@ -681,7 +687,7 @@ impl Client {
                 debug!("not saving a token a later one replaced");
                 return;
             }
-            let written = login::save(&file, &saved);
+            let written = login::save_durably(&file, &saved);
             done(&saved, &file, written);
         })
     }
@@ -1616,6 +1622,29 @@ mod tests {
             client.usable_saved_token().await.unwrap().unwrap().token,
             "frpxc_new"
         );
+        // frps is told it is saved (its parent then stops working).
+        assert_eq!(*client.saved.lock().unwrap(), ["frpxc_new"]);
+        // Saved where the directory cannot be synced (a share refusing
+        // fsync on directories): used, but not said saved: a power cut
+        // could bring back the token it replaces, which frps would have
+        // revoked. Its first login confirms it instead.
+        let unsynced = dir.join("unsynced");
+        std::fs::create_dir_all(&unsynced).unwrap();
+        common::private_file::testing::refuse_directory_sync(&unsynced);
+        let client = client_saving_to(&unsynced.join("token.json"));
+        client
+            .renewed("frpxc_undurable".into(), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            login::load(&unsynced.join("token.json")).unwrap().token,
+            "frpxc_undurable"
+        );
+        assert_eq!(
+            client.usable_saved_token().await.unwrap().unwrap().token,
+            "frpxc_undurable"
+        );
+        assert!(client.saved.lock().unwrap().is_empty(), "not said saved");
         // Not saved (the token file's name is taken by a directory): the
         // token it renews stays the one to log in with, and no temporary
         // copy of the new one is left behind.

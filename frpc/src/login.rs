@@ -121,7 +121,13 @@ pub fn load(path: &Path) -> Option<SavedToken> {
 /// blocking thread while the next session's login writes another): the
 /// last rename wins.
 pub fn save(path: &Path, token: &SavedToken) -> anyhow::Result<()> {
-    state_file::write_private(path, serde_json::to_string_pretty(token)?.as_bytes())
+    save_durably(path, token).map(|_| ())
+}
+
+/// [`save`], saying whether the save is durable (its directory synced:
+/// [`state_file::write_private_durably`]).
+pub fn save_durably(path: &Path, token: &SavedToken) -> anyhow::Result<bool> {
+    state_file::write_private_durably(path, serde_json::to_string_pretty(token)?.as_bytes())
 }
 
 /// Email and password for a login.

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-pub use common::private_file::{create_private, directory_of, write_private};
+pub use common::private_file::{
+    create_private, directory_of, write_private, write_private_durably,
+};
 
 /// Largest state file frpc reads (a token file is well under 1 KiB).
 pub const MAX_STATE_FILE: u64 = 64 * 1024;
