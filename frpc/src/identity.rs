@@ -97,37 +97,34 @@ pub fn persisted_uuid(path: &Path) -> anyhow::Result<String> {
         };
         let id = uuid::Uuid::new_v4().to_string();
         let contents = format!("{id}\n");
+        let saving = || format!("cannot save the client id to {}", path.display());
         // The token file's directory may not exist yet on a first start:
         // made by the write.
-        let created = damaged.is_none() && first;
-        let written = match damaged {
-            Some(e) => {
-                tracing::warn!(
-                    "the client id file {} holds no UUID ({e}); replacing it with a new id",
-                    path.display()
-                );
-                state_file::write_private(path, contents.as_bytes()).map(|()| true)
-            }
+        match damaged {
             // Another frpc may be creating it this very moment: the first
             // one's id is the machine's.
-            None if first => state_file::create_private(path, contents.as_bytes()),
+            None if first => {
+                if state_file::create_private(path, contents.as_bytes()).with_context(saving)? {
+                    return Ok(id);
+                }
+                first = false;
+                continue;
+            }
+            Some(e) => tracing::warn!(
+                "the client id file {} holds no UUID ({e}); replacing it with a new id",
+                path.display()
+            ),
             // Gone again after it was there: written, as on a first start.
-            None => state_file::write_private(path, contents.as_bytes()).map(|()| true),
+            None => {}
         }
-        .with_context(|| format!("cannot save the client id to {}", path.display()))?;
-        if written && created {
-            return Ok(id);
-        }
-        if written {
-            // Replaced by rename: another frpc replacing it at once may
-            // have renamed its own over it; the id the file holds now is
-            // the machine's.
-            return Ok(match crate::state_file::read_small(path) {
-                Ok(now) if uuid::Uuid::parse_str(now.trim()).is_ok() => now.trim().to_owned(),
-                _ => id,
-            });
-        }
-        first = false;
+        state_file::write_private(path, contents.as_bytes()).with_context(saving)?;
+        // Replaced by rename: another frpc replacing it at once may have
+        // renamed its own over it; the id the file holds now is the
+        // machine's.
+        return Ok(match crate::state_file::read_small(path) {
+            Ok(now) if uuid::Uuid::parse_str(now.trim()).is_ok() => now.trim().to_owned(),
+            _ => id,
+        });
     }
 }
 

@@ -114,11 +114,6 @@ impl Collector {
         }
     }
 
-    /// Takes one sample, as [`Self::collect_within`] with 2 s for the GPUs.
-    pub fn collect(&mut self) -> SystemInfo {
-        self.collect_within(std::time::Duration::from_secs(4))
-    }
-
     /// The GPUs, read on a thread of their own within `limit`; none when
     /// the read takes longer, or one before it is still stuck (at most one
     /// thread ever waits on a hung driver).
@@ -364,7 +359,7 @@ mod tests {
     fn a_sample_has_real_figures() {
         let made = std::time::Instant::now();
         let mut c = Collector::new();
-        let info = c.collect();
+        let info = c.collect_within(std::time::Duration::from_secs(4));
         // The CPU usage covers an interval long enough to mean something,
         // the first one too.
         assert!(made.elapsed() >= sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);

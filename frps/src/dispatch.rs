@@ -300,13 +300,7 @@ impl Queues {
         self.depths_named(|named| {
             online
                 .iter()
-                .find_map(|c| {
-                    c.with_models(|ms| {
-                        ms.iter()
-                            .find(|m| crate::router::listed_serves(&m.name, named))
-                            .map(|m| m.name.clone())
-                    })
-                })
+                .find_map(|c| crate::router::listed_name(c, named))
                 .unwrap_or_else(|| normalize(named).into_owned())
         })
     }

@@ -390,7 +390,7 @@ impl FleetSnapshot {
                         id: c.id.clone(),
                         in_flight: c.in_flight.load(Ordering::Relaxed) as i64,
                         healthy: c.is_healthy(),
-                        routable: c.is_healthy() && !c.is_cooling_down(),
+                        routable: c.is_routable(std::time::Instant::now()),
                         cpu: sys.as_ref().map(|s| s.cpu_usage as f64),
                         system_age: age.map(|a| a.as_secs_f64()),
                         memory_used: sys.as_ref().map(|s| saturating_i64(s.memory_used)),

@@ -85,6 +85,16 @@ pub fn listed_serves(listed: &str, requested: &str) -> bool {
     }
 }
 
+/// The name `client` lists `model` under (as listed), if it serves it.
+pub fn listed_name(client: &ClientHandle, model: &str) -> Option<String> {
+    client.with_models(|models| {
+        models
+            .iter()
+            .find(|m| listed_serves(&m.name, model))
+            .map(|m| m.name.clone())
+    })
+}
+
 /// Whether `client` reports `model`.
 pub fn serves(client: &ClientHandle, model: &str) -> bool {
     client.with_models(|models| models.iter().any(|m| listed_serves(&m.name, model)))

@@ -364,9 +364,7 @@ impl KeyValidator {
             && let Some(cached) = redis.get(&hash).await
         {
             if cached.trusted {
-                self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
-                self.remember(hash, cached.entry, asked).await;
-                return verdict(hash, cached.entry, now);
+                return self.redis_answer(hash, cached.entry, asked, now).await;
             }
             suspect = Some(cached.entry);
         }
@@ -411,15 +409,25 @@ impl KeyValidator {
                 self.db_failed(&e);
                 match suspect {
                     // As any key cached before the database went away.
-                    Some(entry) => {
-                        self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
-                        self.remember(hash, entry, asked).await;
-                        verdict(hash, entry, now)
-                    }
+                    Some(entry) => self.redis_answer(hash, entry, asked, now).await,
                     None => KeyCheck::Unavailable,
                 }
             }
         }
+    }
+
+    /// The answer of Redis's `entry` for `hash`, asked at `asked`: counted,
+    /// and cached in-process ([`Self::remember`]).
+    async fn redis_answer(
+        &self,
+        hash: [u8; 32],
+        entry: CachedKey,
+        asked: std::time::Instant,
+        now: i64,
+    ) -> KeyCheck {
+        self.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
+        self.remember(hash, entry, asked).await;
+        verdict(hash, entry, now)
     }
 
     /// Caches `entry` in-process unless a revocation of `hash` (or a change

@@ -228,7 +228,7 @@ pub struct RedisCache {
     /// Entries sealed before this time (Unix seconds) are not taken on
     /// Redis's word ([`Cached::trusted`]): a revocation this frps did not
     /// hear of while it had no subscription may be one Redis lost too.
-    distrust_before: Arc<AtomicI64>,
+    distrust_before: AtomicI64,
     /// Subscriptions to revocations made so far.
     subscriptions: AtomicU64,
     /// Bumped each time commands start failing: the subscription is made
@@ -285,7 +285,7 @@ impl RedisCache {
             forgery_reported: AtomicBool::new(false),
             // Until the first subscription: nothing Redis holds is known
             // to have outlived no revocation.
-            distrust_before: Arc::new(AtomicI64::new(i64::MAX)),
+            distrust_before: AtomicI64::new(i64::MAX),
             subscriptions: AtomicU64::new(0),
             broken: tokio::sync::watch::channel(0).0,
         });
@@ -316,7 +316,7 @@ impl RedisCache {
             seal,
             forgery_reported: AtomicBool::new(false),
             // The admin commands read no entries to act on them.
-            distrust_before: Arc::new(AtomicI64::new(i64::MIN)),
+            distrust_before: AtomicI64::new(i64::MIN),
             subscriptions: AtomicU64::new(0),
             broken: tokio::sync::watch::channel(0).0,
         })

@@ -73,13 +73,11 @@ pub fn one(state: &State, wanted: &str) -> Response<PublicBody> {
     let found = if wanted.trim().is_empty() {
         None
     } else {
-        state.registry.online().iter().find_map(|c| {
-            c.with_models(|ms| {
-                ms.iter()
-                    .find(|m| crate::router::listed_serves(&m.name, wanted))
-                    .map(|m| m.name.clone())
-            })
-        })
+        state
+            .registry
+            .online()
+            .iter()
+            .find_map(|c| crate::router::listed_name(c, wanted))
     };
     match found {
         Some(name) => {

@@ -1659,13 +1659,8 @@ fn refused(
 /// reached (the normalised name if, listing changed meanwhile, none
 /// matches now).
 fn served_name(client: &ClientHandle, model: &str) -> String {
-    client
-        .with_models(|models| {
-            models
-                .iter()
-                .find(|m| router::listed_serves(&m.name, model))
-                .map(|m| m.name.trim().to_owned())
-        })
+    router::listed_name(client, model)
+        .map(|name| name.trim().to_owned())
         .unwrap_or_else(|| router::normalize(model).into_owned())
 }
 

@@ -3500,17 +3500,8 @@ async fn renewed_tokens_form_a_family(url: &str) {
     // One renewed itself before its parent was renewed again (a renewal
     // said saved while the next is on its way) is revoked, not deleted:
     // its own renewal names it.
-    let other_rotate = |parent: &'static str, id: &'static str| {
-        let store = store.clone();
-        async move {
-            store
-                .rotate_client_token(parent, id, &format!("hash-{id}"), id, None, None)
-                .await
-                .unwrap()
-        }
-    };
-    assert!(other_rotate("o1", "o2").await && other_rotate("o2", "o3").await);
-    assert!(other_rotate("o1", "o4").await);
+    assert!(rotate("o1", "o2").await && rotate("o2", "o3").await);
+    assert!(rotate("o1", "o4").await);
     let o2 = store.find_client_token("hash-o2").await.unwrap().unwrap();
     assert!(o2.revoked_at.is_some(), "kept, revoked");
     // Revoking the first one by its id reaches the last; other families
