@@ -23,14 +23,111 @@ pub struct Collector {
     /// When the CPU times were last read: usage is their difference over
     /// the interval since.
     cpu_read_at: std::time::Instant,
-    disks: Option<Disks>,
-    /// The GPUs, read on a thread of their own within part of the read's
-    /// deadline ([`Collector::collect_within`]): a driver that hangs (a
-    /// card fallen off the bus) stops the GPU figures, not the others.
-    gpu: Arc<Mutex<Gpus>>,
-    /// Whether a GPU read past its deadline was said (once until one
-    /// succeeds again).
-    gpu_stuck_said: bool,
+    /// The disks, read on a thread of their own within part of the read's
+    /// deadline ([`Collector::collect_within`]): a network mount that does
+    /// not answer (a stale NFS share) stops the disk figures, not the others.
+    disks: Hanging<DiskList>,
+    /// The GPUs, the same way: a driver that hangs (a card fallen off the
+    /// bus), when started or when read, stops the GPU figures only.
+    gpu: Hanging<Gpus>,
+}
+
+/// A part of the sample whose read can hang in the kernel or a driver:
+/// read on a thread of its own and left out past its deadline; at most one
+/// thread ever waits on it (a read finds the one before still holding the
+/// state and gives up at once).
+struct Hanging<S> {
+    state: Arc<Mutex<S>>,
+    /// What is read, for the log ("the GPUs (NVIDIA's management library)").
+    what: &'static str,
+    /// Whether a read past its deadline was said (once until one succeeds
+    /// again).
+    stuck_said: bool,
+}
+
+/// A read started by [`Hanging::start`].
+type Reading<T> = Option<std::sync::mpsc::Receiver<Option<Vec<T>>>>;
+
+impl<S: Send + 'static> Hanging<S> {
+    fn new(what: &'static str, state: S) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            what,
+            stuck_said: false,
+        }
+    }
+
+    /// Starts `read` on a thread of its own (`thread` names it).
+    fn start<T: Send + 'static>(&self, thread: &str, read: fn(&mut S) -> Vec<T>) -> Reading<T> {
+        let state = self.state.clone();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name(thread.into())
+            .spawn(move || {
+                let read = match state.try_lock() {
+                    Ok(mut s) => Some(read(&mut s)),
+                    Err(std::sync::TryLockError::Poisoned(p)) => Some(read(&mut p.into_inner())),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                };
+                let _ = tx.send(read);
+            })
+            .ok()
+            .map(|_| rx)
+    }
+
+    /// What the read `reading` gave by `deadline`; nothing past it (said
+    /// once while it hangs).
+    fn finish<T>(&mut self, reading: Reading<T>, deadline: std::time::Instant) -> Vec<T> {
+        let Some(rx) = reading else {
+            return Vec::new();
+        };
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(Some(read)) => {
+                if std::mem::take(&mut self.stuck_said) {
+                    tracing::info!("{} answer again: they are reported", self.what);
+                }
+                read
+            }
+            Ok(None) | Err(_) => {
+                if !std::mem::replace(&mut self.stuck_said, true) {
+                    tracing::warn!(
+                        "reading {} took over {wait:?}: they are not reported while it hangs; the other figures are",
+                        self.what
+                    );
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// The disks sysinfo lists, listed at the first read (which can hang too).
+#[derive(Default)]
+struct DiskList(Option<Disks>);
+
+impl DiskList {
+    fn read(&mut self) -> Vec<DiskInfo> {
+        let disks = match &mut self.0 {
+            Some(disks) => {
+                disks.refresh(true);
+                disks
+            }
+            None => match Disks::new_with_refreshed_list() {
+                Ok(disks) => self.0.insert(disks),
+                // No mount table to read (a bare container): tried again
+                // by the next read.
+                Err(_) => return Vec::new(),
+            },
+        };
+        pick_disks(disks.iter().map(|d| MountedDisk {
+            mount: d.mount_point(),
+            file_system: d.file_system(),
+            device: d.name(),
+            total: d.total_space(),
+            available: d.available_space(),
+        }))
+    }
 }
 
 /// NVIDIA's management library, when the machine has it.
@@ -38,9 +135,9 @@ struct Gpus {
     nvml: Option<Nvml>,
     /// How NVML is started (the library; a test's own).
     init: fn() -> Result<Nvml, NvmlError>,
-    /// When to try starting NVML again, after a failure other than its
-    /// absence: the driver may be loaded later (a module rebuilt at boot
-    /// after a kernel update), or the permissions fixed.
+    /// When to try starting NVML (again, after a failure other than its
+    /// absence: the driver may be loaded later, a module rebuilt at boot
+    /// after a kernel update, or the permissions fixed); `None`: never.
     retry_at: Option<std::time::Instant>,
     /// Whether a failure to start NVML, or to list its GPUs, was said
     /// (once until GPUs are reported again).
@@ -57,8 +154,8 @@ impl Default for Collector {
 }
 
 impl Collector {
-    /// A collector; tries to load NVML (again every [`NVML_RETRY`] while
-    /// it is there but fails to start).
+    /// A collector; NVML is loaded by the first read (again every
+    /// [`NVML_RETRY`] while it is there but fails to start).
     pub fn new() -> Self {
         Self::starting_nvml_with(Nvml::init)
     }
@@ -71,15 +168,20 @@ impl Collector {
         Self {
             system,
             cpu_read_at: std::time::Instant::now(),
-            disks: Disks::new_with_refreshed_list().ok(),
-            gpu: Arc::new(Mutex::new(Gpus::starting_with(init))),
-            gpu_stuck_said: false,
+            disks: Hanging::new("the disks", DiskList::default()),
+            gpu: Hanging::new(
+                "the GPUs (NVIDIA's management library)",
+                Gpus::unstarted(init),
+            ),
         }
     }
 
     /// Takes one sample (blocking: run it off the async threads), the
-    /// GPUs' within `limit` / 2 (none reported past it).
+    /// disks' and the GPUs' within `limit` / 2 (none reported past it).
     pub fn collect_within(&mut self, limit: std::time::Duration) -> SystemInfo {
+        let deadline = std::time::Instant::now() + limit / 2;
+        let disks = self.disks.start("frpc-disks", DiskList::read);
+        let gpus = self.gpu.start("frpc-gpus", Gpus::gpus);
         if let Some(s) = self.system.as_mut() {
             // The first sample is taken right after the collector is made:
             // over a near-zero interval the usage is noise (0 or 100 %).
@@ -107,76 +209,24 @@ impl Collector {
             cpu_count: sys.map_or(0, |s| s.cpus().len() as u32),
             memory_used: sys.map_or(0, System::used_memory),
             memory_total: sys.map_or(0, System::total_memory),
-            disks: self.disks(),
+            disks: self.disks.finish(disks, deadline),
             load_average: [load.one, load.five, load.fifteen],
             uptime_secs: System::uptime().unwrap_or(0),
-            gpus: self.read_gpus(limit / 2),
+            gpus: self.gpu.finish(gpus, deadline),
         }
-    }
-
-    /// The GPUs, read on a thread of their own within `limit`; none when
-    /// the read takes longer, or one before it is still stuck (at most one
-    /// thread ever waits on a hung driver).
-    fn read_gpus(&mut self, limit: std::time::Duration) -> Vec<GpuInfo> {
-        let gpu = self.gpu.clone();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("frpc-gpus".into())
-            .spawn(move || {
-                let read = match gpu.try_lock() {
-                    Ok(mut g) => Some(g.gpus()),
-                    Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().gpus()),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                };
-                let _ = tx.send(read);
-            });
-        if spawned.is_err() {
-            return Vec::new();
-        }
-        match rx.recv_timeout(limit) {
-            Ok(Some(gpus)) => {
-                if std::mem::take(&mut self.gpu_stuck_said) {
-                    tracing::info!("the GPUs answer again: they are reported");
-                }
-                gpus
-            }
-            Ok(None) | Err(_) => {
-                if !std::mem::replace(&mut self.gpu_stuck_said, true) {
-                    tracing::warn!(
-                        "reading the GPUs (NVIDIA's management library) took over {limit:?}: they are not reported while it hangs; the other figures are"
-                    );
-                }
-                Vec::new()
-            }
-        }
-    }
-
-    fn disks(&mut self) -> Vec<DiskInfo> {
-        let Some(disks) = self.disks.as_mut() else {
-            return Vec::new();
-        };
-        disks.refresh(true);
-        pick_disks(disks.iter().map(|d| MountedDisk {
-            mount: d.mount_point(),
-            file_system: d.file_system(),
-            device: d.name(),
-            total: d.total_space(),
-            available: d.available_space(),
-        }))
     }
 }
 
 impl Gpus {
-    /// Starts NVML with `init` (the library; a test's own).
-    fn starting_with(init: fn() -> Result<Nvml, NvmlError>) -> Self {
-        let mut gpus = Self {
+    /// NVML, started with `init` (the library; a test's own) by the first
+    /// read.
+    fn unstarted(init: fn() -> Result<Nvml, NvmlError>) -> Self {
+        Self {
             nvml: None,
             init,
-            retry_at: None,
+            retry_at: Some(std::time::Instant::now()),
             failure_said: false,
-        };
-        gpus.start_nvml();
-        gpus
+        }
     }
 
     /// Starts NVML: a library that is not installed is the normal case on
@@ -402,7 +452,14 @@ mod tests {
             Err(NvmlError::DriverNotLoaded)
         }
         let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
-        let (mut c, said) = common::testing::logged(|| Gpus::starting_with(unloaded));
+        let mut c = Gpus::unstarted(unloaded);
+        assert_eq!(
+            tries(),
+            0,
+            "started by the first read, off the caller's thread"
+        );
+        let (gpus, said) = common::testing::logged(|| c.gpus());
+        assert!(gpus.is_empty());
         assert!(said.contains("tried again every 60s"), "{said}");
         assert_eq!(tries(), 1);
         // Not before its time.
@@ -419,7 +476,8 @@ mod tests {
         fn absent() -> Result<Nvml, NvmlError> {
             Err(NvmlError::LibraryNotFound)
         }
-        let c = Gpus::starting_with(absent);
+        let mut c = Gpus::unstarted(absent);
+        c.gpus();
         assert!(c.retry_at.is_none());
     }
 
@@ -431,7 +489,8 @@ mod tests {
             Err(NvmlError::DriverNotLoaded)
         }
         let tries = || TRIES.load(std::sync::atomic::Ordering::SeqCst);
-        let mut c = Gpus::starting_with(unloaded);
+        let mut c = Gpus::unstarted(unloaded);
+        c.gpus();
         c.retry_at = None;
         c.failure_said = false;
         let ((), said) = common::testing::logged(|| c.unlisted(&NvmlError::Unknown));
@@ -525,37 +584,79 @@ mod tests {
         assert_eq!(pick_disks(listed).len(), MAX_DISKS);
     }
 
-    /// A GPU driver that hangs (a read stuck in it holds the GPUs' lock)
-    /// stops the GPU figures only: the others come within the deadline,
-    /// said once, and the GPUs are read again once the stuck read ends.
-    #[test]
-    fn a_hung_gpu_read_leaves_the_other_figures() {
-        fn absent() -> Result<Nvml, NvmlError> {
-            Err(NvmlError::LibraryNotFound)
-        }
-        let mut c = Collector::starting_nvml_with(absent);
-        let gpu = c.gpu.clone();
+    /// Holds `state`'s lock until the returned sender is used or dropped:
+    /// a read stuck in a driver or on a mount.
+    fn hang<S: Send + 'static>(
+        state: &Arc<Mutex<S>>,
+    ) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let state = state.clone();
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let stuck = std::thread::spawn(move || {
-            let _held = gpu.lock().unwrap();
+            let _held = state.lock().unwrap();
             held_tx.send(()).unwrap();
             let _ = release_rx.recv();
         });
         held_rx.recv().unwrap();
-        let started = std::time::Instant::now();
+        (release_tx, stuck)
+    }
+
+    /// A GPU driver that hangs (a read stuck in it holds the GPUs' lock)
+    /// stops the GPU figures only: the others come within the deadline,
+    /// said once, and the GPUs are read again once the stuck read ends.
+    /// A disk read hanging (a stale network mount) likewise.
+    #[test]
+    fn a_hung_gpu_or_disk_read_leaves_the_other_figures() {
+        fn absent() -> Result<Nvml, NvmlError> {
+            Err(NvmlError::LibraryNotFound)
+        }
+        let mut c = Collector::starting_nvml_with(absent);
         let limit = std::time::Duration::from_secs(2);
-        let (info, said) = common::testing::logged(|| c.collect_within(limit));
-        assert!(started.elapsed() < limit, "{:?}", started.elapsed());
-        assert!(info.memory_total > 0 && info.cpu_count > 0);
-        assert!(info.gpus.is_empty());
-        assert!(said.contains("reading the GPUs"), "{said}");
-        // Still stuck: said once, and no second thread waits on it.
-        let (_, said) = common::testing::logged(|| c.collect_within(limit));
-        assert_eq!(said, "");
-        release_tx.send(()).unwrap();
-        stuck.join().unwrap();
-        c.collect_within(limit);
-        assert!(!c.gpu_stuck_said, "read again");
+        let mounts = |disks: &[DiskInfo]| disks.iter().map(|d| d.mount.clone()).collect::<Vec<_>>();
+        let disks = mounts(&c.collect_within(limit).disks);
+        for gpus in [true, false] {
+            let (release, stuck) = if gpus {
+                hang(&c.gpu.state)
+            } else {
+                hang(&c.disks.state)
+            };
+            let started = std::time::Instant::now();
+            let (info, said) = common::testing::logged(|| c.collect_within(limit));
+            assert!(started.elapsed() < limit, "{:?}", started.elapsed());
+            assert!(info.memory_total > 0 && info.cpu_count > 0);
+            let what = if gpus {
+                assert!(info.gpus.is_empty());
+                assert_eq!(mounts(&info.disks), disks, "the disks still come");
+                "reading the GPUs"
+            } else {
+                assert!(info.disks.is_empty());
+                "reading the disks"
+            };
+            assert!(said.contains(what), "{said}");
+            // Still stuck: said once, and no second thread waits on it.
+            let (_, said) = common::testing::logged(|| c.collect_within(limit));
+            assert_eq!(said, "");
+            release.send(()).unwrap();
+            stuck.join().unwrap();
+            let info = c.collect_within(limit);
+            assert!(!c.gpu.stuck_said && !c.disks.stuck_said, "read again");
+            assert_eq!(mounts(&info.disks), disks);
+        }
+    }
+
+    /// NVML is started by the first read, on the GPUs' own thread: a
+    /// driver hanging in its start leaves the collector made and the other
+    /// figures read.
+    #[test]
+    fn nvml_is_started_off_the_callers_thread() {
+        static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        fn starting() -> Result<Nvml, NvmlError> {
+            STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            Err(NvmlError::LibraryNotFound)
+        }
+        let mut c = Collector::starting_nvml_with(starting);
+        assert!(!STARTED.load(std::sync::atomic::Ordering::SeqCst));
+        c.collect_within(std::time::Duration::from_secs(2));
+        assert!(STARTED.load(std::sync::atomic::Ordering::SeqCst));
     }
 }
