@@ -199,6 +199,26 @@ fn is_conflict(e: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
+/// How many times a transaction the database aborted for a conflict runs
+/// again ([`again_on_conflict`]).
+const CONFLICT_RETRIES: u32 = 4;
+
+/// Runs `attempt` (one whole transaction) again, up to
+/// [`CONFLICT_RETRIES`] times, when the database aborted it for a conflict
+/// with another ([`is_conflict`]): nothing of it was kept.
+async fn again_on_conflict<T, F>(mut attempt: impl FnMut() -> F) -> Result<T, sqlx::Error>
+where
+    F: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut aborted = 0;
+    loop {
+        match attempt().await {
+            Err(e) if is_conflict(&e) && aborted < CONFLICT_RETRIES => aborted += 1,
+            done => return done,
+        }
+    }
+}
+
 fn now() -> NaiveDateTime {
     chrono::Utc::now().naive_utc()
 }
@@ -799,8 +819,12 @@ impl Store {
         const REVOKE: &str = "UPDATE client_tokens SET revoked_at = $2
             WHERE revoked_at IS NULL AND id <> $1
               AND COALESCE(family_id, id) = (SELECT COALESCE(family_id, id) FROM client_tokens WHERE id = $1)";
+        // Locked parent first, as a renewal does; a revocation can still
+        // take them the other way and PostgreSQL then aborts one of the
+        // two as a deadlock: this one runs again (a login failing here
+        // after its password or token was checked), as a revocation does.
         let at = now();
-        let revoked = on_pool!(self, p => {
+        let revoked = on_pool!(self, p => again_on_conflict(|| async {
             let mut tx = p.begin().await?;
             sqlx::query(LOCK).bind(parent).execute(&mut *tx).await?;
             let marked = if used {
@@ -808,15 +832,15 @@ impl Store {
             } else {
                 sqlx::query(SAVED).bind(id).execute(&mut *tx).await?
             };
-            if marked.rows_affected() == 0 {
+            Ok(if marked.rows_affected() == 0 {
                 tx.rollback().await?;
                 None
             } else {
                 let n = sqlx::query(REVOKE).bind(id).bind(at).execute(&mut *tx).await?.rows_affected();
                 tx.commit().await?;
                 Some(n)
-            }
-        });
+            })
+        }).await?);
         Ok(revoked)
     }
 
@@ -893,7 +917,7 @@ impl Store {
             let ran = on_pool!(self, p => sqlx::query(SQL).bind(needle).bind(now()).execute(p).await.map(|d| d.rows_affected()));
             let n = match ran {
                 Ok(n) => n,
-                Err(e) if is_conflict(&e) && aborted < 4 => {
+                Err(e) if is_conflict(&e) && aborted < CONFLICT_RETRIES => {
                     aborted += 1;
                     continue;
                 }
@@ -956,8 +980,10 @@ impl Store {
               (id, token_hash, prefix, user_id, created_at, expires_at, family_id, renewed_from)
             SELECT $1, $2, $3, p.user_id, $4, $5, COALESCE(p.family_id, p.id), p.id
             FROM client_tokens p WHERE p.id = $6";
+        // Aborted as a deadlock with a revocation of the family (see
+        // `confirm_renewal`): run again.
         let at = now();
-        let rotated = on_pool!(self, p => {
+        let rotated = on_pool!(self, p => again_on_conflict(|| async {
             let mut tx = p.begin().await?;
             let live = sqlx::query(LOCK)
                 .bind(parent)
@@ -974,14 +1000,14 @@ impl Store {
             } else {
                 0
             };
-            if inserted == 1 {
+            Ok(if inserted == 1 {
                 tx.commit().await?;
                 true
             } else {
                 tx.rollback().await?;
                 false
-            }
-        });
+            })
+        }).await?);
         Ok(rotated)
     }
 

@@ -2726,6 +2726,107 @@ async fn a_revocation_aborted_as_a_deadlock_runs_again() {
     pg.drop_db().await;
 }
 
+/// A renewal's first use (which locks the parent, then the renewal) and a
+/// renewal of a token whose last renewal is unused (parent, then that
+/// renewal, deleted) can deadlock with a transaction taking the two the
+/// other way (a revocation); the one aborted runs again instead of failing
+/// the login it is part of.
+#[tokio::test]
+async fn renewals_aborted_as_a_deadlock_run_again() {
+    use sqlx::Connection;
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let user = store.create_user("dl2@example.com", "hash").await.unwrap();
+    for confirm in [true, false] {
+        let (parent, renewal) = if confirm { ("p1", "c1") } else { ("p2", "c2") };
+        assert!(
+            store
+                .insert_client_token(
+                    parent,
+                    &format!("hash-{parent}"),
+                    parent,
+                    user.id,
+                    None,
+                    None
+                )
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .rotate_client_token(
+                    parent,
+                    renewal,
+                    &format!("hash-{renewal}"),
+                    renewal,
+                    None,
+                    None
+                )
+                .await
+                .unwrap()
+        );
+        let mut other = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+        let mut watcher = sqlx::PgConnection::connect(&pg.url).await.unwrap();
+        // Another transaction holds the renewal's row...
+        sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+        sqlx::query("UPDATE client_tokens SET revoked_at = revoked_at WHERE id = $1")
+            .bind(renewal)
+            .execute(&mut other)
+            .await
+            .unwrap();
+        // ...the store takes the parent's and waits for the renewal's...
+        let running = tokio::spawn({
+            let store = store.clone();
+            async move {
+                if confirm {
+                    store
+                        .confirm_client_token(renewal, parent)
+                        .await
+                        .map(|n| n.is_some())
+                } else {
+                    store
+                        .rotate_client_token(parent, "n2", "hash-n2", "n2", None, None)
+                        .await
+                }
+            }
+        });
+        until_waiting_on_locks(&mut watcher, 1, Instant::now() + frpx_tests::WAIT).await;
+        // ...and the other then wants the parent's: a deadlock, found by
+        // the store's wait first (it waited first).
+        sqlx::query("UPDATE client_tokens SET revoked_at = revoked_at WHERE id = $1")
+            .bind(parent)
+            .execute(&mut other)
+            .await
+            .expect("the store's statement is the one aborted");
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        let done = tokio::time::timeout(frpx_tests::WAIT, running)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(done.unwrap(), "done after running again");
+        let live: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM client_tokens WHERE revoked_at IS NULL AND id IN ($1, $2, 'n2') ORDER BY id")
+                .bind(parent)
+                .bind(renewal)
+                .fetch_all(&mut watcher)
+                .await
+                .unwrap();
+        if confirm {
+            assert_eq!(live, [renewal], "the parent revoked by the first use");
+        } else {
+            assert_eq!(
+                live,
+                ["n2", parent],
+                "the unused renewal gone, a new one made"
+            );
+        }
+    }
+    store.close().await;
+    pg.drop_db().await;
+}
+
 /// Each statement of `plans` is carried out through its index on SQLite
 /// (`EXPLAIN QUERY PLAN` says `USING INDEX <name>`), and PostgreSQL's
 /// migrations made the same indexes.
