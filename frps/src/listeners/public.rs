@@ -733,6 +733,14 @@ async fn forward(
         };
         (Payload::Stream(Some(body)), None)
     };
+    // A name no box could list (over its 256 bytes, or with control
+    // characters) is refused here: compared with every model of every box
+    // under the registry's lock, a 10 MiB name held routing up for all.
+    if let Some(m) = model.as_deref()
+        && !common::protocol::model_name_kept(m.trim())
+    {
+        return refused(state, Refusal::NoModel, Some(m), pinned.as_deref(), None);
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(crate::auth::X_API_KEY);

@@ -301,6 +301,26 @@ async fn unknown_models_get_404_ambiguous_ones_400_and_an_empty_fleet_503() {
     b.frps.wait_for_clients(&[]).await;
     let reply = post(b.frps.public(), "/v1/chat/completions", chat("llama3")).await;
     assert_eq!(reply.status, 503);
+    // A name no box could list (over 256 bytes, or with a control
+    // character) is not looked for among the boxes (a 10 MiB one held
+    // routing up): not found, whatever the fleet.
+    for name in ["m".repeat(257), "llama3\u{1}".into(), "x".repeat(1 << 20)] {
+        let reply = post(b.frps.public(), "/v1/chat/completions", chat(&name)).await;
+        assert_eq!(
+            reply.status,
+            404,
+            "{}",
+            &reply.body[..reply.body.len().min(300)]
+        );
+        assert_eq!(reply.json()["error"]["code"], "model_not_found");
+    }
+    let reply = post(
+        b.frps.public(),
+        "/v1/chat/completions",
+        chat(&"m".repeat(256)),
+    )
+    .await;
+    assert_eq!(reply.status, 503, "a name a box could list is looked for");
 }
 
 #[tokio::test]
