@@ -448,21 +448,14 @@ async fn authenticate_and_forward(
         KeyCheck::Valid(grant) => grant,
         KeyCheck::Missing => {
             Stats::inc(&state.stats.auth_failures);
-            return error_response(
-                StatusCode::UNAUTHORIZED,
+            return unauthorized(
                 "missing API key: send `Authorization: Bearer <key>`",
-                "invalid_request_error",
                 "missing_api_key",
             );
         }
         KeyCheck::Invalid => {
             Stats::inc(&state.stats.auth_failures);
-            return error_response(
-                StatusCode::UNAUTHORIZED,
-                "invalid API key",
-                "invalid_request_error",
-                "invalid_api_key",
-            );
+            return unauthorized("invalid API key", "invalid_api_key");
         }
         KeyCheck::Throttled(wait) => {
             Stats::inc(&state.stats.auth_failures);
@@ -500,6 +493,23 @@ async fn authenticate_and_forward(
     if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
         body.lease = Some(lease);
     }
+    resp
+}
+
+/// 401 `code`, closing the connection: a caller without a key that works
+/// holds none of the public connections open (a request without a key
+/// every minute kept one for as long as it liked, the first head's short
+/// deadline being behind it: a few addresses held every connection frps
+/// allows, for free).
+fn unauthorized(message: &str, code: &str) -> Response<PublicBody> {
+    let mut resp = error_response(
+        StatusCode::UNAUTHORIZED,
+        message,
+        "invalid_request_error",
+        code,
+    );
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 

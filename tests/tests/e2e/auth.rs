@@ -38,14 +38,23 @@ async fn missing_or_wrong_key_is_401() {
 #[tokio::test]
 async fn every_request_on_a_keep_alive_connection_is_authenticated() {
     let fleet = Fleet::start(1).await;
-    let mut conn = Conn::open(fleet.frps.public()).await;
-    assert_eq!(conn.get("/first", Some(API_KEY)).await.status, 200);
-    let second = conn.get("/second", Some("not-the-key")).await;
-    assert_openai_error(&second, 401, "invalid_api_key");
-    let third = conn.get("/third", None).await;
-    assert_openai_error(&third, 401, "missing_api_key");
-    assert_eq!(conn.get("/fourth", Some(API_KEY)).await.status, 200);
-    assert_eq!(fleet.backends[0].paths(), ["/first", "/fourth"]);
+    let public = fleet.frps.public();
+    for (key, code) in [
+        (Some("not-the-key"), "invalid_api_key"),
+        (None, "missing_api_key"),
+    ] {
+        let mut conn = Conn::open(public).await;
+        assert_eq!(conn.get("/first", Some(API_KEY)).await.status, 200);
+        let second = conn.get("/second", key).await;
+        assert_openai_error(&second, 401, code);
+        // And the connection closes after it: a caller without a working
+        // key holds none open (one keyless request a minute kept one).
+        assert_eq!(second.headers["connection"], "close");
+        assert!(conn.closed_by_peer().await, "{code}");
+    }
+    let mut conn = Conn::open(public).await;
+    assert_eq!(conn.get("/third", Some(API_KEY)).await.status, 200);
+    assert_eq!(fleet.backends[0].paths(), ["/first", "/first", "/third"]);
 }
 
 #[tokio::test]
@@ -67,17 +76,23 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
         .expect("key created");
     let asked = || frps.state.keys.stats.db_hits.load(Ordering::Relaxed);
 
-    let mut conn = Conn::open_from(public, here).await;
+    // Each 401 closes its connection: a guesser pays for one per guess.
+    let guess = |key: String| async move {
+        Conn::open_from(public, here)
+            .await
+            .get("/", Some(&key))
+            .await
+    };
     for i in 0..5 {
-        let reply = conn.get("/", Some(&format!("guess-{i}"))).await;
+        let reply = guess(format!("guess-{i}")).await;
         assert_openai_error(&reply, 401, "invalid_api_key");
     }
     assert_eq!(asked(), 5);
     // A key just refused is cached as unknown: 401 as before, not counted.
-    let again = conn.get("/", Some("guess-4")).await;
+    let again = guess("guess-4".into()).await;
     assert_openai_error(&again, 401, "invalid_api_key");
     // Spent: the next unknown key is not looked up.
-    let refused = conn.get("/", Some("guess-5")).await;
+    let refused = guess("guess-5".into()).await;
     assert_openai_error(&refused, 429, "too_many_invalid_keys");
     let wait: u64 = refused.headers["retry-after"]
         .to_str()
@@ -126,11 +141,17 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
     });
     let statuses = futures_util::future::join_all(firsts).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let guess_elsewhere = |key: String| async move {
+        Conn::open_from(public, elsewhere)
+            .await
+            .get("/", Some(&key))
+            .await
+    };
     for i in 0..5 {
-        let reply = other.get("/", Some(&format!("other-guess-{i}"))).await;
+        let reply = guess_elsewhere(format!("other-guess-{i}")).await;
         assert_openai_error(&reply, 401, "invalid_api_key");
     }
-    let reply = other.get("/", Some("other-guess-5")).await;
+    let reply = guess_elsewhere("other-guess-5".into()).await;
     assert_openai_error(&reply, 429, "too_many_invalid_keys");
     assert_eq!(frps.state.keys.stats.throttled.load(Ordering::Relaxed), 4);
     let metrics = http::get(frps.addrs.api, "/metrics", None).await.body;
@@ -160,7 +181,11 @@ async fn a_short_static_key_waits_with_the_guesses_of_a_spent_address() {
     let mut conn = Conn::open_from(public, here).await;
     assert_eq!(conn.get("/stored", Some(&stored)).await.status, 200);
     for i in 0..3 {
-        let reply = conn.get("/", Some(&format!("guess-{i}"))).await;
+        // Each 401 closes its connection.
+        let reply = Conn::open_from(public, here)
+            .await
+            .get("/", Some(&format!("guess-{i}")))
+            .await;
         assert_openai_error(&reply, 401, "invalid_api_key");
     }
     // Spent: the static key gets what any guess gets, so a right guess
