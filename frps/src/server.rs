@@ -85,8 +85,14 @@ impl Server {
                 )
             }
             None => tracing::warn!(
-                "the management API has no admin token: any process on this machine can use it (list the fleet, disconnect clients); set --admin-token (FRPX_ADMIN_TOKEN) where others share the machine"
+                "the management API has no admin token: any process on this machine can use it (list the fleet, disconnect clients); set --admin-token (FRPX_ADMIN_TOKEN) where others share the machine, and before putting a reverse proxy in front of it"
             ),
+            Some(token) if token.chars().count() < crate::api::STRONG_ADMIN_TOKEN => {
+                tracing::warn!(
+                    "the admin token has under {} characters: fine for this machine's own tools, but behind a reverse proxy every caller shares the proxy's address and its budget of guesses, and the right token is refused with them while that budget is spent. Use a long random one (`openssl rand -hex 32`) before exposing the API",
+                    crate::api::STRONG_ADMIN_TOKEN
+                )
+            }
             Some(_) => {}
         }
         if config.tls_self_signed && config.tls_cert.is_some() {

@@ -641,6 +641,18 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
     }
 }
 
+/// Headers a proxy adds about the caller it relays (nginx, Caddy, Traefik,
+/// HAProxy, Apache, Envoy, as configured for it or by default).
+const RELAYED: [&str; 7] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+    "x-envoy-external-address",
+];
+
 /// Why a request to a token-less API did not come from this machine's own
 /// tools: a `Host` that is not a loopback name or address (DNS rebinding),
 /// or an `Origin` of another host (a page posting across origins).
@@ -661,6 +673,14 @@ fn foreign_request(req: &Request) -> Option<&'static str> {
     if !named || !host.is_none_or(is_loopback_host) || !authority.is_none_or(is_loopback_host) {
         return Some(
             "without --admin-token the API answers only requests for localhost or a loopback address (Host header, and the target's host if it names one)",
+        );
+    }
+    // A reverse proxy on this machine reaches the API from loopback, and
+    // many rewrite Host to the address they pass to (nginx's default): what
+    // gives it away is what it adds about the caller it relays.
+    if RELAYED.iter().any(|name| req.headers().contains_key(*name)) {
+        return Some(
+            "without --admin-token the API answers no requests relayed by a proxy (Forwarded, X-Forwarded-*, X-Real-IP or Via header): set --admin-token before putting it behind one",
         );
     }
     if let Some(origin) = header(header::ORIGIN) {
@@ -846,6 +866,27 @@ mod tests {
         req.headers_mut()
             .append(header::HOST, HeaderValue::from_static("localhost"));
         assert!(foreign_request(&req).is_some());
+        // A request a proxy on this machine relays names a loopback host
+        // when the proxy rewrote Host (nginx's default), and is refused by
+        // what the proxy says of its caller.
+        for (name, value) in [
+            ("x-forwarded-for", "203.0.113.9"),
+            ("X-Real-IP", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+            ("via", "1.1 caddy"),
+            ("x-forwarded-proto", "https"),
+        ] {
+            let mut req = Request::builder()
+                .uri("/api/clients")
+                .header(header::HOST, "127.0.0.1:18081")
+                .header(name, value)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let why = foreign_request(&req).unwrap_or_default();
+            assert!(why.contains("relayed by a proxy"), "{name}: {why}");
+            req.headers_mut().remove(name);
+            assert_eq!(foreign_request(&req), None);
+        }
     }
 
     #[test]
