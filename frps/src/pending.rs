@@ -159,6 +159,28 @@ impl Pending {
         })
     }
 
+    /// Whether a pairing `conn_id` waits for a hello of `client_id` with
+    /// `session_key`, as [`Pending::complete`] checks: `Err` says why not.
+    /// Asked before the server plugins are (`NewWorkConn`): a box may not
+    /// have them called for connections frps never asked for.
+    pub fn expects(
+        &self,
+        conn_id: Uuid,
+        client_id: &str,
+        session_key: &str,
+    ) -> Result<(), &'static str> {
+        let entries = self.lock();
+        let Some(entry) = entries.by_id.get(&conn_id) else {
+            return Err("unknown or expired connection id");
+        };
+        if entry.client_id != client_id
+            || !constant_time_eq(entry.session_key.as_bytes(), session_key.as_bytes())
+        {
+            return Err("connection id does not belong to this client session");
+        }
+        Ok(())
+    }
+
     /// Hands `stream` to the waiter for `conn_id` if the hello proves it comes
     /// from the client the pairing was opened for. On refusal the stream comes
     /// back with the reason. A wrong proof leaves the pairing in place, so a
@@ -170,19 +192,14 @@ impl Pending {
         session_key: &str,
         stream: Stream,
     ) -> Result<(), (Stream, &'static str)> {
+        if let Err(reason) = self.expects(conn_id, client_id, session_key) {
+            return Err((stream, reason));
+        }
         let mut entries = self.lock();
-        let Some(entry) = entries.by_id.get(&conn_id) else {
+        let Some(entry) = entries.remove(&conn_id) else {
+            // Withdrawn in between (its request gave up).
             return Err((stream, "unknown or expired connection id"));
         };
-        if entry.client_id != client_id
-            || !constant_time_eq(entry.session_key.as_bytes(), session_key.as_bytes())
-        {
-            return Err((
-                stream,
-                "connection id does not belong to this client session",
-            ));
-        }
-        let entry = entries.remove(&conn_id).expect("entry present");
         drop(entries);
         entry.tx.send(Ok(stream)).map_err(|back| {
             let stream = back.expect("we sent Ok");

@@ -29,7 +29,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, state: Arc<State>) {
             session_key,
         }) => match hooks::new_work_conn(&state, conn_id, &client_id, &session_key).await {
             Err(reason) => {
-                debug!(%peer, %conn_id, client = %client_id, "data connection refused by a server plugin: {reason}");
+                debug!(%peer, %conn_id, client = %client_id, "data connection refused (before or by the server plugins): {reason}");
                 (conn_id, reason)
             }
             // frps's end keeps `TCP_USER_TIMEOUT`: it only sends requests,

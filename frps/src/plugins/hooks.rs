@@ -158,7 +158,8 @@ pub fn ping(state: &Arc<State>, client: &Arc<ClientHandle>, slot: &PingSlot) {
 }
 
 /// `NewWorkConn` for a data connection's hello. Only a hello that proves
-/// its session (client id and session key) is shown to plugins; with
+/// its session (client id and session key), for a connection frps asked
+/// that session for, is shown to plugins; with
 /// plugins asked, any other is refused here, unpaired (a session replaced
 /// a moment ago may still have a request waiting for its dial-back, which
 /// must not be paired without the plugins' word; a forged hello must not
@@ -176,6 +177,10 @@ pub async fn new_work_conn(
     let Some(client) = state.registry.proven(client_id, session_key) else {
         return Err("unknown client or wrong session key".to_owned());
     };
+    // Nor is one frps is not waiting for: a box could have the plugins
+    // called as often as it liked (taking the turns `NewUserConn` waits
+    // for when both go to one address, or counted by an audit plugin).
+    state.pending.expects(conn_id, client_id, session_key)?;
     let content = NewWorkConnContent {
         user: client_user(&client),
         run_id: run_id(client.session),

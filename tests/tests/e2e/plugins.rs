@@ -1450,6 +1450,30 @@ async fn a_hello_that_proves_no_live_session_is_refused_before_pairing() {
         }
         other => panic!("expected DataRejected, got {other:?}"),
     }
+    // The session's own key, for a connection frps never asked for: refused
+    // too, without a plugin call (a box could have them called at will).
+    let mut conn = tokio::net::TcpStream::connect(frps.addrs.proxy)
+        .await
+        .unwrap();
+    common::write_command(
+        &mut conn,
+        &Command::DataHello {
+            conn_id,
+            client_id: "box".into(),
+            session_key: session_key.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let refused = common::read_one_command(&mut conn, common::MAX_FRAME, frpx_tests::WAIT)
+        .await
+        .unwrap();
+    match refused {
+        Command::DataRejected { reason, .. } => {
+            assert_eq!(reason, "unknown or expired connection id");
+        }
+        other => panic!("expected DataRejected, got {other:?}"),
+    }
     assert!(plugin.calls_for("NewWorkConn").is_empty());
 }
 
