@@ -506,7 +506,42 @@ pub fn router(state: Arc<State>) -> Router {
     .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
     .layer(middleware::from_fn_with_state(state.clone(), require_admin))
     .layer(middleware::map_response(enveloped))
+    .layer(middleware::map_response(kept_private))
     .with_state(state)
+}
+
+/// What the dashboard page may do: its own inline script and style, calls
+/// to this origin only, and no framing (clickjacking) or form posting.
+const DASHBOARD_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// Every answer is kept out of caches (the fleet's names and addresses,
+/// account emails: a browser's disk cache kept them) and read as the type
+/// it says; the dashboard page is not framed and calls only this origin.
+async fn kept_private(mut resp: Response) -> Response {
+    let headers = resp.headers_mut();
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    let html = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/html"));
+    if html {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(DASHBOARD_POLICY),
+        );
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+    }
+    resp
 }
 
 /// Longest error text of axum's own (an extractor's rejection) that

@@ -980,6 +980,37 @@ async fn the_dashboard_renders_a_row_per_client() {
     assert!(tag.contains("hidden"), "shown with clients listed: {tag}");
 }
 
+/// Every answer is kept out of caches and read as its type; the dashboard
+/// page is not framed and calls only its own origin (its rendering under
+/// that policy: `the_dashboard_renders_a_row_per_client`).
+#[tokio::test]
+async fn answers_are_kept_out_of_caches_and_the_page_out_of_frames() {
+    let fleet = fleet_with_admin(1).await;
+    let api = fleet.frps.addrs.api;
+    for (path, token) in [
+        ("/api/clients", Some(ADMIN)),
+        ("/api/clients", None),
+        ("/api/health", None),
+        ("/metrics", Some(ADMIN)),
+        ("/", None),
+    ] {
+        let reply = http::get(api, path, token).await;
+        assert_eq!(reply.headers["cache-control"], "no-store", "{path}");
+        assert_eq!(reply.headers["x-content-type-options"], "nosniff", "{path}");
+        let html = path == "/";
+        assert_eq!(
+            reply.headers.contains_key("x-frame-options"),
+            html,
+            "{path}"
+        );
+        if html {
+            let policy = reply.headers["content-security-policy"].to_str().unwrap();
+            assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+            assert!(policy.contains("connect-src 'self'"), "{policy}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn clients_and_their_metrics_come_in_pages() {
     let fleet = fleet_with_admin(3).await;
