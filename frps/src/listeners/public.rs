@@ -1149,8 +1149,9 @@ async fn forward(
             }
             Some(Err(_)) => AcquireError::HeadTimeout(state.config.upstream_idle_timeout),
         };
-        // A streamed body went with the failed attempt: nothing to retry with.
-        let retries = if payload.is_spent() {
+        // A streamed body went with the failed attempt: nothing to retry
+        // with; nor is a request sent elsewhere that may have been acted on.
+        let retries = if payload.is_spent() || !may_fail_over(&failure, &parts.method, routed) {
             0
         } else {
             state.config.max_retries + busy
@@ -1165,6 +1166,25 @@ async fn forward(
         ) {
             return resp;
         }
+    }
+}
+
+/// Whether a request that failed on a box with `failure` goes to another
+/// (within `--max-retries`). One its service got, and failed on or kept
+/// without answering, goes again only when running it twice changes
+/// nothing: an idempotent method (RFC 9110 §9.2.2), or a request for a
+/// model's answer (`routed`: the paths routed by model, which produce a
+/// result and change nothing); a `POST` elsewhere (Ollama's `/api/pull`,
+/// `/v1/files`) or a `PATCH` may have been carried out, and is answered 502
+/// (before 2026-12-05 it was sent to up to `--max-retries` more boxes). No
+/// request goes again after `--upstream-idle-timeout` with no answer: the
+/// caller waited that long already (an SDK has given up by then), and two
+/// more boxes tripled it.
+fn may_fail_over(failure: &AcquireError, method: &Method, routed: bool) -> bool {
+    match failure {
+        AcquireError::HeadTimeout(_) => false,
+        AcquireError::Service(_) => routed || method.is_idempotent(),
+        _ => true,
     }
 }
 

@@ -1396,6 +1396,78 @@ async fn an_upload_cut_at_the_shutdown_deadline_never_reaches_the_service_as_end
     frpc.kill().await;
 }
 
+/// A request a box's service got and failed on (dropped its connection)
+/// goes to another box only when running it twice changes nothing: an
+/// idempotent method, or a model's answer; a `POST` elsewhere or a `PATCH`
+/// is answered 502 after one box. None goes again after
+/// `--upstream-idle-timeout` without an answer (the caller waited that long).
+#[tokio::test]
+async fn only_requests_safe_to_run_twice_fail_over_once_a_service_got_them() {
+    // Records each request's line; holds `/hold` unanswered, drops the rest.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let service = listener.local_addr().unwrap();
+    let seen = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                loop {
+                    let head = read_head(&mut s).await;
+                    if head.is_empty() {
+                        return;
+                    }
+                    if is_probe(&head) {
+                        let answer = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let line = head.lines().next().unwrap_or_default().to_owned();
+                    let hold = line.contains("/hold");
+                    seen.lock().unwrap().push(line);
+                    if hold {
+                        tokio::time::sleep(Duration::from_secs(120)).await;
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    for (method, path, body, boxes, status) in [
+        ("GET", "/v1/things", "", 2, 502),
+        ("DELETE", "/v1/files/f1", "", 2, 502),
+        ("POST", "/v1/chat/completions", "{}", 2, 502),
+        ("POST", "/v1/files", "{}", 1, 502),
+        ("PATCH", "/v1/files/f1", "{}", 1, 502),
+        ("GET", "/v1/hold", "", 1, 504),
+    ] {
+        let mut cfg = frps_config();
+        cfg.max_retries = 2;
+        cfg.upstream_idle_timeout = Duration::from_millis(500);
+        let frps = Frps::start(cfg).await;
+        let a = Frpc::start(frpx_tests::frpc_config("a", &frps.addrs, service));
+        let b = Frpc::start(frpx_tests::frpc_config("b", &frps.addrs, service));
+        frps.wait_for_clients(&["a", "b"]).await;
+        got.lock().unwrap().clear();
+        let mut conn = Conn::open(frps.public()).await;
+        let req = http::request(
+            method,
+            frps.public(),
+            path,
+            Some(API_KEY),
+            bytes::Bytes::from_static(body.as_bytes()),
+        );
+        let reply = http::read(conn.send(req).await.expect("an answer")).await;
+        assert_eq!(reply.status, status, "{method} {path}: {}", reply.body);
+        let lines = got.lock().unwrap().clone();
+        assert_eq!(lines.len(), boxes, "{method} {path}: {lines:?}");
+        a.kill().await;
+        b.kill().await;
+    }
+}
+
 #[tokio::test]
 async fn a_service_that_accepts_and_never_answers_gets_a_clean_504() {
     let service = silent_service().await;
