@@ -390,7 +390,9 @@ async fn dial(
 /// a 200 response, on an idle connection from `pool` when there is one (a
 /// request it could not send, the plugin having closed it meanwhile, goes
 /// on a new one; one it sent is never sent twice). The connection goes
-/// back to `pool` once the answer was read whole.
+/// back to `pool` once the answer was read whole. Connections are shared
+/// out of what is left until `deadline` (the call's, set before it waited
+/// for a turn).
 pub async fn post(
     pool: &Connections,
     addr: &str,
@@ -398,9 +400,8 @@ pub async fn post(
     reqid: &str,
     authorization: Option<&http::HeaderValue>,
     body: Vec<u8>,
-    budget: Duration,
+    deadline: tokio::time::Instant,
 ) -> Result<Bytes, CallError> {
-    let deadline = tokio::time::Instant::now() + budget;
     let body = Bytes::from(body);
     let mut uri: Uri = path_and_query
         .parse()

@@ -493,7 +493,12 @@ impl Plugins {
             .pools
             .get(&plugin.addr)
             .expect("every plugin's address has a pool");
-        let answer = tokio::time::timeout(self.timeout, async {
+        // One deadline for the whole call: a wait for a turn leaves the
+        // connection attempts less time, and they share what is left (each
+        // address but the last held to its share), not the full timeout
+        // that would outlast the call, leaving the next address untried.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let answer = tokio::time::timeout_at(deadline, async {
             // Per-request calls take turns; the control plane's do not
             // wait for them.
             let _turn = match C::OP.per_request() {
@@ -507,7 +512,7 @@ impl Plugins {
                 &reqid,
                 plugin.authorization.as_ref(),
                 body,
-                self.timeout,
+                deadline,
             )
             .await
         })
