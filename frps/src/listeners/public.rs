@@ -1824,6 +1824,7 @@ fn respond(
         idle,
         idle_timer: None,
         last_frame: tokio::time::Instant::now(),
+        evicted: None,
         lease: None,
         upload,
     };
@@ -2156,6 +2157,8 @@ pub struct TrackedBody {
     idle: std::time::Duration,
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     last_frame: tokio::time::Instant,
+    /// Ends when the box is evicted for silence; made on the first wait.
+    evicted: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     /// The API key's concurrency slot, released with the body.
     lease: Option<crate::ratelimit::Lease>,
     /// A streamed request body's upload (`None` for buffered and bodiless
@@ -2209,6 +2212,20 @@ impl Body for TrackedBody {
                     warn!(client = %this.guard.client.id, "upstream silent for {:?}; closing the stream", this.idle);
                     return Poll::Ready(Some(Err(
                         format!("upstream silent for {:?}", this.idle).into()
+                    )));
+                }
+                // A box evicted for silence (frozen, its connections left
+                // open) sends no more: the stream ends now, not after
+                // `--upstream-idle-timeout` (its caller, the capacity slot
+                // and the key's lease were held that long).
+                let evicted = this.evicted.get_or_insert_with(|| {
+                    Box::pin(this.guard.client.silent.clone().cancelled_owned())
+                });
+                if evicted.as_mut().poll(cx).is_ready() {
+                    this.let_go();
+                    warn!(client = %this.guard.client.id, "the client stopped answering (evicted for silence); closing the stream");
+                    return Poll::Ready(Some(Err(
+                        "the client stopped answering (evicted for silence)".into(),
                     )));
                 }
             }

@@ -329,6 +329,56 @@ async fn a_request_on_a_box_evicted_for_silence_fails_over() {
     drop(data);
 }
 
+/// A box that froze partway through a streamed answer (its connections
+/// left open) is evicted after three heartbeat intervals, and the stream
+/// ends then, not after `--upstream-idle-timeout`: the caller, the box's
+/// slot and the key's lease were held that long.
+#[tokio::test]
+async fn a_stream_from_a_box_evicted_for_silence_ends_at_the_eviction() {
+    let mut cfg = frps_config();
+    cfg.heartbeat_interval = Duration::from_millis(500);
+    cfg.upstream_idle_timeout = Duration::from_secs(120);
+    let frps = Frps::start(cfg).await;
+    let (mut frozen, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "frozen").await;
+    let Command::Registered { session_key, .. } = answer else {
+        panic!("{answer:?}")
+    };
+    let mut caller = TcpStream::connect(frps.public()).await.unwrap();
+    let head =
+        format!("GET /stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\r\n");
+    caller.write_all(head.as_bytes()).await.unwrap();
+    let Some(Command::OpenConnection { conn_id }) = frozen.recv().await else {
+        panic!("no dial-back asked for");
+    };
+    let mut data = TcpStream::connect(frps.addrs.proxy).await.unwrap();
+    let hello = Command::DataHello {
+        conn_id,
+        client_id: "frozen".into(),
+        session_key,
+    };
+    write_command(&mut data, &hello).await.unwrap();
+    read_head(&mut data).await;
+    // The answer begins, then the box freezes: no more bytes, no heartbeat.
+    data.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await
+        .unwrap();
+    let begun = read_until(&mut caller, "first").await;
+    assert!(begun.starts_with("HTTP/1.1 200"), "{begun}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, caller.read_to_end(&mut rest))
+        .await
+        .expect("the stream ends at the eviction, not after --upstream-idle-timeout")
+        .ok();
+    assert!(frps.state.registry.get("frozen").is_none(), "evicted");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("0\r\n\r\n"),
+        "cut, not ended as complete: {rest:?}"
+    );
+    drop(data);
+}
+
 #[tokio::test]
 async fn a_silent_client_is_evicted_after_three_heartbeat_intervals() {
     const INTERVAL: Duration = Duration::from_millis(300);
