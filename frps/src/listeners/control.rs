@@ -113,6 +113,8 @@ async fn session(
         Ok(()) => Ok(()),
         Err(refusal) => Err(refusal),
     };
+    // The id frpc asked for: a plugin may rename it.
+    let asked_id = registration.client_id.clone();
     let admitted = match admitted {
         Ok(()) => hooks::admit(&state.plugins, registration, peer, session)
             .await
@@ -134,7 +136,25 @@ async fn session(
             format!("a server plugin changed this registration into one frps refuses: {reason}"),
             true,
         )),
-        Ok(()) => claim_id(state, &registration, owner.user_id).await.err(),
+        Ok(()) => claim_id(state, &registration, owner.user_id)
+            .await
+            .err()
+            .map(|(reason, retry)| {
+                if registration.client_id == asked_id {
+                    (reason, retry)
+                } else {
+                    // The id a plugin renamed it to belongs to another
+                    // account (or over the account's limit): not frpc's
+                    // `--client-id` at fault, which the advice names, nor
+                    // one to give up on (a fixed plugin may accept it).
+                    (
+                        format!(
+                            "a server plugin renamed this client '{asked_id}' to one frps refuses: {reason}"
+                        ),
+                        true,
+                    )
+                }
+            }),
     };
     if let Some((reason, retry)) = refusal {
         // frpc hears first: its wait for an answer does not include the

@@ -1151,6 +1151,11 @@ async fn a_registration_refused_after_new_proxy_closes_its_proxy() {
             content["proxy_name"] = json!("not an id/..");
             Reply::Replace(content)
         }
+        "NewProxy" if call.content()["proxy_name"] == "take-gpu-o" => {
+            let mut content = call.content().clone();
+            content["proxy_name"] = json!("gpu-o");
+            Reply::Replace(content)
+        }
         _ => Reply::Allow,
     })
     .await;
@@ -1200,6 +1205,23 @@ async fn a_registration_refused_after_new_proxy_closes_its_proxy() {
     .await;
     let closes = plugin.calls_for("CloseProxy");
     assert_eq!(closes[1].content()["proxy_name"], "gpu-o");
+
+    // Renamed by a plugin onto the first account's id: the plugin's doing,
+    // not the box's `--client-id` (which the refusal's advice named, and
+    // frpc stopped for good): said so, and retried.
+    let (_taker, answer) =
+        FakeClient::register_as(frps.addrs.control, &other, registration("take-gpu-o")).await;
+    let (reason, retry) = refusal(&answer);
+    assert!(
+        reason.contains("a server plugin renamed this client 'take-gpu-o'"),
+        "{reason}"
+    );
+    assert!(reason.contains("another account"), "{reason}");
+    assert!(retry);
+    frpx_tests::eventually("its proxy is closed", || {
+        plugin.calls_for("CloseProxy").len() == 3
+    })
+    .await;
 }
 
 #[tokio::test]
