@@ -45,12 +45,17 @@ pub const ADMIN_FAILURES_PER_MINUTE: u32 = 10;
 #[derive(Debug)]
 pub struct WrongTokens {
     budget: crate::limits::FailureBudget,
-    /// Digests of the latest distinct wrong tokens.
-    recent: std::sync::Mutex<std::collections::VecDeque<[u8; 32]>>,
+    /// The latest distinct wrong tokens (digests), each with who it was
+    /// counted against.
+    recent: std::sync::Mutex<std::collections::VecDeque<(std::net::IpAddr, [u8; 32])>>,
 }
 
-/// Distinct wrong tokens remembered as already counted.
-const RECENT_WRONG_TOKENS: usize = 64;
+/// Distinct wrong tokens remembered as already counted. Per caller: a
+/// token counted against one address is counted again from another (the
+/// guesses of others neither pass as repeats nor, being many, push an
+/// operator's stale token out so quickly that it is counted again every
+/// round: 64 for all callers took about 640 guesses a minute).
+const RECENT_WRONG_TOKENS: usize = 1024;
 
 impl Default for WrongTokens {
     fn default() -> Self {
@@ -94,15 +99,16 @@ impl WrongTokens {
     /// request naming another host when `foreign`), unless it was counted
     /// lately.
     pub fn fail(&self, ip: std::net::IpAddr, foreign: bool, digest: [u8; 32]) {
+        let who = crate::limits::address_block(caller(ip, foreign));
         {
             let mut recent = self.recent.lock().expect("wrong tokens lock");
-            if recent.contains(&digest) {
+            if recent.contains(&(who, digest)) {
                 return;
             }
             if recent.len() == RECENT_WRONG_TOKENS {
                 recent.pop_front();
             }
-            recent.push_back(digest);
+            recent.push_back((who, digest));
         }
         self.budget
             .fail(caller(ip, foreign), tokio::time::Instant::now());
@@ -922,6 +928,41 @@ mod tests {
             req.headers_mut().remove(name);
             assert_eq!(foreign_request(&req), None);
         }
+    }
+
+    /// A wrong token repeated counts once per caller: another address
+    /// presenting it is counted, and others' guesses do not push an
+    /// operator's stale token out of the repeats.
+    #[tokio::test(start_paused = true)]
+    async fn a_wrong_token_repeated_counts_once_per_caller() {
+        let wrong = WrongTokens::default();
+        let here: std::net::IpAddr = "203.0.113.1".parse().unwrap();
+        let there: std::net::IpAddr = "203.0.113.2".parse().unwrap();
+        let stale = [7u8; 32];
+        for _ in 0..ADMIN_FAILURES_PER_MINUTE * 2 {
+            wrong.fail(here, false, stale);
+        }
+        assert!(wrong.check(here, false).is_ok(), "counted once");
+        // Guesses from many others in between.
+        for i in 0..200u32 {
+            let mut guess = [0u8; 32];
+            guess[..4].copy_from_slice(&i.to_be_bytes());
+            let other = std::net::IpAddr::from([198, 51, 100, (i % 250) as u8]);
+            wrong.fail(other, false, guess);
+        }
+        for _ in 0..ADMIN_FAILURES_PER_MINUTE * 2 {
+            wrong.fail(here, false, stale);
+        }
+        assert!(wrong.check(here, false).is_ok(), "still once");
+        // The same token from another address is that address's guess.
+        for i in 1..ADMIN_FAILURES_PER_MINUTE {
+            let mut guess = stale;
+            guess[0] = 100 + i as u8;
+            wrong.fail(there, false, guess);
+        }
+        assert!(wrong.check(there, false).is_ok(), "one guess left");
+        wrong.fail(there, false, stale);
+        assert!(wrong.check(there, false).is_err(), "counted against it");
     }
 
     #[test]
