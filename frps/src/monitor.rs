@@ -15,10 +15,9 @@ use tokio::net::TcpStream;
 use crate::api::types::{ClientSummary, Monitoring};
 use crate::config::Config;
 
-/// Largest API answer read: the fleet listings are not paged, and a box's
-/// report can be tens of KiB (many disks and GPUs), so room for about
-/// 10,000 large ones.
-const MAX_BODY: usize = 256 * 1024 * 1024;
+/// Largest API answer read: a page holds at most 1,000 boxes, and a box's
+/// report can be tens of KiB (many disks and GPUs).
+const MAX_BODY: usize = 64 * 1024 * 1024;
 /// Deadline for one API call.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -309,8 +308,17 @@ async fn get_page<T: serde::de::DeserializeOwned>(
         .map_err(|_| anyhow::anyhow!("no answer within {TIMEOUT:?}"))
         .and_then(|r| r)
         .with_context(|| format!("cannot reach the frps management API at {base}"))??;
-    let envelope: serde_json::Value =
-        serde_json::from_slice(&body).with_context(|| format!("{url} did not answer with JSON"))?;
+    let envelope: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(envelope) => envelope,
+        // A bare 400/431 of the HTTP layer, a proxy's HTML page: its status
+        // says more than the JSON error would.
+        Err(e) if !status.is_success() => {
+            bail!(
+                "the frps management API answered {status} for {path}, without its JSON envelope ({e})"
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("{url} did not answer with JSON")),
+    };
     if !status.is_success() {
         let message = envelope["message"].as_str().unwrap_or("no message");
         bail!("the frps management API answered {status} for {path}: {message}");
@@ -446,6 +454,35 @@ mod tests {
         let base = paged_api(5).await;
         let ids: Vec<String> = get_pages(&base, "/api/ids", None, 5).await.unwrap();
         assert_eq!(ids.len(), 5);
+    }
+
+    /// An error answer without the API's envelope (a bare 431, a proxy's
+    /// page) is named by its status, not as "did not answer with JSON".
+    #[tokio::test]
+    async fn an_error_without_the_envelope_is_named_by_its_status() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut head = [0u8; 1024];
+                let _ = s.read(&mut head).await;
+                let body = "<html>Bad Gateway</html>";
+                let answer = format!(
+                    "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        let err = get_all::<ClientSummary>(&base, "/api/clients", None)
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("answered 502 Bad Gateway for /api/clients"),
+            "{text}"
+        );
     }
 
     /// An answer over the limit is said to be one, not "cannot reach".
