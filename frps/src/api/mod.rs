@@ -392,7 +392,12 @@ fn add_shared_answers(
     let no_answer =
         format!("No answer within {REQUEST_DEADLINE:?}, or the database is unavailable");
     let mut everywhere: Vec<(&str, RefOr<Answer>)> = vec![
-        ("400", answer("The request body could not be read")),
+        (
+            "400",
+            answer(
+                "The request body could not be read (a head that is not HTTP gets a bare 400 without this envelope)",
+            ),
+        ),
         ("408", answer(&timeout)),
         ("413", answer(&body_limit)),
         (
@@ -408,7 +413,7 @@ fn add_shared_answers(
         everywhere.push((
             "403",
             answer(
-                "The request's Host or Origin is not this machine: without an admin token only its own tools are answered",
+                "The request's Host or Origin is not this machine, or a proxy relayed it: without an admin token only this machine's own tools are answered",
             ),
         ));
     }
