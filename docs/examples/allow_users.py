@@ -14,6 +14,13 @@ and in frps.ini:
 content.user.user. A listed user is allowed with the content unchanged; any
 other user is rejected with a reason that frpc prints (or, for NewUserConn,
 that the API caller receives with a 403). Standard library only.
+
+Not access control on its own: the user is what frpc declares (`--user`),
+and any account holder can declare "alice". frps has already checked the
+box's account (email and password, or its token); this example only sorts
+boxes by a name their owners choose. To trust the name, have each box send
+a secret too (`--meta token=...`, content.metas / content.user.metas) and
+check it per user here.
 """
 
 import argparse
