@@ -77,6 +77,16 @@ pub const MAX_IDLE: usize = 32;
 /// login) are not held back by them.
 pub const MAX_CALLS: usize = MAX_IDLE;
 
+/// Most control-plane calls (`Login`, `NewProxy`, `Ping`, `CloseProxy`)
+/// under way at once to one plugin address, apart from the per-request
+/// ones' [`MAX_CALLS`]. A fleet reconnecting at once (frps restarted, a
+/// network blip) made a `CloseProxy`, a `Login` and a `NewProxy` per box,
+/// each on a connection of its own, all but [`MAX_IDLE`] then closed: a
+/// socket in TIME_WAIT each, and the plugin got the whole fleet at once.
+/// Many more than the per-request turns: a login waiting behind thousands
+/// of others fails at its timeout and its box tries again later.
+pub const MAX_CONTROL_CALLS: usize = 256;
+
 /// How long an idle connection to a plugin is kept for the next call: under
 /// the idle timeouts of common HTTP servers (gunicorn 2 s, Node and uvicorn
 /// 5 s, nginx 75 s, Go none), so a call rarely races the plugin closing the
@@ -96,6 +106,8 @@ pub struct Connections {
     addresses: Addresses,
     /// [`MAX_CALLS`] permits.
     calls: tokio::sync::Semaphore,
+    /// [`MAX_CONTROL_CALLS`] permits.
+    control_calls: tokio::sync::Semaphore,
 }
 
 impl Default for Connections {
@@ -104,6 +116,7 @@ impl Default for Connections {
             idle: Default::default(),
             addresses: Default::default(),
             calls: tokio::sync::Semaphore::new(MAX_CALLS),
+            control_calls: tokio::sync::Semaphore::new(MAX_CONTROL_CALLS),
         }
     }
 }
@@ -276,6 +289,15 @@ impl Connections {
     /// call's plugin timeout covers its turn).
     pub async fn turn(&self) -> tokio::sync::SemaphorePermit<'_> {
         self.calls
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Waits for a turn among the [`MAX_CONTROL_CALLS`] control-plane calls
+    /// to this address (never behind the per-request ones).
+    pub async fn control_turn(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.control_calls
             .acquire()
             .await
             .expect("the semaphore is never closed")

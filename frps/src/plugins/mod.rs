@@ -499,11 +499,11 @@ impl Plugins {
         // that would outlast the call, leaving the next address untried.
         let deadline = tokio::time::Instant::now() + self.timeout;
         let answer = tokio::time::timeout_at(deadline, async {
-            // Per-request calls take turns; the control plane's do not
-            // wait for them.
+            // Per-request calls take turns; the control plane's take turns
+            // of their own, never waiting for them.
             let _turn = match C::OP.per_request() {
-                true => Some(pool.turn().await),
-                false => None,
+                true => pool.turn().await,
+                false => pool.control_turn().await,
             };
             client::post(
                 pool,
@@ -632,6 +632,83 @@ mod tests {
             warned.contains("4 server plugin(s) for NewWorkConn")
                 && warned.contains("raise --connect-timeout"),
             "{warned}"
+        );
+    }
+
+    /// A burst of control-plane calls (a fleet reconnecting) has at most
+    /// MAX_CONTROL_CALLS under way at once; every call is made.
+    #[tokio::test]
+    async fn a_burst_of_control_calls_takes_turns() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let now = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (n, m) = (now.clone(), most.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (now, most) = (n.clone(), m.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // One request: its head, then its announced body.
+                        let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => got.extend_from_slice(&buf[..k]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .split("content-length:")
+                            .nth(1)
+                            .and_then(|r| r.lines().next()?.trim().parse().ok())
+                            .unwrap_or(0);
+                        while got.len() < end + 4 + len {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => got.extend_from_slice(&buf[..k]),
+                            }
+                        }
+                        got.drain(..end + 4 + len);
+                        let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(at_once, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        let body = r#"{"reject":false,"unchange":true}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let spec = PluginSpec::new("pinger", &addr.to_string(), "/", &["Ping"]).unwrap();
+        let plugins = Arc::new(Plugins::new(
+            &[spec],
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        ));
+        let burst = client::MAX_CONTROL_CALLS + 44;
+        let calls = (0..burst).map(|_| {
+            let plugins = plugins.clone();
+            tokio::spawn(async move { plugins.call(content::PingContent::default()).await })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert!(call.unwrap().is_ok());
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most <= client::MAX_CONTROL_CALLS && most > client::MAX_CALLS,
+            "{most} at once"
         );
     }
 
