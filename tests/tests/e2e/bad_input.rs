@@ -1245,3 +1245,54 @@ async fn a_request_without_one_host_is_a_400() {
         assert!(answer.contains(" 200 OK\r\n"), "{head}: {answer}");
     }
 }
+
+/// Peers that stop partway through the plain control and proxy ports'
+/// handshakes are dropped at `--handshake-timeout` while a box is served:
+/// one that logs in and never registers, one that says nothing, one that
+/// sends half a frame.
+#[tokio::test]
+async fn peers_stalling_in_the_plain_handshakes_are_dropped_while_others_are_served() {
+    let mut cfg = frps_config();
+    cfg.handshake_timeout = Duration::from_millis(400);
+    let fleet = Fleet::start_with(1, cfg).await;
+    let frps = &fleet.frps;
+    let started = std::time::Instant::now();
+    let mut logged_in = FakeClient::connect(frps.addrs.control).await;
+    logged_in
+        .send(Command::LoginToken {
+            token: frps.client_token().await,
+        })
+        .await;
+    match logged_in.recv().await {
+        Some(Command::LoginResult { ok: true, .. }) => {}
+        other => panic!("expected a login, got {other:?}"),
+    }
+    let mut silent = TcpStream::connect(frps.addrs.control).await.unwrap();
+    let mut half = TcpStream::connect(frps.addrs.proxy).await.unwrap();
+    // A frame announcing 100 bytes, with 10 of them.
+    half.write_all(&100u32.to_be_bytes()).await.unwrap();
+    half.write_all(b"{\"type\":\"D").await.unwrap();
+    served(frps.public()).await;
+    let stalled = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(WAIT, s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                // An error frame before the close is fine.
+                Ok(Ok(_)) => continue,
+            }
+        }
+    };
+    assert!(stalled(silent).await, "the silent peer was dropped");
+    assert!(stalled(half).await, "the half frame's peer was dropped");
+    // The logged-in peer that never registers: closed too.
+    let ended =
+        tokio::time::timeout(WAIT, async { while logged_in.recv().await.is_some() {} }).await;
+    assert!(ended.is_ok(), "the peer that never registered was dropped");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(400) && elapsed < Duration::from_secs(5),
+        "dropped after {elapsed:?}"
+    );
+}
