@@ -177,10 +177,14 @@ pub async fn new_work_conn(
     let Some(client) = state.registry.proven(client_id, session_key) else {
         return Err("unknown client or wrong session key".to_owned());
     };
-    // Nor is one frps is not waiting for: a box could have the plugins
-    // called as often as it liked (taking the turns `NewUserConn` waits
-    // for when both go to one address, or counted by an audit plugin).
-    state.pending.expects(conn_id, client_id, session_key)?;
+    // Nor is a dial-back frps is not waiting for: a box could have the
+    // plugins called as often as it liked (taking the turns `NewUserConn`
+    // waits for when both go to one address, or counted by an audit
+    // plugin). The tunnel connection (`conn_id` nil) is asked for by no
+    // pairing: one per session, proven above.
+    if !conn_id.is_nil() {
+        state.pending.expects(conn_id, client_id, session_key)?;
+    }
     let content = NewWorkConnContent {
         user: client_user(&client),
         run_id: run_id(client.session),

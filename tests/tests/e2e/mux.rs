@@ -37,6 +37,23 @@ async fn api_stats(fleet: &Fleet) -> serde_json::Value {
     api(fleet, "GET", "/api/stats").await.json()["data"].clone()
 }
 
+/// A `NewWorkConn` plugin is asked once for a box's tunnel connection,
+/// which it allows: the tunnel is taken and requests go over it.
+#[tokio::test]
+async fn a_work_conn_plugin_allows_the_tunnel_connection() {
+    let plugin = frpx_tests::plugin::PluginServer::allow_all().await;
+    let mut config = offering();
+    config.plugins = vec![plugin.spec("work", &["NewWorkConn"])];
+    let fleet = Fleet::start_with(1, config).await;
+    let client = fleet.frps.state.registry.get("client-0").unwrap();
+    assert!(client.tunnel().is_some(), "the fleet waits for it");
+    let reply = http::get(fleet.frps.public(), "/", Some(API_KEY)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(plugin.calls_for("NewWorkConn").len(), 1, "the tunnel's");
+    let stats = &fleet.frps.state.stats;
+    assert_eq!(stats.upstream_dial_backs.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn upstream_connections_are_streams_of_the_tunnel_connection() {
     let mut config = offering();
