@@ -1267,7 +1267,7 @@ async fn peers_stalling_in_the_plain_handshakes_are_dropped_while_others_are_ser
         Some(Command::LoginResult { ok: true, .. }) => {}
         other => panic!("expected a login, got {other:?}"),
     }
-    let mut silent = TcpStream::connect(frps.addrs.control).await.unwrap();
+    let silent = TcpStream::connect(frps.addrs.control).await.unwrap();
     let mut half = TcpStream::connect(frps.addrs.proxy).await.unwrap();
     // A frame announcing 100 bytes, with 10 of them.
     half.write_all(&100u32.to_be_bytes()).await.unwrap();
