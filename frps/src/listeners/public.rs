@@ -1100,11 +1100,16 @@ async fn forward(
                         // replayable; try again, once, on a new connection (a
                         // service that closes every connection on this request
                         // is not sent it over and over).
+                        // Only a request safe to run twice: the service may
+                        // have got it (nginx does not send others again
+                        // either), and a box gone meanwhile sends it to
+                        // another.
                         None if up.reused
                             && racing
                             && !raced
                             && payload.replayable()
-                            && error.is_incomplete_message() =>
+                            && error.is_incomplete_message()
+                            && (routed || parts.method.is_idempotent()) =>
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;

@@ -1808,6 +1808,53 @@ async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_witho
     frpc.kill().await;
 }
 
+/// A request only safe to run once (a `POST` outside the model paths),
+/// sent on a pooled connection its service closes under it (the keep-alive
+/// race), is not sent again: the service may have got it. 502.
+#[tokio::test]
+async fn a_request_unsafe_to_run_twice_is_not_sent_again_after_the_keep_alive_race() {
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = got.clone();
+    // Answers /warm and keeps the connection; drops it on anything else.
+    let service = raw_service(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+            loop {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                if head.starts_with("GET /warm ") {
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+        }
+    })
+    .await;
+    let mut cfg = frps_config();
+    cfg.max_retries = 0;
+    let (frps, frpc) = fleet_on(service, cfg).await;
+    let mut conn = Conn::open(frps.public()).await;
+    assert_eq!(conn.get("/warm", Some(API_KEY)).await.status, 200);
+    let reply = conn.post("/v1/files", Some(API_KEY), "{}").await;
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert_eq!(
+        got.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sent once"
+    );
+    frpc.kill().await;
+}
+
 #[tokio::test]
 async fn a_box_that_leaves_during_the_keep_alive_race_is_a_502_not_a_missing_box() {
     // The box goes offline (an operator disconnects it) just as its service
