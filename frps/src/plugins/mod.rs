@@ -499,11 +499,15 @@ impl Plugins {
         // that would outlast the call, leaving the next address untried.
         let deadline = tokio::time::Instant::now() + self.timeout;
         let answer = tokio::time::timeout_at(deadline, async {
-            // Per-request calls take turns; the control plane's take turns
-            // of their own, never waiting for them.
-            let _turn = match C::OP.per_request() {
-                true => pool.turn().await,
-                false => pool.control_turn().await,
+            // Per-request calls take turns; logins and proxies take turns
+            // of their own, never waiting for them. A heartbeat's `Ping`
+            // waits for no turn (each box makes one at a time): one failing
+            // at its timeout behind a fleet's reconnections would
+            // disconnect a healthy box, adding to them.
+            let _turn = match C::OP {
+                op if op.per_request() => Some(pool.turn().await),
+                Op::Ping => None,
+                _ => Some(pool.control_turn().await),
             };
             client::post(
                 pool,
@@ -636,7 +640,8 @@ mod tests {
     }
 
     /// A burst of control-plane calls (a fleet reconnecting) has at most
-    /// MAX_CONTROL_CALLS under way at once; every call is made.
+    /// MAX_CONTROL_CALLS under way at once; every call is made. Pings are
+    /// not held back.
     #[tokio::test]
     async fn a_burst_of_control_calls_takes_turns() {
         use std::sync::Arc;
@@ -646,10 +651,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let now = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
-        let (n, m) = (now.clone(), most.clone());
+        // When set, each call is held until that many are under way (5 s
+        // at most); else for 200 ms.
+        let gather = Arc::new(AtomicUsize::new(0));
+        let (n, m, g) = (now.clone(), most.clone(), gather.clone());
         tokio::spawn(async move {
             while let Ok((mut s, _)) = listener.accept().await {
-                let (now, most) = (n.clone(), m.clone());
+                let (now, most, gather) = (n.clone(), m.clone(), g.clone());
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -677,7 +685,17 @@ mod tests {
                         got.drain(..end + 4 + len);
                         let at_once = now.fetch_add(1, Ordering::SeqCst) + 1;
                         most.fetch_max(at_once, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        match gather.load(Ordering::SeqCst) {
+                            0 => tokio::time::sleep(Duration::from_millis(200)).await,
+                            all => {
+                                let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                                while most.load(Ordering::SeqCst) < all
+                                    && tokio::time::Instant::now() < until
+                                {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                            }
+                        }
                         now.fetch_sub(1, Ordering::SeqCst);
                         let body = r#"{"reject":false,"unchange":true}"#;
                         let answer = format!(
@@ -691,7 +709,8 @@ mod tests {
                 });
             }
         });
-        let spec = PluginSpec::new("pinger", &addr.to_string(), "/", &["Ping"]).unwrap();
+        let spec =
+            PluginSpec::new("manager", &addr.to_string(), "/", &["CloseProxy", "Ping"]).unwrap();
         let plugins = Arc::new(Plugins::new(
             &[spec],
             Duration::from_secs(30),
@@ -700,16 +719,36 @@ mod tests {
         let burst = client::MAX_CONTROL_CALLS + 44;
         let calls = (0..burst).map(|_| {
             let plugins = plugins.clone();
-            tokio::spawn(async move { plugins.call(content::PingContent::default()).await })
+            tokio::spawn(async move {
+                plugins
+                    .call(content::CloseProxyContent::default())
+                    .await
+                    .map(drop)
+            })
         });
         for call in futures_util::future::join_all(calls).await {
             assert!(call.unwrap().is_ok());
         }
-        let most = most.load(Ordering::SeqCst);
+        let at_once = most.swap(0, Ordering::SeqCst);
         assert!(
-            most <= client::MAX_CONTROL_CALLS && most > client::MAX_CALLS,
-            "{most} at once"
+            at_once <= client::MAX_CONTROL_CALLS && at_once > client::MAX_CALLS,
+            "{at_once} at once"
         );
+        // Heartbeats' pings wait for no turn (each box makes one at a time).
+        gather.store(burst, Ordering::SeqCst);
+        let calls = (0..burst).map(|_| {
+            let plugins = plugins.clone();
+            tokio::spawn(async move {
+                plugins
+                    .call(content::PingContent::default())
+                    .await
+                    .map(drop)
+            })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert!(call.unwrap().is_ok());
+        }
+        assert_eq!(most.load(Ordering::SeqCst), burst, "every ping at once");
     }
 
     #[test]
