@@ -1830,6 +1830,7 @@ fn respond(
         idle_timer: None,
         last_frame: tokio::time::Instant::now(),
         evicted: None,
+        after_eviction: false,
         lease: None,
         upload,
     };
@@ -2164,6 +2165,9 @@ pub struct TrackedBody {
     last_frame: tokio::time::Instant,
     /// Ends when the box is evicted for silence; made on the first wait.
     evicted: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
+    /// The box was evicted for silence: `idle` is down to a heartbeat
+    /// interval.
+    after_eviction: bool,
     /// The API key's concurrency slot, released with the body.
     lease: Option<crate::ratelimit::Lease>,
     /// A streamed request body's upload (`None` for buffered and bodiless
@@ -2202,6 +2206,25 @@ impl Body for TrackedBody {
             Poll::Ready(Some(Err(_))) => self.let_go(),
             Poll::Pending => {
                 let this = &mut *self;
+                // A box evicted for silence (no heartbeat for three
+                // intervals) may be frozen with its connections left open,
+                // or only its control connection may have stalled: from
+                // then its stream may wait one heartbeat interval for its
+                // next bytes, not `--upstream-idle-timeout` (its caller,
+                // the capacity slot and the key's lease were held that
+                // long by a frozen box).
+                if let Some(evicted) = &mut this.evicted
+                    && evicted.as_mut().poll(cx).is_ready()
+                {
+                    this.evicted = None;
+                    this.after_eviction = true;
+                    // Counted from the eviction at the earliest.
+                    this.last_frame = tokio::time::Instant::now();
+                    this.idle = this.idle.min(this.state.config.heartbeat_interval);
+                    if let Some(timer) = &mut this.idle_timer {
+                        timer.as_mut().reset(this.last_frame + this.idle);
+                    }
+                }
                 let deadline = this.last_frame + this.idle;
                 // Made on the first wait: most small answers never wait.
                 let timer = this
@@ -2214,24 +2237,24 @@ impl Body for TrackedBody {
                         continue;
                     }
                     this.let_go();
-                    warn!(client = %this.guard.client.id, "upstream silent for {:?}; closing the stream", this.idle);
-                    return Poll::Ready(Some(Err(
-                        format!("upstream silent for {:?}", this.idle).into()
-                    )));
+                    let why = if this.after_eviction {
+                        format!(
+                            "upstream silent for {:?} after its client was evicted for silence",
+                            this.idle
+                        )
+                    } else {
+                        format!("upstream silent for {:?}", this.idle)
+                    };
+                    warn!(client = %this.guard.client.id, "{why}; closing the stream");
+                    return Poll::Ready(Some(Err(why.into())));
                 }
-                // A box evicted for silence (frozen, its connections left
-                // open) sends no more: the stream ends now, not after
-                // `--upstream-idle-timeout` (its caller, the capacity slot
-                // and the key's lease were held that long).
-                let evicted = this.evicted.get_or_insert_with(|| {
-                    Box::pin(this.guard.client.silent.clone().cancelled_owned())
-                });
-                if evicted.as_mut().poll(cx).is_ready() {
-                    this.let_go();
-                    warn!(client = %this.guard.client.id, "the client stopped answering (evicted for silence); closing the stream");
-                    return Poll::Ready(Some(Err(
-                        "the client stopped answering (evicted for silence)".into(),
-                    )));
+                if !this.after_eviction && this.evicted.is_none() {
+                    let mut evicted = Box::pin(this.guard.client.silent.clone().cancelled_owned());
+                    if evicted.as_mut().poll(cx).is_ready() {
+                        // Evicted already: look again at once.
+                        cx.waker().wake_by_ref();
+                    }
+                    this.evicted = Some(evicted);
                 }
             }
         }

@@ -331,8 +331,10 @@ async fn a_request_on_a_box_evicted_for_silence_fails_over() {
 
 /// A box that froze partway through a streamed answer (its connections
 /// left open) is evicted after three heartbeat intervals, and the stream
-/// ends then, not after `--upstream-idle-timeout`: the caller, the box's
-/// slot and the key's lease were held that long.
+/// ends a heartbeat interval after its last bytes, not after
+/// `--upstream-idle-timeout`: the caller, the box's slot and the key's
+/// lease were held that long. Bytes still coming after the eviction (only
+/// the control connection stalled) go on to the caller.
 #[tokio::test]
 async fn a_stream_from_a_box_evicted_for_silence_ends_at_the_eviction() {
     let mut cfg = frps_config();
@@ -365,6 +367,11 @@ async fn a_stream_from_a_box_evicted_for_silence_ends_at_the_eviction() {
         .unwrap();
     let begun = read_until(&mut caller, "first").await;
     assert!(begun.starts_with("HTTP/1.1 200"), "{begun}");
+    // Only its control connection may have stalled: bytes still coming
+    // within a heartbeat interval after the eviction go on to the caller.
+    frpx_tests::eventually("evicted", || frps.state.registry.get("frozen").is_none()).await;
+    data.write_all(b"6\r\nsecond\r\n").await.unwrap();
+    read_until(&mut caller, "second").await;
     let mut rest = Vec::new();
     tokio::time::timeout(frpx_tests::WAIT, caller.read_to_end(&mut rest))
         .await
