@@ -729,6 +729,13 @@ fn foreign_request(req: &Request) -> Option<&'static str> {
             "without --admin-token the API answers no requests relayed by a proxy (Forwarded, X-Forwarded-*, X-Real-IP or Via header): set --admin-token before putting it behind one",
         );
     }
+    // nginx's `proxy_pass` adds none of those by default, but speaks
+    // HTTP/1.0 to the API (this machine's tools speak HTTP/1.1).
+    if req.version() < http::Version::HTTP_11 {
+        return Some(
+            "without --admin-token the API answers no HTTP/1.0 requests, which a proxy relaying them sends (nginx's proxy_pass by default): set --admin-token before putting it behind one, or use HTTP/1.1",
+        );
+    }
     if let Some(origin) = header(header::ORIGIN) {
         let host = origin.split_once("://").map(|(_, rest)| rest);
         if !host.is_some_and(is_loopback_host) {
@@ -933,6 +940,18 @@ mod tests {
             req.headers_mut().remove(name);
             assert_eq!(foreign_request(&req), None);
         }
+        // nginx's proxy_pass adds none of them by default, and speaks
+        // HTTP/1.0.
+        let mut req = Request::builder()
+            .uri("/api/clients")
+            .header(header::HOST, "127.0.0.1:18081")
+            .version(http::Version::HTTP_10)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let why = foreign_request(&req).unwrap_or_default();
+        assert!(why.contains("HTTP/1.0"), "{why}");
+        *req.version_mut() = http::Version::HTTP_11;
+        assert_eq!(foreign_request(&req), None);
     }
 
     /// A wrong token repeated counts once per caller: another address
