@@ -140,16 +140,18 @@ async fn session(
             .await
             .err()
             .map(|(reason, retry)| {
-                if registration.client_id == asked_id {
+                if registration.client_id == asked_id || retry {
                     (reason, retry)
                 } else {
                     // The id a plugin renamed it to belongs to another
-                    // account (or over the account's limit): not frpc's
-                    // `--client-id` at fault, which the advice names, nor
-                    // one to give up on (a fixed plugin may accept it).
+                    // account, or is past the account's limit: not frpc's
+                    // `--client-id` at fault, which the refusal's advice
+                    // names, nor one to give up on (a fixed plugin may
+                    // accept it). A database unavailable says so itself.
                     (
                         format!(
-                            "a server plugin renamed this client '{asked_id}' to one frps refuses: {reason}"
+                            "a server plugin renamed this client '{asked_id}' to '{}', which this account cannot use (another account's id, or past its --max-client-ids): the plugin's configuration is at fault, not this box's --client-id",
+                            common::text::shorten(&registration.client_id, 80)
                         ),
                         true,
                     )

@@ -1213,10 +1213,11 @@ async fn a_registration_refused_after_new_proxy_closes_its_proxy() {
         FakeClient::register_as(frps.addrs.control, &other, registration("take-gpu-o")).await;
     let (reason, retry) = refusal(&answer);
     assert!(
-        reason.contains("a server plugin renamed this client 'take-gpu-o'"),
+        reason.contains("a server plugin renamed this client 'take-gpu-o' to 'gpu-o'"),
         "{reason}"
     );
     assert!(reason.contains("another account"), "{reason}");
+    assert!(!reason.contains("choose another"), "{reason}");
     assert!(retry);
     frpx_tests::eventually("its proxy is closed", || {
         plugin.calls_for("CloseProxy").len() == 3
