@@ -15,9 +15,12 @@ use tokio::net::TcpStream;
 use crate::api::types::{ClientSummary, Monitoring};
 use crate::config::Config;
 
-/// Largest API answer read: a page holds at most 1,000 boxes, and a box's
-/// report can be tens of KiB (many disks and GPUs).
+/// Largest API answer read: a page of [`PAGE_ROWS`] boxes, each of whose
+/// reports can be hundreds of KiB (1,024 long model names, many disks and
+/// GPUs).
 const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Rows asked for per page of a listing.
+const PAGE_ROWS: usize = 200;
 /// Deadline for one API call.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -214,7 +217,10 @@ async fn get_pages<T: serde::de::DeserializeOwned>(
     max_pages: usize,
 ) -> anyhow::Result<Vec<T>> {
     let mut all = Vec::new();
-    let mut next = Some(path.to_owned());
+    // Pages of PAGE_ROWS: a page of the API's 1,000 boxes, each listing
+    // 1,024 long model names, could pass MAX_BODY.
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut next = Some(format!("{path}{sep}limit={PAGE_ROWS}"));
     for _ in 0..max_pages {
         let Some(page) = next.take() else {
             return Ok(all);
