@@ -78,13 +78,6 @@ impl Conn {
         .expect("response in time")
     }
 
-    /// Whether frps closed the connection (within [`WAIT`]).
-    pub async fn closed_by_peer(&mut self) -> bool {
-        tokio::time::timeout(WAIT, self.sender.ready())
-            .await
-            .is_ok_and(|ready| ready.is_err())
-    }
-
     /// GET `path` with an optional bearer key; reads the whole body.
     pub async fn get(&mut self, path: &str, key: Option<&str>) -> Reply {
         let req = request("GET", self.addr, path, key, Bytes::new());

@@ -47,10 +47,22 @@ async fn every_request_on_a_keep_alive_connection_is_authenticated() {
         assert_eq!(conn.get("/first", Some(API_KEY)).await.status, 200);
         let second = conn.get("/second", key).await;
         assert_openai_error(&second, 401, code);
-        // And the connection closes after it: a caller without a working
-        // key holds none open (one keyless request a minute kept one).
+        // And frps closes the connection after it: a caller without a
+        // working key holds none open (one keyless request a minute kept
+        // one).
         assert_eq!(second.headers["connection"], "close");
-        assert!(conn.closed_by_peer().await, "{code}");
+        let mut raw = tokio::net::TcpStream::connect(public).await.unwrap();
+        let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+        raw.write_all(format!("GET / HTTP/1.1\r\nHost: frps\r\n{auth}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(frpx_tests::WAIT, raw.read_to_end(&mut answer))
+            .await
+            .expect("frps closes the connection")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{code}: {answer}");
     }
     let mut conn = Conn::open(public).await;
     assert_eq!(conn.get("/third", Some(API_KEY)).await.status, 200);
