@@ -43,6 +43,11 @@ struct Hanging<S> {
     /// Whether a read past its deadline was said (once until one succeeds
     /// again).
     stuck_said: bool,
+    /// No read has ended yet: the first one may start a driver (NVML's
+    /// start takes seconds on a box of several GPUs without persistence
+    /// mode), and is not said late unless the next one finds it still
+    /// going.
+    starting: bool,
 }
 
 /// A read started by [`Hanging::start`].
@@ -54,6 +59,7 @@ impl<S: Send + 'static> Hanging<S> {
             state: Arc::new(Mutex::new(state)),
             what,
             stuck_said: false,
+            starting: true,
         }
     }
 
@@ -84,12 +90,21 @@ impl<S: Send + 'static> Hanging<S> {
         let wait = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(wait) {
             Ok(Some(read)) => {
+                self.starting = false;
                 if std::mem::take(&mut self.stuck_said) {
                     tracing::info!("{} answer again: they are reported", self.what);
                 }
                 read
             }
+            Err(_) if std::mem::take(&mut self.starting) => {
+                tracing::debug!(
+                    "reading {} took over {wait:?} the first time; left out of this report",
+                    self.what
+                );
+                Vec::new()
+            }
             Ok(None) | Err(_) => {
+                self.starting = false;
                 if !std::mem::replace(&mut self.stuck_said, true) {
                     tracing::warn!(
                         "reading {} took over {wait:?}: they are not reported while it hangs; the other figures are",
@@ -642,6 +657,23 @@ mod tests {
             assert!(!c.gpu.stuck_said && !c.disks.stuck_said, "read again");
             assert_eq!(mounts(&info.disks), disks);
         }
+    }
+
+    /// A first read slow to end (NVML starting on a box of several GPUs)
+    /// is not said late; the next one, finding it still going, is.
+    #[test]
+    fn a_slow_start_is_said_only_when_it_outlasts_the_next_read() {
+        fn slow() -> Result<Nvml, NvmlError> {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            Err(NvmlError::LibraryNotFound)
+        }
+        let mut c = Collector::starting_nvml_with(slow);
+        let limit = std::time::Duration::from_secs(1);
+        let (info, said) = common::testing::logged(|| c.collect_within(limit));
+        assert!(info.gpus.is_empty());
+        assert_eq!(said, "", "a slow start is not said");
+        let (_, said) = common::testing::logged(|| c.collect_within(limit));
+        assert!(said.contains("reading the GPUs"), "{said}");
     }
 
     /// NVML is started by the first read, on the GPUs' own thread: a
