@@ -1100,20 +1100,22 @@ async fn forward(
                         // replayable; try again, once, on a new connection (a
                         // service that closes every connection on this request
                         // is not sent it over and over).
-                        // Only a request safe to run twice: the service may
-                        // have got it (nginx does not send others again
-                        // either), and a box gone meanwhile sends it to
-                        // another.
                         None if up.reused
                             && racing
                             && !raced
                             && payload.replayable()
-                            && error.is_incomplete_message()
-                            && (routed || parts.method.is_idempotent()) =>
+                            && error.is_incomplete_message() =>
                         {
                             debug!(client = %client.id, "pooled connection closed under the request: {reason}");
                             raced = true;
                             again = still_online(client, guard, &mut last_error);
+                            // Its box gone meanwhile, it would go to another:
+                            // only a request safe to run twice does (this one
+                            // may have reached the service).
+                            if again.is_none() && !(routed || parts.method.is_idempotent()) {
+                                let gone = last_error.get_or_insert(AcquireError::ClientGone);
+                                return upstream_error(state, gone);
+                            }
                             continue;
                         }
                         // A head too large to read (over the read buffer, over

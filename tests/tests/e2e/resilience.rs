@@ -1817,49 +1817,69 @@ async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_witho
 
 /// A request only safe to run once (a `POST` outside the model paths),
 /// sent on a pooled connection its service closes under it (the keep-alive
-/// race), is not sent again: the service may have got it. 502.
+/// race) as its box leaves, is not sent to another box: the service may
+/// have got it. 502 `upstream_unavailable`. (On the same box, still there,
+/// it goes out once more: `a_pooled_connection_the_service_closes_...`.)
 #[tokio::test]
-async fn a_request_unsafe_to_run_twice_is_not_sent_again_after_the_keep_alive_race() {
-    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = got.clone();
-    // Answers /warm and keeps the connection; drops it on anything else.
+async fn a_request_unsafe_to_run_twice_is_not_sent_elsewhere_after_the_keep_alive_race() {
+    let frps_state =
+        std::sync::Arc::new(std::sync::OnceLock::<std::sync::Arc<frps::state::State>>::new());
+    let state = frps_state.clone();
+    // Answers a connection's first request; at the next, its box leaves
+    // and the connection closes.
     let service = raw_service(move |mut s| {
-        let seen = seen.clone();
+        let state = state.clone();
         async move {
-            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-            if s.write_all(answer).await.is_err() {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            if read_head(&mut s).await.is_empty() {
                 return;
             }
-            loop {
-                let head = read_head(&mut s).await;
-                if head.is_empty() {
-                    return;
-                }
-                if head.starts_with("GET /warm ") {
-                    if s.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                return;
+            if let Some(a) = state.get().and_then(|st| st.registry.get("a")) {
+                a.kick("disconnected by an operator through the management API");
             }
         }
     })
     .await;
-    let mut cfg = frps_config();
-    cfg.max_retries = 0;
-    let (frps, frpc) = fleet_on(service, cfg).await;
-    let mut conn = Conn::open(frps.public()).await;
-    assert_eq!(conn.get("/warm", Some(API_KEY)).await.status, 200);
-    let reply = conn.post("/v1/files", Some(API_KEY), "{}").await;
+    let frps = Frps::start(frps_config()).await;
+    let _ = frps_state.set(frps.state.clone());
+    let mut cfg = frpx_tests::frpc_config("a", &frps.addrs, service);
+    cfg.reconnect_min = Duration::from_secs(60);
+    cfg.reconnect_max = Duration::from_secs(60);
+    let a = Frpc::start(cfg);
+    let other = Backend::start("b").await;
+    let b = Frpc::start(frpx_tests::frpc_config("b", &frps.addrs, other.addr));
+    frps.wait_for_clients(&["a", "b"]).await;
+    let public = frps.public();
+    let pinned = |method: &str, path: &str, to: &str| {
+        let mut req = http::request(method, public, path, Some(API_KEY), bytes::Bytes::new());
+        req.headers_mut()
+            .insert("x-frpx-client", to.parse().unwrap());
+        req
+    };
+    // A pooled connection to a; b busy with a held stream, so the next
+    // request goes to a (fewest in flight).
+    let mut warm = Conn::open(public).await;
+    let reply = http::read(warm.send(pinned("GET", "/", "a")).await.unwrap()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let mut holding = Conn::open(public).await;
+    let held = holding.send(pinned("GET", "/hold", "b")).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let reply = Conn::open(public)
+        .await
+        .post("/v1/files", Some(API_KEY), "{}")
+        .await;
     assert_eq!(reply.status, 502, "{}", reply.body);
-    assert_eq!(
-        got.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "sent once"
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+    assert!(
+        !other.paths().iter().any(|p| p == "/v1/files"),
+        "sent to b: {:?}",
+        other.paths()
     );
-    frpc.kill().await;
+    other.release_holds();
+    a.kill().await;
+    b.kill().await;
 }
 
 #[tokio::test]
