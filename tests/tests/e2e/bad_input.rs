@@ -1296,3 +1296,34 @@ async fn peers_stalling_in_the_plain_handshakes_are_dropped_while_others_are_ser
         "dropped after {elapsed:?}"
     );
 }
+
+/// The per-address connection cap holds on the control and proxy ports
+/// too: connections over it are closed at once (not at the handshake's
+/// deadline), while the ones under it stay open.
+#[tokio::test]
+async fn connections_over_the_per_address_cap_on_the_control_and_proxy_ports_are_closed() {
+    let mut cfg = frps_config();
+    cfg.max_connections_per_ip = 2;
+    cfg.handshake_timeout = Duration::from_secs(30);
+    let frps = frpx_tests::Frps::start(cfg).await;
+    for port in [frps.addrs.control, frps.addrs.proxy] {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(TcpStream::connect(port).await.unwrap());
+        }
+        let mut over = TcpStream::connect(port).await.unwrap();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(WAIT, over.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{port}: the connection over the cap stayed open"));
+        assert!(matches!(read, Ok(0) | Err(_)), "{port}: {read:?}");
+        // The two under it are still open.
+        for s in &mut held {
+            let open = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await;
+            assert!(
+                open.is_err(),
+                "{port}: a connection under the cap was closed"
+            );
+        }
+    }
+}

@@ -506,6 +506,52 @@ async fn a_ping_rejection_disconnects_the_client_with_the_reason() {
     frps.wait_for_clients(&[]).await;
 }
 
+/// A `Ping` plugin that fails (not a rejection) disconnects the box too,
+/// with the failure as the reason; a rejection without a reason gets the
+/// default one naming the plugin.
+#[tokio::test]
+async fn a_ping_failure_disconnects_and_a_reasonless_rejection_names_the_plugin() {
+    let plugin = PluginServer::start(|call| match call.op() {
+        "Ping" => Reply::Status(500),
+        _ => Reply::Reject(String::new()),
+    })
+    .await;
+    let frps = frps_with(
+        vec![
+            plugin.spec("pinger", &["Ping"]),
+            plugin.spec("gate", &["NewProxy"]),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (_refused, answer) = register(&frps, registration("gpu-r")).await;
+    let (reason, retry) = refusal(&answer);
+    assert_eq!(reason, "rejected by server plugin 'gate'");
+    assert!(!retry);
+    let frps = frps_with(
+        vec![plugin.spec("pinger", &["Ping"])],
+        Duration::from_secs(3),
+    )
+    .await;
+    let (mut c, answer) = register(&frps, registration("gpu-q")).await;
+    assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    c.send(Command::Heartbeat { seq: 1 }).await;
+    loop {
+        match c.recv().await {
+            Some(Command::HeartbeatAck { seq: 1 }) => {}
+            Some(Command::Disconnect { reason }) => {
+                assert_eq!(
+                    reason,
+                    "server plugin 'pinger' failed on Ping: answered HTTP 500 Internal Server Error"
+                );
+                break;
+            }
+            other => panic!("expected an ack, then Disconnect; got {other:?}"),
+        }
+    }
+    frps.wait_for_clients(&[]).await;
+}
+
 #[tokio::test]
 async fn a_work_conn_rejection_refuses_the_data_connection_without_blaming_the_box() {
     let refuse = Arc::new(AtomicBool::new(true));
