@@ -49,6 +49,13 @@ pub fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(rand::rng().random_range(0.8..=1.2))
 }
 
+/// A delay between all of `least` and 20 % more, spread evenly: clients
+/// told the same wait (frps's `retry_after_ms`) do not all come back in
+/// the same instant to be refused together again.
+pub fn at_least(least: Duration) -> Duration {
+    least.mul_f64(rand::rng().random_range(1.0..=1.2))
+}
+
 /// A delay between 80 % and all of `max`, spread evenly.
 pub fn at_most(max: Duration) -> Duration {
     max.mul_f64(rand::rng().random_range(0.8..=1.0))
@@ -74,6 +81,23 @@ mod tests {
         }
         b.reset();
         assert!(within(b.next_delay(), 1.0));
+    }
+
+    #[test]
+    fn waits_frps_asks_for_are_kept_and_spread_above() {
+        let least = Duration::from_secs(1);
+        let waits: Vec<Duration> = (0..200).map(|_| at_least(least)).collect();
+        assert!(
+            waits
+                .iter()
+                .all(|w| *w >= least && *w <= least.mul_f64(1.2))
+        );
+        let spread = waits
+            .iter()
+            .max()
+            .unwrap()
+            .saturating_sub(*waits.iter().min().unwrap());
+        assert!(spread > Duration::from_millis(100), "{spread:?}");
     }
 
     #[test]

@@ -316,8 +316,11 @@ impl Client {
                 }
                 Err(SessionError::Relogin) => continue,
             }
-            // An attempt sooner than frps asked would only be refused again.
-            let delay = backoff.next_delay().max(std::mem::take(&mut floor));
+            // An attempt sooner than frps asked would only be refused again;
+            // its wait is spread above (boxes refused together, by a frps
+            // restarting, come back apart).
+            let asked = crate::backoff::at_least(std::mem::take(&mut floor));
+            let delay = backoff.next_delay().max(asked);
             info!(
                 "reconnecting to {} in {delay:.1?}",
                 self.config.control_addr()
@@ -1390,7 +1393,7 @@ async fn probe_service(
     config: &Config,
     fit: &local::ModelFit,
 ) -> (Probe, bool, Option<Option<NoList>>, Option<String>) {
-    match local::models(&config.local_host(), config.connect_timeout, &fit.listed).await {
+    match local::models(&config.local_host(), probe_deadline(config), &fit.listed).await {
         Ok(models) => ((fit.fit(models), true), true, Some(None), None),
         Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");
@@ -1423,6 +1426,24 @@ async fn probe_service(
             )
         }
     }
+}
+
+/// Longest a model-list probe waits for its answer, whatever
+/// `--metrics-interval`.
+pub const PROBE_MOST: Duration = Duration::from_secs(30);
+
+/// How long a model-list probe waits for its answer: until the next probe
+/// is due (`--metrics-interval`), at most [`PROBE_MOST`], at least
+/// `--connect-timeout`. A service saturated with requests (vLLM's event
+/// loop streaming to hundreds of callers) answers its model list in
+/// seconds: held to `--connect-timeout` (5 s), two such answers in a row
+/// marked a box down while it served at full load, and back at the next
+/// quick one, over and over.
+pub fn probe_deadline(config: &Config) -> Duration {
+    config
+        .metrics_interval
+        .min(PROBE_MOST)
+        .max(config.connect_timeout)
 }
 
 /// What the reporter announces after a probe: a doubtful one (no model
@@ -1488,6 +1509,8 @@ async fn report(
     // The first tick is immediate: metrics at once; the models were just
     // probed for the registration.
     let mut first = true;
+    // Whether a report trimmed to fit a frame was said (once a session).
+    let mut trimmed_said = false;
     loop {
         tick.tick().await;
         // The session is over (its loop dropped the receiver): so is this,
@@ -1495,10 +1518,18 @@ async fn report(
         if out.is_closed() {
             return;
         }
-        if let Some(info) = read_metrics(&collector, config.metrics_interval).await
-            && out.send(Command::SystemInfo(info)).await.is_err()
-        {
-            return;
+        let report = read_metrics(&collector, config.metrics_interval)
+            .await
+            .and_then(crate::metrics::fit_in_frame);
+        if let Some((info, trimmed)) = report {
+            if trimmed && !std::mem::replace(&mut trimmed_said, true) {
+                warn!(
+                    "this box's metrics report is over a control frame's {MAX_FRAME} bytes: sending it with its first GPUs and disks only"
+                );
+            }
+            if out.send(Command::SystemInfo(info)).await.is_err() {
+                return;
+            }
         }
         if std::mem::take(&mut first) {
             continue;
@@ -2258,6 +2289,30 @@ mod tests {
         // A first doubtful probe at start is believed (nothing to keep).
         let mut fresh = Announced::default();
         assert_eq!(fresh.judge(slow.clone(), false), slow);
+    }
+
+    /// A probe waits until the next is due, between --connect-timeout
+    /// and 30 s: a saturated service slow to list its models is not taken
+    /// for down at 5 s.
+    #[test]
+    fn a_probe_waits_until_the_next_is_due_within_bounds() {
+        use clap::Parser;
+        let deadline = |metrics: &str, connect: &str| {
+            let cfg = Config::try_parse_from([
+                "frpc",
+                "--metrics-interval",
+                metrics,
+                "--connect-timeout",
+                connect,
+            ])
+            .unwrap();
+            probe_deadline(&cfg)
+        };
+        let s = Duration::from_secs;
+        assert_eq!(deadline("10s", "5s"), s(10));
+        assert_eq!(deadline("1s", "5s"), s(5));
+        assert_eq!(deadline("2m", "5s"), PROBE_MOST);
+        assert_eq!(deadline("2m", "40s"), s(40));
     }
 
     #[test]

@@ -329,6 +329,43 @@ impl Gpus {
     }
 }
 
+/// Most GPUs and disks a report keeps when the whole of it would not fit
+/// in a control frame.
+const TRIMMED: usize = 8;
+
+/// `info` as a report that fits in a control frame: whole when it does;
+/// else with its first [`TRIMMED`] GPUs and disks (names cut to 256
+/// characters), else without either; `None` when even that does not fit.
+/// Whether it was trimmed comes with it. frps would refuse a larger frame,
+/// and frpc's session ended on it.
+pub fn fit_in_frame(info: SystemInfo) -> Option<(SystemInfo, bool)> {
+    let fits = |info: &SystemInfo| {
+        common::codec::encode(
+            &common::Command::SystemInfo(info.clone()),
+            common::MAX_FRAME,
+        )
+        .is_ok()
+    };
+    if fits(&info) {
+        return Some((info, false));
+    }
+    let mut trimmed = info;
+    trimmed.gpus.truncate(TRIMMED);
+    trimmed.disks.truncate(TRIMMED);
+    for gpu in &mut trimmed.gpus {
+        gpu.name = common::text::shorten(&gpu.name, 256).into_owned();
+    }
+    for disk in &mut trimmed.disks {
+        disk.mount = common::text::shorten(&disk.mount, 256).into_owned();
+    }
+    if fits(&trimmed) {
+        return Some((trimmed, true));
+    }
+    trimmed.gpus.clear();
+    trimmed.disks.clear();
+    fits(&trimmed).then_some((trimmed, true))
+}
+
 /// Whether `mount` is a file mounted over a file, not a file system's
 /// directory: in a container, `/etc/hosts`, `/etc/resolv.conf` and the
 /// NVIDIA toolkit's libraries and tools are bound in one by one, each
@@ -597,6 +634,38 @@ mod tests {
             available: 0,
         });
         assert_eq!(pick_disks(listed).len(), MAX_DISKS);
+    }
+
+    /// A report too large for a control frame is trimmed (GPUs and disks
+    /// first), or left out when even its host name does not fit.
+    #[test]
+    fn a_report_too_large_for_a_frame_is_trimmed() {
+        let small = SystemInfo {
+            hostname: "gpu-box".into(),
+            ..Default::default()
+        };
+        assert_eq!(fit_in_frame(small.clone()), Some((small.clone(), false)));
+        let mut many = small.clone();
+        many.gpus = (0..5_000)
+            .map(|i| GpuInfo {
+                index: Some(i),
+                name: "NVIDIA H100 80GB HBM3 ".repeat(20),
+                ..Default::default()
+            })
+            .collect();
+        many.disks = (0..2_000)
+            .map(|i| DiskInfo {
+                mount: format!("/mnt/{i}/{}", "d".repeat(500)),
+                ..Default::default()
+            })
+            .collect();
+        let (fitted, trimmed) = fit_in_frame(many).expect("fits once trimmed");
+        assert!(trimmed);
+        assert_eq!((fitted.gpus.len(), fitted.disks.len()), (TRIMMED, TRIMMED));
+        assert!(fitted.gpus.iter().all(|g| g.name.chars().count() <= 257));
+        let mut huge = small;
+        huge.hostname = "h".repeat(common::MAX_FRAME);
+        assert_eq!(fit_in_frame(huge), None);
     }
 
     /// Holds `state`'s lock until the returned sender is used or dropped:

@@ -61,6 +61,22 @@ pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 /// looks whether frps reset it meanwhile.
 const STREAM_GONE_CHECK: Duration = Duration::from_millis(100);
 
+/// Failures of single data connections are said at warn once a second at
+/// most, the rest at debug: a proxy port firewalled while the control port
+/// is open, a local service down, or a plugin refusing every dial-back
+/// made a warn line per request.
+static DATA_FAILURES: common::pace::SharedPace =
+    common::pace::SharedPace::new(Duration::from_secs(1));
+
+/// Says a data connection's failure, paced ([`DATA_FAILURES`]).
+fn data_failure(message: std::fmt::Arguments<'_>) {
+    if DATA_FAILURES.admit() {
+        warn!("{message}");
+    } else {
+        debug!("{message}");
+    }
+}
+
 /// First wait before dialing a lost tunnel connection again; doubles up to
 /// [`TUNNEL_RETRY_MAX`] while dials fail, and starts over once one works.
 /// Meanwhile frps asks for dial-backs, as without a tunnel connection.
@@ -350,7 +366,9 @@ async fn serve_stream(config: &Config, mut stream: MuxStream) {
     let mut local = match connected {
         Ok(local) => local,
         Err(reason) => {
-            warn!(stream = id, "cannot open data connection: {reason}");
+            data_failure(format_args!(
+                "stream {id}: cannot open data connection: {reason}"
+            ));
             stream.reset(&reason);
             return;
         }
@@ -420,7 +438,9 @@ pub async fn open(
             }
         }
         Err(reason) => {
-            warn!(%conn_id, "cannot open data connection: {reason}");
+            data_failure(format_args!(
+                "{conn_id}: cannot open data connection: {reason}"
+            ));
             let _ = control.send(Command::OpenFailed { conn_id, reason }).await;
         }
     }
@@ -524,9 +544,10 @@ async fn forward_watched(
             Ok(Command::DataRejected { reason, .. }) if given_up(&reason) => {
                 debug!(%conn_id, "frps no longer wanted the data connection: {}", from_frps(&reason))
             }
-            Ok(Command::DataRejected { reason, .. }) => {
-                warn!(%conn_id, "frps refused the data connection: {}", from_frps(&reason))
-            }
+            Ok(Command::DataRejected { reason, .. }) => data_failure(format_args!(
+                "{conn_id}: frps refused the data connection: {}",
+                from_frps(&reason)
+            )),
             Ok(other) => warn!(%conn_id, "unexpected {} on a data connection", other.name()),
             Err(e) => warn!(%conn_id, "bad frame on a data connection: {e}"),
         }
@@ -535,7 +556,9 @@ async fn forward_watched(
     if local_closed {
         debug!(%conn_id, "the local service closed the idle connection; opening another for the request");
         *local = redial.await.map_err(|reason| {
-            warn!(%conn_id, "cannot open data connection: {reason}");
+            data_failure(format_args!(
+                "{conn_id}: cannot open data connection: {reason}"
+            ));
             std::io::Error::new(std::io::ErrorKind::ConnectionRefused, reason)
         })?;
     }
@@ -633,6 +656,21 @@ mod tests {
     use super::*;
     use clap::Parser;
     use tokio::net::TcpListener;
+
+    /// A data connection failing on every request is said at warn once a
+    /// second at most, not once per request.
+    #[test]
+    fn data_connection_failures_are_said_once_a_second() {
+        let ((), said) = common::testing::logged(|| {
+            for i in 0..50 {
+                data_failure(format_args!("{i}: cannot open data connection: refused"));
+            }
+        });
+        assert!(
+            said.matches("cannot open data connection").count() <= 1,
+            "{said}"
+        );
+    }
 
     #[test]
     fn a_pairing_frps_gave_up_on_is_no_refusal() {
