@@ -1139,6 +1139,7 @@ impl Client {
             session.clone(),
             conn_id,
             out.clone(),
+            self.shutdown.clone(),
         );
         let stop = self.hard_stop.clone();
         self.tunnels.spawn(async move {
