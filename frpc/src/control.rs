@@ -1139,7 +1139,6 @@ impl Client {
             session.clone(),
             conn_id,
             out.clone(),
-            self.shutdown.clone(),
         );
         let stop = self.hard_stop.clone();
         self.tunnels.spawn(async move {

@@ -420,11 +420,10 @@ pub async fn open(
     session: Arc<Session>,
     conn_id: Uuid,
     control: mpsc::Sender<Command>,
-    stop: CancellationToken,
 ) {
     match connect(&config, &dialer, &session, conn_id).await {
         Ok((mut remote, mut local)) => {
-            match forward(&config, &mut remote, &mut local, conn_id, &stop).await {
+            match forward(&config, &mut remote, &mut local, conn_id).await {
                 // Closed before a byte: frps dropped it unread (its connection
                 // cap, say). Said over the control connection, frps fails the
                 // request over at once instead of waiting --connect-timeout; for
@@ -487,28 +486,14 @@ async fn connect(
 /// connections idle that long (llama.cpp's server after 5 s) is seen doing
 /// so, and the request gets a new connection (before, it went into the
 /// closed one, and frps had to send it again).
-///
-/// A shutdown (`stop`) closes the connection while no request came on it:
-/// frps's pool would keep it to its `--pool-idle-timeout`, and a frpc
-/// stopping while frps is out of reach (no `Disconnect` got through, so
-/// frps closes nothing) waited its whole `--shutdown-timeout` for it.
 async fn forward(
     config: &Config,
     remote: &mut Stream,
     local: &mut TcpStream,
     conn_id: Uuid,
-    stop: &CancellationToken,
 ) -> std::io::Result<bool> {
     let path = path_watch(remote.tcp());
-    forward_watched(
-        remote,
-        local,
-        conn_id,
-        path,
-        connect_local(config),
-        stop.cancelled(),
-    )
-    .await
+    forward_watched(remote, local, conn_id, path, connect_local(config)).await
 }
 
 /// [`forward`], ended early (both connections closed, `TimedOut`) when
@@ -520,9 +505,7 @@ async fn forward_watched(
     conn_id: Uuid,
     path: impl Future<Output = common::stream::PathState>,
     redial: impl Future<Output = Result<TcpStream, String>>,
-    stop: impl Future<Output = ()>,
 ) -> std::io::Result<bool> {
-    let mut stop = std::pin::pin!(stop);
     let mut first = [0u8; 1];
     // Before a request the service has nothing to say: what `peek` sees
     // there is its end closing (or bytes of its own, left for the join).
@@ -531,15 +514,10 @@ async fn forward_watched(
     let got = loop {
         let mut byte = [0u8; 1];
         tokio::select! {
-            biased;
             got = remote.read(&mut first) => break got,
             seen = local.peek(&mut byte), if watching => {
                 watching = false;
                 local_closed = !matches!(seen, Ok(n) if n > 0);
-            }
-            () = &mut stop => {
-                debug!(%conn_id, "stopping: closing a data connection no request came on");
-                return Ok(true);
             }
         }
     };
@@ -802,15 +780,7 @@ mod tests {
         redial: impl Future<Output = Result<TcpStream, String>> + Send + 'static,
     ) -> tokio::task::JoinHandle<std::io::Result<bool>> {
         tokio::spawn(async move {
-            forward_watched(
-                &mut remote,
-                &mut local,
-                Uuid::new_v4(),
-                path,
-                redial,
-                std::future::pending(),
-            )
-            .await
+            forward_watched(&mut remote, &mut local, Uuid::new_v4(), path, redial).await
         })
     }
 
@@ -846,41 +816,6 @@ mod tests {
             .await
             .expect("ends once both sides closed");
         assert!(carried.unwrap().unwrap(), "a request was carried");
-    }
-
-    /// A stop closes a dial-back no request came on (frps's pool would
-    /// keep it, and an unreachable frps never closes it), both ends.
-    #[tokio::test]
-    async fn a_stop_closes_a_connection_no_request_came_on() {
-        let (mut remote, mut local, mut frps_end, mut service_end) = joined_pairs().await;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let forwarding = tokio::spawn(async move {
-            forward_watched(
-                &mut remote,
-                &mut local,
-                Uuid::new_v4(),
-                std::future::pending(),
-                no_redial(),
-                async move {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!forwarding.is_finished(), "kept while no stop came");
-        stop.send(()).unwrap();
-        let ended = tokio::time::timeout(Duration::from_secs(10), forwarding)
-            .await
-            .expect("ends at the stop");
-        assert!(ended.unwrap().unwrap());
-        let mut rest = Vec::new();
-        for end in [&mut frps_end, &mut service_end] {
-            let closed = tokio::time::timeout(Duration::from_secs(10), end.read_to_end(&mut rest))
-                .await
-                .expect("closed");
-            assert!(closed.is_ok() && rest.is_empty());
-        }
     }
 
     #[tokio::test]
@@ -1076,14 +1011,7 @@ mod tests {
         let conn_id = Uuid::new_v4();
         tokio::time::timeout(
             Duration::from_secs(10),
-            open(
-                Arc::new(config),
-                dialer,
-                session,
-                conn_id,
-                tx,
-                CancellationToken::new(),
-            ),
+            open(Arc::new(config), dialer, session, conn_id, tx),
         )
         .await
         .expect("ends at once");
