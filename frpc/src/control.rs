@@ -400,7 +400,7 @@ impl Client {
         // a slow or hung service must not eat into frps's handshake deadline.
         let probe = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            (now, listed, list, why) = probe_service(&self.config, &self.models_fit) => {
+            (now, listed, list, why) = probe_service(&self.config, &self.models_fit, self.config.connect_timeout) => {
                 let mut announced = self.announced.lock().expect("announced lock");
                 announced.down_why = why;
                 announced.take(now, listed, list, &self.config.local_host())
@@ -1392,8 +1392,9 @@ struct NoList {
 async fn probe_service(
     config: &Config,
     fit: &local::ModelFit,
+    deadline: Duration,
 ) -> (Probe, bool, Option<Option<NoList>>, Option<String>) {
-    match local::models(&config.local_host(), probe_deadline(config), &fit.listed).await {
+    match local::models(&config.local_host(), deadline, &fit.listed).await {
         Ok(models) => ((fit.fit(models), true), true, Some(None), None),
         Err(e @ local::ProbeError::Unreachable(_)) => {
             debug!("local service down: {e}");
@@ -1432,9 +1433,11 @@ async fn probe_service(
 /// `--metrics-interval`.
 pub const PROBE_MOST: Duration = Duration::from_secs(30);
 
-/// How long a model-list probe waits for its answer: until the next probe
-/// is due (`--metrics-interval`), at most [`PROBE_MOST`], at least
-/// `--connect-timeout`. A service saturated with requests (vLLM's event
+/// How long the reporter's model-list probe waits for its answer: until
+/// the next probe is due (`--metrics-interval`), at most [`PROBE_MOST`],
+/// at least `--connect-timeout` (the probe before registering keeps to
+/// `--connect-timeout`: a hung service must not delay every
+/// registration). A service saturated with requests (vLLM's event
 /// loop streaming to hundreds of callers) answers its model list in
 /// seconds: held to `--connect-timeout` (5 s), two such answers in a row
 /// marked a box down while it served at full load, and back at the next
@@ -1534,7 +1537,7 @@ async fn report(
         if std::mem::take(&mut first) {
             continue;
         }
-        let (now, listed, list, why) = probe_service(&config, &fit).await;
+        let (now, listed, list, why) = probe_service(&config, &fit, probe_deadline(&config)).await;
         // The session ended during the probe: the next one's start-up
         // probe is judged afresh, not as the second of two slow answers.
         if out.is_closed() {
@@ -1823,7 +1826,8 @@ mod tests {
             Config::parse_from(["frpc", "--client-id", "gpu", "--local-port", &port])
         };
         let fit = local::ModelFit::new(&common::Registration::default()).unwrap();
-        let (probe, believed, list, why) = probe_service(&config, &fit).await;
+        let (probe, believed, list, why) =
+            probe_service(&config, &fit, config.connect_timeout).await;
         assert_eq!(probe, (Vec::new(), false), "down, not up without models");
         assert!(!believed, "doubtful: believed the second time");
         assert!(list.is_none());

@@ -781,6 +781,17 @@ async fn forward(
     loop {
         let (client, guard) = match again.take() {
             Some(kept) => kept,
+            // Sent once more on its box after the keep-alive race, and
+            // failed there too before going out (the box left during the
+            // dial-back, was busy, refused it...): a request unsafe to run
+            // twice may have reached the service the first time, and goes
+            // to no other box.
+            None if raced && !(routed || parts.method.is_idempotent()) => {
+                let e = last_error.insert(AcquireError::Service(
+                    "the client's connection closed under the request, which it may have received; it is not sent to another client".into(),
+                ));
+                return upstream_error(state, e);
+            }
             None => {
                 let want = Want {
                     model: model.as_deref(),

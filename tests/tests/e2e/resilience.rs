@@ -1882,6 +1882,89 @@ async fn a_request_unsafe_to_run_twice_is_not_sent_elsewhere_after_the_keep_aliv
     b.kill().await;
 }
 
+/// After the keep-alive race, a request unsafe to run twice goes out once
+/// more on its own box only: when that fails before it went out (the box
+/// leaves while frps waits for its dial-back), it is answered 502, not sent
+/// to another box.
+#[tokio::test]
+async fn after_the_keep_alive_race_an_unsafe_request_stays_with_its_box() {
+    let mut cfg = frps_config();
+    // The box played here sends no heartbeats.
+    cfg.heartbeat_interval = Duration::from_secs(30);
+    let frps = Frps::start(cfg).await;
+    let (mut played, answer) =
+        FakeClient::register(frps.addrs.control, &frps.client_token().await, "a").await;
+    let Command::Registered { session_key, .. } = answer else {
+        panic!("{answer:?}")
+    };
+    let other = Backend::start("b").await;
+    let b = Frpc::start(frpx_tests::frpc_config("b", &frps.addrs, other.addr));
+    frps.wait_for_clients(&["a", "b"]).await;
+    let public = frps.public();
+    let pinned = move |method: &str, path: &str, to: &str| {
+        let mut req = http::request(method, public, path, Some(API_KEY), bytes::Bytes::new());
+        req.headers_mut()
+            .insert("x-frpx-client", to.parse().unwrap());
+        req
+    };
+    // a's first request: the played box dials back and answers, and the
+    // connection goes to frps's pool.
+    let warming = tokio::spawn(async move {
+        let mut warm = Conn::open(public).await;
+        http::read(warm.send(pinned("GET", "/", "a")).await.unwrap()).await
+    });
+    let Some(Command::OpenConnection { conn_id }) = played.recv().await else {
+        panic!("no dial-back asked for");
+    };
+    let mut data = TcpStream::connect(frps.addrs.proxy).await.unwrap();
+    let hello = Command::DataHello {
+        conn_id,
+        client_id: "a".into(),
+        session_key: session_key.clone(),
+    };
+    write_command(&mut data, &hello).await.unwrap();
+    read_head(&mut data).await;
+    data.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap();
+    assert_eq!(warming.await.unwrap().status, 200);
+    // b busy with a held stream: the POST goes to a, on the pooled
+    // connection, which closes under it (the race).
+    let mut holding = Conn::open(public).await;
+    let pin_b = pinned("GET", "/hold", "b");
+    let held = holding.send(pin_b).await.unwrap();
+    assert_eq!(held.status(), 200);
+    let posting = tokio::spawn(async move {
+        Conn::open(public)
+            .await
+            .post("/v1/files", Some(API_KEY), "{}")
+            .await
+    });
+    let head = read_head(&mut data).await;
+    assert!(head.starts_with("POST /v1/files "), "{head}");
+    // Its body read too: the close is a clean one (FIN), as a service's
+    // closing an idle connection is.
+    let mut body = [0u8; 2];
+    data.read_exact(&mut body).await.unwrap();
+    drop(data);
+    // Sent once more on a: frps asks for a new dial-back, and the box
+    // leaves instead.
+    match tokio::time::timeout(WAIT, played.recv()).await {
+        Ok(Some(Command::OpenConnection { .. })) => {}
+        other => panic!("expected a second dial-back asked for, got {other:?}"),
+    }
+    drop(played);
+    let reply = posting.await.unwrap();
+    assert_eq!(reply.status, 502, "{}", reply.body);
+    assert!(
+        !other.paths().iter().any(|p| p == "/v1/files"),
+        "sent to b: {:?}",
+        other.paths()
+    );
+    other.release_holds();
+    b.kill().await;
+}
+
 #[tokio::test]
 async fn a_box_that_leaves_during_the_keep_alive_race_is_a_502_not_a_missing_box() {
     // The box goes offline (an operator disconnects it) just as its service
