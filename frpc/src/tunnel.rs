@@ -61,20 +61,29 @@ pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
 /// looks whether frps reset it meanwhile.
 const STREAM_GONE_CHECK: Duration = Duration::from_millis(100);
 
-/// Failures of single data connections are said at warn once a second at
-/// most, the rest at debug: a proxy port firewalled while the control port
-/// is open, a local service down, or a plugin refusing every dial-back
-/// made a warn line per request.
-static DATA_FAILURES: common::pace::SharedPace =
+/// Data connections that could not be opened (the proxy port or the local
+/// service unreachable) are said at warn once a second at most, the rest
+/// at debug: a proxy port firewalled while the control port is open, or a
+/// local service down, made a warn line per request.
+static OPEN_FAILURES: common::pace::SharedPace =
     common::pace::SharedPace::new(Duration::from_secs(1));
 
-/// Says a data connection's failure, paced ([`DATA_FAILURES`]).
-fn data_failure(message: std::fmt::Arguments<'_>) {
-    if DATA_FAILURES.admit() {
+/// Data connections frps refused (a plugin refusing every dial-back),
+/// paced apart from [`OPEN_FAILURES`]: one kind does not hide the other.
+static REFUSALS: common::pace::SharedPace = common::pace::SharedPace::new(Duration::from_secs(1));
+
+/// Says a data connection's failure at warn as `pace` lets it, else at debug.
+fn paced(pace: &common::pace::SharedPace, message: std::fmt::Arguments<'_>) {
+    if pace.admit() {
         warn!("{message}");
     } else {
         debug!("{message}");
     }
+}
+
+/// Says that a data connection could not be opened ([`OPEN_FAILURES`]).
+fn data_failure(message: std::fmt::Arguments<'_>) {
+    paced(&OPEN_FAILURES, message);
 }
 
 /// First wait before dialing a lost tunnel connection again; doubles up to
@@ -544,10 +553,13 @@ async fn forward_watched(
             Ok(Command::DataRejected { reason, .. }) if given_up(&reason) => {
                 debug!(%conn_id, "frps no longer wanted the data connection: {}", from_frps(&reason))
             }
-            Ok(Command::DataRejected { reason, .. }) => data_failure(format_args!(
-                "{conn_id}: frps refused the data connection: {}",
-                from_frps(&reason)
-            )),
+            Ok(Command::DataRejected { reason, .. }) => paced(
+                &REFUSALS,
+                format_args!(
+                    "{conn_id}: frps refused the data connection: {}",
+                    from_frps(&reason)
+                ),
+            ),
             Ok(other) => warn!(%conn_id, "unexpected {} on a data connection", other.name()),
             Err(e) => warn!(%conn_id, "bad frame on a data connection: {e}"),
         }
@@ -670,6 +682,15 @@ mod tests {
             said.matches("cannot open data connection").count() <= 1,
             "{said}"
         );
+        // A refusal by frps is paced apart: not hidden by the failures.
+        let ((), said) = common::testing::logged(|| {
+            data_failure(format_args!("x: cannot open data connection: refused"));
+            paced(
+                &REFUSALS,
+                format_args!("y: frps refused the data connection"),
+            );
+        });
+        assert!(said.contains("frps refused the data connection"), "{said}");
     }
 
     #[test]
