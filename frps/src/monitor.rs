@@ -462,10 +462,9 @@ mod tests {
         assert_eq!(ids.len(), 5);
     }
 
-    /// An error answer without the API's envelope (a bare 431, a proxy's
-    /// page) is named by its status, not as "did not answer with JSON".
-    #[tokio::test]
-    async fn an_error_without_the_envelope_is_named_by_its_status() {
+    /// A fake API answering every request with `status`, `content_type`
+    /// and `body`; returns its base URL.
+    async fn answering(status: &'static str, content_type: &'static str, body: String) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -473,14 +472,26 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept().await {
                 let mut head = [0u8; 1024];
                 let _ = s.read(&mut head).await;
-                let body = "<html>Bad Gateway</html>";
                 let answer = format!(
-                    "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = s.write_all(answer.as_bytes()).await;
             }
         });
+        base
+    }
+
+    /// An error answer without the API's envelope (a bare 431, a proxy's
+    /// page) is named by its status, not as "did not answer with JSON".
+    #[tokio::test]
+    async fn an_error_without_the_envelope_is_named_by_its_status() {
+        let base = answering(
+            "502 Bad Gateway",
+            "text/html",
+            "<html>Bad Gateway</html>".into(),
+        )
+        .await;
         let err = get_all::<ClientSummary>(&base, "/api/clients", None)
             .await
             .unwrap_err();
@@ -494,24 +505,11 @@ mod tests {
     /// An answer over the limit is said to be one, not "cannot reach".
     #[tokio::test]
     async fn an_answer_too_large_is_not_called_unreachable() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let mut head = [0u8; 1024];
-                let _ = s.read(&mut head).await;
-                let body = format!(
-                    r#"{{"success":true,"data":[],"message":"{}"}}"#,
-                    "x".repeat(500)
-                );
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = s.write_all(answer.as_bytes()).await;
-            }
-        });
+        let body = format!(
+            r#"{{"success":true,"data":[],"message":"{}"}}"#,
+            "x".repeat(500)
+        );
+        let base = answering("200 OK", "application/json", body).await;
         let err = get_within::<Vec<ClientSummary>>(&base, "/api/clients", None, 100)
             .await
             .unwrap_err();

@@ -338,7 +338,9 @@ async fn a_request_on_a_box_evicted_for_silence_fails_over() {
 #[tokio::test]
 async fn a_stream_from_a_box_evicted_for_silence_ends_at_the_eviction() {
     let mut cfg = frps_config();
-    cfg.heartbeat_interval = Duration::from_millis(500);
+    // Evicted after 3 s; bytes after the eviction have a second to come
+    // (room for a loaded machine between the test seeing it and writing).
+    cfg.heartbeat_interval = Duration::from_secs(1);
     cfg.upstream_idle_timeout = Duration::from_secs(120);
     let frps = Frps::start(cfg).await;
     let (mut frozen, answer) =
@@ -1815,6 +1817,34 @@ async fn a_pooled_connection_the_service_closes_under_a_request_is_retried_witho
     frpc.kill().await;
 }
 
+/// A request without a body pinned (`X-Frpx-Client`) to box `to`.
+fn pinned(
+    public: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    to: &str,
+) -> hyper::Request<http_body_util::Full<bytes::Bytes>> {
+    let mut req = http::request(method, public, path, Some(API_KEY), bytes::Bytes::new());
+    req.headers_mut()
+        .insert("x-frpx-client", to.parse().unwrap());
+    req
+}
+
+/// Box `to` made busy with a held stream, so that an unpinned request goes
+/// to the other box (fewest in flight); keep what comes back to keep it so.
+async fn busy(
+    public: std::net::SocketAddr,
+    to: &str,
+) -> (Conn, hyper::Response<hyper::body::Incoming>) {
+    let mut holding = Conn::open(public).await;
+    let held = holding
+        .send(pinned(public, "GET", "/hold", to))
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    (holding, held)
+}
+
 /// A request only safe to run once (a `POST` outside the model paths),
 /// sent on a pooled connection its service closes under it (the keep-alive
 /// race) as its box leaves, is not sent to another box: the service may
@@ -1852,20 +1882,11 @@ async fn a_request_unsafe_to_run_twice_is_not_sent_elsewhere_after_the_keep_aliv
     let b = Frpc::start(frpx_tests::frpc_config("b", &frps.addrs, other.addr));
     frps.wait_for_clients(&["a", "b"]).await;
     let public = frps.public();
-    let pinned = |method: &str, path: &str, to: &str| {
-        let mut req = http::request(method, public, path, Some(API_KEY), bytes::Bytes::new());
-        req.headers_mut()
-            .insert("x-frpx-client", to.parse().unwrap());
-        req
-    };
-    // A pooled connection to a; b busy with a held stream, so the next
-    // request goes to a (fewest in flight).
+    // A pooled connection to a; b busy, so the next request goes to a.
     let mut warm = Conn::open(public).await;
-    let reply = http::read(warm.send(pinned("GET", "/", "a")).await.unwrap()).await;
+    let reply = http::read(warm.send(pinned(public, "GET", "/", "a")).await.unwrap()).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    let mut holding = Conn::open(public).await;
-    let held = holding.send(pinned("GET", "/hold", "b")).await.unwrap();
-    assert_eq!(held.status(), 200);
+    let _held = busy(public, "b").await;
     let reply = Conn::open(public)
         .await
         .post("/v1/files", Some(API_KEY), "{}")
@@ -1901,17 +1922,11 @@ async fn after_the_keep_alive_race_an_unsafe_request_stays_with_its_box() {
     let b = Frpc::start(frpx_tests::frpc_config("b", &frps.addrs, other.addr));
     frps.wait_for_clients(&["a", "b"]).await;
     let public = frps.public();
-    let pinned = move |method: &str, path: &str, to: &str| {
-        let mut req = http::request(method, public, path, Some(API_KEY), bytes::Bytes::new());
-        req.headers_mut()
-            .insert("x-frpx-client", to.parse().unwrap());
-        req
-    };
     // a's first request: the played box dials back and answers, and the
     // connection goes to frps's pool.
     let warming = tokio::spawn(async move {
         let mut warm = Conn::open(public).await;
-        http::read(warm.send(pinned("GET", "/", "a")).await.unwrap()).await
+        http::read(warm.send(pinned(public, "GET", "/", "a")).await.unwrap()).await
     });
     let Some(Command::OpenConnection { conn_id }) = played.recv().await else {
         panic!("no dial-back asked for");
@@ -1930,10 +1945,7 @@ async fn after_the_keep_alive_race_an_unsafe_request_stays_with_its_box() {
     assert_eq!(warming.await.unwrap().status, 200);
     // b busy with a held stream: the POST goes to a, on the pooled
     // connection, which closes under it (the race).
-    let mut holding = Conn::open(public).await;
-    let pin_b = pinned("GET", "/hold", "b");
-    let held = holding.send(pin_b).await.unwrap();
-    assert_eq!(held.status(), 200);
+    let _held = busy(public, "b").await;
     let posting = tokio::spawn(async move {
         Conn::open(public)
             .await
