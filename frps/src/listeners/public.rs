@@ -774,6 +774,11 @@ async fn forward(
     let mut again: Option<(Arc<ClientHandle>, InFlight)> = None;
     // Only a body still to come keeps hyper from seeing its caller leave
     // (a request without one, the most common, costs no watch).
+    // Whether running the request twice changes nothing: an idempotent
+    // method (RFC 9110 §9.2.2), or a request for a model's answer (the
+    // paths routed by model produce a result and change nothing). Only
+    // such a request goes to another box once a service may have got it.
+    let safe_twice = routed || parts.method.is_idempotent();
     let gone = match &payload {
         Payload::Stream(Some(body)) if !body.is_end_stream() => CallerGone::new(caller.socket),
         _ => None,
@@ -786,7 +791,7 @@ async fn forward(
             // dial-back, was busy, refused it...): a request unsafe to run
             // twice may have reached the service the first time, and goes
             // to no other box.
-            None if raced && !(routed || parts.method.is_idempotent()) => {
+            None if raced && !safe_twice => {
                 let e = last_error.insert(AcquireError::Service(
                     "the client's connection closed under the request, which it may have received; it is not sent to another client".into(),
                 ));
@@ -1123,7 +1128,7 @@ async fn forward(
                             // Its box gone meanwhile, it would go to another:
                             // only a request safe to run twice does (this one
                             // may have reached the service).
-                            if again.is_none() && !(routed || parts.method.is_idempotent()) {
+                            if again.is_none() && !safe_twice {
                                 let gone = last_error.get_or_insert(AcquireError::ClientGone);
                                 return upstream_error(state, gone);
                             }
@@ -1169,7 +1174,7 @@ async fn forward(
         };
         // A streamed body went with the failed attempt: nothing to retry
         // with; nor is a request sent elsewhere that may have been acted on.
-        let retries = if payload.is_spent() || !may_fail_over(&failure, &parts.method, routed) {
+        let retries = if payload.is_spent() || !may_fail_over(&failure, safe_twice) {
             0
         } else {
             state.config.max_retries + busy
@@ -1190,18 +1195,16 @@ async fn forward(
 /// Whether a request that failed on a box with `failure` goes to another
 /// (within `--max-retries`). One its service got, and failed on or kept
 /// without answering, goes again only when running it twice changes
-/// nothing: an idempotent method (RFC 9110 §9.2.2), or a request for a
-/// model's answer (`routed`: the paths routed by model, which produce a
-/// result and change nothing); a `POST` elsewhere (Ollama's `/api/pull`,
-/// `/v1/files`) or a `PATCH` may have been carried out, and is answered 502
-/// (before 2026-12-05 it was sent to up to `--max-retries` more boxes). No
-/// request goes again after `--upstream-idle-timeout` with no answer: the
-/// caller waited that long already (an SDK has given up by then), and two
-/// more boxes tripled it.
-fn may_fail_over(failure: &AcquireError, method: &Method, routed: bool) -> bool {
+/// nothing (`safe_twice`); a `POST` outside the model paths (Ollama's
+/// `/api/pull`, `/v1/files`) or a `PATCH` may have been carried out, and
+/// is answered 502 (before 2026-12-05 it was sent to up to
+/// `--max-retries` more boxes). No request goes again after
+/// `--upstream-idle-timeout` with no answer: the caller waited that long
+/// already (an SDK has given up by then), and two more boxes tripled it.
+fn may_fail_over(failure: &AcquireError, safe_twice: bool) -> bool {
     match failure {
         AcquireError::HeadTimeout(_) => false,
-        AcquireError::Service(_) => routed || method.is_idempotent(),
+        AcquireError::Service(_) => safe_twice,
         _ => true,
     }
 }

@@ -35,6 +35,18 @@ async fn missing_or_wrong_key_is_401() {
     );
 }
 
+/// Sends `request` on `raw` and reads what frps answers until it closes
+/// the connection (within WAIT), as text.
+async fn answer_then_close(mut raw: tokio::net::TcpStream, request: &str) -> String {
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(frpx_tests::WAIT, raw.read_to_end(&mut answer))
+        .await
+        .expect("frps closes the connection")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[tokio::test]
 async fn every_request_on_a_keep_alive_connection_is_authenticated() {
     let fleet = Fleet::start(1).await;
@@ -51,17 +63,10 @@ async fn every_request_on_a_keep_alive_connection_is_authenticated() {
         // working key holds none open (one keyless request a minute kept
         // one).
         assert_eq!(second.headers["connection"], "close");
-        let mut raw = tokio::net::TcpStream::connect(public).await.unwrap();
+        let raw = tokio::net::TcpStream::connect(public).await.unwrap();
         let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
-        raw.write_all(format!("GET / HTTP/1.1\r\nHost: frps\r\n{auth}\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(frpx_tests::WAIT, raw.read_to_end(&mut answer))
-            .await
-            .expect("frps closes the connection")
-            .unwrap();
-        let answer = String::from_utf8_lossy(&answer);
+        let answer =
+            answer_then_close(raw, &format!("GET / HTTP/1.1\r\nHost: frps\r\n{auth}\r\n")).await;
         assert!(answer.starts_with("HTTP/1.1 401"), "{code}: {answer}");
     }
     let mut conn = Conn::open(public).await;
@@ -116,16 +121,12 @@ async fn an_address_guessing_keys_is_refused_unasked_once_its_budget_is_spent() 
     // And frps closes the connection after it.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(here, 0)).unwrap();
-    let mut raw = socket.connect(public).await.unwrap();
-    raw.write_all(b"GET / HTTP/1.1\r\nHost: frps\r\nAuthorization: Bearer guess-6\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    tokio::time::timeout(frpx_tests::WAIT, raw.read_to_end(&mut answer))
-        .await
-        .expect("frps closes the connection")
-        .unwrap();
-    let answer = String::from_utf8_lossy(&answer);
+    let raw = socket.connect(public).await.unwrap();
+    let answer = answer_then_close(
+        raw,
+        "GET / HTTP/1.1\r\nHost: frps\r\nAuthorization: Bearer guess-6\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
     assert_eq!(asked(), 5, "no lookup for a spent address");
     // A key frps knows is served as before.

@@ -490,20 +490,24 @@ async fn a_ping_rejection_disconnects_the_client_with_the_reason() {
     .await;
     let (mut c, answer) = register(&frps, registration("gpu-p")).await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
+    let (reason, saw_ack) = disconnected_after_a_heartbeat(&mut c).await;
+    assert_eq!(reason, "this box is suspended");
+    assert!(saw_ack);
+    frps.wait_for_clients(&[]).await;
+}
+
+/// Sends a heartbeat on `c` and reads until frps disconnects it: the
+/// reason, and whether the heartbeat was acknowledged first.
+async fn disconnected_after_a_heartbeat(c: &mut FakeClient) -> (String, bool) {
     c.send(Command::Heartbeat { seq: 1 }).await;
     let mut saw_ack = false;
     loop {
         match c.recv().await {
             Some(Command::HeartbeatAck { seq: 1 }) => saw_ack = true,
-            Some(Command::Disconnect { reason }) => {
-                assert_eq!(reason, "this box is suspended");
-                break;
-            }
+            Some(Command::Disconnect { reason }) => return (reason, saw_ack),
             other => panic!("expected an ack, then Disconnect; got {other:?}"),
         }
     }
-    assert!(saw_ack);
-    frps.wait_for_clients(&[]).await;
 }
 
 /// A `Ping` plugin that fails (not a rejection) disconnects the box too,
@@ -535,20 +539,11 @@ async fn a_ping_failure_disconnects_and_a_reasonless_rejection_names_the_plugin(
     .await;
     let (mut c, answer) = register(&frps, registration("gpu-q")).await;
     assert!(matches!(answer, Command::Registered { .. }), "{answer:?}");
-    c.send(Command::Heartbeat { seq: 1 }).await;
-    loop {
-        match c.recv().await {
-            Some(Command::HeartbeatAck { seq: 1 }) => {}
-            Some(Command::Disconnect { reason }) => {
-                assert_eq!(
-                    reason,
-                    "server plugin 'pinger' failed on Ping: answered HTTP 500 Internal Server Error"
-                );
-                break;
-            }
-            other => panic!("expected an ack, then Disconnect; got {other:?}"),
-        }
-    }
+    let (reason, _) = disconnected_after_a_heartbeat(&mut c).await;
+    assert_eq!(
+        reason,
+        "server plugin 'pinger' failed on Ping: answered HTTP 500 Internal Server Error"
+    );
     frps.wait_for_clients(&[]).await;
 }
 
