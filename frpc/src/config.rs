@@ -148,8 +148,9 @@ pub struct Config {
     #[arg(long, env = "FRPC_TLS_FINGERPRINT", value_name = "SHA256HEX", value_parser = parse_fingerprint)]
     pub tls_fingerprint: Option<[u8; 32]>,
 
-    /// Allow sending the account password over a plaintext connection (only
-    /// on a network you trust; prefer `--tls`).
+    /// Allow sending the account password, or a saved token issued over
+    /// TLS, over a plaintext connection (only on a network you trust;
+    /// prefer `--tls`).
     #[arg(long, env = "FRPC_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
 

@@ -505,7 +505,7 @@ impl Client {
             if judge_expiry && saved.expired_at(chrono::Utc::now()) {
                 info!(
                     "the saved token expired at {}: logging in with email and password",
-                    saved.expires_at.as_deref().unwrap_or("?")
+                    common::text::tame(saved.expires_at.as_deref().unwrap_or("?"), 64)
                 );
                 return false;
             }
@@ -559,7 +559,7 @@ impl Client {
         if let Some(t) = found.as_ref().filter(|t| !alive(t)) {
             warn!(
                 "the saved token expired at {} by this machine's clock; sending it anyway (no password to log in with): frps decides",
-                t.expires_at.as_deref().unwrap_or("?")
+                common::text::tame(t.expires_at.as_deref().unwrap_or("?"), 64)
             );
         }
         Ok(found)
@@ -627,7 +627,10 @@ impl Client {
     /// saved one, which frps keeps valid until its renewal's first use,
     /// still logs in after a restart (and is renewed again then).
     fn renewed(&self, token: String, expires_at: Option<String>) -> tokio::task::JoinHandle<()> {
-        let until = expires_at.clone().unwrap_or_else(|| "no expiry".into());
+        // frps's text: shortened, with no control characters for the log.
+        let until = expires_at
+            .as_deref()
+            .map_or_else(|| "no expiry".into(), |t| common::text::tame(t, 64));
         let email = self.account.lock().expect("account lock").clone();
         let saved = self.saved_token(token, expires_at, email);
         let turn = self.tokens.lock().expect("token lock").next_turn();

@@ -112,7 +112,8 @@ pub enum KeyCommand {
     /// List keys (masked), with their limits.
     List {
         /// A JSON array (RFC 3339 times; limits null when unlimited; a
-        /// `state` of active, expired or revoked) instead of a table.
+        /// `state` of active, inactive, expired or revoked) instead of a
+        /// table.
         #[arg(long)]
         json: bool,
     },

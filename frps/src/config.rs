@@ -116,7 +116,8 @@ pub struct Config {
     #[arg(long, env = "FRPX_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_heartbeat_interval)]
     pub heartbeat_interval: Duration,
 
-    /// Deadline for a connection's first frame (login, data hello).
+    /// Deadline for each step of a connection's handshake: the TLS
+    /// handshake, the login, the registration and a data hello.
     #[arg(long, env = "FRPX_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub handshake_timeout: Duration,
 

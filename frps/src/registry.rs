@@ -304,6 +304,18 @@ impl ClientHandle {
         h.sheds > SHEDS_BEFORE_FAILURE
     }
 
+    /// Notes an answer of the service's that says it is failing (see
+    /// [`counts_against_the_box`]) and returns how many came in a row, with
+    /// no other answer between: past [`SERVER_ERRORS_BEFORE_FAILURE`], each
+    /// counts as a failure. A box answering 500 to everything at once (a
+    /// model that cannot load) would otherwise draw most requests under
+    /// least-conn: it never has any in flight.
+    pub fn record_server_error(&self) -> u32 {
+        let mut h = self.health.lock().expect("health lock");
+        h.server_errors = h.server_errors.saturating_add(1);
+        h.server_errors
+    }
+
     /// The box's failures since its last success (of this session and of
     /// the sessions before it that the box's health carries over).
     pub fn failures(&self) -> u32 {
@@ -388,6 +400,20 @@ pub const COOLDOWN_BASE: std::time::Duration = std::time::Duration::from_secs(1)
 /// Longest cool-down.
 pub const COOLDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Answers that say the service is failing ([`counts_against_the_box`]) in
+/// a row, with no other answer between, after which each further one
+/// counts as a failure.
+pub const SERVER_ERRORS_BEFORE_FAILURE: u32 = 4;
+
+/// Whether an answer of the service's with `status` says the box is
+/// failing rather than the request: 500, 502, 503 and 504 (an engine that
+/// cannot load its model, is out of memory, or is busy loading). 501 (an
+/// endpoint the server was started without, as llama.cpp's embeddings)
+/// and 505 answer the request, as a 4xx does.
+pub fn counts_against_the_box(status: u16) -> bool {
+    matches!(status, 500 | 502 | 503 | 504)
+}
+
 /// Streams shed for the receive budget in a row (no success between) after
 /// which each further one counts as a failure.
 pub const SHEDS_BEFORE_FAILURE: u32 = 16;
@@ -400,6 +426,8 @@ struct Health {
     cooled_at: Option<Instant>,
     /// Streams shed since the last success.
     sheds: u32,
+    /// Answers counted against the box since the last other answer.
+    server_errors: u32,
     /// A report of the service up again ended a cool-down since the last
     /// success.
     forgiven: bool,
@@ -409,7 +437,11 @@ impl Health {
     /// Whether there is anything to remember: failures, sheds, or a
     /// cool-down.
     fn is_clean(&self) -> bool {
-        self.failures == 0 && self.until.is_none() && self.sheds == 0 && !self.forgiven
+        self.failures == 0
+            && self.until.is_none()
+            && self.sheds == 0
+            && self.server_errors == 0
+            && !self.forgiven
     }
 }
 

@@ -47,6 +47,9 @@ struct Shared {
     holding: std::sync::atomic::AtomicUsize,
     /// Answer 404 on the model-list endpoints, like a plain HTTP server.
     no_model_list: std::sync::atomic::AtomicBool,
+    /// The status every request but the model list gets (0: none, each
+    /// path answers as it does).
+    failing: std::sync::atomic::AtomicU16,
 }
 
 /// A running backend.
@@ -129,6 +132,14 @@ impl Backend {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Answers every request but the model list with `status` (a service
+    /// whose model cannot load); 0 answers as before.
+    pub fn fail_with(&self, status: u16) {
+        self.shared
+            .failing
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Lets every `/hold` stream (current and future) finish.
     pub fn release_holds(&self) {
         self.shared.hold_release.send_replace(true);
@@ -188,6 +199,7 @@ async fn serve(
             .unwrap()
     };
     let no_list = sh.no_model_list.load(std::sync::atomic::Ordering::SeqCst);
+    let failing = sh.failing.load(std::sync::atomic::Ordering::SeqCst);
     let resp = match path.as_str() {
         "/api/tags" | "/v1/models" if no_list => full(404, "text/plain", "not found".into()),
         "/api/tags" => full(200, "application/json", {
@@ -200,6 +212,13 @@ async fn serve(
                 .collect();
             serde_json::json!({ "models": models }).to_string()
         }),
+        // A service that lists its models but fails every request (one
+        // whose model cannot load).
+        _ if failing != 0 => full(
+            failing,
+            "application/json",
+            serde_json::json!({"error": format!("{} cannot load its model", sh.name)}).to_string(),
+        ),
         "/sse" => {
             let (mut tx, body) = Channel::<Bytes>::new(4);
             let sh = sh.clone();

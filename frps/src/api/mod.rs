@@ -688,16 +688,20 @@ async fn require_admin(AxState(state): ApiState, req: Request, next: Next) -> Re
 }
 
 /// Headers a proxy adds about the caller it relays (nginx, Caddy, Traefik,
-/// HAProxy, Apache, Envoy, as configured for it or by default).
-const RELAYED: [&str; 7] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "via",
-    "x-envoy-external-address",
-];
+/// HAProxy, Apache, Envoy, as configured for it or by default), besides any
+/// `X-Forwarded-*` ([`relayed`]).
+const RELAYED: [&str; 4] = ["forwarded", "x-real-ip", "via", "x-envoy-external-address"];
+
+/// Whether `req` carries a header a proxy adds about the caller it relays:
+/// one of [`RELAYED`] or any `X-Forwarded-*` (`-For`, `-Host`, `-Proto`,
+/// and the `-Port`, `-Server` or `-Ssl` some proxies add alone).
+fn relayed(req: &Request) -> bool {
+    RELAYED.iter().any(|name| req.headers().contains_key(*name))
+        || req
+            .headers()
+            .keys()
+            .any(|name| name.as_str().starts_with("x-forwarded-"))
+}
 
 /// Why a request to a token-less API did not come from this machine's own
 /// tools: a `Host` that is not a loopback name or address (DNS rebinding),
@@ -724,7 +728,7 @@ fn foreign_request(req: &Request) -> Option<&'static str> {
     // A reverse proxy on this machine reaches the API from loopback, and
     // many rewrite Host to the address they pass to (nginx's default): what
     // gives it away is what it adds about the caller it relays.
-    if RELAYED.iter().any(|name| req.headers().contains_key(*name)) {
+    if relayed(req) {
         return Some(
             "without --admin-token the API answers no requests relayed by a proxy (Forwarded, X-Forwarded-*, X-Real-IP or Via header): set --admin-token before putting it behind one",
         );
@@ -928,6 +932,8 @@ mod tests {
             ("forwarded", "for=203.0.113.9"),
             ("via", "1.1 caddy"),
             ("x-forwarded-proto", "https"),
+            ("X-Forwarded-Port", "443"),
+            ("x-envoy-external-address", "203.0.113.9"),
         ] {
             let mut req = Request::builder()
                 .uri("/api/clients")

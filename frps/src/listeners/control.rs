@@ -928,7 +928,7 @@ fn on_command(cmd: Command, client: &ClientHandle, state: &State) -> Option<Comm
                 let message = common::text::tame(&message, MAX_CLIENT_TEXT);
                 warn!(client = %client.id, "client reported an error: {message}");
             } else {
-                debug!(client = %client.id, "client reported an error: {}", common::text::shorten(&message, MAX_CLIENT_TEXT));
+                debug!(client = %client.id, "client reported an error: {}", common::text::tame(&message, MAX_CLIENT_TEXT));
             }
             None
         }

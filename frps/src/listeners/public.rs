@@ -30,7 +30,7 @@ use crate::dispatch::{self, Refusal};
 use crate::limits::{ConnLimiter, Over};
 use crate::pending::PairError;
 use crate::plugins;
-use crate::registry::ClientHandle;
+use crate::registry::{self, ClientHandle};
 use crate::router::{self, Want};
 use crate::state::{State, Stats};
 use crate::upstream::{self, AcquireError};
@@ -1002,7 +1002,7 @@ async fn forward(
                 // plain body. The service answered, so it is no failure of
                 // the box (an answer, as below); the request is not sent
                 // again.
-                answered(state, &client, resp.status());
+                answered(state, (&client, sending), resp.status());
                 Stats::inc(&state.stats.upstream_errors);
                 warn!(client = %client.id, "upstream response refused: Transfer-Encoding other than chunked alone");
                 return error_response(
@@ -1013,7 +1013,7 @@ async fn forward(
                 );
             }
             Some(Ok(Ok(resp))) => {
-                answered(state, &client, resp.status());
+                answered(state, (&client, sending), resp.status());
                 // Served: counted once, whatever attempts came before.
                 client.requests.fetch_add(1, Ordering::Relaxed);
                 state
@@ -1259,13 +1259,30 @@ fn blame(
     (excluded.len() > retries).then(|| upstream_error(state, error))
 }
 
-/// Notes that `client`'s service answered with `status`: its failures and
-/// sheds are forgotten. A server error is relayed as it is, but proves
-/// nothing of the box's health: a box whose model cannot load (and answers
-/// 500 at once) must not have its failures forgotten at every answer. Nor
-/// is it counted as a failure: it may be the request's own fault.
-fn answered(state: &State, client: &ClientHandle, status: StatusCode) {
-    if !status.is_server_error() && client.record_success() {
+/// Notes that `client`'s service answered with `status` a request sent at
+/// `sent`. An answer saying the box is failing
+/// ([`registry::counts_against_the_box`]: 500, 502, 503, 504) is relayed as
+/// it is and forgets nothing (a box whose model cannot load must not have
+/// its connection failures forgotten at every answer); one alone proves
+/// nothing (it may be the request's own fault), but past
+/// [`registry::SERVER_ERRORS_BEFORE_FAILURE`] in a row each counts as a
+/// failure, so a box failing everything at once is cooled down instead of
+/// drawing most requests (least-conn sends them where none are in flight).
+/// Any other answer forgets its failures, sheds and server errors.
+fn answered(state: &Arc<State>, (client, sent): (&ClientHandle, Instant), status: StatusCode) {
+    if registry::counts_against_the_box(status.as_u16()) {
+        let in_a_row = client.record_server_error();
+        if in_a_row > registry::SERVER_ERRORS_BEFORE_FAILURE {
+            if in_a_row == registry::SERVER_ERRORS_BEFORE_FAILURE + 1 {
+                warn!(
+                    client = %client.id,
+                    "client '{}' answered {in_a_row} server errors in a row (the last {status}): counted as failures until it answers otherwise",
+                    client.id,
+                );
+            }
+            dispatch::record_failure_of(state, client, sent);
+        }
+    } else if client.record_success() {
         // Its cool-down ended early: requests queued meanwhile may go to
         // it now.
         state.queues.wake_all();

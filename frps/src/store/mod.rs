@@ -698,12 +698,37 @@ impl Store {
         Ok(done > 0)
     }
 
-    /// The shared secret `name`, made from `fresh` by the first frps that
-    /// asks (every frps on this database then reads the same one).
+    /// The shared secret `name`, made by the first frps that asks (every
+    /// frps on this database then reads the same one): `fresh` on SQLite
+    /// and PostgreSQL before 13; PostgreSQL 13 and later make it themselves (64 hex digits from two
+    /// `gen_random_uuid()`, 244 random bits): a secret sent as a statement's
+    /// parameter would reach the server's log where it logs statements.
+    /// Only a database that has it already is not sent `fresh` at all.
     pub async fn server_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
         const INSERT: &str = "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+        const INSERT_MADE_THERE: &str = "INSERT INTO server_secrets (name, value) VALUES ($1, \
+             replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')) \
+             ON CONFLICT (name) DO NOTHING";
         const SELECT: &str = "SELECT value FROM server_secrets WHERE name = $1";
-        on_pool!(self, p => sqlx::query(INSERT).bind(name).bind(fresh).execute(p).await?.rows_affected());
+        let found: Option<(String,)> =
+            on_pool!(self, p => sqlx::query_as(SELECT).bind(name).fetch_optional(p).await?);
+        if let Some((value,)) = found {
+            return Ok(value);
+        }
+        let made_there = match self {
+            Store::Postgres(p) => {
+                match sqlx::query(INSERT_MADE_THERE).bind(name).execute(p).await {
+                    Ok(_) => true,
+                    // 42883: undefined_function (no gen_random_uuid(), before 13).
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => false,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Store::Sqlite(_) => false,
+        };
+        if !made_there {
+            on_pool!(self, p => sqlx::query(INSERT).bind(name).bind(fresh).execute(p).await?.rows_affected());
+        }
         let (value,): (String,) =
             on_pool!(self, p => sqlx::query_as(SELECT).bind(name).fetch_one(p).await?);
         Ok(value)

@@ -120,6 +120,82 @@ async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures(
     assert_eq!(client.record_failure(), None, "the 404 reset the count");
 }
 
+/// A box whose service fails every request at once (a model that cannot
+/// load) has none in flight, so least-conn would send it most requests:
+/// past `SERVER_ERRORS_BEFORE_FAILURE` such answers in a row it is cooled
+/// down as a failing box; any other answer forgets them. Each answer is
+/// still relayed as the service gave it.
+#[tokio::test]
+async fn a_box_failing_every_request_is_cooled_down() {
+    use frps::registry::{FAILURES_BEFORE_COOLDOWN, SERVER_ERRORS_BEFORE_FAILURE};
+    let b = boxes(
+        frps_config(),
+        &[
+            ("good", &["m1:latest"], None),
+            ("bad", &["m1:latest"], None),
+        ],
+    )
+    .await;
+    let frps = &b.frps;
+    let (good, bad) = (&b.backends["good"], &b.backends["bad"]);
+    bad.fail_with(500);
+    let handle = frps.state.registry.get("bad").unwrap();
+    let cools_after = (SERVER_ERRORS_BEFORE_FAILURE + FAILURES_BEFORE_COOLDOWN) as usize;
+    let mut conn = Conn::open(frps.public()).await;
+    for _ in 0..400 {
+        let before = bad.hits();
+        let reply = conn
+            .post("/v1/chat/completions", Some(API_KEY), chat("m1"))
+            .await;
+        if bad.hits() > before {
+            assert_eq!(reply.status, 500, "{}", reply.body);
+            assert_eq!(reply.json()["error"], "bad cannot load its model");
+            let hits = bad.hits();
+            assert_eq!(
+                handle.is_cooling_down(),
+                hits >= cools_after,
+                "after {hits} server errors in a row"
+            );
+            if hits == cools_after {
+                break;
+            }
+        } else {
+            assert_eq!(reply.status, 200, "{}", reply.body);
+        }
+    }
+    assert_eq!(bad.hits(), cools_after, "the bad box was picked that often");
+    assert!(good.hits() > 0);
+    // Its service recovers: once the cool-down ends, its next answer
+    // forgets the server errors and failures.
+    bad.fail_with(0);
+    frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
+    for _ in 0..400 {
+        let reply = conn
+            .post("/v1/chat/completions", Some(API_KEY), chat("m1"))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        if bad.hits() > cools_after {
+            break;
+        }
+    }
+    assert!(bad.hits() > cools_after, "the recovered box was picked");
+    assert_eq!(handle.failures(), 0);
+    // A 501 (an endpoint the service was started without) is an answer,
+    // not a failing box: as many as it takes do not cool it down.
+    bad.fail_with(501);
+    let served = bad.hits();
+    for _ in 0..800 {
+        conn.post("/v1/chat/completions", Some(API_KEY), chat("m1"))
+            .await;
+        if bad.hits() >= served + cools_after + 2 {
+            break;
+        }
+    }
+    assert!(bad.hits() >= served + cools_after + 2);
+    assert!(!handle.is_cooling_down());
+    assert_eq!(handle.failures(), 0);
+}
+
 #[tokio::test]
 async fn a_caller_with_a_streamed_body_leaving_its_queue_gives_up_its_place() {
     use tokio::io::AsyncWriteExt;

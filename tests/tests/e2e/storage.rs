@@ -409,6 +409,39 @@ async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
     pg.drop_db().await;
 }
 
+/// The seal's shared secret is made by PostgreSQL itself (13 and later),
+/// never sent as a statement's parameter (which a server logging its
+/// statements would log), and read back as it is by every later start.
+#[tokio::test]
+async fn the_shared_secret_is_made_by_postgresql() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let made = store
+        .server_secret("test-secret", "sent-by-frps")
+        .await
+        .unwrap();
+    assert_eq!(made.len(), 64, "{made}");
+    assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    let again = store.server_secret("test-secret", "another").await.unwrap();
+    assert_eq!(again, made);
+    store.close().await;
+    pg.drop_db().await;
+    // SQLite, in frps's own process, keeps what frps made.
+    let sqlite = Store::connect(&frpx_tests::temp_sqlite_url())
+        .await
+        .unwrap();
+    assert_eq!(
+        sqlite
+            .server_secret("test-secret", "made-here")
+            .await
+            .unwrap(),
+        "made-here"
+    );
+    sqlite.close().await;
+}
+
 /// Applies only migration 0001 to the database at `url`, as an frps from
 /// before rate limits did.
 async fn migrate_to_0001(url: &str) -> Store {
