@@ -127,6 +127,24 @@ impl SenderGone {
     }
 }
 
+/// Why [`join_streams_lingering`] failed when its write to `b` failed but
+/// everything `b` sent back reached `a`, whose write half was then shut
+/// (the inner error of an error of the write's kind): a service answered
+/// early and closed without reading the rest of an upload. `a` still holds
+/// that unread rest: closed now, the kernel would reset it and drop the
+/// answer's bytes not yet acknowledged; the owner drains it first
+/// ([`crate::stream::drain`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} (after the whole answer went back)")]
+pub struct AnsweredBack(pub io::Error);
+
+impl AnsweredBack {
+    /// Whether `error` is a join ended by [`AnsweredBack`].
+    pub fn is(error: &io::Error) -> bool {
+        error.get_ref().is_some_and(|e| e.is::<AnsweredBack>())
+    }
+}
+
 /// A timer and the byte count it was last pushed back at.
 type Clock = Option<(Pin<Box<tokio::time::Sleep>>, u64)>;
 
@@ -163,6 +181,8 @@ where
     let mut stalling: Clock = None;
     // How the way there failed, when it did and the way back goes on.
     let mut failed_there: Option<io::Error> = None;
+    // Whether the way back ended whole (not cut by the linger).
+    let mut back_done = false;
     poll_fn(|cx| {
         let there = match a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b)) {
             // With a linger, the way back outlives a failed write to `b`:
@@ -182,6 +202,7 @@ where
         };
         let back = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
         if there.is_ready() && back.is_ready() {
+            back_done = true;
             return Poll::Ready(Ok::<(), io::Error>(()));
         }
         // The linger measures `b`'s silence: while bytes it sent wait for
@@ -216,6 +237,9 @@ where
     })
     .await?;
     if let Some(e) = failed_there {
+        if back_done {
+            return Err(io::Error::new(e.kind(), AnsweredBack(e)));
+        }
         return Err(e);
     }
     Ok(JoinStats {

@@ -53,6 +53,11 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
     }
 }
 
+/// How long a data connection whose service answered without taking the
+/// whole request is read (and the rest dropped) before it is closed, so
+/// that the close does not reset the answer away.
+pub const ANSWERED_DRAIN: Duration = Duration::from_secs(5);
+
 /// How long a data connection frps has closed waits for the local service's
 /// next byte before both are dropped.
 pub const DIAL_BACK_LINGER: Duration = Duration::from_secs(10);
@@ -593,6 +598,18 @@ async fn forward_watched(
                 warn!(%conn_id, "frps closed the data connection while the local service took none of the request for {:?}; closing the local connection", common::GONE_CHECK);
                 return Err(e);
             }
+            // The service answered early (a 413) and closed without
+            // reading the rest of the upload, which frps still sends: the
+            // answer went back whole, with the end of it. Closed with those
+            // bytes unread, the connection would be reset, and the reset
+            // drops what of the answer frps has not acknowledged yet (on a
+            // real network, most of it): the rest is read and dropped
+            // first, until frps closes (it has the answer) or a deadline.
+            Err(e) if common::join::AnsweredBack::is(&e) => {
+                debug!(%conn_id, "the local service answered without taking the whole request: {e}");
+                let _ = tokio::time::timeout(ANSWERED_DRAIN, common::stream::drain(remote)).await;
+                return Err(e);
+            }
             joined => joined?,
         },
         silent = path => {
@@ -837,6 +854,56 @@ mod tests {
             .await
             .expect("ends once both sides closed");
         assert!(carried.unwrap().unwrap(), "a request was carried");
+    }
+
+    /// A service that answers at once and closes without reading the rest
+    /// of an upload: frps gets the whole answer and then the end of it, not
+    /// a reset (which on a real network destroys what of the answer was
+    /// not yet acknowledged).
+    #[tokio::test]
+    async fn an_answer_before_the_whole_upload_ends_in_a_close_not_a_reset() {
+        let (remote, local, frps_end, mut service_end) = joined_pairs().await;
+        let forwarding = forwarding(remote, local);
+        let (mut from_frpc, mut to_frpc) = frps_end.into_split();
+        // frps sends the head, then a body of 4 MiB, as fast as it is taken.
+        let uploading = tokio::spawn(async move {
+            to_frpc
+                .write_all(b"POST /upload HTTP/1.1\r\ncontent-length: 4194304\r\n\r\n")
+                .await?;
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..64 {
+                to_frpc.write_all(&chunk).await?;
+            }
+            std::io::Result::Ok(to_frpc)
+        });
+        let mut head = [0u8; 16];
+        service_end.read_exact(&mut head).await.unwrap();
+        service_end
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        // Closed with most of the upload unread: the kernel resets it.
+        drop(service_end);
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), from_frpc.read_to_end(&mut answer))
+                .await
+                .expect("the answer and its end");
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"
+        );
+        assert!(read.is_ok(), "ended by a close, not {read:?}");
+        // The upload went into frpc's drain, whole; frps then closes.
+        let to_frpc = uploading.await.unwrap().expect("the upload was taken");
+        drop(to_frpc);
+        let ended = tokio::time::timeout(Duration::from_secs(10), forwarding)
+            .await
+            .expect("ends once frps closed");
+        assert!(
+            ended.unwrap().is_err(),
+            "the failed write is still reported"
+        );
     }
 
     #[tokio::test]
