@@ -1036,6 +1036,25 @@ impl AsyncWrite for MuxStream {
     }
 }
 
+/// Streams a tunnel connection keeps room for whatever its past: a burst of
+/// a thousand streams left its table (about 150 bytes a slot) that large
+/// for the connection's life, on each of a thousand clients.
+const STREAMS_KEPT_ROOM: usize = 64;
+
+impl Inner {
+    /// Gives back the stream table's room once it is mostly empty: at most
+    /// a quarter used, above [`STREAMS_KEPT_ROOM`] slots. Shrunk to twice
+    /// what it holds, so streams coming and going around one size do not
+    /// grow and shrink it in turn.
+    fn shrink_streams(&mut self) {
+        let (len, room) = (self.streams.len(), self.streams.capacity());
+        if room > STREAMS_KEPT_ROOM && len * 4 <= room {
+            self.streams.shrink_to((len * 2).max(STREAMS_KEPT_ROOM));
+            self.accept_queue.shrink_to(STREAMS_KEPT_ROOM);
+        }
+    }
+}
+
 impl Drop for MuxStream {
     fn drop(&mut self) {
         let mut inner = self.shared.lock();
@@ -1046,6 +1065,7 @@ impl Drop for MuxStream {
         if inner.streams.is_empty() {
             wake(&mut inner.drain_waker);
         }
+        inner.shrink_streams();
         // Both halves ended, or the peer already knows: nothing to say.
         if (st.sent_fin && st.recv_fin) || st.reset.is_some() || inner.dead.is_some() {
             return;
@@ -1077,6 +1097,35 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .unwrap_or_else(|_| panic!("{what}: timed out"))
+    }
+
+    /// A burst of streams leaves neither side's stream table that large
+    /// once they are gone.
+    #[tokio::test]
+    async fn a_burst_of_streams_leaves_no_large_table() {
+        let (opener, acceptor) = pair();
+        let mut near = Vec::new();
+        let mut far = Vec::new();
+        for _ in 0..1000 {
+            near.push(opener.open().unwrap());
+            far.push(within("accept", acceptor.accept()).await.unwrap());
+        }
+        let room = |mux: &Mux| mux.shared.lock().streams.capacity();
+        assert!(room(&opener) >= 1000 && room(&acceptor) >= 1000);
+        // All but two close.
+        near.truncate(2);
+        far.truncate(2);
+        assert!(room(&opener) <= 2 * STREAMS_KEPT_ROOM, "{}", room(&opener));
+        assert!(
+            room(&acceptor) <= 2 * STREAMS_KEPT_ROOM,
+            "{}",
+            room(&acceptor)
+        );
+        // The two left still carry bytes.
+        near[1].write_all(b"still").await.unwrap();
+        let mut got = [0u8; 5];
+        within("read", far[1].read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, b"still");
     }
 
     /// After a burst through a slow link (the writer's two buffers grown
