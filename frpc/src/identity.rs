@@ -228,6 +228,26 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A link to a file that holds a UUID (another user's planted link to
+    /// `/proc/sys/kernel/random/uuid`, a new id at each read) is not this
+    /// machine's id: replaced by a file of frpc's own, which stays.
+    #[test]
+    fn a_link_to_a_uuid_is_not_taken_for_the_client_id() {
+        let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let theirs = dir.join("theirs");
+        let planted = uuid::Uuid::new_v4().to_string();
+        std::fs::write(&theirs, &planted).unwrap();
+        let path = dir.join("client-id");
+        std::os::unix::fs::symlink(&theirs, &path).unwrap();
+        let id = persisted_uuid(&path).unwrap();
+        assert_ne!(id, planted);
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), planted);
+        assert_eq!(persisted_uuid(&path).unwrap(), id);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn without_a_machine_id_an_unusable_id_file_stops_only_a_client_without_an_id() {
         let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
