@@ -44,19 +44,8 @@ pub fn read_small(path: &Path) -> std::io::Result<String> {
     // directory others may write (the default `token.json` in a shared
     // working directory), it may have been planted, a token of their
     // account taking this box (and its client id, for good) over.
-    {
-        use std::os::unix::fs::MetadataExt;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        let owner = meta.uid();
-        if owner != me && owner != 0 {
-            return Err(Error::new(
-                ErrorKind::PermissionDenied,
-                format!(
-                    "owned by user {owner}, not by the user frpc runs as ({me}) or root: another user may have put it there; remove it, or run frpc as its owner"
-                ),
-            ));
-        }
+    if let Some(why) = foreign(&meta) {
+        return Err(Error::new(ErrorKind::PermissionDenied, why));
     }
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes)?;
@@ -67,6 +56,20 @@ pub fn read_small(path: &Path) -> std::io::Result<String> {
         ));
     }
     String::from_utf8(bytes).map_err(|e| Error::new(ErrorKind::InvalidData, e))
+}
+
+/// Why a state file with `meta` is not this frpc's: owned by another user
+/// than the one frpc runs as, root aside (a `sudo frpc` run wrote it).
+fn foreign(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let owner = meta.uid();
+    (owner != me && owner != 0).then(|| {
+        format!(
+            "owned by user {owner}, not by the user frpc runs as ({me}) or root: another user may have put it there; remove it, or run frpc as its owner"
+        )
+    })
 }
 
 /// The lock a running frpc holds on its token file
@@ -120,6 +123,12 @@ pub fn lock_token_file(token_file: &Path) -> anyhow::Result<TokenFileLock> {
             return Ok(TokenFileLock { _file: None });
         }
     };
+    // Another user's lock file (made first in a shared directory, open to
+    // all, and held) would keep this frpc out, taken for another frpc:
+    // said as what it is.
+    if let Some(why) = file.metadata().ok().as_ref().and_then(foreign) {
+        anyhow::bail!("the token file's lock {} is {why}", path.display());
+    }
     // A frpc that just stopped may still be finishing a token write (each
     // holds the lock until done): its turn ends within a moment.
     let waiting_since = std::time::Instant::now();
@@ -253,6 +262,14 @@ mod tests {
         assert!(err.to_string().contains("owned by user 65534"), "{err}");
         std::os::unix::fs::chown(&planted, Some(0), Some(0)).unwrap();
         assert_eq!(read_small(&planted).unwrap(), "{}");
+        // Nor is its lock file taken for another frpc's.
+        let lock = dir.join("token.json.lock");
+        std::fs::write(&lock, "").unwrap();
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        let err = lock_token_file(&planted).unwrap_err().to_string();
+        assert!(err.contains("owned by user 65534"), "{err}");
+        std::os::unix::fs::chown(&lock, Some(0), Some(0)).unwrap();
+        drop(lock_token_file(&planted).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
