@@ -22,12 +22,41 @@ pub fn address_block(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The network an IPv6 address's block is part of: its /48, the most an
+/// ISP delegates to one customer (many give each home a /56: 256 /64s).
+/// `None` for IPv4, whose one address is its block.
+pub fn network_of(ip: IpAddr) -> Option<IpAddr> {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut bits = v6.octets();
+            bits[6..].fill(0);
+            Some(IpAddr::V6(std::net::Ipv6Addr::from(bits)))
+        }
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// How many times `--max-connections-per-ip` one IPv6 /48 may hold in all
+/// ([`network_of`]): a home's /56 held 256 times the cap (131,072 at the
+/// default, past the listener's whole `--max-connections`).
+pub const BLOCKS_PER_NETWORK: usize = 4;
+
 /// Counts open connections of one listener.
 #[derive(Debug)]
 pub struct ConnLimiter {
     total_max: usize,
     per_ip_max: usize,
-    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    open: Mutex<Open>,
+}
+
+/// What a [`ConnLimiter`] counts.
+#[derive(Debug, Default)]
+struct Open {
+    total: usize,
+    /// By [`address_block`].
+    by_block: HashMap<IpAddr, usize>,
+    /// By [`network_of`] (IPv6 only).
+    by_network: HashMap<IpAddr, usize>,
 }
 
 /// Why a connection was refused.
@@ -37,6 +66,8 @@ pub enum Over {
     Total,
     /// This address has `--max-connections-per-ip` open.
     PerIp,
+    /// This address's IPv6 /48 has [`BLOCKS_PER_NETWORK`] times that open.
+    PerNetwork,
 }
 
 impl Over {
@@ -45,6 +76,9 @@ impl Over {
         match self {
             Over::Total => "the server has too many open connections; retry shortly",
             Over::PerIp => "too many open connections from your address; close some and retry",
+            Over::PerNetwork => {
+                "too many open connections from your network (its IPv6 /48); close some and retry"
+            }
         }
     }
 }
@@ -62,24 +96,42 @@ impl ConnLimiter {
         Arc::new(Self {
             total_max,
             per_ip_max,
-            open: Mutex::new((0, HashMap::new())),
+            open: Mutex::new(Open::default()),
         })
     }
 
     /// Takes a place for a connection from `ip` (counted with the rest of
-    /// its [`address_block`]).
+    /// its [`address_block`], and for IPv6 of its [`network_of`], which
+    /// may hold [`BLOCKS_PER_NETWORK`] times a block's cap).
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, Over> {
+        let network = network_of(ip);
         let ip = address_block(ip);
         let mut open = self.open.lock().expect("limiter lock");
-        if open.0 >= self.total_max {
+        if open.total >= self.total_max {
             return Err(Over::Total);
         }
         // Looked up before an entry is made: a refused address leaves none.
-        if open.1.get(&ip).is_some_and(|n| *n >= self.per_ip_max) {
+        if open
+            .by_block
+            .get(&ip)
+            .is_some_and(|n| *n >= self.per_ip_max)
+        {
             return Err(Over::PerIp);
         }
-        *open.1.entry(ip).or_insert(0) += 1;
-        open.0 += 1;
+        let network_max = self.per_ip_max.saturating_mul(BLOCKS_PER_NETWORK);
+        if let Some(network) = network
+            && open
+                .by_network
+                .get(&network)
+                .is_some_and(|n| *n >= network_max)
+        {
+            return Err(Over::PerNetwork);
+        }
+        *open.by_block.entry(ip).or_insert(0) += 1;
+        if let Some(network) = network {
+            *open.by_network.entry(network).or_insert(0) += 1;
+        }
+        open.total += 1;
         Ok(ConnGuard {
             limiter: self.clone(),
             ip,
@@ -88,19 +140,28 @@ impl ConnLimiter {
 
     /// Open connections.
     pub fn open(&self) -> usize {
-        self.open.lock().expect("limiter lock").0
+        self.open.lock().expect("limiter lock").total
+    }
+}
+
+/// Takes one from `key`'s count in `counts`, forgetting it at zero.
+fn count_down(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
     }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         let mut open = self.limiter.open.lock().expect("limiter lock");
-        open.0 -= 1;
-        if let Some(n) = open.1.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.ip);
-            }
+        open.total -= 1;
+        count_down(&mut open.by_block, self.ip);
+        // The block's network: a /64 block keeps its /48's bits.
+        if let Some(network) = network_of(self.ip) {
+            count_down(&mut open.by_network, network);
         }
     }
 }
@@ -349,6 +410,41 @@ mod tests {
         drop(g1);
         assert_eq!(l.open(), 2);
         assert!(l.try_acquire(a).is_ok());
+    }
+
+    /// One home's /56 (256 /64s) could hold 256 times the per-address cap;
+    /// its /48 holds at most BLOCKS_PER_NETWORK times it, and once its
+    /// connections close the network may open them again. Another /48 and
+    /// IPv4 addresses are not held back.
+    #[test]
+    fn an_ipv6_network_holds_a_few_blocks_worth() {
+        let l = ConnLimiter::new(10_000, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut held = Vec::new();
+        for subnet in 0..BLOCKS_PER_NETWORK {
+            for host in 1..=2 {
+                held.push(
+                    l.try_acquire(ip(&format!("2001:db8:7:{subnet:x}::{host}")))
+                        .unwrap(),
+                );
+            }
+        }
+        assert_eq!(
+            l.try_acquire(ip("2001:db8:7:ff::1")).unwrap_err(),
+            Over::PerNetwork,
+            "a fresh /64 of the same /48"
+        );
+        assert!(Over::PerNetwork.reason().contains("/48"));
+        let _other = l.try_acquire(ip("2001:db8:8::1")).expect("another /48");
+        let _v4 = l.try_acquire(ip("192.0.2.1")).expect("IPv4");
+        held.pop();
+        let again = l.try_acquire(ip("2001:db8:7:ff::1")).unwrap();
+        drop(held);
+        drop(again);
+        assert_eq!(l.open(), 2);
+        let open = l.open.lock().unwrap();
+        assert_eq!(open.by_network.len(), 1, "only 2001:db8:8::/48 left");
+        assert_eq!(open.by_block.len(), 2);
     }
 
     #[test]
