@@ -174,17 +174,26 @@ impl StoreError {
 /// A connection pool to one of the supported databases.
 #[derive(Debug, Clone)]
 pub enum Store {
-    /// PostgreSQL (`postgres://`).
-    Postgres(PgPool),
+    /// PostgreSQL (`postgres://`): the pool for everything, and a small one
+    /// of its own for key lookups ([`Store::find_api_key`]), which take no
+    /// lock: statements waiting for one (token logins behind another
+    /// frps's migration or a transaction left open in psql, a fleet's
+    /// logins at once) cannot take every connection from the public port's
+    /// key checks.
+    Postgres(PgPool, PgPool),
     /// Embedded SQLite (`sqlite://`).
     Sqlite(SqlitePool),
 }
 
-/// Runs `$body` with `$pool` bound to whichever pool `$store` holds.
+/// Connections of PostgreSQL's pool for key lookups ([`Store::Postgres`]).
+const LOOKUP_CONNECTIONS: u32 = 4;
+
+/// Runs `$body` with `$pool` bound to whichever pool `$store` holds (on
+/// PostgreSQL, the one for everything but key lookups).
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            Store::Postgres($pool) => $body,
+            Store::Postgres($pool, ..) => $body,
             Store::Sqlite($pool) => $body,
         }
     };
@@ -321,9 +330,14 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(acquire)
-                .connect_with(opts)
+                .connect_with(opts.clone())
                 .await?;
-            Store::Postgres(pool)
+            // Connected when first needed: an admin command never is.
+            let lookups = PgPoolOptions::new()
+                .max_connections(LOOKUP_CONNECTIONS)
+                .acquire_timeout(acquire)
+                .connect_lazy_with(opts);
+            Store::Postgres(pool, lookups)
         } else if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)?;
             if let Some(file) = sqlite_file(url) {
@@ -352,7 +366,7 @@ impl Store {
     /// so a fleet can be upgraded one server at a time or rolled back.
     async fn migrate(&self) -> Result<(), StoreError> {
         match self {
-            Store::Postgres(p) => {
+            Store::Postgres(p, ..) => {
                 let mut m = sqlx::migrate!("../migrations/postgres");
                 m.set_ignore_missing(true);
                 m.run(p).await?
@@ -370,7 +384,7 @@ impl Store {
     /// frps ran lacks or has in a type frps cannot decode (PostgreSQL only:
     /// see [`schema`]).
     async fn check_schema(&self) -> Result<(), StoreError> {
-        let Store::Postgres(p) = self else {
+        let Store::Postgres(p, ..) = self else {
             return Ok(());
         };
         let found = schema::columns(p).await?;
@@ -399,13 +413,16 @@ impl Store {
     /// Which backend this is (`postgres` or `sqlite`).
     pub fn backend(&self) -> &'static str {
         match self {
-            Store::Postgres(_) => "postgres",
+            Store::Postgres(..) => "postgres",
             Store::Sqlite(_) => "sqlite",
         }
     }
 
-    /// Closes the pool.
+    /// Closes the pool (both, on PostgreSQL).
     pub async fn close(&self) {
+        if let Store::Postgres(_, lookups) = self {
+            lookups.close().await;
+        }
         on_pool!(self, p => p.close().await)
     }
 
@@ -458,29 +475,39 @@ impl Store {
         } else {
             plaintext
         };
-        if let Store::Postgres(p) = self {
+        // Set once PostgreSQL turned out to have no sha256() (before 11):
+        // each lookup then sends the plain query at once, instead of a
+        // failing statement (an ERROR line in the server's log) first.
+        static NO_SHA256: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let Store::Postgres(_, lookups) = self else {
+            return Ok(
+                on_pool!(self, p => sqlx::query_as(PLAIN).bind(&hashed).bind(legacy).fetch_optional(p).await?),
+            );
+        };
+        if !NO_SHA256.load(std::sync::atomic::Ordering::Relaxed) {
             let found = sqlx::query_as(PG)
                 .bind(&hashed)
                 .bind(&hash[..])
-                .fetch_optional(p)
+                .fetch_optional(lookups)
                 .await;
             match found {
                 // 42883: undefined_function (no sha256(), before 11): on
                 // to the query SQLite is sent.
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| {
+                    if !NO_SHA256.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::warn!(
                             "PostgreSQL before 11 has no sha256(): API keys are sent to the database as presented (upgrade PostgreSQL so they never reach it)"
-                        )
-                    });
+                        );
+                    }
                 }
                 found => return Ok(found?),
             }
         }
-        Ok(
-            on_pool!(self, p => sqlx::query_as(PLAIN).bind(&hashed).bind(legacy).fetch_optional(p).await?),
-        )
+        Ok(sqlx::query_as(PLAIN)
+            .bind(&hashed)
+            .bind(legacy)
+            .fetch_optional(lookups)
+            .await?)
     }
 
     /// Stores a new key by its hash, with its rate limits.
@@ -618,7 +645,7 @@ impl Store {
         const FRESH: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
         let at = now();
         let res: Result<Option<UserRow>, sqlx::Error> = match self {
-            Store::Postgres(p) => {
+            Store::Postgres(p, ..) => {
                 async {
                     let mut tx = p.begin().await?;
                     sqlx::query(FRESH).execute(&mut *tx).await?;
@@ -716,7 +743,7 @@ impl Store {
             return Ok(value);
         }
         let made_there = match self {
-            Store::Postgres(p) => {
+            Store::Postgres(p, ..) => {
                 match sqlx::query(INSERT_MADE_THERE).bind(name).execute(p).await {
                     Ok(_) => true,
                     // 42883: undefined_function (no gen_random_uuid(), before 13).
@@ -763,7 +790,7 @@ impl Store {
         const PG: &str = concat!(insert!(), " FOR SHARE OF u");
         const LITE: &str = insert!();
         let sql = match self {
-            Store::Postgres(_) => PG,
+            Store::Postgres(..) => PG,
             Store::Sqlite(_) => LITE,
         };
         let done = on_pool!(self, p => sqlx::query(sql)
@@ -1077,7 +1104,7 @@ impl Store {
             on_pool!(self, p => sqlx::query_as(COUNT).bind(user_id).fetch_one(p).await?);
         let owner: Option<(i64,)> = match self {
             _ if held >= most => None,
-            Store::Postgres(p) => {
+            Store::Postgres(p, ..) => {
                 let mut tx = p.begin().await?;
                 sqlx::query(FRESH).execute(&mut *tx).await?;
                 sqlx::query(LOCK).bind(user_id).execute(&mut *tx).await?;

@@ -41,7 +41,7 @@ macro_rules! on_both_databases {
 
 async fn exec(store: &Store, sql: &str) {
     match store {
-        Store::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        Store::Postgres(p, ..) => sqlx::query(sql).execute(p).await.map(|_| ()),
         Store::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
     }
     .unwrap_or_else(|e| panic!("{sql}: {e}"));
@@ -62,7 +62,7 @@ async fn table_text(store: &Store, table: &str) -> String {
     let sql = format!("SELECT * FROM {table}");
     let mut out = String::new();
     match store {
-        Store::Postgres(p) => {
+        Store::Postgres(p, ..) => {
             for row in sqlx::query(&sql).fetch_all(p).await.unwrap() {
                 for i in 0..row.len() {
                     if let Ok(Some(v)) = row.try_get::<Option<String>, _>(i) {
@@ -382,7 +382,7 @@ async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
     let mut cfg = frps_config();
     cfg.database_url = pg.url.clone();
     let frps = Frps::start(cfg).await;
-    let Store::Postgres(pool) = &frps.state.store else {
+    let Store::Postgres(pool, ..) = &frps.state.store else {
         unreachable!("a PostgreSQL store")
     };
     let (zone,): (String,) = sqlx::query_as("SHOW timezone")
@@ -406,6 +406,67 @@ async fn frps_reads_and_writes_utc_whatever_the_databases_time_zone() {
     assert!(skew < 60, "a default timestamp is {skew}s off UTC");
     drop(psql);
     frps.stop().await;
+    pg.drop_db().await;
+}
+
+/// Statements waiting for a lock (token logins behind an operator's
+/// transaction left open, or another frps's migration) hold frps's pool
+/// connections until it is released, however soon frps gave up on them:
+/// key lookups, which take no lock, have connections of their own and
+/// still answer.
+#[tokio::test]
+async fn key_lookups_answer_while_statements_wait_for_a_lock() {
+    let Some(pg) = TestPg::create().await else {
+        return;
+    };
+    let store = Store::connect(&pg.url).await.unwrap();
+    let (key, _) = KeyValidator::create(&store, None, None).await.unwrap();
+    let mut psql = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE client_tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut psql)
+        .await
+        .unwrap();
+    // Twice as many token touches as the pool has connections, each given
+    // up after a second, as frps's deadlines give up: their statements go
+    // on waiting, each holding its connection.
+    let touches = (0..32).map(|i| {
+        let store = &store;
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                store.touch_client_token(&format!("t{i}")),
+            )
+            .await
+        }
+    });
+    let touched = futures_util::future::join_all(touches).await;
+    assert!(
+        touched.iter().all(Result::is_err),
+        "they waited for the lock"
+    );
+    // A key is looked up, at once.
+    let started = Instant::now();
+    let found = store
+        .find_api_key(&key, &frps::auth::secret::hash(&key))
+        .await
+        .expect("a lookup connection");
+    assert!(found.is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // The lock released, the waiting statements end and the pool is whole.
+    sqlx::raw_sql("ROLLBACK").execute(&mut psql).await.unwrap();
+    drop(psql);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while store.touch_client_token("after").await.is_err() {}
+    })
+    .await
+    .expect("the pool back");
+    store.close().await;
     pg.drop_db().await;
 }
 
@@ -455,7 +516,7 @@ async fn migrate_to_0001(url: &str) -> Store {
     std::fs::copy(source, dir.join("0001_init.sql")).unwrap();
     let migrator = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
     match &store {
-        Store::Postgres(p) => migrator.run(p).await,
+        Store::Postgres(p, ..) => migrator.run(p).await,
         Store::Sqlite(p) => migrator.run(p).await,
     }
     .expect("migration 0001");
@@ -503,7 +564,7 @@ async fn limits_migration_upgrades(url: &str) {
         "UPDATE api_keys SET max_concurrency = -1",
     ] {
         let refused = match &store {
-            Store::Postgres(p) => sqlx::query(bad).execute(p).await.is_err(),
+            Store::Postgres(p, ..) => sqlx::query(bad).execute(p).await.is_err(),
             Store::Sqlite(p) => sqlx::query(bad).execute(p).await.is_err(),
         };
         assert!(refused, "{bad} was accepted");
@@ -2887,7 +2948,7 @@ async fn found_through_indexes(plans: &[(&str, &str)]) {
     store.close().await;
     if let Some(pg) = TestPg::create().await {
         let store = Store::connect(&pg.url).await.unwrap();
-        let Store::Postgres(pool) = &store else {
+        let Store::Postgres(pool, ..) = &store else {
             panic!("PostgreSQL")
         };
         for (_, index) in plans {
