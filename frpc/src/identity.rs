@@ -228,11 +228,12 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// A link to a file that holds a UUID (another user's planted link to
-    /// `/proc/sys/kernel/random/uuid`, a new id at each read) is not this
-    /// machine's id: replaced by a file of frpc's own, which stays.
+    /// A link another user made to a file that holds a UUID (planted, to
+    /// `/proc/sys/kernel/random/uuid`: a new id at each read) is not this
+    /// machine's id: replaced by a file of frpc's own, which stays. A link
+    /// of frpc's own user (a volume's layout) is followed.
     #[test]
-    fn a_link_to_a_uuid_is_not_taken_for_the_client_id() {
+    fn a_link_another_user_made_is_not_taken_for_the_client_id() {
         let dir = std::env::temp_dir().join(format!("frpc-id-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let theirs = dir.join("theirs");
@@ -240,11 +241,17 @@ mod tests {
         std::fs::write(&theirs, &planted).unwrap();
         let path = dir.join("client-id");
         std::os::unix::fs::symlink(&theirs, &path).unwrap();
-        let id = persisted_uuid(&path).unwrap();
-        assert_ne!(id, planted);
-        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
-        assert_eq!(std::fs::read_to_string(&theirs).unwrap(), planted);
-        assert_eq!(persisted_uuid(&path).unwrap(), id);
+        assert_eq!(persisted_uuid(&path).unwrap(), planted, "its own link");
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Only root can give a link to another user to test with.
+            std::os::unix::fs::lchown(&path, Some(65534), Some(65534)).unwrap();
+            let id = persisted_uuid(&path).unwrap();
+            assert_ne!(id, planted);
+            assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+            assert_eq!(std::fs::read_to_string(&theirs).unwrap(), planted);
+            assert_eq!(persisted_uuid(&path).unwrap(), id);
+        }
         std::fs::remove_dir_all(dir).unwrap();
     }
 

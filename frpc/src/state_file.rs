@@ -13,29 +13,38 @@ pub const MAX_STATE_FILE: u64 = 64 * 1024;
 /// Reads a state file as text: only a regular file (a FIFO would block
 /// the read for ever, `/dev/zero` never end) of at most
 /// [`MAX_STATE_FILE`] bytes. A larger one, one not UTF-8, or a symbolic
-/// link is `InvalidData` (damaged, as one holding nothing usable: the next
-/// write replaces it); another kind of file is `InvalidInput`.
+/// link another user made is `InvalidData` (damaged, as one holding
+/// nothing usable: the next write replaces it); another kind of file is
+/// `InvalidInput`.
 pub fn read_small(path: &Path) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind, Read};
     use std::os::unix::fs::OpenOptionsExt;
     // Opened without waiting (a FIFO's open would wait for a writer), then
-    // looked at through the handle: what is read is what was checked. Not
-    // through a symbolic link: frpc writes its state files itself (by
-    // renaming a new file over the old, which replaces a link rather than
-    // writing where it points), and a link another user planted in a
-    // shared directory, to a file root owns that holds a UUID
-    // (`/proc/sys/kernel/random/uuid`), passed the owner check below.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::new(
-                ErrorKind::InvalidData,
-                "a symbolic link, not a file frpc wrote (replaced when frpc next writes it)",
-            ),
-            _ => e,
-        })?;
+    // looked at through the handle: what is read is what was checked.
+    let open = |flags| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | flags)
+            .open(path)
+    };
+    // A symbolic link is followed only when this user (or root) made it:
+    // one another user planted in a shared directory, to a file root owns
+    // that holds a UUID (`/proc/sys/kernel/random/uuid`), passed the owner
+    // check below, the file being root's. (frpc's own writes rename a new
+    // file over the old: a link is replaced, not written through.)
+    let file = match open(libc::O_NOFOLLOW) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let link = std::fs::symlink_metadata(path)?;
+            if let Some(why) = foreign(&link) {
+                return Err(Error::new(
+                    ErrorKind::InvalidData,
+                    format!("a symbolic link {why} (replaced when frpc next writes it)"),
+                ));
+            }
+            open(0)?
+        }
+        opened => opened?,
+    };
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));

@@ -54,8 +54,9 @@ pub fn dial_back_addr(control_peer: Option<std::net::SocketAddr>, config: &Confi
 }
 
 /// How long a data connection whose service answered without taking the
-/// whole request is read (and the rest dropped) before it is closed, so
-/// that the close does not reset the answer away.
+/// whole request may wait for the answer's acknowledgement, the rest of
+/// the request read and dropped meanwhile, before it is closed
+/// ([`until_delivered`]).
 pub const ANSWERED_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long a data connection frps has closed waits for the local service's
@@ -607,7 +608,7 @@ async fn forward_watched(
             // first, until frps closes (it has the answer) or a deadline.
             Err(e) if common::join::AnsweredBack::is(&e) => {
                 debug!(%conn_id, "the local service answered without taking the whole request: {e}");
-                let _ = tokio::time::timeout(ANSWERED_DRAIN, common::stream::drain(remote)).await;
+                until_delivered(remote).await;
                 return Err(e);
             }
             joined => joined?,
@@ -622,6 +623,40 @@ async fn forward_watched(
     };
     debug!(%conn_id, to_local = stats.a_to_b + 1, to_server = stats.b_to_a, "data connection closed");
     Ok(true)
+}
+
+/// Reads and drops what frps still sends on `remote` (the rest of an
+/// upload its service did not take) until everything frpc sent on it,
+/// the end included, is acknowledged (the kernel's send queue is empty),
+/// frps closes it, or [`ANSWERED_DRAIN`] passes: closed with unread bytes,
+/// the connection is reset, and the reset drops what of the answer is not
+/// yet acknowledged. (Counting bytes instead ended the wait at a few MiB
+/// of the upload, well within one round trip on a fast link.)
+async fn until_delivered(remote: &mut Stream) {
+    use tokio::io::AsyncReadExt;
+    #[cfg(unix)]
+    let state = socket_reader(remote.tcp(), common::stream::path_state);
+    #[cfg(not(unix))]
+    let state = || -> std::io::Result<common::stream::PathState> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    };
+    let deadline = tokio::time::Instant::now() + ANSWERED_DRAIN;
+    let mut sink = vec![0u8; 16 * 1024];
+    loop {
+        match state() {
+            Ok(s) if s.queued == 0 => return,
+            Ok(_) => {}
+            // Where the queue cannot be read: read on until the deadline.
+            Err(_) => {}
+        }
+        // Looked at again each 20 ms while frps sends nothing.
+        let next = (tokio::time::Instant::now() + Duration::from_millis(20)).min(deadline);
+        match tokio::time::timeout_at(next, remote.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            _ if tokio::time::Instant::now() >= deadline => return,
+            _ => {}
+        }
+    }
 }
 
 /// `read` of the descriptor under `tcp`, whenever the returned function is
@@ -863,7 +898,7 @@ mod tests {
     #[tokio::test]
     async fn an_answer_before_the_whole_upload_ends_in_a_close_not_a_reset() {
         let (remote, local, frps_end, mut service_end) = joined_pairs().await;
-        let forwarding = forwarding(remote, local);
+        let mut forwarding = forwarding(remote, local);
         let (mut from_frpc, mut to_frpc) = frps_end.into_split();
         // frps sends the head, then a body of 4 MiB, as fast as it is taken.
         let uploading = tokio::spawn(async move {
@@ -884,6 +919,14 @@ mod tests {
             .unwrap();
         // Closed with most of the upload unread: the kernel resets it.
         drop(service_end);
+        // frps reads only once frpc is done with the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(10), &mut forwarding)
+            .await
+            .expect("ends once the answer is acknowledged");
+        assert!(
+            ended.unwrap().is_err(),
+            "the failed write is still reported"
+        );
         let mut answer = Vec::new();
         let read =
             tokio::time::timeout(Duration::from_secs(10), from_frpc.read_to_end(&mut answer))
@@ -894,16 +937,55 @@ mod tests {
             "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n"
         );
         assert!(read.is_ok(), "ended by a close, not {read:?}");
-        // The upload went into frpc's drain, whole; frps then closes.
-        let to_frpc = uploading.await.unwrap().expect("the upload was taken");
-        drop(to_frpc);
-        let ended = tokio::time::timeout(Duration::from_secs(10), forwarding)
-            .await
-            .expect("ends once frps closed");
-        assert!(
-            ended.unwrap().is_err(),
-            "the failed write is still reported"
+        // The rest of the upload has nowhere to go.
+        uploading.abort();
+    }
+
+    /// What frpc sent is waited for until the peer acknowledged it (here:
+    /// took it, its window having been shut), the peer's bytes read and
+    /// dropped meanwhile; then the wait ends, not at its deadline.
+    #[tokio::test]
+    async fn the_answer_is_waited_for_until_acknowledged() {
+        // frps's side takes little before its window shuts; frpc's holds
+        // the whole answer in its send queue.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_recv_buffer_size(4096).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(4 << 20).unwrap();
+        let (ours, theirs) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
         );
+        let (mut remote, mut theirs) = (Stream::from(ours.unwrap()), theirs.unwrap().0);
+        const ANSWER: usize = 256 * 1024;
+        tokio::time::timeout(Duration::from_secs(5), remote.write_all(&[b'a'; ANSWER]))
+            .await
+            .expect("queued whole")
+            .unwrap();
+        // Its peer still sends (what frpc drops) and reads nothing yet.
+        theirs.write_all(&[b'u'; 1000]).await.unwrap();
+        let mut waiting = tokio::spawn(async move {
+            until_delivered(&mut remote).await;
+            remote
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the answer is not acknowledged yet");
+        let reading = tokio::spawn(async move {
+            let (mut got, mut buf) = (0, vec![0u8; 64 * 1024]);
+            while got < ANSWER {
+                let n = theirs.read(&mut buf).await.unwrap();
+                assert!(n > 0);
+                got += n;
+            }
+            got
+        });
+        let _remote = tokio::time::timeout(Duration::from_secs(4), &mut waiting)
+            .await
+            .expect("ends once acknowledged, before its deadline")
+            .unwrap();
+        assert_eq!(reading.await.unwrap(), ANSWER);
     }
 
     #[tokio::test]

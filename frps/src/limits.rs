@@ -37,15 +37,20 @@ pub fn network_of(ip: IpAddr) -> Option<IpAddr> {
 }
 
 /// How many times `--max-connections-per-ip` one IPv6 /48 may hold in all
-/// ([`network_of`]): a home's /56 held 256 times the cap (131,072 at the
-/// default, past the listener's whole `--max-connections`).
-pub const BLOCKS_PER_NETWORK: usize = 4;
+/// on the public port ([`network_of`], [`ConnLimiter::public`]): a home's
+/// /56 held 256 times the cap (131,072 at the default, past the listener's
+/// whole `--max-connections`). Not on the control and proxy ports, where a
+/// GPU provider's /48 may hold many boxes, each with its pool of data
+/// connections.
+pub const BLOCKS_PER_NETWORK: usize = 8;
 
 /// Counts open connections of one listener.
 #[derive(Debug)]
 pub struct ConnLimiter {
     total_max: usize,
     per_ip_max: usize,
+    /// What one IPv6 /48 may hold, if capped.
+    per_network_max: Option<usize>,
     open: Mutex<Open>,
 }
 
@@ -66,7 +71,8 @@ pub enum Over {
     Total,
     /// This address has `--max-connections-per-ip` open.
     PerIp,
-    /// This address's IPv6 /48 has [`BLOCKS_PER_NETWORK`] times that open.
+    /// This address's IPv6 /48 has [`BLOCKS_PER_NETWORK`] times that open
+    /// (public port).
     PerNetwork,
 }
 
@@ -96,15 +102,27 @@ impl ConnLimiter {
         Arc::new(Self {
             total_max,
             per_ip_max,
+            per_network_max: None,
+            open: Mutex::new(Open::default()),
+        })
+    }
+
+    /// [`ConnLimiter::new`] for the public port, whose IPv6 /48s also hold
+    /// at most [`BLOCKS_PER_NETWORK`] times `per_ip_max` each.
+    pub fn public(total_max: usize, per_ip_max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            total_max,
+            per_ip_max,
+            per_network_max: Some(per_ip_max.saturating_mul(BLOCKS_PER_NETWORK)),
             open: Mutex::new(Open::default()),
         })
     }
 
     /// Takes a place for a connection from `ip` (counted with the rest of
-    /// its [`address_block`], and for IPv6 of its [`network_of`], which
-    /// may hold [`BLOCKS_PER_NETWORK`] times a block's cap).
+    /// its [`address_block`], and on the public port of its IPv6
+    /// [`network_of`]).
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnGuard, Over> {
-        let network = network_of(ip);
+        let network = self.per_network_max.and(network_of(ip));
         let ip = address_block(ip);
         let mut open = self.open.lock().expect("limiter lock");
         if open.total >= self.total_max {
@@ -118,7 +136,7 @@ impl ConnLimiter {
         {
             return Err(Over::PerIp);
         }
-        let network_max = self.per_ip_max.saturating_mul(BLOCKS_PER_NETWORK);
+        let network_max = self.per_network_max.unwrap_or(usize::MAX);
         if let Some(network) = network
             && open
                 .by_network
@@ -160,7 +178,7 @@ impl Drop for ConnGuard {
         open.total -= 1;
         count_down(&mut open.by_block, self.ip);
         // The block's network: a /64 block keeps its /48's bits.
-        if let Some(network) = network_of(self.ip) {
+        if let Some(network) = self.limiter.per_network_max.and(network_of(self.ip)) {
             count_down(&mut open.by_network, network);
         }
     }
@@ -413,12 +431,22 @@ mod tests {
     }
 
     /// One home's /56 (256 /64s) could hold 256 times the per-address cap;
-    /// its /48 holds at most BLOCKS_PER_NETWORK times it, and once its
+    /// on the public port its /48 holds at most BLOCKS_PER_NETWORK times it, and once its
     /// connections close the network may open them again. Another /48 and
     /// IPv4 addresses are not held back.
     #[test]
     fn an_ipv6_network_holds_a_few_blocks_worth() {
+        // Not on the control and proxy ports.
         let l = ConnLimiter::new(10_000, 2);
+        let held: Vec<_> = (0..2 * BLOCKS_PER_NETWORK)
+            .map(|subnet| {
+                l.try_acquire(format!("2001:db8:7:{subnet:x}::1").parse().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        assert!(l.open.lock().unwrap().by_network.is_empty());
+        drop(held);
+        let l = ConnLimiter::public(10_000, 2);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut held = Vec::new();
         for subnet in 0..BLOCKS_PER_NETWORK {

@@ -305,15 +305,29 @@ impl ClientHandle {
     }
 
     /// Notes an answer of the service's that says it is failing (see
-    /// [`counts_against_the_box`]) and returns how many came in a row, with
-    /// no other answer between: past [`SERVER_ERRORS_BEFORE_FAILURE`], each
-    /// counts as a failure. A box answering 500 to everything at once (a
-    /// model that cannot load) would otherwise draw most requests under
-    /// least-conn: it never has any in flight.
-    pub fn record_server_error(&self) -> u32 {
+    /// [`counts_against_the_box`]), to a request made with the key whose
+    /// tag is `from`. Returns how many came in a row, with no other answer
+    /// between, when this one counts as a failure: past
+    /// [`SERVER_ERRORS_BEFORE_FAILURE`], once they answered more than one
+    /// key (`None` otherwise). A
+    /// box answering 500 to everything at once (a model that cannot load)
+    /// would otherwise draw most requests under least-conn (it never has
+    /// any in flight); one caller whose requests the service cannot answer
+    /// (a malformed input it answers 500) cannot cool a box down alone.
+    /// The flag is true the first time the streak counts (to say so once).
+    pub fn record_server_error(&self, from: u64) -> Option<(u32, bool)> {
         let mut h = self.health.lock().expect("health lock");
+        match h.server_errors_from {
+            None => h.server_errors_from = Some(from),
+            Some(first) if first != from => h.server_errors_mixed = true,
+            Some(_) => {}
+        }
         h.server_errors = h.server_errors.saturating_add(1);
-        h.server_errors
+        if !h.server_errors_mixed || h.server_errors <= SERVER_ERRORS_BEFORE_FAILURE {
+            return None;
+        }
+        let first = !std::mem::replace(&mut h.server_errors_said, true);
+        Some((h.server_errors, first))
     }
 
     /// The box's failures since its last success (of this session and of
@@ -405,13 +419,16 @@ pub const COOLDOWN_MAX: std::time::Duration = std::time::Duration::from_secs(60)
 /// counts as a failure.
 pub const SERVER_ERRORS_BEFORE_FAILURE: u32 = 4;
 
-/// Whether an answer of the service's with `status` says the box is
-/// failing rather than the request: 500, 502, 503 and 504 (an engine that
-/// cannot load its model, is out of memory, or is busy loading). 501 (an
-/// endpoint the server was started without, as llama.cpp's embeddings)
-/// and 505 answer the request, as a 4xx does.
+/// Whether an answer of the service's with `status` may say the box is
+/// failing rather than the request: 500 (an engine that cannot load its
+/// model, out of memory, dead) and 502 (a proxy on the box whose engine is
+/// down). Not 503 (Ollama's queue full, an engine loading: busy, which is
+/// not failing) nor 504 (a proxy on the box timing out one long
+/// generation, which a caller can ask for); 501 (an endpoint the server
+/// was started without, as llama.cpp's embeddings) and 505 answer the
+/// request, as a 4xx does.
 pub fn counts_against_the_box(status: u16) -> bool {
-    matches!(status, 500 | 502 | 503 | 504)
+    matches!(status, 500 | 502)
 }
 
 /// Streams shed for the receive budget in a row (no success between) after
@@ -428,6 +445,12 @@ struct Health {
     sheds: u32,
     /// Answers counted against the box since the last other answer.
     server_errors: u32,
+    /// The key the first of them answered (its tag), and whether another
+    /// key's came since.
+    server_errors_from: Option<u64>,
+    server_errors_mixed: bool,
+    /// Whether this streak's counting as failures was logged.
+    server_errors_said: bool,
     /// A report of the service up again ended a cool-down since the last
     /// success.
     forgiven: bool,
@@ -1162,6 +1185,45 @@ mod tests {
             gpu.record_failure();
         }
         assert!(gpu.record_service_up());
+    }
+
+    /// A streak of server errors counts only past its threshold, once it
+    /// answered two keys, and any other answer ends it.
+    #[test]
+    fn server_errors_count_past_a_streak_that_answered_several_keys() {
+        let reg = Registry::default();
+        let gpu = super::testing::add(&reg, "gpu", &[], None);
+        for _ in 0..3 * SERVER_ERRORS_BEFORE_FAILURE {
+            assert_eq!(gpu.record_server_error(1), None, "one key");
+        }
+        assert_eq!(
+            gpu.record_server_error(2),
+            Some((3 * SERVER_ERRORS_BEFORE_FAILURE + 1, true))
+        );
+        assert_eq!(
+            gpu.record_server_error(1),
+            Some((3 * SERVER_ERRORS_BEFORE_FAILURE + 2, false)),
+            "said once"
+        );
+        // A success between ends the streak: short ones on either side of
+        // it never count.
+        gpu.record_success();
+        for round in 0..2 {
+            for i in 0..SERVER_ERRORS_BEFORE_FAILURE {
+                assert_eq!(gpu.record_server_error(u64::from(i % 2)), None, "{round}");
+            }
+            gpu.record_success();
+        }
+        for i in 0..SERVER_ERRORS_BEFORE_FAILURE {
+            assert_eq!(gpu.record_server_error(u64::from(i % 2)), None);
+        }
+        assert_eq!(
+            gpu.record_server_error(0),
+            Some((SERVER_ERRORS_BEFORE_FAILURE + 1, true)),
+            "a new streak is said again"
+        );
+        assert!(!counts_against_the_box(503) && !counts_against_the_box(504));
+        assert!(counts_against_the_box(500) && counts_against_the_box(502));
     }
 
     /// Requests that failed together (a service crashing under all of

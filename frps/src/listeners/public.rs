@@ -53,7 +53,7 @@ pub async fn run(listener: TcpListener, has_nodelay: bool, state: Arc<State>) {
     let _drained = state.drained.clone().drop_guard();
     let builder = http_builder(&state.config);
     let graceful = GracefulShutdown::new();
-    let limiter = ConnLimiter::new(
+    let limiter = ConnLimiter::public(
         state.config.max_connections,
         state.config.max_connections_per_ip,
     );
@@ -488,7 +488,9 @@ async fn authenticate_and_forward(
         Ok(lease) => lease,
         Err(limited) => return crate::ratelimit::refuse(state, limited),
     };
-    let mut resp = forward(state, caller, req, started).await;
+    // The key, told apart from others in the boxes' health by a tag.
+    let key_tag = u64::from_be_bytes(grant.id[..8].try_into().expect("8 bytes"));
+    let mut resp = forward(state, (caller, key_tag), req, started).await;
     // A streamed body holds the key's concurrency slot until it ends.
     if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
         body.lease = Some(lease);
@@ -624,7 +626,7 @@ fn path_not_allowed(rules: &[crate::paths::PathRule], path: &str) -> Response<Pu
 /// Routes an authenticated request to a client and streams the answer back.
 async fn forward(
     state: &Arc<State>,
-    caller: &Caller,
+    (caller, key_tag): (&Caller, u64),
     mut req: Request<Incoming>,
     started: Instant,
 ) -> Response<PublicBody> {
@@ -1002,7 +1004,7 @@ async fn forward(
                 // plain body. The service answered, so it is no failure of
                 // the box (an answer, as below); the request is not sent
                 // again.
-                answered(state, (&client, sending), resp.status());
+                answered(state, (&client, sending, key_tag), resp.status());
                 Stats::inc(&state.stats.upstream_errors);
                 warn!(client = %client.id, "upstream response refused: Transfer-Encoding other than chunked alone");
                 return error_response(
@@ -1013,7 +1015,7 @@ async fn forward(
                 );
             }
             Some(Ok(Ok(resp))) => {
-                answered(state, (&client, sending), resp.status());
+                answered(state, (&client, sending, key_tag), resp.status());
                 // Served: counted once, whatever attempts came before.
                 client.requests.fetch_add(1, Ordering::Relaxed);
                 state
@@ -1259,29 +1261,37 @@ fn blame(
     (excluded.len() > retries).then(|| upstream_error(state, error))
 }
 
-/// Notes that `client`'s service answered with `status` a request sent at
-/// `sent`. An answer saying the box is failing
-/// ([`registry::counts_against_the_box`]: 500, 502, 503, 504) is relayed as
-/// it is and forgets nothing (a box whose model cannot load must not have
-/// its connection failures forgotten at every answer); one alone proves
-/// nothing (it may be the request's own fault), but past
-/// [`registry::SERVER_ERRORS_BEFORE_FAILURE`] in a row each counts as a
-/// failure, so a box failing everything at once is cooled down instead of
-/// drawing most requests (least-conn sends them where none are in flight).
-/// Any other answer forgets its failures, sheds and server errors.
-fn answered(state: &Arc<State>, (client, sent): (&ClientHandle, Instant), status: StatusCode) {
+/// Notes that `client`'s service answered with `status` a request made
+/// with the key tagged `key` and sent at `sent`. An answer that may say the
+/// box is failing ([`registry::counts_against_the_box`]: 500, 502) is
+/// relayed as it is and forgets nothing (a box whose model cannot load must
+/// not have its connection failures forgotten at every answer); one alone
+/// proves nothing (it may be the request's own fault), but past
+/// [`registry::SERVER_ERRORS_BEFORE_FAILURE`] in a row, once they answered
+/// more than one key, each counts as a failure: a box failing everything
+/// at once is cooled down instead of drawing most requests (least-conn
+/// sends them where none are in flight). A 503 or 504 counts neither way
+/// (busy, or one long request timed out on the box). Any other answer
+/// forgets its failures, sheds and server errors.
+fn answered(
+    state: &Arc<State>,
+    (client, sent, key): (&ClientHandle, Instant, u64),
+    status: StatusCode,
+) {
     if registry::counts_against_the_box(status.as_u16()) {
-        let in_a_row = client.record_server_error();
-        if in_a_row > registry::SERVER_ERRORS_BEFORE_FAILURE {
-            if in_a_row == registry::SERVER_ERRORS_BEFORE_FAILURE + 1 {
-                warn!(
-                    client = %client.id,
-                    "client '{}' answered {in_a_row} server errors in a row (the last {status}): counted as failures until it answers otherwise",
-                    client.id,
-                );
-            }
-            dispatch::record_failure_of(state, client, sent);
+        let Some((in_a_row, first)) = client.record_server_error(key) else {
+            return;
+        };
+        if first {
+            warn!(
+                client = %client.id,
+                "client '{}' answered {in_a_row} server errors in a row to several keys (the last {status}): counted as failures until it answers otherwise",
+                client.id,
+            );
         }
+        dispatch::record_failure_of(state, client, sent);
+    } else if matches!(status.as_u16(), 503 | 504) {
+        // Busy, or one request's own long wait: neither way.
     } else if client.record_success() {
         // Its cool-down ended early: requests queued meanwhile may go to
         // it now.

@@ -185,8 +185,9 @@ pub enum Store {
     Sqlite(SqlitePool),
 }
 
-/// Connections of PostgreSQL's pool for key lookups ([`Store::Postgres`]).
-const LOOKUP_CONNECTIONS: u32 = 4;
+/// Connections of PostgreSQL's pool for key lookups ([`Store::Postgres`]): more
+/// than one address may hold at once (`--key-lookups-per-ip`, 4).
+const LOOKUP_CONNECTIONS: u32 = 8;
 
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds (on
 /// PostgreSQL, the one for everything but key lookups).

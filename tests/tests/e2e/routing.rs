@@ -122,9 +122,11 @@ async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures(
 
 /// A box whose service fails every request at once (a model that cannot
 /// load) has none in flight, so least-conn would send it most requests:
-/// past `SERVER_ERRORS_BEFORE_FAILURE` such answers in a row it is cooled
-/// down as a failing box; any other answer forgets them. Each answer is
-/// still relayed as the service gave it.
+/// past `SERVER_ERRORS_BEFORE_FAILURE` 500s in a row, once they answered
+/// more than one key, it is cooled down as a failing box; one key alone
+/// (a caller whose input the service cannot take) cannot do that. Each
+/// answer is still relayed as the service gave it; any other answer
+/// forgets them, and 503s (busy) and 501s count no failure.
 #[tokio::test]
 async fn a_box_failing_every_request_is_cooled_down() {
     use frps::registry::{FAILURES_BEFORE_COOLDOWN, SERVER_ERRORS_BEFORE_FAILURE};
@@ -137,63 +139,66 @@ async fn a_box_failing_every_request_is_cooled_down() {
     )
     .await;
     let frps = &b.frps;
-    let (good, bad) = (&b.backends["good"], &b.backends["bad"]);
-    bad.fail_with(500);
+    let (other_key, _) = frps::auth::KeyValidator::create(&frps.state.store, None, None)
+        .await
+        .unwrap();
+    let bad = &b.backends["bad"];
     let handle = frps.state.registry.get("bad").unwrap();
-    let cools_after = (SERVER_ERRORS_BEFORE_FAILURE + FAILURES_BEFORE_COOLDOWN) as usize;
     let mut conn = Conn::open(frps.public()).await;
-    for _ in 0..400 {
-        let before = bad.hits();
-        let reply = conn
-            .post("/v1/chat/completions", Some(API_KEY), chat("m1"))
-            .await;
-        if bad.hits() > before {
-            assert_eq!(reply.status, 500, "{}", reply.body);
-            assert_eq!(reply.json()["error"], "bad cannot load its model");
-            let hits = bad.hits();
-            assert_eq!(
-                handle.is_cooling_down(),
-                hits >= cools_after,
-                "after {hits} server errors in a row"
-            );
-            if hits == cools_after {
-                break;
-            }
-        } else {
-            assert_eq!(reply.status, 200, "{}", reply.body);
-        }
+    let public = frps.public();
+    // Pinned to the bad box, as least-conn would send most requests there.
+    async fn pinned(conn: &mut Conn, public: std::net::SocketAddr, key: &str) -> Reply {
+        let mut req = http::request(
+            "POST",
+            public,
+            "/v1/chat/completions",
+            Some(key),
+            chat("m1").into(),
+        );
+        req.headers_mut()
+            .insert("x-frpx-client", ::http::HeaderValue::from_static("bad"));
+        http::read(conn.send(req).await.unwrap()).await
     }
-    assert_eq!(bad.hits(), cools_after, "the bad box was picked that often");
-    assert!(good.hits() > 0);
+    bad.fail_with(500);
+    // One key's 500s, however many: no failure.
+    let alone = (SERVER_ERRORS_BEFORE_FAILURE + 4) as usize;
+    for _ in 0..alone {
+        let reply = pinned(&mut conn, public, API_KEY).await;
+        assert_eq!(reply.status, 500, "{}", reply.body);
+        assert_eq!(reply.json()["error"], "bad cannot load its model");
+    }
+    assert_eq!(handle.failures(), 0);
+    assert!(!handle.is_cooling_down());
+    // Another key's: the streak now counts, each a failure.
+    for n in 1..=FAILURES_BEFORE_COOLDOWN {
+        let reply = pinned(&mut conn, public, &other_key).await;
+        assert_eq!(reply.status, 500, "{}", reply.body);
+        assert_eq!(handle.failures(), n);
+    }
+    assert!(handle.is_cooling_down());
+    assert_eq!(bad.hits(), alone + FAILURES_BEFORE_COOLDOWN as usize);
+    // Cooling down, it takes no requests; the good box does.
+    let reply = conn
+        .post("/v1/chat/completions", Some(API_KEY), chat("m1"))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["backend"], "good");
     // Its service recovers: once the cool-down ends, its next answer
     // forgets the server errors and failures.
     bad.fail_with(0);
     frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
-    for _ in 0..400 {
-        let reply = conn
-            .post("/v1/chat/completions", Some(API_KEY), chat("m1"))
-            .await;
-        assert_eq!(reply.status, 200, "{}", reply.body);
-        if bad.hits() > cools_after {
-            break;
-        }
-    }
-    assert!(bad.hits() > cools_after, "the recovered box was picked");
+    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 200);
     assert_eq!(handle.failures(), 0);
-    // A 501 (an endpoint the service was started without) is an answer,
-    // not a failing box: as many as it takes do not cool it down.
-    bad.fail_with(501);
-    let served = bad.hits();
-    for _ in 0..800 {
-        conn.post("/v1/chat/completions", Some(API_KEY), chat("m1"))
-            .await;
-        if bad.hits() >= served + cools_after + 2 {
-            break;
+    // 503s (busy) and 501s, from any keys, count no failure.
+    for status in [503, 501] {
+        bad.fail_with(status);
+        for i in 0..(SERVER_ERRORS_BEFORE_FAILURE + 4) {
+            let key = if i % 2 == 0 { API_KEY } else { &other_key };
+            assert_eq!(pinned(&mut conn, public, key).await.status, status);
         }
+        assert_eq!(handle.failures(), 0, "{status}");
+        assert!(!handle.is_cooling_down());
     }
-    assert!(bad.hits() >= served + cools_after + 2);
-    assert!(!handle.is_cooling_down());
-    assert_eq!(handle.failures(), 0);
 }
 
 #[tokio::test]
