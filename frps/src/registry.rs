@@ -305,11 +305,11 @@ impl ClientHandle {
     }
 
     /// Notes an answer of the service's that says it is failing (see
-    /// [`counts_against_the_box`]), to a request made with the key whose
-    /// tag is `from`. Returns how many came in a row, with no other answer
-    /// between, when this one counts as a failure: past
-    /// [`SERVER_ERRORS_BEFORE_FAILURE`], once they answered more than one
-    /// key (`None` otherwise). A
+    /// [`counts_against_the_box`]), to a request of the caller (its key and
+    /// network) tagged `from`. Returns how many came in a row, with no
+    /// answer between but a 503 or 504, when this one counts as a failure:
+    /// past [`SERVER_ERRORS_BEFORE_FAILURE`], once they answered more than
+    /// one caller (`None` otherwise). A
     /// box answering 500 to everything at once (a model that cannot load)
     /// would otherwise draw most requests under least-conn (it never has
     /// any in flight); one caller whose requests the service cannot answer
@@ -445,8 +445,8 @@ struct Health {
     sheds: u32,
     /// Answers counted against the box since the last other answer.
     server_errors: u32,
-    /// The key the first of them answered (its tag), and whether another
-    /// key's came since.
+    /// The caller the first of them answered (its tag), and whether
+    /// another's came since.
     server_errors_from: Option<u64>,
     server_errors_mixed: bool,
     /// Whether this streak's counting as failures was logged.

@@ -488,9 +488,13 @@ async fn authenticate_and_forward(
         Ok(lease) => lease,
         Err(limited) => return crate::ratelimit::refuse(state, limited),
     };
-    // The key, told apart from others in the boxes' health by a tag.
-    let key_tag = u64::from_be_bytes(grant.id[..8].try_into().expect("8 bytes"));
-    let mut resp = forward(state, (caller, key_tag), req, started).await;
+    let mut resp = forward(
+        state,
+        (caller, caller_tag(&grant.id, caller.addr)),
+        req,
+        started,
+    )
+    .await;
     // A streamed body holds the key's concurrency slot until it ends.
     if let (Some(lease), Either::Left(body)) = (lease, resp.body_mut()) {
         body.lease = Some(lease);
@@ -1261,14 +1265,31 @@ fn blame(
     (excluded.len() > retries).then(|| upstream_error(state, error))
 }
 
-/// Notes that `client`'s service answered with `status` a request made
-/// with the key tagged `key` and sent at `sent`. An answer that may say the
+/// Who made a request, as the boxes' health tells callers apart
+/// ([`answered`]): its key and its network (an IPv4 address, an IPv6 /48:
+/// a home's /56 is one caller, not 256), so callers sharing the static
+/// `--api-key` or one stored key from several places are several.
+fn caller_tag(key: &[u8; 32], addr: SocketAddr) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let network = crate::limits::network_of(addr.ip())
+        .unwrap_or_else(|| crate::limits::address_block(addr.ip()));
+    // Within one process only: a fixed hasher is enough.
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    key.hash(&mut h);
+    network.hash(&mut h);
+    h.finish()
+}
+
+/// Notes that `client`'s service answered with `status` a request of the
+/// caller tagged `key` ([`caller_tag`]) sent at `sent`. An answer that may say the
 /// box is failing ([`registry::counts_against_the_box`]: 500, 502) is
 /// relayed as it is and forgets nothing (a box whose model cannot load must
 /// not have its connection failures forgotten at every answer); one alone
 /// proves nothing (it may be the request's own fault), but past
 /// [`registry::SERVER_ERRORS_BEFORE_FAILURE`] in a row, once they answered
-/// more than one key, each counts as a failure: a box failing everything
+/// more than one caller, each counts as a failure: a box failing everything
 /// at once is cooled down instead of drawing most requests (least-conn
 /// sends them where none are in flight). A 503 or 504 counts neither way
 /// (busy, or one long request timed out on the box). Any other answer
@@ -1285,7 +1306,7 @@ fn answered(
         if first {
             warn!(
                 client = %client.id,
-                "client '{}' answered {in_a_row} server errors in a row to several keys (the last {status}): counted as failures until it answers otherwise",
+                "client '{}' answered {in_a_row} server errors in a row to several callers (the last {status}): counted as failures until it answers otherwise",
                 client.id,
             );
         }

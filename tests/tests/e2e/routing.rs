@@ -123,10 +123,11 @@ async fn a_server_error_from_the_service_is_relayed_and_does_not_reset_failures(
 /// A box whose service fails every request at once (a model that cannot
 /// load) has none in flight, so least-conn would send it most requests:
 /// past `SERVER_ERRORS_BEFORE_FAILURE` 500s in a row, once they answered
-/// more than one key, it is cooled down as a failing box; one key alone
-/// (a caller whose input the service cannot take) cannot do that. Each
-/// answer is still relayed as the service gave it; any other answer
-/// forgets them, and 503s (busy) and 501s count no failure.
+/// more than one caller (a key from a network), it is cooled down as a
+/// failing box; one caller alone (whose input the service cannot take)
+/// cannot do that. Each answer is still relayed as the service gave it;
+/// 503s and 504s neither count nor end a streak; any other answer (a 501
+/// too) forgets them.
 #[tokio::test]
 async fn a_box_failing_every_request_is_cooled_down() {
     use frps::registry::{FAILURES_BEFORE_COOLDOWN, SERVER_ERRORS_BEFORE_FAILURE};
@@ -169,12 +170,15 @@ async fn a_box_failing_every_request_is_cooled_down() {
     }
     assert_eq!(handle.failures(), 0);
     assert!(!handle.is_cooling_down());
-    // Another key's: the streak now counts, each a failure.
-    for n in 1..=FAILURES_BEFORE_COOLDOWN {
-        let reply = pinned(&mut conn, public, &other_key).await;
-        assert_eq!(reply.status, 500, "{}", reply.body);
-        assert_eq!(handle.failures(), n);
-    }
+    // Another caller's: the static key from another address, then another
+    // key: the streak now counts, each a failure.
+    let mut elsewhere = Conn::open_from(public, "127.0.0.2".parse().unwrap()).await;
+    let reply = pinned(&mut elsewhere, public, API_KEY).await;
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    assert_eq!(handle.failures(), 1);
+    let reply = pinned(&mut conn, public, &other_key).await;
+    assert_eq!(reply.status, 500, "{}", reply.body);
+    assert_eq!(handle.failures(), FAILURES_BEFORE_COOLDOWN);
     assert!(handle.is_cooling_down());
     assert_eq!(bad.hits(), alone + FAILURES_BEFORE_COOLDOWN as usize);
     // Cooling down, it takes no requests; the good box does.
@@ -189,16 +193,41 @@ async fn a_box_failing_every_request_is_cooled_down() {
     frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
     assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 200);
     assert_eq!(handle.failures(), 0);
-    // 503s (busy) and 501s, from any keys, count no failure.
-    for status in [503, 501] {
-        bad.fail_with(status);
-        for i in 0..(SERVER_ERRORS_BEFORE_FAILURE + 4) {
-            let key = if i % 2 == 0 { API_KEY } else { &other_key };
-            assert_eq!(pinned(&mut conn, public, key).await.status, status);
-        }
-        assert_eq!(handle.failures(), 0, "{status}");
-        assert!(!handle.is_cooling_down());
+    // A new streak from two callers: its first failure.
+    bad.fail_with(500);
+    for i in 0..=SERVER_ERRORS_BEFORE_FAILURE {
+        let on = if i % 2 == 0 {
+            &mut conn
+        } else {
+            &mut elsewhere
+        };
+        assert_eq!(pinned(on, public, API_KEY).await.status, 500);
     }
+    assert_eq!(handle.failures(), 1);
+    // 503s (busy) and 504s (one request's own wait) neither count nor end
+    // it: the next 500 is its second failure.
+    for status in [503, 504] {
+        bad.fail_with(status);
+        for i in 0..3 {
+            let on = if i % 2 == 0 {
+                &mut conn
+            } else {
+                &mut elsewhere
+            };
+            assert_eq!(pinned(on, public, &other_key).await.status, status);
+        }
+        assert_eq!(handle.failures(), 1, "{status}");
+        assert!(!handle.is_cooling_down(), "{status}");
+    }
+    bad.fail_with(500);
+    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 500);
+    assert_eq!(handle.failures(), FAILURES_BEFORE_COOLDOWN);
+    assert!(handle.is_cooling_down());
+    // A 501 (an endpoint the service lacks) is an answer: it ends them.
+    bad.fail_with(501);
+    frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
+    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 501);
+    assert_eq!(handle.failures(), 0);
 }
 
 #[tokio::test]
