@@ -5,18 +5,86 @@ use std::io::Write;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
+/// Lines of log waiting for standard output at most; past that, further
+/// ones are dropped (and counted, [`Reporting`]) until it takes them again.
+pub const LOG_QUEUE_LINES: usize = 1024;
+
 /// Installs the global subscriber: `RUST_LOG` if set, else `default_filter`.
 /// Every event is one line on standard output: line breaks inside it (a
 /// peer's text in a message) are written as `\n` and `\r`, so nothing a
 /// peer sends can forge a log line. Colours only on a terminal (a log file
 /// or a collector gets no escape codes).
-pub fn init(default_filter: &str) {
+///
+/// Lines are written by a thread of their own, [`LOG_QUEUE_LINES`] at most
+/// waiting: a standard output that stops taking them (a paused terminal, a
+/// log pipe or a container's log driver that blocks) no longer stops every
+/// thread that logs (frpc's heartbeats and data, frps's workers); lines
+/// past the queue are dropped, and said so when output moves again. Keep
+/// the returned guard until the end: dropping it writes what is queued.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init(default_filter: &str) -> LogGuard {
     use std::io::IsTerminal;
-    install(
-        default_filter,
-        std::io::stdout,
-        std::io::stdout().is_terminal(),
-    );
+    let terminal = std::io::stdout().is_terminal();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .lossy(true)
+        .thread_name("log writer")
+        .finish(std::io::stdout());
+    install(default_filter, Reporting::new(writer), terminal);
+    LogGuard(guard)
+}
+
+/// Keeps [`init`]'s log writer going; dropped, it writes what is queued
+/// (waiting a second at most) and stops.
+#[derive(Debug)]
+pub struct LogGuard(#[allow(dead_code)] tracing_appender::non_blocking::WorkerGuard);
+
+/// A non-blocking writer that says, in the next line it takes, how many
+/// lines it dropped since it last said so.
+#[derive(Clone)]
+pub struct Reporting {
+    writer: tracing_appender::non_blocking::NonBlocking,
+    dropped: tracing_appender::non_blocking::ErrorCounter,
+    said: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Reporting {
+    /// Wraps `writer`.
+    pub fn new(writer: tracing_appender::non_blocking::NonBlocking) -> Self {
+        Reporting {
+            dropped: writer.error_counter(),
+            writer,
+            said: Default::default(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for Reporting {
+    type Writer = tracing_appender::non_blocking::NonBlocking;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        use std::sync::atomic::Ordering;
+        let dropped = self.dropped.dropped_lines();
+        let said = self.said.load(Ordering::Relaxed);
+        if dropped > said
+            && self
+                .said
+                .compare_exchange(said, dropped, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let mut w = self.writer.clone();
+            // Itself dropped when the queue is still full: counted, and
+            // said with the next.
+            let _ = w.write_all(
+                format!(
+                    "{} log line(s) dropped: the log output did not take them in time\n",
+                    dropped - said
+                )
+                .as_bytes(),
+            );
+        }
+        self.writer.clone()
+    }
 }
 
 /// [`init`] on standard error: for commands whose standard output is their
@@ -188,6 +256,71 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// An output that takes nothing until released, then keeps all.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        taken: Captured,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (open, changed) = &*self.open;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = changed.wait(open).unwrap();
+            }
+            self.taken.write(buf)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A log output that stops taking lines does not stop the threads that
+    /// log: lines past the queue are dropped, and said to be once the
+    /// output takes lines again.
+    #[test]
+    fn a_stalled_log_output_holds_up_no_one() {
+        let out = Stalled::default();
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(8)
+            .lossy(true)
+            .finish(out.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(OneLine(Reporting::new(writer)))
+            .finish();
+        let dispatch = tracing::Dispatch::new(subscriber);
+        let logging = dispatch.clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            tracing::dispatcher::with_default(&logging, || {
+                for i in 0..1000 {
+                    tracing::warn!("line {i}");
+                }
+            });
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("logging went on while the output took nothing");
+        // The output takes lines again: the next line says what was lost.
+        {
+            let (open, changed) = &*out.open;
+            *open.lock().unwrap() = true;
+            changed.notify_all();
+        }
+        tracing::dispatcher::with_default(&dispatch, || tracing::warn!("after"));
+        drop(dispatch);
+        drop(guard);
+        let text = String::from_utf8(out.taken.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("log line(s) dropped"), "{text}");
+        assert!(text.contains("after"), "{text}");
+        assert!(text.lines().count() < 100, "{text}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve() -> anyhow::Result<()> {
     let config = frpc::config_file::load().unwrap_or_else(|e| e.exit());
-    common::telemetry::init(&config.log);
+    let _log = common::telemetry::init(&config.log);
     if let Some(limit) = common::process::raise_fd_limit() {
         tracing::info!("open-file limit: {limit}");
     }

@@ -24,7 +24,7 @@ async fn serve() -> anyhow::Result<()> {
             frps::monitor::run(&cli.config, &mut std::io::stdout()).await
         }
         None => {
-            common::telemetry::init(&cli.config.log);
+            let _log = common::telemetry::init(&cli.config.log);
             if let Some(limit) = common::process::raise_fd_limit() {
                 tracing::info!("open-file limit: {limit}");
             }
