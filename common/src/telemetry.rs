@@ -73,8 +73,6 @@ impl<'a> MakeWriter<'a> for Reporting {
                 .is_ok()
         {
             let mut w = self.writer.clone();
-            // Itself dropped when the queue is still full: counted, and
-            // said with the next.
             let _ = w.write_all(
                 format!(
                     "{} log line(s) dropped: the log output did not take them in time\n",
@@ -82,6 +80,12 @@ impl<'a> MakeWriter<'a> for Reporting {
                 )
                 .as_bytes(),
             );
+            // The notice itself found the queue still full: the lines it
+            // was to count are said with a later line (its own drop not
+            // among them).
+            if self.dropped.dropped_lines() > dropped {
+                self.said.store(said + 1, Ordering::Relaxed);
+            }
         }
         self.writer.clone()
     }
@@ -308,17 +312,40 @@ mod tests {
         finished
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("logging went on while the output took nothing");
-        // The output takes lines again: the next line says what was lost.
+        // The output takes lines again.
         {
             let (open, changed) = &*out.open;
             *open.lock().unwrap() = true;
             changed.notify_all();
         }
+        let taken = || String::from_utf8(out.taken.0.lock().unwrap().clone()).unwrap();
+        // A line while the queue is still full is dropped, as is the
+        // notice it brings; both are counted for the next.
+        tracing::dispatcher::with_default(&dispatch, || tracing::warn!("while full"));
+        // Once the queue has room (the first 8 lines, always kept, are
+        // out), the next line says what was lost.
+        let waited = std::time::Instant::now();
+        while !taken().contains("line 7\n") {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(10),
+                "{}",
+                taken()
+            );
+            std::thread::yield_now();
+        }
         tracing::dispatcher::with_default(&dispatch, || tracing::warn!("after"));
         drop(dispatch);
         drop(guard);
-        let text = String::from_utf8(out.taken.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains("log line(s) dropped"), "{text}");
+        let text = taken();
+        // Every line lost is counted once, in one notice or another: 1,000
+        // lines, of which the queue's 8 and the one being written were
+        // kept, and the line while full (or it was kept).
+        let counted: usize = text
+            .lines()
+            .filter(|l| l.contains("log line(s) dropped"))
+            .map(|l| l.split(' ').next().unwrap().parse::<usize>().unwrap())
+            .sum();
+        assert!((990..=1001).contains(&counted), "{counted}: {text}");
         assert!(text.contains("after"), "{text}");
         assert!(text.lines().count() < 100, "{text}");
     }
