@@ -94,26 +94,32 @@ impl Over {
 pub struct ConnGuard {
     limiter: Arc<ConnLimiter>,
     ip: IpAddr,
+    /// Its /48, where counted.
+    network: Option<IpAddr>,
 }
 
 impl ConnLimiter {
     /// A limiter allowing `total_max` connections, `per_ip_max` per address.
     pub fn new(total_max: usize, per_ip_max: usize) -> Arc<Self> {
-        Arc::new(Self {
-            total_max,
-            per_ip_max,
-            per_network_max: None,
-            open: Mutex::new(Open::default()),
-        })
+        Self::with_network_cap(total_max, per_ip_max, None)
     }
 
     /// [`ConnLimiter::new`] for the public port, whose IPv6 /48s also hold
     /// at most [`BLOCKS_PER_NETWORK`] times `per_ip_max` each.
     pub fn public(total_max: usize, per_ip_max: usize) -> Arc<Self> {
+        let per_network_max = per_ip_max.saturating_mul(BLOCKS_PER_NETWORK);
+        Self::with_network_cap(total_max, per_ip_max, Some(per_network_max))
+    }
+
+    fn with_network_cap(
+        total_max: usize,
+        per_ip_max: usize,
+        per_network_max: Option<usize>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             total_max,
             per_ip_max,
-            per_network_max: Some(per_ip_max.saturating_mul(BLOCKS_PER_NETWORK)),
+            per_network_max,
             open: Mutex::new(Open::default()),
         })
     }
@@ -136,12 +142,8 @@ impl ConnLimiter {
         {
             return Err(Over::PerIp);
         }
-        let network_max = self.per_network_max.unwrap_or(usize::MAX);
-        if let Some(network) = network
-            && open
-                .by_network
-                .get(&network)
-                .is_some_and(|n| *n >= network_max)
+        if let (Some(network), Some(max)) = (network, self.per_network_max)
+            && open.by_network.get(&network).is_some_and(|n| *n >= max)
         {
             return Err(Over::PerNetwork);
         }
@@ -153,6 +155,7 @@ impl ConnLimiter {
         Ok(ConnGuard {
             limiter: self.clone(),
             ip,
+            network,
         })
     }
 
@@ -177,8 +180,7 @@ impl Drop for ConnGuard {
         let mut open = self.limiter.open.lock().expect("limiter lock");
         open.total -= 1;
         count_down(&mut open.by_block, self.ip);
-        // The block's network: a /64 block keeps its /48's bits.
-        if let Some(network) = self.limiter.per_network_max.and(network_of(self.ip)) {
+        if let Some(network) = self.network {
             count_down(&mut open.by_network, network);
         }
     }

@@ -209,6 +209,15 @@ fn is_conflict(e: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
+/// Whether PostgreSQL refused a statement for calling a function it does
+/// not have (42883, undefined_function): `sha256()` before 11,
+/// `gen_random_uuid()` before 13.
+fn is_missing_function(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| code == "42883")
+}
+
 /// How many times a transaction the database aborted for a conflict runs
 /// again ([`again_on_conflict`]).
 const CONFLICT_RETRIES: u32 = 4;
@@ -492,9 +501,8 @@ impl Store {
                 .fetch_optional(lookups)
                 .await;
             match found {
-                // 42883: undefined_function (no sha256(), before 11): on
-                // to the query SQLite is sent.
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => {
+                // No sha256() (before 11): on to the query SQLite is sent.
+                Err(e) if is_missing_function(&e) => {
                     if !NO_SHA256.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         tracing::warn!(
                             "PostgreSQL before 11 has no sha256(): API keys are sent to the database as presented (upgrade PostgreSQL so they never reach it)"
@@ -728,10 +736,11 @@ impl Store {
 
     /// The shared secret `name`, made by the first frps that asks (every
     /// frps on this database then reads the same one): `fresh` on SQLite
-    /// and PostgreSQL before 13; PostgreSQL 13 and later make it themselves (64 hex digits from two
-    /// `gen_random_uuid()`, 244 random bits): a secret sent as a statement's
-    /// parameter would reach the server's log where it logs statements.
-    /// Only a database that has it already is not sent `fresh` at all.
+    /// and PostgreSQL before 13; PostgreSQL 13 and later make it themselves
+    /// (64 hex digits from two `gen_random_uuid()`, 244 random bits): a
+    /// secret sent as a statement's parameter would reach the server's log
+    /// where it logs statements. Only a database that has it already is not
+    /// sent `fresh` at all.
     pub async fn server_secret(&self, name: &str, fresh: &str) -> Result<String, StoreError> {
         const INSERT: &str = "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
         const INSERT_MADE_THERE: &str = "INSERT INTO server_secrets (name, value) VALUES ($1, \
@@ -747,8 +756,8 @@ impl Store {
             Store::Postgres(p, ..) => {
                 match sqlx::query(INSERT_MADE_THERE).bind(name).execute(p).await {
                     Ok(_) => true,
-                    // 42883: undefined_function (no gen_random_uuid(), before 13).
-                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => false,
+                    // No gen_random_uuid() (before 13).
+                    Err(e) if is_missing_function(&e) => false,
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -146,25 +146,13 @@ async fn a_box_failing_every_request_is_cooled_down() {
     let bad = &b.backends["bad"];
     let handle = frps.state.registry.get("bad").unwrap();
     let mut conn = Conn::open(frps.public()).await;
-    let public = frps.public();
-    // Pinned to the bad box, as least-conn would send most requests there.
-    async fn pinned(conn: &mut Conn, public: std::net::SocketAddr, key: &str) -> Reply {
-        let mut req = http::request(
-            "POST",
-            public,
-            "/v1/chat/completions",
-            Some(key),
-            chat("m1").into(),
-        );
-        req.headers_mut()
-            .insert("x-frpx-client", ::http::HeaderValue::from_static("bad"));
-        http::read(conn.send(req).await.unwrap()).await
-    }
+    // Each request pinned to the bad box, as least-conn would send most
+    // requests there.
     bad.fail_with(500);
     // One key's 500s, however many: no failure.
     let alone = (SERVER_ERRORS_BEFORE_FAILURE + 4) as usize;
     for _ in 0..alone {
-        let reply = pinned(&mut conn, public, API_KEY).await;
+        let reply = pinned_chat(&mut conn, API_KEY, "bad", "m1").await;
         assert_eq!(reply.status, 500, "{}", reply.body);
         assert_eq!(reply.json()["error"], "bad cannot load its model");
     }
@@ -172,11 +160,11 @@ async fn a_box_failing_every_request_is_cooled_down() {
     assert!(!handle.is_cooling_down());
     // Another caller's: the static key from another address, then another
     // key: the streak now counts, each a failure.
-    let mut elsewhere = Conn::open_from(public, "127.0.0.2".parse().unwrap()).await;
-    let reply = pinned(&mut elsewhere, public, API_KEY).await;
+    let mut elsewhere = Conn::open_from(frps.public(), "127.0.0.2".parse().unwrap()).await;
+    let reply = pinned_chat(&mut elsewhere, API_KEY, "bad", "m1").await;
     assert_eq!(reply.status, 500, "{}", reply.body);
     assert_eq!(handle.failures(), 1);
-    let reply = pinned(&mut conn, public, &other_key).await;
+    let reply = pinned_chat(&mut conn, &other_key, "bad", "m1").await;
     assert_eq!(reply.status, 500, "{}", reply.body);
     assert_eq!(handle.failures(), FAILURES_BEFORE_COOLDOWN);
     assert!(handle.is_cooling_down());
@@ -191,7 +179,10 @@ async fn a_box_failing_every_request_is_cooled_down() {
     // forgets the server errors and failures.
     bad.fail_with(0);
     frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
-    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 200);
+    assert_eq!(
+        pinned_chat(&mut conn, API_KEY, "bad", "m1").await.status,
+        200
+    );
     assert_eq!(handle.failures(), 0);
     // A new streak from two callers: its first failure.
     bad.fail_with(500);
@@ -201,7 +192,7 @@ async fn a_box_failing_every_request_is_cooled_down() {
         } else {
             &mut elsewhere
         };
-        assert_eq!(pinned(on, public, API_KEY).await.status, 500);
+        assert_eq!(pinned_chat(on, API_KEY, "bad", "m1").await.status, 500);
     }
     assert_eq!(handle.failures(), 1);
     // 503s (busy) and 504s (one request's own wait) neither count nor end
@@ -214,19 +205,28 @@ async fn a_box_failing_every_request_is_cooled_down() {
             } else {
                 &mut elsewhere
             };
-            assert_eq!(pinned(on, public, &other_key).await.status, status);
+            assert_eq!(
+                pinned_chat(on, &other_key, "bad", "m1").await.status,
+                status
+            );
         }
         assert_eq!(handle.failures(), 1, "{status}");
         assert!(!handle.is_cooling_down(), "{status}");
     }
     bad.fail_with(500);
-    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 500);
+    assert_eq!(
+        pinned_chat(&mut conn, API_KEY, "bad", "m1").await.status,
+        500
+    );
     assert_eq!(handle.failures(), FAILURES_BEFORE_COOLDOWN);
     assert!(handle.is_cooling_down());
     // A 501 (an endpoint the service lacks) is an answer: it ends them.
     bad.fail_with(501);
     frpx_tests::eventually("the cool-down ends", || !handle.is_cooling_down()).await;
-    assert_eq!(pinned(&mut conn, public, API_KEY).await.status, 501);
+    assert_eq!(
+        pinned_chat(&mut conn, API_KEY, "bad", "m1").await.status,
+        501
+    );
     assert_eq!(handle.failures(), 0);
 }
 
@@ -539,15 +539,21 @@ async fn the_fleets_models_are_listed_by_frps_itself() {
     assert!(b.backends.values().all(|be| be.hits() == 0));
 }
 
+/// A chat request for model `m` pinned to `client`, on a new connection.
 async fn pinned(addr: std::net::SocketAddr, client: &str) -> Reply {
-    let mut conn = Conn::open(addr).await;
+    pinned_chat(&mut Conn::open(addr).await, API_KEY, client, "m").await
+}
+
+/// A chat request for `model` with `key`, pinned (`X-Frpx-Client`) to
+/// `client`, on `conn`.
+async fn pinned_chat(conn: &mut Conn, key: &str, client: &str, model: &str) -> Reply {
     let req = ::http::Request::builder()
         .method("POST")
         .uri("/v1/chat/completions")
         .header("host", "x")
-        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("authorization", format!("Bearer {key}"))
         .header("x-frpx-client", client)
-        .body(http_body_util::Full::new(Bytes::from(chat("m"))))
+        .body(http_body_util::Full::new(Bytes::from(chat(model))))
         .unwrap();
     http::read(conn.send(req).await.unwrap()).await
 }
